@@ -1,0 +1,73 @@
+"""The package's one exception type and the small validators every public boundary uses.
+
+Every mistake a user can cause (bad path, wrong shape, NaN, unknown name, k too large) raises
+:class:`PretrainReuseError` with a message naming the parameter, what was expected, what was
+received and how to fix it. The CLI prints it on one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+
+
+class PretrainReuseError(Exception):
+    """A problem with the user's input or files; the message says what is wrong and how to fix it."""
+
+
+def check_choice(name: str, value: str, choices: Iterable[str]) -> str:
+    """Return ``value`` if it is one of ``choices``; otherwise raise, suggesting the closest."""
+    choices = list(choices)
+    if value in choices:
+        return value
+    close = difflib.get_close_matches(str(value), choices, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise PretrainReuseError(
+        f"{name}={value!r} is not one of {', '.join(map(repr, choices))}{hint}"
+    )
+
+
+def lookup(registry: Mapping[str, T], name: str, param: str) -> T:
+    """``registry[name]``, or an error listing the registered names and the closest match."""
+    return registry[check_choice(param, name, registry.keys())]
+
+
+def check_matrix(name: str, x: np.ndarray, *, ndim: int = 2, finite: bool = True) -> None:
+    """Check that array ``x`` has ``ndim`` dimensions, at least one row, and (optionally) no NaN/inf."""
+    if x.ndim != ndim:
+        raise PretrainReuseError(
+            f"{name} must be a {ndim}-d array, got shape {tuple(x.shape)}; "
+            + ("pass one row per unit/sample" if ndim == 2 else "reshape it")
+        )
+    if x.shape[0] == 0:
+        raise PretrainReuseError(f"{name} is empty (shape {tuple(x.shape)}); pass at least one row")
+    if finite:
+        bad = ~np.isfinite(np.asarray(x))
+        if bad.any():
+            rows = np.unique(np.nonzero(bad.reshape(x.shape[0], -1))[0])
+            raise PretrainReuseError(
+                f"{name} has NaN/inf values in {len(rows)} row(s) (first: row {rows[0]}); "
+                "remove or recompute those rows"
+            )
+
+
+def check_positive(name: str, value: float, *, allow_inf: bool = False) -> float:
+    """Check ``value > 0`` (and finite unless ``allow_inf``)."""
+    ok = value > 0 and (allow_inf or np.isfinite(value))
+    if not ok:
+        raise PretrainReuseError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def check_file(name: str, path: str | Path) -> Path:
+    """Check that ``path`` exists; return it as a Path."""
+    p = Path(path)
+    if not p.exists():
+        raise PretrainReuseError(f"{name}: file {str(p)!r} does not exist; check the path")
+    return p
