@@ -366,7 +366,8 @@ def _solve(a, b, cost, eps, tau_a, tau_b, max_iter, tol, dtype, allow_padding):
     omega, prev_err = 1.0, math.inf
     converged = torch.zeros(cost.shape[0], dtype=torch.bool, device=dev)
     n_iter = 0
-    for n_iter in range(1, int(max_iter) + 1):
+    while n_iter < max_iter:
+        n_iter += 1
         f_new = -lam_a * eps * lse(logb + g / eps)
         f_new = omega * f_new + (1.0 - omega) * f
         g_new = -lam_b * eps * lse.col_lse(loga + f_new / eps)

@@ -1,0 +1,153 @@
+"""What every artifact shares: its metadata block, atomic writes, content hashes, and ``load``.
+
+Every file the package writes carries ``meta``: the producer, its parameters, hashes of its inputs,
+the seed and the package version. Files are written to a temporary name in the target folder and
+renamed into place, so an interrupted run never leaves a half-written artifact behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .errors import PretrainReuseError, check_file
+
+
+def make_meta(producer: str, params: dict[str, Any], *, inputs: dict[str, str] | None = None,
+              seed: int | None = None) -> dict[str, Any]:
+    """The metadata block of an artifact (JSON-serialisable)."""
+    return {
+        "producer": producer,
+        "params": _jsonable(params),
+        "inputs": dict(inputs or {}),
+        "seed": seed,
+        "version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def hash_array(x: np.ndarray) -> str:
+    """Short content hash of an array (dtype, shape and bytes)."""
+    h = hashlib.sha256(f"{x.dtype.str}{x.shape}".encode())
+    arr = np.ascontiguousarray(x)
+    step = 1 << 24
+    flat = arr.reshape(-1).view(np.uint8) if arr.size else np.zeros(0, np.uint8)
+    for s in range(0, flat.size, step):
+        h.update(flat[s:s + step])
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def hash_file(path: str | Path) -> str:
+    """Short content hash of a file (or of a FeatureStore folder's index)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "index.json"
+    h = hashlib.sha256()
+    with open(p, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise PretrainReuseError(
+            f"cannot write {str(path)!r}: {e.strerror}; choose a writable output path"
+        ) from None
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_jsonable(obj), indent=1, allow_nan=False) + "\n")
+
+
+def read_json(path: str | Path, what: str) -> dict:
+    """Read a JSON object, turning a corrupt file into a clear error."""
+    p = check_file(what, path)
+    try:
+        obj = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PretrainReuseError(f"{what}: {str(p)!r} is not valid JSON ({e}); regenerate it") from None
+    if not isinstance(obj, dict):
+        raise PretrainReuseError(f"{what}: {str(p)!r} does not hold a JSON object; regenerate it")
+    return obj
+
+
+def encode_ids(ids: list[str]) -> np.ndarray:
+    """Sample ids as one uint8 array (newline-joined UTF-8), storable in safetensors."""
+    if any("\n" in s for s in ids):
+        raise PretrainReuseError("sample ids must not contain newlines; rename those files")
+    return np.frombuffer("\n".join(ids).encode(), dtype=np.uint8).copy()
+
+
+def decode_ids(blob: np.ndarray, n: int) -> list[str]:
+    ids = bytes(blob).decode().split("\n") if n else []
+    assert len(ids) == n, "ids blob does not match the row count"
+    return ids
+
+
+def load(path: str | Path):
+    """Open any artifact of the package and return its typed object.
+
+    A folder with ``index.json`` is a :class:`~pretrain_reuse.features.FeatureStore`; a
+    ``.safetensors`` file a :class:`~pretrain_reuse.units.Units`; ``.npy`` a prototype matrix
+    (as Units); a ``.json`` file a :class:`~pretrain_reuse.selection.Selection`.
+    """
+    p = check_file("path", path)
+    # Imported here: these modules sit above this one in the dependency order.
+    if p.is_dir() or p.name == "index.json":
+        from .features import FeatureStore
+
+        return FeatureStore.load(p.parent if p.name == "index.json" else p)
+    if p.suffix in (".safetensors", ".npy"):
+        from .units import Units
+
+        return Units.load(p)
+    if p.suffix == ".json":
+        from .selection import Selection
+
+        return Selection.load(p)
+    raise PretrainReuseError(
+        f"do not know how to open {str(p)!r}; expected a FeatureStore folder, a Units "
+        ".safetensors/.npy file or a selection .json"
+    )

@@ -1,0 +1,232 @@
+"""The ``pretrain-reuse`` command: parse flags, call one library function per verb, print.
+
+User errors (:class:`PretrainReuseError`, bad flags) print one line and exit with status 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from . import __version__
+from .errors import PretrainReuseError
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (no usage dump) through our error path."""
+
+    def error(self, message: str):
+        raise PretrainReuseError(f"{message} (see `{self.prog} --help`)")
+
+
+def _read_lines(path: str, what: str) -> list[str]:
+    from .errors import check_file
+
+    return [ln.strip() for ln in check_file(what, path).read_text().splitlines() if ln.strip()]
+
+
+def _load_data(path: str, labels: str | None, what: str):
+    """A FeatureStore or Units from a CLI path: an embedded data set name (``synthetic:...``),
+    per-sample ``.npy`` features with a ``.npy`` label vector, or any artifact."""
+    from .artifacts import load
+    from .errors import lookup
+    from .features import FeatureStore
+
+    if path.startswith("synthetic:"):
+        from .data.synthetic import feature_world
+
+        world = feature_world()
+        named = {"synthetic:pretrain": world.pretrain, "synthetic:target": world.target}
+        return lookup(named, path, f"--{what}")
+    if labels is not None:
+        if not path.endswith(".npy"):
+            raise PretrainReuseError(
+                f"labels were given for --{what} {path!r}, but they apply to .npy features only"
+            )
+        return FeatureStore.from_npy(path, labels)
+    return load(path)
+
+
+def load_units_arg(path: str, labels: str | None, class_names: str | None, what: str):
+    """Units from a CLI argument: a Units file, a ``.npy`` prototype matrix, or labelled
+    per-sample features (then one unit per class, by :func:`~pretrain_reuse.units.class_means`)."""
+    from .units import Units, class_means
+
+    obj = _load_data(path, labels, what)
+    if class_names is not None:
+        names = _read_lines(class_names, "class names")
+        obj = replace(obj, names=names) if isinstance(obj, Units) else replace(obj, class_names=names)
+    if isinstance(obj, Units):
+        return obj
+    if obj.labels is None:
+        raise PretrainReuseError(
+            f"--{what} {path!r} holds unlabelled features; build units first "
+            f"(`pretrain-reuse units --method kmeans`) or pass --{what}-labels"
+        )
+    return class_means(obj)
+
+
+# --------------------------------------------------------------------------------------------
+# Verbs
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_units(args) -> int:
+    from .features import FeatureStore
+    from .units import class_means, spherical_kmeans
+
+    store = _load_data(args.features, args.labels, "features")
+    if not isinstance(store, FeatureStore):
+        raise PretrainReuseError(f"--features {args.features!r} holds units, not features")
+    if args.class_names:
+        store = replace(store, class_names=_read_lines(args.class_names, "class names"))
+    if args.method == "class":
+        units = class_means(store, normalize=args.normalize)
+    else:
+        if args.k is None:
+            raise PretrainReuseError("--method kmeans needs --k (paper: 2000 clusters)")
+        units = spherical_kmeans(store, args.k, n_iter=args.n_iter, seed=args.seed,
+                                 max_points_per_unit=args.max_points_per_unit,
+                                 normalize_means=args.normalize, progress=not args.quiet)
+    units.save(args.out)
+    sizes = units.meta["sizes"]
+    print(f"wrote {len(units)} {units.kind} units to {args.out}: sizes min {sizes['min']}, "
+          f"median {sizes['median']:g}, max {sizes['max']} ({sizes['below_5']} below 5)"
+          + (f"; objective {units.meta['objective']:.4f}" if "objective" in units.meta else ""))
+    return 0
+
+
+def _parse_k(text: str) -> float:
+    try:
+        k = float(text.rstrip("%")) / (100.0 if text.endswith("%") else 1.0)
+    except ValueError:
+        raise PretrainReuseError(
+            f"--k {text!r} is not a number; pass a unit count (100) or a sample fraction (0.1, 10%)"
+        ) from None
+    return k
+
+
+def cmd_select(args) -> int:
+    from .selection import SelectConfig, select
+
+    ids = tuple(int(i) for i in args.ids.split(",")) if args.ids else ()
+    cfg = SelectConfig(method=args.method, k=_parse_k(args.k), metric=args.metric,
+                       eps_c=args.eps_c, eps=args.eps, tau_a=args.tau_a, tau_b=args.tau_b,
+                       max_iter=args.max_iter, tol=args.tol, dtype=args.dtype, device=args.device,
+                       seed=args.seed, unit_ids=ids, name_pattern=args.names)
+    source = load_units_arg(args.source, args.source_labels, args.class_names, "source")
+    target = load_units_arg(args.target, args.target_labels, None, "target")
+    sel = select(source, target, cfg)
+    sel.save(args.out)
+    solver = sel.meta["solver"]
+    if solver.get("converged") is False:
+        print(f"warning: UOT did not converge in {solver['n_iter']} iterations; the ranking may be "
+              "unsettled (raise --max-iter or --tol)", file=sys.stderr)
+    names = sel.unit_names
+    head = [f"{u}" + (f" ({names[u]})" if names else "") for u in sel.selected[:5]]
+    print(f"selected {len(sel.selected)} of {len(source)} source units with {cfg.method} -> "
+          f"{args.out}; top: {', '.join(head)}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    summary = run_demo(Path(args.out), quick=args.quick, seed=args.seed)
+    for method, rec in summary["selection"].items():
+        print(f"{method:>16}: recall of the related units {rec['recall']:.3f}")
+    print(f"wrote {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Parser
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .selection import SELECTORS
+    from .transport import METRICS
+
+    p = _Parser(prog="pretrain-reuse", description=(
+        "Reuse the right part of the pre-training data when fine-tuning (UOT selection, Liu et "
+        "al. NeurIPS 2022), and explain what pre-training hands to the fine-tuned model."))
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    u = sub.add_parser("units", help="class means or spherical k-means clusters of features",
+                       description="Summarise features as units: one mean per class (labelled "
+                       "data) or spherical k-means clusters (unlabelled data).")
+    u.add_argument("--features", required=True,
+                   help="FeatureStore folder, per-sample .npy features, or synthetic:pretrain")
+    u.add_argument("--labels", help=".npy label vector for .npy features")
+    u.add_argument("--class-names", help="text file, one class name per line")
+    u.add_argument("--method", choices=("class", "kmeans"), default="class")
+    u.add_argument("--k", type=int, help="number of clusters (kmeans; paper: 2000)")
+    u.add_argument("--n-iter", type=int, default=20, help="k-means iterations (default 20)")
+    u.add_argument("--max-points-per-unit", type=int, default=None,
+                   help="train k-means on at most k*this many samples (default: all)")
+    u.add_argument("--normalize", action="store_true",
+                   help="average L2-normalised features (default: raw features, as the paper)")
+    u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--quiet", action="store_true", help="no progress bar")
+    u.add_argument("--out", required=True, help="output units .safetensors")
+    u.set_defaults(func=cmd_units)
+
+    s = sub.add_parser("select", help="rank pre-training units by similarity to a target task",
+                       description="Select source (pre-training) units for a target task. S and T "
+                       "are Units files, .npy prototype matrices, or per-sample .npy features with "
+                       "--source-labels/--target-labels.")
+    s.add_argument("--source", required=True, help="source units (S)")
+    s.add_argument("--target", required=True, help="target units (T)")
+    s.add_argument("--source-labels", help=".npy labels when --source holds per-sample features")
+    s.add_argument("--target-labels", help=".npy labels when --target holds per-sample features")
+    s.add_argument("--class-names", help="names of the source units, one per line")
+    s.add_argument("--k", default="100",
+                   help="units to select (100), or a fraction of source samples (0.1 or 10%%)")
+    s.add_argument("--method", default="uot", help=f"one of {', '.join(SELECTORS)}")
+    s.add_argument("--metric", default="cosine", help=f"one of {', '.join(METRICS)}")
+    s.add_argument("--eps-c", type=float, default=0.01, help="cost scale: C = d/eps_c (0.01)")
+    s.add_argument("--eps", type=float, default=1.0, help="entropic regularisation (1.0)")
+    s.add_argument("--tau-a", type=float, default=1.0, help="source marginal penalty (1.0)")
+    s.add_argument("--tau-b", type=float, default=100.0, help="target marginal penalty (100.0)")
+    s.add_argument("--max-iter", type=int, default=1000)
+    s.add_argument("--tol", type=float, default=1e-6)
+    s.add_argument("--dtype", default="float64", help="float64 or float32")
+    s.add_argument("--device", default="cpu", help="cpu or cuda")
+    s.add_argument("--seed", type=int, default=0, help="seed (random selection)")
+    s.add_argument("--ids", help="label method: comma-separated source unit ids")
+    s.add_argument("--names", help="label method: regular expression over unit names")
+    s.add_argument("--out", required=True, help="output selection .json")
+    s.set_defaults(func=cmd_select)
+
+    d = sub.add_parser("demo", help="the whole pipeline on embedded data, with ground truth")
+    d.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    d.add_argument("--quick", action="store_true", help="smaller problem, for tests")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except PretrainReuseError as e:
+        print(f"pretrain-reuse: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except BrokenPipeError:  # output piped into `head`: not an error
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("pretrain-reuse: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

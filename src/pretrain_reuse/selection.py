@@ -1,0 +1,284 @@
+"""Select the pre-training units closest to a target task (Liu et al., NeurIPS 2022, §3).
+
+Methods (registry :data:`SELECTORS`), each scoring every source unit, higher = more similar:
+
+- ``uot``: ``log(P 1)`` of the entropic unbalanced OT plan between source units and target classes
+  (problem (5) of the paper, cost ``(1 - cos)/eps_c``, ``eps=1, tau_a=1, tau_b=100``).
+- ``greedy-ot``: the domain-similarity baseline of Cui et al. (CVPR 2018) as Liu et al. use it:
+  every source unit scored alone by ``-sum_i w_i d(s_j, t_i)``, the transport cost from a point
+  mass to the target class means weighted by class size (``l2`` on raw means or ``cosine``).
+- ``random``: a seeded uniform ranking of the units.
+- ``label``: the units a user names (ids, or a regular expression over the unit names).
+
+The top ``k`` units are selected; ``k`` may also be a fraction of the source *samples* (clusters
+differ in size, so "10% of the pool" is not "10% of the clusters").
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .artifacts import make_meta, read_json, write_json
+from .errors import PretrainReuseError, check_choice, check_positive, lookup
+from .transport import METRICS, cost_matrix, unbalanced_sinkhorn_batched
+from .units import Units
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Parameters of a selection; defaults are those of Liu et al. (NeurIPS 2022).
+
+    ``k``: number of units (an int >= 1) or, as a float in (0, 1), the fraction of source samples
+    to cover. ``unit_ids`` / ``name_pattern`` are used by ``method="label"`` only.
+    """
+
+    method: str = "uot"
+    k: float = 100
+    metric: str = "cosine"
+    eps_c: float = 0.01
+    eps: float = 1.0
+    tau_a: float = 1.0
+    tau_b: float = 100.0
+    max_iter: int = 1000
+    tol: float = 1e-6
+    dtype: str = "float64"
+    device: str = "cpu"
+    seed: int = 0
+    unit_ids: tuple[int, ...] = ()
+    name_pattern: str | None = None
+
+    def __post_init__(self):
+        check_choice("method", self.method, SELECTORS)
+        check_choice("metric", self.metric, METRICS)
+        check_choice("dtype", self.dtype, ("float32", "float64"))
+        for name in ("eps_c", "eps", "tau_a", "tau_b", "tol"):
+            check_positive(name, getattr(self, name), allow_inf=name.startswith("tau"))
+        if not (self.k >= 1 and float(self.k).is_integer()) and not 0 < self.k < 1:
+            raise PretrainReuseError(
+                f"k={self.k!r} must be a whole number of units >= 1 or a fraction in (0, 1)"
+            )
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise PretrainReuseError(f"device={self.device!r} but no CUDA GPU is visible; use cpu")
+        if self.method == "label" and not self.unit_ids and not self.name_pattern:
+            raise PretrainReuseError("method 'label' needs unit ids (--ids) or a name pattern (--names)")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The ranked choice of source units for one target task.
+
+    Attributes:
+        selected: source unit ids, most similar first.
+        scores: one score per source unit (higher = more similar); for ``uot`` it is
+            ``log(P 1)``, kept in log space because ``P 1`` underflows for distant units.
+        params: the :class:`SelectConfig` used, as a dict.
+        meta: metadata block (inputs, seed, version, solver diagnostics).
+        unit_names: names of the source units, if known.
+        counts: samples per source unit, if known.
+    """
+
+    selected: list[int]
+    scores: np.ndarray
+    params: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+    unit_names: list[str] | None = None
+    counts: np.ndarray | None = None
+
+    def ranking(self) -> np.ndarray:
+        """All source units, most similar first (ties broken by unit id)."""
+        return np.argsort(-self.scores, kind="stable")
+
+    def top(self, k: float) -> Selection:
+        """The same ranking with a different ``k`` (count or sample fraction)."""
+        return Selection(selected=_take(self.ranking(), k, self.counts),
+                         scores=self.scores, params={**self.params, "k": k}, meta=self.meta,
+                         unit_names=self.unit_names, counts=self.counts)
+
+    def recall(self, relevant) -> float:
+        """Fraction of the ``relevant`` unit ids that were selected (Liu et al., Table 4)."""
+        relevant = set(int(r) for r in relevant)
+        if not relevant:
+            raise PretrainReuseError("recall needs at least one relevant unit id")
+        return len(relevant & set(self.selected)) / len(relevant)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``sel.json`` atomically."""
+        obj = {"kind": "selection", "selected": [int(s) for s in self.selected],
+               "scores": [float(s) for s in self.scores], "params": self.params,
+               "meta": self.meta}
+        if self.unit_names is not None:
+            obj["selected_names"] = [self.unit_names[s] for s in self.selected]
+            obj["unit_names"] = list(self.unit_names)
+        if self.counts is not None:
+            obj["counts"] = [int(c) for c in self.counts]
+        write_json(path, obj)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Selection:
+        obj = read_json(path, "selection")
+        if obj.get("kind") != "selection" or "selected" not in obj or "scores" not in obj:
+            raise PretrainReuseError(f"{str(path)!r} is not a selection file written by select")
+        counts = obj.get("counts")
+        return cls(selected=[int(s) for s in obj["selected"]],
+                   scores=np.asarray(obj["scores"], dtype=np.float64), params=obj["params"],
+                   meta=obj.get("meta", {}), unit_names=obj.get("unit_names"),
+                   counts=None if counts is None else np.asarray(counts, dtype=np.int64))
+
+    def plot(self, ax=None, *, relevant=None):
+        """The sorted score vector (Liu et al., Fig. 2b); ``relevant`` units are highlighted."""
+        import matplotlib.pyplot as plt
+
+        ax = ax or plt.gca()
+        order = self.ranking()
+        ax.plot(np.arange(len(order)), self.scores[order], lw=1, color="0.3")
+        if relevant is not None:
+            rel = np.isin(order, list(relevant))
+            ax.scatter(np.flatnonzero(rel), self.scores[order][rel], s=6, color="C3",
+                       label="related units", zorder=3)
+            ax.legend(loc="upper right")
+        ax.axvline(len(self.selected) - 0.5, ls="--", color="C0", lw=1)
+        ax.set_xlabel("source units, ranked")
+        ax.set_ylabel("score" + (" (log P1)" if self.params.get("method") == "uot" else ""))
+        return ax
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring functions: (source, targets, cfg) -> one (scores, diagnostics) per target
+# --------------------------------------------------------------------------------------------
+
+
+def _device_dtype(cfg: SelectConfig) -> tuple[torch.device, torch.dtype]:
+    return torch.device(cfg.device), getattr(torch, cfg.dtype)
+
+
+def _score_uot(source: Units, targets: list[Units], cfg: SelectConfig):
+    dev, dtype = _device_dtype(cfg)
+    s = torch.as_tensor(source.prototypes, device=dev, dtype=dtype)
+    m = max(len(t) for t in targets)
+    costs = torch.zeros(len(targets), len(s), m, device=dev, dtype=dtype)
+    b = torch.zeros(len(targets), m, device=dev, dtype=dtype)
+    for k, t in enumerate(targets):  # pad smaller target sets with zero-weight columns
+        tt = torch.as_tensor(t.prototypes, device=dev, dtype=dtype)
+        costs[k, :, : len(t)] = cost_matrix(s, tt, metric=cfg.metric, eps_c=cfg.eps_c)
+        b[k, : len(t)] = 1.0
+    a = torch.ones(len(s), device=dev, dtype=dtype)
+    res = unbalanced_sinkhorn_batched(a, b, costs, cfg.eps, cfg.tau_a, cfg.tau_b,
+                                      max_iter=cfg.max_iter, tol=cfg.tol)
+    out = []
+    for k in range(len(targets)):
+        diag = {"converged": bool(res.converged[k]), "n_iter": res.n_iter,
+                "objective": float(res.objective[k]),
+                "marginal_error_a": float(res.marginal_error_a[k]),
+                "marginal_error_b": float(res.marginal_error_b[k]),
+                "transported_mass": float(res.log_row_mass[k].double().exp().sum())}
+        out.append((res.log_row_mass[k].double().cpu().numpy(), diag))
+    return out
+
+
+def _score_greedy_ot(source: Units, targets: list[Units], cfg: SelectConfig):
+    dev, dtype = _device_dtype(cfg)
+    s = torch.as_tensor(source.prototypes, device=dev, dtype=dtype)
+    out = []
+    for t in targets:
+        counts = t.counts if t.counts is not None else np.ones(len(t))
+        w = torch.as_tensor(counts / counts.sum(), device=dev, dtype=dtype)
+        tt = torch.as_tensor(t.prototypes, device=dev, dtype=dtype)
+        dist = METRICS[cfg.metric](s, tt)
+        out.append(((-(dist @ w)).double().cpu().numpy(), {"weights": "target class sizes"
+                                                            if t.counts is not None else "uniform"}))
+    return out
+
+
+def _score_random(source: Units, targets: list[Units], cfg: SelectConfig):
+    rng = np.random.default_rng(cfg.seed)
+    return [(rng.permutation(len(source)).astype(np.float64), {}) for _ in targets]
+
+
+def _score_label(source: Units, targets: list[Units], cfg: SelectConfig):
+    chosen = [int(i) for i in cfg.unit_ids]
+    bad = [i for i in chosen if not 0 <= i < len(source)]
+    if bad:
+        raise PretrainReuseError(
+            f"unit id {bad[0]} is out of range for {len(source)} source units; ids are 0-based"
+        )
+    if cfg.name_pattern:
+        if source.names is None:
+            raise PretrainReuseError(
+                "--names needs unit names; build the units with class names (--class-names)"
+            )
+        try:
+            pattern = re.compile(cfg.name_pattern)
+        except re.error as e:
+            raise PretrainReuseError(f"name pattern {cfg.name_pattern!r} is not a valid regex: {e}") from None
+        chosen += [i for i, n in enumerate(source.names) if pattern.search(n) and i not in chosen]
+    if not chosen:
+        raise PretrainReuseError(f"name pattern {cfg.name_pattern!r} matches no unit name")
+    scores = np.zeros(len(source))
+    scores[chosen] = len(chosen) - np.arange(len(chosen))  # keep the given order
+    return [(scores, {"n_named": len(chosen)}) for _ in targets]
+
+
+SELECTORS: dict[str, Callable] = {
+    "uot": _score_uot,
+    "greedy-ot": _score_greedy_ot,
+    "random": _score_random,
+    "label": _score_label,
+}
+
+
+def _take(ranking: np.ndarray, k: float, counts: np.ndarray | None) -> list[int]:
+    if k >= 1:
+        if k > len(ranking):
+            raise PretrainReuseError(
+                f"k={int(k)} exceeds the {len(ranking)} source units; pass k <= {len(ranking)} "
+                "or build more units (units --k)"
+            )
+        return [int(u) for u in ranking[: int(k)]]
+    if counts is None:
+        raise PretrainReuseError(
+            "k as a fraction of samples needs unit sizes; pass a Units file (not a bare .npy "
+            "matrix) or an integer k"
+        )
+    covered = np.cumsum(counts[ranking])
+    n = int(np.searchsorted(covered, math.ceil(k * counts.sum()))) + 1
+    return [int(u) for u in ranking[: min(n, len(ranking))]]
+
+
+def select_many(source: Units, targets: list[Units], cfg: SelectConfig) -> list[Selection]:
+    """Rank the source units for several target tasks at once (one batched UOT solve)."""
+    if not targets:
+        raise PretrainReuseError("pass at least one target")
+    for t in targets:
+        if t.prototypes.shape[1] != source.prototypes.shape[1]:
+            raise PretrainReuseError(
+                f"source units have dimension {source.prototypes.shape[1]} but target units have "
+                f"{t.prototypes.shape[1]}; embed both with the same backbone and layer"
+            )
+    scored = lookup(SELECTORS, cfg.method, "method")(source, targets, cfg)
+    counts = source.counts
+    out = []
+    for t, (scores, diag) in zip(targets, scored, strict=True):
+        ranking = np.argsort(-scores, kind="stable")
+        meta = make_meta(f"selection.{cfg.method}", asdict(cfg),
+                         inputs={"source": source.meta.get("inputs", {}),
+                                 "target": t.meta.get("inputs", {})},
+                         seed=cfg.seed)
+        meta["solver"] = diag
+        out.append(Selection(selected=_take(ranking, cfg.k, counts), scores=scores,
+                             params=meta["params"], meta=meta, unit_names=source.names,
+                             counts=counts))
+    return out
+
+
+def select(source: Units, target: Units, cfg: SelectConfig | None = None) -> Selection:
+    """Rank the source units by similarity to one target task and keep the top ``cfg.k``."""
+    return select_many(source, [target], cfg or SelectConfig())[0]

@@ -1,0 +1,151 @@
+"""Selection strategies against references: POT's plan, brute force, and the planted world."""
+
+import numpy as np
+import pytest
+
+from pretrain_reuse.data.synthetic import feature_world
+from pretrain_reuse.errors import PretrainReuseError
+from pretrain_reuse.selection import SelectConfig, Selection, select, select_many
+from pretrain_reuse.units import Units, class_means
+
+
+def _units(x, counts=None):
+    if counts is None:
+        return Units(prototypes=np.asarray(x))
+    assignment = np.repeat(np.arange(len(x)), counts)
+    return Units(prototypes=np.asarray(x), kind="class", assignment=assignment,
+                 sample_ids=[str(i) for i in range(len(assignment))])
+
+
+@pytest.fixture(scope="module")
+def world():
+    w = feature_world(n_groups=20, classes_per_group=10, n_hubs=10, seed=1)
+    return w, class_means(w.pretrain), class_means(w.target)
+
+
+def test_uot_ranks_units_like_the_row_mass_of_pots_plan():
+    ot = pytest.importorskip("ot")
+    rng = np.random.default_rng(0)
+    s, t = rng.standard_normal((80, 12)), rng.standard_normal((9, 12))
+    sel = select(_units(s), _units(t), SelectConfig(k=20, eps_c=0.5))
+    sn = s / np.linalg.norm(s, axis=1, keepdims=True)
+    tn = t / np.linalg.norm(t, axis=1, keepdims=True)
+    plan = ot.unbalanced.sinkhorn_unbalanced(np.ones(80), np.ones(9), (1 - sn @ tn.T) / 0.5,
+                                             reg=1.0, reg_m=(1.0, 100.0), stopThr=1e-12,
+                                             numItermax=100000)
+    np.testing.assert_allclose(np.exp(sel.scores), plan.sum(1), rtol=1e-6)
+    assert sel.selected == list(np.argsort(-plan.sum(1), kind="stable")[:20])
+    assert sel.meta["solver"]["converged"] is True
+
+
+def test_uot_recovers_all_planted_related_classes_and_avoids_hubs(world):
+    w, source, target = world
+    sel = select(source, target, SelectConfig(k=len(w.related)))
+    assert sel.recall(w.related) == 1.0
+    assert not set(sel.selected) & set(w.hubs.tolist())
+
+
+def test_greedy_ot_falls_for_the_barycentre_hubs(world):
+    # Greedy OT averages the distance to all target classes, so classes sitting between the
+    # target groups (hubs) outrank genuinely related ones (methods/reuse.md §1.5).
+    w, source, target = world
+    for metric in ("cosine", "l2"):
+        sel = select(source, target, SelectConfig(method="greedy-ot", metric=metric,
+                                                  k=len(w.related)))
+        assert set(w.hubs.tolist()) <= set(sel.selected)
+        assert sel.recall(w.related) <= 1 - len(w.hubs) / len(w.related)
+
+
+def test_greedy_ot_equals_brute_force_weighted_distance():
+    rng = np.random.default_rng(2)
+    s, t = rng.standard_normal((30, 5)), rng.standard_normal((4, 5))
+    counts = np.array([3, 1, 5, 2])
+    for metric in ("l2", "cosine"):
+        sel = select(_units(s), _units(t, counts), SelectConfig(method="greedy-ot", metric=metric, k=5))
+        if metric == "l2":
+            d = np.sqrt(((s[:, None, :] - t[None]) ** 2).sum(-1))
+        else:
+            d = 1 - (s @ t.T) / np.linalg.norm(s, axis=1)[:, None] / np.linalg.norm(t, axis=1)
+        expected = -(d * counts / counts.sum()).sum(1)
+        np.testing.assert_allclose(sel.scores, expected, rtol=1e-10)
+        assert sel.selected == list(np.argsort(-expected)[:5])
+
+
+def test_random_selection_is_seeded_and_roughly_uniform():
+    s = np.random.default_rng(0).standard_normal((50, 3))
+    a = select(_units(s), _units(s[:2]), SelectConfig(method="random", k=10, seed=4))
+    b = select(_units(s), _units(s[:2]), SelectConfig(method="random", k=10, seed=4))
+    assert a.selected == b.selected and a.meta["seed"] == 4
+    hits = np.zeros(50)
+    for seed in range(400):
+        hits[select(_units(s), _units(s[:2]),
+                    SelectConfig(method="random", k=10, seed=seed)).selected] += 1
+    # each unit is picked with probability 10/50: 80 of 400 draws, binomial sd ~8
+    assert hits.min() > 40 and hits.max() < 120
+
+
+def test_label_selection_keeps_given_ids_then_pattern_matches():
+    s = np.eye(6, 4)
+    names = ["sparrow", "dog", "owl", "cat", "wren", "eagle-owl"]
+    src = Units(prototypes=s, names=names)
+    sel = select(src, _units(s[:1]), SelectConfig(method="label", k=3, unit_ids=(3, 1),
+                                                 name_pattern="owl$"))
+    assert sel.selected == [3, 1, 2]
+    with pytest.raises(PretrainReuseError, match="matches no unit"):
+        select(src, _units(s[:1]), SelectConfig(method="label", k=1, name_pattern="zebra"))
+    with pytest.raises(PretrainReuseError, match="out of range"):
+        select(src, _units(s[:1]), SelectConfig(method="label", k=1, unit_ids=(6,)))
+
+
+def test_k_as_fraction_covers_that_share_of_samples():
+    rng = np.random.default_rng(3)
+    s = rng.standard_normal((20, 4))
+    counts = rng.integers(1, 50, 20)
+    sel = select(_units(s, counts), _units(s[:3]), SelectConfig(k=0.3))
+    covered = counts[sel.selected].sum()
+    assert covered >= 0.3 * counts.sum() > covered - counts[sel.selected[-1]]
+    with pytest.raises(PretrainReuseError, match="fraction"):
+        select(_units(s), _units(s[:3]), SelectConfig(k=0.3))
+
+
+def test_float32_and_float64_select_the_same_units_at_tiny_eps_c(world):
+    w, source, target = world
+    picks = [select(source, target, SelectConfig(k=40, eps_c=0.001, dtype=dt)).selected
+             for dt in ("float32", "float64")]
+    assert set(picks[0]) == set(picks[1])
+
+
+def test_batched_selection_equals_one_target_at_a_time(world):
+    w, source, target = world
+    t1 = Units(prototypes=target.prototypes[:7])
+    t2 = Units(prototypes=target.prototypes[7:])
+    cfg = SelectConfig(k=15)
+    batched = select_many(source, [t1, t2, target], cfg)
+    for sel, t in zip(batched, [t1, t2, target], strict=True):
+        single = select(source, t, cfg)
+        assert sel.selected == single.selected
+        np.testing.assert_allclose(sel.scores, single.scores, rtol=1e-9, atol=1e-9)
+
+
+def test_selection_errors_name_the_problem():
+    s = np.ones((5, 3))
+    with pytest.raises(PretrainReuseError, match="k=6 exceeds the 5 source units"):
+        select(_units(s), _units(s), SelectConfig(k=6))
+    with pytest.raises(PretrainReuseError, match="dimension 3 .* 4"):
+        select(_units(s), _units(np.ones((2, 4))), SelectConfig(k=2))
+    with pytest.raises(PretrainReuseError, match="did you mean 'uot'"):
+        SelectConfig(method="uto")
+    with pytest.raises(PretrainReuseError, match="metric"):
+        SelectConfig(metric="manhattan")
+    with pytest.raises(PretrainReuseError, match="k=0"):
+        SelectConfig(k=0)
+
+
+def test_selection_top_and_roundtrip(tmp_path, world):
+    w, source, target = world
+    sel = select(source, target, SelectConfig(k=30))
+    assert sel.top(5).selected == sel.selected[:5]
+    sel.save(tmp_path / "sel.json")
+    back = Selection.load(tmp_path / "sel.json")
+    assert back.selected == sel.selected and back.params == sel.params
+    np.testing.assert_array_equal(back.scores, sel.scores)

@@ -1,0 +1,147 @@
+"""Units: class means against numpy, spherical k-means against independent Lloyd references."""
+
+import numpy as np
+import pytest
+
+from pretrain_reuse.errors import PretrainReuseError
+from pretrain_reuse.features import FeatureStore
+from pretrain_reuse.units import class_means, spherical_kmeans
+
+
+def _planted_sphere(n_clusters=6, per=80, dim=16, spread=0.08, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_clusters, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    truth = np.repeat(np.arange(n_clusters), per)
+    scale = rng.uniform(0.5, 3.0, size=(len(truth), 1))  # radial scale must not matter
+    x = scale * (centres[truth] + spread * rng.standard_normal((len(truth), dim)))
+    return x.astype(np.float32), truth
+
+
+def _cosine_objective(x, assign):
+    """Mean cosine similarity of every sample to the normalised mean direction of its cluster."""
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    total = 0.0
+    for k in np.unique(assign):
+        s = xn[assign == k].sum(0)
+        total += np.linalg.norm(s)  # sum_i <x_i, s/|s|> = |s|
+    return total / len(x)
+
+
+def _numpy_spherical_lloyd(x, k, n_iter, seed):
+    """A 15-line reference: spherical Lloyd from k random samples."""
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    rng = np.random.default_rng(seed + 1000)
+    c = xn[rng.choice(len(xn), k, replace=False)]
+    for _ in range(n_iter):
+        assign = np.argmax(xn @ c.T, axis=1)
+        for j in range(k):
+            if (assign == j).any():
+                s = xn[assign == j].sum(0)
+                c[j] = s / np.linalg.norm(s)
+    return np.argmax(xn @ c.T, axis=1)
+
+
+def test_class_means_equal_numpy_per_class_average():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 8)).astype(np.float32)
+    y = rng.integers(0, 7, 300)
+    units = class_means(FeatureStore(features=x, labels=y))
+    expected = np.stack([x[y == c].astype(np.float64).mean(0) for c in range(7)])
+    np.testing.assert_allclose(units.prototypes, expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(units.counts, np.bincount(y))
+    assert units.kind == "class"
+    assert units.member_ids(3) == [str(i) for i in np.flatnonzero(y == 3)]
+
+
+def test_class_means_normalize_averages_unit_vectors():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((50, 4)).astype(np.float32)
+    y = np.repeat(np.arange(5), 10)
+    units = class_means(FeatureStore(features=x, labels=y), normalize=True)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    np.testing.assert_allclose(units.prototypes[2], xn[y == 2].mean(0), rtol=1e-5)
+
+
+def test_class_means_refuses_classes_without_samples():
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises(PretrainReuseError, match="no samples"):
+        class_means(FeatureStore(features=x, labels=np.array([0, 0, 2, 2])))
+
+
+def test_class_means_refuses_unlabelled_features():
+    with pytest.raises(PretrainReuseError, match="labels"):
+        class_means(FeatureStore(features=np.ones((4, 3), np.float32)))
+
+
+def test_spherical_kmeans_recovers_planted_clusters_regardless_of_norm():
+    x, truth = _planted_sphere()
+    units = spherical_kmeans(FeatureStore(features=x), 6, n_iter=25, n_init=5, seed=0)
+    # every found cluster is exactly one planted cluster (perfect contingency table)
+    table = np.zeros((6, 6), int)
+    np.add.at(table, (truth, units.assignment), 1)
+    assert ((table > 0).sum(axis=1) == 1).all() and ((table > 0).sum(axis=0) == 1).all()
+    assert units.meta["sizes"]["min"] == units.meta["sizes"]["max"] == 80
+
+
+def test_spherical_kmeans_objective_matches_or_beats_numpy_lloyd_and_sklearn():
+    sklearn_cluster = pytest.importorskip("sklearn.cluster")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3000, 32)).astype(np.float32)  # no planted structure: hard case
+    k, n_iter = 30, 30
+    ours = spherical_kmeans(FeatureStore(features=x), k, n_iter=n_iter, seed=0)
+    ours_obj = _cosine_objective(x, ours.assignment)
+    assert ours.meta["objective"] == pytest.approx(ours_obj, rel=1e-4)
+    ref_obj = np.mean([_cosine_objective(x, _numpy_spherical_lloyd(x, k, n_iter, s))
+                       for s in range(3)])
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    skl = sklearn_cluster.KMeans(k, n_init=1, max_iter=n_iter, random_state=0).fit(xn)
+    skl_obj = _cosine_objective(x, skl.labels_)
+    # Lloyd optima differ by initialisation; ours must be as good within 1%.
+    assert ours_obj >= 0.99 * max(ref_obj, skl_obj)
+
+
+def test_spherical_kmeans_assignment_is_argmax_cosine_to_final_centroids():
+    x, _ = _planted_sphere(n_clusters=5, spread=0.3, seed=4)
+    units = spherical_kmeans(FeatureStore(features=x), 5, n_iter=50, seed=1, normalize_means=True)
+    c = units.prototypes / np.linalg.norm(units.prototypes, axis=1, keepdims=True)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    np.testing.assert_array_equal(np.argmax(xn @ c.T, axis=1), units.assignment)
+
+
+def test_spherical_kmeans_is_deterministic_for_a_seed():
+    x, _ = _planted_sphere(spread=0.5, seed=5)
+    a = spherical_kmeans(FeatureStore(features=x), 9, seed=7)
+    b = spherical_kmeans(FeatureStore(features=x), 9, seed=7)
+    np.testing.assert_array_equal(a.assignment, b.assignment)
+    np.testing.assert_array_equal(a.prototypes, b.prototypes)
+    assert a.meta["seed"] == 7
+
+
+def test_spherical_kmeans_drops_clusters_that_cannot_be_filled():
+    # 5 distinct directions, 10 clusters asked: at most 5 can hold members.
+    base = np.eye(5, 8, dtype=np.float32)
+    x = np.repeat(base, 20, axis=0)
+    units = spherical_kmeans(FeatureStore(features=x), 10, seed=0)
+    assert len(units) + units.meta["empty_dropped"] == 10
+    assert (units.counts > 0).all() and units.counts.sum() == 100
+    assert len(units) == 5
+
+
+def test_spherical_kmeans_reads_memmapped_npy(tmp_path):
+    x, _ = _planted_sphere(seed=6)
+    np.save(tmp_path / "x.npy", x)
+    mm = FeatureStore.from_npy(tmp_path / "x.npy")
+    assert isinstance(mm.features, np.memmap)
+    a = spherical_kmeans(mm, 6, seed=2)
+    b = spherical_kmeans(FeatureStore(features=x), 6, seed=2)
+    np.testing.assert_array_equal(a.assignment, b.assignment)
+
+
+def test_spherical_kmeans_rejects_bad_k_and_zero_rows():
+    x = np.ones((10, 3), np.float32)
+    with pytest.raises(PretrainReuseError, match="k=11"):
+        spherical_kmeans(FeatureStore(features=x), 11)
+    x[4] = 0
+    with pytest.raises(PretrainReuseError, match="row 4"):
+        spherical_kmeans(FeatureStore(features=x), 2)
