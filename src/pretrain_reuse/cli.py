@@ -111,10 +111,25 @@ def _parse_k(text: str) -> float:
     return k
 
 
+def _parse_ids(text: str, flag: str) -> tuple[int, ...]:
+    """``"3,7-9"`` -> (3, 7, 8, 9)."""
+    ids: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            ids.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise PretrainReuseError(
+            f"{flag} {text!r} is not a list of unit ids; write e.g. 7-24,80-100"
+        ) from None
+    return tuple(ids)
+
+
 def cmd_select(args) -> int:
     from .selection import SelectConfig, select
 
-    ids = tuple(int(i) for i in args.ids.split(",")) if args.ids else ()
+    ids = _parse_ids(args.ids, "--ids") if args.ids else ()
+    relevant = _parse_ids(args.relevant, "--relevant") if args.relevant else ()
     cfg = SelectConfig(method=args.method, k=_parse_k(args.k), metric=args.metric,
                        eps_c=args.eps_c, eps=args.eps, tau_a=args.tau_a, tau_b=args.tau_b,
                        max_iter=args.max_iter, tol=args.tol, dtype=args.dtype, device=args.device,
@@ -122,6 +137,12 @@ def cmd_select(args) -> int:
     source = load_units_arg(args.source, args.source_labels, args.class_names, "source")
     target = load_units_arg(args.target, args.target_labels, None, "target")
     sel = select(source, target, cfg)
+    if relevant:
+        bad = [r for r in relevant if not 0 <= r < len(source)]
+        if bad:
+            raise PretrainReuseError(f"--relevant id {bad[0]} is out of range for {len(source)} units")
+        sel = replace(sel, meta={**sel.meta, "relevant": list(relevant),
+                                 "recall": sel.recall(relevant)})
     sel.save(args.out)
     solver = sel.meta["solver"]
     if solver.get("converged") is False:
@@ -131,6 +152,9 @@ def cmd_select(args) -> int:
     head = [f"{u}" + (f" ({names[u]})" if names else "") for u in sel.selected[:5]]
     print(f"selected {len(sel.selected)} of {len(source)} source units with {cfg.method} -> "
           f"{args.out}; top: {', '.join(head)}")
+    if relevant:
+        hits = round(sel.meta["recall"] * len(set(relevant)))
+        print(f"recall of the {len(set(relevant))} relevant units: {sel.meta['recall']:.2%} ({hits})")
     return 0
 
 
@@ -202,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed (random selection)")
     s.add_argument("--ids", help="label method: comma-separated source unit ids")
     s.add_argument("--names", help="label method: regular expression over unit names")
+    s.add_argument("--relevant", help="unit ids known to be related (e.g. 7-24,80-100,127-146 for "
+                   "the ImageNet birds); reports their recall and stores it in meta")
     s.add_argument("--out", required=True, help="output selection .json")
     s.set_defaults(func=cmd_select)
 
