@@ -87,6 +87,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         ) from None
     os.close(fd)
     tmp_path = Path(tmp)
+    tmp_path.chmod(0o666 & ~current_umask())  # mkstemp creates 0600; give the file the usual mode
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -95,10 +96,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def to_json(obj: Any) -> str:
+    """JSON text of ``obj`` (numpy scalars and paths converted; NaN refused)."""
+    return json.dumps(_jsonable(obj), indent=1, allow_nan=False)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_jsonable(obj), indent=1, allow_nan=False) + "\n")
+        tmp.write_text(to_json(obj) + "\n")
 
 
 def read_json(path: str | Path, what: str) -> dict:
@@ -120,20 +132,24 @@ def encode_ids(ids: list[str]) -> np.ndarray:
     return np.frombuffer("\n".join(ids).encode(), dtype=np.uint8).copy()
 
 
-def decode_ids(blob: np.ndarray, n: int) -> list[str]:
+def decode_ids(blob: np.ndarray, n: int, source: str | Path) -> list[str]:
     ids = bytes(blob).decode().split("\n") if n else []
-    assert len(ids) == n, "ids blob does not match the row count"
+    if len(ids) != n:
+        raise PretrainReuseError(
+            f"{str(source)!r} stores {len(ids)} sample ids for {n} rows; the file is corrupt, "
+            "rebuild it"
+        )
     return ids
 
 
-def load(path: str | Path):
+def load(path: str | Path, *, what: str = "path"):
     """Open any artifact of the package and return its typed object.
 
     A folder with ``index.json`` is a :class:`~pretrain_reuse.features.FeatureStore`; a
     ``.safetensors`` file a :class:`~pretrain_reuse.units.Units`; ``.npy`` a prototype matrix
     (as Units); a ``.json`` file a :class:`~pretrain_reuse.selection.Selection`.
     """
-    p = check_file("path", path)
+    p = check_file(what, path)
     # Imported here: these modules sit above this one in the dependency order.
     if p.is_dir() or p.name == "index.json":
         from .features import FeatureStore

@@ -49,7 +49,7 @@ def _load_data(path: str, labels: str | None, what: str):
                 f"labels were given for --{what} {path!r}, but they apply to .npy features only"
             )
         return FeatureStore.from_npy(path, labels)
-    return load(path)
+    return load(path, what=f"--{what}")
 
 
 def load_units_arg(path: str, labels: str | None, class_names: str | None, what: str):
@@ -80,7 +80,10 @@ def cmd_units(args) -> int:
     from .features import FeatureStore
     from .units import class_means, spherical_kmeans
 
-    store = _load_data(args.features, args.labels, "features")
+    if args.features.endswith(".npy"):  # here a .npy always holds per-sample features
+        store = FeatureStore.from_npy(args.features, args.labels)
+    else:
+        store = _load_data(args.features, args.labels, "features")
     if not isinstance(store, FeatureStore):
         raise PretrainReuseError(f"--features {args.features!r} holds units, not features")
     if args.class_names:
@@ -101,14 +104,16 @@ def cmd_units(args) -> int:
     return 0
 
 
-def _parse_k(text: str) -> float:
+def _parse_k(text: str) -> int | float:
+    """``"100"`` -> 100 units; ``"0.1"`` or ``"10%"`` -> a 0.1 share of the source samples."""
     try:
-        k = float(text.rstrip("%")) / (100.0 if text.endswith("%") else 1.0)
+        if text.endswith("%"):
+            return float(text[:-1]) / 100.0
+        return float(text) if any(c in text for c in ".eE") else int(text)
     except ValueError:
         raise PretrainReuseError(
             f"--k {text!r} is not a number; pass a unit count (100) or a sample fraction (0.1, 10%)"
         ) from None
-    return k
 
 
 def _parse_ids(text: str, flag: str) -> tuple[int, ...]:
@@ -117,7 +122,10 @@ def _parse_ids(text: str, flag: str) -> tuple[int, ...]:
     try:
         for part in text.split(","):
             lo, _, hi = part.strip().partition("-")
-            ids.extend(range(int(lo), int(hi or lo) + 1))
+            lo, hi = int(lo), int(hi or lo)
+            if hi < lo:
+                raise ValueError
+            ids.extend(range(lo, hi + 1))
     except ValueError:
         raise PretrainReuseError(
             f"{flag} {text!r} is not a list of unit ids; write e.g. 7-24,80-100"

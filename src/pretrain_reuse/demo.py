@@ -81,7 +81,8 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0) -> dict:
             "clusters_sample_recall": float((taken & related_samples).sum() / related_samples.sum()),
             "clusters_sample_precision": float((taken & related_samples).sum() / max(taken.sum(), 1)),
         }
-    _plot_scores(out, world.related)
+    if not (out / "uot_scores.png").exists():
+        _plot_scores(out, world.related)
     old = read_json(out / "summary.json", "summary") if (out / "summary.json").exists() else {}
     summary["timing_s"] = {**old.get("timing_s", {}), **timing}
     summary["seed"] = seed
@@ -101,6 +102,8 @@ def _claim_run_dir(out: Path, params: dict) -> None:
                 "another --out or delete that folder"
             )
         return
+    if out.exists() and not out.is_dir():
+        raise PretrainReuseError(f"--out {str(out)!r} is a file; pass a folder for the run")
     if out.exists() and any(out.iterdir()):
         raise PretrainReuseError(f"{str(out)!r} is not empty and not a demo run; pass another --out")
     write_json(marker, {"kind": "demo-run", "params": params})

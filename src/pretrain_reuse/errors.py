@@ -65,6 +65,21 @@ def check_positive(name: str, value: float, *, allow_inf: bool = False) -> float
     return float(value)
 
 
+def check_device(device: str) -> str:
+    """Check that ``device`` names a torch device that exists here (cpu, cuda, cuda:N, mps)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise PretrainReuseError(f"device={device!r} is not a device name; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PretrainReuseError(f"device={device!r} but no CUDA GPU is visible; use cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise PretrainReuseError(f"device={device!r} is not supported; use cpu or cuda")
+    return device
+
+
 def check_file(name: str, path: str | Path) -> Path:
     """Check that ``path`` exists; return it as a Path."""
     p = Path(path)

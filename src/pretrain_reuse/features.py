@@ -22,7 +22,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from .artifacts import decode_ids, encode_ids, hash_file, read_json, write_json
+from .artifacts import current_umask, decode_ids, encode_ids, hash_file, read_json, write_json
 from .errors import PretrainReuseError, check_file, check_matrix
 
 STORE_FORMAT = 1
@@ -87,8 +87,13 @@ class FeatureStore:
     def save(self, path: str | Path, *, shard_size: int = 65536) -> Path:
         """Write the store folder (replacing an existing one only once the new one is complete)."""
         path = Path(path)
+        if path.exists() and not (path / "index.json").exists():
+            raise PretrainReuseError(
+                f"{str(path)!r} exists and is not a feature store; choose another output path"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp creates 0700
         try:
             shards = []
             for k, s in enumerate(range(0, len(self), shard_size)):
@@ -144,7 +149,7 @@ class FeatureStore:
             features[row:row + k] = t["features"]
             if labels is not None:
                 labels[row:row + k] = t["labels"]
-            ids.extend(decode_ids(t["ids"], k))
+            ids.extend(decode_ids(t["ids"], k, file))
             row += k
         if row != n:
             raise PretrainReuseError(f"store {str(path)!r} has {row} rows, index says {n}; re-run embed")
@@ -158,6 +163,8 @@ def load_npy(what: str, path: str | Path, *, mmap: bool = False) -> np.ndarray:
     try:
         return np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
+        reason = "it holds pickled objects, which are never loaded" if "pickle" in str(e) else str(e)
         raise PretrainReuseError(
-            f"{what}: {str(p)!r} is not a readable .npy array ({e}); save it with numpy.save"
+            f"{what}: {str(p)!r} is not a readable .npy array ({reason}); save a numeric array "
+            "with numpy.save"
         ) from None

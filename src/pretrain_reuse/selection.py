@@ -16,7 +16,7 @@ differ in size, so "10% of the pool" is not "10% of the clusters").
 
 from __future__ import annotations
 
-import math
+import numbers
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .artifacts import make_meta, read_json, write_json
-from .errors import PretrainReuseError, check_choice, check_positive, lookup
+from .errors import PretrainReuseError, check_choice, check_device, check_positive, lookup
 from .transport import METRICS, cost_matrix, unbalanced_sinkhorn_batched
 from .units import Units
 
@@ -36,12 +36,12 @@ from .units import Units
 class SelectConfig:
     """Parameters of a selection; defaults are those of Liu et al. (NeurIPS 2022).
 
-    ``k``: number of units (an int >= 1) or, as a float in (0, 1), the fraction of source samples
-    to cover. ``unit_ids`` / ``name_pattern`` are used by ``method="label"`` only.
+    ``k``: number of units (an int >= 1) or, as a float in (0, 1], the fraction of source samples
+    to cover (``1`` is one unit, ``1.0`` all samples). ``unit_ids`` / ``name_pattern`` are used by ``method="label"`` only.
     """
 
     method: str = "uot"
-    k: float = 100
+    k: int | float = 100
     metric: str = "cosine"
     eps_c: float = 0.01
     eps: float = 1.0
@@ -61,12 +61,12 @@ class SelectConfig:
         check_choice("dtype", self.dtype, ("float32", "float64"))
         for name in ("eps_c", "eps", "tau_a", "tau_b", "tol"):
             check_positive(name, getattr(self, name), allow_inf=name.startswith("tau"))
-        if not (self.k >= 1 and float(self.k).is_integer()) and not 0 < self.k < 1:
+        if not (_is_count(self.k) and self.k >= 1) and not (
+                isinstance(self.k, float) and 0 < self.k <= 1):
             raise PretrainReuseError(
-                f"k={self.k!r} must be a whole number of units >= 1 or a fraction in (0, 1)"
+                f"k={self.k!r} must be a whole number of units >= 1 or a sample fraction in (0, 1]"
             )
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise PretrainReuseError(f"device={self.device!r} but no CUDA GPU is visible; use cpu")
+        check_device(self.device)
         if self.method == "label" and not self.unit_ids and not self.name_pattern:
             raise PretrainReuseError("method 'label' needs unit ids (--ids) or a name pattern (--names)")
 
@@ -96,7 +96,7 @@ class Selection:
         """All source units, most similar first (ties broken by unit id)."""
         return np.argsort(-self.scores, kind="stable")
 
-    def top(self, k: float) -> Selection:
+    def top(self, k: int | float) -> Selection:
         """The same ranking with a different ``k`` (count or sample fraction)."""
         return Selection(selected=_take(self.ranking(), k, self.counts),
                          scores=self.scores, params={**self.params, "k": k}, meta=self.meta,
@@ -204,7 +204,7 @@ def _score_random(source: Units, targets: list[Units], cfg: SelectConfig):
 
 
 def _score_label(source: Units, targets: list[Units], cfg: SelectConfig):
-    chosen = [int(i) for i in cfg.unit_ids]
+    chosen = list(dict.fromkeys(int(i) for i in cfg.unit_ids))  # dedupe, keep the given order
     bad = [i for i in chosen if not 0 <= i < len(source)]
     if bad:
         raise PretrainReuseError(
@@ -222,6 +222,10 @@ def _score_label(source: Units, targets: list[Units], cfg: SelectConfig):
         chosen += [i for i, n in enumerate(source.names) if pattern.search(n) and i not in chosen]
     if not chosen:
         raise PretrainReuseError(f"name pattern {cfg.name_pattern!r} matches no unit name")
+    if _is_count(cfg.k) and cfg.k > len(chosen):
+        raise PretrainReuseError(
+            f"k={cfg.k} but only {len(chosen)} units were named (--ids/--names); pass --k {len(chosen)}"
+        )
     scores = np.zeros(len(source))
     scores[chosen] = len(chosen) - np.arange(len(chosen))  # keep the given order
     return [(scores, {"n_named": len(chosen)}) for _ in targets]
@@ -235,8 +239,12 @@ SELECTORS: dict[str, Callable] = {
 }
 
 
-def _take(ranking: np.ndarray, k: float, counts: np.ndarray | None) -> list[int]:
-    if k >= 1:
+def _is_count(k) -> bool:
+    return isinstance(k, numbers.Integral) and not isinstance(k, bool)
+
+
+def _take(ranking: np.ndarray, k: int | float, counts: np.ndarray | None) -> list[int]:
+    if _is_count(k):
         if k > len(ranking):
             raise PretrainReuseError(
                 f"k={int(k)} exceeds the {len(ranking)} source units; pass k <= {len(ranking)} "
@@ -249,7 +257,8 @@ def _take(ranking: np.ndarray, k: float, counts: np.ndarray | None) -> list[int]
             "matrix) or an integer k"
         )
     covered = np.cumsum(counts[ranking])
-    n = int(np.searchsorted(covered, math.ceil(k * counts.sum()))) + 1
+    # the fewest units whose samples reach the share; the slack absorbs 0.07 * 100 = 7.000000000000001
+    n = int(np.searchsorted(covered, k * counts.sum() * (1 - 1e-12))) + 1
     return [int(u) for u in ranking[: min(n, len(ranking))]]
 
 

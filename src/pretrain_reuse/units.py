@@ -23,7 +23,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from .artifacts import atomic_path, decode_ids, encode_ids, hash_array, hash_file, make_meta
+from .artifacts import (
+    atomic_path,
+    decode_ids,
+    encode_ids,
+    hash_array,
+    hash_file,
+    make_meta,
+    to_json,
+)
 from .errors import PretrainReuseError, check_choice, check_file, check_matrix
 from .features import FeatureStore, load_npy
 
@@ -55,8 +63,14 @@ class Units:
         check_matrix("prototypes", self.prototypes)
         if self.names is not None and len(self.names) != len(self):
             raise PretrainReuseError(f"got {len(self.names)} unit names for {len(self)} units")
-        if self.assignment is not None and len(self.assignment) != len(self.sample_ids):
-            raise PretrainReuseError("assignment and sample_ids must have the same length")
+        if self.assignment is not None:
+            if len(self.assignment) != len(self.sample_ids):
+                raise PretrainReuseError("assignment and sample_ids must have the same length")
+            if len(self.assignment) and self.assignment.max() >= len(self):
+                raise PretrainReuseError(
+                    f"assignment refers to unit {int(self.assignment.max())} but there are only "
+                    f"{len(self)} prototypes"
+                )
 
     def __len__(self) -> int:
         return self.prototypes.shape[0]
@@ -93,7 +107,7 @@ class Units:
         if self.assignment is not None:
             tensors["assignment"] = np.ascontiguousarray(self.assignment, dtype=np.int64)
             tensors["sample_ids"] = encode_ids(self.sample_ids)
-        header = {"kind": self.kind, "names": json.dumps(self.names), "meta": json.dumps(self.meta),
+        header = {"kind": self.kind, "names": to_json(self.names), "meta": to_json(self.meta),
                   "artifact": "units"}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=header)
@@ -118,10 +132,13 @@ class Units:
         if header.get("artifact") != "units" or "prototypes" not in t:
             raise PretrainReuseError(f"{str(p)!r} is not a units file written by pretrain-reuse")
         assignment = t.get("assignment")
-        ids = decode_ids(t["sample_ids"], len(assignment)) if assignment is not None else []
+        ids = decode_ids(t["sample_ids"], len(assignment), p) if assignment is not None else []
+        try:
+            names, meta = json.loads(header.get("names", "null")), json.loads(header.get("meta", "{}"))
+        except json.JSONDecodeError:
+            raise PretrainReuseError(f"units file {str(p)!r} has a corrupt header; rebuild it") from None
         return cls(prototypes=t["prototypes"], kind=header["kind"], assignment=assignment,
-                   sample_ids=ids, names=json.loads(header.get("names", "null")),
-                   meta=json.loads(header.get("meta", "{}")))
+                   sample_ids=ids, names=names, meta=meta)
 
 
 def size_report(counts: np.ndarray) -> dict[str, Any]:

@@ -1,0 +1,476 @@
+"""Artifacts on disk: FeatureStore, Units and Selection files, atomic writes, ``load`` and hashes.
+
+Every round trip compares what comes back with what went in, value by value; every corrupt file
+must surface as :class:`PretrainReuseError` naming the file, never as a library traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from pretrain_reuse import __version__
+from pretrain_reuse.artifacts import (
+    atomic_path,
+    encode_ids,
+    hash_array,
+    load,
+    make_meta,
+    write_json,
+)
+from pretrain_reuse.errors import PretrainReuseError
+from pretrain_reuse.features import FeatureStore
+from pretrain_reuse.selection import Selection
+from pretrain_reuse.units import Units
+
+
+def _files(root: Path) -> set[str]:
+    """Every path under ``root`` (files and folders), relative, for before/after comparisons."""
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def _store(n=25, dim=6, labels=True, seed=0) -> FeatureStore:
+    rng = np.random.default_rng(seed)
+    feats = rng.standard_normal((n, dim)).astype(np.float32)
+    labs = rng.integers(0, 4, n) if labels else None
+    ids = [f"img/{i:03d}-é.jpg" for i in range(n)]  # non-ASCII ids must survive the blob encoding
+    names = ["cat", "dog", "bird", "fish"] if labels else None
+    meta = make_meta("test", {"alpha": 0.5, "layers": [1, 2]}, inputs={"src": "sha256:abc"}, seed=7)
+    return FeatureStore(features=feats, labels=labs, ids=ids, class_names=names, meta=meta)
+
+
+# --------------------------------------------------------------------------------------------
+# FeatureStore
+# --------------------------------------------------------------------------------------------
+
+
+def test_feature_store_round_trip_over_several_shards_keeps_every_field(tmp_path):
+    store = _store(n=25)
+    path = store.save(tmp_path / "store", shard_size=10)
+
+    index = json.loads((path / "index.json").read_text())
+    assert [s["n"] for s in index["shards"]] == [10, 10, 5]
+    assert all((path / s["file"]).is_file() for s in index["shards"])
+
+    back = FeatureStore.load(path)
+    assert back.features.dtype == np.float32
+    np.testing.assert_array_equal(back.features, store.features)
+    assert back.labels.dtype == np.int64
+    np.testing.assert_array_equal(back.labels, store.labels)
+    assert back.ids == store.ids
+    assert back.class_names == ["cat", "dog", "bird", "fish"]
+    assert back.meta == store.meta
+    assert back.meta["version"] == __version__ and back.meta["seed"] == 7
+    assert len(back) == 25 and back.dim == 6
+
+
+def test_feature_store_saves_float64_features_as_float32(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((7, 3))
+    back = FeatureStore.load(FeatureStore(features=x).save(tmp_path / "s"))
+    assert back.features.dtype == np.float32
+    np.testing.assert_array_equal(back.features, x.astype(np.float32))
+
+
+def test_feature_store_without_labels_loads_labels_as_none_and_default_ids(tmp_path):
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    path = FeatureStore(features=x).save(tmp_path / "unlabelled", shard_size=3)
+    back = FeatureStore.load(path)
+    assert back.labels is None
+    assert back.ids == ["0", "1", "2", "3"]
+    assert back.class_names is None
+    np.testing.assert_array_equal(back.features, x)
+    assert json.loads((path / "index.json").read_text())["has_labels"] is False
+
+
+def test_feature_store_save_replaces_an_old_store_and_leaves_no_temporary_folder(tmp_path):
+    _store(n=30, seed=0).save(tmp_path / "store", shard_size=8)  # 4 shards
+    new = _store(n=5, seed=1)
+    new.save(tmp_path / "store", shard_size=8)  # 1 shard
+    assert _files(tmp_path) == {"store", "store/index.json", "store/shard-00000.safetensors"}
+    np.testing.assert_array_equal(FeatureStore.load(tmp_path / "store").features, new.features)
+
+
+def test_feature_store_rejects_labels_of_the_wrong_length():
+    with pytest.raises(PretrainReuseError, match="labels must be a vector of 4"):
+        FeatureStore(features=np.zeros((4, 2), np.float32), labels=np.zeros(3, np.int64))
+
+
+def test_feature_store_rejects_non_integer_and_negative_labels():
+    x = np.zeros((3, 2), np.float32)
+    with pytest.raises(PretrainReuseError, match="integer"):
+        FeatureStore(features=x, labels=np.array([0.0, 1.5, 2.0]))
+    with pytest.raises(PretrainReuseError, match="non-negative"):
+        FeatureStore(features=x, labels=np.array([0, -1, 2]))
+    # whole-valued floats are accepted and become int64
+    assert FeatureStore(features=x, labels=np.array([0.0, 1.0, 2.0])).labels.dtype == np.int64
+
+
+def test_truncated_feature_shard_raises_an_error_naming_the_shard(tmp_path):
+    path = _store(n=25).save(tmp_path / "store", shard_size=10)
+    shard = path / "shard-00001.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(PretrainReuseError, match=re.escape("shard-00001.safetensors")):
+        FeatureStore.load(path)
+
+
+def test_feature_shard_of_random_bytes_raises_an_error_naming_the_shard(tmp_path):
+    path = _store(n=25).save(tmp_path / "store", shard_size=10)
+    (path / "shard-00002.safetensors").write_bytes(np.random.default_rng(0).bytes(300))
+    with pytest.raises(PretrainReuseError, match=re.escape("shard-00002.safetensors")):
+        FeatureStore.load(path)
+
+
+def test_missing_feature_shard_raises_an_error_naming_the_shard(tmp_path):
+    path = _store(n=25).save(tmp_path / "store", shard_size=10)
+    (path / "shard-00000.safetensors").unlink()
+    with pytest.raises(PretrainReuseError, match=re.escape("shard-00000.safetensors")):
+        FeatureStore.load(path)
+
+
+def test_store_folder_without_index_json_is_refused(tmp_path):
+    path = _store(n=25).save(tmp_path / "store", shard_size=10)
+    (path / "index.json").unlink()
+    with pytest.raises(PretrainReuseError, match=re.escape("index.json")):
+        FeatureStore.load(path)
+    with pytest.raises(PretrainReuseError, match=re.escape("index.json")):
+        load(path)
+
+
+def test_store_index_with_wrong_row_count_is_refused(tmp_path):
+    path = _store(n=25).save(tmp_path / "store", shard_size=10)
+    index = json.loads((path / "index.json").read_text())
+    index["shards"][0]["n"] = 9
+    (path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(PretrainReuseError, match=re.escape("shard-00000.safetensors")):
+        FeatureStore.load(path)
+
+
+def test_corrupt_index_json_is_refused(tmp_path):
+    path = _store(n=5).save(tmp_path / "store")
+    (path / "index.json").write_text('{"kind": "features", "n": ')
+    with pytest.raises(PretrainReuseError, match="not valid JSON"):
+        FeatureStore.load(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Units
+# --------------------------------------------------------------------------------------------
+
+
+def _units() -> Units:
+    rng = np.random.default_rng(3)
+    protos = rng.standard_normal((4, 5)).astype(np.float32)
+    assignment = np.array([2, 0, -1, 2, 3, 0, 2, 3], dtype=np.int64)  # unit 1 empty, one unassigned
+    ids = [f"s{i}" for i in range(8)]
+    meta = make_meta("test.units", {"k": 4}, inputs={"features": "sha256:0123"}, seed=11)
+    meta["sizes"] = {"min": 0, "max": 3}
+    return Units(prototypes=protos, kind="cluster", assignment=assignment, sample_ids=ids,
+                 names=["a", "b", "c", "d"], meta=meta)
+
+
+def test_units_round_trip_keeps_prototypes_assignment_ids_names_kind_and_meta(tmp_path):
+    u = _units()
+    back = Units.load(u.save(tmp_path / "u.safetensors"))
+    np.testing.assert_array_equal(back.prototypes, u.prototypes)
+    assert back.prototypes.dtype == np.float32
+    np.testing.assert_array_equal(back.assignment, u.assignment)
+    assert back.sample_ids == u.sample_ids
+    assert back.names == ["a", "b", "c", "d"]
+    assert back.kind == "cluster"
+    assert back.meta == u.meta
+    assert load(tmp_path / "u.safetensors").meta == u.meta
+
+
+def test_units_counts_members_and_member_ids_follow_the_assignment(tmp_path):
+    back = Units.load(_units().save(tmp_path / "u.safetensors"))
+    np.testing.assert_array_equal(back.counts, [2, 0, 3, 2])  # -1 counts nowhere
+    members = back.members
+    assert len(members) == 4
+    assert [m.tolist() for m in members] == [[1, 5], [], [0, 3, 6], [4, 7]]
+    assert back.member_ids(2) == ["s0", "s3", "s6"]
+    assert back.member_ids(1) == []
+
+
+def test_units_without_assignment_round_trip_as_bare_prototypes(tmp_path):
+    protos = np.random.default_rng(0).standard_normal((3, 4))
+    back = Units.load(Units(prototypes=protos).save(tmp_path / "bare.safetensors"))
+    np.testing.assert_array_equal(back.prototypes, protos)
+    assert back.kind == "prototypes"
+    assert back.assignment is None and back.counts is None and back.members is None
+    assert back.names is None
+    with pytest.raises(PretrainReuseError, match="without members"):
+        back.member_ids(0)
+
+
+def test_units_save_refuses_a_non_safetensors_path_and_writes_nothing(tmp_path):
+    with pytest.raises(PretrainReuseError, match=re.escape(".safetensors")):
+        _units().save(tmp_path / "u.npy")
+    assert _files(tmp_path) == set()
+
+
+def test_units_reject_names_of_the_wrong_length_and_unknown_kind():
+    protos = np.zeros((3, 2))
+    with pytest.raises(PretrainReuseError, match="2 unit names for 3 units"):
+        Units(prototypes=protos, names=["a", "b"])
+    with pytest.raises(PretrainReuseError, match="did you mean 'class'"):
+        Units(prototypes=protos, kind="clas")
+
+
+def test_npy_matrix_loads_as_units_of_kind_prototypes(tmp_path):
+    m = np.random.default_rng(0).standard_normal((6, 3)).astype(np.float32)
+    np.save(tmp_path / "protos.npy", m)
+    for u in (Units.load(tmp_path / "protos.npy"), load(tmp_path / "protos.npy")):
+        assert isinstance(u, Units)
+        assert u.kind == "prototypes"
+        np.testing.assert_array_equal(u.prototypes, m)
+        assert u.counts is None and u.members is None and u.names is None
+        assert u.meta["inputs"]["prototypes"].startswith("sha256:")
+
+
+class _Tripwire:
+    """Creates a folder when unpickled: proof that a loader ran pickle on untrusted data."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def test_pickled_object_npy_is_refused_and_never_unpickled(tmp_path):
+    # the tripwire works: numpy with allow_pickle=True does run it
+    np.save(tmp_path / "proof.npy", np.array([_Tripwire(str(tmp_path / "proof")), None],
+                                            dtype=object), allow_pickle=True)
+    np.load(tmp_path / "proof.npy", allow_pickle=True)
+    assert (tmp_path / "proof").is_dir()
+
+    sentinel = tmp_path / "unpickled"
+    np.save(tmp_path / "evil.npy", np.array([_Tripwire(str(sentinel)), None], dtype=object),
+            allow_pickle=True)
+    for opener in (Units.load, load):
+        with pytest.raises(PretrainReuseError, match=re.escape("evil.npy")):
+            opener(tmp_path / "evil.npy")
+    with pytest.raises(PretrainReuseError, match=re.escape("evil.npy")):
+        FeatureStore.from_npy(tmp_path / "evil.npy")
+    assert not sentinel.exists()
+
+
+def test_units_file_of_random_bytes_is_refused_naming_the_file(tmp_path):
+    (tmp_path / "junk.safetensors").write_bytes(np.random.default_rng(0).bytes(400))
+    with pytest.raises(PretrainReuseError, match=re.escape("junk.safetensors")):
+        Units.load(tmp_path / "junk.safetensors")
+
+
+def test_truncated_units_file_is_refused_naming_the_file(tmp_path):
+    path = _units().save(tmp_path / "u.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 20])
+    with pytest.raises(PretrainReuseError, match=re.escape("u.safetensors")):
+        Units.load(path)
+
+
+def test_safetensors_file_not_written_as_units_is_refused(tmp_path):
+    save_file({"weight": np.zeros((2, 2), np.float32)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(PretrainReuseError, match="not a units file"):
+        Units.load(tmp_path / "model.safetensors")
+
+
+def test_units_file_with_mismatched_sample_ids_is_refused(tmp_path):
+    save_file({"prototypes": np.zeros((2, 3), np.float32), "assignment": np.array([0, 1, 1]),
+               "sample_ids": encode_ids(["a", "b"])}, str(tmp_path / "bad.safetensors"),
+              metadata={"artifact": "units", "kind": "class", "names": "null", "meta": "{}"})
+    with pytest.raises(PretrainReuseError, match=re.escape("bad.safetensors")):
+        Units.load(tmp_path / "bad.safetensors")
+
+
+def test_units_meta_with_numpy_scalars_saves_like_selection_meta(tmp_path):
+    u = Units(prototypes=np.zeros((2, 3)), meta={"n": np.int64(3), "x": np.float32(0.5)})
+    back = Units.load(u.save(tmp_path / "u.safetensors"))
+    assert back.meta == {"n": 3, "x": 0.5}
+
+
+def test_npy_units_with_nan_or_wrong_rank_are_refused(tmp_path):
+    m = np.ones((4, 3))
+    m[2, 1] = np.nan
+    np.save(tmp_path / "nan.npy", m)
+    with pytest.raises(PretrainReuseError, match="row 2"):
+        Units.load(tmp_path / "nan.npy")
+    np.save(tmp_path / "vec.npy", np.ones(5))
+    with pytest.raises(PretrainReuseError, match="2-d"):
+        Units.load(tmp_path / "vec.npy")
+
+
+# --------------------------------------------------------------------------------------------
+# Selection
+# --------------------------------------------------------------------------------------------
+
+
+def _selection() -> Selection:
+    scores = np.array([0.1, 0.9, -2.0, 0.5, 0.9, 0.3])
+    return Selection(selected=[1, 4, 3], scores=scores, params={"method": "uot", "k": 3},
+                     meta=make_meta("test.select", {"k": 3}, seed=5),
+                     unit_names=["u0", "u1", "u2", "u3", "u4", "u5"],
+                     counts=np.array([10, 5, 20, 20, 20, 25]))
+
+
+def test_selection_round_trip_keeps_selected_scores_params_meta_names_and_counts(tmp_path):
+    sel = _selection()
+    sel.save(tmp_path / "sel.json")
+    obj = json.loads((tmp_path / "sel.json").read_text())
+    assert obj["selected"] == [1, 4, 3]
+    assert obj["selected_names"] == ["u1", "u4", "u3"]
+    back = Selection.load(tmp_path / "sel.json")
+    assert back.selected == [1, 4, 3]
+    np.testing.assert_array_equal(back.scores, sel.scores)
+    assert back.params == {"method": "uot", "k": 3}
+    assert back.meta == sel.meta
+    assert back.unit_names == sel.unit_names
+    np.testing.assert_array_equal(back.counts, sel.counts)
+
+
+def test_selection_ranking_breaks_ties_by_unit_id():
+    np.testing.assert_array_equal(_selection().ranking(), [1, 4, 3, 5, 0, 2])
+
+
+def test_selection_top_takes_a_count_or_a_sample_fraction_of_the_ranking():
+    sel = _selection()
+    assert sel.top(2).selected == [1, 4]
+    assert sel.top(2).params["k"] == 2
+    assert sel.top(6).selected == [1, 4, 3, 5, 0, 2]
+    # 100 samples; along the ranking 1 (5), 4 (20), 3 (20), 5 (25), 0 (10), 2 (20)
+    # the covered samples are 5, 25, 45, 70, 80, 100
+    assert sel.top(0.05).selected == [1]
+    assert sel.top(0.25).selected == [1, 4]
+    assert sel.top(0.26).selected == [1, 4, 3]
+    assert sel.top(0.45).selected == [1, 4, 3]
+    assert sel.top(0.5).selected == [1, 4, 3, 5]
+    assert sel.top(0.99).selected == [1, 4, 3, 5, 0, 2]
+    with pytest.raises(PretrainReuseError, match="exceeds the 6 source units"):
+        sel.top(7)
+
+
+def test_selection_top_fraction_is_not_inflated_by_floating_point_rounding():
+    sel = Selection(selected=[0], scores=-np.arange(100.0), params={},
+                    counts=np.ones(100, dtype=np.int64))
+    for k, n in ((0.07, 7), (0.14, 14), (0.28, 28), (0.55, 55), (0.56, 56)):
+        assert len(sel.top(k).selected) == n, k
+
+
+def test_selection_recall_is_the_share_of_relevant_units_selected():
+    sel = _selection()
+    assert sel.recall([1, 4]) == 1.0
+    assert sel.recall([1, 2]) == 0.5
+    assert sel.recall(np.array([0, 2, 5, 4])) == 0.25
+    with pytest.raises(PretrainReuseError, match="at least one"):
+        sel.recall([])
+
+
+def test_json_that_is_not_a_selection_is_refused(tmp_path):
+    (tmp_path / "other.json").write_text('{"kind": "something"}')
+    with pytest.raises(PretrainReuseError, match="not a selection"):
+        Selection.load(tmp_path / "other.json")
+    (tmp_path / "broken.json").write_text('{"kind": "selection", ')
+    with pytest.raises(PretrainReuseError, match=re.escape("broken.json")):
+        load(tmp_path / "broken.json")
+
+
+# --------------------------------------------------------------------------------------------
+# atomic writes, load() dispatch, hashes
+# --------------------------------------------------------------------------------------------
+
+
+def test_atomic_path_leaves_no_file_behind_when_the_block_raises(tmp_path):
+    target = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError, match="boom"), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half written")
+        raise RuntimeError("boom")
+    assert _files(tmp_path) == set()
+
+
+def test_atomic_path_keeps_the_old_file_when_the_block_raises(tmp_path):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"new but broken")
+        raise RuntimeError("boom")
+    assert target.read_bytes() == b"old"
+    assert _files(tmp_path) == {"out.bin"}
+
+
+def test_atomic_path_replaces_the_file_when_the_block_succeeds(tmp_path):
+    target = tmp_path / "sub" / "out.bin"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    with atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp != target
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new"
+    assert _files(tmp_path) == {"sub", "sub/out.bin"}
+
+
+def test_write_json_refuses_nan_and_leaves_nothing(tmp_path):
+    with pytest.raises(ValueError):
+        write_json(tmp_path / "x.json", {"a": float("nan")})
+    assert _files(tmp_path) == set()
+
+
+def test_atomically_written_files_get_the_same_permissions_as_plain_files(tmp_path):
+    old = os.umask(0o022)
+    try:
+        (tmp_path / "plain.json").write_text("{}")
+        write_json(tmp_path / "atomic.json", {})
+    finally:
+        os.umask(old)
+    plain = (tmp_path / "plain.json").stat().st_mode & 0o777
+    assert (tmp_path / "atomic.json").stat().st_mode & 0o777 == plain
+
+
+def test_load_dispatches_on_the_kind_of_artifact(tmp_path):
+    store_dir = _store(n=6).save(tmp_path / "store")
+    _units().save(tmp_path / "u.safetensors")
+    np.save(tmp_path / "p.npy", np.eye(3))
+    _selection().save(tmp_path / "sel.json")
+
+    assert isinstance(load(store_dir), FeatureStore)
+    assert isinstance(load(store_dir / "index.json"), FeatureStore)
+    assert len(load(store_dir / "index.json")) == 6
+    assert isinstance(load(tmp_path / "u.safetensors"), Units)
+    assert load(tmp_path / "u.safetensors").kind == "cluster"
+    assert isinstance(load(tmp_path / "p.npy"), Units)
+    assert isinstance(load(tmp_path / "sel.json"), Selection)
+    assert load(tmp_path / "sel.json").selected == [1, 4, 3]
+    # plain strings work as well as Paths
+    assert isinstance(load(str(tmp_path / "sel.json")), Selection)
+
+
+def test_load_refuses_unknown_suffixes_and_missing_paths(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(PretrainReuseError, match="do not know how to open"):
+        load(tmp_path / "notes.txt")
+    with pytest.raises(PretrainReuseError, match="does not exist"):
+        load(tmp_path / "nothing.safetensors")
+
+
+def test_hash_array_is_stable_and_sensitive_to_values_dtype_and_shape():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 8)).astype(np.float32)
+    h = hash_array(x)
+    assert h.startswith("sha256:")
+    assert hash_array(x.copy()) == h
+    assert hash_array(np.asfortranarray(x)) == h  # memory layout does not matter
+    big = np.zeros((60, 60))
+    assert hash_array(big[::2, ::3]) == hash_array(np.ascontiguousarray(big[::2, ::3]))
+
+    y = x.copy()
+    y[17, 3] = np.nextafter(y[17, 3], np.float32(np.inf))  # one value, one ulp
+    assert hash_array(y) != h
+    assert hash_array(x.astype(np.float64)) != h
+    assert hash_array(x.reshape(100, 4)) != h

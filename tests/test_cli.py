@@ -1,0 +1,624 @@
+"""The ``pretrain-reuse`` command end to end: files in, files out, checked against numpy references.
+
+Most tests call :func:`pretrain_reuse.cli.main` in-process (fast); a few run
+``python -m pretrain_reuse`` in a subprocess to check the real exit status and stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import logsumexp
+
+from pretrain_reuse import __version__
+from pretrain_reuse.artifacts import load
+from pretrain_reuse.cli import main
+from pretrain_reuse.data.synthetic import feature_world
+from pretrain_reuse.features import FeatureStore
+from pretrain_reuse.units import Units
+
+D = 16
+N_SRC = 60
+N_TGT = 5
+ERROR_PREFIX = "pretrain-reuse: error: "
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers and inputs
+# --------------------------------------------------------------------------------------------
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    """Run the CLI in-process; return (exit status, stdout, stderr)."""
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def run_ok(capsys, *argv) -> str:
+    rc, out, err = cli(capsys, *argv)
+    assert rc == 0, err
+    return out
+
+
+def read_sel(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def files_under(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def class_means(features: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """Reference class means: plain numpy mean of the raw features of every class."""
+    x = features.astype(np.float64)
+    return np.stack([x[labels == c].mean(axis=0) for c in range(n)])
+
+
+def top_k(scores, k: int) -> list[int]:
+    return [int(i) for i in np.argsort(-np.asarray(scores), kind="stable")[:k]]
+
+
+def assert_ranked_prefix(obj: dict) -> None:
+    """``selected`` is exactly the head of the ranking by ``scores``, most similar first."""
+    scores = np.asarray(obj["scores"])
+    sel = obj["selected"]
+    assert len(set(sel)) == len(sel)
+    assert sel == top_k(scores, len(sel))
+    rest = np.setdiff1d(np.arange(len(scores)), sel)
+    if len(rest):
+        assert scores[sel].min() >= scores[rest].max()
+    assert all(np.diff(scores[sel]) <= 0)
+
+
+@pytest.fixture
+def data(tmp_path):
+    """Prototype matrices and labelled per-sample features of a source and a target task."""
+    rng = np.random.default_rng(0)
+    inp = tmp_path / "in"
+    inp.mkdir()
+    d = SimpleNamespace(root=tmp_path, inp=inp, out=tmp_path / "sel.json")
+
+    # bare prototype matrices
+    d.S = rng.standard_normal((N_SRC, D)).astype(np.float32)
+    d.T = rng.standard_normal((N_TGT, D)).astype(np.float32)
+    np.save(inp / "S.npy", d.S)
+    np.save(inp / "T.npy", d.T)
+
+    # per-sample features: classes of unequal sizes, samples shuffled
+    centres = 2.0 * rng.standard_normal((N_SRC, D))
+    d.src_sizes = rng.integers(3, 12, N_SRC)
+    d.src_labels = rng.permutation(np.repeat(np.arange(N_SRC), d.src_sizes))
+    d.src_feats = (centres[d.src_labels]
+                   + rng.standard_normal((len(d.src_labels), D))).astype(np.float32)
+    tgt_centres = centres[[7, 19, 33, 41, 52]] + 0.8 * rng.standard_normal((N_TGT, D))
+    d.tgt_sizes = np.array([4, 9, 2, 6, 12])
+    d.tgt_labels = rng.permutation(np.repeat(np.arange(N_TGT), d.tgt_sizes))
+    d.tgt_feats = (tgt_centres[d.tgt_labels]
+                   + rng.standard_normal((len(d.tgt_labels), D))).astype(np.float32)
+    np.save(inp / "src_feats.npy", d.src_feats)
+    np.save(inp / "src_labels.npy", d.src_labels)
+    np.save(inp / "tgt_feats.npy", d.tgt_feats)
+    np.save(inp / "tgt_labels.npy", d.tgt_labels)
+    # the same class means, computed by hand
+    np.save(inp / "src_means.npy", class_means(d.src_feats, d.src_labels, N_SRC).astype(np.float32))
+    np.save(inp / "tgt_means.npy", class_means(d.tgt_feats, d.tgt_labels, N_TGT).astype(np.float32))
+
+    d.names = [f"class{i:02d}" for i in range(N_SRC)]
+    for i, n in ((5, "hawk"), (17, "owl"), (42, "wren")):
+        d.names[i] = n
+    (inp / "names.txt").write_text("\n".join(d.names) + "\n")
+    return d
+
+
+def select_args(d, *extra, source=None, target=None):
+    return ["select", "--source", source or d.inp / "S.npy", "--target", target or d.inp / "T.npy",
+            "--out", d.out, *extra]
+
+
+# --------------------------------------------------------------------------------------------
+# select: the contract
+# --------------------------------------------------------------------------------------------
+
+
+def test_select_uot_writes_top_k_selection_scores_params_and_meta(capsys, data):
+    out = run_ok(capsys, *select_args(data, "--k", "10", "--method", "uot", "--metric", "cosine",
+                                      "--eps-c", "0.01"))
+    obj = read_sel(data.out)
+    assert len(obj["selected"]) == 10
+    assert all(0 <= u < N_SRC for u in obj["selected"])
+    assert len(obj["scores"]) == N_SRC
+    assert_ranked_prefix(obj)
+    p = obj["params"]
+    assert (p["method"], p["metric"], p["eps_c"], p["k"]) == ("uot", "cosine", 0.01, 10)
+    assert (p["eps"], p["tau_a"], p["tau_b"]) == (1.0, 1.0, 100.0)  # the paper's defaults
+    assert obj["meta"]["version"] == __version__
+    assert obj["meta"]["seed"] == 0
+    assert obj["meta"]["solver"]["converged"] is True
+    assert f"selected 10 of {N_SRC}" in out
+    assert {f for f in files_under(data.root) if not f.startswith("in")} == {"sel.json"}
+
+
+def numpy_uot_log_row_mass(cost, eps=1.0, tau_a=1.0, tau_b=100.0, iters=2000):
+    """Reference: plain log-domain generalised Sinkhorn (Chizat et al. 2018) with unit weights,
+
+    min_P <C,P> + eps KL(P || 1 1^T) + tau_a KL(P 1 || 1) + tau_b KL(P^T 1 || 1); returns log(P 1).
+    """
+    lam_a, lam_b = tau_a / (tau_a + eps), tau_b / (tau_b + eps)
+    f, g = np.zeros(cost.shape[0]), np.zeros(cost.shape[1])
+    for _ in range(iters):
+        f_new = -lam_a * eps * logsumexp((g[None, :] - cost) / eps, axis=1)
+        g_new = -lam_b * eps * logsumexp((f_new[:, None] - cost) / eps, axis=0)
+        done = max(abs(f_new - f).max(), abs(g_new - g).max()) < 1e-13
+        f, g = f_new, g_new
+        if done:
+            break
+    return f / eps + logsumexp((g[None, :] - cost) / eps, axis=1)
+
+
+def test_select_uot_scores_are_log_row_masses_of_the_papers_unbalanced_plan(capsys, data):
+    run_ok(capsys, *select_args(data, "--k", "10", "--tol", "1e-10"))
+    s = data.S.astype(np.float64)
+    t = data.T.astype(np.float64)
+    s /= np.linalg.norm(s, axis=1, keepdims=True)
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    ref = numpy_uot_log_row_mass((1.0 - s @ t.T) / 0.01)  # C = (1 - cos) / eps_c
+    np.testing.assert_allclose(read_sel(data.out)["scores"], ref, atol=1e-6)
+    assert read_sel(data.out)["selected"] == top_k(ref, 10)
+
+
+def test_select_on_labelled_samples_equals_select_on_hand_computed_class_means(capsys, data):
+    inp = data.inp
+    run_ok(capsys, *select_args(data, "--k", "10", "--source-labels", inp / "src_labels.npy",
+                                "--target-labels", inp / "tgt_labels.npy",
+                                source=inp / "src_feats.npy", target=inp / "tgt_feats.npy"))
+    from_samples = read_sel(data.out)
+    out2 = data.root / "sel_means.json"
+    run_ok(capsys, "select", "--source", inp / "src_means.npy", "--target", inp / "tgt_means.npy",
+           "--k", "10", "--out", out2)
+    from_means = read_sel(out2)
+    assert from_samples["selected"] == from_means["selected"]
+    np.testing.assert_allclose(from_samples["scores"], from_means["scores"], rtol=1e-5, atol=1e-6)
+    # unit sizes travel with labelled samples (and are what fractional k needs)
+    assert from_samples["counts"] == data.src_sizes.tolist()
+    assert "counts" not in from_means
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("target_kind", ["matrix", "labelled-samples"])
+def test_greedy_ot_scores_match_brute_force_weighted_distances(capsys, data, metric, target_kind):
+    if target_kind == "matrix":
+        T, w, extra = data.T.astype(np.float64), np.full(N_TGT, 1.0 / N_TGT), []
+        target = data.inp / "T.npy"
+    else:  # target classes weighted by their share of the target samples
+        T = class_means(data.tgt_feats, data.tgt_labels, N_TGT).astype(np.float32).astype(float)
+        w = data.tgt_sizes / data.tgt_sizes.sum()
+        target, extra = data.inp / "tgt_feats.npy", ["--target-labels", data.inp / "tgt_labels.npy"]
+    run_ok(capsys, *select_args(data, "--k", "12", "--method", "greedy-ot", "--metric", metric,
+                                *extra, target=target))
+    S = data.S.astype(np.float64)
+    if metric == "l2":
+        dist = np.sqrt(((S[:, None, :] - T[None, :, :]) ** 2).sum(-1))
+    else:
+        dist = 1.0 - (S @ T.T) / np.outer(np.linalg.norm(S, axis=1), np.linalg.norm(T, axis=1))
+    ref = -(dist * w[None, :]).sum(axis=1)
+    obj = read_sel(data.out)
+    np.testing.assert_allclose(obj["scores"], ref, rtol=1e-9, atol=1e-9)
+    assert obj["selected"] == top_k(ref, 12)
+    assert_ranked_prefix(obj)
+
+
+def test_random_selection_is_seeded_valid_and_changes_with_the_seed(capsys, data):
+    picks = {}
+    for run, seed in (("a", 3), ("b", 3), ("c", 4)):
+        out = data.root / f"rand_{run}.json"
+        run_ok(capsys, "select", "--source", data.inp / "S.npy", "--target", data.inp / "T.npy",
+               "--k", "20", "--method", "random", "--seed", seed, "--out", out)
+        obj = read_sel(out)
+        assert obj["meta"]["seed"] == seed and obj["params"]["seed"] == seed
+        picks[run] = obj["selected"]
+    for sel in picks.values():
+        assert len(sel) == 20 and len(set(sel)) == 20
+        assert all(0 <= u < N_SRC for u in sel)
+    assert picks["a"] == picks["b"]
+    assert picks["a"] != picks["c"]
+
+
+def test_label_selection_by_ids_keeps_the_given_order(capsys, data):
+    run_ok(capsys, *select_args(data, "--k", "3", "--method", "label", "--ids", "4,2,9"))
+    assert read_sel(data.out)["selected"] == [4, 2, 9]
+
+
+def test_label_selection_by_id_ranges_and_recall_of_relevant_ids(capsys, data):
+    out = run_ok(capsys, *select_args(data, "--k", "4", "--method", "label", "--ids", "7-9,2",
+                                      "--relevant", "8,2,30,31"))
+    obj = read_sel(data.out)
+    assert obj["selected"] == [7, 8, 9, 2]
+    assert obj["meta"]["recall"] == 0.5
+    assert "50.00%" in out
+
+
+def test_label_selection_by_name_pattern_picks_the_matching_class_names(capsys, data):
+    run_ok(capsys, *select_args(data, "--k", "3", "--method", "label", "--names",
+                                "^(hawk|owl|wren)$", "--class-names", data.inp / "names.txt"))
+    obj = read_sel(data.out)
+    assert sorted(obj["selected"]) == [5, 17, 42]
+    assert obj["selected_names"] == [data.names[u] for u in obj["selected"]]
+    assert obj["unit_names"] == data.names
+
+
+# --------------------------------------------------------------------------------------------
+# units, and k as a fraction of samples
+# --------------------------------------------------------------------------------------------
+
+
+def test_units_class_method_gives_numpy_class_means_sizes_and_names(capsys, data):
+    inp = data.inp
+    out = run_ok(capsys, "units", "--features", inp / "src_feats.npy", "--labels",
+                 inp / "src_labels.npy", "--class-names", inp / "names.txt",
+                 "--out", data.root / "src.safetensors")
+    u = load(data.root / "src.safetensors")
+    assert isinstance(u, Units) and u.kind == "class"
+    np.testing.assert_allclose(u.prototypes, class_means(data.src_feats, data.src_labels, N_SRC),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(u.counts, data.src_sizes)
+    np.testing.assert_array_equal(u.assignment, data.src_labels)
+    assert u.names == data.names
+    assert u.member_ids(7) == [str(i) for i in np.flatnonzero(data.src_labels == 7)]
+    assert u.meta["version"] == __version__
+    assert f"wrote {N_SRC} class units" in out
+
+
+def test_units_class_method_reads_a_feature_store_folder(capsys, data):
+    ids = [f"img{i:04d}.jpg" for i in range(len(data.src_labels))]
+    FeatureStore(features=data.src_feats, labels=data.src_labels, ids=ids,
+                 class_names=data.names).save(data.root / "store", shard_size=100)
+    run_ok(capsys, "units", "--features", data.root / "store", "--out",
+           data.root / "u.safetensors")
+    u = load(data.root / "u.safetensors")
+    np.testing.assert_allclose(u.prototypes, class_means(data.src_feats, data.src_labels, N_SRC),
+                               rtol=1e-6, atol=1e-6)
+    assert u.names == data.names
+    assert u.sample_ids == ids
+    np.testing.assert_array_equal(u.counts, data.src_sizes)
+
+
+def _kmeans(capsys, features, out, *extra):
+    run_ok(capsys, "units", "--features", features, *extra, "--method", "kmeans", "--k", "8",
+           "--n-iter", "8", "--seed", "0", "--quiet", "--out", out)
+    return load(out)
+
+
+def test_units_kmeans_is_deterministic_and_prototypes_are_member_means(capsys, data):
+    inp = data.inp
+    a = _kmeans(capsys, inp / "src_feats.npy", data.root / "a.safetensors",
+                "--labels", inp / "src_labels.npy")
+    b = _kmeans(capsys, inp / "src_feats.npy", data.root / "b.safetensors",
+                "--labels", inp / "src_labels.npy")
+    FeatureStore(features=data.src_feats).save(data.root / "store", shard_size=128)
+    c = _kmeans(capsys, data.root / "store", data.root / "c.safetensors")
+
+    assert a.kind == "cluster" and len(a) == 8
+    assert a.assignment.shape == (len(data.src_feats),)
+    assert (a.counts > 0).all() and a.counts.sum() == len(data.src_feats)
+    x = data.src_feats.astype(np.float64)
+    ref = np.stack([x[a.assignment == j].mean(axis=0) for j in range(8)])
+    np.testing.assert_allclose(a.prototypes, ref, rtol=1e-5, atol=1e-6)
+    # every sample sits in the cluster whose (spherical) centre is most cosine-similar
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    centres = np.stack([xn[a.assignment == j].sum(0) for j in range(8)])
+    sim = xn @ (centres / np.linalg.norm(centres, axis=1, keepdims=True)).T
+    assert (sim[np.arange(len(x)), a.assignment] >= sim.max(axis=1) - 1e-5).mean() > 0.95
+    # same features and seed: same clusters, whether from .npy or a store, labels or not
+    for other in (b, c):
+        np.testing.assert_array_equal(other.prototypes, a.prototypes)
+        np.testing.assert_array_equal(other.assignment, a.assignment)
+    assert a.meta["seed"] == 0
+
+
+def test_fractional_k_on_a_units_file_covers_that_share_of_samples_and_no_more(capsys, data):
+    inp = data.inp
+    run_ok(capsys, "units", "--features", inp / "src_feats.npy", "--labels",
+           inp / "src_labels.npy", "--out", data.root / "src.safetensors")
+    run_ok(capsys, "select", "--source", data.root / "src.safetensors", "--target",
+           inp / "T.npy", "--k", "0.25", "--out", data.out)
+    obj = read_sel(data.out)
+    counts = data.src_sizes
+    covered = counts[obj["selected"]].sum()
+    assert covered >= 0.25 * counts.sum()
+    assert covered - counts[obj["selected"][-1]] < 0.25 * counts.sum()
+    assert_ranked_prefix(obj)
+    assert 1 < len(obj["selected"]) < N_SRC
+    # "25%" is the same request
+    run_ok(capsys, "select", "--source", data.root / "src.safetensors", "--target",
+           inp / "T.npy", "--k", "25%", "--out", data.root / "pct.json")
+    assert read_sel(data.root / "pct.json")["selected"] == obj["selected"]
+
+
+def test_units_files_on_both_sides_select_like_labelled_samples(capsys, data):
+    inp = data.inp
+    for side in ("src", "tgt"):
+        run_ok(capsys, "units", "--features", inp / f"{side}_feats.npy", "--labels",
+               inp / f"{side}_labels.npy", "--out", data.root / f"{side}.safetensors")
+    for method in ("uot", "greedy-ot"):
+        run_ok(capsys, "select", "--source", data.root / "src.safetensors", "--target",
+               data.root / "tgt.safetensors", "--k", "10", "--method", method,
+               "--out", data.root / f"units_{method}.json")
+        run_ok(capsys, "select", "--source", inp / "src_feats.npy", "--source-labels",
+               inp / "src_labels.npy", "--target", inp / "tgt_feats.npy", "--target-labels",
+               inp / "tgt_labels.npy", "--k", "10", "--method", method,
+               "--out", data.root / f"samples_{method}.json")
+        a = read_sel(data.root / f"units_{method}.json")
+        b = read_sel(data.root / f"samples_{method}.json")
+        assert a["selected"] == b["selected"]
+        np.testing.assert_allclose(a["scores"], b["scores"], rtol=1e-12)
+        assert a["counts"] == data.src_sizes.tolist()
+    # the selected units' members are real sample ids of the source
+    u = load(data.root / "src.safetensors")
+    sel = load(data.root / "units_uot.json")
+    members = [i for unit in sel.selected for i in u.member_ids(unit)]
+    assert len(members) == data.src_sizes[sel.selected].sum()
+
+
+@pytest.fixture(scope="module")
+def synthetic_selections(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    related = feature_world().related
+    out = {}
+    for method in ("uot", "greedy-ot"):
+        with contextlib.redirect_stdout(io.StringIO()):
+            rc = main(["select", "--source", "synthetic:pretrain", "--target", "synthetic:target",
+                       "--k", str(len(related)), "--method", method,
+                       "--out", str(root / f"{method}.json")])
+        assert rc == 0
+        out[method] = read_sel(root / f"{method}.json")
+    return related, out
+
+
+def test_uot_on_the_embedded_synthetic_sets_recovers_every_related_class(synthetic_selections):
+    related, sel = synthetic_selections
+    obj = sel["uot"]
+    assert len(obj["selected"]) == len(related)
+    assert len(set(obj["selected"]) & set(related.tolist())) / len(related) == 1.0
+    assert all(not n.startswith("hub/") for n in obj["selected_names"])
+
+
+def test_greedy_ot_on_the_embedded_synthetic_sets_falls_for_the_hubs(synthetic_selections):
+    related, sel = synthetic_selections
+    obj = sel["greedy-ot"]
+    assert len(set(obj["selected"]) & set(related.tolist())) / len(related) < 1.0
+    assert any(n.startswith("hub/") for n in obj["selected_names"])
+
+
+# --------------------------------------------------------------------------------------------
+# user errors: exit 2, one line, no traceback, nothing written
+# --------------------------------------------------------------------------------------------
+
+
+def _write_bad_inputs(d) -> None:
+    inp = d.inp
+    rng = np.random.default_rng(1)
+    np.save(inp / "vec.npy", np.ones(D))
+    np.save(inp / "T8.npy", np.ones((N_TGT, 8)))
+    nan = d.S.copy()
+    nan[3, 2] = np.nan
+    np.save(inp / "nan.npy", nan)
+    nan_feats = d.src_feats.copy()
+    nan_feats[11] = np.nan
+    np.save(inp / "nan_feats.npy", nan_feats)
+    (inp / "junk.safetensors").write_bytes(rng.bytes(600))
+    (inp / "junk.npy").write_bytes(rng.bytes(600))
+    raw = (inp / "S.npy").read_bytes()
+    (inp / "trunc.npy").write_bytes(raw[: len(raw) // 2])
+    np.save(inp / "short_labels.npy", d.src_labels[:-1])
+    (inp / "few_names.txt").write_text("a\nb\n")
+
+
+def _sel(*extra, source="S.npy", target="T.npy"):
+    """argv of a select call; file names (``*.npy``, ``*.txt``, ...) are in the input folder."""
+    def argv(d):
+        def in_inp(x):
+            return d.inp / x if x.endswith((".npy", ".txt", ".safetensors")) else x
+
+        return ["select", "--source", in_inp(source), "--target", in_inp(target),
+                "--out", d.out, *map(in_inp, extra)]
+
+    return argv
+
+
+USER_ERRORS = {
+    "missing source file": (_sel("--k", "3", source="nope.npy"), ["nope.npy", "does not exist"]),
+    "missing labels file": (_sel("--k", "3", "--source-labels", "nope_labels.npy",
+                                 source="src_feats.npy"), ["nope_labels.npy", "does not exist"]),
+    "1-d source": (_sel("--k", "3", source="vec.npy"), ["vec.npy", "2-d", "(16,)"]),
+    "dimension mismatch": (_sel("--k", "3", target="T8.npy"), ["dimension 16", "8"]),
+    "NaN row in source prototypes": (_sel("--k", "3", source="nan.npy"), ["nan", "row 3"]),
+    "NaN row in source samples": (_sel("--k", "3", "--source-labels", "src_labels.npy",
+                                       source="nan_feats.npy"), ["nan", "row 11"]),
+    "k above unit count": (_sel("--k", "61"), ["k=61", "60 source units"]),
+    "k zero": (_sel("--k", "0"), ["k=0"]),
+    "k not a whole number": (_sel("--k", "2.5"), ["k=2.5"]),
+    "k not a number": (_sel("--k", "ten"), ["'ten'", "not a number"]),
+    "fractional k on bare prototypes": (_sel("--k", "0.25"), ["fraction", "units file"]),
+    "unknown method": (_sel("--k", "3", "--method", "uto"), ["'uto'", "did you mean 'uot'"]),
+    "unknown metric": (_sel("--k", "3", "--metric", "cosin"), ["metric", "did you mean 'cosine'"]),
+    "non-positive eps_c": (_sel("--k", "3", "--eps-c", "0"), ["eps_c", "positive"]),
+    "label method without ids": (_sel("--k", "3", "--method", "label"), ["--ids", "--names"]),
+    "label id out of range": (_sel("--k", "1", "--method", "label", "--ids", "60"),
+                              ["unit id 60", "out of range"]),
+    "non-integer unit ids": (_sel("--k", "2", "--method", "label", "--ids", "4,a"),
+                             ["--ids", "'4,a'"]),
+    "relevant id out of range": (_sel("--k", "2", "--relevant", "3,60"),
+                                 ["--relevant", "60", "out of range"]),
+    "names pattern without names": (_sel("--k", "1", "--method", "label", "--names", "owl"),
+                                    ["--class-names"]),
+    "class names of the wrong length": (_sel("--k", "3", "--class-names", "few_names.txt"),
+                                        ["2 unit names", "60 units"]),
+    "corrupt safetensors units": (_sel("--k", "3", source="junk.safetensors"),
+                                  ["junk.safetensors", "corrupt"]),
+    "corrupt npy": (_sel("--k", "3", source="junk.npy"), ["junk.npy", "not a readable .npy"]),
+    "truncated npy": (_sel("--k", "3", source="trunc.npy"), ["trunc.npy", "not a readable .npy"]),
+    "truncated npy samples": (_sel("--k", "3", "--source-labels", "src_labels.npy",
+                                   source="trunc.npy"), ["trunc.npy", "not a readable .npy"]),
+    "labels length mismatch": (_sel("--k", "3", "--source-labels", "short_labels.npy",
+                                    source="src_feats.npy"),
+                               ["labels must be a vector", "one per feature row"]),
+    "labels for a units file": (_sel("--k", "3", "--source-labels", "src_labels.npy",
+                                     source="junk.safetensors"), ["labels", ".npy features only"]),
+    "unknown flag": (_sel("--k", "3", "--bogus"), ["unrecognized arguments: --bogus"]),
+    "unknown verb": (lambda d: ["selcet", "--out", d.out], ["selcet"]),
+    "missing required flag": (lambda d: ["select", "--source", d.inp / "S.npy", "--out", d.out],
+                              ["--target"]),
+    "cuda on a CPU machine": (_sel("--k", "3", "--device", "cuda"), ["cuda", "no cuda gpu"]),
+    "unknown synthetic set": (_sel("--k", "3", source="synthetic:pretrian"),
+                              ["synthetic:pretrian", "did you mean 'synthetic:pretrain'"]),
+    "units without labels for class means": (
+        lambda d: ["units", "--features", d.inp / "src_feats.npy", "--out", d.root / "u.safetensors"],
+        ["labels"]),
+    "units kmeans without k": (
+        lambda d: ["units", "--features", d.inp / "src_feats.npy", "--labels",
+                   d.inp / "src_labels.npy", "--method", "kmeans", "--out", d.root / "u.safetensors"],
+        ["--k"]),
+    "units kmeans with more clusters than samples": (
+        lambda d: ["units", "--features", d.inp / "src_feats.npy", "--labels",
+                   d.inp / "src_labels.npy", "--method", "kmeans", "--k", "1000", "--quiet",
+                   "--out", d.root / "u.safetensors"], ["k=1000"]),
+    "units written as npy": (
+        lambda d: ["units", "--features", d.inp / "src_feats.npy", "--labels",
+                   d.inp / "src_labels.npy", "--out", d.root / "u.npy"], [".safetensors"]),
+    "demo into a non-empty folder": (lambda d: ["demo", "--quick", "--out", d.inp],
+                                     ["not empty", "not a demo run"]),
+}
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(c, id=c) for c in USER_ERRORS])
+def test_user_errors_exit_2_with_one_line_and_write_nothing(capsys, data, case):
+    if case == "cuda on a CPU machine" and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible")
+    argv_of, needles = USER_ERRORS[case]
+    _write_bad_inputs(data)
+    before = files_under(data.root)
+    rc, _, err = cli(capsys, *argv_of(data))
+    assert rc == 2
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith(ERROR_PREFIX)
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle.lower() in err.lower(), (needle, err)
+    assert not data.out.exists()
+    assert files_under(data.root) == before  # no output, no temporary file
+
+
+def test_user_error_in_a_subprocess_exits_2_with_one_stderr_line(data):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain_reuse", "select", "--source", str(data.inp / "S.npy"),
+         "--target", str(data.inp / "T.npy"), "--k", "3", "--method", "uto",
+         "--out", str(data.out)],
+        capture_output=True, text=True, cwd=data.root, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(ERROR_PREFIX) and "did you mean 'uot'" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not data.out.exists()
+    assert not [p for p in data.root.rglob("*") if p.name.startswith(".")]
+
+
+def test_python_dash_m_prints_the_version(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pretrain_reuse", "--version"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"pretrain-reuse {__version__}"
+
+
+# --------------------------------------------------------------------------------------------
+# Regression tests of bugs found by review
+# --------------------------------------------------------------------------------------------
+
+
+def test_unknown_device_is_a_user_error(capsys, data):
+    rc, _, err = cli(capsys, *select_args(data, "--k", "2", "--device", "gpu"))
+    assert rc == 2 and err.startswith(ERROR_PREFIX) and "gpu" in err
+
+
+def test_demo_into_an_existing_file_is_a_user_error(capsys, data):
+    rc, _, err = cli(capsys, "demo", "--quick", "--out", data.inp / "S.npy")
+    assert rc == 2 and err.startswith(ERROR_PREFIX)
+
+
+def test_units_kmeans_clusters_unlabelled_npy_features(capsys, data):
+    u = _kmeans(capsys, data.inp / "src_feats.npy", data.root / "u.safetensors")
+    assert len(u) == 8 and u.counts.sum() == len(data.src_feats)
+
+
+def test_k_of_100_percent_is_not_silently_one_unit(capsys, data):
+    inp = data.inp
+    run_ok(capsys, "units", "--features", inp / "src_feats.npy", "--labels",
+           inp / "src_labels.npy", "--out", data.root / "src.safetensors")
+    rc, _, _ = cli(capsys, "select", "--source", data.root / "src.safetensors", "--target",
+                   inp / "T.npy", "--k", "100%", "--out", data.out)
+    assert rc == 2 or len(read_sel(data.out)["selected"]) == N_SRC
+
+
+# --------------------------------------------------------------------------------------------
+# demo
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        assert main(["demo", "--quick", "--out", str(out)]) == 0
+    return out, json.loads((out / "summary.json").read_text()), stdout.getvalue()
+
+
+def test_demo_uot_recovers_the_related_classes_and_beats_greedy_ot(demo_run):
+    out, summary, stdout = demo_run
+    sel = summary["selection"]
+    assert sel["uot-cosine"]["recall"] == 1.0
+    assert sel["greedy-ot-cosine"]["recall"] < sel["uot-cosine"]["recall"]
+    assert sel["uot-cosine"]["hubs_selected"] == 0
+    assert summary["seed"] == 0 and summary["quick"] is True
+    assert re.search(r"uot-cosine: recall of the related units 1\.000", stdout)
+    # the artifacts it reports on are real, loadable files
+    classes = load(out / "pretrain_classes.safetensors")
+    assert classes.kind == "class" and len(classes) == summary["world"]["pretrain_classes"]
+    uot = load(out / "select_classes_uot-cosine.json")
+    assert len(uot.selected) == summary["world"]["related_classes"]
+
+
+def test_demo_rerun_resumes_without_rewriting_artifacts(capsys, demo_run):
+    out, summary, _ = demo_run
+    rewritten_each_run = {"summary.json", "uot_scores.png"}
+    artifacts = [p for p in out.iterdir() if p.name not in rewritten_each_run]
+    assert len(artifacts) >= 10
+    for p in artifacts:  # an old, distinctive mtime that any rewrite would replace
+        os.utime(p, ns=(1_000_000_000_000_000_000, 1_000_000_000_000_000_000))
+    run_ok(capsys, "demo", "--quick", "--out", out)
+    assert all(p.stat().st_mtime_ns == 1_000_000_000_000_000_000 for p in artifacts)
+    again = json.loads((out / "summary.json").read_text())
+    assert again["selection"] == summary["selection"]
+
+
+def test_demo_rerun_with_another_seed_into_the_same_folder_is_a_user_error(capsys, demo_run):
+    out, _, _ = demo_run
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    rc, _, err = cli(capsys, "demo", "--quick", "--seed", "1", "--out", out)
+    assert rc == 2
+    assert err.startswith(ERROR_PREFIX) and err.count("\n") == 1
+    assert "seed" in err and "another --out" in err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
