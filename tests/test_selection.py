@@ -39,7 +39,7 @@ def test_uot_ranks_units_like_the_row_mass_of_pots_plan():
 
 
 def test_uot_recovers_all_planted_related_classes_and_avoids_hubs(world):
-    w, source, target = world
+    _, source, target = world
     sel = select(source, target, SelectConfig(k=len(w.related)))
     assert sel.recall(w.related) == 1.0
     assert not set(sel.selected) & set(w.hubs.tolist())
@@ -48,7 +48,7 @@ def test_uot_recovers_all_planted_related_classes_and_avoids_hubs(world):
 def test_greedy_ot_falls_for_the_barycentre_hubs(world):
     # Greedy OT averages the distance to all target classes, so classes sitting between the
     # target groups (hubs) outrank genuinely related ones (methods/reuse.md §1.5).
-    w, source, target = world
+    _, source, target = world
     for metric in ("cosine", "l2"):
         sel = select(source, target, SelectConfig(method="greedy-ot", metric=metric,
                                                   k=len(w.related)))
@@ -109,14 +109,14 @@ def test_k_as_fraction_covers_that_share_of_samples():
 
 
 def test_float32_and_float64_select_the_same_units_at_tiny_eps_c(world):
-    w, source, target = world
+    _, source, target = world
     picks = [select(source, target, SelectConfig(k=40, eps_c=0.001, dtype=dt)).selected
              for dt in ("float32", "float64")]
     assert set(picks[0]) == set(picks[1])
 
 
 def test_batched_selection_equals_one_target_at_a_time(world):
-    w, source, target = world
+    _, source, target = world
     t1 = Units(prototypes=target.prototypes[:7])
     t2 = Units(prototypes=target.prototypes[7:])
     cfg = SelectConfig(k=15)
@@ -131,7 +131,7 @@ def test_selection_errors_name_the_problem():
     s = np.ones((5, 3))
     with pytest.raises(PretrainReuseError, match="k=6 exceeds the 5 source units"):
         select(_units(s), _units(s), SelectConfig(k=6))
-    with pytest.raises(PretrainReuseError, match="dimension 3 .* 4"):
+    with pytest.raises(PretrainReuseError, match=r"dimension 3 .* 4"):
         select(_units(s), _units(np.ones((2, 4))), SelectConfig(k=2))
     with pytest.raises(PretrainReuseError, match="did you mean 'uot'"):
         SelectConfig(method="uto")
@@ -142,7 +142,7 @@ def test_selection_errors_name_the_problem():
 
 
 def test_selection_top_and_roundtrip(tmp_path, world):
-    w, source, target = world
+    _, source, target = world
     sel = select(source, target, SelectConfig(k=30))
     assert sel.top(5).selected == sel.selected[:5]
     sel.save(tmp_path / "sel.json")

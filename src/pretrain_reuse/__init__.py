@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .artifacts import load  # noqa: E402  (needs __version__ above)
-from .errors import PretrainReuseError  # noqa: E402
+from .artifacts import load
+from .errors import PretrainReuseError
 
 __all__ = ["PretrainReuseError", "__version__", "load"]

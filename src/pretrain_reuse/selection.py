@@ -37,7 +37,8 @@ class SelectConfig:
     """Parameters of a selection; defaults are those of Liu et al. (NeurIPS 2022).
 
     ``k``: number of units (an int >= 1) or, as a float in (0, 1], the fraction of source samples
-    to cover (``1`` is one unit, ``1.0`` all samples). ``unit_ids`` / ``name_pattern`` are used by ``method="label"`` only.
+    to cover (``1`` is one unit, ``1.0`` all samples). ``unit_ids`` / ``name_pattern`` are used
+    by ``method="label"`` only.
     """
 
     method: str = "uot"
