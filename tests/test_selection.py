@@ -39,7 +39,7 @@ def test_uot_ranks_units_like_the_row_mass_of_pots_plan():
 
 
 def test_uot_recovers_all_planted_related_classes_and_avoids_hubs(world):
-    _, source, target = world
+    w, source, target = world
     sel = select(source, target, SelectConfig(k=len(w.related)))
     assert sel.recall(w.related) == 1.0
     assert not set(sel.selected) & set(w.hubs.tolist())
@@ -48,7 +48,7 @@ def test_uot_recovers_all_planted_related_classes_and_avoids_hubs(world):
 def test_greedy_ot_falls_for_the_barycentre_hubs(world):
     # Greedy OT averages the distance to all target classes, so classes sitting between the
     # target groups (hubs) outrank genuinely related ones (methods/reuse.md §1.5).
-    _, source, target = world
+    w, source, target = world
     for metric in ("cosine", "l2"):
         sel = select(source, target, SelectConfig(method="greedy-ot", metric=metric,
                                                   k=len(w.related)))
