@@ -1,0 +1,254 @@
+"""Reading weights files safely, mapping their keys onto a model, and writing backbones back.
+
+Weights are ``.safetensors`` or torch files read with ``torch.load(weights_only=True)``: tensors,
+numbers, strings and containers only, never arbitrary pickled objects. A checkpoint may be a bare
+state dict or wrap it as ``{"state_dict": ...}`` (MoCo, Lightning) or ``{"model": ...}`` (DeiT,
+MAE). Keys are mapped by prefix before they are compared with the model:
+
+- by default the wrapper prefixes ``module.`` (DistributedDataParallel), ``_orig_mod.``
+  (``torch.compile``) and ``encoder_q.`` (MoCo's query encoder, so ``module.encoder_q.conv1.weight``
+  becomes ``conv1.weight``) are stripped, repeatedly, wherever a key starts with one of them;
+- a user ``key_map`` of ``{old_prefix: new_prefix}`` replaces the defaults: each key is renamed by
+  the first rule whose prefix it starts with, once.
+
+Keys of the file that the model does not have (MoCo's key encoder and queue, an EMA copy) are
+ignored and listed in the :class:`LoadReport`; a model key the file lacks, a shape mismatch, or a
+file none of whose keys matches is a :class:`~pretrain_reuse.errors.PretrainReuseError` naming the
+file and the first offending keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import pickle
+import re
+import zipfile
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..artifacts import atomic_path
+from ..errors import PretrainReuseError
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "encoder_q.")
+_SHOWN = 3  # offending keys quoted in an error message
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What loading a weights file did.
+
+    Attributes:
+        path: the weights file.
+        loaded: number of tensors copied into the model (body and head).
+        unexpected: file keys (after mapping) the model has no place for; they were ignored.
+        head: ``"checkpoint"`` (head rebuilt from the file's head weights), ``"none"`` (the file
+            has no head weights, so the backbone has no head).
+    """
+
+    path: str
+    loaded: int
+    unexpected: tuple[str, ...]
+    head: str
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a weights file into (state dict on CPU, safetensors header metadata or ``{}``)."""
+    p = Path(path)
+    if not p.is_file():
+        what = "is a folder" if p.is_dir() else "does not exist"
+        raise PretrainReuseError(
+            f"weights file {str(p)!r} {what}; pass the path of a .safetensors file or a torch "
+            "state dict (.pt/.pth/.pth.tar) of this architecture")
+    if p.suffix == ".safetensors":
+        return _read_safetensors(p)
+    return _unwrap(_read_torch(p), p), {}
+
+
+def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(p), framework="pt") as fh:
+            header = fh.metadata() or {}
+            state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PretrainReuseError(f"weights file {str(p)!r} is not a readable .safetensors file ({e}); "
+                                 "re-download or re-save it") from None
+    return state, header
+
+
+def _read_torch(p: Path) -> Any:
+    # argparse.Namespace only holds attributes: allowed so that checkpoints storing their training
+    # args (DeiT, MAE) load; the attribute values are still checked by the weights-only unpickler.
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if refused is None:
+            raise PretrainReuseError(f"weights file {str(p)!r} is not a readable torch file (not a "
+                                     "torch.save archive); re-download or re-save it") from None
+        raise PretrainReuseError(
+            f"weights file {str(p)!r} holds a pickled {refused[1]} object, which "
+            "torch.load(weights_only=True) refuses to run; re-save only the tensors: "
+            "torch.save(model.state_dict(), path) or a .safetensors file") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        first_sentence = re.split(r"\.\s|\n", str(e).strip())[0][:200]
+        raise PretrainReuseError(f"weights file {str(p)!r} is not a readable torch file "
+                                 f"({first_sentence}); re-download or re-save it") from None
+
+
+def _unwrap(obj: Any, p: Path) -> dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint: ``obj``, ``obj["state_dict"]`` or ``obj["model"]``."""
+    for key in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not obj:
+        raise PretrainReuseError(f"weights file {str(p)!r} holds {type(obj).__name__}, not a state dict "
+                                 "(a mapping of parameter names to tensors)")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise PretrainReuseError(
+            f"weights file {str(p)!r}: entries {bad[:_SHOWN]} are not tensors; pass a state dict, "
+            "or a checkpoint with the state dict under 'state_dict' or 'model'")
+    return dict(obj)
+
+
+def map_keys(state: Mapping[str, torch.Tensor], key_map: Mapping[str, str] | None
+             ) -> dict[str, torch.Tensor]:
+    """Rename checkpoint keys: strip :data:`WRAPPER_PREFIXES`, or apply ``key_map`` instead."""
+    if key_map is None:
+        return {_strip_wrappers(k): v for k, v in state.items()}
+    return {_rename(k, key_map): v for k, v in state.items()}
+
+
+def _strip_wrappers(key: str) -> str:
+    # Terminates: every step shortens the key.
+    while key.startswith(WRAPPER_PREFIXES):
+        key = key[len(next(p for p in WRAPPER_PREFIXES if key.startswith(p))):]
+    return key
+
+
+def _rename(key: str, key_map: Mapping[str, str]) -> str:
+    for old, new in key_map.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def split_head(state: Mapping[str, torch.Tensor], head_name: str, owned: Collection[str]
+               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(body keys, head keys relative to ``head_name``) of a mapped state dict.
+
+    Keys the body itself ``owned`` stay in the body even under ``head_name`` (a model without a
+    classifier may have its own module called ``head``).
+    """
+    prefix = head_name + "."
+    is_head = {k: k.startswith(prefix) and k not in owned for k in state}
+    head = {k[len(prefix):]: v for k, v in state.items() if is_head[k]}
+    body = {k: v for k, v in state.items() if not is_head[k]}
+    return body, head
+
+
+def head_from_state(head_state: Mapping[str, torch.Tensor], head_name: str, path: str) -> nn.Module:
+    """Rebuild a head from its weights: one ``Linear``, or an MLP of Linears with ReLU between.
+
+    ``{weight, bias}`` is a classifier ``Linear(in, out)``; ``{0.weight, 0.bias, 2.weight,
+    2.bias}`` is MoCo-v2's projection head ``Sequential(Linear, ReLU, Linear)`` (a gap in the
+    indices is a ReLU). The output size follows the file, so a checkpoint with 37 classes or a
+    128-d projection loads into a model built for 1000 classes.
+    """
+    if set(head_state) in ({"weight", "bias"}, {"weight"}) and head_state["weight"].dim() == 2:
+        return _linear(head_state, "")
+    index = sorted(int(k.split(".")[0]) for k in head_state if re.fullmatch(r"\d+\.weight", k))
+    allowed = {f"{i}.{kind}" for i in index for kind in ("weight", "bias")}
+    odd = [k for k in head_state
+           if k not in allowed or head_state[k].dim() != (2 if k.endswith("weight") else 1)]
+    if odd or not index or index[0] != 0:
+        k = (odd or list(head_state))[0]
+        raise PretrainReuseError(
+            f"weights file {path!r}: head {head_name!r} has key {head_name}.{k} "
+            f"{tuple(head_state[k].shape)}; only a Linear or an MLP of Linear+ReLU layers can be "
+            "rebuilt; pass key_map to rename it away, or a file without that head")
+    layers = [_linear(head_state, f"{i}.") if i in index else nn.ReLU() for i in range(index[-1] + 1)]
+    for a, b in itertools.pairwise(m for m in layers if isinstance(m, nn.Linear)):
+        if a.out_features != b.in_features:
+            raise PretrainReuseError(f"weights file {path!r}: head {head_name!r} layers do not chain "
+                                     f"({a.out_features} outputs into {b.in_features} inputs)")
+    return nn.Sequential(*layers)
+
+
+def _linear(state: Mapping[str, torch.Tensor], prefix: str) -> nn.Linear:
+    w = state[prefix + "weight"]
+    layer = nn.Linear(w.shape[1], w.shape[0], bias=prefix + "bias" in state)
+    layer.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    return layer
+
+
+def load_body(model: nn.Module, state: Mapping[str, torch.Tensor], path: str, name: str
+              ) -> tuple[int, tuple[str, ...]]:
+    """Copy ``state`` into ``model``; return (tensors loaded, ignored file keys).
+
+    Every model key must be in the file with the same shape (BatchNorm's ``num_batches_tracked``
+    counters may be absent, as in older torchvision checkpoints).
+    """
+    expected = model.state_dict()
+    matched = [k for k in state if k in expected]
+    if not matched:
+        raise PretrainReuseError(
+            f"weights file {path!r} does not fit {name}: none of its {len(state)} keys is a key of the "
+            f"model (file: {_first(state)}; model: {_first(expected)})" + _suggest_key_map(state, expected))
+    wrong = [f"{k} {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+             for k in matched if state[k].shape != expected[k].shape]
+    if wrong:
+        raise PretrainReuseError(f"weights file {path!r} does not fit {name}: {len(wrong)} shape "
+                                 f"mismatch(es): {'; '.join(wrong[:_SHOWN])}; check the architecture")
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise PretrainReuseError(
+            f"weights file {path!r} does not fit {name}: it lacks {len(missing)} of the model's keys "
+            f"(first: {missing[:_SHOWN]}); check the architecture or pass key_map")
+    model.load_state_dict({k: state[k] for k in matched}, strict=False)
+    return len(matched), tuple(sorted(set(state) - set(expected)))
+
+
+def _first(keys: Mapping[str, Any]) -> list[str]:
+    return list(keys)[:_SHOWN]
+
+
+def _suggest_key_map(state: Mapping[str, Any], expected: Mapping[str, Any]) -> str:
+    """A hint like ``key_map={'backbone.': ''}`` when the file's keys are the model's, prefixed."""
+    for want in expected:
+        for have in state:
+            if have.endswith("." + want):
+                return f"; key_map={{{have[:-len(want)]!r}: ''}} would map them"
+    return "; check the architecture, or pass key_map={old_prefix: new_prefix}"
+
+
+def save_backbone(backbone: nn.Module, path: str | Path, meta: Mapping[str, Any]) -> Path:
+    """Write a :class:`~pretrain_reuse.models.Backbone` as ``.safetensors``, atomically.
+
+    Tensors keep the original model's key names (body keys, head keys under the head's name), so
+    ``create_backbone(backbone.spec.name, weights=path)`` loads them back. The header holds
+    ``kind="backbone"``, the spec (its preprocessing travels with the weights) and ``meta``.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise PretrainReuseError(f"backbones are saved as .safetensors, got {str(path)!r}")
+    # Clones: safetensors refuses tensors that share storage (tied weights).
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in backbone.body.state_dict().items()}
+    if backbone.head is not None:
+        tensors.update({f"{backbone.head_name}.{k}": v.detach().to("cpu").contiguous().clone()
+                        for k, v in backbone.head.state_dict().items()})
+    header = {"kind": "backbone", "spec": backbone.spec.to_json(), "meta": json.dumps(dict(meta))}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+    return path

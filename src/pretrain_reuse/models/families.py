@@ -1,0 +1,269 @@
+"""Resolvers for the name prefixes ``timm:``, ``torchvision:``, ``hf:`` and ``python:``.
+
+Each turns the rest of the name into :class:`~pretrain_reuse.models.backbone.ModelParts`: the model
+with randomly initialised weights (weights come later, from a local file) and the preprocessing read
+from the model's own configuration. Nothing is downloaded: timm and torchvision models are built
+with ``pretrained=False`` / ``weights=None``; Hugging Face models load with ``local_files_only``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import PretrainReuseError
+from .backbone import ModelParts, call_body, first_linear, last_linear_name
+from .spec import BackboneSpec, spec_from_hf_image_processor, spec_from_timm, spec_from_torchvision
+
+TIMM_EXTRA = "pip install 'pretrain-reuse[timm]'"
+TORCHVISION_EXTRA = "pip install 'pretrain-reuse[torchvision]'"
+HF_EXTRA = "pip install 'pretrain-reuse[hf]'"
+
+
+def require(module: str, what: str, install: str) -> ModuleType:
+    """Import ``module`` or explain which pip install provides it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise PretrainReuseError(f"{what} needs the Python package {module!r}, which is not "
+                                 f"installed ({e}); {install}") from None
+
+
+def _unknown(what: str, name: str, choices: list[str], listing: str) -> PretrainReuseError:
+    close = difflib.get_close_matches(name, choices, n=3)
+    hint = f" (closest: {', '.join(map(repr, close))})" if close else ""
+    return PretrainReuseError(f"{what} has no model {name!r}{hint}; list them with {listing}")
+
+
+# --- timm -------------------------------------------------------------------------------------
+
+def timm_parts(arch: str, weights: str | Path | None) -> ModelParts:
+    """``timm:<arch>[.<tag>]``: ``timm.create_model(arch, pretrained=False)``; preprocessing from
+    ``timm.data.resolve_model_data_config`` (a pretrained tag selects that tag's config)."""
+    timm = require("timm", f"timm:{arch}", TIMM_EXTRA)
+    if not timm.is_model(arch.partition(".")[0]):
+        raise _unknown("timm", arch, timm.list_models(), "timm.list_models('pattern*')")
+    try:
+        model = timm.create_model(arch, pretrained=False)
+    except RuntimeError as e:  # timm's error for an unknown pretrained tag
+        raise PretrainReuseError(f"timm:{arch}: {e}; list tags with "
+                                 "timm.list_pretrained('arch.*')") from None
+    head_name = model.pretrained_cfg.get("classifier") if model.num_classes else None
+    if head_name is not None and not isinstance(head_name, str):
+        raise PretrainReuseError(f"timm:{arch} has several classifiers {head_name}; "
+                                 "distilled two-head models are not supported")
+    head = model.get_submodule(head_name) if head_name else None
+    dim = head.in_features if isinstance(head, nn.Linear) else model.num_features
+    spec = spec_from_timm(f"timm:{arch}", timm.data.resolve_model_data_config(model))
+    return ModelParts(model, spec, head_name, dim, call_body)
+
+
+# --- torchvision ------------------------------------------------------------------------------
+
+def torchvision_parts(arch: str, weights: str | Path | None) -> ModelParts:
+    """``torchvision:<arch>``: ``torchvision.models.get_model(arch, weights=None)``.
+
+    Preprocessing comes from the arch's weights enum, read without downloading: the entry whose
+    file name equals the weights file's (so ``resnet50-0676ba61.pth`` gets IMAGENET1K_V1's resize
+    256, not V2's 232), else ``DEFAULT``; ImageNet defaults when the arch has no weights enum.
+    """
+    tvm = require("torchvision.models", f"torchvision:{arch}", TORCHVISION_EXTRA)
+    choices = tvm.list_models(module=tvm)
+    if arch not in choices:
+        raise _unknown("torchvision.models", arch, choices, "torchvision.models.list_models()")
+    model = tvm.get_model(arch, weights=None)
+    head_name = last_linear_name(model)
+    spec = _torchvision_spec(tvm, arch, weights)
+    dim = first_linear(model.get_submodule(head_name)).in_features
+    return ModelParts(model, spec, head_name, dim, call_body)
+
+
+def _torchvision_spec(tvm: ModuleType, arch: str, weights: str | Path | None) -> BackboneSpec:
+    name = f"torchvision:{arch}"
+    try:
+        entries = tvm.get_model_weights(arch)
+    except (ValueError, KeyError):  # an arch without pretrained weights
+        return BackboneSpec(name=name)
+    file = Path(weights).name if weights is not None else None
+    entry = next((w for w in entries if Path(w.url).name == file), entries.DEFAULT)
+    return spec_from_torchvision(name, entry.transforms())
+
+
+# --- Hugging Face -----------------------------------------------------------------------------
+
+def hf_parts(ident: str, weights: str | Path | None) -> ModelParts:
+    """``hf:<folder or cached id>``: transformers, offline (``local_files_only=True``).
+
+    A folder with an image processor config is an image model, loaded with
+    ``AutoModelForImageClassification``: penultimate = the classifier's input (ViT: the final
+    layer-normed CLS token; ResNet/ConvNeXt: the pooled features); the head is the classifier when
+    the folder has its weights. A folder with a tokenizer is a text model, loaded with
+    ``AutoModel``; see :func:`hf_text_parts`.
+    """
+    transformers = require("transformers", f"hf:{ident}", HF_EXTRA)
+    name = f"hf:{ident}"
+    try:
+        transformers.AutoConfig.from_pretrained(ident, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise PretrainReuseError(
+            f"{name}: no local folder or cached copy with a config.json ({str(e).splitlines()[0]}); "
+            "nothing is downloaded at run time: pass a folder written by save_pretrained") from None
+    try:
+        proc = transformers.AutoImageProcessor.from_pretrained(ident, local_files_only=True)
+    except (OSError, ValueError):  # no preprocessor_config.json: not an image model
+        return hf_text_parts(ident, name)
+    return _hf_image_parts(transformers, ident, name, proc)
+
+
+def _hf_image_parts(transformers: ModuleType, ident: str, name: str, proc: Any) -> ModelParts:
+    try:
+        model, info = transformers.AutoModelForImageClassification.from_pretrained(
+            ident, local_files_only=True, output_loading_info=True)
+    except ValueError as e:  # an architecture without an image-classification class
+        raise PretrainReuseError(f"{name}: transformers has no image-classification model for it "
+                                 f"({str(e).splitlines()[0]})") from None
+    model = model.float()  # features in float32; callers use autocast for bf16
+    head_name = last_linear_name(model)
+    dim = first_linear(model.get_submodule(head_name)).in_features
+    if any(k.startswith(head_name + ".") for k in info["missing_keys"]):
+        # The folder holds a base model: its classifier would be random, so there is no head.
+        model.set_submodule(head_name, nn.Identity())
+        head_name = None
+    return ModelParts(model, spec_from_hf_image_processor(name, proc), head_name, dim, hf_image_features)
+
+
+def hf_image_features(body: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Penultimate features of a transformers image classifier whose classifier is Identity."""
+    return body(pixel_values=x).logits
+
+
+def hf_text_parts(folder: str, name: str) -> ModelParts:
+    """A transformers text encoder (``AutoModel`` + ``AutoTokenizer``) pooled to one vector.
+
+    Pooling and maximum length follow the folder's sentence-transformers files when present
+    (``1_Pooling/config.json``: mean or CLS token; ``sentence_bert_config.json``:
+    ``max_seq_length``); otherwise mean pooling over non-padding tokens and the tokenizer's limit
+    (at most the model's position embeddings). No L2 normalisation is applied.
+    """
+    transformers = require("transformers", name, HF_EXTRA)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise PretrainReuseError(
+            f"{name}: the folder has neither an image processor config nor a tokenizer "
+            f"({str(e).splitlines()[0]}); save one next to the model "
+            "(image_processor.save_pretrained(dir) or tokenizer.save_pretrained(dir))") from None
+    model = transformers.AutoModel.from_pretrained(folder, local_files_only=True).float()
+    pooling_cfg = _read_json(Path(folder) / "1_Pooling" / "config.json")
+    st_cfg = _read_json(Path(folder) / "sentence_bert_config.json")
+    pooling = "cls" if pooling_cfg.get("pooling_mode_cls_token") else "mean"
+    limit = min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", 512))
+    spec = BackboneSpec(name=name, modality="text", input_size=None, resize_size=None, mean=None,
+                        std=None, interpolation=None, max_length=int(st_cfg.get("max_seq_length", limit)),
+                        pooling=pooling)
+    extract = hf_text_mean if pooling == "mean" else hf_text_cls
+    return ModelParts(model, spec, None, model.config.hidden_size, extract, tokenizer=tokenizer)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _drop_padding(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove the columns that are padding in every row (either padding side)."""
+    keep = batch["attention_mask"].bool().any(0)
+    return {k: v[:, keep] for k, v in batch.items()}
+
+
+def hf_text_mean(body: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Mean of the last hidden states over non-padding tokens (sentence-transformers' pooling)."""
+    batch = _drop_padding(batch)
+    hidden = body(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def hf_text_cls(body: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The last hidden state of the first ([CLS]) token."""
+    return body(**_drop_padding(batch)).last_hidden_state[:, 0]
+
+
+# --- python: a user function ------------------------------------------------------------------
+
+def python_parts(target: str, weights: str | Path | None) -> ModelParts:
+    """``python:<module or file.py>:<function>``: ``function()`` returns an ``nn.Module``, or a pair
+    ``(module, preprocessing)`` with a dict of :data:`~pretrain_reuse.models.spec.PREPROCESSING_FIELDS`
+    (defaults: ImageNet mean/std, resize 256, crop 224, bilinear).
+
+    The head is the model's last ``Linear`` (or its Linear/ReLU MLP parent); a model without one
+    returns its penultimate features from ``forward``.
+    """
+    name = f"python:{target}"
+    module_name, _, fn_name = target.rpartition(":")
+    if not module_name or not fn_name:
+        raise PretrainReuseError(f"{name}: expected python:<module or path.py>:<function>")
+    module = _import_user_module(module_name, name)
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        names = [n for n in vars(module) if callable(vars(module)[n]) and not n.startswith("_")]
+        raise _unknown(f"python module {module_name!r}", fn_name, names, f"dir({module_name})")
+    out = fn()
+    model, prep = (out, {}) if isinstance(out, nn.Module) else _model_and_prep(out, name)
+    spec = BackboneSpec(name=name).with_preprocessing(prep, source=name)
+    head_name = last_linear_name(model)
+    if head_name is not None:
+        dim = first_linear(model.get_submodule(head_name)).in_features
+    else:
+        dim = _probe_dim(model, spec, name)
+    return ModelParts(model, spec, head_name, dim, call_body)
+
+
+def _import_user_module(module_name: str, name: str) -> ModuleType:
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise PretrainReuseError(f"{name}: file {module_name!r} does not exist")
+            loader_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(module)
+            return module
+        return importlib.import_module(module_name)
+    except ImportError as e:
+        raise PretrainReuseError(f"{name}: cannot import {module_name!r} ({e}); put it on "
+                                 "PYTHONPATH or pass the path of a .py file") from None
+
+
+def _model_and_prep(out: Any, name: str) -> tuple[nn.Module, dict]:
+    if (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], nn.Module)
+            and isinstance(out[1], Mapping)):
+        return out[0], dict(out[1])
+    raise PretrainReuseError(f"{name} returned {type(out).__name__}; return an nn.Module or "
+                             "(nn.Module, preprocessing dict)")
+
+
+def _probe_dim(model: nn.Module, spec: BackboneSpec, name: str) -> int:
+    """Feature size of a model without a Linear head, from one forward pass on zeros."""
+    with torch.no_grad():
+        out = model.eval()(torch.zeros(1, 3, *spec.input_size))
+    if out.dim() != 2:
+        raise PretrainReuseError(f"{name}: the model returns shape {tuple(out.shape)}; without a "
+                                 "Linear classifier it must return (batch, features)")
+    return out.shape[1]
+
+
+PREFIXES = {
+    "timm": timm_parts,
+    "torchvision": torchvision_parts,
+    "hf": hf_parts,
+    "python": python_parts,
+}

