@@ -49,11 +49,12 @@ def _cosine_distance(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor
 
 
 def _l2_distance(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return torch.cdist(source, target)
+    # the exact difference-based path: the matmul shortcut loses ~1e-3 relative in float32
+    return torch.cdist(source, target, compute_mode="donot_use_mm_for_euclid_dist")
 
 
 def _sql2_distance(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return torch.cdist(source, target).square_()
+    return _l2_distance(source, target).square_()
 
 
 #: Distances between unit prototypes; the cost is ``distance / eps_c``. ``l2`` and ``sqeuclidean``
@@ -81,6 +82,10 @@ def cost_matrix(source, target, *, metric: str = "cosine", eps_c: float = 0.01):
     check_positive("eps_c", eps_c)
     s, to_user = _to_tensor(source)
     t, _ = _to_tensor(target)
+    if s.ndim != 2 or t.ndim != 2:
+        raise PretrainReuseError(
+            f"source and target must be 2-d (units, features), got shapes {tuple(s.shape)} and "
+            f"{tuple(t.shape)}")
     if s.shape[-1] != t.shape[-1]:
         raise PretrainReuseError(
             f"source has feature dimension {s.shape[-1]} but target has {t.shape[-1]}; "
@@ -213,6 +218,11 @@ def unbalanced_sinkhorn(
             f"b must be 1-d with one weight per target unit, got shape {tuple(b_t.shape)}; "
             "use unbalanced_sinkhorn_batched for several target sets"
         )
+    if a_t.shape != cost_t.shape[:1] or b_t.shape != cost_t.shape[1:]:
+        raise PretrainReuseError(
+            f"shapes disagree: cost is {tuple(cost_t.shape)} but a is {tuple(a_t.shape)} and b is "
+            f"{tuple(b_t.shape)}; a needs one weight per cost row, b one per cost column"
+        )
     out = _solve(a_t, b_t[None], cost_t[None], eps, tau_a, tau_b, max_iter, tol, dtype,
                  allow_padding=False)
     return _finish(out, to_user, squeeze=True)
@@ -254,20 +264,30 @@ def _to_tensor(x) -> tuple[torch.Tensor, Any]:
     return torch.from_numpy(np.ascontiguousarray(arr)), lambda y: y.cpu().numpy()
 
 
-def _check_problem(a, b, cost, eps, tau_a, tau_b, max_iter, tol, allow_padding):
-    check_positive("eps", eps)
-    check_positive("tau_a", tau_a, allow_inf=True)
-    check_positive("tau_b", tau_b, allow_inf=True)
-    check_positive("tol", tol)
-    if int(max_iter) < 1:
-        raise PretrainReuseError(f"max_iter must be >= 1, got {max_iter!r}")
+def _check_problem(a, b, cost, eps, tau_a, tau_b, max_iter, tol, dtype, allow_padding):
+    for name, value in (("eps", eps), ("tau_a", tau_a), ("tau_b", tau_b), ("tol", tol)):
+        if not isinstance(value, (int, float)):
+            raise PretrainReuseError(f"{name} must be a number, got {value!r}")
+        check_positive(name, value, allow_inf=name.startswith("tau"))
+    if not isinstance(max_iter, int) or max_iter < 1:
+        raise PretrainReuseError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    if dtype not in (None, torch.float32, torch.float64):
+        raise PretrainReuseError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+    if cost.requires_grad:
+        raise PretrainReuseError("cost requires grad; pass cost.detach() (the solver is not "
+                                 "differentiable)")
     bsz, n, m = cost.shape
+    if n == 0 or m == 0:
+        raise PretrainReuseError(f"cost has shape {tuple(cost.shape)}; it needs at least one "
+                                 "source and one target unit")
     if a.shape != (n,) or b.shape != (bsz, m):
         raise PretrainReuseError(
             f"shapes disagree: cost is {tuple(cost.shape)} but a is {tuple(a.shape)} and b is "
             f"{tuple(b.shape)}; a needs one weight per cost row, b one per cost column"
         )
-    if not torch.isfinite(cost.sum(dtype=torch.float64)):  # one cheap pass; NaN/inf propagate
+    # one cheap pass: NaN/inf propagate into the sum; only when it is not finite (which huge
+    # finite costs can also cause) does the exact check run
+    if not torch.isfinite(cost.sum(dtype=torch.float64)) and not torch.isfinite(cost).all():
         raise PretrainReuseError("cost has NaN/inf entries; check the prototypes for NaN rows")
     if not (torch.isfinite(a).all() and (a > 0).all()):
         raise PretrainReuseError("a must hold finite positive weights (one per source unit)")
@@ -302,20 +322,24 @@ class _RowLSE:
         self.cost, self.eps, self.dtype = cost, eps, dtype
         # float32 keeps ~87 nats of range; 30 leaves room for the sum and for lost tails.
         self.drift = 30.0 if dtype == torch.float32 else 300.0
+        # exp of arguments below the smallest normal number is ~15x slower (denormals) and adds
+        # nothing a sum of at most 1e9 terms can see, so the exponent is floored there.
+        self.floor = math.log(torch.finfo(dtype).tiny)
+        bsz, n, m = cost.shape
         self.h0 = None
+        self.r = torch.empty(bsz, n, dtype=dtype, device=cost.device)
+        self.kernel = torch.empty(bsz, n, m, dtype=dtype, device=cost.device)
 
     def _recentre(self, h: torch.Tensor) -> None:
         bsz, n, m = self.cost.shape
         self.h0 = h.clone()
-        self.r = torch.empty(bsz, n, dtype=self.dtype, device=h.device)
-        self.kernel = torch.empty(bsz, n, m, dtype=self.dtype, device=h.device)
         rows = max(1, (1 << 18) // m)  # chunks of ~1 MB keep the temporaries in cache
         for k in range(bsz):
             for s in range(0, n, rows):
                 z = h[k] - self.cost[k, s:s + rows].to(self.dtype) / self.eps
                 r = z.amax(dim=1)
                 self.r[k, s:s + rows] = r
-                torch.exp(z - r[:, None], out=self.kernel[k, s:s + rows])
+                torch.exp((z - r[:, None]).clamp_(min=self.floor), out=self.kernel[k, s:s + rows])
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         valid = torch.isfinite(h)
@@ -347,7 +371,7 @@ class _RowLSE:
 
 
 def _solve(a, b, cost, eps, tau_a, tau_b, max_iter, tol, dtype, allow_padding):
-    _check_problem(a, b, cost, eps, tau_a, tau_b, max_iter, tol, allow_padding)
+    _check_problem(a, b, cost, eps, tau_a, tau_b, max_iter, tol, dtype, allow_padding)
     dtype = dtype or (cost.dtype if cost.dtype in (torch.float32, torch.float64) else torch.float64)
     dev = cost.device
     loga = torch.log(a.to(device=dev, dtype=dtype))[None].expand(cost.shape[0], -1)
