@@ -166,6 +166,56 @@ def cmd_select(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from .finetune import load_config, run_finetune
+
+    overrides = {f: getattr(args, f) for f in _config_fields()}
+    cfg = load_config(args.config, **overrides)
+    result = run_finetune(cfg, model=args.model, weights=args.weights, target=args.target,
+                          target_test=args.target_test, source=args.source,
+                          selection=args.selection, units=args.units, out=args.out,
+                          progress=not args.quiet)
+    final, best = result.final, result.at_best_val
+    print(f"{cfg.mode}: test top-1 {final['top1']:.4f} (mean per-class {final['mean_class_acc']:.4f}) "
+          f"after the last step; {best['top1']:.4f} at the best-validation evaluation "
+          f"(step {best['step']}); wrote {Path(args.out) / 'result.json'}")
+    return 0
+
+
+def _config_fields() -> dict[str, tuple[type, bool]]:
+    """FinetuneConfig fields as CLI flags: name -> (element type, takes a list)."""
+    import dataclasses
+
+    from .finetune import FinetuneConfig
+
+    types = {"int": int, "float": float, "str": str, "bool": bool}
+    out = {}
+    for f in dataclasses.fields(FinetuneConfig):
+        text = str(f.type).replace(" | None", "")
+        many = text.startswith("tuple[")
+        out[f.name] = (types[text[6:].split(",")[0] if many else text], many)
+    return out
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per FinetuneConfig field (``--head-lr-mult`` <-> ``head_lr_mult``); unset flags
+    leave the YAML value or the default, so the dataclass stays the single source of defaults."""
+    import dataclasses
+
+    from .finetune import FinetuneConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+    for name, (kind, many) in _config_fields().items():
+        flag = "--" + name.replace("_", "-")
+        help_ = f"default: {defaults[name]}"
+        if kind is bool:
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                           help=help_)
+        else:
+            p.add_argument(flag, dest=name, type=kind, nargs="+" if many else None, default=None,
+                           help=help_)
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -238,6 +288,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "the ImageNet birds); reports their recall and stores it in meta")
     s.add_argument("--out", required=True, help="output selection .json")
     s.set_defaults(func=cmd_select)
+
+    f = sub.add_parser("finetune", help="fine-tune a backbone, optionally reusing selected "
+                       "pre-training data", description="Fine-tune on the target data (modes: "
+                       "vanilla, reuse, reuse-unlabeled, co-tuning, linear-probe, scratch). Every "
+                       "field of the recipe is a flag and a YAML key; rerunning the same command "
+                       "resumes an interrupted run.")
+    f.add_argument("--model", required=True, help="backbone name, e.g. timm:resnet18, smallcnn")
+    f.add_argument("--weights", help="local weights of the pre-trained backbone")
+    f.add_argument("--target", required=True, help="target training data: folder, list or name")
+    f.add_argument("--target-test", help="target test data (default: test split of a named set)")
+    f.add_argument("--source", help="pre-training data (reuse modes)")
+    f.add_argument("--selection", help="sel.json from `pretrain-reuse select` (reuse modes)")
+    f.add_argument("--units", help="units file the selection was made on (clusters)")
+    f.add_argument("--config", help="YAML file with recipe fields (flags override it)")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.add_argument("--out", required=True, help="run folder")
+    _add_config_flags(f)
+    f.set_defaults(func=cmd_finetune)
 
     d = sub.add_parser("demo", help="the whole pipeline on embedded data, with ground truth")
     d.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")

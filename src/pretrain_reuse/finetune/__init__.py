@@ -1,0 +1,133 @@
+"""Fine-tuning with reuse of selected pre-training data (Liu et al., NeurIPS 2022, §3.3), and the
+baselines: vanilla, co-tuning, linear probe and training from scratch.
+
+:func:`run_finetune` assembles a run from names and paths (what the CLI calls); :func:`train` is
+the loop itself, for users who build their own model and datasets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..artifacts import hash_file, write_json
+from ..data.catalog import DATASETS, open_dataset
+from ..data.datasets import ImageDataset
+from ..data.samplers import subsample_fraction, subsample_long_tail
+from ..errors import PretrainReuseError
+from ..models import create_backbone
+from ..selection import Selection
+from ..units import Units
+from .augment import View, input_size
+from .config import MODES, FinetuneConfig, load_config
+from .data import SourceData, resize_transform, selected_source, split_validation
+from .evaluate import cotuning_relationship, predict
+from .loop import RunResult, train
+from .model import FinetuneModel, reinitialize, source_classifier
+
+__all__ = ["MODES", "FinetuneConfig", "RunResult", "load_config", "run_finetune", "train"]
+
+
+def _resize_side(model_spec) -> int:
+    side = model_spec.resize_size
+    return side if isinstance(side, int) else max(side)
+
+
+def target_splits(cfg: FinetuneConfig, train_pool: ImageDataset
+                  ) -> tuple[ImageDataset, ImageDataset, dict]:
+    """Training and validation subsets of the target training data (seeded), after the optional
+    low-data (``train_fraction``) or long-tail (``long_tail_ratio``) subsampling, and the record
+    of the chosen sample ids (saved as ``split.json`` so the run can be audited)."""
+    if train_pool.labels is None:
+        raise PretrainReuseError("the target data has no labels; fine-tuning needs class labels")
+    train_idx, val_idx = split_validation(train_pool.labels, cfg.val_fraction, cfg.seed)
+    sampler = {}
+    if cfg.train_fraction is not None or cfg.long_tail_ratio is not None:
+        labels = train_pool.labels[train_idx]
+        sub = (subsample_fraction(labels, cfg.train_fraction, seed=cfg.seed)
+               if cfg.train_fraction is not None
+               else subsample_long_tail(labels, cfg.long_tail_ratio, seed=cfg.seed))
+        train_idx, sampler = train_idx[sub.indices], sub.params
+    record = {"train": [train_pool.ids[i] for i in train_idx],
+              "val": [train_pool.ids[i] for i in val_idx], "sampler": sampler, "seed": cfg.seed}
+    return train_pool.subset(train_idx), train_pool.subset(val_idx), record
+
+
+def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Path,
+                 weights: str | None = None, target_test: str | None = None,
+                 source: str | None = None, selection: str | None = None,
+                 units: str | None = None, progress: bool = True) -> RunResult:
+    """Fine-tune backbone ``model`` (with local ``weights``) on the ``target`` data.
+
+    Args:
+        cfg: the recipe (mode, optimiser, schedule, regimes).
+        model: a backbone name (:func:`~pretrain_reuse.models.create_backbone`).
+        target: target training data: folder, list file or embedded name.
+        out: run folder (created; a rerun with the same arguments resumes it).
+        weights: local weights file of the pre-trained backbone.
+        target_test: test data; default: the ``test`` split of an embedded ``target``.
+        source: the pre-training pool (reuse modes).
+        selection: ``sel.json`` from ``pretrain-reuse select`` (reuse modes).
+        units: the units file the selection was made on (needed for cluster units).
+    """
+    out = Path(out)
+    if cfg.uses_source and (source is None or selection is None):
+        raise PretrainReuseError(f"mode {cfg.mode!r} needs --source DATA and --selection sel.json")
+    if target_test is None and str(target) not in DATASETS:
+        raise PretrainReuseError("pass --target-test with the test data (folder or list file)")
+    with torch.random.fork_rng(devices=[]):  # a seeded initialisation of any fresh layer
+        torch.manual_seed(cfg.seed)
+        backbone = create_backbone(model, weights=weights, device="cpu")
+        if cfg.mode == "scratch":
+            reinitialize(backbone, cfg.seed)
+    side = _resize_side(backbone.spec)
+    train_pool = open_dataset(target, split="train" if str(target) in DATASETS else None,
+                              transform=resize_transform(side))
+    test_set = open_dataset(target_test or target, split="test" if target_test is None else None,
+                            transform=resize_transform(side))
+    train_set, val_set, split = target_splits(cfg, train_pool)
+    num_classes = len(train_pool.class_names or []) or int(train_pool.labels.max()) + 1
+
+    source_data: SourceData | None = None
+    source_classes = None
+    if cfg.uses_source:
+        pool = open_dataset(source, split="train" if str(source) in DATASETS else None,
+                            transform=resize_transform(side))
+        source_data = selected_source(pool, Selection.load(selection),
+                                      Units.load(units) if units else None,
+                                      source_head=cfg.source_head)
+        if cfg.mode == "reuse":
+            if source_data.num_classes == 0:
+                raise PretrainReuseError("mode 'reuse' needs labelled source units; use "
+                                         "'reuse-unlabeled' for clusters")
+            source_classes = source_data.num_classes
+    model_ = FinetuneModel(backbone, num_classes, source_classes=source_classes,
+                           frozen_backbone=cfg.mode == "linear-probe", seed=cfg.seed)
+    if cfg.mode == "co-tuning":
+        _attach_relationship(model_, train_set, cfg, num_classes)
+    inputs = {"model": model, "weights": hash_file(weights) if weights else None,
+              "target": str(target), "target_test": str(target_test or target),
+              "source": str(source) if source else None,
+              "selection": hash_file(selection) if selection else None,
+              "units": hash_file(units) if units else None}
+    out.mkdir(parents=True, exist_ok=True)  # only now: a bad argument leaves no folder behind
+    write_json(out / "split.json", split)
+    return train(cfg, model_, train_set, val_set, test_set, source_data, out, inputs=inputs,
+                 progress=progress)
+
+
+def _attach_relationship(model: FinetuneModel, train_set: ImageDataset, cfg: FinetuneConfig,
+                         num_classes: int) -> None:
+    """Co-Tuning: keep the pre-trained classifier as source head and learn p(y_s | y_t) from its
+    predictions on the target training images."""
+    model.source_head = source_classifier(model.backbone)
+    device = torch.device(cfg.device)
+    model.to(device)
+    view = View(model.backbone.spec, "eval", input_size(model.backbone.spec, cfg.image_size))
+    logits, labels = predict(lambda x: model.source_head(model.backbone.features(x)), train_set,
+                             view.to(device), batch_size=cfg.batch_size, device=device,
+                             workers=cfg.workers)
+    rel = cotuning_relationship(logits, labels, num_classes)
+    model.register_buffer("relationship", torch.as_tensor(rel, dtype=torch.float32))
+

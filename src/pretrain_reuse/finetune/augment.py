@@ -1,0 +1,51 @@
+"""Batched augmentation on the training device (kornia), so CPU decoding is not the bottleneck.
+
+Images arrive as float (B, C, S, S) batches in [0, 1] (``S`` = the backbone's resize size, see
+:func:`~pretrain_reuse.finetune.data.resize_transform`); the views crop them to the input size
+and normalise with the backbone's mean/std:
+
+- ``eval``: centre crop (Resize(256) -> CenterCrop(224) in the paper's setting);
+- ``weak``: RandomResizedCrop (scale 0.08-1, torchvision's defaults, as the official code) + flip;
+- ``strong``: weak + RandAugment(n=2, m=10) + a Cutout of half the side (FixMatch's RandAugmentMC
+  as used by Liu et al. for unlabelled reuse).
+
+Randomness comes from torch's generator: the training loop seeds it per step inside
+``torch.random.fork_rng``, so a resumed run replays the exact same augmentations.
+"""
+
+from __future__ import annotations
+
+import kornia.augmentation as K
+import torch
+from kornia.augmentation.auto import RandAugment
+from torch import nn
+
+from ..models.spec import BackboneSpec
+
+VIEWS = ("eval", "weak", "strong")
+
+
+class View(nn.Module):
+    """One augmentation pipeline ending in normalisation; ``forward`` maps [0,1] images to inputs."""
+
+    def __init__(self, spec: BackboneSpec, kind: str, input_size: int):
+        super().__init__()
+        size = (input_size, input_size)
+        if kind == "eval":
+            ops = [K.CenterCrop(size)]
+        else:
+            ops = [K.RandomResizedCrop(size, scale=(0.08, 1.0)), K.RandomHorizontalFlip()]
+            if kind == "strong":
+                ops += [RandAugment(n=2, m=10),
+                        K.RandomErasing(scale=(0.25, 0.25), ratio=(1.0, 1.0), value=0.5, p=1.0)]
+        self.ops = K.AugmentationSequential(*ops)
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (self.ops(images) - self.mean) / self.std
+
+
+def input_size(spec: BackboneSpec, override: int | None) -> int:
+    """Side of the square network input: the config's override, else the backbone's crop size."""
+    return override if override is not None else spec.input_size[0]

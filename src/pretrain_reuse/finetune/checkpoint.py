@@ -1,0 +1,74 @@
+"""Training checkpoints as safetensors: any nested state (model, optimiser, RNG) without pickle.
+
+A state is a tree of dicts, lists and tuples whose leaves are tensors or JSON values. Tensors go
+into the safetensors body under generated keys; the tree itself, with each tensor replaced by its
+key, goes into the header as JSON. Loading never executes code from the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..artifacts import atomic_path, to_json
+from ..errors import PretrainReuseError
+
+_TENSOR, _DICT, _TUPLE = "__tensor__", "__dict__", "__tuple__"
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        # clone: safetensors refuses tensors that share storage (tied weights, views)
+        tensors[key] = obj.detach().to("cpu").contiguous().clone()
+        return {_TENSOR: key}
+    if isinstance(obj, dict):  # keys may be ints (optimiser state), so keep them typed
+        return {_DICT: [[k, _encode(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {_TUPLE: [_encode(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors) for v in obj]
+    return obj
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if _TENSOR in obj:
+            return tensors[obj[_TENSOR]]
+        if _DICT in obj:
+            return {k: _decode(v, tensors) for k, v in obj[_DICT]}
+        if _TUPLE in obj:
+            return tuple(_decode(v, tensors) for v in obj[_TUPLE])
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    return obj
+
+
+def save_state(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write a nested state atomically (temp file, then rename)."""
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _encode(state, tensors)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"state": to_json(tree), "artifact": "checkpoint"})
+    return Path(path)
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    """Read a state written by :func:`save_state`; a corrupt file is a clear error."""
+    p = Path(path)
+    try:
+        with safe_open(str(p), framework="pt") as fh:
+            header = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (not a dict)
+        if header.get("artifact") != "checkpoint":
+            raise PretrainReuseError(f"{str(p)!r} is not a pretrain-reuse checkpoint")
+        return _decode(json.loads(header["state"]), tensors)
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise PretrainReuseError(
+            f"checkpoint {str(p)!r} is unreadable ({e}); delete it to restart the run"
+        ) from None

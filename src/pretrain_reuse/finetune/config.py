@@ -1,0 +1,135 @@
+"""FinetuneConfig: every knob of a fine-tuning run, with the defaults of Liu et al. (NeurIPS 2022).
+
+CLI flags map one to one onto the fields (``--lr`` <-> ``lr``); a YAML file loads into the same
+class, and an unknown key is an error. The resolved config is saved with every run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import PretrainReuseError, check_choice, check_device, check_file
+
+MODES = ("vanilla", "reuse", "reuse-unlabeled", "co-tuning", "linear-probe", "scratch")
+SCHEDULES = ("step", "cosine")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """A fine-tuning recipe.
+
+    Modes: ``vanilla`` (backbone + new head, CE on the target), ``reuse`` (plus CE of a second head
+    on the selected labelled pre-training data, weight ``lam``), ``reuse-unlabeled`` (plus soft CE
+    of the strong view against the softmax of the weak view of selected unlabelled data),
+    ``co-tuning`` (You et al. 2020: the pre-trained head learns p(y_s | y_t)), ``linear-probe``
+    (frozen backbone) and ``scratch`` (random initialisation, same recipe as vanilla).
+
+    Length: ``epochs`` passes over the target training split (one pass = ``len // batch_size``
+    steps, as the official code), or ``max_steps`` optimiser steps when given.
+    """
+
+    mode: str = "vanilla"
+    epochs: int = 100
+    max_steps: int | None = None
+    batch_size: int = 256
+    source_batch_size: int | None = None  # None: equal to batch_size (paper: 256 + 256)
+    grad_accum: int = 1
+    lr: float = 0.003
+    head_lr_mult: float = 10.0
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    lam: float = 0.3
+    schedule: str = "step"
+    milestones: tuple[float, ...] = (0.6, 0.8)
+    warmup_steps: int = 0
+    source_head: str = "selected"  # "selected": remapped to the selected classes; "full": all
+    source_sampling: str = "images"  # "images": uniform over images (official); "units": balanced
+    val_fraction: float = 0.1
+    eval_every: int = 10  # epochs
+    checkpoint_every: int = 200  # steps
+    image_size: int | None = None  # None: the backbone's input size
+    augment: str = "standard"  # "standard": RandomResizedCrop + flip; "none"
+    train_fraction: float | None = None
+    long_tail_ratio: float | None = None
+    seed: int = 0
+    device: str = "cpu"
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; "fp32"; "bf16"
+    workers: int = 0
+
+    def __post_init__(self):
+        check_choice("mode", self.mode, MODES)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("source_head", self.source_head, ("selected", "full"))
+        check_choice("source_sampling", self.source_sampling, ("images", "units"))
+        check_choice("augment", self.augment, ("standard", "none"))
+        check_choice("precision", self.precision, ("auto", "fp32", "bf16"))
+        check_device(self.device)
+        for name in ("epochs", "batch_size", "grad_accum", "eval_every", "checkpoint_every"):
+            if int(getattr(self, name)) < 1:
+                raise PretrainReuseError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise PretrainReuseError(f"max_steps must be >= 1, got {self.max_steps!r}")
+        for name in ("lr", "head_lr_mult"):
+            if not getattr(self, name) > 0:
+                raise PretrainReuseError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if not (self.lam >= 0 and math.isfinite(self.lam)):
+            raise PretrainReuseError(f"lam (λ) must be >= 0, got {self.lam!r}")
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise PretrainReuseError("weight_decay must be >= 0 and momentum in [0, 1)")
+        if not 0 <= self.val_fraction < 1:
+            raise PretrainReuseError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if list(self.milestones) != sorted(self.milestones) or not all(
+                0 < m < 1 for m in self.milestones):
+            raise PretrainReuseError(
+                f"milestones must be increasing fractions of training in (0, 1), got {self.milestones}"
+            )
+        if self.train_fraction is not None and not 0 < self.train_fraction <= 1:
+            raise PretrainReuseError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
+        if self.long_tail_ratio is not None and not self.long_tail_ratio >= 1:
+            raise PretrainReuseError(f"long_tail_ratio must be >= 1, got {self.long_tail_ratio}")
+
+    @property
+    def uses_source(self) -> bool:
+        return self.mode in ("reuse", "reuse-unlabeled")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> FinetuneConfig:
+    """A config from a YAML file (optional) with ``overrides`` on top; unknown keys are errors."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = check_file("--config", path)
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise PretrainReuseError(f"--config {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise PretrainReuseError(f"--config {str(p)!r} must hold a mapping of field: value")
+        values.update(loaded)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in fields(FinetuneConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        check_choice("config key", unknown[0], sorted(known))
+    if "milestones" in values:
+        values["milestones"] = tuple(values["milestones"])
+    return FinetuneConfig(**values)
+
+
+def lr_at(step: int, total_steps: int, cfg: FinetuneConfig) -> float:
+    """Learning-rate factor at ``step`` (multiply the base lr): linear warm-up, then either a step
+    decay (÷10 at each milestone fraction of training, Liu et al.) or a cosine to 0."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "step":
+        return 0.1 ** sum(step >= m * total_steps for m in cfg.milestones)
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -1,0 +1,177 @@
+"""What the training loop eats: deterministic step batches of target and selected source samples.
+
+The sample indices of optimiser step ``t`` are a pure function of ``(seed, t)``: epoch-wise seeded
+permutations (drop_last, as the official code) for the target and, independently, for the source
+stream. A resumed run therefore needs nothing but the step counter to continue exactly where it
+stopped, and every rank of a distributed run can compute its share without communication.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.datasets import ImageDataset, collate
+from ..errors import PretrainReuseError
+from ..selection import Selection
+from ..units import Units
+
+
+def resize_transform(size: int):
+    """Per-sample CPU transform: resize the shorter side to ``size`` and centre-crop a square, so
+    images of any shape collate into one batch; the random crops happen on the device."""
+
+    def transform(image: torch.Tensor) -> torch.Tensor:
+        h, w = image.shape[-2:]
+        if (h, w) != (size, size):
+            scale = size / min(h, w)
+            nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+            image = F.interpolate(image[None], size=(nh, nw), mode="bilinear",
+                                  antialias=True, align_corners=False)[0]
+            top, left = (nh - size) // 2, (nw - size) // 2
+            image = image[:, top:top + size, left:left + size]
+        return image
+
+    return transform
+
+
+def split_validation(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Carve a class-stratified validation split from training labels (seeded).
+
+    Every class with at least two samples gives ``round(fraction * n_c)`` samples (at least one);
+    the rest stay for training. Returns sorted (train, val) index arrays.
+    """
+    rng = np.random.default_rng([seed, 7])
+    val = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        k = min(len(idx) - 1, max(1, round(fraction * len(idx)))) if fraction > 0 else 0
+        val.extend(rng.choice(idx, k, replace=False) if k > 0 else [])
+    val = np.sort(np.asarray(val, dtype=np.int64))
+    train = np.setdiff1d(np.arange(len(labels)), val)
+    return train, val
+
+
+class StepBatches:
+    """Index batches per optimiser step: epoch ``e`` uses permutation ``rng(seed, stream, e)``.
+
+    ``balanced_groups`` (optional, one group id per sample) switches to group-balanced sampling:
+    each draw picks a group uniformly, then a sample inside it (seeded per step).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, stream: int,
+                 balanced_groups: np.ndarray | None = None):
+        if n < batch_size and balanced_groups is None:
+            raise PretrainReuseError(
+                f"batch size {batch_size} exceeds the {n} training samples; pass a smaller "
+                "--batch-size")
+        self.n, self.batch_size, self.seed, self.stream = n, batch_size, seed, stream
+        self.steps_per_epoch = max(1, n // batch_size)
+        self.groups = None
+        if balanced_groups is not None:
+            order = np.argsort(balanced_groups, kind="stable")
+            _, start = np.unique(balanced_groups[order], return_index=True)
+            self.groups = (order, np.append(start, len(order)))
+
+    def batch(self, step: int) -> np.ndarray:
+        if self.groups is not None:
+            order, bounds = self.groups
+            rng = np.random.default_rng([self.seed, self.stream, step])
+            g = rng.integers(0, len(bounds) - 1, self.batch_size)
+            pos = bounds[g] + (rng.random(self.batch_size) * (bounds[g + 1] - bounds[g])).astype(int)
+            return order[pos]
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        perm = np.random.default_rng([self.seed, self.stream, epoch]).permutation(self.n)
+        return perm[pos * self.batch_size:(pos + 1) * self.batch_size]
+
+
+class _StepSampler(torch.utils.data.Sampler):
+    """Yields the index batch of every step from ``start`` to ``stop`` (for a DataLoader)."""
+
+    def __init__(self, batches: StepBatches, start: int, stop: int):
+        self.batches, self.start, self.stop = batches, start, stop
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.stop):
+            yield self.batches.batch(step).tolist()
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def step_loader(dataset: ImageDataset, batches: StepBatches, start: int, stop: int,
+                workers: int) -> torch.utils.data.DataLoader:
+    """A DataLoader yielding the collated batch of each step in ``[start, stop)``."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=_StepSampler(batches, start, stop), num_workers=workers,
+        collate_fn=collate, persistent_workers=False)
+
+
+@dataclass(frozen=True)
+class SourceData:
+    """The selected pre-training samples and the labels the source loss uses.
+
+    Attributes:
+        dataset: the selected samples (a subset of the pre-training pool).
+        labels: per selected sample, the class index of the source head (remapped to the
+            selected classes, or the original index with ``source_head="full"``); -1 when the
+            pool is unlabelled.
+        groups: per selected sample, its unit (for unit-balanced sampling).
+        num_classes: size of the source head (0 when unlabelled).
+    """
+
+    dataset: ImageDataset
+    labels: np.ndarray
+    groups: np.ndarray
+    num_classes: int
+
+
+def selected_source(pool: ImageDataset, selection: Selection, units: Units | None, *,
+                    source_head: str) -> SourceData:
+    """The pool samples of the selected units (Liu et al.: *all* images of the selected units).
+
+    Class units: samples whose label is a selected class. Cluster units: samples that ``units``
+    assigns to a selected cluster, matched by sample id, so the pool must be the data the units
+    were built from.
+    """
+    selected = np.asarray(selection.selected, dtype=np.int64)
+    if units is not None and units.kind == "cluster":
+        bad = selected[(selected < 0) | (selected >= len(units))]
+        if len(bad):
+            raise PretrainReuseError(
+                f"the selection names unit {bad[0]}, but the units file has {len(units)} units; "
+                "select with the same units file")
+        position = {sid: i for i, sid in enumerate(pool.ids)}
+        chosen_ids = [units.sample_ids[i] for i in np.flatnonzero(np.isin(units.assignment, selected))]
+        missing = [s for s in chosen_ids if s not in position]
+        if missing:
+            raise PretrainReuseError(
+                f"{len(missing)} samples of the selected clusters are not in the pre-training data "
+                f"(first: {missing[0]!r}); pass the data the units were built from")
+        idx = np.sort(np.asarray([position[s] for s in chosen_ids], dtype=np.int64))
+        unit_of = dict(zip(units.sample_ids, units.assignment.tolist(), strict=True))
+        groups = np.asarray([unit_of[pool.ids[i]] for i in idx])
+        return SourceData(pool.subset(idx), np.full(len(idx), -1), groups, 0)
+    if pool.labels is None:
+        raise PretrainReuseError(
+            "the pre-training data has no labels, so class units cannot be selected from it; "
+            "build cluster units (`units --method kmeans`) and pass them with --units")
+    n_classes = len(pool.class_names) if pool.class_names else int(pool.labels.max()) + 1
+    bad = selected[(selected < 0) | (selected >= n_classes)]
+    if len(bad):
+        raise PretrainReuseError(
+            f"the selection names class {bad[0]}, but the pre-training data has {n_classes} "
+            "classes; select with units built from this data")
+    idx = np.flatnonzero(np.isin(pool.labels, selected))
+    if len(idx) == 0:
+        raise PretrainReuseError("the selected classes have no samples in the pre-training data")
+    groups = pool.labels[idx]
+    if source_head == "selected":
+        remap = np.full(n_classes, -1)
+        remap[selected] = np.arange(len(selected))
+        return SourceData(pool.subset(idx), remap[groups], groups, len(selected))
+    return SourceData(pool.subset(idx), groups.copy(), groups, n_classes)

@@ -1,0 +1,313 @@
+"""The training loop: one ``for step in range(start, total)`` loop, every moving part visible.
+
+Per step: the learning rate from the pure :func:`~.config.lr_at`, the step's target (and source)
+samples from deterministic :class:`~.data.StepBatches`, augmentation on the device under a
+per-step seed, the mode's loss from :data:`~.losses.LOSSES`, gradient accumulation, an optimiser
+step. Evaluation runs every ``eval_every`` epochs and at the end on the validation split (model
+selection) and the test split (reporting); checkpoints are written atomically every
+``checkpoint_every`` steps. Rerunning the same command resumes from the last checkpoint and, on
+CPU, ends with bit-identical weights. Under ``torchrun`` each rank takes its share of every
+step's batch (DDP averages the gradients); evaluation and checkpoints happen on rank 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from ..artifacts import atomic_path, make_meta, read_json, to_json, write_json
+from ..data.datasets import ImageDataset
+from ..errors import PretrainReuseError
+from .augment import View, input_size
+from .checkpoint import load_state, save_state
+from .config import FinetuneConfig, lr_at
+from .data import SourceData, StepBatches, step_loader
+from .evaluate import accuracy, predict
+from .losses import LOSSES, SOURCE_VIEWS
+from .model import FinetuneModel
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a fine-tuning run reports. Test accuracy is given twice, honestly labelled:
+    ``final`` at the last step, and ``at_best_val`` at the evaluation with the best validation
+    top-1 (model selection never looks at the test split).
+
+    Attributes:
+        config: the resolved :class:`FinetuneConfig` as a dict.
+        history: one record per evaluation: step, epoch, val and test metrics.
+        final: test (and val) metrics after the last step.
+        at_best_val: test metrics at the best-validation evaluation, with its step.
+        meta: metadata block (inputs, seed, version, timing).
+    """
+
+    config: dict[str, Any]
+    history: list[dict[str, Any]]
+    final: dict[str, Any]
+    at_best_val: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> Path:
+        write_json(path, {"kind": "finetune-result", "config": self.config, "history": self.history,
+                          "final": self.final, "at_best_val": self.at_best_val, "meta": self.meta})
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunResult:
+        d = read_json(path, "fine-tuning result")
+        if d.get("kind") != "finetune-result":
+            raise PretrainReuseError(f"{str(path)!r} is not a fine-tuning result.json")
+        return cls(d["config"], d["history"], d["final"], d["at_best_val"], d.get("meta", {}))
+
+    def plot(self, ax=None, *, metric: str = "top1", label: str | None = None):
+        """Validation and test ``metric`` over training steps."""
+        import matplotlib.pyplot as plt
+
+        ax = ax or plt.gca()
+        steps = [h["step"] for h in self.history]
+        name = label or self.config["mode"]
+        line, = ax.plot(steps, [h["test"][metric] for h in self.history], label=f"{name} (test)")
+        ax.plot(steps, [h["val"][metric] for h in self.history], ls="--", color=line.get_color(),
+                label=f"{name} (val)")
+        ax.set_xlabel("step")
+        ax.set_ylabel(metric)
+        return ax
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _precision(cfg: FinetuneConfig, device: torch.device):
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step) % (2**63 - 1)
+
+
+def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
+          val_set: ImageDataset, test_set: ImageDataset, source: SourceData | None, out: Path,
+          *, inputs: dict[str, Any] | None = None, progress: bool = True) -> RunResult:
+    """Fine-tune ``model`` on ``train_set`` (+ ``source`` for the reuse modes); write the run
+    folder ``out`` (config, metrics.jsonl, checkpoint, result.json) and return the result.
+
+    The datasets must yield equally sized square images (see :func:`~.data.resize_transform`).
+    ``inputs`` (hashes, paths, selection) are recorded in the run's metadata and must match when
+    resuming.
+    """
+    rank, world = _distributed()
+    device = torch.device(cfg.device if world == 1 or not cfg.device.startswith("cuda")
+                          else f"cuda:{rank}")
+    if cfg.uses_source and source is None:
+        raise PretrainReuseError(f"mode {cfg.mode!r} needs selected source data (--selection)")
+    if train_set.labels is None or len(train_set) == 0:
+        raise PretrainReuseError("the target training split is empty or unlabelled")
+    batch = cfg.batch_size
+    if batch % world:
+        raise PretrainReuseError(f"batch size {batch} is not divisible by the {world} processes")
+    target_batches = StepBatches(len(train_set), batch, cfg.seed, stream=0)
+    steps_per_epoch = target_batches.steps_per_epoch
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    eval_every = cfg.eval_every * steps_per_epoch
+
+    out.mkdir(parents=True, exist_ok=True)
+    # through JSON, so that it compares equal to what run.json holds (tuples become lists)
+    run_identity = json.loads(to_json({"config": cfg.to_dict(), "inputs": inputs or {}}))
+    start = _resume_point(out, run_identity)
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.param_groups(cfg.lr, cfg.head_lr_mult, cfg.weight_decay),
+                                momentum=cfg.momentum, nesterov=cfg.nesterov)
+    history: list[dict] = []
+    if start > 0:
+        state = load_state(out / CHECKPOINT)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history = json.loads(state["history"])
+        if rank == 0:  # drop evaluations logged after the checkpoint (they will be redone)
+            _rewrite_jsonl(out / "metrics.jsonl", history)
+    elif rank == 0:
+        write_json(out / "run.json", {"kind": "finetune-run", **run_identity})
+    objective = _Objective(model, LOSSES[cfg.mode], cfg.lam)
+    if world > 1:  # gradients are averaged by DDP's hooks, so the loss must go through its forward
+        objective = torch.nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None)
+
+    size = input_size(model.backbone.spec, cfg.image_size)
+    spec = model.backbone.spec
+    weak = View(spec, "weak" if cfg.augment == "standard" else "eval", size).to(device)
+    strong = View(spec, "strong", size).to(device)
+    evaluate_view = View(spec, "eval", size).to(device)
+
+    def share(b: StepBatches) -> StepBatches:  # each rank takes every world-th sample of a step
+        return _RankBatches(b, rank, world) if world > 1 else b
+
+    loaders = [step_loader(train_set, share(target_batches), start, total, cfg.workers)]
+    if cfg.uses_source:
+        src_batches = StepBatches(
+            len(source.dataset), cfg.source_batch_size or batch, cfg.seed, stream=1,
+            balanced_groups=source.groups if cfg.source_sampling == "units" else None)
+        loaders.append(step_loader(source.dataset, share(src_batches), start, total, cfg.workers))
+        source_labels = torch.as_tensor(source.labels)
+
+    bar = tqdm(total=total, initial=start, desc=f"finetune {cfg.mode}", unit="step",
+               disable=not progress or rank != 0)
+    t0 = time.perf_counter()
+    model.train()
+    for step, batches in enumerate(zip(*loaders, strict=True), start):
+        factor = lr_at(step, total, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(_step_seed(cfg.seed, step))
+            parts = _compose(batches, device, weak, strong, cfg.mode,
+                             source_labels if cfg.uses_source else None)
+            optimizer.zero_grad(set_to_none=True)
+            stats = _accumulate(objective, parts, cfg, device)
+            optimizer.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2g}")
+        done = step + 1
+        if rank == 0 and (done % eval_every == 0 or done == total):
+            record = {"step": done, "epoch": done / steps_per_epoch, **stats}
+            record["val"], record["test"] = (
+                _evaluate(model, s, evaluate_view, cfg, device) for s in (val_set, test_set))
+            history.append(record)
+            _append_jsonl(out / "metrics.jsonl", record)
+            model.train()
+        if rank == 0 and (done % cfg.checkpoint_every == 0 or done == total):
+            save_state(out / CHECKPOINT, {"model": model.state_dict(),
+                                          "optimizer": optimizer.state_dict(), "step": done,
+                                          "history": json.dumps(history)})
+    bar.close()
+    if world > 1:
+        dist.barrier()
+    result = _result(cfg, history, inputs, time.perf_counter() - t0)
+    if rank == 0:
+        result.save(out / "result.json")
+    return result
+
+
+class _RankBatches(StepBatches):
+    """This rank's slice of another StepBatches' batches."""
+
+    def __init__(self, base: StepBatches, rank: int, world: int):
+        self.base, self.rank, self.world = base, rank, world
+
+    def batch(self, step: int) -> np.ndarray:
+        return self.base.batch(step)[self.rank::self.world]
+
+
+def _compose(batches, device, weak: View, strong: View, mode: str,
+             source_labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The step's batch dict: augmented target images and labels, plus the source views."""
+    target = batches[0]
+    parts = {"x": weak(target.images.to(device, non_blocking=True)),
+             "y": target.labels.to(device)}
+    if mode in SOURCE_VIEWS:
+        src = batches[1]
+        images = src.images.to(device, non_blocking=True)
+        parts["sx"] = weak(images)
+        parts["sy"] = source_labels[src.indices].to(device)
+        if "strong" in SOURCE_VIEWS[mode]:
+            parts["sx_strong"] = strong(images)
+    return parts
+
+
+class _Objective(torch.nn.Module):
+    """The mode's loss as a module, so that DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: FinetuneModel, loss_fn, lam: float):
+        super().__init__()
+        self.model, self.loss_fn, self.lam = model, loss_fn, lam
+
+    def forward(self, parts: dict[str, torch.Tensor]):
+        return self.loss_fn(self.model, parts, self.lam)
+
+
+def _accumulate(objective, parts: dict, cfg: FinetuneConfig, device) -> dict[str, float]:
+    """Forward/backward over ``grad_accum`` equal chunks of the step's batch."""
+    chunks = {k: v.chunk(cfg.grad_accum) for k, v in parts.items()}
+    n = min(len(c) for c in chunks.values())
+    totals: dict[str, float] = {}
+    for i in range(n):
+        micro = {k: c[i] for k, c in chunks.items()}
+        with _precision(cfg, device):
+            loss, stats = objective(micro)
+        (loss / n).backward()
+        for k, v in {"loss": loss.detach(), **stats}.items():
+            totals[k] = totals.get(k, 0.0) + float(v) / n
+    if not math.isfinite(totals["loss"]):
+        raise FloatingPointError(f"the training loss became {totals['loss']} (lower --lr)")
+    return totals
+
+
+@torch.no_grad()
+def _evaluate(model: FinetuneModel, dataset: ImageDataset, view: View, cfg: FinetuneConfig,
+              device: torch.device) -> dict[str, float]:
+    model.eval()
+    with _precision(cfg, device):
+        logits, labels = predict(model, dataset, view, batch_size=cfg.batch_size, device=device,
+                                 workers=cfg.workers)
+    return accuracy(logits, labels)
+
+
+def _resume_point(out: Path, identity: dict) -> int:
+    """The step to start from: 0 for a new run, else the checkpoint's (same config required)."""
+    marker = out / "run.json"
+    if not marker.exists():
+        if (out / CHECKPOINT).exists():
+            raise PretrainReuseError(f"{str(out)!r} has a checkpoint but no run.json; pass a new --out")
+        return 0
+    old = read_json(marker, "run marker")
+    if old.get("config") != identity["config"] or old.get("inputs") != identity["inputs"]:
+        changed = sorted(k for k in identity["config"]
+                         if old.get("config", {}).get(k) != identity["config"][k])
+        what = f"config ({', '.join(changed)})" if changed else "inputs"
+        raise PretrainReuseError(
+            f"{str(out)!r} holds a run with a different {what}; rerun with the same settings to "
+            "resume, or pass a new --out")
+    if not (out / CHECKPOINT).exists():
+        return 0
+    return int(load_state(out / CHECKPOINT)["step"])
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _rewrite_jsonl(path: Path, records: list[dict]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _result(cfg: FinetuneConfig, history: list[dict], inputs, seconds: float) -> RunResult:
+    best = max(history, key=lambda h: (h["val"]["top1"] if h["val"]["n"] else -1, -h["step"]))
+    meta = make_meta("finetune", cfg.to_dict(), inputs={k: str(v) for k, v in (inputs or {}).items()},
+                     seed=cfg.seed)
+    meta["train_seconds"] = round(seconds, 2)
+    return RunResult(config=cfg.to_dict(), history=history,
+                     final={"step": history[-1]["step"], **history[-1]["test"],
+                            "val": history[-1]["val"]},
+                     at_best_val={"step": best["step"], **best["test"], "val": best["val"]},
+                     meta=meta)

@@ -1,0 +1,90 @@
+"""The network being fine-tuned: a backbone, a new target head and, for reuse, a source head."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from ..errors import PretrainReuseError
+from ..models.backbone import Backbone
+
+
+def new_head(in_features: int, out_features: int, generator: torch.Generator) -> nn.Linear:
+    """A linear head initialised as the official code does: N(0, sqrt(2/2048)) weights, zero bias."""
+    head = nn.Linear(in_features, out_features)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * math.sqrt(2 / 2048))
+        head.bias.zero_()
+    return head
+
+
+class FinetuneModel(nn.Module):
+    """``backbone`` (penultimate features) + ``head`` (target classes) + optional ``source_head``.
+
+    ``source_classes`` adds a fresh source head (labelled reuse); Co-Tuning sets ``source_head``
+    to the pre-trained classifier afterwards. ``frozen_backbone`` (linear probing): the backbone
+    gets no gradients and stays in eval mode, so its BatchNorm statistics do not move either.
+    """
+
+    def __init__(self, backbone: Backbone, num_classes: int, *, source_classes: int | None = None,
+                 frozen_backbone: bool = False, seed: int = 0):
+        super().__init__()
+        if backbone.layer != "penultimate":
+            raise PretrainReuseError("fine-tuning needs the backbone's penultimate features "
+                                     f"(layer='penultimate'), got layer={backbone.layer!r}")
+        generator = torch.Generator().manual_seed(seed)
+        self.backbone = backbone
+        self.head = new_head(backbone.feature_dim, num_classes, generator)
+        self.source_head = (None if source_classes is None
+                            else new_head(backbone.feature_dim, source_classes, generator))
+        self.frozen_backbone = frozen_backbone
+        if frozen_backbone:
+            backbone.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> FinetuneModel:
+        super().train(mode)
+        if self.frozen_backbone:
+            self.backbone.eval()
+        return self
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.frozen_backbone:
+            with torch.no_grad():
+                return self.backbone.features(x)
+        return self.backbone.features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Target logits."""
+        return self.head(self.features(x))
+
+    def param_groups(self, lr: float, head_lr_mult: float, weight_decay: float) -> list[dict]:
+        """Backbone at ``lr``, heads at ``head_lr_mult * lr`` (official: 10x); decay on all."""
+        heads = [p for m in (self.head, self.source_head) if m is not None for p in m.parameters()]
+        body = [p for p in self.backbone.parameters() if p.requires_grad]
+        groups = [{"params": heads, "lr": lr * head_lr_mult, "base_lr": lr * head_lr_mult,
+                   "weight_decay": weight_decay}]
+        if body:
+            groups.append({"params": body, "lr": lr, "base_lr": lr, "weight_decay": weight_decay})
+        return groups
+
+
+def source_classifier(backbone: Backbone) -> nn.Linear:
+    """A trainable copy of the backbone's own classifier head (Co-Tuning's source head)."""
+    if backbone.num_classes is None:
+        raise PretrainReuseError(
+            f"co-tuning needs a backbone with its pre-training classifier head; {backbone.spec.name} "
+            "has none (pass --weights of a classifier)")
+    return copy.deepcopy(backbone.head)
+
+
+def reinitialize(module: nn.Module, seed: int) -> nn.Module:
+    """Reset every parameter with its layer's own initialisation (training from scratch)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in module.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    return module
