@@ -76,6 +76,20 @@ def load_units_arg(path: str, labels: str | None, class_names: str | None, what:
 # --------------------------------------------------------------------------------------------
 
 
+def cmd_embed(args) -> int:
+    from .embed import EmbedConfig, embed
+
+    cfg = EmbedConfig(model=args.model, data=args.data, weights=args.weights, layer=args.layer,
+                      split=args.split, batch_size=args.batch_size, workers=args.workers,
+                      shard_size=args.shard_size, device=args.device, precision=args.precision,
+                      seed=args.seed)
+    store = embed(cfg, args.out, progress=not args.quiet)
+    skipped = store.meta.get("skipped", 0)
+    print(f"wrote {len(store)} x {store.dim} features to {args.out}"
+          + (f"; skipped {skipped} unreadable images (listed in index.json)" if skipped else ""))
+    return 0
+
+
 def cmd_units(args) -> int:
     from .features import FeatureStore
     from .units import class_means, spherical_kmeans
@@ -241,6 +255,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
+    e = sub.add_parser("embed", help="images to a FeatureStore with a backbone",
+                       description="Compute one feature vector per image with a backbone, into a "
+                       "sharded FeatureStore. Rerunning the same command resumes; runs under "
+                       "torchrun with one shard set per process.")
+    e.add_argument("--model", required=True, help="backbone name (timm:, torchvision:, hf:, "
+                   "python:, or a registered name such as efficientnet-lite0)")
+    e.add_argument("--weights", help="local weights file (.safetensors or a torch state dict)")
+    e.add_argument("--data", required=True, help="image folder, path,label list, or a data set "
+                   "name such as synthetic:pretrain")
+    e.add_argument("--split", help="sub-folder / split of --data (train, test...)")
+    e.add_argument("--layer", default="penultimate", help="penultimate | head | logits")
+    e.add_argument("--batch-size", type=int, default=128)
+    e.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    e.add_argument("--shard-size", type=int, default=8192, help="samples per shard file")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--precision", default="auto", help="auto (bf16 on CUDA) | fp32 | bf16")
+    e.add_argument("--seed", type=int, default=0, help="initialises layers without weights")
+    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--out", required=True, help="output FeatureStore folder")
+    e.set_defaults(func=cmd_embed)
+
     u = sub.add_parser("units", help="class means or spherical k-means clusters of features",
                        description="Summarise features as units: one mean per class (labelled "
                        "data) or spherical k-means clusters (unlabelled data).")
@@ -315,10 +350,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _init_distributed() -> None:
+    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group, NCCL on GPUs, gloo on CPU."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+
+
+def _finish_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return args.func(args)
+        if args.verb in ("embed", "finetune"):
+            _init_distributed()
+        try:
+            return args.func(args)
+        finally:
+            _finish_distributed()
     except PretrainReuseError as e:
         print(f"pretrain-reuse: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

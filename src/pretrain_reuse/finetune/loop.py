@@ -27,7 +27,9 @@ from tqdm.auto import tqdm
 
 from ..artifacts import atomic_path, make_meta, read_json, to_json, write_json
 from ..data.datasets import ImageDataset
+from ..distributed import process_device, rank_world
 from ..errors import PretrainReuseError
+from ..models import save_backbone
 from .augment import View, input_size
 from .checkpoint import load_state, save_state
 from .config import FinetuneConfig, lr_at
@@ -86,12 +88,6 @@ class RunResult:
         return ax
 
 
-def _distributed() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _precision(cfg: FinetuneConfig, device: torch.device):
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     if not use_bf16:
@@ -113,9 +109,8 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
     ``inputs`` (hashes, paths, selection) are recorded in the run's metadata and must match when
     resuming.
     """
-    rank, world = _distributed()
-    device = torch.device(cfg.device if world == 1 or not cfg.device.startswith("cuda")
-                          else f"cuda:{rank}")
+    rank, world = rank_world()
+    device = process_device(cfg.device)
     if cfg.uses_source and source is None:
         raise PretrainReuseError(f"mode {cfg.mode!r} needs selected source data (--selection)")
     if train_set.labels is None or len(train_set) == 0:
@@ -203,6 +198,9 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
         dist.barrier()
     result = _result(cfg, history, inputs, time.perf_counter() - t0)
     if rank == 0:
+        # the fine-tuned network as a backbone whose head is the target classifier, loadable by
+        # name: create_backbone(<model>, weights=out/"model.safetensors")
+        save_backbone(model.backbone.with_head(model.head), out / "model.safetensors", result.meta)
         result.save(out / "result.json")
     return result
 

@@ -113,6 +113,13 @@ class Backbone(nn.Module):
         z = self._extract(self.body, x)
         return z if self.layer == "penultimate" else self.head(z)
 
+    def with_head(self, head: nn.Module) -> Backbone:
+        """The same body (shared, not copied) with another head, e.g. a classifier trained on a new
+        label set; save it with :func:`~pretrain_reuse.models.save_backbone`."""
+        return Backbone(self.body, head, head_name=self.head_name or HEADLESS_NAME, spec=self.spec,
+                        layer="penultimate", feature_dim=self._penultimate_dim,
+                        extract=self._extract, tokenizer=self._tokenizer)
+
     def forward(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The model's output: the head's (logits of a classifier), or the penultimate features."""
         z = self._extract(self.body, x)

@@ -1,0 +1,203 @@
+"""``embed``: images to a FeatureStore with a backbone, batched, resumable and multi-process.
+
+The data set is cut into fixed shards of ``shard_size`` consecutive samples. Each shard is
+computed in batches from its own start and written atomically as one safetensors file, so:
+
+- an interrupted run (even ``kill -9``) loses at most the shards in flight; rerunning the same
+  command skips the finished ones and ends with a store identical to an uninterrupted run;
+- under ``torchrun --nproc_per_node N`` rank ``r`` computes the shards ``k = r (mod N)`` and rank
+  0 writes ``index.json`` at the end, giving the same store as one process.
+
+Unreadable images are skipped, counted and listed in the index (never a crash halfway through a
+million-image folder).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.numpy import load_file, save_file
+from tqdm.auto import tqdm
+
+from .artifacts import atomic_path, encode_ids, make_meta, read_json, to_json, write_json
+from .data.catalog import open_dataset
+from .data.datasets import ImageDataset, collate
+from .distributed import process_device, rank_world
+from .errors import PretrainReuseError, check_choice, check_device
+from .features import STORE_FORMAT, FeatureStore
+from .models import LAYERS, create_backbone
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """What to embed and how. ``data`` is a folder, a list file or an embedded data set name."""
+
+    model: str
+    data: str
+    weights: str | None = None
+    layer: str = "penultimate"
+    split: str | None = None
+    batch_size: int = 128
+    workers: int = 0
+    shard_size: int = 8192
+    device: str = "cpu"
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA; "fp32"; "bf16"
+    seed: int = 0  # initialises whatever the weights file does not cover (all of it without one)
+
+    def __post_init__(self):
+        check_choice("layer", self.layer, LAYERS)
+        check_choice("precision", self.precision, ("auto", "fp32", "bf16"))
+        check_device(self.device)
+        for name in ("batch_size", "shard_size"):
+            if getattr(self, name) < 1:
+                raise PretrainReuseError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise PretrainReuseError(f"workers must be >= 0, got {self.workers}")
+
+
+def _to_pil(image: torch.Tensor):
+    """A decoded (C, H, W) float image in [0, 1] back to PIL, for the backbone's own transform."""
+    from PIL import Image
+
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
+class _Preprocessed(ImageDataset):
+    """``dataset`` with the backbone's eval transform (PIL resize, centre crop, normalise)."""
+
+    def __init__(self, dataset: ImageDataset, preprocess):
+        super().__init__(ids=dataset.ids, labels=dataset.labels, class_names=dataset.class_names,
+                         transform=None, source=dataset.source)
+        self.dataset, self.preprocess = dataset, preprocess
+
+    def load(self, index: int) -> torch.Tensor | None:
+        image = self.dataset.load(index)
+        return None if image is None else self.preprocess(_to_pil(image))
+
+
+def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True) -> FeatureStore:
+    """Compute the features of every image of ``cfg.data`` into the store folder ``out``."""
+    out = Path(out)
+    rank, world = rank_world()
+    device = process_device(cfg.device)
+    dataset = open_dataset(cfg.data, split=cfg.split)
+    if len(dataset) == 0:
+        raise PretrainReuseError(f"--data {cfg.data!r} holds no images")
+    with torch.random.fork_rng(devices=[]):  # every process and every rerun: the same network
+        torch.manual_seed(cfg.seed)
+        backbone = create_backbone(cfg.model, weights=cfg.weights, layer=cfg.layer, device=device)
+    if backbone.spec.modality != "image":
+        raise PretrainReuseError(f"embed takes image backbones; {cfg.model} is a text model")
+    if device.type == "cuda":
+        backbone.to(memory_format=torch.channels_last)
+    data = _Preprocessed(dataset, backbone.preprocess)
+    identity = {"config": asdict(cfg), "n": len(dataset),
+                "ids": _hash_ids(dataset.ids)}
+    parts = out / "parts"
+    if rank == 0:
+        _claim(out, identity)
+    if world > 1:
+        dist.barrier()
+
+    n_shards = -(-len(dataset) // cfg.shard_size)
+    mine = [k for k in range(n_shards) if k % world == rank and not _shard_path(parts, k).exists()]
+    todo = sum(min(cfg.shard_size, len(dataset) - k * cfg.shard_size) for k in mine)
+    bar = tqdm(total=todo, desc=f"embed {cfg.model}", unit="img", disable=not progress or rank != 0)
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    t0 = time.perf_counter()
+    for k in mine:
+        _embed_shard(k, data, backbone, cfg, device, use_bf16, parts, bar)
+    bar.close()
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        _write_index(out, parts, n_shards, dataset, backbone, cfg, time.perf_counter() - t0)
+    if world > 1:
+        dist.barrier()
+    return FeatureStore.load(out)
+
+
+def _shard_path(parts: Path, k: int) -> Path:
+    return parts / f"shard-{k:05d}.safetensors"
+
+
+def _hash_ids(ids: list[str]) -> str:
+    import hashlib
+
+    return "sha256:" + hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
+def _claim(out: Path, identity: dict) -> None:
+    """Mark ``out`` as this embedding; refuse to mix shards of a different model or data."""
+    marker = out / "embed.json"
+    identity = json.loads(to_json(identity))
+    if marker.exists():
+        if read_json(marker, "embed marker") != identity:
+            raise PretrainReuseError(
+                f"{str(out)!r} holds an embedding of other data or settings; rerun with the same "
+                "arguments to resume, or pass a new --out")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise PretrainReuseError(f"--out {str(out)!r} exists and is not an embedding; pass a new --out")
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    write_json(marker, identity)
+
+
+@torch.no_grad()
+def _embed_shard(k: int, data: ImageDataset, backbone, cfg: EmbedConfig, device: torch.device,
+                 use_bf16: bool, parts: Path, bar) -> None:
+    start = k * cfg.shard_size
+    positions = list(range(start, min(start + cfg.shard_size, len(data))))
+    batches = [positions[i:i + cfg.batch_size] for i in range(0, len(positions), cfg.batch_size)]
+    loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=cfg.workers,
+                                         collate_fn=collate)
+    feats, idx, skipped = [], [], []
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16
+                else contextlib.nullcontext())
+    for batch in loader:
+        skipped.extend(batch.skipped.tolist())
+        if len(batch.images):
+            x = batch.images.to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                feats.append(backbone.features(x).float().cpu())
+            idx.append(batch.indices)
+        bar.update(len(batch.indices) + len(batch.skipped))
+    index = torch.cat(idx).numpy() if idx else np.zeros(0, np.int64)
+    tensors = {
+        "features": torch.cat(feats).numpy() if feats else np.zeros((0, backbone.feature_dim), np.float32),
+        "index": index.astype(np.int64),
+        "ids": encode_ids([data.ids[i] for i in index]),
+        "skipped": np.asarray(sorted(skipped), dtype=np.int64),
+    }
+    if data.labels is not None:
+        tensors["labels"] = data.labels[index].astype(np.int64)
+    with atomic_path(_shard_path(parts, k)) as tmp:
+        save_file(tensors, str(tmp))
+
+
+def _write_index(out: Path, parts: Path, n_shards: int, dataset: ImageDataset, backbone,
+                 cfg: EmbedConfig, seconds: float) -> None:
+    shards, skipped = [], []
+    for k in range(n_shards):
+        path = _shard_path(parts, k)
+        t = load_file(str(path))
+        shards.append({"file": f"parts/{path.name}", "n": len(t["index"])})
+        skipped.extend(dataset.ids[i] for i in t["skipped"])
+    meta = make_meta("embed", asdict(cfg), inputs={"data": cfg.data, "ids": _hash_ids(dataset.ids),
+                                                   "weights": cfg.weights})
+    meta.update(backbone=json.loads(backbone.spec.to_json()), seconds=round(seconds, 2),
+                skipped=len(skipped), skipped_ids=skipped[:100])
+    write_json(out / "index.json", {
+        "kind": "features", "format": STORE_FORMAT, "n": sum(s["n"] for s in shards),
+        "dim": backbone.feature_dim, "has_labels": dataset.labels is not None,
+        "class_names": dataset.class_names, "shards": shards, "meta": meta})
