@@ -59,9 +59,9 @@ def _build_all_minilm_l6_v2(spec: BackboneSpec) -> ModelParts:
 
 
 def _smallcnn_spec(name: str, width: int) -> BackboneSpec:
-    # 48 px: the default image size of the synthetic world (data/world.py) it is pre-trained on.
+    # 32 px: the default image size of the synthetic world (data/world.py) it is pre-trained on.
     return BackboneSpec(
-        name=name, input_size=(48, 48), resize_size=48, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+        name=name, input_size=(32, 32), resize_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
         description=f"SmallCNN width {width}: 3 stages of conv-BN-ReLU ×2, {4 * width}-d features, "
                     "for 32–64 px images (the package pre-trains it on its synthetic world)",
         build=partial(_build_smallcnn, width=width))
