@@ -378,7 +378,8 @@ def synthetic_selections(tmp_path_factory):
     out = {}
     for method in ("uot", "greedy-ot"):
         with contextlib.redirect_stdout(io.StringIO()):
-            rc = main(["select", "--source", "synthetic:pretrain", "--target", "synthetic:target",
+            rc = main(["select", "--source", "synthetic-features:pretrain",
+                       "--target", "synthetic-features:target",
                        "--k", str(len(related)), "--method", method,
                        "--out", str(root / f"{method}.json")])
         assert rc == 0
@@ -481,8 +482,11 @@ USER_ERRORS = {
     "missing required flag": (lambda d: ["select", "--source", d.inp / "S.npy", "--out", d.out],
                               ["--target"]),
     "cuda on a CPU machine": (_sel("--k", "3", "--device", "cuda"), ["cuda", "no cuda gpu"]),
-    "unknown synthetic set": (_sel("--k", "3", source="synthetic:pretrian"),
-                              ["synthetic:pretrian", "did you mean 'synthetic:pretrain'"]),
+    "unknown synthetic set": (_sel("--k", "3", source="synthetic-features:pretrian"),
+                              ["synthetic-features:pretrian",
+                               "did you mean 'synthetic-features:pretrain'"]),
+    "image data set as units": (_sel("--k", "3", source="synthetic:pretrain"),
+                                ["image data set", "embed it first"]),
     "units without labels for class means": (
         lambda d: ["units", "--features", d.inp / "src_feats.npy", "--out", d.root / "u.safetensors"],
         ["labels"]),

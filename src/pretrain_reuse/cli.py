@@ -31,18 +31,26 @@ def _read_lines(path: str, what: str) -> list[str]:
 
 
 def _load_data(path: str, labels: str | None, what: str):
-    """A FeatureStore or Units from a CLI path: an embedded data set name (``synthetic:...``),
-    per-sample ``.npy`` features with a ``.npy`` label vector, or any artifact."""
+    """A FeatureStore or Units from a CLI path: the planted feature world by name
+    (``synthetic-features:pretrain`` / ``synthetic-features:target``), per-sample ``.npy``
+    features with a ``.npy`` label vector, or any artifact."""
     from .artifacts import load
     from .errors import lookup
     from .features import FeatureStore
 
-    if path.startswith("synthetic:"):
+    if path.startswith("synthetic-features:"):
         from .data.synthetic import feature_world
 
         world = feature_world()
-        named = {"synthetic:pretrain": world.pretrain, "synthetic:target": world.target}
+        named = {"synthetic-features:pretrain": world.pretrain,
+                 "synthetic-features:target": world.target}
         return lookup(named, path, f"--{what}")
+    from .data.catalog import DATASETS
+
+    if path in DATASETS:
+        raise PretrainReuseError(
+            f"--{what} {path!r} is an image data set; embed it first (`pretrain-reuse embed "
+            f"--data {path} --out STORE`) and pass the store")
     if labels is not None:
         if not path.endswith(".npy"):
             raise PretrainReuseError(
@@ -280,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Summarise features as units: one mean per class (labelled "
                        "data) or spherical k-means clusters (unlabelled data).")
     u.add_argument("--features", required=True,
-                   help="FeatureStore folder, per-sample .npy features, or synthetic:pretrain")
+                   help="FeatureStore folder, per-sample .npy features, or "
+                   "synthetic-features:pretrain")
     u.add_argument("--labels", help=".npy label vector for .npy features")
     u.add_argument("--class-names", help="text file, one class name per line")
     u.add_argument("--method", choices=("class", "kmeans"), default="class")
