@@ -70,8 +70,13 @@ def _to_pil(image: torch.Tensor):
     return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
 
 
+def preprocessed(dataset: ImageDataset, preprocess) -> ImageDataset:
+    """``dataset`` with a backbone's own eval transform (``Backbone.preprocess``: PIL resize,
+    centre crop, normalise), exactly as the model's weights expect their inputs."""
+    return _Preprocessed(dataset, preprocess)
+
+
 class _Preprocessed(ImageDataset):
-    """``dataset`` with the backbone's eval transform (PIL resize, centre crop, normalise)."""
 
     def __init__(self, dataset: ImageDataset, preprocess):
         super().__init__(ids=dataset.ids, labels=dataset.labels, class_names=dataset.class_names,
@@ -97,7 +102,7 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True) -> Featur
     if backbone.spec.modality != "image":
         raise PretrainReuseError(f"embed takes image backbones; {cfg.model} is a text model")
     backbone.to(memory_format=torch.channels_last)
-    data = _Preprocessed(dataset, backbone.preprocess)
+    data = preprocessed(dataset, backbone.preprocess)
     identity = {"config": asdict(cfg), "n": len(dataset),
                 "ids": _hash_ids(dataset.ids)}
     parts = out / "parts"

@@ -6,6 +6,8 @@ and normalise with the backbone's mean/std:
 
 - ``eval``: centre crop (Resize(256) -> CenterCrop(224) in the paper's setting);
 - ``weak``: RandomResizedCrop (scale 0.08-1, torchvision's defaults, as the official code) + flip;
+- ``flip``: horizontal flip only (for data whose classes depend on small parts that a random
+  crop would cut away, like the synthetic world);
 - ``strong``: weak + RandAugment(n=2, m=10) + a Cutout of half the side (FixMatch's RandAugmentMC
   as used by Liu et al. for unlabelled reuse).
 
@@ -22,7 +24,7 @@ from torch import nn
 
 from ..models.spec import BackboneSpec
 
-VIEWS = ("eval", "weak", "strong")
+VIEWS = ("eval", "flip", "weak", "strong")
 
 
 class View(nn.Module):
@@ -33,6 +35,8 @@ class View(nn.Module):
         size = (input_size, input_size)
         if kind == "eval":
             ops = [K.CenterCrop(size)]
+        elif kind == "flip":
+            ops = [K.CenterCrop(size), K.RandomHorizontalFlip()]
         else:
             ops = [K.RandomResizedCrop(size, scale=(0.08, 1.0)), K.RandomHorizontalFlip()]
             if kind == "strong":

@@ -54,7 +54,7 @@ class FinetuneConfig:
     eval_every: int = 10  # epochs
     checkpoint_every: int = 200  # steps
     image_size: int | None = None  # None: the backbone's input size
-    augment: str = "standard"  # "standard": RandomResizedCrop + flip; "none"
+    augment: str = "standard"  # "standard": RandomResizedCrop + flip; "flip": flip only; "none"
     train_fraction: float | None = None
     long_tail_ratio: float | None = None
     seed: int = 0
@@ -67,7 +67,7 @@ class FinetuneConfig:
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("source_head", self.source_head, ("selected", "full"))
         check_choice("source_sampling", self.source_sampling, ("images", "units"))
-        check_choice("augment", self.augment, ("standard", "none"))
+        check_choice("augment", self.augment, ("standard", "flip", "none"))
         check_choice("precision", self.precision, ("auto", "fp32", "bf16"))
         check_device(self.device)
         for name in ("epochs", "batch_size", "grad_accum", "eval_every", "checkpoint_every"):

@@ -148,7 +148,8 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
 
     size = input_size(model.backbone.spec, cfg.image_size)
     spec = model.backbone.spec
-    weak = View(spec, "weak" if cfg.augment == "standard" else "eval", size).to(device)
+    weak = View(spec, {"standard": "weak", "flip": "flip", "none": "eval"}[cfg.augment],
+                size).to(device)
     strong = View(spec, "strong", size).to(device)
     evaluate_view = View(spec, "eval", size).to(device)
 

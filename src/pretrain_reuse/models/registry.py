@@ -62,15 +62,16 @@ def _smallcnn_spec(name: str, width: int) -> BackboneSpec:
     # 32 px: the default image size of the synthetic world (data/world.py) it is pre-trained on.
     return BackboneSpec(
         name=name, input_size=(32, 32), resize_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-        description=f"SmallCNN width {width}: 3 stages of conv-BN-ReLU ×2, {4 * width}-d features, "
-                    "for 32–64 px images (the package pre-trains it on its synthetic world)",
+        description=f"SmallCNN width {width}: 4 conv-BN-ReLU stages, global max pooling, "
+                    f"{8 * width}-d features, for 32–64 px images (the package pre-trains it on "
+                    "its synthetic world)",
         build=partial(_build_smallcnn, width=width))
 
 
 BACKBONES: dict[str, BackboneSpec] = {
-    "smallcnn-s": _smallcnn_spec("smallcnn-s", 16),
-    "smallcnn": _smallcnn_spec("smallcnn", 32),
-    "smallcnn-l": _smallcnn_spec("smallcnn-l", 64),
+    "smallcnn-s": _smallcnn_spec("smallcnn-s", 8),
+    "smallcnn": _smallcnn_spec("smallcnn", 16),
+    "smallcnn-l": _smallcnn_spec("smallcnn-l", 32),
     # The weights were converted from TensorFlow's EfficientNet-Lite, whose input pipeline uses
     # (x*255 - 127) / 128 and bicubic resize with crop_pct 0.875 (as timm's tf_efficientnet_lite0).
     "efficientnet-lite0": BackboneSpec(

@@ -1,0 +1,166 @@
+r"""``knowledge``: what pre-training hands to the fine-tuned model, end to end.
+
+Explains the pre-trained model (its linear probe on the target classes), the fine-tuned model and,
+optionally, a model trained from scratch and fine-tuning checkpoints, on the *same* samples with
+the *same* players and baseline; then reports (Jiang, Cheng & Li, arXiv 2410.08455, with the
+definitions of ``methods/knowledge.md``):
+
+- preserved / discarded / new knowledge and its exclusivity against the scratch model
+  (:func:`~.metrics.knowledge_report`), overall and by interaction order;
+- convergence of knowledge over checkpoints (:func:`~.metrics.knowledge_convergence`);
+- faithfulness of every model's salient interactions (their sum against v on all 2^n masks);
+- a counterfactual check the paper lacked: removing the players of a preserved interaction
+  changes the fine-tuned model's output by ``v(N) - v(N \ S)``, which its salient interactions
+  predict as ``sum_{AND T ∩ S ≠ ∅} I(T) + sum_{OR ∅ ≠ T ⊆ S} I(T)``; removing as many random
+  players serves as the control.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..artifacts import make_meta, write_json
+from ..data.datasets import ImageDataset
+from ..embed import preprocessed
+from ..errors import PretrainReuseError
+from ..finetune.evaluate import predict
+from ..models import Backbone
+from .explain import ExplainConfig, choose_samples, explain
+from .metrics import knowledge_convergence, knowledge_report
+from .values import Interactions
+
+ROLES = ("pretrained", "finetuned", "scratch")
+
+
+def correct_mask(models: dict[str, Backbone], dataset: ImageDataset, candidates: np.ndarray,
+                 device: torch.device) -> np.ndarray:
+    """Which of ``candidates`` every model classifies correctly (bool over the dataset)."""
+    ok = np.zeros(len(dataset), bool)
+    ok[candidates] = True
+    subset = dataset.subset(candidates)
+    for model in models.values():
+        model.to(device).eval()
+        data = preprocessed(subset, model.preprocess)
+        logits, labels = predict(model, data, lambda x: x, batch_size=256, device=device)
+        ok[candidates] &= logits.argmax(1) == labels
+    return ok
+
+
+def counterfactual(x: Interactions, sets: list[int], tau: float, rng: np.random.Generator
+                   ) -> dict[str, Any]:
+    """Measured vs predicted output change when the players of each set in ``sets`` (bitmasks)
+    are removed from the full input, against random sets of the same sizes."""
+    full = (1 << x.n) - 1
+    salient = x.salient(tau)
+    keys = np.arange(1 << x.n)
+
+    def change(s: int) -> tuple[float, float]:
+        measured = x.v[full] - x.v[full ^ s]
+        pred = sum(val for (kind, t), val in salient.items()
+                   if (kind == "and" and t & s) or (kind == "or" and t and (t & ~s) == 0))
+        return float(measured), float(pred)
+
+    chosen = [change(s) for s in sets]
+    sizes = [bin(s).count("1") for s in sets]
+    random_sets = [int(rng.choice(keys[[bin(int(k)).count("1") == z for k in keys]]))
+                   for z in sizes]
+    control = [change(s) for s in random_sets]
+    return {"preserved": chosen, "random": control}
+
+
+def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset, cfg: ExplainConfig,
+                      out: str | Path, *, checkpoints: list[Backbone] | None = None,
+                      tau: float = 0.05, match: str = "support", candidates: int = 400,
+                      progress: bool = True) -> dict[str, Any]:
+    """Run the analysis into ``out`` and return (and write ``knowledge.json``) its summary.
+
+    Args:
+        models: ``{"pretrained": ..., "finetuned": ..., "scratch": ...}`` (scratch optional), each
+            a classifier over ``dataset``'s classes (the pre-trained backbone with its linear probe).
+        dataset: labelled target data (usually the test split).
+        cfg: players, baseline, decomposition, number of samples.
+        checkpoints: fine-tuning checkpoints, oldest first (the final model last), for the
+            convergence curve.
+        tau: salience threshold relative to each sample's largest interaction.
+        candidates: how many samples to screen for being correct under every model.
+    """
+    missing = {"pretrained", "finetuned"} - models.keys()
+    if missing:
+        raise PretrainReuseError(f"knowledge needs the {' and '.join(sorted(missing))} model(s)")
+    out = Path(out)
+    device = torch.device(cfg.device)
+    screen = choose_samples(dataset, min(candidates, len(dataset)), cfg.seed)
+    correct = correct_mask(models, dataset, screen, device)
+    if not correct.any():
+        raise PretrainReuseError("no sample is classified correctly by every model; check that "
+                                 "the models were trained on this data")
+    indices = choose_samples(dataset, cfg.samples, cfg.seed, keep=correct)
+    explained = {role: explain(m, dataset, indices, cfg, out / role, role=role, progress=progress)
+                 for role, m in models.items()}
+    report = knowledge_report(explained["pretrained"], explained["finetuned"],
+                              explained.get("scratch"), tau=tau, match=match)
+    summary: dict[str, Any] = {
+        "samples": {"n": len(indices), "screened": len(screen), "correct_for_all": int(correct.sum()),
+                    "ids": [dataset.ids[i] for i in indices]},
+        "report": report.to_dict(),
+        "faithfulness": {role: _faithfulness(xs, tau) for role, xs in explained.items()},
+        "strength_by_order": {role: _strength_by_order(xs) for role, xs in explained.items()},
+        "counterfactual": _counterfactual_summary(report, explained["finetuned"], tau, cfg.seed),
+    }
+    if checkpoints:
+        curves = [explain(m, dataset, indices, cfg, out / f"checkpoint-{t:03d}", role=f"checkpoint {t}",
+                          progress=progress) for t, m in enumerate(checkpoints)]
+        summary["convergence"] = knowledge_convergence(curves, tau=tau, match=match).to_dict()
+    summary["meta"] = make_meta("knowledge.analyze", {**asdict(cfg), "tau": tau, "match": match},
+                                seed=cfg.seed)
+    write_json(out / "knowledge.json", summary)
+    return summary
+
+
+def _faithfulness(xs: list[Interactions], tau: float) -> dict[str, float]:
+    errors = [x.faithfulness_error(tau) for x in xs]
+    keys = errors[0].keys()
+    return {k: float(np.mean([e[k] for e in errors])) for k in keys} | {
+        "max_over_samples": float(max(e.get("max", 0.0) for e in errors))}
+
+
+def _strength_by_order(xs: list[Interactions]) -> list[float]:
+    """Mean over samples of the normalised strength sum_{|S|=k} |I(S)| / sum_S |I(S)|, k = 1..n."""
+    hists = []
+    for x in xs:
+        o = np.array([bin(s).count("1") for s in range(1 << x.n)])
+        mag = np.abs(x.and_values) + np.abs(x.or_values)
+        mag[0] = 0.0
+        total = mag.sum()
+        hists.append([mag[o == k].sum() / total if total > 0 else 0.0 for k in range(1, x.n + 1)])
+    return np.mean(hists, axis=0).tolist()
+
+
+def _counterfactual_summary(report, finetuned: list[Interactions], tau: float,
+                            seed: int) -> dict[str, Any]:
+    rng = np.random.default_rng([seed, 13])
+    pres, rand = [], []
+    for sample, x in zip(report.samples, finetuned, strict=True):
+        sets = sorted({item[1] for item in sample.preserve})
+        if sets:
+            res = counterfactual(x, sets, tau, rng)
+            pres += res["preserved"]
+            rand += res["random"]
+    if not pres:
+        return {"n_sets": 0}
+    p, r = np.array(pres), np.array(rand)
+    both = np.concatenate([p, r])
+    return {
+        "n_sets": len(p),
+        "mean_abs_change_preserved": float(np.abs(p[:, 0]).mean()),
+        "mean_abs_change_random": float(np.abs(r[:, 0]).mean()),
+        "effect_ratio": float(np.abs(p[:, 0]).mean() / max(np.abs(r[:, 0]).mean(), 1e-12)),
+        "prediction_correlation": float(np.corrcoef(both[:, 0], both[:, 1])[0, 1])
+        if len(both) > 2 and both[:, 1].std() > 0 else None,
+        "mean_abs_prediction_error": float(np.abs(both[:, 0] - both[:, 1]).mean()),
+    }
