@@ -11,6 +11,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from . import __version__
 from .errors import PretrainReuseError
 
@@ -238,13 +240,115 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                            help=help_)
 
 
+def _explain_config(args):
+    from .knowledge.explain import ExplainConfig
+
+    return ExplainConfig(players=args.players, n=args.n, baseline=args.baseline,
+                         output=args.output, decomposition=args.decomposition, qthres=args.qthres,
+                         samples=args.samples, seed=args.seed, batch_size=args.batch_size,
+                         device=args.device)
+
+
+def _classifier(name: str, weights: str | None, what: str):
+    from .models import create_backbone
+
+    if weights is not None:
+        from .errors import check_file
+
+        check_file(what, weights)
+    return create_backbone(name, weights=weights)
+
+
+def _explain_data(args):
+    from .data.catalog import DATASETS, open_dataset
+
+    split = args.split or ("test" if args.data in DATASETS and "test" in DATASETS[args.data].splits
+                           else None)
+    return open_dataset(args.data, split=split)
+
+
+def cmd_explain(args) -> int:
+    from .knowledge.explain import choose_samples, explain
+
+    cfg = _explain_config(args)
+    model = _classifier(args.model, args.weights, "--weights")
+    data = _explain_data(args)
+    indices = choose_samples(data, min(cfg.samples, len(data)), cfg.seed)
+    results = explain(model, data, indices, cfg, args.out, progress=not args.quiet)
+    errors = [r.faithfulness_error(args.tau)["max"] for r in results]
+    print(f"explained {len(results)} samples with n={results[0].n} players -> {args.out}; "
+          f"faithfulness error of the salient interactions (tau={args.tau}): mean "
+          f"{np.nanmean(errors):.4f}, max {np.nanmax(errors):.4f}")
+    return 0
+
+
+def cmd_knowledge(args) -> int:
+    from .knowledge.analysis import analyze_knowledge
+
+    cfg = _explain_config(args)
+    models = {"pretrained": _classifier(args.model, args.pretrained, "--pretrained"),
+              "finetuned": _classifier(args.model, args.finetuned, "--finetuned")}
+    if args.scratch:
+        models["scratch"] = _classifier(args.model, args.scratch, "--scratch")
+    checkpoints = None
+    if args.checkpoints:
+        from .errors import check_file
+
+        files = sorted(check_file("--checkpoints", args.checkpoints).glob("*.safetensors"))
+        if not files:
+            raise PretrainReuseError(f"--checkpoints {args.checkpoints!r} holds no .safetensors "
+                                     "models; fine-tune with --snapshots to save them")
+        checkpoints = [_classifier(args.model, str(f), "--checkpoints") for f in files]
+    summary = analyze_knowledge(models, _explain_data(args), cfg, args.out,
+                                checkpoints=checkpoints, tau=args.tau, match=args.match,
+                                progress=not args.quiet)
+    overall = summary["report"]["overall"]
+    line = ", ".join(f"{k} {overall[k]['mean']:.3f}" for k in ("preserve", "discard", "new",
+                                                               "exclusive") if k in overall)
+    print(f"knowledge over {summary['samples']['n']} samples: {line}; wrote "
+          f"{Path(args.out) / 'knowledge.json'}")
+    return 0
+
+
+def _add_explain_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="labelled data: folder, list or data set name")
+    p.add_argument("--split", help="split of --data (default: test for embedded sets)")
+    p.add_argument("--players", default="grid:3x3", help="grid:RxC or parts (synthetic world)")
+    p.add_argument("--n", type=int, help="players drawn from a larger grid (seeded, central cells)")
+    p.add_argument("--baseline", default="zero", help="zero | mean | blur")
+    p.add_argument("--output", default="log-odds", help="log-odds | log-odds-clipped | logit")
+    p.add_argument("--decomposition", default="and", help="and (Harsanyi) | and-or (sparsified)")
+    p.add_argument("--qthres", type=float, help="noise bound, relative to |v(N)-v(0)|")
+    p.add_argument("--samples", type=int, default=20)
+    p.add_argument("--tau", type=float, default=0.05, help="salience threshold (0.05)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256, help="masked inputs per forward pass")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", required=True, help="output folder")
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    summary = run_demo(Path(args.out), quick=args.quick, seed=args.seed)
-    for method, rec in summary["selection"].items():
-        print(f"{method:>16}: recall of the related units {rec['recall']:.3f}")
-    print(f"wrote {Path(args.out) / 'summary.json'}")
+    summary = run_demo(Path(args.out), quick=args.quick, seed=args.seed, progress=not args.quiet)
+    for name, rec in summary["selection"].items():
+        print(f"selection {name:>18}: recall of the related classes {rec['recall']:.3f}")
+    for name, ft in summary["finetune"].items():
+        print(f"finetune  {name:>18}: test top-1 {ft['top1_mean']:.4f} ± {ft['top1_std']:.4f} "
+              f"({len(ft['seeds'])} seeds)")
+    k = summary["knowledge"]
+    print("knowledge: " + ", ".join(f"{key} {k[key]:.3f}" for key in
+                                    ("preserved", "discarded", "new", "exclusive_vs_scratch") if key in k))
+    print(f"wrote {Path(args.out) / 'report.html'} and summary.json "
+          f"({sum(summary['timing_s'].values()):.0f} s of stages)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import build_report
+
+    print(f"wrote {build_report(args.run_dir)}")
     return 0
 
 
@@ -351,11 +455,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(f)
     f.set_defaults(func=cmd_finetune)
 
+    x = sub.add_parser("explain", help="game-theoretic interactions of a classifier on samples",
+                       description="Interactions (Harsanyi AND, or sparse AND-OR) between players "
+                       "(patches or parts) of a classifier's log-odds, per sample.")
+    x.add_argument("--model", required=True, help="backbone name")
+    x.add_argument("--weights", help="weights of a classifier over --data's classes")
+    _add_explain_flags(x)
+    x.set_defaults(func=cmd_explain)
+
+    k = sub.add_parser("knowledge", help="preserved / discarded / new knowledge of fine-tuning",
+                       description="Compare the interactions of the pre-trained model (its linear "
+                       "probe), the fine-tuned model and a scratch model on the same samples "
+                       "(Jiang, Cheng & Li, arXiv 2410.08455).")
+    k.add_argument("--model", required=True, help="backbone name shared by the models")
+    k.add_argument("--pretrained", required=True, help="linear-probe model.safetensors")
+    k.add_argument("--finetuned", required=True, help="fine-tuned model.safetensors")
+    k.add_argument("--scratch", help="scratch-trained model.safetensors")
+    k.add_argument("--checkpoints", help="folder of fine-tuning snapshots (finetune --snapshots)")
+    k.add_argument("--match", default="support", help="support | signed")
+    _add_explain_flags(k)
+    k.set_defaults(func=cmd_knowledge)
+
     d = sub.add_parser("demo", help="the whole pipeline on embedded data, with ground truth")
     d.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     d.add_argument("--quick", action="store_true", help="smaller problem, for tests")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
+
+    r = sub.add_parser("report", help="self-contained report.html from a run folder")
+    r.add_argument("run_dir", help="a demo or experiment run folder")
+    r.set_defaults(func=cmd_report)
     return p
 
 

@@ -1,94 +1,232 @@
-"""``pretrain-reuse demo``: the pipeline on generated data whose answer is known.
+"""``pretrain-reuse demo``: both halves of the project on the procedural image world, whose answers
+are known (which pre-training classes a target task needs; which parts each class rule uses).
 
-Today it covers the selection half on the planted feature world
-(:func:`~pretrain_reuse.data.synthetic.feature_world`): class units and spherical k-means clusters
-of the pre-training pool, then UOT, greedy-OT and random selection, scored by their recall of the
-planted related classes. Every stage writes its artifact into the run folder and is skipped when a
-rerun finds it there.
+Stages (each writes into the run folder and is skipped when a rerun finds it finished):
+
+1. ``pretrain``: a small CNN trained from scratch on the 128 pre-training classes (supervised).
+2. ``embed``: features of the pre-training pool and the target training set.
+3. ``units``: class means, and spherical k-means clusters as if the pool had no labels.
+4. ``select``: UOT, greedy OT and random selection of classes and clusters, scored by recall of
+   the planted related classes.
+5. ``finetune``: vanilla, reuse (UOT / greedy OT / random classes), reuse-unlabeled (UOT clusters),
+   co-tuning, linear probe and scratch on the target task, over several seeds.
+6. ``knowledge``: interactions of the pre-trained (linear probe), fine-tuned and scratch models on
+   target test images with the world's parts as players: preserved / discarded / new knowledge,
+   convergence over fine-tuning snapshots, faithfulness and the counterfactual check.
+7. ``report``: ``report.html`` (self-contained) and ``summary.json``.
+
+A self-supervised pre-training variant is not part of the demo: a contrastive method needs far
+more compute than the demo's ten CPU minutes to learn useful features; the unlabelled half of the
+paper is covered by clustering the pool without its labels (stage 3) and ``reuse-unlabeled``.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from functools import partial
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .artifacts import read_json, write_json
-from .data.synthetic import feature_world
+from .data.catalog import open_dataset
+from .embed import EmbedConfig, embed
 from .errors import PretrainReuseError
+from .features import FeatureStore
+from .finetune import FinetuneConfig, RunResult, finetune_datasets
+from .knowledge.analysis import analyze_knowledge
+from .knowledge.explain import ExplainConfig
+from .models import create_backbone
 from .selection import SelectConfig, Selection, select
 from .units import Units, class_means, spherical_kmeans
 
-METHODS = (("uot", "cosine"), ("greedy-ot", "cosine"), ("greedy-ot", "l2"), ("random", "cosine"))
+MODEL = "smallcnn"
+PRETRAIN, TARGET = "synthetic:pretrain", "synthetic:target"
 
 
-def _stage(path: Path, build: Callable[[], Any], load: Callable[[Path], Any], timing: dict,
-           name: str):
-    """Load ``path`` if an earlier run finished it, otherwise build, save and time it."""
-    if path.exists():
-        return load(path)
-    t0 = time.perf_counter()
-    obj = build()
-    obj.save(path)
-    timing[name] = round(time.perf_counter() - t0, 3)
-    return obj
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes of a demo run (``quick`` for tests, the default for the README)."""
+
+    pretrain_epochs: int = 4
+    finetune_epochs: int = 12
+    seeds: tuple[int, ...] = (0, 1, 2)
+    single_seed_modes: tuple[str, ...] = ("reuse-greedy-ot", "co-tuning", "linear-probe")
+    explain_samples: int = 30
+    clusters: int = 256
 
 
-def run_demo(out: Path, *, quick: bool = False, seed: int = 0) -> dict:
-    """Run the demo into ``out`` and return (and write) ``summary.json``."""
+QUICK = DemoPlan(pretrain_epochs=1, finetune_epochs=4, seeds=(0,),
+                 single_seed_modes=(), explain_samples=8, clusters=256)
+
+#: Fine-tuning runs: name -> (mode, selection used or None).
+RUNS = {
+    "vanilla": ("vanilla", None),
+    "reuse-uot": ("reuse", "classes-uot"),
+    "reuse-random": ("reuse", "classes-random"),
+    "reuse-greedy-ot": ("reuse", "classes-greedy-ot"),
+    "reuse-unlabeled-uot": ("reuse-unlabeled", "clusters-uot"),
+    "co-tuning": ("co-tuning", None),
+    "linear-probe": ("linear-probe", None),
+    "scratch": ("scratch", None),
+}
+QUICK_RUNS = ("vanilla", "reuse-uot", "reuse-random", "linear-probe", "scratch")
+
+
+class _Stages:
+    """Runs named stages once: a stage whose marker file exists is skipped on a rerun."""
+
+    def __init__(self, out: Path, timing: dict[str, float], progress: bool):
+        self.out, self.timing, self.progress = out, timing, progress
+
+    def run(self, name: str, done: Path, build: Callable[[], Any]) -> None:
+        if done.exists():
+            return
+        if self.progress:
+            print(f"[demo] {name} ...", flush=True)
+        t0 = time.perf_counter()
+        build()
+        self.timing[name] = round(time.perf_counter() - t0, 2)
+        write_json(self.out / "timing.json", self.timing)  # survives an interruption
+
+
+def run_demo(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = True) -> dict:
+    """Run (or resume) the demo into ``out``; returns and writes ``summary.json``."""
+    plan = QUICK if quick else DemoPlan()
     _claim_run_dir(out, {"quick": quick, "seed": seed})
-    timing: dict[str, float] = {}
-    sizes = dict(n_groups=20, classes_per_group=10, n_hubs=10) if quick else {}
-    t0 = time.perf_counter()
-    world = feature_world(seed=seed, **sizes)
-    timing["data"] = round(time.perf_counter() - t0, 3)
-    related = set(world.related.tolist())
+    timing_file = out / "timing.json"
+    timing: dict[str, float] = read_json(timing_file, "timing") if timing_file.exists() else {}
+    stages = _Stages(out, timing, progress)
+    pool, target = open_dataset(PRETRAIN, split="train"), open_dataset(TARGET, split="train")
+    target_test = open_dataset(TARGET, split="test")
+    related = np.asarray(target.related)
 
-    classes = _stage(out / "pretrain_classes.safetensors", lambda: class_means(world.pretrain),
-                     Units.load, timing, "units_classes")
-    target = _stage(out / "target_classes.safetensors", lambda: class_means(world.target),
-                    Units.load, timing, "units_target")
-    n_clusters = 2 * len(classes)  # over-cluster, like 2000 clusters for 1000 ImageNet classes
-    clusters = _stage(out / "pretrain_clusters.safetensors",
-                      lambda: spherical_kmeans(world.pretrain, n_clusters, seed=seed),
-                      Units.load, timing, "units_clusters")
+    pre_dir = out / "pretrain"
+    pre_cfg = FinetuneConfig(mode="scratch", epochs=plan.pretrain_epochs, batch_size=128, lr=0.1,
+                             head_lr_mult=1.0, schedule="cosine", augment="flip", weight_decay=5e-4,
+                             val_fraction=0.05, eval_every=plan.pretrain_epochs, seed=seed,
+                             checkpoint_every=100)
+    stages.run("pretrain", pre_dir / "result.json", lambda: finetune_datasets(
+        pre_cfg, model=MODEL, train_pool=pool, test_set=open_dataset(PRETRAIN, split="test"),
+        out=pre_dir, progress=progress))
+    weights = str(pre_dir / "model.safetensors")
 
-    summary: dict[str, Any] = {"selection": {}, "world": {
-        "pretrain_classes": len(classes), "target_classes": len(target),
-        "related_classes": len(related), "hub_classes": len(world.hubs), "clusters": n_clusters}}
-    related_samples = np.isin(world.pretrain.labels, world.related)
-    fraction = related_samples.mean()
-    for method, metric in METHODS:
-        tag = f"{method}-{metric}"
-        cfg = SelectConfig(method=method, metric=metric, k=len(related), seed=seed,
-                           eps_c=0.01 if metric == "cosine" else 0.1)
-        sel = _stage(out / f"select_classes_{tag}.json", partial(select, classes, target, cfg),
-                     Selection.load, timing, f"select_classes_{tag}")
-        # Unlabelled pool: select clusters covering the share of samples the related classes hold,
-        # then score the samples that come with them.
-        ccfg = SelectConfig(method=method, metric=metric, k=float(fraction), seed=seed,
-                            eps_c=cfg.eps_c)
-        csel = _stage(out / f"select_clusters_{tag}.json", partial(select, clusters, target, ccfg),
-                      Selection.load, timing, f"select_clusters_{tag}")
-        taken = np.isin(clusters.assignment, csel.selected)
-        summary["selection"][tag] = {
-            "recall": sel.recall(related),
-            "hubs_selected": len(set(sel.selected) & set(world.hubs.tolist())),
-            "clusters_sample_recall": float((taken & related_samples).sum() / related_samples.sum()),
-            "clusters_sample_precision": float((taken & related_samples).sum() / max(taken.sum(), 1)),
-        }
-    if not (out / "uot_scores.png").exists():
-        _plot_scores(out, world.related)
-    old = read_json(out / "summary.json", "summary") if (out / "summary.json").exists() else {}
-    summary["timing_s"] = {**old.get("timing_s", {}), **timing}
-    summary["seed"] = seed
-    summary["quick"] = quick
+    def embed_stage(data: str, name: str) -> None:
+        stages.run(f"embed_{name}", out / name / "index.json", lambda: embed(
+            EmbedConfig(model=MODEL, data=data, weights=weights, batch_size=256), out / name,
+            progress=progress))
+
+    embed_stage(PRETRAIN, "features_pretrain")
+    embed_stage(TARGET, "features_target")
+    stages.run("units", out / "units_clusters.safetensors", lambda: _units(out, plan, seed))
+    classes, clusters = (Units.load(out / f"units_{k}.safetensors") for k in ("classes", "clusters"))
+    target_units = class_means(FeatureStore.load(out / "features_target"))
+    stages.run("select", out / "selections" / "clusters-random.json",
+               lambda: _select(out, classes, clusters, target_units, related, seed))
+
+    runs = QUICK_RUNS if quick else tuple(RUNS)
+    for name in runs:
+        mode, sel = RUNS[name]
+        for s in (plan.seeds[:1] if name in plan.single_seed_modes else plan.seeds):
+            run_dir = out / "finetune" / f"{name}-seed{s}"
+            cfg = FinetuneConfig(mode=mode, epochs=plan.finetune_epochs, batch_size=32, lr=0.01,
+                                 lam=1.0 if mode != "co-tuning" else 0.3, augment="flip",
+                                 eval_every=max(1, plan.finetune_epochs // 6), seed=s,
+                                 schedule="cosine", checkpoint_every=1000,
+                                 snapshots=(name == "vanilla" and s == plan.seeds[0]))
+            if mode == "linear-probe":
+                cfg = replace(cfg, lr=0.1, head_lr_mult=1.0)
+            stages.run(f"finetune_{name}_seed{s}", run_dir / "result.json", lambda cfg=cfg,
+                       sel=sel, run_dir=run_dir: finetune_datasets(
+                           cfg, model=MODEL, weights=weights, train_pool=target,
+                           test_set=target_test, source_pool=pool if sel else None,
+                           selection=Selection.load(out / "selections" / f"{sel}.json") if sel else None,
+                           units=clusters if sel and sel.startswith("clusters") else None,
+                           out=run_dir, progress=progress))
+
+    stages.run("knowledge", out / "knowledge" / "knowledge.json",
+               lambda: _knowledge(out, plan, seed, target_test, progress))
+    summary = _summary(out, plan, runs, related, timing, quick, seed)
     write_json(out / "summary.json", summary)
+    from .report import build_report
+
+    build_report(out)
     return summary
+
+
+def _units(out: Path, plan: DemoPlan, seed: int) -> None:
+    store = FeatureStore.load(out / "features_pretrain")
+    class_means(store).save(out / "units_classes.safetensors")
+    unlabelled = replace(store, labels=None)  # the paper's unlabelled case: no ImageNet labels
+    spherical_kmeans(unlabelled, plan.clusters, seed=seed).save(out / "units_clusters.safetensors")
+
+
+def _select(out: Path, classes: Units, clusters: Units, target: Units, related: np.ndarray,
+            seed: int) -> None:
+    share = float(np.isin(classes.assignment, related).mean())
+    for method in ("uot", "greedy-ot", "random"):
+        select(classes, target, SelectConfig(method=method, k=len(related), seed=seed)).save(
+            out / "selections" / f"classes-{method}.json")
+        select(clusters, target, SelectConfig(method=method, k=share, seed=seed)).save(
+            out / "selections" / f"clusters-{method}.json")
+
+
+def _knowledge(out: Path, plan: DemoPlan, seed: int, test_set, progress: bool) -> None:
+    def model(run: str, file: str = "model.safetensors"):
+        return create_backbone(MODEL, weights=str(out / "finetune" / f"{run}-seed{seed}" / file))
+
+    models = {"pretrained": model("linear-probe"), "finetuned": model("vanilla"),
+              "scratch": model("scratch")}
+    snaps = sorted((out / "finetune" / f"vanilla-seed{seed}" / "snapshots").glob("*.safetensors"))
+    checkpoints = [create_backbone(MODEL, weights=str(p)) for p in snaps]
+    cfg = ExplainConfig(players="parts", baseline="zero", samples=plan.explain_samples, seed=seed)
+    analyze_knowledge(models, test_set, cfg, out / "knowledge", checkpoints=checkpoints,
+                      progress=progress)
+
+
+def _summary(out: Path, plan: DemoPlan, runs, related, timing, quick: bool, seed: int) -> dict:
+    selection = {}
+    clusters = Units.load(out / "units_clusters.safetensors")
+    in_related = np.isin(FeatureStore.load(out / "features_pretrain").labels, related)
+    for path in sorted((out / "selections").glob("*.json")):
+        sel = Selection.load(path)
+        if path.stem.startswith("classes"):
+            recall = sel.recall(related)
+        else:  # clusters: the share of the related classes' samples that the clusters bring
+            taken = np.isin(clusters.assignment, sel.selected)
+            recall = float((taken & in_related).sum() / in_related.sum())
+        selection[path.stem] = {"recall": recall, "k": len(sel.selected)}
+    finetune = {}
+    for name in runs:
+        results = [RunResult.load(p) for p in sorted((out / "finetune").glob(f"{name}-seed*/result.json"))]
+        final = np.array([r.final["top1"] for r in results])
+        best = np.array([r.at_best_val["top1"] for r in results])
+        finetune[name] = {"mode": RUNS[name][0], "top1_mean": float(final.mean()),
+                          "top1_std": float(final.std(ddof=1)) if len(final) > 1 else 0.0,
+                          "top1_at_best_val_mean": float(best.mean()),
+                          "seeds": [r.config["seed"] for r in results]}
+    k = read_json(out / "knowledge" / "knowledge.json", "knowledge")
+    overall = k["report"]["overall"]
+    pre = RunResult.load(out / "pretrain" / "result.json")
+    return {
+        "selection": selection,
+        "finetune": finetune,
+        "knowledge": {
+            **{name: overall[key]["mean"] for name, key in (
+                ("preserved", "preserve"), ("discarded", "discard"), ("new", "new"),
+                ("exclusive_vs_scratch", "exclusive")) if key in overall},
+            "faithfulness_error": {r: f["max"] for r, f in k["faithfulness"].items()},
+            "counterfactual": k["counterfactual"],
+            "samples": k["samples"]["n"],
+        },
+        "pretrain": {"top1": pre.final["top1"], "classes": 128},
+        "timing_s": timing,
+        "plan": asdict(plan),
+        "quick": quick,
+        "seed": seed,
+    }
 
 
 def _claim_run_dir(out: Path, params: dict) -> None:
@@ -107,19 +245,3 @@ def _claim_run_dir(out: Path, params: dict) -> None:
     if out.exists() and any(out.iterdir()):
         raise PretrainReuseError(f"{str(out)!r} is not empty and not a demo run; pass another --out")
     write_json(marker, {"kind": "demo-run", "params": params})
-
-
-def _plot_scores(out: Path, related: np.ndarray) -> None:
-    """Sorted UOT scores with the related classes marked (Liu et al., Fig. 2b)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sel = Selection.load(out / "select_classes_uot-cosine.json")
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    sel.plot(ax, relevant=related)
-    ax.set_title("UOT score of every pre-training class (sorted)")
-    fig.tight_layout()
-    fig.savefig(out / "uot_scores.png", dpi=110)
-    plt.close(fig)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
-from .artifacts import atomic_path, encode_ids, make_meta, read_json, to_json, write_json
+from .artifacts import atomic_path, encode_ids, hash_file, make_meta, read_json, to_json, write_json
 from .data.catalog import open_dataset
 from .data.datasets import ImageDataset, collate
 from .distributed import process_device, rank_world
@@ -103,8 +103,8 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True) -> Featur
         raise PretrainReuseError(f"embed takes image backbones; {cfg.model} is a text model")
     backbone.to(memory_format=torch.channels_last)
     data = preprocessed(dataset, backbone.preprocess)
-    identity = {"config": asdict(cfg), "n": len(dataset),
-                "ids": _hash_ids(dataset.ids)}
+    identity = {"config": asdict(cfg), "n": len(dataset), "ids": _hash_ids(dataset.ids),
+                "weights": hash_file(cfg.weights) if cfg.weights else None}
     parts = out / "parts"
     if rank == 0:
         _claim(out, identity)
@@ -143,6 +143,8 @@ def _claim(out: Path, identity: dict) -> None:
     """Mark ``out`` as this embedding; refuse to mix shards of a different model or data."""
     marker = out / "embed.json"
     identity = json.loads(to_json(identity))
+    if out.exists() and not out.is_dir():
+        raise PretrainReuseError(f"--out {str(out)!r} is a file; pass a folder for the store")
     if marker.exists():
         if read_json(marker, "embed marker") != identity:
             raise PretrainReuseError(
@@ -151,7 +153,11 @@ def _claim(out: Path, identity: dict) -> None:
         return
     if out.exists() and any(out.iterdir()):
         raise PretrainReuseError(f"--out {str(out)!r} exists and is not an embedding; pass a new --out")
-    (out / "parts").mkdir(parents=True, exist_ok=True)
+    try:
+        (out / "parts").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PretrainReuseError(f"cannot create --out {str(out)!r}: {e.strerror}; choose a "
+                                 "writable folder") from None
     write_json(marker, identity)
 
 
@@ -196,8 +202,9 @@ def _write_index(out: Path, parts: Path, n_shards: int, dataset: ImageDataset, b
         t = load_file(str(path))
         shards.append({"file": f"parts/{path.name}", "n": len(t["index"])})
         skipped.extend(dataset.ids[i] for i in t["skipped"])
-    meta = make_meta("embed", asdict(cfg), inputs={"data": cfg.data, "ids": _hash_ids(dataset.ids),
-                                                   "weights": cfg.weights})
+    meta = make_meta("embed", asdict(cfg), inputs={
+        "data": cfg.data, "ids": _hash_ids(dataset.ids),
+        "weights": hash_file(cfg.weights) if cfg.weights else None})
     meta.update(backbone=json.loads(backbone.spec.to_json()), seconds=round(seconds, 2),
                 skipped=len(skipped), skipped_ids=skipped[:100])
     write_json(out / "index.json", {

@@ -50,9 +50,10 @@ class FinetuneConfig:
     warmup_steps: int = 0
     source_head: str = "selected"  # "selected": remapped to the selected classes; "full": all
     source_sampling: str = "images"  # "images": uniform over images (official); "units": balanced
-    val_fraction: float = 0.1
+    val_fraction: float = 0.1  # 0: no validation split (then "at best val" = the final step)
     eval_every: int = 10  # epochs
     checkpoint_every: int = 200  # steps
+    snapshots: bool = False  # also save the model at every evaluation (knowledge convergence)
     image_size: int | None = None  # None: the backbone's input size
     augment: str = "standard"  # "standard": RandomResizedCrop + flip; "flip": flip only; "none"
     train_fraction: float | None = None
@@ -73,6 +74,10 @@ class FinetuneConfig:
         for name in ("epochs", "batch_size", "grad_accum", "eval_every", "checkpoint_every"):
             if int(getattr(self, name)) < 1:
                 raise PretrainReuseError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.grad_accum > min(self.batch_size, self.source_batch_size or self.batch_size):
+            raise PretrainReuseError(
+                f"grad_accum={self.grad_accum} exceeds the batch size; each micro-batch needs a "
+                "sample")
         if self.max_steps is not None and self.max_steps < 1:
             raise PretrainReuseError(f"max_steps must be >= 1, got {self.max_steps!r}")
         for name in ("lr", "head_lr_mult"):
@@ -130,6 +135,7 @@ def lr_at(step: int, total_steps: int, cfg: FinetuneConfig) -> float:
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "step":
-        return 0.1 ** sum(step >= m * total_steps for m in cfg.milestones)
+        # milestones in whole steps: 0.07 * 100 is 7.000000000000001 in floating point
+        return 0.1 ** sum(step >= round(m * total_steps, 6) for m in cfg.milestones)
     progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * progress))

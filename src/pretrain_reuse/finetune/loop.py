@@ -95,8 +95,9 @@ def _precision(cfg: FinetuneConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def _step_seed(seed: int, step: int) -> int:
-    return (seed * 1_000_003 + step) % (2**63 - 1)
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of the augmentations (and dropout) of one step on one rank."""
+    return (seed * 1_000_003 + step * 1_009 + rank) % (2**63 - 1)
 
 
 def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
@@ -141,6 +142,8 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
             _rewrite_jsonl(out / "metrics.jsonl", history)
     elif rank == 0:
         write_json(out / "run.json", {"kind": "finetune-run", **run_identity})
+        # evaluations logged by a run killed before its first checkpoint are redone
+        (out / "metrics.jsonl").unlink(missing_ok=True)
     objective = _Objective(model, LOSSES[cfg.mode], cfg.lam)
     if world > 1:  # gradients are averaged by DDP's hooks, so the loss must go through its forward
         objective = torch.nn.parallel.DistributedDataParallel(
@@ -173,7 +176,7 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(_step_seed(cfg.seed, step))
+            torch.manual_seed(_step_seed(cfg.seed, step, rank))
             parts = _compose(batches, device, weak, strong, cfg.mode,
                              source_labels if cfg.uses_source else None)
             optimizer.zero_grad(set_to_none=True)
@@ -188,21 +191,24 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
                 _evaluate(model, s, evaluate_view, cfg, device) for s in (val_set, test_set))
             history.append(record)
             _append_jsonl(out / "metrics.jsonl", record)
+            if cfg.snapshots:
+                save_backbone(model.backbone.with_head(model.head),
+                              out / "snapshots" / f"step-{done:07d}.safetensors", {"step": done})
             model.train()
         if rank == 0 and (done % cfg.checkpoint_every == 0 or done == total):
             save_state(out / CHECKPOINT, {"model": model.state_dict(),
                                           "optimizer": optimizer.state_dict(), "step": done,
                                           "history": json.dumps(history)})
     bar.close()
-    if world > 1:
-        dist.barrier()
-    result = _result(cfg, history, inputs, time.perf_counter() - t0)
     if rank == 0:
+        result = _result(cfg, history, inputs, time.perf_counter() - t0)
         # the fine-tuned network as a backbone whose head is the target classifier, loadable by
         # name: create_backbone(<model>, weights=out/"model.safetensors")
         save_backbone(model.backbone.with_head(model.head), out / "model.safetensors", result.meta)
         result.save(out / "result.json")
-    return result
+    if world > 1:
+        dist.barrier()  # the other ranks read what rank 0 evaluated and wrote
+    return result if rank == 0 else RunResult.load(out / "result.json")
 
 
 class _RankBatches(StepBatches):
@@ -243,17 +249,25 @@ class _Objective(torch.nn.Module):
 
 
 def _accumulate(objective, parts: dict, cfg: FinetuneConfig, device) -> dict[str, float]:
-    """Forward/backward over ``grad_accum`` equal chunks of the step's batch."""
-    chunks = {k: v.chunk(cfg.grad_accum) for k, v in parts.items()}
-    n = min(len(c) for c in chunks.values())
+    """Forward/backward over ``grad_accum`` micro-batches of the step's batch.
+
+    Each micro-batch's mean loss is weighted by its share of the target batch, so the gradient is
+    that of the full batch whenever ``grad_accum`` divides the batch sizes (and for the target
+    term always); only BatchNorm statistics see the smaller batches.
+    """
+    chunks = {k: v.tensor_split(cfg.grad_accum) for k, v in parts.items()}
+    total = len(parts["y"])
     totals: dict[str, float] = {}
-    for i in range(n):
+    for i in range(cfg.grad_accum):
         micro = {k: c[i] for k, c in chunks.items()}
+        if len(micro["y"]) == 0:
+            continue
+        share = len(micro["y"]) / total
         with _precision(cfg, device):
             loss, stats = objective(micro)
-        (loss / n).backward()
+        (loss * share).backward()
         for k, v in {"loss": loss.detach(), **stats}.items():
-            totals[k] = totals.get(k, 0.0) + float(v) / n
+            totals[k] = totals.get(k, 0.0) + float(v) * share
     if not math.isfinite(totals["loss"]):
         raise FloatingPointError(f"the training loss became {totals['loss']} (lower --lr)")
     return totals
@@ -300,7 +314,9 @@ def _rewrite_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def _result(cfg: FinetuneConfig, history: list[dict], inputs, seconds: float) -> RunResult:
-    best = max(history, key=lambda h: (h["val"]["top1"] if h["val"]["n"] else -1, -h["step"]))
+    # without a validation split every record ties, and the last one is taken
+    best = max(history, key=lambda h: (h["val"]["top1"] if h["val"]["n"] else -1,
+                                       -h["step"] if h["val"]["n"] else h["step"]))
     meta = make_meta("finetune", cfg.to_dict(), inputs={k: str(v) for k, v in (inputs or {}).items()},
                      seed=cfg.seed)
     meta["train_seconds"] = round(seconds, 2)

@@ -1,0 +1,312 @@
+"""``pretrain-reuse report RUN_DIR``: one self-contained ``report.html`` (figures embedded as
+base64 PNG, no external resources) from a run folder.
+
+Every figure is drawn from the files of the run (``summary.json``, selections, fine-tuning
+results, ``knowledge/``); sections whose files are absent are left out. Statements comparing
+methods are generated from the numbers, so a result that does not favour a method says so.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..artifacts import atomic_path, read_json
+from ..errors import PretrainReuseError, check_file
+
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.7em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;margin:.8em 0}td,th{border:1px solid #ccc;padding:.3em .7em;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}
+figcaption{font-size:.85em;color:#555;max-width:520px}
+.note{background:#fff8e5;border-left:4px solid #e0b000;padding:.5em 1em}
+.good{background:#eef8ee;border-left:4px solid #3a3;padding:.5em 1em}
+code{background:#f4f4f4;padding:0 .2em}
+"""
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _figure(fig, caption: str, alt: str) -> str:
+    return (f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{_png(fig)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>"
+                   for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _section(title: str, sid: str, content: str) -> str:
+    return f'<section id="{sid}"><h2>{html.escape(title)}</h2>{content}</section>'
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+def _selection_section(run: Path, summary: dict) -> str:
+    from ..selection import Selection
+
+    plt = _plt()
+    sel_dir = run / "selections"
+    if not sel_dir.exists():
+        return ""
+    from ..data.catalog import open_dataset
+
+    target = open_dataset("synthetic:target")
+    related = np.asarray(target.related)
+    parts = ["<p>Pre-training units are ranked by the row mass of the unbalanced OT plan towards "
+             "the target classes (Liu et al., NeurIPS 2022). The world plants the answer: the "
+             f"{len(related)} pre-training classes of the target task's part families.</p>"]
+    uot = Selection.load(sel_dir / "classes-uot.json")
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    uot.plot(ax, relevant=related)
+    ax.set_title("UOT score of every pre-training class, sorted (cf. Fig. 2b)")
+    parts.append(_figure(fig, "Sorted log row mass of the UOT plan; red dots: the planted related "
+                         "classes; dashed line: the selection size.", "UOT scores"))
+    rows = [[name, f"{v['recall']:.3f}", v["k"]] for name, v in summary["selection"].items()]
+    parts.append(_table(["selection", "recall of related classes (samples, for clusters)",
+                         "units selected"], rows))
+    rec = {k: v["recall"] for k, v in summary["selection"].items()}
+    verdict = ("UOT recovers more of the related classes than greedy OT and random selection."
+               if rec["classes-uot"] > max(rec["classes-greedy-ot"], rec["classes-random"])
+               else "UOT does <b>not</b> recover more related classes than the baselines here.")
+    parts.append(f'<p class="{"good" if "not" not in verdict else "note"}">{verdict}</p>')
+    parts.append(_examples(uot, target_pool=open_dataset("synthetic:pretrain")))
+    return _section("Selection of pre-training data", "selection", "".join(parts))
+
+
+def _examples(sel, target_pool, per_class: int = 4, classes: int = 6) -> str:
+    """Example images of the top selected classes."""
+    plt = _plt()
+    fig, axes = plt.subplots(classes, per_class, figsize=(per_class * 1.1, classes * 1.15))
+    labels = target_pool.labels
+    for r, unit in enumerate(sel.selected[:classes]):
+        idx = np.flatnonzero(labels == unit)[:per_class]
+        for c, i in enumerate(idx):
+            axes[r, c].imshow(target_pool.load(int(i)).permute(1, 2, 0).numpy())
+            axes[r, c].axis("off")
+        axes[r, 0].set_title(target_pool.class_names[unit], fontsize=7, loc="left")
+    return _figure(fig, "Images of the six classes UOT ranks highest.", "selected examples")
+
+
+def _finetune_section(run: Path, summary: dict) -> str:
+    from ..finetune.loop import RunResult
+
+    plt = _plt()
+    ft = summary.get("finetune")
+    if not ft:
+        return ""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for name in ft:
+        path = run / "finetune" / f"{name}-seed{ft[name]['seeds'][0]}" / "result.json"
+        r = RunResult.load(path)
+        ax.plot([h["step"] for h in r.history], [h["test"]["top1"] for h in r.history],
+                marker="o", ms=3, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("target test top-1")
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("Fine-tuning curves (first seed)")
+    rows = [[name, v["mode"], f"{v['top1_mean']:.4f} ± {v['top1_std']:.4f}",
+             f"{v['top1_at_best_val_mean']:.4f}", len(v["seeds"])] for name, v in ft.items()]
+    parts = ["<p>Test accuracy is reported twice: after the last step, and at the evaluation "
+             "with the best <i>validation</i> accuracy (a split carved from the training data). "
+             "The test split never selects anything.</p>",
+             _figure(fig, "Target test top-1 during fine-tuning.", "fine-tuning curves"),
+             _table(["run", "mode", "final test top-1 (mean ± std over seeds)",
+                     "test top-1 at best val", "seeds"], rows)]
+    parts.append(_compare(ft, "reuse-uot", "vanilla"))
+    parts.append(_compare(ft, "reuse-uot", "reuse-random"))
+    if "reuse-unlabeled-uot" in ft:
+        parts.append(_compare(ft, "reuse-unlabeled-uot", "vanilla"))
+    return _section("Fine-tuning with reused data", "finetune", "".join(parts))
+
+
+def _compare(ft: dict, a: str, b: str) -> str:
+    if a not in ft or b not in ft:
+        return ""
+    da = ft[a]["top1_mean"] - ft[b]["top1_mean"]
+    spread = max(ft[a]["top1_std"], ft[b]["top1_std"])
+    if da > spread:
+        return f'<p class="good">{a} beats {b} by {100 * da:.2f} points (more than the seed spread).</p>'
+    if da > 0:
+        return (f'<p class="note">{a} is ahead of {b} by {100 * da:.2f} points, within the seed '
+                f"spread ({100 * spread:.2f}): not a clear win.</p>")
+    return f'<p class="note">{a} does <b>not</b> beat {b} here ({100 * da:+.2f} points).</p>'
+
+
+def _knowledge_section(run: Path) -> str:
+    kdir = run / "knowledge"
+    if not (kdir / "knowledge.json").exists():
+        return ""
+    plt = _plt()
+    k = read_json(kdir / "knowledge.json", "knowledge")
+    overall = k["report"]["overall"]
+    parts = [f"<p>Interactions of each model's log-odds between the {k['samples']['n']} samples' "
+             "players (here: the world's 3x3 part slots), on samples every model classifies "
+             "correctly. Knowledge = salient interactions (|I| > 5% of the sample's largest).</p>"]
+    fig, ax = plt.subplots(figsize=(5.2, 3.2))
+    for role, hist in k["strength_by_order"].items():
+        ax.plot(range(1, len(hist) + 1), hist, marker="o", label=role)
+    ax.set_xlabel("interaction order |S|")
+    ax.set_ylabel("share of Σ|I|")
+    ax.legend()
+    ax.set_title("Interaction strength by order")
+    parts.append(_figure(fig, "Normalised strength of interactions per order, mean over samples.",
+                         "strength by order"))
+    names = [n for n in ("preserve", "discard", "new", "exclusive") if n in overall]
+    fig, ax = plt.subplots(figsize=(5.2, 3.2))
+    means = [overall[n]["mean"] for n in names]
+    stds = [overall[n]["std"] or 0.0 for n in names]
+    ax.bar(names, means, yerr=stds, color=["C2", "C3", "C0", "C4"][:len(names)], capsize=4)
+    ax.set_ylim(0, 1)
+    ax.set_title("Knowledge ratios (mean ± std over samples)")
+    parts.append(_figure(fig, "preserve = |Ω_pre ∩ Ω_ft| / |Ω_pre|; discard = 1 - preserve; new = "
+                         "|Ω_ft \\ Ω_pre| / |Ω_ft|; exclusive = share of preserved knowledge the "
+                         "scratch model lacks.", "knowledge ratios"))
+    if "convergence" in k:
+        conv = k["convergence"]
+        fig, ax = plt.subplots(figsize=(5.2, 3.2))
+        ax.plot(range(1, len(conv["similarity"]) + 1), conv["similarity"], marker="o",
+                label="IoU with final knowledge")
+        ax.plot(range(1, len(conv["detour"]) + 1), conv["detour"], marker="s", label="detour")
+        ax.set_xlabel("fine-tuning snapshot")
+        ax.set_ylim(0, 1.05)
+        ax.legend()
+        ax.set_title("Convergence of knowledge (cf. Fig. 4)")
+        parts.append(_figure(fig, "Similarity of each snapshot's knowledge to the final model's, "
+                             "and the share of it the final model drops.", "convergence"))
+    parts.append(_overlays(run, k))
+    rows = [[n, f"{overall[n]['mean']:.3f}", f"{overall[n]['std'] or 0:.3f}", overall[n].get("n_used", "")]
+            for n in overall]
+    parts.append(_table(["ratio", "mean", "std", "samples"], rows))
+    faith = k["faithfulness"]
+    parts.append("<h3>Faithfulness</h3>" + _table(
+        ["model", "max error (mean over samples)", "mean error", "worst sample"],
+        [[r, f"{f['max']:.4f}", f"{f['mean']:.4f}", f"{f['max_over_samples']:.4f}"]
+         for r, f in faith.items()]))
+    cf = k["counterfactual"]
+    if cf.get("n_sets"):
+        verdict = ("Removing the players of preserved interactions changes the output more than "
+                   "removing as many random players" if cf["effect_ratio"] > 1 else
+                   "Removing the players of preserved interactions does <b>not</b> change the "
+                   "output more than removing random players")
+        parts.append("<h3>Counterfactual check</h3>" + _table(
+            ["sets", "mean |Δv| preserved", "mean |Δv| random", "ratio", "corr(predicted, measured)"],
+            [[cf["n_sets"], f"{cf['mean_abs_change_preserved']:.3f}",
+              f"{cf['mean_abs_change_random']:.3f}", f"{cf['effect_ratio']:.2f}",
+              "n/a" if cf["prediction_correlation"] is None else f"{cf['prediction_correlation']:.3f}"]])
+            + f'<p class="{"good" if cf["effect_ratio"] > 1 else "note"}">{verdict} '
+              f"(ratio {cf['effect_ratio']:.2f}).</p>")
+    return _section("Knowledge handed over by pre-training", "knowledge", "".join(parts))
+
+
+def _overlays(run: Path, k: dict, samples: int = 4, top: int = 3) -> str:
+    """Sample images with the fine-tuned model's strongest preserved interactions drawn as the
+    outlines of their players."""
+    from ..data.catalog import open_dataset
+    from ..knowledge.values import Interactions
+
+    plt = _plt()
+    files = sorted((run / "knowledge" / "finetuned").glob("interactions-*.safetensors"))[:samples]
+    pre_files = sorted((run / "knowledge" / "pretrained").glob("interactions-*.safetensors"))
+    if not files:
+        return ""
+    test = open_dataset("synthetic:target", split="test")
+    fig, axes = plt.subplots(1, len(files), figsize=(2.6 * len(files), 2.9))
+    axes = np.atleast_1d(axes)
+    for ax, f, pf in zip(axes, files, pre_files, strict=False):
+        x, xp = Interactions.load(f), Interactions.load(pf)
+        index = x.info["index"]
+        image, scene = test.render(index)
+        ax.imshow(image)
+        common = {key: val for key, val in x.salient(0.05).items() if key in xp.salient(0.05)}
+        best = sorted(common.items(), key=lambda kv: -abs(kv[1]))[:top]
+        for rank, ((kind, mask), val) in enumerate(best):
+            colour = f"C{rank}"
+            for p in range(x.n):
+                if mask >> p & 1:
+                    y0, x0, y1, x1 = scene.cells[p]
+                    ax.add_patch(plt.Rectangle((x0 - .5 + rank, y0 - .5 + rank), x1 - x0 - 1 - 2 * rank,
+                                               y1 - y0 - 1 - 2 * rank, fill=False, lw=2,
+                                               edgecolor=colour))
+            ax.plot([], [], color=colour, label=f"{kind} {val:+.2f}")
+        ax.set_title(x.info["class"], fontsize=8)
+        ax.legend(fontsize=6, loc="lower left", framealpha=0.7)
+        ax.axis("off")
+    return _figure(fig, "The strongest preserved interactions of the fine-tuned model: outlined "
+                   "player cells of each interaction (colour = interaction, legend = type and "
+                   "effect on the log-odds).", "salient interactions")
+
+
+def _parameters_section(run: Path, summary: dict) -> str:
+    import torch
+
+    rows = [[stage, f"{sec:.1f}"] for stage, sec in summary.get("timing_s", {}).items()]
+    total = sum(summary.get("timing_s", {}).values())
+    versions = _table(["package", "version"], [
+        ["pretrain-reuse", __version__], ["python", platform.python_version()],
+        ["torch", torch.__version__], ["numpy", np.__version__]])
+    plan = json.dumps(summary.get("plan", {}), indent=1)
+    return _section("Parameters, versions and time", "parameters",
+                    f"<p>Seed {summary.get('seed')}, quick={summary.get('quick')}; "
+                    f"total {total:.0f} s of stage time.</p>" + versions +
+                    _table(["stage", "seconds"], rows) + f"<pre>{html.escape(plan)}</pre>")
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Write ``run_dir/report.html`` from the run's files and return its path."""
+    run = check_file("run folder", run_dir)
+    summary_path = run / "summary.json"
+    if not summary_path.exists():
+        raise PretrainReuseError(f"{str(run)!r} has no summary.json; pass a demo or experiment "
+                                 "run folder")
+    summary = read_json(summary_path, "summary")
+    body = [
+        "<h1>pretrain-reuse report</h1>",
+        "<p>Selection of pre-training data by unbalanced optimal transport (Liu et al., NeurIPS "
+        "2022) and the knowledge pre-training hands to the fine-tuned model (Jiang, Cheng &amp; "
+        "Li, arXiv 2410.08455), on the package's procedural image world, where the right answers "
+        f"are known. Run folder: <code>{html.escape(str(run))}</code>.</p>",
+        _selection_section(run, summary),
+        _finetune_section(run, summary),
+        _knowledge_section(run),
+        _parameters_section(run, summary),
+    ]
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>pretrain-reuse report</title>"
+            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
+    out = run / "report.html"
+    with atomic_path(out) as tmp:
+        tmp.write_text(page)
+    return out

@@ -1,0 +1,512 @@
+"""``embed``: the FeatureStore equals a direct forward pass of the original model on the folder's
+images, survives ``kill -9`` and ``torchrun``, and reports bad inputs in one line (exit 2).
+
+References are independent of the package's backbone wrapper and preprocessing: the original
+architecture (``SmallCNN``, timm, torchvision) loaded from the saved file with
+``load_state_dict(strict=True)``, fed through the libraries' own eval transforms
+(``torchvision.transforms``, ``timm.data.create_transform``, the torchvision weights preset).
+
+Every process here runs torch on one thread: the machine is a loaded 2-core box (two threads are
+~10x slower than one there), and bitwise comparisons between processes need the same thread count
+on both sides (subprocesses get ``OMP_NUM_THREADS=1``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torch import nn
+
+from pretrain_reuse.cli import main
+from pretrain_reuse.features import FeatureStore
+from pretrain_reuse.models import create_backbone, save_backbone
+from pretrain_reuse.models.smallcnn import SmallCNN
+
+ERROR_PREFIX = "pretrain-reuse: error: "
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                  "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs and helpers
+# --------------------------------------------------------------------------------------------
+
+# (class folder, file name, (width, height), PIL mode): non-square sizes so resize and crop
+# rounding matter; a grey and a palette file (decoded as RGB); "b10" sorts before "b2".
+FILES = [
+    ("ant", "a0.png", (40, 30), "RGB"),
+    ("ant", "a1.png", (30, 52), "RGB"),
+    ("ant", "grey.png", (48, 48), "L"),
+    ("bee", "b10.png", (64, 40), "RGB"),
+    ("bee", "b2.png", (37, 53), "P"),
+    ("cat", "c0.jpg", (50, 50), "RGB"),
+    ("cat", "c1.png", (33, 61), "RGB"),
+]
+
+
+def write_image(path: Path, size: tuple[int, int], mode: str, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    w, h = size
+    small = rng.integers(0, 256, (h // 6 + 2, w // 6 + 2, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)
+    img = img.convert(mode) if mode != "P" else img.quantize(16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def make_folder(root: Path, files=FILES, seed: int = 0) -> Path:
+    for i, (cls, name, size, mode) in enumerate(files):
+        write_image(root / cls / name, size, mode, seed * 1000 + i)
+    return root
+
+
+def make_many(root: Path, n_per_class: int, classes=("a", "b", "c"), size=(20, 20)) -> Path:
+    for c, cls in enumerate(classes):
+        for i in range(n_per_class):
+            write_image(root / cls / f"{i:03d}.png", size, "RGB", 100 * c + i)
+    return root
+
+
+def folder_listing(root: Path) -> tuple[list[str], list[int]]:
+    """Reference ids and labels: class folders sorted, files sorted inside (ImageFolder order)."""
+    ids, labels = [], []
+    for label, cls in enumerate(sorted(p.name for p in root.iterdir() if p.is_dir())):
+        for f in sorted(p.name for p in (root / cls).iterdir()):
+            ids.append(f"{cls}/{f}")
+            labels.append(label)
+    return ids, labels
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def embed_ok(capsys, *argv) -> FeatureStore:
+    rc, _, err = cli(capsys, "embed", "--quiet", *argv)
+    assert rc == 0, err
+    i = list(argv).index("--out")
+    return FeatureStore.load(argv[i + 1])
+
+
+def assert_one_line_error(rc: int, err: str, *needles: str) -> None:
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(ERROR_PREFIX), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BatchNorm statistics, so eval-mode features depend on the loaded buffers."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                m.weight.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.num_features, generator=g))
+    return model.eval()
+
+
+def saved_smallcnn(path: Path, seed: int = 3) -> Path:
+    torch.manual_seed(seed)
+    backbone = create_backbone("smallcnn-s")
+    randomize_norms(backbone, seed)
+    save_backbone(backbone, path, {"test": "embed"})
+    return path
+
+
+def smallcnn_from_file(path: Path) -> SmallCNN:
+    """The raw SmallCNN architecture (width read off the file), loaded strictly."""
+    state = load_file(str(path))
+    net = SmallCNN(width=state["blocks.0.weight"].shape[0],
+                   num_classes=state["fc.weight"].shape[0])
+    net.load_state_dict(state, strict=True)
+    return net.eval()
+
+
+def assert_same_store(a: FeatureStore, b: FeatureStore) -> None:
+    assert np.array_equal(a.features, b.features)  # bitwise
+    assert a.ids == b.ids
+    assert (a.labels is None) == (b.labels is None)
+    if a.labels is not None:
+        assert np.array_equal(a.labels, b.labels)
+    assert a.class_names == b.class_names
+
+
+# --------------------------------------------------------------------------------------------
+# Features equal a direct forward pass of the original model
+# --------------------------------------------------------------------------------------------
+
+
+def test_smallcnn_store_equals_direct_forward_of_the_saved_model(tmp_path, capsys):
+    tvt = pytest.importorskip("torchvision.transforms")
+    data = make_folder(tmp_path / "data")
+    weights = saved_smallcnn(tmp_path / "small.safetensors")
+    store = embed_ok(capsys, "--model", "smallcnn-s", "--weights", weights, "--data", data,
+                     "--batch-size", 3, "--shard-size", 4, "--out", tmp_path / "store")
+
+    ids, labels = folder_listing(data)
+    assert store.ids == ids
+    assert store.labels.tolist() == labels
+    assert store.class_names == ["ant", "bee", "cat"]
+    assert store.features.shape == (len(FILES), create_backbone("smallcnn-s").feature_dim)
+    assert store.features.dtype == np.float32
+
+    # Reference 1: the raw architecture and torchvision's transforms, with the resolution and
+    # normalisation the registry declares for smallcnn-s (a design constant, not computed here).
+    spec = create_backbone("smallcnn-s").spec
+    assert spec.interpolation == "bilinear" and spec.input_size[0] == spec.input_size[1]
+    net = smallcnn_from_file(weights)
+    transform = tvt.Compose([tvt.Resize(spec.resize_size,
+                                        interpolation=tvt.InterpolationMode.BILINEAR),
+                             tvt.CenterCrop(spec.input_size), tvt.ToTensor(),
+                             tvt.Normalize(spec.mean, spec.std)])
+    images = [Image.open(data / i).convert("RGB") for i in ids]
+    x = torch.stack([transform(im) for im in images])
+    with torch.no_grad():
+        ref = torch.cat([net.pool(net.blocks(x[i:i + 1])) for i in range(len(x))]).numpy()
+    np.testing.assert_allclose(store.features, ref, rtol=1e-4, atol=1e-5)
+
+    # Reference 2: the package's own loader, one image at a time (batch independence).
+    backbone = create_backbone("smallcnn-s", weights=weights)
+    x2 = torch.stack([backbone.preprocess(im) for im in images])
+    np.testing.assert_allclose(x2.numpy(), x.numpy(), atol=1e-6)
+    with torch.no_grad():
+        ref2 = torch.cat([backbone.features(x2[i:i + 1]) for i in range(len(x2))]).numpy()
+    np.testing.assert_allclose(store.features, ref2, rtol=1e-4, atol=1e-5)
+    # the features are sensitive to the weights: a differently seeded model is far away
+    other = create_backbone("smallcnn-s", weights=saved_smallcnn(tmp_path / "o.safetensors", 9))
+    with torch.no_grad():
+        assert np.abs(other.features(x2).numpy() - store.features).max() > 1e-2
+
+
+def test_timm_state_dict_store_equals_timm_forward(tmp_path, capsys):
+    timm = pytest.importorskip("timm")
+    data = make_folder(tmp_path / "data")
+    torch.manual_seed(0)
+    model = randomize_norms(timm.create_model("resnet10t", pretrained=False))
+    weights = tmp_path / "resnet10t.pth"
+    torch.save(model.state_dict(), weights)
+    store = embed_ok(capsys, "--model", "timm:resnet10t", "--weights", weights, "--data", data,
+                     "--batch-size", 4, "--out", tmp_path / "store")
+
+    ref_model = timm.create_model("resnet10t", pretrained=False)
+    ref_model.load_state_dict(torch.load(weights, weights_only=True), strict=True)
+    ref_model.eval()
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(ref_model))
+    ids, labels = folder_listing(data)
+    x = torch.stack([transform(Image.open(data / i).convert("RGB")) for i in ids])
+    with torch.no_grad():
+        ref = ref_model.forward_head(ref_model.forward_features(x), pre_logits=True).numpy()
+    assert store.ids == ids and store.labels.tolist() == labels
+    assert store.features.shape == (len(ids), 512)
+    np.testing.assert_allclose(store.features, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_torchvision_state_dict_store_equals_torchvision_forward(tmp_path, capsys):
+    tvm = pytest.importorskip("torchvision.models")
+    data = make_folder(tmp_path / "data", FILES[:4])
+    torch.manual_seed(1)
+    model = randomize_norms(tvm.resnet18(weights=None))
+    weights = tmp_path / "resnet18.pth"
+    torch.save(model.state_dict(), weights)
+    store = embed_ok(capsys, "--model", "torchvision:resnet18", "--weights", weights,
+                     "--data", data, "--batch-size", 3, "--out", tmp_path / "store")
+
+    ref_model = tvm.resnet18(weights=None)
+    ref_model.load_state_dict(torch.load(weights, weights_only=True), strict=True)
+    ref_model.fc = nn.Identity()
+    ref_model.eval()
+    transform = tvm.ResNet18_Weights.IMAGENET1K_V1.transforms()  # resize 256, crop 224, bilinear
+    ids, _ = folder_listing(data)
+    x = torch.stack([transform(Image.open(data / i).convert("RGB")) for i in ids])
+    with torch.no_grad():
+        ref = ref_model(x).numpy()
+    assert store.ids == ids
+    np.testing.assert_allclose(store.features, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_workers_and_batch_size_do_not_change_the_store(tmp_path, capsys):
+    data = make_folder(tmp_path / "data")
+    weights = saved_smallcnn(tmp_path / "w.safetensors")
+    a = embed_ok(capsys, "--model", "smallcnn-s", "--weights", weights, "--data", data,
+                 "--out", tmp_path / "a")
+    b = embed_ok(capsys, "--model", "smallcnn-s", "--weights", weights, "--data", data,
+                 "--batch-size", 2, "--shard-size", 3, "--workers", 2, "--out", tmp_path / "b")
+    assert a.ids == b.ids and np.array_equal(a.labels, b.labels)
+    np.testing.assert_allclose(a.features, b.features, rtol=1e-5, atol=1e-6)
+    assert len(list((tmp_path / "b" / "parts").glob("shard-*.safetensors"))) == 3  # ceil(7 / 3)
+
+
+def test_same_seed_same_features_different_seed_different(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", FILES[:4])
+    common = ("--model", "smallcnn-s", "--data", data)  # no weights: random initialisation
+    a = embed_ok(capsys, *common, "--seed", 5, "--out", tmp_path / "a")
+    b = embed_ok(capsys, *common, "--seed", 5, "--out", tmp_path / "b")
+    c = embed_ok(capsys, *common, "--seed", 6, "--out", tmp_path / "c")
+    assert np.array_equal(a.features, b.features)
+    assert np.abs(a.features - c.features).max() > 1e-3
+    assert a.meta["params"]["seed"] == 5 and c.meta["params"]["seed"] == 6
+
+
+def test_rerunning_a_finished_embedding_keeps_the_store(tmp_path, capsys):
+    data = make_folder(tmp_path / "data")
+    args = ("--model", "smallcnn-s", "--data", data, "--shard-size", 3, "--out", tmp_path / "s")
+    a = embed_ok(capsys, *args)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s" / "parts").iterdir()}
+    b = embed_ok(capsys, *args)
+    assert_same_store(a, b)
+    # finished shards are not recomputed
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s" / "parts").iterdir()} == mtimes
+
+
+# --------------------------------------------------------------------------------------------
+# Resume after kill -9, and torchrun
+# --------------------------------------------------------------------------------------------
+
+# Runs the real CLI; a global forward hook (no effect on the numbers) sleeps after the first
+# convolution of every batch, so that an external SIGKILL can land in the middle of the run.
+SLOW_WRAPPER = """
+import os, sys, time
+import torch
+from torch.nn.modules.module import register_module_forward_hook
+PAUSE = float(os.environ.get("PAUSE_PER_BATCH", "0"))
+def hook(module, args, output):
+    if isinstance(module, torch.nn.Conv2d) and module.in_channels == 3:
+        time.sleep(PAUSE)
+register_module_forward_hook(hook)
+from pretrain_reuse.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def kill_when(cmd: list[str], ready, *, env: dict, timeout: float = 120.0) -> None:
+    """Start ``cmd``; SIGKILL it as soon as ``ready()`` holds; fail if it ends first."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                _, err = proc.communicate()
+                pytest.fail(f"the run ended (rc={proc.returncode}) before the kill point: "
+                            f"{err.decode()[-2000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("the kill point was never reached")
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_kill_9_then_rerun_gives_the_uninterrupted_store(tmp_path, capsys):
+    data = make_many(tmp_path / "data", 10)  # 30 images
+    weights = saved_smallcnn(tmp_path / "w.safetensors")
+    out = tmp_path / "store"
+    argv = ["embed", "--model", "smallcnn-s", "--weights", str(weights), "--data", str(data),
+            "--batch-size", "2", "--shard-size", "4", "--quiet", "--out", str(out)]
+    wrapper = tmp_path / "slow_cli.py"
+    wrapper.write_text(SLOW_WRAPPER)
+    parts = out / "parts"
+
+    def first_shard_written():
+        return parts.is_dir() and any(parts.glob("shard-*.safetensors"))
+
+    kill_when([sys.executable, str(wrapper), *argv], first_shard_written,
+              env={**SUBPROCESS_ENV, "PAUSE_PER_BATCH": "0.1"})
+    assert not (out / "index.json").exists(), "killed too late: the run had finished"
+    done = sorted(p.name for p in parts.glob("shard-*.safetensors"))
+    assert 1 <= len(done) < 8  # 30 images / 4 per shard = 8 shards
+    mtimes = {n: (parts / n).stat().st_mtime_ns for n in done}
+
+    resumed = embed_ok(capsys, *argv[1:])
+    reference = embed_ok(capsys, *argv[1:-1], str(tmp_path / "reference"))
+    assert_same_store(resumed, reference)
+    ids, labels = folder_listing(data)
+    assert resumed.ids == ids and resumed.labels.tolist() == labels  # none missing, none twice
+    assert len(set(resumed.ids)) == len(resumed) == 30
+    # the shards written before the kill were kept, not recomputed
+    assert {n: (parts / n).stat().st_mtime_ns for n in done} == mtimes
+    index = json.loads((out / "index.json").read_text())
+    assert [s["n"] for s in index["shards"]] == [4] * 7 + [2]
+
+
+def test_torchrun_two_processes_equal_one_process(tmp_path, capsys):
+    data = make_many(tmp_path / "data", 5)  # 15 images, 4 shards of 4: ranks take 2 each
+    weights = saved_smallcnn(tmp_path / "w.safetensors")
+    args = ["--model", "smallcnn-s", "--weights", str(weights), "--data", str(data),
+            "--batch-size", "3", "--shard-size", "4", "--quiet"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "pretrain_reuse", "embed", *args, "--out", str(tmp_path / "two")],
+        env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = FeatureStore.load(tmp_path / "two")
+    one = embed_ok(capsys, *args, "--out", tmp_path / "one")
+    assert_same_store(two, one)
+    assert len(two) == 15 and len(set(two.ids)) == 15
+    assert sorted(p.name for p in (tmp_path / "two" / "parts").iterdir()) == [
+        f"shard-{k:05d}.safetensors" for k in range(4)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after_shards", [2, 5])
+def test_kill_9_at_later_points_then_rerun(tmp_path, capsys, kill_after_shards):
+    data = make_many(tmp_path / "data", 8)  # 24 images, 6 shards
+    out = tmp_path / "store"
+    argv = ["embed", "--model", "smallcnn-s", "--data", str(data), "--seed", "4",
+            "--batch-size", "3", "--shard-size", "4", "--quiet", "--out", str(out)]
+    wrapper = tmp_path / "slow_cli.py"
+    wrapper.write_text(SLOW_WRAPPER)
+    kill_when([sys.executable, str(wrapper), *argv],
+              lambda: len(list((out / "parts").glob("shard-*.safetensors"))) >= kill_after_shards
+              if (out / "parts").is_dir() else False,
+              env={**SUBPROCESS_ENV, "PAUSE_PER_BATCH": "0.1"})
+    assert not (out / "index.json").exists()
+    resumed = embed_ok(capsys, *argv[1:])
+    reference = embed_ok(capsys, *argv[1:-1], str(tmp_path / "reference"))
+    assert_same_store(resumed, reference)
+    assert len(set(resumed.ids)) == 24
+
+
+# --------------------------------------------------------------------------------------------
+# Corrupt images and user errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_corrupt_images_are_skipped_counted_and_listed(tmp_path, capsys):
+    data = make_folder(tmp_path / "data")
+    clean = shutil.copytree(data, tmp_path / "clean")
+    (clean / "ant" / "a1.png").unlink()
+    (clean / "bee" / "b10.png").unlink()
+    (data / "ant" / "a1.png").write_bytes(b"not an image at all")
+    good = (data / "bee" / "b10.png").read_bytes()
+    (data / "bee" / "b10.png").write_bytes(good[:len(good) // 3])  # truncated PNG
+    weights = saved_smallcnn(tmp_path / "w.safetensors")
+    # shard size 1: the shards of the corrupt files hold no rows at all
+    rc, out, err = cli(capsys, "embed", "--quiet", "--model", "smallcnn-s", "--weights", weights,
+                       "--data", data, "--shard-size", 1, "--batch-size", 1,
+                       "--out", tmp_path / "store")
+    assert rc == 0, err
+    assert "skipped 2 unreadable" in out
+    store = FeatureStore.load(tmp_path / "store")
+    ids, labels = folder_listing(data)
+    keep = [k for k, i in enumerate(ids) if i not in ("ant/a1.png", "bee/b10.png")]
+    assert store.ids == [ids[k] for k in keep]
+    assert store.labels.tolist() == [labels[k] for k in keep]
+    assert store.meta["skipped"] == 2
+    assert sorted(store.meta["skipped_ids"]) == ["ant/a1.png", "bee/b10.png"]
+    # the remaining rows are the features of a clean run on the readable images
+    ref = embed_ok(capsys, "--model", "smallcnn-s", "--weights", weights, "--data", clean,
+                   "--out", tmp_path / "ref")
+    assert ref.ids == store.ids
+    np.testing.assert_allclose(store.features, ref.features, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_model_name_exits_2(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", FILES[:2])
+    rc, _, err = cli(capsys, "embed", "--model", "smallcnn-xs", "--data", data,
+                     "--out", tmp_path / "s")
+    assert_one_line_error(rc, err, "smallcnn-xs", "smallcnn-s")
+    assert not (tmp_path / "s").exists()
+
+
+def test_missing_weights_file_exits_2(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", FILES[:2])
+    missing = tmp_path / "nope.safetensors"
+    rc, _, err = cli(capsys, "embed", "--model", "smallcnn-s", "--weights", missing,
+                     "--data", data, "--out", tmp_path / "s")
+    assert_one_line_error(rc, err, str(missing))
+    assert not (tmp_path / "s").exists()
+
+
+def test_empty_folder_exits_2(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    rc, _, err = cli(capsys, "embed", "--model", "smallcnn-s", "--data", tmp_path / "empty",
+                     "--out", tmp_path / "s")
+    assert_one_line_error(rc, err, "no images")
+    assert not (tmp_path / "s").exists()
+
+
+def test_out_in_a_non_embedding_folder_exits_2(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", FILES[:2])
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    rc, _, err = cli(capsys, "embed", "--model", "smallcnn-s", "--data", data,
+                     "--out", tmp_path / "busy")
+    assert_one_line_error(rc, err, "--out")
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("where", ["parent-is-a-file", "out-is-a-file"])
+def test_unwritable_out_exits_2(tmp_path, capsys, where):
+    data = make_folder(tmp_path / "data", FILES[:2])
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    out = blocker / "store" if where == "parent-is-a-file" else blocker
+    rc, _, err = cli(capsys, "embed", "--model", "smallcnn-s", "--data", data, "--out", out)
+    assert_one_line_error(rc, err, str(out))
+
+
+@pytest.mark.parametrize("change", [("--seed", "1"), ("--layer", "logits"),
+                                    ("--model", "smallcnn")])
+def test_out_of_another_embedding_with_other_settings_exits_2(tmp_path, capsys, change):
+    data = make_folder(tmp_path / "data", FILES[:3])
+    out = tmp_path / "s"
+    embed_ok(capsys, "--model", "smallcnn-s", "--data", data, "--seed", 0, "--out", out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    argv = {"--model": "smallcnn-s", "--data": str(data), "--seed": "0"}
+    argv[change[0]] = change[1]
+    flat = [x for kv in argv.items() for x in kv]
+    rc, _, err = cli(capsys, "embed", "--quiet", *flat, "--out", out)
+    assert_one_line_error(rc, err, "other data or settings")
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # the existing store is untouched
+
+
+def test_changed_weights_file_is_not_resumed_as_the_same_embedding(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", FILES[:3])
+    weights = saved_smallcnn(tmp_path / "w.safetensors", seed=1)
+    args = ("--model", "smallcnn-s", "--weights", weights, "--data", data, "--out", tmp_path / "s")
+    old = embed_ok(capsys, *args)
+    saved_smallcnn(weights, seed=2)  # the user re-trains into the same file
+    fresh = embed_ok(capsys, "--model", "smallcnn-s", "--weights", weights, "--data", data,
+                     "--out", tmp_path / "fresh")
+    assert np.abs(fresh.features - old.features).max() > 1e-3
+    rc, _, err = cli(capsys, "embed", "--quiet", *args)
+    # either refuse (another embedding) or recompute; never hand back the stale features
+    if rc == 0:
+        assert np.array_equal(FeatureStore.load(tmp_path / "s").features, fresh.features)
+    else:
+        assert_one_line_error(rc, err)

@@ -1,0 +1,954 @@
+"""Fine-tuning: the schedule, splits, batches, losses and metrics against closed forms and
+independent references (hand-written torch, scikit-learn); checkpoints that round-trip; runs of
+every mode through the CLI on tiny image folders; kill -9 and resume bit-identical; torchrun.
+
+Every process here runs torch on one thread: the machine is a loaded 2-core box (two threads are
+~10x slower than one there), and bitwise comparisons between processes need the same thread count
+on both sides (subprocesses get ``OMP_NUM_THREADS=1``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pretrain_reuse.cli import main
+from pretrain_reuse.data.datasets import ArrayDataset
+from pretrain_reuse.errors import PretrainReuseError
+from pretrain_reuse.finetune.checkpoint import load_state, save_state
+from pretrain_reuse.finetune.config import FinetuneConfig, lr_at
+from pretrain_reuse.finetune.data import StepBatches, selected_source, split_validation
+from pretrain_reuse.finetune.evaluate import accuracy, cotuning_relationship
+from pretrain_reuse.finetune.losses import (
+    cotuning_loss,
+    reuse_loss,
+    reuse_unlabeled_loss,
+    soft_cross_entropy,
+)
+from pretrain_reuse.finetune.model import FinetuneModel
+from pretrain_reuse.models import create_backbone, save_backbone
+from pretrain_reuse.models.smallcnn import SmallCNN
+from pretrain_reuse.selection import Selection
+from pretrain_reuse.units import Units
+
+ERROR_PREFIX = "pretrain-reuse: error: "
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+SPEC = create_backbone("smallcnn-s").spec
+SIDE = SPEC.input_size[0]  # images are written at the network's input size: no resize, no crop
+FEAT = create_backbone("smallcnn-s").feature_dim
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------------------
+# The learning-rate schedule: closed forms
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("total", [1, 7, 10, 37, 100, 1003])
+def test_step_schedule_divides_by_10_at_60_and_80_percent(total):
+    cfg = FinetuneConfig(schedule="step")
+    for s in range(total):
+        # integer arithmetic: step s is past the milestone m*T when 10*s >= 10*m*T
+        expected = 1.0 if 10 * s < 6 * total else (0.1 if 10 * s < 8 * total else 0.01)
+        assert lr_at(s, total, cfg) == pytest.approx(expected, rel=1e-12), s
+
+
+def test_step_schedule_with_warmup():
+    cfg = FinetuneConfig(schedule="step", warmup_steps=5)
+    total = 50
+    got = [lr_at(s, total, cfg) for s in range(total)]
+    expected = [(s + 1) / 5 for s in range(5)] + [
+        1.0 if s < 30 else (0.1 if s < 40 else 0.01) for s in range(5, total)]
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("warmup", [0, 4])
+def test_cosine_schedule_closed_form(warmup):
+    cfg = FinetuneConfig(schedule="cosine", warmup_steps=warmup)
+    total = 40
+    for s in range(total):
+        if s < warmup:
+            expected = (s + 1) / warmup
+        else:
+            expected = 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+        assert lr_at(s, total, cfg) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert lr_at(warmup, total, cfg) == pytest.approx(1.0)
+    assert lr_at(warmup + (total - warmup) // 2, total, cfg) == pytest.approx(0.5)
+
+
+def test_step_schedule_milestones_exact_in_decimal():
+    cfg = FinetuneConfig(schedule="step", milestones=(0.07, 0.14))
+    assert lr_at(6, 100, cfg) == pytest.approx(1.0)
+    assert lr_at(7, 100, cfg) == pytest.approx(0.1)  # 7% of 100 steps reached
+    assert lr_at(14, 100, cfg) == pytest.approx(0.01)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation split and step batches
+# --------------------------------------------------------------------------------------------
+
+
+def test_split_validation_is_stratified_disjoint_and_seeded():
+    counts = [10, 25, 3, 1, 2]
+    rng = np.random.default_rng(0)
+    labels = rng.permutation(np.repeat(np.arange(5), counts))
+    train, val = split_validation(labels, 0.2, seed=3)
+    # round(0.2 n_c), at least 1, never the last sample of a class: 10->2, 25->5, 3->1, 1->0, 2->1
+    assert np.bincount(labels[val], minlength=5).tolist() == [2, 5, 1, 0, 1]
+    assert np.intersect1d(train, val).size == 0
+    assert np.array_equal(np.sort(np.concatenate([train, val])), np.arange(len(labels)))
+    assert np.all(np.diff(train) > 0) and np.all(np.diff(val) > 0)
+    again = split_validation(labels, 0.2, seed=3)
+    assert np.array_equal(again[1], val)
+    other = split_validation(labels, 0.2, seed=4)[1]
+    assert not np.array_equal(other, val)
+    assert np.bincount(labels[other], minlength=5).tolist() == [2, 5, 1, 0, 1]
+    assert split_validation(labels, 0.0, seed=3)[1].size == 0
+
+
+def test_step_batches_epochs_are_permutation_prefixes():
+    n, bs = 50, 8
+    b = StepBatches(n, bs, seed=1, stream=0)
+    assert b.steps_per_epoch == 6  # drop_last
+    epochs = []
+    for e in range(4):
+        seen = np.concatenate([b.batch(e * 6 + k) for k in range(6)])
+        assert len(seen) == 48 and len(np.unique(seen)) == 48  # no repeat inside an epoch
+        assert seen.min() >= 0 and seen.max() < n
+        assert all(len(b.batch(e * 6 + k)) == bs for k in range(6))
+        epochs.append(seen)
+    assert not np.array_equal(epochs[0], epochs[1])  # reshuffled every epoch
+    # a pure function of (seed, stream, step): a fresh object, any call order
+    fresh = StepBatches(n, bs, seed=1, stream=0)
+    for step in (13, 0, 23, 5):
+        assert np.array_equal(fresh.batch(step), b.batch(step))
+    assert not np.array_equal(StepBatches(n, bs, seed=2, stream=0).batch(0), b.batch(0))
+    assert not np.array_equal(StepBatches(n, bs, seed=1, stream=1).batch(0), b.batch(0))
+    with pytest.raises(PretrainReuseError, match="batch"):
+        StepBatches(5, 8, seed=0, stream=0)
+
+
+def test_unit_balanced_batches_draw_units_uniformly():
+    from scipy.stats import chi2
+
+    sizes = [1, 4, 45, 150]
+    groups = np.random.default_rng(0).permutation(np.repeat(np.arange(4), sizes))
+    b = StepBatches(len(groups), 64, seed=0, stream=1, balanced_groups=groups)
+    draws = np.concatenate([b.batch(s) for s in range(200)])
+    per_group = np.bincount(groups[draws], minlength=4)
+    expected = len(draws) / 4
+    stat = ((per_group - expected) ** 2 / expected).sum()
+    assert stat < chi2.ppf(0.999, df=3), per_group  # image-uniform would give ~[64, 256, ...]
+    # inside a unit, members are drawn uniformly too
+    members = np.flatnonzero(groups == 3)
+    hits = np.array([(draws == m).sum() for m in members])
+    e = hits.sum() / len(members)
+    assert ((hits - e) ** 2 / e).sum() < chi2.ppf(0.999, df=len(members) - 1)
+    assert np.array_equal(StepBatches(len(groups), 64, 0, 1, groups).batch(17), b.batch(17))
+
+
+# --------------------------------------------------------------------------------------------
+# Losses against hand-written torch
+# --------------------------------------------------------------------------------------------
+
+
+def hand_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (torch.logsumexp(logits, dim=1) - logits[torch.arange(len(y)), y]).mean()
+
+
+def tiny_model(num_classes=3, source_classes=None, seed=0) -> FinetuneModel:
+    torch.manual_seed(seed)
+    return FinetuneModel(create_backbone("smallcnn-s"), num_classes,
+                         source_classes=source_classes, seed=seed)
+
+
+def images(n, seed):
+    return torch.randn(n, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(seed))
+
+
+def test_reuse_loss_is_target_ce_plus_lam_source_ce():
+    model = tiny_model(3, source_classes=4).eval()
+    x, sx = images(5, 1), images(6, 2)
+    y, sy = torch.tensor([0, 1, 2, 2, 0]), torch.tensor([3, 0, 1, 1, 2, 3])
+    lam = 0.37
+    loss, stats = reuse_loss(model, {"x": x, "y": y, "sx": sx, "sy": sy}, lam)
+    with torch.no_grad():
+        lt = model.head(model.backbone.features(x))
+        ls = model.source_head(model.backbone.features(sx))
+    expected = hand_ce(lt, y) + lam * hand_ce(ls, sy)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert stats["ce_target"].item() == pytest.approx(hand_ce(lt, y).item(), rel=1e-5)
+    assert stats["ce_source"].item() == pytest.approx(hand_ce(ls, sy).item(), rel=1e-5)
+
+
+def test_reuse_loss_sends_target_and_source_through_one_forward_in_train_mode():
+    model = tiny_model(3, source_classes=4).train()
+    x, sx = images(4, 3), 3 * images(4, 4) + 2  # source images of other statistics
+    y, sy = torch.tensor([0, 1, 2, 0]), torch.tensor([1, 2, 3, 0])
+    loss, _ = reuse_loss(model, {"x": x, "y": y, "sx": sx, "sy": sy}, 1.0)
+    z = model.backbone.features(torch.cat([x, sx]))  # BatchNorm over the mixed batch
+    mixed = hand_ce(model.head(z[:4]), y) + hand_ce(model.source_head(z[4:]), sy)
+    separate = (hand_ce(model.head(model.backbone.features(x)), y)
+                + hand_ce(model.source_head(model.backbone.features(sx)), sy))
+    assert loss.item() == pytest.approx(mixed.item(), rel=1e-5)
+    assert abs(loss.item() - separate.item()) > 1e-4
+
+
+def test_reuse_unlabeled_loss_soft_targets_from_the_weak_view_without_gradient():
+    model = tiny_model(3).eval()
+    x = images(4, 5)
+    weak = images(6, 6).requires_grad_(True)
+    strong = images(6, 7).requires_grad_(True)
+    y = torch.tensor([2, 1, 0, 1])
+    lam = 0.8
+    loss, stats = reuse_unlabeled_loss(model, {"x": x, "y": y, "sx": weak, "sx_strong": strong}, lam)
+    with torch.no_grad():
+        p = torch.softmax(model(weak), dim=1)
+        soft = -(p * torch.log_softmax(model(strong), dim=1)).sum(dim=1).mean()
+        expected = hand_ce(model(x), y) + lam * soft
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert stats["soft_ce_source"].item() == pytest.approx(soft.item(), rel=1e-5)
+    loss.backward()
+    assert weak.grad is None or torch.count_nonzero(weak.grad) == 0  # target is detached
+    assert strong.grad is not None and strong.grad.abs().max() > 0
+
+
+def test_cotuning_loss_uses_the_relationship_as_soft_target():
+    model = tiny_model(3).eval()
+    model.source_head = nn.Linear(model.backbone.feature_dim, 5)
+    rel = torch.rand(3, 5, generator=torch.Generator().manual_seed(0))
+    rel = rel / rel.sum(dim=1, keepdim=True)
+    model.register_buffer("relationship", rel)
+    x, y = images(6, 8), torch.tensor([0, 1, 2, 2, 1, 0])
+    loss, _ = cotuning_loss(model, {"x": x, "y": y}, 0.5)
+    with torch.no_grad():
+        z = model.backbone.features(x)
+        soft = -(rel[y] * torch.log_softmax(model.source_head(z), dim=1)).sum(dim=1).mean()
+        expected = hand_ce(model.head(z), y) + 0.5 * soft
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_soft_cross_entropy_matches_torch():
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(7, 5, generator=g)
+    y = torch.randint(0, 5, (7,), generator=g)
+    one_hot = F.one_hot(y, 5).float()
+    assert soft_cross_entropy(logits, one_hot).item() == pytest.approx(
+        F.cross_entropy(logits, y).item(), rel=1e-6)
+    probs = torch.softmax(torch.randn(7, 5, generator=g), dim=1)
+    assert soft_cross_entropy(logits, probs).item() == pytest.approx(
+        F.cross_entropy(logits, probs).item(), rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics and the Co-Tuning relationship
+# --------------------------------------------------------------------------------------------
+
+
+def test_accuracy_matches_sklearn():
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+    rng = np.random.default_rng(0)
+    labels = rng.choice([0, 1, 2, 4, 6], size=300, p=[0.5, 0.2, 0.15, 0.1, 0.05])  # 3, 5 absent
+    logits = rng.normal(size=(300, 7))
+    logits[np.arange(300), labels] += rng.uniform(0, 2.5, 300)  # better than chance, unevenly
+    got = accuracy(logits, labels)
+    pred = logits.argmax(axis=1)
+    assert got["top1"] == pytest.approx(accuracy_score(labels, pred), abs=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "y_pred contains classes not in y_true"
+        assert got["mean_class_acc"] == pytest.approx(balanced_accuracy_score(labels, pred),
+                                                      abs=1e-12)
+    assert got["n"] == 300
+    assert abs(got["top1"] - got["mean_class_acc"]) > 1e-3  # the two metrics differ here
+    empty = accuracy(np.zeros((0, 3)), np.zeros(0, np.int64))
+    assert empty["n"] == 0 and empty["top1"] is None and empty["mean_class_acc"] is None
+
+
+def test_cotuning_relationship_is_the_mean_softmax_per_class():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(scale=4, size=(30, 6)).astype(np.float32)
+    labels = rng.integers(0, 3, 30)  # class 3 has no sample
+    rel = cotuning_relationship(logits, labels, 4)
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    expected = np.stack([p[labels == c].mean(axis=0) for c in range(3)] + [np.full(6, 1 / 6)])
+    np.testing.assert_allclose(rel, expected, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(rel.sum(axis=1), 1.0, atol=1e-9)
+
+
+# --------------------------------------------------------------------------------------------
+# Selected source data
+# --------------------------------------------------------------------------------------------
+
+
+def pool(labelled=True, n=24, n_classes=6):
+    imgs = np.random.default_rng(0).integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+    labels = np.arange(n) % n_classes if labelled else None
+    names = [f"k{c}" for c in range(n_classes)] if labelled else None
+    return ArrayDataset(imgs, labels, class_names=names, name="pool")
+
+
+def selection(selected, n_units):
+    return Selection(selected=list(selected), scores=np.linspace(1, 0, n_units), params={})
+
+
+def test_class_selection_picks_the_selected_classes_and_remaps_labels():
+    p = pool()
+    src = selected_source(p, selection([4, 1], 6), None, source_head="selected")
+    expected = [i for i in range(24) if i % 6 in (4, 1)]
+    assert src.dataset.ids == [f"pool/{i}" for i in expected]
+    assert src.groups.tolist() == [i % 6 for i in expected]
+    assert src.labels.tolist() == [0 if i % 6 == 4 else 1 for i in expected]  # selection order
+    assert src.num_classes == 2
+    full = selected_source(p, selection([4, 1], 6), None, source_head="full")
+    assert full.dataset.ids == src.dataset.ids
+    assert full.labels.tolist() == [i % 6 for i in expected] and full.num_classes == 6
+    # the dataset yields the pool's images
+    img, _, _ = src.dataset[0]
+    assert torch.equal(img, p[expected[0]][0])
+
+
+def test_cluster_selection_maps_units_to_samples_by_id():
+    p = pool(labelled=False)
+    rng = np.random.default_rng(2)
+    order = rng.permutation(24)  # the units file lists the samples in another order
+    assignment = rng.integers(0, 3, 24)
+    units = Units(prototypes=rng.normal(size=(3, 4)), kind="cluster", assignment=assignment,
+                  sample_ids=[p.ids[i] for i in order])
+    src = selected_source(p, selection([2, 0], 3), units, source_head="selected")
+    unit_of = {p.ids[order[j]]: int(assignment[j]) for j in range(24)}
+    expected = [i for i in range(24) if unit_of[p.ids[i]] in (2, 0)]
+    assert src.dataset.ids == [p.ids[i] for i in expected]
+    assert src.groups.tolist() == [unit_of[p.ids[i]] for i in expected]
+    assert src.labels.tolist() == [-1] * len(expected) and src.num_classes == 0
+
+
+def test_selection_out_of_range_or_of_other_data_is_an_error():
+    p = pool()
+    with pytest.raises(PretrainReuseError, match="class 6"):
+        selected_source(p, selection([1, 6], 7), None, source_head="selected")
+    rng = np.random.default_rng(3)
+    units = Units(prototypes=rng.normal(size=(3, 4)), kind="cluster",
+                  assignment=rng.integers(0, 3, 24), sample_ids=list(p.ids))
+    with pytest.raises(PretrainReuseError, match="unit 3"):
+        selected_source(p, selection([0, 3], 4), units, source_head="selected")
+    other = Units(prototypes=rng.normal(size=(3, 4)), kind="cluster",
+                  assignment=np.zeros(5, np.int64), sample_ids=[f"elsewhere/{i}" for i in range(5)])
+    with pytest.raises(PretrainReuseError, match="not in the pre-training data"):
+        selected_source(p, selection([0], 3), other, source_head="selected")
+    with pytest.raises(PretrainReuseError, match="--units"):
+        selected_source(pool(labelled=False), selection([0], 6), None, source_head="selected")
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def _net():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 6 * 6, 3))
+
+
+def _sgd_step(net, opt, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(5, 3, 8, 8, generator=g), torch.randint(0, 3, (5,), generator=g)
+    opt.zero_grad()
+    F.cross_entropy(net(x), y).backward()
+    opt.step()
+
+
+def test_checkpoint_round_trip_model_optimizer_and_tuples(tmp_path):
+    torch.manual_seed(0)
+    net = _net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    for s in range(2):
+        _sgd_step(net, opt, s)
+    state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "step": 7,
+             "pair": (1, "two", torch.arange(3)), "nested": [{"a": None, "b": 2.5}, (True,)],
+             "history": json.dumps([{"step": 3, "top1": 0.5}])}
+    save_state(tmp_path / "ck.safetensors", state)
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.safetensors"]  # no temp file left
+    back = load_state(tmp_path / "ck.safetensors")
+    assert back["step"] == 7 and back["history"] == state["history"]
+    assert isinstance(back["pair"], tuple) and back["pair"][:2] == (1, "two")
+    assert torch.equal(back["pair"][2], torch.arange(3))
+    assert back["nested"] == [{"a": None, "b": 2.5}, (True,)]
+    assert set(back["optimizer"]["state"]) == set(state["optimizer"]["state"])
+    assert all(isinstance(k, int) for k in back["optimizer"]["state"])
+    assert back["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    for k, v in state["model"].items():
+        assert back["model"][k].dtype == v.dtype and torch.equal(back["model"][k], v)
+
+    # restoring both and stepping on gives the same weights as never stopping
+    net2 = _net()
+    opt2 = torch.optim.SGD(net2.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                           weight_decay=1e-4)
+    net2.load_state_dict(back["model"])
+    opt2.load_state_dict(back["optimizer"])
+    _sgd_step(net, opt, 9)
+    _sgd_step(net2, opt2, 9)
+    for a, b in zip(net.state_dict().values(), net2.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_corrupt_or_foreign_checkpoint_is_a_clear_error(tmp_path):
+    good = save_state(tmp_path / "good.safetensors", {"w": torch.ones(100)})
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00\x01 not a checkpoint")
+    (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[:-50])
+    save_file({"w": torch.ones(3)}, str(tmp_path / "foreign.safetensors"))
+    for name in ("garbage", "cut", "foreign", "missing"):
+        path = tmp_path / f"{name}.safetensors"
+        with pytest.raises(PretrainReuseError, match=path.name):
+            load_state(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Runs through the CLI on tiny image folders
+# --------------------------------------------------------------------------------------------
+
+
+def write_images(folder: Path, n: int, colour: int, seed: int, side: int = SIDE) -> None:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        base = np.full((side, side, 3), 0.15)
+        base[..., colour % 3] += 0.45
+        img = np.clip(base + rng.uniform(0, 0.4, (side, side, 3)), 0, 1)
+        Image.fromarray((img * 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
+
+
+def pretrained_weights(path: Path, seed: int = 11) -> Path:
+    """A 'pre-trained' smallcnn-s with its 10-way classifier: BatchNorm statistics randomised and
+    conv weights scaled x3 (far outside the layers' own initialisation range)."""
+    torch.manual_seed(seed)
+    backbone = create_backbone("smallcnn-s")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in backbone.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.mul_(3)
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                m.weight.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.num_features, generator=g))
+    assert backbone.num_classes == 10
+    save_backbone(backbone, path, {"test": "pretrained"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    for c in range(3):
+        write_images(root / "train" / f"t{c}", 10, c, seed=c)
+        write_images(root / "test" / f"t{c}", 4, c, seed=50 + c)
+    for c in range(4):
+        write_images(root / "source" / f"s{c}", 6, c, seed=100 + c)
+    write_images(root / "pool", 12, 0, seed=200)  # flat folder: unlabelled
+    weights = pretrained_weights(root / "pretrained.safetensors")
+    Selection(selected=[3, 1], scores=np.array([0.1, 0.5, 0.2, 0.9]), params={"method": "test"}
+              ).save(root / "sel_class.json")
+    pool_ids = sorted(p.name for p in (root / "pool").iterdir())
+    assignment = np.arange(12) % 3
+    Units(prototypes=np.random.default_rng(0).normal(size=(3, 4)), kind="cluster",
+          assignment=assignment, sample_ids=pool_ids).save(root / "units.safetensors")
+    Selection(selected=[2, 0], scores=np.array([0.5, 0.1, 0.9]), params={"method": "test"}
+              ).save(root / "sel_cluster.json")
+    return {"root": root, "train": root / "train", "test": root / "test", "weights": weights,
+            "source": root / "source", "pool": root / "pool", "sel_class": root / "sel_class.json",
+            "units": root / "units.safetensors", "sel_cluster": root / "sel_cluster.json"}
+
+
+def base_args(files, out, *, steps=4, batch=8):
+    return ["finetune", "--model", "smallcnn-s", "--weights", files["weights"],
+            "--target", files["train"], "--target-test", files["test"], "--batch-size", batch,
+            "--max-steps", steps, "--eval-every", 1, "--quiet", "--out", out]
+
+
+MODE_ARGS = {
+    "vanilla": lambda f: [],
+    "linear-probe": lambda f: [],
+    "scratch": lambda f: [],
+    "co-tuning": lambda f: [],
+    "reuse": lambda f: ["--source", f["source"], "--selection", f["sel_class"]],
+    "reuse-unlabeled": lambda f: ["--source", f["pool"], "--selection", f["sel_cluster"],
+                                  "--units", f["units"]],
+}
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def run_ok(capsys, *argv) -> Path:
+    rc, _, err = cli(capsys, *argv)
+    assert rc == 0, err
+    return Path(argv[list(argv).index("--out") + 1])
+
+
+def assert_one_line_error(rc: int, err: str, *needles: str) -> None:
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(ERROR_PREFIX), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def load_images(root: Path, ids: list[str]) -> torch.Tensor:
+    x = torch.stack([torch.from_numpy(np.array(Image.open(root / i).convert("RGB"))).float()
+                     .permute(2, 0, 1) / 255 for i in ids])
+    mean = torch.tensor(SPEC.mean)[:, None, None]
+    std = torch.tensor(SPEC.std)[:, None, None]
+    return (x - mean) / std
+
+
+def folder_ids(root: Path) -> tuple[list[str], np.ndarray]:
+    ids, labels = [], []
+    for c, cls in enumerate(sorted(p.name for p in root.iterdir())):
+        names = sorted(p.name for p in (root / cls).iterdir())
+        ids += [f"{cls}/{n}" for n in names]
+        labels += [c] * len(names)
+    return ids, np.asarray(labels)
+
+
+def smallcnn_from_file(path: Path) -> SmallCNN:
+    """The raw SmallCNN architecture (sizes read off the file), loaded strictly."""
+    state = load_file(str(path))
+    net = SmallCNN(width=state["blocks.0.weight"].shape[0],
+                   num_classes=state["fc.weight"].shape[0])
+    net.load_state_dict(state, strict=True)
+    return net.eval()
+
+
+def exported_network(out: Path, num_classes: int) -> SmallCNN:
+    net = smallcnn_from_file(out / "model.safetensors")
+    assert net.fc.out_features == num_classes
+    return net
+
+
+@pytest.mark.parametrize("mode", list(MODE_ARGS))
+def test_every_mode_trains_and_reports_honest_test_metrics(files, tmp_path, capsys, mode):
+    out = run_ok(capsys, *base_args(files, tmp_path / "run"), "--mode", mode,
+                 *MODE_ARGS[mode](files))
+    result = json.loads((out / "result.json").read_text())
+    records = metrics(out)
+    assert [r["step"] for r in records] == [3, 4]  # 27 training images // 8 = 3 steps per epoch
+    assert result["history"] == records
+    # final: the last evaluation; at_best_val: the best validation top-1 (earliest on ties)
+    best = max(records, key=lambda r: (r["val"]["top1"], -r["step"]))
+    assert result["final"]["step"] == 4 and result["at_best_val"]["step"] == best["step"]
+    for key in ("top1", "mean_class_acc", "n"):
+        assert result["final"][key] == records[-1]["test"][key]
+        assert result["at_best_val"][key] == best["test"][key]
+    assert result["final"]["n"] == 12 and records[-1]["val"]["n"] == 3
+    # the reported final test accuracy is that of the exported network, recomputed here
+    test_ids, test_labels = folder_ids(files["test"])
+    with torch.no_grad():
+        logits = exported_network(out, 3)(load_images(files["test"], test_ids)).numpy()
+    pred = logits.argmax(axis=1)
+    assert result["final"]["top1"] == pytest.approx((pred == test_labels).mean(), abs=1e-9)
+    per_class = [(pred[test_labels == c] == c).mean() for c in range(3)]
+    assert result["final"]["mean_class_acc"] == pytest.approx(np.mean(per_class), abs=1e-9)
+
+    state = load_state(out / "checkpoint.safetensors")
+    assert state["step"] == 4
+    model_state = state["model"]
+    extra = {"reuse": "ce_source", "reuse-unlabeled": "soft_ce_source", "co-tuning": "soft_ce_source"}
+    if mode in extra:
+        assert all(extra[mode] in r for r in records)
+    if mode == "reuse":
+        assert tuple(model_state["source_head.weight"].shape) == (2, FEAT)  # 2 selected classes
+    elif mode == "co-tuning":
+        assert tuple(model_state["source_head.weight"].shape) == (10, FEAT)  # pre-trained head
+        assert tuple(model_state["relationship"].shape) == (3, 10)
+    else:
+        assert not any(k.startswith("source_head") for k in model_state)
+
+    trained = load_file(str(out / "model.safetensors"))
+    pretrained = load_file(str(files["weights"]))
+    body = [k for k in pretrained if not k.startswith("fc.")]
+    if mode == "linear-probe":  # weights and BatchNorm statistics untouched
+        for k in body:
+            assert torch.equal(trained[k], pretrained[k]), k
+    else:
+        conv = [k for k in body if pretrained[k].dim() == 4]
+        stats = [k for k in body if k.endswith("running_mean")]
+        assert conv and stats
+        assert all(not torch.equal(trained[k], pretrained[k]) for k in conv)
+        assert all(not torch.equal(trained[k], pretrained[k]) for k in stats)
+    assert tuple(trained["fc.weight"].shape) == (3, FEAT)
+
+
+def test_result_reports_final_and_best_validation_test_metrics_never_best_test():
+    from pretrain_reuse.finetune.loop import _result
+
+    def rec(step, val, test):
+        return {"step": step, "val": {"top1": val, "mean_class_acc": val, "n": 3},
+                "test": {"top1": test, "mean_class_acc": test / 2, "n": 12}}
+
+    history = [rec(3, 0.5, 0.9), rec(6, 0.8, 0.4), rec(9, 0.8, 0.6), rec(12, 0.2, 0.7)]
+    result = _result(FinetuneConfig(), history, {}, 1.0)
+    assert result.final["step"] == 12 and result.final["top1"] == 0.7
+    assert result.final["mean_class_acc"] == 0.35
+    # best validation top-1 is 0.8, first reached at step 6 (test 0.4), not the best test (0.9)
+    assert result.at_best_val["step"] == 6 and result.at_best_val["top1"] == 0.4
+    assert result.at_best_val["val"]["top1"] == 0.8
+
+
+def test_reuse_full_source_head_spans_all_pretraining_classes(files, tmp_path, capsys):
+    out = run_ok(capsys, *base_args(files, tmp_path / "run", steps=1), "--mode", "reuse",
+                 *MODE_ARGS["reuse"](files), "--source-head", "full", "--source-sampling", "units")
+    assert tuple(load_state(out / "checkpoint.safetensors")["model"]["source_head.weight"].shape
+                 ) == (4, FEAT)
+
+
+def test_scratch_starts_from_a_fresh_initialisation(files, tmp_path, capsys):
+    # lr 1e-9: after one step the weights are the initial ones up to ~1e-9
+    common = ["--lr", "1e-9", "--weight-decay", "0"]
+    scratch = run_ok(capsys, *base_args(files, tmp_path / "s", steps=1), "--mode", "scratch",
+                     *common)
+    vanilla = run_ok(capsys, *base_args(files, tmp_path / "v", steps=1), "--mode", "vanilla",
+                     *common)
+    again = run_ok(capsys, *base_args(files, tmp_path / "s2", steps=1), "--mode", "scratch",
+                   *common)
+    pre = load_file(str(files["weights"]))
+    s, v = load_file(str(scratch / "model.safetensors")), load_file(str(vanilla / "model.safetensors"))
+    conv = [k for k in pre if k.endswith(".weight") and pre[k].dim() == 4]
+    for k in conv:
+        assert (v[k] - pre[k]).abs().max() < 1e-6  # vanilla starts from the pre-trained weights
+        fan_in = pre[k][0].numel()
+        assert s[k].abs().max() <= 1 / math.sqrt(fan_in) + 1e-6  # Conv2d's own init range
+        assert (s[k] - pre[k]).abs().max() > 0.1
+    bn_w = [k for k in pre if k.endswith(".weight") and pre[k].dim() == 1]
+    for k in bn_w:  # BatchNorm affine parameters reset to (1, 0)
+        assert torch.allclose(s[k], torch.ones_like(s[k]), atol=1e-6)
+    s2 = load_file(str(again / "model.safetensors"))
+    assert all(torch.equal(s[k], s2[k]) for k in s)  # seeded
+
+
+def test_cotuning_relationship_equals_pretrained_predictions_on_the_train_split(
+        files, tmp_path, capsys):
+    out = run_ok(capsys, *base_args(files, tmp_path / "run", steps=1), "--mode", "co-tuning")
+    rel = load_state(out / "checkpoint.safetensors")["model"]["relationship"].numpy()
+    split = json.loads((out / "split.json").read_text())
+    net = smallcnn_from_file(files["weights"])
+    with torch.no_grad():
+        probs = torch.softmax(net(load_images(files["train"], split["train"])).double(), 1).numpy()
+    labels = np.asarray([int(i.split("/")[0][1:]) for i in split["train"]])  # "t<c>/..."
+    expected = np.stack([probs[labels == c].mean(axis=0) for c in range(3)])
+    np.testing.assert_allclose(rel, expected, atol=1e-5)
+    np.testing.assert_allclose(rel.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_train_fraction_keeps_half_of_every_class(tmp_path, capsys):
+    root = tmp_path / "t4"
+    for c in range(4):
+        write_images(root / f"c{c}", 20, c, seed=300 + c)
+    args = ["finetune", "--model", "smallcnn-s", "--target", root, "--target-test", root,
+            "--batch-size", 4, "--max-steps", 1, "--quiet"]
+    plain = run_ok(capsys, *args, "--out", tmp_path / "plain")
+    half = run_ok(capsys, *args, "--train-fraction", 0.5, "--out", tmp_path / "half")
+    p, h = (json.loads((d / "split.json").read_text()) for d in (plain, half))
+    assert h["val"] == p["val"]  # the validation split is carved before subsampling
+    assert set(h["train"]) <= set(p["train"])
+    by_class = [sum(i.startswith(f"c{c}/") for i in h["train"]) for c in range(4)]
+    # 20 per class, 2 to validation, floor(0.5 * 18) = 9 kept
+    assert by_class == [9, 9, 9, 9]
+    assert h["sampler"]["per_class"] == [9, 9, 9, 9]
+
+
+def test_long_tail_ratio_follows_the_exponential_profile(tmp_path, capsys):
+    root = tmp_path / "t4"
+    for c in range(4):
+        write_images(root / f"c{c}", 20, c, seed=300 + c)
+    out = run_ok(capsys, "finetune", "--model", "smallcnn-s", "--target", root, "--target-test",
+                 root, "--batch-size", 4, "--max-steps", 1, "--quiet", "--long-tail-ratio", 10,
+                 "--out", tmp_path / "lt")
+    split = json.loads((out / "split.json").read_text())
+    # n_c = floor(18 * 10^(-c/3)) for class rank c = 0..3 (Cui et al.): 18, 8, 3, 1
+    expected = [math.floor(18 * 10 ** (-c / 3) + 1e-9) for c in range(4)]
+    assert expected == [18, 8, 3, 1]
+    assert [sum(i.startswith(f"c{c}/") for i in split["train"]) for c in range(4)] == expected
+    assert len(split["val"]) == 8
+
+
+def test_yaml_config_with_flag_overrides_is_saved_with_the_run(files, tmp_path, capsys):
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text(yaml.safe_dump({"lr": 0.01, "lam": 0.5, "milestones": [0.5, 0.9]}))
+    out = run_ok(capsys, *base_args(files, tmp_path / "run", steps=1), "--config", cfg,
+                 "--lr", 0.02)
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["lr"] == 0.02 and run["config"]["lam"] == 0.5
+    assert run["config"]["milestones"] == [0.5, 0.9]
+    cfg.write_text(yaml.safe_dump({"lr": 0.01, "learning_rate": 0.5}))
+    rc, _, err = cli(capsys, *base_args(files, tmp_path / "bad", steps=1), "--config", cfg)
+    assert_one_line_error(rc, err, "learning_rate")
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--mode", "reuse", "--source", "SOURCE"], "--selection"),
+    (["--lam", "-1"], "lam"),
+    (["--mode", "finetune-all"], "mode"),
+    (["--mode", "reuse", "--source", "SOURCE", "--selection", "BADSEL"], "class 7"),
+    (["--batch-size", "64"], "batch size"),
+])
+def test_bad_arguments_exit_2_with_one_line(files, tmp_path, capsys, extra, needle):
+    bad_sel = tmp_path / "bad_sel.json"
+    Selection(selected=[7], scores=np.zeros(8), params={}).save(bad_sel)
+    extra = [{"SOURCE": str(files["source"]), "BADSEL": str(bad_sel)}.get(a, a) for a in extra]
+    rc, _, err = cli(capsys, *base_args(files, tmp_path / "run"), *extra)
+    assert_one_line_error(rc, err, needle)
+    assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+
+
+def test_cotuning_without_a_classifier_head_exits_2(files, tmp_path, capsys):
+    headless = tmp_path / "headless.safetensors"
+    state = {k: v for k, v in load_file(str(files["weights"])).items() if not k.startswith("fc.")}
+    save_file(state, str(headless))
+    args = base_args(files, tmp_path / "run")
+    args[args.index("--weights") + 1] = headless
+    rc, _, err = cli(capsys, *args, "--mode", "co-tuning")
+    assert_one_line_error(rc, err, "co-tuning", "classifier")
+
+
+def test_empty_target_folder_exits_2(files, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    args = base_args(files, tmp_path / "run")
+    args[args.index("--target") + 1] = tmp_path / "empty"
+    rc, _, err = cli(capsys, *args)
+    assert_one_line_error(rc, err, "no images")
+
+
+def test_val_fraction_zero_still_writes_a_result(files, tmp_path, capsys):
+    out = run_ok(capsys, *base_args(files, tmp_path / "run", steps=1), "--val-fraction", 0)
+    json.loads((out / "result.json").read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient accumulation
+# --------------------------------------------------------------------------------------------
+
+
+def _probe_weights(files, out, capsys, batch, accum):
+    # linear probe, no augmentation: the backbone is frozen in eval mode, so splitting a batch
+    # only changes the summation order of the head's gradient (differences ~1e-9)
+    run_ok(capsys, *base_args(files, out, steps=3, batch=batch), "--mode", "linear-probe",
+           "--augment", "none", "--grad-accum", accum)
+    return load_file(str(out / "model.safetensors"))
+
+
+def test_grad_accumulation_equals_the_full_batch(files, tmp_path, capsys):
+    a = _probe_weights(files, tmp_path / "a", capsys, 8, 1)
+    b = _probe_weights(files, tmp_path / "b", capsys, 8, 2)
+    for k in a:
+        np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), atol=1e-6, rtol=0)
+    assert (a["fc.weight"] - load_file(str(files["weights"]))["fc.weight"][:3]).abs().max() > 1e-4
+
+
+def test_grad_accumulation_with_uneven_chunks_equals_the_full_batch(files, tmp_path, capsys):
+    a = _probe_weights(files, tmp_path / "a", capsys, 10, 1)
+    b = _probe_weights(files, tmp_path / "b", capsys, 10, 4)
+    for k in a:
+        np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Resume
+# --------------------------------------------------------------------------------------------
+
+# The real CLI; an optimiser-step hook (no effect on the numbers) pauses after every step so
+# that an external SIGKILL lands in the middle of the run.
+SLOW_WRAPPER = """
+import os, sys, time
+from torch.optim.optimizer import register_optimizer_step_post_hook
+PAUSE = float(os.environ.get("PAUSE_PER_STEP", "0"))
+register_optimizer_step_post_hook(lambda opt, args, kwargs: time.sleep(PAUSE))
+from pretrain_reuse.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def kill_when(cmd: list[str], ready, *, env: dict, timeout: float = 180.0) -> None:
+    """Start ``cmd``; SIGKILL it as soon as ``ready()`` holds; fail if it ends first."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                _, err = proc.communicate()
+                pytest.fail(f"the run ended (rc={proc.returncode}) before the kill point: "
+                            f"{err.decode()[-2000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("the kill point was never reached")
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k  # bitwise
+    ma, mb = metrics(a), metrics(b)
+    steps = [r["step"] for r in ma]
+    assert len(steps) == len(set(steps)), f"duplicate evaluation steps {steps}"
+    assert ma == mb
+    ra, rb = (json.loads((d / "result.json").read_text()) for d in (a, b))
+    assert ra["final"] == rb["final"] and ra["at_best_val"] == rb["at_best_val"]
+    assert ra["history"] == rb["history"]
+
+
+RESUME_CASES = {
+    "vanilla": lambda f: ["--mode", "vanilla"],
+    "reuse-unlabeled": lambda f: ["--mode", "reuse-unlabeled", *MODE_ARGS["reuse-unlabeled"](f)],
+}
+
+
+@pytest.mark.parametrize("case", [
+    "vanilla", pytest.param("reuse-unlabeled", marks=pytest.mark.slow)])
+def test_kill_9_then_rerun_is_bit_identical(files, tmp_path, capsys, case):
+    out = tmp_path / "run"
+    argv = [str(a) for a in base_args(files, out, steps=12)] + [
+        "--checkpoint-every", "2", "--lr", "0.05", *map(str, RESUME_CASES[case](files))]
+    wrapper = tmp_path / "slow_cli.py"
+    wrapper.write_text(SLOW_WRAPPER)
+    kill_when([sys.executable, str(wrapper), *argv],
+              lambda: (out / "checkpoint.safetensors").exists(),
+              env={**SUBPROCESS_ENV, "PAUSE_PER_STEP": "0.15"})
+    assert not (out / "result.json").exists(), "killed too late: the run had finished"
+    assert 2 <= load_state(out / "checkpoint.safetensors")["step"] < 12
+
+    run_ok(capsys, *argv)  # the same command resumes
+    ref_argv = list(argv)
+    ref_argv[ref_argv.index("--out") + 1] = str(tmp_path / "reference")
+    run_ok(capsys, *ref_argv)
+    assert_same_run(out, tmp_path / "reference")
+    assert [r["step"] for r in metrics(out)] == [3, 6, 9, 12]
+
+
+def test_rerunning_a_finished_run_changes_nothing(files, tmp_path, capsys):
+    argv = [*base_args(files, tmp_path / "run", steps=4), "--checkpoint-every", "2"]
+    out = run_ok(capsys, *argv)
+    before = {p.name: p.read_bytes() for p in out.iterdir()
+              if p.name in ("metrics.jsonl", "model.safetensors", "split.json", "run.json")}
+    result = json.loads((out / "result.json").read_text())
+    (tmp_path / "first.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+    run_ok(capsys, *argv)
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.name in before}
+    assert after.keys() == before.keys()
+    for name in ("metrics.jsonl", "split.json", "run.json"):
+        assert after[name] == before[name], name
+    w0 = load_file(str(out / "model.safetensors"))
+    w1 = load_file(str(tmp_path / "first.safetensors"))
+    assert all(torch.equal(w0[k], w1[k]) for k in w1)
+    again = json.loads((out / "result.json").read_text())
+    assert again["final"] == result["final"] and again["history"] == result["history"]
+
+
+def test_resume_with_a_changed_config_exits_2(files, tmp_path, capsys):
+    argv = [*base_args(files, tmp_path / "run", steps=2), "--checkpoint-every", "1"]
+    out = run_ok(capsys, *argv)
+    before = (out / "model.safetensors").read_bytes()
+    rc, _, err = cli(capsys, *argv, "--lr", "0.1")
+    assert_one_line_error(rc, err, "lr", "--out")
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_rerun_after_a_stop_before_the_first_checkpoint_has_no_duplicate_metrics(
+        files, tmp_path, capsys):
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    # evaluation after step 3 (1 epoch), first checkpoint at step 5, stop during step 4: the same
+    # files on disk as a kill -9 at that moment (no write is in flight)
+    argv = [*base_args(files, tmp_path / "run", steps=8), "--checkpoint-every", "5"]
+    count = {"n": 0}
+
+    def stop(opt, args, kwargs):
+        count["n"] += 1
+        if count["n"] == 4:
+            raise _Crash
+
+    handle = register_optimizer_step_post_hook(stop)
+    try:
+        with pytest.raises(_Crash):
+            main([str(a) for a in argv])
+    finally:
+        handle.remove()
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert [r["step"] for r in metrics(out)] == [3]
+    assert not (out / "checkpoint.safetensors").exists()
+    run_ok(capsys, *argv)
+    assert [r["step"] for r in metrics(out)] == [3, 6, 8]
+
+
+# --------------------------------------------------------------------------------------------
+# torchrun
+# --------------------------------------------------------------------------------------------
+
+
+def test_torchrun_two_processes_match_one_process(files, tmp_path, capsys):
+    # Linear probe without augmentation: the frozen backbone runs in eval mode (running BN
+    # statistics, so per-rank batches change nothing) and DDP averages the head's gradients over
+    # two equal half-batches, which is the full-batch mean up to float summation order; the
+    # 1-process and 2-process weights then agree to ~1e-8 (measured 2e-9), 1e-6 leaves margin.
+    args = [*map(str, base_args(files, tmp_path / "two", steps=6)[1:]),
+            "--mode", "linear-probe", "--augment", "none"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "pretrain_reuse", "finetune", *args],
+        env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one_args = list(args)
+    one_args[one_args.index("--out") + 1] = str(tmp_path / "one")
+    run_ok(capsys, "finetune", *one_args)
+    two, one = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("two", "one"))
+    for k in one:
+        np.testing.assert_allclose(two[k].numpy(), one[k].numpy(), atol=1e-6, rtol=0)
+    assert [r["step"] for r in metrics(tmp_path / "two")] == [r["step"] for r in
+                                                               metrics(tmp_path / "one")]
