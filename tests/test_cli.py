@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -575,54 +573,3 @@ def test_k_of_100_percent_is_not_silently_one_unit(capsys, data):
     rc, _, _ = cli(capsys, "select", "--source", data.root / "src.safetensors", "--target",
                    inp / "T.npy", "--k", "100%", "--out", data.out)
     assert rc == 2 or len(read_sel(data.out)["selected"]) == N_SRC
-
-
-# --------------------------------------------------------------------------------------------
-# demo
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "run"
-    with contextlib.redirect_stdout(io.StringIO()) as stdout:
-        assert main(["demo", "--quick", "--out", str(out)]) == 0
-    return out, json.loads((out / "summary.json").read_text()), stdout.getvalue()
-
-
-def test_demo_uot_recovers_the_related_classes_and_beats_greedy_ot(demo_run):
-    out, summary, stdout = demo_run
-    sel = summary["selection"]
-    assert sel["uot-cosine"]["recall"] == 1.0
-    assert sel["greedy-ot-cosine"]["recall"] < sel["uot-cosine"]["recall"]
-    assert sel["uot-cosine"]["hubs_selected"] == 0
-    assert summary["seed"] == 0 and summary["quick"] is True
-    assert re.search(r"uot-cosine: recall of the related units 1\.000", stdout)
-    # the artifacts it reports on are real, loadable files
-    classes = load(out / "pretrain_classes.safetensors")
-    assert classes.kind == "class" and len(classes) == summary["world"]["pretrain_classes"]
-    uot = load(out / "select_classes_uot-cosine.json")
-    assert len(uot.selected) == summary["world"]["related_classes"]
-
-
-def test_demo_rerun_resumes_without_rewriting_artifacts(capsys, demo_run):
-    out, summary, _ = demo_run
-    rewritten_each_run = {"summary.json", "uot_scores.png"}
-    artifacts = [p for p in out.iterdir() if p.name not in rewritten_each_run]
-    assert len(artifacts) >= 10
-    for p in artifacts:  # an old, distinctive mtime that any rewrite would replace
-        os.utime(p, ns=(1_000_000_000_000_000_000, 1_000_000_000_000_000_000))
-    run_ok(capsys, "demo", "--quick", "--out", out)
-    assert all(p.stat().st_mtime_ns == 1_000_000_000_000_000_000 for p in artifacts)
-    again = json.loads((out / "summary.json").read_text())
-    assert again["selection"] == summary["selection"]
-
-
-def test_demo_rerun_with_another_seed_into_the_same_folder_is_a_user_error(capsys, demo_run):
-    out, _, _ = demo_run
-    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    rc, _, err = cli(capsys, "demo", "--quick", "--seed", "1", "--out", out)
-    assert rc == 2
-    assert err.startswith(ERROR_PREFIX) and err.count("\n") == 1
-    assert "seed" in err and "another --out" in err
-    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before

@@ -142,12 +142,24 @@ def decode_ids(blob: np.ndarray, n: int, source: str | Path) -> list[str]:
     return ids
 
 
+def _safetensors_artifact(path: Path) -> str | None:
+    """The ``artifact`` entry of a safetensors header (None when absent or unreadable)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as fh:
+            return (fh.metadata() or {}).get("artifact")
+    except (SafetensorError, OSError, ValueError):
+        return None
+
+
 def load(path: str | Path, *, what: str = "path"):
     """Open any artifact of the package and return its typed object.
 
     A folder with ``index.json`` is a :class:`~pretrain_reuse.features.FeatureStore`; a
-    ``.safetensors`` file a :class:`~pretrain_reuse.units.Units`; ``.npy`` a prototype matrix
-    (as Units); a ``.json`` file a :class:`~pretrain_reuse.selection.Selection`.
+    ``.safetensors`` file a :class:`~pretrain_reuse.units.Units` or, by its header,
+    :class:`~pretrain_reuse.knowledge.Interactions`; ``.npy`` a prototype matrix (as Units); a
+    ``.json`` file a :class:`~pretrain_reuse.selection.Selection`.
     """
     p = check_file(what, path)
     # Imported here: these modules sit above this one in the dependency order.
@@ -155,6 +167,10 @@ def load(path: str | Path, *, what: str = "path"):
         from .features import FeatureStore
 
         return FeatureStore.load(p.parent if p.name == "index.json" else p)
+    if p.suffix == ".safetensors" and _safetensors_artifact(p) == "interactions":
+        from .knowledge.values import Interactions
+
+        return Interactions.load(p)
     if p.suffix in (".safetensors", ".npy"):
         from .units import Units
 

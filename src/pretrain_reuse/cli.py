@@ -329,8 +329,13 @@ def _add_explain_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo(args) -> int:
+    import torch
+
     from .demo import run_demo
 
+    # Small convolutions gain little from a second thread, and an OpenMP team that shares its
+    # cores with other work slows down several-fold, so the demo defaults to one thread.
+    torch.set_num_threads(args.threads)
     summary = run_demo(Path(args.out), quick=args.quick, seed=args.seed, progress=not args.quiet)
     for name, rec in summary["selection"].items():
         print(f"selection {name:>18}: recall of the related classes {rec['recall']:.3f}")
@@ -481,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="smaller problem, for tests")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true")
+    d.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     d.set_defaults(func=cmd_demo)
 
     r = sub.add_parser("report", help="self-contained report.html from a run folder")

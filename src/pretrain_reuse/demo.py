@@ -50,7 +50,7 @@ PRETRAIN, TARGET = "synthetic:pretrain", "synthetic:target"
 class DemoPlan:
     """Sizes of a demo run (``quick`` for tests, the default for the README)."""
 
-    pretrain_epochs: int = 4
+    pretrain_epochs: int = 6
     finetune_epochs: int = 12
     seeds: tuple[int, ...] = (0, 1, 2)
     single_seed_modes: tuple[str, ...] = ("reuse-greedy-ot", "co-tuning", "linear-probe")
@@ -58,7 +58,7 @@ class DemoPlan:
     clusters: int = 256
 
 
-QUICK = DemoPlan(pretrain_epochs=1, finetune_epochs=4, seeds=(0,),
+QUICK = DemoPlan(pretrain_epochs=2, finetune_epochs=4, seeds=(0,),
                  single_seed_modes=(), explain_samples=8, clusters=256)
 
 #: Fine-tuning runs: name -> (mode, selection used or None).

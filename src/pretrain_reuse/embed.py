@@ -32,7 +32,7 @@ from .data.datasets import ImageDataset, collate
 from .distributed import process_device, rank_world
 from .errors import PretrainReuseError, check_choice, check_device
 from .features import STORE_FORMAT, FeatureStore
-from .models import LAYERS, create_backbone
+from .models import LAYERS, ImageTransform, create_backbone
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,19 @@ class _Preprocessed(ImageDataset):
 
     def load(self, index: int) -> torch.Tensor | None:
         image = self.dataset.load(index)
-        return None if image is None else self.preprocess(_to_pil(image))
+        if image is None:
+            return None
+        p = self.preprocess
+        if isinstance(p, ImageTransform) and _is_noop_resize(p, image):
+            # already at the input size: the PIL round trip would only quantise and copy
+            mean = torch.tensor(p.mean).view(-1, 1, 1)
+            return (image.expand(3, -1, -1) - mean) / torch.tensor(p.std).view(-1, 1, 1)
+        return p(_to_pil(image))
+
+
+def _is_noop_resize(p: ImageTransform, image: torch.Tensor) -> bool:
+    h, w = image.shape[-2:]
+    return (h, w) == tuple(p.input_size) and p.resize_size in (h, (h, w)) and h == w
 
 
 def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True) -> FeatureStore:

@@ -416,6 +416,7 @@ class WorldDataset(ImageDataset):
         self.world, self.task, self.split, self.mode = world, task, split, mode
         self.rules, self.related = rules, related
         self._seed_key = (cfg.seed, world.task_names.index(task) + 1, _SPLITS.index(split))
+        self._cache: dict[int, np.ndarray] = {}
 
     @cached_property
     def _families(self) -> tuple[np.ndarray, np.ndarray, dict[int, list[int]]]:
@@ -433,7 +434,10 @@ class WorldDataset(ImageDataset):
         return np.concatenate(list(parts.values())), part_family, classes
 
     def load(self, index: int) -> torch.Tensor:
-        image, _ = self.render(index)
+        image = self._cache.get(index)
+        if image is None:
+            image = self.render(index)[0]
+            self._cache[index] = image  # 3 KB per 32 px image: epochs and embedding reuse it
         x = torch.from_numpy(image).permute(2, 0, 1).float() / 255
         return convert_channels(x, self.mode)
 

@@ -1,0 +1,76 @@
+"""Knowledge analysis by game-theoretic interactions (Jiang, Cheng & Li, arXiv 2410.08455).
+
+Model-independent core: transforms of games (2^n values in bitmask layout) into AND/OR
+interactions, their sparsification, the :class:`Interactions` value object, and the knowledge
+metrics (preserved, discarded, new, exclusive knowledge; convergence over checkpoints).
+"""
+
+from .interactions import (
+    MAX_PLAYERS,
+    harsanyi_and,
+    harsanyi_or,
+    mask_of,
+    orders,
+    players_of,
+    reconstruct_and,
+    reconstruct_or,
+)
+from .metrics import (
+    MATCHES,
+    MEASURES,
+    Convergence,
+    Discrimination,
+    KnowledgeReport,
+    RatioStats,
+    SampleKnowledge,
+    cover_ratio,
+    discrimination_power,
+    knowledge_convergence,
+    knowledge_report,
+    knowledge_set,
+    sample_knowledge,
+    transferability,
+    weighted_overlap,
+)
+from .sparsify import (
+    MAX_LP_PLAYERS,
+    and_interactions,
+    and_or_interactions,
+    and_or_interactions_lp,
+    and_or_interactions_sgd,
+)
+from .synthetic import planted_game
+from .values import Interactions
+
+__all__ = [
+    "MATCHES",
+    "MAX_LP_PLAYERS",
+    "MAX_PLAYERS",
+    "MEASURES",
+    "Convergence",
+    "Discrimination",
+    "Interactions",
+    "KnowledgeReport",
+    "RatioStats",
+    "SampleKnowledge",
+    "and_interactions",
+    "and_or_interactions",
+    "and_or_interactions_lp",
+    "and_or_interactions_sgd",
+    "cover_ratio",
+    "discrimination_power",
+    "harsanyi_and",
+    "harsanyi_or",
+    "knowledge_convergence",
+    "knowledge_report",
+    "knowledge_set",
+    "mask_of",
+    "orders",
+    "planted_game",
+    "players_of",
+    "reconstruct_and",
+    "reconstruct_or",
+    "sample_knowledge",
+    "transferability",
+    "weighted_overlap",
+]

@@ -1,0 +1,556 @@
+r"""Knowledge sets and the metrics comparing pre-trained, fine-tuned and scratch models.
+
+Definitions follow the reference note (§3-4), itself a reconstruction [recon] of Jiang, Cheng & Li
+(arXiv 2410.08455) from the SJTU group's conventions. On one sample x, a model's knowledge is its
+salient set Ω(x) (:meth:`Interactions.salient`, ∅ excluded), whose items are matched by
+
+* ``match="support"`` (default): (type, S), type ∈ {AND, OR}; the sign is ignored;
+* ``match="signed"``: (type, S, sign I(S)).
+
+With Ω_pre, Ω_ft, Ω_sc the sets of the pre-trained (linear probe), fine-tuned and scratch models:
+
+* K_preserve = Ω_pre ∩ Ω_ft, K_discard = Ω_pre \\ Ω_ft, K_new = Ω_ft \\ Ω_pre;
+* count ratios r_preserve = |K_preserve|/|Ω_pre|, r_discard = |K_discard|/|Ω_pre|,
+  r_new = |K_new|/|Ω_ft|, r_inherit = |K_preserve|/|Ω_ft|;
+* strength ratios, the same with Σ|I| of the model the set belongs to, e.g.
+  r_preserve^w = Σ_{K_preserve}|I_pre| / Σ_{Ω_pre}|I_pre|, r_new^w = Σ_{K_new}|I_ft| / Σ_{Ω_ft}|I_ft|;
+* with a scratch model: r_excl = |K_preserve \\ Ω_sc|/|K_preserve|,
+  learnability ℓ = |K_preserve ∩ Ω_sc|/|K_preserve|, scratch-only |Ω_sc \\ Ω_ft|/|Ω_sc|, and
+  |K_new ∩ Ω_sc|/|K_new|.
+
+Every ratio also exists per order k = |S|. Over samples, ratios are averaged (mean, std, quartiles;
+the group's ρ(k) = E_x[...] form) and pooled (Σ numerators / Σ denominators); samples whose
+denominator is empty are skipped and counted. Which samples enter (the note: those every compared
+model classifies correctly) is the caller's choice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import PretrainReuseError, check_choice
+from .interactions import orders, players_of
+from .values import Interactions
+
+__all__ = [
+    "MATCHES",
+    "MEASURES",
+    "Convergence",
+    "Discrimination",
+    "KnowledgeReport",
+    "RatioStats",
+    "SampleKnowledge",
+    "cover_ratio",
+    "discrimination_power",
+    "knowledge_convergence",
+    "knowledge_report",
+    "knowledge_set",
+    "sample_knowledge",
+    "transferability",
+    "weighted_overlap",
+]
+
+#: How items of two models are matched.
+MATCHES = ("support", "signed")
+#: Similarity of a checkpoint's knowledge to the final model's (convergence).
+MEASURES = ("iou", "coverage", "weighted")
+
+#: A knowledge item: (type, mask) for "support", (type, mask, sign) for "signed".
+Item = tuple
+
+
+def knowledge_set(x: Interactions, *, tau: float = 0.05, match: str = "support") -> dict[Item, float]:
+    """Ω(x): the salient items of one model on one sample, each with its effect I(S).
+
+    Keys are (type, mask) for ``match="support"`` and (type, mask, ±1) for ``match="signed"``.
+    """
+    check_choice("match", match, MATCHES)
+    salient = x.salient(tau)
+    if match == "support":
+        return salient
+    return {(type, mask, 1 if value > 0 else -1): value for (type, mask), value in salient.items()}
+
+
+def _order(item: Item) -> int:
+    return int(item[1]).bit_count()
+
+
+def _restrict(omega: dict[Item, float], order: int | None) -> dict[Item, float]:
+    return omega if order is None else {k: e for k, e in omega.items() if _order(k) == order}
+
+
+def _strength(omega: dict[Item, float], items) -> float:
+    return float(sum(abs(omega[k]) for k in items))
+
+
+def _item_json(item: Item) -> list:
+    return [item[0], list(players_of(item[1])), *item[2:]]
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+# --------------------------------------------------------------------------------------------
+# One sample
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SampleKnowledge:
+    """The knowledge sets of one sample and their ratios (module docstring).
+
+    Attributes:
+        pretrained, finetuned: Ω_pre and Ω_ft as ``{item: effect}``.
+        scratch: Ω_sc, or None without a scratch model.
+        n: number of players.
+        match: ``"support"`` or ``"signed"``.
+    """
+
+    pretrained: dict[Item, float]
+    finetuned: dict[Item, float]
+    scratch: dict[Item, float] | None
+    n: int
+    match: str = "support"
+
+    @property
+    def preserve(self) -> frozenset:
+        """K_preserve = Ω_pre ∩ Ω_ft."""
+        return frozenset(self.pretrained.keys() & self.finetuned.keys())
+
+    @property
+    def discard(self) -> frozenset:
+        """K_discard = Ω_pre \\ Ω_ft."""
+        return frozenset(self.pretrained.keys() - self.finetuned.keys())
+
+    @property
+    def new(self) -> frozenset:
+        """K_new = Ω_ft \\ Ω_pre."""
+        return frozenset(self.finetuned.keys() - self.pretrained.keys())
+
+    @property
+    def exclusive(self) -> frozenset | None:
+        """K_excl = K_preserve \\ Ω_sc (None without a scratch model)."""
+        return None if self.scratch is None else self.preserve - self.scratch.keys()
+
+    def terms(self, order: int | None = None) -> dict[str, tuple[float, float]]:
+        """Every ratio as (numerator, denominator), overall or restricted to items of one order."""
+        pre, ft = _restrict(self.pretrained, order), _restrict(self.finetuned, order)
+        keep, gone, new = pre.keys() & ft.keys(), pre.keys() - ft.keys(), ft.keys() - pre.keys()
+        out = {
+            "preserve": (len(keep), len(pre)),
+            "discard": (len(gone), len(pre)),
+            "new": (len(new), len(ft)),
+            "inherit": (len(keep), len(ft)),
+            "preserve_strength": (_strength(pre, keep), _strength(pre, pre)),
+            "discard_strength": (_strength(pre, gone), _strength(pre, pre)),
+            "new_strength": (_strength(ft, new), _strength(ft, ft)),
+            "inherit_strength": (_strength(ft, keep), _strength(ft, ft)),
+        }
+        if self.scratch is not None:
+            sc = _restrict(self.scratch, order).keys()
+            out.update({
+                "exclusive": (len(keep - sc), len(keep)),
+                "learnability": (len(keep & sc), len(keep)),
+                "scratch_only": (len(sc - ft.keys()), len(sc)),
+                "new_in_scratch": (len(new & sc), len(new)),
+            })
+        return out
+
+    def ratios(self, order: int | None = None) -> dict[str, float]:
+        """Every ratio as a number; NaN where the denominator set is empty."""
+        return {k: num / den if den > 0 else math.nan for k, (num, den) in self.terms(order).items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        sets = {"preserve": self.preserve, "discard": self.discard, "new": self.new}
+        if self.scratch is not None:
+            sets["exclusive"] = self.exclusive
+        return {
+            "match": self.match,
+            "sets": {k: sorted(_item_json(i) for i in s) for k, s in sets.items()},
+            "ratios": {k: _nan_to_none(v) for k, v in self.ratios().items()},
+        }
+
+
+def sample_knowledge(pretrained: Interactions, finetuned: Interactions,
+                     scratch: Interactions | None = None, *, tau: float = 0.05,
+                     match: str = "support") -> SampleKnowledge:
+    """Knowledge sets of one sample under the pre-trained, fine-tuned and (optional) scratch model.
+
+    All interactions must be over the same players (same n; same players and baseline is the
+    caller's responsibility), and each model's salient set uses its own maximum (note §3).
+    """
+    models = [("pretrained", pretrained), ("finetuned", finetuned)]
+    if scratch is not None:
+        models.append(("scratch", scratch))
+    for name, x in models:
+        if not isinstance(x, Interactions):
+            raise PretrainReuseError(f"{name} must be an Interactions object, got {type(x).__name__}")
+        if x.n != pretrained.n:
+            raise PretrainReuseError(
+                f"{name} has n={x.n} players but pretrained has n={pretrained.n}; explain every "
+                "model on the same players"
+            )
+    sets = {name: knowledge_set(x, tau=tau, match=match) for name, x in models}
+    return SampleKnowledge(sets["pretrained"], sets["finetuned"], sets.get("scratch"), pretrained.n, match)
+
+
+# --------------------------------------------------------------------------------------------
+# Aggregation over samples
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RatioStats:
+    """One ratio over samples: mean-of-ratios statistics and the pooled ratio.
+
+    Attributes:
+        mean, std, q25, median, q75: over the samples with a non-empty denominator (NaN if none).
+        pooled: Σ numerators / Σ denominators over all samples.
+        n_used: samples with a non-empty denominator; n_skipped: the others.
+    """
+
+    mean: float
+    std: float
+    q25: float
+    median: float
+    q75: float
+    pooled: float
+    n_used: int
+    n_skipped: int
+
+    @classmethod
+    def of(cls, terms: Sequence[tuple[float, float]]) -> RatioStats:
+        num = np.array([t[0] for t in terms], dtype=np.float64)
+        den = np.array([t[1] for t in terms], dtype=np.float64)
+        used = den > 0
+        values = num[used] / den[used]
+        if values.size:
+            q25, median, q75 = np.percentile(values, [25, 50, 75])
+            mean, std = values.mean(), values.std()
+        else:
+            mean = std = q25 = median = q75 = math.nan
+        pooled = num[used].sum() / den[used].sum() if used.any() else math.nan
+        return cls(float(mean), float(std), float(q25), float(median), float(q75), float(pooled),
+                   int(used.sum()), int((~used).sum()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _nan_to_none(v) for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class KnowledgeReport:
+    """Knowledge ratios over a set of samples, overall and by order.
+
+    Attributes:
+        overall: ``{ratio name: RatioStats}``.
+        by_order: ``{k: {ratio name: RatioStats}}`` for k = 1..n.
+        n_samples: number of samples.
+        tau, match: the salience threshold and matching mode used.
+        samples: the per-sample :class:`SampleKnowledge`.
+    """
+
+    overall: dict[str, RatioStats]
+    by_order: dict[int, dict[str, RatioStats]]
+    n_samples: int
+    tau: float
+    match: str
+    samples: list[SampleKnowledge] = field(repr=False, default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n_samples": self.n_samples, "tau": self.tau, "match": self.match,
+            "overall": {k: s.to_dict() for k, s in self.overall.items()},
+            "by_order": {str(o): {k: s.to_dict() for k, s in r.items()} for o, r in self.by_order.items()},
+        }
+
+
+def knowledge_report(pretrained: Sequence[Interactions], finetuned: Sequence[Interactions],
+                     scratch: Sequence[Interactions] | None = None, *, tau: float = 0.05,
+                     match: str = "support") -> KnowledgeReport:
+    """Knowledge ratios of the fine-tuned vs the pre-trained (and scratch) model over samples.
+
+    Args:
+        pretrained, finetuned: one :class:`Interactions` per sample, in the same sample order.
+        scratch: the scratch model's interactions on the same samples, or None.
+        tau: salience threshold (note §3 default 0.05).
+        match: ``"support"`` (default) or ``"signed"``.
+
+    Returns:
+        :class:`KnowledgeReport`; ratios whose denominator set is empty on a sample skip it.
+    """
+    if len(pretrained) != len(finetuned) or (scratch is not None and len(scratch) != len(pretrained)):
+        raise PretrainReuseError(
+            f"got {len(pretrained)} pretrained, {len(finetuned)} finetuned"
+            + ("" if scratch is None else f" and {len(scratch)} scratch")
+            + " interactions; pass one per sample for every model, in the same order"
+        )
+    if not pretrained:
+        raise PretrainReuseError("no samples: pass the interactions of at least one sample")
+    samples = [sample_knowledge(p, f, None if scratch is None else scratch[i], tau=tau, match=match)
+               for i, (p, f) in enumerate(zip(pretrained, finetuned, strict=True))]
+    n = samples[0].n
+
+    def stats(order: int | None) -> dict[str, RatioStats]:
+        per_sample = [s.terms(order) for s in samples]
+        return {name: RatioStats.of([t[name] for t in per_sample]) for name in per_sample[0]}
+
+    return KnowledgeReport(stats(None), {k: stats(k) for k in range(1, n + 1)}, len(samples), tau,
+                           match, samples)
+
+
+# --------------------------------------------------------------------------------------------
+# Comparisons of two interaction vectors
+# --------------------------------------------------------------------------------------------
+
+
+def _vector(x: Interactions, order: int | None = None) -> np.ndarray:
+    """AND and OR interactions without ∅ (the bias), concatenated; optionally one order only."""
+    keep = slice(1, None) if order is None else orders(x.n) == order
+    return np.concatenate([x.and_values[keep], x.or_values[keep]])
+
+
+def _check_pair(a: Interactions, b: Interactions) -> None:
+    if a.n != b.n:
+        raise PretrainReuseError(f"the two interactions have n={a.n} and n={b.n} players; compare "
+                                 "interactions over the same players")
+
+
+def transferability(a: Interactions, b: Interactions, *, tau: float = 0.05,
+                    match: str = "support") -> float:
+    """γ(Ω_a | Ω_b) = |Ω_a ∩ Ω_b| / |Ω_a| on one sample (NaN if Ω_a is empty); note §3."""
+    _check_pair(a, b)
+    omega_a = knowledge_set(a, tau=tau, match=match)
+    omega_b = knowledge_set(b, tau=tau, match=match)
+    return len(omega_a.keys() & omega_b.keys()) / len(omega_a) if omega_a else math.nan
+
+
+def weighted_overlap(a: Interactions, b: Interactions, *, normalize: bool = False) -> float:
+    r"""Weighted overlap of two full interaction vectors, positive and negative parts apart (note §3).
+
+    .. math::
+
+        \mathrm{sim}(I_1, I_2) = \frac{\sum_S \min(I_1^+, I_2^+) + \min(I_1^-, I_2^-)}
+                                      {\sum_S \max(I_1^+, I_2^+) + \max(I_1^-, I_2^-)},
+        \quad I^+ = \max(I, 0),\; I^- = \max(-I, 0)
+
+    over all AND and OR entries except ∅. With ``normalize``, each vector is first divided by its
+    L1 norm. 1 for identical vectors, 0 for disjoint supports or opposite signs; NaN if both are 0.
+    """
+    _check_pair(a, b)
+    return _weighted_overlap(_vector(a), _vector(b), normalize)
+
+
+def _weighted_overlap(x: np.ndarray, y: np.ndarray, normalize: bool) -> float:
+    if normalize:
+        x = x / max(np.abs(x).sum(), np.finfo(float).tiny)
+        y = y / max(np.abs(y).sum(), np.finfo(float).tiny)
+    xp, xn, yp, yn = np.maximum(x, 0), np.maximum(-x, 0), np.maximum(y, 0), np.maximum(-y, 0)
+    den = (np.maximum(xp, yp) + np.maximum(xn, yn)).sum()
+    return float((np.minimum(xp, yp) + np.minimum(xn, yn)).sum() / den) if den > 0 else math.nan
+
+
+def cover_ratio(a: Interactions, b: Interactions) -> float:
+    """Σ_S min(|I_a|, |I_b|) / Σ_S |I_a| over all AND and OR entries except ∅ (NaN if I_a = 0)."""
+    _check_pair(a, b)
+    x, y = np.abs(_vector(a)), np.abs(_vector(b))
+    total = x.sum()
+    return float(np.minimum(x, y).sum() / total) if total > 0 else math.nan
+
+
+# --------------------------------------------------------------------------------------------
+# Convergence over checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Convergence:
+    """How a model's knowledge approaches that of its final checkpoint (note §4, Fig. 4) [recon].
+
+    Attributes:
+        similarity: (T,) s(t), the mean over samples of the chosen measure between checkpoint t and
+            the final checkpoint T (so s(T) = 1 unless no sample has knowledge).
+        detour: (T,) d(t) = E_x |Ω_t \\ Ω_T| / |Ω_t|, the share of current knowledge the final
+            model drops.
+        n_used: (T,) samples entering s(t) (the others have an empty denominator).
+        measure: ``"iou"``, ``"coverage"`` or ``"weighted"``.
+        threshold: the level for ``first_at_threshold``.
+    """
+
+    similarity: np.ndarray
+    detour: np.ndarray
+    n_used: np.ndarray
+    measure: str
+    threshold: float = 0.9
+
+    @property
+    def first_at_threshold(self) -> int | None:
+        """First checkpoint (1-based) with s(t) >= threshold, or None."""
+        hits = np.flatnonzero(self.similarity >= self.threshold)
+        return int(hits[0]) + 1 if hits.size else None
+
+    @property
+    def auc(self) -> float:
+        """Normalised area under s(t): the trapezoid rule over t = 1..T divided by T - 1 (s(1) if T = 1)."""
+        s = self.similarity
+        return float(s[0]) if len(s) == 1 else float(((s[1:] + s[:-1]) / 2).sum() / (len(s) - 1))
+
+    @property
+    def n_decreases(self) -> int:
+        """Number of checkpoints where s(t) drops below s(t - 1) (stability)."""
+        return int((np.diff(self.similarity) < 0).sum())
+
+    @property
+    def total_detour(self) -> float:
+        """Σ_t d(t)."""
+        return float(np.nansum(self.detour))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "measure": self.measure, "threshold": self.threshold,
+            "similarity": [_nan_to_none(float(s)) for s in self.similarity],
+            "detour": [_nan_to_none(float(d)) for d in self.detour],
+            "n_used": self.n_used.tolist(),
+            "first_at_threshold": self.first_at_threshold, "auc": _nan_to_none(self.auc),
+            "n_decreases": self.n_decreases, "total_detour": self.total_detour,
+        }
+
+
+def knowledge_convergence(checkpoints: Sequence[Sequence[Interactions]], *, tau: float = 0.05,
+                          match: str = "support", measure: str = "iou", threshold: float = 0.9,
+                          order: int | None = None) -> Convergence:
+    r"""Convergence of knowledge over checkpoints t = 1..T towards the final checkpoint T.
+
+    Per sample x, with Ω_t = Ω_t(x):
+
+    * ``"iou"`` (default): |Ω_t ∩ Ω_T| / |Ω_t ∪ Ω_T|;
+    * ``"coverage"``: |Ω_t ∩ Ω_T| / |Ω_T|;
+    * ``"weighted"``: :func:`weighted_overlap` of the full interaction vectors (no threshold);
+
+    s(t) is the mean over samples with a non-empty denominator; d(t) = E_x |Ω_t \\ Ω_T| / |Ω_t|.
+
+    Args:
+        checkpoints: ``checkpoints[t][i]`` = interactions of checkpoint t on sample i, oldest
+            first; the last checkpoint is the final model.
+        tau, match: as for :func:`knowledge_report`.
+        measure: one of :data:`MEASURES`.
+        threshold: level of the ``first_at_threshold`` summary.
+        order: only interactions of this order |S| (knowledge sets and vectors), or all (None).
+    """
+    check_choice("measure", measure, MEASURES)
+    check_choice("match", match, MATCHES)
+    if not checkpoints or not checkpoints[0]:
+        raise PretrainReuseError("checkpoints is empty; pass checkpoints[t][sample] interactions")
+    n_samples = len(checkpoints[0])
+    if any(len(c) != n_samples for c in checkpoints):
+        raise PretrainReuseError(
+            f"checkpoints hold {sorted({len(c) for c in checkpoints})} samples; every checkpoint "
+            "must be explained on the same samples"
+        )
+    final = checkpoints[-1]
+
+    def omega_of(x: Interactions) -> dict[Item, float]:
+        return _restrict(knowledge_set(x, tau=tau, match=match), order)
+
+    final_sets = [omega_of(x) for x in final]
+    sims, detours, used = [], [], []
+    for ckpt in checkpoints:
+        s_vals, d_vals = [], []
+        for x, last, omega_last in zip(ckpt, final, final_sets, strict=True):
+            _check_pair(x, last)
+            omega = omega_of(x)
+            both = len(omega.keys() & omega_last.keys())
+            if measure == "iou":
+                union = len(omega.keys() | omega_last.keys())
+                s_vals.append(both / union if union else math.nan)
+            elif measure == "coverage":
+                s_vals.append(both / len(omega_last) if omega_last else math.nan)
+            else:
+                s_vals.append(_weighted_overlap(_vector(x, order), _vector(last, order), False))
+            d_vals.append(len(omega.keys() - omega_last.keys()) / len(omega) if omega else math.nan)
+        s_arr, d_arr = np.array(s_vals), np.array(d_vals)
+        ok = ~np.isnan(s_arr)
+        sims.append(s_arr[ok].mean() if ok.any() else math.nan)
+        detours.append(np.nanmean(d_arr) if (~np.isnan(d_arr)).any() else math.nan)
+        used.append(int(ok.sum()))
+    return Convergence(np.array(sims), np.array(detours), np.array(used), measure, threshold)
+
+
+# --------------------------------------------------------------------------------------------
+# Discrimination power
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Discrimination:
+    """Sign consistency of salient interactions over the samples of one class (note §3).
+
+    Attributes:
+        n_samples: samples of the class.
+        positive: m⁺_S, the samples where (type, S) is salient with I > 0.
+        negative: m⁻_S, likewise with I < 0.
+    """
+
+    n_samples: int
+    positive: dict[tuple[str, int], int]
+    negative: dict[tuple[str, int], int]
+
+    @property
+    def alpha(self) -> dict[tuple[str, int], float]:
+        """α(S) = (m⁺_S + m⁻_S) / n_samples: how often S is salient."""
+        keys = self.positive.keys() | self.negative.keys()
+        return {k: (self.positive.get(k, 0) + self.negative.get(k, 0)) / self.n_samples for k in keys}
+
+    @property
+    def beta(self) -> dict[tuple[str, int], float]:
+        """β(S) = max(m⁺_S, m⁻_S) / (m⁺_S + m⁻_S): 1 when S always pushes the same way."""
+        keys = self.positive.keys() | self.negative.keys()
+        out = {}
+        for k in keys:
+            p, m = self.positive.get(k, 0), self.negative.get(k, 0)
+            out[k] = max(p, m) / (p + m)
+        return out
+
+    def purity(self, keys=None) -> float:
+        """α-weighted mean β over ``keys`` ((type, mask) pairs; default all salient ones).
+
+        The group's ``overall_purity``; NaN if none of the keys is ever salient.
+        """
+        alpha, beta = self.alpha, self.beta
+        keys = alpha.keys() if keys is None else [k[:2] for k in keys]
+        weights = [(alpha[k], beta[k]) for k in keys if k in alpha]
+        total = sum(a for a, _ in weights)
+        return sum(a * b for a, b in weights) / total if total > 0 else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        alpha, beta = self.alpha, self.beta
+        return {
+            "n_samples": self.n_samples,
+            "purity": _nan_to_none(self.purity()),
+            "items": [{"type": k[0], "players": list(players_of(k[1])), "alpha": alpha[k],
+                       "beta": beta[k]} for k in sorted(alpha)],
+        }
+
+
+def discrimination_power(samples: Sequence[Interactions], *, tau: float = 0.05) -> Discrimination:
+    """Discrimination power β(S) and frequency α(S) of one model over the samples of one class.
+
+    Li & Zhang (ICML 2023): m⁺_S = #{i : S salient on x_i and I(S|x_i) > 0}, m⁻_S likewise with
+    I < 0; β(S) = max(m⁺, m⁻)/(m⁺ + m⁻), α(S) = (m⁺ + m⁻)/#samples. Call it once per class.
+    """
+    if not samples:
+        raise PretrainReuseError("samples is empty; pass the interactions of the class's samples")
+    positive: dict[tuple[str, int], int] = {}
+    negative: dict[tuple[str, int], int] = {}
+    for x in samples:
+        _check_pair(x, samples[0])
+        for key, value in x.salient(tau).items():
+            counts = positive if value > 0 else negative
+            counts[key] = counts.get(key, 0) + 1
+    return Discrimination(len(samples), positive, negative)
+

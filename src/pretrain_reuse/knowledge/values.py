@@ -1,0 +1,277 @@
+r"""The :class:`Interactions` value object: one model's interactions on one sample.
+
+It holds the AND and OR interactions (bitmask layout, float64), the game v they explain and the
+bounded noise q of the sparsification, so that every derived quantity (salient set, strength by
+order, faithfulness error, Shapley values) can be recomputed and checked:
+
+.. math::
+
+    v(S) + q_S = \sum_{T \subseteq S} I_{and}(T) + I_{or}(\emptyset)
+                 + \sum_{T \neq \emptyset,\, T \cap S \neq \emptyset} I_{or}(T)
+    \quad \text{for every } S \subseteq N.
+
+File format (``.safetensors``): float64 tensors ``and_values``, ``or_values``, ``v``, ``noise``
+(each (2^n,)); header metadata ``artifact="interactions"``, ``n``, ``kind``, ``info`` and ``meta``
+(JSON).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from ..artifacts import atomic_path, to_json
+from ..errors import PretrainReuseError, check_choice, check_file
+from .interactions import MAX_PLAYERS, mask_of, or_reconstruct_, orders, players_of, subset_sum_
+
+__all__ = ["KINDS", "TYPES", "Interactions", "Key"]
+
+#: ``"and"``: Harsanyi interactions only (``or_values`` is zero); ``"and-or"``: both.
+KINDS = ("and", "and-or")
+#: Interaction types; an AND and an OR interaction on the same S are different items.
+TYPES = ("and", "or")
+#: An interaction's identity: (type, bitmask of S).
+Key = tuple[str, int]
+
+
+@dataclass(frozen=True, eq=False)
+class Interactions:
+    """AND/OR interactions of one model on one sample (compare with shapiq's ``InteractionValues``).
+
+    Attributes:
+        n: number of players.
+        and_values: (2^n,) float64 I_and by bitmask.
+        or_values: (2^n,) float64 I_or by bitmask (all zero for ``kind="and"``).
+        v: (2^n,) float64 the game that was explained.
+        noise: (2^n,) float64 q, the bounded noise removed from v (zero without sparsification);
+            the interactions reproduce v + q exactly on every coalition.
+        kind: ``"and"`` or ``"and-or"``.
+        info: what the game is about (players, baseline, sample id, label, model), free form.
+        meta: how the interactions were computed (producer, parameters, solver diagnostics).
+    """
+
+    n: int
+    and_values: np.ndarray
+    or_values: np.ndarray
+    v: np.ndarray
+    noise: np.ndarray
+    kind: str = "and"
+    info: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.n, (int, np.integer)) or not 1 <= self.n <= MAX_PLAYERS:
+            raise PretrainReuseError(f"n={self.n!r} must be an integer number of players in 1..{MAX_PLAYERS}")
+        object.__setattr__(self, "n", int(self.n))
+        check_choice("kind", self.kind, KINDS)
+        for name in ("and_values", "or_values", "v", "noise"):
+            # an own read-only copy: the object is a value, nobody may change it afterwards
+            arr = np.array(getattr(self, name), dtype=np.float64)
+            arr.flags.writeable = False
+            if arr.shape != (1 << self.n,):
+                raise PretrainReuseError(
+                    f"{name} must have shape ({1 << self.n},) for n={self.n} players, got {arr.shape}"
+                )
+            if not np.isfinite(arr).all():
+                raise PretrainReuseError(f"{name} has NaN/inf values; recompute the interactions")
+            object.__setattr__(self, name, arr)
+        if self.kind == "and" and self.or_values.any():
+            raise PretrainReuseError(
+                "kind='and' interactions must have all-zero or_values; use kind='and-or'"
+            )
+
+    # ----------------------------------------------------------------------------------------
+    # Lookup
+    # ----------------------------------------------------------------------------------------
+
+    def get(self, players, type: str = "and") -> float:
+        """The interaction of the coalition ``players`` (iterable of indices) of the given type."""
+        check_choice("type", type, TYPES)
+        return float(self._values(type)[mask_of(players, self.n)])
+
+    def _values(self, type: str) -> np.ndarray:
+        return self.and_values if type == "and" else self.or_values
+
+    def salient(self, tau: float = 0.05) -> dict[Key, float]:
+        r"""The knowledge Ω: salient interactions and their effects, ∅ excluded.
+
+        S is salient if :math:`|I(S)| > \tau \max_{S' \neq \emptyset} |I(S')|`, the maximum taken
+        over all AND and OR entries of this sample (Ren et al., ICLR 2024: ``0.05 * max|I|``;
+        reference note §3). ∅ is the bias v(∅) and is neither knowledge nor part of the maximum
+        [recon: the group subtracts v(∅) from the game, which makes I(∅) ≈ 0 anyway].
+
+        Args:
+            tau: relative threshold in [0, 1).
+
+        Returns:
+            ``{(type, mask): I(S)}`` with type ``"and"`` or ``"or"``; empty if all are zero.
+        """
+        _check_tau(tau)
+        scale = self._max_abs()
+        out: dict[Key, float] = {}
+        if scale == 0.0:
+            return out
+        for type in TYPES:
+            vals = self._values(type)
+            hits = np.flatnonzero(np.abs(vals) > tau * scale)
+            out.update({(type, int(m)): float(vals[m]) for m in hits if m != 0})
+        return out
+
+    def _max_abs(self) -> float:
+        return float(max(np.abs(self.and_values[1:]).max(), np.abs(self.or_values[1:]).max()))
+
+    def top_k(self, k: int) -> list[tuple[str, tuple[int, ...], float]]:
+        """The ``k`` strongest interactions (∅ excluded) as (type, players, value), strongest first."""
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise PretrainReuseError(f"k={k!r} must be a positive integer")
+        vals = np.concatenate([self.and_values[1:], self.or_values[1:]])
+        order = np.argsort(-np.abs(vals), kind="stable")[:k]
+        size = (1 << self.n) - 1
+        return [(TYPES[i // size], players_of(i % size + 1), float(vals[i])) for i in order]
+
+    # ----------------------------------------------------------------------------------------
+    # Summaries
+    # ----------------------------------------------------------------------------------------
+
+    def by_order(self, tau: float | None = None) -> dict[str, np.ndarray]:
+        r"""Strength histogram by order: ``{"and": h, "or": h}``, each (n+1,).
+
+        h_type[k] = Σ_{|S|=k} |I_type(S)| / Σ_{type, S≠∅} |I_type(S)| (reference note §4), so the
+        two histograms together sum to 1 over k = 1..n; entry 0 (∅, the bias) is 0. With ``tau``,
+        only the salient interactions count. All zero if there is no interaction.
+        """
+        keep = self._salient_masks(tau)
+        order = orders(self.n)
+        out = {}
+        for type in TYPES:
+            strength = np.abs(self._values(type)) * keep[type]
+            strength[0] = 0.0
+            out[type] = np.bincount(order, weights=strength, minlength=self.n + 1)
+        total = out["and"].sum() + out["or"].sum()
+        return {t: h / total if total > 0 else h for t, h in out.items()}
+
+    def _salient_masks(self, tau: float | None) -> dict[str, np.ndarray]:
+        """Per type, a (2^n,) 0/1 float vector of the kept entries (all, or the salient ones)."""
+        keep = {t: np.ones(1 << self.n) for t in TYPES}
+        if tau is not None:
+            keep = {t: np.zeros(1 << self.n) for t in TYPES}
+            for type, mask in self.salient(tau):
+                keep[type][mask] = 1.0
+        return keep
+
+    def faithfulness_error(self, tau: float = 0.05) -> dict[str, float]:
+        r"""How well the salient interactions alone reproduce the game (reference note §6.2).
+
+        .. math::
+
+            \hat w(S) = v(\emptyset) + \sum_{T \in \Omega_{and}, T \subseteq S} I_{and}(T)
+                        + \sum_{T \in \Omega_{or}, T \cap S \neq \emptyset} I_{or}(T)
+
+        Returns:
+            ``max``: max_S |v(S) - ŵ(S)| / |v(N) - v(∅)| over all 2^n coalitions;
+            ``mean``: the same error averaged over S;
+            ``outside_share``: Σ|I| outside Ω / Σ|I| (∅ excluded);
+            ``noise``: max_S |q_S| / |v(N) - v(∅)|.
+            The normalised entries are NaN when v(N) = v(∅).
+        """
+        keep = self._salient_masks(tau)
+        and_part = torch.from_numpy(self.and_values * keep["and"])
+        or_part = torch.from_numpy(self.or_values * keep["or"])
+        and_part[0] = 0.0
+        or_part[0] = 0.0
+        w_hat = self.v[0] + (subset_sum_(and_part, self.n, 1.0) + or_reconstruct_(or_part, self.n)).numpy()
+        span = abs(self.v[-1] - self.v[0])
+        err = np.abs(self.v - w_hat)
+        strength = np.abs(np.concatenate([self.and_values[1:], self.or_values[1:]]))
+        kept = np.concatenate([keep["and"][1:], keep["or"][1:]])
+        total = strength.sum()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return {
+                "max": float(err.max() / span) if span > 0 else float("nan"),
+                "mean": float(err.mean() / span) if span > 0 else float("nan"),
+                "outside_share": float((strength * (1 - kept)).sum() / total) if total > 0 else 0.0,
+                "noise": float(np.abs(self.noise).max() / span) if span > 0 else float("nan"),
+            }
+
+    def shapley_values(self) -> np.ndarray:
+        r"""(n,) Shapley values from the interactions: φ_i = Σ_{S∋i} (I_and(S) + I_or(S)) / |S|.
+
+        For AND-only interactions without noise this is exactly the Shapley value of v
+        (Harsanyi 1963). An OR term on T is the game [S ∩ T ≠ ∅], whose Shapley value is 1/|T| for
+        each member of T (symmetry and efficiency), so for AND-OR interactions the formula gives the
+        Shapley value of the denoised game v + q (equal to that of v when q = 0). Efficiency:
+        Σ_i φ_i = v(N) + q_N - v(∅) - q_∅.
+        """
+        size = orders(self.n).astype(np.float64)
+        size[0] = np.inf  # ∅ carries no attribution
+        share = (self.and_values + self.or_values) / size
+        return np.array([
+            share.reshape(1 << (self.n - 1 - i), 2, 1 << i)[:, 1, :].sum() for i in range(self.n)
+        ])
+
+    def with_info(self, **items: Any) -> Interactions:
+        """A copy whose ``info`` has ``items`` added (e.g. sample id, label, players, baseline)."""
+        return dataclasses.replace(self, info={**self.info, **items})
+
+    # ----------------------------------------------------------------------------------------
+    # Files and plots
+    # ----------------------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Write a ``.safetensors`` file atomically (arrays + JSON header); returns the path."""
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            raise PretrainReuseError(f"interactions are saved as .safetensors, got {str(path)!r}")
+        tensors = {name: np.array(getattr(self, name))
+                   for name in ("and_values", "or_values", "v", "noise")}
+        header = {"artifact": "interactions", "n": str(self.n), "kind": self.kind,
+                  "info": to_json(self.info), "meta": to_json(self.meta)}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=header)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Interactions:
+        """Read a file written by :meth:`save`."""
+        p = check_file("interactions", path)
+        try:
+            with safe_open(str(p), framework="numpy") as fh:
+                header = fh.metadata() or {}
+                arrays = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (not a dict)
+            if header.get("artifact") != "interactions":
+                raise PretrainReuseError(f"{str(p)!r} is not an interactions file written by pretrain-reuse")
+            return cls(n=int(header["n"]), kind=header["kind"], info=json.loads(header["info"]),
+                       meta=json.loads(header["meta"]), **arrays)
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+            raise PretrainReuseError(
+                f"interactions file {str(p)!r} is corrupt ({e}); recompute the interactions"
+            ) from None
+
+    def plot_orders(self, ax=None, tau: float | None = None):
+        """Bar chart of :meth:`by_order` (AND and OR stacked); returns the matplotlib axes."""
+        import matplotlib.pyplot as plt  # only when plotting
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(5, 3))
+        h = self.by_order(tau)
+        k = np.arange(1, self.n + 1)
+        ax.bar(k, h["and"][1:], label="AND")
+        ax.bar(k, h["or"][1:], bottom=h["and"][1:], label="OR")
+        ax.set_xlabel("order |S|")
+        ax.set_ylabel("share of Σ|I|")
+        ax.set_xticks(k)
+        ax.legend()
+        return ax
+
+
+def _check_tau(tau: float) -> None:
+    if not isinstance(tau, (int, float, np.floating)) or not 0 <= tau < 1:
+        raise PretrainReuseError(f"tau={tau!r} must be a relative threshold in [0, 1), e.g. 0.05")

@@ -1,0 +1,121 @@
+"""The quick demo end to end: its summary agrees with the artifacts it wrote, it resumes, and
+its report renders in a real headless browser."""
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pretrain_reuse import load
+from pretrain_reuse.cli import main
+from pretrain_reuse.data.catalog import open_dataset
+from pretrain_reuse.finetune import RunResult
+
+SECTIONS = ("selection", "finetune", "knowledge", "parameters")
+
+
+def test_summary_holds_what_users_script_over(quick_demo):
+    _, summary, stdout = quick_demo
+    assert {"classes-uot", "classes-greedy-ot", "classes-random", "clusters-uot"} <= set(
+        summary["selection"])
+    for name, run in summary["finetune"].items():
+        assert {"top1_mean", "top1_std", "seeds"} <= set(run), name
+    assert {"preserved", "discarded", "new", "exclusive_vs_scratch", "faithfulness_error",
+            "counterfactual"} <= set(summary["knowledge"])
+    assert {"pretrain", "embed_features_pretrain", "knowledge"} <= set(summary["timing_s"])
+    assert re.search(r"finetune\s+vanilla: test top-1 \d\.\d{4}", stdout)
+
+
+def test_selection_recall_matches_the_saved_selection_and_the_world(quick_demo):
+    out, summary, _ = quick_demo
+    related = set(open_dataset("synthetic:target").related.tolist())
+    for method in ("uot", "greedy-ot", "random"):
+        sel = load(out / "selections" / f"classes-{method}.json")
+        assert len(sel.selected) == len(related)
+        hits = len(related & set(sel.selected))
+        assert summary["selection"][f"classes-{method}"]["recall"] == hits / len(related)
+
+
+def test_finetune_numbers_are_the_runs_final_test_accuracy(quick_demo):
+    out, summary, _ = quick_demo
+    for name, run in summary["finetune"].items():
+        results = [RunResult.load(out / "finetune" / f"{name}-seed{s}" / "result.json")
+                   for s in run["seeds"]]
+        assert run["top1_mean"] == pytest.approx(np.mean([r.final["top1"] for r in results]))
+    # pre-training helps: a scratch network on 360 images is far behind the pre-trained ones
+    assert summary["finetune"]["vanilla"]["top1_mean"] > summary["finetune"]["scratch"]["top1_mean"]
+
+
+def test_knowledge_ratios_are_consistent(quick_demo):
+    out, summary, _ = quick_demo
+    k = summary["knowledge"]
+    assert k["preserved"] + k["discarded"] == pytest.approx(1.0)
+    report = json.loads((out / "knowledge" / "knowledge.json").read_text())
+    assert report["report"]["overall"]["new"]["mean"] == pytest.approx(k["new"])
+    # all interactions reproduce every explained game exactly; the salient ones approximate it
+    for role, err in k["faithfulness_error"].items():
+        assert np.isfinite(err) and err >= 0, role
+        for path in sorted((out / "knowledge" / role).glob("interactions-*.safetensors")):
+            x = load(path)
+            assert x.faithfulness_error(tau=1e-12)["max"] < 1e-9
+
+
+def test_rerun_resumes_without_recomputing(quick_demo, tmp_path):
+    out, summary, _ = quick_demo
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    stamp = 1_000_000_000_000_000_000
+    finished = [p for p in copy.rglob("*.safetensors")]
+    for p in finished:
+        os.utime(p, ns=(stamp, stamp))
+    assert main(["demo", "--quick", "--quiet", "--out", str(copy)]) == 0
+    assert all(p.stat().st_mtime_ns == stamp for p in finished)
+    again = json.loads((copy / "summary.json").read_text())
+    assert again["selection"] == summary["selection"]
+    assert again["finetune"] == summary["finetune"]
+
+
+def test_another_seed_into_the_same_folder_is_a_user_error(quick_demo, capsys):
+    out, _, _ = quick_demo
+    assert main(["demo", "--quick", "--seed", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "another --out" in err
+
+
+def test_report_is_self_contained(quick_demo):
+    out, _, _ = quick_demo
+    page = (out / "report.html").read_text()
+    for section in SECTIONS:
+        assert f'id="{section}"' in page
+    assert page.count("data:image/png;base64,") >= 6
+    assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from a network
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_report_renders_every_section_and_image_in_a_headless_browser(quick_demo):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("Chromium is not installed (.ci/run installs Debian's chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    out, _, _ = quick_demo
+    shot = Path(os.environ.get("REPORT_SCREENSHOT", out / "report.png"))
+    with sync_api.sync_playwright() as pw:
+        chrome = pw.chromium.launch(executable_path=browser, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = chrome.new_page(viewport={"width": 1200, "height": 900})
+        page.goto((out / "report.html").as_uri())
+        images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
+        visible = {s: page.is_visible(f"section#{s}") for s in SECTIONS}
+        page.screenshot(path=str(shot), full_page=True)
+        chrome.close()
+    assert len(images) >= 6 and all(done and width > 0 for done, width in images)
+    assert all(visible.values()), visible
+    assert shot.stat().st_size > 50_000

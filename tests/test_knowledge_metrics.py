@@ -1,0 +1,241 @@
+"""Tests of the knowledge metrics on hand-built interactions with hand-computed expectations.
+
+Items are written A{..} (AND) and O{..} (OR). Unless said otherwise τ = 0.05 and every listed
+value is salient (each is above 5% of its sample's largest entry).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pretrain_reuse.errors import PretrainReuseError
+from pretrain_reuse.knowledge import (
+    Interactions,
+    cover_ratio,
+    discrimination_power,
+    knowledge_convergence,
+    knowledge_report,
+    mask_of,
+    planted_game,
+    sample_knowledge,
+    transferability,
+    weighted_overlap,
+)
+
+
+def inter(n: int, **items: float) -> Interactions:
+    """Interactions from items like A0=1.0, A01=-2.0, O12=0.5 (players as digits)."""
+    i_and, i_or = np.zeros(1 << n), np.zeros(1 << n)
+    for name, value in items.items():
+        target = i_and if name[0] == "A" else i_or
+        target[mask_of([int(c) for c in name[1:]], n)] = value
+    return Interactions(n=n, and_values=i_and, or_values=i_or, v=np.zeros(1 << n), noise=np.zeros(1 << n),
+                        kind="and-or")
+
+
+def A(*players):
+    return ("and", mask_of(players, 3))
+
+
+def O(*players):  # noqa: E743
+    return ("or", mask_of(players, 3))
+
+
+PRE = inter(3, A0=1.0, A01=-2.0, O12=0.5, A2=0.01)  # A2 is below 0.05 * 2 = 0.1: not knowledge
+FT = inter(3, A0=3.0, A01=1.0, A12=0.6, O02=-0.4)
+SCRATCH = inter(3, A0=1.0, A12=1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# One sample
+# --------------------------------------------------------------------------------------------
+
+
+def test_preserved_discarded_and_new_sets_match_by_type_and_coalition():
+    k = sample_knowledge(PRE, FT, SCRATCH)
+    assert k.preserve == {A(0), A(0, 1)}
+    assert k.discard == {O(1, 2)}
+    assert k.new == {A(1, 2), O(0, 2)}
+    assert k.exclusive == {A(0, 1)}
+
+
+def test_count_and_strength_ratios_equal_hand_computed_values():
+    r = sample_knowledge(PRE, FT, SCRATCH).ratios()
+    expected = {
+        "preserve": 2 / 3, "discard": 1 / 3, "new": 2 / 4, "inherit": 2 / 4,
+        "preserve_strength": 3 / 3.5, "discard_strength": 0.5 / 3.5,
+        "new_strength": 1.0 / 5.0, "inherit_strength": 4.0 / 5.0,
+        "exclusive": 1 / 2, "learnability": 1 / 2, "scratch_only": 0 / 2, "new_in_scratch": 1 / 2,
+    }
+    assert r.keys() == expected.keys()
+    for name, value in expected.items():
+        assert r[name] == pytest.approx(value), name
+
+
+def test_signed_matching_treats_a_sign_flip_as_discarded_and_new():
+    k = sample_knowledge(PRE, FT, match="signed")
+    assert k.preserve == {("and", 1, 1)}
+    r = k.ratios()
+    assert r["preserve"] == pytest.approx(1 / 3) and r["new"] == pytest.approx(3 / 4)
+    assert "exclusive" not in r  # no scratch model
+
+
+def test_ratios_by_order_restrict_every_set_to_one_order():
+    k = sample_knowledge(PRE, FT)
+    first, second, third = k.ratios(1), k.ratios(2), k.ratios(3)
+    assert (first["preserve"], first["new"]) == (1.0, 0.0)
+    assert second["preserve"] == pytest.approx(1 / 2) and second["new"] == pytest.approx(2 / 3)
+    assert second["preserve_strength"] == pytest.approx(2.0 / 2.5)
+    assert math.isnan(third["preserve"]) and math.isnan(third["new"])  # no third-order knowledge
+
+
+def test_models_over_different_players_are_refused():
+    with pytest.raises(PretrainReuseError, match="finetuned has n=2 players but pretrained has n=3"):
+        sample_knowledge(PRE, inter(2, A0=1.0))
+    with pytest.raises(PretrainReuseError, match="match='sign' is not one of"):
+        sample_knowledge(PRE, FT, match="sign")
+
+
+# --------------------------------------------------------------------------------------------
+# Over samples
+# --------------------------------------------------------------------------------------------
+
+
+def test_report_averages_ratios_and_skips_samples_with_an_empty_denominator():
+    nothing = inter(3)  # a model without any knowledge on this sample
+    report = knowledge_report([PRE, nothing], [FT, inter(3, A0=1.0)])
+    preserve, new = report.overall["preserve"], report.overall["new"]
+    assert (preserve.n_used, preserve.n_skipped) == (1, 1) and preserve.mean == pytest.approx(2 / 3)
+    # new: 2/4 on the first sample, 1/1 on the second
+    assert (new.n_used, new.n_skipped) == (2, 0)
+    assert new.mean == pytest.approx(0.75) and new.std == pytest.approx(0.25)
+    assert (new.q25, new.median, new.q75) == pytest.approx((0.625, 0.75, 0.875))
+    assert new.pooled == pytest.approx(3 / 5)
+    assert report.by_order[2]["preserve"].mean == pytest.approx(1 / 2)
+    assert report.by_order[3]["preserve"].n_used == 0 and math.isnan(report.by_order[3]["preserve"].mean)
+
+
+def test_report_to_dict_is_json_ready_with_none_for_undefined_ratios():
+    import json
+
+    d = knowledge_report([PRE], [FT], [SCRATCH]).to_dict()
+    json.dumps(d, allow_nan=False)
+    assert d["overall"]["exclusive"]["mean"] == pytest.approx(0.5)
+    assert d["by_order"]["3"]["preserve"]["mean"] is None
+
+
+def test_report_needs_one_interaction_per_sample_for_every_model():
+    with pytest.raises(PretrainReuseError, match="got 2 pretrained, 1 finetuned"):
+        knowledge_report([PRE, PRE], [FT])
+    with pytest.raises(PretrainReuseError, match="no samples"):
+        knowledge_report([], [])
+
+
+# --------------------------------------------------------------------------------------------
+# Convergence
+# --------------------------------------------------------------------------------------------
+
+CHECKPOINTS = [
+    [inter(3, A0=1.0, A1=1.0), inter(3, A2=1.0)],
+    [inter(3, A0=1.0, A01=1.0), inter(3)],
+    [inter(3, A0=1.0, A01=1.0, O12=1.0), inter(3, A2=1.0)],
+]
+
+
+def test_convergence_iou_and_detour_equal_hand_computed_curves():
+    c = knowledge_convergence(CHECKPOINTS)
+    np.testing.assert_allclose(c.similarity, [(1 / 4 + 1) / 2, (2 / 3 + 0) / 2, 1.0])
+    np.testing.assert_allclose(c.detour, [(1 / 2 + 0) / 2, 0.0, 0.0])  # sample 2 at t=2 has no Ω_t
+    np.testing.assert_array_equal(c.n_used, [2, 2, 2])
+    assert c.first_at_threshold == 3
+    assert c.auc == pytest.approx(((0.625 + 1 / 3) / 2 + (1 / 3 + 1) / 2) / 2)
+    assert c.n_decreases == 1 and c.total_detour == pytest.approx(0.25)
+
+
+def test_convergence_by_order_uses_only_interactions_of_that_order():
+    c = knowledge_convergence(CHECKPOINTS, order=2)
+    # order 2: sample 1 has {} -> {A01} -> {A01, O12}: IoU 0, 1/2, 1; sample 2 never has any
+    np.testing.assert_allclose(c.similarity, [0.0, 0.5, 1.0])
+    np.testing.assert_array_equal(c.n_used, [1, 1, 1])
+    assert math.isnan(c.detour[0]) and c.detour[1] == 0.0
+
+
+def test_convergence_coverage_divides_by_the_final_knowledge():
+    c = knowledge_convergence(CHECKPOINTS, measure="coverage")
+    np.testing.assert_allclose(c.similarity, [(1 / 3 + 1) / 2, (2 / 3 + 0) / 2, 1.0])
+
+
+def test_convergence_weighted_measure_is_one_at_the_final_checkpoint():
+    c = knowledge_convergence(CHECKPOINTS, measure="weighted")
+    assert c.similarity[-1] == pytest.approx(1.0)
+    # sample 1: min 1 (A0) over max 4 (A0, A1, A01, O12); sample 2: identical vectors
+    assert c.similarity[0] == pytest.approx((1 / 4 + 1.0) / 2)
+
+
+def test_convergence_summaries_handle_a_curve_that_never_reaches_the_threshold():
+    c = knowledge_convergence(CHECKPOINTS, threshold=1.5)
+    assert c.first_at_threshold is None
+    assert c.to_dict()["first_at_threshold"] is None
+
+
+def test_convergence_refuses_checkpoints_over_different_samples():
+    with pytest.raises(PretrainReuseError, match="every checkpoint must be explained on the same samples"):
+        knowledge_convergence([[PRE, FT], [PRE]])
+    with pytest.raises(PretrainReuseError, match="measure='jaccard' is not one of"):
+        knowledge_convergence(CHECKPOINTS, measure="jaccard")
+
+
+# --------------------------------------------------------------------------------------------
+# Pairwise comparisons and discrimination power
+# --------------------------------------------------------------------------------------------
+
+ONE = inter(2, A0=1.0, A1=-1.0)
+TWO = inter(2, A0=0.5, A1=1.0, O01=1.0)
+
+
+def test_weighted_overlap_splits_positive_and_negative_parts():
+    # min: A0 0.5 (+), A1 0 (signs differ), O01 0 -> 0.5; max: 1 + 1 + 1 (+) and 1 (-) -> 4
+    assert weighted_overlap(ONE, TWO) == pytest.approx(0.5 / 4)
+    assert weighted_overlap(ONE, ONE) == pytest.approx(1.0)
+    assert weighted_overlap(ONE, TWO, normalize=True) == pytest.approx((0.5 / 2.5) / (0.5 + 0.4 + 0.4 + 0.5))
+
+
+def test_cover_ratio_and_transferability_equal_hand_computed_values():
+    assert cover_ratio(ONE, TWO) == pytest.approx((0.5 + 1.0) / 2.0)
+    assert transferability(ONE, TWO) == pytest.approx(2 / 2)
+    assert transferability(TWO, ONE) == pytest.approx(2 / 3)
+    assert math.isnan(transferability(inter(2), TWO))
+
+
+def test_discrimination_power_counts_signs_over_samples_of_a_class():
+    samples = [inter(2, A0=1.0, A1=-1.0), inter(2, A0=1.0), inter(2, A0=-1.0, A1=-1.0)]
+    d = discrimination_power(samples)
+    a0, a1 = ("and", 0b01), ("and", 0b10)
+    assert d.beta == {a0: pytest.approx(2 / 3), a1: 1.0}
+    assert d.alpha == {a0: 1.0, a1: pytest.approx(2 / 3)}
+    assert d.purity() == pytest.approx((1.0 * 2 / 3 + 2 / 3 * 1.0) / (1.0 + 2 / 3))
+    assert d.purity([a1]) == 1.0 and math.isnan(d.purity([("or", 0b11)]))
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic games
+# --------------------------------------------------------------------------------------------
+
+
+def test_planted_game_evaluates_and_and_or_terms_on_every_coalition():
+    v = planted_game(3, {(0, 1): 2.0}, {(1, 2): -1.0}, bias=0.5)
+    expected = [0.5 + 2.0 * (m & 0b011 == 0b011) - 1.0 * (m & 0b110 != 0) for m in range(8)]
+    np.testing.assert_allclose(v, expected)
+    noisy = planted_game(3, {(0, 1): 2.0}, noise=0.1, seed=5)
+    np.testing.assert_array_equal(noisy, planted_game(3, {(0, 1): 2.0}, noise=0.1, seed=5))
+    assert 0 < np.abs(noisy - planted_game(3, {(0, 1): 2.0})).max() < 1.0
+
+
+def test_planted_game_refuses_an_empty_or_term_and_negative_noise():
+    with pytest.raises(PretrainReuseError, match="or_terms has the empty coalition"):
+        planted_game(3, or_terms={(): 1.0})
+    with pytest.raises(PretrainReuseError, match="noise=-1"):
+        planted_game(3, noise=-1)

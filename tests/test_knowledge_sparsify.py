@@ -1,0 +1,259 @@
+"""Tests of the AND-OR sparsification solvers (ADMM default, group SGD protocol, exact LP, mode q).
+
+Independent references: a dense LP assembled from the defining matrices (all AND and all OR
+columns, no tricks) for n <= 5; the group's ``_train_p_q`` rewritten with dense matrices and
+torch.optim.SGD + autograd; and invariants (|q| <= b, exact reconstruction of v + q).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linprog
+
+from pretrain_reuse.errors import PretrainReuseError
+from pretrain_reuse.knowledge import (
+    and_interactions,
+    and_or_interactions,
+    and_or_interactions_lp,
+    and_or_interactions_sgd,
+    harsanyi_and,
+    mask_of,
+    orders,
+    planted_game,
+    reconstruct_and,
+    reconstruct_or,
+)
+
+PLANTED_AND = {(0, 1): 2.0, (2, 3, 4): 1.5, (0, 7): -0.8}
+PLANTED_OR = {(5, 6): 1.0}
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """The note's n = 8 check: three AND terms, one OR term, noise 0.01."""
+    return planted_game(8, PLANTED_AND, PLANTED_OR, noise=0.01, seed=0)
+
+
+@pytest.fixture(scope="module")
+def planted_lp(planted):
+    [x] = and_or_interactions_lp(planted, qthres=0.04)
+    return x
+
+
+def dense_matrices(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Z[S, T] = [T ⊆ S]; W[S, T] = [T ∩ S ≠ ∅] for T ≠ ∅ and W[S, ∅] = 1, from the definitions."""
+    size = 1 << n
+    z = np.array([[float(t & s == t) for t in range(size)] for s in range(size)])
+    w = np.array([[1.0 if t == 0 else float(t & s != 0) for t in range(size)] for s in range(size)])
+    return z, w
+
+
+def reference_lp(v: np.ndarray, n: int, b: float, with_or: bool) -> float:
+    """min Σ|x| (+ Σ|y|) s.t. |Z x (+ W y) - v| <= b, every column present, x = x+ - x-."""
+    z, w = dense_matrices(n)
+    k = np.hstack([z, w]) if with_or else z
+    a = np.hstack([k, -k])
+    res = linprog(np.ones(a.shape[1]), A_ub=np.vstack([a, -a]), b_ub=np.concatenate([v + b, b - v]),
+                  bounds=(0, None), method="highs")
+    assert res.status == 0
+    return res.fun
+
+
+def group_sgd(v: np.ndarray, n: int, b: float, lr: float, niter: int):
+    """_train_p_q of sjtu-xai-lab/interaction-concept, with dense matrices and autograd."""
+    z, w = dense_matrices(n)
+    to_and = torch.tensor(np.linalg.inv(z))  # reward -> I_and
+    to_or = torch.tensor(np.linalg.inv(w))  # reward -> I_or
+    rewards = torch.tensor(v)
+    p = torch.zeros_like(rewards, requires_grad=True)
+    q = torch.zeros_like(rewards, requires_grad=True)
+    opt = torch.optim.SGD([p, q], lr=0.0, momentum=0.9)
+    eta = np.logspace(np.log10(lr), np.log10(lr) - 1, niter)
+    for it in range(niter):
+        q.data = torch.clamp(q.data, -b, b)
+        i_and = to_and @ (0.5 * (rewards + q) + p)
+        i_or = to_or @ (0.5 * (rewards + q) - p)
+        loss = i_and.abs().sum() + i_or.abs().sum()
+        if it + 1 < niter:
+            opt.zero_grad()
+            opt.param_groups[0]["lr"] = eta[it]
+            loss.backward()
+            opt.step()
+    return i_and.detach().numpy(), i_or.detach().numpy(), q.detach().numpy(), loss.item()
+
+
+def noise_bound(v: np.ndarray, qthres: float) -> float:
+    return qthres * abs(v[-1] - v[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Optimality
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_exact_lp_equals_a_dense_lp_over_all_and_and_or_columns(n):
+    v = planted_game(n, {(0, 1): 1.0, (2,): -0.5}, {(1, 2): 0.7}, noise=0.1, seed=n)
+    [x] = and_or_interactions_lp(v, qthres=0.05)
+    assert x.meta["objective"] == pytest.approx(reference_lp(v, n, noise_bound(v, 0.05), True), rel=1e-8)
+
+
+def test_admm_reaches_the_lp_optimum_within_its_certified_gap(planted, planted_lp):
+    [x] = and_or_interactions(planted, qthres=0.04, tol=1e-3)
+    optimum = planted_lp.meta["objective"]
+    assert x.meta["converged"] and x.meta["gap"] <= 1e-3
+    assert optimum * (1 - 1e-9) <= x.meta["objective"] <= optimum * (1 + 1e-3)
+    assert x.meta["lower_bound"] <= optimum * (1 + 1e-9)
+
+
+def test_admm_default_objective_is_far_below_the_sgd_protocol(planted, planted_lp):
+    [admm] = and_or_interactions(planted)
+    [sgd] = and_or_interactions_sgd(planted, niter=1000)
+    assert admm.meta["objective"] <= planted_lp.meta["objective"] * (1 + 1e-2)
+    assert admm.meta["objective"] < sgd.meta["objective"]
+
+
+def test_mode_q_reaches_the_optimum_of_a_dense_and_only_lp():
+    n = 5
+    v = planted_game(n, {(0, 1): 1.0, (1, 2, 3): -0.6}, noise=0.1, seed=2)
+    [x] = and_interactions(v, qthres=0.05, tol=1e-4)
+    optimum = reference_lp(v, n, noise_bound(v, 0.05), False)
+    assert optimum * (1 - 1e-9) <= x.meta["objective"] <= optimum * (1 + 1e-4)
+    assert x.meta["objective"] < np.abs(harsanyi_and(v)).sum()
+
+
+# --------------------------------------------------------------------------------------------
+# Invariants
+# --------------------------------------------------------------------------------------------
+
+SOLVERS = {
+    "admm": lambda v: and_or_interactions(v, qthres=0.05),
+    "sgd": lambda v: and_or_interactions_sgd(v, qthres=0.05, lr=1e-3, niter=300),
+    "lp": lambda v: and_or_interactions_lp(v, qthres=0.05),
+    "mode-q": lambda v: and_interactions(v, qthres=0.05),
+}
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_noise_stays_in_its_box_and_the_interactions_reproduce_v_plus_q_everywhere(solver):
+    games = np.stack([planted_game(6, {(0, 1): 1.0}, {(2, 3, 4): -0.5}, noise=0.2, seed=s) for s in range(3)])
+    for x, v in zip(SOLVERS[solver](games), games, strict=True):
+        b = noise_bound(v, 0.05)
+        assert np.abs(x.noise).max() <= b * (1 + 1e-9)
+        np.testing.assert_allclose(reconstruct_and(x.and_values) + reconstruct_or(x.or_values), v + x.noise,
+                                   atol=1e-10)
+        np.testing.assert_array_equal(x.v, v)
+
+
+@pytest.mark.parametrize("solver", ["admm", "sgd", "lp"])
+def test_and_or_results_have_orders_0_and_1_merged_into_and(solver):
+    [x] = SOLVERS[solver](planted_game(5, {(0,): 1.0}, {(1, 2): 1.0, (3, 4): 0.5}, noise=0.1, seed=1))
+    assert x.kind == "and-or"
+    assert not x.or_values[orders(5) <= 1].any()
+
+
+def test_zero_noise_bound_decomposes_v_itself():
+    v = planted_game(5, {(0, 1): 1.0}, {(2, 3): 1.0}, noise=0.05, seed=4)
+    [x] = and_or_interactions(v, qthres=0.0)
+    assert np.abs(x.noise).max() < 1e-12
+
+
+# --------------------------------------------------------------------------------------------
+# Ground truth
+# --------------------------------------------------------------------------------------------
+
+
+def planted_items() -> dict:
+    items = {("and", mask_of(s, 8)): c for s, c in PLANTED_AND.items()}
+    items.update({("or", mask_of(s, 8)): c for s, c in PLANTED_OR.items()})
+    return items
+
+
+def assert_recovers_planted_terms(x, tau: float) -> None:
+    found, planted = x.salient(tau), planted_items()
+    assert set(found) == set(planted)
+    b = x.meta["b"]
+    for key, value in planted.items():
+        assert np.sign(found[key]) == np.sign(value)
+        # q may absorb up to b on every coalition, so a term can shrink by about b (seen: 1.8b)
+        assert abs(found[key] - value) <= 2 * b
+
+
+def test_admm_salient_set_is_exactly_the_planted_terms(planted):
+    [x] = and_or_interactions(planted, qthres=0.04)
+    assert_recovers_planted_terms(x, tau=0.05)
+
+
+def test_exact_lp_salient_set_is_the_planted_terms_above_its_spurious_vertex_terms(planted_lp):
+    # The LP optimum is not unique; HiGHS returns a vertex carrying two spurious terms smaller than
+    # b (0.13 and 0.11 here, both above 0.05·max), so the planted terms are exactly the set at 0.1.
+    b = noise_bound(planted_lp.v, 0.04)
+    spurious = set(planted_lp.salient(0.05)) - set(planted_items())
+    assert all(abs(planted_lp.salient(0.05)[k]) < b for k in spurious)
+    assert_recovers_planted_terms(planted_lp, tau=0.1)
+
+
+# --------------------------------------------------------------------------------------------
+# The SGD protocol
+# --------------------------------------------------------------------------------------------
+
+
+def test_sgd_reference_follows_the_group_code_step_by_step():
+    n = 4
+    v = planted_game(n, {(0, 1): 1.0, (2,): 0.3}, {(1, 3): -0.8}, noise=0.2, seed=7)
+    b = noise_bound(v, 0.04)
+    ref_and, ref_or, ref_q, ref_loss = group_sgd(v, n, b, lr=1e-2, niter=40)
+    [x] = and_or_interactions_sgd(v, qthres=0.04, lr=1e-2, niter=40)
+    assert x.meta["loss"] == pytest.approx(ref_loss, rel=1e-10)
+    low = orders(n) <= 1
+    merged_and = ref_and + np.where(low, ref_or, 0.0)
+    np.testing.assert_allclose(x.and_values, merged_and, atol=1e-10)
+    np.testing.assert_allclose(x.or_values, np.where(low, 0.0, ref_or), atol=1e-10)
+    np.testing.assert_allclose(x.noise, ref_q, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs, batches, metadata, errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_torch_batch_gives_one_result_per_game_equal_to_single_solves():
+    games = torch.tensor(np.stack([planted_game(5, {(0, 1): 1.0}, noise=0.1, seed=s) for s in range(3)]))
+    batch = and_or_interactions_lp(games)
+    assert len(batch) == 3
+    for x, v in zip(batch, games, strict=True):
+        [single] = and_or_interactions_lp(v.numpy())
+        np.testing.assert_allclose(x.and_values, single.and_values, atol=1e-12)
+
+
+def test_meta_records_the_parameters_and_the_diagnostics(planted):
+    [x] = and_or_interactions(planted, qthres=0.04, tol=0.05, max_iter=100)
+    assert x.meta["producer"] == "pretrain_reuse.knowledge.and_or_interactions"
+    assert x.meta["params"] == {"qthres": 0.04, "tol": 0.05, "max_iter": 100}
+    assert x.meta["n_iter"] <= 100 and x.meta["lower_bound"] <= x.meta["objective"]
+    assert x.meta["b"] == pytest.approx(noise_bound(planted, 0.04))
+
+
+def test_hitting_max_iter_is_reported_as_not_converged(planted):
+    [x] = and_or_interactions(planted, tol=1e-9, max_iter=30)
+    assert x.meta["n_iter"] == 30 and not x.meta["converged"] and x.meta["gap"] > 1e-9
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda v: and_or_interactions(v, qthres=-0.1), "qthres=-0.1 must be a finite number >= 0"),
+    (lambda v: and_or_interactions(v, tol=0.0), "tol=0.0 must be a relative duality gap"),
+    (lambda v: and_interactions(v, qthres=0.1, max_iter=0), "max_iter=0 must be a positive"),
+    (lambda v: and_or_interactions_sgd(v, lr=0.0), "lr=0.0 must be a positive learning rate"),
+    (lambda v: and_or_interactions_sgd(v, niter=0), "niter=0 must be a positive number"),
+    (lambda v: and_or_interactions(v[None, None]), r"v must be one game \(2\^n,\) or a batch"),
+])
+def test_bad_solver_arguments_are_refused_naming_the_parameter(call, message):
+    with pytest.raises(PretrainReuseError, match=message):
+        call(planted_game(3, {(0,): 1.0}))
+
+
+def test_exact_lp_refuses_games_beyond_its_player_limit():
+    with pytest.raises(PretrainReuseError, match=r"the exact LP takes n <= 12 players.*got n=13"):
+        and_or_interactions_lp(np.zeros(1 << 13))
