@@ -511,6 +511,27 @@ def _init_distributed() -> None:
         dist.init_process_group(backend)
 
 
+def help_pages() -> dict[str, str]:
+    """Markdown page per verb, made from the parser's own help text (docs/cli/*.md), so the
+    documentation cannot drift from the command."""
+    import os
+
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal; fix it for stable pages
+    try:
+        parser = build_parser()
+        verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        pages = {"index": f"# pretrain-reuse\n\n```\n{parser.format_help()}```\n"}
+        for name, sub in verbs.choices.items():
+            pages[name] = f"# pretrain-reuse {name}\n\n```\n{sub.format_help()}```\n"
+    finally:
+        if old is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = old
+    return pages
+
+
 def _finish_distributed() -> None:
     import torch.distributed as dist
 
