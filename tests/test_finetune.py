@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from _procs import kill_when
 from pretrain_reuse.cli import main
 from pretrain_reuse.data.datasets import ArrayDataset
 from pretrain_reuse.errors import PretrainReuseError
@@ -799,30 +798,6 @@ register_optimizer_step_post_hook(lambda opt, args, kwargs: time.sleep(PAUSE))
 from pretrain_reuse.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-
-
-def kill_when(cmd: list[str], ready, *, env: dict, timeout: float = 180.0) -> None:
-    """Start ``cmd``; SIGKILL it as soon as ``ready()`` holds; fail if it ends first."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + timeout
-    try:
-        while not ready():
-            if proc.poll() is not None:
-                _, err = proc.communicate()
-                pytest.fail(f"the run ended (rc={proc.returncode}) before the kill point: "
-                            f"{err.decode()[-2000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail("the kill point was never reached")
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        assert proc.returncode == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
 
 
 def assert_same_run(a: Path, b: Path) -> None:

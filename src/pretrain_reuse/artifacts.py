@@ -142,6 +142,27 @@ def decode_ids(blob: np.ndarray, n: int, source: str | Path) -> list[str]:
     return ids
 
 
+def read_safetensors(path: str | Path, what: str, fix: str, *, framework: str = "numpy",
+                     artifact: str | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """All tensors and the header metadata of a ``.safetensors`` file (nothing is unpickled).
+
+    A missing, truncated or foreign file (header ``artifact`` other than ``artifact``, when given)
+    is a :class:`PretrainReuseError` naming ``what`` and the ``fix``.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    p = check_file(what, path)
+    try:
+        with safe_open(str(p), framework=framework) as fh:
+            header = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PretrainReuseError(f"{what} {str(p)!r} is corrupt or not safetensors ({e}); {fix}") from None
+    if artifact is not None and header.get("artifact") != artifact:
+        raise PretrainReuseError(f"{str(p)!r} is not a {artifact} file written by pretrain-reuse; {fix}")
+    return tensors, header
+
+
 def _safetensors_artifact(path: Path) -> str | None:
     """The ``artifact`` entry of a safetensors header (None when absent or unreadable)."""
     from safetensors import SafetensorError, safe_open

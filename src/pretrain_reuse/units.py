@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
@@ -30,6 +29,7 @@ from .artifacts import (
     hash_array,
     hash_file,
     make_meta,
+    read_safetensors,
     to_json,
 )
 from .errors import PretrainReuseError, check_choice, check_file, check_matrix
@@ -122,14 +122,9 @@ class Units:
             check_matrix(f"prototypes in {p.name}", protos)
             return cls(prototypes=protos, kind="prototypes",
                        meta={"producer": "npy", "inputs": {"prototypes": hash_file(p)}})
-        try:
-            with safe_open(str(p), framework="numpy") as fh:
-                header = fh.metadata() or {}
-                t = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is not a dict)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise PretrainReuseError(f"units file {str(p)!r} is corrupt ({e}); rebuild it with "
-                                     "`pretrain-reuse units`") from None
-        if header.get("artifact") != "units" or "prototypes" not in t:
+        t, header = read_safetensors(p, "units file", "rebuild it with `pretrain-reuse units`",
+                                     artifact="units")
+        if "prototypes" not in t:
             raise PretrainReuseError(f"{str(p)!r} is not a units file written by pretrain-reuse")
         assignment = t.get("assignment")
         ids = decode_ids(t["sample_ids"], len(assignment), p) if assignment is not None else []

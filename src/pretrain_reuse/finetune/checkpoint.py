@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..artifacts import atomic_path, to_json
+from ..artifacts import atomic_path, read_safetensors, to_json
 from ..errors import PretrainReuseError
 
 _TENSOR, _DICT, _TUPLE = "__tensor__", "__dict__", "__tuple__"
@@ -60,15 +59,10 @@ def save_state(path: str | Path, state: dict[str, Any]) -> Path:
 
 def load_state(path: str | Path) -> dict[str, Any]:
     """Read a state written by :func:`save_state`; a corrupt file is a clear error."""
-    p = Path(path)
+    fix = "delete it to restart the run"
+    tensors, header = read_safetensors(path, "checkpoint", fix, framework="pt",
+                                       artifact="checkpoint")
     try:
-        with safe_open(str(p), framework="pt") as fh:
-            header = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (not a dict)
-        if header.get("artifact") != "checkpoint":
-            raise PretrainReuseError(f"{str(p)!r} is not a pretrain-reuse checkpoint")
         return _decode(json.loads(header["state"]), tensors)
-    except (SafetensorError, OSError, ValueError, KeyError) as e:
-        raise PretrainReuseError(
-            f"checkpoint {str(p)!r} is unreadable ({e}); delete it to restart the run"
-        ) from None
+    except (ValueError, KeyError) as e:
+        raise PretrainReuseError(f"checkpoint {str(path)!r} is unreadable ({e}); {fix}") from None

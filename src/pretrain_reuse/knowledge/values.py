@@ -25,11 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from ..artifacts import atomic_path, to_json
-from ..errors import PretrainReuseError, check_choice, check_file
+from ..artifacts import atomic_path, read_safetensors, to_json
+from ..errors import PretrainReuseError, check_choice
 from .interactions import MAX_PLAYERS, mask_of, or_reconstruct_, orders, players_of, subset_sum_
 
 __all__ = ["KINDS", "TYPES", "Interactions", "Key"]
@@ -241,19 +240,14 @@ class Interactions:
     @classmethod
     def load(cls, path: str | Path) -> Interactions:
         """Read a file written by :meth:`save`."""
-        p = check_file("interactions", path)
+        fix = "recompute the interactions"
+        arrays, header = read_safetensors(path, "interactions file", fix, artifact="interactions")
+        p = Path(path)
         try:
-            with safe_open(str(p), framework="numpy") as fh:
-                header = fh.metadata() or {}
-                arrays = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (not a dict)
-            if header.get("artifact") != "interactions":
-                raise PretrainReuseError(f"{str(p)!r} is not an interactions file written by pretrain-reuse")
             return cls(n=int(header["n"]), kind=header["kind"], info=json.loads(header["info"]),
                        meta=json.loads(header["meta"]), **arrays)
-        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
-            raise PretrainReuseError(
-                f"interactions file {str(p)!r} is corrupt ({e}); recompute the interactions"
-            ) from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise PretrainReuseError(f"interactions file {str(p)!r} is corrupt ({e}); {fix}") from None
 
     def plot_orders(self, ax=None, tau: float | None = None):
         """Bar chart of :meth:`by_order` (AND and OR stacked); returns the matplotlib axes."""

@@ -31,11 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..artifacts import atomic_path
+from ..artifacts import atomic_path, read_safetensors
 from ..errors import PretrainReuseError
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "encoder_q.")
@@ -69,19 +68,8 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
             f"weights file {str(p)!r} {what}; pass the path of a .safetensors file or a torch "
             "state dict (.pt/.pth/.pth.tar) of this architecture")
     if p.suffix == ".safetensors":
-        return _read_safetensors(p)
+        return read_safetensors(p, "weights file", "re-download or re-save it", framework="pt")
     return _unwrap(_read_torch(p), p), {}
-
-
-def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    try:
-        with safe_open(str(p), framework="pt") as fh:
-            header = fh.metadata() or {}
-            state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise PretrainReuseError(f"weights file {str(p)!r} is not a readable .safetensors file ({e}); "
-                                 "re-download or re-save it") from None
-    return state, header
 
 
 def _read_torch(p: Path) -> Any:

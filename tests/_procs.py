@@ -1,0 +1,31 @@
+"""Helpers shared by tests that interrupt real runs."""
+
+import signal
+import subprocess
+import time
+
+import pytest
+
+
+def kill_when(cmd: list[str], ready, *, env: dict, timeout: float = 180.0) -> None:
+    """Start ``cmd``; SIGKILL it as soon as ``ready()`` holds; fail if it ends first."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                _, err = proc.communicate()
+                pytest.fail(f"the run ended (rc={proc.returncode}) before the kill point: "
+                            f"{err.decode()[-2000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("the kill point was never reached")
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
