@@ -158,6 +158,10 @@ def _compare(ft: dict, a: str, b: str) -> str:
         return ""
     da = ft[a]["top1_mean"] - ft[b]["top1_mean"]
     spread = max(ft[a]["top1_std"], ft[b]["top1_std"])
+    if min(len(ft[a]["seeds"]), len(ft[b]["seeds"])) < 2:
+        word = "ahead of" if da > 0 else "not ahead of"
+        return (f'<p class="note">{a} is {word} {b} by {100 * da:+.2f} points on one seed: no '
+                "spread to compare with, so this is not evidence either way.</p>")
     if da > spread:
         return f'<p class="good">{a} beats {b} by {100 * da:.2f} points (more than the seed spread).</p>'
     if da > 0:
@@ -218,16 +222,20 @@ def _knowledge_section(run: Path) -> str:
          for r, f in faith.items()]))
     cf = k["counterfactual"]
     if cf.get("n_sets"):
-        verdict = ("Removing the players of preserved interactions changes the output more than "
-                   "removing as many random players" if cf["effect_ratio"] > 1 else
-                   "Removing the players of preserved interactions does <b>not</b> change the "
-                   "output more than removing random players")
+        ratio = cf["effect_ratio"]
+        verdict = ("Removing the players of preserved interactions changes the output clearly more "
+                   "than removing as many random players" if ratio > 1.2 else
+                   "Removing the players of preserved interactions changes the output about as "
+                   "much as removing as many random players: the check does not single them out"
+                   if ratio >= 0.8 else
+                   "Removing the players of preserved interactions changes the output <b>less</b> "
+                   "than removing random players")
         parts.append("<h3>Counterfactual check</h3>" + _table(
             ["sets", "mean |Δv| preserved", "mean |Δv| random", "ratio", "corr(predicted, measured)"],
             [[cf["n_sets"], f"{cf['mean_abs_change_preserved']:.3f}",
               f"{cf['mean_abs_change_random']:.3f}", f"{cf['effect_ratio']:.2f}",
               "n/a" if cf["prediction_correlation"] is None else f"{cf['prediction_correlation']:.3f}"]])
-            + f'<p class="{"good" if cf["effect_ratio"] > 1 else "note"}">{verdict} '
+            + f'<p class="{"good" if ratio > 1.2 else "note"}">{verdict} '
               f"(ratio {cf['effect_ratio']:.2f}).</p>")
     return _section("Knowledge handed over by pre-training", "knowledge", "".join(parts))
 
