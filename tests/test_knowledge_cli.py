@@ -1,0 +1,88 @@
+"""explain / knowledge through the CLI: outputs that check out, and one-line errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain_reuse import load
+from pretrain_reuse.cli import main
+from pretrain_reuse.knowledge import harsanyi_and
+from pretrain_reuse.models import create_backbone, save_backbone
+
+
+def _classifier(path, classes: int, seed: int = 0):
+    torch.manual_seed(seed)
+    net = create_backbone("smallcnn-s", num_classes=classes)
+    save_backbone(net, path, {"seed": seed})
+    return path
+
+
+def _run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_explain_writes_exact_interactions_of_the_models_games(tmp_path, capsys):
+    weights = _classifier(tmp_path / "m.safetensors", 10)
+    rc, out, _ = _run(capsys, "explain", "--model", "smallcnn-s", "--weights", weights,
+                      "--data", "synthetic:target", "--players", "parts", "--samples", 3,
+                      "--quiet", "--out", tmp_path / "x")
+    assert rc == 0 and "explained 3 samples with n=9 players" in out
+    files = sorted((tmp_path / "x").glob("interactions-*.safetensors"))
+    assert len(files) == 3
+    for f in files:
+        x = load(f)
+        np.testing.assert_allclose(x.and_values, harsanyi_and(x.v), atol=1e-12)
+        assert x.info["players"]["players"] == "masks" and x.n == 9
+    # the cached games make a rerun reuse the work
+    games = sorted((tmp_path / "x" / "games").glob("*.npy"))
+    assert len(games) == 3
+
+
+def test_knowledge_of_a_model_against_itself_preserves_everything(tmp_path, capsys):
+    # the same network in all three roles: every salient interaction is preserved, none is new,
+    # and the scratch model knows all of it (closed-form ratios 1, 0, 0)
+    same = _classifier(tmp_path / "m.safetensors", 10)
+    rc, out, _ = _run(capsys, "knowledge", "--model", "smallcnn-s", "--pretrained", same,
+                      "--finetuned", same, "--scratch", same, "--data", "synthetic:target",
+                      "--players", "grid:2x2", "--samples", 3, "--quiet", "--out", tmp_path / "k")
+    assert rc == 0, out
+    k = json.loads((tmp_path / "k" / "knowledge.json").read_text())
+    overall = k["report"]["overall"]
+    assert overall["preserve"]["mean"] == 1.0 and overall["discard"]["mean"] == 0.0
+    assert overall["new"]["mean"] == 0.0 and overall["exclusive"]["mean"] == 0.0
+    assert k["samples"]["n"] == 3
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--players", "hex"], "grid:RxC"),
+    (["--players", "grid:2x2", "--n", "9"], "n=9"),
+    (["--baseline", "noise"], "baseline"),
+    (["--players", "parts", "--data", "digits"], "part annotations"),
+])
+def test_explain_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, needle):
+    weights = _classifier(tmp_path / "m.safetensors", 10)
+    base = ["explain", "--model", "smallcnn-s", "--weights", weights, "--samples", 1, "--quiet",
+            "--out", tmp_path / "x"]
+    if "--data" not in argv:
+        base += ["--data", "synthetic:target"]
+    rc, _, err = _run(capsys, *base, *argv)
+    assert rc == 2 and err.count("\n") == 1 and needle in err and "Traceback" not in err
+
+
+def test_model_without_the_datas_classes_is_a_user_error(tmp_path, capsys):
+    weights = _classifier(tmp_path / "m7.safetensors", 7)
+    rc, _, err = _run(capsys, "explain", "--model", "smallcnn-s", "--weights", weights, "--data",
+                      "synthetic:target", "--samples", 1, "--quiet", "--out", tmp_path / "x")
+    assert rc == 2 and "outputs 7 classes but the data has 10" in err
+
+
+def test_knowledge_with_a_missing_model_file_is_a_user_error(tmp_path, capsys):
+    ft = _classifier(tmp_path / "ft.safetensors", 10)
+    rc, _, err = _run(capsys, "knowledge", "--model", "smallcnn-s", "--pretrained",
+                      tmp_path / "nope.safetensors", "--finetuned", ft, "--data",
+                      "synthetic:target", "--quiet", "--out", tmp_path / "k")
+    assert rc == 2 and "--pretrained" in err and "does not exist" in err
