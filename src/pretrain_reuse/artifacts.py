@@ -157,7 +157,8 @@ def read_safetensors(path: str | Path, what: str, fix: str, *, framework: str = 
             header = fh.metadata() or {}
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as e:
-        raise PretrainReuseError(f"{what} {str(p)!r} is not a readable safetensors file ({e}); {fix}") from None
+        raise PretrainReuseError(
+            f"{what} {str(p)!r} is corrupt: not a readable safetensors file ({e}); {fix}") from None
     if artifact is not None and header.get("artifact") != artifact:
         raise PretrainReuseError(f"{str(p)!r} is not a {artifact} file written by pretrain-reuse; {fix}")
     return tensors, header
