@@ -15,10 +15,10 @@ Run by hand, not in CI:
 """
 
 import argparse
-import time
 
 import numpy as np
 import torch
+from _timing import best_time
 
 from pretrain_reuse.knowledge import (
     and_or_interactions,
@@ -30,16 +30,6 @@ from pretrain_reuse.knowledge import (
 )
 
 
-def timed(fn, repeat: int = 1):
-    """(best wall time over ``repeat`` runs, result of the last run)."""
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
 def bench_transform(sizes, seed: int) -> None:
     import shapiq
 
@@ -48,13 +38,13 @@ def bench_transform(sizes, seed: int) -> None:
     for n in sizes:
         v = np.random.default_rng(seed + n).standard_normal(1 << n)
         harsanyi_and(v)  # warm-up
-        ours, mine = timed(lambda v=v: harsanyi_and(v), repeat=20)
+        ours, mine = best_time(lambda v=v: harsanyi_and(v), repeat=20)
         weights = 1 << np.arange(n)
 
         def game(coalitions, v=v, weights=weights):
             return v[(np.asarray(coalitions, dtype=bool) * weights).sum(axis=1)]
 
-        theirs, iv = timed(lambda n=n, game=game: shapiq.ExactComputer(game, n_players=n)("Moebius"))
+        theirs, iv = best_time(lambda n=n, game=game: shapiq.ExactComputer(game, n_players=n)("Moebius"))
         ref = np.empty(1 << n)
         for coalition, pos in iv.interaction_lookup.items():
             ref[mask_of(coalition, n)] = iv.values[pos]
@@ -87,19 +77,19 @@ def bench_sparsify(sizes, batch, sgd_iters, lr, qthres, noise, lp_max, seed) -> 
           f"{'speed-up':>9}")
     for n in sizes:
         games = planted_batch(n, batch, noise, seed + n)
-        sgd_s, sgd = timed(
+        sgd_s, sgd = best_time(
             lambda games=games: and_or_interactions_sgd(games, qthres=qthres, lr=lr, niter=sgd_iters))
         sgd_obj = objectives(sgd)
         print(f"{n:>3} {f'SGD lr={lr:g} x{sgd_iters}':<26} {sgd_s:>9.2f} {sgd_obj.mean():>10.4f} "
               f"{'':>9} {'':>6} {1.0:>9.1f}")
         if n <= lp_max:
-            lp_s, lp = timed(lambda games=games: and_or_interactions_lp(games, qthres=qthres))
+            lp_s, lp = best_time(lambda games=games: and_or_interactions_lp(games, qthres=qthres))
             print(f"{n:>3} {'exact LP (HiGHS)':<26} {lp_s:>9.2f} {objectives(lp).mean():>10.4f} {0.0:>9.1e} "
                   f"{'yes':>6} {sgd_s / lp_s:>9.1f}")
         and_or_interactions(games[:1], qthres=qthres, max_iter=20)  # warm-up
         k = 25
         while True:
-            t, res = timed(lambda games=games, k=k: and_or_interactions(games, qthres=qthres, max_iter=k),
+            t, res = best_time(lambda games=games, k=k: and_or_interactions(games, qthres=qthres, max_iter=k),
                            repeat=3)
             obj = objectives(res)
             gap = max(x.meta["gap"] for x in res)
@@ -109,7 +99,7 @@ def bench_sparsify(sizes, batch, sgd_iters, lr, qthres, noise, lp_max, seed) -> 
             if below or all(x.meta["converged"] for x in res):
                 break
             k *= 2
-        t, res = timed(lambda games=games: and_or_interactions(games, qthres=qthres))
+        t, res = best_time(lambda games=games: and_or_interactions(games, qthres=qthres))
         obj = objectives(res)
         label = f"ADMM default ({res[0].meta['n_iter']} it)"  # tol 1e-2 or max_iter
         print(f"{n:>3} {label:<26} {t:>9.2f} {obj.mean():>10.4f} {max(x.meta['gap'] for x in res):>9.1e} "

@@ -26,11 +26,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
 import warnings
 
 import numpy as np
 import torch
+from _timing import best_time
 
 from pretrain_reuse.transport import cost_matrix, unbalanced_sinkhorn
 
@@ -57,15 +57,6 @@ def parse_size(text: str) -> tuple[int, int]:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"size must look like 20000x1000, got {text!r}") from exc
     return n, m
-
-
-def best_time(fn, repeat: int):
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def top_k(scores: np.ndarray, k: int = TOP_K) -> set[int]:

@@ -24,14 +24,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 from torch import nn
 
-from _procs import kill_when
+from _helpers import kill_when, smallcnn_from_file
 from pretrain_reuse.cli import main
 from pretrain_reuse.features import FeatureStore
 from pretrain_reuse.models import create_backbone, save_backbone
-from pretrain_reuse.models.smallcnn import SmallCNN
 
 ERROR_PREFIX = "pretrain-reuse: error: "
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
@@ -138,15 +136,6 @@ def saved_smallcnn(path: Path, seed: int = 3) -> Path:
     randomize_norms(backbone, seed)
     save_backbone(backbone, path, {"test": "embed"})
     return path
-
-
-def smallcnn_from_file(path: Path) -> SmallCNN:
-    """The raw SmallCNN architecture (width read off the file), loaded strictly."""
-    state = load_file(str(path))
-    net = SmallCNN(width=state["blocks.0.weight"].shape[0],
-                   num_classes=state["fc.weight"].shape[0])
-    net.load_state_dict(state, strict=True)
-    return net.eval()
 
 
 def assert_same_store(a: FeatureStore, b: FeatureStore) -> None:

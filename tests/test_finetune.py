@@ -26,7 +26,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from _procs import kill_when
+from _helpers import kill_when, smallcnn_from_file
 from pretrain_reuse.cli import main
 from pretrain_reuse.data.datasets import ArrayDataset
 from pretrain_reuse.errors import PretrainReuseError
@@ -541,15 +541,6 @@ def folder_ids(root: Path) -> tuple[list[str], np.ndarray]:
         ids += [f"{cls}/{n}" for n in names]
         labels += [c] * len(names)
     return ids, np.asarray(labels)
-
-
-def smallcnn_from_file(path: Path) -> SmallCNN:
-    """The raw SmallCNN architecture (sizes read off the file), loaded strictly."""
-    state = load_file(str(path))
-    net = SmallCNN(width=state["blocks.0.weight"].shape[0],
-                   num_classes=state["fc.weight"].shape[0])
-    net.load_state_dict(state, strict=True)
-    return net.eval()
 
 
 def exported_network(out: Path, num_classes: int) -> SmallCNN:

@@ -1,10 +1,14 @@
-"""Helpers shared by tests that interrupt real runs."""
+"""Helpers shared by several test files."""
 
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
+
+from pretrain_reuse.models import SmallCNN
 
 
 def kill_when(cmd: list[str], ready, *, env: dict, timeout: float = 180.0) -> None:
@@ -29,3 +33,12 @@ def kill_when(cmd: list[str], ready, *, env: dict, timeout: float = 180.0) -> No
             proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+def smallcnn_from_file(path: Path) -> SmallCNN:
+    """The raw SmallCNN architecture (sizes read off the file), loaded strictly."""
+    state = load_file(str(path))
+    net = SmallCNN(width=state["blocks.0.weight"].shape[0],
+                   num_classes=state["fc.weight"].shape[0])
+    net.load_state_dict(state, strict=True)
+    return net.eval()
