@@ -918,3 +918,24 @@ def test_torchrun_two_processes_match_one_process(files, tmp_path, capsys):
         np.testing.assert_allclose(two[k].numpy(), one[k].numpy(), atol=1e-6, rtol=0)
     assert [r["step"] for r in metrics(tmp_path / "two")] == [r["step"] for r in
                                                                metrics(tmp_path / "one")]
+
+
+def test_grid_search_picks_the_best_validation_run_and_never_the_test(files, tmp_path, capsys):
+    out = tmp_path / "grid"
+    run_ok(capsys, *base_args(files, out, steps=3), "--grid", "lr=0.0001,0.05")
+    summary = json.loads((out / "grid.json").read_text())
+    rows = summary["rows"]
+    assert [r["lr"] for r in rows] == [0.0001, 0.05]
+    for r in rows:  # each row is the real run's best-validation record
+        res = json.loads((out / r["run"] / "result.json").read_text())
+        assert r["val_top1"] == res["at_best_val"]["val"]["top1"]
+        assert r["test_top1_at_best_val"] == res["at_best_val"]["top1"]
+    best = max(rows, key=lambda r: r["val_top1"])
+    assert summary["best"]["run"] == best["run"]
+    lines = (out / "grid.csv").read_text().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("lr,run,val_top1")
+
+
+def test_grid_with_an_unknown_field_is_a_user_error(files, tmp_path, capsys):
+    rc, _, err = cli(capsys, *base_args(files, tmp_path / "g", steps=1), "--grid", "lrr=0.1,0.2")
+    assert rc == 2 and "did you mean 'lr'" in err and err.count("\n") == 1

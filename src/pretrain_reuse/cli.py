@@ -195,10 +195,21 @@ def cmd_finetune(args) -> int:
 
     overrides = {f: getattr(args, f) for f in _config_fields()}
     cfg = load_config(args.config, **overrides)
-    result = run_finetune(cfg, model=args.model, weights=args.weights, target=args.target,
-                          target_test=args.target_test, source=args.source,
-                          selection=args.selection, units=args.units, out=args.out,
-                          progress=not args.quiet)
+
+    def run(c, out):
+        return run_finetune(c, model=args.model, weights=args.weights, target=args.target,
+                            target_test=args.target_test, source=args.source,
+                            selection=args.selection, units=args.units, out=out,
+                            progress=not args.quiet)
+
+    if args.grid:
+        from .finetune.grid import grid_search, parse_grid
+
+        best = grid_search(cfg, parse_grid(args.grid), args.out, run)["best"]
+        print(f"best on validation: {best['run']} (val top-1 {best['val_top1']:.4f}; its test "
+              f"top-1 {best['test_top1_at_best_val']:.4f}); wrote {Path(args.out) / 'grid.csv'}")
+        return 0
+    result = run(cfg, args.out)
     final, best = result.final, result.at_best_val
     print(f"{cfg.mode}: test top-1 {final['top1']:.4f} (mean per-class {final['mean_class_acc']:.4f}) "
           f"after the last step; {best['top1']:.4f} at the best-validation evaluation "
@@ -456,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--units", help="units file the selection was made on (clusters)")
     f.add_argument("--config", help="YAML file with recipe fields (flags override it)")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.add_argument("--grid", action="append", metavar="FIELD=V1,V2",
+                   help="grid search on the validation split, e.g. --grid lr=0.001,0.01 --grid "
+                   "lam=0.3,1 (one run per combination under --out)")
     f.add_argument("--out", required=True, help="run folder")
     _add_config_flags(f)
     f.set_defaults(func=cmd_finetune)
