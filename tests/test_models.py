@@ -495,3 +495,9 @@ def test_registered_model_without_its_pip_package_names_it(monkeypatch):
 def test_bad_layer_is_rejected_with_choices():
     with pytest.raises(PretrainReuseError, match="layer='pooled' is not one of"):
         create_backbone("smallcnn", layer="pooled")
+
+
+def test_a_bare_library_architecture_name_suggests_its_prefix():
+    pytest.importorskip("timm")
+    with pytest.raises(PretrainReuseError, match=r"did you mean timm:resnet18"):
+        create_backbone("resnet18")

@@ -142,6 +142,24 @@ def create_backbone(name: str, *, weights: str | Path | None = None, layer: str 
     return backbone.to(device).eval()
 
 
+def _library_hint(name: str) -> str:
+    """`` (did you mean timm:resnet18?)`` when an installed library knows ``name``."""
+    import importlib.util
+
+    found = []
+    if importlib.util.find_spec("timm") is not None:
+        import timm
+
+        if name in timm.list_models():
+            found.append(f"timm:{name}")
+    if importlib.util.find_spec("torchvision") is not None:
+        import torchvision
+
+        if name in torchvision.models.list_models():
+            found.append(f"torchvision:{name}")
+    return f" (did you mean {' or '.join(found)}?)" if found else ""
+
+
 def _resolve(name: str, weights: str | Path | None) -> ModelParts:
     prefix, sep, rest = name.partition(":")
     if sep:
@@ -152,8 +170,9 @@ def _resolve(name: str, weights: str | Path | None) -> ModelParts:
     try:
         spec = lookup(BACKBONES, name, "model")
     except PretrainReuseError as e:
+        hint = _library_hint(name)
         raise PretrainReuseError(f"{e}; or use a prefix: timm:<arch>, torchvision:<arch>, "
-                                 "hf:<folder>, python:<module>:<function>") from None
+                                 f"hf:<folder>, python:<module>:<function>{hint}") from None
     missing = missing_packages(spec)
     if missing:
         raise PretrainReuseError(f"model {name!r} needs the pip package(s) {', '.join(missing)}; "
