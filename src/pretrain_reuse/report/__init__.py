@@ -103,21 +103,21 @@ def _selection_section(run: Path, summary: dict) -> str:
                if rec["classes-uot"] > max(rec["classes-greedy-ot"], rec["classes-random"])
                else "UOT does <b>not</b> recover more related classes than the baselines here.")
     parts.append(f'<p class="{"good" if "not" not in verdict else "note"}">{verdict}</p>')
-    parts.append(_examples(uot, target_pool=open_dataset("synthetic:pretrain")))
+    parts.append(_examples(uot, pool=open_dataset("synthetic:pretrain")))
     return _section("Selection of pre-training data", "selection", "".join(parts))
 
 
-def _examples(sel, target_pool, per_class: int = 4, classes: int = 6) -> str:
+def _examples(sel, pool, per_class: int = 4, classes: int = 6) -> str:
     """Example images of the top selected classes."""
     plt = _plt()
     fig, axes = plt.subplots(classes, per_class, figsize=(per_class * 1.1, classes * 1.15))
-    labels = target_pool.labels
+    labels = pool.labels
     for r, unit in enumerate(sel.selected[:classes]):
         idx = np.flatnonzero(labels == unit)[:per_class]
         for c, i in enumerate(idx):
-            axes[r, c].imshow(target_pool.load(int(i)).permute(1, 2, 0).numpy())
+            axes[r, c].imshow(pool.load(int(i)).permute(1, 2, 0).numpy())
             axes[r, c].axis("off")
-        axes[r, 0].set_title(target_pool.class_names[unit], fontsize=7, loc="left")
+        axes[r, 0].set_title(pool.class_names[unit], fontsize=7, loc="left")
     return _figure(fig, "Images of the six classes UOT ranks highest.", "selected examples")
 
 
