@@ -6,7 +6,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from pretrain_reuse.models import SmallCNN
 
@@ -42,3 +44,16 @@ def smallcnn_from_file(path: Path) -> SmallCNN:
                    num_classes=state["fc.weight"].shape[0])
     net.load_state_dict(state, strict=True)
     return net.eval()
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BatchNorm statistics, so eval-mode features depend on the loaded buffers."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                m.weight.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.num_features, generator=g))
+    return model.eval()

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from _helpers import kill_when, smallcnn_from_file
+from _helpers import kill_when, randomize_norms, smallcnn_from_file
 from pretrain_reuse.cli import main
 from pretrain_reuse.features import FeatureStore
 from pretrain_reuse.models import create_backbone, save_backbone
@@ -34,14 +34,6 @@ from pretrain_reuse.models import create_backbone, save_backbone
 ERROR_PREFIX = "pretrain-reuse: error: "
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                   "PYTHONUNBUFFERED": "1"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,19 +107,6 @@ def assert_one_line_error(rc: int, err: str, *needles: str) -> None:
     assert "Traceback" not in err
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
-
-
-def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm statistics, so eval-mode features depend on the loaded buffers."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
-                m.weight.copy_(0.5 + torch.rand(m.num_features, generator=g))
-                m.bias.copy_(0.1 * torch.randn(m.num_features, generator=g))
-    return model.eval()
 
 
 def saved_smallcnn(path: Path, seed: int = 3) -> Path:

@@ -53,14 +53,6 @@ SIDE = SPEC.input_size[0]  # images are written at the network's input size: no 
 FEAT = create_backbone("smallcnn-s").feature_dim
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------------------------
 # The learning-rate schedule: closed forms
 # --------------------------------------------------------------------------------------------

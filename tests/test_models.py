@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import default_collate
 
+from _helpers import randomize_norms
 from pretrain_reuse.artifacts import make_meta
 from pretrain_reuse.errors import PretrainReuseError
 from pretrain_reuse.models import (
@@ -38,18 +39,6 @@ def _photo(w=90, h=70, seed=0) -> Image.Image:
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 256, (h // 10 + 1, w // 10 + 1, 3), dtype=np.uint8)
     return Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)
-
-
-def _randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm statistics, so that eval-mode features depend on loaded buffers."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
-                m.weight.copy_(0.5 + torch.rand(m.num_features, generator=g))
-    return model.eval()
 
 
 def _save(state: dict, path: Path) -> Path:
@@ -75,7 +64,7 @@ def _output_and_head_input(model: nn.Module, head: nn.Module, x: torch.Tensor):
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_torchvision_resnet18_penultimate_is_flattened_avgpool_output(tmp_path, suffix):
     torch.manual_seed(0)
-    ref = _randomize_norms(tvm.resnet18(num_classes=10))
+    ref = randomize_norms(tvm.resnet18(num_classes=10))
     path = _save(ref.state_dict(), tmp_path / f"r18{suffix}")
     net = create_backbone("torchvision:resnet18", weights=path)
     x = torch.randn(2, 3, 32, 32)
@@ -92,7 +81,7 @@ def test_torchvision_resnet18_penultimate_is_flattened_avgpool_output(tmp_path, 
 def test_timm_features_equal_forward_head_pre_logits(tmp_path, arch):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    ref = _randomize_norms(timm.create_model(arch, pretrained=False, num_classes=7))
+    ref = randomize_norms(timm.create_model(arch, pretrained=False, num_classes=7))
     path = _save(ref.state_dict(), tmp_path / f"{arch}.pth")
     net = create_backbone(f"timm:{arch}", weights=path)
     x = torch.randn(2, 3, 32, 32)
@@ -108,7 +97,7 @@ def _moco_v2_query_encoder() -> nn.Module:
     same structure: fc replaced by Linear(d, d)-ReLU-Linear(d, 128), here d = 512)."""
     q = tvm.resnet18(num_classes=128)
     q.fc = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), q.fc)
-    return _randomize_norms(q)
+    return randomize_norms(q)
 
 
 def test_moco_v2_checkpoint_gives_128d_head_output_before_l2_norm(tmp_path):
@@ -341,7 +330,7 @@ def test_save_backbone_round_trip_restores_features_logits_and_preprocessing(
     name = name.format(file=user_module)
     torch.manual_seed(0)
     net = create_backbone(name, num_classes=num_classes)
-    _randomize_norms(net)
+    randomize_norms(net)
     net.spec = dataclasses.replace(net.spec, input_size=(40, 40), resize_size=44)
     path = save_backbone(net, tmp_path / "bb.safetensors", make_meta("test", {"lr": 0.1}, seed=3))
     back = create_backbone(name, weights=path)
