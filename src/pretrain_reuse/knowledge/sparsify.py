@@ -146,7 +146,7 @@ def and_or_interactions(v, *, qthres: float = 0.04, tol: float = 1e-2,
             The certificate lags the objective: on the benchmark's planted games (n = 10, noise
             0.05) 2,000 iterations end 0.6% above the exact optimum while the certified gap still
             reads up to 11%; noisy games with a small v(N) - v(∅) (dense optima) need 10,000+
-            iterations to certify 1% (benchmarks/bench_knowledge.py).
+            iterations to certify 1% (benchmarks/knowledge.py).
 
     Returns:
         One :class:`Interactions` (kind ``"and-or"``) per game, orders 0 and 1 merged into AND;

@@ -11,7 +11,7 @@
 
 Run by hand, not in CI:
 
-    .venv/bin/python benchmarks/bench_knowledge.py --transform-sizes 10 12 14 --sparsify-sizes 10 12
+    .venv/bin/python benchmarks/knowledge.py --transform-sizes 10 12 14 --sparsify-sizes 10 12
 """
 
 import argparse

@@ -16,7 +16,7 @@ size, so no resize is needed):
 
 Medians over the timed steps (after warm-up steps). Run by hand, not in CI:
 
-    .venv/bin/python benchmarks/bench_finetune.py --models smallcnn-s smallcnn --batch-size 64
+    .venv/bin/python benchmarks/finetune.py --models smallcnn-s smallcnn --batch-size 64
 """
 
 from __future__ import annotations

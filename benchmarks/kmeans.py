@@ -5,7 +5,7 @@ spherical objective (mean cosine similarity of every sample to its cluster's mea
 scikit-learn runs Euclidean Lloyd on the L2-normalised features, the usual way to get spherical
 clusters from it. Run by hand, not in CI:
 
-    .venv/bin/python benchmarks/bench_kmeans.py --n 200000 --dim 128 --k 2000 --n-iter 20
+    .venv/bin/python benchmarks/kmeans.py --n 200000 --dim 128 --k 2000 --n-iter 20
 """
 
 import argparse

@@ -9,7 +9,7 @@ is what ``embed`` keeps of the model's speed (goal: >= 85 %). Decoding + preproc
 timed too, since on a CPU it competes with the forward pass for the same cores unless workers
 overlap it. Run by hand, not in CI:
 
-    .venv/bin/python benchmarks/bench_embed.py --models smallcnn torchvision:resnet18 --n 256
+    .venv/bin/python benchmarks/embed.py --models smallcnn torchvision:resnet18 --n 256
 """
 
 from __future__ import annotations

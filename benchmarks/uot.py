@@ -18,7 +18,7 @@ For each it prints the wall time (best of ``--repeat``), the iteration count, th
 ``POT time / our time``, whether the top-100 source units by row mass are the same set as POT's,
 and the largest relative difference of the row masses ``P 1`` from POT's.
 
-Run:  python benchmarks/bench_uot.py --sizes 20000x1000 50000x2000
+Run:  python benchmarks/uot.py --sizes 20000x1000 50000x2000
 """
 
 from __future__ import annotations
