@@ -14,6 +14,7 @@ import pytest
 from pretrain_reuse.errors import PretrainReuseError
 from pretrain_reuse.knowledge import (
     Interactions,
+    accuracy_correlation,
     cover_ratio,
     discrimination_power,
     knowledge_convergence,
@@ -239,3 +240,74 @@ def test_planted_game_refuses_an_empty_or_term_and_negative_noise():
         planted_game(3, or_terms={(): 1.0})
     with pytest.raises(PretrainReuseError, match="noise=-1"):
         planted_game(3, noise=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Knowledge ratios against accuracy (note §6.4)
+# --------------------------------------------------------------------------------------------
+
+# five models: per-sample r_preserve (NaN = empty denominator) and their test accuracies
+RATIOS = [[0.2, 0.4, np.nan, 0.3], [0.5, 0.6, 0.7], [0.1, 0.3, 0.2, 0.2, 0.2],
+          [0.8, 0.6, 0.7, 0.9], [0.4, 0.5]]
+ACCURACY = [0.71, 0.80, 0.65, 0.90, 0.74]
+
+
+def test_accuracy_correlation_equals_scipy_on_the_per_model_means():
+    stats = pytest.importorskip("scipy.stats")
+    c = accuracy_correlation(RATIOS, ACCURACY, n_boot=200)
+    means = [np.nanmean(r) for r in RATIOS]
+    np.testing.assert_allclose(c.ratio, means, atol=1e-15)
+    assert c.pearson == pytest.approx(stats.pearsonr(means, ACCURACY)[0], abs=1e-12)
+    assert c.spearman == pytest.approx(stats.spearmanr(means, ACCURACY)[0], abs=1e-12)
+    assert c.n_samples.tolist() == [3, 3, 5, 4, 2]
+
+
+def test_spearman_averages_tied_ranks_like_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    ratios = [[0.3], [0.3], [0.5], [0.1], [0.5], [0.3]]
+    accuracy = [0.6, 0.7, 0.7, 0.5, 0.9, 0.6]
+    c = accuracy_correlation(ratios, accuracy, n_boot=100)
+    assert c.spearman == pytest.approx(stats.spearmanr([0.3, 0.3, 0.5, 0.1, 0.5, 0.3],
+                                                       accuracy)[0], abs=1e-12)
+
+
+def test_accuracy_correlation_intervals_agree_with_scipy_bootstrap():
+    # scipy.stats.bootstrap resamples each model's samples independently (paired=False), as we do;
+    # the two percentile intervals differ only by Monte-Carlo error. Eight models whose sample
+    # ratios overlap, so that the bootstrap distributions (Spearman's too) are spread out.
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    data = [np.clip(rng.normal(0.3 + 0.05 * m, 0.15, size=12), 0, 1) for m in range(8)]
+    accuracy = 0.6 + 0.03 * np.arange(8) + rng.normal(0, 0.02, size=8)
+    c = accuracy_correlation(data, accuracy, n_boot=4000, level=0.9, seed=1)
+    for name, corr in (("pearson", stats.pearsonr), ("spearman", stats.spearmanr)):
+        def statistic(*samples, corr=corr):
+            return corr([s.mean() for s in samples], accuracy)[0]
+        ref = stats.bootstrap(data, statistic, n_resamples=4000, paired=False, vectorized=False,
+                              confidence_level=0.9, method="percentile",
+                              rng=np.random.default_rng(2))
+        lo, hi = getattr(c, f"{name}_ci")
+        assert lo <= getattr(c, name) <= hi
+        assert lo == pytest.approx(ref.confidence_interval.low, abs=0.02)
+        assert hi == pytest.approx(ref.confidence_interval.high, abs=0.02)
+
+
+def test_accuracy_correlation_is_reproducible_and_report_per_sample_feeds_it():
+    a = accuracy_correlation(RATIOS, ACCURACY, n_boot=300, seed=3)
+    b = accuracy_correlation(RATIOS, ACCURACY, n_boot=300, seed=3)
+    assert a.pearson_ci == b.pearson_ci and a.spearman_ci == b.spearman_ci
+    report = knowledge_report([PRE, PRE], [FT, PRE])
+    np.testing.assert_allclose(report.per_sample("preserve"), [2 / 3, 1.0])
+    with pytest.raises(PretrainReuseError, match="ratio"):
+        report.per_sample("preserved")
+
+
+@pytest.mark.parametrize("ratios,accuracy,needle", [
+    (RATIOS[:2], ACCURACY[:2], "at least 3"),
+    (RATIOS, ACCURACY[:4], "one accuracy per model"),
+    ([[np.nan], *RATIOS[1:]], ACCURACY, "model 0 has no sample"),
+    (RATIOS, [np.nan, *ACCURACY[1:]], "NaN"),
+])
+def test_accuracy_correlation_refuses_bad_inputs(ratios, accuracy, needle):
+    with pytest.raises(PretrainReuseError, match=needle):
+        accuracy_correlation(ratios, accuracy)

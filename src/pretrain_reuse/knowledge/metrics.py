@@ -40,11 +40,13 @@ from .values import Interactions
 __all__ = [
     "MATCHES",
     "MEASURES",
+    "AccuracyCorrelation",
     "Convergence",
     "Discrimination",
     "KnowledgeReport",
     "RatioStats",
     "SampleKnowledge",
+    "accuracy_correlation",
     "cover_ratio",
     "discrimination_power",
     "knowledge_convergence",
@@ -261,6 +263,12 @@ class KnowledgeReport:
     tau: float
     match: str
     samples: list[SampleKnowledge] = field(repr=False, default_factory=list)
+
+    def per_sample(self, name: str, order: int | None = None) -> np.ndarray:
+        """(n_samples,) the ratio ``name`` on every sample (NaN where its denominator is empty),
+        overall or for one order; the input of :func:`accuracy_correlation`."""
+        check_choice("ratio", name, self.overall.keys())
+        return np.array([s.ratios(order)[name] for s in self.samples], dtype=np.float64)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -554,3 +562,131 @@ def discrimination_power(samples: Sequence[Interactions], *, tau: float = 0.05) 
             counts[key] = counts.get(key, 0) + 1
     return Discrimination(len(samples), positive, negative)
 
+
+
+# --------------------------------------------------------------------------------------------
+# Knowledge ratios against accuracy, across models
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AccuracyCorrelation:
+    """Correlation of a knowledge ratio with test accuracy across models (note §6.4).
+
+    Attributes:
+        ratio: (M,) the ratio of each model, the mean over its samples.
+        accuracy: (M,) the accuracy of each model.
+        pearson, spearman: the correlations (NaN when either vector is constant).
+        pearson_ci, spearman_ci: bootstrap percentile intervals at level ``level``.
+        n_samples: (M,) samples with a defined ratio per model (the others are skipped).
+        n_boot: bootstrap resamples; n_boot_dropped: resamples whose correlation was undefined
+            (a constant resampled ratio vector), left out of the intervals.
+        level, seed: the interval's level and the bootstrap seed.
+    """
+
+    ratio: np.ndarray
+    accuracy: np.ndarray
+    pearson: float
+    spearman: float
+    pearson_ci: tuple[float, float]
+    spearman_ci: tuple[float, float]
+    n_samples: np.ndarray
+    n_boot: int
+    n_boot_dropped: int
+    level: float
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ratio": self.ratio.tolist(), "accuracy": self.accuracy.tolist(),
+            "pearson": _nan_to_none(self.pearson), "spearman": _nan_to_none(self.spearman),
+            "pearson_ci": [_nan_to_none(v) for v in self.pearson_ci],
+            "spearman_ci": [_nan_to_none(v) for v in self.spearman_ci],
+            "n_samples": self.n_samples.tolist(), "n_boot": self.n_boot,
+            "n_boot_dropped": self.n_boot_dropped, "level": self.level, "seed": self.seed,
+        }
+
+
+def accuracy_correlation(ratios: Sequence[Sequence[float]], accuracy: Sequence[float], *,
+                         n_boot: int = 2000, level: float = 0.95, seed: int = 0
+                         ) -> AccuracyCorrelation:
+    r"""Pearson and Spearman correlation of a knowledge ratio with accuracy across M models.
+
+    Model m has per-sample ratios r_{m,1..n_m} (e.g. r_preserve, r_excl or r_new from
+    :meth:`KnowledgeReport.per_sample`; NaN entries, samples whose denominator set is empty, are
+    skipped) and test accuracy a_m. With the model's ratio \bar r_m = mean_i r_{m,i}:
+
+    .. math::
+
+        \rho_P = \frac{\sum_m (\bar r_m - \bar r)(a_m - \bar a)}
+                        {\sqrt{\sum_m (\bar r_m - \bar r)^2 \sum_m (a_m - \bar a)^2}},
+        \qquad \rho_S = \rho_P(\mathrm{rank}(\bar r), \mathrm{rank}(a))
+
+    (ranks average over ties). The intervals are percentile bootstrap intervals over samples: each
+    resample redraws every model's samples with replacement (independently per model, so models
+    explained on different samples are handled alike) and recomputes both correlations; the
+    accuracies stay fixed. This answers reviewers 1 and 5 of Jiang, Cheng & Li (arXiv 2410.08455):
+    does more preserved / exclusive / new knowledge go with higher accuracy (note §6.4)?
+
+    Args:
+        ratios: one sequence of per-sample ratios per model (models × seeds × data sets).
+        accuracy: (M,) accuracy of each model, in the same order; M >= 3.
+        n_boot: bootstrap resamples, >= 100.
+        level: interval level in (0, 1).
+        seed: seed of the resampling (numpy ``default_rng``).
+    """
+    acc = np.asarray(accuracy, dtype=np.float64)
+    if acc.ndim != 1 or len(acc) != len(ratios):
+        raise PretrainReuseError(f"got {len(ratios)} ratio sequences and accuracy of shape "
+                                 f"{acc.shape}; pass one accuracy per model")
+    if len(acc) < 3:
+        raise PretrainReuseError(f"a correlation across {len(acc)} models is meaningless; pass "
+                                 "at least 3 models (or seeds)")
+    if not np.isfinite(acc).all():
+        raise PretrainReuseError("accuracy has NaN/inf values; pass each model's test accuracy")
+    if not (isinstance(n_boot, (int, np.integer)) and n_boot >= 100):
+        raise PretrainReuseError(f"n_boot={n_boot!r} must be an integer >= 100")
+    if not 0 < level < 1:
+        raise PretrainReuseError(f"level={level!r} must be in (0, 1), e.g. 0.95")
+    values = []
+    for m, r in enumerate(ratios):
+        r = np.asarray(r, dtype=np.float64)
+        r = r[~np.isnan(r)]
+        if r.ndim != 1 or not r.size:
+            raise PretrainReuseError(f"model {m} has no sample with a defined ratio; explain more "
+                                     "samples or drop the model")
+        values.append(r)
+    means = np.array([r.mean() for r in values])
+    rng = np.random.default_rng(seed)
+    boot = np.stack([r[rng.integers(len(r), size=(n_boot, len(r)))].mean(axis=1) for r in values],
+                    axis=1)  # (n_boot, M)
+    pearson_b, spearman_b = _pearson(boot, acc), _pearson(_ranks(boot), _ranks(acc))
+    lo, hi = 50 * (1 - level), 50 * (1 + level)
+
+    def interval(b: np.ndarray) -> tuple[float, float]:
+        b = b[~np.isnan(b)]
+        return (float(np.percentile(b, lo)), float(np.percentile(b, hi))) if b.size else (
+            math.nan, math.nan)
+
+    return AccuracyCorrelation(
+        ratio=means, accuracy=acc, pearson=float(_pearson(means, acc)),
+        spearman=float(_pearson(_ranks(means), _ranks(acc))),
+        pearson_ci=interval(pearson_b), spearman_ci=interval(spearman_b),
+        n_samples=np.array([len(r) for r in values]), n_boot=int(n_boot),
+        n_boot_dropped=int(np.isnan(pearson_b).sum()), level=float(level), seed=int(seed))
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..M along the last axis, ties sharing their average rank:
+    rank(x_i) = #{j: x_j < x_i} + (#{j: x_j = x_i} + 1) / 2."""
+    a, b = x[..., :, None], x[..., None, :]
+    return (b < a).sum(axis=-1) + ((b == a).sum(axis=-1) + 1) / 2
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson correlation of the rows of ``x`` (..., M) with ``y`` (M,); NaN for a constant row."""
+    xc = x - x.mean(axis=-1, keepdims=True)
+    yc = y - y.mean()
+    den = np.sqrt((xc**2).sum(axis=-1) * (yc**2).sum())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (xc * yc).sum(axis=-1) / den, np.nan)
