@@ -8,6 +8,7 @@ import torch
 
 from pretrain_reuse import load
 from pretrain_reuse.cli import main
+from pretrain_reuse.data import open_dataset
 from pretrain_reuse.knowledge import harsanyi_and
 from pretrain_reuse.models import create_backbone, save_backbone
 
@@ -86,3 +87,31 @@ def test_knowledge_with_a_missing_model_file_is_a_user_error(tmp_path, capsys):
                       tmp_path / "nope.safetensors", "--finetuned", ft, "--data",
                       "synthetic:target", "--quiet", "--out", tmp_path / "k")
     assert rc == 2 and "--pretrained" in err and "does not exist" in err
+
+
+def test_knowledge_on_world_parts_reports_recovery_of_the_class_rules(tmp_path, capsys):
+    # recompute precision/recall from the written interactions by brute force: the truth is the
+    # Möbius sum of the scene's rule over all subsets, the prediction the salient entries
+    # (one random network in both roles: two would rarely agree on a correct sample)
+    same = _classifier(tmp_path / "m.safetensors", 10)
+    rc, _, err = _run(capsys, "knowledge", "--model", "smallcnn-s", "--pretrained", same,
+                        "--finetuned", same, "--data", "synthetic:target", "--players", "parts",
+                        "--samples", 2, "--quiet", "--out", tmp_path / "k")
+    assert rc == 0, err
+    k = json.loads((tmp_path / "k" / "knowledge.json").read_text())
+    data = open_dataset("synthetic:target", split="test")
+    for role in ("pretrained", "finetuned"):
+        precision, recall = [], []
+        for f in sorted((tmp_path / "k" / role).glob("interactions-*.safetensors")):
+            x = load(f)
+            scene = data.scene(x.info["index"])
+            v = [float(scene.rule_holds([s for s in range(9) if m >> s & 1])) for m in range(512)]
+            truth = {s for s in range(1, 512) if sum(
+                (-1) ** bin(s ^ t).count("1") * v[t] for t in range(512) if t & s == t) != 0}
+            top = np.abs(x.and_values[1:]).max()
+            pred = {s for s in range(1, 512) if abs(x.and_values[s]) > 0.05 * top}
+            precision.append(len(pred & truth) / len(pred))
+            recall.append(len(pred & truth) / len(truth))
+        got = k["ground_truth"][role]["overall"]
+        assert got["precision"]["mean"] == pytest.approx(np.mean(precision), abs=1e-12)
+        assert got["recall"]["mean"] == pytest.approx(np.mean(recall), abs=1e-12)

@@ -34,6 +34,7 @@ from .metrics import (
     transferability,
     weighted_overlap,
 )
+from .recovery import Recovery, ground_truth_recovery, rule_game
 from .sparsify import (
     MAX_LP_PLAYERS,
     and_interactions,
@@ -55,6 +56,7 @@ __all__ = [
     "Interactions",
     "KnowledgeReport",
     "RatioStats",
+    "Recovery",
     "SampleKnowledge",
     "accuracy_correlation",
     "and_interactions",
@@ -63,6 +65,7 @@ __all__ = [
     "and_or_interactions_sgd",
     "cover_ratio",
     "discrimination_power",
+    "ground_truth_recovery",
     "harsanyi_and",
     "harsanyi_or",
     "knowledge_convergence",
@@ -74,6 +77,7 @@ __all__ = [
     "players_of",
     "reconstruct_and",
     "reconstruct_or",
+    "rule_game",
     "sample_knowledge",
     "transferability",
     "weighted_overlap",

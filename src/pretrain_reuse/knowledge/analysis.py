@@ -12,7 +12,10 @@ definitions of ``methods/knowledge.md``):
 - a counterfactual check the paper lacked: removing the players of a preserved interaction
   changes the fine-tuned model's output by ``v(N) - v(N \ S)``, which its salient interactions
   predict as ``sum_{AND T ∩ S ≠ ∅} I(T) + sum_{OR ∅ ≠ T ⊆ S} I(T)``; removing as many random
-  players serves as the control.
+  players serves as the control;
+- with ``players="parts"`` on the synthetic world, whose class rules are known: precision and
+  recall of every model's salient interactions against the rule's interactions
+  (:func:`~.recovery.ground_truth_recovery`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from ..finetune.evaluate import predict
 from ..models import Backbone
 from .explain import ExplainConfig, choose_samples, explain
 from .metrics import knowledge_convergence, knowledge_report
+from .recovery import ground_truth_recovery, rule_game
 from .values import Interactions
 
 ROLES = ("pretrained", "finetuned", "scratch")
@@ -112,6 +116,8 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset, cfg: E
         "strength_by_order": {role: _strength_by_order(xs) for role, xs in explained.items()},
         "counterfactual": _counterfactual_summary(report, explained["finetuned"], tau, cfg.seed),
     }
+    if cfg.players == "parts" and hasattr(dataset, "scene"):
+        summary["ground_truth"] = _ground_truth(dataset, indices, explained, tau)
     if checkpoints:
         curves = [explain(m, dataset, indices, cfg, out / f"checkpoint-{t:03d}", role=f"checkpoint {t}",
                           progress=progress) for t, m in enumerate(checkpoints)]
@@ -120,6 +126,15 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset, cfg: E
                                 seed=cfg.seed)
     write_json(out / "knowledge.json", summary)
     return summary
+
+
+def _ground_truth(dataset, indices: np.ndarray, explained: dict[str, list[Interactions]],
+                  tau: float) -> dict[str, Any]:
+    """Recovery of each model's interactions against the rule game of every sample's scene."""
+    n = explained["finetuned"][0].n
+    truths = [rule_game(dataset.scene(int(i)).term_slots, n) for i in indices]
+    return {role: ground_truth_recovery(xs, truths, tau=tau).to_dict()
+            for role, xs in explained.items()}
 
 
 def _faithfulness(xs: list[Interactions], tau: float) -> dict[str, float]:
