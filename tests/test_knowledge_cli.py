@@ -115,3 +115,18 @@ def test_knowledge_on_world_parts_reports_recovery_of_the_class_rules(tmp_path, 
         got = k["ground_truth"][role]["overall"]
         assert got["precision"]["mean"] == pytest.approx(np.mean(precision), abs=1e-12)
         assert got["recall"]["mean"] == pytest.approx(np.mean(recall), abs=1e-12)
+
+
+def test_a_learned_baseline_never_gives_denser_interactions_than_its_zero_start(tmp_path, capsys):
+    weights = _classifier(tmp_path / "m.safetensors", 10)
+    common = ["explain", "--model", "smallcnn-s", "--weights", weights, "--data",
+              "synthetic:target", "--players", "grid:2x2", "--samples", 2, "--quiet"]
+    assert _run(capsys, *common, "--out", tmp_path / "zero")[0] == 0
+    assert _run(capsys, *common, "--baseline", "learned", "--baseline-steps", 3,
+                "--baseline-lr", 0.01, "--out", tmp_path / "learned")[0] == 0
+    zero = [load(f) for f in sorted((tmp_path / "zero").glob("interactions-*.safetensors"))]
+    learned = [load(f) for f in sorted((tmp_path / "learned").glob("interactions-*.safetensors"))]
+    for z, x in zip(zero, learned, strict=True):
+        assert x.info["index"] == z.info["index"] and x.info["baseline"] == "learned"
+        assert np.abs(x.and_values).sum() <= np.abs(z.and_values).sum() + 1e-9
+        np.testing.assert_allclose(x.and_values, harsanyi_and(x.v), atol=1e-12)

@@ -255,7 +255,9 @@ def _explain_config(args):
     from .knowledge.explain import ExplainConfig
 
     return ExplainConfig(players=args.players, n=args.n, baseline=args.baseline,
-                         output=args.output, decomposition=args.decomposition, qthres=args.qthres,
+                         baseline_lr=args.baseline_lr, baseline_steps=args.baseline_steps,
+                         baseline_radius=args.baseline_radius, output=args.output,
+                         decomposition=args.decomposition, qthres=args.qthres,
                          samples=args.samples, seed=args.seed, batch_size=args.batch_size,
                          device=args.device)
 
@@ -326,7 +328,12 @@ def _add_explain_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", help="split of --data (default: test for embedded sets)")
     p.add_argument("--players", default="grid:3x3", help="grid:RxC or parts (synthetic world)")
     p.add_argument("--n", type=int, help="players drawn from a larger grid (seeded, central cells)")
-    p.add_argument("--baseline", default="zero", help="zero | mean | blur")
+    p.add_argument("--baseline", default="zero",
+                   help="zero | mean | blur | learned (per sample, for sparse interactions)")
+    p.add_argument("--baseline-lr", type=float, default=1e-3, help="learned baseline: SGD rate")
+    p.add_argument("--baseline-steps", type=int, default=50, help="learned baseline: iterations")
+    p.add_argument("--baseline-radius", type=float, default=0.5,
+                   help="learned baseline: max distance from the mean colour (data std units)")
     p.add_argument("--output", default="log-odds", help="log-odds | log-odds-clipped | logit")
     p.add_argument("--decomposition", default="and", help="and (Harsanyi) | and-or (sparsified)")
     p.add_argument("--qthres", type=float, help="noise bound, relative to |v(N)-v(0)|")

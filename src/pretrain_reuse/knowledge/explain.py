@@ -29,6 +29,7 @@ from .games import (
     Players,
     baseline_input,
     grid_players,
+    learn_baseline,
     mask_players,
     masked_game,
     resize_players,
@@ -48,11 +49,21 @@ class ExplainConfig:
     world, the ground-truth players). ``qthres``: bound of the noise the sparsification may remove,
     relative to |v(N) - v(∅)|; None = 0 for ``and`` (the exact Harsanyi transform) and 0.04 for
     ``and-or`` (the group's setting).
+
+    ``baseline="learned"`` learns each sample's baseline for each model
+    (:func:`~.games.learn_baseline`, Ren et al., CVPR 2023): it starts from ``zero`` (the data's
+    mean colour) and stays within ``baseline_radius`` (input units, i.e. data standard deviations)
+    of it and inside the valid pixel range; ``baseline_lr`` and ``baseline_steps`` are the
+    optimiser's settings (the group's example: 1e-3, 50). A learned baseline differs between the
+    compared models, so their games differ in the baseline as well as in the network.
     """
 
     players: str = "grid:3x3"
     n: int | None = None
     baseline: str = "zero"
+    baseline_lr: float = 1e-3
+    baseline_steps: int = 50
+    baseline_radius: float = 0.5
     output: str = "log-odds"
     decomposition: str = "and"
     qthres: float | None = None
@@ -70,6 +81,10 @@ class ExplainConfig:
             raise PretrainReuseError(f"players={self.players!r}: use grid:RxC (e.g. grid:4x4) or parts")
         if self.samples < 1:
             raise PretrainReuseError(f"samples must be >= 1, got {self.samples}")
+        if not (self.baseline_lr > 0 and self.baseline_radius > 0 and self.baseline_steps >= 0):
+            raise PretrainReuseError(
+                f"baseline_lr={self.baseline_lr} and baseline_radius={self.baseline_radius} must "
+                f"be > 0 and baseline_steps={self.baseline_steps} >= 0")
 
     @property
     def noise_bound(self) -> float:
@@ -92,6 +107,26 @@ def sample_players(dataset: ImageDataset, index: int, cfg: ExplainConfig,
         return resize_players(players, size)
     rows, cols = (int(v) for v in cfg.players[5:].split("x"))
     return grid_players(size, (rows, cols), n=cfg.n, seed=cfg.seed)
+
+
+def _image_game(model: Backbone, x: torch.Tensor, label: int, players: Players,
+                cfg: ExplainConfig, mean: torch.Tensor | None) -> np.ndarray:
+    """v(x_S) of one sample under the configured (fixed or learned) baseline."""
+    if cfg.baseline != "learned":
+        b = baseline_input(x, cfg.baseline, mean=mean)
+        return masked_game(model, x, label, players, b, output=cfg.output,
+                           batch_size=cfg.batch_size)
+    init = baseline_input(x, "zero")
+    spec = model.spec
+    mean_c = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    std_c = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    # the box: within the radius of the mean colour, and a valid image ((0 - mean)/std..(1 - mean)/std)
+    lower = torch.maximum(init - cfg.baseline_radius, (0 - mean_c) / std_c).expand_as(x)
+    upper = torch.minimum(init + cfg.baseline_radius, (1 - mean_c) / std_c).expand_as(x)
+    learned = learn_baseline(model, x, label, players, init, lower.contiguous(),
+                             upper.contiguous(), lr=cfg.baseline_lr, steps=cfg.baseline_steps,
+                             output=cfg.output, batch_size=cfg.batch_size)
+    return learned.game
 
 
 def choose_samples(dataset: ImageDataset, k: int, seed: int,
@@ -145,9 +180,7 @@ def explain(model: Backbone, dataset: ImageDataset, indices: np.ndarray, cfg: Ex
             v = np.load(cache)
         else:
             x = x.to(device)
-            b = baseline_input(x, cfg.baseline, mean=mean)
-            v = masked_game(model, x, label, players, b, output=cfg.output,
-                            batch_size=cfg.batch_size)
+            v = _image_game(model, x, label, players, cfg, mean)
             if cache is not None:
                 with atomic_path(cache) as tmp, open(tmp, "wb") as fh:
                     np.save(fh, v)

@@ -1,0 +1,109 @@
+"""Masked image games and the learned baseline, against hand-built inputs and closed forms."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pretrain_reuse.errors import PretrainReuseError
+from pretrain_reuse.knowledge import harsanyi_and
+from pretrain_reuse.knowledge.games import (
+    baseline_input,
+    class_output,
+    grid_players,
+    learn_baseline,
+    mask_players,
+    masked_game,
+)
+
+# a 1x2x2 image, players = its two columns
+X = torch.ones(1, 2, 2)
+COLUMNS = mask_players(np.array([[[1, 0], [1, 0]], [[0, 1], [0, 1]]], bool))
+
+
+def _linear(w: list[float]) -> nn.Module:
+    """Logits [w . x, 0]: the log-odds of class 0 is w . x, a game with closed-form interactions."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(len(w), 2, bias=False))
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([w, [0.0] * len(w)]))
+    return net.eval()
+
+
+def test_masked_game_evaluates_the_model_on_every_hand_built_masked_input():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3), nn.Tanh(), nn.Linear(3, 3)).eval()
+    x, b = torch.randn(3, 2, 2), torch.randn(3, 2, 2)
+    v = masked_game(net, x, 1, COLUMNS, b, batch_size=3)
+    for s in range(4):
+        xs = b.clone()
+        for col in range(2):
+            if s >> col & 1:
+                xs[:, :, col] = x[:, :, col]
+        with torch.no_grad():
+            z = net(xs[None]).double()[0]
+        # float32 logits: a batch of 3 and a batch of 1 may round differently
+        assert v[s] == pytest.approx(float(z[1] - torch.logsumexp(z[[0, 2]], 0)), abs=1e-6)
+
+
+def test_class_output_refuses_logits_without_the_class():
+    with pytest.raises(PretrainReuseError, match="class 3"):
+        class_output(torch.zeros(2, 3), 3)
+
+
+def test_learned_baseline_reaches_the_closed_form_minimum_of_a_linear_game():
+    # v_b(S) = sum_{i in S} w_i.x_i + sum_{i not in S} w_i.b_i: I(∅) = w.b, I({i}) = w_i.(x_i - b_i),
+    # so Σ|I| >= |w.x| = 4 (triangle inequality), reached when all terms share the sign of w.x.
+    # From b = -1: Σ|I| = 4 + 2 * 4 = 12.
+    net = _linear([1.0, 1.0, 1.0, 1.0])
+    init = torch.full_like(X, -1.0)
+    res = learn_baseline(net, X, 0, COLUMNS, init, init - 1, init + 3, lr=0.05, steps=60)
+    assert res.loss[0] == pytest.approx(12.0)
+    assert res.loss[res.best_step] == pytest.approx(4.0, abs=1e-6)
+    assert res.loss.min() == res.loss[res.best_step] < res.loss[0]
+    assert np.abs(harsanyi_and(res.game)).sum() == pytest.approx(res.loss[res.best_step])
+    assert net[1].weight.grad is None  # only the baseline was differentiated
+
+
+def test_learned_baseline_stays_in_its_box_and_stops_at_the_binding_bound():
+    # the box [-1.2, -0.5] excludes the unconstrained optimum: the best b is the upper bound
+    # -0.5 everywhere, where Σ|I| = |w.b| + 2 * 2 * 1.5 = 2 + 6 = 8
+    net = _linear([1.0, 1.0, 1.0, 1.0])
+    init = torch.full_like(X, -1.0)
+    lower, upper = torch.full_like(X, -1.2), torch.full_like(X, -0.5)
+    res = learn_baseline(net, X, 0, COLUMNS, init, lower, upper, lr=0.05, steps=40)
+    assert bool(((res.baseline >= lower) & (res.baseline <= upper)).all())
+    torch.testing.assert_close(res.baseline, upper)
+    assert res.loss[res.best_step] == pytest.approx(8.0, abs=1e-6)
+
+
+def test_learned_baseline_of_a_cnn_is_never_worse_than_its_start_and_reproducible():
+    from pretrain_reuse.models import SmallCNN
+
+    torch.manual_seed(0)
+    net = SmallCNN(width=4, num_classes=3).eval()
+    x = torch.randn(3, 16, 16)
+    players = grid_players((16, 16), (2, 2))
+    init = baseline_input(x, "zero")
+    runs = [learn_baseline(net, x, 2, players, init, init - 0.5, init + 0.5, steps=3)
+            for _ in range(2)]
+    a, b = runs
+    torch.testing.assert_close(a.baseline, b.baseline, rtol=0, atol=0)
+    np.testing.assert_array_equal(a.loss, b.loss)
+    assert a.loss[a.best_step] <= a.loss[0]
+    # the game returned is the game of the returned baseline
+    np.testing.assert_allclose(masked_game(net, x, 2, players, a.baseline), a.game, atol=1e-12)
+    assert bool(((a.baseline >= init - 0.5) & (a.baseline <= init + 0.5)).all())
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"steps": -1}, "steps"),
+    ({"lr": 0.0}, "lr"),
+    ({"lower": torch.zeros(1, 2, 2)}, "inside"),
+    ({"upper": torch.zeros(1, 1, 2)}, "same shape"),
+])
+def test_learned_baseline_refuses_bad_settings(kw, needle):
+    init = torch.full_like(X, -1.0)
+    args = {"init": init, "lower": init - 1, "upper": init + 1} | kw
+    with pytest.raises(PretrainReuseError, match=needle):
+        learn_baseline(_linear([1.0] * 4), X, 0, COLUMNS, args.pop("init"), args.pop("lower"),
+                       args.pop("upper"), **args)
