@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .errors import PretrainReuseError
+from .errors import PretrainReuseError, check_choice
 
 EXIT_USER_ERROR = 2
 
@@ -346,6 +346,21 @@ def _add_explain_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder")
 
 
+def cmd_experiment(args) -> int:
+    from .experiment import RECIPES, load_experiment_config, run_experiment
+
+    check_choice("experiment", args.name, RECIPES)  # before any config error about its inputs
+    cfg = load_experiment_config(
+        args.config, model=args.model, weights=args.weights, source=args.source,
+        target=args.target, target_test=args.target_test, source_features=args.source_features,
+        target_features=args.target_features, seeds=args.seeds, k=args.k, clusters=args.clusters,
+        relevant=_parse_ids(args.relevant, "--relevant") if args.relevant else None)
+    table = run_experiment(args.name, cfg, args.out, progress=not args.quiet)
+    print(table.to_markdown())
+    print(f"wrote {Path(args.out) / 'results.md'}, results.csv and results.png")
+    return 0
+
+
 def cmd_demo(args) -> int:
     import torch
 
@@ -501,6 +516,30 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--match", default="support", help="support | signed")
     _add_explain_flags(k)
     k.set_defaults(func=cmd_knowledge)
+
+    ex = sub.add_parser("experiment", help="the paper's tables and figures as recipes on any data",
+                        description="Run one experiment of Liu et al. (NeurIPS 2022) on your pool, "
+                        "target and backbone: table1 (selection methods), table2 (clusters), "
+                        "table3 (long tail), table4 (distance ablation), fig3a (selected "
+                        "classes), fig3b (target fraction), fig4a (recall vs eps_c), fig4b "
+                        "(similarity groups). Writes results.csv / .md / .png; a rerun skips "
+                        "finished runs. Shared fine-tuning fields go under `finetune:` in --config.")
+    ex.add_argument("name", help="table1 | table2 | table3 | table4 | fig3a | fig3b | fig4a | fig4b")
+    ex.add_argument("--config", help="YAML file with experiment fields (flags override it)")
+    ex.add_argument("--model", help="backbone name, e.g. timm:resnet18, smallcnn")
+    ex.add_argument("--weights", help="local weights of the pre-trained backbone")
+    ex.add_argument("--source", help="pre-training pool: folder, list or name")
+    ex.add_argument("--target", help="target training data: folder, list or name")
+    ex.add_argument("--target-test", help="target test data (default: test split of a named set)")
+    ex.add_argument("--source-features", help="FeatureStore of the pool (default: embedded here)")
+    ex.add_argument("--target-features", help="FeatureStore of the target (default: embedded here)")
+    ex.add_argument("--seeds", type=int, nargs="+", help="fine-tuning seeds (default 0 1 2)")
+    ex.add_argument("--k", type=int, help="selected classes (default 100)")
+    ex.add_argument("--clusters", type=int, help="k-means clusters of the pool (default 2000)")
+    ex.add_argument("--relevant", help="pool class ids related to the target (recall), e.g. 7-24")
+    ex.add_argument("--quiet", action="store_true", help="no progress output")
+    ex.add_argument("--out", required=True, help="experiment folder (a rerun resumes it)")
+    ex.set_defaults(func=cmd_experiment)
 
     d = sub.add_parser("demo", help="the whole pipeline on embedded data, with ground truth")
     d.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")

@@ -194,14 +194,13 @@ def _knowledge(out: Path, plan: DemoPlan, seed: int, test_set, progress: bool) -
 def _summary(out: Path, plan: DemoPlan, runs, related, timing, quick: bool, seed: int) -> dict:
     selection = {}
     clusters = Units.load(out / "units_clusters.safetensors")
-    in_related = np.isin(FeatureStore.load(out / "features_pretrain").labels, related)
+    labels = FeatureStore.load(out / "features_pretrain").labels
     for path in sorted((out / "selections").glob("*.json")):
         sel = Selection.load(path)
         if path.stem.startswith("classes"):
             recall = sel.recall(related)
         else:  # clusters: the share of the related classes' samples that the clusters bring
-            taken = np.isin(clusters.assignment, sel.selected)
-            recall = float((taken & in_related).sum() / in_related.sum())
+            recall = sel.sample_recall(clusters, labels, related)
         selection[path.stem] = {"recall": recall, "k": len(sel.selected)}
     finetune = {}
     for name in runs:

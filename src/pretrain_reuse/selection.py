@@ -110,6 +110,19 @@ class Selection:
             raise PretrainReuseError("recall needs at least one relevant unit id")
         return len(relevant & set(self.selected)) / len(relevant)
 
+    def sample_recall(self, units: Units, labels, relevant) -> float:
+        """Share of the samples of the ``relevant`` classes that the selected ``units`` bring:
+        the recall of unlabelled units (clusters), whose ids are not classes. ``labels`` are the
+        pool's class labels, in the order of ``units.assignment``."""
+        if units.assignment is None:
+            raise PretrainReuseError("sample recall needs units that record their members "
+                                     "(a Units file from class means or k-means)")
+        in_relevant = np.isin(np.asarray(labels), [int(r) for r in relevant])
+        if not in_relevant.any():
+            raise PretrainReuseError("sample recall: no pool sample has a relevant label")
+        taken = np.isin(units.assignment, self.selected)
+        return float((taken & in_relevant).sum() / in_relevant.sum())
+
     def save(self, path: str | Path) -> Path:
         """Write ``sel.json`` atomically."""
         obj = {"kind": "selection", "selected": [int(s) for s in self.selected],

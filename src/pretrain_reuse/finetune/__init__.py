@@ -27,7 +27,7 @@ from .loop import RunResult, train
 from .model import FinetuneModel, reinitialize, source_classifier
 
 __all__ = ["MODES", "FinetuneConfig", "RunResult", "finetune_datasets", "load_config",
-           "run_finetune", "train"]
+           "open_split", "run_finetune", "train"]
 
 
 def _resize_side(model_spec) -> int:
@@ -55,6 +55,12 @@ def target_splits(cfg: FinetuneConfig, train_pool: ImageDataset
     return train_pool.subset(train_idx), train_pool.subset(val_idx), record
 
 
+def open_split(spec: str | Path, split: str) -> ImageDataset:
+    """``split`` of an embedded data set, or the folder / list file ``spec`` itself (a user's
+    folder holds one split; its test data is passed separately)."""
+    return open_dataset(spec, split=split if str(spec) in DATASETS else None)
+
+
 def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Path,
                  weights: str | None = None, target_test: str | None = None,
                  source: str | None = None, selection: str | None = None,
@@ -77,18 +83,15 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
     if target_test is None and str(target) not in DATASETS:
         raise PretrainReuseError("pass --target-test with the test data (folder or list file)")
 
-    def data(spec: str, split: str) -> ImageDataset:
-        return open_dataset(spec, split=split if str(spec) in DATASETS else None)
-
     inputs = {"model": model, "weights": hash_file(weights) if weights else None,
               "target": str(target), "target_test": str(target_test or target),
               "source": str(source) if source else None,
               "selection": hash_file(selection) if selection else None,
               "units": hash_file(units) if units else None}
     return finetune_datasets(
-        cfg, model=model, weights=weights, train_pool=data(target, "train"),
-        test_set=data(target_test, "test") if target_test else data(target, "test"),
-        source_pool=data(source, "train") if cfg.uses_source else None,
+        cfg, model=model, weights=weights, train_pool=open_split(target, "train"),
+        test_set=open_split(target_test or target, "test"),
+        source_pool=open_split(source, "train") if cfg.uses_source else None,
         selection=Selection.load(selection) if cfg.uses_source else None,
         units=Units.load(units) if units else None, out=out, inputs=inputs, progress=progress)
 

@@ -153,21 +153,25 @@ def _finetune_section(run: Path, summary: dict) -> str:
     return _section("Fine-tuning with reused data", "finetune", "".join(parts))
 
 
-def _compare(ft: dict, a: str, b: str) -> str:
+def _compare(ft: dict, a: str, b: str, where: str = "") -> str:
+    """A generated sentence comparing runs ``a`` and ``b`` (``top1_mean``, ``top1_std``,
+    ``seeds`` each), honest about ties, spread and single seeds."""
     if a not in ft or b not in ft:
         return ""
     da = ft[a]["top1_mean"] - ft[b]["top1_mean"]
     spread = max(ft[a]["top1_std"], ft[b]["top1_std"])
+    where = html.escape(where)
     if min(len(ft[a]["seeds"]), len(ft[b]["seeds"])) < 2:
         word = "ahead of" if da > 0 else "not ahead of"
-        return (f'<p class="note">{a} is {word} {b} by {100 * da:+.2f} points on one seed: no '
-                "spread to compare with, so this is not evidence either way.</p>")
+        return (f'<p class="note">{where}{a} is {word} {b} by {100 * da:+.2f} points on one seed: '
+                "no spread to compare with, so this is not evidence either way.</p>")
     if da > spread:
-        return f'<p class="good">{a} beats {b} by {100 * da:.2f} points (more than the seed spread).</p>'
+        return (f'<p class="good">{where}{a} beats {b} by {100 * da:.2f} points (more than the '
+                "seed spread).</p>")
     if da > 0:
-        return (f'<p class="note">{a} is ahead of {b} by {100 * da:.2f} points, within the seed '
-                f"spread ({100 * spread:.2f}): not a clear win.</p>")
-    return f'<p class="note">{a} does <b>not</b> beat {b} here ({100 * da:+.2f} points).</p>'
+        return (f'<p class="note">{where}{a} is ahead of {b} by {100 * da:.2f} points, within the '
+                f"seed spread ({100 * spread:.2f}): not a clear win.</p>")
+    return f'<p class="note">{where}{a} does <b>not</b> beat {b} here ({100 * da:+.2f} points).</p>'
 
 
 def _knowledge_section(run: Path) -> str:
@@ -293,13 +297,65 @@ def _parameters_section(run: Path, summary: dict) -> str:
                     _table(["stage", "seconds"], rows) + f"<pre>{html.escape(plan)}</pre>")
 
 
+#: Pairs of experiment rows whose comparison the report states (same swept value).
+EXPERIMENT_COMPARISONS = (
+    ("reuse uot classes", "vanilla"), ("reuse uot classes", "reuse random classes"),
+    ("reuse-unlabeled uot clusters", "vanilla"),
+    ("reuse-unlabeled uot clusters", "reuse-unlabeled random clusters"),
+    ("reuse uot cosine", "reuse greedy-ot cosine"),
+)
+
+
+def _experiment_body(run: Path) -> list[str]:
+    """The page of an ``experiment`` folder: its table, plot, comparisons and curves."""
+    from ..experiment import RECIPES, ExperimentTable
+    from ..finetune.loop import RunResult
+
+    plt = _plt()
+    table = ExperimentTable.load(run)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    table.plot(ax)
+    verdicts = []
+    by_key = {(r["method"], r["x"]): r for r in table.rows if r["top1_mean"] is not None}
+    for x in dict.fromkeys(r["x"] for r in table.rows):
+        ft = {m: r for (m, rx), r in by_key.items() if rx == x}
+        for a, b in EXPERIMENT_COMPARISONS:
+            where = "" if x is None else f"At {table.x_label} = {x}: "
+            verdicts.append(_compare(ft, a, b, where))
+    parts = [_figure(fig, RECIPES[table.name][2], "experiment results"),
+             _table(*table.cells()), *verdicts]
+    results = sorted(run.glob("runs/*-seed*/result.json"))
+    if results:
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        for path in results[:12]:
+            r = RunResult.load(path)
+            ax.plot([h["step"] for h in r.history], [h["test"]["top1"] for h in r.history],
+                    marker="o", ms=3, label=path.parent.name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("target test top-1")
+        ax.legend(fontsize=6, ncol=2)
+        parts.append(_figure(fig, f"Fine-tuning curves ({min(12, len(results))} of "
+                             f"{len(results)} runs).", "fine-tuning curves"))
+    params = json.dumps(table.params, indent=1)
+    return [f"<h1>pretrain-reuse experiment {html.escape(table.name)}</h1>",
+            f"<p>{html.escape(RECIPES[table.name][2])} (Liu et al., NeurIPS 2022), run on the "
+            f"data and backbone below. Run folder: <code>{html.escape(str(run))}</code>.</p>",
+            _section("Results", "experiment", "".join(parts)),
+            _section("Parameters and versions", "parameters",
+                     f"<p>pretrain-reuse {__version__}, python {platform.python_version()}.</p>"
+                     f"<pre>{html.escape(params)}</pre>")]
+
+
 def build_report(run_dir: str | Path) -> Path:
-    """Write ``run_dir/report.html`` from the run's files and return its path."""
+    """Write ``run_dir/report.html`` from the run's files (a demo or an experiment folder) and
+    return its path."""
     run = check_file("run folder", run_dir)
+    if (run / "experiment.json").exists():
+        return _write_page(run, _experiment_body(run))
     summary_path = run / "summary.json"
     if not summary_path.exists():
-        raise PretrainReuseError(f"{str(run)!r} has no summary.json; pass a demo or experiment "
-                                 "run folder")
+        raise PretrainReuseError(f"{str(run)!r} has no summary.json or experiment.json; pass a "
+                                 "demo or experiment run folder")
     summary = read_json(summary_path, "summary")
     body = [
         "<h1>pretrain-reuse report</h1>",
@@ -312,6 +368,10 @@ def build_report(run_dir: str | Path) -> Path:
         _knowledge_section(run),
         _parameters_section(run, summary),
     ]
+    return _write_page(run, body)
+
+
+def _write_page(run: Path, body: list[str]) -> Path:
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>pretrain-reuse report</title>"
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
     out = run / "report.html"

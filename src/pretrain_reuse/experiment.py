@@ -1,0 +1,573 @@
+"""``pretrain-reuse experiment NAME``: the experiments of Liu et al. (NeurIPS 2022) as recipes that
+run on any pool, target task and backbone.
+
+=========  =====================================================================================
+recipe     rows (one fine-tuning run per row, sweep value and seed)
+=========  =====================================================================================
+table1     vanilla, co-tuning, reuse of random / greedy-OT / UOT classes, reuse-unlabeled of
+           random / greedy-OT / UOT clusters (Table 1)
+table2     reuse-unlabeled of UOT clusters for each number of k-means clusters K (Table 2)
+table3     vanilla vs reuse of UOT classes on long-tailed target data, per imbalance ratio (Table 3)
+table4     reuse of greedy-OT / UOT classes with l2 and cosine costs, with recall (Table 4)
+fig3a      reuse of UOT / random classes for each number of selected classes; label-based
+           selection of the ``relevant`` classes when given (Fig. 3a)
+fig3b      vanilla vs reuse of UOT classes for each fraction of the target training data (Fig. 3b)
+fig4a      recall of the ``relevant`` classes against the cost scale eps_c; selection only (Fig. 4a)
+fig4b      the pool's classes cut into groups by UOT score, reuse of each group, vs vanilla (Fig. 4b)
+=========  =====================================================================================
+
+Everything an experiment computes lands in its folder and is reused by a rerun: features
+(``features/``, from ``embed`` unless given), units (``units/``), selections (``selections/``)
+and fine-tuning runs (``runs/<row>-seed<s>/``, skipped once ``result.json`` exists and resumed
+from their checkpoint otherwise). The table is written as ``results.csv``, ``results.md``,
+``results.png`` and ``experiment.json``; accuracies are the final-step test top-1 (mean and
+sample standard deviation over seeds) next to the test top-1 at the best validation evaluation.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from .artifacts import atomic_path, make_meta, read_json, to_json, write_json
+from .data.catalog import DATASETS
+from .data.datasets import ImageDataset
+from .embed import EmbedConfig, embed
+from .errors import PretrainReuseError, check_choice, check_file
+from .features import FeatureStore
+from .finetune import FinetuneConfig, RunResult, finetune_datasets, load_config, open_split
+from .selection import SelectConfig, Selection, select
+from .units import Units, class_means, spherical_kmeans
+
+#: Values swept by the recipes, unless the config's ``sweep`` overrides them.
+SWEEP_DEFAULTS: dict[str, tuple] = {
+    "clusters": (1000, 2000),                       # table2: k-means K (the paper's two values)
+    "long_tail_ratio": (10.0, 100.0),               # table3: largest / smallest class
+    "k": (50, 100, 200, 300),                       # fig3a: selected classes
+    "train_fraction": (0.2, 0.4, 0.6, 0.8),         # fig3b
+    "eps_c": (0.0001, 0.001, 0.01, 0.1, 1.0),      # fig4a
+    "groups": (10,),                                # fig4b: number of score groups
+}
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Inputs and shared settings of an experiment (a YAML file maps onto the fields).
+
+    Attributes:
+        model, weights: the backbone and its local pre-trained weights.
+        source, target, target_test: the pre-training pool, the target training data and the
+            target test data (folders, list files or embedded names; an embedded ``target``
+            brings its own test split).
+        source_features, target_features: FeatureStore folders; default: embedded by the run.
+        seeds: one fine-tuning run per seed and row.
+        k: selected classes; cluster_k: the share of pool images the selected clusters cover
+            (default: the share that the top-``k`` UOT classes cover, as the paper matches 200
+            clusters to 100 classes; ``k / classes`` without labels).
+        clusters: k-means K for cluster units; metric, eps_c: the selection cost.
+        relevant: pool class ids known to be related to the target (recall, label selection).
+        finetune: FinetuneConfig fields shared by every run; lam: λ per mode on top.
+        sweep: values of the swept variable (see ``SWEEP_DEFAULTS``).
+        skip: row names not to run (e.g. ``co-tuning`` for a backbone without a classifier).
+    """
+
+    model: str
+    source: str
+    target: str
+    weights: str | None = None
+    target_test: str | None = None
+    source_features: str | None = None
+    target_features: str | None = None
+    seeds: tuple[int, ...] = (0, 1, 2)
+    k: int = 100
+    cluster_k: float | None = None
+    clusters: int = 2000
+    metric: str = "cosine"
+    eps_c: float = 0.01
+    relevant: tuple[int, ...] = ()
+    finetune: dict[str, Any] = field(default_factory=dict)
+    lam: dict[str, float] = field(default_factory=dict)
+    sweep: dict[str, tuple] = field(default_factory=dict)
+    skip: tuple[str, ...] = ()
+    embed_batch_size: int = 256
+
+    def __post_init__(self):
+        if not self.seeds:
+            raise PretrainReuseError("seeds is empty; give at least one seed")
+        if self.k < 1 or self.clusters < 2:
+            raise PretrainReuseError(f"k must be >= 1 and clusters >= 2, got {self.k}, {self.clusters}")
+        if self.cluster_k is not None and not 0 < self.cluster_k <= 1:
+            raise PretrainReuseError(f"cluster_k must be a share of pool images in (0, 1], got "
+                                     f"{self.cluster_k}")
+        for name in self.sweep:
+            check_choice("sweep key", name, SWEEP_DEFAULTS)
+        self.base_finetune()  # an unknown or invalid fine-tuning field fails before any work
+
+    def values(self, name: str) -> tuple:
+        return tuple(self.sweep.get(name, SWEEP_DEFAULTS[name]))
+
+    def base_finetune(self) -> FinetuneConfig:
+        return load_config(None, **self.finetune)
+
+
+def load_experiment_config(path: str | Path | None = None, **overrides: Any) -> ExperimentConfig:
+    """An :class:`ExperimentConfig` from a YAML file with ``overrides`` (None = unset) on top."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = check_file("--config", path)
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise PretrainReuseError(f"--config {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise PretrainReuseError(f"--config {str(p)!r} must hold a mapping of field: value")
+        values.update(loaded)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in fields(ExperimentConfig)}
+    for key in values:
+        check_choice("experiment config key", key, sorted(known))
+    for key in ("model", "source", "target"):
+        if not values.get(key):
+            raise PretrainReuseError(f"the experiment needs {key!r}; pass --{key} or set it in --config")
+    for key in ("seeds", "relevant", "skip"):
+        if key in values:
+            values[key] = tuple(values[key])
+    if "sweep" in values:
+        values["sweep"] = {k: tuple(v) if isinstance(v, list | tuple) else (v,)
+                           for k, v in values["sweep"].items()}
+    return ExperimentConfig(**values)
+
+
+# --------------------------------------------------------------------------------------------
+# Recipes: an ExperimentConfig -> the rows of the table
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pick:
+    """Which selection a row uses. ``k`` None: the experiment's ``k`` (classes) or ``cluster_k``
+    (clusters); ``group`` (i, n): the i-th of n equal slices of the full UOT ranking."""
+
+    units: str = "classes"  # "classes" or "clusters-<K>"
+    method: str = "uot"
+    k: int | float | None = None
+    metric: str | None = None
+    eps_c: float | None = None
+    group: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of an experiment's table: a fine-tuning ``mode`` (None: selection only) on an
+    optional selection, with ``settings`` (FinetuneConfig fields) fixed by the swept value ``x``."""
+
+    method: str
+    x: Any = None
+    mode: str | None = None
+    pick: Pick | None = None
+    settings: tuple[tuple[str, Any], ...] = ()
+
+
+def _clusters(cfg: ExperimentConfig) -> str:
+    return f"clusters-{cfg.clusters}"
+
+
+def _table1(cfg: ExperimentConfig) -> list[Row]:
+    rows = [Row("vanilla", mode="vanilla"), Row("co-tuning", mode="co-tuning")]
+    for m in ("random", "greedy-ot", "uot"):
+        rows.append(Row(f"reuse {m} classes", mode="reuse", pick=Pick("classes", m)))
+    for m in ("random", "greedy-ot", "uot"):
+        rows.append(Row(f"reuse-unlabeled {m} clusters", mode="reuse-unlabeled",
+                        pick=Pick(_clusters(cfg), m)))
+    return rows
+
+
+def _table2(cfg: ExperimentConfig) -> list[Row]:
+    return [Row("reuse-unlabeled uot clusters", x=int(k), mode="reuse-unlabeled",
+                pick=Pick(f"clusters-{int(k)}")) for k in cfg.values("clusters")]
+
+
+def _vanilla_vs_uot(name: str, values) -> list[Row]:
+    rows = []
+    for v in values:
+        rows += [Row("vanilla", x=v, mode="vanilla", settings=((name, v),)),
+                 Row("reuse uot classes", x=v, mode="reuse", pick=Pick(), settings=((name, v),))]
+    return rows
+
+
+def _table3(cfg: ExperimentConfig) -> list[Row]:
+    return _vanilla_vs_uot("long_tail_ratio", [float(v) for v in cfg.values("long_tail_ratio")])
+
+
+def _table4(cfg: ExperimentConfig) -> list[Row]:
+    return [Row(f"reuse {m} {metric}", mode="reuse", pick=Pick("classes", m, metric=metric))
+            for m in ("greedy-ot", "uot") for metric in ("l2", "cosine")]
+
+
+def _fig3a(cfg: ExperimentConfig) -> list[Row]:
+    rows = [Row(f"reuse {m} classes", x=int(k), mode="reuse", pick=Pick("classes", m, k=int(k)))
+            for k in cfg.values("k") for m in ("uot", "random")]
+    if cfg.relevant:
+        rows.append(Row("reuse label classes", x=len(cfg.relevant), mode="reuse",
+                        pick=Pick("classes", "label", k=len(cfg.relevant))))
+    return rows
+
+
+def _fig3b(cfg: ExperimentConfig) -> list[Row]:
+    return _vanilla_vs_uot("train_fraction", [float(v) for v in cfg.values("train_fraction")])
+
+
+def _fig4a(cfg: ExperimentConfig) -> list[Row]:
+    if not cfg.relevant:
+        raise PretrainReuseError("fig4a measures recall; give the related pool classes (relevant)")
+    return [Row(f"{m} {cfg.metric}", x=float(e), pick=Pick("classes", m, eps_c=float(e)))
+            for e in cfg.values("eps_c") for m in ("uot", "greedy-ot")]
+
+
+def _fig4b(cfg: ExperimentConfig) -> list[Row]:
+    n = int(cfg.values("groups")[0])
+    return [Row("vanilla", mode="vanilla")] + [
+        Row("reuse uot group", x=i + 1, mode="reuse", pick=Pick("classes", group=(i, n)))
+        for i in range(n)]
+
+
+#: name -> (rows, label of the swept variable or None, what the recipe reproduces)
+RECIPES: dict[str, tuple[Callable[[ExperimentConfig], list[Row]], str | None, str]] = {
+    "table1": (_table1, None, "Table 1: selection methods, labelled and unlabelled reuse"),
+    "table2": (_table2, "k-means clusters K", "Table 2: number of clusters"),
+    "table3": (_table3, "long-tail ratio", "Table 3: long-tailed target data"),
+    "table4": (_table4, None, "Table 4: distance ablation"),
+    "fig3a": (_fig3a, "selected classes", "Figure 3a: number of selected classes"),
+    "fig3b": (_fig3b, "target training fraction", "Figure 3b: amount of target data"),
+    "fig4a": (_fig4a, "eps_c", "Figure 4a: recall vs the cost scale eps_c"),
+    "fig4b": (_fig4b, "score group (1 = most similar)", "Figure 4b: similarity groups"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------
+
+
+COLUMNS = ("method", "x", "recall", "units", "top1_mean", "top1_std", "top1_at_best_val_mean",
+           "mean_class_acc_mean", "seeds")
+
+
+@dataclass(frozen=True)
+class ExperimentTable:
+    """The results of one experiment: one dict per row with the keys of ``COLUMNS``
+    (accuracies None for selection-only rows, recall None without ``relevant``)."""
+
+    name: str
+    rows: list[dict[str, Any]]
+    x_label: str | None
+    params: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, out: str | Path) -> Path:
+        """Write ``experiment.json``, ``results.csv``, ``results.md`` and ``results.png``."""
+        out = Path(out)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: ("" if r[k] is None else r[k]) for k in COLUMNS} for r in self.rows)
+        for name, text in (("results.csv", buf.getvalue()), ("results.md", self.to_markdown())):
+            with atomic_path(out / name) as tmp:
+                tmp.write_text(text)
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        self.plot(ax)
+        fig.tight_layout()
+        with atomic_path(out / "results.png") as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+        plt.close(fig)
+        write_json(out / "experiment.json", {"kind": "experiment", "name": self.name,
+                                             "x_label": self.x_label, "rows": self.rows,
+                                             "params": self.params, "meta": self.meta})
+        return out / "experiment.json"
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExperimentTable:
+        """From ``experiment.json`` or the folder holding it."""
+        path = Path(path)
+        d = read_json(path / "experiment.json" if path.is_dir() else path, "experiment")
+        if d.get("kind") != "experiment":
+            raise PretrainReuseError(f"{str(path)!r} is not an experiment.json")
+        return cls(d["name"], d["rows"], d["x_label"], d["params"], d.get("meta", {}))
+
+    def cells(self) -> tuple[list[str], list[list[str]]]:
+        """Header and formatted rows of the table (shared by Markdown and the HTML report); the
+        spread is shown only when there are several seeds."""
+        head = ["method", *([self.x_label] if self.x_label else []), "recall", "units",
+                "test top-1 (final, mean ± std over seeds)", "test top-1 (at best val)", "seeds"]
+        body = []
+        for r in self.rows:
+            acc = "" if r["top1_mean"] is None else f"{r['top1_mean']:.4f}"
+            if len(r["seeds"]) > 1:
+                acc += f" ± {r['top1_std']:.4f}"
+            best = r["top1_at_best_val_mean"]
+            body.append([r["method"], *([str(r["x"])] if self.x_label else []),
+                         "" if r["recall"] is None else f"{r['recall']:.4f}",
+                         "" if r["units"] is None else str(r["units"]), acc,
+                         "" if best is None else f"{best:.4f}",
+                         str(len(r["seeds"])) if r["seeds"] else ""])
+        return head, body
+
+    def to_markdown(self) -> str:
+        head, body = self.cells()
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in body]
+        return f"# {RECIPES[self.name][2]}\n\n" + "\n".join(lines) + "\n"
+
+    def plot(self, ax=None):
+        """Accuracy (or recall, for selection-only tables) per method: lines over the swept
+        variable, bars with the seed spread otherwise."""
+        import matplotlib.pyplot as plt
+
+        ax = ax or plt.gca()
+        key = "top1_mean" if any(r["top1_mean"] is not None for r in self.rows) else "recall"
+        methods = list(dict.fromkeys(r["method"] for r in self.rows))
+        if self.x_label is None:
+            rows = [next(r for r in self.rows if r["method"] == m) for m in methods]
+            err = [r["top1_std"] or 0.0 for r in rows] if key == "top1_mean" else None
+            ax.bar(range(len(rows)), [r[key] for r in rows], yerr=err, color="C0", capsize=3)
+            ax.set_xticks(range(len(rows)), methods, rotation=30, ha="right", fontsize=8)
+            lo = min(r[key] for r in rows)
+            ax.set_ylim(max(0.0, lo - 0.1), None)
+        else:
+            for i, m in enumerate(methods):
+                rows = [r for r in self.rows if r["method"] == m]
+                if len(rows) == 1:  # a single reference point (vanilla, label-based selection)
+                    ax.axhline(rows[0][key], ls="--", color=f"C{i}", label=m)
+                    continue
+                xs = [r["x"] for r in rows]
+                ys = np.array([r[key] for r in rows])
+                ax.plot(xs, ys, marker="o", color=f"C{i}", label=m)
+                if key == "top1_mean":
+                    sd = np.array([r["top1_std"] for r in rows])
+                    ax.fill_between(xs, ys - sd, ys + sd, color=f"C{i}", alpha=0.15)
+            if self.name == "fig4a":
+                ax.set_xscale("log")
+            ax.set_xlabel(self.x_label)
+            ax.legend(fontsize=8)
+        ax.set_ylabel("test top-1 (final step)" if key == "top1_mean" else "recall")
+        ax.set_title(RECIPES[self.name][2], fontsize=9)
+        return ax
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9.=]+", "-", text.lower()).strip("-")
+
+
+class _Workspace:
+    """Computes, caches on disk and reuses the inputs rows share: data, features, units and
+    selections (one object per experiment folder)."""
+
+    def __init__(self, cfg: ExperimentConfig, out: Path, progress: bool):
+        self.cfg, self.out, self.progress = cfg, out, progress
+        self._cache: dict[Any, Any] = {}
+
+    def _once(self, key, build):
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def data(self, which: str) -> ImageDataset:
+        cfg = self.cfg
+        spec, split = {"source": (cfg.source, "train"), "target": (cfg.target, "train"),
+                       "test": (cfg.target_test or cfg.target, "test")}[which]
+        if which == "test" and cfg.target_test is None and str(cfg.target) not in DATASETS:
+            raise PretrainReuseError("pass --target-test with the test data (folder or list file)")
+        return self._once(("data", which), lambda: open_split(spec, split))
+
+    def features(self, which: str) -> FeatureStore:
+        given = self.cfg.source_features if which == "source" else self.cfg.target_features
+
+        def build():
+            if given:
+                return FeatureStore.load(given)
+            spec = self.cfg.source if which == "source" else self.cfg.target
+            ecfg = EmbedConfig(model=self.cfg.model, data=str(spec), weights=self.cfg.weights,
+                               split="train" if str(spec) in DATASETS else None,
+                               batch_size=self.cfg.embed_batch_size)
+            return embed(ecfg, self.out / "features" / which, progress=self.progress)
+
+        return self._once(("features", which), build)
+
+    def units(self, name: str) -> Units:
+        def build():
+            path = self.out / "units" / f"{name}.safetensors"
+            if path.exists():
+                return Units.load(path)
+            store = self.features("source")
+            if name == "classes":
+                if store.labels is None:
+                    raise PretrainReuseError("class units need pool labels; the source has none "
+                                             "(skip the rows on classes, or give labelled data)")
+                units = class_means(store)
+            else:
+                units = spherical_kmeans(replace(store, labels=None), int(name.split("-")[1]),
+                                         seed=self.cfg.seeds[0])
+            units.save(path)
+            return units
+
+        return self._once(("units", name), build)
+
+    def target_units(self) -> Units:
+        return self._once("target_units", lambda: class_means(self.features("target")))
+
+    def cluster_share(self) -> float:
+        """Default share of pool images for cluster selections (see ExperimentConfig)."""
+        if self.cfg.cluster_k is not None:
+            return self.cfg.cluster_k
+        if self.features("source").labels is None:
+            return min(1.0, self.cfg.k / self.cfg.clusters)
+        classes = self.units("classes")
+        top = self.selection(Pick("classes", "uot"))
+        return float(classes.counts[top.selected].sum() / classes.counts.sum())
+
+    def selection(self, pick: Pick) -> Selection:
+        cfg = self.cfg
+        clusters = pick.units != "classes"
+        k = pick.k if pick.k is not None else (self.cluster_share() if clusters else cfg.k)
+        if pick.group is not None:
+            k = len(self.units(pick.units))  # the whole ranking, sliced below
+        scfg = SelectConfig(method=pick.method, k=k, metric=pick.metric or cfg.metric,
+                            eps_c=pick.eps_c or cfg.eps_c, seed=cfg.seeds[0],
+                            unit_ids=cfg.relevant if pick.method == "label" else ())
+        tag = f"{pick.units}-{scfg.method}-{scfg.metric}-eps{scfg.eps_c:g}-k{k:g}"
+        path = self.out / "selections" / f"{tag}.json"
+
+        def build():
+            sel = Selection.load(path) if path.exists() else select(
+                self.units(pick.units), self.target_units(), scfg)
+            if not path.exists():
+                sel.save(path)
+            if pick.group is None:
+                return sel
+            i, n = pick.group
+            ranking = sel.ranking()
+            size = len(ranking) // n
+            if size < 1:
+                raise PretrainReuseError(f"cannot cut {len(ranking)} units into {n} groups; "
+                                         "lower sweep.groups")
+            return replace(sel, selected=[int(u) for u in ranking[i * size:(i + 1) * size]],
+                           params={**sel.params, "group": [i, n]})
+
+        return self._once(("selection", pick), build)
+
+    def recall(self, pick: Pick, sel: Selection) -> float | None:
+        if not self.cfg.relevant:
+            return None
+        if pick.units == "classes":
+            return sel.recall(self.cfg.relevant)
+        return sel.sample_recall(self.units(pick.units), self.features("source").labels,
+                                 self.cfg.relevant)
+
+    def finetune(self, row: Row, seed: int) -> RunResult:
+        cfg = self.cfg
+        x = "" if row.x is None else f"-x={row.x:g}" if isinstance(row.x, float) else f"-x={row.x}"
+        run_dir = self.out / "runs" / f"{_slug(row.method)}{x}-seed{seed}"
+        if (run_dir / "result.json").exists():
+            return RunResult.load(run_dir / "result.json")
+        base = cfg.base_finetune()
+        ft = replace(base, mode=row.mode, seed=seed, lam=cfg.lam.get(row.mode, base.lam),
+                     **dict(row.settings))
+        sel = self.selection(row.pick) if row.pick else None
+        if self.progress:
+            print(f"[experiment] {run_dir.name}", flush=True)
+        return finetune_datasets(
+            ft, model=cfg.model, weights=cfg.weights, train_pool=self.data("target"),
+            test_set=self.data("test"), source_pool=self.data("source") if sel else None,
+            selection=sel, units=self.units(row.pick.units) if sel else None, out=run_dir,
+            inputs={"model": cfg.model, "weights": cfg.weights, "target": cfg.target,
+                    "source": cfg.source, "row": row.method, "x": row.x,
+                    "selected": sel.selected if sel else None},
+            progress=self.progress)
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
+                   progress: bool = True) -> ExperimentTable:
+    """Run (or resume) recipe ``name`` into folder ``out`` and write its table."""
+    build_rows, x_label, _ = RECIPES[check_choice("experiment", name, RECIPES)]
+    rows = [r for r in build_rows(cfg) if r.method not in cfg.skip]
+    out = Path(out)
+    _claim(out, name, cfg)
+    ws = _Workspace(cfg, out, progress)
+    table = []
+    for row in rows:
+        sel = ws.selection(row.pick) if row.pick else None
+        results = [ws.finetune(row, s) for s in cfg.seeds] if row.mode else []
+        final = [r.final["top1"] for r in results]
+        table.append({
+            "method": row.method, "x": row.x,
+            "recall": ws.recall(row.pick, sel) if sel is not None else None,
+            "units": len(sel.selected) if sel is not None else None,
+            "top1_mean": _mean(final),
+            "top1_std": float(np.std(final, ddof=1)) if len(final) > 1 else (0.0 if final else None),
+            "top1_at_best_val_mean": _mean([r.at_best_val["top1"] for r in results]),
+            "mean_class_acc_mean": _mean([r.final["mean_class_acc"] for r in results]),
+            "seeds": [r.config["seed"] for r in results],
+        })
+    params = _params(cfg)
+    result = ExperimentTable(name, table, x_label, params,
+                             make_meta(f"experiment.{name}", params, seed=cfg.seeds[0]))
+    result.save(out)
+    return result
+
+
+def _params(cfg: ExperimentConfig) -> dict[str, Any]:
+    params = asdict(cfg)
+    params["sweep"] = {k: list(cfg.values(k)) for k in SWEEP_DEFAULTS}
+    return params
+
+
+def _claim(out: Path, name: str, cfg: ExperimentConfig) -> None:
+    """Mark ``out`` as an experiment folder; a rerun must use the same recipe and inputs (rows
+    already run are reused, so a changed config would mix two experiments in one table)."""
+    marker = out / "run.json"
+    # seeds and skip may change between runs: they add or leave out rows, never alter one
+    params = json.loads(to_json({"experiment": name, **{
+        k: v for k, v in _params(cfg).items() if k not in ("seeds", "skip")}}))
+    if marker.exists():
+        old = read_json(marker, "experiment marker")
+        if old.get("params") != params:
+            changed = sorted(k for k in set(params) | set(old.get("params", {}))
+                             if params.get(k) != old.get("params", {}).get(k))
+            raise PretrainReuseError(
+                f"{str(out)!r} holds an experiment run with other settings ({', '.join(changed)}); "
+                "pass another --out or delete that folder")
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PretrainReuseError(f"--out {str(out)!r} exists and is not an experiment folder; "
+                                 "pass a new or empty folder")
+    write_json(marker, {"kind": "experiment-run", "params": params})
+
+
+__all__ = [
+    "RECIPES",
+    "SWEEP_DEFAULTS",
+    "ExperimentConfig",
+    "ExperimentTable",
+    "load_experiment_config",
+    "run_experiment",
+]

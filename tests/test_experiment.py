@@ -1,0 +1,146 @@
+"""``pretrain-reuse experiment``: recipes of the paper's tables and figures, checked on the quick
+demo's pre-trained CNN and features (the world's related classes are the planted truth)."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from pretrain_reuse.cli import main
+from pretrain_reuse.data.catalog import open_dataset
+from pretrain_reuse.experiment import RECIPES, ExperimentTable, load_experiment_config, run_experiment
+from pretrain_reuse.finetune import RunResult
+from pretrain_reuse.selection import Selection
+
+RELATED = tuple(int(c) for c in open_dataset("synthetic:target").related)
+FAST = {"max_steps": 3, "batch_size": 16, "eval_every": 1, "augment": "none", "lr": 0.01,
+        "val_fraction": 0.1, "checkpoint_every": 1000}
+
+
+def _config(demo, tmp_path, **extra):
+    out = demo
+    values = dict(model="smallcnn", weights=str(out / "pretrain" / "model.safetensors"),
+                  source="synthetic:pretrain", target="synthetic:target",
+                  source_features=str(out / "features_pretrain"),
+                  target_features=str(out / "features_target"), k=len(RELATED), clusters=64,
+                  relevant=RELATED, finetune=FAST)
+    values.update(extra)
+    path = tmp_path / "exp.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump({k: list(v) if isinstance(v, tuple) else v
+                                    for k, v in values.items()}))
+    return path
+
+
+def test_recall_sweep_matches_the_saved_selections_and_greedy_ignores_eps_c(quick_demo, tmp_path):
+    demo, summary, _ = quick_demo
+    cfg = load_experiment_config(_config(demo, tmp_path), seeds=(0,))
+    table = run_experiment("fig4a", cfg, tmp_path / "fig4a", progress=False)
+    rows = {(r["method"], r["x"]): r for r in table.rows}
+    assert len(rows) == 2 * len(cfg.values("eps_c"))
+    for (method, eps), row in rows.items():
+        assert row["top1_mean"] is None and row["seeds"] == []  # selection only
+        sel = Selection.load(next((tmp_path / "fig4a" / "selections").glob(
+            f"classes-{method.split()[0]}-cosine-eps{eps:g}-k*.json")))
+        truth = len(set(sel.selected) & set(RELATED)) / len(RELATED)
+        assert row["recall"] == pytest.approx(truth)
+    greedy = {r["recall"] for r in table.rows if r["method"].startswith("greedy")}
+    assert len(greedy) == 1  # greedy OT scores each unit alone: the cost scale cannot matter
+    # at the paper's eps_c, the recall equals the demo's own UOT selection of the same classes
+    assert rows[("uot cosine", 0.01)]["recall"] == pytest.approx(
+        summary["selection"]["classes-uot"]["recall"])
+    # above chance (k of 128 classes) even with the quick demo's 2-epoch features
+    assert rows[("uot cosine", 0.01)]["recall"] > len(RELATED) / 128
+
+
+def test_table_aggregates_the_runs_and_a_rerun_skips_them(quick_demo, tmp_path):
+    demo, _, _ = quick_demo
+    cfg = load_experiment_config(_config(demo, tmp_path, sweep={"groups": [2]}), seeds=(0, 1))
+    out = tmp_path / "fig4b"
+    table = run_experiment("fig4b", cfg, out, progress=False)
+    assert [r["method"] for r in table.rows] == ["vanilla", "reuse uot group", "reuse uot group"]
+    for row in table.rows:
+        slug = "vanilla" if row["x"] is None else f"reuse-uot-group-x={row['x']}"
+        finals = [RunResult.load(out / "runs" / f"{slug}-seed{s}" / "result.json").final["top1"]
+                  for s in (0, 1)]
+        assert row["top1_mean"] == pytest.approx(np.mean(finals))
+        assert row["top1_std"] == pytest.approx(np.std(finals, ddof=1))
+        assert row["seeds"] == [0, 1]
+    # the two groups split the UOT ranking of the 128 classes into disjoint halves, best first
+    full = Selection.load(next((out / "selections").glob("classes-uot-*-k128.json")))
+    ranking = [int(u) for u in full.ranking()]
+    for group in (1, 2):
+        meta = RunResult.load(out / "runs" / f"reuse-uot-group-x={group}-seed0" / "result.json").meta
+        assert json.loads(meta["inputs"]["selected"]) == ranking[(group - 1) * 64:group * 64]
+    assert table.rows[1]["units"] == table.rows[2]["units"] == 64
+
+    with open(out / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [float(r["top1_mean"]) for r in rows] == pytest.approx([r["top1_mean"] for r in table.rows])
+    assert ExperimentTable.load(out).rows == json.loads(json.dumps(table.rows))
+    assert (out / "results.png").stat().st_size > 0 and "| vanilla |" in (out / "results.md").read_text()
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")}
+    again = run_experiment("fig4b", cfg, out, progress=False)
+    assert again.rows == table.rows
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")} == stamps
+
+
+def test_cli_runs_a_recipe_and_refuses_a_changed_config(quick_demo, tmp_path, capsys):
+    demo, _, _ = quick_demo
+    cfg = _config(demo, tmp_path)
+    out = tmp_path / "t4"
+    assert main(["experiment", "table4", "--config", str(cfg), "--seeds", "0", "--quiet",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| reuse uot cosine |" in printed and "results.md" in printed
+    table = ExperimentTable.load(out)
+    assert [r["method"] for r in table.rows] == ["reuse greedy-ot l2", "reuse greedy-ot cosine",
+                                                 "reuse uot l2", "reuse uot cosine"]
+    assert all(r["recall"] is not None and r["units"] == len(RELATED) for r in table.rows)
+    assert main(["report", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert "experiment table4" in page and page.count("data:image/png;base64,") >= 2
+
+    assert main(["experiment", "table4", "--config", str(cfg), "--k", "5", "--quiet",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "other settings (k)" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["table9"], "experiment='table9' is not one of"),
+    (["table1", "--model", "smallcnn"], "needs 'source'"),
+    (["fig4a", "--model", "smallcnn", "--source", "synthetic:pretrain", "--target",
+      "synthetic:target"], "fig4a measures recall"),
+])
+def test_user_errors_are_one_line(argv, message, tmp_path, capsys):
+    out = tmp_path / "x"
+    assert main(["experiment", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() or not any(out.iterdir())  # nothing half-written
+
+
+def test_config_errors(tmp_path):
+    from pretrain_reuse.errors import PretrainReuseError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: m\nsource: s\ntarget: t\nfinetune: {lrr: 0.1}\n")
+    with pytest.raises(PretrainReuseError, match="lrr"):
+        load_experiment_config(bad)
+    bad.write_text("model: m\nsource: s\ntarget: t\nsweep: {kk: [1]}\n")
+    with pytest.raises(PretrainReuseError, match="sweep key"):
+        load_experiment_config(bad)
+    with pytest.raises(PretrainReuseError, match="seeds"):
+        load_experiment_config(None, model="m", source="s", target="t", seeds=())
+
+
+def test_every_recipe_builds_rows_from_the_defaults():
+    cfg = load_experiment_config(None, model="m", source="s", target="t", relevant=(1, 2))
+    for name, (rows, x_label, _) in RECIPES.items():
+        built = rows(cfg)
+        assert built, name
+        assert (x_label is None) == all(r.x is None for r in built if r.method != "vanilla"), name
