@@ -33,7 +33,8 @@ from pretrain_reuse.errors import PretrainReuseError
 from pretrain_reuse.finetune.checkpoint import load_state, save_state
 from pretrain_reuse.finetune.config import FinetuneConfig, lr_at
 from pretrain_reuse.finetune.data import StepBatches, selected_source, split_validation
-from pretrain_reuse.finetune.evaluate import accuracy, cotuning_relationship
+from pretrain_reuse.finetune.evaluate import (accuracy, cotuning_relationship,
+                                              cotuning_reverse_relationship)
 from pretrain_reuse.finetune.losses import (
     cotuning_loss,
     reuse_loss,
@@ -290,6 +291,49 @@ def test_cotuning_relationship_is_the_mean_softmax_per_class():
     expected = np.stack([p[labels == c].mean(axis=0) for c in range(3)] + [np.full(6, 1 / 6)])
     np.testing.assert_allclose(rel, expected, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(rel.sum(axis=1), 1.0, atol=1e-9)
+
+
+def _reverse_reference(train_z, train_y, val_z, val_y, c, scale=0.884):
+    """The reverse relationship written with scikit-learn and scipy (independent reference)."""
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax, softmax
+    from sklearn.linear_model import LogisticRegression
+
+    p_train, p_val = softmax(scale * train_z, axis=1), softmax(scale * val_z, axis=1)
+    lr = LogisticRegression(C=c, fit_intercept=False, tol=1e-12, max_iter=10_000).fit(p_train, train_y)
+    w = lr.coef_.T  # (K_s, K_t)
+
+    def val_ce(log_t):
+        return -log_softmax(p_val @ w / np.exp(log_t), axis=1)[np.arange(len(val_y)), val_y].mean()
+
+    t = np.exp(minimize_scalar(val_ce, bounds=(-5, 5), method="bounded",
+                               options={"xatol": 1e-10}).x)
+    joint = softmax(w / t, axis=1) * p_train.mean(0)[:, None]
+    return (joint / joint.sum(0, keepdims=True)).T
+
+
+def test_cotuning_reverse_relationship_matches_sklearn_and_scipy():
+    rng = np.random.default_rng(3)
+    k_s, k_t = 8, 3
+    train_y, val_y = rng.integers(0, k_t, 120), rng.integers(0, k_t, 60)
+    # target class c lights up source classes 2c and 2c+1: a planted relationship
+    def logits(y):
+        z = rng.normal(size=(len(y), k_s))
+        z[np.arange(len(y)), 2 * y] += 1.5
+        z[np.arange(len(y)), 2 * y + 1] += 1.0
+        return z
+
+    train_z, val_z = logits(train_y), logits(val_y)
+    got = cotuning_reverse_relationship(train_z, train_y, val_z, val_y, k_t, cs=(1.0,))
+    np.testing.assert_allclose(got, _reverse_reference(train_z, train_y, val_z, val_y, 1.0),
+                               atol=2e-4)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-12)
+    # with the C search, each target class puts most of its mass on its planted source classes
+    rel = cotuning_reverse_relationship(train_z, train_y, val_z, val_y, k_t)
+    for c in range(k_t):
+        assert set(np.argsort(-rel[c])[:2]) == {2 * c, 2 * c + 1}
+    with pytest.raises(PretrainReuseError, match="val_fraction"):
+        cotuning_reverse_relationship(train_z, train_y, val_z[:0], val_y[:0], k_t)
 
 
 # --------------------------------------------------------------------------------------------
@@ -641,17 +685,27 @@ def test_scratch_starts_from_a_fresh_initialisation(files, tmp_path, capsys):
     assert all(torch.equal(s[k], s2[k]) for k in s)  # seeded
 
 
-def test_cotuning_relationship_equals_pretrained_predictions_on_the_train_split(
-        files, tmp_path, capsys):
-    out = run_ok(capsys, *base_args(files, tmp_path / "run", steps=1), "--mode", "co-tuning")
+@pytest.mark.parametrize("form", ["direct", "reverse"])
+def test_cotuning_relationship_comes_from_pretrained_predictions_on_the_splits(
+        files, tmp_path, capsys, form):
+    out = run_ok(capsys, *base_args(files, tmp_path / "run", steps=1), "--mode", "co-tuning",
+                 "--cotuning-relationship", form)
     rel = load_state(out / "checkpoint.safetensors")["model"]["relationship"].numpy()
     split = json.loads((out / "split.json").read_text())
     net = smallcnn_from_file(files["weights"])
-    with torch.no_grad():
-        probs = torch.softmax(net(load_images(files["train"], split["train"])).double(), 1).numpy()
-    labels = np.asarray([int(i.split("/")[0][1:]) for i in split["train"]])  # "t<c>/..."
-    expected = np.stack([probs[labels == c].mean(axis=0) for c in range(3)])
-    np.testing.assert_allclose(rel, expected, atol=1e-5)
+
+    def logits_labels(ids):
+        with torch.no_grad():
+            z = net(load_images(files["train"], ids)).double().numpy()
+        return z, np.asarray([int(i.split("/")[0][1:]) for i in ids])  # "t<c>/..."
+
+    z, labels = logits_labels(split["train"])
+    if form == "direct":
+        probs = torch.softmax(torch.from_numpy(z), 1).numpy()
+        expected = np.stack([probs[labels == c].mean(axis=0) for c in range(3)])
+    else:
+        expected = cotuning_reverse_relationship(z, labels, *logits_labels(split["val"]), 3)
+    np.testing.assert_allclose(rel, expected, atol=1e-4)
     np.testing.assert_allclose(rel.sum(axis=1), 1.0, atol=1e-5)
 
 

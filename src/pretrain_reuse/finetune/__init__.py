@@ -22,7 +22,7 @@ from ..units import Units
 from .augment import View, input_size
 from .config import MODES, FinetuneConfig, load_config
 from .data import SourceData, resize_transform, selected_source, split_validation
-from .evaluate import cotuning_relationship, predict
+from .evaluate import cotuning_relationship, cotuning_reverse_relationship, predict
 from .loop import RunResult, train
 from .model import FinetuneModel, reinitialize, source_classifier
 
@@ -131,7 +131,7 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
     net = FinetuneModel(backbone, num_classes, source_classes=source_classes,
                         frozen_backbone=cfg.mode == "linear-probe", seed=cfg.seed)
     if cfg.mode == "co-tuning":
-        _attach_relationship(net, train_set, cfg, num_classes)
+        _attach_relationship(net, train_set, val_set, cfg, num_classes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)  # only now: a bad argument leaves no folder behind
     write_json(out / "split.json", split)
@@ -139,17 +139,23 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
                  inputs=inputs or {"model": model, "weights": weights}, progress=progress)
 
 
-def _attach_relationship(model: FinetuneModel, train_set: ImageDataset, cfg: FinetuneConfig,
-                         num_classes: int) -> None:
+def _attach_relationship(model: FinetuneModel, train_set: ImageDataset, val_set: ImageDataset,
+                         cfg: FinetuneConfig, num_classes: int) -> None:
     """Co-Tuning: keep the pre-trained classifier as source head and learn p(y_s | y_t) from its
-    predictions on the target training images."""
+    predictions on the target training images (and, for the reverse form, validation images)."""
     model.source_head = source_classifier(model.backbone)
     device = torch.device(cfg.device)
     model.to(device)
     view = View(model.backbone.spec, "eval", input_size(model.backbone.spec, cfg.image_size))
-    logits, labels = predict(lambda x: model.source_head(model.backbone.features(x)), train_set,
-                             view.to(device), batch_size=cfg.batch_size, device=device,
-                             workers=cfg.workers)
-    rel = cotuning_relationship(logits, labels, num_classes)
-    model.register_buffer("relationship", torch.as_tensor(rel, dtype=torch.float32))
 
+    def source_logits(data: ImageDataset):
+        return predict(lambda x: model.source_head(model.backbone.features(x)), data,
+                       view.to(device), batch_size=cfg.batch_size, device=device,
+                       workers=cfg.workers)
+
+    logits, labels = source_logits(train_set)
+    if cfg.cotuning_relationship == "reverse":
+        rel = cotuning_reverse_relationship(logits, labels, *source_logits(val_set), num_classes)
+    else:
+        rel = cotuning_relationship(logits, labels, num_classes)
+    model.register_buffer("relationship", torch.as_tensor(rel, dtype=torch.float32))

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..data.datasets import ImageDataset, make_loader
+from ..errors import PretrainReuseError
 
 
 @torch.no_grad()
@@ -49,3 +50,67 @@ def cotuning_relationship(source_logits: np.ndarray, labels: np.ndarray,
         rows = probs[labels == c]
         rel[c] = rows.mean(axis=0) if len(rows) else 1.0 / probs.shape[1]
     return rel
+
+
+#: Fixed calibration temperature of the source logits in thuml/CoTuning (their ResNet-50).
+COTUNING_SOURCE_SCALE = 0.884
+#: Inverse regularisation strengths searched on the validation split (thuml/CoTuning).
+COTUNING_CS = tuple(10.0 ** e for e in range(4, -5, -1))
+
+
+def cotuning_reverse_relationship(train_logits: np.ndarray, train_labels: np.ndarray,
+                                  val_logits: np.ndarray, val_labels: np.ndarray,
+                                  num_classes: int, *, cs: tuple[float, ...] = COTUNING_CS,
+                                  scale: float = COTUNING_SOURCE_SCALE) -> np.ndarray:
+    r"""Co-Tuning's category relationship, reverse form (You et al., NeurIPS 2020, as the
+    original thuml/CoTuning code; methods note §7).
+
+    With calibrated source probabilities ``p_s(x) = softmax(scale · h_s(x))``:
+
+    1. a multinomial logistic regression without intercept predicts ``y_t`` from ``p_s``,
+       ``min_W  mean_i CE(W p_s(x_i), y_i) + ||W||² / (2 C n)`` (scikit-learn's objective),
+       with ``C`` in ``cs`` chosen by validation accuracy;
+    2. a temperature ``T`` on its logits minimises the validation cross-entropy;
+    3. ``p(y_t | y_s = s) = softmax(W e_s / T)`` and, by Bayes with the empirical source
+       marginal ``p(y_s) = mean_i p_s(x_i)``, ``p(y_s | y_t) ∝ p(y_t | y_s) p(y_s)``,
+       each row normalised over the source classes.
+
+    Returns the (num_classes, K_s) row-stochastic matrix.
+    """
+    if len(val_labels) == 0:
+        raise PretrainReuseError("the reverse Co-Tuning relationship is fitted on the validation "
+                                 "split; set val_fraction > 0 or use cotuning_relationship=direct")
+    p_train = torch.softmax(scale * torch.from_numpy(train_logits).double(), dim=1)
+    p_val = torch.softmax(scale * torch.from_numpy(val_logits).double(), dim=1)
+    y_train = torch.from_numpy(train_labels).long()
+    y_val = torch.from_numpy(val_labels).long()
+    fits = [_multinomial_regression(p_train, y_train, num_classes, c) for c in cs]
+    w = max(fits, key=lambda w: ((p_val @ w).argmax(1) == y_val).double().mean().item())
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    _lbfgs([log_t], lambda: torch.nn.functional.cross_entropy(p_val @ w / log_t.exp(), y_val))
+    t_given_s = torch.softmax(w / log_t.detach().exp(), dim=1)  # row s: W applied to e_s
+    joint = t_given_s * p_train.mean(0)[:, None]
+    return (joint / joint.sum(0, keepdim=True)).T.numpy()
+
+
+def _multinomial_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int,
+                            c: float) -> torch.Tensor:
+    """Weights (d, num_classes) of an L2-regularised multinomial logistic regression without
+    intercept, the objective of scikit-learn's ``LogisticRegression(C=c, fit_intercept=False)``."""
+    w = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
+    _lbfgs([w], lambda: torch.nn.functional.cross_entropy(x @ w, y)
+           + (w * w).sum() / (2 * c * len(y)))
+    return w.detach()
+
+
+def _lbfgs(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor]) -> None:
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=500, tolerance_grad=1e-10,
+                            tolerance_change=1e-14, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
