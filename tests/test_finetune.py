@@ -33,8 +33,7 @@ from pretrain_reuse.errors import PretrainReuseError
 from pretrain_reuse.finetune.checkpoint import load_state, save_state
 from pretrain_reuse.finetune.config import FinetuneConfig, lr_at
 from pretrain_reuse.finetune.data import StepBatches, selected_source, split_validation
-from pretrain_reuse.finetune.evaluate import (accuracy, cotuning_relationship,
-                                              cotuning_reverse_relationship)
+from pretrain_reuse.finetune.evaluate import accuracy, cotuning_relationship, cotuning_reverse_relationship
 from pretrain_reuse.finetune.losses import (
     cotuning_loss,
     reuse_loss,
