@@ -262,31 +262,43 @@ def _explain_config(args):
                          device=args.device)
 
 
-def _classifier(name: str, weights: str | None, what: str):
-    from .models import create_backbone
+def _classifier(name: str, weights: str | None, what: str, quiet: bool):
+    from .models.sequence import create_classifier
 
+    if quiet and name.startswith("hf:"):  # transformers' "Loading weights" bar
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if weights is not None:
         from .errors import check_file
 
         check_file(what, weights)
-    return create_backbone(name, weights=weights)
+    return create_classifier(name, weights=weights)
 
 
 def _explain_data(args):
     from .data.catalog import DATASETS, open_dataset
 
+    if args.data.endswith(".jsonl"):
+        from .data.text import text_file
+
+        if args.split:
+            raise PretrainReuseError(f"--split does not apply to the sentence file {args.data!r}; "
+                                     "pass one .jsonl file per split")
+        return text_file(args.data)
     split = args.split or ("test" if args.data in DATASETS and "test" in DATASETS[args.data].splits
                            else None)
     return open_dataset(args.data, split=split)
 
 
 def cmd_explain(args) -> int:
-    from .knowledge.explain import choose_samples, explain
+    from .knowledge.explain import choose_samples, explain, explainable
 
     cfg = _explain_config(args)
-    model = _classifier(args.model, args.weights, "--weights")
+    model = _classifier(args.model, args.weights, "--weights", args.quiet)
     data = _explain_data(args)
-    indices = choose_samples(data, min(cfg.samples, len(data)), cfg.seed)
+    indices = choose_samples(data, min(cfg.samples, len(data)), cfg.seed,
+                             keep=explainable(model, data, cfg))
     results = explain(model, data, indices, cfg, args.out, progress=not args.quiet)
     errors = [r.faithfulness_error(args.tau)["max"] for r in results]
     print(f"explained {len(results)} samples with n={results[0].n} players -> {args.out}; "
@@ -299,10 +311,10 @@ def cmd_knowledge(args) -> int:
     from .knowledge.analysis import analyze_knowledge
 
     cfg = _explain_config(args)
-    models = {"pretrained": _classifier(args.model, args.pretrained, "--pretrained"),
-              "finetuned": _classifier(args.model, args.finetuned, "--finetuned")}
+    models = {"pretrained": _classifier(args.model, args.pretrained, "--pretrained", args.quiet),
+              "finetuned": _classifier(args.model, args.finetuned, "--finetuned", args.quiet)}
     if args.scratch:
-        models["scratch"] = _classifier(args.model, args.scratch, "--scratch")
+        models["scratch"] = _classifier(args.model, args.scratch, "--scratch", args.quiet)
     checkpoints = None
     if args.checkpoints:
         from .errors import check_file
@@ -311,7 +323,8 @@ def cmd_knowledge(args) -> int:
         if not files:
             raise PretrainReuseError(f"--checkpoints {args.checkpoints!r} holds no .safetensors "
                                      "models; fine-tune with --snapshots to save them")
-        checkpoints = [_classifier(args.model, str(f), "--checkpoints") for f in files]
+        checkpoints = [_classifier(args.model, str(f), "--checkpoints", args.quiet)
+                       for f in files]
     summary = analyze_knowledge(models, _explain_data(args), cfg, args.out,
                                 checkpoints=checkpoints, tau=args.tau, match=args.match,
                                 progress=not args.quiet)
@@ -324,16 +337,21 @@ def cmd_knowledge(args) -> int:
 
 
 def _add_explain_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="labelled data: folder, list or data set name")
+    p.add_argument("--data", required=True,
+                   help="labelled data: image folder, list or data set name; or a .jsonl file of "
+                   '{"label": ..., "text": ...} sentences (with --players tokens)')
     p.add_argument("--split", help="split of --data (default: test for embedded sets)")
-    p.add_argument("--players", default="grid:3x3", help="grid:RxC or parts (synthetic world)")
-    p.add_argument("--n", type=int, help="players drawn from a larger grid (seeded, central cells)")
-    p.add_argument("--baseline", default="zero",
-                   help="zero | mean | blur | learned (per sample, for sparse interactions)")
+    p.add_argument("--players", default="grid:3x3",
+                   help="grid:RxC, parts (synthetic world) or tokens (text classifiers)")
+    p.add_argument("--n", type=int, help="players drawn from a larger grid (seeded, central cells); "
+                   "tokens per sentence (default 10; no stop words, punctuation, digits)")
+    p.add_argument("--baseline",
+                   help="images: zero (default) | mean | blur | learned; tokens: mask (default) | "
+                   "pad | learned (embedding); learned = per sample, for sparse interactions")
     p.add_argument("--baseline-lr", type=float, default=1e-3, help="learned baseline: SGD rate")
     p.add_argument("--baseline-steps", type=int, default=50, help="learned baseline: iterations")
     p.add_argument("--baseline-radius", type=float, default=0.5,
-                   help="learned baseline: max distance from the mean colour (data std units)")
+                   help="learned baseline: max distance from its start (data std units)")
     p.add_argument("--output", default="log-odds", help="log-odds | log-odds-clipped | logit")
     p.add_argument("--decomposition", default="and", help="and (Harsanyi) | and-or (sparsified)")
     p.add_argument("--qthres", type=float, help="noise bound, relative to |v(N)-v(0)|")
@@ -498,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("explain", help="game-theoretic interactions of a classifier on samples",
                        description="Interactions (Harsanyi AND, or sparse AND-OR) between players "
-                       "(patches or parts) of a classifier's log-odds, per sample.")
+                       "(patches, parts or tokens) of a classifier's log-odds, per sample.")
     x.add_argument("--model", required=True, help="backbone name")
     x.add_argument("--weights", help="weights of a classifier over --data's classes")
     _add_explain_flags(x)

@@ -29,11 +29,12 @@ import torch
 
 from ..artifacts import make_meta, write_json
 from ..data.datasets import ImageDataset
+from ..data.text import TextDataset
 from ..embed import preprocessed
 from ..errors import PretrainReuseError
 from ..finetune.evaluate import predict
 from ..models import Backbone
-from .explain import ExplainConfig, choose_samples, explain
+from .explain import ExplainConfig, choose_samples, explain, explainable
 from .metrics import knowledge_convergence, knowledge_report
 from .recovery import ground_truth_recovery, rule_game
 from .values import Interactions
@@ -41,18 +42,33 @@ from .values import Interactions
 ROLES = ("pretrained", "finetuned", "scratch")
 
 
-def correct_mask(models: dict[str, Backbone], dataset: ImageDataset, candidates: np.ndarray,
-                 device: torch.device) -> np.ndarray:
+def correct_mask(models: dict[str, Backbone], dataset: ImageDataset | TextDataset,
+                 candidates: np.ndarray, device: torch.device) -> np.ndarray:
     """Which of ``candidates`` every model classifies correctly (bool over the dataset)."""
     ok = np.zeros(len(dataset), bool)
     ok[candidates] = True
-    subset = dataset.subset(candidates)
     for model in models.values():
         model.to(device).eval()
-        data = preprocessed(subset, model.preprocess)
-        logits, labels = predict(model, data, lambda x: x, batch_size=256, device=device)
+        if isinstance(dataset, TextDataset):
+            logits = _text_logits(model, [dataset.texts[i] for i in candidates], device)
+            labels = dataset.labels[candidates]
+        else:
+            data = preprocessed(dataset.subset(candidates), model.preprocess)
+            logits, labels = predict(model, data, lambda x: x, batch_size=256, device=device)
         ok[candidates] &= logits.argmax(1) == labels
     return ok
+
+
+@torch.no_grad()
+def _text_logits(model: Backbone, texts: list[str], device: torch.device,
+                 batch_size: int = 64) -> np.ndarray:
+    tokenizer = model.preprocess.tokenizer
+    out = []
+    for s in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[s:s + batch_size], padding=True, truncation=True,
+                          max_length=model.spec.max_length, return_tensors="pt")
+        out.append(model({k: v.to(device) for k, v in batch.items()}).float().cpu())
+    return torch.cat(out).numpy()
 
 
 def counterfactual(x: Interactions, sets: list[int], tau: float, rng: np.random.Generator
@@ -77,8 +93,8 @@ def counterfactual(x: Interactions, sets: list[int], tau: float, rng: np.random.
     return {"preserved": chosen, "random": control}
 
 
-def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset, cfg: ExplainConfig,
-                      out: str | Path, *, checkpoints: list[Backbone] | None = None,
+def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextDataset,
+                      cfg: ExplainConfig, out: str | Path, *, checkpoints: list[Backbone] | None = None,
                       tau: float = 0.05, match: str = "support", candidates: int = 400,
                       progress: bool = True) -> dict[str, Any]:
     """Run the analysis into ``out`` and return (and write ``knowledge.json``) its summary.
@@ -98,7 +114,8 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset, cfg: E
         raise PretrainReuseError(f"knowledge needs the {' and '.join(sorted(missing))} model(s)")
     out = Path(out)
     device = torch.device(cfg.device)
-    screen = choose_samples(dataset, min(candidates, len(dataset)), cfg.seed)
+    screen = choose_samples(dataset, min(candidates, len(dataset)), cfg.seed,
+                            keep=explainable(models["finetuned"], dataset, cfg))
     correct = correct_mask(models, dataset, screen, device)
     if not correct.any():
         raise PretrainReuseError("no sample is classified correctly by every model; check that "

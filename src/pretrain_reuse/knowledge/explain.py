@@ -1,9 +1,11 @@
 """``explain``: interactions of a classifier on a set of samples, computed the same way for every
 model that is compared (same samples, same players, same baseline).
 
-For each sample: the backbone's eval preprocessing, the players (a grid of patches or the parts of
-the synthetic world), the baseline, the masked game ``v(x_S)`` over all 2^n coalitions
-(:func:`~pretrain_reuse.knowledge.games.masked_game`), then the AND (default, the paper's
+For each sample: the players (a grid of patches or the parts of the synthetic world on the
+backbone's preprocessed image; or token positions of a sentence for a text classifier), the
+baseline, the masked game ``v(x_S)`` over all 2^n coalitions
+(:func:`~pretrain_reuse.knowledge.games.masked_game`,
+:func:`~pretrain_reuse.knowledge.text.masked_text_game`), then the AND (default, the paper's
 Harsanyi interactions) or AND-OR decomposition, batched over samples. Games are cached in the
 output folder, so an interrupted run resumes where it stopped.
 """
@@ -11,8 +13,10 @@ output folder, so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..artifacts import atomic_path, make_meta
 from ..data.datasets import ImageDataset
+from ..data.text import TextDataset
 from ..embed import preprocessed
 from ..errors import PretrainReuseError, check_choice, check_device
 from ..models import Backbone
@@ -35,9 +40,23 @@ from .games import (
     resize_players,
 )
 from .sparsify import and_interactions, and_or_interactions
+from .text import (
+    TEXT_BASELINES,
+    TokenPlayers,
+    baseline_token,
+    eligible_positions,
+    learn_baseline_embedding,
+    masked_text_game,
+    token_players,
+)
 from .values import Interactions
 
 DECOMPOSITIONS = ("and", "and-or")
+#: Token players per sentence when ``n`` is not given (Chen et al., ICLR 2024).
+TEXT_PLAYERS = 10
+
+#: A sample's players (meta, names) and the function computing its game for a label.
+SampleGame = tuple[dict[str, Any], list[str] | None, Callable[[int], np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -45,22 +64,28 @@ class ExplainConfig:
     """How games are built and decomposed.
 
     ``players``: ``"grid:RxC"`` (a grid of patches; with ``n`` set, ``n`` cells drawn by the
-    documented rule of :func:`~.games.grid_players`) or ``"parts"`` (the slots of the synthetic
-    world, the ground-truth players). ``qthres``: bound of the noise the sparsification may remove,
-    relative to |v(N) - v(∅)|; None = 0 for ``and`` (the exact Harsanyi transform) and 0.04 for
-    ``and-or`` (the group's setting).
+    documented rule of :func:`~.games.grid_players`), ``"parts"`` (the slots of the synthetic
+    world, the ground-truth players) or ``"tokens"`` (``n`` token positions of each sentence, 10 by
+    default, drawn by the rule of :func:`~.text.token_players`; text classifiers). ``qthres``:
+    bound of the noise the sparsification may remove, relative to |v(N) - v(∅)|; None = 0 for
+    ``and`` (the exact Harsanyi transform) and 0.04 for ``and-or`` (the group's setting).
 
+    ``baseline``: for images ``zero`` (default), ``mean``, ``blur`` or ``learned``; for tokens
+    ``mask`` (default: absent tokens become [MASK]), ``pad`` or ``learned`` (an embedding).
     ``baseline="learned"`` learns each sample's baseline for each model
-    (:func:`~.games.learn_baseline`, Ren et al., CVPR 2023): it starts from ``zero`` (the data's
-    mean colour) and stays within ``baseline_radius`` (input units, i.e. data standard deviations)
-    of it and inside the valid pixel range; ``baseline_lr`` and ``baseline_steps`` are the
-    optimiser's settings (the group's example: 1e-3, 50). A learned baseline differs between the
-    compared models, so their games differ in the baseline as well as in the network.
+    (:func:`~.games.learn_baseline`, Ren et al., CVPR 2023;
+    :func:`~.text.learn_baseline_embedding`): it starts from ``zero`` (the data's mean colour) or
+    the [MASK] (else [PAD]) embedding and stays within ``baseline_radius`` of it, in units of the
+    data's standard deviation (input units for normalised images, inside the valid pixel range;
+    the per-dimension std of the word-embedding matrix for text); ``baseline_lr`` and
+    ``baseline_steps`` are the optimiser's settings (the group's example: 1e-3, 50). A learned
+    baseline differs between the compared models, so their games differ in the baseline as well
+    as in the network.
     """
 
     players: str = "grid:3x3"
     n: int | None = None
-    baseline: str = "zero"
+    baseline: str | None = None
     baseline_lr: float = 1e-3
     baseline_steps: int = 50
     baseline_radius: float = 0.5
@@ -73,12 +98,18 @@ class ExplainConfig:
     device: str = "cpu"
 
     def __post_init__(self):
-        check_choice("baseline", self.baseline, (*BASELINES,))
+        tokens = self.players == "tokens"
+        if not (tokens or self.players == "parts" or re.fullmatch(r"grid:\d+x\d+", self.players)):
+            raise PretrainReuseError(
+                f"players={self.players!r}: use grid:RxC (e.g. grid:4x4), parts or tokens")
+        if self.baseline is None:
+            object.__setattr__(self, "baseline", "mask" if tokens else "zero")
+        check_choice("baseline", self.baseline, TEXT_BASELINES if tokens else BASELINES)
+        if tokens and self.n is None:
+            object.__setattr__(self, "n", TEXT_PLAYERS)
         check_choice("output", self.output, OUTPUTS)
         check_choice("decomposition", self.decomposition, DECOMPOSITIONS)
         check_device(self.device)
-        if not (self.players == "parts" or re.fullmatch(r"grid:\d+x\d+", self.players)):
-            raise PretrainReuseError(f"players={self.players!r}: use grid:RxC (e.g. grid:4x4) or parts")
         if self.samples < 1:
             raise PretrainReuseError(f"samples must be >= 1, got {self.samples}")
         if not (self.baseline_lr > 0 and self.baseline_radius > 0 and self.baseline_steps >= 0):
@@ -129,7 +160,7 @@ def _image_game(model: Backbone, x: torch.Tensor, label: int, players: Players,
     return learned.game
 
 
-def choose_samples(dataset: ImageDataset, k: int, seed: int,
+def choose_samples(dataset: ImageDataset | TextDataset, k: int, seed: int,
                    keep: np.ndarray | None = None) -> np.ndarray:
     """``k`` sample positions drawn evenly over classes (seeded), among ``keep`` if given."""
     if dataset.labels is None:
@@ -145,11 +176,29 @@ def choose_samples(dataset: ImageDataset, k: int, seed: int,
     return np.sort(order[np.argsort(rank, kind="stable")][:k])
 
 
-def explain(model: Backbone, dataset: ImageDataset, indices: np.ndarray, cfg: ExplainConfig,
-            out: str | Path | None = None, *, role: str = "model",
+def explainable(model: Backbone, dataset: ImageDataset | TextDataset,
+                cfg: ExplainConfig) -> np.ndarray | None:
+    """Which samples have the players ``cfg`` asks for: for ``tokens``, the sentences with at
+    least ``n`` eligible tokens (bool over the dataset); None (every sample) for images."""
+    if cfg.players != "tokens":
+        return None
+    _check_pairing(model, dataset, cfg, "model")
+    tokenizer = model.preprocess.tokenizer
+    ids = tokenizer(dataset.texts, truncation=True, max_length=model.spec.max_length)["input_ids"]
+    keep = np.array([len(eligible_positions(i, tokenizer)) >= cfg.n for i in ids])
+    if not keep.any():
+        raise PretrainReuseError(
+            f"no sentence has n={cfg.n} eligible tokens (no special tokens, stop words, "
+            "punctuation, digits or single letters); lower n or pass longer sentences")
+    return keep
+
+
+def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.ndarray,
+            cfg: ExplainConfig, out: str | Path | None = None, *, role: str = "model",
             progress: bool = True) -> list[Interactions]:
     """Interactions of ``model`` (a classifier over ``dataset``'s classes) on the samples at
     ``indices``; with ``out``, games and interactions are saved there (and reused on rerun)."""
+    _check_pairing(model, dataset, cfg, role)
     if model.num_classes is None or model.layer != "penultimate":
         raise PretrainReuseError(
             f"{role}: the model must be a classifier with a head (got num_classes="
@@ -161,33 +210,28 @@ def explain(model: Backbone, dataset: ImageDataset, indices: np.ndarray, cfg: Ex
             "pass a model trained on this data's classes")
     device = torch.device(cfg.device)
     model = model.to(device).eval()
-    data = preprocessed(dataset, model.preprocess)
-    size = tuple(model.spec.input_size)
     folder = Path(out) if out is not None else None
     if folder is not None:
         (folder / "games").mkdir(parents=True, exist_ok=True)
-    xs = [data.load(int(i)) for i in indices]
-    if any(x is None for x in xs):
-        raise PretrainReuseError("some chosen samples are unreadable images; pick other samples")
-    mean = torch.stack(xs).mean(dim=0).to(device) if cfg.baseline == "mean" else None
+    setup = (_text_samples(model, dataset, cfg, device) if cfg.players == "tokens"
+             else _image_samples(model, dataset, indices, cfg, device))
     games, infos = [], []
-    for i, x in tqdm(list(zip(indices, xs, strict=True)), desc=f"explain {role}", unit="sample",
-                     disable=not progress):
-        players = sample_players(dataset, int(i), cfg, size)
-        cache = None if folder is None else folder / "games" / f"{int(i):07d}.npy"
+    for i in tqdm([int(i) for i in indices], desc=f"explain {role}", unit="sample",
+                  disable=not progress):
+        players, names, compute = setup(i)
+        cache = None if folder is None else folder / "games" / f"{i:07d}.npy"
         label = int(dataset.labels[i])
         if cache is not None and cache.exists():
             v = np.load(cache)
         else:
-            x = x.to(device)
-            v = _image_game(model, x, label, players, cfg, mean)
+            v = compute(label)
             if cache is not None:
                 with atomic_path(cache) as tmp, open(tmp, "wb") as fh:
                     np.save(fh, v)
         games.append(v)
-        infos.append({"sample": dataset.ids[int(i)], "index": int(i), "label": label,
+        infos.append({"sample": dataset.ids[i], "index": i, "label": label,
                       "class": (dataset.class_names or [str(label)] * (label + 1))[label],
-                      "players": players.meta, "player_names": players.names, "role": role,
+                      "players": players, "player_names": names, "role": role,
                       "model": model.spec.name, "baseline": cfg.baseline, "output": cfg.output})
     decompose = and_interactions if cfg.decomposition == "and" else and_or_interactions
     results = decompose(np.stack(games), qthres=cfg.noise_bound)
@@ -200,3 +244,67 @@ def explain(model: Backbone, dataset: ImageDataset, indices: np.ndarray, cfg: Ex
             res.save(folder / f"interactions-{k:04d}.safetensors")
         out_list.append(res)
     return out_list
+
+
+def _check_pairing(model: Backbone, dataset: ImageDataset | TextDataset, cfg: ExplainConfig,
+                   role: str) -> None:
+    """Token players go with a text classifier and sentences, the others with images."""
+    tokens = cfg.players == "tokens"
+    if tokens != (model.spec.modality == "text"):
+        fix = ("pass a text classifier (hf:<folder> of a sequence classifier)" if tokens
+               else "use players='tokens' for a text classifier")
+        raise PretrainReuseError(f"{role}: players={cfg.players!r} but {model.spec.name} is a "
+                                 f"{model.spec.modality} model; {fix}")
+    if tokens != isinstance(dataset, TextDataset):
+        raise PretrainReuseError(
+            f"players={cfg.players!r} does not fit the data {dataset.source!r}: token players "
+            "need sentences (a .jsonl file), the others images")
+
+
+def _image_samples(model: Backbone, dataset: ImageDataset, indices: np.ndarray,
+                   cfg: ExplainConfig, device: torch.device) -> Callable[[int], SampleGame]:
+    data = preprocessed(dataset, model.preprocess)
+    size = tuple(model.spec.input_size)
+    xs = {int(i): data.load(int(i)) for i in indices}
+    if any(x is None for x in xs.values()):
+        raise PretrainReuseError("some chosen samples are unreadable images; pick other samples")
+    mean = torch.stack(list(xs.values())).mean(dim=0).to(device) if cfg.baseline == "mean" else None
+
+    def setup(i: int) -> SampleGame:
+        players = sample_players(dataset, i, cfg, size)
+        return players.meta, players.names, lambda label: _image_game(
+            model, xs[i].to(device), label, players, cfg, mean)
+
+    return setup
+
+
+def _text_samples(model: Backbone, dataset: TextDataset, cfg: ExplainConfig,
+                  device: torch.device) -> Callable[[int], SampleGame]:
+    tokenizer = model.preprocess.tokenizer
+
+    def setup(i: int) -> SampleGame:
+        enc = tokenizer(dataset.texts[i], truncation=True, max_length=model.spec.max_length,
+                        return_tensors="pt")
+        enc = {k: v[0].to(device) for k, v in enc.items()}
+        players = token_players(enc["input_ids"].tolist(), tokenizer, cfg.n, seed=[cfg.seed, i])
+        return players.meta, players.names, lambda label: _text_game(
+            model, enc, label, players, cfg)
+
+    return setup
+
+
+def _text_game(model: Backbone, enc: dict[str, torch.Tensor], label: int, players: TokenPlayers,
+               cfg: ExplainConfig) -> np.ndarray:
+    """v(x_S) of one sentence under the configured (token or learned embedding) baseline."""
+    tokenizer = model.preprocess.tokenizer
+    if cfg.baseline != "learned":
+        return masked_text_game(model, enc, label, players, baseline_token(tokenizer, cfg.baseline),
+                                output=cfg.output, batch_size=cfg.batch_size)
+    words = model.body.get_input_embeddings().weight.detach()
+    start = baseline_token(tokenizer, "mask" if tokenizer.mask_token_id is not None else "pad")
+    init, radius = words[start], cfg.baseline_radius * words.std(dim=0)
+    learned = learn_baseline_embedding(model, enc, label, players, init, init - radius,
+                                       init + radius, lr=cfg.baseline_lr,
+                                       steps=cfg.baseline_steps, output=cfg.output,
+                                       batch_size=cfg.batch_size)
+    return learned.game

@@ -1,0 +1,83 @@
+"""Labelled sentences for text classifiers: :class:`TextDataset` and the JSONL reader.
+
+File format (``.jsonl``, UTF-8): one JSON object per non-empty line, with
+
+- ``"text"``: the sentence (a non-empty string);
+- ``"label"``: an integer class index, or a class name (names are numbered in sorted order, as
+  the folders of an image folder are); integer labels are named by a ``classes.txt`` beside the
+  file when there is one (line i names class i);
+- ``"id"`` (optional): a stable sample id; default ``<file name>:<line number>``.
+
+For example, two lines of SST-2: ``{"label": 1, "text": "a gorgeous , witty , seductive movie ."}``
+and ``{"label": 0, "text": "the plot is nothing but boilerplate clichés ."}``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import PretrainReuseError, check_file
+from .datasets import _parse_labels
+
+
+@dataclass(frozen=True)
+class TextDataset:
+    """Sentences with class labels.
+
+    Attributes:
+        texts: the sentences.
+        labels: (N,) int64 class indices.
+        class_names: a name per class, or None.
+        ids: stable sample ids.
+        source: where the sentences came from.
+    """
+
+    texts: list[str]
+    labels: np.ndarray
+    class_names: list[str] | None
+    ids: list[str]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def text_file(path) -> TextDataset:
+    """Read a ``.jsonl`` file of labelled sentences (format in the module docstring)."""
+    p = check_file("data", path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise PretrainReuseError(f"data: {str(p)!r} is not UTF-8 text; pass a .jsonl file of "
+                                 '{"label": ..., "text": ...} lines') from None
+    texts, labels, ids = [], [], []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PretrainReuseError(f"data: {str(p)!r} line {number} is not JSON ({e.msg})") from None
+        text, label = (row.get("text"), row.get("label")) if isinstance(row, dict) else (None, None)
+        if not (isinstance(text, str) and text.strip()) or not isinstance(label, (int, str)) or (
+                isinstance(label, bool)):
+            raise PretrainReuseError(
+                f"data: {str(p)!r} line {number} must be an object with a non-empty \"text\" "
+                f"string and a \"label\" (class index or name), got {line[:80]!r}")
+        if isinstance(label, int) and label < 0:
+            raise PretrainReuseError(f"data: {str(p)!r} line {number} has label {label}; class "
+                                     "indices are >= 0")
+        texts.append(text)
+        labels.append(str(label))
+        ids.append(str(row.get("id", f"{p.name}:{number}")))
+    if not texts:
+        raise PretrainReuseError(f"data: {str(p)!r} holds no sentences; add "
+                                 '{"label": ..., "text": ...} lines')
+    if len(set(ids)) != len(ids):
+        raise PretrainReuseError(f"data: {str(p)!r} repeats sample ids; make every \"id\" unique")
+    label_array, class_names = _parse_labels(labels, p)
+    return TextDataset(texts=texts, labels=label_array, class_names=class_names, ids=ids,
+                       source=str(p))

@@ -1,0 +1,212 @@
+r"""Masked games of a text classifier on one sentence: token players, baselines, ``v(x_S)``.
+
+Players are ``n`` token positions of the tokenized sentence (Chen, Lou, Huang & Zhang, ICLR 2024,
+as for BERT on SST-2 in Jiang, Cheng & Li, arXiv 2410.08455; reference note §1), chosen by
+:func:`token_players`:
+
+1. a position is *eligible* when its token is not a special token ([CLS], [SEP], [PAD], ...),
+   not the continuation piece of a split word (``##ing``), and its text, with the sub-word markers
+   ``▁``/``Ġ`` removed and lower-cased, has at least two characters, all letters (no digit or
+   punctuation), and is not an English stop word (:data:`STOP_WORDS`);
+2. ``n`` eligible positions are drawn uniformly without replacement by a generator seeded with
+   ``seed`` (the explanation uses ``[seed, sample index]``: the same positions for every model,
+   different ones per sentence), and sorted.
+
+Tokens that are not players stay as they are (the context of the sentence). A coalition S keeps
+the player tokens in S; the others are replaced by a baseline: a token id (``[MASK]`` by default,
+or ``[PAD]``) or a baseline *embedding* that replaces their word embeddings, e.g. one learned for
+sparse interactions (:func:`learn_baseline_embedding`; Ren et al., ICLR 2024). ``v`` is the
+log-odds of the ground-truth class, as for images (:func:`~.games.class_output`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import PretrainReuseError, check_choice
+from ..models import Backbone
+from .games import OUTPUTS, ChunkValues, LearnedBaseline, _descend, class_output, game_values
+from .interactions import MAX_PLAYERS
+
+__all__ = ["STOP_WORDS", "TEXT_BASELINES", "TokenPlayers", "baseline_token", "eligible_positions",
+           "learn_baseline_embedding", "masked_text_game", "token_players"]
+
+#: Baselines of a text explanation: the [MASK] or [PAD] token, or a learned embedding.
+TEXT_BASELINES = ("mask", "pad", "learned")
+
+_STOP_WORDS = """
+a about above after again against ain all am an and any are aren aren't as at be because been
+before being below between both but by can couldn couldn't d did didn didn't do does doesn doesn't
+doing don don't down during each few for from further had hadn hadn't has hasn hasn't have haven
+haven't having he her here hers herself him himself his how i if in into is isn isn't it it's its
+itself just ll m ma me mightn mightn't more most mustn mustn't my myself needn needn't no nor not
+now o of off on once only or other our ours ourselves out over own re s same shan shan't she she's
+should should've shouldn shouldn't so some such t than that that'll the their theirs them
+themselves then there these they this those through to too under until up ve very was wasn
+wasn't we were weren weren't what when where which while who whom why will with won won't wouldn
+wouldn't y you you'd you'll you're you've your yours yourself yourselves
+"""
+#: English stop words (NLTK's list of 179), never players.
+STOP_WORDS = frozenset(_STOP_WORDS.split())
+
+
+@dataclass(frozen=True)
+class TokenPlayers:
+    """``n`` token positions of one tokenized sentence as players.
+
+    Attributes:
+        positions: (n,) int64 positions in the token sequence, increasing.
+        names: the token of each player.
+        meta: how they were chosen (rule, seed), so the choice is reproducible.
+    """
+
+    positions: np.ndarray
+    names: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.positions)
+
+
+def eligible_positions(input_ids: Sequence[int], tokenizer: Any) -> np.ndarray:
+    """Positions whose token may be a player (rule 1 of the module docstring), increasing."""
+    ids = [int(i) for i in input_ids]
+    special = set(tokenizer.all_special_ids)
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    keep = []
+    for pos, (i, token) in enumerate(zip(ids, tokens, strict=True)):
+        if i in special or token.startswith("##"):
+            continue
+        word = token.lstrip("▁Ġ").lower()
+        if len(word) >= 2 and word.isalpha() and word not in STOP_WORDS:
+            keep.append(pos)
+    return np.array(keep, dtype=np.int64)
+
+
+def token_players(input_ids: Sequence[int], tokenizer: Any, n: int,
+                  seed: int | Sequence[int] = 0) -> TokenPlayers:
+    """``n`` of the eligible positions of a tokenized sentence, drawn at random (seeded).
+
+    Args:
+        input_ids: the token ids of one sentence, special tokens included.
+        tokenizer: its Hugging Face tokenizer.
+        n: number of players, 1 <= n <= 24.
+        seed: seed (or seed sequence) of numpy's ``default_rng``.
+    """
+    if not (isinstance(n, (int, np.integer)) and 1 <= n <= MAX_PLAYERS):
+        raise PretrainReuseError(f"n={n!r} token players must be an integer in 1..{MAX_PLAYERS}")
+    eligible = eligible_positions(input_ids, tokenizer)
+    if len(eligible) < n:
+        raise PretrainReuseError(
+            f"the sentence has {len(eligible)} eligible tokens (no special tokens, stop words, "
+            f"punctuation, digits or single letters), fewer than n={n}; pick longer sentences or "
+            "lower n")
+    chosen = np.sort(np.random.default_rng(seed).choice(eligible, n, replace=False))
+    tokens = tokenizer.convert_ids_to_tokens([int(input_ids[p]) for p in chosen])
+    seed_json = [int(s) for s in seed] if isinstance(seed, Sequence) else int(seed)
+    return TokenPlayers(chosen, list(tokens), {
+        "players": "tokens", "n": int(n), "seed": seed_json, "positions": chosen.tolist(),
+        "rule": f"{n} random tokens of the {len(eligible)} that are no special token, stop word, "
+                "punctuation, digit or single letter"})
+
+
+def baseline_token(tokenizer: Any, kind: str) -> int:
+    """The token id absent players become: ``mask`` ([MASK]) or ``pad`` ([PAD])."""
+    check_choice("baseline", kind, TEXT_BASELINES[:2])
+    token = tokenizer.mask_token_id if kind == "mask" else tokenizer.pad_token_id
+    if token is None:
+        other = "pad" if kind == "mask" else "mask"
+        raise PretrainReuseError(f"baseline={kind!r}: the tokenizer has no {kind} token; use "
+                                 f"baseline={other!r} or 'learned'")
+    return int(token)
+
+
+def _check_text_game(model: Backbone, encoding: Mapping[str, torch.Tensor],
+                     players: TokenPlayers, output: str) -> None:
+    check_choice("output", output, OUTPUTS)
+    ids = encoding.get("input_ids")
+    if ids is None or ids.ndim != 1:
+        raise PretrainReuseError("encoding must hold the 1-d input_ids of one sentence")
+    if len(players.positions) and int(players.positions.max()) >= len(ids):
+        raise PretrainReuseError(
+            f"player position {int(players.positions.max())} is beyond the sentence's {len(ids)} "
+            "tokens; choose the players on this encoding (token_players)")
+
+
+def _text_values(model: Backbone, encoding: Mapping[str, torch.Tensor], label: int,
+                 players: TokenPlayers, output: str, *, embeddings: bool) -> ChunkValues:
+    """The chunk evaluator: baseline = a 0-d token id, or a (D,) embedding when ``embeddings``."""
+    ids = encoding["input_ids"]
+    pos = torch.as_tensor(players.positions, device=ids.device)
+    rest = {k: v for k, v in encoding.items() if k != "input_ids"}
+    words = model.body.get_input_embeddings()(ids[None])[0].detach() if embeddings else None
+
+    def batch_of(fields: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
+        return fields | {k: v.expand(size, -1) for k, v in rest.items()}
+
+    def values(baseline: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+        size = len(bits)
+        present = torch.ones(size, len(ids), device=ids.device)
+        present[:, pos] = bits.to(present)
+        if embeddings:
+            keep = present[..., None].to(words.dtype)
+            fields = {"inputs_embeds": keep * words + (1 - keep) * baseline}
+        else:
+            fields = {"input_ids": torch.where(present.bool(), ids, baseline)}
+        return class_output(model(batch_of(fields, size)), label, output)
+
+    return values
+
+
+def masked_text_game(model: Backbone, encoding: Mapping[str, torch.Tensor], label: int,
+                     players: TokenPlayers, baseline: int | torch.Tensor, *,
+                     output: str = "log-odds", batch_size: int = 256) -> np.ndarray:
+    """``v(x_S)`` for all 2^n coalitions of token players, float64, in bitmask layout.
+
+    Args:
+        model: a text classifier (e.g. :func:`~pretrain_reuse.models.sequence.create_classifier`),
+            called with a batch dict; its output must be logits.
+        encoding: the tokenizer's output for one sentence, 1-d tensors (``input_ids``,
+            ``attention_mask``, ...), on the model's device.
+        label: the class whose output is explained.
+        players: :func:`token_players` of this encoding.
+        baseline: a token id replacing absent players (:func:`baseline_token`), or a (D,)
+            embedding replacing their word embeddings.
+        output: one of :data:`~.games.OUTPUTS`.
+        batch_size: sentences per forward pass.
+    """
+    _check_text_game(model, encoding, players, output)
+    embeddings = isinstance(baseline, torch.Tensor) and baseline.ndim == 1
+    b = baseline if embeddings else torch.tensor(int(baseline), device=encoding["input_ids"].device)
+    values = _text_values(model, encoding, label, players, output, embeddings=embeddings)
+    return game_values(values, b, players.n, batch_size).numpy()
+
+
+def learn_baseline_embedding(model: Backbone, encoding: Mapping[str, torch.Tensor], label: int,
+                             players: TokenPlayers, init: torch.Tensor, lower: torch.Tensor,
+                             upper: torch.Tensor, *, lr: float = 1e-3, steps: int = 50,
+                             output: str = "log-odds", batch_size: int = 256) -> LearnedBaseline:
+    r"""The baseline embedding b in a box that makes the AND interactions of one sentence sparsest.
+
+    .. math:: \min_{b_{min} \le b \le b_{max}} \sum_{S \subseteq N} |I_b(S)|
+
+    where absent player tokens have their word embedding replaced by b (D,) (Ren, Gao, Shen &
+    Zhang, ICLR 2024, learn one such embedding; here per sentence and model, by the optimiser of
+    :func:`~.games.learn_baseline`: projected SGD, momentum 0.9, best iterate returned).
+
+    Args:
+        model, encoding, label, players, output, batch_size: as for :func:`masked_text_game`.
+        init: (D,) starting embedding, e.g. that of the [MASK] token.
+        lower, upper: (D,) the box, ``lower <= init <= upper``.
+        lr, steps: the optimiser's settings (the group's example: 1e-3, 50).
+    """
+    _check_text_game(model, encoding, players, output)
+    values = _text_values(model, encoding, label, players, output, embeddings=True)
+    return _descend(values, init, lower, upper, players.n, lr=lr, steps=steps,
+                    batch_size=batch_size)

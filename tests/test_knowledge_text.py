@@ -1,0 +1,223 @@
+"""Token players of a Hugging Face text classifier: a tiny BERT built from a config and a local
+vocabulary, saved with save_pretrained and loaded through the package's loader; the games are
+checked against the transformers model called directly."""
+
+import inspect
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain_reuse import load
+from pretrain_reuse.cli import main
+from pretrain_reuse.data.text import text_file
+from pretrain_reuse.errors import PretrainReuseError
+from pretrain_reuse.knowledge import harsanyi_and, reconstruct_and
+from pretrain_reuse.knowledge.text import (
+    baseline_token,
+    eligible_positions,
+    learn_baseline_embedding,
+    masked_text_game,
+    token_players,
+)
+from pretrain_reuse.models.sequence import create_classifier, is_sequence_classifier
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = ("[PAD] [UNK] [CLS] [SEP] [MASK] the a was is and but not , . ! 1 x ##s movie film plot "
+         "acting story great good bad awful boring funny brilliant dull scenes actors music "
+         "ending director")
+WORDS = VOCAB.split()
+SENTENCES = [
+    (1, "the movie was great , but the plot was awful ! films"),
+    (0, "the acting was dull and the story boring . the ending was bad"),
+    (1, "brilliant music , funny scenes and good actors x 1 . a great director"),
+    (0, "awful film . dull plot , bad acting"),
+]
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    """hf:<folder> of a randomly initialised 2-class BertForSequenceClassification."""
+    folder = tmp_path_factory.mktemp("bert")
+    if "vocab" in inspect.signature(transformers.BertTokenizer.__init__).parameters:
+        tok = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(WORDS)})
+    else:  # transformers < 5 reads the vocabulary from a file
+        (folder / "vocab.txt").write_text("\n".join(WORDS) + "\n")
+        tok = transformers.BertTokenizer(vocab_file=str(folder / "vocab.txt"))
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(WORDS), hidden_size=16, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=32,
+                                  max_position_embeddings=64, num_labels=2,
+                                  initializer_range=0.5)  # outputs that depend on the words
+    transformers.BertForSequenceClassification(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _reference(folder):
+    """The same folder through transformers alone: the independent reference."""
+    tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    net = transformers.BertForSequenceClassification.from_pretrained(folder, local_files_only=True)
+    return tok, net.eval()
+
+
+def _log_odds(net, ids: torch.Tensor, label: int) -> float:
+    with torch.no_grad():
+        z = net(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None]).logits[0].double()
+    return float(z[label] - z[1 - label])
+
+
+def _encode(model, text):
+    enc = model.preprocess.tokenizer(text, return_tensors="pt")
+    return {k: v[0] for k, v in enc.items()}
+
+
+def test_the_loader_keeps_the_folders_classifier_and_its_logits(bert):
+    model = create_classifier(f"hf:{bert}")
+    tok, net = _reference(bert)
+    assert is_sequence_classifier(f"hf:{bert}") and model.num_classes == 2
+    assert model.spec.modality == "text"
+    batch = tok([t for _, t in SENTENCES], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model(dict(batch)), net(**batch).logits)
+
+
+def test_eligible_tokens_skip_specials_stop_words_punctuation_digits_letters_and_pieces(bert):
+    model = create_classifier(f"hf:{bert}")
+    tok = model.preprocess.tokenizer
+    ids = tok("the movie was great , but the plot was awful ! films x 1")["input_ids"]
+    tokens = tok.convert_ids_to_tokens(ids)
+    assert tokens[12:14] == ["film", "##s"]
+    # [CLS] the movie was great , but the plot was awful ! film ##s x 1 [SEP]
+    np.testing.assert_array_equal(eligible_positions(ids, tok), [2, 4, 8, 10, 12])
+    a = token_players(ids, tok, 3, seed=[0, 7])
+    b = token_players(ids, tok, 3, seed=[0, 7])
+    np.testing.assert_array_equal(a.positions, b.positions)
+    assert set(a.positions) <= {2, 4, 8, 10, 12} and list(a.positions) == sorted(a.positions)
+    assert a.names == tok.convert_ids_to_tokens([ids[p] for p in a.positions])
+    with pytest.raises(PretrainReuseError, match=r"5 eligible tokens.*n=6"):
+        token_players(ids, tok, 6)
+
+
+def test_game_matches_the_model_on_the_full_sentence_and_with_every_player_masked(bert):
+    model = create_classifier(f"hf:{bert}")
+    _, net = _reference(bert)
+    enc = _encode(model, SENTENCES[1][1])
+    players = token_players(enc["input_ids"].tolist(), model.preprocess.tokenizer, 4, seed=3)
+    mask = baseline_token(model.preprocess.tokenizer, "mask")
+    v = masked_text_game(model, enc, 0, players, mask, batch_size=5)
+    assert v[-1] == pytest.approx(_log_odds(net, enc["input_ids"], 0), abs=1e-5)
+    masked = enc["input_ids"].clone()
+    masked[players.positions] = mask
+    assert v[0] == pytest.approx(_log_odds(net, masked, 0), abs=1e-5)
+    # a coalition in the middle: players 0 and 2 present, 1 and 3 masked
+    some = enc["input_ids"].clone()
+    some[players.positions[[1, 3]]] = mask
+    assert v[0b0101] == pytest.approx(_log_odds(net, some, 0), abs=1e-5)
+    np.testing.assert_allclose(reconstruct_and(harsanyi_and(v)), v, atol=1e-12)
+
+
+def test_the_mask_embedding_as_baseline_gives_the_mask_token_game(bert):
+    # replacing word embeddings by the [MASK] embedding is what the [MASK] token does
+    model = create_classifier(f"hf:{bert}")
+    enc = _encode(model, SENTENCES[0][1])
+    tok = model.preprocess.tokenizer
+    players = token_players(enc["input_ids"].tolist(), tok, 4, seed=1)
+    mask = baseline_token(tok, "mask")
+    by_token = masked_text_game(model, enc, 1, players, mask)
+    words = model.body.get_input_embeddings().weight.detach()
+    np.testing.assert_allclose(masked_text_game(model, enc, 1, players, words[mask]), by_token,
+                               atol=1e-5)
+
+
+def test_learned_baseline_embedding_is_sparser_than_its_start_inside_its_box(bert):
+    model = create_classifier(f"hf:{bert}")
+    enc = _encode(model, SENTENCES[2][1])
+    tok = model.preprocess.tokenizer
+    players = token_players(enc["input_ids"].tolist(), tok, 4, seed=2)
+    words = model.body.get_input_embeddings().weight.detach()
+    init = words[baseline_token(tok, "mask")]
+    lower, upper = init - words.std(0), init + words.std(0)
+    runs = [learn_baseline_embedding(model, enc, 1, players, init, lower, upper, lr=0.05, steps=5)
+            for _ in range(2)]
+    a, b = runs
+    assert a.loss[a.best_step] < a.loss[0]  # 5 steps from [MASK] do sparsify this game
+    assert bool(((a.baseline >= lower) & (a.baseline <= upper)).all())
+    torch.testing.assert_close(a.baseline, b.baseline, rtol=0, atol=0)
+    np.testing.assert_allclose(masked_text_game(model, enc, 1, players, a.baseline), a.game,
+                               atol=1e-9)
+
+
+def _sentences(path):
+    path.write_text("".join(json.dumps({"label": y, "text": t}) + "\n" for y, t in SENTENCES))
+    return path
+
+
+def test_explain_tokens_through_the_cli_reproduces_the_models_log_odds(bert, tmp_path, capsys):
+    data = _sentences(tmp_path / "s.jsonl")
+    rc = main(["explain", "--model", f"hf:{bert}", "--data", str(data), "--players", "tokens",
+               "--n", "4", "--samples", "4", "--quiet", "--out", str(tmp_path / "x")])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "explained 4 samples with n=4 players" in out
+    tok, net = _reference(bert)
+    for f in sorted((tmp_path / "x").glob("interactions-*.safetensors")):
+        x = load(f)
+        label, text = SENTENCES[x.info["index"]]
+        ids = torch.tensor(tok(text)["input_ids"])
+        assert x.info["players"]["players"] == "tokens" and x.info["baseline"] == "mask"
+        assert x.info["label"] == label
+        assert x.v[-1] == pytest.approx(_log_odds(net, ids, label), abs=1e-5)
+        np.testing.assert_allclose(reconstruct_and(x.and_values), x.v, atol=1e-10)
+
+
+def test_knowledge_of_a_text_model_against_itself_preserves_everything(bert, tmp_path, capsys):
+    data = _sentences(tmp_path / "s.jsonl")
+    model = create_classifier(f"hf:{bert}")
+    folder_model = tmp_path / "m.safetensors"
+    from pretrain_reuse.models import save_backbone
+
+    save_backbone(model, folder_model, {})
+    rc = main(["knowledge", "--model", f"hf:{bert}", "--pretrained", str(folder_model),
+               "--finetuned", str(folder_model), "--data", str(data), "--players", "tokens",
+               "--n", "3", "--samples", "2", "--quiet", "--out", str(tmp_path / "k")])
+    _, err = capsys.readouterr()
+    assert rc == 0, err
+    k = json.loads((tmp_path / "k" / "knowledge.json").read_text())
+    assert k["report"]["overall"]["preserve"]["mean"] == 1.0
+    assert k["report"]["overall"]["new"]["mean"] == 0.0
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--model", "smallcnn-s", "--players", "tokens"], "image model"),
+    (["--players", "grid:2x2"], "text model"),
+    (["--players", "tokens", "--baseline", "zero"], "baseline"),
+    (["--players", "tokens", "--n", "9"], "no sentence has n=9"),
+    (["--players", "tokens", "--split", "test"], "--split"),
+])
+def test_text_user_errors_exit_2_with_one_line(bert, tmp_path, capsys, argv, needle):
+    data = _sentences(tmp_path / "s.jsonl")
+    base = ["explain", "--data", str(data), "--samples", "1", "--quiet", "--out",
+            str(tmp_path / "x")]
+    if "--model" not in argv:
+        base += ["--model", f"hf:{bert}"]
+    rc = main(base + argv)
+    _, err = capsys.readouterr()
+    assert rc == 2 and err.count("\n") == 1 and needle in err, err
+
+
+def test_sentence_files_are_read_with_labels_names_and_ids(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"label": "pos", "text": "good"}\n\n{"label": "neg", "text": "bad", '
+                    '"id": "b"}\n')
+    data = text_file(path)
+    assert data.texts == ["good", "bad"] and data.labels.tolist() == [1, 0]
+    assert data.class_names == ["neg", "pos"] and data.ids == ["s.jsonl:1", "b"]
+    path.write_text('{"label": 1}\n')
+    with pytest.raises(PretrainReuseError, match="line 1"):
+        text_file(path)
+    path.write_text("not json\n")
+    with pytest.raises(PretrainReuseError, match="not JSON"):
+        text_file(path)
