@@ -63,6 +63,12 @@ def test_knowledge_of_a_model_against_itself_preserves_everything(tmp_path, caps
     (["--players", "grid:2x2", "--n", "9"], "n=9"),
     (["--baseline", "noise"], "baseline"),
     (["--players", "parts", "--data", "digits"], "part annotations"),
+    # too many players: 2^n evaluations and memory, refused before any model runs
+    (["--players", "grid:8x8"], "n=64: every sample needs 2^64"),
+    (["--players", "grid:6x6", "--n", "21"], "explain 1..20 players"),
+    (["--players", "grid:4x4", "--n", "0"], "n must be >= 1"),
+    # players that cannot cover the image: cells smaller than a pixel
+    (["--players", "grid:64x64", "--n", "4"], "does not fit an input of 32x32 pixels"),
 ])
 def test_explain_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, needle):
     weights = _classifier(tmp_path / "m.safetensors", 10)
@@ -130,3 +136,32 @@ def test_a_learned_baseline_never_gives_denser_interactions_than_its_zero_start(
         assert x.info["index"] == z.info["index"] and x.info["baseline"] == "learned"
         assert np.abs(x.and_values).sum() <= np.abs(z.and_values).sum() + 1e-9
         np.testing.assert_allclose(x.and_values, harsanyi_and(x.v), atol=1e-12)
+
+
+def test_a_run_that_would_not_fit_in_memory_is_refused(tmp_path, capsys, monkeypatch):
+    # 3 samples x 2^9 games x 8 arrays x 8 bytes = 98,304 bytes > the 50,000 we pretend are free
+    monkeypatch.setattr("pretrain_reuse.knowledge.explain._available_memory", lambda: 50_000)
+    weights = _classifier(tmp_path / "m.safetensors", 10)
+    rc, _, err = _run(capsys, "explain", "--model", "smallcnn-s", "--weights", weights, "--data",
+                      "synthetic:target", "--players", "parts", "--samples", 3, "--quiet",
+                      "--out", tmp_path / "x")
+    assert rc == 2 and err.count("\n") == 1
+    assert "3 samples with n=9 players needs about" in err and "--samples" in err
+    assert not list((tmp_path / "x").glob("interactions-*"))
+
+
+def test_weights_of_another_architecture_are_a_user_error(tmp_path, capsys):
+    small = _classifier(tmp_path / "s.safetensors", 10)
+    rc, _, err = _run(capsys, "explain", "--model", "smallcnn", "--weights", small, "--data",
+                      "synthetic:target", "--samples", 1, "--quiet", "--out", tmp_path / "x")
+    assert rc == 2 and err.count("\n") == 1
+    assert "does not fit smallcnn" in err and "check the architecture" in err
+    # a fine-tuning snapshot of another architecture among --checkpoints
+    (tmp_path / "snaps").mkdir()
+    torch.manual_seed(0)
+    save_backbone(create_backbone("smallcnn", num_classes=10), tmp_path / "snaps" / "1.safetensors",
+                  {})
+    rc, _, err = _run(capsys, "knowledge", "--model", "smallcnn-s", "--pretrained", small,
+                      "--finetuned", small, "--checkpoints", tmp_path / "snaps", "--data",
+                      "synthetic:target", "--quiet", "--out", tmp_path / "k")
+    assert rc == 2 and err.count("\n") == 1 and "does not fit smallcnn-s" in err

@@ -45,6 +45,11 @@ def test_masked_game_evaluates_the_model_on_every_hand_built_masked_input():
         assert v[s] == pytest.approx(float(z[1] - torch.logsumexp(z[[0, 2]], 0)), abs=1e-6)
 
 
+def test_players_of_another_size_than_the_input_are_refused():
+    with pytest.raises(PretrainReuseError, match="players are 2x2 but the input is 3x3"):
+        masked_game(_linear([1.0] * 9), torch.ones(1, 3, 3), 0, COLUMNS, torch.zeros(1, 3, 3))
+
+
 def test_class_output_refuses_logits_without_the_class():
     with pytest.raises(PretrainReuseError, match="class 3"):
         class_output(torch.zeros(2, 3), 3)

@@ -221,3 +221,20 @@ def test_sentence_files_are_read_with_labels_names_and_ids(tmp_path):
     path.write_text("not json\n")
     with pytest.raises(PretrainReuseError, match="not JSON"):
         text_file(path)
+
+
+def test_a_text_model_without_the_datas_classes_is_a_user_error(bert, tmp_path, capsys):
+    # an encoder saved without its classifier, and sentences of a third class
+    encoder = tmp_path / "encoder"
+    transformers.BertModel.from_pretrained(bert, local_files_only=True).save_pretrained(encoder)
+    transformers.AutoTokenizer.from_pretrained(bert, local_files_only=True).save_pretrained(encoder)
+    data = _sentences(tmp_path / "s.jsonl")
+    three = tmp_path / "three.jsonl"
+    three.write_text(data.read_text() + json.dumps({"label": 2, "text": SENTENCES[0][1]}) + "\n")
+    capsys.readouterr()  # transformers' own messages while building the encoder
+    for model, path, needle in ((f"hf:{encoder}", data, "must be a classifier with a head"),
+                                (f"hf:{bert}", three, "outputs 2 classes but the data has 3")):
+        rc = main(["explain", "--model", model, "--data", str(path), "--players", "tokens",
+                   "--n", "3", "--samples", "1", "--quiet", "--out", str(tmp_path / "x")])
+        _, err = capsys.readouterr()
+        assert rc == 2 and err.count("\n") == 1 and needle in err, err

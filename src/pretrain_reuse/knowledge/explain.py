@@ -52,6 +52,12 @@ from .text import (
 from .values import Interactions
 
 DECOMPOSITIONS = ("and", "and-or")
+#: Most players an explanation takes: 2^20 = 1,048,576 model evaluations per sample and model
+#: (the cost is exponential in n; the group uses 8-12) and 8 MiB per stored game.
+MAX_EXPLAIN_PLAYERS = 20
+#: float64 arrays of 2^n values held per sample: the game, the four arrays of its Interactions
+#: and the transform's working arrays (more for the AND-OR sparsification).
+_ARRAYS_PER_SAMPLE = {"and": 8, "and-or": 16}
 #: Token players per sentence when ``n`` is not given (Chen et al., ICLR 2024).
 TEXT_PLAYERS = 10
 
@@ -107,6 +113,15 @@ class ExplainConfig:
         check_choice("baseline", self.baseline, TEXT_BASELINES if tokens else BASELINES)
         if tokens and self.n is None:
             object.__setattr__(self, "n", TEXT_PLAYERS)
+        grid = re.fullmatch(r"grid:(\d+)x(\d+)", self.players)
+        n = self.n if self.n is not None or not grid else int(grid[1]) * int(grid[2])
+        if n is not None and not 1 <= n <= MAX_EXPLAIN_PLAYERS:
+            raise PretrainReuseError(
+                f"players={self.players!r} with n={n}: " + (
+                    "n must be >= 1" if n < 1 else
+                    f"every sample needs 2^{n} = {2**n:,} model evaluations per model and "
+                    f"{2**n * 8 / 2**20:,.0f} MiB per game") +
+                f"; explain 1..{MAX_EXPLAIN_PLAYERS} players (--n N draws N cells of a grid)")
         check_choice("output", self.output, OUTPUTS)
         check_choice("decomposition", self.decomposition, DECOMPOSITIONS)
         check_device(self.device)
@@ -216,9 +231,11 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
     setup = (_text_samples(model, dataset, cfg, device) if cfg.players == "tokens"
              else _image_samples(model, dataset, indices, cfg, device))
     games, infos = [], []
-    for i in tqdm([int(i) for i in indices], desc=f"explain {role}", unit="sample",
-                  disable=not progress):
+    for k, i in enumerate(tqdm([int(i) for i in indices], desc=f"explain {role}", unit="sample",
+                               disable=not progress)):
         players, names, compute = setup(i)
+        if k == 0:
+            _check_memory(len(indices), players["n"], cfg.decomposition)
         cache = None if folder is None else folder / "games" / f"{i:07d}.npy"
         label = int(dataset.labels[i])
         if cache is not None and cache.exists():
@@ -244,6 +261,30 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
             res.save(folder / f"interactions-{k:04d}.safetensors")
         out_list.append(res)
     return out_list
+
+
+def _check_memory(samples: int, n: int, decomposition: str) -> None:
+    """Refuse a run whose games and interactions would not fit the available memory."""
+    need = samples * 2**n * 8 * _ARRAYS_PER_SAMPLE[decomposition]
+    free = _available_memory()
+    if free is not None and need > free:
+        raise PretrainReuseError(
+            f"explaining {samples} samples with n={n} players needs about {need / 2**30:.1f} GiB "
+            f"(games, interactions and the {decomposition} transform) but "
+            f"{free / 2**30:.1f} GiB are available; explain fewer samples per run (--samples) "
+            "or fewer players (--n)")
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable), None if unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _check_pairing(model: Backbone, dataset: ImageDataset | TextDataset, cfg: ExplainConfig,
