@@ -100,10 +100,11 @@ def test_knowledge_on_world_parts_reports_recovery_of_the_class_rules(tmp_path, 
     # Möbius sum of the scene's rule over all subsets, the prediction the salient entries
     # (one random network in both roles: two would rarely agree on a correct sample)
     same = _classifier(tmp_path / "m.safetensors", 10)
-    rc, _, err = _run(capsys, "knowledge", "--model", "smallcnn-s", "--pretrained", same,
+    rc, out, err = _run(capsys, "knowledge", "--model", "smallcnn-s", "--pretrained", same,
                         "--finetuned", same, "--data", "synthetic:target", "--players", "parts",
                         "--samples", 2, "--quiet", "--out", tmp_path / "k")
     assert rc == 0, err
+    assert "class rules found by the fine-tuned model: precision" in out
     k = json.loads((tmp_path / "k" / "knowledge.json").read_text())
     data = open_dataset("synthetic:target", split="test")
     for role in ("pretrained", "finetuned"):

@@ -331,6 +331,10 @@ def cmd_knowledge(args) -> int:
     overall = summary["report"]["overall"]
     line = ", ".join(f"{k} {overall[k]['mean']:.3f}" for k in ("preserve", "discard", "new",
                                                                "exclusive") if k in overall)
+    if "ground_truth" in summary:
+        found = summary["ground_truth"]["finetuned"]["overall"]
+        line += (f"; class rules found by the fine-tuned model: precision "
+                 f"{found['precision']['mean']:.3f}, recall {found['recall']['mean']:.3f}")
     print(f"knowledge over {summary['samples']['n']} samples: {line}; wrote "
           f"{Path(args.out) / 'knowledge.json'}")
     return 0
