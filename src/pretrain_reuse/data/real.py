@@ -158,3 +158,65 @@ def package_dir(package: str, install: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise PretrainReuseError(f"this data set needs the {package} package: `{install}`")
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+# The demo's real-pixel scenario: a pre-training pool mixing two domains, and a low-data target
+# task whose related pool classes are known (the same garments, photographed for another split).
+UPPER_BODY = (0, 2, 4, 6)  # T-shirt/top, Pullover, Coat, Shirt: Fashion-MNIST's hardest confusions
+POOL_PER_CLASS = {"train": 500, "test": 100}  # Fashion-MNIST training images per class
+TARGET_PER_CLASS = {"train": 40, "test": 200}  # Fashion-MNIST test images per class
+MIX_SEED = 0
+
+
+def _per_class(labels: np.ndarray, classes, counts: list[int], rng: np.random.Generator
+               ) -> list[np.ndarray]:
+    """Disjoint index sets: for each count, ``count`` random samples of every class in ``classes``."""
+    picks = [[] for _ in counts]
+    for c in classes:
+        order = rng.permutation(np.flatnonzero(labels == c))
+        start = 0
+        for pick, n in zip(picks, counts, strict=True):
+            pick.append(order[start:start + n])
+            start += n
+    return [np.sort(np.concatenate(p)) for p in picks]
+
+
+def fashion_digits_pool(split: str, *, mode: str | None = None,
+                        transform: Transform | None = None) -> ArrayDataset:
+    """A two-domain pre-training pool: 500 Fashion-MNIST training images per garment class
+    (classes 0-9) and 90% of mnist-5k's digits (classes 10-19) in ``train``; 100 other images per
+    garment and the remaining digits in ``test``. Grey images as RGB unless ``mode`` says
+    otherwise."""
+    rng = np.random.default_rng(MIX_SEED)
+    fashion, digit = fashion_mnist("train"), mnist_5k("all")
+    train_f, test_f = _per_class(fashion.labels, range(10), [POOL_PER_CLASS["train"],
+                                                             POOL_PER_CLASS["test"]], rng)
+    order = rng.permutation(len(digit))
+    cut = len(digit) * 9 // 10
+    f_idx, d_idx = (train_f, np.sort(order[:cut])) if split == "train" else (test_f, np.sort(order[cut:]))
+    images = np.concatenate([fashion.images[f_idx], digit.images[d_idx]])
+    labels = np.concatenate([fashion.labels[f_idx], digit.labels[d_idx] + 10])
+    ids = [f"fashion-mnist/train/{i}" for i in f_idx] + [f"mnist-5k/{i}" for i in d_idx]
+    names = FASHION_MNIST_CLASSES + [f"digit {d}" for d in DIGIT_CLASSES]
+    return ArrayDataset(images, labels, class_names=names, ids=ids,
+                        name=f"fashion-digits:pool/{split}", mode=mode or "RGB", transform=transform)
+
+
+def fashion_digits_target(split: str, *, mode: str | None = None,
+                          transform: Transform | None = None) -> ArrayDataset:
+    """A low-data target task: the four upper-body garments of Fashion-MNIST, from its *test*
+    images (never in the pool), 40 per class in ``train`` and 200 per class in ``test``. Its
+    ``related`` pool classes are those four garments of :func:`fashion_digits_pool`."""
+    rng = np.random.default_rng(MIX_SEED + 1)
+    fashion = fashion_mnist("test")
+    picks = _per_class(fashion.labels, UPPER_BODY, [TARGET_PER_CLASS["train"],
+                                                    TARGET_PER_CLASS["test"]], rng)
+    idx = picks[0] if split == "train" else picks[1]
+    relabel = {c: k for k, c in enumerate(UPPER_BODY)}
+    data = ArrayDataset(fashion.images[idx], np.array([relabel[c] for c in fashion.labels[idx]]),
+                        class_names=[FASHION_MNIST_CLASSES[c] for c in UPPER_BODY],
+                        ids=[f"fashion-mnist/test/{i}" for i in idx],
+                        name=f"fashion-digits:target/{split}", mode=mode or "RGB",
+                        transform=transform)
+    data.related = np.array(UPPER_BODY)
+    return data

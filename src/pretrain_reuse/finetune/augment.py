@@ -8,8 +8,10 @@ and normalise with the backbone's mean/std:
 - ``weak``: RandomResizedCrop (scale 0.08-1, torchvision's defaults, as the official code) + flip;
 - ``flip``: horizontal flip only (for data whose classes depend on small parts that a random
   crop would cut away, like the synthetic world);
-- ``strong``: weak + RandAugment(n=2, m=10) + a Cutout of half the side (FixMatch's RandAugmentMC
-  as used by Liu et al. for unlabelled reuse).
+- ``strong=True`` on any of them adds RandAugment(n=2, m=10) and a Cutout of ``cutout`` times
+  the side (FixMatch's RandAugmentMC as used by Liu et al. for unlabelled reuse, with half the
+  side, on the ``weak`` crop). The strong view keeps the geometry of the weak view it extends, so
+  data that cannot take random crops (``flip``) is not cropped by its strong view either.
 
 Randomness comes from torch's generator: the training loop seeds it per step inside
 ``torch.random.fork_rng``, so a resumed run replays the exact same augmentations.
@@ -24,24 +26,27 @@ from torch import nn
 
 from ..models.spec import BackboneSpec
 
-VIEWS = ("eval", "flip", "weak", "strong")
+VIEWS = ("eval", "flip", "weak")
 
 
 class View(nn.Module):
     """One augmentation pipeline ending in normalisation; ``forward`` maps [0,1] images to inputs."""
 
-    def __init__(self, spec: BackboneSpec, kind: str, input_size: int):
+    def __init__(self, spec: BackboneSpec, kind: str, input_size: int, *, strong: bool = False,
+                 cutout: float = 0.5):
         super().__init__()
         size = (input_size, input_size)
-        if kind == "eval":
-            ops = [K.CenterCrop(size)]
-        elif kind == "flip":
-            ops = [K.CenterCrop(size), K.RandomHorizontalFlip()]
-        else:
-            ops = [K.RandomResizedCrop(size, scale=(0.08, 1.0)), K.RandomHorizontalFlip()]
-            if kind == "strong":
-                ops += [RandAugment(n=2, m=10),
-                        K.RandomErasing(scale=(0.25, 0.25), ratio=(1.0, 1.0), value=0.5, p=1.0)]
+        ops: list[nn.Module] = {
+            "eval": lambda: [K.CenterCrop(size)],
+            "flip": lambda: [K.CenterCrop(size), K.RandomHorizontalFlip()],
+            "weak": lambda: [K.RandomResizedCrop(size, scale=(0.08, 1.0)),
+                             K.RandomHorizontalFlip()],
+        }[kind]()
+        if strong:
+            ops.append(RandAugment(n=2, m=10))
+            if cutout > 0:
+                area = cutout * cutout
+                ops.append(K.RandomErasing(scale=(area, area), ratio=(1.0, 1.0), value=0.5, p=1.0))
         self.ops = K.AugmentationSequential(*ops)
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, -1, 1, 1), persistent=False)

@@ -57,6 +57,7 @@ class FinetuneConfig:
     snapshots: bool = False  # also save the model at every evaluation (knowledge convergence)
     image_size: int | None = None  # None: the backbone's input size
     augment: str = "standard"  # "standard": RandomResizedCrop + flip; "flip": flip only; "none"
+    cutout: float = 0.5  # reuse-unlabeled's strong view: Cutout side / image side (0: none)
     train_fraction: float | None = None
     long_tail_ratio: float | None = None
     seed: int = 0
@@ -96,6 +97,8 @@ class FinetuneConfig:
             raise PretrainReuseError(
                 f"milestones must be increasing fractions of training in (0, 1), got {self.milestones}"
             )
+        if not 0 <= self.cutout < 1:
+            raise PretrainReuseError(f"cutout must be in [0, 1), got {self.cutout!r}")
         if self.train_fraction is not None and not 0 < self.train_fraction <= 1:
             raise PretrainReuseError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
         if self.long_tail_ratio is not None and not self.long_tail_ratio >= 1:

@@ -151,9 +151,9 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
 
     size = input_size(model.backbone.spec, cfg.image_size)
     spec = model.backbone.spec
-    weak = View(spec, {"standard": "weak", "flip": "flip", "none": "eval"}[cfg.augment],
-                size).to(device)
-    strong = View(spec, "strong", size).to(device)
+    geometry = {"standard": "weak", "flip": "flip", "none": "eval"}[cfg.augment]
+    weak = View(spec, geometry, size).to(device)
+    strong = View(spec, geometry, size, strong=True, cutout=cfg.cutout).to(device)
     evaluate_view = View(spec, "eval", size).to(device)
 
     def share(b: StepBatches) -> StepBatches:  # each rank takes every world-th sample of a step

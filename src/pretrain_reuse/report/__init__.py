@@ -84,11 +84,14 @@ def _selection_section(run: Path, summary: dict) -> str:
         return ""
     from ..data.catalog import open_dataset
 
-    target = open_dataset("synthetic:target")
-    related = np.asarray(target.related)
+    scenario = summary["scenario"]
+    related = np.asarray(scenario["related"])
+    known = ("the world plants the answer: the {n} pre-training classes of the target task's "
+             "part families" if scenario["name"] == "world" else
+             "the answer is known by construction: the {n} pool classes of the target's garments")
     parts = ["<p>Pre-training units are ranked by the row mass of the unbalanced OT plan towards "
-             "the target classes (Liu et al., NeurIPS 2022). The world plants the answer: the "
-             f"{len(related)} pre-training classes of the target task's part families.</p>"]
+             f"the target classes (Liu et al., NeurIPS 2022); {known.format(n=len(related))}, "
+             f"out of {scenario['pool_classes']} pool classes.</p>"]
     uot = Selection.load(sel_dir / "classes-uot.json")
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
     uot.plot(ax, relevant=related)
@@ -99,18 +102,27 @@ def _selection_section(run: Path, summary: dict) -> str:
     parts.append(_table(["selection", "recall of related classes (samples, for clusters)",
                          "units selected"], rows))
     rec = {k: v["recall"] for k, v in summary["selection"].items()}
-    verdict = ("UOT recovers more of the related classes than greedy OT and random selection."
-               if rec["classes-uot"] > max(rec["classes-greedy-ot"], rec["classes-random"])
-               else "UOT does <b>not</b> recover more related classes than the baselines here.")
-    parts.append(f'<p class="{"good" if "not" not in verdict else "note"}">{verdict}</p>')
-    parts.append(_examples(uot, pool=open_dataset("synthetic:pretrain")))
+    for other in ("greedy-ot", "random"):
+        u, o = rec["classes-uot"], rec[f"classes-{other}"]
+        if u > o:
+            parts.append(f'<p class="good">UOT recovers more of the related classes than {other} '
+                         f"selection ({u:.3f} vs {o:.3f}).</p>")
+        elif u == o:
+            parts.append(f'<p class="note">UOT and {other} selection recover the same share of '
+                         f"the related classes ({u:.3f}): no difference here.</p>")
+        else:
+            parts.append(f'<p class="note">UOT does <b>not</b> recover more related classes than '
+                         f"{other} selection here ({u:.3f} vs {o:.3f}).</p>")
+    parts.append(_examples(uot, pool=open_dataset(scenario["pool"])))
     return _section("Selection of pre-training data", "selection", "".join(parts))
 
 
 def _examples(sel, pool, per_class: int = 4, classes: int = 6) -> str:
     """Example images of the top selected classes."""
     plt = _plt()
-    fig, axes = plt.subplots(classes, per_class, figsize=(per_class * 1.1, classes * 1.15))
+    classes = min(classes, len(sel.selected))
+    fig, axes = plt.subplots(classes, per_class, figsize=(per_class * 1.1, classes * 1.15),
+                             squeeze=False)
     labels = pool.labels
     for r, unit in enumerate(sel.selected[:classes]):
         idx = np.flatnonzero(labels == unit)[:per_class]
@@ -118,7 +130,7 @@ def _examples(sel, pool, per_class: int = 4, classes: int = 6) -> str:
             axes[r, c].imshow(pool.load(int(i)).permute(1, 2, 0).numpy())
             axes[r, c].axis("off")
         axes[r, 0].set_title(pool.class_names[unit], fontsize=7, loc="left")
-    return _figure(fig, "Images of the six classes UOT ranks highest.", "selected examples")
+    return _figure(fig, f"Images of the {classes} classes UOT ranks highest.", "selected examples")
 
 
 def _finetune_section(run: Path, summary: dict) -> str:
@@ -174,7 +186,7 @@ def _compare(ft: dict, a: str, b: str, where: str = "") -> str:
     return f'<p class="note">{where}{a} does <b>not</b> beat {b} here ({100 * da:+.2f} points).</p>'
 
 
-def _knowledge_section(run: Path) -> str:
+def _knowledge_section(run: Path, scenario: dict) -> str:
     kdir = run / "knowledge"
     if not (kdir / "knowledge.json").exists():
         return ""
@@ -182,7 +194,7 @@ def _knowledge_section(run: Path) -> str:
     k = read_json(kdir / "knowledge.json", "knowledge")
     overall = k["report"]["overall"]
     parts = [f"<p>Interactions of each model's log-odds between the {k['samples']['n']} samples' "
-             "players (here: the world's 3x3 part slots), on samples every model classifies "
+             f"players (here: {_players_text(scenario['players'])}), on samples every model classifies "
              "correctly. Knowledge = salient interactions (|I| > 5% of the sample's largest).</p>"]
     fig, ax = plt.subplots(figsize=(5.2, 3.2))
     for role, hist in k["strength_by_order"].items():
@@ -215,7 +227,7 @@ def _knowledge_section(run: Path) -> str:
         ax.set_title("Convergence of knowledge (cf. Fig. 4)")
         parts.append(_figure(fig, "Similarity of each snapshot's knowledge to the final model's, "
                              "and the share of it the final model drops.", "convergence"))
-    parts.append(_overlays(run, k))
+    parts.append(_overlays(run, scenario))
     rows = [[n, f"{overall[n]['mean']:.3f}", f"{overall[n]['std'] or 0:.3f}", overall[n].get("n_used", "")]
             for n in overall]
     parts.append(_table(["ratio", "mean", "std", "samples"], rows))
@@ -244,10 +256,15 @@ def _knowledge_section(run: Path) -> str:
     return _section("Knowledge handed over by pre-training", "knowledge", "".join(parts))
 
 
-def _overlays(run: Path, k: dict, samples: int = 4, top: int = 3) -> str:
+def _players_text(players: str) -> str:
+    return "the world's 3x3 part slots" if players == "parts" else f"a {players[5:]} grid of patches"
+
+
+def _overlays(run: Path, scenario: dict, samples: int = 4, top: int = 3) -> str:
     """Sample images with the fine-tuned model's strongest preserved interactions drawn as the
     outlines of their players."""
     from ..data.catalog import open_dataset
+    from ..knowledge.explain import ExplainConfig, sample_players
     from ..knowledge.values import Interactions
 
     plt = _plt()
@@ -255,24 +272,27 @@ def _overlays(run: Path, k: dict, samples: int = 4, top: int = 3) -> str:
     pre_files = sorted((run / "knowledge" / "pretrained").glob("interactions-*.safetensors"))
     if not files:
         return ""
-    test = open_dataset("synthetic:target", split="test")
+    test = open_dataset(scenario["target"], split="test")
+    cfg = ExplainConfig(players=scenario["players"])
     fig, axes = plt.subplots(1, len(files), figsize=(2.6 * len(files), 2.9))
     axes = np.atleast_1d(axes)
     for ax, f, pf in zip(axes, files, pre_files, strict=False):
         x, xp = Interactions.load(f), Interactions.load(pf)
-        index = x.info["index"]
-        image, scene = test.render(index)
-        ax.imshow(image)
+        image = test.load(x.info["index"])
+        players = sample_players(test, x.info["index"], cfg, tuple(image.shape[-2:]))
+        ax.imshow(image.permute(1, 2, 0).numpy())
         common = {key: val for key, val in x.salient(0.05).items() if key in xp.salient(0.05)}
         best = sorted(common.items(), key=lambda kv: -abs(kv[1]))[:top]
         for rank, ((kind, mask), val) in enumerate(best):
             colour = f"C{rank}"
             for p in range(x.n):
-                if mask >> p & 1:
-                    y0, x0, y1, x1 = scene.cells[p]
-                    ax.add_patch(plt.Rectangle((x0 - .5 + rank, y0 - .5 + rank), x1 - x0 - 1 - 2 * rank,
-                                               y1 - y0 - 1 - 2 * rank, fill=False, lw=2,
-                                               edgecolor=colour))
+                if mask >> p & 1:  # the player's bounding box, inset by rank to keep outlines apart
+                    rows, cols = np.nonzero(players.masks[p])
+                    y0, x0, y1, x1 = rows.min(), cols.min(), rows.max() + 1, cols.max() + 1
+                    inset = 0.5 * rank
+                    ax.add_patch(plt.Rectangle((x0 - .5 + inset, y0 - .5 + inset),
+                                               x1 - x0 - 2 * inset, y1 - y0 - 2 * inset,
+                                               fill=False, lw=2, edgecolor=colour))
             ax.plot([], [], color=colour, label=f"{kind} {val:+.2f}")
         ax.set_title(x.info["class"], fontsize=8)
         ax.legend(fontsize=6, loc="lower left", framealpha=0.7)
@@ -361,11 +381,11 @@ def build_report(run_dir: str | Path) -> Path:
         "<h1>pretrain-reuse report</h1>",
         "<p>Selection of pre-training data by unbalanced optimal transport (Liu et al., NeurIPS "
         "2022) and the knowledge pre-training hands to the fine-tuned model (Jiang, Cheng &amp; "
-        "Li, arXiv 2410.08455), on the package's procedural image world, where the right answers "
-        f"are known. Run folder: <code>{html.escape(str(run))}</code>.</p>",
+        f"Li, arXiv 2410.08455), on {html.escape(summary['scenario']['description'])}. Run "
+        f"folder: <code>{html.escape(str(run))}</code>.</p>",
         _selection_section(run, summary),
         _finetune_section(run, summary),
-        _knowledge_section(run),
+        _knowledge_section(run, summary["scenario"]),
         _parameters_section(run, summary),
     ]
     return _write_page(run, body)
