@@ -30,8 +30,8 @@ from _helpers import kill_when, smallcnn_from_file
 from pretrain_reuse.cli import main
 from pretrain_reuse.data.datasets import ArrayDataset
 from pretrain_reuse.errors import PretrainReuseError
-from pretrain_reuse.finetune.checkpoint import load_state, save_state
 from pretrain_reuse.finetune.augment import View
+from pretrain_reuse.finetune.checkpoint import load_state, save_state
 from pretrain_reuse.finetune.config import FinetuneConfig, lr_at
 from pretrain_reuse.finetune.data import StepBatches, selected_source, split_validation
 from pretrain_reuse.finetune.evaluate import accuracy, cotuning_relationship, cotuning_reverse_relationship
