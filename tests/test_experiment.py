@@ -144,3 +144,37 @@ def test_every_recipe_builds_rows_from_the_defaults():
         built = rows(cfg)
         assert built, name
         assert (x_label is None) == all(r.x is None for r in built if r.method != "vanilla"), name
+
+
+def test_knowledge_recipe_compares_pretrainings_and_correlates_with_accuracy(quick_demo, tmp_path):
+    from scipy.stats import pearsonr, spearmanr
+
+    demo, _, _ = quick_demo
+    cfg = load_experiment_config(_config(
+        demo, tmp_path, pretrainings={"supervised": str(demo / "pretrain" / "model.safetensors"),
+                                      "target-tuned": str(demo / "finetune" / "vanilla-seed0" /
+                                                          "model.safetensors")},
+        explain={"players": "parts", "samples": 3}), seeds=(0, 1))
+    out = tmp_path / "knowledge"
+    table = run_experiment("knowledge", cfg, out, progress=False)
+    rows = {r["method"]: r for r in table.rows}
+    assert set(rows) == {"supervised fine-tuned", "supervised linear probe", "target-tuned fine-tuned",
+                         "target-tuned linear probe", "scratch"}
+    ratio_means = []
+    for label in ("supervised", "target-tuned"):
+        row = rows[f"{label} fine-tuned"]
+        saved = [json.loads((out / "knowledge" / f"{label}-seed{s}" / "knowledge.json").read_text())
+                 ["report"]["overall"] for s in (0, 1)]
+        for k in ("preserve", "discard", "new", "exclusive"):  # the analysis' own numbers
+            assert row[k] == pytest.approx(np.mean([o[k]["mean"] for o in saved]))
+        assert row["preserve"] + row["discard"] == pytest.approx(1.0)
+        ratio_means += [o["preserve"]["mean"] for o in saved]
+    extra = table.extra
+    assert extra["models"] == ["supervised seed 0", "supervised seed 1", "target-tuned seed 0",
+                               "target-tuned seed 1"]
+    corr = extra["correlation"]["preserve"]
+    assert corr["ratio"] == pytest.approx(ratio_means)
+    assert corr["pearson"] == pytest.approx(pearsonr(ratio_means, extra["accuracy"])[0])
+    assert corr["spearman"] == pytest.approx(spearmanr(ratio_means, extra["accuracy"])[0])
+    assert main(["report", str(out)]) == 0
+    assert "Knowledge ratios against test accuracy" in (out / "report.html").read_text()

@@ -546,9 +546,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "target and backbone: table1 (selection methods), table2 (clusters), "
                         "table3 (long tail), table4 (distance ablation), fig3a (selected "
                         "classes), fig3b (target fraction), fig4a (recall vs eps_c), fig4b "
-                        "(similarity groups). Writes results.csv / .md / .png; a rerun skips "
-                        "finished runs. Shared fine-tuning fields go under `finetune:` in --config.")
-    ex.add_argument("name", help="table1 | table2 | table3 | table4 | fig3a | fig3b | fig4a | fig4b")
+                        "(similarity groups), and knowledge (Jiang et al.'s analysis for each of "
+                        "several pre-trainings, e.g. supervised vs self-supervised weights, with the "
+                        "correlation of the knowledge ratios with accuracy). Writes results.csv / "
+                        ".md / .png; a rerun skips finished runs. Shared fine-tuning fields go "
+                        "under `finetune:` in --config, explanation fields under `explain:`.")
+    ex.add_argument("name", help="table1 | table2 | table3 | table4 | fig3a | fig3b | fig4a | "
+                    "fig4b | knowledge")
     ex.add_argument("--config", help="YAML file with experiment fields (flags override it)")
     ex.add_argument("--model", help="backbone name, e.g. timm:resnet18, smallcnn")
     ex.add_argument("--weights", help="local weights of the pre-trained backbone")

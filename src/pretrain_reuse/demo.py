@@ -262,6 +262,10 @@ def _summary(out: Path, plan: DemoPlan, runs, related, timing, quick: bool, seed
             "faithfulness_error": {r: f["max"] for r, f in k["faithfulness"].items()},
             "counterfactual": k["counterfactual"],
             "samples": k["samples"]["n"],
+            # world only: precision / recall of the salient interactions against the class rules
+            **({"ground_truth": {role: {m: g["overall"][m]["mean"] for m in ("precision", "recall")}
+                                 for role, g in k["ground_truth"].items()}}
+               if "ground_truth" in k else {}),
         },
         "pretrain": {"top1": pre.final["top1"]},
         "timing_s": timing,

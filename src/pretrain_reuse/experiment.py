@@ -14,6 +14,10 @@ fig3a      reuse of UOT / random classes for each number of selected classes; la
 fig3b      vanilla vs reuse of UOT classes for each fraction of the target training data (Fig. 3b)
 fig4a      recall of the ``relevant`` classes against the cost scale eps_c; selection only (Fig. 4a)
 fig4b      the pool's classes cut into groups by UOT score, reuse of each group, vs vanilla (Fig. 4b)
+knowledge  for each pre-training in ``pretrainings`` (e.g. supervised vs self-supervised weights of
+           one architecture): vanilla fine-tuning, its linear probe and a scratch model, then the
+           knowledge analysis of Jiang, Cheng & Li (arXiv 2410.08455) per seed, and the correlation
+           of the knowledge ratios with test accuracy across all fine-tuned models
 =========  =====================================================================================
 
 Everything an experiment computes lands in its folder and is reused by a rerun: features
@@ -48,6 +52,9 @@ from .finetune import FinetuneConfig, RunResult, finetune_datasets, load_config,
 from .selection import SelectConfig, Selection, select
 from .units import Units, class_means, spherical_kmeans
 
+#: Knowledge ratios the ``knowledge`` recipe reports per fine-tuned model (means over seeds).
+KNOWLEDGE_RATIOS = ("preserve", "discard", "new", "exclusive")
+
 #: Values swept by the recipes, unless the config's ``sweep`` overrides them.
 SWEEP_DEFAULTS: dict[str, tuple] = {
     "clusters": (1000, 2000),                       # table2: k-means K (the paper's two values)
@@ -78,6 +85,9 @@ class ExperimentConfig:
         finetune: FinetuneConfig fields shared by every run; lam: λ per mode on top.
         sweep: values of the swept variable (see ``SWEEP_DEFAULTS``).
         skip: row names not to run (e.g. ``co-tuning`` for a backbone without a classifier).
+        pretrainings: label -> weights file, the pre-trainings the ``knowledge`` recipe compares
+            (default: ``{"pretrained": weights}``).
+        explain: ExplainConfig fields of the ``knowledge`` recipe (players, n, baseline, samples).
     """
 
     model: str
@@ -98,6 +108,8 @@ class ExperimentConfig:
     lam: dict[str, float] = field(default_factory=dict)
     sweep: dict[str, tuple] = field(default_factory=dict)
     skip: tuple[str, ...] = ()
+    pretrainings: dict[str, str] = field(default_factory=dict)
+    explain: dict[str, Any] = field(default_factory=dict)
     embed_batch_size: int = 256
 
     def __post_init__(self):
@@ -111,6 +123,19 @@ class ExperimentConfig:
         for name in self.sweep:
             check_choice("sweep key", name, SWEEP_DEFAULTS)
         self.base_finetune()  # an unknown or invalid fine-tuning field fails before any work
+        self.explain_config()
+
+    def explain_config(self):
+        from .knowledge.explain import ExplainConfig
+
+        known = {f.name for f in fields(ExplainConfig)}
+        for key in self.explain:
+            check_choice("explain key", key, sorted(known))
+        return ExplainConfig(**self.explain)
+
+    def weights_of(self) -> dict[str, str | None]:
+        """The pre-trainings to compare: label -> weights."""
+        return dict(self.pretrainings) or {"pretrained": self.weights}
 
     def values(self, name: str) -> tuple:
         return tuple(self.sweep.get(name, SWEEP_DEFAULTS[name]))
@@ -175,6 +200,7 @@ class Row:
     mode: str | None = None
     pick: Pick | None = None
     settings: tuple[tuple[str, Any], ...] = ()
+    pretraining: str | None = None  # a key of ExperimentConfig.pretrainings; None: ``weights``
 
 
 def _clusters(cfg: ExperimentConfig) -> str:
@@ -240,6 +266,14 @@ def _fig4b(cfg: ExperimentConfig) -> list[Row]:
         for i in range(n)]
 
 
+def _knowledge(cfg: ExperimentConfig) -> list[Row]:
+    rows = []
+    for label in cfg.weights_of():
+        rows += [Row(f"{label} fine-tuned", mode="vanilla", pretraining=label),
+                 Row(f"{label} linear probe", mode="linear-probe", pretraining=label)]
+    return rows + [Row("scratch", mode="scratch")]
+
+
 #: name -> (rows, label of the swept variable or None, what the recipe reproduces)
 RECIPES: dict[str, tuple[Callable[[ExperimentConfig], list[Row]], str | None, str]] = {
     "table1": (_table1, None, "Table 1: selection methods, labelled and unlabelled reuse"),
@@ -250,6 +284,7 @@ RECIPES: dict[str, tuple[Callable[[ExperimentConfig], list[Row]], str | None, st
     "fig3b": (_fig3b, "target training fraction", "Figure 3b: amount of target data"),
     "fig4a": (_fig4a, "eps_c", "Figure 4a: recall vs the cost scale eps_c"),
     "fig4b": (_fig4b, "score group (1 = most similar)", "Figure 4b: similarity groups"),
+    "knowledge": (_knowledge, None, "Knowledge handed over by each pre-training (Jiang et al.)"),
 }
 
 
@@ -259,7 +294,7 @@ RECIPES: dict[str, tuple[Callable[[ExperimentConfig], list[Row]], str | None, st
 
 
 COLUMNS = ("method", "x", "recall", "units", "top1_mean", "top1_std", "top1_at_best_val_mean",
-           "mean_class_acc_mean", "seeds")
+           "mean_class_acc_mean", "seeds", *KNOWLEDGE_RATIOS)
 
 
 @dataclass(frozen=True)
@@ -272,6 +307,7 @@ class ExperimentTable:
     x_label: str | None
     params: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. the knowledge recipe's correlations
 
     def save(self, out: str | Path) -> Path:
         """Write ``experiment.json``, ``results.csv``, ``results.md`` and ``results.png``."""
@@ -279,7 +315,7 @@ class ExperimentTable:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
-        writer.writerows({k: ("" if r[k] is None else r[k]) for k in COLUMNS} for r in self.rows)
+        writer.writerows({k: ("" if r.get(k) is None else r[k]) for k in COLUMNS} for r in self.rows)
         for name, text in (("results.csv", buf.getvalue()), ("results.md", self.to_markdown())):
             with atomic_path(out / name) as tmp:
                 tmp.write_text(text)
@@ -293,7 +329,8 @@ class ExperimentTable:
         plt.close(fig)
         write_json(out / "experiment.json", {"kind": "experiment", "name": self.name,
                                              "x_label": self.x_label, "rows": self.rows,
-                                             "params": self.params, "meta": self.meta})
+                                             "params": self.params, "extra": self.extra,
+                                             "meta": self.meta})
         return out / "experiment.json"
 
     @classmethod
@@ -303,13 +340,16 @@ class ExperimentTable:
         d = read_json(path / "experiment.json" if path.is_dir() else path, "experiment")
         if d.get("kind") != "experiment":
             raise PretrainReuseError(f"{str(path)!r} is not an experiment.json")
-        return cls(d["name"], d["rows"], d["x_label"], d["params"], d.get("meta", {}))
+        return cls(d["name"], d["rows"], d["x_label"], d["params"], d.get("meta", {}),
+                   d.get("extra", {}))
 
     def cells(self) -> tuple[list[str], list[list[str]]]:
         """Header and formatted rows of the table (shared by Markdown and the HTML report); the
         spread is shown only when there are several seeds."""
+        ratios = [k for k in KNOWLEDGE_RATIOS if any(r.get(k) is not None for r in self.rows)]
         head = ["method", *([self.x_label] if self.x_label else []), "recall", "units",
-                "test top-1 (final, mean ± std over seeds)", "test top-1 (at best val)", "seeds"]
+                "test top-1 (final, mean ± std over seeds)", "test top-1 (at best val)", "seeds",
+                *ratios]
         body = []
         for r in self.rows:
             acc = "" if r["top1_mean"] is None else f"{r['top1_mean']:.4f}"
@@ -320,7 +360,8 @@ class ExperimentTable:
                          "" if r["recall"] is None else f"{r['recall']:.4f}",
                          "" if r["units"] is None else str(r["units"]), acc,
                          "" if best is None else f"{best:.4f}",
-                         str(len(r["seeds"])) if r["seeds"] else ""])
+                         str(len(r["seeds"])) if r["seeds"] else "",
+                         *("" if r.get(k) is None else f"{r[k]:.3f}" for k in ratios)])
         return head, body
 
     def to_markdown(self) -> str:
@@ -479,12 +520,16 @@ class _Workspace:
         return sel.sample_recall(self.units(pick.units), self.features("source").labels,
                                  self.cfg.relevant)
 
+    def run_dir(self, row: Row, seed: int) -> Path:
+        x = "" if row.x is None else f"-x={row.x:g}" if isinstance(row.x, float) else f"-x={row.x}"
+        return self.out / "runs" / f"{_slug(row.method)}{x}-seed{seed}"
+
     def finetune(self, row: Row, seed: int) -> RunResult:
         cfg = self.cfg
-        x = "" if row.x is None else f"-x={row.x:g}" if isinstance(row.x, float) else f"-x={row.x}"
-        run_dir = self.out / "runs" / f"{_slug(row.method)}{x}-seed{seed}"
+        run_dir = self.run_dir(row, seed)
         if (run_dir / "result.json").exists():
             return RunResult.load(run_dir / "result.json")
+        weights = cfg.weights_of()[row.pretraining] if row.pretraining else cfg.weights
         base = cfg.base_finetune()
         ft = replace(base, mode=row.mode, seed=seed, lam=cfg.lam.get(row.mode, base.lam),
                      **dict(row.settings))
@@ -492,10 +537,10 @@ class _Workspace:
         if self.progress:
             print(f"[experiment] {run_dir.name}", flush=True)
         return finetune_datasets(
-            ft, model=cfg.model, weights=cfg.weights, train_pool=self.data("target"),
+            ft, model=cfg.model, weights=weights, train_pool=self.data("target"),
             test_set=self.data("test"), source_pool=self.data("source") if sel else None,
             selection=sel, units=self.units(row.pick.units) if sel else None, out=run_dir,
-            inputs={"model": cfg.model, "weights": cfg.weights, "target": cfg.target,
+            inputs={"model": cfg.model, "weights": weights, "target": cfg.target,
                     "source": cfg.source, "row": row.method, "x": row.x,
                     "selected": sel.selected if sel else None},
             progress=self.progress)
@@ -528,11 +573,61 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
             "mean_class_acc_mean": _mean([r.final["mean_class_acc"] for r in results]),
             "seeds": [r.config["seed"] for r in results],
         })
+    extra = _knowledge_analysis(ws, rows, table) if name == "knowledge" else {}
     params = _params(cfg)
     result = ExperimentTable(name, table, x_label, params,
-                             make_meta(f"experiment.{name}", params, seed=cfg.seeds[0]))
+                             make_meta(f"experiment.{name}", params, seed=cfg.seeds[0]), extra)
     result.save(out)
     return result
+
+
+def _knowledge_analysis(ws: _Workspace, rows: list[Row], table: list[dict]) -> dict[str, Any]:
+    """For every pre-training and seed: the knowledge of its fine-tuned model against its linear
+    probe and the scratch model (``knowledge/<label>-seed<s>/``); the ratios' means go into the
+    fine-tuned rows, and their correlation with test accuracy across all fine-tuned models
+    (pre-trainings x seeds) into the table's ``extra``."""
+    from .knowledge.analysis import analyze_knowledge
+    from .knowledge.metrics import accuracy_correlation, knowledge_report
+    from .knowledge.values import Interactions
+    from .models import create_backbone
+
+    cfg = ws.cfg
+    by_method = {r.method: r for r in rows}
+    per_sample: dict[str, list] = {k: [] for k in KNOWLEDGE_RATIOS}
+    accuracy, models = [], []
+    for entry in table:
+        row = by_method[entry["method"]]
+        if row.mode != "vanilla":
+            continue
+        probe = by_method[f"{row.pretraining} linear probe"]
+        means: dict[str, list[float]] = {k: [] for k in KNOWLEDGE_RATIOS}
+        for seed in cfg.seeds:
+            out = ws.out / "knowledge" / f"{_slug(row.pretraining)}-seed{seed}"
+            files = {"pretrained": ws.run_dir(probe, seed), "finetuned": ws.run_dir(row, seed)}
+            if "scratch" in by_method:
+                files["scratch"] = ws.run_dir(by_method["scratch"], seed)
+            if not (out / "knowledge.json").exists():
+                nets = {role: create_backbone(cfg.model, weights=str(d / "model.safetensors"))
+                        for role, d in files.items()}
+                analyze_knowledge(nets, ws.data("test"), replace(cfg.explain_config(), seed=seed),
+                                  out, progress=ws.progress)
+            explained = {role: [Interactions.load(p) for p in sorted(
+                (out / role).glob("interactions-*.safetensors"))] for role in files}
+            report = knowledge_report(explained["pretrained"], explained["finetuned"],
+                                      explained.get("scratch"))
+            for k in KNOWLEDGE_RATIOS:
+                if k in report.overall:
+                    per_sample[k].append(report.per_sample(k))
+                    means[k].append(report.overall[k].mean)
+            accuracy.append(RunResult.load(files["finetuned"] / "result.json").final["top1"])
+            models.append(f"{row.pretraining} seed {seed}")
+        entry.update({k: _mean(v) for k, v in means.items()})
+    if len(accuracy) < 3:
+        return {"models": models, "correlation": None,
+                "why": "a correlation needs at least 3 fine-tuned models (pre-trainings x seeds)"}
+    return {"models": models, "accuracy": accuracy, "correlation": {
+        k: accuracy_correlation(v, accuracy, seed=cfg.seeds[0]).to_dict()
+        for k, v in per_sample.items() if len(v) == len(accuracy)}}
 
 
 def _params(cfg: ExperimentConfig) -> dict[str, Any]:

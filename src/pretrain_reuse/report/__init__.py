@@ -231,6 +231,7 @@ def _knowledge_section(run: Path, scenario: dict) -> str:
     rows = [[n, f"{overall[n]['mean']:.3f}", f"{overall[n]['std'] or 0:.3f}", overall[n].get("n_used", "")]
             for n in overall]
     parts.append(_table(["ratio", "mean", "std", "samples"], rows))
+    parts.append(_rule_recovery(k))
     faith = k["faithfulness"]
     parts.append("<h3>Faithfulness</h3>" + _table(
         ["model", "max error (mean over samples)", "mean error", "worst sample"],
@@ -254,6 +255,26 @@ def _knowledge_section(run: Path, scenario: dict) -> str:
             + f'<p class="{"good" if ratio > 1.2 else "note"}">{verdict} '
               f"(ratio {cf['effect_ratio']:.2f}).</p>")
     return _section("Knowledge handed over by pre-training", "knowledge", "".join(parts))
+
+
+def _rule_recovery(k: dict) -> str:
+    """Precision / recall of the salient interactions against the world's class rules."""
+    truth = k.get("ground_truth")
+    if not truth:
+        return ""
+    rows = [[role, f"{g['overall']['precision']['mean']:.3f}", f"{g['overall']['recall']['mean']:.3f}",
+             f"{g['overall']['signed_recall']['mean']:.3f}", g["n_samples"]]
+            for role, g in truth.items()]
+    best = max(g["overall"]["precision"]["mean"] for g in truth.values())
+    verdict = ("Most salient interactions are not terms of the class rule (precision below "
+               f"{best:.2f} for every model): the networks' interactions are dense, so salience at "
+               "5% of the largest effect does not isolate the rule's AND/OR terms. Recall shows "
+               "whether the rule's terms are among the salient ones." if best < 0.5 else
+               "The salient interactions are mostly terms of the class rule.")
+    return ("<h3>Recovery of the planted class rules</h3><p>The world's classes are known AND/OR "
+            "rules over parts; their Harsanyi interactions are the ground truth.</p>"
+            + _table(["model", "precision", "recall", "signed recall", "samples"], rows)
+            + f'<p class="note">{verdict}</p>')
 
 
 def _players_text(players: str) -> str:
@@ -326,6 +347,28 @@ EXPERIMENT_COMPARISONS = (
 )
 
 
+def _correlation(extra: dict) -> str:
+    """The knowledge recipe's correlation of knowledge ratios with accuracy across models."""
+    if "models" not in extra:
+        return ""
+    if not extra.get("correlation"):
+        return f'<p class="note">No correlation with accuracy: {html.escape(extra.get("why", ""))}.</p>'
+
+    def ci(v):
+        return "–" if v[0] is None else f"[{v[0]:+.2f}, {v[1]:+.2f}]"
+
+    def num(v):
+        return "undefined" if v is None else f"{v:+.2f}"
+
+    rows = [[k, num(c["pearson"]), ci(c["pearson_ci"]), num(c["spearman"]), ci(c["spearman_ci"])]
+            for k, c in extra["correlation"].items()]
+    return ("<h3>Knowledge ratios against test accuracy</h3>"
+            f"<p>Across {len(extra['models'])} fine-tuned models ({', '.join(extra['models'])}); "
+            "intervals: bootstrap over explained samples (they do not cover model-to-model "
+            "variation, so few models make any correlation fragile).</p>"
+            + _table(["ratio", "Pearson", "95% CI", "Spearman", "95% CI"], rows))
+
+
 def _experiment_body(run: Path) -> list[str]:
     """The page of an ``experiment`` folder: its table, plot, comparisons and curves."""
     from ..experiment import RECIPES, ExperimentTable
@@ -344,6 +387,7 @@ def _experiment_body(run: Path) -> list[str]:
             verdicts.append(_compare(ft, a, b, where))
     parts = [_figure(fig, RECIPES[table.name][2], "experiment results"),
              _table(*table.cells()), *verdicts]
+    parts.append(_correlation(table.extra))
     results = sorted(run.glob("runs/*-seed*/result.json"))
     if results:
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
