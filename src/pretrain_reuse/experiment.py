@@ -271,7 +271,7 @@ def _knowledge(cfg: ExperimentConfig) -> list[Row]:
     for label in cfg.weights_of():
         rows += [Row(f"{label} fine-tuned", mode="vanilla", pretraining=label),
                  Row(f"{label} linear probe", mode="linear-probe", pretraining=label)]
-    return rows + [Row("scratch", mode="scratch")]
+    return [*rows, Row("scratch", mode="scratch")]
 
 
 #: name -> (rows, label of the swept variable or None, what the recipe reproduces)
