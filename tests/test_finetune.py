@@ -998,3 +998,35 @@ def test_strong_view_erases_a_square_of_the_configured_side(geometry):
         x = View(spec, geometry, 32, strong=True, cutout=cutout)(images)
         erased = torch.isclose(x, erased_value.expand_as(x), atol=1e-6).all(dim=1)  # (B, H, W)
         assert erased.flatten(1).sum(1).tolist() == [side * side] * 6
+
+
+def _bn_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+
+
+def test_joint_features_mixed_is_one_pass_and_target_keeps_target_statistics():
+    import copy
+
+    x, s1, s2 = images(4, 1), images(4, 2) * 3 + 1, images(4, 3) * 3 + 1  # sources: other stats
+    model = tiny_model().train()
+    reference = copy.deepcopy(model)
+
+    model.source_bn = "mixed"
+    z = model.joint_features(x, s1, s2)
+    whole = reference.features(torch.cat([x, s1, s2]))
+    torch.testing.assert_close(torch.cat(z), whole)
+    assert all(torch.equal(a, b) for a, b in zip(_bn_state(model).values(),
+                                                  _bn_state(reference).values(), strict=True))
+
+    model, reference = copy.deepcopy(reference), copy.deepcopy(reference)
+    target_only, sources_alone = copy.deepcopy(reference), copy.deepcopy(reference)
+    model.source_bn = "target"
+    z_t, z1, z2 = model.joint_features(x, s1, s2)
+    torch.testing.assert_close(z_t, target_only.features(x))
+    # running statistics: exactly those of a pass over the target batch alone
+    assert all(torch.equal(a, b) for a, b in zip(_bn_state(model).values(),
+                                                  _bn_state(target_only).values(), strict=True))
+    # source features: normalised with the source batch's own statistics
+    torch.testing.assert_close(torch.cat([z1, z2]), sources_alone.features(torch.cat([s1, s2])))
+    key = "backbone.body.blocks.1.running_mean"  # and they differ from the sources' statistics
+    assert not torch.allclose(_bn_state(model)[key], _bn_state(sources_alone)[key])

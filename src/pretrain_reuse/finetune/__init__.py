@@ -129,7 +129,8 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
                                          "'reuse-unlabeled' for clusters")
             source_classes = source_data.num_classes
     net = FinetuneModel(backbone, num_classes, source_classes=source_classes,
-                        frozen_backbone=cfg.mode == "linear-probe", seed=cfg.seed)
+                        frozen_backbone=cfg.mode == "linear-probe", seed=cfg.seed,
+                        source_bn=cfg.source_bn)
     if cfg.mode == "co-tuning":
         _attach_relationship(net, train_set, val_set, cfg, num_classes)
     out = Path(out)

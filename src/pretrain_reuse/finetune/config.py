@@ -50,6 +50,7 @@ class FinetuneConfig:
     warmup_steps: int = 0
     source_head: str = "selected"  # "selected": remapped to the selected classes; "full": all
     source_sampling: str = "images"  # "images": uniform over images (official); "units": balanced
+    source_bn: str = "mixed"  # BatchNorm statistics: "mixed" target+source (official); "target"
     cotuning_relationship: str = "direct"  # "direct" (Transfer-Learning-Library); "reverse" (thuml)
     val_fraction: float = 0.1  # 0: no validation split (then "at best val" = the final step)
     eval_every: int = 10  # epochs
@@ -70,6 +71,7 @@ class FinetuneConfig:
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("source_head", self.source_head, ("selected", "full"))
         check_choice("source_sampling", self.source_sampling, ("images", "units"))
+        check_choice("source_bn", self.source_bn, ("mixed", "target"))
         check_choice("cotuning_relationship", self.cotuning_relationship, ("direct", "reverse"))
         check_choice("augment", self.augment, ("standard", "flip", "none"))
         check_choice("precision", self.precision, ("auto", "fp32", "bf16"))

@@ -4,7 +4,8 @@ A batch is a dict of device tensors: ``x``, ``y`` (augmented target images and l
 ``reuse`` ``sx``, ``sy`` (selected source images, source-head labels) and for
 ``reuse-unlabeled`` ``sx`` and ``sx_strong`` (weak and strong views of the same source images).
 Target and source images go through the backbone in one forward pass, so BatchNorm sees the
-mixed batch, as in the official code.
+mixed batch, as in the official code, unless ``source_bn="target"`` (see
+:meth:`~.model.FinetuneModel.joint_features`).
 """
 
 from __future__ import annotations
@@ -32,10 +33,9 @@ def target_loss(model: FinetuneModel, batch: dict, lam: float):
 
 def reuse_loss(model: FinetuneModel, batch: dict, lam: float):
     r"""Liu et al. eq. (6): ``CE(h_t(x_t), y_t) + lam * CE(h_s(x_s), y_s)``, two heads, one body."""
-    b = len(batch["x"])
-    z = model.features(torch.cat([batch["x"], batch["sx"]]))
-    ce_t = F.cross_entropy(model.head(z[:b]), batch["y"])
-    ce_s = F.cross_entropy(model.source_head(z[b:]), batch["sy"])
+    z_t, z_s = model.joint_features(batch["x"], batch["sx"])
+    ce_t = F.cross_entropy(model.head(z_t), batch["y"])
+    ce_s = F.cross_entropy(model.source_head(z_s), batch["sy"])
     return ce_t + lam * ce_s, {"ce_target": ce_t.detach(), "ce_source": ce_s.detach()}
 
 
@@ -43,11 +43,10 @@ def reuse_unlabeled_loss(model: FinetuneModel, batch: dict, lam: float):
     r"""Unlabelled reuse (official FixMatch-style code): the softmax of the weak view, without
     gradient, temperature or threshold, is the soft target of the strong view:
     ``CE(h(x_t), y_t) + lam * softCE(h(x_s^strong), softmax(h(x_s^weak)))``."""
-    b, s = len(batch["x"]), len(batch["sx"])
-    logits = model(torch.cat([batch["x"], batch["sx"], batch["sx_strong"]]))
-    ce_t = F.cross_entropy(logits[:b], batch["y"])
-    pseudo = F.softmax(logits[b:b + s].detach(), dim=1)
-    ce_s = soft_cross_entropy(logits[b + s:], pseudo)
+    z_t, z_weak, z_strong = model.joint_features(batch["x"], batch["sx"], batch["sx_strong"])
+    ce_t = F.cross_entropy(model.head(z_t), batch["y"])
+    pseudo = F.softmax(model.head(z_weak).detach(), dim=1)
+    ce_s = soft_cross_entropy(model.head(z_strong), pseudo)
     return ce_t + lam * ce_s, {"ce_target": ce_t.detach(), "soft_ce_source": ce_s.detach()}
 
 

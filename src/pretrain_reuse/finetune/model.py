@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -27,10 +29,11 @@ class FinetuneModel(nn.Module):
     ``source_classes`` adds a fresh source head (labelled reuse); Co-Tuning sets ``source_head``
     to the pre-trained classifier afterwards. ``frozen_backbone`` (linear probing): the backbone
     gets no gradients and stays in eval mode, so its BatchNorm statistics do not move either.
+    ``source_bn``: how BatchNorm treats reused source images (see :meth:`joint_features`).
     """
 
     def __init__(self, backbone: Backbone, num_classes: int, *, source_classes: int | None = None,
-                 frozen_backbone: bool = False, seed: int = 0):
+                 frozen_backbone: bool = False, seed: int = 0, source_bn: str = "mixed"):
         super().__init__()
         if backbone.layer != "penultimate":
             raise PretrainReuseError("fine-tuning needs the backbone's penultimate features "
@@ -41,6 +44,7 @@ class FinetuneModel(nn.Module):
         self.source_head = (None if source_classes is None
                             else new_head(backbone.feature_dim, source_classes, generator))
         self.frozen_backbone = frozen_backbone
+        self.source_bn = source_bn
         if frozen_backbone:
             backbone.requires_grad_(False)
 
@@ -60,6 +64,24 @@ class FinetuneModel(nn.Module):
         """Target logits."""
         return self.head(self.features(x))
 
+    def joint_features(self, target: torch.Tensor, *sources: torch.Tensor) -> list[torch.Tensor]:
+        """Features of a target batch and of source batches, one tensor each.
+
+        ``source_bn="mixed"``: one pass over their concatenation, so BatchNorm normalises with,
+        and keeps running statistics of, the mixed batch (the official code). ``"target"``: the
+        target batch passes alone and alone sets the running statistics that evaluation on
+        target data uses; the source batches are normalised with their own batch statistics,
+        which are not tracked. With a pool unlike the target (or strongly augmented source
+        views) the mixed statistics describe neither distribution.
+        """
+        sizes = [len(target), *(len(s) for s in sources)]
+        if self.source_bn == "mixed":
+            return list(self.features(torch.cat([target, *sources])).split(sizes))
+        z_target = self.features(target)
+        with untracked_batchnorm(self.backbone):
+            z_sources = self.features(torch.cat(sources))
+        return [z_target, *z_sources.split(sizes[1:])]
+
     def param_groups(self, lr: float, head_lr_mult: float, weight_decay: float) -> list[dict]:
         """Backbone at ``lr``, heads at ``head_lr_mult * lr`` (official: 10x); decay on all."""
         heads = [p for m in (self.head, self.source_head) if m is not None for p in m.parameters()]
@@ -69,6 +91,22 @@ class FinetuneModel(nn.Module):
         if body:
             groups.append({"params": body, "lr": lr, "base_lr": lr, "weight_decay": weight_decay})
         return groups
+
+
+@contextmanager
+def untracked_batchnorm(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers in training mode keep normalising with batch statistics but leave their
+    running statistics unchanged (momentum 0) inside the block."""
+    layers = [m for m in module.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    saved = [m.momentum for m in layers]
+    for m in layers:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(layers, saved, strict=True):
+            m.momentum = momentum
 
 
 def source_classifier(backbone: Backbone) -> nn.Linear:
