@@ -1,11 +1,16 @@
-"""Tests of the AND-OR sparsification solvers (ADMM default, group SGD protocol, exact LP, mode q).
+"""Tests of the AND-OR sparsification solvers (ADMM default, group SGD protocol, exact LP, mode q,
+joint sparsification of several models).
 
 Independent references: a dense LP assembled from the defining matrices (all AND and all OR
-columns, no tricks) for n <= 5; the group's ``_train_p_q`` rewritten with dense matrices and
-torch.optim.SGD + autograd; and invariants (|q| <= b, exact reconstruction of v + q).
+columns, no tricks) for n <= 5; for the joint problem a dense LP written from the group's
+definition (γ_shared, γ'_k, q_k and the transforms as matrices, the max over models as an
+epigraph); the group's ``_train_p_q`` rewritten with dense matrices and torch.optim.SGD +
+autograd; and invariants (|q| <= b, exact reconstruction of v + q).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -19,6 +24,7 @@ from pretrain_reuse.knowledge import (
     and_or_interactions_lp,
     and_or_interactions_sgd,
     harsanyi_and,
+    joint_and_or_interactions,
     mask_of,
     orders,
     planted_game,
@@ -59,6 +65,51 @@ def reference_lp(v: np.ndarray, n: int, b: float, with_or: bool) -> float:
                   bounds=(0, None), method="highs")
     assert res.status == 0
     return res.fun
+
+
+def joint_lp(games: np.ndarray, n: int, b: np.ndarray, p: np.ndarray, alpha: float) -> float:
+    """The joint loss minimised over γ_shared, γ'_k (|γ'_k| <= p_k) and q_k (|q_k| <= b_k).
+
+    I_and,k = Z⁻¹(½(v_k + q_k) + γ_shared + γ'_k), I_or,k = W⁻¹(½(v_k + q_k) - γ_shared - γ'_k);
+    loss Σ over the AND and the OR entries S of (1-α)·m_S + α·Σ_k e_k,S with e >= |I|, m >= e.
+    """
+    z, w = dense_matrices(n)
+    models, size = games.shape
+    # the variables: γ_shared, γ'_k, q_k, e (type, k, S), m (type, S)
+    shared, deviation, noise = 0, size, (1 + models) * size
+    absolute, maximum = (1 + 2 * models) * size, (1 + 4 * models) * size
+    width = maximum + 2 * size
+    rows, rhs = [], []
+    for t, (inverse, sign) in enumerate([(np.linalg.inv(z), 1.0), (np.linalg.inv(w), -1.0)]):
+        for k in range(models):
+            a = np.zeros((size, width))  # I_and,k or I_or,k = a @ x + const
+            a[:, shared:shared + size] = sign * inverse
+            a[:, deviation + k * size:deviation + (k + 1) * size] = sign * inverse
+            a[:, noise + k * size:noise + (k + 1) * size] = 0.5 * inverse
+            const = 0.5 * inverse @ games[k]
+            e = np.zeros((size, width))
+            e[np.arange(size), absolute + (t * models + k) * size + np.arange(size)] = -1.0
+            m = np.zeros((size, width))
+            m[np.arange(size), maximum + t * size + np.arange(size)] = -1.0
+            rows += [a + e, -a + e, -e + m]
+            rhs += [-const, const, np.zeros(size)]
+    cost = np.zeros(width)
+    cost[absolute:maximum] = alpha
+    cost[maximum:] = 1 - alpha
+    bounds = ([(None, None)] * size + [(-p[k], p[k]) for k in range(models) for _ in range(size)]
+              + [(-b[k], b[k]) for k in range(models) for _ in range(size)]
+              + [(0, None)] * (2 * models * size + 2 * size))
+    res = linprog(cost, A_ub=np.vstack(rows), b_ub=np.concatenate(rhs), bounds=bounds, method="highs")
+    assert res.status == 0
+    return res.fun
+
+
+def joint_loss(results, alpha: float) -> float:
+    """The joint loss of given interactions of K models, from their arrays."""
+    def f(values):
+        m = np.abs(np.stack(values))
+        return ((1 - alpha) * m.max(0) + alpha * m.sum(0)).sum()
+    return f([x.and_values for x in results]) + f([x.or_values for x in results])
 
 
 def group_sgd(v: np.ndarray, n: int, b: float, lr: float, niter: int):
@@ -133,6 +184,8 @@ SOLVERS = {
     "sgd": lambda v: and_or_interactions_sgd(v, qthres=0.05, lr=1e-3, niter=300),
     "lp": lambda v: and_or_interactions_lp(v, qthres=0.05),
     "mode-q": lambda v: and_interactions(v, qthres=0.05),
+    "joint": lambda v: [x for [x] in joint_and_or_interactions(  # the games as K models on one sample
+        np.reshape(v, (-1, 1, v.shape[-1])), qthres=0.05)],
 }
 
 
@@ -147,7 +200,7 @@ def test_noise_stays_in_its_box_and_the_interactions_reproduce_v_plus_q_everywhe
         np.testing.assert_array_equal(x.v, v)
 
 
-@pytest.mark.parametrize("solver", ["admm", "sgd", "lp"])
+@pytest.mark.parametrize("solver", ["admm", "sgd", "lp", "joint"])
 def test_and_or_results_have_orders_0_and_1_merged_into_and(solver):
     [x] = SOLVERS[solver](planted_game(5, {(0,): 1.0}, {(1, 2): 1.0, (3, 4): 0.5}, noise=0.1, seed=1))
     assert x.kind == "and-or"
@@ -215,6 +268,94 @@ def test_sgd_reference_follows_the_group_code_step_by_step():
 
 
 # --------------------------------------------------------------------------------------------
+# Joint sparsification of several models
+# --------------------------------------------------------------------------------------------
+
+
+def shared_term_games(n: int, models: int, samples: int) -> np.ndarray:
+    """(K, B, 2^n): the same AND and OR term in every model, a model-specific AND term, noise 0.1."""
+    return np.stack([np.stack([planted_game(n, {(0, 1): 1.0, (1, 2): 0.4 * k}, {(2, 3): 0.8}, noise=0.1,
+                                            seed=10 * k + s) for s in range(samples)])
+                     for k in range(models)])
+
+
+@pytest.mark.parametrize("models, pthres, alpha", [(2, 0.0, 0.1), (2, 0.05, 0.1), (2, math.inf, 0.1),
+                                                   (3, 0.05, 0.1), (3, 0.05, 0.0), (2, 0.05, 1.0)])
+def test_joint_loss_reaches_the_optimum_of_a_dense_lp_of_the_group_definition(models, pthres, alpha):
+    n = 4
+    games = shared_term_games(n, models, samples=2)
+    results = joint_and_or_interactions(games, pthres=pthres, alpha=alpha, tol=1e-4, max_iter=20_000)
+    mean = np.abs((games[:, :, -1] - games[:, :, 0]).mean(1))
+    for s in range(2):
+        b = 0.04 * np.abs(games[:, s, -1] - games[:, s, 0])
+        optimum = joint_lp(games[:, s], n, b, np.minimum(pthres * mean, 1e6), alpha)
+        meta = results[0][s].meta
+        assert meta["converged"]
+        assert optimum * (1 - 1e-9) <= meta["loss"] <= optimum * (1 + 1e-4)
+        assert meta["lower_bound"] <= optimum * (1 + 1e-9)
+        # merging orders 0 and 1 can only lower the loss (f is a norm)
+        assert joint_loss([results[k][s] for k in range(models)], alpha) <= meta["loss"] * (1 + 1e-12)
+
+
+def test_joint_coupling_of_the_split_binds_when_pthres_is_small():
+    n = 4
+    [games] = shared_term_games(n, 2, samples=1).transpose(1, 0, 2)
+    b = 0.04 * np.abs(games[:, -1] - games[:, 0])
+    free = joint_lp(games, n, b, np.full(2, 1e6), 0.1)
+    coupled = joint_lp(games, n, b, np.zeros(2), 0.1)
+    assert coupled > free * 1.02  # the premise: γ_1 = γ_2 costs something on these games
+    [[x], _] = joint_and_or_interactions(games, pthres=0.0, tol=1e-4, max_iter=20_000)
+    assert coupled * (1 - 1e-9) <= x.meta["loss"] <= coupled * (1 + 1e-4)
+
+
+def test_joint_with_one_model_is_the_single_model_solution(planted):
+    [[joint]] = joint_and_or_interactions(planted[None], tol=1e-3)
+    [single] = and_or_interactions(planted, tol=1e-3)
+    np.testing.assert_array_equal(joint.and_values, single.and_values)
+    np.testing.assert_array_equal(joint.or_values, single.or_values)
+    assert joint.meta["loss"] == single.meta["loss"]
+
+
+def test_joint_split_of_a_shared_term_is_the_same_in_every_model():
+    # Model 1 adds AND {0,1} to the shared OR {0,1}: for it alone, "AND {0} + AND {1}" and
+    # "OR {0,1} + AND {0,1}" cost the same, so independent sparsification may drop the shared OR
+    # term in one model only (it does here); the joint loss keeps it in both.
+    n, shared = 6, mask_of((0, 1), 6)
+    games = np.stack([planted_game(n, {(2, 3, 4): 1.0}, {(0, 1): 1.0}, noise=0.01, seed=0),
+                      planted_game(n, {(2, 3, 4): 1.0, (0, 1): 1.0}, {(0, 1): 1.0}, noise=0.01, seed=1)])
+    independent = [and_or_interactions(v)[0] for v in games]
+    assert abs(independent[0].or_values[shared] - independent[1].or_values[shared]) > 0.5
+    joint = [x for [x] in joint_and_or_interactions(games)]
+    b = max(x.meta["b"] for x in joint)
+    assert abs(joint[0].or_values[shared] - joint[1].or_values[shared]) <= 2 * b
+    assert all(abs(x.or_values[shared] - 1.0) <= 0.2 for x in joint)
+    assert all(("or", shared) in x.salient(0.05) for x in joint)
+    assert ("and", shared) in joint[1].salient(0.05) and ("and", shared) not in joint[0].salient(0.05)
+
+
+def test_joint_loss_is_below_the_joint_loss_of_the_independent_solutions():
+    games = np.stack([planted_game(8, {**PLANTED_AND, (1, 5): 0.3 * k}, PLANTED_OR, noise=0.02, seed=k)
+                      for k in range(3)])
+    joint = [x for [x] in joint_and_or_interactions(games)]
+    independent = [and_or_interactions(v)[0] for v in games]
+    assert joint_loss(joint, 0.1) < 0.97 * joint_loss(independent, 0.1)
+    planted = set(planted_items())
+    assert all(planted <= set(x.salient(0.05)) for x in joint)
+
+
+def test_joint_meta_records_the_bounds_per_model():
+    games = shared_term_games(4, 2, samples=3)
+    results = joint_and_or_interactions(games, pthres=0.5, mean_output=[2.0, -4.0], max_iter=50)
+    assert [len(r) for r in results] == [3, 3]
+    for k, per_model in enumerate(results):
+        for s, x in enumerate(per_model):
+            assert x.meta["model"] == k and x.meta["p"] == [1.0, 2.0][k]
+            assert x.meta["b"] == pytest.approx(noise_bound(games[k, s], 0.04))
+            assert x.meta["loss"] == results[0][s].meta["loss"]
+            assert x.meta["params"]["mean_output"] == [2.0, -4.0]
+
+
+# --------------------------------------------------------------------------------------------
 # Inputs, batches, metadata, errors
 # --------------------------------------------------------------------------------------------
 
@@ -248,6 +389,11 @@ def test_hitting_max_iter_is_reported_as_not_converged(planted):
     (lambda v: and_or_interactions_sgd(v, lr=0.0), "lr=0.0 must be a positive learning rate"),
     (lambda v: and_or_interactions_sgd(v, niter=0), "niter=0 must be a positive number"),
     (lambda v: and_or_interactions(v[None, None]), r"v must be one game \(2\^n,\) or a batch"),
+    (lambda v: joint_and_or_interactions(v), r"v must hold the games of K models, shape \(K, 2\^n\)"),
+    (lambda v: joint_and_or_interactions(v[None], pthres=-1.0), "pthres=-1.0 must be a number >= 0"),
+    (lambda v: joint_and_or_interactions(v[None], alpha=1.5), r"alpha=1.5 must be a weight in \[0, 1\]"),
+    (lambda v: joint_and_or_interactions(np.stack([v, v]), mean_output=[1.0]),
+     "mean_output must be 2 finite numbers, one per model"),
 ])
 def test_bad_solver_arguments_are_refused_naming_the_parameter(call, message):
     with pytest.raises(PretrainReuseError, match=message):

@@ -41,6 +41,7 @@ from .sparsify import (
     and_or_interactions,
     and_or_interactions_lp,
     and_or_interactions_sgd,
+    joint_and_or_interactions,
 )
 from .synthetic import planted_game
 from .values import Interactions
@@ -68,6 +69,7 @@ __all__ = [
     "ground_truth_recovery",
     "harsanyi_and",
     "harsanyi_or",
+    "joint_and_or_interactions",
     "knowledge_convergence",
     "knowledge_report",
     "knowledge_set",
