@@ -172,6 +172,23 @@ def test_default_tolerance_is_close_to_pot():
     assert np.max(np.abs(np.exp(res.log_row_mass) - P.sum(1)) / P.sum(1)) <= 1e-5
 
 
+@pytest.mark.parametrize("shape, seed", [((300, 40), 31), ((60, 200), 32)], ids=["300x40", "60x200"])
+def test_large_equal_taus_converge_in_few_iterations_and_match_pot(shape, seed):
+    # With tau_a = tau_b = 100 >> eps, Sinkhorn steps remove a common shift (f + t, g - t) only at
+    # the rate (tau/(tau+eps))^2 ~ 0.99: POT needs thousands of iterations. The closed-form
+    # translation step removes it at once.
+    a, b, C = random_problem(seed, *shape, unit_weights=False)
+    P, log = ot.unbalanced.sinkhorn_unbalanced(
+        a, b, C, reg=0.5, reg_m=100.0, stopThr=1e-12, numItermax=100_000, log=True
+    )
+    res = unbalanced_sinkhorn(a, b, C, 0.5, 100.0, 100.0, **TIGHT)
+    assert res.converged and res.n_iter < 60 < len(log["err"]) / 40
+    assert np.max(np.abs(res.plan(a, b, C) - P) / P) <= 1e-9
+    default = unbalanced_sinkhorn(a, b, C, 0.5, 100.0, 100.0)
+    assert default.converged and default.n_iter < 30
+    assert np.max(np.abs(np.exp(default.log_row_mass) - P.sum(1)) / P.sum(1)) <= 1e-6
+
+
 # --------------------------------------------------------------------------------------------
 # Objective, optimality conditions, duality
 # --------------------------------------------------------------------------------------------
@@ -234,26 +251,20 @@ def test_marginals_satisfy_fixed_point_conditions(taus):
 
 def test_marginal_error_is_large_when_stopped_early():
     a, b, C = random_problem(8, 90, 35, unit_weights=True)
-    early = unbalanced_sinkhorn(a, b, C, 0.2, 1.0, 100.0, max_iter=1)
     late = unbalanced_sinkhorn(a, b, C, 0.2, 1.0, 100.0, **TIGHT)
-    assert not early.converged
-    # g is updated last, so the column condition holds after every iteration; the row one does not
-    assert early.marginal_error_a > 1e-2
-    assert early.marginal_error_b < 1e-12
-    P = early.plan(a, b, C)
-    assert early.marginal_error_a == pytest.approx(
-        np.max(np.abs(np.log(P.sum(1)) + early.f / 1.0)), rel=1e-10
-    )
-    assert late.marginal_error_a < 1e-10
-    # from the second iteration on the steps are over-relaxed, and both conditions are violated:
-    # the reported errors are those of the plan
-    mid = unbalanced_sinkhorn(a, b, C, 0.2, 1.0, 100.0, max_iter=5)
-    P = mid.plan(a, b, C)
-    err_a = np.max(np.abs(np.log(P.sum(1)) - np.log(a) + mid.f / 1.0))
-    err_b = np.max(np.abs(np.log(P.sum(0)) - np.log(b) + mid.g / 100.0))
-    assert err_a > 1e-2 and err_b > 1e-2
-    assert mid.marginal_error_a == pytest.approx(err_a, rel=1e-10)
-    assert mid.marginal_error_b == pytest.approx(err_b, rel=1e-10)
+    assert late.marginal_error_a < 1e-10 and late.marginal_error_b < 1e-10
+    # Stopped early, both conditions are violated (even after one plain step, whose g satisfies
+    # the column condition, the translation step moves f and g), and the reported errors are
+    # those of the plan.
+    for max_iter in (1, 5):
+        early = unbalanced_sinkhorn(a, b, C, 0.2, 1.0, 100.0, max_iter=max_iter)
+        assert not early.converged
+        P = early.plan(a, b, C)
+        err_a = np.max(np.abs(np.log(P.sum(1)) - np.log(a) + early.f / 1.0))
+        err_b = np.max(np.abs(np.log(P.sum(0)) - np.log(b) + early.g / 100.0))
+        assert err_a > 1e-2 and err_b > 1e-3
+        assert early.marginal_error_a == pytest.approx(err_a, rel=1e-10)
+        assert early.marginal_error_b == pytest.approx(err_b, rel=1e-10)
 
 
 def test_liu_ranking_by_row_mass_equals_ranking_by_minus_f_with_unit_source_weights():
@@ -508,6 +519,30 @@ def test_batched_with_padded_targets_equals_separate_solves(as_torch):
         np.testing.assert_allclose(plans[k, :, :size], single.plan(a, bs[k, :size], costs[k, :, :size]),
                                    rtol=1e-9)
         assert np.all(plans[k, :, size:] == 0.0)
+
+
+def test_batched_problems_stop_where_their_separate_solves_stop():
+    # at the default tolerance the three problems need different iteration counts; each keeps
+    # the potentials of its own last iteration, so the batch equals the separate solves exactly
+    rng = np.random.default_rng(33)
+    n, sizes, highs = 120, [40, 25, 10], [1.0, 4.0, 12.0]
+    m = max(sizes)
+    a = rng.uniform(0.5, 2, n)
+    costs, bs = np.zeros((3, n, m)), np.zeros((3, m))
+    for k, (size, high) in enumerate(zip(sizes, highs, strict=True)):
+        costs[k, :, :size] = rng.uniform(0, high, (n, size))
+        bs[k, :size] = rng.uniform(0.5, 2, size)
+    res = unbalanced_sinkhorn_batched(a, bs, costs, 0.5, 1.0, 100.0)
+    singles = [unbalanced_sinkhorn(a, bs[k, :size], costs[k, :, :size], 0.5, 1.0, 100.0)
+               for k, size in enumerate(sizes)]
+    assert len({s.n_iter for s in singles}) == 3 and res.n_iter == max(s.n_iter for s in singles)
+    assert res.converged.all()
+    for k, (size, single) in enumerate(zip(sizes, singles, strict=True)):
+        np.testing.assert_allclose(res.f[k], single.f, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(res.g[k, :size], single.g, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(res.log_row_mass[k], single.log_row_mass, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(res.log_col_mass[k, :size], single.log_col_mass, rtol=0, atol=1e-12)
+        assert res.objective[k] == pytest.approx(single.objective, rel=1e-13)
 
 
 def test_batched_rejects_a_problem_with_only_padding():
