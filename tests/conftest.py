@@ -14,6 +14,7 @@ import pytest
 import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")  # figures are written to files, never shown
 torch.set_num_threads(1)
 
 

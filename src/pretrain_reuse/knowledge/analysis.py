@@ -34,8 +34,9 @@ from ..embed import preprocessed
 from ..errors import PretrainReuseError
 from ..finetune.evaluate import predict
 from ..models import Backbone
-from .explain import ExplainConfig, choose_samples, explain, explainable
+from .explain import SHOWN, ExplainConfig, choose_samples, display_samples, explain, explainable
 from .metrics import knowledge_convergence, knowledge_report
+from .plots import salient_figure, save_knowledge_plots, save_png
 from .recovery import ground_truth_recovery, rule_game
 from .values import Interactions
 
@@ -142,6 +143,12 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     summary["meta"] = make_meta("knowledge.analyze", {**asdict(cfg), "tau": tau, "match": match},
                                 seed=cfg.seed)
     write_json(out / "knowledge.json", summary)
+    save_knowledge_plots(summary, out)
+    if cfg.players != "tokens":  # the fine-tuned model's preserved knowledge over the images
+        shown = explained["finetuned"][:SHOWN]
+        save_png(salient_figure(display_samples(models["finetuned"], dataset, shown, cfg),
+                                tau=tau, among=explained["pretrained"][:SHOWN]),
+                 out / "preserved.png")
     return summary
 
 

@@ -39,6 +39,7 @@ from .games import (
     masked_game,
     resize_players,
 )
+from .plots import salient_figure, save_png
 from .sparsify import and_interactions, and_or_interactions
 from .text import (
     TEXT_BASELINES,
@@ -260,7 +261,29 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
         if folder is not None:
             res.save(folder / f"interactions-{k:04d}.safetensors")
         out_list.append(res)
+    if folder is not None and cfg.players != "tokens" and out_list:
+        save_png(salient_figure(display_samples(model, dataset, out_list[:SHOWN], cfg)),
+                 folder / "salient.png")
     return out_list
+
+
+#: Samples drawn in ``salient.png``.
+SHOWN = 6
+
+
+def display_samples(model: Backbone, dataset: ImageDataset, xs: list[Interactions],
+                    cfg: ExplainConfig) -> list[tuple[np.ndarray, np.ndarray, Interactions]]:
+    """(image as the model sees it, in [0, 1], HWC; player masks; interactions) per sample."""
+    data = preprocessed(dataset, model.preprocess)
+    size = tuple(model.spec.input_size)
+    mean = torch.tensor(model.spec.mean).view(-1, 1, 1)
+    std = torch.tensor(model.spec.std).view(-1, 1, 1)
+    out = []
+    for x in xs:
+        i = int(x.info["index"])
+        image = (data.load(i) * std + mean).permute(1, 2, 0).numpy()
+        out.append((image, sample_players(dataset, i, cfg, size).masks, x))
+    return out
 
 
 def _check_memory(samples: int, n: int, decomposition: str) -> None:

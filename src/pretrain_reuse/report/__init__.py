@@ -196,37 +196,20 @@ def _knowledge_section(run: Path, scenario: dict) -> str:
     parts = [f"<p>Interactions of each model's log-odds between the {k['samples']['n']} samples' "
              f"players (here: {_players_text(scenario['players'])}), on samples every model classifies "
              "correctly. Knowledge = salient interactions (|I| > 5% of the sample's largest).</p>"]
-    fig, ax = plt.subplots(figsize=(5.2, 3.2))
-    for role, hist in k["strength_by_order"].items():
-        ax.plot(range(1, len(hist) + 1), hist, marker="o", label=role)
-    ax.set_xlabel("interaction order |S|")
-    ax.set_ylabel("share of Σ|I|")
-    ax.legend()
-    ax.set_title("Interaction strength by order")
-    parts.append(_figure(fig, "Normalised strength of interactions per order, mean over samples.",
-                         "strength by order"))
-    names = [n for n in ("preserve", "discard", "new", "exclusive") if n in overall]
-    fig, ax = plt.subplots(figsize=(5.2, 3.2))
-    means = [overall[n]["mean"] for n in names]
-    stds = [overall[n]["std"] or 0.0 for n in names]
-    ax.bar(names, means, yerr=stds, color=["C2", "C3", "C0", "C4"][:len(names)], capsize=4)
-    ax.set_ylim(0, 1)
-    ax.set_title("Knowledge ratios (mean ± std over samples)")
-    parts.append(_figure(fig, "preserve = |Ω_pre ∩ Ω_ft| / |Ω_pre|; discard = 1 - preserve; new = "
-                         "|Ω_ft \\ Ω_pre| / |Ω_ft|; exclusive = share of preserved knowledge the "
-                         "scratch model lacks.", "knowledge ratios"))
+    from ..knowledge.plots import plot_convergence, plot_ratios, plot_strength_by_order
+
+    figures = [(plot_strength_by_order, "Normalised strength of interactions per order, mean over "
+                "samples.", "strength by order"),
+               (plot_ratios, "preserve = |Ω_pre ∩ Ω_ft| / |Ω_pre|; discard = 1 - preserve; new = "
+                "|Ω_ft \\ Ω_pre| / |Ω_ft|; exclusive = share of preserved knowledge the scratch "
+                "model lacks.", "knowledge ratios")]
     if "convergence" in k:
-        conv = k["convergence"]
+        figures.append((plot_convergence, "Similarity of each snapshot's knowledge to the final "
+                        "model's, and the share of it the final model drops.", "convergence"))
+    for draw, caption, alt in figures:
         fig, ax = plt.subplots(figsize=(5.2, 3.2))
-        ax.plot(range(1, len(conv["similarity"]) + 1), conv["similarity"], marker="o",
-                label="IoU with final knowledge")
-        ax.plot(range(1, len(conv["detour"]) + 1), conv["detour"], marker="s", label="detour")
-        ax.set_xlabel("fine-tuning snapshot")
-        ax.set_ylim(0, 1.05)
-        ax.legend()
-        ax.set_title("Convergence of knowledge (cf. Fig. 4)")
-        parts.append(_figure(fig, "Similarity of each snapshot's knowledge to the final model's, "
-                             "and the share of it the final model drops.", "convergence"))
+        draw(k, ax)
+        parts.append(_figure(fig, caption, alt))
     parts.append(_overlays(run, scenario))
     rows = [[n, f"{overall[n]['mean']:.3f}", f"{overall[n]['std'] or 0:.3f}", overall[n].get("n_used", "")]
             for n in overall]
@@ -281,43 +264,27 @@ def _players_text(players: str) -> str:
     return "the world's 3x3 part slots" if players == "parts" else f"a {players[5:]} grid of patches"
 
 
-def _overlays(run: Path, scenario: dict, samples: int = 4, top: int = 3) -> str:
+def _overlays(run: Path, scenario: dict, samples: int = 4) -> str:
     """Sample images with the fine-tuned model's strongest preserved interactions drawn as the
     outlines of their players."""
     from ..data.catalog import open_dataset
     from ..knowledge.explain import ExplainConfig, sample_players
+    from ..knowledge.plots import salient_figure
     from ..knowledge.values import Interactions
 
-    plt = _plt()
     files = sorted((run / "knowledge" / "finetuned").glob("interactions-*.safetensors"))[:samples]
     pre_files = sorted((run / "knowledge" / "pretrained").glob("interactions-*.safetensors"))
     if not files:
         return ""
     test = open_dataset(scenario["target"], split="test")
     cfg = ExplainConfig(players=scenario["players"])
-    fig, axes = plt.subplots(1, len(files), figsize=(2.6 * len(files), 2.9))
-    axes = np.atleast_1d(axes)
-    for ax, f, pf in zip(axes, files, pre_files, strict=False):
-        x, xp = Interactions.load(f), Interactions.load(pf)
+    shown = []
+    for f in files:
+        x = Interactions.load(f)
         image = test.load(x.info["index"])
-        players = sample_players(test, x.info["index"], cfg, tuple(image.shape[-2:]))
-        ax.imshow(image.permute(1, 2, 0).numpy())
-        common = {key: val for key, val in x.salient(0.05).items() if key in xp.salient(0.05)}
-        best = sorted(common.items(), key=lambda kv: -abs(kv[1]))[:top]
-        for rank, ((kind, mask), val) in enumerate(best):
-            colour = f"C{rank}"
-            for p in range(x.n):
-                if mask >> p & 1:  # the player's bounding box, inset by rank to keep outlines apart
-                    rows, cols = np.nonzero(players.masks[p])
-                    y0, x0, y1, x1 = rows.min(), cols.min(), rows.max() + 1, cols.max() + 1
-                    inset = 0.5 * rank
-                    ax.add_patch(plt.Rectangle((x0 - .5 + inset, y0 - .5 + inset),
-                                               x1 - x0 - 2 * inset, y1 - y0 - 2 * inset,
-                                               fill=False, lw=2, edgecolor=colour))
-            ax.plot([], [], color=colour, label=f"{kind} {val:+.2f}")
-        ax.set_title(x.info["class"], fontsize=8)
-        ax.legend(fontsize=6, loc="lower left", framealpha=0.7)
-        ax.axis("off")
+        masks = sample_players(test, x.info["index"], cfg, tuple(image.shape[-2:])).masks
+        shown.append((image.permute(1, 2, 0).numpy(), masks, x))
+    fig = salient_figure(shown, among=[Interactions.load(p) for p in pre_files[:len(files)]])
     return _figure(fig, "The strongest preserved interactions of the fine-tuned model: outlined "
                    "player cells of each interaction (colour = interaction, legend = type and "
                    "effect on the log-odds).", "salient interactions")

@@ -1,0 +1,118 @@
+"""Figures of the knowledge analysis, shared by ``explain`` / ``knowledge`` (PNG files next to
+their JSON) and the HTML report: interaction strength by order, the knowledge ratios, the
+convergence curves, and salient interactions drawn as outlined players over the images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..artifacts import atomic_path
+from .values import Interactions
+
+RATIO_COLOURS = {"preserve": "C2", "discard": "C3", "new": "C0", "exclusive": "C4"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_strength_by_order(summary: dict[str, Any], ax) -> None:
+    """Share of Σ|I| per interaction order, one line per model (``knowledge.json``)."""
+    for role, hist in summary["strength_by_order"].items():
+        ax.plot(range(1, len(hist) + 1), hist, marker="o", label=role)
+    ax.set_xlabel("interaction order |S|")
+    ax.set_ylabel("share of Σ|I|")
+    ax.legend()
+    ax.set_title("Interaction strength by order")
+
+
+def plot_ratios(summary: dict[str, Any], ax) -> None:
+    """Preserved / discarded / new / exclusive knowledge, mean ± std over samples."""
+    overall = summary["report"]["overall"]
+    names = [n for n in RATIO_COLOURS if n in overall]
+    ax.bar(names, [overall[n]["mean"] for n in names],
+           yerr=[overall[n]["std"] or 0.0 for n in names],
+           color=[RATIO_COLOURS[n] for n in names], capsize=4)
+    ax.set_ylim(0, 1)
+    ax.set_title("Knowledge ratios (mean ± std over samples)")
+
+
+def plot_convergence(summary: dict[str, Any], ax) -> None:
+    """IoU of each fine-tuning snapshot's knowledge with the final model's, and the detour."""
+    conv = summary["convergence"]
+    ax.plot(range(1, len(conv["similarity"]) + 1), conv["similarity"], marker="o",
+            label="IoU with final knowledge")
+    ax.plot(range(1, len(conv["detour"]) + 1), conv["detour"], marker="s", label="detour")
+    ax.set_xlabel("fine-tuning snapshot")
+    ax.set_ylim(0, 1.05)
+    ax.legend()
+    ax.set_title("Convergence of knowledge (cf. Fig. 4)")
+
+
+def draw_salient(ax, image: np.ndarray, masks: np.ndarray, x: Interactions, *, tau: float = 0.05,
+                 top: int = 3, among: Interactions | None = None) -> None:
+    """``image`` (H, W, C in [0, 1]) with the ``top`` strongest salient interactions of ``x``
+    outlined: each player of an interaction as the bounding box of its mask (H, W), one colour
+    per interaction, inset by rank so that shared players stay visible. ``among``: only
+    interactions also salient there (e.g. the pre-trained model: preserved knowledge)."""
+    salient = x.salient(tau)
+    if among is not None:
+        keep = among.salient(tau)
+        salient = {key: v for key, v in salient.items() if key in keep}
+    ax.imshow(np.clip(image, 0, 1), cmap="gray" if image.shape[-1] == 1 else None)
+    for rank, ((kind, mask), value) in enumerate(sorted(salient.items(), key=lambda kv: -abs(kv[1]))[:top]):
+        colour, inset = f"C{rank}", 0.5 * rank
+        for p in range(x.n):
+            if mask >> p & 1:
+                rows, cols = np.nonzero(masks[p])
+                y0, x0, y1, x1 = rows.min(), cols.min(), rows.max() + 1, cols.max() + 1
+                ax.add_patch(_plt().Rectangle((x0 - .5 + inset, y0 - .5 + inset),
+                                              x1 - x0 - 2 * inset, y1 - y0 - 2 * inset,
+                                              fill=False, lw=2, edgecolor=colour))
+        ax.plot([], [], color=colour, label=f"{kind} {value:+.2f}")
+    ax.set_title(str(x.info.get("class", "")), fontsize=8)
+    if salient:
+        ax.legend(fontsize=6, loc="lower left", framealpha=0.7)
+    ax.axis("off")
+
+
+def salient_figure(samples: list[tuple[np.ndarray, np.ndarray, Interactions]], *, tau: float = 0.05,
+                   top: int = 3, among: list[Interactions] | None = None):
+    """One panel per (image, player masks, interactions) sample (see :func:`draw_salient`)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(samples), figsize=(2.6 * len(samples), 2.9), squeeze=False)
+    for k, (ax, (image, masks, x)) in enumerate(zip(axes[0], samples, strict=True)):
+        draw_salient(ax, image, masks, x, tau=tau, top=top,
+                     among=None if among is None else among[k])
+    fig.tight_layout()
+    return fig
+
+
+def save_png(fig, path: str | Path) -> Path:
+    """Write a figure atomically and close it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    return Path(path)
+
+
+def save_knowledge_plots(summary: dict[str, Any], out: str | Path) -> list[Path]:
+    """``strength_by_order.png``, ``ratios.png`` and (with snapshots) ``convergence.png``."""
+    plt = _plt()
+    written = []
+    for name, draw in (("strength_by_order", plot_strength_by_order), ("ratios", plot_ratios),
+                       ("convergence", plot_convergence)):
+        if name == "convergence" and "convergence" not in summary:
+            continue
+        fig, ax = plt.subplots(figsize=(5.2, 3.2))
+        draw(summary, ax)
+        written.append(save_png(fig, Path(out) / f"{name}.png"))
+    return written

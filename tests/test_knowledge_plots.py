@@ -1,0 +1,61 @@
+"""Figures of the knowledge analysis: the outlined players are exactly those of the strongest
+salient interactions, and the CLI writes its figures next to the JSON."""
+
+import json
+
+import matplotlib.pyplot as plt
+import numpy as np
+from PIL import Image
+
+from pretrain_reuse.cli import main
+from pretrain_reuse.knowledge import harsanyi_and
+from pretrain_reuse.knowledge.games import grid_players
+from pretrain_reuse.knowledge.plots import draw_salient
+from pretrain_reuse.knowledge.values import Interactions
+from test_knowledge_cli import _classifier
+
+
+def _planted(n: int, terms: dict[int, float]) -> Interactions:
+    """A game that is a sum of AND terms: its interactions are exactly ``terms``."""
+    v = np.zeros(2**n)
+    for s in range(2**n):
+        v[s] = sum(value for t, value in terms.items() if s & t == t)
+    return Interactions(n=n, and_values=harsanyi_and(v), or_values=np.zeros(2**n), v=v,
+                        noise=np.zeros(2**n), kind="and", info={"class": "c"})
+
+
+def test_outlines_are_the_players_of_the_top_salient_interactions():
+    players = grid_players((12, 12), (2, 2))  # 4 cells of 6x6
+    # {0,1} strongest, then {3}, then {1,2}; {2} is below 5% of the largest (not salient)
+    x = _planted(4, {0b0011: 4.0, 0b1000: -2.0, 0b0110: 1.5, 0b0100: 0.1})
+    _, ax = plt.subplots()
+    draw_salient(ax, np.zeros((12, 12, 3)), players.masks, x, top=2)
+    boxes = [(p.get_x(), p.get_y(), p.get_width(), p.get_height()) for p in ax.patches]
+    cell = {0: (-0.5, -0.5), 1: (5.5, -0.5), 2: (-0.5, 5.5), 3: (5.5, 5.5)}  # (x0, y0) of each cell
+    expected = [(*cell[0], 6, 6), (*cell[1], 6, 6),  # rank 0: {0, 1}, no inset
+                (cell[3][0] + 0.5, cell[3][1] + 0.5, 5, 5)]  # rank 1: {3}, inset by half a pixel
+    assert boxes == expected
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["and +4.00", "and -2.00"]
+    # only interactions also salient in another model: {0,1} is dropped there
+    other = _planted(4, {0b1000: 1.0, 0b0110: 1.0})
+    _, ax = plt.subplots()
+    draw_salient(ax, np.zeros((12, 12, 3)), players.masks, x, top=2, among=other)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["and -2.00", "and +1.50"]
+    plt.close("all")
+
+
+def test_explain_and_knowledge_write_their_figures(tmp_path, capsys):
+    same = _classifier(tmp_path / "m.safetensors", 10)
+    assert main(["explain", "--model", "smallcnn-s", "--weights", str(same), "--data",
+                 "synthetic:target", "--players", "grid:2x2", "--samples", "2", "--quiet",
+                 "--out", str(tmp_path / "x")]) == 0
+    with Image.open(tmp_path / "x" / "salient.png") as im:
+        assert im.width > 200 and im.height > 100
+    assert main(["knowledge", "--model", "smallcnn-s", "--pretrained", str(same), "--finetuned",
+                 str(same), "--data", "synthetic:target", "--players", "grid:2x2", "--samples",
+                 "2", "--quiet", "--out", str(tmp_path / "k")]) == 0
+    assert json.loads((tmp_path / "k" / "knowledge.json").read_text())["samples"]["n"] == 2
+    for name in ("strength_by_order", "ratios", "preserved"):
+        with Image.open(tmp_path / "k" / f"{name}.png") as im:
+            assert im.width > 200, name
+    capsys.readouterr()
