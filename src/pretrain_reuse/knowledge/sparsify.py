@@ -152,9 +152,9 @@ def and_or_interactions(v, *, qthres: float = 0.04, tol: float = 1e-2,
             agree equally well with the exact LP's, because the optimum is not unique (the LP
             has a face of optimal solutions), so a smaller gap does not pin the salient set down.
         max_iter: iteration cap; ``meta["converged"]`` says whether tol was reached. The default
-            2,000 iterations take a seventh (n = 10) to a third (n = 12) of the time of the SGD
-            protocol's 10,000 steps and match its objective within the first 100 (60 at n = 12:
-            100-200x faster than SGD; benchmarks/knowledge.py). The certificate lags the
+            2,000 iterations take a third or less of the time of the SGD protocol's 10,000 steps
+            and match its objective within the first 100 (94 at n = 10, 60 at n = 12: 70-240x
+            less time than SGD in benchmarks/knowledge.py). The certificate lags the
             objective: on the benchmark's planted games (n = 10, noise 0.05) 2,000 iterations end
             0.7% above the exact optimum on average while the certified gap still reads up to
             16%; noisy games with a small v(N) - v(∅) (dense optima) need 10,000+ iterations to
