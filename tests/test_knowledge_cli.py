@@ -10,6 +10,7 @@ from pretrain_reuse import load
 from pretrain_reuse.cli import main
 from pretrain_reuse.data import open_dataset
 from pretrain_reuse.knowledge import harsanyi_and
+from pretrain_reuse.knowledge.interactions import reconstruct_and, reconstruct_or
 from pretrain_reuse.models import create_backbone, save_backbone
 
 
@@ -166,3 +167,32 @@ def test_weights_of_another_architecture_are_a_user_error(tmp_path, capsys):
                       "--finetuned", small, "--checkpoints", tmp_path / "snaps", "--data",
                       "synthetic:target", "--quiet", "--out", tmp_path / "k")
     assert rc == 2 and err.count("\n") == 1 and "does not fit smallcnn-s" in err
+
+
+def test_joint_decomposition_gives_identical_models_one_split(quick_demo, tmp_path, capsys):
+    # the demo's linear probe and fine-tuned model, and the fine-tuned one again as scratch:
+    # sparsified together, the identical games of "finetuned" and "scratch" get the same AND/OR
+    # split, and every role's interactions reproduce its game up to the bounded noise
+    demo, _, _ = quick_demo
+    a = demo / "finetune" / "linear-probe-seed0" / "model.safetensors"
+    b = demo / "finetune" / "vanilla-seed0" / "model.safetensors"
+    rc, out, _ = _run(capsys, "knowledge", "--model", "smallcnn", "--pretrained", a,
+                      "--finetuned", b, "--scratch", b, "--data", "synthetic:target",
+                      "--players", "parts", "--samples", 2, "--decomposition", "joint-and-or",
+                      "--quiet", "--out", tmp_path / "k")
+    assert rc == 0, out
+    ft = [load(p) for p in sorted((tmp_path / "k" / "finetuned").glob("interactions-*"))]
+    sc = [load(p) for p in sorted((tmp_path / "k" / "scratch").glob("interactions-*"))]
+    pre = [load(p) for p in sorted((tmp_path / "k" / "pretrained").glob("interactions-*"))]
+    assert len(ft) == len(sc) == len(pre) == 2
+    for x, y in zip(ft, sc, strict=True):
+        np.testing.assert_allclose(x.and_values, y.and_values, atol=1e-6)
+        np.testing.assert_allclose(x.or_values, y.or_values, atol=1e-6)
+    for x, y in zip(ft, pre, strict=True):  # one joint problem per sample, over the three models
+        assert x.meta["loss"] == y.meta["loss"] and (x.meta["model"], y.meta["model"]) == (1, 0)
+    for x in ft + pre:
+        assert x.kind == "and-or"
+        rebuilt = reconstruct_and(x.and_values) + reconstruct_or(x.or_values)
+        np.testing.assert_allclose(rebuilt, x.v + x.noise, atol=1e-8)
+    k = json.loads((tmp_path / "k" / "knowledge.json").read_text())
+    assert k["report"]["overall"]["exclusive"]["mean"] == 0.0  # scratch knows all of it

@@ -5,6 +5,7 @@ import json
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pytest
 from PIL import Image
 
 from pretrain_reuse.cli import main
@@ -59,3 +60,24 @@ def test_explain_and_knowledge_write_their_figures(tmp_path, capsys):
         with Image.open(tmp_path / "k" / f"{name}.png") as im:
             assert im.width > 200, name
     capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_explained_on_a_real_photo_matches_shapiq(tmp_path, capsys):
+    """A model nobody here trained (ImageNet EfficientNet-Lite0) on a real photo with 10 grid
+    players: the CLI reports the faithfulness error and draws the salient interactions, and its
+    interactions equal shapiq's exact Moebius values of the same game (about a minute on 2 cores)."""
+    shapiq = pytest.importorskip("shapiq")
+    from test_knowledge_interactions import shapiq_game, shapiq_to_bitmask
+    from test_models import _skip_unless_available
+
+    _skip_unless_available("efficientnet-lite0")
+    assert main(["explain", "--model", "efficientnet-lite0", "--data", "imagenet-samples",
+                 "--players", "grid:4x4", "--n", "10", "--samples", "1", "--quiet", "--out",
+                 str(tmp_path / "x")]) == 0
+    assert "faithfulness error of the salient interactions" in capsys.readouterr().out
+    x = Interactions.load(tmp_path / "x" / "interactions-0000.safetensors")
+    exact = shapiq.ExactComputer(shapiq_game(x.v, 10), n_players=10)("Moebius")
+    np.testing.assert_allclose(x.and_values, shapiq_to_bitmask(exact, 10), atol=1e-9)
+    with Image.open(tmp_path / "x" / "salient.png") as im:
+        assert im.width > 150

@@ -357,7 +357,8 @@ def _add_explain_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline-radius", type=float, default=0.5,
                    help="learned baseline: max distance from its start (data std units)")
     p.add_argument("--output", default="log-odds", help="log-odds | log-odds-clipped | logit")
-    p.add_argument("--decomposition", default="and", help="and (Harsanyi) | and-or (sparsified)")
+    p.add_argument("--decomposition", default="and", help="and (Harsanyi) | and-or (sparsified) | "
+                   "joint-and-or (knowledge: the models sparsified together)")
     p.add_argument("--qthres", type=float, help="noise bound, relative to |v(N)-v(0)|")
     p.add_argument("--samples", type=int, default=20)
     p.add_argument("--tau", type=float, default=0.05, help="salience threshold (0.05)")

@@ -20,7 +20,7 @@ definitions of ``methods/knowledge.md``):
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from .explain import SHOWN, ExplainConfig, choose_samples, display_samples, expl
 from .metrics import knowledge_convergence, knowledge_report
 from .plots import salient_figure, save_knowledge_plots, save_png
 from .recovery import ground_truth_recovery, rule_game
+from .sparsify import joint_and_or_interactions
 from .values import Interactions
 
 ROLES = ("pretrained", "finetuned", "scratch")
@@ -124,6 +125,8 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     indices = choose_samples(dataset, cfg.samples, cfg.seed, keep=correct)
     explained = {role: explain(m, dataset, indices, cfg, out / role, role=role, progress=progress)
                  for role, m in models.items()}
+    if cfg.decomposition == "joint-and-or":
+        explained = _joint(explained, cfg.noise_bound, out)
     report = knowledge_report(explained["pretrained"], explained["finetuned"],
                               explained.get("scratch"), tau=tau, match=match)
     summary: dict[str, Any] = {
@@ -159,6 +162,22 @@ def _ground_truth(dataset, indices: np.ndarray, explained: dict[str, list[Intera
     truths = [rule_game(dataset.scene(int(i)).term_slots, n) for i in indices]
     return {role: ground_truth_recovery(xs, truths, tau=tau).to_dict()
             for role, xs in explained.items()}
+
+
+def _joint(explained: dict[str, list[Interactions]], qthres: float,
+           out: Path) -> dict[str, list[Interactions]]:
+    """The roles' games decomposed together (one AND/OR split for a shared effect), saved over
+    each role's independent decomposition."""
+    roles = list(explained)
+    games = np.stack([[x.v for x in explained[r]] for r in roles])
+    joint = joint_and_or_interactions(games, qthres=qthres)
+    result = {}
+    for k, role in enumerate(roles):
+        result[role] = [replace(j, info=x.info, meta={**x.meta, **j.meta})
+                        for j, x in zip(joint[k], explained[role], strict=True)]
+        for i, x in enumerate(result[role]):
+            x.save(out / role / f"interactions-{i:04d}.safetensors")
+    return result
 
 
 def _faithfulness(xs: list[Interactions], tau: float) -> dict[str, float]:

@@ -52,13 +52,15 @@ from .text import (
 )
 from .values import Interactions
 
-DECOMPOSITIONS = ("and", "and-or")
+#: "joint-and-or": in ``knowledge``, the models' AND-OR interactions are sparsified together
+#: (:func:`~.sparsify.joint_and_or_interactions`); for one model it is "and-or".
+DECOMPOSITIONS = ("and", "and-or", "joint-and-or")
 #: Most players an explanation takes: 2^20 = 1,048,576 model evaluations per sample and model
 #: (the cost is exponential in n; the group uses 8-12) and 8 MiB per stored game.
 MAX_EXPLAIN_PLAYERS = 20
 #: float64 arrays of 2^n values held per sample: the game, the four arrays of its Interactions
 #: and the transform's working arrays (more for the AND-OR sparsification).
-_ARRAYS_PER_SAMPLE = {"and": 8, "and-or": 16}
+_ARRAYS_PER_SAMPLE = {"and": 8, "and-or": 16, "joint-and-or": 16}
 #: Token players per sentence when ``n`` is not given (Chen et al., ICLR 2024).
 TEXT_PLAYERS = 10
 
@@ -75,7 +77,9 @@ class ExplainConfig:
     world, the ground-truth players) or ``"tokens"`` (``n`` token positions of each sentence, 10 by
     default, drawn by the rule of :func:`~.text.token_players`; text classifiers). ``qthres``:
     bound of the noise the sparsification may remove, relative to |v(N) - v(∅)|; None = 0 for
-    ``and`` (the exact Harsanyi transform) and 0.04 for ``and-or`` (the group's setting).
+    ``and`` (the exact Harsanyi transform) and 0.04 for the AND-OR decompositions (the group's
+    setting); ``joint-and-or`` sparsifies the compared models of ``knowledge`` together, so the
+    same effect gets the same AND/OR split in every model (method note §2, Chen et al. 2024).
 
     ``baseline``: for images ``zero`` (default), ``mean``, ``blur`` or ``learned``; for tokens
     ``mask`` (default: absent tokens become [MASK]), ``pad`` or ``learned`` (an embedding).
