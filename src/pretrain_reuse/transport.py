@@ -20,7 +20,6 @@ nothing is exponentiated where it underflows: costs up to ``2/eps_c = 2000`` in 
 from __future__ import annotations
 
 import math
-import mmap
 from dataclasses import dataclass
 from typing import Any
 
@@ -314,22 +313,6 @@ def _lam(tau: float, eps: float) -> float:
     return 1.0 if math.isinf(tau) else tau / (tau + eps)
 
 
-def _kernel_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Uninitialised tensor for the kernel, on CPU backed by transparent huge pages where possible.
-
-    Filling a fresh 4 KiB-paged buffer costs one page fault per 4 KiB; under virtualisation that is
-    ~3 us each, a quarter of a 20000x1000 float32 solve. With 2 MiB pages it is ~6x cheaper, and
-    the GEMVs miss the TLB less. ``MADV_HUGEPAGE`` is only a hint (Linux); elsewhere torch.empty.
-    """
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    nbytes = math.prod(shape) * dtype.itemsize
-    if device.type != "cpu" or advice is None or nbytes < (1 << 21):
-        return torch.empty(shape, dtype=dtype, device=device)
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    buf.madvise(advice)
-    return torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor keeps `buf` alive
-
-
 class _RowLSE:
     r"""``LSE_i[h_i - C_ji/eps]`` for every row j, for changing h, via a re-centred kernel.
 
@@ -349,7 +332,7 @@ class _RowLSE:
         bsz, n, m = cost.shape
         self.h0 = None
         self.r = torch.empty(bsz, n, dtype=dtype, device=cost.device)
-        self.kernel = _kernel_buffer((bsz, n, m), dtype, cost.device)
+        self.kernel = torch.empty(bsz, n, m, dtype=dtype, device=cost.device)
 
     def _recentre(self, h: torch.Tensor) -> torch.Tensor:
         """Rebuild the kernel around ``h``; returns the LSE at ``h`` (the kernel's row sums)."""
