@@ -243,8 +243,10 @@ def unbalanced_sinkhorn_batched(
             weight 0 (a padded column receives no mass and its potential is 0).
         cost: (B, n, m) costs (padded columns may hold any finite value).
 
-    The problems are solved together (batched GEMVs); iteration stops when all have converged.
-    Every field of the result has a leading dimension ``B``; ``converged`` is a (B,) bool array.
+    The problems are solved together (batched GEMVs); iteration stops when all have converged,
+    and each problem keeps the potentials of the iteration at which it converged, so the result
+    is that of separate solves. Every field of the result has a leading dimension ``B``;
+    ``converged`` is a (B,) bool array and ``n_iter`` the largest iteration count.
     """
     cost_t, to_user = _to_tensor(cost)
     a_t, b_t = _to_tensor(a)[0], _to_tensor(b)[0]
