@@ -10,13 +10,16 @@ size, so no resize is needed):
 - a bare loop on the same model and optimiser (SGD, Nesterov, the same parameter groups): fixed
   pre-stacked, normalised batches, ``zero_grad``, forward, cross-entropy, ``backward``, ``step``:
   the cost of the model alone. Training-loop images/s over bare images/s is what the loop keeps
-  (goal: >= 85 %). The loop is timed with its default augmentation (kornia RandomResizedCrop +
-  flip on the device) and with ``augment="none"`` (centre crop only), to show what the
-  augmentation costs.
+  (goal: >= 85 %). The loop is timed with its default augmentation (RandomResizedCrop + flip,
+  batched on the device, :mod:`pretrain_reuse.finetune.augment`) and with ``augment="none"``
+  (centre crop only), to show what the augmentation costs.
 
-Medians over the timed steps (after warm-up steps). Run by hand, not in CI:
+All runs are interleaved over rounds, so that load changes hit all alike. Each run's time is the
+median over its timed steps (after warm-up steps) within a round, and the best (smallest) such
+median over the rounds: on a shared machine, the round least disturbed by other processes. Run by
+hand, not in CI:
 
-    .venv/bin/python benchmarks/finetune.py --models smallcnn-s smallcnn --batch-size 64
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/finetune.py --models smallcnn-s smallcnn --repeats 5
 """
 
 from __future__ import annotations
@@ -121,14 +124,14 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings "
                    "on a shared machine)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of all runs")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds of all runs")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"batch {args.batch_size} (+ {args.batch_size} source images for reuse), "
           f"{args.steps} timed steps after {args.warmup}, x {args.repeats} rounds (after a "
-          f"warm-up round), median s/step; torch threads {args.threads}, cpus {os.cpu_count()}, "
-          "load "
+          f"warm-up round), s/step: the best round's median; torch threads "
+          f"{args.threads}, cpus {os.cpu_count()}, load "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     header = (f"{'model':<12} {'input':>6} {'vanilla s/step':>14} {'reuse s/step':>12} "
               f"{'reuse/vanilla':>13} {'bare r/v':>8} | {'loop img/s':>10} {'no-aug img/s':>12} "
@@ -152,15 +155,15 @@ def main() -> None:
                     "bare_r_cl": (time_bare, "reuse", "channels_last"),
                     "bare_v_c": (time_bare, "vanilla", "contiguous"),
                     "bare_r_c": (time_bare, "reuse", "contiguous")}
-            times: dict[str, list[float]] = {k: [] for k in runs}
+            times: dict[str, list[float]] = {k: [] for k in runs}  # per-round medians
             # interleaved rounds, so that load changes hit all alike; round 0 only warms up
             for r in range(args.repeats + 1):
                 for key, (fn, mode, variant) in runs.items():
                     t = fn(name, mode, variant, data, args,
                            work / f"{name.replace(':', '_')}-{key}-{r}")
                     if r:
-                        times[key] += t
-            med = {k: statistics.median(v) for k, v in times.items()}
+                        times[key].append(statistics.median(t))
+            med = {k: min(v) for k, v in times.items()}
             vanilla, reuse, no_aug = med["vanilla"], med["reuse"], med["no_aug"]
             # the anchor is the faster plain loop of the two memory layouts
             layout = "cl" if med["bare_v_cl"] <= med["bare_v_c"] else "c"
