@@ -40,15 +40,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from .artifacts import atomic_path, make_meta, read_json, to_json, write_json
 from .data.catalog import DATASETS
 from .data.datasets import ImageDataset
 from .embed import EmbedConfig, embed
-from .errors import PretrainReuseError, check_choice, check_file
+from .errors import PretrainReuseError, check_choice
 from .features import FeatureStore
 from .finetune import FinetuneConfig, RunResult, finetune_datasets, load_config, open_split
+from .finetune.config import config_values
 from .selection import SelectConfig, Selection, select
 from .units import Units, class_means, spherical_kmeans
 
@@ -146,17 +146,7 @@ class ExperimentConfig:
 
 def load_experiment_config(path: str | Path | None = None, **overrides: Any) -> ExperimentConfig:
     """An :class:`ExperimentConfig` from a YAML file with ``overrides`` (None = unset) on top."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        p = check_file("--config", path)
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise PretrainReuseError(f"--config {str(p)!r} is not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise PretrainReuseError(f"--config {str(p)!r} must hold a mapping of field: value")
-        values.update(loaded)
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    values = config_values(path, overrides)
     known = {f.name for f in fields(ExperimentConfig)}
     for key in values:
         check_choice("experiment config key", key, sorted(known))

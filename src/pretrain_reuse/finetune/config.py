@@ -114,8 +114,9 @@ class FinetuneConfig:
         return asdict(self)
 
 
-def load_config(path: str | Path | None = None, **overrides: Any) -> FinetuneConfig:
-    """A config from a YAML file (optional) with ``overrides`` on top; unknown keys are errors."""
+def config_values(path: str | Path | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The field: value mapping of a YAML ``--config`` file (optional) with the ``overrides``
+    that are not None on top (a CLI flag left unset keeps the file's value)."""
     values: dict[str, Any] = {}
     if path is not None:
         p = check_file("--config", path)
@@ -127,6 +128,12 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> FinetuneCon
             raise PretrainReuseError(f"--config {str(p)!r} must hold a mapping of field: value")
         values.update(loaded)
     values.update({k: v for k, v in overrides.items() if v is not None})
+    return values
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> FinetuneConfig:
+    """A config from a YAML file (optional) with ``overrides`` on top; unknown keys are errors."""
+    values = config_values(path, overrides)
     known = {f.name for f in fields(FinetuneConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
