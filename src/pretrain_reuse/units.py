@@ -213,10 +213,12 @@ def spherical_kmeans(store: FeatureStore, k: int, *, n_iter: int = 20, n_init: i
     decreases) and the centroids improve several times per pass, not once as in batch Lloyd
     (faiss, scikit-learn). Only passes 1, 3, 9, 27, ... compare every sample with all k centroids;
     the others compare it with its 16 most similar centroids of the last such pass, at a small
-    fraction of the cost. Training stops early when a full pass moves no sample (a fixed point of
-    Lloyd too). An emptied cluster is re-seeded next to the largest one (as faiss does). Initial
-    centroids are ``k`` distinct samples drawn with ``seed``. Runs in float32 (cluster sums in
-    float64) on the CPU (BLAS and faiss kernels, multi-threaded) or on the CUDA GPU.
+    fraction of the cost. On 200k x 128 features with K = 2000, 20 passes reach a higher objective
+    than 20 iterations of scikit-learn's Lloyd, 2-3x faster (``benchmarks/kmeans.py``). Training
+    stops early when a full pass moves no sample (a fixed point of Lloyd too). An emptied cluster
+    is re-seeded next to the largest one (as faiss does). Initial centroids are ``k`` distinct
+    samples drawn with ``seed``. Runs in float32 (cluster sums in float64) on the CPU (BLAS and
+    faiss kernels, multi-threaded) or on the CUDA GPU.
 
     Args:
         store: features (labels ignored). Rows are read chunk by chunk, so a memmap works.
@@ -327,14 +329,13 @@ def _online_kmeans(x: torch.Tensor, k: int, n_iter: int, rng: np.random.Generato
 
     A step moves ``step_per_cluster * k`` rows, then updates the centroids. With ~32 rows per
     cluster per step the objective rises much faster than with one step per pass (batch Lloyd)
-    and, on the benchmark data (200k x 128, k = 2000), ends higher than with 1-16 rows per cluster,
-    which lock in early assignments. A full pass compares every row with all k centroids and keeps
-    its ``n_cand`` most similar as candidates; the passes after it compare rows with their
-    candidates only. Full passes are 1, 3, 9, 27, ...: the
-    centroids move less and less, so candidates stay good for longer (on the benchmark data,
-    over 99% of the moves a full pass finds 3 passes later are to one of the 16 candidates). A
-    candidate pass that moves no row, or a re-seeding, calls a full pass; training has converged
-    when a full pass moves no row.
+    and, on the benchmark data (200k x 128, k = 2000), ends higher than with 1-16 rows per
+    cluster, which lock in early assignments. A full pass compares every row with all k centroids
+    and keeps its ``n_cand`` most similar as candidates; the passes after it compare rows with
+    their candidates only. Full passes are 1, 3, 9, 27, ...: the centroids move less and less, so
+    candidates stay good for longer (on the benchmark data, over 99% of the moves a full pass
+    finds 3 passes later are to one of the 16 candidates). A candidate pass that moves no row, or
+    a re-seeding, calls a full pass; training has converged when a full pass moves no row.
     """
     n, dim = x.shape
     n_cand = min(n_cand, k)
