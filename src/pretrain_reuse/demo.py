@@ -17,8 +17,8 @@ Stages (each writes into the run folder and is skipped when a rerun finds it fin
 3. ``units``: class means, and spherical k-means clusters as if the pool had no labels.
 4. ``select``: UOT, greedy OT and random selection of classes and clusters, scored by recall of
    the known related classes.
-5. ``finetune``: vanilla, reuse (UOT / greedy OT / random classes), reuse-unlabeled (UOT clusters),
-   co-tuning, linear probe and scratch on the target task, over several seeds.
+5. ``finetune``: vanilla, reuse (UOT / greedy OT / random classes), reuse-unlabeled (UOT / random
+   clusters), co-tuning, linear probe and scratch on the target task, over several seeds.
 6. ``knowledge``: interactions of the pre-trained (linear probe), fine-tuned and scratch models on
    target test images (players: the world's parts, or grid patches): preserved / discarded / new knowledge,
    convergence over fine-tuning snapshots, faithfulness and the counterfactual check.
@@ -99,6 +99,7 @@ RUNS = {
     "reuse-random": ("reuse", "classes-random"),
     "reuse-greedy-ot": ("reuse", "classes-greedy-ot"),
     "reuse-unlabeled-uot": ("reuse-unlabeled", "clusters-uot"),
+    "reuse-unlabeled-random": ("reuse-unlabeled", "clusters-random"),
     "co-tuning": ("co-tuning", None),
     "linear-probe": ("linear-probe", None),
     "scratch": ("scratch", None),

@@ -160,8 +160,8 @@ def _finetune_section(run: Path, summary: dict) -> str:
                      "test top-1 at best val", "seeds"], rows)]
     parts.append(_compare(ft, "reuse-uot", "vanilla"))
     parts.append(_compare(ft, "reuse-uot", "reuse-random"))
-    if "reuse-unlabeled-uot" in ft:
-        parts.append(_compare(ft, "reuse-unlabeled-uot", "vanilla"))
+    parts.append(_compare(ft, "reuse-unlabeled-uot", "vanilla"))
+    parts.append(_compare(ft, "reuse-unlabeled-uot", "reuse-unlabeled-random"))
     return _section("Fine-tuning with reused data", "finetune", "".join(parts))
 
 
