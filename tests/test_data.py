@@ -188,6 +188,31 @@ def test_array_dataset_scales_uint8_keeps_float_and_converts_modes():
     assert ArrayDataset(colour)[0][1] == -1
 
 
+@pytest.mark.parametrize("shape, mode", [((6, 5, 4), None), ((6, 5, 4), "RGB"),
+                                         ((6, 5, 4, 3), None), ((6, 5, 4, 3), "L")])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_batched_access_returns_what_per_item_access_returns(shape, mode, dtype):
+    # DataLoader fetches a batch through __getitems__, which ArrayDataset loads as one array
+    from pretrain_reuse.finetune.data import resize_transform
+
+    images = np.random.default_rng(0).integers(0, 256, shape).astype(dtype)
+    images = images / 255 if dtype == np.float32 else images
+    idx = [4, 0, 4, 2]
+    for labels in (None, [3, 1, 0, 2, 1, 0]):
+        for transform in (None, resize_transform(3)):
+            ds = ArrayDataset(images, labels, mode=mode, transform=transform)
+            for d in (ds, ds.subset([5, 1, 2, 0, 3])):
+                batched, single = d.__getitems__(idx), [d[i] for i in idx]
+                assert [(b[1], b[2]) for b in batched] == [(s[1], s[2]) for s in single]
+                for (b, *_), (s, *_) in zip(batched, single, strict=True):
+                    assert torch.equal(b, s) and b.stride() == s.stride()
+    # and per-item access is what it always was: the image scaled to [0, 1], channels first
+    ref = torch.from_numpy(np.asarray(images[4], np.float32) / (255 if dtype == np.uint8 else 1))
+    ref = ref.unsqueeze(0) if ref.ndim == 2 else ref.permute(2, 0, 1)
+    image = ArrayDataset(images)[4][0]
+    assert torch.equal(image, ref) and image.stride() == ref.stride()
+
+
 @pytest.mark.parametrize("images, labels, match", [
     (np.zeros((2, 3)), None, "array"),
     (np.zeros((2, 3, 4, 5)), None, "channels"),

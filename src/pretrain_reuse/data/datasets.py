@@ -71,8 +71,21 @@ class ImageDataset(torch.utils.data.Dataset):
         label = -1 if self.labels is None else int(self.labels[index])
         return image, label, index
 
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor | None, int, int]]:
+        """``[self[i] for i in indices]``: a DataLoader fetches each batch through this, so that a
+        dataset which reads many images at once (:meth:`load_many`) does so."""
+        images = self.load_many(indices)
+        if self.transform is not None:
+            images = [None if x is None else self.transform(x) for x in images]
+        labels = [-1] * len(indices) if self.labels is None else self.labels[indices].tolist()
+        return list(zip(images, labels, indices, strict=True))
+
     def load(self, index: int) -> torch.Tensor | None:
         raise NotImplementedError
+
+    def load_many(self, indices: Sequence[int]) -> Sequence[torch.Tensor | None]:
+        """``[self.load(i) for i in indices]``; datasets that read a batch faster override it."""
+        return [self.load(int(i)) for i in indices]
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> SubsetDataset:
         """The samples at ``indices`` (e.g. from a sampler) as a dataset with their own ids/labels."""
@@ -100,6 +113,9 @@ class SubsetDataset(ImageDataset):
 
     def load(self, index: int) -> torch.Tensor | None:
         return self.base.load(int(self.indices[index]))
+
+    def load_many(self, indices: Sequence[int]) -> Sequence[torch.Tensor | None]:
+        return self.base.load_many(self.indices[indices])
 
 
 class FileDataset(ImageDataset):
@@ -149,9 +165,14 @@ class ArrayDataset(ImageDataset):
         self.mode = mode
 
     def load(self, index: int) -> torch.Tensor:
-        x = torch.from_numpy(np.array(self.images[index]))
+        return self.load_many([index])[0]
+
+    def load_many(self, indices: Sequence[int]) -> torch.Tensor:
+        """The images at ``indices`` as one (B, C, H, W) tensor: a few array operations per batch
+        instead of per image (loading 64 small images one by one costs more than their crops)."""
+        x = torch.from_numpy(self.images[np.asarray(indices, dtype=np.int64)])  # a copy
         x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-        x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
         return convert_channels(x, self.mode)
 
 
@@ -172,12 +193,15 @@ def _check_labels(labels, n: int, class_names: list[str] | None) -> np.ndarray |
 
 
 def convert_channels(x: torch.Tensor, mode: str | None) -> torch.Tensor:
-    """Turn a (C, H, W) image into ``mode`` ("RGB": 3 channels, "L": 1; None: unchanged).
-    Grey from RGB uses PIL's ITU-R 601-2 luma weights, so arrays match decoded files."""
-    if mode == "RGB" and x.shape[0] == 1:
-        return x.expand(3, -1, -1).contiguous()
-    if mode == "L" and x.shape[0] == 3:
-        return (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).unsqueeze(0)
+    """Turn a (C, H, W) image, or a (B, C, H, W) batch, into ``mode`` ("RGB": 3 channels, "L": 1;
+    None: unchanged). Grey from RGB uses PIL's ITU-R 601-2 luma weights, so arrays match decoded
+    files."""
+    channels = x.shape[-3]
+    if mode == "RGB" and channels == 1:
+        return x.expand(*x.shape[:-3], 3, -1, -1).contiguous()
+    if mode == "L" and channels == 3:
+        r, g, b = x.unbind(-3)
+        return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(-3)
     return x
 
 
