@@ -137,6 +137,8 @@ def test_step_batches_epochs_are_permutation_prefixes():
     fresh = StepBatches(n, bs, seed=1, stream=0)
     for step in (13, 0, 23, 5):
         assert np.array_equal(fresh.batch(step), b.batch(step))
+    # step 13 is the second batch of epoch 2 (the epoch's permutation is kept between calls)
+    assert np.array_equal(b.batch(13), np.random.default_rng([1, 0, 2]).permutation(n)[8:16])
     assert not np.array_equal(StepBatches(n, bs, seed=2, stream=0).batch(0), b.batch(0))
     assert not np.array_equal(StepBatches(n, bs, seed=1, stream=1).batch(0), b.batch(0))
     with pytest.raises(PretrainReuseError, match="batch"):
