@@ -18,6 +18,7 @@ from safetensors.numpy import save_file
 from pretrain_reuse import __version__
 from pretrain_reuse.artifacts import (
     atomic_path,
+    claim_folder,
     encode_ids,
     hash_array,
     load,
@@ -474,3 +475,22 @@ def test_hash_array_is_stable_and_sensitive_to_values_dtype_and_shape():
     assert hash_array(y) != h
     assert hash_array(x.astype(np.float64)) != h
     assert hash_array(x.reshape(100, 4)) != h
+
+
+def test_claim_folder_resumes_the_same_run_and_refuses_any_other(tmp_path):
+    out = tmp_path / "run"
+    claim_folder(out, "demo-run", {"seed": 0, "sizes": (1, 2)}, what="a demo run")
+    assert json.loads((out / "run.json").read_text()) == {
+        "kind": "demo-run", "params": {"seed": 0, "sizes": [1, 2]}}
+    (out / "stage.txt").write_text("done")
+    claim_folder(out, "demo-run", {"seed": 0, "sizes": (1, 2)}, what="a demo run")  # resume
+    with pytest.raises(PretrainReuseError, match=r"other settings \(extra, seed\)"):
+        claim_folder(out, "demo-run", {"seed": 1, "sizes": [1, 2], "extra": 1}, what="a demo run")
+    with pytest.raises(PretrainReuseError, match=r"other settings \(seed, sizes\)"):
+        claim_folder(out, "experiment-run", {"seed": 0, "sizes": [1, 2]}, what="an experiment")
+    with pytest.raises(PretrainReuseError, match="not empty and not an embedding"):
+        claim_folder(out, "embedding", {}, what="an embedding", marker="embed.json")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(PretrainReuseError, match="is a file"):
+        claim_folder(tmp_path / "file", "demo-run", {}, what="a demo run")
+    assert sorted(p.name for p in out.iterdir()) == ["run.json", "stage.txt"]

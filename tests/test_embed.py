@@ -433,7 +433,7 @@ def test_out_of_another_embedding_with_other_settings_exits_2(tmp_path, capsys, 
     argv[change[0]] = change[1]
     flat = [x for kv in argv.items() for x in kv]
     rc, _, err = cli(capsys, "embed", "--quiet", *flat, "--out", out)
-    assert_one_line_error(rc, err, "other data or settings")
+    assert_one_line_error(rc, err, "other settings")
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before  # the existing store is untouched
 

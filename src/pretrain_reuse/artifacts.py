@@ -113,6 +113,39 @@ def write_json(path: str | Path, obj: Any) -> None:
         tmp.write_text(to_json(obj) + "\n")
 
 
+def claim_folder(out: Path, kind: str, params: dict, *, what: str, marker: str = "run.json") -> None:
+    """Mark the folder ``out`` as holding a ``kind`` made with ``params`` (the JSON file
+    ``out/marker``), so that rerunning the same command resumes it.
+
+    Refused, with one line naming ``what`` the folder should hold ("a demo run"): ``out`` is a file; ``out``
+    holds a run made with other ``params`` (the changed keys are named), as resuming would mix two
+    runs' outputs; ``out`` is a non-empty folder that is not such a run.
+    """
+    params = json.loads(to_json(params))  # as stored: tuples become lists
+    path = out / marker
+    if out.exists() and not out.is_dir():
+        raise PretrainReuseError(f"--out {str(out)!r} is a file; pass a folder for {what}")
+    if path.exists():
+        old = read_json(path, f"the marker of {what}")
+        old_params = old.get("params", {}) if old.get("kind") == kind else {}
+        if old_params != params:
+            changed = sorted(k for k in set(params) | set(old_params)
+                             if params.get(k) != old_params.get(k))
+            raise PretrainReuseError(
+                f"{str(out)!r} holds {what} made with other settings ({', '.join(changed)}); "
+                "rerun with the same settings to resume, or pass another --out")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise PretrainReuseError(
+            f"--out {str(out)!r} is not empty and not {what}; pass a new or empty folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PretrainReuseError(f"cannot create --out {str(out)!r}: {e.strerror}; choose a "
+                                 "writable folder") from None
+    write_json(path, {"kind": kind, "params": params})
+
+
 def read_json(path: str | Path, what: str) -> dict:
     """Read a JSON object, turning a corrupt file into a clear error."""
     p = check_file(what, path)

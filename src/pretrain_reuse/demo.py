@@ -39,10 +39,10 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import read_json, write_json
+from .artifacts import claim_folder, read_json, write_json
 from .data.catalog import open_dataset
 from .embed import EmbedConfig, embed
-from .errors import PretrainReuseError, check_choice
+from .errors import check_choice
 from .features import FeatureStore
 from .finetune import FinetuneConfig, RunResult, finetune_datasets
 from .knowledge.analysis import analyze_knowledge
@@ -135,7 +135,8 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = 
     plan = QUICK if quick else DemoPlan()
     scene = SCENARIOS[check_choice("scenario", scenario, SCENARIOS)]
     pool, target = open_dataset(scene.pool, split="train"), open_dataset(scene.target, split="train")
-    _claim_run_dir(out, {"quick": quick, "seed": seed, "scenario": scenario})
+    claim_folder(out, "demo-run", {"quick": quick, "seed": seed, "scenario": scenario},
+                 what="a demo run")
     timing_file = out / "timing.json"
     timing: dict[str, float] = read_json(timing_file, "timing") if timing_file.exists() else {}
     stages = _Stages(out, timing, progress)
@@ -274,21 +275,3 @@ def _summary(out: Path, plan: DemoPlan, runs, related, timing, quick: bool, seed
         "quick": quick,
         "seed": seed,
     }
-
-
-def _claim_run_dir(out: Path, params: dict) -> None:
-    """Mark ``out`` as a demo run with ``params``; refuse to resume a run made with others."""
-    marker = out / "run.json"
-    if marker.exists():
-        old = read_json(marker, "run marker")
-        if old.get("params") != params:
-            raise PretrainReuseError(
-                f"{str(out)!r} holds a demo run with {old.get('params')}, not {params}; pass "
-                "another --out or delete that folder"
-            )
-        return
-    if out.exists() and not out.is_dir():
-        raise PretrainReuseError(f"--out {str(out)!r} is a file; pass a folder for the run")
-    if out.exists() and any(out.iterdir()):
-        raise PretrainReuseError(f"{str(out)!r} is not empty and not a demo run; pass another --out")
-    write_json(marker, {"kind": "demo-run", "params": params})

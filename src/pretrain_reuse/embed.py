@@ -26,7 +26,14 @@ import torch.distributed as dist
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
-from .artifacts import atomic_path, encode_ids, hash_file, make_meta, read_json, to_json, write_json
+from .artifacts import (
+    atomic_path,
+    claim_folder,
+    encode_ids,
+    hash_file,
+    make_meta,
+    write_json,
+)
 from .data.catalog import open_dataset
 from .data.datasets import ImageDataset, collate
 from .distributed import process_device, rank_world
@@ -119,7 +126,8 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True) -> Featur
                 "weights": hash_file(cfg.weights) if cfg.weights else None}
     parts = out / "parts"
     if rank == 0:
-        _claim(out, identity)
+        claim_folder(out, "embedding", identity, what="an embedding", marker="embed.json")
+        parts.mkdir(exist_ok=True)
     if world > 1:
         dist.barrier()
 
@@ -149,28 +157,6 @@ def _hash_ids(ids: list[str]) -> str:
     import hashlib
 
     return "sha256:" + hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
-
-
-def _claim(out: Path, identity: dict) -> None:
-    """Mark ``out`` as this embedding; refuse to mix shards of a different model or data."""
-    marker = out / "embed.json"
-    identity = json.loads(to_json(identity))
-    if out.exists() and not out.is_dir():
-        raise PretrainReuseError(f"--out {str(out)!r} is a file; pass a folder for the store")
-    if marker.exists():
-        if read_json(marker, "embed marker") != identity:
-            raise PretrainReuseError(
-                f"{str(out)!r} holds an embedding of other data or settings; rerun with the same "
-                "arguments to resume, or pass a new --out")
-        return
-    if out.exists() and any(out.iterdir()):
-        raise PretrainReuseError(f"--out {str(out)!r} exists and is not an embedding; pass a new --out")
-    try:
-        (out / "parts").mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PretrainReuseError(f"cannot create --out {str(out)!r}: {e.strerror}; choose a "
-                                 "writable folder") from None
-    write_json(marker, identity)
 
 
 @torch.no_grad()

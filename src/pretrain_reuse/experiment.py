@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -41,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import atomic_path, make_meta, read_json, to_json, write_json
+from .artifacts import atomic_path, claim_folder, make_meta, read_json, write_json
 from .data.catalog import DATASETS
 from .data.datasets import ImageDataset
 from .embed import EmbedConfig, embed
@@ -629,23 +628,9 @@ def _params(cfg: ExperimentConfig) -> dict[str, Any]:
 def _claim(out: Path, name: str, cfg: ExperimentConfig) -> None:
     """Mark ``out`` as an experiment folder; a rerun must use the same recipe and inputs (rows
     already run are reused, so a changed config would mix two experiments in one table)."""
-    marker = out / "run.json"
     # seeds and skip may change between runs: they add or leave out rows, never alter one
-    params = json.loads(to_json({"experiment": name, **{
-        k: v for k, v in _params(cfg).items() if k not in ("seeds", "skip")}}))
-    if marker.exists():
-        old = read_json(marker, "experiment marker")
-        if old.get("params") != params:
-            changed = sorted(k for k in set(params) | set(old.get("params", {}))
-                             if params.get(k) != old.get("params", {}).get(k))
-            raise PretrainReuseError(
-                f"{str(out)!r} holds an experiment run with other settings ({', '.join(changed)}); "
-                "pass another --out or delete that folder")
-        return
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise PretrainReuseError(f"--out {str(out)!r} exists and is not an experiment folder; "
-                                 "pass a new or empty folder")
-    write_json(marker, {"kind": "experiment-run", "params": params})
+    params = {"experiment": name, **{k: v for k, v in _params(cfg).items() if k not in ("seeds", "skip")}}
+    claim_folder(out, "experiment-run", params, what="an experiment folder")
 
 
 __all__ = [
