@@ -57,22 +57,25 @@ MODEL = "smallcnn"
 @dataclass(frozen=True)
 class Scenario:
     """The data of a demo: the pre-training ``pool``, the ``target`` task (whose ``related``
-    attribute names the pool classes it needs), the knowledge ``players``, k-means K, and how
-    many times the plan's fine-tuning epochs to run (a smaller target set has fewer steps per
-    epoch; the scale keeps the number of steps comparable)."""
+    attribute names the pool classes it needs), the knowledge ``players`` and ``baseline``,
+    k-means K, and how many times the plan's fine-tuning epochs to run (a smaller target set
+    has fewer steps per epoch; the scale keeps the number of steps comparable)."""
 
     pool: str
     target: str
     players: str
+    baseline: str
     clusters: int
     epochs_scale: int
     description: str
 
 
 SCENARIOS = {
-    "world": Scenario("synthetic:pretrain", "synthetic:target", "parts", 256, 1,
+    "world": Scenario("synthetic:pretrain", "synthetic:target", "parts", "zero", 256, 1,
                       "the package's procedural image world, where the right answers are planted"),
-    "fashion": Scenario("fashion-digits:pool", "fashion-digits:target", "grid:3x3", 64, 3,
+    # baseline "mean", the explained images' mean image: black where the garments leave the
+    # background black, where the mean colour ("zero") would paint every absent patch grey
+    "fashion": Scenario("fashion-digits:pool", "fashion-digits:target", "grid:3x3", "mean", 64, 3,
                         "real pixels: a pool of Fashion-MNIST garments and MNIST digits, and a "
                         "low-data task on 4 upper-body garments from Fashion-MNIST's test split"),
 }
@@ -189,7 +192,7 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = 
                            out=run_dir, progress=progress))
 
     stages.run("knowledge", out / "knowledge" / "knowledge.json",
-               lambda: _knowledge(out, plan, seed, target_test, scene.players, progress))
+               lambda: _knowledge(out, plan, seed, target_test, scene, progress))
     summary = _summary(out, plan, runs, related, timing, quick, seed)
     summary["scenario"] = {"name": scenario, **asdict(scene), "related": related.tolist(),
                            "pool_classes": len(pool.class_names)}
@@ -217,7 +220,7 @@ def _select(out: Path, classes: Units, clusters: Units, target: Units, related: 
             out / "selections" / f"clusters-{method}.json")
 
 
-def _knowledge(out: Path, plan: DemoPlan, seed: int, test_set, players: str,
+def _knowledge(out: Path, plan: DemoPlan, seed: int, test_set, scene: Scenario,
                progress: bool) -> None:
     def model(run: str, file: str = "model.safetensors"):
         return create_backbone(MODEL, weights=str(out / "finetune" / f"{run}-seed{seed}" / file))
@@ -226,7 +229,8 @@ def _knowledge(out: Path, plan: DemoPlan, seed: int, test_set, players: str,
               "scratch": model("scratch")}
     snaps = sorted((out / "finetune" / f"vanilla-seed{seed}" / "snapshots").glob("*.safetensors"))
     checkpoints = [create_backbone(MODEL, weights=str(p)) for p in snaps]
-    cfg = ExplainConfig(players=players, baseline="zero", samples=plan.explain_samples, seed=seed)
+    cfg = ExplainConfig(players=scene.players, baseline=scene.baseline, samples=plan.explain_samples,
+                        seed=seed)
     analyze_knowledge(models, test_set, cfg, out / "knowledge", checkpoints=checkpoints,
                       progress=progress)
 

@@ -194,8 +194,10 @@ def _knowledge_section(run: Path, scenario: dict) -> str:
     k = read_json(kdir / "knowledge.json", "knowledge")
     overall = k["report"]["overall"]
     parts = [f"<p>Interactions of each model's log-odds between the {k['samples']['n']} samples' "
-             f"players (here: {_players_text(scenario['players'])}), on samples every model classifies "
-             "correctly. Knowledge = salient interactions (|I| > 5% of the sample's largest).</p>"]
+             f"players (here: {_players_text(scenario['players'])}; absent players take the "
+             f"{_BASELINE_TEXT.get(scenario.get('baseline', 'zero'), 'given')} baseline), on samples "
+             "every model classifies correctly. Knowledge = salient interactions (|I| > 5% of the "
+             "sample's largest).</p>"]
     from ..knowledge.plots import plot_convergence, plot_ratios, plot_strength_by_order
 
     figures = [(plot_strength_by_order, "Normalised strength of interactions per order, mean over "
@@ -258,6 +260,10 @@ def _rule_recovery(k: dict) -> str:
             "rules over parts; their Harsanyi interactions are the ground truth.</p>"
             + _table(["model", "precision", "recall", "signed recall", "samples"], rows)
             + f'<p class="note">{verdict}</p>')
+
+
+_BASELINE_TEXT = {"zero": "mean-colour", "mean": "mean-image", "blur": "blurred-image",
+                  "learned": "learned"}
 
 
 def _players_text(players: str) -> str:
