@@ -82,6 +82,8 @@ def test_unreadable_images_are_skipped_counted_and_named(tree):
         assert batch.images.shape[0] == len(batch.indices) == len(batch.labels)
     assert sorted([ds.ids[i] for i in skipped]) == ["ant/broken.png", "zebra/cut.png"]
     assert sorted(seen + skipped) == list(range(len(ds)))
+    whole = ds.load_batch(np.arange(len(ds)))  # a batch read at once (the training loop's)
+    assert whole.skipped.tolist() == sorted(skipped) and sorted(whole.indices.tolist()) == sorted(seen)
     line = describe_skipped(ds, skipped)
     assert line.startswith(f"skipped 2 unreadable image(s) of {len(ds)}")
     assert "ant/broken.png" in line and "zebra/cut.png" in line
@@ -192,7 +194,9 @@ def test_array_dataset_scales_uint8_keeps_float_and_converts_modes():
                                          ((6, 5, 4, 3), None), ((6, 5, 4, 3), "L")])
 @pytest.mark.parametrize("dtype", [np.uint8, np.float32])
 def test_batched_access_returns_what_per_item_access_returns(shape, mode, dtype):
-    # DataLoader fetches a batch through __getitems__, which ArrayDataset loads as one array
+    # DataLoader fetches a batch through __getitems__ (the training loop through load_batch),
+    # which ArrayDataset loads as one array
+    from pretrain_reuse.data.datasets import collate
     from pretrain_reuse.finetune.data import resize_transform
 
     images = np.random.default_rng(0).integers(0, 256, shape).astype(dtype)
@@ -206,6 +210,8 @@ def test_batched_access_returns_what_per_item_access_returns(shape, mode, dtype)
                 assert [(b[1], b[2]) for b in batched] == [(s[1], s[2]) for s in single]
                 for (b, *_), (s, *_) in zip(batched, single, strict=True):
                     assert torch.equal(b, s) and b.stride() == s.stride()
+                assert all(torch.equal(a, b) and a.stride() == b.stride() for a, b in
+                           zip(d.load_batch(np.array(idx)), collate(single), strict=True))
     # and per-item access is what it always was: the image scaled to [0, 1], channels first
     ref = torch.from_numpy(np.asarray(images[4], np.float32) / (255 if dtype == np.uint8 else 1))
     ref = ref.unsqueeze(0) if ref.ndim == 2 else ref.permute(2, 0, 1)

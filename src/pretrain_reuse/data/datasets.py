@@ -74,7 +74,22 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor | None, int, int]]:
         """``[self[i] for i in indices]``: a DataLoader fetches each batch through this, so that a
         dataset which reads many images at once (:meth:`load_many`) does so."""
+        return self._samples(self.load_many(indices), indices)
+
+    def load_batch(self, indices: Sequence[int]) -> Batch:
+        """``collate([self[i] for i in indices])``; images read as one tensor (:meth:`load_many`)
+        with no transform to apply are taken as they are, not split and stacked again."""
         images = self.load_many(indices)
+        if not isinstance(images, torch.Tensor) or self.transform is not None:
+            return collate(self._samples(images, indices))
+        labels = (np.full(len(indices), -1, np.int64) if self.labels is None
+                  else self.labels[indices])
+        return Batch(images=images.contiguous(), labels=torch.as_tensor(labels, dtype=torch.int64),
+                     indices=torch.as_tensor(indices, dtype=torch.int64),
+                     skipped=torch.zeros(0, dtype=torch.int64))
+
+    def _samples(self, images: Sequence[torch.Tensor | None], indices: Sequence[int]
+                 ) -> list[tuple[torch.Tensor | None, int, int]]:
         if self.transform is not None:
             images = [None if x is None else self.transform(x) for x in images]
         labels = [-1] * len(indices) if self.labels is None else self.labels[indices].tolist()

@@ -8,14 +8,13 @@ stopped, and every rank of a distributed run can compute its share without commu
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.datasets import ImageDataset, collate
+from ..data.datasets import Batch, ImageDataset
 from ..errors import PretrainReuseError
 from ..selection import Selection
 from ..units import Units
@@ -93,26 +92,27 @@ class StepBatches:
         return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
 
 
-class _StepSampler(torch.utils.data.Sampler):
-    """Yields the index batch of every step from ``start`` to ``stop`` (for a DataLoader)."""
+class _StepData(torch.utils.data.Dataset):
+    """Item ``step``: the collated batch of that step, read as a whole (``load_batch``)."""
 
-    def __init__(self, batches: StepBatches, start: int, stop: int):
-        self.batches, self.start, self.stop = batches, start, stop
+    def __init__(self, dataset: ImageDataset, batches: StepBatches):
+        self.dataset, self.batches = dataset, batches
 
-    def __iter__(self) -> Iterator[list[int]]:
-        for step in range(self.start, self.stop):
-            yield self.batches.batch(step).tolist()
+    def __getitem__(self, step: int) -> Batch:
+        return self.dataset.load_batch(self.batches.batch(step))
 
-    def __len__(self) -> int:
-        return self.stop - self.start
+
+def _as_is(batch: Batch) -> Batch:
+    return batch
 
 
 def step_loader(dataset: ImageDataset, batches: StepBatches, start: int, stop: int,
                 workers: int) -> torch.utils.data.DataLoader:
-    """A DataLoader yielding the collated batch of each step in ``[start, stop)``."""
+    """A DataLoader yielding the collated batch of each step in ``[start, stop)``; its items are
+    whole steps (``batch_size=None``), so that each worker builds whole batches."""
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=_StepSampler(batches, start, stop), num_workers=workers,
-        collate_fn=collate, persistent_workers=False)
+        _StepData(dataset, batches), batch_size=None, sampler=range(start, stop),
+        num_workers=workers, collate_fn=_as_is, persistent_workers=False)
 
 
 @dataclass(frozen=True)
