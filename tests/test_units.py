@@ -6,7 +6,7 @@ import torch
 
 from pretrain_reuse.errors import PretrainReuseError
 from pretrain_reuse.features import FeatureStore
-from pretrain_reuse.units import class_means, spherical_kmeans
+from pretrain_reuse.units import _normalized_float32, class_means, spherical_kmeans
 
 
 def _planted_sphere(n_clusters=6, per=80, dim=16, spread=0.08, seed=0):
@@ -156,6 +156,30 @@ def test_spherical_kmeans_reads_memmapped_npy(tmp_path):
     a = spherical_kmeans(mm, 6, seed=2)
     b = spherical_kmeans(FeatureStore(features=x), 6, seed=2)
     np.testing.assert_array_equal(a.assignment, b.assignment)
+
+
+def test_normalized_copy_is_the_shuffled_unit_rows_of_a_memmap(tmp_path):
+    x, _ = _planted_sphere(seed=9)
+    np.save(tmp_path / "x.npy", x)
+    mm = np.load(tmp_path / "x.npy", mmap_mode="r")
+    order = np.random.default_rng(0).permutation(len(x))
+    got = _normalized_float32(mm, order, chunk=7)  # several chunks, the last one short
+    expected = x[order] / np.linalg.norm(x[order], axis=1, keepdims=True)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_spherical_kmeans_trains_on_a_subsample_and_assigns_every_sample():
+    x, truth = _planted_sphere(spread=0.05, seed=7)
+    # 6 clusters x 20 = 120 of the 480 samples train; all are assigned afterwards
+    units = spherical_kmeans(FeatureStore(features=x), 6, n_iter=25, n_init=20, seed=0,
+                             max_points_per_unit=20, normalize_means=True)
+    table = np.zeros((6, 6), int)
+    np.add.at(table, (truth, units.assignment), 1)
+    assert ((table > 0).sum(axis=1) == 1).all() and ((table > 0).sum(axis=0) == 1).all()
+    c = units.prototypes / np.linalg.norm(units.prototypes, axis=1, keepdims=True)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    np.testing.assert_array_equal(np.argmax(xn @ c.T, axis=1), units.assignment)
+    assert units.meta["objective"] == pytest.approx(_cosine_objective(x, units.assignment), rel=1e-5)
 
 
 def test_spherical_kmeans_rejects_bad_k_and_zero_rows():
