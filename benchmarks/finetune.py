@@ -14,9 +14,19 @@ size, so no resize is needed):
   batched on the device, :mod:`pretrain_reuse.finetune.augment`) and with ``augment="none"``
   (centre crop only), to show what the augmentation costs.
 
-All runs are interleaved over rounds, so that load changes hit all alike. Each run's time is the
-median over its timed steps (after warm-up steps) within a round, and the best (smallest) such
-median over the rounds: on a shared machine, the round least disturbed by other processes. Run by
+All runs are interleaved over rounds, so that load changes hit all alike. Each run's time is its
+fastest timed step (after warm-up steps) over all rounds: the cost of the code itself, as
+``timeit`` reasons. On a shared machine the speed changes in phases of 0.1 to 1 s: measured here,
+steps of one run at 16 and at 25 ms, thread CPU time equal to wall time, no page faults, no
+preemption; so the median step of a round (``--statistic median``: the best round's median, the
+earlier measure) depends on which phases the round met, and its ratios moved by 10 points from
+one run of the benchmark to the next, the fastest step's by 4.
+
+glibc's malloc is set to keep freed memory (:func:`keep_freed_memory`): by its default
+heuristics, whether the memory of a step's activations goes back to the OS, to be page-faulted
+in again by the next step, depends on the process's allocation history; measured here, 0 to 3400
+page faults per step, in the bare loop as much as in the library's, made a step up to 2x slower
+and the ratios swing by 20 points from run to run. ``--malloc default`` leaves it alone. Run by
 hand, not in CI:
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/finetune.py --models smallcnn-s smallcnn --repeats 5
@@ -25,6 +35,7 @@ hand, not in CI:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import statistics
 import tempfile
@@ -43,6 +54,7 @@ from pretrain_reuse.finetune.model import FinetuneModel
 from pretrain_reuse.models import create_backbone
 
 N_CLASSES, N_SOURCE_CLASSES = 10, 20
+STATISTICS = {"fastest": "the fastest step over the rounds", "median": "the best round's median"}
 
 
 def arrays(n: int, side: int, n_classes: int, seed: int, name: str) -> ArrayDataset:
@@ -50,6 +62,18 @@ def arrays(n: int, side: int, n_classes: int, seed: int, name: str) -> ArrayData
     images = rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
     return ArrayDataset(images, np.arange(n) % n_classes,
                         class_names=[f"{name}{c}" for c in range(n_classes)], name=name)
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc serve every allocation up to 32 MiB from its heap and never shrink the
+    heap, so that repeated steps reuse memory instead of faulting it in anew; False where the C
+    library is not glibc."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 2**30))
 
 
 def make_model(name: str, seed: int, source_classes: int | None) -> FinetuneModel:
@@ -126,12 +150,18 @@ def main() -> None:
                    "on a shared machine)")
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds of all runs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--statistic", choices=["fastest", "median"], default="fastest",
+                   help="a run's time: its fastest step over all rounds, or the best round's "
+                   "median step")
+    p.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                   help="keep: glibc malloc keeps freed memory (steady timings); default: as is")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    malloc = "keeps freed memory" if args.malloc == "keep" and keep_freed_memory() else "default"
     print(f"batch {args.batch_size} (+ {args.batch_size} source images for reuse), "
           f"{args.steps} timed steps after {args.warmup}, x {args.repeats} rounds (after a "
-          f"warm-up round), s/step: the best round's median; torch threads "
-          f"{args.threads}, cpus {os.cpu_count()}, load "
+          f"warm-up round), s/step: {STATISTICS[args.statistic]}; torch threads "
+          f"{args.threads}, cpus {os.cpu_count()}, malloc {malloc}, load "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     header = (f"{'model':<12} {'input':>6} {'vanilla s/step':>14} {'reuse s/step':>12} "
               f"{'reuse/vanilla':>13} {'bare r/v':>8} | {'loop img/s':>10} {'no-aug img/s':>12} "
@@ -155,14 +185,15 @@ def main() -> None:
                     "bare_r_cl": (time_bare, "reuse", "channels_last"),
                     "bare_v_c": (time_bare, "vanilla", "contiguous"),
                     "bare_r_c": (time_bare, "reuse", "contiguous")}
-            times: dict[str, list[float]] = {k: [] for k in runs}  # per-round medians
+            times: dict[str, list[float]] = {k: [] for k in runs}  # per round: its statistic
             # interleaved rounds, so that load changes hit all alike; round 0 only warms up
             for r in range(args.repeats + 1):
                 for key, (fn, mode, variant) in runs.items():
                     t = fn(name, mode, variant, data, args,
                            work / f"{name.replace(':', '_')}-{key}-{r}")
                     if r:
-                        times[key].append(statistics.median(t))
+                        times[key].append(min(t) if args.statistic == "fastest"
+                                          else statistics.median(t))
             med = {k: min(v) for k, v in times.items()}
             vanilla, reuse, no_aug = med["vanilla"], med["reuse"], med["no_aug"]
             # the anchor is the faster plain loop of the two memory layouts
@@ -178,6 +209,7 @@ def main() -> None:
           "over bare img/s (goal >= 85%), with augmentation (loop) and without (no-aug); bare "
           "loops run in both memory layouts, the faster is the anchor (cl: channels_last, c: "
           "contiguous)")
+    print(f"load at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":
