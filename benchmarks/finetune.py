@@ -22,12 +22,12 @@ preemption; so the median step of a round (``--statistic median``: the best roun
 earlier measure) depends on which phases the round met, and its ratios moved by 10 points from
 one run of the benchmark to the next, the fastest step's by 4.
 
-glibc's malloc is set to keep freed memory (:func:`keep_freed_memory`): by its default
-heuristics, whether the memory of a step's activations goes back to the OS, to be page-faulted
-in again by the next step, depends on the process's allocation history; measured here, 0 to 3400
-page faults per step, in the bare loop as much as in the library's, made a step up to 2x slower
-and the ratios swing by 20 points from run to run. ``--malloc default`` leaves it alone. Run by
-hand, not in CI:
+glibc's malloc is set to keep freed memory (:func:`pretrain_reuse.runtime.keep_freed_memory`, as
+the command line does): by its default heuristics, whether the memory of a step's activations
+goes back to the OS, to be page-faulted in again by the next step, depends on the process's
+allocation history; measured here, 0 to 3400 page faults per step, in the bare loop as much as in
+the library's, made a step up to 2x slower and the ratios swing by 20 points from run to run.
+``--malloc default`` leaves it alone. Run by hand, not in CI:
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/finetune.py --models smallcnn-s smallcnn --repeats 5
 """
@@ -35,7 +35,6 @@ hand, not in CI:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import statistics
 import tempfile
@@ -52,6 +51,7 @@ from pretrain_reuse.finetune import FinetuneConfig, train
 from pretrain_reuse.finetune.data import SourceData
 from pretrain_reuse.finetune.model import FinetuneModel
 from pretrain_reuse.models import create_backbone
+from pretrain_reuse.runtime import keep_freed_memory
 
 N_CLASSES, N_SOURCE_CLASSES = 10, 20
 STATISTICS = {"fastest": "the fastest step over the rounds", "median": "the best round's median"}
@@ -62,18 +62,6 @@ def arrays(n: int, side: int, n_classes: int, seed: int, name: str) -> ArrayData
     images = rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
     return ArrayDataset(images, np.arange(n) % n_classes,
                         class_names=[f"{name}{c}" for c in range(n_classes)], name=name)
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc serve every allocation up to 32 MiB from its heap and never shrink the
-    heap, so that repeated steps reuse memory instead of faulting it in anew; False where the C
-    library is not glibc."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 2**30))
 
 
 def make_model(name: str, seed: int, source_classes: int | None) -> FinetuneModel:

@@ -15,6 +15,7 @@ import numpy as np
 
 from . import __version__
 from .errors import PretrainReuseError, check_choice
+from .runtime import keep_freed_memory
 
 EXIT_USER_ERROR = 2
 
@@ -633,6 +634,7 @@ def _finish_distributed() -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        keep_freed_memory()
         if args.verb in ("embed", "finetune"):
             _init_distributed()
         try:

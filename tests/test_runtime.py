@@ -1,0 +1,38 @@
+"""keep_freed_memory: repeated large allocations stop page-faulting (glibc only)."""
+
+import subprocess
+import sys
+
+import pytest
+
+# In a fresh process (glibc's adaptive thresholds depend on the allocation history): allocate,
+# touch and free 8 MiB (2048 pages, above glibc's initial mmap threshold of 128 KiB and below
+# ours of 32 MiB) five times, and count the page faults after the first.
+PROBE = """
+import resource, sys
+import numpy as np
+from pretrain_reuse.runtime import keep_freed_memory
+if sys.argv[1] == "keep" and not keep_freed_memory():
+    print(-1); sys.exit()
+np.ones(8 << 20, np.uint8)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    np.ones(8 << 20, np.uint8)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def faults(setting: str) -> int:
+    out = subprocess.run([sys.executable, "-c", PROBE, setting], capture_output=True, text=True,
+                         check=True)
+    return int(out.stdout)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_keep_freed_memory_lets_a_step_reuse_the_last_steps_memory():
+    kept = faults("keep")
+    if kept == -1:
+        pytest.skip("the C library is not glibc")
+    assert kept < 64  # the heap's memory is reused: no page is faulted in again
+    # without the setting a fresh process gives the first freed block back and faults it in anew
+    assert faults("default") > 256
