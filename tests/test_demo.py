@@ -139,7 +139,7 @@ def test_full_demo_reuse_of_uot_selected_classes_beats_vanilla_and_random(tmp_pa
 
 @pytest.mark.slow
 def test_full_fashion_demo_unlabelled_reuse_of_uot_clusters_beats_vanilla_and_random(tmp_path):
-    """Liu et al.'s unlabelled claim on real pixels, 3 seeds (about 6 minutes on 2 cores alone):
+    """Liu et al.'s unlabelled claim on real pixels, 3 seeds (about 5 minutes on 2 cores alone):
     reuse-unlabeled with UOT-selected k-means clusters beats vanilla fine-tuning and
     reuse-unlabeled with random clusters. Here the unlabelled pool holds images of the target's
     own classes (as ImageNet holds birds for CUB), which the soft pseudo-labels need; the world

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -907,6 +908,21 @@ def test_resume_with_a_changed_config_exits_2(files, tmp_path, capsys):
     rc, _, err = cli(capsys, *argv, "--lr", "0.1")
     assert_one_line_error(rc, err, "lr", "--out")
     assert (out / "model.safetensors").read_bytes() == before
+
+
+
+def test_a_diverged_run_exits_2_at_the_next_checkpoint(files, tmp_path, capsys):
+    # lr 1e12: the loss is inf or nan within a few steps; the losses are read every few steps
+    # and always before an evaluation or a checkpoint (here after every step): the run stops at
+    # the first step whose loss is not finite, and its last checkpoint is of the step before
+    argv = [*base_args(files, tmp_path / "run", steps=6), "--checkpoint-every", "1",
+            "--lr", "1e12"]
+    rc, _, err = cli(capsys, *argv)
+    assert_one_line_error(rc, err, "training diverged", "lower --lr")
+    step = int(re.search(r"the loss of step (\d+) was (nan|inf)", err).group(1))
+    out = tmp_path / "run"
+    assert load_state(out / "checkpoint.safetensors")["step"] == step - 1
+    assert not (out / "model.safetensors").exists() and not (out / "result.json").exists()
 
 
 class _Crash(Exception):

@@ -107,12 +107,13 @@ def _as_is(batch: Batch) -> Batch:
 
 
 def step_loader(dataset: ImageDataset, batches: StepBatches, start: int, stop: int,
-                workers: int) -> torch.utils.data.DataLoader:
+                workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader yielding the collated batch of each step in ``[start, stop)``; its items are
-    whole steps (``batch_size=None``), so that each worker builds whole batches."""
+    whole steps (``batch_size=None``), so that each worker builds whole batches. ``pin_memory``:
+    batches in page-locked memory, for asynchronous copies to a CUDA device."""
     return torch.utils.data.DataLoader(
         _StepData(dataset, batches), batch_size=None, sampler=range(start, stop),
-        num_workers=workers, collate_fn=_as_is, persistent_workers=False)
+        num_workers=workers, collate_fn=_as_is, persistent_workers=False, pin_memory=pin_memory)
 
 
 @dataclass(frozen=True)

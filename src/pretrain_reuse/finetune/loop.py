@@ -39,6 +39,8 @@ from .losses import LOSSES, SOURCE_VIEWS
 from .model import FinetuneModel
 
 CHECKPOINT = "checkpoint.safetensors"
+#: Steps between readings of the losses (each reading waits for the device to finish its queue).
+READ_EVERY = 10
 
 
 @dataclass(frozen=True)
@@ -169,12 +171,14 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
     def share(b: StepBatches) -> StepBatches:  # each rank takes every world-th sample of a step
         return _RankBatches(b, rank, world) if world > 1 else b
 
-    loaders = [step_loader(train_set, share(target_batches), start, total, cfg.workers)]
+    pin = device.type == "cuda"  # page-locked batches: the non-blocking copies overlap compute
+    loaders = [step_loader(train_set, share(target_batches), start, total, cfg.workers, pin)]
     if cfg.uses_source:
         src_batches = StepBatches(
             len(source.dataset), cfg.source_batch_size or batch, cfg.seed, stream=1,
             balanced_groups=source.groups if cfg.source_sampling == "units" else None)
-        loaders.append(step_loader(source.dataset, share(src_batches), start, total, cfg.workers))
+        loaders.append(step_loader(source.dataset, share(src_batches), start, total, cfg.workers,
+                                   pin))
         source_labels = torch.as_tensor(source.labels)
 
     bar = tqdm(total=total, initial=start, desc=f"finetune {cfg.mode}", unit="step",
@@ -192,14 +196,20 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
             optimizer.zero_grad(set_to_none=True)
             stats = _accumulate(objective, parts, cfg, device)
             optimizer.step()
-        # refresh=False: update() redraws at most every 0.1 s, not every step (a redraw per step
-        # costs 60 us in a terminal, more in a notebook)
-        bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2g}",
-                        refresh=False)
-        bar.update(1)
         done = step + 1
-        if rank == 0 and (done % eval_every == 0 or done == total):
-            record = {"step": done, "epoch": done / steps_per_epoch, **stats}
+        evaluate = done % eval_every == 0 or done == total
+        checkpoint = done % cfg.checkpoint_every == 0 or done == total
+        # the same steps on every rank, and always before an evaluation or a checkpoint: a run
+        # whose loss diverged stops there
+        if evaluate or checkpoint or done % READ_EVERY == 0:
+            values = _read(stats, done)
+            # refresh=False: update() redraws at most every 0.1 s (a redraw costs 60 us in a
+            # terminal, more in a notebook)
+            bar.set_postfix(loss=f"{values['loss']:.3f}",
+                            lr=f"{optimizer.param_groups[0]['lr']:.2g}", refresh=False)
+        bar.update(1)
+        if rank == 0 and evaluate:
+            record = {"step": done, "epoch": done / steps_per_epoch, **values}
             record["val"], record["test"] = (
                 _evaluate(model, s, evaluate_view, cfg, device) for s in (val_set, test_set))
             history.append(record)
@@ -208,7 +218,7 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
                 save_backbone(model.backbone.with_head(model.head),
                               out / "snapshots" / f"step-{done:07d}.safetensors", {"step": done})
             model.train()
-        if rank == 0 and (done % cfg.checkpoint_every == 0 or done == total):
+        if rank == 0 and checkpoint:
             save_state(out / CHECKPOINT, {"model": model.state_dict(),
                                           "optimizer": optimizer.state_dict(), "step": done,
                                           "history": json.dumps(history)})
@@ -261,8 +271,9 @@ class _Objective(torch.nn.Module):
         return self.loss_fn(self.model, parts, self.lam)
 
 
-def _accumulate(objective, parts: dict, cfg: FinetuneConfig, device) -> dict[str, float]:
-    """Forward/backward over ``grad_accum`` micro-batches of the step's batch.
+def _accumulate(objective, parts: dict, cfg: FinetuneConfig, device) -> dict[str, torch.Tensor]:
+    """Forward/backward over ``grad_accum`` micro-batches of the step's batch; returns the step's
+    losses as device scalars (reading them would wait for the device, see :func:`_read`).
 
     Each micro-batch's mean loss is weighted by its share of the target batch, so the gradient is
     that of the full batch whenever ``grad_accum`` divides the batch sizes (and for the target
@@ -270,7 +281,7 @@ def _accumulate(objective, parts: dict, cfg: FinetuneConfig, device) -> dict[str
     """
     chunks = {k: v.tensor_split(cfg.grad_accum) for k, v in parts.items()}
     total = len(parts["y"])
-    totals: dict[str, float] = {}
+    totals: dict[str, torch.Tensor] = {}
     for i in range(cfg.grad_accum):
         micro = {k: c[i] for k, c in chunks.items()}
         if len(micro["y"]) == 0:
@@ -280,10 +291,18 @@ def _accumulate(objective, parts: dict, cfg: FinetuneConfig, device) -> dict[str
             loss, stats = objective(micro)
         (loss * share).backward()
         for k, v in {"loss": loss.detach(), **stats}.items():
-            totals[k] = totals.get(k, 0.0) + float(v) * share
-    if not math.isfinite(totals["loss"]):
-        raise FloatingPointError(f"the training loss became {totals['loss']} (lower --lr)")
+            totals[k] = totals.get(k, 0.0) + v.float() * share
     return totals
+
+
+def _read(stats: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+    """The step's losses as floats (one transfer from the device); a diverged loss is an error."""
+    values = dict(zip(stats, torch.stack(list(stats.values())).tolist(), strict=True))
+    if not math.isfinite(values["loss"]):
+        raise PretrainReuseError(
+            f"training diverged: the loss of step {step} was {values['loss']}; lower --lr "
+            "(or --lam), or train in float32 (--precision fp32)")
+    return values
 
 
 @torch.no_grad()
