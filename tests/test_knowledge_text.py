@@ -14,6 +14,7 @@ from pretrain_reuse.cli import main
 from pretrain_reuse.data.text import text_file
 from pretrain_reuse.errors import PretrainReuseError
 from pretrain_reuse.knowledge import harsanyi_and, reconstruct_and
+from pretrain_reuse.knowledge.explain import ExplainConfig
 from pretrain_reuse.knowledge.text import (
     baseline_token,
     eligible_positions,
@@ -101,6 +102,18 @@ def test_eligible_tokens_skip_specials_stop_words_punctuation_digits_letters_and
         token_players(ids, tok, 6)
 
 
+
+def test_negations_are_eligible_only_when_asked_for(bert):
+    tok = create_classifier(f"hf:{bert}").preprocess.tokenizer
+    ids = tok("the plot was not good , and the acting not brilliant")["input_ids"]
+    # [CLS] the plot was not good , and the acting not brilliant [SEP]
+    np.testing.assert_array_equal(eligible_positions(ids, tok), [2, 5, 9, 11])
+    np.testing.assert_array_equal(eligible_positions(ids, tok, negations=True), [2, 4, 5, 9, 10, 11])
+    players = token_players(ids, tok, 6, seed=0, negations=True)
+    assert players.names.count("not") == 2 and "non-negating" in players.meta["rule"]
+    with pytest.raises(PretrainReuseError, match="negations applies to players=tokens"):
+        ExplainConfig(players="grid:2x2", negations=True)
+
 def test_game_matches_the_model_on_the_full_sentence_and_with_every_player_masked(bert):
     model = create_classifier(f"hf:{bert}")
     _, net = _reference(bert)
@@ -172,6 +185,23 @@ def test_explain_tokens_through_the_cli_reproduces_the_models_log_odds(bert, tmp
         assert x.v[-1] == pytest.approx(_log_odds(net, ids, label), abs=1e-5)
         np.testing.assert_allclose(reconstruct_and(x.and_values), x.v, atol=1e-10)
 
+
+def test_explain_with_negations_makes_not_a_player(bert, tmp_path, capsys):
+    data = tmp_path / "neg.jsonl"
+    data.write_text("".join(json.dumps({"label": y, "text": t}) + "\n" for y, t in [
+        (0, "the plot was not good , the acting not brilliant"),
+        (1, "the film was not bad , the music not dull")]))
+    # 3 eligible tokens per sentence without negations, 5 with: n=5 needs --negations
+    argv = ["explain", "--model", f"hf:{bert}", "--data", str(data), "--players", "tokens",
+            "--n", "5", "--samples", "2", "--quiet", "--out", str(tmp_path / "x")]
+    assert main(argv) == 2 and "no sentence has n=5" in capsys.readouterr().err
+    assert main([*argv, "--negations"]) == 0, capsys.readouterr().err
+    tok = create_classifier(f"hf:{bert}").preprocess.tokenizer
+    for f in sorted((tmp_path / "x").glob("interactions-*.safetensors")):
+        x = load(f)
+        ids = tok(json.loads(data.read_text().splitlines()[x.info["index"]])["text"])["input_ids"]
+        names = tok.convert_ids_to_tokens([ids[p] for p in x.info["players"]["positions"]])
+        assert names.count("not") == 2
 
 def test_knowledge_of_a_text_model_against_itself_preserves_everything(bert, tmp_path, capsys):
     data = _sentences(tmp_path / "s.jsonl")

@@ -255,9 +255,10 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 def _explain_config(args):
     from .knowledge.explain import ExplainConfig
 
-    return ExplainConfig(players=args.players, n=args.n, baseline=args.baseline,
-                         baseline_lr=args.baseline_lr, baseline_steps=args.baseline_steps,
-                         baseline_radius=args.baseline_radius, output=args.output,
+    return ExplainConfig(players=args.players, n=args.n, negations=args.negations,
+                         baseline=args.baseline, baseline_lr=args.baseline_lr,
+                         baseline_steps=args.baseline_steps, baseline_radius=args.baseline_radius,
+                         output=args.output,
                          decomposition=args.decomposition, qthres=args.qthres,
                          samples=args.samples, seed=args.seed, batch_size=args.batch_size,
                          device=args.device)
@@ -350,6 +351,8 @@ def _add_explain_flags(p: argparse.ArgumentParser) -> None:
                    help="grid:RxC, parts (synthetic world) or tokens (text classifiers)")
     p.add_argument("--n", type=int, help="players drawn from a larger grid (seeded, central cells); "
                    "tokens per sentence (default 10; no stop words, punctuation, digits)")
+    p.add_argument("--negations", action="store_true",
+                   help="tokens: negating stop words (not, no, didn, ...) may be players too")
     p.add_argument("--baseline",
                    help="images: zero (default) | mean | blur | learned; tokens: mask (default) | "
                    "pad | learned (embedding); learned = per sample, for sparse interactions")

@@ -75,7 +75,8 @@ class ExplainConfig:
     ``players``: ``"grid:RxC"`` (a grid of patches; with ``n`` set, ``n`` cells drawn by the
     documented rule of :func:`~.games.grid_players`), ``"parts"`` (the slots of the synthetic
     world, the ground-truth players) or ``"tokens"`` (``n`` token positions of each sentence, 10 by
-    default, drawn by the rule of :func:`~.text.token_players`; text classifiers). ``qthres``:
+    default, drawn by the rule of :func:`~.text.token_players`; text classifiers; ``negations``
+    makes negating stop words such as "not" eligible). ``qthres``:
     bound of the noise the sparsification may remove, relative to |v(N) - v(∅)|; None = 0 for
     ``and`` (the exact Harsanyi transform) and 0.04 for the AND-OR decompositions (the group's
     setting); ``joint-and-or`` sparsifies the compared models of ``knowledge`` together, so the
@@ -96,6 +97,7 @@ class ExplainConfig:
 
     players: str = "grid:3x3"
     n: int | None = None
+    negations: bool = False
     baseline: str | None = None
     baseline_lr: float = 1e-3
     baseline_steps: int = 50
@@ -113,6 +115,8 @@ class ExplainConfig:
         if not (tokens or self.players == "parts" or re.fullmatch(r"grid:\d+x\d+", self.players)):
             raise PretrainReuseError(
                 f"players={self.players!r}: use grid:RxC (e.g. grid:4x4), parts or tokens")
+        if self.negations and not tokens:
+            raise PretrainReuseError("negations applies to players=tokens (text classifiers)")
         if self.baseline is None:
             object.__setattr__(self, "baseline", "mask" if tokens else "zero")
         check_choice("baseline", self.baseline, TEXT_BASELINES if tokens else BASELINES)
@@ -205,7 +209,8 @@ def explainable(model: Backbone, dataset: ImageDataset | TextDataset,
     _check_pairing(model, dataset, cfg, "model")
     tokenizer = model.preprocess.tokenizer
     ids = tokenizer(dataset.texts, truncation=True, max_length=model.spec.max_length)["input_ids"]
-    keep = np.array([len(eligible_positions(i, tokenizer)) >= cfg.n for i in ids])
+    keep = np.array([len(eligible_positions(i, tokenizer, negations=cfg.negations)) >= cfg.n
+                     for i in ids])
     if not keep.any():
         raise PretrainReuseError(
             f"no sentence has n={cfg.n} eligible tokens (no special tokens, stop words, "
@@ -354,7 +359,8 @@ def _text_samples(model: Backbone, dataset: TextDataset, cfg: ExplainConfig,
         enc = tokenizer(dataset.texts[i], truncation=True, max_length=model.spec.max_length,
                         return_tensors="pt")
         enc = {k: v[0].to(device) for k, v in enc.items()}
-        players = token_players(enc["input_ids"].tolist(), tokenizer, cfg.n, seed=[cfg.seed, i])
+        players = token_players(enc["input_ids"].tolist(), tokenizer, cfg.n, seed=[cfg.seed, i],
+                                negations=cfg.negations)
         return players.meta, players.names, lambda label: _text_game(
             model, enc, label, players, cfg)
 

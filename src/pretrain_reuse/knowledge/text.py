@@ -7,7 +7,9 @@ as for BERT on SST-2 in Jiang, Cheng & Li, arXiv 2410.08455; reference note §1)
 1. a position is *eligible* when its token is not a special token ([CLS], [SEP], [PAD], ...),
    not the continuation piece of a split word (``##ing``), and its text, with the sub-word markers
    ``▁``/``Ġ`` removed and lower-cased, has at least two characters, all letters (no digit or
-   punctuation), and is not an English stop word (:data:`STOP_WORDS`);
+   punctuation), and is not an English stop word (:data:`STOP_WORDS`), except, with
+   ``negations=True``, the stop words that negate (:data:`NEGATIONS`: "not", "no", the stems of
+   "didn't", ...), which flip a sentiment (an option; the reference drops every stop word);
 2. ``n`` eligible positions are drawn uniformly without replacement by a generator seeded with
    ``seed`` (the explanation uses ``[seed, sample index]``: the same positions for every model,
    different ones per sentence), and sorted.
@@ -33,8 +35,8 @@ from ..models import Backbone
 from .games import OUTPUTS, ChunkValues, LearnedBaseline, _descend, class_output, game_values
 from .interactions import MAX_PLAYERS
 
-__all__ = ["STOP_WORDS", "TEXT_BASELINES", "TokenPlayers", "baseline_token", "eligible_positions",
-           "learn_baseline_embedding", "masked_text_game", "token_players"]
+__all__ = ["NEGATIONS", "STOP_WORDS", "TEXT_BASELINES", "TokenPlayers", "baseline_token",
+           "eligible_positions", "learn_baseline_embedding", "masked_text_game", "token_players"]
 
 #: Baselines of a text explanation: the [MASK] or [PAD] token, or a learned embedding.
 TEXT_BASELINES = ("mask", "pad", "learned")
@@ -53,6 +55,10 @@ wouldn't y you you'd you'll you're you've your yours yourself yourselves
 """
 #: English stop words (NLTK's list of 179), never players.
 STOP_WORDS = frozenset(_STOP_WORDS.split())
+#: The stop words that negate (with the stems WordPiece leaves of "n't" forms: "didn", "isn", ...).
+NEGATIONS = frozenset({"ain", "aren", "couldn", "didn", "doesn", "don", "hadn", "hasn", "haven",
+                       "isn", "mightn", "mustn", "needn", "no", "nor", "not", "shan", "shouldn",
+                       "wasn", "weren", "won", "wouldn"})
 
 
 @dataclass(frozen=True)
@@ -74,8 +80,10 @@ class TokenPlayers:
         return len(self.positions)
 
 
-def eligible_positions(input_ids: Sequence[int], tokenizer: Any) -> np.ndarray:
+def eligible_positions(input_ids: Sequence[int], tokenizer: Any, *,
+                       negations: bool = False) -> np.ndarray:
     """Positions whose token may be a player (rule 1 of the module docstring), increasing."""
+    excluded = STOP_WORDS - NEGATIONS if negations else STOP_WORDS
     ids = [int(i) for i in input_ids]
     special = set(tokenizer.all_special_ids)
     tokens = tokenizer.convert_ids_to_tokens(ids)
@@ -84,13 +92,13 @@ def eligible_positions(input_ids: Sequence[int], tokenizer: Any) -> np.ndarray:
         if i in special or token.startswith("##"):
             continue
         word = token.lstrip("▁Ġ").lower()
-        if len(word) >= 2 and word.isalpha() and word not in STOP_WORDS:
+        if len(word) >= 2 and word.isalpha() and word not in excluded:
             keep.append(pos)
     return np.array(keep, dtype=np.int64)
 
 
 def token_players(input_ids: Sequence[int], tokenizer: Any, n: int,
-                  seed: int | Sequence[int] = 0) -> TokenPlayers:
+                  seed: int | Sequence[int] = 0, *, negations: bool = False) -> TokenPlayers:
     """``n`` of the eligible positions of a tokenized sentence, drawn at random (seeded).
 
     Args:
@@ -98,10 +106,11 @@ def token_players(input_ids: Sequence[int], tokenizer: Any, n: int,
         tokenizer: its Hugging Face tokenizer.
         n: number of players, 1 <= n <= 24.
         seed: seed (or seed sequence) of numpy's ``default_rng``.
+        negations: negating stop words ("not", "didn", ...) are eligible too.
     """
     if not (isinstance(n, (int, np.integer)) and 1 <= n <= MAX_PLAYERS):
         raise PretrainReuseError(f"n={n!r} token players must be an integer in 1..{MAX_PLAYERS}")
-    eligible = eligible_positions(input_ids, tokenizer)
+    eligible = eligible_positions(input_ids, tokenizer, negations=negations)
     if len(eligible) < n:
         raise PretrainReuseError(
             f"the sentence has {len(eligible)} eligible tokens (no special tokens, stop words, "
@@ -112,8 +121,9 @@ def token_players(input_ids: Sequence[int], tokenizer: Any, n: int,
     seed_json = [int(s) for s in seed] if isinstance(seed, Sequence) else int(seed)
     return TokenPlayers(chosen, list(tokens), {
         "players": "tokens", "n": int(n), "seed": seed_json, "positions": chosen.tolist(),
-        "rule": f"{n} random tokens of the {len(eligible)} that are no special token, stop word, "
-                "punctuation, digit or single letter"})
+        "rule": f"{n} random tokens of the {len(eligible)} that are no special token, "
+                f"{'non-negating stop word' if negations else 'stop word'}, punctuation, digit or "
+                "single letter"})
 
 
 def baseline_token(tokenizer: Any, kind: str) -> int:
