@@ -117,9 +117,9 @@ def claim_folder(out: Path, kind: str, params: dict, *, what: str, marker: str =
     """Mark the folder ``out`` as holding a ``kind`` made with ``params`` (the JSON file
     ``out/marker``), so that rerunning the same command resumes it.
 
-    Refused, with one line naming ``what`` the folder should hold ("a demo run"): ``out`` is a file; ``out``
-    holds a run made with other ``params`` (the changed keys are named), as resuming would mix two
-    runs' outputs; ``out`` is a non-empty folder that is not such a run.
+    Refused, with one line naming ``what`` the folder should hold ("a demo run"): ``out`` is a
+    file; ``out`` holds a run made with other ``params`` (the changed keys are named), as resuming
+    would mix two runs' outputs; ``out`` is a non-empty folder that is not such a run.
     """
     params = json.loads(to_json(params))  # as stored: tuples become lists
     path = out / marker

@@ -258,8 +258,7 @@ def _explain_config(args):
     return ExplainConfig(players=args.players, n=args.n, negations=args.negations,
                          baseline=args.baseline, baseline_lr=args.baseline_lr,
                          baseline_steps=args.baseline_steps, baseline_radius=args.baseline_radius,
-                         output=args.output,
-                         decomposition=args.decomposition, qthres=args.qthres,
+                         output=args.output, decomposition=args.decomposition, qthres=args.qthres,
                          samples=args.samples, seed=args.seed, batch_size=args.batch_size,
                          device=args.device)
 

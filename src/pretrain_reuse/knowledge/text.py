@@ -59,6 +59,7 @@ STOP_WORDS = frozenset(_STOP_WORDS.split())
 NEGATIONS = frozenset({"ain", "aren", "couldn", "didn", "doesn", "don", "hadn", "hasn", "haven",
                        "isn", "mightn", "mustn", "needn", "no", "nor", "not", "shan", "shouldn",
                        "wasn", "weren", "won", "wouldn"})
+_EXCLUDED = {False: STOP_WORDS, True: STOP_WORDS - NEGATIONS}  # by ``negations``
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class TokenPlayers:
 def eligible_positions(input_ids: Sequence[int], tokenizer: Any, *,
                        negations: bool = False) -> np.ndarray:
     """Positions whose token may be a player (rule 1 of the module docstring), increasing."""
-    excluded = STOP_WORDS - NEGATIONS if negations else STOP_WORDS
+    excluded = _EXCLUDED[bool(negations)]
     ids = [int(i) for i in input_ids]
     special = set(tokenizer.all_special_ids)
     tokens = tokenizer.convert_ids_to_tokens(ids)
