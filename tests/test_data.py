@@ -373,6 +373,27 @@ def test_rules_of_each_task_are_compatible_and_target_rules_are_new(world):
         assert not set(target.rules) & set(world.pretrain_rules)
 
 
+def test_shared_target_classes_are_pretraining_classes_of_their_family(world):
+    cfg = WorldConfig(target_shared_classes=2)
+    shared = make_world(cfg)
+    assert shared.pretrain_rules == world.pretrain_rules  # the same pool
+    per_family = cfg.target_classes_per_family
+    for target in shared.targets:
+        for k, family in enumerate(target.families):
+            rules = target.rules[k * per_family:(k + 1) * per_family]
+            family_rules = {r for r, f in zip(shared.pretrain_rules, shared.pretrain_families,
+                                              strict=True) if f == family}
+            assert sum(r in family_rules for r in rules) == 2
+            assert not set(rules) & (set(shared.pretrain_rules) - family_rules)
+        for a in target.rules:
+            assert [b for b in target.rules if b.holds(a.parts)] == [a]
+    ds = shared.dataset("target")
+    for i in range(0, len(ds), 7):  # images of shared and new classes follow their rule only
+        scene = ds.scene(i)
+        shown = set(scene.slot_parts[scene.slot_parts >= 0].tolist())
+        assert [k for k, rule in enumerate(ds.rules) if rule.holds(shown)] == [scene.label]
+
+
 def test_related_classes_share_parts_with_the_target_and_others_share_none(world):
     for target in world.targets:
         used = set().union(*(r.parts for r in target.rules))
@@ -408,6 +429,8 @@ def test_world_config_errors_name_the_field():
         WorldConfig(families=2, target_families=3)
     with pytest.raises(PretrainReuseError, match="classes_per_family"):
         make_world(WorldConfig(classes_per_family=60, textures=1))
+    with pytest.raises(PretrainReuseError, match="target_shared_classes"):
+        WorldConfig(target_shared_classes=6)
 
 
 # --- loading with workers ----------------------------------------------------------------------

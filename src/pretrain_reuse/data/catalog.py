@@ -3,8 +3,8 @@
 ``open_dataset(spec)`` accepts an image folder, a list file (``path,label`` lines) or the name of an
 embedded data set (:data:`DATASETS`, listed by :func:`list_datasets`): the procedural world
 (``synthetic:pretrain``, ``synthetic:target``, ``synthetic:target-<k>``, from the default
-:class:`~pretrain_reuse.data.world.WorldConfig`) and the real images shipped by packages
-(:mod:`pretrain_reuse.data.real`). Nothing is downloaded.
+:class:`~pretrain_reuse.data.world.WorldConfig`, and ``synthetic:target-shared``) and the real
+images shipped by packages (:mod:`pretrain_reuse.data.real`). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -32,8 +32,14 @@ class DatasetSpec:
     description: str
 
 
-def _world(task: str, split: str, *, mode: str | None, transform: Transform | None) -> ImageDataset:
-    return make_world(WorldConfig()).dataset(task, split, mode=mode, transform=transform)
+#: Target classes per family that ``synthetic:target-shared`` takes from the pre-training classes.
+SHARED_CLASSES = 2
+
+
+def _world(task: str, split: str, *, mode: str | None, transform: Transform | None,
+           shared: int = 0) -> ImageDataset:
+    world = make_world(WorldConfig(target_shared_classes=shared))
+    return world.dataset(task, split, mode=mode, transform=transform)
 
 
 def _specs() -> dict[str, DatasetSpec]:
@@ -49,6 +55,12 @@ def _specs() -> dict[str, DatasetSpec]:
             "known pre-training classes"))
     world.append(DatasetSpec("synthetic:target", ("train", "test"), partial(_world, "target-0"),
                              "the same as synthetic:target-0"))
+    world.append(DatasetSpec(
+        "synthetic:target-shared", ("train", "test"),
+        partial(_world, "target-0", shared=SHARED_CLASSES),
+        f"synthetic:target with {SHARED_CLASSES} of each family's {cfg.target_classes_per_family} "
+        "classes taken from the pre-training classes (rule and all), as CUB's birds include "
+        "ImageNet's; the pool is synthetic:pretrain"))
     shipped = [
         DatasetSpec("fashion-mnist", ("train", "test"), real.fashion_mnist,
                     "Fashion-MNIST, 60,000 + 10,000 28x28 grey images, 10 classes "

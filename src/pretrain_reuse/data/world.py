@@ -19,10 +19,13 @@ rule-following image belongs to one class only.
 *Tasks.* ``pretrain`` has ``families x classes_per_family`` classes (128 by default). Target task
 ``target-k`` (k < ``target_tasks``; ``target`` is ``target-0``) takes ``target_families`` families
 (seeded per k) and draws ``target_classes_per_family`` *new* rules over their parts (no target rule
-equals a pre-training rule). Its ``related`` classes are the pre-training classes of those families:
-they share parts with the target classes (each shares at least one part with the target rules, by
-construction), the others share none. This is the ground truth for selection recall, and what
-makes pre-training useful: features that detect the target's parts are learnt on them.
+equals a pre-training rule), except that ``target_shared_classes`` of each family's classes are
+pre-training classes of that family, rule and all (as CUB's birds include ImageNet's bird
+classes; 0 by default: every target class is new). Its ``related`` classes are the pre-training
+classes of those families: they share parts with the target classes (each shares at least one
+part with the target rules, by construction), the others share none. This is the ground truth
+for selection recall, and what makes pre-training useful: features that detect the target's
+parts are learnt on them.
 
 *Images.* ``image_size``² RGB, tiled by a ``grid`` x ``grid`` array of slots (cells of about
 ``image_size / grid`` pixels; the players of an interaction analysis). An image of class c
@@ -85,6 +88,7 @@ class WorldConfig:
     target_tasks: int = 4
     target_families: int = 2
     target_classes_per_family: int = 5
+    target_shared_classes: int = 0
     pretrain_train: int = 100
     pretrain_test: int = 20
     target_train: int = 40
@@ -111,6 +115,10 @@ class WorldConfig:
         need(self.noise >= 0 and self.max_distractors >= 0, "noise and max_distractors must be >= 0")
         need(1 <= self.target_families <= self.families,
              f"target_families must be in 1..families={self.families}, got {self.target_families}")
+        need(0 <= self.target_shared_classes <= min(self.target_classes_per_family,
+                                                    self.classes_per_family),
+             "target_shared_classes must be in 0..min(target_classes_per_family, "
+             f"classes_per_family), got {self.target_shared_classes}")
         for name in ("classes_per_family", "target_tasks", "target_classes_per_family",
                      "pretrain_train", "pretrain_test", "target_train", "target_test"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
@@ -278,9 +286,13 @@ def _make_target(k: int, cfg: WorldConfig, families: np.ndarray, pre_rules: list
     rules: list[Rule] = []
     for f in chosen:
         family_rules = [r for r, pf in zip(pre_rules, pre_fams, strict=True) if pf == f]
+        # pre-training rules are mutually compatible, so new rules only need to fit beside them
+        shared = ([family_rules[i] for i in rng.choice(len(family_rules), cfg.target_shared_classes,
+                                                       replace=False)]
+                  if cfg.target_shared_classes else [])
         for _ in range(100):
             new = _sample_rules(rng, family_parts(f, cfg.textures), cfg.target_classes_per_family,
-                                cfg, avoid=family_rules,
+                                cfg, avoid=family_rules, start=shared,
                                 what=f"target_classes_per_family={cfg.target_classes_per_family}")
             used = frozenset().union(*(r.parts for r in new))
             # Every related class must share a part with the task: that is what "related" means.
@@ -296,9 +308,12 @@ def _make_target(k: int, cfg: WorldConfig, families: np.ndarray, pre_rules: list
 
 
 def _sample_rules(rng: np.random.Generator, parts: np.ndarray, n: int, cfg: WorldConfig,
-                  avoid: list[Rule], what: str) -> list[Rule]:
-    """``n`` mutually compatible random rules over ``parts``, none equal to a rule in ``avoid``."""
-    rules: list[Rule] = []
+                  avoid: list[Rule], what: str, start: list[Rule] = ()) -> list[Rule]:
+    """``n`` mutually compatible rules over ``parts``: ``start``, then random ones, none of them
+    equal to a rule in ``avoid``."""
+    rules = list(start)
+    if len(rules) == n:
+        return rules
     for _ in range(2000):
         rule = _random_rule(rng, parts, cfg)
         if rule not in avoid and all(_compatible(rule, r) for r in rules):
