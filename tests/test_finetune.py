@@ -760,6 +760,7 @@ def test_yaml_config_with_flag_overrides_is_saved_with_the_run(files, tmp_path, 
 @pytest.mark.parametrize("extra, needle", [
     (["--mode", "reuse", "--source", "SOURCE"], "--selection"),
     (["--lam", "-1"], "lam"),
+    (["--strong-ops", "-1"], "strong_ops"),
     (["--mode", "finetune-all"], "mode"),
     (["--mode", "reuse", "--source", "SOURCE", "--selection", "BADSEL"], "class 7"),
     (["--batch-size", "64"], "batch size"),
@@ -1016,6 +1017,20 @@ def test_strong_view_erases_a_square_of_the_configured_side(geometry):
         x = View(spec, geometry, 32, strong=True, cutout=cutout)(images)
         erased = torch.isclose(x, erased_value.expand_as(x), atol=1e-6).all(dim=1)  # (B, H, W)
         assert erased.flatten(1).sum(1).tolist() == [side * side] * 6
+
+
+@pytest.mark.parametrize("geometry", ["flip", "weak"])
+def test_strong_view_without_operations_or_cutout_is_its_plain_view(geometry):
+    spec = create_backbone("smallcnn-s").spec
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    views = {}
+    for ops in (0, 2):
+        torch.manual_seed(1)
+        views[ops] = View(spec, geometry, 32, strong=True, cutout=0.0, ops=ops)(images)
+    torch.manual_seed(1)
+    plain = View(spec, geometry, 32)(images)
+    torch.testing.assert_close(views[0], plain, rtol=0, atol=0)
+    assert not torch.allclose(views[2], plain)  # RandAugment changed some images
 
 
 def _bn_state(model):

@@ -8,9 +8,10 @@ and normalise with the backbone's mean/std:
 - ``weak``: RandomResizedCrop (scale 0.08-1, torchvision's defaults, as the official code) + flip;
 - ``flip``: horizontal flip only (for data whose classes depend on small parts that a random
   crop would cut away, like the synthetic world);
-- ``strong=True`` on any of them adds RandAugment(n=2, m=10) and a Cutout of ``cutout`` times
-  the side (FixMatch's RandAugmentMC as used by Liu et al. for unlabelled reuse, with half the
-  side, on the ``weak`` crop). The strong view keeps the geometry of the weak view it extends, so
+- ``strong=True`` on any of them adds RandAugment(n=``ops``, m=10) and a Cutout of ``cutout``
+  times the side (FixMatch's RandAugmentMC as used by Liu et al. for unlabelled reuse: 2 ops,
+  half the side, on the ``weak`` crop; ``ops=0`` and ``cutout=0`` leave an independent draw of the
+  view it extends). The strong view keeps the geometry of the weak view it extends, so
   data that cannot take random crops (``flip``) is not cropped by its strong view either.
 
 The crop, flip and Cutout are written directly in torch, batched (kornia's per-call bookkeeping
@@ -172,18 +173,19 @@ class View(nn.Module):
     """One augmentation pipeline ending in normalisation; ``forward`` maps [0,1] images to inputs.
 
     ``kind`` is one of :data:`VIEWS` (see the module's docstring), ``input_size`` the side of the
-    output, ``strong`` adds RandAugment and a Cutout of ``cutout`` times the side. ``forward``
+    output, ``strong`` adds RandAugment with ``ops`` operations (none if 0) and a Cutout of
+    ``cutout`` times the side. ``forward``
     takes float (B, C, H, W) images in [0, 1] on any device and returns the normalised
     (B, C, input_size, input_size) batch on that device, in channels-last memory layout.
     """
 
     def __init__(self, spec: BackboneSpec, kind: str, input_size: int, *, strong: bool = False,
-                 cutout: float = 0.5):
+                 cutout: float = 0.5, ops: int = 2):
         super().__init__()
         check_choice("kind", kind, VIEWS)
         self.kind, self.size, self.strong, self.cutout = kind, (input_size, input_size), strong, cutout
         # kornia's RandAugment is a module; the other steps are functions of this module
-        self.randaugment = RandAugment(n=2, m=10) if strong else None
+        self.randaugment = RandAugment(n=ops, m=10) if strong and ops > 0 else None
         mean, std = torch.tensor(spec.mean).view(1, -1, 1, 1), torch.tensor(spec.std).view(1, -1, 1, 1)
         # (x - mean) / std as one fused x * scale + shift
         self.register_buffer("scale", 1 / std, persistent=False)
@@ -198,7 +200,8 @@ class View(nn.Module):
             if self.kind == "flip":
                 x = hflip(x, hflip_mask(len(images)))
         if self.strong:
-            x = self.randaugment(x)
+            if self.randaugment is not None:
+                x = self.randaugment(x)
             if self.cutout > 0:
                 area = self.cutout * self.cutout * self.size[0] * self.size[1]
                 side = min(max(round(math.sqrt(area)), 1), min(self.size))

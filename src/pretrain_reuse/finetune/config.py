@@ -59,6 +59,7 @@ class FinetuneConfig:
     image_size: int | None = None  # None: the backbone's input size
     augment: str = "standard"  # "standard": RandomResizedCrop + flip; "flip": flip only; "none"
     cutout: float = 0.5  # reuse-unlabeled's strong view: Cutout side / image side (0: none)
+    strong_ops: int = 2  # reuse-unlabeled's strong view: RandAugment operations (0: none)
     train_fraction: float | None = None
     long_tail_ratio: float | None = None
     seed: int = 0
@@ -101,6 +102,8 @@ class FinetuneConfig:
             )
         if not 0 <= self.cutout < 1:
             raise PretrainReuseError(f"cutout must be in [0, 1), got {self.cutout!r}")
+        if self.strong_ops < 0:
+            raise PretrainReuseError(f"strong_ops must be >= 0, got {self.strong_ops!r}")
         if self.train_fraction is not None and not 0 < self.train_fraction <= 1:
             raise PretrainReuseError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
         if self.long_tail_ratio is not None and not self.long_tail_ratio >= 1:

@@ -165,7 +165,7 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
     spec = model.backbone.spec
     geometry = {"standard": "weak", "flip": "flip", "none": "eval"}[cfg.augment]
     weak = View(spec, geometry, size).to(device)
-    strong = View(spec, geometry, size, strong=True, cutout=cfg.cutout).to(device)
+    strong = View(spec, geometry, size, strong=True, cutout=cfg.cutout, ops=cfg.strong_ops).to(device)
     evaluate_view = View(spec, "eval", size).to(device)
 
     def share(b: StepBatches) -> StepBatches:  # each rank takes every world-th sample of a step
