@@ -4,10 +4,12 @@ checked against the transformers model called directly."""
 
 import inspect
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from pretrain_reuse import load
 from pretrain_reuse.cli import main
@@ -22,7 +24,7 @@ from pretrain_reuse.knowledge.text import (
     masked_text_game,
     token_players,
 )
-from pretrain_reuse.models.sequence import create_classifier, is_sequence_classifier
+from pretrain_reuse.models import create_backbone
 
 transformers = pytest.importorskip("transformers")
 
@@ -76,17 +78,27 @@ def _encode(model, text):
 
 
 def test_the_loader_keeps_the_folders_classifier_and_its_logits(bert):
-    model = create_classifier(f"hf:{bert}")
+    model = create_backbone(f"hf:{bert}")
     tok, net = _reference(bert)
-    assert is_sequence_classifier(f"hf:{bert}") and model.num_classes == 2
+    assert model.num_classes == 2 and model.spec.pooling == "cls"
     assert model.spec.modality == "text"
     batch = tok([t for _, t in SENTENCES], padding=True, return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(model(dict(batch)), net(**batch).logits)
 
 
+def test_a_sequence_classifier_folder_without_classifier_weights_is_an_encoder(bert, tmp_path):
+    folder = tmp_path / "no-classifier"
+    shutil.copytree(bert, folder)
+    state = load_file(str(folder / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if not k.startswith("classifier.")},
+              str(folder / "model.safetensors"), metadata={"format": "pt"})
+    model = create_backbone(f"hf:{folder}")
+    assert model.head is None and model.spec.pooling == "mean"
+
+
 def test_eligible_tokens_skip_specials_stop_words_punctuation_digits_letters_and_pieces(bert):
-    model = create_classifier(f"hf:{bert}")
+    model = create_backbone(f"hf:{bert}")
     tok = model.preprocess.tokenizer
     ids = tok("the movie was great , but the plot was awful ! films x 1")["input_ids"]
     tokens = tok.convert_ids_to_tokens(ids)
@@ -104,7 +116,7 @@ def test_eligible_tokens_skip_specials_stop_words_punctuation_digits_letters_and
 
 
 def test_negations_are_eligible_only_when_asked_for(bert):
-    tok = create_classifier(f"hf:{bert}").preprocess.tokenizer
+    tok = create_backbone(f"hf:{bert}").preprocess.tokenizer
     ids = tok("the plot was not good , and the acting not brilliant")["input_ids"]
     # [CLS] the plot was not good , and the acting not brilliant [SEP]
     np.testing.assert_array_equal(eligible_positions(ids, tok), [2, 5, 9, 11])
@@ -115,7 +127,7 @@ def test_negations_are_eligible_only_when_asked_for(bert):
         ExplainConfig(players="grid:2x2", negations=True)
 
 def test_game_matches_the_model_on_the_full_sentence_and_with_every_player_masked(bert):
-    model = create_classifier(f"hf:{bert}")
+    model = create_backbone(f"hf:{bert}")
     _, net = _reference(bert)
     enc = _encode(model, SENTENCES[1][1])
     players = token_players(enc["input_ids"].tolist(), model.preprocess.tokenizer, 4, seed=3)
@@ -134,7 +146,7 @@ def test_game_matches_the_model_on_the_full_sentence_and_with_every_player_maske
 
 def test_the_mask_embedding_as_baseline_gives_the_mask_token_game(bert):
     # replacing word embeddings by the [MASK] embedding is what the [MASK] token does
-    model = create_classifier(f"hf:{bert}")
+    model = create_backbone(f"hf:{bert}")
     enc = _encode(model, SENTENCES[0][1])
     tok = model.preprocess.tokenizer
     players = token_players(enc["input_ids"].tolist(), tok, 4, seed=1)
@@ -146,7 +158,7 @@ def test_the_mask_embedding_as_baseline_gives_the_mask_token_game(bert):
 
 
 def test_learned_baseline_embedding_is_sparser_than_its_start_inside_its_box(bert):
-    model = create_classifier(f"hf:{bert}")
+    model = create_backbone(f"hf:{bert}")
     enc = _encode(model, SENTENCES[2][1])
     tok = model.preprocess.tokenizer
     players = token_players(enc["input_ids"].tolist(), tok, 4, seed=2)
@@ -196,7 +208,7 @@ def test_explain_with_negations_makes_not_a_player(bert, tmp_path, capsys):
             "--n", "5", "--samples", "2", "--quiet", "--out", str(tmp_path / "x")]
     assert main(argv) == 2 and "no sentence has n=5" in capsys.readouterr().err
     assert main([*argv, "--negations"]) == 0, capsys.readouterr().err
-    tok = create_classifier(f"hf:{bert}").preprocess.tokenizer
+    tok = create_backbone(f"hf:{bert}").preprocess.tokenizer
     for f in sorted((tmp_path / "x").glob("interactions-*.safetensors")):
         x = load(f)
         ids = tok(json.loads(data.read_text().splitlines()[x.info["index"]])["text"])["input_ids"]
@@ -205,7 +217,7 @@ def test_explain_with_negations_makes_not_a_player(bert, tmp_path, capsys):
 
 def test_knowledge_of_a_text_model_against_itself_preserves_everything(bert, tmp_path, capsys):
     data = _sentences(tmp_path / "s.jsonl")
-    model = create_classifier(f"hf:{bert}")
+    model = create_backbone(f"hf:{bert}")
     folder_model = tmp_path / "m.safetensors"
     from pretrain_reuse.models import save_backbone
 

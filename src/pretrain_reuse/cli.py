@@ -264,7 +264,7 @@ def _explain_config(args):
 
 
 def _classifier(name: str, weights: str | None, what: str, quiet: bool):
-    from .models.sequence import create_classifier
+    from .models import create_backbone
 
     if quiet and name.startswith("hf:"):  # transformers' "Loading weights" bar
         from transformers.utils import logging as hf_logging
@@ -274,7 +274,7 @@ def _classifier(name: str, weights: str | None, what: str, quiet: bool):
         from .errors import check_file
 
         check_file(what, weights)
-    return create_classifier(name, weights=weights)
+    return create_backbone(name, weights=weights)
 
 
 def _explain_data(args):

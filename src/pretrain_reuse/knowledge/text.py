@@ -181,8 +181,9 @@ def masked_text_game(model: Backbone, encoding: Mapping[str, torch.Tensor], labe
     """``v(x_S)`` for all 2^n coalitions of token players, float64, in bitmask layout.
 
     Args:
-        model: a text classifier (e.g. :func:`~pretrain_reuse.models.sequence.create_classifier`),
-            called with a batch dict; its output must be logits.
+        model: a text classifier (e.g. ``create_backbone("hf:<folder of a fine-tuned
+            *ForSequenceClassification model>")``), called with a batch dict; its output must be
+            logits.
         encoding: the tokenizer's output for one sentence, 1-d tensors (``input_ids``,
             ``attention_mask``, ...), on the model's device.
         label: the class whose output is explained.

@@ -106,8 +106,8 @@ def hf_parts(ident: str, weights: str | Path | None) -> ModelParts:
     A folder with an image processor config is an image model, loaded with
     ``AutoModelForImageClassification``: penultimate = the classifier's input (ViT: the final
     layer-normed CLS token; ResNet/ConvNeXt: the pooled features); the head is the classifier when
-    the folder has its weights. A folder with a tokenizer is a text model, loaded with
-    ``AutoModel``; see :func:`hf_text_parts`.
+    the folder has its weights. A folder with a tokenizer is a text model; see
+    :func:`hf_text_parts`.
     """
     transformers = require("transformers", f"hf:{ident}", HF_EXTRA)
     name = f"hf:{ident}"
@@ -147,9 +147,14 @@ def hf_image_features(body: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def hf_text_parts(folder: str, name: str) -> ModelParts:
-    """A transformers text encoder (``AutoModel`` + ``AutoTokenizer``) pooled to one vector.
+    """A transformers text model (with ``AutoTokenizer``) pooled to one vector.
 
-    Pooling and maximum length follow the folder's sentence-transformers files when present
+    A folder saved from a ``*ForSequenceClassification`` model with its trained classifier (BERT,
+    DistilBERT, RoBERTa fine-tuned on SST-2, ...) keeps it, as image classifiers do: the last
+    ``Linear`` is the head, everything before it (the encoder, BERT's pooler over the [CLS]
+    token, DistilBERT's pre-classifier) the body, so ``backbone(batch)`` gives the model's own
+    logits and the penultimate layer is the classifier's input. Any other folder is an encoder
+    (``AutoModel``): pooling and maximum length follow its sentence-transformers files when present
     (``1_Pooling/config.json``: mean or CLS token; ``sentence_bert_config.json``:
     ``max_seq_length``); otherwise mean pooling over non-padding tokens and the tokenizer's limit
     (at most the model's position embeddings). No L2 normalisation is applied.
@@ -162,16 +167,42 @@ def hf_text_parts(folder: str, name: str) -> ModelParts:
             f"{name}: the folder has neither an image processor config nor a tokenizer "
             f"({str(e).splitlines()[0]}); save one next to the model "
             "(image_processor.save_pretrained(dir) or tokenizer.save_pretrained(dir))") from None
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    if any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+        model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+            folder, local_files_only=True, output_loading_info=True)
+        head_name = last_linear_name(model)
+        if not any(k.startswith(head_name + ".") for k in info["missing_keys"]):
+            spec = BackboneSpec(name=name, modality="text", input_size=None, resize_size=None,
+                                mean=None, std=None, interpolation=None,
+                                max_length=_max_length(tokenizer, model), pooling="cls")
+            dim = first_linear(model.get_submodule(head_name)).in_features
+            return ModelParts(model.float(), spec, head_name, dim, hf_sequence_features,
+                              tokenizer=tokenizer)
+        # no trained classifier in the folder (it would be random): use the encoder alone
     model = transformers.AutoModel.from_pretrained(folder, local_files_only=True).float()
     pooling_cfg = _read_json(Path(folder) / "1_Pooling" / "config.json")
     st_cfg = _read_json(Path(folder) / "sentence_bert_config.json")
     pooling = "cls" if pooling_cfg.get("pooling_mode_cls_token") else "mean"
-    limit = min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", 512))
     spec = BackboneSpec(name=name, modality="text", input_size=None, resize_size=None, mean=None,
-                        std=None, interpolation=None, max_length=int(st_cfg.get("max_seq_length", limit)),
+                        std=None, interpolation=None,
+                        max_length=int(st_cfg.get("max_seq_length", _max_length(tokenizer, model))),
                         pooling=pooling)
     extract = hf_text_mean if pooling == "mean" else hf_text_cls
     return ModelParts(model, spec, None, model.config.hidden_size, extract, tokenizer=tokenizer)
+
+
+def _max_length(tokenizer: Any, model: nn.Module) -> int:
+    """The tokenizer's limit, at most the model's position embeddings."""
+    return int(min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", 512)))
+
+
+def hf_sequence_features(body: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The classifier's input: the model's ``logits`` once its classifier is ``nn.Identity``.
+
+    ``batch`` holds ``input_ids`` or ``inputs_embeds`` (word embeddings, e.g. with absent tokens
+    replaced by a baseline embedding) and the tokenizer's other fields."""
+    return body(**batch).logits
 
 
 def _read_json(path: Path) -> dict:
