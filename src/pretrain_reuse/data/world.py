@@ -50,7 +50,7 @@ structure a model of the class should use.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -286,10 +286,12 @@ def _make_target(k: int, cfg: WorldConfig, families: np.ndarray, pre_rules: list
     rules: list[Rule] = []
     for f in chosen:
         family_rules = [r for r, pf in zip(pre_rules, pre_fams, strict=True) if pf == f]
-        # pre-training rules are mutually compatible, so new rules only need to fit beside them
-        shared = ([family_rules[i] for i in rng.choice(len(family_rules), cfg.target_shared_classes,
-                                                       replace=False)]
-                  if cfg.target_shared_classes else [])
+        # Pre-training rules are mutually compatible, so new rules only need to fit beside them.
+        # Drawn only when asked for, so that the default worlds keep their random stream.
+        shared = []
+        if cfg.target_shared_classes:
+            picked = rng.choice(len(family_rules), cfg.target_shared_classes, replace=False)
+            shared = [family_rules[i] for i in picked]
         for _ in range(100):
             new = _sample_rules(rng, family_parts(f, cfg.textures), cfg.target_classes_per_family,
                                 cfg, avoid=family_rules, start=shared,
@@ -308,7 +310,7 @@ def _make_target(k: int, cfg: WorldConfig, families: np.ndarray, pre_rules: list
 
 
 def _sample_rules(rng: np.random.Generator, parts: np.ndarray, n: int, cfg: WorldConfig,
-                  avoid: list[Rule], what: str, start: list[Rule] = ()) -> list[Rule]:
+                  avoid: list[Rule], what: str, start: Sequence[Rule] = ()) -> list[Rule]:
     """``n`` mutually compatible rules over ``parts``: ``start``, then random ones, none of them
     equal to a rule in ``avoid``."""
     rules = list(start)
