@@ -23,11 +23,13 @@ float32 solver stops at ``8 * 1.2e-7 * max|f| / eps`` when that is larger (see
 table gives every result's largest relative error of the row masses ``P 1`` against a reference
 solved to ``tol=1e-12`` (ours, float64, untimed), and whether its top-100 source units are POT's.
 
-For each it prints the wall time (best of ``--repeat``: the first run of a process pays page
-faults on fresh memory, for POT's numpy arrays as for our kernel), the iteration count, the
-speed-up ``POT time / our time``, whether the top-100 source units by row mass are the same set
-as POT's, and the row-mass error above. The header gives the thread counts and the load average:
-on a shared machine compare ratios from one run only.
+For each it prints the wall time (best of ``--repeat``: the first run of a process pays for
+faulting in fresh memory; later runs of POT reuse numpy's huge pages, while torch hands large
+blocks back to the OS, so every run of ours faults in its (n, m) kernel again), the iteration
+count, the speed-up ``POT time / our time``, whether the top-100 source units by row mass are the
+same set as POT's, and the row-mass error above. The header gives the thread counts, the load
+average and the bandwidth of a plain numpy copy: both solvers are bound by memory traffic (each
+iteration reads the (n, m) kernel twice), so on a shared machine compare ratios from one run only.
 
 Run:  python benchmarks/uot.py --sizes 20000x1000 50000x2000
 """
@@ -68,6 +70,15 @@ def parse_size(text: str) -> tuple[int, int]:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"size must look like 20000x1000, got {text!r}") from exc
     return n, m
+
+
+def copy_bandwidth(megabytes: int = 256) -> float:
+    """GB/s moved (read + write) by the best of 5 numpy copies of a ``megabytes`` array."""
+    src = np.ones(megabytes << 17)  # float64
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    t, _ = best_time(lambda: np.copyto(dst, src), 5)
+    return 2 * src.nbytes / t / 1e9
 
 
 def top_k(scores: np.ndarray, k: int = TOP_K) -> set[int]:
@@ -122,7 +133,8 @@ def main() -> None:
           f"POT {ot.__version__}")
     print(f"# cosine cost eps_c={args.eps_c}, dim={args.dim}, eps={EPS}, tau_a={TAU_A}, "
           f"tau_b={TAU_B}, tol/stopThr={TOL}, a=b=1, seed={args.seed}, best of {args.repeat}")
-    print("# load average (1, 5, 15 min) at start: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
+    print("# load average (1, 5, 15 min) at start: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+          + f"; numpy copy bandwidth {copy_bandwidth():.1f} GB/s (read + write)")
 
     # warm-up of both on a small problem (imports, torch kernels, thread pools)
     ws, wt = clustered_features(500, 50, args.dim, seed=12345)
