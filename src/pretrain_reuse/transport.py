@@ -355,7 +355,7 @@ class _RowLSE:
                 # built in place, so no temporaries; the copy casts to the working dtype
                 kernel = self.kernel[k, s:s + rows].copy_(self.cost[k, s:s + rows])
                 if first:  # NaN/inf propagate into the sum
-                    total += kernel.sum(dtype=torch.float64)
+                    total += kernel.sum()
                 torch.add(h[k], kernel, alpha=-1.0 / self.eps, out=kernel)
                 r = self.r[k, s:s + rows]
                 torch.amax(kernel, dim=1, out=r)
