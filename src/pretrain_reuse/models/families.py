@@ -167,19 +167,9 @@ def hf_text_parts(folder: str, name: str) -> ModelParts:
             f"{name}: the folder has neither an image processor config nor a tokenizer "
             f"({str(e).splitlines()[0]}); save one next to the model "
             "(image_processor.save_pretrained(dir) or tokenizer.save_pretrained(dir))") from None
-    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    if any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
-        model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
-            folder, local_files_only=True, output_loading_info=True)
-        head_name = last_linear_name(model)
-        if not any(k.startswith(head_name + ".") for k in info["missing_keys"]):
-            spec = BackboneSpec(name=name, modality="text", input_size=None, resize_size=None,
-                                mean=None, std=None, interpolation=None,
-                                max_length=_max_length(tokenizer, model), pooling="cls")
-            dim = first_linear(model.get_submodule(head_name)).in_features
-            return ModelParts(model.float(), spec, head_name, dim, hf_sequence_features,
-                              tokenizer=tokenizer)
-        # no trained classifier in the folder (it would be random): use the encoder alone
+    classifier = _hf_sequence_classifier_parts(transformers, folder, name, tokenizer)
+    if classifier is not None:
+        return classifier
     model = transformers.AutoModel.from_pretrained(folder, local_files_only=True).float()
     pooling_cfg = _read_json(Path(folder) / "1_Pooling" / "config.json")
     st_cfg = _read_json(Path(folder) / "sentence_bert_config.json")
@@ -190,6 +180,25 @@ def hf_text_parts(folder: str, name: str) -> ModelParts:
                         pooling=pooling)
     extract = hf_text_mean if pooling == "mean" else hf_text_cls
     return ModelParts(model, spec, None, model.config.hidden_size, extract, tokenizer=tokenizer)
+
+
+def _hf_sequence_classifier_parts(transformers: ModuleType, folder: str, name: str,
+                                  tokenizer: Any) -> ModelParts | None:
+    """The folder's ``*ForSequenceClassification`` model with its classifier as the head; None
+    when the folder holds another model, or no trained classifier (it would be random)."""
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+        return None
+    model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        folder, local_files_only=True, output_loading_info=True)
+    head_name = last_linear_name(model)
+    if any(k.startswith(head_name + ".") for k in info["missing_keys"]):
+        return None
+    spec = BackboneSpec(name=name, modality="text", input_size=None, resize_size=None, mean=None,
+                        std=None, interpolation=None, max_length=_max_length(tokenizer, model),
+                        pooling="cls")
+    dim = first_linear(model.get_submodule(head_name)).in_features
+    return ModelParts(model.float(), spec, head_name, dim, hf_sequence_features, tokenizer=tokenizer)
 
 
 def _max_length(tokenizer: Any, model: nn.Module) -> int:
