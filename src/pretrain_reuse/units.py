@@ -215,7 +215,7 @@ def spherical_kmeans(store: FeatureStore, k: int, *, n_iter: int = 20, n_init: i
     Only passes 1, 3, 9, 27, ... compare every sample with all k centroids; the others compare it
     with its 16 most similar centroids of the last such pass, at a small fraction of the cost. On
     200k x 128 features with K = 2000, 18 passes reach a higher objective than 20 iterations of
-    scikit-learn's Lloyd, 3.5-3.7x faster on one thread, over 80% of it in the 3 full passes
+    scikit-learn's Lloyd, 3.5-4.0x faster on one thread, over 80% of it in the 3 full passes
     (``benchmarks/kmeans.py``). Training stops early when a full pass moves no sample (a fixed
     point of Lloyd too). An emptied cluster is re-seeded next to the largest one (as faiss does).
     Initial centroids are ``k`` distinct samples drawn with ``seed``. Runs in float32 (cluster sums
