@@ -174,9 +174,9 @@ class View(nn.Module):
 
     ``kind`` is one of :data:`VIEWS` (see the module's docstring), ``input_size`` the side of the
     output, ``strong`` adds RandAugment with ``ops`` operations (none if 0) and a Cutout of
-    ``cutout`` times the side. ``forward``
-    takes float (B, C, H, W) images in [0, 1] on any device and returns the normalised
-    (B, C, input_size, input_size) batch on that device, in channels-last memory layout.
+    ``cutout`` times the side. ``forward`` takes float (B, C, H, W) images in [0, 1] on any device
+    and returns the normalised (B, C, input_size, input_size) batch on that device, in
+    channels-last memory layout.
     """
 
     def __init__(self, spec: BackboneSpec, kind: str, input_size: int, *, strong: bool = False,
