@@ -253,8 +253,8 @@ def spherical_kmeans(store: FeatureStore, k: int, *, n_iter: int = 20, n_init: i
         raise PretrainReuseError("use_gpu=True but torch sees no CUDA GPU; pass use_gpu=False")
     rng = np.random.default_rng(seed)
     # shuffled once, so that a pass's steps are slices: no gathered copies of the rows
-    order = rng.permutation(n)
-    x_np = _normalized_float32(store.features, order)
+    position = np.argsort(rng.permutation(n))  # row i of the store is row position[i] of x
+    x_np = _normalized_float32(store.features, position)
     x = torch.from_numpy(x_np).to("cuda" if gpu else "cpu")
     train = x
     if max_points_per_unit is not None and n > k * max_points_per_unit:
@@ -268,7 +268,7 @@ def spherical_kmeans(store: FeatureStore, k: int, *, n_iter: int = 20, n_init: i
         if best is None or objective > best[0]:
             best = (objective, assign, fit)
     objective, assign, fit = best
-    assign = assign[np.argsort(order)]  # back to the order of the store
+    assign = assign[position]  # back to the order of the store
     counts = np.bincount(assign, minlength=k)
     empty = np.flatnonzero(counts == 0)
     if len(empty):  # renumber so that every unit has members
@@ -297,11 +297,11 @@ def _store_inputs(store: FeatureStore) -> dict[str, str]:
     return inputs
 
 
-def _normalized_float32(features: np.ndarray, order: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
-    """Contiguous float32 copy with unit-norm rows, row ``i`` of it is row ``order[i]`` of the
-    features. Read chunk by chunk in file order (works on memmaps), scattered in memory."""
+def _normalized_float32(features: np.ndarray, position: np.ndarray, chunk: int = 1 << 16
+                        ) -> np.ndarray:
+    """Contiguous float32 copy with unit-norm rows, row ``i`` of the features at row
+    ``position[i]``. Read chunk by chunk in file order (works on memmaps), scattered in memory."""
     out = np.empty(features.shape, dtype=np.float32)
-    position = np.argsort(order)
     for s in range(0, len(features), chunk):
         block = np.asarray(features[s:s + chunk], dtype=np.float32)
         check_matrix("features", block)
