@@ -141,9 +141,9 @@ def test_full_demo_reuse_of_uot_selected_classes_beats_vanilla_and_random(tmp_pa
 def test_full_fashion_demo_unlabelled_reuse_of_uot_clusters_beats_vanilla_and_random(tmp_path):
     """Liu et al.'s unlabelled claim on real pixels, 3 seeds (about 5 minutes on 2 cores alone):
     reuse-unlabeled with UOT-selected k-means clusters beats vanilla fine-tuning and
-    reuse-unlabeled with random clusters. Here the unlabelled pool holds images of the target's
-    own classes (as ImageNet holds birds for CUB), which the soft pseudo-labels need; the world
-    has none by construction, and there unlabelled reuse does not help (README)."""
+    reuse-unlabeled with random clusters. Here the target's evidence is a centred garment, which
+    the strong view's crops, rotations and colour changes leave recognisable; on the world, whose
+    evidence fills the frame, unlabelled reuse does not help (README)."""
     from pretrain_reuse.data.real import FASHION_MNIST_DIR
 
     if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists():

@@ -912,6 +912,21 @@ def test_resume_with_a_changed_config_exits_2(files, tmp_path, capsys):
 
 
 
+def test_a_run_from_before_an_option_existed_resumes_with_its_default(files, tmp_path, capsys):
+    """A version that adds an option writes it into run.json; a run folder written before it
+    lacks the key, and it ran with the option's default (the earlier behaviour)."""
+    argv = [*base_args(files, tmp_path / "run", steps=2), "--checkpoint-every", "1"]
+    out = run_ok(capsys, *argv)
+    marker = json.loads((out / "run.json").read_text())
+    assert marker["config"].pop("strong_ops") == FinetuneConfig().strong_ops
+    (out / "run.json").write_text(json.dumps(marker))
+    before = json.loads((out / "result.json").read_text())["final"]
+    run_ok(capsys, *argv)
+    assert json.loads((out / "result.json").read_text())["final"] == before
+    rc, _, err = cli(capsys, *argv, "--strong-ops", "1")
+    assert_one_line_error(rc, err, "strong_ops", "--out")
+
+
 def test_a_diverged_run_exits_2_at_the_next_checkpoint(files, tmp_path, capsys):
     # lr 1e12: the loss is inf or nan within a few steps; the losses are read every few steps
     # and always before an evaluation or a checkpoint (here after every step): the run stops at

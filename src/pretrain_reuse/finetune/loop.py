@@ -323,9 +323,12 @@ def _resume_point(out: Path, identity: dict) -> int:
             raise PretrainReuseError(f"{str(out)!r} has a checkpoint but no run.json; pass a new --out")
         return 0
     old = read_json(marker, "run marker")
-    if old.get("config") != identity["config"] or old.get("inputs") != identity["inputs"]:
-        changed = sorted(k for k in identity["config"]
-                         if old.get("config", {}).get(k) != identity["config"][k])
+    # An option added since the run began is missing from its run.json. Options are only added
+    # with a default that keeps the earlier behaviour, so the default is what that run used.
+    defaults = json.loads(to_json(FinetuneConfig().to_dict()))
+    old_config = {**defaults, **old.get("config", {})}
+    if old_config != identity["config"] or old.get("inputs") != identity["inputs"]:
+        changed = sorted(k for k in identity["config"] if old_config.get(k) != identity["config"][k])
         what = f"config ({', '.join(changed)})" if changed else "inputs"
         raise PretrainReuseError(
             f"{str(out)!r} holds a run with a different {what}; rerun with the same settings to "
