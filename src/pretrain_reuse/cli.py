@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .errors import PretrainReuseError, check_choice
+from .errors import PretrainReuseError, check_choice, parse_ids
 from .runtime import keep_freed_memory
 
 EXIT_USER_ERROR = 2
@@ -141,28 +141,11 @@ def _parse_k(text: str) -> int | float:
         ) from None
 
 
-def _parse_ids(text: str, flag: str) -> tuple[int, ...]:
-    """``"3,7-9"`` -> (3, 7, 8, 9)."""
-    ids: list[int] = []
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.strip().partition("-")
-            lo, hi = int(lo), int(hi or lo)
-            if hi < lo:
-                raise ValueError
-            ids.extend(range(lo, hi + 1))
-    except ValueError:
-        raise PretrainReuseError(
-            f"{flag} {text!r} is not a list of unit ids; write e.g. 7-24,80-100"
-        ) from None
-    return tuple(ids)
-
-
 def cmd_select(args) -> int:
     from .selection import SelectConfig, select
 
-    ids = _parse_ids(args.ids, "--ids") if args.ids else ()
-    relevant = _parse_ids(args.relevant, "--relevant") if args.relevant else ()
+    ids = parse_ids(args.ids, "--ids") if args.ids else ()
+    relevant = parse_ids(args.relevant, "--relevant") if args.relevant else ()
     cfg = SelectConfig(method=args.method, k=_parse_k(args.k), metric=args.metric,
                        eps_c=args.eps_c, eps=args.eps, tau_a=args.tau_a, tau_b=args.tau_b,
                        max_iter=args.max_iter, tol=args.tol, dtype=args.dtype, device=args.device,
@@ -380,7 +363,7 @@ def cmd_experiment(args) -> int:
         args.config, model=args.model, weights=args.weights, source=args.source,
         target=args.target, target_test=args.target_test, source_features=args.source_features,
         target_features=args.target_features, seeds=args.seeds, k=args.k, clusters=args.clusters,
-        relevant=_parse_ids(args.relevant, "--relevant") if args.relevant else None)
+        relevant=parse_ids(args.relevant, "--relevant") if args.relevant else None)
     table = run_experiment(args.name, cfg, args.out, progress=not args.quiet)
     print(table.to_markdown())
     print(f"wrote {Path(args.out) / 'results.md'}, results.csv and results.png")

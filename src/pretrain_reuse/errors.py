@@ -80,6 +80,23 @@ def check_device(device: str) -> str:
     return device
 
 
+def parse_ids(text: str, flag: str) -> tuple[int, ...]:
+    """Unit ids written as ``"3,7-9"`` -> (3, 7, 8, 9); ``flag`` names the option in the error."""
+    ids: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            lo, hi = int(lo), int(hi or lo)
+            if hi < lo:
+                raise ValueError
+            ids.extend(range(lo, hi + 1))
+    except ValueError:
+        raise PretrainReuseError(
+            f"{flag} {text!r} is not a list of unit ids; write e.g. 7-24,80-100"
+        ) from None
+    return tuple(ids)
+
+
 def check_file(name: str, path: str | Path) -> Path:
     """Check that ``path`` exists; return it as a Path."""
     p = Path(path)
