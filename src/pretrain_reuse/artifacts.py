@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import hashlib
 import json
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -75,28 +77,59 @@ def hash_file(path: str | Path) -> str:
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The file ends up with the mode a plain ``open(path, "w")`` gives (``0o666`` less the umask),
+    whatever the block's writer does to the temporary file. ``path`` being an existing folder is
+    refused before anything is written.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise PretrainReuseError(
+            f"output {str(path)!r} is a folder; pass a file path, such as a new file name inside it"
+        )
     parent = path.parent if str(path.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        tmp_path, mode = _create_temp(parent, path.name)
     except OSError as e:
         raise PretrainReuseError(
             f"cannot write {str(path)!r}: {e.strerror}; choose a writable output path"
         ) from None
-    os.close(fd)
-    tmp_path = Path(tmp)
-    tmp_path.chmod(0o666 & ~current_umask())  # mkstemp creates 0600; give the file the usual mode
     try:
         yield tmp_path
+        # Set again: a writer may replace the temporary file with its own (safetensors writes a
+        # file of its own, mode 0600, and renames it onto the path it was given).
+        os.chmod(tmp_path, mode)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
+def _create_temp(parent: Path, name: str) -> tuple[Path, int]:
+    """Create an empty ``parent/.name.<random>.tmp`` and return it with its permission bits.
+
+    Created with ``os.open(..., 0o666)`` rather than ``mkstemp`` (always 0600) so that the kernel
+    applies the umask (and a default ACL) exactly as for a plain ``open``; reading the umask in
+    Python would mean setting it, which races with other threads.
+    """
+    for _ in range(100):  # as mkstemp does; with 64 random bits a clash is all but impossible
+        tmp = parent / f".{name}.{secrets.token_hex(8)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            return tmp, stat.S_IMODE(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+    raise FileExistsError(errno.EEXIST, f"no free temporary name for {name!r} in {str(parent)!r}")
+
+
 def current_umask() -> int:
+    """The process umask. Not thread-safe (reading it means setting it): prefer creating the file
+    with mode 0o666 and letting the kernel apply the umask, as :func:`atomic_path` does."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -9,7 +9,8 @@ computed in batches from its own start and written atomically as one safetensors
   0 writes ``index.json`` at the end, giving the same store as one process.
 
 Unreadable images are skipped, counted and listed in the index (never a crash halfway through a
-million-image folder).
+million-image folder); a data set with no readable image at all is refused before anything is
+written.
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True) -> Featur
     dataset = open_dataset(cfg.data, split=cfg.split)
     if len(dataset) == 0:
         raise PretrainReuseError(f"--data {cfg.data!r} holds no images")
+    _require_a_readable_image(dataset, cfg.data)
     with torch.random.fork_rng(devices=[]):  # every process and every rerun: the same network
         torch.manual_seed(cfg.seed)
         backbone = create_backbone(cfg.model, weights=cfg.weights, layer=cfg.layer, device=device)
@@ -147,6 +149,17 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True) -> Featur
     if world > 1:
         dist.barrier()
     return FeatureStore.load(out)
+
+
+def _require_a_readable_image(dataset: ImageDataset, data: str) -> None:
+    # Checked before the folder is claimed: otherwise the run would end in an empty store that a
+    # rerun with fixed data refuses as "made with other settings". Decoding stops at the first
+    # readable image, so this costs one image on sane data.
+    if any(dataset.load(i) is not None for i in range(len(dataset))):
+        return
+    raise PretrainReuseError(
+        f"--data {data!r}: none of its {len(dataset)} images can be read (first: "
+        f"{dataset.ids[0]!r}); check that the files exist and are images")
 
 
 def _shard_path(parts: Path, k: int) -> Path:

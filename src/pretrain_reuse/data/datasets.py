@@ -14,7 +14,7 @@ read (missing, truncated, not an image) does not stop a run: ``ds[i]`` returns `
 the image, :func:`collate` drops it from the batch and lists its position in ``Batch.skipped``, and
 :func:`describe_skipped` turns the positions collected over a run into one line (count and first
 ids). This works the same in DataLoader worker processes, where a counter on the dataset object
-would be lost.
+would be lost. Only a list file none of whose paths exists is refused at once (:func:`file_list`).
 
 Order is deterministic: an image folder follows ``torchvision.datasets.ImageFolder`` exactly
 (class folders sorted by name, files by sorted ``os.walk``), a list file keeps its line order.
@@ -296,6 +296,11 @@ def file_list(path: str | Path, *, mode: str = "RGB",
     class indices, named by a ``classes.txt`` beside the list when there is one; any other labels
     are class names, numbered in sorted order (as folder names are). A single column means
     unlabelled images.
+
+    A list none of whose paths exists is refused, naming the first path: that is a wrong base
+    folder, not a few lost files. Missing paths among existing ones are kept and, like corrupt
+    images, skipped and counted when read (``embed`` prints their count and lists them in its
+    index), so a long list with a few deleted files still runs.
     """
     p = check_file("data", path)
     try:
@@ -322,11 +327,22 @@ def file_list(path: str | Path, *, mode: str = "RGB",
                 "`path,label` (or every line just `path`)")
     ids = [row[0] for _, row in rows]
     paths = [p.parent / i for i in ids]
+    _require_some_path(paths, ids, p)
     labels, class_names = None, None
     if width == 2:
         labels, class_names = _parse_labels([row[1] for _, row in rows], p)
     return FileDataset(paths, ids=ids, labels=labels, class_names=class_names, mode=mode,
                        transform=transform, source=str(p))
+
+
+def _require_some_path(paths: list[Path], ids: list[str], list_path: Path) -> None:
+    # Stops at the first path that exists: a stat per line only for a list that is all wrong.
+    if any(path.exists() for path in paths):
+        return
+    raise PretrainReuseError(
+        f"data: {len(paths)} of {len(paths)} paths in {str(list_path)!r} are missing (first: "
+        f"{ids[0]!r}, looked for {str(paths[0].absolute())!r}); paths in a list file are "
+        "relative to the list file's folder: fix them or move the list")
 
 
 def _is_header(row: list[str]) -> bool:
