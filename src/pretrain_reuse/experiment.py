@@ -34,7 +34,7 @@ import csv
 import io
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +44,10 @@ from .artifacts import atomic_path, claim_folder, make_meta, read_json, write_js
 from .data.catalog import DATASETS
 from .data.datasets import ImageDataset
 from .embed import EmbedConfig, embed
-from .errors import PretrainReuseError, check_choice
+from .errors import PretrainReuseError, check_choice, parse_ids
 from .features import FeatureStore
-from .finetune import FinetuneConfig, RunResult, finetune_datasets, load_config, open_split
-from .finetune.config import config_values
+from .finetune import MODES, FinetuneConfig, RunResult, finetune_datasets, open_split
+from .finetune.config import checked_values, config_values
 from .selection import SelectConfig, Selection, select
 from .units import Units, class_means, spherical_kmeans
 
@@ -80,7 +80,8 @@ class ExperimentConfig:
             (default: the share that the top-``k`` UOT classes cover, as the paper matches 200
             clusters to 100 classes; ``k / classes`` without labels).
         clusters: k-means K for cluster units; metric, eps_c: the selection cost.
-        relevant: pool class ids known to be related to the target (recall, label selection).
+        relevant: pool class ids known to be related to the target (recall, label selection); in
+            YAML a list or the syntax of ``--relevant`` (``"7-24,80-100"``).
         finetune: FinetuneConfig fields shared by every run; lam: λ per mode on top.
         sweep: values of the swept variable (see ``SWEEP_DEFAULTS``).
         skip: row names not to run (e.g. ``co-tuning`` for a backbone without a classifier).
@@ -105,7 +106,7 @@ class ExperimentConfig:
     relevant: tuple[int, ...] = ()
     finetune: dict[str, Any] = field(default_factory=dict)
     lam: dict[str, float] = field(default_factory=dict)
-    sweep: dict[str, tuple] = field(default_factory=dict)
+    sweep: dict[str, tuple[float, ...]] = field(default_factory=dict)
     skip: tuple[str, ...] = ()
     pretrainings: dict[str, str] = field(default_factory=dict)
     explain: dict[str, Any] = field(default_factory=dict)
@@ -121,16 +122,18 @@ class ExperimentConfig:
                                      f"{self.cluster_k}")
         for name in self.sweep:
             check_choice("sweep key", name, SWEEP_DEFAULTS)
-        self.base_finetune()  # an unknown or invalid fine-tuning field fails before any work
+        # the nested settings are used only when a row's run starts, after features, units and
+        # selections are computed: an unknown key or a bad value must fail here, before any work
+        base = self.base_finetune()
+        for mode, lam in self.lam.items():
+            check_choice("lam key", mode, MODES)
+            replace(base, lam=lam)  # FinetuneConfig checks that λ >= 0
         self.explain_config()
 
     def explain_config(self):
         from .knowledge.explain import ExplainConfig
 
-        known = {f.name for f in fields(ExplainConfig)}
-        for key in self.explain:
-            check_choice("explain key", key, sorted(known))
-        return ExplainConfig(**self.explain)
+        return ExplainConfig(**checked_values(self.explain, ExplainConfig, "explain key"))
 
     def weights_of(self) -> dict[str, str | None]:
         """The pre-trainings to compare: label -> weights."""
@@ -140,24 +143,21 @@ class ExperimentConfig:
         return tuple(self.sweep.get(name, SWEEP_DEFAULTS[name]))
 
     def base_finetune(self) -> FinetuneConfig:
-        return load_config(None, **self.finetune)
+        return FinetuneConfig(**checked_values(self.finetune, FinetuneConfig, "finetune key"))
 
 
 def load_experiment_config(path: str | Path | None = None, **overrides: Any) -> ExperimentConfig:
     """An :class:`ExperimentConfig` from a YAML file with ``overrides`` (None = unset) on top."""
     values = config_values(path, overrides)
-    known = {f.name for f in fields(ExperimentConfig)}
-    for key in values:
-        check_choice("experiment config key", key, sorted(known))
+    if isinstance(values.get("relevant"), str):  # the syntax of --relevant, e.g. 56-63,112-119
+        values["relevant"] = parse_ids(values["relevant"], "relevant")
+    if isinstance(values.get("sweep"), dict):  # a single swept value needs no list around it
+        values["sweep"] = {k: v if isinstance(v, list | tuple) else [v]
+                           for k, v in values["sweep"].items()}
+    values = checked_values(values, ExperimentConfig, "experiment config key")
     for key in ("model", "source", "target"):
         if not values.get(key):
             raise PretrainReuseError(f"the experiment needs {key!r}; pass --{key} or set it in --config")
-    for key in ("seeds", "relevant", "skip"):
-        if key in values:
-            values[key] = tuple(values[key])
-    if "sweep" in values:
-        values["sweep"] = {k: tuple(v) if isinstance(v, list | tuple) else (v,)
-                           for k, v in values["sweep"].items()}
     return ExperimentConfig(**values)
 
 

@@ -1,15 +1,17 @@
 """FinetuneConfig: every knob of a fine-tuning run, with the defaults of Liu et al. (NeurIPS 2022).
 
 CLI flags map one to one onto the fields (``--lr`` <-> ``lr``); a YAML file loads into the same
-class, and an unknown key is an error. The resolved config is saved with every run.
+class, and an unknown key or a value of the wrong type is an error. The resolved config is saved
+with every run.
 """
 
 from __future__ import annotations
 
 import math
+import types
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -126,7 +128,12 @@ def config_values(path: str | Path | None, overrides: dict[str, Any]) -> dict[st
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise PretrainReuseError(f"--config {str(p)!r} is not valid YAML: {e}") from None
+            # PyYAML's own text spans several lines (the source line and a caret); keep the
+            # problem and its position, on the one line the CLI prints
+            mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            detail = where + (problem or " ".join(str(e).split()))
+            raise PretrainReuseError(f"--config {str(p)!r} is not valid YAML ({detail})") from None
         if not isinstance(loaded, dict):
             raise PretrainReuseError(f"--config {str(p)!r} must hold a mapping of field: value")
         values.update(loaded)
@@ -134,16 +141,95 @@ def config_values(path: str | Path | None, overrides: dict[str, Any]) -> dict[st
     return values
 
 
+def checked_values(values: dict[str, Any], cls: type, what: str = "config key") -> dict[str, Any]:
+    """``values`` (field: value, from a YAML file or flags) checked against the fields of the
+    dataclass ``cls`` and their annotations; lists become tuples.
+
+    The loaders call it once, at the boundary: without it a YAML ``epochs: one`` or ``lr: abc``
+    fails as a traceback deep in training. An unknown key or a value of the wrong type raises one
+    line naming the key (``what`` says whose key), what it must be and what it got.
+    """
+    hints = get_type_hints(cls)
+    known = sorted(f.name for f in fields(cls))
+    checked = {}
+    for key, value in values.items():
+        check_choice(what, key, known)
+        try:
+            checked[key] = _typed(value, hints[key])
+        except _WrongType:
+            raise PretrainReuseError(f"{what} {key!r} must be {_describe(hints[key])}, got "
+                                     f"{value!r}{_number_hint(value, hints[key])}") from None
+    return checked
+
+
+class _WrongType(Exception):
+    """A value does not fit its annotation (turned into a PretrainReuseError naming the key)."""
+
+
+def _typed(value: Any, hint: Any) -> Any:
+    """``value`` as a field annotated ``hint`` holds it (lists become tuples); raises _WrongType.
+
+    Handles the annotations config classes use: str, int, float, bool, Any, ``X | None``,
+    ``tuple[X, ...]`` and ``dict[str, X]``."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is types.UnionType:  # every union of a config field is `X | None`
+        return None if value is None else _typed(value, _not_none(args))
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise _WrongType
+        return tuple(_typed(v, args[0]) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _WrongType
+        return {k: _typed(v, args[1]) for k, v in value.items()}
+    if hint is Any:
+        return value
+    # bool is a subclass of int, so True would otherwise pass as the integer 1
+    if isinstance(value, bool) != (hint is bool):
+        raise _WrongType
+    # a float field also takes an int (lr: 1), kept as written so that saved configs do not change
+    if not isinstance(value, int | float if hint is float else hint):
+        raise _WrongType
+    return value
+
+
+def _not_none(args: tuple) -> Any:
+    return next(a for a in args if a is not type(None))
+
+
+#: How an error names each scalar type: (one, many).
+_TYPE_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"),
+               bool: ("true or false", "true/false values"), str: ("a string", "strings"),
+               Any: ("any value", "values")}
+
+
+def _describe(hint: Any, plural: bool = False) -> str:
+    """What an annotation asks for, in words: ``tuple[float, ...]`` -> "a list of numbers"."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is types.UnionType:
+        return f"{_describe(_not_none(args), plural)} or null"
+    if origin is tuple:
+        return f"{'lists' if plural else 'a list'} of {_describe(args[0], True)}"
+    if origin is dict:
+        return f"{'mappings' if plural else 'a mapping'} of names to {_describe(args[1], True)}"
+    return _TYPE_NAMES[hint][plural]
+
+
+def _number_hint(value: Any, hint: Any) -> str:
+    """PyYAML reads ``3e-3`` (no dot, YAML 1.1) and quoted numbers as text: say how to write it."""
+    if not isinstance(value, str) or hint not in (float, float | None):
+        return ""
+    try:
+        number = float(value)
+    except ValueError:
+        return ""
+    return f" (YAML reads it as text; write {number!r})" if math.isfinite(number) else ""
+
+
 def load_config(path: str | Path | None = None, **overrides: Any) -> FinetuneConfig:
-    """A config from a YAML file (optional) with ``overrides`` on top; unknown keys are errors."""
-    values = config_values(path, overrides)
-    known = {f.name for f in fields(FinetuneConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        check_choice("config key", unknown[0], sorted(known))
-    if "milestones" in values:
-        values["milestones"] = tuple(values["milestones"])
-    return FinetuneConfig(**values)
+    """A config from a YAML file (optional) with ``overrides`` on top; unknown keys and values of
+    the wrong type are errors."""
+    return FinetuneConfig(**checked_values(config_values(path, overrides), FinetuneConfig))
 
 
 def lr_at(step: int, total_steps: int, cfg: FinetuneConfig) -> float:
