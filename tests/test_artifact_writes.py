@@ -95,8 +95,6 @@ def test_embedded_feature_store_shards_and_index_are_readable_by_others(tmp_path
     assert {p.name: mode_of(p) for p in written} == {p.name: 0o644 for p in written}
 
 
-@pytest.mark.xfail(strict=True, reason="FeatureStore.save (features.py) writes its shards with "
-                   "safetensors directly, not through atomic_path, so they stay 0600")
 def test_saved_feature_store_shards_are_readable_by_others(tmp_path, umask_022):
     store = FeatureStore(features=np.ones((3, 4), np.float32), ids=["a", "b", "c"])
     path = store.save(tmp_path / "store")

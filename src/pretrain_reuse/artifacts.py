@@ -127,14 +127,6 @@ def _create_temp(parent: Path, name: str) -> tuple[Path, int]:
     raise FileExistsError(errno.EEXIST, f"no free temporary name for {name!r} in {str(parent)!r}")
 
 
-def current_umask() -> int:
-    """The process umask. Not thread-safe (reading it means setting it): prefer creating the file
-    with mode 0o666 and letting the kernel apply the umask, as :func:`atomic_path` does."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def to_json(obj: Any) -> str:
     """JSON text of ``obj`` (numpy scalars and paths converted; NaN refused)."""
     return json.dumps(_jsonable(obj), indent=1, allow_nan=False)

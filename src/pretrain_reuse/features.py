@@ -12,8 +12,8 @@ written last, so a folder without ``index.json`` is an unfinished store.
 
 from __future__ import annotations
 
+import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from .artifacts import current_umask, decode_ids, encode_ids, hash_file, read_json, write_json
+from .artifacts import atomic_path, decode_ids, encode_ids, hash_file, read_json, write_json
 from .errors import PretrainReuseError, check_file, check_matrix
 
 STORE_FORMAT = 1
@@ -92,8 +92,9 @@ class FeatureStore:
                 f"{str(path)!r} exists and is not a feature store; choose another output path"
             )
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        tmp.chmod(0o777 & ~current_umask())  # mkdtemp creates 0700
+        # not mkdtemp (always 0700): mkdir's mode lets the kernel apply the umask, as for the files
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+        tmp.mkdir(mode=0o777)
         try:
             shards = []
             for k, s in enumerate(range(0, len(self), shard_size)):
@@ -105,7 +106,8 @@ class FeatureStore:
                 }
                 if self.labels is not None:
                     tensors["labels"] = np.ascontiguousarray(self.labels[rows])
-                save_file(tensors, str(tmp / name))
+                with atomic_path(tmp / name) as shard:  # for the file mode (see atomic_path)
+                    save_file(tensors, str(shard))
                 shards.append({"file": name, "n": rows.stop - rows.start})
             write_json(tmp / "index.json", {
                 "kind": "features", "format": STORE_FORMAT, "n": len(self), "dim": self.dim,
