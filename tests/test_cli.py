@@ -238,6 +238,21 @@ def test_label_selection_by_ids_keeps_the_given_order(capsys, data):
     assert read_sel(data.out)["selected"] == [4, 2, 9]
 
 
+def test_label_selection_without_k_keeps_every_named_unit(capsys, data):
+    run_ok(capsys, *select_args(data, "--method", "label", "--ids", "4,2,9"))
+    assert read_sel(data.out)["selected"] == [4, 2, 9]
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--ids", "5"], "--method label"),  # ids without the label method would be ignored
+    (["--k", "150%"], "--k 150% is not a share of the pool"),
+])
+def test_select_options_that_would_be_ignored_or_meaningless_exit_2(capsys, data, extra, needle):
+    rc, _, err = cli(capsys, *select_args(data, *extra))
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and needle in err
+    assert not data.out.exists()
+
+
 def test_label_selection_by_id_ranges_and_recall_of_relevant_ids(capsys, data):
     out = run_ok(capsys, *select_args(data, "--k", "4", "--method", "label", "--ids", "7-9,2",
                                       "--relevant", "8,2,30,31"))
@@ -559,6 +574,13 @@ def test_unknown_device_is_a_user_error(capsys, data):
 def test_demo_into_an_existing_file_is_a_user_error(capsys, data):
     rc, _, err = cli(capsys, "demo", "--quick", "--out", data.inp / "S.npy")
     assert rc == 2 and err.startswith(ERROR_PREFIX)
+
+
+@pytest.mark.parametrize("threads", ["0", "-1"])
+def test_demo_with_no_threads_is_a_user_error(capsys, tmp_path, threads):
+    rc, _, err = cli(capsys, "demo", "--quick", "--threads", threads, "--out", tmp_path / "d")
+    assert rc == 2 and err.startswith(ERROR_PREFIX) and "--threads" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "d").exists()
 
 
 def test_units_kmeans_clusters_unlabelled_npy_features(capsys, data):

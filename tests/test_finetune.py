@@ -388,12 +388,20 @@ def test_cluster_selection_maps_units_to_samples_by_id():
 
 def test_selection_out_of_range_or_of_other_data_is_an_error():
     p = pool()
-    with pytest.raises(PretrainReuseError, match="class 6"):
+    with pytest.raises(PretrainReuseError, match=r"ranks 7 units, but .* has 6 classes.*--units"):
         selected_source(p, selection([1, 6], 7), None, source_head="selected")
+    # a selection over another pool's units, even with ids in range (here: 10 units)
+    with pytest.raises(PretrainReuseError, match=r"ranks 10 units, but .* has 6 classes"):
+        selected_source(p, selection([1, 2], 10), None, source_head="selected")
+    # as many units, but other classes (e.g. the target's own class means)
+    other_names = Selection(selected=[1], scores=np.zeros(6), params={},
+                            unit_names=["k0", "k1", "t2", "k3", "k4", "k5"])
+    with pytest.raises(PretrainReuseError, match=r"unit 2 is 't2', but class 2 .* is 'k2'"):
+        selected_source(p, other_names, None, source_head="selected")
     rng = np.random.default_rng(3)
     units = Units(prototypes=rng.normal(size=(3, 4)), kind="cluster",
                   assignment=rng.integers(0, 3, 24), sample_ids=list(p.ids))
-    with pytest.raises(PretrainReuseError, match="unit 3"):
+    with pytest.raises(PretrainReuseError, match="ranks 4 units, but the units file has 3"):
         selected_source(p, selection([0, 3], 4), units, source_head="selected")
     other = Units(prototypes=rng.normal(size=(3, 4)), kind="cluster",
                   assignment=np.zeros(5, np.int64), sample_ids=[f"elsewhere/{i}" for i in range(5)])
@@ -762,7 +770,7 @@ def test_yaml_config_with_flag_overrides_is_saved_with_the_run(files, tmp_path, 
     (["--lam", "-1"], "lam"),
     (["--strong-ops", "-1"], "strong_ops"),
     (["--mode", "finetune-all"], "mode"),
-    (["--mode", "reuse", "--source", "SOURCE", "--selection", "BADSEL"], "class 7"),
+    (["--mode", "reuse", "--source", "SOURCE", "--selection", "BADSEL"], "ranks 8 units"),
     (["--batch-size", "64"], "batch size"),
 ])
 def test_bad_arguments_exit_2_with_one_line(files, tmp_path, capsys, extra, needle):
@@ -790,6 +798,34 @@ def test_empty_target_folder_exits_2(files, tmp_path, capsys):
     args[args.index("--target") + 1] = tmp_path / "empty"
     rc, _, err = cli(capsys, *args)
     assert_one_line_error(rc, err, "no images")
+
+
+def test_test_data_of_other_classes_exits_2(files, tmp_path, capsys):
+    """Label c must mean the same class in the training and the test data: a test folder with
+    other class names (here the pre-training folder's), or more classes, is refused."""
+    args = base_args(files, tmp_path / "run")
+    args[args.index("--target-test") + 1] = files["source"]
+    rc, _, err = cli(capsys, *args)
+    assert_one_line_error(rc, err, "(s0, s1, s2, s3)", "(t0, t1, t2)", "--target-test")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("mode,weights,note", [
+    ("vanilla", False, "no --weights: smallcnn-s starts from a random initialisation"),
+    ("scratch", True, "--mode scratch re-initialises every layer, so --weights is not used"),
+    ("vanilla", True, None),
+])
+def test_a_backbone_without_pretrained_weights_is_noted(files, tmp_path, capsys, mode, weights,
+                                                        note):
+    args = [a for a in base_args(files, tmp_path / "run", steps=1) if a != "--quiet"]
+    if not weights:
+        i = args.index("--weights")
+        del args[i:i + 2]
+    rc, _, err = cli(capsys, *args, "--mode", mode)
+    assert rc == 0
+    notes = [line for line in err.splitlines() if "pretrain-reuse: note:" in line]
+    assert len(notes) == (1 if note else 0)
+    assert all(line.startswith(f"pretrain-reuse: note: {note}") for line in notes)
 
 
 def test_val_fraction_zero_still_writes_a_result(files, tmp_path, capsys):

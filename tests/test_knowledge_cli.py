@@ -96,6 +96,37 @@ def test_knowledge_with_a_missing_model_file_is_a_user_error(tmp_path, capsys):
     assert rc == 2 and "--pretrained" in err and "does not exist" in err
 
 
+@pytest.mark.parametrize("argv,needle", [(["--match", "foo"], "match"), (["--tau", "1.5"], "tau=1.5")])
+def test_knowledge_options_are_checked_before_any_interaction_is_computed(tmp_path, capsys,
+                                                                          argv, needle):
+    same = _classifier(tmp_path / "m.safetensors", 10)
+    rc, _, err = _run(capsys, "knowledge", "--model", "smallcnn-s", "--pretrained", same,
+                      "--finetuned", same, "--data", "synthetic:target", "--players", "grid:2x2",
+                      "--samples", 2, "--quiet", "--out", tmp_path / "k", *argv)
+    assert rc == 2 and err.count("\n") == 1 and needle in err
+    assert not (tmp_path / "k").exists()
+
+
+def test_checkpoints_may_name_the_fine_tuning_run_folder(tmp_path, capsys):
+    pre = _classifier(tmp_path / "pre.safetensors", 10)
+    run = tmp_path / "run"
+    rc, _, err = _run(capsys, "finetune", "--model", "smallcnn-s", "--weights", pre, "--target",
+                      "synthetic:target", "--max-steps", 2, "--batch-size", 8, "--eval-every", 1,
+                      "--snapshots", "--quiet", "--out", run)
+    assert rc == 0, err
+    snaps = sorted((run / "snapshots").glob("*.safetensors"))
+    assert snaps
+    # the fine-tuned model in both roles: the samples it classifies correctly are explainable
+    ft = run / "model.safetensors"
+    rc, _, err = _run(capsys, "knowledge", "--model", "smallcnn-s", "--pretrained", ft,
+                      "--finetuned", ft, "--checkpoints", run,
+                      "--data", "synthetic:target", "--players", "grid:2x2", "--samples", 2,
+                      "--quiet", "--out", tmp_path / "k")
+    assert rc == 0, err
+    k = json.loads((tmp_path / "k" / "knowledge.json").read_text())
+    assert len(k["convergence"]["similarity"]) == len(snaps)
+
+
 def test_knowledge_on_world_parts_reports_recovery_of_the_class_rules(tmp_path, capsys):
     # recompute precision/recall from the written interactions by brute force: the truth is the
     # Möbius sum of the scene's rule over all subsets, the prediction the salient entries

@@ -45,6 +45,17 @@ def test_uot_recovers_all_planted_related_classes_and_avoids_hubs(world):
     assert not set(sel.selected) & set(w.hubs.tolist())
 
 
+def test_labelled_feature_stores_stand_for_their_class_means(world):
+    w, source, target = world
+    sel = select(w.pretrain, w.target, SelectConfig(k=len(w.related)))
+    ref = select(source, target, SelectConfig(k=len(w.related)))
+    assert sel.selected == ref.selected
+    np.testing.assert_array_equal(sel.scores, ref.scores)
+    unlabelled = type(w.target)(features=w.target.features)
+    with pytest.raises(PretrainReuseError, match="class means need labels"):
+        select(source, unlabelled)
+
+
 def test_greedy_ot_falls_for_the_barycentre_hubs(world):
     # Greedy OT averages the distance to all target classes, so classes sitting between the
     # target groups (hubs) outrank genuinely related ones (methods/reuse.md §1.5).

@@ -98,6 +98,7 @@ def cmd_embed(args) -> int:
     skipped = store.meta.get("skipped", 0)
     print(f"wrote {len(store)} x {store.dim} features to {args.out}"
           + (f"; skipped {skipped} unreadable images (listed in index.json)" if skipped else ""))
+    _note_weights(args.model, args.weights, args.quiet)
     return 0
 
 
@@ -133,7 +134,11 @@ def _parse_k(text: str) -> int | float:
     """``"100"`` -> 100 units; ``"0.1"`` or ``"10%"`` -> a 0.1 share of the source samples."""
     try:
         if text.endswith("%"):
-            return float(text[:-1]) / 100.0
+            share = float(text[:-1])
+            if not 0 < share <= 100:
+                raise PretrainReuseError(
+                    f"--k {text} is not a share of the pool; pass a percentage in (0, 100]")
+            return share / 100.0
         return float(text) if any(c in text for c in ".eE") else int(text)
     except ValueError:
         raise PretrainReuseError(
@@ -146,7 +151,8 @@ def cmd_select(args) -> int:
 
     ids = parse_ids(args.ids, "--ids") if args.ids else ()
     relevant = parse_ids(args.relevant, "--relevant") if args.relevant else ()
-    cfg = SelectConfig(method=args.method, k=_parse_k(args.k), metric=args.metric,
+    k = _parse_k(args.k) if args.k else None if args.method == "label" else 100
+    cfg = SelectConfig(method=args.method, k=k, metric=args.metric,
                        eps_c=args.eps_c, eps=args.eps, tau_a=args.tau_a, tau_b=args.tau_b,
                        max_iter=args.max_iter, tol=args.tol, dtype=args.dtype, device=args.device,
                        seed=args.seed, unit_ids=ids, name_pattern=args.names)
@@ -192,12 +198,14 @@ def cmd_finetune(args) -> int:
         best = grid_search(cfg, parse_grid(args.grid), args.out, run)["best"]
         print(f"best on validation: {best['run']} (val top-1 {best['val_top1']:.4f}; its test "
               f"top-1 {best['test_top1_at_best_val']:.4f}); wrote {Path(args.out) / 'grid.csv'}")
+        _note_weights(args.model, args.weights, args.quiet, mode=cfg.mode)
         return 0
     result = run(cfg, args.out)
     final, best = result.final, result.at_best_val
     print(f"{cfg.mode}: test top-1 {final['top1']:.4f} (mean per-class {final['mean_class_acc']:.4f}) "
           f"after the last step; {best['top1']:.4f} at the best-validation evaluation "
           f"(step {best['step']}); wrote {Path(args.out) / 'result.json'}")
+    _note_weights(args.model, args.weights, args.quiet, mode=cfg.mode)
     return 0
 
 
@@ -246,6 +254,22 @@ def _explain_config(args):
                          device=args.device)
 
 
+def _note_weights(model: str, weights: str | None, quiet: bool, mode: str | None = None) -> None:
+    """Say, after a command's work, when the backbone held no pre-trained weights: nothing is
+    ever downloaded, so a forgotten --weights would otherwise pass silently for a random network.
+    (After, not before: a user error must stay the only line of a failed command.)"""
+    if quiet:
+        return
+    if mode == "scratch" and weights:
+        note = "--mode scratch re-initialises every layer, so --weights is not used"
+    elif weights is None and mode != "scratch" and not model.startswith(("hf:", "python:")):
+        note = (f"no --weights: {model} starts from a random initialisation (nothing is "
+                "downloaded); pass local pre-trained weights with --weights")
+    else:
+        return
+    print(f"pretrain-reuse: note: {note}", file=sys.stderr)
+
+
 def _classifier(name: str, weights: str | None, what: str, quiet: bool):
     from .models import create_backbone
 
@@ -288,6 +312,7 @@ def cmd_explain(args) -> int:
     print(f"explained {len(results)} samples with n={results[0].n} players -> {args.out}; "
           f"faithfulness error of the salient interactions (tau={args.tau}): mean "
           f"{np.nanmean(errors):.4f}, max {np.nanmax(errors):.4f}")
+    _note_weights(args.model, args.weights, args.quiet)
     return 0
 
 
@@ -303,7 +328,10 @@ def cmd_knowledge(args) -> int:
     if args.checkpoints:
         from .errors import check_file
 
-        files = sorted(check_file("--checkpoints", args.checkpoints).glob("*.safetensors"))
+        folder = check_file("--checkpoints", args.checkpoints)
+        if (folder / "run.json").exists():  # a fine-tuning run folder: its snapshots
+            folder = folder / "snapshots"
+        files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise PretrainReuseError(f"--checkpoints {args.checkpoints!r} holds no .safetensors "
                                      "models; fine-tune with --snapshots to save them")
@@ -377,6 +405,8 @@ def cmd_demo(args) -> int:
 
     # Small convolutions gain little from a second thread, and an OpenMP team that shares its
     # cores with other work slows down several-fold, so the demo defaults to one thread.
+    if args.threads < 1:
+        raise PretrainReuseError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     out = Path(args.out or ("runs/demo" if args.scenario == "world" else f"runs/demo-{args.scenario}"))
     summary = run_demo(out, quick=args.quick, seed=args.seed, progress=not args.quiet,
@@ -384,8 +414,9 @@ def cmd_demo(args) -> int:
     for name, rec in summary["selection"].items():
         print(f"selection {name:>18}: recall of the related classes {rec['recall']:.3f}")
     for name, ft in summary["finetune"].items():
-        print(f"finetune  {name:>18}: test top-1 {ft['top1_mean']:.4f} ± {ft['top1_std']:.4f} "
-              f"({len(ft['seeds'])} seeds)")
+        n = len(ft["seeds"])
+        spread = f" ± {ft['top1_std']:.4f} ({n} seeds)" if n > 1 else " (1 seed)"
+        print(f"finetune  {name:>18}: test top-1 {ft['top1_mean']:.4f}{spread}")
     k = summary["knowledge"]
     print("knowledge: " + ", ".join(f"{key} {k[key]:.3f}" for key in
                                     ("preserved", "discarded", "new", "exclusive_vs_scratch") if key in k))
@@ -466,8 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--source-labels", help=".npy labels when --source holds per-sample features")
     s.add_argument("--target-labels", help=".npy labels when --target holds per-sample features")
     s.add_argument("--class-names", help="names of the source units, one per line")
-    s.add_argument("--k", default="100",
-                   help="units to select (100), or a fraction of source samples (0.1 or 10%%)")
+    s.add_argument("--k", help="units to select (default 100; with --method label: all named), "
+                   "or a fraction of source samples (0.1 or 10%%)")
     s.add_argument("--method", default="uot", help=f"one of {', '.join(SELECTORS)}")
     s.add_argument("--metric", default="cosine", help=f"one of {', '.join(METRICS)}")
     s.add_argument("--eps-c", type=float, default=0.01, help="cost scale: C = d/eps_c (0.01)")
@@ -523,7 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--pretrained", required=True, help="linear-probe model.safetensors")
     k.add_argument("--finetuned", required=True, help="fine-tuned model.safetensors")
     k.add_argument("--scratch", help="scratch-trained model.safetensors")
-    k.add_argument("--checkpoints", help="folder of fine-tuning snapshots (finetune --snapshots)")
+    k.add_argument("--checkpoints", help="fine-tuning run folder made with finetune --snapshots "
+                   "(or its snapshots/ folder): the convergence curve")
     k.add_argument("--match", default="support", help="support | signed")
     _add_explain_flags(k)
     k.set_defaults(func=cmd_knowledge)

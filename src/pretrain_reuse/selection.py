@@ -28,8 +28,9 @@ import torch
 
 from .artifacts import make_meta, read_json, write_json
 from .errors import PretrainReuseError, check_choice, check_device, check_positive, lookup
+from .features import FeatureStore
 from .transport import METRICS, cost_matrix, unbalanced_sinkhorn_batched
-from .units import Units
+from .units import Units, class_means
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,12 @@ class SelectConfig:
     """Parameters of a selection; defaults are those of Liu et al. (NeurIPS 2022).
 
     ``k``: number of units (an int >= 1) or, as a float in (0, 1], the fraction of source samples
-    to cover (``1`` is one unit, ``1.0`` all samples). ``unit_ids`` / ``name_pattern`` are used
-    by ``method="label"`` only.
+    to cover (``1`` is one unit, ``1.0`` all samples); None with ``method="label"``: every named
+    unit. ``unit_ids`` / ``name_pattern`` name the units of ``method="label"`` (only).
     """
 
     method: str = "uot"
-    k: int | float = 100
+    k: int | float | None = 100
     metric: str = "cosine"
     eps_c: float = 0.01
     eps: float = 1.0
@@ -62,7 +63,9 @@ class SelectConfig:
         check_choice("dtype", self.dtype, ("float32", "float64"))
         for name in ("eps_c", "eps", "tau_a", "tau_b", "tol"):
             check_positive(name, getattr(self, name), allow_inf=name.startswith("tau"))
-        if not (_is_count(self.k) and self.k >= 1) and not (
+        if self.k is None and self.method != "label":
+            raise PretrainReuseError(f"method {self.method!r} needs k, the number of units to select")
+        if self.k is not None and not (_is_count(self.k) and self.k >= 1) and not (
                 isinstance(self.k, float) and 0 < self.k <= 1):
             raise PretrainReuseError(
                 f"k={self.k!r} must be a whole number of units >= 1 or a sample fraction in (0, 1]"
@@ -70,6 +73,10 @@ class SelectConfig:
         check_device(self.device)
         if self.method == "label" and not self.unit_ids and not self.name_pattern:
             raise PretrainReuseError("method 'label' needs unit ids (--ids) or a name pattern (--names)")
+        if self.method != "label" and (self.unit_ids or self.name_pattern):
+            raise PretrainReuseError(
+                f"unit ids and name patterns (--ids, --names) name the units of method 'label', "
+                f"not of {self.method!r}; pass --method label, or drop them")
 
 
 @dataclass(frozen=True)
@@ -276,10 +283,16 @@ def _take(ranking: np.ndarray, k: int | float, counts: np.ndarray | None) -> lis
     return [int(u) for u in ranking[: min(n, len(ranking))]]
 
 
-def select_many(source: Units, targets: list[Units], cfg: SelectConfig) -> list[Selection]:
-    """Rank the source units for several target tasks at once (one batched UOT solve)."""
+def select_many(source: Units | FeatureStore, targets: list[Units | FeatureStore],
+                cfg: SelectConfig) -> list[Selection]:
+    """Rank the source units for several target tasks at once (one batched UOT solve).
+
+    A labelled FeatureStore stands for its class means (:func:`~.units.class_means`).
+    """
     if not targets:
         raise PretrainReuseError("pass at least one target")
+    source = _as_units(source)
+    targets = [_as_units(t) for t in targets]
     for t in targets:
         if t.prototypes.shape[1] != source.prototypes.shape[1]:
             raise PretrainReuseError(
@@ -291,17 +304,26 @@ def select_many(source: Units, targets: list[Units], cfg: SelectConfig) -> list[
     out = []
     for t, (scores, diag) in zip(targets, scored, strict=True):
         ranking = np.argsort(-scores, kind="stable")
+        k = diag["n_named"] if cfg.k is None else cfg.k
         meta = make_meta(f"selection.{cfg.method}", asdict(cfg),
                          inputs={"source": source.meta.get("inputs", {}),
                                  "target": t.meta.get("inputs", {})},
                          seed=cfg.seed)
         meta["solver"] = diag
-        out.append(Selection(selected=_take(ranking, cfg.k, counts), scores=scores,
+        out.append(Selection(selected=_take(ranking, k, counts), scores=scores,
                              params=meta["params"], meta=meta, unit_names=source.names,
                              counts=counts))
     return out
 
 
-def select(source: Units, target: Units, cfg: SelectConfig | None = None) -> Selection:
-    """Rank the source units by similarity to one target task and keep the top ``cfg.k``."""
+def select(source: Units | FeatureStore, target: Units | FeatureStore,
+           cfg: SelectConfig | None = None) -> Selection:
+    """Rank the source units by similarity to one target task and keep the top ``cfg.k``.
+
+    A labelled FeatureStore stands for its class means (:func:`~.units.class_means`).
+    """
     return select_many(source, [target], cfg or SelectConfig())[0]
+
+
+def _as_units(x: Units | FeatureStore) -> Units:
+    return class_means(x) if isinstance(x, FeatureStore) else x

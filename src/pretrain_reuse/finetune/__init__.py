@@ -115,6 +115,7 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
     for d in (train_set, val_set, test_set):  # views of the caller's data, safe to configure
         d.transform = resize
     num_classes = len(train_pool.class_names or []) or int(train_pool.labels.max()) + 1
+    _check_same_classes(train_pool, test_set, num_classes)
 
     source_data: SourceData | None = None
     source_classes = None
@@ -138,6 +139,26 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
     write_json(out / "split.json", split)
     return train(cfg, net, train_set, val_set, test_set, source_data, out,
                  inputs=inputs or {"model": model, "weights": weights}, progress=progress)
+
+
+def _check_same_classes(train_pool: ImageDataset, test_set: ImageDataset, num_classes: int) -> None:
+    """Accuracy is only meaningful when label c means the same class in training and test data."""
+    if test_set.labels is None or len(test_set) == 0:
+        raise PretrainReuseError("the test data is empty or unlabelled; pass labelled test data "
+                                 "(--target-test)")
+    train_names, test_names = train_pool.class_names, test_set.class_names
+    if train_names and test_names and list(train_names) != list(test_names):
+        raise PretrainReuseError(
+            f"the test data's classes ({_preview(test_names)}) are not the training data's "
+            f"({_preview(train_names)}); pass test data with the same classes (--target-test)")
+    if int(test_set.labels.max()) >= num_classes:
+        raise PretrainReuseError(
+            f"the test data has label {int(test_set.labels.max())}, but the training data has "
+            f"{num_classes} classes; pass test data with the same classes (--target-test)")
+
+
+def _preview(names: list[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (f", ... {len(names)} in all" if len(names) > n else "")
 
 
 def _attach_relationship(model: FinetuneModel, train_set: ImageDataset, val_set: ImageDataset,

@@ -144,12 +144,12 @@ def selected_source(pool: ImageDataset, selection: Selection, units: Units | Non
     were built from.
     """
     selected = np.asarray(selection.selected, dtype=np.int64)
+    ranked = len(selection.scores)  # one score per unit the selection ranked
     if units is not None and units.kind == "cluster":
-        bad = selected[(selected < 0) | (selected >= len(units))]
-        if len(bad):
+        if ranked != len(units) or ((selected < 0) | (selected >= len(units))).any():
             raise PretrainReuseError(
-                f"the selection names unit {bad[0]}, but the units file has {len(units)} units; "
-                "select with the same units file")
+                f"the selection ranks {ranked} units, but the units file has {len(units)}; pass "
+                "the units file the selection was made from")
         position = {sid: i for i, sid in enumerate(pool.ids)}
         chosen_ids = [units.sample_ids[i] for i in np.flatnonzero(np.isin(units.assignment, selected))]
         missing = [s for s in chosen_ids if s not in position]
@@ -166,11 +166,17 @@ def selected_source(pool: ImageDataset, selection: Selection, units: Units | Non
             "the pre-training data has no labels, so class units cannot be selected from it; "
             "build cluster units (`units --method kmeans`) and pass them with --units")
     n_classes = len(pool.class_names) if pool.class_names else int(pool.labels.max()) + 1
-    bad = selected[(selected < 0) | (selected >= n_classes)]
-    if len(bad):
+    if ranked != n_classes or ((selected < 0) | (selected >= n_classes)).any():
         raise PretrainReuseError(
-            f"the selection names class {bad[0]}, but the pre-training data has {n_classes} "
-            "classes; select with units built from this data")
+            f"the selection ranks {ranked} units, but the pre-training data has {n_classes} "
+            "classes; select over this data's class means, or pass --units for a selection of "
+            "k-means clusters")
+    names = selection.unit_names
+    if names and pool.class_names and list(names) != list(pool.class_names):
+        i = next(i for i, (a, b) in enumerate(zip(names, pool.class_names, strict=True)) if a != b)
+        raise PretrainReuseError(
+            f"the selection's unit {i} is {names[i]!r}, but class {i} of the pre-training data "
+            f"is {pool.class_names[i]!r}; select over this data's class means")
     idx = np.flatnonzero(np.isin(pool.labels, selected))
     if len(idx) == 0:
         raise PretrainReuseError("the selected classes have no samples in the pre-training data")

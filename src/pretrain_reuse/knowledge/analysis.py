@@ -31,15 +31,15 @@ from ..artifacts import make_meta, write_json
 from ..data.datasets import ImageDataset
 from ..data.text import TextDataset
 from ..embed import preprocessed
-from ..errors import PretrainReuseError
+from ..errors import PretrainReuseError, check_choice
 from ..finetune.evaluate import predict
 from ..models import Backbone
 from .explain import SHOWN, ExplainConfig, choose_samples, display_samples, explain, explainable
-from .metrics import knowledge_convergence, knowledge_report
+from .metrics import MATCHES, knowledge_convergence, knowledge_report
 from .plots import salient_figure, save_knowledge_plots, save_png
 from .recovery import ground_truth_recovery, rule_game
 from .sparsify import joint_and_or_interactions
-from .values import Interactions
+from .values import Interactions, check_tau
 
 ROLES = ("pretrained", "finetuned", "scratch")
 
@@ -114,6 +114,9 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     missing = {"pretrained", "finetuned"} - models.keys()
     if missing:
         raise PretrainReuseError(f"knowledge needs the {' and '.join(sorted(missing))} model(s)")
+    # checked before the interactions are computed: a typo must not cost minutes, or leave files
+    check_choice("match", match, MATCHES)
+    check_tau(tau)
     out = Path(out)
     device = torch.device(cfg.device)
     screen = choose_samples(dataset, min(candidates, len(dataset)), cfg.seed,

@@ -39,7 +39,7 @@ import numpy as np
 from ..errors import PretrainReuseError
 from .interactions import MAX_PLAYERS, harsanyi_and
 from .metrics import RatioStats
-from .values import Interactions, _check_tau
+from .values import Interactions, check_tau
 
 __all__ = ["Recovery", "ground_truth_recovery", "rule_game"]
 
@@ -113,7 +113,7 @@ def ground_truth_recovery(interactions: Sequence[Interactions], truths: Sequence
             scene; same players and order as the interactions.
         tau: salience threshold relative to each sample's largest interaction (∅ excluded).
     """
-    _check_tau(tau)
+    check_tau(tau)
     if len(interactions) != len(truths) or not interactions:
         raise PretrainReuseError(
             f"got {len(interactions)} interactions and {len(truths)} ground-truth games; pass one "

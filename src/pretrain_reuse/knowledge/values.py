@@ -113,7 +113,7 @@ class Interactions:
         Returns:
             ``{(type, mask): I(S)}`` with type ``"and"`` or ``"or"``; empty if all are zero.
         """
-        _check_tau(tau)
+        check_tau(tau)
         scale = self._max_abs()
         out: dict[Key, float] = {}
         if scale == 0.0:
@@ -266,6 +266,6 @@ class Interactions:
         return ax
 
 
-def _check_tau(tau: float) -> None:
+def check_tau(tau: float) -> None:
     if not isinstance(tau, (int, float, np.floating)) or not 0 <= tau < 1:
         raise PretrainReuseError(f"tau={tau!r} must be a relative threshold in [0, 1), e.g. 0.05")
