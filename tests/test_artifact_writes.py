@@ -140,6 +140,30 @@ def test_file_output_that_is_a_folder_exits_2_in_one_line_and_writes_nothing(cap
     assert files_under(features) == before  # no output and no temporary file, in or beside it
 
 
+@pytest.mark.parametrize("verb", ["select", "units"])
+def test_output_over_another_kind_of_file_exits_2_and_keeps_it(capsys, features, verb):
+    """A mistyped --out must not replace a model, a result or data with units or a selection;
+    the same kind of artifact is replaced (a rerun)."""
+    victim = features / ("result.json" if verb == "select" else "model.safetensors")
+    if verb == "select":
+        victim.write_text('{"kind": "finetune-result"}')
+        argv = ["select", "--source", features / "T.npy", "--target", features / "T.npy",
+                "--k", "1", "--out", victim]
+    else:
+        save_file({"w": np.zeros(3, np.float32)}, str(victim), metadata={"artifact": "backbone"})
+        argv = ["units", "--features", features / "feats.npy", "--labels",
+                features / "labels.npy", "--out", victim]
+    before = victim.read_bytes()
+    rc, _, err = cli(capsys, *argv)
+    assert_one_line_error(rc, err, repr(str(victim)), "exists and is not a")
+    assert victim.read_bytes() == before
+    again = features / ("sel.json" if verb == "select" else "u.safetensors")
+    argv[argv.index(victim)] = again
+    for _ in range(2):  # written, then replaced by the same kind
+        rc, _, err = cli(capsys, *argv)
+        assert rc == 0, err
+
+
 # --------------------------------------------------------------------------------------------
 # embed of a list whose images are missing or unreadable
 # --------------------------------------------------------------------------------------------

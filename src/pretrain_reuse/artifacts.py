@@ -233,6 +233,25 @@ def _safetensors_artifact(path: Path) -> str | None:
         return None
 
 
+def refuse_foreign(path: str | Path, artifact: str) -> None:
+    """Refuse to replace an existing file that is not an ``artifact`` of the same kind (the
+    ``artifact`` entry of a safetensors header, the ``kind`` of a JSON file): a mistyped
+    ``--out`` must not destroy a trained model or a result."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    if path.suffix == ".safetensors":
+        found = _safetensors_artifact(path)
+    else:
+        try:
+            found = json.loads(path.read_text()).get("kind")
+        except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not a mapping
+            found = None
+    if found != artifact:
+        raise PretrainReuseError(
+            f"{str(path)!r} exists and is not a {artifact} file; choose another output path")
+
+
 def load(path: str | Path, *, what: str = "path"):
     """Open any artifact of the package and return its typed object.
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .artifacts import make_meta, read_json, write_json
+from .artifacts import make_meta, read_json, refuse_foreign, write_json
 from .errors import PretrainReuseError, check_choice, check_device, check_positive, lookup
 from .features import FeatureStore
 from .transport import METRICS, cost_matrix, unbalanced_sinkhorn_batched
@@ -132,6 +132,7 @@ class Selection:
 
     def save(self, path: str | Path) -> Path:
         """Write ``sel.json`` atomically."""
+        refuse_foreign(path, "selection")
         obj = {"kind": "selection", "selected": [int(s) for s in self.selected],
                "scores": [float(s) for s in self.scores], "params": self.params,
                "meta": self.meta}

@@ -30,6 +30,7 @@ from .artifacts import (
     hash_file,
     make_meta,
     read_safetensors,
+    refuse_foreign,
     to_json,
 )
 from .errors import PretrainReuseError, check_choice, check_file, check_matrix
@@ -103,6 +104,7 @@ class Units:
         path = Path(path)
         if path.suffix != ".safetensors":
             raise PretrainReuseError(f"units are saved as .safetensors, got {str(path)!r}")
+        refuse_foreign(path, "units")
         tensors = {"prototypes": np.ascontiguousarray(self.prototypes)}
         if self.assignment is not None:
             tensors["assignment"] = np.ascontiguousarray(self.assignment, dtype=np.int64)
