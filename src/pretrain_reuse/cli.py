@@ -230,11 +230,14 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     import dataclasses
 
     from .finetune import FinetuneConfig
+    from .finetune.config import CHOICES, FIELD_HELP
 
     defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
     for name, (kind, many) in _config_fields().items():
         flag = "--" + name.replace("_", "-")
-        help_ = f"default: {defaults[name]}"
+        choices = f"; one of {', '.join(CHOICES[name])}" if name in CHOICES else ""
+        # argparse expands %-formats in help texts
+        help_ = f"{FIELD_HELP[name]}{choices} (default: {defaults[name]})".replace("%", "%%")
         if kind is bool:
             p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
                            help=help_)
@@ -358,7 +361,8 @@ def _add_explain_flags(p: argparse.ArgumentParser) -> None:
                    '{"label": ..., "text": ...} sentences (with --players tokens)')
     p.add_argument("--split", help="split of --data (default: test for embedded sets)")
     p.add_argument("--players", default="grid:3x3",
-                   help="grid:RxC, parts (synthetic world) or tokens (text classifiers)")
+                   help="grid:RxC, parts (synthetic world) or tokens (text classifiers) "
+                   "(default: %(default)s)")
     p.add_argument("--n", type=int, help="players drawn from a larger grid (seeded, central cells); "
                    "tokens per sentence (default 10; no stop words, punctuation, digits)")
     p.add_argument("--negations", action="store_true",
@@ -366,19 +370,28 @@ def _add_explain_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline",
                    help="images: zero (default) | mean | blur | learned; tokens: mask (default) | "
                    "pad | learned (embedding); learned = per sample, for sparse interactions")
-    p.add_argument("--baseline-lr", type=float, default=1e-3, help="learned baseline: SGD rate")
-    p.add_argument("--baseline-steps", type=int, default=50, help="learned baseline: iterations")
+    p.add_argument("--baseline-lr", type=float, default=1e-3,
+                   help="learned baseline: SGD rate (default: %(default)s)")
+    p.add_argument("--baseline-steps", type=int, default=50,
+                   help="learned baseline: iterations (default: %(default)s)")
     p.add_argument("--baseline-radius", type=float, default=0.5,
-                   help="learned baseline: max distance from its start (data std units)")
-    p.add_argument("--output", default="log-odds", help="log-odds | log-odds-clipped | logit")
+                   help="learned baseline: max distance from its start, in data std units "
+                   "(default: %(default)s)")
+    p.add_argument("--output", default="log-odds",
+                   help="log-odds | log-odds-clipped | logit (default: %(default)s)")
     p.add_argument("--decomposition", default="and", help="and (Harsanyi) | and-or (sparsified) | "
-                   "joint-and-or (knowledge: the models sparsified together)")
+                   "joint-and-or (knowledge: the models sparsified together) (default: %(default)s)")
     p.add_argument("--qthres", type=float, help="noise bound, relative to |v(N)-v(0)|")
-    p.add_argument("--samples", type=int, default=20)
-    p.add_argument("--tau", type=float, default=0.05, help="salience threshold (0.05)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=256, help="masked inputs per forward pass")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--samples", type=int, default=20,
+                   help="samples to explain, drawn with --seed (default: %(default)s)")
+    p.add_argument("--tau", type=float, default=0.05,
+                   help="salience threshold, relative to the largest interaction "
+                   "(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the samples and players drawn (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="masked inputs per forward pass (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", required=True, help="output folder")
 

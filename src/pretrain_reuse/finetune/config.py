@@ -20,6 +20,62 @@ from ..errors import PretrainReuseError, check_choice, check_device, check_file
 MODES = ("vanilla", "reuse", "reuse-unlabeled", "co-tuning", "linear-probe", "scratch")
 SCHEDULES = ("step", "cosine")
 
+#: The values a text field takes.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "mode": MODES,
+    "schedule": SCHEDULES,
+    "source_head": ("selected", "full"),
+    "source_sampling": ("images", "units"),
+    "source_bn": ("mixed", "target"),
+    "cotuning_relationship": ("direct", "reverse"),
+    "augment": ("standard", "flip", "none"),
+    "precision": ("auto", "fp32", "bf16"),
+}
+
+#: What each field means: the help of its command-line flag and the reference of its YAML key.
+FIELD_HELP: dict[str, str] = {
+    "mode": "what to fine-tune with (see the modes above)",
+    "epochs": "passes over the target training split",
+    "max_steps": "optimiser steps; replaces epochs when given",
+    "batch_size": "target images per step",
+    "source_batch_size": "source images per step of the reuse modes; None: as batch_size "
+                         "(paper: 256 + 256)",
+    "grad_accum": "micro-batches per step: the same step in less memory",
+    "lr": "learning rate of the backbone (SGD)",
+    "head_lr_mult": "learning-rate factor of the new heads",
+    "momentum": "SGD momentum",
+    "nesterov": "Nesterov momentum",
+    "weight_decay": "weight decay",
+    "lam": "λ, the weight of the source loss (reuse, reuse-unlabeled, co-tuning)",
+    "schedule": "step: lr ÷10 at each milestone; cosine: to 0",
+    "milestones": "fractions of training where the step schedule divides the lr by 10",
+    "warmup_steps": "steps of linear learning-rate warm-up",
+    "source_head": "reuse's source head: over the selected classes, or the full pre-training "
+                   "label space (the official code)",
+    "source_sampling": "reuse's source batches: uniform over images (the official code) or "
+                       "balanced over the selected units",
+    "source_bn": "BatchNorm statistics in training: of the mixed target + source batch (the "
+                 "official code) or of the target batch only",
+    "cotuning_relationship": "co-tuning's p(y_s | y_t): direct (Transfer-Learning-Library) or "
+                             "reverse (the thuml code)",
+    "val_fraction": "share of every class held out for validation (0: none; then the best-"
+                    "validation result is the final one)",
+    "eval_every": "epochs between evaluations",
+    "checkpoint_every": "steps between checkpoints",
+    "snapshots": "also save the model at every evaluation, in snapshots/ (knowledge "
+                 "--checkpoints)",
+    "image_size": "input side in pixels (None: the backbone's)",
+    "augment": "standard: RandomResizedCrop + flip; flip: flip only; none",
+    "cutout": "reuse-unlabeled's strong view: Cutout side / image side (0: none)",
+    "strong_ops": "reuse-unlabeled's strong view: RandAugment operations (0: none)",
+    "train_fraction": "keep this share of every target class (seeded)",
+    "long_tail_ratio": "subsample the target to a long tail: largest / smallest class (seeded)",
+    "seed": "seed of the split, the batches, the augmentations and the new layers",
+    "device": "cpu, cuda or cuda:N",
+    "precision": "auto: bf16 autocast on CUDA, fp32 on CPU; fp32; bf16",
+    "workers": "data-loading processes",
+}
+
 
 @dataclass(frozen=True)
 class FinetuneConfig:
@@ -39,7 +95,7 @@ class FinetuneConfig:
     epochs: int = 100
     max_steps: int | None = None
     batch_size: int = 256
-    source_batch_size: int | None = None  # None: equal to batch_size (paper: 256 + 256)
+    source_batch_size: int | None = None
     grad_accum: int = 1
     lr: float = 0.003
     head_lr_mult: float = 10.0
@@ -50,34 +106,28 @@ class FinetuneConfig:
     schedule: str = "step"
     milestones: tuple[float, ...] = (0.6, 0.8)
     warmup_steps: int = 0
-    source_head: str = "selected"  # "selected": remapped to the selected classes; "full": all
-    source_sampling: str = "images"  # "images": uniform over images (official); "units": balanced
-    source_bn: str = "mixed"  # BatchNorm statistics: "mixed" target+source (official); "target"
-    cotuning_relationship: str = "direct"  # "direct" (Transfer-Learning-Library); "reverse" (thuml)
-    val_fraction: float = 0.1  # 0: no validation split (then "at best val" = the final step)
-    eval_every: int = 10  # epochs
-    checkpoint_every: int = 200  # steps
-    snapshots: bool = False  # also save the model at every evaluation (knowledge convergence)
-    image_size: int | None = None  # None: the backbone's input size
-    augment: str = "standard"  # "standard": RandomResizedCrop + flip; "flip": flip only; "none"
-    cutout: float = 0.5  # reuse-unlabeled's strong view: Cutout side / image side (0: none)
-    strong_ops: int = 2  # reuse-unlabeled's strong view: RandAugment operations (0: none)
+    source_head: str = "selected"
+    source_sampling: str = "images"
+    source_bn: str = "mixed"
+    cotuning_relationship: str = "direct"
+    val_fraction: float = 0.1
+    eval_every: int = 10
+    checkpoint_every: int = 200
+    snapshots: bool = False
+    image_size: int | None = None
+    augment: str = "standard"
+    cutout: float = 0.5
+    strong_ops: int = 2
     train_fraction: float | None = None
     long_tail_ratio: float | None = None
     seed: int = 0
     device: str = "cpu"
-    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; "fp32"; "bf16"
+    precision: str = "auto"
     workers: int = 0
 
     def __post_init__(self):
-        check_choice("mode", self.mode, MODES)
-        check_choice("schedule", self.schedule, SCHEDULES)
-        check_choice("source_head", self.source_head, ("selected", "full"))
-        check_choice("source_sampling", self.source_sampling, ("images", "units"))
-        check_choice("source_bn", self.source_bn, ("mixed", "target"))
-        check_choice("cotuning_relationship", self.cotuning_relationship, ("direct", "reverse"))
-        check_choice("augment", self.augment, ("standard", "flip", "none"))
-        check_choice("precision", self.precision, ("auto", "fp32", "bf16"))
+        for name, choices in CHOICES.items():
+            check_choice(name, getattr(self, name), choices)
         check_device(self.device)
         for name in ("epochs", "batch_size", "grad_accum", "eval_every", "checkpoint_every"):
             if int(getattr(self, name)) < 1:
