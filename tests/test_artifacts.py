@@ -460,6 +460,20 @@ def test_load_refuses_unknown_suffixes_and_missing_paths(tmp_path):
         load(tmp_path / "nothing.safetensors")
 
 
+def test_load_names_what_a_file_it_does_not_open_holds(tmp_path):
+    from pretrain_reuse.models import create_backbone, save_backbone
+
+    save_backbone(create_backbone("smallcnn-s"), tmp_path / "model.safetensors", {})
+    with pytest.raises(PretrainReuseError, match=r"holds a backbone.*create_backbone"):
+        load(tmp_path / "model.safetensors")
+    (tmp_path / "result.json").write_text('{"kind": "finetune-result", "history": []}')
+    with pytest.raises(PretrainReuseError, match="holds a 'finetune-result' record"):
+        load(tmp_path / "result.json")
+    (tmp_path / "run").mkdir()
+    with pytest.raises(PretrainReuseError, match=r"folder without index\.json"):
+        load(tmp_path / "run")
+
+
 def test_hash_array_is_stable_and_sensitive_to_values_dtype_and_shape():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((50, 8)).astype(np.float32)

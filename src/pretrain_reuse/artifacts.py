@@ -223,13 +223,23 @@ def read_safetensors(path: str | Path, what: str, fix: str, *, framework: str = 
 
 
 def _safetensors_artifact(path: Path) -> str | None:
-    """The ``artifact`` entry of a safetensors header (None when absent or unreadable)."""
+    """What a safetensors file holds: its header's ``artifact`` entry, or ``kind`` (model weights
+    say ``backbone`` there); None when absent or unreadable."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="numpy") as fh:
-            return (fh.metadata() or {}).get("artifact")
+            header = fh.metadata() or {}
     except (SafetensorError, OSError, ValueError):
+        return None
+    return header.get("artifact") or header.get("kind")
+
+
+def _json_kind(path: Path) -> str | None:
+    """The ``kind`` of a JSON record (None when unreadable, not JSON or not a mapping)."""
+    try:
+        return json.loads(path.read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
         return None
 
 
@@ -240,13 +250,7 @@ def refuse_foreign(path: str | Path, artifact: str) -> None:
     path = Path(path)
     if not path.is_file():
         return
-    if path.suffix == ".safetensors":
-        found = _safetensors_artifact(path)
-    else:
-        try:
-            found = json.loads(path.read_text()).get("kind")
-        except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not a mapping
-            found = None
+    found = _safetensors_artifact(path) if path.suffix == ".safetensors" else _json_kind(path)
     if found != artifact:
         raise PretrainReuseError(
             f"{str(path)!r} exists and is not a {artifact} file; choose another output path")
@@ -261,24 +265,35 @@ def load(path: str | Path, *, what: str = "path"):
     ``.json`` file a :class:`~pretrain_reuse.selection.Selection`.
     """
     p = check_file(what, path)
+    opens = ("load opens FeatureStore folders, Units .safetensors/.npy, Interactions "
+             ".safetensors and selection .json files")
     # Imported here: these modules sit above this one in the dependency order.
     if p.is_dir() or p.name == "index.json":
         from .features import FeatureStore
 
+        if p.is_dir() and not (p / "index.json").exists():
+            raise PretrainReuseError(f"{str(p)!r} is a folder without index.json, not a "
+                                     f"FeatureStore; {opens}")
         return FeatureStore.load(p.parent if p.name == "index.json" else p)
-    if p.suffix == ".safetensors" and _safetensors_artifact(p) == "interactions":
+    kind = _safetensors_artifact(p) if p.suffix == ".safetensors" else None
+    if kind == "interactions":
         from .knowledge.values import Interactions
 
         return Interactions.load(p)
-    if p.suffix in (".safetensors", ".npy"):
+    if p.suffix == ".npy" or (p.suffix == ".safetensors" and kind in (None, "units")):
         from .units import Units
 
-        return Units.load(p)
+        return Units.load(p)  # None: unreadable, and Units.load says how
+    if p.suffix == ".safetensors":
+        weights = "; model weights load with create_backbone(name, weights=path)"
+        raise PretrainReuseError(f"{str(p)!r} holds a {kind}, not an artifact to load; {opens}"
+                                 + (weights if kind == "backbone" else ""))
     if p.suffix == ".json":
         from .selection import Selection
 
+        kind = _json_kind(p)
+        if kind not in (None, "selection"):
+            raise PretrainReuseError(f"{str(p)!r} holds a {kind!r} record, not a selection; it is "
+                                     "plain JSON (json.load reads it)")
         return Selection.load(p)
-    raise PretrainReuseError(
-        f"do not know how to open {str(p)!r}; expected a FeatureStore folder, a Units "
-        ".safetensors/.npy file or a selection .json"
-    )
+    raise PretrainReuseError(f"do not know how to open {str(p)!r}; {opens}")
