@@ -474,6 +474,16 @@ def test_load_names_what_a_file_it_does_not_open_holds(tmp_path):
         load(tmp_path / "run")
 
 
+def test_repr_of_big_artifacts_is_a_one_line_summary():
+    n = 50_000
+    store = FeatureStore(features=np.zeros((n, 4), np.float32), labels=np.arange(n) % 5,
+                         class_names=list("abcde"))
+    assert repr(store) == "FeatureStore(n=50000, dim=4, 5 classes)"
+    units = Units(prototypes=np.ones((5, 4)), kind="class", assignment=store.labels,
+                  sample_ids=store.ids, names=store.class_names)
+    assert repr(units) == "Units(kind='class', units=5, dim=4, samples=50000, names=['a', ...])"
+
+
 def test_hash_array_is_stable_and_sensitive_to_values_dtype_and_shape():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((50, 8)).astype(np.float32)

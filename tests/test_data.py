@@ -6,6 +6,7 @@ Cui et al.'s closed form for long-tail counts, the world's rules for its images.
 
 import gzip
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,17 @@ def test_folder_split_opens_the_split_subfolder(tree, tmp_path):
     assert ds.class_names == ["Moth", "ant", "zebra"]
     with pytest.raises(PretrainReuseError, match="split='val'"):
         open_dataset(tmp_path / "data", split="val")
+
+
+def test_a_data_set_root_of_split_folders_without_split_is_refused(tree, tmp_path):
+    # read as classes, train/ and test/ would label every image by its split
+    root = tmp_path / "data"
+    root.mkdir()
+    (tmp_path / "tree").rename(root / "train")
+    shutil.copytree(root / "train", root / "test")
+    with pytest.raises(PretrainReuseError, match=r"split folders \(test, train\).*--split"):
+        open_dataset(root)
+    assert open_dataset(root, split="test").class_names == ["Moth", "ant", "zebra"]
 
 
 def test_csv_list_with_header_reads_paths_relative_to_the_list(tmp_path, monkeypatch):

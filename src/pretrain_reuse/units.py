@@ -76,6 +76,11 @@ class Units:
     def __len__(self) -> int:
         return self.prototypes.shape[0]
 
+    def __repr__(self) -> str:  # a summary: the dataclass repr would print every sample id
+        samples = "" if self.assignment is None else f", samples={len(self.assignment)}"
+        names = "" if self.names is None else f", names=[{self.names[0]!r}, ...]"
+        return f"Units(kind={self.kind!r}, units={len(self)}, dim={self.prototypes.shape[1]}{samples}{names})"
+
     @property
     def counts(self) -> np.ndarray | None:
         """(K,) number of samples in each unit, or None for a bare prototype matrix."""

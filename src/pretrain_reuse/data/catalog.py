@@ -126,8 +126,24 @@ def open_dataset(spec: str | Path, *, split: str | None = None, transform: Trans
                     f"split={split!r}: {str(path)!r} has no sub-folder {split!r}; pass the split "
                     "folder itself, or a split that exists")
             path = path / split
+        else:
+            _refuse_split_folders(path)
         return image_folder(path, mode=mode or "RGB", transform=transform)
     if split:
         raise PretrainReuseError(
             f"split={split!r} does not apply to the list file {str(path)!r}; pass one list per split")
     return file_list(path, mode=mode or "RGB", transform=transform)
+
+
+#: Folder names that mark the splits of a data set, not its classes.
+SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing"}
+
+
+def _refuse_split_folders(path: Path) -> None:
+    """A data set root (train/, test/, ...) read as an image folder would label every image by
+    its split: refuse it, naming the fix."""
+    subfolders = {p.name for p in path.iterdir() if p.is_dir()}
+    if len(subfolders) >= 2 and subfolders <= SPLIT_NAMES:
+        raise PretrainReuseError(
+            f"data: {str(path)!r} holds split folders ({', '.join(sorted(subfolders))}), not "
+            "class folders; pass --split NAME or the split's folder")
