@@ -203,7 +203,7 @@ def load_body(model: nn.Module, state: Mapping[str, torch.Tensor], path: str, na
     if missing:
         raise PretrainReuseError(
             f"weights file {path!r} does not fit {name}: it lacks {len(missing)} of the model's keys "
-            f"(first: {missing[:_SHOWN]}); check the architecture or pass key_map")
+            f"(first: {missing[:_SHOWN]}); check the architecture")
     model.load_state_dict({k: state[k] for k in matched}, strict=False)
     return len(matched), tuple(sorted(set(state) - set(expected)))
 
@@ -217,8 +217,11 @@ def _suggest_key_map(state: Mapping[str, Any], expected: Mapping[str, Any]) -> s
     for want in expected:
         for have in state:
             if have.endswith("." + want):
-                return f"; key_map={{{have[:-len(want)]!r}: ''}} would map them"
-    return "; check the architecture, or pass key_map={old_prefix: new_prefix}"
+                prefix = have[:-len(want)]
+                return (f"; its keys carry the prefix {prefix!r}: strip it from the file, or load "
+                        f"it in Python with create_backbone(..., key_map={{{prefix!r}: ''}})")
+    return ("; check the architecture, or map the file's key prefixes in Python with "
+            "create_backbone(..., key_map={old_prefix: new_prefix})")
 
 
 def save_backbone(backbone: nn.Module, path: str | Path, meta: Mapping[str, Any]) -> Path:
