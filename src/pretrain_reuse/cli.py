@@ -151,7 +151,8 @@ def cmd_select(args) -> int:
 
     ids = parse_ids(args.ids, "--ids") if args.ids else ()
     relevant = parse_ids(args.relevant, "--relevant") if args.relevant else ()
-    k = _parse_k(args.k) if args.k else None if args.method == "label" else 100
+    default_k = None if args.method == "label" else 100  # label: every unit it names
+    k = _parse_k(args.k) if args.k else default_k
     cfg = SelectConfig(method=args.method, k=k, metric=args.metric,
                        eps_c=args.eps_c, eps=args.eps, tau_a=args.tau_a, tau_b=args.tau_b,
                        max_iter=args.max_iter, tol=args.tol, dtype=args.dtype, device=args.device,

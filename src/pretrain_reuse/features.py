@@ -67,11 +67,11 @@ class FeatureStore:
                 raise PretrainReuseError("labels must be non-negative class indices")
             object.__setattr__(self, "labels", labels)
 
-
     def __repr__(self) -> str:  # a summary: the dataclass repr would print every sample id
         labels = "unlabelled" if self.labels is None else (
             f"{len(self.class_names)} classes" if self.class_names else "labelled")
         return f"FeatureStore(n={len(self.ids)}, dim={self.features.shape[1]}, {labels})"
+
     def __len__(self) -> int:
         return self.features.shape[0]
 
