@@ -437,6 +437,31 @@ def test_target_unit_far_from_every_source_keeps_finite_potential(eps_c, dtype, 
     assert np.all(res.log_col_mass[20:] > -20)
 
 
+def test_cached_kernel_follows_a_common_shift_without_a_rebuild_and_rebuilds_on_spread():
+    # The stabilised kernel is exact for any h whose drift from the build point h0 stays within
+    # `drift` of a constant: a common shift (what the translation step adds) needs no rebuild.
+    from pretrain_reuse.transport import _RowLSE
+
+    rng = np.random.default_rng(31)
+    C = 100.0 * rng.random((1, 200, 30))
+    lse = _RowLSE(torch.tensor(C, dtype=torch.float32), 1.0, torch.float32)
+    h = rng.standard_normal((1, 30))
+
+    def exact(h):
+        return logsumexp(h[:, None, :] - C, axis=2)
+
+    lse(torch.tensor(h, dtype=torch.float32))
+    built_at = lse.h0.clone()
+    for shift in (500.0, -2000.0):
+        out = lse(torch.tensor(h + shift, dtype=torch.float32)).numpy()
+        assert torch.equal(lse.h0, built_at)  # no rebuild
+        np.testing.assert_allclose(out, exact(h + shift), rtol=1e-6)
+    spread = h + np.linspace(0.0, 2 * lse.drift + 1.0, 30)
+    out = lse(torch.tensor(spread, dtype=torch.float32)).numpy()
+    assert not torch.equal(lse.h0, built_at)  # rebuilt around the spread potentials
+    np.testing.assert_allclose(out, exact(spread), rtol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # torch inputs
 # --------------------------------------------------------------------------------------------

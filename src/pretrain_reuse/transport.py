@@ -323,7 +323,7 @@ class _RowLSE:
 
     ``K_ji = exp(h0_i - C_ji/eps - r_j)`` with ``r_j = max_i(h0_i - C_ji/eps)`` so each row of K
     has maximum 1; then ``LSE = r_j + log sum_i K_ji exp(h_i - h0_i)``, exact as long as
-    ``|h - h0| <= drift`` (re-centred otherwise). ``h = -inf`` marks padded columns.
+    ``h - h0`` stays within ``drift`` of a constant (re-centred otherwise). ``h = -inf`` marks padded columns.
     """
 
     def __init__(self, cost: torch.Tensor, eps: float, dtype: torch.dtype):
@@ -368,12 +368,21 @@ class _RowLSE:
         return self.r + torch.log(sums)
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        valid = torch.isfinite(h)
-        if self.h0 is None or (h - self.h0)[valid].abs().max() > self.drift:
+        if self.h0 is None:
             return self._recentre(h)
-        dh = torch.where(valid, h - self.h0, torch.zeros((), dtype=h.dtype, device=h.device))
-        s = torch.bmm(self.kernel, dh.exp()[..., None])[..., 0]
-        return self.r + torch.log(s)
+        valid = torch.isfinite(h)
+        dh = h - self.h0
+        # A common shift c of h shifts every LSE by c exactly, so only the spread of the drift
+        # around its midrange needs the kernel rebuilt: the translation step moves the
+        # potentials by a constant each iteration.
+        top = torch.where(valid, dh, -math.inf).amax(dim=1, keepdim=True)
+        bottom = torch.where(valid, dh, math.inf).amin(dim=1, keepdim=True)
+        if bool(((top - bottom) > 2 * self.drift).any()):
+            return self._recentre(h)
+        c = (top + bottom) / 2
+        w = torch.where(valid, dh - c, -math.inf).exp()
+        s = torch.bmm(self.kernel, w[..., None])[..., 0]
+        return self.r + c + torch.log(s)
 
     def col_lse(self, e: torch.Tensor) -> torch.Tensor:
         r"""``LSE_j[e_j - C_ji/eps]`` for every column i, reusing the row kernel.
