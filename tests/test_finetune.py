@@ -311,7 +311,8 @@ def _reverse_reference(train_z, train_y, val_z, val_y, c, scale=0.884):
 
     t = np.exp(minimize_scalar(val_ce, bounds=(-5, 5), method="bounded",
                                options={"xatol": 1e-10}).x)
-    joint = softmax(w / t, axis=1) * p_train.mean(0)[:, None]
+    # thuml's source marginal: the mean over the training and validation images
+    joint = softmax(w / t, axis=1) * np.concatenate([p_train, p_val]).mean(0)[:, None]
     return (joint / joint.sum(0, keepdims=True)).T
 
 
@@ -696,6 +697,25 @@ def test_scratch_starts_from_a_fresh_initialisation(files, tmp_path, capsys):
     assert all(torch.equal(s[k], s2[k]) for k in s)  # seeded
 
 
+def test_new_heads_train_at_the_head_rate_and_a_kept_classifier_at_the_backbone_rate():
+    # thuml/CoTuning and tllib train the pre-trained source classifier with the backbone; only
+    # freshly initialised heads get the larger rate (Liu et al.'s official code: 10x).
+    def groups(model):
+        return {id(p): g["lr"] for g in model.param_groups(0.01, 10.0, 1e-4) for p in g["params"]}
+
+    reuse = FinetuneModel(create_backbone("smallcnn-s", num_classes=6), 3, source_classes=4)
+    lrs = groups(reuse)
+    assert {lrs[id(p)] for p in reuse.source_head.parameters()} == {0.1}
+    assert {lrs[id(p)] for p in reuse.head.parameters()} == {0.1}
+    assert {lrs[id(p)] for p in reuse.backbone.parameters()} == {0.01}
+    cotune = FinetuneModel(create_backbone("smallcnn-s", num_classes=6), 3)
+    cotune.keep_source_classifier(nn.Linear(cotune.backbone.feature_dim, 6))
+    lrs = groups(cotune)
+    assert {lrs[id(p)] for p in cotune.source_head.parameters()} == {0.01}
+    assert {lrs[id(p)] for p in cotune.head.parameters()} == {0.1}
+    assert len(lrs) == len(list(cotune.parameters()))  # every parameter in exactly one group
+
+
 @pytest.mark.parametrize("form", ["direct", "reverse"])
 def test_cotuning_relationship_comes_from_pretrained_predictions_on_the_splits(
         files, tmp_path, capsys, form):
@@ -729,12 +749,14 @@ def test_train_fraction_keeps_half_of_every_class(tmp_path, capsys):
     plain = run_ok(capsys, *args, "--out", tmp_path / "plain")
     half = run_ok(capsys, *args, "--train-fraction", 0.5, "--out", tmp_path / "half")
     p, h = (json.loads((d / "split.json").read_text()) for d in (plain, half))
-    assert h["val"] == p["val"]  # the validation split is carved before subsampling
-    assert set(h["train"]) <= set(p["train"])
     by_class = [sum(i.startswith(f"c{c}/") for i in h["train"]) for c in range(4)]
-    # 20 per class, 2 to validation, floor(0.5 * 18) = 9 kept
-    assert by_class == [9, 9, 9, 9]
-    assert h["sampler"]["per_class"] == [9, 9, 9, 9]
+    # the regime draws from the whole pool: floor(0.5 * 20) = 10 of every class train, as the
+    # paper's "50 % of the images"; validation takes round(0.1 * 20) = 2 of the other 10
+    assert by_class == [10, 10, 10, 10]
+    assert h["sampler"]["per_class"] == [10, 10, 10, 10]
+    assert [sum(i.startswith(f"c{c}/") for i in h["val"]) for c in range(4)] == [2, 2, 2, 2]
+    assert not set(h["val"]) & set(h["train"])
+    assert len(p["train"]) == 72 and len(p["val"]) == 8  # without a regime: 18 + 2 per class
 
 
 def test_long_tail_ratio_follows_the_exponential_profile(tmp_path, capsys):
@@ -745,11 +767,14 @@ def test_long_tail_ratio_follows_the_exponential_profile(tmp_path, capsys):
                  root, "--batch-size", 4, "--max-steps", 1, "--quiet", "--long-tail-ratio", 10,
                  "--out", tmp_path / "lt")
     split = json.loads((out / "split.json").read_text())
-    # n_c = floor(18 * 10^(-c/3)) for class rank c = 0..3 (Cui et al.): 18, 8, 3, 1
-    expected = [math.floor(18 * 10 ** (-c / 3) + 1e-9) for c in range(4)]
-    assert expected == [18, 8, 3, 1]
+    # n_c = floor(20 * 10^(-c/3)) for class rank c = 0..3 (Cui et al.): 20, 9, 4, 2, so the
+    # largest / smallest class is exactly the ratio
+    expected = [math.floor(20 * 10 ** (-c / 3) + 1e-9) for c in range(4)]
+    assert expected == [20, 9, 4, 2]
     assert [sum(i.startswith(f"c{c}/") for i in split["train"]) for c in range(4)] == expected
-    assert len(split["val"]) == 8
+    # validation: 2 per class from the images left out; the largest class has none left
+    assert [sum(i.startswith(f"c{c}/") for i in split["val"]) for c in range(4)] == [0, 2, 2, 2]
+    assert not set(split["val"]) & set(split["train"])
 
 
 def test_yaml_config_with_flag_overrides_is_saved_with_the_run(files, tmp_path, capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..artifacts import hash_file, write_json
@@ -21,7 +22,13 @@ from ..selection import Selection
 from ..units import Units
 from .augment import View, input_size
 from .config import MODES, FinetuneConfig, load_config
-from .data import SourceData, resize_transform, selected_source, split_validation
+from .data import (
+    SourceData,
+    held_out_validation,
+    resize_transform,
+    selected_source,
+    split_validation,
+)
 from .evaluate import cotuning_relationship, cotuning_reverse_relationship, predict
 from .loop import RunResult, train
 from .model import FinetuneModel, reinitialize, source_classifier
@@ -37,19 +44,26 @@ def _resize_side(model_spec) -> int:
 
 def target_splits(cfg: FinetuneConfig, train_pool: ImageDataset
                   ) -> tuple[ImageDataset, ImageDataset, dict]:
-    """Training and validation subsets of the target training data (seeded), after the optional
-    low-data (``train_fraction``) or long-tail (``long_tail_ratio``) subsampling, and the record
-    of the chosen sample ids (saved as ``split.json`` so the run can be audited)."""
-    if train_pool.labels is None:
+    """Training and validation subsets of the target training data (seeded), and the record of
+    the chosen sample ids (saved as ``split.json`` so the run can be audited).
+
+    A low-data (``train_fraction``) or long-tail (``long_tail_ratio``) regime draws the training
+    subset from the whole pool, so it has exactly the paper's size (20 % of every class; largest
+    / smallest class = ratio), and the validation images come from the images it leaves out
+    (:func:`~.data.held_out_validation`). Without a regime, validation is carved from the pool
+    (:func:`~.data.split_validation`)."""
+    labels = train_pool.labels
+    if labels is None:
         raise PretrainReuseError("the target data has no labels; fine-tuning needs class labels")
-    train_idx, val_idx = split_validation(train_pool.labels, cfg.val_fraction, cfg.seed)
     sampler = {}
     if cfg.train_fraction is not None or cfg.long_tail_ratio is not None:
-        labels = train_pool.labels[train_idx]
         sub = (subsample_fraction(labels, cfg.train_fraction, seed=cfg.seed)
                if cfg.train_fraction is not None
                else subsample_long_tail(labels, cfg.long_tail_ratio, seed=cfg.seed))
-        train_idx, sampler = train_idx[sub.indices], sub.params
+        train_idx, sampler = np.sort(sub.indices), sub.params
+        val_idx = held_out_validation(labels, train_idx, cfg.val_fraction, cfg.seed)
+    else:
+        train_idx, val_idx = split_validation(labels, cfg.val_fraction, cfg.seed)
     record = {"train": [train_pool.ids[i] for i in train_idx],
               "val": [train_pool.ids[i] for i in val_idx], "sampler": sampler, "seed": cfg.seed}
     return train_pool.subset(train_idx), train_pool.subset(val_idx), record
@@ -165,7 +179,7 @@ def _attach_relationship(model: FinetuneModel, train_set: ImageDataset, val_set:
                          cfg: FinetuneConfig, num_classes: int) -> None:
     """Co-Tuning: keep the pre-trained classifier as source head and learn p(y_s | y_t) from its
     predictions on the target training images (and, for the reverse form, validation images)."""
-    model.source_head = source_classifier(model.backbone)
+    model.keep_source_classifier(source_classifier(model.backbone))
     device = torch.device(cfg.device)
     model.to(device)
     view = View(model.backbone.spec, "eval", input_size(model.backbone.spec, cfg.image_size))

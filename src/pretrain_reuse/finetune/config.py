@@ -68,8 +68,10 @@ FIELD_HELP: dict[str, str] = {
     "augment": "standard: RandomResizedCrop + flip; flip: flip only; none",
     "cutout": "reuse-unlabeled's strong view: Cutout side / image side (0: none)",
     "strong_ops": "reuse-unlabeled's strong view: RandAugment operations (0: none)",
-    "train_fraction": "keep this share of every target class (seeded)",
-    "long_tail_ratio": "subsample the target to a long tail: largest / smallest class (seeded)",
+    "train_fraction": "train on this share of every target class (seeded; validation comes "
+                      "from the rest)",
+    "long_tail_ratio": "train on a long tail of the target: largest / smallest class (seeded; "
+                       "validation comes from the rest)",
     "seed": "seed of the split, the batches, the augmentations and the new layers",
     "device": "cpu, cuda or cuda:N",
     "precision": "auto: bf16 autocast on CUDA, fp32 on CPU; fp32; bf16",

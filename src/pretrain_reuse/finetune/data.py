@@ -44,15 +44,32 @@ def split_validation(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     Every class with at least two samples gives ``round(fraction * n_c)`` samples (at least one);
     the rest stay for training. Returns sorted (train, val) index arrays.
     """
+    val = _draw_validation(labels, np.arange(len(labels)), fraction, seed, keep_one=True)
+    return np.setdiff1d(np.arange(len(labels)), val), val
+
+
+def held_out_validation(labels: np.ndarray, train: np.ndarray, fraction: float,
+                        seed: int) -> np.ndarray:
+    """Validation samples drawn from those not in ``train`` (the images a low-data or long-tail
+    regime leaves out), seeded: ``round(fraction * n_c)`` (at least one) of every class c of the
+    whole pool, or all that are left of it (none for a class the regime keeps entirely, like the
+    largest class of a long tail). Returns sorted indices."""
+    rest = np.setdiff1d(np.arange(len(labels)), train)
+    return _draw_validation(labels, rest, fraction, seed, keep_one=False)
+
+
+def _draw_validation(labels: np.ndarray, candidates: np.ndarray, fraction: float, seed: int, *,
+                     keep_one: bool) -> np.ndarray:
+    """``round(fraction * n_c)`` (at least one) random ``candidates`` of every class c, capped by
+    the class's candidates (less one with ``keep_one``, so that training keeps a sample)."""
     rng = np.random.default_rng([seed, 7])
     val = []
     for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        k = min(len(idx) - 1, max(1, round(fraction * len(idx)))) if fraction > 0 else 0
+        idx = candidates[labels[candidates] == c]
+        want = max(1, round(fraction * np.count_nonzero(labels == c))) if fraction > 0 else 0
+        k = min(want, len(idx) - 1 if keep_one else len(idx))
         val.extend(rng.choice(idx, k, replace=False) if k > 0 else [])
-    val = np.sort(np.asarray(val, dtype=np.int64))
-    train = np.setdiff1d(np.arange(len(labels)), val)
-    return train, val
+    return np.sort(np.asarray(val, dtype=np.int64))
 
 
 class StepBatches:

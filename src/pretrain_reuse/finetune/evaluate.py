@@ -54,8 +54,10 @@ def cotuning_relationship(source_logits: np.ndarray, labels: np.ndarray,
 
 #: Fixed calibration temperature of the source logits in thuml/CoTuning (their ResNet-50).
 COTUNING_SOURCE_SCALE = 0.884
-#: Inverse regularisation strengths searched on the validation split (thuml/CoTuning).
-COTUNING_CS = tuple(10.0 ** e for e in range(4, -5, -1))
+#: Inverse regularisation strengths searched on the validation split, in thuml/CoTuning's order
+#: (the first of equally accurate fits wins).
+COTUNING_CS = (1e4, 3e3, 1e3, 3e2, 1e2, 3e1, 1e1, 3.0, 1.0, 3e-1, 1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4,
+               1e-4)
 
 
 def cotuning_reverse_relationship(train_logits: np.ndarray, train_labels: np.ndarray,
@@ -72,8 +74,9 @@ def cotuning_reverse_relationship(train_logits: np.ndarray, train_labels: np.nda
        with ``C`` in ``cs`` chosen by validation accuracy;
     2. a temperature ``T`` on its logits minimises the validation cross-entropy;
     3. ``p(y_t | y_s = s) = softmax(W e_s / T)`` and, by Bayes with the empirical source
-       marginal ``p(y_s) = mean_i p_s(x_i)``, ``p(y_s | y_t) ∝ p(y_t | y_s) p(y_s)``,
-       each row normalised over the source classes.
+       marginal ``p(y_s) = mean_i p_s(x_i)`` over the training and validation images (as
+       thuml), ``p(y_s | y_t) ∝ p(y_t | y_s) p(y_s)``, each row normalised over the source
+       classes.
 
     Returns the (num_classes, K_s) row-stochastic matrix.
     """
@@ -89,7 +92,7 @@ def cotuning_reverse_relationship(train_logits: np.ndarray, train_labels: np.nda
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     _lbfgs([log_t], lambda: torch.nn.functional.cross_entropy(p_val @ w / log_t.exp(), y_val))
     t_given_s = torch.softmax(w / log_t.detach().exp(), dim=1)  # row s: W applied to e_s
-    joint = t_given_s * p_train.mean(0)[:, None]
+    joint = t_given_s * torch.cat([p_train, p_val]).mean(0)[:, None]
     return (joint / joint.sum(0, keepdim=True)).T.numpy()
 
 

@@ -26,9 +26,10 @@ def new_head(in_features: int, out_features: int, generator: torch.Generator) ->
 class FinetuneModel(nn.Module):
     """``backbone`` (penultimate features) + ``head`` (target classes) + optional ``source_head``.
 
-    ``source_classes`` adds a fresh source head (labelled reuse); Co-Tuning sets ``source_head``
-    to the pre-trained classifier afterwards. ``frozen_backbone`` (linear probing): the backbone
-    gets no gradients and stays in eval mode, so its BatchNorm statistics do not move either.
+    ``source_classes`` adds a fresh source head (labelled reuse); Co-Tuning keeps the
+    pre-trained classifier as source head instead (:meth:`keep_source_classifier`).
+    ``frozen_backbone`` (linear probing): the backbone gets no gradients and stays in eval mode,
+    so its BatchNorm statistics do not move either.
     ``source_bn``: how BatchNorm treats reused source images (see :meth:`joint_features`).
     """
 
@@ -43,6 +44,7 @@ class FinetuneModel(nn.Module):
         self.head = new_head(backbone.feature_dim, num_classes, generator)
         self.source_head = (None if source_classes is None
                             else new_head(backbone.feature_dim, source_classes, generator))
+        self.source_head_is_new = source_classes is not None
         self.frozen_backbone = frozen_backbone
         self.source_bn = source_bn
         if frozen_backbone:
@@ -82,10 +84,19 @@ class FinetuneModel(nn.Module):
             z_sources = self.features(torch.cat(sources))
         return [z_target, *z_sources.split(sizes[1:])]
 
+    def keep_source_classifier(self, head: nn.Module) -> None:
+        """Co-Tuning: ``head``, the pre-trained classifier, becomes the source head. It is not a
+        new head, so it trains at the backbone's learning rate (thuml/CoTuning, tllib)."""
+        self.source_head, self.source_head_is_new = head, False
+
     def param_groups(self, lr: float, head_lr_mult: float, weight_decay: float) -> list[dict]:
-        """Backbone at ``lr``, heads at ``head_lr_mult * lr`` (official: 10x); decay on all."""
-        heads = [p for m in (self.head, self.source_head) if m is not None for p in m.parameters()]
-        body = [p for p in self.backbone.parameters() if p.requires_grad]
+        """Backbone (and a pre-trained source head) at ``lr``, new heads at ``head_lr_mult * lr``
+        (official: 10x); decay on all."""
+        new = [self.head] + ([self.source_head] if self.source_head_is_new else [])
+        old = [self.backbone] + ([] if self.source_head is None or self.source_head_is_new
+                                 else [self.source_head])
+        heads = [p for m in new for p in m.parameters()]
+        body = [p for m in old for p in m.parameters() if p.requires_grad]
         groups = [{"params": heads, "lr": lr * head_lr_mult, "base_lr": lr * head_lr_mult,
                    "weight_decay": weight_decay}]
         if body:
