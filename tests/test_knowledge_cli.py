@@ -227,3 +227,25 @@ def test_joint_decomposition_gives_identical_models_one_split(quick_demo, tmp_pa
         np.testing.assert_allclose(rebuilt, x.v + x.noise, atol=1e-8)
     k = json.loads((tmp_path / "k" / "knowledge.json").read_text())
     assert k["report"]["overall"]["exclusive"]["mean"] == 0.0  # scratch knows all of it
+
+
+def _interactions(folder):
+    return [load(f) for f in sorted(folder.glob("interactions-*.safetensors"))]
+
+
+def test_a_rerun_into_a_folder_with_other_settings_equals_a_fresh_run(tmp_path, capsys):
+    # the game cache is keyed on what determines a game: another baseline or other weights
+    # computed into a used folder give the same games as a fresh folder, not the old ones
+    first = _classifier(tmp_path / "a.safetensors", 10, seed=0)
+    other = _classifier(tmp_path / "b.safetensors", 10, seed=1)
+    common = ["explain", "--model", "smallcnn-s", "--data", "synthetic:target",
+              "--players", "grid:2x2", "--samples", 2, "--quiet"]
+    reused = tmp_path / "reused"
+    assert _run(capsys, *common, "--weights", first, "--out", reused)[0] == 0
+    for k, change in enumerate((["--weights", first, "--baseline", "blur"], ["--weights", other])):
+        assert _run(capsys, *common, *change, "--out", reused)[0] == 0
+        fresh = tmp_path / f"fresh-{k}"
+        assert _run(capsys, *common, *change, "--out", fresh)[0] == 0
+        for x, y in zip(_interactions(reused), _interactions(fresh), strict=True):
+            np.testing.assert_array_equal(x.v, y.v)
+            assert x.info == y.info

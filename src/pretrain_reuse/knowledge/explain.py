@@ -7,22 +7,27 @@ baseline, the masked game ``v(x_S)`` over all 2^n coalitions
 (:func:`~pretrain_reuse.knowledge.games.masked_game`,
 :func:`~pretrain_reuse.knowledge.text.masked_text_game`), then the AND (default, the paper's
 Harsanyi interactions) or AND-OR decomposition, batched over samples. Games are cached in the
-output folder, so an interrupted run resumes where it stopped.
+output folder, so an interrupted run resumes where it stopped. A cached game is named by a hash
+of everything that determines it (the model's parameters and buffers, the preprocessed input, the
+players, the label, the baseline and its options, the output), so a rerun with other settings or
+another model computes its own games instead of reusing another run's.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..artifacts import atomic_path, make_meta
+from ..artifacts import atomic_path, hash_array, make_meta
 from ..data.datasets import ImageDataset
 from ..data.text import TextDataset
 from ..embed import preprocessed
@@ -64,8 +69,14 @@ _ARRAYS_PER_SAMPLE = {"and": 8, "and-or": 16, "joint-and-or": 16}
 #: Token players per sentence when ``n`` is not given (Chen et al., ICLR 2024).
 TEXT_PLAYERS = 10
 
-#: A sample's players (meta, names) and the function computing its game for a label.
-SampleGame = tuple[dict[str, Any], list[str] | None, Callable[[int], np.ndarray]]
+
+class SampleGame(NamedTuple):
+    """One sample's players and the function computing its game for a label."""
+
+    players: dict[str, Any]  # how the players were chosen (their meta)
+    names: list[str] | None
+    key: dict[str, str]  # hashes of what, besides the model and the options, fixes the game
+    compute: Callable[[int], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -240,26 +251,30 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
         (folder / "games").mkdir(parents=True, exist_ok=True)
     setup = (_text_samples(model, dataset, cfg, device) if cfg.players == "tokens"
              else _image_samples(model, dataset, indices, cfg, device))
+    state = _state_hash(model)
     games, infos = [], []
     for k, i in enumerate(tqdm([int(i) for i in indices], desc=f"explain {role}", unit="sample",
                                disable=not progress)):
-        players, names, compute = setup(i)
+        sample = setup(i)
         if k == 0:
-            _check_memory(len(indices), players["n"], cfg.decomposition)
-        cache = None if folder is None else folder / "games" / f"{i:07d}.npy"
+            _check_memory(len(indices), sample.players["n"], cfg.decomposition)
         label = int(dataset.labels[i])
+        game = _digest({"model": state, "sample": sample.key, "label": label,
+                        "baseline": _baseline_options(cfg), "output": cfg.output})
+        cache = None if folder is None else folder / "games" / f"{i:07d}-{game}.npy"
         if cache is not None and cache.exists():
             v = np.load(cache)
         else:
-            v = compute(label)
+            v = sample.compute(label)
             if cache is not None:
                 with atomic_path(cache) as tmp, open(tmp, "wb") as fh:
                     np.save(fh, v)
         games.append(v)
         infos.append({"sample": dataset.ids[i], "index": i, "label": label,
                       "class": (dataset.class_names or [str(label)] * (label + 1))[label],
-                      "players": players, "player_names": names, "role": role,
-                      "model": model.spec.name, "baseline": cfg.baseline, "output": cfg.output})
+                      "players": sample.players, "player_names": sample.names, "role": role,
+                      "model": model.spec.name, "baseline": cfg.baseline, "output": cfg.output,
+                      "game": game})
     decompose = and_interactions if cfg.decomposition == "and" else and_or_interactions
     results = decompose(np.stack(games), qthres=cfg.noise_bound)
     meta = make_meta("knowledge.explain", asdict(cfg), seed=cfg.seed)
@@ -293,6 +308,33 @@ def display_samples(model: Backbone, dataset: ImageDataset, xs: list[Interaction
         image = (data.load(i) * std + mean).permute(1, 2, 0).numpy()
         out.append((image, sample_players(dataset, i, cfg, size).masks, x))
     return out
+
+
+def _digest(obj: Any) -> str:
+    """Short hash of a JSON-serialisable object."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _tensor_hash(x: torch.Tensor) -> str:
+    return hash_array(x.detach().cpu().numpy())
+
+
+def _state_hash(model: Backbone) -> str:
+    """Hash of a model's parameters and buffers (names, dtypes, shapes and values)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def _baseline_options(cfg: ExplainConfig) -> dict[str, Any]:
+    """The options that fix the baseline (the learned one's optimiser settings)."""
+    if cfg.baseline != "learned":
+        return {"baseline": cfg.baseline}
+    return {"baseline": cfg.baseline, "lr": cfg.baseline_lr, "steps": cfg.baseline_steps,
+            "radius": cfg.baseline_radius}
 
 
 def _check_memory(samples: int, n: int, decomposition: str) -> None:
@@ -343,10 +385,14 @@ def _image_samples(model: Backbone, dataset: ImageDataset, indices: np.ndarray,
         raise PretrainReuseError("some chosen samples are unreadable images; pick other samples")
     mean = torch.stack(list(xs.values())).mean(dim=0).to(device) if cfg.baseline == "mean" else None
 
+    mean_key = {} if mean is None else {"mean": _tensor_hash(mean)}
+
     def setup(i: int) -> SampleGame:
         players = sample_players(dataset, i, cfg, size)
-        return players.meta, players.names, lambda label: _image_game(
-            model, xs[i].to(device), label, players, cfg, mean)
+        key = {"input": _tensor_hash(xs[i]), "players": hash_array(players.masks),
+               "background": players.background, **mean_key}
+        return SampleGame(players.meta, players.names, key, lambda label: _image_game(
+            model, xs[i].to(device), label, players, cfg, mean))
 
     return setup
 
@@ -361,8 +407,10 @@ def _text_samples(model: Backbone, dataset: TextDataset, cfg: ExplainConfig,
         enc = {k: v[0].to(device) for k, v in enc.items()}
         players = token_players(enc["input_ids"].tolist(), tokenizer, cfg.n, seed=[cfg.seed, i],
                                 negations=cfg.negations)
-        return players.meta, players.names, lambda label: _text_game(
-            model, enc, label, players, cfg)
+        key = {"input": _digest({k: v.tolist() for k, v in enc.items()}),
+               "players": _digest(players.positions.tolist())}
+        return SampleGame(players.meta, players.names, key, lambda label: _text_game(
+            model, enc, label, players, cfg))
 
     return setup
 
