@@ -88,6 +88,49 @@ def test_table_aggregates_the_runs_and_a_rerun_skips_them(quick_demo, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")} == stamps
 
 
+def test_random_and_low_data_selections_follow_each_runs_seed_and_training_images(quick_demo,
+                                                                                   tmp_path):
+    from pretrain_reuse.features import FeatureStore
+    from pretrain_reuse.selection import SelectConfig, select
+    from pretrain_reuse.units import Units
+
+    demo, _, _ = quick_demo
+    cfg = load_experiment_config(_config(demo, tmp_path, sweep={"train_fraction": [0.25]}),
+                                 seeds=(0, 1))
+    out = tmp_path / "fig3b"
+    table = run_experiment("fig3b", cfg, out, progress=False)
+    target = FeatureStore.load(demo / "features_target")
+    pool = Units.load(out / "units" / "classes.safetensors")
+    trained_on = []
+    for seed in (0, 1):
+        run = out / "runs" / f"reuse-uot-classes-x=0.25-seed{seed}"
+        train_ids = json.loads((run / "split.json").read_text())["train"]
+        trained_on.append(set(train_ids))
+        # independent reference: class means of exactly the images this run trains on
+        rows = [target.ids.index(i) for i in train_ids]
+        x, y = np.asarray(target.features)[rows], target.labels[rows]
+        means = np.stack([x[y == c].mean(0) for c in np.unique(y)])
+        expected = select(pool, Units(means), SelectConfig(method="uot", k=len(RELATED)))
+        tag = f"classes-uot-cosine-eps0.01-k{len(RELATED)}-train_fraction0.25-seed{seed}"
+        saved = Selection.load(out / "selections" / f"{tag}.json")
+        np.testing.assert_allclose(saved.scores, expected.scores, rtol=1e-5)
+        meta = RunResult.load(run / "result.json").meta
+        assert json.loads(meta["inputs"]["selected"]) == saved.selected
+    assert trained_on[0] != trained_on[1]
+    assert table.rows[1]["units"] == len(RELATED)
+
+    cfg = load_experiment_config(_config(demo, tmp_path, sweep={"k": [8]}, relevant=()),
+                                 seeds=(0, 1), finetune={**FAST, "max_steps": 1})
+    out = tmp_path / "fig3a"
+    run_experiment("fig3a", cfg, out, progress=False)
+    drawn = [json.loads(RunResult.load(out / "runs" / f"reuse-random-classes-x=8-seed{s}"
+                                       / "result.json").meta["inputs"]["selected"]) for s in (0, 1)]
+    assert drawn[0] != drawn[1]  # a random selection per seed, seeded by the run's seed
+    for s in (0, 1):
+        assert drawn[s] == select(pool, Units(np.ones((1, pool.prototypes.shape[1]))),
+                                  SelectConfig(method="random", k=8, seed=s)).selected
+
+
 def test_cli_runs_a_recipe_and_refuses_a_changed_config(quick_demo, tmp_path, capsys):
     demo, _, _ = quick_demo
     cfg = _config(demo, tmp_path)
@@ -100,6 +143,11 @@ def test_cli_runs_a_recipe_and_refuses_a_changed_config(quick_demo, tmp_path, ca
     assert [r["method"] for r in table.rows] == ["reuse greedy-ot l2", "reuse greedy-ot cosine",
                                                  "reuse uot l2", "reuse uot cosine"]
     assert all(r["recall"] is not None and r["units"] == len(RELATED) for r in table.rows)
+    # the l2 rows use their own cost scale (methods note §2: 0.05-1 reproduces Table 4)
+    def scales(metric):
+        return {p.name.split("-eps")[1].split("-")[0] for p in (out / "selections").glob(f"*-{metric}-*")}
+
+    assert scales("l2") == {"0.1"} and scales("cosine") == {"0.01"}
     assert main(["report", str(out)]) == 0
     page = (out / "report.html").read_text()
     assert "experiment table4" in page and page.count("data:image/png;base64,") >= 2

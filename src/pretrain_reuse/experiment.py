@@ -23,7 +23,9 @@ knowledge  for each pre-training in ``pretrainings`` (e.g. supervised vs self-su
 Everything an experiment computes lands in its folder and is reused by a rerun: features
 (``features/``, from ``embed`` unless given), units (``units/``), selections (``selections/``)
 and fine-tuning runs (``runs/<row>-seed<s>/``, skipped once ``result.json`` exists and resumed
-from their checkpoint otherwise). The table is written as ``results.csv``, ``results.md``,
+from their checkpoint otherwise). A random selection is drawn with each run's seed, and a
+low-data or long-tail row selects with the class means of the images its run trains on. The
+table is written as ``results.csv``, ``results.md``,
 ``results.png`` and ``experiment.json``; accuracies are the final-step test top-1 (mean and
 sample standard deviation over seeds) next to the test top-1 at the best validation evaluation.
 """
@@ -44,15 +46,18 @@ from .artifacts import atomic_path, claim_folder, make_meta, read_json, write_js
 from .data.catalog import DATASETS
 from .data.datasets import ImageDataset
 from .embed import EmbedConfig, embed
-from .errors import PretrainReuseError, check_choice, parse_ids
+from .errors import PretrainReuseError, check_choice, check_positive, parse_ids
 from .features import FeatureStore
-from .finetune import MODES, FinetuneConfig, RunResult, finetune_datasets, open_split
+from .finetune import MODES, FinetuneConfig, RunResult, finetune_datasets, open_split, target_splits
 from .finetune.config import checked_values, config_values
 from .selection import SelectConfig, Selection, select
 from .units import Units, class_means, spherical_kmeans
 
 #: Knowledge ratios the ``knowledge`` recipe reports per fine-tuned model (means over seeds).
 KNOWLEDGE_RATIOS = ("preserve", "discard", "new", "exclusive")
+
+#: FinetuneConfig settings that change which target images a run trains on.
+REGIMES = ("train_fraction", "long_tail_ratio")
 
 #: Values swept by the recipes, unless the config's ``sweep`` overrides them.
 SWEEP_DEFAULTS: dict[str, tuple] = {
@@ -80,6 +85,9 @@ class ExperimentConfig:
             (default: the share that the top-``k`` UOT classes cover, as the paper matches 200
             clusters to 100 classes; ``k / classes`` without labels).
         clusters: k-means K for cluster units; metric, eps_c: the selection cost.
+        eps_c_l2: the cost scale of table4's l2 rows (Euclidean distance between unnormalised
+            class means, whose scale is the features' norm: any value in [0.05, 1] gives Liu et
+            al.'s Table 4 counts, the cosine rows' 0.01 does not; methods note §2).
         relevant: pool class ids known to be related to the target (recall, label selection); in
             YAML a list or the syntax of ``--relevant`` (``"7-24,80-100"``).
         finetune: FinetuneConfig fields shared by every run; lam: λ per mode on top.
@@ -103,6 +111,7 @@ class ExperimentConfig:
     clusters: int = 2000
     metric: str = "cosine"
     eps_c: float = 0.01
+    eps_c_l2: float = 0.1
     relevant: tuple[int, ...] = ()
     finetune: dict[str, Any] = field(default_factory=dict)
     lam: dict[str, float] = field(default_factory=dict)
@@ -117,6 +126,8 @@ class ExperimentConfig:
             raise PretrainReuseError("seeds is empty; give at least one seed")
         if self.k < 1 or self.clusters < 2:
             raise PretrainReuseError(f"k must be >= 1 and clusters >= 2, got {self.k}, {self.clusters}")
+        for name in ("eps_c", "eps_c_l2"):
+            check_positive(name, getattr(self, name))
         if self.cluster_k is not None and not 0 < self.cluster_k <= 1:
             raise PretrainReuseError(f"cluster_k must be a share of pool images in (0, 1], got "
                                      f"{self.cluster_k}")
@@ -224,7 +235,9 @@ def _table3(cfg: ExperimentConfig) -> list[Row]:
 
 
 def _table4(cfg: ExperimentConfig) -> list[Row]:
-    return [Row(f"reuse {m} {metric}", mode="reuse", pick=Pick("classes", m, metric=metric))
+    eps_c = {"l2": cfg.eps_c_l2, "cosine": cfg.eps_c}
+    return [Row(f"reuse {m} {metric}", mode="reuse",
+                pick=Pick("classes", m, metric=metric, eps_c=eps_c[metric]))
             for m in ("greedy-ot", "uot") for metric in ("l2", "cosine")]
 
 
@@ -347,7 +360,7 @@ class ExperimentTable:
             best = r["top1_at_best_val_mean"]
             body.append([r["method"], *([str(r["x"])] if self.x_label else []),
                          "" if r["recall"] is None else f"{r['recall']:.4f}",
-                         "" if r["units"] is None else str(r["units"]), acc,
+                         "" if r["units"] is None else f"{r['units']:g}", acc,
                          "" if best is None else f"{best:.4f}",
                          str(len(r["seeds"])) if r["seeds"] else "",
                          *("" if r.get(k) is None else f"{r[k]:.3f}" for k in ratios)])
@@ -458,8 +471,19 @@ class _Workspace:
 
         return self._once(("units", name), build)
 
-    def target_units(self) -> Units:
-        return self._once("target_units", lambda: class_means(self.features("target")))
+    def target_units(self, regime: tuple = (), seed: int = 0) -> Units:
+        """Class means of the target features a selection may use: all the target training
+        data, or for a row with a low-data / long-tail ``regime`` (FinetuneConfig settings)
+        only the images that the row's run with ``seed`` trains on."""
+        if not regime:
+            return self._once("target_units", lambda: class_means(self.features("target")))
+
+        def build():
+            ft = replace(self.cfg.base_finetune(), seed=seed, **dict(regime))
+            train_ids = target_splits(ft, self.data("target"))[2]["train"]
+            return class_means(_rows_with_ids(self.features("target"), train_ids))
+
+        return self._once(("target_units", regime, seed), build)
 
     def cluster_share(self) -> float:
         """Default share of pool images for cluster selections (see ExperimentConfig)."""
@@ -468,24 +492,31 @@ class _Workspace:
         if self.features("source").labels is None:
             return min(1.0, self.cfg.k / self.cfg.clusters)
         classes = self.units("classes")
-        top = self.selection(Pick("classes", "uot"))
+        top = self.selection(Pick("classes", "uot"), self.cfg.seeds[0])
         return float(classes.counts[top.selected].sum() / classes.counts.sum())
 
-    def selection(self, pick: Pick) -> Selection:
+    def selection(self, pick: Pick, seed: int, settings: tuple = ()) -> Selection:
+        """The selection a row's run with ``seed`` reuses: a random selection is drawn with that
+        seed, and a row with a low-data or long-tail regime (in ``settings``) selects for the
+        target images it trains on; other selections are the same for every seed."""
         cfg = self.cfg
         clusters = pick.units != "classes"
         k = pick.k if pick.k is not None else (self.cluster_share() if clusters else cfg.k)
         if pick.group is not None:
             k = len(self.units(pick.units))  # the whole ranking, sliced below
+        regime = tuple((name, v) for name, v in settings if name in REGIMES)
+        per_seed = pick.method == "random" or bool(regime)
         scfg = SelectConfig(method=pick.method, k=k, metric=pick.metric or cfg.metric,
-                            eps_c=pick.eps_c or cfg.eps_c, seed=cfg.seeds[0],
+                            eps_c=pick.eps_c or cfg.eps_c, seed=seed if per_seed else cfg.seeds[0],
                             unit_ids=cfg.relevant if pick.method == "label" else ())
-        tag = f"{pick.units}-{scfg.method}-{scfg.metric}-eps{scfg.eps_c:g}-k{k:g}"
+        tag = (f"{pick.units}-{scfg.method}-{scfg.metric}-eps{scfg.eps_c:g}-k{k:g}"
+               + "".join(f"-{name}{v:g}" for name, v in regime)
+               + (f"-seed{seed}" if per_seed else ""))
         path = self.out / "selections" / f"{tag}.json"
 
         def build():
             sel = Selection.load(path) if path.exists() else select(
-                self.units(pick.units), self.target_units(), scfg)
+                self.units(pick.units), self.target_units(regime, seed), scfg)
             if not path.exists():
                 sel.save(path)
             if pick.group is None:
@@ -499,7 +530,7 @@ class _Workspace:
             return replace(sel, selected=[int(u) for u in ranking[i * size:(i + 1) * size]],
                            params={**sel.params, "group": [i, n]})
 
-        return self._once(("selection", pick), build)
+        return self._once(("selection", tag, pick.group), build)
 
     def recall(self, pick: Pick, sel: Selection) -> float | None:
         if not self.cfg.relevant:
@@ -522,7 +553,7 @@ class _Workspace:
         base = cfg.base_finetune()
         ft = replace(base, mode=row.mode, seed=seed, lam=cfg.lam.get(row.mode, base.lam),
                      **dict(row.settings))
-        sel = self.selection(row.pick) if row.pick else None
+        sel = self.selection(row.pick, seed, row.settings) if row.pick else None
         if self.progress:
             print(f"[experiment] {run_dir.name}", flush=True)
         return finetune_datasets(
@@ -533,6 +564,20 @@ class _Workspace:
                     "source": cfg.source, "row": row.method, "x": row.x,
                     "selected": sel.selected if sel else None},
             progress=self.progress)
+
+
+def _rows_with_ids(store: FeatureStore, ids: list[str]) -> FeatureStore:
+    """The samples of ``store`` with these ids, in this order."""
+    position = {sid: i for i, sid in enumerate(store.ids)}
+    missing = [sid for sid in ids if sid not in position]
+    if missing:
+        raise PretrainReuseError(
+            f"the target features have no sample {missing[0]!r} ({len(missing)} missing); embed "
+            "target_features from the target data itself, or leave target_features unset")
+    rows = np.asarray([position[sid] for sid in ids], dtype=np.int64)
+    return replace(store, features=np.asarray(store.features[rows]),
+                   labels=None if store.labels is None else store.labels[rows],
+                   ids=[store.ids[i] for i in rows])
 
 
 def _mean(values: list[float]) -> float | None:
@@ -549,13 +594,15 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
     ws = _Workspace(cfg, out, progress)
     table = []
     for row in rows:
-        sel = ws.selection(row.pick) if row.pick else None
+        sels = [ws.selection(row.pick, s, row.settings) for s in cfg.seeds] if row.pick else []
         results = [ws.finetune(row, s) for s in cfg.seeds] if row.mode else []
         final = [r.final["top1"] for r in results]
+        recalls = [ws.recall(row.pick, sel) for sel in sels]
         table.append({
             "method": row.method, "x": row.x,
-            "recall": ws.recall(row.pick, sel) if sel is not None else None,
-            "units": len(sel.selected) if sel is not None else None,
+            # means over the seeds' selections (they differ for random and regime rows)
+            "recall": _mean(recalls) if sels and recalls[0] is not None else None,
+            "units": _mean([len(sel.selected) for sel in sels]) if sels else None,
             "top1_mean": _mean(final),
             "top1_std": float(np.std(final, ddof=1)) if len(final) > 1 else (0.0 if final else None),
             "top1_at_best_val_mean": _mean([r.at_best_val["top1"] for r in results]),
