@@ -46,7 +46,9 @@ FIELD_HELP: dict[str, str] = {
     "momentum": "SGD momentum",
     "nesterov": "Nesterov momentum",
     "weight_decay": "weight decay",
-    "lam": "λ, the weight of the source loss (reuse, reuse-unlabeled, co-tuning)",
+    "lam": "λ, the weight of the source loss (reuse, reuse-unlabeled, co-tuning); the default is "
+           "the official value for supervised reuse: its scripts use 1.0 for reuse-unlabeled and "
+           "for MoCo with labels, and co-tuning's authors 2.3",
     "schedule": "step: lr ÷10 at each milestone; cosine: to 0",
     "milestones": "fractions of training where the step schedule divides the lr by 10",
     "warmup_steps": "steps of linear learning-rate warm-up",

@@ -22,7 +22,13 @@ from ..units import Units
 
 def resize_transform(size: int):
     """Per-sample CPU transform: resize the shorter side to ``size`` and centre-crop a square, so
-    images of any shape collate into one batch; the random crops happen on the device."""
+    images of any shape collate into one batch; the random crops happen on the device.
+
+    A deviation from torchvision's pipeline (and the official code's): RandomResizedCrop then
+    samples its box (scale 0.08-1 of the area, ratio 3/4-4/3) inside this central square, not in
+    the whole image, so the strips beyond the square of a non-square image are never seen. For
+    the square images of the bundled data sets, and for the usual near-square photos, the two
+    agree or nearly so."""
 
     def transform(image: torch.Tensor) -> torch.Tensor:
         h, w = image.shape[-2:]
