@@ -1083,16 +1083,20 @@ def test_grid_with_an_unknown_field_is_a_user_error(files, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("geometry", ["flip", "weak"])
-def test_strong_view_erases_a_square_of_the_configured_side(geometry):
+def test_strong_view_erases_a_box_of_the_configured_side(geometry):
     spec = create_backbone("smallcnn-s").spec
     images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
-    erased_value = (0.5 - mean) / std
+    erased_value = (127 / 255 - mean) / std  # FixMatch's CutoutAbs fills with (127, 127, 127)
     for cutout, side in ((0.5, 16), (0.25, 8), (0.0, 0)):
         torch.manual_seed(1)
-        x = View(spec, geometry, 32, strong=True, cutout=cutout)(images)
+        x = View(spec, geometry, 32, strong=True, cutout=cutout, ops=0)(images)
         erased = torch.isclose(x, erased_value.expand_as(x), atol=1e-6).all(dim=1)  # (B, H, W)
-        assert erased.flatten(1).sum(1).tolist() == [side * side] * 6
+        rows, cols = erased.any(2).sum(1), erased.any(1).sum(1)
+        assert torch.equal(erased.flatten(1).sum(1), rows * cols)  # one box per image
+        # side + 1 pixels (PIL's rectangle includes both corners), cut at the bottom / right edge
+        for extent in (rows, cols):
+            assert ((extent <= side + 1) & (extent >= min(side // 2 + 1, side))).all()
 
 
 @pytest.mark.parametrize("geometry", ["flip", "weak"])

@@ -69,7 +69,8 @@ FIELD_HELP: dict[str, str] = {
     "image_size": "input side in pixels (None: the backbone's)",
     "augment": "standard: RandomResizedCrop + flip; flip: flip only; none",
     "cutout": "reuse-unlabeled's strong view: Cutout side / image side (0: none)",
-    "strong_ops": "reuse-unlabeled's strong view: RandAugment operations (0: none)",
+    "strong_ops": "reuse-unlabeled's strong view: FixMatch RandAugmentMC operations per image "
+                  "(0: none)",
     "train_fraction": "train on this share of every target class (seeded; validation comes "
                       "from the rest)",
     "long_tail_ratio": "train on a long tail of the target: largest / smallest class (seeded; "
