@@ -9,6 +9,7 @@ import torch
 from pretrain_reuse import load
 from pretrain_reuse.cli import main
 from pretrain_reuse.data import open_dataset
+from pretrain_reuse.embed import preprocessed
 from pretrain_reuse.knowledge import harsanyi_and
 from pretrain_reuse.knowledge.interactions import reconstruct_and, reconstruct_or
 from pretrain_reuse.models import create_backbone, save_backbone
@@ -249,3 +250,26 @@ def test_a_rerun_into_a_folder_with_other_settings_equals_a_fresh_run(tmp_path, 
         for x, y in zip(_interactions(reused), _interactions(fresh), strict=True):
             np.testing.assert_array_equal(x.v, y.v)
             assert x.info == y.info
+
+
+def test_the_mean_baseline_is_the_datas_mean_whatever_samples_are_explained(tmp_path, capsys):
+    # the same sample explained among 3 or among 6 gets the same game, and with every pixel a
+    # player v(∅) is the model's output on the mean image of the whole test split
+    weights = _classifier(tmp_path / "m.safetensors", 10)
+    common = ["explain", "--model", "smallcnn-s", "--weights", weights, "--data",
+              "synthetic:target", "--players", "grid:2x2", "--baseline", "mean",
+              "--mean-samples", 100_000, "--quiet"]
+    assert _run(capsys, *common, "--samples", 3, "--out", tmp_path / "three")[0] == 0
+    assert _run(capsys, *common, "--samples", 6, "--out", tmp_path / "six")[0] == 0
+    six = {x.info["index"]: x for x in _interactions(tmp_path / "six")}
+    for x in _interactions(tmp_path / "three"):
+        np.testing.assert_array_equal(x.v, six[x.info["index"]].v)
+    model = create_backbone("smallcnn-s", weights=str(weights)).eval()
+    data = preprocessed(open_dataset("synthetic:target", split="test"), model.preprocess)
+    mean = torch.stack([data.load(i).double() for i in range(len(data))]).mean(0).float()
+    with torch.no_grad():
+        z = model(mean[None])[0].double()
+    for x in six.values():
+        y = x.info["label"]
+        expected = z[y] - torch.logsumexp(torch.cat([z[:y], z[y + 1:]]), 0)
+        assert x.v[0] == pytest.approx(float(expected), abs=1e-5)

@@ -253,9 +253,9 @@ def _explain_config(args):
     return ExplainConfig(players=args.players, n=args.n, negations=args.negations,
                          baseline=args.baseline, baseline_lr=args.baseline_lr,
                          baseline_steps=args.baseline_steps, baseline_radius=args.baseline_radius,
-                         output=args.output, decomposition=args.decomposition, qthres=args.qthres,
-                         samples=args.samples, seed=args.seed, batch_size=args.batch_size,
-                         device=args.device)
+                         mean_samples=args.mean_samples, output=args.output,
+                         decomposition=args.decomposition, qthres=args.qthres, samples=args.samples,
+                         seed=args.seed, batch_size=args.batch_size, device=args.device)
 
 
 def _note_weights(model: str, weights: str | None, quiet: bool, mode: str | None = None) -> None:
@@ -377,6 +377,9 @@ def _add_explain_flags(p: argparse.ArgumentParser) -> None:
                    help="learned baseline: iterations (default: %(default)s)")
     p.add_argument("--baseline-radius", type=float, default=0.5,
                    help="learned baseline: max distance from its start, in data std units "
+                   "(default: %(default)s)")
+    p.add_argument("--mean-samples", type=int, default=1000,
+                   help="mean baseline: images of --data averaged, drawn with --seed "
                    "(default: %(default)s)")
     p.add_argument("--output", default="log-odds",
                    help="log-odds | log-odds-clipped | logit (default: %(default)s)")

@@ -95,6 +95,9 @@ class ExplainConfig:
 
     ``baseline``: for images ``zero`` (default), ``mean``, ``blur`` or ``learned``; for tokens
     ``mask`` (default: absent tokens become [MASK]), ``pad`` or ``learned`` (an embedding).
+    ``baseline="mean"`` is the per-pixel mean, in the model's input space, of ``mean_samples``
+    images of the data drawn with ``seed`` (all of them when the data has fewer), so a sample's
+    game does not depend on which other samples are explained.
     ``baseline="learned"`` learns each sample's baseline for each model
     (:func:`~.games.learn_baseline`, Ren et al., CVPR 2023;
     :func:`~.text.learn_baseline_embedding`): it starts from ``zero`` (the data's mean colour) or
@@ -113,6 +116,7 @@ class ExplainConfig:
     baseline_lr: float = 1e-3
     baseline_steps: int = 50
     baseline_radius: float = 0.5
+    mean_samples: int = 1000
     output: str = "log-odds"
     decomposition: str = "and"
     qthres: float | None = None
@@ -147,6 +151,8 @@ class ExplainConfig:
         check_device(self.device)
         if self.samples < 1:
             raise PretrainReuseError(f"samples must be >= 1, got {self.samples}")
+        if self.mean_samples < 1:
+            raise PretrainReuseError(f"mean_samples must be >= 1, got {self.mean_samples}")
         if not (self.baseline_lr > 0 and self.baseline_radius > 0 and self.baseline_steps >= 0):
             raise PretrainReuseError(
                 f"baseline_lr={self.baseline_lr} and baseline_radius={self.baseline_radius} must "
@@ -383,7 +389,7 @@ def _image_samples(model: Backbone, dataset: ImageDataset, indices: np.ndarray,
     xs = {int(i): data.load(int(i)) for i in indices}
     if any(x is None for x in xs.values()):
         raise PretrainReuseError("some chosen samples are unreadable images; pick other samples")
-    mean = torch.stack(list(xs.values())).mean(dim=0).to(device) if cfg.baseline == "mean" else None
+    mean = _data_mean(data, cfg).to(device) if cfg.baseline == "mean" else None
 
     mean_key = {} if mean is None else {"mean": _tensor_hash(mean)}
 
@@ -395,6 +401,23 @@ def _image_samples(model: Backbone, dataset: ImageDataset, indices: np.ndarray,
             model, xs[i].to(device), label, players, cfg, mean))
 
     return setup
+
+
+def _data_mean(data: ImageDataset, cfg: ExplainConfig) -> torch.Tensor:
+    """(C, H, W) per-pixel mean of ``cfg.mean_samples`` readable images of ``data`` drawn with
+    ``cfg.seed`` (the ``mean`` baseline), accumulated in float64."""
+    k = min(cfg.mean_samples, len(data))
+    pick = np.sort(np.random.default_rng([cfg.seed, 17]).choice(len(data), k, replace=False))
+    total, count = None, 0
+    for i in pick:
+        x = data.load(int(i))
+        if x is not None:
+            total = x.double() if total is None else total + x
+            count += 1
+    if total is None:
+        raise PretrainReuseError(f"baseline 'mean': none of the {k} images drawn is readable; "
+                                 "check the data")
+    return (total / count).float()
 
 
 def _text_samples(model: Backbone, dataset: TextDataset, cfg: ExplainConfig,
