@@ -273,3 +273,21 @@ def test_the_mean_baseline_is_the_datas_mean_whatever_samples_are_explained(tmp_
         y = x.info["label"]
         expected = z[y] - torch.logsumexp(torch.cat([z[:y], z[y + 1:]]), 0)
         assert x.v[0] == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_grid_cells_are_drawn_per_sample_with_the_seed_and_the_samples_index(tmp_path, capsys):
+    # Liu et al. (NeurIPS 2023) seed the draw per sample: 4 of the 4 central cells of a 6x6 grid
+    # are chosen again for every sample, by default_rng([seed, index])
+    weights = _classifier(tmp_path / "m.safetensors", 10)
+    rc, _, err = _run(capsys, "explain", "--model", "smallcnn-s", "--weights", weights, "--data",
+                      "synthetic:target", "--players", "grid:6x6", "--n", 4, "--samples", 4,
+                      "--seed", 3, "--quiet", "--out", tmp_path / "x")
+    assert rc == 0, err
+    names = []
+    for x in _interactions(tmp_path / "x"):
+        pool = [(r, c) for r in range(1, 5) for c in range(1, 5)]
+        pick = np.sort(np.random.default_rng([3, x.info["index"]]).choice(16, 4, replace=False))
+        assert x.info["player_names"] == [f"cell {pool[i][0]},{pool[i][1]}" for i in pick]
+        assert x.info["players"]["seed"] == [3, x.info["index"]]
+        names.append(tuple(x.info["player_names"]))
+    assert len(set(names)) > 1

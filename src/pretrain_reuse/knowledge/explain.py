@@ -84,7 +84,8 @@ class ExplainConfig:
     """How games are built and decomposed.
 
     ``players``: ``"grid:RxC"`` (a grid of patches; with ``n`` set, ``n`` cells drawn by the
-    documented rule of :func:`~.games.grid_players`), ``"parts"`` (the slots of the synthetic
+    documented rule of :func:`~.games.grid_players`, seeded with (``seed``, sample index): other
+    cells for every sample, the same for every model), ``"parts"`` (the slots of the synthetic
     world, the ground-truth players) or ``"tokens"`` (``n`` token positions of each sentence, 10 by
     default, drawn by the rule of :func:`~.text.token_players`; text classifiers; ``negations``
     makes negating stop words such as "not" eligible). ``qthres``:
@@ -167,7 +168,7 @@ class ExplainConfig:
 
 def sample_players(dataset: ImageDataset, index: int, cfg: ExplainConfig,
                    size: tuple[int, int]) -> Players:
-    """The players of one sample at the model's input ``size``."""
+    """The players of the sample at position ``index`` at the model's input ``size``."""
     if cfg.players == "parts":
         if not hasattr(dataset, "scene"):
             raise PretrainReuseError(
@@ -178,7 +179,7 @@ def sample_players(dataset: ImageDataset, index: int, cfg: ExplainConfig,
                                names=[f"slot {k}" for k in range(len(scene.cells))])
         return resize_players(players, size)
     rows, cols = (int(v) for v in cfg.players[5:].split("x"))
-    return grid_players(size, (rows, cols), n=cfg.n, seed=cfg.seed)
+    return grid_players(size, (rows, cols), n=cfg.n, seed=[cfg.seed, index])
 
 
 def _image_game(model: Backbone, x: torch.Tensor, label: int, players: Players,

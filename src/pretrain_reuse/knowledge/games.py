@@ -20,7 +20,7 @@ CVPR 2023).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,14 +73,16 @@ class Players:
 
 
 def grid_players(size: tuple[int, int], grid: tuple[int, int], *, n: int | None = None,
-                 seed: int = 0, margin: int = 1) -> Players:
+                 seed: int | Sequence[int] = 0, margin: int = 1) -> Players:
     """A ``grid`` of equal cells over an input of ``size`` = (H, W); each cell is a player.
 
-    When the grid has more cells than ``n``, the ``n`` players are drawn at random (seeded, the
-    same for every model) from the cells at least ``margin`` cells away from the border, as Liu,
-    Deng, Cheng et al. (NeurIPS 2023) draw 12 of the central 6x6 cells of an 8x8 grid; the other
-    cells are background. Choosing players independently of the models keeps comparisons between
-    models unbiased (choosing them by one model's saliency would not).
+    When the grid has more cells than ``n``, the ``n`` players are drawn at random by numpy's
+    ``default_rng(seed)`` from the cells at least ``margin`` cells away from the border, as Liu,
+    Deng, Cheng et al. (NeurIPS 2023) draw 12 of the central 6x6 cells of an 8x8 grid, seeded per
+    sample (their code seeds ``RandomState(seed=i)`` for sample i); the other cells are
+    background. The explanation passes ``seed=[seed, sample index]``: other cells for every
+    sample, the same cells for every model. Choosing players independently of the models keeps
+    comparisons between models unbiased (choosing them by one model's saliency would not).
     """
     (h, w), (gh, gw) = size, grid
     if not (1 <= gh <= h and 1 <= gw <= w):
@@ -102,8 +104,13 @@ def grid_players(size: tuple[int, int], grid: tuple[int, int], *, n: int | None 
     for k, (r, c) in enumerate(chosen):
         masks[k, ys[r]:ys[r + 1], xs[c]:xs[c + 1]] = True
     return Players(masks, names=[f"cell {r},{c}" for r, c in chosen],
-                   meta={"players": "grid", "grid": [gh, gw], "n": len(chosen), "seed": seed,
+                   meta={"players": "grid", "grid": [gh, gw], "n": len(chosen), "seed": seed_json(seed),
                          "margin": margin, "rule": rule})
+
+
+def seed_json(seed: int | Sequence[int]) -> int | list[int]:
+    """A seed (or seed sequence) of ``default_rng`` as it is recorded in JSON."""
+    return [int(s) for s in seed] if isinstance(seed, Sequence) else int(seed)
 
 
 def mask_players(masks: np.ndarray, *, names: list[str] | None = None,

@@ -32,7 +32,15 @@ import torch
 
 from ..errors import PretrainReuseError, check_choice
 from ..models import Backbone
-from .games import OUTPUTS, ChunkValues, LearnedBaseline, _descend, class_output, game_values
+from .games import (
+    OUTPUTS,
+    ChunkValues,
+    LearnedBaseline,
+    _descend,
+    class_output,
+    game_values,
+    seed_json,
+)
 from .interactions import MAX_PLAYERS
 
 __all__ = ["NEGATIONS", "STOP_WORDS", "TEXT_BASELINES", "TokenPlayers", "baseline_token",
@@ -119,9 +127,8 @@ def token_players(input_ids: Sequence[int], tokenizer: Any, n: int,
             "lower n")
     chosen = np.sort(np.random.default_rng(seed).choice(eligible, n, replace=False))
     tokens = tokenizer.convert_ids_to_tokens([int(input_ids[p]) for p in chosen])
-    seed_json = [int(s) for s in seed] if isinstance(seed, Sequence) else int(seed)
     return TokenPlayers(chosen, list(tokens), {
-        "players": "tokens", "n": int(n), "seed": seed_json, "positions": chosen.tolist(),
+        "players": "tokens", "n": int(n), "seed": seed_json(seed), "positions": chosen.tolist(),
         "rule": f"{n} random tokens of the {len(eligible)} that are no special token, "
                 f"{'non-negating stop word' if negations else 'stop word'}, punctuation, digit or "
                 "single letter"})
