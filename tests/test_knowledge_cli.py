@@ -10,7 +10,7 @@ from pretrain_reuse import load
 from pretrain_reuse.cli import main
 from pretrain_reuse.data import open_dataset
 from pretrain_reuse.embed import preprocessed
-from pretrain_reuse.knowledge import harsanyi_and
+from pretrain_reuse.knowledge import discrimination_power, harsanyi_and
 from pretrain_reuse.knowledge.interactions import reconstruct_and, reconstruct_or
 from pretrain_reuse.models import create_backbone, save_backbone
 
@@ -58,6 +58,16 @@ def test_knowledge_of_a_model_against_itself_preserves_everything(tmp_path, caps
     assert overall["preserve"]["mean"] == 1.0 and overall["discard"]["mean"] == 0.0
     assert overall["new"]["mean"] == 0.0 and overall["exclusive"]["mean"] == 0.0
     assert k["samples"]["n"] == 3
+    # nothing is discarded; the preserved knowledge is all of it, so its discrimination power is
+    # the model's own (Li & Zhang's, over the samples of each class)
+    assert k["discrimination"]["discard"]["purity"] is None
+    xs = [load(f) for f in sorted((tmp_path / "k" / "finetuned").glob("interactions-*"))]
+    by_class = {}
+    for x in xs:
+        by_class.setdefault(x.info["label"], []).append(x)
+    expected = np.mean([discrimination_power(c).purity() for c in by_class.values()])
+    assert k["discrimination"]["preserve"]["purity"] == pytest.approx(expected)
+    assert "discrimination power preserve" in out
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -22,6 +22,7 @@ from pretrain_reuse.knowledge import (
     mask_of,
     planted_game,
     sample_knowledge,
+    set_discrimination,
     transferability,
     weighted_overlap,
 )
@@ -219,6 +220,38 @@ def test_discrimination_power_counts_signs_over_samples_of_a_class():
     assert d.alpha == {a0: 1.0, a1: pytest.approx(2 / 3)}
     assert d.purity() == pytest.approx((1.0 * 2 / 3 + 2 / 3 * 1.0) / (1.0 + 2 / 3))
     assert d.purity([a1]) == 1.0 and math.isnan(d.purity([("or", 0b11)]))
+
+
+def test_set_discrimination_counts_signs_of_each_sets_own_model_per_class():
+    # class 0: three samples, class 1: one; A0 is preserved on every sample of class 0 with the
+    # fine-tuned signs +, -, + (the pre-trained ones are all +), A01 is discarded with the
+    # pre-trained signs -, + (it is not in the fine-tuned model on those samples)
+    pre = [inter(2, A0=1.0, A01=-2.0), inter(2, A0=1.0), inter(2, A0=1.0, A01=1.0), inter(2, A1=1.0)]
+    ft = [inter(2, A0=3.0, A1=1.0), inter(2, A0=-2.0, A01=1.0), inter(2, A0=1.0), inter(2, A1=-1.0)]
+    d = set_discrimination(knowledge_report(pre, ft), [0, 0, 0, 1])
+    assert d.by_set["preserve"][0].beta == {("and", 0b01): pytest.approx(2 / 3)}
+    assert d.purity("preserve") == pytest.approx((2 / 3 + 1.0) / 2)
+    assert d.by_set["discard"][0].beta == {("and", 0b11): 0.5}
+    assert d.by_set["discard"][0].alpha == {("and", 0b11): pytest.approx(2 / 3)}
+    assert d.purity("discard") == 0.5  # class 1 discards nothing: left out of the mean
+    assert d.purity("new") == 1.0 and "exclusive" not in d.by_set
+    out = d.to_dict()
+    assert out["discard"]["by_class"]["1"] == {"purity": None, "n_samples": 1}
+    with pytest.raises(PretrainReuseError, match="3 labels for 4 samples"):
+        set_discrimination(knowledge_report(pre, ft), [0, 0, 1])
+
+
+def test_set_discrimination_of_one_model_against_itself_is_its_discrimination_power():
+    rng = np.random.default_rng(0)
+    xs = [inter(3, A0=rng.normal(), A01=rng.normal(), O12=rng.normal(), A012=rng.normal())
+          for _ in range(8)]
+    labels = [0, 1] * 4
+    d = set_discrimination(knowledge_report(xs, xs, xs), labels)
+    for c in (0, 1):
+        own = discrimination_power([x for x, y in zip(xs, labels, strict=True) if y == c])
+        assert d.by_set["preserve"][c].beta == own.beta and d.by_set["exclusive"][c].alpha == {}
+    assert d.purity("preserve") == pytest.approx(
+        np.mean([discrimination_power(xs[c::2]).purity() for c in (0, 1)]))
 
 
 # --------------------------------------------------------------------------------------------

@@ -347,6 +347,9 @@ def cmd_knowledge(args) -> int:
     overall = summary["report"]["overall"]
     line = ", ".join(f"{k} {overall[k]['mean']:.3f}" for k in ("preserve", "discard", "new",
                                                                "exclusive") if k in overall)
+    purity = {k: d["purity"] for k, d in summary["discrimination"].items()}
+    line += "; discrimination power " + ", ".join(
+        f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in purity.items())
     if "ground_truth" in summary:
         found = summary["ground_truth"]["finetuned"]["overall"]
         line += (f"; class rules found by the fine-tuned model: precision "

@@ -7,6 +7,8 @@ definitions of ``methods/knowledge.md``):
 
 - preserved / discarded / new knowledge and its exclusivity against the scratch model
   (:func:`~.metrics.knowledge_report`), overall and by interaction order;
+- how discriminative each of these sets is: the discrimination power of its interactions over
+  the samples of a class (:func:`~.metrics.set_discrimination`, the note's option (a));
 - convergence of knowledge over checkpoints (:func:`~.metrics.knowledge_convergence`);
 - faithfulness of every model's salient interactions (their sum against v on all 2^n masks);
 - a counterfactual check the paper lacked: removing the players of a preserved interaction
@@ -35,7 +37,7 @@ from ..errors import PretrainReuseError, check_choice
 from ..finetune.evaluate import predict
 from ..models import Backbone
 from .explain import SHOWN, ExplainConfig, choose_samples, display_samples, explain, explainable
-from .metrics import MATCHES, knowledge_convergence, knowledge_report
+from .metrics import MATCHES, knowledge_convergence, knowledge_report, set_discrimination
 from .plots import salient_figure, save_knowledge_plots, save_png
 from .recovery import ground_truth_recovery, rule_game
 from .sparsify import joint_and_or_interactions
@@ -136,6 +138,8 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
         "samples": {"n": len(indices), "screened": len(screen), "correct_for_all": int(correct.sum()),
                     "ids": [dataset.ids[i] for i in indices]},
         "report": report.to_dict(),
+        "discrimination": set_discrimination(
+            report, [int(dataset.labels[i]) for i in indices]).to_dict(),
         "faithfulness": {role: _faithfulness(xs, tau) for role, xs in explained.items()},
         "strength_by_order": {role: _strength_by_order(xs) for role, xs in explained.items()},
         "counterfactual": _counterfactual_summary(report, explained["finetuned"], tau, cfg.seed),

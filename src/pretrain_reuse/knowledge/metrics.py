@@ -22,6 +22,9 @@ Every ratio also exists per order k = |S|. Over samples, ratios are averaged (me
 the group's ρ(k) = E_x[...] form) and pooled (Σ numerators / Σ denominators); samples whose
 denominator is empty are skipped and counted. Which samples enter (the note: those every compared
 model classifies correctly) is the caller's choice.
+
+How discriminative each set is (:func:`set_discrimination`): the discrimination power β(S) of
+Li & Zhang (ICML 2023) over the samples of a class, computed on the set's items.
 """
 
 from __future__ import annotations
@@ -40,12 +43,14 @@ from .values import Interactions
 __all__ = [
     "MATCHES",
     "MEASURES",
+    "SET_EFFECTS",
     "AccuracyCorrelation",
     "Convergence",
     "Discrimination",
     "KnowledgeReport",
     "RatioStats",
     "SampleKnowledge",
+    "SetDiscrimination",
     "accuracy_correlation",
     "cover_ratio",
     "discrimination_power",
@@ -53,6 +58,7 @@ __all__ = [
     "knowledge_report",
     "knowledge_set",
     "sample_knowledge",
+    "set_discrimination",
     "transferability",
     "weighted_overlap",
 ]
@@ -553,15 +559,91 @@ def discrimination_power(samples: Sequence[Interactions], *, tau: float = 0.05) 
     """
     if not samples:
         raise PretrainReuseError("samples is empty; pass the interactions of the class's samples")
-    positive: dict[tuple[str, int], int] = {}
-    negative: dict[tuple[str, int], int] = {}
     for x in samples:
         _check_pair(x, samples[0])
-        for key, value in x.salient(tau).items():
-            counts = positive if value > 0 else negative
-            counts[key] = counts.get(key, 0) + 1
-    return Discrimination(len(samples), positive, negative)
+    return _discrimination([x.salient(tau) for x in samples])
 
+
+def _discrimination(effects: Sequence[dict[Item, float]]) -> Discrimination:
+    """Sign counts of the items over samples; ``effects[i]`` maps sample i's items to I(S|x_i)."""
+    positive: dict[tuple[str, int], int] = {}
+    negative: dict[tuple[str, int], int] = {}
+    for sample in effects:
+        for item, value in sample.items():
+            counts = positive if value > 0 else negative
+            counts[item[:2]] = counts.get(item[:2], 0) + 1
+    return Discrimination(len(effects), positive, negative)
+
+
+#: The knowledge sets of :func:`set_discrimination` and the model whose effects sign their items.
+SET_EFFECTS = {"preserve": "finetuned", "discard": "pretrained", "new": "finetuned",
+               "exclusive": "finetuned"}
+
+
+@dataclass(frozen=True)
+class SetDiscrimination:
+    """Discrimination power of each knowledge set, per class (:func:`set_discrimination`).
+
+    Attributes:
+        by_set: ``{set name: {class label: Discrimination}}``.
+    """
+
+    by_set: dict[str, dict[int, Discrimination]]
+
+    def purity(self, name: str) -> float:
+        """The mean over classes of the set's purity, over the classes where the set is not
+        empty (NaN if it is empty on every sample)."""
+        values = [d.purity() for d in self.by_set[name].values()]
+        values = [v for v in values if not math.isnan(v)]
+        return math.fsum(values) / len(values) if values else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: {"purity": _nan_to_none(self.purity(name)),
+                       "by_class": {str(c): {"purity": _nan_to_none(d.purity()),
+                                             "n_samples": d.n_samples}
+                                    for c, d in sorted(classes.items())}}
+                for name, classes in self.by_set.items()}
+
+
+def set_discrimination(report: KnowledgeReport, labels: Sequence[int]) -> SetDiscrimination:
+    r"""Discriminative knowledge: the discrimination power of each knowledge set, per class.
+
+    The reference note's option (a) of §4 [recon] (Jiang, Cheng & Li, arXiv 2410.08455, call
+    discarded high-order knowledge "not discriminative" without a definition): β(S) of Li & Zhang
+    (ICML 2023; note §3) computed on each set K ∈ {preserve, discard, new, exclusive} instead of the
+    salient set. For a class c with samples x_i (i = 1..n_c) and the items (type, S) of K(x_i):
+
+    .. math::
+
+        m^\pm_S = \#\{i : (type, S) \in K(x_i),\ \pm I(S|x_i) > 0\}, \quad
+        eta_c(S) = rac{\max(m^+_S, m^-_S)}{m^+_S + m^-_S}, \quad
+        lpha_c(S) = rac{m^+_S + m^-_S}{n_c},
+
+    purity_c(K) = Σ_S α_c(S) β_c(S) / Σ_S α_c(S) (the group's ``overall_purity``), reported per
+    class and as the mean over the classes where K is not empty. I is the effect of the model the
+    set belongs to (:data:`SET_EFFECTS`: the pre-trained model's for discarded items, the fine-tuned
+    model's for the others). An item found on one sample of its class has β = 1, so with few
+    samples per class every purity is near 1: explain several samples per class.
+    The note's options (b) (per sample, the share of a set with a positive effect on the
+    ground-truth log-odds) and (c) (the output a set explains, Σ_{S∈K} I(S|x) / (v(N) - v(∅)))
+    are not implemented.
+
+    Args:
+        report: :func:`knowledge_report` of the samples (``exclusive`` needs its scratch model).
+        labels: the class of every sample, in the report's sample order.
+    """
+    if len(labels) != report.n_samples:
+        raise PretrainReuseError(f"got {len(labels)} labels for {report.n_samples} samples; pass "
+                                 "the class of every sample of the report, in its order")
+    names = [k for k in SET_EFFECTS if k != "exclusive" or report.samples[0].scratch is not None]
+    by_set = {}
+    for name in names:
+        by_class: dict[int, list[dict[Item, float]]] = {}
+        for sample, label in zip(report.samples, labels, strict=True):
+            effects = getattr(sample, SET_EFFECTS[name])
+            by_class.setdefault(int(label), []).append({k: effects[k] for k in getattr(sample, name)})
+        by_set[name] = {c: _discrimination(e) for c, e in by_class.items()}
+    return SetDiscrimination(by_set)
 
 
 # --------------------------------------------------------------------------------------------
