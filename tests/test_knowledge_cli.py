@@ -1,5 +1,6 @@
 """explain / knowledge through the CLI: outputs that check out, and one-line errors."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -40,6 +41,9 @@ def test_explain_writes_exact_interactions_of_the_models_games(tmp_path, capsys)
         x = load(f)
         np.testing.assert_allclose(x.and_values, harsanyi_and(x.v), atol=1e-12)
         assert x.info["players"]["players"] == "masks" and x.n == 9
+        assert x.meta["inputs"]["weights"] == str(weights) and x.meta["inputs"]["step"] is None
+        assert x.meta["inputs"]["weights_hash"] == _sha256(weights)
+        assert x.meta["inputs"]["data"] == "synthetic:target-0"
     # the cached games make a rerun reuse the work
     games = sorted((tmp_path / "x" / "games").glob("*.npy"))
     assert len(games) == 3
@@ -136,6 +140,16 @@ def test_checkpoints_may_name_the_fine_tuning_run_folder(tmp_path, capsys):
     assert rc == 0, err
     k = json.loads((tmp_path / "k" / "knowledge.json").read_text())
     assert len(k["convergence"]["similarity"]) == len(snaps)
+    # every point of the curve names its snapshot file, its content hash and its step
+    steps = [int(f.stem.split("-")[1]) for f in snaps]
+    points = k["convergence"]["checkpoints"]
+    assert [c["weights"] for c in points] == [str(f) for f in snaps]
+    assert [c["step"] for c in points] == steps
+    assert [c["weights_hash"] for c in points] == [_sha256(f) for f in snaps]
+    inputs = k["meta"]["inputs"]
+    assert inputs["checkpoints"] == points and inputs["data"] == "synthetic:target-0"
+    assert inputs["models"]["finetuned"]["weights_hash"] == _sha256(ft)
+    assert k["meta"]["params"]["candidates"] == 400
 
 
 def test_knowledge_on_world_parts_reports_recovery_of_the_class_rules(tmp_path, capsys):
@@ -238,6 +252,10 @@ def test_joint_decomposition_gives_identical_models_one_split(quick_demo, tmp_pa
         np.testing.assert_allclose(rebuilt, x.v + x.noise, atol=1e-8)
     k = json.loads((tmp_path / "k" / "knowledge.json").read_text())
     assert k["report"]["overall"]["exclusive"]["mean"] == 0.0  # scratch knows all of it
+
+
+def _sha256(path):
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def _interactions(folder):

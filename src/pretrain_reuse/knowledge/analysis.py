@@ -146,12 +146,17 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     }
     if cfg.players == "parts" and hasattr(dataset, "scene"):
         summary["ground_truth"] = _ground_truth(dataset, indices, explained, tau)
+    inputs = {"data": dataset.source,
+              "models": {role: _model_inputs(xs[0]) for role, xs in explained.items()}}
     if checkpoints:
         curves = [explain(m, dataset, indices, cfg, out / f"checkpoint-{t:03d}", role=f"checkpoint {t}",
                           progress=progress) for t, m in enumerate(checkpoints)]
-        summary["convergence"] = knowledge_convergence(curves, tau=tau, match=match).to_dict()
-    summary["meta"] = make_meta("knowledge.analyze", {**asdict(cfg), "tau": tau, "match": match},
-                                seed=cfg.seed)
+        inputs["checkpoints"] = [_model_inputs(xs[0]) for xs in curves]
+        summary["convergence"] = {**knowledge_convergence(curves, tau=tau, match=match).to_dict(),
+                                  "checkpoints": inputs["checkpoints"]}
+    summary["meta"] = make_meta("knowledge.analyze", {**asdict(cfg), "tau": tau, "match": match,
+                                                      "candidates": candidates},
+                                seed=cfg.seed, inputs=inputs)
     write_json(out / "knowledge.json", summary)
     save_knowledge_plots(summary, out)
     if cfg.players != "tokens":  # the fine-tuned model's preserved knowledge over the images
@@ -160,6 +165,11 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
                                 tau=tau, among=explained["pretrained"][:SHOWN]),
                  out / "preserved.png")
     return summary
+
+
+def _model_inputs(x: Interactions) -> dict[str, Any]:
+    """The model identity an explanation recorded (:func:`~.explain.model_identity`)."""
+    return {k: v for k, v in x.meta["inputs"].items() if k != "data"}
 
 
 def _ground_truth(dataset, indices: np.ndarray, explained: dict[str, list[Interactions]],

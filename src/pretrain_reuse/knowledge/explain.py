@@ -25,9 +25,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from ..artifacts import atomic_path, hash_array, make_meta
+from ..artifacts import atomic_path, hash_array, hash_file, make_meta
 from ..data.datasets import ImageDataset
 from ..data.text import TextDataset
 from ..embed import preprocessed
@@ -240,7 +241,8 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
             cfg: ExplainConfig, out: str | Path | None = None, *, role: str = "model",
             progress: bool = True) -> list[Interactions]:
     """Interactions of ``model`` (a classifier over ``dataset``'s classes) on the samples at
-    ``indices``; with ``out``, games and interactions are saved there (and reused on rerun)."""
+    ``indices``; with ``out``, games and interactions are saved there (and reused on rerun).
+    Their ``meta`` records ``cfg``, the model's identity (:func:`model_identity`) and the data."""
     _check_pairing(model, dataset, cfg, role)
     if model.num_classes is None or model.layer != "penultimate":
         raise PretrainReuseError(
@@ -258,7 +260,7 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
         (folder / "games").mkdir(parents=True, exist_ok=True)
     setup = (_text_samples(model, dataset, cfg, device) if cfg.players == "tokens"
              else _image_samples(model, dataset, indices, cfg, device))
-    state = _state_hash(model)
+    identity = model_identity(model)
     games, infos = [], []
     for k, i in enumerate(tqdm([int(i) for i in indices], desc=f"explain {role}", unit="sample",
                                disable=not progress)):
@@ -266,7 +268,7 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
         if k == 0:
             _check_memory(len(indices), sample.players["n"], cfg.decomposition)
         label = int(dataset.labels[i])
-        game = _digest({"model": state, "sample": sample.key, "label": label,
+        game = _digest({"model": identity["state"], "sample": sample.key, "label": label,
                         "baseline": _baseline_options(cfg), "output": cfg.output})
         cache = None if folder is None else folder / "games" / f"{i:07d}-{game}.npy"
         if cache is not None and cache.exists():
@@ -284,7 +286,8 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
                       "game": game})
     decompose = and_interactions if cfg.decomposition == "and" else and_or_interactions
     results = decompose(np.stack(games), qthres=cfg.noise_bound)
-    meta = make_meta("knowledge.explain", asdict(cfg), seed=cfg.seed)
+    meta = make_meta("knowledge.explain", asdict(cfg), seed=cfg.seed,
+                     inputs={**identity, "data": dataset.source})
     out_list = []
     for k, (res, info) in enumerate(zip(results, infos, strict=True)):
         res = Interactions(n=res.n, and_values=res.and_values, or_values=res.or_values, v=res.v,
@@ -315,6 +318,30 @@ def display_samples(model: Backbone, dataset: ImageDataset, xs: list[Interaction
         image = (data.load(i) * std + mean).permute(1, 2, 0).numpy()
         out.append((image, sample_players(dataset, i, cfg, size).masks, x))
     return out
+
+
+def model_identity(model: Backbone) -> dict[str, Any]:
+    """What identifies a model: its name, the weights file it was loaded from (path, content hash
+    and, for a fine-tuning snapshot, its step; None when the weights come from elsewhere) and the
+    hash of its parameters and buffers as they are."""
+    report = model.load_report
+    path = Path(report.path) if report is not None and Path(report.path).is_file() else None
+    return {"model": model.spec.name, "weights": None if path is None else str(path),
+            "weights_hash": None if path is None else hash_file(path),
+            "step": None if path is None else _snapshot_step(path), "state": _state_hash(model)}
+
+
+def _snapshot_step(path: Path) -> int | None:
+    """The training step a weights file records (fine-tuning snapshots), else None."""
+    if path.suffix != ".safetensors":
+        return None
+    with safe_open(str(path), "np") as fh:
+        header = fh.metadata() or {}
+    try:
+        step = json.loads(header.get("meta", "{}")).get("step")
+    except (ValueError, AttributeError):
+        return None
+    return int(step) if isinstance(step, int) else None
 
 
 def _digest(obj: Any) -> str:
