@@ -245,7 +245,8 @@ def test_joint_decomposition_gives_identical_models_one_split(quick_demo, tmp_pa
         np.testing.assert_allclose(x.and_values, y.and_values, atol=1e-6)
         np.testing.assert_allclose(x.or_values, y.or_values, atol=1e-6)
     for x, y in zip(ft, pre, strict=True):  # one joint problem per sample, over the three models
-        assert x.meta["loss"] == y.meta["loss"] and (x.meta["model"], y.meta["model"]) == (1, 0)
+        assert x.meta["solver"]["loss"] == y.meta["solver"]["loss"]
+        assert (x.meta["solver"]["model"], y.meta["solver"]["model"]) == (1, 0)
     for x in ft + pre:
         assert x.kind == "and-or"
         rebuilt = reconstruct_and(x.and_values) + reconstruct_or(x.or_values)
@@ -319,3 +320,26 @@ def test_grid_cells_are_drawn_per_sample_with_the_seed_and_the_samples_index(tmp
         assert x.info["players"]["seed"] == [3, x.info["index"]]
         names.append(tuple(x.info["player_names"]))
     assert len(set(names)) > 1
+
+
+def test_joint_decomposition_keeps_the_explain_meta_and_decomposes_checkpoints_alone(tmp_path,
+                                                                                    capsys):
+    model = _classifier(tmp_path / "m.safetensors", 10)
+    (tmp_path / "snaps").mkdir()
+    for step in (1, 2):
+        _classifier(tmp_path / "snaps" / f"step-{step:07d}.safetensors", 10, seed=step)
+    rc, _, err = _run(capsys, "knowledge", "--model", "smallcnn-s", "--pretrained", model,
+                      "--finetuned", model, "--checkpoints", tmp_path / "snaps", "--data",
+                      "synthetic:target", "--players", "grid:2x2", "--samples", 2,
+                      "--decomposition", "joint-and-or", "--quiet", "--out", tmp_path / "k")
+    assert rc == 0, err
+    for x in _interactions(tmp_path / "k" / "finetuned"):
+        assert x.meta["producer"] == "knowledge.explain"
+        assert x.meta["params"]["decomposition"] == "joint-and-or"
+        assert x.meta["inputs"]["weights"] == str(model)
+        assert x.meta["solver"]["producer"] == "pretrain_reuse.knowledge.joint_and_or_interactions"
+    for x in _interactions(tmp_path / "k" / "checkpoint-000"):
+        assert x.kind == "and-or"
+        assert x.meta["solver"]["producer"] == "pretrain_reuse.knowledge.and_or_interactions"
+    k = json.loads((tmp_path / "k" / "knowledge.json").read_text())
+    assert k["meta"]["checkpoint_decomposition"] == "and-or"

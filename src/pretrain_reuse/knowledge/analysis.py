@@ -107,7 +107,12 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
         models: ``{"pretrained": ..., "finetuned": ..., "scratch": ...}`` (scratch optional), each
             a classifier over ``dataset``'s classes (the pre-trained backbone with its linear probe).
         dataset: labelled target data (usually the test split).
-        cfg: players, baseline, decomposition, number of samples.
+        cfg: players, baseline, decomposition, number of samples. With
+            ``decomposition="joint-and-or"`` the compared models (``models``) are sparsified
+            together, but every checkpoint is sparsified on its own (AND-OR, as ``"and-or"``):
+            one joint problem over the checkpoints would pull their supports together and so
+            bias the similarity the convergence curve measures. ``knowledge.json``'s meta
+            records the checkpoints' decomposition as ``checkpoint_decomposition``.
         checkpoints: fine-tuning checkpoints, oldest first (the final model last), for the
             convergence curve.
         tau: salience threshold relative to each sample's largest interaction.
@@ -157,6 +162,8 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     summary["meta"] = make_meta("knowledge.analyze", {**asdict(cfg), "tau": tau, "match": match,
                                                       "candidates": candidates},
                                 seed=cfg.seed, inputs=inputs)
+    if checkpoints:
+        summary["meta"]["checkpoint_decomposition"] = curves[0][0].kind
     write_json(out / "knowledge.json", summary)
     save_knowledge_plots(summary, out)
     if cfg.players != "tokens":  # the fine-tuned model's preserved knowledge over the images
@@ -184,13 +191,13 @@ def _ground_truth(dataset, indices: np.ndarray, explained: dict[str, list[Intera
 def _joint(explained: dict[str, list[Interactions]], qthres: float,
            out: Path) -> dict[str, list[Interactions]]:
     """The roles' games decomposed together (one AND/OR split for a shared effect), saved over
-    each role's independent decomposition."""
+    each role's independent decomposition; the joint solver's meta replaces ``meta["solver"]``."""
     roles = list(explained)
     games = np.stack([[x.v for x in explained[r]] for r in roles])
     joint = joint_and_or_interactions(games, qthres=qthres)
     result = {}
     for k, role in enumerate(roles):
-        result[role] = [replace(j, info=x.info, meta={**x.meta, **j.meta})
+        result[role] = [replace(j, info=x.info, meta={**x.meta, "solver": j.meta})
                         for j, x in zip(joint[k], explained[role], strict=True)]
         for i, x in enumerate(result[role]):
             x.save(out / role / f"interactions-{i:04d}.safetensors")

@@ -19,7 +19,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -242,7 +242,8 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
             progress: bool = True) -> list[Interactions]:
     """Interactions of ``model`` (a classifier over ``dataset``'s classes) on the samples at
     ``indices``; with ``out``, games and interactions are saved there (and reused on rerun).
-    Their ``meta`` records ``cfg``, the model's identity (:func:`model_identity`) and the data."""
+    Their ``meta`` records ``cfg``, the model's identity (:func:`model_identity`) and the data;
+    ``meta["solver"]`` is the decomposition's own meta (parameters and diagnostics)."""
     _check_pairing(model, dataset, cfg, role)
     if model.num_classes is None or model.layer != "penultimate":
         raise PretrainReuseError(
@@ -290,8 +291,7 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
                      inputs={**identity, "data": dataset.source})
     out_list = []
     for k, (res, info) in enumerate(zip(results, infos, strict=True)):
-        res = Interactions(n=res.n, and_values=res.and_values, or_values=res.or_values, v=res.v,
-                           noise=res.noise, kind=res.kind, info=info, meta={**res.meta, **meta})
+        res = replace(res, info=info, meta={**meta, "solver": res.meta})
         if folder is not None:
             res.save(folder / f"interactions-{k:04d}.safetensors")
         out_list.append(res)
