@@ -7,6 +7,9 @@ value is salient (each is above 5% of its sample's largest entry).
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -127,6 +130,27 @@ def test_report_to_dict_is_json_ready_with_none_for_undefined_ratios():
     json.dumps(d, allow_nan=False)
     assert d["overall"]["exclusive"]["mean"] == pytest.approx(0.5)
     assert d["by_order"]["3"]["preserve"]["mean"] is None
+
+
+_HASH_SEED_SCRIPT = """
+import numpy as np
+from pretrain_reuse.knowledge import Interactions, knowledge_report, set_discrimination
+rng = np.random.default_rng(0)
+def model(n=8):  # every nonzero entry is salient; a third are zero, so the sets differ
+    vals = rng.uniform(0.1, 1.0, (2, 1 << n)) * rng.choice([-1, 0, 1], (2, 1 << n))
+    return Interactions(n=n, and_values=vals[0], or_values=vals[1], v=np.zeros(1 << n),
+                        noise=np.zeros(1 << n), kind="and-or")
+report = knowledge_report(*[[model() for _ in range(4)] for _ in range(3)])
+print(repr(report.to_dict()), repr(set_discrimination(report, [0, 1, 0, 1]).to_dict()))
+"""
+
+
+def test_numbers_do_not_depend_on_the_string_hash_seed_of_the_process():
+    # items are (str, int) tuples whose set order follows PYTHONHASHSEED; sums over sets must not
+    outs = [subprocess.run([sys.executable, "-c", _HASH_SEED_SCRIPT], capture_output=True,
+                           text=True, check=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+            for seed in ("1", "2", "3")]
+    assert outs[0] == outs[1] == outs[2] and "preserve_strength" in outs[0]
 
 
 def test_report_needs_one_interaction_per_sample_for_every_model():

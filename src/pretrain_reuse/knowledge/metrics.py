@@ -93,7 +93,9 @@ def _restrict(omega: dict[Item, float], order: int | None) -> dict[Item, float]:
 
 
 def _strength(omega: dict[Item, float], items) -> float:
-    return float(sum(abs(omega[k]) for k in items))
+    """Σ |I| over ``items``, exactly rounded: the same whatever the order of a set (which varies
+    with the hash seed of the strings in the items)."""
+    return math.fsum(abs(omega[k]) for k in items)
 
 
 def _item_json(item: Item) -> list:
@@ -538,8 +540,8 @@ class Discrimination:
         alpha, beta = self.alpha, self.beta
         keys = alpha.keys() if keys is None else [k[:2] for k in keys]
         weights = [(alpha[k], beta[k]) for k in keys if k in alpha]
-        total = sum(a for a, _ in weights)
-        return sum(a * b for a, b in weights) / total if total > 0 else math.nan
+        total = math.fsum(a for a, _ in weights)  # fsum: independent of the keys' set order
+        return math.fsum(a * b for a, b in weights) / total if total > 0 else math.nan
 
     def to_dict(self) -> dict[str, Any]:
         alpha, beta = self.alpha, self.beta
