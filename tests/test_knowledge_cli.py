@@ -343,3 +343,28 @@ def test_joint_decomposition_keeps_the_explain_meta_and_decomposes_checkpoints_a
         assert x.meta["solver"]["producer"] == "pretrain_reuse.knowledge.and_or_interactions"
     k = json.loads((tmp_path / "k" / "knowledge.json").read_text())
     assert k["meta"]["checkpoint_decomposition"] == "and-or"
+
+
+def test_a_smaller_rerun_leaves_no_outputs_of_the_earlier_run(tmp_path, capsys):
+    model = _classifier(tmp_path / "m.safetensors", 10)
+    (tmp_path / "snaps").mkdir()
+    for step in (1, 2):
+        _classifier(tmp_path / "snaps" / f"step-{step:07d}.safetensors", 10, seed=step)
+    explain = ["explain", "--model", "smallcnn-s", "--weights", model, "--data", "synthetic:target",
+               "--players", "grid:2x2", "--quiet"]
+    assert _run(capsys, *explain, "--samples", 4, "--out", tmp_path / "x")[0] == 0
+    assert _run(capsys, *explain, "--samples", 2, "--out", tmp_path / "x")[0] == 0
+    assert _run(capsys, *explain, "--samples", 2, "--out", tmp_path / "fresh")[0] == 0
+    assert len(_interactions(tmp_path / "x")) == 2
+    for x, y in zip(_interactions(tmp_path / "x"), _interactions(tmp_path / "fresh"), strict=True):
+        assert x.info == y.info
+    knowledge = ["knowledge", "--model", "smallcnn-s", "--pretrained", model, "--finetuned", model,
+                 "--data", "synthetic:target", "--players", "grid:2x2", "--samples", 2, "--quiet",
+                 "--out", tmp_path / "k"]
+    assert _run(capsys, *knowledge, "--scratch", model, "--checkpoints", tmp_path / "snaps")[0] == 0
+    assert {p.name for p in (tmp_path / "k").iterdir()} >= {
+        "scratch", "checkpoint-000", "checkpoint-001", "convergence.png"}
+    assert _run(capsys, *knowledge)[0] == 0
+    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == [
+        "finetuned", "knowledge.json", "preserved.png", "pretrained", "ratios.png",
+        "strength_by_order.png"]

@@ -36,7 +36,15 @@ from ..embed import preprocessed
 from ..errors import PretrainReuseError, check_choice
 from ..finetune.evaluate import predict
 from ..models import Backbone
-from .explain import SHOWN, ExplainConfig, choose_samples, display_samples, explain, explainable
+from .explain import (
+    SHOWN,
+    ExplainConfig,
+    _remove_stale,
+    choose_samples,
+    display_samples,
+    explain,
+    explainable,
+)
 from .metrics import MATCHES, knowledge_convergence, knowledge_report, set_discrimination
 from .plots import salient_figure, save_knowledge_plots, save_png
 from .recovery import ground_truth_recovery, rule_game
@@ -103,6 +111,9 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
                       progress: bool = True) -> dict[str, Any]:
     """Run the analysis into ``out`` and return (and write ``knowledge.json``) its summary.
 
+    The outputs of an earlier run into ``out`` that this run does not rewrite (the folder of a
+    scratch model or of checkpoints no longer given, their figures) are deleted.
+
     Args:
         models: ``{"pretrained": ..., "finetuned": ..., "scratch": ...}`` (scratch optional), each
             a classifier over ``dataset``'s classes (the pre-trained backbone with its linear probe).
@@ -165,12 +176,14 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     if checkpoints:
         summary["meta"]["checkpoint_decomposition"] = curves[0][0].kind
     write_json(out / "knowledge.json", summary)
-    save_knowledge_plots(summary, out)
+    written = [out / role for role in explained] + save_knowledge_plots(summary, out)
+    written += [out / f"checkpoint-{t:03d}" for t in range(len(checkpoints or []))]
     if cfg.players != "tokens":  # the fine-tuned model's preserved knowledge over the images
         shown = explained["finetuned"][:SHOWN]
-        save_png(salient_figure(display_samples(models["finetuned"], dataset, shown, cfg),
-                                tau=tau, among=explained["pretrained"][:SHOWN]),
-                 out / "preserved.png")
+        written.append(save_png(salient_figure(
+            display_samples(models["finetuned"], dataset, shown, cfg), tau=tau,
+            among=explained["pretrained"][:SHOWN]), out / "preserved.png"))
+    _remove_stale(out, [*ROLES, "checkpoint-*", "convergence.png", "preserved.png"], written)
     return summary
 
 

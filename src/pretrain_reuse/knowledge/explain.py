@@ -10,7 +10,9 @@ Harsanyi interactions) or AND-OR decomposition, batched over samples. Games are 
 output folder, so an interrupted run resumes where it stopped. A cached game is named by a hash
 of everything that determines it (the model's parameters and buffers, the preprocessed input, the
 players, the label, the baseline and its options, the output), so a rerun with other settings or
-another model computes its own games instead of reusing another run's.
+another model computes its own games instead of reusing another run's (the cache keeps both).
+The outputs of an earlier run into the same folder that this run does not rewrite (the
+interactions of samples beyond ``samples``, ``salient.png``) are deleted.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -289,15 +292,15 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
     results = decompose(np.stack(games), qthres=cfg.noise_bound)
     meta = make_meta("knowledge.explain", asdict(cfg), seed=cfg.seed,
                      inputs={**identity, "data": dataset.source})
-    out_list = []
-    for k, (res, info) in enumerate(zip(results, infos, strict=True)):
-        res = replace(res, info=info, meta={**meta, "solver": res.meta})
-        if folder is not None:
-            res.save(folder / f"interactions-{k:04d}.safetensors")
-        out_list.append(res)
-    if folder is not None and cfg.players != "tokens" and out_list:
-        save_png(salient_figure(display_samples(model, dataset, out_list[:SHOWN], cfg)),
-                 folder / "salient.png")
+    out_list = [replace(res, info=info, meta={**meta, "solver": res.meta})
+                for res, info in zip(results, infos, strict=True)]
+    if folder is not None:
+        written = [x.save(folder / f"interactions-{k:04d}.safetensors")
+                   for k, x in enumerate(out_list)]
+        if cfg.players != "tokens":
+            written.append(save_png(salient_figure(display_samples(
+                model, dataset, out_list[:SHOWN], cfg)), folder / "salient.png"))
+        _remove_stale(folder, ["interactions-*.safetensors", "salient.png"], written)
     return out_list
 
 
@@ -342,6 +345,17 @@ def _snapshot_step(path: Path) -> int | None:
     except (ValueError, AttributeError):
         return None
     return int(step) if isinstance(step, int) else None
+
+
+def _remove_stale(folder: Path, patterns: list[str], written: list[Path]) -> None:
+    """Delete the files and folders matching ``patterns`` in ``folder`` that this run did not
+    write: the outputs of an earlier run with more samples, models or checkpoints, which
+    anything reading the folder would otherwise take for this run's."""
+    keep = {p.name for p in written}
+    for pattern in patterns:
+        for p in folder.glob(pattern):
+            if p.name not in keep:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def _digest(obj: Any) -> str:
