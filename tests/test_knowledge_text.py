@@ -115,6 +115,58 @@ def test_eligible_tokens_skip_specials_stop_words_punctuation_digits_letters_and
 
 
 
+def _subword_tokenizer(kind: str):
+    """A fast tokenizer trained here on a tiny corpus, so that most words split into pieces:
+    WordPiece (##), byte-level BPE (Ġ, as RoBERTa) or sentencepiece-style BPE (▁)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, processors, trainers
+
+    special = ["<s>", "</s>", "<pad>", "<mask>", "<unk>"]
+    if kind == "wordpiece":
+        tok = tokenizers.Tokenizer(models.WordPiece(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trainer = trainers.WordPieceTrainer(vocab_size=70, special_tokens=special)
+    elif kind == "byte-level":
+        tok = tokenizers.Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=special,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    else:
+        tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=70, special_tokens=special)
+    tok.train_from_iterator(["the movie was wonderful and moving", "a play about players playing",
+                             "believe the screen"] * 20, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", tok.token_to_id("<s>")),
+                                              ("</s>", tok.token_to_id("</s>"))])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        mask_token="<mask>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "byte-level", "sentencepiece"])
+def test_only_the_first_piece_of_a_split_word_may_be_a_player(kind):
+    # the reference: each word tokenized alone gives the pieces of the sentence, so the words
+    # start at the running sums of their piece counts (after <s>)
+    tok = _subword_tokenizer(kind)
+    text = "unbelievably wonderful screenplay players playing"
+    enc = tok(text)
+    pieces = [tok(w, add_special_tokens=False)["input_ids"] for w in text.split()]
+    assert enc["input_ids"][1:-1] == [i for p in pieces for i in p]
+    assert len(enc["input_ids"]) > len(pieces) + 4  # words are split
+    starts = 1 + np.cumsum([0] + [len(p) for p in pieces[:-1]])
+    tokens = tok.convert_ids_to_tokens(enc["input_ids"])
+    expected = [p for p in starts if tokens[p].lstrip("▁Ġ").isalpha()
+                and len(tokens[p].lstrip("▁Ġ")) >= 2]
+    assert len(expected) >= 3
+    ids = enc["input_ids"]
+    np.testing.assert_array_equal(eligible_positions(ids, tok, word_ids=enc.word_ids()), expected)
+    np.testing.assert_array_equal(eligible_positions(ids, tok), expected)  # by the markers
+    players = token_players(ids, tok, 3, seed=0, word_ids=enc.word_ids())
+    assert set(players.positions) <= set(expected)
+
+
 def test_negations_are_eligible_only_when_asked_for(bert):
     tok = create_backbone(f"hf:{bert}").preprocess.tokenizer
     ids = tok("the plot was not good , and the acting not brilliant")["input_ids"]
@@ -280,3 +332,19 @@ def test_a_text_model_without_the_datas_classes_is_a_user_error(bert, tmp_path, 
                    "--n", "3", "--samples", "1", "--quiet", "--out", str(tmp_path / "x")])
         _, err = capsys.readouterr()
         assert rc == 2 and err.count("\n") == 1 and needle in err, err
+
+
+def test_the_references_sentence_length_and_position_rules_are_options(bert, tmp_path, capsys):
+    # token counts with [CLS] and [SEP]: 15, 15, 16 and 10; below position 6 the first three
+    # sentences have 2, 2 and 4 eligible tokens
+    data = _sentences(tmp_path / "s.jsonl")
+    rc = main(["explain", "--model", f"hf:{bert}", "--data", str(data), "--players", "tokens",
+               "--n", "2", "--samples", "4", "--min-tokens", "15", "--max-position", "6",
+               "--quiet", "--out", str(tmp_path / "x")])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "explained 3 samples" in out
+    xs = [load(f) for f in sorted((tmp_path / "x").glob("interactions-*.safetensors"))]
+    assert sorted(x.info["index"] for x in xs) == [0, 1, 2]
+    assert all(max(x.info["players"]["positions"]) < 6 for x in xs)
+    assert xs[0].meta["params"]["min_tokens"] == 15 and xs[0].meta["params"]["max_position"] == 6

@@ -251,6 +251,7 @@ def _explain_config(args):
     from .knowledge.explain import ExplainConfig
 
     return ExplainConfig(players=args.players, n=args.n, negations=args.negations,
+                         min_tokens=args.min_tokens, max_position=args.max_position,
                          baseline=args.baseline, baseline_lr=args.baseline_lr,
                          baseline_steps=args.baseline_steps, baseline_radius=args.baseline_radius,
                          mean_samples=args.mean_samples, output=args.output,
@@ -371,6 +372,12 @@ def _add_explain_flags(p: argparse.ArgumentParser) -> None:
                    "tokens per sentence (default 10; no stop words, punctuation, digits)")
     p.add_argument("--negations", action="store_true",
                    help="tokens: negating stop words (not, no, didn, ...) may be players too")
+    p.add_argument("--min-tokens", type=int, default=0,
+                   help="tokens: explain only sentences of at least this many tokens, special "
+                   "tokens included (Chen et al.: 21) (default: %(default)s)")
+    p.add_argument("--max-position", type=int,
+                   help="tokens: players only at positions below this (Chen et al.: 50) "
+                   "(default: any)")
     p.add_argument("--baseline",
                    help="images: zero (default) | mean | blur | learned; tokens: mask (default) | "
                    "pad | learned (embedding); learned = per sample, for sparse interactions")

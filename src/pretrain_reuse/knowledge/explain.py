@@ -92,7 +92,11 @@ class ExplainConfig:
     cells for every sample, the same for every model), ``"parts"`` (the slots of the synthetic
     world, the ground-truth players) or ``"tokens"`` (``n`` token positions of each sentence, 10 by
     default, drawn by the rule of :func:`~.text.token_players`; text classifiers; ``negations``
-    makes negating stop words such as "not" eligible). ``qthres``:
+    makes negating stop words such as "not" eligible; only sentences of at least ``min_tokens``
+    tokens, special tokens included, are explained, and players lie at positions below
+    ``max_position``: Chen et al. (ICLR 2024) take sentences of more than 20 tokens and positions
+    below 50, i.e. ``min_tokens=21, max_position=50``; the defaults 0 and None take every
+    sentence and position). ``qthres``:
     bound of the noise the sparsification may remove, relative to |v(N) - v(∅)|; None = 0 for
     ``and`` (the exact Harsanyi transform) and 0.04 for the AND-OR decompositions (the group's
     setting); ``joint-and-or`` sparsifies the compared models of ``knowledge`` together, so the
@@ -117,6 +121,8 @@ class ExplainConfig:
     players: str = "grid:3x3"
     n: int | None = None
     negations: bool = False
+    min_tokens: int = 0
+    max_position: int | None = None
     baseline: str | None = None
     baseline_lr: float = 1e-3
     baseline_steps: int = 50
@@ -135,8 +141,15 @@ class ExplainConfig:
         if not (tokens or self.players == "parts" or re.fullmatch(r"grid:\d+x\d+", self.players)):
             raise PretrainReuseError(
                 f"players={self.players!r}: use grid:RxC (e.g. grid:4x4), parts or tokens")
-        if self.negations and not tokens:
-            raise PretrainReuseError("negations applies to players=tokens (text classifiers)")
+        text_only = {"negations": self.negations, "min_tokens": self.min_tokens,
+                     "max_position": self.max_position}
+        for name, value in text_only.items():
+            if value and not tokens:
+                raise PretrainReuseError(f"{name} applies to players=tokens (text classifiers)")
+        if self.min_tokens < 0 or (self.max_position is not None and self.max_position < 2):
+            raise PretrainReuseError(
+                f"min_tokens={self.min_tokens} must be >= 0 and max_position={self.max_position} "
+                "None or >= 2 (position 0 is [CLS])")
         if self.baseline is None:
             object.__setattr__(self, "baseline", "mask" if tokens else "zero")
         check_choice("baseline", self.baseline, TEXT_BASELINES if tokens else BASELINES)
@@ -224,19 +237,23 @@ def choose_samples(dataset: ImageDataset | TextDataset, k: int, seed: int,
 
 def explainable(model: Backbone, dataset: ImageDataset | TextDataset,
                 cfg: ExplainConfig) -> np.ndarray | None:
-    """Which samples have the players ``cfg`` asks for: for ``tokens``, the sentences with at
-    least ``n`` eligible tokens (bool over the dataset); None (every sample) for images."""
+    """Which samples have the players ``cfg`` asks for: for ``tokens``, the sentences of at least
+    ``min_tokens`` tokens with at least ``n`` eligible tokens below ``max_position`` (bool over
+    the dataset); None (every sample) for images."""
     if cfg.players != "tokens":
         return None
     _check_pairing(model, dataset, cfg, "model")
     tokenizer = model.preprocess.tokenizer
-    ids = tokenizer(dataset.texts, truncation=True, max_length=model.spec.max_length)["input_ids"]
-    keep = np.array([len(eligible_positions(i, tokenizer, negations=cfg.negations)) >= cfg.n
-                     for i in ids])
+    enc = tokenizer(dataset.texts, truncation=True, max_length=model.spec.max_length)
+    keep = np.array([len(ids) >= cfg.min_tokens and len(eligible_positions(
+        ids, tokenizer, negations=cfg.negations, word_ids=_word_ids(enc, k),
+        max_position=cfg.max_position)) >= cfg.n for k, ids in enumerate(enc["input_ids"])])
     if not keep.any():
+        limits = (f" with min_tokens={cfg.min_tokens}, max_position={cfg.max_position}"
+                  if cfg.min_tokens or cfg.max_position else "")
         raise PretrainReuseError(
             f"no sentence has n={cfg.n} eligible tokens (no special tokens, stop words, "
-            "punctuation, digits or single letters); lower n or pass longer sentences")
+            f"punctuation, digits or single letters){limits}; lower n or pass longer sentences")
     return keep
 
 
@@ -469,15 +486,22 @@ def _text_samples(model: Backbone, dataset: TextDataset, cfg: ExplainConfig,
     def setup(i: int) -> SampleGame:
         enc = tokenizer(dataset.texts[i], truncation=True, max_length=model.spec.max_length,
                         return_tensors="pt")
+        word_ids = _word_ids(enc, 0)
         enc = {k: v[0].to(device) for k, v in enc.items()}
         players = token_players(enc["input_ids"].tolist(), tokenizer, cfg.n, seed=[cfg.seed, i],
-                                negations=cfg.negations)
+                                negations=cfg.negations, word_ids=word_ids,
+                                max_position=cfg.max_position)
         key = {"input": _digest({k: v.tolist() for k, v in enc.items()}),
                "players": _digest(players.positions.tolist())}
         return SampleGame(players.meta, players.names, key, lambda label: _text_game(
             model, enc, label, players, cfg))
 
     return setup
+
+
+def _word_ids(encoding, k: int) -> list[int | None] | None:
+    """The words of sentence ``k``'s tokens from a fast tokenizer's encoding, else None."""
+    return encoding.word_ids(k) if encoding.is_fast else None
 
 
 def _text_game(model: Backbone, enc: dict[str, torch.Tensor], label: int, players: TokenPlayers,

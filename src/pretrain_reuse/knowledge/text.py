@@ -5,14 +5,24 @@ as for BERT on SST-2 in Jiang, Cheng & Li, arXiv 2410.08455; reference note §1)
 :func:`token_players`:
 
 1. a position is *eligible* when its token is not a special token ([CLS], [SEP], [PAD], ...),
-   not the continuation piece of a split word (``##ing``), and its text, with the sub-word markers
-   ``▁``/``Ġ`` removed and lower-cased, has at least two characters, all letters (no digit or
-   punctuation), and is not an English stop word (:data:`STOP_WORDS`), except, with
+   starts a word (a split word is one player at most: its first piece), and its text, with the
+   sub-word markers ``▁``/``Ġ`` removed and lower-cased, has at least two characters, all letters
+   (no digit or punctuation), and is not an English stop word (:data:`STOP_WORDS`), except, with
    ``negations=True``, the stop words that negate (:data:`NEGATIONS`: "not", "no", the stems of
    "didn't", ...), which flip a sentiment (an option; the reference drops every stop word);
 2. ``n`` eligible positions are drawn uniformly without replacement by a generator seeded with
    ``seed`` (the explanation uses ``[seed, sample index]``: the same positions for every model,
    different ones per sentence), and sorted.
+
+The reference also explains only sentences of more than 20 tokens and draws players among the
+positions below 50 (its inputs are truncated to 50 tokens); ``max_position`` here and
+``min_tokens`` of :class:`~.explain.ExplainConfig` reproduce that (off by default).
+
+A token starts a word when its word differs from the previous token's, by the ``word_ids()``
+of a fast tokenizer's encoding. Without them (slow tokenizers) the sub-word markers tell: a
+WordPiece continuation starts with ``##``; in a sentence whose pieces carry the word-start
+markers of byte-level BPE (``Ġ``, RoBERTa, GPT-2) or sentencepiece (``▁``), a piece without the
+marker continues a word unless it follows a special token (the first word of a sentence).
 
 Tokens that are not players stay as they are (the context of the sentence). A coalition S keeps
 the player tokens in S; the others are replaced by a baseline: a token id (``[MASK]`` by default,
@@ -89,16 +99,23 @@ class TokenPlayers:
         return len(self.positions)
 
 
-def eligible_positions(input_ids: Sequence[int], tokenizer: Any, *,
-                       negations: bool = False) -> np.ndarray:
-    """Positions whose token may be a player (rule 1 of the module docstring), increasing."""
+def eligible_positions(input_ids: Sequence[int], tokenizer: Any, *, negations: bool = False,
+                       word_ids: Sequence[int | None] | None = None,
+                       max_position: int | None = None) -> np.ndarray:
+    """Positions whose token may be a player (rule 1 of the module docstring), increasing.
+
+    ``word_ids``: the word of every token (``encoding.word_ids()`` of a fast tokenizer, None for
+    special tokens); without them word starts are told by the sub-word markers.
+    ``max_position``: only positions below it (Chen et al. draw from positions 1..49).
+    """
     excluded = _EXCLUDED[bool(negations)]
     ids = [int(i) for i in input_ids]
-    special = set(tokenizer.all_special_ids)
+    special = [i in set(tokenizer.all_special_ids) for i in ids]
     tokens = tokenizer.convert_ids_to_tokens(ids)
+    starts = _word_starts(tokens, special, word_ids)
     keep = []
-    for pos, (i, token) in enumerate(zip(ids, tokens, strict=True)):
-        if i in special or token.startswith("##"):
+    for pos, token in enumerate(tokens[:max_position]):
+        if special[pos] or not starts[pos]:
             continue
         word = token.lstrip("▁Ġ").lower()
         if len(word) >= 2 and word.isalpha() and word not in excluded:
@@ -106,8 +123,24 @@ def eligible_positions(input_ids: Sequence[int], tokenizer: Any, *,
     return np.array(keep, dtype=np.int64)
 
 
+def _word_starts(tokens: list[str], special: list[bool],
+                 word_ids: Sequence[int | None] | None) -> list[bool]:
+    """Whether each token starts a word (module docstring)."""
+    if word_ids is not None:
+        if len(word_ids) != len(tokens):
+            raise PretrainReuseError(f"word_ids has {len(word_ids)} entries for {len(tokens)} "
+                                     "tokens; pass the encoding's word_ids() of this sentence")
+        return [w is not None and (p == 0 or word_ids[p - 1] != w) for p, w in enumerate(word_ids)]
+    marked = any(t.startswith(("Ġ", "▁")) for t, s in zip(tokens, special, strict=True) if not s)
+    return [not t.startswith("##") and (not marked or t.startswith(("Ġ", "▁")) or p == 0
+                                        or special[p - 1])
+            for p, t in enumerate(tokens)]
+
+
 def token_players(input_ids: Sequence[int], tokenizer: Any, n: int,
-                  seed: int | Sequence[int] = 0, *, negations: bool = False) -> TokenPlayers:
+                  seed: int | Sequence[int] = 0, *, negations: bool = False,
+                  word_ids: Sequence[int | None] | None = None,
+                  max_position: int | None = None) -> TokenPlayers:
     """``n`` of the eligible positions of a tokenized sentence, drawn at random (seeded).
 
     Args:
@@ -116,10 +149,12 @@ def token_players(input_ids: Sequence[int], tokenizer: Any, n: int,
         n: number of players, 1 <= n <= 24.
         seed: seed (or seed sequence) of numpy's ``default_rng``.
         negations: negating stop words ("not", "didn", ...) are eligible too.
+        word_ids, max_position: see :func:`eligible_positions`.
     """
     if not (isinstance(n, (int, np.integer)) and 1 <= n <= MAX_PLAYERS):
         raise PretrainReuseError(f"n={n!r} token players must be an integer in 1..{MAX_PLAYERS}")
-    eligible = eligible_positions(input_ids, tokenizer, negations=negations)
+    eligible = eligible_positions(input_ids, tokenizer, negations=negations, word_ids=word_ids,
+                                  max_position=max_position)
     if len(eligible) < n:
         raise PretrainReuseError(
             f"the sentence has {len(eligible)} eligible tokens (no special tokens, stop words, "
