@@ -207,6 +207,22 @@ def test_and_or_results_have_orders_0_and_1_merged_into_and(solver):
     assert not x.or_values[orders(5) <= 1].any()
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_constant_game_has_no_interaction_but_its_bias_and_a_planted_game_beside_it_is_kept(
+        solver):
+    # v ≡ 2: the Möbius transform (and the exact LP) give I_and(∅) = 2 and nothing else; an
+    # iterative solver's residue (~3e-4 before) must not become salient knowledge
+    planted = planted_game(4, {(0, 1): 1.0}, {(2, 3): 0.5}, noise=0.01, seed=0)
+    constant, x = SOLVERS[solver](np.stack([np.full(16, 2.0), planted]))
+    assert constant.salient() == {} and constant.meta["constant"] and not x.meta["constant"]
+    assert constant.and_values[0] == 2.0 and not constant.and_values[1:].any()
+    assert not constant.or_values.any() and not constant.noise.any()
+    # OR{2,3} = 0.5 (x2 + x3 - x2 x3) in AND terms alone
+    expected = ({("and", 0b11), ("and", 0b100), ("and", 0b1000), ("and", 0b1100)}
+                if solver == "mode-q" else {("and", 0b11), ("or", 0b1100)})
+    assert set(x.salient(0.1)) == expected
+
+
 def test_zero_noise_bound_decomposes_v_itself():
     v = planted_game(5, {(0, 1): 1.0}, {(2, 3): 1.0}, noise=0.05, seed=4)
     [x] = and_or_interactions(v, qthres=0.0)

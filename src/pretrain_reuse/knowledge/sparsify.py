@@ -33,6 +33,13 @@ condition number grows like φ^{2n}. Five solvers:
 Every single-model solver takes games ``v`` of shape (2^n,) or (B, 2^n) in bitmask layout (numpy
 or torch; torch runs on its device) and returns one :class:`~pretrain_reuse.knowledge.Interactions`
 per game, always as a list; the joint solver takes (K, B, 2^n) and returns K such lists.
+
+A constant game (v(S) = v(∅) for every S, e.g. a model insensitive to the players) has the exact
+decomposition I_and(∅) = v(∅) and no other interaction, which every solver returns as it is
+(``meta["constant"]``): the iterative solvers would leave entries at the level of their accuracy,
+~1e-4 of |v(∅)|, and the salience threshold, relative to the largest entry, would turn them into
+knowledge. In the joint solver this holds per model (the coupling of a constant game's AND/OR
+split to the other models' is moot: it has no interaction to split).
 """
 
 from __future__ import annotations
@@ -417,14 +424,17 @@ def _merge_low_orders(i_and: torch.Tensor, i_or: torch.Tensor, n: int) -> None:
 
 
 def _results(games, n, b, i_and, i_or, q, kind, producer, params, diag) -> list[Interactions]:
-    i_and, i_or = i_and.clone(), i_or.clone()
+    i_and, i_or, q = i_and.clone(), i_or.clone(), q.clone()
     if kind == "and-or":
         _merge_low_orders(i_and, i_or, n)
+    constant = (games == games[:, :1]).all(-1)  # exact: I_and(∅) = v(∅) (module docstring)
+    i_and[constant], i_or[constant], q[constant] = 0.0, 0.0, 0.0
+    i_and[constant, 0] = games[constant, 0]
     objective = (i_and.abs().sum(-1) + i_or.abs().sum(-1)).tolist()
     out = []
     for k in range(len(games)):
         meta = make_meta(f"pretrain_reuse.knowledge.{producer}", params)
-        meta.update(diag[k], objective=objective[k], b=float(b[k]))
+        meta.update(diag[k], objective=objective[k], b=float(b[k]), constant=bool(constant[k]))
         out.append(Interactions(n=n, and_values=i_and[k].cpu().numpy(), or_values=i_or[k].cpu().numpy(),
                                 v=games[k].cpu().numpy(), noise=q[k].cpu().numpy(), kind=kind, meta=meta))
     return out
