@@ -804,7 +804,7 @@ def test_bad_arguments_exit_2_with_one_line(files, tmp_path, capsys, extra, need
     extra = [{"SOURCE": str(files["source"]), "BADSEL": str(bad_sel)}.get(a, a) for a in extra]
     rc, _, err = cli(capsys, *base_args(files, tmp_path / "run"), *extra)
     assert_one_line_error(rc, err, needle)
-    assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+    assert not (tmp_path / "run").exists()  # nothing half-written, not even split.json
 
 
 def test_cotuning_without_a_classifier_head_exits_2(files, tmp_path, capsys):

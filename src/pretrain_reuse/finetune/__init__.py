@@ -24,6 +24,7 @@ from .augment import View, input_size
 from .config import MODES, FinetuneConfig, load_config
 from .data import (
     SourceData,
+    check_batch_size,
     held_out_validation,
     resize_transform,
     selected_source,
@@ -125,6 +126,7 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
             reinitialize(backbone, cfg.seed)
     resize = resize_transform(_resize_side(backbone.spec))
     train_set, val_set, split = target_splits(cfg, train_pool)
+    check_batch_size(len(train_set), cfg.batch_size)  # before anything is written
     test_set = test_set.subset(range(len(test_set)))
     for d in (train_set, val_set, test_set):  # views of the caller's data, safe to configure
         d.transform = resize

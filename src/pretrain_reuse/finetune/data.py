@@ -78,6 +78,13 @@ def _draw_validation(labels: np.ndarray, candidates: np.ndarray, fraction: float
     return np.sort(np.asarray(val, dtype=np.int64))
 
 
+def check_batch_size(n: int, batch_size: int) -> None:
+    """Epochs drop the last partial batch, so a batch needs at least ``batch_size`` samples."""
+    if n < batch_size:
+        raise PretrainReuseError(
+            f"batch size {batch_size} exceeds the {n} training samples; pass a smaller --batch-size")
+
+
 class StepBatches:
     """Index batches per optimiser step: epoch ``e`` uses permutation ``rng(seed, stream, e)``.
 
@@ -87,10 +94,8 @@ class StepBatches:
 
     def __init__(self, n: int, batch_size: int, seed: int, stream: int,
                  balanced_groups: np.ndarray | None = None):
-        if n < batch_size and balanced_groups is None:
-            raise PretrainReuseError(
-                f"batch size {batch_size} exceeds the {n} training samples; pass a smaller "
-                "--batch-size")
+        if balanced_groups is None:
+            check_batch_size(n, batch_size)
         self.n, self.batch_size, self.seed, self.stream = n, batch_size, seed, stream
         self.steps_per_epoch = max(1, n // batch_size)
         self.groups = None
