@@ -12,6 +12,7 @@ from pretrain_reuse.cli import main
 from pretrain_reuse.data import open_dataset
 from pretrain_reuse.embed import preprocessed
 from pretrain_reuse.knowledge import discrimination_power, harsanyi_and
+from pretrain_reuse.knowledge.analysis import counterfactual
 from pretrain_reuse.knowledge.interactions import reconstruct_and, reconstruct_or
 from pretrain_reuse.models import create_backbone, save_backbone
 
@@ -370,3 +371,27 @@ def test_a_smaller_rerun_leaves_no_outputs_of_the_earlier_run(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "k").iterdir()) == [
         "finetuned", "knowledge.json", "preserved.png", "pretrained", "ratios.png",
         "strength_by_order.png"]
+
+
+def test_the_counterfactual_check_reports_the_rank_correlation(tmp_path, capsys):
+    # the pairs (measured, predicted) of the preserved sets and of as many random sets, as
+    # counterfactual() gives them; their correlations by scipy
+    stats = pytest.importorskip("scipy.stats")
+    model = _classifier(tmp_path / "m.safetensors", 10)
+    rc, _, err = _run(capsys, "knowledge", "--model", "smallcnn-s", "--pretrained", model,
+                      "--finetuned", model, "--data", "synthetic:target", "--players", "grid:2x2",
+                      "--samples", 4, "--quiet", "--out", tmp_path / "k")
+    assert rc == 0, err
+    k = json.loads((tmp_path / "k" / "knowledge.json").read_text())
+    rng = np.random.default_rng([0, 13])
+    preserved, random = [], []
+    for x in _interactions(tmp_path / "k" / "finetuned"):
+        sets = sorted(s for s in range(1, 16) if ("and", s) in x.salient(0.05))
+        pairs = counterfactual(x, sets, 0.05, rng)
+        preserved += pairs["preserved"]
+        random += pairs["random"]
+    measured, predicted = np.array(preserved + random).T
+    cf = k["counterfactual"]
+    assert cf["n_sets"] == len(preserved) > 2
+    assert cf["prediction_spearman"] == pytest.approx(stats.spearmanr(predicted, measured)[0])
+    assert cf["prediction_pearson"] == pytest.approx(stats.pearsonr(predicted, measured)[0])
