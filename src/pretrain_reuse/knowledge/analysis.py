@@ -271,7 +271,6 @@ def _counterfactual_summary(report, finetuned: list[Interactions], tau: float,
         "mean_abs_change_random": float(np.abs(r[:, 0]).mean()),
         "effect_ratio": float(np.abs(p[:, 0]).mean() / max(np.abs(r[:, 0]).mean(), 1e-12)),
         "prediction_spearman": spearman,
-        "prediction_correlation": spearman,  # the Spearman correlation, under its earlier name
         "prediction_pearson": float(_pearson(predicted, measured)) if defined else None,
         "mean_abs_prediction_error": float(np.abs(measured - predicted).mean()),
     }

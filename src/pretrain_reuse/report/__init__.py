@@ -233,10 +233,12 @@ def _knowledge_section(run: Path, scenario: dict) -> str:
                    "Removing the players of preserved interactions changes the output <b>less</b> "
                    "than removing random players")
         parts.append("<h3>Counterfactual check</h3>" + _table(
-            ["sets", "mean |Δv| preserved", "mean |Δv| random", "ratio", "corr(predicted, measured)"],
+            ["sets", "mean |Δv| preserved", "mean |Δv| random", "ratio",
+             "rank corr(predicted, measured)"],
             [[cf["n_sets"], f"{cf['mean_abs_change_preserved']:.3f}",
               f"{cf['mean_abs_change_random']:.3f}", f"{cf['effect_ratio']:.2f}",
-              "n/a" if cf["prediction_correlation"] is None else f"{cf['prediction_correlation']:.3f}"]])
+              # .get: a knowledge.json of an earlier version has no rank correlation
+              "n/a" if cf.get("prediction_spearman") is None else f"{cf['prediction_spearman']:.3f}"]])
             + f'<p class="{"good" if ratio > 1.2 else "note"}">{verdict} '
               f"(ratio {cf['effect_ratio']:.2f}).</p>")
     return _section("Knowledge handed over by pre-training", "knowledge", "".join(parts))
