@@ -516,6 +516,11 @@ USER_ERRORS = {
                    d.inp / "src_labels.npy", "--out", d.root / "u.npy"], [".safetensors"]),
     "demo into a non-empty folder": (lambda d: ["demo", "--quick", "--out", d.inp],
                                      ["not empty", "not a demo run"]),
+    "negative seed": (
+        lambda d: ["units", "--features", d.inp / "src_feats.npy", "--method", "kmeans",
+                   "--k", "3", "--seed", "-1", "--out", d.root / "u.safetensors"], ["--seed", "2**63"]),
+    "demo with a seed too large for numpy": (
+        lambda d: ["demo", "--quick", "--seed", str(2**64), "--out", d.root / "demo"], ["--seed"]),
 }
 
 

@@ -71,6 +71,20 @@ def test_image_folder_order_ids_and_class_names_equal_torchvisions(tree):
         torch.testing.assert_close(image, to_tensor(ref[i][0]), rtol=0, atol=0)
 
 
+def test_hidden_entries_are_skipped_and_a_link_loop_reads_each_folder_once(tree):
+    tv = pytest.importorskip("torchvision")
+    ref = tv.datasets.ImageFolder(str(tree))  # before the hidden entries and the loop exist
+    _write_image(tree / ".ipynb_checkpoints" / "a.png", 0)
+    _write_image(tree / "ant" / ".hidden" / "h.png", 1)
+    _write_image(tree / "ant" / "._a.png", 2)
+    (tree / "ant" / "sub" / "up").symlink_to(tree / "ant", target_is_directory=True)
+    ds = open_dataset(tree)
+    assert ds.class_names == ["Moth", "ant", "zebra"]
+    # the link back up the class folder adds nothing (it was read 40 levels deep)
+    assert ds.ids == [Path(path).relative_to(tree).as_posix() for path, _ in ref.samples]
+    assert ds.labels.tolist() == ref.targets
+
+
 def test_unreadable_images_are_skipped_counted_and_named(tree):
     (tree / "ant" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
     good = tree / "zebra" / "b.png"

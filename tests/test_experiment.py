@@ -184,6 +184,10 @@ def test_config_errors(tmp_path):
         load_experiment_config(bad)
     with pytest.raises(PretrainReuseError, match="seeds"):
         load_experiment_config(None, model="m", source="s", target="t", seeds=())
+    with pytest.raises(PretrainReuseError, match="repeat a seed"):
+        load_experiment_config(None, model="m", source="s", target="t", seeds=(0, 0))
+    with pytest.raises(PretrainReuseError, match=r"seeds must be an integer in \[0, 2\*\*63\)"):
+        load_experiment_config(None, model="m", source="s", target="t", seeds=(-1,))
 
 
 def test_every_recipe_builds_rows_from_the_defaults():

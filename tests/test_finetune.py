@@ -797,6 +797,11 @@ def test_yaml_config_with_flag_overrides_is_saved_with_the_run(files, tmp_path, 
     (["--mode", "finetune-all"], "mode"),
     (["--mode", "reuse", "--source", "SOURCE", "--selection", "BADSEL"], "ranks 8 units"),
     (["--batch-size", "64"], "batch size"),
+    (["--seed", "-1"], "seed"),
+    (["--lr", "inf"], "lr"),
+    (["--weight-decay", "nan"], "weight_decay"),
+    (["--workers", "-1"], "workers"),
+    (["--warmup-steps", "-1"], "warmup_steps"),
 ])
 def test_bad_arguments_exit_2_with_one_line(files, tmp_path, capsys, extra, needle):
     bad_sel = tmp_path / "bad_sel.json"

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .errors import PretrainReuseError, check_choice, parse_ids
+from .errors import PretrainReuseError, check_choice, check_seed, parse_ids
 from .runtime import keep_freed_memory
 
 EXIT_USER_ERROR = 2
@@ -25,6 +25,14 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise PretrainReuseError(f"{message} (see `{self.prog} --help`)")
+
+
+def _seed(text: str) -> int:
+    """argparse type of every seed flag: a bad seed is a one-line error before any work."""
+    try:
+        return check_seed("seed", int(text))
+    except (ValueError, PretrainReuseError) as e:
+        raise argparse.ArgumentTypeError(f"seed must be an integer in [0, 2**63), got {text!r}") from e
 
 
 def _read_lines(path: str, what: str) -> list[str]:
@@ -401,7 +409,7 @@ def _add_explain_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau", type=float, default=0.05,
                    help="salience threshold, relative to the largest interaction "
                    "(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=_seed, default=0,
                    help="seed of the samples and players drawn (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256,
                    help="masked inputs per forward pass (default: %(default)s)")
@@ -490,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--shard-size", type=int, default=8192, help="samples per shard file")
     e.add_argument("--device", default="cpu")
     e.add_argument("--precision", default="auto", help="auto (bf16 on CUDA) | fp32 | bf16")
-    e.add_argument("--seed", type=int, default=0, help="initialises layers without weights")
+    e.add_argument("--seed", type=_seed, default=0, help="initialises layers without weights")
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--out", required=True, help="output FeatureStore folder")
     e.set_defaults(func=cmd_embed)
@@ -510,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train k-means on at most k*this many samples (default: all)")
     u.add_argument("--normalize", action="store_true",
                    help="average L2-normalised features (default: raw features, as the paper)")
-    u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--seed", type=_seed, default=0)
     u.add_argument("--quiet", action="store_true", help="no progress bar")
     u.add_argument("--out", required=True, help="output units .safetensors")
     u.set_defaults(func=cmd_units)
@@ -536,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tol", type=float, default=1e-6)
     s.add_argument("--dtype", default="float64", help="float64 or float32")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
-    s.add_argument("--seed", type=int, default=0, help="seed (random selection)")
+    s.add_argument("--seed", type=_seed, default=0, help="seed (random selection)")
     s.add_argument("--ids", help="label method: comma-separated source unit ids")
     s.add_argument("--names", help="label method: regular expression over unit names")
     s.add_argument("--relevant", help="unit ids known to be related (e.g. 7-24,80-100,127-146 for "
@@ -607,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--target-test", help="target test data (default: test split of a named set)")
     ex.add_argument("--source-features", help="FeatureStore of the pool (default: embedded here)")
     ex.add_argument("--target-features", help="FeatureStore of the target (default: embedded here)")
-    ex.add_argument("--seeds", type=int, nargs="+", help="fine-tuning seeds (default 0 1 2)")
+    ex.add_argument("--seeds", type=_seed, nargs="+", help="fine-tuning seeds (default 0 1 2)")
     ex.add_argument("--k", type=int, help="selected classes (default 100)")
     ex.add_argument("--clusters", type=int, help="k-means clusters of the pool (default 2000)")
     ex.add_argument("--relevant", help="pool class ids related to the target (recall), e.g. 7-24")
@@ -620,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "default) | fashion (real pixels: Fashion-MNIST garments and MNIST digits)")
     d.add_argument("--out", help="run folder (default runs/demo, or runs/demo-SCENARIO)")
     d.add_argument("--quick", action="store_true", help="smaller problem, for tests")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=_seed, default=0)
     d.add_argument("--quiet", action="store_true")
     d.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     d.set_defaults(func=cmd_demo)

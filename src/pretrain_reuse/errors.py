@@ -65,6 +65,13 @@ def check_positive(name: str, value: float, *, allow_inf: bool = False) -> float
     return float(value)
 
 
+def check_seed(name: str, value: int) -> int:
+    """Check that ``value`` is a seed NumPy and torch accept: an integer in [0, 2**63)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise PretrainReuseError(f"{name} must be an integer in [0, 2**63), got {value!r}")
+    return value
+
+
 def check_device(device: str) -> str:
     """Check that ``device`` names a torch device that exists here (cpu, cuda, cuda:N, mps)."""
     import torch

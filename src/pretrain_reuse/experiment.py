@@ -46,7 +46,7 @@ from .artifacts import atomic_path, claim_folder, make_meta, read_json, write_js
 from .data.catalog import DATASETS
 from .data.datasets import ImageDataset
 from .embed import EmbedConfig, embed
-from .errors import PretrainReuseError, check_choice, check_positive, parse_ids
+from .errors import PretrainReuseError, check_choice, check_positive, check_seed, parse_ids
 from .features import FeatureStore
 from .finetune import MODES, FinetuneConfig, RunResult, finetune_datasets, open_split, target_splits
 from .finetune.config import checked_values, config_values
@@ -124,6 +124,11 @@ class ExperimentConfig:
     def __post_init__(self):
         if not self.seeds:
             raise PretrainReuseError("seeds is empty; give at least one seed")
+        for seed in self.seeds:
+            check_seed("seeds", seed)
+        if len(set(self.seeds)) < len(self.seeds):
+            raise PretrainReuseError(f"seeds {list(self.seeds)} repeat a seed, which would count "
+                                     "one run twice; give distinct seeds")
         if self.k < 1 or self.clusters < 2:
             raise PretrainReuseError(f"k must be >= 1 and clusters >= 2, got {self.k}, {self.clusters}")
         for name in ("eps_c", "eps_c_l2"):

@@ -237,14 +237,16 @@ def decode_image(path: Path, mode: str) -> torch.Tensor | None:
 
 def image_folder(root: str | Path, *, mode: str = "RGB",
                  transform: Transform | None = None) -> FileDataset:
-    """An image folder: one sub-folder per class (labels = sorted folder names, exactly as
-    torchvision's ImageFolder), or, without sub-folders, a flat folder of unlabelled images."""
+    """An image folder: one sub-folder per class (labels = sorted folder names, as torchvision's
+    ImageFolder, but hidden entries are skipped), or, without sub-folders, a flat folder of
+    unlabelled images."""
     root = Path(root)
     if not root.is_dir():
         raise PretrainReuseError(f"data: {str(root)!r} is not a folder; pass an image folder")
-    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not _hidden(e.name))
     if not classes:
-        files = sorted(e.name for e in os.scandir(root) if e.is_file() and _is_image(e.name))
+        files = sorted(e.name for e in os.scandir(root)
+                       if e.is_file() and _is_image(e.name) and not _hidden(e.name))
         _require_images(files, root)
         return FileDataset([root / f for f in files], ids=files, labels=None, class_names=None,
                            mode=mode, transform=transform, source=str(root))
@@ -267,16 +269,32 @@ def image_folder(root: str | Path, *, mode: str = "RGB",
 
 
 def _walk_images(folder: Path, root: Path) -> list[str]:
-    """Image files under ``folder`` in torchvision's order, as POSIX paths relative to ``root``."""
-    found = []
-    for dirpath, _, fnames in sorted(os.walk(folder, followlinks=True)):
+    """Image files under ``folder`` in torchvision's order, as POSIX paths relative to ``root``.
+
+    Links to folders are followed, as torchvision does, but each real folder is read once, so a
+    link back up the tree cannot repeat (and relabel) images."""
+    seen, by_dir = set(), []
+    for dirpath, dirnames, fnames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames.clear()
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))  # a deterministic walk
         rel_dir = Path(dirpath).relative_to(root).as_posix()
-        found += [f"{rel_dir}/{f}" for f in sorted(fnames) if _is_image(f)]
-    return found
+        by_dir.append((dirpath, [f"{rel_dir}/{f}" for f in sorted(fnames)
+                                 if _is_image(f) and not _hidden(f)]))
+    return [f for _, files in sorted(by_dir) for f in files]
 
 
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _hidden(name: str) -> bool:
+    """Hidden entries (``.ipynb_checkpoints``, ``.git``, macOS's ``._x.png``) are not data;
+    torchvision's ImageFolder would make such a folder a class."""
+    return name.startswith(".")
 
 
 def _require_images(files: list, root: Path) -> None:

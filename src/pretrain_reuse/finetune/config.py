@@ -15,7 +15,14 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-from ..errors import PretrainReuseError, check_choice, check_device, check_file
+from ..errors import (
+    PretrainReuseError,
+    check_choice,
+    check_device,
+    check_file,
+    check_positive,
+    check_seed,
+)
 
 MODES = ("vanilla", "reuse", "reuse-unlabeled", "co-tuning", "linear-probe", "scratch")
 SCHEDULES = ("step", "cosine")
@@ -144,12 +151,19 @@ class FinetuneConfig:
         if self.max_steps is not None and self.max_steps < 1:
             raise PretrainReuseError(f"max_steps must be >= 1, got {self.max_steps!r}")
         for name in ("lr", "head_lr_mult"):
-            if not getattr(self, name) > 0:
-                raise PretrainReuseError(f"{name} must be positive, got {getattr(self, name)!r}")
+            check_positive(name, getattr(self, name))
         if not (self.lam >= 0 and math.isfinite(self.lam)):
             raise PretrainReuseError(f"lam (λ) must be >= 0, got {self.lam!r}")
-        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise PretrainReuseError("weight_decay must be >= 0 and momentum in [0, 1)")
+        if not (0 <= self.weight_decay < math.inf and 0 <= self.momentum < 1):
+            raise PretrainReuseError("weight_decay must be a finite number >= 0 and momentum in "
+                                     f"[0, 1), got {self.weight_decay!r} and {self.momentum!r}")
+        check_seed("seed", self.seed)
+        for name in ("workers", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise PretrainReuseError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("source_batch_size", "image_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise PretrainReuseError(f"{name} must be >= 1 (or unset), got {getattr(self, name)!r}")
         if not 0 <= self.val_fraction < 1:
             raise PretrainReuseError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if list(self.milestones) != sorted(self.milestones) or not all(
