@@ -740,6 +740,21 @@ def test_cotuning_relationship_comes_from_pretrained_predictions_on_the_splits(
     np.testing.assert_allclose(rel.sum(axis=1), 1.0, atol=1e-5)
 
 
+def test_unreadable_training_images_are_reported_and_a_batch_of_only_them_is_an_error(
+        tmp_path, capsys):
+    root = tmp_path / "t2"
+    for c in range(2):
+        write_images(root / f"c{c}", 6, c, seed=400 + c)
+    (root / "c1" / "zz-broken.png").write_bytes(b"not a png")
+    args = ["finetune", "--model", "smallcnn-s", "--target", root, "--target-test", root,
+            "--val-fraction", "0", "--epochs", "1"]
+    rc, _, err = cli(capsys, *args, "--batch-size", "4", "--out", tmp_path / "ok")
+    assert rc == 0 and "skipped 1 unreadable image(s) of 13: c1/zz-broken.png" in err
+    rc, _, err = cli(capsys, *args, "--batch-size", "1", "--quiet", "--out", tmp_path / "bad")
+    assert_one_line_error(rc, err, "every image of a training batch is unreadable")
+    assert "c1/zz-broken.png" in err
+
+
 def test_train_fraction_keeps_half_of_every_class(tmp_path, capsys):
     root = tmp_path / "t4"
     for c in range(4):

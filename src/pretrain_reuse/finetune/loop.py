@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..artifacts import atomic_path, make_meta, read_json, to_json, write_json
-from ..data.datasets import ImageDataset
+from ..data.datasets import ImageDataset, describe_skipped
 from ..distributed import process_device, rank_world
 from ..errors import PretrainReuseError
 from ..models import save_backbone
@@ -185,7 +186,12 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
                disable=not progress or rank != 0)
     t0 = time.perf_counter()
     model.train()
+    streams = {"target training": train_set, **({"source": source.dataset} if cfg.uses_source else {})}
+    skipped = {what: set() for what in streams}  # unreadable images met (reported at the end)
     for step, batches in enumerate(zip(*loaders, strict=True), start):
+        for what, b in zip(streams, batches, strict=True):
+            skipped[what].update(b.skipped.tolist())
+        _check_readable(batches, streams.values())
         factor = lr_at(step, total, cfg)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
@@ -223,6 +229,10 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
                                           "optimizer": optimizer.state_dict(), "step": done,
                                           "history": json.dumps(history)})
     bar.close()
+    for what, data in streams.items():
+        if skipped[what] and progress and rank == 0:
+            print(f"note: {what} data: {describe_skipped(data, skipped[what])} (left out of "
+                  "training)", file=sys.stderr)
     if rank == 0:
         result = _result(cfg, history, inputs, time.perf_counter() - t0)
         # the fine-tuned network as a backbone whose head is the target classifier, loadable by
@@ -242,6 +252,15 @@ class _RankBatches(StepBatches):
 
     def batch(self, step: int) -> np.ndarray:
         return self.base.batch(step)[self.rank::self.world]
+
+
+def _check_readable(batches, datasets) -> None:
+    """A step needs at least one readable image per stream (unreadable ones are left out)."""
+    for b, data in zip(batches, datasets, strict=True):
+        if len(b.indices) == 0:
+            raise PretrainReuseError(
+                f"every image of a training batch is unreadable ({describe_skipped(data, b.skipped)});"
+                " remove or repair the unreadable images, or use a larger --batch-size")
 
 
 def _compose(batches, device, weak: View, strong: View, mode: str,
