@@ -372,6 +372,9 @@ def test_selection_recall_is_the_share_of_relevant_units_selected():
     assert sel.recall(np.array([0, 2, 5, 4])) == 0.25
     with pytest.raises(PretrainReuseError, match="at least one"):
         sel.recall([])
+    # an id past the units would silently lower recall (experiment --relevant 0-999)
+    with pytest.raises(PretrainReuseError, match=f"id {len(sel.scores)} is out of range"):
+        sel.recall([1, len(sel.scores)])
 
 
 def test_json_that_is_not_a_selection_is_refused(tmp_path):

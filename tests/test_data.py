@@ -183,6 +183,14 @@ def test_list_with_a_ragged_line_names_the_line(tmp_path):
         open_dataset(tmp_path / "l.csv")
 
 
+def test_list_naming_a_path_twice_names_both_lines(tmp_path):
+    _write_image(tmp_path / "a.png", 0)
+    _write_image(tmp_path / "b.png", 1)
+    (tmp_path / "list.csv").write_text("a.png,0\nb.png,1\na.png,1\n")
+    with pytest.raises(PretrainReuseError, match=r"lists 'a.png' twice \(lines 1 and 3\)"):
+        open_dataset(tmp_path / "list.csv")
+
+
 def test_list_entry_missing_on_disk_is_skipped_not_fatal(tmp_path):
     _write_image(tmp_path / "a.png", 0)
     (tmp_path / "l.csv").write_text("a.png,0\nmissing.png,1\n")

@@ -827,6 +827,14 @@ def test_bad_arguments_exit_2_with_one_line(files, tmp_path, capsys, extra, need
     assert not (tmp_path / "run").exists()  # nothing half-written, not even split.json
 
 
+def test_out_naming_a_file_is_a_one_line_error(files, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("a file of the user's")
+    rc, _, err = cli(capsys, *base_args(files, taken))
+    assert_one_line_error(rc, err, "is a file; pass a folder")
+    assert taken.read_text() == "a file of the user's"
+
+
 def test_cotuning_without_a_classifier_head_exits_2(files, tmp_path, capsys):
     headless = tmp_path / "headless.safetensors"
     state = {k: v for k, v in load_file(str(files["weights"])).items() if not k.startswith("fc.")}

@@ -163,12 +163,21 @@ def claim_folder(out: Path, kind: str, params: dict, *, what: str, marker: str =
     if out.exists() and any(out.iterdir()):
         raise PretrainReuseError(
             f"--out {str(out)!r} is not empty and not {what}; pass a new or empty folder")
+    make_folder(out, what)
+    write_json(path, {"kind": kind, "params": params})
+
+
+def make_folder(out: Path, what: str) -> Path:
+    """Create the output folder ``out`` for ``what``; a file in its place or a folder that cannot
+    be created (read-only, no permission) is a one-line error."""
+    if out.exists() and not out.is_dir():
+        raise PretrainReuseError(f"--out {str(out)!r} is a file; pass a folder for {what}")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PretrainReuseError(f"cannot create --out {str(out)!r}: {e.strerror}; choose a "
                                  "writable folder") from None
-    write_json(path, {"kind": kind, "params": params})
+    return out
 
 
 def read_json(path: str | Path, what: str) -> dict:

@@ -600,9 +600,9 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
     table = []
     for row in rows:
         sels = [ws.selection(row.pick, s, row.settings) for s in cfg.seeds] if row.pick else []
+        recalls = [ws.recall(row.pick, sel) for sel in sels]  # before training: checks relevant
         results = [ws.finetune(row, s) for s in cfg.seeds] if row.mode else []
         final = [r.final["top1"] for r in results]
-        recalls = [ws.recall(row.pick, sel) for sel in sels]
         table.append({
             "method": row.method, "x": row.x,
             # means over the seeds' selections (they differ for random and regime rows)

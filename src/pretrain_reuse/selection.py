@@ -115,6 +115,11 @@ class Selection:
         relevant = set(int(r) for r in relevant)
         if not relevant:
             raise PretrainReuseError("recall needs at least one relevant unit id")
+        outside = sorted(r for r in relevant if not 0 <= r < len(self.scores))
+        if outside:
+            raise PretrainReuseError(
+                f"relevant unit id {outside[0]} is out of range for {len(self.scores)} units; "
+                f"pass ids 0..{len(self.scores) - 1} (--relevant)")
         return len(relevant & set(self.selected)) / len(relevant)
 
     def sample_recall(self, units: Units, labels, relevant) -> float:

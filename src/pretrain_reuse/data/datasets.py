@@ -344,6 +344,7 @@ def file_list(path: str | Path, *, mode: str = "RGB",
                 f"data: {str(p)!r} line {n} has {len(row)} field(s) {row!r}; every line must be "
                 "`path,label` (or every line just `path`)")
     ids = [row[0] for _, row in rows]
+    _refuse_repeated_paths(rows, p)
     paths = [p.parent / i for i in ids]
     _require_some_path(paths, ids, p)
     labels, class_names = None, None
@@ -351,6 +352,18 @@ def file_list(path: str | Path, *, mode: str = "RGB",
         labels, class_names = _parse_labels([row[1] for _, row in rows], p)
     return FileDataset(paths, ids=ids, labels=labels, class_names=class_names, mode=mode,
                        transform=transform, source=str(p))
+
+
+def _refuse_repeated_paths(rows: list[tuple[int, list[str]]], list_path: Path) -> None:
+    """A path listed twice would be one sample id for two samples: a validation split could hold
+    an image that training also sees, and two labels for one image contradict each other."""
+    first_line: dict[str, int] = {}
+    for n, row in rows:
+        if row[0] in first_line:
+            raise PretrainReuseError(
+                f"data: {str(list_path)!r} lists {row[0]!r} twice (lines {first_line[row[0]]} and "
+                f"{n}); list every image once")
+        first_line[row[0]] = n
 
 
 def _require_some_path(paths: list[Path], ids: list[str], list_path: Path) -> None:

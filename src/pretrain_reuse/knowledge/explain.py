@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from ..artifacts import atomic_path, hash_array, hash_file, make_meta
+from ..artifacts import atomic_path, hash_array, hash_file, make_folder, make_meta
 from ..data.datasets import ImageDataset
 from ..data.text import TextDataset
 from ..embed import preprocessed
@@ -278,7 +278,8 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
     model = model.to(device).eval()
     folder = Path(out) if out is not None else None
     if folder is not None:
-        (folder / "games").mkdir(parents=True, exist_ok=True)
+        make_folder(folder, "explanations")
+        (folder / "games").mkdir(exist_ok=True)
     setup = (_text_samples(model, dataset, cfg, device) if cfg.players == "tokens"
              else _image_samples(model, dataset, indices, cfg, device))
     identity = model_identity(model)
