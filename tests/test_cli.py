@@ -576,6 +576,14 @@ def test_unknown_device_is_a_user_error(capsys, data):
     assert rc == 2 and err.startswith(ERROR_PREFIX) and "gpu" in err
 
 
+def test_an_apple_gpu_on_another_machine_is_a_user_error(capsys, data):
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has an Apple GPU")
+    rc, _, err = cli(capsys, *select_args(data, "--k", "2", "--device", "mps"))
+    assert rc == 2 and err.startswith(ERROR_PREFIX) and "no Apple GPU" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_demo_into_an_existing_file_is_a_user_error(capsys, data):
     rc, _, err = cli(capsys, "demo", "--quick", "--out", data.inp / "S.npy")
     assert rc == 2 and err.startswith(ERROR_PREFIX)

@@ -130,3 +130,17 @@ def test_relevant_in_yaml_takes_the_range_syntax_of_the_flag(tmp_path):
     assert load_experiment_config(config).relevant == expected
     config.write_text(EXPERIMENT_BASE + f"relevant: {list(expected)}\n")
     assert load_experiment_config(config).relevant == expected
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda p: p.mkdir(), "is a folder; pass a text file"),
+    (lambda p: p.write_bytes(bytes(range(128, 256))), "is not a text file"),
+])
+def test_config_that_is_a_folder_or_binary_is_one_line(make, needle, tmp_path, capsys):
+    bad = tmp_path / "recipe.yaml"
+    make(bad)
+    rc = main(["finetune", "--model", "smallcnn", "--target", "synthetic:target", "--config",
+               str(bad), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and needle in err
+    assert not (tmp_path / "run").exists()

@@ -36,9 +36,9 @@ def _seed(text: str) -> int:
 
 
 def _read_lines(path: str, what: str) -> list[str]:
-    from .errors import check_file
+    from .errors import read_text
 
-    return [ln.strip() for ln in check_file(what, path).read_text().splitlines() if ln.strip()]
+    return [ln.strip() for ln in read_text(what, path).splitlines() if ln.strip()]
 
 
 def _load_data(path: str, labels: str | None, what: str):

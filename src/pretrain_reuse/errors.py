@@ -82,6 +82,8 @@ def check_device(device: str) -> str:
         raise PretrainReuseError(f"device={device!r} is not a device name; use cpu or cuda") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise PretrainReuseError(f"device={device!r} but no CUDA GPU is visible; use cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise PretrainReuseError(f"device={device!r} but this machine has no Apple GPU; use cpu")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise PretrainReuseError(f"device={device!r} is not supported; use cpu or cuda")
     return device
@@ -110,3 +112,15 @@ def check_file(name: str, path: str | Path) -> Path:
     if not p.exists():
         raise PretrainReuseError(f"{name}: file {str(p)!r} does not exist; check the path")
     return p
+
+
+def read_text(name: str, path: str | Path) -> str:
+    """The text of the file ``path``; a missing file, a folder or a binary file in its place is
+    a one-line error naming ``name``."""
+    p = check_file(name, path)
+    if p.is_dir():
+        raise PretrainReuseError(f"{name}: {str(p)!r} is a folder; pass a text file")
+    try:
+        return p.read_text()
+    except UnicodeDecodeError:
+        raise PretrainReuseError(f"{name}: {str(p)!r} is not a text file; check the path") from None

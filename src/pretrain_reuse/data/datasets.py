@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from ..artifacts import atomic_path
-from ..errors import PretrainReuseError, check_choice, check_file
+from ..errors import PretrainReuseError, check_choice, check_file, read_text
 
 # The extensions torchvision's ImageFolder accepts (matched case-insensitively).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -397,8 +397,8 @@ def _parse_labels(cells: list[str], list_path: Path) -> tuple[np.ndarray, list[s
 
 def read_class_names(path: str | Path) -> list[str]:
     """Class names from a text file, one per line (line i names label i)."""
-    p = check_file("class names", path)
-    names = p.read_text().splitlines()
+    p = Path(path)
+    names = read_text("class names", p).splitlines()
     while names and not names[-1].strip():
         names.pop()
     if not names or any(not n.strip() for n in names):

@@ -19,9 +19,9 @@ from ..errors import (
     PretrainReuseError,
     check_choice,
     check_device,
-    check_file,
     check_positive,
     check_seed,
+    read_text,
 )
 
 MODES = ("vanilla", "reuse", "reuse-unlabeled", "co-tuning", "linear-probe", "scratch")
@@ -193,18 +193,17 @@ def config_values(path: str | Path | None, overrides: dict[str, Any]) -> dict[st
     that are not None on top (a CLI flag left unset keeps the file's value)."""
     values: dict[str, Any] = {}
     if path is not None:
-        p = check_file("--config", path)
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(read_text("--config", path)) or {}
         except yaml.YAMLError as e:
             # PyYAML's own text spans several lines (the source line and a caret); keep the
             # problem and its position, on the one line the CLI prints
             mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
             where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
             detail = where + (problem or " ".join(str(e).split()))
-            raise PretrainReuseError(f"--config {str(p)!r} is not valid YAML ({detail})") from None
+            raise PretrainReuseError(f"--config {str(path)!r} is not valid YAML ({detail})") from None
         if not isinstance(loaded, dict):
-            raise PretrainReuseError(f"--config {str(p)!r} must hold a mapping of field: value")
+            raise PretrainReuseError(f"--config {str(path)!r} must hold a mapping of field: value")
         values.update(loaded)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return values

@@ -167,8 +167,9 @@ class ExplainConfig:
         check_choice("output", self.output, OUTPUTS)
         check_choice("decomposition", self.decomposition, DECOMPOSITIONS)
         check_device(self.device)
-        if self.samples < 1:
-            raise PretrainReuseError(f"samples must be >= 1, got {self.samples}")
+        if self.samples < 1 or self.batch_size < 1:
+            raise PretrainReuseError(
+                f"samples and batch_size must be >= 1, got {self.samples} and {self.batch_size}")
         if self.mean_samples < 1:
             raise PretrainReuseError(f"mean_samples must be >= 1, got {self.mean_samples}")
         if not (self.baseline_lr > 0 and self.baseline_radius > 0 and self.baseline_steps >= 0):
