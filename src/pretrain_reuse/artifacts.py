@@ -147,9 +147,7 @@ def claim_folder(out: Path, kind: str, params: dict, *, what: str, marker: str =
     would mix two runs' outputs; ``out`` is a non-empty folder that is not such a run.
     """
     params = json.loads(to_json(params))  # as stored: tuples become lists
-    path = out / marker
-    if out.exists() and not out.is_dir():
-        raise PretrainReuseError(f"--out {str(out)!r} is a file; pass a folder for {what}")
+    path = make_folder(out, what) / marker
     if path.exists():
         old = read_json(path, f"the marker of {what}")
         old_params = old.get("params", {}) if old.get("kind") == kind else {}
@@ -160,10 +158,9 @@ def claim_folder(out: Path, kind: str, params: dict, *, what: str, marker: str =
                 f"{str(out)!r} holds {what} made with other settings ({', '.join(changed)}); "
                 "rerun with the same settings to resume, or pass another --out")
         return
-    if out.exists() and any(out.iterdir()):
+    if any(out.iterdir()):
         raise PretrainReuseError(
             f"--out {str(out)!r} is not empty and not {what}; pass a new or empty folder")
-    make_folder(out, what)
     write_json(path, {"kind": kind, "params": params})
 
 
