@@ -835,6 +835,15 @@ def test_out_naming_a_file_is_a_one_line_error(files, tmp_path, capsys):
     assert taken.read_text() == "a file of the user's"
 
 
+def test_out_naming_a_foreign_non_empty_folder_is_refused(files, tmp_path, capsys):
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("the user's")
+    rc, _, err = cli(capsys, *base_args(files, foreign))
+    assert_one_line_error(rc, err, "is not empty and not a fine-tuning run", "new or empty folder")
+    assert [p.name for p in foreign.iterdir()] == ["todo.txt"]
+
+
 def test_cotuning_without_a_classifier_head_exits_2(files, tmp_path, capsys):
     headless = tmp_path / "headless.safetensors"
     state = {k: v for k, v in load_file(str(files["weights"])).items() if not k.startswith("fc.")}
@@ -1060,6 +1069,31 @@ def test_rerun_after_a_stop_before_the_first_checkpoint_has_no_duplicate_metrics
     assert not (out / "checkpoint.safetensors").exists()
     run_ok(capsys, *argv)
     assert [r["step"] for r in metrics(out)] == [3, 6, 8]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_can_be_rerun_with_other_settings(
+        tmp_path, capsys):
+    # a bad setting stops the run after run.json is written (a batch of only an unreadable
+    # image); the fixed command has another config, and nothing was trained: it starts afresh
+    root = tmp_path / "t2"
+    for c in range(2):
+        write_images(root / f"c{c}", 6, c, seed=400 + c)
+    (root / "c1" / "zz-broken.png").write_bytes(b"not a png")
+    args = ["finetune", "--model", "smallcnn-s", "--target", root, "--target-test", root,
+            "--val-fraction", "0", "--epochs", "1", "--quiet", "--out", tmp_path / "run"]
+    rc, _, err = cli(capsys, *args, "--batch-size", "1")
+    assert "unreadable" in err
+    assert rc == 2 and (tmp_path / "run" / "run.json").exists()
+    run_ok(capsys, *args, "--batch-size", "4")
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["batch_size"] == 4
+
+
+def test_workers_and_checkpoint_interval_may_change_on_resume(files, tmp_path, capsys):
+    argv = [*base_args(files, tmp_path / "run", steps=4), "--checkpoint-every", "2"]
+    out = run_ok(capsys, *argv)
+    result = json.loads((out / "result.json").read_text())["final"]
+    run_ok(capsys, *argv[:-2], "--checkpoint-every", "3", "--workers", "1")
+    assert json.loads((out / "result.json").read_text())["final"] == result
 
 
 # --------------------------------------------------------------------------------------------

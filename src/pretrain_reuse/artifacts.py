@@ -147,7 +147,7 @@ def claim_folder(out: Path, kind: str, params: dict, *, what: str, marker: str =
     would mix two runs' outputs; ``out`` is a non-empty folder that is not such a run.
     """
     params = json.loads(to_json(params))  # as stored: tuples become lists
-    path = make_folder(out, what) / marker
+    path = make_run_folder(out, what, marker)
     if path.exists():
         old = read_json(path, f"the marker of {what}")
         old_params = old.get("params", {}) if old.get("kind") == kind else {}
@@ -158,9 +158,6 @@ def claim_folder(out: Path, kind: str, params: dict, *, what: str, marker: str =
                 f"{str(out)!r} holds {what} made with other settings ({', '.join(changed)}); "
                 "rerun with the same settings to resume, or pass another --out")
         return
-    if any(out.iterdir()):
-        raise PretrainReuseError(
-            f"--out {str(out)!r} is not empty and not {what}; pass a new or empty folder")
     write_json(path, {"kind": kind, "params": params})
 
 
@@ -175,6 +172,18 @@ def make_folder(out: Path, what: str) -> Path:
         raise PretrainReuseError(f"cannot create --out {str(out)!r}: {e.strerror}; choose a "
                                  "writable folder") from None
     return out
+
+
+def make_run_folder(out: Path, what: str, marker: str, early: tuple[str, ...] = ()) -> Path:
+    """Create the folder ``out`` for ``what`` (:func:`make_folder`) and return the path of its
+    marker file ``out/marker``. A non-empty folder without that marker holds someone else's files,
+    which a run would mix with its own or delete as stale: refused, unless it holds only ``early``
+    (files a run writes before its marker, left by a run stopped in between)."""
+    path = make_folder(out, what) / marker
+    if not path.exists() and any(p.name not in early for p in out.iterdir()):
+        raise PretrainReuseError(
+            f"--out {str(out)!r} is not empty and not {what}; pass a new or empty folder")
+    return path
 
 
 def read_json(path: str | Path, what: str) -> dict:

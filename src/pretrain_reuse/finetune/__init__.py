@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import hash_file, make_folder, write_json
+from ..artifacts import hash_file, make_run_folder, write_json
 from ..data.catalog import DATASETS, open_dataset
 from ..data.datasets import ImageDataset
 from ..data.samplers import subsample_fraction, subsample_long_tail
@@ -150,7 +150,8 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
                         source_bn=cfg.source_bn)
     if cfg.mode == "co-tuning":
         _attach_relationship(net, train_set, val_set, cfg, num_classes)
-    out = make_folder(Path(out), "a fine-tuning run")  # only now: a bad argument leaves no folder
+    # only now: a bad argument leaves no folder
+    out = make_run_folder(Path(out), "a fine-tuning run", "run.json", early=("split.json",)).parent
     write_json(out / "split.json", split)
     return train(cfg, net, train_set, val_set, test_set, source_data, out,
                  inputs=inputs or {"model": model, "weights": weights}, progress=progress)

@@ -334,27 +334,35 @@ def _evaluate(model: FinetuneModel, dataset: ImageDataset, view: View, cfg: Fine
     return accuracy(logits, labels)
 
 
+#: Settings that do not change what a run computes: a run may resume with other values.
+RESUMABLE_WITH_OTHER = ("workers", "checkpoint_every")
+
+
 def _resume_point(out: Path, identity: dict) -> int:
     """The step to start from: 0 for a new run, else the checkpoint's (same config required)."""
     marker = out / "run.json"
+    checkpoint = out / CHECKPOINT
     if not marker.exists():
-        if (out / CHECKPOINT).exists():
+        if checkpoint.exists():
             raise PretrainReuseError(f"{str(out)!r} has a checkpoint but no run.json; pass a new --out")
         return 0
+    if not checkpoint.exists() and not (out / "result.json").exists():
+        return 0  # stopped before its first checkpoint (e.g. by a bad input): nothing to keep
     old = read_json(marker, "run marker")
     # An option added since the run began is missing from its run.json. Options are only added
     # with a default that keeps the earlier behaviour, so the default is what that run used.
     defaults = json.loads(to_json(FinetuneConfig().to_dict()))
     old_config = {**defaults, **old.get("config", {})}
-    if old_config != identity["config"] or old.get("inputs") != identity["inputs"]:
-        changed = sorted(k for k in identity["config"] if old_config.get(k) != identity["config"][k])
+    changed = sorted(k for k in identity["config"] if k not in RESUMABLE_WITH_OTHER
+                     and old_config.get(k) != identity["config"][k])
+    if changed or old.get("inputs") != identity["inputs"]:
         what = f"config ({', '.join(changed)})" if changed else "inputs"
         raise PretrainReuseError(
             f"{str(out)!r} holds a run with a different {what}; rerun with the same settings to "
             "resume, or pass a new --out")
-    if not (out / CHECKPOINT).exists():
+    if not checkpoint.exists():
         return 0
-    return int(load_state(out / CHECKPOINT)["step"])
+    return int(load_state(checkpoint)["step"])
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
