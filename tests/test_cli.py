@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from pretrain_reuse.artifacts import load
 from pretrain_reuse.cli import main
 from pretrain_reuse.data.synthetic import feature_world
 from pretrain_reuse.features import FeatureStore
+from pretrain_reuse.selection import Selection
 from pretrain_reuse.units import Units
 
 D = 16
@@ -468,6 +470,9 @@ USER_ERRORS = {
     "unknown method": (_sel("--k", "3", "--method", "uto"), ["'uto'", "did you mean 'uot'"]),
     "unknown metric": (_sel("--k", "3", "--metric", "cosin"), ["metric", "did you mean 'cosine'"]),
     "non-positive eps_c": (_sel("--k", "3", "--eps-c", "0"), ["eps_c", "positive"]),
+    "UOT beyond float32's range": (_sel("--k", "3", "--eps", "1e-10", "--dtype", "float32"),
+                                   ["broke down", "float32", "larger --eps", "--dtype float64"]),
+    "infinite tau_a": (_sel("--k", "3", "--tau-a", "inf"), ["tau_a=inf", "scores tie"]),
     "label method without ids": (_sel("--k", "3", "--method", "label"), ["--ids", "--names"]),
     "label id out of range": (_sel("--k", "1", "--method", "label", "--ids", "60"),
                               ["unit id 60", "out of range"]),
@@ -541,6 +546,19 @@ def test_user_errors_exit_2_with_one_line_and_write_nothing(capsys, data, case):
         assert needle.lower() in err.lower(), (needle, err)
     assert not data.out.exists()
     assert files_under(data.root) == before  # no output, no temporary file
+
+
+def test_a_hard_target_marginal_is_written_as_inf_and_read_back(capsys, data):
+    run_ok(capsys, *_sel("--k", "3", "--tau-b", "inf")(data))
+    sel = read_sel(data.out)
+    assert sel["params"]["tau_b"] == "inf" and float(sel["params"]["tau_b"]) == math.inf
+    assert Selection.load(data.out).selected == sel["selected"]
+
+
+def test_float32_stopped_by_rounding_is_not_converged_and_says_how_to_fix(capsys, data):
+    rc, _, err = cli(capsys, *_sel("--k", "3", "--eps", "1e-6", "--dtype", "float32")(data))
+    assert rc == 0 and read_sel(data.out)["meta"]["solver"]["converged"] is False
+    assert "did not converge" in err and "--dtype float64" in err and "--max-iter" not in err
 
 
 def test_user_error_in_a_subprocess_exits_2_with_one_stderr_line(data):

@@ -21,7 +21,12 @@ from scipy.spatial.distance import cdist
 from scipy.special import logsumexp
 
 from pretrain_reuse.errors import PretrainReuseError
-from pretrain_reuse.transport import cost_matrix, unbalanced_sinkhorn, unbalanced_sinkhorn_batched
+from pretrain_reuse.transport import (
+    MARGINAL_TOL,
+    cost_matrix,
+    unbalanced_sinkhorn,
+    unbalanced_sinkhorn_batched,
+)
 
 ot = pytest.importorskip("ot")
 
@@ -771,3 +776,16 @@ def test_invalid_parameters_raise_naming_the_parameter(kwargs, name):
 def test_non_positive_or_non_finite_weights_raise(a, b, name):
     with pytest.raises(PretrainReuseError, match=name):
         unbalanced_sinkhorn(a, b, np.ones((4, 3)))
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-10])
+def test_float32_potentials_stalled_by_rounding_are_not_converged(eps):
+    # At tiny eps the potentials stop moving at float32's rounding error while the optimality
+    # conditions are off by whole nats: that is not a solution (float64 keeps going instead).
+    rng = np.random.default_rng(0)
+    a, b, C = np.ones(50), np.full(5, 10.0), rng.random((50, 5))
+    res = unbalanced_sinkhorn(a, b, C, eps, 1.0, 100.0, dtype=torch.float32, max_iter=10_000)
+    assert res.n_iter < 100 and res.converged is False
+    assert max(res.marginal_error_a, res.marginal_error_b) > MARGINAL_TOL
+    ok = unbalanced_sinkhorn(a, b, C, 1e-2, 1.0, 100.0, dtype=torch.float32)
+    assert ok.converged and max(ok.marginal_error_a, ok.marginal_error_b) <= MARGINAL_TOL

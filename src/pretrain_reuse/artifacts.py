@@ -12,6 +12,7 @@ import datetime
 import errno
 import hashlib
 import json
+import math
 import os
 import secrets
 import stat
@@ -45,6 +46,8 @@ def _jsonable(x: Any) -> Any:
         return [_jsonable(v) for v in x]
     if isinstance(x, (np.integer,)):
         return int(x)
+    if isinstance(x, (float, np.floating)) and math.isinf(x):
+        return str(float(x))  # "inf" (e.g. a hard marginal, tau = inf): JSON has no infinity
     if isinstance(x, (np.floating,)):
         return float(x)
     if isinstance(x, Path):
@@ -128,7 +131,8 @@ def _create_temp(parent: Path, name: str) -> tuple[Path, int]:
 
 
 def to_json(obj: Any) -> str:
-    """JSON text of ``obj`` (numpy scalars and paths converted; NaN refused)."""
+    """JSON text of ``obj`` (numpy scalars and paths converted, infinities written as "inf"; NaN
+    refused)."""
     return json.dumps(_jsonable(obj), indent=1, allow_nan=False)
 
 

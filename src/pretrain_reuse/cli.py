@@ -177,8 +177,12 @@ def cmd_select(args) -> int:
     sel.save(args.out)
     solver = sel.meta["solver"]
     if solver.get("converged") is False:
-        print(f"warning: UOT did not converge in {solver['n_iter']} iterations; the ranking may be "
-              "unsettled (raise --max-iter or --tol)", file=sys.stderr)
+        fix = ("raise --max-iter or --tol" if solver["n_iter"] >= cfg.max_iter else
+               f"the potentials stopped moving at {cfg.dtype}'s rounding error: use a larger --eps"
+               + (" or --dtype float64" if cfg.dtype == "float32" else ""))
+        print(f"warning: UOT did not converge in {solver['n_iter']} iterations (optimality "
+              f"conditions off by {max(solver['marginal_error_a'], solver['marginal_error_b']):.3g} "
+              f"nats); the ranking may be unsettled ({fix})", file=sys.stderr)
     names = sel.unit_names
     head = [f"{u}" + (f" ({names[u]})" if names else "") for u in sel.selected[:5]]
     print(f"selected {len(sel.selected)} of {len(source)} source units with {cfg.method} -> "

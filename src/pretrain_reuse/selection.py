@@ -63,6 +63,10 @@ class SelectConfig:
         check_choice("dtype", self.dtype, ("float32", "float64"))
         for name in ("eps_c", "eps", "tau_a", "tau_b", "tol"):
             check_positive(name, getattr(self, name), allow_inf=name.startswith("tau"))
+        if self.tau_a == float("inf"):
+            raise PretrainReuseError(
+                "tau_a=inf holds every source unit's mass at its weight, so all UOT scores tie; "
+                "use a finite tau_a (the paper's 1.0)")
         if self.k is None and self.method != "label":
             raise PretrainReuseError(f"method {self.method!r} needs k, the number of units to select")
         if self.k is not None and not (_is_count(self.k) and self.k >= 1) and not (
@@ -202,6 +206,11 @@ def _score_uot(source: Units, targets: list[Units], cfg: SelectConfig):
                                       max_iter=cfg.max_iter, tol=cfg.tol)
     out = []
     for k in range(len(targets)):
+        if not (np.isfinite(float(res.objective[k])) and torch.isfinite(res.log_row_mass[k]).all()):
+            raise PretrainReuseError(
+                f"UOT broke down numerically in {cfg.dtype} at eps={cfg.eps:g} (optimality "
+                f"conditions off by {float(res.marginal_error_a[k]):.3g} nats); use a larger --eps"
+                + (" or --dtype float64" if cfg.dtype == "float32" else ""))
         diag = {"converged": bool(res.converged[k]), "n_iter": res.n_iter,
                 "objective": float(res.objective[k]),
                 "marginal_error_a": float(res.marginal_error_a[k]),
