@@ -358,6 +358,18 @@ def test_selection_top_takes_a_count_or_a_sample_fraction_of_the_ranking():
         sel.top(7)
 
 
+@pytest.mark.parametrize("selected, needle", [([1, 6], "names unit 6, outside the 6 units"),
+                                               ([-1], "names unit -1"),
+                                               ([1, 4, 1], "names a unit twice")])
+def test_an_edited_selection_naming_units_it_does_not_rank_is_refused(tmp_path, selected, needle):
+    path = _selection().save(tmp_path / "sel.json")
+    obj = json.loads(path.read_text())
+    obj["selected"] = selected
+    path.write_text(json.dumps(obj))
+    with pytest.raises(PretrainReuseError, match=needle):
+        Selection.load(path)
+
+
 def test_selection_top_fraction_is_not_inflated_by_floating_point_rounding():
     sel = Selection(selected=[0], scores=-np.arange(100.0), params={},
                     counts=np.ones(100, dtype=np.int64))

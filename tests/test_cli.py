@@ -7,6 +7,7 @@ Most tests call :func:`pretrain_reuse.cli.main` in-process (fast); a few run
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import math
@@ -559,6 +560,18 @@ def test_float32_stopped_by_rounding_is_not_converged_and_says_how_to_fix(capsys
     rc, _, err = cli(capsys, *_sel("--k", "3", "--eps", "1e-6", "--dtype", "float32")(data))
     assert rc == 0 and read_sel(data.out)["meta"]["solver"]["converged"] is False
     assert "did not converge" in err and "--dtype float64" in err and "--max-iter" not in err
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(capsys, data, monkeypatch):
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    before = files_under(data.root)
+    rc, _, err = cli(capsys, *_sel("--k", "3")(data))
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "No space left on device; free disk space" in err
+    assert files_under(data.root) == before
 
 
 def test_user_error_in_a_subprocess_exits_2_with_one_stderr_line(data):

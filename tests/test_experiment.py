@@ -230,3 +230,18 @@ def test_knowledge_recipe_compares_pretrainings_and_correlates_with_accuracy(qui
     assert corr["spearman"] == pytest.approx(spearmanr(ratio_means, extra["accuracy"])[0])
     assert main(["report", str(out)]) == 0
     assert "Knowledge ratios against test accuracy" in (out / "report.html").read_text()
+
+
+def test_a_skip_naming_no_row_is_refused_and_rows_of_other_recipes_are_not(tmp_path):
+    from pretrain_reuse.errors import PretrainReuseError
+
+    cfg = load_experiment_config(None, model="m", source="s", target="t", skip=("co-tunning",))
+    with pytest.raises(PretrainReuseError, match="skip names 'co-tunning', which no experiment has"):
+        run_experiment("table1", cfg, tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists()
+    # table2 has no co-tuning row, but a config shared with table1 may skip it: it gets past the
+    # check (and stops later, at the model 'm' that does not exist)
+    shared = load_experiment_config(None, model="m", source="s", target="t", skip=("co-tuning",))
+    with pytest.raises(PretrainReuseError) as err:
+        run_experiment("table2", shared, tmp_path / "y", progress=False)
+    assert "skip" not in str(err.value)

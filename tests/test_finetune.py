@@ -817,6 +817,9 @@ def test_yaml_config_with_flag_overrides_is_saved_with_the_run(files, tmp_path, 
     (["--weight-decay", "nan"], "weight_decay"),
     (["--workers", "-1"], "workers"),
     (["--warmup-steps", "-1"], "warmup_steps"),
+    (["--source", "SOURCE", "--selection", "BADSEL"], "--source, --selection would be ignored"),
+    (["--grid", "lr=0.1", "--grid", "lr=0.2"], "names 'lr' twice"),
+    (["--grid", "lr=0.1,0.1"], "repeats a value"),
 ])
 def test_bad_arguments_exit_2_with_one_line(files, tmp_path, capsys, extra, needle):
     bad_sel = tmp_path / "bad_sel.json"
@@ -1205,3 +1208,34 @@ def test_joint_features_mixed_is_one_pass_and_target_keeps_target_statistics():
     torch.testing.assert_close(torch.cat([z1, z2]), sources_alone.features(torch.cat([s1, s2])))
     key = "backbone.body.blocks.1.running_mean"  # and they differ from the sources' statistics
     assert not torch.allclose(_bn_state(model)[key], _bn_state(sources_alone)[key])
+
+
+def _list_file(tmp_path, labels) -> Path:
+    """A list file of ``path,label`` lines over small real images, one per label."""
+    write_images(tmp_path / "imgs", len(labels), 0, seed=600)
+    paths = sorted((tmp_path / "imgs").iterdir())
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{p},{y}\n" for p, y in zip(paths, labels, strict=True)))
+    return listing
+
+
+@pytest.mark.parametrize("labels, needle", [
+    ([0] * 8, "one class only"),
+    ([0, 1] * 4 + [10**12], "go up to 1000000000000"),
+])
+def test_a_target_of_one_class_or_of_absurd_labels_is_refused(tmp_path, capsys, labels, needle):
+    listing = _list_file(tmp_path, labels)
+    rc, _, err = cli(capsys, "finetune", "--model", "smallcnn-s", "--target", listing,
+                     "--target-test", listing, "--batch-size", "2", "--epochs", "1", "--quiet",
+                     "--out", tmp_path / "run")
+    assert_one_line_error(rc, err, needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_classes_without_a_training_image_are_noted(tmp_path, capsys):
+    listing = _list_file(tmp_path, [0, 3] * 5)
+    rc, _, err = cli(capsys, "finetune", "--model", "smallcnn-s", "--target", listing,
+                     "--target-test", listing, "--batch-size", "4", "--max-steps", "1",
+                     "--out", tmp_path / "run")
+    assert rc == 0, err
+    assert "note: 2 of 4 classes have no training image (label 1, label 2)" in err

@@ -1,12 +1,13 @@
 """The ``pretrain-reuse`` command: parse flags, call one library function per verb, print.
 
-User errors (:class:`PretrainReuseError`, bad flags) print one line and exit with status 2;
-anything else is a bug and keeps its traceback.
+User errors (:class:`PretrainReuseError`, bad flags) and a full or read-only disk print one line
+and exit with status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -687,6 +688,10 @@ def _finish_distributed() -> None:
         dist.destroy_process_group()
 
 
+#: A full or read-only disk, or a folder the user may not write: the user's to fix, not a bug.
+_STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -703,6 +708,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head`: not an error
         sys.stderr.close()
         return 0
+    except OSError as e:
+        if e.errno not in _STORAGE_ERRORS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"pretrain-reuse: error: {e.strerror}{where}; free disk space or fix the "
+              "permissions (or choose another --out), then rerun the same command", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("pretrain-reuse: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -32,6 +32,7 @@ sample standard deviation over seeds) next to the test top-1 at the best validat
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import re
@@ -589,11 +590,27 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def _row_names(cfg: ExperimentConfig) -> set[str]:
+    """The row names of every recipe this config can run: one config may serve several recipes,
+    so its ``skip`` may name rows of the others."""
+    names = set()
+    for build_rows, _, _ in RECIPES.values():
+        with contextlib.suppress(PretrainReuseError):  # a recipe this config cannot run
+            names.update(r.method for r in build_rows(cfg))
+    return names
+
+
 def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
                    progress: bool = True) -> ExperimentTable:
     """Run (or resume) recipe ``name`` into folder ``out`` and write its table."""
     build_rows, x_label, _ = RECIPES[check_choice("experiment", name, RECIPES)]
-    rows = [r for r in build_rows(cfg) if r.method not in cfg.skip]
+    rows = build_rows(cfg)
+    unknown = sorted(set(cfg.skip) - _row_names(cfg))
+    if unknown:
+        raise PretrainReuseError(
+            f"skip names {unknown[0]!r}, which no experiment has; the rows of {name} are: "
+            f"{', '.join(dict.fromkeys(r.method for r in rows))}")
+    rows = [r for r in rows if r.method not in cfg.skip]
     out = Path(out)
     _claim(out, name, cfg)
     ws = _Workspace(cfg, out, progress)

@@ -104,6 +104,15 @@ class Selection:
     unit_names: list[str] | None = None
     counts: np.ndarray | None = None
 
+    def __post_init__(self):
+        n = len(self.scores)
+        outside = [u for u in self.selected if not 0 <= u < n]
+        if outside or len(set(self.selected)) < len(self.selected):
+            raise PretrainReuseError(
+                "the selection " + (f"names unit {outside[0]}, outside the {n} units it ranks"
+                                    if outside else "names a unit twice")
+                + "; a selection file that says so was edited or is corrupt: run select again")
+
     def ranking(self) -> np.ndarray:
         """All source units, most similar first (ties broken by unit id)."""
         return np.argsort(-self.scores, kind="stable")

@@ -7,6 +7,7 @@ the loop itself, for users who build their own model and datasets.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,12 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
     """
     if cfg.uses_source and (source is None or selection is None):
         raise PretrainReuseError(f"mode {cfg.mode!r} needs --source DATA and --selection sel.json")
+    given = [flag for flag, value in (("--source", source), ("--selection", selection),
+                                      ("--units", units)) if value is not None]
+    if given and not cfg.uses_source:
+        raise PretrainReuseError(
+            f"mode {cfg.mode!r} reuses no pre-training data, so {', '.join(given)} would be "
+            "ignored; pass --mode reuse or reuse-unlabeled, or drop them")
     if target_test is None and str(target) not in DATASETS:
         raise PretrainReuseError("pass --target-test with the test data (folder or list file)")
 
@@ -125,12 +132,12 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
         if cfg.mode == "scratch":
             reinitialize(backbone, cfg.seed)
     resize = resize_transform(_resize_side(backbone.spec))
+    num_classes = _check_classes(train_pool, progress)
     train_set, val_set, split = target_splits(cfg, train_pool)
     check_batch_size(len(train_set), cfg.batch_size)  # before anything is written
     test_set = test_set.subset(range(len(test_set)))
     for d in (train_set, val_set, test_set):  # views of the caller's data, safe to configure
         d.transform = resize
-    num_classes = len(train_pool.class_names or []) or int(train_pool.labels.max()) + 1
     _check_same_classes(train_pool, test_set, num_classes)
 
     source_data: SourceData | None = None
@@ -155,6 +162,37 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
     write_json(out / "split.json", split)
     return train(cfg, net, train_set, val_set, test_set, source_data, out,
                  inputs=inputs or {"model": model, "weights": weights}, progress=progress)
+
+
+def _check_classes(train_pool: ImageDataset, progress: bool) -> int:
+    """The number of target classes (the head's outputs): the class names, else the largest
+    label + 1. A task of one class, or labels far beyond the number of images (most classes
+    would be empty; a head of 10^12 outputs would not fit in memory), is refused; classes
+    without a training image are noted, as their outputs are never trained."""
+    labels = train_pool.labels
+    if labels is None or len(labels) == 0:
+        raise PretrainReuseError("the target training data is empty or unlabelled; fine-tuning "
+                                 "needs labelled images (--target)")
+    num_classes = len(train_pool.class_names or []) or int(labels.max()) + 1
+    if num_classes > len(train_pool):
+        raise PretrainReuseError(
+            f"the training labels go up to {num_classes - 1}, but there are {len(train_pool)} "
+            "images: most classes would have none; number the classes 0..C-1")
+    present = np.unique(labels)  # the splits and subsamples keep an image of every class
+    if len(present) < 2:
+        raise PretrainReuseError(
+            f"the training data holds one class only ({_class_name(train_pool, int(present[0]))}); "
+            "fine-tuning a classifier needs at least two")
+    missing = np.setdiff1d(np.arange(num_classes), present)
+    if len(missing) and progress:
+        names = [_class_name(train_pool, int(c)) for c in missing]
+        print(f"note: {len(missing)} of {num_classes} classes have no training image "
+              f"({_preview(names)}); their outputs are never trained", file=sys.stderr)
+    return num_classes
+
+
+def _class_name(data: ImageDataset, label: int) -> str:
+    return data.class_names[label] if data.class_names else f"label {label}"
 
 
 def _check_same_classes(train_pool: ImageDataset, test_set: ImageDataset, num_classes: int) -> None:

@@ -163,6 +163,13 @@ class SourceData:
     num_classes: int
 
 
+def _check_selection(selection: Selection, n: int, pool: str, fix: str) -> None:
+    """The selection must rank the ``n`` units of the pool (``pool`` says what they are)."""
+    ranked = len(selection.scores)  # one score per unit the selection ranked
+    if ranked != n:
+        raise PretrainReuseError(f"the selection ranks {ranked} units, but {pool.format(n=n)}; {fix}")
+
+
 def selected_source(pool: ImageDataset, selection: Selection, units: Units | None, *,
                     source_head: str) -> SourceData:
     """The pool samples of the selected units (Liu et al.: *all* images of the selected units).
@@ -172,12 +179,9 @@ def selected_source(pool: ImageDataset, selection: Selection, units: Units | Non
     were built from.
     """
     selected = np.asarray(selection.selected, dtype=np.int64)
-    ranked = len(selection.scores)  # one score per unit the selection ranked
     if units is not None and units.kind == "cluster":
-        if ranked != len(units) or ((selected < 0) | (selected >= len(units))).any():
-            raise PretrainReuseError(
-                f"the selection ranks {ranked} units, but the units file has {len(units)}; pass "
-                "the units file the selection was made from")
+        _check_selection(selection, len(units), "the units file has {n}",
+                         "pass the units file the selection was made from")
         position = {sid: i for i, sid in enumerate(pool.ids)}
         chosen_ids = [units.sample_ids[i] for i in np.flatnonzero(np.isin(units.assignment, selected))]
         missing = [s for s in chosen_ids if s not in position]
@@ -194,11 +198,9 @@ def selected_source(pool: ImageDataset, selection: Selection, units: Units | Non
             "the pre-training data has no labels, so class units cannot be selected from it; "
             "build cluster units (`units --method kmeans`) and pass them with --units")
     n_classes = len(pool.class_names) if pool.class_names else int(pool.labels.max()) + 1
-    if ranked != n_classes or ((selected < 0) | (selected >= n_classes)).any():
-        raise PretrainReuseError(
-            f"the selection ranks {ranked} units, but the pre-training data has {n_classes} "
-            "classes; select over this data's class means, or pass --units for a selection of "
-            "k-means clusters")
+    _check_selection(selection, n_classes, "the pre-training data has {n} classes",
+                     "select over this data's class means, or pass --units for a selection of "
+                     "k-means clusters")
     names = selection.unit_names
     if names and pool.class_names and list(names) != list(pool.class_names):
         i = next(i for i, (a, b) in enumerate(zip(names, pool.class_names, strict=True)) if a != b)

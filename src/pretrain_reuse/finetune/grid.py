@@ -31,6 +31,9 @@ def parse_grid(specs: list[str]) -> dict[str, list[Any]]:
         if not sep or not values.strip():
             raise PretrainReuseError(f"--grid {spec!r}: write FIELD=V1,V2 (e.g. lr=0.001,0.01)")
         check_choice("--grid field", name, types)
+        if name in grid:
+            raise PretrainReuseError(f"--grid names {name!r} twice; list all its values in one "
+                                     f"--grid {name}=V1,V2")
         cast = {"int": int, "float": float, "str": str}.get(str(types[name]).replace(" | None", ""))
         if cast is None:
             raise PretrainReuseError(f"--grid cannot vary {name!r}; vary a number or a string field")
@@ -38,6 +41,8 @@ def parse_grid(specs: list[str]) -> dict[str, list[Any]]:
             grid[name] = [cast(v.strip()) for v in values.split(",")]
         except ValueError:
             raise PretrainReuseError(f"--grid {spec!r}: the values must be of type {cast.__name__}") from None
+        if len(set(grid[name])) < len(grid[name]):
+            raise PretrainReuseError(f"--grid {spec!r} repeats a value; each would be run twice")
     return grid
 
 
