@@ -440,6 +440,10 @@ def _write_bad_inputs(d) -> None:
     (inp / "trunc.npy").write_bytes(raw[: len(raw) // 2])
     np.save(inp / "short_labels.npy", d.src_labels[:-1])
     (inp / "few_names.txt").write_text("a\nb\n")
+    zero_row = d.S.copy()
+    zero_row[4] = 0.0
+    np.save(inp / "zero_row.npy", zero_row)
+    np.save(inp / "no_columns.npy", np.ones((N_SRC, 0)))
 
 
 def _sel(*extra, source="S.npy", target="T.npy"):
@@ -463,6 +467,11 @@ USER_ERRORS = {
     "NaN row in source prototypes": (_sel("--k", "3", source="nan.npy"), ["nan", "row 3"]),
     "NaN row in source samples": (_sel("--k", "3", "--source-labels", "src_labels.npy",
                                        source="nan_feats.npy"), ["nan", "row 11"]),
+    "all-zero unit with cosine": (_sel("--k", "3", source="zero_row.npy"),
+                                  ["source unit 4", "all-zero", "metric l2"]),
+    "all-zero unit with cosine greedy-ot": (_sel("--k", "3", "--method", "greedy-ot",
+                                                 source="zero_row.npy"), ["source unit 4"]),
+    "no feature columns": (_sel("--k", "3", source="no_columns.npy"), ["no columns"]),
     "k above unit count": (_sel("--k", "61"), ["k=61", "60 source units"]),
     "k zero": (_sel("--k", "0"), ["k=0"]),
     "k not a whole number": (_sel("--k", "2.5"), ["k=2.5"]),

@@ -190,6 +190,7 @@ def _embed_shard(k: int, data: ImageDataset, backbone, cfg: EmbedConfig, device:
                 memory_format=torch.channels_last)
             with autocast:
                 feats.append(backbone.features(x).float().cpu())
+            _check_finite(feats[-1], batch.indices, data, use_bf16)
             idx.append(batch.indices)
         bar.update(len(batch.indices) + len(batch.skipped))
     index = torch.cat(idx).numpy() if idx else np.zeros(0, np.int64)
@@ -203,6 +204,18 @@ def _embed_shard(k: int, data: ImageDataset, backbone, cfg: EmbedConfig, device:
         tensors["labels"] = data.labels[index].astype(np.int64)
     with atomic_path(_shard_path(parts, k)) as tmp:
         save_file(tensors, str(tmp))
+
+
+def _check_finite(features: torch.Tensor, indices: torch.Tensor, data: ImageDataset,
+                  use_bf16: bool) -> None:
+    """NaN/inf features would poison every later step (class means, k-means, selection)."""
+    bad = (~torch.isfinite(features)).any(dim=1).nonzero()
+    if len(bad):
+        image = data.ids[int(indices[int(bad[0])])]
+        raise PretrainReuseError(
+            f"the backbone gave NaN/inf features (first for image {image!r}); check the weights "
+            "for NaN/inf parameters" + (", or embed with --precision fp32 (bf16 overflows)"
+                                        if use_bf16 else ""))
 
 
 def _write_index(out: Path, parts: Path, n_shards: int, dataset: ImageDataset, backbone,

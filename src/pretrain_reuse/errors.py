@@ -47,6 +47,9 @@ def check_matrix(name: str, x: np.ndarray, *, ndim: int = 2, finite: bool = True
         )
     if x.shape[0] == 0:
         raise PretrainReuseError(f"{name} is empty (shape {tuple(x.shape)}); pass at least one row")
+    if ndim == 2 and x.shape[1] == 0:
+        raise PretrainReuseError(f"{name} has no columns (shape {tuple(x.shape)}); pass at least "
+                                 "one feature per row")
     if finite:
         bad = ~np.isfinite(np.asarray(x))
         if bad.any():

@@ -43,6 +43,12 @@ __all__ = [
 
 
 def _cosine_distance(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    for name, x in (("source", source), ("target", target)):
+        zero = (x.norm(dim=-1) == 0).nonzero()
+        if len(zero):  # normalize() would map it to 0: equally far from everything, silently
+            raise PretrainReuseError(
+                f"{name} unit {int(zero[0, -1])} is an all-zero vector, which has no cosine "
+                "distance; drop it or use metric l2")
     s = torch.nn.functional.normalize(source, dim=-1)
     t = torch.nn.functional.normalize(target, dim=-1)
     return (1.0 - s @ t.transpose(-1, -2)).clamp_(min=0.0)
