@@ -395,3 +395,131 @@ def test_the_counterfactual_check_reports_the_rank_correlation(tmp_path, capsys)
     assert cf["n_sets"] == len(preserved) > 2
     assert cf["prediction_spearman"] == pytest.approx(stats.spearmanr(predicted, measured)[0])
     assert cf["prediction_pearson"] == pytest.approx(stats.pearsonr(predicted, measured)[0])
+
+
+def _someone_elses_folder(folder):
+    """A folder with files named like the outputs a rerun of explain or knowledge replaces
+    (interactions-*, salient.png; checkpoint-*, preserved.png) and the bytes of every file."""
+    (folder / "checkpoint-notes").mkdir(parents=True)
+    for name in ("salient.png", "interactions-draft.safetensors", "preserved.png",
+                 "checkpoint-notes/a.txt", "notes.txt"):
+        (folder / name).write_text(f"my {name}")
+    return _contents(folder)
+
+
+def _contents(folder):
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _explain_argv(model):
+    return ["explain", "--model", "smallcnn-s", "--weights", model, "--data", "synthetic:target",
+            "--players", "grid:2x2", "--samples", 2, "--quiet"]
+
+
+def test_explain_refuses_a_folder_of_someone_elses_and_leaves_it_as_it_was(tmp_path, capsys):
+    model = _classifier(tmp_path / "m.safetensors", 10)
+    before = _someone_elses_folder(tmp_path / "mine")
+    rc, _, err = _run(capsys, *_explain_argv(model), "--out", tmp_path / "mine")
+    assert rc == 2 and err.count("\n") == 1
+    assert "is not empty and not an explanation run; pass a new or empty folder" in err
+    assert _contents(tmp_path / "mine") == before
+    # its own folder is its to rewrite: a smaller rerun leaves only its own outputs
+    assert _run(capsys, *_explain_argv(model), "--out", tmp_path / "x")[0] == 0
+    assert _run(capsys, *_explain_argv(model), "--samples", 1, "--out", tmp_path / "x")[0] == 0
+    assert len(_interactions(tmp_path / "x")) == 1
+
+
+def test_knowledge_refuses_a_folder_of_someone_elses_and_resumes_its_own(tmp_path, capsys):
+    model = _classifier(tmp_path / "m.safetensors", 10)
+    knowledge = ["knowledge", "--model", "smallcnn-s", "--pretrained", model, "--finetuned", model,
+                 "--data", "synthetic:target", "--players", "grid:2x2", "--samples", 2, "--quiet"]
+    before = _someone_elses_folder(tmp_path / "mine")
+    rc, _, err = _run(capsys, *knowledge, "--out", tmp_path / "mine")
+    assert rc == 2 and err.count("\n") == 1
+    assert "is not empty and not a knowledge analysis; pass a new or empty folder" in err
+    assert _contents(tmp_path / "mine") == before
+    # an explain folder is not a knowledge analysis, and the other way round
+    assert _run(capsys, *_explain_argv(model), "--out", tmp_path / "x")[0] == 0
+    assert "not a knowledge analysis" in _run(capsys, *knowledge, "--out", tmp_path / "x")[2]
+    # a run stopped before knowledge.json holds only the models' folders: a rerun resumes it
+    assert _run(capsys, *_explain_argv(model), "--out", tmp_path / "k" / "pretrained")[0] == 0
+    assert _run(capsys, *knowledge, "--out", tmp_path / "k")[0] == 0
+    assert (tmp_path / "k" / "knowledge.json").exists()
+    assert "not an explanation run" in _run(capsys, *_explain_argv(model), "--out", tmp_path / "k")[2]
+
+
+def test_a_corrupt_cached_game_is_computed_again(tmp_path, capsys):
+    # the game cache is a cache: a truncated file, random bytes, or an array of another shape
+    # or dtype is recomputed and written over, and the rerun equals the first run
+    model = _classifier(tmp_path / "m.safetensors", 10)
+    argv = ["explain", "--model", "smallcnn-s", "--weights", model, "--data", "synthetic:target",
+            "--players", "grid:2x2", "--samples", 4, "--quiet", "--out", tmp_path / "x"]
+    assert _run(capsys, *argv)[0] == 0
+    first = _interactions(tmp_path / "x")
+    games = sorted((tmp_path / "x" / "games").glob("*.npy"))
+    assert len(games) == 4
+    games[0].write_bytes(games[0].read_bytes()[:100])
+    games[1].write_bytes(np.random.default_rng(0).bytes(300))
+    np.save(games[2], np.zeros(3))
+    np.save(games[3], np.load(games[3]).astype(np.float32))
+    rc, _, err = _run(capsys, *argv)
+    assert rc == 0, err
+    for x, y in zip(first, _interactions(tmp_path / "x"), strict=True):
+        np.testing.assert_array_equal(x.v, y.v)
+    by_name = {x.info["game"]: x.v for x in first}
+    for path in games:
+        stored = np.load(path, allow_pickle=False)
+        np.testing.assert_array_equal(stored, by_name[path.stem.split("-")[1]])
+        assert stored.dtype == np.float64
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--decomposition", "and-or", "--qthres", "-1"], "qthres=-1.0 must be a finite number >= 0"),
+    (["--decomposition", "and-or", "--qthres", "nan"], "qthres=nan"),
+    # the world's parts are all 9 slots: n would be ignored
+    (["--players", "parts", "--n", "4"], "n=4 does not apply to players='parts'"),
+])
+def test_settings_that_cannot_apply_are_refused_before_any_game(tmp_path, capsys, argv, needle):
+    weights = _classifier(tmp_path / "m.safetensors", 10)
+    rc, _, err = _run(capsys, "explain", "--model", "smallcnn-s", "--weights", weights, "--data",
+                      "synthetic:target", "--players", "grid:2x2", "--samples", 1, "--quiet",
+                      "--out", tmp_path / "x", *argv)
+    assert rc == 2 and err.count("\n") == 1 and needle in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_model_with_nan_outputs_is_refused_naming_the_sample(tmp_path, capsys):
+    # NaN weights give NaN games: refused at the first sample, and no NaN game is cached
+    torch.manual_seed(0)
+    net = create_backbone("smallcnn-s", num_classes=10)
+    with torch.no_grad():
+        net.head.weight.fill_(float("nan"))
+    save_backbone(net, tmp_path / "nan.safetensors", {})
+    rc, _, err = _run(capsys, "explain", "--model", "smallcnn-s", "--weights",
+                      tmp_path / "nan.safetensors", "--data", "synthetic:target", "--players",
+                      "grid:2x2", "--samples", 2, "--quiet", "--out", tmp_path / "x")
+    assert rc == 2 and err.count("\n") == 1
+    assert "its output on sample 'target-0/" in err and "is NaN or infinite for 16 of the 16" in err
+    assert not list((tmp_path / "x" / "games").glob("*.npy"))
+
+
+def test_games_without_any_effect_give_undefined_entries_not_a_crash(tmp_path):
+    # a constant model: v(N) = v(∅) on every sample, so the normalised faithfulness errors and
+    # the knowledge ratios are undefined; knowledge.json says so (None, and how many samples)
+    from pretrain_reuse.knowledge.analysis import analyze_knowledge
+    from pretrain_reuse.knowledge.explain import ExplainConfig
+
+    net = create_backbone("smallcnn-s", num_classes=10)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+    data = open_dataset("synthetic:target", split="test")
+    summary = analyze_knowledge({"pretrained": net, "finetuned": net}, data,
+                                ExplainConfig(players="grid:2x2", samples=2), tmp_path / "k",
+                                progress=False)
+    faith = summary["faithfulness"]["finetuned"]
+    assert faith["max"] is None and faith["max_over_samples"] is None and faith["undefined"] == 2
+    assert summary["report"]["overall"]["preserve"]["mean"] is None
+    assert json.loads((tmp_path / "k" / "knowledge.json").read_text())["faithfulness"] == \
+        summary["faithfulness"]
+    assert (tmp_path / "k" / "ratios.png").exists()

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..artifacts import make_meta, write_json
+from ..artifacts import make_meta, make_run_folder, write_json
 from ..data.datasets import ImageDataset
 from ..data.text import TextDataset
 from ..embed import preprocessed
@@ -119,8 +119,10 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
                       progress: bool = True) -> dict[str, Any]:
     """Run the analysis into ``out`` and return (and write ``knowledge.json``) its summary.
 
-    The outputs of an earlier run into ``out`` that this run does not rewrite (the folder of a
-    scratch model or of checkpoints no longer given, their figures) are deleted.
+    ``out`` must be new, empty or the folder of an earlier analysis (it holds ``knowledge.json``,
+    or only the models' folders of a run stopped before writing it); there the outputs of the
+    earlier run that this run does not rewrite (the folder of a scratch model or of checkpoints no
+    longer given, their figures) are deleted.
 
     Args:
         models: ``{"pretrained": ..., "finetuned": ..., "scratch": ...}`` (scratch optional), each
@@ -152,6 +154,8 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
         raise PretrainReuseError("no sample is classified correctly by every model; check that "
                                  "the models were trained on this data")
     indices = choose_samples(dataset, cfg.samples, cfg.seed, keep=correct)
+    folders = [*models, *(_checkpoint_folder(t) for t in range(len(checkpoints or [])))]
+    make_run_folder(out, "a knowledge analysis", "knowledge.json", early=tuple(folders))
     explained = {role: explain(m, dataset, indices, cfg, out / role, role=role, progress=progress)
                  for role, m in models.items()}
     if cfg.decomposition == "joint-and-or":
@@ -173,8 +177,8 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     inputs = {"data": dataset.source,
               "models": {role: _model_inputs(xs[0]) for role, xs in explained.items()}}
     if checkpoints:
-        curves = [explain(m, dataset, indices, cfg, out / f"checkpoint-{t:03d}", role=f"checkpoint {t}",
-                          progress=progress) for t, m in enumerate(checkpoints)]
+        curves = [explain(m, dataset, indices, cfg, out / _checkpoint_folder(t),
+                          role=f"checkpoint {t}", progress=progress) for t, m in enumerate(checkpoints)]
         inputs["checkpoints"] = [_model_inputs(xs[0]) for xs in curves]
         summary["convergence"] = {**knowledge_convergence(curves, tau=tau, match=match).to_dict(),
                                   "checkpoints": inputs["checkpoints"]}
@@ -184,8 +188,7 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     if checkpoints:
         summary["meta"]["checkpoint_decomposition"] = curves[0][0].kind
     write_json(out / "knowledge.json", summary)
-    written = [out / role for role in explained] + save_knowledge_plots(summary, out)
-    written += [out / f"checkpoint-{t:03d}" for t in range(len(checkpoints or []))]
+    written = [out / name for name in folders] + save_knowledge_plots(summary, out)
     if cfg.players != "tokens":  # the fine-tuned model's preserved knowledge over the images
         shown = explained["finetuned"][:SHOWN]
         written.append(save_png(salient_figure(
@@ -193,6 +196,11 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
             among=explained["pretrained"][:SHOWN]), out / "preserved.png"))
     _remove_stale(out, [*ROLES, "checkpoint-*", "convergence.png", "preserved.png"], written)
     return summary
+
+
+def _checkpoint_folder(t: int) -> str:
+    """The folder of the ``t``-th checkpoint's explanations."""
+    return f"checkpoint-{t:03d}"
 
 
 def _model_inputs(x: Interactions) -> dict[str, Any]:
@@ -225,11 +233,20 @@ def _joint(explained: dict[str, list[Interactions]], qthres: float,
     return result
 
 
-def _faithfulness(xs: list[Interactions], tau: float) -> dict[str, float]:
+def _faithfulness(xs: list[Interactions], tau: float) -> dict[str, float | int | None]:
+    """Each entry of :meth:`~.values.Interactions.faithfulness_error` averaged over the samples,
+    and the worst sample's ``max``. A sample with v(N) = v(∅) (e.g. a blank image under the
+    mean-colour baseline) has no effect to reproduce and so no normalised error: it is left out
+    (``undefined`` counts those samples), and an entry no sample defines is None."""
     errors = [x.faithfulness_error(tau) for x in xs]
-    keys = errors[0].keys()
-    return {k: float(np.mean([e[k] for e in errors])) for k in keys} | {
-        "max_over_samples": float(max(e.get("max", 0.0) for e in errors))}
+
+    def defined(key: str) -> list[float]:
+        return [e[key] for e in errors if not np.isnan(e[key])]
+
+    out = {k: float(np.mean(defined(k))) if defined(k) else None for k in errors[0]}
+    worst = defined("max")
+    return out | {"max_over_samples": float(max(worst)) if worst else None,
+                  "undefined": len(errors) - len(worst)}
 
 
 def _strength_by_order(xs: list[Interactions]) -> list[float]:

@@ -10,9 +10,11 @@ Harsanyi interactions) or AND-OR decomposition, batched over samples. Games are 
 output folder, so an interrupted run resumes where it stopped. A cached game is named by a hash
 of everything that determines it (the model's parameters and buffers, the preprocessed input, the
 players, the label, the baseline and its options, the output), so a rerun with other settings or
-another model computes its own games instead of reusing another run's (the cache keeps both).
-The outputs of an earlier run into the same folder that this run does not rewrite (the
-interactions of samples beyond ``samples``, ``salient.png``) are deleted.
+another model computes its own games instead of reusing another run's (the cache keeps both); a
+cached game that cannot be read (a truncated or foreign file) is computed again. The folder is
+marked as explain's by ``explain.json``, written before anything else: only a new or empty folder
+or one so marked is written to, and there the outputs of an earlier run that this run does not
+rewrite (the interactions of samples beyond ``samples``, ``salient.png``) are deleted.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from ..artifacts import atomic_path, hash_array, hash_file, make_folder, make_meta
+from ..artifacts import atomic_path, hash_array, hash_file, make_meta, make_run_folder, write_json
 from ..data.datasets import ImageDataset
 from ..data.text import TextDataset
 from ..embed import preprocessed
@@ -49,7 +51,7 @@ from .games import (
     resize_players,
 )
 from .plots import salient_figure, save_png
-from .sparsify import and_interactions, and_or_interactions
+from .sparsify import and_interactions, and_or_interactions, check_qthres
 from .text import (
     TEXT_BASELINES,
     TokenPlayers,
@@ -72,6 +74,9 @@ MAX_EXPLAIN_PLAYERS = 20
 _ARRAYS_PER_SAMPLE = {"and": 8, "and-or": 16, "joint-and-or": 16}
 #: Token players per sentence when ``n`` is not given (Chen et al., ICLR 2024).
 TEXT_PLAYERS = 10
+#: The file marking a folder as explain's output: only such a folder (or a new or empty one) is
+#: written to, since a rerun deletes the earlier run's outputs that it does not rewrite.
+MARKER = "explain.json"
 
 
 class SampleGame(NamedTuple):
@@ -141,6 +146,10 @@ class ExplainConfig:
         if not (tokens or self.players == "parts" or re.fullmatch(r"grid:\d+x\d+", self.players)):
             raise PretrainReuseError(
                 f"players={self.players!r}: use grid:RxC (e.g. grid:4x4), parts or tokens")
+        if self.players == "parts" and self.n is not None:  # the parts are the world's 9 slots
+            raise PretrainReuseError(
+                f"n={self.n} does not apply to players='parts' (every slot of the scene is a "
+                "player); leave n out, or draw n cells of a grid (players='grid:RxC')")
         text_only = {"negations": self.negations, "min_tokens": self.min_tokens,
                      "max_position": self.max_position}
         for name, value in text_only.items():
@@ -166,6 +175,8 @@ class ExplainConfig:
                 f"; explain 1..{MAX_EXPLAIN_PLAYERS} players (--n N draws N cells of a grid)")
         check_choice("output", self.output, OUTPUTS)
         check_choice("decomposition", self.decomposition, DECOMPOSITIONS)
+        if self.qthres is not None:  # before any game is computed
+            check_qthres(self.qthres)
         check_device(self.device)
         if self.samples < 1 or self.batch_size < 1:
             raise PretrainReuseError(
@@ -279,7 +290,9 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
     model = model.to(device).eval()
     folder = Path(out) if out is not None else None
     if folder is not None:
-        make_folder(folder, "explanations")
+        marker = make_run_folder(folder, "an explanation run", MARKER)
+        if not marker.exists():
+            write_json(marker, {"kind": "explanations"})
         (folder / "games").mkdir(exist_ok=True)
     setup = (_text_samples(model, dataset, cfg, device) if cfg.players == "tokens"
              else _image_samples(model, dataset, indices, cfg, device))
@@ -294,10 +307,10 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
         game = _digest({"model": identity["state"], "sample": sample.key, "label": label,
                         "baseline": _baseline_options(cfg), "output": cfg.output})
         cache = None if folder is None else folder / "games" / f"{i:07d}-{game}.npy"
-        if cache is not None and cache.exists():
-            v = np.load(cache)
-        else:
+        v = None if cache is None else _cached_game(cache, sample.players["n"])
+        if v is None:
             v = sample.compute(label)
+            _check_finite(v, role, model, dataset.ids[i])
             if cache is not None:
                 with atomic_path(cache) as tmp, open(tmp, "wb") as fh:
                     np.save(fh, v)
@@ -375,6 +388,30 @@ def _remove_stale(folder: Path, patterns: list[str], written: list[Path]) -> Non
         for p in folder.glob(pattern):
             if p.name not in keep:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _cached_game(path: Path, n: int) -> np.ndarray | None:
+    """The game of ``n`` players cached at ``path``; None when there is none, or the file is not
+    a .npy array of 2^n finite float64 values (truncated, overwritten, another program's), which
+    the caller then computes again and writes over it."""
+    try:
+        with open(path, "rb") as fh:
+            v = np.lib.format.read_array(fh, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    ok = v.dtype == np.float64 and v.shape == (1 << n,) and np.isfinite(v).all()
+    return v if ok else None
+
+
+def _check_finite(v: np.ndarray, role: str, model: Backbone, sample: str) -> None:
+    """Refuse a game with NaN or infinite values (a model with NaN weights, a diverged training):
+    every interaction computed from it would be NaN."""
+    bad = int((~np.isfinite(v)).sum())
+    if bad:
+        raise PretrainReuseError(
+            f"{role} {model.spec.name}: its output on sample {sample!r} is NaN or infinite for "
+            f"{bad} of the {v.size} masked inputs; check the model's weights (a diverged "
+            "training gives NaN)")
 
 
 def _digest(obj: Any) -> str:

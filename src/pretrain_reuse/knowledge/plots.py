@@ -35,10 +35,14 @@ def plot_strength_by_order(summary: dict[str, Any], ax) -> None:
 
 
 def plot_ratios(summary: dict[str, Any], ax) -> None:
-    """Preserved / discarded / new / exclusive knowledge, mean ± std over samples."""
+    """Preserved / discarded / new / exclusive knowledge, mean ± std over samples; a ratio that no
+    sample defines (its denominator is empty on every sample, e.g. no salient interaction) is None
+    there, and drawn as an empty bar marked n/a."""
     overall = summary["report"]["overall"]
     names = [n for n in RATIO_COLOURS if n in overall]
-    ax.bar(names, [overall[n]["mean"] for n in names],
+    means = [overall[n]["mean"] for n in names]
+    ax.bar([n if m is not None else f"{n}\n(n/a)" for n, m in zip(names, means, strict=True)],
+           [m or 0.0 for m in means],
            yerr=[overall[n]["std"] or 0.0 for n in names],
            color=[RATIO_COLOURS[n] for n in names], capsize=4)
     ax.set_ylim(0, 1)

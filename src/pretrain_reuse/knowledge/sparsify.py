@@ -381,10 +381,15 @@ def _games(v) -> tuple[torch.Tensor, int]:
     return games.reshape(-1, 1 << n), n
 
 
-def _noise_bound(games: torch.Tensor, qthres: float) -> torch.Tensor:
-    """(B, 1) b = qthres · |v(N) - v(∅)| (the group's ``qstd="vN-v0"``)."""
+def check_qthres(qthres: float) -> None:
+    """A noise bound relative to |v(N) - v(∅)| is a finite number >= 0."""
     if not isinstance(qthres, (int, float)) or not 0 <= qthres < math.inf:
         raise PretrainReuseError(f"qthres={qthres!r} must be a finite number >= 0 (the group uses 0.04)")
+
+
+def _noise_bound(games: torch.Tensor, qthres: float) -> torch.Tensor:
+    """(B, 1) b = qthres · |v(N) - v(∅)| (the group's ``qstd="vN-v0"``)."""
+    check_qthres(qthres)
     return qthres * (games[:, -1:] - games[:, :1]).abs()
 
 
