@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import importlib.util
 import inspect
+import json
 import pickle
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from torch.utils.data import default_collate
 
 from _helpers import randomize_norms
 from pretrain_reuse.artifacts import make_meta
+from pretrain_reuse.cli import main
 from pretrain_reuse.errors import PretrainReuseError
 from pretrain_reuse.models import (
     BACKBONES,
@@ -199,6 +201,49 @@ def test_hf_text_features_are_mean_of_non_padding_token_states(tmp_path):
 
 
 # --- python: a user's function ----------------------------------------------------------------
+
+def _set_config(folder: Path, **values) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, **values}))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])
+
+
+@pytest.mark.parametrize("model,breakage,needle", [
+    ("vit", lambda f: (f / "config.json").unlink(), "has no config.json"),
+    ("vit", lambda f: (f / "config.json").write_text("{broken"), "has an invalid config.json"),
+    ("bert", lambda f: _set_config(f, num_hidden_layers="two"), "has an invalid config.json"),
+    ("vit", lambda f: (f / "model.safetensors").unlink(), "cannot load the model in"),
+    ("bert", lambda f: (f / "model.safetensors").unlink(), "cannot load the model in"),
+    ("bert", lambda f: _truncate(f / "model.safetensors"), "cannot load the model in"),
+    ("vit", lambda f: (f / "preprocessor_config.json").write_text("{broken"),
+     "preprocessor_config.json is invalid"),
+    ("bert", lambda f: (f / "tokenizer_config.json").write_text("{broken"), "readable tokenizer"),
+    ("bert", lambda f: (f / "1_Pooling").mkdir() or (f / "1_Pooling" / "config.json").write_text("{"),
+     "not valid JSON"),
+])
+def test_a_broken_hf_folder_is_one_line_naming_the_folder(tmp_path, capsys, model, breakage, needle):
+    # every file of a save_pretrained folder that is missing or corrupt: one line on the command
+    # line, never a traceback (nothing is downloaded: the folders are written here)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    _tiny_vit(folder, classifier=True) if model == "vit" else _tiny_bert(folder)
+    breakage(folder)
+    capsys.readouterr()
+    rc = main(["embed", "--model", f"hf:{folder}", "--data", "synthetic:target", "--quiet",
+               "--out", str(tmp_path / "store")])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"pretrain-reuse: error: hf:{folder}: ")
+    assert needle in err[0] and not (tmp_path / "store").exists()
+
+
+def test_an_empty_folder_is_not_an_hf_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PretrainReuseError, match=r"'.*empty' has no config\.json.*save_pretrained"):
+        create_backbone(f"hf:{tmp_path / 'empty'}")
+
 
 _USER_MODULE = '''
 import torch

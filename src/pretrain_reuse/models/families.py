@@ -11,15 +11,16 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
-import json
-from collections.abc import Mapping
+import pickle
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
+from ..artifacts import read_json
 from ..errors import PretrainReuseError
 from .backbone import ModelParts, call_body, first_linear, last_linear_name
 from .spec import BackboneSpec, spec_from_hf_image_processor, spec_from_timm, spec_from_torchvision
@@ -27,6 +28,8 @@ from .spec import BackboneSpec, spec_from_hf_image_processor, spec_from_timm, sp
 TIMM_EXTRA = "pip install 'pretrain-reuse[timm]'"
 TORCHVISION_EXTRA = "pip install 'pretrain-reuse[torchvision]'"
 HF_EXTRA = "pip install 'pretrain-reuse[hf]'"
+
+T = TypeVar("T")
 
 
 def require(module: str, what: str, install: str) -> ModuleType:
@@ -107,30 +110,80 @@ def hf_parts(ident: str, weights: str | Path | None) -> ModelParts:
     ``AutoModelForImageClassification``: penultimate = the classifier's input (ViT: the final
     layer-normed CLS token; ResNet/ConvNeXt: the pooled features); the head is the classifier when
     the folder has its weights. A folder with a tokenizer is a text model; see
-    :func:`hf_text_parts`.
+    :func:`hf_text_parts`. A folder whose files are missing, unreadable or do not fit together is
+    a one-line error naming it.
     """
     transformers = require("transformers", f"hf:{ident}", HF_EXTRA)
     name = f"hf:{ident}"
-    try:
-        transformers.AutoConfig.from_pretrained(ident, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise PretrainReuseError(
-            f"{name}: no local folder or cached copy with a config.json ({str(e).splitlines()[0]}); "
-            "nothing is downloaded at run time: pass a folder written by save_pretrained") from None
+    folder = Path(ident)
+    problem = ("no local folder or cached copy with a config.json" if not folder.is_dir() else
+               f"the folder {ident!r} has no config.json" if not (folder / "config.json").is_file()
+               else f"the folder {ident!r} has an invalid config.json")
+    config = _hf_load(lambda: transformers.AutoConfig.from_pretrained(ident, local_files_only=True),
+                      name, problem,
+                      "nothing is downloaded at run time: pass a folder written by save_pretrained")
     try:
         proc = transformers.AutoImageProcessor.from_pretrained(ident, local_files_only=True)
-    except (OSError, ValueError):  # no preprocessor_config.json: not an image model
+    except _hf_errors() as e:
+        if (folder / "preprocessor_config.json").is_file():
+            # an image model whose processor is broken, not a text model without a tokenizer
+            raise PretrainReuseError(
+                f"{name}: the folder's preprocessor_config.json is invalid ({_reason(e)}); save the "
+                "image processor there again (image_processor.save_pretrained(dir))") from None
         return hf_text_parts(ident, name)
-    return _hf_image_parts(transformers, ident, name, proc)
+    return _hf_image_parts(transformers, ident, name, config, proc)
 
 
-def _hf_image_parts(transformers: ModuleType, ident: str, name: str, proc: Any) -> ModelParts:
+def _hf_errors() -> tuple[type[Exception], ...]:
+    """What transformers raises for a folder whose files are missing, unreadable or do not fit
+    together: OSError (a missing file), ValueError (invalid JSON, an unknown model type),
+    SafetensorError (truncated weights), UnpicklingError (a pytorch_model.bin that is not a plain
+    state dict), RuntimeError (weights whose shapes are not config.json's) and, from
+    huggingface_hub 1.0 (transformers 5), StrictDataclassError (a config value of the wrong type)."""
+    from safetensors import SafetensorError
+
+    errors = (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError)
     try:
-        model, info = transformers.AutoModelForImageClassification.from_pretrained(
-            ident, local_files_only=True, output_loading_info=True)
-    except ValueError as e:  # an architecture without an image-classification class
-        raise PretrainReuseError(f"{name}: transformers has no image-classification model for it "
-                                 f"({str(e).splitlines()[0]})") from None
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # an older huggingface_hub, which does not validate config values
+        return errors
+    return (*errors, StrictDataclassError)
+
+
+def _reason(e: Exception) -> str:
+    """transformers' reason on one line, shortened; not an UnpicklingError's, which is torch's
+    advice to load the file unsafely."""
+    if isinstance(e, pickle.UnpicklingError):
+        return "a weights file that is not a plain tensor state dict"
+    text = " ".join(str(e).split())
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _hf_load(load: Callable[[], T], name: str, problem: str, fix: str) -> T:
+    """``load()`` (a transformers ``from_pretrained``), its failures on the folder's files turned
+    into one line: ``name``, the ``problem``, transformers' reason and the ``fix``."""
+    try:
+        return load()
+    except _hf_errors() as e:
+        raise PretrainReuseError(f"{name}: {problem} ({_reason(e)}); {fix}") from None
+
+
+def _hf_model(auto_class: Any, folder: str, name: str, **kwargs: Any) -> Any:
+    """``auto_class.from_pretrained(folder)`` offline; missing or corrupt weights, or weights that
+    do not fit config.json, are one line naming the folder."""
+    return _hf_load(lambda: auto_class.from_pretrained(folder, local_files_only=True, **kwargs),
+                    name, f"cannot load the model in {folder!r}",
+                    "pass a folder written by model.save_pretrained(dir) (config.json and "
+                    "model.safetensors)")
+
+
+def _hf_image_parts(transformers: ModuleType, ident: str, name: str, config: Any,
+                    proc: Any) -> ModelParts:
+    if type(config) not in transformers.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING:
+        raise PretrainReuseError(f"{name}: transformers has no image-classification model for "
+                                 f"its model type {config.model_type!r}")
+    model, info = _hf_model(transformers.AutoModelForImageClassification, ident, name,
+                            output_loading_info=True)
     model = model.float()  # features in float32; callers use autocast for bf16
     head_name = last_linear_name(model)
     dim = first_linear(model.get_submodule(head_name)).in_features
@@ -160,19 +213,17 @@ def hf_text_parts(folder: str, name: str) -> ModelParts:
     (at most the model's position embeddings). No L2 normalisation is applied.
     """
     transformers = require("transformers", name, HF_EXTRA)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise PretrainReuseError(
-            f"{name}: the folder has neither an image processor config nor a tokenizer "
-            f"({str(e).splitlines()[0]}); save one next to the model "
-            "(image_processor.save_pretrained(dir) or tokenizer.save_pretrained(dir))") from None
+    tokenizer = _hf_load(
+        lambda: transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True), name,
+        "the folder has neither an image processor config nor a readable tokenizer",
+        "save one next to the model (image_processor.save_pretrained(dir) or "
+        "tokenizer.save_pretrained(dir))")
     classifier = _hf_sequence_classifier_parts(transformers, folder, name, tokenizer)
     if classifier is not None:
         return classifier
-    model = transformers.AutoModel.from_pretrained(folder, local_files_only=True).float()
-    pooling_cfg = _read_json(Path(folder) / "1_Pooling" / "config.json")
-    st_cfg = _read_json(Path(folder) / "sentence_bert_config.json")
+    pooling_cfg = _read_json(Path(folder) / "1_Pooling" / "config.json", name)
+    st_cfg = _read_json(Path(folder) / "sentence_bert_config.json", name)
+    model = _hf_model(transformers.AutoModel, folder, name).float()
     pooling = "cls" if pooling_cfg.get("pooling_mode_cls_token") else "mean"
     spec = BackboneSpec(name=name, modality="text", input_size=None, resize_size=None, mean=None,
                         std=None, interpolation=None,
@@ -189,8 +240,8 @@ def _hf_sequence_classifier_parts(transformers: ModuleType, folder: str, name: s
     config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
         return None
-    model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
-        folder, local_files_only=True, output_loading_info=True)
+    model, info = _hf_model(transformers.AutoModelForSequenceClassification, folder, name,
+                            output_loading_info=True)
     head_name = last_linear_name(model)
     if any(k.startswith(head_name + ".") for k in info["missing_keys"]):
         return None
@@ -214,8 +265,9 @@ def hf_sequence_features(body: nn.Module, batch: Mapping[str, torch.Tensor]) -> 
     return body(**batch).logits
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _read_json(path: Path, name: str) -> dict:
+    """A sentence-transformers settings file of the model ``name``; {} when absent."""
+    return read_json(path, name) if path.is_file() else {}
 
 
 def _drop_padding(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
