@@ -3,7 +3,9 @@ base64 PNG, no external resources) from a run folder.
 
 Every figure is drawn from the files of the run (``summary.json``, selections, fine-tuning
 results, ``knowledge/``); sections whose files are absent are left out. Statements comparing
-methods are generated from the numbers, so a result that does not favour a method says so.
+methods are generated from the numbers, so a result that does not favour a method says so. A
+``summary.json`` or ``knowledge.json`` that lacks an entry the report reads (written by an older
+version, or not a demo's) is refused in one line naming the entry, before anything is written.
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _fixed(value: float | None, digits: int = 3) -> str:
+    """A number with ``digits`` decimals; "n/a" for None (a ratio or error no sample defines)."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def _section(title: str, sid: str, content: str) -> str:
     return f'<section id="{sid}"><h2>{html.escape(title)}</h2>{content}</section>'
 
@@ -68,6 +75,59 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+#: The entries of a demo's ``summary.json`` that the report reads, as dotted paths (``*``: every
+#: entry of a mapping).
+SUMMARY_KEYS = (
+    "scenario.name", "scenario.description", "scenario.pool", "scenario.target",
+    "scenario.players", "scenario.related", "scenario.pool_classes",
+    "selection.classes-uot", "selection.classes-greedy-ot", "selection.classes-random",
+    "selection.*.recall", "selection.*.k",
+    "finetune.*.mode", "finetune.*.seeds", "finetune.*.top1_mean", "finetune.*.top1_std",
+    "finetune.*.top1_at_best_val_mean",
+)
+#: The entries of ``knowledge/knowledge.json`` that the report reads (``?``: an optional part,
+#: whose entries are read only when it is there).
+KNOWLEDGE_KEYS = (
+    "samples.n", "report.overall.*.mean", "report.overall.*.std", "strength_by_order",
+    "faithfulness.*.max", "faithfulness.*.mean", "faithfulness.*.max_over_samples",
+    "counterfactual.n_sets", "convergence?.similarity", "convergence?.detour",
+    "ground_truth?.*.n_samples", "ground_truth?.*.overall.precision.mean",
+    "ground_truth?.*.overall.recall.mean", "ground_truth?.*.overall.signed_recall.mean",
+)
+
+
+def _missing_entry(record: Any, parts: list[str], where: str = "") -> str | None:
+    """The first entry along the dotted path ``parts`` (see :data:`SUMMARY_KEYS`) that
+    ``record`` lacks, as a dotted path; None when all are there."""
+    if not parts:
+        return None
+    head, optional = parts[0].removesuffix("?"), parts[0].endswith("?")
+    if not isinstance(record, dict):
+        return where + head
+    if head == "*":
+        entries = record.items()
+    elif head in record:
+        entries = [(head, record[head])]
+    else:
+        return None if optional else where + head
+    for key, value in entries:
+        missing = _missing_entry(value, parts[1:], f"{where}{key}.")
+        if missing is not None:
+            return missing
+    return None
+
+
+def _check_entries(record: dict, keys: tuple[str, ...], path: Path) -> None:
+    """Refuse a record lacking one of ``keys``: the report would fail half-way."""
+    for key in keys:
+        missing = _missing_entry(record, key.split("."))
+        if missing is not None:
+            raise PretrainReuseError(
+                f"{str(path)!r} lacks {missing!r}: it was written by an older version of "
+                "pretrain-reuse or is not a demo's; rerun `pretrain-reuse demo` (into a new "
+                "--out) and report on that folder")
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,7 +197,7 @@ def _finetune_section(run: Path, summary: dict) -> str:
     from ..finetune.loop import RunResult
 
     plt = _plt()
-    ft = summary.get("finetune")
+    ft = summary["finetune"]
     if not ft:
         return ""
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
@@ -192,6 +252,7 @@ def _knowledge_section(run: Path, scenario: dict) -> str:
         return ""
     plt = _plt()
     k = read_json(kdir / "knowledge.json", "knowledge")
+    _check_entries(k, KNOWLEDGE_KEYS, kdir / "knowledge.json")
     overall = k["report"]["overall"]
     parts = [f"<p>Interactions of each model's log-odds between the {k['samples']['n']} samples' "
              f"players (here: {_players_text(scenario['players'])}; absent players take the "
@@ -213,14 +274,14 @@ def _knowledge_section(run: Path, scenario: dict) -> str:
         draw(k, ax)
         parts.append(_figure(fig, caption, alt))
     parts.append(_overlays(run, scenario))
-    rows = [[n, f"{overall[n]['mean']:.3f}", f"{overall[n]['std'] or 0:.3f}", overall[n].get("n_used", "")]
+    rows = [[n, _fixed(overall[n]["mean"]), _fixed(overall[n]["std"]), overall[n].get("n_used", "")]
             for n in overall]
     parts.append(_table(["ratio", "mean", "std", "samples"], rows))
     parts.append(_rule_recovery(k))
     faith = k["faithfulness"]
     parts.append("<h3>Faithfulness</h3>" + _table(
         ["model", "max error (mean over samples)", "mean error", "worst sample"],
-        [[r, f"{f['max']:.4f}", f"{f['mean']:.4f}", f"{f['max_over_samples']:.4f}"]
+        [[r, _fixed(f["max"], 4), _fixed(f["mean"], 4), _fixed(f["max_over_samples"], 4)]
          for r, f in faith.items()]))
     cf = k["counterfactual"]
     if cf.get("n_sets"):
@@ -249,11 +310,13 @@ def _rule_recovery(k: dict) -> str:
     truth = k.get("ground_truth")
     if not truth:
         return ""
-    rows = [[role, f"{g['overall']['precision']['mean']:.3f}", f"{g['overall']['recall']['mean']:.3f}",
-             f"{g['overall']['signed_recall']['mean']:.3f}", g["n_samples"]]
-            for role, g in truth.items()]
-    best = max(g["overall"]["precision"]["mean"] for g in truth.values())
-    verdict = ("Most salient interactions are not terms of the class rule (precision below "
+    rows = [[role, *(_fixed(g["overall"][m]["mean"]) for m in ("precision", "recall", "signed_recall")),
+             g["n_samples"]] for role, g in truth.items()]
+    # None: a model without salient interactions on any sample has no precision
+    best = max((g["overall"]["precision"]["mean"] for g in truth.values()
+                if g["overall"]["precision"]["mean"] is not None), default=None)
+    verdict = ("No model has salient interactions to compare with the rule." if best is None else
+               "Most salient interactions are not terms of the class rule (precision below "
                f"{best:.2f} for every model): the networks' interactions are dense, so salience at "
                "5% of the largest effect does not isolate the rule's AND/OR terms. Recall shows "
                "whether the rule's terms are among the salient ones." if best < 0.5 else
@@ -281,21 +344,36 @@ def _overlays(run: Path, scenario: dict, samples: int = 4) -> str:
     from ..knowledge.values import Interactions
 
     files = sorted((run / "knowledge" / "finetuned").glob("interactions-*.safetensors"))[:samples]
-    pre_files = sorted((run / "knowledge" / "pretrained").glob("interactions-*.safetensors"))
     if not files:
         return ""
     test = open_dataset(scenario["target"], split="test")
     cfg = ExplainConfig(players=scenario["players"])
-    shown = []
+    shown, among = [], []
     for f in files:
         x = Interactions.load(f)
-        image = test.load(x.info["index"])
-        masks = sample_players(test, x.info["index"], cfg, tuple(image.shape[-2:])).masks
+        # the pre-trained model's interactions on the same sample: the preserved ones are drawn
+        pre = Interactions.load(run / "knowledge" / "pretrained" / f.name)
+        i = x.info["index"]
+        if pre.info["index"] != i or not 0 <= i < len(test):
+            raise _not_this_run(f, f"sample {i} (the pre-trained model's file: sample "
+                                f"{pre.info['index']}; the test data has {len(test)})")
+        image = test.load(i)
+        masks = sample_players(test, i, cfg, tuple(image.shape[-2:])).masks
+        if len(masks) != x.n or pre.n != x.n:
+            raise _not_this_run(f, f"{x.n} players (the pre-trained model's file: {pre.n}; the "
+                                f"run's players {scenario['players']!r}: {len(masks)})")
         shown.append((image.permute(1, 2, 0).numpy(), masks, x))
-    fig = salient_figure(shown, among=[Interactions.load(p) for p in pre_files[:len(files)]])
+        among.append(pre)
+    fig = salient_figure(shown, among=among)
     return _figure(fig, "The strongest preserved interactions of the fine-tuned model: outlined "
                    "player cells of each interaction (colour = interaction, legend = type and "
                    "effect on the log-odds).", "salient interactions")
+
+
+def _not_this_run(path: Path, holds: str) -> PretrainReuseError:
+    """The error for interactions that do not fit the run's data or players."""
+    return PretrainReuseError(f"{str(path)!r} explains {holds}: it does not fit this run's "
+                              "data and players; rerun `pretrain-reuse demo` (into a new --out)")
 
 
 def _parameters_section(run: Path, summary: dict) -> str:
@@ -396,6 +474,7 @@ def build_report(run_dir: str | Path) -> Path:
         raise PretrainReuseError(f"{str(run)!r} has no summary.json or experiment.json; pass a "
                                  "demo or experiment run folder")
     summary = read_json(summary_path, "summary")
+    _check_entries(summary, SUMMARY_KEYS, summary_path)
     body = [
         "<h1>pretrain-reuse report</h1>",
         "<p>Selection of pre-training data by unbalanced optimal transport (Liu et al., NeurIPS "

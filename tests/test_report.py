@@ -1,0 +1,154 @@
+"""``report`` on files it cannot use: one line naming what is missing, and no report.html.
+
+The report of a real demo run is tested in test_demo.py."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from pretrain_reuse.cli import main
+from pretrain_reuse.models import create_backbone, save_backbone
+
+
+def _summary() -> dict:
+    """The entries of a demo's summary.json that the report reads, for a run without selections
+    or fine-tuning runs on disk (so that those sections are left out)."""
+    return {"scenario": {"name": "world", "description": "the procedural world",
+                         "pool": "synthetic:pretrain", "target": "synthetic:target",
+                         "players": "parts", "related": [1, 2], "pool_classes": 40},
+            "selection": {name: {"recall": 0.5, "k": 2}
+                          for name in ("classes-uot", "classes-greedy-ot", "classes-random")},
+            "finetune": {}, "timing_s": {"pretrain": 1.0}, "plan": {}, "quick": True, "seed": 0}
+
+
+def _knowledge() -> dict:
+    """The entries of knowledge.json that the report reads, for two models."""
+    def ratio():
+        return {"mean": 0.5, "std": 0.1, "n_used": 2}
+
+    def faith():
+        return {"max": 0.0, "mean": 0.0, "max_over_samples": 0.0}
+
+    return {"samples": {"n": 2}, "report": {"overall": {"preserve": ratio(), "new": ratio()}},
+            "strength_by_order": {"pretrained": [0.5, 0.5], "finetuned": [0.4, 0.6]},
+            "faithfulness": {"pretrained": faith(), "finetuned": faith()},
+            "counterfactual": {"n_sets": 0}}
+
+
+def _report(capsys, run):
+    rc = main(["report", str(run)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _run(tmp_path, summary, knowledge=None):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps(summary))
+    if knowledge is not None:
+        (run / "knowledge").mkdir()
+        (run / "knowledge" / "knowledge.json").write_text(json.dumps(knowledge))
+    return run
+
+
+def test_the_entries_checked_are_enough_for_a_report(tmp_path, capsys):
+    # the reference of the tests below: with every entry the report reads, it is written
+    run = _run(tmp_path, _summary(), _knowledge())
+    rc, _, err = _report(capsys, run)
+    assert rc == 0, err
+    page = (run / "report.html").read_text()
+    assert "the procedural world" in page and "Knowledge handed over by pre-training" in page
+
+
+def _without(record: dict, path: str) -> dict:
+    *parents, last = path.split(".")
+    node = record
+    for key in parents:
+        node = node[key]
+    del node[last]
+    return record
+
+
+@pytest.mark.parametrize("missing", ["scenario", "scenario.description", "selection.classes-uot",
+                                     "selection.classes-random.recall"])
+def test_a_summary_lacking_an_entry_is_one_line_naming_it(tmp_path, capsys, missing):
+    # "scenario" is what a summary.json of a version before the fashion scenario lacks
+    run = _run(tmp_path, _without(_summary(), missing))
+    rc, _, err = _report(capsys, run)
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"summary.json' lacks {missing!r}" in err and "rerun `pretrain-reuse demo`" in err
+    assert not (run / "report.html").exists()
+
+
+@pytest.mark.parametrize("record", [{"accuracy": 0.9}, {"scenario": "world"}, {"scenario": {}}])
+def test_a_json_file_that_is_not_a_demo_summary_is_one_line(tmp_path, capsys, record):
+    run = _run(tmp_path, record)
+    rc, _, err = _report(capsys, run)
+    assert rc == 2 and err.count("\n") == 1 and "lacks 'scenario" in err
+    assert not (run / "report.html").exists()
+
+
+@pytest.mark.parametrize("missing", ["strength_by_order", "faithfulness.finetuned.max_over_samples",
+                                     "counterfactual.n_sets"])
+def test_a_knowledge_json_lacking_an_entry_is_one_line_naming_it(tmp_path, capsys, missing):
+    run = _run(tmp_path, _summary(), _without(_knowledge(), missing))
+    rc, _, err = _report(capsys, run)
+    assert rc == 2 and err.count("\n") == 1
+    assert f"knowledge.json' lacks {missing!r}" in err and "rerun `pretrain-reuse demo`" in err
+    assert not (run / "report.html").exists()
+
+
+def test_optional_knowledge_entries_are_checked_only_when_present(tmp_path, capsys):
+    # a run without checkpoints has no convergence; one with it must have the curves
+    knowledge = {**_knowledge(), "convergence": {"similarity": [0.5, 1.0]}}
+    run = _run(tmp_path, _summary(), knowledge)
+    rc, _, err = _report(capsys, run)
+    assert rc == 2 and "lacks 'convergence.detour'" in err
+
+
+def test_undefined_ratios_and_errors_are_shown_as_not_available(tmp_path, capsys):
+    # knowledge.json holds None where no sample defines a ratio or an error (no salient
+    # interaction, v(N) = v(∅)); the report says n/a instead of failing on them
+    knowledge = _knowledge()
+    knowledge["report"]["overall"]["preserve"].update(mean=None, std=None)
+    knowledge["faithfulness"]["finetuned"].update(max=None, mean=None, max_over_samples=None)
+    undefined = {"mean": None}
+    knowledge["ground_truth"] = {"finetuned": {"n_samples": 2, "overall": {
+        "precision": undefined, "recall": undefined, "signed_recall": undefined}}}
+    run = _run(tmp_path, _summary(), knowledge)
+    rc, _, err = _report(capsys, run)
+    assert rc == 0, err
+    page = (run / "report.html").read_text()
+    assert "<td>preserve</td><td>n/a</td><td>n/a</td>" in page
+    assert "<td>finetuned</td><td>n/a</td><td>n/a</td><td>n/a</td>" in page
+    assert "No model has salient interactions to compare with the rule." in page
+
+
+def test_interactions_that_do_not_fit_the_run_are_one_line(tmp_path, capsys):
+    # the overlays pair each fine-tuned sample with the pre-trained model's file of the same name
+    # and draw the run's players: a missing partner, or interactions over other players, would
+    # fail half-way or draw wrong outlines
+    torch.manual_seed(0)
+    save_backbone(create_backbone("smallcnn-s", num_classes=10), tmp_path / "m.safetensors", {})
+    assert main(["explain", "--model", "smallcnn-s", "--weights", str(tmp_path / "m.safetensors"),
+                 "--data", "synthetic:target", "--players", "grid:2x2", "--samples", "1", "--quiet",
+                 "--out", str(tmp_path / "x")]) == 0
+    summary = _summary()
+    run = _run(tmp_path, summary, _knowledge())
+    (run / "knowledge" / "finetuned").mkdir()
+    shutil.copy(tmp_path / "x" / "interactions-0000.safetensors", run / "knowledge" / "finetuned")
+    rc, _, err = _report(capsys, run)
+    assert rc == 2 and err.count("\n") == 1
+    assert "pretrained/interactions-0000.safetensors' does not exist" in err
+    shutil.copytree(run / "knowledge" / "finetuned", run / "knowledge" / "pretrained")
+    rc, _, err = _report(capsys, run)  # the summary's players are the world's 9 parts
+    assert rc == 2 and err.count("\n") == 1
+    assert "explains 4 players" in err and "'parts': 9" in err and "rerun `pretrain-reuse demo`" in err
+    assert not (run / "report.html").exists()
+    summary["scenario"]["players"] = "grid:2x2"
+    (run / "summary.json").write_text(json.dumps(summary))
+    rc, _, err = _report(capsys, run)
+    assert rc == 0, err
+    assert 'alt="salient interactions"' in (run / "report.html").read_text()
