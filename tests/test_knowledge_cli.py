@@ -523,3 +523,28 @@ def test_games_without_any_effect_give_undefined_entries_not_a_crash(tmp_path):
     assert json.loads((tmp_path / "k" / "knowledge.json").read_text())["faithfulness"] == \
         summary["faithfulness"]
     assert (tmp_path / "k" / "ratios.png").exists()
+
+
+def test_a_constant_model_prints_undefined_ratios_and_errors_instead_of_crashing(tmp_path, capsys):
+    net = create_backbone("smallcnn-s", num_classes=10)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+    save_backbone(net, tmp_path / "zero.safetensors", {"test": "constant"})
+    common = ["--model", "smallcnn-s", "--data", "synthetic:target", "--players", "grid:2x2",
+              "--samples", "2", "--quiet"]
+    rc, out, err = _run(capsys, "knowledge", *common, "--pretrained", tmp_path / "zero.safetensors",
+                        "--finetuned", tmp_path / "zero.safetensors", "--out", tmp_path / "k")
+    assert rc == 0, err
+    assert "preserve n/a, discard n/a" in out
+    rc, out, err = _run(capsys, "explain", *common, "--weights", tmp_path / "zero.safetensors",
+                        "--out", tmp_path / "e")
+    assert rc == 0, err
+    assert "(tau=0.05): undefined" in out and "nan" not in out
+
+
+def test_explain_refuses_a_bad_tau_before_any_game(tmp_path, capsys):
+    rc, _, err = _run(capsys, "explain", "--model", "smallcnn-s", "--data", "synthetic:target",
+                      "--tau", "1.5", "--quiet", "--out", tmp_path / "e")
+    assert rc == 2 and "tau=1.5 must be a relative threshold" in err and err.count("\n") == 1
+    assert not (tmp_path / "e").exists()

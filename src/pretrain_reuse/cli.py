@@ -103,6 +103,7 @@ def cmd_embed(args) -> int:
                       split=args.split, batch_size=args.batch_size, workers=args.workers,
                       shard_size=args.shard_size, device=args.device, precision=args.precision,
                       seed=args.seed)
+    _quiet_transformers(args.model, args.quiet)
     store = embed(cfg, args.out, progress=not args.quiet)
     skipped = store.meta.get("skipped", 0)
     print(f"wrote {len(store)} x {store.dim} features to {args.out}"
@@ -288,13 +289,18 @@ def _note_weights(model: str, weights: str | None, quiet: bool, mode: str | None
     print(f"pretrain-reuse: note: {note}", file=sys.stderr)
 
 
-def _classifier(name: str, weights: str | None, what: str, quiet: bool):
-    from .models import create_backbone
-
-    if quiet and name.startswith("hf:"):  # transformers' "Loading weights" bar
+def _quiet_transformers(model: str, quiet: bool) -> None:
+    """--quiet also silences transformers' own "Loading weights" bar for hf: models."""
+    if quiet and model.startswith("hf:"):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+
+
+def _classifier(name: str, weights: str | None, what: str, quiet: bool):
+    from .models import create_backbone
+
+    _quiet_transformers(name, quiet)
     if weights is not None:
         from .errors import check_file
 
@@ -319,17 +325,21 @@ def _explain_data(args):
 
 def cmd_explain(args) -> int:
     from .knowledge.explain import choose_samples, explain, explainable
+    from .knowledge.values import check_tau
 
     cfg = _explain_config(args)
+    check_tau(args.tau)  # before the games, not after them
     model = _classifier(args.model, args.weights, "--weights", args.quiet)
     data = _explain_data(args)
     indices = choose_samples(data, min(cfg.samples, len(data)), cfg.seed,
                              keep=explainable(model, data, cfg))
     results = explain(model, data, indices, cfg, args.out, progress=not args.quiet)
-    errors = [r.faithfulness_error(args.tau)["max"] for r in results]
+    errors = np.array([r.faithfulness_error(args.tau)["max"] for r in results])
+    defined = errors[~np.isnan(errors)]
+    error = (f"mean {defined.mean():.4f}, max {defined.max():.4f}" if len(defined) else
+             "undefined (no sample's game changes between the empty and the full set)")
     print(f"explained {len(results)} samples with n={results[0].n} players -> {args.out}; "
-          f"faithfulness error of the salient interactions (tau={args.tau}): mean "
-          f"{np.nanmean(errors):.4f}, max {np.nanmax(errors):.4f}")
+          f"faithfulness error of the salient interactions (tau={args.tau}): {error}")
     _note_weights(args.model, args.weights, args.quiet)
     return 0
 
@@ -359,18 +369,22 @@ def cmd_knowledge(args) -> int:
                                 checkpoints=checkpoints, tau=args.tau, match=args.match,
                                 progress=not args.quiet)
     overall = summary["report"]["overall"]
-    line = ", ".join(f"{k} {overall[k]['mean']:.3f}" for k in ("preserve", "discard", "new",
-                                                               "exclusive") if k in overall)
-    purity = {k: d["purity"] for k, d in summary["discrimination"].items()}
+    line = ", ".join(f"{k} {_number(overall[k]['mean'])}" for k in ("preserve", "discard", "new",
+                                                                   "exclusive") if k in overall)
     line += "; discrimination power " + ", ".join(
-        f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in purity.items())
+        f"{k} {_number(d['purity'])}" for k, d in summary["discrimination"].items())
     if "ground_truth" in summary:
         found = summary["ground_truth"]["finetuned"]["overall"]
         line += (f"; class rules found by the fine-tuned model: precision "
-                 f"{found['precision']['mean']:.3f}, recall {found['recall']['mean']:.3f}")
+                 f"{_number(found['precision']['mean'])}, recall {_number(found['recall']['mean'])}")
     print(f"knowledge over {summary['samples']['n']} samples: {line}; wrote "
           f"{Path(args.out) / 'knowledge.json'}")
     return 0
+
+
+def _number(x: float | None) -> str:
+    """A ratio to print; None where it is undefined (e.g. games without any effect)."""
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def _add_explain_flags(p: argparse.ArgumentParser) -> None:
