@@ -245,3 +245,51 @@ def test_a_skip_naming_no_row_is_refused_and_rows_of_other_recipes_are_not(tmp_p
     with pytest.raises(PretrainReuseError) as err:
         run_experiment("table2", shared, tmp_path / "y", progress=False)
     assert "skip" not in str(err.value)
+
+
+@pytest.mark.parametrize("sweep, message", [
+    ({"k": []}, "sweep k is empty"),
+    ({"k": [50, 50]}, "sweep k [50, 50] repeats a value"),
+    ({"clusters": [64, 64.0]}, "repeats a value"),
+    ({"train_fraction": [0.3333333, 0.33333334]}, "repeats a value"),  # one run folder x=0.333333
+    ({"k": [0.5]}, "sweep k must hold whole numbers >= 1, got 0.5"),  # int(0.5) would select 0
+    ({"k": [-5]}, "sweep k must hold whole numbers >= 1"),
+    ({"clusters": [1]}, "sweep clusters must hold whole numbers >= 2"),
+    ({"train_fraction": [2.0]}, "sweep train_fraction must hold shares in (0, 1]"),
+    ({"long_tail_ratio": [0.5]}, "sweep long_tail_ratio must hold finite numbers >= 1"),
+    ({"eps_c": [float("nan")]}, "sweep eps_c must hold positive finite numbers"),
+    ({"groups": [2, 3]}, "sweep groups takes one number of groups"),  # only the first was used
+])
+def test_a_sweep_that_would_silently_change_or_repeat_rows_is_refused(sweep, message):
+    from pretrain_reuse.errors import PretrainReuseError
+
+    with pytest.raises(PretrainReuseError) as err:
+        load_experiment_config(None, model="m", source="s", target="t", sweep=sweep)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"relevant": (3, 3)}, "must list distinct pool class ids >= 0"),
+    ({"relevant": (-1,)}, "must list distinct pool class ids >= 0"),
+    ({"embed_batch_size": 0}, "embed_batch_size must be >= 1"),
+    ({"metric": "l3"}, "metric='l3' is not one of"),
+    # both would run in knowledge/a-b-seed0 and runs/a-b-fine-tuned-seed0: the second reuses
+    # the first's fine-tuned model as its own
+    ({"pretrainings": {"a b": "x", "a-b": "y"}}, "label 'a-b' makes the folder name 'a-b' as 'a b'"),
+])
+def test_settings_that_fail_late_or_mix_runs_are_refused_with_the_config(extra, message):
+    from pretrain_reuse.errors import PretrainReuseError
+
+    with pytest.raises(PretrainReuseError) as err:
+        load_experiment_config(None, model="m", source="s", target="t", **extra)
+    assert message in str(err.value)
+
+
+def test_a_skip_of_every_row_is_refused_before_writing_an_empty_table(tmp_path):
+    from pretrain_reuse.errors import PretrainReuseError
+
+    cfg = load_experiment_config(None, model="m", source="s", target="t", relevant=(1,),
+                                 skip=("uot cosine", "greedy-ot cosine"))
+    with pytest.raises(PretrainReuseError, match="skip leaves no row of fig4a to run"):
+        run_experiment("fig4a", cfg, tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists()

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import math
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -52,6 +53,7 @@ from .features import FeatureStore
 from .finetune import MODES, FinetuneConfig, RunResult, finetune_datasets, open_split, target_splits
 from .finetune.config import checked_values, config_values
 from .selection import SelectConfig, Selection, select
+from .transport import METRICS
 from .units import Units, class_means, spherical_kmeans
 
 #: Knowledge ratios the ``knowledge`` recipe reports per fine-tuned model (means over seeds).
@@ -68,6 +70,18 @@ SWEEP_DEFAULTS: dict[str, tuple] = {
     "train_fraction": (0.2, 0.4, 0.6, 0.8),         # fig3b
     "eps_c": (0.0001, 0.001, 0.01, 0.1, 1.0),      # fig4a
     "groups": (10,),                                # fig4b: number of score groups
+}
+
+#: What the values of each swept variable must be: a test of one value, and its description.
+#: Checked when the config is made: a recipe casts K, k and groups to int, so 0.5 would silently
+#: become 0, and a bad value would otherwise fail only after the features and units are computed.
+SWEEP_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "clusters": (lambda v: float(v).is_integer() and v >= 2, "whole numbers >= 2"),
+    "long_tail_ratio": (lambda v: 1 <= v < math.inf, "finite numbers >= 1"),
+    "k": (lambda v: float(v).is_integer() and v >= 1, "whole numbers >= 1"),
+    "train_fraction": (lambda v: 0 < v <= 1, "shares in (0, 1]"),
+    "eps_c": (lambda v: 0 < v < math.inf, "positive finite numbers"),
+    "groups": (lambda v: float(v).is_integer() and v >= 1, "a whole number >= 1"),
 }
 
 
@@ -137,8 +151,15 @@ class ExperimentConfig:
         if self.cluster_k is not None and not 0 < self.cluster_k <= 1:
             raise PretrainReuseError(f"cluster_k must be a share of pool images in (0, 1], got "
                                      f"{self.cluster_k}")
-        for name in self.sweep:
-            check_choice("sweep key", name, SWEEP_DEFAULTS)
+        for name, values in self.sweep.items():
+            _check_sweep(check_choice("sweep key", name, SWEEP_DEFAULTS), values)
+        if any(r < 0 for r in self.relevant) or len(set(self.relevant)) < len(self.relevant):
+            raise PretrainReuseError(f"relevant {list(self.relevant)} must list distinct pool class "
+                                     "ids >= 0 (a repeat would count one class twice)")
+        if self.embed_batch_size < 1:
+            raise PretrainReuseError(f"embed_batch_size must be >= 1, got {self.embed_batch_size}")
+        check_choice("metric", self.metric, METRICS)
+        _check_pretraining_labels(self.pretrainings)
         # the nested settings are used only when a row's run starts, after features, units and
         # selections are computed: an unknown key or a bad value must fail here, before any work
         base = self.base_finetune()
@@ -161,6 +182,35 @@ class ExperimentConfig:
 
     def base_finetune(self) -> FinetuneConfig:
         return FinetuneConfig(**checked_values(self.finetune, FinetuneConfig, "finetune key"))
+
+
+def _check_sweep(name: str, values: tuple[float, ...]) -> None:
+    test, expected = SWEEP_RULES[name]
+    if not values:
+        raise PretrainReuseError(f"sweep {name} is empty; give at least one value, or leave it out "
+                                 f"for the default {list(SWEEP_DEFAULTS[name])}")
+    bad = [v for v in values if not test(v)]
+    if bad:
+        raise PretrainReuseError(f"sweep {name} must hold {expected}, got {bad[0]!r}")
+    # as run folders name them (x=0.2): one folder for two values would count its runs twice
+    if len({f"{float(v):g}" for v in values}) < len(values):
+        raise PretrainReuseError(f"sweep {name} {list(values)} repeats a value; give distinct values")
+    if name == "groups" and len(values) > 1:  # fig4b cuts the ranking once
+        raise PretrainReuseError(f"sweep groups takes one number of groups, got {list(values)}")
+
+
+def _check_pretraining_labels(pretrainings: dict[str, str]) -> None:
+    """Each pre-training's runs live in folders named after its label: two labels with one folder
+    name (``a b`` and ``a-b``) would share, and silently reuse, each other's runs."""
+    folders: dict[str, str] = {}
+    for label in pretrainings:
+        slug = _slug(label)
+        if not slug or slug in folders:
+            clash = f" as {folders[slug]!r} does" if slug else ""
+            raise PretrainReuseError(
+                f"pretrainings label {label!r} makes the folder name {slug!r}{clash}; give labels "
+                "that differ in their letters and digits")
+        folders[slug] = label
 
 
 def load_experiment_config(path: str | Path | None = None, **overrides: Any) -> ExperimentConfig:
@@ -611,6 +661,8 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
             f"skip names {unknown[0]!r}, which no experiment has; the rows of {name} are: "
             f"{', '.join(dict.fromkeys(r.method for r in rows))}")
     rows = [r for r in rows if r.method not in cfg.skip]
+    if not rows:
+        raise PretrainReuseError(f"skip leaves no row of {name} to run; skip fewer rows")
     out = Path(out)
     _claim(out, name, cfg)
     ws = _Workspace(cfg, out, progress)
