@@ -191,6 +191,38 @@ def test_list_naming_a_path_twice_names_both_lines(tmp_path):
         open_dataset(tmp_path / "list.csv")
 
 
+@pytest.mark.parametrize("label", ["-1", "99999999999999999999"])
+def test_list_labels_that_are_no_class_index_are_refused(tmp_path, label):
+    # -1 read as a class name would make "unlabelled" a class of its own (and shift the indices
+    # of the others); a 20-digit label overflowed into a traceback
+    _write_image(tmp_path / "a.png", 0)
+    _write_image(tmp_path / "b.png", 1)
+    (tmp_path / "l.csv").write_text(f"a.png,{label}\nb.png,0\n")
+    with pytest.raises(PretrainReuseError, match=f"has the label {label}; integer labels are class"):
+        open_dataset(tmp_path / "l.csv")
+
+
+def test_a_superscript_digit_label_is_a_class_name_not_a_traceback(tmp_path):
+    _write_image(tmp_path / "a.png", 0)
+    _write_image(tmp_path / "b.png", 1)
+    (tmp_path / "l.csv").write_text("a.png,\u00b2\nb.png,0\n")  # str.isdigit() holds for '²'
+    ds = open_dataset(tmp_path / "l.csv")
+    assert ds.class_names == ["0", "\u00b2"] and ds.labels.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_16_bit_and_float_grey_images_are_scaled_from_their_own_range(tmp_path, mode):
+    # PIL's convert() clips at 255: the 16-bit image came out nearly all white, the float one black
+    grey16 = np.array([[0, 1000], [30000, 65535]], np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "a.png")
+    Image.fromarray(grey16.astype(np.float32) / 65535, mode="F").save(tmp_path / "b.tif")
+    ds = open_dataset(tmp_path, mode=mode)
+    for image in (ds[0][0], ds[1][0]):
+        assert image.shape == (3 if mode == "RGB" else 1, 2, 2)
+        for channel in image:
+            np.testing.assert_allclose(channel.numpy(), grey16 / 65535, atol=1e-6)
+
+
 def test_list_entry_missing_on_disk_is_skipped_not_fatal(tmp_path):
     _write_image(tmp_path / "a.png", 0)
     (tmp_path / "l.csv").write_text("a.png,0\nmissing.png,1\n")

@@ -221,9 +221,19 @@ def convert_channels(x: torch.Tensor, mode: str | None) -> torch.Tensor:
 
 
 def decode_image(path: Path, mode: str) -> torch.Tensor | None:
-    """Decode one file with PIL into a float32 (C, H, W) tensor in [0, 1]; None if unreadable."""
+    """Decode one file with PIL into a float32 (C, H, W) tensor in [0, 1]; None if unreadable.
+
+    Grey images of more than 8 bits are scaled from their own range: 16-bit ones (PIL modes
+    ``I;16*``, and ``I``, as which Pillow opens some 16-bit PNGs and TIFFs) by 1/65535, 32-bit
+    float ones (``F``) are taken as values in [0, 1]; both are clipped to [0, 1]. (PIL's
+    ``convert`` would clip them at 255 first: a 16-bit scan would come out nearly all white, a
+    float one black.)"""
     try:
         with Image.open(path) as im:
+            if im.mode.startswith(("I", "F")):
+                scale = 1.0 if im.mode == "F" else 65535.0
+                grey = torch.from_numpy(np.array(im, dtype=np.float32)) / scale
+                return convert_channels(grey.clamp(0, 1).unsqueeze(0), mode)
             array = np.array(im.convert(mode))  # convert() forces the full decode
     # Everything PIL raises on bad files: missing/unreadable (OSError incl. UnidentifiedImageError,
     # truncated data), bad headers (SyntaxError, ValueError), oversized (DecompressionBombError).
@@ -381,7 +391,15 @@ def _is_header(row: list[str]) -> bool:
 
 
 def _parse_labels(cells: list[str], list_path: Path) -> tuple[np.ndarray, list[str] | None]:
-    if all(c.isdigit() for c in cells):
+    # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
+    numbers = [c.removeprefix("-") for c in cells]
+    if all(n.isascii() and n.isdigit() for n in numbers):
+        bad = next((c for c, n in zip(cells, numbers, strict=True)
+                    if c.startswith("-") or len(n.lstrip("0")) > 18), None)
+        if bad is not None:  # read as names, -1 would become a class of its own
+            raise PretrainReuseError(
+                f"data: {str(list_path)!r} has the label {bad}; integer labels are class indices "
+                "0..C-1 (give unlabelled images a list of their own, without labels)")
         labels = np.asarray([int(c) for c in cells], np.int64)
         names_file = list_path.parent / "classes.txt"
         names = read_class_names(names_file) if names_file.exists() else None
