@@ -466,3 +466,50 @@ def test_changed_weights_file_is_not_resumed_as_the_same_embedding(tmp_path, cap
         assert np.array_equal(FeatureStore.load(tmp_path / "s").features, fresh.features)
     else:
         assert_one_line_error(rc, err)
+
+
+# --------------------------------------------------------------------------------------------
+# A store whose index or shards do not match (hand-edited, copied in part, another version)
+# --------------------------------------------------------------------------------------------
+
+def _edit_index(store: Path, **changes) -> None:
+    index = json.loads((store / "index.json").read_text())
+    index.update(changes)
+    (store / "index.json").write_text(json.dumps(index))
+
+
+def _reshard_labels(store: Path, labels) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    shard = store / "shard-00001.safetensors"
+    tensors = load_file(str(shard))
+    if labels is None:
+        del tensors["labels"]
+    else:
+        tensors["labels"] = labels
+    save_file(tensors, str(shard))
+
+
+@pytest.mark.parametrize("damage, message", [
+    # each of these was a traceback (or, for the float labels and the string class_names, a
+    # store loaded with silently truncated labels / one class per letter)
+    (lambda s: _edit_index(s, n=20), "index.json says n=20 but its shards hold 30 rows"),
+    (lambda s: _edit_index(s, n=-5), "index.json has n=-5"),
+    (lambda s: _edit_index(s, n="x"), "index.json has n='x'"),
+    (lambda s: _edit_index(s, dim=10**9), "holds features ([10, 4], 'F32'), the index says "
+                                          "([10, 1000000000], 'F32')"),
+    (lambda s: _edit_index(s, shards=None), "index.json lacks a list of shards"),
+    (lambda s: _edit_index(s, class_names="abc"), "index.json has class_names abc, not a list"),
+    (lambda s: _edit_index(s, format=99), "has format 99, this version of pretrain-reuse reads format 1"),
+    (lambda s: _reshard_labels(s, None), "holds labels no tensor"),
+    (lambda s: _reshard_labels(s, np.full(10, 0.5)), "holds labels ([10], 'F64')"),
+])
+def test_a_store_whose_index_or_shards_disagree_is_one_line(tmp_path, capsys, damage, message):
+    rng = np.random.default_rng(0)
+    store = FeatureStore(rng.standard_normal((30, 4)).astype(np.float32), labels=np.arange(30) % 3,
+                         class_names=["a", "b", "c"]).save(tmp_path / "store", shard_size=10)
+    damage(store)
+    rc, _, err = cli(capsys, "units", "--features", store, "--out", tmp_path / "u.safetensors")
+    assert rc == 2 and err.startswith(ERROR_PREFIX) and len(err.strip().splitlines()) == 1
+    assert message in err and "re-run embed" in err
+    assert not (tmp_path / "u.safetensors").exists()

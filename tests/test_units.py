@@ -195,3 +195,78 @@ def test_spherical_kmeans_rejects_bad_k_and_zero_rows():
 def test_spherical_kmeans_rejects_use_gpu_without_a_gpu():
     with pytest.raises(PretrainReuseError, match="use_gpu"):
         spherical_kmeans(FeatureStore(features=np.eye(4, dtype=np.float32)), 2, use_gpu=True)
+
+
+def test_class_means_refuse_a_huge_label_without_allocating_a_count_per_label():
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises(PretrainReuseError, match=r"999999999998 classes have no samples \(first: 2\)"):
+        class_means(FeatureStore(features=x, labels=np.array([0, 1, 1, 10**12])))  # was MemoryError
+
+
+@pytest.mark.parametrize("labels, message", [
+    (np.array(["a", "b", "a", "b"]), "labels must be integer class indices, got dtype <U1"),  # TypeError
+    (np.array([0.0, 1.0, 1e300, 1.0]), "label 1e+300 is too large for a class index"),  # wrapped < 0
+    (np.array([0, 1, 2**64 - 1, 1], np.uint64), "is too large for a class index"),
+    (np.array([0.0, np.nan, 1.0, 1.0]), "labels must be integer class indices, got nan"),
+])
+def test_labels_that_are_no_class_indices_are_named(labels, message):
+    with pytest.raises(PretrainReuseError) as err:
+        FeatureStore(features=np.ones((4, 3), np.float32), labels=labels)
+    assert message in str(err.value)
+
+
+def test_complex_features_are_refused_not_cast_to_their_real_part():
+    x = np.ones((4, 3), np.complex64) * 1j
+    with pytest.raises(PretrainReuseError, match="features must be real numbers, got dtype complex64"):
+        FeatureStore(features=x)
+
+
+def test_a_sample_id_given_to_two_samples_is_refused():
+    # members and fine-tuning look samples up by id: the two rows would become one sample
+    with pytest.raises(PretrainReuseError, match="sample id 'b' is given to two samples"):
+        FeatureStore(features=np.ones((3, 2), np.float32), ids=["a", "b", "b"])
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_spherical_kmeans_refuses_max_points_per_unit_below_one(value):
+    # -1 trained on x[:-k] (all but the last k shuffled rows), 0 raised numpy's ValueError
+    x, _ = _planted_sphere()
+    with pytest.raises(PretrainReuseError, match=f"max_points_per_unit must be >= 1.*got {value}"):
+        spherical_kmeans(FeatureStore(features=x), 6, max_points_per_unit=value)
+
+
+def test_spherical_kmeans_and_normalised_means_ignore_a_scale_that_overflows_float32_squares():
+    # |x|^2 of 1e30-scaled rows overflows float32: the rows normalised to zero, one cluster came out
+    x, _ = _planted_sphere()
+    small = spherical_kmeans(FeatureStore(features=x), 6, seed=0, normalize_means=True)
+    huge = spherical_kmeans(FeatureStore(features=x * np.float32(1e30)), 6, seed=0, normalize_means=True)
+    np.testing.assert_array_equal(huge.assignment, small.assignment)
+    np.testing.assert_allclose(huge.prototypes, small.prototypes, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tensors, header, message", [
+    # each was a KeyError, a TypeError or (the last two) a units file with wrong counts and members
+    ({}, {}, "has a corrupt header"),  # no kind
+    ({"assignment": np.array([0, 1])}, {"kind": "class"}, "has a corrupt header"),  # no sample ids
+    ({}, {"kind": "class", "names": '"abc"'}, "unit names must be a list of strings, got abc"),
+    ({"assignment": np.array([0.5, 1.0]), "ids": ["a", "b"]}, {"kind": "class"},
+     "assignment must be a vector of unit indices, got dtype float64"),
+    ({"assignment": np.array([-5, 1]), "ids": ["a", "b"]}, {"kind": "class"},
+     "assignment refers to unit -5 but the units are 0..2"),
+    ({"assignment": np.array([0, 1]), "ids": ["a", "a"]}, {"kind": "class"},
+     "sample id 'a' is given to two samples"),
+])
+def test_a_units_file_with_missing_or_inconsistent_entries_is_one_error(tmp_path, tensors, header,
+                                                                        message):
+    from safetensors.numpy import save_file
+
+    from pretrain_reuse.artifacts import encode_ids
+    from pretrain_reuse.units import Units
+
+    tensors = {"prototypes": np.ones((3, 2), np.float32), **tensors}
+    if "ids" in tensors:
+        tensors["sample_ids"] = encode_ids(tensors.pop("ids"))
+    save_file(tensors, str(tmp_path / "u.safetensors"), metadata={"artifact": "units", **header})
+    with pytest.raises(PretrainReuseError) as err:
+        Units.load(tmp_path / "u.safetensors")
+    assert message in str(err.value)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from .artifacts import atomic_path, decode_ids, encode_ids, hash_file, read_json, write_json
@@ -48,24 +48,17 @@ class FeatureStore:
 
     def __post_init__(self):
         check_matrix("features", self.features, finite=False)
+        if not _is_real(self.features.dtype):  # a cast to float32 would drop an imaginary part
+            raise PretrainReuseError(
+                f"features must be real numbers, got dtype {self.features.dtype}; save them as float32")
         n = self.features.shape[0]
         if not self.ids:
             object.__setattr__(self, "ids", [str(i) for i in range(n)])
         if len(self.ids) != n:
             raise PretrainReuseError(f"got {len(self.ids)} sample ids for {n} feature rows")
+        check_unique_ids(self.ids)
         if self.labels is not None:
-            labels = np.asarray(self.labels)
-            if labels.shape != (n,):
-                raise PretrainReuseError(
-                    f"labels must be a vector of {n} entries (one per feature row), "
-                    f"got shape {labels.shape}"
-                )
-            if not np.issubdtype(labels.dtype, np.integer) and not np.all(np.mod(labels, 1) == 0):
-                raise PretrainReuseError("labels must be integer class indices")
-            labels = labels.astype(np.int64)
-            if labels.min() < 0:
-                raise PretrainReuseError("labels must be non-negative class indices")
-            object.__setattr__(self, "labels", labels)
+            object.__setattr__(self, "labels", _class_indices(np.asarray(self.labels), n))
 
     def __repr__(self) -> str:  # a summary: the dataclass repr would print every sample id
         labels = "unlabelled" if self.labels is None else (
@@ -134,34 +127,108 @@ class FeatureStore:
         index = read_json(path / "index.json", "feature store index")
         if index.get("kind") != "features":
             raise PretrainReuseError(f"{str(path)!r} is not a feature store (kind={index.get('kind')!r})")
-        n, dim = int(index["n"]), int(index["dim"])
+        n, dim, has_labels, class_names, shards = _checked_index(index, path)
+        # every shard's header is checked before the (n, dim) array is allocated: an index that
+        # lies about n or dim must not end in a traceback or a half-filled array
+        files = [_checked_shard(path / s["file"], s["n"], dim, has_labels) for s in shards]
+        rows = sum(s["n"] for s in shards)
+        if rows != n:
+            raise PretrainReuseError(
+                f"feature store {str(path)!r}: index.json says n={n} but its shards hold {rows} "
+                "rows; re-run embed (or FeatureStore.save) to rewrite the store")
         features = np.empty((n, dim), dtype=np.float32)
-        labels = np.empty(n, dtype=np.int64) if index["has_labels"] else None
+        labels = np.empty(n, dtype=np.int64) if has_labels else None
         ids: list[str] = []
-        row = 0
-        for shard in index["shards"]:
-            file = path / shard["file"]
-            try:
-                t = load_file(str(check_file("feature shard", file)))
-            except (SafetensorError, OSError, ValueError) as e:
-                raise PretrainReuseError(
-                    f"feature shard {str(file)!r} is corrupt ({e}); re-run embed to rewrite it"
-                ) from None
-            k = int(shard["n"])
-            if t["features"].shape != (k, dim):
-                raise PretrainReuseError(
-                    f"feature shard {str(file)!r} holds {t['features'].shape}, index says {(k, dim)}; "
-                    "re-run embed to rewrite the store"
-                )
-            features[row:row + k] = t["features"]
+        start = 0
+        for file, shard in zip(files, shards, strict=True):
+            t, k = load_file(str(file)), shard["n"]
+            features[start:start + k] = t["features"]
             if labels is not None:
-                labels[row:row + k] = t["labels"]
+                labels[start:start + k] = t["labels"]
             ids.extend(decode_ids(t["ids"], k, file))
-            row += k
-        if row != n:
-            raise PretrainReuseError(f"store {str(path)!r} has {row} rows, index says {n}; re-run embed")
-        return cls(features=features, labels=labels, ids=ids,
-                   class_names=index.get("class_names"), meta=index.get("meta", {}))
+            start += k
+        return cls(features=features, labels=labels, ids=ids, class_names=class_names,
+                   meta=index.get("meta", {}))
+
+
+def _checked_index(index: dict, path: Path) -> tuple[int, int, bool, list[str] | None, list[dict]]:
+    """n, dim, has_labels, class_names and shards of a store's ``index.json``, checked."""
+    def corrupt(what: str) -> PretrainReuseError:
+        return PretrainReuseError(f"feature store {str(path)!r}: index.json {what}; re-run embed "
+                                  "(or FeatureStore.save) to rewrite the store")
+
+    def count(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    version = index.get("format")
+    if not count(version) or version > STORE_FORMAT:
+        raise PretrainReuseError(
+            f"feature store {str(path)!r} has format {version!r}, this version of pretrain-reuse "
+            f"reads format {STORE_FORMAT}; upgrade pretrain-reuse or re-run embed")
+    n, dim, has_labels = index.get("n"), index.get("dim"), index.get("has_labels")
+    if not count(n) or not count(dim) or not dim or not isinstance(has_labels, bool):
+        raise corrupt(f"has n={n!r}, dim={dim!r}, has_labels={has_labels!r} (counts and a true/false)")
+    names = index.get("class_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(c, str) for c in names)):
+        raise corrupt(f"has class_names {str(names)[:60]}, not a list of names")
+    shards = index.get("shards")
+    if not isinstance(shards, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("file"), str) and count(s.get("n")) for s in shards):
+        raise corrupt("lacks a list of shards, each a file name and a row count n")
+    return n, dim, has_labels, names, shards
+
+
+def _checked_shard(file: Path, k: int, dim: int, has_labels: bool) -> Path:
+    """``file`` after checking, from its header, that it holds the index's k rows of dim features
+    (float32), their ids and, when the store has labels, k int64 labels."""
+    expected = {"features": ([k, dim], "F32"), "ids": None,
+                **({"labels": ([k], "I64")} if has_labels else {})}
+    try:
+        with safe_open(str(check_file("feature shard", file)), framework="numpy") as fh:
+            found = {name: (fh.get_slice(name).get_shape(), fh.get_slice(name).get_dtype())
+                     for name in fh.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PretrainReuseError(
+            f"feature shard {str(file)!r} is corrupt ({e}); re-run embed to rewrite it") from None
+    for name, want in expected.items():
+        if name not in found or (want is not None and found[name] != want):
+            got = found.get(name, "no tensor")
+            raise PretrainReuseError(
+                f"feature shard {str(file)!r} holds {name} {got}, the index says {want or 'ids'}; "
+                "re-run embed to rewrite the store")
+    return file
+
+
+def _is_real(dtype: np.dtype) -> bool:
+    return dtype.kind in "biuf"  # bool, signed and unsigned integers, floats
+
+
+def _class_indices(labels: np.ndarray, n: int) -> np.ndarray:
+    """``labels`` as int64 class indices, after checking that they are n whole numbers >= 0 that
+    int64 holds (a float 1e300 or a uint64 2**64-1 would otherwise wrap to a negative index)."""
+    if labels.shape != (n,):
+        raise PretrainReuseError(
+            f"labels must be a vector of {n} entries (one per feature row), got shape {labels.shape}")
+    if not _is_real(labels.dtype):
+        raise PretrainReuseError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    if not np.all(np.mod(labels, 1) == 0):  # NaN fails this too
+        bad = labels[np.flatnonzero(~(np.mod(labels, 1) == 0))[0]]
+        raise PretrainReuseError(f"labels must be integer class indices, got {bad}")
+    if labels.min() < 0:
+        raise PretrainReuseError(f"labels must be non-negative class indices, got {labels.min()}")
+    if labels.max() >= 2**63:
+        raise PretrainReuseError(f"label {labels.max()} is too large for a class index; relabel to 0..C-1")
+    return labels.astype(np.int64)
+
+
+def check_unique_ids(ids: list[str]) -> None:
+    """Refuse an id given to two samples: units, selections and fine-tuning find samples by id,
+    so an id used twice would map two samples onto one."""
+    if len(set(ids)) < len(ids):
+        seen: set[str] = set()
+        twice = next(i for i in ids if i in seen or seen.add(i))
+        raise PretrainReuseError(f"sample id {twice!r} is given to two samples; give every sample "
+                                 "its own id")
 
 
 def load_npy(what: str, path: str | Path, *, mmap: bool = False) -> np.ndarray:

@@ -34,7 +34,7 @@ from .artifacts import (
     to_json,
 )
 from .errors import PretrainReuseError, check_choice, check_file, check_matrix
-from .features import FeatureStore, load_npy
+from .features import FeatureStore, check_unique_ids, load_npy
 
 KINDS = ("class", "cluster", "prototypes")
 
@@ -62,16 +62,23 @@ class Units:
     def __post_init__(self):
         check_choice("kind", self.kind, KINDS)
         check_matrix("prototypes", self.prototypes)
+        if self.names is not None and (not isinstance(self.names, list | tuple)
+                                       or not all(isinstance(n, str) for n in self.names)):
+            raise PretrainReuseError(f"unit names must be a list of strings, got {str(self.names)[:60]}")
         if self.names is not None and len(self.names) != len(self):
             raise PretrainReuseError(f"got {len(self.names)} unit names for {len(self)} units")
         if self.assignment is not None:
-            if len(self.assignment) != len(self.sample_ids):
+            a = self.assignment
+            if a.ndim != 1 or a.dtype.kind not in "iu":
+                raise PretrainReuseError(f"assignment must be a vector of unit indices, got dtype "
+                                         f"{a.dtype} shape {a.shape}")
+            if len(a) != len(self.sample_ids):
                 raise PretrainReuseError("assignment and sample_ids must have the same length")
-            if len(self.assignment) and self.assignment.max() >= len(self):
+            if len(a) and (a.max() >= len(self) or a.min() < -1):  # -1: in no unit
+                bad = int(a.max()) if a.max() >= len(self) else int(a.min())
                 raise PretrainReuseError(
-                    f"assignment refers to unit {int(self.assignment.max())} but there are only "
-                    f"{len(self)} prototypes"
-                )
+                    f"assignment refers to unit {bad} but the units are 0..{len(self) - 1} (-1: none)")
+            check_unique_ids(self.sample_ids)
 
     def __len__(self) -> int:
         return self.prototypes.shape[0]
@@ -134,11 +141,16 @@ class Units:
         if "prototypes" not in t:
             raise PretrainReuseError(f"{str(p)!r} is not a units file written by pretrain-reuse")
         assignment = t.get("assignment")
+        corrupt = PretrainReuseError(f"units file {str(p)!r} has a corrupt header; rebuild it")
+        if "kind" not in header or (assignment is not None and "sample_ids" not in t):
+            raise corrupt
         ids = decode_ids(t["sample_ids"], len(assignment), p) if assignment is not None else []
         try:
             names, meta = json.loads(header.get("names", "null")), json.loads(header.get("meta", "{}"))
         except json.JSONDecodeError:
-            raise PretrainReuseError(f"units file {str(p)!r} has a corrupt header; rebuild it") from None
+            raise corrupt from None
+        if not isinstance(meta, dict):
+            raise corrupt
         return cls(prototypes=t["prototypes"], kind=header["kind"], assignment=assignment,
                    sample_ids=ids, names=names, meta=meta)
 
@@ -181,18 +193,18 @@ def class_means(store: FeatureStore, *, normalize: bool = False) -> Units:
             "class means need labels; pass --labels (or use --method kmeans for unlabelled data)"
         )
     check_matrix("features", store.features[: min(len(store), 4096)])
-    n_classes = len(store.class_names) if store.class_names else int(store.labels.max()) + 1
-    if store.labels.max() >= n_classes:
+    present = np.unique(store.labels)  # sorted; not a bincount, which a label 10**12 would blow up
+    n_classes = len(store.class_names) if store.class_names else int(present[-1]) + 1
+    if present[-1] >= n_classes:
+        raise PretrainReuseError(f"label {int(present[-1])} is out of range for {n_classes} class names")
+    if len(present) < n_classes:
+        gaps = np.flatnonzero(present != np.arange(len(present)))
+        first = int(gaps[0]) if len(gaps) else len(present)
         raise PretrainReuseError(
-            f"label {int(store.labels.max())} is out of range for {n_classes} class names"
+            f"{n_classes - len(present)} classes have no samples (first: {first}); drop them from "
+            "the label set or relabel to 0..C-1"
         )
     counts = np.bincount(store.labels, minlength=n_classes)
-    if (counts == 0).any():
-        missing = np.flatnonzero(counts == 0)
-        raise PretrainReuseError(
-            f"{len(missing)} classes have no samples (first: {missing[0]}); drop them from the "
-            "label set or relabel to 0..C-1"
-        )
     protos = _group_means(store.features, store.labels, n_classes, normalize)
     check_matrix("class means", protos)
     meta = make_meta("units.class_means", {"normalize": normalize},
@@ -255,6 +267,9 @@ def spherical_kmeans(store: FeatureStore, k: int, *, n_iter: int = 20, n_init: i
         raise PretrainReuseError(f"k={k} clusters is not possible with {n} samples; pass 1 <= k <= {n}")
     if n_iter < 1 or n_init < 1:
         raise PretrainReuseError(f"n_iter and n_init must be >= 1, got {n_iter} and {n_init}")
+    if max_points_per_unit is not None and max_points_per_unit < 1:  # -1 would cut rows off the end
+        raise PretrainReuseError(f"max_points_per_unit must be >= 1 (or unset: train on every "
+                                 f"sample), got {max_points_per_unit}")
     gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
     if gpu and not torch.cuda.is_available():
         raise PretrainReuseError("use_gpu=True but torch sees no CUDA GPU; pass use_gpu=False")
@@ -312,7 +327,7 @@ def _normalized_float32(features: np.ndarray, position: np.ndarray, chunk: int =
     for s in range(0, len(features), chunk):
         block = np.asarray(features[s:s + chunk], dtype=np.float32)
         check_matrix("features", block)
-        norms = np.linalg.norm(block, axis=1, keepdims=True)
+        norms = _row_norms(block)
         if (norms == 0).any():
             row = s + int(np.flatnonzero(norms[:, 0] == 0)[0])
             raise PretrainReuseError(
@@ -460,5 +475,10 @@ def _spherical_objective(x: np.ndarray, assign: np.ndarray, k: int, chunk: int =
 
 
 def _unit_rows(m: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(m, axis=1, keepdims=True)
-    return m / np.where(norms > 0, norms, 1.0)
+    norms = _row_norms(m)
+    return (m / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+
+
+def _row_norms(m: np.ndarray) -> np.ndarray:
+    """(N, 1) L2 norms of the rows, in float64: squared float32 entries overflow above 1e19."""
+    return np.linalg.norm(m.astype(np.float64), axis=1, keepdims=True)
