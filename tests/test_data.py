@@ -290,6 +290,9 @@ def test_batched_access_returns_what_per_item_access_returns(shape, mode, dtype)
     (np.zeros((2, 3, 4, 5)), None, "channels"),
     (np.zeros((2, 3, 4), np.uint8), [0], "labels must be 2"),
     (np.zeros((2, 3, 4), np.uint8), [0.5, 1.0], "integer"),
+    # were taken as they are: 0..255 floats clamp to a white image, NaN passes through
+    (np.full((2, 3, 4), 255.0), None, r"must hold values in \[0, 1\], got the range \[255.0, 255.0\]"),
+    (np.full((2, 3, 4), np.nan, np.float32), None, "float images must hold values in"),
 ])
 def test_array_dataset_rejects_bad_shapes_and_labels(images, labels, match):
     with pytest.raises(PretrainReuseError, match=match):

@@ -270,3 +270,11 @@ def test_a_units_file_with_missing_or_inconsistent_entries_is_one_error(tmp_path
     with pytest.raises(PretrainReuseError) as err:
         Units.load(tmp_path / "u.safetensors")
     assert message in str(err.value)
+
+
+def test_class_means_with_too_few_class_names_say_how_many_are_needed():
+    store = FeatureStore(features=np.ones((4, 3), np.float32), labels=np.array([0, 1, 2, 2]),
+                         class_names=["a", "b"])
+    with pytest.raises(PretrainReuseError, match=r"label 2 is out of range for 2 class names; give "
+                                                 r"one name per label 0\.\.2"):
+        class_means(store)

@@ -196,7 +196,9 @@ def class_means(store: FeatureStore, *, normalize: bool = False) -> Units:
     present = np.unique(store.labels)  # sorted; not a bincount, which a label 10**12 would blow up
     n_classes = len(store.class_names) if store.class_names else int(present[-1]) + 1
     if present[-1] >= n_classes:
-        raise PretrainReuseError(f"label {int(present[-1])} is out of range for {n_classes} class names")
+        raise PretrainReuseError(
+            f"label {int(present[-1])} is out of range for {n_classes} class names; give one name "
+            f"per label 0..{int(present[-1])} (line i of --class-names names label i)")
     if len(present) < n_classes:
         gaps = np.flatnonzero(present != np.arange(len(present)))
         first = int(gaps[0]) if len(gaps) else len(present)

@@ -167,6 +167,11 @@ class ArrayDataset(ImageDataset):
                 "move the channel axis last")
         if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
             raise PretrainReuseError(f"images must be uint8 or float, got dtype {images.dtype}")
+        # float pixels are used as they are: 0..255 floats would all come out white (NaN fails too)
+        if images.dtype != np.uint8 and not (images.min() >= 0 and images.max() <= 1):
+            raise PretrainReuseError(
+                f"float images must hold values in [0, 1], got the range [{images.min()}, "
+                f"{images.max()}]; divide 0..255 pixels by 255, or pass them as uint8")
         if mode is not None:
             check_choice("mode", mode, MODES)
         n = len(images)
