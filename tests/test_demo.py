@@ -178,3 +178,21 @@ def test_fashion_scenario_on_real_pixels_finds_the_target_garments(tmp_path):
     assert rec["clusters-uot"] > 0.8 > rec["clusters-random"]
     page = (out / "report.html").read_text()
     assert "Fashion-MNIST" in page and all(f'id="{s}"' in page for s in SECTIONS)
+
+
+def test_a_folder_another_version_began_is_refused_not_resumed(tmp_path, capsys, monkeypatch):
+    import pretrain_reuse.demo as demo
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a stage ran in a folder begun by another version")
+
+    monkeypatch.setattr(demo, "finetune_datasets", no_training)
+    out = tmp_path / "run"
+    out.mkdir()
+    # what an earlier version wrote: the same flags, but its stages ran with other epochs and λ
+    (out / "run.json").write_text(json.dumps(
+        {"kind": "demo-run", "params": {"quick": True, "seed": 0, "scenario": "world"}}))
+    assert main(["demo", "--quick", "--quiet", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "other settings (lambda, plan, scenario_settings, version)" in err
+    assert "another --out" in err and sorted(p.name for p in out.iterdir()) == ["run.json"]

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from . import __version__
 from .artifacts import claim_folder, read_json, write_json
 from .data.catalog import open_dataset
 from .embed import EmbedConfig, embed
@@ -139,7 +140,11 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = 
     plan = QUICK if quick else DemoPlan()
     scene = SCENARIOS[check_choice("scenario", scenario, SCENARIOS)]
     pool, target = open_dataset(scene.pool, split="train"), open_dataset(scene.target, split="train")
-    claim_folder(out, "demo-run", {"quick": quick, "seed": seed, "scenario": scenario},
+    # the version and every setting of the stages: a folder another version began (other epochs,
+    # λ or K) would otherwise resume, mixing its finished stages with this version's
+    claim_folder(out, "demo-run", {"quick": quick, "seed": seed, "scenario": scenario,
+                                   "version": __version__, "plan": asdict(plan),
+                                   "scenario_settings": asdict(scene), "lambda": LAMBDA},
                  what="a demo run")
     timing_file = out / "timing.json"
     timing: dict[str, float] = read_json(timing_file, "timing") if timing_file.exists() else {}
