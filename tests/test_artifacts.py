@@ -533,3 +533,11 @@ def test_claim_folder_resumes_the_same_run_and_refuses_any_other(tmp_path):
     with pytest.raises(PretrainReuseError, match="is a file"):
         claim_folder(tmp_path / "file", "demo-run", {}, what="a demo run")
     assert sorted(p.name for p in out.iterdir()) == ["run.json", "stage.txt"]
+
+
+def test_sample_ids_that_are_not_utf8_are_a_corrupt_file_error():
+    from pretrain_reuse.artifacts import decode_ids, encode_ids
+
+    assert decode_ids(encode_ids(["a/1.png", "é.png"]), 2, "u.safetensors") == ["a/1.png", "é.png"]
+    with pytest.raises(PretrainReuseError, match=r"'u\.safetensors' stores sample ids that are not UTF-8"):
+        decode_ids(np.frombuffer(b"a\n\xff\xfe", dtype=np.uint8), 2, "u.safetensors")

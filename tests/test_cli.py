@@ -518,6 +518,10 @@ USER_ERRORS = {
     "units without labels for class means": (
         lambda d: ["units", "--features", d.inp / "src_feats.npy", "--out", d.root / "u.safetensors"],
         ["labels"]),
+    "units class means with k-means flags": (
+        lambda d: ["units", "--features", d.inp / "src_feats.npy", "--labels",
+                   d.inp / "src_labels.npy", "--k", "7", "--seed", "9", "--out", d.root / "u.safetensors"],
+        ["--k, --seed apply to --method kmeans only"]),
     "units kmeans without k": (
         lambda d: ["units", "--features", d.inp / "src_feats.npy", "--labels",
                    d.inp / "src_labels.npy", "--method", "kmeans", "--out", d.root / "u.safetensors"],

@@ -210,12 +210,14 @@ def encode_ids(ids: list[str]) -> np.ndarray:
 
 
 def decode_ids(blob: np.ndarray, n: int, source: str | Path) -> list[str]:
-    ids = bytes(blob).decode().split("\n") if n else []
-    if len(ids) != n:
+    try:
+        ids = bytes(blob).decode().split("\n") if n else []
+    except UnicodeDecodeError:
+        ids = None
+    if ids is None or len(ids) != n:
+        found = "sample ids that are not UTF-8" if ids is None else f"{len(ids)} sample ids"
         raise PretrainReuseError(
-            f"{str(source)!r} stores {len(ids)} sample ids for {n} rows; the file is corrupt, "
-            "rebuild it"
-        )
+            f"{str(source)!r} stores {found} for {n} rows; the file is corrupt, rebuild it")
     return ids
 
 

@@ -124,12 +124,19 @@ def cmd_units(args) -> int:
         raise PretrainReuseError(f"--features {args.features!r} holds units, not features")
     if args.class_names:
         store = replace(store, class_names=_read_lines(args.class_names, "class names"))
+    kmeans_only = {"--k": args.k, "--n-iter": args.n_iter, "--seed": args.seed,
+                   "--max-points-per-unit": args.max_points_per_unit}
     if args.method == "class":
+        given = [flag for flag, value in kmeans_only.items() if value is not None]
+        if given:
+            raise PretrainReuseError(f"{', '.join(given)} apply to --method kmeans only; drop "
+                                     "them for class means")
         units = class_means(store, normalize=args.normalize)
     else:
         if args.k is None:
             raise PretrainReuseError("--method kmeans needs --k (paper: 2000 clusters)")
-        units = spherical_kmeans(store, args.k, n_iter=args.n_iter, seed=args.seed,
+        units = spherical_kmeans(store, args.k, n_iter=20 if args.n_iter is None else args.n_iter,
+                                 seed=args.seed or 0,
                                  max_points_per_unit=args.max_points_per_unit,
                                  normalize_means=args.normalize, progress=not args.quiet)
     units.save(args.out)
@@ -532,12 +539,12 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--class-names", help="text file, one class name per line")
     u.add_argument("--method", choices=("class", "kmeans"), default="class")
     u.add_argument("--k", type=int, help="number of clusters (kmeans; paper: 2000)")
-    u.add_argument("--n-iter", type=int, default=20, help="k-means iterations (default 20)")
+    u.add_argument("--n-iter", type=int, help="k-means iterations (default 20)")
     u.add_argument("--max-points-per-unit", type=int, default=None,
                    help="train k-means on at most k*this many samples (default: all)")
     u.add_argument("--normalize", action="store_true",
                    help="average L2-normalised features (default: raw features, as the paper)")
-    u.add_argument("--seed", type=_seed, default=0)
+    u.add_argument("--seed", type=_seed, help="k-means seed (default 0)")
     u.add_argument("--quiet", action="store_true", help="no progress bar")
     u.add_argument("--out", required=True, help="output units .safetensors")
     u.set_defaults(func=cmd_units)

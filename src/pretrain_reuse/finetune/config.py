@@ -177,8 +177,9 @@ class FinetuneConfig:
             raise PretrainReuseError(f"strong_ops must be >= 0, got {self.strong_ops!r}")
         if self.train_fraction is not None and not 0 < self.train_fraction <= 1:
             raise PretrainReuseError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
-        if self.long_tail_ratio is not None and not self.long_tail_ratio >= 1:
-            raise PretrainReuseError(f"long_tail_ratio must be >= 1, got {self.long_tail_ratio}")
+        if self.long_tail_ratio is not None and not 1 <= self.long_tail_ratio < math.inf:
+            raise PretrainReuseError(f"long_tail_ratio must be a finite number >= 1, got "
+                                     f"{self.long_tail_ratio}")
 
     @property
     def uses_source(self) -> bool:
