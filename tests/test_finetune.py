@@ -740,14 +740,19 @@ def test_cotuning_relationship_comes_from_pretrained_predictions_on_the_splits(
     np.testing.assert_allclose(rel.sum(axis=1), 1.0, atol=1e-5)
 
 
-def test_unreadable_training_images_are_reported_and_a_batch_of_only_them_is_an_error(
-        tmp_path, capsys):
+def _with_a_broken_image(tmp_path) -> list:
+    """finetune arguments on 2 classes of 6 images plus one unreadable file, c1/zz-broken.png."""
     root = tmp_path / "t2"
     for c in range(2):
         write_images(root / f"c{c}", 6, c, seed=400 + c)
     (root / "c1" / "zz-broken.png").write_bytes(b"not a png")
-    args = ["finetune", "--model", "smallcnn-s", "--target", root, "--target-test", root,
+    return ["finetune", "--model", "smallcnn-s", "--target", root, "--target-test", root,
             "--val-fraction", "0", "--epochs", "1"]
+
+
+def test_unreadable_training_images_are_reported_and_a_batch_of_only_them_is_an_error(
+        tmp_path, capsys):
+    args = _with_a_broken_image(tmp_path)
     rc, _, err = cli(capsys, *args, "--batch-size", "4", "--out", tmp_path / "ok")
     assert rc == 0 and "skipped 1 unreadable image(s) of 13: c1/zz-broken.png" in err
     rc, _, err = cli(capsys, *args, "--batch-size", "1", "--quiet", "--out", tmp_path / "bad")
@@ -1079,12 +1084,7 @@ def test_a_run_stopped_before_its_first_checkpoint_can_be_rerun_with_other_setti
         tmp_path, capsys):
     # a bad setting stops the run after run.json is written (a batch of only an unreadable
     # image); the fixed command has another config, and nothing was trained: it starts afresh
-    root = tmp_path / "t2"
-    for c in range(2):
-        write_images(root / f"c{c}", 6, c, seed=400 + c)
-    (root / "c1" / "zz-broken.png").write_bytes(b"not a png")
-    args = ["finetune", "--model", "smallcnn-s", "--target", root, "--target-test", root,
-            "--val-fraction", "0", "--epochs", "1", "--quiet", "--out", tmp_path / "run"]
+    args = [*_with_a_broken_image(tmp_path), "--quiet", "--out", tmp_path / "run"]
     rc, _, err = cli(capsys, *args, "--batch-size", "1")
     assert "unreadable" in err
     assert rc == 2 and (tmp_path / "run" / "run.json").exists()
