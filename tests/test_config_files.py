@@ -47,6 +47,9 @@ def one_line_error(capsys, tmp_path, argv: list[str], yaml_text: str) -> str:
     ("nesterov: maybe", ["'nesterov'", "must be true or false", "'maybe'"]),
     ("device: 5", ["'device'", "must be a string"]),
     ("lrr: 0.1", ["'lrr'", "did you mean 'lr'"]),
+    # PyYAML keeps the last of two values without a word
+    ("lr: 0.1\nlr: 0.2", ["line 2", "key 'lr' is given twice"]),
+    ("milestones: [0.6, 0.6]", ["milestones must be increasing"]),
 ])
 def test_finetune_config_value_of_the_wrong_type_is_one_line(yaml_text, needles, tmp_path, capsys):
     line = one_line_error(capsys, tmp_path, FINETUNE, yaml_text + "\n")

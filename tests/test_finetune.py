@@ -799,11 +799,11 @@ def test_long_tail_ratio_follows_the_exponential_profile(tmp_path, capsys):
 
 def test_yaml_config_with_flag_overrides_is_saved_with_the_run(files, tmp_path, capsys):
     cfg = tmp_path / "recipe.yaml"
-    cfg.write_text(yaml.safe_dump({"lr": 0.01, "lam": 0.5, "milestones": [0.5, 0.9]}))
+    cfg.write_text(yaml.safe_dump({"lr": 0.01, "weight_decay": 0.0005, "milestones": [0.5, 0.9]}))
     out = run_ok(capsys, *base_args(files, tmp_path / "run", steps=1), "--config", cfg,
                  "--lr", 0.02)
     run = json.loads((out / "run.json").read_text())
-    assert run["config"]["lr"] == 0.02 and run["config"]["lam"] == 0.5
+    assert run["config"]["lr"] == 0.02 and run["config"]["weight_decay"] == 0.0005
     assert run["config"]["milestones"] == [0.5, 0.9]
     cfg.write_text(yaml.safe_dump({"lr": 0.01, "learning_rate": 0.5}))
     rc, _, err = cli(capsys, *base_args(files, tmp_path / "bad", steps=1), "--config", cfg)
@@ -826,6 +826,16 @@ def test_yaml_config_with_flag_overrides_is_saved_with_the_run(files, tmp_path, 
     (["--source", "SOURCE", "--selection", "BADSEL"], "--source, --selection would be ignored"),
     (["--grid", "lr=0.1", "--grid", "lr=0.2"], "names 'lr' twice"),
     (["--grid", "lr=0.1,0.1"], "repeats a value"),
+    # options the recipe never reads, refused instead of silently ignored
+    (["--lam", "0.5"], "lam=0.5 has no effect in mode 'vanilla'"),
+    (["--epochs", "3"], "epochs=3 has no effect beside max_steps=4"),
+    (["--schedule", "cosine", "--milestones", "0.5"], "milestones [0.5] have no effect"),
+    (["--grid", "lam=0.1,1"], "lam=0.1 has no effect in mode 'vanilla'"),
+    # refused before the first run of the grid, not after all of them
+    (["--val-fraction", "0", "--grid", "lr=0.1,0.2"], "picks on the validation split"),
+    (["--warmup-steps", "5"], "warmup_steps=5 exceeds the 4 training steps"),
+    (["--image-size", "1"], "image_size 1 does not fit backbone 'smallcnn-s'"),
+    (["--image-size", "100000"], "image_size must be at most 4096"),
 ])
 def test_bad_arguments_exit_2_with_one_line(files, tmp_path, capsys, extra, needle):
     bad_sel = tmp_path / "bad_sel.json"
@@ -834,6 +844,46 @@ def test_bad_arguments_exit_2_with_one_line(files, tmp_path, capsys, extra, need
     rc, _, err = cli(capsys, *base_args(files, tmp_path / "run"), *extra)
     assert_one_line_error(rc, err, needle)
     assert not (tmp_path / "run").exists()  # nothing half-written, not even split.json
+
+
+@pytest.mark.parametrize("settings, needle", [
+    ({"mode": "reuse-unlabeled", "source_head": "full"}, "source_head='full' has no effect"),
+    ({"mode": "co-tuning", "source_batch_size": 16}, "source_batch_size=16 has no effect"),
+    ({"mode": "reuse", "cutout": 0.2}, "cutout=0.2 has no effect"),
+    ({"mode": "reuse", "cotuning_relationship": "reverse"}, "cotuning_relationship='reverse'"),
+    ({"mode": "linear-probe", "source_sampling": "units"}, "source_sampling='units'"),
+])
+def test_options_the_mode_never_reads_are_refused(settings, needle):
+    with pytest.raises(PretrainReuseError, match=re.escape(needle)):
+        FinetuneConfig(**settings).check_options_used()
+
+
+def test_options_the_mode_reads_are_accepted():
+    for cfg in (FinetuneConfig(mode="reuse", lam=1.0, source_head="full", source_batch_size=16),
+                FinetuneConfig(mode="reuse-unlabeled", cutout=0.2, strong_ops=1),
+                FinetuneConfig(mode="co-tuning", lam=2.3, cotuning_relationship="reverse"),
+                FinetuneConfig(max_steps=10), FinetuneConfig(schedule="cosine")):
+        cfg.check_options_used()
+
+
+def test_repeated_milestones_are_refused():
+    with pytest.raises(PretrainReuseError, match="increasing"):
+        FinetuneConfig(milestones=(0.6, 0.6))
+
+
+def test_resuming_after_the_data_changed_on_disk_is_refused(files, tmp_path, capsys):
+    """The paths are the same, the samples are not: resuming would train the rest of the run on
+    other data (and mix evaluations on two test sets) without a word."""
+    import shutil
+
+    train = tmp_path / "train"
+    shutil.copytree(files["train"], train)
+    argv = [*base_args(files, tmp_path / "run", steps=2), "--target", train,
+            "--checkpoint-every", "1"]
+    run_ok(capsys, *argv)
+    shutil.copy(train / "t0" / "000.png", train / "t1" / "999.png")  # one image more
+    rc, _, err = cli(capsys, *argv)
+    assert_one_line_error(rc, err, "the sample ids or labels", "--out")
 
 
 def test_out_naming_a_file_is_a_one_line_error(files, tmp_path, capsys):
@@ -1021,17 +1071,19 @@ def test_resume_with_a_changed_config_exits_2(files, tmp_path, capsys):
 
 def test_a_run_from_before_an_option_existed_resumes_with_its_default(files, tmp_path, capsys):
     """A version that adds an option writes it into run.json; a run folder written before it
-    lacks the key, and it ran with the option's default (the earlier behaviour)."""
+    lacks the key, and it ran with the option's default (the earlier behaviour). Likewise an
+    input recorded since (the data's fingerprint)."""
     argv = [*base_args(files, tmp_path / "run", steps=2), "--checkpoint-every", "1"]
     out = run_ok(capsys, *argv)
     marker = json.loads((out / "run.json").read_text())
-    assert marker["config"].pop("strong_ops") == FinetuneConfig().strong_ops
+    assert marker["config"].pop("augment") == FinetuneConfig().augment
+    assert marker["inputs"].pop("data")
     (out / "run.json").write_text(json.dumps(marker))
     before = json.loads((out / "result.json").read_text())["final"]
     run_ok(capsys, *argv)
     assert json.loads((out / "result.json").read_text())["final"] == before
-    rc, _, err = cli(capsys, *argv, "--strong-ops", "1")
-    assert_one_line_error(rc, err, "strong_ops", "--out")
+    rc, _, err = cli(capsys, *argv, "--augment", "none")
+    assert_one_line_error(rc, err, "augment", "--out")
 
 
 def test_a_diverged_run_exits_2_at_the_next_checkpoint(files, tmp_path, capsys):

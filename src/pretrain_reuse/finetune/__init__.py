@@ -7,6 +7,8 @@ the loop itself, for users who build their own model and datasets.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from .data import (
     split_validation,
 )
 from .evaluate import cotuning_relationship, cotuning_reverse_relationship, predict
-from .loop import RunResult, train
+from .loop import RunResult, total_steps, train
 from .model import FinetuneModel, reinitialize, source_classifier
 
 __all__ = ["MODES", "FinetuneConfig", "RunResult", "finetune_datasets", "load_config",
@@ -94,6 +96,7 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
         selection: ``sel.json`` from ``pretrain-reuse select`` (reuse modes).
         units: the units file the selection was made on (needed for cluster units).
     """
+    cfg.check_options_used()
     if cfg.uses_source and (source is None or selection is None):
         raise PretrainReuseError(f"mode {cfg.mode!r} needs --source DATA and --selection sel.json")
     given = [flag for flag, value in (("--source", source), ("--selection", selection),
@@ -135,6 +138,9 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
     num_classes = _check_classes(train_pool, progress)
     train_set, val_set, split = target_splits(cfg, train_pool)
     check_batch_size(len(train_set), cfg.batch_size)  # before anything is written
+    total_steps(cfg, len(train_set))
+    if cfg.image_size is not None:
+        _check_input_side(backbone, cfg.image_size)
     test_set = test_set.subset(range(len(test_set)))
     for d in (train_set, val_set, test_set):  # views of the caller's data, safe to configure
         d.transform = resize
@@ -160,8 +166,39 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
     # only now: a bad argument leaves no folder
     out = make_run_folder(Path(out), "a fine-tuning run", "run.json", early=("split.json",)).parent
     write_json(out / "split.json", split)
-    return train(cfg, net, train_set, val_set, test_set, source_data, out,
-                 inputs=inputs or {"model": model, "weights": weights}, progress=progress)
+    # the paths alone do not show data changed on disk; a resumed run would mix the two
+    inputs = {**(inputs or {"model": model, "weights": weights}),
+              "data": _data_fingerprint(train_set, val_set, test_set, source_data)}
+    return train(cfg, net, train_set, val_set, test_set, source_data, out, inputs=inputs,
+                 progress=progress)
+
+
+def _data_fingerprint(train_set: ImageDataset, val_set: ImageDataset, test_set: ImageDataset,
+                      source: SourceData | None) -> str:
+    """SHA-256 of the sample ids and labels of every split the run reads."""
+    digest = hashlib.sha256()
+    for part in (train_set, val_set, test_set, *([source.dataset] if source else [])):
+        digest.update(json.dumps([part.ids, np.asarray(part.labels).tolist()]).encode())
+    if source is not None:
+        digest.update(json.dumps(source.labels.tolist()).encode())
+    return digest.hexdigest()
+
+
+def _check_input_side(backbone, side: int) -> None:
+    """An ``image_size`` the backbone cannot take (too small for its poolings, or a side its
+    patches or position embeddings do not fit) would fail at the first step with a traceback
+    from deep in torch: one image through the backbone says so now."""
+    was_training = backbone.training
+    backbone.eval()  # no BatchNorm statistics are updated by this probe
+    try:
+        with torch.no_grad():
+            backbone.features(torch.zeros(1, 3, side, side))
+    except RuntimeError as e:
+        raise PretrainReuseError(
+            f"image_size {side} does not fit backbone {backbone.spec.name!r} ({str(e).splitlines()[0]}); "
+            f"pass another --image-size, or none for its {backbone.spec.input_size[0]}") from None
+    finally:
+        backbone.train(was_training)
 
 
 def _check_classes(train_pool: ImageDataset, progress: bool) -> int:

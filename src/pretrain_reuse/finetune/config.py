@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import types
+from collections.abc import Hashable
 from dataclasses import asdict, dataclass, fields
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
@@ -27,6 +29,9 @@ from ..errors import (
 MODES = ("vanilla", "reuse", "reuse-unlabeled", "co-tuning", "linear-probe", "scratch")
 SCHEDULES = ("step", "cosine")
 
+#: The largest image side accepted: 8x the usual 224 (one 3 x 4096 x 4096 image is 200 MB).
+MAX_IMAGE_SIZE = 4096
+
 #: The values a text field takes.
 CHOICES: dict[str, tuple[str, ...]] = {
     "mode": MODES,
@@ -37,6 +42,19 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "cotuning_relationship": ("direct", "reverse"),
     "augment": ("standard", "flip", "none"),
     "precision": ("auto", "fp32", "bf16"),
+}
+
+#: Options that only some modes read (option -> those modes): set in another mode, an option
+#: would be silently ignored (see :meth:`FinetuneConfig.check_options_used`).
+MODE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "lam": ("reuse", "reuse-unlabeled", "co-tuning"),
+    "source_batch_size": ("reuse", "reuse-unlabeled"),
+    "source_sampling": ("reuse", "reuse-unlabeled"),
+    "source_bn": ("reuse", "reuse-unlabeled"),
+    "source_head": ("reuse",),  # reuse-unlabeled reads no source labels
+    "cotuning_relationship": ("co-tuning",),
+    "cutout": ("reuse-unlabeled",),  # the strong view exists only there
+    "strong_ops": ("reuse-unlabeled",),
 }
 
 #: What each field means: the help of its command-line flag and the reference of its YAML key.
@@ -164,9 +182,13 @@ class FinetuneConfig:
         for name in ("source_batch_size", "image_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise PretrainReuseError(f"{name} must be >= 1 (or unset), got {getattr(self, name)!r}")
+        if self.image_size is not None and self.image_size > MAX_IMAGE_SIZE:
+            raise PretrainReuseError(f"image_size must be at most {MAX_IMAGE_SIZE} pixels (a batch "
+                                     f"of larger images would not fit in memory), got {self.image_size}")
         if not 0 <= self.val_fraction < 1:
             raise PretrainReuseError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
-        if list(self.milestones) != sorted(self.milestones) or not all(
+        # strictly: a repeated milestone would divide the lr by 100 at once
+        if any(a >= b for a, b in pairwise(self.milestones)) or not all(
                 0 < m < 1 for m in self.milestones):
             raise PretrainReuseError(
                 f"milestones must be increasing fractions of training in (0, 1), got {self.milestones}"
@@ -188,6 +210,50 @@ class FinetuneConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def check_options_used(self) -> None:
+        """Refuse an option set (to other than its default) that this recipe never reads: a
+        ``lam`` with vanilla, or ``epochs`` beside ``max_steps``, would be silently ignored.
+
+        Called where a user states a recipe (:func:`~.run_finetune`, the grid), not in
+        ``__post_init__``: the experiment and the demo share one base recipe across modes."""
+        default = FinetuneConfig()
+
+        def is_set(name: str) -> bool:
+            return getattr(self, name) != getattr(default, name)
+
+        for name, modes in MODE_OPTIONS.items():
+            if self.mode not in modes and is_set(name):
+                raise PretrainReuseError(
+                    f"{name}={getattr(self, name)!r} has no effect in mode {self.mode!r} (only in "
+                    f"{', '.join(modes)}); drop it")
+        if self.schedule != "step" and is_set("milestones"):
+            raise PretrainReuseError(
+                f"milestones {list(self.milestones)} have no effect with schedule "
+                f"{self.schedule!r}; drop them, or use schedule 'step'")
+        if self.max_steps is not None and is_set("epochs"):
+            raise PretrainReuseError(
+                f"epochs={self.epochs} has no effect beside max_steps={self.max_steps} (max_steps "
+                "sets the length of training); pass one of them")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key written twice in one mapping: PyYAML would keep the
+    last value and drop the first without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # the base class reports an unhashable key
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice; keep one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
 
 def config_values(path: str | Path | None, overrides: dict[str, Any]) -> dict[str, Any]:
     """The field: value mapping of a YAML ``--config`` file (optional) with the ``overrides``
@@ -195,7 +261,7 @@ def config_values(path: str | Path | None, overrides: dict[str, Any]) -> dict[st
     values: dict[str, Any] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(read_text("--config", path)) or {}
+            loaded = yaml.load(read_text("--config", path), _UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             # PyYAML's own text spans several lines (the source line and a caret); keep the
             # problem and its position, on the one line the CLI prints

@@ -54,17 +54,25 @@ def grid_search(cfg: FinetuneConfig, grid: dict[str, list[Any]], out: str | Path
         raise PretrainReuseError("the grid is empty; pass --grid FIELD=V1,V2")
     out = Path(out)
     names = sorted(grid)
+    settings = [dict(zip(names, values, strict=True))
+                for values in itertools.product(*(grid[n] for n in names))]
+    # every combination is checked before the first run, not after hours of the others
+    configs = [replace(cfg, **setting) for setting in settings]
+    for c in configs:
+        c.check_options_used()
+        if c.val_fraction == 0:
+            raise PretrainReuseError("grid search picks on the validation split; set val_fraction > 0")
     rows = []
-    for values in itertools.product(*(grid[n] for n in names)):
-        setting = dict(zip(names, values, strict=True))
+    for setting, c in zip(settings, configs, strict=True):
         tag = ",".join(f"{k}={v}" for k, v in setting.items())
-        result = run(replace(cfg, **setting), out / tag)
+        result = run(c, out / tag)
         best = result.at_best_val
         rows.append({**setting, "run": tag, "val_top1": best["val"]["top1"],
                      "test_top1_at_best_val": best["top1"], "test_top1_final": result.final["top1"],
                      "best_step": best["step"]})
-    if any(r["val_top1"] is None for r in rows):
-        raise PretrainReuseError("grid search picks on the validation split; set val_fraction > 0")
+    if any(r["val_top1"] is None for r in rows):  # a regime can leave no image for validation
+        raise PretrainReuseError("grid search picks on the validation split, but a run had no "
+                                 "validation images; set a larger val_fraction")
     winner = max(rows, key=lambda r: r["val_top1"])
     with atomic_path(out / "grid.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))

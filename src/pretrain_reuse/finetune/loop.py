@@ -113,6 +113,17 @@ def _seed(seed: int, device: torch.device) -> None:
         torch.manual_seed(seed)
 
 
+def total_steps(cfg: FinetuneConfig, n_train: int) -> int:
+    """Optimiser steps of a run on ``n_train`` (>= batch size) target samples; a warm-up longer
+    than training is refused, as the learning rate would never reach ``lr``."""
+    total = cfg.max_steps or cfg.epochs * (n_train // cfg.batch_size)
+    if cfg.warmup_steps > total:
+        raise PretrainReuseError(
+            f"warmup_steps={cfg.warmup_steps} exceeds the {total} training steps, so the learning "
+            "rate would never reach lr; pass fewer --warmup-steps (or train longer)")
+    return total
+
+
 def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
           val_set: ImageDataset, test_set: ImageDataset, source: SourceData | None, out: Path,
           *, inputs: dict[str, Any] | None = None, progress: bool = True) -> RunResult:
@@ -134,7 +145,7 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
         raise PretrainReuseError(f"batch size {batch} is not divisible by the {world} processes")
     target_batches = StepBatches(len(train_set), batch, cfg.seed, stream=0)
     steps_per_epoch = target_batches.steps_per_epoch
-    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    total = total_steps(cfg, len(train_set))
     eval_every = cfg.eval_every * steps_per_epoch
 
     out.mkdir(parents=True, exist_ok=True)
@@ -338,6 +349,10 @@ def _evaluate(model: FinetuneModel, dataset: ImageDataset, view: View, cfg: Fine
 RESUMABLE_WITH_OTHER = ("workers", "checkpoint_every")
 
 
+#: How a resume error names the "data" input (the fingerprint of the samples of every split).
+DATA_CHANGED = "data: the sample ids or labels of the target, test or source data changed"
+
+
 def _resume_point(out: Path, identity: dict) -> int:
     """The step to start from: 0 for a new run, else the checkpoint's (same config required)."""
     marker = out / "run.json"
@@ -355,8 +370,12 @@ def _resume_point(out: Path, identity: dict) -> int:
     old_config = {**defaults, **old.get("config", {})}
     changed = sorted(k for k in identity["config"] if k not in RESUMABLE_WITH_OTHER
                      and old_config.get(k) != identity["config"][k])
-    if changed or old.get("inputs") != identity["inputs"]:
-        what = f"config ({', '.join(changed)})" if changed else "inputs"
+    # an input recorded since the run began (like "data") is missing from its run.json: not a change
+    old_inputs = old.get("inputs", {})
+    changed_inputs = sorted(k for k in old_inputs if old_inputs[k] != identity["inputs"].get(k))
+    if changed or changed_inputs:
+        what = (f"config ({', '.join(changed)})" if changed else
+                f"input ({', '.join(DATA_CHANGED if k == 'data' else k for k in changed_inputs)})")
         raise PretrainReuseError(
             f"{str(out)!r} holds a run with a different {what}; rerun with the same settings to "
             "resume, or pass a new --out")
