@@ -108,6 +108,25 @@ def test_label_selection_keeps_given_ids_then_pattern_matches():
         select(src, _units(s[:1]), SelectConfig(method="label", k=1, unit_ids=(6,)))
 
 
+def test_label_name_pattern_matching_nothing_is_refused_beside_ids():
+    s = np.eye(3, 4)
+    src = Units(prototypes=s, names=["sparrow", "dog", "owl"])
+    # the ids alone would have been selected, the mistyped pattern silently dropped
+    with pytest.raises(PretrainReuseError, match="'zebra' matches no unit"):
+        select(src, _units(s[:1]), SelectConfig(method="label", unit_ids=(1,), k=None,
+                                               name_pattern="zebra"))
+
+
+def test_label_with_a_sample_share_the_named_units_cannot_reach_is_refused():
+    s = np.eye(4)
+    src = _units(s, counts=[10, 10, 10, 70])
+    # the share is made of the named units only, never of unnamed ones taken in id order
+    sel = select(src, _units(s[:1]), SelectConfig(method="label", unit_ids=(3, 1), k=0.5))
+    assert sel.selected == [3]
+    with pytest.raises(PretrainReuseError, match=r"named units hold 20\.0%"):
+        select(src, _units(s[:1]), SelectConfig(method="label", unit_ids=(2, 1), k=0.5))
+
+
 def test_k_as_fraction_covers_that_share_of_samples():
     rng = np.random.default_rng(3)
     s = rng.standard_normal((20, 4))

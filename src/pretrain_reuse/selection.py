@@ -264,13 +264,21 @@ def _score_label(source: Units, targets: list[Units], cfg: SelectConfig):
             pattern = re.compile(cfg.name_pattern)
         except re.error as e:
             raise PretrainReuseError(f"name pattern {cfg.name_pattern!r} is not a valid regex: {e}") from None
-        chosen += [i for i, n in enumerate(source.names) if pattern.search(n) and i not in chosen]
-    if not chosen:
-        raise PretrainReuseError(f"name pattern {cfg.name_pattern!r} matches no unit name")
+        matched = [i for i, n in enumerate(source.names) if pattern.search(n)]
+        if not matched:  # even beside --ids: a pattern that names nothing is a typo
+            raise PretrainReuseError(f"name pattern {cfg.name_pattern!r} matches no unit name")
+        chosen += [i for i in matched if i not in chosen]
     if _is_count(cfg.k) and cfg.k > len(chosen):
         raise PretrainReuseError(
             f"k={cfg.k} but only {len(chosen)} units were named (--ids/--names); pass --k {len(chosen)}"
         )
+    counts = source.counts
+    if isinstance(cfg.k, float) and counts is not None and (
+            counts[chosen].sum() < cfg.k * counts.sum() * (1 - 1e-12)):
+        # the share would be made up with units nobody named, in id order
+        raise PretrainReuseError(
+            f"k={cfg.k} asks for {cfg.k:.0%} of the source samples, but the named units hold "
+            f"{counts[chosen].sum() / counts.sum():.1%}; pass a smaller k, or none for every named unit")
     scores = np.zeros(len(source))
     scores[chosen] = len(chosen) - np.arange(len(chosen))  # keep the given order
     return [(scores, {"n_named": len(chosen)}) for _ in targets]

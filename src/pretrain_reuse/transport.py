@@ -283,6 +283,10 @@ def _check_problem(a, b, cost, eps, tau_a, tau_b, max_iter, tol, dtype, allow_pa
         if not isinstance(value, (int, float)):
             raise PretrainReuseError(f"{name} must be a number, got {value!r}")
         check_positive(name, value, allow_inf=name.startswith("tau"))
+    if tol > LOOSEST_TOL:
+        raise PretrainReuseError(
+            f"tol={tol!r} is too loose: the solver would stop with its marginals off by more than "
+            f"{MARGINAL_TOL} nats and report no convergence; pass tol <= {LOOSEST_TOL} (default 1e-6)")
     if not isinstance(max_iter, int) or max_iter < 1:
         raise PretrainReuseError(f"max_iter must be an integer >= 1, got {max_iter!r}")
     if dtype not in (None, torch.float32, torch.float64):
@@ -327,6 +331,9 @@ def _lam(tau: float, eps: float) -> float:
 #: ``tol`` <= 1e-3; it is there for float32 at tiny ``eps``, where the potentials stop moving at
 #: their rounding error while the marginals are still off by whole nats.
 MARGINAL_TOL = 1e-2
+
+#: The loosest ``tol`` accepted: the one at which Sinkhorn still meets MARGINAL_TOL.
+LOOSEST_TOL = 1e-3
 
 #: Cost entries per chunk when the kernel is built: the chunk stays in cache through the build's
 #: half-dozen elementwise steps, so the cost is read from memory once and the kernel written once.
