@@ -249,6 +249,10 @@ def test_label_selection_without_k_keeps_every_named_unit(capsys, data):
 @pytest.mark.parametrize("extra,needle", [
     (["--ids", "5"], "--method label"),  # ids without the label method would be ignored
     (["--k", "150%"], "--k 150% is not a share of the pool"),
+    (["--method", "random", "--eps", "5", "--tau-b", "3"],
+     "--eps, --tau-b would be ignored by --method random"),
+    (["--method", "uot", "--seed", "3"], "--seed would be ignored by --method uot"),
+    (["--method", "greedy-ot", "--eps-c", "0.1"], "--eps-c would be ignored by --method greedy-ot"),
 ])
 def test_select_options_that_would_be_ignored_or_meaningless_exit_2(capsys, data, extra, needle):
     rc, _, err = cli(capsys, *select_args(data, *extra))

@@ -163,17 +163,27 @@ def _parse_k(text: str) -> int | float:
         ) from None
 
 
+#: select's options and the methods that read them
+METHOD_FLAGS = {"metric": ("uot", "greedy-ot"), "eps_c": ("uot",), "eps": ("uot",),
+                "tau_a": ("uot",), "tau_b": ("uot",), "max_iter": ("uot",), "tol": ("uot",),
+                "dtype": ("uot", "greedy-ot"), "device": ("uot", "greedy-ot"), "seed": ("random",)}
+
+
 def cmd_select(args) -> int:
-    from .selection import SelectConfig, select
+    from .selection import SELECTORS, SelectConfig, select
 
     ids = parse_ids(args.ids, "--ids") if args.ids else ()
     relevant = parse_ids(args.relevant, "--relevant") if args.relevant else ()
     default_k = None if args.method == "label" else 100  # label: every unit it names
     k = _parse_k(args.k) if args.k else default_k
-    cfg = SelectConfig(method=args.method, k=k, metric=args.metric,
-                       eps_c=args.eps_c, eps=args.eps, tau_a=args.tau_a, tau_b=args.tau_b,
-                       max_iter=args.max_iter, tol=args.tol, dtype=args.dtype, device=args.device,
-                       seed=args.seed, unit_ids=ids, name_pattern=args.names)
+    check_choice("method", args.method, SELECTORS)
+    given = {field: getattr(args, field) for field in METHOD_FLAGS
+             if getattr(args, field) is not None}
+    unread = [f"--{f.replace('_', '-')}" for f in given if args.method not in METHOD_FLAGS[f]]
+    if unread:
+        raise PretrainReuseError(f"{', '.join(unread)} would be ignored by --method "
+                                 f"{args.method}; drop them or pick the method that reads them")
+    cfg = SelectConfig(method=args.method, k=k, unit_ids=ids, name_pattern=args.names, **given)
     source = load_units_arg(args.source, args.source_labels, args.class_names, "source")
     target = load_units_arg(args.target, args.target_labels, None, "target")
     sel = select(source, target, cfg)
@@ -561,16 +571,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--k", help="units to select (default 100; with --method label: all named), "
                    "or a fraction of source samples (0.1 or 10%%)")
     s.add_argument("--method", default="uot", help=f"one of {', '.join(SELECTORS)}")
-    s.add_argument("--metric", default="cosine", help=f"one of {', '.join(METRICS)}")
-    s.add_argument("--eps-c", type=float, default=0.01, help="cost scale: C = d/eps_c (0.01)")
-    s.add_argument("--eps", type=float, default=1.0, help="entropic regularisation (1.0)")
-    s.add_argument("--tau-a", type=float, default=1.0, help="source marginal penalty (1.0)")
-    s.add_argument("--tau-b", type=float, default=100.0, help="target marginal penalty (100.0)")
-    s.add_argument("--max-iter", type=int, default=1000)
-    s.add_argument("--tol", type=float, default=1e-6)
-    s.add_argument("--dtype", default="float64", help="float64 or float32")
-    s.add_argument("--device", default="cpu", help="cpu or cuda")
-    s.add_argument("--seed", type=_seed, default=0, help="seed (random selection)")
+    # no argparse defaults below: SelectConfig's apply, and a flag given to a method that does
+    # not read it is refused (METHOD_FLAGS)
+    s.add_argument("--metric", help=f"uot, greedy-ot: one of {', '.join(METRICS)} (cosine)")
+    s.add_argument("--eps-c", type=float, help="uot: cost scale, C = d/eps_c (0.01)")
+    s.add_argument("--eps", type=float, help="uot: entropic regularisation (1.0)")
+    s.add_argument("--tau-a", type=float, help="uot: source marginal penalty (1.0)")
+    s.add_argument("--tau-b", type=float, help="uot: target marginal penalty (100.0)")
+    s.add_argument("--max-iter", type=int, help="uot: iteration cap (1000)")
+    s.add_argument("--tol", type=float, help="uot: tolerance on the potentials (1e-6)")
+    s.add_argument("--dtype", help="uot, greedy-ot: float64 (default) or float32")
+    s.add_argument("--device", help="uot, greedy-ot: cpu (default) or cuda")
+    s.add_argument("--seed", type=_seed, help="random: seed (0)")
     s.add_argument("--ids", help="label method: comma-separated source unit ids")
     s.add_argument("--names", help="label method: regular expression over unit names")
     s.add_argument("--relevant", help="unit ids known to be related (e.g. 7-24,80-100,127-146 for "
