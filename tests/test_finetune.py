@@ -836,11 +836,15 @@ def test_yaml_config_with_flag_overrides_is_saved_with_the_run(files, tmp_path, 
     (["--warmup-steps", "5"], "warmup_steps=5 exceeds the 4 training steps"),
     (["--image-size", "1"], "image_size 1 does not fit backbone 'smallcnn-s'"),
     (["--image-size", "100000"], "image_size must be at most 4096"),
+    (["--mode", "reuse", "--source", "SOURCE", "--selection", "SEL", "--units", "CLASSUNITS"],
+     "--units holds class units"),
 ])
 def test_bad_arguments_exit_2_with_one_line(files, tmp_path, capsys, extra, needle):
     bad_sel = tmp_path / "bad_sel.json"
     Selection(selected=[7], scores=np.zeros(8), params={}).save(bad_sel)
-    extra = [{"SOURCE": str(files["source"]), "BADSEL": str(bad_sel)}.get(a, a) for a in extra]
+    class_units = Units(prototypes=np.ones((4, 2)), kind="class").save(tmp_path / "cu.safetensors")
+    extra = [{"SOURCE": str(files["source"]), "BADSEL": str(bad_sel), "SEL": str(files["sel_class"]),
+              "CLASSUNITS": str(class_units)}.get(a, a) for a in extra]
     rc, _, err = cli(capsys, *base_args(files, tmp_path / "run"), *extra)
     assert_one_line_error(rc, err, needle)
     assert not (tmp_path / "run").exists()  # nothing half-written, not even split.json

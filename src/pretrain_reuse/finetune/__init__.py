@@ -107,6 +107,11 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
             "ignored; pass --mode reuse or reuse-unlabeled, or drop them")
     if target_test is None and str(target) not in DATASETS:
         raise PretrainReuseError("pass --target-test with the test data (folder or list file)")
+    cluster_units = Units.load(units) if units else None
+    if cluster_units is not None and cluster_units.kind != "cluster":
+        raise PretrainReuseError(
+            f"--units holds {cluster_units.kind} units, which map to images by their labels, so "
+            "it would be ignored; only a selection of clusters needs --units: drop it")
 
     inputs = {"model": model, "weights": hash_file(weights) if weights else None,
               "target": str(target), "target_test": str(target_test or target),
@@ -118,7 +123,7 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
         test_set=open_split(target_test or target, "test"),
         source_pool=open_split(source, "train") if cfg.uses_source else None,
         selection=Selection.load(selection) if cfg.uses_source else None,
-        units=Units.load(units) if units else None, out=out, inputs=inputs, progress=progress)
+        units=cluster_units, out=out, inputs=inputs, progress=progress)
 
 
 def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDataset,
