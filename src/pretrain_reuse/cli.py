@@ -124,10 +124,10 @@ def cmd_units(args) -> int:
         raise PretrainReuseError(f"--features {args.features!r} holds units, not features")
     if args.class_names:
         store = replace(store, class_names=_read_lines(args.class_names, "class names"))
-    kmeans_only = {"--k": args.k, "--n-iter": args.n_iter, "--seed": args.seed,
-                   "--max-points-per-unit": args.max_points_per_unit}
+    # the k-means options; spherical_kmeans's defaults apply to those not given
+    kmeans = _given(args, ("n_iter", "seed", "max_points_per_unit"))
     if args.method == "class":
-        given = [flag for flag, value in kmeans_only.items() if value is not None]
+        given = [_flag(f) for f in _given(args, ("k", *kmeans))]
         if given:
             raise PretrainReuseError(f"{', '.join(given)} apply to --method kmeans only; drop "
                                      "them for class means")
@@ -135,16 +135,23 @@ def cmd_units(args) -> int:
     else:
         if args.k is None:
             raise PretrainReuseError("--method kmeans needs --k (paper: 2000 clusters)")
-        units = spherical_kmeans(store, args.k, n_iter=20 if args.n_iter is None else args.n_iter,
-                                 seed=args.seed or 0,
-                                 max_points_per_unit=args.max_points_per_unit,
-                                 normalize_means=args.normalize, progress=not args.quiet)
+        units = spherical_kmeans(store, args.k, **kmeans, normalize_means=args.normalize,
+                                 progress=not args.quiet)
     units.save(args.out)
     sizes = units.meta["sizes"]
     print(f"wrote {len(units)} {units.kind} units to {args.out}: sizes min {sizes['min']}, "
           f"median {sizes['median']:g}, max {sizes['max']} ({sizes['below_5']} below 5)"
           + (f"; objective {units.meta['objective']:.4f}" if "objective" in units.meta else ""))
     return 0
+
+
+def _given(args, fields) -> dict:
+    """The options among ``fields`` (argparse dests without a default) the user gave."""
+    return {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+
+
+def _flag(field: str) -> str:
+    return f"--{field.replace('_', '-')}"
 
 
 def _parse_k(text: str) -> int | float:
@@ -177,9 +184,8 @@ def cmd_select(args) -> int:
     default_k = None if args.method == "label" else 100  # label: every unit it names
     k = _parse_k(args.k) if args.k else default_k
     check_choice("method", args.method, SELECTORS)
-    given = {field: getattr(args, field) for field in METHOD_FLAGS
-             if getattr(args, field) is not None}
-    unread = [f"--{f.replace('_', '-')}" for f in given if args.method not in METHOD_FLAGS[f]]
+    given = _given(args, METHOD_FLAGS)
+    unread = [_flag(f) for f in given if args.method not in METHOD_FLAGS[f]]
     if unread:
         raise PretrainReuseError(f"{', '.join(unread)} would be ignored by --method "
                                  f"{args.method}; drop them or pick the method that reads them")
