@@ -2,6 +2,10 @@
 
 User errors (:class:`PretrainReuseError`, bad flags) and a full or read-only disk print one line
 and exit with status 2; anything else is a bug and keeps its traceback.
+
+Each verb imports the library modules it uses when it runs, not at the top: torch alone takes
+seconds to import, and ``--help``, ``--version`` or a usage error should not wait for it
+(tests/test_cli_startup.py).
 """
 
 from __future__ import annotations
@@ -251,7 +255,7 @@ def _config_fields() -> dict[str, tuple[type, bool]]:
     """FinetuneConfig fields as CLI flags: name -> (element type, takes a list)."""
     import dataclasses
 
-    from .finetune import FinetuneConfig
+    from .finetune.config import FinetuneConfig
 
     types = {"int": int, "float": float, "str": str, "bool": bool}
     out = {}
@@ -267,8 +271,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     leave the YAML value or the default, so the dataclass stays the single source of defaults."""
     import dataclasses
 
-    from .finetune import FinetuneConfig
-    from .finetune.config import CHOICES, FIELD_HELP
+    from .finetune.config import CHOICES, FIELD_HELP, FinetuneConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
     for name, (kind, many) in _config_fields().items():
@@ -515,6 +518,7 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # the choices of --method and --metric; their modules still import torch at the top
     from .selection import SELECTORS
     from .transport import METRICS
 
