@@ -174,6 +174,11 @@ def _parse_k(text: str) -> int | float:
         ) from None
 
 
+#: select's methods and metrics, as selection.SELECTORS and transport.METRICS name them (a test
+#: checks): the parser offers them without importing those modules, which load torch
+SELECT_METHODS = ("uot", "greedy-ot", "random", "label")
+METRIC_NAMES = ("cosine", "l2", "sqeuclidean")
+
 #: select's options and the methods that read them
 METHOD_FLAGS = {"metric": ("uot", "greedy-ot"), "eps_c": ("uot",), "eps": ("uot",),
                 "tau_a": ("uot",), "tau_b": ("uot",), "max_iter": ("uot",), "tol": ("uot",),
@@ -518,9 +523,6 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # the choices of --method and --metric; their modules still import torch at the top
-    from .selection import SELECTORS
-    from .transport import METRICS
 
     p = _Parser(prog="pretrain-reuse", description=(
         "Reuse the right part of the pre-training data when fine-tuning (UOT selection, Liu et "
@@ -580,10 +582,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--class-names", help="names of the source units, one per line")
     s.add_argument("--k", help="units to select (default 100; with --method label: all named), "
                    "or a fraction of source samples (0.1 or 10%%)")
-    s.add_argument("--method", default="uot", help=f"one of {', '.join(SELECTORS)}")
+    s.add_argument("--method", default="uot", help=f"one of {', '.join(SELECT_METHODS)}")
     # no argparse defaults below: SelectConfig's apply, and a flag given to a method that does
     # not read it is refused (METHOD_FLAGS)
-    s.add_argument("--metric", help=f"uot, greedy-ot: one of {', '.join(METRICS)} (cosine)")
+    s.add_argument("--metric", help=f"uot, greedy-ot: one of {', '.join(METRIC_NAMES)} (cosine)")
     s.add_argument("--eps-c", type=float, help="uot: cost scale, C = d/eps_c (0.01)")
     s.add_argument("--eps", type=float, help="uot: entropic regularisation (1.0)")
     s.add_argument("--tau-a", type=float, help="uot: source marginal penalty (1.0)")

@@ -1,0 +1,275 @@
+"""A fine-tuning run assembled from names and paths (what the CLI and the experiments call):
+the target splits and regimes, the source data of a selection, the model, then the loop
+(:func:`~.loop.train`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..artifacts import hash_file, make_run_folder, write_json
+from ..data.catalog import DATASETS, open_dataset
+from ..data.datasets import ImageDataset
+from ..data.samplers import subsample_fraction, subsample_long_tail
+from ..errors import PretrainReuseError
+from ..models import create_backbone
+from ..selection import Selection
+from ..units import Units
+from .augment import View, input_size
+from .config import FinetuneConfig
+from .data import (
+    SourceData,
+    check_batch_size,
+    held_out_validation,
+    resize_transform,
+    selected_source,
+    split_validation,
+)
+from .evaluate import cotuning_relationship, cotuning_reverse_relationship, predict
+from .loop import RunResult, total_steps, train
+from .model import FinetuneModel, reinitialize, source_classifier
+
+__all__ = ["finetune_datasets", "open_split", "run_finetune", "target_splits"]
+
+
+def _resize_side(model_spec) -> int:
+    side = model_spec.resize_size
+    return side if isinstance(side, int) else max(side)
+
+
+def target_splits(cfg: FinetuneConfig, train_pool: ImageDataset
+                  ) -> tuple[ImageDataset, ImageDataset, dict]:
+    """Training and validation subsets of the target training data (seeded), and the record of
+    the chosen sample ids (saved as ``split.json`` so the run can be audited).
+
+    A low-data (``train_fraction``) or long-tail (``long_tail_ratio``) regime draws the training
+    subset from the whole pool, so it has exactly the paper's size (20 % of every class; largest
+    / smallest class = ratio), and the validation images come from the images it leaves out
+    (:func:`~.data.held_out_validation`). Without a regime, validation is carved from the pool
+    (:func:`~.data.split_validation`)."""
+    labels = train_pool.labels
+    if labels is None:
+        raise PretrainReuseError("the target data has no labels; fine-tuning needs class labels")
+    sampler = {}
+    if cfg.train_fraction is not None or cfg.long_tail_ratio is not None:
+        sub = (subsample_fraction(labels, cfg.train_fraction, seed=cfg.seed)
+               if cfg.train_fraction is not None
+               else subsample_long_tail(labels, cfg.long_tail_ratio, seed=cfg.seed))
+        train_idx, sampler = np.sort(sub.indices), sub.params
+        val_idx = held_out_validation(labels, train_idx, cfg.val_fraction, cfg.seed)
+    else:
+        train_idx, val_idx = split_validation(labels, cfg.val_fraction, cfg.seed)
+    record = {"train": [train_pool.ids[i] for i in train_idx],
+              "val": [train_pool.ids[i] for i in val_idx], "sampler": sampler, "seed": cfg.seed}
+    return train_pool.subset(train_idx), train_pool.subset(val_idx), record
+
+
+def open_split(spec: str | Path, split: str) -> ImageDataset:
+    """``split`` of an embedded data set, or the folder / list file ``spec`` itself (a user's
+    folder holds one split; its test data is passed separately)."""
+    return open_dataset(spec, split=split if str(spec) in DATASETS else None)
+
+
+def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Path,
+                 weights: str | None = None, target_test: str | None = None,
+                 source: str | None = None, selection: str | None = None,
+                 units: str | None = None, progress: bool = True) -> RunResult:
+    """Fine-tune backbone ``model`` (with local ``weights``) on the ``target`` data.
+
+    Args:
+        cfg: the recipe (mode, optimiser, schedule, regimes).
+        model: a backbone name (:func:`~pretrain_reuse.models.create_backbone`).
+        target: target training data: folder, list file or embedded name.
+        out: run folder (created; a rerun with the same arguments resumes it).
+        weights: local weights file of the pre-trained backbone.
+        target_test: test data; default: the ``test`` split of an embedded ``target``.
+        source: the pre-training pool (reuse modes).
+        selection: ``sel.json`` from ``pretrain-reuse select`` (reuse modes).
+        units: the units file the selection was made on (needed for cluster units).
+    """
+    cfg.check_options_used()
+    if cfg.uses_source and (source is None or selection is None):
+        raise PretrainReuseError(f"mode {cfg.mode!r} needs --source DATA and --selection sel.json")
+    given = [flag for flag, value in (("--source", source), ("--selection", selection),
+                                      ("--units", units)) if value is not None]
+    if given and not cfg.uses_source:
+        raise PretrainReuseError(
+            f"mode {cfg.mode!r} reuses no pre-training data, so {', '.join(given)} would be "
+            "ignored; pass --mode reuse or reuse-unlabeled, or drop them")
+    if target_test is None and str(target) not in DATASETS:
+        raise PretrainReuseError("pass --target-test with the test data (folder or list file)")
+    cluster_units = Units.load(units) if units else None
+    if cluster_units is not None and cluster_units.kind != "cluster":
+        raise PretrainReuseError(
+            f"--units holds {cluster_units.kind} units, which map to images by their labels, so "
+            "it would be ignored; only a selection of clusters needs --units: drop it")
+
+    inputs = {"model": model, "weights": hash_file(weights) if weights else None,
+              "target": str(target), "target_test": str(target_test or target),
+              "source": str(source) if source else None,
+              "selection": hash_file(selection) if selection else None,
+              "units": hash_file(units) if units else None}
+    return finetune_datasets(
+        cfg, model=model, weights=weights, train_pool=open_split(target, "train"),
+        test_set=open_split(target_test or target, "test"),
+        source_pool=open_split(source, "train") if cfg.uses_source else None,
+        selection=Selection.load(selection) if cfg.uses_source else None,
+        units=cluster_units, out=out, inputs=inputs, progress=progress)
+
+
+def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDataset,
+                      test_set: ImageDataset, out: str | Path, weights: str | None = None,
+                      source_pool: ImageDataset | None = None, selection: Selection | None = None,
+                      units: Units | None = None, inputs: dict | None = None,
+                      progress: bool = True) -> RunResult:
+    """:func:`run_finetune` on dataset objects (any :class:`~pretrain_reuse.data.ImageDataset`):
+    ``train_pool`` is split into training and validation data, ``test_set`` is only reported on,
+    ``source_pool`` + ``selection`` (+ ``units`` for clusters) give the reused data."""
+    with torch.random.fork_rng(devices=[]):  # a seeded initialisation of any fresh layer
+        torch.manual_seed(cfg.seed)
+        backbone = create_backbone(model, weights=weights, device="cpu")
+        if cfg.mode == "scratch":
+            reinitialize(backbone, cfg.seed)
+    resize = resize_transform(_resize_side(backbone.spec))
+    num_classes = _check_classes(train_pool, progress)
+    train_set, val_set, split = target_splits(cfg, train_pool)
+    check_batch_size(len(train_set), cfg.batch_size)  # before anything is written
+    total_steps(cfg, len(train_set))
+    if cfg.image_size is not None:
+        _check_input_side(backbone, cfg.image_size)
+    test_set = test_set.subset(range(len(test_set)))
+    for d in (train_set, val_set, test_set):  # views of the caller's data, safe to configure
+        d.transform = resize
+    _check_same_classes(train_pool, test_set, num_classes)
+
+    source_data: SourceData | None = None
+    source_classes = None
+    if cfg.uses_source:
+        if source_pool is None or selection is None:
+            raise PretrainReuseError(f"mode {cfg.mode!r} needs source data and a selection")
+        source_data = selected_source(source_pool, selection, units, source_head=cfg.source_head)
+        source_data.dataset.transform = resize
+        if cfg.mode == "reuse":
+            if source_data.num_classes == 0:
+                raise PretrainReuseError("mode 'reuse' needs labelled source units; use "
+                                         "'reuse-unlabeled' for clusters")
+            source_classes = source_data.num_classes
+    net = FinetuneModel(backbone, num_classes, source_classes=source_classes,
+                        frozen_backbone=cfg.mode == "linear-probe", seed=cfg.seed,
+                        source_bn=cfg.source_bn)
+    if cfg.mode == "co-tuning":
+        _attach_relationship(net, train_set, val_set, cfg, num_classes)
+    # only now: a bad argument leaves no folder
+    out = make_run_folder(Path(out), "a fine-tuning run", "run.json", early=("split.json",)).parent
+    write_json(out / "split.json", split)
+    # the paths alone do not show data changed on disk; a resumed run would mix the two
+    inputs = {**(inputs or {"model": model, "weights": weights}),
+              "data": _data_fingerprint(train_set, val_set, test_set, source_data)}
+    return train(cfg, net, train_set, val_set, test_set, source_data, out, inputs=inputs,
+                 progress=progress)
+
+
+def _data_fingerprint(train_set: ImageDataset, val_set: ImageDataset, test_set: ImageDataset,
+                      source: SourceData | None) -> str:
+    """SHA-256 of the sample ids and labels of every split the run reads."""
+    digest = hashlib.sha256()
+    for part in (train_set, val_set, test_set, *([source.dataset] if source else [])):
+        digest.update(json.dumps([part.ids, np.asarray(part.labels).tolist()]).encode())
+    if source is not None:
+        digest.update(json.dumps(source.labels.tolist()).encode())
+    return digest.hexdigest()
+
+
+def _check_input_side(backbone, side: int) -> None:
+    """An ``image_size`` the backbone cannot take (too small for its poolings, or a side its
+    patches or position embeddings do not fit) would fail at the first step with a traceback
+    from deep in torch: one image through the backbone says so now."""
+    was_training = backbone.training
+    backbone.eval()  # no BatchNorm statistics are updated by this probe
+    try:
+        with torch.no_grad():
+            backbone.features(torch.zeros(1, 3, side, side))
+    except RuntimeError as e:
+        raise PretrainReuseError(
+            f"image_size {side} does not fit backbone {backbone.spec.name!r} ({str(e).splitlines()[0]}); "
+            f"pass another --image-size, or none for its {backbone.spec.input_size[0]}") from None
+    finally:
+        backbone.train(was_training)
+
+
+def _check_classes(train_pool: ImageDataset, progress: bool) -> int:
+    """The number of target classes (the head's outputs): the class names, else the largest
+    label + 1. A task of one class, or labels far beyond the number of images (most classes
+    would be empty; a head of 10^12 outputs would not fit in memory), is refused; classes
+    without a training image are noted, as their outputs are never trained."""
+    labels = train_pool.labels
+    if labels is None or len(labels) == 0:
+        raise PretrainReuseError("the target training data is empty or unlabelled; fine-tuning "
+                                 "needs labelled images (--target)")
+    num_classes = len(train_pool.class_names or []) or int(labels.max()) + 1
+    if num_classes > len(train_pool):
+        raise PretrainReuseError(
+            f"the training labels go up to {num_classes - 1}, but there are {len(train_pool)} "
+            "images: most classes would have none; number the classes 0..C-1")
+    present = np.unique(labels)  # the splits and subsamples keep an image of every class
+    if len(present) < 2:
+        raise PretrainReuseError(
+            f"the training data holds one class only ({_class_name(train_pool, int(present[0]))}); "
+            "fine-tuning a classifier needs at least two")
+    missing = np.setdiff1d(np.arange(num_classes), present)
+    if len(missing) and progress:
+        names = [_class_name(train_pool, int(c)) for c in missing]
+        print(f"note: {len(missing)} of {num_classes} classes have no training image "
+              f"({_preview(names)}); their outputs are never trained", file=sys.stderr)
+    return num_classes
+
+
+def _class_name(data: ImageDataset, label: int) -> str:
+    return data.class_names[label] if data.class_names else f"label {label}"
+
+
+def _check_same_classes(train_pool: ImageDataset, test_set: ImageDataset, num_classes: int) -> None:
+    """Accuracy is only meaningful when label c means the same class in training and test data."""
+    if test_set.labels is None or len(test_set) == 0:
+        raise PretrainReuseError("the test data is empty or unlabelled; pass labelled test data "
+                                 "(--target-test)")
+    train_names, test_names = train_pool.class_names, test_set.class_names
+    if train_names and test_names and list(train_names) != list(test_names):
+        raise PretrainReuseError(
+            f"the test data's classes ({_preview(test_names)}) are not the training data's "
+            f"({_preview(train_names)}); pass test data with the same classes (--target-test)")
+    if int(test_set.labels.max()) >= num_classes:
+        raise PretrainReuseError(
+            f"the test data has label {int(test_set.labels.max())}, but the training data has "
+            f"{num_classes} classes; pass test data with the same classes (--target-test)")
+
+
+def _preview(names: list[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (f", ... {len(names)} in all" if len(names) > n else "")
+
+
+def _attach_relationship(model: FinetuneModel, train_set: ImageDataset, val_set: ImageDataset,
+                         cfg: FinetuneConfig, num_classes: int) -> None:
+    """Co-Tuning: keep the pre-trained classifier as source head and learn p(y_s | y_t) from its
+    predictions on the target training images (and, for the reverse form, validation images)."""
+    model.keep_source_classifier(source_classifier(model.backbone))
+    device = torch.device(cfg.device)
+    model.to(device)
+    view = View(model.backbone.spec, "eval", input_size(model.backbone.spec, cfg.image_size))
+
+    def source_logits(data: ImageDataset):
+        return predict(lambda x: model.source_head(model.backbone.features(x)), data,
+                       view.to(device), batch_size=cfg.batch_size, device=device,
+                       workers=cfg.workers)
+
+    logits, labels = source_logits(train_set)
+    if cfg.cotuning_relationship == "reverse":
+        rel = cotuning_reverse_relationship(logits, labels, *source_logits(val_set), num_classes)
+    else:
+        rel = cotuning_relationship(logits, labels, num_classes)
+    model.register_buffer("relationship", torch.as_tensor(rel, dtype=torch.float32))
