@@ -833,6 +833,7 @@ def test_yaml_config_with_flag_overrides_is_saved_with_the_run(files, tmp_path, 
     (["--grid", "lam=0.1,1"], "lam=0.1 has no effect in mode 'vanilla'"),
     # refused before the first run of the grid, not after all of them
     (["--val-fraction", "0", "--grid", "lr=0.1,0.2"], "picks on the validation split"),
+    (["--grid", "train_fraction=0.5,1"], "leaves none for it"),
     (["--warmup-steps", "5"], "warmup_steps=5 exceeds the 4 training steps"),
     (["--image-size", "1"], "image_size 1 does not fit backbone 'smallcnn-s'"),
     (["--image-size", "100000"], "image_size must be at most 4096"),

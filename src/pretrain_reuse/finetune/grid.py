@@ -62,6 +62,11 @@ def grid_search(cfg: FinetuneConfig, grid: dict[str, list[Any]], out: str | Path
         c.check_options_used()
         if c.val_fraction == 0:
             raise PretrainReuseError("grid search picks on the validation split; set val_fraction > 0")
+        if c.train_fraction == 1:  # validation comes from the images the regime leaves out
+            raise PretrainReuseError(
+                "grid search picks on the validation split, but train_fraction 1 trains on every "
+                "target image and leaves none for it; drop train_fraction (validation is then "
+                "carved from the training data)")
     rows = []
     for setting, c in zip(settings, configs, strict=True):
         tag = ",".join(f"{k}={v}" for k, v in setting.items())
