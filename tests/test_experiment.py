@@ -276,6 +276,8 @@ def test_a_sweep_that_would_silently_change_or_repeat_rows_is_refused(sweep, mes
     # both would run in knowledge/a-b-seed0 and runs/a-b-fine-tuned-seed0: the second reuses
     # the first's fine-tuned model as its own
     ({"pretrainings": {"a b": "x", "a-b": "y"}}, "label 'a-b' makes the folder name 'a-b' as 'a b'"),
+    ({"pretrainings": {"a": ""}}, "pretrainings['a'] = '' is not a file"),
+    ({"weights": "no/such.safetensors"}, "weights = 'no/such.safetensors' is not a file"),
 ])
 def test_settings_that_fail_late_or_mix_runs_are_refused_with_the_config(extra, message):
     from pretrain_reuse.errors import PretrainReuseError

@@ -160,6 +160,11 @@ class ExperimentConfig:
             raise PretrainReuseError(f"embed_batch_size must be >= 1, got {self.embed_batch_size}")
         check_choice("metric", self.metric, METRICS)
         _check_pretraining_labels(self.pretrainings)
+        named = {f"pretrainings[{label!r}]": path for label, path in self.pretrainings.items()}
+        for what, path in {"weights": self.weights, **named}.items():
+            if path is not None and not Path(path).is_file():  # else found only when its rows run
+                raise PretrainReuseError(f"{what} = {path!r} is not a file; give the path of the "
+                                         "pre-trained weights (.safetensors or a torch state dict)")
         # the nested settings are used only when a row's run starts, after features, units and
         # selections are computed: an unknown key or a bad value must fail here, before any work
         base = self.base_finetune()
