@@ -218,6 +218,9 @@ def _truncate(path: Path) -> None:
     ("vit", lambda f: (f / "model.safetensors").unlink(), "cannot load the model in"),
     ("bert", lambda f: (f / "model.safetensors").unlink(), "cannot load the model in"),
     ("bert", lambda f: _truncate(f / "model.safetensors"), "cannot load the model in"),
+    # weights of another size than config.json's (transformers prints a table, then raises)
+    ("vit", lambda f: _set_config(f, intermediate_size=24), "do not fit its config.json"),
+    ("bert", lambda f: _set_config(f, intermediate_size=24), "do not fit its config.json"),
     ("vit", lambda f: (f / "preprocessor_config.json").write_text("{broken"),
      "preprocessor_config.json is invalid"),
     ("bert", lambda f: (f / "tokenizer_config.json").write_text("{broken"), "readable tokenizer"),

@@ -168,13 +168,31 @@ def _hf_load(load: Callable[[], T], name: str, problem: str, fix: str) -> T:
         raise PretrainReuseError(f"{name}: {problem} ({_reason(e)}); {fix}") from None
 
 
-def _hf_model(auto_class: Any, folder: str, name: str, **kwargs: Any) -> Any:
-    """``auto_class.from_pretrained(folder)`` offline; missing or corrupt weights, or weights that
-    do not fit config.json, are one line naming the folder."""
-    return _hf_load(lambda: auto_class.from_pretrained(folder, local_files_only=True, **kwargs),
-                    name, f"cannot load the model in {folder!r}",
-                    "pass a folder written by model.save_pretrained(dir) (config.json and "
-                    "model.safetensors)")
+def _hf_model(auto_class: Any, folder: str, name: str) -> tuple[Any, dict]:
+    """``auto_class.from_pretrained(folder)`` offline, and its loading info (missing keys, ...);
+    missing or corrupt weights, or weights that do not fit config.json, are one line naming the
+    folder (transformers' multi-line load report, which a base model without its classifier
+    also prints, is not shown: that case is handled by the callers)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = _hf_load(
+            lambda: auto_class.from_pretrained(folder, local_files_only=True,
+                                               ignore_mismatched_sizes=True, output_loading_info=True),
+            name, f"cannot load the model in {folder!r}", _HF_SAVE)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if info["mismatched_keys"]:
+        key, in_file, in_config = sorted(info["mismatched_keys"])[0][:3]
+        raise PretrainReuseError(
+            f"{name}: the weights in {folder!r} do not fit its config.json ({key} has shape "
+            f"{list(in_file)} in the weights, {list(in_config)} by the config); {_HF_SAVE}")
+    return model, info
+
+
+_HF_SAVE = "pass a folder written by model.save_pretrained(dir) (config.json and model.safetensors)"
 
 
 def _hf_image_parts(transformers: ModuleType, ident: str, name: str, config: Any,
@@ -182,8 +200,7 @@ def _hf_image_parts(transformers: ModuleType, ident: str, name: str, config: Any
     if type(config) not in transformers.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING:
         raise PretrainReuseError(f"{name}: transformers has no image-classification model for "
                                  f"its model type {config.model_type!r}")
-    model, info = _hf_model(transformers.AutoModelForImageClassification, ident, name,
-                            output_loading_info=True)
+    model, info = _hf_model(transformers.AutoModelForImageClassification, ident, name)
     model = model.float()  # features in float32; callers use autocast for bf16
     head_name = last_linear_name(model)
     dim = first_linear(model.get_submodule(head_name)).in_features
@@ -223,7 +240,7 @@ def hf_text_parts(folder: str, name: str) -> ModelParts:
         return classifier
     pooling_cfg = _read_json(Path(folder) / "1_Pooling" / "config.json", name)
     st_cfg = _read_json(Path(folder) / "sentence_bert_config.json", name)
-    model = _hf_model(transformers.AutoModel, folder, name).float()
+    model = _hf_model(transformers.AutoModel, folder, name)[0].float()
     pooling = "cls" if pooling_cfg.get("pooling_mode_cls_token") else "mean"
     spec = BackboneSpec(name=name, modality="text", input_size=None, resize_size=None, mean=None,
                         std=None, interpolation=None,
@@ -240,8 +257,7 @@ def _hf_sequence_classifier_parts(transformers: ModuleType, folder: str, name: s
     config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
         return None
-    model, info = _hf_model(transformers.AutoModelForSequenceClassification, folder, name,
-                            output_loading_info=True)
+    model, info = _hf_model(transformers.AutoModelForSequenceClassification, folder, name)
     head_name = last_linear_name(model)
     if any(k.startswith(head_name + ".") for k in info["missing_keys"]):
         return None
