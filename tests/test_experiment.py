@@ -88,9 +88,41 @@ def test_table_aggregates_the_runs_and_a_rerun_skips_them(quick_demo, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")} == stamps
 
 
+def _check_selected_on_training_images(demo, out, run_name: str, tag: str, k: int) -> set[str]:
+    """The saved UOT selection ``tag`` is the one made from class means of exactly the images
+    the run ``run_name`` trains on (an independent reference), and the run reused it; returns
+    those images' ids."""
+    from pretrain_reuse.features import FeatureStore
+    from pretrain_reuse.selection import SelectConfig, select
+    from pretrain_reuse.units import Units
+
+    target = FeatureStore.load(demo / "features_target")
+    pool = Units.load(out / "units" / "classes.safetensors")
+    run = out / "runs" / run_name
+    train_ids = json.loads((run / "split.json").read_text())["train"]
+    rows = [target.ids.index(i) for i in train_ids]
+    x, y = np.asarray(target.features)[rows], target.labels[rows]
+    means = np.stack([x[y == c].mean(0) for c in np.unique(y)])
+    expected = select(pool, Units(means), SelectConfig(method="uot", k=k))
+    saved = Selection.load(out / "selections" / f"{tag}.json")
+    np.testing.assert_allclose(saved.scores, expected.scores, rtol=1e-5)
+    assert json.loads(RunResult.load(run / "result.json").meta["inputs"]["selected"]) == saved.selected
+    return set(train_ids)
+
+
+def test_a_low_data_regime_of_every_row_selects_on_its_training_images_too(quick_demo, tmp_path):
+    # train_fraction under finetune: applies to every row of a recipe without a regime sweep
+    demo, _, _ = quick_demo
+    cfg = load_experiment_config(_config(demo, tmp_path, sweep={"k": [8]}, relevant=()), seeds=(0,),
+                                 finetune={**FAST, "max_steps": 1, "train_fraction": 0.25})
+    out = tmp_path / "fig3a"
+    run_experiment("fig3a", cfg, out, progress=False)
+    _check_selected_on_training_images(demo, out, "reuse-uot-classes-x=8-seed0",
+                                       "classes-uot-cosine-eps0.01-k8-train_fraction0.25-seed0", 8)
+
+
 def test_random_and_low_data_selections_follow_each_runs_seed_and_training_images(quick_demo,
                                                                                    tmp_path):
-    from pretrain_reuse.features import FeatureStore
     from pretrain_reuse.selection import SelectConfig, select
     from pretrain_reuse.units import Units
 
@@ -99,23 +131,11 @@ def test_random_and_low_data_selections_follow_each_runs_seed_and_training_image
                                  seeds=(0, 1))
     out = tmp_path / "fig3b"
     table = run_experiment("fig3b", cfg, out, progress=False)
-    target = FeatureStore.load(demo / "features_target")
     pool = Units.load(out / "units" / "classes.safetensors")
-    trained_on = []
-    for seed in (0, 1):
-        run = out / "runs" / f"reuse-uot-classes-x=0.25-seed{seed}"
-        train_ids = json.loads((run / "split.json").read_text())["train"]
-        trained_on.append(set(train_ids))
-        # independent reference: class means of exactly the images this run trains on
-        rows = [target.ids.index(i) for i in train_ids]
-        x, y = np.asarray(target.features)[rows], target.labels[rows]
-        means = np.stack([x[y == c].mean(0) for c in np.unique(y)])
-        expected = select(pool, Units(means), SelectConfig(method="uot", k=len(RELATED)))
-        tag = f"classes-uot-cosine-eps0.01-k{len(RELATED)}-train_fraction0.25-seed{seed}"
-        saved = Selection.load(out / "selections" / f"{tag}.json")
-        np.testing.assert_allclose(saved.scores, expected.scores, rtol=1e-5)
-        meta = RunResult.load(run / "result.json").meta
-        assert json.loads(meta["inputs"]["selected"]) == saved.selected
+    trained_on = [_check_selected_on_training_images(
+        demo, out, f"reuse-uot-classes-x=0.25-seed{seed}",
+        f"classes-uot-cosine-eps0.01-k{len(RELATED)}-train_fraction0.25-seed{seed}", len(RELATED))
+        for seed in (0, 1)]
     assert trained_on[0] != trained_on[1]
     assert table.rows[1]["units"] == len(RELATED)
 

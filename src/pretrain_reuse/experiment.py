@@ -24,7 +24,8 @@ Everything an experiment computes lands in its folder and is reused by a rerun: 
 (``features/``, from ``embed`` unless given), units (``units/``), selections (``selections/``)
 and fine-tuning runs (``runs/<row>-seed<s>/``, skipped once ``result.json`` exists and resumed
 from their checkpoint otherwise). A random selection is drawn with each run's seed, and a
-low-data or long-tail row selects with the class means of the images its run trains on. The
+low-data or long-tail run (a sweep's or the ``finetune`` settings') selects with the class means
+of the images it trains on. The
 table is written as ``results.csv``, ``results.md``,
 ``results.png`` and ``experiment.json``; accuracies are the final-step test top-1 (mean and
 sample standard deviation over seeds) next to the test top-1 at the best validation evaluation.
@@ -558,14 +559,18 @@ class _Workspace:
 
     def selection(self, pick: Pick, seed: int, settings: tuple = ()) -> Selection:
         """The selection a row's run with ``seed`` reuses: a random selection is drawn with that
-        seed, and a row with a low-data or long-tail regime (in ``settings``) selects for the
-        target images it trains on; other selections are the same for every seed."""
+        seed, and a run with a low-data or long-tail regime (the row's ``settings`` or the
+        config's ``finetune``) selects for the target images it trains on; other selections are
+        the same for every seed."""
         cfg = self.cfg
         clusters = pick.units != "classes"
         k = pick.k if pick.k is not None else (self.cluster_share() if clusters else cfg.k)
         if pick.group is not None:
             k = len(self.units(pick.units))  # the whole ranking, sliced below
-        regime = tuple((name, v) for name, v in settings if name in REGIMES)
+        base = cfg.base_finetune()
+        given = {**{name: getattr(base, name) for name in REGIMES if getattr(base, name) is not None},
+                 **{name: v for name, v in settings if name in REGIMES}}
+        regime = tuple((name, given[name]) for name in REGIMES if name in given)
         per_seed = pick.method == "random" or bool(regime)
         scfg = SelectConfig(method=pick.method, k=k, metric=pick.metric or cfg.metric,
                             eps_c=pick.eps_c or cfg.eps_c, seed=seed if per_seed else cfg.seeds[0],
