@@ -481,11 +481,17 @@ def test_load_names_what_a_file_it_does_not_open_holds(tmp_path):
     save_backbone(create_backbone("smallcnn-s"), tmp_path / "model.safetensors", {})
     with pytest.raises(PretrainReuseError, match=r"holds a backbone.*create_backbone"):
         load(tmp_path / "model.safetensors")
+    (tmp_path / "grid.json").write_text('{"kind": "grid", "rows": []}')
+    with pytest.raises(PretrainReuseError, match="holds a 'grid' record"):
+        load(tmp_path / "grid.json")
     (tmp_path / "result.json").write_text('{"kind": "finetune-result", "history": []}')
-    with pytest.raises(PretrainReuseError, match="holds a 'finetune-result' record"):
+    with pytest.raises(PretrainReuseError, match=r"not a complete fine-tuning result\.json \(no 'config'\)"):
         load(tmp_path / "result.json")
     (tmp_path / "run").mkdir()
     with pytest.raises(PretrainReuseError, match=r"folder without index\.json"):
+        load(tmp_path / "run")
+    (tmp_path / "run" / "run.json").write_text('{"kind": "finetune-run", "config": {}}')
+    with pytest.raises(PretrainReuseError, match=r"has not finished \(no result\.json\); rerun its command"):
         load(tmp_path / "run")
 
 

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from pretrain_reuse import load as pr_load
 from pretrain_reuse.cli import main
 from pretrain_reuse.data.catalog import open_dataset
 from pretrain_reuse.experiment import RECIPES, ExperimentTable, load_experiment_config, run_experiment
@@ -55,6 +56,10 @@ def test_recall_sweep_matches_the_saved_selections_and_greedy_ignores_eps_c(quic
     assert rows[("uot cosine", 0.01)]["recall"] > len(RELATED) / 128
 
 
+def finals_vanilla_seed0(out):
+    return json.loads((out / "runs" / "vanilla-seed0" / "result.json").read_text())["final"]["top1"]
+
+
 def test_table_aggregates_the_runs_and_a_rerun_skips_them(quick_demo, tmp_path):
     demo, _, _ = quick_demo
     cfg = load_experiment_config(_config(demo, tmp_path, sweep={"groups": [2]}), seeds=(0, 1))
@@ -80,6 +85,8 @@ def test_table_aggregates_the_runs_and_a_rerun_skips_them(quick_demo, tmp_path):
         rows = list(csv.DictReader(fh))
     assert [float(r["top1_mean"]) for r in rows] == pytest.approx([r["top1_mean"] for r in table.rows])
     assert ExperimentTable.load(out).rows == json.loads(json.dumps(table.rows))
+    assert pr_load(out).rows == pr_load(out / "experiment.json").rows == ExperimentTable.load(out).rows
+    assert pr_load(out / "runs" / "vanilla-seed0").final["top1"] == finals_vanilla_seed0(out)
     assert (out / "results.png").stat().st_size > 0 and "| vanilla |" in (out / "results.md").read_text()
 
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")}

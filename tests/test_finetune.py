@@ -27,6 +27,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import pretrain_reuse
 from _helpers import kill_when, smallcnn_from_file
 from pretrain_reuse.cli import main
 from pretrain_reuse.data.datasets import ArrayDataset
@@ -1194,6 +1195,8 @@ def test_grid_search_picks_the_best_validation_run_and_never_the_test(files, tmp
         res = json.loads((out / r["run"] / "result.json").read_text())
         assert r["val_top1"] == res["at_best_val"]["val"]["top1"]
         assert r["test_top1_at_best_val"] == res["at_best_val"]["top1"]
+        # a run folder opens as its result
+        assert pretrain_reuse.load(out / r["run"]).at_best_val == res["at_best_val"]
     best = max(rows, key=lambda r: r["val_top1"])
     assert summary["best"]["run"] == best["run"]
     lines = (out / "grid.csv").read_text().splitlines()

@@ -202,6 +202,14 @@ def read_json(path: str | Path, what: str) -> dict:
     return obj
 
 
+def require_keys(record: dict, keys: tuple[str, ...], path: str | Path, what: str) -> None:
+    """A record read from ``path`` missing one of ``keys`` is a clear error, not a KeyError."""
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise PretrainReuseError(f"{str(path)!r} is not a complete {what} (no {missing[0]!r}); it "
+                                 "was cut short or written by something else: regenerate it")
+
+
 def encode_ids(ids: list[str]) -> np.ndarray:
     """Sample ids as one uint8 array (newline-joined UTF-8), storable in safetensors."""
     if any("\n" in s for s in ids):
@@ -281,14 +289,24 @@ def load(path: str | Path, *, what: str = "path"):
     """Open any artifact of the package and return its typed object.
 
     A folder with ``index.json`` is a :class:`~pretrain_reuse.features.FeatureStore`; a
-    ``.safetensors`` file a :class:`~pretrain_reuse.units.Units` or, by its header,
+    fine-tuning run folder (or its ``result.json``) a :class:`~pretrain_reuse.finetune.RunResult`;
+    an experiment folder (or its ``experiment.json``) an
+    :class:`~pretrain_reuse.experiment.ExperimentTable`; a ``.safetensors`` file a
+    :class:`~pretrain_reuse.units.Units` or, by its header,
     :class:`~pretrain_reuse.knowledge.Interactions`; ``.npy`` a prototype matrix (as Units); a
-    ``.json`` file a :class:`~pretrain_reuse.selection.Selection`.
+    selection ``.json`` file a :class:`~pretrain_reuse.selection.Selection`.
     """
     p = check_file(what, path)
-    opens = ("load opens FeatureStore folders, Units .safetensors/.npy, Interactions "
-             ".safetensors and selection .json files")
+    opens = ("load opens FeatureStore, fine-tuning run and experiment folders, Units "
+             ".safetensors/.npy, Interactions .safetensors and selection .json files")
     # Imported here: these modules sit above this one in the dependency order.
+    if p.is_dir() and _json_kind(p / "run.json") == "finetune-run":
+        if not (p / "result.json").is_file():
+            raise PretrainReuseError(f"{str(p)!r} is a fine-tuning run that has not finished (no "
+                                     "result.json); rerun its command to resume it")
+        p = p / "result.json"
+    elif p.is_dir() and (p / "experiment.json").is_file():
+        p = p / "experiment.json"
     if p.is_dir() or p.name == "index.json":
         from .features import FeatureStore
 
@@ -310,11 +328,19 @@ def load(path: str | Path, *, what: str = "path"):
         raise PretrainReuseError(f"{str(p)!r} holds a {kind}, not an artifact to load; {opens}"
                                  + (weights if kind == "backbone" else ""))
     if p.suffix == ".json":
+        kind = _json_kind(p)
+        if kind == "finetune-result":
+            from .finetune.loop import RunResult
+
+            return RunResult.load(p)
+        if kind == "experiment":
+            from .experiment import ExperimentTable
+
+            return ExperimentTable.load(p)
+        if kind not in (None, "selection"):
+            raise PretrainReuseError(f"{str(p)!r} holds a {kind!r} record, not an artifact to "
+                                     f"load; it is plain JSON (json.load reads it); {opens}")
         from .selection import Selection
 
-        kind = _json_kind(p)
-        if kind not in (None, "selection"):
-            raise PretrainReuseError(f"{str(p)!r} holds a {kind!r} record, not a selection; it is "
-                                     "plain JSON (json.load reads it)")
         return Selection.load(p)
     raise PretrainReuseError(f"do not know how to open {str(p)!r}; {opens}")

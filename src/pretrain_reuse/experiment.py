@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import atomic_path, claim_folder, make_meta, read_json, write_json
+from .artifacts import atomic_path, claim_folder, make_meta, read_json, require_keys, write_json
 from .data.catalog import DATASETS
 from .data.datasets import ImageDataset
 from .embed import EmbedConfig, embed
@@ -404,6 +404,7 @@ class ExperimentTable:
         d = read_json(path / "experiment.json" if path.is_dir() else path, "experiment")
         if d.get("kind") != "experiment":
             raise PretrainReuseError(f"{str(path)!r} is not an experiment.json")
+        require_keys(d, ("name", "rows", "x_label", "params"), path, "experiment.json")
         return cls(d["name"], d["rows"], d["x_label"], d["params"], d.get("meta", {}),
                    d.get("extra", {}))
 

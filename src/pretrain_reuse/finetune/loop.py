@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..artifacts import atomic_path, make_meta, read_json, to_json, write_json
+from ..artifacts import atomic_path, make_meta, read_json, require_keys, to_json, write_json
 from ..data.datasets import ImageDataset, describe_skipped
 from ..distributed import process_device, rank_world
 from ..errors import PretrainReuseError
@@ -74,6 +74,7 @@ class RunResult:
         d = read_json(path, "fine-tuning result")
         if d.get("kind") != "finetune-result":
             raise PretrainReuseError(f"{str(path)!r} is not a fine-tuning result.json")
+        require_keys(d, ("config", "history", "final", "at_best_val"), path, "fine-tuning result.json")
         return cls(d["config"], d["history"], d["final"], d["at_best_val"], d.get("meta", {}))
 
     def plot(self, ax=None, *, metric: str = "top1", label: str | None = None):
