@@ -576,7 +576,8 @@ def test_a_hard_target_marginal_is_written_as_inf_and_read_back(capsys, data):
 def test_float32_stopped_by_rounding_is_not_converged_and_says_how_to_fix(capsys, data):
     rc, _, err = cli(capsys, *_sel("--k", "3", "--eps", "1e-6", "--dtype", "float32")(data))
     assert rc == 0 and read_sel(data.out)["meta"]["solver"]["converged"] is False
-    assert "did not converge" in err and "--dtype float64" in err and "--max-iter" not in err
+    assert "did not converge" in err and "--dtype float64" in err and "--eps-c" in err
+    assert "--max-iter" not in err
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(capsys, data, monkeypatch):
