@@ -211,6 +211,16 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:100])
 
 
+def _rename_weights(path: Path, keep: str = "") -> None:
+    """The weights file with every tensor renamed but those starting with ``keep``: a checkpoint
+    of something else, whose tensors the model would not find."""
+    from safetensors.torch import load_file
+
+    weights = load_file(path)
+    save_file({k if keep and k.startswith(keep) else f"other.{k}": v for k, v in weights.items()},
+              path, metadata={"format": "pt"})
+
+
 @pytest.mark.parametrize("model,breakage,needle", [
     ("vit", lambda f: (f / "config.json").unlink(), "has no config.json"),
     ("vit", lambda f: (f / "config.json").write_text("{broken"), "has an invalid config.json"),
@@ -218,6 +228,10 @@ def _truncate(path: Path) -> None:
     ("vit", lambda f: (f / "model.safetensors").unlink(), "cannot load the model in"),
     ("bert", lambda f: (f / "model.safetensors").unlink(), "cannot load the model in"),
     ("bert", lambda f: _truncate(f / "model.safetensors"), "cannot load the model in"),
+    # weights the model does not find would start random (transformers only warned)
+    ("vit", lambda f: _rename_weights(f / "model.safetensors", keep="classifier"),
+     "which would start random"),
+    ("bert", lambda f: _rename_weights(f / "model.safetensors"), "which would start random"),
     # weights of another size than config.json's (transformers prints a table, then raises)
     ("vit", lambda f: _set_config(f, intermediate_size=24), "do not fit its config.json"),
     ("bert", lambda f: _set_config(f, intermediate_size=24), "do not fit its config.json"),
@@ -240,6 +254,30 @@ def test_a_broken_hf_folder_is_one_line_naming_the_folder(tmp_path, capsys, mode
     err = capsys.readouterr().err.splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith(f"pretrain-reuse: error: hf:{folder}: ")
     assert needle in err[0] and not (tmp_path / "store").exists()
+
+
+def test_transformers_load_report_is_not_printed_and_its_verbosity_is_restored(tmp_path):
+    # transformers' logger writes to the process's stderr, which capsys does not see: a fresh
+    # interpreter runs the command
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    _tiny_vit(folder, classifier=True)
+    _set_config(folder, intermediate_size=24)
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "pretrain_reuse", "embed", "--model", f"hf:{folder}",
+                           "--data", "synthetic:target", "--quiet", "--out", str(tmp_path / "s")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "do not fit its config.json" in proc.stderr
+    transformers.logging.set_verbosity_info()
+    try:
+        with pytest.raises(PretrainReuseError, match="do not fit"):
+            create_backbone(f"hf:{folder}")
+        assert transformers.logging.get_verbosity() == transformers.logging.INFO
+    finally:
+        transformers.logging.set_verbosity_warning()
 
 
 def test_an_empty_folder_is_not_an_hf_model(tmp_path):

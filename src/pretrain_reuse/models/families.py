@@ -195,6 +195,16 @@ def _hf_model(auto_class: Any, folder: str, name: str) -> tuple[Any, dict]:
 _HF_SAVE = "pass a folder written by model.save_pretrained(dir) (config.json and model.safetensors)"
 
 
+def _refuse_missing(info: dict, allowed: tuple[str, ...], folder: str, name: str) -> None:
+    """Weights the folder lacks, other than those under ``allowed`` (a classifier that may be
+    absent, a text model's unused pooler), would start random: refused, not used silently."""
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith(allowed))
+    if missing:
+        raise PretrainReuseError(
+            f"{name}: the weights in {folder!r} lack {missing[0]} ({len(missing)} tensors in all), "
+            f"which would start random; {_HF_SAVE}")
+
+
 def _hf_image_parts(transformers: ModuleType, ident: str, name: str, config: Any,
                     proc: Any) -> ModelParts:
     if type(config) not in transformers.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING:
@@ -203,6 +213,7 @@ def _hf_image_parts(transformers: ModuleType, ident: str, name: str, config: Any
     model, info = _hf_model(transformers.AutoModelForImageClassification, ident, name)
     model = model.float()  # features in float32; callers use autocast for bf16
     head_name = last_linear_name(model)
+    _refuse_missing(info, (head_name + ".",), ident, name)
     dim = first_linear(model.get_submodule(head_name)).in_features
     if any(k.startswith(head_name + ".") for k in info["missing_keys"]):
         # The folder holds a base model: its classifier would be random, so there is no head.
@@ -240,7 +251,9 @@ def hf_text_parts(folder: str, name: str) -> ModelParts:
         return classifier
     pooling_cfg = _read_json(Path(folder) / "1_Pooling" / "config.json", name)
     st_cfg = _read_json(Path(folder) / "sentence_bert_config.json", name)
-    model = _hf_model(transformers.AutoModel, folder, name)[0].float()
+    model, info = _hf_model(transformers.AutoModel, folder, name)
+    _refuse_missing(info, ("pooler.",), folder, name)  # pooling reads the hidden states
+    model = model.float()
     pooling = "cls" if pooling_cfg.get("pooling_mode_cls_token") else "mean"
     spec = BackboneSpec(name=name, modality="text", input_size=None, resize_size=None, mean=None,
                         std=None, interpolation=None,
@@ -261,6 +274,7 @@ def _hf_sequence_classifier_parts(transformers: ModuleType, folder: str, name: s
     head_name = last_linear_name(model)
     if any(k.startswith(head_name + ".") for k in info["missing_keys"]):
         return None
+    _refuse_missing(info, (), folder, name)
     spec = BackboneSpec(name=name, modality="text", input_size=None, resize_size=None, mean=None,
                         std=None, interpolation=None, max_length=_max_length(tokenizer, model),
                         pooling="cls")
