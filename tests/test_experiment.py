@@ -126,6 +126,16 @@ def test_a_low_data_regime_of_every_row_selects_on_its_training_images_too(quick
     run_experiment("fig3a", cfg, out, progress=False)
     _check_selected_on_training_images(demo, out, "reuse-uot-classes-x=8-seed0",
                                        "classes-uot-cosine-eps0.01-k8-train_fraction0.25-seed0", 8)
+    # a finished run made with another selection (as earlier versions made for this row) is not
+    # mixed into the table
+    result = out / "runs" / "reuse-uot-classes-x=8-seed0" / "result.json"
+    record = json.loads(result.read_text())
+    record["meta"]["inputs"]["selected"] = "[0, 1, 2, 3, 4, 5, 6, 7]"
+    result.write_text(json.dumps(record))
+    from pretrain_reuse.errors import PretrainReuseError
+
+    with pytest.raises(PretrainReuseError, match="was made with another selection"):
+        run_experiment("fig3a", cfg, out, progress=False)
 
 
 def test_random_and_low_data_selections_follow_each_runs_seed_and_training_images(quick_demo,

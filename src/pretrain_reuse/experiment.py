@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import math
 import re
 from collections.abc import Callable
@@ -614,13 +615,19 @@ class _Workspace:
     def finetune(self, row: Row, seed: int) -> RunResult:
         cfg = self.cfg
         run_dir = self.run_dir(row, seed)
+        sel = self.selection(row.pick, seed, row.settings) if row.pick else None
         if (run_dir / "result.json").exists():
-            return RunResult.load(run_dir / "result.json")
+            done = RunResult.load(run_dir / "result.json")
+            if sel is not None and json.loads(done.meta["inputs"]["selected"]) != sel.selected:
+                raise PretrainReuseError(
+                    f"{str(run_dir)!r} was made with another selection than the one its row "
+                    "makes now (e.g. an earlier version selected for a low-data run on all the "
+                    "target images); pass a new --out, or delete that run folder to redo it")
+            return done
         weights = cfg.weights_of()[row.pretraining] if row.pretraining else cfg.weights
         base = cfg.base_finetune()
         ft = replace(base, mode=row.mode, seed=seed, lam=cfg.lam.get(row.mode, base.lam),
                      **dict(row.settings))
-        sel = self.selection(row.pick, seed, row.settings) if row.pick else None
         if self.progress:
             print(f"[experiment] {run_dir.name}", flush=True)
         return finetune_datasets(
