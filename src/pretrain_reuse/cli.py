@@ -214,7 +214,7 @@ def cmd_select(args) -> int:
         fix = ("raise --max-iter or --tol" if solver["n_iter"] >= cfg.max_iter else
                f"the potentials stopped moving at {cfg.dtype}'s rounding error: use a larger --eps"
                + (" or --dtype float64" if cfg.dtype == "float32" else "")
-               + " or --eps-c; only distance / (eps_c * eps) matters")
+               + ", or a larger --eps-c (it rescales the cost only)")
         print(f"warning: UOT did not converge in {solver['n_iter']} iterations (optimality "
               f"conditions off by {max(solver['marginal_error_a'], solver['marginal_error_b']):.3g} "
               f"nats); the ranking may be unsettled ({fix})", file=sys.stderr)

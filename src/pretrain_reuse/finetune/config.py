@@ -202,6 +202,9 @@ class FinetuneConfig:
         if self.long_tail_ratio is not None and not 1 <= self.long_tail_ratio < math.inf:
             raise PretrainReuseError(f"long_tail_ratio must be a finite number >= 1, got "
                                      f"{self.long_tail_ratio}")
+        if self.train_fraction is not None and self.long_tail_ratio is not None:
+            raise PretrainReuseError(  # the splits would draw the low-data subset only
+                "train_fraction and long_tail_ratio are two data regimes; give one of them")
 
     @property
     def uses_source(self) -> bool:
