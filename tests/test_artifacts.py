@@ -491,8 +491,16 @@ def test_load_names_what_a_file_it_does_not_open_holds(tmp_path):
     with pytest.raises(PretrainReuseError, match=r"folder without index\.json"):
         load(tmp_path / "run")
     (tmp_path / "run" / "run.json").write_text('{"kind": "finetune-run", "config": {}}')
-    with pytest.raises(PretrainReuseError, match=r"has not finished \(no result\.json\); rerun its command"):
+    with pytest.raises(PretrainReuseError, match=r"fine-tuning run that has not finished \(no result"):
         load(tmp_path / "run")
+    (tmp_path / "run" / "run.json").write_text('{"kind": "experiment-run", "params": {}}')
+    with pytest.raises(PretrainReuseError, match=r"experiment that has not finished \(no experiment\.json\)"):
+        load(tmp_path / "run")
+    # a cut-short result is named as what it is, in its folder or alone
+    (tmp_path / "run" / "result.json").write_text('{"kind": "finetune-res')
+    for path in (tmp_path / "run", tmp_path / "run" / "result.json"):
+        with pytest.raises(PretrainReuseError, match=r"^fine-tuning result: .* is not valid JSON"):
+            load(path)
 
 
 def test_repr_of_big_artifacts_is_a_one_line_summary():

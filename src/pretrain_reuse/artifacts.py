@@ -300,13 +300,23 @@ def load(path: str | Path, *, what: str = "path"):
     opens = ("load opens FeatureStore, fine-tuning run and experiment folders, Units "
              ".safetensors/.npy, Interactions .safetensors and selection .json files")
     # Imported here: these modules sit above this one in the dependency order.
-    if p.is_dir() and _json_kind(p / "run.json") == "finetune-run":
-        if not (p / "result.json").is_file():
-            raise PretrainReuseError(f"{str(p)!r} is a fine-tuning run that has not finished (no "
-                                     "result.json); rerun its command to resume it")
-        p = p / "result.json"
-    elif p.is_dir() and (p / "experiment.json").is_file():
-        p = p / "experiment.json"
+    if p.is_dir():
+        for result, marker, what in (("result.json", "finetune-run", "fine-tuning run"),
+                                     ("experiment.json", "experiment-run", "experiment")):
+            if (p / result).is_file():
+                p = p / result
+                break
+            if _json_kind(p / "run.json") == marker:
+                raise PretrainReuseError(f"{str(p)!r} holds a {what} that has not finished (no "
+                                         f"{result}); rerun its command to resume it")
+    if p.name == "result.json":
+        from .finetune.loop import RunResult
+
+        return RunResult.load(p)
+    if p.name == "experiment.json":
+        from .experiment import ExperimentTable
+
+        return ExperimentTable.load(p)
     if p.is_dir() or p.name == "index.json":
         from .features import FeatureStore
 
@@ -329,14 +339,6 @@ def load(path: str | Path, *, what: str = "path"):
                                  + (weights if kind == "backbone" else ""))
     if p.suffix == ".json":
         kind = _json_kind(p)
-        if kind == "finetune-result":
-            from .finetune.loop import RunResult
-
-            return RunResult.load(p)
-        if kind == "experiment":
-            from .experiment import ExperimentTable
-
-            return ExperimentTable.load(p)
         if kind not in (None, "selection"):
             raise PretrainReuseError(f"{str(p)!r} holds a {kind!r} record, not an artifact to "
                                      f"load; it is plain JSON (json.load reads it); {opens}")
