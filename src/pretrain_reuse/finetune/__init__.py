@@ -10,8 +10,13 @@ so that the command line's parser, which builds its flags from :class:`FinetuneC
 """
 
 import importlib
+from typing import TYPE_CHECKING
 
 from .config import MODES, FinetuneConfig, load_config
+
+if TYPE_CHECKING:  # what __getattr__ loads, for type checkers and editors
+    from .loop import RunResult, train
+    from .run import finetune_datasets, open_split, run_finetune, target_splits
 
 _LAZY = {"RunResult": ".loop", "train": ".loop", "finetune_datasets": ".run", "open_split": ".run",
          "run_finetune": ".run", "target_splits": ".run"}
@@ -24,3 +29,7 @@ def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
