@@ -107,8 +107,10 @@ def test_good_finetune_yaml_loads_the_values_as_written(tmp_path):
     assert type(cfg.milestones) is tuple
 
 
-def test_good_experiment_yaml_loads_the_values_as_written(tmp_path):
+def test_good_experiment_yaml_loads_the_values_as_written(tmp_path, monkeypatch):
     """The README's example, with a sweep, a skip and explain settings."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "resnet18-f37072fd.pth").write_bytes(b"")  # the weights file must exist
     config = tmp_path / "cub.yaml"
     config.write_text(
         "model: torchvision:resnet18\nweights: resnet18-f37072fd.pth\n"
