@@ -1204,6 +1204,14 @@ def test_grid_search_picks_the_best_validation_run_and_never_the_test(files, tmp
     assert len(lines) == 3 and lines[0].startswith("lr,run,val_top1")
 
 
+def test_a_grid_run_without_validation_images_stops_the_grid_at_once(files, tmp_path, capsys):
+    # a long tail of ratio 1 on a balanced target trains on every image, leaving none to pick on
+    out = tmp_path / "grid"
+    rc, _, err = cli(capsys, *base_args(files, out, steps=1), "--grid", "long_tail_ratio=1,10")
+    assert_one_line_error(rc, err, "run long_tail_ratio=1.0 had no validation images")
+    assert not (out / "long_tail_ratio=10.0").exists() and not (out / "grid.json").exists()
+
+
 def test_grid_with_an_unknown_field_is_a_user_error(files, tmp_path, capsys):
     rc, _, err = cli(capsys, *base_args(files, tmp_path / "g", steps=1), "--grid", "lrr=0.1,0.2")
     assert rc == 2 and "did you mean 'lr'" in err and err.count("\n") == 1

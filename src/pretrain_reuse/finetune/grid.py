@@ -72,12 +72,13 @@ def grid_search(cfg: FinetuneConfig, grid: dict[str, list[Any]], out: str | Path
         tag = ",".join(f"{k}={v}" for k, v in setting.items())
         result = run(c, out / tag)
         best = result.at_best_val
+        if best["val"]["top1"] is None:  # a regime can leave no image for validation
+            raise PretrainReuseError(
+                f"grid search picks on the validation split, but run {tag} had no validation "
+                "images (its data regime trains on every image); give the grid other regimes")
         rows.append({**setting, "run": tag, "val_top1": best["val"]["top1"],
                      "test_top1_at_best_val": best["top1"], "test_top1_final": result.final["top1"],
                      "best_step": best["step"]})
-    if any(r["val_top1"] is None for r in rows):  # a regime can leave no image for validation
-        raise PretrainReuseError("grid search picks on the validation split, but a run had no "
-                                 "validation images; set a larger val_fraction")
     winner = max(rows, key=lambda r: r["val_top1"])
     with atomic_path(out / "grid.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
