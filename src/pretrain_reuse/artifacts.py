@@ -301,13 +301,13 @@ def load(path: str | Path, *, what: str = "path"):
              ".safetensors/.npy, Interactions .safetensors and selection .json files")
     # Imported here: these modules sit above this one in the dependency order.
     if p.is_dir():
-        for result, marker, what in (("result.json", "finetune-run", "fine-tuning run"),
-                                     ("experiment.json", "experiment-run", "experiment")):
+        for result, marker, holds in (("result.json", "finetune-run", "fine-tuning run"),
+                                      ("experiment.json", "experiment-run", "experiment")):
             if (p / result).is_file():
                 p = p / result
                 break
             if _json_kind(p / "run.json") == marker:
-                raise PretrainReuseError(f"{str(p)!r} holds a {what} that has not finished (no "
+                raise PretrainReuseError(f"{str(p)!r} holds a {holds} that has not finished (no "
                                          f"{result}); rerun its command to resume it")
     if p.name == "result.json":
         from .finetune.loop import RunResult

@@ -524,7 +524,6 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-
     p = _Parser(prog="pretrain-reuse", description=(
         "Reuse the right part of the pre-training data when fine-tuning (UOT selection, Liu et "
         "al. NeurIPS 2022), and explain what pre-training hands to the fine-tuned model."))
