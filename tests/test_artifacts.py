@@ -71,6 +71,20 @@ def test_feature_store_round_trip_over_several_shards_keeps_every_field(tmp_path
     assert len(back) == 25 and back.dim == 6
 
 
+def test_meta_records_the_threads_and_versions_that_decide_the_numbers(tmp_path):
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        back = FeatureStore.load(_store(n=3).save(tmp_path / "store"))
+    finally:
+        torch.set_num_threads(before)
+    env = back.meta["environment"]
+    assert env["threads"] == 1 and env["torch"] == torch.__version__
+    assert env["numpy"] == np.__version__
+    assert (env["gpu"] is None) == (not torch.cuda.is_available())
+
+
 def test_feature_store_saves_float64_features_as_float32(tmp_path):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((7, 3))

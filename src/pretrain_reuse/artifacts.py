@@ -1,8 +1,9 @@
 """What every artifact shares: its metadata block, atomic writes, content hashes, and ``load``.
 
 Every file the package writes carries ``meta``: the producer, its parameters, hashes of its inputs,
-the seed and the package version. Files are written to a temporary name in the target folder and
-renamed into place, so an interrupted run never leaves a half-written artifact behind.
+the seed, the package version and the numerical environment. Files are written to a temporary
+name in the target folder and renamed into place, so an interrupted run never leaves a
+half-written artifact behind.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import hashlib
 import json
 import math
 import os
+import platform
 import secrets
 import stat
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,7 +39,21 @@ def make_meta(producer: str, params: dict[str, Any], *, inputs: dict[str, str] |
         "seed": seed,
         "version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": environment(),
     }
+
+
+def environment() -> dict[str, Any]:
+    """What besides the seed decides the numbers: library versions and the CPU thread count (a
+    parallel reduction sums in an order that depends on the threads, so a CPU run repeats
+    bit for bit only with as many threads). torch is described only if something imported it."""
+    env: dict[str, Any] = {"python": platform.python_version(), "numpy": np.__version__,
+                           "machine": platform.machine()}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+        env.update(torch=torch.__version__, threads=torch.get_num_threads(), gpu=gpu)
+    return env
 
 
 def _jsonable(x: Any) -> Any:

@@ -99,8 +99,9 @@ class ExperimentConfig:
         source_features, target_features: FeatureStore folders; default: embedded by the run.
         seeds: one fine-tuning run per seed and row.
         k: selected classes; cluster_k: the share of pool images the selected clusters cover
-            (default: the share that the top-``k`` UOT classes cover, as the paper matches 200
-            clusters to 100 classes; ``k / classes`` without labels).
+            (default: the share that the top-``k`` UOT classes of the first seed cover, as the
+            paper matches 200 clusters to 100 classes; ``k / classes`` without labels). One
+            share for the whole experiment, so every seed and row reuses as many images.
         clusters: k-means K for cluster units; metric, eps_c: the selection cost.
         eps_c_l2: the cost scale of table4's l2 rows (Euclidean distance between unnormalised
             class means, whose scale is the features' norm: any value in [0.05, 1] gives Liu et
