@@ -251,3 +251,9 @@ def test_non_numeric_games_are_refused():
 def test_mask_of_refuses_players_outside_the_game():
     with pytest.raises(PretrainReuseError, match=r"player 5 is not an index in 0\.\.3"):
         mask_of([1, 5], 4)
+
+
+@pytest.mark.parametrize("mask", [-1, 1.5, "3"])
+def test_players_of_refuses_a_mask_that_is_not_a_non_negative_integer(mask):
+    with pytest.raises(PretrainReuseError, match=r"mask=.* must be a non-negative integer bitmask"):
+        players_of(mask)

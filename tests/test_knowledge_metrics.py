@@ -6,14 +6,18 @@ value is salient (each is above 5% of its sample's largest entry).
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 import os
+import pkgutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+import pretrain_reuse
 from pretrain_reuse.errors import PretrainReuseError
 from pretrain_reuse.knowledge import (
     Interactions,
@@ -368,3 +372,38 @@ def test_accuracy_correlation_is_reproducible_and_report_per_sample_feeds_it():
 def test_accuracy_correlation_refuses_bad_inputs(ratios, accuracy, needle):
     with pytest.raises(PretrainReuseError, match=needle):
         accuracy_correlation(ratios, accuracy)
+
+
+# --------------------------------------------------------------------------------------------
+# Docstrings
+# --------------------------------------------------------------------------------------------
+
+
+def _documented(module):
+    """The module and every function, class, method and property it defines."""
+    yield module.__name__, module
+    for name, obj in vars(module).items():
+        if getattr(obj, "__module__", None) != module.__name__:
+            continue
+        yield f"{module.__name__}.{name}", obj
+        if inspect.isclass(obj):
+            for attr, member in vars(obj).items():
+                if inspect.isfunction(member) or isinstance(member, (property, classmethod, staticmethod)):
+                    yield f"{module.__name__}.{name}.{attr}", member
+
+
+def test_no_docstring_of_the_package_holds_control_characters():
+    # LaTeX such as \beta or \frac in a docstring that is not raw becomes \b, \f: help() shows garbage
+    bad = []
+    for info in pkgutil.walk_packages(pretrain_reuse.__path__, "pretrain_reuse."):
+        if info.name.endswith("__main__"):  # importing it runs the CLI
+            continue
+        try:
+            module = importlib.import_module(info.name)
+        except ImportError:  # an optional extra that is not installed
+            continue
+        for where, obj in _documented(module):
+            doc = getattr(obj, "__doc__", None) or ""
+            if any(ord(c) < 0x20 and c not in "\n\t" for c in doc):
+                bad.append(where)
+    assert not bad, f"docstrings with control characters (make them raw strings): {bad}"

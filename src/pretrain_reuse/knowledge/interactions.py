@@ -65,6 +65,8 @@ def mask_of(players, n: int) -> int:
 
 def players_of(mask: int) -> tuple[int, ...]:
     """The players (sorted indices) of the coalition with bitmask ``mask``."""
+    if isinstance(mask, bool) or not isinstance(mask, (int, np.integer)) or mask < 0:
+        raise PretrainReuseError(f"mask={mask!r} must be a non-negative integer bitmask of a coalition")
     mask = int(mask)
     return tuple(i for i in range(mask.bit_length()) if mask >> i & 1)
 

@@ -618,8 +618,8 @@ def set_discrimination(report: KnowledgeReport, labels: Sequence[int]) -> SetDis
     .. math::
 
         m^\pm_S = \#\{i : (type, S) \in K(x_i),\ \pm I(S|x_i) > 0\}, \quad
-        eta_c(S) = rac{\max(m^+_S, m^-_S)}{m^+_S + m^-_S}, \quad
-        lpha_c(S) = rac{m^+_S + m^-_S}{n_c},
+        \beta_c(S) = \frac{\max(m^+_S, m^-_S)}{m^+_S + m^-_S}, \quad
+        \alpha_c(S) = \frac{m^+_S + m^-_S}{n_c},
 
     purity_c(K) = Σ_S α_c(S) β_c(S) / Σ_S α_c(S) (the group's ``overall_purity``), reported per
     class and as the mean over the classes where K is not empty. I is the effect of the model the
