@@ -121,6 +121,8 @@ def test_construction_refuses_bad_shapes_nan_and_or_values_on_an_and_kind():
         Interactions(n=3, and_values=zeros, or_values=zeros, v=zeros, noise=zeros, kind="both")
     with pytest.raises(PretrainReuseError, match="n=0 must be an integer number of players"):
         Interactions(n=0, and_values=[0.0], or_values=[0.0], v=[0.0], noise=[0.0])
+    with pytest.raises(PretrainReuseError, match="and_values must be an array of numbers, got str"):
+        Interactions(n=2, and_values="abcd", or_values=np.zeros(4), v=np.zeros(4), noise=np.zeros(4))
 
 
 def test_tau_and_k_errors_name_the_parameter():
@@ -180,6 +182,13 @@ def test_with_info_returns_a_new_object():
     y = x.with_info(label=3)
     assert y.info == {"label": 3} and x.info == {}
     np.testing.assert_array_equal(y.and_values, x.and_values)
+
+
+@pytest.mark.parametrize("value", [object(), float("nan"), {"inner": {1, 2}}])
+def test_info_that_cannot_be_saved_is_refused_when_given_naming_the_key(value):
+    x = make(2, {(0,): 1.0})
+    with pytest.raises(PretrainReuseError, match=r"info\['bad'\] = .* cannot be saved as JSON"):
+        x.with_info(label=3, bad=value)
 
 
 def test_and_interactions_without_noise_are_the_harsanyi_transform():

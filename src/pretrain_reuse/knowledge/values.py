@@ -73,7 +73,12 @@ class Interactions:
         check_choice("kind", self.kind, KINDS)
         for name in ("and_values", "or_values", "v", "noise"):
             # an own read-only copy: the object is a value, nobody may change it afterwards
-            arr = np.array(getattr(self, name), dtype=np.float64)
+            try:
+                arr = np.array(getattr(self, name), dtype=np.float64)
+            except (TypeError, ValueError):
+                raise PretrainReuseError(
+                    f"{name} must be an array of numbers, got {type(getattr(self, name)).__name__}"
+                ) from None
             arr.flags.writeable = False
             if arr.shape != (1 << self.n,):
                 raise PretrainReuseError(
@@ -86,6 +91,17 @@ class Interactions:
             raise PretrainReuseError(
                 "kind='and' interactions must have all-zero or_values; use kind='and-or'"
             )
+        # checked here, not in save: an unsavable info found only when writing loses the computation
+        if not isinstance(self.info, dict):
+            raise PretrainReuseError(f"info must be a dict, got {type(self.info).__name__}")
+        for key, value in self.info.items():
+            try:
+                to_json(value)
+            except (TypeError, ValueError):
+                raise PretrainReuseError(
+                    f"info[{key!r}] = {value!r:.60} cannot be saved as JSON; pass numbers (not NaN), "
+                    "strings, lists or dicts"
+                ) from None
 
     # ----------------------------------------------------------------------------------------
     # Lookup
