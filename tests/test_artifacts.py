@@ -517,6 +517,33 @@ def test_load_names_what_a_file_it_does_not_open_holds(tmp_path):
             load(path)
 
 
+def test_load_says_how_to_open_the_outputs_of_explain_and_knowledge(tmp_path):
+    from pretrain_reuse.knowledge import Interactions
+
+    n = 2
+    x = Interactions(n=n, and_values=np.array([0.0, 1.0, 2.0, 0.5]), or_values=np.zeros(4),
+                     v=np.array([0.0, 1.0, 2.0, 3.5]), noise=np.zeros(4))
+    explained = tmp_path / "k" / "finetuned"
+    explained.mkdir(parents=True)
+    (explained / "explain.json").write_text('{"kind": "explanations"}')
+    sample = x.save(explained / "interactions-0000.safetensors")
+    (tmp_path / "k" / "knowledge.json").write_text('{"kind": "knowledge-report"}')
+
+    assert isinstance(load(sample), Interactions)  # one sample's file opens as before
+    for path in (tmp_path / "k", tmp_path / "k" / "knowledge.json"):
+        with pytest.raises(PretrainReuseError, match=r"output of knowledge: .*knowledge\.json.*json\.load"):
+            load(path)
+    for path in (explained, explained / "explain.json"):
+        with pytest.raises(PretrainReuseError, match=r"output of explain.*interactions-0000"):
+            load(path)
+    # a cut-short interactions file is not called a units file
+    data = sample.read_bytes()
+    sample.write_bytes(data[:len(data) - 20])
+    with pytest.raises(PretrainReuseError, match=r"not a readable safetensors file \(cut short") as err:
+        load(sample)
+    assert "units" not in str(err.value)
+
+
 def test_repr_of_big_artifacts_is_a_one_line_summary():
     n = 50_000
     store = FeatureStore(features=np.zeros((n, 4), np.float32), labels=np.arange(n) % 5,

@@ -28,6 +28,9 @@ def test_summary_holds_what_users_script_over(quick_demo):
             "counterfactual"} <= set(summary["knowledge"])
     assert {"pretrain", "embed_features_pretrain", "knowledge"} <= set(summary["timing_s"])
     assert re.search(r"finetune\s+vanilla: test top-1 \d\.\d{4}", stdout)
+    meta = summary["meta"]  # what made these numbers: seed, settings, versions, threads
+    assert meta["seed"] == 0 and meta["params"]["quick"] is True
+    assert {"torch", "numpy", "threads"} <= set(meta["environment"])
 
 
 def test_selection_recall_matches_the_saved_selection_and_the_world(quick_demo):

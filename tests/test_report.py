@@ -124,6 +124,30 @@ def test_undefined_ratios_and_errors_are_shown_as_not_available(tmp_path, capsys
     assert "<td>preserve</td><td>n/a</td><td>n/a</td>" in page
     assert "<td>finetuned</td><td>n/a</td><td>n/a</td><td>n/a</td>" in page
     assert "No model has salient interactions to compare with the rule." in page
+    # removing random players changed nothing: the counterfactual ratio is undefined
+    knowledge["counterfactual"] = {"n_sets": 3, "mean_abs_change_preserved": 0.2,
+                                   "mean_abs_change_random": 0.0, "effect_ratio": None}
+    (run / "knowledge" / "knowledge.json").write_text(json.dumps(knowledge))
+    rc, _, err = _report(capsys, run)
+    assert rc == 0, err
+    page = (run / "report.html").read_text()
+    assert "<td>0.000</td><td>n/a</td>" in page and "the ratio is undefined (ratio n/a)" in page
+
+
+def test_the_versions_shown_are_those_that_produced_the_run(tmp_path, capsys):
+    # not those of the process that renders the report
+    summary = {**_summary(), "meta": {"version": "0.0.7", "environment": {
+        "python": "3.9.1", "torch": "2.4.0", "numpy": "1.26.0", "threads": 7, "gpu": "H100"}}}
+    run = _run(tmp_path, summary)
+    assert _report(capsys, run)[0] == 0
+    page = (run / "report.html").read_text()
+    for row in (["pretrain-reuse", "0.0.7"], ["python", "3.9.1"], ["torch", "2.4.0"],
+                ["numpy", "1.26.0"], ["CPU threads", "7"], ["GPU", "H100"]):
+        assert "<td>{}</td><td>{}</td>".format(*row) in page
+    # a summary of an earlier version records none
+    (run / "summary.json").write_text(json.dumps(_summary()))
+    assert _report(capsys, run)[0] == 0
+    assert "<td>torch</td><td>not recorded</td>" in (run / "report.html").read_text()
 
 
 def test_interactions_that_do_not_fit_the_run_are_one_line(tmp_path, capsys):

@@ -268,16 +268,21 @@ def read_safetensors(path: str | Path, what: str, fix: str, *, framework: str = 
     return tensors, header
 
 
-def _safetensors_artifact(path: Path) -> str | None:
-    """What a safetensors file holds: its header's ``artifact`` entry, or ``kind`` (model weights
-    say ``backbone`` there); None when absent or unreadable."""
+def _safetensors_header(path: Path) -> dict[str, str] | None:
+    """The string metadata of a safetensors file's header; None when the file is unreadable."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="numpy") as fh:
-            header = fh.metadata() or {}
+            return fh.metadata() or {}
     except (SafetensorError, OSError, ValueError):
         return None
+
+
+def _safetensors_artifact(path: Path) -> str | None:
+    """What a safetensors file holds: its header's ``artifact`` entry, or ``kind`` (model weights
+    say ``backbone`` there); None when absent or unreadable."""
+    header = _safetensors_header(path) or {}
     return header.get("artifact") or header.get("kind")
 
 
@@ -311,11 +316,13 @@ def load(path: str | Path, *, what: str = "path"):
     :class:`~pretrain_reuse.experiment.ExperimentTable`; a ``.safetensors`` file a
     :class:`~pretrain_reuse.units.Units` or, by its header,
     :class:`~pretrain_reuse.knowledge.Interactions`; ``.npy`` a prototype matrix (as Units); a
-    selection ``.json`` file a :class:`~pretrain_reuse.selection.Selection`.
+    selection ``.json`` file a :class:`~pretrain_reuse.selection.Selection`. The folders of
+    ``explain`` and ``knowledge`` hold one Interactions file per sample: open those.
     """
     p = check_file(what, path)
     opens = ("load opens FeatureStore, fine-tuning run and experiment folders, Units "
              ".safetensors/.npy, Interactions .safetensors and selection .json files")
+    _refuse_knowledge_outputs(p)
     # Imported here: these modules sit above this one in the dependency order.
     if p.is_dir():
         for result, marker, holds in (("result.json", "finetune-run", "fine-tuning run"),
@@ -341,7 +348,13 @@ def load(path: str | Path, *, what: str = "path"):
             raise PretrainReuseError(f"{str(p)!r} is a folder without index.json, not a "
                                      f"FeatureStore; {opens}")
         return FeatureStore.load(p.parent if p.name == "index.json" else p)
-    kind = _safetensors_artifact(p) if p.suffix == ".safetensors" else None
+    kind = None
+    if p.suffix == ".safetensors":
+        header = _safetensors_header(p)
+        if header is None:
+            raise PretrainReuseError(f"{str(p)!r} is not a readable safetensors file (cut short or "
+                                     "corrupt); write it again with the command that made it")
+        kind = header.get("artifact") or header.get("kind")
     if kind == "interactions":
         from .knowledge.values import Interactions
 
@@ -363,3 +376,18 @@ def load(path: str | Path, *, what: str = "path"):
 
         return Selection.load(p)
     raise PretrainReuseError(f"do not know how to open {str(p)!r}; {opens}")
+
+
+def _refuse_knowledge_outputs(p: Path) -> None:
+    """The folders of ``explain`` and ``knowledge`` hold many artifacts, not one: say how to open
+    them (one sample's interactions, the summary) instead of calling them something else."""
+    folder = p if p.is_dir() else p.parent
+    one = "pretrain_reuse.load(<folder>/interactions-0000.safetensors) opens one sample's interactions"
+    if (folder / "knowledge.json").is_file() and (p.is_dir() or p.name == "knowledge.json"):
+        raise PretrainReuseError(
+            f"{str(p)!r} is the output of knowledge: its numbers are in knowledge.json (plain JSON, "
+            "json.load reads it; pretrain-reuse report renders it), and in each model's folder "
+            f"(pretrained/, finetuned/, ...) {one}")
+    if (folder / "explain.json").is_file() and (p.is_dir() or p.name == "explain.json"):
+        raise PretrainReuseError(f"{str(p)!r} is the output of explain, a folder of per-sample "
+                                 f"files: {one}")

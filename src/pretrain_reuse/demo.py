@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .artifacts import claim_folder, read_json, write_json
+from .artifacts import claim_folder, make_meta, read_json, write_json
 from .data.catalog import open_dataset
 from .embed import EmbedConfig, embed
 from .errors import check_choice
@@ -202,6 +202,9 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = 
     summary = _summary(out, plan, runs, related, timing, quick, seed)
     summary["scenario"] = {"name": scenario, **asdict(scene), "related": related.tolist(),
                            "pool_classes": len(pool.class_names)}
+    # the writing process's versions and threads; each stage's artifacts record their own
+    summary["meta"] = make_meta("demo", {"quick": quick, "scenario": scenario, "plan": asdict(plan),
+                                         "lambda": LAMBDA}, seed=seed)
     write_json(out / "summary.json", summary)
     from .report import build_report
 

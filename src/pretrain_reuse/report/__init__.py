@@ -14,13 +14,11 @@ import base64
 import html
 import io
 import json
-import platform
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .. import __version__
 from ..artifacts import atomic_path, read_json
 from ..errors import PretrainReuseError, check_file
 
@@ -285,8 +283,10 @@ def _knowledge_section(run: Path, scenario: dict) -> str:
          for r, f in faith.items()]))
     cf = k["counterfactual"]
     if cf.get("n_sets"):
-        ratio = cf["effect_ratio"]
-        verdict = ("Removing the players of preserved interactions changes the output clearly more "
+        ratio = cf["effect_ratio"]  # None when removing random players changed nothing
+        verdict = ("Removing random players does not change the output, so the ratio is undefined"
+                   if ratio is None else
+                   "Removing the players of preserved interactions changes the output clearly more "
                    "than removing as many random players" if ratio > 1.2 else
                    "Removing the players of preserved interactions changes the output about as "
                    "much as removing as many random players: the check does not single them out"
@@ -297,11 +297,11 @@ def _knowledge_section(run: Path, scenario: dict) -> str:
             ["sets", "mean |Δv| preserved", "mean |Δv| random", "ratio",
              "rank corr(predicted, measured)"],
             [[cf["n_sets"], f"{cf['mean_abs_change_preserved']:.3f}",
-              f"{cf['mean_abs_change_random']:.3f}", f"{cf['effect_ratio']:.2f}",
+              f"{cf['mean_abs_change_random']:.3f}", _fixed(ratio, 2),
               # .get: a knowledge.json of an earlier version has no rank correlation
               "n/a" if cf.get("prediction_spearman") is None else f"{cf['prediction_spearman']:.3f}"]])
-            + f'<p class="{"good" if ratio > 1.2 else "note"}">{verdict} '
-              f"(ratio {cf['effect_ratio']:.2f}).</p>")
+            + f'<p class="{"good" if ratio is not None and ratio > 1.2 else "note"}">{verdict} '
+              f"(ratio {_fixed(ratio, 2)}).</p>")
     return _section("Knowledge handed over by pre-training", "knowledge", "".join(parts))
 
 
@@ -376,14 +376,21 @@ def _not_this_run(path: Path, holds: str) -> PretrainReuseError:
                               "data and players; rerun `pretrain-reuse demo` (into a new --out)")
 
 
-def _parameters_section(run: Path, summary: dict) -> str:
-    import torch
+def _versions(meta: dict) -> str:
+    """The versions and threads that produced a result, from its meta block: not those of the
+    process rendering the report (results of an earlier version record none)."""
+    env = meta.get("environment", {})
+    return _table(["package", "version"], [
+        ["pretrain-reuse", meta.get("version", "not recorded")],
+        *([name, env.get(name, "not recorded")] for name in ("python", "torch", "numpy")),
+        ["CPU threads", env.get("threads", "not recorded")],
+        ["GPU", env.get("gpu") or ("none" if env else "not recorded")]])
 
+
+def _parameters_section(run: Path, summary: dict) -> str:
     rows = [[stage, f"{sec:.1f}"] for stage, sec in summary.get("timing_s", {}).items()]
     total = sum(summary.get("timing_s", {}).values())
-    versions = _table(["package", "version"], [
-        ["pretrain-reuse", __version__], ["python", platform.python_version()],
-        ["torch", torch.__version__], ["numpy", np.__version__]])
+    versions = _versions(summary.get("meta", {}))
     plan = json.dumps(summary.get("plan", {}), indent=1)
     return _section("Parameters, versions and time", "parameters",
                     f"<p>Seed {summary.get('seed')}, quick={summary.get('quick')}; "
@@ -459,8 +466,7 @@ def _experiment_body(run: Path) -> list[str]:
             f"data and backbone below. Run folder: <code>{html.escape(str(run))}</code>.</p>",
             _section("Results", "experiment", "".join(parts)),
             _section("Parameters and versions", "parameters",
-                     f"<p>pretrain-reuse {__version__}, python {platform.python_version()}.</p>"
-                     f"<pre>{html.escape(params)}</pre>")]
+                     _versions(table.meta) + f"<pre>{html.escape(params)}</pre>")]
 
 
 def build_report(run_dir: str | Path) -> Path:
