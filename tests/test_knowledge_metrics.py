@@ -157,6 +157,12 @@ def test_numbers_do_not_depend_on_the_string_hash_seed_of_the_process():
     assert outs[0] == outs[1] == outs[2] and "preserve_strength" in outs[0]
 
 
+def test_report_takes_any_iterable_of_interactions():
+    report = knowledge_report(iter([PRE, PRE]), (x for x in [FT, PRE]), scratch=iter([SCRATCH, SCRATCH]))
+    expected = knowledge_report([PRE, PRE], [FT, PRE], scratch=[SCRATCH, SCRATCH])
+    assert report.to_dict() == expected.to_dict()
+
+
 def test_report_needs_one_interaction_per_sample_for_every_model():
     with pytest.raises(PretrainReuseError, match="got 2 pretrained, 1 finetuned"):
         knowledge_report([PRE, PRE], [FT])
@@ -206,9 +212,27 @@ def test_convergence_weighted_measure_is_one_at_the_final_checkpoint():
 
 
 def test_convergence_summaries_handle_a_curve_that_never_reaches_the_threshold():
-    c = knowledge_convergence(CHECKPOINTS, threshold=1.5)
+    c = knowledge_convergence(CHECKPOINTS, order=3)  # no sample has knowledge of order 3: s(t) NaN
     assert c.first_at_threshold is None
     assert c.to_dict()["first_at_threshold"] is None
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"threshold": math.nan}, r"threshold=nan must be a similarity level in \[0, 1\]"),
+    ({"threshold": 1.5}, r"threshold=1\.5 must be a similarity level in \[0, 1\]"),
+    ({"order": 99}, r"order=99 must be an interaction order in 1\.\.3"),
+    ({"order": 0}, r"order=0 must be an interaction order in 1\.\.3"),
+])
+def test_convergence_refuses_a_threshold_or_order_out_of_range(kwargs, needle):
+    with pytest.raises(PretrainReuseError, match=needle):
+        knowledge_convergence(CHECKPOINTS, **kwargs)
+
+
+def test_convergence_takes_any_iterable_and_refuses_what_is_not_interactions():
+    c = knowledge_convergence(iter([iter(ckpt) for ckpt in CHECKPOINTS]))
+    np.testing.assert_allclose(c.similarity, knowledge_convergence(CHECKPOINTS).similarity)
+    with pytest.raises(PretrainReuseError, match=r"checkpoints\[0\]\[1\] must be an Interactions object"):
+        knowledge_convergence([[PRE, "x"], [PRE, FT]])
 
 
 def test_convergence_refuses_checkpoints_over_different_samples():
@@ -231,6 +255,14 @@ def test_weighted_overlap_splits_positive_and_negative_parts():
     assert weighted_overlap(ONE, TWO) == pytest.approx(0.5 / 4)
     assert weighted_overlap(ONE, ONE) == pytest.approx(1.0)
     assert weighted_overlap(ONE, TWO, normalize=True) == pytest.approx((0.5 / 2.5) / (0.5 + 0.4 + 0.4 + 0.5))
+
+
+@pytest.mark.parametrize("compare", [weighted_overlap, cover_ratio, transferability])
+def test_pairwise_comparisons_name_an_argument_that_is_not_interactions(compare):
+    with pytest.raises(PretrainReuseError, match="b must be an Interactions object, got int"):
+        compare(ONE, 3)
+    with pytest.raises(PretrainReuseError, match=r"a and b have n=2 and n=3 players"):
+        compare(ONE, PRE)
 
 
 def test_cover_ratio_and_transferability_equal_hand_computed_values():
@@ -267,6 +299,18 @@ def test_set_discrimination_counts_signs_of_each_sets_own_model_per_class():
     assert out["discard"]["by_class"]["1"] == {"purity": None, "n_samples": 1}
     with pytest.raises(PretrainReuseError, match="3 labels for 4 samples"):
         set_discrimination(knowledge_report(pre, ft), [0, 0, 1])
+    with pytest.raises(PretrainReuseError, match="labels must be integer class indices"):
+        set_discrimination(knowledge_report(pre, ft), ["a", "a", "a", "b"])
+    with pytest.raises(PretrainReuseError, match="report must be a KnowledgeReport"):
+        set_discrimination(pre, [0, 0, 0, 1])
+    assert set_discrimination(knowledge_report(pre, ft), iter([0, 0, 0, 1])).to_dict() == out
+
+
+def test_discrimination_power_takes_any_iterable_and_names_a_sample_that_is_not_interactions():
+    samples = [inter(2, A0=1.0, A1=-1.0), inter(2, A0=1.0)]
+    assert discrimination_power(iter(samples)) == discrimination_power(samples)
+    with pytest.raises(PretrainReuseError, match=r"samples\[1\] must be an Interactions object"):
+        discrimination_power([samples[0], None])
 
 
 def test_set_discrimination_of_one_model_against_itself_is_its_discrimination_power():
@@ -368,10 +412,18 @@ def test_accuracy_correlation_is_reproducible_and_report_per_sample_feeds_it():
     (RATIOS, ACCURACY[:4], "one accuracy per model"),
     ([[np.nan], *RATIOS[1:]], ACCURACY, "model 0 has no sample"),
     (RATIOS, [np.nan, *ACCURACY[1:]], "NaN"),
+    ([["a"], *RATIOS[1:]], ACCURACY, r"ratios\[0\] must be a flat sequence of numbers"),
+    ([[[0.1], [0.2]], *RATIOS[1:]], ACCURACY, r"ratios\[0\] must be a flat sequence of numbers"),
+    (RATIOS, ["high", *ACCURACY[1:]], "accuracy must be a flat sequence of numbers"),
 ])
 def test_accuracy_correlation_refuses_bad_inputs(ratios, accuracy, needle):
     with pytest.raises(PretrainReuseError, match=needle):
         accuracy_correlation(ratios, accuracy)
+
+
+def test_accuracy_correlation_refuses_a_seed_default_rng_rejects():
+    with pytest.raises(PretrainReuseError, match="seed must be an integer"):
+        accuracy_correlation(RATIOS, ACCURACY, seed=-1)
 
 
 # --------------------------------------------------------------------------------------------

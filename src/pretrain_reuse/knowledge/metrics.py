@@ -30,13 +30,13 @@ Li & Zhang (ICML 2023) over the samples of a class, computed on the set's items.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ..errors import PretrainReuseError, check_choice
+from ..errors import PretrainReuseError, check_choice, check_seed
 from .interactions import orders, players_of
 from .values import Interactions
 
@@ -199,8 +199,7 @@ def sample_knowledge(pretrained: Interactions, finetuned: Interactions,
     if scratch is not None:
         models.append(("scratch", scratch))
     for name, x in models:
-        if not isinstance(x, Interactions):
-            raise PretrainReuseError(f"{name} must be an Interactions object, got {type(x).__name__}")
+        _check_interactions(name, x)
         if x.n != pretrained.n:
             raise PretrainReuseError(
                 f"{name} has n={x.n} players but pretrained has n={pretrained.n}; explain every "
@@ -286,13 +285,14 @@ class KnowledgeReport:
         }
 
 
-def knowledge_report(pretrained: Sequence[Interactions], finetuned: Sequence[Interactions],
-                     scratch: Sequence[Interactions] | None = None, *, tau: float = 0.05,
+def knowledge_report(pretrained: Iterable[Interactions], finetuned: Iterable[Interactions],
+                     scratch: Iterable[Interactions] | None = None, *, tau: float = 0.05,
                      match: str = "support") -> KnowledgeReport:
     """Knowledge ratios of the fine-tuned vs the pre-trained (and scratch) model over samples.
 
     Args:
-        pretrained, finetuned: one :class:`Interactions` per sample, in the same sample order.
+        pretrained, finetuned: one :class:`Interactions` per sample, in the same sample order
+            (any iterable).
         scratch: the scratch model's interactions on the same samples, or None.
         tau: salience threshold (note §3 default 0.05).
         match: ``"support"`` (default) or ``"signed"``.
@@ -300,6 +300,8 @@ def knowledge_report(pretrained: Sequence[Interactions], finetuned: Sequence[Int
     Returns:
         :class:`KnowledgeReport`; ratios whose denominator set is empty on a sample skip it.
     """
+    pretrained, finetuned = list(pretrained), list(finetuned)
+    scratch = None if scratch is None else list(scratch)
     if len(pretrained) != len(finetuned) or (scratch is not None and len(scratch) != len(pretrained)):
         raise PretrainReuseError(
             f"got {len(pretrained)} pretrained, {len(finetuned)} finetuned"
@@ -331,10 +333,18 @@ def _vector(x: Interactions, order: int | None = None) -> np.ndarray:
     return np.concatenate([x.and_values[keep], x.or_values[keep]])
 
 
-def _check_pair(a: Interactions, b: Interactions) -> None:
+def _check_interactions(name: str, x: Any) -> None:
+    if not isinstance(x, Interactions):
+        raise PretrainReuseError(f"{name} must be an Interactions object, got {type(x).__name__}")
+
+
+def _check_pair(a: Interactions, b: Interactions, names: tuple[str, str] = ("a", "b")) -> None:
+    """Both are Interactions over the same number of players; ``names`` name them in errors."""
+    _check_interactions(names[0], a)
+    _check_interactions(names[1], b)
     if a.n != b.n:
-        raise PretrainReuseError(f"the two interactions have n={a.n} and n={b.n} players; compare "
-                                 "interactions over the same players")
+        raise PretrainReuseError(f"{names[0]} and {names[1]} have n={a.n} and n={b.n} players; "
+                                 "compare interactions over the same players")
 
 
 def transferability(a: Interactions, b: Interactions, *, tau: float = 0.05,
@@ -437,7 +447,7 @@ class Convergence:
         }
 
 
-def knowledge_convergence(checkpoints: Sequence[Sequence[Interactions]], *, tau: float = 0.05,
+def knowledge_convergence(checkpoints: Iterable[Iterable[Interactions]], *, tau: float = 0.05,
                           match: str = "support", measure: str = "iou", threshold: float = 0.9,
                           order: int | None = None) -> Convergence:
     r"""Convergence of knowledge over checkpoints t = 1..T towards the final checkpoint T.
@@ -455,11 +465,15 @@ def knowledge_convergence(checkpoints: Sequence[Sequence[Interactions]], *, tau:
             first; the last checkpoint is the final model.
         tau, match: as for :func:`knowledge_report`.
         measure: one of :data:`MEASURES`.
-        threshold: level of the ``first_at_threshold`` summary.
-        order: only interactions of this order |S| (knowledge sets and vectors), or all (None).
+        threshold: level of the ``first_at_threshold`` summary, in [0, 1] like s(t).
+        order: only interactions of this order |S| in 1..n (knowledge sets and vectors), or all
+            (None).
     """
     check_choice("measure", measure, MEASURES)
     check_choice("match", match, MATCHES)
+    if not isinstance(threshold, (int, float, np.floating)) or not 0 <= threshold <= 1:
+        raise PretrainReuseError(f"threshold={threshold!r} must be a similarity level in [0, 1], e.g. 0.9")
+    checkpoints = [list(c) for c in checkpoints]
     if not checkpoints or not checkpoints[0]:
         raise PretrainReuseError("checkpoints is empty; pass checkpoints[t][sample] interactions")
     n_samples = len(checkpoints[0])
@@ -469,6 +483,14 @@ def knowledge_convergence(checkpoints: Sequence[Sequence[Interactions]], *, tau:
             "must be explained on the same samples"
         )
     final = checkpoints[-1]
+    for t, ckpt in enumerate(checkpoints):
+        for i, (x, last) in enumerate(zip(ckpt, final, strict=True)):
+            _check_pair(x, last, (f"checkpoints[{t}][{i}]", f"checkpoints[-1][{i}]"))
+    n = final[0].n
+    if order is not None and (isinstance(order, bool) or not isinstance(order, (int, np.integer))
+                              or not 1 <= order <= n):
+        raise PretrainReuseError(f"order={order!r} must be an interaction order in 1..{n} (the number "
+                                 "of players), or None for all orders")
 
     def omega_of(x: Interactions) -> dict[Item, float]:
         return _restrict(knowledge_set(x, tau=tau, match=match), order)
@@ -478,7 +500,6 @@ def knowledge_convergence(checkpoints: Sequence[Sequence[Interactions]], *, tau:
     for ckpt in checkpoints:
         s_vals, d_vals = [], []
         for x, last, omega_last in zip(ckpt, final, final_sets, strict=True):
-            _check_pair(x, last)
             omega = omega_of(x)
             both = len(omega.keys() & omega_last.keys())
             if measure == "iou":
@@ -553,16 +574,17 @@ class Discrimination:
         }
 
 
-def discrimination_power(samples: Sequence[Interactions], *, tau: float = 0.05) -> Discrimination:
+def discrimination_power(samples: Iterable[Interactions], *, tau: float = 0.05) -> Discrimination:
     """Discrimination power β(S) and frequency α(S) of one model over the samples of one class.
 
     Li & Zhang (ICML 2023): m⁺_S = #{i : S salient on x_i and I(S|x_i) > 0}, m⁻_S likewise with
     I < 0; β(S) = max(m⁺, m⁻)/(m⁺ + m⁻), α(S) = (m⁺ + m⁻)/#samples. Call it once per class.
     """
+    samples = list(samples)
     if not samples:
         raise PretrainReuseError("samples is empty; pass the interactions of the class's samples")
-    for x in samples:
-        _check_pair(x, samples[0])
+    for i, x in enumerate(samples):
+        _check_pair(x, samples[0], (f"samples[{i}]", "samples[0]"))
     return _discrimination([x.salient(tau) for x in samples])
 
 
@@ -607,7 +629,7 @@ class SetDiscrimination:
                 for name, classes in self.by_set.items()}
 
 
-def set_discrimination(report: KnowledgeReport, labels: Sequence[int]) -> SetDiscrimination:
+def set_discrimination(report: KnowledgeReport, labels: Iterable[int]) -> SetDiscrimination:
     r"""Discriminative knowledge: the discrimination power of each knowledge set, per class.
 
     The reference note's option (a) of §4 [recon] (Jiang, Cheng & Li, arXiv 2410.08455, call
@@ -634,6 +656,12 @@ def set_discrimination(report: KnowledgeReport, labels: Sequence[int]) -> SetDis
         report: :func:`knowledge_report` of the samples (``exclusive`` needs its scratch model).
         labels: the class of every sample, in the report's sample order.
     """
+    if not isinstance(report, KnowledgeReport):
+        raise PretrainReuseError(f"report must be a KnowledgeReport (from knowledge_report), got "
+                                 f"{type(report).__name__}")
+    labels = list(labels)
+    if not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in labels):
+        raise PretrainReuseError("labels must be integer class indices, one per sample of the report")
     if len(labels) != report.n_samples:
         raise PretrainReuseError(f"got {len(labels)} labels for {report.n_samples} samples; pass "
                                  "the class of every sample of the report, in its order")
@@ -691,7 +719,7 @@ class AccuracyCorrelation:
         }
 
 
-def accuracy_correlation(ratios: Sequence[Sequence[float]], accuracy: Sequence[float], *,
+def accuracy_correlation(ratios: Iterable[Sequence[float]], accuracy: Sequence[float], *,
                          n_boot: int = 2000, level: float = 0.95, seed: int = 0
                          ) -> AccuracyCorrelation:
     r"""Pearson and Spearman correlation of a knowledge ratio with accuracy across M models.
@@ -719,8 +747,9 @@ def accuracy_correlation(ratios: Sequence[Sequence[float]], accuracy: Sequence[f
         level: interval level in (0, 1).
         seed: seed of the resampling (numpy ``default_rng``).
     """
-    acc = np.asarray(accuracy, dtype=np.float64)
-    if acc.ndim != 1 or len(acc) != len(ratios):
+    ratios = [_numbers(f"ratios[{m}]", r) for m, r in enumerate(ratios)]
+    acc = _numbers("accuracy", accuracy)
+    if len(acc) != len(ratios):
         raise PretrainReuseError(f"got {len(ratios)} ratio sequences and accuracy of shape "
                                  f"{acc.shape}; pass one accuracy per model")
     if len(acc) < 3:
@@ -730,13 +759,13 @@ def accuracy_correlation(ratios: Sequence[Sequence[float]], accuracy: Sequence[f
         raise PretrainReuseError("accuracy has NaN/inf values; pass each model's test accuracy")
     if not (isinstance(n_boot, (int, np.integer)) and n_boot >= 100):
         raise PretrainReuseError(f"n_boot={n_boot!r} must be an integer >= 100")
-    if not 0 < level < 1:
+    if not isinstance(level, (int, float, np.floating)) or not 0 < level < 1:
         raise PretrainReuseError(f"level={level!r} must be in (0, 1), e.g. 0.95")
+    check_seed("seed", seed)
     values = []
     for m, r in enumerate(ratios):
-        r = np.asarray(r, dtype=np.float64)
         r = r[~np.isnan(r)]
-        if r.ndim != 1 or not r.size:
+        if not r.size:
             raise PretrainReuseError(f"model {m} has no sample with a defined ratio; explain more "
                                      "samples or drop the model")
         values.append(r)
@@ -758,6 +787,17 @@ def accuracy_correlation(ratios: Sequence[Sequence[float]], accuracy: Sequence[f
         pearson_ci=interval(pearson_b), spearman_ci=interval(spearman_b),
         n_samples=np.array([len(r) for r in values]), n_boot=int(n_boot),
         n_boot_dropped=int(np.isnan(pearson_b).sum()), level=float(level), seed=int(seed))
+
+
+def _numbers(name: str, x: Any) -> np.ndarray:
+    """``x`` as a 1-d float64 array; anything else is an error naming ``name``."""
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError):
+        arr = None  # strings, ragged nesting
+    if arr is None or arr.ndim != 1:
+        raise PretrainReuseError(f"{name} must be a flat sequence of numbers, got {x!r:.60}")
+    return arr
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
