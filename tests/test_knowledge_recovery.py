@@ -91,6 +91,21 @@ def test_bad_ground_truth_inputs_are_refused():
         rule_game([(0,), ()], 4)
     with pytest.raises(PretrainReuseError, match=r"outside 0\.\.3"):
         rule_game([(0, 4)], 4)
+    with pytest.raises(PretrainReuseError, match=r"interactions\[0\] must be an Interactions object"):
+        ground_truth_recovery([x[0].v], [np.zeros(64)])
+    with pytest.raises(PretrainReuseError, match=r"truths\[0\] must be a game"):
+        ground_truth_recovery(x, [["a"] * 64])
+    with pytest.raises(PretrainReuseError, match="term_slots=3 must be a list of terms"):
+        rule_game(3, 4)
+
+
+def test_rule_game_and_recovery_take_any_iterable():
+    # an iterator of terms used to run out in the checks, leaving the all-ones game
+    np.testing.assert_array_equal(rule_game(iter([iter([0, 1])]), 2), rule_game([(0, 1)], 2))
+    x = and_interactions(_model(4.0))
+    truth = [rule_game([(0, 1)], 6)]
+    assert (ground_truth_recovery(iter(x), iter(truth)).to_dict()
+            == ground_truth_recovery(x, truth).to_dict())
 
 
 def test_every_nonzero_rule_interaction_is_a_union_of_term_choices():

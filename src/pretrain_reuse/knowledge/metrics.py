@@ -38,7 +38,7 @@ import numpy as np
 
 from ..errors import PretrainReuseError, check_choice, check_seed
 from .interactions import orders, players_of
-from .values import Interactions
+from .values import Interactions, check_interactions
 
 __all__ = [
     "MATCHES",
@@ -199,7 +199,7 @@ def sample_knowledge(pretrained: Interactions, finetuned: Interactions,
     if scratch is not None:
         models.append(("scratch", scratch))
     for name, x in models:
-        _check_interactions(name, x)
+        check_interactions(name, x)
         if x.n != pretrained.n:
             raise PretrainReuseError(
                 f"{name} has n={x.n} players but pretrained has n={pretrained.n}; explain every "
@@ -333,15 +333,10 @@ def _vector(x: Interactions, order: int | None = None) -> np.ndarray:
     return np.concatenate([x.and_values[keep], x.or_values[keep]])
 
 
-def _check_interactions(name: str, x: Any) -> None:
-    if not isinstance(x, Interactions):
-        raise PretrainReuseError(f"{name} must be an Interactions object, got {type(x).__name__}")
-
-
 def _check_pair(a: Interactions, b: Interactions, names: tuple[str, str] = ("a", "b")) -> None:
     """Both are Interactions over the same number of players; ``names`` name them in errors."""
-    _check_interactions(names[0], a)
-    _check_interactions(names[1], b)
+    check_interactions(names[0], a)
+    check_interactions(names[1], b)
     if a.n != b.n:
         raise PretrainReuseError(f"{names[0]} and {names[1]} have n={a.n} and n={b.n} players; "
                                  "compare interactions over the same players")

@@ -30,7 +30,7 @@ Magnitudes are not compared: the model's output is a log-odds, the rule a 0/1 ga
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,12 +39,12 @@ import numpy as np
 from ..errors import PretrainReuseError
 from .interactions import MAX_PLAYERS, harsanyi_and
 from .metrics import RatioStats
-from .values import Interactions, check_tau
+from .values import Interactions, check_interactions, check_tau
 
 __all__ = ["Recovery", "ground_truth_recovery", "rule_game"]
 
 
-def rule_game(term_slots: Sequence[Sequence[int]], n: int) -> np.ndarray:
+def rule_game(term_slots: Iterable[Iterable[int]], n: int) -> np.ndarray:
     r"""The 0/1 game of an AND-of-ORs rule over ``n`` players, in bitmask layout.
 
     .. math:: v^*(S) = \prod_t [S \cap T_t \neq \emptyset]
@@ -59,6 +59,12 @@ def rule_game(term_slots: Sequence[Sequence[int]], n: int) -> np.ndarray:
     """
     if not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_PLAYERS:
         raise PretrainReuseError(f"n={n!r} must be an integer number of players in 1..{MAX_PLAYERS}")
+    # materialised: the checks below and the game both go over the terms (iterators run out)
+    try:
+        term_slots = [tuple(term) for term in term_slots]
+    except TypeError:
+        raise PretrainReuseError(f"term_slots={term_slots!r:.60} must be a list of terms, each a list "
+                                 "of player indices") from None
     if not term_slots or any(not term for term in term_slots):
         raise PretrainReuseError(
             f"term_slots={term_slots!r}: a rule needs at least one term, and every term at least "
@@ -101,7 +107,7 @@ class Recovery:
         }
 
 
-def ground_truth_recovery(interactions: Sequence[Interactions], truths: Sequence[np.ndarray], *,
+def ground_truth_recovery(interactions: Iterable[Interactions], truths: Iterable[np.ndarray], *,
                           tau: float = 0.05) -> Recovery:
     """Precision / recall of each sample's salient interactions against its rule game.
 
@@ -114,13 +120,18 @@ def ground_truth_recovery(interactions: Sequence[Interactions], truths: Sequence
         tau: salience threshold relative to each sample's largest interaction (∅ excluded).
     """
     check_tau(tau)
+    interactions, truths = list(interactions), list(truths)
     if len(interactions) != len(truths) or not interactions:
         raise PretrainReuseError(
             f"got {len(interactions)} interactions and {len(truths)} ground-truth games; pass one "
             "of each per sample (at least one)")
     terms: list[dict[int | None, dict[str, tuple[int, int]]]] = []
-    for x, truth in zip(interactions, truths, strict=True):
-        truth = np.asarray(truth, dtype=np.float64)
+    for i, (x, truth) in enumerate(zip(interactions, truths, strict=True)):
+        check_interactions(f"interactions[{i}]", x)
+        try:
+            truth = np.asarray(truth, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise PretrainReuseError(f"truths[{i}] must be a game: an array of 2^n numbers") from None
         if truth.shape != (1 << x.n,):
             raise PretrainReuseError(
                 f"a ground-truth game has shape {truth.shape} but the interactions have n={x.n} "

@@ -282,6 +282,12 @@ class Interactions:
         return ax
 
 
+def check_interactions(name: str, x: Any) -> None:
+    """Check that the argument ``name`` is an :class:`Interactions` object."""
+    if not isinstance(x, Interactions):
+        raise PretrainReuseError(f"{name} must be an Interactions object, got {type(x).__name__}")
+
+
 def check_tau(tau: float) -> None:
     if not isinstance(tau, (int, float, np.floating)) or not 0 <= tau < 1:
         raise PretrainReuseError(f"tau={tau!r} must be a relative threshold in [0, 1), e.g. 0.05")
