@@ -20,6 +20,8 @@ import pytest
 import pretrain_reuse
 from pretrain_reuse.errors import PretrainReuseError
 from pretrain_reuse.knowledge import (
+    AccuracyCorrelation,
+    Convergence,
     Interactions,
     accuracy_correlation,
     cover_ratio,
@@ -235,6 +237,16 @@ def test_convergence_takes_any_iterable_and_refuses_what_is_not_interactions():
         knowledge_convergence([[PRE, "x"], [PRE, FT]])
 
 
+def test_convergence_save_and_load_round_trip_nan_included(tmp_path):
+    c = knowledge_convergence(CHECKPOINTS, order=2, threshold=0.5)  # detour[0] is NaN
+    back = Convergence.load(c.save(tmp_path / "convergence.json"))
+    for name in ("similarity", "detour", "n_used"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(c, name))
+    assert (back.measure, back.threshold) == ("iou", 0.5) and back.to_dict() == c.to_dict()
+    with pytest.raises(PretrainReuseError, match="holds kind 'knowledge-convergence', not 'accuracy"):
+        AccuracyCorrelation.load(tmp_path / "convergence.json")
+
+
 def test_convergence_refuses_checkpoints_over_different_samples():
     with pytest.raises(PretrainReuseError, match="every checkpoint must be explained on the same samples"):
         knowledge_convergence([[PRE, FT], [PRE]])
@@ -419,6 +431,17 @@ def test_accuracy_correlation_is_reproducible_and_report_per_sample_feeds_it():
 def test_accuracy_correlation_refuses_bad_inputs(ratios, accuracy, needle):
     with pytest.raises(PretrainReuseError, match=needle):
         accuracy_correlation(ratios, accuracy)
+
+
+def test_accuracy_correlation_save_and_load_round_trip(tmp_path):
+    a = accuracy_correlation(RATIOS, ACCURACY, n_boot=200)
+    back = AccuracyCorrelation.load(a.save(tmp_path / "correlation.json"))
+    assert back.to_dict() == a.to_dict()
+    np.testing.assert_array_equal(back.ratio, a.ratio)
+    np.testing.assert_array_equal(back.n_samples, a.n_samples)
+    assert back.pearson_ci == a.pearson_ci and back.pearson == a.pearson
+    with pytest.raises(PretrainReuseError, match="exists and is not a knowledge-convergence file"):
+        knowledge_convergence(CHECKPOINTS).save(tmp_path / "correlation.json")
 
 
 def test_accuracy_correlation_refuses_a_seed_default_rng_rejects():

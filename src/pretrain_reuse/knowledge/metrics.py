@@ -32,10 +32,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..artifacts import read_json, refuse_foreign, require_keys, write_json
 from ..errors import PretrainReuseError, check_choice, check_seed
 from .interactions import orders, players_of
 from .values import Interactions, check_interactions
@@ -104,6 +106,28 @@ def _item_json(item: Item) -> list:
 
 def _nan_to_none(x: float) -> float | None:
     return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def _none_to_nan(values: list) -> np.ndarray:
+    """The inverse of :func:`_nan_to_none` on a list read from JSON, as float64."""
+    return np.array([math.nan if v is None else v for v in values], dtype=np.float64)
+
+
+def _save_json(path: str | Path, kind: str, record: dict[str, Any]) -> Path:
+    """Write ``{"kind": kind, **record}`` atomically, refusing to replace a file of another kind."""
+    refuse_foreign(path, kind)
+    write_json(path, {"kind": kind, **record})
+    return Path(path)
+
+
+def _load_json(path: str | Path, kind: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The record of a file written by :func:`_save_json`; another kind or a missing key is an error."""
+    record = read_json(path, kind)
+    if record.get("kind") != kind:
+        raise PretrainReuseError(f"{str(path)!r} holds kind {record.get('kind')!r}, not {kind!r}; pass "
+                                 "a file written by the save() of that result")
+    require_keys(record, keys, path, kind)
+    return record
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,6 +465,18 @@ class Convergence:
             "n_decreases": self.n_decreases, "total_detour": self.total_detour,
         }
 
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`to_dict` as JSON atomically (NaN as null); returns the path."""
+        return _save_json(path, "knowledge-convergence", self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Convergence:
+        """Read a file written by :meth:`save` (the summaries are recomputed, not read)."""
+        d = _load_json(path, "knowledge-convergence",
+                       ("similarity", "detour", "n_used", "measure", "threshold"))
+        return cls(_none_to_nan(d["similarity"]), _none_to_nan(d["detour"]),
+                   np.array(d["n_used"], dtype=np.int64), d["measure"], float(d["threshold"]))
+
 
 def knowledge_convergence(checkpoints: Iterable[Iterable[Interactions]], *, tau: float = 0.05,
                           match: str = "support", measure: str = "iou", threshold: float = 0.9,
@@ -712,6 +748,25 @@ class AccuracyCorrelation:
             "n_samples": self.n_samples.tolist(), "n_boot": self.n_boot,
             "n_boot_dropped": self.n_boot_dropped, "level": self.level, "seed": self.seed,
         }
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`to_dict` as JSON atomically (NaN as null); returns the path."""
+        return _save_json(path, "accuracy-correlation", self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> AccuracyCorrelation:
+        """Read a file written by :meth:`save`."""
+        keys = ("ratio", "accuracy", "pearson", "spearman", "pearson_ci", "spearman_ci", "n_samples",
+                "n_boot", "n_boot_dropped", "level", "seed")
+        d = _load_json(path, "accuracy-correlation", keys)
+        pearson, spearman = _none_to_nan([d["pearson"], d["spearman"]])
+        return cls(
+            ratio=_none_to_nan(d["ratio"]), accuracy=_none_to_nan(d["accuracy"]),
+            pearson=float(pearson), spearman=float(spearman),
+            pearson_ci=tuple(_none_to_nan(d["pearson_ci"]).tolist()),
+            spearman_ci=tuple(_none_to_nan(d["spearman_ci"]).tolist()),
+            n_samples=np.array(d["n_samples"], dtype=np.int64), n_boot=d["n_boot"],
+            n_boot_dropped=d["n_boot_dropped"], level=d["level"], seed=d["seed"])
 
 
 def accuracy_correlation(ratios: Iterable[Sequence[float]], accuracy: Sequence[float], *,
