@@ -544,6 +544,29 @@ def test_load_says_how_to_open_the_outputs_of_explain_and_knowledge(tmp_path):
     assert "units" not in str(err.value)
 
 
+def test_load_opens_saved_knowledge_results_by_their_kind(tmp_path):
+    from pretrain_reuse.knowledge import (
+        AccuracyCorrelation,
+        Convergence,
+        Interactions,
+        accuracy_correlation,
+        knowledge_convergence,
+    )
+
+    def inter(values):
+        and_values = np.array(values, float)
+        v = np.array([0.0, values[1], values[2], sum(values)])  # the AND game of these values
+        return Interactions(n=2, and_values=and_values, or_values=np.zeros(4), v=v, noise=np.zeros(4))
+
+    final = inter([0.0, 1.0, 0.1, 2.0])
+    curve = knowledge_convergence([[inter([0.0, 1.0, 2.0, 0.1])], [final]])
+    back = load(curve.save(tmp_path / "convergence.json"))
+    assert isinstance(back, Convergence) and back.to_dict() == curve.to_dict()
+    corr = accuracy_correlation([[0.1, 0.2], [0.4, 0.5], [0.3, 0.2]], [0.6, 0.8, 0.7], n_boot=100)
+    back = load(corr.save(tmp_path / "correlation.json"))
+    assert isinstance(back, AccuracyCorrelation) and back.to_dict() == corr.to_dict()
+
+
 def test_repr_of_big_artifacts_is_a_one_line_summary():
     n = 50_000
     store = FeatureStore(features=np.zeros((n, 4), np.float32), labels=np.arange(n) % 5,

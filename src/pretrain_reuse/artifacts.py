@@ -316,7 +316,9 @@ def load(path: str | Path, *, what: str = "path"):
     :class:`~pretrain_reuse.experiment.ExperimentTable`; a ``.safetensors`` file a
     :class:`~pretrain_reuse.units.Units` or, by its header,
     :class:`~pretrain_reuse.knowledge.Interactions`; ``.npy`` a prototype matrix (as Units); a
-    selection ``.json`` file a :class:`~pretrain_reuse.selection.Selection`. The folders of
+    selection ``.json`` file a :class:`~pretrain_reuse.selection.Selection`; a saved
+    :class:`~pretrain_reuse.knowledge.Convergence` or
+    :class:`~pretrain_reuse.knowledge.AccuracyCorrelation` as such. The folders of
     ``explain`` and ``knowledge`` hold one Interactions file per sample: open those.
     """
     p = check_file(what, path)
@@ -369,6 +371,10 @@ def load(path: str | Path, *, what: str = "path"):
                                  + (weights if kind == "backbone" else ""))
     if p.suffix == ".json":
         kind = _json_kind(p)
+        if kind in ("knowledge-convergence", "accuracy-correlation"):
+            from .knowledge.metrics import AccuracyCorrelation, Convergence
+
+            return (Convergence if kind == "knowledge-convergence" else AccuracyCorrelation).load(p)
         if kind not in (None, "selection"):
             raise PretrainReuseError(f"{str(p)!r} holds a {kind!r} record, not an artifact to "
                                      f"load; it is plain JSON (json.load reads it); {opens}")
