@@ -97,6 +97,7 @@ def test_explain_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, needle
         base += ["--data", "synthetic:target"]
     rc, _, err = _run(capsys, *base, *argv)
     assert rc == 2 and err.count("\n") == 1 and needle in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()  # refused before anything is written
 
 
 def test_model_without_the_datas_classes_is_a_user_error(tmp_path, capsys):
@@ -489,7 +490,7 @@ def test_settings_that_cannot_apply_are_refused_before_any_game(tmp_path, capsys
 
 
 def test_a_model_with_nan_outputs_is_refused_naming_the_sample(tmp_path, capsys):
-    # NaN weights give NaN games: refused at the first sample, and no NaN game is cached
+    # NaN weights give NaN games: refused on the chosen samples' outputs before anything is written
     torch.manual_seed(0)
     net = create_backbone("smallcnn-s", num_classes=10)
     with torch.no_grad():
@@ -499,8 +500,8 @@ def test_a_model_with_nan_outputs_is_refused_naming_the_sample(tmp_path, capsys)
                       tmp_path / "nan.safetensors", "--data", "synthetic:target", "--players",
                       "grid:2x2", "--samples", 2, "--quiet", "--out", tmp_path / "x")
     assert rc == 2 and err.count("\n") == 1
-    assert "its output on sample 'target-0/" in err and "is NaN or infinite for 16 of the 16" in err
-    assert not list((tmp_path / "x" / "games").glob("*.npy"))
+    assert "its output on sample 'target-0/" in err and "is NaN or infinite (2 of the 2" in err
+    assert not (tmp_path / "x").exists()
 
 
 def test_games_without_any_effect_give_undefined_entries_not_a_crash(tmp_path):
@@ -548,3 +549,64 @@ def test_explain_refuses_a_bad_tau_before_any_game(tmp_path, capsys):
                       "--tau", "1.5", "--quiet", "--out", tmp_path / "e")
     assert rc == 2 and "tau=1.5 must be a relative threshold" in err and err.count("\n") == 1
     assert not (tmp_path / "e").exists()
+
+
+def _nan_classifier(path):
+    net = create_backbone("smallcnn-s", num_classes=10)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(float("nan"))
+    save_backbone(net, path, {})
+    return path
+
+
+def test_an_unreadable_chosen_image_is_named_and_nothing_is_written(tmp_path, capsys):
+    from PIL import Image
+
+    for c in range(2):
+        (tmp_path / "imgs" / f"c{c}").mkdir(parents=True)
+        for k in range(2):
+            Image.new("RGB", (32, 32), (60 * k, 90 * c, 0)).save(tmp_path / "imgs" / f"c{c}" / f"{k}.png")
+    (tmp_path / "imgs" / "c1" / "1.png").write_bytes(b"not a png")
+    weights = _classifier(tmp_path / "m2.safetensors", 2)
+    rc, _, err = _run(capsys, "explain", "--model", "smallcnn-s", "--weights", weights, "--data",
+                      tmp_path / "imgs", "--samples", 4, "--quiet", "--out", tmp_path / "x")
+    assert rc == 2 and err.count("\n") == 1
+    assert "image 'c1/1.png'" in err and "fix or remove that file" in err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    # a model with NaN weights is named, whichever role it plays: an all-NaN output is not
+    # "correct" for class 0 (argmax of NaN), nor are the other models explained first
+    (["--scratch", "NAN"], "scratch smallcnn-s: its output on sample"),
+    (["--pretrained", "NAN"], "pretrained smallcnn-s: its output on sample"),
+    # a model over other classes is named, not reported as classifying nothing correctly
+    (["--pretrained", "M12"], "pretrained smallcnn-s: the model outputs 12 classes but the data has 10"),
+    # players that do not fit the models' input are refused before the first model is explained
+    (["--players", "grid:33x1", "--n", "3"], "grid 33x1 does not fit an input of 32x32 pixels"),
+])
+def test_knowledge_checks_every_model_before_writing_anything(tmp_path, capsys, argv, needle):
+    same = _classifier(tmp_path / "m.safetensors", 10)
+    files = {"NAN": _nan_classifier(tmp_path / "nan.safetensors"),
+             "M12": _classifier(tmp_path / "m12.safetensors", 12)}
+    # the later of a repeated flag wins: argv overrides these
+    rc, _, err = _run(capsys, "knowledge", "--model", "smallcnn-s", "--pretrained", same,
+                      "--finetuned", same, "--data", "synthetic:target", "--players", "grid:2x2",
+                      "--samples", 2, "--quiet", "--out", tmp_path / "k",
+                      *[files.get(a, a) for a in argv])
+    assert rc == 2 and err.count("\n") == 1 and needle in err, err
+    assert not (tmp_path / "k").exists()
+
+
+def test_discrimination_power_is_not_printed_for_a_class_of_one_sample(tmp_path, capsys):
+    # the purity of a single sample's interactions is 1 whatever they are: not a finding
+    same = _classifier(tmp_path / "m.safetensors", 10)
+    rc, out, err = _run(capsys, "knowledge", "--model", "smallcnn-s", "--pretrained", same,
+                        "--finetuned", same, "--data", "synthetic:target", "--players", "grid:2x2",
+                        "--samples", 1, "--quiet", "--out", tmp_path / "k")
+    assert rc == 0, err
+    k = json.loads((tmp_path / "k" / "knowledge.json").read_text())
+    assert list(k["samples"]["per_class"].values()) == [1]
+    assert k["discrimination"]["preserve"]["purity"] == 1.0
+    assert "discrimination power n/a (a class has a single sample" in out

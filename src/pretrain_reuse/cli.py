@@ -341,6 +341,8 @@ def _classifier(name: str, weights: str | None, what: str, quiet: bool):
 
 
 def _explain_data(args):
+    """The data of explain / knowledge and the split it was opened from (None: the file or folder
+    as given)."""
     from .data.catalog import DATASETS, open_dataset
 
     if args.data.endswith(".jsonl"):
@@ -349,23 +351,22 @@ def _explain_data(args):
         if args.split:
             raise PretrainReuseError(f"--split does not apply to the sentence file {args.data!r}; "
                                      "pass one .jsonl file per split")
-        return text_file(args.data)
+        return text_file(args.data), None
     split = args.split or ("test" if args.data in DATASETS and "test" in DATASETS[args.data].splits
                            else None)
-    return open_dataset(args.data, split=split)
+    return open_dataset(args.data, split=split), split
 
 
 def cmd_explain(args) -> int:
     from .knowledge.explain import choose_samples, explain, explainable
-    from .knowledge.values import check_tau
 
     cfg = _explain_config(args)
-    check_tau(args.tau)  # before the games, not after them
     model = _classifier(args.model, args.weights, "--weights", args.quiet)
-    data = _explain_data(args)
+    data, split = _explain_data(args)
     indices = choose_samples(data, min(cfg.samples, len(data)), cfg.seed,
                              keep=explainable(model, data, cfg))
-    results = explain(model, data, indices, cfg, args.out, progress=not args.quiet)
+    results = explain(model, data, indices, cfg, args.out, tau=args.tau, split=split,
+                      progress=not args.quiet)
     errors = np.array([r.faithfulness_error(args.tau)["max"] for r in results])
     defined = errors[~np.isnan(errors)]
     error = (f"mean {defined.mean():.4f}, max {defined.max():.4f}" if len(defined) else
@@ -397,19 +398,26 @@ def cmd_knowledge(args) -> int:
                                      "models; fine-tune with --snapshots to save them")
         checkpoints = [_classifier(args.model, str(f), "--checkpoints", args.quiet)
                        for f in files]
-    summary = analyze_knowledge(models, _explain_data(args), cfg, args.out,
-                                checkpoints=checkpoints, tau=args.tau, match=args.match,
-                                progress=not args.quiet)
+    data, split = _explain_data(args)
+    summary = analyze_knowledge(models, data, cfg, args.out, checkpoints=checkpoints, tau=args.tau,
+                                match=args.match, split=split, progress=not args.quiet)
     overall = summary["report"]["overall"]
     line = ", ".join(f"{k} {_number(overall[k]['mean'])}" for k in ("preserve", "discard", "new",
                                                                    "exclusive") if k in overall)
-    line += "; discrimination power " + ", ".join(
-        f"{k} {_number(d['purity'])}" for k, d in summary["discrimination"].items())
+    samples = summary["samples"]
+    if min(samples["per_class"].values()) < 2:  # one sample's purity is 1 whatever it knows
+        line += ("; discrimination power n/a (a class has a single sample; explain several "
+                 "samples per class, --samples)")
+    else:
+        line += "; discrimination power " + ", ".join(
+            f"{k} {_number(d['purity'])}" for k, d in summary["discrimination"].items())
     if "ground_truth" in summary:
         found = summary["ground_truth"]["finetuned"]["overall"]
         line += (f"; class rules found by the fine-tuned model: precision "
                  f"{_number(found['precision']['mean'])}, recall {_number(found['recall']['mean'])}")
-    print(f"knowledge over {summary['samples']['n']} samples: {line}; wrote "
+    fewer = (f" (only {samples['n']} of the {samples['asked']} asked: no other sample is "
+             "classified correctly by every model)" if samples["n"] < samples["asked"] else "")
+    print(f"knowledge over {samples['n']} samples{fewer}: {line}; wrote "
           f"{Path(args.out) / 'knowledge.json'}")
     return 0
 
@@ -454,7 +462,8 @@ def _add_explain_flags(p: argparse.ArgumentParser) -> None:
                    help="log-odds | log-odds-clipped | logit (default: %(default)s)")
     p.add_argument("--decomposition", default="and", help="and (Harsanyi) | and-or (sparsified) | "
                    "joint-and-or (knowledge: the models sparsified together) (default: %(default)s)")
-    p.add_argument("--qthres", type=float, help="noise bound, relative to |v(N)-v(0)|")
+    p.add_argument("--qthres", type=float, help="noise bound of the sparsification, relative "
+                   "to |v(N)-v(0)| (default: 0 for and, 0.04 for and-or and joint-and-or)")
     p.add_argument("--samples", type=int, default=20,
                    help="samples to explain, drawn with --seed (default: %(default)s)")
     p.add_argument("--tau", type=float, default=0.05,

@@ -23,7 +23,7 @@ definitions of ``methods/knowledge.md``):
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +33,26 @@ import torch
 from ..artifacts import make_meta, make_run_folder, write_json
 from ..data.datasets import ImageDataset
 from ..data.text import TextDataset
-from ..embed import preprocessed
 from ..errors import PretrainReuseError, check_choice
-from ..finetune.evaluate import predict
 from ..models import Backbone
 from .explain import (
     SHOWN,
     ExplainConfig,
+    Games,
     _remove_stale,
+    check_classifier,
+    check_explainable,
+    check_outputs,
     choose_samples,
+    data_path,
+    decompose,
     display_samples,
     explain,
+    explain_games,
     explainable,
+    sample_order,
+    save_explanations,
+    with_games,
 )
 from .metrics import (
     MATCHES,
@@ -60,35 +68,21 @@ from .sparsify import joint_and_or_interactions
 from .values import Interactions, check_tau
 
 ROLES = ("pretrained", "finetuned", "scratch")
+#: The ``kind`` of ``knowledge.json``, by which a reader recognises it.
+KIND = "knowledge-report"
 
 
 def correct_mask(models: dict[str, Backbone], dataset: ImageDataset | TextDataset,
                  candidates: np.ndarray, device: torch.device) -> np.ndarray:
-    """Which of ``candidates`` every model classifies correctly (bool over the dataset)."""
+    """Which of ``candidates`` every model (``{role: model}``) classifies correctly (bool over the
+    dataset); an unreadable image is not. Refuses a model whose output is not finite, naming it
+    (:func:`~.explain.check_outputs`)."""
     ok = np.zeros(len(dataset), bool)
     ok[candidates] = True
-    for model in models.values():
-        model.to(device).eval()
-        if isinstance(dataset, TextDataset):
-            logits = _text_logits(model, [dataset.texts[i] for i in candidates], device)
-            labels = dataset.labels[candidates]
-        else:
-            data = preprocessed(dataset.subset(candidates), model.preprocess)
-            logits, labels = predict(model, data, lambda x: x, batch_size=256, device=device)
-        ok[candidates] &= logits.argmax(1) == labels
+    for role, model in models.items():
+        logits, readable = check_outputs(model, dataset, candidates, role, device)
+        ok[candidates] &= readable & (logits.argmax(1) == dataset.labels[candidates])
     return ok
-
-
-@torch.no_grad()
-def _text_logits(model: Backbone, texts: list[str], device: torch.device,
-                 batch_size: int = 64) -> np.ndarray:
-    tokenizer = model.preprocess.tokenizer
-    out = []
-    for s in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[s:s + batch_size], padding=True, truncation=True,
-                          max_length=model.spec.max_length, return_tensors="pt")
-        out.append(model({k: v.to(device) for k, v in batch.items()}).float().cpu())
-    return torch.cat(out).numpy()
 
 
 def counterfactual(x: Interactions, sets: list[int], tau: float, rng: np.random.Generator
@@ -116,13 +110,14 @@ def counterfactual(x: Interactions, sets: list[int], tau: float, rng: np.random.
 def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextDataset,
                       cfg: ExplainConfig, out: str | Path, *, checkpoints: list[Backbone] | None = None,
                       tau: float = 0.05, match: str = "support", candidates: int = 400,
-                      progress: bool = True) -> dict[str, Any]:
+                      split: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Run the analysis into ``out`` and return (and write ``knowledge.json``) its summary.
 
     ``out`` must be new, empty or the folder of an earlier analysis (it holds ``knowledge.json``,
     or only the models' folders of a run stopped before writing it); there the outputs of the
     earlier run that this run does not rewrite (the folder of a scratch model or of checkpoints no
-    longer given, their figures) are deleted.
+    longer given, their figures) are deleted. Every model is checked (a classifier over the data's
+    classes with finite outputs, players that fit its input) before anything is written.
 
     Args:
         models: ``{"pretrained": ..., "finetuned": ..., "scratch": ...}`` (scratch optional), each
@@ -137,7 +132,11 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
         checkpoints: fine-tuning checkpoints, oldest first (the final model last), for the
             convergence curve.
         tau: salience threshold relative to each sample's largest interaction.
-        candidates: how many samples to screen for being correct under every model.
+        candidates: samples screened at a time for being correct under every model (one
+            forward pass of each model over them); screening goes on until ``cfg.samples``
+            samples are correct for every model or every sample has been screened.
+        split: the split ``dataset`` was opened from (recorded in the meta; the dataset does
+            not know it).
     """
     missing = {"pretrained", "finetuned"} - models.keys()
     if missing:
@@ -145,44 +144,62 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     # checked before the interactions are computed: a typo must not cost minutes, or leave files
     check_choice("match", match, MATCHES)
     check_tau(tau)
+    if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or candidates < 1:
+        raise PretrainReuseError(f"candidates={candidates!r} must be an integer >= 1 (samples "
+                                 "screened at a time)")
     out = Path(out)
     device = torch.device(cfg.device)
-    screen = choose_samples(dataset, min(candidates, len(dataset)), cfg.seed,
-                            keep=explainable(models["finetuned"], dataset, cfg))
-    correct = correct_mask(models, dataset, screen, device)
+    named = {**models, **{f"checkpoint {t}": m for t, m in enumerate(checkpoints or [])}}
+    for role, m in named.items():
+        check_classifier(m, dataset, cfg, role)
+    order = sample_order(dataset, cfg.seed, keep=explainable(models["finetuned"], dataset, cfg))
+    correct, screened = np.zeros(len(dataset), bool), 0
+    while screened < len(order) and correct.sum() < cfg.samples:
+        chunk = order[screened:screened + candidates]
+        correct |= correct_mask(models, dataset, chunk, device)
+        screened += len(chunk)
     if not correct.any():
         raise PretrainReuseError("no sample is classified correctly by every model; check that "
                                  "the models were trained on this data")
     indices = choose_samples(dataset, cfg.samples, cfg.seed, keep=correct)
+    for role, m in named.items():
+        check_explainable(m, dataset, indices, cfg, role, device)
     folders = [*models, *(_checkpoint_folder(t) for t in range(len(checkpoints or [])))]
     make_run_folder(out, "a knowledge analysis", "knowledge.json", early=tuple(folders))
-    explained = {role: explain(m, dataset, indices, cfg, out / role, role=role, progress=progress)
-                 for role, m in models.items()}
-    if cfg.decomposition == "joint-and-or":
-        explained = _joint(explained, cfg.noise_bound, out)
+    params = {"tau": tau, "split": split}
+    games = {role: explain_games(m, dataset, indices, cfg, out / role, role=role, params=params,
+                                 progress=progress) for role, m in models.items()}
+    explained = (_joint(games, cfg.noise_bound) if cfg.decomposition == "joint-and-or" else
+                 {role: decompose(g, cfg) for role, g in games.items()})
+    for role, xs in explained.items():
+        save_explanations(xs, models[role], dataset, cfg, out / role, tau)
     report = knowledge_report(explained["pretrained"], explained["finetuned"],
                               explained.get("scratch"), tau=tau, match=match)
+    labels = [int(dataset.labels[i]) for i in indices]
     summary: dict[str, Any] = {
-        "samples": {"n": len(indices), "screened": len(screen), "correct_for_all": int(correct.sum()),
+        "kind": KIND,
+        "samples": {"n": len(indices), "asked": cfg.samples, "screened": screened,
+                    "correct_for_all": int(correct.sum()),
+                    "per_class": {str(c): labels.count(c) for c in sorted(set(labels))},
                     "ids": [dataset.ids[i] for i in indices]},
         "report": report.to_dict(),
-        "discrimination": set_discrimination(
-            report, [int(dataset.labels[i]) for i in indices]).to_dict(),
+        "discrimination": set_discrimination(report, labels).to_dict(),
         "faithfulness": {role: _faithfulness(xs, tau) for role, xs in explained.items()},
         "strength_by_order": {role: _strength_by_order(xs) for role, xs in explained.items()},
         "counterfactual": _counterfactual_summary(report, explained["finetuned"], tau, cfg.seed),
     }
     if cfg.players == "parts" and hasattr(dataset, "scene"):
         summary["ground_truth"] = _ground_truth(dataset, indices, explained, tau)
-    inputs = {"data": dataset.source,
+    inputs = {"data": dataset.source, "data_path": data_path(dataset),
               "models": {role: _model_inputs(xs[0]) for role, xs in explained.items()}}
     if checkpoints:
         curves = [explain(m, dataset, indices, cfg, out / _checkpoint_folder(t),
-                          role=f"checkpoint {t}", progress=progress) for t, m in enumerate(checkpoints)]
+                          role=f"checkpoint {t}", tau=tau, split=split, progress=progress)
+                  for t, m in enumerate(checkpoints)]
         inputs["checkpoints"] = [_model_inputs(xs[0]) for xs in curves]
         summary["convergence"] = {**knowledge_convergence(curves, tau=tau, match=match).to_dict(),
                                   "checkpoints": inputs["checkpoints"]}
-    summary["meta"] = make_meta("knowledge.analyze", {**asdict(cfg), "tau": tau, "match": match,
+    summary["meta"] = make_meta("knowledge.analyze", {**asdict(cfg), **params, "match": match,
                                                       "candidates": candidates},
                                 seed=cfg.seed, inputs=inputs)
     if checkpoints:
@@ -193,7 +210,7 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
         shown = explained["finetuned"][:SHOWN]
         written.append(save_png(salient_figure(
             display_samples(models["finetuned"], dataset, shown, cfg), tau=tau,
-            among=explained["pretrained"][:SHOWN]), out / "preserved.png"))
+            among=explained["pretrained"][:SHOWN], match=match), out / "preserved.png"))
     _remove_stale(out, [*ROLES, "checkpoint-*", "convergence.png", "preserved.png"], written)
     return summary
 
@@ -205,7 +222,7 @@ def _checkpoint_folder(t: int) -> str:
 
 def _model_inputs(x: Interactions) -> dict[str, Any]:
     """The model identity an explanation recorded (:func:`~.explain.model_identity`)."""
-    return {k: v for k, v in x.meta["inputs"].items() if k != "data"}
+    return {k: v for k, v in x.meta["inputs"].items() if k not in ("data", "data_path")}
 
 
 def _ground_truth(dataset, indices: np.ndarray, explained: dict[str, list[Interactions]],
@@ -217,20 +234,11 @@ def _ground_truth(dataset, indices: np.ndarray, explained: dict[str, list[Intera
             for role, xs in explained.items()}
 
 
-def _joint(explained: dict[str, list[Interactions]], qthres: float,
-           out: Path) -> dict[str, list[Interactions]]:
-    """The roles' games decomposed together (one AND/OR split for a shared effect), saved over
-    each role's independent decomposition; the joint solver's meta replaces ``meta["solver"]``."""
-    roles = list(explained)
-    games = np.stack([[x.v for x in explained[r]] for r in roles])
-    joint = joint_and_or_interactions(games, qthres=qthres)
-    result = {}
-    for k, role in enumerate(roles):
-        result[role] = [replace(j, info=x.info, meta={**x.meta, "solver": j.meta})
-                        for j, x in zip(joint[k], explained[role], strict=True)]
-        for i, x in enumerate(result[role]):
-            x.save(out / role / f"interactions-{i:04d}.safetensors")
-    return result
+def _joint(games: dict[str, Games], qthres: float) -> dict[str, list[Interactions]]:
+    """The roles' games decomposed together (one AND/OR split for a shared effect); the joint
+    solver's meta is each result's ``meta["solver"]``."""
+    joint = joint_and_or_interactions(np.stack([g.values for g in games.values()]), qthres=qthres)
+    return {role: with_games(g, results) for (role, g), results in zip(games.items(), joint, strict=True)}
 
 
 def _faithfulness(xs: list[Interactions], tau: float) -> dict[str, float | int | None]:

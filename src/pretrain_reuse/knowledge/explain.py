@@ -37,7 +37,7 @@ from ..artifacts import atomic_path, hash_array, hash_file, make_meta, make_run_
 from ..data.datasets import ImageDataset
 from ..data.text import TextDataset
 from ..embed import preprocessed
-from ..errors import PretrainReuseError, check_choice, check_device
+from ..errors import PretrainReuseError, check_choice, check_device, check_seed
 from ..models import Backbone
 from .games import (
     BASELINES,
@@ -61,7 +61,7 @@ from .text import (
     masked_text_game,
     token_players,
 )
-from .values import Interactions
+from .values import Interactions, check_tau
 
 #: "joint-and-or": in ``knowledge``, the models' AND-OR interactions are sparsified together
 #: (:func:`~.sparsify.joint_and_or_interactions`); for one model it is "and-or".
@@ -142,8 +142,22 @@ class ExplainConfig:
     device: str = "cpu"
 
     def __post_init__(self):
+        for name in ("n", "min_tokens", "max_position", "baseline_steps", "mean_samples", "samples",
+                     "batch_size"):
+            value = getattr(self, name)
+            optional = name in ("n", "max_position")
+            if not (optional and value is None) and (
+                    isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+                raise PretrainReuseError(f"{name}={value!r} must be an integer"
+                                         + (" or None" if optional else ""))
+        for name in ("baseline_lr", "baseline_radius"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
+                raise PretrainReuseError(f"{name}={value!r} must be a number")
+        check_seed("seed", self.seed)
         tokens = self.players == "tokens"
-        if not (tokens or self.players == "parts" or re.fullmatch(r"grid:\d+x\d+", self.players)):
+        if not (tokens or self.players == "parts" or
+                (isinstance(self.players, str) and re.fullmatch(r"grid:\d+x\d+", self.players))):
             raise PretrainReuseError(
                 f"players={self.players!r}: use grid:RxC (e.g. grid:4x4), parts or tokens")
         if self.players == "parts" and self.n is not None:  # the parts are the world's 9 slots
@@ -173,6 +187,11 @@ class ExplainConfig:
                     f"every sample needs 2^{n} = {2**n:,} model evaluations per model and "
                     f"{2**n * 8 / 2**20:,.0f} MiB per game") +
                 f"; explain 1..{MAX_EXPLAIN_PLAYERS} players (--n N draws N cells of a grid)")
+        if grid and self.n is not None and self.n > int(grid[1]) * int(grid[2]):
+            cells = int(grid[1]) * int(grid[2])
+            raise PretrainReuseError(
+                f"n={self.n} players but the {int(grid[1])}x{int(grid[2])} grid has {cells} cells; pass "
+                f"n <= {cells} or a grid of at least {self.n} cells (players='grid:RxC')")
         check_choice("output", self.output, OUTPUTS)
         check_choice("decomposition", self.decomposition, DECOMPOSITIONS)
         if self.qthres is not None:  # before any game is computed
@@ -234,17 +253,28 @@ def _image_game(model: Backbone, x: torch.Tensor, label: int, players: Players,
 def choose_samples(dataset: ImageDataset | TextDataset, k: int, seed: int,
                    keep: np.ndarray | None = None) -> np.ndarray:
     """``k`` sample positions drawn evenly over classes (seeded), among ``keep`` if given."""
-    if dataset.labels is None:
-        raise PretrainReuseError("explaining needs labelled samples (the class to explain)")
+    return np.sort(sample_order(dataset, seed, keep)[:k])
+
+
+def sample_order(dataset: ImageDataset | TextDataset, seed: int,
+                 keep: np.ndarray | None = None) -> np.ndarray:
+    """The positions of the samples (of those in ``keep``, if given) in the seeded order in which
+    :func:`choose_samples` draws them: every class is represented before any repeats."""
+    _check_labelled(dataset)
     candidates = np.arange(len(dataset)) if keep is None else np.flatnonzero(keep)
     rng = np.random.default_rng([seed, 11])
     order = candidates[rng.permutation(len(candidates))]
-    # round-robin over classes, so that every class is represented before any repeats
+    # round-robin over classes
     labels = dataset.labels[order]
     rank = np.zeros(len(order), int)
     for c in np.unique(labels):
         rank[labels == c] = np.arange((labels == c).sum())
-    return np.sort(order[np.argsort(rank, kind="stable")][:k])
+    return order[np.argsort(rank, kind="stable")]
+
+
+def _check_labelled(dataset: ImageDataset | TextDataset) -> None:
+    if dataset.labels is None:
+        raise PretrainReuseError("explaining needs labelled samples (the class to explain)")
 
 
 def explainable(model: Backbone, dataset: ImageDataset | TextDataset,
@@ -269,40 +299,136 @@ def explainable(model: Backbone, dataset: ImageDataset | TextDataset,
     return keep
 
 
+class Games(NamedTuple):
+    """The games of one model on the explained samples, before their decomposition."""
+
+    values: np.ndarray  # (samples, 2^n) float64
+    infos: list[dict[str, Any]]  # per sample: its id, label, players, ... (Interactions.info)
+    meta: dict[str, Any]  # the explanation's meta (Interactions.meta, less the solver's)
+
+
 def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.ndarray,
             cfg: ExplainConfig, out: str | Path | None = None, *, role: str = "model",
-            progress: bool = True) -> list[Interactions]:
+            tau: float = 0.05, split: str | None = None, progress: bool = True) -> list[Interactions]:
     """Interactions of ``model`` (a classifier over ``dataset``'s classes) on the samples at
-    ``indices``; with ``out``, games and interactions are saved there (and reused on rerun).
-    Their ``meta`` records ``cfg``, the model's identity (:func:`model_identity`) and the data;
-    ``meta["solver"]`` is the decomposition's own meta (parameters and diagnostics)."""
+    ``indices``; with ``out``, games and interactions are saved there (and reused on rerun), and
+    ``salient.png`` draws the salient interactions (threshold ``tau``) of the first samples.
+    Their ``meta`` records ``cfg``, ``tau``, ``split`` (the split ``dataset`` was opened from,
+    which the dataset does not know), the model's identity (:func:`model_identity`) and the data;
+    ``meta["solver"]`` is the decomposition's own meta (parameters and diagnostics).
+    Everything that would fail is checked before anything is written (:func:`check_explainable`)."""
+    check_tau(tau)
+    indices = _check_indices(indices, dataset)
+    games = explain_games(model, dataset, indices, cfg, out, role=role,
+                          params={"tau": tau, "split": split}, progress=progress)
+    results = decompose(games, cfg)
+    if out is not None:
+        save_explanations(results, model, dataset, cfg, Path(out), tau)
+    return results
+
+
+def check_explainable(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.ndarray,
+                      cfg: ExplainConfig, role: str, device: torch.device) -> None:
+    """Refuse, before any game is computed or any file written, what would stop an explanation
+    half-way: a model that is not a classifier over the data's classes, a chosen image that cannot
+    be read, a model whose output on a chosen sample is not finite (NaN weights), players that do
+    not fit the model's input (a grid finer than its pixels, parts of data without annotations),
+    and games that would not fit in memory. ``indices``: valid sample positions."""
+    check_classifier(model, dataset, cfg, role)
+    _, readable = check_outputs(model, dataset, indices, role, device)
+    if not readable.all():
+        sample = dataset.ids[indices[np.flatnonzero(~readable)[0]]]
+        raise PretrainReuseError(
+            f"image {sample!r} of {dataset.source!r} cannot be read (a corrupt or non-image "
+            "file); fix or remove that file, or draw other samples (another seed, --seed)")
+    if cfg.players == "tokens":
+        n = cfg.n
+    else:
+        size = tuple(model.spec.input_size)
+        n = max(sample_players(dataset, int(i), cfg, size).n for i in indices)
+    _check_memory(len(indices), n, cfg.decomposition)
+
+
+def check_classifier(model: Backbone, dataset: ImageDataset | TextDataset, cfg: ExplainConfig,
+                     role: str) -> None:
+    """``model`` is a classifier over ``dataset``'s classes of the modality of ``cfg.players``."""
     _check_pairing(model, dataset, cfg, role)
     if model.num_classes is None or model.layer != "penultimate":
         raise PretrainReuseError(
             f"{role}: the model must be a classifier with a head (got num_classes="
             f"{model.num_classes}); pass the weights of a fine-tuned or linear-probe model")
+    _check_labelled(dataset)
     n_classes = len(dataset.class_names or []) or int(dataset.labels.max()) + 1
     if model.num_classes != n_classes:
         raise PretrainReuseError(
-            f"{role}: the model outputs {model.num_classes} classes but the data has {n_classes}; "
-            "pass a model trained on this data's classes")
-    device = torch.device(cfg.device)
+            f"{role} {model.spec.name}: the model outputs {model.num_classes} classes but the data "
+            f"has {n_classes}; pass a model trained on this data's classes")
+
+
+def check_outputs(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.ndarray,
+                  role: str, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`class_logits`, refusing a model whose output on a readable sample is NaN or
+    infinite (NaN weights, a diverged training): every game and interaction would be NaN, and an
+    all-NaN output would still pass for class 0 under argmax."""
+    logits, readable = class_logits(model, dataset, indices, device)
+    bad = np.flatnonzero(readable & ~np.isfinite(logits).all(axis=1))
+    if len(bad):
+        raise PretrainReuseError(
+            f"{role} {model.spec.name}: its output on sample {dataset.ids[indices[bad[0]]]!r} is "
+            f"NaN or infinite ({len(bad)} of the {int(readable.sum())} samples checked); check the "
+            "model's weights (a diverged training gives NaN)")
+    return logits, readable
+
+
+@torch.no_grad()
+def class_logits(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.ndarray,
+                 device: torch.device, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """``model``'s logits (k, classes), float32 on the CPU, on the samples at ``indices`` (k,),
+    and which of them could be read ((k,) bool; the rows of unreadable images are NaN)."""
     model = model.to(device).eval()
+    logits = np.full((len(indices), model.num_classes), np.nan, np.float32)
+    readable = np.ones(len(indices), bool)
+    text = isinstance(dataset, TextDataset)
+    data = None if text else preprocessed(dataset, model.preprocess)
+    for s in range(0, len(indices), batch_size):
+        chunk = [int(i) for i in indices[s:s + batch_size]]
+        if text:
+            enc = model.preprocess.tokenizer(
+                [dataset.texts[i] for i in chunk], padding=True, truncation=True,
+                max_length=model.spec.max_length, return_tensors="pt")
+            logits[s:s + len(chunk)] = model({k: v.to(device) for k, v in enc.items()}).float().cpu()
+        else:
+            xs = [data.load(i) for i in chunk]
+            ok = np.array([x is not None for x in xs])
+            readable[s:s + len(chunk)] = ok
+            if ok.any():
+                batch = torch.stack([x for x in xs if x is not None]).to(device)
+                logits[s:s + len(chunk)][ok] = model(batch).float().cpu().numpy()
+    return logits, readable
+
+
+def explain_games(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.ndarray,
+                  cfg: ExplainConfig, out: str | Path | None, *, role: str, params: dict[str, Any],
+                  progress: bool) -> Games:
+    """The games of ``model`` on the samples at ``indices`` (valid positions), checked first
+    (:func:`check_explainable`); with ``out``, cached there. ``params``: recorded in the meta
+    beside ``cfg``."""
+    device = torch.device(cfg.device)
+    check_explainable(model, dataset, indices, cfg, role, device)
+    model = model.to(device).eval()
+    setup = (_text_samples(model, dataset, cfg, device) if cfg.players == "tokens"
+             else _image_samples(model, dataset, indices, cfg, device))
     folder = Path(out) if out is not None else None
     if folder is not None:
         marker = make_run_folder(folder, "an explanation run", MARKER)
         if not marker.exists():
             write_json(marker, {"kind": "explanations"})
         (folder / "games").mkdir(exist_ok=True)
-    setup = (_text_samples(model, dataset, cfg, device) if cfg.players == "tokens"
-             else _image_samples(model, dataset, indices, cfg, device))
     identity = model_identity(model)
     games, infos = [], []
-    for k, i in enumerate(tqdm([int(i) for i in indices], desc=f"explain {role}", unit="sample",
-                               disable=not progress)):
+    for i in tqdm([int(i) for i in indices], desc=f"explain {role}", unit="sample",
+                  disable=not progress):
         sample = setup(i)
-        if k == 0:
-            _check_memory(len(indices), sample.players["n"], cfg.decomposition)
         label = int(dataset.labels[i])
         game = _digest({"model": identity["state"], "sample": sample.key, "label": label,
                         "baseline": _baseline_options(cfg), "output": cfg.output})
@@ -320,20 +446,55 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
                       "players": sample.players, "player_names": sample.names, "role": role,
                       "model": model.spec.name, "baseline": cfg.baseline, "output": cfg.output,
                       "game": game})
-    decompose = and_interactions if cfg.decomposition == "and" else and_or_interactions
-    results = decompose(np.stack(games), qthres=cfg.noise_bound)
-    meta = make_meta("knowledge.explain", asdict(cfg), seed=cfg.seed,
-                     inputs={**identity, "data": dataset.source})
-    out_list = [replace(res, info=info, meta={**meta, "solver": res.meta})
-                for res, info in zip(results, infos, strict=True)]
-    if folder is not None:
-        written = [x.save(folder / f"interactions-{k:04d}.safetensors")
-                   for k, x in enumerate(out_list)]
-        if cfg.players != "tokens":
-            written.append(save_png(salient_figure(display_samples(
-                model, dataset, out_list[:SHOWN], cfg)), folder / "salient.png"))
-        _remove_stale(folder, ["interactions-*.safetensors", "salient.png"], written)
-    return out_list
+    meta = make_meta("knowledge.explain", {**asdict(cfg), **params}, seed=cfg.seed,
+                     inputs={**identity, "data": dataset.source, "data_path": data_path(dataset)})
+    return Games(np.stack(games), infos, meta)
+
+
+def decompose(games: Games, cfg: ExplainConfig) -> list[Interactions]:
+    """Each sample's game decomposed on its own: the AND (Harsanyi) interactions for
+    ``decomposition="and"``, else AND-OR (``"joint-and-or"`` joins models only in ``knowledge``)."""
+    solver = and_interactions if cfg.decomposition == "and" else and_or_interactions
+    return with_games(games, solver(games.values, qthres=cfg.noise_bound))
+
+
+def with_games(games: Games, results: list[Interactions]) -> list[Interactions]:
+    """The decompositions ``results`` of ``games`` with each sample's info and the explanation's
+    meta; ``meta["solver"]`` is the decomposition's own meta."""
+    return [replace(res, info=info, meta={**games.meta, "solver": res.meta})
+            for res, info in zip(results, games.infos, strict=True)]
+
+
+def save_explanations(results: list[Interactions], model: Backbone,
+                      dataset: ImageDataset | TextDataset, cfg: ExplainConfig, folder: Path,
+                      tau: float) -> None:
+    """Write ``interactions-*.safetensors`` and (images) ``salient.png`` at threshold ``tau``
+    into the explanation folder ``folder``, and delete an earlier run's outputs not rewritten."""
+    written = [x.save(folder / f"interactions-{k:04d}.safetensors") for k, x in enumerate(results)]
+    if cfg.players != "tokens":
+        written.append(save_png(salient_figure(display_samples(
+            model, dataset, results[:SHOWN], cfg), tau=tau), folder / "salient.png"))
+    _remove_stale(folder, ["interactions-*.safetensors", "salient.png"], written)
+
+
+def data_path(dataset: ImageDataset | TextDataset) -> str | None:
+    """The absolute path of the folder or file ``dataset`` was read from; None for a data set
+    known by name (its name identifies it)."""
+    path = Path(dataset.source)
+    return str(path.resolve()) if path.exists() else None
+
+
+def _check_indices(indices: np.ndarray, dataset: ImageDataset | TextDataset) -> np.ndarray:
+    """``indices`` as a non-empty 1-D integer array of positions in ``dataset``."""
+    idx = np.asarray(indices)
+    if (idx.ndim != 1 or len(idx) == 0 or not np.issubdtype(idx.dtype, np.integer)
+            or idx.min() < 0 or idx.max() >= len(dataset)):
+        shape = f"shape {idx.shape}, dtype {idx.dtype}" + (
+            f", range [{idx.min()}, {idx.max()}]" if idx.size and idx.dtype.kind in "iuf" else "")
+        raise PretrainReuseError(
+            f"indices ({shape}) must be a non-empty 1-D array of integer sample positions in "
+            f"[0, {len(dataset)}); draw them with choose_samples")
+    return idx
 
 
 #: Samples drawn in ``salient.png``.
@@ -484,9 +645,7 @@ def _image_samples(model: Backbone, dataset: ImageDataset, indices: np.ndarray,
                    cfg: ExplainConfig, device: torch.device) -> Callable[[int], SampleGame]:
     data = preprocessed(dataset, model.preprocess)
     size = tuple(model.spec.input_size)
-    xs = {int(i): data.load(int(i)) for i in indices}
-    if any(x is None for x in xs.values()):
-        raise PretrainReuseError("some chosen samples are unreadable images; pick other samples")
+    xs = {int(i): data.load(int(i)) for i in indices}  # readable: checked by check_explainable
     mean = _data_mean(data, cfg).to(device) if cfg.baseline == "mean" else None
 
     mean_key = {} if mean is None else {"mean": _tensor_hash(mean)}

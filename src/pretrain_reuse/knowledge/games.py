@@ -86,7 +86,8 @@ def grid_players(size: tuple[int, int], grid: tuple[int, int], *, n: int | None 
     """
     (h, w), (gh, gw) = size, grid
     if not (1 <= gh <= h and 1 <= gw <= w):
-        raise PretrainReuseError(f"grid {gh}x{gw} does not fit an input of {h}x{w} pixels")
+        raise PretrainReuseError(f"grid {gh}x{gw} does not fit an input of {h}x{w} pixels; use "
+                                 f"1..{h} rows and 1..{w} columns (players='grid:RxC')")
     ys, xs = np.linspace(0, h, gh + 1).round().astype(int), np.linspace(0, w, gw + 1).round().astype(int)
     cells = [(r, c) for r in range(gh) for c in range(gw)]
     chosen = cells

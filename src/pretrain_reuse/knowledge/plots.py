@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..artifacts import atomic_path
+from .metrics import knowledge_set
 from .values import Interactions
 
 RATIO_COLOURS = {"preserve": "C2", "discard": "C3", "new": "C0", "exclusive": "C4"}
@@ -62,15 +63,17 @@ def plot_convergence(summary: dict[str, Any], ax) -> None:
 
 
 def draw_salient(ax, image: np.ndarray, masks: np.ndarray, x: Interactions, *, tau: float = 0.05,
-                 top: int = 3, among: Interactions | None = None) -> None:
+                 top: int = 3, among: Interactions | None = None, match: str = "support") -> None:
     """``image`` (H, W, C in [0, 1]) with the ``top`` strongest salient interactions of ``x``
     outlined: each player of an interaction as the bounding box of its mask (H, W), one colour
     per interaction, inset by rank so that shared players stay visible. ``among``: only
-    interactions also salient there (e.g. the pre-trained model: preserved knowledge)."""
+    interactions also salient there, matched by ``match`` as in the knowledge report
+    (:func:`~.metrics.knowledge_set`; e.g. the pre-trained model: preserved knowledge)."""
     salient = x.salient(tau)
     if among is not None:
-        keep = among.salient(tau)
-        salient = {key: v for key, v in salient.items() if key in keep}
+        keep = knowledge_set(among, tau=tau, match=match)
+        salient = {key[:2]: v for key, v in knowledge_set(x, tau=tau, match=match).items()
+                   if key in keep}
     ax.imshow(np.clip(image, 0, 1), cmap="gray" if image.shape[-1] == 1 else None)
     for rank, ((kind, mask), value) in enumerate(sorted(salient.items(), key=lambda kv: -abs(kv[1]))[:top]):
         colour, inset = f"C{rank}", 0.5 * rank
@@ -89,13 +92,13 @@ def draw_salient(ax, image: np.ndarray, masks: np.ndarray, x: Interactions, *, t
 
 
 def salient_figure(samples: list[tuple[np.ndarray, np.ndarray, Interactions]], *, tau: float = 0.05,
-                   top: int = 3, among: list[Interactions] | None = None):
+                   top: int = 3, among: list[Interactions] | None = None, match: str = "support"):
     """One panel per (image, player masks, interactions) sample (see :func:`draw_salient`)."""
     plt = _plt()
     fig, axes = plt.subplots(1, len(samples), figsize=(2.6 * len(samples), 2.9), squeeze=False)
     for k, (ax, (image, masks, x)) in enumerate(zip(axes[0], samples, strict=True)):
         draw_salient(ax, image, masks, x, tau=tau, top=top,
-                     among=None if among is None else among[k])
+                     among=None if among is None else among[k], match=match)
     fig.tight_layout()
     return fig
 
