@@ -561,13 +561,7 @@ def _nan_classifier(path):
 
 
 def test_an_unreadable_chosen_image_is_named_and_nothing_is_written(tmp_path, capsys):
-    from PIL import Image
-
-    for c in range(2):
-        (tmp_path / "imgs" / f"c{c}").mkdir(parents=True)
-        for k in range(2):
-            Image.new("RGB", (32, 32), (60 * k, 90 * c, 0)).save(tmp_path / "imgs" / f"c{c}" / f"{k}.png")
-    (tmp_path / "imgs" / "c1" / "1.png").write_bytes(b"not a png")
+    (_image_folder(tmp_path / "imgs") / "c1" / "1.png").write_bytes(b"not a png")
     weights = _classifier(tmp_path / "m2.safetensors", 2)
     rc, _, err = _run(capsys, "explain", "--model", "smallcnn-s", "--weights", weights, "--data",
                       tmp_path / "imgs", "--samples", 4, "--quiet", "--out", tmp_path / "x")
@@ -610,3 +604,86 @@ def test_discrimination_power_is_not_printed_for_a_class_of_one_sample(tmp_path,
     assert list(k["samples"]["per_class"].values()) == [1]
     assert k["discrimination"]["preserve"]["purity"] == 1.0
     assert "discrimination power n/a (a class has a single sample" in out
+
+
+def _image_folder(root, classes: int = 2, per_class: int = 2):
+    from PIL import Image
+
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for k in range(per_class):
+            Image.new("RGB", (32, 32), (60 * k, 90 * c, 0)).save(root / f"c{c}" / f"{k}.png")
+    return root
+
+
+def test_outputs_record_the_split_tau_and_resolved_data_path(tmp_path, capsys, monkeypatch):
+    weights = _classifier(tmp_path / "m.safetensors", 10)
+    rc, _, err = _run(capsys, "explain", "--model", "smallcnn-s", "--weights", weights, "--data",
+                      "synthetic:target", "--split", "train", "--players", "grid:2x2", "--samples",
+                      1, "--tau", 0.2, "--quiet", "--out", tmp_path / "x")
+    assert rc == 0, err
+    x = load(tmp_path / "x" / "interactions-0000.safetensors")
+    assert x.meta["params"]["split"] == "train" and x.meta["params"]["tau"] == 0.2
+    assert x.meta["inputs"]["data"] == "synthetic:target-0" and x.meta["inputs"]["data_path"] is None
+    rc, _, err = _run(capsys, "knowledge", "--model", "smallcnn-s", "--pretrained", weights,
+                      "--finetuned", weights, "--data", "synthetic:target", "--players", "grid:2x2",
+                      "--samples", 1, "--quiet", "--out", tmp_path / "k")
+    assert rc == 0, err
+    k = json.loads((tmp_path / "k" / "knowledge.json").read_text())
+    assert k["kind"] == "knowledge-report" and k["meta"]["params"]["split"] == "test"
+    # an image folder given relative to the working directory is recorded by its absolute path
+    _image_folder(tmp_path / "imgs")
+    monkeypatch.chdir(tmp_path)
+    two = _classifier(tmp_path / "m2.safetensors", 2)
+    rc, _, err = _run(capsys, "explain", "--model", "smallcnn-s", "--weights", two, "--data",
+                      "imgs", "--players", "grid:2x2", "--samples", 1, "--quiet", "--out", "e")
+    assert rc == 0, err
+    x = load(tmp_path / "e" / "interactions-0000.safetensors")
+    assert x.meta["inputs"]["data_path"] == str((tmp_path / "imgs").resolve())
+    assert x.meta["params"]["split"] is None
+
+
+def test_knowledge_screens_until_it_has_the_samples_asked(tmp_path):
+    from pretrain_reuse.knowledge.analysis import analyze_knowledge
+    from pretrain_reuse.knowledge.explain import ExplainConfig
+
+    torch.manual_seed(0)
+    net = create_backbone("smallcnn-s", num_classes=10)
+    data = open_dataset("synthetic:target", split="test")
+    # 3 samples screened at a time: a model right on ~1 in 10 needs many rounds for 4 samples
+    summary = analyze_knowledge({"pretrained": net, "finetuned": net}, data,
+                                ExplainConfig(players="grid:2x2", samples=4), tmp_path / "k",
+                                candidates=3, progress=False)
+    assert summary["samples"]["n"] == 4 and summary["samples"]["screened"] > 3
+    for i in summary["samples"]["ids"]:
+        k = data.ids.index(i)
+        x = preprocessed(data, net.preprocess).load(k)
+        assert int(net(x[None]).argmax()) == data.labels[k]
+
+
+@pytest.mark.parametrize("call,needle", [
+    (lambda api: api["explain"](np.array([10**6])), "indices (shape (1,), dtype int64, range"),
+    (lambda api: api["explain"](np.array([], int)), "non-empty 1-D array"),
+    (lambda api: api["explain"](np.array([0.5])), "integer sample positions"),
+    (lambda api: api["cfg"](n="4"), "n='4' must be an integer or None"),
+    (lambda api: api["cfg"](samples=None), "samples=None must be an integer"),
+    (lambda api: api["cfg"](seed=-1), "seed must be an integer in [0, 2**63)"),
+    (lambda api: api["cfg"](players="grid:3x3", n=12), "n=12 players but the 3x3 grid has 9 cells"),
+    (lambda api: api["knowledge"](candidates=0), "candidates=0 must be an integer >= 1"),
+])
+def test_api_misuse_raises_one_line_errors(tmp_path, call, needle):
+    from pretrain_reuse.errors import PretrainReuseError
+    from pretrain_reuse.knowledge.analysis import analyze_knowledge
+    from pretrain_reuse.knowledge.explain import ExplainConfig, explain
+
+    net = create_backbone("smallcnn-s", num_classes=10)
+    data = open_dataset("synthetic:target", split="test")
+    cfg = ExplainConfig(players="grid:2x2", samples=1)
+    api = {"explain": lambda idx: explain(net, data, idx, cfg, tmp_path / "x", progress=False),
+           "cfg": lambda **kw: ExplainConfig(**kw),
+           "knowledge": lambda **kw: analyze_knowledge({"pretrained": net, "finetuned": net}, data,
+                                                       cfg, tmp_path / "x", progress=False, **kw)}
+    with pytest.raises(PretrainReuseError) as e:
+        call(api)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "x").exists()

@@ -81,3 +81,48 @@ def test_efficientnet_lite0_explained_on_a_real_photo_matches_shapiq(tmp_path, c
     np.testing.assert_allclose(x.and_values, shapiq_to_bitmask(exact, 10), atol=1e-9)
     with Image.open(tmp_path / "x" / "salient.png") as im:
         assert im.width > 150
+
+
+def test_preserved_interactions_are_matched_by_the_match_rule():
+    players = grid_players((12, 12), (2, 2))
+    x = _planted(4, {0b0011: 4.0, 0b1000: -2.0})
+    other = _planted(4, {0b0011: -3.0, 0b1000: -1.0})  # {0,1} salient there with the other sign
+    for match, legend in (("support", ["and +4.00", "and -2.00"]), ("signed", ["and -2.00"])):
+        _, ax = plt.subplots()
+        draw_salient(ax, np.zeros((12, 12, 3)), players.masks, x, among=other, match=match)
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == legend
+    plt.close("all")
+
+
+def test_figures_draw_the_saved_interactions_at_the_given_tau(tmp_path, capsys, monkeypatch):
+    import pretrain_reuse.knowledge.explain as ex
+    from pretrain_reuse import load
+
+    drawn, independent = [], []
+    figure, solve = ex.salient_figure, ex.and_or_interactions
+
+    def spy_figure(samples, **kw):
+        drawn.append(([x for _, _, x in samples], kw.get("tau", 0.05)))
+        return figure(samples, **kw)
+
+    def spy_solve(*args, **kw):
+        independent.append(1)
+        return solve(*args, **kw)
+
+    monkeypatch.setattr(ex, "salient_figure", spy_figure)
+    monkeypatch.setattr(ex, "and_or_interactions", spy_solve)
+    same = _classifier(tmp_path / "m.safetensors", 10)
+    assert main(["knowledge", "--model", "smallcnn-s", "--pretrained", str(same), "--finetuned",
+                 str(same), "--data", "synthetic:target", "--players", "grid:2x2", "--samples",
+                 "2", "--decomposition", "joint-and-or", "--tau", "0.2", "--quiet",
+                 "--out", str(tmp_path / "k")]) == 0
+    # each model's salient.png shows the joint interactions it saved, at --tau; the models are
+    # decomposed jointly only (no independent solve whose result would be thrown away)
+    assert not independent and len(drawn) == 2
+    for (xs, tau), role in zip(drawn, ("pretrained", "finetuned"), strict=True):
+        saved = [load(f) for f in sorted((tmp_path / "k" / role).glob("interactions-*"))]
+        assert tau == 0.2 and len(xs) == len(saved) == 2
+        for x, y in zip(xs, saved, strict=True):
+            np.testing.assert_array_equal(x.and_values, y.and_values)
+            np.testing.assert_array_equal(x.or_values, y.or_values)
+            assert "joint" in y.meta["solver"]["producer"] and y.meta["params"]["tau"] == 0.2
