@@ -198,6 +198,16 @@ def test_a_learned_baseline_never_gives_denser_interactions_than_its_zero_start(
         assert x.info["index"] == z.info["index"] and x.info["baseline"] == "learned"
         assert np.abs(x.and_values).sum() <= np.abs(z.and_values).sum() + 1e-9
         np.testing.assert_allclose(x.and_values, harsanyi_and(x.v), atol=1e-12)
+        # the fit is recorded: Σ|I_and| at the zero start and at the baseline kept
+        fit = x.info["baseline_fit"]
+        assert fit["steps"] == 3 and 0 <= fit["best_step"] <= 3 and z.info["baseline_fit"] is None
+        assert fit["loss"] == pytest.approx(np.abs(harsanyi_and(x.v)).sum(), rel=1e-9)
+        assert fit["loss_initial"] == pytest.approx(np.abs(harsanyi_and(z.v)).sum(), rel=1e-6)
+    # a rerun reads the games and their fits from the cache
+    assert _run(capsys, *common, "--baseline", "learned", "--baseline-steps", 3,
+                "--baseline-lr", 0.01, "--out", tmp_path / "learned")[0] == 0
+    again = [load(f) for f in sorted((tmp_path / "learned").glob("interactions-*.safetensors"))]
+    assert [x.info["baseline_fit"] for x in again] == [x.info["baseline_fit"] for x in learned]
 
 
 def test_a_run_that_would_not_fit_in_memory_is_refused(tmp_path, capsys, monkeypatch):

@@ -11,7 +11,9 @@ output folder, so an interrupted run resumes where it stopped. A cached game is 
 of everything that determines it (the model's parameters and buffers, the preprocessed input, the
 players, the label, the baseline and its options, the output), so a rerun with other settings or
 another model computes its own games instead of reusing another run's (the cache keeps both); a
-cached game that cannot be read (a truncated or foreign file) is computed again. The folder is
+cached game that cannot be read (a truncated or foreign file) is computed again. A learned
+baseline's fit (its loss at the start and at the iterate kept) is cached beside its game and
+recorded in each sample's ``info["baseline_fit"]``. The folder is
 marked as explain's by ``explain.json``, written before anything else: only a new or empty folder
 or one so marked is written to, and there the outputs of an earlier run that this run does not
 rewrite (the interactions of samples beyond ``samples``, ``salient.png``) are deleted.
@@ -42,6 +44,7 @@ from ..models import Backbone
 from .games import (
     BASELINES,
     OUTPUTS,
+    LearnedBaseline,
     Players,
     baseline_input,
     grid_players,
@@ -85,7 +88,7 @@ class SampleGame(NamedTuple):
     players: dict[str, Any]  # how the players were chosen (their meta)
     names: list[str] | None
     key: dict[str, str]  # hashes of what, besides the model and the options, fixes the game
-    compute: Callable[[int], np.ndarray]
+    compute: Callable[[int], tuple[np.ndarray, dict[str, Any] | None]]  # v, and the fit (_fit_record)
 
 
 @dataclass(frozen=True)
@@ -231,12 +234,13 @@ def sample_players(dataset: ImageDataset, index: int, cfg: ExplainConfig,
 
 
 def _image_game(model: Backbone, x: torch.Tensor, label: int, players: Players,
-                cfg: ExplainConfig, mean: torch.Tensor | None) -> np.ndarray:
-    """v(x_S) of one sample under the configured (fixed or learned) baseline."""
+                cfg: ExplainConfig, mean: torch.Tensor | None) -> tuple[np.ndarray, dict | None]:
+    """v(x_S) of one sample under the configured (fixed or learned) baseline, and the learned
+    baseline's fit (:func:`_fit_record`; None for a fixed baseline)."""
     if cfg.baseline != "learned":
         b = baseline_input(x, cfg.baseline, mean=mean)
         return masked_game(model, x, label, players, b, output=cfg.output,
-                           batch_size=cfg.batch_size)
+                           batch_size=cfg.batch_size), None
     init = baseline_input(x, "zero")
     spec = model.spec
     mean_c = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
@@ -247,7 +251,7 @@ def _image_game(model: Backbone, x: torch.Tensor, label: int, players: Players,
     learned = learn_baseline(model, x, label, players, init, lower.contiguous(),
                              upper.contiguous(), lr=cfg.baseline_lr, steps=cfg.baseline_steps,
                              output=cfg.output, batch_size=cfg.batch_size)
-    return learned.game
+    return learned.game, _fit_record(learned)
 
 
 def choose_samples(dataset: ImageDataset | TextDataset, k: int, seed: int,
@@ -433,19 +437,24 @@ def explain_games(model: Backbone, dataset: ImageDataset | TextDataset, indices:
         game = _digest({"model": identity["state"], "sample": sample.key, "label": label,
                         "baseline": _baseline_options(cfg), "output": cfg.output})
         cache = None if folder is None else folder / "games" / f"{i:07d}-{game}.npy"
-        v = None if cache is None else _cached_game(cache, sample.players["n"])
-        if v is None:
-            v = sample.compute(label)
+        cached = None if cache is None else _cached_game(cache, sample.players["n"],
+                                                         fitted=cfg.baseline == "learned")
+        if cached is None:
+            v, fit = sample.compute(label)
             _check_finite(v, role, model, dataset.ids[i])
             if cache is not None:
+                if fit is not None:  # before the game: a cached game without its fit is redone
+                    write_json(cache.with_suffix(".json"), fit)
                 with atomic_path(cache) as tmp, open(tmp, "wb") as fh:
                     np.save(fh, v)
+        else:
+            v, fit = cached
         games.append(v)
         infos.append({"sample": dataset.ids[i], "index": i, "label": label,
                       "class": (dataset.class_names or [str(label)] * (label + 1))[label],
                       "players": sample.players, "player_names": sample.names, "role": role,
                       "model": model.spec.name, "baseline": cfg.baseline, "output": cfg.output,
-                      "game": game})
+                      "game": game, "baseline_fit": fit})
     meta = make_meta("knowledge.explain", {**asdict(cfg), **params}, seed=cfg.seed,
                      inputs={**identity, "data": dataset.source, "data_path": data_path(dataset)})
     return Games(np.stack(games), infos, meta)
@@ -551,17 +560,26 @@ def _remove_stale(folder: Path, patterns: list[str], written: list[Path]) -> Non
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def _cached_game(path: Path, n: int) -> np.ndarray | None:
-    """The game of ``n`` players cached at ``path``; None when there is none, or the file is not
-    a .npy array of 2^n finite float64 values (truncated, overwritten, another program's), which
-    the caller then computes again and writes over it."""
+def _cached_game(path: Path, n: int, *, fitted: bool) -> tuple[np.ndarray, dict | None] | None:
+    """The game of ``n`` players cached at ``path`` and, when its baseline was ``fitted``
+    (learned), the fit beside it (``path`` with ``.json``); None when there is none, or the
+    game is not a .npy array of 2^n finite float64 values (truncated, overwritten, another
+    program's) or its fit is unreadable, which the caller then computes again and writes over."""
     try:
         with open(path, "rb") as fh:
             v = np.lib.format.read_array(fh, allow_pickle=False)
-    except (OSError, ValueError, EOFError):
+        fit = json.loads(path.with_suffix(".json").read_text()) if fitted else None
+    except (OSError, ValueError, EOFError):  # JSONDecodeError and UnicodeDecodeError included
         return None
     ok = v.dtype == np.float64 and v.shape == (1 << n,) and np.isfinite(v).all()
-    return v if ok else None
+    return (v, fit) if ok and (not fitted or isinstance(fit, dict)) else None
+
+
+def _fit_record(learned: LearnedBaseline) -> dict[str, Any]:
+    """What a learned baseline's optimisation achieved: ``loss`` = Σ_S |I_and(S)| at the start
+    and at the iterate kept (``best_step``), of ``steps``."""
+    return {"loss_initial": float(learned.loss[0]), "loss": float(learned.loss[learned.best_step]),
+            "best_step": int(learned.best_step), "steps": len(learned.loss) - 1}
 
 
 def _check_finite(v: np.ndarray, role: str, model: Backbone, sample: str) -> None:
@@ -703,12 +721,13 @@ def _word_ids(encoding, k: int) -> list[int | None] | None:
 
 
 def _text_game(model: Backbone, enc: dict[str, torch.Tensor], label: int, players: TokenPlayers,
-               cfg: ExplainConfig) -> np.ndarray:
-    """v(x_S) of one sentence under the configured (token or learned embedding) baseline."""
+               cfg: ExplainConfig) -> tuple[np.ndarray, dict | None]:
+    """v(x_S) of one sentence under the configured (token or learned embedding) baseline, and
+    the learned baseline's fit (None for a token baseline)."""
     tokenizer = model.preprocess.tokenizer
     if cfg.baseline != "learned":
         return masked_text_game(model, enc, label, players, baseline_token(tokenizer, cfg.baseline),
-                                output=cfg.output, batch_size=cfg.batch_size)
+                                output=cfg.output, batch_size=cfg.batch_size), None
     words = model.body.get_input_embeddings().weight.detach()
     start = baseline_token(tokenizer, "mask" if tokenizer.mask_token_id is not None else "pad")
     init, radius = words[start], cfg.baseline_radius * words.std(dim=0)
@@ -716,4 +735,4 @@ def _text_game(model: Backbone, enc: dict[str, torch.Tensor], label: int, player
                                        init + radius, lr=cfg.baseline_lr,
                                        steps=cfg.baseline_steps, output=cfg.output,
                                        batch_size=cfg.batch_size)
-    return learned.game
+    return learned.game, _fit_record(learned)
