@@ -134,6 +134,13 @@ def test_undefined_ratios_and_errors_are_shown_as_not_available(tmp_path, capsys
     assert "<td>0.000</td><td>n/a</td>" in page and "the ratio is undefined (ratio n/a)" in page
 
 
+def test_the_salience_threshold_stated_is_the_analysis_own(tmp_path, capsys):
+    knowledge = {**_knowledge(), "meta": {"params": {"tau": 0.2, "match": "signed"}}}
+    run = _run(tmp_path, _summary(), knowledge)
+    assert _report(capsys, run)[0] == 0
+    assert "(|I| > 20% of the sample's largest)" in (run / "report.html").read_text()
+
+
 def test_the_versions_shown_are_those_that_produced_the_run(tmp_path, capsys):
     # not those of the process that renders the report
     summary = {**_summary(), "meta": {"version": "0.0.7", "environment": {

@@ -241,7 +241,7 @@ def _knowledge(out: Path, plan: DemoPlan, seed: int, test_set, scene: Scenario,
     cfg = ExplainConfig(players=scene.players, baseline=scene.baseline, samples=plan.explain_samples,
                         seed=seed)
     analyze_knowledge(models, test_set, cfg, out / "knowledge", checkpoints=checkpoints,
-                      progress=progress)
+                      split="test", progress=progress)
 
 
 def _summary(out: Path, plan: DemoPlan, runs, related, timing, quick: bool, seed: int) -> dict:

@@ -739,7 +739,7 @@ def _knowledge_analysis(ws: _Workspace, rows: list[Row], table: list[dict]) -> d
                 nets = {role: create_backbone(cfg.model, weights=str(d / "model.safetensors"))
                         for role, d in files.items()}
                 analyze_knowledge(nets, ws.data("test"), replace(cfg.explain_config(), seed=seed),
-                                  out, progress=ws.progress)
+                                  out, split="test", progress=ws.progress)
             explained = {role: [Interactions.load(p) for p in sorted(
                 (out / role).glob("interactions-*.safetensors"))] for role in files}
             report = knowledge_report(explained["pretrained"], explained["finetuned"],

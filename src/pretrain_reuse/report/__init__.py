@@ -252,11 +252,14 @@ def _knowledge_section(run: Path, scenario: dict) -> str:
     k = read_json(kdir / "knowledge.json", "knowledge")
     _check_entries(k, KNOWLEDGE_KEYS, kdir / "knowledge.json")
     overall = k["report"]["overall"]
+    # the analysis's own settings (a knowledge.json of an earlier version records neither)
+    params = k.get("meta", {}).get("params", {})
+    tau, match = params.get("tau", 0.05), params.get("match", "support")
     parts = [f"<p>Interactions of each model's log-odds between the {k['samples']['n']} samples' "
              f"players (here: {_players_text(scenario['players'])}; absent players take the "
              f"{_BASELINE_TEXT.get(scenario.get('baseline', 'zero'), 'given')} baseline), on samples "
-             "every model classifies correctly. Knowledge = salient interactions (|I| > 5% of the "
-             "sample's largest).</p>"]
+             "every model classifies correctly. Knowledge = salient interactions (|I| > "
+             f"{100 * tau:g}% of the sample's largest).</p>"]
     from ..knowledge.plots import plot_convergence, plot_ratios, plot_strength_by_order
 
     figures = [(plot_strength_by_order, "Normalised strength of interactions per order, mean over "
@@ -271,11 +274,11 @@ def _knowledge_section(run: Path, scenario: dict) -> str:
         fig, ax = plt.subplots(figsize=(5.2, 3.2))
         draw(k, ax)
         parts.append(_figure(fig, caption, alt))
-    parts.append(_overlays(run, scenario))
+    parts.append(_overlays(run, scenario, tau, match))
     rows = [[n, _fixed(overall[n]["mean"]), _fixed(overall[n]["std"]), overall[n].get("n_used", "")]
             for n in overall]
     parts.append(_table(["ratio", "mean", "std", "samples"], rows))
-    parts.append(_rule_recovery(k))
+    parts.append(_rule_recovery(k, tau))
     faith = k["faithfulness"]
     parts.append("<h3>Faithfulness</h3>" + _table(
         ["model", "max error (mean over samples)", "mean error", "worst sample"],
@@ -305,7 +308,7 @@ def _knowledge_section(run: Path, scenario: dict) -> str:
     return _section("Knowledge handed over by pre-training", "knowledge", "".join(parts))
 
 
-def _rule_recovery(k: dict) -> str:
+def _rule_recovery(k: dict, tau: float) -> str:
     """Precision / recall of the salient interactions against the world's class rules."""
     truth = k.get("ground_truth")
     if not truth:
@@ -318,7 +321,8 @@ def _rule_recovery(k: dict) -> str:
     verdict = ("No model has salient interactions to compare with the rule." if best is None else
                "Most salient interactions are not terms of the class rule (precision below "
                f"{best:.2f} for every model): the networks' interactions are dense, so salience at "
-               "5% of the largest effect does not isolate the rule's AND/OR terms. Recall shows "
+               f"{100 * tau:g}% of the largest effect does not isolate the rule's AND/OR terms. "
+               "Recall shows "
                "whether the rule's terms are among the salient ones." if best < 0.5 else
                "The salient interactions are mostly terms of the class rule.")
     return ("<h3>Recovery of the planted class rules</h3><p>The world's classes are known AND/OR "
@@ -335,9 +339,9 @@ def _players_text(players: str) -> str:
     return "the world's 3x3 part slots" if players == "parts" else f"a {players[5:]} grid of patches"
 
 
-def _overlays(run: Path, scenario: dict, samples: int = 4) -> str:
-    """Sample images with the fine-tuned model's strongest preserved interactions drawn as the
-    outlines of their players."""
+def _overlays(run: Path, scenario: dict, tau: float, match: str, samples: int = 4) -> str:
+    """Sample images with the fine-tuned model's strongest preserved interactions (salient at
+    ``tau``, preserved by the ``match`` rule) drawn as the outlines of their players."""
     from ..data.catalog import open_dataset
     from ..knowledge.explain import ExplainConfig, sample_players
     from ..knowledge.plots import salient_figure
@@ -364,7 +368,7 @@ def _overlays(run: Path, scenario: dict, samples: int = 4) -> str:
                                 f"run's players {scenario['players']!r}: {len(masks)})")
         shown.append((image.permute(1, 2, 0).numpy(), masks, x))
         among.append(pre)
-    fig = salient_figure(shown, among=among)
+    fig = salient_figure(shown, among=among, tau=tau, match=match)
     return _figure(fig, "The strongest preserved interactions of the fine-tuned model: outlined "
                    "player cells of each interaction (colour = interaction, legend = type and "
                    "effect on the log-odds).", "salient interactions")
