@@ -23,6 +23,7 @@ from pretrain_reuse.knowledge import (
     AccuracyCorrelation,
     Convergence,
     Interactions,
+    KnowledgeReport,
     accuracy_correlation,
     cover_ratio,
     discrimination_power,
@@ -163,6 +164,34 @@ def test_report_takes_any_iterable_of_interactions():
     report = knowledge_report(iter([PRE, PRE]), (x for x in [FT, PRE]), scratch=iter([SCRATCH, SCRATCH]))
     expected = knowledge_report([PRE, PRE], [FT, PRE], scratch=[SCRATCH, SCRATCH])
     assert report.to_dict() == expected.to_dict()
+
+
+@pytest.mark.parametrize("match", ["support", "signed"])
+def test_report_saves_its_knowledge_sets_and_loads_back_every_ratio(tmp_path, match):
+    from pretrain_reuse import load
+
+    report = knowledge_report([PRE, FT, inter(3)], [FT, PRE, inter(3, A0=1.0)],
+                              [SCRATCH, SCRATCH, PRE], tau=0.1, match=match)
+    back = load(report.save(tmp_path / "report.json"))
+    assert isinstance(back, KnowledgeReport) and back.to_dict() == report.to_dict()
+    assert (back.tau, back.match, back.n_samples) == (0.1, match, 3)
+    for name in ("preserve", "new", "exclusive", "preserve_strength"):
+        for order in (None, 1, 2):
+            np.testing.assert_array_equal(back.per_sample(name, order), report.per_sample(name, order))
+    assert [s.preserve for s in back.samples] == [s.preserve for s in report.samples]
+    without_scratch = knowledge_report([PRE], [FT])
+    assert KnowledgeReport.load(without_scratch.save(tmp_path / "r2.json")).samples[0].scratch is None
+    with pytest.raises(PretrainReuseError, match="holds kind 'knowledge-sets', not 'knowledge-convergence'"):
+        Convergence.load(tmp_path / "report.json")
+
+
+def test_report_plots_its_ratios():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    ax = knowledge_report([PRE], [FT], [SCRATCH]).plot()
+    bars = {t.get_text(): p.get_height() for t, p in zip(ax.get_xticklabels(), ax.patches, strict=True)}
+    assert bars == pytest.approx({"preserve": 2 / 3, "discard": 1 / 3, "new": 1 / 2, "exclusive": 1 / 2})
 
 
 def test_report_needs_one_interaction_per_sample_for_every_model():

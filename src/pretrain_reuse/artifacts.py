@@ -307,6 +307,11 @@ def refuse_foreign(path: str | Path, artifact: str) -> None:
             f"{str(path)!r} exists and is not a {artifact} file; choose another output path")
 
 
+#: The knowledge results saved as JSON, by their kind: the class in knowledge.metrics that loads them.
+KNOWLEDGE_RESULTS = {"knowledge-sets": "KnowledgeReport", "knowledge-convergence": "Convergence",
+                     "accuracy-correlation": "AccuracyCorrelation"}
+
+
 def load(path: str | Path, *, what: str = "path"):
     """Open any artifact of the package and return its typed object.
 
@@ -317,8 +322,8 @@ def load(path: str | Path, *, what: str = "path"):
     :class:`~pretrain_reuse.units.Units` or, by its header,
     :class:`~pretrain_reuse.knowledge.Interactions`; ``.npy`` a prototype matrix (as Units); a
     selection ``.json`` file a :class:`~pretrain_reuse.selection.Selection`; a saved
-    :class:`~pretrain_reuse.knowledge.Convergence` or
-    :class:`~pretrain_reuse.knowledge.AccuracyCorrelation` as such. The folders of
+    :class:`~pretrain_reuse.knowledge.KnowledgeReport`, :class:`~pretrain_reuse.knowledge.Convergence`
+    or :class:`~pretrain_reuse.knowledge.AccuracyCorrelation` as such. The folders of
     ``explain`` and ``knowledge`` hold one Interactions file per sample: open those.
     """
     p = check_file(what, path)
@@ -371,10 +376,10 @@ def load(path: str | Path, *, what: str = "path"):
                                  + (weights if kind == "backbone" else ""))
     if p.suffix == ".json":
         kind = _json_kind(p)
-        if kind in ("knowledge-convergence", "accuracy-correlation"):
-            from .knowledge.metrics import AccuracyCorrelation, Convergence
+        if kind in KNOWLEDGE_RESULTS:
+            from .knowledge import metrics
 
-            return (Convergence if kind == "knowledge-convergence" else AccuracyCorrelation).load(p)
+            return getattr(metrics, KNOWLEDGE_RESULTS[kind]).load(p)
         if kind not in (None, "selection"):
             raise PretrainReuseError(f"{str(p)!r} holds a {kind!r} record, not an artifact to "
                                      f"load; it is plain JSON (json.load reads it); {opens}")

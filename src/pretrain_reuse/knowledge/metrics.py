@@ -308,6 +308,40 @@ class KnowledgeReport:
             "by_order": {str(o): {k: s.to_dict() for k, s in r.items()} for o, r in self.by_order.items()},
         }
 
+    def save(self, path: str | Path) -> Path:
+        """Write the report as JSON atomically: :meth:`to_dict` to read, and every sample's
+        knowledge sets with their effects, from which :meth:`load` recomputes the rest."""
+        def items(omega: dict[Item, float] | None) -> list | None:
+            return None if omega is None else [[*k, e] for k, e in sorted(omega.items())]
+
+        samples = [{"pretrained": items(s.pretrained), "finetuned": items(s.finetuned),
+                    "scratch": items(s.scratch)} for s in self.samples]
+        return _save_json(path, "knowledge-sets", {**self.to_dict(), "n": self.samples[0].n,
+                                                    "samples": samples})
+
+    @classmethod
+    def load(cls, path: str | Path) -> KnowledgeReport:
+        """Read a file written by :meth:`save`."""
+        d = _load_json(path, "knowledge-sets", ("tau", "match", "n", "samples"))
+
+        def omega(rows: list | None) -> dict[Item, float] | None:
+            return None if rows is None else {tuple(r[:-1]): float(r[-1]) for r in rows}
+
+        return _report([SampleKnowledge(omega(s["pretrained"]), omega(s["finetuned"]),
+                                        omega(s["scratch"]), int(d["n"]), d["match"])
+                        for s in d["samples"]], float(d["tau"]), d["match"])
+
+    def plot(self, ax=None):
+        """Bar chart of the main ratios, mean ± std over samples; returns the matplotlib axes."""
+        import matplotlib.pyplot as plt  # only when plotting
+
+        from .plots import plot_ratios  # the figure the CLI and the HTML report draw
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(5, 3))
+        plot_ratios({"report": self.to_dict()}, ax)
+        return ax
+
 
 def knowledge_report(pretrained: Iterable[Interactions], finetuned: Iterable[Interactions],
                      scratch: Iterable[Interactions] | None = None, *, tau: float = 0.05,
@@ -336,12 +370,16 @@ def knowledge_report(pretrained: Iterable[Interactions], finetuned: Iterable[Int
         raise PretrainReuseError("no samples: pass the interactions of at least one sample")
     samples = [sample_knowledge(p, f, None if scratch is None else scratch[i], tau=tau, match=match)
                for i, (p, f) in enumerate(zip(pretrained, finetuned, strict=True))]
-    n = samples[0].n
+    return _report(samples, tau, match)
 
+
+def _report(samples: list[SampleKnowledge], tau: float, match: str) -> KnowledgeReport:
+    """The report's statistics over the samples' knowledge sets, overall and per order."""
     def stats(order: int | None) -> dict[str, RatioStats]:
         per_sample = [s.terms(order) for s in samples]
         return {name: RatioStats.of([t[name] for t in per_sample]) for name in per_sample[0]}
 
+    n = samples[0].n
     return KnowledgeReport(stats(None), {k: stats(k) for k in range(1, n + 1)}, len(samples), tau,
                            match, samples)
 
