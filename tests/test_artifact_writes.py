@@ -211,3 +211,59 @@ def test_embed_of_a_list_with_some_paths_missing_skips_and_reports_them(tmp_path
     store = FeatureStore.load(tmp_path / "feats")
     assert store.ids == ["imgs/a.png", "imgs/b.png"] and store.labels.tolist() == [0, 1]
     assert store.meta["skipped_ids"] == ["imgs/gone.png"]
+
+
+# --------------------------------------------------------------------------------------------
+# Temporary files a killed process leaves behind
+# --------------------------------------------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(proc.stdout)
+
+
+def _temp(folder: Path, name: str, pid: int) -> Path:
+    from pretrain_reuse.artifacts import _host_tag
+
+    path = folder / f".{name}.{_host_tag()}-{pid}.0123456789abcdef.tmp"
+    path.write_bytes(b"half a file")
+    return path
+
+
+def test_a_run_folder_a_kill_left_a_marker_temp_in_resumes_and_loses_the_temp(tmp_path):
+    from pretrain_reuse.artifacts import claim_folder
+
+    # killed while writing its marker: the folder holds only that half-written temporary file
+    out = tmp_path / "run"
+    out.mkdir()
+    orphan = _temp(out, "run.json", _dead_pid())
+    claim_folder(out, "demo-run", {"seed": 0}, what="a demo run")
+    assert sorted(p.name for p in out.iterdir()) == ["run.json"] and not orphan.exists()
+
+
+def test_temps_of_live_writers_are_kept_and_not_taken_for_foreign_files(tmp_path):
+    from pretrain_reuse.artifacts import make_run_folder
+
+    # another rank of this job writing its first file right now
+    out = tmp_path / "run"
+    out.mkdir()
+    live = _temp(out, "split.json", os.getpid())
+    assert make_run_folder(out, "a fine-tuning run", "run.json") == out / "run.json"
+    assert live.exists()
+
+
+def test_rewriting_a_file_removes_what_a_killed_write_of_it_left(tmp_path):
+    dead = _dead_pid()
+    orphan = _temp(tmp_path, "checkpoint.safetensors", dead)
+    other = _temp(tmp_path, "model.safetensors", dead)  # another file's: left for its own writer
+    legacy = tmp_path / ".checkpoint.safetensors.fedcba9876543210.tmp"  # an earlier version's name
+    legacy.write_bytes(b"x")
+    with atomic_path(tmp_path / "checkpoint.safetensors") as tmp:
+        tmp.write_bytes(b"whole")
+    assert (tmp_path / "checkpoint.safetensors").read_bytes() == b"whole"
+    assert not orphan.exists() and not legacy.exists() and other.exists()

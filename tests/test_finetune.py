@@ -1151,6 +1151,17 @@ def test_a_run_stopped_before_its_first_checkpoint_can_be_rerun_with_other_setti
     assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["batch_size"] == 4
 
 
+def test_a_run_begun_afresh_keeps_no_snapshot_of_the_run_it_replaces(files, tmp_path, capsys):
+    # a run with other settings, killed before its first checkpoint: it starts afresh, and the
+    # snapshots of the killed run (read by `knowledge --checkpoints`) must not join its own
+    out = run_ok(capsys, *base_args(files, tmp_path / "run", steps=4), "--snapshots")
+    assert (out / "snapshots" / "step-0000004.safetensors").exists()
+    for name in ("checkpoint.safetensors", "result.json", "model.safetensors"):
+        (out / name).unlink()
+    run_ok(capsys, *base_args(files, out, steps=2), "--snapshots", "--lr", "0.1")
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["step-0000002.safetensors"]
+
+
 def test_workers_and_checkpoint_interval_may_change_on_resume(files, tmp_path, capsys):
     argv = [*base_args(files, tmp_path / "run", steps=4), "--checkpoint-every", "2"]
     out = run_ok(capsys, *argv)

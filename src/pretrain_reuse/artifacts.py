@@ -11,12 +11,15 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import glob
 import hashlib
 import json
 import math
 import os
 import platform
+import re
 import secrets
+import socket
 import stat
 import sys
 from collections.abc import Iterator
@@ -111,6 +114,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     parent = path.parent if str(path.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
+        remove_orphan_temps(parent, path.name)  # a killed earlier write of this file
         tmp_path, mode = _create_temp(parent, path.name)
     except OSError as e:
         raise PretrainReuseError(
@@ -128,14 +132,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def _create_temp(parent: Path, name: str) -> tuple[Path, int]:
-    """Create an empty ``parent/.name.<random>.tmp`` and return it with its permission bits.
+    """Create an empty ``parent/.name.<owner>.<random>.tmp`` and return it with its permission
+    bits; ``<owner>`` names the writing process (see :func:`remove_orphan_temps`).
 
     Created with ``os.open(..., 0o666)`` rather than ``mkstemp`` (always 0600) so that the kernel
     applies the umask (and a default ACL) exactly as for a plain ``open``; reading the umask in
     Python would mean setting it, which races with other threads.
     """
     for _ in range(100):  # as mkstemp does; with 64 random bits a clash is all but impossible
-        tmp = parent / f".{name}.{secrets.token_hex(8)}.tmp"
+        tmp = parent / f".{name}.{_host_tag()}-{os.getpid()}.{secrets.token_hex(8)}.tmp"
         try:
             fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
         except FileExistsError:
@@ -145,6 +150,42 @@ def _create_temp(parent: Path, name: str) -> tuple[Path, int]:
         finally:
             os.close(fd)
     raise FileExistsError(errno.EEXIST, f"no free temporary name for {name!r} in {str(parent)!r}")
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+#: A temporary file of :func:`atomic_path`: ``.<name>.<host>-<pid>.<random>.tmp``; the owner part
+#: is absent in the files of versions before it.
+_TEMP = re.compile(r"^\..+?(?:\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+))?\.[0-9a-f]{16}\.tmp$")
+
+
+def remove_orphan_temps(folder: Path, name: str | None = None) -> None:
+    """Delete the temporary files under ``folder`` (only those for the file ``name`` directly in
+    it, if given) whose writer is gone: a process killed while writing (``kill -9``, a power
+    cut) leaves its temporary file behind, and a rerun must neither mistake it for someone
+    else's file nor keep it (a model checkpoint's can be hundreds of MB). Files of live
+    processes on this host (the other ranks of a torchrun job) and of other hosts (a shared file
+    system) are left alone."""
+    if not folder.is_dir():
+        return
+    here = _host_tag()
+    for path in folder.glob(f".{glob.escape(name)}.*.tmp") if name else folder.rglob(".*.tmp"):
+        m = _TEMP.match(path.name)
+        if m is None or (m["host"] is not None and (m["host"] != here or _alive(int(m["pid"])))):
+            continue
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def to_json(obj: Any) -> str:
@@ -201,7 +242,9 @@ def make_run_folder(out: Path, what: str, marker: str, early: tuple[str, ...] = 
     which a run would mix with its own or delete as stale: refused, unless it holds only ``early``
     (files a run writes before its marker, left by a run stopped in between)."""
     path = make_folder(out, what) / marker
-    if not path.exists() and any(p.name not in early for p in out.iterdir()):
+    remove_orphan_temps(out)
+    # what is left of temporary files is being written now (another rank of this job)
+    if not path.exists() and any(p.name not in early and not _TEMP.match(p.name) for p in out.iterdir()):
         raise PretrainReuseError(
             f"--out {str(out)!r} is not empty and not {what}; pass a new or empty folder")
     return path

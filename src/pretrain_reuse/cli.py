@@ -736,6 +736,13 @@ def help_pages() -> dict[str, str]:
 
 
 def _finish_distributed() -> None:
+    """Leave the process group :func:`_init_distributed` joined. Without torchrun there is none,
+    and torch is not imported here: after a Ctrl-C during its first import, importing it again
+    fails with a traceback."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -167,8 +168,10 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
             _rewrite_jsonl(out / "metrics.jsonl", history)
     elif rank == 0:
         write_json(out / "run.json", {"kind": "finetune-run", **run_identity})
-        # evaluations logged by a run killed before its first checkpoint are redone
+        # evaluations and snapshots of a run killed before its first checkpoint are redone (it
+        # may have had other settings: its snapshots must not join this run's)
         (out / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(out / "snapshots", ignore_errors=True)
     objective = _Objective(model, LOSSES[cfg.mode], cfg.lam)
     if world > 1:  # gradients are averaged by DDP's hooks, so the loss must go through its forward
         objective = torch.nn.parallel.DistributedDataParallel(
