@@ -168,6 +168,21 @@ def test_random_and_low_data_selections_follow_each_runs_seed_and_training_image
                                   SelectConfig(method="random", k=8, seed=s)).selected
 
 
+def test_a_row_does_not_depend_on_which_seeds_ran_before_it_in_the_folder(quick_demo, tmp_path):
+    # k-means clusters and their image budget are made once per folder: with the first seed they
+    # would differ between a folder begun with seed 0 and one begun with seed 1
+    demo, _, _ = quick_demo
+    path = _config(demo, tmp_path, sweep={"clusters": [16]})
+    for seeds in ((0,), (1,)):
+        run_experiment("table2", load_experiment_config(path, seeds=seeds), tmp_path / "a",
+                       progress=False)
+    run_experiment("table2", load_experiment_config(path, seeds=(1,)), tmp_path / "b", progress=False)
+    runs = [RunResult.load(tmp_path / d / "runs" / "reuse-unlabeled-uot-clusters-x=16-seed1"
+                           / "result.json") for d in ("a", "b")]
+    assert runs[0].meta["inputs"]["selected"] == runs[1].meta["inputs"]["selected"]
+    assert runs[0].final == runs[1].final
+
+
 def test_cli_runs_a_recipe_and_refuses_a_changed_config(quick_demo, tmp_path, capsys):
     demo, _, _ = quick_demo
     cfg = _config(demo, tmp_path)

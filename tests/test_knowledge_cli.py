@@ -384,6 +384,36 @@ def test_a_smaller_rerun_leaves_no_outputs_of_the_earlier_run(tmp_path, capsys):
         "strength_by_order.png"]
 
 
+def test_a_rerun_stopped_halfway_leaves_a_folder_that_reads_as_unfinished(tmp_path, capsys,
+                                                                           monkeypatch):
+    import pretrain_reuse.knowledge.analysis as analysis
+    from pretrain_reuse import load
+    from pretrain_reuse.errors import PretrainReuseError
+
+    model = _classifier(tmp_path / "m.safetensors", 10)
+    knowledge = ["knowledge", "--model", "smallcnn-s", "--pretrained", model, "--finetuned", model,
+                 "--data", "synthetic:target", "--players", "grid:2x2", "--quiet", "--out", tmp_path / "k"]
+    assert _run(capsys, *knowledge, "--samples", 4)[0] == 0
+    save = analysis.save_explanations
+
+    def stop_after_the_first_model(xs, model, dataset, cfg, folder, tau):
+        save(xs, model, dataset, cfg, folder, tau)
+        raise KeyboardInterrupt
+
+    # a rerun with other settings, stopped once the first model's files are rewritten: the
+    # folder now mixes the two runs, and must not read as the first, finished one
+    monkeypatch.setattr(analysis, "save_explanations", stop_after_the_first_model)
+    assert _run(capsys, *knowledge, "--samples", 2)[0] == 130
+    for path in (tmp_path / "k", tmp_path / "k" / "finetuned"):  # pretrained/ was rewritten whole
+        with pytest.raises(PretrainReuseError, match="has not finished"):
+            load(path)
+    monkeypatch.setattr(analysis, "save_explanations", save)
+    assert _run(capsys, *knowledge, "--samples", 2)[0] == 0
+    k = json.loads((tmp_path / "k" / "knowledge.json").read_text())
+    assert k["samples"]["n"] == 2 and "finished" not in k
+    assert len(_interactions(tmp_path / "k" / "finetuned")) == 2
+
+
 def test_the_counterfactual_check_reports_the_rank_correlation(tmp_path, capsys):
     # the pairs (measured, predicted) of the preserved sets and of as many random sets, as
     # counterfactual() gives them; their correlations by scipy

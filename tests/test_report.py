@@ -134,6 +134,14 @@ def test_undefined_ratios_and_errors_are_shown_as_not_available(tmp_path, capsys
     assert "<td>0.000</td><td>n/a</td>" in page and "the ratio is undefined (ratio n/a)" in page
 
 
+def test_a_knowledge_analysis_stopped_halfway_is_one_line(tmp_path, capsys):
+    # the marker a knowledge rerun writes first: the folder mixes two runs until it finishes
+    run = _run(tmp_path, _summary(), {"kind": "knowledge-report", "finished": False})
+    rc, _, err = _report(capsys, run)
+    assert rc == 2 and err.count("\n") == 1 and "has not finished" in err
+    assert not (run / "report.html").exists()
+
+
 def test_the_salience_threshold_stated_is_the_analysis_own(tmp_path, capsys):
     knowledge = {**_knowledge(), "meta": {"params": {"tau": 0.2, "match": "signed"}}}
     run = _run(tmp_path, _summary(), knowledge)

@@ -337,6 +337,14 @@ def _json_kind(path: Path) -> str | None:
         return None
 
 
+def _json_finished(path: Path) -> bool | None:
+    """The ``finished`` flag of a JSON marker (None when absent or unreadable)."""
+    try:
+        return json.loads(path.read_text()).get("finished")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def refuse_foreign(path: str | Path, artifact: str) -> None:
     """Refuse to replace an existing file that is not an ``artifact`` of the same kind (the
     ``artifact`` entry of a safetensors header, the ``kind`` of a JSON file): a mistyped
@@ -437,6 +445,11 @@ def _refuse_knowledge_outputs(p: Path) -> None:
     them (one sample's interactions, the summary) instead of calling them something else."""
     folder = p if p.is_dir() else p.parent
     one = "pretrain_reuse.load(<folder>/interactions-0000.safetensors) opens one sample's interactions"
+    for marker, verb in (("knowledge.json", "knowledge"), ("explain.json", "explain")):
+        path = folder / marker
+        if (p.is_dir() or p.name == marker) and path.is_file() and _json_finished(path) is False:
+            raise PretrainReuseError(f"{str(p)!r} holds a {verb} run that has not finished (a rerun "
+                                     "stopped halfway); rerun its command to finish it")
     if (folder / "knowledge.json").is_file() and (p.is_dir() or p.name == "knowledge.json"):
         raise PretrainReuseError(
             f"{str(p)!r} is the output of knowledge: its numbers are in knowledge.json (plain JSON, "

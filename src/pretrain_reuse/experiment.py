@@ -61,6 +61,11 @@ from .units import Units, class_means, spherical_kmeans
 #: Knowledge ratios the ``knowledge`` recipe reports per fine-tuned model (means over seeds).
 KNOWLEDGE_RATIOS = ("preserve", "discard", "new", "exclusive")
 
+#: The seed of what the experiment derives from the pool once for all rows (k-means clusters, the
+#: clusters' image budget): not the first of ``seeds``, so that adding or dropping seeds, which
+#: a rerun may do, never changes a row.
+POOL_SEED = 0
+
 #: FinetuneConfig settings that change which target images a run trains on.
 REGIMES = ("train_fraction", "long_tail_ratio")
 
@@ -99,9 +104,10 @@ class ExperimentConfig:
         source_features, target_features: FeatureStore folders; default: embedded by the run.
         seeds: one fine-tuning run per seed and row.
         k: selected classes; cluster_k: the share of pool images the selected clusters cover
-            (default: the share that the top-``k`` UOT classes of the first seed cover, as the
-            paper matches 200 clusters to 100 classes; ``k / classes`` without labels). One
-            share for the whole experiment, so every seed and row reuses as many images.
+            (default: the share that the top-``k`` UOT classes cover, as the paper matches 200
+            clusters to 100 classes; ``k / classes`` without labels). One share for the whole
+            experiment, so every seed and row reuses as many images: with a low-data regime, the
+            share of seed 0's selection.
         clusters: k-means K for cluster units; metric, eps_c: the selection cost.
         eps_c_l2: the cost scale of table4's l2 rows (Euclidean distance between unnormalised
             class means, whose scale is the features' norm: any value in [0.05, 1] gives Liu et
@@ -530,7 +536,7 @@ class _Workspace:
                 units = class_means(store)
             else:
                 units = spherical_kmeans(replace(store, labels=None), int(name.split("-")[1]),
-                                         seed=self.cfg.seeds[0])
+                                         seed=POOL_SEED)
             units.save(path)
             return units
 
@@ -557,7 +563,7 @@ class _Workspace:
         if self.features("source").labels is None:
             return min(1.0, self.cfg.k / self.cfg.clusters)
         classes = self.units("classes")
-        top = self.selection(Pick("classes", "uot"), self.cfg.seeds[0])
+        top = self.selection(Pick("classes", "uot"), POOL_SEED)
         return float(classes.counts[top.selected].sum() / classes.counts.sum())
 
     def selection(self, pick: Pick, seed: int, settings: tuple = ()) -> Selection:
@@ -576,7 +582,7 @@ class _Workspace:
         regime = tuple((name, given[name]) for name in REGIMES if name in given)
         per_seed = pick.method == "random" or bool(regime)
         scfg = SelectConfig(method=pick.method, k=k, metric=pick.metric or cfg.metric,
-                            eps_c=pick.eps_c or cfg.eps_c, seed=seed if per_seed else cfg.seeds[0],
+                            eps_c=pick.eps_c or cfg.eps_c, seed=seed if per_seed else POOL_SEED,
                             unit_ids=cfg.relevant if pick.method == "label" else ())
         tag = (f"{pick.units}-{scfg.method}-{scfg.metric}-eps{scfg.eps_c:g}-k{k:g}"
                + "".join(f"-{name}{v:g}" for name, v in regime)

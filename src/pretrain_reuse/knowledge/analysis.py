@@ -165,7 +165,11 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     for role, m in named.items():
         check_explainable(m, dataset, indices, cfg, role, device)
     folders = [*models, *(_checkpoint_folder(t) for t in range(len(checkpoints or [])))]
-    make_run_folder(out, "a knowledge analysis", "knowledge.json", early=tuple(folders))
+    marker = make_run_folder(out, "a knowledge analysis", "knowledge.json", early=tuple(folders))
+    if marker.exists():
+        # this run rewrites the earlier one's files model by model: until its own summary is
+        # written, the folder must not read as the earlier, finished analysis
+        write_json(marker, {"kind": KIND, "finished": False})
     params = {"tau": tau, "split": split}
     games = {role: explain_games(m, dataset, indices, cfg, out / role, role=role, params=params,
                                  progress=progress) for role, m in models.items()}

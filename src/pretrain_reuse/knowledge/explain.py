@@ -424,9 +424,10 @@ def explain_games(model: Backbone, dataset: ImageDataset | TextDataset, indices:
              else _image_samples(model, dataset, indices, cfg, device))
     folder = Path(out) if out is not None else None
     if folder is not None:
-        marker = make_run_folder(folder, "an explanation run", MARKER)
-        if not marker.exists():
-            write_json(marker, {"kind": "explanations"})
+        # unfinished until save_explanations: a rerun with other settings rewrites the samples'
+        # files one by one, and a folder stopped halfway holds a mix of the two runs
+        write_json(make_run_folder(folder, "an explanation run", MARKER),
+                   {"kind": "explanations", "finished": False})
         (folder / "games").mkdir(exist_ok=True)
     identity = model_identity(model)
     games, infos = [], []
@@ -484,6 +485,7 @@ def save_explanations(results: list[Interactions], model: Backbone,
         written.append(save_png(salient_figure(display_samples(
             model, dataset, results[:SHOWN], cfg), tau=tau), folder / "salient.png"))
     _remove_stale(folder, ["interactions-*.safetensors", "salient.png"], written)
+    write_json(folder / MARKER, {"kind": "explanations", "finished": True})
 
 
 def data_path(dataset: ImageDataset | TextDataset) -> str | None:

@@ -250,6 +250,9 @@ def _knowledge_section(run: Path, scenario: dict) -> str:
         return ""
     plt = _plt()
     k = read_json(kdir / "knowledge.json", "knowledge")
+    if k.get("finished") is False:
+        raise PretrainReuseError(f"{str(kdir)!r} holds a knowledge analysis that has not finished "
+                                 "(a rerun stopped halfway); rerun its command to finish it")
     _check_entries(k, KNOWLEDGE_KEYS, kdir / "knowledge.json")
     overall = k["report"]["overall"]
     # the analysis's own settings (a knowledge.json of an earlier version records neither)
