@@ -329,18 +329,11 @@ def _safetensors_artifact(path: Path) -> str | None:
     return header.get("artifact") or header.get("kind")
 
 
-def _json_kind(path: Path) -> str | None:
-    """The ``kind`` of a JSON record (None when unreadable, not JSON or not a mapping)."""
+def _json_entry(path: Path, key: str = "kind") -> Any:
+    """The entry ``key`` of a JSON record, such as its ``kind`` (None when absent, or when the
+    file is unreadable, not JSON or not a mapping)."""
     try:
-        return json.loads(path.read_text()).get("kind")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _json_finished(path: Path) -> bool | None:
-    """The ``finished`` flag of a JSON marker (None when absent or unreadable)."""
-    try:
-        return json.loads(path.read_text()).get("finished")
+        return json.loads(path.read_text()).get(key)
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -352,7 +345,7 @@ def refuse_foreign(path: str | Path, artifact: str) -> None:
     path = Path(path)
     if not path.is_file():
         return
-    found = _safetensors_artifact(path) if path.suffix == ".safetensors" else _json_kind(path)
+    found = _safetensors_artifact(path) if path.suffix == ".safetensors" else _json_entry(path)
     if found != artifact:
         raise PretrainReuseError(
             f"{str(path)!r} exists and is not a {artifact} file; choose another output path")
@@ -379,7 +372,8 @@ def load(path: str | Path, *, what: str = "path"):
     """
     p = check_file(what, path)
     opens = ("load opens FeatureStore, fine-tuning run and experiment folders, Units "
-             ".safetensors/.npy, Interactions .safetensors and selection .json files")
+             ".safetensors/.npy, Interactions .safetensors, selection .json files and the .json "
+             "files of a knowledge result's save()")
     _refuse_knowledge_outputs(p)
     # Imported here: these modules sit above this one in the dependency order.
     if p.is_dir():
@@ -388,7 +382,7 @@ def load(path: str | Path, *, what: str = "path"):
             if (p / result).is_file():
                 p = p / result
                 break
-            if _json_kind(p / "run.json") == marker:
+            if _json_entry(p / "run.json") == marker:
                 raise PretrainReuseError(f"{str(p)!r} holds a {holds} that has not finished (no "
                                          f"{result}); rerun its command to resume it")
     if p.name == "result.json":
@@ -426,7 +420,7 @@ def load(path: str | Path, *, what: str = "path"):
         raise PretrainReuseError(f"{str(p)!r} holds a {kind}, not an artifact to load; {opens}"
                                  + (weights if kind == "backbone" else ""))
     if p.suffix == ".json":
-        kind = _json_kind(p)
+        kind = _json_entry(p)
         if kind in KNOWLEDGE_RESULTS:
             from .knowledge import metrics
 
@@ -447,7 +441,7 @@ def _refuse_knowledge_outputs(p: Path) -> None:
     one = "pretrain_reuse.load(<folder>/interactions-0000.safetensors) opens one sample's interactions"
     for marker, verb in (("knowledge.json", "knowledge"), ("explain.json", "explain")):
         path = folder / marker
-        if (p.is_dir() or p.name == marker) and path.is_file() and _json_finished(path) is False:
+        if (p.is_dir() or p.name == marker) and path.is_file() and _json_entry(path, "finished") is False:
             raise PretrainReuseError(f"{str(p)!r} holds a {verb} run that has not finished (a rerun "
                                      "stopped halfway); rerun its command to finish it")
     if (folder / "knowledge.json").is_file() and (p.is_dir() or p.name == "knowledge.json"):
