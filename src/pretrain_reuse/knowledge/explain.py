@@ -323,6 +323,7 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
     Everything that would fail is checked before anything is written (:func:`check_explainable`)."""
     check_tau(tau)
     indices = _check_indices(indices, dataset)
+    check_explainable(model, dataset, indices, cfg, role, torch.device(cfg.device))
     games = explain_games(model, dataset, indices, cfg, out, role=role,
                           params={"tau": tau, "split": split}, progress=progress)
     results = decompose(games, cfg)
@@ -414,11 +415,10 @@ def class_logits(model: Backbone, dataset: ImageDataset | TextDataset, indices: 
 def explain_games(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.ndarray,
                   cfg: ExplainConfig, out: str | Path | None, *, role: str, params: dict[str, Any],
                   progress: bool) -> Games:
-    """The games of ``model`` on the samples at ``indices`` (valid positions), checked first
-    (:func:`check_explainable`); with ``out``, cached there. ``params``: recorded in the meta
-    beside ``cfg``."""
+    """The games of ``model`` on the samples at ``indices`` (valid positions, already passed by
+    :func:`check_explainable`: the callers check every model before anything is written); with
+    ``out``, cached there. ``params``: recorded in the meta beside ``cfg``."""
     device = torch.device(cfg.device)
-    check_explainable(model, dataset, indices, cfg, role, device)
     model = model.to(device).eval()
     setup = (_text_samples(model, dataset, cfg, device) if cfg.players == "tokens"
              else _image_samples(model, dataset, indices, cfg, device))
