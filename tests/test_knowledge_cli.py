@@ -633,17 +633,24 @@ def test_knowledge_checks_every_model_before_writing_anything(tmp_path, capsys, 
     assert not (tmp_path / "k").exists()
 
 
-def test_discrimination_power_is_not_printed_for_a_class_of_one_sample(tmp_path, capsys):
+def test_discrimination_power_is_not_printed_or_drawn_for_a_class_of_one_sample(tmp_path, capsys):
     # the purity of a single sample's interactions is 1 whatever they are: not a finding
     same = _classifier(tmp_path / "m.safetensors", 10)
-    rc, out, err = _run(capsys, "knowledge", "--model", "smallcnn-s", "--pretrained", same,
-                        "--finetuned", same, "--data", "synthetic:target", "--players", "grid:2x2",
-                        "--samples", 1, "--quiet", "--out", tmp_path / "k")
+    knowledge = ["knowledge", "--model", "smallcnn-s", "--pretrained", same, "--finetuned", same,
+                 "--data", "synthetic:target", "--players", "grid:2x2", "--quiet", "--out", tmp_path / "k"]
+    rc, out, err = _run(capsys, *knowledge, "--samples", 2)
+    assert rc == 0, err
+    k = json.loads((tmp_path / "k" / "knowledge.json").read_text())
+    assert list(k["samples"]["per_class"].values()) == [2]
+    assert (tmp_path / "k" / "purity.png").exists()
+    assert "discrimination power preserve 1.000, discard n/a, new n/a" in out  # the same model twice
+    rc, out, err = _run(capsys, *knowledge, "--samples", 1)
     assert rc == 0, err
     k = json.loads((tmp_path / "k" / "knowledge.json").read_text())
     assert list(k["samples"]["per_class"].values()) == [1]
     assert k["discrimination"]["preserve"]["purity"] == 1.0
     assert "discrimination power n/a (a class has a single sample" in out
+    assert not (tmp_path / "k" / "purity.png").exists()  # the earlier run's figure is removed
 
 
 def _image_folder(root, classes: int = 2, per_class: int = 2):

@@ -24,6 +24,7 @@ from pretrain_reuse.knowledge import (
     Convergence,
     Interactions,
     KnowledgeReport,
+    SetDiscrimination,
     accuracy_correlation,
     cover_ratio,
     discrimination_power,
@@ -345,6 +346,30 @@ def test_set_discrimination_counts_signs_of_each_sets_own_model_per_class():
     with pytest.raises(PretrainReuseError, match="report must be a KnowledgeReport"):
         set_discrimination(pre, [0, 0, 0, 1])
     assert set_discrimination(knowledge_report(pre, ft), iter([0, 0, 0, 1])).to_dict() == out
+
+
+def test_set_discrimination_saves_loads_and_plots_its_purities(tmp_path):
+    import json
+
+    from pretrain_reuse import load
+
+    pre = [inter(2, A0=1.0, A01=-2.0), inter(2, A0=1.0), inter(2, A0=1.0, A01=1.0), inter(2, A1=1.0)]
+    ft = [inter(2, A0=3.0, A1=1.0), inter(2, A0=-2.0, A01=1.0), inter(2, A0=1.0), inter(2, A1=-1.0)]
+    d = set_discrimination(knowledge_report(pre, ft, ft), [0, 0, 0, 1])
+    back = load(d.save(tmp_path / "purity.json"))
+    assert isinstance(back, SetDiscrimination) and back == d and back.to_dict() == d.to_dict()
+    ax = d.plot()
+    heights = {t.get_text(): p.get_height() for t, p in zip(ax.get_xticklabels(), ax.patches, strict=True)}
+    # preserve: class 0 purity 2/3 (A0 signed +, -, +), class 1 purity 1; exclusive is empty
+    assert heights == {"preserve": pytest.approx(5 / 6), "discard": 0.5, "new": 1.0,
+                       "exclusive\n(n/a)": 0.0}
+    record = json.loads((tmp_path / "purity.json").read_text())
+    record["counts"]["preserve"]["0"]["positive"] = [["and", 1]]  # a row without its count
+    (tmp_path / "bad.json").write_text(json.dumps(record))
+    with pytest.raises(PretrainReuseError, match=r"bad\.json' has malformed counts"):
+        SetDiscrimination.load(tmp_path / "bad.json")
+    with pytest.raises(PretrainReuseError, match="holds kind 'set-discrimination', not 'knowledge-conv"):
+        Convergence.load(tmp_path / "purity.json")
 
 
 def test_discrimination_power_takes_any_iterable_and_names_a_sample_that_is_not_interactions():

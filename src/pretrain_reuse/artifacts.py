@@ -353,7 +353,7 @@ def refuse_foreign(path: str | Path, artifact: str) -> None:
 
 #: The knowledge results saved as JSON, by their kind: the class in knowledge.metrics that loads them.
 KNOWLEDGE_RESULTS = {"knowledge-sets": "KnowledgeReport", "knowledge-convergence": "Convergence",
-                     "accuracy-correlation": "AccuracyCorrelation"}
+                     "accuracy-correlation": "AccuracyCorrelation", "set-discrimination": "SetDiscrimination"}
 
 
 def load(path: str | Path, *, what: str = "path"):

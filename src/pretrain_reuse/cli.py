@@ -379,6 +379,7 @@ def cmd_explain(args) -> int:
 
 def cmd_knowledge(args) -> int:
     from .knowledge.analysis import analyze_knowledge
+    from .knowledge.plots import purity_is_informative
 
     cfg = _explain_config(args)
     models = {"pretrained": _classifier(args.model, args.pretrained, "--pretrained", args.quiet),
@@ -405,7 +406,7 @@ def cmd_knowledge(args) -> int:
     line = ", ".join(f"{k} {_number(overall[k]['mean'])}" for k in ("preserve", "discard", "new",
                                                                    "exclusive") if k in overall)
     samples = summary["samples"]
-    if min(samples["per_class"].values()) < 2:  # one sample's purity is 1 whatever it knows
+    if not purity_is_informative(summary):
         line += ("; discrimination power n/a (a class has a single sample; explain several "
                  "samples per class, --samples)")
     else:

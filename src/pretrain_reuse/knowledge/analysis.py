@@ -215,7 +215,8 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
         written.append(save_png(salient_figure(
             display_samples(models["finetuned"], dataset, shown, cfg), tau=tau,
             among=explained["pretrained"][:SHOWN], match=match), out / "preserved.png"))
-    _remove_stale(out, [*ROLES, "checkpoint-*", "convergence.png", "preserved.png"], written)
+    _remove_stale(out, [*ROLES, "checkpoint-*", "convergence.png", "purity.png", "preserved.png"],
+                  written)
     return summary
 
 

@@ -697,6 +697,49 @@ class SetDiscrimination:
                                     for c, d in sorted(classes.items())}}
                 for name, classes in self.by_set.items()}
 
+    def save(self, path: str | Path) -> Path:
+        """Write the sign counts m⁺, m⁻ of every set and class (and :meth:`to_dict`'s purities,
+        for readers of the JSON) atomically; returns the path."""
+        counts = {name: {str(c): {"n_samples": d.n_samples, "positive": _count_rows(d.positive),
+                                  "negative": _count_rows(d.negative)}
+                         for c, d in sorted(classes.items())}
+                  for name, classes in self.by_set.items()}
+        return _save_json(path, "set-discrimination", {"purity": self.to_dict(), "counts": counts})
+
+    @classmethod
+    def load(cls, path: str | Path) -> SetDiscrimination:
+        """Read a file written by :meth:`save` (the purities are recomputed from the counts)."""
+        counts = _load_json(path, "set-discrimination", ("counts",))["counts"]
+        try:
+            return cls({name: {int(c): Discrimination(int(d["n_samples"]), _count_dict(d["positive"]),
+                                                      _count_dict(d["negative"]))
+                               for c, d in classes.items()}
+                        for name, classes in counts.items()})
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise PretrainReuseError(f"{str(path)!r} has malformed counts ({exc!r}); write it again "
+                                     "with SetDiscrimination.save") from None
+
+    def plot(self, ax=None):
+        """Bar chart of each set's purity, mean over classes, a dot per class; returns the axes."""
+        import matplotlib.pyplot as plt  # only when plotting
+
+        from .plots import plot_set_purity  # the figure the CLI and the HTML report draw
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(5, 3))
+        plot_set_purity({"discrimination": self.to_dict()}, ax)
+        return ax
+
+
+def _count_rows(counts: dict[tuple[str, int], int]) -> list[list]:
+    """``{(type, mask): count}`` as JSON rows ``[type, mask, count]``."""
+    return [[kind, mask, n] for (kind, mask), n in sorted(counts.items())]
+
+
+def _count_dict(rows: list[list]) -> dict[tuple[str, int], int]:
+    """The inverse of :func:`_count_rows`."""
+    return {(str(kind), int(mask)): int(n) for kind, mask, n in rows}
+
 
 def set_discrimination(report: KnowledgeReport, labels: Iterable[int]) -> SetDiscrimination:
     r"""Discriminative knowledge: the discrimination power of each knowledge set, per class.

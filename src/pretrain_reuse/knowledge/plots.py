@@ -50,6 +50,24 @@ def plot_ratios(summary: dict[str, Any], ax) -> None:
     ax.set_title("Knowledge ratios (mean ± std over samples)")
 
 
+def plot_set_purity(summary: dict[str, Any], ax) -> None:
+    """Discrimination purity of each knowledge set (the ``discrimination`` entry of
+    ``knowledge.json``, ``SetDiscrimination.to_dict()``): a bar at the mean over classes, a dot per
+    class; a set empty on every sample is an empty bar marked n/a."""
+    discrimination = summary["discrimination"]
+    names = [n for n in RATIO_COLOURS if n in discrimination]
+    means = [discrimination[n]["purity"] for n in names]
+    ax.bar([n if m is not None else f"{n}\n(n/a)" for n, m in zip(names, means, strict=True)],
+           [m or 0.0 for m in means], color=[RATIO_COLOURS[n] for n in names], alpha=0.6)
+    for x, name in enumerate(names):
+        per_class = [c["purity"] for c in discrimination[name]["by_class"].values()
+                     if c["purity"] is not None]
+        ax.plot([x] * len(per_class), per_class, "k.", markersize=4)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("purity (α-weighted β)")
+    ax.set_title("Discrimination power of each knowledge set (dots: classes)")
+
+
 def plot_convergence(summary: dict[str, Any], ax) -> None:
     """IoU of each fine-tuning snapshot's knowledge with the final model's, and the detour."""
     conv = summary["convergence"]
@@ -111,13 +129,23 @@ def save_png(fig, path: str | Path) -> Path:
     return Path(path)
 
 
+def purity_is_informative(summary: dict[str, Any]) -> bool:
+    """Whether ``knowledge.json``'s discrimination says something: every class has two samples or
+    more (one sample's purity is 1 whatever its model knows; a file of an earlier version
+    records no per-class counts)."""
+    per_class = summary.get("samples", {}).get("per_class")
+    return "discrimination" in summary and bool(per_class) and min(per_class.values()) >= 2
+
+
 def save_knowledge_plots(summary: dict[str, Any], out: str | Path) -> list[Path]:
-    """``strength_by_order.png``, ``ratios.png`` and (with snapshots) ``convergence.png``."""
+    """``strength_by_order.png``, ``ratios.png``, ``purity.png`` (with two samples per class or
+    more) and ``convergence.png`` (with snapshots)."""
     plt = _plt()
     written = []
     for name, draw in (("strength_by_order", plot_strength_by_order), ("ratios", plot_ratios),
-                       ("convergence", plot_convergence)):
-        if name == "convergence" and "convergence" not in summary:
+                       ("purity", plot_set_purity), ("convergence", plot_convergence)):
+        if ((name == "convergence" and "convergence" not in summary)
+                or (name == "purity" and not purity_is_informative(summary))):
             continue
         fig, ax = plt.subplots(figsize=(5.2, 3.2))
         draw(summary, ax)

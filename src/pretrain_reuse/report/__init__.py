@@ -263,13 +263,24 @@ def _knowledge_section(run: Path, scenario: dict) -> str:
              f"{_BASELINE_TEXT.get(scenario.get('baseline', 'zero'), 'given')} baseline), on samples "
              "every model classifies correctly. Knowledge = salient interactions (|I| > "
              f"{100 * tau:g}% of the sample's largest).</p>"]
-    from ..knowledge.plots import plot_convergence, plot_ratios, plot_strength_by_order
+    from ..knowledge.plots import (
+        plot_convergence,
+        plot_ratios,
+        plot_set_purity,
+        plot_strength_by_order,
+        purity_is_informative,
+    )
 
     figures = [(plot_strength_by_order, "Normalised strength of interactions per order, mean over "
                 "samples.", "strength by order"),
                (plot_ratios, "preserve = |Ω_pre ∩ Ω_ft| / |Ω_pre|; discard = 1 - preserve; new = "
                 "|Ω_ft \\ Ω_pre| / |Ω_ft|; exclusive = share of preserved knowledge the scratch "
                 "model lacks.", "knowledge ratios")]
+    if purity_is_informative(k):
+        figures.append((plot_set_purity, "Discrimination power of each set: over the samples of a "
+                        "class, how consistently its interactions push the output the same way "
+                        "(1 = always the same sign); bar: mean over classes, dots: classes.",
+                        "discrimination purity"))
     if "convergence" in k:
         figures.append((plot_convergence, "Similarity of each snapshot's knowledge to the final "
                         "model's, and the share of it the final model drops.", "convergence"))
