@@ -395,7 +395,7 @@ def test_weights_with_nan_parameters_are_a_one_line_error_naming_an_image(tmp_pa
     rc, _, err = cli(capsys, "embed", "--model", "smallcnn-s", "--weights",
                      tmp_path / "nan.safetensors", "--data", data, "--quiet", "--out", tmp_path / "s")
     assert_one_line_error(rc, err, "NaN/inf features", "check the weights")
-    assert not list((tmp_path / "s").rglob("*.safetensors"))  # no shard of NaN features
+    assert not (tmp_path / "s").exists()  # found on the first image, before the folder is made
 
 
 def test_missing_weights_file_exits_2(tmp_path, capsys):
@@ -433,6 +433,141 @@ def test_unwritable_out_exits_2(tmp_path, capsys, where):
     out = blocker / "store" if where == "parent-is-a-file" else blocker
     rc, _, err = cli(capsys, "embed", "--model", "smallcnn-s", "--data", data, "--out", out)
     assert_one_line_error(rc, err, str(out))
+
+
+BUILDERS = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    # mean colour of the image times a scale; NaN for images brighter than `nan_above`
+    def __init__(self, scale, nan_above=float("inf")):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((3, 4), scale))
+        self.nan_above = nan_above
+
+    def forward(self, x):
+        m = x.mean(dim=(2, 3))
+        out = m @ self.scale
+        return torch.where(m.mean(1, keepdim=True) > self.nan_above, float("nan"), out)
+
+
+def one():
+    return Net(1.0), {"input_size": 16, "resize_size": 16}
+
+
+def two():
+    return Net(2.0), {"input_size": 16, "resize_size": 16}
+
+
+def nan_on_bright():
+    return Net(1.0, nan_above=0.0), {"input_size": 16, "resize_size": 16}
+
+
+def flat():  # takes 8x8 images only
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, 4))
+    return net, {"input_size": 16, "resize_size": 16}
+
+
+def flat_head():  # the body runs on any size, but its features do not fit the head
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4)), {"input_size": 16, "resize_size": 16}
+"""
+
+
+def _builders(tmp_path: Path, **replace: str) -> Path:
+    text = BUILDERS
+    for old, new in replace.items():
+        text = text.replace(old, new)
+    (tmp_path / "builders.py").write_text(text)
+    return tmp_path / "builders.py"
+
+
+def test_a_changed_network_is_not_resumed_whatever_defines_it(tmp_path, capsys):
+    # a python: builder (as a Hugging Face folder or a registry default) changes without any
+    # --weights file: the network's own parameters decide whether a run may resume
+    data = make_folder(tmp_path / "data", FILES[:4])
+    code = _builders(tmp_path)
+    args = ("--model", f"python:{code}:one", "--data", data, "--shard-size", 2, "--out", tmp_path / "s")
+    embed_ok(capsys, *args)
+    (tmp_path / "s" / "parts" / "shard-00001.safetensors").unlink()  # as if killed
+    (tmp_path / "s" / "index.json").unlink()
+    _builders(tmp_path, **{"Net(1.0), {": "Net(3.0), {"})  # the user edits the builder
+    rc, _, err = cli(capsys, "embed", "--quiet", *args)
+    assert_one_line_error(rc, err, "other settings (state)")
+
+
+@pytest.mark.parametrize("builder,needle", [
+    ("flat", "fails on a preprocessed image of shape (3, 16, 16)"),
+    # was a store of 768-d rows under an index of 192-d ones, refused only when read
+    ("flat_head", "gives 768 features per image, but its head takes 192"),
+])
+def test_a_model_that_cannot_take_the_images_is_one_line_before_anything_is_written(
+        tmp_path, capsys, builder, needle):
+    data = make_folder(tmp_path / "data", FILES[:2])
+    code = _builders(tmp_path)
+    rc, _, err = cli(capsys, "embed", "--model", f"python:{code}:{builder}", "--data", data,
+                     "--quiet", "--out", tmp_path / "s")
+    assert_one_line_error(rc, err, needle, "input_size / resize_size")
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_run_that_failed_before_its_first_shard_does_not_block_a_fixed_rerun(tmp_path, capsys):
+    # the first image passes the check, a later one of the first shard gives NaN: the folder is
+    # claimed but holds no shard, so a rerun with another model may take it
+    data = tmp_path / "data"
+    for name, colour in (("a/0.png", 0), ("a/1.png", 255)):
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 16), (colour,) * 3).save(data / name)
+    code = _builders(tmp_path, **{"nan_above=0.0": "nan_above=0.5"})
+    out = tmp_path / "s"
+    rc, _, err = cli(capsys, "embed", "--model", f"python:{code}:nan_on_bright", "--data", data,
+                     "--quiet", "--out", out)
+    assert_one_line_error(rc, err, "NaN/inf features (first for image 'a/1.png')")
+    assert (out / "embed.json").exists() and not any((out / "parts").iterdir())
+    fixed = embed_ok(capsys, "--model", f"python:{code}:one", "--data", data, "--out", out)
+    assert len(fixed) == 2
+
+
+def test_a_damaged_shard_is_computed_again(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", FILES[:4])
+    args = ("--model", "smallcnn-s", "--data", data, "--shard-size", 2, "--out", tmp_path / "s")
+    whole = embed_ok(capsys, *args)
+    shard = tmp_path / "s" / "parts" / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:300])  # cut short after the run, by a copy or a disk
+    assert_same_store(embed_ok(capsys, *args), whole)
+
+
+def test_reruns_written_another_way_resume_and_changes_are_named(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", FILES[:4])
+    out = tmp_path / "s"
+    whole = embed_ok(capsys, "--model", "smallcnn-s", "--data", data, "--out", out)
+    # the same folder spelt with a slash, more workers: the same features, so the same run
+    assert_same_store(embed_ok(capsys, "--model", "smallcnn-s", "--data", f"{data}/",
+                               "--workers", 1, "--out", out), whole)
+    rc, _, err = cli(capsys, "embed", "--quiet", "--model", "smallcnn-s", "--data", data,
+                     "--batch-size", 3, "--out", out)
+    assert_one_line_error(rc, err, "other settings (config.batch_size)")
+
+
+def test_a_class_without_a_readable_image_is_a_warning_that_names_it(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", FILES[:3])  # ant, ant, ant
+    (data / "bee").mkdir()
+    (data / "bee" / "broken.png").write_bytes(b"")
+    rc, _, err = cli(capsys, "embed", "--quiet", "--model", "smallcnn-s", "--data", data,
+                     "--out", tmp_path / "s")
+    assert rc == 0
+    assert "warning: 1 classes have no readable image (first: 'bee')" in err
+    assert FeatureStore.load(tmp_path / "s").meta["classes_without_images"] == ["bee"]
+
+
+def test_a_file_name_with_a_newline_is_named_before_anything_is_written(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", FILES[:2])
+    write_image(data / "ant" / "two\nlines.png", (20, 20), "RGB", 5)
+    rc, _, err = cli(capsys, "embed", "--quiet", "--model", "smallcnn-s", "--data", data,
+                     "--out", tmp_path / "s")
+    assert_one_line_error(rc, err, "newline")
+    assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.parametrize("change", [("--seed", "1"), ("--layer", "logits"),

@@ -52,7 +52,7 @@ def test_labelled_feature_stores_stand_for_their_class_means(world):
     assert sel.selected == ref.selected
     np.testing.assert_array_equal(sel.scores, ref.scores)
     unlabelled = type(w.target)(features=w.target.features)
-    with pytest.raises(PretrainReuseError, match="class means need labels"):
+    with pytest.raises(PretrainReuseError, match="the features have no labels, which class means need"):
         select(source, unlabelled)
 
 

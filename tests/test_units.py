@@ -6,7 +6,7 @@ import torch
 
 from pretrain_reuse.errors import PretrainReuseError
 from pretrain_reuse.features import FeatureStore
-from pretrain_reuse.units import _normalized_float32, class_means, spherical_kmeans
+from pretrain_reuse.units import Units, _normalized_float32, class_means, spherical_kmeans
 
 
 def _planted_sphere(n_clusters=6, per=80, dim=16, spread=0.08, seed=0):
@@ -192,6 +192,33 @@ def test_spherical_kmeans_rejects_bad_k_and_zero_rows():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_a_class_without_samples_is_named_with_a_fix_that_works():
+    x = np.ones((4, 3), np.float32)
+    store = FeatureStore(features=x, labels=np.array([0, 0, 2, 2]), class_names=["a", "b", "c"])
+    with pytest.raises(PretrainReuseError, match=r"first: 'b', label 1\): none of their images could "
+                                                 "be read; add readable images"):
+        class_means(store)
+
+
+def test_a_nan_feature_is_named_by_its_own_row_beyond_the_first_chunk():
+    # the check ran on the first 4096 rows only, and class means named their own row 0
+    x = np.ones((70000, 2), np.float32)
+    x[69999, 1] = np.nan
+    store = FeatureStore(features=x, labels=np.zeros(70000, np.int64))
+    with pytest.raises(PretrainReuseError,
+                       match=r"features has NaN/inf values in 1 row\(s\) \(first: row 69999\)"):
+        class_means(store)
+    with pytest.raises(PretrainReuseError, match=r"\(first: row 69999\)"):
+        spherical_kmeans(store, 2)
+
+
+@pytest.mark.parametrize("values", [np.array([["a", "b"], ["c", "d"]]), np.eye(2) * (1 + 1j)])
+def test_a_prototype_matrix_of_strings_or_complex_numbers_is_refused(tmp_path, values):
+    np.save(tmp_path / "p.npy", values)
+    with pytest.raises(PretrainReuseError, match="values, not real numbers; pass a float array"):
+        Units.load(tmp_path / "p.npy")
+
+
 def test_spherical_kmeans_rejects_use_gpu_without_a_gpu():
     with pytest.raises(PretrainReuseError, match="use_gpu"):
         spherical_kmeans(FeatureStore(features=np.eye(4, dtype=np.float32)), 2, use_gpu=True)
@@ -199,7 +226,8 @@ def test_spherical_kmeans_rejects_use_gpu_without_a_gpu():
 
 def test_class_means_refuse_a_huge_label_without_allocating_a_count_per_label():
     x = np.ones((4, 3), np.float32)
-    with pytest.raises(PretrainReuseError, match=r"999999999998 classes have no samples \(first: 2\)"):
+    with pytest.raises(PretrainReuseError,
+                       match=r"999999999998 classes have no samples \(first: label 2\); relabel"):
         class_means(FeatureStore(features=x, labels=np.array([0, 1, 1, 10**12])))  # was MemoryError
 
 
@@ -217,7 +245,7 @@ def test_labels_that_are_no_class_indices_are_named(labels, message):
 
 def test_complex_features_are_refused_not_cast_to_their_real_part():
     x = np.ones((4, 3), np.complex64) * 1j
-    with pytest.raises(PretrainReuseError, match="features must be real numbers, got dtype complex64"):
+    with pytest.raises(PretrainReuseError, match="features holds complex64 values, not real numbers"):
         FeatureStore(features=x)
 
 

@@ -214,13 +214,24 @@ def claim_folder(out: Path, kind: str, params: dict, *, what: str, marker: str =
         old = read_json(path, f"the marker of {what}")
         old_params = old.get("params", {}) if old.get("kind") == kind else {}
         if old_params != params:
-            changed = sorted(k for k in set(params) | set(old_params)
-                             if params.get(k) != old_params.get(k))
+            changed = _changed_keys(params, old_params)
             raise PretrainReuseError(
                 f"{str(out)!r} holds {what} made with other settings ({', '.join(changed)}); "
                 "rerun with the same settings to resume, or pass another --out")
         return
     write_json(path, {"kind": kind, "params": params})
+
+
+def _changed_keys(new: dict, old: dict, prefix: str = "") -> list[str]:
+    """The keys whose values differ, nested ones by their dotted path (``config.batch_size``)."""
+    changed = []
+    for k in sorted(set(new) | set(old)):
+        a, b = new.get(k), old.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            changed.append(prefix + k)
+    return changed
 
 
 def make_folder(out: Path, what: str) -> Path:
@@ -311,7 +322,7 @@ def read_safetensors(path: str | Path, what: str, fix: str, *, framework: str = 
     return tensors, header
 
 
-def _safetensors_header(path: Path) -> dict[str, str] | None:
+def safetensors_header(path: Path) -> dict[str, str] | None:
     """The string metadata of a safetensors file's header; None when the file is unreadable."""
     from safetensors import SafetensorError, safe_open
 
@@ -325,7 +336,7 @@ def _safetensors_header(path: Path) -> dict[str, str] | None:
 def _safetensors_artifact(path: Path) -> str | None:
     """What a safetensors file holds: its header's ``artifact`` entry, or ``kind`` (model weights
     say ``backbone`` there); None when absent or unreadable."""
-    header = _safetensors_header(path) or {}
+    header = safetensors_header(path) or {}
     return header.get("artifact") or header.get("kind")
 
 
@@ -402,7 +413,7 @@ def load(path: str | Path, *, what: str = "path"):
         return FeatureStore.load(p.parent if p.name == "index.json" else p)
     kind = None
     if p.suffix == ".safetensors":
-        header = _safetensors_header(p)
+        header = safetensors_header(p)
         if header is None:
             raise PretrainReuseError(f"{str(p)!r} is not a readable safetensors file (cut short or "
                                      "corrupt); write it again with the command that made it")

@@ -88,10 +88,10 @@ def load_units_arg(path: str, labels: str | None, class_names: str | None, what:
     if isinstance(obj, Units):
         return obj
     if obj.labels is None:
+        labels_fix = f" or pass --{what}-labels" if path.endswith(".npy") else ""
         raise PretrainReuseError(
             f"--{what} {path!r} holds unlabelled features; build units first "
-            f"(`pretrain-reuse units --method kmeans`) or pass --{what}-labels"
-        )
+            f"(`pretrain-reuse units --method kmeans`){labels_fix}")
     return class_means(obj)
 
 
@@ -101,6 +101,7 @@ def load_units_arg(path: str, labels: str | None, class_names: str | None, what:
 
 
 def cmd_embed(args) -> int:
+    from .distributed import rank_world
     from .embed import EmbedConfig, embed
 
     cfg = EmbedConfig(model=args.model, data=args.data, weights=args.weights, layer=args.layer,
@@ -109,9 +110,16 @@ def cmd_embed(args) -> int:
                       seed=args.seed)
     _quiet_transformers(args.model, args.quiet)
     store = embed(cfg, args.out, progress=not args.quiet)
+    if rank_world()[0] != 0:  # under torchrun: rank 0 reports for all
+        return 0
     skipped = store.meta.get("skipped", 0)
     print(f"wrote {len(store)} x {store.dim} features to {args.out}"
           + (f"; skipped {skipped} unreadable images (listed in index.json)" if skipped else ""))
+    empty = store.meta.get("classes_without_images", [])
+    if empty:
+        print(f"warning: {len(empty)} classes have no readable image (first: {empty[0]!r}), so "
+              "class means (units --method class) will refuse these features; add readable "
+              "images of those classes, or remove them, and embed again", file=sys.stderr)
     _note_weights(args.model, args.weights, args.quiet)
     return 0
 

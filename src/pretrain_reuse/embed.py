@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from .artifacts import (
     encode_ids,
     hash_file,
     make_meta,
+    safetensors_header,
     write_json,
 )
 from .data.catalog import open_dataset
@@ -40,7 +42,7 @@ from .data.datasets import ImageDataset, collate
 from .distributed import process_device, rank_world
 from .errors import PretrainReuseError, check_choice, check_device
 from .features import STORE_FORMAT, FeatureStore
-from .models import LAYERS, ImageTransform, create_backbone
+from .models import LAYERS, ImageTransform, create_backbone, state_hash
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,8 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True) -> Featur
     dataset = open_dataset(cfg.data, split=cfg.split)
     if len(dataset) == 0:
         raise PretrainReuseError(f"--data {cfg.data!r} holds no images")
-    _require_a_readable_image(dataset, cfg.data)
+    encode_ids(dataset.ids)  # a file name with a newline cannot be stored: say so before any work
+    first = _first_readable_image(dataset, cfg.data)
     with torch.random.fork_rng(devices=[]):  # every process and every rerun: the same network
         torch.manual_seed(cfg.seed)
         backbone = create_backbone(cfg.model, weights=cfg.weights, layer=cfg.layer, device=device)
@@ -124,20 +127,24 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True) -> Featur
         raise PretrainReuseError(f"embed takes image backbones; {cfg.model} is a text model")
     backbone.to(memory_format=torch.channels_last)
     data = preprocessed(dataset, backbone.preprocess)
-    identity = {"config": asdict(cfg), "n": len(dataset), "ids": _hash_ids(dataset.ids),
-                "weights": hash_file(cfg.weights) if cfg.weights else None}
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    _check_first_image(backbone, data, first, cfg, device, use_bf16)
+    # The network's own parameters, not only the --weights file: a Hugging Face folder, a
+    # python: builder or a registry default changed between two runs must not be mixed.
+    identity = {"config": _resume_config(cfg), "n": len(dataset), "ids": _hash_ids(dataset.ids),
+                "state": state_hash(backbone)}
     parts = out / "parts"
     if rank == 0:
+        _forget_a_run_without_shards(out, parts)
         claim_folder(out, "embedding", identity, what="an embedding", marker="embed.json")
         parts.mkdir(exist_ok=True)
     if world > 1:
         dist.barrier()
 
     n_shards = -(-len(dataset) // cfg.shard_size)
-    mine = [k for k in range(n_shards) if k % world == rank and not _shard_path(parts, k).exists()]
+    mine = [k for k in range(n_shards) if k % world == rank and not _shard_done(parts, k)]
     todo = sum(min(cfg.shard_size, len(dataset) - k * cfg.shard_size) for k in mine)
     bar = tqdm(total=todo, desc=f"embed {cfg.model}", unit="img", disable=not progress or rank != 0)
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     t0 = time.perf_counter()
     for k in mine:
         _embed_shard(k, data, backbone, cfg, device, use_bf16, parts, bar)
@@ -145,25 +152,84 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True) -> Featur
     if world > 1:
         dist.barrier()
     if rank == 0:
-        _write_index(out, parts, n_shards, dataset, backbone, cfg, time.perf_counter() - t0)
+        _write_index(out, parts, n_shards, dataset, backbone, cfg, identity["state"],
+                     time.perf_counter() - t0)
     if world > 1:
         dist.barrier()
     return FeatureStore.load(out)
 
 
-def _require_a_readable_image(dataset: ImageDataset, data: str) -> None:
+def _first_readable_image(dataset: ImageDataset, data: str) -> int:
     # Checked before the folder is claimed: otherwise the run would end in an empty store that a
     # rerun with fixed data refuses as "made with other settings". Decoding stops at the first
     # readable image, so this costs one image on sane data.
-    if any(dataset.load(i) is not None for i in range(len(dataset))):
-        return
+    for i in range(len(dataset)):
+        if dataset.load(i) is not None:
+            return i
     raise PretrainReuseError(
         f"--data {data!r}: none of its {len(dataset)} images can be read (first: "
         f"{dataset.ids[0]!r}); check that the files exist and are images")
 
 
+@torch.no_grad()
+def _check_first_image(backbone, data: ImageDataset, first: int, cfg: EmbedConfig,
+                       device: torch.device, use_bf16: bool) -> None:
+    """One image through the network before anything is written: a network that cannot take the
+    preprocessed images, or whose weights give NaN, fails here in one line, not halfway through
+    a run that would leave a folder a fixed rerun refuses."""
+    x = data.load(first)[None].to(device)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16
+                else contextlib.nullcontext())
+    fix = ("check that the model takes inputs of that size (a python: builder can set "
+           "input_size / resize_size in the dict it returns)")
+    try:
+        with autocast:
+            features = backbone.features(x).float()
+    except RuntimeError as e:  # shape mismatches; not a user error we can name more precisely
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PretrainReuseError(f"{cfg.model} fails on a preprocessed image of shape "
+                                 f"{tuple(x.shape[1:])} ({reason}); {fix}") from None
+    if features.shape[1:] != (backbone.feature_dim,):
+        raise PretrainReuseError(
+            f"{cfg.model} gives {math.prod(features.shape[1:])} features per image, but its head "
+            f"takes {backbone.feature_dim}, on a preprocessed image of shape {tuple(x.shape[1:])}; "
+            f"{fix}")
+    _check_finite(features.cpu(), torch.tensor([first]), data, use_bf16)
+
+
+def _resume_config(cfg: EmbedConfig) -> dict:
+    """The settings that decide the features, as a rerun compares them: ``workers`` does not
+    change a feature, and a data folder is the same whichever way its path is written."""
+    config = asdict(cfg)
+    del config["workers"]
+    path = Path(cfg.data)
+    config["data"] = str(path.resolve()) if path.exists() else cfg.data
+    return config
+
+
+def _forget_a_run_without_shards(out: Path, parts: Path) -> None:
+    """A run stopped before its first shard was written (it failed on a bad image or weights)
+    left nothing to resume or to mix: a rerun may take its folder, whatever its settings."""
+    marker = out / "embed.json"
+    if marker.is_file() and parts.is_dir() and not any(parts.iterdir()):
+        parts.rmdir()
+        marker.unlink()
+
+
 def _shard_path(parts: Path, k: int) -> Path:
     return parts / f"shard-{k:05d}.safetensors"
+
+
+def _shard_done(parts: Path, k: int) -> bool:
+    """Whether shard ``k`` is written and readable. Shards are written whole (temp file, then
+    rename), so an unreadable one was damaged afterwards (disk, copy): computed again."""
+    path = _shard_path(parts, k)
+    if not path.exists():
+        return False
+    if safetensors_header(path) is None:  # checks the header and that the file holds its data
+        path.unlink()
+        return False
+    return True
 
 
 def _hash_ids(ids: list[str]) -> str:
@@ -219,18 +285,22 @@ def _check_finite(features: torch.Tensor, indices: torch.Tensor, data: ImageData
 
 
 def _write_index(out: Path, parts: Path, n_shards: int, dataset: ImageDataset, backbone,
-                 cfg: EmbedConfig, seconds: float) -> None:
-    shards, skipped = [], []
+                 cfg: EmbedConfig, state: str, seconds: float) -> None:
+    shards, skipped, classes_seen = [], [], set()
     for k in range(n_shards):
         path = _shard_path(parts, k)
         t = load_file(str(path))
         shards.append({"file": f"parts/{path.name}", "n": len(t["index"])})
         skipped.extend(dataset.ids[i] for i in t["skipped"])
-    meta = make_meta("embed", asdict(cfg), inputs={
+        if "labels" in t:
+            classes_seen.update(np.unique(t["labels"]).tolist())
+    meta = make_meta("embed", asdict(cfg), seed=cfg.seed, inputs={
         "data": cfg.data, "ids": _hash_ids(dataset.ids),
-        "weights": hash_file(cfg.weights) if cfg.weights else None})
+        "weights": hash_file(cfg.weights) if cfg.weights else None, "state": state})
+    # classes all of whose images were unreadable: class means will refuse the store
+    empty = [name for c, name in enumerate(dataset.class_names or []) if c not in classes_seen]
     meta.update(backbone=json.loads(backbone.spec.to_json()), seconds=round(seconds, 2),
-                skipped=len(skipped), skipped_ids=skipped[:100])
+                skipped=len(skipped), skipped_ids=skipped[:100], classes_without_images=empty)
     write_json(out / "index.json", {
         "kind": "features", "format": STORE_FORMAT, "n": sum(s["n"] for s in shards),
         "dim": backbone.feature_dim, "has_labels": dataset.labels is not None,

@@ -38,8 +38,14 @@ def lookup(registry: Mapping[str, T], name: str, param: str) -> T:
     return registry[check_choice(param, name, registry.keys())]
 
 
-def check_matrix(name: str, x: np.ndarray, *, ndim: int = 2, finite: bool = True) -> None:
-    """Check that array ``x`` has ``ndim`` dimensions, at least one row, and (optionally) no NaN/inf."""
+def check_matrix(name: str, x: np.ndarray, *, ndim: int = 2, finite: bool = True,
+                 offset: int = 0) -> None:
+    """Check that array ``x`` has ``ndim`` dimensions, real numbers, at least one row, and
+    (optionally) no NaN/inf; ``offset`` is the number of ``x``'s first row in the whole matrix
+    when ``x`` is one chunk of it (so that a bad row is named by its own number)."""
+    if np.dtype(x.dtype).kind not in "biuf":  # strings, objects, complex numbers
+        raise PretrainReuseError(f"{name} holds {np.dtype(x.dtype)} values, not real numbers; pass "
+                                 "a float array")
     if x.ndim != ndim:
         raise PretrainReuseError(
             f"{name} must be a {ndim}-d array, got shape {tuple(x.shape)}; "
@@ -55,7 +61,7 @@ def check_matrix(name: str, x: np.ndarray, *, ndim: int = 2, finite: bool = True
         if bad.any():
             rows = np.unique(np.nonzero(bad.reshape(x.shape[0], -1))[0])
             raise PretrainReuseError(
-                f"{name} has NaN/inf values in {len(rows)} row(s) (first: row {rows[0]}); "
+                f"{name} has NaN/inf values in {len(rows)} row(s) (first: row {offset + rows[0]}); "
                 "remove or recompute those rows"
             )
 

@@ -48,9 +48,6 @@ class FeatureStore:
 
     def __post_init__(self):
         check_matrix("features", self.features, finite=False)
-        if not _is_real(self.features.dtype):  # a cast to float32 would drop an imaginary part
-            raise PretrainReuseError(
-                f"features must be real numbers, got dtype {self.features.dtype}; save them as float32")
         n = self.features.shape[0]
         if not self.ids:
             object.__setattr__(self, "ids", [str(i) for i in range(n)])

@@ -169,6 +169,7 @@ def _group_means(features: np.ndarray, assignment: np.ndarray, k: int,
     sums = np.zeros((k, features.shape[1]), dtype=np.float64)
     for s in range(0, len(features), chunk):
         x = np.asarray(features[s:s + chunk], dtype=np.float32)
+        check_matrix("features", x, offset=s)
         if normalize:
             x = _unit_rows(x)
         a = np.asarray(assignment[s:s + chunk])
@@ -190,9 +191,9 @@ def class_means(store: FeatureStore, *, normalize: bool = False) -> Units:
     """
     if store.labels is None:
         raise PretrainReuseError(
-            "class means need labels; pass --labels (or use --method kmeans for unlabelled data)"
-        )
-    check_matrix("features", store.features[: min(len(store), 4096)])
+            "the features have no labels, which class means need: use --method kmeans for "
+            "unlabelled data, or give labels (--labels beside .npy features; class folders or a "
+            "labelled list file when embedding)")
     present = np.unique(store.labels)  # sorted; not a bincount, which a label 10**12 would blow up
     n_classes = len(store.class_names) if store.class_names else int(present[-1]) + 1
     if present[-1] >= n_classes:
@@ -202,10 +203,15 @@ def class_means(store: FeatureStore, *, normalize: bool = False) -> Units:
     if len(present) < n_classes:
         gaps = np.flatnonzero(present != np.arange(len(present)))
         first = int(gaps[0]) if len(gaps) else len(present)
+        if store.class_names:  # embedded from class folders or a list file: name the class
+            raise PretrainReuseError(
+                f"{n_classes - len(present)} classes have no samples (first: "
+                f"{store.class_names[first]!r}, label {first}): none of their images could be "
+                "read; add readable images of those classes, or remove them from the data, and "
+                "embed again")
         raise PretrainReuseError(
-            f"{n_classes - len(present)} classes have no samples (first: {first}); drop them from "
-            "the label set or relabel to 0..C-1"
-        )
+            f"{n_classes - len(present)} classes have no samples (first: label {first}); relabel "
+            "the samples to 0..C-1 with every class present")
     counts = np.bincount(store.labels, minlength=n_classes)
     protos = _group_means(store.features, store.labels, n_classes, normalize)
     check_matrix("class means", protos)
@@ -328,7 +334,7 @@ def _normalized_float32(features: np.ndarray, position: np.ndarray, chunk: int =
     out = np.empty(features.shape, dtype=np.float32)
     for s in range(0, len(features), chunk):
         block = np.asarray(features[s:s + chunk], dtype=np.float32)
-        check_matrix("features", block)
+        check_matrix("features", block, offset=s)
         norms = _row_norms(block)
         if (norms == 0).any():
             row = s + int(np.flatnonzero(norms[:, 0] == 0)[0])

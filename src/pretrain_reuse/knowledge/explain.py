@@ -40,7 +40,7 @@ from ..data.datasets import ImageDataset
 from ..data.text import TextDataset
 from ..embed import preprocessed
 from ..errors import PretrainReuseError, check_choice, check_device, check_seed
-from ..models import Backbone
+from ..models import Backbone, state_hash
 from .games import (
     BASELINES,
     OUTPUTS,
@@ -535,7 +535,7 @@ def model_identity(model: Backbone) -> dict[str, Any]:
     path = Path(report.path) if report is not None and Path(report.path).is_file() else None
     return {"model": model.spec.name, "weights": None if path is None else str(path),
             "weights_hash": None if path is None else hash_file(path),
-            "step": None if path is None else _snapshot_step(path), "state": _state_hash(model)}
+            "step": None if path is None else _snapshot_step(path), "state": state_hash(model)}
 
 
 def _snapshot_step(path: Path) -> int | None:
@@ -602,16 +602,6 @@ def _digest(obj: Any) -> str:
 
 def _tensor_hash(x: torch.Tensor) -> str:
     return hash_array(x.detach().cpu().numpy())
-
-
-def _state_hash(model: Backbone) -> str:
-    """Hash of a model's parameters and buffers (names, dtypes, shapes and values)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return "sha256:" + h.hexdigest()[:16]
 
 
 def _baseline_options(cfg: ExplainConfig) -> dict[str, Any]:

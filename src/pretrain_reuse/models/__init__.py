@@ -13,7 +13,7 @@ MoCo-v2 (the paper's self-supervised features, 128-d output of the MLP head befo
 """
 
 from .backbone import LAYERS, Backbone
-from .checkpoint import LoadReport, save_backbone
+from .checkpoint import LoadReport, save_backbone, state_hash
 from .registry import BACKBONES, create_backbone, list_backbones, missing_packages
 from .smallcnn import SmallCNN
 from .spec import BackboneSpec, ImageTransform, TextTransform
@@ -31,4 +31,5 @@ __all__ = [
     "list_backbones",
     "missing_packages",
     "save_backbone",
+    "state_hash",
 ]

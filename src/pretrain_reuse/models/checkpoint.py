@@ -20,6 +20,7 @@ file and the first offending keys.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import pickle
@@ -222,6 +223,17 @@ def _suggest_key_map(state: Mapping[str, Any], expected: Mapping[str, Any]) -> s
                         f"it in Python with create_backbone(..., key_map={{{prefix!r}: ''}})")
     return ("; check the architecture, or map the file's key prefixes in Python with "
             "create_backbone(..., key_map={old_prefix: new_prefix})")
+
+
+def state_hash(model: nn.Module) -> str:
+    """Hash of a model's parameters and buffers (names, dtypes, shapes and values): what the
+    network computes with, wherever its weights came from (a file, a Hugging Face folder, code)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return "sha256:" + h.hexdigest()[:16]
 
 
 def save_backbone(backbone: nn.Module, path: str | Path, meta: Mapping[str, Any]) -> Path:
