@@ -49,6 +49,10 @@ class FinetuneModel(nn.Module):
         self.source_bn = source_bn
         if frozen_backbone:
             backbone.requires_grad_(False)
+        if backbone.head is not None:
+            # the pre-training classifier computes nothing here (Co-Tuning trains a copy of
+            # it); left trainable, DistributedDataParallel stops at its missing gradients
+            backbone.head.requires_grad_(False)
 
     def train(self, mode: bool = True) -> FinetuneModel:
         super().train(mode)
@@ -126,7 +130,7 @@ def source_classifier(backbone: Backbone) -> nn.Linear:
         raise PretrainReuseError(
             f"co-tuning needs a backbone with its pre-training classifier head; {backbone.spec.name} "
             "has none (pass --weights of a classifier)")
-    return copy.deepcopy(backbone.head)
+    return copy.deepcopy(backbone.head).requires_grad_(True)
 
 
 def reinitialize(module: nn.Module, seed: int) -> nn.Module:
