@@ -708,13 +708,16 @@ def test_new_heads_train_at_the_head_rate_and_a_kept_classifier_at_the_backbone_
     lrs = groups(reuse)
     assert {lrs[id(p)] for p in reuse.source_head.parameters()} == {0.1}
     assert {lrs[id(p)] for p in reuse.head.parameters()} == {0.1}
-    assert {lrs[id(p)] for p in reuse.backbone.parameters()} == {0.01}
+    assert {lrs[id(p)] for p in reuse.backbone.body.parameters()} == {0.01}
+    # the backbone's own pre-training classifier computes nothing: not trained
+    assert not any(id(p) in lrs or p.requires_grad for p in reuse.backbone.head.parameters())
     cotune = FinetuneModel(create_backbone("smallcnn-s", num_classes=6), 3)
     cotune.keep_source_classifier(nn.Linear(cotune.backbone.feature_dim, 6))
     lrs = groups(cotune)
     assert {lrs[id(p)] for p in cotune.source_head.parameters()} == {0.01}
     assert {lrs[id(p)] for p in cotune.head.parameters()} == {0.1}
-    assert len(lrs) == len(list(cotune.parameters()))  # every parameter in exactly one group
+    # every trainable parameter in exactly one group
+    assert len(lrs) == len([p for p in cotune.parameters() if p.requires_grad])
 
 
 @pytest.mark.parametrize("form", ["direct", "reverse"])
@@ -1066,13 +1069,40 @@ def test_rerunning_a_finished_run_changes_nothing(files, tmp_path, capsys):
     assert again["final"] == result["final"] and again["history"] == result["history"]
 
 
-def test_resume_with_a_changed_config_exits_2(files, tmp_path, capsys):
+def test_resume_with_a_changed_config_exits_2_and_leaves_the_run_as_it_was(files, tmp_path, capsys):
     argv = [*base_args(files, tmp_path / "run", steps=2), "--checkpoint-every", "1"]
     out = run_ok(capsys, *argv)
-    before = (out / "model.safetensors").read_bytes()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     rc, _, err = cli(capsys, *argv, "--lr", "0.1")
     assert_one_line_error(rc, err, "lr", "--out")
-    assert (out / "model.safetensors").read_bytes() == before
+    # split.json too: it was rewritten with the refused run's split (here another seed's)
+    rc, _, err = cli(capsys, *argv, "--seed", "5", "--val-fraction", "0.5")
+    assert_one_line_error(rc, err, "seed", "val_fraction")
+    # and the finished run given again is not redone: result.json keeps its training time
+    run_ok(capsys, *argv)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_training_time_counts_every_process_of_a_resumed_run(files, tmp_path, capsys):
+    argv = [*base_args(files, tmp_path / "run", steps=4), "--checkpoint-every", "1"]
+    out = run_ok(capsys, *argv)
+    seconds = json.loads((out / "result.json").read_text())["meta"]["train_seconds"]
+    state = load_state(out / "checkpoint.safetensors")
+    # as if killed after step 2 of a process that had trained for 1000 s
+    state.update(step=2, seconds=1000.0, history=json.dumps(json.loads(state["history"])[:2]))
+    save_state(out / "checkpoint.safetensors", state)
+    (out / "result.json").unlink()
+    run_ok(capsys, *argv)
+    resumed = json.loads((out / "result.json").read_text())["meta"]["train_seconds"]
+    assert 1000.0 < resumed < 1000.0 + 10 * seconds + 5
+
+
+def test_a_source_batch_larger_than_the_selected_source_names_its_flag(files, tmp_path, capsys):
+    rc, _, err = cli(capsys, *base_args(files, tmp_path / "run", steps=2), "--mode", "reuse",
+                     *MODE_ARGS["reuse"](files), "--source-batch-size", 100000)
+    assert_one_line_error(rc, err, "batch size 100000 exceeds the", "selected source samples",
+                          "--source-batch-size")
+    assert not (tmp_path / "run").exists()
 
 
 

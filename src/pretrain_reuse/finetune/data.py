@@ -79,11 +79,12 @@ def _draw_validation(labels: np.ndarray, candidates: np.ndarray, fraction: float
     return np.sort(np.asarray(val, dtype=np.int64))
 
 
-def check_batch_size(n: int, batch_size: int) -> None:
+def check_batch_size(n: int, batch_size: int, *, what: str = "training",
+                     flag: str = "--batch-size") -> None:
     """Epochs drop the last partial batch, so a batch needs at least ``batch_size`` samples."""
     if n < batch_size:
         raise PretrainReuseError(
-            f"batch size {batch_size} exceeds the {n} training samples; pass a smaller --batch-size")
+            f"batch size {batch_size} exceeds the {n} {what} samples; pass a smaller {flag}")
 
 
 class StepBatches:

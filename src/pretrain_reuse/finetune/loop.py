@@ -128,13 +128,15 @@ def total_steps(cfg: FinetuneConfig, n_train: int) -> int:
 
 def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
           val_set: ImageDataset, test_set: ImageDataset, source: SourceData | None, out: Path,
-          *, inputs: dict[str, Any] | None = None, progress: bool = True) -> RunResult:
+          *, inputs: dict[str, Any] | None = None, split: dict[str, Any] | None = None,
+          progress: bool = True) -> RunResult:
     """Fine-tune ``model`` on ``train_set`` (+ ``source`` for the reuse modes); write the run
     folder ``out`` (config, metrics.jsonl, checkpoint, result.json) and return the result.
 
     The datasets must yield equally sized square images (see :func:`~.data.resize_transform`).
     ``inputs`` (hashes, paths, selection) are recorded in the run's metadata and must match when
-    resuming.
+    resuming. ``split`` (the sample ids of each split) is written as ``split.json`` when the run
+    starts. A finished run given again is not trained or written again: its result is returned.
     """
     rank, world = rank_world()
     device = process_device(cfg.device)
@@ -154,19 +156,27 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
     # through JSON, so that it compares equal to what run.json holds (tuples become lists)
     run_identity = json.loads(to_json({"config": cfg.to_dict(), "inputs": inputs or {}}))
     start = _resume_point(out, run_identity)
+    if start == total and (out / "result.json").exists():
+        return RunResult.load(out / "result.json")
     # channels_last: the fast layout for convolutions on GPUs and on CPUs (oneDNN) alike
     model.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.param_groups(cfg.lr, cfg.head_lr_mult, cfg.weight_decay),
                                 momentum=cfg.momentum, nesterov=cfg.nesterov)
     history: list[dict] = []
+    seconds_before = 0.0  # training time of the run's earlier processes (killed, resumed)
     if start > 0:
         state = load_state(out / CHECKPOINT)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         history = json.loads(state["history"])
+        seconds_before = float(state.get("seconds", 0.0))  # checkpoints of earlier versions lack it
         if rank == 0:  # drop evaluations logged after the checkpoint (they will be redone)
             _rewrite_jsonl(out / "metrics.jsonl", history)
     elif rank == 0:
+        # only now, once the folder is known to take this run: a refused rerun leaves the
+        # split of the run the folder holds
+        if split is not None:
+            write_json(out / "split.json", split)
         write_json(out / "run.json", {"kind": "finetune-run", **run_identity})
         # evaluations and snapshots of a run killed before its first checkpoint are redone (it
         # may have had other settings: its snapshots must not join this run's)
@@ -226,8 +236,9 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
             values = _read(stats, done)
             # refresh=False: update() redraws at most every 0.1 s (a redraw costs 60 us in a
             # terminal, more in a notebook)
+            # the last group: the backbone's lr (the first holds the heads, at head_lr_mult x)
             bar.set_postfix(loss=f"{values['loss']:.3f}",
-                            lr=f"{optimizer.param_groups[0]['lr']:.2g}", refresh=False)
+                            lr=f"{optimizer.param_groups[-1]['lr']:.2g}", refresh=False)
         bar.update(1)
         if rank == 0 and evaluate:
             record = {"step": done, "epoch": done / steps_per_epoch, **values}
@@ -242,14 +253,15 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
         if rank == 0 and checkpoint:
             save_state(out / CHECKPOINT, {"model": model.state_dict(),
                                           "optimizer": optimizer.state_dict(), "step": done,
-                                          "history": json.dumps(history)})
+                                          "history": json.dumps(history),
+                                          "seconds": seconds_before + time.perf_counter() - t0})
     bar.close()
     for what, data in streams.items():
         if skipped[what] and progress and rank == 0:
             print(f"note: {what} data: {describe_skipped(data, skipped[what])} (left out of "
                   "training)", file=sys.stderr)
     if rank == 0:
-        result = _result(cfg, history, inputs, time.perf_counter() - t0)
+        result = _result(cfg, history, inputs, seconds_before + time.perf_counter() - t0)
         # the fine-tuned network as a backbone whose head is the target classifier, loadable by
         # name: create_backbone(<model>, weights=out/"model.safetensors")
         save_backbone(model.backbone.with_head(model.head), out / "model.safetensors", result.meta)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import hash_file, make_run_folder, write_json
+from ..artifacts import hash_file, make_run_folder
 from ..data.catalog import DATASETS, open_dataset
 from ..data.datasets import ImageDataset
 from ..data.samplers import subsample_fraction, subsample_long_tail
@@ -154,6 +154,9 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
             raise PretrainReuseError(f"mode {cfg.mode!r} needs source data and a selection")
         source_data = selected_source(source_pool, selection, units, source_head=cfg.source_head)
         source_data.dataset.transform = resize
+        if cfg.source_sampling != "units":  # balanced sampling draws with replacement
+            check_batch_size(len(source_data.dataset), cfg.source_batch_size or cfg.batch_size,
+                             what="selected source", flag="--source-batch-size")
         if cfg.mode == "reuse":
             if source_data.num_classes == 0:
                 raise PretrainReuseError("mode 'reuse' needs labelled source units; use "
@@ -166,12 +169,11 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
         _attach_relationship(net, train_set, val_set, cfg, num_classes)
     # only now: a bad argument leaves no folder
     out = make_run_folder(Path(out), "a fine-tuning run", "run.json", early=("split.json",)).parent
-    write_json(out / "split.json", split)
     # the paths alone do not show data changed on disk; a resumed run would mix the two
     inputs = {**(inputs or {"model": model, "weights": weights}),
               "data": _data_fingerprint(train_set, val_set, test_set, source_data)}
     return train(cfg, net, train_set, val_set, test_set, source_data, out, inputs=inputs,
-                 progress=progress)
+                 split=split, progress=progress)
 
 
 def _data_fingerprint(train_set: ImageDataset, val_set: ImageDataset, test_set: ImageDataset,
