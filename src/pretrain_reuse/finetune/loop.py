@@ -260,6 +260,11 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
         if skipped[what] and progress and rank == 0:
             print(f"note: {what} data: {describe_skipped(data, skipped[what])} (left out of "
                   "training)", file=sys.stderr)
+    for what, key, data in (("validation", "val", val_set), ("test", "test", test_set)):
+        unread = len(data) - history[-1][key]["n"] if history else 0
+        if unread and progress and rank == 0:
+            print(f"note: {what} data: {unread} of {len(data)} images could not be read (left "
+                  "out of its accuracy)", file=sys.stderr)
     if rank == 0:
         result = _result(cfg, history, inputs, seconds_before + time.perf_counter() - t0)
         # the fine-tuned network as a backbone whose head is the target classifier, loadable by
