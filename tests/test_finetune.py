@@ -840,7 +840,11 @@ def test_yaml_config_with_flag_overrides_is_saved_with_the_run(files, tmp_path, 
     (["--grid", "lam=0.1,1"], "lam=0.1 has no effect in mode 'vanilla'"),
     # refused before the first run of the grid, not after all of them
     (["--val-fraction", "0", "--grid", "lr=0.1,0.2"], "picks on the validation split"),
-    (["--grid", "train_fraction=0.5,1"], "leaves none for it"),
+    (["--grid", "train_fraction=0.5,1"], "run train_fraction=1.0 would have no validation images"),
+    # checks against the data too: the warmup_steps=1 run used to train before 50 failed
+    (["--grid", "warmup_steps=1,50"], "warmup_steps=50 exceeds the 4 training steps"),
+    # a flag the grid would override unseen
+    (["--lr", "0.05", "--grid", "lr=0.001,0.01"], "--grid varies lr, but the config also sets lr=0.05"),
     (["--warmup-steps", "5"], "warmup_steps=5 exceeds the 4 training steps"),
     (["--image-size", "1"], "image_size 1 does not fit backbone 'smallcnn-s'"),
     (["--image-size", "100000"], "image_size must be at most 4096"),
@@ -1284,7 +1288,7 @@ def test_a_grid_run_without_validation_images_stops_the_grid_at_once(files, tmp_
     # a long tail of ratio 1 on a balanced target trains on every image, leaving none to pick on
     out = tmp_path / "grid"
     rc, _, err = cli(capsys, *base_args(files, out, steps=1), "--grid", "long_tail_ratio=1,10")
-    assert_one_line_error(rc, err, "run long_tail_ratio=1.0 had no validation images")
+    assert_one_line_error(rc, err, "run long_tail_ratio=1.0 would have no validation images")
     assert not (out / "long_tail_ratio=10.0").exists() and not (out / "grid.json").exists()
 
 

@@ -242,16 +242,17 @@ def cmd_finetune(args) -> int:
     overrides = {f: getattr(args, f) for f in _config_fields()}
     cfg = load_config(args.config, **overrides)
 
-    def run(c, out):
+    def run(c, out, check_only=False):
         return run_finetune(c, model=args.model, weights=args.weights, target=args.target,
                             target_test=args.target_test, source=args.source,
                             selection=args.selection, units=args.units, out=out,
-                            progress=not args.quiet)
+                            progress=not args.quiet, check_only=check_only)
 
     if args.grid:
         from .finetune.grid import grid_search, parse_grid
 
-        best = grid_search(cfg, parse_grid(args.grid), args.out, run)["best"]
+        best = grid_search(cfg, parse_grid(args.grid), args.out, run,
+                           check=lambda c: run(c, None, check_only=True))["best"]
         print(f"best on validation: {best['run']} (val top-1 {best['val_top1']:.4f}; its test "
               f"top-1 {best['test_top1_at_best_val']:.4f}); wrote {Path(args.out) / 'grid.csv'}")
         _note_weights(args.model, args.weights, args.quiet, mode=cfg.mode)

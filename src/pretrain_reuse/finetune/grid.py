@@ -47,35 +47,41 @@ def parse_grid(specs: list[str]) -> dict[str, list[Any]]:
 
 
 def grid_search(cfg: FinetuneConfig, grid: dict[str, list[Any]], out: str | Path,
-                run: Callable[[FinetuneConfig, Path], RunResult]) -> dict[str, Any]:
+                run: Callable[[FinetuneConfig, Path], RunResult],
+                check: Callable[[FinetuneConfig], int]) -> dict[str, Any]:
     """Run ``run(cfg_with_values, folder)`` for every combination of ``grid`` and pick the best
-    on validation; writes ``grid.csv`` and ``grid.json`` (the winner and every row) into ``out``."""
+    on validation; writes ``grid.csv`` and ``grid.json`` (the winner and every row) into ``out``.
+
+    ``check(cfg_with_values)`` makes every check of a run without running it and returns its
+    number of validation images: all combinations are checked before the first run, not after
+    hours of the others. A field of ``grid`` that ``cfg`` sets to other than its default (by a
+    flag or the config file) is refused, as the grid would override it unseen."""
     if not grid:
         raise PretrainReuseError("the grid is empty; pass --grid FIELD=V1,V2")
+    defaults = FinetuneConfig()
+    for name in grid:
+        if getattr(cfg, name) != getattr(defaults, name):
+            raise PretrainReuseError(
+                f"--grid varies {name}, but the config also sets {name}={getattr(cfg, name)!r} (a "
+                "flag or the config file); drop one of them")
     out = Path(out)
     names = sorted(grid)
     settings = [dict(zip(names, values, strict=True))
                 for values in itertools.product(*(grid[n] for n in names))]
-    # every combination is checked before the first run, not after hours of the others
     configs = [replace(cfg, **setting) for setting in settings]
-    for c in configs:
-        c.check_options_used()
+    tags = [",".join(f"{k}={v}" for k, v in setting.items()) for setting in settings]
+    for tag, c in zip(tags, configs, strict=True):
         if c.val_fraction == 0:
             raise PretrainReuseError("grid search picks on the validation split; set val_fraction > 0")
-        if c.train_fraction == 1:  # validation comes from the images the regime leaves out
+        if check(c) == 0:  # a data regime can train on every image and leave none for it
             raise PretrainReuseError(
-                "grid search picks on the validation split, but train_fraction 1 trains on every "
-                "target image and leaves none for it; drop train_fraction (validation is then "
-                "carved from the training data)")
+                f"grid search picks on the validation split, but run {tag} would have no "
+                "validation images (its data regime trains on every image); give the grid other "
+                "regimes")
     rows = []
-    for setting, c in zip(settings, configs, strict=True):
-        tag = ",".join(f"{k}={v}" for k, v in setting.items())
+    for setting, tag, c in zip(settings, tags, configs, strict=True):
         result = run(c, out / tag)
         best = result.at_best_val
-        if best["val"]["top1"] is None:  # a regime can leave no image for validation
-            raise PretrainReuseError(
-                f"grid search picks on the validation split, but run {tag} had no validation "
-                "images (its data regime trains on every image); give the grid other regimes")
         rows.append({**setting, "run": tag, "val_top1": best["val"]["top1"],
                      "test_top1_at_best_val": best["top1"], "test_top1_final": result.final["top1"],
                      "best_step": best["step"]})

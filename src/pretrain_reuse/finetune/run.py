@@ -78,7 +78,8 @@ def open_split(spec: str | Path, split: str) -> ImageDataset:
 def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Path,
                  weights: str | None = None, target_test: str | None = None,
                  source: str | None = None, selection: str | None = None,
-                 units: str | None = None, progress: bool = True) -> RunResult:
+                 units: str | None = None, progress: bool = True,
+                 check_only: bool = False) -> RunResult | int:
     """Fine-tune backbone ``model`` (with local ``weights``) on the ``target`` data.
 
     Args:
@@ -91,6 +92,9 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
         source: the pre-training pool (reuse modes).
         selection: ``sel.json`` from ``pretrain-reuse select`` (reuse modes).
         units: the units file the selection was made on (needed for cluster units).
+        check_only: make every check of the run (options, data, batch sizes, model), write
+            nothing, and return the number of validation images (a grid checks all its runs
+            before the first).
     """
     cfg.check_options_used()
     if cfg.uses_source and (source is None or selection is None):
@@ -119,17 +123,18 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
         test_set=open_split(target_test or target, "test"),
         source_pool=open_split(source, "train") if cfg.uses_source else None,
         selection=Selection.load(selection) if cfg.uses_source else None,
-        units=cluster_units, out=out, inputs=inputs, progress=progress)
+        units=cluster_units, out=out, inputs=inputs, progress=progress, check_only=check_only)
 
 
 def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDataset,
                       test_set: ImageDataset, out: str | Path, weights: str | None = None,
                       source_pool: ImageDataset | None = None, selection: Selection | None = None,
                       units: Units | None = None, inputs: dict | None = None,
-                      progress: bool = True) -> RunResult:
+                      progress: bool = True, check_only: bool = False) -> RunResult | int:
     """:func:`run_finetune` on dataset objects (any :class:`~pretrain_reuse.data.ImageDataset`):
     ``train_pool`` is split into training and validation data, ``test_set`` is only reported on,
-    ``source_pool`` + ``selection`` (+ ``units`` for clusters) give the reused data."""
+    ``source_pool`` + ``selection`` (+ ``units`` for clusters) give the reused data;
+    ``check_only`` as in :func:`run_finetune`."""
     with torch.random.fork_rng(devices=[]):  # a seeded initialisation of any fresh layer
         torch.manual_seed(cfg.seed)
         backbone = create_backbone(model, weights=weights, device="cpu")
@@ -167,6 +172,8 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
                         source_bn=cfg.source_bn)
     if cfg.mode == "co-tuning":
         _attach_relationship(net, train_set, val_set, cfg, num_classes)
+    if check_only:
+        return len(val_set)
     # only now: a bad argument leaves no folder
     out = make_run_folder(Path(out), "a fine-tuning run", "run.json", early=("split.json",)).parent
     # the paths alone do not show data changed on disk; a resumed run would mix the two
