@@ -6,6 +6,7 @@ Cui et al.'s closed form for long-tail counts, the world's rules for its images.
 
 import gzip
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -153,6 +154,41 @@ def test_a_data_set_root_of_split_folders_without_split_is_refused(tree, tmp_pat
     assert open_dataset(root, split="test").class_names == ["Moth", "ant", "zebra"]
 
 
+def test_loose_images_beside_class_folders_are_refused_with_count_and_first(tree):
+    # they were dropped without a word: the data set silently lost its unlabelled images
+    for name in ["loose1.png", "loose0.png"]:
+        _write_image(tree / name, 0)
+    with pytest.raises(PretrainReuseError, match=r"holds 2 image\(s\) beside its class folders "
+                       r"\(first: 'loose0.png'\).*move them into class folders.*list file"):
+        open_dataset(tree)
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_a_lone_split_folder_is_refused_pointing_at_it(tree, tmp_path, split):
+    # read as the only class, every image would get label 0; a hidden folder beside it changes
+    # nothing (image_folder skips hidden folders too)
+    root = tmp_path / "data"
+    root.mkdir()
+    (tmp_path / "tree").rename(root / split)
+    (root / ".ipynb_checkpoints").mkdir()
+    with pytest.raises(PretrainReuseError,
+                       match=f"only the split folder '{split}'.*{re.escape(repr(str(root / split)))}"
+                       f".*--split {split}"):
+        open_dataset(root)
+    assert open_dataset(root / split).class_names == ["Moth", "ant", "zebra"]
+
+
+def test_a_subfolder_without_images_leaves_a_flat_folder_flat(tmp_path):
+    # an --out folder inside the data folder made it a folder of classes: embed's rerun found
+    # "no images" where its first run had read three
+    for name in ["a.png", "b.png", "c.png"]:
+        _write_image(tmp_path / name, 0)
+    (tmp_path / "feats" / "shards").mkdir(parents=True)
+    (tmp_path / "feats" / "index.json").write_text("{}")
+    ds = open_dataset(tmp_path)
+    assert ds.ids == ["a.png", "b.png", "c.png"] and ds.labels is None
+
+
 def test_csv_list_with_header_reads_paths_relative_to_the_list(tmp_path, monkeypatch):
     for k, f in enumerate(["imgs/x.png", "imgs/y.png", "imgs/z.png"]):
         _write_image(tmp_path / f, k)
@@ -175,6 +211,43 @@ def test_tsv_list_without_header_names_integer_labels_from_classes_txt(tmp_path)
     ds = file_list(tmp_path / "list.tsv")
     assert ds.labels.tolist() == [2, 0, 1] and ds.class_names == ["zero", "one", "two"]
     assert read_class_names(tmp_path / "classes.txt") == ["zero", "one", "two"]
+
+
+@pytest.mark.parametrize("names", [None, [f"c{i}" for i in range(11)]])
+def test_a_header_of_unknown_column_names_is_skipped_and_integer_labels_kept(tmp_path, names):
+    # 'fname,target_id' was an image, and its label made names of the integer labels, renumbered
+    # in string order: label 10 became class 1
+    for f in ["cat/0.png", "cat/1.png", "dog/0.png"]:
+        _write_image(tmp_path / f, 0)
+    if names:
+        write_class_names(tmp_path / "classes.txt", names)
+    rows = "cat/0.png,0\ncat/1.png,2\ndog/0.png,10\n"
+    for header in ["fname,target_id", "path,label"]:  # an unknown header reads as a known one
+        (tmp_path / "l.csv").write_text(f"{header}\n{rows}")
+        ds = open_dataset(tmp_path / "l.csv")
+        assert ds.ids == ["cat/0.png", "cat/1.png", "dog/0.png"]
+        assert ds.labels.tolist() == [0, 2, 10] and ds.class_names == names
+    # a first row naming an image is data, whatever its label
+    (tmp_path / "l.csv").write_text("cat/1.png,cat\ncat/0.png,0\n")
+    assert open_dataset(tmp_path / "l.csv").ids == ["cat/1.png", "cat/0.png"]
+
+
+@pytest.mark.parametrize("name", ["s.jsonl", "s.txt"])
+def test_a_sentence_file_is_refused_as_images_naming_the_commands_that_read_it(tmp_path, name):
+    # its lines were taken for image paths: "2 of 2 paths are missing (first: '{"text":...')"
+    (tmp_path / name).write_text('{"text": "a b", "label": 0}\n{"text": "c d", "label": 1}\n')
+    with pytest.raises(PretrainReuseError,
+                       match=r"JSON lines.*needs images.*only by explain and knowledge"):
+        open_dataset(tmp_path / name)
+
+
+def test_a_space_separated_list_is_told_that_list_files_are_comma_separated(tmp_path):
+    # ImageNet's val.txt style; the message only said the paths were relative to the list
+    _write_image(tmp_path / "cat" / "0.png", 0)
+    (tmp_path / "val.txt").write_text("cat/0.png 0\ncat/1.png 1\n")
+    with pytest.raises(PretrainReuseError, match=r"comma-separated: if 'cat/0\.png 0' is a path "
+                       r"and a label, write 'cat/0\.png,0'"):
+        open_dataset(tmp_path / "val.txt")
 
 
 def test_list_with_a_ragged_line_names_the_line(tmp_path):

@@ -141,9 +141,17 @@ SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testi
 
 def _refuse_split_folders(path: Path) -> None:
     """A data set root (train/, test/, ...) read as an image folder would label every image by
-    its split: refuse it, naming the fix."""
-    subfolders = {p.name for p in path.iterdir() if p.is_dir()}
-    if len(subfolders) >= 2 and subfolders <= SPLIT_NAMES:
+    its split: refuse it, naming the fix. A lone split folder (a root holding only train/) is one
+    too: read as one class, every image would get label 0."""
+    # hidden folders (.ipynb_checkpoints) are no classes to image_folder either
+    subfolders = {p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    if not subfolders or not subfolders <= SPLIT_NAMES:
+        return
+    if len(subfolders) == 1:
+        (split,) = subfolders
         raise PretrainReuseError(
-            f"data: {str(path)!r} holds split folders ({', '.join(sorted(subfolders))}), not "
-            "class folders; pass --split NAME or the split's folder")
+            f"data: {str(path)!r} holds only the split folder {split!r}, not class folders; pass "
+            f"the split's folder {str(path / split)!r} (or --split {split})")
+    raise PretrainReuseError(
+        f"data: {str(path)!r} holds split folders ({', '.join(sorted(subfolders))}), not "
+        "class folders; pass --split NAME or the split's folder")

@@ -253,33 +253,39 @@ def decode_image(path: Path, mode: str) -> torch.Tensor | None:
 def image_folder(root: str | Path, *, mode: str = "RGB",
                  transform: Transform | None = None) -> FileDataset:
     """An image folder: one sub-folder per class (labels = sorted folder names, as torchvision's
-    ImageFolder, but hidden entries are skipped), or, without sub-folders, a flat folder of
-    unlabelled images."""
+    ImageFolder, but hidden entries are skipped), or a flat folder of unlabelled images.
+
+    Only sub-folders holding images (at any depth) decide the layout, so a folder without images
+    (an ``--out`` folder of features, notes) does not turn a flat folder into one of classes. In a
+    class layout such a folder is refused, as are loose images beside the class folders: the
+    first would be an empty class (dropping it would shift the labels of the classes after it),
+    the second images without a label."""
     root = Path(root)
     if not root.is_dir():
         raise PretrainReuseError(f"data: {str(root)!r} is not a folder; pass an image folder")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not _hidden(e.name))
+    loose = sorted(e.name for e in os.scandir(root)
+                   if e.is_file() and _is_image(e.name) and not _hidden(e.name))
+    folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not _hidden(e.name))
+    found = {name: _walk_images(root / name, root) for name in folders}
+    classes = [name for name in folders if found[name]]
     if not classes:
-        files = sorted(e.name for e in os.scandir(root)
-                       if e.is_file() and _is_image(e.name) and not _hidden(e.name))
-        _require_images(files, root)
-        return FileDataset([root / f for f in files], ids=files, labels=None, class_names=None,
+        _require_images(loose, root)
+        return FileDataset([root / f for f in loose], ids=loose, labels=None, class_names=None,
                            mode=mode, transform=transform, source=str(root))
-    rel: list[str] = []
-    labels: list[int] = []
-    empty = []
-    for label, name in enumerate(classes):
-        found = _walk_images(root / name, root)
-        if not found:
-            empty.append(name)
-        rel += found
-        labels += [label] * len(found)
-    _require_images(rel, root)
+    if loose:
+        raise PretrainReuseError(
+            f"data: {str(root)!r} holds {len(loose)} image(s) beside its class folders (first: "
+            f"{loose[0]!r}), which would have no label; move them into class folders, or pass a "
+            "path,label list file of the images to use")
+    empty = [name for name in folders if not found[name]]
     if empty:
         raise PretrainReuseError(
             f"data: class folder(s) {', '.join(map(repr, empty[:5]))} in {str(root)!r} hold no "
-            f"images ({', '.join(IMG_EXTENSIONS)}); remove them or add images")
-    return FileDataset([root / r for r in rel], ids=rel, labels=np.asarray(labels, np.int64),
+            f"images ({', '.join(IMG_EXTENSIONS)}); add images, or remove or move them (an --out "
+            "folder belongs outside the data folder)")
+    rel = [f for name in classes for f in found[name]]
+    labels = np.repeat(np.arange(len(classes), dtype=np.int64), [len(found[c]) for c in classes])
+    return FileDataset([root / r for r in rel], ids=rel, labels=labels,
                        class_names=classes, mode=mode, transform=transform, source=str(root))
 
 
@@ -323,12 +329,16 @@ def file_list(path: str | Path, *, mode: str = "RGB",
               transform: Transform | None = None) -> FileDataset:
     """A CSV/TSV list of images: ``path[,label]`` per line, paths relative to the list file.
 
-    The delimiter is a tab for ``.tsv`` files or when the first line holds a tab, else a comma. The
-    first line is a header when its first cell is a path column name (``path``, ``file``,
-    ``image``...) or its second a label column name (``label``, ``class``...). Integer labels are
-    class indices, named by a ``classes.txt`` beside the list when there is one; any other labels
-    are class names, numbered in sorted order (as folder names are). A single column means
-    unlabelled images.
+    The delimiter is a tab for ``.tsv`` files or when the first line holds a tab, else a comma
+    (space-separated ``path label`` lines are not read: a path may hold spaces). The first line is
+    a header when its first cell is a path column name (``path``, ``file``, ``image``...) or its
+    second a label column name (``label``, ``class``...), or when its label is no integer while
+    every other label is one and its path is no file (``fname,target_id``). Integer labels are
+    class indices used as given: labels 0, 2 and 10 make classes 0..10, some without images, as
+    the later stages expect (class means refuse such gaps, fine-tuning notes them); a
+    ``classes.txt`` beside the list names them, else ``class_names`` is None. Any other labels are
+    class names, numbered in sorted order (as folder names are). A single column means unlabelled
+    images.
 
     A list none of whose paths exists is refused, naming the first path: that is a wrong base
     folder, not a few lost files. Missing paths among existing ones are kept and, like corrupt
@@ -344,11 +354,17 @@ def file_list(path: str | Path, *, mode: str = "RGB",
         ) from None
     lines = text.splitlines()
     first = next((line for line in lines if line.strip()), "")
+    if p.suffix.lower() == ".jsonl" or first.lstrip().startswith("{"):
+        raise PretrainReuseError(
+            f"data: {str(p)!r} holds JSON lines (sentences for a text model?), not images; this "
+            "command needs images (an image folder, a path,label list or a data set name): "
+            "sentence files are read only by explain and knowledge, with a text model and "
+            "--players tokens")
     delimiter = "\t" if p.suffix.lower() == ".tsv" or "\t" in first else ","
     rows = [(n, [c.strip() for c in row]) for n, row in
             enumerate(csv.reader(io.StringIO(text), delimiter=delimiter), start=1)
             if any(c.strip() for c in row)]
-    if rows and _is_header(rows[0][1]):
+    if rows and (_is_header(rows[0][1]) or _is_unnamed_header(rows, p.parent)):
         rows = rows[1:]
     if not rows:
         raise PretrainReuseError(f"data: list file {str(p)!r} lists no images; add path,label lines")
@@ -361,7 +377,7 @@ def file_list(path: str | Path, *, mode: str = "RGB",
     ids = [row[0] for _, row in rows]
     _refuse_repeated_paths(rows, p)
     paths = [p.parent / i for i in ids]
-    _require_some_path(paths, ids, p)
+    _require_some_path(paths, ids, p, delimiter)
     labels, class_names = None, None
     if width == 2:
         labels, class_names = _parse_labels([row[1] for _, row in rows], p)
@@ -381,26 +397,47 @@ def _refuse_repeated_paths(rows: list[tuple[int, list[str]]], list_path: Path) -
         first_line[row[0]] = n
 
 
-def _require_some_path(paths: list[Path], ids: list[str], list_path: Path) -> None:
+def _require_some_path(paths: list[Path], ids: list[str], list_path: Path,
+                       delimiter: str) -> None:
     # Stops at the first path that exists: a stat per line only for a list that is all wrong.
     if any(path.exists() for path in paths):
         return
+    # A space-separated 'cat/0.png 0' line (ImageNet's val.txt style) reads as one path; the hint
+    # is conditional, as a path may hold spaces and the base folder be what is wrong.
+    spaced = ""
+    if delimiter == "," and len(ids[0].split()) > 1:
+        spaced = (f"; list files are comma-separated: if {ids[0]!r} is a path and a label, write "
+                  f"{','.join(ids[0].rsplit(maxsplit=1))!r}")
     raise PretrainReuseError(
         f"data: {len(paths)} of {len(paths)} paths in {str(list_path)!r} are missing (first: "
         f"{ids[0]!r}, looked for {str(paths[0].absolute())!r}); paths in a list file are "
-        "relative to the list file's folder: fix them or move the list")
+        f"relative to the list file's folder: fix them or move the list{spaced}")
 
 
 def _is_header(row: list[str]) -> bool:
     return row[0].lower() in _PATH_HEADERS or (len(row) > 1 and row[1].lower() in _LABEL_HEADERS)
 
 
-def _parse_labels(cells: list[str], list_path: Path) -> tuple[np.ndarray, list[str] | None]:
+def _is_unnamed_header(rows: list[tuple[int, list[str]]], folder: Path) -> bool:
+    """A first row with column names we do not know (``fname,target_id``): read as data it would
+    be an image, and its label would turn every integer label into a class name (renumbered in
+    string order). A first row that names an existing file is data (a mixed label set)."""
+    first, rest = rows[0][1], [row for _, row in rows[1:]]
+    return (len(first) == 2 and bool(rest) and not _is_integer(first[1])
+            and all(len(row) == 2 and _is_integer(row[1]) for row in rest)
+            and not (folder / first[0]).is_file())
+
+
+def _is_integer(cell: str) -> bool:
     # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
-    numbers = [c.removeprefix("-") for c in cells]
-    if all(n.isascii() and n.isdigit() for n in numbers):
-        bad = next((c for c, n in zip(cells, numbers, strict=True)
-                    if c.startswith("-") or len(n.lstrip("0")) > 18), None)
+    digits = cell.removeprefix("-")
+    return digits.isascii() and digits.isdigit()
+
+
+def _parse_labels(cells: list[str], list_path: Path) -> tuple[np.ndarray, list[str] | None]:
+    if all(_is_integer(c) for c in cells):
+        bad = next((c for c in cells
+                    if c.startswith("-") or len(c.lstrip("0")) > 18), None)
         if bad is not None:  # read as names, -1 would become a class of its own
             raise PretrainReuseError(
                 f"data: {str(list_path)!r} has the label {bad}; integer labels are class indices "
