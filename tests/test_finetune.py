@@ -1103,6 +1103,18 @@ def test_training_time_counts_every_process_of_a_resumed_run(files, tmp_path, ca
     assert 1000.0 < resumed < 1000.0 + 10 * seconds + 5
 
 
+def test_a_selection_made_on_other_clusters_is_refused(files, tmp_path, capsys):
+    # as many clusters, but another k-means run: its ids name other images
+    Selection(selected=[2, 0], scores=np.array([0.5, 0.1, 0.9]), params={},
+              meta={"inputs": {"source": {"units": "sha256:0123456789abcdef"}}}
+              ).save(tmp_path / "sel.json")
+    rc, _, err = cli(capsys, *base_args(files, tmp_path / "run", steps=2), "--mode",
+                     "reuse-unlabeled", "--source", files["pool"], "--selection",
+                     tmp_path / "sel.json", "--units", files["units"])
+    assert_one_line_error(rc, err, "the selection was made on other units than the units file")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_source_batch_larger_than_the_selected_source_names_its_flag(files, tmp_path, capsys):
     rc, _, err = cli(capsys, *base_args(files, tmp_path / "run", steps=2), "--mode", "reuse",
                      *MODE_ARGS["reuse"](files), "--source-batch-size", 100000)

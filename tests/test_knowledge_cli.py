@@ -380,8 +380,8 @@ def test_a_smaller_rerun_leaves_no_outputs_of_the_earlier_run(tmp_path, capsys):
         "scratch", "checkpoint-000", "checkpoint-001", "convergence.png"}
     assert _run(capsys, *knowledge)[0] == 0
     assert sorted(p.name for p in (tmp_path / "k").iterdir()) == [
-        "finetuned", "knowledge.json", "preserved.png", "pretrained", "ratios.png",
-        "strength_by_order.png"]
+        "finetuned", "knowledge.json", "preserved.png", "pretrained", "purity.png", "ratios.png",
+        "strength_by_order.png"]  # purity.png: the two samples are of one class
 
 
 def test_a_rerun_stopped_halfway_leaves_a_folder_that_reads_as_unfinished(tmp_path, capsys,

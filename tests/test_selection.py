@@ -179,3 +179,36 @@ def test_selection_top_and_roundtrip(tmp_path, world):
     back = Selection.load(tmp_path / "sel.json")
     assert back.selected == sel.selected and back.params == sel.params
     np.testing.assert_array_equal(back.scores, sel.scores)
+
+
+def test_a_selection_records_the_units_it_ranked():
+    # two k-means runs of one store share the store's inputs; only the units' own hash tells
+    # a selection on one from a selection on the other
+    from pretrain_reuse.features import FeatureStore
+    from pretrain_reuse.units import spherical_kmeans
+
+    rng = np.random.default_rng(0)
+    store = FeatureStore(features=rng.normal(size=(300, 8)).astype(np.float32))
+    a, b = (spherical_kmeans(store, 8, seed=s) for s in (3, 4))
+    assert a.meta["inputs"] == b.meta["inputs"]
+    target = rng.normal(size=(5, 8))
+    sa, sb = (select(u, target, SelectConfig(k=3)) for u in (a, b))
+    assert sa.meta["inputs"]["source"]["units"] != sb.meta["inputs"]["source"]["units"]
+    assert sa.meta["inputs"]["source"]["units"] == select(a, target, SelectConfig(k=2)).meta[
+        "inputs"]["source"]["units"]
+
+
+@pytest.mark.parametrize("edit,needle", [
+    ({"selected": [3.5]}, "'selected' must be a list of unit ids"),  # was read as unit 3
+    ({"selected": ["a"]}, "'selected' must be a list of unit ids"),
+    ({"scores": ["x", 1]}, "'scores' and 'counts' must be lists of numbers"),
+    ({"scores": [[1.0], [2.0]]}, "'scores' must be a flat list"),
+])
+def test_an_edited_selection_file_is_one_line(tmp_path, edit, needle):
+    import json
+
+    Selection(selected=[1], scores=np.array([0.1, 0.9]), params={}).save(tmp_path / "sel.json")
+    record = {**json.loads((tmp_path / "sel.json").read_text()), **edit}
+    (tmp_path / "sel.json").write_text(json.dumps(record))
+    with pytest.raises(PretrainReuseError, match=needle):
+        Selection.load(tmp_path / "sel.json")

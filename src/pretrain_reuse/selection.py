@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .artifacts import make_meta, read_json, refuse_foreign, write_json
+from .artifacts import hash_array, make_meta, read_json, refuse_foreign, write_json
 from .errors import PretrainReuseError, check_choice, check_device, check_positive, lookup
 from .features import FeatureStore
 from .transport import METRICS, cost_matrix, unbalanced_sinkhorn_batched
@@ -167,11 +167,21 @@ class Selection:
         obj = read_json(path, "selection")
         if obj.get("kind") != "selection" or "selected" not in obj or "scores" not in obj:
             raise PretrainReuseError(f"{str(path)!r} is not a selection file written by select")
-        counts = obj.get("counts")
-        return cls(selected=[int(s) for s in obj["selected"]],
-                   scores=np.asarray(obj["scores"], dtype=np.float64), params=obj["params"],
-                   meta=obj.get("meta", {}), unit_names=obj.get("unit_names"),
-                   counts=None if counts is None else np.asarray(counts, dtype=np.int64))
+        counts, selected = obj.get("counts"), obj["selected"]
+        edited = f"{str(path)!r} was edited or is corrupt: run select again"
+        # int(3.5) would silently name unit 3
+        if not isinstance(selected, list) or not all(
+                isinstance(u, int) and not isinstance(u, bool) for u in selected):
+            raise PretrainReuseError(f"'selected' must be a list of unit ids (integers); {edited}")
+        try:
+            scores = np.asarray(obj["scores"], dtype=np.float64)
+            counts = None if counts is None else np.asarray(counts, dtype=np.int64)
+        except (TypeError, ValueError):
+            raise PretrainReuseError(f"'scores' and 'counts' must be lists of numbers; {edited}") from None
+        if scores.ndim != 1:
+            raise PretrainReuseError(f"'scores' must be a flat list, one per unit; {edited}")
+        return cls(selected=selected, scores=scores, params=obj.get("params", {}),
+                   meta=obj.get("meta", {}), unit_names=obj.get("unit_names"), counts=counts)
 
     def plot(self, ax=None, *, relevant=None):
         """The sorted score vector (Liu et al., Fig. 2b); ``relevant`` units are highlighted."""
@@ -337,9 +347,12 @@ def select_many(source: Units | FeatureStore, targets: list[Units | FeatureStore
     for t, (scores, diag) in zip(targets, scored, strict=True):
         ranking = np.argsort(-scores, kind="stable")
         k = diag["n_named"] if cfg.k is None else cfg.k
+        # the units' own hashes: k-means runs of one store with other seeds share its inputs
         meta = make_meta(f"selection.{cfg.method}", asdict(cfg),
-                         inputs={"source": source.meta.get("inputs", {}),
-                                 "target": t.meta.get("inputs", {})},
+                         inputs={"source": {**source.meta.get("inputs", {}),
+                                            "units": hash_array(source.prototypes)},
+                                 "target": {**t.meta.get("inputs", {}),
+                                            "units": hash_array(t.prototypes)}},
                          seed=cfg.seed)
         meta["solver"] = diag
         out.append(Selection(selected=_take(ranking, k, counts), scores=scores,
@@ -348,14 +361,22 @@ def select_many(source: Units | FeatureStore, targets: list[Units | FeatureStore
     return out
 
 
-def select(source: Units | FeatureStore, target: Units | FeatureStore,
+def select(source: Units | FeatureStore | np.ndarray, target: Units | FeatureStore | np.ndarray,
            cfg: SelectConfig | None = None) -> Selection:
     """Rank the source units by similarity to one target task and keep the top ``cfg.k``.
 
-    A labelled FeatureStore stands for its class means (:func:`~.units.class_means`).
+    A labelled FeatureStore stands for its class means (:func:`~.units.class_means`), a 2-d
+    array for a prototype matrix (one unit per row), as a ``.npy`` file does on the command line.
     """
     return select_many(source, [target], cfg or SelectConfig())[0]
 
 
-def _as_units(x: Units | FeatureStore) -> Units:
-    return class_means(x) if isinstance(x, FeatureStore) else x
+def _as_units(x: Units | FeatureStore | np.ndarray) -> Units:
+    if isinstance(x, FeatureStore):
+        return class_means(x)
+    if isinstance(x, np.ndarray):
+        return Units(prototypes=x, kind="class")
+    if not isinstance(x, Units):
+        raise PretrainReuseError(f"pass Units, a FeatureStore or a prototype array, not "
+                                 f"{type(x).__name__}")
+    return x

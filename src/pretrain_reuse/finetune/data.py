@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..artifacts import hash_array
 from ..data.datasets import Batch, ImageDataset
 from ..errors import PretrainReuseError
 from ..selection import Selection
@@ -189,6 +190,12 @@ def selected_source(pool: ImageDataset, selection: Selection, units: Units | Non
     if units is not None and units.kind == "cluster":
         _check_selection(selection, len(units), "the units file has {n}",
                          "pass the units file the selection was made from")
+        # as many clusters is not enough: another k-means run (seed) numbers other clusters
+        made_on = selection.meta.get("inputs", {}).get("source", {}).get("units")
+        if made_on is not None and made_on != hash_array(units.prototypes):
+            raise PretrainReuseError(
+                "the selection was made on other units than the units file (another k-means run "
+                "or file); pass the units file the selection was made from")
         position = {sid: i for i, sid in enumerate(pool.ids)}
         chosen_ids = [units.sample_ids[i] for i in np.flatnonzero(np.isin(units.assignment, selected))]
         missing = [s for s in chosen_ids if s not in position]
