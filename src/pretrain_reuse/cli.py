@@ -556,8 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="backbone name (timm:, torchvision:, hf:, "
                    "python:, or a registered name such as efficientnet-lite0)")
     e.add_argument("--weights", help="local weights file (.safetensors or a torch state dict)")
-    e.add_argument("--data", required=True, help="image folder, path,label list, or a data set "
-                   "name such as synthetic:pretrain")
+    e.add_argument("--data", required=True, help="image folder (a sub-folder per class, or flat), "
+                   "comma-separated path,label list, or a data set name such as synthetic:pretrain")
     e.add_argument("--split", help="sub-folder / split of --data (train, test...)")
     e.add_argument("--layer", default="penultimate", help="penultimate | head | logits")
     e.add_argument("--batch-size", type=int, default=128)
