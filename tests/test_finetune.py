@@ -965,9 +965,13 @@ def test_a_backbone_without_pretrained_weights_is_noted(files, tmp_path, capsys,
     assert all(line.startswith(f"pretrain-reuse: note: {note}") for line in notes)
 
 
-def test_val_fraction_zero_still_writes_a_result(files, tmp_path, capsys):
-    out = run_ok(capsys, *base_args(files, tmp_path / "run", steps=1), "--val-fraction", 0)
-    json.loads((out / "result.json").read_text())
+def test_val_fraction_zero_still_writes_a_result_and_says_nothing_was_picked(files, tmp_path, capsys):
+    rc, out, err = cli(capsys, *base_args(files, tmp_path / "run", steps=1), "--val-fraction", 0)
+    assert rc == 0, err
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["at_best_val"]["val"]["top1"] is None
+    # not "... at the best-validation evaluation": there was none
+    assert "no validation images to pick an evaluation" in out and "best-validation" not in out
 
 
 # --------------------------------------------------------------------------------------------
@@ -1292,6 +1296,7 @@ def test_grid_search_picks_the_best_validation_run_and_never_the_test(files, tmp
         assert pretrain_reuse.load(out / r["run"]).at_best_val == res["at_best_val"]
     best = max(rows, key=lambda r: r["val_top1"])
     assert summary["best"]["run"] == best["run"]
+    assert summary["meta"]["seed"] == 0 and summary["meta"]["params"]["grid"] == {"lr": [0.0001, 0.05]}
     lines = (out / "grid.csv").read_text().splitlines()
     assert len(lines) == 3 and lines[0].startswith("lr,run,val_top1")
 
@@ -1401,3 +1406,15 @@ def test_classes_without_a_training_image_are_noted(tmp_path, capsys):
                      "--out", tmp_path / "run")
     assert rc == 0, err
     assert "note: 2 of 4 classes have no training image (label 1, label 2)" in err
+
+
+def test_an_embedded_set_of_one_split_is_training_data_and_asks_for_test_data(tmp_path, capsys):
+    # was "split='train' is not one of 'all'", with no fix, for digits, mnist-5k, ...
+    from pretrain_reuse.finetune import open_split
+
+    assert len(open_split("digits", "train")) == 1797
+    rc, _, err = cli(capsys, "finetune", "--model", "smallcnn-s", "--target", "digits",
+                     "--max-steps", 1, "--quiet", "--out", tmp_path / "run")
+    assert_one_line_error(rc, err, "digits is one set of images, with no test split",
+                          "--target-test")
+    assert not (tmp_path / "run").exists()

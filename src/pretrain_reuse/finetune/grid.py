@@ -14,7 +14,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import atomic_path, write_json
+from ..artifacts import atomic_path, make_meta, write_json
 from ..errors import PretrainReuseError, check_choice
 from .config import FinetuneConfig
 from .loop import RunResult
@@ -91,6 +91,8 @@ def grid_search(cfg: FinetuneConfig, grid: dict[str, list[Any]], out: str | Path
         writer.writeheader()
         writer.writerows(rows)
     summary = {"kind": "grid", "grid": grid, "selected_by": "validation top-1",
-               "best": winner, "rows": rows}
+               "best": winner, "rows": rows,
+               "meta": make_meta("finetune.grid", {"grid": grid, "config": cfg.to_dict()},
+                                 seed=cfg.seed)}
     write_json(out / "grid.json", summary)
     return summary

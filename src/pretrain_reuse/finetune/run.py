@@ -70,9 +70,18 @@ def target_splits(cfg: FinetuneConfig, train_pool: ImageDataset
 
 
 def open_split(spec: str | Path, split: str) -> ImageDataset:
-    """``split`` of an embedded data set, or the folder / list file ``spec`` itself (a user's
-    folder holds one split; its test data is passed separately)."""
-    return open_dataset(spec, split=split if str(spec) in DATASETS else None)
+    """``split`` (``train`` or ``test``) of an embedded data set, or the folder / list file
+    ``spec`` itself (a user's folder holds one split; its test data is passed separately). An
+    embedded set of one split (``digits``) is all training data, like a folder."""
+    name = str(spec)
+    if name not in DATASETS:
+        return open_dataset(spec)
+    if DATASETS[name].splits != ("all",):
+        return open_dataset(spec, split=split)
+    if split == "test":
+        raise PretrainReuseError(f"{name} is one set of images, with no test split; fine-tune on "
+                                 "it with --target-test giving other test data")
+    return open_dataset(spec, split="all")
 
 
 def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Path,
