@@ -619,3 +619,18 @@ def test_sample_ids_that_are_not_utf8_are_a_corrupt_file_error():
     assert decode_ids(encode_ids(["a/1.png", "é.png"]), 2, "u.safetensors") == ["a/1.png", "é.png"]
     with pytest.raises(PretrainReuseError, match=r"'u\.safetensors' stores sample ids that are not UTF-8"):
         decode_ids(np.frombuffer(b"a\n\xff\xfe", dtype=np.uint8), 2, "u.safetensors")
+
+
+@pytest.mark.parametrize("content,needle", [
+    ({"a/0.png": b"x"}, "is a folder of images: embed it first"),
+    ({"embed.json": b"{}", "parts/.keep": b""}, "is an unfinished embedding (no index.json yet): rerun"),
+    ({"notes.txt": b"x"}, "is a folder without index.json, not a FeatureStore"),
+])
+def test_a_folder_that_is_not_a_store_says_what_it_is(tmp_path, content, needle):
+    from pretrain_reuse import load
+
+    for name, data in content.items():
+        (tmp_path / "f" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "f" / name).write_bytes(data)
+    with pytest.raises(PretrainReuseError, match=re.escape(needle)):
+        load(tmp_path / "f")

@@ -408,8 +408,7 @@ def load(path: str | Path, *, what: str = "path"):
         from .features import FeatureStore
 
         if p.is_dir() and not (p / "index.json").exists():
-            raise PretrainReuseError(f"{str(p)!r} is a folder without index.json, not a "
-                                     f"FeatureStore; {opens}")
+            raise PretrainReuseError(f"{str(p)!r} is {_what_folder(p)}, not a FeatureStore; {opens}")
         return FeatureStore.load(p.parent if p.name == "index.json" else p)
     kind = None
     if p.suffix == ".safetensors":
@@ -443,6 +442,19 @@ def load(path: str | Path, *, what: str = "path"):
 
         return Selection.load(p)
     raise PretrainReuseError(f"do not know how to open {str(p)!r}; {opens}")
+
+
+def _what_folder(p: Path) -> str:
+    """What a folder without ``index.json`` is, said so that the fix is plain."""
+    from .data.datasets import IMG_EXTENSIONS
+
+    if (p / "embed.json").exists():
+        return "an unfinished embedding (no index.json yet): rerun its embed command to finish it"
+    for _, _, names in os.walk(p):
+        if any(n.lower().endswith(IMG_EXTENSIONS) for n in names):
+            return ("a folder of images: embed it first (`pretrain-reuse embed --data FOLDER "
+                    "--out STORE`) and pass the store")
+    return "a folder without index.json"
 
 
 def _refuse_knowledge_outputs(p: Path) -> None:
