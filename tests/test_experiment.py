@@ -347,3 +347,144 @@ def test_a_skip_of_every_row_is_refused_before_writing_an_empty_table(tmp_path):
     with pytest.raises(PretrainReuseError, match="skip leaves no row of fig4a to run"):
         run_experiment("fig4a", cfg, tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_an_experiment_stopped_by_a_user_error_leaves_its_folder_to_the_corrected_command(
+        quick_demo, tmp_path):
+    from pretrain_reuse.errors import PretrainReuseError
+
+    demo, _, _ = quick_demo
+    path = _config(demo, tmp_path, sweep={"long_tail_ratio": [2.0]},
+                   finetune={**FAST, "max_steps": 1})
+    out = tmp_path / "t3"
+    with pytest.raises(PretrainReuseError, match="k=500 exceeds the 128 source units"):
+        run_experiment("table3", load_experiment_config(path, seeds=(0,), k=500), out,
+                       progress=False)
+    # every selection is made before the first run: the vanilla row, first in the table, did
+    # not run (a finished run would rightly lock the folder to its settings)
+    assert not (out / "runs").exists()
+    (out / "units" / "notes.txt").write_text("mine")  # not the experiment's: never deleted
+    table = run_experiment("table3", load_experiment_config(path, seeds=(0,), k=8), out,
+                           progress=False)
+    assert [(r["method"], r["units"]) for r in table.rows] == [("vanilla", None),
+                                                               ("reuse uot classes", 8)]
+    assert (out / "units" / "notes.txt").read_text() == "mine"
+
+
+def test_a_reclaimed_folder_recomputes_what_the_old_settings_made_and_keeps_its_inputs(
+        quick_demo, tmp_path, monkeypatch):
+    from pretrain_reuse import experiment
+    from pretrain_reuse.features import FeatureStore
+    from pretrain_reuse.selection import SelectConfig, select
+    from pretrain_reuse.units import Units, class_means
+
+    demo, _, _ = quick_demo
+    rows = ("reuse greedy-ot l2", "reuse greedy-ot cosine", "reuse uot l2")  # run uot cosine only
+    path = _config(demo, tmp_path, target_features=None, skip=rows,
+                   finetune={**FAST, "max_steps": 1})
+    out = tmp_path / "t4"
+
+    def stopped(self, row, seed):  # the first run dies (killed, out of memory...)
+        raise RuntimeError("stopped")
+
+    monkeypatch.setattr(experiment._Workspace, "finetune", stopped)
+    with pytest.raises(RuntimeError, match="stopped"):
+        run_experiment("table4", load_experiment_config(path, seeds=(0,)), out, progress=False)
+    monkeypatch.undo()
+    embedded = out / "features" / "target"
+    selection = next((out / "selections").glob("classes-uot-cosine-*.json"))
+    assert (embedded / "index.json").exists() and selection.exists()
+
+    # other pool features (the same images, other numbers): the units and the selection made
+    # from the old ones go. The target embedding would go too (another embed batch size), but
+    # the new settings read it as their target_features, so it stays.
+    pool = FeatureStore.load(demo / "features_pretrain")
+    noise = np.random.default_rng(0).normal(size=pool.features.shape).astype(np.float32)
+    FeatureStore(noise, pool.labels, pool.ids, pool.class_names).save(tmp_path / "pool")
+    cfg = load_experiment_config(path, seeds=(0,), source_features=str(tmp_path / "pool"),
+                                 target_features=str(embedded), embed_batch_size=128)
+    run_experiment("table4", cfg, out, progress=False)
+    assert (embedded / "index.json").exists()
+    units = Units.load(out / "units" / "classes.safetensors")
+    np.testing.assert_allclose(units.prototypes,
+                               class_means(FeatureStore.load(tmp_path / "pool")).prototypes)
+    expected = select(units, class_means(FeatureStore.load(embedded)),
+                      SelectConfig(method="uot", k=len(RELATED)))
+    assert Selection.load(selection).selected == expected.selected
+    run = RunResult.load(out / "runs" / "reuse-uot-cosine-seed0" / "result.json")
+    assert json.loads(run.meta["inputs"]["selected"]) == expected.selected
+
+
+def _store_like(demo, tmp_path, name, *, rows=None, labels=None):
+    from pretrain_reuse.features import FeatureStore
+
+    store = FeatureStore.load(demo / "features_target")
+    rows = np.arange(len(store)) if rows is None else rows
+    FeatureStore(np.asarray(store.features)[rows],
+                 store.labels[rows] if labels is None else labels[rows],
+                 [store.ids[i] for i in rows], store.class_names).save(tmp_path / name)
+    return str(tmp_path / name)
+
+
+def test_feature_stores_of_other_data_are_refused_before_anything_is_written(quick_demo, tmp_path):
+    from pretrain_reuse.errors import PretrainReuseError
+
+    demo, _, _ = quick_demo
+    target = str(demo / "features_target")
+    n = len(open_dataset("synthetic:target").ids)
+    shifted = (open_dataset("synthetic:target").labels + 1) % 16
+    cases = [
+        ({"target": "synthetic:target-1"},  # the features of target-0 for the task target-1
+         f"target_features {target!r} are not features of target 'synthetic:target-1': its sample"),
+        ({"source_features": target}, f"source_features {target!r} are not features of source"),
+        ({"target_features": _store_like(demo, tmp_path, "half", rows=np.arange(0, n, 2))},
+         f"hold {n // 2} of the {n} training images of target 'synthetic:target'"),
+        ({"target_features": _store_like(demo, tmp_path, "relabelled", labels=shifted)},
+         "label sample"),
+    ]
+    for i, (extra, message) in enumerate(cases):
+        cfg = load_experiment_config(_config(demo, tmp_path, **extra), seeds=(0,))
+        out = tmp_path / f"x{i}"
+        with pytest.raises(PretrainReuseError) as err:
+            run_experiment("fig4a", cfg, out, progress=False)
+        assert message in str(err.value) and "embed" in str(err.value)
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("name, finetune, message", [
+    ("table4", {"seed": 7}, "finetune 'seed' cannot be set for table4: each run takes its seed "
+                            "from seeds (--seeds)"),
+    ("table1", {"mode": "scratch"}, "finetune 'mode' cannot be set for table1: each row of table1 "
+                                    "sets its own mode"),
+    ("fig3b", {"train_fraction": 0.5}, "fig3b sweeps it (give its values as sweep: "
+                                       "{train_fraction: [...]})"),
+    ("table3", {"train_fraction": 0.5}, "table3 sweeps long_tail_ratio, another data regime"),
+])
+def test_finetune_keys_the_recipe_sets_itself_are_refused(name, finetune, message, tmp_path,
+                                                          capsys):
+    config = tmp_path / "exp.yaml"
+    # a model that does not exist: whatever is not refused up front fails fast on it
+    config.write_text(json.dumps({"model": "m", "source": "synthetic:pretrain",
+                                  "target": "synthetic:target", "finetune": finetune}))
+    out = tmp_path / "x"
+    assert main(["experiment", name, "--config", str(config), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_target_data_without_test_data_is_refused_before_the_folder_is_claimed(tmp_path, capsys):
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(tmp_path / "imgs" / c / f"{i}.png")
+    out = tmp_path / "x"
+    argv = ["experiment", "table1", "--model", "smallcnn", "--source", "synthetic:pretrain",
+            "--target", str(tmp_path / "imgs"), "--seeds", "0", "--quiet", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "pass --target-test" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # else the corrected command would find it claimed
+

@@ -23,12 +23,14 @@ knowledge  for each pre-training in ``pretrainings`` (e.g. supervised vs self-su
 Everything an experiment computes lands in its folder and is reused by a rerun: features
 (``features/``, from ``embed`` unless given), units (``units/``), selections (``selections/``)
 and fine-tuning runs (``runs/<row>-seed<s>/``, skipped once ``result.json`` exists and resumed
-from their checkpoint otherwise). A random selection is drawn with each run's seed, and a
-low-data or long-tail run (a sweep's or the ``finetune`` settings') selects with the class means
-of the images it trains on. The
-table is written as ``results.csv``, ``results.md``,
-``results.png`` and ``experiment.json``; accuracies are the final-step test top-1 (mean and
-sample standard deviation over seeds) next to the test top-1 at the best validation evaluation.
+from their checkpoint otherwise). A folder in which no fine-tuning run finished (an experiment
+stopped by an error) may be rerun with other settings: what they would change is removed first.
+Given feature stores must hold the samples and labels of ``source`` / ``target``'s training data.
+A random selection is drawn with each run's seed, and a low-data or long-tail run (a sweep's or
+the ``finetune`` settings') selects with the class means of the images it trains on. The table is
+written as ``results.csv``, ``results.md``, ``results.png`` and ``experiment.json``; accuracies are
+the final-step test top-1 (mean and sample standard deviation over seeds) next to the test top-1
+at the best validation evaluation.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import io
 import json
 import math
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -46,7 +49,15 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import atomic_path, claim_folder, make_meta, read_json, require_keys, write_json
+from .artifacts import (
+    atomic_path,
+    claim_folder,
+    make_meta,
+    read_json,
+    require_keys,
+    to_json,
+    write_json,
+)
 from .data.catalog import DATASETS
 from .data.datasets import ImageDataset
 from .embed import EmbedConfig, embed
@@ -114,7 +125,8 @@ class ExperimentConfig:
             al.'s Table 4 counts, the cosine rows' 0.01 does not; methods note §2).
         relevant: pool class ids known to be related to the target (recall, label selection); in
             YAML a list or the syntax of ``--relevant`` (``"7-24,80-100"``).
-        finetune: FinetuneConfig fields shared by every run; lam: λ per mode on top.
+        finetune: FinetuneConfig fields shared by every run, less those the recipe sets (mode,
+            seed, a swept setting); lam: λ per mode on top.
         sweep: values of the swept variable (see ``SWEEP_DEFAULTS``).
         skip: row names not to run (e.g. ``co-tuning`` for a backbone without a classifier).
         pretrainings: label -> weights file, the pre-trainings the ``knowledge`` recipe compares
@@ -505,17 +517,17 @@ class _Workspace:
         cfg = self.cfg
         spec, split = {"source": (cfg.source, "train"), "target": (cfg.target, "train"),
                        "test": (cfg.target_test or cfg.target, "test")}[which]
-        if which == "test" and cfg.target_test is None and str(cfg.target) not in DATASETS:
-            raise PretrainReuseError("pass --target-test with the test data (folder or list file)")
         return self._once(("data", which), lambda: open_split(spec, split))
 
     def features(self, which: str) -> FeatureStore:
         given = self.cfg.source_features if which == "source" else self.cfg.target_features
 
+        spec = self.cfg.source if which == "source" else self.cfg.target
+
         def build():
             if given:
-                return FeatureStore.load(given)
-            spec = self.cfg.source if which == "source" else self.cfg.target
+                return _check_features_of(FeatureStore.load(given), f"{which}_features", given,
+                                          which, spec, self.data(which))
             ecfg = EmbedConfig(model=self.cfg.model, data=str(spec), weights=self.cfg.weights,
                                split="train" if str(spec) in DATASETS else None,
                                batch_size=self.cfg.embed_batch_size)
@@ -619,6 +631,13 @@ class _Workspace:
         x = "" if row.x is None else f"-x={row.x:g}" if isinstance(row.x, float) else f"-x={row.x}"
         return self.out / "runs" / f"{_slug(row.method)}{x}-seed{seed}"
 
+    def run_config(self, row: Row, seed: int) -> FinetuneConfig:
+        """The recipe of a row's run with ``seed``: ``finetune`` with the row's mode, λ and
+        settings (the keys these set are refused in ``finetune``: :func:`_check_finetune_keys`)."""
+        base = self.cfg.base_finetune()
+        return replace(base, mode=row.mode, seed=seed, lam=self.cfg.lam.get(row.mode, base.lam),
+                       **dict(row.settings))
+
     def finetune(self, row: Row, seed: int) -> RunResult:
         cfg = self.cfg
         run_dir = self.run_dir(row, seed)
@@ -632,9 +651,7 @@ class _Workspace:
                     "target images); pass a new --out, or delete that run folder to redo it")
             return done
         weights = cfg.weights_of()[row.pretraining] if row.pretraining else cfg.weights
-        base = cfg.base_finetune()
-        ft = replace(base, mode=row.mode, seed=seed, lam=cfg.lam.get(row.mode, base.lam),
-                     **dict(row.settings))
+        ft = self.run_config(row, seed)
         if self.progress:
             print(f"[experiment] {run_dir.name}", flush=True)
         return finetune_datasets(
@@ -661,6 +678,37 @@ def _rows_with_ids(store: FeatureStore, ids: list[str]) -> FeatureStore:
                    ids=[store.ids[i] for i in rows])
 
 
+def _check_features_of(store: FeatureStore, name: str, path: str, which: str, spec: str,
+                       data: ImageDataset) -> FeatureStore:
+    """``store`` (given as ``name``) if it holds the features of ``data``, the training split of
+    the ``which`` data set ``spec``: the same samples (less those the embedding could not read)
+    with the same labels. Units, class means and selections made from another data set's
+    features would be a silent wrong answer (a target-1 selection reported for target-0)."""
+    fix = f"embed {name} from {which} {spec!r} itself, or leave {name} unset"
+    position = {sid: i for i, sid in enumerate(data.ids)}
+    stray = [sid for sid in store.ids if sid not in position]
+    if stray:
+        raise PretrainReuseError(
+            f"{name} {path!r} are not features of {which} {spec!r}: its sample {stray[0]!r} "
+            f"({len(stray)} of {len(store)}) is not in that data's training split; {fix}")
+    # the store's ids are distinct and all in the data: the rest are the data's images it lacks
+    unread = store.meta.get("skipped", 0)  # images the embedding could not decode
+    if len(data) - len(store) > unread:
+        raise PretrainReuseError(
+            f"{name} {path!r} hold {len(store)} of the {len(data)} training images of {which} "
+            f"{spec!r} ({unread} unreadable); {fix}")
+    if store.labels is not None and data.labels is not None:
+        rows = np.asarray([position[sid] for sid in store.ids], dtype=np.int64)
+        wrong = np.flatnonzero(store.labels != data.labels[rows])
+        if wrong.size:
+            i = int(wrong[0])
+            raise PretrainReuseError(
+                f"{name} {path!r} label sample {store.ids[i]!r} class {int(store.labels[i])}, "
+                f"{which} {spec!r} class {int(data.labels[rows[i]])} ({wrong.size} samples "
+                f"differ); {fix}")
+    return store
+
+
 def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
@@ -673,6 +721,23 @@ def _row_names(cfg: ExperimentConfig) -> set[str]:
         with contextlib.suppress(PretrainReuseError):  # a recipe this config cannot run
             names.update(r.method for r in build_rows(cfg))
     return names
+
+
+def _check_finetune_keys(name: str, cfg: ExperimentConfig, rows: list[Row]) -> None:
+    """Refuse ``finetune`` keys that the recipe sets for each run itself: the run would use the
+    recipe's value and ignore the config's without a word (a ``seed: 7`` running seed 0)."""
+    owner = {"mode": f"each row of {name} sets its own mode (skip: leaves rows out)",
+             "seed": "each run takes its seed from seeds (--seeds)"}
+    for row in rows:
+        for key, _ in row.settings:
+            owner[key] = f"{name} sweeps it (give its values as sweep: {{{key}: [...]}})"
+            if key in REGIMES:  # one run trains in one data regime (FinetuneConfig refuses two)
+                for other in set(REGIMES) - {key}:
+                    owner[other] = f"{name} sweeps {key}, another data regime"
+    for key in cfg.finetune:
+        if key in owner:
+            raise PretrainReuseError(f"finetune {key!r} cannot be set for {name}: {owner[key]}; "
+                                     "remove it from finetune")
 
 
 def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
@@ -688,20 +753,43 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
     rows = [r for r in rows if r.method not in cfg.skip]
     if not rows:
         raise PretrainReuseError(f"skip leaves no row of {name} to run; skip fewer rows")
+    _check_finetune_keys(name, cfg, rows)
+    trains = [r for r in rows if r.mode]
+    if trains and cfg.target_test is None and str(cfg.target) not in DATASETS:
+        raise PretrainReuseError(f"target {cfg.target!r} is a folder or list file with one split; "
+                                 "pass --target-test (target_test) with the test data")
     out = Path(out)
-    _claim(out, name, cfg)
     ws = _Workspace(cfg, out, progress)
+    # What can fail on the user's inputs fails before the folder is claimed (nothing written):
+    # each run's FinetuneConfig (a sweep's regime beside the one under finetune:) and the given
+    # feature stores (features of another data set).
+    for row in trains:
+        for seed in cfg.seeds:
+            ws.run_config(row, seed)
+    if any(r.pick for r in rows):
+        for which in ("source", "target"):
+            if getattr(cfg, f"{which}_features"):
+                ws.features(which)
+    changed = _claim(out, name, cfg)
+    if changed and progress:
+        print(f"[experiment] {str(out)!r} held an experiment with other settings "
+              f"({', '.join(changed)}) that finished no run: removed what the change affects", flush=True)
+    # Every row's selections and recalls before the first fine-tuning run, so that a selection
+    # that cannot be made (k above the number of units, relevant ids the pool lacks) fails while
+    # no run has finished, which leaves the folder free for the corrected settings (_release).
+    sels = {i: [ws.selection(row.pick, s, row.settings) for s in cfg.seeds]
+            for i, row in enumerate(rows) if row.pick}
+    recalls = {i: [ws.recall(rows[i].pick, sel) for sel in row_sels]
+               for i, row_sels in sels.items()}
     table = []
-    for row in rows:
-        sels = [ws.selection(row.pick, s, row.settings) for s in cfg.seeds] if row.pick else []
-        recalls = [ws.recall(row.pick, sel) for sel in sels]  # before training: checks relevant
+    for i, row in enumerate(rows):
         results = [ws.finetune(row, s) for s in cfg.seeds] if row.mode else []
         final = [r.final["top1"] for r in results]
         table.append({
             "method": row.method, "x": row.x,
             # means over the seeds' selections (they differ for random and regime rows)
-            "recall": _mean(recalls) if sels and recalls[0] is not None else None,
-            "units": _mean([len(sel.selected) for sel in sels]) if sels else None,
+            "recall": _mean(recalls[i]) if i in sels and recalls[i][0] is not None else None,
+            "units": _mean([len(sel.selected) for sel in sels[i]]) if i in sels else None,
             "top1_mean": _mean(final),
             "top1_std": float(np.std(final, ddof=1)) if len(final) > 1 else (0.0 if final else None),
             "top1_at_best_val_mean": _mean([r.at_best_val["top1"] for r in results]),
@@ -771,12 +859,74 @@ def _params(cfg: ExperimentConfig) -> dict[str, Any]:
     return params
 
 
-def _claim(out: Path, name: str, cfg: ExperimentConfig) -> None:
+#: What an experiment writes into its folder before its table, as (folder, the glob of its
+#: entries the experiment writes there, the settings they are computed from): None for the
+#: selections and runs, which depend on nearly every setting. See :func:`_release`.
+_OUTPUTS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
+    ("features", "source", ("model", "weights", "source", "embed_batch_size")),
+    ("features", "target", ("model", "weights", "target", "embed_batch_size")),
+    ("units", "*.safetensors", ("model", "weights", "source", "source_features",
+                                "embed_batch_size")),
+    ("selections", "*.json", None),
+    ("runs", "*-seed*", None),
+)
+
+
+def _claim(out: Path, name: str, cfg: ExperimentConfig) -> list[str]:
     """Mark ``out`` as an experiment folder; a rerun must use the same recipe and inputs (rows
-    already run are reused, so a changed config would mix two experiments in one table)."""
+    already run are reused, so a changed config would mix two experiments in one table), unless
+    no fine-tuning run finished there (:func:`_release`; the settings it changed are returned)."""
     # seeds and skip may change between runs: they add or leave out rows, never alter one
     params = {"experiment": name, **{k: v for k, v in _params(cfg).items() if k not in ("seeds", "skip")}}
+    changed = _release(out, params, cfg)
     claim_folder(out, "experiment-run", params, what="an experiment folder")
+    return changed
+
+
+def _release(out: Path, params: dict[str, Any], cfg: ExperimentConfig) -> list[str]:
+    """Hand a folder claimed with other settings over to ``params`` when its experiment finished
+    nothing: no fine-tuning run and no table. That experiment stopped early (often on a user
+    error, such as k above the number of units), and its folder must not refuse the corrected
+    command; with nothing finished, no two experiments can mix in one table.
+
+    Its outputs that the new settings would read as their own are removed: the selections and
+    unfinished runs always, features and units when a setting they are computed from changed
+    (``_OUTPUTS``; an embedding of the pool can take hours, and a changed k does not touch it).
+    Only entries the experiment writes are removed, never one that holds an input of the new
+    settings (such as ``source_features`` pointing into the old ``features/``), and a folder
+    only once empty. Any other case is left to :func:`claim_folder` to accept or refuse.
+    Returns the settings that changed ([] when nothing was released)."""
+    marker = out / "run.json"
+    if not marker.is_file():
+        return []
+    old = read_json(marker, "the marker of an experiment folder")
+    new = json.loads(to_json(params))  # as stored: tuples become lists
+    if old.get("kind") != "experiment-run" or old.get("params") == new:
+        return []
+    finished = [*out.glob("runs/*/result.json"), *out.glob("results.*"), out / "experiment.json"]
+    if any(p.exists() for p in finished):
+        return []
+    given = [cfg.weights, cfg.source, cfg.target, cfg.target_test, cfg.source_features,
+             cfg.target_features, *cfg.pretrainings.values()]
+    inputs = [Path(p).resolve() for p in given if p]
+    old_params = old.get("params", {})
+    for folder, pattern, settings in _OUTPUTS:
+        if settings is not None and all(old_params.get(k) == new.get(k) for k in settings):
+            continue
+        for path in sorted((out / folder).glob(pattern)):
+            here = path.resolve()
+            if any(p == here or here in p.parents for p in inputs):
+                continue
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        with contextlib.suppress(OSError):  # only an empty folder (it may hold others' files)
+            (out / folder).rmdir()
+    # claim_folder refuses a folder with files but no marker (features kept above), so the new
+    # marker is written here, in claim_folder's format; it finds its own settings and accepts
+    write_json(marker, {"kind": "experiment-run", "params": new})
+    return sorted(k for k in set(new) | set(old_params) if new.get(k) != old_params.get(k))
 
 
 __all__ = [
