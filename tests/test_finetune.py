@@ -1413,3 +1413,15 @@ def test_an_embedded_set_of_one_split_is_training_data_and_asks_for_test_data(tm
     assert_one_line_error(rc, err, "digits is one set of images, with no test split",
                           "--target-test")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_model_fine_tuned_at_another_image_size_is_saved_with_it(files, tmp_path, capsys):
+    # it was saved with the backbone's own 32 px, so explain / knowledge / embed reloaded it at
+    # a size it never saw; and the eval view took the centre 24 px of the 32 px resize
+    from pretrain_reuse.finetune.run import _at_input_side
+
+    out = run_ok(capsys, *base_args(files, tmp_path / "run", steps=1), "--image-size", 24)
+    spec = create_backbone("smallcnn-s", weights=out / "model.safetensors").spec
+    assert (spec.input_size, spec.resize_size) == ((24, 24), 24)  # smallcnn: no crop margin
+    resnet = create_backbone("torchvision:resnet18").spec  # 224 of 256: the same share of 128
+    assert _at_input_side(resnet, 128).resize_size == 146

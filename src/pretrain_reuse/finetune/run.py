@@ -149,13 +149,14 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
         backbone = create_backbone(model, weights=weights, device="cpu")
         if cfg.mode == "scratch":
             reinitialize(backbone, cfg.seed)
+    if cfg.image_size is not None:
+        _check_input_side(backbone, cfg.image_size)
+        backbone.spec = _at_input_side(backbone.spec, cfg.image_size)
     resize = resize_transform(_resize_side(backbone.spec))
     num_classes = _check_classes(train_pool, progress)
     train_set, val_set, split = target_splits(cfg, train_pool)
     check_batch_size(len(train_set), cfg.batch_size)  # before anything is written
     total_steps(cfg, len(train_set))
-    if cfg.image_size is not None:
-        _check_input_side(backbone, cfg.image_size)
     test_set = test_set.subset(range(len(test_set)))
     for d in (train_set, val_set, test_set):  # views of the caller's data, safe to configure
         d.transform = resize
@@ -201,6 +202,17 @@ def _data_fingerprint(train_set: ImageDataset, val_set: ImageDataset, test_set: 
     if source is not None:
         digest.update(json.dumps(source.labels.tolist()).encode())
     return digest.hexdigest()
+
+
+def _at_input_side(spec, side: int):
+    """The backbone's preprocessing at input side ``side``, keeping its crop ratio (ResNet's
+    224 of 256: 128 of 146), as timm does for another image size. The fine-tuned model is saved
+    with it, so it is loaded and evaluated (explain, knowledge) at the size it was trained at.
+    Only the centre ``side`` of the usual resize would show the network a zoomed-in part of
+    what training showed it whole."""
+    resize = round(side * _resize_side(spec) / spec.input_size[0])
+    return spec.with_preprocessing({"input_size": side, "resize_size": resize},
+                                   source="--image-size")
 
 
 def _check_input_side(backbone, side: int) -> None:
