@@ -488,3 +488,20 @@ def test_target_data_without_test_data_is_refused_before_the_folder_is_claimed(t
     assert "pass --target-test" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()  # else the corrected command would find it claimed
 
+
+def test_one_seed_leaves_the_spread_empty_not_zero(quick_demo, tmp_path):
+    demo, _, _ = quick_demo
+    skip = ("reuse greedy-ot l2", "reuse greedy-ot cosine", "reuse uot l2")
+    cfg = load_experiment_config(_config(demo, tmp_path, skip=skip, finetune={**FAST, "max_steps": 1}),
+                                 seeds=(0,))
+    out = tmp_path / "t4"
+    table = run_experiment("table4", cfg, out, progress=False)
+    assert table.rows[0]["top1_std"] is None  # a sample standard deviation of one value
+    with open(out / "results.csv") as fh:
+        (row,) = csv.DictReader(fh)
+    assert row["top1_std"] == "" and float(row["top1_mean"]) == pytest.approx(table.rows[0]["top1_mean"])
+    assert f"| {table.rows[0]['top1_mean']:.4f} |" in (out / "results.md").read_text()
+    # a swept table with one seed plots its lines without a spread band
+    swept = [{**table.rows[0], "method": "reuse uot classes", "x": x} for x in (0.5, 1.0)]
+    ExperimentTable("fig3b", swept, "target training fraction", {}).save(tmp_path / "fig")
+    assert (tmp_path / "fig" / "results.png").stat().st_size > 0

@@ -261,7 +261,8 @@ def _summary(out: Path, plan: DemoPlan, runs, related, timing, quick: bool, seed
         final = np.array([r.final["top1"] for r in results])
         best = np.array([r.at_best_val["top1"] for r in results])
         finetune[name] = {"mode": RUNS[name][0], "top1_mean": float(final.mean()),
-                          "top1_std": float(final.std(ddof=1)) if len(final) > 1 else 0.0,
+                          # undefined for one seed, as in an experiment's results
+                          "top1_std": float(final.std(ddof=1)) if len(final) > 1 else None,
                           "top1_at_best_val_mean": float(best.mean()),
                           "seeds": [r.config["seed"] for r in results]}
     k = read_json(out / "knowledge" / "knowledge.json", "knowledge")

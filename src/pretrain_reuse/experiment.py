@@ -29,8 +29,8 @@ Given feature stores must hold the samples and labels of ``source`` / ``target``
 A random selection is drawn with each run's seed, and a low-data or long-tail run (a sweep's or
 the ``finetune`` settings') selects with the class means of the images it trains on. The table is
 written as ``results.csv``, ``results.md``, ``results.png`` and ``experiment.json``; accuracies are
-the final-step test top-1 (mean and sample standard deviation over seeds) next to the test top-1
-at the best validation evaluation.
+the final-step test top-1 (mean and sample standard deviation over seeds, left empty for a single
+seed) next to the test top-1 at the best validation evaluation.
 """
 
 from __future__ import annotations
@@ -479,8 +479,8 @@ class ExperimentTable:
                 xs = [r["x"] for r in rows]
                 ys = np.array([r[key] for r in rows])
                 ax.plot(xs, ys, marker="o", color=f"C{i}", label=m)
-                if key == "top1_mean":
-                    sd = np.array([r["top1_std"] for r in rows])
+                if key == "top1_mean":  # no band where the spread is undefined (one seed)
+                    sd = np.array([np.nan if r["top1_std"] is None else r["top1_std"] for r in rows])
                     ax.fill_between(xs, ys - sd, ys + sd, color=f"C{i}", alpha=0.15)
             if self.name == "fig4a":
                 ax.set_xscale("log")
@@ -791,7 +791,8 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
             "recall": _mean(recalls[i]) if i in sels and recalls[i][0] is not None else None,
             "units": _mean([len(sel.selected) for sel in sels[i]]) if i in sels else None,
             "top1_mean": _mean(final),
-            "top1_std": float(np.std(final, ddof=1)) if len(final) > 1 else (0.0 if final else None),
+            # the sample standard deviation of one seed is undefined (empty in results.csv), not 0
+            "top1_std": float(np.std(final, ddof=1)) if len(final) > 1 else None,
             "top1_at_best_val_mean": _mean([r.at_best_val["top1"] for r in results]),
             "mean_class_acc_mean": _mean([r.final["mean_class_acc"] for r in results]),
             "seeds": [r.config["seed"] for r in results],

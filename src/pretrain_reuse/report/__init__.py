@@ -208,7 +208,8 @@ def _finetune_section(run: Path, summary: dict) -> str:
     ax.set_ylabel("target test top-1")
     ax.legend(fontsize=7, ncol=2)
     ax.set_title("Fine-tuning curves (first seed)")
-    rows = [[name, v["mode"], f"{v['top1_mean']:.4f} ± {v['top1_std']:.4f}",
+    rows = [[name, v["mode"], f"{v['top1_mean']:.4f}" + (
+             "" if v["top1_std"] is None else f" ± {v['top1_std']:.4f}"),
              f"{v['top1_at_best_val_mean']:.4f}", len(v["seeds"])] for name, v in ft.items()]
     parts = ["<p>Test accuracy is reported twice: after the last step, and at the evaluation "
              "with the best <i>validation</i> accuracy (a split carved from the training data). "
@@ -229,12 +230,12 @@ def _compare(ft: dict, a: str, b: str, where: str = "") -> str:
     if a not in ft or b not in ft:
         return ""
     da = ft[a]["top1_mean"] - ft[b]["top1_mean"]
-    spread = max(ft[a]["top1_std"], ft[b]["top1_std"])
     where = html.escape(where)
-    if min(len(ft[a]["seeds"]), len(ft[b]["seeds"])) < 2:
+    if min(len(ft[a]["seeds"]), len(ft[b]["seeds"])) < 2:  # one seed: its spread is undefined
         word = "ahead of" if da > 0 else "not ahead of"
         return (f'<p class="note">{where}{a} is {word} {b} by {100 * da:+.2f} points on one seed: '
                 "no spread to compare with, so this is not evidence either way.</p>")
+    spread = max(ft[a]["top1_std"], ft[b]["top1_std"])
     if da > spread:
         return (f'<p class="good">{where}{a} beats {b} by {100 * da:.2f} points (more than the '
                 "seed spread).</p>")
