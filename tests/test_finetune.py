@@ -1236,6 +1236,7 @@ def _two_and_one_process_runs(files, tmp_path, capsys, *args) -> tuple[dict, dic
          "-m", "pretrain_reuse", "finetune", *args],
         env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("test top-1") == 1, proc.stdout  # rank 0 reports for both
     one_args = list(args)
     one_args[one_args.index("--out") + 1] = str(tmp_path / "one")
     run_ok(capsys, "finetune", *one_args)

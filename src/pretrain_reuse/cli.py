@@ -100,8 +100,14 @@ def load_units_arg(path: str, labels: str | None, class_names: str | None, what:
 # --------------------------------------------------------------------------------------------
 
 
-def cmd_embed(args) -> int:
+def _reporter() -> bool:
+    """Whether this process prints the verb's results: under torchrun, rank 0 only."""
     from .distributed import rank_world
+
+    return rank_world()[0] == 0
+
+
+def cmd_embed(args) -> int:
     from .embed import EmbedConfig, embed
 
     cfg = EmbedConfig(model=args.model, data=args.data, weights=args.weights, layer=args.layer,
@@ -110,7 +116,7 @@ def cmd_embed(args) -> int:
                       seed=args.seed)
     _quiet_transformers(args.model, args.quiet)
     store = embed(cfg, args.out, progress=not args.quiet)
-    if rank_world()[0] != 0:  # under torchrun: rank 0 reports for all
+    if not _reporter():
         return 0
     skipped = store.meta.get("skipped", 0)
     print(f"wrote {len(store)} x {store.dim} features to {args.out}"
@@ -253,11 +259,15 @@ def cmd_finetune(args) -> int:
 
         best = grid_search(cfg, parse_grid(args.grid), args.out, run,
                            check=lambda c: run(c, None, check_only=True))["best"]
+        if not _reporter():
+            return 0
         print(f"best on validation: {best['run']} (val top-1 {best['val_top1']:.4f}; its test "
               f"top-1 {best['test_top1_at_best_val']:.4f}); wrote {Path(args.out) / 'grid.csv'}")
         _note_weights(args.model, args.weights, args.quiet, mode=cfg.mode)
         return 0
     result = run(cfg, args.out)
+    if not _reporter():
+        return 0
     final, best = result.final, result.at_best_val
     # with no validation image (val_fraction 0, a regime that trains on all) nothing was picked
     picked = (f"{best['top1']:.4f} at the best-validation evaluation (step {best['step']})"
@@ -674,7 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(similarity groups), and knowledge (Jiang et al.'s analysis for each of "
                         "several pre-trainings, e.g. supervised vs self-supervised weights, with the "
                         "correlation of the knowledge ratios with accuracy). Writes results.csv / "
-                        ".md / .png; a rerun skips finished runs. Shared fine-tuning fields go "
+                        ".md / .png; a rerun skips finished runs, and a folder where no run finished "
+                        "takes new settings. Shared fine-tuning fields go "
                         "under `finetune:` in --config, explanation fields under `explain:`.")
     ex.add_argument("name", help="table1 | table2 | table3 | table4 | fig3a | fig3b | fig4a | "
                     "fig4b | knowledge")

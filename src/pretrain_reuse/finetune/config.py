@@ -91,7 +91,8 @@ FIELD_HELP: dict[str, str] = {
     "checkpoint_every": "steps between checkpoints",
     "snapshots": "also save the model at every evaluation, in snapshots/ (knowledge "
                  "--checkpoints)",
-    "image_size": "input side in pixels (None: the backbone's)",
+    "image_size": "input side in pixels, the resize keeping the backbone's crop ratio; the "
+                  "model is saved with it (None: the backbone's)",
     "augment": "standard: RandomResizedCrop + flip; flip: flip only; none",
     "cutout": "reuse-unlabeled's strong view: Cutout side / image side (0: none)",
     "strong_ops": "reuse-unlabeled's strong view: FixMatch RandAugmentMC operations per image "
