@@ -6,11 +6,13 @@ value is salient (each is above 5% of its sample's largest entry).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import math
 import os
 import pkgutil
+import re
 import subprocess
 import sys
 
@@ -106,7 +108,7 @@ def test_ratios_by_order_restrict_every_set_to_one_order():
 
 
 def test_models_over_different_players_are_refused():
-    with pytest.raises(PretrainReuseError, match="finetuned has n=2 players but pretrained has n=3"):
+    with pytest.raises(PretrainReuseError, match="pretrained and finetuned have n=3 and n=2 players"):
         sample_knowledge(PRE, inter(2, A0=1.0))
     with pytest.raises(PretrainReuseError, match="match='sign' is not one of"):
         sample_knowledge(PRE, FT, match="sign")
@@ -370,6 +372,31 @@ def test_set_discrimination_saves_loads_and_plots_its_purities(tmp_path):
         SetDiscrimination.load(tmp_path / "bad.json")
     with pytest.raises(PretrainReuseError, match="holds kind 'set-discrimination', not 'knowledge-conv"):
         Convergence.load(tmp_path / "purity.json")
+
+
+def _on(x: Interactions, **info) -> Interactions:
+    """``x`` as a game recorded by explain (its info names the sample, players and baseline)."""
+    return dataclasses.replace(x, info={
+        "sample": "a.png", "players": {"players": "grid", "n": x.n}, "baseline": "zero",
+        "output": "log-odds", **info})
+
+
+@pytest.mark.parametrize("other,needle", [
+    ({"sample": "b.png"}, "a different sample ('a.png' and 'b.png')"),
+    ({"baseline": "blur"}, "a different baseline ('zero' and 'blur')"),
+    ({"players": {"players": "grid", "n": 3, "seed": 1}}, "a different players ({"),
+])
+def test_games_of_other_samples_or_baselines_are_not_compared(other, needle):
+    # lists are paired by position: a reordered list compared cat/2 with fish/5 without a word
+    with pytest.raises(PretrainReuseError, match=re.escape(needle)):
+        knowledge_report([_on(PRE)], [_on(FT, **other)])
+    with pytest.raises(PretrainReuseError, match=re.escape(needle)):
+        knowledge_convergence([[_on(PRE)], [_on(FT, **other)]])
+    with pytest.raises(PretrainReuseError, match=re.escape(needle)):
+        transferability(_on(PRE), _on(FT, **other))
+    # the same game under another model is compared, and so are different samples of a class
+    assert knowledge_report([_on(PRE)], [_on(FT, model="other")]).n_samples == 1
+    discrimination_power([_on(PRE), _on(FT, sample="b.png")])
 
 
 def test_discrimination_power_takes_any_iterable_and_names_a_sample_that_is_not_interactions():

@@ -216,19 +216,15 @@ def sample_knowledge(pretrained: Interactions, finetuned: Interactions,
                      match: str = "support") -> SampleKnowledge:
     """Knowledge sets of one sample under the pre-trained, fine-tuned and (optional) scratch model.
 
-    All interactions must be over the same players (same n; same players and baseline is the
-    caller's responsibility), and each model's salient set uses its own maximum (note §3).
+    All interactions must be games of the same sample, players, baseline and output (checked
+    where their info records them, as explain's do), and each model's salient set uses its own
+    maximum (note §3).
     """
     models = [("pretrained", pretrained), ("finetuned", finetuned)]
     if scratch is not None:
         models.append(("scratch", scratch))
-    for name, x in models:
-        check_interactions(name, x)
-        if x.n != pretrained.n:
-            raise PretrainReuseError(
-                f"{name} has n={x.n} players but pretrained has n={pretrained.n}; explain every "
-                "model on the same players"
-            )
+    for name, x in models[1:]:
+        _check_pair(pretrained, x, ("pretrained", name))
     sets = {name: knowledge_set(x, tau=tau, match=match) for name, x in models}
     return SampleKnowledge(sets["pretrained"], sets["finetuned"], sets.get("scratch"), pretrained.n, match)
 
@@ -395,13 +391,30 @@ def _vector(x: Interactions, order: int | None = None) -> np.ndarray:
     return np.concatenate([x.and_values[keep], x.or_values[keep]])
 
 
-def _check_pair(a: Interactions, b: Interactions, names: tuple[str, str] = ("a", "b")) -> None:
-    """Both are Interactions over the same number of players; ``names`` name them in errors."""
+#: What, besides the model, defines a game in an Interactions' info (explain records them): two
+#: models are compared on one sample only when these agree.
+GAME_KEYS = ("sample", "players", "baseline", "output")
+
+
+def _check_pair(a: Interactions, b: Interactions, names: tuple[str, str] = ("a", "b"), *,
+                same_game: bool = True) -> None:
+    """Both are Interactions over the same number of players; with ``same_game``, also of the
+    same sample, players, baseline and output where their info records them (lists of samples
+    are paired by position, so a reordered list would compare different images). ``names``
+    name them in errors."""
     check_interactions(names[0], a)
     check_interactions(names[1], b)
     if a.n != b.n:
         raise PretrainReuseError(f"{names[0]} and {names[1]} have n={a.n} and n={b.n} players; "
                                  "compare interactions over the same players")
+    if not same_game:
+        return
+    for key in GAME_KEYS:
+        if key in a.info and key in b.info and a.info[key] != b.info[key]:
+            raise PretrainReuseError(
+                f"{names[0]} and {names[1]} are games with a different {key} ({a.info[key]!r} and "
+                f"{b.info[key]!r}); pass the models' interactions on the same samples, in the same "
+                "order, with the same players and baseline")
 
 
 def transferability(a: Interactions, b: Interactions, *, tau: float = 0.05,
@@ -653,7 +666,7 @@ def discrimination_power(samples: Iterable[Interactions], *, tau: float = 0.05) 
     if not samples:
         raise PretrainReuseError("samples is empty; pass the interactions of the class's samples")
     for i, x in enumerate(samples):
-        _check_pair(x, samples[0], (f"samples[{i}]", "samples[0]"))
+        _check_pair(x, samples[0], (f"samples[{i}]", "samples[0]"), same_game=False)
     return _discrimination([x.salient(tau) for x in samples])
 
 
