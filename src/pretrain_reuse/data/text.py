@@ -1,11 +1,12 @@
 """Labelled sentences for text classifiers: :class:`TextDataset` and the JSONL reader.
 
-File format (``.jsonl``, UTF-8): one JSON object per non-empty line, with
+File format (``.jsonl``, UTF-8, with or without a byte-order mark): one JSON object per non-empty line, with
 
 - ``"text"``: the sentence (a non-empty string);
 - ``"label"``: an integer class index, or a class name (names are numbered in sorted order, as
-  the folders of an image folder are); integer labels are named by a ``classes.txt`` beside the
-  file when there is one (line i names class i);
+  the folders of an image folder are, until :func:`numbered_by` renumbers them in a model's order);
+  integer labels are named by a ``classes.txt`` beside the file when there is one (line i names
+  class i);
 - ``"id"`` (optional): a stable sample id; default ``<file name>:<line number>``.
 
 For example, two lines of SST-2: ``{"label": 1, "text": "a gorgeous , witty , seductive movie ."}``
@@ -15,12 +16,12 @@ and ``{"label": 0, "text": "the plot is nothing but boilerplate clichés ."}``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..errors import PretrainReuseError, check_file
-from .datasets import _parse_labels
+from .datasets import _is_integer, _parse_labels
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class TextDataset:
         class_names: a name per class, or None.
         ids: stable sample ids.
         source: where the sentences came from.
+        named: the file gave class names (numbered here, see :func:`numbered_by`), not indices.
     """
 
     texts: list[str]
@@ -40,6 +42,7 @@ class TextDataset:
     class_names: list[str] | None
     ids: list[str]
     source: str
+    named: bool = False
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -49,7 +52,8 @@ def text_file(path) -> TextDataset:
     """Read a ``.jsonl`` file of labelled sentences (format in the module docstring)."""
     p = check_file("data", path)
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: files saved by Windows editors start with a byte-order mark, not JSON
+        lines = p.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError:
         raise PretrainReuseError(f"data: {str(p)!r} is not UTF-8 text; pass a .jsonl file of "
                                  '{"label": ..., "text": ...} lines') from None
@@ -79,5 +83,22 @@ def text_file(path) -> TextDataset:
     if len(set(ids)) != len(ids):
         raise PretrainReuseError(f"data: {str(p)!r} repeats sample ids; make every \"id\" unique")
     label_array, class_names = _parse_labels(labels, p)
+    # as _parse_labels reads them: "3" is the index 3, as 3 is
+    named = not all(_is_integer(label) for label in labels)
     return TextDataset(texts=texts, labels=label_array, class_names=class_names, ids=ids,
-                       source=str(p))
+                       source=str(p), named=named)
+
+
+def numbered_by(dataset: TextDataset, names: list[str]) -> TextDataset:
+    """``dataset`` (with class names, ``dataset.named``) with its classes numbered as ``names``
+    numbers them (class i is ``names[i]``: a model's classes), ``class_names`` = ``names``; the
+    data may hold fewer classes than ``names``. A class of the data not in ``names`` is refused."""
+    index = {name: i for i, name in enumerate(names)}
+    unknown = sorted(set(dataset.class_names) - index.keys())
+    if unknown:
+        raise PretrainReuseError(
+            f"data: {dataset.source!r} has the label {unknown[0]!r}, which the model does not "
+            f"know (its classes: {', '.join(map(repr, names))}); relabel the data with the "
+            "model's class names or pass a model trained on these classes")
+    labels = np.asarray([index[dataset.class_names[y]] for y in dataset.labels], np.int64)
+    return replace(dataset, labels=labels, class_names=list(names))

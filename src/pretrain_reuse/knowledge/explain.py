@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ..artifacts import atomic_path, hash_array, hash_file, make_meta, make_run_folder, write_json
 from ..data.datasets import ImageDataset
-from ..data.text import TextDataset
+from ..data.text import TextDataset, numbered_by
 from ..embed import preprocessed
 from ..errors import PretrainReuseError, check_choice, check_device, check_seed
 from ..models import Backbone, state_hash
@@ -323,6 +323,7 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
     Everything that would fail is checked before anything is written (:func:`check_explainable`)."""
     check_tau(tau)
     indices = _check_indices(indices, dataset)
+    dataset = model_classes(model, dataset)
     check_explainable(model, dataset, indices, cfg, role, torch.device(cfg.device))
     games = explain_games(model, dataset, indices, cfg, out, role=role,
                           params={"tau": tau, "split": split}, progress=progress)
@@ -356,18 +357,59 @@ def check_explainable(model: Backbone, dataset: ImageDataset | TextDataset, indi
 
 def check_classifier(model: Backbone, dataset: ImageDataset | TextDataset, cfg: ExplainConfig,
                      role: str) -> None:
-    """``model`` is a classifier over ``dataset``'s classes of the modality of ``cfg.players``."""
+    """``model`` is a classifier over ``dataset``'s classes of the modality of ``cfg.players``:
+    as many classes, or, for sentences labelled by names and a model whose config names its
+    classes, names the model knows numbered as it numbers them (:func:`model_classes`)."""
     _check_pairing(model, dataset, cfg, role)
     if model.num_classes is None or model.layer != "penultimate":
         raise PretrainReuseError(
             f"{role}: the model must be a classifier with a head (got num_classes="
             f"{model.num_classes}); pass the weights of a fine-tuned or linear-probe model")
     _check_labelled(dataset)
+    names = model_class_names(model)
+    if isinstance(dataset, TextDataset) and dataset.named and names is not None:
+        # the data's names are the model's classes (fewer is fine); numbered otherwise than the
+        # model numbers them, every label would silently explain another class
+        if not np.array_equal(numbered_by(dataset, names).labels, dataset.labels):
+            raise PretrainReuseError(
+                f"{role} {model.spec.name}: the data's class names are numbered in sorted order, "
+                "not as the model numbers them ("
+                + ", ".join(f"{i}={name!r}" for i, name in enumerate(names))
+                + "); give the labels as these indices, or renumber the data with "
+                "model_classes(model, data)")
+        return
     n_classes = len(dataset.class_names or []) or int(dataset.labels.max()) + 1
     if model.num_classes != n_classes:
         raise PretrainReuseError(
             f"{role} {model.spec.name}: the model outputs {model.num_classes} classes but the data "
             f"has {n_classes}; pass a model trained on this data's classes")
+
+
+def model_class_names(model: Backbone) -> list[str] | None:
+    """The class names of a Hugging Face classifier's config (``id2label``: name of class i),
+    None when they are transformers' defaults (LABEL_0, LABEL_1, ...), which name nothing, when
+    the model has no such config, or when they do not name every output of its head (a head
+    loaded from other weights)."""
+    id2label = getattr(getattr(model.body, "config", None), "id2label", None)
+    if not id2label or model.num_classes is None:
+        return None
+    names = [id2label.get(i) for i in range(model.num_classes)]
+    if any(not isinstance(name, str) for name in names) or len(id2label) != model.num_classes:
+        return None
+    return None if names == [f"LABEL_{i}" for i in range(len(names))] else names
+
+
+def model_classes(model: Backbone, dataset: ImageDataset | TextDataset
+                  ) -> ImageDataset | TextDataset:
+    """``dataset`` with its labels as ``model``'s class indices: sentences labelled by class
+    names, for a model whose config names its classes (:func:`model_class_names`), are
+    renumbered by the model's names (a name the model does not know is refused); any other data
+    (integer labels are the model's indices already; names for a model without names, numbered
+    in sorted order) is returned as it is."""
+    names = model_class_names(model)
+    if not (isinstance(dataset, TextDataset) and dataset.named and names is not None):
+        return dataset
+    return numbered_by(dataset, names)
 
 
 def check_outputs(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.ndarray,
