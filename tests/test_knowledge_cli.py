@@ -239,6 +239,27 @@ def test_weights_of_another_architecture_are_a_user_error(tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 1 and "does not fit smallcnn-s" in err
 
 
+def test_checkpoints_of_another_run_or_not_models_are_refused(tmp_path, capsys):
+    model = _classifier(tmp_path / "m.safetensors", 10)
+    (tmp_path / "snaps").mkdir()
+    for step in (1, 2):  # snapshots of another run: its final model is not --finetuned
+        _classifier(tmp_path / "snaps" / f"step-{step:07d}.safetensors", 10, seed=step)
+    knowledge = ["knowledge", "--model", "smallcnn-s", "--pretrained", model, "--finetuned", model,
+                 "--data", "synthetic:target", "--players", "grid:2x2", "--samples", 2, "--quiet",
+                 "--out", tmp_path / "k"]
+    rc, _, err = _run(capsys, *knowledge, "--checkpoints", tmp_path / "snaps")
+    assert rc == 2 and err.count("\n") == 1
+    assert "the last of --checkpoints (step-0000002.safetensors) is not the --finetuned model" in err
+    # an explain folder's interactions are not models (they failed as weights of smallcnn-s)
+    assert _run(capsys, "explain", "--model", "smallcnn-s", "--weights", model, "--data",
+                "synthetic:target", "--players", "grid:2x2", "--samples", 1, "--quiet", "--out",
+                tmp_path / "x")[0] == 0
+    rc, _, err = _run(capsys, *knowledge, "--checkpoints", tmp_path / "x")
+    assert rc == 2 and err.count("\n") == 1
+    assert "holds interactions-0000.safetensors, which is not a saved model" in err
+    assert not (tmp_path / "k").exists()
+
+
 def test_joint_decomposition_gives_identical_models_one_split(quick_demo, tmp_path, capsys):
     # the demo's linear probe and fine-tuned model, and the fine-tuned one again as scratch:
     # sparsified together, the identical games of "finetuned" and "scratch" get the same AND/OR
@@ -340,8 +361,8 @@ def test_joint_decomposition_keeps_the_explain_meta_and_decomposes_checkpoints_a
                                                                                     capsys):
     model = _classifier(tmp_path / "m.safetensors", 10)
     (tmp_path / "snaps").mkdir()
-    for step in (1, 2):
-        _classifier(tmp_path / "snaps" / f"step-{step:07d}.safetensors", 10, seed=step)
+    for step, seed in ((1, 1), (2, 0)):  # the last snapshot is the fine-tuned model (seed 0)
+        _classifier(tmp_path / "snaps" / f"step-{step:07d}.safetensors", 10, seed=seed)
     rc, _, err = _run(capsys, "knowledge", "--model", "smallcnn-s", "--pretrained", model,
                       "--finetuned", model, "--checkpoints", tmp_path / "snaps", "--data",
                       "synthetic:target", "--players", "grid:2x2", "--samples", 2,
@@ -362,8 +383,8 @@ def test_joint_decomposition_keeps_the_explain_meta_and_decomposes_checkpoints_a
 def test_a_smaller_rerun_leaves_no_outputs_of_the_earlier_run(tmp_path, capsys):
     model = _classifier(tmp_path / "m.safetensors", 10)
     (tmp_path / "snaps").mkdir()
-    for step in (1, 2):
-        _classifier(tmp_path / "snaps" / f"step-{step:07d}.safetensors", 10, seed=step)
+    for step, seed in ((1, 1), (2, 0)):  # the last snapshot is the fine-tuned model (seed 0)
+        _classifier(tmp_path / "snaps" / f"step-{step:07d}.safetensors", 10, seed=seed)
     explain = ["explain", "--model", "smallcnn-s", "--weights", model, "--data", "synthetic:target",
                "--players", "grid:2x2", "--quiet"]
     assert _run(capsys, *explain, "--samples", 4, "--out", tmp_path / "x")[0] == 0

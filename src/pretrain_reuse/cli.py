@@ -399,8 +399,10 @@ def cmd_explain(args) -> int:
 
 
 def cmd_knowledge(args) -> int:
+    from .artifacts import safetensors_header
     from .knowledge.analysis import analyze_knowledge
     from .knowledge.plots import purity_is_informative
+    from .models import state_hash
 
     cfg = _explain_config(args)
     models = {"pretrained": _classifier(args.model, args.pretrained, "--pretrained", args.quiet),
@@ -418,8 +420,19 @@ def cmd_knowledge(args) -> int:
         if not files:
             raise PretrainReuseError(f"--checkpoints {args.checkpoints!r} holds no .safetensors "
                                      "models; fine-tune with --snapshots to save them")
+        foreign = [f for f in files if (safetensors_header(f) or {}).get("kind") != "backbone"]
+        if foreign:  # e.g. an explain folder's interactions, which would fail as weights
+            raise PretrainReuseError(
+                f"--checkpoints {args.checkpoints!r} holds {foreign[0].name}, which is not a "
+                "saved model; pass the snapshots folder of the fine-tuning run (finetune "
+                "--snapshots) or the run folder")
         checkpoints = [_classifier(args.model, str(f), "--checkpoints", args.quiet)
                        for f in files]
+        # the curve is the fine-tuned model's approach to itself: its last point must be it
+        if state_hash(checkpoints[-1]) != state_hash(models["finetuned"]):
+            raise PretrainReuseError(
+                f"the last of --checkpoints ({files[-1].name}) is not the --finetuned model; pass "
+                "the snapshots of the run that made it (its last snapshot is its final model)")
     data, split = _explain_data(args)
     summary = analyze_knowledge(models, data, cfg, args.out, checkpoints=checkpoints, tau=args.tau,
                                 match=args.match, split=split, progress=not args.quiet)
