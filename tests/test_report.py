@@ -206,3 +206,13 @@ def test_interactions_that_do_not_fit_the_run_are_one_line(tmp_path, capsys):
     rc, _, err = _report(capsys, run)
     assert rc == 0, err
     assert 'alt="salient interactions"' in (run / "report.html").read_text()
+
+
+def test_a_knowledge_folder_or_a_file_is_named_as_such(tmp_path, capsys):
+    # load() pointed users at report for a knowledge folder, which report then refused blankly
+    (tmp_path / "k").mkdir()
+    (tmp_path / "k" / "knowledge.json").write_text(json.dumps(_knowledge()))
+    rc, _, err = _report(capsys, tmp_path / "k")
+    assert rc == 2 and err.count("\n") == 1 and "it is a knowledge folder" in err
+    rc, _, err = _report(capsys, tmp_path / "k" / "knowledge.json")
+    assert rc == 2 and err.count("\n") == 1 and "is a file; pass the demo or experiment folder" in err

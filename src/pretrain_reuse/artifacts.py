@@ -470,7 +470,7 @@ def _refuse_knowledge_outputs(p: Path) -> None:
     if (folder / "knowledge.json").is_file() and (p.is_dir() or p.name == "knowledge.json"):
         raise PretrainReuseError(
             f"{str(p)!r} is the output of knowledge: its numbers are in knowledge.json (plain JSON, "
-            "json.load reads it; pretrain-reuse report renders it), and in each model's folder "
+            "json.load reads it; its figures are beside it), and in each model's folder "
             f"(pretrained/, finetuned/, ...) {one}")
     if (folder / "explain.json").is_file() and (p.is_dir() or p.name == "explain.json"):
         raise PretrainReuseError(f"{str(p)!r} is the output of explain, a folder of per-sample "

@@ -492,12 +492,18 @@ def build_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.html`` from the run's files (a demo or an experiment folder) and
     return its path."""
     run = check_file("run folder", run_dir)
+    if run.is_file():
+        raise PretrainReuseError(f"{str(run)!r} is a file; pass the demo or experiment folder "
+                                 "that holds it")
     if (run / "experiment.json").exists():
         return _write_page(run, _experiment_body(run))
     summary_path = run / "summary.json"
     if not summary_path.exists():
-        raise PretrainReuseError(f"{str(run)!r} has no summary.json or experiment.json; pass a "
-                                 "demo or experiment run folder")
+        what = (" (it is a knowledge folder: its numbers are in knowledge.json and its figures "
+                "beside it; report renders it as part of a demo run, or of an experiment's "
+                "knowledge recipe)" if (run / "knowledge.json").exists() else "")
+        raise PretrainReuseError(f"{str(run)!r} has no summary.json or experiment.json{what}; "
+                                 "pass a demo or experiment run folder")
     summary = read_json(summary_path, "summary")
     _check_entries(summary, SUMMARY_KEYS, summary_path)
     body = [
