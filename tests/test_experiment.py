@@ -505,3 +505,12 @@ def test_one_seed_leaves_the_spread_empty_not_zero(quick_demo, tmp_path):
     swept = [{**table.rows[0], "method": "reuse uot classes", "x": x} for x in (0.5, 1.0)]
     ExperimentTable("fig3b", swept, "target training fraction", {}).save(tmp_path / "fig")
     assert (tmp_path / "fig" / "results.png").stat().st_size > 0
+
+
+def test_a_table_that_selects_nothing_has_no_recall_or_units_columns():
+    row = {"method": "supervised", "x": None, "recall": None, "units": None, "top1_mean": 0.5,
+           "top1_std": None, "top1_at_best_val_mean": 0.5, "seeds": [0]}
+    head, body = ExperimentTable("knowledge", [row], None, {}).cells()
+    assert "recall" not in head and "units" not in head and body[0][:2] == ["supervised", "0.5000"]
+    head, body = ExperimentTable("table1", [{**row, "recall": 0.75, "units": 3.0}], None, {}).cells()
+    assert head[1:3] == ["recall", "units"] and body[0][1:3] == ["0.7500", "3"]

@@ -432,9 +432,12 @@ class ExperimentTable:
         """Header and formatted rows of the table (shared by Markdown and the HTML report); the
         spread is shown only when there are several seeds."""
         ratios = [k for k in KNOWLEDGE_RATIOS if any(r.get(k) is not None for r in self.rows)]
-        head = ["method", *([self.x_label] if self.x_label else []), "recall", "units",
+        # a recipe that selects nothing (knowledge) has no recall or units column
+        picks = [k for k in ("recall", "units") if any(r[k] is not None for r in self.rows)]
+        head = ["method", *([self.x_label] if self.x_label else []), *picks,
                 "test top-1 (final, mean ± std over seeds)", "test top-1 (at best val)", "seeds",
                 *ratios]
+        number = {"recall": "{:.4f}", "units": "{:g}"}
         body = []
         for r in self.rows:
             acc = "" if r["top1_mean"] is None else f"{r['top1_mean']:.4f}"
@@ -442,8 +445,7 @@ class ExperimentTable:
                 acc += f" ± {r['top1_std']:.4f}"
             best = r["top1_at_best_val_mean"]
             body.append([r["method"], *([str(r["x"])] if self.x_label else []),
-                         "" if r["recall"] is None else f"{r['recall']:.4f}",
-                         "" if r["units"] is None else f"{r['units']:g}", acc,
+                         *("" if r[k] is None else number[k].format(r[k]) for k in picks), acc,
                          "" if best is None else f"{best:.4f}",
                          str(len(r["seeds"])) if r["seeds"] else "",
                          *("" if r.get(k) is None else f"{r[k]:.3f}" for k in ratios)])

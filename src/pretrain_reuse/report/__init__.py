@@ -481,7 +481,8 @@ def _experiment_body(run: Path) -> list[str]:
                              f"{len(results)} runs).", "fine-tuning curves"))
     params = json.dumps(table.params, indent=1)
     return [f"<h1>pretrain-reuse experiment {html.escape(table.name)}</h1>",
-            f"<p>{html.escape(RECIPES[table.name][2])} (Liu et al., NeurIPS 2022), run on the "
+            f"<p>{html.escape(RECIPES[table.name][2])}"
+            + ("" if table.name == "knowledge" else " (Liu et al., NeurIPS 2022)") + ", run on the "
             f"data and backbone below. Run folder: <code>{html.escape(str(run))}</code>.</p>",
             _section("Results", "experiment", "".join(parts)),
             _section("Parameters and versions", "parameters",
