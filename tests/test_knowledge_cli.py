@@ -88,6 +88,8 @@ def test_knowledge_of_a_model_against_itself_preserves_everything(tmp_path, caps
     (["--players", "grid:64x64", "--n", "4"], "does not fit an input of 32x32 pixels"),
     # the text sample rules
     (["--max-position", "5"], "max_position applies to players=tokens"),
+    # one model: joint-and-or was and-or under another name
+    (["--decomposition", "joint-and-or"], "explain has one model: pass and-or"),
 ])
 def test_explain_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, needle):
     weights = _classifier(tmp_path / "m.safetensors", 10)

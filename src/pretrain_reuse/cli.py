@@ -382,6 +382,9 @@ def cmd_explain(args) -> int:
     from .knowledge.explain import choose_samples, explain, explainable
 
     cfg = _explain_config(args)
+    if cfg.decomposition == "joint-and-or":  # with one model it is and-or, under another name
+        raise PretrainReuseError("--decomposition joint-and-or sparsifies several models' games "
+                                 "together (knowledge); explain has one model: pass and-or")
     model = _classifier(args.model, args.weights, "--weights", args.quiet)
     data, split = _explain_data(args)
     indices = choose_samples(data, min(cfg.samples, len(data)), cfg.seed,
