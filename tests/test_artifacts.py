@@ -634,3 +634,19 @@ def test_a_folder_that_is_not_a_store_says_what_it_is(tmp_path, content, needle)
         (tmp_path / "f" / name).write_bytes(data)
     with pytest.raises(PretrainReuseError, match=re.escape(needle)):
         load(tmp_path / "f")
+
+
+def test_explain_games_and_a_run_split_are_named_not_misread(tmp_path):
+    # a game (v on every coalition) was read as a prototype matrix, split.json as a selection
+    from pretrain_reuse import load
+
+    (tmp_path / "x" / "games").mkdir(parents=True)
+    (tmp_path / "x" / "explain.json").write_text('{"kind": "explanations", "finished": true}')
+    np.save(tmp_path / "x" / "games" / "0000005-abc.npy", np.zeros(512))
+    with pytest.raises(PretrainReuseError, match="is a cached game of explain"):
+        load(tmp_path / "x" / "games" / "0000005-abc.npy")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text('{"kind": "finetune-run"}')
+    (tmp_path / "run" / "split.json").write_text('{"train": [], "val": []}')
+    with pytest.raises(PretrainReuseError, match="record of a fine-tuning run's split"):
+        load(tmp_path / "run" / "split.json")

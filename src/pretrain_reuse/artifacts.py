@@ -462,6 +462,14 @@ def _refuse_knowledge_outputs(p: Path) -> None:
     them (one sample's interactions, the summary) instead of calling them something else."""
     folder = p if p.is_dir() else p.parent
     one = "pretrain_reuse.load(<folder>/interactions-0000.safetensors) opens one sample's interactions"
+    if folder.name == "games" and (folder.parent / "explain.json").is_file():
+        raise PretrainReuseError(
+            f"{str(p)!r} is a cached game of explain (the model's output on every coalition of "
+            f"players; numpy.load or json.load reads it), not an artifact to load; in "
+            f"{str(folder.parent)!r}, {one}")
+    if p.name == "split.json" and (folder / "run.json").is_file():
+        raise PretrainReuseError(f"{str(p)!r} is the record of a fine-tuning run's split (plain "
+                                 "JSON, json.load reads it); load the run folder for its result")
     for marker, verb in (("knowledge.json", "knowledge"), ("explain.json", "explain")):
         path = folder / marker
         if (p.is_dir() or p.name == marker) and path.is_file() and _json_entry(path, "finished") is False:
