@@ -757,3 +757,17 @@ def test_api_misuse_raises_one_line_errors(tmp_path, call, needle):
         call(api)
     assert needle in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "x").exists()
+
+
+def test_the_same_network_in_two_roles_is_a_warning(tmp_path, capsys):
+    # vanilla fine-tuning without --weights is a scratch run: "finetuned" and "scratch" then
+    # know exactly the same, which the ratios would report without a word
+    model = _classifier(tmp_path / "m.safetensors", 10)
+    copy = tmp_path / "copy.safetensors"  # another file, the same weights
+    copy.write_bytes(model.read_bytes())
+    rc, _, err = _run(capsys, "knowledge", "--model", "smallcnn-s", "--pretrained", model,
+                      "--finetuned", copy, "--data", "synthetic:target", "--players", "grid:2x2",
+                      "--samples", 1, "--out", tmp_path / "k")
+    assert rc == 0, err
+    assert ("warning: the pretrained and finetuned models are the same network (equal weights), "
+            "so their knowledge is identical; check --pretrained and --finetuned") in err

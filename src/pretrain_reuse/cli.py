@@ -412,6 +412,12 @@ def cmd_knowledge(args) -> int:
               "finetuned": _classifier(args.model, args.finetuned, "--finetuned", args.quiet)}
     if args.scratch:
         models["scratch"] = _classifier(args.model, args.scratch, "--scratch", args.quiet)
+    states = {role: state_hash(m) for role, m in models.items()}
+    same = [(a, b) for i, a in enumerate(states) for b in list(states)[i + 1:] if states[a] == states[b]]
+    if same and not args.quiet:  # e.g. vanilla fine-tuning without --weights is a scratch run
+        print(f"warning: the {same[0][0]} and {same[0][1]} models are the same network (equal "
+              "weights), so their knowledge is identical; check --" + " and --".join(same[0]),
+              file=sys.stderr)
     checkpoints = None
     if args.checkpoints:
         from .errors import check_file
