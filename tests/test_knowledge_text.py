@@ -109,8 +109,9 @@ def test_eligible_tokens_skip_specials_stop_words_punctuation_digits_letters_and
     b = token_players(ids, tok, 3, seed=[0, 7])
     np.testing.assert_array_equal(a.positions, b.positions)
     assert set(a.positions) <= {2, 4, 8, 10, 12} and list(a.positions) == sorted(a.positions)
-    assert a.names == tok.convert_ids_to_tokens([ids[p] for p in a.positions])
-    with pytest.raises(PretrainReuseError, match=r"5 eligible tokens.*n=6"):
+    words = {2: "movie", 4: "great", 8: "plot", 10: "awful", 12: "films"}  # film ##s: one word
+    assert a.names == [words[p] for p in a.positions]
+    with pytest.raises(PretrainReuseError, match=r"5 eligible words.*n=6"):
         token_players(ids, tok, 6)
 
 
@@ -146,25 +147,56 @@ def _subword_tokenizer(kind: str):
 
 
 @pytest.mark.parametrize("kind", ["wordpiece", "byte-level", "sentencepiece"])
-def test_only_the_first_piece_of_a_split_word_may_be_a_player(kind):
+def test_a_player_is_a_whole_word_judged_on_the_whole_word(kind):
     # the reference: each word tokenized alone gives the pieces of the sentence, so the words
-    # start at the running sums of their piece counts (after <s>)
+    # start at the running sums of their piece counts (after <s>); eligibility is that of the
+    # word as written ("theater" is no stop word, though its first piece is "the")
     tok = _subword_tokenizer(kind)
-    text = "unbelievably wonderful screenplay players playing"
+    text = "unbelievably wonderful screenplay players playing theater about then"
     enc = tok(text)
-    pieces = [tok(w, add_special_tokens=False)["input_ids"] for w in text.split()]
+    words = text.split()
+    pieces = [tok(w, add_special_tokens=False)["input_ids"] for w in words]
     assert enc["input_ids"][1:-1] == [i for p in pieces for i in p]
-    assert len(enc["input_ids"]) > len(pieces) + 4  # words are split
+    assert len(pieces[5]) > 1 and tok.convert_ids_to_tokens(pieces[5][:1])[0].lstrip("▁Ġ") == "the"
     starts = 1 + np.cumsum([0] + [len(p) for p in pieces[:-1]])
-    tokens = tok.convert_ids_to_tokens(enc["input_ids"])
-    expected = [p for p in starts if tokens[p].lstrip("▁Ġ").isalpha()
-                and len(tokens[p].lstrip("▁Ġ")) >= 2]
-    assert len(expected) >= 3
+    # a word the tokenizer does not know (<unk>, a special token) is no player
+    expected = [k for k, w in enumerate(words)
+                if w not in ("about", "then") and tok.unk_token_id not in pieces[k]]
+    assert len(expected) >= 5
     ids = enc["input_ids"]
-    np.testing.assert_array_equal(eligible_positions(ids, tok, word_ids=enc.word_ids()), expected)
-    np.testing.assert_array_equal(eligible_positions(ids, tok), expected)  # by the markers
-    players = token_players(ids, tok, 3, seed=0, word_ids=enc.word_ids())
-    assert set(players.positions) <= set(expected)
+    np.testing.assert_array_equal(eligible_positions(ids, tok, word_ids=enc.word_ids()),
+                                  starts[expected])
+    np.testing.assert_array_equal(eligible_positions(ids, tok), starts[expected])  # by the markers
+    players = token_players(ids, tok, len(expected), seed=0, word_ids=enc.word_ids())
+    assert players.names == [words[k] for k in expected]
+    assert players.pieces == [list(range(starts[k], starts[k] + len(pieces[k]))) for k in expected]
+
+
+@pytest.mark.parametrize("baseline", ["mask", "pad", "embedding"])
+def test_an_absent_word_has_every_piece_replaced_by_the_baseline(bert, baseline):
+    # reference: the transformers model called directly on the sentence with every piece of
+    # "films" (film ##s) replaced by the baseline token, or its word embeddings by the vector
+    model = create_backbone(f"hf:{bert}")
+    tok, net = _reference(bert)
+    text = SENTENCES[0][1]
+    enc = _encode(model, text)
+    players = token_players(enc["input_ids"].tolist(), tok, 5, seed=0)
+    k = players.names.index("films")
+    assert tok.convert_ids_to_tokens(enc["input_ids"][players.pieces[k]].tolist()) == ["film", "##s"]
+    ids = enc["input_ids"].clone()
+    if baseline == "embedding":
+        b = torch.linspace(-1, 1, net.config.hidden_size)
+        embeds = net.get_input_embeddings()(ids[None]).detach()
+        embeds[0, players.pieces[k]] = b
+        with torch.no_grad():
+            z = net(inputs_embeds=embeds, attention_mask=torch.ones_like(ids)[None]).logits[0]
+        expected = float(z[1].double() - z[0].double())
+    else:
+        b = baseline_token(tok, baseline)
+        ids[players.pieces[k]] = b
+        expected = _log_odds(net, ids, 1)
+    v = masked_text_game(model, enc, 1, players, b)
+    assert v[(1 << players.n) - 1 - (1 << k)] == pytest.approx(expected, abs=1e-5)
 
 
 def test_negations_are_eligible_only_when_asked_for(bert):

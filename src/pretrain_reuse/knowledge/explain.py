@@ -99,7 +99,8 @@ class ExplainConfig:
     documented rule of :func:`~.games.grid_players`, seeded with (``seed``, sample index): other
     cells for every sample, the same for every model), ``"parts"`` (the slots of the synthetic
     world, the ground-truth players) or ``"tokens"`` (``n`` token positions of each sentence, 10 by
-    default, drawn by the rule of :func:`~.text.token_players`; text classifiers; ``negations``
+    default, drawn by the rule of :func:`~.text.token_players`; a player is a whole word, all its
+pieces masked together; text classifiers; ``negations``
     makes negating stop words such as "not" eligible; only sentences of at least ``min_tokens``
     tokens, special tokens included, are explained, and players lie at positions below
     ``max_position``: Chen et al. (ICLR 2024) take sentences of more than 20 tokens and positions
@@ -284,7 +285,7 @@ def _check_labelled(dataset: ImageDataset | TextDataset) -> None:
 def explainable(model: Backbone, dataset: ImageDataset | TextDataset,
                 cfg: ExplainConfig) -> np.ndarray | None:
     """Which samples have the players ``cfg`` asks for: for ``tokens``, the sentences of at least
-    ``min_tokens`` tokens with at least ``n`` eligible tokens below ``max_position`` (bool over
+    ``min_tokens`` tokens with at least ``n`` eligible words below ``max_position`` (bool over
     the dataset); None (every sample) for images."""
     if cfg.players != "tokens":
         return None
@@ -298,7 +299,7 @@ def explainable(model: Backbone, dataset: ImageDataset | TextDataset,
         limits = (f" with min_tokens={cfg.min_tokens}, max_position={cfg.max_position}"
                   if cfg.min_tokens or cfg.max_position else "")
         raise PretrainReuseError(
-            f"no sentence has n={cfg.n} eligible tokens (no special tokens, stop words, "
+            f"no sentence has n={cfg.n} eligible words (no special tokens, stop words, "
             f"punctuation, digits or single letters){limits}; lower n or pass longer sentences")
     return keep
 
@@ -742,7 +743,7 @@ def _text_samples(model: Backbone, dataset: TextDataset, cfg: ExplainConfig,
                                 negations=cfg.negations, word_ids=word_ids,
                                 max_position=cfg.max_position)
         key = {"input": _digest({k: v.tolist() for k, v in enc.items()}),
-               "players": _digest(players.positions.tolist())}
+               "players": _digest(players.pieces)}  # the masked tokens, not only the first
         return SampleGame(players.meta, players.names, key, lambda label: _text_game(
             model, enc, label, players, cfg))
 

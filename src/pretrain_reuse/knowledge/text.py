@@ -1,31 +1,36 @@
 r"""Masked games of a text classifier on one sentence: token players, baselines, ``v(x_S)``.
 
-Players are ``n`` token positions of the tokenized sentence (Chen, Lou, Huang & Zhang, ICLR 2024,
+Players are ``n`` words of the tokenized sentence (Chen, Lou, Huang & Zhang, ICLR 2024,
 as for BERT on SST-2 in Jiang, Cheng & Li, arXiv 2410.08455; reference note §1), chosen by
-:func:`token_players`:
+:func:`token_players`. A player is a whole word: all its pieces (a word split by the tokenizer,
+"theater" = ``the ##a ##t ##er``, is one player, never one of its pieces), known by the position
+of its first piece:
 
-1. a position is *eligible* when its token is not a special token ([CLS], [SEP], [PAD], ...),
-   starts a word (a split word is one player at most: its first piece), and its text, with the
-   sub-word markers ``▁``/``Ġ`` removed and lower-cased, has at least two characters, all letters
-   (no digit or punctuation), and is not an English stop word (:data:`STOP_WORDS`), except, with
-   ``negations=True``, the stop words that negate (:data:`NEGATIONS`: "not", "no", the stems of
-   "didn't", ...), which flip a sentiment (an option; the reference drops every stop word);
-2. ``n`` eligible positions are drawn uniformly without replacement by a generator seeded with
-   ``seed`` (the explanation uses ``[seed, sample index]``: the same positions for every model,
+1. a word is *eligible* when its text (its pieces joined, the sub-word markers ``##``, ``▁`` and
+   ``Ġ`` removed, lower-cased, leading and trailing punctuation stripped) has at least two
+   characters, all letters (no digit or punctuation), and is not an English stop word
+   (:data:`STOP_WORDS`), except, with ``negations=True``, the stop words that negate
+   (:data:`NEGATIONS`: "not", "no", the stems of "didn't", ...), which flip a sentiment (an
+   option; the reference drops every stop word); special tokens ([CLS], [SEP], [PAD], ...) are
+   in no word;
+2. ``n`` eligible words are drawn uniformly without replacement by a generator seeded with
+   ``seed`` (the explanation uses ``[seed, sample index]``: the same words for every model,
    different ones per sentence), and sorted.
 
 The reference also explains only sentences of more than 20 tokens and draws players among the
-positions below 50 (its inputs are truncated to 50 tokens); ``max_position`` here and
-``min_tokens`` of :class:`~.explain.ExplainConfig` reproduce that (off by default).
+positions below 50 (its inputs are truncated to 50 tokens); ``max_position`` here (every piece of
+the word below it) and ``min_tokens`` of :class:`~.explain.ExplainConfig` reproduce that (off by
+default).
 
-A token starts a word when its word differs from the previous token's, by the ``word_ids()``
-of a fast tokenizer's encoding. Without them (slow tokenizers) the sub-word markers tell: a
-WordPiece continuation starts with ``##``; in a sentence whose pieces carry the word-start
-markers of byte-level BPE (``Ġ``, RoBERTa, GPT-2) or sentencepiece (``▁``), a piece without the
-marker continues a word unless it follows a special token (the first word of a sentence).
+The words are the ``word_ids()`` of a fast tokenizer's encoding (consecutive tokens of one word
+id). Without them (slow tokenizers) the sub-word markers tell where a word starts: a WordPiece
+continuation starts with ``##``; in a sentence whose pieces carry the word-start markers of
+byte-level BPE (``Ġ``, RoBERTa, GPT-2) or sentencepiece (``▁``), a piece without the marker
+continues a word unless it follows a special token (the first word of a sentence).
 
 Tokens that are not players stay as they are (the context of the sentence). A coalition S keeps
-the player tokens in S; the others are replaced by a baseline: a token id (``[MASK]`` by default,
+the tokens of the players in S; every piece of the others is replaced by a baseline (so no piece
+of an absent word stays visible): a token id (``[MASK]`` by default,
 or ``[PAD]``) or a baseline *embedding* that replaces their word embeddings, e.g. one learned for
 sparse interactions (:func:`learn_baseline_embedding`; Ren et al., ICLR 2024). ``v`` is the
 log-odds of the ground-truth class, as for images (:func:`~.games.class_output`).
@@ -33,6 +38,7 @@ log-odds of the ground-truth class, as for images (:func:`~.games.class_output`)
 
 from __future__ import annotations
 
+import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,16 +88,18 @@ _EXCLUDED = {False: STOP_WORDS, True: STOP_WORDS - NEGATIONS}  # by ``negations`
 
 @dataclass(frozen=True)
 class TokenPlayers:
-    """``n`` token positions of one tokenized sentence as players.
+    """``n`` words of one tokenized sentence as players.
 
     Attributes:
-        positions: (n,) int64 positions in the token sequence, increasing.
-        names: the token of each player.
+        positions: (n,) int64 position of each player's first piece, increasing.
+        names: each player's word (its pieces joined, markers removed).
+        pieces: the positions of every piece of each player's word (masked together).
         meta: how they were chosen (rule, seed), so the choice is reproducible.
     """
 
     positions: np.ndarray
     names: list[str]
+    pieces: list[list[int]]
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -102,25 +110,49 @@ class TokenPlayers:
 def eligible_positions(input_ids: Sequence[int], tokenizer: Any, *, negations: bool = False,
                        word_ids: Sequence[int | None] | None = None,
                        max_position: int | None = None) -> np.ndarray:
-    """Positions whose token may be a player (rule 1 of the module docstring), increasing.
+    """The first-piece positions of the words that may be players (rule 1 of the module
+    docstring), increasing.
 
     ``word_ids``: the word of every token (``encoding.word_ids()`` of a fast tokenizer, None for
-    special tokens); without them word starts are told by the sub-word markers.
-    ``max_position``: only positions below it (Chen et al. draw from positions 1..49).
+    special tokens); without them words are told by the sub-word markers.
+    ``max_position``: only words whose pieces all lie below it (Chen et al. draw from 1..49).
     """
+    words = _eligible_words(input_ids, tokenizer, negations, word_ids, max_position)
+    return np.array([pieces[0] for pieces, _ in words], dtype=np.int64)
+
+
+def _eligible_words(input_ids: Sequence[int], tokenizer: Any, negations: bool,
+                    word_ids: Sequence[int | None] | None,
+                    max_position: int | None) -> list[tuple[list[int], str]]:
+    """(pieces, text) of each eligible word, in order (rule 1 of the module docstring)."""
     excluded = _EXCLUDED[bool(negations)]
     ids = [int(i) for i in input_ids]
-    special = [i in set(tokenizer.all_special_ids) for i in ids]
+    special_ids = set(tokenizer.all_special_ids)
+    special = [i in special_ids for i in ids]
     tokens = tokenizer.convert_ids_to_tokens(ids)
-    starts = _word_starts(tokens, special, word_ids)
-    keep = []
-    for pos, token in enumerate(tokens[:max_position]):
-        if special[pos] or not starts[pos]:
+    words: list[list[int]] = []
+    for pos, start in enumerate(_word_starts(tokens, special, word_ids)):
+        if special[pos]:
             continue
-        word = token.lstrip("▁Ġ").lower()
-        if len(word) >= 2 and word.isalpha() and word not in excluded:
-            keep.append(pos)
-    return np.array(keep, dtype=np.int64)
+        if start or not words:
+            words.append([pos])
+        else:
+            words[-1].append(pos)
+    keep = []
+    for pieces in words:
+        text = _word_text([tokens[p] for p in pieces])
+        if max_position is not None and pieces[-1] >= max_position:
+            continue
+        if len(text) >= 2 and text.isalpha() and text.lower() not in excluded:
+            keep.append((pieces, text))
+    return keep
+
+
+def _word_text(pieces: list[str]) -> str:
+    """A word's pieces joined, without sub-word markers and surrounding punctuation (a
+    sentencepiece word keeps a comma that follows it: "great," is the word "great")."""
+    text = "".join(piece.removeprefix("##").lstrip("▁Ġ") for piece in pieces)
+    return text.strip(string.punctuation)
 
 
 def _word_starts(tokens: list[str], special: list[bool],
@@ -141,7 +173,7 @@ def token_players(input_ids: Sequence[int], tokenizer: Any, n: int,
                   seed: int | Sequence[int] = 0, *, negations: bool = False,
                   word_ids: Sequence[int | None] | None = None,
                   max_position: int | None = None) -> TokenPlayers:
-    """``n`` of the eligible positions of a tokenized sentence, drawn at random (seeded).
+    """``n`` of the eligible words of a tokenized sentence, drawn at random (seeded).
 
     Args:
         input_ids: the token ids of one sentence, special tokens included.
@@ -153,20 +185,21 @@ def token_players(input_ids: Sequence[int], tokenizer: Any, n: int,
     """
     if not (isinstance(n, (int, np.integer)) and 1 <= n <= MAX_PLAYERS):
         raise PretrainReuseError(f"n={n!r} token players must be an integer in 1..{MAX_PLAYERS}")
-    eligible = eligible_positions(input_ids, tokenizer, negations=negations, word_ids=word_ids,
-                                  max_position=max_position)
+    eligible = _eligible_words(input_ids, tokenizer, negations, word_ids, max_position)
     if len(eligible) < n:
         raise PretrainReuseError(
-            f"the sentence has {len(eligible)} eligible tokens (no special tokens, stop words, "
+            f"the sentence has {len(eligible)} eligible words (no special tokens, stop words, "
             f"punctuation, digits or single letters), fewer than n={n}; pick longer sentences or "
             "lower n")
-    chosen = np.sort(np.random.default_rng(seed).choice(eligible, n, replace=False))
-    tokens = tokenizer.convert_ids_to_tokens([int(input_ids[p]) for p in chosen])
-    return TokenPlayers(chosen, list(tokens), {
-        "players": "tokens", "n": int(n), "seed": seed_json(seed), "positions": chosen.tolist(),
-        "rule": f"{n} random tokens of the {len(eligible)} that are no special token, "
+    chosen = np.sort(np.random.default_rng(seed).choice(len(eligible), n, replace=False))
+    pieces = [eligible[k][0] for k in chosen]
+    positions = np.array([p[0] for p in pieces], dtype=np.int64)
+    return TokenPlayers(positions, [eligible[k][1] for k in chosen], pieces, {
+        "players": "tokens", "n": int(n), "seed": seed_json(seed), "positions": positions.tolist(),
+        "pieces": pieces,
+        "rule": f"{n} random words of the {len(eligible)} that are no special token, "
                 f"{'non-negating stop word' if negations else 'stop word'}, punctuation, digit or "
-                "single letter"})
+                "single letter (all pieces of a word are one player)"})
 
 
 def baseline_token(tokenizer: Any, kind: str) -> int:
@@ -186,9 +219,10 @@ def _check_text_game(model: Backbone, encoding: Mapping[str, torch.Tensor],
     ids = encoding.get("input_ids")
     if ids is None or ids.ndim != 1:
         raise PretrainReuseError("encoding must hold the 1-d input_ids of one sentence")
-    if len(players.positions) and int(players.positions.max()) >= len(ids):
+    last = max((p for pieces in players.pieces for p in pieces), default=-1)
+    if last >= len(ids):
         raise PretrainReuseError(
-            f"player position {int(players.positions.max())} is beyond the sentence's {len(ids)} "
+            f"player position {last} is beyond the sentence's {len(ids)} "
             "tokens; choose the players on this encoding (token_players)")
 
 
@@ -196,7 +230,11 @@ def _text_values(model: Backbone, encoding: Mapping[str, torch.Tensor], label: i
                  players: TokenPlayers, output: str, *, embeddings: bool) -> ChunkValues:
     """The chunk evaluator: baseline = a 0-d token id, or a (D,) embedding when ``embeddings``."""
     ids = encoding["input_ids"]
-    pos = torch.as_tensor(players.positions, device=ids.device)
+    # every piece of a player's word takes the player's bit: a piece left visible would leak
+    # the absent word into v(x_S)
+    pos = torch.as_tensor([p for pieces in players.pieces for p in pieces], device=ids.device)
+    owner = torch.as_tensor([k for k, pieces in enumerate(players.pieces) for _ in pieces],
+                            device=ids.device)
     rest = {k: v for k, v in encoding.items() if k != "input_ids"}
     words = model.body.get_input_embeddings()(ids[None])[0].detach() if embeddings else None
 
@@ -206,7 +244,7 @@ def _text_values(model: Backbone, encoding: Mapping[str, torch.Tensor], label: i
     def values(baseline: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
         size = len(bits)
         present = torch.ones(size, len(ids), device=ids.device)
-        present[:, pos] = bits.to(present)
+        present[:, pos] = bits[:, owner].to(present)
         if embeddings:
             keep = present[..., None].to(words.dtype)
             fields = {"inputs_embeds": keep * words + (1 - keep) * baseline}
