@@ -423,9 +423,9 @@ def test_a_label_name_the_model_does_not_know_is_one_line_naming_it(bert, tmp_pa
     assert "'good'" in err and "'pos', 'neg'" in err
 
 
-def test_knowledge_refuses_names_numbered_otherwise_than_by_the_model(bert, tmp_path, capsys):
-    # knowledge does not renumber the data yet: sorted numbering (neg=0, pos=1) would explain
-    # the other class of a model whose class 0 is "pos", so it is refused, not run
+def test_knowledge_numbers_label_names_as_the_model_does(bert, tmp_path, capsys):
+    # sorted numbering (neg=0, pos=1) would explain the other class of a model whose class 0 is
+    # "pos": the sentences are numbered by the model's id2label
     model = _named_copy(bert, tmp_path / "named", ["pos", "neg"])
     data = tmp_path / "s.jsonl"
     data.write_text("".join(json.dumps({"label": ["neg", "pos"][y], "text": t}) + "\n"
@@ -438,7 +438,12 @@ def test_knowledge_refuses_names_numbered_otherwise_than_by_the_model(bert, tmp_
                "--finetuned", str(weights), "--data", str(data), "--players", "tokens",
                "--n", "3", "--samples", "2", "--quiet", "--out", str(tmp_path / "k")])
     _, err = capsys.readouterr()
-    assert rc == 2 and err.count("\n") == 1 and "0='pos', 1='neg'" in err, err
+    assert rc == 0, err
+    paths = sorted((tmp_path / "k" / "finetuned").glob("interactions-*.safetensors"))
+    assert paths
+    for path in paths:
+        info = load(path).info
+        assert info["class"] == ["pos", "neg"][info["label"]]  # the model's own numbering
 
 
 def test_a_sentence_file_with_a_byte_order_mark_is_read(tmp_path):

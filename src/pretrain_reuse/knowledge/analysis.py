@@ -50,6 +50,7 @@ from .explain import (
     explain,
     explain_games,
     explainable,
+    model_classes,
     sample_order,
     save_explanations,
     with_games,
@@ -141,6 +142,8 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     missing = {"pretrained", "finetuned"} - models.keys()
     if missing:
         raise PretrainReuseError(f"knowledge needs the {' and '.join(sorted(missing))} model(s)")
+    # named sentence labels numbered as the fine-tuned model numbers its classes (its id2label)
+    dataset = model_classes(models["finetuned"], dataset)
     # checked before the interactions are computed: a typo must not cost minutes, or leave files
     check_choice("match", match, MATCHES)
     check_tau(tau)
