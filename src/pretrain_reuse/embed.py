@@ -178,12 +178,10 @@ def _check_first_image(backbone, data: ImageDataset, first: int, cfg: EmbedConfi
     preprocessed images, or whose weights give NaN, fails here in one line, not halfway through
     a run that would leave a folder a fixed rerun refuses."""
     x = data.load(first)[None].to(device)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16
-                else contextlib.nullcontext())
     fix = ("check that the model takes inputs of that size (a python: builder can set "
            "input_size / resize_size in the dict it returns)")
     try:
-        with autocast:
+        with _precision(device, use_bf16):
             features = backbone.features(x).float()
     except RuntimeError as e:  # shape mismatches; not a user error we can name more precisely
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -247,14 +245,12 @@ def _embed_shard(k: int, data: ImageDataset, backbone, cfg: EmbedConfig, device:
     loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=cfg.workers,
                                          collate_fn=collate)
     feats, idx, skipped = [], [], []
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16
-                else contextlib.nullcontext())
     for batch in loader:
         skipped.extend(batch.skipped.tolist())
         if len(batch.images):
             x = batch.images.to(device, non_blocking=True).contiguous(
                 memory_format=torch.channels_last)
-            with autocast:
+            with _precision(device, use_bf16):
                 feats.append(backbone.features(x).float().cpu())
             _check_finite(feats[-1], batch.indices, data, use_bf16)
             idx.append(batch.indices)
@@ -270,6 +266,11 @@ def _embed_shard(k: int, data: ImageDataset, backbone, cfg: EmbedConfig, device:
         tensors["labels"] = data.labels[index].astype(np.int64)
     with atomic_path(_shard_path(parts, k)) as tmp:
         save_file(tensors, str(tmp))
+
+
+def _precision(device: torch.device, use_bf16: bool):
+    """bf16 autocast on ``device``, or nothing (float32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
 
 def _check_finite(features: torch.Tensor, indices: torch.Tensor, data: ImageDataset,
