@@ -99,8 +99,8 @@ class ExplainConfig:
     documented rule of :func:`~.games.grid_players`, seeded with (``seed``, sample index): other
     cells for every sample, the same for every model), ``"parts"`` (the slots of the synthetic
     world, the ground-truth players) or ``"tokens"`` (``n`` token positions of each sentence, 10 by
-    default, drawn by the rule of :func:`~.text.token_players`; a player is a whole word, all its
-pieces masked together; text classifiers; ``negations``
+    default, drawn by the rule of :func:`~.text.token_players`; a player is a whole word, all
+    its pieces masked together; text classifiers; ``negations``
     makes negating stop words such as "not" eligible; only sentences of at least ``min_tokens``
     tokens, special tokens included, are explained, and players lie at positions below
     ``max_position``: Chen et al. (ICLR 2024) take sentences of more than 20 tokens and positions

@@ -91,20 +91,24 @@ class TokenPlayers:
     """``n`` words of one tokenized sentence as players.
 
     Attributes:
-        positions: (n,) int64 position of each player's first piece, increasing.
         names: each player's word (its pieces joined, markers removed).
-        pieces: the positions of every piece of each player's word (masked together).
+        pieces: the positions of every piece of each player's word (masked together), in
+            increasing order of the words.
         meta: how they were chosen (rule, seed), so the choice is reproducible.
     """
 
-    positions: np.ndarray
     names: list[str]
     pieces: list[list[int]]
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def positions(self) -> np.ndarray:
+        """(n,) int64 position of each player's first piece, increasing."""
+        return np.array([p[0] for p in self.pieces], dtype=np.int64)
+
+    @property
     def n(self) -> int:
-        return len(self.positions)
+        return len(self.pieces)
 
 
 def eligible_positions(input_ids: Sequence[int], tokenizer: Any, *, negations: bool = False,
@@ -193,10 +197,9 @@ def token_players(input_ids: Sequence[int], tokenizer: Any, n: int,
             "lower n")
     chosen = np.sort(np.random.default_rng(seed).choice(len(eligible), n, replace=False))
     pieces = [eligible[k][0] for k in chosen]
-    positions = np.array([p[0] for p in pieces], dtype=np.int64)
-    return TokenPlayers(positions, [eligible[k][1] for k in chosen], pieces, {
-        "players": "tokens", "n": int(n), "seed": seed_json(seed), "positions": positions.tolist(),
-        "pieces": pieces,
+    return TokenPlayers([eligible[k][1] for k in chosen], pieces, {
+        "players": "tokens", "n": int(n), "seed": seed_json(seed),
+        "positions": [p[0] for p in pieces], "pieces": pieces,
         "rule": f"{n} random words of the {len(eligible)} that are no special token, "
                 f"{'non-negating stop word' if negations else 'stop word'}, punctuation, digit or "
                 "single letter (all pieces of a word are one player)"})
