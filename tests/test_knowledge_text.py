@@ -359,11 +359,25 @@ def test_a_text_model_without_the_datas_classes_is_a_user_error(bert, tmp_path, 
     three.write_text(data.read_text() + json.dumps({"label": 2, "text": SENTENCES[0][1]}) + "\n")
     capsys.readouterr()  # transformers' own messages while building the encoder
     for model, path, needle in ((f"hf:{encoder}", data, "must be a classifier with a head"),
-                                (f"hf:{bert}", three, "outputs 2 classes but the data has 3")):
+                                (f"hf:{bert}", three, "the data has the label 2 but the model "
+                                 "outputs only 2 classes")):
         rc = main(["explain", "--model", model, "--data", str(path), "--players", "tokens",
                    "--n", "3", "--samples", "1", "--quiet", "--out", str(tmp_path / "x")])
         _, err = capsys.readouterr()
         assert rc == 2 and err.count("\n") == 1 and needle in err, err
+
+
+def test_integer_labels_may_cover_only_some_of_the_models_classes(bert, tmp_path, capsys):
+    # a handful of sentences to explain need not hold every class the model knows
+    path = tmp_path / "neg.jsonl"
+    path.write_text("".join(json.dumps({"label": y, "text": t}) + "\n" for y, t in SENTENCES
+                            if y == 0))
+    rc = main(["explain", "--model", f"hf:{bert}", "--data", str(path), "--players", "tokens",
+               "--n", "3", "--samples", "2", "--quiet", "--out", str(tmp_path / "x")])
+    _, err = capsys.readouterr()
+    assert rc == 0, err
+    labels = [load(p).info["label"] for p in sorted((tmp_path / "x").glob("interactions-*"))]
+    assert labels == [0, 0]
 
 
 def test_the_references_sentence_length_and_position_rules_are_options(bert, tmp_path, capsys):

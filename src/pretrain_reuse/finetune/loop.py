@@ -207,7 +207,8 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
                                    pin))
         source_labels = torch.as_tensor(source.labels)
 
-    bar = tqdm(total=total, initial=start, desc=f"finetune {cfg.mode}", unit="step",
+    # named by the run folder too: an experiment or the demo's pre-training runs many in a row
+    bar = tqdm(total=total, initial=start, desc=f"{out.name}: {cfg.mode}", unit="step",
                disable=not progress or rank != 0)
     t0 = time.perf_counter()
     model.train()

@@ -379,11 +379,18 @@ def check_classifier(model: Backbone, dataset: ImageDataset | TextDataset, cfg: 
                 + "); give the labels as these indices, or renumber the data with "
                 "model_classes(model, data)")
         return
-    n_classes = len(dataset.class_names or []) or int(dataset.labels.max()) + 1
-    if model.num_classes != n_classes:
+    if dataset.class_names is None:
+        # integer labels are the model's class indices: a few samples may hold only some classes
+        if int(dataset.labels.max()) >= model.num_classes:
+            raise PretrainReuseError(
+                f"{role} {model.spec.name}: the data has the label {int(dataset.labels.max())} but "
+                f"the model outputs only {model.num_classes} classes (0-{model.num_classes - 1}); "
+                "pass a model trained on this data's classes")
+        return
+    if model.num_classes != len(dataset.class_names):
         raise PretrainReuseError(
             f"{role} {model.spec.name}: the model outputs {model.num_classes} classes but the data "
-            f"has {n_classes}; pass a model trained on this data's classes")
+            f"has {len(dataset.class_names)}; pass a model trained on this data's classes")
 
 
 def model_class_names(model: Backbone) -> list[str] | None:
