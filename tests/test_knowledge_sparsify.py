@@ -139,6 +139,12 @@ def noise_bound(v: np.ndarray, qthres: float) -> float:
     return qthres * abs(v[-1] - v[0])
 
 
+def v0(v: np.ndarray) -> np.ndarray:
+    """The group's "-v0" game v - v(∅), on which the references and the solvers (which centre
+    every game) solve the same problem."""
+    return v - v[..., :1]
+
+
 # --------------------------------------------------------------------------------------------
 # Optimality
 # --------------------------------------------------------------------------------------------
@@ -146,7 +152,7 @@ def noise_bound(v: np.ndarray, qthres: float) -> float:
 
 @pytest.mark.parametrize("n", [3, 5])
 def test_exact_lp_equals_a_dense_lp_over_all_and_and_or_columns(n):
-    v = planted_game(n, {(0, 1): 1.0, (2,): -0.5}, {(1, 2): 0.7}, noise=0.1, seed=n)
+    v = v0(planted_game(n, {(0, 1): 1.0, (2,): -0.5}, {(1, 2): 0.7}, noise=0.1, seed=n))
     [x] = and_or_interactions_lp(v, qthres=0.05)
     assert x.meta["objective"] == pytest.approx(reference_lp(v, n, noise_bound(v, 0.05), True), rel=1e-8)
 
@@ -168,7 +174,7 @@ def test_admm_default_objective_is_far_below_the_sgd_protocol(planted, planted_l
 
 def test_mode_q_reaches_the_optimum_of_a_dense_and_only_lp():
     n = 5
-    v = planted_game(n, {(0, 1): 1.0, (1, 2, 3): -0.6}, noise=0.1, seed=2)
+    v = v0(planted_game(n, {(0, 1): 1.0, (1, 2, 3): -0.6}, noise=0.1, seed=2))
     [x] = and_interactions(v, qthres=0.05, tol=1e-4)
     optimum = reference_lp(v, n, noise_bound(v, 0.05), False)
     assert optimum * (1 - 1e-9) <= x.meta["objective"] <= optimum * (1 + 1e-4)
@@ -223,6 +229,35 @@ def test_a_constant_game_has_no_interaction_but_its_bias_and_a_planted_game_besi
     assert set(x.salient(0.1)) == expected
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_the_bias_of_a_game_goes_to_the_empty_coalition_and_changes_nothing_else(solver):
+    # v(∅) is the output at the baseline (about -log(C-1) for a zero image), not evidence: the
+    # decomposition of v + c must be that of v with c added to I_and(∅), as for exact Harsanyi
+    v = planted_game(6, {(0, 1): 2.0, (2, 3, 4): 1.5, (0, 5): -0.8}, {(1, 2): 1.0}, noise=0.05,
+                     seed=0)
+    [x] = SOLVERS[solver](v)
+    for bias in (-8.0, 50.0):
+        [y] = SOLVERS[solver](v + bias)
+        np.testing.assert_allclose(y.and_values[0], x.and_values[0] + bias, atol=1e-6)
+        np.testing.assert_allclose(y.and_values[1:], x.and_values[1:], atol=1e-6)
+        np.testing.assert_allclose(y.or_values, x.or_values, atol=1e-6)
+        np.testing.assert_allclose(y.noise, x.noise, atol=1e-6)
+        assert set(y.salient(0.05)) == set(x.salient(0.05))
+
+
+def test_without_centring_the_noise_of_the_empty_coalition_is_spent_on_the_bias():
+    # the group's runs on outputs without "-v0": with v(∅) = -8 the optimum moves q_∅ to +b and
+    # the rest of the decomposition with it (a spurious OR term appears)
+    v = planted_game(6, {(0, 1): 2.0, (2, 3, 4): 1.5, (0, 5): -0.8}, {(1, 2): 1.0}, noise=0.05,
+                     seed=1)
+    [centred] = and_or_interactions_lp(v - 8.0, qthres=0.04)
+    [raw] = and_or_interactions_lp(v - 8.0, qthres=0.04, centre=False)
+    assert centred.meta["params"]["centre"] and not raw.meta["params"]["centre"]
+    assert raw.noise[0] == pytest.approx(raw.meta["b"])
+    assert abs(centred.noise[0]) < raw.meta["b"] / 2
+    assert len(centred.salient(0.05)) == 4 and len(raw.salient(0.05)) == 5
+
+
 def test_zero_noise_bound_decomposes_v_itself():
     v = planted_game(5, {(0, 1): 1.0}, {(2, 3): 1.0}, noise=0.05, seed=4)
     [x] = and_or_interactions(v, qthres=0.0)
@@ -271,7 +306,7 @@ def test_exact_lp_salient_set_is_the_planted_terms_above_its_spurious_vertex_ter
 
 def test_sgd_reference_follows_the_group_code_step_by_step():
     n = 4
-    v = planted_game(n, {(0, 1): 1.0, (2,): 0.3}, {(1, 3): -0.8}, noise=0.2, seed=7)
+    v = v0(planted_game(n, {(0, 1): 1.0, (2,): 0.3}, {(1, 3): -0.8}, noise=0.2, seed=7))
     b = noise_bound(v, 0.04)
     ref_and, ref_or, ref_q, ref_loss = group_sgd(v, n, b, lr=1e-2, niter=40)
     [x] = and_or_interactions_sgd(v, qthres=0.04, lr=1e-2, niter=40)
@@ -290,9 +325,9 @@ def test_sgd_reference_follows_the_group_code_step_by_step():
 
 def shared_term_games(n: int, models: int, samples: int) -> np.ndarray:
     """(K, B, 2^n): the same AND and OR term in every model, a model-specific AND term, noise 0.1."""
-    return np.stack([np.stack([planted_game(n, {(0, 1): 1.0, (1, 2): 0.4 * k}, {(2, 3): 0.8}, noise=0.1,
-                                            seed=10 * k + s) for s in range(samples)])
-                     for k in range(models)])
+    return v0(np.stack([np.stack([planted_game(n, {(0, 1): 1.0, (1, 2): 0.4 * k}, {(2, 3): 0.8},
+                                               noise=0.1, seed=10 * k + s) for s in range(samples)])
+                        for k in range(models)]))
 
 
 @pytest.mark.parametrize("models, pthres, alpha", [(2, 0.0, 0.1), (2, 0.05, 0.1), (2, math.inf, 0.1),
@@ -388,7 +423,7 @@ def test_a_torch_batch_gives_one_result_per_game_equal_to_single_solves():
 def test_meta_records_the_parameters_and_the_diagnostics(planted):
     [x] = and_or_interactions(planted, qthres=0.04, tol=0.05, max_iter=100)
     assert x.meta["producer"] == "pretrain_reuse.knowledge.and_or_interactions"
-    assert x.meta["params"] == {"qthres": 0.04, "tol": 0.05, "max_iter": 100}
+    assert x.meta["params"] == {"qthres": 0.04, "tol": 0.05, "max_iter": 100, "centre": True}
     assert x.meta["n_iter"] <= 100 and x.meta["lower_bound"] <= x.meta["objective"]
     assert x.meta["b"] == pytest.approx(noise_bound(planted, 0.04))
 

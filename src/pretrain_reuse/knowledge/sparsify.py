@@ -34,6 +34,14 @@ Every single-model solver takes games ``v`` of shape (2^n,) or (B, 2^n) in bitma
 or torch; torch runs on its device) and returns one :class:`~pretrain_reuse.knowledge.Interactions`
 per game, always as a list; the joint solver takes (K, B, 2^n) and returns K such lists.
 
+Every solver decomposes the centred game v - v(∅) and returns the bias v(∅) in I_and(∅)
+(``centre=True``, default): the L1 loss counts I(∅) too, so on v itself the noise q_∅ and the
+split γ_∅ would be spent on shrinking the bias (whose size is the baseline's, not the model's
+evidence), and every coalition's interactions would change with it. The group sparsifies its
+"-v0" outputs v(S) - v(∅) (``gt-log-odds-v0`` in sjtu-xai-lab/generalizable-interaction and
+interaction-sparsity); ``centre=False`` sparsifies v as given (their runs without "-v0").
+Objectives, losses and bounds in ``meta`` are those of the game decomposed.
+
 A constant game (v(S) = v(∅) for every S, e.g. a model insensitive to the players) has the exact
 decomposition I_and(∅) = v(∅) and no other interaction, which every solver returns as it is
 (``meta["constant"]``): the iterative solvers would leave entries at the level of their accuracy,
@@ -85,8 +93,8 @@ _CHECK_EVERY = 20  # iterations between duality-gap evaluations
 # --------------------------------------------------------------------------------------------
 
 
-def and_interactions(v, *, qthres: float = 0.0, tol: float = 1e-2,
-                     max_iter: int = 2_000) -> list[Interactions]:
+def and_interactions(v, *, qthres: float = 0.0, tol: float = 1e-2, max_iter: int = 2_000,
+                     centre: bool = True) -> list[Interactions]:
     r"""Harsanyi (AND) interactions, optionally after removing bounded noise ("mode=q").
 
     .. math::
@@ -104,25 +112,29 @@ def and_interactions(v, *, qthres: float = 0.0, tol: float = 1e-2,
         tol: relative duality gap at which ADMM stops (ignored for qthres=0); see
             :func:`and_or_interactions`.
         max_iter: ADMM iteration cap; ``meta["converged"]`` tells whether tol was reached.
+        centre: remove the noise from v - v(∅) (module docstring; no effect at qthres=0).
 
     Returns:
         One :class:`Interactions` (kind ``"and"``) per game.
     """
     games, n = _games(v)
     b = _noise_bound(games, qthres)
-    params = dict(qthres=qthres, tol=tol, max_iter=max_iter)
+    params = dict(qthres=qthres, tol=tol, max_iter=max_iter, centre=centre)
     if qthres == 0:
         i_and = subset_sum_(games.clone(), n, -1.0)
-        return _results(games, n, b, i_and, torch.zeros_like(games), torch.zeros_like(games), "and",
-                        "and_interactions", params, [{"solver": "exact"}] * len(games))
+        return _results(games, games, n, b, i_and, torch.zeros_like(games),
+                        torch.zeros_like(games), "and", "and_interactions", params,
+                        [{"solver": "exact"}] * len(games))
     _check_solver(tol, max_iter)
-    i_and, i_or, q, diag = _admm(games[None], n, b.T, None, with_or=False, alpha=0.0, tol=tol,
+    work = _centred(games, centre)
+    i_and, i_or, q, diag = _admm(work[None], n, b.T, None, with_or=False, alpha=0.0, tol=tol,
                                  max_iter=max_iter)
-    return _results(games, n, b, i_and[0], i_or[0], q[0], "and", "and_interactions", params, diag)
+    return _results(games, work, n, b, i_and[0], i_or[0], q[0], "and", "and_interactions", params,
+                    diag)
 
 
-def and_or_interactions(v, *, qthres: float = 0.04, tol: float = 1e-2,
-                        max_iter: int = 2_000) -> list[Interactions]:
+def and_or_interactions(v, *, qthres: float = 0.04, tol: float = 1e-2, max_iter: int = 2_000,
+                        centre: bool = True) -> list[Interactions]:
     r"""Sparse AND-OR interactions by ADMM with a certified duality gap (the default solver).
 
     Solves the problem of the module docstring in the variables a = v_and, o = v_or (γ and q
@@ -166,6 +178,7 @@ def and_or_interactions(v, *, qthres: float = 0.04, tol: float = 1e-2,
             0.7% above the exact optimum on average while the certified gap still reads up to
             16%; noisy games with a small v(N) - v(∅) (dense optima) need 10,000+ iterations to
             certify 1%.
+        centre: decompose v - v(∅) and return v(∅) in I_and(∅) (module docstring).
 
     Returns:
         One :class:`Interactions` (kind ``"and-or"``) per game, orders 0 and 1 merged into AND;
@@ -175,15 +188,16 @@ def and_or_interactions(v, *, qthres: float = 0.04, tol: float = 1e-2,
     games, n = _games(v)
     b = _noise_bound(games, qthres)
     _check_solver(tol, max_iter)
-    i_and, i_or, q, diag = _admm(games[None], n, b.T, None, with_or=True, alpha=0.0, tol=tol,
+    work = _centred(games, centre)
+    i_and, i_or, q, diag = _admm(work[None], n, b.T, None, with_or=True, alpha=0.0, tol=tol,
                                  max_iter=max_iter)
-    return _results(games, n, b, i_and[0], i_or[0], q[0], "and-or", "and_or_interactions",
-                    dict(qthres=qthres, tol=tol, max_iter=max_iter), diag)
+    return _results(games, work, n, b, i_and[0], i_or[0], q[0], "and-or", "and_or_interactions",
+                    dict(qthres=qthres, tol=tol, max_iter=max_iter, centre=centre), diag)
 
 
 def joint_and_or_interactions(v, *, qthres: float = 0.04, pthres: float = 0.5, alpha: float = 0.1,
-                              mean_output=None, tol: float = 1e-2,
-                              max_iter: int = 2_000) -> list[list[Interactions]]:
+                              mean_output=None, tol: float = 1e-2, max_iter: int = 2_000,
+                              centre: bool = True) -> list[list[Interactions]]:
     r"""Joint sparse AND-OR interactions of K models on the same samples (Chen et al., ICLR 2024).
 
     The games v_k of models k = 1..K on one sample (same players, same baseline) are decomposed
@@ -222,6 +236,7 @@ def joint_and_or_interactions(v, *, qthres: float = 0.04, pthres: float = 0.5, a
             study-wide averages when the samples are decomposed in several calls.
         tol: relative duality gap to stop at (see :func:`and_or_interactions`).
         max_iter: iteration cap; ``meta["converged"]`` says whether tol was reached.
+        centre: decompose each v_k - v_k(∅) and return v_k(∅) in I_and,k(∅) (module docstring).
 
     Returns:
         K lists (one per model) of B :class:`Interactions` (kind ``"and-or"``). ``meta`` holds the
@@ -251,18 +266,19 @@ def joint_and_or_interactions(v, *, qthres: float = 0.04, pthres: float = 0.5, a
                 f"mean_output must be {models} finite numbers, one per model, got {mean_output!r}")
     _check_solver(tol, max_iter)
     p = None if pthres == math.inf else pthres * mean.abs()
-    i_and, i_or, q, diag = _admm(games, n, b, p, with_or=True, alpha=float(alpha), tol=tol,
+    work = _centred(games, centre)
+    i_and, i_or, q, diag = _admm(work, n, b, p, with_or=True, alpha=float(alpha), tol=tol,
                                  max_iter=max_iter)
     params = dict(qthres=qthres, pthres=pthres, alpha=alpha, mean_output=mean.tolist(), tol=tol,
-                  max_iter=max_iter)
-    return [_results(games[k], n, b[k, :, None], i_and[k], i_or[k], q[k], "and-or",
+                  max_iter=max_iter, centre=centre)
+    return [_results(games[k], work[k], n, b[k, :, None], i_and[k], i_or[k], q[k], "and-or",
                      "joint_and_or_interactions", params,
                      [dict(d, p=math.inf if p is None else float(p[k]), model=k) for d in diag])
             for k in range(models)]
 
 
-def and_or_interactions_sgd(v, *, qthres: float = 0.04, lr: float = 1e-5,
-                            niter: int = 10_000) -> list[Interactions]:
+def and_or_interactions_sgd(v, *, qthres: float = 0.04, lr: float = 1e-5, niter: int = 10_000,
+                            centre: bool = True) -> list[Interactions]:
     r"""Sparse AND-OR interactions by the group's SGD protocol (reference implementation).
 
     As ``_train_p_q`` in sjtu-xai-lab/interaction-concept (``src/harsanyi/and_or_harsanyi_utils.py``)
@@ -279,6 +295,7 @@ def and_or_interactions_sgd(v, *, qthres: float = 0.04, lr: float = 1e-5,
         qthres: noise bound relative to |v(N) - v(∅)|, >= 0.
         lr: initial learning rate > 0.
         niter: number of iterations >= 1.
+        centre: decompose v - v(∅) (the group's "-v0" outputs) and return v(∅) in I_and(∅).
 
     Returns:
         One :class:`Interactions` (kind ``"and-or"``) per game; ``meta["loss"]`` is the final loss
@@ -290,13 +307,14 @@ def and_or_interactions_sgd(v, *, qthres: float = 0.04, lr: float = 1e-5,
         raise PretrainReuseError(f"lr={lr!r} must be a positive learning rate, e.g. 1e-5")
     if not isinstance(niter, int) or niter < 1:
         raise PretrainReuseError(f"niter={niter!r} must be a positive number of iterations")
+    work = _centred(games, centre)
     gamma = torch.zeros_like(games)
     q = torch.zeros_like(games)
     buf_gamma = buf_q = None
     rates = np.logspace(math.log10(lr), math.log10(lr) - 1, niter)
     for it in range(niter):
         q = torch.maximum(torch.minimum(q, b), -b)
-        half = 0.5 * (games + q)
+        half = 0.5 * (work + q)
         i_and = subset_sum_(half + gamma, n, -1.0)
         i_or = or_transform_(half - gamma, n)
         if it + 1 == niter:
@@ -311,11 +329,11 @@ def and_or_interactions_sgd(v, *, qthres: float = 0.04, lr: float = 1e-5,
         q = q - rates[it] * buf_q
     loss = (i_and.abs().sum(-1) + i_or.abs().sum(-1)).tolist()
     diag = [{"solver": "sgd", "loss": loss[k]} for k in range(len(games))]
-    return _results(games, n, b, i_and, i_or, q, "and-or", "and_or_interactions_sgd",
-                    dict(qthres=qthres, lr=lr, niter=niter), diag)
+    return _results(games, work, n, b, i_and, i_or, q, "and-or", "and_or_interactions_sgd",
+                    dict(qthres=qthres, lr=lr, niter=niter, centre=centre), diag)
 
 
-def and_or_interactions_lp(v, *, qthres: float = 0.04) -> list[Interactions]:
+def and_or_interactions_lp(v, *, qthres: float = 0.04, centre: bool = True) -> list[Interactions]:
     r"""The exact optimum of the AND-OR sparsification, as a linear program solved by HiGHS.
 
     In the interaction variables x = I_and and y = I_or (y only on |T| >= 2: on ∅ and singletons
@@ -334,6 +352,7 @@ def and_or_interactions_lp(v, *, qthres: float = 0.04) -> list[Interactions]:
     Args:
         v: games (2^n,) or (B, 2^n) with n <= :data:`MAX_LP_PLAYERS`.
         qthres: noise bound relative to |v(N) - v(∅)|, >= 0.
+        centre: decompose v - v(∅) and return v(∅) in I_and(∅) (module docstring).
 
     Returns:
         One :class:`Interactions` (kind ``"and-or"``) per game; ``meta["objective"]`` is the
@@ -353,17 +372,18 @@ def and_or_interactions_lp(v, *, qthres: float = 0.04) -> list[Interactions]:
             "and_or_interactions"
         ) from None
     b = _noise_bound(games, qthres)
-    scale = _scale(games, b)
+    work = _centred(games, centre)
+    scale = _scale(work, b)
     x_all, y_all = [], []
     for k in range(len(games)):
-        x, y = _solve_lp(games[k].cpu().numpy() / float(scale[k]), float(b[k] / scale[k]), n)
+        x, y = _solve_lp(work[k].cpu().numpy() / float(scale[k]), float(b[k] / scale[k]), n)
         x_all.append(x * float(scale[k]))
         y_all.append(y * float(scale[k]))
     i_and = torch.tensor(np.array(x_all), dtype=torch.float64, device=games.device)
     i_or = torch.tensor(np.array(y_all), dtype=torch.float64, device=games.device)
-    q = _reconstruct(i_and, i_or, n) - games
-    return _results(games, n, b, i_and, i_or, q, "and-or", "and_or_interactions_lp",
-                    dict(qthres=qthres), [{"solver": "highs"}] * len(games))
+    q = _reconstruct(i_and, i_or, n) - work
+    return _results(games, work, n, b, i_and, i_or, q, "and-or", "and_or_interactions_lp",
+                    dict(qthres=qthres, centre=centre), [{"solver": "highs"}] * len(games))
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,6 +405,13 @@ def check_qthres(qthres: float) -> None:
     """A noise bound relative to |v(N) - v(∅)| is a finite number >= 0."""
     if not isinstance(qthres, (int, float)) or not 0 <= qthres < math.inf:
         raise PretrainReuseError(f"qthres={qthres!r} must be a finite number >= 0 (the group uses 0.04)")
+
+
+def _centred(games: torch.Tensor, centre: bool) -> torch.Tensor:
+    """The games the solvers decompose: ``v - v(∅)`` with ``centre``, else ``v`` itself."""
+    if not isinstance(centre, bool):
+        raise PretrainReuseError(f"centre={centre!r} must be True or False")
+    return games - games[..., :1] if centre else games
 
 
 def _noise_bound(games: torch.Tensor, qthres: float) -> torch.Tensor:
@@ -428,14 +455,17 @@ def _merge_low_orders(i_and: torch.Tensor, i_or: torch.Tensor, n: int) -> None:
     i_or[:, low] = 0.0
 
 
-def _results(games, n, b, i_and, i_or, q, kind, producer, params, diag) -> list[Interactions]:
+def _results(games, work, n, b, i_and, i_or, q, kind, producer, params, diag) -> list[Interactions]:
+    """Interactions of ``games`` from the decomposition of ``work`` (the games or, centred, the
+    games less v(∅), which goes back into I_and(∅))."""
     i_and, i_or, q = i_and.clone(), i_or.clone(), q.clone()
     if kind == "and-or":
         _merge_low_orders(i_and, i_or, n)
     constant = (games == games[:, :1]).all(-1)  # exact: I_and(∅) = v(∅) (module docstring)
     i_and[constant], i_or[constant], q[constant] = 0.0, 0.0, 0.0
-    i_and[constant, 0] = games[constant, 0]
-    objective = (i_and.abs().sum(-1) + i_or.abs().sum(-1)).tolist()
+    i_and[constant, 0] = work[constant, 0]
+    objective = (i_and.abs().sum(-1) + i_or.abs().sum(-1)).tolist()  # of the game decomposed
+    i_and[:, 0] += games[:, 0] - work[:, 0]
     out = []
     for k in range(len(games)):
         meta = make_meta(f"pretrain_reuse.knowledge.{producer}", params)
