@@ -11,6 +11,7 @@ from pretrain_reuse import load
 from pretrain_reuse.cli import main
 from pretrain_reuse.data import open_dataset
 from pretrain_reuse.embed import preprocessed
+from pretrain_reuse.errors import PretrainReuseError
 from pretrain_reuse.knowledge import discrimination_power, harsanyi_and
 from pretrain_reuse.knowledge.analysis import counterfactual
 from pretrain_reuse.knowledge.interactions import reconstruct_and, reconstruct_or
@@ -251,7 +252,7 @@ def test_checkpoints_of_another_run_or_not_models_are_refused(tmp_path, capsys):
                  "--out", tmp_path / "k"]
     rc, _, err = _run(capsys, *knowledge, "--checkpoints", tmp_path / "snaps")
     assert rc == 2 and err.count("\n") == 1
-    assert "the last of --checkpoints (step-0000002.safetensors) is not the --finetuned model" in err
+    assert "the last of the 2 checkpoints is not the fine-tuned model" in err
     # an explain folder's interactions are not models (they failed as weights of smallcnn-s)
     assert _run(capsys, "explain", "--model", "smallcnn-s", "--weights", model, "--data",
                 "synthetic:target", "--players", "grid:2x2", "--samples", 1, "--quiet", "--out",
@@ -565,6 +566,20 @@ def test_a_model_with_nan_outputs_is_refused_naming_the_sample(tmp_path, capsys)
     assert rc == 2 and err.count("\n") == 1
     assert "its output on sample 'target-0/" in err and "is NaN or infinite (2 of the 2" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_the_python_api_refuses_checkpoints_that_do_not_end_at_the_finetuned_model(tmp_path):
+    from pretrain_reuse.knowledge.analysis import analyze_knowledge
+    from pretrain_reuse.knowledge.explain import ExplainConfig
+
+    torch.manual_seed(0)
+    finetuned, other = (create_backbone("smallcnn-s", num_classes=10) for _ in range(2))
+    data = open_dataset("synthetic:target", split="test")
+    with pytest.raises(PretrainReuseError, match="the last of the 2 checkpoints is not the fine"):
+        analyze_knowledge({"pretrained": other, "finetuned": finetuned}, data,
+                          ExplainConfig(players="grid:2x2", samples=2), tmp_path / "k",
+                          checkpoints=[finetuned, other], progress=False)
+    assert not (tmp_path / "k").exists()
 
 
 def test_games_without_any_effect_give_undefined_entries_not_a_crash(tmp_path):

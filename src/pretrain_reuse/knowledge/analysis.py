@@ -34,7 +34,7 @@ from ..artifacts import make_meta, make_run_folder, write_json
 from ..data.datasets import ImageDataset
 from ..data.text import TextDataset
 from ..errors import PretrainReuseError, check_choice
-from ..models import Backbone
+from ..models import Backbone, state_hash
 from .explain import (
     SHOWN,
     ExplainConfig,
@@ -130,8 +130,9 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
             one joint problem over the checkpoints would pull their supports together and so
             bias the similarity the convergence curve measures. ``knowledge.json``'s meta
             records the checkpoints' decomposition as ``checkpoint_decomposition``.
-        checkpoints: fine-tuning checkpoints, oldest first (the final model last), for the
-            convergence curve.
+        checkpoints: fine-tuning checkpoints, oldest first, for the convergence curve: the
+            snapshots of the run that made ``models["finetuned"]``, so the last one must be it
+            (a run's last snapshot is its final model; else the curve is another model's).
         tau: salience threshold relative to each sample's largest interaction.
         candidates: samples screened at a time for being correct under every model (one
             forward pass of each model over them); screening goes on until ``cfg.samples``
@@ -152,6 +153,11 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
                                  "screened at a time)")
     out = Path(out)
     device = torch.device(cfg.device)
+    if checkpoints and state_hash(checkpoints[-1]) != state_hash(models["finetuned"]):
+        raise PretrainReuseError(
+            f"the last of the {len(checkpoints)} checkpoints is not the fine-tuned model (other "
+            "weights); pass the snapshots of the run that made it (finetune --snapshots: its last "
+            "snapshot is its final model)")
     named = {**models, **{f"checkpoint {t}": m for t, m in enumerate(checkpoints or [])}}
     for role, m in named.items():
         check_classifier(m, dataset, cfg, role)
