@@ -582,6 +582,24 @@ def test_the_python_api_refuses_checkpoints_that_do_not_end_at_the_finetuned_mod
     assert not (tmp_path / "k").exists()
 
 
+def test_the_python_api_names_a_path_or_name_given_for_a_loaded_object(tmp_path):
+    from pretrain_reuse.knowledge.analysis import analyze_knowledge
+    from pretrain_reuse.knowledge.explain import ExplainConfig, explain
+
+    net = create_backbone("smallcnn-s", num_classes=10)
+    data = open_dataset("synthetic:target", split="test")
+    cfg = ExplainConfig(players="grid:2x2", samples=2)
+    with pytest.raises(PretrainReuseError, match="the data must be an ImageDataset or TextDataset, "
+                                                 "got str; open it with"):
+        explain(net, "synthetic:target", np.arange(2), cfg)
+    with pytest.raises(PretrainReuseError, match="the finetuned model must be a Backbone, got str"):
+        analyze_knowledge({"pretrained": net, "finetuned": "m.safetensors"}, data, cfg,
+                          tmp_path / "k")
+    with pytest.raises(PretrainReuseError, match="cfg must be an ExplainConfig, got dict"):
+        explain(net, data, np.arange(2), {"players": "grid:2x2"})
+    assert not (tmp_path / "k").exists()
+
+
 def test_games_without_any_effect_give_undefined_entries_not_a_crash(tmp_path):
     # a constant model: v(N) = v(∅) on every sample, so the normalised faithfulness errors and
     # the knowledge ratios are undefined; knowledge.json says so (None, and how many samples)

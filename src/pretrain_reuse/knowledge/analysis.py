@@ -42,6 +42,7 @@ from .explain import (
     _remove_stale,
     check_classifier,
     check_explainable,
+    check_objects,
     check_outputs,
     choose_samples,
     data_path,
@@ -143,6 +144,8 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     missing = {"pretrained", "finetuned"} - models.keys()
     if missing:
         raise PretrainReuseError(f"knowledge needs the {' and '.join(sorted(missing))} model(s)")
+    check_objects({**models, **{f"checkpoint {t}": m for t, m in enumerate(checkpoints or [])}},
+                  dataset, cfg)
     # named sentence labels numbered as the fine-tuned model numbers its classes (its id2label)
     dataset = model_classes(models["finetuned"], dataset)
     # checked before the interactions are computed: a typo must not cost minutes, or leave files

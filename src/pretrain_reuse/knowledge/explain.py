@@ -324,6 +324,7 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
     which the dataset does not know), the model's identity (:func:`model_identity`) and the data;
     ``meta["solver"]`` is the decomposition's own meta (parameters and diagnostics).
     Everything that would fail is checked before anything is written (:func:`check_explainable`)."""
+    check_objects({role: model}, dataset, cfg)
     check_tau(tau)
     indices = _check_indices(indices, dataset)
     dataset = model_classes(model, dataset)
@@ -334,6 +335,21 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
     if out is not None:
         save_explanations(results, model, dataset, cfg, Path(out), tau)
     return results
+
+
+def check_objects(models: dict[str, Any], dataset: Any, cfg: Any) -> None:
+    """The Python caller passed loaded objects, not names or paths (which the CLI opens)."""
+    for role, model in models.items():
+        if not isinstance(model, Backbone):
+            raise PretrainReuseError(
+                f"the {role} model must be a Backbone, got {type(model).__name__}; load it with "
+                "pretrain_reuse.models.create_backbone(name, weights=path)")
+    if not isinstance(dataset, ImageDataset | TextDataset):
+        raise PretrainReuseError(
+            f"the data must be an ImageDataset or TextDataset, got {type(dataset).__name__}; open "
+            "it with pretrain_reuse.data.open_dataset(spec, split=...) or data.text.text_file(path)")
+    if not isinstance(cfg, ExplainConfig):
+        raise PretrainReuseError(f"cfg must be an ExplainConfig, got {type(cfg).__name__}")
 
 
 def check_explainable(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.ndarray,
