@@ -15,6 +15,12 @@ touch test sets: evaluate on the full test split.
   :math:`a_c` is the number of images class c has, :math:`n_{max}` the largest :math:`a_c`, and
   :math:`\rho(c)` the rank of class c: its index (``order="index"``, as in Cui et al.'s code) or
   its position in a seeded random permutation (``order="random"``).
+
+A value the data cannot realise is refused rather than run under its name: a fraction below
+:math:`1 / n_{max}` (every class would keep its one image whatever the fraction) and a ratio above
+:math:`n_{max}` (the smallest classes would keep one image, so the largest / smallest class would
+be :math:`n_{max}`, not r). Between these, the floor and the one image a small class keeps make
+the share or ratio differ from the one asked for: ``params`` records the realised one.
 """
 
 from __future__ import annotations
@@ -46,15 +52,24 @@ class Subsample:
 
 
 def subsample_fraction(labels: np.ndarray, fraction: float, *, seed: int) -> Subsample:
-    """Keep ``floor(fraction * n_c)`` (at least 1) random samples of every class c."""
+    """Keep ``floor(fraction * n_c)`` (at least 1) random samples of every class c;
+    ``params["realised"]`` is the share of all samples kept."""
     labels = _check_labels(labels)
     if not 0 < fraction <= 1:
         raise PretrainReuseError(f"fraction must be in (0, 1], got {fraction!r} (e.g. 0.2 for 20 %)")
     available = np.bincount(labels)
-    keep = np.where(available > 0, np.maximum(1, np.floor(fraction * available)), 0).astype(int)
+    # The 1e-9 keeps exact products (0.025 * 40) from flooring one below.
+    share = np.floor(fraction * available + 1e-9)
+    if share.max() < 1:
+        raise PretrainReuseError(
+            f"train fraction {fraction:g} keeps less than one image of every class (the largest "
+            f"has {available.max()}); the smallest fraction this data allows is "
+            f"{_up(1 / available.max()):g}")
+    keep = np.where(available > 0, np.maximum(1, share), 0).astype(int)
     indices = _draw(labels, keep, np.random.default_rng(seed))
     return Subsample(indices, {"sampler": "fraction", "fraction": fraction, "seed": seed,
-                               "per_class": keep.tolist()})
+                               "per_class": keep.tolist(),
+                               "realised": float(keep.sum() / available.sum())})
 
 
 def subsample_long_tail(labels: np.ndarray, ratio: float = 10.0, *, seed: int,
@@ -71,13 +86,26 @@ def subsample_long_tail(labels: np.ndarray, ratio: float = 10.0, *, seed: int,
     n_classes = len(available)
     rank = np.arange(n_classes) if order == "index" else rng.permutation(n_classes)
     exponent = rank / max(n_classes - 1, 1)
+    n_max = int(available.max())
     # The 1e-9 keeps exact integers (n_max / r at the last rank) from flooring one below.
-    target = np.maximum(1, np.floor(available.max() / ratio**exponent + 1e-9)).astype(int)
+    if np.floor(n_max / ratio + 1e-9) < 1:
+        raise PretrainReuseError(
+            f"long-tail ratio {ratio:g} asks for less than one image in the smallest class (the "
+            f"largest has {n_max}); the largest ratio this data allows is {n_max}")
+    target = np.maximum(1, np.floor(n_max / ratio**exponent + 1e-9)).astype(int)
     keep = np.minimum(target, available)
     indices = _draw(labels, keep, rng)
+    present = keep[available > 0]
     return Subsample(indices, {"sampler": "long-tail", "ratio": ratio, "order": order,
-                               "seed": seed, "n_max": int(available.max()),
-                               "rank": rank.tolist(), "per_class": keep.tolist()})
+                               "seed": seed, "n_max": n_max, "rank": rank.tolist(),
+                               "per_class": keep.tolist(),
+                               "realised": float(present.max() / present.min())})
+
+
+def _up(value: float, digits: int = 4) -> float:
+    """``value`` rounded up to ``digits`` significant digits (a bound that stays a bound)."""
+    scale = 10.0 ** (digits - 1 - math.floor(math.log10(value)))
+    return math.ceil(value * scale) / scale
 
 
 def _check_labels(labels) -> np.ndarray:
