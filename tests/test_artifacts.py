@@ -489,6 +489,13 @@ def test_load_refuses_unknown_suffixes_and_missing_paths(tmp_path):
         load(tmp_path / "nothing.safetensors")
 
 
+@pytest.mark.parametrize("path", [None, 3])
+def test_load_of_something_that_is_no_path_is_one_line(path):
+    with pytest.raises(PretrainReuseError, match=rf"path must be a file path \(str or pathlib.Path\), "
+                                                 rf"got {type(path).__name__} {path}"):
+        load(path)
+
+
 def test_load_names_what_a_file_it_does_not_open_holds(tmp_path):
     from pretrain_reuse.models import create_backbone, save_backbone
 

@@ -259,7 +259,7 @@ def test_a_sample_id_given_to_two_samples_is_refused():
 def test_spherical_kmeans_refuses_max_points_per_unit_below_one(value):
     # -1 trained on x[:-k] (all but the last k shuffled rows), 0 raised numpy's ValueError
     x, _ = _planted_sphere()
-    with pytest.raises(PretrainReuseError, match=f"max_points_per_unit must be >= 1.*got {value}"):
+    with pytest.raises(PretrainReuseError, match=f"max_points_per_unit must be an integer >= 1, got {value}"):
         spherical_kmeans(FeatureStore(features=x), 6, max_points_per_unit=value)
 
 
@@ -300,9 +300,54 @@ def test_a_units_file_with_missing_or_inconsistent_entries_is_one_error(tmp_path
     assert message in str(err.value)
 
 
-def test_class_means_with_too_few_class_names_say_how_many_are_needed():
-    store = FeatureStore(features=np.ones((4, 3), np.float32), labels=np.array([0, 1, 2, 2]),
-                         class_names=["a", "b"])
-    with pytest.raises(PretrainReuseError, match=r"label 2 is out of range for 2 class names; give "
-                                                 r"one name per label 0\.\.2"):
-        class_means(store)
+
+# --------------------------------------------------------------------------------------------
+# Plain Python inputs: tensors, lists, NumPy integers
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("convert", [torch.from_numpy, np.ndarray.tolist],
+                         ids=["torch tensor", "nested list"])
+def test_units_take_tensors_and_lists_as_numpy_arrays(convert):
+    p = np.random.default_rng(0).standard_normal((4, 3))
+    assignment = np.array([0, 3, 3, -1, 1])
+    units = Units(prototypes=convert(p), kind="class", assignment=convert(assignment),
+                  sample_ids=list("abcde"))
+    assert isinstance(units.prototypes, np.ndarray) and isinstance(units.assignment, np.ndarray)
+    np.testing.assert_array_equal(units.prototypes, p)
+    np.testing.assert_array_equal(units.counts, [1, 1, 0, 2])
+
+
+def test_spherical_kmeans_takes_numpy_integers_and_a_plain_array_like_ints_and_a_store():
+    x, _ = _planted_sphere(n_clusters=4, per=30)
+    ref = spherical_kmeans(FeatureStore(features=x), 4, n_iter=3, n_init=2, seed=1,
+                           max_points_per_unit=20)
+    got = spherical_kmeans(x, np.int64(4), n_iter=np.int32(3), n_init=np.int64(2),
+                           seed=np.uint8(1), max_points_per_unit=np.int64(20))
+    np.testing.assert_array_equal(got.assignment, ref.assignment)
+    np.testing.assert_array_equal(got.prototypes, ref.prototypes)
+    assert got.meta["params"] == ref.meta["params"] and got.meta["seed"] == 1
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(k=5.0), "k must be an integer >= 1, got 5.0"),
+    (dict(k=True), "k must be an integer >= 1, got True"),
+    (dict(k=5, n_iter=3.0), "n_iter must be an integer >= 1, got 3.0"),
+    (dict(k=5, n_init="2"), "n_init must be an integer >= 1, got '2'"),
+    (dict(k=5, seed=0.5), r"seed must be an integer in \[0, 2\*\*63\), got 0.5"),
+])
+def test_spherical_kmeans_refuses_non_integer_counts_in_one_line(kwargs, needle):
+    x, _ = _planted_sphere(n_clusters=4, per=30)
+    with pytest.raises(PretrainReuseError, match=needle):
+        spherical_kmeans(FeatureStore(features=x), **kwargs)
+
+
+def test_class_means_of_a_bare_array_says_it_needs_labels():
+    x, truth = _planted_sphere(n_clusters=3, per=10)
+    with pytest.raises(PretrainReuseError, match=r"no labels, which class means need: pass "
+                                                 r"FeatureStore\(features, labels\)"):
+        class_means(x)
+    with pytest.raises(PretrainReuseError, match=r"got the path 'feats\.npy' where features belong"):
+        class_means("feats.npy")
+    means = class_means(FeatureStore(features=x.tolist(), labels=truth.tolist())).prototypes
+    np.testing.assert_allclose(means, [x[truth == c].mean(0) for c in range(3)], rtol=1e-6)

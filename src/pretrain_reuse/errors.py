@@ -8,6 +8,9 @@ received and how to fix it. The CLI prints it on one line and exits with status 
 from __future__ import annotations
 
 import difflib
+import numbers
+import os
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TypeVar
@@ -38,11 +41,30 @@ def lookup(registry: Mapping[str, T], name: str, param: str) -> T:
     return registry[check_choice(param, name, registry.keys())]
 
 
-def check_matrix(name: str, x: np.ndarray, *, ndim: int = 2, finite: bool = True,
-                 offset: int = 0) -> None:
-    """Check that array ``x`` has ``ndim`` dimensions, real numbers, at least one row, and
-    (optionally) no NaN/inf; ``offset`` is the number of ``x``'s first row in the whole matrix
-    when ``x`` is one chunk of it (so that a bad row is named by its own number)."""
+def as_array(name: str, x) -> np.ndarray:
+    """``x`` as a NumPy array: arrays (memmaps included) as they are, torch tensors copied to the
+    CPU, nested lists and other array-likes through ``np.asarray``. Rows of unequal length are
+    an error naming ``name``."""
+    if isinstance(x, np.ndarray):
+        return x
+    torch = sys.modules.get("torch")  # a tensor exists only if torch was imported
+    if torch is not None and isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        return (x.float() if x.dtype == torch.bfloat16 else x).numpy()  # NumPy has no bfloat16
+    try:
+        return np.asarray(x)
+    except ValueError:  # ragged nested lists
+        raise PretrainReuseError(f"{name} is not a rectangular array (its rows differ in "
+                                 "length); pass a NumPy array or a torch tensor") from None
+
+
+def check_matrix(name: str, x, *, ndim: int = 2, finite: bool = True, offset: int = 0
+                 ) -> np.ndarray:
+    """``x`` as a NumPy array (:func:`as_array`), after checking that it has ``ndim``
+    dimensions, real numbers, at least one row, and (optionally) no NaN/inf; ``offset`` is the
+    number of ``x``'s first row in the whole matrix when ``x`` is one chunk of it (so that a bad
+    row is named by its own number)."""
+    x = as_array(name, x)
     if np.dtype(x.dtype).kind not in "biuf":  # strings, objects, complex numbers
         raise PretrainReuseError(f"{name} holds {np.dtype(x.dtype)} values, not real numbers; pass "
                                  "a float array")
@@ -64,21 +86,53 @@ def check_matrix(name: str, x: np.ndarray, *, ndim: int = 2, finite: bool = True
                 f"{name} has NaN/inf values in {len(rows)} row(s) (first: row {offset + rows[0]}); "
                 "remove or recompute those rows"
             )
+    return x
+
+
+def check_strings(name: str, values) -> list[str]:
+    """``values`` (a list, tuple or 1-d NumPy array of strings) as a list of str."""
+    if isinstance(values, np.ndarray) and values.ndim == 1:
+        values = values.tolist()  # np.str_ -> str, so that messages and JSON show plain strings
+    if not isinstance(values, list | tuple):
+        raise PretrainReuseError(f"{name} must be a list of strings, got {str(values)[:60]}")
+    bad = [i for i, v in enumerate(values) if not isinstance(v, str)]
+    if bad:
+        raise PretrainReuseError(f"{name} must be a list of strings; entry {bad[0]} is "
+                                 f"{type(values[bad[0]]).__name__} {values[bad[0]]!r}")
+    return list(values)
+
+
+def is_integer(value) -> bool:
+    """A Python or NumPy integer; not a bool (True as a count is a mistake)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """A Python or NumPy real number (np.float32 included); not a bool, a string or a tensor."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_positive(name: str, value: float, *, allow_inf: bool = False) -> float:
-    """Check ``value > 0`` (and finite unless ``allow_inf``)."""
-    ok = value > 0 and (allow_inf or np.isfinite(value))
-    if not ok:
+    """``value`` as a float, after checking that it is a number > 0 (and finite unless
+    ``allow_inf``)."""
+    if not (is_number(value) and value > 0 and (allow_inf or np.isfinite(value))):
         raise PretrainReuseError(f"{name} must be a positive number, got {value!r}")
     return float(value)
 
 
+def check_int(name: str, value: int, *, minimum: int) -> int:
+    """``value`` as an int, after checking that it is a (Python or NumPy) integer >= ``minimum``."""
+    if not (is_integer(value) and value >= minimum):
+        raise PretrainReuseError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def check_seed(name: str, value: int) -> int:
-    """Check that ``value`` is a seed NumPy and torch accept: an integer in [0, 2**63)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+    """``value`` as an int, after checking that it is a seed NumPy and torch accept: a (Python or
+    NumPy) integer in [0, 2**63)."""
+    if not (is_integer(value) and 0 <= value < 2**63):
         raise PretrainReuseError(f"{name} must be an integer in [0, 2**63), got {value!r}")
-    return value
+    return int(value)
 
 
 def check_device(device: str) -> str:
@@ -115,8 +169,19 @@ def parse_ids(text: str, flag: str) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def refuse_path(x, expected: str) -> None:
+    """Refuse a file path passed where ``expected`` (an in-memory object) belongs, saying how to
+    open the file."""
+    if isinstance(x, str | os.PathLike):
+        raise PretrainReuseError(f"got the path {str(x)!r} where {expected} belong; open the file "
+                                 "with pretrain_reuse.load(path) and pass the result")
+
+
 def check_file(name: str, path: str | Path) -> Path:
-    """Check that ``path`` exists; return it as a Path."""
+    """Check that ``path`` is a path (str or os.PathLike) that exists; return it as a Path."""
+    if not isinstance(path, str | os.PathLike):
+        raise PretrainReuseError(f"{name} must be a file path (str or pathlib.Path), got "
+                                 f"{type(path).__name__} {path!r}")
     p = Path(path)
     if not p.exists():
         raise PretrainReuseError(f"{name}: file {str(p)!r} does not exist; check the path")

@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from .artifacts import atomic_path, decode_ids, encode_ids, hash_file, read_json, write_json
-from .errors import PretrainReuseError, check_file, check_matrix
+from .errors import PretrainReuseError, as_array, check_file, check_matrix, check_strings
 
 STORE_FORMAT = 1
 
@@ -32,11 +32,15 @@ STORE_FORMAT = 1
 class FeatureStore:
     """Per-sample features with optional integer labels and string sample ids.
 
+    The constructor takes NumPy arrays, torch tensors or nested lists, and stores NumPy arrays.
+
     Attributes:
-        features: (N, D) float32 array (or a read-only memmap for ``.npy`` input).
+        features: (N, D) real array in the dtype it was given (a read-only memmap for ``.npy``
+            input, float32 when loaded from a store): it is not copied here. Units read it in
+            float32, chunk by chunk, and :meth:`save` writes float32.
         labels: (N,) int64 class indices, or None for unlabelled data.
         ids: N sample ids (e.g. relative image paths); ``"0".."N-1"`` when none were given.
-        class_names: names of the label values, or None.
+        class_names: names of the label values (``class_names[i]`` names label i), or None.
         meta: metadata block (producer, params, inputs, seed, version).
     """
 
@@ -47,15 +51,23 @@ class FeatureStore:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        check_matrix("features", self.features, finite=False)
-        n = self.features.shape[0]
-        if not self.ids:
-            object.__setattr__(self, "ids", [str(i) for i in range(n)])
-        if len(self.ids) != n:
-            raise PretrainReuseError(f"got {len(self.ids)} sample ids for {n} feature rows")
-        check_unique_ids(self.ids)
-        if self.labels is not None:
-            object.__setattr__(self, "labels", _class_indices(np.asarray(self.labels), n))
+        features = check_matrix("features", self.features, finite=False)
+        n = features.shape[0]
+        ids = check_strings("ids", self.ids) or [str(i) for i in range(n)]
+        if len(ids) != n:
+            raise PretrainReuseError(f"got {len(ids)} sample ids for {n} feature rows")
+        check_unique_ids(ids)
+        labels = None if self.labels is None else _class_indices(as_array("labels", self.labels), n)
+        names = None if self.class_names is None else check_strings("class_names", self.class_names)
+        if names and labels is not None and labels.max() >= len(names):
+            raise PretrainReuseError(
+                f"label {labels.max()} is out of range for {len(names)} class names; give one "
+                f"name per label 0..{labels.max()} (class_names[i], or line i of --class-names, "
+                "names label i)")
+        object.__setattr__(self, "features", features)
+        object.__setattr__(self, "ids", ids)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "class_names", names)
 
     def __repr__(self) -> str:  # a summary: the dataclass repr would print every sample id
         labels = "unlabelled" if self.labels is None else (

@@ -33,7 +33,17 @@ from .artifacts import (
     refuse_foreign,
     to_json,
 )
-from .errors import PretrainReuseError, check_choice, check_file, check_matrix
+from .errors import (
+    PretrainReuseError,
+    as_array,
+    check_choice,
+    check_file,
+    check_int,
+    check_matrix,
+    check_seed,
+    check_strings,
+    refuse_path,
+)
 from .features import FeatureStore, check_unique_ids, load_npy
 
 KINDS = ("class", "cluster", "prototypes")
@@ -61,14 +71,14 @@ class Units:
 
     def __post_init__(self):
         check_choice("kind", self.kind, KINDS)
-        check_matrix("prototypes", self.prototypes)
-        if self.names is not None and (not isinstance(self.names, list | tuple)
-                                       or not all(isinstance(n, str) for n in self.names)):
-            raise PretrainReuseError(f"unit names must be a list of strings, got {str(self.names)[:60]}")
-        if self.names is not None and len(self.names) != len(self):
-            raise PretrainReuseError(f"got {len(self.names)} unit names for {len(self)} units")
+        object.__setattr__(self, "prototypes", check_matrix("prototypes", self.prototypes))
+        if self.names is not None:
+            object.__setattr__(self, "names", check_strings("unit names", self.names))
+            if len(self.names) != len(self):
+                raise PretrainReuseError(f"got {len(self.names)} unit names for {len(self)} units")
+        object.__setattr__(self, "sample_ids", check_strings("sample_ids", self.sample_ids))
         if self.assignment is not None:
-            a = self.assignment
+            a = as_array("assignment", self.assignment)
             if a.ndim != 1 or a.dtype.kind not in "iu":
                 raise PretrainReuseError(f"assignment must be a vector of unit indices, got dtype "
                                          f"{a.dtype} shape {a.shape}")
@@ -79,6 +89,7 @@ class Units:
                 raise PretrainReuseError(
                     f"assignment refers to unit {bad} but the units are 0..{len(self) - 1} (-1: none)")
             check_unique_ids(self.sample_ids)
+            object.__setattr__(self, "assignment", a)
 
     def __len__(self) -> int:
         return self.prototypes.shape[0]
@@ -179,6 +190,14 @@ def _group_means(features: np.ndarray, assignment: np.ndarray, k: int,
     return (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
 
 
+def _as_store(store) -> FeatureStore:
+    """A FeatureStore as it is; an (N, D) array, tensor or nested list as an unlabelled one."""
+    if isinstance(store, FeatureStore):
+        return store
+    refuse_path(store, "features")
+    return FeatureStore(features=store)
+
+
 def class_means(store: FeatureStore, *, normalize: bool = False) -> Units:
     r"""One unit per class: the mean feature ``mu_c = (1/|c|) sum_{x in c} phi(x)``.
 
@@ -189,17 +208,16 @@ def class_means(store: FeatureStore, *, normalize: bool = False) -> Units:
         store: features with labels ``0..C-1`` (every class must have a sample).
         normalize: average L2-normalised features instead of raw ones.
     """
+    store = _as_store(store)
     if store.labels is None:
         raise PretrainReuseError(
-            "the features have no labels, which class means need: use --method kmeans for "
-            "unlabelled data, or give labels (--labels beside .npy features; class folders or a "
-            "labelled list file when embedding)")
+            "the features have no labels, which class means need: pass "
+            "FeatureStore(features, labels) (--labels beside .npy features; class folders or a "
+            "labelled list file when embedding), or use k-means units (spherical_kmeans, "
+            "--method kmeans)")
     present = np.unique(store.labels)  # sorted; not a bincount, which a label 10**12 would blow up
+    # FeatureStore has checked that every label has a name
     n_classes = len(store.class_names) if store.class_names else int(present[-1]) + 1
-    if present[-1] >= n_classes:
-        raise PretrainReuseError(
-            f"label {int(present[-1])} is out of range for {n_classes} class names; give one name "
-            f"per label 0..{int(present[-1])} (line i of --class-names names label i)")
     if len(present) < n_classes:
         gaps = np.flatnonzero(present != np.arange(len(present)))
         first = int(gaps[0]) if len(gaps) else len(present)
@@ -222,8 +240,8 @@ def class_means(store: FeatureStore, *, normalize: bool = False) -> Units:
                  sample_ids=list(store.ids), names=store.class_names, meta=meta)
 
 
-def spherical_kmeans(store: FeatureStore, k: int, *, n_iter: int = 20, n_init: int = 1, seed: int = 0,
-                     max_points_per_unit: int | None = None, normalize_means: bool = False,
+def spherical_kmeans(store: FeatureStore | np.ndarray, k: int, *, n_iter: int = 20, n_init: int = 1,
+                     seed: int = 0, max_points_per_unit: int | None = None, normalize_means: bool = False,
                      use_gpu: bool | None = None, progress: bool = False) -> Units:
     r"""Cluster unlabelled features by spherical k-means, then summarise each cluster by its mean.
 
@@ -249,7 +267,8 @@ def spherical_kmeans(store: FeatureStore, k: int, *, n_iter: int = 20, n_init: i
     in float64) on the CPU (BLAS and faiss kernels, multi-threaded) or on the CUDA GPU.
 
     Args:
-        store: features (labels ignored). Rows are read chunk by chunk, so a memmap works.
+        store: features (labels ignored), or an (N, D) array, tensor or nested list of them.
+            Rows are read chunk by chunk, so a memmap works.
         k: number of clusters, ``1 <= k <= N``.
         n_iter: passes over the training samples, at most.
         n_init: independent runs from different random starts; the best objective is kept.
@@ -270,14 +289,16 @@ def spherical_kmeans(store: FeatureStore, k: int, *, n_iter: int = 20, n_init: i
         and re-seeded) and ``meta["empty_dropped"]`` (clusters still empty at the end, removed)
         describe the run.
     """
+    store = _as_store(store)
     n = len(store.features)
-    if not 1 <= k <= n:
+    # as ints: faiss and NumPy's sampling refuse NumPy integers and floats
+    k = check_int("k", k, minimum=1)
+    if k > n:
         raise PretrainReuseError(f"k={k} clusters is not possible with {n} samples; pass 1 <= k <= {n}")
-    if n_iter < 1 or n_init < 1:
-        raise PretrainReuseError(f"n_iter and n_init must be >= 1, got {n_iter} and {n_init}")
-    if max_points_per_unit is not None and max_points_per_unit < 1:  # -1 would cut rows off the end
-        raise PretrainReuseError(f"max_points_per_unit must be >= 1 (or unset: train on every "
-                                 f"sample), got {max_points_per_unit}")
+    n_iter, n_init = check_int("n_iter", n_iter, minimum=1), check_int("n_init", n_init, minimum=1)
+    seed = check_seed("seed", seed)
+    if max_points_per_unit is not None:  # -1 would cut rows off the end
+        max_points_per_unit = check_int("max_points_per_unit", max_points_per_unit, minimum=1)
     gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
     if gpu and not torch.cuda.is_available():
         raise PretrainReuseError("use_gpu=True but torch sees no CUDA GPU; pass use_gpu=False")
