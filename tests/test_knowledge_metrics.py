@@ -169,6 +169,15 @@ def test_report_takes_any_iterable_of_interactions():
     assert report.to_dict() == expected.to_dict()
 
 
+def test_report_and_discrimination_take_a_single_interactions_as_one_sample():
+    assert (knowledge_report(PRE, FT, SCRATCH).to_dict()
+            == knowledge_report([PRE], [FT], [SCRATCH]).to_dict())
+    assert discrimination_power(PRE) == discrimination_power([PRE])
+    with pytest.raises(PretrainReuseError, match=re.escape(
+            "finetuned must be a list of Interactions (one per sample), got int")):
+        knowledge_report(PRE, 3)
+
+
 @pytest.mark.parametrize("match", ["support", "signed"])
 def test_report_saves_its_knowledge_sets_and_loads_back_every_ratio(tmp_path, match):
     from pretrain_reuse import load

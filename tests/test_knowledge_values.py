@@ -55,6 +55,30 @@ def test_get_and_top_k_look_up_by_player_tuples():
     assert x.top_k(2) == [("and", (2,), -3.0), ("or", (1, 3), 2.0)]
 
 
+def test_get_of_a_bare_index_names_the_coalition_forms_it_accepts():
+    x = make(4, {(3,): 1.0})
+    for key in (3, "03"):
+        with pytest.raises(PretrainReuseError) as e:
+            x.get(key)
+        assert "is not a coalition; pass its player indices, e.g. get((3,))" in str(e.value)
+        assert "as get(players_of(mask), type)" in str(e.value)
+    assert x.get((3,)) == 1.0
+
+
+def test_repr_is_a_short_summary_counting_the_salient_interactions():
+    # 12 players: the four 4096-entry arrays would print thousands of characters
+    n = 12
+    i_and = np.zeros(1 << n)
+    i_and[[1, 3, 7]] = [1.0, -0.5, 0.049]  # 0.049 < 0.05 * 1.0: not salient
+    i_or = np.zeros(1 << n)
+    i_or[5] = 0.2
+    x = Interactions(n=n, and_values=i_and, or_values=i_or, v=np.zeros(1 << n),
+                     noise=np.zeros(1 << n), kind="and-or", info={"sample": "img_003.png"})
+    assert len(x.salient()) == 3
+    assert repr(x) == "Interactions(kind='and-or', n=12, salient=3 (tau=0.05), sample='img_003.png')"
+    assert repr(make(2, {})) == "Interactions(kind='and', n=2, salient=0 (tau=0.05))"
+
+
 def test_by_order_is_the_share_of_absolute_strength_per_order():
     x = make(3, {(0,): 1.0, (0, 1): -2.0, (0, 1, 2): 1.0}, {(1, 2): 4.0}, empty=7.0)
     h = x.by_order()

@@ -339,14 +339,15 @@ class KnowledgeReport:
         return ax
 
 
-def knowledge_report(pretrained: Iterable[Interactions], finetuned: Iterable[Interactions],
-                     scratch: Iterable[Interactions] | None = None, *, tau: float = 0.05,
-                     match: str = "support") -> KnowledgeReport:
+def knowledge_report(pretrained: Iterable[Interactions] | Interactions,
+                     finetuned: Iterable[Interactions] | Interactions,
+                     scratch: Iterable[Interactions] | Interactions | None = None, *,
+                     tau: float = 0.05, match: str = "support") -> KnowledgeReport:
     """Knowledge ratios of the fine-tuned vs the pre-trained (and scratch) model over samples.
 
     Args:
         pretrained, finetuned: one :class:`Interactions` per sample, in the same sample order
-            (any iterable).
+            (any iterable; a single Interactions is one sample).
         scratch: the scratch model's interactions on the same samples, or None.
         tau: salience threshold (note §3 default 0.05).
         match: ``"support"`` (default) or ``"signed"``.
@@ -354,8 +355,8 @@ def knowledge_report(pretrained: Iterable[Interactions], finetuned: Iterable[Int
     Returns:
         :class:`KnowledgeReport`; ratios whose denominator set is empty on a sample skip it.
     """
-    pretrained, finetuned = list(pretrained), list(finetuned)
-    scratch = None if scratch is None else list(scratch)
+    pretrained, finetuned = _samples("pretrained", pretrained), _samples("finetuned", finetuned)
+    scratch = None if scratch is None else _samples("scratch", scratch)
     if len(pretrained) != len(finetuned) or (scratch is not None and len(scratch) != len(pretrained)):
         raise PretrainReuseError(
             f"got {len(pretrained)} pretrained, {len(finetuned)} finetuned"
@@ -367,6 +368,16 @@ def knowledge_report(pretrained: Iterable[Interactions], finetuned: Iterable[Int
     samples = [sample_knowledge(p, f, None if scratch is None else scratch[i], tau=tau, match=match)
                for i, (p, f) in enumerate(zip(pretrained, finetuned, strict=True))]
     return _report(samples, tau, match)
+
+
+def _samples(name: str, x: Iterable[Interactions] | Interactions) -> list[Interactions]:
+    """The argument ``name`` as a list of samples' interactions; a single one is one sample."""
+    if isinstance(x, Interactions):
+        return [x]
+    if not isinstance(x, Iterable):
+        raise PretrainReuseError(f"{name} must be a list of Interactions (one per sample), got "
+                                 f"{type(x).__name__}")
+    return list(x)
 
 
 def _report(samples: list[SampleKnowledge], tau: float, match: str) -> KnowledgeReport:
@@ -656,13 +667,14 @@ class Discrimination:
         }
 
 
-def discrimination_power(samples: Iterable[Interactions], *, tau: float = 0.05) -> Discrimination:
+def discrimination_power(samples: Iterable[Interactions] | Interactions, *,
+                         tau: float = 0.05) -> Discrimination:
     """Discrimination power β(S) and frequency α(S) of one model over the samples of one class.
 
     Li & Zhang (ICML 2023): m⁺_S = #{i : S salient on x_i and I(S|x_i) > 0}, m⁻_S likewise with
     I < 0; β(S) = max(m⁺, m⁻)/(m⁺ + m⁻), α(S) = (m⁺ + m⁻)/#samples. Call it once per class.
     """
-    samples = list(samples)
+    samples = _samples("samples", samples)
     if not samples:
         raise PretrainReuseError("samples is empty; pass the interactions of the class's samples")
     for i, x in enumerate(samples):

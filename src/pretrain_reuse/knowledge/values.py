@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,9 +108,20 @@ class Interactions:
     # Lookup
     # ----------------------------------------------------------------------------------------
 
+    def __repr__(self) -> str:
+        # a summary: the four (2^n,) arrays would fill a notebook cell
+        sample = f", sample={self.info['sample']!r}" if "sample" in self.info else ""
+        salient = sum(len(hits) for hits in self._salient_hits(0.05).values())
+        return f"Interactions(kind={self.kind!r}, n={self.n}, salient={salient} (tau=0.05){sample})"
+
     def get(self, players, type: str = "and") -> float:
         """The interaction of the coalition ``players`` (iterable of indices) of the given type."""
         check_choice("type", type, TYPES)
+        if isinstance(players, str) or not isinstance(players, Iterable):
+            raise PretrainReuseError(
+                f"players={players!r} is not a coalition; pass its player indices, e.g. get((3,)) "
+                "for player 3 alone or get((0, 2)), and a salient() key (type, mask) as "
+                "get(players_of(mask), type)")
         return float(self._values(type)[mask_of(players, self.n)])
 
     def _values(self, type: str) -> np.ndarray:
@@ -130,15 +142,14 @@ class Interactions:
             ``{(type, mask): I(S)}`` with type ``"and"`` or ``"or"``; empty if all are zero.
         """
         check_tau(tau)
+        return {(type, int(m)): float(self._values(type)[m])
+                for type, hits in self._salient_hits(tau).items() for m in hits}
+
+    def _salient_hits(self, tau: float) -> dict[str, np.ndarray]:
+        """Per type, the masks of the salient interactions (∅ excluded; none if all are zero)."""
         scale = self._max_abs()
-        out: dict[Key, float] = {}
-        if scale == 0.0:
-            return out
-        for type in TYPES:
-            vals = self._values(type)
-            hits = np.flatnonzero(np.abs(vals) > tau * scale)
-            out.update({(type, int(m)): float(vals[m]) for m in hits if m != 0})
-        return out
+        return {type: np.flatnonzero(np.abs(self._values(type)[1:]) > tau * scale) + 1
+                for type in TYPES}
 
     def _max_abs(self) -> float:
         return float(max(np.abs(self.and_values[1:]).max(), np.abs(self.or_values[1:]).max()))
