@@ -686,7 +686,7 @@ def test_cost_matrix_unknown_metric_names_metric():
         cost_matrix(np.ones((3, 5)), np.ones((4, 5)), metric="manhattan")
 
 
-@pytest.mark.parametrize("eps_c", [0.0, -0.1, float("nan"), float("inf")])
+@pytest.mark.parametrize("eps_c", [0.0, -0.1, float("nan"), float("inf"), "0.1", None])
 def test_cost_matrix_rejects_non_positive_eps_c(eps_c):
     with pytest.raises(PretrainReuseError, match="eps_c"):
         cost_matrix(np.ones((3, 5)), np.ones((4, 5)), eps_c=eps_c)
@@ -699,6 +699,32 @@ def test_cost_matrix_rejects_non_positive_eps_c(eps_c):
 
 def _ok():
     return np.ones(4), np.ones(3), np.ones((4, 3))
+
+
+def test_numpy_scalar_parameters_solve_the_problem_of_python_numbers():
+    # POT takes them; the solver refused np.float32(1) as "not a number"
+    rng = np.random.default_rng(5)
+    a, b, C = rng.uniform(0.5, 2, 6), rng.uniform(0.5, 2, 4), rng.uniform(0, 3, (6, 4))
+    ref = unbalanced_sinkhorn(a, b, C, 0.5, 1.0, 100.0, max_iter=1000, tol=1e-7)
+    got = unbalanced_sinkhorn(a, b, C, np.float32(0.5), np.float64(1), np.int64(100),
+                              max_iter=np.int64(1000), tol=np.float64(1e-7))
+    np.testing.assert_array_equal(got.log_row_mass, ref.log_row_mass)
+    assert (got.n_iter, got.objective) == (ref.n_iter, ref.objective)
+    assert type(got.eps) is float and type(got.tau_b) is float
+    np.testing.assert_array_equal(
+        cost_matrix(C, C[:2], eps_c=np.float32(0.5)), cost_matrix(C, C[:2], eps_c=0.5))
+
+
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_result_repr_is_a_one_line_summary_not_every_potential(as_torch):
+    rng = np.random.default_rng(0)
+    arr = torch.from_numpy if as_torch else np.asarray
+    one = unbalanced_sinkhorn(arr(np.ones(1000)), arr(np.ones(10)), arr(rng.random((1000, 10))))
+    assert repr(one) == (f"UOTResult(shape=(1000, 10), n_iter={one.n_iter}, converged=True, "
+                         f"objective={one.objective:.6g})")
+    batch = unbalanced_sinkhorn_batched(arr(np.ones(50)), arr(np.ones((3, 10))),
+                                        arr(rng.random((3, 50, 10))), max_iter=3)
+    assert repr(batch) == "UOTResult(batch=3, shape=(50, 10), n_iter=3, converged=0 of 3)"
 
 
 def test_nan_or_inf_in_cost_raises_naming_cost():
@@ -755,6 +781,10 @@ def test_wrong_shapes_raise_naming_the_parameter(a, b, C, pattern):
         (dict(tol=0.0), "tol"),
         (dict(max_iter=0), "max_iter"),
         (dict(max_iter=-5), "max_iter"),
+        (dict(max_iter=10.0), "max_iter"),
+        (dict(max_iter=True), "max_iter"),  # was taken as one iteration
+        (dict(eps="1"), "eps"),
+        (dict(tau_b=True), "tau_b"),
         # so loose that the solver stops unconverged (and the advice to raise --max-iter is wrong)
         (dict(tol=10.0), "tol"),
     ],

@@ -26,11 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import PretrainReuseError, check_choice, check_positive
+from .errors import PretrainReuseError, check_choice, check_int, check_positive
 
 __all__ = [
     "METRICS",
     "UOTResult",
+    "check_solver_params",
     "cost_matrix",
     "unbalanced_sinkhorn",
     "unbalanced_sinkhorn_batched",
@@ -85,7 +86,7 @@ def cost_matrix(source, target, *, metric: str = "cosine", eps_c: float = 0.01):
         (n, m) cost in the type, dtype and device of ``source``.
     """
     distance = METRICS[check_choice("metric", metric, METRICS)]
-    check_positive("eps_c", eps_c)
+    eps_c = check_positive("eps_c", eps_c)
     s, to_user = _to_tensor(source)
     t, _ = _to_tensor(target)
     if s.ndim != 2 or t.ndim != 2:
@@ -144,6 +145,14 @@ class UOTResult:
     eps: float
     tau_a: float
     tau_b: float
+
+    def __repr__(self) -> str:  # a summary: the dataclass repr would print every potential
+        n, m = self.f.shape[-1], self.g.shape[-1]
+        if self.f.ndim == 1:
+            return (f"UOTResult(shape=({n}, {m}), n_iter={self.n_iter}, converged={self.converged}, "
+                    f"objective={self.objective:.6g})")
+        return (f"UOTResult(batch={self.f.shape[0]}, shape=({n}, {m}), n_iter={self.n_iter}, "
+                f"converged={int(self.converged.sum())} of {self.f.shape[0]})")
 
     def log_plan(self, a, b, cost):
         """``log P`` (n, m) for the inputs the problem was solved on; never exponentiated."""
@@ -278,17 +287,22 @@ def _to_tensor(x) -> tuple[torch.Tensor, Any]:
     return torch.from_numpy(np.ascontiguousarray(arr)), lambda y: y.cpu().numpy()
 
 
-def _check_problem(a, b, cost, eps, tau_a, tau_b, max_iter, tol, dtype, allow_padding):
-    for name, value in (("eps", eps), ("tau_a", tau_a), ("tau_b", tau_b), ("tol", tol)):
-        if not isinstance(value, (int, float)):
-            raise PretrainReuseError(f"{name} must be a number, got {value!r}")
-        check_positive(name, value, allow_inf=name.startswith("tau"))
+def check_solver_params(eps: float, tau_a: float, tau_b: float, max_iter: int, tol: float
+                        ) -> tuple[float, float, float, int, float]:
+    """``eps, tau_a, tau_b, max_iter, tol`` as Python floats and an int, after checking them
+    (NumPy scalars are numbers too): :func:`unbalanced_sinkhorn` and ``SelectConfig`` share it."""
+    eps = check_positive("eps", eps)
+    tau_a = check_positive("tau_a", tau_a, allow_inf=True)
+    tau_b = check_positive("tau_b", tau_b, allow_inf=True)
+    tol = check_positive("tol", tol)
     if tol > LOOSEST_TOL:
         raise PretrainReuseError(
             f"tol={tol!r} is too loose: the solver would stop with its marginals off by more than "
             f"{MARGINAL_TOL} nats and report no convergence; pass tol <= {LOOSEST_TOL} (default 1e-6)")
-    if not isinstance(max_iter, int) or max_iter < 1:
-        raise PretrainReuseError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    return eps, tau_a, tau_b, check_int("max_iter", max_iter, minimum=1), tol
+
+
+def _check_problem(a, b, cost, tau_a, tau_b, dtype, allow_padding):
     if dtype not in (None, torch.float32, torch.float64):
         raise PretrainReuseError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
     if cost.requires_grad:
@@ -458,7 +472,8 @@ def _best_translation(f, g, loga, logb, tau_a, tau_b) -> torch.Tensor:
 
 
 def _solve(a, b, cost, eps, tau_a, tau_b, max_iter, tol, dtype, allow_padding):
-    _check_problem(a, b, cost, eps, tau_a, tau_b, max_iter, tol, dtype, allow_padding)
+    eps, tau_a, tau_b, max_iter, tol = check_solver_params(eps, tau_a, tau_b, max_iter, tol)
+    _check_problem(a, b, cost, tau_a, tau_b, dtype, allow_padding)
     dtype = dtype or (cost.dtype if cost.dtype in (torch.float32, torch.float64) else torch.float64)
     dev = cost.device
     loga = torch.log(a.to(device=dev, dtype=dtype))[None].expand(cost.shape[0], -1)
