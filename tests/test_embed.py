@@ -28,6 +28,7 @@ from torch import nn
 
 from _helpers import kill_when, randomize_norms, smallcnn_from_file
 from pretrain_reuse.cli import main
+from pretrain_reuse.errors import PretrainReuseError
 from pretrain_reuse.features import FeatureStore
 from pretrain_reuse.models import create_backbone, save_backbone
 
@@ -648,3 +649,47 @@ def test_a_store_whose_index_or_shards_disagree_is_one_line(tmp_path, capsys, da
     assert rc == 2 and err.startswith(ERROR_PREFIX) and len(err.strip().splitlines()) == 1
     assert message in err and "re-run embed" in err
     assert not (tmp_path / "u.safetensors").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# The Python API: the config's field types, the caller's random state
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value, message", [
+    # each of these was accepted, or a raw TypeError from a comparison, before the run
+    ("batch_size", "8", "batch_size must be an integer, got '8'"),
+    ("workers", 1.0, "workers must be an integer, got 1.0"),
+    ("shard_size", True, "shard_size must be an integer, got True"),
+    ("model", 3, "model must be a string, got 3"),
+    ("weights", 5, "weights must be a string or None, got 5"),
+    ("seed", -1, "seed must be an integer in [0, 2**63), got -1"),
+])
+def test_embed_config_names_a_field_of_the_wrong_type(field, value, message):
+    from pretrain_reuse.embed import EmbedConfig
+
+    with pytest.raises(PretrainReuseError) as e:
+        EmbedConfig(**{"model": "smallcnn-s", "data": "d", field: value})
+    assert str(e.value) == message
+
+
+def test_embed_config_takes_numpy_integers_and_paths_as_ints_and_strings():
+    from pretrain_reuse.embed import EmbedConfig
+
+    cfg = EmbedConfig(model="smallcnn-s", data=Path("d"), weights=Path("w.safetensors"),
+                      batch_size=np.int64(8), seed=np.uint8(3))
+    assert cfg == EmbedConfig(model="smallcnn-s", data="d", weights="w.safetensors", batch_size=8,
+                              seed=3)
+    assert type(cfg.batch_size) is int and type(cfg.data) is str
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_embed_leaves_the_callers_global_random_state_as_it_was(tmp_path, workers):
+    from pretrain_reuse.embed import EmbedConfig, embed
+
+    folder = make_many(tmp_path / "data", 3)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    embed(EmbedConfig(model="smallcnn-s", data=str(folder), batch_size=4, workers=workers),
+          tmp_path / "store", progress=False)
+    assert torch.equal(torch.get_rng_state(), before)

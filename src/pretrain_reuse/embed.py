@@ -18,9 +18,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import numpy as np
 import torch
@@ -40,7 +42,7 @@ from .artifacts import (
 from .data.catalog import open_dataset
 from .data.datasets import ImageDataset, collate
 from .distributed import process_device, rank_world
-from .errors import PretrainReuseError, check_choice, check_device
+from .errors import PretrainReuseError, check_choice, check_device, check_seed
 from .features import STORE_FORMAT, FeatureStore
 from .models import LAYERS, ImageTransform, create_backbone, state_hash
 
@@ -62,6 +64,7 @@ class EmbedConfig:
     seed: int = 0  # initialises whatever the weights file does not cover (all of it without one)
 
     def __post_init__(self):
+        _check_field_types(self)
         check_choice("layer", self.layer, LAYERS)
         check_choice("precision", self.precision, ("auto", "fp32", "bf16"))
         check_device(self.device)
@@ -70,6 +73,25 @@ class EmbedConfig:
                 raise PretrainReuseError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.workers < 0:
             raise PretrainReuseError(f"workers must be >= 0, got {self.workers}")
+        check_seed("seed", self.seed)
+
+
+def _check_field_types(cfg: EmbedConfig) -> None:
+    """Each field of ``cfg`` of its annotated type, before any range check: a batch_size of "8"
+    would fail deep in the run. A NumPy integer is taken as the int, a path (the data folder,
+    the weights file) as its string."""
+    for name, hint in get_type_hints(EmbedConfig).items():
+        value = getattr(cfg, name)
+        optional = type(None) in get_args(hint)
+        wanted = int if int in (hint, *get_args(hint)) else str
+        if isinstance(value, np.integer) and wanted is int:
+            object.__setattr__(cfg, name, int(value))
+        elif isinstance(value, os.PathLike) and wanted is str:
+            object.__setattr__(cfg, name, os.fspath(value))
+        elif not (value is None and optional) and (
+                isinstance(value, bool) or not isinstance(value, wanted)):
+            expected = {int: "an integer", str: "a string"}[wanted] + (" or None" if optional else "")
+            raise PretrainReuseError(f"{name} must be {expected}, got {value!r}")
 
 
 def _to_pil(image: torch.Tensor):
@@ -242,8 +264,10 @@ def _embed_shard(k: int, data: ImageDataset, backbone, cfg: EmbedConfig, device:
     start = k * cfg.shard_size
     positions = list(range(start, min(start + cfg.shard_size, len(data))))
     batches = [positions[i:i + cfg.batch_size] for i in range(0, len(positions), cfg.batch_size)]
+    # its own generator: a DataLoader draws its workers' base seed from the caller's global one
     loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=cfg.workers,
-                                         collate_fn=collate)
+                                         collate_fn=collate,
+                                         generator=torch.Generator().manual_seed(cfg.seed))
     feats, idx, skipped = [], [], []
     for batch in loader:
         skipped.extend(batch.skipped.tolist())
