@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from pretrain_reuse.data.synthetic import feature_world
 from pretrain_reuse.errors import PretrainReuseError
@@ -212,3 +213,136 @@ def test_an_edited_selection_file_is_one_line(tmp_path, edit, needle):
     (tmp_path / "sel.json").write_text(json.dumps(record))
     with pytest.raises(PretrainReuseError, match=needle):
         Selection.load(tmp_path / "sel.json")
+
+
+# --------------------------------------------------------------------------------------------
+# Plain Python inputs: NumPy numbers, dicts, tensors, lists, text ids
+# --------------------------------------------------------------------------------------------
+
+
+def _problem(seed=4):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((40, 6)), rng.standard_normal((5, 6))
+
+
+@pytest.mark.parametrize("k", [0, -1, 1.5, 2.0, True, "3", None])
+def test_top_refuses_every_k_that_select_config_refuses(k):
+    # top(0) gave [], top(-1) every unit but the last, top(1.5) every unit
+    sel = Selection(selected=[0], scores=-np.arange(6.0), params={}, counts=np.full(6, 10))
+    needle = "must be a whole number of units >= 1 or a sample fraction in \\(0, 1\\]"
+    with pytest.raises(PretrainReuseError, match=needle):
+        sel.top(k)
+    if k is not None:  # None is method 'label''s "every named unit"
+        with pytest.raises(PretrainReuseError, match=needle):
+            SelectConfig(k=k)
+
+
+def test_top_takes_numpy_numbers_as_counts_and_shares():
+    sel = Selection(selected=[0], scores=-np.arange(6.0), params={}, counts=np.full(6, 10))
+    assert sel.top(np.int64(2)).selected == [0, 1]
+    assert sel.top(np.float32(0.5)).selected == [0, 1, 2]
+    assert type(sel.top(np.int64(2)).params["k"]) is int
+
+
+def test_numpy_numbers_in_select_config_give_the_selection_of_python_numbers():
+    s, t = _problem()
+    ref_cfg = SelectConfig(k=4, eps_c=0.5, eps=0.5, tau_b=100.0, max_iter=1000, tol=1e-7)
+    cfg = SelectConfig(k=np.int64(4), eps_c=np.float32(0.5), eps=np.float32(0.5),
+                       tau_b=np.int64(100), max_iter=np.int64(1000), tol=np.float64(1e-7))
+    assert cfg == ref_cfg and type(cfg.max_iter) is int and type(cfg.eps) is float
+    ref, got = select(s, t, ref_cfg), select(s, t, cfg)
+    assert got.selected == ref.selected
+    np.testing.assert_array_equal(got.scores, ref.scores)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(eps="1"), "eps must be a positive number, got '1'"),  # was a TypeError
+    (dict(eps_c=None), "eps_c must be a positive number, got None"),
+    (dict(max_iter=10.5), "max_iter must be an integer >= 1, got 10.5"),
+    (dict(max_iter=True), "max_iter must be an integer >= 1, got True"),
+    (dict(tol=0.5), "tol=0.5 is too loose"),  # was accepted, then refused by select()
+    (dict(method="random", seed=1.5), "seed must be an integer"),
+    (dict(method="label", unit_ids=(1.5,)), "unit_ids must be integer unit ids, got 1.5"),
+    (dict(method="label", unit_ids="3,x"), "unit_ids '3,x' is not a list of unit ids"),
+])
+def test_select_config_refuses_bad_values_at_construction(kwargs, needle):
+    with pytest.raises(PretrainReuseError, match=needle):
+        SelectConfig(**kwargs)
+
+
+def test_label_unit_ids_may_be_written_as_text_like_on_the_command_line():
+    cfg = SelectConfig(method="label", unit_ids="3,7-9", k=None)
+    assert cfg.unit_ids == (3, 7, 8, 9)
+    s, t = _problem()
+    assert select(s, t, cfg).selected == [3, 7, 8, 9]
+
+
+def test_a_dict_config_is_the_select_config_of_its_fields():
+    s, t = _problem()
+    assert select(s, t, {"k": 3, "eps_c": 0.5}).selected == select(
+        s, t, SelectConfig(k=3, eps_c=0.5)).selected
+    with pytest.raises(PretrainReuseError, match=r"SelectConfig field='kk'.*did you mean 'k'"):
+        select(s, t, {"kk": 3})
+    with pytest.raises(PretrainReuseError, match="cfg must be a SelectConfig or a dict of its "
+                                                 "fields, not int"):
+        select(s, t, 3)
+
+
+@pytest.mark.parametrize("convert", [torch.from_numpy, np.ndarray.tolist],
+                         ids=["torch tensor", "nested list"])
+def test_tensors_and_lists_select_like_numpy_prototypes(convert):
+    # cost_matrix and unbalanced_sinkhorn took them; select refused them
+    s, t = _problem()
+    ref = select(s, t, SelectConfig(k=5))
+    got = select(convert(s), convert(t), SelectConfig(k=5))
+    assert got.selected == ref.selected
+    np.testing.assert_array_equal(got.scores, ref.scores)
+    with pytest.raises(PretrainReuseError, match=r"got the path 'u\.npy' where units belong; "
+                                                 r"open the file with pretrain_reuse\.load"):
+        select("u.npy", t)
+
+
+@pytest.mark.parametrize("relevant, needle", [
+    (["a"], "relevant must be integer ids, got 'a'"),
+    ([1.5], "relevant must be integer ids, got 1.5"),
+    ("3", "relevant must be a list of integer ids, got '3'"),
+    (3, "relevant must be a list of integer ids, got 3"),
+])
+def test_recall_refuses_ids_that_are_not_integers(relevant, needle):
+    sel = Selection(selected=[1, 3], scores=np.zeros(5), params={})
+    with pytest.raises(PretrainReuseError, match=needle):
+        sel.recall(relevant)
+    assert sel.recall({3, np.int64(4)}) == 0.5
+
+
+def test_repr_of_a_large_named_selection_is_a_one_line_summary():
+    names = [f"class-{i}" for i in range(1000)]
+    scores = -np.arange(1000.0)
+    sel = Selection(selected=list(range(100)), scores=scores, params={"method": "uot"},
+                    unit_names=names)
+    assert repr(sel) == ("Selection(method='uot', selected=100 of 1000 units, top=[0 'class-0', "
+                         "1 'class-1', 2 'class-2', 3 'class-3', 4 'class-4', ...])")
+    assert repr(Selection(selected=[2], scores=scores[:3], params={})) == (
+        "Selection(method=None, selected=1 of 3 units, top=[2])")
+
+
+def test_a_selection_is_saved_only_under_a_json_name_that_load_opens(tmp_path):
+    from pretrain_reuse import load
+
+    sel = Selection(selected=[1], scores=np.array([0.1, 0.9]), params={})
+    with pytest.raises(PretrainReuseError, match=r"a selection is saved as \.json, got '.*selx'"):
+        sel.save(tmp_path / "selx")
+    assert not list(tmp_path.iterdir())
+    assert load(sel.save(tmp_path / "sel.json")).selected == [1]
+
+
+def test_messages_shared_with_the_cli_name_the_parameter_and_the_flag():
+    with pytest.raises(PretrainReuseError, match=r"needs unit_ids \(--ids\) or a name_pattern \(--names\)"):
+        SelectConfig(method="label")
+    with pytest.raises(PretrainReuseError, match=r"pass method='label' \(--method label\)"):
+        SelectConfig(unit_ids=(1,))
+    s, t = _problem()
+    with pytest.raises(PretrainReuseError, match=r"only 2 units were named .*pass k=2 \(--k 2\)"):
+        select(s, t, SelectConfig(method="label", unit_ids=(1, 2), k=3))
+    with pytest.raises(PretrainReuseError, match=r"name_pattern \(--names\) needs unit names"):
+        select(s, t, SelectConfig(method="label", name_pattern="owl"))

@@ -16,10 +16,9 @@ differ in size, so "10% of the pool" is not "10% of the clusters").
 
 from __future__ import annotations
 
-import numbers
 import re
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +26,21 @@ import numpy as np
 import torch
 
 from .artifacts import hash_array, make_meta, read_json, refuse_foreign, write_json
-from .errors import PretrainReuseError, check_choice, check_device, check_positive, lookup
+from .errors import (
+    PretrainReuseError,
+    as_array,
+    check_choice,
+    check_device,
+    check_positive,
+    check_seed,
+    is_integer,
+    is_number,
+    lookup,
+    parse_ids,
+    refuse_path,
+)
 from .features import FeatureStore
-from .transport import METRICS, cost_matrix, unbalanced_sinkhorn_batched
+from .transport import METRICS, check_solver_params, cost_matrix, unbalanced_sinkhorn_batched
 from .units import Units, class_means
 
 
@@ -39,7 +50,8 @@ class SelectConfig:
 
     ``k``: number of units (an int >= 1) or, as a float in (0, 1], the fraction of source samples
     to cover (``1`` is one unit, ``1.0`` all samples); None with ``method="label"``: every named
-    unit. ``unit_ids`` / ``name_pattern`` name the units of ``method="label"`` (only).
+    unit. ``unit_ids`` (ids, or text such as ``"3,7-9"``) / ``name_pattern`` name the units of
+    ``method="label"`` (only). NumPy numbers are accepted and stored as Python ones.
     """
 
     method: str = "uot"
@@ -61,26 +73,63 @@ class SelectConfig:
         check_choice("method", self.method, SELECTORS)
         check_choice("metric", self.metric, METRICS)
         check_choice("dtype", self.dtype, ("float32", "float64"))
-        for name in ("eps_c", "eps", "tau_a", "tau_b", "tol"):
-            check_positive(name, getattr(self, name), allow_inf=name.startswith("tau"))
+        eps, tau_a, tau_b, max_iter, tol = check_solver_params(self.eps, self.tau_a, self.tau_b,
+                                                               self.max_iter, self.tol)
+        checked = {"eps_c": check_positive("eps_c", self.eps_c), "eps": eps, "tau_a": tau_a,
+                   "tau_b": tau_b, "max_iter": max_iter, "tol": tol,
+                   "seed": check_seed("seed", self.seed), "unit_ids": _unit_ids(self.unit_ids),
+                   "k": None if self.k is None else _check_k(self.k)}
+        for name, value in checked.items():  # frozen: set once, here
+            object.__setattr__(self, name, value)
         if self.tau_a == float("inf"):
             raise PretrainReuseError(
                 "tau_a=inf holds every source unit's mass at its weight, so all UOT scores tie; "
                 "use a finite tau_a (the paper's 1.0)")
         if self.k is None and self.method != "label":
             raise PretrainReuseError(f"method {self.method!r} needs k, the number of units to select")
-        if self.k is not None and not (_is_count(self.k) and self.k >= 1) and not (
-                isinstance(self.k, float) and 0 < self.k <= 1):
-            raise PretrainReuseError(
-                f"k={self.k!r} must be a whole number of units >= 1 or a sample fraction in (0, 1]"
-            )
         check_device(self.device)
         if self.method == "label" and not self.unit_ids and not self.name_pattern:
-            raise PretrainReuseError("method 'label' needs unit ids (--ids) or a name pattern (--names)")
+            raise PretrainReuseError("method 'label' needs unit_ids (--ids) or a name_pattern (--names)")
         if self.method != "label" and (self.unit_ids or self.name_pattern):
             raise PretrainReuseError(
-                f"unit ids and name patterns (--ids, --names) name the units of method 'label', "
-                f"not of {self.method!r}; pass --method label, or drop them")
+                f"unit_ids and name_pattern (--ids, --names) name the units of method 'label', "
+                f"not of {self.method!r}; pass method='label' (--method label), or drop them")
+
+
+def _check_k(k) -> int | float:
+    """``k`` as an int (a number of units >= 1) or a float (a share of the source samples in
+    (0, 1]), NumPy numbers included."""
+    if is_integer(k) and k >= 1:
+        return int(k)
+    if is_number(k) and not is_integer(k) and 0 < k <= 1:
+        return float(k)
+    raise PretrainReuseError(
+        f"k={k!r} must be a whole number of units >= 1 or a sample fraction in (0, 1]")
+
+
+def _unit_ids(ids) -> tuple[int, ...]:
+    """``SelectConfig.unit_ids`` as a tuple of ints: from integers, or from text like ``"3,7-9"``."""
+    if isinstance(ids, str):
+        return parse_ids(ids, "unit_ids")
+    ids = list(ids) if isinstance(ids, Iterable) else [ids]
+    bad = [i for i in ids if not is_integer(i)]
+    if bad:
+        raise PretrainReuseError(f"unit_ids must be integer unit ids, got {bad[0]!r}; pass e.g. "
+                                 "(3, 7) or '3,7-9'")
+    return tuple(int(i) for i in ids)
+
+
+def _id_set(name: str, ids) -> set[int]:
+    """``ids`` (a list, tuple, set or array of integers) as a set of ints; empty is an error."""
+    if isinstance(ids, str) or not isinstance(ids, Iterable):
+        raise PretrainReuseError(f"{name} must be a list of integer ids, got {ids!r}")
+    ids = list(ids)
+    bad = [i for i in ids if not is_integer(i)]
+    if bad:
+        raise PretrainReuseError(f"{name} must be integer ids, got {bad[0]!r}")
+    if not ids:
+        raise PretrainReuseError(f"{name} needs at least one id")
+    return {int(i) for i in ids}
 
 
 @dataclass(frozen=True)
@@ -113,26 +162,32 @@ class Selection:
                                     if outside else "names a unit twice")
                 + "; a selection file that says so was edited or is corrupt: run select again")
 
+    def __repr__(self) -> str:  # a summary: the dataclass repr would print every score and name
+        top = [f"{u} {self.unit_names[u]!r}" if self.unit_names else str(u)
+               for u in self.selected[:5]]
+        more = ", ..." if len(self.selected) > 5 else ""
+        return (f"Selection(method={self.params.get('method')!r}, selected={len(self.selected)} "
+                f"of {len(self.scores)} units, top=[{', '.join(top)}{more}])")
+
     def ranking(self) -> np.ndarray:
         """All source units, most similar first (ties broken by unit id)."""
         return np.argsort(-self.scores, kind="stable")
 
     def top(self, k: int | float) -> Selection:
-        """The same ranking with a different ``k`` (count or sample fraction)."""
+        """The same ranking with a different ``k`` (count or sample fraction, as in SelectConfig)."""
+        k = _check_k(k)
         return Selection(selected=_take(self.ranking(), k, self.counts),
                          scores=self.scores, params={**self.params, "k": k}, meta=self.meta,
                          unit_names=self.unit_names, counts=self.counts)
 
     def recall(self, relevant) -> float:
         """Fraction of the ``relevant`` unit ids that were selected (Liu et al., Table 4)."""
-        relevant = set(int(r) for r in relevant)
-        if not relevant:
-            raise PretrainReuseError("recall needs at least one relevant unit id")
+        relevant = _id_set("relevant", relevant)
         outside = sorted(r for r in relevant if not 0 <= r < len(self.scores))
         if outside:
             raise PretrainReuseError(
                 f"relevant unit id {outside[0]} is out of range for {len(self.scores)} units; "
-                f"pass ids 0..{len(self.scores) - 1} (--relevant)")
+                f"pass ids 0..{len(self.scores) - 1}")
         return len(relevant & set(self.selected)) / len(relevant)
 
     def sample_recall(self, units: Units, labels, relevant) -> float:
@@ -142,7 +197,7 @@ class Selection:
         if units.assignment is None:
             raise PretrainReuseError("sample recall needs units that record their members "
                                      "(a Units file from class means or k-means)")
-        in_relevant = np.isin(np.asarray(labels), [int(r) for r in relevant])
+        in_relevant = np.isin(as_array("labels", labels), list(_id_set("relevant", relevant)))
         if not in_relevant.any():
             raise PretrainReuseError("sample recall: no pool sample has a relevant label")
         taken = np.isin(units.assignment, self.selected)
@@ -150,6 +205,9 @@ class Selection:
 
     def save(self, path: str | Path) -> Path:
         """Write ``sel.json`` atomically."""
+        if Path(path).suffix != ".json":  # load() opens a selection by its suffix
+            raise PretrainReuseError(f"a selection is saved as .json, got {str(path)!r}; pass a "
+                                     "path ending in .json")
         refuse_foreign(path, "selection")
         obj = {"kind": "selection", "selected": [int(s) for s in self.selected],
                "scores": [float(s) for s in self.scores], "params": self.params,
@@ -228,8 +286,8 @@ def _score_uot(source: Units, targets: list[Units], cfg: SelectConfig):
         if not (np.isfinite(float(res.objective[k])) and torch.isfinite(res.log_row_mass[k]).all()):
             raise PretrainReuseError(
                 f"UOT broke down numerically in {cfg.dtype} at eps={cfg.eps:g} (optimality "
-                f"conditions off by {float(res.marginal_error_a[k]):.3g} nats); use a larger --eps"
-                + (" or --dtype float64" if cfg.dtype == "float32" else ""))
+                f"conditions off by {float(res.marginal_error_a[k]):.3g} nats); raise eps (a larger --eps)"
+                + (" or use dtype='float64' (--dtype float64)" if cfg.dtype == "float32" else ""))
         diag = {"converged": bool(res.converged[k]), "n_iter": res.n_iter,
                 "objective": float(res.objective[k]),
                 "marginal_error_a": float(res.marginal_error_a[k]),
@@ -259,7 +317,7 @@ def _score_random(source: Units, targets: list[Units], cfg: SelectConfig):
 
 
 def _score_label(source: Units, targets: list[Units], cfg: SelectConfig):
-    chosen = list(dict.fromkeys(int(i) for i in cfg.unit_ids))  # dedupe, keep the given order
+    chosen = list(dict.fromkeys(cfg.unit_ids))  # dedupe, keep the given order
     bad = [i for i in chosen if not 0 <= i < len(source)]
     if bad:
         raise PretrainReuseError(
@@ -268,7 +326,8 @@ def _score_label(source: Units, targets: list[Units], cfg: SelectConfig):
     if cfg.name_pattern:
         if source.names is None:
             raise PretrainReuseError(
-                "--names needs unit names; build the units with class names (--class-names)"
+                "name_pattern (--names) needs unit names; build the units with class names "
+                "(class_names, --class-names)"
             )
         try:
             pattern = re.compile(cfg.name_pattern)
@@ -278,10 +337,10 @@ def _score_label(source: Units, targets: list[Units], cfg: SelectConfig):
         if not matched:  # even beside --ids: a pattern that names nothing is a typo
             raise PretrainReuseError(f"name pattern {cfg.name_pattern!r} matches no unit name")
         chosen += [i for i in matched if i not in chosen]
-    if _is_count(cfg.k) and cfg.k > len(chosen):
+    if is_integer(cfg.k) and cfg.k > len(chosen):
         raise PretrainReuseError(
-            f"k={cfg.k} but only {len(chosen)} units were named (--ids/--names); pass --k {len(chosen)}"
-        )
+            f"k={cfg.k} but only {len(chosen)} units were named (unit_ids/name_pattern, "
+            f"--ids/--names); pass k={len(chosen)} (--k {len(chosen)})")
     counts = source.counts
     if isinstance(cfg.k, float) and counts is not None and (
             counts[chosen].sum() < cfg.k * counts.sum() * (1 - 1e-12)):
@@ -302,12 +361,9 @@ SELECTORS: dict[str, Callable] = {
 }
 
 
-def _is_count(k) -> bool:
-    return isinstance(k, numbers.Integral) and not isinstance(k, bool)
-
-
 def _take(ranking: np.ndarray, k: int | float, counts: np.ndarray | None) -> list[int]:
-    if _is_count(k):
+    """The top units of ``ranking`` for a checked ``k`` (:func:`_check_k`)."""
+    if isinstance(k, int):
         if k > len(ranking):
             raise PretrainReuseError(
                 f"k={int(k)} exceeds the {len(ranking)} source units; pass k <= {len(ranking)} "
@@ -325,12 +381,16 @@ def _take(ranking: np.ndarray, k: int | float, counts: np.ndarray | None) -> lis
     return [int(u) for u in ranking[: min(n, len(ranking))]]
 
 
-def select_many(source: Units | FeatureStore, targets: list[Units | FeatureStore],
-                cfg: SelectConfig) -> list[Selection]:
+def select_many(source: Units | FeatureStore | np.ndarray, targets: list[Units | FeatureStore | np.ndarray],
+                cfg: SelectConfig | Mapping[str, Any] | None = None) -> list[Selection]:
     """Rank the source units for several target tasks at once (one batched UOT solve).
 
-    A labelled FeatureStore stands for its class means (:func:`~.units.class_means`).
+    A labelled FeatureStore stands for its class means (:func:`~.units.class_means`), a 2-d
+    array (NumPy, torch or nested lists) for a prototype matrix (one unit per row), as a ``.npy``
+    file does on the command line. ``cfg`` is a :class:`SelectConfig`, a dict of its fields, or
+    None for the defaults.
     """
+    cfg = _as_config(cfg)
     if not targets:
         raise PretrainReuseError("pass at least one target")
     source = _as_units(source)
@@ -362,21 +422,31 @@ def select_many(source: Units | FeatureStore, targets: list[Units | FeatureStore
 
 
 def select(source: Units | FeatureStore | np.ndarray, target: Units | FeatureStore | np.ndarray,
-           cfg: SelectConfig | None = None) -> Selection:
+           cfg: SelectConfig | Mapping[str, Any] | None = None) -> Selection:
     """Rank the source units by similarity to one target task and keep the top ``cfg.k``.
 
-    A labelled FeatureStore stands for its class means (:func:`~.units.class_means`), a 2-d
-    array for a prototype matrix (one unit per row), as a ``.npy`` file does on the command line.
+    Inputs and ``cfg`` as for :func:`select_many`.
     """
-    return select_many(source, [target], cfg or SelectConfig())[0]
+    return select_many(source, [target], cfg)[0]
+
+
+def _as_config(cfg: SelectConfig | Mapping[str, Any] | None) -> SelectConfig:
+    if cfg is None:
+        return SelectConfig()
+    if isinstance(cfg, Mapping):
+        for key in cfg:  # SelectConfig(**cfg) would raise a TypeError
+            check_choice("SelectConfig field", key, [f.name for f in fields(SelectConfig)])
+        return SelectConfig(**cfg)
+    if not isinstance(cfg, SelectConfig):
+        raise PretrainReuseError(f"cfg must be a SelectConfig or a dict of its fields, not "
+                                 f"{type(cfg).__name__}")
+    return cfg
 
 
 def _as_units(x: Units | FeatureStore | np.ndarray) -> Units:
+    if isinstance(x, Units):
+        return x
     if isinstance(x, FeatureStore):
         return class_means(x)
-    if isinstance(x, np.ndarray):
-        return Units(prototypes=x, kind="class")
-    if not isinstance(x, Units):
-        raise PretrainReuseError(f"pass Units, a FeatureStore or a prototype array, not "
-                                 f"{type(x).__name__}")
-    return x
+    refuse_path(x, "units")
+    return Units(prototypes=x, kind="class")  # Units converts and checks the array
