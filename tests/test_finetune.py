@@ -29,6 +29,7 @@ from torch import nn
 
 import pretrain_reuse
 from _helpers import kill_when, smallcnn_from_file
+from pretrain_reuse.artifacts import hash_array
 from pretrain_reuse.cli import main
 from pretrain_reuse.data.datasets import ArrayDataset
 from pretrain_reuse.errors import PretrainReuseError
@@ -44,6 +45,7 @@ from pretrain_reuse.finetune.losses import (
     soft_cross_entropy,
 )
 from pretrain_reuse.finetune.model import FinetuneModel
+from pretrain_reuse.finetune.run import run_finetune
 from pretrain_reuse.models import create_backbone, save_backbone
 from pretrain_reuse.models.smallcnn import SmallCNN
 from pretrain_reuse.selection import Selection
@@ -667,6 +669,21 @@ def test_result_reports_final_and_best_validation_test_metrics_never_best_test()
     assert result.at_best_val["val"]["top1"] == 0.8
 
 
+def test_result_prints_a_short_summary_and_plot_names_the_metrics_it_has():
+    from pretrain_reuse.finetune.loop import _result
+
+    history = [{"step": 10 * (i + 1), "loss": 1.0,
+                "val": {"top1": 0.5 + i / 1000, "mean_class_acc": 0.5, "n": 30},
+                "test": {"top1": 0.25 + i / 400, "mean_class_acc": 0.5, "n": 40}} for i in range(300)]
+    history[99]["val"]["top1"] = 0.99  # the best validation: step 1000, test top-1 0.4975
+    result = _result(FinetuneConfig(mode="vanilla"), history, {}, 1.0)
+    assert repr(result) == ("RunResult(mode='vanilla', steps=3000, evaluations=300, final test "
+                            "top1=0.998, test top1 at best val=0.497 (step 1000))")
+    with pytest.raises(PretrainReuseError, match=r"metric='top-1' is not one of 'top1', "
+                                                 r"'mean_class_acc' \(did you mean 'top1'\?\)"):
+        result.plot(metric="top-1")
+
+
 def test_reuse_full_source_head_spans_all_pretraining_classes(files, tmp_path, capsys):
     out = run_ok(capsys, *base_args(files, tmp_path / "run", steps=1), "--mode", "reuse",
                  *MODE_ARGS["reuse"](files), "--source-head", "full", "--source-sampling", "units")
@@ -862,6 +879,82 @@ def test_bad_arguments_exit_2_with_one_line(files, tmp_path, capsys, extra, need
     assert not (tmp_path / "run").exists()  # nothing half-written, not even split.json
 
 
+@pytest.mark.parametrize("extra, needle", [
+    # each was a FileNotFoundError traceback from hashing the file
+    (["--weights", "MISSING"], "--weights: file 'MISSING' does not exist"),
+    (["--weights", "FOLDER"], "--weights: 'FOLDER' is a folder; pass the path of a file"),
+    (["--mode", "reuse", "--source", "SOURCE", "--selection", "MISSING"],
+     "--selection: file 'MISSING' does not exist"),
+    (["--mode", "reuse", "--source", "SOURCE", "--selection", "FOLDER"], "--selection: 'FOLDER' is a folder"),
+    (["--mode", "reuse-unlabeled", "--source", "POOL", "--selection", "SEL", "--units", "MISSING"],
+     "--units: file 'MISSING' does not exist"),
+])
+def test_a_missing_or_folder_file_input_exits_2_with_one_line(files, tmp_path, capsys, extra, needle):
+    names = {"MISSING": str(tmp_path / "nope.json"), "FOLDER": str(files["root"]),
+             "SOURCE": str(files["source"]), "POOL": str(files["pool"]),
+             "SEL": str(files["sel_cluster"])}
+    rc, _, err = cli(capsys, *base_args(files, tmp_path / "run"), *[names.get(a, a) for a in extra])
+    for name in ("MISSING", "FOLDER"):
+        needle = needle.replace(name, names[name])
+    assert_one_line_error(rc, err, needle)
+    assert not (tmp_path / "run").exists()
+
+
+def _api_run(files, out, **kwargs):
+    mode = kwargs.pop("mode", "vanilla")
+    workers = kwargs.pop("workers", 0)
+    cfg = FinetuneConfig(mode=mode, max_steps=4, batch_size=8, eval_every=1, workers=workers)
+    return run_finetune(cfg, model="smallcnn-s", target=files["train"], target_test=files["test"],
+                        out=out, progress=False, **{"weights": files["weights"], **kwargs})
+
+
+def test_run_finetune_with_a_missing_weights_file_raises_the_package_error(files, tmp_path):
+    with pytest.raises(PretrainReuseError, match=r"--weights: file 'nope\.safetensors' does not exist"):
+        _api_run(files, tmp_path / "run", weights="nope.safetensors")
+    with pytest.raises(PretrainReuseError, match="--selection must be a file path or a Selection "
+                                                 "object, got int"):
+        _api_run(files, tmp_path / "run", mode="reuse", source=files["source"], selection=3)
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_finetune_takes_the_selection_and_units_objects_themselves(files, tmp_path):
+    paths = {"selection": files["sel_cluster"], "units": files["units"]}
+    objects = {"selection": Selection.load(paths["selection"]), "units": Units.load(paths["units"])}
+    results = {name: _api_run(files, tmp_path / name, mode="reuse-unlabeled", source=files["pool"],
+                              **given)
+               for name, given in (("paths", paths), ("objects", objects))}
+    assert results["objects"].history == results["paths"].history
+    w_paths = load_file(str(tmp_path / "paths" / "model.safetensors"))
+    w_objects = load_file(str(tmp_path / "objects" / "model.safetensors"))
+    assert w_objects.keys() == w_paths.keys()
+    assert all(torch.equal(w_objects[k], w_paths[k]) for k in w_paths)
+    # recorded as what they hold: the selected units, the prototypes (as a selection records them)
+    inputs = results["objects"].meta["inputs"]
+    assert inputs["selection"] == hash_array(np.array([2, 0]))
+    assert inputs["units"] == hash_array(objects["units"].prototypes)
+
+
+@pytest.mark.parametrize("mode, workers", [("vanilla", 1), ("reuse-unlabeled", 0), ("co-tuning", 0)])
+def test_run_finetune_leaves_the_callers_global_random_state_as_it_was(files, tmp_path, mode, workers):
+    extra = {"source": files["pool"], "selection": files["sel_cluster"],
+             "units": files["units"]} if mode == "reuse-unlabeled" else {}
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    _api_run(files, tmp_path / "run", mode=mode, workers=workers, **extra)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_new_heads_are_seeded_normals_drawn_without_the_global_generator():
+    backbone = create_backbone("smallcnn-s")
+    before = torch.get_rng_state()
+    net = FinetuneModel(backbone, 3, source_classes=4, seed=5)
+    assert torch.equal(torch.get_rng_state(), before)
+    g = torch.Generator().manual_seed(5)  # the official N(0, sqrt(2/2048)) initialisation
+    head, source = (torch.randn(k, FEAT, generator=g) * math.sqrt(2 / 2048) for k in (3, 4))
+    assert torch.equal(net.head.weight, head) and torch.equal(net.source_head.weight, source)
+    assert not net.head.bias.any() and not net.source_head.bias.any()
+
+
 @pytest.mark.parametrize("settings, needle", [
     ({"mode": "reuse-unlabeled", "source_head": "full"}, "source_head='full' has no effect"),
     ({"mode": "co-tuning", "source_batch_size": 16}, "source_batch_size=16 has no effect"),
@@ -880,6 +973,29 @@ def test_options_the_mode_reads_are_accepted():
                 FinetuneConfig(mode="co-tuning", lam=2.3, cotuning_relationship="reverse"),
                 FinetuneConfig(max_steps=10), FinetuneConfig(schedule="cosine")):
         cfg.check_options_used()
+
+
+@pytest.mark.parametrize("settings, message", [
+    # each was accepted and failed in training, or a raw TypeError, when built in Python
+    ({"epochs": "1"}, "epochs must be an integer, got '1'"),
+    ({"lr": "0.01"}, "lr must be a number, got '0.01'"),
+    ({"max_steps": 2, "batch_size": 32.0}, "batch_size must be an integer, got 32.0"),
+    ({"max_steps": 2.5}, "max_steps must be an integer or null, got 2.5"),
+    ({"nesterov": 1}, "nesterov must be true or false, got 1"),
+    ({"seed": np.float64(1)}, "seed must be an integer, got np.float64(1.0)"),
+    ({"milestones": (0.5, "0.8")}, "milestones must be a list of numbers, got (0.5, '0.8')"),
+])
+def test_a_config_built_in_python_names_a_field_of_the_wrong_type(settings, message):
+    with pytest.raises(PretrainReuseError) as e:
+        FinetuneConfig(**settings)
+    assert str(e.value) == message
+
+
+def test_a_config_takes_numpy_numbers_as_python_ones():
+    cfg = FinetuneConfig(seed=np.int64(1), max_steps=np.int32(2), lr=np.float32(0.5),
+                         lam=np.int64(1), milestones=[0.5, np.float64(0.75)])
+    assert cfg == FinetuneConfig(seed=1, max_steps=2, lr=0.5, lam=1, milestones=(0.5, 0.75))
+    assert [type(v) for v in (cfg.seed, cfg.max_steps, cfg.lr, cfg.lam)] == [int, int, float, int]
 
 
 def test_repeated_milestones_are_refused():

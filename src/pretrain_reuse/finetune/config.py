@@ -15,6 +15,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+import numpy as np
 import yaml
 
 from ..errors import (
@@ -157,11 +158,20 @@ class FinetuneConfig:
     workers: int = 0
 
     def __post_init__(self):
+        # by the annotations, before any range check: a config built in Python skips
+        # checked_values, and an lr of "0.01" or a batch_size of 32.0 would fail deep in training
+        for name, hint in get_type_hints(FinetuneConfig).items():
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, _typed(value, hint))
+            except _WrongType:
+                raise PretrainReuseError(
+                    f"{name} must be {_describe(hint)}, got {value!r}") from None
         for name, choices in CHOICES.items():
             check_choice(name, getattr(self, name), choices)
         check_device(self.device)
         for name in ("epochs", "batch_size", "grad_accum", "eval_every", "checkpoint_every"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) < 1:
                 raise PretrainReuseError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.grad_accum > min(self.batch_size, self.source_batch_size or self.batch_size):
             raise PretrainReuseError(
@@ -323,6 +333,8 @@ def _typed(value: Any, hint: Any) -> Any:
         return {k: _typed(v, args[1]) for k, v in value.items()}
     if hint is Any:
         return value
+    if hint in (int, float) and isinstance(value, np.integer | np.floating):
+        value = value.item()  # a NumPy number (from an array or a sweep) as the Python one
     # bool is a subclass of int, so True would otherwise pass as the integer 1
     if isinstance(value, bool) != (hint is bool):
         raise _WrongType

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ..artifacts import atomic_path, make_meta, read_json, require_keys, to_json, write_json
 from ..data.datasets import ImageDataset, describe_skipped
 from ..distributed import process_device, rank_world
-from ..errors import PretrainReuseError
+from ..errors import PretrainReuseError, check_choice
 from ..models import save_backbone
 from .augment import View, input_size
 from .checkpoint import load_state, save_state
@@ -78,10 +78,18 @@ class RunResult:
         require_keys(d, ("config", "history", "final", "at_best_val"), path, "fine-tuning result.json")
         return cls(d["config"], d["history"], d["final"], d["at_best_val"], d.get("meta", {}))
 
+    def __repr__(self) -> str:
+        # a summary: the history (one record per evaluation) would fill a notebook cell
+        best = self.at_best_val
+        return (f"RunResult(mode={self.config['mode']!r}, steps={self.final['step']}, "
+                f"evaluations={len(self.history)}, final test top1={_fmt(self.final['top1'])}, "
+                f"test top1 at best val={_fmt(best['top1'])} (step {best['step']}))")
+
     def plot(self, ax=None, *, metric: str = "top1", label: str | None = None):
-        """Validation and test ``metric`` over training steps."""
+        """Validation and test ``metric`` (``top1`` or ``mean_class_acc``) over training steps."""
         import matplotlib.pyplot as plt
 
+        check_choice("metric", metric, [k for k in self.history[0]["test"] if k != "n"])
         ax = ax or plt.gca()
         steps = [h["step"] for h in self.history]
         name = label or self.config["mode"]
@@ -91,6 +99,11 @@ class RunResult:
         ax.set_xlabel("step")
         ax.set_ylabel(metric)
         return ax
+
+
+def _fmt(accuracy: float | None) -> str:
+    """An accuracy in a summary line; None where no image could be read."""
+    return "n/a" if accuracy is None else f"{accuracy:.3f}"
 
 
 def _precision(cfg: FinetuneConfig, device: torch.device):
@@ -214,7 +227,11 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
     model.train()
     streams = {"target training": train_set, **({"source": source.dataset} if cfg.uses_source else {})}
     skipped = {what: set() for what in streams}  # unreadable images met (reported at the end)
-    for step, batches in enumerate(zip(*loaders, strict=True), start):
+    # zip starts the loaders; a DataLoader then draws its workers' base seed from the global
+    # generator, which is the caller's (their batches do not depend on it)
+    with torch.random.fork_rng(devices=[]):
+        step_batches = zip(*loaders, strict=True)
+    for step, batches in enumerate(step_batches, start):
         for what, b in zip(streams, batches, strict=True):
             skipped[what].update(b.skipped.tolist())
         _check_readable(batches, streams.values())

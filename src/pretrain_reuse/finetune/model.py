@@ -16,7 +16,8 @@ from ..models.backbone import Backbone
 
 def new_head(in_features: int, out_features: int, generator: torch.Generator) -> nn.Linear:
     """A linear head initialised as the official code does: N(0, sqrt(2/2048)) weights, zero bias."""
-    head = nn.Linear(in_features, out_features)
+    # skip_init: nn.Linear's own initialisation would draw from (and move) the global generator
+    head = nn.utils.skip_init(nn.Linear, in_features, out_features)
     with torch.no_grad():
         head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * math.sqrt(2 / 2048))
         head.bias.zero_()

@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..artifacts import hash_file, make_run_folder
+from ..artifacts import hash_array, hash_file, make_run_folder
 from ..data.catalog import DATASETS, open_dataset
 from ..data.datasets import ImageDataset
 from ..data.samplers import subsample_fraction, subsample_long_tail
-from ..errors import PretrainReuseError
+from ..errors import PretrainReuseError, check_file
 from ..models import create_backbone
 from ..selection import Selection
 from ..units import Units
@@ -85,9 +86,9 @@ def open_split(spec: str | Path, split: str) -> ImageDataset:
 
 
 def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Path,
-                 weights: str | None = None, target_test: str | None = None,
-                 source: str | None = None, selection: str | None = None,
-                 units: str | None = None, progress: bool = True,
+                 weights: str | Path | None = None, target_test: str | None = None,
+                 source: str | None = None, selection: str | Path | Selection | None = None,
+                 units: str | Path | Units | None = None, progress: bool = True,
                  check_only: bool = False) -> RunResult | int:
     """Fine-tune backbone ``model`` (with local ``weights``) on the ``target`` data.
 
@@ -99,8 +100,10 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
         weights: local weights file of the pre-trained backbone.
         target_test: test data; default: the ``test`` split of an embedded ``target``.
         source: the pre-training pool (reuse modes).
-        selection: ``sel.json`` from ``pretrain-reuse select`` (reuse modes).
-        units: the units file the selection was made on (needed for cluster units).
+        selection: ``sel.json`` from ``pretrain-reuse select``, or the :class:`Selection`
+            itself (reuse modes).
+        units: the units file the selection was made on, or the :class:`Units` themselves
+            (needed for cluster units).
         check_only: make every check of the run (options, data, batch sizes, model), write
             nothing, and return the number of validation images (a grid checks all its runs
             before the first).
@@ -116,23 +119,46 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
             "ignored; pass --mode reuse or reuse-unlabeled, or drop them")
     if target_test is None and str(target) not in DATASETS:
         raise PretrainReuseError("pass --target-test with the test data (folder or list file)")
-    cluster_units = Units.load(units) if units else None
+    # every file is checked (and hashed) before any is read: a missing one is one line
+    inputs = {"model": model, "weights": _input_hash("--weights", weights),
+              "target": str(target), "target_test": str(target_test or target),
+              "source": str(source) if source else None,
+              "selection": _input_hash("--selection", selection, Selection),
+              "units": _input_hash("--units", units, Units)}
+    cluster_units = units if units is None or isinstance(units, Units) else Units.load(units)
     if cluster_units is not None and cluster_units.kind != "cluster":
         raise PretrainReuseError(
             f"--units holds {cluster_units.kind} units, which map to images by their labels, so "
             "it would be ignored; only a selection of clusters needs --units: drop it")
-
-    inputs = {"model": model, "weights": hash_file(weights) if weights else None,
-              "target": str(target), "target_test": str(target_test or target),
-              "source": str(source) if source else None,
-              "selection": hash_file(selection) if selection else None,
-              "units": hash_file(units) if units else None}
+    if selection is not None and not isinstance(selection, Selection):
+        selection = Selection.load(selection)
     return finetune_datasets(
         cfg, model=model, weights=weights, train_pool=open_split(target, "train"),
         test_set=open_split(target_test or target, "test"),
         source_pool=open_split(source, "train") if cfg.uses_source else None,
-        selection=Selection.load(selection) if cfg.uses_source else None,
-        units=cluster_units, out=out, inputs=inputs, progress=progress, check_only=check_only)
+        selection=selection, units=cluster_units, out=out, inputs=inputs, progress=progress,
+        check_only=check_only)
+
+
+def _input_hash(flag: str, value: str | Path | Selection | Units | None,
+                artifact: type | None = None) -> str | None:
+    """What a run records of the file input ``flag``, to compare on resume: the file's content
+    hash, or for the ``artifact`` object itself (a Selection from select(), Units from
+    spherical_kmeans) the hash of what it holds: the selected unit ids, the prototypes (what a
+    selection records of its units)."""
+    if value is None:
+        return None
+    if isinstance(value, Selection) and artifact is Selection:
+        return hash_array(np.asarray(value.selected, dtype=np.int64))
+    if isinstance(value, Units) and artifact is Units:
+        return hash_array(value.prototypes)
+    if not isinstance(value, str | os.PathLike):
+        accepted = "a file path" + (f" or a {artifact.__name__} object" if artifact else "")
+        raise PretrainReuseError(f"{flag} must be {accepted}, got {type(value).__name__}")
+    path = check_file(flag, value)
+    if path.is_dir():
+        raise PretrainReuseError(f"{flag}: {str(path)!r} is a folder; pass the path of a file")
+    return hash_file(path)
 
 
 def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDataset,
