@@ -205,7 +205,8 @@ class Selection:
 
     def save(self, path: str | Path) -> Path:
         """Write ``sel.json`` atomically."""
-        if Path(path).suffix != ".json":  # load() opens a selection by its suffix
+        # load() opens a selection by its suffix; a folder in its place is write_json's error
+        if Path(path).suffix != ".json" and not Path(path).is_dir():
             raise PretrainReuseError(f"a selection is saved as .json, got {str(path)!r}; pass a "
                                      "path ending in .json")
         refuse_foreign(path, "selection")
