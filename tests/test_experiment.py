@@ -2,6 +2,7 @@
 demo's pre-trained CNN and features (the world's related classes are the planted truth)."""
 
 import csv
+import html
 import json
 
 import numpy as np
@@ -212,7 +213,7 @@ def test_cli_runs_a_recipe_and_refuses_a_changed_config(quick_demo, tmp_path, ca
 
 @pytest.mark.parametrize("argv, message", [
     (["table9"], "experiment='table9' is not one of"),
-    (["table1", "--model", "smallcnn"], "needs 'source'"),
+    (["table1", "--model", "smallcnn", "--target", "synthetic:target"], "needs 'source'"),
     (["fig4a", "--model", "smallcnn", "--source", "synthetic:pretrain", "--target",
       "synthetic:target"], "fig4a measures recall"),
 ])
@@ -432,7 +433,8 @@ def test_feature_stores_of_other_data_are_refused_before_anything_is_written(qui
     demo, _, _ = quick_demo
     target = str(demo / "features_target")
     n = len(open_dataset("synthetic:target").ids)
-    shifted = (open_dataset("synthetic:target").labels + 1) % 16
+    labels = open_dataset("synthetic:target").labels
+    shifted = (labels + 1) % (labels.max() + 1)  # every sample in another of the same classes
     cases = [
         ({"target": "synthetic:target-1"},  # the features of target-0 for the task target-1
          f"target_features {target!r} are not features of target 'synthetic:target-1': its sample"),
@@ -514,3 +516,174 @@ def test_a_table_that_selects_nothing_has_no_recall_or_units_columns():
     assert "recall" not in head and "units" not in head and body[0][:2] == ["supervised", "0.5000"]
     head, body = ExperimentTable("table1", [{**row, "recall": 0.75, "units": 3.0}], None, {}).cells()
     assert head[1:3] == ["recall", "units"] and body[0][1:3] == ["0.7500", "3"]
+
+
+def _one_line_error(capsys, argv):
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_settings_the_recipe_never_reads_may_change_and_a_weights_file_changed_in_place_may_not(
+        quick_demo, tmp_path, capsys):
+    import shutil
+
+    demo, _, _ = quick_demo
+    weights = tmp_path / "weights.safetensors"
+    shutil.copy(demo / "pretrain" / "model.safetensors", weights)
+    path = _config(demo, tmp_path, weights=str(weights))
+    out = tmp_path / "t4"
+    run_experiment("table4", load_experiment_config(path, seeds=(0,)), out, progress=False)
+    # table4 sweeps nothing, has no cluster or reuse-unlabeled rows, and a run may resume with
+    # another checkpoint_every: none of these is a setting of its rows
+    irrelevant = _config(demo, tmp_path, weights=str(weights), sweep={"k": [8, 24]},
+                         lam={"reuse-unlabeled": 0.5}, finetune={**FAST, "checkpoint_every": 500})
+    table = run_experiment("table4", load_experiment_config(irrelevant, seeds=(0, 1), clusters=32),
+                           out, progress=False)
+    assert all(r["seeds"] == [0, 1] for r in table.rows)
+    assert not {"sweep", "clusters", "cluster_k", "metric", "explain", "pretrainings"} & set(table.params)
+    assert table.params["lam"] == {} and "checkpoint_every" not in table.params["finetune"]
+    # a setting its rows read is still refused
+    err = _one_line_error(capsys, ["experiment", "table4", "--config", str(path), "--k", "8",
+                                   "--quiet", "--out", str(out)])
+    assert "other settings (k)" in err
+    # other weights under the same name: features and runs made with the old ones would be reused
+    shutil.copy(demo / "finetune" / "vanilla-seed0" / "model.safetensors", weights)
+    err = _one_line_error(capsys, ["experiment", "table4", "--config", str(path), "--seeds", "0",
+                                   "--quiet", "--out", str(out)])
+    assert "other settings (weights_sha256)" in err
+
+
+def test_a_rerun_rewrites_the_report_whose_curves_are_the_runs_of_the_table(quick_demo, tmp_path,
+                                                                          capsys):
+    demo, _, _ = quick_demo
+    path = _config(demo, tmp_path, sweep={"long_tail_ratio": [2.0]},
+                   finetune={**FAST, "max_steps": 1})
+    out = tmp_path / "t3"
+    run_experiment("table3", load_experiment_config(path, seeds=(0, 1)), out, progress=False)
+    assert main(["report", str(out)]) == 0
+    assert "Fine-tuning curves (4 of 4 runs)" in (out / "report.html").read_text()
+    for seeds in ((0, 1, 2), (0,)):
+        table = run_experiment("table3", load_experiment_config(path, seeds=seeds), out,
+                               progress=False)
+        page = (out / "report.html").read_text()
+        # the page holds the new table and draws its runs only, although the folder keeps the
+        # runs of seeds 1 and 2 after the rerun with seed 0
+        for cells in table.cells()[1]:
+            assert cells[-1] == str(len(seeds))
+            assert "".join(f"<td>{html.escape(c)}</td>" for c in cells) in page
+        assert f"Fine-tuning curves ({2 * len(seeds)} of {2 * len(seeds)} runs)" in page
+        assert table.run_dirs(out) == [out / "runs" / f"{slug}-x=2-seed{s}"
+                                       for slug in ("vanilla", "reuse-uot-classes") for s in seeds]
+    assert len(list(out.glob("runs/*/result.json"))) == 6
+
+
+@pytest.mark.parametrize("recipe, sweep, needle", [
+    ("table3", {"long_tail_ratio": [10.0, 1000.0]}, "the largest ratio this data allows is {n}"),
+    ("fig3b", {"train_fraction": [0.5, 0.01]}, "the smallest fraction this data allows is {f:g}"),
+])
+def test_a_sweep_value_the_data_cannot_realise_is_refused_before_the_folder_is_claimed(
+        quick_demo, tmp_path, capsys, recipe, sweep, needle):
+    demo, _, _ = quick_demo
+    n = int(np.bincount(open_dataset("synthetic:target", split="train").labels).max())
+    out = tmp_path / "x"
+    err = _one_line_error(capsys, ["experiment", recipe, "--config",
+                                   str(_config(demo, tmp_path, sweep=sweep)), "--out", str(out)])
+    assert needle.format(n=n, f=1 / n) in err
+    assert not out.exists()
+
+
+def test_late_failures_of_a_run_fail_before_the_folder_is_claimed(quick_demo, tmp_path, capsys):
+    demo, _, _ = quick_demo
+    out = tmp_path / "x"
+    n = int(np.bincount(open_dataset("synthetic:target", split="train").labels).max())
+    classes = len(np.unique(open_dataset("synthetic:target", split="train").labels))
+    # 0.05 of each class: fewer images than a batch of 64; the fix is finetune's batch size
+    config = _config(demo, tmp_path, sweep={"train_fraction": [0.05]},
+                     finetune={**FAST, "batch_size": 64})
+    err = _one_line_error(capsys, ["experiment", "fig3b", "--config", str(config), "--out", str(out)])
+    kept = classes * int(0.05 * n)
+    assert f"batch size 64 exceeds the {kept} " in err and "finetune.batch_size" in err
+    err = _one_line_error(capsys, ["experiment", "table4", "--config", str(_config(demo, tmp_path)),
+                                   "--model", "resnet9000", "--out", str(out)])
+    assert "resnet9000" in err and not out.exists()
+
+
+def test_the_table_says_what_the_validation_accuracy_rests_on(quick_demo, tmp_path):
+    demo, _, _ = quick_demo
+    labels = open_dataset("synthetic:target", split="train").labels
+    path = _config(demo, tmp_path, sweep={"long_tail_ratio": [2.0]}, finetune={**FAST, "max_steps": 1})
+    out = tmp_path / "t3"
+    table = run_experiment("table3", load_experiment_config(path, seeds=(0,)), out, progress=False)
+    split = json.loads((out / "runs" / "vanilla-x=2-seed0" / "split.json").read_text())
+    ids = open_dataset("synthetic:target", split="train").ids
+    val_labels = {int(labels[ids.index(i)]) for i in split["val"]}
+    missing = len(set(labels.tolist()) - val_labels)
+    assert missing >= 1  # the long tail's largest class keeps all its images
+    assert table.rows[0]["val_images"] == len(split["val"])
+    assert table.rows[0]["val_classes_missing"] == missing
+    assert f"| {len(split['val'])}, {missing} class" in (out / "results.md").read_text()
+    # training on every image leaves no validation: no evaluation was picked on it
+    path = _config(demo, tmp_path, sweep={"train_fraction": [1.0]}, finetune={**FAST, "max_steps": 1})
+    table = run_experiment("fig3b", load_experiment_config(path, seeds=(0,), skip=("reuse uot classes",)),
+                           tmp_path / "f3", progress=False)
+    assert table.rows[0]["val_images"] == 0 and table.rows[0]["top1_at_best_val_mean"] is None
+    assert table.rows[0]["top1_mean"] is not None
+
+
+def _table(name, rows, x_label):
+    base = {"recall": None, "units": None, "top1_at_best_val_mean": None,
+            "mean_class_acc_mean": None}
+    return ExperimentTable(name, [{**base, **r} for r in rows], x_label, {})
+
+
+def test_a_sweep_of_one_value_is_drawn_as_bars_with_the_seed_spread():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [{"method": "vanilla", "x": 10.0, "top1_mean": 0.5, "top1_std": 0.02, "seeds": [0, 1]},
+            {"method": "reuse uot classes", "x": 10.0, "top1_mean": 0.6, "top1_std": 0.05,
+             "seeds": [0, 1]}]
+    fig, ax = plt.subplots()
+    _table("table3", rows, "long-tail ratio").plot(ax)
+    assert [p.get_height() for p in ax.patches] == pytest.approx([0.5, 0.6])
+    spread = [seg for c in ax.collections for seg in c.get_segments()]  # the error bars
+    assert sorted(float(s[1][1] - s[0][1]) for s in spread) == pytest.approx([0.04, 0.1])
+    # no horizontal reference line per row (the caps of the two error bars differ in height)
+    assert all(len(set(line.get_ydata())) > 1 for line in ax.lines)
+    plt.close(fig)
+
+
+def test_a_row_without_a_swept_value_shows_an_empty_cell():
+    rows = [{"method": "vanilla", "x": None, "top1_mean": 0.5, "top1_std": None, "seeds": [0]},
+            {"method": "reuse uot group", "x": 1, "top1_mean": 0.6, "top1_std": None, "seeds": [0]}]
+    _, body = _table("fig4b", rows, "score group").cells()
+    assert [b[1] for b in body] == ["", "1"]
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda d: d.update(name="table7"), "names experiment 'table7', which is not one of table1"),
+    (lambda d: d["rows"][0].pop("top1_std"), "row 0 lacks 'top1_std'"),
+    (lambda d: d.update(rows=[1]), "row 0 lacks 'method'"),
+])
+def test_an_experiment_json_the_report_cannot_read_is_one_line(tmp_path, capsys, edit, needle):
+    rows = [{"method": "vanilla", "x": None, "top1_mean": 0.5, "top1_std": None, "seeds": [0]}]
+    _table("table1", rows, None).save(tmp_path)
+    record = json.loads((tmp_path / "experiment.json").read_text())
+    edit(record)
+    (tmp_path / "experiment.json").write_text(json.dumps(record))
+    assert needle in _one_line_error(capsys, ["report", str(tmp_path)])
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_the_knowledge_recipe_needs_no_source_and_the_selecting_ones_do(tmp_path):
+    from pretrain_reuse.errors import PretrainReuseError
+
+    cfg = load_experiment_config(None, model="m", target="t")
+    assert cfg.source is None and [r.pick for r in RECIPES["knowledge"][0](cfg)] == [None] * 3
+    with pytest.raises(PretrainReuseError, match="table1 needs 'source'"):
+        run_experiment("table1", cfg, tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists()

@@ -30,7 +30,10 @@ A random selection is drawn with each run's seed, and a low-data or long-tail ru
 the ``finetune`` settings') selects with the class means of the images it trains on. The table is
 written as ``results.csv``, ``results.md``, ``results.png`` and ``experiment.json``; accuracies are
 the final-step test top-1 (mean and sample standard deviation over seeds, left empty for a single
-seed) next to the test top-1 at the best validation evaluation.
+seed) next to the test top-1 at the best validation evaluation, with the number of validation
+images it rests on (left empty without any) and the classes they lack. A folder is claimed with
+the settings its recipe reads (:data:`READS`), so others may change on a rerun, and a rerun
+rewrites a ``report.html`` it finds.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ import numpy as np
 from .artifacts import (
     atomic_path,
     claim_folder,
+    hash_file,
     make_meta,
     read_json,
     require_keys,
@@ -65,6 +69,9 @@ from .errors import PretrainReuseError, check_choice, check_positive, check_seed
 from .features import FeatureStore
 from .finetune import MODES, FinetuneConfig, RunResult, finetune_datasets, open_split, target_splits
 from .finetune.config import checked_values, config_values
+from .finetune.data import check_batch_size
+from .finetune.loop import RESUMABLE_WITH_OTHER
+from .models import create_backbone
 from .selection import SelectConfig, Selection, select
 from .transport import METRICS
 from .units import Units, class_means, spherical_kmeans
@@ -90,6 +97,29 @@ SWEEP_DEFAULTS: dict[str, tuple] = {
     "groups": (10,),                                # fig4b: number of score groups
 }
 
+#: The variable each recipe sweeps (its values: ``ExperimentConfig.values``).
+SWEPT = {"table2": "clusters", "table3": "long_tail_ratio", "fig3a": "k",
+         "fig3b": "train_fraction", "fig4a": "eps_c", "fig4b": "groups"}
+
+_SELECTS = ("weights", "source", "source_features", "target_features", "embed_batch_size",
+            "relevant", "finetune")  # finetune: a low-data / long-tail regime selects for its images
+_TRAINS = ("target_test", "lam")
+
+#: The ExperimentConfig fields each recipe reads, besides model, target, its swept values and
+#: seeds / skip (which add or leave out runs, never change one); see :func:`_params`.
+READS: dict[str, tuple[str, ...]] = {
+    "table1": (*_SELECTS, *_TRAINS, "k", "cluster_k", "clusters", "metric", "eps_c"),
+    # clusters: the default cluster share without pool labels, k / clusters
+    "table2": (*_SELECTS, *_TRAINS, "k", "cluster_k", "clusters", "metric", "eps_c"),
+    "table3": (*_SELECTS, *_TRAINS, "k", "metric", "eps_c"),
+    "table4": (*_SELECTS, *_TRAINS, "k", "eps_c", "eps_c_l2"),  # each row sets its metric
+    "fig3a": (*_SELECTS, *_TRAINS, "metric", "eps_c"),
+    "fig3b": (*_SELECTS, *_TRAINS, "k", "metric", "eps_c"),
+    "fig4a": (*_SELECTS, "k", "metric"),
+    "fig4b": (*_SELECTS, *_TRAINS, "metric", "eps_c"),  # the groups cut the whole ranking
+    "knowledge": ("weights", "finetune", *_TRAINS, "pretrainings", "explain"),
+}
+
 #: What the values of each swept variable must be: a test of one value, and its description.
 #: Checked when the config is made: a recipe casts K, k and groups to int, so 0.5 would silently
 #: become 0, and a bad value would otherwise fail only after the features and units are computed.
@@ -109,14 +139,16 @@ class ExperimentConfig:
 
     Attributes:
         model, weights: the backbone and its local pre-trained weights.
-        source, target, target_test: the pre-training pool, the target training data and the
-            target test data (folders, list files or embedded names; an embedded ``target``
-            brings its own test split).
+        source, target, target_test: the pre-training pool (needed by the recipes that select
+            from it: all but ``knowledge``), the target training data and the target test data
+            (folders, list files or embedded names; an embedded ``target`` brings its own test
+            split).
         source_features, target_features: FeatureStore folders; default: embedded by the run.
         seeds: one fine-tuning run per seed and row.
         k: selected classes; cluster_k: the share of pool images the selected clusters cover
             (default: the share that the top-``k`` UOT classes cover, as the paper matches 200
-            clusters to 100 classes; ``k / classes`` without labels). One share for the whole
+            of 2000 clusters to 100 of 1000 classes; ``k / clusters`` without labels, which is
+            half the paper's 10 % at the defaults: give ``cluster_k: 0.1`` for it). One share for the whole
             experiment, so every seed and row reuses as many images: with a low-data regime, the
             share of seed 0's selection.
         clusters: k-means K for cluster units; metric, eps_c: the selection cost.
@@ -135,8 +167,8 @@ class ExperimentConfig:
     """
 
     model: str
-    source: str
     target: str
+    source: str | None = None
     weights: str | None = None
     target_test: str | None = None
     source_features: str | None = None
@@ -248,7 +280,7 @@ def load_experiment_config(path: str | Path | None = None, **overrides: Any) -> 
         values["sweep"] = {k: v if isinstance(v, list | tuple) else [v]
                            for k, v in values["sweep"].items()}
     values = checked_values(values, ExperimentConfig, "experiment config key")
-    for key in ("model", "source", "target"):
+    for key in ("model", "target"):  # source: checked by the recipes that read it
         if not values.get(key):
             raise PretrainReuseError(f"the experiment needs {key!r}; pass --{key} or set it in --config")
     return ExperimentConfig(**values)
@@ -378,7 +410,10 @@ RECIPES: dict[str, tuple[Callable[[ExperimentConfig], list[Row]], str | None, st
 
 
 COLUMNS = ("method", "x", "recall", "units", "top1_mean", "top1_std", "top1_at_best_val_mean",
-           "mean_class_acc_mean", "seeds", *KNOWLEDGE_RATIOS)
+           "mean_class_acc_mean", "seeds", "val_images", "val_classes_missing", *KNOWLEDGE_RATIOS)
+#: The columns every row of an ``experiment.json`` has (the others came later, or are the
+#: knowledge recipe's).
+REQUIRED_COLUMNS = COLUMNS[:9]
 
 
 @dataclass(frozen=True)
@@ -425,8 +460,22 @@ class ExperimentTable:
         if d.get("kind") != "experiment":
             raise PretrainReuseError(f"{str(path)!r} is not an experiment.json")
         require_keys(d, ("name", "rows", "x_label", "params"), path, "experiment.json")
+        if d["name"] not in RECIPES:
+            raise PretrainReuseError(f"{str(path)!r} names experiment {d['name']!r}, which is not "
+                                     f"one of {', '.join(RECIPES)}; pass an experiment folder")
+        rows = d["rows"] if isinstance(d["rows"], list) else [None]
+        for i, row in enumerate(rows):
+            missing = [k for k in REQUIRED_COLUMNS if not isinstance(row, dict) or k not in row]
+            if missing:
+                raise PretrainReuseError(
+                    f"{str(path)!r} row {i} lacks {missing[0]!r}: it was written by an older "
+                    "version of pretrain-reuse or edited; rerun the experiment into a new --out")
         return cls(d["name"], d["rows"], d["x_label"], d["params"], d.get("meta", {}),
                    d.get("extra", {}))
+
+    def run_dirs(self, out: Path) -> list[Path]:
+        """The folders of the fine-tuning runs in the table (rows x their seeds), under ``out``."""
+        return [run_folder(out, r["method"], r["x"], s) for r in self.rows for s in r["seeds"]]
 
     def cells(self) -> tuple[list[str], list[list[str]]]:
         """Header and formatted rows of the table (shared by Markdown and the HTML report); the
@@ -434,9 +483,11 @@ class ExperimentTable:
         ratios = [k for k in KNOWLEDGE_RATIOS if any(r.get(k) is not None for r in self.rows)]
         # a recipe that selects nothing (knowledge) has no recall or units column
         picks = [k for k in ("recall", "units") if any(r[k] is not None for r in self.rows)]
+        # .get: a table of an earlier version records no validation sizes
+        val = any(r.get("val_images") is not None for r in self.rows)
         head = ["method", *([self.x_label] if self.x_label else []), *picks,
-                "test top-1 (final, mean ± std over seeds)", "test top-1 (at best val)", "seeds",
-                *ratios]
+                "test top-1 (final, mean ± std over seeds)", "test top-1 (at best val)",
+                *(["validation images"] if val else []), "seeds", *ratios]
         number = {"recall": "{:.4f}", "units": "{:g}"}
         body = []
         for r in self.rows:
@@ -444,9 +495,10 @@ class ExperimentTable:
             if len(r["seeds"]) > 1:
                 acc += f" ± {r['top1_std']:.4f}"
             best = r["top1_at_best_val_mean"]
-            body.append([r["method"], *([str(r["x"])] if self.x_label else []),
+            body.append([r["method"], *(["" if r["x"] is None else str(r["x"])] if self.x_label else []),
                          *("" if r[k] is None else number[k].format(r[k]) for k in picks), acc,
                          "" if best is None else f"{best:.4f}",
+                         *([_validation_cell(r)] if val else []),
                          str(len(r["seeds"])) if r["seeds"] else "",
                          *("" if r.get(k) is None else f"{r[k]:.3f}" for k in ratios)])
         return head, body
@@ -465,25 +517,32 @@ class ExperimentTable:
         ax = ax or plt.gca()
         key = "top1_mean" if any(r["top1_mean"] is not None for r in self.rows) else "recall"
         methods = list(dict.fromkeys(r["method"] for r in self.rows))
-        if self.x_label is None:
+        swept = list(dict.fromkeys(r["x"] for r in self.rows if r["x"] is not None))
+
+        def spread(rows):  # the seed spread; none where it is undefined (one seed)
+            return np.array([np.nan if key != "top1_mean" or r["top1_std"] is None
+                             else r["top1_std"] for r in rows])
+
+        if len(swept) <= 1:  # one bar per method: no line to draw through a single value
             rows = [next(r for r in self.rows if r["method"] == m) for m in methods]
-            err = [r["top1_std"] or 0.0 for r in rows] if key == "top1_mean" else None
-            ax.bar(range(len(rows)), [r[key] for r in rows], yerr=err, color="C0", capsize=3)
+            ax.bar(range(len(rows)), [r[key] for r in rows], yerr=spread(rows), color="C0",
+                   capsize=3)
             ax.set_xticks(range(len(rows)), methods, rotation=30, ha="right", fontsize=8)
             lo = min(r[key] for r in rows)
             ax.set_ylim(max(0.0, lo - 0.1), None)
+            if swept:
+                ax.set_xlabel(f"{self.x_label} = {swept[0]:g}")
         else:
             for i, m in enumerate(methods):
                 rows = [r for r in self.rows if r["method"] == m]
-                if len(rows) == 1:  # a single reference point (vanilla, label-based selection)
+                if rows[0]["x"] is None:  # a reference for every swept value (fig4b's vanilla)
                     ax.axhline(rows[0][key], ls="--", color=f"C{i}", label=m)
                     continue
                 xs = [r["x"] for r in rows]
                 ys = np.array([r[key] for r in rows])
-                ax.plot(xs, ys, marker="o", color=f"C{i}", label=m)
-                if key == "top1_mean":  # no band where the spread is undefined (one seed)
-                    sd = np.array([np.nan if r["top1_std"] is None else r["top1_std"] for r in rows])
-                    ax.fill_between(xs, ys - sd, ys + sd, color=f"C{i}", alpha=0.15)
+                # a single value (label-based selection) is a point with its spread
+                ax.errorbar(xs, ys, yerr=spread(rows), marker="o", color=f"C{i}", label=m,
+                            capsize=3, ls="-" if len(rows) > 1 else "none")
             if self.name == "fig4a":
                 ax.set_xscale("log")
             ax.set_xlabel(self.x_label)
@@ -498,8 +557,22 @@ class ExperimentTable:
 # --------------------------------------------------------------------------------------------
 
 
+def _validation_cell(row: dict[str, Any]) -> str:
+    """The mean number of validation images, and the classes some seed's validation lacks."""
+    if row.get("val_images") is None:
+        return ""
+    missing = row.get("val_classes_missing")
+    return f"{row['val_images']:g}" + (f", {missing} class{'es' * (missing > 1)} missing" if missing else "")
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9.=]+", "-", text.lower()).strip("-")
+
+
+def run_folder(out: Path, method: str, x: Any, seed: int) -> Path:
+    """The folder of the fine-tuning run of row ``method`` at swept value ``x`` with ``seed``."""
+    value = "" if x is None else f"-x={x:g}" if isinstance(x, float) else f"-x={x}"
+    return out / "runs" / f"{_slug(method)}{value}-seed{seed}"
 
 
 class _Workspace:
@@ -630,8 +703,20 @@ class _Workspace:
                                  self.cfg.relevant)
 
     def run_dir(self, row: Row, seed: int) -> Path:
-        x = "" if row.x is None else f"-x={row.x:g}" if isinstance(row.x, float) else f"-x={row.x}"
-        return self.out / "runs" / f"{_slug(row.method)}{x}-seed{seed}"
+        return run_folder(self.out, row.method, row.x, seed)
+
+    def weights(self, row: Row) -> str | None:
+        """The pre-trained weights a row's runs start from."""
+        return self.cfg.weights_of()[row.pretraining] if row.pretraining else self.cfg.weights
+
+    def split(self, row: Row, seed: int) -> tuple[ImageDataset, ImageDataset]:
+        """The target training and validation images of a row's run with ``seed`` (as the run
+        draws them: :func:`~pretrain_reuse.finetune.target_splits`)."""
+        def build():
+            train_set, val_set, _ = target_splits(self.run_config(row, seed), self.data("target"))
+            return train_set, val_set
+
+        return self._once(("split", row.settings, seed), build)
 
     def run_config(self, row: Row, seed: int) -> FinetuneConfig:
         """The recipe of a row's run with ``seed``: ``finetune`` with the row's mode, λ and
@@ -652,7 +737,7 @@ class _Workspace:
                     "makes now (e.g. an earlier version selected for a low-data run on all the "
                     "target images); pass a new --out, or delete that run folder to redo it")
             return done
-        weights = cfg.weights_of()[row.pretraining] if row.pretraining else cfg.weights
+        weights = self.weights(row)
         ft = self.run_config(row, seed)
         if self.progress:
             print(f"[experiment] {run_dir.name}", flush=True)
@@ -755,6 +840,9 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
     rows = [r for r in rows if r.method not in cfg.skip]
     if not rows:
         raise PretrainReuseError(f"skip leaves no row of {name} to run; skip fewer rows")
+    if cfg.source is None and any(r.pick for r in rows):
+        raise PretrainReuseError(f"{name} needs 'source', the pre-training pool it selects from; "
+                                 "pass --source or set it in --config")
     _check_finetune_keys(name, cfg, rows)
     trains = [r for r in rows if r.mode]
     if trains and cfg.target_test is None and str(cfg.target) not in DATASETS:
@@ -763,12 +851,21 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
     out = Path(out)
     ws = _Workspace(cfg, out, progress)
     # What can fail on the user's inputs fails before the folder is claimed (nothing written):
-    # each run's FinetuneConfig (a sweep's regime beside the one under finetune:) and the given
-    # feature stores (features of another data set).
+    # each run's FinetuneConfig (a sweep's regime beside the one under finetune:), its training
+    # images (a fraction or ratio the data cannot realise, fewer images than a batch), the
+    # backbone with its weights, and the given feature stores (features of another data set).
     for row in trains:
         for seed in cfg.seeds:
-            ws.run_config(row, seed)
-    if any(r.pick for r in rows):
+            train_set, _ = ws.split(row, seed)
+            check_batch_size(len(train_set), ws.run_config(row, seed).batch_size,
+                             what=f"training ({ws.run_dir(row, seed).name})",
+                             flag="finetune.batch_size")
+    picks = any(r.pick for r in rows)
+    for weights in {*(ws.weights(r) for r in trains),
+                    *([cfg.weights] if picks and not (cfg.source_features and cfg.target_features)
+                      else [])}:
+        create_backbone(cfg.model, weights=weights, device="cpu")
+    if picks:
         for which in ("source", "target"):
             if getattr(cfg, f"{which}_features"):
                 ws.features(which)
@@ -787,6 +884,8 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
     for i, row in enumerate(rows):
         results = [ws.finetune(row, s) for s in cfg.seeds] if row.mode else []
         final = [r.final["top1"] for r in results]
+        val = [ws.split(row, s)[1] for s in cfg.seeds] if row.mode else []
+        classes = len(np.unique(ws.data("target").labels))
         table.append({
             "method": row.method, "x": row.x,
             # means over the seeds' selections (they differ for random and regime rows)
@@ -795,15 +894,24 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
             "top1_mean": _mean(final),
             # the sample standard deviation of one seed is undefined (empty in results.csv), not 0
             "top1_std": float(np.std(final, ddof=1)) if len(final) > 1 else None,
-            "top1_at_best_val_mean": _mean([r.at_best_val["top1"] for r in results]),
+            # without validation images no evaluation was picked: the column would repeat one
+            "top1_at_best_val_mean": _mean([r.at_best_val["top1"] for r, v in zip(results, val, strict=True)
+                                            if len(v)]),
             "mean_class_acc_mean": _mean([r.final["mean_class_acc"] for r in results]),
             "seeds": [r.config["seed"] for r in results],
+            # what "at best val" rests on: a long tail's largest class keeps all its images
+            "val_images": _mean([len(v) for v in val]),
+            "val_classes_missing": max((classes - len(np.unique(v.labels)) for v in val), default=None),
         })
     extra = _knowledge_analysis(ws, rows, table) if name == "knowledge" else {}
-    params = _params(cfg)
+    params = {**_params(name, cfg), "seeds": list(cfg.seeds), "skip": list(cfg.skip)}
     result = ExperimentTable(name, table, x_label, params,
                              make_meta(f"experiment.{name}", params, seed=cfg.seeds[0]), extra)
     result.save(out)
+    if (out / "report.html").exists():  # a report of the previous table would contradict it
+        from .report import build_report
+
+        build_report(out)
     return result
 
 
@@ -856,9 +964,28 @@ def _knowledge_analysis(ws: _Workspace, rows: list[Row], table: list[dict]) -> d
         for k, v in per_sample.items() if len(v) == len(accuracy)}}
 
 
-def _params(cfg: ExperimentConfig) -> dict[str, Any]:
-    params = asdict(cfg)
-    params["sweep"] = {k: list(cfg.values(k)) for k in SWEEP_DEFAULTS}
+def _params(name: str, cfg: ExperimentConfig) -> dict[str, Any]:
+    """The settings the rows of recipe ``name`` read (:data:`READS`, its swept values, the λ of
+    its modes, ``finetune`` less what a resumed run may change), with the content hash of each
+    weights file: an experiment folder is claimed with them, so a setting the recipe never reads
+    may change between reruns, and a weights file changed in place counts as a changed setting
+    (features, units and runs made with the old weights would be reused)."""
+    values = asdict(cfg)
+    params = {key: values[key] for key in ("model", "target", *READS[name])}
+    if name in SWEPT:
+        params["sweep"] = {SWEPT[name]: list(cfg.values(SWEPT[name]))}
+    rows = RECIPES[name][0](cfg)  # all of them: skip may change
+    if "lam" in params:
+        params["lam"] = {mode: lam for mode, lam in cfg.lam.items() if mode in {r.mode for r in rows}}
+    if "finetune" in params:  # a recipe that trains nothing reads only the data regime (selection)
+        trains = any(r.mode for r in rows)
+        params["finetune"] = {k: v for k, v in cfg.finetune.items()
+                              if k not in RESUMABLE_WITH_OTHER and (trains or k in REGIMES)}
+    if cfg.weights:
+        params["weights_sha256"] = hash_file(cfg.weights)
+    if "pretrainings" in params:
+        params["pretrainings_sha256"] = {label: hash_file(path)
+                                         for label, path in cfg.pretrainings.items()}
     return params
 
 
@@ -866,9 +993,9 @@ def _params(cfg: ExperimentConfig) -> dict[str, Any]:
 #: entries the experiment writes there, the settings they are computed from): None for the
 #: selections and runs, which depend on nearly every setting. See :func:`_release`.
 _OUTPUTS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
-    ("features", "source", ("model", "weights", "source", "embed_batch_size")),
-    ("features", "target", ("model", "weights", "target", "embed_batch_size")),
-    ("units", "*.safetensors", ("model", "weights", "source", "source_features",
+    ("features", "source", ("model", "weights", "weights_sha256", "source", "embed_batch_size")),
+    ("features", "target", ("model", "weights", "weights_sha256", "target", "embed_batch_size")),
+    ("units", "*.safetensors", ("model", "weights", "weights_sha256", "source", "source_features",
                                 "embed_batch_size")),
     ("selections", "*.json", None),
     ("runs", "*-seed*", None),
@@ -880,7 +1007,7 @@ def _claim(out: Path, name: str, cfg: ExperimentConfig) -> list[str]:
     already run are reused, so a changed config would mix two experiments in one table), unless
     no fine-tuning run finished there (:func:`_release`; the settings it changed are returned)."""
     # seeds and skip may change between runs: they add or leave out rows, never alter one
-    params = {"experiment": name, **{k: v for k, v in _params(cfg).items() if k not in ("seeds", "skip")}}
+    params = {"experiment": name, **_params(name, cfg)}
     changed = _release(out, params, cfg)
     claim_folder(out, "experiment-run", params, what="an experiment folder")
     return changed

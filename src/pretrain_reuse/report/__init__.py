@@ -467,7 +467,8 @@ def _experiment_body(run: Path) -> list[str]:
     parts = [_figure(fig, RECIPES[table.name][2], "experiment results"),
              _table(*table.cells()), *verdicts]
     parts.append(_correlation(table.extra))
-    results = sorted(run.glob("runs/*-seed*/result.json"))
+    # the runs of the table's rows and seeds: the folder may hold others (seeds dropped on a rerun)
+    results = [d / "result.json" for d in table.run_dirs(run)]
     if results:
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
         for path in results[:12]:
