@@ -496,6 +496,16 @@ def test_load_of_something_that_is_no_path_is_one_line(path):
         load(path)
 
 
+def test_output_folder_errors_name_the_parameter_and_the_flag(tmp_path):
+    # make_folder serves run(out=...) and run_experiment(out) as well as the CLI's --out
+    from pretrain_reuse.artifacts import make_folder
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(PretrainReuseError, match=r"^out \(--out\) '.*f' is a file; pass a folder "
+                                                 r"for a run$"):
+        make_folder(tmp_path / "f", "a run")
+
+
 def test_load_names_what_a_file_it_does_not_open_holds(tmp_path):
     from pretrain_reuse.models import create_backbone, save_backbone
 

@@ -262,7 +262,7 @@ def test_numpy_numbers_in_select_config_give_the_selection_of_python_numbers():
     (dict(max_iter=True), "max_iter must be an integer >= 1, got True"),
     (dict(tol=0.5), "tol=0.5 is too loose"),  # was accepted, then refused by select()
     (dict(method="random", seed=1.5), "seed must be an integer"),
-    (dict(method="label", unit_ids=(1.5,)), "unit_ids must be integer unit ids, got 1.5"),
+    (dict(method="label", unit_ids=(1.5,)), "unit_ids must be integer ids, got 1.5"),
     (dict(method="label", unit_ids="3,x"), "unit_ids '3,x' is not a list of unit ids"),
 ])
 def test_select_config_refuses_bad_values_at_construction(kwargs, needle):
@@ -346,3 +346,9 @@ def test_messages_shared_with_the_cli_name_the_parameter_and_the_flag():
         select(s, t, SelectConfig(method="label", unit_ids=(1, 2), k=3))
     with pytest.raises(PretrainReuseError, match=r"name_pattern \(--names\) needs unit names"):
         select(s, t, SelectConfig(method="label", name_pattern="owl"))
+    with pytest.raises(PretrainReuseError, match=r"pass k <= 40 \(--k\) or build more units "
+                                                 r"\(spherical_kmeans k, units --k\)"):
+        select(s, t, SelectConfig(k=41))
+    with pytest.raises(PretrainReuseError, match="which a bare prototype matrix lacks; pass Units "
+                                                 "that record their members"):
+        select(s, t, SelectConfig(k=0.5))

@@ -217,7 +217,7 @@ def claim_folder(out: Path, kind: str, params: dict, *, what: str, marker: str =
             changed = _changed_keys(params, old_params)
             raise PretrainReuseError(
                 f"{str(out)!r} holds {what} made with other settings ({', '.join(changed)}); "
-                "rerun with the same settings to resume, or pass another --out")
+                "rerun with the same settings to resume, or pass another out folder (--out)")
         return
     write_json(path, {"kind": kind, "params": params})
 
@@ -238,11 +238,11 @@ def make_folder(out: Path, what: str) -> Path:
     """Create the output folder ``out`` for ``what``; a file in its place or a folder that cannot
     be created (read-only, no permission) is a one-line error."""
     if out.exists() and not out.is_dir():
-        raise PretrainReuseError(f"--out {str(out)!r} is a file; pass a folder for {what}")
+        raise PretrainReuseError(f"out (--out) {str(out)!r} is a file; pass a folder for {what}")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise PretrainReuseError(f"cannot create --out {str(out)!r}: {e.strerror}; choose a "
+        raise PretrainReuseError(f"cannot create out (--out) {str(out)!r}: {e.strerror}; choose a "
                                  "writable folder") from None
     return out
 
@@ -257,7 +257,7 @@ def make_run_folder(out: Path, what: str, marker: str, early: tuple[str, ...] = 
     # what is left of temporary files is being written now (another rank of this job)
     if not path.exists() and any(p.name not in early and not _TEMP.match(p.name) for p in out.iterdir()):
         raise PretrainReuseError(
-            f"--out {str(out)!r} is not empty and not {what}; pass a new or empty folder")
+            f"out (--out) {str(out)!r} is not empty and not {what}; pass a new or empty folder")
     return path
 
 

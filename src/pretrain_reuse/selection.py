@@ -75,9 +75,11 @@ class SelectConfig:
         check_choice("dtype", self.dtype, ("float32", "float64"))
         eps, tau_a, tau_b, max_iter, tol = check_solver_params(self.eps, self.tau_a, self.tau_b,
                                                                self.max_iter, self.tol)
+        unit_ids = (parse_ids(self.unit_ids, "unit_ids") if isinstance(self.unit_ids, str)
+                    else tuple(_integer_ids("unit_ids", self.unit_ids)))
         checked = {"eps_c": check_positive("eps_c", self.eps_c), "eps": eps, "tau_a": tau_a,
                    "tau_b": tau_b, "max_iter": max_iter, "tol": tol,
-                   "seed": check_seed("seed", self.seed), "unit_ids": _unit_ids(self.unit_ids),
+                   "seed": check_seed("seed", self.seed), "unit_ids": unit_ids,
                    "k": None if self.k is None else _check_k(self.k)}
         for name, value in checked.items():  # frozen: set once, here
             object.__setattr__(self, name, value)
@@ -107,29 +109,15 @@ def _check_k(k) -> int | float:
         f"k={k!r} must be a whole number of units >= 1 or a sample fraction in (0, 1]")
 
 
-def _unit_ids(ids) -> tuple[int, ...]:
-    """``SelectConfig.unit_ids`` as a tuple of ints: from integers, or from text like ``"3,7-9"``."""
-    if isinstance(ids, str):
-        return parse_ids(ids, "unit_ids")
-    ids = list(ids) if isinstance(ids, Iterable) else [ids]
-    bad = [i for i in ids if not is_integer(i)]
-    if bad:
-        raise PretrainReuseError(f"unit_ids must be integer unit ids, got {bad[0]!r}; pass e.g. "
-                                 "(3, 7) or '3,7-9'")
-    return tuple(int(i) for i in ids)
-
-
-def _id_set(name: str, ids) -> set[int]:
-    """``ids`` (a list, tuple, set or array of integers) as a set of ints; empty is an error."""
+def _integer_ids(name: str, ids) -> list[int]:
+    """``ids`` (a list, tuple, set or array of integers) as a list of ints."""
     if isinstance(ids, str) or not isinstance(ids, Iterable):
         raise PretrainReuseError(f"{name} must be a list of integer ids, got {ids!r}")
     ids = list(ids)
     bad = [i for i in ids if not is_integer(i)]
     if bad:
         raise PretrainReuseError(f"{name} must be integer ids, got {bad[0]!r}")
-    if not ids:
-        raise PretrainReuseError(f"{name} needs at least one id")
-    return {int(i) for i in ids}
+    return [int(i) for i in ids]
 
 
 @dataclass(frozen=True)
@@ -182,7 +170,9 @@ class Selection:
 
     def recall(self, relevant) -> float:
         """Fraction of the ``relevant`` unit ids that were selected (Liu et al., Table 4)."""
-        relevant = _id_set("relevant", relevant)
+        relevant = set(_integer_ids("relevant", relevant))
+        if not relevant:
+            raise PretrainReuseError("recall needs at least one relevant unit id")
         outside = sorted(r for r in relevant if not 0 <= r < len(self.scores))
         if outside:
             raise PretrainReuseError(
@@ -197,7 +187,7 @@ class Selection:
         if units.assignment is None:
             raise PretrainReuseError("sample recall needs units that record their members "
                                      "(a Units file from class means or k-means)")
-        in_relevant = np.isin(as_array("labels", labels), list(_id_set("relevant", relevant)))
+        in_relevant = np.isin(as_array("labels", labels), _integer_ids("relevant", relevant))
         if not in_relevant.any():
             raise PretrainReuseError("sample recall: no pool sample has a relevant label")
         taken = np.isin(units.assignment, self.selected)
@@ -367,14 +357,15 @@ def _take(ranking: np.ndarray, k: int | float, counts: np.ndarray | None) -> lis
     if isinstance(k, int):
         if k > len(ranking):
             raise PretrainReuseError(
-                f"k={int(k)} exceeds the {len(ranking)} source units; pass k <= {len(ranking)} "
-                "or build more units (units --k)"
+                f"k={k} exceeds the {len(ranking)} source units; pass k <= {len(ranking)} (--k) "
+                "or build more units (spherical_kmeans k, units --k)"
             )
-        return [int(u) for u in ranking[: int(k)]]
+        return [int(u) for u in ranking[:k]]
     if counts is None:
         raise PretrainReuseError(
-            "k as a fraction of samples needs unit sizes; pass a Units file (not a bare .npy "
-            "matrix) or an integer k"
+            "k as a fraction of samples needs unit sizes, which a bare prototype matrix lacks; "
+            "pass Units that record their members (a units file, not a .npy matrix) or an "
+            "integer k"
         )
     covered = np.cumsum(counts[ranking])
     # the fewest units whose samples reach the share; the slack absorbs 0.07 * 100 = 7.000000000000001
