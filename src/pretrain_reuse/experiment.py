@@ -410,7 +410,8 @@ RECIPES: dict[str, tuple[Callable[[ExperimentConfig], list[Row]], str | None, st
 
 
 COLUMNS = ("method", "x", "recall", "units", "top1_mean", "top1_std", "top1_at_best_val_mean",
-           "mean_class_acc_mean", "seeds", "val_images", "val_classes_missing", *KNOWLEDGE_RATIOS)
+           "mean_class_acc_mean", "seeds", "val_images", "val_classes_missing", "x_realised",
+           *KNOWLEDGE_RATIOS)
 #: The columns every row of an ``experiment.json`` has (the others came later, or are the
 #: knowledge recipe's).
 REQUIRED_COLUMNS = COLUMNS[:9]
@@ -495,7 +496,7 @@ class ExperimentTable:
             if len(r["seeds"]) > 1:
                 acc += f" ± {r['top1_std']:.4f}"
             best = r["top1_at_best_val_mean"]
-            body.append([r["method"], *(["" if r["x"] is None else str(r["x"])] if self.x_label else []),
+            body.append([r["method"], *([_x_cell(r)] if self.x_label else []),
                          *("" if r[k] is None else number[k].format(r[k]) for k in picks), acc,
                          "" if best is None else f"{best:.4f}",
                          *([_validation_cell(r)] if val else []),
@@ -555,6 +556,17 @@ class ExperimentTable:
 # --------------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------------
+
+
+def _x_cell(row: dict[str, Any]) -> str:
+    """The swept value, and the one the data realised where they differ (.get: a table of an
+    earlier version records none)."""
+    if row["x"] is None:
+        return ""
+    realised = row.get("x_realised")
+    if realised is None or math.isclose(realised, row["x"], rel_tol=1e-6):
+        return str(row["x"])
+    return f"{row['x']} (realised {realised:.4g})"
 
 
 def _validation_cell(row: dict[str, Any]) -> str:
@@ -709,12 +721,14 @@ class _Workspace:
         """The pre-trained weights a row's runs start from."""
         return self.cfg.weights_of()[row.pretraining] if row.pretraining else self.cfg.weights
 
-    def split(self, row: Row, seed: int) -> tuple[ImageDataset, ImageDataset]:
+    def split(self, row: Row, seed: int) -> tuple[ImageDataset, ImageDataset, dict]:
         """The target training and validation images of a row's run with ``seed`` (as the run
-        draws them: :func:`~pretrain_reuse.finetune.target_splits`)."""
+        draws them: :func:`~pretrain_reuse.finetune.target_splits`), and the parameters of its
+        regime's sampler ({} without a regime)."""
         def build():
-            train_set, val_set, _ = target_splits(self.run_config(row, seed), self.data("target"))
-            return train_set, val_set
+            train_set, val_set, record = target_splits(self.run_config(row, seed),
+                                                       self.data("target"))
+            return train_set, val_set, record["sampler"]
 
         return self._once(("split", row.settings, seed), build)
 
@@ -856,7 +870,7 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
     # backbone with its weights, and the given feature stores (features of another data set).
     for row in trains:
         for seed in cfg.seeds:
-            train_set, _ = ws.split(row, seed)
+            train_set, _, _ = ws.split(row, seed)
             check_batch_size(len(train_set), ws.run_config(row, seed).batch_size,
                              what=f"training ({ws.run_dir(row, seed).name})",
                              flag="finetune.batch_size")
@@ -884,7 +898,9 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
     for i, row in enumerate(rows):
         results = [ws.finetune(row, s) for s in cfg.seeds] if row.mode else []
         final = [r.final["top1"] for r in results]
-        val = [ws.split(row, s)[1] for s in cfg.seeds] if row.mode else []
+        splits = [ws.split(row, s) for s in cfg.seeds] if row.mode else []
+        val = [v for _, v, _ in splits]
+        swept = any(name in REGIMES for name, _ in row.settings)
         classes = len(np.unique(ws.data("target").labels))
         table.append({
             "method": row.method, "x": row.x,
@@ -902,6 +918,8 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
             # what "at best val" rests on: a long tail's largest class keeps all its images
             "val_images": _mean([len(v) for v in val]),
             "val_classes_missing": max((classes - len(np.unique(v.labels)) for v in val), default=None),
+            # the share / ratio the swept regime realises (floors, a small class's one image)
+            "x_realised": _mean([sampler["realised"] for _, _, sampler in splits]) if swept else None,
         })
     extra = _knowledge_analysis(ws, rows, table) if name == "knowledge" else {}
     params = {**_params(name, cfg), "seeds": list(cfg.seeds), "skip": list(cfg.skip)}
