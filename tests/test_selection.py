@@ -109,6 +109,15 @@ def test_label_selection_keeps_given_ids_then_pattern_matches():
         select(src, _units(s[:1]), SelectConfig(method="label", k=1, unit_ids=(6,)))
 
 
+def test_without_k_label_selects_every_named_unit_and_the_rankings_take_100():
+    # as the command line: select --method label without --k takes all the units it names
+    s = np.eye(6, 4)
+    src = Units(prototypes=s, names=["sparrow", "dog", "owl", "cat", "wren", "eagle-owl"])
+    sel = select(src, _units(s[:1]), SelectConfig(method="label", unit_ids=(3,), name_pattern="owl$"))
+    assert sel.selected == [3, 2, 5]
+    assert SelectConfig().k == 100 and SelectConfig(method="random").k == 100
+
+
 def test_label_name_pattern_matching_nothing_is_refused_beside_ids():
     s = np.eye(3, 4)
     src = Units(prototypes=s, names=["sparrow", "dog", "owl"])

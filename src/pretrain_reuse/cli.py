@@ -204,8 +204,7 @@ def cmd_select(args) -> int:
 
     ids = parse_ids(args.ids, "--ids") if args.ids else ()
     relevant = parse_ids(args.relevant, "--relevant") if args.relevant else ()
-    default_k = None if args.method == "label" else 100  # label: every unit it names
-    k = _parse_k(args.k) if args.k else default_k
+    k = _parse_k(args.k) if args.k else None  # the method's default: 100, or every named unit
     check_choice("method", args.method, SELECTORS)
     given = _given(args, METHOD_FLAGS)
     unread = [_flag(f) for f in given if args.method not in METHOD_FLAGS[f]]

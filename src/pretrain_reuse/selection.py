@@ -43,19 +43,23 @@ from .features import FeatureStore
 from .transport import METRICS, check_solver_params, cost_matrix, unbalanced_sinkhorn_batched
 from .units import Units, class_means
 
+#: Units selected when no k is given (Liu et al. select the 100 closest ImageNet classes).
+DEFAULT_K = 100
+
 
 @dataclass(frozen=True)
 class SelectConfig:
     """Parameters of a selection; defaults are those of Liu et al. (NeurIPS 2022).
 
     ``k``: number of units (an int >= 1) or, as a float in (0, 1], the fraction of source samples
-    to cover (``1`` is one unit, ``1.0`` all samples); None with ``method="label"``: every named
-    unit. ``unit_ids`` (ids, or text such as ``"3,7-9"``) / ``name_pattern`` name the units of
-    ``method="label"`` (only). NumPy numbers are accepted and stored as Python ones.
+    to cover (``1`` is one unit, ``1.0`` all samples); None (default): the paper's 100 units, or
+    with ``method="label"`` every named unit. ``unit_ids`` (ids, or text such as ``"3,7-9"``) /
+    ``name_pattern`` name the units of ``method="label"`` (only). NumPy numbers are accepted and
+    stored as Python ones.
     """
 
     method: str = "uot"
-    k: int | float | None = 100
+    k: int | float | None = None
     metric: str = "cosine"
     eps_c: float = 0.01
     eps: float = 1.0
@@ -80,15 +84,14 @@ class SelectConfig:
         checked = {"eps_c": check_positive("eps_c", self.eps_c), "eps": eps, "tau_a": tau_a,
                    "tau_b": tau_b, "max_iter": max_iter, "tol": tol,
                    "seed": check_seed("seed", self.seed), "unit_ids": unit_ids,
-                   "k": None if self.k is None else _check_k(self.k)}
+                   "k": _check_k(self.k) if self.k is not None else
+                   None if self.method == "label" else DEFAULT_K}
         for name, value in checked.items():  # frozen: set once, here
             object.__setattr__(self, name, value)
         if self.tau_a == float("inf"):
             raise PretrainReuseError(
                 "tau_a=inf holds every source unit's mass at its weight, so all UOT scores tie; "
                 "use a finite tau_a (the paper's 1.0)")
-        if self.k is None and self.method != "label":
-            raise PretrainReuseError(f"method {self.method!r} needs k, the number of units to select")
         check_device(self.device)
         if self.method == "label" and not self.unit_ids and not self.name_pattern:
             raise PretrainReuseError("method 'label' needs unit_ids (--ids) or a name_pattern (--names)")
