@@ -91,6 +91,29 @@ def test_harsanyi_and_equals_shapiq_exact_moebius(n):
     np.testing.assert_allclose(harsanyi_and(v), ref, atol=1e-9)
 
 
+@pytest.mark.parametrize("n", [1, 4, 9])
+def test_exported_and_interactions_are_shapiqs_moebius_values_and_convert_to_its_shapley(n):
+    shapiq = pytest.importorskip("shapiq")
+    from shapiq.game_theory.moebius_converter import MoebiusConverter
+
+    v = random_game(n, seed=200 + n)
+    x = Interactions(n=n, and_values=harsanyi_and(v), or_values=np.zeros(1 << n), v=v,
+                     noise=np.zeros(1 << n))
+    ours = x.to_shapiq()
+    computer = shapiq.ExactComputer(shapiq_game(v, n), n_players=n)
+    exact = computer("Moebius")
+    assert ours.index == "Moebius" and ours.baseline_value == pytest.approx(v[0], abs=1e-12)
+    for coalition in exact.interaction_lookup:
+        assert ours[coalition] == pytest.approx(exact[coalition], abs=1e-9)
+    # shapiq's own tools take it: its Möbius-to-Shapley conversion gives the game's Shapley values
+    sv, ref = MoebiusConverter(ours)("SV", order=1), computer("SV")
+    np.testing.assert_allclose([sv[(i,)] for i in range(n)], [ref[(i,)] for i in range(n)],
+                               atol=1e-9)
+    with pytest.raises(PretrainReuseError, match="not the Möbius transform"):
+        Interactions(n=n, and_values=v, or_values=np.zeros_like(v), v=v, noise=np.zeros_like(v),
+                     kind="and-or").to_shapiq()
+
+
 @pytest.mark.parametrize("n", [1, 4, 10])
 def test_and_interactions_reproduce_the_game_on_every_coalition(n):
     v = random_game(n, seed=n)

@@ -243,6 +243,29 @@ class Interactions:
             share.reshape(1 << (self.n - 1 - i), 2, 1 << i)[:, 1, :].sum() for i in range(self.n)
         ])
 
+    def to_shapiq(self):
+        """The AND interactions as shapiq's ``InteractionValues`` (index ``"Moebius"``, every
+        coalition from ∅ to N; ``baseline_value`` is I(∅)), for shapiq's plots and converters.
+
+        Only for ``kind="and"``, whose values are the Möbius transform of v (of v + q with noise
+        removed), which is what shapiq's "Moebius" index means; the AND part of an AND-OR
+        decomposition is the transform of another game, for which shapiq has no index.
+        """
+        if self.kind != "and":
+            raise PretrainReuseError(
+                f"to_shapiq exports AND (Möbius) interactions, but these are {self.kind!r}: the "
+                "AND part of an AND-OR split is not the Möbius transform of the game; explain with "
+                "decomposition='and' to export")
+        try:
+            import shapiq
+        except ImportError:
+            raise PretrainReuseError("to_shapiq needs shapiq; install it with `pip install "
+                                     "shapiq`") from None
+        return shapiq.InteractionValues(
+            self.and_values.copy(), index="Moebius", max_order=self.n, n_players=self.n,
+            min_order=0, interaction_lookup={players_of(m): m for m in range(1 << self.n)},
+            estimated=False, baseline_value=float(self.and_values[0]))
+
     def with_info(self, **items: Any) -> Interactions:
         """A copy whose ``info`` has ``items`` added (e.g. sample id, label, players, baseline)."""
         return dataclasses.replace(self, info={**self.info, **items})
