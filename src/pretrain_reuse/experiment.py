@@ -227,6 +227,7 @@ class ExperimentConfig:
         self.explain_config()
 
     def explain_config(self):
+        """The ExplainConfig of the ``knowledge`` recipe, from ``explain``."""
         from .knowledge.explain import ExplainConfig
 
         return ExplainConfig(**checked_values(self.explain, ExplainConfig, "explain key"))
@@ -236,9 +237,11 @@ class ExperimentConfig:
         return dict(self.pretrainings) or {"pretrained": self.weights}
 
     def values(self, name: str) -> tuple:
+        """The values swept for ``name``: the config's ``sweep``, else the default."""
         return tuple(self.sweep.get(name, SWEEP_DEFAULTS[name]))
 
     def base_finetune(self) -> FinetuneConfig:
+        """The FinetuneConfig shared by every run (``finetune``)."""
         return FinetuneConfig(**checked_values(self.finetune, FinetuneConfig, "finetune key"))
 
 
@@ -505,6 +508,7 @@ class ExperimentTable:
         return head, body
 
     def to_markdown(self) -> str:
+        """The table as Markdown (``results.md``)."""
         head, body = self.cells()
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(cells) + " |" for cells in body]

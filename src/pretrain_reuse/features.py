@@ -79,6 +79,7 @@ class FeatureStore:
 
     @property
     def dim(self) -> int:
+        """D, the feature dimension."""
         return self.features.shape[1]
 
     @classmethod

@@ -216,6 +216,7 @@ class Selection:
 
     @classmethod
     def load(cls, path: str | Path) -> Selection:
+        """Read a ``sel.json`` written by :meth:`save` (or by ``pretrain-reuse select``)."""
         obj = read_json(path, "selection")
         if obj.get("kind") != "selection" or "selected" not in obj or "scores" not in obj:
             raise PretrainReuseError(f"{str(path)!r} is not a selection file written by select")

@@ -31,7 +31,6 @@ from .errors import PretrainReuseError, check_choice, check_int, check_positive
 __all__ = [
     "METRICS",
     "UOTResult",
-    "check_solver_params",
     "cost_matrix",
     "unbalanced_sinkhorn",
     "unbalanced_sinkhorn_batched",

@@ -96,6 +96,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return list(zip(images, labels, indices, strict=True))
 
     def load(self, index: int) -> torch.Tensor | None:
+        """The image at ``index`` as a float (C, H, W) tensor in [0, 1], or None when unreadable."""
         raise NotImplementedError
 
     def load_many(self, indices: Sequence[int]) -> Sequence[torch.Tensor | None]:
@@ -127,6 +128,7 @@ class SubsetDataset(ImageDataset):
         self.indices = indices
 
     def load(self, index: int) -> torch.Tensor | None:
+        """The image of the base dataset at this subset position."""
         return self.base.load(int(self.indices[index]))
 
     def load_many(self, indices: Sequence[int]) -> Sequence[torch.Tensor | None]:
@@ -145,6 +147,7 @@ class FileDataset(ImageDataset):
         self.mode = check_choice("mode", mode, MODES)
 
     def load(self, index: int) -> torch.Tensor | None:
+        """The decoded image at ``index``, or None when the file cannot be read."""
         return decode_image(self.paths[index], self.mode)
 
 
@@ -185,6 +188,7 @@ class ArrayDataset(ImageDataset):
         self.mode = mode
 
     def load(self, index: int) -> torch.Tensor:
+        """The image at ``index``, a float (C, H, W) tensor in [0, 1]."""
         return self.load_many([index])[0]
 
     def load_many(self, indices: Sequence[int]) -> torch.Tensor:

@@ -125,10 +125,12 @@ class WorldConfig:
 
     @property
     def cell(self) -> int:
+        """Side in pixels of one cell of the grid the parts are placed on."""
         return self.image_size // self.grid
 
     @property
     def part_size(self) -> int:
+        """Side in pixels of a part, leaving room in its cell for position jitter."""
         return self.cell - max(2, self.cell // 4)  # room left in the cell for position jitter
 
 
@@ -140,6 +142,7 @@ class Rule:
 
     @property
     def parts(self) -> frozenset[int]:
+        """Every part that occurs in the rule."""
         return frozenset(p for term in self.terms for p in term)
 
     def holds(self, parts: Collection[int]) -> bool:
@@ -147,6 +150,7 @@ class Rule:
         return all(any(p in parts for p in term) for term in self.terms)
 
     def describe(self, part_names: list[str]) -> str:
+        """The rule in words, e.g. ``"wing AND (beak OR tail)"``."""
         def term(t):
             alts = " OR ".join(part_names[p] for p in t)
             return f"({alts})" if len(t) > 1 else alts
@@ -228,6 +232,7 @@ class World:
 
     @property
     def task_names(self) -> list[str]:
+        """The names of the world's tasks: ``pretrain``, ``target-0``, ..."""
         return ["pretrain"] + [f"target-{k}" for k in range(len(self.targets))]
 
     def dataset(self, task: str = "pretrain", split: str = "train", *,
@@ -451,6 +456,7 @@ class WorldDataset(ImageDataset):
         return np.concatenate(list(parts.values())), part_family, classes
 
     def load(self, index: int) -> torch.Tensor:
+        """The rendered image at ``index`` (cached), a float (3, H, W) tensor in [0, 1]."""
         image = self._cache.get(index)
         if image is None:
             image = self.render(index)[0]

@@ -219,9 +219,11 @@ class FinetuneConfig:
 
     @property
     def uses_source(self) -> bool:
+        """Whether the mode trains on selected pre-training data (reuse, reuse-unlabeled)."""
         return self.mode in ("reuse", "reuse-unlabeled")
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as a plain dict (as saved in ``run.json``)."""
         return asdict(self)
 
     def check_options_used(self) -> None:

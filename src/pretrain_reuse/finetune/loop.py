@@ -66,12 +66,14 @@ class RunResult:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
+        """Write ``result.json`` (atomically); returns the path."""
         write_json(path, {"kind": "finetune-result", "config": self.config, "history": self.history,
                           "final": self.final, "at_best_val": self.at_best_val, "meta": self.meta})
         return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> RunResult:
+        """Read a ``result.json`` written by :meth:`save`."""
         d = read_json(path, "fine-tuning result")
         if d.get("kind") != "finetune-result":
             raise PretrainReuseError(f"{str(path)!r} is not a fine-tuning result.json")

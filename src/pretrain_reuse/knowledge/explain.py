@@ -215,6 +215,7 @@ class ExplainConfig:
 
     @property
     def noise_bound(self) -> float:
+        """The sparsification's ``qthres``: as given, else 0 for ``and`` and 0.04 for AND-OR."""
         if self.qthres is not None:
             return self.qthres
         return 0.0 if self.decomposition == "and" else 0.04

@@ -69,6 +69,7 @@ class Players:
 
     @property
     def n(self) -> int:
+        """The number of players."""
         return len(self.masks)
 
 

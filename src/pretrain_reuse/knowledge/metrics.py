@@ -201,6 +201,7 @@ class SampleKnowledge:
         return {k: num / den if den > 0 else math.nan for k, (num, den) in self.terms(order).items()}
 
     def to_dict(self) -> dict[str, Any]:
+        """The sample's knowledge as JSON-ready data."""
         sets = {"preserve": self.preserve, "discard": self.discard, "new": self.new}
         if self.scratch is not None:
             sets["exclusive"] = self.exclusive
@@ -255,6 +256,7 @@ class RatioStats:
 
     @classmethod
     def of(cls, terms: Sequence[tuple[float, float]]) -> RatioStats:
+        """The statistics of ``numerator / denominator`` pairs, one per sample."""
         num = np.array([t[0] for t in terms], dtype=np.float64)
         den = np.array([t[1] for t in terms], dtype=np.float64)
         used = den > 0
@@ -269,6 +271,7 @@ class RatioStats:
                    int(used.sum()), int((~used).sum()))
 
     def to_dict(self) -> dict[str, Any]:
+        """The statistics as JSON-ready data (NaN as None)."""
         return {k: _nan_to_none(v) for k, v in self.__dict__.items()}
 
 
@@ -298,6 +301,7 @@ class KnowledgeReport:
         return np.array([s.ratios(order)[name] for s in self.samples], dtype=np.float64)
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data (NaN as None), as ``knowledge.json`` holds it."""
         return {
             "n_samples": self.n_samples, "tau": self.tau, "match": self.match,
             "overall": {k: s.to_dict() for k, s in self.overall.items()},
@@ -518,6 +522,7 @@ class Convergence:
         return float(np.nansum(self.detour))
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready data (NaN as None)."""
         return {
             "measure": self.measure, "threshold": self.threshold,
             "similarity": [_nan_to_none(float(s)) for s in self.similarity],
@@ -658,6 +663,7 @@ class Discrimination:
         return math.fsum(a * b for a, b in weights) / total if total > 0 else math.nan
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready data (NaN as None)."""
         alpha, beta = self.alpha, self.beta
         return {
             "n_samples": self.n_samples,
@@ -716,6 +722,7 @@ class SetDiscrimination:
         return math.fsum(values) / len(values) if values else math.nan
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready data (NaN as None)."""
         return {name: {"purity": _nan_to_none(self.purity(name)),
                        "by_class": {str(c): {"purity": _nan_to_none(d.purity()),
                                              "n_samples": d.n_samples}
@@ -846,6 +853,7 @@ class AccuracyCorrelation:
     seed: int
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready data (NaN as None)."""
         return {
             "ratio": self.ratio.tolist(), "accuracy": self.accuracy.tolist(),
             "pearson": _nan_to_none(self.pearson), "spearman": _nan_to_none(self.spearman),

@@ -97,6 +97,7 @@ class Recovery:
     tau: float
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready data (NaN as None)."""
         return {
             "n_samples": self.n_samples, "tau": self.tau,
             "matching": "truth: nonzero Harsanyi interactions of the rule game; prediction: "

@@ -108,6 +108,7 @@ class TokenPlayers:
 
     @property
     def n(self) -> int:
+        """The number of players (words)."""
         return len(self.pieces)
 
 

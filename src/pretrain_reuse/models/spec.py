@@ -103,6 +103,7 @@ class BackboneSpec:
 
     @classmethod
     def from_json(cls, text: str) -> BackboneSpec:
+        """The spec from the JSON a saved model carries in its header."""
         d = json.loads(text)
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
