@@ -86,7 +86,7 @@ def test_another_seed_into_the_same_folder_is_a_user_error(quick_demo, capsys):
     out, _, _ = quick_demo
     assert main(["demo", "--quick", "--seed", "1", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "another --out" in err
+    assert err.count("\n") == 1 and "another out folder (--out)" in err
 
 
 def test_report_is_self_contained(quick_demo):
@@ -201,4 +201,4 @@ def test_a_folder_another_version_began_is_refused_not_resumed(tmp_path, capsys,
     assert main(["demo", "--quick", "--quiet", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "other settings (lambda, plan, scenario_settings, version)" in err
-    assert "another --out" in err and sorted(p.name for p in out.iterdir()) == ["run.json"]
+    assert "another out folder (--out)" in err and sorted(p.name for p in out.iterdir()) == ["run.json"]
