@@ -55,6 +55,10 @@ def test_recall_sweep_matches_the_saved_selections_and_greedy_ignores_eps_c(quic
         summary["selection"]["classes-uot"]["recall"])
     # above chance (k of 128 classes) even with the quick demo's 2-epoch features
     assert rows[("uot cosine", 0.01)]["recall"] > len(RELATED) / 128
+    # both feature stores given and no run to train: nothing reads the weights or embeds; the
+    # stores are claimed by their content
+    assert not {"weights", "weights_sha256", "embed_batch_size"} & set(table.params)
+    assert {"source_features_sha256", "target_features_sha256"} <= set(table.params)
 
 
 def finals_vanilla_seed0(out):
@@ -80,6 +84,10 @@ def test_table_aggregates_the_runs_and_a_rerun_skips_them(quick_demo, tmp_path):
     for group in (1, 2):
         meta = RunResult.load(out / "runs" / f"reuse-uot-group-x={group}-seed0" / "result.json").meta
         assert json.loads(meta["inputs"]["selected"]) == ranking[(group - 1) * 64:group * 64]
+        assert meta["inputs"]["source"] == "synthetic:pretrain"
+    # a run without a selection does not read the source: a rerun without it (knowledge does
+    # not claim it) resumes the run, which compares the inputs of its run.json
+    assert json.loads((out / "runs" / "vanilla-seed0" / "run.json").read_text())["inputs"]["source"] is None
     assert table.rows[1]["units"] == table.rows[2]["units"] == 64
 
     with open(out / "results.csv") as fh:
@@ -331,6 +339,9 @@ def test_a_sweep_that_would_silently_change_or_repeat_rows_is_refused(sweep, mes
     ({"pretrainings": {"a b": "x", "a-b": "y"}}, "label 'a-b' makes the folder name 'a-b' as 'a b'"),
     ({"pretrainings": {"a": ""}}, "pretrainings['a'] = '' is not a file"),
     ({"weights": "no/such.safetensors"}, "weights = 'no/such.safetensors' is not a file"),
+    # stored, then silently ignored: vanilla has no source loss, knowledge seeds per run
+    ({"lam": {"vanilla": 0.5}}, "lam {vanilla: 0.5} has no effect: mode 'vanilla' has no source"),
+    ({"explain": {"seed": 5}}, "explain 'seed' cannot be set: each analysis takes the seed"),
 ])
 def test_settings_that_fail_late_or_mix_runs_are_refused_with_the_config(extra, message):
     from pretrain_reuse.errors import PretrainReuseError
@@ -621,7 +632,8 @@ def test_the_table_says_what_the_validation_accuracy_rests_on(quick_demo, tmp_pa
     trained = np.bincount([labels[ids.index(i)] for i in split["train"]])
     # the floor of n_max / 3 at the last rank makes the ratio realised differ from 3: it is shown
     assert table.rows[0]["x_realised"] == pytest.approx(trained.max() / trained.min())
-    assert f"| 3.0 (realised {trained.max() / trained.min():.4g}) |" in (out / "results.md").read_text()
+    # written as the run folder names it (x=3)
+    assert f"| 3 (realised {trained.max() / trained.min():.4g}) |" in (out / "results.md").read_text()
     val_labels = {int(labels[ids.index(i)]) for i in split["val"]}
     missing = len(set(labels.tolist()) - val_labels)
     assert missing >= 1  # the long tail's largest class keeps all its images
@@ -634,6 +646,8 @@ def test_the_table_says_what_the_validation_accuracy_rests_on(quick_demo, tmp_pa
                            tmp_path / "f3", progress=False)
     assert table.rows[0]["val_images"] == 0 and table.rows[0]["top1_at_best_val_mean"] is None
     assert table.rows[0]["top1_mean"] is not None
+    head, body = table.cells()
+    assert body[0][head.index("validation images")] == "0"  # not "0, 10 classes missing"
 
 
 def _table(name, rows, x_label):
@@ -691,3 +705,115 @@ def test_the_knowledge_recipe_needs_no_source_and_the_selecting_ones_do(tmp_path
     with pytest.raises(PretrainReuseError, match="table1 needs 'source'"):
         run_experiment("table1", cfg, tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def _table4_stopped_before_its_run(monkeypatch, path, out):
+    """table4's uot cosine row up to its fine-tuning run, which dies (killed, out of memory...):
+    features, units and selections are made, no run finished."""
+    from pretrain_reuse import experiment
+
+    def stopped(self, row, seed):
+        raise RuntimeError("stopped")
+
+    monkeypatch.setattr(experiment._Workspace, "finetune", stopped)
+    with pytest.raises(RuntimeError, match="stopped"):
+        run_experiment("table4", load_experiment_config(path, seeds=(0,)), out, progress=False)
+    monkeypatch.undo()
+
+
+def test_a_feature_store_rebuilt_in_place_is_a_changed_setting(quick_demo, tmp_path, monkeypatch,
+                                                                capsys):
+    import shutil
+
+    from pretrain_reuse.features import FeatureStore
+    from pretrain_reuse.units import Units, class_means
+
+    demo, _, _ = quick_demo
+    pool = tmp_path / "fs" / "source"
+    shutil.copytree(demo / "features_pretrain", pool)
+    skip = ("reuse greedy-ot l2", "reuse greedy-ot cosine", "reuse uot l2")
+    path = _config(demo, tmp_path, source_features=str(pool), skip=skip,
+                   finetune={**FAST, "max_steps": 1})
+    out = tmp_path / "t4"
+    _table4_stopped_before_its_run(monkeypatch, path, out)
+
+    def rebuild(seed, meta=None):  # other numbers for the same images, under the same path
+        old = FeatureStore.load(pool)
+        noise = np.random.default_rng(seed).normal(size=old.features.shape).astype(np.float32)
+        FeatureStore(noise, old.labels, old.ids, old.class_names, meta=old.meta).save(pool)
+
+    rebuild(1)  # the index.json is the same: only the content tells the stores apart
+    # no run finished: the units and selections of the old features are made again
+    table = run_experiment("table4", load_experiment_config(path, seeds=(0,)), out, progress=False)
+    units = Units.load(out / "units" / "classes.safetensors")
+    np.testing.assert_allclose(units.prototypes, class_means(FeatureStore.load(pool)).prototypes)
+    assert table.params["source_features_sha256"] != table.params["target_features_sha256"]
+    # the same numbers written again (another meta, e.g. its creation time) are the same store
+    store = FeatureStore.load(pool)
+    FeatureStore(store.features, store.labels, store.ids, store.class_names,
+                 meta={**store.meta, "created": "later"}).save(pool)
+    assert run_experiment("table4", load_experiment_config(path, seeds=(0,)), out,
+                          progress=False).rows == table.rows
+    # a finished run was made with the store as it was: a rebuilt one is refused
+    rebuild(2)
+    err = _one_line_error(capsys, ["experiment", "table4", "--config", str(path), "--seeds", "0",
+                                   "--quiet", "--out", str(out)])
+    assert "other settings (source_features_sha256)" in err
+
+
+def test_a_run_that_would_fail_after_others_finished_fails_before_the_first(quick_demo, tmp_path,
+                                                                            capsys):
+    demo, _, _ = quick_demo
+    out = tmp_path / "t3"
+    # the selected classes' source images are fewer than a source batch: known once selected,
+    # before the vanilla row (first in the table) runs, so the folder takes the corrected command
+    path = _config(demo, tmp_path, sweep={"long_tail_ratio": [3.0]},
+                   finetune={**FAST, "max_steps": 1, "source_batch_size": 100_000})
+    err = _one_line_error(capsys, ["experiment", "table3", "--config", str(path), "--seeds", "0",
+                                   "--quiet", "--out", str(out)])
+    assert "batch size 100000 exceeds the " in err and "selected source" in err
+    assert "pass a smaller finetune.source_batch_size" in err and not (out / "runs").exists()
+    path = _config(demo, tmp_path, sweep={"long_tail_ratio": [3.0]},
+                   finetune={**FAST, "max_steps": 1, "source_batch_size": 8})
+    table = run_experiment("table3", load_experiment_config(path, seeds=(0,)), out, progress=False)
+    assert [r["method"] for r in table.rows] == ["vanilla", "reuse uot classes"]
+    # one epoch of 20 % of the images is fewer steps than the warm-up, while 80 % is more
+    epochs = {k: v for k, v in FAST.items() if k != "max_steps"}
+    path = _config(demo, tmp_path, sweep={"train_fraction": [0.8, 0.2]},
+                   finetune={**epochs, "epochs": 1, "warmup_steps": 10})
+    err = _one_line_error(capsys, ["experiment", "fig3b", "--config", str(path), "--quiet",
+                                   "--out", str(tmp_path / "f3")])
+    assert "finetune.warmup_steps=10 exceeds the " in err and "x=0.2-seed0" in err
+    assert not (tmp_path / "f3").exists()
+
+
+def test_a_folder_claimed_by_an_earlier_version_with_every_setting_takes_the_same_reads(
+        quick_demo, tmp_path, capsys):
+    from dataclasses import asdict
+
+    from pretrain_reuse.experiment import SWEEP_DEFAULTS
+
+    demo, _, _ = quick_demo
+    skip = ("reuse greedy-ot l2", "reuse greedy-ot cosine", "reuse uot l2")
+    path = _config(demo, tmp_path, skip=skip, finetune={**FAST, "max_steps": 1})
+    cfg = load_experiment_config(path, seeds=(0,))
+    out = tmp_path / "t4"
+    table = run_experiment("table4", cfg, out, progress=False)
+    # the marker as versions before the claim of read settings wrote it: every setting of the
+    # config and every sweep, no content hash
+    full = {"experiment": "table4", **asdict(cfg),
+            "sweep": {k: list(cfg.values(k)) for k in SWEEP_DEFAULTS}}
+    for key in ("seeds", "skip"):
+        del full[key]
+    (out / "run.json").write_text(json.dumps({"kind": "experiment-run", "params": full},
+                                             default=list))
+    again = run_experiment("table4", load_experiment_config(path, seeds=(0,), clusters=32), out,
+                           progress=False)
+    assert again.rows == table.rows
+    marker = json.loads((out / "run.json").read_text())["params"]
+    assert marker == {"experiment": "table4", **{k: v for k, v in json.loads(json.dumps(
+        table.params)).items() if k not in ("seeds", "skip")}}
+    # a setting the recipe reads is still refused, and only it is named
+    err = _one_line_error(capsys, ["experiment", "table4", "--config", str(path), "--k", "8",
+                                   "--quiet", "--out", str(out)])
+    assert "other settings (k);" in err

@@ -32,14 +32,16 @@ written as ``results.csv``, ``results.md``, ``results.png`` and ``experiment.jso
 the final-step test top-1 (mean and sample standard deviation over seeds, left empty for a single
 seed) next to the test top-1 at the best validation evaluation, with the number of validation
 images it rests on (left empty without any) and the classes they lack. A folder is claimed with
-the settings its recipe reads (:data:`READS`), so others may change on a rerun, and a rerun
-rewrites a ``report.html`` it finds.
+the settings its recipe reads (:data:`READS`) and the content hashes of the weights files and
+given feature stores among them, so others may change on a rerun, and a rerun rewrites a
+``report.html`` it finds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import math
@@ -55,6 +57,7 @@ import numpy as np
 from .artifacts import (
     atomic_path,
     claim_folder,
+    hash_array,
     hash_file,
     make_meta,
     read_json,
@@ -68,9 +71,9 @@ from .embed import EmbedConfig, embed
 from .errors import PretrainReuseError, check_choice, check_positive, check_seed, parse_ids
 from .features import FeatureStore
 from .finetune import MODES, FinetuneConfig, RunResult, finetune_datasets, open_split, target_splits
-from .finetune.config import checked_values, config_values
-from .finetune.data import check_batch_size
-from .finetune.loop import RESUMABLE_WITH_OTHER
+from .finetune.config import MODE_OPTIONS, checked_values, config_values
+from .finetune.data import check_batch_size, selected_source
+from .finetune.loop import RESUMABLE_WITH_OTHER, total_steps
 from .models import create_backbone
 from .selection import SelectConfig, Selection, select
 from .transport import METRICS
@@ -106,7 +109,7 @@ _SELECTS = ("weights", "source", "source_features", "target_features", "embed_ba
 _TRAINS = ("target_test", "lam")
 
 #: The ExperimentConfig fields each recipe reads, besides model, target, its swept values and
-#: seeds / skip (which add or leave out runs, never change one); see :func:`_params`.
+#: seeds / skip (which add or leave out runs, never change one); see :func:`_reads`.
 READS: dict[str, tuple[str, ...]] = {
     "table1": (*_SELECTS, *_TRAINS, "k", "cluster_k", "clusters", "metric", "eps_c"),
     # clusters: the default cluster share without pool labels, k / clusters
@@ -223,7 +226,14 @@ class ExperimentConfig:
         base = self.base_finetune()
         for mode, lam in self.lam.items():
             check_choice("lam key", mode, MODES)
+            if mode not in MODE_OPTIONS["lam"]:  # it would be stored and silently ignored
+                raise PretrainReuseError(
+                    f"lam {{{mode}: {lam}}} has no effect: mode {mode!r} has no source loss for λ "
+                    f"to weigh (only {', '.join(MODE_OPTIONS['lam'])}); remove it from lam")
             replace(base, lam=lam)  # FinetuneConfig checks that λ >= 0
+        if "seed" in self.explain:  # the knowledge recipe analyses each run with its own seed
+            raise PretrainReuseError("explain 'seed' cannot be set: each analysis takes the seed "
+                                     "of its fine-tuning run from seeds (--seeds); remove it from explain")
         self.explain_config()
 
     def explain_config(self):
@@ -569,8 +579,8 @@ def _x_cell(row: dict[str, Any]) -> str:
         return ""
     realised = row.get("x_realised")
     if realised is None or math.isclose(realised, row["x"], rel_tol=1e-6):
-        return str(row["x"])
-    return f"{row['x']} (realised {realised:.4g})"
+        return _x_text(row["x"])
+    return f"{_x_text(row['x'])} (realised {realised:.4g})"
 
 
 def _validation_cell(row: dict[str, Any]) -> str:
@@ -578,16 +588,23 @@ def _validation_cell(row: dict[str, Any]) -> str:
     if row.get("val_images") is None:
         return ""
     missing = row.get("val_classes_missing")
-    return f"{row['val_images']:g}" + (f", {missing} class{'es' * (missing > 1)} missing" if missing else "")
+    if not row["val_images"] or not missing:  # without validation images, no class is lacking
+        return f"{row['val_images']:g}"
+    return f"{row['val_images']:g}, {missing} class{'es' * (missing > 1)} missing"
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9.=]+", "-", text.lower()).strip("-")
 
 
+def _x_text(x: Any) -> str:
+    """A swept value as the table and the run folders write it (3.0 as 3)."""
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
 def run_folder(out: Path, method: str, x: Any, seed: int) -> Path:
     """The folder of the fine-tuning run of row ``method`` at swept value ``x`` with ``seed``."""
-    value = "" if x is None else f"-x={x:g}" if isinstance(x, float) else f"-x={x}"
+    value = "" if x is None else f"-x={_x_text(x)}"
     return out / "runs" / f"{_slug(method)}{value}-seed{seed}"
 
 
@@ -617,7 +634,7 @@ class _Workspace:
 
         def build():
             if given:
-                return _check_features_of(FeatureStore.load(given), f"{which}_features", given,
+                return _check_features_of(self.given_store(which), f"{which}_features", given,
                                           which, spec, self.data(which))
             ecfg = EmbedConfig(model=self.cfg.model, data=str(spec), weights=self.cfg.weights,
                                split="train" if str(spec) in DATASETS else None,
@@ -625,6 +642,15 @@ class _Workspace:
             return embed(ecfg, self.out / "features" / which, progress=self.progress)
 
         return self._once(("features", which), build)
+
+    def given_store(self, which: str) -> FeatureStore:
+        """The feature store given as ``source_features`` / ``target_features``, as on disk."""
+        return self._once(("given", which),
+                          lambda: FeatureStore.load(getattr(self.cfg, f"{which}_features")))
+
+    def store_sha256(self, which: str) -> str:
+        """The content hash of the given ``which`` feature store (:func:`_store_sha256`)."""
+        return self._once(("sha256", which), lambda: _store_sha256(self.given_store(which)))
 
     def units(self, name: str) -> Units:
         def build():
@@ -763,10 +789,22 @@ class _Workspace:
             ft, model=cfg.model, weights=weights, train_pool=self.data("target"),
             test_set=self.data("test"), source_pool=self.data("source") if sel else None,
             selection=sel, units=self.units(row.pick.units) if sel else None, out=run_dir,
+            # source only where the run reads it: knowledge, which selects nothing, does not
+            # claim it, so a rerun without it must resume the runs
             inputs={"model": cfg.model, "weights": weights, "target": cfg.target,
-                    "source": cfg.source, "row": row.method, "x": row.x,
+                    "source": cfg.source if sel else None, "row": row.method, "x": row.x,
                     "selected": sel.selected if sel else None},
             progress=self.progress)
+
+
+def _store_sha256(store: FeatureStore) -> str:
+    """A hash of what a feature store holds: features, labels, sample ids and class names, not
+    its meta (a store written again with the same numbers is the same store)."""
+    digest = hashlib.sha256(hash_array(store.features).encode())
+    if store.labels is not None:
+        digest.update(hash_array(store.labels).encode())
+    digest.update(json.dumps([store.ids, store.class_names]).encode())
+    return "sha256:" + digest.hexdigest()[:16]
 
 
 def _rows_with_ids(store: FeatureStore, ids: list[str]) -> FeatureStore:
@@ -870,14 +908,21 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
     ws = _Workspace(cfg, out, progress)
     # What can fail on the user's inputs fails before the folder is claimed (nothing written):
     # each run's FinetuneConfig (a sweep's regime beside the one under finetune:), its training
-    # images (a fraction or ratio the data cannot realise, fewer images than a batch), the
-    # backbone with its weights, and the given feature stores (features of another data set).
+    # images (a fraction or ratio the data cannot realise, fewer images than a batch, fewer steps
+    # than the warm-up), the backbone with its weights, and the given feature stores (features
+    # of another data set). The messages name the experiment's keys, not the finetune flags.
     for row in trains:
         for seed in cfg.seeds:
             train_set, _, _ = ws.split(row, seed)
-            check_batch_size(len(train_set), ws.run_config(row, seed).batch_size,
-                             what=f"training ({ws.run_dir(row, seed).name})",
+            ft, run = ws.run_config(row, seed), ws.run_dir(row, seed).name
+            check_batch_size(len(train_set), ft.batch_size, what=f"training ({run})",
                              flag="finetune.batch_size")
+            steps = total_steps(replace(ft, warmup_steps=0), len(train_set))
+            if ft.warmup_steps > steps:
+                raise PretrainReuseError(
+                    f"finetune.warmup_steps={ft.warmup_steps} exceeds the {steps} training steps "
+                    f"of run {run}, so its learning rate would never reach lr; lower "
+                    "finetune.warmup_steps, or train longer (finetune.epochs or max_steps)")
     picks = any(r.pick for r in rows)
     for weights in {*(ws.weights(r) for r in trains),
                     *([cfg.weights] if picks and not (cfg.source_features and cfg.target_features)
@@ -887,7 +932,9 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
         for which in ("source", "target"):
             if getattr(cfg, f"{which}_features"):
                 ws.features(which)
-    changed = _claim(out, name, cfg)
+    reads = _reads(name, cfg, asdict(cfg))
+    hashes = _hashes(reads, ws)
+    changed = _claim(out, name, cfg, reads, hashes)
     if changed and progress:
         print(f"[experiment] {str(out)!r} held an experiment with other settings "
               f"({', '.join(changed)}) that finished no run: removed what the change affects", flush=True)
@@ -898,6 +945,19 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
             for i, row in enumerate(rows) if row.pick}
     recalls = {i: [ws.recall(rows[i].pick, sel) for sel in row_sels]
                for i, row_sels in sels.items()}
+    # A reuse run draws its source batches from its selection's images, known only now: a batch
+    # larger than them must fail here too, not when that run starts after others have finished
+    for i, row in enumerate(rows):
+        if not (row.mode and row.pick):
+            continue
+        for seed, sel in zip(cfg.seeds, sels[i], strict=True):
+            ft = ws.run_config(row, seed)
+            if ft.uses_source and ft.source_sampling != "units":  # "units" draws with replacement
+                pool = selected_source(ws.data("source"), sel, ws.units(row.pick.units),
+                                       source_head=ft.source_head)
+                check_batch_size(len(pool.dataset), ft.source_batch_size or ft.batch_size,
+                                 what=f"selected source ({ws.run_dir(row, seed).name})",
+                                 flag="finetune.source_batch_size")
     table = []
     for i, row in enumerate(rows):
         results = [ws.finetune(row, s) for s in cfg.seeds] if row.mode else []
@@ -926,7 +986,7 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
             "x_realised": _mean([sampler["realised"] for _, _, sampler in splits]) if swept else None,
         })
     extra = _knowledge_analysis(ws, rows, table) if name == "knowledge" else {}
-    params = {**_params(name, cfg), "seeds": list(cfg.seeds), "skip": list(cfg.skip)}
+    params = {**reads, **hashes, "seeds": list(cfg.seeds), "skip": list(cfg.skip)}
     result = ExperimentTable(name, table, x_label, params,
                              make_meta(f"experiment.{name}", params, seed=cfg.seeds[0]), extra)
     result.save(out)
@@ -986,29 +1046,47 @@ def _knowledge_analysis(ws: _Workspace, rows: list[Row], table: list[dict]) -> d
         for k, v in per_sample.items() if len(v) == len(accuracy)}}
 
 
-def _params(name: str, cfg: ExperimentConfig) -> dict[str, Any]:
-    """The settings the rows of recipe ``name`` read (:data:`READS`, its swept values, the λ of
-    its modes, ``finetune`` less what a resumed run may change), with the content hash of each
-    weights file: an experiment folder is claimed with them, so a setting the recipe never reads
-    may change between reruns, and a weights file changed in place counts as a changed setting
-    (features, units and runs made with the old weights would be reused)."""
-    values = asdict(cfg)
-    params = {key: values[key] for key in ("model", "target", *READS[name])}
+def _reads(name: str, cfg: ExperimentConfig, values: dict[str, Any]) -> dict[str, Any]:
+    """The settings among ``values`` (the fields of ``cfg``, or of the config an earlier version
+    recorded in the folder's marker) that the rows of recipe ``name`` read: :data:`READS`, its
+    swept values, the λ of its modes, ``finetune`` less what a resumed run may change. An
+    experiment folder is claimed with them and the content hashes of the files they name
+    (:func:`_hashes`), so a setting the recipe never reads may change between reruns."""
+    params = {key: values.get(key) for key in ("model", "target", *READS[name])}
     if name in SWEPT:
-        params["sweep"] = {SWEPT[name]: list(cfg.values(SWEPT[name]))}
+        swept = SWEPT[name]
+        params["sweep"] = {swept: list(values["sweep"].get(swept, SWEEP_DEFAULTS[swept]))}
     rows = RECIPES[name][0](cfg)  # all of them: skip may change
+    trains = any(r.mode for r in rows)
     if "lam" in params:
-        params["lam"] = {mode: lam for mode, lam in cfg.lam.items() if mode in {r.mode for r in rows}}
+        params["lam"] = {mode: lam for mode, lam in params["lam"].items()
+                         if mode in {r.mode for r in rows}}
     if "finetune" in params:  # a recipe that trains nothing reads only the data regime (selection)
-        trains = any(r.mode for r in rows)
-        params["finetune"] = {k: v for k, v in cfg.finetune.items()
+        params["finetune"] = {k: v for k, v in params["finetune"].items()
                               if k not in RESUMABLE_WITH_OTHER and (trains or k in REGIMES)}
-    if cfg.weights:
-        params["weights_sha256"] = hash_file(cfg.weights)
-    if "pretrainings" in params:
-        params["pretrainings_sha256"] = {label: hash_file(path)
-                                         for label, path in cfg.pretrainings.items()}
+    if params.get("source_features") and params.get("target_features"):
+        # nothing is embedded: the stores' content is claimed instead (_hashes), and the weights
+        # only by the fine-tuning runs
+        del params["embed_batch_size"]
+        if not trains:
+            del params["weights"]
     return params
+
+
+def _hashes(reads: dict[str, Any], ws: _Workspace) -> dict[str, Any]:
+    """The content hashes of the weights files and feature stores named by the settings ``reads``:
+    an experiment folder is claimed with them, as one changed in place would otherwise be reused
+    with what was made from the old one (features, units, selections, runs)."""
+    hashes: dict[str, Any] = {}
+    if reads.get("weights"):
+        hashes["weights_sha256"] = hash_file(reads["weights"])
+    if "pretrainings" in reads:
+        hashes["pretrainings_sha256"] = {label: hash_file(path)
+                                         for label, path in reads["pretrainings"].items()}
+    for which in ("source", "target"):
+        if reads.get(f"{which}_features"):
+            hashes[f"{which}_features_sha256"] = ws.store_sha256(which)
+    return hashes
 
 
 #: What an experiment writes into its folder before its table, as (folder, the glob of its
@@ -1018,21 +1096,43 @@ _OUTPUTS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
     ("features", "source", ("model", "weights", "weights_sha256", "source", "embed_batch_size")),
     ("features", "target", ("model", "weights", "weights_sha256", "target", "embed_batch_size")),
     ("units", "*.safetensors", ("model", "weights", "weights_sha256", "source", "source_features",
-                                "embed_batch_size")),
+                                "source_features_sha256", "embed_batch_size")),
     ("selections", "*.json", None),
     ("runs", "*-seed*", None),
 )
 
 
-def _claim(out: Path, name: str, cfg: ExperimentConfig) -> list[str]:
-    """Mark ``out`` as an experiment folder; a rerun must use the same recipe and inputs (rows
-    already run are reused, so a changed config would mix two experiments in one table), unless
-    no fine-tuning run finished there (:func:`_release`; the settings it changed are returned)."""
+def _claim(out: Path, name: str, cfg: ExperimentConfig, reads: dict[str, Any],
+           hashes: dict[str, Any]) -> list[str]:
+    """Mark ``out`` as an experiment folder of the settings ``reads`` and input ``hashes``; a
+    rerun must use the same recipe and inputs (rows already run are reused, so a changed config
+    would mix two experiments in one table), unless no fine-tuning run finished there
+    (:func:`_release`; the settings it changed are returned)."""
     # seeds and skip may change between runs: they add or leave out rows, never alter one
-    params = {"experiment": name, **_params(name, cfg)}
+    params = {"experiment": name, **reads, **hashes}
+    _upgrade_marker(out, name, cfg, hashes)
     changed = _release(out, params, cfg)
     claim_folder(out, "experiment-run", params, what="an experiment folder")
     return changed
+
+
+def _upgrade_marker(out: Path, name: str, cfg: ExperimentConfig, hashes: dict[str, Any]) -> None:
+    """Rewrite the marker of a folder that an earlier version claimed for experiment ``name``
+    in the form of this one: the settings the recipe reads (:func:`_reads`; the earlier marker
+    may hold every setting of the config, which a rerun may change) and the content hashes.
+    A hash it lacks is the file's as it is now: the earlier version recorded none to compare
+    with, and refusing the folder would throw away its finished runs."""
+    marker = out / "run.json"
+    if not marker.is_file():
+        return
+    old = read_json(marker, "the marker of an experiment folder")
+    old_params = old.get("params", {})
+    if old.get("kind") != "experiment-run" or old_params.get("experiment") != name:
+        return  # not an experiment folder, or another recipe's: claim_folder refuses it
+    upgraded = json.loads(to_json({"experiment": name, **_reads(name, cfg, old_params),
+                                   **{k: old_params.get(k, v) for k, v in hashes.items()}}))
+    if upgraded != old_params:
+        write_json(marker, {"kind": "experiment-run", "params": upgraded})
 
 
 def _release(out: Path, params: dict[str, Any], cfg: ExperimentConfig) -> list[str]:
