@@ -783,7 +783,8 @@ def test_a_run_that_would_fail_after_others_finished_fails_before_the_first(quic
                    finetune={**epochs, "epochs": 1, "warmup_steps": 10})
     err = _one_line_error(capsys, ["experiment", "fig3b", "--config", str(path), "--quiet",
                                    "--out", str(tmp_path / "f3")])
-    assert "finetune.warmup_steps=10 exceeds the " in err and "x=0.2-seed0" in err
+    assert "warmup_steps=10 exceeds the " in err and "x=0.2-seed0" in err
+    assert "pass fewer finetune.warmup_steps" in err
     assert not (tmp_path / "f3").exists()
 
 

@@ -980,7 +980,7 @@ def test_options_the_mode_reads_are_accepted():
     ({"epochs": "1"}, "epochs must be an integer, got '1'"),
     ({"lr": "0.01"}, "lr must be a number, got '0.01'"),
     ({"max_steps": 2, "batch_size": 32.0}, "batch_size must be an integer, got 32.0"),
-    ({"max_steps": 2.5}, "max_steps must be an integer or null, got 2.5"),
+    ({"max_steps": 2.5}, "max_steps must be an integer or None, got 2.5"),
     ({"nesterov": 1}, "nesterov must be true or false, got 1"),
     ({"seed": np.float64(1)}, "seed must be an integer, got np.float64(1.0)"),
     ({"milestones": (0.5, "0.8")}, "milestones must be a list of numbers, got (0.5, '0.8')"),

@@ -18,11 +18,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import get_args, get_type_hints
 
 import numpy as np
 import torch
@@ -39,6 +37,7 @@ from .artifacts import (
     safetensors_header,
     write_json,
 )
+from .configs import check_fields
 from .data.catalog import open_dataset
 from .data.datasets import ImageDataset, collate
 from .distributed import process_device, rank_world
@@ -64,7 +63,7 @@ class EmbedConfig:
     seed: int = 0  # initialises whatever the weights file does not cover (all of it without one)
 
     def __post_init__(self):
-        _check_field_types(self)
+        check_fields(self)
         check_choice("layer", self.layer, LAYERS)
         check_choice("precision", self.precision, ("auto", "fp32", "bf16"))
         check_device(self.device)
@@ -74,24 +73,6 @@ class EmbedConfig:
         if self.workers < 0:
             raise PretrainReuseError(f"workers must be >= 0, got {self.workers}")
         check_seed("seed", self.seed)
-
-
-def _check_field_types(cfg: EmbedConfig) -> None:
-    """Each field of ``cfg`` of its annotated type, before any range check: a batch_size of "8"
-    would fail deep in the run. A NumPy integer is taken as the int, a path (the data folder,
-    the weights file) as its string."""
-    for name, hint in get_type_hints(EmbedConfig).items():
-        value = getattr(cfg, name)
-        optional = type(None) in get_args(hint)
-        wanted = int if int in (hint, *get_args(hint)) else str
-        if isinstance(value, np.integer) and wanted is int:
-            object.__setattr__(cfg, name, int(value))
-        elif isinstance(value, os.PathLike) and wanted is str:
-            object.__setattr__(cfg, name, os.fspath(value))
-        elif not (value is None and optional) and (
-                isinstance(value, bool) or not isinstance(value, wanted)):
-            expected = {int: "an integer", str: "a string"}[wanted] + (" or None" if optional else "")
-            raise PretrainReuseError(f"{name} must be {expected}, got {value!r}")
 
 
 def _to_pil(image: torch.Tensor):

@@ -65,13 +65,14 @@ from .artifacts import (
     to_json,
     write_json,
 )
+from .configs import checked_values, config_values
 from .data.catalog import DATASETS
 from .data.datasets import ImageDataset
 from .embed import EmbedConfig, embed
 from .errors import PretrainReuseError, check_choice, check_positive, check_seed, parse_ids
 from .features import FeatureStore
 from .finetune import MODES, FinetuneConfig, RunResult, finetune_datasets, open_split, target_splits
-from .finetune.config import MODE_OPTIONS, checked_values, config_values
+from .finetune.config import MODE_OPTIONS
 from .finetune.data import check_batch_size, selected_source
 from .finetune.loop import RESUMABLE_WITH_OTHER, total_steps
 from .models import create_backbone
@@ -917,12 +918,7 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
             ft, run = ws.run_config(row, seed), ws.run_dir(row, seed).name
             check_batch_size(len(train_set), ft.batch_size, what=f"training ({run})",
                              flag="finetune.batch_size")
-            steps = total_steps(replace(ft, warmup_steps=0), len(train_set))
-            if ft.warmup_steps > steps:
-                raise PretrainReuseError(
-                    f"finetune.warmup_steps={ft.warmup_steps} exceeds the {steps} training steps "
-                    f"of run {run}, so its learning rate would never reach lr; lower "
-                    "finetune.warmup_steps, or train longer (finetune.epochs or max_steps)")
+            total_steps(ft, len(train_set), run=f" of run {run}", flag="finetune.warmup_steps")
     picks = any(r.pick for r in rows)
     for weights in {*(ws.weights(r) for r in trains),
                     *([cfg.weights] if picks and not (cfg.source_features and cfg.target_features)

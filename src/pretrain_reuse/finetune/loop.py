@@ -130,14 +130,16 @@ def _seed(seed: int, device: torch.device) -> None:
         torch.manual_seed(seed)
 
 
-def total_steps(cfg: FinetuneConfig, n_train: int) -> int:
+def total_steps(cfg: FinetuneConfig, n_train: int, *, run: str = "",
+                flag: str = "--warmup-steps") -> int:
     """Optimiser steps of a run on ``n_train`` (>= batch size) target samples; a warm-up longer
-    than training is refused, as the learning rate would never reach ``lr``."""
+    than training is refused, as the learning rate would never reach ``lr`` (``run`` and
+    ``flag`` name the run and the setting in the message)."""
     total = cfg.max_steps or cfg.epochs * (n_train // cfg.batch_size)
     if cfg.warmup_steps > total:
         raise PretrainReuseError(
-            f"warmup_steps={cfg.warmup_steps} exceeds the {total} training steps, so the learning "
-            "rate would never reach lr; pass fewer --warmup-steps (or train longer)")
+            f"warmup_steps={cfg.warmup_steps} exceeds the {total} training steps{run}, so the "
+            f"learning rate would never reach lr; pass fewer {flag} (or train longer)")
     return total
 
 

@@ -36,6 +36,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..artifacts import atomic_path, hash_array, hash_file, make_meta, make_run_folder, write_json
+from ..configs import check_fields
 from ..data.datasets import ImageDataset
 from ..data.text import TextDataset, numbered_by
 from ..embed import preprocessed
@@ -148,18 +149,7 @@ class ExplainConfig:
     device: str = "cpu"
 
     def __post_init__(self):
-        for name in ("n", "min_tokens", "max_position", "baseline_steps", "mean_samples", "samples",
-                     "batch_size"):
-            value = getattr(self, name)
-            optional = name in ("n", "max_position")
-            if not (optional and value is None) and (
-                    isinstance(value, bool) or not isinstance(value, (int, np.integer))):
-                raise PretrainReuseError(f"{name}={value!r} must be an integer"
-                                         + (" or None" if optional else ""))
-        for name in ("baseline_lr", "baseline_radius"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
-                raise PretrainReuseError(f"{name}={value!r} must be a number")
+        check_fields(self)
         check_seed("seed", self.seed)
         tokens = self.players == "tokens"
         if not (tokens or self.players == "parts" or
