@@ -5,6 +5,7 @@ Regenerate both after changing a flag, a public signature or a docstring's first
     python tests/test_docs.py
 """
 
+import dataclasses
 import importlib
 import inspect
 from pathlib import Path
@@ -21,18 +22,25 @@ API = {
     "pretrain_reuse.units": ["Units", "class_means", "spherical_kmeans"],
     "pretrain_reuse.transport": None,
     "pretrain_reuse.selection": ["SelectConfig", "Selection", "select", "select_many"],
-    "pretrain_reuse.data": None,
-    "pretrain_reuse.models": None,
+    "pretrain_reuse.data": ["open_dataset", "list_datasets", "image_folder", "file_list",
+                            "ImageDataset", "ArrayDataset", "FileDataset", "SubsetDataset",
+                            "subsample_fraction", "subsample_long_tail", "read_class_names",
+                            "write_class_names", "make_world", "World", "WorldConfig"],
+    "pretrain_reuse.data.text": ["TextDataset", "text_file"],
+    "pretrain_reuse.models": ["create_backbone", "list_backbones", "save_backbone", "Backbone",
+                              "BackboneSpec", "SmallCNN"],
     "pretrain_reuse.embed": ["EmbedConfig", "embed"],
-    "pretrain_reuse.finetune": None,
+    "pretrain_reuse.finetune": ["FinetuneConfig", "load_config", "run_finetune",
+                                "finetune_datasets", "RunResult", "target_splits", "open_split"],
     "pretrain_reuse.knowledge": None,
     "pretrain_reuse.knowledge.games": ["Players", "grid_players", "baseline_input", "masked_game",
-                                       "learn_baseline"],
+                                       "learn_baseline", "LearnedBaseline"],
     "pretrain_reuse.knowledge.text": ["TokenPlayers", "token_players", "masked_text_game"],
     "pretrain_reuse.knowledge.explain": ["ExplainConfig", "explain"],
     "pretrain_reuse.knowledge.analysis": ["analyze_knowledge"],
     "pretrain_reuse.experiment": None,
     "pretrain_reuse.report": ["build_report"],
+    "pretrain_reuse.demo": ["run_demo"],
     "pretrain_reuse.runtime": ["keep_freed_memory"],
 }
 
@@ -69,15 +77,30 @@ def _signature(obj) -> str:
     return out
 
 
+def _fields(cls) -> str:
+    """A dataclass's fields as its constructor takes them: ``name: type = default``."""
+    parts = []
+    for f in dataclasses.fields(cls):
+        default = (f" = {f.default!r}" if f.default is not dataclasses.MISSING else
+                   f" = {f.default_factory()!r}" if f.default_factory is not dataclasses.MISSING
+                   else "")
+        parts.append(f"{f.name}: {f.type}{default}")
+    return ", ".join(parts)
+
+
 def _entry(name: str, obj) -> list[str]:
     if inspect.isclass(obj):
         lines = [f"### class `{name}`", "", _summary(obj), ""]
+        if dataclasses.is_dataclass(obj):
+            lines += [f"Fields: `{_fields(obj)}`", ""]
         methods = [(m, f) for m, f in vars(obj).items() if not m.startswith("_")
                    and (inspect.isfunction(f) or isinstance(f, classmethod | property))]
         for m, f in methods:
             call = "" if isinstance(f, property) else "(...)"
             f = f.__func__ if isinstance(f, classmethod) else f.fget if isinstance(f, property) else f
-            lines.append(f"- `.{m}{call}`: {_summary(f)}")
+            # its own docstring: one inherited from a base class (nn.Module.forward) says nothing
+            own = " ".join((f.__doc__ or "").split("\n\n")[0].split())
+            lines.append(f"- `.{m}{call}`: {own}")
         return [*lines, ""] if methods else lines
     return [f"### `{name}{_signature(obj)}`", "", _summary(obj), ""]
 
@@ -86,7 +109,8 @@ def api_page() -> str:
     """docs/api.md: each public module's summary, then its functions and classes."""
     lines = ["# Python API", "",
              "Generated from the code by `python tests/test_docs.py`; `help(obj)` has the whole "
-             "docstring. Every function and class below validates its inputs and raises "
+             "docstring. The entry points (configs, loaders, `select`, `embed`, `run_finetune`, "
+             "`explain`, `analyze_knowledge`, ...) validate what they are given and raise "
              "`pretrain_reuse.PretrainReuseError` with a one-line message on a user error.", ""]
     for module_name, names in API.items():
         module = importlib.import_module(module_name)

@@ -700,8 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(similarity groups), and knowledge (Jiang et al.'s analysis for each of "
                         "several pre-trainings, e.g. supervised vs self-supervised weights, with the "
                         "correlation of the knowledge ratios with accuracy). Writes results.csv / "
-                        ".md / .png; a rerun skips finished runs, and a folder where no run finished "
-                        "takes new settings. Shared fine-tuning fields go "
+                        ".md / .png; a rerun skips finished runs, and a folder without a finished run "
+                        "or table takes new settings. Shared fine-tuning fields go "
                         "under `finetune:` in --config, explanation fields under `explain:`.")
     ex.add_argument("name", help="table1 | table2 | table3 | table4 | fig3a | fig3b | fig4a | "
                     "fig4b | knowledge")

@@ -132,6 +132,7 @@ class SubsetDataset(ImageDataset):
         return self.base.load(int(self.indices[index]))
 
     def load_many(self, indices: Sequence[int]) -> Sequence[torch.Tensor | None]:
+        """The images at these subset positions, read by the base dataset in one batch."""
         return self.base.load_many(self.indices[indices])
 
 

@@ -34,4 +34,5 @@ class SmallCNN(nn.Module):
         self.fc = nn.Linear(c_in, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, classes) of images (B, C, H, W)."""
         return self.fc(self.pool(self.blocks(x)))
