@@ -114,6 +114,12 @@ def test_exported_and_interactions_are_shapiqs_moebius_values_and_convert_to_its
                      kind="and-or").to_shapiq()
 
 
+@pytest.mark.parametrize("n", [-1, 40, 2.0, True])
+def test_orders_refuses_a_number_of_players_it_cannot_enumerate(n):
+    with pytest.raises(PretrainReuseError, match=r"must be a number of players in 0\.\.24"):
+        orders(n)
+
+
 @pytest.mark.parametrize("n", [1, 4, 10])
 def test_and_interactions_reproduce_the_game_on_every_coalition(n):
     v = random_game(n, seed=n)

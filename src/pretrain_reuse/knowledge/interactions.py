@@ -73,6 +73,8 @@ def players_of(mask: int) -> tuple[int, ...]:
 
 def orders(n: int) -> np.ndarray:
     """(2^n,) int64: the size |S| of every coalition in bitmask order."""
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or not 0 <= n <= MAX_PLAYERS:
+        raise PretrainReuseError(f"n={n!r} must be a number of players in 0..{MAX_PLAYERS}")
     masks = np.arange(1 << n, dtype=np.int64)
     return sum(((masks >> i) & 1 for i in range(n)), np.zeros(1 << n, dtype=np.int64))
 
