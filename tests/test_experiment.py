@@ -529,6 +529,12 @@ def test_a_table_that_selects_nothing_has_no_recall_or_units_columns():
     assert head[1:3] == ["recall", "units"] and body[0][1:3] == ["0.7500", "3"]
 
 
+def _refused_table4(capsys, config, out, *flags):
+    """The one-line error of a table4 rerun into ``out`` with ``config`` and ``flags``."""
+    return _one_line_error(capsys, ["experiment", "table4", "--config", str(config), *flags,
+                                    "--quiet", "--out", str(out)])
+
+
 def _one_line_error(capsys, argv):
     rc = main(argv)
     err = capsys.readouterr().err
@@ -556,13 +562,11 @@ def test_settings_the_recipe_never_reads_may_change_and_a_weights_file_changed_i
     assert not {"sweep", "clusters", "cluster_k", "metric", "explain", "pretrainings"} & set(table.params)
     assert table.params["lam"] == {} and "checkpoint_every" not in table.params["finetune"]
     # a setting its rows read is still refused
-    err = _one_line_error(capsys, ["experiment", "table4", "--config", str(path), "--k", "8",
-                                   "--quiet", "--out", str(out)])
+    err = _refused_table4(capsys, path, out, "--k", "8")
     assert "other settings (k)" in err
     # other weights under the same name: features and runs made with the old ones would be reused
     shutil.copy(demo / "finetune" / "vanilla-seed0" / "model.safetensors", weights)
-    err = _one_line_error(capsys, ["experiment", "table4", "--config", str(path), "--seeds", "0",
-                                   "--quiet", "--out", str(out)])
+    err = _refused_table4(capsys, path, out, "--seeds", "0")
     assert "other settings (weights_sha256)" in err
 
 
@@ -756,8 +760,7 @@ def test_a_feature_store_rebuilt_in_place_is_a_changed_setting(quick_demo, tmp_p
                           progress=False).rows == table.rows
     # a finished run was made with the store as it was: a rebuilt one is refused
     rebuild(2)
-    err = _one_line_error(capsys, ["experiment", "table4", "--config", str(path), "--seeds", "0",
-                                   "--quiet", "--out", str(out)])
+    err = _refused_table4(capsys, path, out, "--seeds", "0")
     assert "other settings (source_features_sha256)" in err
 
 
@@ -815,6 +818,5 @@ def test_a_folder_claimed_by_an_earlier_version_with_every_setting_takes_the_sam
     assert marker == {"experiment": "table4", **{k: v for k, v in json.loads(json.dumps(
         table.params)).items() if k not in ("seeds", "skip")}}
     # a setting the recipe reads is still refused, and only it is named
-    err = _one_line_error(capsys, ["experiment", "table4", "--config", str(path), "--k", "8",
-                                   "--quiet", "--out", str(out)])
+    err = _refused_table4(capsys, path, out, "--k", "8")
     assert "other settings (k);" in err
