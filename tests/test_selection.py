@@ -118,6 +118,11 @@ def test_without_k_label_selects_every_named_unit_and_the_rankings_take_100():
     assert SelectConfig().k == 100 and SelectConfig(method="random").k == 100
 
 
+def test_an_invalid_name_pattern_is_refused_when_the_config_is_built():
+    with pytest.raises(PretrainReuseError, match="is not a valid regular expression"):
+        SelectConfig(method="label", name_pattern="owl(")
+
+
 def test_label_name_pattern_matching_nothing_is_refused_beside_ids():
     s = np.eye(3, 4)
     src = Units(prototypes=s, names=["sparrow", "dog", "owl"])

@@ -95,6 +95,12 @@ class SelectConfig:
         check_device(self.device)
         if self.method == "label" and not self.unit_ids and not self.name_pattern:
             raise PretrainReuseError("method 'label' needs unit_ids (--ids) or a name_pattern (--names)")
+        if self.name_pattern is not None:
+            try:  # here, not when the units are read: a typo must not wait for the selection
+                re.compile(self.name_pattern)
+            except re.error as e:
+                raise PretrainReuseError(f"name pattern {self.name_pattern!r} is not a valid "
+                                         f"regular expression ({e}); fix it or escape it") from None
         if self.method != "label" and (self.unit_ids or self.name_pattern):
             raise PretrainReuseError(
                 f"unit_ids and name_pattern (--ids, --names) name the units of method 'label', "
@@ -324,10 +330,7 @@ def _score_label(source: Units, targets: list[Units], cfg: SelectConfig):
                 "name_pattern (--names) needs unit names; build the units with class names "
                 "(class_names, --class-names)"
             )
-        try:
-            pattern = re.compile(cfg.name_pattern)
-        except re.error as e:
-            raise PretrainReuseError(f"name pattern {cfg.name_pattern!r} is not a valid regex: {e}") from None
+        pattern = re.compile(cfg.name_pattern)  # checked by SelectConfig
         matched = [i for i, n in enumerate(source.names) if pattern.search(n)]
         if not matched:  # even beside --ids: a pattern that names nothing is a typo
             raise PretrainReuseError(f"name pattern {cfg.name_pattern!r} matches no unit name")
