@@ -33,7 +33,7 @@ import torch
 from ..artifacts import make_meta, make_run_folder, write_json
 from ..data.datasets import ImageDataset
 from ..data.text import TextDataset
-from ..errors import PretrainReuseError, check_choice
+from ..errors import PretrainReuseError, check_choice, is_integer
 from ..models import Backbone, state_hash
 from .explain import (
     SHOWN,
@@ -151,7 +151,7 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     # checked before the interactions are computed: a typo must not cost minutes, or leave files
     check_choice("match", match, MATCHES)
     check_tau(tau)
-    if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or candidates < 1:
+    if not (is_integer(candidates) and candidates >= 1):
         raise PretrainReuseError(f"candidates={candidates!r} must be an integer >= 1 (samples "
                                  "screened at a time)")
     out = Path(out)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import PretrainReuseError
+from ..errors import PretrainReuseError, is_integer
 
 __all__ = [
     "MAX_PLAYERS",
@@ -65,7 +65,7 @@ def mask_of(players, n: int) -> int:
 
 def players_of(mask: int) -> tuple[int, ...]:
     """The players (sorted indices) of the coalition with bitmask ``mask``."""
-    if isinstance(mask, bool) or not isinstance(mask, (int, np.integer)) or mask < 0:
+    if not (is_integer(mask) and mask >= 0):
         raise PretrainReuseError(f"mask={mask!r} must be a non-negative integer bitmask of a coalition")
     mask = int(mask)
     return tuple(i for i in range(mask.bit_length()) if mask >> i & 1)
@@ -73,7 +73,7 @@ def players_of(mask: int) -> tuple[int, ...]:
 
 def orders(n: int) -> np.ndarray:
     """(2^n,) int64: the size |S| of every coalition in bitmask order."""
-    if isinstance(n, bool) or not isinstance(n, int | np.integer) or not 0 <= n <= MAX_PLAYERS:
+    if not (is_integer(n) and 0 <= n <= MAX_PLAYERS):
         raise PretrainReuseError(f"n={n!r} must be a number of players in 0..{MAX_PLAYERS}")
     masks = np.arange(1 << n, dtype=np.int64)
     return sum(((masks >> i) & 1 for i in range(n)), np.zeros(1 << n, dtype=np.int64))

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from ..artifacts import read_json, refuse_foreign, require_keys, write_json
-from ..errors import PretrainReuseError, check_choice, check_seed
+from ..errors import PretrainReuseError, check_choice, check_seed, is_integer
 from .interactions import orders, players_of
 from .values import Interactions, check_interactions
 
@@ -585,8 +585,7 @@ def knowledge_convergence(checkpoints: Iterable[Iterable[Interactions]], *, tau:
         for i, (x, last) in enumerate(zip(ckpt, final, strict=True)):
             _check_pair(x, last, (f"checkpoints[{t}][{i}]", f"checkpoints[-1][{i}]"))
     n = final[0].n
-    if order is not None and (isinstance(order, bool) or not isinstance(order, (int, np.integer))
-                              or not 1 <= order <= n):
+    if order is not None and not (is_integer(order) and 1 <= order <= n):
         raise PretrainReuseError(f"order={order!r} must be an interaction order in 1..{n} (the number "
                                  "of players), or None for all orders")
 
@@ -804,7 +803,7 @@ def set_discrimination(report: KnowledgeReport, labels: Iterable[int]) -> SetDis
         raise PretrainReuseError(f"report must be a KnowledgeReport (from knowledge_report), got "
                                  f"{type(report).__name__}")
     labels = list(labels)
-    if not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in labels):
+    if not all(is_integer(c) for c in labels):
         raise PretrainReuseError("labels must be integer class indices, one per sample of the report")
     if len(labels) != report.n_samples:
         raise PretrainReuseError(f"got {len(labels)} labels for {report.n_samples} samples; pass "
