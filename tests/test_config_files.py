@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from pretrain_reuse.cli import main
-from pretrain_reuse.experiment import load_experiment_config
+from pretrain_reuse.experiments import load_experiment_config
 from pretrain_reuse.finetune import FinetuneConfig, load_config
 
 ERROR_PREFIX = "pretrain-reuse: error: "

@@ -38,7 +38,7 @@ API = {
     "pretrain_reuse.knowledge.text": ["TokenPlayers", "token_players", "masked_text_game"],
     "pretrain_reuse.knowledge.explain": ["ExplainConfig", "explain"],
     "pretrain_reuse.knowledge.analysis": ["analyze_knowledge"],
-    "pretrain_reuse.experiment": None,
+    "pretrain_reuse.experiments": None,
     "pretrain_reuse.report": ["build_report"],
     "pretrain_reuse.demo": ["run_demo"],
     "pretrain_reuse.runtime": ["keep_freed_memory"],

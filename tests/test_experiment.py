@@ -11,7 +11,7 @@ import pytest
 from pretrain_reuse import load as pr_load
 from pretrain_reuse.cli import main
 from pretrain_reuse.data.catalog import open_dataset
-from pretrain_reuse.experiment import RECIPES, ExperimentTable, load_experiment_config, run_experiment
+from pretrain_reuse.experiments import RECIPES, ExperimentTable, load_experiment_config, run_experiment
 from pretrain_reuse.finetune import RunResult
 from pretrain_reuse.selection import Selection
 
@@ -385,7 +385,7 @@ def test_an_experiment_stopped_by_a_user_error_leaves_its_folder_to_the_correcte
 
 def test_a_reclaimed_folder_recomputes_what_the_old_settings_made_and_keeps_its_inputs(
         quick_demo, tmp_path, monkeypatch):
-    from pretrain_reuse import experiment
+    from pretrain_reuse.experiments import workspace
     from pretrain_reuse.features import FeatureStore
     from pretrain_reuse.selection import SelectConfig, select
     from pretrain_reuse.units import Units, class_means
@@ -399,7 +399,7 @@ def test_a_reclaimed_folder_recomputes_what_the_old_settings_made_and_keeps_its_
     def stopped(self, row, seed):  # the first run dies (killed, out of memory...)
         raise RuntimeError("stopped")
 
-    monkeypatch.setattr(experiment._Workspace, "finetune", stopped)
+    monkeypatch.setattr(workspace.Workspace, "finetune", stopped)
     with pytest.raises(RuntimeError, match="stopped"):
         run_experiment("table4", load_experiment_config(path, seeds=(0,)), out, progress=False)
     monkeypatch.undo()
@@ -714,12 +714,12 @@ def test_the_knowledge_recipe_needs_no_source_and_the_selecting_ones_do(tmp_path
 def _table4_stopped_before_its_run(monkeypatch, path, out):
     """table4's uot cosine row up to its fine-tuning run, which dies (killed, out of memory...):
     features, units and selections are made, no run finished."""
-    from pretrain_reuse import experiment
+    from pretrain_reuse.experiments import workspace
 
     def stopped(self, row, seed):
         raise RuntimeError("stopped")
 
-    monkeypatch.setattr(experiment._Workspace, "finetune", stopped)
+    monkeypatch.setattr(workspace.Workspace, "finetune", stopped)
     with pytest.raises(RuntimeError, match="stopped"):
         run_experiment("table4", load_experiment_config(path, seeds=(0,)), out, progress=False)
     monkeypatch.undo()
@@ -795,7 +795,7 @@ def test_a_folder_claimed_by_an_earlier_version_with_every_setting_takes_the_sam
         quick_demo, tmp_path, capsys):
     from dataclasses import asdict
 
-    from pretrain_reuse.experiment import SWEEP_DEFAULTS
+    from pretrain_reuse.experiments import SWEEP_DEFAULTS
 
     demo, _, _ = quick_demo
     skip = ("reuse greedy-ot l2", "reuse greedy-ot cosine", "reuse uot l2")

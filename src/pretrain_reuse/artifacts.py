@@ -373,7 +373,7 @@ def load(path: str | Path, *, what: str = "path"):
     A folder with ``index.json`` is a :class:`~pretrain_reuse.features.FeatureStore`; a
     fine-tuning run folder (or its ``result.json``) a :class:`~pretrain_reuse.finetune.RunResult`;
     an experiment folder (or its ``experiment.json``) an
-    :class:`~pretrain_reuse.experiment.ExperimentTable`; a ``.safetensors`` file a
+    :class:`~pretrain_reuse.experiments.ExperimentTable`; a ``.safetensors`` file a
     :class:`~pretrain_reuse.units.Units` or, by its header,
     :class:`~pretrain_reuse.knowledge.Interactions`; ``.npy`` a prototype matrix (as Units); a
     selection ``.json`` file a :class:`~pretrain_reuse.selection.Selection`; a saved
@@ -401,7 +401,7 @@ def load(path: str | Path, *, what: str = "path"):
 
         return RunResult.load(p)
     if p.name == "experiment.json":
-        from .experiment import ExperimentTable
+        from .experiments import ExperimentTable
 
         return ExperimentTable.load(p)
     if p.is_dir() or p.name == "index.json":

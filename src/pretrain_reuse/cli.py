@@ -517,7 +517,7 @@ def _add_explain_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_experiment(args) -> int:
-    from .experiment import RECIPES, load_experiment_config, run_experiment
+    from .experiments import RECIPES, load_experiment_config, run_experiment
 
     check_choice("experiment", args.name, RECIPES)  # before any config error about its inputs
     cfg = load_experiment_config(

@@ -450,7 +450,7 @@ def _correlation(extra: dict) -> str:
 
 def _experiment_body(run: Path) -> list[str]:
     """The page of an ``experiment`` folder: its table, plot, comparisons and curves."""
-    from ..experiment import RECIPES, ExperimentTable
+    from ..experiments import RECIPES, ExperimentTable
     from ..finetune.loop import RunResult
 
     plt = _plt()

@@ -1,0 +1,212 @@
+"""Running a recipe: check every run's inputs, claim the folder, compute and reuse what the rows
+share, fine-tune each row per seed, and write the table."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..artifacts import make_meta
+from ..data.catalog import DATASETS
+from ..errors import PretrainReuseError, check_choice
+from ..finetune import RunResult
+from ..finetune.data import check_batch_size, selected_source
+from ..finetune.loop import total_steps
+from ..models import create_backbone
+from .claim import claim_experiment, input_hashes, recipe_reads
+from .config import REGIMES, ExperimentConfig, slug
+from .recipes import RECIPES, Row
+from .table import KNOWLEDGE_RATIOS, ExperimentTable
+from .workspace import Workspace
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def _row_names(cfg: ExperimentConfig) -> set[str]:
+    """The row names of every recipe this config can run: one config may serve several recipes,
+    so its ``skip`` may name rows of the others."""
+    names = set()
+    for build_rows, _, _ in RECIPES.values():
+        with contextlib.suppress(PretrainReuseError):  # a recipe this config cannot run
+            names.update(r.method for r in build_rows(cfg))
+    return names
+
+
+def _check_finetune_keys(name: str, cfg: ExperimentConfig, rows: list[Row]) -> None:
+    """Refuse ``finetune`` keys that the recipe sets for each run itself: the run would use the
+    recipe's value and ignore the config's without a word (a ``seed: 7`` running seed 0)."""
+    owner = {"mode": f"each row of {name} sets its own mode (skip: leaves rows out)",
+             "seed": "each run takes its seed from seeds (--seeds)"}
+    for row in rows:
+        for key, _ in row.settings:
+            owner[key] = f"{name} sweeps it (give its values as sweep: {{{key}: [...]}})"
+            if key in REGIMES:  # one run trains in one data regime (FinetuneConfig refuses two)
+                for other in set(REGIMES) - {key}:
+                    owner[other] = f"{name} sweeps {key}, another data regime"
+    for key in cfg.finetune:
+        if key in owner:
+            raise PretrainReuseError(f"finetune {key!r} cannot be set for {name}: {owner[key]}; "
+                                     "remove it from finetune")
+
+
+def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
+                   progress: bool = True) -> ExperimentTable:
+    """Run (or resume) recipe ``name`` into folder ``out`` and write its table."""
+    build_rows, x_label, _ = RECIPES[check_choice("experiment", name, RECIPES)]
+    rows = build_rows(cfg)
+    unknown = sorted(set(cfg.skip) - _row_names(cfg))
+    if unknown:
+        raise PretrainReuseError(
+            f"skip names {unknown[0]!r}, which no experiment has; the rows of {name} are: "
+            f"{', '.join(dict.fromkeys(r.method for r in rows))}")
+    rows = [r for r in rows if r.method not in cfg.skip]
+    if not rows:
+        raise PretrainReuseError(f"skip leaves no row of {name} to run; skip fewer rows")
+    if cfg.source is None and any(r.pick for r in rows):
+        raise PretrainReuseError(f"{name} needs 'source', the pre-training pool it selects from; "
+                                 "pass --source or set it in --config")
+    _check_finetune_keys(name, cfg, rows)
+    trains = [r for r in rows if r.mode]
+    if trains and cfg.target_test is None and str(cfg.target) not in DATASETS:
+        raise PretrainReuseError(f"target {cfg.target!r} is a folder or list file with one split; "
+                                 "pass --target-test (target_test) with the test data")
+    out = Path(out)
+    ws = Workspace(cfg, out, progress)
+    # What can fail on the user's inputs fails before the folder is claimed (nothing written):
+    # each run's FinetuneConfig (a sweep's regime beside the one under finetune:), its training
+    # images (a fraction or ratio the data cannot realise, fewer images than a batch, fewer steps
+    # than the warm-up), the backbone with its weights, and the given feature stores (features
+    # of another data set). The messages name the experiment's keys, not the finetune flags.
+    for row in trains:
+        for seed in cfg.seeds:
+            train_set, _, _ = ws.split(row, seed)
+            ft, run = ws.run_config(row, seed), ws.run_dir(row, seed).name
+            check_batch_size(len(train_set), ft.batch_size, what=f"training ({run})",
+                             flag="finetune.batch_size")
+            total_steps(ft, len(train_set), run=f" of run {run}", flag="finetune.warmup_steps")
+    picks = any(r.pick for r in rows)
+    for weights in {*(ws.weights(r) for r in trains),
+                    *([cfg.weights] if picks and not (cfg.source_features and cfg.target_features)
+                      else [])}:
+        create_backbone(cfg.model, weights=weights, device="cpu")
+    if picks:
+        for which in ("source", "target"):
+            if getattr(cfg, f"{which}_features"):
+                ws.features(which)
+    reads = recipe_reads(name, cfg, asdict(cfg))
+    hashes = input_hashes(reads, ws)
+    changed = claim_experiment(out, name, cfg, reads, hashes)
+    if changed and progress:
+        print(f"[experiment] {str(out)!r} held an experiment with other settings "
+              f"({', '.join(changed)}) that finished no run: removed what the change affects", flush=True)
+    # Every row's selections and recalls before the first fine-tuning run, so that a selection
+    # that cannot be made (k above the number of units, relevant ids the pool lacks) fails while
+    # no run has finished, which leaves the folder free for the corrected settings (claim.release).
+    sels = {i: [ws.selection(row.pick, s, row.settings) for s in cfg.seeds]
+            for i, row in enumerate(rows) if row.pick}
+    recalls = {i: [ws.recall(rows[i].pick, sel) for sel in row_sels]
+               for i, row_sels in sels.items()}
+    # A reuse run draws its source batches from its selection's images, known only now: a batch
+    # larger than them must fail here too, not when that run starts after others have finished
+    for i, row in enumerate(rows):
+        if not (row.mode and row.pick):
+            continue
+        for seed, sel in zip(cfg.seeds, sels[i], strict=True):
+            ft = ws.run_config(row, seed)
+            if ft.uses_source and ft.source_sampling != "units":  # "units" draws with replacement
+                pool = selected_source(ws.data("source"), sel, ws.units(row.pick.units),
+                                       source_head=ft.source_head)
+                check_batch_size(len(pool.dataset), ft.source_batch_size or ft.batch_size,
+                                 what=f"selected source ({ws.run_dir(row, seed).name})",
+                                 flag="finetune.source_batch_size")
+    table = []
+    for i, row in enumerate(rows):
+        results = [ws.finetune(row, s) for s in cfg.seeds] if row.mode else []
+        final = [r.final["top1"] for r in results]
+        splits = [ws.split(row, s) for s in cfg.seeds] if row.mode else []
+        val = [v for _, v, _ in splits]
+        swept = any(name in REGIMES for name, _ in row.settings)
+        classes = len(np.unique(ws.data("target").labels))
+        table.append({
+            "method": row.method, "x": row.x,
+            # means over the seeds' selections (they differ for random and regime rows)
+            "recall": _mean(recalls[i]) if i in sels and recalls[i][0] is not None else None,
+            "units": _mean([len(sel.selected) for sel in sels[i]]) if i in sels else None,
+            "top1_mean": _mean(final),
+            # the sample standard deviation of one seed is undefined (empty in results.csv), not 0
+            "top1_std": float(np.std(final, ddof=1)) if len(final) > 1 else None,
+            # without validation images no evaluation was picked: the column would repeat one
+            "top1_at_best_val_mean": _mean([r.at_best_val["top1"] for r, v in zip(results, val, strict=True)
+                                            if len(v)]),
+            "mean_class_acc_mean": _mean([r.final["mean_class_acc"] for r in results]),
+            "seeds": [r.config["seed"] for r in results],
+            # what "at best val" rests on: a long tail's largest class keeps all its images
+            "val_images": _mean([len(v) for v in val]),
+            "val_classes_missing": max((classes - len(np.unique(v.labels)) for v in val), default=None),
+            # the share / ratio the swept regime realises (floors, a small class's one image)
+            "x_realised": _mean([sampler["realised"] for _, _, sampler in splits]) if swept else None,
+        })
+    extra = _knowledge_analysis(ws, rows, table) if name == "knowledge" else {}
+    params = {**reads, **hashes, "seeds": list(cfg.seeds), "skip": list(cfg.skip)}
+    result = ExperimentTable(name, table, x_label, params,
+                             make_meta(f"experiment.{name}", params, seed=cfg.seeds[0]), extra)
+    result.save(out)
+    if (out / "report.html").exists():  # a report of the previous table would contradict it
+        from ..report import build_report
+
+        build_report(out)
+    return result
+
+
+def _knowledge_analysis(ws: Workspace, rows: list[Row], table: list[dict]) -> dict[str, Any]:
+    """For every pre-training and seed: the knowledge of its fine-tuned model against its linear
+    probe and the scratch model (``knowledge/<label>-seed<s>/``); the ratios' means go into the
+    fine-tuned rows, and their correlation with test accuracy across all fine-tuned models
+    (pre-trainings x seeds) into the table's ``extra``."""
+    from ..knowledge.analysis import analyze_knowledge
+    from ..knowledge.metrics import accuracy_correlation, knowledge_report
+    from ..knowledge.values import Interactions
+
+    cfg = ws.cfg
+    by_method = {r.method: r for r in rows}
+    per_sample: dict[str, list] = {k: [] for k in KNOWLEDGE_RATIOS}
+    accuracy, models = [], []
+    for entry in table:
+        row = by_method[entry["method"]]
+        if row.mode != "vanilla":
+            continue
+        probe = by_method[f"{row.pretraining} linear probe"]
+        means: dict[str, list[float]] = {k: [] for k in KNOWLEDGE_RATIOS}
+        for seed in cfg.seeds:
+            out = ws.out / "knowledge" / f"{slug(row.pretraining)}-seed{seed}"
+            files = {"pretrained": ws.run_dir(probe, seed), "finetuned": ws.run_dir(row, seed)}
+            if "scratch" in by_method:
+                files["scratch"] = ws.run_dir(by_method["scratch"], seed)
+            if not (out / "knowledge.json").exists():
+                nets = {role: create_backbone(cfg.model, weights=str(d / "model.safetensors"))
+                        for role, d in files.items()}
+                analyze_knowledge(nets, ws.data("test"), replace(cfg.explain_config(), seed=seed),
+                                  out, split="test", progress=ws.progress)
+            explained = {role: [Interactions.load(p) for p in sorted(
+                (out / role).glob("interactions-*.safetensors"))] for role in files}
+            report = knowledge_report(explained["pretrained"], explained["finetuned"],
+                                      explained.get("scratch"))
+            for k in KNOWLEDGE_RATIOS:
+                if k in report.overall:
+                    per_sample[k].append(report.per_sample(k))
+                    means[k].append(report.overall[k].mean)
+            accuracy.append(RunResult.load(files["finetuned"] / "result.json").final["top1"])
+            models.append(f"{row.pretraining} seed {seed}")
+        entry.update({k: _mean(v) for k, v in means.items()})
+    if len(accuracy) < 3:
+        return {"models": models, "correlation": None,
+                "why": "a correlation needs at least 3 fine-tuned models (pre-trainings x seeds)"}
+    return {"models": models, "accuracy": accuracy, "correlation": {
+        k: accuracy_correlation(v, accuracy, seed=cfg.seeds[0]).to_dict()
+        for k, v in per_sample.items() if len(v) == len(accuracy)}}

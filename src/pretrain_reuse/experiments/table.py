@@ -1,0 +1,196 @@
+"""The results table of an experiment: :class:`ExperimentTable`, and where its runs live."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..artifacts import atomic_path, read_json, require_keys, write_json
+from ..errors import PretrainReuseError
+from .config import slug
+from .recipes import RECIPES
+
+#: Knowledge ratios the ``knowledge`` recipe reports per fine-tuned model (means over seeds).
+KNOWLEDGE_RATIOS = ("preserve", "discard", "new", "exclusive")
+
+COLUMNS = ("method", "x", "recall", "units", "top1_mean", "top1_std", "top1_at_best_val_mean",
+           "mean_class_acc_mean", "seeds", "val_images", "val_classes_missing", "x_realised",
+           *KNOWLEDGE_RATIOS)
+#: The columns every row of an ``experiment.json`` has (the others came later, or are the
+#: knowledge recipe's).
+REQUIRED_COLUMNS = COLUMNS[:9]
+
+
+@dataclass(frozen=True)
+class ExperimentTable:
+    """The results of one experiment: one dict per row with the keys of ``COLUMNS``
+    (accuracies None for selection-only rows, recall None without ``relevant``)."""
+
+    name: str
+    rows: list[dict[str, Any]]
+    x_label: str | None
+    params: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. the knowledge recipe's correlations
+
+    def save(self, out: str | Path) -> Path:
+        """Write ``experiment.json``, ``results.csv``, ``results.md`` and ``results.png``."""
+        out = Path(out)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: ("" if r.get(k) is None else r[k]) for k in COLUMNS} for r in self.rows)
+        for name, text in (("results.csv", buf.getvalue()), ("results.md", self.to_markdown())):
+            with atomic_path(out / name) as tmp:
+                tmp.write_text(text)
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        self.plot(ax)
+        fig.tight_layout()
+        with atomic_path(out / "results.png") as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+        plt.close(fig)
+        write_json(out / "experiment.json", {"kind": "experiment", "name": self.name,
+                                             "x_label": self.x_label, "rows": self.rows,
+                                             "params": self.params, "extra": self.extra,
+                                             "meta": self.meta})
+        return out / "experiment.json"
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExperimentTable:
+        """From ``experiment.json`` or the folder holding it."""
+        path = Path(path)
+        d = read_json(path / "experiment.json" if path.is_dir() else path, "experiment")
+        if d.get("kind") != "experiment":
+            raise PretrainReuseError(f"{str(path)!r} is not an experiment.json")
+        require_keys(d, ("name", "rows", "x_label", "params"), path, "experiment.json")
+        if d["name"] not in RECIPES:
+            raise PretrainReuseError(f"{str(path)!r} names experiment {d['name']!r}, which is not "
+                                     f"one of {', '.join(RECIPES)}; pass an experiment folder")
+        rows = d["rows"] if isinstance(d["rows"], list) else [None]
+        for i, row in enumerate(rows):
+            missing = [k for k in REQUIRED_COLUMNS if not isinstance(row, dict) or k not in row]
+            if missing:
+                raise PretrainReuseError(
+                    f"{str(path)!r} row {i} lacks {missing[0]!r}: it was written by an older "
+                    "version of pretrain-reuse or edited; rerun the experiment into a new --out")
+        return cls(d["name"], d["rows"], d["x_label"], d["params"], d.get("meta", {}),
+                   d.get("extra", {}))
+
+    def run_dirs(self, out: Path) -> list[Path]:
+        """The folders of the fine-tuning runs in the table (rows x their seeds), under ``out``."""
+        return [run_folder(out, r["method"], r["x"], s) for r in self.rows for s in r["seeds"]]
+
+    def cells(self) -> tuple[list[str], list[list[str]]]:
+        """Header and formatted rows of the table (shared by Markdown and the HTML report); the
+        spread is shown only when there are several seeds."""
+        ratios = [k for k in KNOWLEDGE_RATIOS if any(r.get(k) is not None for r in self.rows)]
+        # a recipe that selects nothing (knowledge) has no recall or units column
+        picks = [k for k in ("recall", "units") if any(r[k] is not None for r in self.rows)]
+        # .get: a table of an earlier version records no validation sizes
+        val = any(r.get("val_images") is not None for r in self.rows)
+        head = ["method", *([self.x_label] if self.x_label else []), *picks,
+                "test top-1 (final, mean ± std over seeds)", "test top-1 (at best val)",
+                *(["validation images"] if val else []), "seeds", *ratios]
+        number = {"recall": "{:.4f}", "units": "{:g}"}
+        body = []
+        for r in self.rows:
+            acc = "" if r["top1_mean"] is None else f"{r['top1_mean']:.4f}"
+            if len(r["seeds"]) > 1:
+                acc += f" ± {r['top1_std']:.4f}"
+            best = r["top1_at_best_val_mean"]
+            body.append([r["method"], *([_x_cell(r)] if self.x_label else []),
+                         *("" if r[k] is None else number[k].format(r[k]) for k in picks), acc,
+                         "" if best is None else f"{best:.4f}",
+                         *([_validation_cell(r)] if val else []),
+                         str(len(r["seeds"])) if r["seeds"] else "",
+                         *("" if r.get(k) is None else f"{r[k]:.3f}" for k in ratios)])
+        return head, body
+
+    def to_markdown(self) -> str:
+        """The table as Markdown (``results.md``)."""
+        head, body = self.cells()
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in body]
+        return f"# {RECIPES[self.name][2]}\n\n" + "\n".join(lines) + "\n"
+
+    def plot(self, ax=None):
+        """Accuracy (or recall, for selection-only tables) per method: lines over the swept
+        variable, bars with the seed spread otherwise."""
+        import matplotlib.pyplot as plt
+
+        ax = ax or plt.gca()
+        key = "top1_mean" if any(r["top1_mean"] is not None for r in self.rows) else "recall"
+        methods = list(dict.fromkeys(r["method"] for r in self.rows))
+        swept = list(dict.fromkeys(r["x"] for r in self.rows if r["x"] is not None))
+
+        def spread(rows):  # the seed spread; none where it is undefined (one seed)
+            return np.array([np.nan if key != "top1_mean" or r["top1_std"] is None
+                             else r["top1_std"] for r in rows])
+
+        if len(swept) <= 1:  # one bar per method: no line to draw through a single value
+            rows = [next(r for r in self.rows if r["method"] == m) for m in methods]
+            ax.bar(range(len(rows)), [r[key] for r in rows], yerr=spread(rows), color="C0",
+                   capsize=3)
+            ax.set_xticks(range(len(rows)), methods, rotation=30, ha="right", fontsize=8)
+            lo = min(r[key] for r in rows)
+            ax.set_ylim(max(0.0, lo - 0.1), None)
+            if swept:
+                ax.set_xlabel(f"{self.x_label} = {swept[0]:g}")
+        else:
+            for i, m in enumerate(methods):
+                rows = [r for r in self.rows if r["method"] == m]
+                if rows[0]["x"] is None:  # a reference for every swept value (fig4b's vanilla)
+                    ax.axhline(rows[0][key], ls="--", color=f"C{i}", label=m)
+                    continue
+                xs = [r["x"] for r in rows]
+                ys = np.array([r[key] for r in rows])
+                # a single value (label-based selection) is a point with its spread
+                ax.errorbar(xs, ys, yerr=spread(rows), marker="o", color=f"C{i}", label=m,
+                            capsize=3, ls="-" if len(rows) > 1 else "none")
+            if self.name == "fig4a":
+                ax.set_xscale("log")
+            ax.set_xlabel(self.x_label)
+            ax.legend(fontsize=8)
+        ax.set_ylabel("test top-1 (final step)" if key == "top1_mean" else "recall")
+        ax.set_title(RECIPES[self.name][2], fontsize=9)
+        return ax
+
+
+def _x_cell(row: dict[str, Any]) -> str:
+    """The swept value, and the one the data realised where they differ (.get: a table of an
+    earlier version records none)."""
+    if row["x"] is None:
+        return ""
+    realised = row.get("x_realised")
+    if realised is None or math.isclose(realised, row["x"], rel_tol=1e-6):
+        return _x_text(row["x"])
+    return f"{_x_text(row['x'])} (realised {realised:.4g})"
+
+
+def _validation_cell(row: dict[str, Any]) -> str:
+    """The mean number of validation images, and the classes some seed's validation lacks."""
+    if row.get("val_images") is None:
+        return ""
+    missing = row.get("val_classes_missing")
+    if not row["val_images"] or not missing:  # without validation images, no class is lacking
+        return f"{row['val_images']:g}"
+    return f"{row['val_images']:g}, {missing} class{'es' * (missing > 1)} missing"
+
+
+def _x_text(x: Any) -> str:
+    """A swept value as the table and the run folders write it (3.0 as 3)."""
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def run_folder(out: Path, method: str, x: Any, seed: int) -> Path:
+    """The folder of the fine-tuning run of row ``method`` at swept value ``x`` with ``seed``."""
+    value = "" if x is None else f"-x={_x_text(x)}"
+    return out / "runs" / f"{slug(method)}{value}-seed{seed}"
