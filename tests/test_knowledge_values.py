@@ -10,12 +10,15 @@ import pytest
 from pretrain_reuse.errors import PretrainReuseError
 from pretrain_reuse.knowledge import (
     Interactions,
+    accuracy_correlation,
     and_interactions,
     and_or_interactions_lp,
+    and_or_interactions_sgd,
     harsanyi_and,
     mask_of,
     planted_game,
 )
+from pretrain_reuse.knowledge.recovery import rule_game
 
 
 def make(n: int, and_terms: dict, or_terms: dict | None = None, *, empty: float = 0.0) -> Interactions:
@@ -220,3 +223,15 @@ def test_and_interactions_without_noise_are_the_harsanyi_transform():
     [x] = and_interactions(v)
     np.testing.assert_array_equal(x.and_values, harsanyi_and(v))
     assert not x.noise.any() and x.kind == "and" and x.meta["solver"] == "exact"
+
+
+@pytest.mark.parametrize("call", [
+    lambda: planted_game(True),
+    lambda: rule_game([[0]], n=True),
+    lambda: and_or_interactions_sgd(np.zeros(4), niter=True),
+    lambda: accuracy_correlation([[0.1], [0.2], [0.3]], [0.5, 0.6, 0.7], n_boot=np.True_),
+    lambda: make(2, {(0, 1): 1.0}).top_k(True),
+], ids=["planted_game n", "rule_game n", "sgd niter", "n_boot", "top_k k"])
+def test_a_bool_is_no_count_in_the_knowledge_functions(call):
+    with pytest.raises(PretrainReuseError, match="True"):
+        call()

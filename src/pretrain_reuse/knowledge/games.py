@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import PretrainReuseError, check_choice
+from ..errors import PretrainReuseError, check_choice, is_integer, is_number
 from .interactions import MAX_PLAYERS, harsanyi_and, superset_sum_
 
 BACKGROUNDS = ("baseline", "original")
@@ -295,9 +295,9 @@ def learn_baseline(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
 def _descend(values: ChunkValues, init: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
              n: int, *, lr: float, steps: int, batch_size: int) -> LearnedBaseline:
     """Projected SGD on Σ|Möbius(v_b)|; validates the box and the settings."""
-    if not (isinstance(steps, (int, np.integer)) and steps >= 0):
+    if not (is_integer(steps) and steps >= 0):
         raise PretrainReuseError(f"baseline steps={steps!r} must be an integer >= 0")
-    if not (isinstance(lr, (int, float)) and 0 < lr < float("inf")):
+    if not (is_number(lr) and 0 < lr < float("inf")):
         raise PretrainReuseError(f"baseline lr={lr!r} must be a positive number")
     if not (init.shape == lower.shape == upper.shape):
         raise PretrainReuseError(

@@ -55,7 +55,7 @@ def mask_of(players, n: int) -> int:
     """Bitmask of a coalition given as an iterable of player indices in ``0..n-1``."""
     mask = 0
     for p in players:
-        if not isinstance(p, (int, np.integer)) or not 0 <= p < n:
+        if not is_integer(p) or not 0 <= p < n:
             raise PretrainReuseError(
                 f"player {p!r} is not an index in 0..{n - 1}; coalitions list player indices"
             )

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from ..artifacts import read_json, refuse_foreign, require_keys, write_json
-from ..errors import PretrainReuseError, check_choice, check_seed, is_integer
+from ..errors import PretrainReuseError, check_choice, check_seed, is_integer, is_number
 from .interactions import orders, players_of
 from .values import Interactions, check_interactions
 
@@ -569,7 +569,7 @@ def knowledge_convergence(checkpoints: Iterable[Iterable[Interactions]], *, tau:
     """
     check_choice("measure", measure, MEASURES)
     check_choice("match", match, MATCHES)
-    if not isinstance(threshold, (int, float, np.floating)) or not 0 <= threshold <= 1:
+    if not is_number(threshold) or not 0 <= threshold <= 1:
         raise PretrainReuseError(f"threshold={threshold!r} must be a similarity level in [0, 1], e.g. 0.9")
     checkpoints = [list(c) for c in checkpoints]
     if not checkpoints or not checkpoints[0]:
@@ -920,9 +920,9 @@ def accuracy_correlation(ratios: Iterable[Sequence[float]], accuracy: Sequence[f
                                  "at least 3 models (or seeds)")
     if not np.isfinite(acc).all():
         raise PretrainReuseError("accuracy has NaN/inf values; pass each model's test accuracy")
-    if not (isinstance(n_boot, (int, np.integer)) and n_boot >= 100):
+    if not (is_integer(n_boot) and n_boot >= 100):
         raise PretrainReuseError(f"n_boot={n_boot!r} must be an integer >= 100")
-    if not isinstance(level, (int, float, np.floating)) or not 0 < level < 1:
+    if not is_number(level) or not 0 < level < 1:
         raise PretrainReuseError(f"level={level!r} must be in (0, 1), e.g. 0.95")
     check_seed("seed", seed)
     values = []

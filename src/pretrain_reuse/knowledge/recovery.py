@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import PretrainReuseError
+from ..errors import PretrainReuseError, is_integer
 from .interactions import MAX_PLAYERS, harsanyi_and
 from .metrics import RatioStats
 from .values import Interactions, check_interactions, check_tau
@@ -57,7 +57,7 @@ def rule_game(term_slots: Iterable[Iterable[int]], n: int) -> np.ndarray:
     Returns:
         (2^n,) float64 game.
     """
-    if not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_PLAYERS:
+    if not is_integer(n) or not 1 <= n <= MAX_PLAYERS:
         raise PretrainReuseError(f"n={n!r} must be an integer number of players in 1..{MAX_PLAYERS}")
     # materialised: the checks below and the game both go over the terms (iterators run out)
     try:
@@ -72,7 +72,7 @@ def rule_game(term_slots: Iterable[Iterable[int]], n: int) -> np.ndarray:
     masks = np.arange(1 << n, dtype=np.int64)
     v = np.ones(1 << n)
     for term in term_slots:
-        bad = [p for p in term if not (isinstance(p, (int, np.integer)) and 0 <= p < n)]
+        bad = [p for p in term if not (is_integer(p) and 0 <= p < n)]
         if bad:
             raise PretrainReuseError(f"term {tuple(term)} has player(s) {bad} outside 0..{n - 1}")
         t = int(sum(1 << int(p) for p in set(term)))

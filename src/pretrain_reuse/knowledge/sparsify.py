@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 from ..artifacts import make_meta
-from ..errors import PretrainReuseError
+from ..errors import PretrainReuseError, is_integer, is_number
 from .interactions import as_games, or_reconstruct_, or_transform_, orders, subset_sum_, superset_sum_
 from .values import Interactions
 
@@ -253,9 +253,9 @@ def joint_and_or_interactions(v, *, qthres: float = 0.04, pthres: float = 0.5, a
     games = games.reshape(len(games), -1, 1 << n)
     models, batch, size = games.shape
     b = _noise_bound(games.reshape(-1, size), qthres).view(models, batch)
-    if not isinstance(pthres, (int, float)) or not pthres >= 0:
+    if not is_number(pthres) or not pthres >= 0:
         raise PretrainReuseError(f"pthres={pthres!r} must be a number >= 0 or math.inf (the group uses 0.5)")
-    if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+    if not is_number(alpha) or not 0 <= alpha <= 1:
         raise PretrainReuseError(f"alpha={alpha!r} must be a weight in [0, 1] (the group uses 0.1)")
     if mean_output is None:
         mean = (games[..., -1] - games[..., 0]).mean(1)
@@ -303,9 +303,9 @@ def and_or_interactions_sgd(v, *, qthres: float = 0.04, lr: float = 1e-5, niter:
     """
     games, n = _games(v)
     b = _noise_bound(games, qthres)
-    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+    if not (is_number(lr) and lr > 0 and math.isfinite(lr)):
         raise PretrainReuseError(f"lr={lr!r} must be a positive learning rate, e.g. 1e-5")
-    if not isinstance(niter, int) or niter < 1:
+    if not is_integer(niter) or niter < 1:
         raise PretrainReuseError(f"niter={niter!r} must be a positive number of iterations")
     work = _centred(games, centre)
     gamma = torch.zeros_like(games)
@@ -403,7 +403,7 @@ def _games(v) -> tuple[torch.Tensor, int]:
 
 def check_qthres(qthres: float) -> None:
     """A noise bound relative to |v(N) - v(∅)| is a finite number >= 0."""
-    if not isinstance(qthres, (int, float)) or not 0 <= qthres < math.inf:
+    if not is_number(qthres) or not 0 <= qthres < math.inf:
         raise PretrainReuseError(f"qthres={qthres!r} must be a finite number >= 0 (the group uses 0.04)")
 
 
@@ -427,9 +427,9 @@ def _scale(games: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _check_solver(tol: float, max_iter: int) -> None:
-    if not isinstance(tol, (int, float)) or not 0 < tol < 1:
+    if not is_number(tol) or not 0 < tol < 1:
         raise PretrainReuseError(f"tol={tol!r} must be a relative duality gap in (0, 1), e.g. 1e-3")
-    if not isinstance(max_iter, int) or max_iter < 1:
+    if not is_integer(max_iter) or max_iter < 1:
         raise PretrainReuseError(f"max_iter={max_iter!r} must be a positive number of iterations")
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from ..errors import PretrainReuseError
+from ..errors import PretrainReuseError, is_integer, is_number
 from .interactions import MAX_PLAYERS, mask_of
 
 __all__ = ["planted_game"]
@@ -40,9 +40,9 @@ def planted_game(n: int, and_terms: Mapping[Iterable[int], float] | None = None,
     Returns:
         (2^n,) float64 game in bitmask layout.
     """
-    if not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_PLAYERS:
+    if not is_integer(n) or not 1 <= n <= MAX_PLAYERS:
         raise PretrainReuseError(f"n={n!r} must be an integer number of players in 1..{MAX_PLAYERS}")
-    if not (isinstance(noise, (int, float)) and noise >= 0 and math.isfinite(noise)):
+    if not (is_number(noise) and noise >= 0 and math.isfinite(noise)):
         raise PretrainReuseError(f"noise={noise!r} must be a finite standard deviation >= 0")
     masks = np.arange(1 << n, dtype=np.int64)
     v = np.full(1 << n, float(bias))

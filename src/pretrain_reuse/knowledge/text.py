@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import PretrainReuseError, check_choice
+from ..errors import PretrainReuseError, check_choice, is_integer
 from ..models import Backbone
 from .games import (
     OUTPUTS,
@@ -188,7 +188,7 @@ def token_players(input_ids: Sequence[int], tokenizer: Any, n: int,
         negations: negating stop words ("not", "didn", ...) are eligible too.
         word_ids, max_position: see :func:`eligible_positions`.
     """
-    if not (isinstance(n, (int, np.integer)) and 1 <= n <= MAX_PLAYERS):
+    if not (is_integer(n) and 1 <= n <= MAX_PLAYERS):
         raise PretrainReuseError(f"n={n!r} token players must be an integer in 1..{MAX_PLAYERS}")
     eligible = _eligible_words(input_ids, tokenizer, negations, word_ids, max_position)
     if len(eligible) < n:

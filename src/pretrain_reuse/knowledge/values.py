@@ -29,7 +29,7 @@ import torch
 from safetensors.numpy import save_file
 
 from ..artifacts import atomic_path, read_safetensors, to_json
-from ..errors import PretrainReuseError, check_choice
+from ..errors import PretrainReuseError, check_choice, is_integer, is_number
 from .interactions import MAX_PLAYERS, mask_of, or_reconstruct_, orders, players_of, subset_sum_
 
 __all__ = ["KINDS", "TYPES", "Interactions", "Key"]
@@ -68,7 +68,7 @@ class Interactions:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        if not isinstance(self.n, (int, np.integer)) or not 1 <= self.n <= MAX_PLAYERS:
+        if not is_integer(self.n) or not 1 <= self.n <= MAX_PLAYERS:
             raise PretrainReuseError(f"n={self.n!r} must be an integer number of players in 1..{MAX_PLAYERS}")
         object.__setattr__(self, "n", int(self.n))
         check_choice("kind", self.kind, KINDS)
@@ -156,7 +156,7 @@ class Interactions:
 
     def top_k(self, k: int) -> list[tuple[str, tuple[int, ...], float]]:
         """The ``k`` strongest interactions (∅ excluded) as (type, players, value), strongest first."""
-        if not isinstance(k, (int, np.integer)) or k < 1:
+        if not is_integer(k) or k < 1:
             raise PretrainReuseError(f"k={k!r} must be a positive integer")
         vals = np.concatenate([self.and_values[1:], self.or_values[1:]])
         order = np.argsort(-np.abs(vals), kind="stable")[:k]
@@ -323,5 +323,5 @@ def check_interactions(name: str, x: Any) -> None:
 
 
 def check_tau(tau: float) -> None:
-    if not isinstance(tau, (int, float, np.floating)) or not 0 <= tau < 1:
+    if not is_number(tau) or not 0 <= tau < 1:
         raise PretrainReuseError(f"tau={tau!r} must be a relative threshold in [0, 1), e.g. 0.05")
