@@ -738,3 +738,16 @@ def test_small_cnn_learns_the_pretraining_classes_and_its_features_serve_the_tar
         return clf.score((f_test - mu) / sd, ty_test.numpy())
 
     assert probe(body) > probe(random_body) + 0.2
+
+
+@pytest.mark.parametrize("args, needle", [
+    (dict(dataset="images/", batch_size=2), "takes a dataset, got str"),
+    (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
+    (dict(batch_size=2.0), "batch_size must be an integer >= 1, got 2.0"),
+    (dict(batch_size=2, workers=-1), "workers must be an integer >= 0"),
+    (dict(batch_size=2, seed=-1), "seed must be an integer"),
+])
+def test_make_loader_refuses_what_is_no_dataset_or_count(tree, args, needle):
+    args = {"dataset": open_dataset(tree), **args}
+    with pytest.raises(PretrainReuseError, match=re.escape(needle)):
+        make_loader(args.pop("dataset"), **args)

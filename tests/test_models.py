@@ -30,6 +30,7 @@ from pretrain_reuse.models import (
     list_backbones,
     missing_packages,
     save_backbone,
+    state_hash,
 )
 from pretrain_reuse.models.spec import make_transform
 
@@ -576,3 +577,8 @@ def test_a_bare_library_architecture_name_suggests_its_prefix():
     pytest.importorskip("timm")
     with pytest.raises(PretrainReuseError, match=r"did you mean timm:resnet18"):
         create_backbone("resnet18")
+
+
+def test_state_hash_of_something_that_is_no_module_is_one_line():
+    with pytest.raises(PretrainReuseError, match="state_hash takes a torch module, got str"):
+        state_hash("resnet18.safetensors")

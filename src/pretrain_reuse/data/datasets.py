@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from ..artifacts import atomic_path
-from ..errors import PretrainReuseError, check_choice, check_file, read_text
+from ..errors import PretrainReuseError, check_choice, check_file, check_int, check_seed, read_text
 
 # The extensions torchvision's ImageFolder accepts (matched case-insensitively).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -513,7 +513,12 @@ def make_loader(dataset: ImageDataset, *, batch_size: int, workers: int = 0,
                 shuffle: bool = False, seed: int = 0, drop_last: bool = False
                 ) -> torch.utils.data.DataLoader:
     """A DataLoader yielding :class:`Batch` es; shuffling is seeded, so runs are repeatable."""
-    generator = torch.Generator().manual_seed(seed)
+    if not isinstance(dataset, torch.utils.data.Dataset):
+        raise PretrainReuseError(f"make_loader takes a dataset, got {type(dataset).__name__}; "
+                                 "open one with pretrain_reuse.data.open_dataset(path or name)")
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    workers = check_int("workers", workers, minimum=0)
+    generator = torch.Generator().manual_seed(check_seed("seed", seed))
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate,
         generator=generator, drop_last=drop_last)

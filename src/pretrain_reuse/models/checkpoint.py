@@ -228,6 +228,9 @@ def _suggest_key_map(state: Mapping[str, Any], expected: Mapping[str, Any]) -> s
 def state_hash(model: nn.Module) -> str:
     """Hash of a model's parameters and buffers (names, dtypes, shapes and values): what the
     network computes with, wherever its weights came from (a file, a Hugging Face folder, code)."""
+    if not isinstance(model, nn.Module):
+        raise PretrainReuseError(f"state_hash takes a torch module, got {type(model).__name__}; "
+                                 "load a model with pretrain_reuse.models.create_backbone")
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().cpu().contiguous()
