@@ -118,11 +118,15 @@ def test_good_experiment_yaml_loads_the_values_as_written(tmp_path, monkeypatch)
         "source_features: feats/imagenet\ntarget_features: feats/cub\nseeds: [0, 1, 2]\nk: 100\n"
         "finetune: {epochs: 100, batch_size: 256, lr: 0.003}\n"
         "lam: {reuse: 0.3, reuse-unlabeled: 0.3, co-tuning: 2.3}\n"
+        "modes: {scratch: {lr: 0.1, epochs: 200}, linear-probe: {lr: 0.1, head_lr_mult: 1}}\n"
         "sweep: {k: [5, 10], eps_c: 0.1}\nskip: [co-tuning]\nexplain: {samples: 3}\n")
     cfg = load_experiment_config(config, seeds=[4], k=None)  # --seeds 4; --k unset
     assert cfg.seeds == (4,) and cfg.k == 100 and cfg.weights == "resnet18-f37072fd.pth"
     assert cfg.finetune == {"epochs": 100, "batch_size": 256, "lr": 0.003}
     assert cfg.lam == {"reuse": 0.3, "reuse-unlabeled": 0.3, "co-tuning": 2.3}
+    assert cfg.modes == {"scratch": {"lr": 0.1, "epochs": 200},
+                         "linear-probe": {"lr": 0.1, "head_lr_mult": 1}}
+    assert cfg.mode_finetune("scratch").epochs == 200 and cfg.mode_finetune("vanilla").epochs == 100
     assert cfg.sweep == {"k": (5, 10), "eps_c": (0.1,)} and cfg.skip == ("co-tuning",)
     assert cfg.base_finetune() == FinetuneConfig(epochs=100, batch_size=256, lr=0.003)
     assert cfg.explain_config().samples == 3

@@ -342,6 +342,14 @@ def test_a_sweep_that_would_silently_change_or_repeat_rows_is_refused(sweep, mes
     # stored, then silently ignored: vanilla has no source loss, knowledge seeds per run
     ({"lam": {"vanilla": 0.5}}, "lam {vanilla: 0.5} has no effect: mode 'vanilla' has no source"),
     ({"explain": {"seed": 5}}, "explain 'seed' cannot be set: each analysis takes the seed"),
+    ({"modes": {"tuning": {"lr": 0.1}}}, "modes key='tuning' is not one of"),
+    ({"modes": {"scratch": {"seed": 3}}}, "modes 'scratch' cannot set 'seed': the recipe sets it"),
+    ({"modes": {"scratch": {"train_fraction": 0.5}}}, "a data regime holds for every run"),
+    ({"modes": {"scratch": {"lam": 1.0}}}, "modes 'scratch' sets lam, which has no effect"),
+    ({"modes": {"reuse": {"lam": 1.0}}, "lam": {"reuse": 0.5}}, "λ of mode 'reuse' is given twice"),
+    ({"modes": {"scratch": {"lr": -1.0}}}, "lr must be"),
+    ({"modes": {"scratch": {"learning_rate": 0.1}}}, "modes 'scratch' key='learning_rate' is not one of"),
+    ({"modes": {"scratch": 0.1}}, "'modes' must be a mapping of names to mappings"),
 ])
 def test_settings_that_fail_late_or_mix_runs_are_refused_with_the_config(extra, message):
     from pretrain_reuse.errors import PretrainReuseError
@@ -349,6 +357,31 @@ def test_settings_that_fail_late_or_mix_runs_are_refused_with_the_config(extra, 
     with pytest.raises(PretrainReuseError) as err:
         load_experiment_config(None, model="m", source="s", target="t", **extra)
     assert message in str(err.value)
+
+
+def test_each_mode_trains_with_its_own_settings_on_top_of_finetune(tmp_path):
+    from pretrain_reuse.experiments.recipes import RECIPES as ROWS
+    from pretrain_reuse.experiments.workspace import Workspace
+
+    cfg = load_experiment_config(None, model="m", target="t", lam={"reuse": 0.7},
+                                 finetune={"lr": 0.01, "epochs": 5},
+                                 modes={"scratch": {"lr": 0.1, "epochs": 50},
+                                        "linear-probe": {"head_lr_mult": 1.0, "lr": 0.1}})
+    ws = Workspace(cfg, tmp_path, progress=False)
+    runs = {row.mode: ws.run_config(row, seed=2) for row in ROWS["knowledge"][0](cfg)}
+    assert {mode: (ft.lr, ft.epochs, ft.head_lr_mult, ft.seed) for mode, ft in runs.items()} == {
+        "vanilla": (0.01, 5, 10.0, 2), "linear-probe": (0.1, 5, 1.0, 2), "scratch": (0.1, 50, 10.0, 2)}
+    reuse = next(r for r in ROWS["table1"][0](cfg) if r.mode == "reuse")
+    assert ws.run_config(reuse, seed=0).lam == 0.7
+
+
+def test_an_experiment_config_built_in_python_is_type_checked():
+    from pretrain_reuse.errors import PretrainReuseError
+    from pretrain_reuse.experiments import ExperimentConfig
+
+    with pytest.raises(PretrainReuseError, match="modes must be a mapping of names to mappings"):
+        ExperimentConfig(model="m", target="t", modes={"scratch": 0.1})
+    assert ExperimentConfig(model="m", target="t", seeds=[np.int64(4)]).seeds == (4,)
 
 
 def test_a_skip_of_every_row_is_refused_before_writing_an_empty_table(tmp_path):
@@ -555,12 +588,14 @@ def test_settings_the_recipe_never_reads_may_change_and_a_weights_file_changed_i
     # table4 sweeps nothing, has no cluster or reuse-unlabeled rows, and a run may resume with
     # another checkpoint_every: none of these is a setting of its rows
     irrelevant = _config(demo, tmp_path, weights=str(weights), sweep={"k": [8, 24]},
-                         lam={"reuse-unlabeled": 0.5}, finetune={**FAST, "checkpoint_every": 500})
+                         lam={"reuse-unlabeled": 0.5}, finetune={**FAST, "checkpoint_every": 500},
+                         modes={"scratch": {"lr": 0.5}, "reuse": {"checkpoint_every": 100}})
     table = run_experiment("table4", load_experiment_config(irrelevant, seeds=(0, 1), clusters=32),
                            out, progress=False)
     assert all(r["seeds"] == [0, 1] for r in table.rows)
     assert not {"sweep", "clusters", "cluster_k", "metric", "explain", "pretrainings"} & set(table.params)
     assert table.params["lam"] == {} and "checkpoint_every" not in table.params["finetune"]
+    assert "modes" not in table.params  # no scratch row; checkpoint_every may change on resume
     # a setting its rows read is still refused
     err = _refused_table4(capsys, path, out, "--k", "8")
     assert "other settings (k)" in err
@@ -568,6 +603,11 @@ def test_settings_the_recipe_never_reads_may_change_and_a_weights_file_changed_i
     shutil.copy(demo / "finetune" / "vanilla-seed0" / "model.safetensors", weights)
     err = _refused_table4(capsys, path, out, "--seeds", "0")
     assert "other settings (weights_sha256)" in err
+    # so are the settings of a mode it trains
+    shutil.copy(demo / "pretrain" / "model.safetensors", weights)
+    reuse_lr = _config(demo, tmp_path, weights=str(weights), modes={"reuse": {"lr": 0.5}})
+    err = _refused_table4(capsys, reuse_lr, out, "--seeds", "0")
+    assert "other settings (modes)" in err
 
 
 def test_a_rerun_rewrites_the_report_whose_curves_are_the_runs_of_the_table(quick_demo, tmp_path,

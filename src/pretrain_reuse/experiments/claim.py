@@ -18,7 +18,7 @@ from .workspace import Workspace
 
 _SELECTS = ("weights", "source", "source_features", "target_features", "embed_batch_size",
             "relevant", "finetune")  # finetune: a low-data / long-tail regime selects for its images
-_TRAINS = ("target_test", "lam")
+_TRAINS = ("target_test", "lam", "modes")
 
 #: The ExperimentConfig fields each recipe reads, besides model, target, its swept values and
 #: seeds / skip (which add or leave out runs, never change one); see :func:`recipe_reads`.
@@ -39,7 +39,8 @@ READS: dict[str, tuple[str, ...]] = {
 def recipe_reads(name: str, cfg: ExperimentConfig, values: dict[str, Any]) -> dict[str, Any]:
     """The settings among ``values`` (the fields of ``cfg``, or of the config an earlier version
     recorded in the folder's marker) that the rows of recipe ``name`` read: :data:`READS`, its
-    swept values, the λ of its modes, ``finetune`` less what a resumed run may change. An
+    swept values, the λ and settings of its modes, ``finetune`` less what a resumed run may
+    change. An
     experiment folder is claimed with them and the content hashes of the files they name
     (:func:`input_hashes`), so a setting the recipe never reads may change between reruns."""
     params = {key: values.get(key) for key in ("model", "target", *READS[name])}
@@ -48,12 +49,20 @@ def recipe_reads(name: str, cfg: ExperimentConfig, values: dict[str, Any]) -> di
         params["sweep"] = {swept: list(values["sweep"].get(swept, SWEEP_DEFAULTS[swept]))}
     rows = RECIPES[name][0](cfg)  # all of them: skip may change
     trains = any(r.mode for r in rows)
+    modes = {r.mode for r in rows}
     if "lam" in params:
-        params["lam"] = {mode: lam for mode, lam in params["lam"].items()
-                         if mode in {r.mode for r in rows}}
+        params["lam"] = {mode: lam for mode, lam in params["lam"].items() if mode in modes}
     if "finetune" in params:  # a recipe that trains nothing reads only the data regime (selection)
         params["finetune"] = {k: v for k, v in params["finetune"].items()
                               if k not in RESUMABLE_WITH_OTHER and (trains or k in REGIMES)}
+    if "modes" in params:
+        # only where some mode of the recipe has settings: folders claimed before ``modes``
+        # existed record none, and must not be refused by a config that gives none either
+        per_mode = {mode: {k: v for k, v in settings.items() if k not in RESUMABLE_WITH_OTHER}
+                    for mode, settings in (params["modes"] or {}).items() if mode in modes}
+        params["modes"] = {mode: settings for mode, settings in per_mode.items() if settings}
+        if not params["modes"]:
+            del params["modes"]
     if params.get("source_features") and params.get("target_features"):
         # nothing is embedded: the stores' content is claimed instead (input_hashes), and the weights
         # only by the fine-tuning runs

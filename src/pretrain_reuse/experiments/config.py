@@ -6,11 +6,11 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..configs import checked_values, config_values
+from ..configs import check_fields, checked_values, config_values
 from ..errors import PretrainReuseError, check_choice, check_positive, check_seed, parse_ids
 from ..finetune import MODES, FinetuneConfig
 from ..finetune.config import MODE_OPTIONS
@@ -77,7 +77,11 @@ class ExperimentConfig:
         relevant: pool class ids known to be related to the target (recall, label selection); in
             YAML a list or the syntax of ``--relevant`` (``"7-24,80-100"``).
         finetune: FinetuneConfig fields shared by every run, less those the recipe sets (mode,
-            seed, a swept setting); lam: λ per mode on top.
+            seed, a swept setting).
+        modes: FinetuneConfig fields per mode, on top of ``finetune``: a scratch model or a
+            linear probe is trained with its own recipe (e.g. ``{scratch: {lr: 0.1, epochs:
+            200}}``), as Jiang et al. train the three models of the knowledge analysis.
+        lam: λ per mode (``{reuse: 0.3}`` is short for ``modes: {reuse: {lam: 0.3}}``).
         sweep: values of the swept variable (see ``SWEEP_DEFAULTS``).
         skip: row names not to run (e.g. ``co-tuning`` for a backbone without a classifier).
         pretrainings: label -> weights file, the pre-trainings the ``knowledge`` recipe compares
@@ -101,6 +105,7 @@ class ExperimentConfig:
     eps_c_l2: float = 0.1
     relevant: tuple[int, ...] = ()
     finetune: dict[str, Any] = field(default_factory=dict)
+    modes: dict[str, dict[str, Any]] = field(default_factory=dict)
     lam: dict[str, float] = field(default_factory=dict)
     sweep: dict[str, tuple[float, ...]] = field(default_factory=dict)
     skip: tuple[str, ...] = ()
@@ -109,6 +114,7 @@ class ExperimentConfig:
     embed_batch_size: int = 256
 
     def __post_init__(self):
+        check_fields(self)  # a config built in Python, not only one read by the loader
         if not self.seeds:
             raise PretrainReuseError("seeds is empty; give at least one seed")
         for seed in self.seeds:
@@ -139,14 +145,32 @@ class ExperimentConfig:
                                          "pre-trained weights (.safetensors or a torch state dict)")
         # the nested settings are used only when a row's run starts, after features, units and
         # selections are computed: an unknown key or a bad value must fail here, before any work
-        base = self.base_finetune()
         for mode, lam in self.lam.items():
             check_choice("lam key", mode, MODES)
             if mode not in MODE_OPTIONS["lam"]:  # it would be stored and silently ignored
                 raise PretrainReuseError(
                     f"lam {{{mode}: {lam}}} has no effect: mode {mode!r} has no source loss for λ "
                     f"to weigh (only {', '.join(MODE_OPTIONS['lam'])}); remove it from lam")
-            replace(base, lam=lam)  # FinetuneConfig checks that λ >= 0
+            if "lam" in self.modes.get(mode, {}):
+                raise PretrainReuseError(f"λ of mode {mode!r} is given twice, in lam and in modes; "
+                                         "keep one")
+        for mode, settings in self.modes.items():
+            check_choice("modes key", mode, MODES)
+            for key in ("mode", "seed"):
+                if key in settings:
+                    raise PretrainReuseError(f"modes {mode!r} cannot set {key!r}: the recipe sets "
+                                             "it for each run; remove it")
+            for key in REGIMES:  # selections are made for the images of a regime, whatever the mode
+                if key in settings:
+                    raise PretrainReuseError(f"modes {mode!r} cannot set {key!r}: a data regime "
+                                             "holds for every run; set it under finetune")
+            if "lam" in settings and mode not in MODE_OPTIONS["lam"]:
+                raise PretrainReuseError(
+                    f"modes {mode!r} sets lam, which has no effect: mode {mode!r} has no source "
+                    f"loss for λ to weigh; remove it")
+        self.base_finetune()  # FinetuneConfig checks each value (λ >= 0, lr > 0, ...)
+        for mode in {*self.lam, *self.modes}:
+            self.mode_finetune(mode)
         if "seed" in self.explain:  # the knowledge recipe analyses each run with its own seed
             raise PretrainReuseError("explain 'seed' cannot be set: each analysis takes the seed "
                                      "of its fine-tuning run from seeds (--seeds); remove it from explain")
@@ -169,6 +193,15 @@ class ExperimentConfig:
     def base_finetune(self) -> FinetuneConfig:
         """The FinetuneConfig shared by every run (``finetune``)."""
         return FinetuneConfig(**checked_values(self.finetune, FinetuneConfig, "finetune key"))
+
+    def mode_finetune(self, mode: str) -> FinetuneConfig:
+        """The FinetuneConfig of the runs of ``mode``: ``finetune``, then ``modes[mode]`` and
+        ``lam[mode]`` on top (the recipe still sets each run's seed and swept setting)."""
+        settings = {**self.finetune, **self.modes.get(mode, {})}
+        if mode in self.lam:
+            settings["lam"] = self.lam[mode]
+        values = checked_values(settings, FinetuneConfig, f"modes {mode!r} key")
+        return FinetuneConfig(**{**values, "mode": mode})
 
 
 def _check_sweep(name: str, values: tuple[float, ...]) -> None:

@@ -180,11 +180,10 @@ class Workspace:
         return self._once(("split", row.settings, seed), build)
 
     def run_config(self, row: Row, seed: int) -> FinetuneConfig:
-        """The recipe of a row's run with ``seed``: ``finetune`` with the row's mode, λ and
-        settings (the keys these set are refused in ``finetune``: :func:`_check_finetune_keys`)."""
-        base = self.cfg.base_finetune()
-        return replace(base, mode=row.mode, seed=seed, lam=self.cfg.lam.get(row.mode, base.lam),
-                       **dict(row.settings))
+        """The recipe of a row's run with ``seed``: the settings of the row's mode
+        (:meth:`ExperimentConfig.mode_finetune`) with the seed and the row's swept data regime
+        (which ``finetune`` may not set: ``_check_finetune_keys``; nor may ``modes``)."""
+        return replace(self.cfg.mode_finetune(row.mode), seed=seed, **dict(row.settings))
 
     def finetune(self, row: Row, seed: int) -> RunResult:
         cfg = self.cfg
