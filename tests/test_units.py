@@ -351,3 +351,87 @@ def test_class_means_of_a_bare_array_says_it_needs_labels():
         class_means("feats.npy")
     means = class_means(FeatureStore(features=x.tolist(), labels=truth.tolist())).prototypes
     np.testing.assert_allclose(means, [x[truth == c].mean(0) for c in range(3)], rtol=1e-6)
+
+
+def test_converged_means_the_last_pass_compared_every_sample_with_every_centroid(monkeypatch):
+    """A candidate pass compares a sample with a few centroids only: when it moves none, the
+    result is not yet known to be a fixed point (a found case: seed 5, k = 32, 7 passes)."""
+    from pretrain_reuse import units as U
+
+    kinds = []
+    most, best = U._most_similar, U._best_candidate
+    monkeypatch.setattr(U, "_most_similar", lambda *a, **k: (kinds.append("full"), most(*a, **k))[1])
+    monkeypatch.setattr(U, "_best_candidate", lambda *a, **k: (kinds.append("cand"), best(*a, **k))[1])
+    rng = np.random.default_rng(5)
+    k, dim, n = int(rng.integers(17, 40)), int(rng.integers(3, 10)), int(rng.integers(500, 3000))
+    centres, labels = rng.standard_normal((k, dim)), rng.integers(0, k, n)
+    x = (centres[labels] + rng.uniform(0.05, 0.6) * rng.standard_normal((n, dim))).astype(np.float32)
+    seen = set()
+    for n_iter in range(2, 9):
+        kinds.clear()
+        units = spherical_kmeans(x, k, n_iter=n_iter, seed=5)
+        seen.add((units.meta["converged"], kinds[-1]))
+        if units.meta["converged"]:
+            assert kinds[-1] == "full", n_iter
+    assert (False, "cand") in seen  # the case the flag once got wrong
+
+
+@pytest.mark.parametrize("scale, what", [(1e300, "above"), (1e-300, "below")])
+def test_float64_features_beyond_float32_are_named_as_such(scale, what):
+    """They became inf (reported as NaN/inf rows, after an overflow warning) or zero rows."""
+    x = np.random.default_rng(0).standard_normal((50, 4)) * scale
+    labelled = FeatureStore(features=x, labels=np.arange(50) % 2)
+    for build in (lambda: spherical_kmeans(x, 3), lambda: class_means(labelled)):
+        with pytest.raises(PretrainReuseError, match=f"features row 0 holds values {what} the float32"):
+            build()
+
+
+def test_a_bad_output_path_is_refused_before_the_clustering(tmp_path, capsys, monkeypatch):
+    from pretrain_reuse import units as U
+    from pretrain_reuse.cli import main
+
+    np.save(tmp_path / "f.npy", np.random.default_rng(0).standard_normal((40, 4)).astype(np.float32))
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    monkeypatch.setattr(U, "_online_kmeans", lambda *a, **k: pytest.fail("clustered first"))
+    for out, needle in [("u.npy", "a units file is saved as .safetensors, got"),
+                        (".", "is a folder; pass a file path ending in .safetensors"),
+                        ("afile/u.safetensors", "afile' is a file, not a folder"),
+                        ("model.safetensors", "exists and is not a units file")]:
+        rc = main(["units", "--features", str(tmp_path / "f.npy"), "--method", "kmeans", "--k", "3",
+                   "--out", str(tmp_path / out), "--quiet"])
+        err = capsys.readouterr().err
+        assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_units_command_warns_of_dropped_clusters_and_records_no_unused_labels(tmp_path, capsys):
+    from pretrain_reuse.cli import main
+
+    x = np.repeat(np.eye(3, dtype=np.float32), 10, axis=0)  # 3 distinct samples
+    np.save(tmp_path / "f.npy", x)
+    np.save(tmp_path / "y.npy", np.arange(30) % 3)
+    out = tmp_path / "u.safetensors"
+    assert main(["units", "--features", str(tmp_path / "f.npy"), "--method", "kmeans", "--k", "5",
+                 "--n-init", "2", "--out", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 2 of the 5 clusters ended empty and were dropped" in err
+    assert len(Units.load(out)) == 3 and Units.load(out).meta["params"]["n_init"] == 2
+    # labels play no part in clusters: not recorded as an input of them
+    assert main(["units", "--features", str(tmp_path / "f.npy"), "--labels", str(tmp_path / "y.npy"),
+                 "--method", "kmeans", "--k", "3", "--out", str(out), "--quiet"]) == 0
+    assert list(Units.load(out).meta["inputs"]) == ["features"]
+
+
+@pytest.mark.parametrize("verb, says", [("units", "nothing was written"),
+                                        ("embed", "rerun the same command to resume")])
+def test_an_interrupt_says_whether_a_rerun_resumes(tmp_path, capsys, monkeypatch, verb, says):
+    from pretrain_reuse import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, f"cmd_{verb}", interrupted)
+    argv = {"units": ["units", "--features", "f.npy", "--out", "u.safetensors"],
+            "embed": ["embed", "--model", "smallcnn", "--data", "synthetic:target", "--out", "e"]}[verb]
+    assert cli.main(argv) == 130
+    assert capsys.readouterr().err.strip() == f"pretrain-reuse: interrupted; {says}"

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .artifacts import hash_array, make_meta, read_json, refuse_foreign, write_json
+from .artifacts import check_output_file, hash_array, make_meta, read_json, write_json
 from .errors import (
     PretrainReuseError,
     as_array,
@@ -204,11 +204,7 @@ class Selection:
 
     def save(self, path: str | Path) -> Path:
         """Write ``sel.json`` atomically."""
-        # load() opens a selection by its suffix; a folder in its place is write_json's error
-        if Path(path).suffix != ".json" and not Path(path).is_dir():
-            raise PretrainReuseError(f"a selection is saved as .json, got {str(path)!r}; pass a "
-                                     "path ending in .json")
-        refuse_foreign(path, "selection")
+        path = check_output_file(path, ".json", "selection")  # load() opens it by its suffix
         obj = {"kind": "selection", "selected": [int(s) for s in self.selected],
                "scores": [float(s) for s in self.scores], "params": self.params,
                "meta": self.meta}

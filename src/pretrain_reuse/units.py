@@ -13,7 +13,7 @@ units of kind ``prototypes`` (no counts, no members).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,13 @@ from tqdm.auto import tqdm
 
 from .artifacts import (
     atomic_path,
+    check_output_file,
     decode_ids,
     encode_ids,
     hash_array,
     hash_file,
     make_meta,
     read_safetensors,
-    refuse_foreign,
     to_json,
 )
 from .errors import (
@@ -124,10 +124,7 @@ class Units:
 
     def save(self, path: str | Path) -> Path:
         """Write a ``.safetensors`` units file atomically."""
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            raise PretrainReuseError(f"units are saved as .safetensors, got {str(path)!r}")
-        refuse_foreign(path, "units")
+        path = check_output_file(path, ".safetensors", "units")
         tensors = {"prototypes": np.ascontiguousarray(self.prototypes)}
         if self.assignment is not None:
             tensors["assignment"] = np.ascontiguousarray(self.assignment, dtype=np.int64)
@@ -179,8 +176,7 @@ def _group_means(features: np.ndarray, assignment: np.ndarray, k: int,
     """Mean feature of every unit, accumulated in float64 chunk by chunk (memmap friendly)."""
     sums = np.zeros((k, features.shape[1]), dtype=np.float64)
     for s in range(0, len(features), chunk):
-        x = np.asarray(features[s:s + chunk], dtype=np.float32)
-        check_matrix("features", x, offset=s)
+        x = _float32_block(features, s, chunk)
         if normalize:
             x = _unit_rows(x)
         a = np.asarray(assignment[s:s + chunk])
@@ -331,7 +327,8 @@ def spherical_kmeans(store: FeatureStore | np.ndarray, k: int, *, n_iter: int = 
                      {"k": int(k + len(empty)), "n_iter": n_iter, "n_init": n_init,
                       "max_points_per_unit": max_points_per_unit,
                       "normalize_means": normalize_means, "gpu": bool(gpu)},
-                     inputs=_store_inputs(store),
+                     # the labels a store may carry play no part in the clusters
+                     inputs=_store_inputs(replace(store, labels=None)),
                      seed=seed)
     meta.update(objective=objective, passes=fit.passes, full_passes=fit.full_passes,
                 converged=fit.converged,
@@ -354,8 +351,7 @@ def _normalized_float32(features: np.ndarray, position: np.ndarray, chunk: int =
     ``position[i]``. Read chunk by chunk in file order (works on memmaps), scattered in memory."""
     out = np.empty(features.shape, dtype=np.float32)
     for s in range(0, len(features), chunk):
-        block = np.asarray(features[s:s + chunk], dtype=np.float32)
-        check_matrix("features", block, offset=s)
+        block = _float32_block(features, s, chunk)
         norms = _row_norms(block)
         if (norms == 0).any():
             row = s + int(np.flatnonzero(norms[:, 0] == 0)[0])
@@ -365,6 +361,29 @@ def _normalized_float32(features: np.ndarray, position: np.ndarray, chunk: int =
             )
         out[position[s:s + chunk]] = block / norms
     return out
+
+
+def _float32_block(features: np.ndarray, start: int, chunk: int) -> np.ndarray:
+    """Rows ``start:start + chunk`` of the features in float32, the working dtype, after checking
+    them: no NaN/inf, and no value that float32 cannot hold (a float64 1e300 would become inf, a
+    row of 1e-300s a zero row, each reported as what it is not)."""
+    block = np.asarray(features[start:start + chunk])
+    check_matrix("features", block, offset=start)
+    if block.dtype == np.float32:
+        return block
+    # before the cast, which would overflow with a warning
+    _refuse_rows(np.abs(block).max(axis=1) > np.finfo(np.float32).max, start, "above")
+    out = block.astype(np.float32)
+    _refuse_rows(~out.any(axis=1) & block.any(axis=1), start, "below")
+    return out
+
+
+def _refuse_rows(bad: np.ndarray, start: int, what: str) -> None:
+    if bad.any():
+        raise PretrainReuseError(
+            f"features row {start + int(np.flatnonzero(bad)[0])} holds values {what} the float32 "
+            "range the units are computed in; rescale the features (e.g. divide by their "
+            "largest norm)")
 
 
 @dataclass(frozen=True)
@@ -435,13 +454,16 @@ def _online_kmeans(x: torch.Tensor, k: int, n_iter: int, rng: np.random.Generato
             centroids[touched] = (s / s.norm(dim=1, keepdim=True).clamp_min(1e-12)).float()
             moved += len(change)
         bar.set_postfix(moved=moved, full=full)
-        if full and moved == 0:  # a fixed point: no later pass can move a row either
+        # a fixed point: no later pass can move a row either (a candidate pass that moves none
+        # has compared rows with a few centroids only, and calls a full pass to make sure)
+        converged = full and moved == 0
+        if converged:
             break
         seeded = _reseed_empty(centroids, counts, rng) if passes < n_iter else 0
         reseeded += seeded
         full = moved == 0 or seeded > 0 or passes + 1 in full_at
     return _Fit(centroids, assign, passes=passes, full_passes=full_passes,
-                converged=full and moved == 0, reseeded=reseeded)
+                converged=converged, reseeded=reseeded)
 
 
 def _most_similar(x: torch.Tensor, centroids: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
