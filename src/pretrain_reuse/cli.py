@@ -131,9 +131,11 @@ def cmd_embed(args) -> int:
 
 
 def cmd_units(args) -> int:
+    from .artifacts import check_output_file
     from .features import FeatureStore
     from .units import class_means, spherical_kmeans
 
+    check_output_file(args.out, ".safetensors", "units")  # before minutes of clustering
     if args.features.endswith(".npy"):  # here a .npy always holds per-sample features
         store = FeatureStore.from_npy(args.features, args.labels)
     else:
@@ -143,12 +145,12 @@ def cmd_units(args) -> int:
     if args.class_names:
         store = replace(store, class_names=_read_lines(args.class_names, "class names"))
     # the k-means options; spherical_kmeans's defaults apply to those not given
-    kmeans = _given(args, ("n_iter", "seed", "max_points_per_unit"))
+    kmeans = _given(args, ("n_iter", "n_init", "seed", "max_points_per_unit"))
     if args.method == "class":
         given = [_flag(f) for f in _given(args, ("k", *kmeans))]
         if given:
-            raise PretrainReuseError(f"{', '.join(given)} apply to --method kmeans only; drop "
-                                     "them for class means")
+            raise PretrainReuseError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} "
+                                     "to --method kmeans only; drop them for class means")
         units = class_means(store, normalize=args.normalize)
     else:
         if args.k is None:
@@ -156,6 +158,11 @@ def cmd_units(args) -> int:
         units = spherical_kmeans(store, args.k, **kmeans, normalize_means=args.normalize,
                                  progress=not args.quiet)
     units.save(args.out)
+    dropped = units.meta.get("empty_dropped", 0)
+    if dropped:
+        print(f"pretrain-reuse: warning: {dropped} of the {args.k} clusters ended empty and were "
+              f"dropped (fewer distinct samples than --k?); {args.out} holds {len(units)}",
+              file=sys.stderr)
     sizes = units.meta["sizes"]
     print(f"wrote {len(units)} {units.kind} units to {args.out}: sizes min {sizes['min']}, "
           f"median {sizes['median']:g}, max {sizes['max']} ({sizes['below_5']} below 5)"
@@ -608,7 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--class-names", help="text file, one class name per line")
     u.add_argument("--method", choices=("class", "kmeans"), default="class")
     u.add_argument("--k", type=int, help="number of clusters (kmeans; paper: 2000)")
-    u.add_argument("--n-iter", type=int, help="k-means iterations (default 20)")
+    u.add_argument("--n-iter", type=int, help="k-means passes over the samples (default 20)")
+    u.add_argument("--n-init", type=int, help="k-means runs from different random starts, the "
+                   "best objective kept (default 1)")
     u.add_argument("--max-points-per-unit", type=int, default=None,
                    help="train k-means on at most k*this many samples (default: all)")
     u.add_argument("--normalize", action="store_true",
@@ -792,7 +801,13 @@ def _finish_distributed() -> None:
 _STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
+#: The verbs whose work survives an interruption (a rerun resumes it); the others write their
+#: one output file at the end, atomically, so an interrupted run leaves nothing.
+RESUMING_VERBS = ("embed", "finetune", "explain", "knowledge", "experiment", "demo")
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = None
     try:
         args = build_parser().parse_args(argv)
         keep_freed_memory()
@@ -816,7 +831,9 @@ def main(argv: list[str] | None = None) -> int:
               "permissions (or choose another --out), then rerun the same command", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("pretrain-reuse: interrupted; rerun the same command to resume", file=sys.stderr)
+        resumes = getattr(args, "verb", None) in RESUMING_VERBS
+        print("pretrain-reuse: interrupted; " + ("rerun the same command to resume" if resumes
+              else "nothing was written"), file=sys.stderr)
         return 130
 
 
