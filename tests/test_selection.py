@@ -6,6 +6,7 @@ import torch
 
 from pretrain_reuse.data.synthetic import feature_world
 from pretrain_reuse.errors import PretrainReuseError
+from pretrain_reuse.features import FeatureStore
 from pretrain_reuse.selection import SelectConfig, Selection, select, select_many
 from pretrain_reuse.units import Units, class_means
 
@@ -366,3 +367,27 @@ def test_messages_shared_with_the_cli_name_the_parameter_and_the_flag():
     with pytest.raises(PretrainReuseError, match="which a bare prototype matrix lacks; pass Units "
                                                  "that record their members"):
         select(s, t, SelectConfig(k=0.5))
+
+
+def test_units_of_features_from_different_networks_are_warned_of(quick_demo):
+    """Dimensions that agree hide it: the ranking would compare unrelated feature spaces."""
+    import warnings
+    from dataclasses import replace
+
+    demo, _, _ = quick_demo
+    pool, target = (FeatureStore.load(demo / f"features_{n}") for n in ("pretrain", "target"))
+    source, same = class_means(pool), class_means(target)
+    assert source.meta["embedding"] == {"model": "smallcnn", "layer": "penultimate",
+                                        "state": pool.meta["inputs"]["state"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        select(source, same, SelectConfig(k=3))  # the same network: no warning
+    other = class_means(replace(target, meta={**target.meta, "inputs": {
+        **target.meta["inputs"], "state": "sha256:0123456789abcdef"}}))
+    with pytest.warns(UserWarning, match=r"different networks \(state: smallcnn sha256:"):
+        select(source, other, SelectConfig(k=3))
+    plain = class_means(FeatureStore(features=np.asarray(target.features), labels=target.labels))
+    assert plain.meta["embedding"] is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        select(source, plain, SelectConfig(k=3))  # features from elsewhere record no network

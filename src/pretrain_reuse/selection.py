@@ -17,6 +17,7 @@ differ in size, so "10% of the pool" is not "10% of the clusters").
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -396,6 +397,7 @@ def select_many(source: Units | FeatureStore | np.ndarray, targets: list[Units |
                 f"source units have dimension {source.prototypes.shape[1]} but target units have "
                 f"{t.prototypes.shape[1]}; embed both with the same backbone and layer"
             )
+        _warn_other_embedding(source, t)
     scored = lookup(SELECTORS, cfg.method, "method")(source, targets, cfg)
     counts = source.counts
     out = []
@@ -414,6 +416,20 @@ def select_many(source: Units | FeatureStore | np.ndarray, targets: list[Units |
                              params=meta["params"], meta=meta, unit_names=source.names,
                              counts=counts))
     return out
+
+
+def _warn_other_embedding(source: Units, target: Units) -> None:
+    """Warn when the units summarise features of different networks (another backbone, layer
+    or weights, as ``embed`` recorded them): a dimension that agrees hides it, and the ranking
+    then compares unrelated feature spaces. A warning, not an error: units from ``.npy`` files
+    or made elsewhere record no network, and a user may know better."""
+    a, b = source.meta.get("embedding"), target.meta.get("embedding")
+    if a and b and a != b:
+        differ = ", ".join(k for k in ("model", "layer", "state") if a.get(k) != b.get(k))
+        warnings.warn(
+            f"source and target units come from features of different networks ({differ}: "
+            f"{a['model']} {a['state']} vs {b['model']} {b['state']}); embed both with the same "
+            "--model, --weights and --layer", stacklevel=3)
 
 
 def select(source: Units | FeatureStore | np.ndarray, target: Units | FeatureStore | np.ndarray,

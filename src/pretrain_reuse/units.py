@@ -231,7 +231,7 @@ def class_means(store: FeatureStore, *, normalize: bool = False) -> Units:
     check_matrix("class means", protos)
     meta = make_meta("units.class_means", {"normalize": normalize},
                      inputs=_store_inputs(store))
-    meta["sizes"] = size_report(counts)
+    meta.update(sizes=size_report(counts), embedding=embedding_of(store))
     return Units(prototypes=protos, kind="class", assignment=store.labels.copy(),
                  sample_ids=list(store.ids), names=store.class_names, meta=meta)
 
@@ -330,12 +330,24 @@ def spherical_kmeans(store: FeatureStore | np.ndarray, k: int, *, n_iter: int = 
                      # the labels a store may carry play no part in the clusters
                      inputs=_store_inputs(replace(store, labels=None)),
                      seed=seed)
-    meta.update(objective=objective, passes=fit.passes, full_passes=fit.full_passes,
+    meta.update(embedding=embedding_of(store), objective=objective, passes=fit.passes,
+                full_passes=fit.full_passes,
                 converged=fit.converged,
                 sizes=size_report(np.bincount(assign)), empty_reseeded=fit.reseeded,
                 empty_dropped=len(empty))
     return Units(prototypes=protos, kind="cluster", assignment=assign.astype(np.int64),
                  sample_ids=list(store.ids), meta=meta)
+
+
+def embedding_of(store: FeatureStore) -> dict[str, Any] | None:
+    """What computed a store's features, as ``embed`` records it: the backbone, its layer and
+    the hash of the network's parameters; None for features from elsewhere (a ``.npy``). Units
+    carry it (``meta["embedding"]``), so that a selection can tell when source and target units
+    summarise features of different networks, whose similarities mean nothing."""
+    params, inputs = store.meta.get("params", {}), store.meta.get("inputs", {})
+    if store.meta.get("producer") != "embed" or not inputs.get("state"):
+        return None
+    return {"model": params.get("model"), "layer": params.get("layer"), "state": inputs["state"]}
 
 
 def _store_inputs(store: FeatureStore) -> dict[str, str]:
