@@ -8,21 +8,35 @@ import pytest
 import torch
 
 from pretrain_reuse import load
+from pretrain_reuse.artifacts import safetensors_header
 from pretrain_reuse.cli import main
 from pretrain_reuse.data import open_dataset
 from pretrain_reuse.embed import preprocessed
 from pretrain_reuse.errors import PretrainReuseError
 from pretrain_reuse.knowledge import discrimination_power, harsanyi_and
-from pretrain_reuse.knowledge.analysis import counterfactual
+from pretrain_reuse.knowledge.analysis import (
+    KnowledgeWarning,
+    analyze_knowledge,
+    counterfactual,
+    load_analysis,
+)
+from pretrain_reuse.knowledge.explain import ExplainConfig
 from pretrain_reuse.knowledge.interactions import reconstruct_and, reconstruct_or
+from pretrain_reuse.knowledge.metrics import knowledge_set
 from pretrain_reuse.models import create_backbone, save_backbone
 
 
-def _classifier(path, classes: int, seed: int = 0):
+def _classifier(path, classes: int, seed: int = 0, meta: dict | None = None):
     torch.manual_seed(seed)
     net = create_backbone("smallcnn-s", num_classes=classes)
-    save_backbone(net, path, {"seed": seed})
+    save_backbone(net, path, {"seed": seed} if meta is None else meta)
     return path
+
+
+def _snapshot(path, step: int, seed: int, run: str | None = "sha256:run-a"):
+    """A fine-tuning snapshot as finetune --snapshots writes it: its step and run (None: a
+    snapshot of an earlier version, which records only the step)."""
+    return _classifier(path, 10, seed, {"step": step} if run is None else {"step": step, "run": run})
 
 
 def _run(capsys, *argv):
@@ -246,7 +260,7 @@ def test_checkpoints_of_another_run_or_not_models_are_refused(tmp_path, capsys):
     model = _classifier(tmp_path / "m.safetensors", 10)
     (tmp_path / "snaps").mkdir()
     for step in (1, 2):  # snapshots of another run: its final model is not --finetuned
-        _classifier(tmp_path / "snaps" / f"step-{step:07d}.safetensors", 10, seed=step)
+        _snapshot(tmp_path / "snaps" / f"step-{step:07d}.safetensors", step, seed=step)
     knowledge = ["knowledge", "--model", "smallcnn-s", "--pretrained", model, "--finetuned", model,
                  "--data", "synthetic:target", "--players", "grid:2x2", "--samples", 2, "--quiet",
                  "--out", tmp_path / "k"]
@@ -365,7 +379,7 @@ def test_joint_decomposition_keeps_the_explain_meta_and_decomposes_checkpoints_a
     model = _classifier(tmp_path / "m.safetensors", 10)
     (tmp_path / "snaps").mkdir()
     for step, seed in ((1, 1), (2, 0)):  # the last snapshot is the fine-tuned model (seed 0)
-        _classifier(tmp_path / "snaps" / f"step-{step:07d}.safetensors", 10, seed=seed)
+        _snapshot(tmp_path / "snaps" / f"step-{step:07d}.safetensors", step, seed=seed)
     rc, _, err = _run(capsys, "knowledge", "--model", "smallcnn-s", "--pretrained", model,
                       "--finetuned", model, "--checkpoints", tmp_path / "snaps", "--data",
                       "synthetic:target", "--players", "grid:2x2", "--samples", 2,
@@ -387,7 +401,7 @@ def test_a_smaller_rerun_leaves_no_outputs_of_the_earlier_run(tmp_path, capsys):
     model = _classifier(tmp_path / "m.safetensors", 10)
     (tmp_path / "snaps").mkdir()
     for step, seed in ((1, 1), (2, 0)):  # the last snapshot is the fine-tuned model (seed 0)
-        _classifier(tmp_path / "snaps" / f"step-{step:07d}.safetensors", 10, seed=seed)
+        _snapshot(tmp_path / "snaps" / f"step-{step:07d}.safetensors", step, seed=seed)
     explain = ["explain", "--model", "smallcnn-s", "--weights", model, "--data", "synthetic:target",
                "--players", "grid:2x2", "--quiet"]
     assert _run(capsys, *explain, "--samples", 4, "--out", tmp_path / "x")[0] == 0
@@ -572,13 +586,20 @@ def test_the_python_api_refuses_checkpoints_that_do_not_end_at_the_finetuned_mod
     from pretrain_reuse.knowledge.analysis import analyze_knowledge
     from pretrain_reuse.knowledge.explain import ExplainConfig
 
-    torch.manual_seed(0)
-    finetuned, other = (create_backbone("smallcnn-s", num_classes=10) for _ in range(2))
+    finetuned, other = (create_backbone("smallcnn-s", weights=_snapshot(
+        tmp_path / f"{step}.safetensors", step, seed=step)) for step in (1, 2))
     data = open_dataset("synthetic:target", split="test")
     with pytest.raises(PretrainReuseError, match="the last of the 2 checkpoints is not the fine"):
         analyze_knowledge({"pretrained": other, "finetuned": finetuned}, data,
                           ExplainConfig(players="grid:2x2", samples=2), tmp_path / "k",
-                          checkpoints=[finetuned, other], progress=False)
+                          checkpoints=[other, finetuned], progress=False)
+    assert not (tmp_path / "k").exists()
+    # a model that was never saved records no step: the curve has no x
+    with pytest.raises(PretrainReuseError, match=r"checkpoints\[0\] records no training step"):
+        analyze_knowledge({"pretrained": other, "finetuned": finetuned}, data,
+                          ExplainConfig(players="grid:2x2", samples=2), tmp_path / "k",
+                          checkpoints=[create_backbone("smallcnn-s", num_classes=10), finetuned],
+                          progress=False)
     assert not (tmp_path / "k").exists()
 
 
@@ -611,9 +632,10 @@ def test_games_without_any_effect_give_undefined_entries_not_a_crash(tmp_path):
         for p in net.parameters():
             p.zero_()
     data = open_dataset("synthetic:target", split="test")
-    summary = analyze_knowledge({"pretrained": net, "finetuned": net}, data,
-                                ExplainConfig(players="grid:2x2", samples=2), tmp_path / "k",
-                                progress=False)
+    with pytest.warns(KnowledgeWarning, match="the pretrained and finetuned models are the same"):
+        summary = analyze_knowledge({"pretrained": net, "finetuned": net}, data,
+                                    ExplainConfig(players="grid:2x2", samples=2), tmp_path / "k",
+                                    progress=False)
     faith = summary["faithfulness"]["finetuned"]
     assert faith["max"] is None and faith["max_over_samples"] is None and faith["undefined"] == 2
     assert summary["report"]["overall"]["preserve"]["mean"] is None
@@ -754,9 +776,10 @@ def test_knowledge_screens_until_it_has_the_samples_asked(tmp_path):
     net = create_backbone("smallcnn-s", num_classes=10)
     data = open_dataset("synthetic:target", split="test")
     # 3 samples screened at a time: a model right on ~1 in 10 needs many rounds for 4 samples
-    summary = analyze_knowledge({"pretrained": net, "finetuned": net}, data,
-                                ExplainConfig(players="grid:2x2", samples=4), tmp_path / "k",
-                                candidates=3, progress=False)
+    with pytest.warns(KnowledgeWarning, match="same network"):
+        summary = analyze_knowledge({"pretrained": net, "finetuned": net}, data,
+                                    ExplainConfig(players="grid:2x2", samples=4), tmp_path / "k",
+                                    candidates=3, progress=False)
     assert summary["samples"]["n"] == 4 and summary["samples"]["screened"] > 3
     for i in summary["samples"]["ids"]:
         k = data.ids.index(i)
@@ -804,3 +827,162 @@ def test_the_same_network_in_two_roles_is_a_warning(tmp_path, capsys):
     assert rc == 0, err
     assert ("warning: the pretrained and finetuned models are the same network (equal weights), "
             "so their knowledge is identical; check --pretrained and --finetuned") in err
+
+
+KNOWLEDGE_2X2 = ["knowledge", "--model", "smallcnn-s", "--data", "synthetic:target", "--players",
+                 "grid:2x2", "--samples", 2]
+
+
+def test_checkpoints_are_ordered_by_the_step_they_record_not_by_name(tmp_path, capsys):
+    # file names in another order than the steps (the reviewer's a/b/c/z copies of steps
+    # 33, 11, 22, 44): the curve runs over the recorded steps and ends at the final model
+    final = _classifier(tmp_path / "final.safetensors", 10, seed=0)
+    (tmp_path / "snaps").mkdir()
+    for name, step, seed in (("a", 33, 3), ("b", 11, 1), ("c", 22, 2), ("z", 44, 0)):
+        _snapshot(tmp_path / "snaps" / f"{name}.safetensors", step, seed)
+    rc, _, err = _run(capsys, *KNOWLEDGE_2X2, "--pretrained", final, "--finetuned", final,
+                      "--checkpoints", tmp_path / "snaps", "--quiet", "--out", tmp_path / "k")
+    assert rc == 0, err
+    curve = json.loads((tmp_path / "k" / "knowledge.json").read_text())["convergence"]
+    assert curve["steps"] == [11, 22, 33, 44]
+    assert [c["step"] for c in curve["checkpoints"]] == [11, 22, 33, 44]
+    assert [c["weights"] for c in curve["checkpoints"]] == [
+        str(tmp_path / "snaps" / f"{name}.safetensors") for name in "bcaz"]
+    assert curve["similarity"][-1] == 1.0  # the last point is the final model itself
+    # and each point is its snapshot's: the IoU of its own interactions with the final ones
+    final_sets = [knowledge_set(x) for x in _interactions(tmp_path / "k" / "checkpoint-003")]
+    for t, s in enumerate(curve["similarity"]):
+        ious = [len(a.keys() & b.keys()) / len(a.keys() | b.keys()) for a, b in zip(
+            (knowledge_set(x) for x in _interactions(tmp_path / "k" / f"checkpoint-{t:03d}")),
+            final_sets, strict=True)]
+        assert s == pytest.approx(np.mean(ious))
+    assert [load(f).meta["inputs"]["step"] for f in sorted(
+        (tmp_path / "k").glob("checkpoint-*/interactions-0000.safetensors"))] == [11, 22, 33, 44]
+
+
+@pytest.mark.parametrize("snapshots,needle", [
+    # (file name, step, seed, run); the fine-tuned model is seed 0
+    ([("a", 1, 1, "sha256:run-a"), ("b", None, 0, "sha256:run-a")],
+     "checkpoints (--checkpoints): b.safetensors records no training step"),
+    ([("a", 1, 1, "sha256:run-a"), ("b", 1, 2, "sha256:run-a"), ("c", 2, 0, "sha256:run-a")],
+     "a.safetensors and b.safetensors both record step 1"),
+    ([("a", 1, 1, "sha256:run-a"), ("b", 1, 2, "sha256:run-b"), ("c", 2, 0, "sha256:run-b")],
+     "checkpoints (--checkpoints) mix the snapshots of several runs (a.safetensors: run "
+     "sha256:run-a; b.safetensors: run sha256:run-b)"),
+    ([("a", 1, 1, None), ("b", 2, 0, "sha256:run-b")],
+     "mix the snapshots of several runs (a.safetensors: no run recorded; b.safetensors: run"),
+])
+def test_snapshots_without_a_step_of_the_same_step_or_of_two_runs_are_refused(
+        tmp_path, capsys, snapshots, needle):
+    final = _classifier(tmp_path / "final.safetensors", 10, seed=0)
+    (tmp_path / "snaps").mkdir()
+    for name, step, seed, run in snapshots:
+        path = tmp_path / "snaps" / f"{name}.safetensors"
+        _snapshot(path, step, seed, run) if step else _classifier(path, 10, seed)
+    rc, _, err = _run(capsys, *KNOWLEDGE_2X2, "--pretrained", final, "--finetuned", final,
+                      "--checkpoints", tmp_path / "snaps", "--quiet", "--out", tmp_path / "k")
+    assert rc == 2 and err.count("\n") == 1 and needle in err, err
+    assert not (tmp_path / "k").exists()
+
+
+def test_snapshots_of_an_earlier_version_are_read_with_a_warning(tmp_path, capsys):
+    # snapshots that record only their step (no run): still read, in step order, and the
+    # command says what it could not check
+    final = _classifier(tmp_path / "final.safetensors", 10, seed=0)
+    (tmp_path / "snaps").mkdir()
+    for name, step, seed in (("x", 2, 0), ("y", 1, 1)):
+        _snapshot(tmp_path / "snaps" / f"{name}.safetensors", step, seed, run=None)
+    rc, _, err = _run(capsys, *KNOWLEDGE_2X2, "--pretrained", final, "--finetuned", final,
+                      "--checkpoints", tmp_path / "snaps", "--out", tmp_path / "k")
+    assert rc == 0, err
+    assert ("warning: the checkpoints record no run (snapshots of an earlier version): that they "
+            "are one run's is checked only by their steps and by the last being the finetuned "
+            "model\n") in err
+    k = json.loads((tmp_path / "k" / "knowledge.json").read_text())
+    assert k["convergence"]["steps"] == [1, 2]
+
+
+def test_a_fine_tuning_run_records_its_identity_in_every_snapshot(tmp_path, capsys):
+    pre = _classifier(tmp_path / "pre.safetensors", 10)
+    run = tmp_path / "run"
+    assert _run(capsys, "finetune", "--model", "smallcnn-s", "--weights", pre, "--target",
+                "synthetic:target", "--max-steps", 2, "--batch-size", 8, "--eval-every", 1,
+                "--snapshots", "--quiet", "--out", run)[0] == 0
+    snaps = sorted((run / "snapshots").glob("*.safetensors"))
+    identity = _sha256(run / "run.json")
+    assert [json.loads(safetensors_header(f)["meta"]) for f in snaps] == [
+        {"step": int(f.stem.split("-")[1]), "run": identity} for f in snaps]
+
+
+def _finetuned_as(path, mode: str, shift: int):
+    """A classifier whose file records that finetune trained it in ``mode``: one network with
+    its weights shifted by ``shift`` x 1e-4, so that the models differ but agree on samples."""
+    torch.manual_seed(0)
+    net = create_backbone("smallcnn-s", num_classes=10)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1e-4 * shift)
+    save_backbone(net, path, {"producer": "finetune", "params": {"mode": mode}})
+    return path
+
+
+def test_swapped_roles_are_a_warning_in_the_cli_and_the_api(tmp_path, capsys):
+    probe = _finetuned_as(tmp_path / "probe.safetensors", "linear-probe", 1)
+    tuned = _finetuned_as(tmp_path / "tuned.safetensors", "reuse", 2)
+    scratch = _finetuned_as(tmp_path / "scratch.safetensors", "scratch", 3)
+    argv = [*KNOWLEDGE_2X2, "--out", tmp_path / "k"]
+    # the right roles: not a word
+    rc, _, err = _run(capsys, *argv, "--pretrained", probe, "--finetuned", tuned, "--scratch",
+                      scratch, "--quiet")
+    assert rc == 0 and err == "", err
+    rc, _, err = _run(capsys, *argv, "--pretrained", probe, "--finetuned", tuned, "--scratch",
+                      scratch)
+    assert rc == 0 and "warning" not in err
+    rc, _, err = _run(capsys, *argv, "--pretrained", tuned, "--finetuned", probe, "--scratch",
+                      probe)
+    assert rc == 0
+    warned = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert warned == [
+        "warning: the finetuned and scratch models are the same network (equal weights), so "
+        "their knowledge is identical; check --finetuned and --scratch",
+        f"warning: the pretrained model {str(tuned)!r} was trained in mode 'reuse', but the "
+        "pretrained role takes mode linear-probe; are the roles swapped? (check --pretrained)",
+        f"warning: the finetuned model {str(probe)!r} was trained in mode 'linear-probe', but "
+        "the finetuned role takes mode vanilla or reuse or reuse-unlabeled or co-tuning; are the "
+        "roles swapped? (check --finetuned)",
+        f"warning: the scratch model {str(probe)!r} was trained in mode 'linear-probe', but the "
+        "scratch role takes mode scratch; are the roles swapped? (check --scratch)"]
+    models = {"pretrained": create_backbone("smallcnn-s", weights=tuned),
+              "finetuned": create_backbone("smallcnn-s", weights=probe)}
+    with pytest.warns(KnowledgeWarning) as record:
+        analyze_knowledge(models, open_dataset("synthetic:target", split="test"),
+                          ExplainConfig(players="grid:2x2", samples=2), tmp_path / "k",
+                          progress=False)
+    assert [str(w.message) for w in record] == [line.removeprefix("warning: ")
+                                                for line in warned[1:3]]
+
+
+def test_a_damaged_or_incomplete_analysis_is_recomputed_by_a_rerun(tmp_path, capsys):
+    # a truncated interactions file, a deleted one, then no knowledge.json either: the folder
+    # is still the analysis's, and a rerun writes it again as it was
+    model = _classifier(tmp_path / "m.safetensors", 10)
+    scratch = _classifier(tmp_path / "s.safetensors", 10, seed=0)  # the same weights, another file
+    argv = [*KNOWLEDGE_2X2, "--pretrained", model, "--finetuned", model, "--scratch", scratch,
+            "--quiet", "--out", tmp_path / "k"]
+    assert _run(capsys, *argv)[0] == 0
+    first = {role: _interactions(tmp_path / "k" / role) for role in ("pretrained", "finetuned")}
+    summary = json.loads((tmp_path / "k" / "knowledge.json").read_text())
+    assert load_analysis(tmp_path / "k")[0] == summary
+    damaged = tmp_path / "k" / "finetuned" / "interactions-0001.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:300])
+    (tmp_path / "k" / "pretrained" / "interactions-0000.safetensors").unlink()
+    assert load_analysis(tmp_path / "k") is None
+    (tmp_path / "k" / "knowledge.json").unlink()
+    rc, _, err = _run(capsys, *argv)
+    assert rc == 0, err
+    _, explained = load_analysis(tmp_path / "k")
+    for role, xs in first.items():
+        for x, y in zip(xs, explained[role], strict=True):
+            np.testing.assert_array_equal(x.and_values, y.and_values)
+    again = json.loads((tmp_path / "k" / "knowledge.json").read_text())
+    assert again["report"] == summary["report"] and again["samples"] == summary["samples"]

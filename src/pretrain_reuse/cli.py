@@ -408,44 +408,27 @@ def cmd_explain(args) -> int:
 
 
 def cmd_knowledge(args) -> int:
-    from .artifacts import safetensors_header
-    from .knowledge.analysis import analyze_knowledge
+    import warnings
+
+    from .knowledge.analysis import KnowledgeWarning, analyze_knowledge
     from .knowledge.plots import purity_is_informative
-    from .models import state_hash
 
     cfg = _explain_config(args)
     models = {"pretrained": _classifier(args.model, args.pretrained, "--pretrained", args.quiet),
               "finetuned": _classifier(args.model, args.finetuned, "--finetuned", args.quiet)}
     if args.scratch:
         models["scratch"] = _classifier(args.model, args.scratch, "--scratch", args.quiet)
-    states = {role: state_hash(m) for role, m in models.items()}
-    same = [(a, b) for i, a in enumerate(states) for b in list(states)[i + 1:] if states[a] == states[b]]
-    if same and not args.quiet:  # e.g. vanilla fine-tuning without --weights is a scratch run
-        print(f"warning: the {same[0][0]} and {same[0][1]} models are the same network (equal "
-              "weights), so their knowledge is identical; check --" + " and --".join(same[0]),
-              file=sys.stderr)
-    checkpoints = None
-    if args.checkpoints:
-        from .errors import check_file
-
-        folder = check_file("--checkpoints", args.checkpoints)
-        if (folder / "run.json").exists():  # a fine-tuning run folder: its snapshots
-            folder = folder / "snapshots"
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            raise PretrainReuseError(f"--checkpoints {args.checkpoints!r} holds no .safetensors "
-                                     "models; fine-tune with --snapshots to save them")
-        foreign = [f for f in files if (safetensors_header(f) or {}).get("kind") != "backbone"]
-        if foreign:  # e.g. an explain folder's interactions, which would fail as weights
-            raise PretrainReuseError(
-                f"--checkpoints {args.checkpoints!r} holds {foreign[0].name}, which is not a "
-                "saved model; pass the snapshots folder of the fine-tuning run (finetune "
-                "--snapshots) or the run folder")
-        checkpoints = [_classifier(args.model, str(f), "--checkpoints", args.quiet)
-                       for f in files]
+    snapshots = {name: _snapshots(args.model, path, flag, args.quiet) if path else None
+                 for name, path, flag in (("checkpoints", args.checkpoints, "--checkpoints"),
+                                          ("scratch_checkpoints", args.scratch_checkpoints,
+                                           "--scratch-checkpoints"))}
     data, split = _explain_data(args)
-    summary = analyze_knowledge(models, data, cfg, args.out, checkpoints=checkpoints, tau=args.tau,
-                                match=args.match, split=split, progress=not args.quiet)
+    with warnings.catch_warnings():
+        # the analysis's doubts (swapped roles, the same network twice) as one line each
+        warnings.simplefilter("ignore" if args.quiet else "always", KnowledgeWarning)
+        warnings.showwarning = _print_warning
+        summary = analyze_knowledge(models, data, cfg, args.out, **snapshots, tau=args.tau,
+                                    match=args.match, split=split, progress=not args.quiet)
     overall = summary["report"]["overall"]
     line = ", ".join(f"{k} {_number(overall[k]['mean'])}" for k in ("preserve", "discard", "new",
                                                                    "exclusive") if k in overall)
@@ -470,6 +453,32 @@ def cmd_knowledge(args) -> int:
 def _number(x: float | None) -> str:
     """A ratio to print; None where it is undefined (e.g. games without any effect)."""
     return "n/a" if x is None else f"{x:.3f}"
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for a command: the message on one line, without the source."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _snapshots(model: str, path: str, flag: str, quiet: bool) -> list:
+    """The snapshot models of the run folder (or its ``snapshots/`` folder) at ``path``, in any
+    order: knowledge orders them by the step each records."""
+    from .artifacts import safetensors_header
+    from .errors import check_file
+
+    folder = check_file(flag, path)
+    if (folder / "run.json").exists():  # a fine-tuning run folder: its snapshots
+        folder = folder / "snapshots"
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise PretrainReuseError(f"{flag} {path!r} holds no .safetensors models; fine-tune with "
+                                 "--snapshots to save them")
+    foreign = [f for f in files if (safetensors_header(f) or {}).get("kind") != "backbone"]
+    if foreign:  # e.g. an explain folder's interactions, which would fail as weights
+        raise PretrainReuseError(
+            f"{flag} {path!r} holds {foreign[0].name}, which is not a saved model; pass the "
+            "snapshots folder of the fine-tuning run (finetune --snapshots) or the run folder")
+    return [_classifier(model, str(f), flag, quiet) for f in files]
 
 
 def _add_explain_flags(p: argparse.ArgumentParser) -> None:
@@ -696,7 +705,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--finetuned", required=True, help="fine-tuned model.safetensors")
     k.add_argument("--scratch", help="scratch-trained model.safetensors")
     k.add_argument("--checkpoints", help="fine-tuning run folder made with finetune --snapshots "
-                   "(or its snapshots/ folder): the convergence curve")
+                   "(or its snapshots/ folder): the convergence curve, over the steps the "
+                   "snapshots record")
+    k.add_argument("--scratch-checkpoints", help="likewise, the scratch run of --scratch: its "
+                   "curve, to compare with fine-tuning's")
     k.add_argument("--match", default="support", help="support | signed")
     _add_explain_flags(k)
     k.set_defaults(func=cmd_knowledge)

@@ -46,7 +46,7 @@ from .embed import EmbedConfig, embed
 from .errors import check_choice
 from .features import FeatureStore
 from .finetune import FinetuneConfig, RunResult, finetune_datasets
-from .knowledge.analysis import analyze_knowledge
+from .knowledge.analysis import analyze_knowledge, load_analysis
 from .knowledge.explain import ExplainConfig
 from .models import create_backbone
 from .selection import SelectConfig, Selection, select
@@ -109,6 +109,9 @@ RUNS = {
     "scratch": ("scratch", None),
 }
 QUICK_RUNS = ("vanilla", "reuse-uot", "reuse-random", "linear-probe", "scratch")
+#: Runs whose first seed saves snapshots: the knowledge stage's convergence curves of fine-tuning
+#: and of scratch training (note §4).
+SNAPSHOT_RUNS = ("vanilla", "scratch")
 #: Weight of the source loss per mode. Labelled reuse uses the paper's MoCo value (1.0); the
 #: unlabelled loss uses 0.3 because the strong view (RandAugmentMC + Cutout of up to half the
 #: side, made for photos) often erases or recolours the parts a 32 px world image is classified
@@ -118,13 +121,14 @@ LAMBDA = {"reuse": 1.0, "reuse-unlabeled": 0.3, "co-tuning": 0.3}
 
 
 class _Stages:
-    """Runs named stages once: a stage whose marker file exists is skipped on a rerun."""
+    """Runs named stages once: a stage found done (its marker file exists, mostly) is skipped on
+    a rerun."""
 
     def __init__(self, out: Path, timing: dict[str, float], progress: bool):
         self.out, self.timing, self.progress = out, timing, progress
 
-    def run(self, name: str, done: Path, build: Callable[[], Any]) -> None:
-        if done.exists():
+    def run(self, name: str, done: bool, build: Callable[[], Any]) -> None:
+        if done:
             return
         if self.progress:
             print(f"[demo] {name} ...", flush=True)
@@ -157,23 +161,23 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = 
                              head_lr_mult=1.0, schedule="cosine", augment="flip", weight_decay=5e-4,
                              val_fraction=0.05, eval_every=plan.pretrain_epochs, seed=seed,
                              checkpoint_every=100)
-    stages.run("pretrain", pre_dir / "result.json", lambda: finetune_datasets(
+    stages.run("pretrain", (pre_dir / "result.json").exists(), lambda: finetune_datasets(
         pre_cfg, model=MODEL, train_pool=pool, test_set=open_dataset(scene.pool, split="test"),
         out=pre_dir, progress=progress))
     weights = str(pre_dir / "model.safetensors")
 
     def embed_stage(data: str, name: str) -> None:
-        stages.run(f"embed_{name}", out / name / "index.json", lambda: embed(
+        stages.run(f"embed_{name}", (out / name / "index.json").exists(), lambda: embed(
             EmbedConfig(model=MODEL, data=data, weights=weights, batch_size=256), out / name,
             progress=progress))
 
     embed_stage(scene.pool, "features_pretrain")
     embed_stage(scene.target, "features_target")
-    stages.run("units", out / "units_clusters.safetensors",
+    stages.run("units", (out / "units_clusters.safetensors").exists(),
                lambda: _units(out, scene.clusters, seed))
     classes, clusters = (Units.load(out / f"units_{k}.safetensors") for k in ("classes", "clusters"))
     target_units = class_means(FeatureStore.load(out / "features_target"))
-    stages.run("select", out / "selections" / "clusters-random.json",
+    stages.run("select", (out / "selections" / "clusters-random.json").exists(),
                lambda: _select(out, classes, clusters, target_units, related, seed))
 
     runs = QUICK_RUNS if quick else tuple(RUNS)
@@ -186,10 +190,11 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = 
                                  lam=LAMBDA.get(mode, 0.0), augment="flip",
                                  eval_every=max(1, epochs // 6), seed=s,
                                  schedule="cosine", checkpoint_every=1000,
-                                 snapshots=(name == "vanilla" and s == plan.seeds[0]))
+                                 # the convergence curves of the knowledge stage
+                                 snapshots=name in SNAPSHOT_RUNS and s == plan.seeds[0])
             if mode == "linear-probe":
                 cfg = replace(cfg, lr=0.1, head_lr_mult=1.0)
-            stages.run(f"finetune_{name}_seed{s}", run_dir / "result.json", lambda cfg=cfg,
+            stages.run(f"finetune_{name}_seed{s}", (run_dir / "result.json").exists(), lambda cfg=cfg,
                        sel=sel, run_dir=run_dir: finetune_datasets(
                            cfg, model=MODEL, weights=weights, train_pool=target,
                            test_set=target_test, source_pool=pool if sel else None,
@@ -197,7 +202,8 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = 
                            units=clusters if sel and sel.startswith("clusters") else None,
                            out=run_dir, progress=progress))
 
-    stages.run("knowledge", out / "knowledge" / "knowledge.json",
+    # an analysis with a missing or damaged file is done again (from its cached games)
+    stages.run("knowledge", load_analysis(out / "knowledge") is not None,
                lambda: _knowledge(out, plan, seed, target_test, scene, progress))
     summary = _summary(out, plan, runs, related, timing, quick, seed)
     summary["scenario"] = {"name": scenario, **asdict(scene), "related": related.tolist(),
@@ -234,14 +240,16 @@ def _knowledge(out: Path, plan: DemoPlan, seed: int, test_set, scene: Scenario,
     def model(run: str, file: str = "model.safetensors"):
         return create_backbone(MODEL, weights=str(out / "finetune" / f"{run}-seed{seed}" / file))
 
+    def snapshots(run: str) -> list:  # in any order: the analysis orders them by their steps
+        folder = out / "finetune" / f"{run}-seed{seed}" / "snapshots"
+        return [create_backbone(MODEL, weights=str(p)) for p in folder.glob("*.safetensors")]
+
     models = {"pretrained": model("linear-probe"), "finetuned": model("vanilla"),
               "scratch": model("scratch")}
-    snaps = sorted((out / "finetune" / f"vanilla-seed{seed}" / "snapshots").glob("*.safetensors"))
-    checkpoints = [create_backbone(MODEL, weights=str(p)) for p in snaps]
     cfg = ExplainConfig(players=scene.players, baseline=scene.baseline, samples=plan.explain_samples,
                         seed=seed)
-    analyze_knowledge(models, test_set, cfg, out / "knowledge", checkpoints=checkpoints,
-                      split="test", progress=progress)
+    analyze_knowledge(models, test_set, cfg, out / "knowledge", checkpoints=snapshots("vanilla"),
+                      scratch_checkpoints=snapshots("scratch"), split="test", progress=progress)
 
 
 def _summary(out: Path, plan: DemoPlan, runs, related, timing, quick: bool, seed: int) -> dict:

@@ -169,9 +169,8 @@ def _knowledge_analysis(ws: Workspace, rows: list[Row], table: list[dict]) -> di
     probe and the scratch model (``knowledge/<label>-seed<s>/``); the ratios' means go into the
     fine-tuned rows, and their correlation with test accuracy across all fine-tuned models
     (pre-trainings x seeds) into the table's ``extra``."""
-    from ..knowledge.analysis import analyze_knowledge
+    from ..knowledge.analysis import analyze_knowledge, load_analysis
     from ..knowledge.metrics import accuracy_correlation, knowledge_report
-    from ..knowledge.values import Interactions
 
     cfg = ws.cfg
     by_method = {r.method: r for r in rows}
@@ -188,13 +187,14 @@ def _knowledge_analysis(ws: Workspace, rows: list[Row], table: list[dict]) -> di
             files = {"pretrained": ws.run_dir(probe, seed), "finetuned": ws.run_dir(row, seed)}
             if "scratch" in by_method:
                 files["scratch"] = ws.run_dir(by_method["scratch"], seed)
-            if not (out / "knowledge.json").exists():
+            # not run yet, stopped, or with a file missing or damaged: (re)computed, which its
+            # cached games make cheap
+            if load_analysis(out) is None:
                 nets = {role: create_backbone(cfg.model, weights=str(d / "model.safetensors"))
                         for role, d in files.items()}
                 analyze_knowledge(nets, ws.data("test"), replace(cfg.explain_config(), seed=seed),
                                   out, split="test", progress=ws.progress)
-            explained = {role: [Interactions.load(p) for p in sorted(
-                (out / role).glob("interactions-*.safetensors"))] for role in files}
+            _, explained = load_analysis(out)
             report = knowledge_report(explained["pretrained"], explained["finetuned"],
                                       explained.get("scratch"))
             for k in KNOWLEDGE_RATIOS:

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..artifacts import atomic_path, make_meta, read_json, require_keys, to_json, write_json
+from ..artifacts import atomic_path, hash_file, make_meta, read_json, require_keys, to_json, write_json
 from ..data.datasets import ImageDataset, describe_skipped
 from ..distributed import process_device, rank_world
 from ..errors import PretrainReuseError, check_choice
@@ -269,8 +269,11 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
             history.append(record)
             _append_jsonl(out / "metrics.jsonl", record)
             if cfg.snapshots:
+                # the run's identity (run.json, kept on resume) beside the step: knowledge
+                # refuses snapshots of several runs in one folder and orders them by step
                 save_backbone(model.backbone.with_head(model.head),
-                              out / "snapshots" / f"step-{done:07d}.safetensors", {"step": done})
+                              out / "snapshots" / f"step-{done:07d}.safetensors",
+                              {"step": done, "run": hash_file(out / "run.json")})
             model.train()
         if rank == 0 and checkpoint:
             save_state(out / CHECKPOINT, {"model": model.state_dict(),

@@ -23,6 +23,8 @@ definitions of ``methods/knowledge.md``):
 
 from __future__ import annotations
 
+import itertools
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,10 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..artifacts import make_meta, make_run_folder, write_json
+from ..artifacts import make_meta, make_run_folder, read_json, write_json
 from ..data.datasets import ImageDataset
 from ..data.text import TextDataset
 from ..errors import PretrainReuseError, check_choice, is_integer
+from ..finetune.config import MODES
 from ..models import Backbone, state_hash
 from .explain import (
     SHOWN,
@@ -52,8 +55,11 @@ from .explain import (
     explain_games,
     explainable,
     model_classes,
+    model_identity,
     sample_order,
     save_explanations,
+    weights_meta,
+    weights_path,
     with_games,
 )
 from .metrics import (
@@ -72,6 +78,28 @@ from .values import Interactions, check_tau
 ROLES = ("pretrained", "finetuned", "scratch")
 #: The ``kind`` of ``knowledge.json``, by which a reader recognises it.
 KIND = "knowledge-report"
+#: The snapshot series of :func:`analyze_knowledge` (its parameters): the role of the model their
+#: run ended with, the ``knowledge.json`` entry of their convergence curve and their folders'
+#: prefix.
+SERIES = {"checkpoints": ("finetuned", "convergence", "checkpoint"),
+          "scratch_checkpoints": ("scratch", "scratch_convergence", "scratch-checkpoint")}
+#: What an analysis writes into its folder (name patterns): a folder holding only these is an
+#: analysis whose ``knowledge.json`` is missing (stopped before writing it, or deleted), which a
+#: rerun finishes; a rerun deletes those of them it does not write again.
+OUTPUTS = (*ROLES, *(f"{prefix}-*" for _, _, prefix in SERIES.values()), "strength_by_order.png",
+           "ratios.png", "purity.png", "convergence.png", "preserved.png")
+#: The modes of ``finetune`` (``meta.params.mode`` of the model it writes) that fit each role: the
+#: pre-trained model is the linear probe on its frozen backbone, the fine-tuned model any mode
+#: that trains the pre-trained backbone on the target, the scratch model a scratch training.
+ROLE_MODES = {"pretrained": ("linear-probe",),
+              "finetuned": tuple(m for m in MODES if m not in ("linear-probe", "scratch")),
+              "scratch": ("scratch",)}
+
+
+class KnowledgeWarning(UserWarning):
+    """A doubt about the models given to :func:`analyze_knowledge` that does not stop it (the
+    same network in two roles, a model trained in the mode of another role, snapshots that
+    record no run); the CLI prints each as one ``warning:`` line."""
 
 
 def correct_mask(models: dict[str, Backbone], dataset: ImageDataset | TextDataset,
@@ -111,15 +139,22 @@ def counterfactual(x: Interactions, sets: list[int], tau: float, rng: np.random.
 
 def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextDataset,
                       cfg: ExplainConfig, out: str | Path, *, checkpoints: list[Backbone] | None = None,
-                      tau: float = 0.05, match: str = "support", candidates: int = 400,
-                      split: str | None = None, progress: bool = True) -> dict[str, Any]:
+                      scratch_checkpoints: list[Backbone] | None = None, tau: float = 0.05,
+                      match: str = "support", candidates: int = 400, split: str | None = None,
+                      progress: bool = True) -> dict[str, Any]:
     """Run the analysis into ``out`` and return (and write ``knowledge.json``) its summary.
 
     ``out`` must be new, empty or the folder of an earlier analysis (it holds ``knowledge.json``,
-    or only the models' folders of a run stopped before writing it); there the outputs of the
-    earlier run that this run does not rewrite (the folder of a scratch model or of checkpoints no
-    longer given, their figures) are deleted. Every model is checked (a classifier over the data's
-    classes with finite outputs, players that fit its input) before anything is written.
+    or only files an analysis writes: a run stopped before writing its summary, or one whose
+    summary was deleted); there the outputs of the earlier run that this run does not rewrite
+    (the folder of a scratch model or of checkpoints no longer given, their figures) are deleted.
+    An earlier analysis's damaged or missing files are simply written again (its cached games
+    make that cheap; a cached game whose v(N) or v(∅) the model no longer gives is computed
+    again). Every model is checked (a classifier over the data's classes with finite outputs,
+    players that fit its input) before anything is written. Doubts that do not stop the
+    analysis are :class:`KnowledgeWarning` s: the same network in two roles, a model whose
+    weights file records a ``finetune`` mode that does not fit its role (:data:`ROLE_MODES`:
+    a fine-tuned model given as the pre-trained one), snapshots that record no run.
 
     Args:
         models: ``{"pretrained": ..., "finetuned": ..., "scratch": ...}`` (scratch optional), each
@@ -131,9 +166,17 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
             one joint problem over the checkpoints would pull their supports together and so
             bias the similarity the convergence curve measures. ``knowledge.json``'s meta
             records the checkpoints' decomposition as ``checkpoint_decomposition``.
-        checkpoints: fine-tuning checkpoints, oldest first, for the convergence curve: the
-            snapshots of the run that made ``models["finetuned"]``, so the last one must be it
-            (a run's last snapshot is its final model; else the curve is another model's).
+        checkpoints: snapshots of the fine-tuning run that made ``models["finetuned"]``
+            (``finetune --snapshots``), in any order: they are ordered by the training step each
+            records, and refused when one records no step, two record the same step, they
+            record different runs (snapshots of two runs in one folder) or the last is not
+            ``models["finetuned"]`` (a run's last snapshot is its final model). Snapshots of
+            an earlier version record no run: they are read, with a warning that only their
+            steps and their last model are checked. Gives the convergence curve of note §4
+            (``knowledge.json``'s ``convergence``).
+        scratch_checkpoints: likewise, the snapshots of the scratch training that made
+            ``models["scratch"]``: the scratch curve (``scratch_convergence``) that the
+            fine-tuning curve is compared with.
         tau: salience threshold relative to each sample's largest interaction.
         candidates: samples screened at a time for being correct under every model (one
             forward pass of each model over them); screening goes on until ``cfg.samples``
@@ -144,8 +187,10 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     missing = {"pretrained", "finetuned"} - models.keys()
     if missing:
         raise PretrainReuseError(f"knowledge needs the {' and '.join(sorted(missing))} model(s)")
-    check_objects({**models, **{f"checkpoint {t}": m for t, m in enumerate(checkpoints or [])}},
-                  dataset, cfg)
+    given = {name: list(snaps or []) for name, snaps in
+             (("checkpoints", checkpoints), ("scratch_checkpoints", scratch_checkpoints))}
+    check_objects({**models, **{f"{name}[{t}]": m for name, snaps in given.items()
+                                for t, m in enumerate(snaps)}}, dataset, cfg)
     # named sentence labels numbered as the fine-tuned model numbers its classes (its id2label)
     dataset = model_classes(models["finetuned"], dataset)
     # checked before the interactions are computed: a typo must not cost minutes, or leave files
@@ -156,12 +201,10 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
                                  "screened at a time)")
     out = Path(out)
     device = torch.device(cfg.device)
-    if checkpoints and state_hash(checkpoints[-1]) != state_hash(models["finetuned"]):
-        raise PretrainReuseError(
-            f"the last of the {len(checkpoints)} checkpoints is not the fine-tuned model (other "
-            "weights); pass the snapshots of the run that made it (finetune --snapshots: its last "
-            "snapshot is its final model)")
-    named = {**models, **{f"checkpoint {t}": m for t, m in enumerate(checkpoints or [])}}
+    series = {name: _ordered_snapshots(name, snaps, models.get(SERIES[name][0]))
+              for name, snaps in given.items() if snaps}
+    named = {**models, **{_snapshot_role(name, t): m for name, snaps in series.items()
+                          for t, m in enumerate(snaps)}}
     for role, m in named.items():
         check_classifier(m, dataset, cfg, role)
     order = sample_order(dataset, cfg.seed, keep=explainable(models["finetuned"], dataset, cfg))
@@ -176,8 +219,10 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     indices = choose_samples(dataset, cfg.samples, cfg.seed, keep=correct)
     for role, m in named.items():
         check_explainable(m, dataset, indices, cfg, role, device)
-    folders = [*models, *(_checkpoint_folder(t) for t in range(len(checkpoints or [])))]
-    marker = make_run_folder(out, "a knowledge analysis", "knowledge.json", early=tuple(folders))
+    for doubt in _doubts(models, series):  # after the checks: an error stays the only message
+        warnings.warn(doubt, KnowledgeWarning, stacklevel=2)
+    early = [p.name for pattern in OUTPUTS for p in out.glob(pattern)] if out.is_dir() else []
+    marker = make_run_folder(out, "a knowledge analysis", "knowledge.json", early=tuple(early))
     if marker.exists():
         # this run rewrites the earlier one's files model by model: until its own summary is
         # written, the folder must not read as the earlier, finished analysis
@@ -208,18 +253,24 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
         summary["ground_truth"] = _ground_truth(dataset, indices, explained, tau)
     inputs = {"data": dataset.source, "data_path": data_path(dataset),
               "models": {role: _model_inputs(xs[0]) for role, xs in explained.items()}}
-    if checkpoints:
-        curves = [explain(m, dataset, indices, cfg, out / _checkpoint_folder(t),
-                          role=f"checkpoint {t}", tau=tau, split=split, progress=progress)
-                  for t, m in enumerate(checkpoints)]
-        inputs["checkpoints"] = [_model_inputs(xs[0]) for xs in curves]
-        summary["convergence"] = {**knowledge_convergence(curves, tau=tau, match=match).to_dict(),
-                                  "checkpoints": inputs["checkpoints"]}
+    folders = list(models)
+    for name, snaps in series.items():
+        curve = []
+        for t, m in enumerate(snaps):
+            folders.append(_snapshot_folder(name, t))
+            curve.append(explain(m, dataset, indices, cfg, out / folders[-1],
+                                 role=_snapshot_role(name, t), tau=tau, split=split,
+                                 progress=progress))
+        inputs[name] = [_model_inputs(xs[0]) for xs in curve]
+        steps = [c["step"] for c in inputs[name]]
+        summary[SERIES[name][1]] = {
+            **knowledge_convergence(curve, tau=tau, match=match, steps=steps).to_dict(),
+            "checkpoints": inputs[name]}
     summary["meta"] = make_meta("knowledge.analyze", {**asdict(cfg), **params, "match": match,
                                                       "candidates": candidates},
                                 seed=cfg.seed, inputs=inputs)
-    if checkpoints:
-        summary["meta"]["checkpoint_decomposition"] = curves[0][0].kind
+    if series:
+        summary["meta"]["checkpoint_decomposition"] = curve[0][0].kind
     write_json(out / "knowledge.json", summary)
     written = [out / name for name in folders] + save_knowledge_plots(summary, out)
     if cfg.players != "tokens":  # the fine-tuned model's preserved knowledge over the images
@@ -227,14 +278,114 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
         written.append(save_png(salient_figure(
             display_samples(models["finetuned"], dataset, shown, cfg), tau=tau,
             among=explained["pretrained"][:SHOWN], match=match), out / "preserved.png"))
-    _remove_stale(out, [*ROLES, "checkpoint-*", "convergence.png", "purity.png", "preserved.png"],
-                  written)
+    _remove_stale(out, list(OUTPUTS), written)
     return summary
 
 
-def _checkpoint_folder(t: int) -> str:
-    """The folder of the ``t``-th checkpoint's explanations."""
-    return f"checkpoint-{t:03d}"
+def load_analysis(out: str | Path) -> tuple[dict[str, Any], dict[str, list[Interactions]]] | None:
+    """The summary (``knowledge.json``) and every explained model's and snapshot's interactions
+    (``{folder name: per sample}``) of the finished analysis in ``out``; None when there is none,
+    it has not finished, or any file it lists is missing or unreadable (one interactions file
+    per sample in each model's and snapshot's folder): then rerun :func:`analyze_knowledge`
+    into ``out``, which writes them again from its cached games."""
+    out = Path(out)
+    try:
+        summary = read_json(out / "knowledge.json", "knowledge")
+        n = summary["samples"]["n"]
+        folders = [*summary["faithfulness"],
+                   *(_snapshot_folder(name, t) for name, (_, key, _) in SERIES.items()
+                     for t in range(len(summary.get(key, {}).get("checkpoints", []))))]
+        if summary.get("kind") != KIND or summary.get("finished") is False:
+            return None
+        explained = {}
+        for folder in folders:
+            files = sorted((out / folder).glob("interactions-*.safetensors"))
+            if [f.name for f in files] != [f"interactions-{k:04d}.safetensors" for k in range(n)]:
+                return None
+            explained[folder] = [Interactions.load(f) for f in files]
+    except (PretrainReuseError, KeyError, TypeError, AttributeError):
+        return None
+    return summary, explained
+
+
+def _ordered_snapshots(param: str, snapshots: list[Backbone], final: Backbone | None
+                       ) -> list[Backbone]:
+    """``snapshots`` (the value of :func:`analyze_knowledge`'s ``param``) in the order of the
+    training step each records, refused unless they are the snapshots of one run that ended with
+    ``final``, the model of their role (see :func:`analyze_knowledge`)."""
+    role = SERIES[param][0]
+    where = f"{param} (--{param.replace('_', '-')})"
+    if final is None:
+        raise PretrainReuseError(f"{where} need the {role} model their run ended with; pass it "
+                                 f"too (models[{role!r}], --{role})")
+    ids = [model_identity(m) for m in snapshots]
+    names = [Path(i["weights"]).name if i["weights"] else f"{param}[{k}]" for k, i in enumerate(ids)]
+    for name, i in zip(names, ids, strict=True):
+        if i["step"] is None:
+            raise PretrainReuseError(
+                f"{where}: {name} records no training step, so it is not a snapshot of a run; "
+                "pass the snapshots folder of one run (finetune --snapshots)")
+    other = next((k for k, i in enumerate(ids) if i["run"] != ids[0]["run"]), None)
+    if other is not None:
+        def run(k: int) -> str:
+            return f"run {ids[k]['run']}" if ids[k]["run"] else "no run recorded"
+
+        raise PretrainReuseError(
+            f"{where} mix the snapshots of several runs ({names[0]}: {run(0)}; {names[other]}: "
+            f"{run(other)}); pass the snapshots folder of one run")
+    order = sorted(range(len(ids)), key=lambda k: ids[k]["step"])
+    for a, b in itertools.pairwise(order):
+        if ids[a]["step"] == ids[b]["step"]:
+            raise PretrainReuseError(
+                f"{where}: {names[a]} and {names[b]} both record step {ids[a]['step']} (a copy?); "
+                "pass each snapshot of the run once")
+    if ids[order[-1]]["state"] != state_hash(final):
+        raise PretrainReuseError(
+            f"the last of the {len(ids)} {param} is not the "
+            f"{'fine-tuned' if role == 'finetuned' else role} model (step "
+            f"{ids[order[-1]]['step']} has other weights); pass the "
+            "snapshots of the run that made it (finetune --snapshots: its last snapshot is its "
+            "final model)")
+    return [snapshots[k] for k in order]
+
+
+def _doubts(models: dict[str, Backbone], series: dict[str, list[Backbone]]) -> list[str]:
+    """The :class:`KnowledgeWarning` s of :func:`analyze_knowledge` (one line each)."""
+    doubts = []
+    states = {role: state_hash(m) for role, m in models.items()}
+    same = [(a, b) for i, a in enumerate(states) for b in list(states)[i + 1:]
+            if states[a] == states[b]]
+    if same:  # e.g. vanilla fine-tuning without --weights is a scratch run
+        a, b = same[0]
+        doubts.append(f"the {a} and {b} models are the same network (equal weights), so their "
+                      f"knowledge is identical; check --{a} and --{b}")
+    for role, model in models.items():
+        path = weights_path(model)
+        meta = {} if path is None else weights_meta(path)
+        mode = meta.get("params", {}).get("mode") if meta.get("producer") == "finetune" else None
+        if isinstance(mode, str) and mode not in ROLE_MODES[role]:
+            doubts.append(
+                f"the {role} model {str(path)!r} was trained in mode {mode!r}, but the {role} "
+                f"role takes mode {' or '.join(ROLE_MODES[role])}; are the roles swapped? "
+                f"(check --{role})")
+    for name, snaps in series.items():
+        path = weights_path(snaps[0])
+        if path is not None and "run" not in weights_meta(path):
+            doubts.append(
+                f"the {name} record no run (snapshots of an earlier version): that they are one "
+                f"run's is checked only by their steps and by the last being the {SERIES[name][0]} "
+                "model")
+    return doubts
+
+
+def _snapshot_folder(param: str, t: int) -> str:
+    """The folder of the explanations of the ``t``-th snapshot (in step order) of ``param``."""
+    return f"{SERIES[param][2]}-{t:03d}"
+
+
+def _snapshot_role(param: str, t: int) -> str:
+    """How messages and progress bars name the ``t``-th snapshot of ``param``."""
+    return f"{SERIES[param][2].replace('-', ' ')} {t}"
 
 
 def _model_inputs(x: Interactions) -> dict[str, Any]:

@@ -32,10 +32,17 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from ..artifacts import atomic_path, hash_array, hash_file, make_meta, make_run_folder, write_json
+from ..artifacts import (
+    atomic_path,
+    hash_array,
+    hash_file,
+    make_meta,
+    make_run_folder,
+    safetensors_header,
+    write_json,
+)
 from ..configs import check_fields
 from ..data.datasets import ImageDataset
 from ..data.text import TextDataset, numbered_by
@@ -588,26 +595,35 @@ def display_samples(model: Backbone, dataset: ImageDataset, xs: list[Interaction
 
 def model_identity(model: Backbone) -> dict[str, Any]:
     """What identifies a model: its name, the weights file it was loaded from (path, content hash
-    and, for a fine-tuning snapshot, its step; None when the weights come from elsewhere) and the
-    hash of its parameters and buffers as they are."""
-    report = model.load_report
-    path = Path(report.path) if report is not None and Path(report.path).is_file() else None
+    and, for a fine-tuning snapshot, its step and the run that wrote it; None when the weights
+    come from elsewhere or the file does not record them) and the hash of its parameters and
+    buffers as they are."""
+    path = weights_path(model)
+    meta = {} if path is None else weights_meta(path)
+    step, run = meta.get("step"), meta.get("run")
     return {"model": model.spec.name, "weights": None if path is None else str(path),
             "weights_hash": None if path is None else hash_file(path),
-            "step": None if path is None else _snapshot_step(path), "state": state_hash(model)}
+            "step": step if isinstance(step, int) and not isinstance(step, bool) else None,
+            "run": run if isinstance(run, str) else None, "state": state_hash(model)}
 
 
-def _snapshot_step(path: Path) -> int | None:
-    """The training step a weights file records (fine-tuning snapshots), else None."""
+def weights_path(model: Backbone) -> Path | None:
+    """The weights file ``model`` was loaded from; None when its weights come from elsewhere."""
+    report = model.load_report
+    return Path(report.path) if report is not None and Path(report.path).is_file() else None
+
+
+def weights_meta(path: Path) -> dict[str, Any]:
+    """The ``meta`` a ``.safetensors`` weights file records (a fine-tuned model: the run's
+    ``params``, with its ``mode``; a fine-tuning snapshot: its ``step`` and ``run``); empty for
+    other files and for a header without a readable meta."""
     if path.suffix != ".safetensors":
-        return None
-    with safe_open(str(path), "np") as fh:
-        header = fh.metadata() or {}
+        return {}
     try:
-        step = json.loads(header.get("meta", "{}")).get("step")
-    except (ValueError, AttributeError):
-        return None
-    return int(step) if isinstance(step, int) else None
+        meta = json.loads((safetensors_header(path) or {}).get("meta", "{}"))
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def _remove_stale(folder: Path, patterns: list[str], written: list[Path]) -> None:

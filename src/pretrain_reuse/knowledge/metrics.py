@@ -29,6 +29,7 @@ Li & Zhang (ICML 2023) over the samples of a class, computed on the set's items.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -491,6 +492,7 @@ class Convergence:
         n_used: (T,) samples entering s(t) (the others have an empty denominator).
         measure: ``"iou"``, ``"coverage"`` or ``"weighted"``.
         threshold: the level for ``first_at_threshold``.
+        steps: (T,) the training step of each checkpoint, increasing; None: their numbers 1..T.
     """
 
     similarity: np.ndarray
@@ -498,18 +500,28 @@ class Convergence:
     n_used: np.ndarray
     measure: str
     threshold: float = 0.9
+    steps: np.ndarray | None = None
+
+    def __post_init__(self):
+        steps = np.arange(1, len(self.similarity) + 1) if self.steps is None else self.steps
+        object.__setattr__(self, "steps", np.asarray(steps, dtype=np.int64))
 
     @property
     def first_at_threshold(self) -> int | None:
-        """First checkpoint (1-based) with s(t) >= threshold, or None."""
+        """The step of the first checkpoint with s(t) >= threshold (its number 1..T when the
+        checkpoints' steps were not given), or None."""
         hits = np.flatnonzero(self.similarity >= self.threshold)
-        return int(hits[0]) + 1 if hits.size else None
+        return int(self.steps[hits[0]]) if hits.size else None
 
     @property
     def auc(self) -> float:
-        """Normalised area under s(t): the trapezoid rule over t = 1..T divided by T - 1 (s(1) if T = 1)."""
-        s = self.similarity
-        return float(s[0]) if len(s) == 1 else float(((s[1:] + s[:-1]) / 2).sum() / (len(s) - 1))
+        """Normalised area under s(t) over the training steps: the trapezoid rule divided by the
+        steps spanned (s of the only checkpoint if T = 1). Over the steps, not the checkpoints'
+        numbers, so that unevenly spaced checkpoints weigh by the training they cover."""
+        s, t = self.similarity, self.steps
+        if len(s) == 1:
+            return float(s[0])
+        return float(((s[1:] + s[:-1]) / 2 * np.diff(t)).sum() / (t[-1] - t[0]))
 
     @property
     def n_decreases(self) -> int:
@@ -524,7 +536,7 @@ class Convergence:
     def to_dict(self) -> dict[str, Any]:
         """The result as JSON-ready data (NaN as None)."""
         return {
-            "measure": self.measure, "threshold": self.threshold,
+            "measure": self.measure, "threshold": self.threshold, "steps": self.steps.tolist(),
             "similarity": [_nan_to_none(float(s)) for s in self.similarity],
             "detour": [_nan_to_none(float(d)) for d in self.detour],
             "n_used": self.n_used.tolist(),
@@ -541,13 +553,16 @@ class Convergence:
         """Read a file written by :meth:`save` (the summaries are recomputed, not read)."""
         d = _load_json(path, "knowledge-convergence",
                        ("similarity", "detour", "n_used", "measure", "threshold"))
+        # .get: a file of an earlier version records no steps (its checkpoints' numbers)
         return cls(_none_to_nan(d["similarity"]), _none_to_nan(d["detour"]),
-                   np.array(d["n_used"], dtype=np.int64), d["measure"], float(d["threshold"]))
+                   np.array(d["n_used"], dtype=np.int64), d["measure"], float(d["threshold"]),
+                   d.get("steps"))
 
 
 def knowledge_convergence(checkpoints: Iterable[Iterable[Interactions]], *, tau: float = 0.05,
                           match: str = "support", measure: str = "iou", threshold: float = 0.9,
-                          order: int | None = None) -> Convergence:
+                          order: int | None = None, steps: Sequence[int] | None = None
+                          ) -> Convergence:
     r"""Convergence of knowledge over checkpoints t = 1..T towards the final checkpoint T.
 
     Per sample x, with Ω_t = Ω_t(x):
@@ -566,6 +581,9 @@ def knowledge_convergence(checkpoints: Iterable[Iterable[Interactions]], *, tau:
         threshold: level of the ``first_at_threshold`` summary, in [0, 1] like s(t).
         order: only interactions of this order |S| in 1..n (knowledge sets and vectors), or all
             (None).
+        steps: the training step of each checkpoint, increasing (the step a snapshot records):
+            the x of the curve, of ``first_at_threshold`` and of ``auc``; None: the checkpoints'
+            numbers 1..T.
     """
     check_choice("measure", measure, MEASURES)
     check_choice("match", match, MATCHES)
@@ -588,6 +606,13 @@ def knowledge_convergence(checkpoints: Iterable[Iterable[Interactions]], *, tau:
     if order is not None and not (is_integer(order) and 1 <= order <= n):
         raise PretrainReuseError(f"order={order!r} must be an interaction order in 1..{n} (the number "
                                  "of players), or None for all orders")
+    if steps is not None:
+        steps = list(steps)
+        if (len(steps) != len(checkpoints) or not all(is_integer(t) for t in steps)
+                or any(a >= b for a, b in itertools.pairwise(steps))):
+            raise PretrainReuseError(
+                f"steps={steps!r} must be {len(checkpoints)} increasing integers, the training "
+                "step of each checkpoint, or None")
 
     def omega_of(x: Interactions) -> dict[Item, float]:
         return _restrict(knowledge_set(x, tau=tau, match=match), order)
@@ -612,7 +637,7 @@ def knowledge_convergence(checkpoints: Iterable[Iterable[Interactions]], *, tau:
         sims.append(s_arr[ok].mean() if ok.any() else math.nan)
         detours.append(np.nanmean(d_arr) if (~np.isnan(d_arr)).any() else math.nan)
         used.append(int(ok.sum()))
-    return Convergence(np.array(sims), np.array(detours), np.array(used), measure, threshold)
+    return Convergence(np.array(sims), np.array(detours), np.array(used), measure, threshold, steps)
 
 
 # --------------------------------------------------------------------------------------------
