@@ -435,3 +435,41 @@ def test_an_interrupt_says_whether_a_rerun_resumes(tmp_path, capsys, monkeypatch
             "embed": ["embed", "--model", "smallcnn", "--data", "synthetic:target", "--out", "e"]}[verb]
     assert cli.main(argv) == 130
     assert capsys.readouterr().err.strip() == f"pretrain-reuse: interrupted; {says}"
+
+
+def test_kmeanspp_recovers_well_separated_clusters_that_random_starts_merge():
+    """Planted truth: 5 directions, tight noise. Random starts (faiss's) leave a cluster without
+    a centroid on some seeds; k-means++ draws one in each, on every seed."""
+    rng = np.random.default_rng(100)
+    dirs = rng.standard_normal((5, 16))
+    truth = rng.integers(0, 5, 5000)
+    x = (dirs[truth] / np.linalg.norm(dirs[truth], axis=1, keepdims=True)
+         + 0.02 * rng.standard_normal((5000, 16))).astype(np.float32)
+
+    def recovered(units):  # the partition equals the planted one, up to cluster numbering
+        pairs = set(zip(truth.tolist(), units.assignment.tolist(), strict=True))
+        return len(units) == 5 and len(pairs) == 5
+
+    seeds = range(5)
+    assert all(recovered(spherical_kmeans(x, 5, seed=s, init="k-means++")) for s in seeds)
+    assert not all(recovered(spherical_kmeans(x, 5, seed=s)) for s in seeds)
+    assert spherical_kmeans(x, 5, seed=0, init="k-means++").meta["params"]["init"] == "k-means++"
+    with pytest.raises(PretrainReuseError, match="init='kmeans' is not one of"):
+        spherical_kmeans(x, 5, init="kmeans")
+
+
+def test_kmeanspp_draws_from_a_subsample_and_copes_with_fewer_distinct_rows_than_k():
+    x = np.repeat(np.eye(3, dtype=np.float32), 4000, axis=0)  # 12000 rows > the 10000 drawn from
+    units = spherical_kmeans(x, 5, seed=1, init="k-means++")
+    assert len(units) == 3 and units.meta["empty_dropped"] == 2
+    assert sorted(units.counts.tolist()) == [4000, 4000, 4000]
+
+
+def test_the_units_command_passes_init_on(tmp_path):
+    from pretrain_reuse.cli import main
+
+    np.save(tmp_path / "f.npy", np.random.default_rng(0).standard_normal((60, 4)).astype(np.float32))
+    out = tmp_path / "u.safetensors"
+    assert main(["units", "--features", str(tmp_path / "f.npy"), "--method", "kmeans", "--k", "4",
+                 "--init", "k-means++", "--out", str(out), "--quiet"]) == 0
+    assert Units.load(out).meta["params"]["init"] == "k-means++"

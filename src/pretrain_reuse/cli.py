@@ -145,7 +145,7 @@ def cmd_units(args) -> int:
     if args.class_names:
         store = replace(store, class_names=_read_lines(args.class_names, "class names"))
     # the k-means options; spherical_kmeans's defaults apply to those not given
-    kmeans = _given(args, ("n_iter", "n_init", "seed", "max_points_per_unit"))
+    kmeans = _given(args, ("n_iter", "n_init", "init", "seed", "max_points_per_unit"))
     if args.method == "class":
         given = [_flag(f) for f in _given(args, ("k", *kmeans))]
         if given:
@@ -627,6 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--n-iter", type=int, help="k-means passes over the samples (default 20)")
     u.add_argument("--n-init", type=int, help="k-means runs from different random starts, the "
                    "best objective kept (default 1)")
+    u.add_argument("--init", choices=("random", "k-means++"),
+                   help="k-means initial centroids: random samples (default, as faiss) or "
+                   "k-means++ (recovers well-separated clusters that random starts merge)")
     u.add_argument("--max-points-per-unit", type=int, default=None,
                    help="train k-means on at most k*this many samples (default: all)")
     u.add_argument("--normalize", action="store_true",

@@ -236,9 +236,18 @@ def class_means(store: FeatureStore, *, normalize: bool = False) -> Units:
                  sample_ids=list(store.ids), names=store.class_names, meta=meta)
 
 
+#: How spherical k-means picks its initial centroids (see :func:`spherical_kmeans`).
+INITS = ("random", "k-means++")
+
+#: k-means++ seeds from a random subsample of at least this many samples (``10 k`` if larger):
+#: it adds one centroid at a time, so it costs k passes over the samples it draws from.
+KMEANSPP_SAMPLES = 10_000
+
+
 def spherical_kmeans(store: FeatureStore | np.ndarray, k: int, *, n_iter: int = 20, n_init: int = 1,
-                     seed: int = 0, max_points_per_unit: int | None = None, normalize_means: bool = False,
-                     use_gpu: bool | None = None, progress: bool = False) -> Units:
+                     seed: int = 0, init: str = "random", max_points_per_unit: int | None = None,
+                     normalize_means: bool = False, use_gpu: bool | None = None,
+                     progress: bool = False) -> Units:
     r"""Cluster unlabelled features by spherical k-means, then summarise each cluster by its mean.
 
     Assignments ``a`` and unit-norm centroids ``c_k`` of the L2-normalised features ``x_i`` maximise
@@ -259,8 +268,17 @@ def spherical_kmeans(store: FeatureStore | np.ndarray, k: int, *, n_iter: int = 
     scikit-learn's Lloyd, 3.5-4.0x faster on one thread, over 80% of it in the 3 full passes
     (``benchmarks/kmeans.py``). Training stops early when a full pass moves no sample (a fixed
     point of Lloyd too). An emptied cluster is re-seeded next to the largest one (as faiss does).
-    Initial centroids are ``k`` distinct samples drawn with ``seed``. Runs in float32 (cluster sums
-    in float64) on the CPU (BLAS and faiss kernels, multi-threaded) or on the CUDA GPU.
+    Initial centroids are ``k`` distinct samples drawn with ``seed`` (``init="random"``, as faiss)
+    or drawn by k-means++ (Arthur & Vassilvitskii, SODA 2007; scikit-learn's default): each next
+    centroid is a sample drawn with probability proportional to its cosine distance ``1 - cos``
+    to the nearest centroid so far, from a random subsample of ``max(10000, 10 k)`` samples.
+    Random starts put two centroids in one cluster and none in another, and local moves cannot
+    undo it: on 5 well-separated directions (5000 x 16, noise 0.02) random starts recovered the
+    clusters in 2 of 5 seeds (adjusted Rand 0.70-0.72 in the others), k-means++ in 5 of 5; with
+    50 clusters ARI 0.66-0.83 vs 0.89-1.0. On the benchmark's overlapping blobs (200k x 128,
+    K = 2000) it did not raise the objective and cost 1.8 s more (20k-sample subsample), hence
+    not the default. Runs in float32 (cluster sums in float64) on the CPU (BLAS and faiss
+    kernels, multi-threaded) or on the CUDA GPU.
 
     Args:
         store: features (labels ignored), or an (N, D) array, tensor or nested list of them.
@@ -269,6 +287,7 @@ def spherical_kmeans(store: FeatureStore | np.ndarray, k: int, *, n_iter: int = 
         n_iter: passes over the training samples, at most.
         n_init: independent runs from different random starts; the best objective is kept.
         seed: seed of the initial centroids, the visiting order and the training subsample.
+        init: ``"random"`` or ``"k-means++"``, the initial centroids (see above).
         max_points_per_unit: train on at most ``k *`` this many samples (faiss uses 256); None
             trains on all. Every sample is then assigned to its most similar centroid.
         normalize_means: prototypes are the means of normalised features (default: raw features,
@@ -293,6 +312,7 @@ def spherical_kmeans(store: FeatureStore | np.ndarray, k: int, *, n_iter: int = 
         raise PretrainReuseError(f"k={k} clusters is not possible with {n} samples; pass 1 <= k <= {n}")
     n_iter, n_init = check_int("n_iter", n_iter, minimum=1), check_int("n_init", n_init, minimum=1)
     seed = check_seed("seed", seed)
+    check_choice("init", init, INITS)
     if max_points_per_unit is not None:  # -1 would cut rows off the end
         max_points_per_unit = check_int("max_points_per_unit", max_points_per_unit, minimum=1)
     gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
@@ -308,7 +328,8 @@ def spherical_kmeans(store: FeatureStore | np.ndarray, k: int, *, n_iter: int = 
         train = x[:k * max_points_per_unit]  # the first rows of a random order: a random subsample
     best = None
     for run in range(n_init):
-        fit = _online_kmeans(train, k, n_iter, rng, progress, f"k-means K={k} run {run + 1}")
+        fit = _online_kmeans(train, _initial_centroids(train, k, init, rng), n_iter, rng,
+                             progress, f"k-means K={k} run {run + 1}")
         assign = fit.assign if train is x else _most_similar(x, fit.centroids, 1)[:, 0]
         assign = assign.cpu().numpy()
         objective = _spherical_objective(x_np, assign, k)
@@ -324,7 +345,7 @@ def spherical_kmeans(store: FeatureStore | np.ndarray, k: int, *, n_iter: int = 
         k = len(keep)
     protos = _group_means(store.features, assign, k, normalize_means)
     meta = make_meta("units.spherical_kmeans",
-                     {"k": int(k + len(empty)), "n_iter": n_iter, "n_init": n_init,
+                     {"k": int(k + len(empty)), "n_iter": n_iter, "n_init": n_init, "init": init,
                       "max_points_per_unit": max_points_per_unit,
                       "normalize_means": normalize_means, "gpu": bool(gpu)},
                      # the labels a store may carry play no part in the clusters
@@ -410,9 +431,34 @@ class _Fit:
     reseeded: int
 
 
-def _online_kmeans(x: torch.Tensor, k: int, n_iter: int, rng: np.random.Generator, progress: bool,
-                   desc: str, step_per_cluster: int = 32, n_cand: int = 16) -> _Fit:
-    """Online spherical k-means on unit rows ``x`` from k random samples (see spherical_kmeans).
+def _initial_centroids(x: torch.Tensor, k: int, init: str, rng: np.random.Generator) -> torch.Tensor:
+    """(k, D) initial centroids among the unit rows ``x``: ``k`` distinct random rows, or the
+    k-means++ draw (see :func:`spherical_kmeans`)."""
+    n = len(x)
+    if init == "random":
+        return x[torch.from_numpy(rng.choice(n, k, replace=False)).to(x.device)].clone()
+    budget = max(KMEANSPP_SAMPLES, 10 * k)
+    pool = x[torch.from_numpy(np.sort(rng.choice(n, budget, replace=False))).to(x.device)] \
+        if n > budget else x
+    draws = torch.from_numpy(rng.random(k)).to(x.device)
+    chosen = [int(rng.integers(len(pool)))]
+    # float64: the running sum over tens of thousands of distances decides the draw
+    nearest = (1.0 - pool @ pool[chosen[0]]).clamp_(min=0.0).double()
+    for j in range(1, k):
+        total = torch.cumsum(nearest, 0)
+        # an all-zero distance (fewer distinct rows than k) draws uniformly: duplicates, which the
+        # training empties and re-seeds as it does any empty cluster
+        i = int(torch.searchsorted(total, draws[j] * total[-1])) if total[-1] > 0 else \
+            int(rng.integers(len(pool)))
+        chosen.append(min(i, len(pool) - 1))
+        torch.minimum(nearest, (1.0 - pool @ pool[chosen[-1]]).clamp_(min=0.0).double(), out=nearest)
+    return pool[torch.tensor(chosen, device=x.device)].clone()
+
+
+def _online_kmeans(x: torch.Tensor, centroids: torch.Tensor, n_iter: int, rng: np.random.Generator,
+                   progress: bool, desc: str, step_per_cluster: int = 32, n_cand: int = 16) -> _Fit:
+    """Online spherical k-means on unit rows ``x`` from the unit rows ``centroids`` (see
+    spherical_kmeans).
 
     A step moves ``step_per_cluster * k`` rows, then updates the centroids. With ~32 rows per
     cluster per step the objective rises much faster than with one step per pass (batch Lloyd)
@@ -428,8 +474,8 @@ def _online_kmeans(x: torch.Tensor, k: int, n_iter: int, rng: np.random.Generato
     when a full pass moves no row.
     """
     n, dim = x.shape
+    k = len(centroids)
     n_cand = min(n_cand, k)
-    centroids = x[torch.from_numpy(rng.choice(n, k, replace=False)).to(x.device)].clone()
     # float64: members are added to and removed from the sums many times over the passes
     sums = torch.zeros(k, dim, dtype=torch.float64, device=x.device)
     counts = torch.zeros(k, dtype=torch.int64, device=x.device)
