@@ -391,3 +391,19 @@ def test_units_of_features_from_different_networks_are_warned_of(quick_demo):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         select(source, plain, SelectConfig(k=3))  # features from elsewhere record no network
+
+
+def test_the_select_command_prints_the_network_warning_on_one_line(tmp_path, capsys):
+    from pretrain_reuse.cli import main
+
+    rng = np.random.default_rng(0)
+    net = {"model": "smallcnn", "layer": "penultimate", "state": "sha256:aaaaaaaaaaaaaaaa"}
+    Units(prototypes=rng.standard_normal((20, 8)).astype(np.float32), kind="class",
+          meta={"embedding": net}).save(tmp_path / "s.safetensors")
+    Units(prototypes=rng.standard_normal((4, 8)).astype(np.float32), kind="class",
+          meta={"embedding": {**net, "state": "sha256:bbbbbbbbbbbbbbbb"}}).save(tmp_path / "t.safetensors")
+    assert main(["select", "--source", str(tmp_path / "s.safetensors"), "--target",
+                 str(tmp_path / "t.safetensors"), "--k", "3", "--out", str(tmp_path / "sel.json")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and err[0].startswith(
+        "warning: source and target units come from features of different networks (state: "), err

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -829,7 +830,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb in ("embed", "finetune"):
             _init_distributed()
         try:
-            return args.func(args)
+            with warnings.catch_warnings():
+                # a library warning (units of different networks, ...) as one line, not
+                # Python's file:line and source excerpt
+                warnings.showwarning = _print_warning
+                return args.func(args)
         finally:
             _finish_distributed()
     except PretrainReuseError as e:
