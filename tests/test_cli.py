@@ -657,3 +657,22 @@ def test_k_of_100_percent_is_not_silently_one_unit(capsys, data):
     rc, _, _ = cli(capsys, "select", "--source", data.root / "src.safetensors", "--target",
                    inp / "T.npy", "--k", "100%", "--out", data.out)
     assert rc == 2 or len(read_sel(data.out)["selected"]) == N_SRC
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["units", "--features", "f.npy", "--method", "kmeans", "--k", "3", "--n-iter", "0"], "--n-iter"),
+    (["units", "--features", "f.npy", "--method", "kmeans", "--k", "0"], "--k"),
+    (["units", "--features", "f.npy", "--method", "kmeans", "--k", "3", "--max-points-per-unit", "-1"],
+     "--max-points-per-unit"),
+    (["select", "--source", "s.npy", "--target", "t.npy", "--max-iter", "0"], "--max-iter"),
+    (["embed", "--model", "smallcnn", "--data", "d", "--workers", "-2"], "--workers"),
+    (["experiment", "table2", "--clusters", "1"], "--clusters"),
+    (["demo", "--threads", "zero"], "--threads"),
+])
+def test_a_bad_count_is_refused_naming_the_flag_before_any_work(tmp_path, capsys, argv, flag):
+    """The library would name its Python parameter (n_iter), and only after loading the data."""
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pretrain-reuse: error: argument {flag}: must be an integer >= ") and \
+        len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

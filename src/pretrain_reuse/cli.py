@@ -41,6 +41,21 @@ def _seed(text: str) -> int:
         raise argparse.ArgumentTypeError(f"seed must be an integer in [0, 2**63), got {text!r}") from e
 
 
+def _at_least(minimum: int):
+    """argparse type of a count flag: an integer >= ``minimum``, refused with the flag's name
+    before any work (the library would name its Python parameter: ``n_iter``)."""
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+
+    return count
+
+
 def _read_lines(path: str, what: str) -> list[str]:
     from .errors import read_text
 
@@ -605,9 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "comma-separated path,label list, or a data set name such as synthetic:pretrain")
     e.add_argument("--split", help="sub-folder / split of --data (train, test...)")
     e.add_argument("--layer", default="penultimate", help="penultimate | head | logits")
-    e.add_argument("--batch-size", type=int, default=128)
-    e.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    e.add_argument("--shard-size", type=int, default=8192, help="samples per shard file")
+    e.add_argument("--batch-size", type=_at_least(1), default=128)
+    e.add_argument("--workers", type=_at_least(0), default=0, help="DataLoader worker processes")
+    e.add_argument("--shard-size", type=_at_least(1), default=8192, help="samples per shard file")
     e.add_argument("--device", default="cpu")
     e.add_argument("--precision", default="auto", help="auto (bf16 on CUDA) | fp32 | bf16")
     e.add_argument("--seed", type=_seed, default=0, help="initialises layers without weights")
@@ -624,14 +639,14 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--labels", help=".npy label vector for .npy features")
     u.add_argument("--class-names", help="text file, one class name per line")
     u.add_argument("--method", choices=("class", "kmeans"), default="class")
-    u.add_argument("--k", type=int, help="number of clusters (kmeans; paper: 2000)")
-    u.add_argument("--n-iter", type=int, help="k-means passes over the samples (default 20)")
-    u.add_argument("--n-init", type=int, help="k-means runs from different random starts, the "
+    u.add_argument("--k", type=_at_least(1), help="number of clusters (kmeans; paper: 2000)")
+    u.add_argument("--n-iter", type=_at_least(1), help="k-means passes over the samples (default 20)")
+    u.add_argument("--n-init", type=_at_least(1), help="k-means runs from different random starts, the "
                    "best objective kept (default 1)")
     u.add_argument("--init", choices=("random", "k-means++"),
                    help="k-means initial centroids: random samples (default, as faiss) or "
                    "k-means++ (recovers well-separated clusters that random starts merge)")
-    u.add_argument("--max-points-per-unit", type=int, default=None,
+    u.add_argument("--max-points-per-unit", type=_at_least(1), default=None,
                    help="train k-means on at most k*this many samples (default: all)")
     u.add_argument("--normalize", action="store_true",
                    help="average L2-normalised features (default: raw features, as the paper)")
@@ -659,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eps", type=float, help="uot: entropic regularisation (1.0)")
     s.add_argument("--tau-a", type=float, help="uot: source marginal penalty (1.0)")
     s.add_argument("--tau-b", type=float, help="uot: target marginal penalty (100.0)")
-    s.add_argument("--max-iter", type=int, help="uot: iteration cap (1000)")
+    s.add_argument("--max-iter", type=_at_least(1), help="uot: iteration cap (1000)")
     s.add_argument("--tol", type=float, help="uot: tolerance on the potentials (1e-6)")
     s.add_argument("--dtype", help="uot, greedy-ot: float64 (default) or float32")
     s.add_argument("--device", help="uot, greedy-ot: cpu (default) or cuda")
@@ -739,8 +754,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--source-features", help="FeatureStore of the pool (default: embedded here)")
     ex.add_argument("--target-features", help="FeatureStore of the target (default: embedded here)")
     ex.add_argument("--seeds", type=_seed, nargs="+", help="fine-tuning seeds (default 0 1 2)")
-    ex.add_argument("--k", type=int, help="selected classes (default 100)")
-    ex.add_argument("--clusters", type=int, help="k-means clusters of the pool (default 2000)")
+    ex.add_argument("--k", type=_at_least(1), help="selected classes (default 100)")
+    ex.add_argument("--clusters", type=_at_least(2), help="k-means clusters of the pool (default 2000)")
     ex.add_argument("--relevant", help="pool class ids related to the target (recall), e.g. 7-24")
     ex.add_argument("--quiet", action="store_true", help="no progress output")
     ex.add_argument("--out", required=True, help="experiment folder (a rerun resumes it)")
@@ -753,7 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="smaller problem, for tests")
     d.add_argument("--seed", type=_seed, default=0)
     d.add_argument("--quiet", action="store_true")
-    d.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    d.add_argument("--threads", type=_at_least(1), default=1, help="torch CPU threads (default 1)")
     d.set_defaults(func=cmd_demo)
 
     r = sub.add_parser("report", help="self-contained report.html from a run folder")
