@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -986,3 +987,26 @@ def test_a_damaged_or_incomplete_analysis_is_recomputed_by_a_rerun(tmp_path, cap
             np.testing.assert_array_equal(x.and_values, y.and_values)
     again = json.loads((tmp_path / "k" / "knowledge.json").read_text())
     assert again["report"] == summary["report"] and again["samples"] == summary["samples"]
+
+
+def test_a_cached_game_that_is_not_the_models_is_computed_again(tmp_path, capsys):
+    # a valid .npy of the right shape and dtype, but not the model's game (zeroed, or another
+    # model's values): its v(N) and v(∅) differ from two forward passes, so it is redone; the
+    # games that are the model's are reused as they are (not written again)
+    model = _classifier(tmp_path / "m.safetensors", 10)
+    argv = ["explain", "--model", "smallcnn-s", "--weights", model, "--data", "synthetic:target",
+            "--players", "grid:2x2", "--samples", 3, "--quiet", "--out", tmp_path / "x"]
+    assert _run(capsys, *argv)[0] == 0
+    first = _interactions(tmp_path / "x")
+    games = sorted((tmp_path / "x" / "games").glob("*.npy"))
+    np.save(games[0], np.zeros(16))
+    np.save(games[1], np.load(games[1]) + 0.5)
+    stamp = 1_000_000_000_000_000_000
+    os.utime(games[2], ns=(stamp, stamp))
+    assert _run(capsys, *argv)[0] == 0
+    for x, y in zip(first, _interactions(tmp_path / "x"), strict=True):
+        np.testing.assert_array_equal(x.v, y.v)
+    by_name = {x.info["game"]: x.v for x in first}
+    for path in games:
+        np.testing.assert_array_equal(np.load(path), by_name[path.stem.split("-")[1]])
+    assert games[2].stat().st_mtime_ns == stamp

@@ -4,6 +4,7 @@ checked against the transformers model called directly."""
 
 import inspect
 import json
+import os
 import shutil
 
 import numpy as np
@@ -266,8 +267,9 @@ def _sentences(path):
 
 def test_explain_tokens_through_the_cli_reproduces_the_models_log_odds(bert, tmp_path, capsys):
     data = _sentences(tmp_path / "s.jsonl")
-    rc = main(["explain", "--model", f"hf:{bert}", "--data", str(data), "--players", "tokens",
-               "--n", "4", "--samples", "4", "--quiet", "--out", str(tmp_path / "x")])
+    argv = ["explain", "--model", f"hf:{bert}", "--data", str(data), "--players", "tokens",
+            "--n", "4", "--samples", "4", "--quiet", "--out", str(tmp_path / "x")]
+    rc = main(argv)
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert "explained 4 samples with n=4 players" in out
@@ -280,6 +282,18 @@ def test_explain_tokens_through_the_cli_reproduces_the_models_log_odds(bert, tmp
         assert x.info["label"] == label
         assert x.v[-1] == pytest.approx(_log_odds(net, ids, label), abs=1e-5)
         np.testing.assert_allclose(reconstruct_and(x.and_values), x.v, atol=1e-10)
+    # a rerun checks each cached game's v(N), v(∅) by two forward passes: the model's games are
+    # reused as they are, a zeroed one is computed again
+    games = sorted((tmp_path / "x" / "games").glob("*.npy"))
+    first = {g: np.load(g) for g in games}
+    stamp = 1_000_000_000_000_000_000
+    for g in games[1:]:
+        os.utime(g, ns=(stamp, stamp))
+    np.save(games[0], np.zeros(16))
+    assert main(argv) == 0
+    assert all(g.stat().st_mtime_ns == stamp for g in games[1:])
+    for g, v in first.items():
+        np.testing.assert_array_equal(np.load(g), v)
 
 
 def test_explain_with_negations_makes_not_a_player(bert, tmp_path, capsys):

@@ -11,9 +11,11 @@ output folder, so an interrupted run resumes where it stopped. A cached game is 
 of everything that determines it (the model's parameters and buffers, the preprocessed input, the
 players, the label, the baseline and its options, the output), so a rerun with other settings or
 another model computes its own games instead of reusing another run's (the cache keeps both); a
-cached game that cannot be read (a truncated or foreign file) is computed again. A learned
-baseline's fit (its loss at the start and at the iterate kept) is cached beside its game and
-recorded in each sample's ``info["baseline_fit"]``. The folder is
+cached game that cannot be read (a truncated or foreign file), or whose v(N) and v(∅) are not what
+two forward passes of the model give (a zeroed or overwritten file: :data:`ENDS_RTOL`), is
+computed again (a learned baseline itself is not cached, so its games are checked by their format
+only). A learned baseline's fit (its loss at the start and at the iterate kept) is cached beside
+its game and recorded in each sample's ``info["baseline_fit"]``. The folder is
 marked as explain's by ``explain.json``, written before anything else: only a new or empty folder
 or one so marked is written to, and there the outputs of an earlier run that this run does not
 rewrite (the interactions of samples beyond ``samples``, ``salient.png``) are deleted.
@@ -54,7 +56,9 @@ from .games import (
     OUTPUTS,
     LearnedBaseline,
     Players,
+    _image_values,
     baseline_input,
+    coalition_values,
     grid_players,
     learn_baseline,
     mask_players,
@@ -66,6 +70,7 @@ from .sparsify import and_interactions, and_or_interactions, check_qthres
 from .text import (
     TEXT_BASELINES,
     TokenPlayers,
+    _text_values,
     baseline_token,
     eligible_positions,
     learn_baseline_embedding,
@@ -97,6 +102,8 @@ class SampleGame(NamedTuple):
     names: list[str] | None
     key: dict[str, str]  # hashes of what, besides the model and the options, fixes the game
     compute: Callable[[int], tuple[np.ndarray, dict[str, Any] | None]]  # v, and the fit (_fit_record)
+    # v(N), v(∅) for a label by two forward passes; None for a learned baseline (not stored)
+    ends: Callable[[int], np.ndarray | None]
 
 
 @dataclass(frozen=True)
@@ -506,6 +513,8 @@ def explain_games(model: Backbone, dataset: ImageDataset | TextDataset, indices:
         cache = None if folder is None else folder / "games" / f"{i:07d}-{game}.npy"
         cached = None if cache is None else _cached_game(cache, sample.players["n"],
                                                          fitted=cfg.baseline == "learned")
+        if cached is not None and not _same_ends(cached[0], sample.ends(label)):
+            cached = None  # not the model's game (zeroed, overwritten): computed again
         if cached is None:
             v, fit = sample.compute(label)
             _check_finite(v, role, model, dataset.ids[i])
@@ -652,6 +661,23 @@ def _cached_game(path: Path, n: int, *, fitted: bool) -> tuple[np.ndarray, dict 
     return (v, fit) if ok and (not fitted or isinstance(fit, dict)) else None
 
 
+#: How far a cached game's v(N) and v(∅) may lie from the model's own, relative to the game's
+#: scale max(1, |v(N)|, |v(∅)|), for the game to be reused. The cached values come from batches of
+#: ``batch_size`` masked inputs and the check from a batch of two: float32 kernels chosen per
+#: batch size (TF32 convolutions on GPUs, PyTorch's default: 10-bit mantissa, ~1e-3 relative)
+#: give slightly other logits; a zeroed, shifted or another model's game is off by far more.
+ENDS_RTOL = 1e-2
+
+
+def _same_ends(v: np.ndarray, ends: np.ndarray | None) -> bool:
+    """Whether the cached game ``v`` has the model's v(N) and v(∅) (``ends``, in that order;
+    None: not checkable, a learned baseline, whose game is then trusted by its format)."""
+    if ends is None:
+        return True
+    cached = v[[len(v) - 1, 0]]
+    return bool(np.abs(cached - ends).max() <= ENDS_RTOL * max(1.0, np.abs(ends).max()))
+
+
 def _fit_record(learned: LearnedBaseline) -> dict[str, Any]:
     """What a learned baseline's optimisation achieved: ``loss`` = Σ_S |I_and(S)| at the start
     and at the iterate kept (``best_step``), of ``steps``."""
@@ -739,8 +765,17 @@ def _image_samples(model: Backbone, dataset: ImageDataset, indices: np.ndarray,
         players = sample_players(dataset, i, cfg, size)
         key = {"input": _tensor_hash(xs[i]), "players": hash_array(players.masks),
                "background": players.background, **mean_key}
+        x = xs[i].to(device)
+
+        def ends(label: int) -> np.ndarray | None:
+            if cfg.baseline == "learned":
+                return None
+            return coalition_values(_image_values(model, x, label, players, cfg.output),
+                                    baseline_input(x, cfg.baseline, mean=mean), players.n,
+                                    [(1 << players.n) - 1, 0])
+
         return SampleGame(players.meta, players.names, key, lambda label: _image_game(
-            model, xs[i].to(device), label, players, cfg, mean))
+            model, x, label, players, cfg, mean), ends)
 
     return setup
 
@@ -776,8 +811,17 @@ def _text_samples(model: Backbone, dataset: TextDataset, cfg: ExplainConfig,
                                 max_position=cfg.max_position)
         key = {"input": _digest({k: v.tolist() for k, v in enc.items()}),
                "players": _digest(players.pieces)}  # the masked tokens, not only the first
+
+        def ends(label: int) -> np.ndarray | None:
+            if cfg.baseline == "learned":
+                return None
+            token = torch.tensor(baseline_token(tokenizer, cfg.baseline), device=device)
+            return coalition_values(_text_values(model, enc, label, players, cfg.output,
+                                                 embeddings=False),
+                                    token, players.n, [(1 << players.n) - 1, 0])
+
         return SampleGame(players.meta, players.names, key, lambda label: _text_game(
-            model, enc, label, players, cfg))
+            model, enc, label, players, cfg), ends)
 
     return setup
 

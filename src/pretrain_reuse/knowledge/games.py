@@ -222,6 +222,16 @@ def game_values(values: ChunkValues, baseline: torch.Tensor, n: int, batch_size:
     return out
 
 
+@torch.no_grad()
+def coalition_values(values: ChunkValues, baseline: torch.Tensor, n: int,
+                     masks: Sequence[int]) -> np.ndarray:
+    """(k,) float64: ``values`` on the coalitions ``masks`` (bitmasks) only, in one batch; e.g.
+    v(N) and v(∅), to check a stored game against its model with two forward passes."""
+    s = torch.as_tensor(list(masks), device=baseline.device)
+    bits = ((s[:, None] >> torch.arange(n, device=baseline.device)) & 1).float()
+    return values(baseline, bits).cpu().numpy()
+
+
 def masked_game(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, label: int,
                 players: Players, baseline: torch.Tensor, *, output: str = "log-odds",
                 batch_size: int = 256) -> np.ndarray:
