@@ -473,3 +473,13 @@ def test_the_units_command_passes_init_on(tmp_path):
     assert main(["units", "--features", str(tmp_path / "f.npy"), "--method", "kmeans", "--k", "4",
                  "--init", "k-means++", "--out", str(out), "--quiet"]) == 0
     assert Units.load(out).meta["params"]["init"] == "k-means++"
+
+
+def test_units_show_progress_over_the_samples_before_and_after_the_passes(capsys):
+    x = np.random.default_rng(0).standard_normal((300, 4)).astype(np.float32)
+    spherical_kmeans(x, 3, n_iter=2, progress=True)
+    class_means(FeatureStore(features=x, labels=np.arange(300) % 3), progress=True)
+    err = capsys.readouterr().err
+    for bar in ("normalising: 100%", "unit means: 100%", "k-means K=3 run 1"):
+        assert bar in err, err
+    assert err.count("300/300") >= 3  # normalising, and the means of the clusters and classes

@@ -167,7 +167,7 @@ def cmd_units(args) -> int:
         if given:
             raise PretrainReuseError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} "
                                      "to --method kmeans only; drop them for class means")
-        units = class_means(store, normalize=args.normalize)
+        units = class_means(store, normalize=args.normalize, progress=not args.quiet)
     else:
         if args.k is None:
             raise PretrainReuseError("--method kmeans needs --k (paper: 2000 clusters)")
