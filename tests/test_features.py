@@ -55,3 +55,24 @@ def test_class_names_fewer_than_the_labels_are_refused_at_construction():
     store = FeatureStore(features=x, labels=labels % 2, class_names=["a", "b"])
     with pytest.raises(PretrainReuseError, match="label 1 is out of range for 1 class names"):
         dataclasses.replace(store, class_names=["a"])
+
+
+def test_class_names_as_labels_become_indices_in_sorted_or_given_order(tmp_path, capsys):
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    store = FeatureStore(features=x, labels=np.array(["dog", "cat", "dog", "ant"]))
+    assert store.labels.tolist() == [2, 1, 2, 0] and store.class_names == ["ant", "cat", "dog"]
+    given = FeatureStore(features=x, labels=["dog", "cat", "dog", "ant"], class_names=["dog", "cat", "ant"])
+    assert given.labels.tolist() == [0, 1, 0, 2]
+    with pytest.raises(PretrainReuseError, match="label 'emu' is not one of the 3 class names"):
+        FeatureStore(features=x, labels=["dog", "cat", "emu", "ant"], class_names=["dog", "cat", "ant"])
+    # on the command line: a .npy of names beside the features gives named class units
+    from pretrain_reuse.cli import main
+    from pretrain_reuse.units import Units
+
+    np.save(tmp_path / "f.npy", x)
+    np.save(tmp_path / "y.npy", np.array(["dog", "cat", "dog", "ant"]))
+    assert main(["units", "--features", str(tmp_path / "f.npy"), "--labels", str(tmp_path / "y.npy"),
+                 "--out", str(tmp_path / "u.safetensors"), "--quiet"]) == 0
+    units = Units.load(tmp_path / "u.safetensors")
+    assert units.names == ["ant", "cat", "dog"]
+    np.testing.assert_allclose(units.prototypes[2], (x[0] + x[2]) / 2)

@@ -57,8 +57,11 @@ class FeatureStore:
         if len(ids) != n:
             raise PretrainReuseError(f"got {len(ids)} sample ids for {n} feature rows")
         check_unique_ids(ids)
-        labels = None if self.labels is None else _class_indices(as_array("labels", self.labels), n)
+        labels = None if self.labels is None else as_array("labels", self.labels)
         names = None if self.class_names is None else check_strings("class_names", self.class_names)
+        if labels is not None and labels.dtype.kind in "USO":  # names, not indices
+            labels, names = _named_labels(labels, names)
+        labels = None if labels is None else _class_indices(labels, n)
         if names and labels is not None and labels.max() >= len(names):
             raise PretrainReuseError(
                 f"label {labels.max()} is out of range for {len(names)} class names; give one "
@@ -211,6 +214,21 @@ def _checked_shard(file: Path, k: int, dim: int, has_labels: bool) -> Path:
 
 def _is_real(dtype: np.dtype) -> bool:
     return dtype.kind in "biuf"  # bool, signed and unsigned integers, floats
+
+
+def _named_labels(labels: np.ndarray, names: list[str] | None) -> tuple[np.ndarray, list[str]]:
+    """Class names as labels (a ``.npy`` of strings): their indices among ``names``, or among
+    the sorted distinct names when none are given (as an image folder orders its classes)."""
+    if not all(isinstance(x, str) for x in labels.tolist()):
+        raise PretrainReuseError(f"labels must be class indices or class names, got dtype "
+                                 f"{labels.dtype} holding {type(labels.tolist()[0]).__name__} values")
+    names = names or sorted(set(labels.tolist()))
+    index = {name: i for i, name in enumerate(names)}
+    unknown = sorted(set(labels.tolist()) - set(index))
+    if unknown:
+        raise PretrainReuseError(f"label {unknown[0]!r} is not one of the {len(names)} class names; "
+                                 "give every class its name (--class-names), or labels 0..C-1")
+    return np.array([index[x] for x in labels.tolist()], dtype=np.int64), names
 
 
 def _class_indices(labels: np.ndarray, n: int) -> np.ndarray:
