@@ -727,8 +727,11 @@ def test_discrimination_power_is_not_printed_or_drawn_for_a_class_of_one_sample(
     assert rc == 0, err
     k = json.loads((tmp_path / "k" / "knowledge.json").read_text())
     assert list(k["samples"]["per_class"].values()) == [1]
-    assert k["discrimination"]["preserve"]["purity"] == 1.0
-    assert "discrimination power n/a (a class has a single sample" in out
+    # the class's own purity is recorded; the mean over classes of two samples or more has none
+    assert list(k["discrimination"]["preserve"]["by_class"].values()) == [
+        {"purity": 1.0, "n_samples": 1}]
+    assert k["discrimination"]["preserve"]["purity"] is None
+    assert "discrimination power n/a (no class has two samples" in out
     assert not (tmp_path / "k" / "purity.png").exists()  # the earlier run's figure is removed
 
 

@@ -343,7 +343,9 @@ def test_set_discrimination_counts_signs_of_each_sets_own_model_per_class():
     ft = [inter(2, A0=3.0, A1=1.0), inter(2, A0=-2.0, A01=1.0), inter(2, A0=1.0), inter(2, A1=-1.0)]
     d = set_discrimination(knowledge_report(pre, ft), [0, 0, 0, 1])
     assert d.by_set["preserve"][0].beta == {("and", 0b01): pytest.approx(2 / 3)}
-    assert d.purity("preserve") == pytest.approx((2 / 3 + 1.0) / 2)
+    # class 1's one sample has β = 1 trivially: its purity is recorded, but stays out of the mean
+    assert d.by_set["preserve"][1].purity() == 1.0
+    assert d.purity("preserve") == pytest.approx(2 / 3)
     assert d.by_set["discard"][0].beta == {("and", 0b11): 0.5}
     assert d.by_set["discard"][0].alpha == {("and", 0b11): pytest.approx(2 / 3)}
     assert d.purity("discard") == 0.5  # class 1 discards nothing: left out of the mean
@@ -371,9 +373,12 @@ def test_set_discrimination_saves_loads_and_plots_its_purities(tmp_path):
     assert isinstance(back, SetDiscrimination) and back == d and back.to_dict() == d.to_dict()
     ax = d.plot()
     heights = {t.get_text(): p.get_height() for t, p in zip(ax.get_xticklabels(), ax.patches, strict=True)}
-    # preserve: class 0 purity 2/3 (A0 signed +, -, +), class 1 purity 1; exclusive is empty
-    assert heights == {"preserve": pytest.approx(5 / 6), "discard": 0.5, "new": 1.0,
+    # preserve: class 0 purity 2/3 (A0 signed +, -, +); class 1 has one sample, left out (its
+    # purity 1 would be drawn as a dot); exclusive is empty
+    assert heights == {"preserve": pytest.approx(2 / 3), "discard": 0.5, "new": 1.0,
                        "exclusive\n(n/a)": 0.0}
+    dots = [y for line in ax.lines for y in line.get_ydata()]
+    assert sorted(dots) == pytest.approx([0.5, 2 / 3, 1.0])  # discard, preserve, new of class 0
     record = json.loads((tmp_path / "purity.json").read_text())
     record["counts"]["preserve"]["0"]["positive"] = [["and", 1]]  # a row without its count
     (tmp_path / "bad.json").write_text(json.dumps(record))
@@ -426,6 +431,20 @@ def test_set_discrimination_of_one_model_against_itself_is_its_discrimination_po
         assert d.by_set["preserve"][c].beta == own.beta and d.by_set["exclusive"][c].alpha == {}
     assert d.purity("preserve") == pytest.approx(
         np.mean([discrimination_power(xs[c::2]).purity() for c in (0, 1)]))
+
+
+def test_purity_leaves_out_classes_of_one_sample_and_is_undefined_without_others():
+    # the demo's case: one class of two samples among classes of one; the single-sample classes'
+    # β = 1 must not pull the overall purity toward 1
+    rng = np.random.default_rng(1)
+    xs = [inter(3, A0=rng.normal(), A01=rng.normal(), O12=rng.normal(), A012=rng.normal())
+          for _ in range(5)]
+    labels = [0, 0, 1, 2, 3]
+    d = set_discrimination(knowledge_report(xs, xs), labels)
+    assert d.purity("preserve") == pytest.approx(discrimination_power(xs[:2]).purity())
+    assert d.purity("preserve") < 1.0
+    alone = set_discrimination(knowledge_report(xs[2:], xs[2:]), labels[2:])
+    assert math.isnan(alone.purity("preserve")) and alone.to_dict()["preserve"]["purity"] is None
 
 
 # --------------------------------------------------------------------------------------------

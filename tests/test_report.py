@@ -62,11 +62,11 @@ def test_the_entries_checked_are_enough_for_a_report(tmp_path, capsys):
     assert "the procedural world" in page and "Knowledge handed over by pre-training" in page
 
 
-def test_the_discrimination_figure_is_shown_only_with_two_samples_per_class(tmp_path, capsys):
+def test_the_discrimination_figure_is_shown_only_with_a_class_of_two_samples(tmp_path, capsys):
     sets = {"preserve": {"purity": 0.75, "by_class": {"0": {"purity": 0.5, "n_samples": 2},
                                                       "1": {"purity": 1.0, "n_samples": 2}}}}
-    for case, (per_class, shown) in enumerate((({"0": 2, "1": 2}, True), ({"0": 2, "1": 1}, False),
-                                               (None, False))):
+    for case, (per_class, shown) in enumerate((({"0": 2, "1": 2}, True), ({"0": 2, "1": 1}, True),
+                                               ({"0": 1, "1": 1}, False), (None, False))):
         knowledge = {**_knowledge(), "discrimination": sets}
         if per_class is not None:  # a knowledge.json of an earlier version has no per-class counts
             knowledge["samples"] = {"n": sum(per_class.values()), "per_class": per_class}

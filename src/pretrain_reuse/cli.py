@@ -450,7 +450,7 @@ def cmd_knowledge(args) -> int:
                                                                    "exclusive") if k in overall)
     samples = summary["samples"]
     if not purity_is_informative(summary):
-        line += ("; discrimination power n/a (a class has a single sample; explain several "
+        line += ("; discrimination power n/a (no class has two samples; explain several "
                  "samples per class, --samples)")
     else:
         line += "; discrimination power " + ", ".join(

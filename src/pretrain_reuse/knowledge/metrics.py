@@ -723,6 +723,8 @@ def _discrimination(effects: Sequence[dict[Item, float]]) -> Discrimination:
     return Discrimination(len(effects), positive, negative)
 
 
+#: Samples a class needs for its purity to enter :meth:`SetDiscrimination.purity`'s mean.
+MIN_CLASS_SAMPLES = 2
 #: The knowledge sets of :func:`set_discrimination` and the model whose effects sign their items.
 SET_EFFECTS = {"preserve": "finetuned", "discard": "pretrained", "new": "finetuned",
                "exclusive": "finetuned"}
@@ -739,9 +741,10 @@ class SetDiscrimination:
     by_set: dict[str, dict[int, Discrimination]]
 
     def purity(self, name: str) -> float:
-        """The mean over classes of the set's purity, over the classes where the set is not
-        empty (NaN if it is empty on every sample)."""
-        values = [d.purity() for d in self.by_set[name].values()]
+        """The mean over classes of the set's purity, over the classes of two samples or more
+        where the set is not empty (NaN if no class is left). A class of one sample is left out:
+        there every item has β = 1 whatever the model knows, which would pull the mean to 1."""
+        values = [d.purity() for d in self.by_set[name].values() if d.n_samples >= MIN_CLASS_SAMPLES]
         values = [v for v in values if not math.isnan(v)]
         return math.fsum(values) / len(values) if values else math.nan
 
@@ -812,10 +815,12 @@ def set_discrimination(report: KnowledgeReport, labels: Iterable[int]) -> SetDis
         \alpha_c(S) = \frac{m^+_S + m^-_S}{n_c},
 
     purity_c(K) = Σ_S α_c(S) β_c(S) / Σ_S α_c(S) (the group's ``overall_purity``), reported per
-    class and as the mean over the classes where K is not empty. I is the effect of the model the
-    set belongs to (:data:`SET_EFFECTS`: the pre-trained model's for discarded items, the fine-tuned
-    model's for the others). An item found on one sample of its class has β = 1, so with few
-    samples per class every purity is near 1: explain several samples per class.
+    class and as the mean over the classes of at least two samples (:data:`MIN_CLASS_SAMPLES`)
+    where K is not empty (undefined, None in JSON, when no class is left) [recon]. I is the effect
+    of the model the set belongs to (:data:`SET_EFFECTS`: the pre-trained model's for discarded
+    items, the fine-tuned model's for the others). An item found on one sample of its class has
+    β = 1, which is why classes of one sample stay out of the mean, and why with few samples per
+    class every purity is near 1: explain several samples per class.
     The note's options (b) (per sample, the share of a set with a positive effect on the
     ground-truth log-odds) and (c) (the output a set explains, Σ_{S∈K} I(S|x) / (v(N) - v(∅)))
     are not implemented.

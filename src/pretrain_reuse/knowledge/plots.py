@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..artifacts import atomic_path
-from .metrics import knowledge_set
+from .metrics import MIN_CLASS_SAMPLES, knowledge_set
 from .values import Interactions
 
 RATIO_COLOURS = {"preserve": "C2", "discard": "C3", "new": "C0", "exclusive": "C4"}
@@ -53,7 +53,8 @@ def plot_ratios(summary: dict[str, Any], ax) -> None:
 def plot_set_purity(summary: dict[str, Any], ax) -> None:
     """Discrimination purity of each knowledge set (the ``discrimination`` entry of
     ``knowledge.json``, ``SetDiscrimination.to_dict()``): a bar at the mean over classes, a dot per
-    class; a set empty on every sample is an empty bar marked n/a."""
+    class, both over the classes of two samples or more (one sample's purity is 1 whatever its
+    model knows); a set empty on every such class is an empty bar marked n/a."""
     discrimination = summary["discrimination"]
     names = [n for n in RATIO_COLOURS if n in discrimination]
     means = [discrimination[n]["purity"] for n in names]
@@ -61,7 +62,7 @@ def plot_set_purity(summary: dict[str, Any], ax) -> None:
            [m or 0.0 for m in means], color=[RATIO_COLOURS[n] for n in names], alpha=0.6)
     for x, name in enumerate(names):
         per_class = [c["purity"] for c in discrimination[name]["by_class"].values()
-                     if c["purity"] is not None]
+                     if c["purity"] is not None and c["n_samples"] >= MIN_CLASS_SAMPLES]
         ax.plot([x] * len(per_class), per_class, "k.", markersize=4)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("purity (α-weighted β)")
@@ -130,11 +131,12 @@ def save_png(fig, path: str | Path) -> Path:
 
 
 def purity_is_informative(summary: dict[str, Any]) -> bool:
-    """Whether ``knowledge.json``'s discrimination says something: every class has two samples or
-    more (one sample's purity is 1 whatever its model knows; a file of an earlier version
-    records no per-class counts)."""
+    """Whether ``knowledge.json``'s discrimination says something: a class has two samples or
+    more (only those enter the purities; a file of an earlier version records no per-class
+    counts)."""
     per_class = summary.get("samples", {}).get("per_class")
-    return "discrimination" in summary and bool(per_class) and min(per_class.values()) >= 2
+    return ("discrimination" in summary and bool(per_class)
+            and max(per_class.values()) >= MIN_CLASS_SAMPLES)
 
 
 def save_knowledge_plots(summary: dict[str, Any], out: str | Path) -> list[Path]:
