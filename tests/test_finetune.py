@@ -928,10 +928,12 @@ def test_run_finetune_takes_the_selection_and_units_objects_themselves(files, tm
     w_objects = load_file(str(tmp_path / "objects" / "model.safetensors"))
     assert w_objects.keys() == w_paths.keys()
     assert all(torch.equal(w_objects[k], w_paths[k]) for k in w_paths)
-    # recorded as what they hold: the selected units, the prototypes (as a selection records them)
+    # recorded as what they hold: the selected units, the prototypes (as a selection records
+    # them), the same for a file and the object it holds
     inputs = results["objects"].meta["inputs"]
     assert inputs["selection"] == hash_array(np.array([2, 0]))
     assert inputs["units"] == hash_array(objects["units"].prototypes)
+    assert results["paths"].meta["inputs"] == inputs
 
 
 @pytest.mark.parametrize("mode, workers", [("vanilla", 1), ("reuse-unlabeled", 0), ("co-tuning", 0)])
@@ -1016,6 +1018,63 @@ def test_resuming_after_the_data_changed_on_disk_is_refused(files, tmp_path, cap
     shutil.copy(train / "t0" / "000.png", train / "t1" / "999.png")  # one image more
     rc, _, err = cli(capsys, *argv)
     assert_one_line_error(rc, err, "the sample ids or labels", "--out")
+
+
+def test_a_run_resumes_however_its_unchanged_inputs_are_given(files, tmp_path, capsys, monkeypatch):
+    """Rerunning a pipeline script gives the same inputs anew: a selection saved again (select
+    run again: a new creation time in its bytes), the same weights saved again, the data by
+    another path. A run begun in Python with the Selection object resumes from the command line
+    with its file; each of these was refused as 'a different input'. Another selection is not."""
+    selection = Selection.load(files["sel_class"])
+    first = _api_run(files, tmp_path / "run", mode="reuse", source=files["source"], selection=selection)
+    marker = (tmp_path / "run" / "run.json").read_bytes()
+    resaved = tmp_path / "sel.json"
+    Selection(selected=selection.selected, scores=selection.scores, params=selection.params,
+              meta={"created": "2099-01-01T00:00:00+00:00"}).save(resaved)
+    weights = tmp_path / "weights.safetensors"
+    save_backbone(create_backbone("smallcnn-s", weights=files["weights"]), weights, {"saved": "again"})
+    assert resaved.read_bytes() != files["sel_class"].read_bytes()
+    assert weights.read_bytes() != files["weights"].read_bytes()
+    (tmp_path / "source").symlink_to(files["source"])
+    monkeypatch.chdir(files["root"])
+    argv = [*base_args(files, tmp_path / "run"), "--weights", weights, "--target", "train",
+            "--target-test", "./test", "--mode", "reuse", "--source", tmp_path / "source",
+            "--selection", resaved]
+    rc, _, err = cli(capsys, *argv)
+    assert rc == 0, err
+    assert (tmp_path / "run" / "run.json").read_bytes() == marker
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["final"] == first.final
+    Selection(selected=[1, 3], scores=selection.scores, params=selection.params).save(resaved)
+    rc, _, err = cli(capsys, *argv)
+    assert_one_line_error(rc, err, "holds a run with a different input (", "selection)")
+
+
+def test_a_run_recorded_by_an_earlier_version_resumes_with_the_same_inputs(files, tmp_path, capsys,
+                                                                           monkeypatch):
+    """Earlier versions recorded files by their bytes and data by the path as written: a run
+    they began resumes with the same files and the same data (however its path is written now),
+    its record kept as it is; other files are refused."""
+    from pretrain_reuse.artifacts import hash_file
+
+    monkeypatch.chdir(files["root"])
+    selection = tmp_path / "sel.json"
+    selection.write_bytes(files["sel_class"].read_bytes())
+    argv = [*base_args(files, tmp_path / "run", steps=2), "--target", "train", "--mode", "reuse",
+            "--source", "source", "--selection", selection]
+    out = run_ok(capsys, *argv)
+    marker = json.loads((out / "run.json").read_text())
+    marker["inputs"].update(weights=hash_file(files["weights"]), selection=hash_file(selection),
+                            target="train", source="source", target_test=str(files["test"]))
+    (out / "run.json").write_text(json.dumps(marker))
+    before = (out / "run.json").read_bytes()
+    for target in ("train", files["train"]):  # the record "train", read from here
+        rc, _, err = cli(capsys, *argv, "--target", target)
+        assert rc == 0, err
+        assert (out / "run.json").read_bytes() == before
+    Selection(selected=[1, 3], scores=np.array([0.1, 0.5, 0.2, 0.9]), params={"method": "test"}
+              ).save(selection)
+    rc, _, err = cli(capsys, *argv)
+    assert_one_line_error(rc, err, "holds a run with a different input (", "selection)")
 
 
 def test_out_naming_a_file_is_a_one_line_error(files, tmp_path, capsys):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import default_collate
 
@@ -577,6 +577,30 @@ def test_a_bare_library_architecture_name_suggests_its_prefix():
     pytest.importorskip("timm")
     with pytest.raises(PretrainReuseError, match=r"did you mean timm:resnet18"):
         create_backbone("resnet18")
+
+
+def test_weights_hash_follows_the_tensors_not_the_header_metadata(tmp_path):
+    """The same weights saved twice (another time, other meta, or by plain safetensors) hash the
+    same, so a fine-tuning run resumes with them; one changed value or name does not."""
+    from pretrain_reuse.artifacts import hash_file
+    from pretrain_reuse.models.checkpoint import weights_hash
+
+    torch.manual_seed(0)
+    net = create_backbone("smallcnn-s")
+    a = save_backbone(net, tmp_path / "a.safetensors", make_meta("test", {"lr": 0.1}, seed=3))
+    b = save_backbone(net, tmp_path / "b.safetensors", {"saved": "again"})
+    state = load_file(str(a))  # the tensors as save_backbone names them
+    save_file(state, str(tmp_path / "plain.safetensors"))
+    assert a.read_bytes() != b.read_bytes()
+    assert weights_hash(a) == weights_hash(b) == weights_hash(tmp_path / "plain.safetensors")
+    changed = dict(state, **{"fc.bias": state["fc.bias"] + 1})
+    save_file(changed, str(tmp_path / "changed.safetensors"))
+    renamed = {("fc.b" if k == "fc.bias" else k): v for k, v in state.items()}
+    save_file(renamed, str(tmp_path / "renamed.safetensors"))
+    hashes = {weights_hash(tmp_path / f"{n}.safetensors") for n in ("plain", "changed", "renamed")}
+    assert len(hashes) == 3
+    torch.save(state, tmp_path / "w.pt")  # other formats: their bytes
+    assert weights_hash(tmp_path / "w.pt") == hash_file(tmp_path / "w.pt")
 
 
 def test_state_hash_of_something_that_is_no_module_is_one_line():

@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import hash_array, hash_file, make_run_folder
+from ..artifacts import hash_array, hash_file, make_run_folder, read_json
 from ..data.catalog import DATASETS, open_dataset
 from ..data.datasets import ImageDataset
 from ..data.samplers import subsample_fraction, subsample_long_tail
 from ..errors import PretrainReuseError, check_file
 from ..models import create_backbone
+from ..models.checkpoint import weights_hash
 from ..selection import Selection
 from ..units import Units
 from .augment import View, input_size
@@ -36,6 +37,9 @@ from .loop import RunResult, total_steps, train
 from .model import FinetuneModel, reinitialize, source_classifier
 
 __all__ = ["finetune_datasets", "open_split", "run_finetune", "target_splits"]
+
+#: The data arguments of a run (recorded by :func:`_data_identity`).
+DATA_INPUTS = ("target", "target_test", "source")
 
 
 def _resize_side(model_spec) -> int:
@@ -107,6 +111,12 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
         check_only: make every check of the run (options, data, batch sizes, model), write
             nothing, and return the number of validation images (a grid checks all its runs
             before the first).
+
+    A rerun resumes the run in ``out`` when its inputs are the same, compared by what they hold,
+    not by how they were given: the weights by their tensors, a selection by its selected unit
+    ids, units by their prototypes (a file and the object it holds are the same input; a
+    selection saved again with a new creation time too), data folders and list files by their
+    resolved path, besides the sample ids and labels every split holds.
     """
     cfg.check_options_used()
     if cfg.uses_source and (source is None or selection is None):
@@ -119,46 +129,82 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
             "ignored; pass --mode reuse or reuse-unlabeled, or drop them")
     if target_test is None and str(target) not in DATASETS:
         raise PretrainReuseError("pass --target-test with the test data (folder or list file)")
-    # every file is checked (and hashed) before any is read: a missing one is one line
-    inputs = {"model": model, "weights": _input_hash("--weights", weights),
-              "target": str(target), "target_test": str(target_test or target),
-              "source": str(source) if source else None,
-              "selection": _input_hash("--selection", selection, Selection),
-              "units": _input_hash("--units", units, Units)}
-    cluster_units = units if units is None or isinstance(units, Units) else Units.load(units)
+    # every file is checked before any is read: a missing one is one line
+    files = {"weights": _input_file("--weights", weights),
+             "selection": _input_file("--selection", selection, Selection),
+             "units": _input_file("--units", units, Units)}
+    selection = selection if files["selection"] is None else Selection.load(files["selection"])
+    cluster_units = units if files["units"] is None else Units.load(files["units"])
     if cluster_units is not None and cluster_units.kind != "cluster":
         raise PretrainReuseError(
             f"--units holds {cluster_units.kind} units, which map to images by their labels, so "
             "it would be ignored; only a selection of clusters needs --units: drop it")
-    if selection is not None and not isinstance(selection, Selection):
-        selection = Selection.load(selection)
+    specs = dict(zip(DATA_INPUTS, (target, target_test or target, source), strict=True))
+    data = {"target": open_split(target, "train"),
+            "target_test": open_split(specs["target_test"], "test"),
+            "source": open_split(source, "train") if cfg.uses_source else None}
+    inputs = {"model": model,
+              "weights": weights_hash(files["weights"]) if weights is not None else None,
+              **{key: None if data[key] is None else _data_identity(specs[key], data[key])
+                 for key in DATA_INPUTS},
+              # what the selected ids index is recorded apart: the units (clusters), and the
+              # source data's labels (classes) in the data fingerprint
+              "selection": _selected_hash(selection) if selection is not None else None,
+              "units": hash_array(cluster_units.prototypes) if cluster_units is not None else None}
+    if out is not None:
+        inputs = _as_recorded(Path(out), inputs, {**files, **specs})
     return finetune_datasets(
-        cfg, model=model, weights=weights, train_pool=open_split(target, "train"),
-        test_set=open_split(target_test or target, "test"),
-        source_pool=open_split(source, "train") if cfg.uses_source else None,
-        selection=selection, units=cluster_units, out=out, inputs=inputs, progress=progress,
-        check_only=check_only)
+        cfg, model=model, weights=weights, train_pool=data["target"],
+        test_set=data["target_test"], source_pool=data["source"], selection=selection,
+        units=cluster_units, out=out, inputs=inputs, progress=progress, check_only=check_only)
 
 
-def _input_hash(flag: str, value: str | Path | Selection | Units | None,
-                artifact: type | None = None) -> str | None:
-    """What a run records of the file input ``flag``, to compare on resume: the file's content
-    hash, or for the ``artifact`` object itself (a Selection from select(), Units from
-    spherical_kmeans) the hash of what it holds: the selected unit ids, the prototypes (what a
-    selection records of its units)."""
-    if value is None:
+def _input_file(flag: str, value: str | Path | Selection | Units | None,
+                artifact: type | None = None) -> Path | None:
+    """The checked path of the file input ``flag``; None when it is not given or is the
+    ``artifact`` object itself (a Selection from select(), Units from spherical_kmeans)."""
+    if value is None or (artifact is not None and isinstance(value, artifact)):
         return None
-    if isinstance(value, Selection) and artifact is Selection:
-        return hash_array(np.asarray(value.selected, dtype=np.int64))
-    if isinstance(value, Units) and artifact is Units:
-        return hash_array(value.prototypes)
     if not isinstance(value, str | os.PathLike):
         accepted = "a file path" + (f" or a {artifact.__name__} object" if artifact else "")
         raise PretrainReuseError(f"{flag} must be {accepted}, got {type(value).__name__}")
     path = check_file(flag, value)
     if path.is_dir():
         raise PretrainReuseError(f"{flag}: {str(path)!r} is a folder; pass the path of a file")
-    return hash_file(path)
+    return path
+
+
+def _selected_hash(selection: Selection) -> str:
+    """What a run records of its selection: the selected unit ids, in their order (the order
+    numbers the classes of the selected source head)."""
+    return hash_array(np.asarray(selection.selected, dtype=np.int64))
+
+
+def _data_identity(spec: str | Path, dataset: ImageDataset) -> str:
+    """What a run records of a data argument: an embedded set's name, else the resolved path of
+    the folder or list file read, however it was written (relative, absolute, through a link)."""
+    return str(spec) if str(spec) in DATASETS else str(Path(dataset.source).resolve())
+
+
+def _as_recorded(out: Path, inputs: dict, given: dict) -> dict:
+    """``inputs``, keeping the record of a run in ``out`` begun by a version that recorded
+    inputs in an earlier form, where that record is this form of the input ``given`` now: files
+    by their bytes (a selection or units file, whose bytes hold its creation time; weights) and
+    data by the path as written (read here from the current folder). Such a run resumes, and its
+    run.json, whose hash its snapshots carry, stays as it is."""
+    marker = out / "run.json"
+    if not marker.is_file():
+        return inputs
+    old = read_json(marker, "run marker").get("inputs", {})
+    kept = dict(inputs)
+    for key, value in given.items():
+        recorded = old.get(key)
+        if value is None or not isinstance(recorded, str) or recorded == inputs[key]:
+            continue
+        if (str(Path(recorded).resolve()) == inputs[key] if key in DATA_INPUTS
+                else recorded == hash_file(value)):
+            kept[key] = recorded
+    return kept
 
 
 def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDataset,

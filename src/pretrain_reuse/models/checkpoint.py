@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..artifacts import atomic_path, read_safetensors
+from ..artifacts import atomic_path, hash_file, read_safetensors
 from ..errors import PretrainReuseError
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "encoder_q.")
@@ -236,6 +236,26 @@ def state_hash(model: nn.Module) -> str:
         t = t.detach().cpu().contiguous()
         h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def weights_hash(path: str | Path) -> str:
+    """Content hash of a weights file: of a ``.safetensors`` file its tensors (names, dtypes,
+    shapes, bytes) without the header's metadata, which records when and from what the file was
+    written (:func:`save_backbone`'s ``meta``), so the same weights saved again hash the same;
+    of any other file (or a ``.safetensors`` one whose header cannot be read) its bytes."""
+    p = Path(path)
+    if p.suffix != ".safetensors":
+        return hash_file(p)
+    with open(p, "rb") as fh:
+        try:  # the format: an 8-byte little-endian header length, the JSON header, the data
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+            header.pop("__metadata__", None)
+        except (ValueError, AttributeError):  # not JSON, or not a mapping: loading will say so
+            return hash_file(p)
+        h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            h.update(block)
     return "sha256:" + h.hexdigest()[:16]
 
 
