@@ -213,6 +213,15 @@ def test_tsv_list_without_header_names_integer_labels_from_classes_txt(tmp_path)
     assert read_class_names(tmp_path / "classes.txt") == ["zero", "one", "two"]
 
 
+def test_two_classes_of_one_name_are_refused(tmp_path):
+    """Classes are matched by name (test data to training data): two of one name cannot be."""
+    (tmp_path / "classes.txt").write_text("cat\ndog\ncat\n")
+    with pytest.raises(PretrainReuseError, match=r"classes\.txt' names two classes 'cat'"):
+        read_class_names(tmp_path / "classes.txt")
+    with pytest.raises(PretrainReuseError, match="class_names names two classes 'a'"):
+        ArrayDataset(np.zeros((2, 4, 4), np.uint8), [0, 1], class_names=["a", "a"])
+
+
 @pytest.mark.parametrize("names", [None, [f"c{i}" for i in range(11)]])
 def test_a_header_of_unknown_column_names_is_skipped_and_integer_labels_kept(tmp_path, names):
     # 'fname,target_id' was an image, and its label made names of the integer labels, renumbered

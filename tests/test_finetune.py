@@ -1122,6 +1122,65 @@ def test_test_data_of_other_classes_exits_2(files, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+SHAPES = ["triangle", "circle", "square"]  # a list file's order: classes.txt
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """Training data: a list file with integer labels named by classes.txt (triangle, circle,
+    square); test data: an image folder of the same classes (numbered in sorted order: circle,
+    square, triangle), 1, 2 and 3 images of triangle, circle, square, and one without squares."""
+    root = tmp_path_factory.mktemp("shapes")
+    lines = []
+    for c, name in enumerate(SHAPES):
+        write_images(root / "train" / name, 8, c, seed=700 + c)
+        lines += [f"train/{name}/{i:03d}.png,{c}" for i in range(8)]
+        write_images(root / "test" / name, c + 1, c, seed=800 + c)
+        if name != "square":
+            write_images(root / "test_no_squares" / name, c + 1, c, seed=800 + c)
+    (root / "list.csv").write_text("\n".join(lines) + "\n")
+    (root / "classes.txt").write_text("\n".join(SHAPES) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("test_folder, note", [
+    ("test", None),
+    ("test_no_squares", "note: the test data has no images of 1 of the 3 training classes (square); its "
+                        "accuracy counts its own images, and its mean per-class accuracy averages "
+                        "over the 2 classes it has")])
+def test_test_classes_are_matched_to_the_training_classes_by_name(shapes, tmp_path, capsys,
+                                                                  test_folder, note):
+    """Was refused: 'the test data's classes (circle, square, triangle) are not the training
+    data's (triangle, circle, square)'. The accuracy is recomputed here from the exported model
+    and the class of each test image's folder, numbered as classes.txt numbers it."""
+    rc, _, err = cli(capsys, "finetune", "--model", "smallcnn-s", "--target", shapes / "list.csv",
+                     "--target-test", shapes / test_folder, "--batch-size", 4, "--max-steps", 2,
+                     "--out", tmp_path / "run")
+    assert rc == 0, err
+    assert (note in err) if note else "test data has no images" not in err
+    ids = sorted(str(p.relative_to(shapes / test_folder)) for p in (shapes / test_folder).rglob("*.png"))
+    labels = np.asarray([SHAPES.index(i.split("/")[0]) for i in ids])
+    with torch.no_grad():
+        pred = exported_network(tmp_path / "run", 3)(load_images(shapes / test_folder, ids)).numpy().argmax(1)
+    final = json.loads((tmp_path / "run" / "result.json").read_text())["final"]
+    assert final["n"] == len(ids)
+    assert final["top1"] == pytest.approx((pred == labels).mean(), abs=1e-9)
+    present = np.unique(labels)
+    assert final["mean_class_acc"] == pytest.approx(
+        np.mean([(pred[labels == c] == c).mean() for c in present]), abs=1e-9)
+
+
+def test_test_classes_the_training_data_lacks_are_refused(shapes, tmp_path, capsys):
+    write_images(tmp_path / "test" / "circle", 2, 0, seed=900)
+    write_images(tmp_path / "test" / "hexagon", 2, 1, seed=901)
+    rc, _, err = cli(capsys, "finetune", "--model", "smallcnn-s", "--target", shapes / "list.csv",
+                     "--target-test", tmp_path / "test", "--batch-size", 4, "--max-steps", 2,
+                     "--out", tmp_path / "run")
+    assert_one_line_error(rc, err, "the test data's classes (hexagon) are not classes of the "
+                          "training data (triangle, circle, square)", "--target-test")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("mode,weights,note", [
     ("vanilla", False, "no --weights: smallcnn-s starts from a random initialisation"),
     ("scratch", True, "--mode scratch re-initialises every layer, so --weights is not used"),

@@ -214,7 +214,20 @@ def _check_labels(labels, n: int, class_names: list[str] | None) -> np.ndarray |
     if class_names is not None and n and labels.max() >= len(class_names):
         raise PretrainReuseError(
             f"label {labels.max()} has no name: only {len(class_names)} class names were given")
+    if class_names is not None:
+        _refuse_repeated_names(class_names, "class_names")
     return labels.astype(np.int64)
+
+
+def _refuse_repeated_names(names: Sequence[str], where: str) -> None:
+    """Classes are matched by name (a test set's to a training set's, a selection's units to
+    the pool's classes): two classes of one name could not be told apart."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise PretrainReuseError(f"{where} names two classes {name!r}; give every class its "
+                                     "own name")
+        seen.add(name)
 
 
 def convert_channels(x: torch.Tensor, mode: str | None) -> torch.Tensor:
@@ -469,7 +482,9 @@ def read_class_names(path: str | Path) -> list[str]:
     if not names or any(not n.strip() for n in names):
         raise PretrainReuseError(
             f"class names file {str(p)!r} must hold one non-empty name per line (line i names label i)")
-    return [n.strip() for n in names]
+    names = [n.strip() for n in names]
+    _refuse_repeated_names(names, f"class names file {str(p)!r}")
+    return names
 
 
 def write_class_names(path: str | Path, names: Sequence[str]) -> None:

@@ -102,7 +102,9 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
         target: target training data: folder, list file or embedded name.
         out: run folder (created; a rerun with the same arguments resumes it).
         weights: local weights file of the pre-trained backbone.
-        target_test: test data; default: the ``test`` split of an embedded ``target``.
+        target_test: test data; default: the ``test`` split of an embedded ``target``. Where
+            both name their classes, its classes are matched to the training data's by name;
+            it may lack some of them (noted), not hold others.
         source: the pre-training pool (reuse modes).
         selection: ``sel.json`` from ``pretrain-reuse select``, or the :class:`Selection`
             itself (reuse modes).
@@ -232,7 +234,7 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
     test_set = test_set.subset(range(len(test_set)))
     for d in (train_set, val_set, test_set):  # views of the caller's data, safe to configure
         d.transform = resize
-    _check_same_classes(train_pool, test_set, num_classes)
+    _match_classes(train_pool, test_set, num_classes, progress)
 
     source_data: SourceData | None = None
     source_classes = None
@@ -335,20 +337,41 @@ def _class_name(data: ImageDataset, label: int) -> str:
     return data.class_names[label] if data.class_names else f"label {label}"
 
 
-def _check_same_classes(train_pool: ImageDataset, test_set: ImageDataset, num_classes: int) -> None:
-    """Accuracy is only meaningful when label c means the same class in training and test data."""
+def _match_classes(train_pool: ImageDataset, test_set: ImageDataset, num_classes: int,
+                   progress: bool) -> None:
+    """Accuracy is only meaningful when label c means the same class in training and test data.
+
+    Where both name their classes, ``test_set`` (the run's own view) is relabelled by name into
+    the training data's numbering: an image folder numbers its classes in sorted order, a list
+    file with a ``classes.txt`` in that file's order. A test class the training data lacks is
+    refused; training classes without test images are noted (the test accuracy counts the images
+    there are, the mean per-class accuracy averages over the classes they show)."""
     if test_set.labels is None or len(test_set) == 0:
         raise PretrainReuseError("the test data is empty or unlabelled; pass labelled test data "
                                  "(--target-test)")
     train_names, test_names = train_pool.class_names, test_set.class_names
     if train_names and test_names and list(train_names) != list(test_names):
-        raise PretrainReuseError(
-            f"the test data's classes ({_preview(test_names)}) are not the training data's "
-            f"({_preview(train_names)}); pass test data with the same classes (--target-test)")
+        index = {name: c for c, name in enumerate(train_names)}  # names are unique (data/)
+        unknown = [name for name in test_names if name not in index]
+        if unknown:
+            raise PretrainReuseError(
+                f"the test data's classes ({_preview(unknown)}) are not classes of the training "
+                f"data ({_preview(train_names)}); pass test data with the training data's "
+                "classes (--target-test)")
+        test_set.labels = np.asarray([index[name] for name in test_names])[test_set.labels]
+        test_set.class_names = list(train_names)
     if int(test_set.labels.max()) >= num_classes:
         raise PretrainReuseError(
             f"the test data has label {int(test_set.labels.max())}, but the training data has "
             f"{num_classes} classes; pass test data with the same classes (--target-test)")
+    trained = np.unique(train_pool.labels)
+    untested = np.setdiff1d(trained, test_set.labels)
+    if len(untested) and progress:
+        names = [_class_name(train_pool, int(c)) for c in untested]
+        print(f"note: the test data has no images of {len(untested)} of the {len(trained)} "
+              f"training classes ({_preview(names)}); its accuracy counts its own images, and its "
+              f"mean per-class accuracy averages over the {len(np.unique(test_set.labels))} "
+              "classes it has", file=sys.stderr)
 
 
 def _preview(names: list[str], n: int = 4) -> str:
