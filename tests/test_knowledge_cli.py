@@ -420,7 +420,7 @@ def test_a_smaller_rerun_leaves_no_outputs_of_the_earlier_run(tmp_path, capsys):
     assert _run(capsys, *knowledge)[0] == 0
     assert sorted(p.name for p in (tmp_path / "k").iterdir()) == [
         "finetuned", "knowledge.json", "preserved.png", "pretrained", "purity.png", "ratios.png",
-        "strength_by_order.png"]  # purity.png: the two samples are of one class
+        "ratios_by_order.png", "strength_by_order.png"]  # purity.png: the two samples are of one class
 
 
 def test_a_rerun_stopped_halfway_leaves_a_folder_that_reads_as_unfinished(tmp_path, capsys,
@@ -517,6 +517,14 @@ def test_knowledge_refuses_a_folder_of_someone_elses_and_resumes_its_own(tmp_pat
     rc, _, err = _run(capsys, *knowledge, "--out", tmp_path / "mine")
     assert rc == 2 and err.count("\n") == 1
     assert "is not empty and not a knowledge analysis; pass a new or empty folder" in err
+    assert _contents(tmp_path / "mine") == before
+    # only files named like an analysis's figures and folders (none an explanation): not its
+    (tmp_path / "mine" / "notes.txt").unlink()
+    (tmp_path / "mine" / "salient.png").unlink()
+    (tmp_path / "mine" / "interactions-draft.safetensors").unlink()
+    before = _contents(tmp_path / "mine")
+    rc, _, err = _run(capsys, *knowledge, "--out", tmp_path / "mine")
+    assert rc == 2 and "is not empty and not a knowledge analysis" in err
     assert _contents(tmp_path / "mine") == before
     # an explain folder is not a knowledge analysis, and the other way round
     assert _run(capsys, *_explain_argv(model), "--out", tmp_path / "x")[0] == 0
@@ -679,14 +687,29 @@ def _nan_classifier(path):
     return path
 
 
-def test_an_unreadable_chosen_image_is_named_and_nothing_is_written(tmp_path, capsys):
-    (_image_folder(tmp_path / "imgs") / "c1" / "1.png").write_bytes(b"not a png")
+def test_an_unreadable_image_is_passed_over_as_every_command_skips_it(tmp_path, capsys):
+    """It was refused when the seed happened to draw it, and always once every readable image
+    was needed (--samples 4 of 4)."""
+    from pretrain_reuse.data import open_dataset
+    from pretrain_reuse.knowledge.explain import choose_samples
+
+    (_image_folder(tmp_path / "imgs", per_class=3) / "c1" / "1.png").write_bytes(b"not a png")
+    data = open_dataset(tmp_path / "imgs")
+    bad = data.ids.index("c1/1.png")
+    for seed in range(4):
+        chosen = choose_samples(data, 5, seed)
+        assert bad not in chosen and len(chosen) == 5  # the 5 readable ones, whatever the seed
     weights = _classifier(tmp_path / "m2.safetensors", 2)
-    rc, _, err = _run(capsys, "explain", "--model", "smallcnn-s", "--weights", weights, "--data",
-                      tmp_path / "imgs", "--samples", 4, "--quiet", "--out", tmp_path / "x")
-    assert rc == 2 and err.count("\n") == 1
-    assert "image 'c1/1.png'" in err and "fix or remove that file" in err
-    assert not (tmp_path / "x").exists()
+    rc, out, _ = _run(capsys, "explain", "--model", "smallcnn-s", "--weights", weights, "--data",
+                      tmp_path / "imgs", "--samples", 6, "--quiet", "--out", tmp_path / "x")
+    assert rc == 0 and out.startswith("explained 5 samples")
+    (tmp_path / "imgs" / "c0" / "0.png").write_bytes(b"")
+    for name in ("0.png", "2.png"):
+        (tmp_path / "imgs" / "c1" / name).write_bytes(b"")
+    for name in ("1.png", "2.png"):
+        (tmp_path / "imgs" / "c0" / name).write_bytes(b"")
+    with pytest.raises(PretrainReuseError, match="none of the 6 samples drawn from"):
+        choose_samples(open_dataset(tmp_path / "imgs"), 2, 0)
 
 
 @pytest.mark.parametrize("argv,needle", [

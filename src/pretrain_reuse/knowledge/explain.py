@@ -264,8 +264,23 @@ def _image_game(model: Backbone, x: torch.Tensor, label: int, players: Players,
 
 def choose_samples(dataset: ImageDataset | TextDataset, k: int, seed: int,
                    keep: np.ndarray | None = None) -> np.ndarray:
-    """``k`` sample positions drawn evenly over classes (seeded), among ``keep`` if given."""
-    return np.sort(sample_order(dataset, seed, keep)[:k])
+    """``k`` sample positions drawn evenly over classes (seeded), among ``keep`` if given, passing
+    over images that cannot be read (as every other command skips them): the draw goes on down
+    the seeded order, so fewer than ``k`` come back only when fewer are readable."""
+    order = sample_order(dataset, seed, keep)
+    if not isinstance(dataset, ImageDataset):
+        return np.sort(order[:k])
+    chosen: list[int] = []
+    for start in range(0, len(order), max(k, 1)):
+        block = order[start:start + k]
+        images = dataset.load_many(block)
+        chosen += [int(i) for i, image in zip(block, images, strict=True) if image is not None]
+        if len(chosen) >= k:
+            break
+    if k and len(order) and not chosen:
+        raise PretrainReuseError(f"none of the {len(order)} samples drawn from {dataset.source!r} "
+                                 "is a readable image; check the data's files")
+    return np.sort(np.asarray(chosen[:k], dtype=np.int64))
 
 
 def sample_order(dataset: ImageDataset | TextDataset, seed: int,
