@@ -1122,6 +1122,27 @@ def test_test_data_of_other_classes_exits_2(files, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_folder_of_split_folders_gives_its_train_and_test_splits(files, tmp_path, capsys):
+    """Was refused with "pass --split NAME", a flag finetune does not have. Its test/ is the
+    default test data, as an embedded set's test split is."""
+    (tmp_path / "tt").mkdir()
+    (tmp_path / "tt" / "train").symlink_to(files["train"])
+    (tmp_path / "tt" / "test").symlink_to(files["test"])
+    for extra in ([], ["--target-test", tmp_path / "tt"]):
+        args = base_args(files, tmp_path / f"run{len(extra)}", steps=1)
+        del args[args.index("--target-test"):args.index("--target-test") + 2]
+        out = run_ok(capsys, *args, "--target", tmp_path / "tt", *extra)
+        inputs = json.loads((out / "run.json").read_text())["inputs"]
+        assert (inputs["target"], inputs["target_test"]) == (str(files["train"].resolve()),
+                                                             str(files["test"].resolve()))
+        assert json.loads((out / "result.json").read_text())["final"]["n"] == 12
+    (tmp_path / "tt" / "test").unlink()  # tt/train alone: no test data
+    rc, _, err = cli(capsys, *base_args(files, tmp_path / "run", steps=1), "--target", tmp_path / "tt",
+                     "--target-test", tmp_path / "tt")
+    assert_one_line_error(rc, err, "--target-test: ", "holds the split folders train, none named "
+                          "'test'; pass the folder or list file of the test images (--target-test)")
+
+
 SHAPES = ["triangle", "circle", "square"]  # a list file's order: classes.txt
 
 

@@ -139,19 +139,26 @@ def open_dataset(spec: str | Path, *, split: str | None = None, transform: Trans
 SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing"}
 
 
+def split_folders(path: Path) -> list[str]:
+    """The sorted names of the sub-folders of ``path`` when they all name splits (``train/``,
+    ``test/``, ...: a data set root, not a folder of class folders); else (or when ``path`` is no
+    folder) []. Hidden folders (.ipynb_checkpoints) are no classes to image_folder either."""
+    if not path.is_dir():
+        return []
+    subfolders = {p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    return sorted(subfolders) if subfolders and subfolders <= SPLIT_NAMES else []
+
+
 def _refuse_split_folders(path: Path) -> None:
     """A data set root (train/, test/, ...) read as an image folder would label every image by
     its split: refuse it, naming the fix. A lone split folder (a root holding only train/) is one
     too: read as one class, every image would get label 0."""
-    # hidden folders (.ipynb_checkpoints) are no classes to image_folder either
-    subfolders = {p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")}
-    if not subfolders or not subfolders <= SPLIT_NAMES:
-        return
-    if len(subfolders) == 1:
-        (split,) = subfolders
+    splits = split_folders(path)
+    if len(splits) == 1:
         raise PretrainReuseError(
-            f"data: {str(path)!r} holds only the split folder {split!r}, not class folders; pass "
-            f"the split's folder {str(path / split)!r} (or --split {split})")
-    raise PretrainReuseError(
-        f"data: {str(path)!r} holds split folders ({', '.join(sorted(subfolders))}), not "
-        "class folders; pass --split NAME or the split's folder")
+            f"data: {str(path)!r} holds only the split folder {splits[0]!r}, not class folders; "
+            f"pass the split's folder {str(path / splits[0])!r} (or --split {splits[0]})")
+    if splits:
+        raise PretrainReuseError(
+            f"data: {str(path)!r} holds split folders ({', '.join(splits)}), not class folders; "
+            "pass --split NAME or the split's folder")

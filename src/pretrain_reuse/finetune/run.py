@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..artifacts import hash_array, hash_file, make_run_folder, read_json
-from ..data.catalog import DATASETS, open_dataset
+from ..data.catalog import DATASETS, open_dataset, split_folders
 from ..data.datasets import ImageDataset
 from ..data.samplers import subsample_fraction, subsample_long_tail
 from ..errors import PretrainReuseError, check_file
@@ -74,13 +74,21 @@ def target_splits(cfg: FinetuneConfig, train_pool: ImageDataset
     return train_pool.subset(train_idx), train_pool.subset(val_idx), record
 
 
-def open_split(spec: str | Path, split: str) -> ImageDataset:
-    """``split`` (``train`` or ``test``) of an embedded data set, or the folder / list file
-    ``spec`` itself (a user's folder holds one split; its test data is passed separately). An
-    embedded set of one split (``digits``) is all training data, like a folder."""
+def open_split(spec: str | Path, split: str, *, flag: str = "data") -> ImageDataset:
+    """``split`` (``train`` or ``test``) of an embedded data set or of a folder of split folders
+    (``train/``, ``test/``: the sub-folder of that name), else the folder / list file ``spec``
+    itself (a folder of class folders holds one split; its test data is passed separately). An
+    embedded set of one split (``digits``) is all training data, like a folder. ``flag`` names
+    the argument in errors."""
     name = str(spec)
     if name not in DATASETS:
-        return open_dataset(spec)
+        splits = split_folders(Path(spec))
+        if splits and split not in splits:
+            images = "training" if split == "train" else split
+            raise PretrainReuseError(
+                f"{flag}: {name!r} holds the split folders {', '.join(splits)}, none named "
+                f"{split!r}; pass the folder or list file of the {images} images ({flag})")
+        return open_dataset(spec, split=split if splits else None)
     if DATASETS[name].splits != ("all",):
         return open_dataset(spec, split=split)
     if split == "test":
@@ -99,13 +107,16 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
     Args:
         cfg: the recipe (mode, optimiser, schedule, regimes).
         model: a backbone name (:func:`~pretrain_reuse.models.create_backbone`).
-        target: target training data: folder, list file or embedded name.
+        target: target training data: folder, list file or embedded name; of a folder of
+            split folders (``train/``, ``test/``), its ``train/``.
         out: run folder (created; a rerun with the same arguments resumes it).
         weights: local weights file of the pre-trained backbone.
-        target_test: test data; default: the ``test`` split of an embedded ``target``. Where
+        target_test: test data (of a folder of split folders, its ``test/``); default: the
+            ``test`` split of an embedded ``target`` or of a ``target`` folder of splits. Where
             both name their classes, its classes are matched to the training data's by name;
             it may lack some of them (noted), not hold others.
-        source: the pre-training pool (reuse modes).
+        source: the pre-training pool (reuse modes); of a folder of split folders, its
+            ``train/``.
         selection: ``sel.json`` from ``pretrain-reuse select``, or the :class:`Selection`
             itself (reuse modes).
         units: the units file the selection was made on, or the :class:`Units` themselves
@@ -129,7 +140,7 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
         raise PretrainReuseError(
             f"mode {cfg.mode!r} reuses no pre-training data, so {', '.join(given)} would be "
             "ignored; pass --mode reuse or reuse-unlabeled, or drop them")
-    if target_test is None and str(target) not in DATASETS:
+    if target_test is None and str(target) not in DATASETS and not split_folders(Path(target)):
         raise PretrainReuseError("pass --target-test with the test data (folder or list file)")
     # every file is checked before any is read: a missing one is one line
     files = {"weights": _input_file("--weights", weights),
@@ -142,9 +153,9 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
             f"--units holds {cluster_units.kind} units, which map to images by their labels, so "
             "it would be ignored; only a selection of clusters needs --units: drop it")
     specs = dict(zip(DATA_INPUTS, (target, target_test or target, source), strict=True))
-    data = {"target": open_split(target, "train"),
-            "target_test": open_split(specs["target_test"], "test"),
-            "source": open_split(source, "train") if cfg.uses_source else None}
+    data = {"target": open_split(target, "train", flag="--target"),
+            "target_test": open_split(specs["target_test"], "test", flag="--target-test"),
+            "source": open_split(source, "train", flag="--source") if cfg.uses_source else None}
     inputs = {"model": model,
               "weights": weights_hash(files["weights"]) if weights is not None else None,
               **{key: None if data[key] is None else _data_identity(specs[key], data[key])
