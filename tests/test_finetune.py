@@ -29,7 +29,7 @@ from torch import nn
 
 import pretrain_reuse
 from _helpers import kill_when, smallcnn_from_file
-from pretrain_reuse.artifacts import hash_array
+from pretrain_reuse.artifacts import hash_array, safetensors_header
 from pretrain_reuse.cli import main
 from pretrain_reuse.data.datasets import ArrayDataset
 from pretrain_reuse.errors import PretrainReuseError
@@ -1189,6 +1189,13 @@ def test_test_classes_are_matched_to_the_training_classes_by_name(shapes, tmp_pa
     present = np.unique(labels)
     assert final["mean_class_acc"] == pytest.approx(
         np.mean([(pred[labels == c] == c).mean() for c in present]), abs=1e-9)
+    assert model_class_names(tmp_path / "run") == SHAPES  # output i of the head is class i
+
+
+def model_class_names(out: Path) -> list[str] | None:
+    """The class names a fine-tuned model file records (for knowledge to check its data by)."""
+    meta = json.loads(safetensors_header(out / "model.safetensors")["meta"])
+    return json.loads(meta["inputs"]["class_names"])
 
 
 def test_test_classes_the_training_data_lacks_are_refused(shapes, tmp_path, capsys):
@@ -1657,6 +1664,7 @@ def test_classes_without_a_training_image_are_noted(tmp_path, capsys):
                      "--out", tmp_path / "run")
     assert rc == 0, err
     assert "note: 2 of 4 classes have no training image (label 1, label 2)" in err
+    assert model_class_names(tmp_path / "run") is None  # integer labels without classes.txt
 
 
 def test_an_embedded_set_of_one_split_is_training_data_and_asks_for_test_data(tmp_path, capsys):

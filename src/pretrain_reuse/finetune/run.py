@@ -228,7 +228,11 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
     """:func:`run_finetune` on dataset objects (any :class:`~pretrain_reuse.data.ImageDataset`):
     ``train_pool`` is split into training and validation data, ``test_set`` is only reported on,
     ``source_pool`` + ``selection`` (+ ``units`` for clusters) give the reused data;
-    ``check_only`` as in :func:`run_finetune`."""
+    ``check_only`` as in :func:`run_finetune`.
+
+    The run's inputs (in ``run.json`` and the ``meta`` of ``result.json`` and
+    ``model.safetensors``) include ``class_names``: the training data's class names, output i of
+    the fine-tuned head naming class i, as JSON text (``null`` for data without names)."""
     with torch.random.fork_rng(devices=[]):  # a seeded initialisation of any fresh layer
         torch.manual_seed(cfg.seed)
         backbone = create_backbone(model, weights=weights, device="cpu")
@@ -271,9 +275,12 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
         return len(val_set)
     # only now: a bad argument leaves no folder
     out = make_run_folder(Path(out), "a fine-tuning run", "run.json", early=("split.json",)).parent
-    # the paths alone do not show data changed on disk; a resumed run would mix the two
+    # the paths alone do not show data changed on disk; a resumed run would mix the two. The
+    # class names, as JSON text (the run's meta holds its inputs as text), name the outputs of
+    # the head in model.safetensors, so that data with other classes can be refused there
     inputs = {**(inputs or {"model": model, "weights": weights}),
-              "data": _data_fingerprint(train_set, val_set, test_set, source_data)}
+              "data": _data_fingerprint(train_set, val_set, test_set, source_data),
+              "class_names": json.dumps(train_pool.class_names)}
     return train(cfg, net, train_set, val_set, test_set, source_data, out, inputs=inputs,
                  split=split, progress=progress)
 
