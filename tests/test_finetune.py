@@ -1143,6 +1143,29 @@ def test_a_folder_of_split_folders_gives_its_train_and_test_splits(files, tmp_pa
                           "'test'; pass the folder or list file of the test images (--target-test)")
 
 
+def test_test_images_that_are_training_images_are_warned_of(files, tmp_path, capsys):
+    """--target-test naming the training folder (here through a link) was taken without a word;
+    separate test data gives no warning."""
+    from pretrain_reuse.data import DataWarning
+
+    (tmp_path / "link").symlink_to(files["train"])
+    cfg = FinetuneConfig(max_steps=1, batch_size=8)
+    with pytest.warns(DataWarning) as caught:
+        run_finetune(cfg, model="smallcnn-s", target=files["train"], target_test=tmp_path / "link",
+                     out=tmp_path / "api", progress=False)
+    assert [str(w.message) for w in caught] == [
+        "30 of the 30 test images are training images too (the same files; first: 't0/000.png'), "
+        "so the test accuracy is partly that of images the model was trained on; pass held-out "
+        "test data (--target-test)"]
+    rc, _, err = cli(capsys, *base_args(files, tmp_path / "cli", steps=1), "--target-test",
+                     tmp_path / "link")
+    assert rc == 0, err
+    assert err.splitlines() == ["warning: " + str(caught[0].message)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        _api_run(files, tmp_path / "separate")
+
+
 SHAPES = ["triangle", "circle", "square"]  # a list file's order: classes.txt
 
 

@@ -14,6 +14,7 @@ from .catalog import DATASETS, DatasetSpec, list_datasets, open_dataset
 from .datasets import (
     ArrayDataset,
     Batch,
+    DataWarning,
     FileDataset,
     ImageDataset,
     SubsetDataset,
@@ -29,8 +30,8 @@ from .samplers import Subsample, subsample_fraction, subsample_long_tail
 from .world import Rule, Scene, World, WorldConfig, WorldDataset, make_world
 
 __all__ = [
-    "DATASETS", "ArrayDataset", "Batch", "DatasetSpec", "FileDataset", "ImageDataset", "Rule",
-    "Scene", "Subsample", "SubsetDataset", "World", "WorldConfig", "WorldDataset", "collate",
+    "DATASETS", "ArrayDataset", "Batch", "DataWarning", "DatasetSpec", "FileDataset", "ImageDataset",
+    "Rule", "Scene", "Subsample", "SubsetDataset", "World", "WorldConfig", "WorldDataset", "collate",
     "describe_skipped", "file_list", "image_folder", "list_datasets", "make_loader", "make_world",
     "open_dataset", "read_class_names", "subsample_fraction", "subsample_long_tail",
     "write_class_names",

@@ -46,6 +46,11 @@ _LABEL_HEADERS = {"label", "class", "target", "category", "y"}
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
+class DataWarning(UserWarning):
+    """A doubt about the data a command was given that does not stop it: unreadable images left
+    out, test images that are training images. The command line prints each on one line."""
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """The common interface of every dataset of the package (see the module docstring).
 
@@ -103,6 +108,11 @@ class ImageDataset(torch.utils.data.Dataset):
         """``[self.load(i) for i in indices]``; datasets that read a batch faster override it."""
         return [self.load(int(i)) for i in indices]
 
+    def files(self) -> list[Path] | None:
+        """The file each sample is read from; None for samples held in memory (arrays,
+        procedural images)."""
+        return None
+
     def subset(self, indices: Sequence[int] | np.ndarray) -> SubsetDataset:
         """The samples at ``indices`` (e.g. from a sampler) as a dataset with their own ids/labels."""
         return SubsetDataset(self, np.asarray(indices, dtype=np.int64))
@@ -127,6 +137,11 @@ class SubsetDataset(ImageDataset):
         self.base = base
         self.indices = indices
 
+    def files(self) -> list[Path] | None:
+        """The files of the base dataset at these positions (None for samples in memory)."""
+        base = self.base.files()
+        return None if base is None else [base[i] for i in self.indices]
+
     def load(self, index: int) -> torch.Tensor | None:
         """The image of the base dataset at this subset position."""
         return self.base.load(int(self.indices[index]))
@@ -146,6 +161,10 @@ class FileDataset(ImageDataset):
                          source=source)
         self.paths = paths
         self.mode = check_choice("mode", mode, MODES)
+
+    def files(self) -> list[Path]:
+        """The file of every sample."""
+        return self.paths
 
     def load(self, index: int) -> torch.Tensor | None:
         """The decoded image at ``index``, or None when the file cannot be read."""
