@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -767,8 +768,9 @@ def _with_a_broken_image(tmp_path) -> list:
     for c in range(2):
         write_images(root / f"c{c}", 6, c, seed=400 + c)
     (root / "c1" / "zz-broken.png").write_bytes(b"not a png")
-    return ["finetune", "--model", "smallcnn-s", "--target", root, "--target-test", root,
-            "--val-fraction", "0", "--epochs", "1"]
+    shutil.copytree(root, tmp_path / "test")  # the same images as test data, in other files
+    return ["finetune", "--model", "smallcnn-s", "--target", root, "--target-test",
+            tmp_path / "test", "--val-fraction", "0", "--epochs", "1"]
 
 
 def test_unreadable_training_images_are_reported_and_a_batch_of_only_them_is_an_error(
@@ -776,7 +778,7 @@ def test_unreadable_training_images_are_reported_and_a_batch_of_only_them_is_an_
     args = _with_a_broken_image(tmp_path)
     rc, _, err = cli(capsys, *args, "--batch-size", "4", "--out", tmp_path / "ok")
     assert rc == 0 and "skipped 1 unreadable image(s) of 13: c1/zz-broken.png" in err
-    # the test split is the same folder: its accuracy is over the 12 readable images, and says so
+    # the test data is a copy: its accuracy is over the 12 readable images, and says so
     assert "note: test data: 1 of 13 images could not be read (left out of its accuracy)" in err
     rc, _, err = cli(capsys, *args, "--batch-size", "1", "--quiet", "--out", tmp_path / "bad")
     assert_one_line_error(rc, err, "every image of a training batch is unreadable")
@@ -1008,8 +1010,6 @@ def test_repeated_milestones_are_refused():
 def test_resuming_after_the_data_changed_on_disk_is_refused(files, tmp_path, capsys):
     """The paths are the same, the samples are not: resuming would train the rest of the run on
     other data (and mix evaluations on two test sets) without a word."""
-    import shutil
-
     train = tmp_path / "train"
     shutil.copytree(files["train"], train)
     argv = [*base_args(files, tmp_path / "run", steps=2), "--target", train,
