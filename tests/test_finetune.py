@@ -9,6 +9,7 @@ on both sides (subprocesses get ``OMP_NUM_THREADS=1``).
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -833,6 +834,33 @@ def test_yaml_config_with_flag_overrides_is_saved_with_the_run(files, tmp_path, 
     cfg.write_text(yaml.safe_dump({"lr": 0.01, "learning_rate": 0.5}))
     rc, _, err = cli(capsys, *base_args(files, tmp_path / "bad", steps=1), "--config", cfg)
     assert_one_line_error(rc, err, "learning_rate")
+
+
+@pytest.mark.parametrize("key", ["model", "target_test"])
+def test_a_flag_of_finetune_in_its_config_is_named_as_a_flag(files, tmp_path, capsys, key):
+    """An experiment's YAML copied as a recipe: 'model' was "not one of ... (did you mean
+    'mode'?)"."""
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text(yaml.safe_dump({"lr": 0.01, key: "x"}))
+    rc, _, err = cli(capsys, *base_args(files, tmp_path / "run", steps=1), "--config", cfg)
+    flag = "--" + key.replace("_", "-")
+    assert_one_line_error(rc, err, f"{key} is a flag of finetune ({flag}), not a field of its "
+                          f"--config; pass {flag} on the command line ({key}= to run_finetune in "
+                          "Python) and drop it from the config")
+
+
+def test_the_run_arguments_are_the_flags_and_arguments_of_finetune_besides_the_recipe():
+    import inspect
+
+    from pretrain_reuse.cli import build_parser
+    from pretrain_reuse.finetune.config import RUN_ARGUMENTS
+
+    keywords = set(inspect.signature(run_finetune).parameters) - {"cfg", "progress", "check_only"}
+    assert set(RUN_ARGUMENTS) == keywords
+    parser = build_parser()
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    flags = {a.dest for a in verbs.choices["finetune"]._actions}
+    assert set(RUN_ARGUMENTS) <= flags
 
 
 @pytest.mark.parametrize("extra, needle", [

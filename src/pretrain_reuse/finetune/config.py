@@ -233,10 +233,22 @@ class FinetuneConfig:
                 "sets the length of training); pass one of them")
 
 
+#: What a run is made from and where it goes: arguments of :func:`~.run.run_finetune` and flags
+#: of ``finetune``, never fields of the recipe (an experiment's YAML holds them beside it).
+RUN_ARGUMENTS = ("model", "weights", "target", "target_test", "source", "selection", "units", "out")
+
+
 def load_config(path: str | Path | None = None, **overrides: Any) -> FinetuneConfig:
     """A config from a YAML file (optional) with ``overrides`` on top; unknown keys and values of
     the wrong type are errors."""
-    return FinetuneConfig(**checked_values(config_values(path, overrides), FinetuneConfig))
+    values = config_values(path, overrides)
+    for key in values:
+        if key in RUN_ARGUMENTS:
+            flag = "--" + key.replace("_", "-")
+            raise PretrainReuseError(
+                f"{key} is a flag of finetune ({flag}), not a field of its --config; pass {flag} "
+                f"on the command line ({key}= to run_finetune in Python) and drop it from the config")
+    return FinetuneConfig(**checked_values(values, FinetuneConfig))
 
 
 def lr_at(step: int, total_steps: int, cfg: FinetuneConfig) -> float:
