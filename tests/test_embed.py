@@ -378,6 +378,26 @@ def test_corrupt_images_are_skipped_counted_and_listed(tmp_path, capsys):
     np.testing.assert_allclose(store.features, ref.features, rtol=1e-5, atol=1e-6)
 
 
+def test_unreadable_images_are_warned_of_in_python_and_the_first_100_listed(tmp_path):
+    """embed() dropped them without a word (only meta['skipped_ids'] said so)."""
+    from pretrain_reuse.data import DataWarning
+    from pretrain_reuse.embed import EmbedConfig, embed
+
+    data = make_folder(tmp_path / "data", FILES[:1])
+    (data / "bad").mkdir()
+    for i in range(102):
+        (data / "bad" / f"{i:03d}.png").write_bytes(b"not an image")
+    cfg = EmbedConfig(model="smallcnn-s", data=str(data), batch_size=64)
+    with pytest.warns(DataWarning) as caught:
+        store = embed(cfg, tmp_path / "store", progress=False)
+    assert [str(w.message) for w in caught] == [
+        "skipped 102 unreadable image(s) of 103: bad/000.png, bad/001.png, bad/002.png, "
+        "bad/003.png, bad/004.png, ...; they have no features (the first 100 are listed in "
+        "index.json, meta.skipped_ids)"]
+    assert len(store) == 1 and store.meta["skipped"] == 102
+    assert store.meta["skipped_ids"] == [f"bad/{i:03d}.png" for i in range(100)]
+
+
 def test_unknown_model_name_exits_2(tmp_path, capsys):
     data = make_folder(tmp_path / "data", FILES[:2])
     rc, _, err = cli(capsys, "embed", "--model", "smallcnn-xs", "--data", data,

@@ -8,7 +8,8 @@ computed in batches from its own start and written atomically as one safetensors
 - under ``torchrun --nproc_per_node N`` rank ``r`` computes the shards ``k = r (mod N)`` and rank
   0 writes ``index.json`` at the end, giving the same store as one process.
 
-Unreadable images are skipped, counted and listed in the index (never a crash halfway through a
+Unreadable images are skipped, counted, warned of (:class:`~.data.DataWarning`, with the first
+ids) and the first :data:`SKIPPED_LISTED` listed in the index (never a crash halfway through a
 million-image folder); a data set with no readable image at all is refused before anything is
 written.
 """
@@ -19,6 +20,7 @@ import contextlib
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,11 +41,16 @@ from .artifacts import (
 )
 from .configs import check_fields
 from .data.catalog import open_dataset
-from .data.datasets import ImageDataset, collate
+from .data.datasets import DataWarning, ImageDataset, collate, describe_skipped
 from .distributed import process_device, rank_world
 from .errors import PretrainReuseError, check_choice, check_device, check_seed
 from .features import STORE_FORMAT, FeatureStore
 from .models import LAYERS, ImageTransform, create_backbone, state_hash
+
+#: Unreadable images named in a store's ``index.json`` (``meta.skipped_ids``; ``meta.skipped``
+#: counts them all): the index is read with every load of the store, and the ids of a folder
+#: of, say, 100,000 unreadable files would make it megabytes.
+SKIPPED_LISTED = 100
 
 
 @dataclass(frozen=True)
@@ -155,8 +162,12 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True) -> Featur
     if world > 1:
         dist.barrier()
     if rank == 0:
-        _write_index(out, parts, n_shards, dataset, backbone, cfg, identity["state"],
-                     time.perf_counter() - t0)
+        skipped = _write_index(out, parts, n_shards, dataset, backbone, cfg, identity["state"],
+                               time.perf_counter() - t0)
+        if skipped:
+            warnings.warn(f"{describe_skipped(dataset, skipped)}; they have no features (the "
+                          f"first {SKIPPED_LISTED} are listed in index.json, meta.skipped_ids)",
+                          DataWarning, stacklevel=2)
     if world > 1:
         dist.barrier()
     return FeatureStore.load(out)
@@ -291,13 +302,14 @@ def _check_finite(features: torch.Tensor, indices: torch.Tensor, data: ImageData
 
 
 def _write_index(out: Path, parts: Path, n_shards: int, dataset: ImageDataset, backbone,
-                 cfg: EmbedConfig, state: str, seconds: float) -> None:
+                 cfg: EmbedConfig, state: str, seconds: float) -> list[int]:
+    """Write ``index.json`` over the shards; returns the positions of the unreadable images."""
     shards, skipped, classes_seen = [], [], set()
     for k in range(n_shards):
         path = _shard_path(parts, k)
         t = load_file(str(path))
         shards.append({"file": f"parts/{path.name}", "n": len(t["index"])})
-        skipped.extend(dataset.ids[i] for i in t["skipped"])
+        skipped.extend(t["skipped"].tolist())
         if "labels" in t:
             classes_seen.update(np.unique(t["labels"]).tolist())
     meta = make_meta("embed", asdict(cfg), seed=cfg.seed, inputs={
@@ -306,8 +318,11 @@ def _write_index(out: Path, parts: Path, n_shards: int, dataset: ImageDataset, b
     # classes all of whose images were unreadable: class means will refuse the store
     empty = [name for c, name in enumerate(dataset.class_names or []) if c not in classes_seen]
     meta.update(backbone=json.loads(backbone.spec.to_json()), seconds=round(seconds, 2),
-                skipped=len(skipped), skipped_ids=skipped[:100], classes_without_images=empty)
+                skipped=len(skipped),
+                skipped_ids=[dataset.ids[i] for i in skipped[:SKIPPED_LISTED]],
+                classes_without_images=empty)
     write_json(out / "index.json", {
         "kind": "features", "format": STORE_FORMAT, "n": sum(s["n"] for s in shards),
         "dim": backbone.feature_dim, "has_labels": dataset.labels is not None,
         "class_names": dataset.class_names, "shards": shards, "meta": meta})
+    return skipped

@@ -379,8 +379,8 @@ def file_list(path: str | Path, *, mode: str = "RGB",
 
     A list none of whose paths exists is refused, naming the first path: that is a wrong base
     folder, not a few lost files. Missing paths among existing ones are kept and, like corrupt
-    images, skipped and counted when read (``embed`` prints their count and lists them in its
-    index), so a long list with a few deleted files still runs.
+    images, skipped and counted when read (``embed`` warns of their count and first ids, and
+    lists the first 100 in its index), so a long list with a few deleted files still runs.
     """
     p = check_file("data", path)
     try:
