@@ -67,6 +67,36 @@ def test_knowledge_ratios_are_consistent(quick_demo):
             assert x.faithfulness_error(tau=1e-12)["max"] < 1e-9
 
 
+def test_knowledge_convergence_follows_fine_tuning_and_scratch_training_over_their_steps(quick_demo):
+    # both runs save snapshots; each curve's x is the step its snapshots record, its last point
+    # the run's final model
+    out, _, _ = quick_demo
+    k = json.loads((out / "knowledge" / "knowledge.json").read_text())
+    for key, run in (("convergence", "vanilla"), ("scratch_convergence", "scratch")):
+        snaps = sorted((out / "finetune" / f"{run}-seed0" / "snapshots").glob("*.safetensors"))
+        steps = [int(p.stem.split("-")[1]) for p in snaps]
+        assert k[key]["steps"] == steps and len(steps) > 1, key
+        assert k[key]["similarity"][-1] == 1.0 and k[key]["first_at_threshold"] in steps
+        assert [c["weights"] for c in k[key]["checkpoints"]] == [str(p) for p in snaps]
+
+
+def test_a_rerun_recomputes_a_damaged_knowledge_analysis(quick_demo, tmp_path):
+    # a truncated and a deleted interactions file: the knowledge stage is not done, and a rerun
+    # writes the analysis again as it was (from its cached games)
+    out, summary, _ = quick_demo
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    damaged = copy / "knowledge" / "finetuned" / "interactions-0001.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:300])
+    (copy / "knowledge" / "scratch-checkpoint-000" / "interactions-0000.safetensors").unlink()
+    assert main(["demo", "--quick", "--quiet", "--out", str(copy)]) == 0
+    for folder in ("finetuned", "scratch-checkpoint-000"):
+        for a, b in zip(sorted((out / "knowledge" / folder).glob("interactions-*")),
+                        sorted((copy / "knowledge" / folder).glob("interactions-*")), strict=True):
+            np.testing.assert_array_equal(load(a).and_values, load(b).and_values)
+    assert json.loads((copy / "summary.json").read_text())["knowledge"] == summary["knowledge"]
+
+
 def test_rerun_resumes_without_recomputing(quick_demo, tmp_path):
     out, summary, _ = quick_demo
     copy = tmp_path / "run"

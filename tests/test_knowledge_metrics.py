@@ -234,6 +234,22 @@ def test_convergence_iou_and_detour_equal_hand_computed_curves():
     assert c.n_decreases == 1 and c.total_detour == pytest.approx(0.25)
 
 
+def test_convergence_over_training_steps_reports_the_step_and_weighs_by_the_steps_between():
+    # checkpoints at steps 10, 20, 40: s = 0.625, 1/3, 1; the area under s over the steps is
+    # the trapezoid over [10, 40] (the last interval counts twice as much), divided by 30
+    c = knowledge_convergence(CHECKPOINTS, steps=[10, 20, 40])
+    np.testing.assert_allclose(c.similarity, knowledge_convergence(CHECKPOINTS).similarity)
+    assert c.first_at_threshold == 40
+    s = c.similarity
+    assert c.auc == pytest.approx(((s[0] + s[1]) / 2 * 10 + (s[1] + s[2]) / 2 * 20) / 30)
+    assert c.auc == pytest.approx(np.trapezoid(s, [10, 20, 40]) / 30)
+    assert c.to_dict()["steps"] == [10, 20, 40] and c.to_dict()["first_at_threshold"] == 40
+    assert knowledge_convergence(CHECKPOINTS, threshold=0.5, steps=[10, 20, 40]).first_at_threshold == 10
+    for steps in ([10, 20], [10, 10, 40], [20, 10, 40], [10, 20.5, 40]):
+        with pytest.raises(PretrainReuseError, match=r"must be 3 increasing integers, the training step"):
+            knowledge_convergence(CHECKPOINTS, steps=steps)
+
+
 def test_convergence_by_order_uses_only_interactions_of_that_order():
     c = knowledge_convergence(CHECKPOINTS, order=2)
     # order 2: sample 1 has {} -> {A01} -> {A01, O12}: IoU 0, 1/2, 1; sample 2 never has any
@@ -284,6 +300,8 @@ def test_convergence_save_and_load_round_trip_nan_included(tmp_path):
     for name in ("similarity", "detour", "n_used"):
         np.testing.assert_array_equal(getattr(back, name), getattr(c, name))
     assert (back.measure, back.threshold) == ("iou", 0.5) and back.to_dict() == c.to_dict()
+    stepped = knowledge_convergence(CHECKPOINTS, steps=[5, 6, 9])
+    assert Convergence.load(stepped.save(tmp_path / "stepped.json")).to_dict() == stepped.to_dict()
     with pytest.raises(PretrainReuseError, match="holds kind 'knowledge-convergence', not 'accuracy"):
         AccuracyCorrelation.load(tmp_path / "convergence.json")
 

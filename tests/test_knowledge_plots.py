@@ -11,7 +11,7 @@ from PIL import Image
 from pretrain_reuse.cli import main
 from pretrain_reuse.knowledge import harsanyi_and
 from pretrain_reuse.knowledge.games import grid_players
-from pretrain_reuse.knowledge.plots import draw_salient
+from pretrain_reuse.knowledge.plots import draw_salient, plot_convergence
 from pretrain_reuse.knowledge.values import Interactions
 from test_knowledge_cli import _classifier
 
@@ -126,3 +126,20 @@ def test_figures_draw_the_saved_interactions_at_the_given_tau(tmp_path, capsys, 
             np.testing.assert_array_equal(x.and_values, y.and_values)
             np.testing.assert_array_equal(x.or_values, y.or_values)
             assert "joint" in y.meta["solver"]["producer"] and y.meta["params"]["tau"] == 0.2
+
+
+def test_both_convergence_curves_are_drawn_over_the_recorded_steps():
+    # fine-tuning and scratch on one axis whose x is the training step, not a snapshot index
+    curve = {"measure": "iou", "steps": [11, 22, 44], "similarity": [0.2, 0.5, 1.0],
+             "detour": [0.5, 0.3, 0.0]}
+    scratch = {**curve, "steps": [10, 30, 40], "similarity": [0.4, 0.6, 1.0]}
+    _, ax = plt.subplots()
+    plot_convergence({"convergence": curve, "scratch_convergence": scratch}, ax)
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines}
+    assert lines == {"fine-tuning: iou with its final knowledge": ([11, 22, 44], [0.2, 0.5, 1.0]),
+                     "fine-tuning: detour": ([11, 22, 44], [0.5, 0.3, 0.0]),
+                     "scratch: iou with its final knowledge": ([10, 30, 40], [0.4, 0.6, 1.0]),
+                     "scratch: detour": ([10, 30, 40], [0.5, 0.3, 0.0])}
+    assert ax.get_xlabel() == "training step"
+    assert all(float(t).is_integer() for t in ax.get_xticks())  # no tick at step 1.5
+    plt.close("all")

@@ -31,10 +31,24 @@ def _knowledge() -> dict:
     def faith():
         return {"max": 0.0, "mean": 0.0, "max_over_samples": 0.0}
 
-    return {"samples": {"n": 2}, "report": {"overall": {"preserve": ratio(), "new": ratio()}},
+    def by_order(discard):
+        return {"preserve": {"mean": 1 - discard, "n_used": 2},
+                "discard": {"mean": discard, "n_used": 2}, "new": {"mean": 0.5, "n_used": 2}}
+
+    return {"samples": {"n": 2, "asked": 2, "screened": 2, "correct_for_all": 2},
+            "report": {"overall": {"preserve": ratio(), "new": ratio()},
+                       "by_order": {"1": by_order(0.5), "2": by_order(0.5)}},
             "strength_by_order": {"pretrained": [0.5, 0.5], "finetuned": [0.4, 0.6]},
             "faithfulness": {"pretrained": faith(), "finetuned": faith()},
-            "counterfactual": {"n_sets": 0}}
+            "counterfactual": {"n_sets": 0},
+            "meta": {"inputs": {"models": {"pretrained": {"weights": None},
+                                           "finetuned": {"weights": None}}}}}
+
+
+def _curve(steps, similarity, **summaries):
+    """A convergence entry of knowledge.json (Convergence.to_dict)."""
+    return {"measure": "iou", "threshold": 0.9, "steps": steps, "similarity": similarity,
+            "detour": [0.0] * len(steps), **summaries}
 
 
 def _report(capsys, run):
@@ -69,7 +83,7 @@ def test_the_discrimination_figure_is_shown_only_with_a_class_of_two_samples(tmp
                                                ({"0": 1, "1": 1}, False), (None, False))):
         knowledge = {**_knowledge(), "discrimination": sets}
         if per_class is not None:  # a knowledge.json of an earlier version has no per-class counts
-            knowledge["samples"] = {"n": sum(per_class.values()), "per_class": per_class}
+            knowledge["samples"]["per_class"] = per_class
         (tmp_path / str(case)).mkdir()
         run = _run(tmp_path / str(case), _summary(), knowledge)
         rc, _, err = _report(capsys, run)
@@ -106,7 +120,9 @@ def test_a_json_file_that_is_not_a_demo_summary_is_one_line(tmp_path, capsys, re
 
 
 @pytest.mark.parametrize("missing", ["strength_by_order", "faithfulness.finetuned.max_over_samples",
-                                     "counterfactual.n_sets"])
+                                     "counterfactual.n_sets", "samples.screened",
+                                     "report.by_order.2.discard.n_used",
+                                     "meta.inputs.models.finetuned.weights"])
 def test_a_knowledge_json_lacking_an_entry_is_one_line_naming_it(tmp_path, capsys, missing):
     run = _run(tmp_path, _summary(), _without(_knowledge(), missing))
     rc, _, err = _report(capsys, run)
@@ -120,7 +136,7 @@ def test_optional_knowledge_entries_are_checked_only_when_present(tmp_path, caps
     knowledge = {**_knowledge(), "convergence": {"similarity": [0.5, 1.0]}}
     run = _run(tmp_path, _summary(), knowledge)
     rc, _, err = _report(capsys, run)
-    assert rc == 2 and "lacks 'convergence.detour'" in err
+    assert rc == 2 and "lacks 'convergence.measure'" in err
 
 
 def test_undefined_ratios_and_errors_are_shown_as_not_available(tmp_path, capsys):
@@ -158,7 +174,8 @@ def test_a_knowledge_analysis_stopped_halfway_is_one_line(tmp_path, capsys):
 
 
 def test_the_salience_threshold_stated_is_the_analysis_own(tmp_path, capsys):
-    knowledge = {**_knowledge(), "meta": {"params": {"tau": 0.2, "match": "signed"}}}
+    knowledge = _knowledge()
+    knowledge["meta"]["params"] = {"tau": 0.2, "match": "signed"}
     run = _run(tmp_path, _summary(), knowledge)
     assert _report(capsys, run)[0] == 0
     assert "(|I| > 20% of the sample's largest)" in (run / "report.html").read_text()
@@ -216,3 +233,52 @@ def test_a_knowledge_folder_or_a_file_is_named_as_such(tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 1 and "it is a knowledge folder" in err
     rc, _, err = _report(capsys, tmp_path / "k" / "knowledge.json")
     assert rc == 2 and err.count("\n") == 1 and "is a file; pass the demo or experiment folder" in err
+
+
+@pytest.mark.parametrize("discard, verdict", [
+    ((0.2, 0.4, 0.6, 0.8), "Discarded share at orders 3–4: 0.700 (mean over orders) against 0.300 "
+                           "at orders 1–2: more of the high-order pre-trained knowledge is "
+                           "discarded, as the paper claims."),
+    ((0.8, 0.6, 0.4, 0.2), "Discarded share at orders 3–4: 0.300 (mean over orders) against 0.700 "
+                           "at orders 1–2: high-order pre-trained knowledge is <b>not</b> discarded "
+                           "more than low-order knowledge here, unlike the paper's claim.")])
+def test_the_knowledge_section_states_what_the_numbers_rest_on(tmp_path, capsys, discard, verdict):
+    # samples used and dropped, the runs in each role, the definitions and their aggregation,
+    # the ratios by order (with the paper's high-order claim checked), the unit of the
+    # faithfulness error and the convergence summaries of both curves
+    knowledge = _knowledge()
+    knowledge["samples"] = {"n": 2, "asked": 3, "screened": 10, "correct_for_all": 2}
+    knowledge["report"]["by_order"] = {
+        str(k + 1): {"preserve": {"mean": 1 - d, "n_used": 2}, "discard": {"mean": d, "n_used": 2},
+                     "new": {"mean": None, "n_used": 0}} for k, d in enumerate(discard)}
+    run = _run(tmp_path, _summary(), knowledge)
+    tuned = run / "finetune" / "vanilla-seed0" / "model.safetensors"
+    tuned.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    save_backbone(create_backbone("smallcnn-s", num_classes=10), tuned,
+                  {"producer": "finetune", "params": {"mode": "vanilla"}})
+    knowledge["meta"]["inputs"]["models"]["finetuned"]["weights"] = str(tuned)
+    knowledge["convergence"] = _curve([11, 22, 33], [0.3, 0.95, 1.0], auc=0.8,
+                                      first_at_threshold=22, n_decreases=0, total_detour=0.25)
+    knowledge["scratch_convergence"] = _curve([11, 22, 33], [0.5, 0.4, 1.0], auc=0.575,
+                                              first_at_threshold=33, n_decreases=1,
+                                              total_detour=0.5)
+    (run / "knowledge" / "knowledge.json").write_text(json.dumps(knowledge))
+    rc, _, err = _report(capsys, run)
+    assert rc == 0, err
+    page = (run / "report.html").read_text()
+    assert ("Samples: 2 test images explained (3 asked), drawn among those every model "
+            "classifies correctly: of the 10 screened, 8 were dropped") in page
+    assert "<td>finetuned</td><td>finetune/vanilla-seed0/model.safetensors</td><td>vanilla</td>" in page
+    assert "<td>pretrained</td><td>not a file</td><td>not recorded</td>" in page
+    assert "<i>reconstructed</i> definitions of the reference note" in page
+    assert "aggregated as the <b>mean of the per-sample ratios</b>" in page
+    assert "<td>1</td><td>" + f"{1 - discard[0]:.3f} (2)</td><td>{discard[0]:.3f} (2)</td>" \
+        "<td>n/a (0)</td>" in page
+    assert verdict in page
+    assert "in units of |v(N) − v(∅)|" in page
+    assert ("<tr><td>fine-tuning</td><td>3</td><td>11–33</td><td>0.800</td><td>22</td><td>0</td>"
+            "<td>0.250</td></tr>") in page
+    assert ("<tr><td>scratch</td><td>3</td><td>11–33</td><td>0.575</td><td>33</td><td>1</td>"
+            "<td>0.500</td></tr>") in page
+    assert 'alt="knowledge ratios by order"' in page and 'alt="convergence"' in page

@@ -39,6 +39,7 @@ from ..errors import PretrainReuseError, check_choice, is_integer
 from ..finetune.config import MODES
 from ..models import Backbone, state_hash
 from .explain import (
+    MARKER,
     SHOWN,
     ExplainConfig,
     Games,
@@ -87,7 +88,7 @@ SERIES = {"checkpoints": ("finetuned", "convergence", "checkpoint"),
 #: analysis whose ``knowledge.json`` is missing (stopped before writing it, or deleted), which a
 #: rerun finishes; a rerun deletes those of them it does not write again.
 OUTPUTS = (*ROLES, *(f"{prefix}-*" for _, _, prefix in SERIES.values()), "strength_by_order.png",
-           "ratios.png", "purity.png", "convergence.png", "preserved.png")
+           "ratios.png", "ratios_by_order.png", "purity.png", "convergence.png", "preserved.png")
 #: The modes of ``finetune`` (``meta.params.mode`` of the model it writes) that fit each role: the
 #: pre-trained model is the linear probe on its frozen backbone, the fine-tuned model any mode
 #: that trains the pre-trained backbone on the target, the scratch model a scratch training.
@@ -221,8 +222,8 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
         check_explainable(m, dataset, indices, cfg, role, device)
     for doubt in _doubts(models, series):  # after the checks: an error stays the only message
         warnings.warn(doubt, KnowledgeWarning, stacklevel=2)
-    early = [p.name for pattern in OUTPUTS for p in out.glob(pattern)] if out.is_dir() else []
-    marker = make_run_folder(out, "a knowledge analysis", "knowledge.json", early=tuple(early))
+    marker = make_run_folder(out, "a knowledge analysis", "knowledge.json",
+                             early=_earlier_outputs(out))
     if marker.exists():
         # this run rewrites the earlier one's files model by model: until its own summary is
         # written, the folder must not read as the earlier, finished analysis
@@ -280,6 +281,16 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
             among=explained["pretrained"][:SHOWN], match=match), out / "preserved.png"))
     _remove_stale(out, list(OUTPUTS), written)
     return summary
+
+
+def _earlier_outputs(out: Path) -> tuple[str, ...]:
+    """What an analysis whose ``knowledge.json`` is missing (stopped before writing it, or
+    deleted) left in ``out``: its models' and snapshots' explanation folders (marked as such)
+    and, only beside them, its figures; nothing in a folder without such an explanation folder,
+    whose files may be anyone's."""
+    found = [p for pattern in OUTPUTS for p in out.glob(pattern)] if out.is_dir() else []
+    folders = [p.name for p in found if p.is_dir() and (p / MARKER).is_file()]
+    return (*folders, *(p.name for p in found if p.is_file())) if folders else ()
 
 
 def load_analysis(out: str | Path) -> tuple[dict[str, Any], dict[str, list[Interactions]]] | None:

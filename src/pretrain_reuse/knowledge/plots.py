@@ -50,6 +50,25 @@ def plot_ratios(summary: dict[str, Any], ax) -> None:
     ax.set_title("Knowledge ratios (mean ± std over samples)")
 
 
+#: The ratios drawn by interaction order.
+BY_ORDER = ("preserve", "discard", "new")
+
+
+def plot_ratios_by_order(summary: dict[str, Any], ax) -> None:
+    """Preserve / discard / new per interaction order k = |S| (``report.by_order`` of
+    ``knowledge.json``: means of the per-sample ratios); an order no sample defines is a gap."""
+    by_order = summary["report"]["by_order"]
+    orders = sorted(by_order, key=int)
+    for name in BY_ORDER:
+        means = [by_order[o][name]["mean"] for o in orders]
+        ax.plot([int(o) for o in orders], [np.nan if m is None else m for m in means],
+                marker="o", color=RATIO_COLOURS[name], label=name)
+    ax.set_xlabel("interaction order |S|")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7)
+    ax.set_title("Knowledge ratios by order")
+
+
 def plot_set_purity(summary: dict[str, Any], ax) -> None:
     """Discrimination purity of each knowledge set (the ``discrimination`` entry of
     ``knowledge.json``, ``SetDiscrimination.to_dict()``): a bar at the mean over classes, a dot per
@@ -69,15 +88,29 @@ def plot_set_purity(summary: dict[str, Any], ax) -> None:
     ax.set_title("Discrimination power of each knowledge set (dots: classes)")
 
 
+#: The convergence curves of ``knowledge.json``: its entry, the run it follows, its colour.
+CURVES = {"convergence": ("fine-tuning", "C0"), "scratch_convergence": ("scratch", "C1")}
+
+
 def plot_convergence(summary: dict[str, Any], ax) -> None:
-    """IoU of each fine-tuning snapshot's knowledge with the final model's, and the detour."""
-    conv = summary["convergence"]
-    ax.plot(range(1, len(conv["similarity"]) + 1), conv["similarity"], marker="o",
-            label="IoU with final knowledge")
-    ax.plot(range(1, len(conv["detour"]) + 1), conv["detour"], marker="s", label="detour")
-    ax.set_xlabel("fine-tuning snapshot")
+    """The convergence curves of ``knowledge.json`` on one axis whose x is the training step each
+    snapshot records: s(t), the similarity of a snapshot's knowledge with its run's final model's
+    (solid), and the detour d(t), the share of it the final model drops (dashed), for fine-tuning
+    and, with its snapshots, scratch training."""
+    from matplotlib.ticker import MaxNLocator
+
+    for key, (run, colour) in CURVES.items():
+        if key not in summary:
+            continue
+        curve = summary[key]
+        ax.plot(curve["steps"], curve["similarity"], marker="o", color=colour,
+                label=f"{run}: {curve['measure']} with its final knowledge")
+        ax.plot(curve["steps"], curve["detour"], marker="s", ls="--", color=colour,
+                label=f"{run}: detour")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("training step")
     ax.set_ylim(0, 1.05)
-    ax.legend()
+    ax.legend(fontsize=7)
     ax.set_title("Convergence of knowledge (cf. Fig. 4)")
 
 
@@ -140,12 +173,13 @@ def purity_is_informative(summary: dict[str, Any]) -> bool:
 
 
 def save_knowledge_plots(summary: dict[str, Any], out: str | Path) -> list[Path]:
-    """``strength_by_order.png``, ``ratios.png``, ``purity.png`` (with two samples per class or
-    more) and ``convergence.png`` (with snapshots)."""
+    """``strength_by_order.png``, ``ratios.png``, ``ratios_by_order.png``, ``purity.png`` (with
+    a class of two samples or more) and ``convergence.png`` (with snapshots)."""
     plt = _plt()
     written = []
     for name, draw in (("strength_by_order", plot_strength_by_order), ("ratios", plot_ratios),
-                       ("purity", plot_set_purity), ("convergence", plot_convergence)):
+                       ("ratios_by_order", plot_ratios_by_order), ("purity", plot_set_purity),
+                       ("convergence", plot_convergence)):
         if ((name == "convergence" and "convergence" not in summary)
                 or (name == "purity" and not purity_is_informative(summary))):
             continue

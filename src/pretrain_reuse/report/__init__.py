@@ -88,9 +88,15 @@ SUMMARY_KEYS = (
 #: The entries of ``knowledge/knowledge.json`` that the report reads (``?``: an optional part,
 #: whose entries are read only when it is there).
 KNOWLEDGE_KEYS = (
-    "samples.n", "report.overall.*.mean", "report.overall.*.std", "strength_by_order",
+    "samples.n", "samples.asked", "samples.screened", "samples.correct_for_all",
+    "report.overall.*.mean", "report.overall.*.std",
+    *(f"report.by_order.*.{n}.{e}" for n in ("preserve", "discard", "new") for e in ("mean", "n_used")),
+    "strength_by_order", "meta.inputs.models.*.weights",
     "faithfulness.*.max", "faithfulness.*.mean", "faithfulness.*.max_over_samples",
-    "counterfactual.n_sets", "convergence?.similarity", "convergence?.detour",
+    "counterfactual.n_sets",
+    *(f"{curve}?.{e}" for curve in ("convergence", "scratch_convergence")
+      for e in ("measure", "threshold", "steps", "similarity", "detour", "auc",
+                "first_at_threshold", "n_decreases", "total_detour")),
     "ground_truth?.*.n_samples", "ground_truth?.*.overall.precision.mean",
     "ground_truth?.*.overall.recall.mean", "ground_truth?.*.overall.signed_recall.mean",
 )
@@ -259,14 +265,27 @@ def _knowledge_section(run: Path, scenario: dict) -> str:
     # the analysis's own settings (a knowledge.json of an earlier version records neither)
     params = k.get("meta", {}).get("params", {})
     tau, match = params.get("tau", 0.05), params.get("match", "support")
-    parts = [f"<p>Interactions of each model's log-odds between the {k['samples']['n']} samples' "
+    samples = k["samples"]
+    dropped = samples["screened"] - samples["correct_for_all"]
+    parts = [f"<p>Interactions of each model's log-odds between the {samples['n']} samples' "
              f"players (here: {_players_text(scenario['players'])}; absent players take the "
-             f"{_BASELINE_TEXT.get(scenario.get('baseline', 'zero'), 'given')} baseline), on samples "
-             "every model classifies correctly. Knowledge = salient interactions (|I| > "
-             f"{100 * tau:g}% of the sample's largest).</p>"]
+             f"{_BASELINE_TEXT.get(scenario.get('baseline', 'zero'), 'given')} baseline). "
+             f"Samples: {samples['n']} test images explained ({samples['asked']} asked), drawn "
+             f"among those every model classifies correctly: of the {samples['screened']} "
+             f"screened, {dropped} were dropped because some model misclassifies them. "
+             "Knowledge = salient interactions (|I| > "
+             f"{100 * tau:g}% of the sample's largest).</p>",
+             _models_table(run, k),
+             "<p>preserve, discard, new and exclusive follow the <i>reconstructed</i> definitions "
+             "of the reference note (methods/knowledge.md §4, tagged [recon]: the paper's formulas "
+             "were not found): per sample, preserve = |Ω_pre ∩ Ω_ft| / |Ω_pre|, discard = 1 − "
+             "preserve, new = |Ω_ft \\ Ω_pre| / |Ω_ft|, exclusive = share of the preserved items "
+             "the scratch model lacks; each is aggregated as the <b>mean of the per-sample "
+             f"ratios</b> (std over samples), interactions matched by {html.escape(match)}.</p>"]
     from ..knowledge.plots import (
         plot_convergence,
         plot_ratios,
+        plot_ratios_by_order,
         plot_set_purity,
         plot_strength_by_order,
         purity_is_informative,
@@ -276,15 +295,18 @@ def _knowledge_section(run: Path, scenario: dict) -> str:
                 "samples.", "strength by order"),
                (plot_ratios, "preserve = |Ω_pre ∩ Ω_ft| / |Ω_pre|; discard = 1 - preserve; new = "
                 "|Ω_ft \\ Ω_pre| / |Ω_ft|; exclusive = share of preserved knowledge the scratch "
-                "model lacks.", "knowledge ratios")]
+                "model lacks (means of per-sample ratios).", "knowledge ratios"),
+               (plot_ratios_by_order, "The ratios per interaction order k = |S| (mean over the samples "
+                "with salient interactions of that order).", "knowledge ratios by order")]
     if purity_is_informative(k):
         figures.append((plot_set_purity, "Discrimination power of each set: over the samples of a "
                         "class, how consistently its interactions push the output the same way "
-                        "(1 = always the same sign); bar: mean over classes, dots: classes.",
-                        "discrimination purity"))
+                        "(1 = always the same sign); bar: mean over the classes of two samples or "
+                        "more, dots: those classes.", "discrimination purity"))
     if "convergence" in k:
-        figures.append((plot_convergence, "Similarity of each snapshot's knowledge to the final "
-                        "model's, and the share of it the final model drops.", "convergence"))
+        figures.append((plot_convergence, "Similarity of each snapshot's knowledge to its run's "
+                        "final model's (solid), and the share of it the final model drops "
+                        "(dashed), over the training step each snapshot records.", "convergence"))
     for draw, caption, alt in figures:
         fig, ax = plt.subplots(figsize=(5.2, 3.2))
         draw(k, ax)
@@ -292,13 +314,20 @@ def _knowledge_section(run: Path, scenario: dict) -> str:
     parts.append(_overlays(run, scenario, tau, match))
     rows = [[n, _fixed(overall[n]["mean"]), _fixed(overall[n]["std"]), overall[n].get("n_used", "")]
             for n in overall]
-    parts.append(_table(["ratio", "mean", "std", "samples"], rows))
+    parts.append(_table(["ratio", "mean of per-sample ratios", "std over samples", "samples"],
+                        rows))
+    parts.append(_by_order(k["report"]["by_order"]))
+    parts.append(_convergence(k))
     parts.append(_rule_recovery(k, tau))
     faith = k["faithfulness"]
-    parts.append("<h3>Faithfulness</h3>" + _table(
-        ["model", "max error (mean over samples)", "mean error", "worst sample"],
-        [[r, _fixed(f["max"], 4), _fixed(f["mean"], 4), _fixed(f["max_over_samples"], 4)]
-         for r, f in faith.items()]))
+    parts.append("<h3>Faithfulness</h3><p>How well each model's salient interactions alone "
+                 "reproduce its output on all 2^n masks: the error |v(S) − ŵ(S)| in units of "
+                 "|v(N) − v(∅)| (the output the players explain), its max over the masks and "
+                 "its mean, each averaged over samples, and the worst sample's max.</p>" + _table(
+                     ["model", "max error / |v(N) − v(∅)| (mean over samples)",
+                      "mean error / |v(N) − v(∅)|", "worst sample"],
+                     [[r, _fixed(f["max"], 4), _fixed(f["mean"], 4),
+                       _fixed(f["max_over_samples"], 4)] for r, f in faith.items()]))
     cf = k["counterfactual"]
     if cf.get("n_sets"):
         ratio = cf["effect_ratio"]  # None when removing random players changed nothing
@@ -321,6 +350,67 @@ def _knowledge_section(run: Path, scenario: dict) -> str:
             + f'<p class="{"good" if ratio is not None and ratio > 1.2 else "note"}">{verdict} '
               f"(ratio {_fixed(ratio, 2)}).</p>")
     return _section("Knowledge handed over by pre-training", "knowledge", "".join(parts))
+
+
+def _models_table(run: Path, k: dict) -> str:
+    """Which weights file (and the ``finetune`` mode it records) plays each role."""
+    from ..knowledge.explain import weights_meta
+
+    rows = []
+    for role, model in k["meta"]["inputs"]["models"].items():
+        path = Path(model["weights"]) if model["weights"] else None
+        shown = "not a file" if path is None else (
+            str(path.relative_to(run.resolve())) if path.is_relative_to(run.resolve()) else str(path))
+        meta = weights_meta(path) if path is not None and path.is_file() else {}
+        mode = meta.get("params", {}).get("mode") if meta.get("producer") == "finetune" else None
+        rows.append([role, shown, mode or "not recorded"])
+    return _table(["role", "model (weights file)", "trained in mode"], rows)
+
+
+def _by_order(by_order: dict) -> str:
+    """The ratios by order as a table, and whether discarded knowledge is high-order (the paper's
+    claim): the mean discard ratio of the upper half of the orders against the lower half."""
+    from ..knowledge.plots import BY_ORDER
+
+    orders = sorted(by_order, key=int)
+    rows = [[o, *(f"{_fixed(by_order[o][n]['mean'])} ({by_order[o][n]['n_used']})"
+                  for n in BY_ORDER)] for o in orders]
+    parts = ["<h3>By interaction order</h3>",
+             _table(["order k", *(f"{n} (samples)" for n in BY_ORDER)], rows)]
+    discard = {int(o): by_order[o]["discard"]["mean"] for o in orders
+               if by_order[o]["discard"]["mean"] is not None}
+    if len(discard) < 2:
+        return "".join(parts) + ('<p class="note">Too few orders have salient pre-trained '
+                                 "interactions to compare low and high orders.</p>")
+    ks = sorted(discard)
+    low, high = ks[:len(ks) // 2], ks[len(ks) // 2:]
+    lo, hi = (float(np.mean([discard[o] for o in half])) for half in (low, high))
+    verdict = ("more of the high-order pre-trained knowledge is discarded, as the paper claims"
+               if hi > lo else "high-order pre-trained knowledge is <b>not</b> discarded more "
+               "than low-order knowledge here, unlike the paper's claim")
+    parts.append(f'<p class="{"good" if hi > lo else "note"}">Discarded share at orders '
+                 f"{high[0]}–{high[-1]}: {hi:.3f} (mean over orders) against {lo:.3f} at orders "
+                 f"{low[0]}–{low[-1]}: {verdict}.</p>")
+    return "".join(parts)
+
+
+def _convergence(k: dict) -> str:
+    """The scalar summaries of each convergence curve (every curve ends at 1, so its shape is
+    told by when it gets there and how straight)."""
+    from ..knowledge.plots import CURVES
+
+    curves = [(run, k[key]) for key, (run, _) in CURVES.items() if key in k]
+    if not curves:
+        return ""
+    rows = [[run, len(c["steps"]), f"{c['steps'][0]}–{c['steps'][-1]}", _fixed(c["auc"]),
+             "never" if c["first_at_threshold"] is None else c["first_at_threshold"],
+             c["n_decreases"], _fixed(c["total_detour"])] for run, c in curves]
+    threshold = curves[0][1]["threshold"]
+    return ("<h3>Convergence</h3><p>Summaries of each curve s(t) over its snapshots' training "
+            "steps [recon, note §4]: the area under s(t) divided by the steps spanned, the first "
+            f"step with s(t) ≥ {threshold:g}, how often s(t) drops (stability), and Σ_t d(t).</p>"
+            + _table(["run", "snapshots", "steps", "AUC", f"first step with s ≥ {threshold:g}",
+                      "decreases", "Σ detour"], rows))
 
 
 def _rule_recovery(k: dict, tau: float) -> str:
@@ -360,7 +450,6 @@ def _overlays(run: Path, scenario: dict, tau: float, match: str, samples: int = 
     from ..data.catalog import open_dataset
     from ..knowledge.explain import ExplainConfig, sample_players
     from ..knowledge.plots import salient_figure
-    from ..knowledge.values import Interactions
 
     files = sorted((run / "knowledge" / "finetuned").glob("interactions-*.safetensors"))[:samples]
     if not files:
@@ -369,9 +458,9 @@ def _overlays(run: Path, scenario: dict, tau: float, match: str, samples: int = 
     cfg = ExplainConfig(players=scenario["players"])
     shown, among = [], []
     for f in files:
-        x = Interactions.load(f)
+        x = _interactions(f, run)
         # the pre-trained model's interactions on the same sample: the preserved ones are drawn
-        pre = Interactions.load(run / "knowledge" / "pretrained" / f.name)
+        pre = _interactions(run / "knowledge" / "pretrained" / f.name, run)
         i = x.info["index"]
         if pre.info["index"] != i or not 0 <= i < len(test):
             raise _not_this_run(f, f"sample {i} (the pre-trained model's file: sample "
@@ -387,6 +476,18 @@ def _overlays(run: Path, scenario: dict, tau: float, match: str, samples: int = 
     return _figure(fig, "The strongest preserved interactions of the fine-tuned model: outlined "
                    "player cells of each interaction (colour = interaction, legend = type and "
                    "effect on the log-odds).", "salient interactions")
+
+
+def _interactions(path: Path, run: Path):
+    """The interactions at ``path`` of the demo ``run``; a missing or damaged file is refused
+    naming the rerun that recomputes it (the demo redoes an analysis with such a file)."""
+    from ..knowledge.values import Interactions
+
+    try:
+        return Interactions.load(path)
+    except PretrainReuseError as e:
+        raise PretrainReuseError(f"{e} (rerun `pretrain-reuse demo --out {run}` with the run's "
+                                 "options: it recomputes the knowledge analysis)") from None
 
 
 def _not_this_run(path: Path, holds: str) -> PretrainReuseError:
