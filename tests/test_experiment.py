@@ -280,6 +280,7 @@ def test_knowledge_recipe_compares_pretrainings_and_correlates_with_accuracy(qui
                  ["report"]["overall"] for s in (0, 1)]
         for k in ("preserve", "discard", "new", "exclusive"):  # the analysis' own numbers
             assert row[k] == pytest.approx(np.mean([o[k]["mean"] for o in saved]))
+            assert row[f"{k}_std"] == pytest.approx(np.std([o[k]["mean"] for o in saved], ddof=1))
         assert row["preserve"] + row["discard"] == pytest.approx(1.0)
         ratio_means += [o["preserve"]["mean"] for o in saved]
     extra = table.extra
@@ -289,8 +290,29 @@ def test_knowledge_recipe_compares_pretrainings_and_correlates_with_accuracy(qui
     assert corr["ratio"] == pytest.approx(ratio_means)
     assert corr["pearson"] == pytest.approx(pearsonr(ratio_means, extra["accuracy"])[0])
     assert corr["spearman"] == pytest.approx(spearmanr(ratio_means, extra["accuracy"])[0])
+    # what the ratios rest on: the analyses' threshold, players, baseline and samples
+    analyses = [json.loads(p.read_text())["samples"]
+                for p in sorted((out / "knowledge").glob("*/knowledge.json"))]
+    assert len(analyses) == 4 and {a["n"] for a in analyses} == {3}
+    correct = sorted(a["correct_for_all"] for a in analyses)
+    note = ("salient = |I| > τ = 0.05 × the sample's largest interaction; players parts, baseline "
+            "zero; 3 of the 3 samples asked explained per analysis, drawn among the test samples "
+            "every compared model classifies correctly (" +
+            (f"{correct[0]}" if correct[0] == correct[-1] else f"{correct[0]}–{correct[-1]}"))
+    assert note in (out / "results.md").read_text()
+    assert "preserve ± std" not in (out / "results.md").read_text()
+    assert f"{row['preserve']:.3f} ± {row['preserve_std']:.3f}" in (out / "results.md").read_text()
     assert main(["report", str(out)]) == 0
-    assert "Knowledge ratios against test accuracy" in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "Knowledge ratios against test accuracy" in page and html.escape(note) in page
+    # a damaged analysis (an interactions file deleted, then its knowledge.json too) is
+    # recomputed by a rerun, which gives the same table
+    analysis = out / "knowledge" / "supervised-seed1"
+    (analysis / "finetuned" / "interactions-0002.safetensors").unlink()
+    assert run_experiment("knowledge", cfg, out, progress=False).rows == table.rows
+    (analysis / "knowledge.json").unlink()
+    (analysis / "scratch" / "interactions-0000.safetensors").write_bytes(b"not safetensors")
+    assert run_experiment("knowledge", cfg, out, progress=False).rows == table.rows
 
 
 def test_a_skip_naming_no_row_is_refused_and_rows_of_other_recipes_are_not(tmp_path):
@@ -712,11 +734,43 @@ def test_a_sweep_of_one_value_is_drawn_as_bars_with_the_seed_spread():
     fig, ax = plt.subplots()
     _table("table3", rows, "long-tail ratio").plot(ax)
     assert [p.get_height() for p in ax.patches] == pytest.approx([0.5, 0.6])
+    assert ax.get_ylim()[0] == 0.0  # bars start at 0: their lengths compare as the values do
     spread = [seg for c in ax.collections for seg in c.get_segments()]  # the error bars
     assert sorted(float(s[1][1] - s[0][1]) for s in spread) == pytest.approx([0.04, 0.1])
     # no horizontal reference line per row (the caps of the two error bars differ in height)
     assert all(len(set(line.get_ydata())) > 1 for line in ax.lines)
     plt.close(fig)
+
+
+def test_the_knowledge_table_draws_accuracy_and_ratios_with_their_seed_spread():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.container import BarContainer
+
+    ratios = {"preserve": 0.4, "preserve_std": 0.05, "discard": 0.6, "discard_std": 0.05,
+              "new": 0.3, "new_std": 0.1, "exclusive": 0.2, "exclusive_std": 0.02}
+    rows = [{"method": "supervised fine-tuned", "x": None, "top1_mean": 0.7, "top1_std": 0.01,
+             "seeds": [0, 1], **ratios},
+            {"method": "supervised linear probe", "x": None, "top1_mean": 0.5, "top1_std": 0.03,
+             "seeds": [0, 1]}]
+    table = _table("knowledge", rows, None)
+    fig, ax = plt.subplots()
+    table.plot(ax)
+    bars = {c.get_label(): [p.get_height() for p in c.patches] for c in ax.containers
+            if isinstance(c, BarContainer)}
+    assert bars["test top-1"] == pytest.approx([0.7, 0.5])
+    for k in ("preserve", "discard", "new", "exclusive"):
+        assert bars[k][0] == pytest.approx(ratios[k]) and np.isnan(bars[k][1])
+    spread = sorted(float(s[1][1] - s[0][1]) for c in ax.collections for s in c.get_segments()
+                    if len(s))  # the NaN spreads of the linear probe's ratios draw nothing
+    assert spread == pytest.approx(sorted([0.02, 0.06, 0.1, 0.1, 0.2, 0.04]))
+    assert ax.get_ylim()[0] == 0.0
+    plt.close(fig)
+    head, body = table.cells()
+    assert body[0][-4:] == ["0.400 ± 0.050", "0.600 ± 0.050", "0.300 ± 0.100", "0.200 ± 0.020"]
+    assert head[-4:] == ["preserve", "discard", "new", "exclusive"]
 
 
 def test_a_row_without_a_swept_value_shows_an_empty_cell():

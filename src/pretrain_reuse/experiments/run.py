@@ -166,16 +166,18 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
 
 def _knowledge_analysis(ws: Workspace, rows: list[Row], table: list[dict]) -> dict[str, Any]:
     """For every pre-training and seed: the knowledge of its fine-tuned model against its linear
-    probe and the scratch model (``knowledge/<label>-seed<s>/``); the ratios' means go into the
-    fine-tuned rows, and their correlation with test accuracy across all fine-tuned models
-    (pre-trainings x seeds) into the table's ``extra``."""
+    probe and the scratch model (``knowledge/<label>-seed<s>/``); the ratios' means and their
+    spread over seeds (``<ratio>_std``) go into the fine-tuned rows, and into the table's
+    ``extra`` their correlation with test accuracy across all fine-tuned models (pre-trainings x
+    seeds) and what the analyses rest on (``analysis``: τ, players, baseline, samples asked,
+    screened, correct for every model and explained per analysis)."""
     from ..knowledge.analysis import analyze_knowledge, load_analysis
     from ..knowledge.metrics import accuracy_correlation, knowledge_report
 
     cfg = ws.cfg
     by_method = {r.method: r for r in rows}
     per_sample: dict[str, list] = {k: [] for k in KNOWLEDGE_RATIOS}
-    accuracy, models = [], []
+    accuracy, models, summaries = [], [], []
     for entry in table:
         row = by_method[entry["method"]]
         if row.mode != "vanilla":
@@ -194,7 +196,8 @@ def _knowledge_analysis(ws: Workspace, rows: list[Row], table: list[dict]) -> di
                         for role, d in files.items()}
                 analyze_knowledge(nets, ws.data("test"), replace(cfg.explain_config(), seed=seed),
                                   out, split="test", progress=ws.progress)
-            _, explained = load_analysis(out)
+            summary, explained = load_analysis(out)
+            summaries.append(summary)
             report = knowledge_report(explained["pretrained"], explained["finetuned"],
                                       explained.get("scratch"))
             for k in KNOWLEDGE_RATIOS:
@@ -204,9 +207,18 @@ def _knowledge_analysis(ws: Workspace, rows: list[Row], table: list[dict]) -> di
             accuracy.append(RunResult.load(files["finetuned"] / "result.json").final["top1"])
             models.append(f"{row.pretraining} seed {seed}")
         entry.update({k: _mean(v) for k, v in means.items()})
+        # the spread over seeds, undefined (None) for one seed as top1_std
+        entry.update({f"{k}_std": float(np.std(v, ddof=1)) if len(v) > 1 else None
+                      for k, v in means.items()})
+    params = summaries[0]["meta"]["params"]  # one explain config for every analysis
+    analysis = {"tau": params["tau"], "players": params["players"], "baseline": params["baseline"],
+                "asked": params["samples"],
+                **{key: [s["samples"][key] for s in summaries]
+                   for key in ("screened", "correct_for_all")},
+                "explained": [s["samples"]["n"] for s in summaries]}
     if len(accuracy) < 3:
-        return {"models": models, "correlation": None,
+        return {"models": models, "analysis": analysis, "correlation": None,
                 "why": "a correlation needs at least 3 fine-tuned models (pre-trainings x seeds)"}
-    return {"models": models, "accuracy": accuracy, "correlation": {
+    return {"models": models, "accuracy": accuracy, "analysis": analysis, "correlation": {
         k: accuracy_correlation(v, accuracy, seed=cfg.seeds[0]).to_dict()
         for k, v in per_sample.items() if len(v) == len(accuracy)}}

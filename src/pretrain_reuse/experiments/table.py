@@ -16,12 +16,13 @@ from ..errors import PretrainReuseError
 from .config import slug
 from .recipes import RECIPES
 
-#: Knowledge ratios the ``knowledge`` recipe reports per fine-tuned model (means over seeds).
+#: Knowledge ratios the ``knowledge`` recipe reports per fine-tuned model: the mean over seeds
+#: (each seed's ratio is a mean over samples) and, as ``<ratio>_std``, their spread over seeds.
 KNOWLEDGE_RATIOS = ("preserve", "discard", "new", "exclusive")
 
 COLUMNS = ("method", "x", "recall", "units", "top1_mean", "top1_std", "top1_at_best_val_mean",
            "mean_class_acc_mean", "seeds", "val_images", "val_classes_missing", "x_realised",
-           *KNOWLEDGE_RATIOS)
+           *KNOWLEDGE_RATIOS, *(f"{k}_std" for k in KNOWLEDGE_RATIOS))
 #: The columns every row of an ``experiment.json`` has (the others came later, or are the
 #: knowledge recipe's).
 REQUIRED_COLUMNS = COLUMNS[:9]
@@ -111,15 +112,32 @@ class ExperimentTable:
                          "" if best is None else f"{best:.4f}",
                          *([_validation_cell(r)] if val else []),
                          str(len(r["seeds"])) if r["seeds"] else "",
-                         *("" if r.get(k) is None else f"{r[k]:.3f}" for k in ratios)])
+                         *(_ratio_cell(r, k) for k in ratios)])
         return head, body
+
+    def note(self) -> str:
+        """What the knowledge recipe's ratios rest on (the settings of its analyses and their
+        samples, ``extra["analysis"]``); empty for the other recipes and for tables of an
+        earlier version."""
+        a = self.extra.get("analysis")
+        if not a:
+            return ""
+        correct = a["correct_for_all"]
+        return (f"Knowledge ratios: mean over seeds ± std over seeds of each analysis's mean over "
+                f"samples (knowledge.md §4 [recon]); salient = |I| > τ = {a['tau']:g} × the "
+                f"sample's largest interaction; players {a['players']}, baseline {a['baseline']}; "
+                f"{_span(a['explained'])} of the {a['asked']} samples asked explained per "
+                f"analysis, drawn among the test samples every compared model classifies "
+                f"correctly ({_span(correct)} of the {_span(a['screened'])} screened).")
 
     def to_markdown(self) -> str:
         """The table as Markdown (``results.md``)."""
         head, body = self.cells()
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(cells) + " |" for cells in body]
-        return f"# {RECIPES[self.name][2]}\n\n" + "\n".join(lines) + "\n"
+        note = self.note()
+        return (f"# {RECIPES[self.name][2]}\n\n" + "\n".join(lines) + "\n"
+                + (f"\n{note}\n" if note else ""))
 
     def plot(self, ax=None):
         """Accuracy (or recall, for selection-only tables) per method: lines over the swept
@@ -127,6 +145,8 @@ class ExperimentTable:
         import matplotlib.pyplot as plt
 
         ax = ax or plt.gca()
+        if self.name == "knowledge":
+            return self._plot_knowledge(ax)
         key = "top1_mean" if any(r["top1_mean"] is not None for r in self.rows) else "recall"
         methods = list(dict.fromkeys(r["method"] for r in self.rows))
         swept = list(dict.fromkeys(r["x"] for r in self.rows if r["x"] is not None))
@@ -140,8 +160,7 @@ class ExperimentTable:
             ax.bar(range(len(rows)), [r[key] for r in rows], yerr=spread(rows), color="C0",
                    capsize=3)
             ax.set_xticks(range(len(rows)), methods, rotation=30, ha="right", fontsize=8)
-            lo = min(r[key] for r in rows)
-            ax.set_ylim(max(0.0, lo - 0.1), None)
+            ax.set_ylim(0.0, None)  # a bar's length is its value: an axis from 0.4 triples a gap
             if swept:
                 ax.set_xlabel(f"{self.x_label} = {swept[0]:g}")
         else:
@@ -162,6 +181,44 @@ class ExperimentTable:
         ax.set_ylabel("test top-1 (final step)" if key == "top1_mean" else "recall")
         ax.set_title(RECIPES[self.name][2], fontsize=9)
         return ax
+
+    def _plot_knowledge(self, ax):
+        """The knowledge recipe: per row (pre-training and model), bars of test top-1 and of the
+        knowledge ratios side by side, each with its spread over seeds, on one axis from 0."""
+        from ..knowledge.plots import RATIO_COLOURS
+
+        series = [("top1", "test top-1", "C7"), *(
+            (k, k, RATIO_COLOURS[k]) for k in KNOWLEDGE_RATIOS
+            if any(r.get(k) is not None for r in self.rows))]
+        width = 0.8 / len(series)
+        for j, (key, label, colour) in enumerate(series):
+            mean, std = ("top1_mean", "top1_std") if key == "top1" else (key, f"{key}_std")
+            ax.bar([i + (j - (len(series) - 1) / 2) * width for i in range(len(self.rows))],
+                   [np.nan if r.get(mean) is None else r[mean] for r in self.rows], width,
+                   yerr=[np.nan if r.get(std) is None else r[std] for r in self.rows],
+                   color=colour, capsize=2, label=label)
+        ax.set_xticks(range(len(self.rows)), [r["method"] for r in self.rows], rotation=30,
+                      ha="right", fontsize=8)
+        ax.set_ylim(0.0, 1.05)
+        ax.set_ylabel("mean ± std over seeds")
+        ax.legend(fontsize=7, ncol=len(series))
+        ax.set_title(RECIPES[self.name][2], fontsize=9)
+        return ax
+
+
+def _ratio_cell(row: dict[str, Any], key: str) -> str:
+    """A knowledge ratio's mean, with its spread over seeds where there is one (.get: a table of
+    an earlier version records none)."""
+    if row.get(key) is None:
+        return ""
+    std = row.get(f"{key}_std")
+    return f"{row[key]:.3f}" + ("" if std is None else f" ± {std:.3f}")
+
+
+def _span(values: list[int]) -> str:
+    """A count per analysis: the one value, or the range they take."""
+    lo, hi = min(values), max(values)
+    return f"{lo}" if lo == hi else f"{lo}–{hi}"
 
 
 def _x_cell(row: dict[str, Any]) -> str:

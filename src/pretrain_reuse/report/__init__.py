@@ -565,8 +565,9 @@ def _experiment_body(run: Path) -> list[str]:
         for a, b in EXPERIMENT_COMPARISONS:
             where = "" if x is None else f"At {table.x_label} = {x}: "
             verdicts.append(_compare(ft, a, b, where))
+    note = table.note()
     parts = [_figure(fig, RECIPES[table.name][2], "experiment results"),
-             _table(*table.cells()), *verdicts]
+             _table(*table.cells()), *([f"<p>{html.escape(note)}</p>"] if note else []), *verdicts]
     parts.append(_correlation(table.extra))
     # the runs of the table's rows and seeds: the folder may hold others (seeds dropped on a rerun)
     results = [d / "result.json" for d in table.run_dirs(run)]
