@@ -21,7 +21,8 @@ Stages (each writes into the run folder and is skipped when a rerun finds it fin
    clusters), co-tuning, linear probe and scratch on the target task, over several seeds.
 6. ``knowledge``: interactions of the pre-trained (linear probe), fine-tuned and scratch models on
    target test images (players: the world's parts, or grid patches): preserved / discarded / new knowledge,
-   convergence over fine-tuning snapshots, faithfulness and the counterfactual check.
+   convergence over the snapshots of fine-tuning and of scratch training, faithfulness and the
+   counterfactual check. An analysis with a missing or damaged file is done again on a rerun.
 7. ``report``: ``report.html`` (self-contained) and ``summary.json``.
 
 A self-supervised pre-training variant is not part of the demo: a contrastive method needs far

@@ -9,7 +9,9 @@ definitions of ``methods/knowledge.md``):
   (:func:`~.metrics.knowledge_report`), overall and by interaction order;
 - how discriminative each of these sets is: the discrimination power of its interactions over
   the samples of a class (:func:`~.metrics.set_discrimination`, the note's option (a));
-- convergence of knowledge over checkpoints (:func:`~.metrics.knowledge_convergence`);
+- convergence of knowledge over the snapshots of fine-tuning and of scratch training, each
+  towards its run's final model (:func:`~.metrics.knowledge_convergence`, note §4 [recon]), over
+  the training step each snapshot records (``first_at_threshold`` is a step);
 - faithfulness of every model's salient interactions (their sum against v on all 2^n masks);
 - a counterfactual check the paper lacked: removing the players of a preserved interaction
   changes the fine-tuned model's output by ``v(N) - v(N \ S)``, which its salient interactions
