@@ -914,3 +914,14 @@ def test_a_folder_claimed_by_an_earlier_version_with_every_setting_takes_the_sam
     # a setting the recipe reads is still refused, and only it is named
     err = _refused_table4(capsys, path, out, "--k", "8")
     assert "other settings (k);" in err
+
+
+def test_a_knowledge_table_without_fine_tuned_rows_has_no_analysis_to_describe():
+    # skip may leave only linear probes and scratch: no analysis ran, so none is described
+    from types import SimpleNamespace
+
+    from pretrain_reuse.experiments.run import _knowledge_analysis
+
+    extra = _knowledge_analysis(SimpleNamespace(cfg=SimpleNamespace(seeds=(0,))), [], [])
+    assert extra["analysis"] is None and extra["models"] == [] and extra["correlation"] is None
+    assert ExperimentTable("knowledge", [], None, {}, {}, extra).note() == ""

@@ -210,12 +210,12 @@ def _knowledge_analysis(ws: Workspace, rows: list[Row], table: list[dict]) -> di
         # the spread over seeds, undefined (None) for one seed as top1_std
         entry.update({f"{k}_std": float(np.std(v, ddof=1)) if len(v) > 1 else None
                       for k, v in means.items()})
-    params = summaries[0]["meta"]["params"]  # one explain config for every analysis
-    analysis = {"tau": params["tau"], "players": params["players"], "baseline": params["baseline"],
-                "asked": params["samples"],
-                **{key: [s["samples"][key] for s in summaries]
-                   for key in ("screened", "correct_for_all")},
-                "explained": [s["samples"]["n"] for s in summaries]}
+    # one explain config for every analysis; none without fine-tuned rows (skipped)
+    params = summaries[0]["meta"]["params"] if summaries else None
+    analysis = params and {
+        "tau": params["tau"], "players": params["players"], "baseline": params["baseline"],
+        "asked": params["samples"], "explained": [s["samples"]["n"] for s in summaries],
+        **{key: [s["samples"][key] for s in summaries] for key in ("screened", "correct_for_all")}}
     if len(accuracy) < 3:
         return {"models": models, "analysis": analysis, "correlation": None,
                 "why": "a correlation needs at least 3 fine-tuned models (pre-trainings x seeds)"}
