@@ -700,9 +700,10 @@ def test_an_unreadable_image_is_passed_over_as_every_command_skips_it(tmp_path, 
         chosen = choose_samples(data, 5, seed)
         assert bad not in chosen and len(chosen) == 5  # the 5 readable ones, whatever the seed
     weights = _classifier(tmp_path / "m2.safetensors", 2)
-    rc, out, _ = _run(capsys, "explain", "--model", "smallcnn-s", "--weights", weights, "--data",
-                      tmp_path / "imgs", "--samples", 6, "--quiet", "--out", tmp_path / "x")
+    rc, out, err = _run(capsys, "explain", "--model", "smallcnn-s", "--weights", weights, "--data",
+                        tmp_path / "imgs", "--samples", 6, "--out", tmp_path / "x")
     assert rc == 0 and out.startswith("explained 5 samples")
+    assert "note: 5 of the 6 samples asked for are readable and explainable" in err
     (tmp_path / "imgs" / "c0" / "0.png").write_bytes(b"")
     for name in ("0.png", "2.png"):
         (tmp_path / "imgs" / "c1" / name).write_bytes(b"")
@@ -1036,3 +1037,34 @@ def test_a_cached_game_that_is_not_the_models_is_computed_again(tmp_path, capsys
     for path in games:
         np.testing.assert_array_equal(np.load(path), by_name[path.stem.split("-")[1]])
     assert games[2].stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("trained, needle", [
+    (["dog", "cat"], "trained on the classes dog, cat but the data's are c0, c1 (other classes)"),
+    (["c1", "c0"], "trained on the classes c1, c0 but the data's are c0, c1 (in another order)"),
+    (["c0", "c1"], None),
+])
+def test_data_of_other_classes_than_the_model_was_trained_on_is_refused(tmp_path, capsys, trained,
+                                                                        needle):
+    """As many classes is not the same classes: every label would explain another class."""
+    import json as _json
+
+    _image_folder(tmp_path / "imgs")
+    weights = _classifier(tmp_path / "m.safetensors", 2,
+                          meta={"producer": "finetune", "inputs": {"class_names": _json.dumps(trained)}})
+    rc, _, err = _run(capsys, "explain", "--model", "smallcnn-s", "--weights", weights, "--data",
+                      tmp_path / "imgs", "--samples", 2, "--quiet", "--out", tmp_path / "x")
+    if needle is None:
+        assert rc == 0, err
+    else:
+        assert rc == 2 and needle in err and err.count("\n") == 1, err
+        assert not (tmp_path / "x").exists()
+
+
+def test_a_pretrained_model_over_other_classes_is_pointed_to_the_linear_probe(tmp_path, capsys):
+    weights = _classifier(tmp_path / "m.safetensors", 7)
+    rc, _, err = _run(capsys, "knowledge", "--model", "smallcnn-s", "--pretrained", weights,
+                      "--finetuned", _classifier(tmp_path / "f.safetensors", 10), "--data",
+                      "synthetic:target", "--players", "grid:2x2", "--samples", 2, "--quiet",
+                      "--out", tmp_path / "k")
+    assert rc == 2 and "the classifier of finetune --mode linear-probe" in err, err

@@ -409,8 +409,11 @@ def cmd_explain(args) -> int:
                                  "together (knowledge); explain has one model: pass and-or")
     model = _classifier(args.model, args.weights, "--weights", args.quiet)
     data, split = _explain_data(args)
-    indices = choose_samples(data, min(cfg.samples, len(data)), cfg.seed,
-                             keep=explainable(model, data, cfg))
+    asked = min(cfg.samples, len(data))
+    indices = choose_samples(data, asked, cfg.seed, keep=explainable(model, data, cfg))
+    if len(indices) < asked and not args.quiet:
+        print(f"note: {len(indices)} of the {asked} samples asked for are readable and "
+              "explainable", file=sys.stderr)
     results = explain(model, data, indices, cfg, args.out, tau=args.tau, split=split,
                       progress=not args.quiet)
     errors = np.array([r.faithfulness_error(args.tau)["max"] for r in results])
@@ -424,8 +427,6 @@ def cmd_explain(args) -> int:
 
 
 def cmd_knowledge(args) -> int:
-    import warnings
-
     from .knowledge.analysis import KnowledgeWarning, analyze_knowledge
     from .knowledge.plots import purity_is_informative
 
@@ -442,7 +443,6 @@ def cmd_knowledge(args) -> int:
     with warnings.catch_warnings():
         # the analysis's doubts (swapped roles, the same network twice) as one line each
         warnings.simplefilter("ignore" if args.quiet else "always", KnowledgeWarning)
-        warnings.showwarning = _print_warning
         summary = analyze_knowledge(models, data, cfg, args.out, **snapshots, tau=args.tau,
                                     match=args.match, split=split, progress=not args.quiet)
     overall = summary["report"]["overall"]
@@ -771,7 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=_at_least(1), default=1, help="torch CPU threads (default 1)")
     d.set_defaults(func=cmd_demo)
 
-    r = sub.add_parser("report", help="self-contained report.html from a run folder")
+    r = sub.add_parser("report", help="self-contained report.html of a demo or experiment folder")
     r.add_argument("run_dir", help="a demo or experiment run folder")
     r.set_defaults(func=cmd_report)
     return p

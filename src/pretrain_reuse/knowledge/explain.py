@@ -428,7 +428,33 @@ def check_classifier(model: Backbone, dataset: ImageDataset | TextDataset, cfg: 
     if model.num_classes != len(dataset.class_names):
         raise PretrainReuseError(
             f"{role} {model.spec.name}: the model outputs {model.num_classes} classes but the data "
-            f"has {len(dataset.class_names)}; pass a model trained on this data's classes")
+            f"has {len(dataset.class_names)}; pass a model trained on this data's classes"
+            + ("" if role != "pretrained" else
+               " (for the pre-trained model, the classifier of finetune --mode linear-probe)"))
+    trained = trained_class_names(model)
+    if trained is not None and trained != list(dataset.class_names):
+        # as many classes is not the same classes: every label would explain another class
+        how = "in another order" if sorted(trained) == sorted(dataset.class_names) else "other classes"
+        raise PretrainReuseError(
+            f"{role} {model.spec.name}: the model was trained on the classes "
+            f"{_preview(trained)} but the data's are {_preview(dataset.class_names)} ({how}); "
+            "pass the data the model was trained on, or its test split")
+
+
+def trained_class_names(model: Backbone) -> list[str] | None:
+    """The class names of the data a ``finetune`` model was trained on (output i names class
+    i), as it records them in its weights file; None for other models and older files."""
+    path = weights_path(model)
+    names = (weights_meta(path).get("inputs", {}) if path is not None else {}).get("class_names")
+    try:
+        names = json.loads(names) if isinstance(names, str) else None
+    except ValueError:
+        return None
+    return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
+
+
+def _preview(names: list[str], first: int = 4) -> str:
+    return ", ".join(names[:first]) + (f", ... ({len(names)})" if len(names) > first else "")
 
 
 def model_class_names(model: Backbone) -> list[str] | None:
