@@ -1003,6 +1003,11 @@ def test_a_damaged_or_incomplete_analysis_is_recomputed_by_a_rerun(tmp_path, cap
     assert load_analysis(tmp_path / "k")[0] == summary
     damaged = tmp_path / "k" / "finetuned" / "interactions-0001.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:300])
+    (tmp_path / "k" / "finetuned" / "explain.json").unlink()  # its folder is still the analysis's
+    assert load_analysis(tmp_path / "k") is None
+    rc, _, err = _run(capsys, *argv)
+    assert rc == 0, err
+    assert load_analysis(tmp_path / "k") is not None
     (tmp_path / "k" / "pretrained" / "interactions-0000.safetensors").unlink()
     assert load_analysis(tmp_path / "k") is None
     (tmp_path / "k" / "knowledge.json").unlink()

@@ -224,12 +224,18 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
         check_explainable(m, dataset, indices, cfg, role, device)
     for doubt in _doubts(models, series):  # after the checks: an error stays the only message
         warnings.warn(doubt, KnowledgeWarning, stacklevel=2)
+    folders = [*models, *(_snapshot_folder(name, t) for name, snaps in series.items()
+                          for t in range(len(snaps)))]
     marker = make_run_folder(out, "a knowledge analysis", "knowledge.json",
                              early=_earlier_outputs(out))
     if marker.exists():
         # this run rewrites the earlier one's files model by model: until its own summary is
         # written, the folder must not read as the earlier, finished analysis
         write_json(marker, {"kind": KIND, "finished": False})
+        # a model's folder of this analysis whose explain.json was lost is still its own
+        for name in folders:
+            if (out / name).is_dir() and not (out / name / MARKER).exists():
+                write_json(out / name / MARKER, {"kind": "explanations", "finished": False})
     params = {"tau": tau, "split": split}
     games = {role: explain_games(m, dataset, indices, cfg, out / role, role=role, params=params,
                                  progress=progress) for role, m in models.items()}
@@ -256,14 +262,10 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
         summary["ground_truth"] = _ground_truth(dataset, indices, explained, tau)
     inputs = {"data": dataset.source, "data_path": data_path(dataset),
               "models": {role: _model_inputs(xs[0]) for role, xs in explained.items()}}
-    folders = list(models)
     for name, snaps in series.items():
-        curve = []
-        for t, m in enumerate(snaps):
-            folders.append(_snapshot_folder(name, t))
-            curve.append(explain(m, dataset, indices, cfg, out / folders[-1],
-                                 role=_snapshot_role(name, t), tau=tau, split=split,
-                                 progress=progress))
+        curve = [explain(m, dataset, indices, cfg, out / _snapshot_folder(name, t),
+                         role=_snapshot_role(name, t), tau=tau, split=split, progress=progress)
+                 for t, m in enumerate(snaps)]
         inputs[name] = [_model_inputs(xs[0]) for xs in curve]
         steps = [c["step"] for c in inputs[name]]
         summary[SERIES[name][1]] = {
