@@ -925,3 +925,30 @@ def test_a_knowledge_table_without_fine_tuned_rows_has_no_analysis_to_describe()
     extra = _knowledge_analysis(SimpleNamespace(cfg=SimpleNamespace(seeds=(0,))), [], [])
     assert extra["analysis"] is None and extra["models"] == [] and extra["correlation"] is None
     assert ExperimentTable("knowledge", [], None, {}, {}, extra).note() == ""
+
+
+def test_a_target_folder_of_split_folders_trains_on_train_and_tests_on_test(quick_demo, tmp_path):
+    """As finetune reads it: the experiment embedded the whole root (a refusal naming --split)
+    and asked for target_test."""
+    from PIL import Image
+
+    from pretrain_reuse.errors import PretrainReuseError
+    from pretrain_reuse.experiments.recipes import Row
+    from pretrain_reuse.experiments.workspace import Workspace
+
+    demo, _, _ = quick_demo
+    root = tmp_path / "target"
+    for split, count in (("train", 3), ("test", 2)):
+        for c in ("c0", "c1"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(count):
+                colour = (100 * i, 120 * (c == "c1"), 0)
+                Image.new("RGB", (32, 32), colour).save(root / split / c / f"{i}.png")
+    cfg = load_experiment_config(None, model="smallcnn", weights=str(demo / "pretrain" / "model.safetensors"),
+                                 target=str(root), seeds=(0,), finetune={**FAST, "batch_size": 64})
+    ws = Workspace(cfg, tmp_path / "exp", progress=False)
+    assert sorted(ws.data("test").ids) == [f"{c}/{i}.png" for c in ("c0", "c1") for i in range(2)]
+    assert len(ws.features("target")) == 6 and ws.split(Row("vanilla", mode="vanilla"), 0)
+    # past the test-data check: the next one refuses a batch larger than the training images
+    with pytest.raises(PretrainReuseError, match="batch"):
+        run_experiment("knowledge", cfg, tmp_path / "k", progress=False)

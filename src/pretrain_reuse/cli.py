@@ -136,7 +136,7 @@ def cmd_embed(args) -> int:
         return 0
     skipped = store.meta.get("skipped", 0)
     print(f"wrote {len(store)} x {store.dim} features to {args.out}"
-          + (f"; skipped {skipped} unreadable images (listed in index.json)" if skipped else ""))
+          + (f"; skipped {skipped} unreadable images (see the warning above)" if skipped else ""))
     empty = store.meta.get("classes_without_images", [])
     if empty:
         print(f"warning: {len(empty)} classes have no readable image (first: {empty[0]!r}), so "

@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 
 from ..artifacts import make_meta
-from ..data.catalog import DATASETS
 from ..errors import PretrainReuseError, check_choice
 from ..finetune import RunResult
 from ..finetune.data import check_batch_size, selected_source
@@ -21,7 +20,7 @@ from .claim import claim_experiment, input_hashes, recipe_reads
 from .config import REGIMES, ExperimentConfig, slug
 from .recipes import RECIPES, Row
 from .table import KNOWLEDGE_RATIOS, ExperimentTable
-from .workspace import Workspace
+from .workspace import Workspace, has_splits
 
 
 def _mean(values: list[float]) -> float | None:
@@ -73,7 +72,7 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
                                  "pass --source or set it in --config")
     _check_finetune_keys(name, cfg, rows)
     trains = [r for r in rows if r.mode]
-    if trains and cfg.target_test is None and str(cfg.target) not in DATASETS:
+    if trains and cfg.target_test is None and not has_splits(cfg.target):
         raise PretrainReuseError(f"target {cfg.target!r} is a folder or list file with one split; "
                                  "pass --target-test (target_test) with the test data")
     out = Path(out)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..artifacts import hash_array
-from ..data.catalog import DATASETS
+from ..data.catalog import DATASETS, split_folders
 from ..data.datasets import ImageDataset
 from ..embed import EmbedConfig, embed
 from ..errors import PretrainReuseError
@@ -54,7 +54,7 @@ class Workspace:
                 return _check_features_of(self.given_store(which), f"{which}_features", given,
                                           which, spec, self.data(which))
             ecfg = EmbedConfig(model=self.cfg.model, data=str(spec), weights=self.cfg.weights,
-                               split="train" if str(spec) in DATASETS else None,
+                               split="train" if has_splits(spec) else None,
                                batch_size=self.cfg.embed_batch_size)
             return embed(ecfg, self.out / "features" / which, progress=self.progress)
 
@@ -211,6 +211,12 @@ class Workspace:
                     "source": cfg.source if sel else None, "row": row.method, "x": row.x,
                     "selected": sel.selected if sel else None},
             progress=self.progress)
+
+
+def has_splits(spec: str | Path | None) -> bool:
+    """Whether the data ``spec`` names is an embedded set or a folder of split folders
+    (``train/``, ``test/``), whose training images are its ``train`` split."""
+    return str(spec) in DATASETS or bool(split_folders(Path(str(spec))))
 
 
 def _store_sha256(store: FeatureStore) -> str:
