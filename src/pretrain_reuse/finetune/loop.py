@@ -288,8 +288,11 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
     for what, key, data in (("validation", "val", val_set), ("test", "test", test_set)):
         unread = len(data) - history[-1][key]["n"] if history else 0
         if unread and progress and rank == 0:
-            print(f"note: {what} data: {unread} of {len(data)} images could not be read (left "
-                  "out of its accuracy)", file=sys.stderr)
+            # named as the training data's are; found again by reading (rare: only when some
+            # image failed), as the evaluations keep counts, not positions
+            missing = [i for i in range(len(data)) if data.load(i) is None]
+            print(f"note: {what} data: {describe_skipped(data, missing)} (left out of its "
+                  "accuracy)", file=sys.stderr)
     if rank == 0:
         result = _result(cfg, history, inputs, seconds_before + time.perf_counter() - t0)
         # the fine-tuned network as a backbone whose head is the target classifier, loadable by
