@@ -1741,3 +1741,33 @@ def test_a_model_fine_tuned_at_another_image_size_is_saved_with_it(files, tmp_pa
     assert (spec.input_size, spec.resize_size) == ((24, 24), 24)  # smallcnn: no crop margin
     resnet = create_backbone("torchvision:resnet18").spec  # 224 of 256: the same share of 128
     assert _at_input_side(resnet, 128).resize_size == 146
+
+
+def test_evaluate_gives_the_test_accuracy_the_run_reported(quick_demo, capsys, tmp_path):
+    """The same model, data and eval view as the run's own final evaluation: equal numbers."""
+    demo, _, _ = quick_demo
+    for run in ("vanilla-seed0", "linear-probe-seed0"):
+        reported = json.loads((demo / "finetune" / run / "result.json").read_text())["final"]
+        rc, out, _ = cli(capsys, "evaluate", "--model", "smallcnn", "--weights",
+                         demo / "finetune" / run / "model.safetensors", "--data", "synthetic:target",
+                         "--quiet", "--out", tmp_path / f"{run}.json")
+        assert rc == 0 and out.startswith(f"top-1 {reported['top1']:.4f}, mean per-class "
+                                          f"{reported['mean_class_acc']:.4f} on 400 images"), out
+        saved = json.loads((tmp_path / f"{run}.json").read_text())
+        assert (saved["kind"], saved["top1"], saved["n"]) == ("evaluation", reported["top1"], 400)
+    rc, _, err = cli(capsys, "evaluate", "--model", "smallcnn", "--data", "synthetic:target",
+                     "--out", tmp_path / "e.txt")
+    assert_one_line_error(rc, err, "evaluation files are saved as .json")
+
+
+def test_labels_are_matched_to_the_models_classes_by_name():
+    from pretrain_reuse.finetune.evaluate import labels_by_name
+
+    data = ArrayDataset(np.zeros((4, 8, 8, 3), np.uint8), np.array([0, 1, 1, 0]),
+                        class_names=["square", "circle"])
+    assert labels_by_name(data, ["circle", "square"], "data (--data)").tolist() == [1, 0, 0, 1]
+    assert labels_by_name(data, ["square", "circle"], "data (--data)").tolist() == [0, 1, 1, 0]
+    assert labels_by_name(data, None, "data (--data)").tolist() == [0, 1, 1, 0]
+    with pytest.raises(PretrainReuseError, match=r"the data's classes \(circle\) are not classes of "
+                       r"the training data \(square, star\); pass data \(--data\)"):
+        labels_by_name(data, ["square", "star"], "data (--data)")

@@ -345,7 +345,7 @@ def test_a_selection_is_saved_only_under_a_json_name_that_load_opens(tmp_path):
     from pretrain_reuse import load
 
     sel = Selection(selected=[1], scores=np.array([0.1, 0.9]), params={})
-    with pytest.raises(PretrainReuseError, match=r"a selection file is saved as \.json, got '.*selx'"):
+    with pytest.raises(PretrainReuseError, match=r"selection files are saved as \.json, got '.*selx'"):
         sel.save(tmp_path / "selx")
     assert not list(tmp_path.iterdir())
     assert load(sel.save(tmp_path / "sel.json")).selected == [1]

@@ -394,7 +394,7 @@ def test_a_bad_output_path_is_refused_before_the_clustering(tmp_path, capsys, mo
     (tmp_path / "afile").write_text("x")
     (tmp_path / "model.safetensors").write_bytes(b"weights")
     monkeypatch.setattr(U, "_online_kmeans", lambda *a, **k: pytest.fail("clustered first"))
-    for out, needle in [("u.npy", "a units file is saved as .safetensors, got"),
+    for out, needle in [("u.npy", "units files are saved as .safetensors, got"),
                         (".", "is a folder; pass a file path ending in .safetensors"),
                         ("afile/u.safetensors", "afile' is a file, not a folder"),
                         ("model.safetensors", "exists and is not a units file")]:

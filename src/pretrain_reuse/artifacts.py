@@ -364,7 +364,7 @@ def check_output_file(path: str | Path, suffix: str, artifact: str) -> Path:
         raise PretrainReuseError(f"output {str(path)!r} is a folder; pass a file path ending in "
                                  f"{suffix}, such as a new file name inside it")
     if path.suffix != suffix:
-        raise PretrainReuseError(f"a {artifact} file is saved as {suffix}, got {str(path)!r}; pass "
+        raise PretrainReuseError(f"{artifact} files are saved as {suffix}, got {str(path)!r}; pass "
                                  f"a path ending in {suffix}")
     _refuse_file_on_the_way(path)
     refuse_foreign(path, artifact)

@@ -384,9 +384,10 @@ def _classifier(name: str, weights: str | None, what: str, quiet: bool):
 
 
 def _explain_data(args):
-    """The data of explain / knowledge and the split it was opened from (None: the file or folder
-    as given)."""
-    from .data.catalog import DATASETS, open_dataset
+    """The data of explain / knowledge / evaluate and the split it was opened from (None: the
+    file or folder as given); by default the test split of an embedded data set or of a folder
+    of split folders."""
+    from .data.catalog import DATASETS, open_dataset, split_folders
 
     if args.data.endswith(".jsonl"):
         from .data.text import text_file
@@ -395,8 +396,8 @@ def _explain_data(args):
             raise PretrainReuseError(f"--split does not apply to the sentence file {args.data!r}; "
                                      "pass one .jsonl file per split")
         return text_file(args.data), None
-    split = args.split or ("test" if args.data in DATASETS and "test" in DATASETS[args.data].splits
-                           else None)
+    splits = DATASETS[args.data].splits if args.data in DATASETS else split_folders(Path(args.data))
+    split = args.split or ("test" if "test" in splits else None)
     return open_dataset(args.data, split=split), split
 
 
@@ -590,6 +591,30 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from .artifacts import check_output_file, hash_file, make_meta, write_json
+    from .finetune.evaluate import evaluate_model
+    from .knowledge.explain import trained_class_names
+
+    if args.out:
+        check_output_file(args.out, ".json", "evaluation")  # before the work
+    model = _classifier(args.model, args.weights, "--weights", args.quiet)
+    data, split = _explain_data(args)
+    scores = evaluate_model(model, data, class_names=trained_class_names(model),
+                            batch_size=args.batch_size, device=args.device, workers=args.workers)
+    where = f"{args.data}" + (f" ({split})" if split else "")
+    print(f"top-1 {scores['top1']:.4f}, mean per-class {scores['mean_class_acc']:.4f} on "
+          f"{scores['n']} images of {where}"
+          + (f"; {scores['unreadable']} unreadable images left out" if scores["unreadable"] else ""))
+    if args.out:
+        params = {"model": args.model, "weights": args.weights, "data": args.data, "split": split}
+        inputs = {"weights": hash_file(args.weights) if args.weights else None}
+        write_json(args.out, {"kind": "evaluation", **scores,
+                              "meta": make_meta("evaluate", params, inputs=inputs)})
+    _note_weights(args.model, args.weights, args.quiet)
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import build_report
 
@@ -714,6 +739,23 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--weights", help="weights of a classifier over --data's classes")
     _add_explain_flags(x)
     x.set_defaults(func=cmd_explain)
+
+    v = sub.add_parser("evaluate", help="accuracy of a classifier on labelled images",
+                       description="Top-1 and mean per-class accuracy of a classifier (e.g. the "
+                       "model.safetensors of a finetune run) on labelled images, computed as "
+                       "finetune computes its test accuracy; classes are matched by name.")
+    v.add_argument("--model", required=True, help="backbone name, as given to finetune")
+    v.add_argument("--weights", help="the classifier's weights (runs/<name>/model.safetensors)")
+    v.add_argument("--data", required=True,
+                   help="image folder, list file or embedded data set (synthetic:target)")
+    v.add_argument("--split", help="split of an embedded data set or of a folder of split "
+                   "folders (default: test, where there is one)")
+    v.add_argument("--batch-size", type=_at_least(1), default=256)
+    v.add_argument("--workers", type=_at_least(0), default=0, help="DataLoader worker processes")
+    v.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    v.add_argument("--quiet", action="store_true")
+    v.add_argument("--out", help="also write the scores as JSON")
+    v.set_defaults(func=cmd_evaluate)
 
     k = sub.add_parser("knowledge", help="preserved / discarded / new knowledge of fine-tuning",
                        description="Compare the interactions of the pre-trained model (its linear "

@@ -102,6 +102,11 @@ def check_strings(name: str, values) -> list[str]:
     return list(values)
 
 
+def preview(names: list[str], first: int = 4) -> str:
+    """The first names of a list for a message: ``a, b, c, d, ... (12)``."""
+    return ", ".join(names[:first]) + (f", ... ({len(names)})" if len(names) > first else "")
+
+
 def is_integer(value) -> bool:
     """A Python or NumPy integer; not a bool (True as a count is a mistake)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)

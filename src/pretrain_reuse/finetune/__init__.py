@@ -15,13 +15,15 @@ from typing import TYPE_CHECKING
 from .config import MODES, FinetuneConfig, load_config
 
 if TYPE_CHECKING:  # what __getattr__ loads, for type checkers and editors
+    from .evaluate import evaluate_model
     from .loop import RunResult, train
     from .run import finetune_datasets, open_split, run_finetune, target_splits
 
-_LAZY = {"RunResult": ".loop", "train": ".loop", "finetune_datasets": ".run", "open_split": ".run",
-         "run_finetune": ".run", "target_splits": ".run"}
+_LAZY = {"evaluate_model": ".evaluate", "RunResult": ".loop", "train": ".loop",
+         "finetune_datasets": ".run", "open_split": ".run", "run_finetune": ".run",
+         "target_splits": ".run"}
 
-__all__ = ["MODES", "FinetuneConfig", "RunResult", "finetune_datasets", "load_config",
+__all__ = ["MODES", "FinetuneConfig", "RunResult", "evaluate_model", "finetune_datasets", "load_config",
            "open_split", "run_finetune", "target_splits", "train"]
 
 

@@ -8,7 +8,10 @@ import numpy as np
 import torch
 
 from ..data.datasets import ImageDataset, make_loader
-from ..errors import PretrainReuseError
+from ..errors import PretrainReuseError, check_device, preview
+from ..models import Backbone
+from .augment import View, input_size
+from .data import resize_transform
 
 
 @torch.no_grad()
@@ -36,6 +39,61 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     per_class = [correct[labels == c].mean() for c in np.unique(labels)]
     return {"top1": float(correct.mean()), "mean_class_acc": float(np.mean(per_class)),
             "n": len(labels)}
+
+
+def labels_by_name(data: ImageDataset, class_names: list[str] | None, what: str) -> np.ndarray:
+    """``data``'s labels in the numbering of ``class_names`` (label i = class_names[i]) when both
+    name their classes, else as they are. An image folder numbers its classes in sorted order, a
+    list file with a ``classes.txt`` in that file's order: the same classes, numbered otherwise,
+    would score every image against another class. A class ``class_names`` lacks is refused
+    (``what`` names the data and its flag, e.g. "test data (--target-test)")."""
+    if not class_names or not data.class_names or list(data.class_names) == list(class_names):
+        return data.labels
+    index = {name: c for c, name in enumerate(class_names)}  # names are unique (data/)
+    unknown = [name for name in data.class_names if name not in index]
+    if unknown:
+        raise PretrainReuseError(
+            f"the {what.split(' (')[0]}'s classes ({preview(unknown)}) are not classes of the "
+            f"training data ({preview(class_names)}); pass {what} with the training data's "
+            "classes")
+    return np.asarray([index[name] for name in data.class_names])[data.labels]
+
+
+def evaluate_model(model: Backbone, data: ImageDataset, *, class_names: list[str] | None = None,
+                   batch_size: int = 256, device: str = "cpu", workers: int = 0) -> dict:
+    """Top-1 and mean per-class accuracy of the classifier ``model`` on the labelled images
+    ``data``, computed as fine-tuning computes its test accuracy: each image resized and
+    centre-cropped to the model's input (the ``eval`` view), unreadable images left out.
+
+    Args:
+        model: a classifier, e.g. ``create_backbone(name, weights="runs/x/model.safetensors")``.
+        data: labelled images (:func:`~pretrain_reuse.data.open_dataset`).
+        class_names: the names of the model's outputs (output i = class i; a fine-tuned model
+            records them); the data's labels are then matched by name.
+        batch_size, device, workers: inference settings.
+
+    Returns:
+        ``top1``, ``mean_class_acc`` (over the classes the data has), ``n`` (images scored) and
+        ``unreadable`` (images left out).
+    """
+    if not isinstance(model, Backbone) or model.num_classes is None:
+        raise PretrainReuseError("the model must be a classifier (a Backbone with a Linear head), "
+                                 "e.g. the model.safetensors of a finetune run")
+    if not isinstance(data, ImageDataset) or data.labels is None or len(data) == 0:
+        raise PretrainReuseError("the data must be labelled images; open them with "
+                                 "pretrain_reuse.data.open_dataset(path or name, split=...)")
+    scored = data.subset(range(len(data)))  # a view: the caller's data keeps its transform
+    scored.labels = labels_by_name(data, class_names, "data (--data)")
+    if int(scored.labels.max()) >= model.num_classes:
+        raise PretrainReuseError(f"the data has label {int(scored.labels.max())} but the model "
+                                 f"outputs {model.num_classes} classes; pass data of its classes")
+    side = model.spec.resize_size
+    scored.transform = resize_transform(side if isinstance(side, int) else max(side))
+    dev = torch.device(check_device(device))
+    view = View(model.spec, "eval", input_size(model.spec, None)).to(dev)
+    model = model.to(dev).eval()
+    logits, labels = predict(model, scored, view, batch_size=batch_size, device=dev, workers=workers)
+    return {**accuracy(logits, labels), "unreadable": len(data) - len(labels)}
 
 
 def cotuning_relationship(source_logits: np.ndarray, labels: np.ndarray,

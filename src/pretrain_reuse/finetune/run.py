@@ -18,7 +18,7 @@ from ..artifacts import hash_array, hash_file, make_run_folder, read_json
 from ..data.catalog import DATASETS, open_dataset, split_folders
 from ..data.datasets import DataWarning, ImageDataset
 from ..data.samplers import subsample_fraction, subsample_long_tail
-from ..errors import PretrainReuseError, check_file
+from ..errors import PretrainReuseError, check_file, preview
 from ..models import create_backbone
 from ..models.checkpoint import weights_hash
 from ..selection import Selection
@@ -33,7 +33,12 @@ from .data import (
     selected_source,
     split_validation,
 )
-from .evaluate import cotuning_relationship, cotuning_reverse_relationship, predict
+from .evaluate import (
+    cotuning_relationship,
+    cotuning_reverse_relationship,
+    labels_by_name,
+    predict,
+)
 from .loop import RunResult, total_steps, train
 from .model import FinetuneModel, reinitialize, source_classifier
 
@@ -349,7 +354,7 @@ def _check_classes(train_pool: ImageDataset, progress: bool) -> int:
     if len(missing) and progress:
         names = [_class_name(train_pool, int(c)) for c in missing]
         print(f"note: {len(missing)} of {num_classes} classes have no training image "
-              f"({_preview(names)}); their outputs are never trained", file=sys.stderr)
+              f"({preview(names)}); their outputs are never trained", file=sys.stderr)
     return num_classes
 
 
@@ -369,17 +374,9 @@ def _match_classes(train_pool: ImageDataset, test_set: ImageDataset, num_classes
     if test_set.labels is None or len(test_set) == 0:
         raise PretrainReuseError("the test data is empty or unlabelled; pass labelled test data "
                                  "(--target-test)")
-    train_names, test_names = train_pool.class_names, test_set.class_names
-    if train_names and test_names and list(train_names) != list(test_names):
-        index = {name: c for c, name in enumerate(train_names)}  # names are unique (data/)
-        unknown = [name for name in test_names if name not in index]
-        if unknown:
-            raise PretrainReuseError(
-                f"the test data's classes ({_preview(unknown)}) are not classes of the training "
-                f"data ({_preview(train_names)}); pass test data with the training data's "
-                "classes (--target-test)")
-        test_set.labels = np.asarray([index[name] for name in test_names])[test_set.labels]
-        test_set.class_names = list(train_names)
+    test_set.labels = labels_by_name(test_set, train_pool.class_names, "test data (--target-test)")
+    if train_pool.class_names and test_set.class_names:
+        test_set.class_names = list(train_pool.class_names)
     if int(test_set.labels.max()) >= num_classes:
         raise PretrainReuseError(
             f"the test data has label {int(test_set.labels.max())}, but the training data has "
@@ -389,7 +386,7 @@ def _match_classes(train_pool: ImageDataset, test_set: ImageDataset, num_classes
     if len(untested) and progress:
         names = [_class_name(train_pool, int(c)) for c in untested]
         print(f"note: the test data has no images of {len(untested)} of the {len(trained)} "
-              f"training classes ({_preview(names)}); its accuracy counts its own images, and its "
+              f"training classes ({preview(names)}); its accuracy counts its own images, and its "
               f"mean per-class accuracy averages over the {len(np.unique(test_set.labels))} "
               "classes it has", file=sys.stderr)
 
@@ -425,10 +422,6 @@ def _resolved(paths: list[Path]) -> list[str]:
             folders[folder] = os.path.realpath(folder)
         resolved.append(os.path.join(folders[folder], name))
     return resolved
-
-
-def _preview(names: list[str], n: int = 4) -> str:
-    return ", ".join(names[:n]) + (f", ... {len(names)} in all" if len(names) > n else "")
 
 
 def _attach_relationship(model: FinetuneModel, train_set: ImageDataset, val_set: ImageDataset,

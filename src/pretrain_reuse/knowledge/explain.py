@@ -49,7 +49,7 @@ from ..configs import check_fields
 from ..data.datasets import ImageDataset
 from ..data.text import TextDataset, numbered_by
 from ..embed import preprocessed
-from ..errors import PretrainReuseError, check_choice, check_device, check_seed
+from ..errors import PretrainReuseError, check_choice, check_device, check_seed, preview
 from ..models import Backbone, state_hash
 from .games import (
     BASELINES,
@@ -437,7 +437,7 @@ def check_classifier(model: Backbone, dataset: ImageDataset | TextDataset, cfg: 
         how = "in another order" if sorted(trained) == sorted(dataset.class_names) else "other classes"
         raise PretrainReuseError(
             f"{role} {model.spec.name}: the model was trained on the classes "
-            f"{_preview(trained)} but the data's are {_preview(dataset.class_names)} ({how}); "
+            f"{preview(trained)} but the data's are {preview(dataset.class_names)} ({how}); "
             "pass the data the model was trained on, or its test split")
 
 
@@ -451,10 +451,6 @@ def trained_class_names(model: Backbone) -> list[str] | None:
     except ValueError:
         return None
     return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
-
-
-def _preview(names: list[str], first: int = 4) -> str:
-    return ", ".join(names[:first]) + (f", ... ({len(names)})" if len(names) > first else "")
 
 
 def model_class_names(model: Backbone) -> list[str] | None:
