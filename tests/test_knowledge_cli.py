@@ -536,15 +536,19 @@ def test_knowledge_refuses_a_folder_of_someone_elses_and_resumes_its_own(tmp_pat
     assert "not an explanation run" in _run(capsys, *_explain_argv(model), "--out", tmp_path / "k")[2]
 
 
+def _explained_with_cache(tmp_path, capsys, samples: int):
+    """An explain run into tmp_path/x: its argv, interactions and cached games."""
+    model = _classifier(tmp_path / "m.safetensors", 10)
+    argv = ["explain", "--model", "smallcnn-s", "--weights", model, "--data", "synthetic:target",
+            "--players", "grid:2x2", "--samples", samples, "--quiet", "--out", tmp_path / "x"]
+    assert _run(capsys, *argv)[0] == 0
+    return argv, _interactions(tmp_path / "x"), sorted((tmp_path / "x" / "games").glob("*.npy"))
+
+
 def test_a_corrupt_cached_game_is_computed_again(tmp_path, capsys):
     # the game cache is a cache: a truncated file, random bytes, or an array of another shape
     # or dtype is recomputed and written over, and the rerun equals the first run
-    model = _classifier(tmp_path / "m.safetensors", 10)
-    argv = ["explain", "--model", "smallcnn-s", "--weights", model, "--data", "synthetic:target",
-            "--players", "grid:2x2", "--samples", 4, "--quiet", "--out", tmp_path / "x"]
-    assert _run(capsys, *argv)[0] == 0
-    first = _interactions(tmp_path / "x")
-    games = sorted((tmp_path / "x" / "games").glob("*.npy"))
+    argv, first, games = _explained_with_cache(tmp_path, capsys, samples=4)
     assert len(games) == 4
     games[0].write_bytes(games[0].read_bytes()[:100])
     games[1].write_bytes(np.random.default_rng(0).bytes(300))
@@ -1025,12 +1029,7 @@ def test_a_cached_game_that_is_not_the_models_is_computed_again(tmp_path, capsys
     # a valid .npy of the right shape and dtype, but not the model's game (zeroed, or another
     # model's values): its v(N) and v(∅) differ from two forward passes, so it is redone; the
     # games that are the model's are reused as they are (not written again)
-    model = _classifier(tmp_path / "m.safetensors", 10)
-    argv = ["explain", "--model", "smallcnn-s", "--weights", model, "--data", "synthetic:target",
-            "--players", "grid:2x2", "--samples", 3, "--quiet", "--out", tmp_path / "x"]
-    assert _run(capsys, *argv)[0] == 0
-    first = _interactions(tmp_path / "x")
-    games = sorted((tmp_path / "x" / "games").glob("*.npy"))
+    argv, first, games = _explained_with_cache(tmp_path, capsys, samples=3)
     np.save(games[0], np.zeros(16))
     np.save(games[1], np.load(games[1]) + 0.5)
     stamp = 1_000_000_000_000_000_000
