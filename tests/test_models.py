@@ -606,3 +606,14 @@ def test_weights_hash_follows_the_tensors_not_the_header_metadata(tmp_path):
 def test_state_hash_of_something_that_is_no_module_is_one_line():
     with pytest.raises(PretrainReuseError, match="state_hash takes a torch module, got str"):
         state_hash("resnet18.safetensors")
+
+
+def test_weights_hash_of_a_file_that_only_ends_in_safetensors_is_its_bytes_hash(tmp_path):
+    """Its first 8 bytes read as a header length asked for exabytes (MemoryError, a traceback
+    from finetune --weights before the loader's one-line error)."""
+    from pretrain_reuse.artifacts import hash_file
+    from pretrain_reuse.models.checkpoint import weights_hash
+
+    for name, data in (("text.safetensors", b"this is no safetensors file"), ("short.safetensors", b"ab")):
+        (tmp_path / name).write_bytes(data)
+        assert weights_hash(tmp_path / name) == hash_file(tmp_path / name)

@@ -248,8 +248,14 @@ def weights_hash(path: str | Path) -> str:
     if p.suffix != ".safetensors":
         return hash_file(p)
     with open(p, "rb") as fh:
-        try:  # the format: an 8-byte little-endian header length, the JSON header, the data
-            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        # the format: an 8-byte little-endian header length, the JSON header, the data; a length
+        # beyond the file (a renamed .pt, a text file) is no header, and reading it would ask
+        # for exabytes
+        length = int.from_bytes(fh.read(8), "little")
+        if length > p.stat().st_size - 8:
+            return hash_file(p)
+        try:
+            header = json.loads(fh.read(length))
             header.pop("__metadata__", None)
         except (ValueError, AttributeError):  # not JSON, or not a mapping: loading will say so
             return hash_file(p)
