@@ -1771,3 +1771,11 @@ def test_labels_are_matched_to_the_models_classes_by_name():
     with pytest.raises(PretrainReuseError, match=r"the data's classes \(circle\) are not classes of "
                        r"the training data \(square, star\); pass data \(--data\)"):
         labels_by_name(data, ["square", "star"], "data (--data)")
+
+
+def test_evaluate_on_data_without_a_readable_image_is_one_line(tmp_path, capsys):
+    for c in ("a", "b"):
+        (tmp_path / "bad" / c).mkdir(parents=True)
+        (tmp_path / "bad" / c / "0.png").write_bytes(b"not a png")
+    rc, _, err = cli(capsys, "evaluate", "--model", "smallcnn", "--data", tmp_path / "bad", "--quiet")
+    assert_one_line_error(rc, err, "none of the 2 images of the data can be read")

@@ -592,9 +592,10 @@ def cmd_demo(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .artifacts import check_output_file, hash_file, make_meta, write_json
+    from .artifacts import check_output_file, make_meta, write_json
     from .finetune.evaluate import evaluate_model
     from .knowledge.explain import trained_class_names
+    from .models.checkpoint import weights_hash
 
     if args.out:
         check_output_file(args.out, ".json", "evaluation")  # before the work
@@ -608,7 +609,7 @@ def cmd_evaluate(args) -> int:
           + (f"; {scores['unreadable']} unreadable images left out" if scores["unreadable"] else ""))
     if args.out:
         params = {"model": args.model, "weights": args.weights, "data": args.data, "split": split}
-        inputs = {"weights": hash_file(args.weights) if args.weights else None}
+        inputs = {"weights": weights_hash(args.weights) if args.weights else None}  # as finetune
         write_json(args.out, {"kind": "evaluation", **scores,
                               "meta": make_meta("evaluate", params, inputs=inputs)})
     _note_weights(args.model, args.weights, args.quiet)
@@ -666,8 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--method", choices=("class", "kmeans"), default="class")
     u.add_argument("--k", type=_at_least(1), help="number of clusters (kmeans; paper: 2000)")
     u.add_argument("--n-iter", type=_at_least(1), help="k-means passes over the samples (default 20)")
-    u.add_argument("--n-init", type=_at_least(1), help="k-means runs from different random starts, the "
-                   "best objective kept (default 1)")
+    u.add_argument("--n-init", type=_at_least(1), help="independent k-means runs (their own "
+                   "initial centroids), the best objective kept (default 1)")
     u.add_argument("--init", choices=("random", "k-means++"),
                    help="k-means initial centroids: random samples (default, as faiss) or "
                    "k-means++ (recovers well-separated clusters that random starts merge)")

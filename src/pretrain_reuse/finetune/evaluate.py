@@ -11,7 +11,7 @@ from ..data.datasets import ImageDataset, make_loader
 from ..errors import PretrainReuseError, check_device, preview
 from ..models import Backbone
 from .augment import View, input_size
-from .data import resize_transform
+from .data import resize_side, resize_transform
 
 
 @torch.no_grad()
@@ -87,12 +87,14 @@ def evaluate_model(model: Backbone, data: ImageDataset, *, class_names: list[str
     if int(scored.labels.max()) >= model.num_classes:
         raise PretrainReuseError(f"the data has label {int(scored.labels.max())} but the model "
                                  f"outputs {model.num_classes} classes; pass data of its classes")
-    side = model.spec.resize_size
-    scored.transform = resize_transform(side if isinstance(side, int) else max(side))
+    scored.transform = resize_transform(resize_side(model.spec))
     dev = torch.device(check_device(device))
     view = View(model.spec, "eval", input_size(model.spec, None)).to(dev)
     model = model.to(dev).eval()
     logits, labels = predict(model, scored, view, batch_size=batch_size, device=dev, workers=workers)
+    if len(labels) == 0:
+        raise PretrainReuseError(f"none of the {len(data)} images of the data can be read; check "
+                                 "its files (corrupt or not images)")
     return {**accuracy(logits, labels), "unreadable": len(data) - len(labels)}
 
 

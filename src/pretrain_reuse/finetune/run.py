@@ -29,6 +29,7 @@ from .data import (
     SourceData,
     check_batch_size,
     held_out_validation,
+    resize_side,
     resize_transform,
     selected_source,
     split_validation,
@@ -46,11 +47,6 @@ __all__ = ["finetune_datasets", "open_split", "run_finetune", "target_splits"]
 
 #: The data arguments of a run (recorded by :func:`_data_identity`).
 DATA_INPUTS = ("target", "target_test", "source")
-
-
-def _resize_side(model_spec) -> int:
-    side = model_spec.resize_size
-    return side if isinstance(side, int) else max(side)
 
 
 def target_splits(cfg: FinetuneConfig, train_pool: ImageDataset
@@ -247,7 +243,7 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
     if cfg.image_size is not None:
         _check_input_side(backbone, cfg.image_size)
         backbone.spec = _at_input_side(backbone.spec, cfg.image_size)
-    resize = resize_transform(_resize_side(backbone.spec))
+    resize = resize_transform(resize_side(backbone.spec))
     num_classes = _check_classes(train_pool, progress)
     train_set, val_set, split = target_splits(cfg, train_pool)
     check_batch_size(len(train_set), cfg.batch_size)  # before anything is written
@@ -309,7 +305,7 @@ def _at_input_side(spec, side: int):
     with it, so it is loaded and evaluated (explain, knowledge) at the size it was trained at.
     Only the centre ``side`` of the usual resize would show the network a zoomed-in part of
     what training showed it whole."""
-    resize = round(side * _resize_side(spec) / spec.input_size[0])
+    resize = round(side * resize_side(spec) / spec.input_size[0])
     return spec.with_preprocessing({"input_size": side, "resize_size": resize},
                                    source="--image-size")
 
