@@ -617,3 +617,29 @@ def test_weights_hash_of_a_file_that_only_ends_in_safetensors_is_its_bytes_hash(
     for name, data in (("text.safetensors", b"this is no safetensors file"), ("short.safetensors", b"ab")):
         (tmp_path / name).write_bytes(data)
         assert weights_hash(tmp_path / name) == hash_file(tmp_path / name)
+
+
+def test_a_finetune_models_file_records_its_classes_and_mode(tmp_path):
+    # what finetune records in a weights file, read by explain, knowledge, evaluate and report
+    from pretrain_reuse.models import (
+        create_backbone,
+        finetune_mode,
+        save_backbone,
+        trained_class_names,
+        weights_meta,
+        weights_path,
+    )
+
+    path = tmp_path / "m.safetensors"
+    meta = {"producer": "finetune", "params": {"mode": "reuse"},
+            "inputs": {"class_names": json.dumps(["b", "a"])}}
+    save_backbone(create_backbone("smallcnn-s", num_classes=2), path, meta)
+    model = create_backbone("smallcnn-s", num_classes=2, weights=path)
+    assert weights_path(model) == path and weights_meta(path)["params"] == {"mode": "reuse"}
+    assert trained_class_names(model) == ["b", "a"] and finetune_mode(model) == "reuse"
+    assert finetune_mode(path) == "reuse" and trained_class_names(path) == ["b", "a"]
+    other = tmp_path / "o.safetensors"
+    save_backbone(create_backbone("smallcnn-s", num_classes=2), other, {"seed": 0})
+    assert finetune_mode(other) is None and trained_class_names(other) is None
+    assert weights_path(create_backbone("smallcnn-s", num_classes=2)) is None
+    assert finetune_mode(None) is None and finetune_mode(tmp_path / "missing.safetensors") is None

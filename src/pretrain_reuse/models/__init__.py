@@ -13,7 +13,15 @@ MoCo-v2 (the paper's self-supervised features, 128-d output of the MLP head befo
 """
 
 from .backbone import LAYERS, Backbone
-from .checkpoint import LoadReport, save_backbone, state_hash
+from .checkpoint import (
+    LoadReport,
+    finetune_mode,
+    save_backbone,
+    state_hash,
+    trained_class_names,
+    weights_meta,
+    weights_path,
+)
 from .registry import BACKBONES, create_backbone, list_backbones, missing_packages
 from .smallcnn import SmallCNN
 from .spec import BackboneSpec, ImageTransform, TextTransform
@@ -28,8 +36,12 @@ __all__ = [
     "SmallCNN",
     "TextTransform",
     "create_backbone",
+    "finetune_mode",
     "list_backbones",
     "missing_packages",
     "save_backbone",
     "state_hash",
+    "trained_class_names",
+    "weights_meta",
+    "weights_path",
 ]

@@ -29,14 +29,17 @@ import zipfile
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..artifacts import atomic_path, hash_file, read_safetensors
+from ..artifacts import atomic_path, hash_file, read_safetensors, safetensors_header
 from ..errors import PretrainReuseError
+
+if TYPE_CHECKING:  # backbone.py imports this module
+    from .backbone import Backbone
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "encoder_q.")
 _SHOWN = 3  # offending keys quoted in an error message
@@ -284,3 +287,51 @@ def save_backbone(backbone: nn.Module, path: str | Path, meta: Mapping[str, Any]
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
     return path
+
+
+# the readers of what ``finetune`` records in the weights files it writes (``save_backbone``'s
+# ``meta``), for every command that is given such a file
+
+def weights_path(model: Backbone) -> Path | None:
+    """The weights file ``model`` was loaded from; None when its weights come from elsewhere."""
+    report = model.load_report
+    return Path(report.path) if report is not None and Path(report.path).is_file() else None
+
+
+def weights_meta(path: Path) -> dict[str, Any]:
+    """The ``meta`` a ``.safetensors`` weights file records (a fine-tuned model: the run's
+    ``params``, with its ``mode``; a fine-tuning snapshot: its ``step`` and ``run``); empty for
+    other files and for a header without a readable meta."""
+    if path.suffix != ".safetensors":
+        return {}
+    try:
+        meta = json.loads((safetensors_header(path) or {}).get("meta", "{}"))
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _model_meta(model_or_path: Backbone | Path | None) -> dict[str, Any]:
+    """:func:`weights_meta` of a model's weights file or of a path; empty when there is none."""
+    path = (model_or_path if isinstance(model_or_path, Path) or model_or_path is None
+            else weights_path(model_or_path))
+    return weights_meta(path) if path is not None and path.is_file() else {}
+
+
+def trained_class_names(model_or_path: Backbone | Path | None) -> list[str] | None:
+    """The class names of the data a ``finetune`` model was trained on (output i names class
+    i), as it records them in its weights file; None for other models and older files."""
+    names = _model_meta(model_or_path).get("inputs", {}).get("class_names")
+    try:
+        names = json.loads(names) if isinstance(names, str) else None
+    except ValueError:
+        return None
+    return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
+
+
+def finetune_mode(model_or_path: Backbone | Path | None) -> str | None:
+    """The mode (``finetune --mode``) a ``finetune`` model was trained in, as it records it in
+    its weights file; None for other models and files."""
+    meta = _model_meta(model_or_path)
+    mode = meta.get("params", {}).get("mode") if meta.get("producer") == "finetune" else None
+    return mode if isinstance(mode, str) else None
