@@ -379,9 +379,12 @@ def test_units_of_features_from_different_networks_are_warned_of(quick_demo):
     source, same = class_means(pool), class_means(target)
     assert source.meta["embedding"] == {"model": "smallcnn", "layer": "penultimate",
                                         "state": pool.meta["inputs"]["state"]}
+    renamed = class_means(replace(target, meta={**target.meta, "params": {
+        **target.meta["params"], "model": "./smallcnn"}}))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         select(source, same, SelectConfig(k=3))  # the same network: no warning
+        select(source, renamed, SelectConfig(k=3))  # ... however its name was spelled
     other = class_means(replace(target, meta={**target.meta, "inputs": {
         **target.meta["inputs"], "state": "sha256:0123456789abcdef"}}))
     with pytest.warns(UserWarning, match=r"different networks \(state: smallcnn sha256:"):

@@ -424,8 +424,11 @@ def _warn_other_embedding(source: Units, target: Units) -> None:
     then compares unrelated feature spaces. A warning, not an error: units from ``.npy`` files
     or made elsewhere record no network, and a user may know better."""
     a, b = source.meta.get("embedding"), target.meta.get("embedding")
-    if a and b and a != b:
-        differ = ", ".join(k for k in ("model", "layer", "state") if a.get(k) != b.get(k))
+    # the network is its layer and parameters: one model named two ways (a relative and an
+    # absolute hf: path) is the same network
+    keys = ("layer", "state")
+    if a and b and any(a.get(k) != b.get(k) for k in keys):
+        differ = ", ".join(k for k in keys if a.get(k) != b.get(k))
         warnings.warn(
             f"source and target units come from features of different networks ({differ}: "
             f"{a['model']} {a['state']} vs {b['model']} {b['state']}); embed both with the same "
