@@ -76,3 +76,19 @@ def test_class_names_as_labels_become_indices_in_sorted_or_given_order(tmp_path,
     units = Units.load(tmp_path / "u.safetensors")
     assert units.names == ["ant", "cat", "dog"]
     np.testing.assert_allclose(units.prototypes[2], (x[0] + x[2]) / 2)
+
+
+def test_class_names_given_beside_labels_that_are_names_number_them(tmp_path):
+    """--class-names renamed the sorted numbering: the unit named dog held the cat."""
+    from pretrain_reuse.cli import main
+    from pretrain_reuse.units import Units
+
+    np.save(tmp_path / "f.npy", np.array([[1, 0], [0, 1], [1, 0]], np.float32))
+    np.save(tmp_path / "l.npy", np.array(["dog", "cat", "dog"]))
+    (tmp_path / "names.txt").write_text("dog\ncat\n")
+    assert main(["units", "--features", str(tmp_path / "f.npy"), "--labels", str(tmp_path / "l.npy"),
+                 "--class-names", str(tmp_path / "names.txt"), "--out", str(tmp_path / "u.safetensors"),
+                 "--quiet"]) == 0
+    units = Units.load(tmp_path / "u.safetensors")
+    assert units.names == ["dog", "cat"]
+    np.testing.assert_array_equal(units.prototypes, [[1, 0], [0, 1]])

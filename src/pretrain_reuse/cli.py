@@ -152,14 +152,16 @@ def cmd_units(args) -> int:
     from .units import class_means, spherical_kmeans
 
     check_output_file(args.out, ".safetensors", "units")  # before minutes of clustering
+    names = _read_lines(args.class_names, "class names") if args.class_names else None
     if args.features.endswith(".npy"):  # here a .npy always holds per-sample features
-        store = FeatureStore.from_npy(args.features, args.labels)
+        # names at once: labels that are names are numbered by them, not renamed afterwards
+        store = FeatureStore.from_npy(args.features, args.labels, class_names=names)
     else:
         store = _load_data(args.features, args.labels, "features")
-    if not isinstance(store, FeatureStore):
-        raise PretrainReuseError(f"--features {args.features!r} holds units, not features")
-    if args.class_names:
-        store = replace(store, class_names=_read_lines(args.class_names, "class names"))
+        if not isinstance(store, FeatureStore):
+            raise PretrainReuseError(f"--features {args.features!r} holds units, not features")
+        if names:  # its labels are class indices: line i names label i
+            store = replace(store, class_names=names)
     # the k-means options; spherical_kmeans's defaults apply to those not given
     kmeans = _given(args, ("n_iter", "n_init", "init", "seed", "max_points_per_unit"))
     if args.method == "class":

@@ -86,14 +86,16 @@ class FeatureStore:
         return self.features.shape[1]
 
     @classmethod
-    def from_npy(cls, features: str | Path, labels: str | Path | None = None) -> FeatureStore:
-        """Wrap ``.npy`` per-sample features (memory-mapped) and optional ``.npy`` labels."""
+    def from_npy(cls, features: str | Path, labels: str | Path | None = None, *,
+                 class_names: list[str] | None = None) -> FeatureStore:
+        """Wrap ``.npy`` per-sample features (memory-mapped) and optional ``.npy`` labels (class
+        indices, or class names: numbered as in ``class_names``, else in sorted order)."""
         feats = load_npy("features", features, mmap=True)
         labs = None if labels is None else load_npy("labels", labels)
         meta = {"producer": "npy", "inputs": {"features": hash_file(features)}}
         if labels is not None:
             meta["inputs"]["labels"] = hash_file(labels)
-        return cls(features=feats, labels=labs, meta=meta)
+        return cls(features=feats, labels=labs, class_names=class_names, meta=meta)
 
     def save(self, path: str | Path, *, shard_size: int = 65536) -> Path:
         """Write the store folder (replacing an existing one only once the new one is complete)."""
