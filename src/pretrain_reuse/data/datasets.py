@@ -233,20 +233,18 @@ def _check_labels(labels, n: int, class_names: list[str] | None) -> np.ndarray |
     if class_names is not None and n and labels.max() >= len(class_names):
         raise PretrainReuseError(
             f"label {labels.max()} has no name: only {len(class_names)} class names were given")
-    if class_names is not None:
-        _refuse_repeated_names(class_names, "class_names")
     return labels.astype(np.int64)
 
 
-def _refuse_repeated_names(names: Sequence[str], where: str) -> None:
-    """Classes are matched by name (a test set's to a training set's, a selection's units to
-    the pool's classes): two classes of one name could not be told apart."""
+def repeated_name(names: Sequence[str]) -> str | None:
+    """The first name given to two classes, or None. Names may repeat (ImageNet's human-readable
+    names have two "crane" classes); only matching classes by name needs them unique."""
     seen: set[str] = set()
     for name in names:
         if name in seen:
-            raise PretrainReuseError(f"{where} names two classes {name!r}; give every class its "
-                                     "own name")
+            return name
         seen.add(name)
+    return None
 
 
 def convert_channels(x: torch.Tensor, mode: str | None) -> torch.Tensor:
@@ -501,9 +499,7 @@ def read_class_names(path: str | Path) -> list[str]:
     if not names or any(not n.strip() for n in names):
         raise PretrainReuseError(
             f"class names file {str(p)!r} must hold one non-empty name per line (line i names label i)")
-    names = [n.strip() for n in names]
-    _refuse_repeated_names(names, f"class names file {str(p)!r}")
-    return names
+    return [n.strip() for n in names]
 
 
 def write_class_names(path: str | Path, names: Sequence[str]) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..data.datasets import ImageDataset, make_loader
+from ..data.datasets import ImageDataset, make_loader, repeated_name
 from ..errors import PretrainReuseError, check_device, preview
 from ..models import Backbone
 from .augment import View, input_size
@@ -49,7 +49,13 @@ def labels_by_name(data: ImageDataset, class_names: list[str] | None, what: str)
     (``what`` names the data and its flag, e.g. "test data (--target-test)")."""
     if not class_names or not data.class_names or list(data.class_names) == list(class_names):
         return data.labels
-    index = {name: c for c, name in enumerate(class_names)}  # names are unique (data/)
+    for names, whose in ((class_names, "training data"), (data.class_names, what.split(" (")[0])):
+        twice = repeated_name(names)
+        if twice is not None:
+            raise PretrainReuseError(
+                f"the {whose} names two classes {twice!r}, so the classes of the {what} cannot "
+                "be matched to the training data's by name; give every class its own name")
+    index = {name: c for c, name in enumerate(class_names)}
     unknown = [name for name in data.class_names if name not in index]
     if unknown:
         raise PretrainReuseError(
