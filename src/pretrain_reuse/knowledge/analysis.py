@@ -37,9 +37,8 @@ import torch
 from ..artifacts import make_meta, make_run_folder, read_json, write_json
 from ..data.datasets import ImageDataset
 from ..data.text import TextDataset
-from ..errors import PretrainReuseError, check_choice, is_integer
-from ..finetune.config import MODES
-from ..models import Backbone, state_hash
+from ..errors import PretrainReuseError, check_choice, is_integer, preview
+from ..models import Backbone, finetune_mode, state_hash, weights_meta, weights_path
 from .explain import (
     MARKER,
     SHOWN,
@@ -61,8 +60,6 @@ from .explain import (
     model_identity,
     sample_order,
     save_explanations,
-    weights_meta,
-    weights_path,
     with_games,
 )
 from .metrics import (
@@ -94,9 +91,53 @@ OUTPUTS = (*ROLES, *(f"{prefix}-*" for _, _, prefix in SERIES.values()), "streng
 #: The modes of ``finetune`` (``meta.params.mode`` of the model it writes) that fit each role: the
 #: pre-trained model is the linear probe on its frozen backbone, the fine-tuned model any mode
 #: that trains the pre-trained backbone on the target, the scratch model a scratch training.
+#: Written out (knowledge may not import finetune); a test checks that it covers every mode.
 ROLE_MODES = {"pretrained": ("linear-probe",),
-              "finetuned": tuple(m for m in MODES if m not in ("linear-probe", "scratch")),
+              "finetuned": ("vanilla", "reuse", "reuse-unlabeled", "co-tuning"),
               "scratch": ("scratch",)}
+
+
+#: The entries of ``knowledge.json`` that this version writes and the report reads, as dotted paths
+#: (``*``: every entry of a mapping; ``?``: an optional part, whose entries are read only when it
+#: is there): a summary lacking one was written by an earlier version (:func:`load_analysis`).
+SUMMARY_KEYS = (
+    "samples.n", "samples.asked", "samples.screened", "samples.correct_for_all",
+    "report.overall.*.mean", "report.overall.*.std",
+    *(f"report.by_order.*.{n}.{e}" for n in ("preserve", "discard", "new") for e in ("mean", "n_used")),
+    "strength_by_order", "meta.inputs.models.*.weights",
+    "faithfulness.*.max", "faithfulness.*.mean", "faithfulness.*.max_over_samples",
+    "counterfactual.n_sets",
+    *(f"{curve}?.{e}" for curve in ("convergence", "scratch_convergence")
+      for e in ("measure", "threshold", "steps", "similarity", "detour", "auc",
+                "first_at_threshold", "n_decreases", "total_detour")),
+    "ground_truth?.*.n_samples", "ground_truth?.*.overall.precision.mean",
+    "ground_truth?.*.overall.recall.mean", "ground_truth?.*.overall.signed_recall.mean",
+)
+
+
+def missing_entry(record: Any, key: str) -> str | None:
+    """The first entry along the dotted path ``key`` (see :data:`SUMMARY_KEYS`) that ``record``
+    lacks, as a dotted path; None when all are there."""
+    return _missing(record, key.split("."), "")
+
+
+def _missing(record: Any, parts: list[str], where: str) -> str | None:
+    if not parts:
+        return None
+    head, optional = parts[0].removesuffix("?"), parts[0].endswith("?")
+    if not isinstance(record, dict):
+        return where + head
+    if head == "*":
+        entries = record.items()
+    elif head in record:
+        entries = [(head, record[head])]
+    else:
+        return None if optional else where + head
+    for key, value in entries:
+        missing = _missing(value, parts[1:], f"{where}{key}.")
+        if missing is not None:
+            return missing
+    return None
 
 
 class KnowledgeWarning(UserWarning):
@@ -194,7 +235,8 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
              (("checkpoints", checkpoints), ("scratch_checkpoints", scratch_checkpoints))}
     check_objects({**models, **{f"{name}[{t}]": m for name, snaps in given.items()
                                 for t, m in enumerate(snaps)}}, dataset, cfg)
-    # named sentence labels numbered as the fine-tuned model numbers its classes (its id2label)
+    # named labels numbered as the fine-tuned model numbers its classes (its id2label, or the
+    # class names its finetune run recorded)
     dataset = model_classes(models["finetuned"], dataset)
     # checked before the interactions are computed: a typo must not cost minutes, or leave files
     check_choice("match", match, MATCHES)
@@ -300,7 +342,8 @@ def _earlier_outputs(out: Path) -> tuple[str, ...]:
 def load_analysis(out: str | Path) -> tuple[dict[str, Any], dict[str, list[Interactions]]] | None:
     """The summary (``knowledge.json``) and every explained model's and snapshot's interactions
     (``{folder name: per sample}``) of the finished analysis in ``out``; None when there is none,
-    it has not finished, or any file it lists is missing or unreadable (one interactions file
+    it has not finished, was written by an earlier version (it lacks one of :data:`SUMMARY_KEYS`),
+    or any file it lists is missing or unreadable (one interactions file
     per sample in each model's and snapshot's folder): then rerun :func:`analyze_knowledge`
     into ``out``, which writes them again from its cached games."""
     out = Path(out)
@@ -310,7 +353,9 @@ def load_analysis(out: str | Path) -> tuple[dict[str, Any], dict[str, list[Inter
         folders = [*summary["faithfulness"],
                    *(_snapshot_folder(name, t) for name, (_, key, _) in SERIES.items()
                      for t in range(len(summary.get(key, {}).get("checkpoints", []))))]
-        if summary.get("kind") != KIND or summary.get("finished") is False:
+        # an earlier version's summary lacks entries this version writes (the report reads them)
+        if summary.get("kind") != KIND or summary.get("finished") is False \
+                or any(missing_entry(summary, key) is not None for key in SUMMARY_KEYS):
             return None
         explained = {}
         for folder in folders:
@@ -340,14 +385,15 @@ def _ordered_snapshots(param: str, snapshots: list[Backbone], final: Backbone | 
             raise PretrainReuseError(
                 f"{where}: {name} records no training step, so it is not a snapshot of a run; "
                 "pass the snapshots folder of one run (finetune --snapshots)")
-    other = next((k for k, i in enumerate(ids) if i["run"] != ids[0]["run"]), None)
+    # a run started by an earlier version and resumed by this one has snapshots without a run
+    # before ones with it: only those that record one can be told apart (_doubts warns)
+    recorded = [k for k, i in enumerate(ids) if i["run"] is not None]
+    other = next((k for k in recorded if ids[k]["run"] != ids[recorded[0]]["run"]), None)
     if other is not None:
-        def run(k: int) -> str:
-            return f"run {ids[k]['run']}" if ids[k]["run"] else "no run recorded"
-
+        first = recorded[0]
         raise PretrainReuseError(
-            f"{where} mix the snapshots of several runs ({names[0]}: {run(0)}; {names[other]}: "
-            f"{run(other)}); pass the snapshots folder of one run")
+            f"{where} mix the snapshots of several runs ({names[first]}: run {ids[first]['run']}; "
+            f"{names[other]}: run {ids[other]['run']}); pass the snapshots folder of one run")
     order = sorted(range(len(ids)), key=lambda k: ids[k]["step"])
     for a, b in itertools.pairwise(order):
         if ids[a]["step"] == ids[b]["step"]:
@@ -375,21 +421,26 @@ def _doubts(models: dict[str, Backbone], series: dict[str, list[Backbone]]) -> l
         doubts.append(f"the {a} and {b} models are the same network (equal weights), so their "
                       f"knowledge is identical; check --{a} and --{b}")
     for role, model in models.items():
-        path = weights_path(model)
-        meta = {} if path is None else weights_meta(path)
-        mode = meta.get("params", {}).get("mode") if meta.get("producer") == "finetune" else None
-        if isinstance(mode, str) and mode not in ROLE_MODES[role]:
+        mode = finetune_mode(model)
+        if mode is not None and mode not in ROLE_MODES[role]:
             doubts.append(
-                f"the {role} model {str(path)!r} was trained in mode {mode!r}, but the {role} "
-                f"role takes mode {' or '.join(ROLE_MODES[role])}; are the roles swapped? "
+                f"the {role} model {str(weights_path(model))!r} was trained in mode {mode!r}, "
+                f"but the {role} role takes mode {' or '.join(ROLE_MODES[role])}; are the roles swapped? "
                 f"(check --{role})")
     for name, snaps in series.items():
-        path = weights_path(snaps[0])
-        if path is not None and "run" not in weights_meta(path):
+        paths = [weights_path(m) for m in snaps]
+        unrecorded = [p for p in paths if p is not None and "run" not in weights_meta(p)]
+        if len(unrecorded) == len(snaps):
             doubts.append(
                 f"the {name} record no run (snapshots of an earlier version): that they are one "
                 f"run's is checked only by their steps and by the last being the {SERIES[name][0]} "
                 "model")
+        elif unrecorded:
+            doubts.append(
+                f"{len(unrecorded)} of the {len(snaps)} {name} "
+                f"({preview([p.name for p in unrecorded])}) record no run (snapshots of an "
+                "earlier version, before the run was resumed): that they are the others' run is "
+                f"checked only by their steps and by the last being the {SERIES[name][0]} model")
     return doubts
 
 

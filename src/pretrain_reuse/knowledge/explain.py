@@ -23,6 +23,7 @@ rewrite (the interactions of samples beyond ``samples``, ``salient.png``) are de
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -42,7 +43,6 @@ from ..artifacts import (
     hash_file,
     make_meta,
     make_run_folder,
-    safetensors_header,
     write_json,
 )
 from ..configs import check_fields
@@ -50,16 +50,16 @@ from ..data.datasets import ImageDataset
 from ..data.text import TextDataset, numbered_by
 from ..embed import preprocessed
 from ..errors import PretrainReuseError, check_choice, check_device, check_seed, preview
-from ..models import Backbone, state_hash
+from ..models import Backbone, state_hash, trained_class_names, weights_meta, weights_path
 from .games import (
     BASELINES,
     OUTPUTS,
     LearnedBaseline,
     Players,
-    _image_values,
     baseline_input,
     coalition_values,
     grid_players,
+    image_values,
     learn_baseline,
     mask_players,
     masked_game,
@@ -70,11 +70,11 @@ from .sparsify import and_interactions, and_or_interactions, check_qthres
 from .text import (
     TEXT_BASELINES,
     TokenPlayers,
-    _text_values,
     baseline_token,
     eligible_positions,
     learn_baseline_embedding,
     masked_text_game,
+    text_values,
     token_players,
 )
 from .values import Interactions, check_tau
@@ -397,8 +397,8 @@ def check_explainable(model: Backbone, dataset: ImageDataset | TextDataset, indi
 def check_classifier(model: Backbone, dataset: ImageDataset | TextDataset, cfg: ExplainConfig,
                      role: str) -> None:
     """``model`` is a classifier over ``dataset``'s classes of the modality of ``cfg.players``:
-    as many classes, or, for sentences labelled by names and a model whose config names its
-    classes, names the model knows numbered as it numbers them (:func:`model_classes`)."""
+    as many classes, or, for data labelled by names and a model that names its classes, names
+    the model knows numbered as it numbers them (:func:`model_classes`)."""
     _check_pairing(model, dataset, cfg, role)
     if model.num_classes is None or model.layer != "penultimate":
         raise PretrainReuseError(
@@ -438,19 +438,8 @@ def check_classifier(model: Backbone, dataset: ImageDataset | TextDataset, cfg: 
         raise PretrainReuseError(
             f"{role} {model.spec.name}: the model was trained on the classes "
             f"{preview(trained)} but the data's are {preview(dataset.class_names)} ({how}); "
-            "pass the data the model was trained on, or its test split")
-
-
-def trained_class_names(model: Backbone) -> list[str] | None:
-    """The class names of the data a ``finetune`` model was trained on (output i names class
-    i), as it records them in its weights file; None for other models and older files."""
-    path = weights_path(model)
-    names = (weights_meta(path).get("inputs", {}) if path is not None else {}).get("class_names")
-    try:
-        names = json.loads(names) if isinstance(names, str) else None
-    except ValueError:
-        return None
-    return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
+            "pass a model trained on these classes, or the data numbered as the model numbers "
+            "them (model_classes(model, data))")
 
 
 def model_class_names(model: Backbone) -> list[str] | None:
@@ -469,15 +458,34 @@ def model_class_names(model: Backbone) -> list[str] | None:
 
 def model_classes(model: Backbone, dataset: ImageDataset | TextDataset
                   ) -> ImageDataset | TextDataset:
-    """``dataset`` with its labels as ``model``'s class indices: sentences labelled by class
-    names, for a model whose config names its classes (:func:`model_class_names`), are
-    renumbered by the model's names (a name the model does not know is refused); any other data
-    (integer labels are the model's indices already; names for a model without names, numbered
-    in sorted order) is returned as it is."""
-    names = model_class_names(model)
-    if not (isinstance(dataset, TextDataset) and dataset.named and names is not None):
+    """``dataset`` with its labels as ``model``'s class indices, matched by name: sentences
+    labelled by class names, for a model whose config names its classes
+    (:func:`model_class_names`), and images of named classes, for a ``finetune`` model that
+    records the classes it was trained on (:func:`trained_class_names`), are renumbered by the
+    model's names (a view; the data may hold fewer classes, a class the model lacks is refused).
+    Any other data (integer labels are the model's indices already; names for a model without
+    names, numbered in sorted order) is returned as it is."""
+    if isinstance(dataset, TextDataset):
+        names = model_class_names(model)
+        return numbered_by(dataset, names) if dataset.named and names is not None else dataset
+    names = trained_class_names(model)
+    if names is None or dataset.class_names is None or dataset.labels is None \
+            or list(dataset.class_names) == names:
         return dataset
-    return numbered_by(dataset, names)
+    # an image folder numbers its classes in sorted order, a list file with a classes.txt in that
+    # file's order: a run's test folder numbers its training classes otherwise (as finetune's
+    # labels_by_name matches them, which knowledge may not import)
+    index = {name: i for i, name in enumerate(names)}
+    unknown = [name for name in dataset.class_names if name not in index]
+    if unknown:
+        raise PretrainReuseError(
+            f"{model.spec.name}: the data's classes {preview(unknown)} are not classes the model "
+            f"was trained on ({preview(names)}); pass the data the model was trained on, or its "
+            "test split")
+    view = copy.copy(dataset)
+    view.labels = np.asarray([index[name] for name in dataset.class_names])[dataset.labels]
+    view.class_names = list(names)
+    return view
 
 
 def check_outputs(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.ndarray,
@@ -653,25 +661,6 @@ def model_identity(model: Backbone) -> dict[str, Any]:
             "run": run if isinstance(run, str) else None, "state": state_hash(model)}
 
 
-def weights_path(model: Backbone) -> Path | None:
-    """The weights file ``model`` was loaded from; None when its weights come from elsewhere."""
-    report = model.load_report
-    return Path(report.path) if report is not None and Path(report.path).is_file() else None
-
-
-def weights_meta(path: Path) -> dict[str, Any]:
-    """The ``meta`` a ``.safetensors`` weights file records (a fine-tuned model: the run's
-    ``params``, with its ``mode``; a fine-tuning snapshot: its ``step`` and ``run``); empty for
-    other files and for a header without a readable meta."""
-    if path.suffix != ".safetensors":
-        return {}
-    try:
-        meta = json.loads((safetensors_header(path) or {}).get("meta", "{}"))
-    except ValueError:
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
 def _remove_stale(folder: Path, patterns: list[str], written: list[Path]) -> None:
     """Delete the files and folders matching ``patterns`` in ``folder`` that this run did not
     write: the outputs of an earlier run with more samples, models or checkpoints, which
@@ -807,7 +796,7 @@ def _image_samples(model: Backbone, dataset: ImageDataset, indices: np.ndarray,
         def ends(label: int) -> np.ndarray | None:
             if cfg.baseline == "learned":
                 return None
-            return coalition_values(_image_values(model, x, label, players, cfg.output),
+            return coalition_values(image_values(model, x, label, players, cfg.output),
                                     baseline_input(x, cfg.baseline, mean=mean), players.n,
                                     [(1 << players.n) - 1, 0])
 
@@ -853,7 +842,7 @@ def _text_samples(model: Backbone, dataset: TextDataset, cfg: ExplainConfig,
             if cfg.baseline == "learned":
                 return None
             token = torch.tensor(baseline_token(tokenizer, cfg.baseline), device=device)
-            return coalition_values(_text_values(model, enc, label, players, cfg.output,
+            return coalition_values(text_values(model, enc, label, players, cfg.output,
                                                  embeddings=False),
                                     token, players.n, [(1 << players.n) - 1, 0])
 

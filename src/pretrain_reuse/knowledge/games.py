@@ -188,8 +188,8 @@ def class_output(logits: torch.Tensor, label: int, kind: str = "log-odds") -> to
 ChunkValues = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _image_values(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, label: int,
-                  players: Players, output: str) -> ChunkValues:
+def image_values(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, label: int,
+                 players: Players, output: str) -> ChunkValues:
     """The chunk evaluator of the image game (validated inputs)."""
     n = players.n
     p = torch.from_numpy(players.masks).to(x.device, x.dtype).reshape(n, -1)
@@ -247,7 +247,7 @@ def masked_game(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
         batch_size: masked inputs per forward pass; memory holds one batch, never all 2^n.
     """
     _check_image_game(x, players, output)
-    values = _image_values(model, x, label, players, output)
+    values = image_values(model, x, label, players, output)
     return game_values(values, baseline, players.n, batch_size).numpy()
 
 
@@ -298,7 +298,7 @@ def learn_baseline(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
         steps: iterations (50 as in the group's example).
     """
     _check_image_game(x, players, output)
-    return _descend(_image_values(model, x, label, players, output), init, lower, upper,
+    return _descend(image_values(model, x, label, players, output), init, lower, upper,
                     players.n, lr=lr, steps=steps, batch_size=batch_size)
 
 

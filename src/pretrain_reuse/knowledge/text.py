@@ -230,8 +230,8 @@ def _check_text_game(model: Backbone, encoding: Mapping[str, torch.Tensor],
             "tokens; choose the players on this encoding (token_players)")
 
 
-def _text_values(model: Backbone, encoding: Mapping[str, torch.Tensor], label: int,
-                 players: TokenPlayers, output: str, *, embeddings: bool) -> ChunkValues:
+def text_values(model: Backbone, encoding: Mapping[str, torch.Tensor], label: int,
+                players: TokenPlayers, output: str, *, embeddings: bool) -> ChunkValues:
     """The chunk evaluator: baseline = a 0-d token id, or a (D,) embedding when ``embeddings``."""
     ids = encoding["input_ids"]
     # every piece of a player's word takes the player's bit: a piece left visible would leak
@@ -280,7 +280,7 @@ def masked_text_game(model: Backbone, encoding: Mapping[str, torch.Tensor], labe
     _check_text_game(model, encoding, players, output)
     embeddings = isinstance(baseline, torch.Tensor) and baseline.ndim == 1
     b = baseline if embeddings else torch.tensor(int(baseline), device=encoding["input_ids"].device)
-    values = _text_values(model, encoding, label, players, output, embeddings=embeddings)
+    values = text_values(model, encoding, label, players, output, embeddings=embeddings)
     return game_values(values, b, players.n, batch_size).numpy()
 
 
@@ -303,6 +303,6 @@ def learn_baseline_embedding(model: Backbone, encoding: Mapping[str, torch.Tenso
         lr, steps: the optimiser's settings (the group's example: 1e-3, 50).
     """
     _check_text_game(model, encoding, players, output)
-    values = _text_values(model, encoding, label, players, output, embeddings=True)
+    values = text_values(model, encoding, label, players, output, embeddings=True)
     return _descend(values, init, lower, upper, players.n, lr=lr, steps=steps,
                     batch_size=batch_size)

@@ -76,7 +76,8 @@ def _plt():
 
 
 #: The entries of a demo's ``summary.json`` that the report reads, as dotted paths (``*``: every
-#: entry of a mapping).
+#: entry of a mapping; read as :func:`~pretrain_reuse.knowledge.analysis.missing_entry` reads
+#: them); those of ``knowledge.json`` are :data:`~pretrain_reuse.knowledge.analysis.SUMMARY_KEYS`.
 SUMMARY_KEYS = (
     "scenario.name", "scenario.description", "scenario.pool", "scenario.target",
     "scenario.players", "scenario.related", "scenario.pool_classes",
@@ -85,48 +86,12 @@ SUMMARY_KEYS = (
     "finetune.*.mode", "finetune.*.seeds", "finetune.*.top1_mean", "finetune.*.top1_std",
     "finetune.*.top1_at_best_val_mean",
 )
-#: The entries of ``knowledge/knowledge.json`` that the report reads (``?``: an optional part,
-#: whose entries are read only when it is there).
-KNOWLEDGE_KEYS = (
-    "samples.n", "samples.asked", "samples.screened", "samples.correct_for_all",
-    "report.overall.*.mean", "report.overall.*.std",
-    *(f"report.by_order.*.{n}.{e}" for n in ("preserve", "discard", "new") for e in ("mean", "n_used")),
-    "strength_by_order", "meta.inputs.models.*.weights",
-    "faithfulness.*.max", "faithfulness.*.mean", "faithfulness.*.max_over_samples",
-    "counterfactual.n_sets",
-    *(f"{curve}?.{e}" for curve in ("convergence", "scratch_convergence")
-      for e in ("measure", "threshold", "steps", "similarity", "detour", "auc",
-                "first_at_threshold", "n_decreases", "total_detour")),
-    "ground_truth?.*.n_samples", "ground_truth?.*.overall.precision.mean",
-    "ground_truth?.*.overall.recall.mean", "ground_truth?.*.overall.signed_recall.mean",
-)
-
-
-def _missing_entry(record: Any, parts: list[str], where: str = "") -> str | None:
-    """The first entry along the dotted path ``parts`` (see :data:`SUMMARY_KEYS`) that
-    ``record`` lacks, as a dotted path; None when all are there."""
-    if not parts:
-        return None
-    head, optional = parts[0].removesuffix("?"), parts[0].endswith("?")
-    if not isinstance(record, dict):
-        return where + head
-    if head == "*":
-        entries = record.items()
-    elif head in record:
-        entries = [(head, record[head])]
-    else:
-        return None if optional else where + head
-    for key, value in entries:
-        missing = _missing_entry(value, parts[1:], f"{where}{key}.")
-        if missing is not None:
-            return missing
-    return None
-
-
 def _check_entries(record: dict, keys: tuple[str, ...], path: Path) -> None:
     """Refuse a record lacking one of ``keys``: the report would fail half-way."""
+    from ..knowledge.analysis import missing_entry
+
     for key in keys:
-        missing = _missing_entry(record, key.split("."))
+        missing = missing_entry(record, key)
         if missing is not None:
             raise PretrainReuseError(
                 f"{str(path)!r} lacks {missing!r}: it was written by an older version of "
@@ -252,6 +217,8 @@ def _compare(ft: dict, a: str, b: str, where: str = "") -> str:
 
 
 def _knowledge_section(run: Path, scenario: dict) -> str:
+    from ..knowledge.analysis import SUMMARY_KEYS as KNOWLEDGE_KEYS
+
     kdir = run / "knowledge"
     if not (kdir / "knowledge.json").exists():
         return ""
@@ -354,16 +321,14 @@ def _knowledge_section(run: Path, scenario: dict) -> str:
 
 def _models_table(run: Path, k: dict) -> str:
     """Which weights file (and the ``finetune`` mode it records) plays each role."""
-    from ..knowledge.explain import weights_meta
+    from ..models import finetune_mode
 
     rows = []
     for role, model in k["meta"]["inputs"]["models"].items():
         path = Path(model["weights"]) if model["weights"] else None
         shown = "not a file" if path is None else (
             str(path.relative_to(run.resolve())) if path.is_relative_to(run.resolve()) else str(path))
-        meta = weights_meta(path) if path is not None and path.is_file() else {}
-        mode = meta.get("params", {}).get("mode") if meta.get("producer") == "finetune" else None
-        rows.append([role, shown, mode or "not recorded"])
+        rows.append([role, shown, finetune_mode(path) or "not recorded"])
     return _table(["role", "model (weights file)", "trained in mode"], rows)
 
 
