@@ -217,7 +217,7 @@ def test_two_classes_of_one_name_are_read_and_refused_only_where_classes_are_mat
         tmp_path):
     """ImageNet's human-readable names hold two "crane" classes: a pool named so must open; test
     data can only be matched to training classes by name when the names are unique."""
-    from pretrain_reuse.finetune.evaluate import labels_by_name
+    from pretrain_reuse.data.datasets import labels_by_name
 
     (tmp_path / "classes.txt").write_text("crane\ndog\ncrane\n")
     assert read_class_names(tmp_path / "classes.txt") == ["crane", "dog", "crane"]

@@ -1761,7 +1761,7 @@ def test_evaluate_gives_the_test_accuracy_the_run_reported(quick_demo, capsys, t
 
 
 def test_labels_are_matched_to_the_models_classes_by_name():
-    from pretrain_reuse.finetune.evaluate import labels_by_name
+    from pretrain_reuse.data.datasets import labels_by_name
 
     data = ArrayDataset(np.zeros((4, 8, 8, 3), np.uint8), np.array([0, 1, 1, 0]),
                         class_names=["square", "circle"])

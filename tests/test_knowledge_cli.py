@@ -1117,9 +1117,15 @@ def test_data_of_classes_the_model_was_not_trained_on_is_refused(tmp_path, capsy
         "producer": "finetune", "inputs": {"class_names": _json.dumps(["c0", "cat"])}})
     rc, _, err = _run(capsys, "explain", "--model", "smallcnn-s", "--weights", weights, "--data",
                       tmp_path / "imgs", "--samples", 2, "--quiet", "--out", tmp_path / "x")
-    assert rc == 2 and "the data's classes c1 are not classes the model was trained on (c0, cat)" \
+    assert rc == 2 and "the data's classes (c1) are not classes of the training data (c0, cat)" \
         in err and err.count("\n") == 1, err
     assert not (tmp_path / "x").exists()
+    # a name given to two classes cannot be matched: refused, not mapped to the last of them
+    weights = _classifier(tmp_path / "m2.safetensors", 2, meta={
+        "producer": "finetune", "inputs": {"class_names": _json.dumps(["c1", "c1"])}})
+    rc, _, err = _run(capsys, "explain", "--model", "smallcnn-s", "--weights", weights, "--data",
+                      tmp_path / "imgs", "--samples", 2, "--quiet", "--out", tmp_path / "x")
+    assert rc == 2 and "the training data names two classes 'c1'" in err, err
 
 
 def test_a_pretrained_model_over_other_classes_is_pointed_to_the_linear_probe(tmp_path, capsys):

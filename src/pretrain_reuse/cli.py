@@ -596,7 +596,7 @@ def cmd_demo(args) -> int:
 def cmd_evaluate(args) -> int:
     from .artifacts import check_output_file, make_meta, write_json
     from .finetune.evaluate import evaluate_model
-    from .knowledge.explain import trained_class_names
+    from .models import trained_class_names
     from .models.checkpoint import weights_hash
 
     if args.out:

@@ -34,7 +34,15 @@ import torch
 from PIL import Image
 
 from ..artifacts import atomic_path
-from ..errors import PretrainReuseError, check_choice, check_file, check_int, check_seed, read_text
+from ..errors import (
+    PretrainReuseError,
+    check_choice,
+    check_file,
+    check_int,
+    check_seed,
+    preview,
+    read_text,
+)
 
 # The extensions torchvision's ImageFolder accepts (matched case-insensitively).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -245,6 +253,30 @@ def repeated_name(names: Sequence[str]) -> str | None:
             return name
         seen.add(name)
     return None
+
+
+def labels_by_name(data: ImageDataset, class_names: list[str] | None, what: str) -> np.ndarray:
+    """``data``'s labels in the numbering of ``class_names`` (label i = class_names[i]) when both
+    name their classes, else as they are. An image folder numbers its classes in sorted order, a
+    list file with a ``classes.txt`` in that file's order: the same classes, numbered otherwise,
+    would score every image against another class. A class ``class_names`` lacks is refused
+    (``what`` names the data and its flag, e.g. "test data (--target-test)")."""
+    if not class_names or not data.class_names or list(data.class_names) == list(class_names):
+        return data.labels
+    for names, whose in ((class_names, "training data"), (data.class_names, what.split(" (")[0])):
+        twice = repeated_name(names)
+        if twice is not None:
+            raise PretrainReuseError(
+                f"the {whose} names two classes {twice!r}, so the classes of the {what} cannot "
+                "be matched to the training data's by name; give every class its own name")
+    index = {name: c for c, name in enumerate(class_names)}
+    unknown = [name for name in data.class_names if name not in index]
+    if unknown:
+        raise PretrainReuseError(
+            f"the {what.split(' (')[0]}'s classes ({preview(unknown)}) are not classes of the "
+            f"training data ({preview(class_names)}); pass {what} with the training data's "
+            "classes")
+    return np.asarray([index[name] for name in data.class_names])[data.labels]
 
 
 def convert_channels(x: torch.Tensor, mode: str | None) -> torch.Tensor:

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..data.datasets import ImageDataset, make_loader, repeated_name
-from ..errors import PretrainReuseError, check_device, preview
+from ..data.datasets import ImageDataset, labels_by_name, make_loader
+from ..errors import PretrainReuseError, check_device
 from ..models import Backbone
 from .augment import View, input_size
 from .data import resize_side, resize_transform
@@ -39,30 +39,6 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     per_class = [correct[labels == c].mean() for c in np.unique(labels)]
     return {"top1": float(correct.mean()), "mean_class_acc": float(np.mean(per_class)),
             "n": len(labels)}
-
-
-def labels_by_name(data: ImageDataset, class_names: list[str] | None, what: str) -> np.ndarray:
-    """``data``'s labels in the numbering of ``class_names`` (label i = class_names[i]) when both
-    name their classes, else as they are. An image folder numbers its classes in sorted order, a
-    list file with a ``classes.txt`` in that file's order: the same classes, numbered otherwise,
-    would score every image against another class. A class ``class_names`` lacks is refused
-    (``what`` names the data and its flag, e.g. "test data (--target-test)")."""
-    if not class_names or not data.class_names or list(data.class_names) == list(class_names):
-        return data.labels
-    for names, whose in ((class_names, "training data"), (data.class_names, what.split(" (")[0])):
-        twice = repeated_name(names)
-        if twice is not None:
-            raise PretrainReuseError(
-                f"the {whose} names two classes {twice!r}, so the classes of the {what} cannot "
-                "be matched to the training data's by name; give every class its own name")
-    index = {name: c for c, name in enumerate(class_names)}
-    unknown = [name for name in data.class_names if name not in index]
-    if unknown:
-        raise PretrainReuseError(
-            f"the {what.split(' (')[0]}'s classes ({preview(unknown)}) are not classes of the "
-            f"training data ({preview(class_names)}); pass {what} with the training data's "
-            "classes")
-    return np.asarray([index[name] for name in data.class_names])[data.labels]
 
 
 def evaluate_model(model: Backbone, data: ImageDataset, *, class_names: list[str] | None = None,

@@ -16,7 +16,7 @@ import torch
 
 from ..artifacts import hash_array, hash_file, make_run_folder, read_json
 from ..data.catalog import DATASETS, open_dataset, split_folders
-from ..data.datasets import DataWarning, ImageDataset
+from ..data.datasets import DataWarning, ImageDataset, labels_by_name
 from ..data.samplers import subsample_fraction, subsample_long_tail
 from ..errors import PretrainReuseError, check_file, preview
 from ..models import create_backbone
@@ -37,7 +37,6 @@ from .data import (
 from .evaluate import (
     cotuning_relationship,
     cotuning_reverse_relationship,
-    labels_by_name,
     predict,
 )
 from .loop import RunResult, total_steps, train

@@ -46,7 +46,7 @@ from ..artifacts import (
     write_json,
 )
 from ..configs import check_fields
-from ..data.datasets import ImageDataset
+from ..data.datasets import ImageDataset, labels_by_name
 from ..data.text import TextDataset, numbered_by
 from ..embed import preprocessed
 from ..errors import PretrainReuseError, check_choice, check_device, check_seed, preview
@@ -473,17 +473,9 @@ def model_classes(model: Backbone, dataset: ImageDataset | TextDataset
             or list(dataset.class_names) == names:
         return dataset
     # an image folder numbers its classes in sorted order, a list file with a classes.txt in that
-    # file's order: a run's test folder numbers its training classes otherwise (as finetune's
-    # labels_by_name matches them, which knowledge may not import)
-    index = {name: i for i, name in enumerate(names)}
-    unknown = [name for name in dataset.class_names if name not in index]
-    if unknown:
-        raise PretrainReuseError(
-            f"{model.spec.name}: the data's classes {preview(unknown)} are not classes the model "
-            f"was trained on ({preview(names)}); pass the data the model was trained on, or its "
-            "test split")
+    # file's order: a run's test folder numbers its training classes otherwise
     view = copy.copy(dataset)
-    view.labels = np.asarray([index[name] for name in dataset.class_names])[dataset.labels]
+    view.labels = labels_by_name(dataset, names, "data (--data)")
     view.class_names = list(names)
     return view
 
