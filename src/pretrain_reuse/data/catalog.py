@@ -149,6 +149,12 @@ def split_folders(path: Path) -> list[str]:
     return sorted(subfolders) if subfolders and subfolders <= SPLIT_NAMES else []
 
 
+def has_splits(spec: str | Path | None) -> bool:
+    """Whether the data ``spec`` names is an embedded set or a folder of split folders
+    (``train/``, ``test/``), whose training images are its ``train`` split."""
+    return str(spec) in DATASETS or bool(split_folders(Path(str(spec))))
+
+
 def _refuse_split_folders(path: Path) -> None:
     """A data set root (train/, test/, ...) read as an image folder would label every image by
     its split: refuse it, naming the fix. A lone split folder (a root holding only train/) is one

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..artifacts import make_meta
+from ..data.catalog import has_splits
 from ..errors import PretrainReuseError, check_choice
 from ..finetune import RunResult
 from ..finetune.data import check_batch_size, selected_source
@@ -20,7 +21,7 @@ from .claim import claim_experiment, input_hashes, recipe_reads
 from .config import REGIMES, ExperimentConfig, slug
 from .recipes import RECIPES, Row
 from .table import KNOWLEDGE_RATIOS, ExperimentTable
-from .workspace import Workspace, has_splits
+from .workspace import Workspace
 
 
 def _mean(values: list[float]) -> float | None:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..artifacts import hash_array
-from ..data.catalog import DATASETS, split_folders
+from ..data.catalog import has_splits
 from ..data.datasets import ImageDataset
 from ..embed import EmbedConfig, embed
 from ..errors import PretrainReuseError
@@ -211,12 +211,6 @@ class Workspace:
                     "source": cfg.source if sel else None, "row": row.method, "x": row.x,
                     "selected": sel.selected if sel else None},
             progress=self.progress)
-
-
-def has_splits(spec: str | Path | None) -> bool:
-    """Whether the data ``spec`` names is an embedded set or a folder of split folders
-    (``train/``, ``test/``), whose training images are its ``train`` split."""
-    return str(spec) in DATASETS or bool(split_folders(Path(str(spec))))
 
 
 def _store_sha256(store: FeatureStore) -> str:

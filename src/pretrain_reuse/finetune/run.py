@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..artifacts import hash_array, hash_file, make_run_folder, read_json
-from ..data.catalog import DATASETS, open_dataset, split_folders
+from ..data.catalog import DATASETS, has_splits, open_dataset, split_folders
 from ..data.datasets import DataWarning, ImageDataset, labels_by_name
 from ..data.samplers import subsample_fraction, subsample_long_tail
 from ..errors import PretrainReuseError, check_file, preview
@@ -141,7 +141,7 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
         raise PretrainReuseError(
             f"mode {cfg.mode!r} reuses no pre-training data, so {', '.join(given)} would be "
             "ignored; pass --mode reuse or reuse-unlabeled, or drop them")
-    if target_test is None and str(target) not in DATASETS and not split_folders(Path(target)):
+    if target_test is None and not has_splits(target):
         raise PretrainReuseError("pass --target-test with the test data (folder or list file)")
     # every file is checked before any is read: a missing one is one line
     files = {"weights": _input_file("--weights", weights),
