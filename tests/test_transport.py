@@ -821,3 +821,20 @@ def test_float32_potentials_stalled_by_rounding_are_not_converged(eps):
     assert max(res.marginal_error_a, res.marginal_error_b) > MARGINAL_TOL
     ok = unbalanced_sinkhorn(a, b, C, 1e-2, 1.0, 100.0, dtype=torch.float32)
     assert ok.converged and max(ok.marginal_error_a, ok.marginal_error_b) <= MARGINAL_TOL
+
+
+def test_solver_leaves_torch_thread_count_as_it_was():
+    # the CPU iterations run torch on one thread beside the BLAS products; the caller's setting
+    # must come back, also when the solve fails
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cost = np.random.default_rng(0).random((50, 8))
+        unbalanced_sinkhorn(np.ones(50), np.ones(8), cost, 1.0, 1.0, 100.0)
+        assert torch.get_num_threads() == 2
+        cost[3, 2] = np.nan
+        with pytest.raises(PretrainReuseError):
+            unbalanced_sinkhorn(np.ones(50), np.ones(8), cost, 1.0, 1.0, 100.0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
