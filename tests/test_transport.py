@@ -838,3 +838,11 @@ def test_solver_leaves_torch_thread_count_as_it_was():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("which", ["a", "b", "cost"])
+def test_inputs_that_require_grad_are_refused_by_name(which):
+    args = {"a": torch.ones(30), "b": torch.ones(5), "cost": torch.rand(30, 5)}
+    args[which].requires_grad_(True)
+    with pytest.raises(PretrainReuseError, match=f"^{which} requires grad; pass {which}.detach()"):
+        unbalanced_sinkhorn(args["a"], args["b"], args["cost"])

@@ -305,9 +305,10 @@ def check_solver_params(eps: float, tau_a: float, tau_b: float, max_iter: int, t
 def _check_problem(a, b, cost, tau_a, tau_b, dtype, allow_padding):
     if dtype not in (None, torch.float32, torch.float64):
         raise PretrainReuseError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
-    if cost.requires_grad:
-        raise PretrainReuseError("cost requires grad; pass cost.detach() (the solver is not "
-                                 "differentiable)")
+    for name, x in (("cost", cost), ("a", a), ("b", b)):
+        if x.requires_grad:
+            raise PretrainReuseError(f"{name} requires grad; pass {name}.detach() (the solver is "
+                                     "not differentiable)")
     bsz, n, m = cost.shape
     if n == 0 or m == 0:
         raise PretrainReuseError(f"cost has shape {tuple(cost.shape)}; it needs at least one "
