@@ -474,6 +474,11 @@ def _number(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def _add_quiet(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars or notes (warnings and errors still print)")
+
+
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """``warnings.showwarning`` for a command: the message on one line, without the source."""
     print(f"warning: {message}", file=sys.stderr)
@@ -547,7 +552,7 @@ def _add_explain_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256,
                    help="masked inputs per forward pass (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
-    p.add_argument("--quiet", action="store_true")
+    _add_quiet(p)
     p.add_argument("--out", required=True, help="output folder")
 
 
@@ -654,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--precision", default="auto", help="auto (bf16 on CUDA) | fp32 | bf16")
     e.add_argument("--seed", type=_seed, default=0, help="initialises layers without weights")
-    e.add_argument("--quiet", action="store_true")
+    _add_quiet(e)
     e.add_argument("--out", required=True, help="output FeatureStore folder")
     e.set_defaults(func=cmd_embed)
 
@@ -679,7 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--normalize", action="store_true",
                    help="average L2-normalised features (default: raw features, as the paper)")
     u.add_argument("--seed", type=_seed, help="k-means seed (default 0)")
-    u.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_quiet(u)
     u.add_argument("--out", required=True, help="output units .safetensors")
     u.set_defaults(func=cmd_units)
 
@@ -727,7 +732,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--selection", help="sel.json from `pretrain-reuse select` (reuse modes)")
     f.add_argument("--units", help="units file the selection was made on (clusters)")
     f.add_argument("--config", help="YAML file with recipe fields (flags override it)")
-    f.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_quiet(f)
     f.add_argument("--grid", action="append", metavar="FIELD=V1,V2",
                    help="grid search on the validation split, e.g. --grid lr=0.001,0.01 --grid "
                    "lam=0.3,1 (one run per combination under --out)")
@@ -756,7 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--batch-size", type=_at_least(1), default=256)
     v.add_argument("--workers", type=_at_least(0), default=0, help="DataLoader worker processes")
     v.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    v.add_argument("--quiet", action="store_true")
+    _add_quiet(v)
     v.add_argument("--out", help="also write the scores as JSON")
     v.set_defaults(func=cmd_evaluate)
 
@@ -802,7 +807,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--k", type=_at_least(1), help="selected classes (default 100)")
     ex.add_argument("--clusters", type=_at_least(2), help="k-means clusters of the pool (default 2000)")
     ex.add_argument("--relevant", help="pool class ids related to the target (recall), e.g. 7-24")
-    ex.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_quiet(ex)
     ex.add_argument("--out", required=True, help="experiment folder (a rerun resumes it)")
     ex.set_defaults(func=cmd_experiment)
 
@@ -812,7 +817,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", help="run folder (default runs/demo, or runs/demo-SCENARIO)")
     d.add_argument("--quick", action="store_true", help="smaller problem, for tests")
     d.add_argument("--seed", type=_seed, default=0)
-    d.add_argument("--quiet", action="store_true")
+    _add_quiet(d)
     d.add_argument("--threads", type=_at_least(1), default=1, help="torch CPU threads (default 1)")
     d.set_defaults(func=cmd_demo)
 
