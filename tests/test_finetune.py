@@ -1779,3 +1779,24 @@ def test_evaluate_on_data_without_a_readable_image_is_one_line(tmp_path, capsys)
         (tmp_path / "bad" / c / "0.png").write_bytes(b"not a png")
     rc, _, err = cli(capsys, "evaluate", "--model", "smallcnn", "--data", tmp_path / "bad", "--quiet")
     assert_one_line_error(rc, err, "none of the 2 images of the data can be read")
+
+
+@pytest.mark.parametrize("settings, world, message", [
+    # found with torchrun on 2 processes: the second micro-batch's source share was empty (NaN
+    # loss, "training diverged"), or a rank had no source image at all
+    (dict(mode="reuse", batch_size=8, source_batch_size=2, grad_accum=2), 2,
+     "--grad-accum 2 leaves micro-batches without a sample: each of the 2 processes takes 1 of "
+     "the 2 images of --source-batch-size"),
+    (dict(mode="reuse", batch_size=8, source_batch_size=1), 2,
+     "--source-batch-size 1 is not divisible by the 2 processes"),
+    (dict(mode="vanilla", batch_size=6), 4, "--batch-size 6 is not divisible by the 4 processes"),
+    (dict(mode="vanilla", batch_size=8, grad_accum=4), 4, "--grad-accum 4 leaves micro-batches"),
+])
+def test_every_process_gets_an_equal_share_of_each_stream_per_micro_batch(settings, world, message):
+    from pretrain_reuse.finetune.loop import _check_shares
+
+    with pytest.raises(PretrainReuseError, match=re.escape(message)):
+        _check_shares(FinetuneConfig(**settings), world)
+    # the sizes that give every process and micro-batch a sample pass, for both streams
+    _check_shares(FinetuneConfig(mode="reuse", batch_size=8, source_batch_size=4, grad_accum=2), 2)
+    _check_shares(FinetuneConfig(mode="vanilla", batch_size=8, grad_accum=2), 2)

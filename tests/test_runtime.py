@@ -36,3 +36,24 @@ def test_keep_freed_memory_lets_a_step_reuse_the_last_steps_memory():
     assert kept < 64  # the heap's memory is reused: no page is faulted in again
     # without the setting a fresh process gives the first freed block back and faults it in anew
     assert faults("default") > 256
+
+
+def test_full_float32_turns_tf32_off_inside_and_restores_the_callers_flags():
+    import torch
+
+    from pretrain_reuse.runtime import full_float32
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+
+        @full_float32()
+        def inside():
+            return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+        assert inside() == (False, False)
+        with pytest.raises(RuntimeError, match="inside"), full_float32():
+            raise RuntimeError("inside")
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

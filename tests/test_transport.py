@@ -846,3 +846,15 @@ def test_inputs_that_require_grad_are_refused_by_name(which):
     args[which].requires_grad_(True)
     with pytest.raises(PretrainReuseError, match=f"^{which} requires grad; pass {which}.detach()"):
         unbalanced_sinkhorn(args["a"], args["b"], args["cost"])
+
+
+def test_plan_comes_back_as_the_potentials_whatever_the_weights_are():
+    # a torch cost with NumPy weights (the solver moves the weights to the cost): the plan is a
+    # tensor like the potentials, equal to the NumPy one
+    rng = np.random.default_rng(0)
+    a, b, C = rng.random(12) + 0.5, rng.random(4) + 0.5, rng.random((12, 4))
+    res = unbalanced_sinkhorn(a, b, torch.from_numpy(C), 1.0, 1.0, 100.0)
+    lp = res.log_plan(a, b, torch.from_numpy(C))
+    assert isinstance(lp, torch.Tensor) and lp.device == res.f.device
+    ref = unbalanced_sinkhorn(a, b, C, 1.0, 1.0, 100.0).log_plan(a, b, C)
+    np.testing.assert_allclose(lp.numpy(), ref, rtol=0, atol=1e-12)

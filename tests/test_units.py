@@ -483,3 +483,17 @@ def test_units_show_progress_over_the_samples_before_and_after_the_passes(capsys
     for bar in ("normalising: 100%", "unit means: 100%", "k-means K=3 run 1"):
         assert bar in err, err
     assert err.count("300/300") >= 3  # normalising, and the means of the clusters and classes
+
+
+def test_gathered_candidate_search_in_chunks_equals_faiss():
+    # the GPU's path, run here on the CPU with chunks smaller than the rows: the same choices
+    # as faiss's in-place products
+    from pretrain_reuse.units import _best_candidate, _best_candidate_gathered
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((50, 8), dtype=np.float32))
+    centroids = torch.from_numpy(rng.standard_normal((20, 8), dtype=np.float32))
+    cand = torch.from_numpy(np.stack([rng.choice(20, 5, replace=False) for _ in range(50)]))
+    brute = cand[torch.arange(50), (x[:, None, :] * centroids[cand]).sum(-1).argmax(1)]
+    assert torch.equal(_best_candidate(x, centroids, cand), brute)
+    assert torch.equal(_best_candidate_gathered(x, centroids, cand, chunk=7), brute)

@@ -130,6 +130,7 @@ def cmd_embed(args) -> int:
                       split=args.split, batch_size=args.batch_size, workers=args.workers,
                       shard_size=args.shard_size, device=args.device, precision=args.precision,
                       seed=args.seed)
+    _init_distributed(cfg.device)
     _quiet_transformers(args.model, args.quiet)
     store = embed(cfg, args.out, progress=not args.quiet)
     if not _reporter():
@@ -271,6 +272,7 @@ def cmd_finetune(args) -> int:
 
     overrides = {f: getattr(args, f) for f in _config_fields()}
     cfg = load_config(args.config, **overrides)
+    _init_distributed(cfg.device)
 
     def run(c, out, check_only=False):
         return run_finetune(c, model=args.model, weights=args.weights, target=args.target,
@@ -827,20 +829,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _init_distributed() -> None:
-    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group, NCCL on GPUs, gloo on CPU."""
+def _init_distributed(device: str) -> None:
+    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group, NCCL when the verb runs on
+    GPUs (``device``), gloo otherwise (NCCL refuses the CPU tensors of a CPU run). Called by
+    the verbs that run as several processes (embed, finetune) once their device is known;
+    :func:`main` leaves the group."""
     import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
+    import datetime
+
     import torch
     import torch.distributed as dist
 
+    from .errors import check_device
+
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        check_device(device)
+        backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        # The other processes wait in their next collective while rank 0 alone evaluates,
+        # checkpoints or writes the feature index: NCCL's default of 10 minutes is too short for
+        # a large test set.
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
 
 
 def help_pages() -> dict[str, str]:
@@ -892,8 +905,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         keep_freed_memory()
-        if args.verb in ("embed", "finetune"):
-            _init_distributed()
         try:
             with warnings.catch_warnings():
                 # a library warning (units of different networks, ...) as one line, not

@@ -16,7 +16,14 @@ def rank_world() -> tuple[int, int]:
 
 
 def process_device(device: str) -> torch.device:
-    """``device``, except that under ``torchrun`` each process takes the GPU of its local rank."""
+    """``device``, except that under ``torchrun`` each process takes the GPU of its local rank.
+
+    A GPU named by its index becomes the current CUDA device: pinned memory and any context
+    created without an explicit device go to the current one, GPU 0 unless set, which would
+    then hold memory of (or fail for, in exclusive mode) a run on ``cuda:3``."""
     if rank_world()[1] > 1 and device.startswith("cuda"):
-        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
-    return torch.device(device)
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)
+    return dev

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.numpy import load_file, save_file
+from safetensors import safe_open
+from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from .artifacts import (
@@ -120,8 +121,11 @@ def _is_noop_resize(p: ImageTransform, image: torch.Tensor) -> bool:
     return (h, w) == tuple(p.input_size) and p.resize_size in (h, (h, w)) and h == w
 
 
-def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True) -> FeatureStore:
-    """Compute the features of every image of ``cfg.data`` into the store folder ``out``."""
+def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True) -> FeatureStore | None:
+    """Compute the features of every image of ``cfg.data`` into the store folder ``out``.
+
+    Returns the store, or None on the processes of a ``torchrun`` job other than rank 0 (eight
+    processes each holding ImageNet's 1.28M x 2048 features would need 84 GB)."""
     out = Path(out)
     rank, world = rank_world()
     device = process_device(cfg.device)
@@ -170,7 +174,7 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True) -> Featur
                           DataWarning, stacklevel=2)
     if world > 1:
         dist.barrier()
-    return FeatureStore.load(out)
+    return FeatureStore.load(out) if rank == 0 else None
 
 
 def _first_readable_image(dataset: ImageDataset, data: str) -> int:
@@ -307,11 +311,12 @@ def _write_index(out: Path, parts: Path, n_shards: int, dataset: ImageDataset, b
     shards, skipped, classes_seen = [], [], set()
     for k in range(n_shards):
         path = _shard_path(parts, k)
-        t = load_file(str(path))
-        shards.append({"file": f"parts/{path.name}", "n": len(t["index"])})
-        skipped.extend(t["skipped"].tolist())
-        if "labels" in t:
-            classes_seen.update(np.unique(t["labels"]).tolist())
+        with safe_open(str(path), framework="np") as t:  # all but the features: no full read
+            shards.append({"file": f"parts/{path.name}", "n": len(t.get_tensor("index"))})
+            skipped.extend(t.get_tensor("skipped").tolist())
+            names = t.keys()  # a safe_open handle has no `in`
+            if "labels" in names:
+                classes_seen.update(np.unique(t.get_tensor("labels")).tolist())
     meta = make_meta("embed", asdict(cfg), seed=cfg.seed, inputs={
         "data": cfg.data, "ids": _hash_ids(dataset.ids),
         "weights": hash_file(cfg.weights) if cfg.weights else None, "state": state})

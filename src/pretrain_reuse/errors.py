@@ -150,6 +150,9 @@ def check_device(device: str) -> str:
         raise PretrainReuseError(f"device={device!r} is not a device name; use cpu or cuda") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise PretrainReuseError(f"device={device!r} but no CUDA GPU is visible; use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise PretrainReuseError(f"device={device!r} but only {torch.cuda.device_count()} CUDA "
+                                 f"GPUs are visible (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise PretrainReuseError(f"device={device!r} but this machine has no Apple GPU; use cpu")
     if dev.type not in ("cpu", "cuda", "mps"):

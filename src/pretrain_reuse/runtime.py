@@ -1,7 +1,9 @@
-"""Process-wide settings for long CPU jobs; the command line applies them, library users may."""
+"""Process-wide settings: for long CPU jobs (the command line applies them, library users may),
+and the numerical precision of the interaction games on GPUs."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import sys
 
@@ -26,3 +28,19 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
+@contextlib.contextmanager
+def full_float32():
+    """Float32 convolutions and matrix products in full float32 inside the block (also as a
+    decorator). cuDNN's default on Ampere and later GPUs is TF32, whose 10-bit mantissa errs by
+    about 1e-3; an interaction is a signed sum of up to 2^n game values, which adds such errors
+    up (about 32x at n = 10) into spurious salient interactions."""
+    import torch
+
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags

@@ -155,12 +155,13 @@ class UOTResult:
                 f"converged={int(self.converged.sum())} of {self.f.shape[0]})")
 
     def log_plan(self, a, b, cost):
-        """``log P`` (n, m) for the inputs the problem was solved on; never exponentiated."""
-        a_t, to_user = _to_tensor(a)
-        b_t, _ = _to_tensor(b)
-        c_t, _ = _to_tensor(cost)
-        f, _ = _to_tensor(self.f)
+        """``log P`` (n, m) for the inputs the problem was solved on; never exponentiated.
+
+        Returned as the potentials are (a NumPy array, or a tensor on their device), whatever
+        ``a``, ``b`` and ``cost`` are: the solver takes weights on the CPU beside a CUDA cost."""
+        f, to_user = _to_tensor(self.f)
         g, _ = _to_tensor(self.g)
+        a_t, b_t, c_t = (_to_tensor(x)[0].to(f.device) for x in (a, b, cost))
         c_t = c_t.to(f.dtype)
         return to_user(
             torch.log(a_t.to(f.dtype))[..., :, None]

@@ -115,6 +115,24 @@ def _precision(cfg: FinetuneConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def _check_shares(cfg: FinetuneConfig, world: int) -> None:
+    """Each of the ``world`` processes takes an equal share of every batch (DDP averages their
+    gradients with equal weights), and each of its ``grad_accum`` micro-batches needs a sample
+    of every stream (an empty source micro-batch has a NaN mean loss)."""
+    sizes = {"--batch-size": cfg.batch_size}
+    if cfg.uses_source:
+        sizes["--source-batch-size"] = cfg.source_batch_size or cfg.batch_size
+    for flag, size in sizes.items():
+        if size % world:
+            raise PretrainReuseError(f"{flag} {size} is not divisible by the {world} processes; "
+                                     f"pass a multiple of {world}")
+        if size // world < cfg.grad_accum:
+            raise PretrainReuseError(
+                f"--grad-accum {cfg.grad_accum} leaves micro-batches without a sample: each of "
+                f"the {world} processes takes {size // world} of the {size} images of "
+                f"{flag}; lower --grad-accum or raise {flag}")
+
+
 def _step_seed(seed: int, step: int, rank: int) -> int:
     """Seed of the augmentations (and dropout) of one step on one rank."""
     return (seed * 1_000_003 + step * 1_009 + rank) % (2**63 - 1)
@@ -162,8 +180,7 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
     if train_set.labels is None or len(train_set) == 0:
         raise PretrainReuseError("the target training split is empty or unlabelled")
     batch = cfg.batch_size
-    if batch % world:
-        raise PretrainReuseError(f"batch size {batch} is not divisible by the {world} processes")
+    _check_shares(cfg, world)
     target_batches = StepBatches(len(train_set), batch, cfg.seed, stream=0)
     steps_per_epoch = target_batches.steps_per_epoch
     total = total_steps(cfg, len(train_set))
@@ -388,9 +405,16 @@ def _read(stats: dict[str, torch.Tensor], step: int) -> dict[str, float]:
 def _evaluate(model: FinetuneModel, dataset: ImageDataset, view: View, cfg: FinetuneConfig,
               device: torch.device) -> dict[str, float]:
     model.eval()
-    with _precision(cfg, device):
-        logits, labels = predict(model, dataset, view, batch_size=cfg.batch_size, device=device,
-                                 workers=cfg.workers)
+
+    def logits_of(x: torch.Tensor) -> torch.Tensor:
+        # the backbone at the training precision, the head in float32: bf16 logits (steps of
+        # 1/16 between 8 and 16) would flip the top-1 of samples with a close runner-up
+        with _precision(cfg, device):
+            features = model.features(x)
+        return model.head(features.float())
+
+    logits, labels = predict(logits_of, dataset, view, batch_size=cfg.batch_size, device=device,
+                             workers=cfg.workers)
     return accuracy(logits, labels)
 
 

@@ -51,6 +51,7 @@ from ..data.text import TextDataset, numbered_by
 from ..embed import preprocessed
 from ..errors import PretrainReuseError, check_choice, check_device, check_seed, preview
 from ..models import Backbone, state_hash, trained_class_names, weights_meta, weights_path
+from ..runtime import full_float32
 from .games import (
     BASELINES,
     OUTPUTS,
@@ -496,6 +497,7 @@ def check_outputs(model: Backbone, dataset: ImageDataset | TextDataset, indices:
 
 
 @torch.no_grad()
+@full_float32()
 def class_logits(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.ndarray,
                  device: torch.device, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """``model``'s logits (k, classes), float32 on the CPU, on the samples at ``indices`` (k,),
@@ -522,6 +524,7 @@ def class_logits(model: Backbone, dataset: ImageDataset | TextDataset, indices: 
     return logits, readable
 
 
+@full_float32()
 def explain_games(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.ndarray,
                   cfg: ExplainConfig, out: str | Path | None, *, role: str, params: dict[str, Any],
                   progress: bool) -> Games:
