@@ -322,11 +322,11 @@ def _kmeans(capsys, features, out, *extra):
 
 def test_units_kmeans_is_deterministic_and_prototypes_are_member_means(capsys, data):
     inp = data.inp
-    a = _kmeans(capsys, inp / "src_feats.npy", data.root / "a.safetensors",
-                "--labels", inp / "src_labels.npy")
-    b = _kmeans(capsys, inp / "src_feats.npy", data.root / "b.safetensors",
-                "--labels", inp / "src_labels.npy")
-    FeatureStore(features=data.src_feats).save(data.root / "store", shard_size=128)
+    a = _kmeans(capsys, inp / "src_feats.npy", data.root / "a.safetensors")
+    b = _kmeans(capsys, inp / "src_feats.npy", data.root / "b.safetensors")
+    # a store with labels: k-means reads the features only
+    FeatureStore(features=data.src_feats, labels=data.src_labels).save(data.root / "store",
+                                                                        shard_size=128)
     c = _kmeans(capsys, data.root / "store", data.root / "c.safetensors")
 
     assert a.kind == "cluster" and len(a) == 8
@@ -340,7 +340,7 @@ def test_units_kmeans_is_deterministic_and_prototypes_are_member_means(capsys, d
     centres = np.stack([xn[a.assignment == j].sum(0) for j in range(8)])
     sim = xn @ (centres / np.linalg.norm(centres, axis=1, keepdims=True)).T
     assert (sim[np.arange(len(x)), a.assignment] >= sim.max(axis=1) - 1e-5).mean() > 0.95
-    # same features and seed: same clusters, whether from .npy or a store, labels or not
+    # same features and seed: same clusters, whether from .npy or a labelled store
     for other in (b, c):
         np.testing.assert_array_equal(other.prototypes, a.prototypes)
         np.testing.assert_array_equal(other.assignment, a.assignment)
@@ -448,13 +448,15 @@ def _write_bad_inputs(d) -> None:
     zero_row[4] = 0.0
     np.save(inp / "zero_row.npy", zero_row)
     np.save(inp / "no_columns.npy", np.ones((N_SRC, 0)))
+    np.save(inp / "huge.npy", d.S * np.float32(1e20))
+    Selection(selected=[0], scores=np.zeros(N_SRC), params={}).save(inp / "a_selection.json")
 
 
 def _sel(*extra, source="S.npy", target="T.npy"):
     """argv of a select call; file names (``*.npy``, ``*.txt``, ...) are in the input folder."""
     def argv(d):
         def in_inp(x):
-            return d.inp / x if x.endswith((".npy", ".txt", ".safetensors")) else x
+            return d.inp / x if x.endswith((".npy", ".txt", ".safetensors", ".json")) else x
 
         return ["select", "--source", in_inp(source), "--target", in_inp(target),
                 "--out", d.out, *map(in_inp, extra)]
@@ -527,13 +529,25 @@ USER_ERRORS = {
                    d.inp / "src_labels.npy", "--k", "7", "--seed", "9", "--out", d.root / "u.safetensors"],
         ["--k, --seed apply to --method kmeans only"]),
     "units kmeans without k": (
-        lambda d: ["units", "--features", d.inp / "src_feats.npy", "--labels",
-                   d.inp / "src_labels.npy", "--method", "kmeans", "--out", d.root / "u.safetensors"],
-        ["--k"]),
+        lambda d: ["units", "--features", d.inp / "src_feats.npy", "--method", "kmeans",
+                   "--out", d.root / "u.safetensors"], ["--k"]),
     "units kmeans with more clusters than samples": (
+        lambda d: ["units", "--features", d.inp / "src_feats.npy", "--method", "kmeans", "--k",
+                   "1000", "--quiet", "--out", d.root / "u.safetensors"], ["k=1000"]),
+    "units kmeans with labels and names it would ignore": (
         lambda d: ["units", "--features", d.inp / "src_feats.npy", "--labels",
-                   d.inp / "src_labels.npy", "--method", "kmeans", "--k", "1000", "--quiet",
-                   "--out", d.root / "u.safetensors"], ["k=1000"]),
+                   d.inp / "src_labels.npy", "--class-names", d.inp / "names.txt", "--method",
+                   "kmeans", "--k", "3", "--out", d.root / "u.safetensors"],
+        ["--labels, --class-names apply to --method class only", "ignore labels"]),
+    "a selection as source units": (_sel("--k", "3", source="a_selection.json"),
+                                    ["a_selection.json", "holds a Selection, not units or features"]),
+    "select into a file of the wrong kind, before the class means": (
+        lambda d: ["select", "--source", d.inp / "src_feats.npy", "--source-labels",
+                   d.inp / "src_labels.npy", "--target", d.inp / "T.npy", "--k", "3",
+                   "--out", d.root / "sel.txt"], ["selection files are saved as .json"]),
+    "l2 costs beyond float32": (_sel("--k", "3", "--metric", "l2", "--dtype", "float32",
+                                     source="huge.npy"), ["l2 costs", "overflow float32",
+                                                          "rescale the features"]),
     "units written as npy": (
         lambda d: ["units", "--features", d.inp / "src_feats.npy", "--labels",
                    d.inp / "src_labels.npy", "--out", d.root / "u.npy"], [".safetensors"]),
@@ -676,3 +690,25 @@ def test_a_bad_count_is_refused_naming_the_flag_before_any_work(tmp_path, capsys
     assert err.startswith(f"pretrain-reuse: error: argument {flag}: must be an integer >= ") and \
         len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_select_names_string_labels_by_the_names_file_as_units_does(capsys, tmp_path):
+    # labels that are names, with --class-names in another order than sorted: select put the
+    # sorted numbering's unit 0 ('ant') under the file's first name ('zebra')
+    rng = np.random.default_rng(0)
+    centres = 10 * rng.standard_normal((3, 8))
+    names = np.array(["zebra", "ant", "moose"])
+    labels = np.repeat(names, 5)
+    feats = (np.repeat(centres, 5, axis=0) + rng.standard_normal((15, 8))).astype(np.float32)
+    np.save(tmp_path / "x.npy", feats)
+    np.save(tmp_path / "y.npy", labels)
+    (tmp_path / "names.txt").write_text("zebra\nant\nmoose\n")
+    np.save(tmp_path / "t.npy", centres[[1]])  # near 'ant'
+    run_ok(capsys, "select", "--source", tmp_path / "x.npy", "--source-labels", tmp_path / "y.npy",
+           "--class-names", tmp_path / "names.txt", "--target", tmp_path / "t.npy", "--k", "1",
+           "--out", tmp_path / "sel.json")
+    run_ok(capsys, "units", "--features", tmp_path / "x.npy", "--labels", tmp_path / "y.npy",
+           "--class-names", tmp_path / "names.txt", "--out", tmp_path / "u.safetensors")
+    sel, units = load(tmp_path / "sel.json"), load(tmp_path / "u.safetensors")
+    assert sel.selected == [1] and sel.unit_names[1] == "ant"  # the file's numbering, both verbs
+    assert units.names == ["zebra", "ant", "moose"]

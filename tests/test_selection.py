@@ -1,5 +1,8 @@
 """Selection strategies against references: POT's plan, brute force, and the planted world."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -166,12 +169,34 @@ def test_batched_selection_equals_one_target_at_a_time(world):
     t1 = Units(prototypes=target.prototypes[:7])
     t2 = Units(prototypes=target.prototypes[7:])
     cfg = SelectConfig(k=15)
-    batched = select_many(source, [t1, t2, target], cfg)
-    for sel, t in zip(batched, [t1, t2, target], strict=True):
+    t3 = Units(prototypes=target.prototypes[:1])
+    batched = select_many(source, [t1, t2, target, t3], cfg)
+    for sel, t in zip(batched, [t1, t2, target, t3], strict=True):
         single = select(source, t, cfg)
         assert sel.selected == single.selected
         np.testing.assert_allclose(sel.scores, single.scores, rtol=1e-9, atol=1e-9)
+        # each records its own solve's iterations (the batch's largest count was recorded)
+        assert sel.meta["solver"]["n_iter"] == single.meta["solver"]["n_iter"]
+    assert len({sel.meta["solver"]["n_iter"] for sel in batched}) > 1
 
+
+def test_memory_mapped_prototypes_select_without_a_torch_warning(tmp_path, world):
+    # in a fresh process: torch gives its read-only-array warning once per process
+    _, source, target = world
+    np.save(tmp_path / "s.npy", source.prototypes)
+    np.save(tmp_path / "t.npy", target.prototypes)
+    code = (
+        "import numpy as np\n"
+        "from pretrain_reuse.selection import SelectConfig, select\n"
+        "s, t = (np.load(f, mmap_mode='r') for f in ('s.npy', 't.npy'))\n"
+        "for method in ('uot', 'greedy-ot'):\n"
+        "    print(select(s, t, SelectConfig(k=5, method=method)).selected)\n")
+    proc = subprocess.run([sys.executable, "-W", "error", "-c", code], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    expected = [select(source.prototypes, target.prototypes, SelectConfig(k=5, method=m)).selected
+                for m in ("uot", "greedy-ot")]
+    assert proc.stdout.split("\n")[:2] == [str(e) for e in expected]
 
 def test_selection_errors_name_the_problem():
     s = np.ones((5, 3))

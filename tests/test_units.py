@@ -1,5 +1,7 @@
 """Units: class means against numpy, spherical k-means against independent Lloyd references."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -194,9 +196,16 @@ def test_spherical_kmeans_rejects_bad_k_and_zero_rows():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
 def test_a_class_without_samples_is_named_with_a_fix_that_works():
     x = np.ones((4, 3), np.float32)
-    store = FeatureStore(features=x, labels=np.array([0, 0, 2, 2]), class_names=["a", "b", "c"])
+    store = FeatureStore(features=x, labels=np.array([0, 0, 2, 2]), class_names=["a", "b", "c"],
+                         meta={"producer": "embed"})
     with pytest.raises(PretrainReuseError, match=r"first: 'b', label 1\): none of their images could "
                                                  "be read; add readable images"):
+        class_means(store)
+    # features not embedded here (a .npy and a names file): the names file is what to check
+    store = replace(store, meta={"producer": "npy"})
+    with pytest.raises(PretrainReuseError, match=r"^3 class names for features whose labels name 2 "
+                                                 r"classes \(1 without samples, first: 'b', label 1\); "
+                                                 "give one name per label"):
         class_means(store)
 
 
@@ -416,10 +425,15 @@ def test_the_units_command_warns_of_dropped_clusters_and_records_no_unused_label
     err = capsys.readouterr().err
     assert "warning: 2 of the 5 clusters ended empty and were dropped" in err
     assert len(Units.load(out)) == 3 and Units.load(out).meta["params"]["n_init"] == 2
-    # labels play no part in clusters: not recorded as an input of them
+    # labels play no part in clusters: given with .npy features they are refused, and those of a
+    # labelled store are not recorded as an input of them
     assert main(["units", "--features", str(tmp_path / "f.npy"), "--labels", str(tmp_path / "y.npy"),
-                 "--method", "kmeans", "--k", "3", "--out", str(out), "--quiet"]) == 0
-    assert list(Units.load(out).meta["inputs"]) == ["features"]
+                 "--method", "kmeans", "--k", "3", "--out", str(out), "--quiet"]) == 2
+    assert "--labels applies to --method class only" in capsys.readouterr().err
+    FeatureStore.from_npy(tmp_path / "f.npy", tmp_path / "y.npy").save(tmp_path / "store")
+    assert main(["units", "--features", str(tmp_path / "store"), "--method", "kmeans", "--k", "3",
+                 "--out", str(out), "--quiet"]) == 0
+    assert "labels" not in Units.load(out).meta["inputs"]
 
 
 @pytest.mark.parametrize("verb, says", [("units", "nothing was written"),

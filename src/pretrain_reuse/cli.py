@@ -62,13 +62,15 @@ def _read_lines(path: str, what: str) -> list[str]:
     return [ln.strip() for ln in read_text(what, path).splitlines() if ln.strip()]
 
 
-def _load_data(path: str, labels: str | None, what: str):
+def _load_data(path: str, labels: str | None, what: str, class_names: list[str] | None = None):
     """A FeatureStore or Units from a CLI path: the planted feature world by name
     (``synthetic-features:pretrain`` / ``synthetic-features:target``), per-sample ``.npy``
-    features with a ``.npy`` label vector, or any artifact."""
+    features with a ``.npy`` label vector (``class_names`` number labels that are names), or
+    any other artifact, refused by name."""
     from .artifacts import load
     from .errors import lookup
     from .features import FeatureStore
+    from .units import Units
 
     if path.startswith("synthetic-features:"):
         from .data.synthetic import feature_world
@@ -88,8 +90,13 @@ def _load_data(path: str, labels: str | None, what: str):
             raise PretrainReuseError(
                 f"labels were given for --{what} {path!r}, but they apply to .npy features only"
             )
-        return FeatureStore.from_npy(path, labels)
-    return load(path, what=f"--{what}")
+        return FeatureStore.from_npy(path, labels, class_names=class_names)
+    obj = load(path, what=f"--{what}")
+    if not isinstance(obj, (FeatureStore, Units)):
+        raise PretrainReuseError(
+            f"--{what} {path!r} holds a {type(obj).__name__}, not units or features; pass a "
+            "Units file, a .npy matrix of prototypes, or features")
+    return obj
 
 
 def load_units_arg(path: str, labels: str | None, class_names: str | None, what: str):
@@ -97,9 +104,10 @@ def load_units_arg(path: str, labels: str | None, class_names: str | None, what:
     per-sample features (then one unit per class, by :func:`~pretrain_reuse.units.class_means`)."""
     from .units import Units, class_means
 
-    obj = _load_data(path, labels, what)
-    if class_names is not None:
-        names = _read_lines(class_names, "class names")
+    names = _read_lines(class_names, "class names") if class_names is not None else None
+    # names at once for .npy labels: labels that are names are numbered by them, not renamed
+    obj = _load_data(path, labels, what, names)
+    if names is not None and labels is None:  # line i names unit i, or label i of a store
         obj = replace(obj, names=names) if isinstance(obj, Units) else replace(obj, class_names=names)
     if isinstance(obj, Units):
         return obj
@@ -172,6 +180,11 @@ def cmd_units(args) -> int:
                                      "to --method kmeans only; drop them for class means")
         units = class_means(store, normalize=args.normalize, progress=not args.quiet)
     else:
+        ignored = [flag for flag, value in (("--labels", args.labels),
+                                             ("--class-names", args.class_names)) if value]
+        if ignored:
+            raise PretrainReuseError(f"{', '.join(ignored)} {'applies' if len(ignored) == 1 else 'apply'} "
+                                     "to --method class only: k-means clusters ignore labels; drop them")
         if args.k is None:
             raise PretrainReuseError("--method kmeans needs --k (paper: 2000 clusters)")
         units = spherical_kmeans(store, args.k, **kmeans, normalize_means=args.normalize,
@@ -226,8 +239,10 @@ METHOD_FLAGS = {"metric": ("uot", "greedy-ot"), "eps_c": ("uot",), "eps": ("uot"
 
 
 def cmd_select(args) -> int:
+    from .artifacts import check_output_file
     from .selection import SELECTORS, SelectConfig, select
 
+    check_output_file(args.out, ".json", "selection")  # before the class means of 1.28M rows
     ids = parse_ids(args.ids, "--ids") if args.ids else ()
     relevant = parse_ids(args.relevant, "--relevant") if args.relevant else ()
     k = _parse_k(args.k) if args.k else None  # the method's default: 100, or every named unit

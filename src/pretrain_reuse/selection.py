@@ -16,6 +16,7 @@ differ in size, so "10% of the pool" is not "10% of the clusters").
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -266,14 +267,19 @@ def _device_dtype(cfg: SelectConfig) -> tuple[torch.device, torch.dtype]:
     return torch.device(cfg.device), getattr(torch, cfg.dtype)
 
 
+def _tensor(prototypes: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # a copy: torch warns of a read-only array (a memory-mapped .npy) that as_tensor would share
+    return torch.tensor(prototypes, device=device, dtype=dtype)
+
+
 def _score_uot(source: Units, targets: list[Units], cfg: SelectConfig):
     dev, dtype = _device_dtype(cfg)
-    s = torch.as_tensor(source.prototypes, device=dev, dtype=dtype)
+    s = _tensor(source.prototypes, dev, dtype)
     m = max(len(t) for t in targets)
     costs = torch.zeros(len(targets), len(s), m, device=dev, dtype=dtype)
     b = torch.zeros(len(targets), m, device=dev, dtype=dtype)
     for k, t in enumerate(targets):  # pad smaller target sets with zero-weight columns
-        tt = torch.as_tensor(t.prototypes, device=dev, dtype=dtype)
+        tt = _tensor(t.prototypes, dev, dtype)
         costs[k, :, : len(t)] = cost_matrix(s, tt, metric=cfg.metric, eps_c=cfg.eps_c)
         b[k, : len(t)] = 1.0
     a = torch.ones(len(s), device=dev, dtype=dtype)
@@ -281,12 +287,17 @@ def _score_uot(source: Units, targets: list[Units], cfg: SelectConfig):
                                       max_iter=cfg.max_iter, tol=cfg.tol)
     out = []
     for k in range(len(targets)):
-        if not (np.isfinite(float(res.objective[k])) and torch.isfinite(res.log_row_mass[k]).all()):
+        # optimality conditions off by more nats than the dtype's whole exponent range (88 in
+        # float32): masses wrong by more than it can represent, the ranking is noise
+        off = max(float(res.marginal_error_a[k]), float(res.marginal_error_b[k]))
+        unresolved = off > math.log(torch.finfo(dtype).max)
+        if unresolved or not (np.isfinite(float(res.objective[k]))
+                              and torch.isfinite(res.log_row_mass[k]).all()):
             raise PretrainReuseError(
                 f"UOT broke down numerically in {cfg.dtype} at eps={cfg.eps:g} (optimality "
-                f"conditions off by {float(res.marginal_error_a[k]):.3g} nats); raise eps (a larger --eps)"
+                f"conditions off by {off:.3g} nats); raise eps (a larger --eps)"
                 + (" or use dtype='float64' (--dtype float64)" if cfg.dtype == "float32" else ""))
-        diag = {"converged": bool(res.converged[k]), "n_iter": res.n_iter,
+        diag = {"converged": bool(res.converged[k]), "n_iter": int(res.n_iter[k]),
                 "objective": float(res.objective[k]),
                 "marginal_error_a": float(res.marginal_error_a[k]),
                 "marginal_error_b": float(res.marginal_error_b[k]),
@@ -297,12 +308,12 @@ def _score_uot(source: Units, targets: list[Units], cfg: SelectConfig):
 
 def _score_greedy_ot(source: Units, targets: list[Units], cfg: SelectConfig):
     dev, dtype = _device_dtype(cfg)
-    s = torch.as_tensor(source.prototypes, device=dev, dtype=dtype)
+    s = _tensor(source.prototypes, dev, dtype)
     out = []
     for t in targets:
         counts = t.counts if t.counts is not None else np.ones(len(t))
         w = torch.as_tensor(counts / counts.sum(), device=dev, dtype=dtype)
-        tt = torch.as_tensor(t.prototypes, device=dev, dtype=dtype)
+        tt = _tensor(t.prototypes, dev, dtype)
         dist = METRICS[cfg.metric](s, tt)
         out.append(((-(dist @ w)).double().cpu().numpy(), {"weights": "target class sizes"
                                                             if t.counts is not None else "uniform"}))

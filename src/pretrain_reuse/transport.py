@@ -44,15 +44,22 @@ __all__ = [
 
 
 def _cosine_distance(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    for name, x in (("source", source), ("target", target)):
-        zero = (x.norm(dim=-1) == 0).nonzero()
-        if len(zero):  # normalize() would map it to 0: equally far from everything, silently
-            raise PretrainReuseError(
-                f"{name} unit {int(zero[0, -1])} is an all-zero vector, which has no cosine "
-                "distance; drop it or use metric l2")
-    s = torch.nn.functional.normalize(source, dim=-1)
-    t = torch.nn.functional.normalize(target, dim=-1)
+    s, t = _unit_rows(source, "source"), _unit_rows(target, "target")
     return (1.0 - s @ t.transpose(-1, -2)).clamp_(min=0.0)
+
+
+def _unit_rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Rows scaled to unit norm whatever their size: first by their largest entry, as a norm of
+    rows of 1e-30 (1e30) underflows (overflows) in float32, and ``normalize`` would then scale
+    them wrongly or call them zero."""
+    scale = x.abs().amax(dim=-1, keepdim=True)
+    zero = (scale == 0).nonzero()
+    if len(zero):  # normalize() would map it to 0: equally far from everything, silently
+        raise PretrainReuseError(
+            f"{name} unit {int(zero[0, -2])} is an all-zero vector, which has no cosine "
+            "distance; drop it or use metric l2")
+    x = x / scale
+    return x / x.norm(dim=-1, keepdim=True)
 
 
 def _l2_distance(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -99,7 +106,16 @@ def cost_matrix(source, target, *, metric: str = "cosine", eps_c: float = 0.01):
             "embed both with the same backbone and layer"
         )
     t = t.to(dtype=s.dtype, device=s.device)
-    return to_user(distance(s, t) / eps_c)
+    cost = distance(s, t) / eps_c
+    # cosine costs lie in [0, 2 / eps_c]; distances of huge features overflow (NaN inputs are
+    # refused with the solver's own message)
+    if metric != "cosine" and not torch.isfinite(cost).all() and torch.isfinite(s).all() \
+            and torch.isfinite(t).all():
+        raise PretrainReuseError(
+            f"the {metric} costs of these prototypes overflow {str(s.dtype).removeprefix('torch.')} "
+            f"(entries up to {max(s.abs().max().item(), t.abs().max().item()):.3g}); rescale the "
+            "features, compute in float64, or use metric cosine")
+    return to_user(cost)
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,7 +127,7 @@ def cost_matrix(source, target, *, metric: str = "cosine", eps_c: float = 0.01):
 class UOTResult:
     """Solution of an entropic unbalanced OT problem, in the array type of the inputs.
 
-    In the batched form every field carries a leading batch dimension ``B`` (``n_iter`` excepted).
+    In the batched form every field carries a leading batch dimension ``B``.
 
     Attributes:
         f, g: dual potentials, (n,) and (m,); ``log P = log a ⊕ log b + (f ⊕ g - C)/eps``.
@@ -122,7 +138,7 @@ class UOTResult:
         kl_a, kl_b: the marginal penalties ``tau_a * KL(P1 || a)`` and ``tau_b * KL(P^T1 || b)``.
         marginal_error_a, marginal_error_b: max violation, in log space, of the optimality
             conditions ``P1 = a exp(-f/tau_a)`` and ``P^T 1 = b exp(-g/tau_b)``.
-        n_iter: iterations used.
+        n_iter: iterations used (batched: each problem's own, as its separate solve's).
         converged: whether the potentials moved less than ``tol * eps`` in the last iteration
             (or as little as the dtype's rounding allows) *and* the optimality conditions hold
             to within ``MARGINAL_TOL`` nats: a problem the dtype cannot resolve (float32 with a
@@ -140,7 +156,7 @@ class UOTResult:
     kl_b: Any
     marginal_error_a: Any
     marginal_error_b: Any
-    n_iter: int
+    n_iter: Any
     converged: Any
     eps: float
     tau_a: float
@@ -151,7 +167,7 @@ class UOTResult:
         if self.f.ndim == 1:
             return (f"UOTResult(shape=({n}, {m}), n_iter={self.n_iter}, converged={self.converged}, "
                     f"objective={self.objective:.6g})")
-        return (f"UOTResult(batch={self.f.shape[0]}, shape=({n}, {m}), n_iter={self.n_iter}, "
+        return (f"UOTResult(batch={self.f.shape[0]}, shape=({n}, {m}), n_iter={int(self.n_iter.max())}, "
                 f"converged={int(self.converged.sum())} of {self.f.shape[0]})")
 
     def log_plan(self, a, b, cost):
@@ -265,7 +281,7 @@ def unbalanced_sinkhorn_batched(
     The problems are solved together (batched GEMVs); iteration stops when all have converged,
     and each problem keeps the potentials of the iteration at which it converged, so the result
     is that of separate solves. Every field of the result has a leading dimension ``B``;
-    ``converged`` is a (B,) bool array and ``n_iter`` the largest iteration count.
+    ``converged`` is a (B,) bool array and ``n_iter`` a (B,) int array.
     """
     cost_t, to_user = _to_tensor(cost)
     a_t, b_t = _to_tensor(a)[0], _to_tensor(b)[0]
@@ -534,6 +550,7 @@ def _solve(a, b, cost, eps, tau_a, tau_b, max_iter, tol, dtype, allow_padding):
     prev_err = torch.full((cost.shape[0],), math.inf, dtype=dtype, device=dev)
     converged = torch.zeros(cost.shape[0], dtype=torch.bool, device=dev)
     n_iter = 0
+    iters = torch.zeros(cost.shape[0], dtype=torch.int64, device=dev)  # each problem's own
     # On the CPU the iterations' few torch operations are on vectors, so they run on one thread:
     # a parallel one (exp, log) wakes torch's OpenMP threads, which then spin on the cores that
     # the BLAS threads of the next product need (measured: +5 ms per exp of a 20000-vector,
@@ -541,6 +558,7 @@ def _solve(a, b, cost, eps, tau_a, tau_b, max_iter, tol, dtype, allow_padding):
     with _torch_threads(1) if dev.type == "cpu" else contextlib.nullcontext():
         while n_iter < max_iter and not bool(converged.all()):
             n_iter += 1
+            iters += (~converged).long()
             f_new = -lam_a * eps * lse(logb + g / eps)
             f_new = omega * f_new + (1.0 - omega) * f
             col_new = lse.col_lse(loga + f_new / eps)
@@ -569,7 +587,7 @@ def _solve(a, b, cost, eps, tau_a, tau_b, max_iter, tol, dtype, allow_padding):
         log_row = loga + f / eps + lse(logb + g / eps)
         log_col = torch.where(valid_b, logb + g / eps + col, -math.inf)
     return dict(f=f, g=g, log_row=log_row, log_col=log_col, loga=loga, logb=logb, eps=eps,
-                tau_a=tau_a, tau_b=tau_b, n_iter=n_iter, converged=converged)
+                tau_a=tau_a, tau_b=tau_b, n_iter=iters, converged=converged)
 
 
 def _kl(log_x: torch.Tensor, log_y: torch.Tensor) -> torch.Tensor:
@@ -608,7 +626,7 @@ def _finish(out: dict, to_user, squeeze: bool) -> UOTResult:
         objective=scalar(entropic + kl_a + kl_b), entropic_cost=scalar(entropic),
         kl_a=scalar(kl_a), kl_b=scalar(kl_b),
         marginal_error_a=scalar(err_a), marginal_error_b=scalar(err_b),
-        n_iter=int(out["n_iter"]),
+        n_iter=int(out["n_iter"][0]) if squeeze else to_user(out["n_iter"]),
         converged=bool(conv[0]) if squeeze else to_user(conv),
         eps=float(eps), tau_a=float(out["tau_a"]), tau_b=float(out["tau_b"]),
     )

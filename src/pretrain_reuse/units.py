@@ -218,6 +218,12 @@ def class_means(store: FeatureStore, *, normalize: bool = False, progress: bool 
     if len(present) < n_classes:
         gaps = np.flatnonzero(present != np.arange(len(present)))
         first = int(gaps[0]) if len(gaps) else len(present)
+        if store.class_names and store.meta.get("producer") != "embed":
+            raise PretrainReuseError(
+                f"{len(store.class_names)} class names for features whose labels name "
+                f"{len(present)} classes ({n_classes - len(present)} without samples, first: "
+                f"{store.class_names[first]!r}, label {first}); give one name per label 0..C-1 "
+                "(--class-names: line i names label i), or relabel the samples")
         if store.class_names:  # embedded from class folders or a list file: name the class
             raise PretrainReuseError(
                 f"{n_classes - len(present)} classes have no samples (first: "
