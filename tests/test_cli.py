@@ -539,6 +539,8 @@ USER_ERRORS = {
                    d.inp / "src_labels.npy", "--class-names", d.inp / "names.txt", "--method",
                    "kmeans", "--k", "3", "--out", d.root / "u.safetensors"],
         ["--labels, --class-names apply to --method class only", "ignore labels"]),
+    "an eps_c too small for float32": (_sel("--k", "3", "--eps-c", "1e-39", "--dtype", "float32"),
+                                       ["distance / eps_c overflow float32", "raise eps_c"]),
     "a selection as source units": (_sel("--k", "3", source="a_selection.json"),
                                     ["a_selection.json", "holds a Selection, not units or features"]),
     "select into a file of the wrong kind, before the class means": (
@@ -546,7 +548,7 @@ USER_ERRORS = {
                    d.inp / "src_labels.npy", "--target", d.inp / "T.npy", "--k", "3",
                    "--out", d.root / "sel.txt"], ["selection files are saved as .json"]),
     "l2 costs beyond float32": (_sel("--k", "3", "--metric", "l2", "--dtype", "float32",
-                                     source="huge.npy"), ["l2 costs", "overflow float32",
+                                     source="huge.npy"), ["l2 distances", "overflow float32",
                                                           "rescale the features"]),
     "units written as npy": (
         lambda d: ["units", "--features", d.inp / "src_feats.npy", "--labels",
@@ -712,3 +714,17 @@ def test_select_names_string_labels_by_the_names_file_as_units_does(capsys, tmp_
     sel, units = load(tmp_path / "sel.json"), load(tmp_path / "u.safetensors")
     assert sel.selected == [1] and sel.unit_names[1] == "ant"  # the file's numbering, both verbs
     assert units.names == ["zebra", "ant", "moose"]
+
+
+def test_a_solve_cut_short_by_max_iter_is_warned_of_not_refused(capsys, tmp_path):
+    # its optimality conditions are far off (599 nats here, beyond float32's exponent range) only
+    # because it stopped early: the fix is --max-iter, not a larger eps or float64
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "s.npy", 10 * rng.standard_normal((200, 16)))
+    np.save(tmp_path / "t.npy", 10 * rng.standard_normal((20, 16)))
+    rc, _, err = cli(capsys, "select", "--source", tmp_path / "s.npy", "--target", tmp_path / "t.npy",
+                     "--metric", "l2", "--k", "5", "--max-iter", "2", "--dtype", "float32",
+                     "--out", tmp_path / "sel.json")
+    assert rc == 0 and "did not converge in 2 iterations" in err and "raise --max-iter" in err
+    solver = read_sel(tmp_path / "sel.json")["meta"]["solver"]
+    assert solver["n_iter"] == 2 and max(solver["marginal_error_a"], solver["marginal_error_b"]) > 88

@@ -38,22 +38,26 @@ def test_keep_freed_memory_lets_a_step_reuse_the_last_steps_memory():
     assert faults("default") > 256
 
 
-def test_full_float32_turns_tf32_off_inside_and_restores_the_callers_flags():
+def test_full_float32_turns_tf32_off_inside_and_restores_the_callers_settings():
+    # through torch's fp32_precision settings: the legacy allow_tf32 flags raised a RuntimeError
+    # once anything (transformers' tf32 option) had used the new API
     import torch
 
     from pretrain_reuse.runtime import full_float32
 
-    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    matmul, conv, glob = torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends
+    before = glob.fp32_precision, matmul.fp32_precision, conv.fp32_precision
     try:
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        glob.fp32_precision = "tf32"
+        matmul.fp32_precision = conv.fp32_precision = "tf32"
 
         @full_float32()
         def inside():
-            return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+            return matmul.fp32_precision, conv.fp32_precision
 
-        assert inside() == (False, False)
+        assert inside() == ("ieee", "ieee")
         with pytest.raises(RuntimeError, match="inside"), full_float32():
             raise RuntimeError("inside")
-        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+        glob.fp32_precision, matmul.fp32_precision, conv.fp32_precision = before

@@ -873,3 +873,22 @@ def test_cosine_cost_ignores_the_size_of_the_features(scale, dtype):
     ref = 1.0 - unit_s @ unit_t.T
     got = cost_matrix((s * scale).astype(dtype), t.astype(dtype), metric="cosine", eps_c=1.0)
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+def test_cpu_solve_uses_torchs_thread_count_for_its_blas_products_too():
+    # NumPy's BLAS sums a product in an order that depends on its threads: it must run on the
+    # torch thread count that a result's metadata records, not on every core
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    a, b, C = np.ones(5000), np.ones(300), rng.random((5000, 300)) * 30
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = []
+        for blas in (1, 2):
+            with threadpool_limits(blas, user_api="blas"):
+                results.append(unbalanced_sinkhorn(a, b, C, 1.0, 1.0, 100.0, dtype=torch.float32))
+    finally:
+        torch.set_num_threads(before)
+    assert np.array_equal(results[0].f, results[1].f) and np.array_equal(results[0].g, results[1].g)

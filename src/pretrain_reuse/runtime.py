@@ -38,9 +38,19 @@ def full_float32():
     up (about 32x at n = 10) into spurious salient interactions."""
     import torch
 
-    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    # torch >= 2.9 refuses to mix its fp32_precision settings (set by transformers' tf32
+    # option, say) with the legacy allow_tf32 flags: use the API the installed torch has
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        flags = [(torch.backends.cuda.matmul, "fp32_precision", "ieee"),
+                 (torch.backends.cudnn.conv, "fp32_precision", "ieee")]
+    else:
+        flags = [(torch.backends.cuda.matmul, "allow_tf32", False),
+                 (torch.backends.cudnn, "allow_tf32", False)]
+    before = [getattr(owner, name) for owner, name, _ in flags]
+    for owner, name, value in flags:
+        setattr(owner, name, value)
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+        for (owner, name, _), value in zip(flags, before, strict=True):
+            setattr(owner, name, value)

@@ -287,10 +287,11 @@ def _score_uot(source: Units, targets: list[Units], cfg: SelectConfig):
                                       max_iter=cfg.max_iter, tol=cfg.tol)
     out = []
     for k in range(len(targets)):
-        # optimality conditions off by more nats than the dtype's whole exponent range (88 in
-        # float32): masses wrong by more than it can represent, the ranking is noise
+        # stopped by itself (not by max_iter: an unfinished solve is warned of) with the
+        # optimality conditions off by more nats than the dtype's exponent range (88 in float32):
+        # masses wrong by more than it can represent, the ranking is noise
         off = max(float(res.marginal_error_a[k]), float(res.marginal_error_b[k]))
-        unresolved = off > math.log(torch.finfo(dtype).max)
+        unresolved = int(res.n_iter[k]) < cfg.max_iter and off > math.log(torch.finfo(dtype).max)
         if unresolved or not (np.isfinite(float(res.objective[k]))
                               and torch.isfinite(res.log_row_mass[k]).all()):
             raise PretrainReuseError(

@@ -106,15 +106,19 @@ def cost_matrix(source, target, *, metric: str = "cosine", eps_c: float = 0.01):
             "embed both with the same backbone and layer"
         )
     t = t.to(dtype=s.dtype, device=s.device)
-    cost = distance(s, t) / eps_c
-    # cosine costs lie in [0, 2 / eps_c]; distances of huge features overflow (NaN inputs are
-    # refused with the solver's own message)
-    if metric != "cosine" and not torch.isfinite(cost).all() and torch.isfinite(s).all() \
-            and torch.isfinite(t).all():
+    d = distance(s, t)
+    cost = d / eps_c
+    # distances of huge features, or a tiny eps_c, overflow (NaN inputs are refused with the
+    # solver's own message)
+    if not torch.isfinite(cost).all() and torch.isfinite(s).all() and torch.isfinite(t).all():
+        dtype = str(s.dtype).removeprefix("torch.")
+        if torch.isfinite(d).all():
+            raise PretrainReuseError(f"the costs distance / eps_c overflow {dtype} at eps_c={eps_c:g}; "
+                                     "raise eps_c, or compute in float64")
         raise PretrainReuseError(
-            f"the {metric} costs of these prototypes overflow {str(s.dtype).removeprefix('torch.')} "
-            f"(entries up to {max(s.abs().max().item(), t.abs().max().item()):.3g}); rescale the "
-            "features, compute in float64, or use metric cosine")
+            f"the {metric} distances of these prototypes overflow {dtype} (entries up to "
+            f"{max(s.abs().max().item(), t.abs().max().item()):.3g}); rescale the features, "
+            "compute in float64, or use metric cosine")
     return to_user(cost)
 
 
@@ -127,7 +131,8 @@ def cost_matrix(source, target, *, metric: str = "cosine", eps_c: float = 0.01):
 class UOTResult:
     """Solution of an entropic unbalanced OT problem, in the array type of the inputs.
 
-    In the batched form every field carries a leading batch dimension ``B``.
+    In the batched form every field but ``eps``, ``tau_a`` and ``tau_b`` carries a leading batch
+    dimension ``B``.
 
     Attributes:
         f, g: dual potentials, (n,) and (m,); ``log P = log a ⊕ log b + (f ⊕ g - C)/eps``.
@@ -494,6 +499,15 @@ def _torch_threads(n: int):
         torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def _cpu_threads(blas: int):
+    """Inside the block: torch on one thread, the BLAS libraries (NumPy's) on ``blas``."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(blas, user_api="blas"), _torch_threads(1):
+        yield
+
+
 def _products(kernel: torch.Tensor, w: torch.Tensor, *, transpose: bool) -> torch.Tensor:
     """``K_k w_k`` (or ``K_k^T w_k``) for every problem k of a (B, n, m) kernel.
 
@@ -554,8 +568,10 @@ def _solve(a, b, cost, eps, tau_a, tau_b, max_iter, tol, dtype, allow_padding):
     # On the CPU the iterations' few torch operations are on vectors, so they run on one thread:
     # a parallel one (exp, log) wakes torch's OpenMP threads, which then spin on the cores that
     # the BLAS threads of the next product need (measured: +5 ms per exp of a 20000-vector,
-    # doubling the time of an iteration).
-    with _torch_threads(1) if dev.type == "cpu" else contextlib.nullcontext():
+    # doubling the time of an iteration). NumPy's BLAS takes the caller's torch thread count
+    # instead, so that the count recorded with a result is the one that computed it (a product
+    # sums in an order that depends on its threads).
+    with _cpu_threads(lse.threads) if dev.type == "cpu" else contextlib.nullcontext():
         while n_iter < max_iter and not bool(converged.all()):
             n_iter += 1
             iters += (~converged).long()

@@ -287,8 +287,9 @@ def spherical_kmeans(store: FeatureStore | np.ndarray, k: int, *, n_iter: int = 
     5 of 5; with 50 clusters ARI 0.66-0.83 vs 0.98-1.0; on 50 Gaussian classes (2000 x 64) ARI
     0.80-0.92 vs 0.96-1.0 (scikit-learn's k-means++ 0.975-1.0; drawing one candidate, as this
     function did before, 0.90-0.91). On the benchmark's overlapping blobs (200k x 128, K = 2000)
-    it did not raise the objective and its draw took 5 s (2 threads), hence not the default. Runs in float32 (cluster sums in float64) on the CPU (BLAS and faiss
-    kernels, multi-threaded) or on the CUDA GPU.
+    it did not raise the objective and its draw took 5 s (2 threads), hence not the default.
+    Runs in float32 (cluster sums in float64) on the CPU (BLAS and faiss kernels,
+    multi-threaded) or on the CUDA GPU.
 
     Args:
         store: features (labels ignored), or an (N, D) array, tensor or nested list of them.
