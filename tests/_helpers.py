@@ -13,8 +13,10 @@ from torch import nn
 from pretrain_reuse.models import SmallCNN
 
 
-def kill_when(cmd: list[str], ready, *, env: dict, timeout: float = 180.0) -> None:
-    """Start ``cmd``; SIGKILL it as soon as ``ready()`` holds; fail if it ends first."""
+def kill_when(cmd: list[str], ready, *, env: dict, timeout: float = 180.0,
+              sig: int = signal.SIGKILL) -> tuple[int, str]:
+    """Start ``cmd``; send it ``sig`` (SIGKILL) as soon as ``ready()`` holds; fail if it ends
+    first. Returns its exit status and stderr."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + timeout
     try:
@@ -26,9 +28,11 @@ def kill_when(cmd: list[str], ready, *, env: dict, timeout: float = 180.0) -> No
             if time.monotonic() > deadline:
                 pytest.fail("the kill point was never reached")
             time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        assert proc.returncode == -signal.SIGKILL
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        if sig == signal.SIGKILL:
+            assert proc.returncode == -signal.SIGKILL
+        return proc.returncode, err.decode()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -1372,6 +1373,31 @@ def test_kill_9_then_rerun_is_bit_identical(files, tmp_path, capsys, case):
     run_ok(capsys, *ref_argv)
     assert_same_run(out, tmp_path / "reference")
     assert [r["step"] for r in metrics(out)] == [3, 6, 9, 12]
+
+
+def test_ctrl_c_checkpoints_the_step_under_way_and_a_rerun_is_bit_identical(files, tmp_path, capsys):
+    # no regular checkpoint in the 12 steps: the interrupted run used to keep none, and its
+    # rerun started again from step 0
+    out = tmp_path / "run"
+    argv = [str(a) for a in base_args(files, out, steps=12)] + ["--checkpoint-every", "100",
+                                                                 "--lr", "0.05"]
+    argv.remove("--quiet")  # to see what it says
+    argv += ["--workers", "2"]  # loader processes get the Ctrl-C too
+    wrapper = tmp_path / "slow_cli.py"
+    wrapper.write_text(SLOW_WRAPPER)
+    rc, err = kill_when([sys.executable, str(wrapper), *argv],
+                        lambda: (out / "metrics.jsonl").exists(), sig=signal.SIGINT,
+                        env={**SUBPROCESS_ENV, "PAUSE_PER_STEP": "0.15"})
+    step = load_state(out / "checkpoint.safetensors")["step"]
+    assert rc == 130 and f"stopped after step {step} of 12, checkpointed" in err
+    assert "interrupted; rerun the same command to resume" in err and "Traceback" not in err
+    assert 3 <= step < 12 and not (out / "result.json").exists()
+
+    run_ok(capsys, *argv)  # the same command resumes at that step
+    ref_argv = list(argv)
+    ref_argv[ref_argv.index("--out") + 1] = str(tmp_path / "reference")
+    run_ok(capsys, *ref_argv)
+    assert_same_run(out, tmp_path / "reference")
 
 
 def test_rerunning_a_finished_run_changes_nothing(files, tmp_path, capsys):

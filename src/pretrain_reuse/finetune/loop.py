@@ -16,7 +16,9 @@ import contextlib
 import json
 import math
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +115,29 @@ def _precision(cfg: FinetuneConfig, device: torch.device):
     if not use_bf16:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+class _StopAfterStep:
+    """While training, Ctrl-C asks the loop to stop after the step under way, which it then
+    checkpoints (a checkpoint of a half-done step would not resume bit for bit, and the steps
+    since the last regular checkpoint, up to ``checkpoint_every - 1``, would be lost); a second
+    Ctrl-C stops at once. Only the main thread can take signals; elsewhere nothing changes."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
 
 
 def _check_shares(cfg: FinetuneConfig, world: int) -> None:
@@ -252,51 +277,64 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
     # generator, which is the caller's (their batches do not depend on it)
     with torch.random.fork_rng(devices=[]):
         step_batches = zip(*loaders, strict=True)
-    for step, batches in enumerate(step_batches, start):
-        for what, b in zip(streams, batches, strict=True):
-            skipped[what].update(b.skipped.tolist())
-        _check_readable(batches, streams.values())
-        factor = lr_at(step, total, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            _seed(_step_seed(cfg.seed, step, rank), device)
-            parts = _compose(batches, device, weak, strong, cfg.mode,
-                             source_labels if cfg.uses_source else None)
-            optimizer.zero_grad(set_to_none=True)
-            stats = _accumulate(objective, parts, cfg, device)
-            optimizer.step()
-        done = step + 1
-        evaluate = done % eval_every == 0 or done == total
-        checkpoint = done % cfg.checkpoint_every == 0 or done == total
-        # the same steps on every rank, and always before an evaluation or a checkpoint: a run
-        # whose loss diverged stops there
-        if evaluate or checkpoint or done % READ_EVERY == 0:
-            values = _read(stats, done)
-            # refresh=False: update() redraws at most every 0.1 s (a redraw costs 60 us in a
-            # terminal, more in a notebook)
-            # the last group: the backbone's lr (the first holds the heads, at head_lr_mult x)
-            bar.set_postfix(loss=f"{values['loss']:.3f}",
-                            lr=f"{optimizer.param_groups[-1]['lr']:.2g}", refresh=False)
-        bar.update(1)
-        if rank == 0 and evaluate:
-            record = {"step": done, "epoch": done / steps_per_epoch, **values}
-            record["val"], record["test"] = (
-                _evaluate(model, s, evaluate_view, cfg, device) for s in (val_set, test_set))
-            history.append(record)
-            _append_jsonl(out / "metrics.jsonl", record)
-            if cfg.snapshots:
-                # the run's identity (run.json, kept on resume) beside the step: knowledge
-                # refuses snapshots of several runs in one folder and orders them by step
-                save_backbone(model.backbone.with_head(model.head),
-                              out / "snapshots" / f"step-{done:07d}.safetensors",
-                              {"step": done, "run": hash_file(out / "run.json")})
-            model.train()
-        if rank == 0 and checkpoint:
-            save_state(out / CHECKPOINT, {"model": model.state_dict(),
-                                          "optimizer": optimizer.state_dict(), "step": done,
-                                          "history": json.dumps(history),
-                                          "seconds": seconds_before + time.perf_counter() - t0})
+    stop = _StopAfterStep()
+    try:
+        for step, batches in enumerate(step_batches, start):
+            for what, b in zip(streams, batches, strict=True):
+                skipped[what].update(b.skipped.tolist())
+            _check_readable(batches, streams.values())
+            factor = lr_at(step, total, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                _seed(_step_seed(cfg.seed, step, rank), device)
+                parts = _compose(batches, device, weak, strong, cfg.mode,
+                                 source_labels if cfg.uses_source else None)
+                optimizer.zero_grad(set_to_none=True)
+                stats = _accumulate(objective, parts, cfg, device)
+                optimizer.step()
+            done = step + 1
+            evaluate = done % eval_every == 0 or done == total
+            # Ctrl-C (see _StopAfterStep) ends the run here, checkpointed: no step is lost (read
+            # once: a request during this step's evaluation stops after the next step)
+            stopping = stop.requested
+            checkpoint = done % cfg.checkpoint_every == 0 or done == total or stopping
+            # the same steps on every rank, and always before an evaluation or a checkpoint: a run
+            # whose loss diverged stops there
+            if evaluate or checkpoint or done % READ_EVERY == 0:
+                values = _read(stats, done)
+                # refresh=False: update() redraws at most every 0.1 s (a redraw costs 60 us in a
+                # terminal, more in a notebook)
+                # the last group: the backbone's lr (the first holds the heads, at head_lr_mult x)
+                bar.set_postfix(loss=f"{values['loss']:.3f}",
+                                lr=f"{optimizer.param_groups[-1]['lr']:.2g}", refresh=False)
+            bar.update(1)
+            if rank == 0 and evaluate:
+                record = {"step": done, "epoch": done / steps_per_epoch, **values}
+                record["val"], record["test"] = (
+                    _evaluate(model, s, evaluate_view, cfg, device) for s in (val_set, test_set))
+                history.append(record)
+                _append_jsonl(out / "metrics.jsonl", record)
+                if cfg.snapshots:
+                    # the run's identity (run.json, kept on resume) beside the step: knowledge
+                    # refuses snapshots of several runs in one folder and orders them by step
+                    save_backbone(model.backbone.with_head(model.head),
+                                  out / "snapshots" / f"step-{done:07d}.safetensors",
+                                  {"step": done, "run": hash_file(out / "run.json")})
+                model.train()
+            if rank == 0 and checkpoint:
+                save_state(out / CHECKPOINT, {"model": model.state_dict(),
+                                              "optimizer": optimizer.state_dict(), "step": done,
+                                              "history": json.dumps(history),
+                                              "seconds": seconds_before + time.perf_counter() - t0})
+            if stopping:
+                bar.close()
+                if progress and rank == 0:
+                    print(f"\n{out.name}: stopped after step {done} of {total}, checkpointed",
+                          file=sys.stderr)
+                raise KeyboardInterrupt
+    finally:
+        stop.restore()
     bar.close()
     for what, data in streams.items():
         if skipped[what] and progress and rank == 0:
