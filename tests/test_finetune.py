@@ -1800,11 +1800,27 @@ def test_labels_are_matched_to_the_models_classes_by_name():
 
 
 def test_evaluate_on_data_without_a_readable_image_is_one_line(tmp_path, capsys):
-    for c in ("a", "b"):
+    for c in "abcdefghij":  # the 10 classes of the unnamed smallcnn's outputs
         (tmp_path / "bad" / c).mkdir(parents=True)
         (tmp_path / "bad" / c / "0.png").write_bytes(b"not a png")
     rc, _, err = cli(capsys, "evaluate", "--model", "smallcnn", "--data", tmp_path / "bad", "--quiet")
-    assert_one_line_error(rc, err, "none of the 2 images of the data can be read")
+    assert_one_line_error(rc, err, "none of the 10 images of the data can be read")
+
+
+def test_evaluate_without_recorded_class_names_says_it_scores_by_position(tmp_path, capsys):
+    # a classifier not written by finetune: its outputs have no names, so nothing can match the
+    # data's classes by name; another number of classes was scored silently (0.33 on 3 classes
+    # of another task)
+    rc, out, err = cli(capsys, "evaluate", "--model", "smallcnn", "--data", "synthetic:target")
+    assert rc == 0 and out.startswith("top-1 ") and "on 400 images" in out
+    assert "the weights record no class names" in err and "its class i as output i" in err
+    for c in "abc":
+        (tmp_path / "three" / c).mkdir(parents=True)
+        Image.new("RGB", (32, 32), "red").save(tmp_path / "three" / c / "0.png")
+    rc, _, err = cli(capsys, "evaluate", "--model", "smallcnn", "--data", tmp_path / "three")
+    assert_one_line_error(rc, err, "the model records no class names, so the data's class i would "
+                                   "be scored as its output i, but the data has 3 classes and the "
+                                   "model 10 outputs")
 
 
 @pytest.mark.parametrize("settings, world, message", [

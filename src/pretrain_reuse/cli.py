@@ -631,6 +631,10 @@ def cmd_evaluate(args) -> int:
     print(f"top-1 {scores['top1']:.4f}, mean per-class {scores['mean_class_acc']:.4f} on "
           f"{scores['n']} images of {where}"
           + (f"; {scores['unreadable']} unreadable images left out" if scores["unreadable"] else ""))
+    if scores["classes_matched_by"] == "position" and not args.quiet:
+        print("pretrain-reuse: note: the weights record no class names (not a finetune model), "
+              "so the data's classes were scored by position: its class i as output i",
+              file=sys.stderr)
     if args.out:
         params = {"model": args.model, "weights": args.weights, "data": args.data, "split": split}
         inputs = {"weights": weights_hash(args.weights) if args.weights else None}  # as finetune

@@ -55,8 +55,10 @@ def evaluate_model(model: Backbone, data: ImageDataset, *, class_names: list[str
         batch_size, device, workers: inference settings.
 
     Returns:
-        ``top1``, ``mean_class_acc`` (over the classes the data has), ``n`` (images scored) and
-        ``unreadable`` (images left out).
+        ``top1``, ``mean_class_acc`` (over the classes the data has), ``n`` (images scored),
+        ``unreadable`` (images left out) and ``classes_matched_by``: ``"name"``, or
+        ``"position"`` without ``class_names`` (the data's class i is output i; the data must
+        then have exactly the model's number of classes).
     """
     if not isinstance(model, Backbone) or model.num_classes is None:
         raise PretrainReuseError("the model must be a classifier (a Backbone with a Linear head), "
@@ -65,6 +67,12 @@ def evaluate_model(model: Backbone, data: ImageDataset, *, class_names: list[str
         raise PretrainReuseError("the data must be labelled images; open them with "
                                  "pretrain_reuse.data.open_dataset(path or name, split=...)")
     scored = data.subset(range(len(data)))  # a view: the caller's data keeps its transform
+    n_data = len(data.class_names) if data.class_names else int(data.labels.max()) + 1
+    if class_names is None and n_data != model.num_classes:
+        raise PretrainReuseError(
+            f"the model records no class names, so the data's class i would be scored as its "
+            f"output i, but the data has {n_data} classes and the model {model.num_classes} "
+            "outputs; pass data of exactly the model's classes, in its order")
     scored.labels = labels_by_name(data, class_names, "data (--data)")
     if int(scored.labels.max()) >= model.num_classes:
         raise PretrainReuseError(f"the data has label {int(scored.labels.max())} but the model "
@@ -77,7 +85,8 @@ def evaluate_model(model: Backbone, data: ImageDataset, *, class_names: list[str
     if len(labels) == 0:
         raise PretrainReuseError(f"none of the {len(data)} images of the data can be read; check "
                                  "its files (corrupt or not images)")
-    return {**accuracy(logits, labels), "unreadable": len(data) - len(labels)}
+    return {**accuracy(logits, labels), "unreadable": len(data) - len(labels),
+            "classes_matched_by": "name" if class_names is not None else "position"}
 
 
 def cotuning_relationship(source_logits: np.ndarray, labels: np.ndarray,
