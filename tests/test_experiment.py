@@ -224,6 +224,12 @@ def test_cli_runs_a_recipe_and_refuses_a_changed_config(quick_demo, tmp_path, ca
     (["table1", "--model", "smallcnn", "--target", "synthetic:target"], "needs 'source'"),
     (["fig4a", "--model", "smallcnn", "--source", "synthetic:pretrain", "--target",
       "synthetic:target"], "fig4a measures recall"),
+    # named as missing, not as a folder with one split
+    (["table1", "--model", "smallcnn", "--source", "synthetic:pretrain", "--target", "../nope"],
+     "target='../nope' is neither an existing file or folder nor an embedded data set"),
+    (["table1", "--model", "smallcnn", "--source", "synthetic:pretrian", "--target",
+      "synthetic:target"], "source='synthetic:pretrian' is neither an existing file or folder nor "
+                           "an embedded data set (did you mean 'synthetic:pretrain'?)"),
 ])
 def test_user_errors_are_one_line(argv, message, tmp_path, capsys):
     out = tmp_path / "x"

@@ -112,13 +112,8 @@ def open_dataset(spec: str | Path, *, split: str | None = None, transform: Trans
         entry = DATASETS[name]
         chosen = check_choice("split", split, entry.splits) if split else entry.splits[0]
         return entry.load(chosen, mode=mode, transform=transform)
+    check_exists(spec)
     path = Path(spec)
-    if not path.exists():
-        close = difflib.get_close_matches(name, list(DATASETS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise PretrainReuseError(
-            f"data={name!r} is neither an existing file or folder nor an embedded data set{hint}; "
-            f"pass an image folder, a path,label list file, or one of: {', '.join(list_datasets())}")
     if path.is_dir():
         if split:
             if not (path / split).is_dir():
@@ -147,6 +142,19 @@ def split_folders(path: Path) -> list[str]:
         return []
     subfolders = {p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")}
     return sorted(subfolders) if subfolders and subfolders <= SPLIT_NAMES else []
+
+
+def check_exists(spec: str | Path, what: str = "data") -> None:
+    """Refuse ``spec`` (the value of setting ``what``) when it names neither an embedded data
+    set nor an existing file or folder."""
+    name = str(spec)
+    if name in DATASETS or Path(name).exists():
+        return
+    close = difflib.get_close_matches(name, list(DATASETS), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise PretrainReuseError(
+        f"{what}={name!r} is neither an existing file or folder nor an embedded data set{hint}; "
+        f"pass an image folder, a path,label list file, or one of: {', '.join(list_datasets())}")
 
 
 def has_splits(spec: str | Path | None) -> bool:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..artifacts import make_meta
-from ..data.catalog import has_splits
+from ..data.catalog import check_exists, has_splits
 from ..errors import PretrainReuseError, check_choice
 from ..finetune import RunResult
 from ..finetune.data import check_batch_size, selected_source
@@ -72,6 +72,9 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
         raise PretrainReuseError(f"{name} needs 'source', the pre-training pool it selects from; "
                                  "pass --source or set it in --config")
     _check_finetune_keys(name, cfg, rows)
+    for key in ("target", "target_test", "source"):  # before anything is read of them
+        if getattr(cfg, key) is not None:
+            check_exists(getattr(cfg, key), key)
     trains = [r for r in rows if r.mode]
     if trains and cfg.target_test is None and not has_splits(cfg.target):
         raise PretrainReuseError(f"target {cfg.target!r} is a folder or list file with one split; "
