@@ -232,6 +232,9 @@ def selected_source(pool: ImageDataset, selection: Selection, units: Units | Non
         raise PretrainReuseError("the selected classes have no samples in the pre-training data")
     groups = pool.labels[idx]
     if source_head == "selected":
+        # head output j is the j-th selected class, in ranking order: the same classes ranked
+        # otherwise (two distances of table4) start from another pairing of head rows and
+        # classes, which moves a run's numbers as another seed would
         remap = np.full(n_classes, -1)
         remap[selected] = np.arange(len(selected))
         return SourceData(pool.subset(idx), remap[groups], groups, len(selected))
