@@ -677,6 +677,18 @@ def test_a_sweep_value_the_data_cannot_realise_is_refused_before_the_folder_is_c
     assert not out.exists()
 
 
+def test_a_default_sweep_value_the_pool_cannot_take_names_the_sweep(quick_demo, tmp_path, capsys):
+    # fig3a's default k (50 ... 300) on the world's 128 pool classes: the error named --k, a
+    # value the user never typed, and not the sweep that set it
+    demo, _, _ = quick_demo
+    out = tmp_path / "x"
+    err = _one_line_error(capsys, ["experiment", "fig3a", "--config", str(_config(demo, tmp_path)),
+                                   "--out", str(out)])
+    assert "k=200 exceeds the 128 source units" in err
+    assert ("(the fig3a recipe sweeps k over [50, 100, 200, 300]; set sweep: {k: [...]} in "
+            "--config to values this data allows)") in err
+
+
 def test_late_failures_of_a_run_fail_before_the_folder_is_claimed(quick_demo, tmp_path, capsys):
     demo, _, _ = quick_demo
     out = tmp_path / "x"

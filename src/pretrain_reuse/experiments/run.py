@@ -18,7 +18,7 @@ from ..finetune.data import check_batch_size, selected_source
 from ..finetune.loop import total_steps
 from ..models import create_backbone
 from .claim import claim_experiment, input_hashes, recipe_reads
-from .config import REGIMES, ExperimentConfig, slug
+from .config import REGIMES, SWEPT, ExperimentConfig, slug
 from .recipes import RECIPES, Row
 from .table import KNOWLEDGE_RATIOS, ExperimentTable
 from .workspace import Workspace
@@ -111,8 +111,17 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
     # Every row's selections and recalls before the first fine-tuning run, so that a selection
     # that cannot be made (k above the number of units, relevant ids the pool lacks) fails while
     # no run has finished, which leaves the folder free for the corrected settings (claim.release).
-    sels = {i: [ws.selection(row.pick, s, row.settings) for s in cfg.seeds]
-            for i, row in enumerate(rows) if row.pick}
+    try:
+        sels = {i: [ws.selection(row.pick, s, row.settings) for s in cfg.seeds]
+                for i, row in enumerate(rows) if row.pick}
+    except PretrainReuseError as e:
+        swept = SWEPT.get(name)
+        if swept not in ("k", "clusters"):
+            raise
+        # the value may be the recipe's default, which the user never typed
+        raise PretrainReuseError(
+            f"{e} (the {name} recipe sweeps {swept} over {list(cfg.values(swept))}; set "
+            f"sweep: {{{swept}: [...]}} in --config to values this data allows)") from None
     recalls = {i: [ws.recall(rows[i].pick, sel) for sel in row_sels]
                for i, row_sels in sels.items()}
     # A reuse run draws its source batches from its selection's images, known only now: a batch
