@@ -34,6 +34,7 @@ import pretrain_reuse
 from _helpers import kill_when, smallcnn_from_file
 from pretrain_reuse.artifacts import hash_array, safetensors_header
 from pretrain_reuse.cli import main
+from pretrain_reuse.data.catalog import open_dataset
 from pretrain_reuse.data.datasets import ArrayDataset
 from pretrain_reuse.errors import PretrainReuseError
 from pretrain_reuse.finetune.augment import View
@@ -1784,6 +1785,30 @@ def test_evaluate_gives_the_test_accuracy_the_run_reported(quick_demo, capsys, t
     rc, _, err = cli(capsys, "evaluate", "--model", "smallcnn", "--data", "synthetic:target",
                      "--out", tmp_path / "e.txt")
     assert_one_line_error(rc, err, "evaluation files are saved as .json")
+
+
+def test_evaluate_names_unreadable_images_and_the_classes_the_data_lacks(quick_demo, capsys, tmp_path):
+    # a test folder of 2 of the run's 10 classes, one file corrupt: finetune notes both, and
+    # evaluate said only "1 unreadable images left out"
+    demo, _, _ = quick_demo
+    test = open_dataset("synthetic:target", split="test")
+    keep = test.class_names[:2]
+    for c, name in enumerate(keep):
+        (tmp_path / "sub" / name).mkdir(parents=True)
+        for i in np.flatnonzero(test.labels == c)[:3]:
+            pixels = (test.load(int(i)).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "sub" / name / f"{i}.png")
+    (tmp_path / "sub" / keep[0] / "broken.png").write_bytes(b"not a png")
+    rc, out, err = cli(capsys, "evaluate", "--model", "smallcnn", "--weights",
+                       demo / "finetune" / "vanilla-seed0" / "model.safetensors",
+                       "--data", tmp_path / "sub", "--out", tmp_path / "e.json")
+    assert rc == 0 and "on 6 images" in out and "1 unreadable images left out" in out
+    assert f"unreadable images left out: {keep[0]}/broken.png" in err
+    assert "no readable image of 8 of the model's 10 classes" in err
+    saved = json.loads((tmp_path / "e.json").read_text())
+    assert saved["unreadable_ids"] == [f"{keep[0]}/broken.png"]
+    assert saved["classes_without_images"] == test.class_names[2:]
+    assert saved["classes_matched_by"] == "name"
 
 
 def test_labels_are_matched_to_the_models_classes_by_name():

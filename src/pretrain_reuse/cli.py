@@ -631,10 +631,21 @@ def cmd_evaluate(args) -> int:
     print(f"top-1 {scores['top1']:.4f}, mean per-class {scores['mean_class_acc']:.4f} on "
           f"{scores['n']} images of {where}"
           + (f"; {scores['unreadable']} unreadable images left out" if scores["unreadable"] else ""))
-    if scores["classes_matched_by"] == "position" and not args.quiet:
-        print("pretrain-reuse: note: the weights record no class names (not a finetune model), "
-              "so the data's classes were scored by position: its class i as output i",
-              file=sys.stderr)
+    notes = []
+    if scores["classes_matched_by"] == "position":
+        notes.append("the weights record no class names (not a finetune model), so the data's "
+                     "classes were scored by position: its class i as output i")
+    if scores["unreadable"]:
+        shown = ", ".join(scores["unreadable_ids"][:5])
+        notes.append(f"unreadable images left out: {shown}"
+                     + (", ..." if scores["unreadable"] > 5 else ""))
+    absent = scores["classes_without_images"]
+    if absent:
+        notes.append(f"the data has no readable image of {len(absent)} of the model's "
+                     f"{model.num_classes} classes (first: {absent[0]!r}); the accuracies are "
+                     "over the classes it has")
+    for note in notes if not args.quiet else []:
+        print(f"pretrain-reuse: note: {note}", file=sys.stderr)
     if args.out:
         params = {"model": args.model, "weights": args.weights, "data": args.data, "split": split}
         inputs = {"weights": weights_hash(args.weights) if args.weights else None}  # as finetune

@@ -17,10 +17,14 @@ from .data import resize_side, resize_transform
 @torch.no_grad()
 def predict(fn: Callable[[torch.Tensor], torch.Tensor], dataset: ImageDataset,
             view: Callable[[torch.Tensor], torch.Tensor], *, batch_size: int,
-            device: torch.device, workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Outputs of ``fn`` on every readable sample (eval view), with the samples' labels."""
+            device: torch.device, workers: int = 0,
+            skipped: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Outputs of ``fn`` on every readable sample (eval view), with the samples' labels; the
+    positions of unreadable samples are appended to ``skipped`` when it is given."""
     outs, labels = [], []
     for batch in make_loader(dataset, batch_size=batch_size, workers=workers):
+        if skipped is not None:
+            skipped.extend(batch.skipped.tolist())
         if len(batch.images) == 0:
             continue
         outs.append(fn(view(batch.images.to(device))).float().cpu())
@@ -56,7 +60,9 @@ def evaluate_model(model: Backbone, data: ImageDataset, *, class_names: list[str
 
     Returns:
         ``top1``, ``mean_class_acc`` (over the classes the data has), ``n`` (images scored),
-        ``unreadable`` (images left out) and ``classes_matched_by``: ``"name"``, or
+        ``unreadable`` and ``unreadable_ids`` (images left out), ``classes_without_images``
+        (the model's classes the data has no readable image of) and ``classes_matched_by``:
+        ``"name"``, or
         ``"position"`` without ``class_names`` (the data's class i is output i; the data must
         then have exactly the model's number of classes).
     """
@@ -81,12 +87,17 @@ def evaluate_model(model: Backbone, data: ImageDataset, *, class_names: list[str
     dev = torch.device(check_device(device))
     view = View(model.spec, "eval", input_size(model.spec, None)).to(dev)
     model = model.to(dev).eval()
-    logits, labels = predict(model, scored, view, batch_size=batch_size, device=dev, workers=workers)
+    skipped: list[int] = []
+    logits, labels = predict(model, scored, view, batch_size=batch_size, device=dev,
+                             workers=workers, skipped=skipped)
     if len(labels) == 0:
         raise PretrainReuseError(f"none of the {len(data)} images of the data can be read; check "
                                  "its files (corrupt or not images)")
-    return {**accuracy(logits, labels), "unreadable": len(data) - len(labels),
-            "classes_matched_by": "name" if class_names is not None else "position"}
+    absent = sorted(set(range(model.num_classes)) - set(labels.tolist()))
+    return {**accuracy(logits, labels), "unreadable": len(skipped),
+            "unreadable_ids": [data.ids[i] for i in sorted(skipped)],
+            "classes_matched_by": "name" if class_names is not None else "position",
+            "classes_without_images": [class_names[c] if class_names else str(c) for c in absent]}
 
 
 def cotuning_relationship(source_logits: np.ndarray, labels: np.ndarray,
