@@ -1,5 +1,6 @@
 """Helpers shared by several test files."""
 
+import os
 import signal
 import subprocess
 import time
@@ -14,10 +15,12 @@ from pretrain_reuse.models import SmallCNN
 
 
 def kill_when(cmd: list[str], ready, *, env: dict, timeout: float = 180.0,
-              sig: int = signal.SIGKILL) -> tuple[int, str]:
-    """Start ``cmd``; send it ``sig`` (SIGKILL) as soon as ``ready()`` holds; fail if it ends
-    first. Returns its exit status and stderr."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+              sig: int = signal.SIGKILL, group: bool = False) -> tuple[int, str]:
+    """Start ``cmd``; send it ``sig`` (SIGKILL) as soon as ``ready()`` holds, to its whole
+    process group with ``group`` (as a terminal's Ctrl-C reaches a command's child processes);
+    fail if it ends first. Returns its exit status and stderr."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=group)
     deadline = time.monotonic() + timeout
     try:
         while not ready():
@@ -28,7 +31,10 @@ def kill_when(cmd: list[str], ready, *, env: dict, timeout: float = 180.0,
             if time.monotonic() > deadline:
                 pytest.fail("the kill point was never reached")
             time.sleep(0.005)
-        proc.send_signal(sig)
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
         if sig == signal.SIGKILL:
             assert proc.returncode == -signal.SIGKILL

@@ -1387,7 +1387,7 @@ def test_ctrl_c_checkpoints_the_step_under_way_and_a_rerun_is_bit_identical(file
     wrapper = tmp_path / "slow_cli.py"
     wrapper.write_text(SLOW_WRAPPER)
     rc, err = kill_when([sys.executable, str(wrapper), *argv],
-                        lambda: (out / "metrics.jsonl").exists(), sig=signal.SIGINT,
+                        lambda: (out / "metrics.jsonl").exists(), sig=signal.SIGINT, group=True,
                         env={**SUBPROCESS_ENV, "PAUSE_PER_STEP": "0.15"})
     step = load_state(out / "checkpoint.safetensors")["step"]
     assert rc == 130 and f"stopped after step {step} of 12, checkpointed" in err
@@ -1399,6 +1399,41 @@ def test_ctrl_c_checkpoints_the_step_under_way_and_a_rerun_is_bit_identical(file
     ref_argv[ref_argv.index("--out") + 1] = str(tmp_path / "reference")
     run_ok(capsys, *ref_argv)
     assert_same_run(out, tmp_path / "reference")
+
+
+def test_ctrl_c_during_the_last_evaluation_finishes_the_run_then_stops(files, tmp_path, capsys,
+                                                                       monkeypatch):
+    # it was swallowed: the run returned normally, and an experiment went on to its next run
+    from pretrain_reuse.finetune import loop
+
+    evaluate = loop._evaluate
+    calls = []
+
+    def interrupted_on_the_last(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # the validation split's, at the last step (the only evaluation)
+            os.kill(os.getpid(), signal.SIGINT)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_evaluate", interrupted_on_the_last)
+    rc, _, err = cli(capsys, *base_args(files, tmp_path / "run", steps=4), "--eval-every", "100")
+    assert rc == 130 and "interrupted" in err
+    assert (tmp_path / "run" / "result.json").exists()  # finished and saved first
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_ignored_ctrl_c_stays_ignored_during_training():
+    # a background job of a script (or nohup) ignores SIGINT; training must not take it over
+    from pretrain_reuse.finetune.loop import _StopAfterStep
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stop = _StopAfterStep()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        stop.restore()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_rerunning_a_finished_run_changes_nothing(files, tmp_path, capsys):
@@ -1809,6 +1844,17 @@ def test_evaluate_names_unreadable_images_and_the_classes_the_data_lacks(quick_d
     assert saved["unreadable_ids"] == [f"{keep[0]}/broken.png"]
     assert saved["classes_without_images"] == test.class_names[2:]
     assert saved["classes_matched_by"] == "name"
+
+
+def test_evaluate_scores_integer_labels_without_names_as_class_indices(tmp_path, capsys):
+    # a list file of some ImageNet-val images with their ImageNet indices is the way to score an
+    # unnamed 1000-way classifier on part of it: not refused for its fewer classes
+    (tmp_path / "img").mkdir()
+    for i in range(4):
+        Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(tmp_path / "img" / f"{i}.png")
+    (tmp_path / "list.csv").write_text("img/0.png,0\nimg/1.png,0\nimg/2.png,3\nimg/3.png,3\n")
+    rc, out, err = cli(capsys, "evaluate", "--model", "smallcnn", "--data", tmp_path / "list.csv")
+    assert rc == 0 and "on 4 images" in out and "scored by position" in err
 
 
 def test_labels_are_matched_to_the_models_classes_by_name():

@@ -8,6 +8,7 @@ stopped, and every rank of a distributed run can compute its share without commu
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -155,7 +156,14 @@ def step_loader(dataset: ImageDataset, batches: StepBatches, start: int, stop: i
         return map(steps.__getitem__, range(start, stop))
     return torch.utils.data.DataLoader(
         steps, batch_size=None, sampler=range(start, stop), num_workers=workers,
-        collate_fn=_as_is, persistent_workers=False, pin_memory=pin_memory)
+        collate_fn=_as_is, persistent_workers=False, pin_memory=pin_memory,
+        worker_init_fn=_ignore_ctrl_c)
+
+
+def _ignore_ctrl_c(worker: int) -> None:
+    """A terminal's Ctrl-C reaches the loader's processes too: they leave it to the training
+    loop, which stops after the step under way (a worker that died of it crashed the run)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @dataclass(frozen=True)

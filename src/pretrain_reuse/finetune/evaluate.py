@@ -73,12 +73,14 @@ def evaluate_model(model: Backbone, data: ImageDataset, *, class_names: list[str
         raise PretrainReuseError("the data must be labelled images; open them with "
                                  "pretrain_reuse.data.open_dataset(path or name, split=...)")
     scored = data.subset(range(len(data)))  # a view: the caller's data keeps its transform
-    n_data = len(data.class_names) if data.class_names else int(data.labels.max()) + 1
-    if class_names is None and n_data != model.num_classes:
+    # named classes (folders, classes.txt) in another number than the outputs cannot be the
+    # model's in its order; integer labels without names are class indices as given (ImageNet
+    # indices of part of its validation set, say)
+    if class_names is None and data.class_names and len(data.class_names) != model.num_classes:
         raise PretrainReuseError(
             f"the model records no class names, so the data's class i would be scored as its "
-            f"output i, but the data has {n_data} classes and the model {model.num_classes} "
-            "outputs; pass data of exactly the model's classes, in its order")
+            f"output i, but the data has {len(data.class_names)} classes and the model "
+            f"{model.num_classes} outputs; pass data of exactly the model's classes, in its order")
     scored.labels = labels_by_name(data, class_names, "data (--data)")
     if int(scored.labels.max()) >= model.num_classes:
         raise PretrainReuseError(f"the data has label {int(scored.labels.max())} but the model "

@@ -126,13 +126,25 @@ class _StopAfterStep:
     def __init__(self):
         self.requested = False
         self.previous = None
-        if threading.current_thread() is threading.main_thread():
+        # an ignored Ctrl-C (a background job of a script, nohup) stays ignored; a handler not
+        # set from Python (None) could not be put back
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, None):
             self.previous = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+
+    def agreed(self, world: int, device: torch.device) -> bool:
+        """Whether to stop now: under torchrun every process must stop after the same step (one
+        that went on would wait for the others in its next all-reduce), so they agree by one."""
+        if world == 1:
+            return self.requested
+        flag = torch.tensor([int(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def restore(self) -> None:
         if self.previous is not None:
@@ -296,8 +308,10 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
             done = step + 1
             evaluate = done % eval_every == 0 or done == total
             # Ctrl-C (see _StopAfterStep) ends the run here, checkpointed: no step is lost (read
-            # once: a request during this step's evaluation stops after the next step)
-            stopping = stop.requested
+            # once: a request during this step's evaluation stops after the next step). Several
+            # processes agree on it every READ_EVERY steps, when they read their losses anyway.
+            stopping = stop.agreed(world, device) if world == 1 or done % READ_EVERY == 0 \
+                else False
             checkpoint = done % cfg.checkpoint_every == 0 or done == total or stopping
             # the same steps on every rank, and always before an evaluation or a checkpoint: a run
             # whose loss diverged stops there
@@ -336,6 +350,9 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
     finally:
         stop.restore()
     bar.close()
+    # a Ctrl-C during the last evaluation: the run is finished and saved below, then stops
+    # whatever runs it next (an experiment's next run, the demo's next stage)
+    interrupted_at_end = stop.requested
     for what, data in streams.items():
         if skipped[what] and progress and rank == 0:
             print(f"note: {what} data: {describe_skipped(data, skipped[what])} (left out of "
@@ -356,6 +373,8 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
         result.save(out / "result.json")
     if world > 1:
         dist.barrier()  # the other ranks read what rank 0 evaluated and wrote
+    if interrupted_at_end:
+        raise KeyboardInterrupt
     return result if rank == 0 else RunResult.load(out / "result.json")
 
 
