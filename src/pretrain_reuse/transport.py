@@ -54,7 +54,7 @@ def _unit_rows(x: torch.Tensor, name: str) -> torch.Tensor:
     them wrongly or call them zero."""
     scale = x.abs().amax(dim=-1, keepdim=True)
     zero = (scale == 0).nonzero()
-    if len(zero):  # normalize() would map it to 0: equally far from everything, silently
+    if len(zero):  # no direction: it would be equally far from everything, silently
         raise PretrainReuseError(
             f"{name} unit {int(zero[0, -2])} is an all-zero vector, which has no cosine "
             "distance; drop it or use metric l2")
@@ -108,13 +108,18 @@ def cost_matrix(source, target, *, metric: str = "cosine", eps_c: float = 0.01):
     t = t.to(dtype=s.dtype, device=s.device)
     d = distance(s, t)
     cost = d / eps_c
-    # distances of huge features, or a tiny eps_c, overflow (NaN inputs are refused with the
-    # solver's own message)
-    if not torch.isfinite(cost).all() and torch.isfinite(s).all() and torch.isfinite(t).all():
-        dtype = str(s.dtype).removeprefix("torch.")
+    dtype = str(cost.dtype).removeprefix("torch.")
+    too_small = PretrainReuseError(f"the costs distance / eps_c overflow {dtype} at "
+                                   f"eps_c={eps_c:g}; raise eps_c, or compute in float64")
+    # cosine distances lie in [0, 2]: only a tiny eps_c overflows them, and no pass over the cost
+    # is needed to tell; l2 distances of huge features overflow themselves (NaN inputs are
+    # refused by the solver with its own message)
+    if metric == "cosine":
+        if 2.0 / eps_c > torch.finfo(cost.dtype).max:
+            raise too_small
+    elif not torch.isfinite(cost).all() and torch.isfinite(s).all() and torch.isfinite(t).all():
         if torch.isfinite(d).all():
-            raise PretrainReuseError(f"the costs distance / eps_c overflow {dtype} at eps_c={eps_c:g}; "
-                                     "raise eps_c, or compute in float64")
+            raise too_small
         raise PretrainReuseError(
             f"the {metric} distances of these prototypes overflow {dtype} (entries up to "
             f"{max(s.abs().max().item(), t.abs().max().item()):.3g}); rescale the features, "
