@@ -63,8 +63,8 @@ def evaluate_model(model: Backbone, data: ImageDataset, *, class_names: list[str
         ``unreadable`` and ``unreadable_ids`` (images left out), ``classes_without_images``
         (the model's classes the data has no readable image of) and ``classes_matched_by``:
         ``"name"``, or
-        ``"position"`` without ``class_names`` (the data's class i is output i; the data must
-        then have exactly the model's number of classes).
+        ``"position"`` without ``class_names`` (the data's class i is output i; data with
+        class names must then have exactly the model's number of classes).
     """
     if not isinstance(model, Backbone) or model.num_classes is None:
         raise PretrainReuseError("the model must be a classifier (a Backbone with a Linear head), "
