@@ -137,11 +137,10 @@ class _StopAfterStep:
             raise KeyboardInterrupt
         self.requested = True
 
-    def agreed(self, world: int, device: torch.device) -> bool:
-        """Whether to stop now: under torchrun every process must stop after the same step (one
-        that went on would wait for the others in its next all-reduce), so they agree by one."""
-        if world == 1:
-            return self.requested
+    def agreed(self, device: torch.device) -> bool:
+        """Whether any process of a torchrun job was asked to stop: every process must stop
+        after the same step (one that went on would wait for the others in its next
+        all-reduce), so they agree by one."""
         flag = torch.tensor([int(self.requested)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -310,8 +309,7 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
             # Ctrl-C (see _StopAfterStep) ends the run here, checkpointed: no step is lost (read
             # once: a request during this step's evaluation stops after the next step). Several
             # processes agree on it every READ_EVERY steps, when they read their losses anyway.
-            stopping = stop.agreed(world, device) if world == 1 or done % READ_EVERY == 0 \
-                else False
+            stopping = stop.requested if world == 1 else done % READ_EVERY == 0 and stop.agreed(device)
             checkpoint = done % cfg.checkpoint_every == 0 or done == total or stopping
             # the same steps on every rank, and always before an evaluation or a checkpoint: a run
             # whose loss diverged stops there
