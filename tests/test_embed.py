@@ -133,7 +133,6 @@ def assert_same_store(a: FeatureStore, b: FeatureStore) -> None:
 
 
 def test_smallcnn_store_equals_direct_forward_of_the_saved_model(tmp_path, capsys):
-    tvt = pytest.importorskip("torchvision.transforms")
     data = make_folder(tmp_path / "data")
     weights = saved_smallcnn(tmp_path / "small.safetensors")
     store = embed_ok(capsys, "--model", "smallcnn-s", "--weights", weights, "--data", data,
@@ -150,20 +149,12 @@ def test_smallcnn_store_equals_direct_forward_of_the_saved_model(tmp_path, capsy
     # normalisation the registry declares for smallcnn-s (a design constant, not computed here).
     spec = create_backbone("smallcnn-s").spec
     assert spec.interpolation == "bilinear" and spec.input_size[0] == spec.input_size[1]
-    net = smallcnn_from_file(weights)
-    transform = tvt.Compose([tvt.Resize(spec.resize_size,
-                                        interpolation=tvt.InterpolationMode.BILINEAR),
-                             tvt.CenterCrop(spec.input_size), tvt.ToTensor(),
-                             tvt.Normalize(spec.mean, spec.std)])
-    images = [Image.open(data / i).convert("RGB") for i in ids]
-    x = torch.stack([transform(im) for im in images])
-    with torch.no_grad():
-        ref = torch.cat([net.pool(net.blocks(x[i:i + 1])) for i in range(len(x))]).numpy()
+    x, ref = _torchvision_reference(weights, data, ids, spec.resize_size, spec.input_size)
     np.testing.assert_allclose(store.features, ref, rtol=1e-4, atol=1e-5)
 
     # Reference 2: the package's own loader, one image at a time (batch independence).
     backbone = create_backbone("smallcnn-s", weights=weights)
-    x2 = torch.stack([backbone.preprocess(im) for im in images])
+    x2 = torch.stack([backbone.preprocess(Image.open(data / i).convert("RGB")) for i in ids])
     np.testing.assert_allclose(x2.numpy(), x.numpy(), atol=1e-6)
     with torch.no_grad():
         ref2 = torch.cat([backbone.features(x2[i:i + 1]) for i in range(len(x2))]).numpy()
@@ -172,6 +163,44 @@ def test_smallcnn_store_equals_direct_forward_of_the_saved_model(tmp_path, capsy
     other = create_backbone("smallcnn-s", weights=saved_smallcnn(tmp_path / "o.safetensors", 9))
     with torch.no_grad():
         assert np.abs(other.features(x2).numpy() - store.features).max() > 1e-2
+
+
+def _torchvision_reference(weights: Path, data: Path, ids: list[str], resize, crop):
+    """The inputs and features of smallcnn-s weights through torchvision's transforms (bilinear
+    resize, centre crop, the ImageNet normalisation smallcnn-s declares), one image at a time."""
+    tvt = pytest.importorskip("torchvision.transforms")
+    spec = create_backbone("smallcnn-s").spec
+    transform = tvt.Compose([tvt.Resize(resize, interpolation=tvt.InterpolationMode.BILINEAR),
+                             tvt.CenterCrop(crop), tvt.ToTensor(),
+                             tvt.Normalize(spec.mean, spec.std)])
+    net = smallcnn_from_file(weights)
+    x = torch.stack([transform(Image.open(data / i).convert("RGB")) for i in ids])
+    with torch.no_grad():
+        return x, torch.cat([net.pool(net.blocks(x[i:i + 1])) for i in range(len(x))]).numpy()
+
+
+def test_image_size_embeds_at_that_side_with_the_backbones_crop_ratio(tmp_path, capsys):
+    data = make_folder(tmp_path / "data")
+    weights = saved_smallcnn(tmp_path / "small.safetensors")
+    store = embed_ok(capsys, "--model", "smallcnn-s", "--weights", weights, "--data", data,
+                     "--image-size", 20, "--out", tmp_path / "store")
+    _, ref = _torchvision_reference(weights, data, folder_listing(data)[0], 20, 20)
+    np.testing.assert_allclose(store.features, ref, rtol=1e-4, atol=1e-5)
+    recorded = store.meta["backbone"]
+    assert (recorded["input_size"], recorded["resize_size"]) == ([20, 20], 20)
+    # a crop margin is kept: ResNet's 224 of 256 is 128 of 146 (timm's crop_pct)
+    resnet = create_backbone("torchvision:resnet18").spec.at_input_side(128)
+    assert (resnet.input_size, resnet.resize_size) == ((128, 128), 146)
+
+
+@pytest.mark.parametrize("side,needle", [(1, "image_size 1 does not fit backbone 'smallcnn-s'"),
+                                         (5000, "image_size must be between 1 and 4096")])
+def test_an_image_size_the_backbone_cannot_take_is_one_line(tmp_path, capsys, side, needle):
+    data = make_folder(tmp_path / "data", FILES[:2])
+    rc, _, err = cli(capsys, "embed", "--model", "smallcnn-s", "--data", data, "--image-size",
+                     side, "--quiet", "--out", tmp_path / "s")
+    assert_one_line_error(rc, err, needle)
+    assert not (tmp_path / "s").exists()
 
 
 def test_timm_state_dict_store_equals_timm_forward(tmp_path, capsys):
@@ -592,7 +621,7 @@ def test_a_file_name_with_a_newline_is_named_before_anything_is_written(tmp_path
 
 
 @pytest.mark.parametrize("change", [("--seed", "1"), ("--layer", "logits"),
-                                    ("--model", "smallcnn")])
+                                    ("--model", "smallcnn"), ("--image-size", "24")])
 def test_out_of_another_embedding_with_other_settings_exits_2(tmp_path, capsys, change):
     data = make_folder(tmp_path / "data", FILES[:3])
     out = tmp_path / "s"

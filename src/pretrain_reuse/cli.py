@@ -137,7 +137,7 @@ def cmd_embed(args) -> int:
     cfg = EmbedConfig(model=args.model, data=args.data, weights=args.weights, layer=args.layer,
                       split=args.split, batch_size=args.batch_size, workers=args.workers,
                       shard_size=args.shard_size, device=args.device, precision=args.precision,
-                      seed=args.seed)
+                      seed=args.seed, image_size=args.image_size)
     _init_distributed(cfg.device)
     _quiet_transformers(args.model, args.quiet)
     store = embed(cfg, args.out, progress=not args.quiet)
@@ -691,6 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--precision", default="auto", help="auto (bf16 on CUDA) | fp32 | bf16")
     e.add_argument("--seed", type=_seed, default=0, help="initialises layers without weights")
+    e.add_argument("--image-size", type=_at_least(1), help="input side in pixels, resized at the "
+                   "backbone's crop ratio (224 of 256: 448 of 512); default: the backbone's own")
     _add_quiet(e)
     e.add_argument("--out", required=True, help="output FeatureStore folder")
     e.set_defaults(func=cmd_embed)

@@ -47,6 +47,7 @@ from .distributed import process_device, rank_world
 from .errors import PretrainReuseError, check_choice, check_device, check_seed
 from .features import STORE_FORMAT, FeatureStore
 from .models import LAYERS, ImageTransform, create_backbone, state_hash
+from .models.spec import check_image_size
 
 #: Unreadable images named in a store's ``index.json`` (``meta.skipped_ids``; ``meta.skipped``
 #: counts them all): the index is read with every load of the store, and the ids of a folder
@@ -69,6 +70,7 @@ class EmbedConfig:
     device: str = "cpu"
     precision: str = "auto"  # "auto": bf16 autocast on CUDA; "fp32"; "bf16"
     seed: int = 0  # initialises whatever the weights file does not cover (all of it without one)
+    image_size: int | None = None  # input side in pixels, resized at the backbone's crop ratio
 
     def __post_init__(self):
         check_fields(self)
@@ -81,6 +83,8 @@ class EmbedConfig:
         if self.workers < 0:
             raise PretrainReuseError(f"workers must be >= 0, got {self.workers}")
         check_seed("seed", self.seed)
+        if self.image_size is not None:
+            check_image_size(self.image_size)
 
 
 def _to_pil(image: torch.Tensor):
@@ -139,6 +143,8 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True) -> Featur
         backbone = create_backbone(cfg.model, weights=cfg.weights, layer=cfg.layer, device=device)
     if backbone.spec.modality != "image":
         raise PretrainReuseError(f"embed takes image backbones; {cfg.model} is a text model")
+    if cfg.image_size is not None:
+        backbone.set_input_side(cfg.image_size)
     backbone.to(memory_format=torch.channels_last)
     data = preprocessed(dataset, backbone.preprocess)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")

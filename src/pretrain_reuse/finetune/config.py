@@ -15,12 +15,10 @@ from typing import Any
 
 from ..configs import check_fields, checked_values, config_values
 from ..errors import PretrainReuseError, check_choice, check_device, check_positive, check_seed
+from ..models.spec import check_image_size
 
 MODES = ("vanilla", "reuse", "reuse-unlabeled", "co-tuning", "linear-probe", "scratch")
 SCHEDULES = ("step", "cosine")
-
-#: The largest image side accepted: 8x the usual 224 (one 3 x 4096 x 4096 image is 200 MB).
-MAX_IMAGE_SIZE = 4096
 
 #: The values a text field takes.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -171,12 +169,11 @@ class FinetuneConfig:
         for name in ("workers", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise PretrainReuseError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("source_batch_size", "image_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise PretrainReuseError(f"{name} must be >= 1 (or unset), got {getattr(self, name)!r}")
-        if self.image_size is not None and self.image_size > MAX_IMAGE_SIZE:
-            raise PretrainReuseError(f"image_size must be at most {MAX_IMAGE_SIZE} pixels (a batch "
-                                     f"of larger images would not fit in memory), got {self.image_size}")
+        if self.source_batch_size is not None and self.source_batch_size < 1:
+            raise PretrainReuseError(f"source_batch_size must be >= 1 (or unset), got "
+                                     f"{self.source_batch_size!r}")
+        if self.image_size is not None:
+            check_image_size(self.image_size)
         if not 0 <= self.val_fraction < 1:
             raise PretrainReuseError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         # strictly: a repeated milestone would divide the lr by 100 at once

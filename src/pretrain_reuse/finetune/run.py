@@ -239,9 +239,8 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
         backbone = create_backbone(model, weights=weights, device="cpu")
         if cfg.mode == "scratch":
             reinitialize(backbone, cfg.seed)
-    if cfg.image_size is not None:
-        _check_input_side(backbone, cfg.image_size)
-        backbone.spec = _at_input_side(backbone.spec, cfg.image_size)
+    if cfg.image_size is not None:  # saved with the model: evaluated at the size it trained at
+        backbone.set_input_side(cfg.image_size)
     resize = resize_transform(resize_side(backbone.spec))
     num_classes = _check_classes(train_pool, progress)
     train_set, val_set, split = target_splits(cfg, train_pool)
@@ -296,34 +295,6 @@ def _data_fingerprint(train_set: ImageDataset, val_set: ImageDataset, test_set: 
     if source is not None:
         digest.update(json.dumps(source.labels.tolist()).encode())
     return digest.hexdigest()
-
-
-def _at_input_side(spec, side: int):
-    """The backbone's preprocessing at input side ``side``, keeping its crop ratio (ResNet's
-    224 of 256: 128 of 146), as timm does for another image size. The fine-tuned model is saved
-    with it, so it is loaded and evaluated (explain, knowledge) at the size it was trained at.
-    Only the centre ``side`` of the usual resize would show the network a zoomed-in part of
-    what training showed it whole."""
-    resize = round(side * resize_side(spec) / spec.input_size[0])
-    return spec.with_preprocessing({"input_size": side, "resize_size": resize},
-                                   source="--image-size")
-
-
-def _check_input_side(backbone, side: int) -> None:
-    """An ``image_size`` the backbone cannot take (too small for its poolings, or a side its
-    patches or position embeddings do not fit) would fail at the first step with a traceback
-    from deep in torch: one image through the backbone says so now."""
-    was_training = backbone.training
-    backbone.eval()  # no BatchNorm statistics are updated by this probe
-    try:
-        with torch.no_grad():
-            backbone.features(torch.zeros(1, 3, side, side))
-    except RuntimeError as e:
-        raise PretrainReuseError(
-            f"image_size {side} does not fit backbone {backbone.spec.name!r} ({str(e).splitlines()[0]}); "
-            f"pass another --image-size, or none for its {backbone.spec.input_size[0]}") from None
-    finally:
-        backbone.train(was_training)
 
 
 def _check_classes(train_pool: ImageDataset, progress: bool) -> int:

@@ -113,6 +113,27 @@ class Backbone(nn.Module):
         z = self._extract(self.body, x)
         return z if self.layer == "penultimate" else self.head(z)
 
+    def set_input_side(self, side: int) -> None:
+        """Take inputs of ``side`` x ``side`` pixels from now on (:meth:`BackboneSpec.at_input_side`),
+        once one such image has gone through the network: a side too small for its poolings, or
+        one its patches or position embeddings do not fit, would otherwise fail at the first
+        batch with a traceback from deep in torch. A model saved afterwards keeps the size."""
+        spec = self.spec.at_input_side(side)
+        was_training = self.training
+        self.eval()  # the probe updates no BatchNorm statistics
+        try:
+            device = next(self.parameters()).device
+            with torch.no_grad():
+                self.features(torch.zeros(1, 3, side, side, device=device))
+        except RuntimeError as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PretrainReuseError(
+                f"image_size {side} does not fit backbone {self.spec.name!r} ({reason}); pass "
+                f"another --image-size, or none for its {self.spec.input_size[0]}") from None
+        finally:
+            self.train(was_training)
+        self.spec = spec
+
     def with_head(self, head: nn.Module) -> Backbone:
         """The same body (shared, not copied) with another head, e.g. a classifier trained on a new
         label set; save it with :func:`~pretrain_reuse.models.save_backbone`."""

@@ -32,6 +32,9 @@ INTERPOLATIONS = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
+#: The largest input side ``--image-size`` takes: 8x the usual 224 (one 3 x 4096 x 4096 image is
+#: 200 MB).
+MAX_IMAGE_SIZE = 4096
 # Fields a user may set through a ``python:`` builder or that travel with saved weights.
 PREPROCESSING_FIELDS = ("input_size", "resize_size", "mean", "std", "interpolation", "max_length",
                         "pooling")
@@ -96,6 +99,20 @@ class BackboneSpec:
         resized = self.resize_size[0] if isinstance(self.resize_size, tuple) else self.resize_size
         return self.input_size[0] / resized
 
+    def at_input_side(self, side: int) -> BackboneSpec:
+        """A copy of an image spec whose input is ``side`` x ``side`` pixels, resized first with
+        the same crop ratio (ResNet's 224 of 256: 128 of 146), as timm does for another image
+        size: only the centre ``side`` of the usual resize would show the network a zoomed-in
+        part of the image."""
+        if self.modality != "image":
+            raise PretrainReuseError(f"{self.name} is a {self.modality} model; an image size "
+                                     "applies to image models only")
+        check_image_size(side)
+        resized = self.resize_size if isinstance(self.resize_size, int) else max(self.resize_size)
+        return self.with_preprocessing({"input_size": side,
+                                        "resize_size": round(side * resized / self.input_size[0])},
+                                       source="image size")
+
     def to_json(self) -> str:
         """The spec as a JSON object string (``build`` is left out)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "build"}
@@ -117,6 +134,13 @@ class BackboneSpec:
         if "input_size" in fixed:
             fixed["input_size"] = _as_size(fixed["input_size"])
         return dataclasses.replace(self, **fixed)
+
+
+def check_image_size(side: int) -> None:
+    """An input side in 1..:data:`MAX_IMAGE_SIZE` pixels."""
+    if not 1 <= side <= MAX_IMAGE_SIZE:
+        raise PretrainReuseError(f"image_size must be between 1 and {MAX_IMAGE_SIZE} pixels (a "
+                                 f"batch of larger images would not fit in memory), got {side}")
 
 
 def _as_size(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
