@@ -402,8 +402,9 @@ def test_units_of_features_from_different_networks_are_warned_of(quick_demo):
     demo, _, _ = quick_demo
     pool, target = (FeatureStore.load(demo / f"features_{n}") for n in ("pretrain", "target"))
     source, same = class_means(pool), class_means(target)
+    side = pool.meta["backbone"]["input_size"]
     assert source.meta["embedding"] == {"model": "smallcnn", "layer": "penultimate",
-                                        "state": pool.meta["inputs"]["state"]}
+                                        "state": pool.meta["inputs"]["state"], "input_size": side}
     renamed = class_means(replace(target, meta={**target.meta, "params": {
         **target.meta["params"], "model": "./smallcnn"}}))
     with warnings.catch_warnings():
@@ -412,8 +413,19 @@ def test_units_of_features_from_different_networks_are_warned_of(quick_demo):
         select(source, renamed, SelectConfig(k=3))  # ... however its name was spelled
     other = class_means(replace(target, meta={**target.meta, "inputs": {
         **target.meta["inputs"], "state": "sha256:0123456789abcdef"}}))
-    with pytest.warns(UserWarning, match=r"different networks \(state: smallcnn sha256:"):
+    with pytest.warns(UserWarning, match=r"different networks or image sizes \(state: sha256:"):
         select(source, other, SelectConfig(k=3))
+    # the same network on images of another size (embed --image-size)
+    larger = class_means(replace(target, meta={**target.meta, "backbone": {
+        **target.meta["backbone"], "input_size": [2 * side[0], 2 * side[1]]}}))
+    with pytest.warns(UserWarning, match=rf"\(input_size: \[{side[0]}, {side[1]}\] vs \[{2 * side[0]},"):
+        select(source, larger, SelectConfig(k=3))
+    # units made before the input size was recorded are compared on the rest
+    older = replace(same, meta={**same.meta, "embedding": {
+        k: v for k, v in same.meta["embedding"].items() if k != "input_size"}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        select(source, older, SelectConfig(k=3))
     plain = class_means(FeatureStore(features=np.asarray(target.features), labels=target.labels))
     assert plain.meta["embedding"] is None
     with warnings.catch_warnings():
@@ -434,4 +446,5 @@ def test_the_select_command_prints_the_network_warning_on_one_line(tmp_path, cap
                  str(tmp_path / "t.safetensors"), "--k", "3", "--out", str(tmp_path / "sel.json")]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [err[0]] and err[0].startswith(
-        "warning: source and target units come from features of different networks (state: "), err
+        "warning: source and target units come from features of different networks or image "
+        "sizes (state: "), err

@@ -432,19 +432,24 @@ def select_many(source: Units | FeatureStore | np.ndarray, targets: list[Units |
 
 def _warn_other_embedding(source: Units, target: Units) -> None:
     """Warn when the units summarise features of different networks (another backbone, layer
-    or weights, as ``embed`` recorded them): a dimension that agrees hides it, and the ranking
-    then compares unrelated feature spaces. A warning, not an error: units from ``.npy`` files
-    or made elsewhere record no network, and a user may know better."""
+    or weights, as ``embed`` recorded them) or of images of another size: a dimension that
+    agrees hides it, and the ranking then compares unrelated feature spaces. A warning, not an
+    error: units from ``.npy`` files or made elsewhere record no network, and a user may know
+    better."""
     a, b = source.meta.get("embedding"), target.meta.get("embedding")
+    if not (a and b):
+        return
     # the network is its layer and parameters: one model named two ways (a relative and an
-    # absolute hf: path) is the same network
-    keys = ("layer", "state")
-    if a and b and any(a.get(k) != b.get(k) for k in keys):
-        differ = ", ".join(k for k in keys if a.get(k) != b.get(k))
+    # absolute hf: path) is the same network. Units made before the input size was recorded
+    # are compared on the rest.
+    differ = [k for k in ("layer", "state", "input_size")
+              if k in a and k in b and a[k] != b[k]]
+    if differ:
+        shown = [f"{k}: {a[k]} vs {b[k]}" for k in differ]
         warnings.warn(
-            f"source and target units come from features of different networks ({differ}: "
-            f"{a['model']} {a['state']} vs {b['model']} {b['state']}); embed both with the same "
-            "--model, --weights and --layer", stacklevel=3)
+            f"source and target units come from features of different networks or image sizes "
+            f"({'; '.join(shown)}; models {a['model']} vs {b['model']}); embed both with the "
+            "same --model, --weights, --layer and --image-size", stacklevel=3)
 
 
 def select(source: Units | FeatureStore | np.ndarray, target: Units | FeatureStore | np.ndarray,

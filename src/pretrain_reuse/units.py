@@ -372,14 +372,16 @@ def spherical_kmeans(store: FeatureStore | np.ndarray, k: int, *, n_iter: int = 
 
 
 def embedding_of(store: FeatureStore) -> dict[str, Any] | None:
-    """What computed a store's features, as ``embed`` records it: the backbone, its layer and
-    the hash of the network's parameters; None for features from elsewhere (a ``.npy``). Units
-    carry it (``meta["embedding"]``), so that a selection can tell when source and target units
-    summarise features of different networks, whose similarities mean nothing."""
+    """What computed a store's features, as ``embed`` records it: the backbone, its layer, the
+    hash of the network's parameters and the input side; None for features from elsewhere (a
+    ``.npy``). Units carry it (``meta["embedding"]``), so that a selection can tell when source
+    and target units summarise features of different networks or image sizes, whose
+    similarities mean little."""
     params, inputs = store.meta.get("params", {}), store.meta.get("inputs", {})
     if store.meta.get("producer") != "embed" or not inputs.get("state"):
         return None
-    return {"model": params.get("model"), "layer": params.get("layer"), "state": inputs["state"]}
+    return {"model": params.get("model"), "layer": params.get("layer"), "state": inputs["state"],
+            "input_size": store.meta.get("backbone", {}).get("input_size")}
 
 
 def _store_inputs(store: FeatureStore) -> dict[str, str]:
