@@ -203,6 +203,19 @@ def test_an_image_size_the_backbone_cannot_take_is_one_line(tmp_path, capsys, si
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("model,note", [("smallcnn-s", True), ("efficientnet-lite0", False)])
+def test_a_backbone_without_weights_is_noted_unless_its_package_ships_them(
+        tmp_path, capsys, model, note):
+    from pretrain_reuse.models import BACKBONES, missing_packages
+
+    if missing_packages(BACKBONES[model]):
+        pytest.skip(f"{model} needs pip packages {missing_packages(BACKBONES[model])}")
+    data = make_folder(tmp_path / "data", FILES[:1])
+    rc, _, err = cli(capsys, "embed", "--model", model, "--data", data, "--out", tmp_path / "s")
+    assert rc == 0
+    assert ("random initialisation" in err) == note, err
+
+
 def test_timm_state_dict_store_equals_timm_forward(tmp_path, capsys):
     timm = pytest.importorskip("timm")
     data = make_folder(tmp_path / "data")

@@ -1880,7 +1880,7 @@ def test_evaluate_without_recorded_class_names_says_it_scores_by_position(tmp_pa
     # of another task)
     rc, out, err = cli(capsys, "evaluate", "--model", "smallcnn", "--data", "synthetic:target")
     assert rc == 0 and out.startswith("top-1 ") and "on 400 images" in out
-    assert "the weights record no class names" in err and "its class i as output i" in err
+    assert "the model names none of the data's classes" in err and "its class i as output i" in err
     for c in "abc":
         (tmp_path / "three" / c).mkdir(parents=True)
         Image.new("RGB", (32, 32), "red").save(tmp_path / "three" / c / "0.png")
@@ -1888,6 +1888,47 @@ def test_evaluate_without_recorded_class_names_says_it_scores_by_position(tmp_pa
     assert_one_line_error(rc, err, "the model records no class names, so the data's class i would "
                                    "be scored as its output i, but the data has 3 classes and the "
                                    "model 10 outputs")
+
+
+def test_evaluate_matches_classes_by_a_hugging_face_classifiers_id2label(tmp_path, capsys):
+    # the outputs are named t_red, t_green, t_blue; the folder sorts its classes t_blue, t_green,
+    # t_red: scored by position, output 0 (t_red) was taken for t_blue
+    transformers = pytest.importorskip("transformers")
+    names = ["t_red", "t_green", "t_blue"]
+    cfg = transformers.ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=32, num_labels=3,
+                                 id2label=dict(enumerate(names)),
+                                 label2id={n: i for i, n in enumerate(names)})
+    torch.manual_seed(0)
+    hf = transformers.ViTForImageClassification(cfg).eval()
+    hf.save_pretrained(tmp_path / "vit")
+    transformers.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp_path / "vit")
+    rng = np.random.default_rng(0)
+    for name in names:
+        for i in range(4):
+            (tmp_path / "data" / name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+                tmp_path / "data" / name / f"{i}.png")
+    # reference: the HF model's own processor and logits, its id2label naming the prediction
+    proc = transformers.AutoImageProcessor.from_pretrained(tmp_path / "vit", local_files_only=True)
+    hits = []
+    for f in sorted((tmp_path / "data").glob("*/*.png")):
+        with torch.no_grad():
+            out = hf(**proc(images=[Image.open(f)], return_tensors="pt")).logits
+        hits.append(names[int(out.argmax())] == f.parent.name)
+    rc, _, err = cli(capsys, "evaluate", "--model", f"hf:{tmp_path / 'vit'}", "--data",
+                     tmp_path / "data", "--out", tmp_path / "ev.json")
+    scores = json.loads((tmp_path / "ev.json").read_text())
+    assert rc == 0 and "by position" not in err
+    assert scores["classes_matched_by"] == "name"
+    assert scores["top1"] == pytest.approx(np.mean(hits))
+    # names that match none of the data's classes (an ImageNet config's "tench, Tinca tinca" on
+    # a folder of WordNet ids) leave the data scored by position, as before, with the note
+    for i, name in enumerate(names):
+        (tmp_path / "data" / name).rename(tmp_path / "data" / f"n0{i}")
+    rc, _, err = cli(capsys, "evaluate", "--model", f"hf:{tmp_path / 'vit'}", "--data",
+                     tmp_path / "data")
+    assert rc == 0 and "the model names none of the data's classes" in err
 
 
 @pytest.mark.parametrize("settings, world, message", [

@@ -459,6 +459,20 @@ def test_efficientnet_lite0_loads_imagenet_weights_offline_and_classifies_foolbo
     assert (pred == torch.tensor(labels)).sum() >= 16  # 18 of 20 at the time of writing
 
 
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_registry_entries_load_weights_without_a_file_exactly_when_their_package_ships_them(name):
+    # the CLI says "starts from a random initialisation" for the others
+    from pretrain_reuse.models.registry import PACKAGED_WEIGHTS
+
+    _skip_unless_available(name)
+    nets = []
+    for seed in (0, 1):  # loaded weights do not depend on the seed; a random initialisation does
+        torch.manual_seed(seed)
+        nets.append(create_backbone(name))
+    same = all(torch.equal(a, b) for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True))
+    assert same == (name in PACKAGED_WEIGHTS)
+
+
 @pytest.mark.slow
 def test_efficientnet_lite0_recognises_scikit_image_photos():
     _skip_unless_available("efficientnet-lite0")

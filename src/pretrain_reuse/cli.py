@@ -371,11 +371,14 @@ def _note_weights(model: str, weights: str | None, quiet: bool, mode: str | None
     """Say, after a command's work, when the backbone held no pre-trained weights: nothing is
     ever downloaded, so a forgotten --weights would otherwise pass silently for a random network.
     (After, not before: a user error must stay the only line of a failed command.)"""
+    from .models.registry import PACKAGED_WEIGHTS
+
     if quiet:
         return
     if mode == "scratch" and weights:
         note = "--mode scratch re-initialises every layer, so --weights is not used"
-    elif weights is None and mode != "scratch" and not model.startswith(("hf:", "python:")):
+    elif weights is None and mode != "scratch" and not model.startswith(("hf:", "python:")) \
+            and model not in PACKAGED_WEIGHTS:
         note = (f"no --weights: {model} starts from a random initialisation (nothing is "
                 "downloaded); pass local pre-trained weights with --weights")
     else:
@@ -618,14 +621,14 @@ def cmd_demo(args) -> int:
 def cmd_evaluate(args) -> int:
     from .artifacts import check_output_file, make_meta, write_json
     from .finetune.evaluate import evaluate_model
-    from .models import trained_class_names
+    from .models import output_class_names
     from .models.checkpoint import weights_hash
 
     if args.out:
         check_output_file(args.out, ".json", "evaluation")  # before the work
     model = _classifier(args.model, args.weights, "--weights", args.quiet)
     data, split = _explain_data(args)
-    scores = evaluate_model(model, data, class_names=trained_class_names(model),
+    scores = evaluate_model(model, data, class_names=output_class_names(model, data.class_names),
                             batch_size=args.batch_size, device=args.device, workers=args.workers)
     where = f"{args.data}" + (f" ({split})" if split else "")
     print(f"top-1 {scores['top1']:.4f}, mean per-class {scores['mean_class_acc']:.4f} on "
@@ -633,8 +636,9 @@ def cmd_evaluate(args) -> int:
           + (f"; {scores['unreadable']} unreadable images left out" if scores["unreadable"] else ""))
     notes = []
     if scores["classes_matched_by"] == "position":
-        notes.append("the weights record no class names (not a finetune model), so the data's "
-                     "classes were scored by position: its class i as output i")
+        notes.append("the model names none of the data's classes (neither class names a "
+                     "finetune run records nor a Hugging Face id2label), so the data's classes "
+                     "were scored by position: its class i as output i")
     if scores["unreadable"]:
         shown = ", ".join(scores["unreadable_ids"][:5])
         notes.append(f"unreadable images left out: {shown}"

@@ -50,7 +50,15 @@ from ..data.datasets import ImageDataset, labels_by_name
 from ..data.text import TextDataset, numbered_by
 from ..embed import preprocessed
 from ..errors import PretrainReuseError, check_choice, check_device, check_seed, preview
-from ..models import Backbone, state_hash, trained_class_names, weights_meta, weights_path
+from ..models import (
+    Backbone,
+    model_class_names,
+    output_class_names,
+    state_hash,
+    trained_class_names,
+    weights_meta,
+    weights_path,
+)
 from ..runtime import full_float32
 from .games import (
     BASELINES,
@@ -443,33 +451,19 @@ def check_classifier(model: Backbone, dataset: ImageDataset | TextDataset, cfg: 
             "them (model_classes(model, data))")
 
 
-def model_class_names(model: Backbone) -> list[str] | None:
-    """The class names of a Hugging Face classifier's config (``id2label``: name of class i),
-    None when they are transformers' defaults (LABEL_0, LABEL_1, ...), which name nothing, when
-    the model has no such config, or when they do not name every output of its head (a head
-    loaded from other weights)."""
-    id2label = getattr(getattr(model.body, "config", None), "id2label", None)
-    if not id2label or model.num_classes is None:
-        return None
-    names = [id2label.get(i) for i in range(model.num_classes)]
-    if any(not isinstance(name, str) for name in names) or len(id2label) != model.num_classes:
-        return None
-    return None if names == [f"LABEL_{i}" for i in range(len(names))] else names
-
-
 def model_classes(model: Backbone, dataset: ImageDataset | TextDataset
                   ) -> ImageDataset | TextDataset:
     """``dataset`` with its labels as ``model``'s class indices, matched by name: sentences
     labelled by class names, for a model whose config names its classes
-    (:func:`model_class_names`), and images of named classes, for a ``finetune`` model that
-    records the classes it was trained on (:func:`trained_class_names`), are renumbered by the
-    model's names (a view; the data may hold fewer classes, a class the model lacks is refused).
+    (:func:`~pretrain_reuse.models.model_class_names`), and images of named classes, for a model
+    that names its outputs (:func:`~pretrain_reuse.models.output_class_names`), are renumbered
+    by the model's names (a view; the data may hold fewer classes, a class the model lacks is refused).
     Any other data (integer labels are the model's indices already; names for a model without
     names, numbered in sorted order) is returned as it is."""
     if isinstance(dataset, TextDataset):
         names = model_class_names(model)
         return numbered_by(dataset, names) if dataset.named and names is not None else dataset
-    names = trained_class_names(model)
+    names = output_class_names(model, dataset.class_names)
     if names is None or dataset.class_names is None or dataset.labels is None \
             or list(dataset.class_names) == names:
         return dataset

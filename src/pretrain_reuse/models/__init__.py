@@ -16,6 +16,8 @@ from .backbone import LAYERS, Backbone
 from .checkpoint import (
     LoadReport,
     finetune_mode,
+    model_class_names,
+    output_class_names,
     save_backbone,
     state_hash,
     trained_class_names,
@@ -39,6 +41,8 @@ __all__ = [
     "finetune_mode",
     "list_backbones",
     "missing_packages",
+    "model_class_names",
+    "output_class_names",
     "save_backbone",
     "state_hash",
     "trained_class_names",

@@ -329,6 +329,34 @@ def trained_class_names(model_or_path: Backbone | Path | None) -> list[str] | No
     return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
 
 
+def model_class_names(model: Backbone) -> list[str] | None:
+    """The class names of a Hugging Face classifier's config (``id2label``: name of class i),
+    None when they are transformers' defaults (LABEL_0, LABEL_1, ...), which name nothing, when
+    the model has no such config, or when they do not name every output of its head (a head
+    loaded from other weights)."""
+    id2label = getattr(getattr(model.body, "config", None), "id2label", None)
+    if not id2label or model.num_classes is None:
+        return None
+    names = [id2label.get(i) for i in range(model.num_classes)]
+    if any(not isinstance(name, str) for name in names) or len(id2label) != model.num_classes:
+        return None
+    return None if names == [f"LABEL_{i}" for i in range(len(names))] else names
+
+
+def output_class_names(model: Backbone, data_names: Collection[str] | None) -> list[str] | None:
+    """The names of ``model``'s outputs to match the classes ``data_names`` of some data by: the
+    classes a ``finetune`` model was trained on (:func:`trained_class_names`), else its Hugging
+    Face ``id2label`` (:func:`model_class_names`) when it names one of the data's classes at
+    least; None when the outputs can only be matched by position. The second condition keeps an
+    ImageNet classifier whose config names "tench, Tinca tinca" usable on a folder of WordNet
+    ids (n01440764), which sort in its output order."""
+    trained = trained_class_names(model)
+    if trained is not None:
+        return trained
+    names = model_class_names(model)
+    return names if names is not None and set(names) & set(data_names or ()) else None
+
+
 def finetune_mode(model_or_path: Backbone | Path | None) -> str | None:
     """The mode (``finetune --mode``) a ``finetune`` model was trained in, as it records it in
     its weights file; None for other models and files."""

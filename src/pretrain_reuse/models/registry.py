@@ -88,6 +88,10 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
+#: Entries whose pip packages ship their pre-trained weights, loaded when none are given.
+PACKAGED_WEIGHTS = frozenset({"efficientnet-lite0", "all-minilm-l6-v2"})
+
+
 def missing_packages(spec: BackboneSpec) -> list[str]:
     """The pip packages of ``spec.requires`` that are not installed."""
     missing = []
