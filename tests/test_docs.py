@@ -8,6 +8,7 @@ Regenerate both after changing a flag, a public signature or a docstring's first
 import dataclasses
 import importlib
 import inspect
+import re
 from pathlib import Path
 
 from pretrain_reuse.cli import help_pages
@@ -130,6 +131,17 @@ def test_cli_pages_match_the_parsers_help():
     for name, text in pages.items():
         page = DOCS / "cli" / f"{name}.md"
         assert page.exists() and page.read_text() == text, f"docs/cli/{name}.md is stale"
+
+
+def test_the_docs_that_readme_and_the_reports_point_to_exist():
+    # the knowledge ratios' definitions were cited from a note outside the repository
+    root = DOCS.parent
+    cited = set()
+    for path in [root / "README.md", *sorted((root / "src").rglob("*.py"))]:
+        cited |= set(re.findall(r"docs/[\w/.-]+\.md", path.read_text()))
+    assert "docs/knowledge.md" in cited
+    assert [c for c in sorted(cited) if not (root / c).is_file()] == []
+    assert "methods/knowledge.md" not in (root / "README.md").read_text()
 
 
 def test_api_page_matches_the_code():

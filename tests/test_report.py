@@ -271,7 +271,7 @@ def test_the_knowledge_section_states_what_the_numbers_rest_on(tmp_path, capsys,
             "classifies correctly: of the 10 screened, 8 were dropped") in page
     assert "<td>finetuned</td><td>finetune/vanilla-seed0/model.safetensors</td><td>vanilla</td>" in page
     assert "<td>pretrained</td><td>not a file</td><td>not recorded</td>" in page
-    assert "<i>reconstructed</i> definitions of the reference note" in page
+    assert "<i>reconstructed</i> definitions of docs/knowledge.md" in page
     assert "aggregated as the <b>mean of the per-sample ratios</b>" in page
     assert "<td>1</td><td>" + f"{1 - discard[0]:.3f} (2)</td><td>{discard[0]:.3f} (2)</td>" \
         "<td>n/a (0)</td>" in page

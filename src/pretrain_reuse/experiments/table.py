@@ -124,7 +124,7 @@ class ExperimentTable:
             return ""
         correct = a["correct_for_all"]
         return (f"Knowledge ratios: mean over seeds ± std over seeds of each analysis's mean over "
-                f"samples (knowledge.md §4 [recon]); salient = |I| > τ = {a['tau']:g} × the "
+                f"samples (docs/knowledge.md, reconstructed); salient = |I| > τ = {a['tau']:g} × the "
                 f"sample's largest interaction; players {a['players']}, baseline {a['baseline']}; "
                 f"{_span(a['explained'])} of the {a['asked']} samples asked explained per "
                 f"analysis, drawn among the test samples every compared model classifies "

@@ -3,7 +3,7 @@ r"""``knowledge``: what pre-training hands to the fine-tuned model, end to end.
 Explains the pre-trained model (its linear probe on the target classes), the fine-tuned model and,
 optionally, a model trained from scratch and fine-tuning checkpoints, on the *same* samples with
 the *same* players and baseline; then reports (Jiang, Cheng & Li, arXiv 2410.08455, with the
-definitions of ``methods/knowledge.md``):
+definitions of ``docs/knowledge.md``):
 
 - preserved / discarded / new knowledge and its exclusivity against the scratch model
   (:func:`~.metrics.knowledge_report`), overall and by interaction order;

@@ -244,8 +244,8 @@ def _knowledge_section(run: Path, scenario: dict) -> str:
              f"{100 * tau:g}% of the sample's largest).</p>",
              _models_table(run, k),
              "<p>preserve, discard, new and exclusive follow the <i>reconstructed</i> definitions "
-             "of the reference note (methods/knowledge.md §4, tagged [recon]: the paper's formulas "
-             "were not found): per sample, preserve = |Ω_pre ∩ Ω_ft| / |Ω_pre|, discard = 1 − "
+             "of docs/knowledge.md in the pretrain-reuse repository (the paper's formulas were "
+             "not found): per sample, preserve = |Ω_pre ∩ Ω_ft| / |Ω_pre|, discard = 1 − "
              "preserve, new = |Ω_ft \\ Ω_pre| / |Ω_ft|, exclusive = share of the preserved items "
              "the scratch model lacks; each is aggregated as the <b>mean of the per-sample "
              f"ratios</b> (std over samples), interactions matched by {html.escape(match)}.</p>"]
