@@ -51,3 +51,25 @@ def test_the_parsers_method_and_metric_names_are_the_registries():
 
     assert tuple(SELECTORS) == cli.SELECT_METHODS
     assert tuple(METRICS) == cli.METRIC_NAMES
+
+
+def test_the_run_script_keeps_the_callers_directory_for_relative_paths(tmp_path):
+    # ./run changed into the repository, so `--data data/x` from elsewhere was "not found" and a
+    # relative --out landed in the repository
+    from pathlib import Path
+
+    import numpy as np
+
+    root = Path(__file__).resolve().parents[1]
+    venv = root / ".venv"
+    if not (venv / "bin" / "pretrain-reuse").exists() or \
+            (root / "pyproject.toml").stat().st_mtime > (venv / ".installed").stat().st_mtime:
+        pytest.skip("./run would first set up .venv (minutes)")
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "s.npy", rng.standard_normal((6, 4)).astype(np.float32))
+    np.save(tmp_path / "t.npy", rng.standard_normal((2, 4)).astype(np.float32))
+    proc = subprocess.run([str(root / "run"), "select", "--source", "s.npy", "--target", "t.npy",
+                           "--k", "2", "--out", "sel.json"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "sel.json").is_file() and not (root / "sel.json").exists()
