@@ -1890,6 +1890,13 @@ def test_evaluate_without_recorded_class_names_says_it_scores_by_position(tmp_pa
                                    "model 10 outputs")
 
 
+def test_evaluate_on_a_sentence_file_says_which_commands_read_sentences(tmp_path, capsys):
+    # it said "the data must be labelled images; open them with pretrain_reuse.data.open_dataset"
+    (tmp_path / "s.jsonl").write_text('{"text": "a fine film", "label": 0}\n')
+    rc, _, err = cli(capsys, "evaluate", "--model", "smallcnn", "--data", tmp_path / "s.jsonl")
+    assert_one_line_error(rc, err, "holds JSON lines", "read only by explain and knowledge")
+
+
 def test_evaluate_matches_classes_by_a_hugging_face_classifiers_id2label(tmp_path, capsys):
     # the outputs are named t_red, t_green, t_blue; the folder sorts its classes t_blue, t_green,
     # t_red: scored by position, output 0 (t_red) was taken for t_blue

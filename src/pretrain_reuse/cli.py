@@ -405,13 +405,13 @@ def _classifier(name: str, weights: str | None, what: str, quiet: bool):
     return create_backbone(name, weights=weights)
 
 
-def _explain_data(args):
+def _explain_data(args, *, sentences: bool = True):
     """The data of explain / knowledge / evaluate and the split it was opened from (None: the
     file or folder as given); by default the test split of an embedded data set or of a folder
-    of split folders."""
+    of split folders. Sentence files only where ``sentences`` (evaluate takes images)."""
     from .data.catalog import DATASETS, open_dataset, split_folders
 
-    if args.data.endswith(".jsonl"):
+    if sentences and args.data.endswith(".jsonl"):
         from .data.text import text_file
 
         if args.split:
@@ -627,7 +627,7 @@ def cmd_evaluate(args) -> int:
     if args.out:
         check_output_file(args.out, ".json", "evaluation")  # before the work
     model = _classifier(args.model, args.weights, "--weights", args.quiet)
-    data, split = _explain_data(args)
+    data, split = _explain_data(args, sentences=False)
     scores = evaluate_model(model, data, class_names=output_class_names(model, data.class_names),
                             batch_size=args.batch_size, device=args.device, workers=args.workers)
     where = f"{args.data}" + (f" ({split})" if split else "")
