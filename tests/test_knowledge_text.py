@@ -479,3 +479,183 @@ def test_a_sentence_file_with_a_byte_order_mark_is_read(tmp_path):
     path.write_bytes(b"\xef\xbb\xbf" + b'{"label": 0, "text": "good"}\n{"label": 1, "text": "bad"}\n')
     data = text_file(path)
     assert data.texts == ["good", "bad"] and data.labels.tolist() == [0, 1]
+
+
+# --- models that read more than word embeddings from input_ids: RoBERTa, GPT-2 -------------------
+
+# every word of it is in the byte-level tokenizer's corpus; its last word is eligible
+LONG = "the wonderful movie was moving and players playing the screen believe"
+
+
+def _tiny_config(cls, tok, **kw):
+    torch.manual_seed(0)
+    return cls(vocab_size=len(tok), num_labels=2, initializer_range=0.5, pad_token_id=tok.pad_token_id,
+               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **kw)
+
+
+@pytest.fixture(scope="module")
+def roberta(tmp_path_factory):
+    """hf:<folder> of a RobertaForSequenceClassification (positions counted on from the pad index)
+    whose tokenizer sets no model_max_length, so the model's 20 position embeddings are the
+    limit: 20 - (pad + 1) = 17 positions usable."""
+    folder = tmp_path_factory.mktemp("roberta")
+    tok = _subword_tokenizer("byte-level")
+    cfg = _tiny_config(transformers.RobertaConfig, tok, hidden_size=16, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=32, max_position_embeddings=20)
+    transformers.RobertaForSequenceClassification(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    """hf:<folder> of a GPT2ForSequenceClassification whose pad token is its eos token (no mask
+    token), which adds no special tokens, as GPT-2's own tokenizer."""
+    from tokenizers import processors
+
+    folder = tmp_path_factory.mktemp("gpt2")
+    backend = _subword_tokenizer("byte-level").backend_tokenizer
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
+                                               eos_token="</s>", pad_token="</s>", unk_token="<unk>")
+    cfg = _tiny_config(transformers.GPT2Config, tok, n_embd=16, n_layer=2, n_head=2,
+                       n_positions=64)
+    transformers.GPT2ForSequenceClassification(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _all_words(model, text):
+    """The encoding of ``text`` and every eligible word of it as a player."""
+    tok = model.preprocess.tokenizer
+    enc = tok(text, return_tensors="pt")
+    ids = enc["input_ids"][0].tolist()
+    n = len(eligible_positions(ids, tok, word_ids=enc.word_ids(0)))
+    return {k: v[0] for k, v in enc.items()}, token_players(ids, tok, n, word_ids=enc.word_ids(0))
+
+
+def _absent(players, mask: int) -> list[int]:
+    return [p for k, pieces in enumerate(players.pieces) if not (mask >> k) & 1 for p in pieces]
+
+
+def test_a_pad_baseline_keeps_robertas_positions_those_of_the_full_sentence(roberta):
+    # reference: transformers' RoBERTa on the ids with absent pieces made <pad>, its position
+    # ids given explicitly as the full sentence's (2, 3, ...: no token of it is <pad>); left to
+    # itself RoBERTa counts positions over non-pad tokens, so every later word would move
+    model = create_backbone(f"hf:{roberta}")
+    net = transformers.RobertaForSequenceClassification.from_pretrained(roberta).eval()
+    enc, players = _all_words(model, "the wonderful movie was moving players playing")
+    pad = baseline_token(model.preprocess.tokenizer, "pad")
+    v = masked_text_game(model, enc, 1, players, pad)
+    positions = torch.arange(len(enc["input_ids"]))[None] + pad + 1
+    for mask in range(1 << players.n):
+        ids = enc["input_ids"].clone()
+        ids[_absent(players, mask)] = pad
+        with torch.no_grad():
+            z = net(input_ids=ids[None], position_ids=positions).logits[0].double()
+        assert v[mask] == pytest.approx(float(z[1] - z[0]), abs=1e-5), bin(mask)
+
+
+def test_a_pad_baseline_keeps_the_token_a_gpt2_classifier_reads(gpt2):
+    # reference: GPT-2's hidden state at the sentence's last token (the token it reads on the
+    # full sentence), the absent pieces' word embeddings those of <pad> (= </s>); transformers'
+    # classifier on pad ids would read the last token that is not <pad>, an earlier one whenever
+    # the last word is absent
+    model = create_backbone(f"hf:{gpt2}")
+    tok = model.preprocess.tokenizer
+    assert tok.mask_token_id is None and tok.pad_token_id == tok.eos_token_id
+    net = transformers.GPT2ForSequenceClassification.from_pretrained(gpt2).eval()
+    enc, players = _all_words(model, "the wonderful movie was moving players playing")
+    last = len(enc["input_ids"]) - 1
+    assert players.pieces[-1][-1] == last  # "playing" ends the sentence
+    pad = baseline_token(tok, "pad")
+    v = masked_text_game(model, enc, 1, players, pad)
+    wte = net.get_input_embeddings()
+    for mask in range(1 << players.n):
+        ids = enc["input_ids"].clone()
+        ids[_absent(players, mask)] = pad
+        with torch.no_grad():
+            hidden = net.transformer(inputs_embeds=wte(ids)[None]).last_hidden_state[0, last]
+            z = net.score(hidden).double()
+        assert v[mask] == pytest.approx(float(z[1] - z[0]), abs=1e-5), bin(mask)
+    # v(N) is the classifier's own output on the sentence
+    with torch.no_grad():
+        z = net(input_ids=enc["input_ids"][None]).logits[0].double()
+    assert v[-1] == pytest.approx(float(z[1] - z[0]), abs=1e-5)
+
+
+def test_roberta_without_a_tokenizer_limit_explains_sentences_longer_than_its_positions(
+        roberta, tmp_path, capsys):
+    # 20 position embeddings, counted from pad + 1 = 3 on: 17 tokens at most, not 20
+    model = create_backbone(f"hf:{roberta}")
+    assert model.preprocess.tokenizer.model_max_length > 10**9
+    assert model.spec.max_length == 20 - (model.body.config.pad_token_id + 1)
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"label": 1, "text": " ".join([LONG] * 3)}) + "\n")
+    assert len(model.preprocess.tokenizer(" ".join([LONG] * 3))["input_ids"]) > 20
+    rc = main(["explain", "--model", f"hf:{roberta}", "--data", str(data), "--players", "tokens",
+               "--n", "3", "--samples", "1", "--quiet", "--out", str(tmp_path / "x")])
+    _, err = capsys.readouterr()
+    assert rc == 0, err
+
+
+def _sentencepiece_with_contractions():
+    """A sentencepiece-style (Metaspace) tokenizer that keeps "isn't", "can’t", "well-made" whole."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, processors, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<s>", "</s>", "<pad>", "<unk>"])
+    text = "this movie isn't good, I don't like it. not a well-made film, I can’t say n't"
+    tok.train_from_iterator([text] * 5, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 1)])
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>",
+                                               eos_token="</s>", pad_token="<pad>",
+                                               unk_token="<unk>")
+    return tok, text
+
+
+def test_negations_include_nt_contractions_that_a_sentencepiece_tokenizer_keeps_whole():
+    # reference: the words as written, one piece each here
+    tok, text = _sentencepiece_with_contractions()
+    enc = tok(text)
+    words = text.split()
+    assert [t.lstrip("▁") for t in enc.tokens()[1:-1]] == words
+    name = {1 + k: w.strip(",.") for k, w in enumerate(words)}
+    without = eligible_positions(enc["input_ids"], tok, word_ids=enc.word_ids())
+    assert [name[p] for p in without] == ["movie", "good", "like", "film", "say"]
+    # "well-made", one word here, is no player either way: not all letters
+    negating = ["movie", "isn't", "good", "don't", "like", "not", "film", "can’t", "say", "n't"]
+    with_neg = eligible_positions(enc["input_ids"], tok, word_ids=enc.word_ids(), negations=True)
+    assert [name[p] for p in with_neg] == negating
+    players = token_players(enc["input_ids"], tok, 10, word_ids=enc.word_ids(), negations=True)
+    assert players.names == negating
+
+
+def test_an_encoder_decoder_classifier_has_its_ids_masked_and_no_embedding_baseline(tmp_path):
+    # BART's decoder reads the sentence's ids shifted, so the ids themselves are masked there
+    # (its positions do not depend on them); reference: transformers' BART on the masked ids
+    folder = tmp_path / "bart"
+    tok = _subword_tokenizer("byte-level")
+    cfg = _tiny_config(transformers.BartConfig, tok, d_model=16, encoder_layers=1,
+                       decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                       encoder_ffn_dim=16, decoder_ffn_dim=16, max_position_embeddings=64,
+                       decoder_start_token_id=tok.eos_token_id, id2label={0: "neg", 1: "pos"})
+    transformers.BartForSequenceClassification(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    model = create_backbone(f"hf:{folder}")
+    net = transformers.BartForSequenceClassification.from_pretrained(folder).eval()
+    enc, players = _all_words(model, "the wonderful movie was moving")
+    mask = baseline_token(tok, "mask")
+    v = masked_text_game(model, enc, 1, players, mask)
+    for coalition in range(1 << players.n):
+        ids = enc["input_ids"].clone()
+        ids[_absent(players, coalition)] = mask
+        with torch.no_grad():
+            z = net(input_ids=ids[None]).logits[0].double()
+        assert v[coalition] == pytest.approx(float(z[1] - z[0]), abs=1e-5)
+    words = model.body.get_input_embeddings().weight.detach()
+    with pytest.raises(PretrainReuseError, match=r"encoder-decoder.*token baseline"):
+        masked_text_game(model, enc, 1, players, words[mask])

@@ -12,7 +12,12 @@ of its first piece:
    (:data:`STOP_WORDS`), except, with ``negations=True``, the stop words that negate
    (:data:`NEGATIONS`: "not", "no", the stems of "didn't", ...), which flip a sentiment (an
    option; the reference drops every stop word); special tokens ([CLS], [SEP], [PAD], ...) are
-   in no word;
+   in no word. With ``negations=True`` an "n't" contraction is eligible too: sentencepiece
+   tokenizers keep "isn't", "don't", "can't" as one word, which WordPiece splits into "isn",
+   "'", "t" (the stem is the negation) and byte-level BPE into "isn", "'t". A hyphenated
+   word is one word only where the tokenizer keeps it whole (sentencepiece: "well-made"), and
+   then it is no player (not all letters); WordPiece and byte-level BPE split it at the hyphen
+   into words of their own ("well", "made"), which may be players;
 2. ``n`` eligible words are drawn uniformly without replacement by a generator seeded with
    ``seed`` (the explanation uses ``[seed, sample index]``: the same words for every model,
    different ones per sentence), and sorted.
@@ -30,10 +35,16 @@ continues a word unless it follows a special token (the first word of a sentence
 
 Tokens that are not players stay as they are (the context of the sentence). A coalition S keeps
 the tokens of the players in S; every piece of the others is replaced by a baseline (so no piece
-of an absent word stays visible): a token id (``[MASK]`` by default,
-or ``[PAD]``) or a baseline *embedding* that replaces their word embeddings, e.g. one learned for
-sparse interactions (:func:`learn_baseline_embedding`; Ren et al., ICLR 2024). ``v`` is the
-log-odds of the ground-truth class, as for images (:func:`~.games.class_output`).
+of an absent word stays visible): a token (``[MASK]`` by default, or ``[PAD]``) or a baseline
+*embedding*, e.g. one learned for sparse interactions (:func:`learn_baseline_embedding`; Ren et
+al., ICLR 2024). Either way only the *word embeddings* of the absent pieces change (a token
+baseline puts its own word embedding there): the model still reads the full sentence's
+``input_ids`` for everything else it derives from them, so a ``[PAD]`` baseline neither shifts
+RoBERTa's position ids (counted over non-pad tokens) nor moves the token a GPT-2 or Llama
+classifier reads (its last non-pad token). An encoder-decoder classifier (BART, T5) is the
+exception: its decoder reads the ids too, so there the token's id replaces theirs, and an
+embedding baseline is refused. ``v`` is the log-odds of the ground-truth class, as for images
+(:func:`~.games.class_output`).
 """
 
 from __future__ import annotations
@@ -79,7 +90,8 @@ wouldn't y you you'd you'll you're you've your yours yourself yourselves
 """
 #: English stop words (NLTK's list of 179), never players.
 STOP_WORDS = frozenset(_STOP_WORDS.split())
-#: The stop words that negate (with the stems WordPiece leaves of "n't" forms: "didn", "isn", ...).
+#: The stop words that negate (with the stems WordPiece leaves of "n't" forms: "didn", "isn", ...;
+#: whole "n't" contractions, one word under sentencepiece, are negations too: :func:`_negates`).
 NEGATIONS = frozenset({"ain", "aren", "couldn", "didn", "doesn", "don", "hadn", "hasn", "haven",
                        "isn", "mightn", "mustn", "needn", "no", "nor", "not", "shan", "shouldn",
                        "wasn", "weren", "won", "wouldn"})
@@ -148,9 +160,17 @@ def _eligible_words(input_ids: Sequence[int], tokenizer: Any, negations: bool,
         text = _word_text([tokens[p] for p in pieces])
         if max_position is not None and pieces[-1] >= max_position:
             continue
-        if len(text) >= 2 and text.isalpha() and text.lower() not in excluded:
+        if len(text) >= 2 and ((text.isalpha() and text.lower() not in excluded)
+                               or (negations and _negates(text))):
             keep.append((pieces, text))
     return keep
+
+
+def _negates(text: str) -> bool:
+    """An "n't" contraction ("isn't", "don't", "can't", with ' or ’): one word, not all letters,
+    under sentencepiece tokenizers, which would otherwise never let a contraction be a player."""
+    word = text.lower().replace("’", "'")
+    return word.endswith("n't") and (word == "n't" or word[:-3].isalpha())
 
 
 def _word_text(pieces: list[str]) -> str:
@@ -232,31 +252,75 @@ def _check_text_game(model: Backbone, encoding: Mapping[str, torch.Tensor],
 
 def text_values(model: Backbone, encoding: Mapping[str, torch.Tensor], label: int,
                 players: TokenPlayers, output: str, *, embeddings: bool) -> ChunkValues:
-    """The chunk evaluator: baseline = a 0-d token id, or a (D,) embedding when ``embeddings``."""
+    """The chunk evaluator: baseline = a 0-d token id, or a (D,) embedding when ``embeddings``.
+
+    Each coalition is the full sentence's ``input_ids`` with the absent pieces' word embeddings
+    replaced (:func:`_with_word_embeddings`), not ids replaced by the baseline token: a [PAD]
+    id would move RoBERTa's positions and the token a GPT-2 classifier reads. Except in an
+    encoder-decoder classifier (BART, T5), whose decoder reads the sentence's ids shifted: there
+    the ids are replaced, so that the decoder does not see absent words (its positions do not
+    depend on the ids), and a baseline embedding is refused."""
     ids = encoding["input_ids"]
     # every piece of a player's word takes the player's bit: a piece left visible would leak
     # the absent word into v(x_S)
     pos = torch.as_tensor([p for pieces in players.pieces for p in pieces], device=ids.device)
     owner = torch.as_tensor([k for k, pieces in enumerate(players.pieces) for _ in pieces],
                             device=ids.device)
-    rest = {k: v for k, v in encoding.items() if k != "input_ids"}
-    words = model.body.get_input_embeddings()(ids[None])[0].detach() if embeddings else None
-
-    def batch_of(fields: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
-        return fields | {k: v.expand(size, -1) for k, v in rest.items()}
+    encoder_decoder = bool(getattr(getattr(model.body, "config", None), "is_encoder_decoder",
+                                   False))
+    if encoder_decoder and embeddings:
+        raise PretrainReuseError(f"{model.spec.name} is an encoder-decoder model, whose decoder "
+                                 "reads the sentence's ids: use a token baseline ('mask' or "
+                                 "'pad'), not an embedding")
+    layer = model.body.get_input_embeddings()
+    words = layer(ids[None])[0].detach()
 
     def values(baseline: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
         size = len(bits)
         present = torch.ones(size, len(ids), device=ids.device)
         present[:, pos] = bits[:, owner].to(present)
-        if embeddings:
-            keep = present[..., None].to(words.dtype)
-            fields = {"inputs_embeds": keep * words + (1 - keep) * baseline}
-        else:
-            fields = {"input_ids": torch.where(present.bool(), ids, baseline)}
-        return class_output(model(batch_of(fields, size)), label, output)
+        batch = {k: v.expand(size, -1) for k, v in encoding.items()}
+        if encoder_decoder:
+            batch["input_ids"] = torch.where(present.bool(), ids, baseline)
+            return class_output(model(batch), label, output)
+        if not embeddings:  # the token's word embedding, from the layer (as its id would get)
+            baseline = layer(baseline.reshape(1))[0].detach()
+        keep = present[..., None].to(words.dtype)
+        logits = _with_word_embeddings(model, layer, keep * words + (1 - keep) * baseline, batch)
+        return class_output(logits, label, output)
 
     return values
+
+
+def _with_word_embeddings(model: Backbone, layer: torch.nn.Module, embeds: torch.Tensor,
+                          batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``model(batch)`` with the output of its word-embedding ``layer`` replaced by ``embeds``
+    (B, L, D).
+
+    The model gets ``input_ids`` rather than ``inputs_embeds`` so that what it derives from the
+    ids is the full sentence's (passing ``inputs_embeds`` would make GPT-2-style classifiers read
+    the last position whatever the padding). A model that does not call the layer exactly once
+    per forward, on the sentence, cannot be masked this way: refused, not silently wrong."""
+    calls = 0
+
+    def replace(module: torch.nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls > 1 or out.shape != embeds.shape:
+            raise PretrainReuseError(
+                f"{model.spec.name}: token players need a model that embeds the sentence's "
+                "words once per forward; this one embeds other tokens too")
+        return embeds.to(out.dtype)
+
+    handle = layer.register_forward_hook(replace)
+    try:
+        logits = model(batch)
+    finally:
+        handle.remove()
+    if calls != 1:
+        raise PretrainReuseError(f"{model.spec.name}: token players need a model that embeds "
+                                 "the sentence's words with its get_input_embeddings() layer")
+    return logits
 
 
 def masked_text_game(model: Backbone, encoding: Mapping[str, torch.Tensor], label: int,
@@ -272,8 +336,8 @@ def masked_text_game(model: Backbone, encoding: Mapping[str, torch.Tensor], labe
             ``attention_mask``, ...), on the model's device.
         label: the class whose output is explained.
         players: :func:`token_players` of this encoding.
-        baseline: a token id replacing absent players (:func:`baseline_token`), or a (D,)
-            embedding replacing their word embeddings.
+        baseline: a token id (:func:`baseline_token`) or a (D,) embedding: its word embedding,
+            or the embedding, replaces those of absent players' pieces (module docstring).
         output: one of :data:`~.games.OUTPUTS`.
         batch_size: sentences per forward pass.
     """

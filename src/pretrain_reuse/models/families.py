@@ -283,8 +283,27 @@ def _hf_sequence_classifier_parts(transformers: ModuleType, folder: str, name: s
 
 
 def _max_length(tokenizer: Any, model: nn.Module) -> int:
-    """The tokenizer's limit, at most the model's position embeddings."""
-    return int(min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", 512)))
+    """The tokenizer's limit, at most the positions the model can embed: its position embeddings,
+    less the first ``padding_idx + 1`` where positions start after the pad index."""
+    positions = getattr(model.config, "max_position_embeddings", 512) - _position_offset(model)
+    return int(min(tokenizer.model_max_length, positions))
+
+
+def _position_offset(model: nn.Module) -> int:
+    """``padding_idx + 1`` for the models whose position ids count on from the pad index (fairseq's
+    ``make_positions``: RoBERTa, XLM-R, CamemBERT, Longformer, MPNet, ESM, ...), else 0.
+
+    They are known by their ``position_embeddings`` table, not a list of model types: only these
+    give it a ``padding_idx`` (the position of a pad token), as their position ids come from the
+    input ids, skipping pad tokens. (LXMERT's table has one without the offset: one position less
+    is then used, harmlessly.) Tables under other names (GPT-2's ``wpe``, M2M100's sinusoidal
+    ``embed_positions``, which has room for its offset) have none."""
+    for module in model.modules():
+        table = getattr(module, "position_embeddings", None)
+        pad = getattr(table, "padding_idx", None)  # nn.Embedding, or I-BERT's QuantEmbedding
+        if pad is not None:
+            return int(pad) + 1
+    return 0
 
 
 def hf_sequence_features(body: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
