@@ -2,6 +2,7 @@
 
 The report of a real demo run is tested in test_demo.py."""
 
+import html
 import json
 import shutil
 
@@ -282,3 +283,48 @@ def test_the_knowledge_section_states_what_the_numbers_rest_on(tmp_path, capsys,
     assert ("<tr><td>scratch</td><td>3</td><td>11–33</td><td>0.575</td><td>33</td><td>1</td>"
             "<td>0.500</td></tr>") in page
     assert 'alt="knowledge ratios by order"' in page and 'alt="convergence"' in page
+
+
+INJECTED = "A <img src=x onerror=alert(1)>"
+
+
+def _experiment(tmp_path, rows, name="table1", x_label=None, extra=None):
+    """An experiment folder whose table holds ``rows`` (no runs on disk unless they name seeds)."""
+    from pretrain_reuse.experiments import ExperimentTable
+
+    base = {"x": None, "recall": None, "units": None, "top1_mean": 0.5, "top1_std": None,
+            "top1_at_best_val_mean": None, "mean_class_acc_mean": None, "seeds": []}
+    out = tmp_path / "exp"
+    ExperimentTable(name, [{**base, **r} for r in rows], x_label, {}, {}, extra or {}).save(out)
+    return out
+
+
+def test_labels_from_the_run_files_are_escaped_in_the_page(tmp_path, capsys):
+    # a pre-training label of an experiment config, or an edited summary.json, must not run script
+    summary = _summary()
+    summary["scenario"].update(players=f"grid:{INJECTED}", pool_classes="<b>40</b>")
+    summary.update(seed="<i>seed</i>", quick="<u>q</u>")
+    run = _run(tmp_path, summary, _knowledge())
+    rc, _, err = _report(capsys, run)
+    assert rc == 0, err
+    page = (run / "report.html").read_text()
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert "<i>seed" not in page and "&lt;i&gt;seed" in page and "<u>q" not in page
+    correlation = {"preserve": {"pearson": 0.5, "pearson_ci": [0.1, 0.9], "spearman": 0.4,
+                                "spearman_ci": [None, None]}}
+    out = _experiment(tmp_path, [{"method": f"{INJECTED} fine-tuned"}, {"method": "vanilla"}],
+                      name="knowledge", extra={"models": [INJECTED, "B"],
+                                               "correlation": correlation})
+    rc, _, err = _report(capsys, out)
+    assert rc == 0, err
+    page = (out / "report.html").read_text()
+    assert "<img src=x" not in page and f"({html.escape(INJECTED)}, B)" in page
+
+
+def test_labels_are_inert_in_the_markdown_table(tmp_path):
+    out = _experiment(tmp_path, [{"method": f"{INJECTED} | x"}, {"method": "vanilla"}])
+    markdown = (out / "results.md").read_text()
+    assert "<img" not in markdown and "A &lt;img src=x onerror=alert(1)&gt; \\| x |" in markdown
+    # a row keeps its columns: the escaped bar does not split a cell
+    row = next(line for line in markdown.splitlines() if "onerror" in line)
+    assert row.replace("\\|", "").count("|") == markdown.splitlines()[2].count("|")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import html
 import io
 import math
 from dataclasses import dataclass, field
@@ -133,9 +134,9 @@ class ExperimentTable:
     def to_markdown(self) -> str:
         """The table as Markdown (``results.md``)."""
         head, body = self.cells()
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(cells) + " |" for cells in body]
-        note = self.note()
+        lines = ["| " + " | ".join(map(_markdown_text, head)) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(map(_markdown_text, cells)) + " |" for cells in body]
+        note = _markdown_text(self.note())
         return (f"# {RECIPES[self.name][2]}\n\n" + "\n".join(lines) + "\n"
                 + (f"\n{note}\n" if note else ""))
 
@@ -204,6 +205,12 @@ class ExperimentTable:
         ax.legend(fontsize=7, ncol=len(series))
         ax.set_title(RECIPES[self.name][2], fontsize=9)
         return ax
+
+
+def _markdown_text(text: str) -> str:
+    """``text`` (a cell or the note; labels come from the experiment's config) as inert Markdown:
+    a ``|`` would split the cell and HTML would be rendered by most Markdown viewers."""
+    return html.escape(text, quote=False).replace("|", "\\|").replace("\n", " ")
 
 
 def _ratio_cell(row: dict[str, Any], key: str) -> str:

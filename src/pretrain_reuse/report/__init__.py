@@ -57,6 +57,11 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _text(value: Any) -> str:
+    """``value`` (an entry of the run's files: a label, a count) as inert HTML text."""
+    return html.escape(str(value))
+
+
 def _fixed(value: float | None, digits: int = 3) -> str:
     """A number with ``digits`` decimals; "n/a" for None (a ratio or error no sample defines)."""
     return "n/a" if value is None else f"{value:.{digits}f}"
@@ -120,7 +125,7 @@ def _selection_section(run: Path, summary: dict) -> str:
              "the answer is known by construction: the {n} pool classes of the target's garments")
     parts = ["<p>Pre-training units are ranked by the row mass of the unbalanced OT plan towards "
              f"the target classes (Liu et al., NeurIPS 2022); {known.format(n=len(related))}, "
-             f"out of {scenario['pool_classes']} pool classes.</p>"]
+             f"out of {_text(scenario['pool_classes'])} pool classes.</p>"]
     uot = Selection.load(sel_dir / "classes-uot.json")
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
     uot.plot(ax, relevant=related)
@@ -201,12 +206,13 @@ def _compare(ft: dict, a: str, b: str, where: str = "") -> str:
     if a not in ft or b not in ft:
         return ""
     da = ft[a]["top1_mean"] - ft[b]["top1_mean"]
-    where = html.escape(where)
-    if min(len(ft[a]["seeds"]), len(ft[b]["seeds"])) < 2:  # one seed: its spread is undefined
+    one_seed = min(len(ft[a]["seeds"]), len(ft[b]["seeds"])) < 2  # its spread is undefined
+    spread = None if one_seed else max(ft[a]["top1_std"], ft[b]["top1_std"])
+    where, a, b = html.escape(where), html.escape(a), html.escape(b)  # labels of the run's files
+    if one_seed:
         word = "ahead of" if da > 0 else "not ahead of"
         return (f'<p class="note">{where}{a} is {word} {b} by {100 * da:+.2f} points on one seed: '
                 "no spread to compare with, so this is not evidence either way.</p>")
-    spread = max(ft[a]["top1_std"], ft[b]["top1_std"])
     if da > spread:
         return (f'<p class="good">{where}{a} beats {b} by {100 * da:.2f} points (more than the '
                 "seed spread).</p>")
@@ -234,12 +240,13 @@ def _knowledge_section(run: Path, scenario: dict) -> str:
     tau, match = params.get("tau", 0.05), params.get("match", "support")
     samples = k["samples"]
     dropped = samples["screened"] - samples["correct_for_all"]
-    parts = [f"<p>Interactions of each model's log-odds between the {samples['n']} samples' "
-             f"players (here: {_players_text(scenario['players'])}; absent players take the "
+    parts = [f"<p>Interactions of each model's log-odds between the {_text(samples['n'])} samples' "
+             f"players (here: {_text(_players_text(scenario['players']))}; absent players take the "
              f"{_BASELINE_TEXT.get(scenario.get('baseline', 'zero'), 'given')} baseline). "
-             f"Samples: {samples['n']} test images explained ({samples['asked']} asked), drawn "
-             f"among those every model classifies correctly: of the {samples['screened']} "
-             f"screened, {dropped} were dropped because some model misclassifies them. "
+             f"Samples: {_text(samples['n'])} test images explained ({_text(samples['asked'])} "
+             "asked), drawn among those every model classifies correctly: of the "
+             f"{_text(samples['screened'])} screened, {_text(dropped)} were dropped because some "
+             "model misclassifies them. "
              "Knowledge = salient interactions (|I| > "
              f"{100 * tau:g}% of the sample's largest).</p>",
              _models_table(run, k),
@@ -478,7 +485,7 @@ def _parameters_section(run: Path, summary: dict) -> str:
     versions = _versions(summary.get("meta", {}))
     plan = json.dumps(summary.get("plan", {}), indent=1)
     return _section("Parameters, versions and time", "parameters",
-                    f"<p>Seed {summary.get('seed')}, quick={summary.get('quick')}; "
+                    f"<p>Seed {_text(summary.get('seed'))}, quick={_text(summary.get('quick'))}; "
                     f"total {total:.0f} s of stage time.</p>" + versions +
                     _table(["stage", "seconds"], rows) + f"<pre>{html.escape(plan)}</pre>")
 
@@ -508,7 +515,8 @@ def _correlation(extra: dict) -> str:
     rows = [[k, num(c["pearson"]), ci(c["pearson_ci"]), num(c["spearman"]), ci(c["spearman_ci"])]
             for k, c in extra["correlation"].items()]
     return ("<h3>Knowledge ratios against test accuracy</h3>"
-            f"<p>Across {len(extra['models'])} fine-tuned models ({', '.join(extra['models'])}); "
+            f"<p>Across {len(extra['models'])} fine-tuned models "
+            f"({_text(', '.join(map(str, extra['models'])))}); "
             "intervals: bootstrap over explained samples (they do not cover model-to-model "
             "variation, so few models make any correlation fragile).</p>"
             + _table(["ratio", "Pearson", "95% CI", "Spearman", "95% CI"], rows))
