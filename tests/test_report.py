@@ -328,3 +328,42 @@ def test_labels_are_inert_in_the_markdown_table(tmp_path):
     # a row keeps its columns: the escaped bar does not split a cell
     row = next(line for line in markdown.splitlines() if "onerror" in line)
     assert row.replace("\\|", "").count("|") == markdown.splitlines()[2].count("|")
+
+
+@pytest.mark.parametrize("label", ["$5 to $10", r"B $\frac$ fine-tuned"])
+def test_a_label_with_dollars_is_drawn_literally(tmp_path, capsys, label):
+    # matplotlib would parse it as mathtext and fail after the experiment's whole compute
+    rows = [{"method": label}, {"method": "vanilla"}]
+    for name in ("table1", "knowledge"):
+        out = _experiment(tmp_path / name, rows, name=name)
+        assert (out / "results.png").stat().st_size > 0
+        rc, _, err = _report(capsys, out)
+        assert rc == 0, err
+    knowledge = _knowledge()
+    knowledge["strength_by_order"][label] = [0.5, 0.5]
+    rc, _, err = _report(capsys, _run(tmp_path, _summary(), knowledge))
+    assert rc == 0, err
+
+
+def test_a_dollar_label_is_not_set_as_maths():
+    # "$5 to $10" parses as maths ("5 to " in italics, the dollars gone) instead of failing
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import cbook
+
+    from pretrain_reuse.experiments import ExperimentTable
+
+    base = {"recall": None, "units": None, "top1_std": None, "top1_at_best_val_mean": None,
+            "mean_class_acc_mean": None, "seeds": [0]}
+    for rows, x_label in (([{"method": "$5 to $10", "x": None, "top1_mean": 0.5}], None),
+                          ([{"method": "$5 to $10", "x": x, "top1_mean": 0.5} for x in (1, 2)],
+                           "$ per $")):
+        fig, ax = plt.subplots()
+        ExperimentTable("table3", [{**base, **r} for r in rows], x_label, {}).plot(ax)
+        texts = [*ax.get_xticklabels(), *(ax.get_legend().get_texts() if ax.get_legend() else []),
+                 ax.xaxis.label]
+        drawn = [t.get_text() for t in texts if "$" in t.get_text()]
+        assert drawn and not any(cbook.is_math_text(t) for t in drawn)
+        plt.close(fig)

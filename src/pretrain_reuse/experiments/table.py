@@ -145,6 +145,8 @@ class ExperimentTable:
         variable, bars with the seed spread otherwise."""
         import matplotlib.pyplot as plt
 
+        from ..knowledge.plots import literal
+
         ax = ax or plt.gca()
         if self.name == "knowledge":
             return self._plot_knowledge(ax)
@@ -160,24 +162,25 @@ class ExperimentTable:
             rows = [next(r for r in self.rows if r["method"] == m) for m in methods]
             ax.bar(range(len(rows)), [r[key] for r in rows], yerr=spread(rows), color="C0",
                    capsize=3)
-            ax.set_xticks(range(len(rows)), methods, rotation=30, ha="right", fontsize=8)
+            ax.set_xticks(range(len(rows)), [literal(m) for m in methods], rotation=30,
+                          ha="right", fontsize=8)
             ax.set_ylim(0.0, None)  # a bar's length is its value: an axis from 0.4 triples a gap
             if swept:
-                ax.set_xlabel(f"{self.x_label} = {swept[0]:g}")
+                ax.set_xlabel(literal(f"{self.x_label} = {swept[0]:g}"))
         else:
             for i, m in enumerate(methods):
                 rows = [r for r in self.rows if r["method"] == m]
                 if rows[0]["x"] is None:  # a reference for every swept value (fig4b's vanilla)
-                    ax.axhline(rows[0][key], ls="--", color=f"C{i}", label=m)
+                    ax.axhline(rows[0][key], ls="--", color=f"C{i}", label=literal(m))
                     continue
                 xs = [r["x"] for r in rows]
                 ys = np.array([r[key] for r in rows])
                 # a single value (label-based selection) is a point with its spread
-                ax.errorbar(xs, ys, yerr=spread(rows), marker="o", color=f"C{i}", label=m,
+                ax.errorbar(xs, ys, yerr=spread(rows), marker="o", color=f"C{i}", label=literal(m),
                             capsize=3, ls="-" if len(rows) > 1 else "none")
             if self.name == "fig4a":
                 ax.set_xscale("log")
-            ax.set_xlabel(self.x_label)
+            ax.set_xlabel(literal(self.x_label))
             ax.legend(fontsize=8)
         ax.set_ylabel("test top-1 (final step)" if key == "top1_mean" else "recall")
         ax.set_title(RECIPES[self.name][2], fontsize=9)
@@ -186,7 +189,7 @@ class ExperimentTable:
     def _plot_knowledge(self, ax):
         """The knowledge recipe: per row (pre-training and model), bars of test top-1 and of the
         knowledge ratios side by side, each with its spread over seeds, on one axis from 0."""
-        from ..knowledge.plots import RATIO_COLOURS
+        from ..knowledge.plots import RATIO_COLOURS, literal
 
         series = [("top1", "test top-1", "C7"), *(
             (k, k, RATIO_COLOURS[k]) for k in KNOWLEDGE_RATIOS
@@ -198,7 +201,7 @@ class ExperimentTable:
                    [np.nan if r.get(mean) is None else r[mean] for r in self.rows], width,
                    yerr=[np.nan if r.get(std) is None else r[std] for r in self.rows],
                    color=colour, capsize=2, label=label)
-        ax.set_xticks(range(len(self.rows)), [r["method"] for r in self.rows], rotation=30,
+        ax.set_xticks(range(len(self.rows)), [literal(r["method"]) for r in self.rows], rotation=30,
                       ha="right", fontsize=8)
         ax.set_ylim(0.0, 1.05)
         ax.set_ylabel("mean ± std over seeds")

@@ -25,10 +25,17 @@ def _plt():
     return plt
 
 
+def literal(text: Any) -> str:
+    """``text`` (a label from a run's files or config) as matplotlib draws it letter for letter: a
+    ``$`` starts mathtext there, so ``$5 to $10`` would be set as maths and ``B $x`` fail to
+    draw. Every text drawn from user data goes through it."""
+    return str(text).replace("$", r"\$")
+
+
 def plot_strength_by_order(summary: dict[str, Any], ax) -> None:
     """Share of Σ|I| per interaction order, one line per model (``knowledge.json``)."""
     for role, hist in summary["strength_by_order"].items():
-        ax.plot(range(1, len(hist) + 1), hist, marker="o", label=role)
+        ax.plot(range(1, len(hist) + 1), hist, marker="o", label=literal(role))
     ax.set_xlabel("interaction order |S|")
     ax.set_ylabel("share of Σ|I|")
     ax.legend()
@@ -104,7 +111,7 @@ def plot_convergence(summary: dict[str, Any], ax) -> None:
             continue
         curve = summary[key]
         ax.plot(curve["steps"], curve["similarity"], marker="o", color=colour,
-                label=f"{run}: {curve['measure']} with its final knowledge")
+                label=literal(f"{run}: {curve['measure']} with its final knowledge"))
         ax.plot(curve["steps"], curve["detour"], marker="s", ls="--", color=colour,
                 label=f"{run}: detour")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -136,8 +143,8 @@ def draw_salient(ax, image: np.ndarray, masks: np.ndarray, x: Interactions, *, t
                 ax.add_patch(_plt().Rectangle((x0 - .5 + inset, y0 - .5 + inset),
                                               x1 - x0 - 2 * inset, y1 - y0 - 2 * inset,
                                               fill=False, lw=2, edgecolor=colour))
-        ax.plot([], [], color=colour, label=f"{kind} {value:+.2f}")
-    ax.set_title(str(x.info.get("class", "")), fontsize=8)
+        ax.plot([], [], color=colour, label=literal(f"{kind} {value:+.2f}"))
+    ax.set_title(literal(x.info.get("class", "")), fontsize=8)
     if salient:
         ax.legend(fontsize=6, loc="lower left", framealpha=0.7)
     ax.axis("off")

@@ -153,6 +153,8 @@ def _selection_section(run: Path, summary: dict) -> str:
 
 def _examples(sel, pool, per_class: int = 4, classes: int = 6) -> str:
     """Example images of the top selected classes."""
+    from ..knowledge.plots import literal
+
     plt = _plt()
     classes = min(classes, len(sel.selected))
     fig, axes = plt.subplots(classes, per_class, figsize=(per_class * 1.1, classes * 1.15),
@@ -163,12 +165,13 @@ def _examples(sel, pool, per_class: int = 4, classes: int = 6) -> str:
         for c, i in enumerate(idx):
             axes[r, c].imshow(pool.load(int(i)).permute(1, 2, 0).numpy())
             axes[r, c].axis("off")
-        axes[r, 0].set_title(pool.class_names[unit], fontsize=7, loc="left")
+        axes[r, 0].set_title(literal(pool.class_names[unit]), fontsize=7, loc="left")
     return _figure(fig, f"Images of the {classes} classes UOT ranks highest.", "selected examples")
 
 
 def _finetune_section(run: Path, summary: dict) -> str:
     from ..finetune.loop import RunResult
+    from ..knowledge.plots import literal
 
     plt = _plt()
     ft = summary["finetune"]
@@ -179,7 +182,7 @@ def _finetune_section(run: Path, summary: dict) -> str:
         path = run / "finetune" / f"{name}-seed{ft[name]['seeds'][0]}" / "result.json"
         r = RunResult.load(path)
         ax.plot([h["step"] for h in r.history], [h["test"]["top1"] for h in r.history],
-                marker="o", ms=3, label=name)
+                marker="o", ms=3, label=literal(name))
     ax.set_xlabel("step")
     ax.set_ylabel("target test top-1")
     ax.legend(fontsize=7, ncol=2)
@@ -526,6 +529,7 @@ def _experiment_body(run: Path) -> list[str]:
     """The page of an ``experiment`` folder: its table, plot, comparisons and curves."""
     from ..experiments import RECIPES, ExperimentTable
     from ..finetune.loop import RunResult
+    from ..knowledge.plots import literal
 
     plt = _plt()
     table = ExperimentTable.load(run)
@@ -549,7 +553,7 @@ def _experiment_body(run: Path) -> list[str]:
         for path in results[:12]:
             r = RunResult.load(path)
             ax.plot([h["step"] for h in r.history], [h["test"]["top1"] for h in r.history],
-                    marker="o", ms=3, label=path.parent.name)
+                    marker="o", ms=3, label=literal(path.parent.name))
         ax.set_xlabel("step")
         ax.set_ylabel("target test top-1")
         ax.legend(fontsize=6, ncol=2)
