@@ -367,3 +367,51 @@ def test_a_dollar_label_is_not_set_as_maths():
         drawn = [t.get_text() for t in texts if "$" in t.get_text()]
         assert drawn and not any(cbook.is_math_text(t) for t in drawn)
         plt.close(fig)
+
+
+def _edited(record: dict, path: str, value) -> dict:
+    *parents, last = path.split(".")
+    node = record
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    return record
+
+
+@pytest.mark.parametrize("file, path, value, needle", [
+    ("summary", "finetune", {"vanilla": {"mode": "vanilla", "seeds": [], "top1_mean": 0.9,
+                                         "top1_std": None, "top1_at_best_val_mean": 0.9}},
+     "IndexError"),
+    ("summary", "timing_s.pretrain", None, "TypeError"),
+    ("knowledge", "report.by_order.x", _knowledge()["report"]["by_order"]["1"], "ValueError"),
+    ("knowledge", "meta.params", {"tau": "0.05"}, "ValueError"),
+    ("knowledge", "counterfactual", {"n_sets": 3}, "lacks 'counterfactual.effect_ratio'"),
+])
+def test_a_demo_file_with_an_entry_of_the_wrong_type_is_one_line_naming_it(
+        tmp_path, capsys, file, path, value, needle):
+    summary, knowledge = _summary(), _knowledge()
+    _edited(summary if file == "summary" else knowledge, path, value)
+    run = _run(tmp_path, summary, knowledge)
+    rc, _, err = _report(capsys, run)
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    name = "summary.json" if file == "summary" else "knowledge/knowledge.json"
+    assert f"{name}' " in err and needle in err and "rerun `pretrain-reuse demo`" in err
+    assert not (run / "report.html").exists()
+
+
+@pytest.mark.parametrize("edit", [
+    lambda d: d.update(meta=[]),
+    lambda d: d["rows"][1].update(seeds=[0, 1], top1_std=None),
+    lambda d: [r.update(top1_mean=None, recall=None) for r in d["rows"]],
+])
+def test_an_experiment_json_with_an_entry_of_the_wrong_type_is_one_line_naming_it(
+        tmp_path, capsys, edit):
+    out = _experiment(tmp_path, [{"method": "vanilla"}, {"method": "reuse uot classes"}])
+    record = json.loads((out / "experiment.json").read_text())
+    edit(record)
+    (out / "experiment.json").write_text(json.dumps(record))
+    rc, _, err = _report(capsys, out)
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "experiment.json' holds an entry the report cannot read" in err
+    assert "damaged or was written by another version" in err and "into a new --out" in err
+    assert not (out / "report.html").exists()

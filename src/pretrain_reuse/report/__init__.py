@@ -5,12 +5,15 @@ Every figure is drawn from the files of the run (``summary.json``, selections, f
 results, ``knowledge/``); sections whose files are absent are left out. Statements comparing
 methods are generated from the numbers, so a result that does not favour a method says so. A
 ``summary.json`` or ``knowledge.json`` that lacks an entry the report reads (written by an older
-version, or not a demo's) is refused in one line naming the entry, before anything is written.
+version, or not a demo's) is refused in one line naming the entry, before anything is written;
+so is a file whose entry has a type or value the report cannot use (edited by hand, or damaged),
+naming the file.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
@@ -91,6 +94,12 @@ SUMMARY_KEYS = (
     "finetune.*.mode", "finetune.*.seeds", "finetune.*.top1_mean", "finetune.*.top1_std",
     "finetune.*.top1_at_best_val_mean",
 )
+
+#: The entries of ``knowledge.json``'s counterfactual check the report reads when it made sets.
+COUNTERFACTUAL_KEYS = tuple(f"counterfactual.{e}" for e in (
+    "effect_ratio", "mean_abs_change_preserved", "mean_abs_change_random"))
+
+
 def _check_entries(record: dict, keys: tuple[str, ...], path: Path) -> None:
     """Refuse a record lacking one of ``keys``: the report would fail half-way."""
     from ..knowledge.analysis import missing_entry
@@ -102,6 +111,28 @@ def _check_entries(record: dict, keys: tuple[str, ...], path: Path) -> None:
                 f"{str(path)!r} lacks {missing!r}: it was written by an older version of "
                 "pretrain-reuse or is not a demo's; rerun `pretrain-reuse demo` (into a new "
                 "--out) and report on that folder")
+
+
+#: What the report says to do about a demo's file it cannot read (as :func:`_check_entries`).
+DEMO_REDO = "rerun `pretrain-reuse demo` (into a new --out) and report on that folder"
+#: ... about an experiment's (as :meth:`~pretrain_reuse.experiments.ExperimentTable.load`).
+EXPERIMENT_REDO = "rerun the experiment into a new --out and report on that folder"
+
+
+@contextlib.contextmanager
+def _reading(path: Path, redo: str):
+    """Refuse, in one line naming ``path``, an entry of ``path`` the report cannot use: the key
+    checks above only know that entries exist, and a file edited by hand or written by another
+    version can hold one of another type or value (a list for a mapping, a string for a number).
+    The error's type and message are kept in the line, so that a bug of the report shows too."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        what = " ".join(str(e).split())[:200]
+        raise PretrainReuseError(
+            f"{str(path)!r} holds an entry the report cannot read ({type(e).__name__}: {what}): "
+            f"the file is damaged or was written by another version of pretrain-reuse; {redo}"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,9 +211,10 @@ def _finetune_section(run: Path, summary: dict) -> str:
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for name in ft:
         path = run / "finetune" / f"{name}-seed{ft[name]['seeds'][0]}" / "result.json"
-        r = RunResult.load(path)
-        ax.plot([h["step"] for h in r.history], [h["test"]["top1"] for h in r.history],
-                marker="o", ms=3, label=literal(name))
+        with _reading(path, DEMO_REDO):
+            r = RunResult.load(path)
+            ax.plot([h["step"] for h in r.history], [h["test"]["top1"] for h in r.history],
+                    marker="o", ms=3, label=literal(name))
     ax.set_xlabel("step")
     ax.set_ylabel("target test top-1")
     ax.legend(fontsize=7, ncol=2)
@@ -225,7 +257,7 @@ def _compare(ft: dict, a: str, b: str, where: str = "") -> str:
     return f'<p class="note">{where}{a} does <b>not</b> beat {b} here ({100 * da:+.2f} points).</p>'
 
 
-def _knowledge_section(run: Path, scenario: dict) -> str:
+def _knowledge_section(run: Path, scenario: dict, players: str) -> str:
     from ..knowledge.analysis import SUMMARY_KEYS as KNOWLEDGE_KEYS
 
     kdir = run / "knowledge"
@@ -244,7 +276,7 @@ def _knowledge_section(run: Path, scenario: dict) -> str:
     samples = k["samples"]
     dropped = samples["screened"] - samples["correct_for_all"]
     parts = [f"<p>Interactions of each model's log-odds between the {_text(samples['n'])} samples' "
-             f"players (here: {_text(_players_text(scenario['players']))}; absent players take the "
+             f"players (here: {_text(players)}; absent players take the "
              f"{_BASELINE_TEXT.get(scenario.get('baseline', 'zero'), 'given')} baseline). "
              f"Samples: {_text(samples['n'])} test images explained ({_text(samples['asked'])} "
              "asked), drawn among those every model classifies correctly: of the "
@@ -307,6 +339,7 @@ def _knowledge_section(run: Path, scenario: dict) -> str:
                        _fixed(f["max_over_samples"], 4)] for r, f in faith.items()]))
     cf = k["counterfactual"]
     if cf.get("n_sets"):
+        _check_entries(k, COUNTERFACTUAL_KEYS, kdir / "knowledge.json")
         ratio = cf["effect_ratio"]  # None when removing random players changed nothing
         verdict = ("Removing random players does not change the output, so the ratio is undefined"
                    if ratio is None else
@@ -551,9 +584,10 @@ def _experiment_body(run: Path) -> list[str]:
     if results:
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
         for path in results[:12]:
-            r = RunResult.load(path)
-            ax.plot([h["step"] for h in r.history], [h["test"]["top1"] for h in r.history],
-                    marker="o", ms=3, label=literal(path.parent.name))
+            with _reading(path, EXPERIMENT_REDO):
+                r = RunResult.load(path)
+                ax.plot([h["step"] for h in r.history], [h["test"]["top1"] for h in r.history],
+                        marker="o", ms=3, label=literal(path.parent.name))
         ax.set_xlabel("step")
         ax.set_ylabel("target test top-1")
         ax.legend(fontsize=6, ncol=2)
@@ -577,7 +611,9 @@ def build_report(run_dir: str | Path) -> Path:
         raise PretrainReuseError(f"{str(run)!r} is a file; pass the demo or experiment folder "
                                  "that holds it")
     if (run / "experiment.json").exists():
-        return _write_page(run, _experiment_body(run))
+        with _reading(run / "experiment.json", EXPERIMENT_REDO):
+            body = _experiment_body(run)
+        return _write_page(run, body)
     summary_path = run / "summary.json"
     if not summary_path.exists():
         what = (" (it is a knowledge folder: its numbers are in knowledge.json and its figures "
@@ -587,17 +623,22 @@ def build_report(run_dir: str | Path) -> Path:
                                  "pass a demo or experiment run folder")
     summary = read_json(summary_path, "summary")
     _check_entries(summary, SUMMARY_KEYS, summary_path)
-    body = [
-        "<h1>pretrain-reuse report</h1>",
-        "<p>Selection of pre-training data by unbalanced optimal transport (Liu et al., NeurIPS "
-        "2022) and the knowledge pre-training hands to the fine-tuned model (Jiang, Cheng &amp; "
-        f"Li, arXiv 2410.08455), on {html.escape(summary['scenario']['description'])}. Run "
-        f"folder: <code>{html.escape(str(run))}</code>.</p>",
-        _selection_section(run, summary),
-        _finetune_section(run, summary),
-        _knowledge_section(run, summary["scenario"]),
-        _parameters_section(run, summary),
-    ]
+    with _reading(summary_path, DEMO_REDO):
+        body = [
+            "<h1>pretrain-reuse report</h1>",
+            "<p>Selection of pre-training data by unbalanced optimal transport (Liu et al., "
+            "NeurIPS 2022) and the knowledge pre-training hands to the fine-tuned model (Jiang, "
+            f"Cheng &amp; Li, arXiv 2410.08455), on "
+            f"{html.escape(str(summary['scenario']['description']))}. Run folder: "
+            f"<code>{html.escape(str(run))}</code>.</p>",
+            _selection_section(run, summary),
+            _finetune_section(run, summary),
+        ]
+        players = _players_text(summary["scenario"]["players"])
+    with _reading(run / "knowledge" / "knowledge.json", DEMO_REDO):
+        body.append(_knowledge_section(run, summary["scenario"], players))
+    with _reading(summary_path, DEMO_REDO):
+        body.append(_parameters_section(run, summary))
     return _write_page(run, body)
 
 
