@@ -415,3 +415,52 @@ def test_an_experiment_json_with_an_entry_of_the_wrong_type_is_one_line_naming_i
     assert "experiment.json' holds an entry the report cannot read" in err
     assert "damaged or was written by another version" in err and "into a new --out" in err
     assert not (out / "report.html").exists()
+
+
+def test_the_sections_a_partial_demo_folder_lacks_are_replaced_by_a_note(tmp_path, capsys):
+    # the selections' recalls are in summary.json: their table is shown without selections/
+    (tmp_path / "a").mkdir()
+    run = _run(tmp_path / "a", _summary())
+    (run / "run.json").write_text(json.dumps({"kind": "demo-run", "params": {
+        "quick": True, "seed": 3, "scenario": "world"}}))
+    rc, _, err = _report(capsys, run)
+    assert rc == 0, err
+    page = (run / "report.html").read_text()
+    rerun = f"rerun <code>pretrain-reuse demo --quick --seed 3 --out {run.resolve()}</code>"
+    for missing in ("selections/", "knowledge/knowledge.json"):
+        assert f"Not in this folder: {missing}" in page
+    assert page.count(rerun) == 2
+    assert "<td>classes-uot</td><td>0.500</td><td>2</td>" in page
+    # a knowledge analysis without its interaction files: no overlays, and a note says so
+    (tmp_path / "b").mkdir()
+    run = _run(tmp_path / "b", _summary(), _knowledge())
+    rc, _, err = _report(capsys, run)
+    assert rc == 0, err
+    page = (run / "report.html").read_text()
+    assert "Not in this folder: knowledge/finetuned/interactions-*.safetensors" in page
+    assert "Knowledge handed over by pre-training" in page
+
+
+@pytest.mark.parametrize("kind, command", [
+    ("demo-run", "pretrain-reuse demo --quick --out"),
+    ("experiment-run", "pretrain-reuse experiment table1 --config CONFIG --out")])
+def test_an_unfinished_run_folder_says_so_and_names_its_rerun(tmp_path, capsys, kind, command):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"kind": kind, "params": {
+        "quick": True, "seed": 0, "scenario": "world", "experiment": "table1"}}))
+    rc, _, err = _report(capsys, run)
+    assert rc == 2 and err.count("\n") == 1
+    what = kind.split("-")[0]
+    assert f"this {what} has not finished" in err and "with the same --out to resume it" in err
+    assert f"{command} {run}`" in err and "pass a demo or experiment" not in err
+
+
+def test_a_missing_run_of_an_experiment_names_the_rerun(tmp_path, capsys):
+    out = _experiment(tmp_path, [{"method": "vanilla", "seeds": [0]}])
+    (out / "run.json").write_text(json.dumps({"kind": "experiment-run",
+                                              "params": {"experiment": "table1"}}))
+    rc, _, err = _report(capsys, out)
+    assert rc == 2 and err.count("\n") == 1
+    assert "runs/vanilla-seed0/result.json' does not exist: the run has not finished" in err
+    assert f"rerun `pretrain-reuse experiment table1 --config CONFIG --out {out}`" in err

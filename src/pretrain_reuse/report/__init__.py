@@ -2,7 +2,11 @@
 base64 PNG, no external resources) from a run folder.
 
 Every figure is drawn from the files of the run (``summary.json``, selections, fine-tuning
-results, ``knowledge/``); sections whose files are absent are left out. Statements comparing
+results, ``knowledge/``). A demo folder lacking ``selections/``, ``knowledge/`` or the knowledge
+interaction files shows, in place of what they draw, a note naming them and the ``demo`` command
+that computes them (the selections' recalls, from ``summary.json``, are shown still); a folder
+whose ``demo`` or ``experiment`` has not finished is refused naming the command that resumes
+it, as is a missing fine-tuning result. Statements comparing
 methods are generated from the numbers, so a result that does not favour a method says so. A
 ``summary.json`` or ``knowledge.json`` that lacks an entry the report reads (written by an older
 version, or not a demo's) is refused in one line naming the entry, before anything is written;
@@ -135,6 +139,52 @@ def _reading(path: Path, redo: str):
         ) from None
 
 
+def _marker(run: Path) -> dict:
+    """The ``run.json`` a demo or experiment writes first (its kind and options); empty when the
+    folder has none or it cannot be read (it only words the advice of a message)."""
+    try:
+        marker = json.loads((run / "run.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) and isinstance(marker.get("params"), dict) else {}
+
+
+def _demo_command(run: Path) -> str:
+    """The command that resumes the demo in ``run`` (with the options of its ``run.json``): the
+    demo skips the stages whose files it finds and computes the others."""
+    params = _marker(run).get("params", {})
+    options = "".join([
+        f" --scenario {params['scenario']}" if params.get("scenario", "world") != "world" else "",
+        " --quick" if params.get("quick") else "",
+        f" --seed {params['seed']}" if params.get("seed", 0) != 0 else ""])
+    return f"pretrain-reuse demo{options} --out {run}"
+
+
+def _experiment_command(run: Path) -> str:
+    """The command that resumes the experiment in ``run`` (its config file is not recorded:
+    CONFIG stands for it)."""
+    name = _marker(run).get("params", {}).get("experiment", "NAME")
+    return f"pretrain-reuse experiment {name} --config CONFIG --out {run}"
+
+
+def _omitted(what: str, run: Path) -> str:
+    """The note shown in place of a section (or figure) whose files the demo folder lacks."""
+    return (f'<p class="note">Not in this folder: {html.escape(what)}; rerun '
+            f"<code>{html.escape(_demo_command(run))}</code> to compute it.</p>")
+
+
+def _run_result(path: Path, command: str):
+    """The fine-tuning result at ``path``; a missing one is refused naming the ``command`` that
+    computes it (a run stopped before it finished, or removed)."""
+    from ..finetune.loop import RunResult
+
+    if not path.exists():
+        raise PretrainReuseError(f"{str(path)!r} does not exist: the run has not finished or was "
+                                 f"removed; rerun `{command}` (its command, with the same --out) "
+                                 "to compute it")
+    return RunResult.load(path)
+
+
 # --------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------
@@ -145,8 +195,6 @@ def _selection_section(run: Path, summary: dict) -> str:
 
     plt = _plt()
     sel_dir = run / "selections"
-    if not sel_dir.exists():
-        return ""
     from ..data.catalog import open_dataset
 
     scenario = summary["scenario"]
@@ -157,12 +205,17 @@ def _selection_section(run: Path, summary: dict) -> str:
     parts = ["<p>Pre-training units are ranked by the row mass of the unbalanced OT plan towards "
              f"the target classes (Liu et al., NeurIPS 2022); {known.format(n=len(related))}, "
              f"out of {_text(scenario['pool_classes'])} pool classes.</p>"]
-    uot = Selection.load(sel_dir / "classes-uot.json")
-    fig, ax = plt.subplots(figsize=(6.4, 3.2))
-    uot.plot(ax, relevant=related)
-    ax.set_title("UOT score of every pre-training class, sorted (cf. Fig. 2b)")
-    parts.append(_figure(fig, "Sorted log row mass of the UOT plan; red dots: the planted related "
-                         "classes; dashed line: the selection size.", "UOT scores"))
+    # without the selections, their recalls (summary.json) are still shown, their figures not
+    uot = Selection.load(sel_dir / "classes-uot.json") if sel_dir.exists() else None
+    if uot is None:
+        parts.append(_omitted("selections/ (the UOT scores and the images of the selected "
+                              "classes)", run))
+    else:
+        fig, ax = plt.subplots(figsize=(6.4, 3.2))
+        uot.plot(ax, relevant=related)
+        ax.set_title("UOT score of every pre-training class, sorted (cf. Fig. 2b)")
+        parts.append(_figure(fig, "Sorted log row mass of the UOT plan; red dots: the planted "
+                             "related classes; dashed line: the selection size.", "UOT scores"))
     rows = [[name, f"{v['recall']:.3f}", v["k"]] for name, v in summary["selection"].items()]
     parts.append(_table(["selection", "recall of related classes (samples, for clusters)",
                          "units selected"], rows))
@@ -178,7 +231,8 @@ def _selection_section(run: Path, summary: dict) -> str:
         else:
             parts.append(f'<p class="note">UOT does <b>not</b> recover more related classes than '
                          f"{other} selection here ({u:.3f} vs {o:.3f}).</p>")
-    parts.append(_examples(uot, pool=open_dataset(scenario["pool"])))
+    if uot is not None:
+        parts.append(_examples(uot, pool=open_dataset(scenario["pool"])))
     return _section("Selection of pre-training data", "selection", "".join(parts))
 
 
@@ -201,7 +255,6 @@ def _examples(sel, pool, per_class: int = 4, classes: int = 6) -> str:
 
 
 def _finetune_section(run: Path, summary: dict) -> str:
-    from ..finetune.loop import RunResult
     from ..knowledge.plots import literal
 
     plt = _plt()
@@ -211,8 +264,8 @@ def _finetune_section(run: Path, summary: dict) -> str:
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for name in ft:
         path = run / "finetune" / f"{name}-seed{ft[name]['seeds'][0]}" / "result.json"
+        r = _run_result(path, _demo_command(run))
         with _reading(path, DEMO_REDO):
-            r = RunResult.load(path)
             ax.plot([h["step"] for h in r.history], [h["test"]["top1"] for h in r.history],
                     marker="o", ms=3, label=literal(name))
     ax.set_xlabel("step")
@@ -262,7 +315,8 @@ def _knowledge_section(run: Path, scenario: dict, players: str) -> str:
 
     kdir = run / "knowledge"
     if not (kdir / "knowledge.json").exists():
-        return ""
+        return _section("Knowledge handed over by pre-training", "knowledge", _omitted(
+            "knowledge/knowledge.json (the knowledge analysis)", run))
     plt = _plt()
     k = read_json(kdir / "knowledge.json", "knowledge")
     if k.get("finished") is False:
@@ -461,7 +515,8 @@ def _overlays(run: Path, scenario: dict, tau: float, match: str, samples: int = 
 
     files = sorted((run / "knowledge" / "finetuned").glob("interactions-*.safetensors"))[:samples]
     if not files:
-        return ""
+        return _omitted("knowledge/finetuned/interactions-*.safetensors (the images with the "
+                        "strongest preserved interactions)", run)
     test = open_dataset(scenario["target"], split="test")
     cfg = ExplainConfig(players=scenario["players"])
     shown, among = [], []
@@ -561,7 +616,6 @@ def _correlation(extra: dict) -> str:
 def _experiment_body(run: Path) -> list[str]:
     """The page of an ``experiment`` folder: its table, plot, comparisons and curves."""
     from ..experiments import RECIPES, ExperimentTable
-    from ..finetune.loop import RunResult
     from ..knowledge.plots import literal
 
     plt = _plt()
@@ -584,8 +638,8 @@ def _experiment_body(run: Path) -> list[str]:
     if results:
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
         for path in results[:12]:
+            r = _run_result(path, _experiment_command(run))
             with _reading(path, EXPERIMENT_REDO):
-                r = RunResult.load(path)
                 ax.plot([h["step"] for h in r.history], [h["test"]["top1"] for h in r.history],
                         marker="o", ms=3, label=literal(path.parent.name))
         ax.set_xlabel("step")
@@ -615,6 +669,13 @@ def build_report(run_dir: str | Path) -> Path:
             body = _experiment_body(run)
         return _write_page(run, body)
     summary_path = run / "summary.json"
+    kind = _marker(run).get("kind")
+    if not summary_path.exists() and kind in ("demo-run", "experiment-run"):
+        what, command = (("demo", _demo_command(run)) if kind == "demo-run" else
+                         ("experiment", _experiment_command(run)))
+        raise PretrainReuseError(f"{str(run)!r}: this {what} has not finished (it has no "
+                                 f"{'summary' if what == 'demo' else 'experiment'}.json yet); "
+                                 f"rerun its command with the same --out to resume it: `{command}`")
     if not summary_path.exists():
         what = (" (it is a knowledge folder: its numbers are in knowledge.json and its figures "
                 "beside it; report renders it as part of a demo run, or of an experiment's "
