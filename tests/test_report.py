@@ -464,3 +464,33 @@ def test_a_missing_run_of_an_experiment_names_the_rerun(tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 1
     assert "runs/vanilla-seed0/result.json' does not exist: the run has not finished" in err
     assert f"rerun `pretrain-reuse experiment table1 --config CONFIG --out {out}`" in err
+
+
+def test_the_experiment_curves_draw_every_row_with_its_own_colour(tmp_path, capsys, monkeypatch):
+    # table1 with clusters rows has more runs than the 12 curves drawn before, and 10 colours
+    import pretrain_reuse.report as report
+    from pretrain_reuse.experiments.table import run_folder
+    from pretrain_reuse.finetune.loop import RunResult
+
+    rows = [{"method": f"method {i}", "seeds": [0, 1] if i == 0 else [0], "top1_std": 0.1}
+            for i in range(13)]
+    out = _experiment(tmp_path, rows)
+    for r in rows:
+        for s in r["seeds"]:
+            history = [{"step": t, "test": {"top1": 0.2 + 0.2 * s + 0.01 * t}} for t in (1, 2)]
+            RunResult({}, history, {}, {}).save(run_folder(out, r["method"], None, s) / "result.json")
+    drawn = []
+    monkeypatch.setattr(report, "_figure", lambda fig, caption, alt: drawn.append(
+        (fig, caption)) or "")
+    assert _report(capsys, out)[0] == 0
+    fig, caption = next((f, c) for f, c in drawn if c.startswith("Fine-tuning curves"))
+    assert caption.startswith("Fine-tuning curves (14 of 14 runs)")
+    (ax,) = fig.axes
+    assert [line.get_label() for line in ax.lines] == [r["method"] for r in rows]
+    assert len({line.get_color() for line in ax.lines}) == 13
+    assert list(ax.lines[0].get_ydata()) == pytest.approx([0.31, 0.32])  # the mean of 2 seeds
+    fig.canvas.draw()  # the legend sits beside the axes, not over the curves
+    assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1
+    import matplotlib.pyplot as plt
+
+    plt.close("all")  # _figure, replaced above, closed them

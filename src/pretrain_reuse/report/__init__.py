@@ -613,10 +613,46 @@ def _correlation(extra: dict) -> str:
             + _table(["ratio", "Pearson", "95% CI", "Spearman", "95% CI"], rows))
 
 
+def _experiment_curves(run: Path, table) -> str:
+    """The fine-tuning curves of every row of the ``table`` (its runs only: the folder may hold
+    others, of seeds dropped on a rerun): the mean test top-1 over the row's seeds at each step,
+    one colour per row, the legend beside the axes (table1 alone has 8 rows)."""
+    from ..experiments.table import run_folder
+    from ..knowledge.plots import literal
+
+    rows = [r for r in table.rows if r["seeds"]]
+    if not rows:
+        return ""
+    plt = _plt()
+    # distinct colours: the 10 of tab10, then the 20 of tab20, then a sequential map
+    colours = ([plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")(i) for i in range(len(rows))]
+               if len(rows) <= 20 else list(plt.get_cmap("viridis")(np.linspace(0, 1, len(rows)))))
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for row, colour in zip(rows, colours, strict=True):
+        top1: dict[int, list[float]] = {}  # step -> the seeds' test top-1 there
+        for seed in row["seeds"]:
+            path = run_folder(run, row["method"], row["x"], seed) / "result.json"
+            result = _run_result(path, _experiment_command(run))
+            with _reading(path, EXPERIMENT_REDO):
+                for h in result.history:
+                    top1.setdefault(h["step"], []).append(h["test"]["top1"])
+        steps = sorted(top1)
+        x = f"{row['x']:g}" if isinstance(row["x"], float) else row["x"]  # 3.0 as 3
+        label = row["method"] + ("" if x is None else f" ({table.x_label} = {x})")
+        ax.plot(steps, [np.mean(top1[t]) for t in steps], marker="o", ms=3, color=colour,
+                label=literal(label))
+    ax.set_xlabel("step")
+    ax.set_ylabel("target test top-1 (mean over seeds)")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    runs = sum(len(r["seeds"]) for r in rows)
+    return _figure(fig, f"Fine-tuning curves ({runs} of {runs} runs): one line per row of the "
+                   "table, the mean test top-1 over its seeds at each evaluation.",
+                   f"fine-tuning curves of the {len(rows)} rows")
+
+
 def _experiment_body(run: Path) -> list[str]:
     """The page of an ``experiment`` folder: its table, plot, comparisons and curves."""
     from ..experiments import RECIPES, ExperimentTable
-    from ..knowledge.plots import literal
 
     plt = _plt()
     table = ExperimentTable.load(run)
@@ -633,20 +669,7 @@ def _experiment_body(run: Path) -> list[str]:
     parts = [_figure(fig, RECIPES[table.name][2], "experiment results"),
              _table(*table.cells()), *([f"<p>{html.escape(note)}</p>"] if note else []), *verdicts]
     parts.append(_correlation(table.extra))
-    # the runs of the table's rows and seeds: the folder may hold others (seeds dropped on a rerun)
-    results = [d / "result.json" for d in table.run_dirs(run)]
-    if results:
-        fig, ax = plt.subplots(figsize=(6.4, 3.6))
-        for path in results[:12]:
-            r = _run_result(path, _experiment_command(run))
-            with _reading(path, EXPERIMENT_REDO):
-                ax.plot([h["step"] for h in r.history], [h["test"]["top1"] for h in r.history],
-                        marker="o", ms=3, label=literal(path.parent.name))
-        ax.set_xlabel("step")
-        ax.set_ylabel("target test top-1")
-        ax.legend(fontsize=6, ncol=2)
-        parts.append(_figure(fig, f"Fine-tuning curves ({min(12, len(results))} of "
-                             f"{len(results)} runs).", "fine-tuning curves"))
+    parts.append(_experiment_curves(run, table))
     params = json.dumps(table.params, indent=1)
     return [f"<h1>pretrain-reuse experiment {html.escape(table.name)}</h1>",
             f"<p>{html.escape(RECIPES[table.name][2])}"
