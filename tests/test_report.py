@@ -89,7 +89,7 @@ def test_the_discrimination_figure_is_shown_only_with_a_class_of_two_samples(tmp
         run = _run(tmp_path / str(case), _summary(), knowledge)
         rc, _, err = _report(capsys, run)
         assert rc == 0, err
-        assert ('alt="discrimination purity"' in (run / "report.html").read_text()) == shown
+        assert ('alt="discrimination purity. ' in (run / "report.html").read_text()) == shown
 
 
 def _without(record: dict, path: str) -> dict:
@@ -223,7 +223,7 @@ def test_interactions_that_do_not_fit_the_run_are_one_line(tmp_path, capsys):
     (run / "summary.json").write_text(json.dumps(summary))
     rc, _, err = _report(capsys, run)
     assert rc == 0, err
-    assert 'alt="salient interactions"' in (run / "report.html").read_text()
+    assert 'alt="salient interactions. ' in (run / "report.html").read_text()
 
 
 def test_a_knowledge_folder_or_a_file_is_named_as_such(tmp_path, capsys):
@@ -282,7 +282,7 @@ def test_the_knowledge_section_states_what_the_numbers_rest_on(tmp_path, capsys,
             "<td>0.250</td></tr>") in page
     assert ("<tr><td>scratch</td><td>3</td><td>11–33</td><td>0.575</td><td>33</td><td>1</td>"
             "<td>0.500</td></tr>") in page
-    assert 'alt="knowledge ratios by order"' in page and 'alt="convergence"' in page
+    assert 'alt="knowledge ratios by order. ' in page and 'alt="convergence. ' in page
 
 
 INJECTED = "A <img src=x onerror=alert(1)>"
@@ -494,3 +494,64 @@ def test_the_experiment_curves_draw_every_row_with_its_own_colour(tmp_path, caps
     import matplotlib.pyplot as plt
 
     plt.close("all")  # _figure, replaced above, closed them
+
+
+def test_the_knowledge_plots_name_their_y_axis_and_show_whole_error_bars():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pretrain_reuse.knowledge.plots import plot_convergence, plot_ratios, plot_ratios_by_order
+
+    knowledge = _knowledge()
+    knowledge["report"]["overall"]["preserve"].update(mean=0.9, std=0.3)
+    knowledge["convergence"] = _curve([1, 2], [0.5, 1.0])
+    for draw in (plot_ratios, plot_ratios_by_order, plot_convergence):
+        fig, ax = plt.subplots()
+        draw(knowledge, ax)
+        assert ax.get_ylabel(), draw.__name__
+        if draw is plot_ratios:
+            assert ax.get_ylim()[1] >= 1.2  # the error bar of preserve reaches 0.9 + 0.3
+        plt.close(fig)
+    rows = [{"method": "A fine-tuned", "top1_mean": 0.95, "top1_std": 0.1, "seeds": [0, 1],
+             "preserve": 0.9, "preserve_std": 0.2}]
+    fig, ax = plt.subplots()
+    _experiment_table("knowledge", rows).plot(ax)
+    assert ax.get_ylim()[1] >= 1.1
+    plt.close(fig)
+
+
+def _experiment_table(name, rows, x_label=None):
+    from pretrain_reuse.experiments import ExperimentTable
+
+    base = {"x": None, "recall": None, "units": None, "top1_mean": None, "top1_std": None,
+            "top1_at_best_val_mean": None, "mean_class_acc_mean": None, "seeds": []}
+    return ExperimentTable(name, [{**base, **r} for r in rows], x_label, {})
+
+
+def test_a_selection_only_table_shows_no_always_empty_columns(tmp_path):
+    rows = [{"method": "uot", "x": x, "recall": 0.5, "units": 3.0} for x in (0.1, 1.0)]
+    table = _experiment_table("fig4a", rows, "eps")
+    head, body = table.cells()
+    assert head == ["method", "eps", "recall", "units"] and body[0] == ["uot", "0.1", "0.5000", "3"]
+    table.save(tmp_path)
+    assert "seeds" not in (tmp_path / "results.md").read_text()
+    assert "top1_mean" in (tmp_path / "results.csv").read_text().splitlines()[0]  # CSV stays
+
+
+def test_the_page_is_accessible_and_does_not_depend_on_how_the_path_was_typed(
+        tmp_path, capsys, monkeypatch):
+    knowledge = _knowledge()
+    knowledge["ground_truth"] = {"finetuned": {"n_samples": 2, "overall": {
+        "precision": {"mean": 0.4567}, "recall": {"mean": 0.5}, "signed_recall": {"mean": 0.5}}}}
+    run = _run(tmp_path, _summary(), knowledge)
+    assert _report(capsys, run)[0] == 0
+    page = (run / "report.html").read_text()
+    monkeypatch.chdir(tmp_path)
+    assert _report(capsys, "run")[0] == 0
+    assert (run / "report.html").read_text() == page
+    assert "precision at most 0.457 for every model" in page
+    assert "<html lang='en'>" in page and "<thead><tr><th scope=\"col\">" in page
+    assert "<th>" not in page
+    assert 'alt="knowledge ratios: preserve 0.500, new 0.500. preserve = ' in page

@@ -114,7 +114,10 @@ class ExperimentTable:
                          *([_validation_cell(r)] if val else []),
                          str(len(r["seeds"])) if r["seeds"] else "",
                          *(_ratio_cell(r, k) for k in ratios)])
-        return head, body
+        # a column empty in every row (a selection-only table's accuracies and seeds) says
+        # nothing; results.csv keeps every column
+        keep = [j for j in range(len(head)) if j == 0 or not body or any(b[j] for b in body)]
+        return [head[j] for j in keep], [[b[j] for j in keep] for b in body]
 
     def note(self) -> str:
         """What the knowledge recipe's ratios rest on (the settings of its analyses and their
@@ -195,15 +198,18 @@ class ExperimentTable:
             (k, k, RATIO_COLOURS[k]) for k in KNOWLEDGE_RATIOS
             if any(r.get(k) is not None for r in self.rows))]
         width = 0.8 / len(series)
+        tops = [1.0]  # the tops of the bars with their error bars
         for j, (key, label, colour) in enumerate(series):
             mean, std = ("top1_mean", "top1_std") if key == "top1" else (key, f"{key}_std")
+            tops += [r[mean] + (r.get(std) or 0.0) for r in self.rows if r.get(mean) is not None]
             ax.bar([i + (j - (len(series) - 1) / 2) * width for i in range(len(self.rows))],
                    [np.nan if r.get(mean) is None else r[mean] for r in self.rows], width,
                    yerr=[np.nan if r.get(std) is None else r[std] for r in self.rows],
                    color=colour, capsize=2, label=label)
         ax.set_xticks(range(len(self.rows)), [literal(r["method"]) for r in self.rows], rotation=30,
                       ha="right", fontsize=8)
-        ax.set_ylim(0.0, 1.05)
+        # accuracy and ratios are at most 1, their error bars may reach past it: all are shown
+        ax.set_ylim(0.0, max(tops) * 1.05)
         ax.set_ylabel("mean ± std over seeds")
         ax.legend(fontsize=7, ncol=len(series))
         ax.set_title(RECIPES[self.name][2], fontsize=9)

@@ -53,7 +53,10 @@ def plot_ratios(summary: dict[str, Any], ax) -> None:
            [m or 0.0 for m in means],
            yerr=[overall[n]["std"] or 0.0 for n in names],
            color=[RATIO_COLOURS[n] for n in names], capsize=4)
-    ax.set_ylim(0, 1)
+    # a ratio is at most 1, but its error bar may reach past it: the axis shows the whole bar
+    tops = [(m or 0.0) + (overall[n]["std"] or 0.0) for n, m in zip(names, means, strict=True)]
+    ax.set_ylim(0, max([1.0, *tops]) * 1.05)
+    ax.set_ylabel("ratio (mean ± std over samples)")
     ax.set_title("Knowledge ratios (mean ± std over samples)")
 
 
@@ -71,6 +74,7 @@ def plot_ratios_by_order(summary: dict[str, Any], ax) -> None:
         ax.plot([int(o) for o in orders], [np.nan if m is None else m for m in means],
                 marker="o", color=RATIO_COLOURS[name], label=name)
     ax.set_xlabel("interaction order |S|")
+    ax.set_ylabel("ratio (mean over samples)")
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7)
     ax.set_title("Knowledge ratios by order")
@@ -116,6 +120,7 @@ def plot_convergence(summary: dict[str, Any], ax) -> None:
                 label=f"{run}: detour")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("training step")
+    ax.set_ylabel("similarity s(t), detour d(t)")
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7)
     ax.set_title("Convergence of knowledge (cf. Fig. 4)")

@@ -53,15 +53,18 @@ def _png(fig) -> str:
 
 
 def _figure(fig, caption: str, alt: str) -> str:
-    return (f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{_png(fig)}">'
+    """The figure with its caption; its text alternative is ``alt`` (what it shows, with its key
+    numbers where the caller has them) followed by the caption."""
+    return (f'<figure><img alt="{html.escape(f"{alt}. {caption}")}" '
+            f'src="data:image/png;base64,{_png(fig)}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    head = "".join(f'<th scope="col">{html.escape(str(h))}</th>' for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>"
                    for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _text(value: Any) -> str:
@@ -278,7 +281,9 @@ def _finetune_section(run: Path, summary: dict) -> str:
     parts = ["<p>Test accuracy is reported twice: after the last step, and at the evaluation "
              "with the best <i>validation</i> accuracy (a split carved from the training data). "
              "The test split never selects anything.</p>",
-             _figure(fig, "Target test top-1 during fine-tuning.", "fine-tuning curves"),
+             _figure(fig, "Target test top-1 during fine-tuning.", "fine-tuning curves; final test "
+                     "top-1, mean over seeds: " + ", ".join(f"{name} {v['top1_mean']:.4f}"
+                                                            for name, v in ft.items())),
              _table(["run", "mode", "final test top-1 (mean ± std over seeds)",
                      "test top-1 at best val", "seeds"], rows)]
     parts.append(_compare(ft, "reuse-uot", "vanilla"))
@@ -358,7 +363,8 @@ def _knowledge_section(run: Path, scenario: dict, players: str) -> str:
                 "samples.", "strength by order"),
                (plot_ratios, "preserve = |Ω_pre ∩ Ω_ft| / |Ω_pre|; discard = 1 - preserve; new = "
                 "|Ω_ft \\ Ω_pre| / |Ω_ft|; exclusive = share of preserved knowledge the scratch "
-                "model lacks (means of per-sample ratios).", "knowledge ratios"),
+                "model lacks (means of per-sample ratios).", "knowledge ratios: " + ", ".join(
+                    f"{n} {_fixed(overall[n]['mean'])}" for n in overall)),
                (plot_ratios_by_order, "The ratios per interaction order k = |S| (mean over the samples "
                 "with salient interactions of that order).", "knowledge ratios by order")]
     if purity_is_informative(k):
@@ -486,8 +492,8 @@ def _rule_recovery(k: dict, tau: float) -> str:
     best = max((g["overall"]["precision"]["mean"] for g in truth.values()
                 if g["overall"]["precision"]["mean"] is not None), default=None)
     verdict = ("No model has salient interactions to compare with the rule." if best is None else
-               "Most salient interactions are not terms of the class rule (precision below "
-               f"{best:.2f} for every model): the networks' interactions are dense, so salience at "
+               "Most salient interactions are not terms of the class rule (precision at most "
+               f"{best:.3f} for every model): the networks' interactions are dense, so salience at "
                f"{100 * tau:g}% of the largest effect does not isolate the rule's AND/OR terms. "
                "Recall shows "
                "whether the rule's terms are among the salient ones." if best < 0.5 else
@@ -666,8 +672,13 @@ def _experiment_body(run: Path) -> list[str]:
             where = "" if x is None else f"At {table.x_label} = {x}: "
             verdicts.append(_compare(ft, a, b, where))
     note = table.note()
-    parts = [_figure(fig, RECIPES[table.name][2], "experiment results"),
-             _table(*table.cells()), *([f"<p>{html.escape(note)}</p>"] if note else []), *verdicts]
+    head, cells = table.cells()
+    # the alternative to the plot: each row's plotted value (accuracy, or recall without one)
+    shown = [h for h in head if h.startswith("test top-1 (final")] or ["recall"]
+    values = "; ".join(f"{c[0]} {c[head.index(shown[0])]}" for c in cells
+                       if shown[0] in head and c[head.index(shown[0])])
+    parts = [_figure(fig, RECIPES[table.name][2], f"experiment results: {values}"),
+             _table(head, cells), *([f"<p>{html.escape(note)}</p>"] if note else []), *verdicts]
     parts.append(_correlation(table.extra))
     parts.append(_experiment_curves(run, table))
     params = json.dumps(table.params, indent=1)
@@ -683,7 +694,8 @@ def _experiment_body(run: Path) -> list[str]:
 def build_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.html`` from the run's files (a demo or an experiment folder) and
     return its path."""
-    run = check_file("run folder", run_dir)
+    # absolute: the page (and the commands it names) do not depend on how the path was typed
+    run = check_file("run folder", run_dir).resolve()
     if run.is_file():
         raise PretrainReuseError(f"{str(run)!r} is a file; pass the demo or experiment folder "
                                  "that holds it")
@@ -727,7 +739,7 @@ def build_report(run_dir: str | Path) -> Path:
 
 
 def _write_page(run: Path, body: list[str]) -> Path:
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>pretrain-reuse report</title>"
+    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>pretrain-reuse report</title>"
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
     out = run / "report.html"
     with atomic_path(out) as tmp:
