@@ -44,10 +44,9 @@ from .configs import check_fields
 from .data.catalog import open_dataset
 from .data.datasets import DataWarning, ImageDataset, collate, describe_skipped
 from .distributed import process_device, rank_world
-from .errors import PretrainReuseError, check_choice, check_device, check_seed
+from .errors import PretrainReuseError, check_choice, check_device, check_image_size, check_seed
 from .features import STORE_FORMAT, FeatureStore
 from .models import LAYERS, ImageTransform, create_backbone, state_hash
-from .models.spec import check_image_size
 
 #: Unreadable images named in a store's ``index.json`` (``meta.skipped_ids``; ``meta.skipped``
 #: counts them all): the index is read with every load of the store, and the ids of a folder

@@ -132,6 +132,18 @@ def check_int(name: str, value: int, *, minimum: int) -> int:
     return int(value)
 
 
+#: The largest input side ``--image-size`` takes: 8x the usual 224 (one 3 x 4096 x 4096 image is
+#: 200 MB).
+MAX_IMAGE_SIZE = 4096
+
+
+def check_image_size(side: int) -> None:
+    """An input side in 1..:data:`MAX_IMAGE_SIZE` pixels."""
+    if not 1 <= side <= MAX_IMAGE_SIZE:
+        raise PretrainReuseError(f"image_size must be between 1 and {MAX_IMAGE_SIZE} pixels (a "
+                                 f"batch of larger images would not fit in memory), got {side}")
+
+
 def check_seed(name: str, value: int) -> int:
     """``value`` as an int, after checking that it is a seed NumPy and torch accept: a (Python or
     NumPy) integer in [0, 2**63)."""

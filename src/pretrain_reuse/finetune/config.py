@@ -14,8 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from ..configs import check_fields, checked_values, config_values
-from ..errors import PretrainReuseError, check_choice, check_device, check_positive, check_seed
-from ..models.spec import check_image_size
+from ..errors import (
+    PretrainReuseError,
+    check_choice,
+    check_device,
+    check_image_size,
+    check_positive,
+    check_seed,
+)
 
 MODES = ("vanilla", "reuse", "reuse-unlabeled", "co-tuning", "linear-probe", "scratch")
 SCHEDULES = ("step", "cosine")

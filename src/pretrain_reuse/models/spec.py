@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import PretrainReuseError, check_choice
+from ..errors import PretrainReuseError, check_choice, check_image_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,9 +32,6 @@ INTERPOLATIONS = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
-#: The largest input side ``--image-size`` takes: 8x the usual 224 (one 3 x 4096 x 4096 image is
-#: 200 MB).
-MAX_IMAGE_SIZE = 4096
 # Fields a user may set through a ``python:`` builder or that travel with saved weights.
 PREPROCESSING_FIELDS = ("input_size", "resize_size", "mean", "std", "interpolation", "max_length",
                         "pooling")
@@ -134,13 +131,6 @@ class BackboneSpec:
         if "input_size" in fixed:
             fixed["input_size"] = _as_size(fixed["input_size"])
         return dataclasses.replace(self, **fixed)
-
-
-def check_image_size(side: int) -> None:
-    """An input side in 1..:data:`MAX_IMAGE_SIZE` pixels."""
-    if not 1 <= side <= MAX_IMAGE_SIZE:
-        raise PretrainReuseError(f"image_size must be between 1 and {MAX_IMAGE_SIZE} pixels (a "
-                                 f"batch of larger images would not fit in memory), got {side}")
 
 
 def _as_size(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
