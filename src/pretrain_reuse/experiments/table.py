@@ -139,7 +139,8 @@ class ExperimentTable:
         head, body = self.cells()
         lines = ["| " + " | ".join(map(_markdown_text, head)) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(map(_markdown_text, cells)) + " |" for cells in body]
-        note = _markdown_text(self.note())
+        # the note is prose, read as plain text too: only a tag would come alive ("|I| > τ")
+        note = self.note().replace("<", "&lt;").replace("\n", " ")
         return (f"# {RECIPES[self.name][2]}\n\n" + "\n".join(lines) + "\n"
                 + (f"\n{note}\n" if note else ""))
 
@@ -217,8 +218,8 @@ class ExperimentTable:
 
 
 def _markdown_text(text: str) -> str:
-    """``text`` (a cell or the note; labels come from the experiment's config) as inert Markdown:
-    a ``|`` would split the cell and HTML would be rendered by most Markdown viewers."""
+    """A table cell (labels come from the experiment's config) as inert Markdown: a ``|`` would
+    split the cell and HTML would be rendered by most Markdown viewers."""
     return html.escape(text, quote=False).replace("|", "\\|").replace("\n", " ")
 
 
