@@ -23,12 +23,6 @@ from ..selection import Selection
 from ..units import Units
 
 
-def resize_side(spec) -> int:
-    """The side that :func:`resize_transform` resizes images of a backbone with ``spec`` to."""
-    side = spec.resize_size
-    return side if isinstance(side, int) else max(side)
-
-
 def resize_transform(size: int):
     """Per-sample CPU transform: resize the shorter side to ``size`` and centre-crop a square, so
     images of any shape collate into one batch; the random crops happen on the device.

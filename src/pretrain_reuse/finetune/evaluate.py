@@ -11,7 +11,7 @@ from ..data.datasets import ImageDataset, labels_by_name, make_loader
 from ..errors import PretrainReuseError, check_device
 from ..models import Backbone
 from .augment import View, input_size
-from .data import resize_side, resize_transform
+from .data import resize_transform
 
 
 @torch.no_grad()
@@ -85,7 +85,7 @@ def evaluate_model(model: Backbone, data: ImageDataset, *, class_names: list[str
     if int(scored.labels.max()) >= model.num_classes:
         raise PretrainReuseError(f"the data has label {int(scored.labels.max())} but the model "
                                  f"outputs {model.num_classes} classes; pass data of its classes")
-    scored.transform = resize_transform(resize_side(model.spec))
+    scored.transform = resize_transform(model.spec.resize_side)
     dev = torch.device(check_device(device))
     view = View(model.spec, "eval", input_size(model.spec, None)).to(dev)
     model = model.to(dev).eval()

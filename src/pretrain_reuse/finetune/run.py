@@ -29,7 +29,6 @@ from .data import (
     SourceData,
     check_batch_size,
     held_out_validation,
-    resize_side,
     resize_transform,
     selected_source,
     split_validation,
@@ -241,7 +240,7 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
             reinitialize(backbone, cfg.seed)
     if cfg.image_size is not None:  # saved with the model: evaluated at the size it trained at
         backbone.set_input_side(cfg.image_size)
-    resize = resize_transform(resize_side(backbone.spec))
+    resize = resize_transform(backbone.spec.resize_side)
     num_classes = _check_classes(train_pool, progress)
     train_set, val_set, split = target_splits(cfg, train_pool)
     check_batch_size(len(train_set), cfg.batch_size)  # before anything is written

@@ -96,6 +96,13 @@ class BackboneSpec:
         resized = self.resize_size[0] if isinstance(self.resize_size, tuple) else self.resize_size
         return self.input_size[0] / resized
 
+    @property
+    def resize_side(self) -> int:
+        """The side images are resized to before the crop: ``resize_size``, or the larger of a
+        (H, W) pair (fine-tuning's :func:`~pretrain_reuse.finetune.data.resize_transform`)."""
+        side = self.resize_size
+        return side if isinstance(side, int) else max(side)
+
     def at_input_side(self, side: int) -> BackboneSpec:
         """A copy of an image spec whose input is ``side`` x ``side`` pixels, resized first with
         the same crop ratio (ResNet's 224 of 256: 128 of 146), as timm does for another image
@@ -105,9 +112,8 @@ class BackboneSpec:
             raise PretrainReuseError(f"{self.name} is a {self.modality} model; an image size "
                                      "applies to image models only")
         check_image_size(side)
-        resized = self.resize_size if isinstance(self.resize_size, int) else max(self.resize_size)
-        return self.with_preprocessing({"input_size": side,
-                                        "resize_size": round(side * resized / self.input_size[0])},
+        resize = round(side * self.resize_side / self.input_size[0])
+        return self.with_preprocessing({"input_size": side, "resize_size": resize},
                                        source="image size")
 
     def to_json(self) -> str:
