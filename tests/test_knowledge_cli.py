@@ -171,6 +171,8 @@ def test_checkpoints_may_name_the_fine_tuning_run_folder(tmp_path, capsys):
     inputs = k["meta"]["inputs"]
     assert inputs["checkpoints"] == points and inputs["data"] == "synthetic:target-0"
     assert inputs["models"]["finetuned"]["weights_hash"] == _sha256(ft)
+    # the mode each weights file records is kept, so a report need not read the files again
+    assert inputs["models"]["finetuned"]["mode"] == "vanilla"
     assert k["meta"]["params"]["candidates"] == 400
 
 

@@ -439,6 +439,20 @@ def test_label_names_are_the_models_classes_by_its_id2label(bert, tmp_path, caps
         assert x.v[-1] == pytest.approx(_log_odds(net, ids, pos), abs=1e-5)
 
 
+def test_integer_labels_are_named_by_the_models_id2label(bert, tmp_path, capsys):
+    # integer labels are the model's class indices, so the model's names name them
+    model = _named_copy(bert, tmp_path / "named", ["pos", "neg"])
+    data = tmp_path / "s.jsonl"
+    data.write_text("".join(json.dumps({"label": y, "text": t}) + "\n" for y, t in SENTENCES))
+    rc = main(["explain", "--model", f"hf:{model}", "--data", str(data), "--players", "tokens",
+               "--n", "3", "--samples", "4", "--quiet", "--out", str(tmp_path / "x")])
+    _, err = capsys.readouterr()
+    assert rc == 0, err
+    infos = [load(f).info for f in sorted((tmp_path / "x").glob("interactions-*.safetensors"))]
+    assert {i["label"] for i in infos} == {0, 1}
+    assert all(i["class"] == ["pos", "neg"][i["label"]] for i in infos)
+
+
 def test_a_label_name_the_model_does_not_know_is_one_line_naming_it(bert, tmp_path, capsys):
     model = _named_copy(bert, tmp_path / "named", ["pos", "neg"])
     data = tmp_path / "s.jsonl"

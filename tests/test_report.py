@@ -285,6 +285,21 @@ def test_the_knowledge_section_states_what_the_numbers_rest_on(tmp_path, capsys,
     assert 'alt="knowledge ratios by order. ' in page and 'alt="convergence. ' in page
 
 
+def test_the_modes_shown_are_those_recorded_so_a_moved_folder_keeps_them(tmp_path, capsys):
+    # the folder was analysed elsewhere and moved: its weights files are gone from the paths
+    # knowledge.json records, and an earlier version's analysis records no mode at all
+    knowledge = _knowledge()
+    gone = tmp_path / "old" / "finetune" / "reuse-seed0" / "model.safetensors"
+    knowledge["meta"]["inputs"]["models"] = {
+        "pretrained": {"weights": str(gone.with_name("probe.safetensors"))},
+        "finetuned": {"weights": str(gone), "mode": "reuse"}}
+    rc, _, err = _report(capsys, _run(tmp_path, _summary(), knowledge))
+    assert rc == 0, err
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert f"<td>finetuned</td><td>{gone}</td><td>reuse</td>" in page
+    assert "<td>pretrained</td>" in page and "</td><td>not recorded</td>" in page
+
+
 INJECTED = "A <img src=x onerror=alert(1)>"
 
 

@@ -52,6 +52,7 @@ from ..embed import preprocessed
 from ..errors import PretrainReuseError, check_choice, check_device, check_seed, preview
 from ..models import (
     Backbone,
+    finetune_mode,
     model_class_names,
     output_class_names,
     state_hash,
@@ -537,6 +538,8 @@ def explain_games(model: Backbone, dataset: ImageDataset | TextDataset, indices:
                    {"kind": "explanations", "finished": False})
         (folder / "games").mkdir(exist_ok=True)
     identity = model_identity(model)
+    # integer labels are the model's class indices (check_classifier): named by the model if it can
+    names = dataset.class_names or trained_class_names(model) or model_class_names(model)
     games, infos = [], []
     for i in tqdm([int(i) for i in indices], desc=f"explain {role}", unit="sample",
                   disable=not progress):
@@ -561,7 +564,7 @@ def explain_games(model: Backbone, dataset: ImageDataset | TextDataset, indices:
             v, fit = cached
         games.append(v)
         infos.append({"sample": dataset.ids[i], "index": i, "label": label,
-                      "class": (dataset.class_names or [str(label)] * (label + 1))[label],
+                      "class": names[label] if names is not None else str(label),
                       "players": sample.players, "player_names": sample.names, "role": role,
                       "model": model.spec.name, "baseline": cfg.baseline, "output": cfg.output,
                       "game": game, "baseline_fit": fit})
@@ -639,15 +642,17 @@ def display_samples(model: Backbone, dataset: ImageDataset, xs: list[Interaction
 def model_identity(model: Backbone) -> dict[str, Any]:
     """What identifies a model: its name, the weights file it was loaded from (path, content hash
     and, for a fine-tuning snapshot, its step and the run that wrote it; None when the weights
-    come from elsewhere or the file does not record them) and the hash of its parameters and
-    buffers as they are."""
+    come from elsewhere or the file does not record them), the ``finetune`` mode that file
+    records (kept here so that a report of a moved or copied folder need not read the file at
+    its old path) and the hash of its parameters and buffers as they are."""
     path = weights_path(model)
     meta = {} if path is None else weights_meta(path)
     step, run = meta.get("step"), meta.get("run")
     return {"model": model.spec.name, "weights": None if path is None else str(path),
             "weights_hash": None if path is None else hash_file(path),
             "step": step if isinstance(step, int) and not isinstance(step, bool) else None,
-            "run": run if isinstance(run, str) else None, "state": state_hash(model)}
+            "run": run if isinstance(run, str) else None, "mode": finetune_mode(model),
+            "state": state_hash(model)}
 
 
 def _remove_stale(folder: Path, patterns: list[str], written: list[Path]) -> None:

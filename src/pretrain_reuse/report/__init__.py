@@ -431,7 +431,9 @@ def _models_table(run: Path, k: dict) -> str:
         path = Path(model["weights"]) if model["weights"] else None
         shown = "not a file" if path is None else (
             str(path.relative_to(run.resolve())) if path.is_relative_to(run.resolve()) else str(path))
-        rows.append([role, shown, finetune_mode(path) or "not recorded"])
+        # an analysis of an earlier version records no mode: read from the file, if still there
+        mode = model["mode"] if "mode" in model else finetune_mode(path)
+        rows.append([role, shown, mode or "not recorded"])
     return _table(["role", "model (weights file)", "trained in mode"], rows)
 
 
