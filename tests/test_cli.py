@@ -151,6 +151,19 @@ def test_select_uot_writes_top_k_selection_scores_params_and_meta(capsys, data):
     assert {f for f in files_under(data.root) if not f.startswith("in")} == {"sel.json"}
 
 
+def test_a_single_process_verb_under_torchrun_is_refused_before_any_work(capsys, data,
+                                                                         monkeypatch):
+    # every torchrun process would select into the same file; embed and finetune share the work
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rc, _, err = cli(capsys, *select_args(data, "--k", "10"))
+    assert rc == 2 and err.count("\n") == 1
+    assert "select runs in one process, but torchrun started 2" in err
+    assert "only embed and finetune" in err and not data.out.exists()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    run_ok(capsys, *select_args(data, "--k", "10"))
+    assert len(read_sel(data.out)["selected"]) == 10
+
+
 def numpy_uot_log_row_mass(cost, eps=1.0, tau_a=1.0, tau_b=100.0, iters=2000):
     """Reference: plain log-domain generalised Sinkhorn (Chizat et al. 2018) with unit weights,
 

@@ -935,11 +935,27 @@ _STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.
 #: one output file at the end, atomically, so an interrupted run leaves nothing.
 RESUMING_VERBS = ("embed", "finetune", "explain", "knowledge", "experiment", "demo")
 
+#: The verbs that run as several processes under ``torchrun`` (:func:`_init_distributed`); the
+#: others would run once per process, each doing the whole work into the same files.
+DISTRIBUTED_VERBS = ("embed", "finetune")
+
+
+def _check_single_process(verb: str) -> None:
+    import os
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1 and verb not in DISTRIBUTED_VERBS:
+        raise PretrainReuseError(
+            f"{verb} runs in one process, but torchrun started {world} (WORLD_SIZE={world}), each "
+            f"of which would do the whole work into the same files; run it without torchrun "
+            f"(only {' and '.join(DISTRIBUTED_VERBS)} run as several processes)")
+
 
 def main(argv: list[str] | None = None) -> int:
     args = None
     try:
         args = build_parser().parse_args(argv)
+        _check_single_process(args.verb)
         keep_freed_memory()
         try:
             with warnings.catch_warnings():
