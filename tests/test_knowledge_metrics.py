@@ -306,6 +306,20 @@ def test_convergence_save_and_load_round_trip_nan_included(tmp_path):
         AccuracyCorrelation.load(tmp_path / "convergence.json")
 
 
+def test_convergence_plots_its_curves_over_the_steps():
+    import matplotlib.pyplot as plt
+
+    c = knowledge_convergence(CHECKPOINTS, steps=[10, 20, 40])
+    _, ax = plt.subplots()
+    assert c.plot(ax, run="scratch") is ax
+    similarity, detour = ax.lines
+    np.testing.assert_array_equal(similarity.get_xdata(), [10, 20, 40])
+    np.testing.assert_array_equal(similarity.get_ydata(), c.similarity)
+    np.testing.assert_array_equal(detour.get_ydata(), c.detour)
+    assert similarity.get_label() == "scratch: iou with its final knowledge"
+    plt.close("all")
+
+
 def test_convergence_refuses_checkpoints_over_different_samples():
     with pytest.raises(PretrainReuseError, match="every checkpoint must be explained on the same samples"):
         knowledge_convergence([[PRE, FT], [PRE]])
@@ -569,6 +583,19 @@ def test_accuracy_correlation_save_and_load_round_trip(tmp_path):
     assert back.pearson_ci == a.pearson_ci and back.pearson == a.pearson
     with pytest.raises(PretrainReuseError, match="exists and is not a knowledge-convergence file"):
         knowledge_convergence(CHECKPOINTS).save(tmp_path / "correlation.json")
+
+
+def test_accuracy_correlation_plots_each_model_and_states_the_correlations():
+    import matplotlib.pyplot as plt
+
+    a = accuracy_correlation(RATIOS, ACCURACY, n_boot=200)
+    _, ax = plt.subplots()
+    assert a.plot(ax, ratio="r_preserve") is ax
+    np.testing.assert_array_equal(ax.collections[0].get_offsets(), np.c_[a.ratio, a.accuracy])
+    assert ax.get_xlabel() == "r_preserve (mean over samples)"
+    assert ax.get_title().startswith(f"Pearson {a.pearson:+.2f} [{a.pearson_ci[0]:+.2f}, "
+                                     f"{a.pearson_ci[1]:+.2f}], Spearman {a.spearman:+.2f}")
+    plt.close("all")
 
 
 def test_accuracy_correlation_refuses_a_seed_default_rng_rejects():

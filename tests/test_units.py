@@ -57,6 +57,22 @@ def test_class_means_equal_numpy_per_class_average():
     assert units.member_ids(3) == [str(i) for i in np.flatnonzero(y == 3)]
 
 
+def test_units_plot_the_histogram_of_their_sizes():
+    import matplotlib.pyplot as plt
+
+    y = np.repeat(np.arange(4), [1, 2, 2, 7])
+    units = class_means(FeatureStore(features=np.eye(12, dtype=np.float32), labels=y))
+    _, ax = plt.subplots()
+    units.plot(ax)
+    # one bar per distinct size: one class of 1 sample, two of 2, one of 7
+    bars = {round(p.get_x() + p.get_width() / 2, 6): p.get_height() for p in ax.patches if p.get_height()}
+    assert bars == {1: 1, 2: 2, 7: 1}
+    assert ax.get_title() == "4 class units, 12 samples (median 2, max 7)"
+    plt.close("all")
+    with pytest.raises(PretrainReuseError, match="bare prototype matrix without members"):
+        Units(np.eye(3)).plot()
+
+
 def test_class_means_normalize_averages_unit_vectors():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((50, 4)).astype(np.float32)

@@ -117,6 +117,25 @@ class Units:
         bounds = np.searchsorted(self.assignment[order], np.arange(len(self) + 1))
         return [order[bounds[k]:bounds[k + 1]] for k in range(len(self))]
 
+    def plot(self, ax=None):
+        """Histogram of the unit sizes (samples per unit, the size report of k-means clusters):
+        a few huge clusters or many tiny ones change how many images ``--k`` units select."""
+        import matplotlib.pyplot as plt
+
+        counts = self.counts
+        if counts is None:
+            raise PretrainReuseError("these units are a bare prototype matrix without members: "
+                                     "there are no sizes to plot")
+        ax = ax or plt.gca()
+        lo, hi = int(counts.min()), int(counts.max())
+        # a bar per size while they are few, so that sizes are read off exactly
+        ax.hist(counts, bins=np.arange(lo, hi + 2) - 0.5 if hi - lo < 50 else 50, color="0.4")
+        ax.set_xlabel(f"samples per {'class' if self.kind == 'class' else 'unit'}")
+        ax.set_ylabel("units")
+        ax.set_title(f"{len(self)} {self.kind} units, {int(counts.sum())} samples "
+                     f"(median {np.median(counts):g}, max {int(counts.max())})")
+        return ax
+
     def member_ids(self, unit: int) -> list[str]:
         """Sample ids of one unit."""
         if self.assignment is None:

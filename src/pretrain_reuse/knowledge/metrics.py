@@ -548,6 +548,17 @@ class Convergence:
         """Write :meth:`to_dict` as JSON atomically (NaN as null); returns the path."""
         return _save_json(path, "knowledge-convergence", self.to_dict())
 
+    def plot(self, ax=None, *, run: str = "fine-tuning"):
+        """s(t) (solid) and the detour d(t) (dashed) against the training step, as the report
+        draws them; ``run`` names the curve (e.g. "scratch"). Returns the axes."""
+        import matplotlib.pyplot as plt  # only when plotting
+
+        from .plots import draw_convergence
+
+        ax = ax or plt.gca()
+        draw_convergence(ax, self.to_dict(), run)
+        return ax
+
     @classmethod
     def load(cls, path: str | Path) -> Convergence:
         """Read a file written by :meth:`save` (the summaries are recomputed, not read)."""
@@ -895,6 +906,25 @@ class AccuracyCorrelation:
     def save(self, path: str | Path) -> Path:
         """Write :meth:`to_dict` as JSON atomically (NaN as null); returns the path."""
         return _save_json(path, "accuracy-correlation", self.to_dict())
+
+    def plot(self, ax=None, *, ratio: str = "ratio"):
+        """Each model's accuracy against its mean ``ratio`` (e.g. "r_preserve"), with both
+        correlations and their bootstrap intervals in the title. Returns the axes."""
+        import matplotlib.pyplot as plt  # only when plotting
+
+        from .plots import literal
+
+        def shown(r: float, ci: tuple[float, float]) -> str:
+            return "n/a" if math.isnan(r) else f"{r:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]"
+
+        ax = ax or plt.gca()
+        ax.scatter(self.ratio, self.accuracy, color="C0")
+        ax.set_xlabel(literal(f"{ratio} (mean over samples)"))
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"Pearson {shown(self.pearson, self.pearson_ci)}, Spearman "
+                     f"{shown(self.spearman, self.spearman_ci)} ({self.level:.0%} intervals)",
+                     fontsize=8)
+        return ax
 
     @classmethod
     def load(cls, path: str | Path) -> AccuracyCorrelation:

@@ -104,20 +104,23 @@ CURVES = {"convergence": ("fine-tuning", "C0"), "scratch_convergence": ("scratch
 
 
 def plot_convergence(summary: dict[str, Any], ax) -> None:
-    """The convergence curves of ``knowledge.json`` on one axis whose x is the training step each
-    snapshot records: s(t), the similarity of a snapshot's knowledge with its run's final model's
-    (solid), and the detour d(t), the share of it the final model drops (dashed), for fine-tuning
-    and, with its snapshots, scratch training."""
+    """The convergence curves of ``knowledge.json`` on one axis (:func:`draw_convergence`): of
+    fine-tuning and, with its snapshots, of scratch training."""
+    for key, (run, colour) in CURVES.items():
+        if key in summary:
+            draw_convergence(ax, summary[key], run, colour)
+
+
+def draw_convergence(ax, curve: dict[str, Any], run: str, colour: str = "C0") -> None:
+    """One run's convergence (``Convergence.to_dict``) against the training step each snapshot
+    records: s(t), the similarity of a snapshot's knowledge with its run's final model's (solid),
+    and the detour d(t), the share of it the final model drops (dashed)."""
     from matplotlib.ticker import MaxNLocator
 
-    for key, (run, colour) in CURVES.items():
-        if key not in summary:
-            continue
-        curve = summary[key]
-        ax.plot(curve["steps"], curve["similarity"], marker="o", color=colour,
-                label=literal(f"{run}: {curve['measure']} with its final knowledge"))
-        ax.plot(curve["steps"], curve["detour"], marker="s", ls="--", color=colour,
-                label=f"{run}: detour")
+    ax.plot(curve["steps"], curve["similarity"], marker="o", color=colour,
+            label=literal(f"{run}: {curve['measure']} with its final knowledge"))
+    ax.plot(curve["steps"], curve["detour"], marker="s", ls="--", color=colour,
+            label=literal(f"{run}: detour"))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("training step")
     ax.set_ylabel("similarity s(t), detour d(t)")
