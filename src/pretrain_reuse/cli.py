@@ -678,15 +678,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
-    e = sub.add_parser("embed", help="images to a FeatureStore with a backbone",
-                       description="Compute one feature vector per image with a backbone, into a "
-                       "sharded FeatureStore. Rerunning the same command resumes; runs under "
-                       "torchrun with one shard set per process.")
+    e = sub.add_parser("embed", help="images (or sentences) to a FeatureStore with a backbone",
+                       description="Compute one feature vector per image (or sentence, with a "
+                       "text backbone) into a sharded FeatureStore. Rerunning the same command "
+                       "resumes; runs under torchrun with one shard set per process.")
     e.add_argument("--model", required=True, help="backbone name (timm:, torchvision:, hf:, "
                    "python:, or a registered name such as efficientnet-lite0)")
     e.add_argument("--weights", help="local weights file (.safetensors or a torch state dict)")
     e.add_argument("--data", required=True, help="image folder (a sub-folder per class, or flat), "
-                   "comma-separated path,label list, or a data set name such as synthetic:pretrain")
+                   "comma-separated path,label list, or a data set name such as synthetic:pretrain; "
+                   'or a .jsonl file of {"text": ..., "label": ...} lines (labels optional) for '
+                   "a text backbone")
     e.add_argument("--split", help="sub-folder / split of --data (train, test...)")
     e.add_argument("--layer", default="penultimate", help="penultimate | head | logits")
     e.add_argument("--batch-size", type=_at_least(1), default=128)

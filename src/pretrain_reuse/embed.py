@@ -1,4 +1,5 @@
-"""``embed``: images to a FeatureStore with a backbone, batched, resumable and multi-process.
+"""``embed``: images (or sentences) to a FeatureStore with a backbone, batched, resumable and
+multi-process.
 
 The data set is cut into fixed shards of ``shard_size`` consecutive samples. Each shard is
 computed in batches from its own start and written atomically as one safetensors file, so:
@@ -11,7 +12,9 @@ computed in batches from its own start and written atomically as one safetensors
 Unreadable images are skipped, counted, warned of (:class:`~.data.DataWarning`, with the first
 ids) and the first :data:`SKIPPED_LISTED` listed in the index (never a crash halfway through a
 million-image folder); a data set with no readable image at all is refused before anything is
-written.
+written. A ``.jsonl`` file of sentences (labelled or not, :mod:`~.data.text`) goes through a
+text backbone (a Hugging Face encoder or sequence classifier: ``all-minilm-l6-v2``, ``hf:<dir>``)
+the same way, its sentences tokenized by the model's own tokenizer.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ from .artifacts import (
 )
 from .configs import check_fields
 from .data.catalog import open_dataset
-from .data.datasets import DataWarning, ImageDataset, collate, describe_skipped
+from .data.datasets import Batch, DataWarning, ImageDataset, collate, describe_skipped
+from .data.text import TextDataset, text_file
 from .distributed import process_device, rank_world
 from .errors import PretrainReuseError, check_choice, check_device, check_image_size, check_seed
 from .features import STORE_FORMAT, FeatureStore
@@ -56,7 +60,8 @@ SKIPPED_LISTED = 100
 
 @dataclass(frozen=True)
 class EmbedConfig:
-    """What to embed and how. ``data`` is a folder, a list file or an embedded data set name."""
+    """What to embed and how. ``data`` is a folder, a list file or an embedded data set name of
+    images, or a ``.jsonl`` file of sentences (for a text backbone)."""
 
     model: str
     data: str
@@ -124,30 +129,83 @@ def _is_noop_resize(p: ImageTransform, image: torch.Tensor) -> bool:
     return (h, w) == tuple(p.input_size) and p.resize_size in (h, (h, w)) and h == w
 
 
+class _Sentences(torch.utils.data.Dataset):
+    """Sentences tokenized by a text backbone's own transform, read as :func:`_embed_shard`
+    reads images: ``(inputs, label, position)``, every sentence readable."""
+
+    def __init__(self, dataset: TextDataset, preprocess):
+        self.dataset, self.preprocess = dataset, preprocess
+        self.ids, self.labels = dataset.ids, dataset.labels
+        self.class_names = dataset.class_names
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def load(self, index: int) -> dict[str, torch.Tensor]:
+        return self.preprocess(self.dataset.texts[index])
+
+    def __getitem__(self, index: int) -> tuple[dict[str, torch.Tensor], int, int]:
+        return self.load(index), -1 if self.labels is None else int(self.labels[index]), index
+
+
+def _collate_sentences(samples: list[tuple[dict[str, torch.Tensor], int, int]]) -> Batch:
+    """DataLoader ``collate_fn`` of :class:`_Sentences`: the tokenizer's fields stacked."""
+    inputs = {key: torch.stack([s[0][key] for s in samples]) for key in samples[0][0]}
+    return Batch(images=inputs, labels=torch.tensor([s[1] for s in samples]),
+                 indices=torch.tensor([s[2] for s in samples]),
+                 skipped=torch.zeros(0, dtype=torch.int64))
+
+
+def _on_device(inputs: torch.Tensor | dict[str, torch.Tensor], device: torch.device):
+    """A batch of images (channels-last) or of tokenized sentences on ``device``."""
+    if isinstance(inputs, dict):
+        return {key: value.to(device, non_blocking=True) for key, value in inputs.items()}
+    return inputs.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+
+
+def _open_data(cfg: EmbedConfig) -> ImageDataset | TextDataset:
+    if Path(cfg.data).suffix != ".jsonl":
+        return open_dataset(cfg.data, split=cfg.split)
+    if cfg.split is not None:
+        raise PretrainReuseError("--split picks a sub-folder of an image data set; a .jsonl "
+                                 "file holds one split: pass that split's file as --data")
+    return text_file(cfg.data, need_labels=False)
+
+
 def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True) -> FeatureStore | None:
-    """Compute the features of every image of ``cfg.data`` into the store folder ``out``.
+    """Compute the features of every image (sentence) of ``cfg.data`` into the store folder
+    ``out``.
 
     Returns the store, or None on the processes of a ``torchrun`` job other than rank 0 (eight
     processes each holding ImageNet's 1.28M x 2048 features would need 84 GB)."""
     out = Path(out)
     rank, world = rank_world()
     device = process_device(cfg.device)
-    dataset = open_dataset(cfg.data, split=cfg.split)
+    dataset = _open_data(cfg)
+    text = isinstance(dataset, TextDataset)
     if len(dataset) == 0:
         raise PretrainReuseError(f"--data {cfg.data!r} holds no images")
     encode_ids(dataset.ids)  # a file name with a newline cannot be stored: say so before any work
-    first = _first_readable_image(dataset, cfg.data)
+    if text and cfg.image_size is not None:
+        raise PretrainReuseError("--image-size applies to images; --data is a file of sentences")
+    first = 0 if text else _first_readable_image(dataset, cfg.data)
     with torch.random.fork_rng(devices=[]):  # every process and every rerun: the same network
         torch.manual_seed(cfg.seed)
         backbone = create_backbone(cfg.model, weights=cfg.weights, layer=cfg.layer, device=device)
-    if backbone.spec.modality != "image":
-        raise PretrainReuseError(f"embed takes image backbones; {cfg.model} is a text model")
+    if backbone.spec.modality != ("text" if text else "image"):
+        raise PretrainReuseError(
+            f"{cfg.model} is a text model and --data holds images; pass an image backbone, or a "
+            ".jsonl file of sentences" if not text else
+            f"--data is a .jsonl file of sentences but {cfg.model} is an image model; pass a text "
+            "backbone (hf:<folder> of a transformers text model, all-minilm-l6-v2)")
     if cfg.image_size is not None:
         backbone.set_input_side(cfg.image_size)
-    backbone.to(memory_format=torch.channels_last)
-    data = preprocessed(dataset, backbone.preprocess)
+    if not text:
+        backbone.to(memory_format=torch.channels_last)
+    data = (_Sentences(dataset, backbone.preprocess) if text
+            else preprocessed(dataset, backbone.preprocess))
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    _check_first_image(backbone, data, first, cfg, device, use_bf16)
+    _check_first_sample(backbone, data, first, cfg, device, use_bf16)
     # The network's own parameters, not only the --weights file: a Hugging Face folder, a
     # python: builder or a registry default changed between two runs must not be mixed.
     identity = {"config": _resume_config(cfg), "n": len(dataset), "ids": _hash_ids(dataset.ids),
@@ -163,7 +221,8 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True) -> Featur
     n_shards = -(-len(dataset) // cfg.shard_size)
     mine = [k for k in range(n_shards) if k % world == rank and not _shard_done(parts, k)]
     todo = sum(min(cfg.shard_size, len(dataset) - k * cfg.shard_size) for k in mine)
-    bar = tqdm(total=todo, desc=f"embed {cfg.model}", unit="img", disable=not progress or rank != 0)
+    bar = tqdm(total=todo, desc=f"embed {cfg.model}", unit="sentence" if text else "img",
+               disable=not progress or rank != 0)
     t0 = time.perf_counter()
     for k in mine:
         _embed_shard(k, data, backbone, cfg, device, use_bf16, parts, bar)
@@ -195,26 +254,30 @@ def _first_readable_image(dataset: ImageDataset, data: str) -> int:
 
 
 @torch.no_grad()
-def _check_first_image(backbone, data: ImageDataset, first: int, cfg: EmbedConfig,
-                       device: torch.device, use_bf16: bool) -> None:
-    """One image through the network before anything is written: a network that cannot take the
-    preprocessed images, or whose weights give NaN, fails here in one line, not halfway through
-    a run that would leave a folder a fixed rerun refuses."""
-    x = data.load(first)[None].to(device)
-    fix = ("check that the model takes inputs of that size (a python: builder can set "
-           "input_size / resize_size in the dict it returns)")
+def _check_first_sample(backbone, data: ImageDataset | _Sentences, first: int, cfg: EmbedConfig,
+                        device: torch.device, use_bf16: bool) -> None:
+    """One image (sentence) through the network before anything is written: a network that
+    cannot take the preprocessed images, or whose weights give NaN, fails here in one line, not
+    halfway through a run that would leave a folder a fixed rerun refuses."""
+    x = data.load(first)
+    if isinstance(x, dict):
+        x, unit, sample = ({key: value[None].to(device) for key, value in x.items()}, "sentence",
+                           "its first sentence")
+        fix = "check that the folder holds a text model and its own tokenizer"
+    else:
+        x, unit, sample = x[None].to(device), "image", f"a preprocessed image of shape {tuple(x.shape)}"
+        fix = ("check that the model takes inputs of that size (a python: builder can set "
+               "input_size / resize_size in the dict it returns)")
     try:
         with _precision(device, use_bf16):
             features = backbone.features(x).float()
     except RuntimeError as e:  # shape mismatches; not a user error we can name more precisely
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PretrainReuseError(f"{cfg.model} fails on a preprocessed image of shape "
-                                 f"{tuple(x.shape[1:])} ({reason}); {fix}") from None
+        raise PretrainReuseError(f"{cfg.model} fails on {sample} ({reason}); {fix}") from None
     if features.shape[1:] != (backbone.feature_dim,):
         raise PretrainReuseError(
-            f"{cfg.model} gives {math.prod(features.shape[1:])} features per image, but its head "
-            f"takes {backbone.feature_dim}, on a preprocessed image of shape {tuple(x.shape[1:])}; "
-            f"{fix}")
+            f"{cfg.model} gives {math.prod(features.shape[1:])} features per {unit}, but its head "
+            f"takes {backbone.feature_dim}, on {sample}; {fix}")
     _check_finite(features.cpu(), torch.tensor([first]), data, use_bf16)
 
 
@@ -260,23 +323,22 @@ def _hash_ids(ids: list[str]) -> str:
 
 
 @torch.no_grad()
-def _embed_shard(k: int, data: ImageDataset, backbone, cfg: EmbedConfig, device: torch.device,
-                 use_bf16: bool, parts: Path, bar) -> None:
+def _embed_shard(k: int, data: ImageDataset | _Sentences, backbone, cfg: EmbedConfig,
+                 device: torch.device, use_bf16: bool, parts: Path, bar) -> None:
     start = k * cfg.shard_size
     positions = list(range(start, min(start + cfg.shard_size, len(data))))
     batches = [positions[i:i + cfg.batch_size] for i in range(0, len(positions), cfg.batch_size)]
     # its own generator: a DataLoader draws its workers' base seed from the caller's global one
     loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=cfg.workers,
-                                         collate_fn=collate,
+                                         collate_fn=_collate_sentences
+                                         if isinstance(data, _Sentences) else collate,
                                          generator=torch.Generator().manual_seed(cfg.seed))
     feats, idx, skipped = [], [], []
     for batch in loader:
         skipped.extend(batch.skipped.tolist())
-        if len(batch.images):
-            x = batch.images.to(device, non_blocking=True).contiguous(
-                memory_format=torch.channels_last)
+        if len(batch.indices):
             with _precision(device, use_bf16):
-                feats.append(backbone.features(x).float().cpu())
+                feats.append(backbone.features(_on_device(batch.images, device)).float().cpu())
             _check_finite(feats[-1], batch.indices, data, use_bf16)
             idx.append(batch.indices)
         bar.update(len(batch.indices) + len(batch.skipped))
@@ -298,19 +360,20 @@ def _precision(device: torch.device, use_bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
 
-def _check_finite(features: torch.Tensor, indices: torch.Tensor, data: ImageDataset,
+def _check_finite(features: torch.Tensor, indices: torch.Tensor, data: ImageDataset | _Sentences,
                   use_bf16: bool) -> None:
     """NaN/inf features would poison every later step (class means, k-means, selection)."""
     bad = (~torch.isfinite(features)).any(dim=1).nonzero()
     if len(bad):
-        image = data.ids[int(indices[int(bad[0])])]
+        sample = data.ids[int(indices[int(bad[0])])]
+        what = "sentence" if isinstance(data, _Sentences) else "image"
         raise PretrainReuseError(
-            f"the backbone gave NaN/inf features (first for image {image!r}); check the weights "
+            f"the backbone gave NaN/inf features (first for {what} {sample!r}); check the weights "
             "for NaN/inf parameters" + (", or embed with --precision fp32 (bf16 overflows)"
                                         if use_bf16 else ""))
 
 
-def _write_index(out: Path, parts: Path, n_shards: int, dataset: ImageDataset, backbone,
+def _write_index(out: Path, parts: Path, n_shards: int, dataset: ImageDataset | TextDataset, backbone,
                  cfg: EmbedConfig, state: str, seconds: float) -> list[int]:
     """Write ``index.json`` over the shards; returns the positions of the unreadable images."""
     shards, skipped, classes_seen = [], [], set()

@@ -6,7 +6,8 @@ File format (``.jsonl``, UTF-8, with or without a byte-order mark): one JSON obj
 - ``"label"``: an integer class index, or a class name (names are numbered in sorted order, as
   the folders of an image folder are, until :func:`numbered_by` renumbers them in a model's order);
   integer labels are named by a ``classes.txt`` beside the file when there is one (line i names
-  class i);
+  class i). Sentences to embed (:func:`text_file` with ``need_labels=False``) may have no label
+  at all: then no line has one;
 - ``"id"`` (optional): a stable sample id; default ``<file name>:<line number>``.
 
 For example, two lines of SST-2: ``{"label": 1, "text": "a gorgeous , witty , seductive movie ."}``
@@ -30,7 +31,7 @@ class TextDataset:
 
     Attributes:
         texts: the sentences.
-        labels: (N,) int64 class indices.
+        labels: (N,) int64 class indices; None for unlabelled sentences (to embed).
         class_names: a name per class, or None.
         ids: stable sample ids.
         source: where the sentences came from.
@@ -38,7 +39,7 @@ class TextDataset:
     """
 
     texts: list[str]
-    labels: np.ndarray
+    labels: np.ndarray | None
     class_names: list[str] | None
     ids: list[str]
     source: str
@@ -48,8 +49,9 @@ class TextDataset:
         return len(self.texts)
 
 
-def text_file(path) -> TextDataset:
-    """Read a ``.jsonl`` file of labelled sentences (format in the module docstring)."""
+def text_file(path, *, need_labels: bool = True) -> TextDataset:
+    """Read a ``.jsonl`` file of labelled sentences (format in the module docstring); with
+    ``need_labels=False``, a file whose lines have no ``"label"`` gives unlabelled sentences."""
     p = check_file("data", path)
     try:
         # utf-8-sig: files saved by Windows editors start with a byte-order mark, not JSON
@@ -66,8 +68,14 @@ def text_file(path) -> TextDataset:
         except json.JSONDecodeError as e:
             raise PretrainReuseError(f"data: {str(p)!r} line {number} is not JSON ({e.msg})") from None
         text, label = (row.get("text"), row.get("label")) if isinstance(row, dict) else (None, None)
-        if not (isinstance(text, str) and text.strip()) or not isinstance(label, (int, str)) or (
-                isinstance(label, bool)):
+        unlabelled = not need_labels and isinstance(row, dict) and "label" not in row
+        if texts and unlabelled != (labels == []):
+            raise PretrainReuseError(
+                f"data: {str(p)!r} line {number} has {'no' if unlabelled else 'a'} \"label\" but "
+                f"the lines before it {'do' if unlabelled else 'do not'}; label every sentence "
+                "or none")
+        bad_label = not isinstance(label, (int, str)) or isinstance(label, bool)
+        if not (isinstance(text, str) and text.strip()) or (bad_label and not unlabelled):
             raise PretrainReuseError(
                 f"data: {str(p)!r} line {number} must be an object with a non-empty \"text\" "
                 f"string and a \"label\" (class index or name), got {line[:80]!r}")
@@ -75,13 +83,16 @@ def text_file(path) -> TextDataset:
             raise PretrainReuseError(f"data: {str(p)!r} line {number} has label {label}; class "
                                      "indices are >= 0")
         texts.append(text)
-        labels.append(str(label))
+        if not unlabelled:
+            labels.append(str(label))
         ids.append(str(row.get("id", f"{p.name}:{number}")))
     if not texts:
         raise PretrainReuseError(f"data: {str(p)!r} holds no sentences; add "
                                  '{"label": ..., "text": ...} lines')
     if len(set(ids)) != len(ids):
         raise PretrainReuseError(f"data: {str(p)!r} repeats sample ids; make every \"id\" unique")
+    if not labels:
+        return TextDataset(texts=texts, labels=None, class_names=None, ids=ids, source=str(p))
     label_array, class_names = _parse_labels(labels, p)
     # as _parse_labels reads them: "3" is the index 3, as 3 is
     named = not all(_is_integer(label) for label in labels)
