@@ -1890,11 +1890,16 @@ def test_evaluate_without_recorded_class_names_says_it_scores_by_position(tmp_pa
                                    "model 10 outputs")
 
 
-def test_evaluate_on_a_sentence_file_says_which_commands_read_sentences(tmp_path, capsys):
-    # it said "the data must be labelled images; open them with pretrain_reuse.data.open_dataset"
+def test_evaluate_of_an_image_model_on_sentences_says_it_needs_a_text_classifier(tmp_path, capsys):
     (tmp_path / "s.jsonl").write_text('{"text": "a fine film", "label": 0}\n')
     rc, _, err = cli(capsys, "evaluate", "--model", "smallcnn", "--data", tmp_path / "s.jsonl")
-    assert_one_line_error(rc, err, "holds JSON lines", "read only by explain and knowledge")
+    assert_one_line_error(rc, err, "smallcnn is an image model but the data are sentences; pass "
+                                   "a text classifier")
+    # a command that takes images only names the commands that read sentences
+    rc, _, err = cli(capsys, "finetune", "--model", "smallcnn", "--target", tmp_path / "s.jsonl",
+                     "--target-test", tmp_path / "s.jsonl", "--out", tmp_path / "run")
+    assert_one_line_error(rc, err, "holds JSON lines", "(.jsonl) are read by embed, evaluate, explain and "
+                                                       "knowledge")
 
 
 def test_evaluate_matches_classes_by_a_hugging_face_classifiers_id2label(tmp_path, capsys):

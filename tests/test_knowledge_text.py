@@ -453,6 +453,30 @@ def test_integer_labels_are_named_by_the_models_id2label(bert, tmp_path, capsys)
     assert all(i["class"] == ["pos", "neg"][i["label"]] for i in infos)
 
 
+@pytest.mark.parametrize("names", [None, ["pos", "neg"], ["neg", "pos"]])
+def test_evaluate_scores_a_text_classifier_as_transformers_predicts(bert, tmp_path, capsys, names):
+    # labels as names are matched by the model's id2label; integer labels are its class indices
+    model = bert if names is None else _named_copy(bert, tmp_path / "named", names)
+    tok, net = _reference(model)
+    rows = [{"text": t, "label": y if names is None else ["neg", "pos"][y]} for y, t in SENTENCES]
+    data = tmp_path / "s.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    rc = main(["evaluate", "--model", f"hf:{model}", "--data", str(data), "--batch-size", "3",
+               "--quiet", "--out", str(tmp_path / "e.json")])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    with torch.no_grad():
+        predicted = [int(net(**tok(t, return_tensors="pt")).logits.argmax()) for _, t in SENTENCES]
+    truth = [y if names is None else names.index(["neg", "pos"][y]) for y, _ in SENTENCES]
+    correct = np.array(predicted) == np.array(truth)
+    scores = json.loads((tmp_path / "e.json").read_text())
+    assert scores["top1"] == pytest.approx(correct.mean()) and scores["n"] == len(SENTENCES)
+    per_class = [correct[np.array(truth) == c].mean() for c in sorted(set(truth))]
+    assert scores["mean_class_acc"] == pytest.approx(np.mean(per_class))
+    assert scores["classes_matched_by"] == ("position" if names is None else "name")
+    assert f"on {len(SENTENCES)} sentences of {data}" in out
+
+
 def test_a_label_name_the_model_does_not_know_is_one_line_naming_it(bert, tmp_path, capsys):
     model = _named_copy(bert, tmp_path / "named", ["pos", "neg"])
     data = tmp_path / "s.jsonl"

@@ -405,15 +405,14 @@ def _classifier(name: str, weights: str | None, what: str, quiet: bool):
     return create_backbone(name, weights=weights)
 
 
-def _explain_data(args, *, sentences: bool = True):
+def _explain_data(args):
     """The data of explain / knowledge / evaluate and the split it was opened from (None: the
     file or folder as given); by default the test split of an embedded data set or of a folder
-    of split folders. Sentence files only where ``sentences`` (evaluate takes images)."""
+    of split folders."""
     from .data.catalog import DATASETS, open_dataset, split_folders
+    from .data.text import is_sentence_file, text_file
 
-    if sentences and args.data.endswith(".jsonl"):
-        from .data.text import text_file
-
+    if is_sentence_file(args.data):
         if args.split:
             raise PretrainReuseError(f"--split does not apply to the sentence file {args.data!r}; "
                                      "pass one .jsonl file per split")
@@ -620,6 +619,7 @@ def cmd_demo(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .artifacts import check_output_file, make_meta, write_json
+    from .data.text import TextDataset
     from .finetune.evaluate import evaluate_model
     from .models import output_class_names
     from .models.checkpoint import weights_hash
@@ -627,12 +627,12 @@ def cmd_evaluate(args) -> int:
     if args.out:
         check_output_file(args.out, ".json", "evaluation")  # before the work
     model = _classifier(args.model, args.weights, "--weights", args.quiet)
-    data, split = _explain_data(args, sentences=False)
+    data, split = _explain_data(args)
     scores = evaluate_model(model, data, class_names=output_class_names(model, data.class_names),
                             batch_size=args.batch_size, device=args.device, workers=args.workers)
     where = f"{args.data}" + (f" ({split})" if split else "")
     print(f"top-1 {scores['top1']:.4f}, mean per-class {scores['mean_class_acc']:.4f} on "
-          f"{scores['n']} images of {where}"
+          f"{scores['n']} {'sentences' if isinstance(data, TextDataset) else 'images'} of {where}"
           + (f"; {scores['unreadable']} unreadable images left out" if scores["unreadable"] else ""))
     notes = []
     if scores["classes_matched_by"] == "position":
@@ -788,14 +788,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_explain_flags(x)
     x.set_defaults(func=cmd_explain)
 
-    v = sub.add_parser("evaluate", help="accuracy of a classifier on labelled images",
+    v = sub.add_parser("evaluate", help="accuracy of a classifier on labelled images (or sentences)",
                        description="Top-1 and mean per-class accuracy of a classifier (e.g. the "
                        "model.safetensors of a finetune run) on labelled images, computed as "
-                       "finetune computes its test accuracy; classes are matched by name.")
+                       "finetune computes its test accuracy, or of a text classifier on labelled "
+                       "sentences; classes are matched by name.")
     v.add_argument("--model", required=True, help="backbone name, as given to finetune")
     v.add_argument("--weights", help="the classifier's weights (runs/<name>/model.safetensors)")
     v.add_argument("--data", required=True,
-                   help="image folder, list file or embedded data set (synthetic:target)")
+                   help="image folder, list file or embedded data set (synthetic:target); or a "
+                   '.jsonl file of {"label": ..., "text": ...} sentences for a text classifier')
     v.add_argument("--split", help="split of an embedded data set or of a folder of split "
                    "folders (default: test, where there is one)")
     v.add_argument("--batch-size", type=_at_least(1), default=256)

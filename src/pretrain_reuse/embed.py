@@ -46,7 +46,7 @@ from .artifacts import (
 from .configs import check_fields
 from .data.catalog import open_dataset
 from .data.datasets import Batch, DataWarning, ImageDataset, collate, describe_skipped
-from .data.text import TextDataset, text_file
+from .data.text import TextDataset, is_sentence_file, text_file
 from .distributed import process_device, rank_world
 from .errors import PretrainReuseError, check_choice, check_device, check_image_size, check_seed
 from .features import STORE_FORMAT, FeatureStore
@@ -164,7 +164,7 @@ def _on_device(inputs: torch.Tensor | dict[str, torch.Tensor], device: torch.dev
 
 
 def _open_data(cfg: EmbedConfig) -> ImageDataset | TextDataset:
-    if Path(cfg.data).suffix != ".jsonl":
+    if not is_sentence_file(cfg.data):
         return open_dataset(cfg.data, split=cfg.split)
     if cfg.split is not None:
         raise PretrainReuseError("--split picks a sub-folder of an image data set; a .jsonl "

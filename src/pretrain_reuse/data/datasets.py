@@ -425,8 +425,8 @@ def file_list(path: str | Path, *, mode: str = "RGB",
         raise PretrainReuseError(
             f"data: {str(p)!r} holds JSON lines (sentences for a text model?), not images; this "
             "command needs images (an image folder, a path,label list or a data set name): "
-            "sentence files are read only by explain and knowledge, with a text model and "
-            "--players tokens")
+            "sentence files (.jsonl) are read by embed, evaluate, explain and knowledge, with a "
+            "text model")
     delimiter = "\t" if p.suffix.lower() == ".tsv" or "\t" in first else ","
     rows = [(n, [c.strip() for c in row]) for n, row in
             enumerate(csv.reader(io.StringIO(text), delimiter=delimiter), start=1)

@@ -1,4 +1,5 @@
-"""Labelled sentences for text classifiers: :class:`TextDataset` and the JSONL reader.
+"""Sentences, labelled for text classifiers or not (to embed): :class:`TextDataset` and the JSONL
+reader.
 
 File format (``.jsonl``, UTF-8, with or without a byte-order mark): one JSON object per non-empty line, with
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -47,6 +49,11 @@ class TextDataset:
 
     def __len__(self) -> int:
         return len(self.texts)
+
+
+def is_sentence_file(path) -> bool:
+    """Whether ``path`` names a ``.jsonl`` file of sentences (by its suffix, in any case)."""
+    return Path(str(path)).suffix.lower() == ".jsonl"
 
 
 def text_file(path, *, need_labels: bool = True) -> TextDataset:

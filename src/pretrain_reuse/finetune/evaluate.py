@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..data.datasets import ImageDataset, labels_by_name, make_loader
+from ..data.text import TextDataset
 from ..errors import PretrainReuseError, check_device
 from ..models import Backbone
 from .augment import View, input_size
@@ -45,15 +46,19 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
             "n": len(labels)}
 
 
-def evaluate_model(model: Backbone, data: ImageDataset, *, class_names: list[str] | None = None,
-                   batch_size: int = 256, device: str = "cpu", workers: int = 0) -> dict:
+def evaluate_model(model: Backbone, data: ImageDataset | TextDataset, *,
+                   class_names: list[str] | None = None, batch_size: int = 256, device: str = "cpu",
+                   workers: int = 0) -> dict:
     """Top-1 and mean per-class accuracy of the classifier ``model`` on the labelled images
     ``data``, computed as fine-tuning computes its test accuracy: each image resized and
-    centre-cropped to the model's input (the ``eval`` view), unreadable images left out.
+    centre-cropped to the model's input (the ``eval`` view), unreadable images left out; or of a
+    text classifier on labelled sentences, tokenized by its own tokenizer.
 
     Args:
-        model: a classifier, e.g. ``create_backbone(name, weights="runs/x/model.safetensors")``.
-        data: labelled images (:func:`~pretrain_reuse.data.open_dataset`).
+        model: a classifier, e.g. ``create_backbone(name, weights="runs/x/model.safetensors")``,
+            or a Hugging Face sequence classifier (``hf:<folder>``).
+        data: labelled images (:func:`~pretrain_reuse.data.open_dataset`), or labelled sentences
+            (:func:`~pretrain_reuse.data.text.text_file`) for a text classifier.
         class_names: the names of the model's outputs (output i = class i; a fine-tuned model
             records them); the data's labels are then matched by name.
         batch_size, device, workers: inference settings.
@@ -69,10 +74,15 @@ def evaluate_model(model: Backbone, data: ImageDataset, *, class_names: list[str
     if not isinstance(model, Backbone) or model.num_classes is None:
         raise PretrainReuseError("the model must be a classifier (a Backbone with a Linear head), "
                                  "e.g. the model.safetensors of a finetune run")
-    if not isinstance(data, ImageDataset) or data.labels is None or len(data) == 0:
-        raise PretrainReuseError("the data must be labelled images; open them with "
-                                 "pretrain_reuse.data.open_dataset(path or name, split=...)")
-    scored = data.subset(range(len(data)))  # a view: the caller's data keeps its transform
+    text = isinstance(data, TextDataset)
+    if not isinstance(data, (ImageDataset, TextDataset)) or data.labels is None or len(data) == 0:
+        raise PretrainReuseError("the data must be labelled images or sentences; open them with "
+                                 "pretrain_reuse.data.open_dataset(path or name, split=...) or "
+                                 "pretrain_reuse.data.text.text_file(path)")
+    if model.spec.modality != ("text" if text else "image"):
+        raise PretrainReuseError(
+            f"{model.spec.name} is {'an image' if text else 'a text'} model but the data are "
+            f"{'sentences' if text else 'images'}; pass a {'text' if text else 'image'} classifier")
     # named classes (folders, classes.txt) in another number than the outputs cannot be the
     # model's in its order; integer labels without names are class indices as given (ImageNet
     # indices of part of its validation set, say)
@@ -81,17 +91,21 @@ def evaluate_model(model: Backbone, data: ImageDataset, *, class_names: list[str
             f"the model records no class names, so the data's class i would be scored as its "
             f"output i, but the data has {len(data.class_names)} classes and the model "
             f"{model.num_classes} outputs; pass data of exactly the model's classes, in its order")
-    scored.labels = labels_by_name(data, class_names, "data (--data)")
-    if int(scored.labels.max()) >= model.num_classes:
-        raise PretrainReuseError(f"the data has label {int(scored.labels.max())} but the model "
+    labels = labels_by_name(data, class_names, "data (--data)")
+    if int(labels.max()) >= model.num_classes:
+        raise PretrainReuseError(f"the data has label {int(labels.max())} but the model "
                                  f"outputs {model.num_classes} classes; pass data of its classes")
-    scored.transform = resize_transform(model.spec.resize_side)
     dev = torch.device(check_device(device))
-    view = View(model.spec, "eval", input_size(model.spec, None)).to(dev)
     model = model.to(dev).eval()
     skipped: list[int] = []
-    logits, labels = predict(model, scored, view, batch_size=batch_size, device=dev,
-                             workers=workers, skipped=skipped)
+    if text:
+        logits = _sentence_logits(model, data, batch_size=batch_size, device=dev)
+    else:
+        scored = data.subset(range(len(data)))  # a view: the caller's data keeps its transform
+        scored.labels, scored.transform = labels, resize_transform(model.spec.resize_side)
+        view = View(model.spec, "eval", input_size(model.spec, None)).to(dev)
+        logits, labels = predict(model, scored, view, batch_size=batch_size, device=dev,
+                                 workers=workers, skipped=skipped)
     if len(labels) == 0:
         raise PretrainReuseError(f"none of the {len(data)} images of the data can be read; check "
                                  "its files (corrupt or not images)")
@@ -100,6 +114,16 @@ def evaluate_model(model: Backbone, data: ImageDataset, *, class_names: list[str
             "unreadable_ids": [data.ids[i] for i in sorted(skipped)],
             "classes_matched_by": "name" if class_names is not None else "position",
             "classes_without_images": [class_names[c] if class_names else str(c) for c in absent]}
+
+
+@torch.no_grad()
+def _sentence_logits(model: Backbone, data: TextDataset, *, batch_size: int,
+                     device: torch.device) -> np.ndarray:
+    """The text classifier ``model``'s logits on every sentence of ``data``, in order."""
+    out = [model({k: v.to(device) for k, v in model.preprocess.batch(
+        data.texts[s:s + batch_size]).items()}).float().cpu()
+        for s in range(0, len(data), batch_size)]
+    return torch.cat(out).numpy()
 
 
 def cotuning_relationship(source_logits: np.ndarray, labels: np.ndarray,

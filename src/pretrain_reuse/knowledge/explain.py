@@ -505,9 +505,7 @@ def class_logits(model: Backbone, dataset: ImageDataset | TextDataset, indices: 
     for s in range(0, len(indices), batch_size):
         chunk = [int(i) for i in indices[s:s + batch_size]]
         if text:
-            enc = model.preprocess.tokenizer(
-                [dataset.texts[i] for i in chunk], padding=True, truncation=True,
-                max_length=model.spec.max_length, return_tensors="pt")
+            enc = model.preprocess.batch([dataset.texts[i] for i in chunk])
             logits[s:s + len(chunk)] = model({k: v.to(device) for k, v in enc.items()}).float().cpu()
         else:
             xs = [data.load(i) for i in chunk]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,6 +202,12 @@ class TextTransform:
         enc = self.tokenizer(text, padding="max_length", truncation=True, max_length=self.max_length,
                              return_tensors="pt")
         return {k: v[0] for k, v in enc.items()}
+
+    def batch(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Sentences tokenized as one batch, padded to the longest (the padding is masked, so
+        each sentence's output is that of the sentence alone)."""
+        return dict(self.tokenizer(list(texts), padding=True, truncation=True,
+                                   max_length=self.max_length, return_tensors="pt"))
 
 
 def make_transform(spec: BackboneSpec, tokenizer: Any = None) -> ImageTransform | TextTransform:
