@@ -477,6 +477,24 @@ def test_evaluate_scores_a_text_classifier_as_transformers_predicts(bert, tmp_pa
     assert f"on {len(SENTENCES)} sentences of {data}" in out
 
 
+def test_explain_records_each_samples_prediction_and_notes_the_misclassified(bert, tmp_path,
+                                                                            capsys):
+    tok, net = _reference(bert)
+    with torch.no_grad():
+        predicted = [int(net(**tok(t, return_tensors="pt")).logits.argmax()) for _, t in SENTENCES]
+    wrong = sum(p != y for p, (y, _) in zip(predicted, SENTENCES, strict=True))
+    assert 0 < wrong < len(SENTENCES)  # the random network errs on some sentences, not all
+    rc = main(["explain", "--model", f"hf:{bert}", "--data", str(_sentences(tmp_path / "s.jsonl")),
+               "--players", "tokens", "--n", "3", "--samples", str(len(SENTENCES)),
+               "--out", str(tmp_path / "x")])
+    _, err = capsys.readouterr()
+    assert rc == 0, err
+    infos = [load(f).info for f in sorted((tmp_path / "x").glob("interactions-*.safetensors"))]
+    assert len(infos) == len(SENTENCES)
+    assert all(i["predicted"] == predicted[i["index"]] for i in infos)
+    assert f"note: the model misclassifies {wrong} of the {len(SENTENCES)} samples explained" in err
+
+
 def test_a_label_name_the_model_does_not_know_is_one_line_naming_it(bert, tmp_path, capsys):
     model = _named_copy(bert, tmp_path / "named", ["pos", "neg"])
     data = tmp_path / "s.jsonl"

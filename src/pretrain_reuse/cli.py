@@ -438,6 +438,11 @@ def cmd_explain(args) -> int:
               "explainable", file=sys.stderr)
     results = explain(model, data, indices, cfg, args.out, tau=args.tau, split=split,
                       progress=not args.quiet)
+    wrong = [r.info["sample"] for r in results if r.info["predicted"] != r.info["label"]]
+    if wrong and not args.quiet:
+        print(f"note: the model misclassifies {len(wrong)} of the {len(results)} samples "
+              f"explained (first: {wrong[0]!r}); their interactions explain the output of their "
+              "true class, not of the model's answer", file=sys.stderr)
     errors = np.array([r.faithfulness_error(args.tau)["max"] for r in results])
     defined = errors[~np.isnan(errors)]
     error = (f"mean {defined.mean():.4f}, max {defined.max():.4f}" if len(defined) else

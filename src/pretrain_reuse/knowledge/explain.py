@@ -352,16 +352,19 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
     ``salient.png`` draws the salient interactions (threshold ``tau``) of the first samples.
     Their ``meta`` records ``cfg``, ``tau``, ``split`` (the split ``dataset`` was opened from,
     which the dataset does not know), the model's identity (:func:`model_identity`) and the data;
-    ``meta["solver"]`` is the decomposition's own meta (parameters and diagnostics).
+    ``meta["solver"]`` is the decomposition's own meta (parameters and diagnostics); each
+    sample's ``info`` holds the class the model ``predicted`` for it: a misclassified sample's
+    interactions explain the output of its true class, not of the model's answer.
     Everything that would fail is checked before anything is written (:func:`check_explainable`)."""
     check_objects({role: model}, dataset, cfg)
     check_tau(tau)
     indices = _check_indices(indices, dataset)
     dataset = model_classes(model, dataset)
-    check_explainable(model, dataset, indices, cfg, role, torch.device(cfg.device))
+    predicted = check_explainable(model, dataset, indices, cfg, role, torch.device(cfg.device))
     games = explain_games(model, dataset, indices, cfg, out, role=role,
                           params={"tau": tau, "split": split}, progress=progress)
-    results = decompose(games, cfg)
+    results = [x.with_info(predicted=int(p))
+               for x, p in zip(decompose(games, cfg), predicted, strict=True)]
     if out is not None:
         save_explanations(results, model, dataset, cfg, Path(out), tau)
     return results
@@ -383,14 +386,15 @@ def check_objects(models: dict[str, Any], dataset: Any, cfg: Any) -> None:
 
 
 def check_explainable(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.ndarray,
-                      cfg: ExplainConfig, role: str, device: torch.device) -> None:
+                      cfg: ExplainConfig, role: str, device: torch.device) -> np.ndarray:
     """Refuse, before any game is computed or any file written, what would stop an explanation
     half-way: a model that is not a classifier over the data's classes, a chosen image that cannot
     be read, a model whose output on a chosen sample is not finite (NaN weights), players that do
     not fit the model's input (a grid finer than its pixels, parts of data without annotations),
-    and games that would not fit in memory. ``indices``: valid sample positions."""
+    and games that would not fit in memory. ``indices``: valid sample positions. Returns the class
+    the model predicts for each of them."""
     check_classifier(model, dataset, cfg, role)
-    _, readable = check_outputs(model, dataset, indices, role, device)
+    logits, readable = check_outputs(model, dataset, indices, role, device)
     if not readable.all():
         sample = dataset.ids[indices[np.flatnonzero(~readable)[0]]]
         raise PretrainReuseError(
@@ -402,6 +406,7 @@ def check_explainable(model: Backbone, dataset: ImageDataset | TextDataset, indi
         size = tuple(model.spec.input_size)
         n = max(sample_players(dataset, int(i), cfg, size).n for i in indices)
     _check_memory(len(indices), n, cfg.decomposition)
+    return logits.argmax(axis=1)
 
 
 def check_classifier(model: Backbone, dataset: ImageDataset | TextDataset, cfg: ExplainConfig,
