@@ -903,3 +903,14 @@ def test_sentences_and_images_with_the_wrong_backbone_or_options_are_one_line(
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and needle in err, err
     assert not (tmp_path / "store").exists()
+
+
+def test_embed_can_leave_the_store_on_disk_without_reading_it_back(tmp_path):
+    # the command line reports from index.json: ImageNet's features are 10 GB to read back
+    from pretrain_reuse.embed import EmbedConfig, embed
+
+    cfg = EmbedConfig(model="smallcnn-s", data=str(make_many(tmp_path / "data", 2)), batch_size=4)
+    assert embed(cfg, tmp_path / "store", progress=False, load=False) is None
+    again = embed(cfg, tmp_path / "store", progress=False)  # finished: read, not computed again
+    np.testing.assert_array_equal(again.features, FeatureStore.load(tmp_path / "store").features)
+    assert len(again) == 6 and again.dim == 64

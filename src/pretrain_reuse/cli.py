@@ -132,6 +132,7 @@ def _reporter() -> bool:
 
 
 def cmd_embed(args) -> int:
+    from .artifacts import read_json
     from .embed import EmbedConfig, embed
 
     cfg = EmbedConfig(model=args.model, data=args.data, weights=args.weights, layer=args.layer,
@@ -140,13 +141,14 @@ def cmd_embed(args) -> int:
                       seed=args.seed, image_size=args.image_size)
     _init_distributed(cfg.device)
     _quiet_transformers(args.model, args.quiet)
-    store = embed(cfg, args.out, progress=not args.quiet)
+    embed(cfg, args.out, progress=not args.quiet, load=False)
     if not _reporter():
         return 0
-    skipped = store.meta.get("skipped", 0)
-    print(f"wrote {len(store)} x {store.dim} features to {args.out}"
+    index = read_json(Path(args.out) / "index.json", "feature store index")
+    skipped = index["meta"].get("skipped", 0)
+    print(f"wrote {index['n']} x {index['dim']} features to {args.out}"
           + (f"; skipped {skipped} unreadable images (see the warning above)" if skipped else ""))
-    empty = store.meta.get("classes_without_images", [])
+    empty = index["meta"].get("classes_without_images", [])
     if empty:
         print(f"warning: {len(empty)} classes have no readable image (first: {empty[0]!r}), so "
               "class means (units --method class) will refuse these features; add readable "

@@ -172,12 +172,15 @@ def _open_data(cfg: EmbedConfig) -> ImageDataset | TextDataset:
     return text_file(cfg.data, need_labels=False)
 
 
-def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True) -> FeatureStore | None:
+def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True,
+          load: bool = True) -> FeatureStore | None:
     """Compute the features of every image (sentence) of ``cfg.data`` into the store folder
     ``out``.
 
     Returns the store, or None on the processes of a ``torchrun`` job other than rank 0 (eight
-    processes each holding ImageNet's 1.28M x 2048 features would need 84 GB)."""
+    processes each holding ImageNet's 1.28M x 2048 features would need 84 GB) and with
+    ``load=False``, which leaves the store on disk only (ImageNet's 1.28M x 2048 features are
+    10 GB to read back; the command line reports from ``index.json``)."""
     out = Path(out)
     rank, world = rank_world()
     device = process_device(cfg.device)
@@ -238,7 +241,7 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True) -> Featur
                           DataWarning, stacklevel=2)
     if world > 1:
         dist.barrier()
-    return FeatureStore.load(out) if rank == 0 else None
+    return FeatureStore.load(out) if rank == 0 and load else None
 
 
 def _first_readable_image(dataset: ImageDataset, data: str) -> int:

@@ -12,6 +12,7 @@ written last, so a folder without ``index.json`` is an unfinished store.
 
 from __future__ import annotations
 
+import json
 import secrets
 import shutil
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from .artifacts import atomic_path, decode_ids, encode_ids, hash_file, read_json, write_json
 from .errors import PretrainReuseError, as_array, check_file, check_matrix, check_strings
@@ -156,11 +157,15 @@ class FeatureStore:
         ids: list[str] = []
         start = 0
         for file, shard in zip(files, shards, strict=True):
-            t, k = load_file(str(file)), shard["n"]
-            features[start:start + k] = t["features"]
-            if labels is not None:
-                labels[start:start + k] = t["labels"]
-            ids.extend(decode_ids(t["ids"], k, file))
+            k = shard["n"]
+            # copied from the file's pages straight into the array: a shard read whole first
+            # would be a second copy of it (a shard of 65536 x 2048 features is 512 MB)
+            features[start:start + k] = np.memmap(file, dtype="<f4", mode="r", shape=(k, dim),
+                                                  offset=_data_offset(file, "features"))
+            with safe_open(str(file), framework="numpy") as fh:
+                if labels is not None:
+                    labels[start:start + k] = fh.get_tensor("labels")
+                ids.extend(decode_ids(fh.get_tensor("ids"), k, file))
             start += k
         return cls(features=features, labels=labels, ids=ids, class_names=class_names,
                    meta=index.get("meta", {}))
@@ -212,6 +217,15 @@ def _checked_shard(file: Path, k: int, dim: int, has_labels: bool) -> Path:
                 f"feature shard {str(file)!r} holds {name} {got}, the index says {want or 'ids'}; "
                 "re-run embed to rewrite the store")
     return file
+
+
+def _data_offset(file: Path, name: str) -> int:
+    """Where the bytes of tensor ``name`` start in the safetensors ``file``: after the 8-byte
+    little-endian header size and the JSON header, at the tensor's first data offset."""
+    with open(file, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+    return 8 + size + header[name]["data_offsets"][0]
 
 
 def _is_real(dtype: np.dtype) -> bool:
