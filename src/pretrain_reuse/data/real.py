@@ -123,7 +123,7 @@ def imagenet_samples(split: str, *, mode: str | None = None,
     if not found:
         raise PretrainReuseError(f"imagenet-samples: no imagenet_<i>_<label>.jpg in {str(folder)!r}; "
                                  "reinstall it with `pip install --force-reinstall foolbox`")
-    return FileDataset([f for _, _, f in found], ids=[f.name for _, _, f in found],
+    return FileDataset(folder, [f.name for _, _, f in found], ids=[f.name for _, _, f in found],
                        labels=np.array([label for _, label, _ in found], np.int64),
                        class_names=imagenet_class_names(), mode=mode or "RGB",
                        transform=transform, source="imagenet-samples")
@@ -148,7 +148,8 @@ def skimage_photos(split: str, *, mode: str | None = None,
     if not files:
         raise PretrainReuseError(f"skimage-photos: none of the sample photos are in {str(folder)!r}; "
                                  "reinstall it with `pip install --force-reinstall scikit-image`")
-    return FileDataset(files, ids=[f.stem for f in files], labels=None, class_names=None,
+    return FileDataset(folder, [f.name for f in files], ids=[f.stem for f in files],
+                       labels=None, class_names=None,
                        mode=mode or "RGB", transform=transform, source="skimage-photos")
 
 
