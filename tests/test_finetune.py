@@ -379,10 +379,12 @@ def test_class_selection_picks_the_selected_classes_and_remaps_labels():
     assert torch.equal(img, p[expected[0]][0])
 
 
-def test_cluster_selection_maps_units_to_samples_by_id():
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_cluster_selection_maps_units_to_samples_by_id(shuffled):
     p = pool(labelled=False)
     rng = np.random.default_rng(2)
-    order = rng.permutation(24)  # the units file lists the samples in another order
+    # the units file lists the samples in the pool's order (units built from it), or another
+    order = rng.permutation(24) if shuffled else np.arange(24)
     assignment = rng.integers(0, 3, 24)
     units = Units(prototypes=rng.normal(size=(3, 4)), kind="cluster", assignment=assignment,
                   sample_ids=[p.ids[i] for i in order])
