@@ -209,6 +209,18 @@ def test_select_on_labelled_samples_equals_select_on_hand_computed_class_means(c
     assert "counts" not in from_means
 
 
+def test_select_on_labelled_samples_shows_the_progress_of_the_class_means_unless_quiet(capsys,
+                                                                                      data):
+    # at ImageNet's 1.28M x 2048 the means take most of a minute, which was silent
+    inp = data.inp
+    args = select_args(data, "--k", "10", "--source-labels", inp / "src_labels.npy",
+                       source=inp / "src_feats.npy")
+    _, _, err = cli(capsys, *args)
+    assert "unit means: 100%" in err and f"{len(data.src_labels)}/{len(data.src_labels)}" in err
+    rc, _, err = cli(capsys, *args, "--quiet")
+    assert rc == 0 and err == ""
+
+
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 @pytest.mark.parametrize("target_kind", ["matrix", "labelled-samples"])
 def test_greedy_ot_scores_match_brute_force_weighted_distances(capsys, data, metric, target_kind):

@@ -527,3 +527,30 @@ def test_gathered_candidate_search_in_chunks_equals_faiss():
     brute = cand[torch.arange(50), (x[:, None, :] * centroids[cand]).sum(-1).argmax(1)]
     assert torch.equal(_best_candidate(x, centroids, cand), brute)
     assert torch.equal(_best_candidate_gathered(x, centroids, cand, chunk=7), brute)
+
+
+def test_units_of_npy_files_record_the_files_hashes(tmp_path):
+    # the hashes FeatureStore.from_npy took: a second pass over the features cost as much as
+    # the class means themselves
+    from pretrain_reuse.artifacts import hash_file
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "f.npy", rng.standard_normal((40, 6)).astype(np.float32))
+    np.save(tmp_path / "l.npy", np.arange(40) % 4)
+    store = FeatureStore.from_npy(tmp_path / "f.npy", tmp_path / "l.npy")
+    files = {"features": hash_file(tmp_path / "f.npy"), "labels": hash_file(tmp_path / "l.npy")}
+    assert class_means(store).meta["inputs"] == files
+    assert spherical_kmeans(store, 3).meta["inputs"] == {"features": files["features"]}
+
+
+def test_wide_features_are_read_in_chunks_of_bytes_not_of_rows():
+    from pretrain_reuse.units import _chunk_rows
+
+    assert _chunk_rows(128) == 65536 and _chunk_rows(2048) == 4096 and _chunk_rows(10**9) == 1
+    # means over several chunks equal one pass of numpy in float64
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((9000, 2048)).astype(np.float32)
+    y = rng.integers(0, 5, 9000)
+    expected = np.stack([x[y == c].astype(np.float64).mean(0) for c in range(5)])
+    np.testing.assert_allclose(class_means(FeatureStore(features=x, labels=y)).prototypes,
+                               expected, rtol=1e-6, atol=1e-7)

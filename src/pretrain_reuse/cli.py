@@ -99,9 +99,11 @@ def _load_data(path: str, labels: str | None, what: str, class_names: list[str] 
     return obj
 
 
-def load_units_arg(path: str, labels: str | None, class_names: str | None, what: str):
+def load_units_arg(path: str, labels: str | None, class_names: str | None, what: str, *,
+                   progress: bool = False):
     """Units from a CLI argument: a Units file, a ``.npy`` prototype matrix, or labelled
-    per-sample features (then one unit per class, by :func:`~pretrain_reuse.units.class_means`)."""
+    per-sample features (then one unit per class, by :func:`~pretrain_reuse.units.class_means`,
+    with a progress bar over the samples when ``progress``)."""
     from .units import Units, class_means
 
     names = _read_lines(class_names, "class names") if class_names is not None else None
@@ -116,7 +118,7 @@ def load_units_arg(path: str, labels: str | None, class_names: str | None, what:
         raise PretrainReuseError(
             f"--{what} {path!r} holds unlabelled features; build units first "
             f"(`pretrain-reuse units --method kmeans`){labels_fix}")
-    return class_means(obj)
+    return class_means(obj, progress=progress)
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,8 +257,10 @@ def cmd_select(args) -> int:
         raise PretrainReuseError(f"{', '.join(unread)} would be ignored by --method "
                                  f"{args.method}; drop them or pick the method that reads them")
     cfg = SelectConfig(method=args.method, k=k, unit_ids=ids, name_pattern=args.names, **given)
-    source = load_units_arg(args.source, args.source_labels, args.class_names, "source")
-    target = load_units_arg(args.target, args.target_labels, None, "target")
+    source = load_units_arg(args.source, args.source_labels, args.class_names, "source",
+                            progress=not args.quiet)
+    target = load_units_arg(args.target, args.target_labels, None, "target",
+                            progress=not args.quiet)
     sel = select(source, target, cfg)
     if relevant:
         bad = [r for r in relevant if not 0 <= r < len(source)]
@@ -763,6 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--names", help="label method: regular expression over unit names")
     s.add_argument("--relevant", help="unit ids known to be related (e.g. 7-24,80-100,127-146 for "
                    "the ImageNet birds); reports their recall and stores it in meta")
+    _add_quiet(s)
     s.add_argument("--out", required=True, help="output selection .json")
     s.set_defaults(func=cmd_select)
 

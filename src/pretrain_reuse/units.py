@@ -191,10 +191,21 @@ def size_report(counts: np.ndarray) -> dict[str, Any]:
             "max": int(q[4]), "below_5": int((counts < 5).sum())}
 
 
+#: Bytes of float32 features read and converted at a time (:func:`_chunk_rows`).
+CHUNK_BYTES = 32 << 20
+
+
+def _chunk_rows(dim: int) -> int:
+    """Rows per chunk of features of width ``dim``: 65536 of 128, 4096 of 2048. A count of rows
+    whatever the width made each chunk's float64 copy 1 GB at D = 2048."""
+    return max(1, CHUNK_BYTES // (4 * dim))
+
+
 def _group_means(features: np.ndarray, assignment: np.ndarray, k: int, normalize: bool,
-                 progress: bool = False, chunk: int = 1 << 16) -> np.ndarray:
+                 progress: bool = False, chunk: int | None = None) -> np.ndarray:
     """Mean feature of every unit, accumulated in float64 chunk by chunk (memmap friendly)."""
     sums = np.zeros((k, features.shape[1]), dtype=np.float64)
+    chunk = chunk or _chunk_rows(features.shape[1])
     for s in _chunks(len(features), chunk, progress, "unit means"):
         x = _float32_block(features, s, chunk)
         if normalize:
@@ -366,6 +377,7 @@ def spherical_kmeans(store: FeatureStore | np.ndarray, k: int, *, n_iter: int = 
         if best is None or objective > best[0]:
             best = (objective, assign, fit)
     objective, assign, fit = best
+    del x, train, x_np  # the normalised copy: the means below read the features again
     assign = assign[position]  # back to the order of the store
     counts = np.bincount(assign, minlength=k)
     empty = np.flatnonzero(counts == 0)
@@ -404,17 +416,22 @@ def embedding_of(store: FeatureStore) -> dict[str, Any] | None:
 
 
 def _store_inputs(store: FeatureStore) -> dict[str, str]:
-    inputs = {"features": hash_array(np.asarray(store.features))}
+    """The hashes of the features and labels: the files' own for ``.npy`` files, which
+    :meth:`FeatureStore.from_npy` has taken (a second pass over ImageNet's 10 GB of features
+    took as long as the means)."""
+    files = store.meta.get("inputs", {}) if store.meta.get("producer") == "npy" else {}
+    inputs = {"features": files.get("features") or hash_array(np.asarray(store.features))}
     if store.labels is not None:
-        inputs["labels"] = hash_array(store.labels)
+        inputs["labels"] = files.get("labels") or hash_array(store.labels)
     return inputs
 
 
 def _normalized_float32(features: np.ndarray, position: np.ndarray, progress: bool = False,
-                        chunk: int = 1 << 16) -> np.ndarray:
+                        chunk: int | None = None) -> np.ndarray:
     """Contiguous float32 copy with unit-norm rows, row ``i`` of the features at row
     ``position[i]``. Read chunk by chunk in file order (works on memmaps), scattered in memory."""
     out = np.empty(features.shape, dtype=np.float32)
+    chunk = chunk or _chunk_rows(features.shape[1])
     for s in _chunks(len(features), chunk, progress, "normalising"):
         block = _float32_block(features, s, chunk)
         norms = _row_norms(block)
@@ -430,11 +447,20 @@ def _normalized_float32(features: np.ndarray, position: np.ndarray, progress: bo
 
 def _chunks(n: int, chunk: int, progress: bool, desc: str):
     """The starts of the chunks of ``n`` rows, with a progress bar over the rows: reading and
-    normalising 1.3M features from disk takes seconds before and after the k-means passes."""
-    with tqdm(total=n, desc=desc, unit="sample", disable=not progress, unit_scale=True) as bar:
+    normalising 1.3M features from disk takes seconds before and after the k-means passes. The
+    bar starts once the first chunk has passed its checks, so that features refused there (NaN)
+    give the error line alone."""
+    bar = None
+    try:
         for start in range(0, n, chunk):
             yield start
+            if bar is None:
+                bar = tqdm(total=n, desc=desc, unit="sample", disable=not progress,
+                           unit_scale=True)
             bar.update(min(chunk, n - start))
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _float32_block(features: np.ndarray, start: int, chunk: int) -> np.ndarray:
@@ -530,6 +556,7 @@ def _online_kmeans(x: torch.Tensor, centroids: torch.Tensor, n_iter: int, rng: n
     reseeded, full, full_passes = 0, True, 0
     full_at = {3 ** j for j in range(n_iter.bit_length())}
     size = step_per_cluster * k
+    piece = _chunk_rows(dim) // 2  # rows per float64 copy
     bar = tqdm(range(1, n_iter + 1), desc=desc, disable=not progress, unit="pass")
     for passes in bar:
         moved, full_passes = 0, full_passes + full
@@ -545,12 +572,11 @@ def _online_kmeans(x: torch.Tensor, centroids: torch.Tensor, n_iter: int, rng: n
             if len(change) == 0:
                 continue
             rows, old, new = change + start, old[change], new[change]
-            xc = x[rows].double()
             assign[rows] = new
             had = old >= 0  # in the first pass, a row has no cluster to leave
-            _add_rows(sums, old[had], -xc[had])
+            _move_rows(sums, x, rows[had], old[had], piece, leave=True)
             counts -= torch.bincount(old[had], minlength=k)
-            _add_rows(sums, new, xc)
+            _move_rows(sums, x, rows, new, piece)
             counts += torch.bincount(new, minlength=k)
             touched = torch.unique(torch.cat([old[had], new]))
             touched = touched[counts[touched] > 0]  # an emptied cluster waits to be re-seeded
@@ -625,15 +651,26 @@ def _cluster_sums(x: np.ndarray, assign: np.ndarray, k: int) -> np.ndarray:
     return sums.numpy()
 
 
+def _move_rows(sums: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, units: torch.Tensor,
+               piece: int, *, leave: bool = False) -> None:
+    """``sums[units[j]] += x[rows[j]]`` (``-=`` when the rows ``leave`` their units) in float64,
+    ``piece`` rows at a time: a step's rows at once would be a float64 copy of 32 k rows (1 GB at
+    k = 2000, D = 2048)."""
+    for s in range(0, len(rows), piece):
+        xc = x[rows[s:s + piece]].double()
+        _add_rows(sums, units[s:s + piece], xc.neg_() if leave else xc)
+
+
 def _add_rows(sums: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
     """``sums[index[j]] += rows[j]`` for every j, in order (deterministic). Not index_add_: with
     2 CPU threads on a busy machine it is 4-30x slower."""
     sums.index_put_((index,), rows, accumulate=True)
 
 
-def _spherical_objective(x: np.ndarray, assign: np.ndarray, k: int, chunk: int = 1 << 16) -> float:
+def _spherical_objective(x: np.ndarray, assign: np.ndarray, k: int) -> float:
     """Mean cosine similarity of the (unit-norm) samples to their cluster's mean direction:
     ``sum_k |sum_{i in k} x_i| / N``. Summed chunk by chunk: no float64 copy of all of x."""
+    chunk = _chunk_rows(x.shape[1])
     sums = sum(_cluster_sums(x[s:s + chunk], assign[s:s + chunk], k) for s in range(0, len(x), chunk))
     return float(np.linalg.norm(sums, axis=1).sum() / len(x))
 
