@@ -524,7 +524,7 @@ USER_ERRORS = {
     "names pattern without names": (_sel("--k", "1", "--method", "label", "--names", "owl"),
                                     ["--class-names"]),
     "class names of the wrong length": (_sel("--k", "3", "--class-names", "few_names.txt"),
-                                        ["2 unit names", "60 units"]),
+                                        ["--class-names has 2 lines", "60 units"]),
     "corrupt safetensors units": (_sel("--k", "3", source="junk.safetensors"),
                                   ["junk.safetensors", "corrupt"]),
     "corrupt npy": (_sel("--k", "3", source="junk.npy"), ["junk.npy", "not a readable .npy"]),
@@ -739,6 +739,38 @@ def test_select_names_string_labels_by_the_names_file_as_units_does(capsys, tmp_
     sel, units = load(tmp_path / "sel.json"), load(tmp_path / "u.safetensors")
     assert sel.selected == [1] and sel.unit_names[1] == "ant"  # the file's numbering, both verbs
     assert units.names == ["zebra", "ant", "moose"]
+
+
+def test_a_names_file_of_class_ids_and_words_names_each_class_by_its_id(capsys, tmp_path):
+    # an image folder's classes are WordNet ids; ImageNet's LOC_synset_mapping.txt lists
+    # "id words" lines in its own order, with lines for classes the pool lacks: line i named
+    # unit i, so every unit took another class's name (or "classes without samples" were blamed
+    # on unreadable images)
+    rng = np.random.default_rng(0)
+    ids = ["n03", "n01", "n02"]  # as a folder numbers them: sorted
+    ids.sort()
+    centres = 10 * rng.standard_normal((3, 8))
+    feats = (np.repeat(centres, 4, axis=0) + rng.standard_normal((12, 8))).astype(np.float32)
+    FeatureStore(features=feats, labels=np.repeat(np.arange(3), 4), class_names=ids,
+                 meta={"producer": "embed"}).save(tmp_path / "pool")
+    mapping = ["n09 extra class", "n03 wren, jenny wren", "n01 tench, Tinca tinca",
+               "n02 goldfish, Carassius auratus"]
+    (tmp_path / "LOC_synset_mapping.txt").write_text("\n".join(mapping) + "\n")
+    run_ok(capsys, "units", "--features", tmp_path / "pool", "--class-names",
+           tmp_path / "LOC_synset_mapping.txt", "--out", tmp_path / "u.safetensors")
+    units = load(tmp_path / "u.safetensors")
+    assert units.names == [mapping[2], mapping[3], mapping[1]]
+    # the words select by name; the unit names keep the ids a fine-tuning pool is matched by
+    np.save(tmp_path / "t.npy", centres[[2]])
+    run_ok(capsys, "select", "--source", tmp_path / "u.safetensors", "--target", tmp_path / "t.npy",
+           "--method", "label", "--names", "wren", "--out", tmp_path / "sel.json")
+    assert load(tmp_path / "sel.json").selected == [2]
+    # a file that neither fits the classes line by line nor names them by their ids
+    (tmp_path / "other.txt").write_text("a\nb\n")
+    rc, _, err = cli(capsys, "units", "--features", tmp_path / "pool", "--class-names",
+                     tmp_path / "other.txt", "--out", tmp_path / "v.safetensors")
+    assert rc == 2 and err.count("\n") == 1
+    assert "--class-names has 2 lines for 3 classes" in err and "'n01'" in err
 
 
 def test_a_solve_cut_short_by_max_iter_is_warned_of_not_refused(capsys, tmp_path):

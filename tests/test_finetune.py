@@ -408,6 +408,11 @@ def test_selection_out_of_range_or_of_other_data_is_an_error():
                             unit_names=["k0", "k1", "t2", "k3", "k4", "k5"])
     with pytest.raises(PretrainReuseError, match=r"unit 2 is 't2', but class 2 .* is 'k2'"):
         selected_source(p, other_names, None, source_head="selected")
+    # units named by the lines of a names file that start with the classes' folder names
+    described = Selection(selected=[1], scores=np.zeros(6), params={},
+                          unit_names=[f"k{i} the class {i}" for i in range(6)])
+    src = selected_source(p, described, None, source_head="selected")
+    assert src.dataset.ids == [p.ids[i] for i in np.flatnonzero(p.labels == 1)]
     rng = np.random.default_rng(3)
     units = Units(prototypes=rng.normal(size=(3, 4)), kind="cluster",
                   assignment=rng.integers(0, 3, 24), sample_ids=list(p.ids))

@@ -62,6 +62,29 @@ def _read_lines(path: str, what: str) -> list[str]:
     return [ln.strip() for ln in read_text(what, path).splitlines() if ln.strip()]
 
 
+def _named_by_file(lines: list[str], existing: list[str] | None) -> list[str]:
+    """The names a ``--class-names`` file gives to units or classes already named ``existing``
+    (an image folder's ids, e.g. n01440764). A file whose lines start with those names, such as
+    ImageNet's LOC_synset_mapping.txt (``n01440764 tench, Tinca tinca``), names each class by its
+    whole line, matched by that first word: in any order, with lines for other classes. Any
+    other file names class i by line i, one line per class."""
+    if not existing:
+        return lines
+    by_first: dict[str, str] = {}
+    for line in lines:
+        by_first.setdefault(line.split()[0], line)
+    if all(name in by_first for name in existing):
+        return [by_first[name] for name in existing]
+    if len(lines) != len(existing):
+        missing = next(name for name in existing if name not in by_first)
+        raise PretrainReuseError(
+            f"--class-names has {len(lines)} lines for {len(existing)} classes and does not name "
+            f"them by their names (no line starts with {missing!r}); give one line per class (line "
+            "i names class i), or lines that start with the classes' names (as ImageNet's "
+            "LOC_synset_mapping.txt does)")
+    return lines
+
+
 def _load_data(path: str, labels: str | None, what: str, class_names: list[str] | None = None):
     """A FeatureStore or Units from a CLI path: the planted feature world by name
     (``synthetic-features:pretrain`` / ``synthetic-features:target``), per-sample ``.npy``
@@ -109,8 +132,15 @@ def load_units_arg(path: str, labels: str | None, class_names: str | None, what:
     names = _read_lines(class_names, "class names") if class_names is not None else None
     # names at once for .npy labels: labels that are names are numbered by them, not renamed
     obj = _load_data(path, labels, what, names)
-    if names is not None and labels is None:  # line i names unit i, or label i of a store
-        obj = replace(obj, names=names) if isinstance(obj, Units) else replace(obj, class_names=names)
+    if names is not None and labels is None:
+        if isinstance(obj, Units):
+            if not obj.names and len(names) != len(obj):
+                raise PretrainReuseError(f"--class-names has {len(names)} lines for the {len(obj)} "
+                                         f"units of {path!r}; give one name per unit (line i names "
+                                         "unit i)")
+            obj = replace(obj, names=_named_by_file(names, obj.names))
+        else:
+            obj = replace(obj, class_names=_named_by_file(names, obj.class_names))
     if isinstance(obj, Units):
         return obj
     if obj.labels is None:
@@ -173,8 +203,8 @@ def cmd_units(args) -> int:
         store = _load_data(args.features, args.labels, "features")
         if not isinstance(store, FeatureStore):
             raise PretrainReuseError(f"--features {args.features!r} holds units, not features")
-        if names:  # its labels are class indices: line i names label i
-            store = replace(store, class_names=names)
+        if names:
+            store = replace(store, class_names=_named_by_file(names, store.class_names))
     # the k-means options; spherical_kmeans's defaults apply to those not given
     kmeans = _given(args, ("n_iter", "n_init", "init", "seed", "max_points_per_unit"))
     if args.method == "class":
@@ -721,7 +751,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FeatureStore folder, per-sample .npy features, or "
                    "synthetic-features:pretrain")
     u.add_argument("--labels", help=".npy label vector for .npy features")
-    u.add_argument("--class-names", help="text file, one class name per line")
+    u.add_argument("--class-names", help="text file, one class name per line (line i names "
+                   "class i); for classes named by folders, lines that start with the folder "
+                   "name name that class, in any order (ImageNet's LOC_synset_mapping.txt)")
     u.add_argument("--method", choices=("class", "kmeans"), default="class")
     u.add_argument("--k", type=_at_least(1), help="number of clusters (kmeans; paper: 2000)")
     u.add_argument("--n-iter", type=_at_least(1), help="k-means passes over the samples (default 20)")
@@ -747,7 +779,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", required=True, help="target units (T)")
     s.add_argument("--source-labels", help=".npy labels when --source holds per-sample features")
     s.add_argument("--target-labels", help=".npy labels when --target holds per-sample features")
-    s.add_argument("--class-names", help="names of the source units, one per line")
+    s.add_argument("--class-names", help="names of the source units, one per line; for units "
+                   "named by folders, lines that start with the folder name name that unit "
+                   "(ImageNet's LOC_synset_mapping.txt), so --names can match their words")
     s.add_argument("--k", help="units to select (default 100; with --method label: all named), "
                    "or a fraction of source samples (0.1 or 10%%)")
     s.add_argument("--method", default="uot", help=f"one of {', '.join(SELECT_METHODS)}")

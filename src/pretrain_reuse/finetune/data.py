@@ -227,8 +227,12 @@ def selected_source(pool: ImageDataset, selection: Selection, units: Units | Non
                      "select over this data's class means, or pass --units for a selection of "
                      "k-means clusters")
     names = selection.unit_names
-    if names and pool.class_names and list(names) != list(pool.class_names):
-        i = next(i for i, (a, b) in enumerate(zip(names, pool.class_names, strict=True)) if a != b)
+    # a unit named by a line of a --class-names file that starts with the class's folder name
+    # ("n01440764 tench, Tinca tinca") is that class
+    if names and pool.class_names and not all(
+            a == b or a.split()[0] == b for a, b in zip(names, pool.class_names, strict=True)):
+        i = next(i for i, (a, b) in enumerate(zip(names, pool.class_names, strict=True))
+                 if a != b and a.split()[0] != b)
         raise PretrainReuseError(
             f"the selection's unit {i} is {names[i]!r}, but class {i} of the pre-training data "
             f"is {pool.class_names[i]!r}; select over this data's class means")
