@@ -613,6 +613,21 @@ def test_reruns_written_another_way_resume_and_changes_are_named(tmp_path, capsy
     assert_one_line_error(rc, err, "other settings (config.batch_size)")
 
 
+def test_a_rerun_from_another_folder_with_relative_paths_resumes(tmp_path, capsys, monkeypatch):
+    # the weights path was compared as typed: ../w.safetensors from run/ and w.safetensors from
+    # its parent were "other settings"
+    make_folder(tmp_path / "data", FILES[:4])
+    torch.manual_seed(0)
+    save_backbone(create_backbone("smallcnn-s"), tmp_path / "w.safetensors", {})
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    whole = embed_ok(capsys, "--model", "smallcnn-s", "--weights", "../w.safetensors", "--data",
+                     "../data", "--out", "../s")
+    monkeypatch.chdir(tmp_path)
+    assert_same_store(embed_ok(capsys, "--model", "smallcnn-s", "--weights", "w.safetensors",
+                               "--data", "data", "--out", "s"), whole)
+
+
 def test_a_class_without_a_readable_image_is_a_warning_that_names_it(tmp_path, capsys):
     data = make_folder(tmp_path / "data", FILES[:3])  # ant, ant, ant
     (data / "bee").mkdir()

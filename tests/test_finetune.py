@@ -1897,6 +1897,13 @@ def test_evaluate_without_recorded_class_names_says_it_scores_by_position(tmp_pa
                                    "model 10 outputs")
 
 
+def test_a_target_that_does_not_exist_is_named_as_such(tmp_path, capsys):
+    # it was told to pass --target-test, as if the folder only lacked its test split
+    rc, _, err = cli(capsys, "finetune", "--model", "smallcnn", "--target", tmp_path / "cubX",
+                     "--out", tmp_path / "run")
+    assert_one_line_error(rc, err, f"--target '{tmp_path / 'cubX'}' does not exist")
+
+
 def test_evaluate_of_an_image_model_on_sentences_says_it_needs_a_text_classifier(tmp_path, capsys):
     (tmp_path / "s.jsonl").write_text('{"text": "a fine film", "label": 0}\n')
     rc, _, err = cli(capsys, "evaluate", "--model", "smallcnn", "--data", tmp_path / "s.jsonl")

@@ -286,11 +286,13 @@ def _check_first_sample(backbone, data: ImageDataset | _Sentences, first: int, c
 
 def _resume_config(cfg: EmbedConfig) -> dict:
     """The settings that decide the features, as a rerun compares them: ``workers`` does not
-    change a feature, and a data folder is the same whichever way its path is written."""
+    change a feature, and a data folder or weights file is the same whichever way its path is
+    written (a rerun from another folder)."""
     config = asdict(cfg)
     del config["workers"]
-    path = Path(cfg.data)
-    config["data"] = str(path.resolve()) if path.exists() else cfg.data
+    for key in ("data", "weights"):
+        if config[key] is not None and Path(config[key]).exists():
+            config[key] = str(Path(config[key]).resolve())
     return config
 
 

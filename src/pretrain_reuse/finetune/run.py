@@ -141,6 +141,9 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
             f"mode {cfg.mode!r} reuses no pre-training data, so {', '.join(given)} would be "
             "ignored; pass --mode reuse or reuse-unlabeled, or drop them")
     if target_test is None and not has_splits(target):
+        if not Path(str(target)).exists():  # a typo, not a folder without its test split
+            raise PretrainReuseError(f"--target {str(target)!r} does not exist; pass an image "
+                                     "folder, a list file or an embedded data set name")
         raise PretrainReuseError("pass --target-test with the test data (folder or list file)")
     # every file is checked before any is read: a missing one is one line
     files = {"weights": _input_file("--weights", weights),
