@@ -786,11 +786,13 @@ def _with_a_broken_image(tmp_path) -> list:
 def test_unreadable_training_images_are_reported_and_a_batch_of_only_them_is_an_error(
         tmp_path, capsys):
     args = _with_a_broken_image(tmp_path)
-    rc, _, err = cli(capsys, *args, "--batch-size", "4", "--out", tmp_path / "ok")
-    assert rc == 0 and "skipped 1 unreadable image(s) of 13: c1/zz-broken.png" in err
+    # warned of even with --quiet, which hides progress and notes only
+    rc, _, err = cli(capsys, *args, "--batch-size", "4", "--quiet", "--out", tmp_path / "ok")
+    assert rc == 0 and ("warning: target training data: skipped 1 unreadable image(s) of 13: "
+                        "c1/zz-broken.png (left out of training)") in err
     # the test data is a copy: its accuracy is over the 12 readable images, and says so
-    assert ("note: test data: skipped 1 unreadable image(s) of 13: c1/zz-broken.png (left out of "
-            "its accuracy)") in err
+    assert ("warning: test data: skipped 1 unreadable image(s) of 13: c1/zz-broken.png (left out "
+            "of its accuracy)") in err
     rc, _, err = cli(capsys, *args, "--batch-size", "1", "--quiet", "--out", tmp_path / "bad")
     assert_one_line_error(rc, err, "every image of a training batch is unreadable")
     assert "c1/zz-broken.png" in err

@@ -352,16 +352,17 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
     # whatever runs it next (an experiment's next run, the demo's next stage)
     interrupted_at_end = stop.requested
     for what, data in streams.items():
-        if skipped[what] and progress and rank == 0:
-            print(f"note: {what} data: {describe_skipped(data, skipped[what])} (left out of "
+        # warnings, not notes: --quiet must not hide that the data is not what was meant
+        if skipped[what] and rank == 0:
+            print(f"warning: {what} data: {describe_skipped(data, skipped[what])} (left out of "
                   "training)", file=sys.stderr)
     for what, key, data in (("validation", "val", val_set), ("test", "test", test_set)):
         unread = len(data) - history[-1][key]["n"] if history else 0
-        if unread and progress and rank == 0:
+        if unread and rank == 0:
             # named as the training data's are; found again by reading (rare: only when some
             # image failed), as the evaluations keep counts, not positions
             missing = [i for i in range(len(data)) if data.load(i) is None]
-            print(f"note: {what} data: {describe_skipped(data, missing)} (left out of its "
+            print(f"warning: {what} data: {describe_skipped(data, missing)} (left out of its "
                   "accuracy)", file=sys.stderr)
     if rank == 0:
         result = _result(cfg, history, inputs, seconds_before + time.perf_counter() - t0)
