@@ -278,7 +278,8 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
         source_labels = torch.as_tensor(source.labels)
 
     # named by the run folder too: an experiment or the demo's pre-training runs many in a row
-    bar = tqdm(total=total, initial=start, desc=f"{out.name}: {cfg.mode}", unit="step",
+    desc = out.name if out.name == cfg.mode else f"{out.name}: {cfg.mode}"  # not "vanilla: vanilla"
+    bar = tqdm(total=total, initial=start, desc=desc, unit="step",
                disable=not progress or rank != 0)
     t0 = time.perf_counter()
     model.train()
