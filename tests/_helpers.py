@@ -67,3 +67,26 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.weight.copy_(0.5 + torch.rand(m.num_features, generator=g))
                 m.bias.copy_(0.1 * torch.randn(m.num_features, generator=g))
     return model.eval()
+
+
+def tiny_bert(folder: Path, words: list[str], model_class: str = "BertModel", **config) -> Path:
+    """``hf:<folder>`` of a tiny BERT ``model_class`` (a transformers class name), randomly
+    initialised with seed 0, and a word-level tokenizer over ``words``; ``config``: further
+    ``BertConfig`` fields."""
+    import inspect
+
+    import transformers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if "vocab" in inspect.signature(transformers.BertTokenizer.__init__).parameters:
+        tok = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+    else:  # transformers < 5 reads the vocabulary from a file
+        (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+        tok = transformers.BertTokenizer(vocab_file=str(folder / "vocab.txt"))
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=32,
+                                  max_position_embeddings=64, **config)
+    getattr(transformers, model_class)(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from _helpers import kill_when, randomize_norms, smallcnn_from_file
+from _helpers import kill_when, randomize_norms, smallcnn_from_file, tiny_bert
 from pretrain_reuse.cli import main
 from pretrain_reuse.errors import PretrainReuseError
 from pretrain_reuse.features import FeatureStore
@@ -783,23 +783,7 @@ SENTENCES = ["the movie was great", "bad plot", "dull film the plot was bad", "g
 
 def _tiny_text_encoder(folder: Path) -> Path:
     """hf:<folder> of a randomly initialised BERT encoder and its word-level tokenizer."""
-    import inspect
-
-    import transformers
-
-    folder.mkdir()
-    if "vocab" in inspect.signature(transformers.BertTokenizer.__init__).parameters:
-        tok = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(WORDS)})
-    else:  # transformers < 5 reads the vocabulary from a file
-        (folder / "vocab.txt").write_text("\n".join(WORDS) + "\n")
-        tok = transformers.BertTokenizer(vocab_file=str(folder / "vocab.txt"))
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=len(WORDS), hidden_size=16, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=32,
-                                  max_position_embeddings=64)
-    transformers.BertModel(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return tiny_bert(folder, WORDS)
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:

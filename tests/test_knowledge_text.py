@@ -2,7 +2,6 @@
 vocabulary, saved with save_pretrained and loaded through the package's loader; the games are
 checked against the transformers model called directly."""
 
-import inspect
 import json
 import os
 import shutil
@@ -12,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from _helpers import tiny_bert
 from pretrain_reuse import load
 from pretrain_reuse.cli import main
 from pretrain_reuse.data.text import text_file
@@ -44,20 +44,8 @@ SENTENCES = [
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
     """hf:<folder> of a randomly initialised 2-class BertForSequenceClassification."""
-    folder = tmp_path_factory.mktemp("bert")
-    if "vocab" in inspect.signature(transformers.BertTokenizer.__init__).parameters:
-        tok = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(WORDS)})
-    else:  # transformers < 5 reads the vocabulary from a file
-        (folder / "vocab.txt").write_text("\n".join(WORDS) + "\n")
-        tok = transformers.BertTokenizer(vocab_file=str(folder / "vocab.txt"))
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=len(WORDS), hidden_size=16, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=32,
-                                  max_position_embeddings=64, num_labels=2,
-                                  initializer_range=0.5)  # outputs that depend on the words
-    transformers.BertForSequenceClassification(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return tiny_bert(tmp_path_factory.mktemp("bert"), WORDS, "BertForSequenceClassification",
+                     num_labels=2, initializer_range=0.5)  # outputs that depend on the words
 
 
 def _reference(folder):
