@@ -447,7 +447,7 @@ def test_atomic_path_replaces_the_file_when_the_block_succeeds(tmp_path):
 
 
 def test_write_json_refuses_nan_and_leaves_nothing(tmp_path):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
         write_json(tmp_path / "x.json", {"a": float("nan")})
     assert _files(tmp_path) == set()
 

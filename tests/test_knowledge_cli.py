@@ -14,7 +14,7 @@ from pretrain_reuse.cli import main
 from pretrain_reuse.data import open_dataset
 from pretrain_reuse.embed import preprocessed
 from pretrain_reuse.errors import PretrainReuseError
-from pretrain_reuse.knowledge import discrimination_power, harsanyi_and
+from pretrain_reuse.knowledge import discrimination_power, harsanyi_and, knowledge_report
 from pretrain_reuse.knowledge.analysis import (
     KnowledgeWarning,
     analyze_knowledge,
@@ -89,6 +89,33 @@ def test_knowledge_of_a_model_against_itself_preserves_everything(tmp_path, caps
     expected = np.mean([discrimination_power(c).purity() for c in by_class.values()])
     assert k["discrimination"]["preserve"]["purity"] == pytest.approx(expected)
     assert "discrimination power preserve" in out
+
+
+def test_knowledge_of_two_different_networks_reports_the_ratios_of_its_saved_interactions(
+        tmp_path, capsys):
+    # the fine-tuned role: the same network with its weights perturbed by ~50%, so that the two
+    # agree on some samples' classes but not on all their interactions (3x3 cells: 511 of them)
+    pre = _classifier(tmp_path / "pre.safetensors", 10)
+    torch.manual_seed(0)
+    net = create_backbone("smallcnn-s", num_classes=10)
+    with torch.no_grad():
+        for w in net.parameters():
+            w.mul_(1.0 + 0.5 * torch.randn_like(w))
+    ft = save_backbone(net, tmp_path / "ft.safetensors", {"seed": 0, "perturbed": 0.5})
+    rc, _, err = _run(capsys, "knowledge", "--model", "smallcnn-s", "--pretrained", pre,
+                      "--finetuned", ft, "--data", "synthetic:target", "--players", "grid:3x3",
+                      "--samples", 3, "--quiet", "--out", tmp_path / "k")
+    assert rc == 0, err
+    k = json.loads((tmp_path / "k" / "knowledge.json").read_text())
+    xs = {role: [load(f) for f in sorted((tmp_path / "k" / role).glob("interactions-*"))]
+          for role in ("pretrained", "finetuned")}
+    assert len(xs["pretrained"]) == len(xs["finetuned"]) == k["samples"]["n"] == 3
+    params = k["meta"]["params"]
+    again = knowledge_report(xs["pretrained"], xs["finetuned"], tau=params["tau"],
+                             match=params["match"]).to_dict()["overall"]
+    assert k["report"]["overall"] == again
+    # the two networks' knowledge differs: not the closed-form 1 / 0 of one network in both roles
+    assert again["preserve"]["mean"] < 0.99 and again["discard"]["mean"] > 0.01
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -55,6 +55,36 @@ def test_class_output_refuses_logits_without_the_class():
         class_output(torch.zeros(2, 3), 3)
 
 
+@pytest.mark.parametrize("sigma", [None, 1.5])
+def test_blur_baseline_equals_scipys_gaussian_filter_with_edge_replication(sigma):
+    from scipy.ndimage import gaussian_filter
+
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((3, 20, 28)))
+    got = baseline_input(x, "blur", sigma=sigma).numpy()
+    s = sigma or 28 / 8  # default: 1/8 of the longer side
+    # the same kernel: std s, cut at int(3 s) pixels, edges repeated ("nearest")
+    expected = np.stack([gaussian_filter(c, s, mode="nearest", radius=int(3 * s)) for c in x.numpy()])
+    np.testing.assert_allclose(got, expected, atol=1e-12)
+
+
+def test_class_outputs_equal_their_closed_forms_including_a_saturated_probability():
+    z = torch.tensor([[2.0, -1.0, 0.5], [30.0, 0.0, 0.0], [-30.0, 0.0, 0.0]])
+    e = np.exp
+    torch.testing.assert_close(class_output(z, 0, "logit"),
+                               torch.tensor([2.0, 30.0, -30.0], dtype=torch.float64))
+    log_odds = [2.0 - np.log(e(-1.0) + e(0.5)), 30.0 - np.log(2.0), -30.0 - np.log(2.0)]
+    torch.testing.assert_close(class_output(z, 0, "log-odds"),
+                               torch.tensor(log_odds, dtype=torch.float64))
+    # log(p / (1 - p + 1e-7) + 1e-7): the log-odds while 1 - p and p are far above 1e-7, then
+    # ±log(1e7) = ±16.118 at p ≈ 1 (1 - p = 2e^-30) and p ≈ 0
+    p1 = 1.0 / (1.0 + 2.0 * e(-30.0))
+    clipped = class_output(z, 0, "log-odds-clipped").numpy()
+    assert clipped[0] == pytest.approx(log_odds[0], abs=1e-5)
+    assert clipped[1] == pytest.approx(np.log(p1 / (2.0 * e(-30.0) + 1e-7) + 1e-7), abs=1e-6)
+    assert clipped[1] == pytest.approx(np.log(1e7), abs=1e-5)
+    assert clipped[2] == pytest.approx(-np.log(1e7), abs=1e-5)
+
+
 def test_learned_baseline_reaches_the_closed_form_minimum_of_a_linear_game():
     # v_b(S) = sum_{i in S} w_i.x_i + sum_{i not in S} w_i.b_i: I(∅) = w.b, I({i}) = w_i.(x_i - b_i),
     # so Σ|I| >= |w.x| = 4 (triangle inequality), reached when all terms share the sign of w.x.

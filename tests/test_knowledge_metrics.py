@@ -250,6 +250,16 @@ def test_convergence_over_training_steps_reports_the_step_and_weighs_by_the_step
             knowledge_convergence(CHECKPOINTS, steps=steps)
 
 
+def test_a_plateau_of_the_similarity_is_no_decrease():
+    def curve(s):
+        return Convergence(similarity=np.array(s), detour=np.zeros(len(s)),
+                           n_used=np.ones(len(s), int), measure="iou")
+
+    assert curve([0.5, 0.5, 1.0, 1.0]).n_decreases == 0
+    assert curve([0.5, 0.4, 0.4, 1.0]).n_decreases == 1
+    assert curve([0.9, 0.4, 0.7, 0.6]).n_decreases == 2
+
+
 def test_convergence_by_order_uses_only_interactions_of_that_order():
     c = knowledge_convergence(CHECKPOINTS, order=2)
     # order 2: sample 1 has {} -> {A01} -> {A01, O12}: IoU 0, 1/2, 1; sample 2 never has any

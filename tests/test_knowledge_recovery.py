@@ -7,7 +7,13 @@ import pytest
 
 from pretrain_reuse.data import WorldConfig, make_world
 from pretrain_reuse.errors import PretrainReuseError
-from pretrain_reuse.knowledge import and_interactions, and_or_interactions, harsanyi_and, planted_game
+from pretrain_reuse.knowledge import (
+    Interactions,
+    and_interactions,
+    and_or_interactions,
+    harsanyi_and,
+    planted_game,
+)
 from pretrain_reuse.knowledge.recovery import ground_truth_recovery, rule_game
 
 
@@ -70,6 +76,20 @@ def test_and_or_interactions_are_judged_on_the_harsanyi_transform_of_their_game(
     r_and = ground_truth_recovery(and_interactions(game), [rule_game(RULE, 6)])
     r_or = ground_truth_recovery(and_or_interactions(game, qthres=0.0), [rule_game(RULE, 6)])
     assert r_or.to_dict()["overall"] == r_and.to_dict()["overall"]
+
+
+def test_and_or_interactions_are_judged_with_their_noise_removed():
+    # v carries a spurious AND {1,2} that the sparsification's noise q cancels: the denoised
+    # game v + q is the model's rule game, whose items are exactly the true ones
+    spurious = planted_game(6, {(1, 2): 1.5})
+    denoised = _model(4.0)
+    x = Interactions(n=6, and_values=harsanyi_and(denoised), or_values=np.zeros(64),
+                     v=denoised + spurious, noise=-spurious, kind="and-or")
+    r = ground_truth_recovery([x], [rule_game(RULE, 6)])
+    assert r.overall["precision"].mean == 1.0 and r.overall["recall"].mean == 1.0
+    # judged on v alone, the spurious item would be a fourth prediction
+    assert ground_truth_recovery(and_interactions(x.v), [rule_game(RULE, 6)]).overall[
+        "precision"].mean == pytest.approx(3 / 4)
 
 
 def test_recovery_over_samples_averages_and_pools():

@@ -113,6 +113,19 @@ def test_faithfulness_error_counts_the_dropped_interaction_on_the_coalitions_it_
     assert err["outside_share"] == pytest.approx(0.05 / 2.05)
 
 
+def test_faithfulness_error_is_relative_to_v_of_n_minus_v_of_empty_and_counts_the_largest_noise():
+    # I(∅) = 1, I({0}) = 2, I({0,1}) = 1 reproduce v + q = [1, 3, 1, 4]; the noise q is
+    # [0, 0.3, -0.1, 0], so v(N) - v(∅) = 4 - 1 = 3 and, all interactions kept, |v - ŵ| = |q|
+    q = np.array([0.0, 0.3, -0.1, 0.0])
+    x = Interactions(n=2, and_values=[1.0, 2.0, 0.0, 1.0], or_values=np.zeros(4),
+                     v=np.array([1.0, 3.0, 1.0, 4.0]) - q, noise=q)
+    err = x.faithfulness_error(tau=0.0)
+    assert err["max"] == pytest.approx(0.3 / 3)
+    assert err["mean"] == pytest.approx((0.3 + 0.1) / 4 / 3)
+    assert err["noise"] == pytest.approx(0.3 / 3)  # the largest |q_S|, not their mean (0.1 / 3)
+    assert err["outside_share"] == 0.0
+
+
 def test_faithfulness_error_is_nan_when_v_of_n_equals_v_of_empty():
     x = make(2, {(0,): 1.0, (0, 1): -1.0})
     assert np.isnan(x.faithfulness_error()["max"])

@@ -159,9 +159,42 @@ def test_k_as_fraction_covers_that_share_of_samples():
 
 def test_float32_and_float64_select_the_same_units_at_tiny_eps_c(world):
     _, source, target = world
-    picks = [select(source, target, SelectConfig(k=40, eps_c=0.001, dtype=dt)).selected
-             for dt in ("float32", "float64")]
-    assert set(picks[0]) == set(picks[1])
+    sels = [select(source, target, SelectConfig(k=40, eps_c=0.001, dtype=dt))
+            for dt in ("float32", "float64")]
+    assert set(sels[0].selected) == set(sels[1].selected)
+    # the float32 log masses themselves, not just their ranking, follow float64's
+    np.testing.assert_allclose(sels[0].scores, sels[1].scores, rtol=0, atol=1e-3)
+
+
+def test_uot_reports_the_transported_mass_as_the_sum_of_the_row_masses():
+    rng = np.random.default_rng(4)
+    sel = select(_units(rng.standard_normal((30, 6))), _units(rng.standard_normal((5, 6))),
+                 SelectConfig(k=5))
+    # the scores are log row masses; the total mass is the sum of their exponentials
+    assert sel.meta["solver"]["transported_mass"] == pytest.approx(np.exp(sel.scores).sum(), rel=1e-9)
+
+
+def test_sample_recall_is_the_share_of_relevant_class_samples_in_the_selected_units():
+    units = Units(prototypes=np.eye(3), kind="cluster", assignment=np.array([0, 0, 1, 1, 2, 2]),
+                  sample_ids=[str(i) for i in range(6)])
+    labels = [5, 5, 5, 7, 7, 7]
+    sel = Selection(selected=[0, 1], scores=np.array([3.0, 2.0, 1.0]), params={})
+    # units 0 and 1 hold samples 0-3: all three of class 5, one of the three of class 7
+    assert sel.sample_recall(units, labels, [5]) == 1.0
+    assert sel.sample_recall(units, labels, [7]) == pytest.approx(1 / 3)
+    # unit 0 alone: two of the six samples of classes 5 and 7
+    only_first = Selection(selected=[0], scores=np.array([3.0, 2.0, 1.0]), params={})
+    assert only_first.sample_recall(units, labels, {5, 7}) == pytest.approx(2 / 6)
+
+
+def test_sample_recall_needs_units_with_members_and_a_pool_sample_of_a_relevant_class():
+    sel = Selection(selected=[0], scores=np.array([1.0, 0.0]), params={})
+    with pytest.raises(PretrainReuseError, match="units that record their members"):
+        sel.sample_recall(Units(prototypes=np.eye(2)), [0, 1], [0])
+    units = Units(prototypes=np.eye(2), kind="cluster", assignment=np.array([0, 1]),
+                  sample_ids=["a", "b"])
+    with pytest.raises(PretrainReuseError, match="no pool sample has a relevant label"):
+        sel.sample_recall(units, [0, 1], [9])
 
 
 def test_batched_selection_equals_one_target_at_a_time(world):

@@ -892,3 +892,28 @@ def test_cpu_solve_uses_torchs_thread_count_for_its_blas_products_too():
     finally:
         torch.set_num_threads(before)
     assert np.array_equal(results[0].f, results[1].f) and np.array_equal(results[0].g, results[1].g)
+
+
+def test_column_sums_whose_terms_underflow_the_float32_kernel_are_recomputed_exactly():
+    # Column 1 sits 60 nats below every row's maximum; column 2 160 nats (below float32's range,
+    # the kernel floors it at ~e^-86); column 3 has one row 75 nats down and the rest 160 nats, so
+    # its kernel sum, ~e^-75, is off by the 199 floored terms (~0.2%). Only an exact recompute
+    # from the cost gets columns 2 and 3 right.
+    from pretrain_reuse.transport import _RowLSE
+
+    rng = np.random.default_rng(5)
+    n = 200
+    C = np.empty((1, n, 4))
+    C[0, :, 0] = rng.random(n)
+    C[0, :, 1] = 60.0 + rng.random(n)
+    C[0, :, 2] = 160.0 + rng.random(n)
+    C[0, :, 3] = 160.0 + rng.random(n)
+    C[0, 0, 3] = 75.0
+    lse = _RowLSE(torch.tensor(C, dtype=torch.float32), 1.0, torch.float32)
+    lse(torch.zeros(1, 4))  # builds the kernel around h0 = 0
+    e = 0.5 * rng.standard_normal((1, n))
+    got = lse.col_lse(torch.tensor(e, dtype=torch.float32)).double()
+    # the float32 cost is what the solver sees: the reference starts from the same numbers
+    c32 = torch.tensor(C, dtype=torch.float32).double()
+    expected = torch.logsumexp(torch.tensor(e)[:, :, None] - c32, dim=1)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)

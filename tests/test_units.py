@@ -554,3 +554,73 @@ def test_wide_features_are_read_in_chunks_of_bytes_not_of_rows():
     expected = np.stack([x[y == c].astype(np.float64).mean(0) for c in range(5)])
     np.testing.assert_allclose(class_means(FeatureStore(features=x, labels=y)).prototypes,
                                expected, rtol=1e-6, atol=1e-7)
+
+
+def test_spherical_kmeans_seeds_give_different_clusterings_of_unstructured_data():
+    # Gaussian data has no clusters to find, so the result depends on the start: a seed that
+    # did not reach the initial centroids would give one clustering for every seed
+    x = np.random.default_rng(0).standard_normal((3000, 32)).astype(np.float32)
+    runs = [spherical_kmeans(x, 30, n_iter=3, seed=s) for s in range(5)]
+    assert len({r.assignment.tobytes() for r in runs}) >= 2
+    assert [r.meta["seed"] for r in runs] == [0, 1, 2, 3, 4]
+
+
+def _greedy_kmeanspp_reference(x, k, rng):
+    """Greedy k-means++ by brute force from the same draws as the code (pool = all rows): for
+    each next centroid, 2 + ln k candidates by inverse-CDF sampling of the distance 1 - cos to
+    the nearest chosen centroid; the candidate whose addition leaves the smallest potential
+    sum_i min_j (1 - cos(x_i, c_j)) is kept."""
+    xd = x.astype(np.float64)
+    trials = 2 + int(np.log(k))
+    draws = rng.random((k, trials))
+    chosen = [int(rng.integers(len(x)))]
+
+    def potential(centres):
+        return np.clip(1.0 - xd @ xd[centres].T, 0.0, None).min(axis=1)
+
+    for j in range(1, k):
+        d = potential(chosen)
+        cands = [min(int(np.searchsorted(np.cumsum(d), u * d.sum())), len(x) - 1) for u in draws[j]]
+        sums = [potential([*chosen, c]).sum() for c in cands]
+        chosen.append(cands[int(np.argmin(sums))])
+    return chosen
+
+
+def test_kmeanspp_keeps_the_candidate_that_leaves_the_smallest_potential():
+    from pretrain_reuse.units import _initial_centroids
+
+    x, _ = _planted_sphere(n_clusters=8, per=40, spread=0.3, seed=11)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    for seed in range(3):
+        got = _initial_centroids(torch.from_numpy(x), 12, "k-means++", np.random.default_rng(seed))
+        expected = x[_greedy_kmeanspp_reference(x, 12, np.random.default_rng(seed))]
+        np.testing.assert_array_equal(got.numpy(), expected)
+
+
+def test_an_empty_cluster_is_reseeded_next_to_the_largest_one():
+    from pretrain_reuse.units import _reseed_empty
+
+    centroids = torch.eye(4, 6)
+    counts = torch.tensor([50, 0, 10, 200])
+    assert _reseed_empty(centroids, counts, np.random.default_rng(0)) == 1
+    # unit 3 holds the most members: the empty unit 1 becomes a perturbed copy of its centroid
+    np.testing.assert_allclose(centroids[1].numpy(), np.eye(4, 6)[3], atol=1e-2)
+    assert float(centroids[1].norm()) == pytest.approx(1.0, abs=1e-6)
+    assert not torch.equal(centroids[1], centroids[3])
+    assert torch.equal(centroids[[0, 2, 3]], torch.eye(4, 6)[[0, 2, 3]])
+
+
+def test_one_training_point_per_unit_trains_on_k_samples():
+    # k x 1 = 6 training samples: one per centroid, so every cluster keeps a member
+    x, _ = _planted_sphere(seed=12)
+    units = spherical_kmeans(x, 6, seed=3, max_points_per_unit=1)
+    assert len(units) == 6 and units.meta["empty_dropped"] == 0
+    assert units.counts.sum() == len(x)
+
+
+def test_size_report_counts_units_with_fewer_than_five_members():
+    from pretrain_reuse.units import size_report
+
+    assert size_report(np.array([4, 5, 6])) == {
+        "units": 3, "samples": 15, "min": 4, "q25": 4.5, "median": 5.0, "q75": 5.5, "max": 6,
+        "below_5": 1}
