@@ -130,8 +130,9 @@ def _is_noop_resize(p: ImageTransform, image: torch.Tensor) -> bool:
 
 
 class _Sentences(torch.utils.data.Dataset):
-    """Sentences tokenized by a text backbone's own transform, read as :func:`_embed_shard`
-    reads images: ``(inputs, label, position)``, every sentence readable."""
+    """Sentences read as :func:`_embed_shard` reads images, ``(text, label, position)``, and
+    tokenized a batch at a time by the text backbone's own transform (:meth:`collate`); every
+    sentence is readable."""
 
     def __init__(self, dataset: TextDataset, preprocess):
         self.dataset, self.preprocess = dataset, preprocess
@@ -142,18 +143,18 @@ class _Sentences(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def load(self, index: int) -> dict[str, torch.Tensor]:
-        return self.preprocess(self.dataset.texts[index])
+        """The sentence at ``index`` tokenized, as a batch of one."""
+        return self.preprocess.batch([self.dataset.texts[index]])
 
-    def __getitem__(self, index: int) -> tuple[dict[str, torch.Tensor], int, int]:
-        return self.load(index), -1 if self.labels is None else int(self.labels[index]), index
+    def __getitem__(self, index: int) -> tuple[str, int, int]:
+        return self.dataset.texts[index], -1 if self.labels is None else int(self.labels[index]), index
 
-
-def _collate_sentences(samples: list[tuple[dict[str, torch.Tensor], int, int]]) -> Batch:
-    """DataLoader ``collate_fn`` of :class:`_Sentences`: the tokenizer's fields stacked."""
-    inputs = {key: torch.stack([s[0][key] for s in samples]) for key in samples[0][0]}
-    return Batch(images=inputs, labels=torch.tensor([s[1] for s in samples]),
-                 indices=torch.tensor([s[2] for s in samples]),
-                 skipped=torch.zeros(0, dtype=torch.int64))
+    def collate(self, samples: list[tuple[str, int, int]]) -> Batch:
+        """DataLoader ``collate_fn``: the batch's sentences tokenized together."""
+        return Batch(images=self.preprocess.batch([s[0] for s in samples]),
+                     labels=torch.tensor([s[1] for s in samples]),
+                     indices=torch.tensor([s[2] for s in samples]),
+                     skipped=torch.zeros(0, dtype=torch.int64))
 
 
 def _on_device(inputs: torch.Tensor | dict[str, torch.Tensor], device: torch.device):
@@ -264,8 +265,7 @@ def _check_first_sample(backbone, data: ImageDataset | _Sentences, first: int, c
     halfway through a run that would leave a folder a fixed rerun refuses."""
     x = data.load(first)
     if isinstance(x, dict):
-        x, unit, sample = ({key: value[None].to(device) for key, value in x.items()}, "sentence",
-                           "its first sentence")
+        x, unit, sample = _on_device(x, device), "sentence", "its first sentence"
         fix = "check that the folder holds a text model and its own tokenizer"
     else:
         x, unit, sample = x[None].to(device), "image", f"a preprocessed image of shape {tuple(x.shape)}"
@@ -335,7 +335,7 @@ def _embed_shard(k: int, data: ImageDataset | _Sentences, backbone, cfg: EmbedCo
     batches = [positions[i:i + cfg.batch_size] for i in range(0, len(positions), cfg.batch_size)]
     # its own generator: a DataLoader draws its workers' base seed from the caller's global one
     loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=cfg.workers,
-                                         collate_fn=_collate_sentences
+                                         collate_fn=data.collate
                                          if isinstance(data, _Sentences) else collate,
                                          generator=torch.Generator().manual_seed(cfg.seed))
     feats, idx, skipped = [], [], []
