@@ -255,7 +255,7 @@ def test_a_sentence_file_is_refused_as_images_naming_the_commands_that_read_it(t
     (tmp_path / name).write_text('{"text": "a b", "label": 0}\n{"text": "c d", "label": 1}\n')
     with pytest.raises(PretrainReuseError,
                        match=r"JSON lines.*needs images.*\(\.jsonl\) are read by embed, "
-                             r"evaluate, explain and knowledge"):
+                             r"finetune, evaluate, explain and knowledge"):
         open_dataset(tmp_path / name)
 
 

@@ -1911,11 +1911,10 @@ def test_evaluate_of_an_image_model_on_sentences_says_it_needs_a_text_classifier
     rc, _, err = cli(capsys, "evaluate", "--model", "smallcnn", "--data", tmp_path / "s.jsonl")
     assert_one_line_error(rc, err, "smallcnn is an image model but the data are sentences; pass "
                                    "a text classifier")
-    # a command that takes images only names the commands that read sentences
     rc, _, err = cli(capsys, "finetune", "--model", "smallcnn", "--target", tmp_path / "s.jsonl",
                      "--target-test", tmp_path / "s.jsonl", "--out", tmp_path / "run")
-    assert_one_line_error(rc, err, "holds JSON lines", "(.jsonl) are read by embed, evaluate, explain and "
-                                                       "knowledge")
+    assert_one_line_error(rc, err, "smallcnn is an image model but --target holds sentences; pass "
+                                   "images or a text model (--model)")
 
 
 def test_evaluate_matches_classes_by_a_hugging_face_classifiers_id2label(tmp_path, capsys):

@@ -810,11 +810,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "vanilla, reuse, reuse-unlabeled, co-tuning, linear-probe, scratch). Every "
                        "field of the recipe is a flag and a YAML key; rerunning the same command "
                        "resumes an interrupted run.")
-    f.add_argument("--model", required=True, help="backbone name, e.g. timm:resnet18, smallcnn")
+    f.add_argument("--model", required=True, help="backbone name, e.g. timm:resnet18, smallcnn, "
+                   "or a text model (hf:<folder>)")
     f.add_argument("--weights", help="local weights of the pre-trained backbone")
-    f.add_argument("--target", required=True, help="target training data: folder, list or name")
+    f.add_argument("--target", required=True, help="target training data: folder, list or name; "
+                   'for a text model a .jsonl file of {"label": ..., "text": ...} sentences')
     f.add_argument("--target-test", help="target test data (default: test split of a named set)")
-    f.add_argument("--source", help="pre-training data (reuse modes)")
+    f.add_argument("--source", help="pre-training data (reuse modes; sentences for a text model)")
     f.add_argument("--selection", help="sel.json from `pretrain-reuse select` (reuse modes)")
     f.add_argument("--units", help="units file the selection was made on (clusters)")
     f.add_argument("--config", help="YAML file with recipe fields (flags override it)")

@@ -429,8 +429,8 @@ def file_list(path: str | Path, *, mode: str = "RGB",
         raise PretrainReuseError(
             f"data: {str(p)!r} holds JSON lines (sentences for a text model?), not images; this "
             "command needs images (an image folder, a path,label list or a data set name): "
-            "sentence files (.jsonl) are read by embed, evaluate, explain and knowledge, with a "
-            "text model")
+            "sentence files (.jsonl) are read by embed, finetune, evaluate, explain and "
+            "knowledge, with a text model")
     delimiter = "\t" if p.suffix.lower() == ".tsv" or "\t" in first else ","
     rows = [(n, [c.strip() for c in row]) for n, row in
             enumerate(csv.reader(io.StringIO(text), delimiter=delimiter), start=1)
@@ -547,12 +547,23 @@ def write_class_names(path: str | Path, names: Sequence[str]) -> None:
 # --- batching ---------------------------------------------------------------------------------
 
 class Batch(NamedTuple):
-    """A collated batch: readable images only; ``skipped`` holds the positions that were not."""
+    """A collated batch: readable images only; ``skipped`` holds the positions that were not.
+    A batch of sentences (:class:`~pretrain_reuse.data.text.TextDataset`) holds their token
+    tensors (a dict of (B, L) tensors) in place of images."""
 
     images: torch.Tensor  # (B, C, H, W) float32; (0,) when every image of the batch was unreadable
     labels: torch.Tensor  # (B,) int64, -1 for unlabelled samples
     indices: torch.Tensor  # (B,) int64 dataset positions
     skipped: torch.Tensor  # (k,) int64 positions whose image could not be read
+
+
+def inputs_to(inputs: torch.Tensor | dict[str, torch.Tensor], device: torch.device, *,
+              non_blocking: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
+    """A batch's model inputs moved to ``device``: an image tensor, or a text batch's dict of
+    token tensors."""
+    if isinstance(inputs, dict):
+        return {k: v.to(device, non_blocking=non_blocking) for k, v in inputs.items()}
+    return inputs.to(device, non_blocking=non_blocking)
 
 
 def collate(samples: list[tuple[torch.Tensor | None, int, int]]) -> Batch:

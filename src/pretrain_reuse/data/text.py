@@ -18,16 +18,19 @@ and ``{"label": 0, "text": "the plot is nothing but boilerplate clichés ."}``.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
 from ..errors import PretrainReuseError, check_file
-from .datasets import _is_integer, _parse_labels
+from .datasets import Batch, _is_integer, _parse_labels
 
 
-@dataclass(frozen=True)
+@dataclass
 class TextDataset:
     """Sentences with class labels.
 
@@ -38,6 +41,8 @@ class TextDataset:
         ids: stable sample ids.
         source: where the sentences came from.
         named: the file gave class names (numbered here, see :func:`numbered_by`), not indices.
+        transform: the model's tokenizer (a :class:`~pretrain_reuse.models.TextTransform`), which
+            :meth:`load_batch` needs; set it as an image data set's resize transform is set.
     """
 
     texts: list[str]
@@ -46,9 +51,34 @@ class TextDataset:
     ids: list[str]
     source: str
     named: bool = False
+    transform: Any = None
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> TextDataset:
+        """The sentences at ``indices``, with their own ids and labels (a copy of the lists)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return replace(self, texts=[self.texts[i] for i in idx], ids=[self.ids[i] for i in idx],
+                       labels=None if self.labels is None else self.labels[idx])
+
+    def load_batch(self, indices: Sequence[int]) -> Batch:
+        """The sentences at ``indices`` tokenized as one batch by :attr:`transform`: a
+        :class:`~pretrain_reuse.data.Batch` whose ``images`` are the model's token tensors (a
+        dict of (B, L) tensors, padded to the longest sentence)."""
+        if self.transform is None:
+            raise PretrainReuseError("set the data's transform to the model's tokenizer "
+                                     "(data.transform = backbone.preprocess) before reading batches")
+        idx = np.asarray(indices, dtype=np.int64)
+        labels = np.full(len(idx), -1, np.int64) if self.labels is None else self.labels[idx]
+        return Batch(images=self.transform.batch([self.texts[i] for i in idx]),
+                     labels=torch.as_tensor(labels), indices=torch.as_tensor(idx),
+                     skipped=torch.zeros(0, dtype=torch.int64))
+
+    def files(self) -> None:
+        """No image files (as :meth:`ImageDataset.files <pretrain_reuse.data.ImageDataset.files>`
+        of data held in memory)."""
+        return None
 
 
 def is_sentence_file(path) -> bool:

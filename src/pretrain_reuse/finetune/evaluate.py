@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..data.datasets import ImageDataset, labels_by_name, make_loader
+from ..data.datasets import ImageDataset, inputs_to, labels_by_name, make_loader
 from ..data.text import TextDataset
 from ..errors import PretrainReuseError, check_device
 from ..models import Backbone
@@ -16,19 +16,25 @@ from .data import resize_transform
 
 
 @torch.no_grad()
-def predict(fn: Callable[[torch.Tensor], torch.Tensor], dataset: ImageDataset,
+def predict(fn: Callable[[torch.Tensor], torch.Tensor], dataset: ImageDataset | TextDataset,
             view: Callable[[torch.Tensor], torch.Tensor], *, batch_size: int,
             device: torch.device, workers: int = 0,
             skipped: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Outputs of ``fn`` on every readable sample (eval view), with the samples' labels; the
-    positions of unreadable samples are appended to ``skipped`` when it is given."""
+    positions of unreadable samples are appended to ``skipped`` when it is given. Sentences are
+    tokenized a batch at a time by the data's transform (the model's tokenizer)."""
+    if isinstance(dataset, TextDataset):
+        batches = map(dataset.load_batch, (range(s, min(s + batch_size, len(dataset)))
+                                           for s in range(0, len(dataset), batch_size)))
+    else:
+        batches = make_loader(dataset, batch_size=batch_size, workers=workers)
     outs, labels = [], []
-    for batch in make_loader(dataset, batch_size=batch_size, workers=workers):
+    for batch in batches:
         if skipped is not None:
             skipped.extend(batch.skipped.tolist())
-        if len(batch.images) == 0:
+        if len(batch.labels) == 0:
             continue
-        outs.append(fn(view(batch.images.to(device))).float().cpu())
+        outs.append(fn(view(inputs_to(batch.images, device))).float().cpu())
         labels.append(batch.labels)
     if not outs:
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
@@ -98,14 +104,15 @@ def evaluate_model(model: Backbone, data: ImageDataset | TextDataset, *,
     dev = torch.device(check_device(device))
     model = model.to(dev).eval()
     skipped: list[int] = []
+    scored = data.subset(range(len(data)))  # a view: the caller's data keeps its transform
+    scored.labels = labels
     if text:
-        logits = _sentence_logits(model, data, batch_size=batch_size, device=dev)
+        scored.transform, view = model.preprocess, sentence_view
     else:
-        scored = data.subset(range(len(data)))  # a view: the caller's data keeps its transform
-        scored.labels, scored.transform = labels, resize_transform(model.spec.resize_side)
+        scored.transform = resize_transform(model.spec.resize_side)
         view = View(model.spec, "eval", input_size(model.spec, None)).to(dev)
-        logits, labels = predict(model, scored, view, batch_size=batch_size, device=dev,
-                                 workers=workers, skipped=skipped)
+    logits, labels = predict(model, scored, view, batch_size=batch_size, device=dev,
+                             workers=workers, skipped=skipped)
     if len(labels) == 0:
         raise PretrainReuseError(f"none of the {len(data)} images of the data can be read; check "
                                  "its files (corrupt or not images)")
@@ -116,14 +123,10 @@ def evaluate_model(model: Backbone, data: ImageDataset | TextDataset, *,
             "classes_without_images": [class_names[c] if class_names else str(c) for c in absent]}
 
 
-@torch.no_grad()
-def _sentence_logits(model: Backbone, data: TextDataset, *, batch_size: int,
-                     device: torch.device) -> np.ndarray:
-    """The text classifier ``model``'s logits on every sentence of ``data``, in order."""
-    out = [model({k: v.to(device) for k, v in model.preprocess.batch(
-        data.texts[s:s + batch_size]).items()}).float().cpu()
-        for s in range(0, len(data), batch_size)]
-    return torch.cat(out).numpy()
+def sentence_view(tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The view of sentences in training and evaluation alike: their tokens as the tokenizer
+    gives them (no augmentation of text is defined here)."""
+    return tokens
 
 
 def cotuning_relationship(source_logits: np.ndarray, labels: np.ndarray,

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..artifacts import atomic_path, hash_file, make_meta, read_json, require_keys, to_json, write_json
-from ..data.datasets import ImageDataset, describe_skipped
+from ..data.datasets import ImageDataset, describe_skipped, inputs_to
 from ..distributed import process_device, rank_world
 from ..errors import PretrainReuseError, check_choice
 from ..models import save_backbone
@@ -38,7 +38,7 @@ from .augment import View, input_size
 from .checkpoint import load_state, save_state
 from .config import FinetuneConfig, lr_at
 from .data import SourceData, StepBatches, step_loader
-from .evaluate import accuracy, predict
+from .evaluate import accuracy, predict, sentence_view
 from .losses import LOSSES, SOURCE_VIEWS
 from .model import FinetuneModel
 
@@ -204,7 +204,8 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
     """Fine-tune ``model`` on ``train_set`` (+ ``source`` for the reuse modes); write the run
     folder ``out`` (config, metrics.jsonl, checkpoint, result.json) and return the result.
 
-    The datasets must yield equally sized square images (see :func:`~.data.resize_transform`).
+    The datasets must yield equally sized square images (see :func:`~.data.resize_transform`),
+    or be sentences tokenized by the model's tokenizer (a text model: no augmentation).
     ``inputs`` (hashes, paths, selection) are recorded in the run's metadata and must match when
     resuming. ``split`` (the sample ids of each split) is written as ``split.json`` when the run
     starts. A finished run given again is not trained or written again: its result is returned.
@@ -257,12 +258,16 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
         objective = torch.nn.parallel.DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None)
 
-    size = input_size(model.backbone.spec, cfg.image_size)
     spec = model.backbone.spec
-    geometry = {"standard": "weak", "flip": "flip", "none": "eval"}[cfg.augment]
-    weak = View(spec, geometry, size).to(device)
-    strong = View(spec, geometry, size, strong=True, cutout=cfg.cutout, ops=cfg.strong_ops).to(device)
-    evaluate_view = View(spec, "eval", size).to(device)
+    if spec.modality == "text":
+        weak = strong = evaluate_view = sentence_view
+    else:
+        size = input_size(spec, cfg.image_size)
+        geometry = {"standard": "weak", "flip": "flip", "none": "eval"}[cfg.augment]
+        weak = View(spec, geometry, size).to(device)
+        strong = View(spec, geometry, size, strong=True, cutout=cfg.cutout,
+                      ops=cfg.strong_ops).to(device)
+        evaluate_view = View(spec, "eval", size).to(device)
 
     def share(b: StepBatches) -> StepBatches:  # each rank takes every world-th sample of a step
         return _RankBatches(b, rank, world) if world > 1 else b
@@ -401,11 +406,11 @@ def _compose(batches, device, weak: View, strong: View, mode: str,
              source_labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """The step's batch dict: augmented target images and labels, plus the source views."""
     target = batches[0]
-    parts = {"x": weak(target.images.to(device, non_blocking=True)),
+    parts = {"x": weak(inputs_to(target.images, device, non_blocking=True)),
              "y": target.labels.to(device)}
     if mode in SOURCE_VIEWS:
         src = batches[1]
-        images = src.images.to(device, non_blocking=True)
+        images = inputs_to(src.images, device, non_blocking=True)
         parts["sx"] = weak(images)
         parts["sy"] = source_labels[src.indices].to(device)
         if "strong" in SOURCE_VIEWS[mode]:
@@ -432,7 +437,7 @@ def _accumulate(objective, parts: dict, cfg: FinetuneConfig, device) -> dict[str
     that of the full batch whenever ``grad_accum`` divides the batch sizes (and for the target
     term always); only BatchNorm statistics see the smaller batches.
     """
-    chunks = {k: v.tensor_split(cfg.grad_accum) for k, v in parts.items()}
+    chunks = {k: _split(v, cfg.grad_accum) for k, v in parts.items()}
     total = len(parts["y"])
     totals: dict[str, torch.Tensor] = {}
     for i in range(cfg.grad_accum):
@@ -446,6 +451,14 @@ def _accumulate(objective, parts: dict, cfg: FinetuneConfig, device) -> dict[str
         for k, v in {"loss": loss.detach(), **stats}.items():
             totals[k] = totals.get(k, 0.0) + v.float() * share
     return totals
+
+
+def _split(inputs: torch.Tensor | dict[str, torch.Tensor], n: int) -> list:
+    """``n`` micro-batches of a batch's rows: of a tensor, or of a dict of token tensors."""
+    if not isinstance(inputs, dict):
+        return list(inputs.tensor_split(n))
+    parts = {k: v.tensor_split(n) for k, v in inputs.items()}
+    return [{k: p[i] for k, p in parts.items()} for i in range(n)]
 
 
 def _read(stats: dict[str, torch.Tensor], step: int) -> dict[str, float]:

@@ -80,7 +80,12 @@ class FinetuneModel(nn.Module):
         target data uses; the source batches are normalised with their own batch statistics,
         which are not tracked. With a pool unlike the target (or strongly augmented source
         views) the mixed statistics describe neither distribution.
+
+        Sentences (dicts of token tensors) pass batch by batch: text models normalise each
+        sample alone (LayerNorm), and batches padded to different lengths do not concatenate.
         """
+        if isinstance(target, dict):
+            return [self.features(x) for x in (target, *sources)]
         sizes = [len(target), *(len(s) for s in sources)]
         if self.source_bn == "mixed":
             return list(self.features(torch.cat([target, *sources])).split(sizes))

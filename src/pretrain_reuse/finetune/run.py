@@ -18,9 +18,11 @@ from ..artifacts import hash_array, hash_file, make_run_folder, read_json
 from ..data.catalog import DATASETS, has_splits, open_dataset, split_folders
 from ..data.datasets import DataWarning, ImageDataset, labels_by_name
 from ..data.samplers import subsample_fraction, subsample_long_tail
+from ..data.text import TextDataset, is_sentence_file, text_file
 from ..errors import PretrainReuseError, check_file, preview
 from ..models import create_backbone
 from ..models.checkpoint import weights_hash
+from ..models.spec import BackboneSpec
 from ..selection import Selection
 from ..units import Units
 from .augment import View, input_size
@@ -37,6 +39,7 @@ from .evaluate import (
     cotuning_relationship,
     cotuning_reverse_relationship,
     predict,
+    sentence_view,
 )
 from .loop import RunResult, total_steps, train
 from .model import FinetuneModel, reinitialize, source_classifier
@@ -74,13 +77,15 @@ def target_splits(cfg: FinetuneConfig, train_pool: ImageDataset
     return train_pool.subset(train_idx), train_pool.subset(val_idx), record
 
 
-def open_split(spec: str | Path, split: str, *, flag: str = "data") -> ImageDataset:
+def open_split(spec: str | Path, split: str, *, flag: str = "data") -> ImageDataset | TextDataset:
     """``split`` (``train`` or ``test``) of an embedded data set or of a folder of split folders
-    (``train/``, ``test/``: the sub-folder of that name), else the folder / list file ``spec``
-    itself (a folder of class folders holds one split; its test data is passed separately). An
-    embedded set of one split (``digits``) is all training data, like a folder. ``flag`` names
-    the argument in errors."""
+    (``train/``, ``test/``: the sub-folder of that name), else the folder / list file / ``.jsonl``
+    sentence file ``spec`` itself (a folder of class folders holds one split; its test data is
+    passed separately). An embedded set of one split (``digits``) is all training data, like a
+    folder. ``flag`` names the argument in errors."""
     name = str(spec)
+    if is_sentence_file(name):
+        return text_file(check_file(flag, name))
     if name not in DATASETS:
         splits = split_folders(Path(spec))
         if splits and split not in splits:
@@ -143,8 +148,10 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
     if target_test is None and not has_splits(target):
         if not Path(str(target)).exists():  # a typo, not a folder without its test split
             raise PretrainReuseError(f"--target {str(target)!r} does not exist; pass an image "
-                                     "folder, a list file or an embedded data set name")
-        raise PretrainReuseError("pass --target-test with the test data (folder or list file)")
+                                     "folder, a list file, an embedded data set name or a .jsonl "
+                                     "file of sentences")
+        raise PretrainReuseError("pass --target-test with the test data (folder, list file or "
+                                 ".jsonl file of sentences)")
     # every file is checked before any is read: a missing one is one line
     files = {"weights": _input_file("--weights", weights),
              "selection": _input_file("--selection", selection, Selection),
@@ -241,9 +248,13 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
         backbone = create_backbone(model, weights=weights, device="cpu")
         if cfg.mode == "scratch":
             reinitialize(backbone, cfg.seed)
+    text = _check_modality(backbone.spec, cfg, {"--target": train_pool, "--target-test": test_set,
+                                                "--source": source_pool})
     if cfg.image_size is not None:  # saved with the model: evaluated at the size it trained at
         backbone.set_input_side(cfg.image_size)
-    resize = resize_transform(backbone.spec.resize_side)
+    # what turns a sample into the model's input: the tokenizer, or a resize of the image (the
+    # random crops happen on the training device)
+    resize = backbone.preprocess if text else resize_transform(backbone.spec.resize_side)
     num_classes = _check_classes(train_pool, progress)
     train_set, val_set, split = target_splits(cfg, train_pool)
     check_batch_size(len(train_set), cfg.batch_size)  # before anything is written
@@ -286,6 +297,37 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
               "class_names": json.dumps(train_pool.class_names)}
     return train(cfg, net, train_set, val_set, test_set, source_data, out, inputs=inputs,
                  split=split, progress=progress)
+
+
+#: What a text model is given instead of images, and the recipe options that are for images.
+IMAGE_OPTIONS = ("image_size", "augment")
+
+
+def _check_modality(spec: BackboneSpec, cfg: FinetuneConfig,
+                    data: dict[str, ImageDataset | TextDataset | None]) -> bool:
+    """Whether the run is on sentences: a text model needs ``.jsonl`` sentence files for every
+    data argument, an image model images; a text recipe takes no image option and no
+    ``reuse-unlabeled`` (its strong view is an image augmentation)."""
+    text = spec.modality == "text"
+    for flag, dataset in data.items():
+        if dataset is not None and isinstance(dataset, TextDataset) != text:
+            raise PretrainReuseError(
+                f"{spec.name} is {'a text' if text else 'an image'} model but {flag} holds "
+                f"{'images' if text else 'sentences'}; pass "
+                f"{'.jsonl files of sentences' if text else 'images'} or a "
+                f"{'image' if text else 'text'} model (--model)")
+    if not text:
+        return False
+    if cfg.mode == "reuse-unlabeled":
+        raise PretrainReuseError(
+            "mode 'reuse-unlabeled' trains on weak and strong augmentations of images, which "
+            "sentences do not have; reuse labelled sentences with --mode reuse and class units")
+    default = FinetuneConfig()
+    for name in IMAGE_OPTIONS:
+        if getattr(cfg, name) != getattr(default, name):
+            raise PretrainReuseError(f"{name} applies to images, not to the sentences of the text "
+                                     f"model {spec.name}; drop it")
+    return True
 
 
 def _data_fingerprint(train_set: ImageDataset, val_set: ImageDataset, test_set: ImageDataset,
@@ -399,12 +441,13 @@ def _attach_relationship(model: FinetuneModel, train_set: ImageDataset, val_set:
     model.keep_source_classifier(source_classifier(model.backbone))
     device = torch.device(cfg.device)
     model.to(device)
-    view = View(model.backbone.spec, "eval", input_size(model.backbone.spec, cfg.image_size))
+    spec = model.backbone.spec
+    view = (sentence_view if spec.modality == "text"
+            else View(spec, "eval", input_size(spec, cfg.image_size)).to(device))
 
-    def source_logits(data: ImageDataset):
-        return predict(lambda x: model.source_head(model.backbone.features(x)), data,
-                       view.to(device), batch_size=cfg.batch_size, device=device,
-                       workers=cfg.workers)
+    def source_logits(data: ImageDataset | TextDataset):
+        return predict(lambda x: model.source_head(model.backbone.features(x)), data, view,
+                       batch_size=cfg.batch_size, device=device, workers=cfg.workers)
 
     logits, labels = source_logits(train_set)
     if cfg.cotuning_relationship == "reverse":

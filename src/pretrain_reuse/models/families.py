@@ -172,11 +172,13 @@ def _hf_model(auto_class: Any, folder: str, name: str) -> tuple[Any, dict]:
     """``auto_class.from_pretrained(folder)`` offline, and its loading info (missing keys, ...);
     missing or corrupt weights, or weights that do not fit config.json, are one line naming the
     folder (transformers' multi-line load report, which a base model without its classifier
-    also prints, is not shown: that case is handled by the callers)."""
+    also prints, is not shown: that case is handled by the callers), nor is its bar over the
+    weights read (a local folder: drawn even under --quiet)."""
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         model, info = _hf_load(
             lambda: auto_class.from_pretrained(folder, local_files_only=True,
@@ -184,6 +186,8 @@ def _hf_model(auto_class: Any, folder: str, name: str) -> tuple[Any, dict]:
             name, f"cannot load the model in {folder!r}", _HF_SAVE)
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     if info["mismatched_keys"]:
         key, in_file, in_config = sorted(info["mismatched_keys"])[0][:3]
         raise PretrainReuseError(

@@ -1,0 +1,265 @@
+"""Fine-tuning a text model: a tiny BERT (built from a config and a local vocabulary, saved with
+save_pretrained and loaded through the package's loader) on .jsonl sentence files whose topic
+words decide the class. One optimiser step is checked against the same step written out by
+hand, gradient accumulation against the full batch, a resumed run bitwise against an
+uninterrupted one, and the whole chain (embed, units, select, finetune reuse, evaluate) through
+the command line."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from _helpers import tiny_bert
+from pretrain_reuse.cli import main
+from pretrain_reuse.data.text import text_file
+from pretrain_reuse.finetune import FinetuneConfig, train
+from pretrain_reuse.finetune.config import lr_at
+from pretrain_reuse.finetune.data import SourceData, StepBatches
+from pretrain_reuse.finetune.model import FinetuneModel
+from pretrain_reuse.models import create_backbone
+
+pytest.importorskip("transformers")
+
+FILLERS = ["the", "a", "was", "is", "and", "but", "not", "very", "quite", "so"]
+TOPICS = {"bird": "wing beak feather", "car": "wheel engine brake", "fruit": "apple pear plum",
+          "rock": "stone granite basalt", "sea": "wave tide salt"}
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *FILLERS, *" ".join(TOPICS.values()).split()]
+TARGET = ("fruit", "rock")  # the target's classes; the pool holds them and three others
+
+
+def _sentences(path, topics, n, seed, labelled=True):
+    """``n`` sentences per topic: six filler words and two of the topic's words, shuffled, of
+    varying length (so batches are padded)."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as fh:
+        for topic in topics:
+            for _ in range(n):
+                words = [*rng.choice(FILLERS, rng.integers(2, 7)), *rng.choice(TOPICS[topic].split(), 2)]
+                rng.shuffle(words)
+                row = {"label": topic, "text": " ".join(words)} if labelled else {"text": " ".join(words)}
+                fh.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text")
+    return {"bert": tiny_bert(root / "bert", WORDS),
+            "quiet_bert": tiny_bert(root / "quiet-bert", WORDS, hidden_dropout_prob=0.0,
+                                    attention_probs_dropout_prob=0.0),
+            "train": _sentences(root / "train.jsonl", TARGET, 20, seed=0),
+            "test": _sentences(root / "test.jsonl", TARGET, 15, seed=1),
+            "pool": _sentences(root / "pool.jsonl", TOPICS, 24, seed=2)}
+
+
+def run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def run_ok(capsys, *argv):
+    rc, out, err = run(capsys, *argv)
+    assert rc == 0, err
+    return out
+
+
+def _datasets(files, model):
+    """Training, validation and test sentences tokenized by ``model``, and the pool's sentences
+    of the target's two topics as labelled source data (source head over them, in order)."""
+    train_set, test_set = text_file(files["train"]), text_file(files["test"])
+    pool = text_file(files["pool"])
+    chosen = [pool.class_names.index(t) for t in TARGET]
+    idx = np.flatnonzero(np.isin(pool.labels, chosen))
+    source = SourceData(pool.subset(idx), np.searchsorted(chosen, pool.labels[idx]),
+                        pool.labels[idx], len(chosen))
+    for d in (train_set, test_set, source.dataset):
+        d.transform = model.backbone.preprocess
+    return train_set, test_set.subset(range(4)), test_set, source
+
+
+def _model(bert, mode="vanilla"):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        backbone = create_backbone(f"hf:{bert}")
+    return FinetuneModel(backbone, 2, source_classes=2 if mode == "reuse" else None, seed=0)
+
+
+def test_one_reuse_step_on_sentences_equals_the_step_written_out(files, tmp_path):
+    cfg = FinetuneConfig(mode="reuse", max_steps=1, batch_size=8, lr=0.05, lam=0.7,
+                         eval_every=10**6, seed=3)
+    model = _model(files["quiet_bert"], "reuse")
+    reference = _model(files["quiet_bert"], "reuse")
+    train_set, val_set, test_set, source = _datasets(files, model)
+    train(cfg, model, train_set, val_set, test_set, source, tmp_path / "run", progress=False)
+
+    # by hand: the step's target and source sentences, tokenized apart, one loss, one SGD step
+    t = StepBatches(len(train_set), 8, cfg.seed, stream=0).batch(0)
+    s = StepBatches(len(source.dataset), 8, cfg.seed, stream=1).batch(0)
+    tok = reference.backbone.preprocess.tokenizer
+
+    def features(texts):
+        return reference.backbone.features(dict(tok(texts, padding=True, return_tensors="pt")))
+
+    loss = (F.cross_entropy(reference.head(features([train_set.texts[i] for i in t])),
+                            torch.as_tensor(train_set.labels[t]))
+            + 0.7 * F.cross_entropy(reference.source_head(features([source.dataset.texts[i] for i in s])),
+                                    torch.as_tensor(source.labels[s])))
+    loss.backward()
+    factor = lr_at(0, 1, cfg)
+    groups = reference.param_groups(cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
+    for g in groups:
+        g["lr"] = g["base_lr"] * factor
+    torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=cfg.nesterov).step()
+
+    trained = dict(model.named_parameters())
+    initial = dict(_model(files["quiet_bert"], "reuse").named_parameters())
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(trained[name], p, atol=1e-6, rtol=1e-5, msg=name)
+    # the step changed the weights: the comparison is not of two copies of the start
+    assert max((p - initial[name]).abs().max().item() for name, p in trained.items()) > 1e-3
+
+
+def test_gradient_accumulation_on_padded_sentences_equals_the_full_batch(files, tmp_path):
+    # no BatchNorm in a text model: splitting the batch only reorders the sums
+    weights = []
+    for accum in (1, 3):
+        cfg = FinetuneConfig(max_steps=2, batch_size=9, lr=0.05, eval_every=10**6,
+                             grad_accum=accum)
+        model = _model(files["quiet_bert"])
+        train(cfg, model, *_datasets(files, model)[:3], None, tmp_path / f"a{accum}", progress=False)
+        weights.append(load_file(str(tmp_path / f"a{accum}" / "model.safetensors")))
+    for k in weights[0]:
+        np.testing.assert_allclose(weights[0][k].numpy(), weights[1][k].numpy(), atol=2e-6, rtol=0)
+
+
+def test_a_run_stopped_after_a_checkpoint_resumes_bit_identical_dropout_included(files, tmp_path):
+    cfg = FinetuneConfig(mode="reuse", max_steps=6, batch_size=8, lr=0.05, eval_every=1,
+                         checkpoint_every=2, seed=1)
+
+    def fit(out, crash_after=None):
+        model = _model(files["bert"], "reuse")  # dropout 0.1: the masks must replay
+        steps = []
+
+        def hook(*_):
+            steps.append(1)
+            if len(steps) == crash_after:
+                raise RuntimeError("crash")
+        handle = register_optimizer_step_post_hook(hook)
+        try:
+            return train(cfg, model, *_datasets(files, model), out, progress=False)
+        finally:
+            handle.remove()
+
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(tmp_path / "run", crash_after=3)  # after the checkpoint of step 2
+    resumed, reference = fit(tmp_path / "run"), fit(tmp_path / "reference")
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("run", "reference"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.history == reference.history
+
+
+def test_the_cli_chain_selects_the_related_topics_and_fine_tunes_on_them(files, tmp_path, capsys):
+    """embed -> units -> select -> finetune reuse -> evaluate, on sentence files."""
+    bert = f"hf:{files['bert']}"
+    for name, data in (("pool", files["pool"]), ("target", files["train"])):
+        run_ok(capsys, "embed", "--model", bert, "--data", data, "--out", tmp_path / name, "--quiet")
+        run_ok(capsys, "units", "--features", tmp_path / name, "--out",
+               tmp_path / f"{name}.safetensors", "--quiet")
+    run_ok(capsys, "select", "--source", tmp_path / "pool.safetensors", "--target",
+           tmp_path / "target.safetensors", "--k", 2, "--out", tmp_path / "sel.json", "--quiet")
+    selection = json.loads((tmp_path / "sel.json").read_text())
+    # planted: the pool's topics of the target's classes share their words
+    assert sorted(selection["selected"]) == [list(TOPICS).index(t) for t in TARGET]
+
+    out = tmp_path / "reuse"
+    args = ["finetune", "--model", bert, "--mode", "reuse", "--target", files["train"],
+            "--target-test", files["test"], "--source", files["pool"], "--selection",
+            tmp_path / "sel.json", "--out", out, "--max-steps", 80, "--batch-size", 8, "--lr", 0.02,
+            "--quiet"]
+    printed = run_ok(capsys, *args)
+    result = json.loads((out / "result.json").read_text())
+    assert "ce_source" in result["history"][-1]
+    assert result["final"]["top1"] >= 0.9  # the topic words decide the class
+    assert f"test top-1 {result['final']['top1']:.4f}" in printed
+    # the saved classifier, loaded again by evaluate, scores the test sentences as the run did
+    printed = run_ok(capsys, "evaluate", "--model", bert, "--weights", out / "model.safetensors",
+                     "--data", files["test"])
+    assert printed.startswith(f"top-1 {result['final']['top1']:.4f}, ")
+    assert "on 30 sentences" in printed
+    # a rerun of the finished run trains nothing and changes nothing
+    before = (out / "model.safetensors").read_bytes()
+    run_ok(capsys, *args)
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--mode", "reuse-unlabeled", "--source", "POOL", "--selection", "SEL"],
+     "mode 'reuse-unlabeled' trains on weak and strong augmentations of images"),
+    (["--image-size", "32"], "image_size applies to images, not to the sentences"),
+    (["--augment", "flip"], "augment applies to images, not to the sentences"),
+    (["--model", "smallcnn"], "smallcnn is an image model but --target holds sentences"),
+    (["--target-test", "synthetic:target-0"], "is a text model but --target-test holds images"),
+])
+def test_what_sentences_cannot_take_is_one_line(files, tmp_path, capsys, extra, needle):
+    (tmp_path / "sel.json").write_text(json.dumps({"kind": "selection", "selected": [2, 3],
+                                                   "scores": [0, 0, 1, 1, 0], "params": {},
+                                                   "meta": {}}))
+    extra = [str(files["pool"]) if a == "POOL" else str(tmp_path / "sel.json") if a == "SEL"
+             else a for a in extra]
+    args = {"--model": f"hf:{files['bert']}", "--target": str(files["train"]),
+            "--target-test": str(files["test"]), "--out": str(tmp_path / "run")}
+    for flag, value in zip(extra[::2], extra[1::2], strict=True):
+        args[flag] = value
+    rc, _, err = run(capsys, "finetune", *[x for kv in args.items() for x in kv], "--quiet")
+    assert rc == 2 and needle in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_sentence_file_without_test_data_names_the_missing_flag(files, tmp_path, capsys):
+    rc, _, err = run(capsys, "finetune", "--model", f"hf:{files['bert']}", "--target",
+                     files["train"], "--out", tmp_path / "run")
+    assert rc == 2 and "pass --target-test" in err and ".jsonl" in err
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """hf:<folder> of a 5-class BertForSequenceClassification: its head is a source classifier."""
+    return tiny_bert(tmp_path_factory.mktemp("bert-cls"), WORDS, "BertForSequenceClassification",
+                     num_labels=5)
+
+
+def test_cotuning_relates_the_classes_by_the_classifiers_own_predictions_on_sentences(files, classifier):
+    import transformers
+
+    from pretrain_reuse.finetune.run import _attach_relationship
+
+    net = FinetuneModel(create_backbone(f"hf:{classifier}"), 2, seed=0)
+    train_set, val_set, _, _ = _datasets(files, net)
+    _attach_relationship(net, train_set, val_set,
+                         FinetuneConfig(mode="co-tuning", cotuning_relationship="direct"), 2)
+    # the reference: transformers' own classifier on the training sentences, mean softmax per class
+    tok = transformers.AutoTokenizer.from_pretrained(classifier, local_files_only=True)
+    ref = transformers.BertForSequenceClassification.from_pretrained(classifier, local_files_only=True)
+    with torch.no_grad():
+        probs = ref.eval()(**tok(train_set.texts, padding=True, return_tensors="pt")).logits.softmax(1)
+    expected = torch.stack([probs[torch.as_tensor(train_set.labels) == c].mean(0) for c in (0, 1)])
+    torch.testing.assert_close(net.relationship, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_linear_probe_on_sentences_trains_the_head_alone(files, classifier, tmp_path, capsys):
+    model = f"hf:{classifier}"
+    run_ok(capsys, "finetune", "--model", model, "--mode", "linear-probe", "--target",
+           files["train"], "--target-test", files["test"], "--out", tmp_path / "lp",
+           "--max-steps", 5, "--batch-size", 8, "--lr", 0.05, "--quiet")
+    before = create_backbone(model).state_dict()
+    after = create_backbone(model, weights=tmp_path / "lp" / "model.safetensors").state_dict()
+    body = [k for k in before if k.startswith("body.")]
+    assert body and all(torch.equal(before[k], after[k]) for k in body)
+    assert after["head.weight"].shape == (2, 16)  # the new 2-class head, trained in place of the 5-class one
