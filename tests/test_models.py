@@ -432,6 +432,20 @@ def test_save_backbone_round_trip_restores_features_logits_and_preprocessing(
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".bb")) == []
 
 
+def test_saved_preprocessing_is_restored_under_another_name_of_the_same_model(
+        tmp_path, user_module, monkeypatch):
+    # saved as python:<file>:build at 40 px, loaded as python:<module>:build: the input size
+    # belongs to the weights, not to the name (it used to fall back to the builder's 48 px)
+    net = create_backbone(f"python:{user_module}:build")
+    net.spec = net.spec.at_input_side(40)
+    path = save_backbone(net, tmp_path / "bb.safetensors", {})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    back = create_backbone("python:user_nets:build", weights=path)
+    assert back.spec.name == "python:user_nets:build"
+    assert (back.spec.input_size, back.spec.resize_size) == ((40, 40), net.spec.resize_size)
+    assert back.preprocess(_photo()).shape == (3, 40, 40)
+
+
 # --- real pre-trained weights shipped by pip packages -----------------------------------------
 
 def _skip_unless_available(name):

@@ -123,7 +123,8 @@ def create_backbone(name: str, *, weights: str | Path | None = None, layer: str 
             like MoCo-v2's). Registered models default to the weights their package ships;
             prefixed models without ``weights`` keep random (timm, torchvision, python) or the
             folder's (hf) weights. A file written by :func:`save_backbone` also restores the
-            preprocessing it was saved with.
+            preprocessing it was saved with (its input size, ...), whatever name it was saved
+            under.
         layer: ``penultimate`` | ``head`` | ``logits``: what :meth:`Backbone.features` returns.
         key_map: ``{old_prefix: new_prefix}`` renaming of the file's keys, replacing the default
             stripping of ``module.``, ``_orig_mod.`` and ``encoder_q.`` prefixes.
@@ -185,10 +186,14 @@ def _resolve(name: str, weights: str | Path | None) -> ModelParts:
 
 
 def _saved_preprocessing(header: dict[str, Any], spec: BackboneSpec) -> BackboneSpec:
-    """The preprocessing stored by :func:`save_backbone` for this same model name, else ``spec``."""
+    """The preprocessing stored by :func:`save_backbone` (the input size fine-tuning used, ...),
+    else ``spec``. It belongs to the weights, not to the name they were saved under: a file saved
+    as ``python:nets.py:build`` and loaded as ``python:nets:build`` (or ``hf:./m`` as
+    ``hf:/abs/m``) keeps it; the weights' keys and shapes must fit the model all the same. Only a
+    spec of another modality (text for an image model), whose weights cannot fit, is ignored."""
     if header.get("kind") != "backbone":
         return spec
     saved = BackboneSpec.from_json(header["spec"])
-    if saved.name != spec.name:
+    if saved.modality != spec.modality:
         return spec
     return dataclasses.replace(spec, **{f: getattr(saved, f) for f in PREPROCESSING_FIELDS})
