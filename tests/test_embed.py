@@ -681,6 +681,36 @@ def test_changed_weights_file_is_not_resumed_as_the_same_embedding(tmp_path, cap
         assert_one_line_error(rc, err)
 
 
+def test_one_body_with_two_heads_records_the_same_network_for_its_penultimate_features(
+        tmp_path, capsys):
+    """The head above the penultimate layer does not compute its features: stores of one body
+    saved with a 3-class classifier and without a head are units of the same network (no
+    "different networks" warning); another body, or the head's own layer, is another network."""
+    import warnings
+
+    from pretrain_reuse.selection import SelectConfig, select
+    from pretrain_reuse.units import class_means
+
+    data = make_folder(tmp_path / "data", FILES)
+    saved_smallcnn(tmp_path / "plain.safetensors", seed=1)
+    body = create_backbone("smallcnn-s", weights=tmp_path / "plain.safetensors")
+    torch.manual_seed(5)
+    save_backbone(body.with_head(nn.Linear(body.feature_dim, 3)), tmp_path / "head.safetensors", {})
+    stores = {name: embed_ok(capsys, "--model", "smallcnn-s", "--data", data, "--out", tmp_path / name,
+                             "--weights", tmp_path / f"{name}.safetensors")
+              for name in ("plain", "head")}
+    assert np.array_equal(stores["plain"].features, stores["head"].features)
+    assert stores["plain"].meta["inputs"]["state"] == stores["head"].meta["inputs"]["state"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        select(class_means(stores["plain"]), class_means(stores["head"]), SelectConfig(k=1))
+    other = embed_ok(capsys, "--model", "smallcnn-s", "--data", data, "--out", tmp_path / "other",
+                     "--weights", saved_smallcnn(tmp_path / "other.safetensors", seed=2))
+    logits = embed_ok(capsys, "--model", "smallcnn-s", "--data", data, "--out", tmp_path / "logits",
+                      "--weights", tmp_path / "head.safetensors", "--layer", "logits")
+    assert len({s.meta["inputs"]["state"] for s in (stores["head"], other, logits)}) == 3
+
+
 # --------------------------------------------------------------------------------------------
 # A store whose index or shards do not match (hand-edited, copied in part, another version)
 # --------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from pretrain_reuse.errors import PretrainReuseError
 from pretrain_reuse.models import (
     BACKBONES,
     create_backbone,
+    features_hash,
     list_backbones,
     missing_packages,
     save_backbone,
@@ -634,6 +635,8 @@ def test_weights_hash_follows_the_tensors_not_the_header_metadata(tmp_path):
 def test_state_hash_of_something_that_is_no_module_is_one_line():
     with pytest.raises(PretrainReuseError, match="state_hash takes a torch module, got str"):
         state_hash("resnet18.safetensors")
+    with pytest.raises(PretrainReuseError, match="features_hash takes a Backbone, got Linear"):
+        features_hash(torch.nn.Linear(2, 2))
 
 
 def test_weights_hash_of_a_file_that_only_ends_in_safetensors_is_its_bytes_hash(tmp_path):

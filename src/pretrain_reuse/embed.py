@@ -50,7 +50,7 @@ from .data.text import TextDataset, is_sentence_file, text_file
 from .distributed import process_device, rank_world
 from .errors import PretrainReuseError, check_choice, check_device, check_image_size, check_seed
 from .features import STORE_FORMAT, FeatureStore
-from .models import LAYERS, ImageTransform, create_backbone, state_hash
+from .models import LAYERS, ImageTransform, create_backbone, features_hash, state_hash
 
 #: Unreadable images named in a store's ``index.json`` (``meta.skipped_ids``; ``meta.skipped``
 #: counts them all): the index is read with every load of the store, and the ids of a folder
@@ -234,7 +234,7 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True,
     if world > 1:
         dist.barrier()
     if rank == 0:
-        skipped = _write_index(out, parts, n_shards, dataset, backbone, cfg, identity["state"],
+        skipped = _write_index(out, parts, n_shards, dataset, backbone, cfg,
                                time.perf_counter() - t0)
         if skipped:
             warnings.warn(f"{describe_skipped(dataset, skipped)}; they have no features (the "
@@ -379,8 +379,15 @@ def _check_finite(features: torch.Tensor, indices: torch.Tensor, data: ImageData
 
 
 def _write_index(out: Path, parts: Path, n_shards: int, dataset: ImageDataset | TextDataset, backbone,
-                 cfg: EmbedConfig, state: str, seconds: float) -> list[int]:
-    """Write ``index.json`` over the shards; returns the positions of the unreadable images."""
+                 cfg: EmbedConfig, seconds: float) -> list[int]:
+    """Write ``index.json`` over the shards; returns the positions of the unreadable images.
+
+    ``meta.inputs.state`` is the hash of the parameters that compute the embedded layer
+    (:func:`~.models.features_hash`), which units carry and a selection compares: the same body
+    with another head (a pre-trained classifier, the weights saved without it or fine-tuned with
+    a new one) embeds the same features. Stores written before recorded the whole network's
+    :func:`~.models.state_hash`, so such a store and a newer one may be warned of as different
+    networks. (A rerun is compared on the whole network, as before, in ``embed.json``.)"""
     shards, skipped, classes_seen = [], [], set()
     for k in range(n_shards):
         path = _shard_path(parts, k)
@@ -392,7 +399,8 @@ def _write_index(out: Path, parts: Path, n_shards: int, dataset: ImageDataset | 
                 classes_seen.update(np.unique(t.get_tensor("labels")).tolist())
     meta = make_meta("embed", asdict(cfg), seed=cfg.seed, inputs={
         "data": cfg.data, "ids": _hash_ids(dataset.ids),
-        "weights": hash_file(cfg.weights) if cfg.weights else None, "state": state})
+        "weights": hash_file(cfg.weights) if cfg.weights else None,
+        "state": features_hash(backbone)})
     # classes all of whose images were unreadable: class means will refuse the store
     empty = [name for c, name in enumerate(dataset.class_names or []) if c not in classes_seen]
     meta.update(backbone=json.loads(backbone.spec.to_json()), seconds=round(seconds, 2),

@@ -432,7 +432,8 @@ def select_many(source: Units | FeatureStore | np.ndarray, targets: list[Units |
 
 def _warn_other_embedding(source: Units, target: Units) -> None:
     """Warn when the units summarise features of different networks (another backbone, layer
-    or weights, as ``embed`` recorded them) or of images of another size: a dimension that
+    or weights of the layers that compute the features, as ``embed`` recorded them: not the head
+    above the penultimate layer) or of images of another size: a dimension that
     agrees hides it, and the ranking then compares unrelated feature spaces. A warning, not an
     error: units from ``.npy`` files or made elsewhere record no network, and a user may know
     better."""

@@ -15,6 +15,7 @@ MoCo-v2 (the paper's self-supervised features, 128-d output of the MLP head befo
 from .backbone import LAYERS, Backbone
 from .checkpoint import (
     LoadReport,
+    features_hash,
     finetune_mode,
     model_class_names,
     output_class_names,
@@ -38,6 +39,7 @@ __all__ = [
     "SmallCNN",
     "TextTransform",
     "create_backbone",
+    "features_hash",
     "finetune_mode",
     "list_backbones",
     "missing_packages",
