@@ -345,7 +345,52 @@ def _interactions(folder):
     return [load(f) for f in sorted(folder.glob("interactions-*.safetensors"))]
 
 
-def test_a_rerun_into_a_folder_with_other_settings_equals_a_fresh_run(tmp_path, capsys):
+def _forget_identity(marker):
+    """Make the marker of an explanation or analysis folder read as an earlier version wrote it,
+    without the record of its settings and inputs: such a folder is rerun with any settings."""
+    record = json.loads(marker.read_text())
+    del record["identity"]
+    marker.write_text(json.dumps(record))
+
+
+def test_a_rerun_with_other_settings_or_inputs_is_refused_and_leaves_the_folder_as_it_was(
+        tmp_path, capsys):
+    model = _classifier(tmp_path / "a.safetensors", 10, seed=0)
+    other = _classifier(tmp_path / "b.safetensors", 10, seed=1)
+    explain = [*_explain_argv(model), "--out", tmp_path / "x"]
+    assert _run(capsys, *explain)[0] == 0
+    before = _contents(tmp_path / "x")
+    for change, differs in ((["--samples", 1], "; samples: 2 before, 1 now)"),
+                            (["--weights", other], "(models.model.state: \"sha256:"),
+                            (["--tau", 0.1], "(tau: 0.05 before, 0.1 now)")):
+        rc, out, err = _run(capsys, *explain, *change)
+        assert rc == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err, err
+        assert err.startswith(f"pretrain-reuse: error: out (--out) {str(tmp_path / 'x')!r} holds an "
+                              "explanation run made with other settings or inputs "), err
+        assert differs in err, err
+        assert err.endswith("; rerun with the same settings to reuse it, or pass another --out, "
+                            "or remove the folder\n"), err
+        assert _contents(tmp_path / "x") == before
+    assert _run(capsys, *explain, "--batch-size", 7)[0] == 0  # the same settings: reused
+    assert len(_interactions(tmp_path / "x")) == 2
+    knowledge = ["knowledge", "--model", "smallcnn-s", "--pretrained", model, "--finetuned", model,
+                 "--data", "synthetic:target", "--players", "grid:2x2", "--samples", 2, "--quiet",
+                 "--out", tmp_path / "k"]
+    assert _run(capsys, *knowledge)[0] == 0
+    summary = json.loads((tmp_path / "k" / "knowledge.json").read_text())
+    before = _contents(tmp_path / "k")
+    for change, differs in ((["--scratch", other], "(models.scratch: null before, {"),
+                            (["--match", "signed"], "(match: \"support\" before, \"signed\" now)")):
+        rc, out, err = _run(capsys, *knowledge, *change)
+        assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert "holds a knowledge analysis made with other settings or inputs " + differs in err, err
+        assert _contents(tmp_path / "k") == before
+    assert _run(capsys, *knowledge)[0] == 0
+    assert json.loads((tmp_path / "k" / "knowledge.json").read_text())["report"] == summary["report"]
+
+
+def test_a_rerun_into_a_folder_of_an_earlier_version_with_other_settings_equals_a_fresh_run(
+        tmp_path, capsys):
     # the game cache is keyed on what determines a game: another baseline or other weights
     # computed into a used folder give the same games as a fresh folder, not the old ones
     first = _classifier(tmp_path / "a.safetensors", 10, seed=0)
@@ -355,6 +400,7 @@ def test_a_rerun_into_a_folder_with_other_settings_equals_a_fresh_run(tmp_path, 
     reused = tmp_path / "reused"
     assert _run(capsys, *common, "--weights", first, "--out", reused)[0] == 0
     for k, change in enumerate((["--weights", first, "--baseline", "blur"], ["--weights", other])):
+        _forget_identity(reused / "explain.json")
         assert _run(capsys, *common, *change, "--out", reused)[0] == 0
         fresh = tmp_path / f"fresh-{k}"
         assert _run(capsys, *common, *change, "--out", fresh)[0] == 0
@@ -435,6 +481,7 @@ def test_a_smaller_rerun_leaves_no_outputs_of_the_earlier_run(tmp_path, capsys):
     explain = ["explain", "--model", "smallcnn-s", "--weights", model, "--data", "synthetic:target",
                "--players", "grid:2x2", "--quiet"]
     assert _run(capsys, *explain, "--samples", 4, "--out", tmp_path / "x")[0] == 0
+    _forget_identity(tmp_path / "x" / "explain.json")  # an earlier version's: rerun as asked
     assert _run(capsys, *explain, "--samples", 2, "--out", tmp_path / "x")[0] == 0
     assert _run(capsys, *explain, "--samples", 2, "--out", tmp_path / "fresh")[0] == 0
     assert len(_interactions(tmp_path / "x")) == 2
@@ -446,6 +493,7 @@ def test_a_smaller_rerun_leaves_no_outputs_of_the_earlier_run(tmp_path, capsys):
     assert _run(capsys, *knowledge, "--scratch", model, "--checkpoints", tmp_path / "snaps")[0] == 0
     assert {p.name for p in (tmp_path / "k").iterdir()} >= {
         "scratch", "checkpoint-000", "checkpoint-001", "convergence.png"}
+    _forget_identity(tmp_path / "k" / "knowledge.json")
     assert _run(capsys, *knowledge)[0] == 0
     assert sorted(p.name for p in (tmp_path / "k").iterdir()) == [
         "finetuned", "knowledge.json", "preserved.png", "pretrained", "purity.png", "ratios.png",
@@ -462,6 +510,7 @@ def test_a_rerun_stopped_halfway_leaves_a_folder_that_reads_as_unfinished(tmp_pa
     knowledge = ["knowledge", "--model", "smallcnn-s", "--pretrained", model, "--finetuned", model,
                  "--data", "synthetic:target", "--players", "grid:2x2", "--quiet", "--out", tmp_path / "k"]
     assert _run(capsys, *knowledge, "--samples", 4)[0] == 0
+    _forget_identity(tmp_path / "k" / "knowledge.json")  # an earlier version's: rerun as asked
     save = analysis.save_explanations
 
     def stop_after_the_first_model(xs, model, dataset, cfg, folder, tau):
@@ -534,6 +583,7 @@ def test_explain_refuses_a_folder_of_someone_elses_and_leaves_it_as_it_was(tmp_p
     assert _contents(tmp_path / "mine") == before
     # its own folder is its to rewrite: a smaller rerun leaves only its own outputs
     assert _run(capsys, *_explain_argv(model), "--out", tmp_path / "x")[0] == 0
+    _forget_identity(tmp_path / "x" / "explain.json")
     assert _run(capsys, *_explain_argv(model), "--samples", 1, "--out", tmp_path / "x")[0] == 0
     assert len(_interactions(tmp_path / "x")) == 1
 
@@ -780,6 +830,7 @@ def test_discrimination_power_is_not_printed_or_drawn_for_a_class_of_one_sample(
     assert list(k["samples"]["per_class"].values()) == [2]
     assert (tmp_path / "k" / "purity.png").exists()
     assert "discrimination power preserve 1.000, discard n/a, new n/a" in out  # the same model twice
+    _forget_identity(tmp_path / "k" / "knowledge.json")
     rc, out, err = _run(capsys, *knowledge, "--samples", 1)
     assert rc == 0, err
     k = json.loads((tmp_path / "k" / "knowledge.json").read_text())
@@ -1026,6 +1077,7 @@ def test_swapped_roles_are_a_warning_in_the_cli_and_the_api(tmp_path, capsys):
     rc, _, err = _run(capsys, *argv, "--pretrained", probe, "--finetuned", tuned, "--scratch",
                       scratch)
     assert rc == 0 and "warning" not in err
+    argv = [*KNOWLEDGE_2X2, "--out", tmp_path / "swapped"]  # other models: another folder
     rc, _, err = _run(capsys, *argv, "--pretrained", tuned, "--finetuned", probe, "--scratch",
                       probe)
     assert rc == 0
@@ -1044,7 +1096,7 @@ def test_swapped_roles_are_a_warning_in_the_cli_and_the_api(tmp_path, capsys):
               "finetuned": create_backbone("smallcnn-s", weights=probe)}
     with pytest.warns(KnowledgeWarning) as record:
         analyze_knowledge(models, open_dataset("synthetic:target", split="test"),
-                          ExplainConfig(players="grid:2x2", samples=2), tmp_path / "k",
+                          ExplainConfig(players="grid:2x2", samples=2), tmp_path / "api",
                           progress=False)
     assert [str(w.message) for w in record] == [line.removeprefix("warning: ")
                                                 for line in warned[1:3]]

@@ -227,16 +227,37 @@ def claim_folder(out: Path, kind: str, params: dict, *, what: str, marker: str =
     write_json(path, {"kind": kind, "params": params})
 
 
-def _changed_keys(new: dict, old: dict, prefix: str = "") -> list[str]:
+def _changed_keys(new: dict, old: dict) -> list[str]:
     """The keys whose values differ, nested ones by their dotted path (``config.batch_size``)."""
+    return [key for key, _, _ in _changes(new, old)]
+
+
+def _changes(new: dict, old: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) of every key whose values differ; a missing key's
+    value is None."""
     changed = []
     for k in sorted(set(new) | set(old)):
         a, b = new.get(k), old.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
-            changed += _changed_keys(a, b, f"{prefix}{k}.")
+            changed += _changes(a, b, f"{prefix}{k}.")
         elif a != b:
-            changed.append(prefix + k)
+            changed.append((prefix + k, b, a))
     return changed
+
+
+def describe_changes(new: dict, old: dict, *, shown: int = 3, width: int = 40) -> str:
+    """The settings that differ between ``old`` and ``new``, for a message: each by its dotted
+    key with its old and new value as JSON cut to ``width`` characters (``samples: 4 before, 2
+    now; models.finetuned.state: "sha256:1c0…" before, ...``), the first ``shown`` of them and
+    how many more."""
+    def short(value: Any) -> str:
+        text = json.dumps(_jsonable(value))
+        return text if len(text) <= width else text[:width - 1] + "…"
+
+    changes = _changes(new, old)
+    parts = [f"{key}: {short(a)} before, {short(b)} now" for key, a, b in changes[:shown]]
+    more = len(changes) - shown
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
 def make_folder(out: Path, what: str) -> Path:

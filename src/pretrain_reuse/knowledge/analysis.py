@@ -49,6 +49,7 @@ from .explain import (
     check_explainable,
     check_objects,
     check_outputs,
+    check_rerun,
     choose_samples,
     data_path,
     decompose,
@@ -58,6 +59,7 @@ from .explain import (
     explainable,
     model_classes,
     model_identity,
+    rerun_identity,
     sample_order,
     save_explanations,
     with_games,
@@ -190,8 +192,12 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
 
     ``out`` must be new, empty or the folder of an earlier analysis (it holds ``knowledge.json``,
     or only files an analysis writes: a run stopped before writing its summary, or one whose
-    summary was deleted); there the outputs of the earlier run that this run does not rewrite
-    (the folder of a scratch model or of checkpoints no longer given, their figures) are deleted.
+    summary was deleted). ``knowledge.json`` records what the analysis was given (from its
+    start: :func:`~.explain.rerun_identity` of its settings, data, models and snapshots): a
+    rerun with other settings or inputs is refused before anything is written, as it would
+    overwrite that analysis (finished or not). In the folder of an earlier version, which
+    records none, the outputs of the earlier run that this run does not rewrite (the folder of
+    a scratch model or of checkpoints no longer given, their figures) are deleted.
     An earlier analysis's damaged or missing files are simply written again (its cached games
     make that cheap; a cached game whose v(N) or v(∅) the model no longer gives is computed
     again). Every model is checked (a classifier over the data's classes with finite outputs,
@@ -252,6 +258,10 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
                           for t, m in enumerate(snaps)}}
     for role, m in named.items():
         check_classifier(m, dataset, cfg, role)
+    params = {"tau": tau, "split": split}
+    identity = rerun_identity(named, dataset, {**asdict(cfg), **params, "match": match,
+                                               "candidates": candidates})
+    check_rerun(out, "knowledge.json", identity, "a knowledge analysis")
     order = sample_order(dataset, cfg.seed, keep=explainable(models["finetuned"], dataset, cfg))
     correct, screened = np.zeros(len(dataset), bool), 0
     while screened < len(order) and correct.sum() < cfg.samples:
@@ -271,14 +281,13 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     marker = make_run_folder(out, "a knowledge analysis", "knowledge.json",
                              early=_earlier_outputs(out))
     if marker.exists():
-        # this run rewrites the earlier one's files model by model: until its own summary is
-        # written, the folder must not read as the earlier, finished analysis
-        write_json(marker, {"kind": KIND, "finished": False})
         # a model's folder of this analysis whose explain.json was lost is still its own
         for name in folders:
             if (out / name).is_dir() and not (out / name / MARKER).exists():
                 write_json(out / name / MARKER, {"kind": "explanations", "finished": False})
-    params = {"tau": tau, "split": split}
+    # this run (re)writes the files model by model: until its own summary is written, the
+    # folder must not read as a finished analysis, and a rerun with other settings is refused
+    write_json(marker, {"kind": KIND, "finished": False, "identity": identity})
     games = {role: explain_games(m, dataset, indices, cfg, out / role, role=role, params=params,
                                  progress=progress) for role, m in models.items()}
     explained = (_joint(games, cfg.noise_bound) if cfg.decomposition == "joint-and-or" else
@@ -290,6 +299,7 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     labels = [int(dataset.labels[i]) for i in indices]
     summary: dict[str, Any] = {
         "kind": KIND,
+        "identity": identity,
         "samples": {"n": len(indices), "asked": cfg.samples, "screened": screened,
                     "correct_for_all": int(correct.sum()),
                     "per_class": {str(c): labels.count(c) for c in sorted(set(labels))},

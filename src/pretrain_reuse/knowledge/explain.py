@@ -17,8 +17,11 @@ computed again (a learned baseline itself is not cached, so its games are checke
 only). A learned baseline's fit (its loss at the start and at the iterate kept) is cached beside
 its game and recorded in each sample's ``info["baseline_fit"]``. The folder is
 marked as explain's by ``explain.json``, written before anything else: only a new or empty folder
-or one so marked is written to, and there the outputs of an earlier run that this run does not
-rewrite (the interactions of samples beyond ``samples``, ``salient.png``) are deleted.
+or one so marked is written to. The marker records what the run was given (:func:`rerun_identity`:
+its settings, data and model): a rerun with the same resumes or redoes it, one with others is
+refused (:func:`check_rerun`), so a finished explanation is never overwritten by another. In a
+folder of an earlier version, which records none, the outputs of the earlier run that this run
+does not rewrite (the interactions of samples beyond ``samples``, ``salient.png``) are deleted.
 """
 
 from __future__ import annotations
@@ -39,10 +42,12 @@ from tqdm.auto import tqdm
 
 from ..artifacts import (
     atomic_path,
+    describe_changes,
     hash_array,
     hash_file,
     make_meta,
     make_run_folder,
+    to_json,
     write_json,
 )
 from ..configs import check_fields
@@ -360,14 +365,53 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
     check_tau(tau)
     indices = _check_indices(indices, dataset)
     dataset = model_classes(model, dataset)
+    identity = None
+    if out is not None:
+        identity = rerun_identity({role: model}, dataset, {
+            **asdict(cfg), "tau": tau, "split": split, "indices": [int(i) for i in indices]})
+        check_rerun(Path(out), MARKER, identity, "an explanation run")
     predicted = check_explainable(model, dataset, indices, cfg, role, torch.device(cfg.device))
     games = explain_games(model, dataset, indices, cfg, out, role=role,
-                          params={"tau": tau, "split": split}, progress=progress)
+                          params={"tau": tau, "split": split}, progress=progress, identity=identity)
     results = [x.with_info(predicted=int(p))
                for x, p in zip(decompose(games, cfg), predicted, strict=True)]
     if out is not None:
-        save_explanations(results, model, dataset, cfg, Path(out), tau)
+        save_explanations(results, model, dataset, cfg, Path(out), tau, identity=identity)
     return results
+
+
+#: Settings that do not change what an explanation computes: a rerun may give others.
+RERUN_WITH_OTHER = ("batch_size", "device")
+
+
+def rerun_identity(models: dict[str, Backbone], dataset: ImageDataset | TextDataset,
+                   params: dict[str, Any]) -> dict[str, Any]:
+    """What a rerun into an explanation's or analysis's folder must give as the run that wrote
+    it did, as JSON: ``params`` (the settings, but :data:`RERUN_WITH_OTHER`), the data (its
+    absolute path, or its name) and each model (by role) as its parameters and buffers
+    (:func:`~pretrain_reuse.models.state_hash`, wherever they were loaded from) and its input
+    size."""
+    settings = {k: v for k, v in params.items() if k not in RERUN_WITH_OTHER}
+    return json.loads(to_json({
+        **settings, "data": data_path(dataset) or dataset.source,
+        "models": {role: {"state": state_hash(m), "input_size": m.spec.input_size}
+                   for role, m in models.items()}}))
+
+
+def check_rerun(out: Path, marker: str, identity: dict[str, Any], what: str) -> None:
+    """Refuse, before anything is written, a run into ``out`` whose ``marker`` records another
+    :func:`rerun_identity` (a run with other settings or inputs, finished or not): it would
+    overwrite that run's outputs. A marker that records none (an earlier version's; a damaged
+    one, which the run rewrites) lets the run go on as before."""
+    try:
+        recorded = json.loads((out / marker).read_text()).get("identity")
+    except (OSError, ValueError, AttributeError):  # no marker, or not a JSON object
+        return
+    if recorded is not None and recorded != identity:
+        raise PretrainReuseError(
+            f"out (--out) {str(out)!r} holds {what} made with other settings or inputs "
+            f"({describe_changes(identity, recorded)}); rerun with the same settings to reuse "
+            "it, or pass another --out, or remove the folder")
 
 
 def check_objects(models: dict[str, Any], dataset: Any, cfg: Any) -> None:
@@ -525,10 +569,11 @@ def class_logits(model: Backbone, dataset: ImageDataset | TextDataset, indices: 
 @full_float32()
 def explain_games(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.ndarray,
                   cfg: ExplainConfig, out: str | Path | None, *, role: str, params: dict[str, Any],
-                  progress: bool) -> Games:
+                  progress: bool, identity: dict[str, Any] | None = None) -> Games:
     """The games of ``model`` on the samples at ``indices`` (valid positions, already passed by
     :func:`check_explainable`: the callers check every model before anything is written); with
-    ``out``, cached there. ``params``: recorded in the meta beside ``cfg``."""
+    ``out``, cached there, its marker recording ``identity`` (:func:`rerun_identity`, already
+    passed by :func:`check_rerun`) when given. ``params``: recorded in the meta beside ``cfg``."""
     device = torch.device(cfg.device)
     model = model.to(device).eval()
     setup = (_text_samples(model, dataset, cfg, device) if cfg.players == "tokens"
@@ -538,7 +583,7 @@ def explain_games(model: Backbone, dataset: ImageDataset | TextDataset, indices:
         # unfinished until save_explanations: a rerun with other settings rewrites the samples'
         # files one by one, and a folder stopped halfway holds a mix of the two runs
         write_json(make_run_folder(folder, "an explanation run", MARKER),
-                   {"kind": "explanations", "finished": False})
+                   _marker(finished=False, identity=identity))
         (folder / "games").mkdir(exist_ok=True)
     identity = model_identity(model)
     # integer labels are the model's class indices (check_classifier): named by the model if it can
@@ -592,15 +637,22 @@ def with_games(games: Games, results: list[Interactions]) -> list[Interactions]:
 
 def save_explanations(results: list[Interactions], model: Backbone,
                       dataset: ImageDataset | TextDataset, cfg: ExplainConfig, folder: Path,
-                      tau: float) -> None:
+                      tau: float, *, identity: dict[str, Any] | None = None) -> None:
     """Write ``interactions-*.safetensors`` and (images) ``salient.png`` at threshold ``tau``
-    into the explanation folder ``folder``, and delete an earlier run's outputs not rewritten."""
+    into the explanation folder ``folder``, delete an earlier run's outputs not rewritten, and
+    mark the folder finished (recording ``identity``, as :func:`explain_games` did)."""
     written = [x.save(folder / f"interactions-{k:04d}.safetensors") for k, x in enumerate(results)]
     if cfg.players != "tokens":
         written.append(save_png(salient_figure(display_samples(
             model, dataset, results[:SHOWN], cfg), tau=tau), folder / "salient.png"))
     _remove_stale(folder, ["interactions-*.safetensors", "salient.png"], written)
-    write_json(folder / MARKER, {"kind": "explanations", "finished": True})
+    write_json(folder / MARKER, _marker(finished=True, identity=identity))
+
+
+def _marker(*, finished: bool, identity: dict[str, Any] | None) -> dict[str, Any]:
+    """An explanation folder's ``explain.json``."""
+    return {"kind": "explanations", "finished": finished,
+            **({"identity": identity} if identity is not None else {})}
 
 
 def data_path(dataset: ImageDataset | TextDataset) -> str | None:
