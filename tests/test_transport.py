@@ -683,6 +683,19 @@ def test_cost_matrix_feature_dimension_mismatch_names_both_dimensions():
         cost_matrix(np.ones((3, 5)), np.ones((4, 7)))
 
 
+def test_cost_matrix_of_an_all_zero_unit_names_fixes_the_cli_offers():
+    # "drop it" named no way to drop a unit; the metric is a flag, the unit's samples data
+    t = np.ones((4, 5))
+    t[2] = 0
+    with pytest.raises(PretrainReuseError) as e:
+        cost_matrix(np.ones((3, 5)), t)
+    assert str(e.value) == (
+        "target unit 2 is an all-zero vector, which has no cosine distance; use --metric l2 "
+        "(metric='l2'), or rebuild the units without it: remove the samples whose features are "
+        "all zero from the data and embed again (or its row from a .npy prototype matrix)")
+    cost_matrix(np.ones((3, 5)), t, metric="l2")  # the fix it names works
+
+
 def test_cost_matrix_unknown_metric_names_metric():
     with pytest.raises(PretrainReuseError, match=r"metric='manhattan'.*'cosine'"):
         cost_matrix(np.ones((3, 5)), np.ones((4, 5)), metric="manhattan")

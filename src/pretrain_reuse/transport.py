@@ -57,7 +57,9 @@ def _unit_rows(x: torch.Tensor, name: str) -> torch.Tensor:
     if len(zero):  # no direction: it would be equally far from everything, silently
         raise PretrainReuseError(
             f"{name} unit {int(zero[0, -2])} is an all-zero vector, which has no cosine "
-            "distance; drop it or use metric l2")
+            "distance; use --metric l2 (metric='l2'), or rebuild the units without it: remove "
+            "the samples whose features are all zero from the data and embed again (or its row "
+            "from a .npy prototype matrix)")
     x = x / scale
     return x / x.norm(dim=-1, keepdim=True)
 

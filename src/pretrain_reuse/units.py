@@ -438,8 +438,9 @@ def _normalized_float32(features: np.ndarray, position: np.ndarray, progress: bo
         if (norms == 0).any():
             row = s + int(np.flatnonzero(norms[:, 0] == 0)[0])
             raise PretrainReuseError(
-                f"features row {row} is all zeros and has no direction; drop zero rows before "
-                "spherical k-means"
+                f"features row {row} (sample {row} in the features' order) is all zeros and has "
+                "no direction for spherical k-means; remove that sample from the data and embed "
+                "again (or its row from a .npy file), or build class units (units --method class)"
             )
         out[position[s:s + chunk]] = block / norms
     return out
