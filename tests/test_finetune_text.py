@@ -263,3 +263,46 @@ def test_a_linear_probe_on_sentences_trains_the_head_alone(files, classifier, tm
     body = [k for k in before if k.startswith("body.")]
     assert body and all(torch.equal(before[k], after[k]) for k in body)
     assert after["head.weight"].shape == (2, 16)  # the new 2-class head, trained in place of the 5-class one
+
+
+def _experiment(capsys, name, files, model, out, *extra):
+    return run(capsys, "experiment", name, "--model", model, "--source", files["pool"],
+               "--target", files["train"], "--target-test", files["test"], "--k", 2,
+               "--clusters", 5, "--seeds", 0, "--out", out, *extra)
+
+
+def test_table1_on_sentences_leaves_unlabelled_reuse_out_and_runs_the_rest(files, classifier,
+                                                                           tmp_path, capsys):
+    config = tmp_path / "exp.yaml"
+    config.write_text("finetune:\n  max_steps: 4\n  batch_size: 8\n"
+                      "skip: [reuse random classes, reuse greedy-ot classes]\n")
+    rc, printed, err = _experiment(capsys, "table1", files, f"hf:{classifier}", tmp_path / "exp",
+                                   "--config", config)
+    assert rc == 0, err
+    assert ("left out on sentences (reuse-unlabeled needs augmentations of images): "
+            "reuse-unlabeled random clusters, reuse-unlabeled greedy-ot clusters, "
+            "reuse-unlabeled uot clusters") in printed
+    rows = json.loads((tmp_path / "exp" / "experiment.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["vanilla", "co-tuning", "reuse uot classes"]
+    for row, folder in zip(rows, ("vanilla-seed0", "co-tuning-seed0", "reuse-uot-classes-seed0"),
+                           strict=True):
+        result = json.loads((tmp_path / "exp" / "runs" / folder / "result.json").read_text())
+        assert row["top1_mean"] == result["final"]["top1"]
+    assert rows[2]["units"] == 2
+
+
+@pytest.mark.parametrize("name, model, needle", [
+    ("table2", "classifier", "table2 fine-tunes with reuse-unlabeled only, whose soft targets come "
+                             "from weak and strong augmentations of images"),
+    ("table1", "bert", "co-tuning needs a backbone with its pre-training classifier head; hf:"),
+    ("table4", "smallcnn", "smallcnn is an image model but the target data are sentences"),
+])
+def test_an_experiment_sentences_cannot_run_is_refused_before_anything_is_written(
+        files, classifier, tmp_path, capsys, name, model, needle):
+    model = {"classifier": f"hf:{classifier}", "bert": f"hf:{files['bert']}"}.get(model, model)
+    config = tmp_path / "exp.yaml"
+    config.write_text("finetune:\n  max_steps: 4\n  batch_size: 8\n")
+    rc, _, err = _experiment(capsys, name, files, model, tmp_path / "exp", "--config", config,
+                             "--quiet")
+    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "exp").exists()

@@ -404,7 +404,7 @@ def spherical_kmeans(store: FeatureStore | np.ndarray, k: int, *, n_iter: int = 
 
 def embedding_of(store: FeatureStore) -> dict[str, Any] | None:
     """What computed a store's features, as ``embed`` records it: the backbone, its layer, the
-    hash of the network's parameters and the input side; None for features from elsewhere (a
+    hash of the parameters that compute that layer and the input side; None for features from elsewhere (a
     ``.npy``). Units carry it (``meta["embedding"]``), so that a selection can tell when source
     and target units summarise features of different networks or image sizes, whose
     similarities mean little."""

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..artifacts import make_meta
 from ..data.catalog import check_exists, has_splits
+from ..data.text import is_sentence_file
 from ..errors import PretrainReuseError, check_choice
 from ..finetune import RunResult
 from ..finetune.data import check_batch_size, selected_source
@@ -68,6 +69,17 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
     rows = [r for r in rows if r.method not in cfg.skip]
     if not rows:
         raise PretrainReuseError(f"skip leaves no row of {name} to run; skip fewer rows")
+    sentences = cfg.target is not None and is_sentence_file(cfg.target)
+    if sentences:  # unlabelled reuse trains on augmentations of images, which sentences lack
+        images_only = [r.method for r in rows if r.mode == "reuse-unlabeled"]
+        rows = [r for r in rows if r.mode != "reuse-unlabeled"]
+        if not rows:
+            raise PretrainReuseError(
+                f"{name} fine-tunes with reuse-unlabeled only, whose soft targets come from weak "
+                "and strong augmentations of images; sentences (.jsonl) cannot run it")
+        if images_only and progress:
+            print(f"[experiment] left out on sentences (reuse-unlabeled needs augmentations of "
+                  f"images): {', '.join(images_only)}", flush=True)
     if cfg.source is None and any(r.pick for r in rows):
         raise PretrainReuseError(f"{name} needs 'source', the pre-training pool it selects from; "
                                  "pass --source or set it in --config")
@@ -94,10 +106,11 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
                              flag="finetune.batch_size")
             total_steps(ft, len(train_set), run=f" of run {run}", flag="finetune.warmup_steps")
     picks = any(r.pick for r in rows)
-    for weights in {*(ws.weights(r) for r in trains),
-                    *([cfg.weights] if picks and not (cfg.source_features and cfg.target_features)
-                      else [])}:
-        create_backbone(cfg.model, weights=weights, device="cpu")
+    backbones = {weights: create_backbone(cfg.model, weights=weights, device="cpu") for weights in
+                 {*(ws.weights(r) for r in trains),
+                  *([cfg.weights] if picks and not (cfg.source_features and cfg.target_features)
+                    else [])}}
+    _check_backbones(backbones, trains, ws, sentences)
     if picks:
         for which in ("source", "target"):
             if getattr(cfg, f"{which}_features"):
@@ -174,6 +187,23 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
 
         build_report(out)
     return result
+
+
+def _check_backbones(backbones: dict, trains: list[Row], ws: Workspace, sentences: bool) -> None:
+    """The backbones (by weights file) fit the data and the rows: a text model for sentences, an
+    image model for images, and a classifier head for co-tuning, whose source head it is."""
+    for backbone in backbones.values():
+        if (backbone.spec.modality == "text") != sentences:
+            raise PretrainReuseError(
+                f"{backbone.spec.name} is {'a text' if not sentences else 'an image'} model but "
+                f"the target data are {'sentences' if sentences else 'images'}; pass "
+                f"{'a text' if sentences else 'an image'} model (--model) or other data")
+    for row in trains:
+        if row.mode == "co-tuning" and backbones[ws.weights(row)].num_classes is None:
+            raise PretrainReuseError(
+                f"co-tuning needs a backbone with its pre-training classifier head; "
+                f"{backbones[ws.weights(row)].spec.name} has none; pass --weights of a "
+                "classifier, or leave the row out (skip: [co-tuning] in --config)")
 
 
 def _knowledge_analysis(ws: Workspace, rows: list[Row], table: list[dict]) -> dict[str, Any]:
