@@ -233,7 +233,7 @@ def test_a_knowledge_folder_or_a_file_is_named_as_such(tmp_path, capsys):
     rc, _, err = _report(capsys, tmp_path / "k")
     assert rc == 2 and err.count("\n") == 1 and "it is a knowledge folder" in err
     rc, _, err = _report(capsys, tmp_path / "k" / "knowledge.json")
-    assert rc == 2 and err.count("\n") == 1 and "is a file; pass the demo or experiment folder" in err
+    assert rc == 2 and err.count("\n") == 1 and "is a file; pass the demo, experiment, fine-tuning run or grid folder" in err
 
 
 @pytest.mark.parametrize("discard, verdict", [
@@ -570,3 +570,80 @@ def test_the_page_is_accessible_and_does_not_depend_on_how_the_path_was_typed(
     assert "<html lang='en'>" in page and "<thead><tr><th scope=\"col\">" in page
     assert "<th>" not in page
     assert 'alt="knowledge ratios: preserve 0.500, new 0.500. preserve = ' in page
+
+
+# --------------------------------------------------------------------------------------------
+# A fine-tuning run folder and a grid folder
+# --------------------------------------------------------------------------------------------
+
+
+def _finetune_run(tmp_path, history):
+    """A run folder as the loop leaves it: run.json, and result.json from the loop's own
+    summary of ``history`` (the evaluation records)."""
+    from pretrain_reuse.finetune import FinetuneConfig
+    from pretrain_reuse.finetune.loop import _result
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = FinetuneConfig(mode="reuse", max_steps=30, lam=0.7)
+    (run / "run.json").write_text(json.dumps({"kind": "finetune-run", "config": cfg.to_dict()}))
+    _result(cfg, history, {"model": "smallcnn", "target": "/data/t", "source": "/data/s"},
+            12.5).save(run / "result.json")
+    return run
+
+
+def _record(step, val, test, loss):
+    return {"step": step, "epoch": step / 10, "loss": loss, "ce_target": loss / 2,
+            "ce_source": loss / 3, "val": {"top1": val, "mean_class_acc": val, "n": 8},
+            "test": {"top1": test, "mean_class_acc": test - 0.01, "n": 40}}
+
+
+def test_a_finetune_run_folder_reports_its_last_and_best_validation_results(tmp_path, capsys):
+    history = [_record(10, 0.5, 0.6, 1.2), _record(20, 0.875, 0.725, 0.8),
+               _record(30, 0.75, 0.8125, 0.5)]
+    run = _finetune_run(tmp_path, history)
+    rc, _, err = _report(capsys, run)
+    assert rc == 0, err
+    page = (run / "report.html").read_text()
+    # the test accuracy after the last step, and at the best *validation* evaluation (step 20:
+    # not the best test one, step 30)
+    assert ("<th scope=\"col\">after the last step (30)</th><th scope=\"col\">at the best "
+            "validation evaluation (20)</th>") in page
+    assert "<td>test top-1</td><td>0.8125</td><td>0.7250</td>" in page
+    assert "<td>test mean per-class accuracy</td><td>0.8025</td><td>0.7150</td>" in page
+    assert "<td>validation top-1</td><td>0.7500</td><td>0.8750</td>" in page
+    assert page.count("<img") == 2 and "Losses over training: loss, ce_target, ce_source" in page
+    assert "Mode <code>reuse</code>; model <code>smallcnn</code>; target <code>/data/t</code>" in page
+    assert "&quot;lam&quot;: 0.7" in page and "12.5 s of training" in page
+
+
+def test_an_unfinished_or_damaged_finetune_run_is_one_line(tmp_path, capsys):
+    run = _finetune_run(tmp_path, [_record(10, 0.5, 0.6, 1.2)])
+    result = json.loads((run / "result.json").read_text())
+    result["final"]["top1"] = "high"
+    (run / "result.json").write_text(json.dumps(result))
+    rc, _, err = _report(capsys, run)
+    assert rc == 2 and err.count("\n") == 1 and "holds an entry the report cannot read" in err
+    (run / "result.json").unlink()
+    rc, _, err = _report(capsys, run)
+    assert rc == 2 and err.count("\n") == 1
+    assert "the run has not finished or was removed; rerun `pretrain-reuse finetune" in err
+    assert not (run / "report.html").exists()
+
+
+def test_a_grid_folder_reports_every_run_and_the_one_validation_picked(tmp_path, capsys):
+    rows = [{"lr": lr, "lam": lam, "run": f"lam={lam},lr={lr}", "val_top1": val,
+             "test_top1_at_best_val": test, "test_top1_final": test - 0.05, "best_step": 20}
+            for lr, lam, val, test in ((0.01, 0.3, 0.7, 0.61), (0.03, 0.3, 0.9, 0.65))]
+    run = tmp_path / "grid"
+    run.mkdir()
+    (run / "grid.json").write_text(json.dumps({"kind": "grid", "grid": {"lr": [0.01, 0.03],
+                                                                        "lam": [0.3]},
+                                               "best": rows[1], "rows": rows, "meta": {}}))
+    rc, _, err = _report(capsys, run)
+    assert rc == 0, err
+    page = (run / "report.html").read_text()
+    assert ("2 fine-tuning runs over lam, lr, picked by validation top-1: <code>lam=0.3,lr=0.03"
+            "</code> (validation 0.9000, its test top-1 0.6500 at that evaluation)") in page
+    assert "<tr><td>lam=0.3,lr=0.01</td><td>0.3</td><td>0.01</td><td>0.7000</td><td>0.6100</td>" \
+           "<td>0.5600</td><td>20</td></tr>" in page

@@ -911,8 +911,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=_at_least(1), default=1, help="torch CPU threads (default 1)")
     d.set_defaults(func=cmd_demo)
 
-    r = sub.add_parser("report", help="self-contained report.html of a demo or experiment folder")
-    r.add_argument("run_dir", help="a demo or experiment run folder")
+    r = sub.add_parser("report", help="self-contained report.html of a demo, experiment, "
+                       "fine-tuning run or grid folder")
+    r.add_argument("run_dir", help="a demo, experiment, finetune run or finetune --grid folder")
     r.set_defaults(func=cmd_report)
     return p
 

@@ -97,9 +97,11 @@ class RunResult:
         ax = ax or plt.gca()
         steps = [h["step"] for h in self.history]
         name = label or self.config["mode"]
-        line, = ax.plot(steps, [h["test"][metric] for h in self.history], label=f"{name} (test)")
-        ax.plot(steps, [h["val"][metric] for h in self.history], ls="--", color=line.get_color(),
-                label=f"{name} (val)")
+        # markers: a run of one evaluation is a point, which a line alone does not draw
+        line, = ax.plot(steps, [h["test"][metric] for h in self.history], marker=".",
+                        label=f"{name} (test)")
+        ax.plot(steps, [h["val"][metric] for h in self.history], ls="--", marker=".",
+                color=line.get_color(), label=f"{name} (val)")
         ax.set_xlabel("step")
         ax.set_ylabel(metric)
         return ax

@@ -1,5 +1,8 @@
 """``pretrain-reuse report RUN_DIR``: one self-contained ``report.html`` (figures embedded as
-base64 PNG, no external resources) from a run folder.
+base64 PNG, no external resources) from a run folder: a demo, an experiment, a fine-tuning run
+(its accuracy and losses over training, its result after the last step and at the best
+validation evaluation, its recipe) or a grid search (every combination, and the one validation
+picked).
 
 Every figure is drawn from the files of the run (``summary.json``, selections, fine-tuning
 results, ``knowledge/``). A demo folder lacking ``selections/``, ``knowledge/`` or the knowledge
@@ -143,19 +146,26 @@ def _reading(path: Path, redo: str):
 
 
 def _marker(run: Path) -> dict:
-    """The ``run.json`` a demo or experiment writes first (its kind and options); empty when the
-    folder has none or it cannot be read (it only words the advice of a message)."""
+    """The ``run.json`` a demo, experiment or fine-tuning run writes first (its kind and
+    options); empty when the folder has none or it cannot be read (it only picks the page and
+    words the advice of a message)."""
     try:
         marker = json.loads((run / "run.json").read_text())
     except (OSError, ValueError):
         return {}
-    return marker if isinstance(marker, dict) and isinstance(marker.get("params"), dict) else {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def _params(run: Path) -> dict:
+    """The options a demo's or experiment's ``run.json`` records (empty when it records none)."""
+    params = _marker(run).get("params")
+    return params if isinstance(params, dict) else {}
 
 
 def _demo_command(run: Path) -> str:
     """The command that resumes the demo in ``run`` (with the options of its ``run.json``): the
     demo skips the stages whose files it finds and computes the others."""
-    params = _marker(run).get("params", {})
+    params = _params(run)
     options = "".join([
         f" --scenario {params['scenario']}" if params.get("scenario", "world") != "world" else "",
         " --quick" if params.get("quick") else "",
@@ -166,7 +176,7 @@ def _demo_command(run: Path) -> str:
 def _experiment_command(run: Path) -> str:
     """The command that resumes the experiment in ``run`` (its config file is not recorded:
     CONFIG stands for it)."""
-    name = _marker(run).get("params", {}).get("experiment", "NAME")
+    name = _params(run).get("experiment", "NAME")
     return f"pretrain-reuse experiment {name} --config CONFIG --out {run}"
 
 
@@ -693,20 +703,95 @@ def _experiment_body(run: Path) -> list[str]:
                      _versions(table.meta) + f"<pre>{html.escape(params)}</pre>")]
 
 
+#: What the report says to do about a fine-tuning run's or grid's file it cannot read.
+FINETUNE_REDO = "rerun its finetune command into a new --out and report on that folder"
+
+
+def _finetune_run_body(run: Path) -> list[str]:
+    """A ``finetune`` run folder: its test and validation accuracy over training, its losses, the
+    result at the last step and at the best validation evaluation, and its recipe."""
+    result = _run_result(run / "result.json", f"pretrain-reuse finetune ... --out {run}")
+    plt = _plt()
+    history, final, best = result.history, result.final, result.at_best_val
+    inputs = result.meta.get("inputs", {})
+    given = [f"{key} <code>{_text(inputs[key])}</code>" for key in ("model", "target", "source")
+             if inputs.get(key) not in (None, "None")]
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    result.plot(ax)
+    ax.legend()
+    curves = _figure(fig, "Top-1 accuracy on the validation split (dashed: what picks the "
+                     "evaluation) and the test split at each evaluation.",
+                     f"Accuracy over training; final test top-1 {_fixed(final['top1'], 4)}")
+    losses = [k for k in history[-1] if k not in ("step", "epoch", "val", "test")]
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    for key in losses:
+        ax.plot([h["step"] for h in history], [h[key] for h in history], marker=".", label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (step of the evaluation)")
+    ax.legend()
+    losses_fig = _figure(fig, "The training losses read at each evaluation's step.",
+                         f"Losses over training: {', '.join(losses)}")
+    rows = [["test top-1", _fixed(final["top1"], 4), _fixed(best["top1"], 4)],
+            ["test mean per-class accuracy", _fixed(final["mean_class_acc"], 4),
+             _fixed(best["mean_class_acc"], 4)],
+            ["validation top-1", _fixed(final["val"]["top1"], 4), _fixed(best["val"]["top1"], 4)]]
+    table = _table(["", f"after the last step ({final['step']})",
+                    f"at the best validation evaluation ({best['step']})"], rows)
+    config = json.dumps(result.config, indent=1)
+    return [
+        "<h1>pretrain-reuse report: a fine-tuning run</h1>",
+        f"<p>Mode <code>{_text(result.config['mode'])}</code>; {'; '.join(given)}. Run folder: "
+        f"<code>{_text(run)}</code>. The test split never picks anything: the second column is "
+        "the test accuracy at the evaluation with the best validation top-1.</p>",
+        _section("Results", "results", table + curves + losses_fig),
+        _section("Recipe, versions and time", "parameters",
+                 f"<p>{_text(result.meta.get('train_seconds', 'n/a'))} s of training.</p>"
+                 + _versions(result.meta) + f"<pre>{html.escape(config)}</pre>")]
+
+
+def _grid_body(run: Path) -> list[str]:
+    """A ``finetune --grid`` folder: every combination's validation and test accuracy, and the
+    one the validation split picked."""
+    grid = read_json(run / "grid.json", "grid search")
+    _check_entries(grid, ("grid", "best.run", "rows"), run / "grid.json")
+    names = sorted(grid["grid"])
+    rows = [[r["run"], *(_text(r[n]) for n in names), _fixed(r["val_top1"], 4),
+             _fixed(r["test_top1_at_best_val"], 4), _fixed(r["test_top1_final"], 4),
+             _text(r["best_step"])] for r in grid["rows"]]
+    best = grid["best"]
+    return [
+        "<h1>pretrain-reuse report: a grid search</h1>",
+        f"<p>{len(rows)} fine-tuning runs over {', '.join(map(_text, names))}, picked by "
+        f"validation top-1: <code>{_text(best['run'])}</code> (validation "
+        f"{_fixed(best['val_top1'], 4)}, its test top-1 {_fixed(best['test_top1_at_best_val'], 4)} "
+        f"at that evaluation). Run folder: <code>{_text(run)}</code>; each run's own report: "
+        "<code>pretrain-reuse report</code> on its folder.</p>",
+        _section("Runs", "runs", _table(["run", *names, "validation top-1 (best)",
+                                         "test top-1 at best validation", "test top-1 (final)",
+                                         "best step"], rows)),
+        _section("Versions", "parameters", _versions(grid.get("meta", {})))]
+
+
 def build_report(run_dir: str | Path) -> Path:
-    """Write ``run_dir/report.html`` from the run's files (a demo or an experiment folder) and
-    return its path."""
+    """Write ``run_dir/report.html`` from the run's files (a demo, an experiment, a fine-tuning
+    run or a grid search folder) and return its path."""
     # absolute: the page (and the commands it names) do not depend on how the path was typed
     run = check_file("run folder", run_dir).resolve()
     if run.is_file():
-        raise PretrainReuseError(f"{str(run)!r} is a file; pass the demo or experiment folder "
-                                 "that holds it")
+        raise PretrainReuseError(f"{str(run)!r} is a file; pass the demo, experiment, fine-tuning "
+                                 "run or grid folder that holds it")
     if (run / "experiment.json").exists():
         with _reading(run / "experiment.json", EXPERIMENT_REDO):
             body = _experiment_body(run)
         return _write_page(run, body)
-    summary_path = run / "summary.json"
+    if (run / "grid.json").exists():
+        with _reading(run / "grid.json", FINETUNE_REDO):
+            return _write_page(run, _grid_body(run))
     kind = _marker(run).get("kind")
+    if kind == "finetune-run":
+        with _reading(run / "result.json", FINETUNE_REDO):
+            return _write_page(run, _finetune_run_body(run))
+    summary_path = run / "summary.json"
     if not summary_path.exists() and kind in ("demo-run", "experiment-run"):
         what, command = (("demo", _demo_command(run)) if kind == "demo-run" else
                          ("experiment", _experiment_command(run)))
@@ -717,8 +802,9 @@ def build_report(run_dir: str | Path) -> Path:
         what = (" (it is a knowledge folder: its numbers are in knowledge.json and its figures "
                 "beside it; report renders it as part of a demo run, or of an experiment's "
                 "knowledge recipe)" if (run / "knowledge.json").exists() else "")
-        raise PretrainReuseError(f"{str(run)!r} has no summary.json or experiment.json{what}; "
-                                 "pass a demo or experiment run folder")
+        raise PretrainReuseError(f"{str(run)!r} has no summary.json, experiment.json, "
+                                 f"result.json or grid.json{what}; pass a demo, experiment, "
+                                 "fine-tuning run or grid folder")
     summary = read_json(summary_path, "summary")
     _check_entries(summary, SUMMARY_KEYS, summary_path)
     with _reading(summary_path, DEMO_REDO):
