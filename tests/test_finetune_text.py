@@ -306,3 +306,33 @@ def test_an_experiment_sentences_cannot_run_is_refused_before_anything_is_writte
                              "--quiet")
     assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "exp").exists()
+
+
+def test_torchrun_two_processes_on_sentences_match_one_process(files, tmp_path, capsys):
+    # a text model normalises each sentence alone (LayerNorm, dropout off here), so two ranks'
+    # half-batches average to the full batch's gradient up to float summation order; BERT's
+    # pooler, unused by the pooled features, must not stop DDP (it waited for its gradients)
+    import os
+    import subprocess
+    import sys
+
+    selection = tmp_path / "sel.json"
+    selection.write_text(json.dumps({"kind": "selection", "selected": [2, 3],
+                                     "scores": [0, 0, 1, 1, 0], "params": {}, "meta": {}}))
+    args = ["--model", f"hf:{files['quiet_bert']}", "--mode", "reuse", "--target", files["train"],
+            "--target-test", files["test"], "--source", files["pool"], "--selection", selection,
+            "--max-steps", 6, "--batch-size", 8, "--lr", 0.02, "--quiet"]
+    args = [str(a) for a in args]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "pretrain_reuse", "finetune", *args, "--out", str(tmp_path / "two")],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_ok(capsys, "finetune", *args, "--out", tmp_path / "one")
+    two, one = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("two", "one"))
+    for k in one:
+        np.testing.assert_allclose(two[k].numpy(), one[k].numpy(), atol=1e-6, rtol=0)
+    model = f"hf:{files['quiet_bert']}"
+    start = create_backbone(model).state_dict()
+    trained = create_backbone(model, weights=tmp_path / "one" / "model.safetensors").state_dict()
+    assert any(k.startswith("body.") and not torch.equal(start[k], trained[k]) for k in start)

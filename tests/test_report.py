@@ -233,7 +233,8 @@ def test_a_knowledge_folder_or_a_file_is_named_as_such(tmp_path, capsys):
     rc, _, err = _report(capsys, tmp_path / "k")
     assert rc == 2 and err.count("\n") == 1 and "it is a knowledge folder" in err
     rc, _, err = _report(capsys, tmp_path / "k" / "knowledge.json")
-    assert rc == 2 and err.count("\n") == 1 and "is a file; pass the demo, experiment, fine-tuning run or grid folder" in err
+    assert rc == 2 and err.count("\n") == 1
+    assert "is a file; pass the demo, experiment, fine-tuning run or grid folder" in err
 
 
 @pytest.mark.parametrize("discard, verdict", [

@@ -258,7 +258,10 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
     objective = _Objective(model, LOSSES[cfg.mode], cfg.lam)
     if world > 1:  # gradients are averaged by DDP's hooks, so the loss must go through its forward
         objective = torch.nn.parallel.DistributedDataParallel(
-            objective, device_ids=[device.index] if device.type == "cuda" else None)
+            objective, device_ids=[device.index] if device.type == "cuda" else None,
+            # a Hugging Face text model holds parameters its pooled features never use (BERT's
+            # pooler, when the tokens are mean-pooled), whose gradients DDP would wait for
+            find_unused_parameters=model.backbone.spec.modality == "text")
 
     spec = model.backbone.spec
     if spec.modality == "text":
