@@ -336,3 +336,34 @@ def test_torchrun_two_processes_on_sentences_match_one_process(files, tmp_path, 
     start = create_backbone(model).state_dict()
     trained = create_backbone(model, weights=tmp_path / "one" / "model.safetensors").state_dict()
     assert any(k.startswith("body.") and not torch.equal(start[k], trained[k]) for k in start)
+
+
+def test_knowledge_compares_text_models_fine_tuned_here(files, tmp_path, capsys):
+    """The README's text chain ends in `knowledge --players tokens` on finetune's own runs."""
+    model = f"hf:{files['bert']}"
+    runs = {}
+    for mode in ("linear-probe", "vanilla", "scratch"):
+        runs[mode] = tmp_path / mode
+        run_ok(capsys, "finetune", "--model", model, "--mode", mode, "--target", files["train"],
+               "--target-test", files["test"], "--out", runs[mode], "--max-steps", 60,
+               "--batch-size", 8, "--lr", 0.02, "--quiet")
+    printed = run_ok(capsys, "knowledge", "--model", model,
+                     "--pretrained", runs["linear-probe"] / "model.safetensors",
+                     "--finetuned", runs["vanilla"] / "model.safetensors",
+                     "--scratch", runs["scratch"] / "model.safetensors", "--data", files["test"],
+                     "--players", "tokens", "--n", 2, "--samples", 3, "--out", tmp_path / "k",
+                     "--quiet")
+    report = json.loads((tmp_path / "k" / "knowledge.json").read_text())
+    assert printed.startswith("knowledge over ") and (tmp_path / "k" / "ratios.png").exists()
+    # each explained sentence is one every model classifies correctly, as the analysis promises
+    models = {m: create_backbone(model, weights=runs[m] / "model.safetensors")
+              for m in ("linear-probe", "vanilla", "scratch")}
+    data = text_file(files["test"])
+    ids = report["samples"]["ids"]
+    assert len(ids) == report["samples"]["n"] == 3
+    for sid in ids:
+        i = data.ids.index(sid)
+        tokens = dict(models["vanilla"].preprocess.batch([data.texts[i]]))
+        for m in models.values():
+            with torch.no_grad():
+                assert int(m.eval()(tokens).argmax()) == int(data.labels[i])
