@@ -203,6 +203,8 @@ def test_the_cli_chain_selects_the_related_topics_and_fine_tunes_on_them(files, 
      "mode 'reuse-unlabeled' trains on weak and strong augmentations of images"),
     (["--image-size", "32"], "image_size applies to images, not to the sentences"),
     (["--augment", "flip"], "augment applies to images, not to the sentences"),
+    (["--mode", "reuse", "--source", "POOL", "--selection", "SEL", "--source-bn", "target"],
+     "source_bn applies to images, not to the sentences"),
     (["--model", "smallcnn"], "smallcnn is an image model but --target holds sentences"),
     (["--target-test", "synthetic:target-0"], "is a text model but --target-test holds images"),
 ])
@@ -367,3 +369,106 @@ def test_knowledge_compares_text_models_fine_tuned_here(files, tmp_path, capsys)
         for m in models.values():
             with torch.no_grad():
                 assert int(m.eval()(tokens).argmax()) == int(data.labels[i])
+
+
+# --------------------------------------------------------------------------------------------
+# Other tokenizers and architectures (a review's findings)
+# --------------------------------------------------------------------------------------------
+
+
+def _tiny_gpt2(folder, *, classifier=False, pad=True):
+    """hf:<folder> of a tiny GPT-2 (its Conv1D layers, positions numbered from the first
+    column whatever the mask) with a word-level tokenizer that pads on the LEFT, as decoder
+    tokenizers often do."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=words, unk_token="[UNK]", padding_side="left",
+        model_input_names=["input_ids", "attention_mask"], **({"pad_token": "[PAD]"} if pad else {}))
+    cfg = transformers.GPT2Config(vocab_size=len(WORDS), n_embd=16, n_layer=2, n_head=2,
+                                  n_positions=64, num_labels=2, **({"pad_token_id": 0} if pad else {}))
+    torch.manual_seed(0)
+    cls = transformers.GPT2ForSequenceClassification if classifier else transformers.GPT2Model
+    cls(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_a_left_padding_tokenizer_gives_each_sentence_its_own_features_in_any_batch(files, tmp_path):
+    # GPT-2 numbers positions from the first column: left padding shifted every sentence by its
+    # batch's padding, so accuracy depended on the batch size
+    for classifier in (False, True):
+        model = create_backbone(f"hf:{_tiny_gpt2(tmp_path / str(classifier), classifier=classifier)}")
+        texts = text_file(files["test"]).texts[:6]
+        with torch.no_grad():
+            alone = torch.cat([model(model.preprocess.batch([t])) for t in texts])
+            together = model(model.preprocess.batch(texts))
+        torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_scratch_resets_a_hugging_face_model_by_its_own_scheme(tmp_path):
+    from pretrain_reuse.finetune.model import reinitialize
+
+    model = f"hf:{_tiny_gpt2(tmp_path / 'gpt2')}"
+    loaded = create_backbone(model).state_dict()
+    reset = reinitialize(create_backbone(model), seed=5).state_dict()
+    matrices = [k for k in loaded if loaded[k].dim() >= 2]  # Conv1D, embeddings
+    assert any("c_attn" in k for k in matrices)
+    for k in matrices:  # every one redrawn, at GPT-2's initializer_range 0.02 (not N(0, 1))
+        assert not torch.equal(reset[k], loaded[k]), k
+        assert 0.005 < reset[k].float().std().item() < 0.03, k
+    again = reinitialize(create_backbone(model), seed=5).state_dict()
+    assert all(torch.equal(again[k], reset[k]) for k in reset)  # seeded
+
+
+def test_a_tokenizer_without_a_padding_token_is_one_line_before_anything_is_written(files,
+                                                                                    tmp_path, capsys):
+    model = f"hf:{_tiny_gpt2(tmp_path / 'gpt2', pad=False)}"
+    rc, _, err = run(capsys, "finetune", "--model", model, "--target", files["train"],
+                     "--target-test", files["test"], "--out", tmp_path / "run")
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "has no padding token, which batches of sentences need" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_rerun_after_the_sentences_changed_is_refused(files, tmp_path, capsys):
+    target = tmp_path / "train.jsonl"
+    target.write_text(files["train"].read_text())
+    args = ["finetune", "--model", f"hf:{files['bert']}", "--target", target, "--target-test",
+            files["test"], "--out", tmp_path / "run", "--max-steps", 2, "--batch-size", 8, "--quiet"]
+    run_ok(capsys, *args)
+    # same ids (file:line) and labels, other words
+    target.write_text(target.read_text().replace("apple", "granite"))
+    rc, _, err = run(capsys, *args)
+    assert rc == 2 and "holds a run with a different input (data: the sample ids or labels (or " \
+                       "sentences)" in err
+
+
+def test_test_sentences_that_are_training_sentences_are_warned_of(files, tmp_path, capsys):
+    printed = run(capsys, "finetune", "--model", f"hf:{files['bert']}", "--target", files["train"],
+                  "--target-test", files["train"], "--out", tmp_path / "run", "--max-steps", 2,
+                  "--batch-size", 8, "--quiet")
+    assert printed[0] == 0, printed[2]
+    assert "40 of the 40 test sentences are training sentences too (the same text" in printed[2]
+
+
+def test_named_classes_on_one_side_only_are_noted(files, tmp_path, capsys):
+    numbered = tmp_path / "numbered.jsonl"
+    numbered.write_text("".join(
+        json.dumps({"label": TARGET.index(row["label"]), "text": row["text"]}) + "\n"
+        for row in map(json.loads, files["train"].read_text().splitlines())))
+    rc, _, err = run(capsys, "finetune", "--model", f"hf:{files['bert']}", "--target", numbered,
+                     "--target-test", files["test"], "--out", tmp_path / "run", "--max-steps", 2,
+                     "--batch-size", 8)
+    assert rc == 0, err
+    assert ("note: the test data names its classes and the training data does not (integer "
+            "labels), so the test data's class i is taken as label i") in err
+
+
+def test_augment_none_is_what_sentences_get_and_is_accepted(files, tmp_path, capsys):
+    run_ok(capsys, "finetune", "--model", f"hf:{files['bert']}", "--target", files["train"],
+           "--target-test", files["test"], "--out", tmp_path / "run", "--max-steps", 2,
+           "--batch-size", 8, "--augment", "none", "--quiet")

@@ -686,7 +686,8 @@ def cmd_evaluate(args) -> int:
                      + (", ..." if scores["unreadable"] > 5 else ""))
     absent = scores["classes_without_images"]
     if absent:
-        notes.append(f"the data has no readable image of {len(absent)} of the model's "
+        sample = "sentence" if isinstance(data, TextDataset) else "readable image"
+        notes.append(f"the data has no {sample} of {len(absent)} of the model's "
                      f"{model.num_classes} classes (first: {absent[0]!r}); the accuracies are "
                      "over the classes it has")
     for note in notes if not args.quiet else []:

@@ -551,7 +551,8 @@ class Batch(NamedTuple):
     A batch of sentences (:class:`~pretrain_reuse.data.text.TextDataset`) holds their token
     tensors (a dict of (B, L) tensors) in place of images."""
 
-    images: torch.Tensor  # (B, C, H, W) float32; (0,) when every image of the batch was unreadable
+    # (B, C, H, W) float32, (0,) when every image of the batch was unreadable; or token tensors
+    images: torch.Tensor | dict[str, torch.Tensor]
     labels: torch.Tensor  # (B,) int64, -1 for unlabelled samples
     indices: torch.Tensor  # (B,) int64 dataset positions
     skipped: torch.Tensor  # (k,) int64 positions whose image could not be read

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..artifacts import hash_array
 from ..data.datasets import Batch, ImageDataset
+from ..data.text import TextDataset
 from ..errors import PretrainReuseError
 from ..selection import Selection
 from ..units import Units
@@ -173,7 +174,7 @@ class SourceData:
         num_classes: size of the source head (0 when unlabelled).
     """
 
-    dataset: ImageDataset
+    dataset: ImageDataset | TextDataset
     labels: np.ndarray
     groups: np.ndarray
     num_classes: int

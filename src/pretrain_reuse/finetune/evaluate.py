@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,8 +17,8 @@ from .data import resize_transform
 
 
 @torch.no_grad()
-def predict(fn: Callable[[torch.Tensor], torch.Tensor], dataset: ImageDataset | TextDataset,
-            view: Callable[[torch.Tensor], torch.Tensor], *, batch_size: int,
+def predict(fn: Callable[[Any], torch.Tensor], dataset: ImageDataset | TextDataset,
+            view: Callable[[Any], Any], *, batch_size: int,
             device: torch.device, workers: int = 0,
             skipped: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Outputs of ``fn`` on every readable sample (eval view), with the samples' labels; the

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..artifacts import atomic_path, hash_file, make_meta, read_json, require_keys, to_json, write_json
 from ..data.datasets import ImageDataset, describe_skipped, inputs_to
+from ..data.text import TextDataset
 from ..distributed import process_device, rank_world
 from ..errors import PretrainReuseError, check_choice
 from ..models import save_backbone
@@ -199,8 +200,9 @@ def total_steps(cfg: FinetuneConfig, n_train: int, *, run: str = "",
     return total
 
 
-def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset,
-          val_set: ImageDataset, test_set: ImageDataset, source: SourceData | None, out: Path,
+def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset | TextDataset,
+          val_set: ImageDataset | TextDataset, test_set: ImageDataset | TextDataset,
+          source: SourceData | None, out: Path,
           *, inputs: dict[str, Any] | None = None, split: dict[str, Any] | None = None,
           progress: bool = True) -> RunResult:
     """Fine-tune ``model`` on ``train_set`` (+ ``source`` for the reuse modes); write the run
@@ -477,7 +479,7 @@ def _read(stats: dict[str, torch.Tensor], step: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def _evaluate(model: FinetuneModel, dataset: ImageDataset, view: View, cfg: FinetuneConfig,
+def _evaluate(model: FinetuneModel, dataset: ImageDataset | TextDataset, view, cfg: FinetuneConfig,
               device: torch.device) -> dict[str, float]:
     model.eval()
 
@@ -498,7 +500,8 @@ RESUMABLE_WITH_OTHER = ("workers", "checkpoint_every")
 
 
 #: How a resume error names the "data" input (the fingerprint of the samples of every split).
-DATA_CHANGED = "data: the sample ids or labels of the target, test or source data changed"
+DATA_CHANGED = ("data: the sample ids or labels (or sentences) of the target, test or source data "
+                "changed")
 
 
 def _resume_point(out: Path, identity: dict) -> int:

@@ -140,10 +140,29 @@ def source_classifier(backbone: Backbone) -> nn.Linear:
 
 
 def reinitialize(module: nn.Module, seed: int) -> nn.Module:
-    """Reset every parameter with its layer's own initialisation (training from scratch)."""
+    """Reset every parameter with its layer's own initialisation (training from scratch).
+
+    A Hugging Face model inside is reset by its own scheme (``_init_weights``: e.g. N(0, 0.02)
+    for BERT's embeddings, where ``nn.Embedding.reset_parameters`` draws N(0, 1), and GPT-2's
+    ``Conv1D`` layers, which have no ``reset_parameters`` and would keep their pre-trained
+    weights)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for m in module.modules():
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
+        for model in _outermost_hf_models(module):
+            # transformers skips tensors it has marked as loaded from a file
+            for t in (*model.modules(), *model.parameters(), *model.buffers()):
+                if getattr(t, "_is_hf_initialized", False):
+                    t._is_hf_initialized = False
+            model.apply(model._init_weights)
     return module
+
+
+def _outermost_hf_models(module: nn.Module) -> list[nn.Module]:
+    """The Hugging Face models (modules with ``_init_weights``) in ``module``, without those
+    inside another (a classifier's encoder is reset with the classifier)."""
+    found = [m for m in module.modules() if callable(getattr(m, "_init_weights", None))]
+    inner = {id(sub) for m in found for sub in m.modules() if sub is not m}
+    return [m for m in found if id(m) not in inner]

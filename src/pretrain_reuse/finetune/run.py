@@ -50,8 +50,8 @@ __all__ = ["finetune_datasets", "open_split", "run_finetune", "target_splits"]
 DATA_INPUTS = ("target", "target_test", "source")
 
 
-def target_splits(cfg: FinetuneConfig, train_pool: ImageDataset
-                  ) -> tuple[ImageDataset, ImageDataset, dict]:
+def target_splits(cfg: FinetuneConfig, train_pool: ImageDataset | TextDataset
+                  ) -> tuple[ImageDataset | TextDataset, ImageDataset | TextDataset, dict]:
     """Training and validation subsets of the target training data (seeded), and the record of
     the chosen sample ids (saved as ``split.json`` so the run can be audited).
 
@@ -160,7 +160,7 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
     cluster_units = units if files["units"] is None else Units.load(files["units"])
     if cluster_units is not None and cluster_units.kind != "cluster":
         raise PretrainReuseError(
-            f"--units holds {cluster_units.kind} units, which map to images by their labels, so "
+            f"--units holds {cluster_units.kind} units, which map to samples by their labels, so "
             "it would be ignored; only a selection of clusters needs --units: drop it")
     specs = dict(zip(DATA_INPUTS, (target, target_test or target, source), strict=True))
     data = {"target": open_split(target, "train", flag="--target"),
@@ -230,12 +230,15 @@ def _as_recorded(out: Path, inputs: dict, given: dict) -> dict:
     return kept
 
 
-def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDataset,
-                      test_set: ImageDataset, out: str | Path, weights: str | None = None,
-                      source_pool: ImageDataset | None = None, selection: Selection | None = None,
+def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDataset | TextDataset,
+                      test_set: ImageDataset | TextDataset, out: str | Path,
+                      weights: str | None = None,
+                      source_pool: ImageDataset | TextDataset | None = None,
+                      selection: Selection | None = None,
                       units: Units | None = None, inputs: dict | None = None,
                       progress: bool = True, check_only: bool = False) -> RunResult | int:
-    """:func:`run_finetune` on dataset objects (any :class:`~pretrain_reuse.data.ImageDataset`):
+    """:func:`run_finetune` on dataset objects (any :class:`~pretrain_reuse.data.ImageDataset`,
+    or :class:`~pretrain_reuse.data.text.TextDataset` sentences for a text model):
     ``train_pool`` is split into training and validation data, ``test_set`` is only reported on,
     ``source_pool`` + ``selection`` (+ ``units`` for clusters) give the reused data;
     ``check_only`` as in :func:`run_finetune`.
@@ -277,8 +280,10 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
                              what="selected source", flag="--source-batch-size")
         if cfg.mode == "reuse":
             if source_data.num_classes == 0:
-                raise PretrainReuseError("mode 'reuse' needs labelled source units; use "
-                                         "'reuse-unlabeled' for clusters")
+                fix = ("for sentences, select class units of a labelled pool (units of its "
+                       "features with labels)" if isinstance(source_pool, TextDataset)
+                       else "use 'reuse-unlabeled' for clusters")
+                raise PretrainReuseError(f"mode 'reuse' needs labelled source units; {fix}")
             source_classes = source_data.num_classes
     net = FinetuneModel(backbone, num_classes, source_classes=source_classes,
                         frozen_backbone=cfg.mode == "linear-probe", seed=cfg.seed,
@@ -299,8 +304,8 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
                  split=split, progress=progress)
 
 
-#: What a text model is given instead of images, and the recipe options that are for images.
-IMAGE_OPTIONS = ("image_size", "augment")
+#: The recipe options that act on images (or on BatchNorm, which text models do not have).
+IMAGE_OPTIONS = ("image_size", "augment", "source_bn")
 
 
 def _check_modality(spec: BackboneSpec, cfg: FinetuneConfig,
@@ -314,8 +319,8 @@ def _check_modality(spec: BackboneSpec, cfg: FinetuneConfig,
             raise PretrainReuseError(
                 f"{spec.name} is {'a text' if text else 'an image'} model but {flag} holds "
                 f"{'images' if text else 'sentences'}; pass "
-                f"{'.jsonl files of sentences' if text else 'images'} or a "
-                f"{'image' if text else 'text'} model (--model)")
+                f"{'.jsonl files of sentences' if text else 'images'} or "
+                f"{'an image' if text else 'a text'} model (--model)")
     if not text:
         return False
     if cfg.mode == "reuse-unlabeled":
@@ -324,18 +329,23 @@ def _check_modality(spec: BackboneSpec, cfg: FinetuneConfig,
             "sentences do not have; reuse labelled sentences with --mode reuse and class units")
     default = FinetuneConfig()
     for name in IMAGE_OPTIONS:
-        if getattr(cfg, name) != getattr(default, name):
+        value = getattr(cfg, name)
+        # augment none is what sentences get: a recipe written for images may say so
+        if value != getattr(default, name) and (name, value) != ("augment", "none"):
             raise PretrainReuseError(f"{name} applies to images, not to the sentences of the text "
                                      f"model {spec.name}; drop it")
     return True
 
 
-def _data_fingerprint(train_set: ImageDataset, val_set: ImageDataset, test_set: ImageDataset,
-                      source: SourceData | None) -> str:
-    """SHA-256 of the sample ids and labels of every split the run reads."""
+def _data_fingerprint(train_set: ImageDataset | TextDataset, val_set: ImageDataset | TextDataset,
+                      test_set: ImageDataset | TextDataset, source: SourceData | None) -> str:
+    """SHA-256 of the sample ids and labels of every split the run reads, and of the sentences
+    themselves (their default ids, ``file:line``, stay the same when a file is edited)."""
     digest = hashlib.sha256()
     for part in (train_set, val_set, test_set, *([source.dataset] if source else [])):
         digest.update(json.dumps([part.ids, np.asarray(part.labels).tolist()]).encode())
+        if isinstance(part, TextDataset):
+            digest.update(json.dumps(part.texts).encode())
     if source is not None:
         digest.update(json.dumps(source.labels.tolist()).encode())
     return digest.hexdigest()
@@ -384,6 +394,11 @@ def _match_classes(train_pool: ImageDataset, test_set: ImageDataset, num_classes
     if test_set.labels is None or len(test_set) == 0:
         raise PretrainReuseError("the test data is empty or unlabelled; pass labelled test data "
                                  "(--target-test)")
+    if progress and bool(train_pool.class_names) != bool(test_set.class_names):
+        named, unnamed = (("training", "test") if train_pool.class_names else ("test", "training"))
+        print(f"note: the {named} data names its classes and the {unnamed} data does not "
+              f"(integer labels), so the {named} data's class i is taken as label i (its "
+              "classes in their order); name the classes in both, or in neither", file=sys.stderr)
     test_set.labels = labels_by_name(test_set, train_pool.class_names, "test data (--target-test)")
     if train_pool.class_names and test_set.class_names:
         test_set.class_names = list(train_pool.class_names)
@@ -395,16 +410,29 @@ def _match_classes(train_pool: ImageDataset, test_set: ImageDataset, num_classes
     untested = np.setdiff1d(trained, test_set.labels)
     if len(untested) and progress:
         names = [_class_name(train_pool, int(c)) for c in untested]
-        print(f"note: the test data has no images of {len(untested)} of the {len(trained)} "
-              f"training classes ({preview(names)}); its accuracy counts its own images, and its "
+        samples = "sentences" if isinstance(test_set, TextDataset) else "images"
+        print(f"note: the test data has no {samples} of {len(untested)} of the {len(trained)} "
+              f"training classes ({preview(names)}); its accuracy counts its own {samples}, and its "
               f"mean per-class accuracy averages over the {len(np.unique(test_set.labels))} "
               "classes it has", file=sys.stderr)
 
 
-def _warn_of_training_images(train_pool: ImageDataset, test_set: ImageDataset) -> None:
+def _warn_of_training_images(train_pool: ImageDataset | TextDataset,
+                             test_set: ImageDataset | TextDataset) -> None:
     """Warn when test images are training images (the same files, by whatever path, like
-    ``--target-test`` given the training folder): their accuracy says how well the model fits
-    what it was trained on, not how it does on new images."""
+    ``--target-test`` given the training folder), or test sentences training sentences (the same
+    text): their accuracy says how well the model fits what it was trained on, not how it does
+    on new samples."""
+    if isinstance(train_pool, TextDataset):
+        trained = set(train_pool.texts)
+        shared = [i for i, text in enumerate(test_set.texts) if text in trained]
+        if shared:
+            warnings.warn(
+                f"{len(shared)} of the {len(test_set)} test sentences are training sentences too "
+                f"(the same text; first: {test_set.ids[shared[0]]!r}), so the test accuracy is "
+                "partly that of sentences the model was trained on; pass held-out test data "
+                "(--target-test)", DataWarning, stacklevel=3)
+        return
     train_files, test_files = train_pool.files(), test_set.files()
     if train_files is None or test_files is None:  # images in memory: no files to compare
         return
@@ -434,7 +462,8 @@ def _resolved(paths: list[Path]) -> list[str]:
     return resolved
 
 
-def _attach_relationship(model: FinetuneModel, train_set: ImageDataset, val_set: ImageDataset,
+def _attach_relationship(model: FinetuneModel, train_set: ImageDataset | TextDataset,
+                         val_set: ImageDataset | TextDataset,
                          cfg: FinetuneConfig, num_classes: int) -> None:
     """Co-Tuning: keep the pre-trained classifier as source head and learn p(y_s | y_t) from its
     predictions on the target training images (and, for the reverse form, validation images)."""

@@ -250,6 +250,15 @@ def hf_text_parts(folder: str, name: str) -> ModelParts:
         "the folder has neither an image processor config nor a readable tokenizer",
         "save one next to the model (image_processor.save_pretrained(dir) or "
         "tokenizer.save_pretrained(dir))")
+    # batches are padded on the right whatever the tokenizer says: models that number positions
+    # from the first column (GPT-2) would otherwise see each sentence shifted by its batch's
+    # padding, and the first token, which CLS pooling reads, would be a pad
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        raise PretrainReuseError(
+            f"{name}: the tokenizer in {folder!r} has no padding token, which batches of sentences "
+            "need; give it one and save it again (tokenizer.pad_token = tokenizer.eos_token; "
+            "model.config.pad_token_id = tokenizer.pad_token_id; save_pretrained)")
     classifier = _hf_sequence_classifier_parts(transformers, folder, name, tokenizer)
     if classifier is not None:
         return classifier
@@ -279,6 +288,10 @@ def _hf_sequence_classifier_parts(transformers: ModuleType, folder: str, name: s
     if any(k.startswith(head_name + ".") for k in info["missing_keys"]):
         return None
     _refuse_missing(info, (), folder, name)
+    if model.config.pad_token_id is None:
+        # a decoder's classifier (GPT-2's) reads the last token before the first pad, and
+        # refuses batches without knowing the pad
+        model.config.pad_token_id = tokenizer.pad_token_id
     spec = BackboneSpec(name=name, modality="text", input_size=None, resize_size=None, mean=None,
                         std=None, interpolation=None, max_length=_max_length(tokenizer, model),
                         pooling="cls")

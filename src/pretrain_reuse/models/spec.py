@@ -204,8 +204,8 @@ class TextTransform:
         return {k: v[0] for k, v in enc.items()}
 
     def batch(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Sentences tokenized as one batch, padded to the longest (the padding is masked, so
-        each sentence's output is that of the sentence alone)."""
+        """Sentences tokenized as one batch, padded on the right to the longest (the padding is
+        masked, so each sentence's output is that of the sentence alone)."""
         return dict(self.tokenizer(list(texts), padding=True, truncation=True,
                                    max_length=self.max_length, return_tensors="pt"))
 
