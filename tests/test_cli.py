@@ -192,6 +192,44 @@ def test_select_uot_scores_are_log_row_masses_of_the_papers_unbalanced_plan(caps
     assert read_sel(data.out)["selected"] == top_k(ref, 10)
 
 
+def test_several_targets_in_one_call_select_as_one_call_each(capsys, data):
+    # the batched solve (select_many) against the reference: one select per target, each from
+    # the reference log-domain iterations above
+    inp = data.inp
+    np.save(inp / "T2.npy", data.S[[3, 8, 30]] + 0.1)  # a second task, near three source units
+    outs = [data.root / "a.json", data.root / "b.json"]
+    printed = run_ok(capsys, "select", "--source", inp / "S.npy", "--target", inp / "T.npy",
+                     inp / "T2.npy", "--k", "5", "--tol", "1e-10", "--out", *outs)
+    s = data.S.astype(np.float64)
+    s /= np.linalg.norm(s, axis=1, keepdims=True)
+    for target, out in zip((data.T, data.S[[3, 8, 30]] + 0.1), outs, strict=True):
+        t = target.astype(np.float64)
+        t /= np.linalg.norm(t, axis=1, keepdims=True)
+        ref = numpy_uot_log_row_mass((1.0 - s @ t.T) / 0.01)
+        np.testing.assert_allclose(read_sel(out)["scores"], ref, atol=1e-6)
+        assert read_sel(out)["selected"] == top_k(ref, 5)
+        assert f"-> {out}; top:" in printed
+    assert set(read_sel(outs[1])["selected"][:3]) == {3, 8, 30}
+
+
+@pytest.mark.parametrize("targets, outs, labels, needle", [
+    (2, 1, 0, "got 2 --target and 1 --out; give one output file per target"),
+    (2, 2, 1, "got 2 --target and 1 --target-labels; give one labels file per target"),
+    (2, "same", 0, "two targets would be written to the same --out"),
+])
+def test_several_targets_with_other_counts_of_outputs_or_labels_exit_2(capsys, data, targets,
+                                                                       outs, labels, needle):
+    out_files = ([data.root / "a.json"] * 2 if outs == "same"
+                 else [data.root / f"{i}.json" for i in range(outs)])
+    argv = ["select", "--source", data.inp / "S.npy", "--target", *[data.inp / "T.npy"] * targets,
+            "--out", *out_files]
+    if labels:
+        argv += ["--target-labels", *[data.inp / "tgt_labels.npy"] * labels]
+    rc, _, err = cli(capsys, *argv)
+    assert rc == 2 and err.count("\n") == 1 and needle in err
+    assert not any(f.exists() for f in out_files)
+
+
 def test_select_on_labelled_samples_equals_select_on_hand_computed_class_means(capsys, data):
     inp = data.inp
     run_ok(capsys, *select_args(data, "--k", "10", "--source-labels", inp / "src_labels.npy",

@@ -274,9 +274,21 @@ METHOD_FLAGS = {"metric": ("uot", "greedy-ot"), "eps_c": ("uot",), "eps": ("uot"
 
 def cmd_select(args) -> int:
     from .artifacts import check_output_file
-    from .selection import SELECTORS, SelectConfig, select
+    from .selection import SELECTORS, SelectConfig, select_many
 
-    check_output_file(args.out, ".json", "selection")  # before the class means of 1.28M rows
+    targets, outs = args.target, args.out
+    if len(outs) != len(targets):
+        raise PretrainReuseError(f"got {len(targets)} --target and {len(outs)} --out; give one "
+                                 "output file per target, in the same order")
+    if len({str(Path(o).resolve()) for o in outs}) != len(outs):
+        raise PretrainReuseError("two targets would be written to the same --out; give each "
+                                 "its own file")
+    target_labels = args.target_labels or [None] * len(targets)
+    if len(target_labels) != len(targets):
+        raise PretrainReuseError(f"got {len(targets)} --target and {len(target_labels)} "
+                                 "--target-labels; give one labels file per target")
+    for out in outs:  # before the class means of 1.28M rows
+        check_output_file(out, ".json", "selection")
     ids = parse_ids(args.ids, "--ids") if args.ids else ()
     relevant = parse_ids(args.relevant, "--relevant") if args.relevant else ()
     k = _parse_k(args.k) if args.k else None  # the method's default: 100, or every named unit
@@ -289,16 +301,24 @@ def cmd_select(args) -> int:
     cfg = SelectConfig(method=args.method, k=k, unit_ids=ids, name_pattern=args.names, **given)
     source = load_units_arg(args.source, args.source_labels, args.class_names, "source",
                             progress=not args.quiet)
-    target = load_units_arg(args.target, args.target_labels, None, "target",
-                            progress=not args.quiet)
-    sel = select(source, target, cfg)
-    if relevant:
-        bad = [r for r in relevant if not 0 <= r < len(source)]
-        if bad:
-            raise PretrainReuseError(f"--relevant id {bad[0]} is out of range for {len(source)} units")
-        sel = replace(sel, meta={**sel.meta, "relevant": list(relevant),
-                                 "recall": sel.recall(relevant)})
-    sel.save(args.out)
+    bad = [r for r in relevant if not 0 <= r < len(source)]
+    if bad:
+        raise PretrainReuseError(f"--relevant id {bad[0]} is out of range for {len(source)} units")
+    units = [load_units_arg(t, labels, None, "target", progress=not args.quiet)
+             for t, labels in zip(targets, target_labels, strict=True)]
+    # several targets: one batched solve (select_many), each selection as select() gives it
+    for sel, out in zip(select_many(source, units, cfg), outs, strict=True):
+        if relevant:
+            sel = replace(sel, meta={**sel.meta, "relevant": list(relevant),
+                                     "recall": sel.recall(relevant)})
+        sel.save(out)
+        _report_selection(sel, cfg, len(source), out, relevant)
+    return 0
+
+
+def _report_selection(sel, cfg, n_source: int, out: str, relevant: tuple[int, ...]) -> None:
+    """The lines ``select`` prints for one saved selection: a warning if UOT did not converge,
+    the top units, and the recall of ``relevant``."""
     solver = sel.meta["solver"]
     if solver.get("converged") is False:
         fix = ("raise --max-iter or --tol" if solver["n_iter"] >= cfg.max_iter else
@@ -307,15 +327,14 @@ def cmd_select(args) -> int:
                + ", or a larger --eps-c (it rescales the cost only)")
         print(f"warning: UOT did not converge in {solver['n_iter']} iterations (optimality "
               f"conditions off by {max(solver['marginal_error_a'], solver['marginal_error_b']):.3g} "
-              f"nats); the ranking may be unsettled ({fix})", file=sys.stderr)
+              f"nats) for {out}; the ranking may be unsettled ({fix})", file=sys.stderr)
     names = sel.unit_names
     head = [f"{u}" + (f" ({names[u]})" if names else "") for u in sel.selected[:5]]
-    print(f"selected {len(sel.selected)} of {len(source)} source units with {cfg.method} -> "
-          f"{args.out}; top: {', '.join(head)}")
+    print(f"selected {len(sel.selected)} of {n_source} source units with {cfg.method} -> "
+          f"{out}; top: {', '.join(head)}")
     if relevant:
         hits = round(sel.meta["recall"] * len(set(relevant)))
         print(f"recall of the {len(set(relevant))} relevant units: {sel.meta['recall']:.2%} ({hits})")
-    return 0
 
 
 def cmd_finetune(args) -> int:
@@ -777,9 +796,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "are Units files, .npy prototype matrices, or per-sample .npy features with "
                        "--source-labels/--target-labels.")
     s.add_argument("--source", required=True, help="source units (S)")
-    s.add_argument("--target", required=True, help="target units (T)")
+    s.add_argument("--target", required=True, nargs="+", help="target units (T); several "
+                   "target tasks at once (one batched solve), each with its own --out")
     s.add_argument("--source-labels", help=".npy labels when --source holds per-sample features")
-    s.add_argument("--target-labels", help=".npy labels when --target holds per-sample features")
+    s.add_argument("--target-labels", nargs="+", help=".npy labels when --target holds "
+                   "per-sample features (one per target)")
     s.add_argument("--class-names", help="names of the source units, one per line; for units "
                    "named by folders, lines that start with the folder name name that unit "
                    "(ImageNet's LOC_synset_mapping.txt), so --names can match their words")
@@ -803,7 +824,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--relevant", help="unit ids known to be related (e.g. 7-24,80-100,127-146 for "
                    "the ImageNet birds); reports their recall and stores it in meta")
     _add_quiet(s)
-    s.add_argument("--out", required=True, help="output selection .json")
+    s.add_argument("--out", required=True, nargs="+", help="output selection .json (one per "
+                   "--target, in their order)")
     s.set_defaults(func=cmd_select)
 
     f = sub.add_parser("finetune", help="fine-tune a backbone, optionally reusing selected "
