@@ -75,11 +75,6 @@ class TextDataset:
                      labels=torch.as_tensor(labels), indices=torch.as_tensor(idx),
                      skipped=torch.zeros(0, dtype=torch.int64))
 
-    def files(self) -> None:
-        """No image files (as :meth:`ImageDataset.files <pretrain_reuse.data.ImageDataset.files>`
-        of data held in memory)."""
-        return None
-
 
 def is_sentence_file(path) -> bool:
     """Whether ``path`` names a ``.jsonl`` file of sentences (by its suffix, in any case)."""
