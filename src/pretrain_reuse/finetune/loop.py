@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -409,7 +410,7 @@ def _check_readable(batches, datasets) -> None:
                 " remove or repair the unreadable images, or use a larger --batch-size")
 
 
-def _compose(batches, device, weak: View, strong: View, mode: str,
+def _compose(batches, device, weak: View | Callable, strong: View | Callable, mode: str,
              source_labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """The step's batch dict: augmented target images and labels, plus the source views."""
     target = batches[0]
