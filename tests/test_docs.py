@@ -19,7 +19,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 #: or the names listed here for modules that also hold helpers of other modules.
 API = {
     "pretrain_reuse": None,
-    "pretrain_reuse.features": ["FeatureStore"],
+    "pretrain_reuse.features": ["FeatureStore", "ShardedFeatures"],
     "pretrain_reuse.units": ["Units", "class_means", "spherical_kmeans"],
     "pretrain_reuse.transport": None,
     "pretrain_reuse.selection": ["SelectConfig", "Selection", "select", "select_many"],

@@ -92,3 +92,92 @@ def test_class_names_given_beside_labels_that_are_names_number_them(tmp_path):
     units = Units.load(tmp_path / "u.safetensors")
     assert units.names == ["dog", "cat"]
     np.testing.assert_array_equal(units.prototypes, [[1, 0], [0, 1]])
+
+
+# --- a store loaded lazily: the features stay in the shard files until indexed -----------------
+
+def _sharded(tmp_path, n=1000, dim=64, shard_size=300):
+    x = np.random.default_rng(1).standard_normal((n, dim)).astype(np.float32)
+    labels = np.arange(n) % 7
+    return x, labels, FeatureStore(features=x, labels=labels).save(tmp_path / "s", shard_size=shard_size)
+
+
+@pytest.mark.parametrize("shard_size", [300, 1000], ids=["four shards", "one shard"])
+def test_lazy_features_index_as_the_array_does_across_shard_boundaries(tmp_path, shard_size):
+    from pretrain_reuse.features import ShardedFeatures
+
+    x, _, path = _sharded(tmp_path, shard_size=shard_size)
+    lazy = FeatureStore.load(path, lazy=True).features
+    assert isinstance(lazy, ShardedFeatures)
+    assert (lazy.shape, lazy.dtype, lazy.ndim, len(lazy)) == (x.shape, x.dtype, 2, 1000)
+    keys = [slice(None), slice(250, 650), slice(299, 301), slice(10, 20), slice(950, 2000),
+            slice(-5, None), slice(700, 300), slice(None, None, 3), slice(900, 100, -7), 5, -1,
+            np.int64(600), [999, 0, 301, 300, 299, 0], np.array([], dtype=np.int64),
+            np.arange(1000) % 3 == 0, (slice(100, 400), slice(0, 5)), ([3, 700], 2),
+            (7, slice(None)), (slice(None), [1, 0])]
+    for key in keys:
+        got, want = lazy[key], x[key]
+        assert isinstance(got, np.ndarray) and got.shape == want.shape, key
+        np.testing.assert_array_equal(got, want, err_msg=str(key))
+    np.testing.assert_array_equal(np.asarray(lazy), x)
+    np.testing.assert_array_equal(np.asarray(lazy, dtype=np.float64), x.astype(np.float64))
+    with pytest.raises(IndexError):
+        lazy[1000]
+    copied = np.array(lazy)  # a copy of its own, whatever the number of shards
+    copied[0] = 0
+    assert lazy[0].any() and not copied[0].any()
+
+
+def test_a_lazy_load_reads_no_features_into_memory_and_an_eager_one_reads_them_once(tmp_path):
+    import tracemalloc
+
+    x, _, path = _sharded(tmp_path, n=20000, dim=512, shard_size=6000)
+    peaks = {}
+    for lazy in (True, False):
+        tracemalloc.start()
+        store = FeatureStore.load(path, lazy=lazy)
+        peaks[lazy] = tracemalloc.get_traced_memory()[1] / x.nbytes
+        tracemalloc.stop()
+        np.testing.assert_array_equal(np.asarray(store.features), x)
+    # the ids and labels are read either way (20000 short strings: a tenth of the features)
+    assert peaks[True] < 0.15 and 0.95 < peaks[False] - peaks[True] < 1.1, peaks
+    assert isinstance(FeatureStore.load(path).features, np.ndarray)
+
+
+def test_units_and_a_resaved_store_from_a_lazy_store_equal_those_from_memory(tmp_path):
+    from pretrain_reuse.units import class_means, spherical_kmeans
+
+    x, labels, path = _sharded(tmp_path)
+    lazy, eager = FeatureStore.load(path, lazy=True), FeatureStore.load(path)
+    a, b = class_means(lazy), class_means(eager)
+    np.testing.assert_array_equal(a.prototypes, b.prototypes)
+    assert a.meta["inputs"] == b.meta["inputs"]  # the same content hash
+    ka, kb = (spherical_kmeans(s, k=12, seed=3) for s in (lazy, eager))
+    np.testing.assert_array_equal(ka.assignment, kb.assignment)
+    np.testing.assert_array_equal(ka.prototypes, kb.prototypes)
+    # saved over itself, a lazy store reads its rows before the old files are replaced
+    lazy.save(path, shard_size=450)
+    back = FeatureStore.load(path)
+    np.testing.assert_array_equal(back.features, x)
+    np.testing.assert_array_equal(back.labels, labels)
+
+
+def test_the_units_command_averages_a_store_without_reading_it_whole(tmp_path, monkeypatch):
+    import tracemalloc
+
+    import pretrain_reuse.units as units_module
+    from pretrain_reuse.cli import main
+    from pretrain_reuse.units import Units
+
+    # 80 MB of features: the content hash reads 16 MB blocks, the means 1 MB blocks
+    x, labels, path = _sharded(tmp_path, n=40000, dim=512, shard_size=12000)
+    monkeypatch.setattr(units_module, "CHUNK_BYTES", 1 << 20)
+    args = ["units", "--features", str(path), "--out", str(tmp_path / "u.safetensors"), "--quiet"]
+    assert main(args) == 0  # once before measuring: the command's imports are not its data
+    tracemalloc.start()
+    assert main(args) == 0
+    peak = tracemalloc.get_traced_memory()[1] / x.nbytes
+    tracemalloc.stop()
+    assert peak < 0.3, peak
+    means = np.stack([x[labels == c].mean(0, dtype=np.float64) for c in range(7)])
+    np.testing.assert_allclose(Units.load(tmp_path / "u.safetensors").prototypes, means, rtol=1e-6)

@@ -418,10 +418,12 @@ KNOWLEDGE_RESULTS = {"knowledge-sets": "KnowledgeReport", "knowledge-convergence
                      "accuracy-correlation": "AccuracyCorrelation", "set-discrimination": "SetDiscrimination"}
 
 
-def load(path: str | Path, *, what: str = "path"):
+def load(path: str | Path, *, what: str = "path", lazy: bool = False):
     """Open any artifact of the package and return its typed object.
 
-    A folder with ``index.json`` is a :class:`~pretrain_reuse.features.FeatureStore`; a
+    A folder with ``index.json`` is a :class:`~pretrain_reuse.features.FeatureStore` (``lazy``:
+    its features are read from the shard files when indexed, see
+    :meth:`~pretrain_reuse.features.FeatureStore.load`); a
     fine-tuning run folder (or its ``result.json``) a :class:`~pretrain_reuse.finetune.RunResult`;
     an experiment folder (or its ``experiment.json``) an
     :class:`~pretrain_reuse.experiments.ExperimentTable`; a ``.safetensors`` file a
@@ -460,7 +462,7 @@ def load(path: str | Path, *, what: str = "path"):
 
         if p.is_dir() and not (p / "index.json").exists():
             raise PretrainReuseError(f"{str(p)!r} is {_what_folder(p)}, not a FeatureStore; {opens}")
-        return FeatureStore.load(p.parent if p.name == "index.json" else p)
+        return FeatureStore.load(p.parent if p.name == "index.json" else p, lazy=lazy)
     kind = None
     if p.suffix == ".safetensors":
         header = safetensors_header(p)

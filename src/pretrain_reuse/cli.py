@@ -114,7 +114,7 @@ def _load_data(path: str, labels: str | None, what: str, class_names: list[str] 
                 f"labels were given for --{what} {path!r}, but they apply to .npy features only"
             )
         return FeatureStore.from_npy(path, labels, class_names=class_names)
-    obj = load(path, what=f"--{what}")
+    obj = load(path, what=f"--{what}", lazy=True)  # every command reads features block by block
     if not isinstance(obj, (FeatureStore, Units)):
         raise PretrainReuseError(
             f"--{what} {path!r} holds a {type(obj).__name__}, not units or features; pass a "

@@ -7,7 +7,10 @@ Layout of a store folder::
       shard-00000.safetensors    features (n_s, D) float32, ids (UTF-8 blob), labels (n_s,) int64
 
 Shards keep single files small enough to write atomically and to produce in parallel; the index is
-written last, so a folder without ``index.json`` is an unfinished store.
+written last, so a folder without ``index.json`` is an unfinished store. ``load(lazy=True)`` reads
+the features from the shard files on demand (:class:`ShardedFeatures`), so that ImageNet's
+1.28M x 2048 features (10.5 GB) need not fit in memory to be averaged into units: the command line
+loads stores that way.
 """
 
 from __future__ import annotations
@@ -36,9 +39,11 @@ class FeatureStore:
     The constructor takes NumPy arrays, torch tensors or nested lists, and stores NumPy arrays.
 
     Attributes:
-        features: (N, D) real array in the dtype it was given (a read-only memmap for ``.npy``
-            input, float32 when loaded from a store): it is not copied here. Units read it in
-            float32, chunk by chunk, and :meth:`save` writes float32.
+        features: (N, D) real array in the dtype it was given: it is not copied here. A ``.npy``
+            input is a read-only memmap; a store loaded with ``lazy=True`` gives a
+            :class:`ShardedFeatures` (float32, read from the shard files on demand;
+            ``np.asarray`` reads them whole).
+            Units read it in float32, chunk by chunk, and :meth:`save` writes float32.
         labels: (N,) int64 class indices, or None for unlabelled data.
         ids: N sample ids (e.g. relative image paths); ``"0".."N-1"`` when none were given.
         class_names: names of the label values (``class_names[i]`` names label i), or None.
@@ -52,7 +57,9 @@ class FeatureStore:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        features = check_matrix("features", self.features, finite=False)
+        # a loaded store's shards were checked from their headers: as_array would read them all
+        features = (self.features if isinstance(self.features, ShardedFeatures)
+                    else check_matrix("features", self.features, finite=False))
         n = features.shape[0]
         ids = check_strings("ids", self.ids) or [str(i) for i in range(n)]
         if len(ids) != n:
@@ -137,8 +144,13 @@ class FeatureStore:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> FeatureStore:
-        """Read a store folder written by :meth:`save` (or by ``pretrain-reuse embed``)."""
+    def load(cls, path: str | Path, *, lazy: bool = False) -> FeatureStore:
+        """Read a store folder written by :meth:`save` (or by ``pretrain-reuse embed``).
+
+        The features are read into one float32 array, or with ``lazy=True`` left in the shard
+        files as a :class:`ShardedFeatures`, read when indexed: for code that reads them block by
+        block (:func:`~pretrain_reuse.units.class_means`, :func:`~pretrain_reuse.units.spherical_kmeans`,
+        :meth:`save`). Ids and labels are read either way."""
         path = check_file("feature store", path)
         index = read_json(path / "index.json", "feature store index")
         if index.get("kind") != "features":
@@ -152,23 +164,93 @@ class FeatureStore:
             raise PretrainReuseError(
                 f"feature store {str(path)!r}: index.json says n={n} but its shards hold {rows} "
                 "rows; re-run embed (or FeatureStore.save) to rewrite the store")
-        features = np.empty((n, dim), dtype=np.float32)
+        parts = []
         labels = np.empty(n, dtype=np.int64) if has_labels else None
         ids: list[str] = []
         start = 0
         for file, shard in zip(files, shards, strict=True):
             k = shard["n"]
-            # copied from the file's pages straight into the array: a shard read whole first
-            # would be a second copy of it (a shard of 65536 x 2048 features is 512 MB)
-            features[start:start + k] = np.memmap(file, dtype="<f4", mode="r", shape=(k, dim),
-                                                  offset=_data_offset(file, "features"))
+            if k:  # a file holds no map of zero bytes
+                parts.append(np.memmap(file, dtype="<f4", mode="r", shape=(k, dim),
+                                       offset=_data_offset(file, "features")))
             with safe_open(str(file), framework="numpy") as fh:
                 if labels is not None:
                     labels[start:start + k] = fh.get_tensor("labels")
                 ids.extend(decode_ids(fh.get_tensor("ids"), k, file))
             start += k
+        # no rows: an empty array, refused by the constructor's check as any empty input is
+        features = ShardedFeatures(parts) if parts else np.empty((0, dim), dtype=np.float32)
+        if not lazy:
+            features = np.array(features)  # one copy in memory, from the maps' pages
         return cls(features=features, labels=labels, ids=ids, class_names=class_names,
                    meta=index.get("meta", {}))
+
+
+class ShardedFeatures:
+    """The (N, D) float32 features of a store's shards, one read-only memory map per shard,
+    seen as one matrix: rows are read from the files when they are indexed.
+
+    Indexing by rows (an int, a slice, an index array or a boolean mask), optionally followed by
+    columns (``x[rows, cols]``), returns a NumPy array: a view of the map when the rows are a
+    contiguous run inside one shard, else a copy. ``len``, ``shape``, ``dtype`` and ``ndim`` are
+    those of the matrix, and ``np.asarray(x)`` reads it whole (into memory, unless the store has
+    one shard, whose map it returns). Read-only: change a copy and save a new store.
+    """
+
+    def __init__(self, parts: list[np.ndarray]):
+        self._parts = parts
+        self._starts = np.cumsum([0] + [len(p) for p in parts])
+        self.shape = (int(self._starts[-1]), parts[0].shape[1])
+        self.dtype = np.dtype(np.float32)
+        self.ndim = 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"ShardedFeatures(shape={self.shape}, shards={len(self._parts)})"
+
+    def __getitem__(self, key) -> np.ndarray:
+        rows, cols = key if isinstance(key, tuple) else (key, slice(None))
+        if isinstance(rows, slice) and rows.step in (None, 1):
+            start, stop, _ = rows.indices(len(self))
+            block = self._run(start, max(start, stop))
+        else:  # any other row index means what it means on an array of row numbers
+            index = np.arange(len(self))[rows]
+            block = self._take(np.atleast_1d(index))
+            if index.ndim == 0:
+                block = block[0]
+        return block[..., cols] if isinstance(key, tuple) else block
+
+    def _run(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop``: a view when one shard holds them all."""
+        first = int(np.searchsorted(self._starts, start, side="right")) - 1
+        pieces = []
+        for p in range(max(first, 0), len(self._parts)):
+            lo, hi = self._starts[p], self._starts[p + 1]
+            if lo >= stop:
+                break
+            pieces.append(self._parts[p][max(start, lo) - lo:min(stop, hi) - lo])
+        if len(pieces) == 1:
+            return pieces[0]
+        return np.concatenate(pieces) if pieces else np.empty((0, self.shape[1]), self.dtype)
+
+    def _take(self, index: np.ndarray) -> np.ndarray:
+        """Rows ``index`` (in that order), read shard by shard."""
+        out = np.empty((len(index), self.shape[1]), dtype=self.dtype)
+        shard = np.searchsorted(self._starts, index, side="right") - 1
+        for p in np.unique(shard):
+            mask = shard == p
+            out[mask] = self._parts[p][index[mask] - self._starts[p]]
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        if copy is False and len(self._parts) > 1:  # NumPy's protocol: never copy, or fail
+            raise ValueError("the features of several shards are one array only as a copy")
+        whole = self._run(0, len(self))
+        if copy and len(self._parts) == 1:  # else it is a concatenation: a copy already
+            whole = np.array(whole)
+        return whole if dtype is None else whole.astype(dtype, copy=False)
 
 
 def _checked_index(index: dict, path: Path) -> tuple[int, int, bool, list[str] | None, list[dict]]:

@@ -420,7 +420,7 @@ def _store_inputs(store: FeatureStore) -> dict[str, str]:
     :meth:`FeatureStore.from_npy` has taken (a second pass over ImageNet's 10 GB of features
     took as long as the means)."""
     files = store.meta.get("inputs", {}) if store.meta.get("producer") == "npy" else {}
-    inputs = {"features": files.get("features") or hash_array(np.asarray(store.features))}
+    inputs = {"features": files.get("features") or hash_array(store.features)}
     if store.labels is not None:
         inputs["labels"] = files.get("labels") or hash_array(store.labels)
     return inputs

@@ -61,9 +61,10 @@ class Workspace:
         return self._once(("features", which), build)
 
     def given_store(self, which: str) -> FeatureStore:
-        """The feature store given as ``source_features`` / ``target_features``, as on disk."""
-        return self._once(("given", which),
-                          lambda: FeatureStore.load(getattr(self.cfg, f"{which}_features")))
+        """The feature store given as ``source_features`` / ``target_features``, as on disk
+        (read when indexed: the means and k-means read it block by block)."""
+        return self._once(("given", which), lambda: FeatureStore.load(
+            getattr(self.cfg, f"{which}_features"), lazy=True))
 
     def store_sha256(self, which: str) -> str:
         """The content hash of the given ``which`` feature store (:func:`_store_sha256`)."""
