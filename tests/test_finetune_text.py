@@ -297,7 +297,7 @@ def test_table1_on_sentences_leaves_unlabelled_reuse_out_and_runs_the_rest(files
     ("table2", "classifier", "table2 fine-tunes with reuse-unlabeled only, whose soft targets come "
                              "from weak and strong augmentations of images"),
     ("table1", "bert", "co-tuning needs a backbone with its pre-training classifier head; hf:"),
-    ("table4", "smallcnn", "smallcnn is an image model but the target data are sentences"),
+    ("table4", "smallcnn", "smallcnn is an image model but the target data holds sentences"),
 ])
 def test_an_experiment_sentences_cannot_run_is_refused_before_anything_is_written(
         files, classifier, tmp_path, capsys, name, model, needle):

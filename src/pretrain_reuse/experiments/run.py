@@ -17,6 +17,7 @@ from ..errors import PretrainReuseError, check_choice
 from ..finetune import RunResult
 from ..finetune.data import check_batch_size, selected_source
 from ..finetune.loop import total_steps
+from ..finetune.run import check_modality
 from ..models import create_backbone
 from .claim import claim_experiment, input_hashes, recipe_reads
 from .config import REGIMES, SWEPT, ExperimentConfig, slug
@@ -193,11 +194,7 @@ def _check_backbones(backbones: dict, trains: list[Row], ws: Workspace, sentence
     """The backbones (by weights file) fit the data and the rows: a text model for sentences, an
     image model for images, and a classifier head for co-tuning, whose source head it is."""
     for backbone in backbones.values():
-        if (backbone.spec.modality == "text") != sentences:
-            raise PretrainReuseError(
-                f"{backbone.spec.name} is {'a text' if not sentences else 'an image'} model but "
-                f"the target data are {'sentences' if sentences else 'images'}; pass "
-                f"{'a text' if sentences else 'an image'} model (--model) or other data")
+        check_modality(backbone.spec.name, backbone.spec.modality, sentences, "the target data")
     for row in trains:
         if row.mode == "co-tuning" and backbones[ws.weights(row)].num_classes is None:
             raise PretrainReuseError(

@@ -251,8 +251,9 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
         backbone = create_backbone(model, weights=weights, device="cpu")
         if cfg.mode == "scratch":
             reinitialize(backbone, cfg.seed)
-    text = _check_modality(backbone.spec, cfg, {"--target": train_pool, "--target-test": test_set,
-                                                "--source": source_pool})
+    text = _check_modality_and_recipe(
+        backbone.spec, cfg, {"--target": train_pool, "--target-test": test_set,
+                             "--source": source_pool})
     if cfg.image_size is not None:  # saved with the model: evaluated at the size it trained at
         backbone.set_input_side(cfg.image_size)
     # what turns a sample into the model's input: the tokenizer, or a resize of the image (the
@@ -304,24 +305,32 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
                  split=split, progress=progress)
 
 
+def check_modality(model: str, modality: str, sentences: bool, what: str) -> None:
+    """Refuse data of the other modality than the model: a text model (``modality`` ``text``)
+    takes sentences (``.jsonl`` files), an image model images. ``what`` names the data in the
+    message: its flag (``--target``), or ``the target data`` of an experiment."""
+    text = modality == "text"
+    if sentences != text:
+        raise PretrainReuseError(
+            f"{model} is {'a text' if text else 'an image'} model but {what} holds "
+            f"{'images' if text else 'sentences'}; pass "
+            f"{'.jsonl files of sentences' if text else 'images'} or "
+            f"{'an image' if text else 'a text'} model (--model)")
+
+
 #: The recipe options that act on images (or on BatchNorm, which text models do not have).
 IMAGE_OPTIONS = ("image_size", "augment", "source_bn")
 
 
-def _check_modality(spec: BackboneSpec, cfg: FinetuneConfig,
-                    data: dict[str, ImageDataset | TextDataset | None]) -> bool:
+def _check_modality_and_recipe(spec: BackboneSpec, cfg: FinetuneConfig,
+                               data: dict[str, ImageDataset | TextDataset | None]) -> bool:
     """Whether the run is on sentences: a text model needs ``.jsonl`` sentence files for every
     data argument, an image model images; a text recipe takes no image option and no
     ``reuse-unlabeled`` (its strong view is an image augmentation)."""
-    text = spec.modality == "text"
     for flag, dataset in data.items():
-        if dataset is not None and isinstance(dataset, TextDataset) != text:
-            raise PretrainReuseError(
-                f"{spec.name} is {'a text' if text else 'an image'} model but {flag} holds "
-                f"{'images' if text else 'sentences'}; pass "
-                f"{'.jsonl files of sentences' if text else 'images'} or "
-                f"{'an image' if text else 'a text'} model (--model)")
-    if not text:
+        if dataset is not None:
+            check_modality(spec.name, spec.modality, isinstance(dataset, TextDataset), flag)
+    if spec.modality != "text":
         return False
     if cfg.mode == "reuse-unlabeled":
         raise PretrainReuseError(
