@@ -224,6 +224,26 @@ def test_what_sentences_cannot_take_is_one_line(files, tmp_path, capsys, extra, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("model, data, needle", [
+    ("bert", ["--target", "synthetic:target"], "is a text model but --target holds images"),
+    ("smallcnn", ["--target", "TRAIN", "--target-test", "TEST"],
+     "smallcnn is an image model but --target holds sentences")])
+def test_a_model_of_the_other_modality_is_refused_before_the_data_is_read(
+        files, tmp_path, capsys, monkeypatch, model, data, needle):
+    # listing a large image folder took long, and only then was the model's modality compared
+    def unread(*args, **kwargs):
+        raise AssertionError("the data was read")
+
+    monkeypatch.setattr("pretrain_reuse.finetune.run.open_dataset", unread)
+    monkeypatch.setattr("pretrain_reuse.finetune.run.text_file", unread)
+    model = f"hf:{files['bert']}" if model == "bert" else model
+    data = [str(files["train"]) if a == "TRAIN" else str(files["test"]) if a == "TEST" else a
+            for a in data]
+    rc, _, err = run(capsys, "finetune", "--model", model, *data, "--out", tmp_path / "run")
+    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_sentence_file_without_test_data_names_the_missing_flag(files, tmp_path, capsys):
     rc, _, err = run(capsys, "finetune", "--model", f"hf:{files['bert']}", "--target",
                      files["train"], "--out", tmp_path / "run")

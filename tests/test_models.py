@@ -202,6 +202,19 @@ def test_hf_text_features_are_mean_of_non_padding_token_states(tmp_path):
     assert net.feature_dim == 16 and net.head is None
 
 
+def test_the_modality_a_name_tells_is_that_of_the_model_built(tmp_path):
+    # finetune compares it with the data's kind before reading the data
+    from pretrain_reuse.models.registry import model_modality
+
+    _tiny_vit(tmp_path / "vit", classifier=True)
+    (tmp_path / "bert").mkdir()
+    _tiny_bert(tmp_path / "bert")
+    for name in ("smallcnn", "torchvision:resnet18", f"hf:{tmp_path / 'vit'}",
+                 f"hf:{tmp_path / 'bert'}"):
+        assert model_modality(name) == create_backbone(name).spec.modality, name
+    assert model_modality("python:nets:build") is None  # only the user's function tells
+
+
 # --- python: a user's function ----------------------------------------------------------------
 
 def _set_config(folder: Path, **values) -> None:

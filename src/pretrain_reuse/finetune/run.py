@@ -22,6 +22,7 @@ from ..data.text import TextDataset, is_sentence_file, text_file
 from ..errors import PretrainReuseError, check_file, preview
 from ..models import create_backbone
 from ..models.checkpoint import weights_hash
+from ..models.registry import model_modality
 from ..models.spec import BackboneSpec
 from ..selection import Selection
 from ..units import Units
@@ -152,6 +153,14 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
                                      "file of sentences")
         raise PretrainReuseError("pass --target-test with the test data (folder, list file or "
                                  ".jsonl file of sentences)")
+    # a model of the other modality is refused before the data is read (listing a large image
+    # folder takes long), where its name or configuration files tell its modality
+    modality = model_modality(model)
+    if modality is not None:
+        for flag, spec in (("--target", target), ("--target-test", target_test),
+                           ("--source", source)):
+            if spec is not None:
+                check_modality(model, modality, is_sentence_file(spec), flag)
     # every file is checked before any is read: a missing one is one line
     files = {"weights": _input_file("--weights", weights),
              "selection": _input_file("--selection", selection, Selection),

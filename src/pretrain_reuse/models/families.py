@@ -115,6 +115,24 @@ def hf_parts(ident: str, weights: str | Path | None) -> ModelParts:
     """
     transformers = require("transformers", f"hf:{ident}", HF_EXTRA)
     name = f"hf:{ident}"
+    config, proc = _hf_config_and_image_processor(transformers, ident, name)
+    if proc is None:
+        return hf_text_parts(ident, name)
+    return _hf_image_parts(transformers, ident, name, config, proc)
+
+
+def hf_modality(ident: str) -> str:
+    """``image`` or ``text``: the model :func:`hf_parts` builds from ``hf:<ident>``, told by its
+    configuration files alone (no weights are read)."""
+    transformers = require("transformers", f"hf:{ident}", HF_EXTRA)
+    _, proc = _hf_config_and_image_processor(transformers, ident, f"hf:{ident}")
+    return "text" if proc is None else "image"
+
+
+def _hf_config_and_image_processor(transformers: ModuleType, ident: str,
+                                   name: str) -> tuple[Any, Any | None]:
+    """The model's config and image processor; None for the processor of a text model (one
+    without an image processor config). A missing or broken file is one line."""
     folder = Path(ident)
     problem = ("no local folder or cached copy with a config.json" if not folder.is_dir() else
                f"the folder {ident!r} has no config.json" if not (folder / "config.json").is_file()
@@ -123,15 +141,14 @@ def hf_parts(ident: str, weights: str | Path | None) -> ModelParts:
                       name, problem,
                       "nothing is downloaded at run time: pass a folder written by save_pretrained")
     try:
-        proc = transformers.AutoImageProcessor.from_pretrained(ident, local_files_only=True)
+        return config, transformers.AutoImageProcessor.from_pretrained(ident, local_files_only=True)
     except _hf_errors() as e:
         if (folder / "preprocessor_config.json").is_file():
             # an image model whose processor is broken, not a text model without a tokenizer
             raise PretrainReuseError(
                 f"{name}: the folder's preprocessor_config.json is invalid ({_reason(e)}); save the "
                 "image processor there again (image_processor.save_pretrained(dir))") from None
-        return hf_text_parts(ident, name)
-    return _hf_image_parts(transformers, ident, name, config, proc)
+        return config, None
 
 
 def _hf_errors() -> tuple[type[Exception], ...]:

@@ -28,7 +28,7 @@ import torch
 from ..errors import PretrainReuseError, check_choice, lookup
 from .backbone import LAYERS, Backbone, ModelParts, assemble, call_body
 from .checkpoint import map_keys, read_weights
-from .families import PREFIXES, hf_text_parts
+from .families import PREFIXES, hf_modality, hf_text_parts
 from .smallcnn import SmallCNN
 from .spec import PREPROCESSING_FIELDS, BackboneSpec
 
@@ -145,6 +145,19 @@ def create_backbone(name: str, *, weights: str | Path | None = None, layer: str 
     backbone = assemble(parts, state, None if path is None else str(path), layer=layer,
                         num_classes=num_classes)
     return backbone.to(device).eval()
+
+
+def model_modality(name: str) -> str | None:
+    """``image`` or ``text``: what the backbone ``name`` takes, told without building it (so that
+    data of the other kind can be refused before it is read): a registered name's spec, images
+    for ``timm:`` and ``torchvision:``, the configuration files of ``hf:`` models; None where
+    only building tells (``python:`` builders) or :func:`create_backbone` refuses the name."""
+    prefix, sep, rest = name.partition(":")
+    if not sep:
+        return BACKBONES[name].modality if name in BACKBONES else None
+    if prefix == "hf" and rest:
+        return hf_modality(rest)
+    return "image" if prefix in ("timm", "torchvision") else None
 
 
 def _library_hint(name: str) -> str:
