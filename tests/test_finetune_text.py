@@ -330,6 +330,19 @@ def test_an_experiment_sentences_cannot_run_is_refused_before_anything_is_writte
     assert not (tmp_path / "exp").exists()
 
 
+def test_an_experiment_refuses_a_model_of_the_other_modality_before_reading_the_data(
+        files, tmp_path, capsys, monkeypatch):
+    def unread(*args, **kwargs):
+        raise AssertionError("the data was read")
+
+    monkeypatch.setattr("pretrain_reuse.experiments.workspace.open_split", unread)
+    rc, _, err = run(capsys, "experiment", "table1", "--model", f"hf:{files['bert']}", "--source",
+                     "synthetic:pretrain", "--target", "synthetic:target", "--out",
+                     tmp_path / "exp", "--quiet")
+    assert rc == 2 and "is a text model but the target data holds images" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "exp").exists()
+
+
 def test_torchrun_two_processes_on_sentences_match_one_process(files, tmp_path, capsys):
     # a text model normalises each sentence alone (LayerNorm, dropout off here), so two ranks'
     # half-batches average to the full batch's gradient up to float summation order; BERT's

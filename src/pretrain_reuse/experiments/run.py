@@ -19,6 +19,7 @@ from ..finetune.data import check_batch_size, selected_source
 from ..finetune.loop import total_steps
 from ..finetune.run import check_modality
 from ..models import create_backbone
+from ..models.registry import model_modality
 from .claim import claim_experiment, input_hashes, recipe_reads
 from .config import REGIMES, SWEPT, ExperimentConfig, slug
 from .recipes import RECIPES, Row
@@ -89,6 +90,10 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
         if getattr(cfg, key) is not None:
             check_exists(getattr(cfg, key), key)
     trains = [r for r in rows if r.mode]
+    # a model of the other modality is refused before the data is read, as finetune does
+    modality = model_modality(cfg.model) if trains else None
+    if modality is not None:
+        check_modality(cfg.model, modality, sentences, "the target data")
     if trains and cfg.target_test is None and not has_splits(cfg.target):
         raise PretrainReuseError(f"target {cfg.target!r} is a folder or list file with one split; "
                                  "pass --target-test (target_test) with the test data")
