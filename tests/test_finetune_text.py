@@ -198,6 +198,28 @@ def test_the_cli_chain_selects_the_related_topics_and_fine_tunes_on_them(files, 
     assert (out / "model.safetensors").read_bytes() == before
 
 
+def test_reuse_of_sentence_clusters_is_one_line_naming_class_units(files, tmp_path, capsys):
+    # clusters have no labels for the source head; reuse-unlabeled, which takes clusters, needs
+    # augmentations of images
+    bert = f"hf:{files['bert']}"
+    for name, data in (("pool", files["pool"]), ("target", files["train"])):
+        run_ok(capsys, "embed", "--model", bert, "--data", data, "--out", tmp_path / name, "--quiet")
+    clusters = tmp_path / "clusters.safetensors"
+    run_ok(capsys, "units", "--features", tmp_path / "pool", "--method", "kmeans", "--k", 5,
+           "--out", clusters, "--quiet")
+    run_ok(capsys, "units", "--features", tmp_path / "target", "--out",
+           tmp_path / "target.safetensors", "--quiet")
+    run_ok(capsys, "select", "--source", clusters, "--target", tmp_path / "target.safetensors",
+           "--k", 2, "--out", tmp_path / "sel.json", "--quiet")
+    rc, _, err = run(capsys, "finetune", "--model", bert, "--mode", "reuse", "--target",
+                     files["train"], "--target-test", files["test"], "--source", files["pool"],
+                     "--selection", tmp_path / "sel.json", "--units", clusters, "--batch-size", 8,
+                     "--out", tmp_path / "run", "--quiet")
+    assert rc == 2 and ("mode 'reuse' needs labelled source units; for sentences, select class "
+                        "units of a labelled pool (units of its features with labels)") in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--mode", "reuse-unlabeled", "--source", "POOL", "--selection", "SEL"],
      "mode 'reuse-unlabeled' trains on weak and strong augmentations of images"),
