@@ -5,6 +5,7 @@ The report of a real demo run is tested in test_demo.py."""
 import html
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,10 +53,24 @@ def _curve(steps, similarity, **summaries):
             "detour": [0.0] * len(steps), **summaries}
 
 
-def _report(capsys, run):
+def _report(capsys, run) -> tuple[int, str]:
     rc = main(["report", str(run)])
-    out, err = capsys.readouterr()
-    return rc, out, err
+    return rc, capsys.readouterr().err
+
+
+def _page(capsys, run) -> str:
+    """The report.html that ``report`` writes for ``run``, which it must accept."""
+    rc, err = _report(capsys, run)
+    assert rc == 0, err
+    return (Path(run) / "report.html").read_text()
+
+
+def _refused(capsys, run) -> str:
+    """The error of ``report`` refusing ``run``: one line, and no report.html."""
+    rc, err = _report(capsys, run)
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (Path(run) / "report.html").exists()
+    return err
 
 
 def _run(tmp_path, summary, knowledge=None):
@@ -71,9 +86,7 @@ def _run(tmp_path, summary, knowledge=None):
 def test_the_entries_checked_are_enough_for_a_report(tmp_path, capsys):
     # the reference of the tests below: with every entry the report reads, it is written
     run = _run(tmp_path, _summary(), _knowledge())
-    rc, _, err = _report(capsys, run)
-    assert rc == 0, err
-    page = (run / "report.html").read_text()
+    page = _page(capsys, run)
     assert "the procedural world" in page and "Knowledge handed over by pre-training" in page
 
 
@@ -87,9 +100,7 @@ def test_the_discrimination_figure_is_shown_only_with_a_class_of_two_samples(tmp
             knowledge["samples"]["per_class"] = per_class
         (tmp_path / str(case)).mkdir()
         run = _run(tmp_path / str(case), _summary(), knowledge)
-        rc, _, err = _report(capsys, run)
-        assert rc == 0, err
-        assert ('alt="discrimination purity. ' in (run / "report.html").read_text()) == shown
+        assert ('alt="discrimination purity. ' in _page(capsys, run)) == shown
 
 
 def _without(record: dict, path: str) -> dict:
@@ -106,18 +117,14 @@ def _without(record: dict, path: str) -> dict:
 def test_a_summary_lacking_an_entry_is_one_line_naming_it(tmp_path, capsys, missing):
     # "scenario" is what a summary.json of a version before the fashion scenario lacks
     run = _run(tmp_path, _without(_summary(), missing))
-    rc, _, err = _report(capsys, run)
-    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+    err = _refused(capsys, run)
     assert f"summary.json' lacks {missing!r}" in err and "rerun `pretrain-reuse demo`" in err
-    assert not (run / "report.html").exists()
 
 
 @pytest.mark.parametrize("record", [{"accuracy": 0.9}, {"scenario": "world"}, {"scenario": {}}])
 def test_a_json_file_that_is_not_a_demo_summary_is_one_line(tmp_path, capsys, record):
     run = _run(tmp_path, record)
-    rc, _, err = _report(capsys, run)
-    assert rc == 2 and err.count("\n") == 1 and "lacks 'scenario" in err
-    assert not (run / "report.html").exists()
+    assert "lacks 'scenario" in _refused(capsys, run)
 
 
 @pytest.mark.parametrize("missing", ["strength_by_order", "faithfulness.finetuned.max_over_samples",
@@ -126,18 +133,15 @@ def test_a_json_file_that_is_not_a_demo_summary_is_one_line(tmp_path, capsys, re
                                      "meta.inputs.models.finetuned.weights"])
 def test_a_knowledge_json_lacking_an_entry_is_one_line_naming_it(tmp_path, capsys, missing):
     run = _run(tmp_path, _summary(), _without(_knowledge(), missing))
-    rc, _, err = _report(capsys, run)
-    assert rc == 2 and err.count("\n") == 1
+    err = _refused(capsys, run)
     assert f"knowledge.json' lacks {missing!r}" in err and "rerun `pretrain-reuse demo`" in err
-    assert not (run / "report.html").exists()
 
 
 def test_optional_knowledge_entries_are_checked_only_when_present(tmp_path, capsys):
     # a run without checkpoints has no convergence; one with it must have the curves
     knowledge = {**_knowledge(), "convergence": {"similarity": [0.5, 1.0]}}
     run = _run(tmp_path, _summary(), knowledge)
-    rc, _, err = _report(capsys, run)
-    assert rc == 2 and "lacks 'convergence.measure'" in err
+    assert "lacks 'convergence.measure'" in _refused(capsys, run)
 
 
 def test_undefined_ratios_and_errors_are_shown_as_not_available(tmp_path, capsys):
@@ -150,9 +154,7 @@ def test_undefined_ratios_and_errors_are_shown_as_not_available(tmp_path, capsys
     knowledge["ground_truth"] = {"finetuned": {"n_samples": 2, "overall": {
         "precision": undefined, "recall": undefined, "signed_recall": undefined}}}
     run = _run(tmp_path, _summary(), knowledge)
-    rc, _, err = _report(capsys, run)
-    assert rc == 0, err
-    page = (run / "report.html").read_text()
+    page = _page(capsys, run)
     assert "<td>preserve</td><td>n/a</td><td>n/a</td>" in page
     assert "<td>finetuned</td><td>n/a</td><td>n/a</td><td>n/a</td>" in page
     assert "No model has salient interactions to compare with the rule." in page
@@ -160,26 +162,21 @@ def test_undefined_ratios_and_errors_are_shown_as_not_available(tmp_path, capsys
     knowledge["counterfactual"] = {"n_sets": 3, "mean_abs_change_preserved": 0.2,
                                    "mean_abs_change_random": 0.0, "effect_ratio": None}
     (run / "knowledge" / "knowledge.json").write_text(json.dumps(knowledge))
-    rc, _, err = _report(capsys, run)
-    assert rc == 0, err
-    page = (run / "report.html").read_text()
+    page = _page(capsys, run)
     assert "<td>0.000</td><td>n/a</td>" in page and "the ratio is undefined (ratio n/a)" in page
 
 
 def test_a_knowledge_analysis_stopped_halfway_is_one_line(tmp_path, capsys):
     # the marker a knowledge rerun writes first: the folder mixes two runs until it finishes
     run = _run(tmp_path, _summary(), {"kind": "knowledge-report", "finished": False})
-    rc, _, err = _report(capsys, run)
-    assert rc == 2 and err.count("\n") == 1 and "has not finished" in err
-    assert not (run / "report.html").exists()
+    assert "has not finished" in _refused(capsys, run)
 
 
 def test_the_salience_threshold_stated_is_the_analysis_own(tmp_path, capsys):
     knowledge = _knowledge()
     knowledge["meta"]["params"] = {"tau": 0.2, "match": "signed"}
     run = _run(tmp_path, _summary(), knowledge)
-    assert _report(capsys, run)[0] == 0
-    assert "(|I| > 20% of the sample's largest)" in (run / "report.html").read_text()
+    assert "(|I| > 20% of the sample's largest)" in _page(capsys, run)
 
 
 def test_the_versions_shown_are_those_that_produced_the_run(tmp_path, capsys):
@@ -187,15 +184,13 @@ def test_the_versions_shown_are_those_that_produced_the_run(tmp_path, capsys):
     summary = {**_summary(), "meta": {"version": "0.0.7", "environment": {
         "python": "3.9.1", "torch": "2.4.0", "numpy": "1.26.0", "threads": 7, "gpu": "H100"}}}
     run = _run(tmp_path, summary)
-    assert _report(capsys, run)[0] == 0
-    page = (run / "report.html").read_text()
+    page = _page(capsys, run)
     for row in (["pretrain-reuse", "0.0.7"], ["python", "3.9.1"], ["torch", "2.4.0"],
                 ["numpy", "1.26.0"], ["CPU threads", "7"], ["GPU", "H100"]):
         assert "<td>{}</td><td>{}</td>".format(*row) in page
     # a summary of an earlier version records none
     (run / "summary.json").write_text(json.dumps(_summary()))
-    assert _report(capsys, run)[0] == 0
-    assert "<td>torch</td><td>not recorded</td>" in (run / "report.html").read_text()
+    assert "<td>torch</td><td>not recorded</td>" in _page(capsys, run)
 
 
 def test_interactions_that_do_not_fit_the_run_are_one_line(tmp_path, capsys):
@@ -211,30 +206,22 @@ def test_interactions_that_do_not_fit_the_run_are_one_line(tmp_path, capsys):
     run = _run(tmp_path, summary, _knowledge())
     (run / "knowledge" / "finetuned").mkdir()
     shutil.copy(tmp_path / "x" / "interactions-0000.safetensors", run / "knowledge" / "finetuned")
-    rc, _, err = _report(capsys, run)
-    assert rc == 2 and err.count("\n") == 1
-    assert "pretrained/interactions-0000.safetensors' does not exist" in err
+    assert "pretrained/interactions-0000.safetensors' does not exist" in _refused(capsys, run)
     shutil.copytree(run / "knowledge" / "finetuned", run / "knowledge" / "pretrained")
-    rc, _, err = _report(capsys, run)  # the summary's players are the world's 9 parts
-    assert rc == 2 and err.count("\n") == 1
+    err = _refused(capsys, run)  # the summary's players are the world's 9 parts
     assert "explains 4 players" in err and "'parts': 9" in err and "rerun `pretrain-reuse demo`" in err
-    assert not (run / "report.html").exists()
     summary["scenario"]["players"] = "grid:2x2"
     (run / "summary.json").write_text(json.dumps(summary))
-    rc, _, err = _report(capsys, run)
-    assert rc == 0, err
-    assert 'alt="salient interactions. ' in (run / "report.html").read_text()
+    assert 'alt="salient interactions. ' in _page(capsys, run)
 
 
 def test_a_knowledge_folder_or_a_file_is_named_as_such(tmp_path, capsys):
     # load() pointed users at report for a knowledge folder, which report then refused blankly
     (tmp_path / "k").mkdir()
     (tmp_path / "k" / "knowledge.json").write_text(json.dumps(_knowledge()))
-    rc, _, err = _report(capsys, tmp_path / "k")
-    assert rc == 2 and err.count("\n") == 1 and "it is a knowledge folder" in err
-    rc, _, err = _report(capsys, tmp_path / "k" / "knowledge.json")
-    assert rc == 2 and err.count("\n") == 1
-    assert "is a file; pass the demo, experiment, fine-tuning run or grid folder" in err
+    assert "it is a knowledge folder" in _refused(capsys, tmp_path / "k")
+    assert ("is a file; pass the demo, experiment, fine-tuning run or grid folder"
+            in _refused(capsys, tmp_path / "k" / "knowledge.json"))
 
 
 @pytest.mark.parametrize("discard, verdict", [
@@ -266,9 +253,7 @@ def test_the_knowledge_section_states_what_the_numbers_rest_on(tmp_path, capsys,
                                               first_at_threshold=33, n_decreases=1,
                                               total_detour=0.5)
     (run / "knowledge" / "knowledge.json").write_text(json.dumps(knowledge))
-    rc, _, err = _report(capsys, run)
-    assert rc == 0, err
-    page = (run / "report.html").read_text()
+    page = _page(capsys, run)
     assert ("Samples: 2 test images explained (3 asked), drawn among those every model "
             "classifies correctly: of the 10 screened, 8 were dropped") in page
     assert "<td>finetuned</td><td>finetune/vanilla-seed0/model.safetensors</td><td>vanilla</td>" in page
@@ -294,9 +279,7 @@ def test_the_modes_shown_are_those_recorded_so_a_moved_folder_keeps_them(tmp_pat
     knowledge["meta"]["inputs"]["models"] = {
         "pretrained": {"weights": str(gone.with_name("probe.safetensors"))},
         "finetuned": {"weights": str(gone), "mode": "reuse"}}
-    rc, _, err = _report(capsys, _run(tmp_path, _summary(), knowledge))
-    assert rc == 0, err
-    page = (tmp_path / "run" / "report.html").read_text()
+    page = _page(capsys, _run(tmp_path, _summary(), knowledge))
     assert f"<td>finetuned</td><td>{gone}</td><td>reuse</td>" in page
     assert "<td>pretrained</td>" in page and "</td><td>not recorded</td>" in page
 
@@ -321,9 +304,7 @@ def test_labels_from_the_run_files_are_escaped_in_the_page(tmp_path, capsys):
     summary["scenario"].update(players=f"grid:{INJECTED}", pool_classes="<b>40</b>")
     summary.update(seed="<i>seed</i>", quick="<u>q</u>")
     run = _run(tmp_path, summary, _knowledge())
-    rc, _, err = _report(capsys, run)
-    assert rc == 0, err
-    page = (run / "report.html").read_text()
+    page = _page(capsys, run)
     assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
     assert "<i>seed" not in page and "&lt;i&gt;seed" in page and "<u>q" not in page
     correlation = {"preserve": {"pearson": 0.5, "pearson_ci": [0.1, 0.9], "spearman": 0.4,
@@ -331,9 +312,7 @@ def test_labels_from_the_run_files_are_escaped_in_the_page(tmp_path, capsys):
     out = _experiment(tmp_path, [{"method": f"{INJECTED} fine-tuned"}, {"method": "vanilla"}],
                       name="knowledge", extra={"models": [INJECTED, "B"],
                                                "correlation": correlation})
-    rc, _, err = _report(capsys, out)
-    assert rc == 0, err
-    page = (out / "report.html").read_text()
+    page = _page(capsys, out)
     assert "<img src=x" not in page and f"({html.escape(INJECTED)}, B)" in page
 
 
@@ -353,12 +332,10 @@ def test_a_label_with_dollars_is_drawn_literally(tmp_path, capsys, label):
     for name in ("table1", "knowledge"):
         out = _experiment(tmp_path / name, rows, name=name)
         assert (out / "results.png").stat().st_size > 0
-        rc, _, err = _report(capsys, out)
-        assert rc == 0, err
+        _page(capsys, out)
     knowledge = _knowledge()
     knowledge["strength_by_order"][label] = [0.5, 0.5]
-    rc, _, err = _report(capsys, _run(tmp_path, _summary(), knowledge))
-    assert rc == 0, err
+    _page(capsys, _run(tmp_path, _summary(), knowledge))
 
 
 def test_a_dollar_label_is_not_set_as_maths():
@@ -408,11 +385,9 @@ def test_a_demo_file_with_an_entry_of_the_wrong_type_is_one_line_naming_it(
     summary, knowledge = _summary(), _knowledge()
     _edited(summary if file == "summary" else knowledge, path, value)
     run = _run(tmp_path, summary, knowledge)
-    rc, _, err = _report(capsys, run)
-    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    err = _refused(capsys, run)
     name = "summary.json" if file == "summary" else "knowledge/knowledge.json"
     assert f"{name}' " in err and needle in err and "rerun `pretrain-reuse demo`" in err
-    assert not (run / "report.html").exists()
 
 
 @pytest.mark.parametrize("edit", [
@@ -426,11 +401,9 @@ def test_an_experiment_json_with_an_entry_of_the_wrong_type_is_one_line_naming_i
     record = json.loads((out / "experiment.json").read_text())
     edit(record)
     (out / "experiment.json").write_text(json.dumps(record))
-    rc, _, err = _report(capsys, out)
-    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    err = _refused(capsys, out)
     assert "experiment.json' holds an entry the report cannot read" in err
     assert "damaged or was written by another version" in err and "into a new --out" in err
-    assert not (out / "report.html").exists()
 
 
 def test_the_sections_a_partial_demo_folder_lacks_are_replaced_by_a_note(tmp_path, capsys):
@@ -439,9 +412,7 @@ def test_the_sections_a_partial_demo_folder_lacks_are_replaced_by_a_note(tmp_pat
     run = _run(tmp_path / "a", _summary())
     (run / "run.json").write_text(json.dumps({"kind": "demo-run", "params": {
         "quick": True, "seed": 3, "scenario": "world"}}))
-    rc, _, err = _report(capsys, run)
-    assert rc == 0, err
-    page = (run / "report.html").read_text()
+    page = _page(capsys, run)
     rerun = f"rerun <code>pretrain-reuse demo --quick --seed 3 --out {run.resolve()}</code>"
     for missing in ("selections/", "knowledge/knowledge.json"):
         assert f"Not in this folder: {missing}" in page
@@ -450,9 +421,7 @@ def test_the_sections_a_partial_demo_folder_lacks_are_replaced_by_a_note(tmp_pat
     # a knowledge analysis without its interaction files: no overlays, and a note says so
     (tmp_path / "b").mkdir()
     run = _run(tmp_path / "b", _summary(), _knowledge())
-    rc, _, err = _report(capsys, run)
-    assert rc == 0, err
-    page = (run / "report.html").read_text()
+    page = _page(capsys, run)
     assert "Not in this folder: knowledge/finetuned/interactions-*.safetensors" in page
     assert "Knowledge handed over by pre-training" in page
 
@@ -465,8 +434,7 @@ def test_an_unfinished_run_folder_says_so_and_names_its_rerun(tmp_path, capsys, 
     run.mkdir()
     (run / "run.json").write_text(json.dumps({"kind": kind, "params": {
         "quick": True, "seed": 0, "scenario": "world", "experiment": "table1"}}))
-    rc, _, err = _report(capsys, run)
-    assert rc == 2 and err.count("\n") == 1
+    err = _refused(capsys, run)
     what = kind.split("-")[0]
     assert f"this {what} has not finished" in err and "with the same --out to resume it" in err
     assert f"{command} {run}`" in err and "pass a demo or experiment" not in err
@@ -476,8 +444,7 @@ def test_a_missing_run_of_an_experiment_names_the_rerun(tmp_path, capsys):
     out = _experiment(tmp_path, [{"method": "vanilla", "seeds": [0]}])
     (out / "run.json").write_text(json.dumps({"kind": "experiment-run",
                                               "params": {"experiment": "table1"}}))
-    rc, _, err = _report(capsys, out)
-    assert rc == 2 and err.count("\n") == 1
+    err = _refused(capsys, out)
     assert "runs/vanilla-seed0/result.json' does not exist: the run has not finished" in err
     assert f"rerun `pretrain-reuse experiment table1 --config CONFIG --out {out}`" in err
 
@@ -498,7 +465,7 @@ def test_the_experiment_curves_draw_every_row_with_its_own_colour(tmp_path, caps
     drawn = []
     monkeypatch.setattr(report, "_figure", lambda fig, caption, alt: drawn.append(
         (fig, caption)) or "")
-    assert _report(capsys, out)[0] == 0
+    _page(capsys, out)
     fig, caption = next((f, c) for f, c in drawn if c.startswith("Fine-tuning curves"))
     assert caption.startswith("Fine-tuning curves (14 of 14 runs)")
     (ax,) = fig.axes
@@ -562,11 +529,9 @@ def test_the_page_is_accessible_and_does_not_depend_on_how_the_path_was_typed(
     knowledge["ground_truth"] = {"finetuned": {"n_samples": 2, "overall": {
         "precision": {"mean": 0.4567}, "recall": {"mean": 0.5}, "signed_recall": {"mean": 0.5}}}}
     run = _run(tmp_path, _summary(), knowledge)
-    assert _report(capsys, run)[0] == 0
-    page = (run / "report.html").read_text()
+    page = _page(capsys, run)
     monkeypatch.chdir(tmp_path)
-    assert _report(capsys, "run")[0] == 0
-    assert (run / "report.html").read_text() == page
+    assert _page(capsys, "run") == page
     assert "precision at most 0.457 for every model" in page
     assert "<html lang='en'>" in page and "<thead><tr><th scope=\"col\">" in page
     assert "<th>" not in page
@@ -603,9 +568,7 @@ def test_a_finetune_run_folder_reports_its_last_and_best_validation_results(tmp_
     history = [_record(10, 0.5, 0.6, 1.2), _record(20, 0.875, 0.725, 0.8),
                _record(30, 0.75, 0.8125, 0.5)]
     run = _finetune_run(tmp_path, history)
-    rc, _, err = _report(capsys, run)
-    assert rc == 0, err
-    page = (run / "report.html").read_text()
+    page = _page(capsys, run)
     # the test accuracy after the last step, and at the best *validation* evaluation (step 20:
     # not the best test one, step 30)
     assert ("<th scope=\"col\">after the last step (30)</th><th scope=\"col\">at the best "
@@ -623,13 +586,10 @@ def test_an_unfinished_or_damaged_finetune_run_is_one_line(tmp_path, capsys):
     result = json.loads((run / "result.json").read_text())
     result["final"]["top1"] = "high"
     (run / "result.json").write_text(json.dumps(result))
-    rc, _, err = _report(capsys, run)
-    assert rc == 2 and err.count("\n") == 1 and "holds an entry the report cannot read" in err
+    assert "holds an entry the report cannot read" in _refused(capsys, run)
     (run / "result.json").unlink()
-    rc, _, err = _report(capsys, run)
-    assert rc == 2 and err.count("\n") == 1
-    assert "the run has not finished or was removed; rerun `pretrain-reuse finetune" in err
-    assert not (run / "report.html").exists()
+    assert ("the run has not finished or was removed; rerun `pretrain-reuse finetune"
+            in _refused(capsys, run))
 
 
 def test_a_grid_folder_reports_every_run_and_the_one_validation_picked(tmp_path, capsys):
@@ -641,9 +601,7 @@ def test_a_grid_folder_reports_every_run_and_the_one_validation_picked(tmp_path,
     (run / "grid.json").write_text(json.dumps({"kind": "grid", "grid": {"lr": [0.01, 0.03],
                                                                         "lam": [0.3]},
                                                "best": rows[1], "rows": rows, "meta": {}}))
-    rc, _, err = _report(capsys, run)
-    assert rc == 0, err
-    page = (run / "report.html").read_text()
+    page = _page(capsys, run)
     assert ("2 fine-tuning runs over lam, lr, picked by validation top-1: <code>lam=0.3,lr=0.03"
             "</code> (validation 0.9000, its test top-1 0.6500 at that evaluation)") in page
     assert "<tr><td>lam=0.3,lr=0.01</td><td>0.3</td><td>0.01</td><td>0.7000</td><td>0.6100</td>" \
