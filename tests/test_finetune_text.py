@@ -249,7 +249,9 @@ def test_what_sentences_cannot_take_is_one_line(files, tmp_path, capsys, extra, 
 @pytest.mark.parametrize("model, data, needle", [
     ("bert", ["--target", "synthetic:target"], "is a text model but --target holds images"),
     ("smallcnn", ["--target", "TRAIN", "--target-test", "TEST"],
-     "smallcnn is an image model but --target holds sentences")])
+     "smallcnn is an image model but --target holds sentences"),
+    ("smalcnn", ["--target", "synthetic:target"], "model='smalcnn' is not one of"),
+    ("timn:resnet18", ["--target", "synthetic:target"], "model prefix='timn' is not one of")])
 def test_a_model_of_the_other_modality_is_refused_before_the_data_is_read(
         files, tmp_path, capsys, monkeypatch, model, data, needle):
     # listing a large image folder took long, and only then was the model's modality compared

@@ -151,11 +151,13 @@ def model_modality(name: str) -> str | None:
     """``image`` or ``text``: what the backbone ``name`` takes, told without building it (so that
     data of the other kind can be refused before it is read): a registered name's spec, images
     for ``timm:`` and ``torchvision:``, the configuration files of ``hf:`` models; None where
-    only building tells (``python:`` builders) or :func:`create_backbone` refuses the name."""
+    only building tells (``python:`` builders). A name :func:`create_backbone` would refuse is
+    refused here, with its message."""
     prefix, sep, rest = name.partition(":")
     if not sep:
-        return BACKBONES[name].modality if name in BACKBONES else None
-    if prefix == "hf" and rest:
+        return _registered(name).modality
+    _check_prefixed(name, prefix, rest)
+    if prefix == "hf":
         return hf_modality(rest)
     return "image" if prefix in ("timm", "torchvision") else None
 
@@ -181,21 +183,30 @@ def _library_hint(name: str) -> str:
 def _resolve(name: str, weights: str | Path | None) -> ModelParts:
     prefix, sep, rest = name.partition(":")
     if sep:
-        resolver = PREFIXES[check_choice("model prefix", prefix, PREFIXES)]
-        if not rest:
-            raise PretrainReuseError(f"model {name!r}: nothing after {prefix + ':'!r}")
-        return resolver(rest, weights)
-    try:
-        spec = lookup(BACKBONES, name, "model")
-    except PretrainReuseError as e:
-        hint = _library_hint(name)
-        raise PretrainReuseError(f"{e}; or use a prefix: timm:<arch>, torchvision:<arch>, "
-                                 f"hf:<folder>, python:<module>:<function>{hint}") from None
+        _check_prefixed(name, prefix, rest)
+        return PREFIXES[prefix](rest, weights)
+    spec = _registered(name)
     missing = missing_packages(spec)
     if missing:
         raise PretrainReuseError(f"model {name!r} needs the pip package(s) {', '.join(missing)}; "
                                  f"pip install {' '.join(spec.requires)}")
     return spec.build(spec)
+
+
+def _check_prefixed(name: str, prefix: str, rest: str) -> None:
+    check_choice("model prefix", prefix, PREFIXES)
+    if not rest:
+        raise PretrainReuseError(f"model {name!r}: nothing after {prefix + ':'!r}")
+
+
+def _registered(name: str) -> BackboneSpec:
+    """The spec of the registered backbone ``name``; an unknown name names the prefixes."""
+    try:
+        return lookup(BACKBONES, name, "model")
+    except PretrainReuseError as e:
+        hint = _library_hint(name)
+        raise PretrainReuseError(f"{e}; or use a prefix: timm:<arch>, torchvision:<arch>, "
+                                 f"hf:<folder>, python:<module>:<function>{hint}") from None
 
 
 def _saved_preprocessing(header: dict[str, Any], spec: BackboneSpec) -> BackboneSpec:
