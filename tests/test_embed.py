@@ -912,9 +912,8 @@ def test_uot_selects_the_pre_training_topics_of_a_text_target_with_real_sentence
 
 
 @pytest.mark.parametrize("model,data,extra,needle", [
-    ("smallcnn-s", "sentences", [], "--data is a .jsonl file of sentences but smallcnn-s is an "
-                                    "image model"),
-    ("encoder", "images", [], "is a text model and --data holds images"),
+    ("smallcnn-s", "sentences", [], "smallcnn-s is an image model but --data holds sentences"),
+    ("encoder", "images", [], "is a text model but --data holds images"),
     ("encoder", "sentences", ["--split", "train"], "--split picks a sub-folder"),
     ("encoder", "sentences", ["--image-size", "64"], "--image-size applies to images"),
     ("encoder", "mixed", [], 'line 2 has no "label" but the lines before it do'),
@@ -943,3 +942,20 @@ def test_embed_can_leave_the_store_on_disk_without_reading_it_back(tmp_path):
     again = embed(cfg, tmp_path / "store", progress=False)  # finished: read, not computed again
     np.testing.assert_array_equal(again.features, FeatureStore.load(tmp_path / "store").features)
     assert len(again) == 6 and again.dim == 64
+
+
+@pytest.mark.parametrize("model, data, needle", [
+    ("smallcnn-s", "s.jsonl", "smallcnn-s is an image model but --data holds sentences"),
+    ("smalcnn-s", "synthetic:pretrain", "model='smalcnn-s' is not one of")])
+def test_a_wrong_or_unknown_model_is_refused_before_the_data_is_listed(
+        tmp_path, capsys, monkeypatch, model, data, needle):
+    # listing ImageNet's 1.28M files takes a while: a typo in --model must not wait for it
+    def unread(cfg):
+        raise AssertionError("the data was listed")
+
+    monkeypatch.setattr("pretrain_reuse.embed._open_data", unread)
+    data = str(_jsonl(tmp_path / data, [{"text": t} for t in SENTENCES])) if data.endswith(".jsonl") else data
+    rc = main(["embed", "--model", model, "--data", data, "--quiet", "--out", str(tmp_path / "store")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and needle in err, err
+    assert not (tmp_path / "store").exists()

@@ -51,6 +51,7 @@ from .distributed import process_device, rank_world
 from .errors import PretrainReuseError, check_choice, check_device, check_image_size, check_seed
 from .features import STORE_FORMAT, FeatureStore
 from .models import LAYERS, ImageTransform, create_backbone, features_hash, state_hash
+from .models.registry import check_modality, model_modality
 
 #: Unreadable images named in a store's ``index.json`` (``meta.skipped_ids``; ``meta.skipped``
 #: counts them all): the index is read with every load of the store, and the ids of a folder
@@ -185,6 +186,10 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True,
     out = Path(out)
     rank, world = rank_world()
     device = process_device(cfg.device)
+    # a model of the other modality, or an unknown one, is refused before the data is listed
+    modality = model_modality(cfg.model)
+    if modality is not None:
+        check_modality(cfg.model, modality, is_sentence_file(cfg.data), "--data")
     dataset = _open_data(cfg)
     text = isinstance(dataset, TextDataset)
     if len(dataset) == 0:
@@ -196,12 +201,7 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True,
     with torch.random.fork_rng(devices=[]):  # every process and every rerun: the same network
         torch.manual_seed(cfg.seed)
         backbone = create_backbone(cfg.model, weights=cfg.weights, layer=cfg.layer, device=device)
-    if backbone.spec.modality != ("text" if text else "image"):
-        raise PretrainReuseError(
-            f"{cfg.model} is a text model and --data holds images; pass an image backbone, or a "
-            ".jsonl file of sentences" if not text else
-            f"--data is a .jsonl file of sentences but {cfg.model} is an image model; pass a text "
-            "backbone (hf:<folder> of a transformers text model, all-minilm-l6-v2)")
+    check_modality(cfg.model, backbone.spec.modality, text, "--data")  # python: builders
     if cfg.image_size is not None:
         backbone.set_input_side(cfg.image_size)
     if not text:

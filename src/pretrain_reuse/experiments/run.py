@@ -17,9 +17,8 @@ from ..errors import PretrainReuseError, check_choice
 from ..finetune import RunResult
 from ..finetune.data import check_batch_size, selected_source
 from ..finetune.loop import total_steps
-from ..finetune.run import check_modality
 from ..models import create_backbone
-from ..models.registry import model_modality
+from ..models.registry import check_modality, model_modality
 from .claim import claim_experiment, input_hashes, recipe_reads
 from .config import REGIMES, SWEPT, ExperimentConfig, slug
 from .recipes import RECIPES, Row

@@ -22,7 +22,7 @@ from ..data.text import TextDataset, is_sentence_file, text_file
 from ..errors import PretrainReuseError, check_file, preview
 from ..models import create_backbone
 from ..models.checkpoint import weights_hash
-from ..models.registry import model_modality
+from ..models.registry import check_modality, model_modality
 from ..models.spec import BackboneSpec
 from ..selection import Selection
 from ..units import Units
@@ -312,19 +312,6 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
               "class_names": json.dumps(train_pool.class_names)}
     return train(cfg, net, train_set, val_set, test_set, source_data, out, inputs=inputs,
                  split=split, progress=progress)
-
-
-def check_modality(model: str, modality: str, sentences: bool, what: str) -> None:
-    """Refuse data of the other modality than the model: a text model (``modality`` ``text``)
-    takes sentences (``.jsonl`` files), an image model images. ``what`` names the data in the
-    message: its flag (``--target``), or ``the target data`` of an experiment."""
-    text = modality == "text"
-    if sentences != text:
-        raise PretrainReuseError(
-            f"{model} is {'a text' if text else 'an image'} model but {what} holds "
-            f"{'images' if text else 'sentences'}; pass "
-            f"{'.jsonl files of sentences' if text else 'images'} or "
-            f"{'an image' if text else 'a text'} model (--model)")
 
 
 #: The recipe options that act on images (or on BatchNorm, which text models do not have).

@@ -162,6 +162,19 @@ def model_modality(name: str) -> str | None:
     return "image" if prefix in ("timm", "torchvision") else None
 
 
+def check_modality(model: str, modality: str, sentences: bool, what: str) -> None:
+    """Refuse data of the other modality than the model: a text model (``modality`` ``text``)
+    takes sentences (``.jsonl`` files), an image model images. ``what`` names the data in the
+    message: its flag (``--target``), or ``the target data`` of an experiment."""
+    text = modality == "text"
+    if sentences != text:
+        raise PretrainReuseError(
+            f"{model} is {'a text' if text else 'an image'} model but {what} holds "
+            f"{'images' if text else 'sentences'}; pass "
+            f"{'.jsonl files of sentences' if text else 'images'} or "
+            f"{'an image' if text else 'a text'} model (--model)")
+
+
 def _library_hint(name: str) -> str:
     """`` (did you mean timm:resnet18?)`` when an installed library knows ``name``."""
     import importlib.util
