@@ -909,13 +909,23 @@ def test_the_run_arguments_are_the_flags_and_arguments_of_finetune_besides_the_r
     (["--image-size", "100000"], "image_size must be between 1 and 4096"),
     (["--mode", "reuse", "--source", "SOURCE", "--selection", "SEL", "--units", "CLASSUNITS"],
      "--units holds class units"),
+    # 4 clusters of a pool of 4 classes: their ids were read as the classes' (K = 1000 on
+    # ImageNet-1k), and the run trained on other images than the selected ones
+    (["--mode", "reuse", "--source", "SOURCE", "--selection", "CLUSTERSEL"],
+     "the selection ranks k-means clusters, whose samples only their units file knows; pass "
+     "the clusters' units file (--units)"),
+    (["--mode", "reuse-unlabeled", "--source", "SOURCE", "--selection", "CLUSTERSEL"],
+     "the selection ranks k-means clusters"),
 ])
 def test_bad_arguments_exit_2_with_one_line(files, tmp_path, capsys, extra, needle):
     bad_sel = tmp_path / "bad_sel.json"
     Selection(selected=[7], scores=np.zeros(8), params={}).save(bad_sel)
     class_units = Units(prototypes=np.ones((4, 2)), kind="class").save(tmp_path / "cu.safetensors")
+    cluster_sel = Selection(selected=[3, 1], scores=np.array([0.1, 0.5, 0.2, 0.9]), params={},
+                            unit_kind="cluster").save(tmp_path / "cluster_sel.json")
     extra = [{"SOURCE": str(files["source"]), "BADSEL": str(bad_sel), "SEL": str(files["sel_class"]),
-              "CLASSUNITS": str(class_units)}.get(a, a) for a in extra]
+              "CLASSUNITS": str(class_units), "CLUSTERSEL": str(cluster_sel)}.get(a, a)
+             for a in extra]
     rc, _, err = cli(capsys, *base_args(files, tmp_path / "run"), *extra)
     assert_one_line_error(rc, err, needle)
     assert not (tmp_path / "run").exists()  # nothing half-written, not even split.json

@@ -272,11 +272,29 @@ def test_a_selection_records_the_units_it_ranked():
         "inputs"]["source"]["units"]
 
 
+def test_a_selection_records_the_kind_of_units_it_ranked(tmp_path, world):
+    # fine-tuning maps class ids to samples by their labels and cluster ids by the units file:
+    # the kind tells it which a selection's ids are
+    from pretrain_reuse.units import spherical_kmeans
+
+    _, source, target = world
+    clusters = spherical_kmeans(FeatureStore(features=np.random.default_rng(0).normal(
+        size=(300, source.prototypes.shape[1])).astype(np.float32)), 8, seed=0)
+    for units, kind in ((source, "class"), (clusters, "cluster"),
+                        (Units(prototypes=source.prototypes), "prototypes")):
+        sel = select(units, target, SelectConfig(k=3))
+        assert sel.unit_kind == kind and sel.top(2).unit_kind == kind
+        assert Selection.load(sel.save(tmp_path / "sel.json")).unit_kind == kind
+    # a file of an earlier version names no kind
+    assert Selection(selected=[0], scores=np.zeros(2), params={}).unit_kind is None
+
+
 @pytest.mark.parametrize("edit,needle", [
     ({"selected": [3.5]}, "'selected' must be a list of unit ids"),  # was read as unit 3
     ({"selected": ["a"]}, "'selected' must be a list of unit ids"),
     ({"scores": ["x", 1]}, "'scores' and 'counts' must be lists of numbers"),
     ({"scores": [[1.0], [2.0]]}, "'scores' must be a flat list"),
+    ({"unit_kind": "clusters"}, "'unit_kind' is 'clusters', not one of class, cluster, prototypes"),
 ])
 def test_an_edited_selection_file_is_one_line(tmp_path, edit, needle):
     import json

@@ -43,6 +43,7 @@ from .errors import (
 )
 from .features import FeatureStore
 from .transport import METRICS, check_solver_params, cost_matrix, unbalanced_sinkhorn_batched
+from .units import KINDS as UNIT_KINDS
 from .units import Units, class_means
 
 #: Units selected when no k is given (Liu et al. select the 100 closest ImageNet classes).
@@ -143,6 +144,10 @@ class Selection:
         meta: metadata block (inputs, seed, version, solver diagnostics).
         unit_names: names of the source units, if known.
         counts: samples per source unit, if known.
+        unit_kind: what the source units are (``"class"``, ``"cluster"``, or ``"prototypes"``
+            for a bare matrix), if known: fine-tuning maps the ids of classes to samples by
+            their labels, those of clusters by a units file, so it refuses a selection of
+            clusters without that file.
     """
 
     selected: list[int]
@@ -151,8 +156,11 @@ class Selection:
     meta: dict[str, Any] = field(default_factory=dict)
     unit_names: list[str] | None = None
     counts: np.ndarray | None = None
+    unit_kind: str | None = None
 
     def __post_init__(self):
+        if self.unit_kind is not None:
+            check_choice("unit_kind", self.unit_kind, UNIT_KINDS)
         n = len(self.scores)
         outside = [u for u in self.selected if not 0 <= u < n]
         if outside or len(set(self.selected)) < len(self.selected):
@@ -177,7 +185,7 @@ class Selection:
         k = _check_k(k)
         return Selection(selected=_take(self.ranking(), k, self.counts),
                          scores=self.scores, params={**self.params, "k": k}, meta=self.meta,
-                         unit_names=self.unit_names, counts=self.counts)
+                         unit_names=self.unit_names, counts=self.counts, unit_kind=self.unit_kind)
 
     def recall(self, relevant) -> float:
         """Fraction of the ``relevant`` unit ids that were selected (Liu et al., Table 4)."""
@@ -215,6 +223,8 @@ class Selection:
             obj["unit_names"] = list(self.unit_names)
         if self.counts is not None:
             obj["counts"] = [int(c) for c in self.counts]
+        if self.unit_kind is not None:
+            obj["unit_kind"] = self.unit_kind
         write_json(path, obj)
         return Path(path)
 
@@ -237,8 +247,13 @@ class Selection:
             raise PretrainReuseError(f"'scores' and 'counts' must be lists of numbers; {edited}") from None
         if scores.ndim != 1:
             raise PretrainReuseError(f"'scores' must be a flat list, one per unit; {edited}")
+        kind = obj.get("unit_kind")  # absent from files of earlier versions
+        if kind is not None and kind not in UNIT_KINDS:
+            raise PretrainReuseError(f"'unit_kind' is {str(kind)[:40]!r}, not one of "
+                                     f"{', '.join(UNIT_KINDS)}; {edited}")
         return cls(selected=selected, scores=scores, params=obj.get("params", {}),
-                   meta=obj.get("meta", {}), unit_names=obj.get("unit_names"), counts=counts)
+                   meta=obj.get("meta", {}), unit_names=obj.get("unit_names"), counts=counts,
+                   unit_kind=kind)
 
     def plot(self, ax=None, *, relevant=None):
         """The sorted score vector (Liu et al., Fig. 2b); ``relevant`` units are highlighted."""
@@ -426,7 +441,7 @@ def select_many(source: Units | FeatureStore | np.ndarray, targets: list[Units |
         meta["solver"] = diag
         out.append(Selection(selected=_take(ranking, k, counts), scores=scores,
                              params=meta["params"], meta=meta, unit_names=source.names,
-                             counts=counts))
+                             counts=counts, unit_kind=source.kind))
     return out
 
 

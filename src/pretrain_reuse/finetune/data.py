@@ -196,7 +196,14 @@ def selected_source(pool: ImageDataset, selection: Selection, units: Units | Non
     were built from.
     """
     selected = np.asarray(selection.selected, dtype=np.int64)
-    if units is not None and units.kind == "cluster":
+    clusters = units is not None and units.kind == "cluster"
+    if selection.unit_kind == "cluster" and not clusters:
+        # read as class ids, cluster ids name other samples: with as many clusters as classes
+        # (K = 1000 on ImageNet-1k) nothing else would tell
+        raise PretrainReuseError(
+            "the selection ranks k-means clusters, whose samples only their units file knows; "
+            "pass the clusters' units file (--units) the selection was made from")
+    if clusters:
         _check_selection(selection, len(units), "the units file has {n}",
                          "pass the units file the selection was made from")
         # as many clusters is not enough: another k-means run (seed) numbers other clusters
