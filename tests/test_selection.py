@@ -437,8 +437,7 @@ def test_messages_shared_with_the_cli_name_the_parameter_and_the_flag():
         select(s, t, SelectConfig(method="label", unit_ids=(1, 2), k=3))
     with pytest.raises(PretrainReuseError, match=r"name_pattern \(--names\) needs unit names"):
         select(s, t, SelectConfig(method="label", name_pattern="owl"))
-    with pytest.raises(PretrainReuseError, match=r"pass k <= 40 \(--k\) or build more units "
-                                                 r"\(spherical_kmeans k, units --k\)"):
+    with pytest.raises(PretrainReuseError, match=r"exceeds the 40 source units; pass k <= 40 \(--k\)$"):
         select(s, t, SelectConfig(k=41))
     with pytest.raises(PretrainReuseError, match="which a bare prototype matrix lacks; pass Units "
                                                  "that record their members"):

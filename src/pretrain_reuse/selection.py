@@ -388,9 +388,7 @@ def _take(ranking: np.ndarray, k: int | float, counts: np.ndarray | None) -> lis
     if isinstance(k, int):
         if k > len(ranking):
             raise PretrainReuseError(
-                f"k={k} exceeds the {len(ranking)} source units; pass k <= {len(ranking)} (--k) "
-                "or build more units (spherical_kmeans k, units --k)"
-            )
+                f"k={k} exceeds the {len(ranking)} source units; pass k <= {len(ranking)} (--k)")
         return [int(u) for u in ranking[:k]]
     if counts is None:
         raise PretrainReuseError(
