@@ -558,7 +558,8 @@ USER_ERRORS = {
     "non-integer unit ids": (_sel("--k", "2", "--method", "label", "--ids", "4,a"),
                              ["--ids", "'4,a'"]),
     "relevant id out of range": (_sel("--k", "2", "--relevant", "3,60"),
-                                 ["--relevant", "60", "out of range"]),
+                                 ["--relevant id 60 is out of range for the 60 source "
+                                  "units; pass ids 0..59"]),
     "names pattern without names": (_sel("--k", "1", "--method", "label", "--names", "owl"),
                                     ["--class-names"]),
     "class names of the wrong length": (_sel("--k", "3", "--class-names", "few_names.txt"),

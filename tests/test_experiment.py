@@ -689,6 +689,32 @@ def test_a_default_sweep_value_the_pool_cannot_take_names_the_sweep(quick_demo, 
             "--config to values this data allows)") in err
 
 
+def test_relevant_ids_the_pool_lacks_are_refused_before_the_folder_is_claimed(quick_demo, tmp_path,
+                                                                             capsys):
+    # refused only by the first recall, after every selection was saved in the claimed folder
+    from PIL import Image
+
+    demo, _, _ = quick_demo
+    flat = tmp_path / "flat"  # unlabelled images: no classes for relevant to name
+    flat.mkdir()
+    for i in range(2):
+        Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(flat / f"{i}.png")
+    given = ["--config", str(_config(demo, tmp_path))]  # the pool's feature store given
+    embedded = ["--model", "smallcnn", "--target", "synthetic:target", "--quiet"]
+    out = tmp_path / "x"
+    for recipe, argv, message in [
+        ("fig4a", [*given, "--relevant", "7-24,200"], "relevant id 200 is out of range for the 128 "
+         "classes of source 'synthetic:pretrain'; pass ids 0..127"),
+        ("fig3a", [*embedded, "--source", "synthetic:pretrain", "--relevant", "128"],
+         "relevant id 128 is out of range for the 128 classes"),
+        ("fig4a", [*embedded, "--source", str(flat), "--relevant", "1"],
+         f"relevant names classes of the pool, but source {str(flat)!r} has no labels"),
+    ]:
+        err = _one_line_error(capsys, ["experiment", recipe, *argv, "--out", str(out)])
+        assert message in err
+        assert not out.exists()
+
+
 def test_late_failures_of_a_run_fail_before_the_folder_is_claimed(quick_demo, tmp_path, capsys):
     demo, _, _ = quick_demo
     out = tmp_path / "x"

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .errors import PretrainReuseError, check_choice, check_seed, parse_ids
+from .errors import PretrainReuseError, check_choice, check_ids_below, check_seed, parse_ids
 from .runtime import keep_freed_memory
 
 EXIT_USER_ERROR = 2
@@ -301,9 +301,7 @@ def cmd_select(args) -> int:
     cfg = SelectConfig(method=args.method, k=k, unit_ids=ids, name_pattern=args.names, **given)
     source = load_units_arg(args.source, args.source_labels, args.class_names, "source",
                             progress=not args.quiet)
-    bad = [r for r in relevant if not 0 <= r < len(source)]
-    if bad:
-        raise PretrainReuseError(f"--relevant id {bad[0]} is out of range for {len(source)} units")
+    check_ids_below("--relevant", relevant, len(source), "source units")
     units = [load_units_arg(t, labels, None, "target", progress=not args.quiet)
              for t, labels in zip(targets, target_labels, strict=True)]
     # several targets: one batched solve (select_many), each selection as select() gives it

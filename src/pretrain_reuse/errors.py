@@ -189,6 +189,15 @@ def parse_ids(text: str, flag: str) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def check_ids_below(name: str, ids: Iterable[int], n: int, what: str) -> None:
+    """Refuse an id among ``ids`` (the value of ``name``) that is not one of the ``n`` ``what``
+    (ids 0..n-1), naming the largest valid id."""
+    outside = [i for i in ids if not 0 <= i < n]
+    if outside:
+        raise PretrainReuseError(f"{name} id {outside[0]} is out of range for the {n} {what}; "
+                                 f"pass ids 0..{n - 1}")
+
+
 def refuse_path(x, expected: str) -> None:
     """Refuse a file path passed where ``expected`` (an in-memory object) belongs, saying how to
     open the file."""

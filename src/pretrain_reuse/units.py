@@ -225,6 +225,14 @@ def _as_store(store) -> FeatureStore:
     return FeatureStore(features=store)
 
 
+def class_count(data) -> int:
+    """The number of units :func:`class_means` makes of labelled ``data``: a FeatureStore, or the
+    data set it is embedded from (an experiment checks class ids against its pool before
+    embedding it). One per class name, else one per label 0..max; FeatureStore has checked that
+    every label has a name."""
+    return len(data.class_names) if data.class_names else int(data.labels.max()) + 1
+
+
 def class_means(store: FeatureStore, *, normalize: bool = False, progress: bool = False) -> Units:
     r"""One unit per class: the mean feature ``mu_c = (1/|c|) sum_{x in c} phi(x)``.
 
@@ -244,8 +252,7 @@ def class_means(store: FeatureStore, *, normalize: bool = False, progress: bool 
             "labelled list file when embedding), or use k-means units (spherical_kmeans, "
             "--method kmeans)")
     present = np.unique(store.labels)  # sorted; not a bincount, which a label 10**12 would blow up
-    # FeatureStore has checked that every label has a name
-    n_classes = len(store.class_names) if store.class_names else int(present[-1]) + 1
+    n_classes = class_count(store)
     if len(present) < n_classes:
         gaps = np.flatnonzero(present != np.arange(len(present)))
         first = int(gaps[0]) if len(gaps) else len(present)

@@ -13,12 +13,13 @@ import numpy as np
 from ..artifacts import make_meta
 from ..data.catalog import check_exists, has_splits
 from ..data.text import is_sentence_file
-from ..errors import PretrainReuseError, check_choice
+from ..errors import PretrainReuseError, check_choice, check_ids_below
 from ..finetune import RunResult
 from ..finetune.data import check_batch_size, selected_source
 from ..finetune.loop import total_steps
 from ..models import create_backbone
 from ..models.registry import check_modality, model_modality
+from ..units import class_count
 from .claim import claim_experiment, input_hashes, recipe_reads
 from .config import REGIMES, SWEPT, ExperimentConfig, slug
 from .recipes import RECIPES, Row
@@ -120,6 +121,8 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
         for which in ("source", "target"):
             if getattr(cfg, f"{which}_features"):
                 ws.features(which)
+        if cfg.relevant:
+            _check_relevant(ws)
     reads = recipe_reads(name, cfg, asdict(cfg))
     hashes = input_hashes(reads, ws)
     changed = claim_experiment(out, name, cfg, reads, hashes)
@@ -127,8 +130,8 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
         print(f"[experiment] {str(out)!r} held an experiment with other settings "
               f"({', '.join(changed)}) that finished no run: removed what the change affects", flush=True)
     # Every row's selections and recalls before the first fine-tuning run, so that a selection
-    # that cannot be made (k above the number of units, relevant ids the pool lacks) fails while
-    # no run has finished, which leaves the folder free for the corrected settings (claim.release).
+    # that cannot be made (k above the number of units) fails while no run has finished, which
+    # leaves the folder free for the corrected settings (claim.release).
     try:
         sels = {i: [ws.selection(row.pick, s, row.settings) for s in cfg.seeds]
                 for i, row in enumerate(rows) if row.pick}
@@ -205,6 +208,19 @@ def _check_backbones(backbones: dict, trains: list[Row], ws: Workspace, sentence
                 f"co-tuning needs a backbone with its pre-training classifier head; "
                 f"{backbones[ws.weights(row)].spec.name} has none; pass --weights of a "
                 "classifier, or leave the row out (skip: [co-tuning] in --config)")
+
+
+def _check_relevant(ws: Workspace) -> None:
+    """``relevant`` names classes of the pool (the recall of every selection, fig3a's label
+    selection): an id the pool lacks is refused by the pool's labels, before the folder is
+    claimed, not by the first recall, once every selection is made and saved."""
+    cfg = ws.cfg
+    # the class units are the means of the given store's classes, else of the embedded pool's
+    pool = ws.features("source") if cfg.source_features else ws.data("source")
+    if pool.labels is None:
+        raise PretrainReuseError(f"relevant names classes of the pool, but source {cfg.source!r} "
+                                 "has no labels; give labelled pool data, or leave relevant unset")
+    check_ids_below("relevant", cfg.relevant, class_count(pool), f"classes of source {cfg.source!r}")
 
 
 def _knowledge_analysis(ws: Workspace, rows: list[Row], table: list[dict]) -> dict[str, Any]:
