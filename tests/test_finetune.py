@@ -1151,7 +1151,27 @@ def test_cotuning_without_a_classifier_head_exits_2(files, tmp_path, capsys):
     args = base_args(files, tmp_path / "run")
     args[args.index("--weights") + 1] = headless
     rc, _, err = cli(capsys, *args, "--mode", "co-tuning")
-    assert_one_line_error(rc, err, "co-tuning", "classifier")
+    assert_one_line_error(rc, err, "co-tuning needs a backbone with its pre-training classifier "
+                                   "head; smallcnn-s has none; pass --weights of a classifier")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cotuning_on_a_hugging_face_base_model_names_a_classifier_folder(files, tmp_path, capsys):
+    # the head of a Hugging Face model comes with its folder, not with --weights
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=32)
+    transformers.ViTModel(cfg, add_pooling_layer=False).save_pretrained(tmp_path / "vit")
+    transformers.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp_path / "vit")
+    capsys.readouterr()  # transformers' progress bar of the saving
+    args = base_args(files, tmp_path / "run")
+    del args[args.index("--weights"):args.index("--weights") + 2]
+    args[args.index("--model") + 1] = f"hf:{tmp_path / 'vit'}"
+    rc, _, err = cli(capsys, *args, "--mode", "co-tuning")
+    assert_one_line_error(rc, err, f"hf:{tmp_path / 'vit'} has none; pass as --model the folder "
+                                   "of a Hugging Face *ForImageClassification model (its "
+                                   "classifier is the source head)")
+    assert not (tmp_path / "run").exists()
 
 
 def test_empty_target_folder_exits_2(files, tmp_path, capsys):

@@ -337,10 +337,24 @@ def test_table1_on_sentences_leaves_unlabelled_reuse_out_and_runs_the_rest(files
     assert rows[2]["units"] == 2
 
 
+def test_cotuning_on_a_base_model_folder_names_a_classifier_folder(files, tmp_path, capsys):
+    # a BertModel folder has no classifier: the fix is a *ForSequenceClassification folder as
+    # --model, whose head is the source classifier, not --weights
+    rc, _, err = run(capsys, "finetune", "--mode", "co-tuning", "--model", f"hf:{files['bert']}",
+                     "--target", files["train"], "--target-test", files["test"], "--batch-size", 8,
+                     "--max-steps", 1, "--quiet", "--out", tmp_path / "run")
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert (f"hf:{files['bert']} has none; pass as --model the folder of a Hugging Face "
+            "*ForSequenceClassification model (its classifier is the source head)") in err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("name, model, needle", [
     ("table2", "classifier", "table2 fine-tunes with reuse-unlabeled only, whose soft targets come "
                              "from weak and strong augmentations of images"),
-    ("table1", "bert", "co-tuning needs a backbone with its pre-training classifier head; hf:"),
+    ("table1", "bert", "has none; pass as --model the folder of a Hugging Face "
+                       "*ForSequenceClassification model (its classifier is the source head), or "
+                       "leave the row out (skip: [co-tuning] in --config)"),
     ("table4", "smallcnn", "smallcnn is an image model but the target data holds sentences"),
 ])
 def test_an_experiment_sentences_cannot_run_is_refused_before_anything_is_written(

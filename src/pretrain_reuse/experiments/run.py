@@ -17,6 +17,7 @@ from ..errors import PretrainReuseError, check_choice, check_ids_below
 from ..finetune import RunResult
 from ..finetune.data import check_batch_size, selected_source
 from ..finetune.loop import total_steps
+from ..finetune.model import check_source_head
 from ..models import create_backbone
 from ..models.registry import check_modality, model_modality
 from ..units import class_count
@@ -203,11 +204,9 @@ def _check_backbones(backbones: dict, trains: list[Row], ws: Workspace, sentence
     for backbone in backbones.values():
         check_modality(backbone.spec.name, backbone.spec.modality, sentences, "the target data")
     for row in trains:
-        if row.mode == "co-tuning" and backbones[ws.weights(row)].num_classes is None:
-            raise PretrainReuseError(
-                f"co-tuning needs a backbone with its pre-training classifier head; "
-                f"{backbones[ws.weights(row)].spec.name} has none; pass --weights of a "
-                "classifier, or leave the row out (skip: [co-tuning] in --config)")
+        if row.mode == "co-tuning":
+            check_source_head(backbones[ws.weights(row)],
+                              other_fix=", or leave the row out (skip: [co-tuning] in --config)")
 
 
 def _check_relevant(ws: Workspace) -> None:

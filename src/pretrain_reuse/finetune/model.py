@@ -130,12 +130,27 @@ def untracked_batchnorm(module: nn.Module) -> Iterator[None]:
             m.momentum = momentum
 
 
+def check_source_head(backbone: Backbone, *, other_fix: str = "") -> None:
+    """Refuse a backbone without the pre-training classifier head that Co-Tuning keeps as its
+    source head, naming where one comes from: a Hugging Face model's classifier comes with its
+    folder (a base model's folder has none), any other model's with its weights file.
+    ``other_fix`` is added to the message (the experiment's skip)."""
+    if backbone.num_classes is not None:
+        return
+    name = backbone.spec.name
+    if name.startswith("hf:"):
+        task = "Sequence" if backbone.spec.modality == "text" else "Image"
+        fix = (f"pass as --model the folder of a Hugging Face *For{task}Classification model (its "
+               "classifier is the source head)")
+    else:
+        fix = "pass --weights of a classifier"
+    raise PretrainReuseError(f"co-tuning needs a backbone with its pre-training classifier head; "
+                             f"{name} has none; {fix}{other_fix}")
+
+
 def source_classifier(backbone: Backbone) -> nn.Linear:
     """A trainable copy of the backbone's own classifier head (Co-Tuning's source head)."""
-    if backbone.num_classes is None:
-        raise PretrainReuseError(
-            f"co-tuning needs a backbone with its pre-training classifier head; {backbone.spec.name} "
-            "has none (pass --weights of a classifier)")
+    check_source_head(backbone)
     return copy.deepcopy(backbone.head).requires_grad_(True)
 
 
