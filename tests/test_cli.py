@@ -429,6 +429,19 @@ def test_fractional_k_on_a_units_file_covers_that_share_of_samples_and_no_more(c
     assert read_sel(data.root / "pct.json")["selected"] == obj["selected"]
 
 
+def test_fractional_k_reports_the_share_of_samples_the_selected_units_hold(capsys, data):
+    # one large cluster closest to the target: 10% asked, 660 of the 1200 samples taken
+    sizes = [660, 100, 100, 100, 120, 120]
+    protos = np.random.default_rng(0).normal(size=(6, D))
+    Units(prototypes=protos, kind="cluster", assignment=np.repeat(np.arange(6), sizes),
+          sample_ids=[str(i) for i in range(sum(sizes))]).save(data.root / "clusters.safetensors")
+    np.save(data.root / "near0.npy", protos[:1])
+    out = run_ok(capsys, "select", "--source", data.root / "clusters.safetensors", "--target",
+                 data.root / "near0.npy", "--k", "10%", "--out", data.out)
+    assert read_sel(data.out)["selected"] == [0]
+    assert "selected 1 of 6 source units (55.0% of the 1200 source samples; 10% asked) " in out
+
+
 def test_units_files_on_both_sides_select_like_labelled_samples(capsys, data):
     inp = data.inp
     for side in ("src", "tgt"):

@@ -328,8 +328,13 @@ def _report_selection(sel, cfg, n_source: int, out: str, relevant: tuple[int, ..
               f"nats) for {out}; the ranking may be unsettled ({fix})", file=sys.stderr)
     names = sel.unit_names
     head = [f"{u}" + (f" ({names[u]})" if names else "") for u in sel.selected[:5]]
-    print(f"selected {len(sel.selected)} of {n_source} source units with {cfg.method} -> "
-          f"{out}; top: {', '.join(head)}")
+    covered = ""
+    if isinstance(cfg.k, float):  # whole units: the last one may take the share far past k
+        counts = sel.counts
+        covered = (f" ({counts[sel.selected].sum() / counts.sum():.1%} of the {counts.sum()} "
+                   f"source samples; {cfg.k * 100:g}% asked)")
+    print(f"selected {len(sel.selected)} of {n_source} source units{covered} with {cfg.method} "
+          f"-> {out}; top: {', '.join(head)}")
     if relevant:
         hits = round(sel.meta["recall"] * len(set(relevant)))
         print(f"recall of the {len(set(relevant))} relevant units: {sel.meta['recall']:.2%} ({hits})")
