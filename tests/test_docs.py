@@ -5,13 +5,14 @@ Regenerate both after changing a flag, a public signature or a docstring's first
     python tests/test_docs.py
 """
 
+import argparse
 import dataclasses
 import importlib
 import inspect
 import re
 from pathlib import Path
 
-from pretrain_reuse.cli import help_pages
+from pretrain_reuse.cli import build_parser, help_pages
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -131,6 +132,12 @@ def test_cli_pages_match_the_parsers_help():
     for name, text in pages.items():
         page = DOCS / "cli" / f"{name}.md"
         assert page.exists() and page.read_text() == text, f"docs/cli/{name}.md is stale"
+
+
+def test_every_verb_says_what_it_does_under_its_usage():
+    # demo --help and report --help showed their usage and flags only
+    verbs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert [name for name, sub in verbs.choices.items() if not sub.description] == []
 
 
 def test_the_docs_that_readme_and_the_reports_point_to_exist():

@@ -927,7 +927,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="experiment folder (a rerun resumes it)")
     ex.set_defaults(func=cmd_experiment)
 
-    d = sub.add_parser("demo", help="the whole pipeline on embedded data, with ground truth")
+    d = sub.add_parser("demo", help="the whole pipeline on embedded data, with ground truth",
+                       description="Run every stage (pre-train a small CNN, embed, units, select, "
+                       "finetune, knowledge) on embedded data whose answers are known (the pool "
+                       "classes a target task needs), scored against them, into report.html and "
+                       "summary.json; rerunning the same command resumes.")
     d.add_argument("--scenario", default="world", help="world (the procedural image world, "
                    "default) | fashion (real pixels: Fashion-MNIST garments and MNIST digits)")
     d.add_argument("--out", help="run folder (default runs/demo, or runs/demo-SCENARIO)")
@@ -938,7 +942,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     r = sub.add_parser("report", help="self-contained report.html of a demo, experiment, "
-                       "fine-tuning run or grid folder")
+                       "fine-tuning run or grid folder", description="Write report.html into a "
+                       "demo, experiment, fine-tuning run or finetune --grid folder: its figures "
+                       "and tables, drawn from the folder's own files, in one self-contained page "
+                       "(images embedded, no external files).")
     r.add_argument("run_dir", help="a demo, experiment, finetune run or finetune --grid folder")
     r.set_defaults(func=cmd_report)
     return p
