@@ -368,6 +368,13 @@ def test_an_experiment_sentences_cannot_run_is_refused_before_anything_is_writte
     assert not (tmp_path / "exp").exists()
 
 
+def test_an_experiment_of_an_image_model_on_sentences_says_only_the_refusal(files, tmp_path, capsys):
+    # the note of the rows left out on sentences came first, for a run that never started
+    rc, out, err = _experiment(capsys, "table1", files, "smallcnn", tmp_path / "exp")
+    assert rc == 2 and "smallcnn is an image model but the target data holds sentences" in err
+    assert "left out" not in out and not (tmp_path / "exp").exists()
+
+
 def test_an_experiment_refuses_a_model_of_the_other_modality_before_reading_the_data(
         files, tmp_path, capsys, monkeypatch):
     def unread(*args, **kwargs):

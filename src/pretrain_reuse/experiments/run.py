@@ -73,16 +73,14 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
     if not rows:
         raise PretrainReuseError(f"skip leaves no row of {name} to run; skip fewer rows")
     sentences = cfg.target is not None and is_sentence_file(cfg.target)
-    if sentences:  # unlabelled reuse trains on augmentations of images, which sentences lack
-        images_only = [r.method for r in rows if r.mode == "reuse-unlabeled"]
+    # unlabelled reuse trains on augmentations of images, which sentences lack
+    images_only = [r.method for r in rows if sentences and r.mode == "reuse-unlabeled"]
+    if images_only:
         rows = [r for r in rows if r.mode != "reuse-unlabeled"]
         if not rows:
             raise PretrainReuseError(
                 f"{name} fine-tunes with reuse-unlabeled only, whose soft targets come from weak "
                 "and strong augmentations of images; sentences (.jsonl) cannot run it")
-        if images_only and progress:
-            print(f"[experiment] left out on sentences (reuse-unlabeled needs augmentations of "
-                  f"images): {', '.join(images_only)}", flush=True)
     if cfg.source is None and any(r.pick for r in rows):
         raise PretrainReuseError(f"{name} needs 'source', the pre-training pool it selects from; "
                                  "pass --source or set it in --config")
@@ -95,6 +93,9 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
     modality = model_modality(cfg.model) if trains else None
     if modality is not None:
         check_modality(cfg.model, modality, sentences, "the target data")
+    if images_only and progress:  # said once the model is known to take the sentences
+        print(f"[experiment] left out on sentences (reuse-unlabeled needs augmentations of "
+              f"images): {', '.join(images_only)}", flush=True)
     if trains and cfg.target_test is None and not has_splits(cfg.target):
         raise PretrainReuseError(f"target {cfg.target!r} is a folder or list file with one split; "
                                  "pass --target-test (target_test) with the test data")
