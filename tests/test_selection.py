@@ -193,8 +193,14 @@ def test_sample_recall_needs_units_with_members_and_a_pool_sample_of_a_relevant_
         sel.sample_recall(Units(prototypes=np.eye(2)), [0, 1], [0])
     units = Units(prototypes=np.eye(2), kind="cluster", assignment=np.array([0, 1]),
                   sample_ids=["a", "b"])
-    with pytest.raises(PretrainReuseError, match="no pool sample has a relevant label"):
+    with pytest.raises(PretrainReuseError, match=r"no pool sample has the relevant label 9; "
+                                                 r"pass labels the pool has \(0\.\.1\)"):
         sel.sample_recall(units, [0, 1], [9])
+    with pytest.raises(PretrainReuseError, match="needs at least one relevant class id"):
+        sel.sample_recall(units, [0, 1], [])
+    # one id wrong among right ones: its class's samples were left out of the recall unseen
+    with pytest.raises(PretrainReuseError, match="no pool sample has the relevant label 9"):
+        sel.sample_recall(units, [0, 1], [1, 9])
 
 
 def test_batched_selection_equals_one_target_at_a_time(world):

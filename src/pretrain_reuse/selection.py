@@ -206,9 +206,17 @@ class Selection:
         if units.assignment is None:
             raise PretrainReuseError("sample recall needs units that record their members "
                                      "(a Units file from class means or k-means)")
-        in_relevant = np.isin(as_array("labels", labels), _integer_ids("relevant", relevant))
-        if not in_relevant.any():
-            raise PretrainReuseError("sample recall: no pool sample has a relevant label")
+        labels, relevant = as_array("labels", labels), _integer_ids("relevant", relevant)
+        if not relevant:
+            raise PretrainReuseError("sample recall needs at least one relevant class id")
+        # every class of a labelled pool has samples: a relevant id without any is a wrong id,
+        # which would leave the recall over the other ids looking complete
+        absent = sorted(set(relevant) - set(np.unique(labels).tolist()))
+        if absent:
+            raise PretrainReuseError(
+                f"sample recall: no pool sample has the relevant label {absent[0]}; pass labels "
+                f"the pool has (0..{int(labels.max())})")
+        in_relevant = np.isin(labels, relevant)
         taken = np.isin(units.assignment, self.selected)
         return float((taken & in_relevant).sum() / in_relevant.sum())
 
