@@ -1,14 +1,17 @@
 """How outputs land on disk: file modes follow the umask like a plain ``open``, a file output
-pointed at a folder is refused before anything is written, and an embed of a list whose paths are
-all missing (or of images none of which can be read) fails in one line and leaves no store.
+pointed at a folder is refused before anything is written, an output folder that holds another
+command's output is refused naming what it holds, and an embed of a list whose paths are all
+missing (or of images none of which can be read) fails in one line and leaves no store.
 
 Regression tests of review findings: ``.safetensors`` outputs were 0600 (safetensors replaces the
-temporary file with its own 0600 one), ``select --out <folder>`` ended in a traceback, and such an
-embed left a 0-row store that a fixed rerun then refused.
+temporary file with its own 0600 one), ``select --out <folder>`` ended in a traceback, such an
+embed left a 0-row store that a fixed rerun then refused, and ``finetune --out`` took a demo's or
+an experiment's folder for a run of its own and replaced its run.json.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -18,6 +21,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from pretrain_reuse.artifacts import atomic_path
+from pretrain_reuse.cli import main
 from pretrain_reuse.features import FeatureStore
 from test_embed import FILES, assert_one_line_error, cli, embed_ok, write_image
 
@@ -165,6 +169,58 @@ def test_output_over_another_kind_of_file_exits_2_and_keeps_it(capsys, features,
 
 
 # --------------------------------------------------------------------------------------------
+# An output folder that holds another command's output
+# --------------------------------------------------------------------------------------------
+
+FINETUNE = ["finetune", "--model", "smallcnn-s", "--target", "synthetic:target", "--batch-size", 8,
+            "--max-steps", 2, "--quiet"]
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` with its bytes: what a refused command must leave as it was."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory) -> Path:
+    """The folder of a finished fine-tuning run."""
+    out = tmp_path_factory.mktemp("finetuned") / "run"
+    assert main([str(a) for a in (*FINETUNE, "--out", out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("kind,holds", [("demo-run", "a demo run"),
+                                        ("experiment-run", "an experiment")])
+def test_finetune_into_a_demo_or_experiment_folder_exits_2_and_keeps_it(tmp_path, capsys, kind,
+                                                                        holds):
+    # its run.json was taken for that of a fine-tuning run stopped before its first checkpoint:
+    # the run replaced it, and the demo or experiment then refused its own folder
+    out = tmp_path / "folder"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"kind": kind, "params": {"seed": 0}}))
+    (out / "timing.json").write_text("{}")
+    before = snapshot(out)
+    rc, _, err = cli(capsys, *FINETUNE, "--out", out)
+    assert_one_line_error(rc, err, repr(str(out)), f"holds {holds}, not a fine-tuning run;",
+                          "pass a new or empty folder")
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("argv,what", [
+    (["demo", "--quick", "--quiet"], "a demo run"),
+    (["experiment", "table1", "--model", "smallcnn", "--source", "synthetic:pretrain", "--target",
+      "synthetic:target", "--seeds", "0", "--quiet"], "an experiment folder"),
+])
+def test_demo_or_experiment_into_a_fine_tuning_run_names_what_the_folder_holds(finetuned, capsys,
+                                                                               argv, what):
+    # it said the folder held a demo run made with other settings (lambda, plan, quick, ...)
+    before = snapshot(finetuned)
+    rc, _, err = cli(capsys, *argv, "--out", finetuned)
+    assert_one_line_error(rc, err, repr(str(finetuned)), f"holds a fine-tuning run, not {what};")
+    assert "settings" not in err and snapshot(finetuned) == before
+
+
+# --------------------------------------------------------------------------------------------
 # embed of a list whose images are missing or unreadable
 # --------------------------------------------------------------------------------------------
 
@@ -253,7 +309,7 @@ def test_temps_of_live_writers_are_kept_and_not_taken_for_foreign_files(tmp_path
     out = tmp_path / "run"
     out.mkdir()
     live = _temp(out, "split.json", os.getpid())
-    assert make_run_folder(out, "a fine-tuning run", "run.json") == out / "run.json"
+    assert make_run_folder(out, "a fine-tuning run", "run.json", kind="finetune-run") == out / "run.json"
     assert live.exists()
 
 

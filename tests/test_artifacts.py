@@ -620,10 +620,15 @@ def test_claim_folder_resumes_the_same_run_and_refuses_any_other(tmp_path):
     claim_folder(out, "demo-run", {"seed": 0, "sizes": (1, 2)}, what="a demo run")  # resume
     with pytest.raises(PretrainReuseError, match=r"other settings \(extra, seed\)"):
         claim_folder(out, "demo-run", {"seed": 1, "sizes": [1, 2], "extra": 1}, what="a demo run")
-    with pytest.raises(PretrainReuseError, match=r"other settings \(seed, sizes\)"):
+    # another command's folder is named as what it holds, not as a run with other settings
+    with pytest.raises(PretrainReuseError, match="holds a demo run, not an experiment;"):
         claim_folder(out, "experiment-run", {"seed": 0, "sizes": [1, 2]}, what="an experiment")
-    with pytest.raises(PretrainReuseError, match="not empty and not an embedding"):
+    with pytest.raises(PretrainReuseError, match="holds a demo run, not an embedding;"):
         claim_folder(out, "embedding", {}, what="an embedding", marker="embed.json")
+    (out / "run.json").rename(out / "notes.json")
+    with pytest.raises(PretrainReuseError, match="is not empty and not an embedding;"):
+        claim_folder(out, "embedding", {}, what="an embedding", marker="embed.json")
+    (out / "notes.json").rename(out / "run.json")
     (tmp_path / "file").write_text("x")
     with pytest.raises(PretrainReuseError, match="is a file"):
         claim_folder(tmp_path / "file", "demo-run", {}, what="a demo run")

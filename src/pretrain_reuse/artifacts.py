@@ -211,13 +211,12 @@ def claim_folder(out: Path, kind: str, params: dict, *, what: str, marker: str =
 
     Refused, with one line naming ``what`` the folder should hold ("a demo run"): ``out`` is a
     file; ``out`` holds a run made with other ``params`` (the changed keys are named), as resuming
-    would mix two runs' outputs; ``out`` is a non-empty folder that is not such a run.
+    would mix two runs' outputs; ``out`` holds anything else (:func:`make_run_folder`).
     """
     params = json.loads(to_json(params))  # as stored: tuples become lists
-    path = make_run_folder(out, what, marker)
+    path = make_run_folder(out, what, marker, kind=kind)
     if path.exists():
-        old = read_json(path, f"the marker of {what}")
-        old_params = old.get("params", {}) if old.get("kind") == kind else {}
+        old_params = read_json(path, f"the marker of {what}").get("params", {})
         if old_params != params:
             changed = _changed_keys(params, old_params)
             raise PretrainReuseError(
@@ -273,18 +272,47 @@ def make_folder(out: Path, what: str) -> Path:
     return out
 
 
-def make_run_folder(out: Path, what: str, marker: str, early: tuple[str, ...] = ()) -> Path:
+#: What an output folder holds, in words, by the ``kind`` its marker (or index) records.
+FOLDER_KINDS = {"finetune-run": "a fine-tuning run", "experiment-run": "an experiment",
+                "demo-run": "a demo run", "features": "a FeatureStore", "embedding": "an embedding",
+                "explanations": "an explanation run", "knowledge-report": "a knowledge analysis"}
+
+#: The files that say what an output folder holds (a FeatureStore's index before its marker).
+FOLDER_MARKERS = ("run.json", "index.json", "embed.json", "explain.json", "knowledge.json")
+
+
+def make_run_folder(out: Path, what: str, marker: str, early: tuple[str, ...] = (), *,
+                    kind: str) -> Path:
     """Create the folder ``out`` for ``what`` (:func:`make_folder`) and return the path of its
-    marker file ``out/marker``. A non-empty folder without that marker holds someone else's files,
-    which a run would mix with its own or delete as stale: refused, unless it holds only ``early``
-    (files a run writes before its marker, left by a run stopped in between)."""
+    marker file ``out/marker``, which records ``kind`` once written.
+
+    Refused, naming what the folder holds where its markers tell: a marker of another kind (a
+    demo's ``run.json`` for a fine-tuning run), as the run would take that folder for a run of
+    its own; a non-empty folder without the marker, which holds someone else's files that a run
+    would mix with its own or delete as stale, unless it holds only ``early`` (files a run writes
+    before its marker, left by a run stopped in between). A marker that records no kind (an
+    earlier version's) or cannot be read is left to the caller."""
     path = make_folder(out, what) / marker
     remove_orphan_temps(out)
-    # what is left of temporary files is being written now (another rank of this job)
-    if not path.exists() and any(p.name not in early and not _TEMP.match(p.name) for p in out.iterdir()):
+    # what is left of temporary files is being written now (another rank of this job). Listed
+    # before the marker is looked for: a run writes its files (but early ones) after its marker,
+    # so that another rank of the job that sees them sees the marker too
+    foreign = any(p.name not in early and not _TEMP.match(p.name) for p in out.iterdir())
+    found = _json_entry(path)
+    if (foreign and not path.exists()) or found not in (None, kind):
+        holds = _holds(out)
         raise PretrainReuseError(
-            f"out (--out) {str(out)!r} is not empty and not {what}; pass a new or empty folder")
+            f"out (--out) {str(out)!r} "
+            + (f"holds {holds}, not {what}" if holds else f"is not empty and not {what}")
+            + "; pass a new or empty folder")
     return path
+
+
+def _holds(folder: Path) -> str | None:
+    """What ``folder`` holds by its markers, in words (:data:`FOLDER_KINDS`); None when none
+    says."""
+    kinds = (_json_entry(folder / name) for name in FOLDER_MARKERS)
+    return next((FOLDER_KINDS[k] for k in kinds if k in FOLDER_KINDS), None)
 
 
 def read_json(path: str | Path, what: str) -> dict:

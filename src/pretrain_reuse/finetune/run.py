@@ -303,7 +303,8 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
     if check_only:
         return len(val_set)
     # only now: a bad argument leaves no folder
-    out = make_run_folder(Path(out), "a fine-tuning run", "run.json", early=("split.json",)).parent
+    out = make_run_folder(Path(out), "a fine-tuning run", "run.json", ("split.json",),
+                          kind="finetune-run").parent
     # the paths alone do not show data changed on disk; a resumed run would mix the two. The
     # class names, as JSON text (the run's meta holds its inputs as text), name the outputs of
     # the head in model.safetensors, so that data with other classes can be refused there

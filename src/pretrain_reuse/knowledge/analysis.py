@@ -279,7 +279,7 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     folders = [*models, *(_snapshot_folder(name, t) for name, snaps in series.items()
                           for t in range(len(snaps)))]
     marker = make_run_folder(out, "a knowledge analysis", "knowledge.json",
-                             early=_earlier_outputs(out))
+                             early=_earlier_outputs(out), kind=KIND)
     if marker.exists():
         # a model's folder of this analysis whose explain.json was lost is still its own
         for name in folders:

@@ -582,7 +582,7 @@ def explain_games(model: Backbone, dataset: ImageDataset | TextDataset, indices:
     if folder is not None:
         # unfinished until save_explanations: a rerun with other settings rewrites the samples'
         # files one by one, and a folder stopped halfway holds a mix of the two runs
-        write_json(make_run_folder(folder, "an explanation run", MARKER),
+        write_json(make_run_folder(folder, "an explanation run", MARKER, kind="explanations"),
                    _marker(finished=False, identity=identity))
         (folder / "games").mkdir(exist_ok=True)
     identity = model_identity(model)
