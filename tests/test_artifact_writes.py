@@ -220,6 +220,41 @@ def test_demo_or_experiment_into_a_fine_tuning_run_names_what_the_folder_holds(f
     assert "settings" not in err and snapshot(finetuned) == before
 
 
+GRID = [*FINETUNE, "--grid", "lr=0.01,0.1"]
+
+
+@pytest.mark.parametrize("folder,holds", [("store", "a FeatureStore"),
+                                          ("finetuned", "a fine-tuning run")])
+def test_grid_search_into_another_commands_folder_exits_2_and_keeps_it(tmp_path, capsys, finetuned,
+                                                                       folder, holds):
+    # the grid wrote its runs, grid.csv and grid.json beside the files there
+    out = finetuned if folder == "finetuned" else FeatureStore(
+        features=np.ones((3, 4), np.float32), ids=["a", "b", "c"]).save(tmp_path / "store")
+    before = snapshot(out)
+    rc, _, err = cli(capsys, *GRID, "--out", out)
+    assert_one_line_error(rc, err, repr(str(out)), f"holds {holds}, not a grid search;")
+    assert snapshot(out) == before
+
+
+def test_a_grid_folder_is_resumed_by_its_grid_and_refused_to_a_single_run(tmp_path, capsys):
+    out = tmp_path / "grid"
+    rc, _, err = cli(capsys, *GRID, "--out", out)
+    assert rc == 0, err
+    runs = {tag: snapshot(out / tag) for tag in ("lr=0.01", "lr=0.1")}
+    rows = json.loads((out / "grid.json").read_text())["rows"]
+    rc, _, err = cli(capsys, *FINETUNE, "--out", out)
+    assert_one_line_error(rc, err, "holds a grid search, not a fine-tuning run;")
+    # a rerun finds every run finished and trains none again, also in the folder of a version
+    # that wrote no marker for the grid
+    for before_the_marker in (False, True):
+        if before_the_marker:
+            (out / "run.json").unlink()
+        rc, _, err = cli(capsys, *GRID, "--out", out)
+        assert rc == 0, err
+        assert {tag: snapshot(out / tag) for tag in runs} == runs
+        assert json.loads((out / "grid.json").read_text())["rows"] == rows
+
+
 # --------------------------------------------------------------------------------------------
 # embed of a list whose images are missing or unreadable
 # --------------------------------------------------------------------------------------------

@@ -205,16 +205,18 @@ def write_json(path: str | Path, obj: Any) -> None:
         tmp.write_text(to_json(obj) + "\n")
 
 
-def claim_folder(out: Path, kind: str, params: dict, *, what: str, marker: str = "run.json") -> None:
+def claim_folder(out: Path, kind: str, params: dict, *, what: str, marker: str = "run.json",
+                 early: tuple[str, ...] = ()) -> None:
     """Mark the folder ``out`` as holding a ``kind`` made with ``params`` (the JSON file
     ``out/marker``), so that rerunning the same command resumes it.
 
     Refused, with one line naming ``what`` the folder should hold ("a demo run"): ``out`` is a
     file; ``out`` holds a run made with other ``params`` (the changed keys are named), as resuming
-    would mix two runs' outputs; ``out`` holds anything else (:func:`make_run_folder`).
+    would mix two runs' outputs; ``out`` holds anything else (:func:`make_run_folder`, which lets
+    ``early`` files through).
     """
     params = json.loads(to_json(params))  # as stored: tuples become lists
-    path = make_run_folder(out, what, marker, kind=kind)
+    path = make_run_folder(out, what, marker, early, kind=kind)
     if path.exists():
         old_params = read_json(path, f"the marker of {what}").get("params", {})
         if old_params != params:
@@ -273,8 +275,9 @@ def make_folder(out: Path, what: str) -> Path:
 
 
 #: What an output folder holds, in words, by the ``kind`` its marker (or index) records.
-FOLDER_KINDS = {"finetune-run": "a fine-tuning run", "experiment-run": "an experiment",
-                "demo-run": "a demo run", "features": "a FeatureStore", "embedding": "an embedding",
+FOLDER_KINDS = {"finetune-run": "a fine-tuning run", "grid-run": "a grid search",
+                "experiment-run": "an experiment", "demo-run": "a demo run",
+                "features": "a FeatureStore", "embedding": "an embedding",
                 "explanations": "an explanation run", "knowledge-report": "a knowledge analysis"}
 
 #: The files that say what an output folder holds (a FeatureStore's index before its marker).

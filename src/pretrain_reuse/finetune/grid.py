@@ -14,7 +14,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import atomic_path, make_meta, write_json
+from ..artifacts import atomic_path, claim_folder, make_meta, write_json
 from ..errors import PretrainReuseError, check_choice
 from .config import FinetuneConfig
 from .loop import RunResult
@@ -51,6 +51,8 @@ def grid_search(cfg: FinetuneConfig, grid: dict[str, list[Any]], out: str | Path
                 check: Callable[[FinetuneConfig], int]) -> dict[str, Any]:
     """Run ``run(cfg_with_values, folder)`` for every combination of ``grid`` and pick the best
     on validation; writes ``grid.csv`` and ``grid.json`` (the winner and every row) into ``out``.
+    ``out`` must be new, empty or a grid search's (:func:`~pretrain_reuse.artifacts.claim_folder`),
+    whose runs a rerun resumes.
 
     ``check(cfg_with_values)`` makes every check of a run without running it and returns its
     number of validation images: all combinations are checked before the first run, not after
@@ -78,6 +80,11 @@ def grid_search(cfg: FinetuneConfig, grid: dict[str, list[Any]], out: str | Path
                 f"grid search picks on the validation split, but run {tag} would have no "
                 "validation images (its data regime trains on every image); give the grid other "
                 "regimes")
+    # claimed once every combination has passed its checks: a refused grid writes nothing. The
+    # marker records no settings, as each run refuses other settings on a rerun; a rerun with
+    # more values reuses the runs the two grids share. Versions before it wrote no marker: a
+    # folder of theirs holds only this grid's runs and results.
+    claim_folder(out, "grid-run", {}, what="a grid search", early=(*tags, "grid.csv", "grid.json"))
     rows = []
     for setting, tag, c in zip(settings, tags, configs, strict=True):
         result = run(c, out / tag)
