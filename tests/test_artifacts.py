@@ -644,7 +644,7 @@ def test_sample_ids_that_are_not_utf8_are_a_corrupt_file_error():
 
 
 @pytest.mark.parametrize("content,needle", [
-    ({"a/0.png": b"x"}, "is a folder of images: embed it first"),
+    ({"a/0.png": b"x"}, "is a folder of images, not a FeatureStore: embed it first"),
     ({"embed.json": b"{}", "parts/.keep": b""}, "is an unfinished embedding (no index.json yet): rerun"),
     ({"notes.txt": b"x"}, "is a folder without index.json, not a FeatureStore"),
 ])
@@ -656,6 +656,34 @@ def test_a_folder_that_is_not_a_store_says_what_it_is(tmp_path, content, needle)
         (tmp_path / "f" / name).write_bytes(data)
     with pytest.raises(PretrainReuseError, match=re.escape(needle)):
         load(tmp_path / "f")
+
+
+def test_a_folder_given_where_features_are_expected_is_one_sentence_naming_no_function(tmp_path,
+                                                                                      capsys):
+    # the clauses were mixed ("... and pass the store, not a FeatureStore; load opens ..."), and
+    # users of the command line were told what the Python function load opens
+    from pretrain_reuse.cli import main
+
+    (tmp_path / "imgs" / "cat").mkdir(parents=True)
+    (tmp_path / "imgs" / "cat" / "0.png").write_bytes(b"x")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("x")
+    np.save(tmp_path / "T.npy", np.ones((2, 4), np.float32))
+    images = tmp_path / "imgs"
+    expected = (f"{str(images)!r} is a folder of images, not a FeatureStore: embed it first "
+                f"(`pretrain-reuse embed --data {images} --out STORE`) and pass the store")
+    with pytest.raises(PretrainReuseError) as e:
+        load(images)
+    assert str(e.value) == expected
+    for folder in (images, tmp_path / "notes"):
+        assert main(["select", "--source", str(folder), "--target", str(tmp_path / "T.npy"),
+                     "--k", "1", "--out", str(tmp_path / "s.json")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "load" not in err, err
+    assert err.endswith("is a folder without index.json, not a FeatureStore; pass an artifact: a "
+                        "FeatureStore, fine-tuning run or experiment folder, Units (.safetensors or "
+                        ".npy), Interactions (.safetensors), a selection (.json) or a saved "
+                        "knowledge result (.json)\n")
 
 
 def test_explain_games_and_a_run_split_are_named_not_misread(tmp_path):

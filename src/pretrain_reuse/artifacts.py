@@ -444,6 +444,12 @@ def refuse_foreign(path: str | Path, artifact: str) -> None:
             f"{str(path)!r} exists and is not a {artifact} file; choose another output path")
 
 
+#: What opens as an artifact, for a message about a path that does not: it also reaches the
+#: users of the command line (their data arguments), so it does not name ``load``.
+OPENS = ("pass an artifact: a FeatureStore, fine-tuning run or experiment folder, Units "
+         "(.safetensors or .npy), Interactions (.safetensors), a selection (.json) or a saved "
+         "knowledge result (.json)")
+
 #: The knowledge results saved as JSON, by their kind: the class in knowledge.metrics that loads them.
 KNOWLEDGE_RESULTS = {"knowledge-sets": "KnowledgeReport", "knowledge-convergence": "Convergence",
                      "accuracy-correlation": "AccuracyCorrelation", "set-discrimination": "SetDiscrimination"}
@@ -466,9 +472,6 @@ def load(path: str | Path, *, what: str = "path", lazy: bool = False):
     ``explain`` and ``knowledge`` hold one Interactions file per sample: open those.
     """
     p = check_file(what, path)
-    opens = ("load opens FeatureStore, fine-tuning run and experiment folders, Units "
-             ".safetensors/.npy, Interactions .safetensors, selection .json files and the .json "
-             "files of a knowledge result's save()")
     _refuse_knowledge_outputs(p)
     # Imported here: these modules sit above this one in the dependency order.
     if p.is_dir():
@@ -492,7 +495,7 @@ def load(path: str | Path, *, what: str = "path", lazy: bool = False):
         from .features import FeatureStore
 
         if p.is_dir() and not (p / "index.json").exists():
-            raise PretrainReuseError(f"{str(p)!r} is {_what_folder(p)}, not a FeatureStore; {opens}")
+            raise PretrainReuseError(_what_folder(p))
         return FeatureStore.load(p.parent if p.name == "index.json" else p, lazy=lazy)
     kind = None
     if p.suffix == ".safetensors":
@@ -511,7 +514,7 @@ def load(path: str | Path, *, what: str = "path", lazy: bool = False):
         return Units.load(p)  # None: unreadable, and Units.load says how
     if p.suffix == ".safetensors":
         weights = "; model weights load with create_backbone(name, weights=path)"
-        raise PretrainReuseError(f"{str(p)!r} holds a {kind}, not an artifact to load; {opens}"
+        raise PretrainReuseError(f"{str(p)!r} holds a {kind}, not an artifact to load; {OPENS}"
                                  + (weights if kind == "backbone" else ""))
     if p.suffix == ".json":
         kind = _json_entry(p)
@@ -521,24 +524,26 @@ def load(path: str | Path, *, what: str = "path", lazy: bool = False):
             return getattr(metrics, KNOWLEDGE_RESULTS[kind]).load(p)
         if kind not in (None, "selection"):
             raise PretrainReuseError(f"{str(p)!r} holds a {kind!r} record, not an artifact to "
-                                     f"load; it is plain JSON (json.load reads it); {opens}")
+                                     f"load; it is plain JSON (json.load reads it); {OPENS}")
         from .selection import Selection
 
         return Selection.load(p)
-    raise PretrainReuseError(f"do not know how to open {str(p)!r}; {opens}")
+    raise PretrainReuseError(f"do not know how to open {str(p)!r}; {OPENS}")
 
 
 def _what_folder(p: Path) -> str:
-    """What a folder without ``index.json`` is, said so that the fix is plain."""
+    """Why the folder ``p`` (no ``index.json``, no result of a run) opens as no artifact, as a
+    message that says what to pass instead."""
     from .data.datasets import IMG_EXTENSIONS
 
     if (p / "embed.json").exists():
-        return "an unfinished embedding (no index.json yet): rerun its embed command to finish it"
+        return (f"{str(p)!r} is an unfinished embedding (no index.json yet): rerun its embed "
+                "command to finish it")
     for _, _, names in os.walk(p):
         if any(n.lower().endswith(IMG_EXTENSIONS) for n in names):
-            return ("a folder of images: embed it first (`pretrain-reuse embed --data FOLDER "
-                    "--out STORE`) and pass the store")
-    return "a folder without index.json"
+            return (f"{str(p)!r} is a folder of images, not a FeatureStore: embed it first "
+                    f"(`pretrain-reuse embed --data {p} --out STORE`) and pass the store")
+    return f"{str(p)!r} is a folder without index.json, not a FeatureStore; {OPENS}"
 
 
 def _refuse_knowledge_outputs(p: Path) -> None:
