@@ -20,8 +20,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+import pretrain_reuse
 from pretrain_reuse.artifacts import atomic_path
 from pretrain_reuse.cli import main
+from pretrain_reuse.errors import PretrainReuseError
 from pretrain_reuse.features import FeatureStore
 from test_embed import FILES, assert_one_line_error, cli, embed_ok, write_image
 
@@ -236,10 +238,12 @@ def test_grid_search_into_another_commands_folder_exits_2_and_keeps_it(tmp_path,
     assert snapshot(out) == before
 
 
-def test_a_grid_folder_is_resumed_by_its_grid_and_refused_to_a_single_run(tmp_path, capsys):
+def test_a_grid_folder_is_resumed_by_its_grid_and_named_to_a_single_run_and_load(tmp_path, capsys):
     out = tmp_path / "grid"
     rc, _, err = cli(capsys, *GRID, "--out", out)
     assert rc == 0, err
+    with pytest.raises(PretrainReuseError, match="is a grid search, a folder of fine-tuning runs"):
+        pretrain_reuse.load(out)  # it said "a folder without index.json, not a FeatureStore"
     runs = {tag: snapshot(out / tag) for tag in ("lr=0.01", "lr=0.1")}
     rows = json.loads((out / "grid.json").read_text())["rows"]
     rc, _, err = cli(capsys, *FINETUNE, "--out", out)

@@ -647,6 +647,18 @@ def test_sample_ids_that_are_not_utf8_are_a_corrupt_file_error():
     ({"a/0.png": b"x"}, "is a folder of images, not a FeatureStore: embed it first"),
     ({"embed.json": b"{}", "parts/.keep": b""}, "is an unfinished embedding (no index.json yet): rerun"),
     ({"notes.txt": b"x"}, "is a folder without index.json, not a FeatureStore"),
+    # images two levels down are a run's figures, not data
+    ({"notes.txt": b"x", "a/b/0.png": b"x"}, "is a folder without index.json, not a FeatureStore"),
+    # a demo, whose knowledge figures made it a folder of images
+    ({"run.json": b'{"kind": "demo-run", "params": {}}', "knowledge/sets.png": b"x",
+      "summary.json": b"{}"}, "is a demo run, a folder of artifacts: pass one of them, such as a "
+                              "FeatureStore (features_target)"),
+    # a grid search, by its marker or (a version without it) by its results
+    ({"run.json": b'{"kind": "grid-run", "params": {}}', "lr=0.1/run.json": b'{"kind": "finetune-run"}'},
+     "is a grid search, a folder of fine-tuning runs (one per combination): pass one of them; "
+     "grid.json, once the search has finished, names the one validation picked"),
+    ({"grid.json": b'{"kind": "grid"}', "lr=0.1/result.json": b'{"kind": "finetune-result"}'},
+     "is a grid search, a folder of fine-tuning runs"),
 ])
 def test_a_folder_that_is_not_a_store_says_what_it_is(tmp_path, content, needle):
     from pretrain_reuse import load

@@ -469,7 +469,8 @@ def load(path: str | Path, *, what: str = "path", lazy: bool = False):
     selection ``.json`` file a :class:`~pretrain_reuse.selection.Selection`; a saved
     :class:`~pretrain_reuse.knowledge.KnowledgeReport`, :class:`~pretrain_reuse.knowledge.Convergence`
     or :class:`~pretrain_reuse.knowledge.AccuracyCorrelation` as such. The folders of
-    ``explain`` and ``knowledge`` hold one Interactions file per sample: open those.
+    ``explain`` and ``knowledge`` hold one Interactions file per sample, and those of ``demo``
+    and ``finetune --grid`` several artifacts: open those.
     """
     p = check_file(what, path)
     _refuse_knowledge_outputs(p)
@@ -536,13 +537,25 @@ def _what_folder(p: Path) -> str:
     message that says what to pass instead."""
     from .data.datasets import IMG_EXTENSIONS
 
+    kind = _json_entry(p / "run.json")
+    if kind == "demo-run":
+        return (f"{str(p)!r} is a demo run, a folder of artifacts: pass one of them, such as a "
+                "FeatureStore (features_target), Units (units_classes.safetensors) or a "
+                "fine-tuning run (finetune/<run>); its numbers are in summary.json once it has "
+                "finished (plain JSON, json.load reads it)")
+    # by its marker, or by its results in the folder of a version that wrote no marker
+    if kind == "grid-run" or _json_entry(p / "grid.json") == "grid":
+        return (f"{str(p)!r} is a grid search, a folder of fine-tuning runs (one per combination): "
+                "pass one of them; grid.json, once the search has finished, names the one "
+                "validation picked (plain JSON, json.load reads it)")
     if (p / "embed.json").exists():
         return (f"{str(p)!r} is an unfinished embedding (no index.json yet): rerun its embed "
                 "command to finish it")
-    for _, _, names in os.walk(p):
-        if any(n.lower().endswith(IMG_EXTENSIONS) for n in names):
-            return (f"{str(p)!r} is a folder of images, not a FeatureStore: embed it first "
-                    f"(`pretrain-reuse embed --data {p} --out STORE`) and pass the store")
+    # images at its top or in class sub-folders, as image folders are laid out; deeper down lie
+    # the figures of a run's parts, not data (glob passes over folders it cannot read)
+    if any(f.name.lower().endswith(IMG_EXTENSIONS) for pattern in ("*", "*/*") for f in p.glob(pattern)):
+        return (f"{str(p)!r} is a folder of images, not a FeatureStore: embed it first "
+                f"(`pretrain-reuse embed --data {p} --out STORE`) and pass the store")
     return f"{str(p)!r} is a folder without index.json, not a FeatureStore; {OPENS}"
 
 
