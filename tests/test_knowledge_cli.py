@@ -304,6 +304,12 @@ def test_checkpoints_of_another_run_or_not_models_are_refused(tmp_path, capsys):
     rc, _, err = _run(capsys, *knowledge, "--checkpoints", tmp_path / "x")
     assert rc == 2 and err.count("\n") == 1
     assert "holds interactions-0000.safetensors, which is not a saved model" in err
+    # a folder of several runs (an experiment's, a grid's, a demo's) is not one run's snapshots
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "run.json").write_text('{"kind": "experiment-run", "params": {}}')
+    rc, _, err = _run(capsys, *knowledge, "--checkpoints", tmp_path / "exp")
+    assert rc == 2 and err.count("\n") == 1
+    assert "holds an experiment, not a fine-tuning run; pass the folder of one fine-tuning run" in err
     assert not (tmp_path / "k").exists()
 
 

@@ -569,11 +569,16 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 def _snapshots(model: str, path: str, flag: str, quiet: bool) -> list:
     """The snapshot models of the run folder (or its ``snapshots/`` folder) at ``path``, in any
     order: knowledge orders them by the step each records."""
-    from .artifacts import safetensors_header
+    from .artifacts import FOLDER_KINDS, read_json, safetensors_header
     from .errors import check_file
 
     folder = check_file(flag, path)
-    if (folder / "run.json").exists():  # a fine-tuning run folder: its snapshots
+    if (folder / "run.json").exists():  # a run folder: a fine-tuning run's snapshots
+        kind = read_json(folder / "run.json", f"the marker of {flag} {path!r}").get("kind")
+        if kind in FOLDER_KINDS and kind != "finetune-run":  # a demo's, an experiment's, a grid's
+            raise PretrainReuseError(
+                f"{flag} {path!r} holds {FOLDER_KINDS[kind]}, not a fine-tuning run; pass the "
+                "folder of one fine-tuning run made with --snapshots")
         folder = folder / "snapshots"
     files = sorted(folder.glob("*.safetensors"))
     if not files:
