@@ -440,6 +440,15 @@ def test_an_unfinished_run_folder_says_so_and_names_its_rerun(tmp_path, capsys, 
     assert f"{command} {run}`" in err and "pass a demo or experiment" not in err
 
 
+def test_an_unfinished_grid_search_says_so(tmp_path, capsys):
+    run = tmp_path / "grid"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"kind": "grid-run", "params": {}}))
+    err = _refused(capsys, run)
+    assert "this grid search has not finished (it has no grid.json yet); rerun its finetune " \
+           "--grid command with the same --out to resume it" in err
+
+
 def test_a_missing_run_of_an_experiment_names_the_rerun(tmp_path, capsys):
     out = _experiment(tmp_path, [{"method": "vanilla", "seeds": [0]}])
     (out / "run.json").write_text(json.dumps({"kind": "experiment-run",

@@ -791,6 +791,10 @@ def build_report(run_dir: str | Path) -> Path:
     if kind == "finetune-run":
         with _reading(run / "result.json", FINETUNE_REDO):
             return _write_page(run, _finetune_run_body(run))
+    if kind == "grid-run":  # its marker records no command to name
+        raise PretrainReuseError(f"{str(run)!r}: this grid search has not finished (it has no "
+                                 "grid.json yet); rerun its finetune --grid command with the same "
+                                 "--out to resume it")
     summary_path = run / "summary.json"
     if not summary_path.exists() and kind in ("demo-run", "experiment-run"):
         what, command = (("demo", _demo_command(run)) if kind == "demo-run" else
