@@ -211,7 +211,7 @@ def test_finetune_into_a_demo_or_experiment_folder_exits_2_and_keeps_it(tmp_path
 @pytest.mark.parametrize("argv,what", [
     (["demo", "--quick", "--quiet"], "a demo run"),
     (["experiment", "table1", "--model", "smallcnn", "--source", "synthetic:pretrain", "--target",
-      "synthetic:target", "--seeds", "0", "--quiet"], "an experiment folder"),
+      "synthetic:target", "--seeds", "0", "--quiet"], "an experiment"),
 ])
 def test_demo_or_experiment_into_a_fine_tuning_run_names_what_the_folder_holds(finetuned, capsys,
                                                                                argv, what):

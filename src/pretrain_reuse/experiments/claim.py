@@ -111,7 +111,7 @@ def claim_experiment(out: Path, name: str, cfg: ExperimentConfig, reads: dict[st
     params = {"experiment": name, **reads, **hashes}
     _upgrade_marker(out, name, cfg, hashes)
     changed = _release(out, params, cfg)
-    claim_folder(out, "experiment-run", params, what="an experiment folder")
+    claim_folder(out, "experiment-run", params, what="an experiment")
     return changed
 
 

@@ -41,6 +41,7 @@ from ..errors import PretrainReuseError, check_choice, is_integer, preview
 from ..models import Backbone, finetune_mode, state_hash, weights_meta, weights_path
 from .explain import (
     MARKER,
+    MARKER_KIND,
     SHOWN,
     ExplainConfig,
     Games,
@@ -284,7 +285,7 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
         # a model's folder of this analysis whose explain.json was lost is still its own
         for name in folders:
             if (out / name).is_dir() and not (out / name / MARKER).exists():
-                write_json(out / name / MARKER, {"kind": "explanations", "finished": False})
+                write_json(out / name / MARKER, {"kind": MARKER_KIND, "finished": False})
     # this run (re)writes the files model by model: until its own summary is written, the
     # folder must not read as a finished analysis, and a rerun with other settings is refused
     write_json(marker, {"kind": KIND, "finished": False, "identity": identity})

@@ -108,6 +108,8 @@ TEXT_PLAYERS = 10
 #: The file marking a folder as explain's output: only such a folder (or a new or empty one) is
 #: written to, since a rerun deletes the earlier run's outputs that it does not rewrite.
 MARKER = "explain.json"
+#: The kind that marker records.
+MARKER_KIND = "explanations"
 
 
 class SampleGame(NamedTuple):
@@ -582,7 +584,7 @@ def explain_games(model: Backbone, dataset: ImageDataset | TextDataset, indices:
     if folder is not None:
         # unfinished until save_explanations: a rerun with other settings rewrites the samples'
         # files one by one, and a folder stopped halfway holds a mix of the two runs
-        write_json(make_run_folder(folder, "an explanation run", MARKER, kind="explanations"),
+        write_json(make_run_folder(folder, "an explanation run", MARKER, kind=MARKER_KIND),
                    _marker(finished=False, identity=identity))
         (folder / "games").mkdir(exist_ok=True)
     identity = model_identity(model)
@@ -651,7 +653,7 @@ def save_explanations(results: list[Interactions], model: Backbone,
 
 def _marker(*, finished: bool, identity: dict[str, Any] | None) -> dict[str, Any]:
     """An explanation folder's ``explain.json``."""
-    return {"kind": "explanations", "finished": finished,
+    return {"kind": MARKER_KIND, "finished": finished,
             **({"identity": identity} if identity is not None else {})}
 
 
