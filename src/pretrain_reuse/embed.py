@@ -187,9 +187,7 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True,
     rank, world = rank_world()
     device = process_device(cfg.device)
     # a model of the other modality, or an unknown one, is refused before the data is listed
-    modality = model_modality(cfg.model)
-    if modality is not None:
-        check_modality(cfg.model, modality, is_sentence_file(cfg.data), "--data")
+    check_modality(cfg.model, model_modality(cfg.model), is_sentence_file(cfg.data), "--data")
     dataset = _open_data(cfg)
     text = isinstance(dataset, TextDataset)
     if len(dataset) == 0:

@@ -90,9 +90,8 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
             check_exists(getattr(cfg, key), key)
     trains = [r for r in rows if r.mode]
     # a model of the other modality is refused before the data is read, as finetune does
-    modality = model_modality(cfg.model) if trains else None
-    if modality is not None:
-        check_modality(cfg.model, modality, sentences, "the target data")
+    if trains:
+        check_modality(cfg.model, model_modality(cfg.model), sentences, "the target data")
     if images_only and progress:  # said once the model is known to take the sentences
         print(f"[experiment] left out on sentences (reuse-unlabeled needs augmentations of "
               f"images): {', '.join(images_only)}", flush=True)

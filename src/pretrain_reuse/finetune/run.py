@@ -156,11 +156,9 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
     # a model of the other modality is refused before the data is read (listing a large image
     # folder takes long), where its name or configuration files tell its modality
     modality = model_modality(model)
-    if modality is not None:
-        for flag, spec in (("--target", target), ("--target-test", target_test),
-                           ("--source", source)):
-            if spec is not None:
-                check_modality(model, modality, is_sentence_file(spec), flag)
+    for flag, spec in (("--target", target), ("--target-test", target_test), ("--source", source)):
+        if spec is not None:
+            check_modality(model, modality, is_sentence_file(spec), flag)
     # every file is checked before any is read: a missing one is one line
     files = {"weights": _input_file("--weights", weights),
              "selection": _input_file("--selection", selection, Selection),

@@ -162,12 +162,14 @@ def model_modality(name: str) -> str | None:
     return "image" if prefix in ("timm", "torchvision") else None
 
 
-def check_modality(model: str, modality: str, sentences: bool, what: str) -> None:
+def check_modality(model: str, modality: str | None, sentences: bool, what: str) -> None:
     """Refuse data of the other modality than the model: a text model (``modality`` ``text``)
-    takes sentences (``.jsonl`` files), an image model images. ``what`` names the data in the
-    message: its flag (``--target``), or ``the target data`` of an experiment."""
+    takes sentences (``.jsonl`` files), an image model images; None (a modality
+    :func:`model_modality` cannot tell) passes, to be checked once the model is built. ``what``
+    names the data in the message: its flag (``--target``), or ``the target data`` of an
+    experiment."""
     text = modality == "text"
-    if sentences != text:
+    if modality is not None and sentences != text:
         raise PretrainReuseError(
             f"{model} is {'a text' if text else 'an image'} model but {what} holds "
             f"{'images' if text else 'sentences'}; pass "
