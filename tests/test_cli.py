@@ -834,6 +834,6 @@ def test_a_solve_cut_short_by_max_iter_is_warned_of_not_refused(capsys, tmp_path
     rc, _, err = cli(capsys, "select", "--source", tmp_path / "s.npy", "--target", tmp_path / "t.npy",
                      "--metric", "l2", "--k", "5", "--max-iter", "2", "--dtype", "float32",
                      "--out", tmp_path / "sel.json")
-    assert rc == 0 and "did not converge in 2 iterations" in err and "raise --max-iter" in err
+    assert rc == 0 and "did not converge in 2 iterations" in err and "raise max_iter (--max-iter)" in err
     solver = read_sel(tmp_path / "sel.json")["meta"]["solver"]
     assert solver["n_iter"] == 2 and max(solver["marginal_error_a"], solver["marginal_error_b"]) > 88

@@ -20,10 +20,10 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 #: or the names listed here for modules that also hold helpers of other modules.
 API = {
     "pretrain_reuse": None,
-    "pretrain_reuse.features": ["FeatureStore", "ShardedFeatures"],
-    "pretrain_reuse.units": ["Units", "class_means", "spherical_kmeans"],
+    "pretrain_reuse.features": None,
+    "pretrain_reuse.units": None,
     "pretrain_reuse.transport": None,
-    "pretrain_reuse.selection": ["SelectConfig", "Selection", "select", "select_many"],
+    "pretrain_reuse.selection": None,
     "pretrain_reuse.data": ["open_dataset", "list_datasets", "image_folder", "file_list",
                             "ImageDataset", "ArrayDataset", "FileDataset", "SubsetDataset",
                             "subsample_fraction", "subsample_long_tail", "read_class_names",
@@ -40,7 +40,7 @@ API = {
                                        "learn_baseline", "LearnedBaseline"],
     "pretrain_reuse.knowledge.text": ["TokenPlayers", "token_players", "masked_text_game"],
     "pretrain_reuse.knowledge.explain": ["ExplainConfig", "explain"],
-    "pretrain_reuse.knowledge.analysis": ["analyze_knowledge"],
+    "pretrain_reuse.knowledge.analysis": ["analyze_knowledge", "KnowledgeWarning"],
     "pretrain_reuse.experiments": None,
     "pretrain_reuse.report": ["build_report"],
     "pretrain_reuse.demo": ["run_demo"],

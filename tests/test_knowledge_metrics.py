@@ -646,3 +646,18 @@ def test_no_docstring_of_the_package_holds_control_characters():
             if any(ord(c) < 0x20 and c not in "\n\t" for c in doc):
                 bad.append(where)
     assert not bad, f"docstrings with control characters (make them raw strings): {bad}"
+
+
+def test_the_knowledge_results_print_as_one_line_summaries():
+    # their dataclass reprs printed every order's statistics and every array: 8-10k characters
+    report = knowledge_report([PRE, PRE], [FT, PRE], [SCRATCH, SCRATCH])
+    curve = knowledge_convergence([[PRE], [FT], [FT]], steps=[10, 20, 40])
+    sets = set_discrimination(report, [0, 0])
+    corr = accuracy_correlation(RATIOS, ACCURACY, n_boot=100, seed=0)
+    summaries = {repr(report): f"pooled: preserve={report.overall['preserve'].pooled:.3g}",
+                 repr(curve): f"first_at_threshold={curve.first_at_threshold} (s >= 0.9)",
+                 repr(sets): f"preserve={sets.purity('preserve'):.3g}",
+                 repr(discrimination_power([PRE, FT])): "Discrimination(n_samples=2, salient items=",
+                 repr(corr): f"pearson={corr.pearson:.3g} [{corr.pearson_ci[0]:.3g}, "}
+    for text, needle in summaries.items():
+        assert "\n" not in text and len(text) < 400 and needle in text, text

@@ -219,6 +219,60 @@ def test_batched_selection_equals_one_target_at_a_time(world):
     assert len({sel.meta["solver"]["n_iter"] for sel in batched}) > 1
 
 
+@pytest.mark.parametrize("method", ["random", "greedy-ot", "label"])
+def test_every_method_selects_for_a_target_what_it_selects_for_it_alone(world, method):
+    # random selection drew one permutation per target in turn, so a target's units depended on
+    # the targets before it in the call (--target a b vs --target b)
+    _, source, target = world
+    t1, t2 = Units(prototypes=target.prototypes[:7]), Units(prototypes=target.prototypes[7:])
+    cfg = SelectConfig(method=method, k=12, seed=3, unit_ids=tuple(range(20)) if method == "label" else ())
+    batched = select_many(source, [t1, t2], cfg)
+    for sel, t in zip(batched, [t1, t2], strict=True):
+        single = select(source, t, cfg)
+        assert sel.selected == single.selected
+        np.testing.assert_array_equal(sel.scores, single.scores)
+
+
+def test_an_unfinished_uot_solve_is_warned_of_with_its_fix(world):
+    _, source, target = world
+    with pytest.warns(UserWarning, match=r"did not converge in 2 iterations .*raise max_iter"):
+        sel = select(source, target, SelectConfig(k=5, max_iter=2))
+    assert sel.meta["solver"]["converged"] is False
+    t1 = Units(prototypes=target.prototypes[:7])
+    with pytest.warns(UserWarning) as caught:
+        select_many(source, [t1, target], SelectConfig(k=5, max_iter=2))
+    assert ["target 1 of 2" in str(w.message) for w in caught] == [True, False]
+    assert ["target 2 of 2" in str(w.message) for w in caught] == [False, True]
+
+
+def test_a_selections_params_rebuild_its_config_a_hard_marginal_included(world, tmp_path):
+    _, source, target = world
+    sel = select(source, target, SelectConfig(k=5, tau_b=float("inf")))
+    assert sel.params["tau_b"] == "inf"  # as sel.json writes it: JSON has no infinity
+    for params in (sel.params, Selection.load(sel.save(tmp_path / "sel.json")).params):
+        again = select(source, target, params)
+        assert again.selected == sel.selected and again.params == sel.params
+
+
+def test_a_bare_prototype_matrix_is_a_selection_of_prototypes(world):
+    _, source, target = world
+    assert select(source.prototypes, target.prototypes, SelectConfig(k=5)).unit_kind == "prototypes"
+    assert select(source, target, SelectConfig(k=5)).unit_kind == "class"
+
+
+def test_top_changes_k_in_the_params_and_the_metadata(world):
+    _, source, target = world
+    top = select(source, target, SelectConfig(k=10)).top(3)
+    assert len(top.selected) == 3 and top.params["k"] == top.meta["params"]["k"] == 3
+
+
+@pytest.mark.parametrize("scores, what", [([np.nan, 1.0, 0.5], "NaN"), ([[1.0, 2.0]], "shape"),
+                                          (["a", "b"], "<U1")])
+def test_a_selection_refuses_scores_that_are_not_one_real_number_per_unit(scores, what):
+    with pytest.raises(PretrainReuseError, match=f"scores must be one real number per source unit.*{what}"):
+        Selection(selected=[0], scores=np.array(scores), params={})
+
+
 def test_memory_mapped_prototypes_select_without_a_torch_warning(tmp_path, world):
     # in a fresh process: torch gives its read-only-array warning once per process
     _, source, target = world

@@ -10,6 +10,8 @@ numpy evaluations of the primal and dual objectives, or the optimality condition
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import warnings
 import zlib
 from itertools import pairwise
@@ -861,6 +863,41 @@ def test_inputs_that_require_grad_are_refused_by_name(which):
     args[which].requires_grad_(True)
     with pytest.raises(PretrainReuseError, match=f"^{which} requires grad; pass {which}.detach()"):
         unbalanced_sinkhorn(args["a"], args["b"], args["cost"])
+
+
+@pytest.mark.parametrize("cost, needle", [
+    (np.full((6, 3), "a"), "cost holds <U1 values, not real numbers"),
+    (np.ones((6, 3)) + 0j, "cost holds complex128 values, not real numbers"),
+    (torch.ones(6, 3, dtype=torch.complex64), "cost holds complex numbers"),
+    ([[1.0, 2.0, 3.0]] * 5 + [[1.0]], "cost is not a rectangular array"),
+])
+def test_a_cost_of_other_than_real_numbers_is_refused_by_name(cost, needle):
+    # strings raised NumPy's ValueError; complex numbers were cast to their real part
+    with pytest.raises(PretrainReuseError, match=needle):
+        unbalanced_sinkhorn(np.ones(6), np.ones(3), cost)
+
+
+def test_log_plan_refuses_inputs_of_another_problem():
+    rng = np.random.default_rng(0)
+    res = unbalanced_sinkhorn(np.ones(6), np.ones(3), rng.random((6, 3)))
+    with pytest.raises(PretrainReuseError, match=r"a \(6,\), b \(3,\), cost \(6, 3\); got \(5,\)"):
+        res.log_plan(np.ones(5), np.ones(3), rng.random((5, 3)))
+    batched = unbalanced_sinkhorn_batched(np.ones(6), np.ones((2, 3)), rng.random((2, 6, 3)))
+    assert batched.log_plan(np.ones(6), np.ones((2, 3)), rng.random((2, 6, 3))).shape == (2, 6, 3)
+    with pytest.raises(PretrainReuseError, match="log_plan takes"):
+        batched.log_plan(np.ones(6), np.ones(3), rng.random((6, 3)))
+
+
+def test_a_read_only_cost_is_solved_in_place_without_a_warning(tmp_path):
+    # a memory-mapped .npy: torch warns of a read-only array; the solver never writes into it
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "c.npy", rng.random((40, 5)))
+    code = ("import warnings, numpy as np; warnings.simplefilter('error');"
+            "from pretrain_reuse.transport import unbalanced_sinkhorn;"
+            f"c = np.load({str(tmp_path / 'c.npy')!r}, mmap_mode='r');"
+            "print(unbalanced_sinkhorn(np.ones(40), np.ones(5), c).converged)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]
 
 
 def test_plan_comes_back_as_the_potentials_whatever_the_weights_are():

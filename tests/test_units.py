@@ -643,3 +643,9 @@ def test_size_report_counts_units_with_fewer_than_five_members():
     assert size_report(np.array([4, 5, 6])) == {
         "units": 3, "samples": 15, "min": 4, "q25": 4.5, "median": 5.0, "q75": 5.5, "max": 6,
         "below_5": 1}
+
+
+def test_sample_ids_without_an_assignment_are_refused_not_dropped_on_save():
+    # they name the samples of an assignment: without one, save wrote none and load lost them
+    with pytest.raises(PretrainReuseError, match="sample_ids name the samples of an assignment"):
+        Units(prototypes=np.ones((2, 3)), sample_ids=["a", "b"])

@@ -315,17 +315,8 @@ def cmd_select(args) -> int:
 
 
 def _report_selection(sel, cfg, n_source: int, out: str, relevant: tuple[int, ...]) -> None:
-    """The lines ``select`` prints for one saved selection: a warning if UOT did not converge,
-    the top units, and the recall of ``relevant``."""
-    solver = sel.meta["solver"]
-    if solver.get("converged") is False:
-        fix = ("raise --max-iter or --tol" if solver["n_iter"] >= cfg.max_iter else
-               f"the potentials stopped moving at {cfg.dtype}'s rounding error: use a larger --eps"
-               + (" or --dtype float64" if cfg.dtype == "float32" else "")
-               + ", or a larger --eps-c (it rescales the cost only)")
-        print(f"warning: UOT did not converge in {solver['n_iter']} iterations (optimality "
-              f"conditions off by {max(solver['marginal_error_a'], solver['marginal_error_b']):.3g} "
-              f"nats) for {out}; the ranking may be unsettled ({fix})", file=sys.stderr)
+    """The lines ``select`` prints for one saved selection: the top units and the recall of
+    ``relevant`` (an unconverged solve has been warned of by select_many)."""
     names = sel.unit_names
     head = [f"{u}" + (f" ({names[u]})" if names else "") for u in sel.selected[:5]]
     covered = ""

@@ -8,6 +8,7 @@ received and how to fix it. The CLI prints it on one line and exits with status 
 from __future__ import annotations
 
 import difflib
+import math
 import numbers
 import os
 import sys
@@ -119,7 +120,10 @@ def is_number(value) -> bool:
 
 def check_positive(name: str, value: float, *, allow_inf: bool = False) -> float:
     """``value`` as a float, after checking that it is a number > 0 (and finite unless
-    ``allow_inf``)."""
+    ``allow_inf``, which also takes the string ``"inf"``: JSON has no infinity, so the package's
+    own files, a Selection's ``params`` among them, write it so)."""
+    if allow_inf and value == "inf":
+        return math.inf
     if not (is_number(value) and value > 0 and (allow_inf or np.isfinite(value))):
         raise PretrainReuseError(f"{name} must be a positive number, got {value!r}")
     return float(value)

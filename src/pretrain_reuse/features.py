@@ -29,6 +29,8 @@ from safetensors.numpy import save_file
 from .artifacts import atomic_path, decode_ids, encode_ids, hash_file, read_json, write_json
 from .errors import PretrainReuseError, as_array, check_file, check_matrix, check_strings
 
+__all__ = ["FeatureStore", "ShardedFeatures"]
+
 STORE_FORMAT = 1
 
 

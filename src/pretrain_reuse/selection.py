@@ -46,6 +46,8 @@ from .transport import METRICS, check_solver_params, cost_matrix, unbalanced_sin
 from .units import KINDS as UNIT_KINDS
 from .units import Units, class_means
 
+__all__ = ["SelectConfig", "Selection", "select", "select_many"]
+
 #: Units selected when no k is given (Liu et al. select the 100 closest ImageNet classes).
 DEFAULT_K = 100
 
@@ -161,6 +163,13 @@ class Selection:
     def __post_init__(self):
         if self.unit_kind is not None:
             check_choice("unit_kind", self.unit_kind, UNIT_KINDS)
+        scores = as_array("scores", self.scores)
+        if scores.ndim != 1 or scores.dtype.kind not in "biuf" or np.isnan(scores).any():
+            raise PretrainReuseError(
+                f"scores must be one real number per source unit, without NaN; got "
+                f"{'NaN' if scores.dtype.kind in 'biuf' and scores.ndim == 1 else scores.dtype} "
+                f"in shape {scores.shape}")
+        object.__setattr__(self, "scores", scores.astype(np.float64, copy=False))
         n = len(self.scores)
         outside = [u for u in self.selected if not 0 <= u < n]
         if outside or len(set(self.selected)) < len(self.selected):
@@ -183,8 +192,10 @@ class Selection:
     def top(self, k: int | float) -> Selection:
         """The same ranking with a different ``k`` (count or sample fraction, as in SelectConfig)."""
         k = _check_k(k)
+        meta = {**self.meta, "params": {**self.meta["params"], "k": k}} if "params" in self.meta \
+            else self.meta
         return Selection(selected=_take(self.ranking(), k, self.counts),
-                         scores=self.scores, params={**self.params, "k": k}, meta=self.meta,
+                         scores=self.scores, params={**self.params, "k": k}, meta=meta,
                          unit_names=self.unit_names, counts=self.counts, unit_kind=self.unit_kind)
 
     def recall(self, relevant) -> float:
@@ -310,7 +321,7 @@ def _score_uot(source: Units, targets: list[Units], cfg: SelectConfig):
                                       max_iter=cfg.max_iter, tol=cfg.tol)
     out = []
     for k in range(len(targets)):
-        # stopped by itself (not by max_iter: an unfinished solve is warned of) with the
+        # stopped by itself (not by max_iter: an unfinished solve is warned of, below) with the
         # optimality conditions off by more nats than the dtype's exponent range (88 in float32):
         # masses wrong by more than it can represent, the ranking is noise
         off = max(float(res.marginal_error_a[k]), float(res.marginal_error_b[k]))
@@ -345,8 +356,10 @@ def _score_greedy_ot(source: Units, targets: list[Units], cfg: SelectConfig):
 
 
 def _score_random(source: Units, targets: list[Units], cfg: SelectConfig):
-    rng = np.random.default_rng(cfg.seed)
-    return [(rng.permutation(len(source)).astype(np.float64), {}) for _ in targets]
+    # one draw for every target: a target's random units must not depend on which other
+    # targets share the call (select_many), only on the seed
+    scores = np.random.default_rng(cfg.seed).permutation(len(source)).astype(np.float64)
+    return [(scores, {}) for _ in targets]
 
 
 def _score_label(source: Units, targets: list[Units], cfg: SelectConfig):
@@ -445,10 +458,25 @@ def select_many(source: Units | FeatureStore | np.ndarray, targets: list[Units |
                                             "units": hash_array(t.prototypes)}},
                          seed=cfg.seed)
         meta["solver"] = diag
+        if diag.get("converged") is False:
+            _warn_unconverged(diag, cfg, f" (target {len(out) + 1} of {len(targets)})"
+                              if len(targets) > 1 else "")
         out.append(Selection(selected=_take(ranking, k, counts), scores=scores,
                              params=meta["params"], meta=meta, unit_names=source.names,
                              counts=counts, unit_kind=source.kind))
     return out
+
+
+def _warn_unconverged(solver: dict[str, Any], cfg: SelectConfig, which: str) -> None:
+    """Warn that the UOT solve stopped before its tolerance, with the fix for why it stopped."""
+    fix = ("raise max_iter (--max-iter) or tol (--tol)" if solver["n_iter"] >= cfg.max_iter else
+           f"the potentials stopped moving at {cfg.dtype}'s rounding error: use a larger eps (--eps)"
+           + (" or dtype='float64' (--dtype float64)" if cfg.dtype == "float32" else "")
+           + ", or a larger eps_c (--eps-c; it rescales the cost only)")
+    off = max(solver["marginal_error_a"], solver["marginal_error_b"])
+    warnings.warn(f"UOT did not converge in {solver['n_iter']} iterations{which} (optimality "
+                  f"conditions off by {off:.3g} nats); the ranking may be unsettled: {fix}",
+                  stacklevel=3)
 
 
 def _warn_other_embedding(source: Units, target: Units) -> None:
@@ -502,4 +530,4 @@ def _as_units(x: Units | FeatureStore | np.ndarray) -> Units:
     if isinstance(x, FeatureStore):
         return class_means(x)
     refuse_path(x, "units")
-    return Units(prototypes=x, kind="class")  # Units converts and checks the array
+    return Units(prototypes=x, kind="prototypes")  # Units converts and checks the array

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import PretrainReuseError, check_choice, check_int, check_positive
+from .errors import PretrainReuseError, as_array, check_choice, check_int, check_positive
 
 __all__ = [
     "METRICS",
@@ -96,8 +97,8 @@ def cost_matrix(source, target, *, metric: str = "cosine", eps_c: float = 0.01):
     """
     distance = METRICS[check_choice("metric", metric, METRICS)]
     eps_c = check_positive("eps_c", eps_c)
-    s, to_user = _to_tensor(source)
-    t, _ = _to_tensor(target)
+    s, to_user = _to_tensor(source, "source")
+    t, _ = _to_tensor(target, "target")
     if s.ndim != 2 or t.ndim != 2:
         raise PretrainReuseError(
             f"source and target must be 2-d (units, features), got shapes {tuple(s.shape)} and "
@@ -145,7 +146,9 @@ class UOTResult:
         f, g: dual potentials, (n,) and (m,); ``log P = log a ⊕ log b + (f ⊕ g - C)/eps``.
         log_row_mass: ``log(P 1)``, (n,): the selection score of each source unit.
         log_col_mass: ``log(P^T 1)``, (m,); ``-inf`` on padded columns (``b = 0``).
-        objective: the full primal objective ``entropic_cost + kl_a + kl_b``.
+        objective: the full primal objective ``entropic_cost + kl_a + kl_b``. Summed in float64
+            from the marginals, it overflows (inf or NaN) only for a solve stopped far from
+            convergence (``converged`` False) whose masses exceed float64's range.
         entropic_cost: ``<C, P> + eps * KL(P || a ⊗ b)``.
         kl_a, kl_b: the marginal penalties ``tau_a * KL(P1 || a)`` and ``tau_b * KL(P^T1 || b)``.
         marginal_error_a, marginal_error_b: max violation, in log space, of the optimality
@@ -187,9 +190,17 @@ class UOTResult:
 
         Returned as the potentials are (a NumPy array, or a tensor on their device), whatever
         ``a``, ``b`` and ``cost`` are: the solver takes weights on the CPU beside a CUDA cost."""
-        f, to_user = _to_tensor(self.f)
-        g, _ = _to_tensor(self.g)
-        a_t, b_t, c_t = (_to_tensor(x)[0].to(f.device) for x in (a, b, cost))
+        f, to_user = _to_tensor(self.f, "f")
+        g, _ = _to_tensor(self.g, "g")
+        a_t, b_t, c_t = (_to_tensor(x, name)[0].to(f.device)
+                         for x, name in ((a, "a"), (b, "b"), (cost, "cost")))
+        # batched: a is the (n,) source weights all problems share
+        if (a_t.shape not in (f.shape, f.shape[-1:]) or b_t.shape != g.shape
+                or c_t.shape != (*f.shape, g.shape[-1])):
+            raise PretrainReuseError(
+                f"log_plan takes the a, b and cost the problem was solved on: a {tuple(f.shape[-1:])}, "
+                f"b {tuple(g.shape)}, cost {(*f.shape, g.shape[-1])}; got {tuple(a_t.shape)}, "
+                f"{tuple(b_t.shape)}, {tuple(c_t.shape)}")
         c_t = c_t.to(f.dtype)
         return to_user(
             torch.log(a_t.to(f.dtype))[..., :, None]
@@ -252,17 +263,18 @@ def unbalanced_sinkhorn(
             (then the total masses must agree). Paper: 1.0 and 100.0.
         max_iter: iteration cap; if reached, ``converged`` is False (check it).
         tol: stop when no potential moves more than ``tol * eps`` in one iteration (or, in
-            float32, less than its own rounding error, about ``1e-6 * max|f| / eps``).
+            float32, less than its own rounding error, about ``1e-6 * max|f| / eps``); at most
+            ``LOOSEST_TOL`` (1e-3), beyond which the marginals would be off when it stops.
         dtype: working dtype (default: that of ``cost``); float32 is safe on GPU.
 
     Returns:
         :class:`UOTResult` with numpy arrays for numpy inputs, torch tensors (on the device of
         ``cost``) for torch inputs.
     """
-    cost_t, to_user = _to_tensor(cost)
+    cost_t, to_user = _to_tensor(cost, "cost")
     if cost_t.ndim != 2:
         raise PretrainReuseError(f"cost must be a 2-d (n, m) matrix, got shape {tuple(cost_t.shape)}")
-    a_t, b_t = _to_tensor(a)[0], _to_tensor(b)[0]
+    a_t, b_t = _to_tensor(a, "a")[0], _to_tensor(b, "b")[0]
     if b_t.ndim != 1:
         raise PretrainReuseError(
             f"b must be 1-d with one weight per target unit, got shape {tuple(b_t.shape)}; "
@@ -295,8 +307,8 @@ def unbalanced_sinkhorn_batched(
     is that of separate solves. Every field of the result has a leading dimension ``B``;
     ``converged`` is a (B,) bool array and ``n_iter`` a (B,) int array.
     """
-    cost_t, to_user = _to_tensor(cost)
-    a_t, b_t = _to_tensor(a)[0], _to_tensor(b)[0]
+    cost_t, to_user = _to_tensor(cost, "cost")
+    a_t, b_t = _to_tensor(a, "a")[0], _to_tensor(b, "b")[0]
     if cost_t.ndim != 3 or b_t.ndim != 2:
         raise PretrainReuseError(
             f"batched form takes b (B, m) and cost (B, n, m), got b {tuple(b_t.shape)} and cost "
@@ -306,14 +318,24 @@ def unbalanced_sinkhorn_batched(
     return _finish(out, to_user, squeeze=False)
 
 
-def _to_tensor(x) -> tuple[torch.Tensor, Any]:
-    """Tensor view of ``x`` and a function turning results back into the caller's array type."""
+def _to_tensor(x, name: str) -> tuple[torch.Tensor, Any]:
+    """Tensor view of ``x`` (real numbers only) and a function turning results back into the
+    caller's array type."""
     if isinstance(x, torch.Tensor):
+        if x.is_complex():
+            raise PretrainReuseError(f"{name} holds complex numbers; pass a real array")
         return x, lambda y: y
-    arr = np.asarray(x)
+    arr = as_array(name, x)
+    if arr.dtype.kind not in "biuf":  # strings, objects, complex numbers
+        raise PretrainReuseError(f"{name} holds {arr.dtype} values, not real numbers; pass a "
+                                 "float array")
     if not np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float64)
-    return torch.from_numpy(np.ascontiguousarray(arr)), lambda y: y.cpu().numpy()
+    with warnings.catch_warnings():
+        # a read-only array (a memory-mapped .npy): nothing here writes into the inputs, and
+        # a copy of a large cost would double its memory
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(arr)), lambda y: y.cpu().numpy()
 
 
 def check_solver_params(eps: float, tau_a: float, tau_b: float, max_iter: int, tol: float

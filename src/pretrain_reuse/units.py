@@ -47,6 +47,8 @@ from .errors import (
 )
 from .features import FeatureStore, check_unique_ids, load_npy
 
+__all__ = ["Units", "class_means", "spherical_kmeans"]
+
 KINDS = ("class", "cluster", "prototypes")
 
 
@@ -78,6 +80,9 @@ class Units:
             if len(self.names) != len(self):
                 raise PretrainReuseError(f"got {len(self.names)} unit names for {len(self)} units")
         object.__setattr__(self, "sample_ids", check_strings("sample_ids", self.sample_ids))
+        if self.assignment is None and self.sample_ids:
+            raise PretrainReuseError("sample_ids name the samples of an assignment; pass the "
+                                     "assignment too, or no sample_ids")
         if self.assignment is not None:
             a = as_array("assignment", self.assignment)
             if a.ndim != 1 or a.dtype.kind not in "iu":

@@ -105,6 +105,10 @@ def _item_json(item: Item) -> list:
     return [item[0], list(players_of(item[1])), *item[2:]]
 
 
+def _interval(ci: tuple[float, float]) -> str:
+    return f"[{ci[0]:.3g}, {ci[1]:.3g}]"
+
+
 def _nan_to_none(x: float) -> float | None:
     return None if isinstance(x, float) and math.isnan(x) else x
 
@@ -294,6 +298,11 @@ class KnowledgeReport:
     tau: float
     match: str
     samples: list[SampleKnowledge] = field(repr=False, default_factory=list)
+
+    def __repr__(self) -> str:  # a summary: the dataclass repr prints every order's statistics
+        pooled = ", ".join(f"{k}={v.pooled:.3g}" for k, v in self.overall.items())
+        return (f"KnowledgeReport(n_samples={self.n_samples}, tau={self.tau:g}, match="
+                f"{self.match!r}, orders={len(self.by_order)}, pooled: {pooled})")
 
     def per_sample(self, name: str, order: int | None = None) -> np.ndarray:
         """(n_samples,) the ratio ``name`` on every sample (NaN where its denominator is empty),
@@ -502,6 +511,11 @@ class Convergence:
     threshold: float = 0.9
     steps: np.ndarray | None = None
 
+    def __repr__(self) -> str:  # a summary: the dataclass repr prints every array
+        return (f"Convergence(checkpoints={len(self.similarity)}, measure={self.measure!r}, "
+                f"first_at_threshold={self.first_at_threshold} (s >= {self.threshold:g}), "
+                f"auc={self.auc:.3g})")
+
     def __post_init__(self):
         steps = np.arange(1, len(self.similarity) + 1) if self.steps is None else self.steps
         object.__setattr__(self, "steps", np.asarray(steps, dtype=np.int64))
@@ -670,6 +684,10 @@ class Discrimination:
     positive: dict[tuple[str, int], int]
     negative: dict[tuple[str, int], int]
 
+    def __repr__(self) -> str:  # a summary: the dataclass repr prints both dicts whole
+        return (f"Discrimination(n_samples={self.n_samples}, salient items="
+                f"{len(self.positive.keys() | self.negative.keys())})")
+
     @property
     def alpha(self) -> dict[tuple[str, int], float]:
         """α(S) = (m⁺_S + m⁻_S) / n_samples: how often S is salient."""
@@ -750,6 +768,10 @@ class SetDiscrimination:
     """
 
     by_set: dict[str, dict[int, Discrimination]]
+
+    def __repr__(self) -> str:  # a summary: the dataclass repr prints every class's counts
+        purity = ", ".join(f"{name}={self.purity(name):.3g}" for name in self.by_set)
+        return f"SetDiscrimination(purity: {purity})"
 
     def purity(self, name: str) -> float:
         """The mean over classes of the set's purity, over the classes of two samples or more
@@ -891,6 +913,11 @@ class AccuracyCorrelation:
     n_boot_dropped: int
     level: float
     seed: int
+
+    def __repr__(self) -> str:  # a summary: the dataclass repr prints the arrays
+        return (f"AccuracyCorrelation(models={len(self.ratio)}, pearson={self.pearson:.3g} "
+                f"{_interval(self.pearson_ci)}, spearman={self.spearman:.3g} "
+                f"{_interval(self.spearman_ci)} at level {self.level:g})")
 
     def to_dict(self) -> dict[str, Any]:
         """The result as JSON-ready data (NaN as None)."""
