@@ -422,26 +422,24 @@ def test_a_skip_of_every_row_is_refused_before_writing_an_empty_table(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_an_experiment_stopped_by_a_user_error_leaves_its_folder_to_the_corrected_command(
-        quick_demo, tmp_path):
+def test_a_k_above_the_pool_classes_is_refused_before_anything_is_written(quick_demo, tmp_path):
+    # it failed at the first selection, once the folder was claimed and the units computed
+    # (a late error still leaves the folder to the corrected command: the source-batch test below)
     from pretrain_reuse.errors import PretrainReuseError
 
     demo, _, _ = quick_demo
     path = _config(demo, tmp_path, sweep={"long_tail_ratio": [2.0]},
                    finetune={**FAST, "max_steps": 1})
     out = tmp_path / "t3"
-    with pytest.raises(PretrainReuseError, match="k=500 exceeds the 128 source units"):
+    with pytest.raises(PretrainReuseError, match=r"k=500 exceeds the 128 classes of source .* "
+                                                 r"\(row 'reuse uot classes'\); pass k <= 128"):
         run_experiment("table3", load_experiment_config(path, seeds=(0,), k=500), out,
                        progress=False)
-    # every selection is made before the first run: the vanilla row, first in the table, did
-    # not run (a finished run would rightly lock the folder to its settings)
-    assert not (out / "runs").exists()
-    (out / "units" / "notes.txt").write_text("mine")  # not the experiment's: never deleted
+    assert not out.exists()
     table = run_experiment("table3", load_experiment_config(path, seeds=(0,), k=8), out,
                            progress=False)
     assert [(r["method"], r["units"]) for r in table.rows] == [("vanilla", None),
                                                                ("reuse uot classes", 8)]
-    assert (out / "units" / "notes.txt").read_text() == "mine"
 
 
 def test_a_reclaimed_folder_recomputes_what_the_old_settings_made_and_keeps_its_inputs(
@@ -684,9 +682,28 @@ def test_a_default_sweep_value_the_pool_cannot_take_names_the_sweep(quick_demo, 
     out = tmp_path / "x"
     err = _one_line_error(capsys, ["experiment", "fig3a", "--config", str(_config(demo, tmp_path)),
                                    "--out", str(out)])
-    assert "k=200 exceeds the 128 source units" in err
+    assert "k=200 exceeds the 128 classes of source" in err and not out.exists()
     assert ("(the fig3a recipe sweeps k over [50, 100, 200, 300]; set sweep: {k: [...]} in "
             "--config to values this data allows)") in err
+
+
+@pytest.mark.parametrize("recipe, sweep, needle", [
+    ("table2", {"clusters": [64, 100_000]}, "100000 k-means clusters need at least as many pool "
+                                            "samples; source 'synthetic:pretrain' has {n}: lower clusters"),
+    ("fig4b", {"groups": [500]}, "cannot cut 128 pool classes into 500 groups; lower groups"),
+])
+def test_units_the_pool_cannot_make_are_refused_before_the_folder_is_claimed(
+        quick_demo, tmp_path, capsys, recipe, sweep, needle):
+    # k-means of every sample came first (minutes on a real pool), then the refusal
+    from pretrain_reuse.features import FeatureStore
+
+    demo, _, _ = quick_demo
+    out = tmp_path / "x"
+    n = len(FeatureStore.load(demo / "features_pretrain", lazy=True))
+    err = _one_line_error(capsys, ["experiment", recipe, "--config",
+                                   str(_config(demo, tmp_path, sweep=sweep)), "--out", str(out)])
+    assert needle.format(n=n) in err and f"the {recipe} recipe sweeps" in err
+    assert not out.exists()
 
 
 def test_relevant_ids_the_pool_lacks_are_refused_before_the_folder_is_claimed(quick_demo, tmp_path,

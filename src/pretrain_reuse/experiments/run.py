@@ -124,6 +124,7 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
                 ws.features(which)
         if cfg.relevant:
             _check_relevant(ws)
+        _check_unit_counts(ws, name, rows)
     reads = recipe_reads(name, cfg, asdict(cfg))
     hashes = input_hashes(reads, ws)
     changed = claim_experiment(out, name, cfg, reads, hashes)
@@ -137,13 +138,9 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
         sels = {i: [ws.selection(row.pick, s, row.settings) for s in cfg.seeds]
                 for i, row in enumerate(rows) if row.pick}
     except PretrainReuseError as e:
-        swept = SWEPT.get(name)
-        if swept not in ("k", "clusters"):
+        if SWEPT.get(name) not in ("k", "clusters"):
             raise
-        # the value may be the recipe's default, which the user never typed
-        raise PretrainReuseError(
-            f"{e} (the {name} recipe sweeps {swept} over {list(cfg.values(swept))}; set "
-            f"sweep: {{{swept}: [...]}} in --config to values this data allows)") from None
+        raise PretrainReuseError(f"{e}{_sweep_hint(name, cfg)}") from None
     recalls = {i: [ws.recall(rows[i].pick, sel) for sel in row_sels]
                for i, row_sels in sels.items()}
     # A reuse run draws its source batches from its selection's images, known only now: a batch
@@ -209,13 +206,58 @@ def _check_backbones(backbones: dict, trains: list[Row], ws: Workspace, sentence
                               other_fix=", or leave the row out (skip: [co-tuning] in --config)")
 
 
+def _sweep_hint(name: str, cfg: ExperimentConfig) -> str:
+    """For an error about a swept value, which may be the recipe's default the user never typed:
+    what the recipe sweeps and how to set it ("" for a recipe that sweeps no such value)."""
+    swept = SWEPT.get(name)
+    if swept not in ("k", "clusters", "groups"):
+        return ""
+    return (f" (the {name} recipe sweeps {swept} over {list(cfg.values(swept))}; set "
+            f"sweep: {{{swept}: [...]}} in --config to values this data allows)")
+
+
+def _source_pool(ws: Workspace):
+    """What the pool's units are made of: the given source store, else the pool data (read
+    before it is embedded)."""
+    return ws.features("source") if ws.cfg.source_features else ws.data("source")
+
+
+def _check_unit_counts(ws: Workspace, name: str, rows: list[Row]) -> None:
+    """Every row's selection can be made from the pool: classes need labels and at least k of
+    them, k-means at least K samples. Checked before the folder is claimed, from the pool's
+    labels and size: the units themselves (k-means on the whole pool) come after."""
+    cfg, pool = ws.cfg, _source_pool(ws)
+    for row in (r for r in rows if r.pick):
+        pick = row.pick
+        if pick.units != "classes":
+            clusters = int(pick.units.split("-")[1])
+            if clusters > len(pool):
+                raise PretrainReuseError(
+                    f"{clusters} k-means clusters need at least as many pool samples; source "
+                    f"{cfg.source!r} has {len(pool)}: lower clusters{_sweep_hint(name, cfg)}")
+            continue
+        if pool.labels is None:
+            raise PretrainReuseError(
+                f"row {row.method!r} selects pool classes, but source {cfg.source!r} has no "
+                "labels; give labelled pool data, or leave the row out (skip: in --config)")
+        n = class_count(pool)
+        k = n if pick.group else pick.k if pick.k is not None else cfg.k
+        if pick.group and pick.group[1] > n:
+            raise PretrainReuseError(f"cannot cut {n} pool classes into {pick.group[1]} groups; "
+                                     f"lower groups{_sweep_hint(name, cfg)}")
+        if isinstance(k, int) and k > n:
+            raise PretrainReuseError(
+                f"k={k} exceeds the {n} classes of source {cfg.source!r} (row {row.method!r}); "
+                f"pass k <= {n} (--k){_sweep_hint(name, cfg)}")
+
+
 def _check_relevant(ws: Workspace) -> None:
     """``relevant`` names classes of the pool (the recall of every selection, fig3a's label
     selection): an id the pool lacks is refused by the pool's labels, before the folder is
     claimed, not by the first recall, once every selection is made and saved."""
     cfg = ws.cfg
     # the class units are the means of the given store's classes, else of the embedded pool's
-    pool = ws.features("source") if cfg.source_features else ws.data("source")
+    pool = _source_pool(ws)
     if pool.labels is None:
         raise PretrainReuseError(f"relevant names classes of the pool, but source {cfg.source!r} "
                                  "has no labels; give labelled pool data, or leave relevant unset")

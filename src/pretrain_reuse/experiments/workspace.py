@@ -76,10 +76,7 @@ class Workspace:
             if path.exists():
                 return Units.load(path)
             store = self.features("source")
-            if name == "classes":
-                if store.labels is None:
-                    raise PretrainReuseError("class units need pool labels; the source has none "
-                                             "(skip the rows on classes, or give labelled data)")
+            if name == "classes":  # run_experiment has checked that the pool has labels
                 units = class_means(store)
             else:
                 units = spherical_kmeans(replace(store, labels=None), int(name.split("-")[1]),
@@ -145,10 +142,7 @@ class Workspace:
                 return sel
             i, n = pick.group
             ranking = sel.ranking()
-            size = len(ranking) // n
-            if size < 1:
-                raise PretrainReuseError(f"cannot cut {len(ranking)} units into {n} groups; "
-                                         "lower sweep.groups")
+            size = len(ranking) // n  # >= 1: run_experiment has checked n against the classes
             return replace(sel, selected=[int(u) for u in ranking[i * size:(i + 1) * size]],
                            params={**sel.params, "group": [i, n]})
 
