@@ -383,6 +383,28 @@ def _kmeans(capsys, features, out, *extra):
     return load(out)
 
 
+def test_units_kmeans_runs_on_the_gpu_only_when_asked(capsys, data, tmp_path, monkeypatch):
+    # it went to the GPU whenever torch saw one: other clusters than the CPU's for the same seed,
+    # and a CUDA out-of-memory traceback for a pool larger than the GPU's free memory
+    import pretrain_reuse.units as units_module
+
+    inp = data.inp
+    asked = []
+    real = units_module.spherical_kmeans
+    monkeypatch.setattr(units_module, "spherical_kmeans",
+                        lambda *a, **kw: asked.append(kw["use_gpu"]) or real(*a, **kw))
+    _kmeans(capsys, inp / "src_feats.npy", tmp_path / "cpu.safetensors")
+    assert asked == [False]
+    if not torch.cuda.is_available():
+        rc, _, err = cli(capsys, "units", "--features", inp / "src_feats.npy", "--method", "kmeans",
+                         "--k", "8", "--device", "cuda", "--out", tmp_path / "gpu.safetensors")
+        assert rc == 2 and "torch sees no CUDA GPU; pass use_gpu=False (--device cpu)" in err
+        assert not (tmp_path / "gpu.safetensors").exists()
+    rc, _, err = cli(capsys, "units", "--features", inp / "src_feats.npy", "--labels",
+                     inp / "src_labels.npy", "--device", "cuda", "--out", tmp_path / "c.safetensors")
+    assert rc == 2 and "--device applies to --method kmeans only" in err
+
+
 def test_units_kmeans_is_deterministic_and_prototypes_are_member_means(capsys, data):
     inp = data.inp
     a = _kmeans(capsys, inp / "src_feats.npy", data.root / "a.safetensors")

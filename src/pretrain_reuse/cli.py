@@ -212,6 +212,9 @@ def cmd_units(args) -> int:
         if given:
             raise PretrainReuseError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} "
                                      "to --method kmeans only; drop them for class means")
+        if args.device != "cpu":
+            raise PretrainReuseError("--device applies to --method kmeans only; class means "
+                                     "are computed on the CPU: drop it")
         units = class_means(store, normalize=args.normalize, progress=not args.quiet)
     else:
         ignored = [flag for flag, value in (("--labels", args.labels),
@@ -222,7 +225,7 @@ def cmd_units(args) -> int:
         if args.k is None:
             raise PretrainReuseError("--method kmeans needs --k (paper: 2000 clusters)")
         units = spherical_kmeans(store, args.k, **kmeans, normalize_means=args.normalize,
-                                 progress=not args.quiet)
+                                 use_gpu=args.device == "cuda", progress=not args.quiet)
     units.save(args.out)
     dropped = units.meta.get("empty_dropped", 0)
     if dropped:
@@ -786,6 +789,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--normalize", action="store_true",
                    help="average L2-normalised features (default: raw features, as the paper)")
     u.add_argument("--seed", type=_seed, help="k-means seed (default 0)")
+    u.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="k-means on the CPU (default) or the CUDA GPU, which must hold all the "
+                   "features; the two give clusters that differ in the last bits")
     _add_quiet(u)
     u.add_argument("--out", required=True, help="output units .safetensors")
     u.set_defaults(func=cmd_units)

@@ -296,7 +296,7 @@ KMEANSPP_SAMPLES = 10_000
 
 def spherical_kmeans(store: FeatureStore | np.ndarray, k: int, *, n_iter: int = 20, n_init: int = 1,
                      seed: int = 0, init: str = "random", max_points_per_unit: int | None = None,
-                     normalize_means: bool = False, use_gpu: bool | None = None,
+                     normalize_means: bool = False, use_gpu: bool = False,
                      progress: bool = False) -> Units:
     r"""Cluster unlabelled features by spherical k-means, then summarise each cluster by its mean.
 
@@ -345,7 +345,9 @@ def spherical_kmeans(store: FeatureStore | np.ndarray, k: int, *, n_iter: int = 
             trains on all. Every sample is then assigned to its most similar centroid.
         normalize_means: prototypes are the means of normalised features (default: raw features,
             like class means).
-        use_gpu: run on the CUDA GPU; default: when torch sees one.
+        use_gpu: run on the CUDA GPU, which holds all N x D features (10.5 GB for ImageNet's
+            1.28M x 2048). Off by default, also where torch sees a GPU: the GPU's clusters
+            differ from the CPU's in the last bits, and the same seed must give the same units.
         progress: show a progress bar.
 
     Returns:
@@ -368,28 +370,22 @@ def spherical_kmeans(store: FeatureStore | np.ndarray, k: int, *, n_iter: int = 
     check_choice("init", init, INITS)
     if max_points_per_unit is not None:  # -1 would cut rows off the end
         max_points_per_unit = check_int("max_points_per_unit", max_points_per_unit, minimum=1)
-    gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
+    gpu = bool(use_gpu)
     if gpu and not torch.cuda.is_available():
-        raise PretrainReuseError("use_gpu=True but torch sees no CUDA GPU; pass use_gpu=False")
+        raise PretrainReuseError("use_gpu=True (--device cuda) but torch sees no CUDA GPU; pass "
+                                 "use_gpu=False (--device cpu)")
     rng = np.random.default_rng(seed)
     # shuffled once, so that a pass's steps are slices: no gathered copies of the rows
     position = np.argsort(rng.permutation(n))  # row i of the store is row position[i] of x
     x_np = _normalized_float32(store.features, position, progress)
-    x = torch.from_numpy(x_np).to("cuda" if gpu else "cpu")
-    train = x
-    if max_points_per_unit is not None and n > k * max_points_per_unit:
-        train = x[:k * max_points_per_unit]  # the first rows of a random order: a random subsample
-    best = None
-    for run in range(n_init):
-        fit = _online_kmeans(train, _initial_centroids(train, k, init, rng), n_iter, rng,
-                             progress, f"k-means K={k} run {run + 1}")
-        assign = fit.assign if train is x else _most_similar(x, fit.centroids, 1)[:, 0]
-        assign = assign.cpu().numpy()
-        objective = _spherical_objective(x_np, assign, k)
-        if best is None or objective > best[0]:
-            best = (objective, assign, fit)
-    objective, assign, fit = best
-    del x, train, x_np  # the normalised copy: the means below read the features again
+    try:
+        objective, assign, fit = _best_of_runs(x_np, k, n_iter, n_init, init, max_points_per_unit,
+                                               gpu, rng, progress)
+    except torch.cuda.OutOfMemoryError:
+        raise PretrainReuseError(
+            f"k-means of {n} x {x_np.shape[1]} features does not fit in the GPU's free memory; "
+            "run it on the CPU (use_gpu=False, --device cpu) or free the GPU") from None
+    del x_np  # the normalised copy: the means below read the features again
     assign = assign[position]  # back to the order of the store
     counts = np.bincount(assign, minlength=k)
     empty = np.flatnonzero(counts == 0)
@@ -412,6 +408,27 @@ def spherical_kmeans(store: FeatureStore | np.ndarray, k: int, *, n_iter: int = 
                 empty_dropped=len(empty))
     return Units(prototypes=protos, kind="cluster", assignment=assign.astype(np.int64),
                  sample_ids=list(store.ids), meta=meta)
+
+
+def _best_of_runs(x_np: np.ndarray, k: int, n_iter: int, n_init: int, init: str,
+                  max_points_per_unit: int | None, gpu: bool, rng: np.random.Generator,
+                  progress: bool) -> tuple[float, np.ndarray, _Fit]:
+    """The objective, assignment and fit of the best of ``n_init`` k-means runs on the unit rows
+    ``x_np`` (on the GPU if ``gpu``); see :func:`spherical_kmeans`."""
+    x = torch.from_numpy(x_np).to("cuda" if gpu else "cpu")
+    train = x
+    if max_points_per_unit is not None and len(x) > k * max_points_per_unit:
+        train = x[:k * max_points_per_unit]  # the first rows of a random order: a random subsample
+    best = None
+    for run in range(n_init):
+        fit = _online_kmeans(train, _initial_centroids(train, k, init, rng), n_iter, rng,
+                             progress, f"k-means K={k} run {run + 1}")
+        assign = fit.assign if train is x else _most_similar(x, fit.centroids, 1)[:, 0]
+        assign = assign.cpu().numpy()
+        objective = _spherical_objective(x_np, assign, k)
+        if best is None or objective > best[0]:
+            best = (objective, assign, fit)
+    return best
 
 
 def embedding_of(store: FeatureStore) -> dict[str, Any] | None:
