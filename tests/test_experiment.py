@@ -4,6 +4,7 @@ demo's pre-trained CNN and features (the world's related classes are the planted
 import csv
 import html
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -704,6 +705,30 @@ def test_units_the_pool_cannot_make_are_refused_before_the_folder_is_claimed(
                                    str(_config(demo, tmp_path, sweep=sweep)), "--out", str(out)])
     assert needle.format(n=n) in err and f"the {recipe} recipe sweeps" in err
     assert not out.exists()
+
+
+def test_feature_stores_of_another_network_than_the_experiments_are_warned_of(quick_demo, tmp_path):
+    # a config whose stores were embedded by other weights than its model's selected on those
+    # features without a word; the recipe's own embedding would have used its model
+    import torch
+
+    from pretrain_reuse.models import create_backbone, save_backbone
+
+    demo, _, _ = quick_demo
+    torch.manual_seed(5)
+    other = save_backbone(create_backbone("smallcnn"), tmp_path / "other.safetensors", {})
+    cfg = load_experiment_config(_config(demo, tmp_path, weights=str(other),
+                                         sweep={"eps_c": [0.01]}), seeds=(0,))
+    with pytest.warns(UserWarning) as caught:
+        run_experiment("fig4a", cfg, tmp_path / "x", progress=False)
+    messages = [str(w.message) for w in caught if "were embedded by" in str(w.message)]
+    assert [m.split()[0] for m in messages] == ["source_features", "target_features"]
+    assert (f"not by the experiment's model smallcnn with weights {str(other)!r}: the selections "
+            "rank units by those features") in messages[0]
+    same = load_experiment_config(_config(demo, tmp_path, sweep={"eps_c": [0.01]}), seeds=(0,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_experiment("fig4a", same, tmp_path / "y", progress=False)
 
 
 def test_relevant_ids_the_pool_lacks_are_refused_before_the_folder_is_claimed(quick_demo, tmp_path,

@@ -528,7 +528,8 @@ def test_units_of_features_from_different_networks_are_warned_of(quick_demo):
     # the same network on images of another size (embed --image-size)
     larger = class_means(replace(target, meta={**target.meta, "backbone": {
         **target.meta["backbone"], "input_size": [2 * side[0], 2 * side[1]]}}))
-    with pytest.warns(UserWarning, match=rf"\(input_size: \[{side[0]}, {side[1]}\] vs \[{2 * side[0]},"):
+    with pytest.warns(UserWarning, match=rf"\(input_size: \[{side[0]}, {side[1]}\] vs \[{2 * side[0]},"
+                                         rf" {2 * side[1]}\]; both model smallcnn\)"):
         select(source, larger, SelectConfig(k=3))
     # units made before the input size was recorded are compared on the rest
     older = replace(same, meta={**same.meta, "embedding": {

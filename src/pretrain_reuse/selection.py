@@ -496,10 +496,13 @@ def _warn_other_embedding(source: Units, target: Units) -> None:
               if k in a and k in b and a[k] != b[k]]
     if differ:
         shown = [f"{k}: {a[k]} vs {b[k]}" for k in differ]
+        # the names as context: one name with other weights or image sizes is common
+        models = (f"models {a['model']} vs {b['model']}" if a["model"] != b["model"]
+                  else f"both model {a['model']}")
         warnings.warn(
             f"source and target units come from features of different networks or image sizes "
-            f"({'; '.join(shown)}; models {a['model']} vs {b['model']}); embed both with the "
-            "same --model, --weights, --layer and --image-size", stacklevel=3)
+            f"({'; '.join(shown)}; {models}); embed both with the same --model, --weights, "
+            "--layer and --image-size", stacklevel=3)
 
 
 def select(source: Units | FeatureStore | np.ndarray, target: Units | FeatureStore | np.ndarray,

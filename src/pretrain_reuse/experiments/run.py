@@ -4,6 +4,7 @@ share, fine-tune each row per seed, and write the table."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,9 @@ from ..finetune.data import check_batch_size, selected_source
 from ..finetune.loop import total_steps
 from ..finetune.model import check_source_head
 from ..models import create_backbone
+from ..models.checkpoint import features_hash
 from ..models.registry import check_modality, model_modality
-from ..units import class_count
+from ..units import class_count, embedding_of
 from .claim import claim_experiment, input_hashes, recipe_reads
 from .config import REGIMES, SWEPT, ExperimentConfig, slug
 from .recipes import RECIPES, Row
@@ -113,21 +115,23 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
                              flag="finetune.batch_size")
             total_steps(ft, len(train_set), run=f" of run {run}", flag="finetune.warmup_steps")
     picks = any(r.pick for r in rows)
+    # the selections' network (cfg.weights): it embeds the data, or is compared with the
+    # network of the given feature stores
     backbones = {weights: create_backbone(cfg.model, weights=weights, device="cpu") for weights in
-                 {*(ws.weights(r) for r in trains),
-                  *([cfg.weights] if picks and not (cfg.source_features and cfg.target_features)
-                    else [])}}
+                 {*(ws.weights(r) for r in trains), *([cfg.weights] if picks else [])}}
     _check_backbones(backbones, trains, ws, sentences)
+    given = [which for which in ("source", "target") if picks and getattr(cfg, f"{which}_features")]
+    for which in given:  # features of another data set are refused
+        ws.features(which)
     if picks:
-        for which in ("source", "target"):
-            if getattr(cfg, f"{which}_features"):
-                ws.features(which)
         if cfg.relevant:
             _check_relevant(ws)
         _check_unit_counts(ws, name, rows)
     reads = recipe_reads(name, cfg, asdict(cfg))
     hashes = input_hashes(reads, ws)
     changed = claim_experiment(out, name, cfg, reads, hashes)
+    for which in given:  # once the command runs: a refused one says why, and only that
+        _warn_other_network(ws.features(which), which, cfg, backbones[cfg.weights])
     if changed and progress:
         print(f"[experiment] {str(out)!r} held an experiment with other settings "
               f"({', '.join(changed)}) that finished no run: removed what the change affects", flush=True)
@@ -249,6 +253,23 @@ def _check_unit_counts(ws: Workspace, name: str, rows: list[Row]) -> None:
             raise PretrainReuseError(
                 f"k={k} exceeds the {n} classes of source {cfg.source!r} (row {row.method!r}); "
                 f"pass k <= {n} (--k){_sweep_hint(name, cfg)}")
+
+
+def _warn_other_network(store, which: str, cfg: ExperimentConfig, backbone) -> None:
+    """Warn when a given feature store was embedded by another network than the experiment's
+    ``model`` with ``weights``, whose features its own embedding would select on: a store of
+    another model is a silent change of the method, unless meant (selecting on a stronger
+    model's features is a valid variant, hence a warning, not an error)."""
+    made_by = embedding_of(store)
+    if made_by is None or made_by["state"] == features_hash(backbone):
+        return
+    weights = f" with weights {cfg.weights!r}" if cfg.weights else ""
+    warnings.warn(
+        f"{which}_features {getattr(cfg, f'{which}_features')!r} were embedded by "
+        f"{made_by['model']} ({made_by['layer']} layer, parameters {made_by['state']}), not by "
+        f"the experiment's model {cfg.model}{weights}: the selections rank units by those "
+        f"features; embed them with model and weights, or leave {which}_features unset",
+        stacklevel=2)
 
 
 def _check_relevant(ws: Workspace) -> None:

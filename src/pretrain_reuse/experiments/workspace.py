@@ -53,9 +53,12 @@ class Workspace:
             if given:
                 return _check_features_of(self.given_store(which), f"{which}_features", given,
                                           which, spec, self.data(which))
+            # on the runs' device and precision: a GPU server embeds its pool on the GPU
+            run = self.cfg.base_finetune()
             ecfg = EmbedConfig(model=self.cfg.model, data=str(spec), weights=self.cfg.weights,
                                split="train" if has_splits(spec) else None,
-                               batch_size=self.cfg.embed_batch_size)
+                               batch_size=self.cfg.embed_batch_size, device=run.device,
+                               precision=run.precision)
             return embed(ecfg, self.out / "features" / which, progress=self.progress)
 
         return self._once(("features", which), build)
