@@ -1712,6 +1712,28 @@ def test_grid_search_picks_the_best_validation_run_and_never_the_test(files, tmp
     assert len(lines) == 3 and lines[0].startswith("lr,run,val_top1")
 
 
+def test_grid_search_names_the_runs_tied_with_the_best_and_keeps_the_first(tmp_path):
+    # five of six runs tied on a 10-image validation split and the first was kept unsaid
+    from types import SimpleNamespace
+
+    from pretrain_reuse.finetune import FinetuneConfig
+    from pretrain_reuse.finetune.grid import grid_search
+
+    val = {0.001: 0.5, 0.01: 0.7, 0.1: 0.7, 1.0: 0.2}
+
+    def run(cfg, folder):
+        record = {"val": {"top1": val[cfg.lr]}, "top1": 0.0, "step": 1}
+        return SimpleNamespace(at_best_val=record, final={"top1": 0.0})
+
+    summary = grid_search(FinetuneConfig(), {"lr": list(val)}, tmp_path / "grid", run,
+                          check=lambda cfg: 10)
+    assert summary["best"]["run"] == "lr=0.01" and summary["tied_with_best"] == ["lr=0.1"]
+    assert json.loads((tmp_path / "grid" / "grid.json").read_text())["tied_with_best"] == ["lr=0.1"]
+    val[0.1] = 0.6
+    assert grid_search(FinetuneConfig(), {"lr": list(val)}, tmp_path / "grid", run,
+                       check=lambda cfg: 10)["tied_with_best"] == []
+
+
 def test_a_grid_run_without_validation_images_stops_the_grid_at_once(files, tmp_path, capsys):
     # a long tail of ratio 1 on a balanced target trains on every image, leaving none to pick on
     out = tmp_path / "grid"

@@ -50,7 +50,8 @@ def grid_search(cfg: FinetuneConfig, grid: dict[str, list[Any]], out: str | Path
                 run: Callable[[FinetuneConfig, Path], RunResult],
                 check: Callable[[FinetuneConfig], int]) -> dict[str, Any]:
     """Run ``run(cfg_with_values, folder)`` for every combination of ``grid`` and pick the best
-    on validation; writes ``grid.csv`` and ``grid.json`` (the winner and every row) into ``out``.
+    on validation (the first in grid order among runs tied with it, which ``tied_with_best``
+    names); writes ``grid.csv`` and ``grid.json`` (the winner and every row) into ``out``.
     ``out`` must be new, empty or a grid search's (:func:`~pretrain_reuse.artifacts.claim_folder`),
     whose runs a rerun resumes.
 
@@ -92,13 +93,15 @@ def grid_search(cfg: FinetuneConfig, grid: dict[str, list[Any]], out: str | Path
         rows.append({**setting, "run": tag, "val_top1": best["val"]["top1"],
                      "test_top1_at_best_val": best["top1"], "test_top1_final": result.final["top1"],
                      "best_step": best["step"]})
-    winner = max(rows, key=lambda r: r["val_top1"])
+    winner = max(rows, key=lambda r: r["val_top1"])  # the first in grid order among ties
+    # a small validation split ties often; which run won is then the grid's order, not the data
+    tied = [r["run"] for r in rows if r["val_top1"] == winner["val_top1"] and r is not winner]
     with atomic_path(out / "grid.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     summary = {"kind": "grid", "grid": grid, "selected_by": "validation top-1",
-               "best": winner, "rows": rows,
+               "best": winner, "tied_with_best": tied, "rows": rows,
                "meta": make_meta("finetune.grid", {"grid": grid, "config": cfg.to_dict()},
                                  seed=cfg.seed)}
     write_json(out / "grid.json", summary)

@@ -200,10 +200,17 @@ def load_body(model: nn.Module, state: Mapping[str, torch.Tensor], path: str, na
             f"model (file: {_first(state)}; model: {_first(expected)})" + _suggest_key_map(state, expected))
     wrong = [f"{k} {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
              for k in matched if state[k].shape != expected[k].shape]
-    if wrong:
-        raise PretrainReuseError(f"weights file {path!r} does not fit {name}: {len(wrong)} shape "
-                                 f"mismatch(es): {'; '.join(wrong[:_SHOWN])}; check the architecture")
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    if wrong:
+        # keys on one side only as well: the file is of another architecture (a resnet18 file
+        # for resnet10t), not a model with one layer resized
+        other = [f"{len(missing)} of the model's keys are not in the file"] if missing else []
+        other += [f"{len(state) - len(matched)} of the file's are not in the model"] \
+            if len(state) > len(matched) else []
+        raise PretrainReuseError(
+            f"weights file {path!r} does not fit {name}: {len(wrong)} shape mismatch(es): "
+            f"{'; '.join(wrong[:_SHOWN])}" + (f"; {' and '.join(other)}" if other else "")
+            + "; check the architecture (the file may be of another --model)")
     if missing:
         raise PretrainReuseError(
             f"weights file {path!r} does not fit {name}: it lacks {len(missing)} of the model's keys "
