@@ -613,6 +613,41 @@ def test_reruns_written_another_way_resume_and_changes_are_named(tmp_path, capsy
     assert_one_line_error(rc, err, "other settings (config.batch_size)")
 
 
+def test_a_rerun_on_another_device_of_the_same_type_resumes_and_another_type_is_refused(
+        tmp_path, capsys):
+    # cuda -> cuda:0 -> cuda:1 (or the GPU torchrun gives each process) computes the same
+    # features; here the CPU's spellings stand for them. A store begun on a GPU (in bf16 under
+    # precision auto) must not be finished on the CPU.
+    data = make_folder(tmp_path / "data", FILES[:4])
+    out = tmp_path / "s"
+    args = ["--model", "smallcnn-s", "--data", data, "--shard-size", 2, "--out", out]
+    whole = embed_ok(capsys, *args, "--device", "cpu")
+    (out / "parts" / "shard-00001.safetensors").unlink()  # as if killed before the last shard
+    (out / "index.json").unlink()
+    assert_same_store(embed_ok(capsys, *args, "--device", "cpu:0"), whole)
+    marker = json.loads((out / "embed.json").read_text())
+    assert marker["params"]["config"]["device"] == "cpu"  # recorded by its type
+    marker["params"]["config"]["device"] = "cuda:1"  # as a run on a GPU records it
+    (out / "embed.json").write_text(json.dumps(marker))
+    rc, _, err = cli(capsys, "embed", "--quiet", *args, "--device", "cpu")
+    assert_one_line_error(rc, err, "other settings (config.device)")
+
+
+def test_a_store_whose_marker_records_the_device_with_its_index_resumes(tmp_path, capsys):
+    # earlier versions recorded the device as given (cuda:0); a rerun on the same type of
+    # device, however it is written, continues that store
+    data = make_folder(tmp_path / "data", FILES[:4])
+    out = tmp_path / "s"
+    args = ["--model", "smallcnn-s", "--data", data, "--shard-size", 2, "--out", out]
+    whole = embed_ok(capsys, *args)
+    marker = json.loads((out / "embed.json").read_text())
+    marker["params"]["config"]["device"] = "cpu:0"
+    (out / "embed.json").write_text(json.dumps(marker))
+    (out / "parts" / "shard-00001.safetensors").unlink()
+    (out / "index.json").unlink()
+    assert_same_store(embed_ok(capsys, *args, "--device", "cpu"), whole)
+
+
 def test_a_rerun_from_another_folder_with_relative_paths_resumes(tmp_path, capsys, monkeypatch):
     # the weights path was compared as typed: ../w.safetensors from run/ and w.safetensors from
     # its parent were "other settings"

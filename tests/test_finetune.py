@@ -1578,6 +1578,35 @@ class _Crash(Exception):
     pass
 
 
+def _with_out(argv: list, out: Path) -> list:
+    """The command ``argv`` with another --out folder."""
+    argv = list(argv)
+    argv[argv.index("--out") + 1] = out
+    return argv
+
+
+def _stop_during_step(step: int, argv: list, capsys) -> Path:
+    """Run the finetune command ``argv`` and stop it in optimiser step ``step`` (1-based), as a
+    kill -9 would; returns its --out folder."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    count = {"n": 0}
+
+    def stop(opt, args, kwargs):
+        count["n"] += 1
+        if count["n"] == step:
+            raise _Crash
+
+    handle = register_optimizer_step_post_hook(stop)
+    try:
+        with pytest.raises(_Crash):
+            main([str(a) for a in argv])
+    finally:
+        handle.remove()
+    capsys.readouterr()
+    return Path(argv[argv.index("--out") + 1])
+
+
 def test_rerun_after_a_stop_before_the_first_checkpoint_has_no_duplicate_metrics(
         files, tmp_path, capsys):
     from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -1627,6 +1656,23 @@ def test_a_run_begun_afresh_keeps_no_snapshot_of_the_run_it_replaces(files, tmp_
         (out / name).unlink()
     run_ok(capsys, *base_args(files, out, steps=2), "--snapshots", "--lr", "0.1")
     assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["step-0000002.safetensors"]
+
+
+def test_a_run_resumes_on_another_device_of_its_type_but_not_of_another_type(
+        files, tmp_path, capsys):
+    # cuda -> cuda:0 -> cuda:1, and torchrun's GPU per process, compute the same steps; the
+    # CPU's spellings stand for them here. The CPU and a GPU do not (bf16 under precision auto).
+    argv = [*base_args(files, tmp_path / "run", steps=4), "--checkpoint-every", "2",
+            "--device", "cpu"]
+    reference = run_ok(capsys, *_with_out(argv, tmp_path / "reference"))
+    out = _stop_during_step(3, argv, capsys)
+    run_ok(capsys, *argv[:-1], "cpu:0")
+    assert_same_run(out, reference)
+    marker = json.loads((out / "run.json").read_text())
+    marker["config"]["device"] = "cuda:1"  # as a run begun on a GPU records it
+    (out / "run.json").write_text(json.dumps(marker))
+    rc, _, err = cli(capsys, *argv)
+    assert_one_line_error(rc, err, "different config (device)", "--out")
 
 
 def test_workers_and_checkpoint_interval_may_change_on_resume(files, tmp_path, capsys):

@@ -210,8 +210,8 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True,
     _check_first_sample(backbone, data, first, cfg, device, use_bf16)
     # The network's own parameters, not only the --weights file: a Hugging Face folder, a
     # python: builder or a registry default changed between two runs must not be mixed.
-    identity = {"config": _resume_config(cfg), "n": len(dataset), "ids": _hash_ids(dataset.ids),
-                "state": state_hash(backbone)}
+    identity = {"config": _resume_config(cfg, _recorded_device(out)), "n": len(dataset),
+                "ids": _hash_ids(dataset.ids), "state": state_hash(backbone)}
     parts = out / "parts"
     if rank == 0:
         _forget_a_run_without_shards(out, parts)
@@ -282,16 +282,32 @@ def _check_first_sample(backbone, data: ImageDataset | _Sentences, first: int, c
     _check_finite(features.cpu(), torch.tensor([first]), data, use_bf16)
 
 
-def _resume_config(cfg: EmbedConfig) -> dict:
+def _resume_config(cfg: EmbedConfig, recorded_device: str | None = None) -> dict:
     """The settings that decide the features, as a rerun compares them: ``workers`` does not
-    change a feature, and a data folder or weights file is the same whichever way its path is
-    written (a rerun from another folder)."""
+    change a feature, a data folder or weights file is the same whichever way its path is
+    written (a rerun from another folder), and a device is the same by its type (``cuda``,
+    ``cuda:1`` and the GPU of each torchrun process compute the same features; the CPU does not
+    compute what a GPU computes in bf16). ``recorded_device``: the device as the folder's marker
+    holds it, kept where it is of the same type (earlier versions recorded ``cuda:0``)."""
     config = asdict(cfg)
     del config["workers"]
     for key in ("data", "weights"):
         if config[key] is not None and Path(config[key]).exists():
             config[key] = str(Path(config[key]).resolve())
+    kind = torch.device(cfg.device).type
+    same_kind = recorded_device is not None and torch.device(recorded_device).type == kind
+    config["device"] = recorded_device if same_kind else kind
     return config
+
+
+def _recorded_device(out: Path) -> str | None:
+    """The device in the marker of the embedding in ``out``, if there is a readable one."""
+    try:
+        device = json.loads((out / "embed.json").read_text())["params"]["config"]["device"]
+        torch.device(device)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+        return None  # no marker, or not one of ours: claim_folder says what is wrong with it
+    return device
 
 
 def _forget_a_run_without_shards(out: Path, parts: Path) -> None:

@@ -496,8 +496,19 @@ def _evaluate(model: FinetuneModel, dataset: ImageDataset | TextDataset, view, c
     return accuracy(logits, labels)
 
 
-#: Settings that do not change what a run computes: a run may resume with other values.
+#: Settings that do not change what a run computes: a run may resume with other values. (The
+#: device may change too, within its type: see :func:`_same_setting`.)
 RESUMABLE_WITH_OTHER = ("workers", "checkpoint_every")
+
+
+def _same_setting(key: str, old: Any, new: Any) -> bool:
+    """Whether a run recorded with setting ``key`` = ``old`` may resume with ``new``. A device is
+    the same by its type: another GPU (``cuda`` -> ``cuda:0`` -> ``cuda:1``, or the GPU of each
+    process under torchrun, whatever the device was written as) computes the same steps, but the
+    CPU and a GPU do not (``precision auto`` may train in bf16 on a GPU)."""
+    if key == "device" and old is not None and new is not None:
+        return torch.device(old).type == torch.device(new).type
+    return old == new
 
 
 #: How a resume error names the "data" input (the fingerprint of the samples of every split).
@@ -521,7 +532,7 @@ def _resume_point(out: Path, identity: dict) -> int:
     defaults = json.loads(to_json(FinetuneConfig().to_dict()))
     old_config = {**defaults, **old.get("config", {})}
     changed = sorted(k for k in identity["config"] if k not in RESUMABLE_WITH_OTHER
-                     and old_config.get(k) != identity["config"][k])
+                     and not _same_setting(k, old_config.get(k), identity["config"][k]))
     # an input recorded since the run began (like "data") is missing from its run.json: not a change
     old_inputs = old.get("inputs", {})
     changed_inputs = sorted(k for k in old_inputs if old_inputs[k] != identity["inputs"].get(k))
