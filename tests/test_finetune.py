@@ -772,6 +772,24 @@ def test_cotuning_relationship_comes_from_pretrained_predictions_on_the_splits(
     np.testing.assert_allclose(rel.sum(axis=1), 1.0, atol=1e-5)
 
 
+def test_cotuning_relationship_is_computed_on_the_device_of_the_process(files, tmp_path, capsys,
+                                                                         monkeypatch):
+    # under torchrun each process has its own GPU (process_device: cuda:<LOCAL_RANK>); the
+    # relationship pass used torch.device(--device), so every process put a context on one GPU
+    import pretrain_reuse.finetune.run as run_module
+
+    asked = []
+
+    def process_device(device: str) -> torch.device:
+        asked.append(device)
+        return torch.device("cpu")
+
+    monkeypatch.setattr(run_module, "process_device", process_device)
+    run_ok(capsys, *base_args(files, tmp_path / "run", steps=1), "--mode", "co-tuning",
+           "--device", "cpu:0")
+    assert asked == ["cpu:0"]
+
+
 def _with_a_broken_image(tmp_path) -> list:
     """finetune arguments on 2 classes of 6 images plus one unreadable file, c1/zz-broken.png."""
     root = tmp_path / "t2"

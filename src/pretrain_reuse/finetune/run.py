@@ -19,6 +19,7 @@ from ..data.catalog import DATASETS, has_splits, open_dataset, split_folders
 from ..data.datasets import DataWarning, ImageDataset, labels_by_name
 from ..data.samplers import subsample_fraction, subsample_long_tail
 from ..data.text import TextDataset, is_sentence_file, text_file
+from ..distributed import process_device
 from ..errors import PretrainReuseError, check_file, preview
 from ..models import create_backbone
 from ..models.checkpoint import weights_hash
@@ -472,7 +473,9 @@ def _attach_relationship(model: FinetuneModel, train_set: ImageDataset | TextDat
     """Co-Tuning: keep the pre-trained classifier as source head and learn p(y_s | y_t) from its
     predictions on the target training images (and, for the reverse form, validation images)."""
     model.keep_source_classifier(source_classifier(model.backbone))
-    device = torch.device(cfg.device)
+    # this process's device: under torchrun each rank computes the relationship (the same on
+    # every rank) on its own GPU, where cfg.device would put all of them on one
+    device = process_device(cfg.device)
     model.to(device)
     spec = model.backbone.spec
     view = (sentence_view if spec.modality == "text"
