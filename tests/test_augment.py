@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
+from pretrain_reuse.distributed import to_device
 from pretrain_reuse.errors import PretrainReuseError
 from pretrain_reuse.finetune.augment import (
     CUTOUT_GRAY,
@@ -190,6 +191,52 @@ def test_views_replay_exactly_under_the_same_seed(kind, strong):
     if kind != "eval" or strong:
         torch.manual_seed(8)
         assert not torch.equal(view(x), a)
+
+
+def _refuse_pinning(monkeypatch):
+    def pin_memory(self, *args, **kwargs):
+        raise AssertionError("pinned memory on a CPU-only run (pinning needs CUDA)")
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+
+
+def test_to_device_on_the_cpu_is_the_tensor_itself_and_never_pins(monkeypatch):
+    _refuse_pinning(monkeypatch)
+    x = torch.arange(6)
+    assert to_device(x, torch.device("cpu")) is x
+    assert torch.equal(to_device(x, torch.device("cpu:0")), x)
+    assert to_device(x, torch.device("meta")).device.type == "meta"
+    # every view's draws reach the images' device through it: nothing is pinned on the CPU
+    for kind in ("flip", "weak"):
+        View(SPEC, kind, 32, strong=True)(images(8, 36, 36))
+
+
+def test_to_device_to_a_gpu_pins_then_copies_without_waiting(monkeypatch):
+    # a copy from pageable memory makes the host wait for the GPU's queue; from pinned memory
+    # with non_blocking=True it is queued (simulated here: this machine may have no GPU)
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: getattr(self, "_pinned", False))
+
+    def pin_memory(self):
+        calls.append("pin")
+        pinned = self.clone()
+        pinned._pinned = True
+        return pinned
+
+    def to(self, *args, **kwargs):
+        calls.append(("to", args, kwargs, self.is_pinned()))
+        return self
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    gpu = torch.device("cuda", 1)
+    to_device(torch.arange(3), gpu)
+    assert calls == ["pin", ("to", (gpu,), {"non_blocking": True}, True)]
+    calls.clear()
+    already = torch.arange(3)
+    already._pinned = True  # a DataLoader's pinned batch is not pinned again
+    to_device(already, gpu)
+    assert calls == [("to", (gpu,), {"non_blocking": True}, True)]
 
 
 def test_unknown_view_kind_names_the_parameter():

@@ -1,4 +1,5 @@
-"""Where this process stands in a ``torchrun`` job (rank, world size, its GPU)."""
+"""Where this process stands in a ``torchrun`` job (rank, world size, its GPU), and how small
+tensors made on the CPU reach that GPU."""
 
 from __future__ import annotations
 
@@ -27,3 +28,20 @@ def process_device(device: str) -> torch.device:
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)
     return dev
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device`` without making the host wait for the copy.
+
+    A copy to a CUDA device from ordinary (pageable) CPU memory blocks the host until the GPU
+    has finished all the work queued before it, so a training step that moves its labels or its
+    augmentations' random draws to the GPU would drain the queue several times per step. From
+    page-locked (pinned) memory the copy is queued like a kernel: the CPU tensor is pinned first
+    (torch's caching host allocator keeps the pinned block until the copy has run), then copied
+    with ``non_blocking=True``. Anywhere else (the CPU, or a tensor already on ``device``) this
+    is ``tensor.to(device)``: pinning needs CUDA, and the values are the same either way."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    if not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)

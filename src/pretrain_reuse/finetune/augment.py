@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import to_device
 from ..errors import PretrainReuseError, check_choice
 from ..models.spec import BackboneSpec
 
@@ -130,9 +131,9 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]
     xs = coords(x0, w, size[1], width)
     if mirror is not None:
         xs = np.where(mirror.cpu().numpy()[:, None], xs[:, ::-1], xs)
-    xs = torch.from_numpy(xs.astype(np.float32)).to(images.device, images.dtype)
+    xs = to_device(torch.from_numpy(xs.astype(np.float32)).to(images.dtype), images.device)
     ys = torch.from_numpy(coords(y0, h, size[0], height).astype(np.float32))
-    ys = ys.to(images.device, images.dtype)
+    ys = to_device(ys.to(images.dtype), images.device)
     # the x and y planes side by side, seen as the (B, H', W', 2) grid: written plane by plane,
     # twice as fast as interleaved, and read as fast (grid_sample takes any strides)
     grid = torch.stack([xs[:, None, :].expand(n, *size), ys[:, :, None].expand(n, *size)], dim=1)
@@ -148,7 +149,7 @@ def hflip_mask(n: int, p: float = 0.5) -> torch.Tensor:
 
 def hflip(images: torch.Tensor, mirror: torch.Tensor) -> torch.Tensor:
     """The images with those marked in ``mirror`` (bool, (B,)) flipped left-right."""
-    return torch.where(mirror.to(images.device).view(-1, 1, 1, 1), images.flip(-1), images)
+    return torch.where(to_device(mirror, images.device).view(-1, 1, 1, 1), images.flip(-1), images)
 
 
 def center_crop(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -175,7 +176,7 @@ def center_crop(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def _per_image(values: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """One value per image, shaped (k, 1, 1, 1) to broadcast over ``images``, on their device."""
-    return values.to(images.device, images.dtype).view(-1, 1, 1, 1)
+    return to_device(values.to(images.dtype), images.device).view(-1, 1, 1, 1)
 
 
 def _blend(degenerate: torch.Tensor, images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -276,14 +277,14 @@ def affine_nearest(images: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     # as affine_fixed: the half-pixel offsets go into the constant terms (in PIL's order of
     # operations), then each coefficient becomes FIX(v) = floor(v * 65536 + 0.5)
     terms = torch.stack([shift_x + a * 0.5 + b * 0.5, a, b, shift_y + d * 0.5 + e * 0.5, d, e], dim=1)
-    fixed = (terms * 65536 + 0.5).floor().long().to(images.device).view(k, 2, 3, 1, 1)
+    fixed = to_device((terms * 65536 + 0.5).floor().long(), images.device).view(k, 2, 3, 1, 1)
     xs = torch.arange(width, device=images.device)
     ys = torch.arange(height, device=images.device).view(height, 1)
     # (k, 2, H, W): the input column and row of each output pixel (>> 16 is the floor)
     source = (fixed[:, :, 0] + fixed[:, :, 1] * xs + fixed[:, :, 2] * ys) >> 16
-    limits = torch.tensor([width, height], device=images.device).view(1, 2, 1, 1)
-    inside = ((source >= 0) & (source < limits)).all(dim=1)
     col, row = source.unbind(1)
+    # compared with Python numbers: a tensor of the limits would be one more blocking copy
+    inside = (col >= 0) & (col < width) & (row >= 0) & (row < height)
     # a point outside the image takes a black pixel appended after the last one
     index = torch.where(inside, row * width + col, height * width).view(k, 1, -1)
     pixels = F.pad(images.reshape(k, c, -1), (0, 1))
@@ -417,10 +418,10 @@ def randaugment_mc(images: torch.Tensor, draws: RandAugmentDraws) -> torch.Tenso
                 moved.append(rows)
                 matrices.append(operation(*args, size))
                 continue
-            on_device = rows.to(out.device)
+            on_device = to_device(rows, out.device)
             out.index_copy_(0, on_device, operation(out.index_select(0, on_device), *args))
         if moved:
-            on_device = torch.cat(moved).to(out.device)
+            on_device = to_device(torch.cat(moved), out.device)
             out.index_copy_(0, on_device, affine_nearest(out.index_select(0, on_device),
                                                          torch.cat(matrices)))
     return out
@@ -443,7 +444,7 @@ def cutout_abs(images: torch.Tensor, side: int, centres: torch.Tensor) -> torch.
     inside (``x1`` is computed from the clipped ``x0``), at the right and bottom edges it is cut.
     """
     height, width = images.shape[-2:]
-    x0, y0 = (centres.double() - side / 2).clamp_min(0).floor().to(images.device).unbind(1)
+    x0, y0 = to_device((centres.double() - side / 2).clamp_min(0).floor(), images.device).unbind(1)
     xs = torch.arange(width, device=images.device)
     ys = torch.arange(height, device=images.device)
     # x1 = min(W, x0 + side) is cut to W only when x0 + side passes column W - 1 anyway

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ..artifacts import atomic_path, hash_file, make_meta, read_json, require_keys, to_json, write_json
 from ..data.datasets import ImageDataset, describe_skipped, inputs_to
 from ..data.text import TextDataset
-from ..distributed import process_device, rank_world
+from ..distributed import process_device, rank_world, to_device
 from ..errors import PretrainReuseError, check_choice
 from ..models import save_backbone
 from .augment import View, input_size
@@ -414,13 +414,15 @@ def _compose(batches, device, weak: View | Callable, strong: View | Callable, mo
              source_labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """The step's batch dict: augmented target images and labels, plus the source views."""
     target = batches[0]
+    # every copy from the host without waiting (to_device): a blocking one would wait for the
+    # GPU to finish the queued work of the step before
     parts = {"x": weak(inputs_to(target.images, device, non_blocking=True)),
-             "y": target.labels.to(device)}
+             "y": to_device(target.labels, device)}
     if mode in SOURCE_VIEWS:
         src = batches[1]
         images = inputs_to(src.images, device, non_blocking=True)
         parts["sx"] = weak(images)
-        parts["sy"] = source_labels[src.indices].to(device)
+        parts["sy"] = to_device(source_labels[src.indices], device)
         if "strong" in SOURCE_VIEWS[mode]:
             parts["sx_strong"] = strong(images)
     return parts
