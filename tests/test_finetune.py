@@ -1375,6 +1375,54 @@ def test_grad_accumulation_with_uneven_chunks_equals_the_full_batch(files, tmp_p
         np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), atol=1e-6, rtol=0)
 
 
+class _MicroObjective(nn.Module):
+    """A linear classifier's mean cross-entropy, called as the loop calls a mode's objective."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, parts):
+        loss = F.cross_entropy(self.linear(parts["x"]), parts["y"])
+        return loss, {}
+
+
+@pytest.mark.parametrize("rows", [12, 2])  # 2 rows: the last of 3 micro-batches is empty
+def test_ddp_gradient_accumulation_all_reduces_once_per_step(tmp_path, rows):
+    # the micro-batches before the last run under DDP's no_sync(), which only accumulates; the
+    # gradient is the same as without DDP (one process: DDP's average is over itself)
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from pretrain_reuse.finetune.loop import _accumulate
+
+    g = torch.Generator().manual_seed(0)
+    parts = {"x": torch.randn(rows, 4, generator=g), "y": torch.randint(0, 3, (rows,), generator=g)}
+    cfg = FinetuneConfig(grad_accum=3)
+    torch.manual_seed(0)
+    plain = _MicroObjective()
+    ddp_module = _MicroObjective()
+    ddp_module.load_state_dict(plain.state_dict())
+    _accumulate(plain, parts, cfg, torch.device("cpu"))
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                            world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(ddp_module)
+        reductions = []
+
+        def counting_hook(state, bucket):
+            reductions.append(bucket.index())
+            return allreduce_hook(state, bucket)
+
+        ddp.register_comm_hook(None, counting_hook)
+        _accumulate(ddp, parts, cfg, torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+    assert reductions == [0]  # one bucket (a small model), reduced once
+    for a, b in zip(plain.parameters(), ddp_module.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-7)
+
+
 # --------------------------------------------------------------------------------------------
 # Resume
 # --------------------------------------------------------------------------------------------
@@ -1724,13 +1772,16 @@ def _two_and_one_process_runs(files, tmp_path, capsys, *args) -> tuple[dict, dic
     return tuple(load_file(str(tmp_path / d / "model.safetensors")) for d in ("two", "one"))
 
 
-def test_torchrun_two_processes_match_one_process(files, tmp_path, capsys):
+@pytest.mark.parametrize("accum", ["1", "2"])
+def test_torchrun_two_processes_match_one_process(files, tmp_path, capsys, accum):
     # Linear probe without augmentation: the frozen backbone runs in eval mode (running BN
     # statistics, so per-rank batches change nothing) and DDP averages the head's gradients over
     # two equal half-batches, which is the full-batch mean up to float summation order; the
     # 1-process and 2-process weights then agree to ~1e-8 (measured 2e-9), 1e-6 leaves margin.
+    # With gradient accumulation each process all-reduces once per step, after its last
+    # micro-batch (no_sync before): the same gradient.
     two, one = _two_and_one_process_runs(files, tmp_path, capsys, "--mode", "linear-probe",
-                                         "--augment", "none")
+                                         "--augment", "none", "--grad-accum", accum)
     for k in one:
         np.testing.assert_allclose(two[k].numpy(), one[k].numpy(), atol=1e-6, rtol=0)
 

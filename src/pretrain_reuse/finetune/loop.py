@@ -446,18 +446,28 @@ def _accumulate(objective, parts: dict, cfg: FinetuneConfig, device) -> dict[str
     Each micro-batch's mean loss is weighted by its share of the target batch, so the gradient is
     that of the full batch whenever ``grad_accum`` divides the batch sizes (and for the target
     term always); only BatchNorm statistics see the smaller batches.
+
+    Under DDP the gradients are averaged over the processes once per step, in the backward pass
+    of the last micro-batch: the earlier ones run under ``no_sync()``, which only accumulates
+    (an all-reduce per micro-batch would send the whole gradient ``grad_accum`` times).
     """
     chunks = {k: _split(v, cfg.grad_accum) for k, v in parts.items()}
     total = len(parts["y"])
+    # the last micro-batch with samples (the trailing ones are empty where the batch has fewer
+    # rows than grad_accum, and a skipped one would leave the gradients unsynchronised)
+    last = max(i for i, y in enumerate(chunks["y"]) if len(y))
+    ddp = isinstance(objective, torch.nn.parallel.DistributedDataParallel)
     totals: dict[str, torch.Tensor] = {}
     for i in range(cfg.grad_accum):
         micro = {k: c[i] for k, c in chunks.items()}
         if len(micro["y"]) == 0:
             continue
         share = len(micro["y"]) / total
-        with _precision(cfg, device):
-            loss, stats = objective(micro)
-        (loss * share).backward()
+        # the forward too: DDP prepares its all-reduce in the forward pass
+        with objective.no_sync() if ddp and i < last else contextlib.nullcontext():
+            with _precision(cfg, device):
+                loss, stats = objective(micro)
+            (loss * share).backward()
         for k, v in {"loss": loss.detach(), **stats}.items():
             totals[k] = totals.get(k, 0.0) + v.float() * share
     return totals
