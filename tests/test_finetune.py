@@ -478,6 +478,32 @@ def test_checkpoint_round_trip_model_optimizer_and_tuples(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_resumed_momentum_buffers_are_laid_out_as_their_channels_last_parameters(
+        files, tmp_path, capsys):
+    # a checkpoint stores tensors contiguous; a resumed run whose momentum buffers kept that
+    # layout beside channels-last weights lost the optimiser's batched (foreach) update
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    argv = [*base_args(files, tmp_path / "run", steps=4), "--checkpoint-every", "2"]
+    reference = run_ok(capsys, *_with_out(argv, tmp_path / "reference"))
+    _stop_during_step(3, argv, capsys)
+    layouts = []
+
+    def record(opt, args, kwargs):
+        layouts.extend((tuple(p.stride()), tuple(opt.state[p]["momentum_buffer"].stride()))
+                       for group in opt.param_groups for p in group["params"] if p in opt.state)
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        run_ok(capsys, *argv)
+    finally:
+        handle.remove()
+    assert layouts and any(len(p) == 4 and p != tuple(sorted(p, reverse=True))
+                           for p, _ in layouts)  # some weights are channels-last
+    assert all(param == buffer for param, buffer in layouts), layouts
+    assert_same_run(tmp_path / "run", reference)  # bitwise
+
+
 def test_corrupt_or_foreign_checkpoint_is_a_clear_error(tmp_path):
     good = save_state(tmp_path / "good.safetensors", {"w": torch.ones(100)})
     (tmp_path / "garbage.safetensors").write_bytes(b"\x00\x01 not a checkpoint")

@@ -57,6 +57,24 @@ def save_state(path: str | Path, state: dict[str, Any]) -> Path:
     return Path(path)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict(state)``, with every per-parameter state tensor (SGD's momentum
+    buffers) laid out in memory as its parameter is.
+
+    A checkpoint stores tensors contiguous, and ``load_state_dict`` keeps that layout, while the
+    training loop's parameters are channels-last: the optimiser's batched (``foreach``) update
+    needs every buffer to have its parameter's strides, and would fall back to one update per
+    tensor for the rest of the run. The values are copied unchanged, so a resumed run stays
+    bit-identical."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            per_param = optimizer.state.get(param, {})
+            for key, value in list(per_param.items()):
+                if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    per_param[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def load_state(path: str | Path) -> dict[str, Any]:
     """Read a state written by :func:`save_state`; a corrupt file is a clear error."""
     fix = "delete it to restart the run"

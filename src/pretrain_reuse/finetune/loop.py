@@ -37,7 +37,7 @@ from ..distributed import process_device, rank_world, to_device
 from ..errors import PretrainReuseError, check_choice
 from ..models import save_backbone
 from .augment import View, input_size
-from .checkpoint import load_state, save_state
+from .checkpoint import load_optimizer_state, load_state, save_state
 from .config import FinetuneConfig, lr_at
 from .data import SourceData, StepBatches, step_loader
 from .evaluate import accuracy, predict, sentence_view
@@ -243,7 +243,7 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset | T
     if start > 0:
         state = load_state(out / CHECKPOINT)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         history = json.loads(state["history"])
         seconds_before = float(state.get("seconds", 0.0))  # checkpoints of earlier versions lack it
         if rank == 0:  # drop evaluations logged after the checkpoint (they will be redone)
