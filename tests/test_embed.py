@@ -648,6 +648,22 @@ def test_a_store_whose_marker_records_the_device_with_its_index_resumes(tmp_path
     assert_same_store(embed_ok(capsys, *args, "--device", "cpu"), whole)
 
 
+def test_precision_auto_is_bf16_only_on_a_gpu_with_native_bf16(monkeypatch):
+    from pretrain_reuse.embed import uses_bf16
+
+    for native in (True, False):
+        # a V100 or T4 only emulates bf16 (slower than float32): auto keeps float32 there
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True, native=native:
+                            native or including_emulation)
+        assert uses_bf16("auto", torch.device("cuda:1")) is native
+        assert uses_bf16("bf16", torch.device("cuda")) is True
+        assert uses_bf16("fp32", torch.device("cuda")) is False
+    for device in ("cpu", "meta"):
+        assert uses_bf16("auto", torch.device(device)) is False
+        assert uses_bf16("bf16", torch.device(device)) is True
+
+
 def test_a_rerun_from_another_folder_with_relative_paths_resumes(tmp_path, capsys, monkeypatch):
     # the weights path was compared as typed: ../w.safetensors from run/ and w.safetensors from
     # its parent were "other settings"

@@ -10,6 +10,7 @@ on both sides (subprocesses get ``OMP_NUM_THREADS=1``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -1447,6 +1448,18 @@ def test_ddp_gradient_accumulation_all_reduces_once_per_step(tmp_path, rows):
     assert reductions == [0]  # one bucket (a small model), reduced once
     for a, b in zip(plain.parameters(), ddp_module.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-7)
+
+
+def test_precision_auto_on_a_gpu_without_native_bf16_trains_in_float32(monkeypatch):
+    from pretrain_reuse.finetune.loop import _precision
+
+    cfg = FinetuneConfig()  # precision auto
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation)  # a V100, a T4
+    assert isinstance(_precision(cfg, torch.device("cuda")), contextlib.nullcontext)
+    assert isinstance(_precision(FinetuneConfig(precision="bf16"), torch.device("cpu")),
+                      torch.autocast)
+    assert isinstance(_precision(cfg, torch.device("cpu")), contextlib.nullcontext)
 
 
 # --------------------------------------------------------------------------------------------

@@ -62,7 +62,9 @@ SKIPPED_LISTED = 100
 @dataclass(frozen=True)
 class EmbedConfig:
     """What to embed and how. ``data`` is a folder, a list file or an embedded data set name of
-    images, or a ``.jsonl`` file of sentences (for a text backbone)."""
+    images, or a ``.jsonl`` file of sentences (for a text backbone). ``precision`` ``auto`` is
+    bf16 autocast on a GPU that computes in bf16 natively (compute capability 8.0 and later),
+    else float32."""
 
     model: str
     data: str
@@ -73,7 +75,7 @@ class EmbedConfig:
     workers: int = 0
     shard_size: int = 8192
     device: str = "cpu"
-    precision: str = "auto"  # "auto": bf16 autocast on CUDA; "fp32"; "bf16"
+    precision: str = "auto"  # "fp32"; "bf16"; "auto": bf16 on a GPU with native bf16, else fp32
     seed: int = 0  # initialises whatever the weights file does not cover (all of it without one)
     image_size: int | None = None  # input side in pixels, resized at the backbone's crop ratio
 
@@ -206,7 +208,7 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True,
         backbone.to(memory_format=torch.channels_last)
     data = (_Sentences(dataset, backbone.preprocess) if text
             else preprocessed(dataset, backbone.preprocess))
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    use_bf16 = uses_bf16(cfg.precision, device)
     _check_first_sample(backbone, data, first, cfg, device, use_bf16)
     # The network's own parameters, not only the --weights file: a Hugging Face folder, a
     # python: builder or a registry default changed between two runs must not be mixed.
@@ -372,6 +374,21 @@ def _embed_shard(k: int, data: ImageDataset | _Sentences, backbone, cfg: EmbedCo
         tensors["labels"] = data.labels[index].astype(np.int64)
     with atomic_path(_shard_path(parts, k)) as tmp:
         save_file(tensors, str(tmp))
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether a computation on ``device`` at ``precision`` (a config's ``auto``, ``fp32`` or
+    ``bf16``) runs under bf16 autocast: ``bf16`` always, ``fp32`` never, and ``auto`` on a CUDA
+    GPU that computes in bf16 natively (``torch.cuda.is_bf16_supported(including_emulation=
+    False)``: NVIDIA's compute capability 8.0 (Ampere) and later, and AMD's GPUs). Older GPUs
+    (V100, T4) only emulate bf16, slower than float32, so ``auto`` is float32 there, as on the
+    CPU. The GPU asked is the current CUDA device, which :func:`~.distributed.process_device`
+    makes ``device``.
+
+    Embedding and fine-tuning both decide by this function."""
+    if precision != "auto":
+        return precision == "bf16"
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def _precision(device: torch.device, use_bf16: bool):

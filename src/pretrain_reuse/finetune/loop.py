@@ -34,6 +34,7 @@ from ..artifacts import atomic_path, hash_file, make_meta, read_json, require_ke
 from ..data.datasets import ImageDataset, describe_skipped, inputs_to
 from ..data.text import TextDataset
 from ..distributed import process_device, rank_world, to_device
+from ..embed import uses_bf16
 from ..errors import PretrainReuseError, check_choice
 from ..models import save_backbone
 from .augment import View, input_size
@@ -115,8 +116,9 @@ def _fmt(accuracy: float | None) -> str:
 
 
 def _precision(cfg: FinetuneConfig, device: torch.device):
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    if not use_bf16:
+    """bf16 autocast on ``device`` where ``cfg.precision`` asks for it (:func:`~..embed.uses_bf16`),
+    else nothing (float32)."""
+    if not uses_bf16(cfg.precision, device):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
