@@ -934,7 +934,10 @@ def test_the_run_arguments_are_the_flags_and_arguments_of_finetune_besides_the_r
     (["--warmup-steps", "-1"], "warmup_steps"),
     (["--long-tail-ratio", "inf"], "long_tail_ratio must be a finite number"),
     (["--long-tail-ratio", "10", "--train-fraction", "0.5"], "two data regimes; give one"),
-    (["--source", "SOURCE", "--selection", "BADSEL"], "--source, --selection would be ignored"),
+    (["--source", "SOURCE", "--selection", "BADSEL"],
+     "--source, --selection would be ignored; pass --mode reuse or reuse-unlabeled, or drop them"),
+    (["--mode", "co-tuning", "--source", "SOURCE"],
+     "--source would be ignored; pass --mode reuse or reuse-unlabeled, or drop it"),
     (["--grid", "lr=0.1", "--grid", "lr=0.2"], "names 'lr' twice"),
     (["--grid", "lr=0.1,0.1"], "repeats a value"),
     # options the recipe never reads, refused instead of silently ignored
@@ -1225,6 +1228,14 @@ def test_empty_target_folder_exits_2(files, tmp_path, capsys):
     args[args.index("--target") + 1] = tmp_path / "empty"
     rc, _, err = cli(capsys, *args)
     assert_one_line_error(rc, err, "no images")
+
+
+def test_an_unlabelled_target_folder_exits_2_saying_how_to_label_it(files, tmp_path, capsys):
+    args = base_args(files, tmp_path / "run")
+    args[args.index("--target") + 1] = files["pool"]  # a flat folder: images without classes
+    rc, _, err = cli(capsys, *args)
+    assert_one_line_error(rc, err, "empty or unlabelled", "a sub-folder of images per class",
+                          "a list file of path,label rows")
 
 
 def test_test_data_of_other_classes_exits_2(files, tmp_path, capsys):

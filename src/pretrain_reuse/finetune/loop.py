@@ -222,7 +222,8 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset | T
     if cfg.uses_source and source is None:
         raise PretrainReuseError(f"mode {cfg.mode!r} needs selected source data (--selection)")
     if train_set.labels is None or len(train_set) == 0:
-        raise PretrainReuseError("the target training split is empty or unlabelled")
+        raise PretrainReuseError("the target training split is empty or unlabelled; pass a "
+                                 "training set with a label for every sample")
     batch = cfg.batch_size
     _check_shares(cfg, world)
     target_batches = StepBatches(len(train_set), batch, cfg.seed, stream=0)

@@ -146,7 +146,7 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
     if given and not cfg.uses_source:
         raise PretrainReuseError(
             f"mode {cfg.mode!r} reuses no pre-training data, so {', '.join(given)} would be "
-            "ignored; pass --mode reuse or reuse-unlabeled, or drop them")
+            f"ignored; pass --mode reuse or reuse-unlabeled, or drop {'it' if len(given) == 1 else 'them'}")
     if target_test is None and not has_splits(target):
         if not Path(str(target)).exists():  # a typo, not a folder without its test split
             raise PretrainReuseError(f"--target {str(target)!r} does not exist; pass an image "
@@ -363,8 +363,10 @@ def _check_classes(train_pool: ImageDataset, progress: bool) -> int:
     without a training image are noted, as their outputs are never trained."""
     labels = train_pool.labels
     if labels is None or len(labels) == 0:
-        raise PretrainReuseError("the target training data is empty or unlabelled; fine-tuning "
-                                 "needs labelled images (--target)")
+        raise PretrainReuseError(
+            "the target training data is empty or unlabelled; fine-tuning needs labelled "
+            "training data: pass as --target a folder with a sub-folder of images per class, or "
+            "a list file of path,label rows")
     num_classes = len(train_pool.class_names or []) or int(labels.max()) + 1
     if num_classes > len(train_pool):
         raise PretrainReuseError(
