@@ -514,7 +514,8 @@ def test_units_of_features_from_different_networks_are_warned_of(quick_demo):
     source, same = class_means(pool), class_means(target)
     side = pool.meta["backbone"]["input_size"]
     assert source.meta["embedding"] == {"model": "smallcnn", "layer": "penultimate",
-                                        "state": pool.meta["inputs"]["state"], "input_size": side}
+                                        "state": pool.meta["inputs"]["state"], "input_size": side,
+                                        "precision": "fp32"}
     renamed = class_means(replace(target, meta={**target.meta, "params": {
         **target.meta["params"], "model": "./smallcnn"}}))
     with warnings.catch_warnings():
@@ -523,7 +524,7 @@ def test_units_of_features_from_different_networks_are_warned_of(quick_demo):
         select(source, renamed, SelectConfig(k=3))  # ... however its name was spelled
     other = class_means(replace(target, meta={**target.meta, "inputs": {
         **target.meta["inputs"], "state": "sha256:0123456789abcdef"}}))
-    with pytest.warns(UserWarning, match=r"different networks or image sizes \(state: sha256:"):
+    with pytest.warns(UserWarning, match=r"different networks, image sizes or precisions \(state: sha256:"):
         select(source, other, SelectConfig(k=3))
     # the same network on images of another size (embed --image-size)
     larger = class_means(replace(target, meta={**target.meta, "backbone": {
@@ -531,6 +532,10 @@ def test_units_of_features_from_different_networks_are_warned_of(quick_demo):
     with pytest.warns(UserWarning, match=rf"\(input_size: \[{side[0]}, {side[1]}\] vs \[{2 * side[0]},"
                                          rf" {2 * side[1]}\]; both model smallcnn\)"):
         select(source, larger, SelectConfig(k=3))
+    # a GPU's bf16 embedding of the same network: its features are rounded
+    rounded = class_means(replace(target, meta={**target.meta, "precision": "bf16"}))
+    with pytest.warns(UserWarning, match=r"\(precision: fp32 vs bf16; both model smallcnn\)"):
+        select(source, rounded, SelectConfig(k=3))
     # units made before the input size was recorded are compared on the rest
     older = replace(same, meta={**same.meta, "embedding": {
         k: v for k, v in same.meta["embedding"].items() if k != "input_size"}})
@@ -557,5 +562,5 @@ def test_the_select_command_prints_the_network_warning_on_one_line(tmp_path, cap
                  str(tmp_path / "t.safetensors"), "--k", "3", "--out", str(tmp_path / "sel.json")]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [err[0]] and err[0].startswith(
-        "warning: source and target units come from features of different networks or image "
-        "sizes (state: "), err
+        "warning: source and target units come from features of different networks, image "
+        "sizes or precisions (state: "), err

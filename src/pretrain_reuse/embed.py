@@ -234,7 +234,7 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True,
     if world > 1:
         dist.barrier()
     if rank == 0:
-        skipped = _write_index(out, parts, n_shards, dataset, backbone, cfg,
+        skipped = _write_index(out, parts, n_shards, dataset, backbone, cfg, use_bf16,
                                time.perf_counter() - t0)
         if skipped:
             warnings.warn(f"{describe_skipped(dataset, skipped)}; they have no features (the "
@@ -410,7 +410,7 @@ def _check_finite(features: torch.Tensor, indices: torch.Tensor, data: ImageData
 
 
 def _write_index(out: Path, parts: Path, n_shards: int, dataset: ImageDataset | TextDataset, backbone,
-                 cfg: EmbedConfig, seconds: float) -> list[int]:
+                 cfg: EmbedConfig, use_bf16: bool, seconds: float) -> list[int]:
     """Write ``index.json`` over the shards; returns the positions of the unreadable images.
 
     ``meta.inputs.state`` is the hash of the parameters that compute the embedded layer
@@ -418,7 +418,9 @@ def _write_index(out: Path, parts: Path, n_shards: int, dataset: ImageDataset | 
     with another head (a pre-trained classifier, the weights saved without it or fine-tuned with
     a new one) embeds the same features. Stores written before recorded the whole network's
     :func:`~.models.state_hash`, so such a store and a newer one may be warned of as different
-    networks. (A rerun is compared on the whole network, as before, in ``embed.json``.)"""
+    networks. (A rerun is compared on the whole network, as before, in ``embed.json``.)
+    ``meta.precision`` is the precision the features were computed in (``bf16`` or ``fp32``, what
+    ``auto`` became on the device): bf16 features are rounded to 8 bits of mantissa."""
     shards, skipped, classes_seen = [], [], set()
     for k in range(n_shards):
         path = _shard_path(parts, k)
@@ -435,6 +437,7 @@ def _write_index(out: Path, parts: Path, n_shards: int, dataset: ImageDataset | 
     # classes all of whose images were unreadable: class means will refuse the store
     empty = [name for c, name in enumerate(dataset.class_names or []) if c not in classes_seen]
     meta.update(backbone=json.loads(backbone.spec.to_json()), seconds=round(seconds, 2),
+                precision="bf16" if use_bf16 else "fp32",
                 skipped=len(skipped),
                 skipped_ids=[dataset.ids[i] for i in skipped[:SKIPPED_LISTED]],
                 classes_without_images=empty)

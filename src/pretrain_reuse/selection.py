@@ -482,7 +482,8 @@ def _warn_unconverged(solver: dict[str, Any], cfg: SelectConfig, which: str) -> 
 def _warn_other_embedding(source: Units, target: Units) -> None:
     """Warn when the units summarise features of different networks (another backbone, layer
     or weights of the layers that compute the features, as ``embed`` recorded them: not the head
-    above the penultimate layer) or of images of another size: a dimension that
+    above the penultimate layer), of images of another size or computed in another precision
+    (bf16 vs fp32): a dimension that
     agrees hides it, and the ranking then compares unrelated feature spaces. A warning, not an
     error: units from ``.npy`` files or made elsewhere record no network, and a user may know
     better."""
@@ -492,17 +493,19 @@ def _warn_other_embedding(source: Units, target: Units) -> None:
     # the network is its layer and parameters: one model named two ways (a relative and an
     # absolute hf: path) is the same network. Units made before the input size was recorded
     # are compared on the rest.
-    differ = [k for k in ("layer", "state", "input_size")
-              if k in a and k in b and a[k] != b[k]]
+    # precision: bf16 features (a GPU's embedding) are rounded where fp32 ones are not
+    differ = [k for k in ("layer", "state", "input_size", "precision")
+              if a.get(k) is not None and b.get(k) is not None and a[k] != b[k]]
     if differ:
         shown = [f"{k}: {a[k]} vs {b[k]}" for k in differ]
         # the names as context: one name with other weights or image sizes is common
         models = (f"models {a['model']} vs {b['model']}" if a["model"] != b["model"]
                   else f"both model {a['model']}")
         warnings.warn(
-            f"source and target units come from features of different networks or image sizes "
+            f"source and target units come from features of different networks, image sizes "
+            f"or precisions "
             f"({'; '.join(shown)}; {models}); embed both with the same --model, --weights, "
-            "--layer and --image-size", stacklevel=3)
+            "--layer, --image-size and --precision", stacklevel=3)
 
 
 def select(source: Units | FeatureStore | np.ndarray, target: Units | FeatureStore | np.ndarray,

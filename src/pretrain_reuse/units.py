@@ -433,7 +433,8 @@ def _best_of_runs(x_np: np.ndarray, k: int, n_iter: int, n_init: int, init: str,
 
 def embedding_of(store: FeatureStore) -> dict[str, Any] | None:
     """What computed a store's features, as ``embed`` records it: the backbone, its layer, the
-    hash of the parameters that compute that layer and the input side; None for features from elsewhere (a
+    hash of the parameters that compute that layer, the input side and the precision (bf16 on
+    a GPU, fp32; None in stores of earlier versions); None for features from elsewhere (a
     ``.npy``). Units carry it (``meta["embedding"]``), so that a selection can tell when source
     and target units summarise features of different networks or image sizes, whose
     similarities mean little."""
@@ -441,7 +442,8 @@ def embedding_of(store: FeatureStore) -> dict[str, Any] | None:
     if store.meta.get("producer") != "embed" or not inputs.get("state"):
         return None
     return {"model": params.get("model"), "layer": params.get("layer"), "state": inputs["state"],
-            "input_size": store.meta.get("backbone", {}).get("input_size")}
+            "input_size": store.meta.get("backbone", {}).get("input_size"),
+            "precision": store.meta.get("precision")}
 
 
 def _store_inputs(store: FeatureStore) -> dict[str, str]:

@@ -97,7 +97,8 @@ FIELD_HELP: dict[str, str] = {
                        "validation comes from the rest)",
     "seed": "seed of the split, the batches, the augmentations and the new layers",
     "device": "cpu, cuda or cuda:N",
-    "precision": "auto: bf16 autocast on CUDA, fp32 on CPU; fp32; bf16",
+    "precision": "auto: bf16 autocast on GPUs with native bf16 (compute capability 8.0+), else "
+                 "fp32; fp32; bf16",
     "workers": "data-loading processes",
 }
 
