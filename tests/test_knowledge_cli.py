@@ -1222,3 +1222,29 @@ def test_a_pretrained_model_over_other_classes_is_pointed_to_the_linear_probe(tm
                       "synthetic:target", "--players", "grid:2x2", "--samples", 2, "--quiet",
                       "--out", tmp_path / "k")
     assert rc == 2 and "the classifier of finetune --mode linear-probe" in err, err
+
+
+def _constant(path, label: int):
+    """A classifier that answers ``label`` for every input."""
+    net = create_backbone("smallcnn-s", num_classes=10)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        head = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
+        head.bias[label] = 1.0
+    return save_backbone(net, path, {"constant": label})
+
+
+def test_no_sample_correct_for_every_model_names_each_models_count_and_the_fixes(tmp_path, capsys):
+    # it said only "check that the models were trained on this data", when the models were weak
+    zeros, ones = _constant(tmp_path / "0.safetensors", 0), _constant(tmp_path / "1.safetensors", 1)
+    rc, out, err = _run(capsys, *KNOWLEDGE_2X2, "--pretrained", zeros, "--finetuned", ones,
+                        "--quiet", "--out", tmp_path / "k")
+    data = open_dataset("synthetic:target", split="test")
+    right = [int((data.labels == c).sum()) for c in (0, 1)]
+    assert rc == 2 and out == "" and err.count("\n") == 1, err
+    assert (f"none of the {len(data)} samples is classified correctly by every model (correct of "
+            f"them: pretrained {right[0]}, finetuned {right[1]})") in err
+    assert "train it longer or better" in err and "pass more data (--data" in err
+    assert "trained on this data's classes" in err
+    assert not (tmp_path / "k").exists()

@@ -155,11 +155,20 @@ def correct_mask(models: dict[str, Backbone], dataset: ImageDataset | TextDatase
     dataset); an unreadable image is not. Refuses a model whose output is not finite, naming it
     (:func:`~.explain.check_outputs`)."""
     ok = np.zeros(len(dataset), bool)
-    ok[candidates] = True
+    ok[candidates] = np.logical_and.reduce(list(_correct_by_role(models, dataset, candidates,
+                                                                 device).values()))
+    return ok
+
+
+def _correct_by_role(models: dict[str, Backbone], dataset: ImageDataset | TextDataset,
+                     candidates: np.ndarray, device: torch.device) -> dict[str, np.ndarray]:
+    """Per role, which of ``candidates`` its model classifies correctly (bool over them), as
+    :func:`correct_mask` reads them."""
+    right = {}
     for role, model in models.items():
         logits, readable = check_outputs(model, dataset, candidates, role, device)
-        ok[candidates] &= readable & (logits.argmax(1) == dataset.labels[candidates])
-    return ok
+        right[role] = readable & (logits.argmax(1) == dataset.labels[candidates])
+    return right
 
 
 def counterfactual(x: Interactions, sets: list[int], tau: float, rng: np.random.Generator
@@ -265,13 +274,20 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     check_rerun(out, "knowledge.json", identity, "a knowledge analysis")
     order = sample_order(dataset, cfg.seed, keep=explainable(models["finetuned"], dataset, cfg))
     correct, screened = np.zeros(len(dataset), bool), 0
+    right = dict.fromkeys(models, 0)  # samples each model classifies correctly, of those screened
     while screened < len(order) and correct.sum() < cfg.samples:
         chunk = order[screened:screened + candidates]
-        correct |= correct_mask(models, dataset, chunk, device)
+        by_role = _correct_by_role(models, dataset, chunk, device)
+        correct[chunk] = np.logical_and.reduce(list(by_role.values()))
+        right = {role: right[role] + int(ok.sum()) for role, ok in by_role.items()}
         screened += len(chunk)
-    if not correct.any():
-        raise PretrainReuseError("no sample is classified correctly by every model; check that "
-                                 "the models were trained on this data")
+    if not correct.any():  # every sample was screened
+        counts = ", ".join(f"{role} {n}" for role, n in right.items())
+        raise PretrainReuseError(
+            f"none of the {screened} samples is classified correctly by every model (correct of "
+            f"them: {counts}); the weakest model may need more training (train it longer or "
+            "better), or pass more data (--data, --split) to screen; check too that every model "
+            "was trained on this data's classes")
     indices = choose_samples(dataset, cfg.samples, cfg.seed, keep=correct)
     for role, m in named.items():
         check_explainable(m, dataset, indices, cfg, role, device)
