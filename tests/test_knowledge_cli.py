@@ -1224,6 +1224,52 @@ def test_a_pretrained_model_over_other_classes_is_pointed_to_the_linear_probe(tm
     assert rc == 2 and "the classifier of finetune --mode linear-probe" in err, err
 
 
+def _stamps(folder):
+    """Every file under ``folder`` with its modification time and bytes."""
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_rerun_of_a_finished_analysis_or_explanation_writes_nothing_and_says_so(tmp_path, capsys):
+    # it redid all the work (every interaction file, figure and knowledge.json) and said nothing
+    model = _classifier(tmp_path / "m.safetensors", 10)
+    (tmp_path / "snaps").mkdir()
+    for step, seed in ((1, 1), (2, 0)):  # the last snapshot is the fine-tuned model (seed 0)
+        _snapshot(tmp_path / "snaps" / f"step-{step:07d}.safetensors", step, seed=seed)
+    out = tmp_path / "k"
+    argv = [*KNOWLEDGE_2X2, "--pretrained", model, "--finetuned", model, "--checkpoints",
+            tmp_path / "snaps", "--quiet", "--out", out]
+    rc, first, err = _run(capsys, *argv)
+    assert rc == 0 and first.startswith("knowledge over 2 samples"), err
+    before = _stamps(out)
+    rc, again, err = _run(capsys, *argv, "--batch-size", 7)  # a setting that changes nothing
+    assert (rc, again, err) == (0, f"knowledge: {out} is finished (same settings); nothing to do\n", "")
+    assert _stamps(out) == before
+    # the analysis's doubts are still said (not under --quiet)
+    rc, again, err = _run(capsys, *[a for a in argv if a != "--quiet"])
+    assert again.endswith("is finished (same settings); nothing to do\n")
+    assert err.count("warning:") == 1 and "explain" not in err  # no progress bar: nothing done
+    assert _stamps(out) == before
+    # a missing figure, a missing snapshot's salient.png or a changed cached game is redone
+    for damage in (lambda: (out / "ratios.png").unlink(),
+                   lambda: (out / "checkpoint-000" / "salient.png").unlink(),
+                   lambda: np.save(next((out / "finetuned" / "games").glob("*.npy")), np.zeros(16))):
+        damage()
+        rc, again, err = _run(capsys, *argv)
+        assert rc == 0 and again == first, err
+        assert _run(capsys, *argv)[1].endswith("nothing to do\n")
+    # explain: the same
+    explain = [*_explain_argv(model), "--out", tmp_path / "x"]
+    rc, first, err = _run(capsys, *explain)
+    assert rc == 0 and first.startswith("explained 2 samples"), err
+    before = _stamps(tmp_path / "x")
+    assert _run(capsys, *explain)[1] == (
+        f"explain: {tmp_path / 'x'} is finished (same settings); nothing to do\n")
+    assert _stamps(tmp_path / "x") == before
+    (tmp_path / "x" / "interactions-0001.safetensors").unlink()
+    assert _run(capsys, *explain)[1] == first
+    assert len(_interactions(tmp_path / "x")) == 2
+
+
 def _constant(path, label: int):
     """A classifier that answers ``label`` for every input."""
     net = create_backbone("smallcnn-s", num_classes=10)

@@ -163,6 +163,23 @@ def _reporter() -> bool:
     return rank_world()[0] == 0
 
 
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """The file at ``path`` as last written (inode, modification time, size); None when there is
+    none. Every artifact is written to a temporary file and renamed, so a command that leaves a
+    result's stamp as it was has not written it again."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _finished(verb: str, out: str | Path) -> None:
+    """The line of a rerun that found its output finished with the same settings: nothing was
+    computed or written (a changed setting is refused, a missing or damaged file redone)."""
+    print(f"{verb}: {out} is finished (same settings); nothing to do")
+
+
 def cmd_embed(args) -> int:
     from .artifacts import read_json
     from .embed import EmbedConfig, embed
@@ -488,8 +505,13 @@ def cmd_explain(args) -> int:
     if len(indices) < asked and not args.quiet:
         print(f"note: {len(indices)} of the {asked} samples asked for are readable and "
               "explainable", file=sys.stderr)
+    before = _stamp(Path(args.out) / "explain.json")
     results = explain(model, data, indices, cfg, args.out, tau=args.tau, split=split,
                       progress=not args.quiet)
+    if before is not None and _stamp(Path(args.out) / "explain.json") == before:
+        _finished("explain", args.out)  # finished with these settings, and intact
+        _note_weights(args.model, args.weights, args.quiet)
+        return 0
     wrong = [r.info["sample"] for r in results if r.info["predicted"] != r.info["label"]]
     if wrong and not args.quiet:
         print(f"note: the model misclassifies {len(wrong)} of the {len(results)} samples "
@@ -519,11 +541,15 @@ def cmd_knowledge(args) -> int:
                                           ("scratch_checkpoints", args.scratch_checkpoints,
                                            "--scratch-checkpoints"))}
     data, split = _explain_data(args)
+    before = _stamp(Path(args.out) / "knowledge.json")
     with warnings.catch_warnings():
         # the analysis's doubts (swapped roles, the same network twice) as one line each
         warnings.simplefilter("ignore" if args.quiet else "always", KnowledgeWarning)
         summary = analyze_knowledge(models, data, cfg, args.out, **snapshots, tau=args.tau,
                                     match=args.match, split=split, progress=not args.quiet)
+    if before is not None and _stamp(Path(args.out) / "knowledge.json") == before:
+        _finished("knowledge", args.out)  # finished with these settings, and intact
+        return 0
     overall = summary["report"]["overall"]
     line = ", ".join(f"{k} {_number(overall[k]['mean'])}" for k in ("preserve", "discard", "new",
                                                                    "exclusive") if k in overall)

@@ -26,6 +26,7 @@ definitions of ``docs/knowledge.md``):
 from __future__ import annotations
 
 import itertools
+import json
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -58,6 +59,7 @@ from .explain import (
     explain,
     explain_games,
     explainable,
+    intact_explanations,
     model_classes,
     model_identity,
     rerun_identity,
@@ -73,7 +75,7 @@ from .metrics import (
     knowledge_report,
     set_discrimination,
 )
-from .plots import salient_figure, save_knowledge_plots, save_png
+from .plots import purity_is_informative, salient_figure, save_knowledge_plots, save_png
 from .recovery import ground_truth_recovery, rule_game
 from .sparsify import joint_and_or_interactions
 from .values import Interactions, check_tau
@@ -210,8 +212,10 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     a scratch model or of checkpoints no longer given, their figures) are deleted.
     An earlier analysis's damaged or missing files are simply written again (its cached games
     make that cheap; a cached game whose v(N) or v(∅) the model no longer gives is computed
-    again). Every model is checked (a classifier over the data's classes with finite outputs,
-    players that fit its input) before anything is written. Doubts that do not stop the
+    again). A rerun of a finished analysis with the same settings and inputs whose files are all
+    intact (:func:`finished_analysis`) returns its summary and writes nothing. Every model is
+    checked (a classifier over the data's classes with finite outputs, players that fit its
+    input) before anything is written. Doubts that do not stop the
     analysis are :class:`KnowledgeWarning` s: the same network in two roles, a model whose
     weights file records a ``finetune`` mode that does not fit its role (:data:`ROLE_MODES`:
     a fine-tuned model given as the pre-trained one), snapshots that record no run.
@@ -272,6 +276,11 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     identity = rerun_identity(named, dataset, {**asdict(cfg), **params, "match": match,
                                                "candidates": candidates})
     check_rerun(out, "knowledge.json", identity, "a knowledge analysis")
+    done = finished_analysis(out, identity, dataset, cfg)
+    if done is not None:  # the same analysis, finished and intact: nothing to do
+        for doubt in _doubts(models, series):
+            warnings.warn(doubt, KnowledgeWarning, stacklevel=2)
+        return done
     order = sample_order(dataset, cfg.seed, keep=explainable(models["finetuned"], dataset, cfg))
     correct, screened = np.zeros(len(dataset), bool), 0
     right = dict.fromkeys(models, 0)  # samples each model classifies correctly, of those screened
@@ -353,6 +362,42 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
             display_samples(models["finetuned"], dataset, shown, cfg), tau=tau,
             among=explained["pretrained"][:SHOWN], match=match), out / "preserved.png"))
     _remove_stale(out, list(OUTPUTS), written)
+    return summary
+
+
+def finished_analysis(out: str | Path, identity: dict[str, Any],
+                      dataset: ImageDataset | TextDataset, cfg: ExplainConfig
+                      ) -> dict[str, Any] | None:
+    """The summary of the finished analysis in ``out`` when a run with ``identity``
+    (:func:`~.explain.rerun_identity` of its settings, data and models) has nothing to do there:
+    ``knowledge.json`` records that identity, :func:`load_analysis` reads it all, its samples are
+    in ``dataset``, every explanation folder is marked finished with its files intact
+    (:func:`~.explain.intact_explanations`: interactions, ``salient.png``, cached games) and every
+    figure of the analysis is there. None otherwise: the run does (or redoes) the work."""
+    out = Path(out)
+    loaded = load_analysis(out)
+    if loaded is None or loaded[0].get("identity") != identity:
+        return None
+    summary, explained = loaded
+    positions = {sample: i for i, sample in enumerate(dataset.ids)}
+    ids = summary["samples"].get("ids")
+    if not isinstance(ids, list) or len(ids) != summary["samples"]["n"] \
+            or any(not isinstance(s, str) or s not in positions for s in ids):
+        return None
+    indices = [positions[s] for s in ids]
+    for folder in explained:
+        try:
+            finished = json.loads((out / folder / MARKER).read_text()).get("finished")
+        except (OSError, ValueError, AttributeError):
+            return None
+        if finished is not True or intact_explanations(out / folder, indices, cfg) is None:
+            return None
+    figures = ["strength_by_order.png", "ratios.png", "ratios_by_order.png",
+               *(["purity.png"] if purity_is_informative(summary) else []),
+               *(["convergence.png"] if "convergence" in summary else []),
+               *(["preserved.png"] if cfg.players != "tokens" else [])]
+    if not all((out / name).is_file() and (out / name).stat().st_size > 0 for name in figures):
+        return None
     return summary
 
 

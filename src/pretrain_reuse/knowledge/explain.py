@@ -18,8 +18,10 @@ only). A learned baseline's fit (its loss at the start and at the iterate kept) 
 its game and recorded in each sample's ``info["baseline_fit"]``. The folder is
 marked as explain's by ``explain.json``, written before anything else: only a new or empty folder
 or one so marked is written to. The marker records what the run was given (:func:`rerun_identity`:
-its settings, data and model): a rerun with the same resumes or redoes it, one with others is
-refused (:func:`check_rerun`), so a finished explanation is never overwritten by another. In a
+its settings, data and model): a rerun with the same resumes it, redoes what is missing or
+damaged, or, finding it finished and intact, writes nothing (:func:`finished_explanation`); one
+with others is refused (:func:`check_rerun`), so a finished explanation is never overwritten by
+another. In a
 folder of an earlier version, which records none, the outputs of the earlier run that this run
 does not rewrite (the interactions of samples beyond ``samples``, ``salient.png``) are deleted.
 """
@@ -362,7 +364,11 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
     ``meta["solver"]`` is the decomposition's own meta (parameters and diagnostics); each
     sample's ``info`` holds the class the model ``predicted`` for it: a misclassified sample's
     interactions explain the output of its true class, not of the model's answer.
-    Everything that would fail is checked before anything is written (:func:`check_explainable`)."""
+    Everything that would fail is checked before anything is written (:func:`check_explainable`).
+    A rerun into the ``out`` of a finished explanation with the same settings, data, model and
+    samples whose files are all intact (:func:`finished_explanation`) returns the saved
+    interactions and writes nothing; one with a missing or damaged file redoes the run (from the
+    cached games that are intact)."""
     check_objects({role: model}, dataset, cfg)
     check_tau(tau)
     indices = _check_indices(indices, dataset)
@@ -372,6 +378,9 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
         identity = rerun_identity({role: model}, dataset, {
             **asdict(cfg), "tau": tau, "split": split, "indices": [int(i) for i in indices]})
         check_rerun(Path(out), MARKER, identity, "an explanation run")
+        done = finished_explanation(Path(out), identity, indices, cfg)
+        if done is not None:  # the same run, finished and intact: nothing to do
+            return done
     predicted = check_explainable(model, dataset, indices, cfg, role, torch.device(cfg.device))
     games = explain_games(model, dataset, indices, cfg, out, role=role,
                           params={"tau": tau, "split": split}, progress=progress, identity=identity)
@@ -414,6 +423,57 @@ def check_rerun(out: Path, marker: str, identity: dict[str, Any], what: str) -> 
             f"out (--out) {str(out)!r} holds {what} made with other settings or inputs "
             f"({describe_changes(identity, recorded)}); rerun with the same settings to reuse "
             "it, or pass another --out, or remove the folder")
+
+
+def finished_explanation(folder: Path, identity: dict[str, Any], indices: np.ndarray,
+                         cfg: ExplainConfig) -> list[Interactions] | None:
+    """The saved interactions of the explanation in ``folder`` when a run with ``identity``
+    (:func:`rerun_identity`) on the samples at ``indices`` has nothing to do there: its marker
+    records that identity and that it finished, and its files are intact
+    (:func:`intact_explanations`). None otherwise: the run does (or redoes) the work."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or marker.get("finished") is not True \
+            or marker.get("identity") != identity:
+        return None
+    return intact_explanations(folder, indices, cfg)
+
+
+def intact_explanations(folder: Path, indices: np.ndarray | list[int],
+                        cfg: ExplainConfig) -> list[Interactions] | None:
+    """The interactions saved in the explanation folder ``folder`` for the samples at
+    ``indices``, when every file a run would write there is intact: one readable
+    ``interactions-*.safetensors`` per sample, of that sample and no more, ``salient.png``
+    (images), and each sample's cached game, equal to the game its interactions explain (with
+    a learned baseline's fit beside it). None when any is missing or damaged."""
+    names = [f"interactions-{k:04d}.safetensors" for k in range(len(indices))]
+    if sorted(p.name for p in folder.glob("interactions-*.safetensors")) != names:
+        return None
+    if cfg.players != "tokens" and not _nonempty(folder / "salient.png"):
+        return None
+    xs = []
+    for name, i in zip(names, indices, strict=True):
+        try:
+            x = Interactions.load(folder / name)
+            index, game = int(x.info["index"]), str(x.info["game"])
+        except (PretrainReuseError, KeyError, TypeError, ValueError):
+            return None
+        cached = _cached_game(folder / "games" / f"{index:07d}-{game}.npy", x.n,
+                              fitted=cfg.baseline == "learned")
+        if index != int(i) or cached is None or not np.array_equal(cached[0], x.v):
+            return None
+        xs.append(x)
+    return xs
+
+
+def _nonempty(path: Path) -> bool:
+    """Whether ``path`` is a file with something in it (a figure a run wrote)."""
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except OSError:
+        return False
 
 
 def check_objects(models: dict[str, Any], dataset: Any, cfg: Any) -> None:
