@@ -11,6 +11,7 @@ import errno
 import io
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -859,3 +860,56 @@ def test_a_solve_cut_short_by_max_iter_is_warned_of_not_refused(capsys, tmp_path
     assert rc == 0 and "did not converge in 2 iterations" in err and "raise max_iter (--max-iter)" in err
     solver = read_sel(tmp_path / "sel.json")["meta"]["solver"]
     assert solver["n_iter"] == 2 and max(solver["marginal_error_a"], solver["marginal_error_b"]) > 88
+
+
+# --------------------------------------------------------------------------------------------
+# A rerun of a finished command says so, and claims no work
+# --------------------------------------------------------------------------------------------
+
+
+def _stamps(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``root`` with its modification time and size: what a rerun that has
+    nothing to do must leave as it was."""
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in root.rglob("*") if p.is_file()}
+
+
+def test_a_rerun_of_a_finished_finetune_or_grid_says_so_and_claims_no_file(capsys, tmp_path):
+    # it printed "wrote runs/vanilla/result.json" though no file changed
+    common = ["finetune", "--model", "smallcnn-s", "--target", "synthetic:target", "--batch-size",
+              8, "--max-steps", 2, "--quiet"]
+    out = tmp_path / "run"
+    assert "wrote" in run_ok(capsys, *common, "--out", out)
+    before = _stamps(out)
+    assert run_ok(capsys, *common, "--workers", 0, "--out", out) == (
+        f"finetune: {out} is finished (same settings); nothing to do\n")
+    assert _stamps(out) == before
+    grid = tmp_path / "grid"
+    assert "best on validation" in run_ok(capsys, *common, "--grid", "lr=0.01,0.1", "--out", grid)
+    assert run_ok(capsys, *common, "--grid", "lr=0.01,0.1", "--out", grid) == (
+        f"finetune: {grid} is finished (same settings); nothing to do\n")
+    # a run that is missing is trained, and the grid says what it picked
+    for p in sorted(grid.iterdir()):
+        if p.is_dir():
+            shutil.rmtree(p)
+            break
+    assert "best on validation" in run_ok(capsys, *common, "--grid", "lr=0.01,0.1", "--out", grid)
+
+
+def test_a_rerun_of_a_finished_embed_says_so_and_embeds_nothing(capsys, tmp_path):
+    # it printed "wrote 240 x 512 features to feats/pool" after an empty progress bar
+    from PIL import Image
+
+    for k in range(4):
+        (tmp_path / "imgs" / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (60 * k, 30, 200)).save(tmp_path / "imgs" / f"c{k % 2}" / f"{k}.png")
+    argv = ["embed", "--model", "smallcnn-s", "--data", tmp_path / "imgs", "--shard-size", 2,
+            "--quiet", "--out", tmp_path / "feats"]
+    assert run_ok(capsys, *argv).startswith("wrote 4 x ")
+    shards = _stamps(tmp_path / "feats" / "parts")
+    assert run_ok(capsys, *argv) == (
+        f"embed: {tmp_path / 'feats'} is finished (same settings); nothing to do\n")
+    assert _stamps(tmp_path / "feats" / "parts") == shards
+    # a missing shard is embedded again, and the line says what was written
+    next((tmp_path / "feats" / "parts").iterdir()).unlink()
+    assert run_ok(capsys, *argv).startswith("wrote 4 x ")

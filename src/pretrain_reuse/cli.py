@@ -174,6 +174,11 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
+def _stamps(folder: Path, pattern: str) -> dict[str, tuple[int, int, int] | None]:
+    """:func:`_stamp` of every file matching ``pattern`` in ``folder``."""
+    return {p.name: _stamp(p) for p in sorted(folder.glob(pattern))} if folder.is_dir() else {}
+
+
 def _finished(verb: str, out: str | Path) -> None:
     """The line of a rerun that found its output finished with the same settings: nothing was
     computed or written (a changed setting is refused, a missing or damaged file redone)."""
@@ -190,8 +195,15 @@ def cmd_embed(args) -> int:
                       seed=args.seed, image_size=args.image_size)
     _init_distributed(cfg.device)
     _quiet_transformers(args.model, args.quiet)
+    # a finished store: its index there before, and not one shard embedded again
+    index_before, shards_before = (_stamp(Path(args.out) / "index.json"),
+                                   _stamps(Path(args.out) / "parts", "*.safetensors"))
     embed(cfg, args.out, progress=not args.quiet, load=False)
     if not _reporter():
+        return 0
+    if index_before is not None and _stamps(Path(args.out) / "parts", "*.safetensors") == shards_before:
+        _finished("embed", args.out)
+        _note_weights(args.model, args.weights, args.quiet)
         return 0
     index = read_json(Path(args.out) / "index.json", "feature store index")
     skipped = index["meta"].get("skipped", 0)
@@ -358,18 +370,29 @@ def cmd_finetune(args) -> int:
     cfg = load_config(args.config, **overrides)
     _init_distributed(cfg.device)
 
+    trained = []  # the runs whose result.json this command (re)wrote
+
     def run(c, out, check_only=False):
-        return run_finetune(c, model=args.model, weights=args.weights, target=args.target,
-                            target_test=args.target_test, source=args.source,
-                            selection=args.selection, units=args.units, out=out,
-                            progress=not args.quiet, check_only=check_only)
+        before = None if out is None else _stamp(Path(out) / "result.json")
+        result = run_finetune(c, model=args.model, weights=args.weights, target=args.target,
+                              target_test=args.target_test, source=args.source,
+                              selection=args.selection, units=args.units, out=out,
+                              progress=not args.quiet, check_only=check_only)
+        if out is not None and (before is None or _stamp(Path(out) / "result.json") != before):
+            trained.append(out)
+        return result
 
     if args.grid:
         from .finetune.grid import grid_search, parse_grid
 
+        grid_before = _stamp(Path(args.out) / "grid.json")
         best = grid_search(cfg, parse_grid(args.grid), args.out, run,
                            check=lambda c: run(c, None, check_only=True))["best"]
         if not _reporter():
+            return 0
+        if grid_before is not None and not trained:  # every run was finished: none trained
+            _finished("finetune", args.out)
+            _note_weights(args.model, args.weights, args.quiet, mode=cfg.mode)
             return 0
         print(f"best on validation: {best['run']} (val top-1 {best['val_top1']:.4f}; its test "
               f"top-1 {best['test_top1_at_best_val']:.4f}); wrote {Path(args.out) / 'grid.csv'}")
@@ -377,6 +400,10 @@ def cmd_finetune(args) -> int:
         return 0
     result = run(cfg, args.out)
     if not _reporter():
+        return 0
+    if not trained:  # its result.json was there and left as it was
+        _finished("finetune", args.out)
+        _note_weights(args.model, args.weights, args.quiet, mode=cfg.mode)
         return 0
     final, best = result.final, result.at_best_val
     # with no validation image (val_fraction 0, a regime that trains on all) nothing was picked
