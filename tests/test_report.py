@@ -215,13 +215,71 @@ def test_interactions_that_do_not_fit_the_run_are_one_line(tmp_path, capsys):
     assert 'alt="salient interactions. ' in _page(capsys, run)
 
 
-def test_a_knowledge_folder_or_a_file_is_named_as_such(tmp_path, capsys):
-    # load() pointed users at report for a knowledge folder, which report then refused blankly
+def test_a_knowledge_folder_gets_a_page_and_a_file_is_named_as_such(tmp_path, capsys):
+    # load() pointed users at report for a knowledge folder, which report then refused
     (tmp_path / "k").mkdir()
     (tmp_path / "k" / "knowledge.json").write_text(json.dumps(_knowledge()))
-    assert "it is a knowledge folder" in _refused(capsys, tmp_path / "k")
-    assert ("is a file; pass the demo, experiment, fine-tuning run or grid folder"
-            in _refused(capsys, tmp_path / "k" / "knowledge.json"))
+    page = _page(capsys, tmp_path / "k")
+    assert "<h1>pretrain-reuse report: a knowledge analysis</h1>" in page
+    # an analysis of an earlier version records no settings, and this one has no figure
+    assert "players (here: as the analysis chose them;" in page
+    assert "Not in this folder: preserved.png" in page
+    assert ("is a file; pass the demo, experiment, fine-tuning run, grid or knowledge analysis "
+            "folder" in _refused(capsys, tmp_path / "k" / "knowledge.json"))
+
+
+def test_a_knowledge_analysis_alone_is_reported_with_its_own_figures(tmp_path, capsys):
+    # `report <knowledge folder>` was refused: a knowledge analysis rendered only inside a
+    # demo or an experiment, though the README's data flow ends at knowledge -> report
+    torch.manual_seed(0)
+    model = tmp_path / "m.safetensors"
+    save_backbone(create_backbone("smallcnn-s", num_classes=10), model, {})
+    common = ["--model", "smallcnn-s", "--data", "synthetic:target", "--players", "grid:3x3",
+              "--n", "3", "--samples", "2", "--quiet"]
+    knowledge = ["knowledge", *common, "--pretrained", str(model), "--finetuned", str(model),
+                 "--out", str(tmp_path / "k")]
+    assert main(knowledge) == 0
+    capsys.readouterr()
+    page = _page(capsys, tmp_path / "k")
+    assert "<h1>pretrain-reuse report: a knowledge analysis</h1>" in page
+    assert "on the data <code>synthetic:target-0 (test)</code>" in page
+    assert "players (here: 3 cells drawn from a 3x3 grid of patches;" in page
+    assert "Samples: 2 images explained (2 asked)" in page
+    assert "<td>pretrained</td><td>" + html.escape(str(model)) in page  # outside the folder
+    assert 'alt="knowledge ratios: preserve 1.000, discard 0.000, new 0.000' in page
+    assert "the analysis&#x27;s own preserved.png" in page and "Settings and versions" in page
+    assert "&quot;tau&quot;: 0.05" in page
+    # the page beside the analysis does not stop a rerun from finding it finished
+    assert main(knowledge) == 0
+    assert capsys.readouterr().out.endswith("is finished (same settings); nothing to do\n")
+    # one model's folder of the analysis names the analysis's folder
+    err = _refused(capsys, tmp_path / "k" / "finetuned")
+    assert f"holds the interactions of one model (finetuned) of the knowledge analysis in " \
+           f"{str(tmp_path / 'k')!r}; pass that folder" in err
+    # an entry it lacks names the rerun of knowledge, not of the demo
+    k = json.loads((tmp_path / "k" / "knowledge.json").read_text())
+    (tmp_path / "k" / "report.html").unlink()
+    (tmp_path / "k" / "knowledge.json").write_text(json.dumps(_without(k, "strength_by_order")))
+    err = _refused(capsys, tmp_path / "k")
+    assert "lacks 'strength_by_order'" in err and "not a knowledge analysis's" in err
+    assert "rerun its `pretrain-reuse knowledge` command with the same --out" in err
+    (tmp_path / "k" / "knowledge.json").write_text(json.dumps({**k, "finished": False}))
+    assert "rerun its `pretrain-reuse knowledge` command with the same --out to finish it" in \
+        _refused(capsys, tmp_path / "k")
+
+
+def test_an_explain_folder_is_named_as_such(tmp_path, capsys):
+    # it got "has no summary.json, experiment.json, result.json or grid.json"
+    torch.manual_seed(0)
+    save_backbone(create_backbone("smallcnn-s", num_classes=10), tmp_path / "m.safetensors", {})
+    assert main(["explain", "--model", "smallcnn-s", "--weights", str(tmp_path / "m.safetensors"),
+                 "--data", "synthetic:target", "--players", "grid:2x2", "--samples", "1", "--quiet",
+                 "--out", str(tmp_path / "x")]) == 0
+    err = _refused(capsys, tmp_path / "x")
+    assert "is the output of explain (one interactions file per sample), which report does not " \
+           "render: its figure is salient.png beside them" in err
+    assert "pretrain_reuse.load(<folder>/interactions-0000.safetensors)" in err
+    assert "report renders a knowledge analysis (pretrain-reuse knowledge), demo" in err
 
 
 @pytest.mark.parametrize("discard, verdict", [

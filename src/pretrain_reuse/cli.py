@@ -997,11 +997,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     r = sub.add_parser("report", help="self-contained report.html of a demo, experiment, "
-                       "fine-tuning run or grid folder", description="Write report.html into a "
-                       "demo, experiment, fine-tuning run or finetune --grid folder: its figures "
-                       "and tables, drawn from the folder's own files, in one self-contained page "
-                       "(images embedded, no external files).")
-    r.add_argument("run_dir", help="a demo, experiment, finetune run or finetune --grid folder")
+                       "fine-tuning run, grid or knowledge folder", description="Write report.html "
+                       "into a demo, experiment, fine-tuning run, finetune --grid or knowledge "
+                       "folder: its figures and tables, drawn from the folder's own files, in one "
+                       "self-contained page (images embedded, no external files).")
+    r.add_argument("run_dir", help="a demo, experiment, finetune run, finetune --grid or "
+                   "knowledge folder")
     r.set_defaults(func=cmd_report)
     return p
 

@@ -1,8 +1,10 @@
 """``pretrain-reuse report RUN_DIR``: one self-contained ``report.html`` (figures embedded as
 base64 PNG, no external resources) from a run folder: a demo, an experiment, a fine-tuning run
 (its accuracy and losses over training, its result after the last step and at the best
-validation evaluation, its recipe) or a grid search (every combination, and the one validation
-picked).
+validation evaluation, its recipe), a grid search (every combination, and the one validation
+picked) or a knowledge analysis (the ``knowledge`` command's folder: the demo's knowledge
+section, from its ``knowledge.json`` and ``preserved.png``). An ``explain`` folder is refused
+naming what it holds and how to open it.
 
 Every figure is drawn from the files of the run (``summary.json``, selections, fine-tuning
 results, ``knowledge/``). A demo folder lacking ``selections/``, ``knowledge/`` or the knowledge
@@ -58,8 +60,13 @@ def _png(fig) -> str:
 def _figure(fig, caption: str, alt: str) -> str:
     """The figure with its caption; its text alternative is ``alt`` (what it shows, with its key
     numbers where the caller has them) followed by the caption."""
+    return _embedded(_png(fig), caption, alt)
+
+
+def _embedded(png: str, caption: str, alt: str) -> str:
+    """A base64 PNG as :func:`_figure` shows it."""
     return (f'<figure><img alt="{html.escape(f"{alt}. {caption}")}" '
-            f'src="data:image/png;base64,{_png(fig)}">'
+            f'src="data:image/png;base64,{png}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
@@ -110,8 +117,10 @@ COUNTERFACTUAL_KEYS = tuple(f"counterfactual.{e}" for e in (
     "effect_ratio", "mean_abs_change_preserved", "mean_abs_change_random"))
 
 
-def _check_entries(record: dict, keys: tuple[str, ...], path: Path) -> None:
-    """Refuse a record lacking one of ``keys``: the report would fail half-way."""
+def _check_entries(record: dict, keys: tuple[str, ...], path: Path, *, owner: str = "a demo's",
+                   redo: str | None = None) -> None:
+    """Refuse a record lacking one of ``keys``: the report would fail half-way. ``owner``: whose
+    file it should be; ``redo``: what to do about it (default :data:`DEMO_REDO`)."""
     from ..knowledge.analysis import missing_entry
 
     for key in keys:
@@ -119,12 +128,15 @@ def _check_entries(record: dict, keys: tuple[str, ...], path: Path) -> None:
         if missing is not None:
             raise PretrainReuseError(
                 f"{str(path)!r} lacks {missing!r}: it was written by an older version of "
-                "pretrain-reuse or is not a demo's; rerun `pretrain-reuse demo` (into a new "
-                "--out) and report on that folder")
+                f"pretrain-reuse or is not {owner}; {redo or DEMO_REDO}")
 
 
 #: What the report says to do about a demo's file it cannot read (as :func:`_check_entries`).
 DEMO_REDO = "rerun `pretrain-reuse demo` (into a new --out) and report on that folder"
+#: ... about a standalone knowledge analysis's (its rerun recomputes an analysis of an earlier
+#: version, or with a damaged file, from its cached games).
+KNOWLEDGE_REDO = ("rerun its `pretrain-reuse knowledge` command with the same --out (it redoes "
+                  "the analysis from its cached games) and report on that folder again")
 #: ... about an experiment's (as :meth:`~pretrain_reuse.experiments.ExperimentTable.load`).
 EXPERIMENT_REDO = "rerun the experiment into a new --out and report on that folder"
 
@@ -326,34 +338,57 @@ def _compare(ft: dict, a: str, b: str, where: str = "") -> str:
 
 
 def _knowledge_section(run: Path, scenario: dict, players: str) -> str:
-    from ..knowledge.analysis import SUMMARY_KEYS as KNOWLEDGE_KEYS
-
+    """The knowledge section of a demo's page, from ``run/knowledge/``."""
     kdir = run / "knowledge"
     if not (kdir / "knowledge.json").exists():
         return _section("Knowledge handed over by pre-training", "knowledge", _omitted(
             "knowledge/knowledge.json (the knowledge analysis)", run))
-    plt = _plt()
+    k = _read_knowledge(kdir, "its command")
+    params = k.get("meta", {}).get("params", {})
+    tau, match = params.get("tau", 0.05), params.get("match", "support")
+    return _section("Knowledge handed over by pre-training", "knowledge", _knowledge_parts(
+        k, kdir, run, players=players, baseline=scenario.get("baseline", "zero"),
+        samples="test images", overlays=_overlays(run, scenario, tau, match)))
+
+
+def _read_knowledge(kdir: Path, command: str, **check) -> dict:
+    """``kdir/knowledge.json``, refused when its analysis has not finished (naming the
+    ``command`` that finishes it) or lacks an entry the report reads (``check``: as
+    :func:`_check_entries` words it)."""
+    from ..knowledge.analysis import SUMMARY_KEYS as KNOWLEDGE_KEYS
+
     k = read_json(kdir / "knowledge.json", "knowledge")
     if k.get("finished") is False:
         raise PretrainReuseError(f"{str(kdir)!r} holds a knowledge analysis that has not finished "
-                                 "(a rerun stopped halfway); rerun its command to finish it")
-    _check_entries(k, KNOWLEDGE_KEYS, kdir / "knowledge.json")
+                                 f"(a rerun stopped halfway); rerun {command} to finish it")
+    _check_entries(k, KNOWLEDGE_KEYS, kdir / "knowledge.json", **check)
+    return k
+
+
+def _knowledge_parts(k: dict, kdir: Path, root: Path, *, players: str, baseline: str,
+                     samples: str, overlays: str, **check) -> str:
+    """What the report shows of the knowledge analysis ``k`` (its ``knowledge.json``, checked
+    by :func:`_read_knowledge`) in ``kdir``: its samples, models (paths shown relative to
+    ``root``), figures, tables and checks; ``players`` and ``baseline`` in words, ``samples``:
+    what was explained (test images), ``overlays``: the figure of the preserved interactions;
+    ``check``: how :func:`_check_entries` words a missing entry."""
+    plt = _plt()
     overall = k["report"]["overall"]
     # the analysis's own settings (a knowledge.json of an earlier version records neither)
     params = k.get("meta", {}).get("params", {})
     tau, match = params.get("tau", 0.05), params.get("match", "support")
-    samples = k["samples"]
-    dropped = samples["screened"] - samples["correct_for_all"]
-    parts = [f"<p>Interactions of each model's log-odds between the {_text(samples['n'])} samples' "
+    counts = k["samples"]
+    dropped = counts["screened"] - counts["correct_for_all"]
+    parts = [f"<p>Interactions of each model's log-odds between the {_text(counts['n'])} samples' "
              f"players (here: {_text(players)}; absent players take the "
-             f"{_BASELINE_TEXT.get(scenario.get('baseline', 'zero'), 'given')} baseline). "
-             f"Samples: {_text(samples['n'])} test images explained ({_text(samples['asked'])} "
+             f"{_BASELINE_TEXT.get(baseline, 'given')} baseline). "
+             f"Samples: {_text(counts['n'])} {_text(samples)} explained ({_text(counts['asked'])} "
              "asked), drawn among those every model classifies correctly: of the "
-             f"{_text(samples['screened'])} screened, {_text(dropped)} were dropped because some "
+             f"{_text(counts['screened'])} screened, {_text(dropped)} were dropped because some "
              "model misclassifies them. "
              "Knowledge = salient interactions (|I| > "
              f"{100 * tau:g}% of the sample's largest).</p>",
-             _models_table(run, k),
+             _models_table(root, k),
              "<p>preserve, discard, new and exclusive follow the <i>reconstructed</i> definitions "
              "of docs/knowledge.md in the pretrain-reuse repository (the paper's formulas were "
              "not found): per sample, preserve = |Ω_pre ∩ Ω_ft| / |Ω_pre|, discard = 1 − "
@@ -390,7 +425,7 @@ def _knowledge_section(run: Path, scenario: dict, players: str) -> str:
         fig, ax = plt.subplots(figsize=(5.2, 3.2))
         draw(k, ax)
         parts.append(_figure(fig, caption, alt))
-    parts.append(_overlays(run, scenario, tau, match))
+    parts.append(overlays)
     rows = [[n, _fixed(overall[n]["mean"]), _fixed(overall[n]["std"]), overall[n].get("n_used", "")]
             for n in overall]
     parts.append(_table(["ratio", "mean of per-sample ratios", "std over samples", "samples"],
@@ -409,7 +444,7 @@ def _knowledge_section(run: Path, scenario: dict, players: str) -> str:
                        _fixed(f["max_over_samples"], 4)] for r, f in faith.items()]))
     cf = k["counterfactual"]
     if cf.get("n_sets"):
-        _check_entries(k, COUNTERFACTUAL_KEYS, kdir / "knowledge.json")
+        _check_entries(k, COUNTERFACTUAL_KEYS, kdir / "knowledge.json", **check)
         ratio = cf["effect_ratio"]  # None when removing random players changed nothing
         verdict = ("Removing random players does not change the output, so the ratio is undefined"
                    if ratio is None else
@@ -429,7 +464,7 @@ def _knowledge_section(run: Path, scenario: dict, players: str) -> str:
               "n/a" if cf.get("prediction_spearman") is None else f"{cf['prediction_spearman']:.3f}"]])
             + f'<p class="{"good" if ratio is not None and ratio > 1.2 else "note"}">{verdict} '
               f"(ratio {_fixed(ratio, 2)}).</p>")
-    return _section("Knowledge handed over by pre-training", "knowledge", "".join(parts))
+    return "".join(parts)
 
 
 def _models_table(run: Path, k: dict) -> str:
@@ -774,12 +809,12 @@ def _grid_body(run: Path) -> list[str]:
 
 def build_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.html`` from the run's files (a demo, an experiment, a fine-tuning
-    run or a grid search folder) and return its path."""
+    run, a grid search or a knowledge analysis folder) and return its path."""
     # absolute: the page (and the commands it names) do not depend on how the path was typed
     run = check_file("run folder", run_dir).resolve()
     if run.is_file():
         raise PretrainReuseError(f"{str(run)!r} is a file; pass the demo, experiment, fine-tuning "
-                                 "run or grid folder that holds it")
+                                 "run, grid or knowledge analysis folder that holds it")
     if (run / "experiment.json").exists():
         with _reading(run / "experiment.json", EXPERIMENT_REDO):
             body = _experiment_body(run)
@@ -796,6 +831,12 @@ def build_report(run_dir: str | Path) -> Path:
                                  "grid.json yet); rerun its finetune --grid command with the same "
                                  "--out to resume it")
     summary_path = run / "summary.json"
+    if not summary_path.exists() and kind is None:
+        if (run / "knowledge.json").exists():
+            with _reading(run / "knowledge.json", KNOWLEDGE_REDO):
+                return _write_page(run, _knowledge_body(run))
+        if (run / "explain.json").exists():
+            raise _explain_folder(run)
     if not summary_path.exists() and kind in ("demo-run", "experiment-run"):
         what, command = (("demo", _demo_command(run)) if kind == "demo-run" else
                          ("experiment", _experiment_command(run)))
@@ -803,12 +844,9 @@ def build_report(run_dir: str | Path) -> Path:
                                  f"{'summary' if what == 'demo' else 'experiment'}.json yet); "
                                  f"rerun its command with the same --out to resume it: `{command}`")
     if not summary_path.exists():
-        what = (" (it is a knowledge folder: its numbers are in knowledge.json and its figures "
-                "beside it; report renders it as part of a demo run, or of an experiment's "
-                "knowledge recipe)" if (run / "knowledge.json").exists() else "")
         raise PretrainReuseError(f"{str(run)!r} has no summary.json, experiment.json, "
-                                 f"result.json or grid.json{what}; pass a demo, experiment, "
-                                 "fine-tuning run or grid folder")
+                                 "result.json, grid.json or knowledge.json; pass a demo, "
+                                 "experiment, fine-tuning run, grid or knowledge analysis folder")
     summary = read_json(summary_path, "summary")
     _check_entries(summary, SUMMARY_KEYS, summary_path)
     with _reading(summary_path, DEMO_REDO):
@@ -828,6 +866,65 @@ def build_report(run_dir: str | Path) -> Path:
     with _reading(summary_path, DEMO_REDO):
         body.append(_parameters_section(run, summary))
     return _write_page(run, body)
+
+
+def _knowledge_body(run: Path) -> list[str]:
+    """The page of a standalone ``knowledge`` folder (the ``knowledge`` command's, or one of an
+    experiment's ``knowledge/``): the demo's knowledge section, from its ``knowledge.json``, with
+    the analysis's own figure of the preserved interactions, and its settings and versions."""
+    redo = {"owner": "a knowledge analysis's", "redo": KNOWLEDGE_REDO}
+    k = _read_knowledge(run, "its `pretrain-reuse knowledge` command with the same --out", **redo)
+    params = k["meta"].get("params", {})
+    players, n = str(params.get("players", "")), params.get("n")
+    if players == "tokens":
+        shown = f"{n} words of each sentence"
+    elif players == "parts" or (players.startswith("grid:") and n is None):
+        shown = _players_text(players)
+    elif players.startswith("grid:"):
+        shown = f"{n} cells drawn from {_players_text(players)}"
+    else:  # a knowledge.json of an earlier version records no settings
+        shown = "as the analysis chose them"
+    if players == "tokens":
+        overlays = ""  # the analysis draws no images of sentences
+    elif (run / "preserved.png").is_file():
+        overlays = _embedded(base64.b64encode((run / "preserved.png").read_bytes()).decode(),
+                             "The strongest preserved interactions of the fine-tuned model: "
+                             "outlined player cells of each interaction (the analysis's own "
+                             "preserved.png).", "salient interactions")
+    else:
+        overlays = (f'<p class="note">Not in this folder: preserved.png (the images with the '
+                    f"strongest preserved interactions); {html.escape(KNOWLEDGE_REDO)}.</p>")
+    inputs = k["meta"]["inputs"]
+    data = inputs.get("data_path") or inputs.get("data")  # a file or folder, else a name
+    split = params.get("split")
+    where = f"{data} ({split})" if split else f"{data}"
+    settings = json.dumps(params, indent=1)
+    return [
+        "<h1>pretrain-reuse report: a knowledge analysis</h1>",
+        "<p>Which knowledge of the pre-trained model fine-tuning preserves, discards or adds "
+        "(Jiang, Cheng &amp; Li, arXiv 2410.08455), on the data "
+        f"<code>{_text(where)}</code>. Folder: <code>{_text(run)}</code>.</p>",
+        _section("Knowledge handed over by pre-training", "knowledge", _knowledge_parts(
+            k, run, run, players=shown, baseline=str(params.get("baseline", "zero")),
+            samples="samples" if players == "tokens" else "images", overlays=overlays, **redo)),
+        _section("Settings and versions", "parameters",
+                 _versions(k["meta"]) + f"<pre>{html.escape(settings)}</pre>")]
+
+
+def _explain_folder(run: Path) -> PretrainReuseError:
+    """The refusal of an ``explain`` folder (or of a model's folder inside a knowledge
+    analysis), naming what it holds and what to open instead."""
+    if (run.parent / "knowledge.json").is_file():
+        return PretrainReuseError(
+            f"{str(run)!r} holds the interactions of one model ({run.name}) of the knowledge "
+            f"analysis in {str(run.parent)!r}; pass that folder: `pretrain-reuse report "
+            f"{run.parent}`")
+    return PretrainReuseError(
+        f"{str(run)!r} is the output of explain (one interactions file per sample), which report "
+        "does not render: its figure is salient.png beside them, and "
+        "pretrain_reuse.load(<folder>/interactions-0000.safetensors) opens one sample's "
+        "interactions; report renders a knowledge analysis (pretrain-reuse knowledge), demo, "
+        "experiment, fine-tuning run or grid folder")
 
 
 def _write_page(run: Path, body: list[str]) -> Path:
