@@ -290,10 +290,16 @@ def test_rerunning_a_finished_embedding_keeps_the_store(tmp_path, capsys):
     args = ("--model", "smallcnn-s", "--data", data, "--shard-size", 3, "--out", tmp_path / "s")
     a = embed_ok(capsys, *args)
     mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s" / "parts").iterdir()}
+    index = (tmp_path / "s" / "index.json").read_bytes()
     b = embed_ok(capsys, *args)
     assert_same_store(a, b)
-    # finished shards are not recomputed
+    # finished shards are not recomputed, nor is the index rewritten (its recorded time was
+    # replaced by the rerun's ~0 s)
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s" / "parts").iterdir()} == mtimes
+    assert (tmp_path / "s" / "index.json").read_bytes() == index
+    # a damaged index is written again from the shards
+    (tmp_path / "s" / "index.json").write_text("{")
+    assert_same_store(a, embed_ok(capsys, *args))
 
 
 # --------------------------------------------------------------------------------------------

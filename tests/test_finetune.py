@@ -1899,6 +1899,14 @@ def test_grid_search_names_the_runs_tied_with_the_best_and_keeps_the_first(tmp_p
                        check=lambda cfg: 10)["tied_with_best"] == []
 
 
+def test_the_grid_command_says_when_the_best_run_is_tied(files, tmp_path, capsys):
+    # learning rates too small to change a prediction in one step: both runs score the same
+    rc, out, err = cli(capsys, *base_args(files, tmp_path / "grid", steps=1), "--grid", "lr=1e-12,2e-12")
+    assert rc == 0, err
+    assert ("tied with 1 other run (lr=2e-12), the first in grid order is kept: a larger "
+            "--val-fraction may separate them") in out
+
+
 def test_a_grid_run_without_validation_images_stops_the_grid_at_once(files, tmp_path, capsys):
     # a long tail of ratio 1 on a balanced target trains on every image, leaving none to pick on
     out = tmp_path / "grid"

@@ -386,16 +386,20 @@ def cmd_finetune(args) -> int:
         from .finetune.grid import grid_search, parse_grid
 
         grid_before = _stamp(Path(args.out) / "grid.json")
-        best = grid_search(cfg, parse_grid(args.grid), args.out, run,
-                           check=lambda c: run(c, None, check_only=True))["best"]
+        summary = grid_search(cfg, parse_grid(args.grid), args.out, run,
+                              check=lambda c: run(c, None, check_only=True))
+        best, tied = summary["best"], summary["tied_with_best"]
         if not _reporter():
             return 0
         if grid_before is not None and not trained:  # every run was finished: none trained
             _finished("finetune", args.out)
             _note_weights(args.model, args.weights, args.quiet, mode=cfg.mode)
             return 0
+        ties = (f"; tied with {len(tied)} other run{'s' if len(tied) > 1 else ''} ({', '.join(tied)}), "
+                "the first in grid order is kept: a larger --val-fraction may separate them"
+                if tied else "")
         print(f"best on validation: {best['run']} (val top-1 {best['val_top1']:.4f}; its test "
-              f"top-1 {best['test_top1_at_best_val']:.4f}); wrote {Path(args.out) / 'grid.csv'}")
+              f"top-1 {best['test_top1_at_best_val']:.4f}{ties}); wrote {Path(args.out) / 'grid.csv'}")
         _note_weights(args.model, args.weights, args.quiet, mode=cfg.mode)
         return 0
     result = run(cfg, args.out)
@@ -811,7 +815,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=_at_least(0), default=0, help="DataLoader worker processes")
     e.add_argument("--shard-size", type=_at_least(1), default=8192, help="samples per shard file")
     e.add_argument("--device", default="cpu")
-    e.add_argument("--precision", default="auto", help="auto (bf16 on CUDA) | fp32 | bf16")
+    e.add_argument("--precision", default="auto", help="auto (bf16 on GPUs with native bf16, "
+                   "compute capability 8.0+; else fp32) | fp32 | bf16")
     e.add_argument("--seed", type=_seed, default=0, help="initialises layers without weights")
     e.add_argument("--image-size", type=_at_least(1), help="input side in pixels, resized at the "
                    "backbone's crop ratio (224 of 256: 448 of 512); default: the backbone's own")

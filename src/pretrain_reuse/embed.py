@@ -224,6 +224,10 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True,
 
     n_shards = -(-len(dataset) // cfg.shard_size)
     mine = [k for k in range(n_shards) if k % world == rank and not _shard_done(parts, k)]
+    if not mine and _finished_store(out):
+        # every rank finds the same: rewriting the index would only replace the recorded
+        # embedding time, and a progress bar would count nothing
+        return FeatureStore.load(out) if rank == 0 and load else None
     todo = sum(min(cfg.shard_size, len(dataset) - k * cfg.shard_size) for k in mine)
     bar = tqdm(total=todo, desc=f"embed {cfg.model}", unit="sentence" if text else "img",
                disable=not progress or rank != 0)
@@ -323,6 +327,16 @@ def _forget_a_run_without_shards(out: Path, parts: Path) -> None:
 
 def _shard_path(parts: Path, k: int) -> Path:
     return parts / f"shard-{k:05d}.safetensors"
+
+
+def _finished_store(out: Path) -> bool:
+    """Whether ``out`` holds a finished store whose ``index.json`` opens: a missing or damaged
+    index is written again from the shards."""
+    try:
+        FeatureStore.load(out, lazy=True)
+    except PretrainReuseError:
+        return False
+    return True
 
 
 def _shard_done(parts: Path, k: int) -> bool:
