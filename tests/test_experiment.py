@@ -673,6 +673,8 @@ def test_a_sweep_value_the_data_cannot_realise_is_refused_before_the_folder_is_c
     err = _one_line_error(capsys, ["experiment", recipe, "--config",
                                    str(_config(demo, tmp_path, sweep=sweep)), "--out", str(out)])
     assert needle.format(n=n, f=1 / n) in err
+    swept = next(iter(sweep))
+    assert f"(the {recipe} recipe sweeps {swept} over {sweep[swept]}; set sweep: " in err
     assert not out.exists()
 
 
@@ -723,12 +725,18 @@ def test_feature_stores_of_another_network_than_the_experiments_are_warned_of(qu
         run_experiment("fig4a", cfg, tmp_path / "x", progress=False)
     messages = [str(w.message) for w in caught if "were embedded by" in str(w.message)]
     assert [m.split()[0] for m in messages] == ["source_features", "target_features"]
-    assert (f"not by the experiment's model smallcnn with weights {str(other)!r}: the selections "
-            "rank units by those features") in messages[0]
+    assert (f"not by the experiment's model smallcnn with weights {str(other)!r} at its "
+            "penultimate layer: the selections rank units by those features") in messages[0]
     same = load_experiment_config(_config(demo, tmp_path, sweep={"eps_c": [0.01]}), seeds=(0,))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        run_experiment("fig4a", same, tmp_path / "y", progress=False)
+        table = run_experiment("fig4a", same, tmp_path / "y", progress=False)
+    assert "layer" not in table.params  # the default: folders of earlier versions record none
+    # the same network at another layer (a MoCo backbone selects on its projection head)
+    head = load_experiment_config(_config(demo, tmp_path, layer="head", sweep={"eps_c": [0.01]}),
+                                  seeds=(0,))
+    with pytest.warns(UserWarning, match="penultimate layer, .* at its head layer: the selections"):
+        run_experiment("fig4a", head, tmp_path / "z", progress=False)
 
 
 def test_relevant_ids_the_pool_lacks_are_refused_before_the_folder_is_claimed(quick_demo, tmp_path,

@@ -868,11 +868,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "named by folders, lines that start with the folder name name that unit "
                    "(ImageNet's LOC_synset_mapping.txt), so --names can match their words")
     s.add_argument("--k", help="units to select (default 100; with --method label: all named), "
-                   "or a fraction of source samples (0.1 or 10%%)")
+                   "or a fraction of source samples (0.1 or 10%%); clusters: the paper keeps 200 "
+                   "of 2000, about 10%% of the pool")
     s.add_argument("--method", default="uot", help=f"one of {', '.join(SELECT_METHODS)}")
     # no argparse defaults below: SelectConfig's apply, and a flag given to a method that does
     # not read it is refused (METHOD_FLAGS)
-    s.add_argument("--metric", help=f"uot, greedy-ot: one of {', '.join(METRIC_NAMES)} (cosine)")
+    s.add_argument("--metric", help=f"uot, greedy-ot: one of {', '.join(METRIC_NAMES)} (cosine; "
+                   "the paper's greedy-ot baseline is l2)")
     s.add_argument("--eps-c", type=float, help="uot: cost scale, C = d/eps_c (0.01)")
     s.add_argument("--eps", type=float, help="uot: entropic regularisation (1.0)")
     s.add_argument("--tau-a", type=float, help="uot: source marginal penalty (1.0)")

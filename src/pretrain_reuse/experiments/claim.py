@@ -17,7 +17,7 @@ from .recipes import RECIPES
 from .workspace import Workspace
 
 _SELECTS = ("weights", "source", "source_features", "target_features", "embed_batch_size",
-            "relevant", "finetune")  # finetune: a low-data / long-tail regime selects for its images
+            "layer", "relevant", "finetune")  # finetune: a low-data / long-tail regime selects for its images
 _TRAINS = ("target_test", "lam", "modes")
 
 #: The ExperimentConfig fields each recipe reads, besides model, target, its swept values and
@@ -63,10 +63,14 @@ def recipe_reads(name: str, cfg: ExperimentConfig, values: dict[str, Any]) -> di
         params["modes"] = {mode: settings for mode, settings in per_mode.items() if settings}
         if not params["modes"]:
             del params["modes"]
+    if params.get("layer") in (None, "penultimate"):
+        # the default is not recorded: folders claimed before ``layer`` existed record none
+        params.pop("layer", None)
     if params.get("source_features") and params.get("target_features"):
         # nothing is embedded: the stores' content is claimed instead (input_hashes), and the weights
         # only by the fine-tuning runs
         del params["embed_batch_size"]
+        params.pop("layer", None)
         if not trains:
             del params["weights"]
     return params

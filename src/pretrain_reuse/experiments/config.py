@@ -14,6 +14,7 @@ from ..configs import check_fields, checked_values, config_values
 from ..errors import PretrainReuseError, check_choice, check_positive, check_seed, parse_ids
 from ..finetune import MODES, FinetuneConfig
 from ..finetune.config import MODE_OPTIONS
+from ..models.backbone import LAYERS
 from ..transport import METRICS
 
 #: The seed of what the experiment derives from the pool once for all rows (k-means clusters, the
@@ -27,7 +28,7 @@ REGIMES = ("train_fraction", "long_tail_ratio")
 #: Values swept by the recipes, unless the config's ``sweep`` overrides them.
 SWEEP_DEFAULTS: dict[str, tuple] = {
     "clusters": (1000, 2000),                       # table2: k-means K (the paper's two values)
-    "long_tail_ratio": (10.0, 100.0),               # table3: largest / smallest class
+    "long_tail_ratio": (10.0,),                     # table3: largest / smallest class (paper)
     "k": (50, 100, 200, 300),                       # fig3a: selected classes
     "train_fraction": (0.2, 0.4, 0.6, 0.8),         # fig3b
     "eps_c": (0.0001, 0.001, 0.01, 0.1, 1.0),      # fig4a
@@ -63,6 +64,9 @@ class ExperimentConfig:
             (folders, list files or embedded names; an embedded ``target`` brings its own test
             split).
         source_features, target_features: FeatureStore folders; default: embedded by the run.
+        layer: the layer of ``model`` whose features select (``embed --layer``): ``penultimate``
+            (default; supervised backbones), or ``head`` for a MoCo backbone, whose selection
+            features are its 128-d projection head (Liu et al.; methods note §1.1).
         seeds: one fine-tuning run per seed and row.
         k: selected classes; cluster_k: the share of pool images the selected clusters cover
             (default: the share that the top-``k`` UOT classes cover, as the paper matches 200
@@ -112,6 +116,7 @@ class ExperimentConfig:
     pretrainings: dict[str, str] = field(default_factory=dict)
     explain: dict[str, Any] = field(default_factory=dict)
     embed_batch_size: int = 256
+    layer: str = "penultimate"
 
     def __post_init__(self):
         check_fields(self)  # a config built in Python, not only one read by the loader
@@ -126,6 +131,7 @@ class ExperimentConfig:
             raise PretrainReuseError(f"k must be >= 1 and clusters >= 2, got {self.k}, {self.clusters}")
         for name in ("eps_c", "eps_c_l2"):
             check_positive(name, getattr(self, name))
+        check_choice("layer", self.layer, LAYERS)
         if self.cluster_k is not None and not 0 < self.cluster_k <= 1:
             raise PretrainReuseError(f"cluster_k must be a share of pool images in (0, 1], got "
                                      f"{self.cluster_k}")

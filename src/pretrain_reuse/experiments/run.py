@@ -20,7 +20,7 @@ from ..finetune.data import check_batch_size, selected_source
 from ..finetune.loop import total_steps
 from ..finetune.model import check_source_head
 from ..models import create_backbone
-from ..models.checkpoint import features_hash
+from ..models.checkpoint import state_hash
 from ..models.registry import check_modality, model_modality
 from ..units import class_count, embedding_of
 from .claim import claim_experiment, input_hashes, recipe_reads
@@ -109,7 +109,12 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
     # of another data set). The messages name the experiment's keys, not the finetune flags.
     for row in trains:
         for seed in cfg.seeds:
-            train_set, _, _ = ws.split(row, seed)
+            try:
+                train_set, _, _ = ws.split(row, seed)
+            except PretrainReuseError as e:  # a regime the data cannot realise: maybe a default
+                if SWEPT.get(name) not in REGIMES:
+                    raise
+                raise PretrainReuseError(f"{e}{_sweep_hint(name, cfg)}") from None
             ft, run = ws.run_config(row, seed), ws.run_dir(row, seed).name
             check_batch_size(len(train_set), ft.batch_size, what=f"training ({run})",
                              flag="finetune.batch_size")
@@ -214,7 +219,7 @@ def _sweep_hint(name: str, cfg: ExperimentConfig) -> str:
     """For an error about a swept value, which may be the recipe's default the user never typed:
     what the recipe sweeps and how to set it ("" for a recipe that sweeps no such value)."""
     swept = SWEPT.get(name)
-    if swept not in ("k", "clusters", "groups"):
+    if swept not in ("k", "clusters", "groups", *REGIMES):
         return ""
     return (f" (the {name} recipe sweeps {swept} over {list(cfg.values(swept))}; set "
             f"sweep: {{{swept}: [...]}} in --config to values this data allows)")
@@ -261,15 +266,19 @@ def _warn_other_network(store, which: str, cfg: ExperimentConfig, backbone) -> N
     another model is a silent change of the method, unless meant (selecting on a stronger
     model's features is a valid variant, hence a warning, not an error)."""
     made_by = embedding_of(store)
-    if made_by is None or made_by["state"] == features_hash(backbone):
+    if made_by is None:
+        return
+    # the parameters that compute the store's layer (features_hash): the body alone below the head
+    state = state_hash(backbone.body if made_by["layer"] == "penultimate" else backbone)
+    if made_by["state"] == state and made_by["layer"] == cfg.layer:
         return
     weights = f" with weights {cfg.weights!r}" if cfg.weights else ""
     warnings.warn(
         f"{which}_features {getattr(cfg, f'{which}_features')!r} were embedded by "
         f"{made_by['model']} ({made_by['layer']} layer, parameters {made_by['state']}), not by "
-        f"the experiment's model {cfg.model}{weights}: the selections rank units by those "
-        f"features; embed them with model and weights, or leave {which}_features unset",
-        stacklevel=2)
+        f"the experiment's model {cfg.model}{weights} at its {cfg.layer} layer: the selections "
+        f"rank units by those features; embed them with model, weights and layer, or leave "
+        f"{which}_features unset", stacklevel=2)
 
 
 def _check_relevant(ws: Workspace) -> None:

@@ -57,8 +57,8 @@ class Workspace:
             run = self.cfg.base_finetune()
             ecfg = EmbedConfig(model=self.cfg.model, data=str(spec), weights=self.cfg.weights,
                                split="train" if has_splits(spec) else None,
-                               batch_size=self.cfg.embed_batch_size, device=run.device,
-                               precision=run.precision)
+                               batch_size=self.cfg.embed_batch_size, layer=self.cfg.layer,
+                               device=run.device, precision=run.precision)
             return embed(ecfg, self.out / "features" / which, progress=self.progress)
 
         return self._once(("features", which), build)

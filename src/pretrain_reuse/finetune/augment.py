@@ -5,7 +5,8 @@ Images arrive as float (B, C, S, S) batches in [0, 1] (``S`` = the backbone's re
 and normalise with the backbone's mean/std:
 
 - ``eval``: centre crop (Resize(256) -> CenterCrop(224) in the paper's setting);
-- ``weak``: RandomResizedCrop (scale 0.08-1, torchvision's defaults, as the official code) + flip;
+- ``weak``: RandomResizedCrop (scale 0.08-1, torchvision's defaults, as the official code) + flip,
+  taken inside the resized square batch (the official code crops the whole decoded image);
 - ``flip``: horizontal flip only (for data whose classes depend on small parts that a random
   crop would cut away, like the synthetic world);
 - ``strong=True`` on any of them adds FixMatch's strong augmentation, as Liu et al. use it for

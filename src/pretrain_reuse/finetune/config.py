@@ -1,4 +1,7 @@
-"""FinetuneConfig: every knob of a fine-tuning run, with the defaults of Liu et al. (NeurIPS 2022).
+"""FinetuneConfig: every knob of a fine-tuning run, with the defaults of Liu et al. (NeurIPS 2022)
+where the paper or its code fixes one, except where README.md ("Where the defaults differ from the
+official code") says otherwise: a validation split, λ 0.3 in every mode, a source head over the
+selected classes.
 
 CLI flags map one to one onto the fields (``--lr`` <-> ``lr``); a YAML file loads into the same
 class, and an unknown key or a value of the wrong type is an error. The resolved config is saved
