@@ -654,10 +654,19 @@ def test_the_knowledge_results_print_as_one_line_summaries():
     curve = knowledge_convergence([[PRE], [FT], [FT]], steps=[10, 20, 40])
     sets = set_discrimination(report, [0, 0])
     corr = accuracy_correlation(RATIOS, ACCURACY, n_boot=100, seed=0)
-    summaries = {repr(report): f"pooled: preserve={report.overall['preserve'].pooled:.3g}",
+    summaries = {repr(report): f"means over samples: preserve={report.overall['preserve'].mean:.3g}",
                  repr(curve): f"first_at_threshold={curve.first_at_threshold} (s >= 0.9)",
                  repr(sets): f"preserve={sets.purity('preserve'):.3g}",
                  repr(discrimination_power([PRE, FT])): "Discrimination(n_samples=2, salient items=",
                  repr(corr): f"pearson={corr.pearson:.3g} [{corr.pearson_ci[0]:.3g}, "}
     for text, needle in summaries.items():
         assert "\n" not in text and len(text) < 400 and needle in text, text
+
+
+def test_decompositions_of_different_kinds_are_not_compared():
+    # an AND model against an AND-OR model: its OR interactions never match, inflating the
+    # discarded and new knowledge without a word
+    and_only = Interactions(n=3, and_values=FT.and_values, or_values=np.zeros(8), v=np.zeros(8),
+                            noise=np.zeros(8), kind="and")
+    with pytest.raises(PretrainReuseError, match="different kinds \\('and-or' and 'and'\\)"):
+        knowledge_report([PRE], [and_only])

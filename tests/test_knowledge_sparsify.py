@@ -454,3 +454,22 @@ def test_bad_solver_arguments_are_refused_naming_the_parameter(call, message):
 def test_exact_lp_refuses_games_beyond_its_player_limit():
     with pytest.raises(PretrainReuseError, match=r"the exact LP takes n <= 12 players.*got n=13"):
         and_or_interactions_lp(np.zeros(1 << 13))
+
+
+def test_an_explanation_warns_of_decompositions_stopped_before_their_tolerance():
+    # meta.solver recorded it, but nothing said so: the salient sets of such a sample may differ
+    # from the optimum's
+    from pretrain_reuse.knowledge.explain import Games, with_games
+
+    values = np.random.default_rng(0).standard_normal((3, 1 << 5))
+    games = Games(values, [{"sample": str(i)} for i in range(3)], {})
+    stopped = and_or_interactions(values, max_iter=1)
+    assert not any(x.meta["converged"] for x in stopped)
+    with pytest.warns(UserWarning, match=r"stopped before its tolerance on 3 of 3 samples "
+                                         r"\(relative duality gap up to \d"):
+        with_games(games, stopped)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with_games(games, and_or_interactions(values))

@@ -31,8 +31,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -692,7 +694,15 @@ def decompose(games: Games, cfg: ExplainConfig) -> list[Interactions]:
 
 def with_games(games: Games, results: list[Interactions]) -> list[Interactions]:
     """The decompositions ``results`` of ``games`` with each sample's info and the explanation's
-    meta; ``meta["solver"]`` is the decomposition's own meta."""
+    meta; ``meta["solver"]`` is the decomposition's own meta. A solve that stopped before its
+    tolerance is warned of: its salient sets may differ from the optimum's."""
+    short = [res.meta for res in results if res.meta.get("converged") is False]
+    if short:
+        warnings.warn(
+            f"the sparse decomposition stopped before its tolerance on {len(short)} of "
+            f"{len(results)} samples (relative duality gap up to "
+            f"{max(m.get('gap', math.nan) for m in short):.3g}); their salient interactions may "
+            "differ from the optimum's (each sample's meta.solver records its gap)", stacklevel=2)
     return [replace(res, info=info, meta={**games.meta, "solver": res.meta})
             for res, info in zip(results, games.infos, strict=True)]
 

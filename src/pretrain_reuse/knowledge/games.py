@@ -8,10 +8,10 @@ in ``S`` and replaces the others by a baseline:
 .. math:: x_S = m_S \odot x + (1 - m_S) \odot b, \qquad m_S = \min(1, \textstyle\sum_{i\in S} P_i)
 
 (pixels of no player follow ``background``: always the baseline, or always the original), and
-``v(x_S)`` is the network's log-odds of the ground-truth class ``y``,
-``v = z_y - \log\sum_{c\ne y} e^{z_c}`` (Jiang, Cheng & Li, arXiv 2410.08455; the group's
-convention). All 2^n masked inputs are built on the model's device in chunks and evaluated in
-large batches, which is where the time of an interaction analysis goes.
+``v(x_S)`` is the network's log-odds of the ground-truth class ``y``, ``v = z_y - \log\sum_{c\ne y}
+e^{z_c}`` (the output of Jiang, Cheng & Li's group in their code; which output arXiv 2410.08455
+itself used is not stated, methods note §1). All 2^n masked inputs are built on the model's device
+in chunks and evaluated in large batches, which is where the time of an interaction analysis goes.
 
 The baseline is fixed (zero, mean, blur: :func:`baseline_input`) or learned per sample and model
 so that the AND interactions are as sparse as possible (:func:`learn_baseline`, Ren et al.,

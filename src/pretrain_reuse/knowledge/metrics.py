@@ -300,9 +300,9 @@ class KnowledgeReport:
     samples: list[SampleKnowledge] = field(repr=False, default_factory=list)
 
     def __repr__(self) -> str:  # a summary: the dataclass repr prints every order's statistics
-        pooled = ", ".join(f"{k}={v.pooled:.3g}" for k, v in self.overall.items())
+        means = ", ".join(f"{k}={v.mean:.3g}" for k, v in self.overall.items())
         return (f"KnowledgeReport(n_samples={self.n_samples}, tau={self.tau:g}, match="
-                f"{self.match!r}, orders={len(self.by_order)}, pooled: {pooled})")
+                f"{self.match!r}, orders={len(self.by_order)}, means over samples: {means})")
 
     def per_sample(self, name: str, order: int | None = None) -> np.ndarray:
         """(n_samples,) the ratio ``name`` on every sample (NaN where its denominator is empty),
@@ -432,6 +432,10 @@ def _check_pair(a: Interactions, b: Interactions, names: tuple[str, str] = ("a",
     if a.n != b.n:
         raise PretrainReuseError(f"{names[0]} and {names[1]} have n={a.n} and n={b.n} players; "
                                  "compare interactions over the same players")
+    if a.kind != b.kind:  # the OR interactions of one would never match: discard and new inflated
+        raise PretrainReuseError(
+            f"{names[0]} and {names[1]} are decompositions of different kinds ({a.kind!r} and "
+            f"{b.kind!r}); decompose both models' games the same way")
     if not same_game:
         return
     for key in GAME_KEYS:

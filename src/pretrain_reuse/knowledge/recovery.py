@@ -10,8 +10,10 @@ the Boolean game
 .. math:: v^*(S) = \prod_t [S \cap T_t \neq \emptyset] \qquad (S \subseteq N)
 
 (:func:`rule_game`), and its Harsanyi interactions I* = Möbius(v*) are the ground truth: unique,
-and nonzero exactly on the unions of one non-empty subset of slots per term, with sign
-(-1)^{|S| - #terms} (e.g. ``a AND (b OR c)`` gives +1 on {a,b} and {a,c}, -1 on {a,b,c}).
+and, when the terms' slot sets are disjoint (as the world's rules are), nonzero exactly on the
+unions of one non-empty subset of slots per term, with sign (-1)^{|S| - #terms} (e.g.
+``a AND (b OR c)`` gives +1 on {a,b} and {a,c}, -1 on {a,b,c}); overlapping terms merge
+(``[(0,), (0, 1)]`` is the game of slot 0 alone).
 
 Matching rule of :func:`ground_truth_recovery` (our definition [recon]):
 

@@ -34,13 +34,14 @@ Every single-model solver takes games ``v`` of shape (2^n,) or (B, 2^n) in bitma
 or torch; torch runs on its device) and returns one :class:`~pretrain_reuse.knowledge.Interactions`
 per game, always as a list; the joint solver takes (K, B, 2^n) and returns K such lists.
 
-Every solver decomposes the centred game v - v(∅) and returns the bias v(∅) in I_and(∅)
-(``centre=True``, default): the L1 loss counts I(∅) too, so on v itself the noise q_∅ and the
-split γ_∅ would be spent on shrinking the bias (whose size is the baseline's, not the model's
-evidence), and every coalition's interactions would change with it. The group sparsifies its
-"-v0" outputs v(S) - v(∅) (``gt-log-odds-v0`` in sjtu-xai-lab/generalizable-interaction and
-interaction-sparsity); ``centre=False`` sparsifies v as given (their runs without "-v0").
-Objectives, losses and bounds in ``meta`` are those of the game decomposed.
+Every solver decomposes the centred game v - v(∅) and adds v(∅) back into I_and(∅), which then
+holds v(∅) + q_∅, and I_or(∅) merged into it (``centre=True``, default): the L1 loss counts I(∅)
+too, so on v itself the noise q_∅ and the split γ_∅ would be spent on shrinking the bias (whose
+size is the baseline's, not the model's evidence), and every coalition's interactions would change
+with it. The group sparsifies its "-v0" outputs v(S) - v(∅) (``gt-log-odds-v0`` in
+sjtu-xai-lab/generalizable-interaction and interaction-sparsity); ``centre=False`` sparsifies v as
+given (their runs without "-v0"). Objectives, losses and bounds in ``meta`` are those of the game
+decomposed.
 
 A constant game (v(S) = v(∅) for every S, e.g. a model insensitive to the players) has the exact
 decomposition I_and(∅) = v(∅) and no other interaction, which every solver returns as it is
