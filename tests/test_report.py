@@ -193,15 +193,20 @@ def test_the_versions_shown_are_those_that_produced_the_run(tmp_path, capsys):
     assert "<td>torch</td><td>not recorded</td>" in _page(capsys, run)
 
 
+def _explain(out: Path) -> None:
+    """``explain`` one sample of the world's target with a small random CNN into ``out``."""
+    torch.manual_seed(0)
+    save_backbone(create_backbone("smallcnn-s", num_classes=10), out.parent / "m.safetensors", {})
+    assert main(["explain", "--model", "smallcnn-s", "--weights", str(out.parent / "m.safetensors"),
+                 "--data", "synthetic:target", "--players", "grid:2x2", "--samples", "1", "--quiet",
+                 "--out", str(out)]) == 0
+
+
 def test_interactions_that_do_not_fit_the_run_are_one_line(tmp_path, capsys):
     # the overlays pair each fine-tuned sample with the pre-trained model's file of the same name
     # and draw the run's players: a missing partner, or interactions over other players, would
     # fail half-way or draw wrong outlines
-    torch.manual_seed(0)
-    save_backbone(create_backbone("smallcnn-s", num_classes=10), tmp_path / "m.safetensors", {})
-    assert main(["explain", "--model", "smallcnn-s", "--weights", str(tmp_path / "m.safetensors"),
-                 "--data", "synthetic:target", "--players", "grid:2x2", "--samples", "1", "--quiet",
-                 "--out", str(tmp_path / "x")]) == 0
+    _explain(tmp_path / "x")
     summary = _summary()
     run = _run(tmp_path, summary, _knowledge())
     (run / "knowledge" / "finetuned").mkdir()
@@ -270,11 +275,7 @@ def test_a_knowledge_analysis_alone_is_reported_with_its_own_figures(tmp_path, c
 
 def test_an_explain_folder_is_named_as_such(tmp_path, capsys):
     # it got "has no summary.json, experiment.json, result.json or grid.json"
-    torch.manual_seed(0)
-    save_backbone(create_backbone("smallcnn-s", num_classes=10), tmp_path / "m.safetensors", {})
-    assert main(["explain", "--model", "smallcnn-s", "--weights", str(tmp_path / "m.safetensors"),
-                 "--data", "synthetic:target", "--players", "grid:2x2", "--samples", "1", "--quiet",
-                 "--out", str(tmp_path / "x")]) == 0
+    _explain(tmp_path / "x")
     err = _refused(capsys, tmp_path / "x")
     assert "is the output of explain (one interactions file per sample), which report does not " \
            "render: its figure is salient.png beside them" in err
