@@ -17,6 +17,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from _helpers import tiny_bert
 from pretrain_reuse.cli import main
 from pretrain_reuse.data.text import text_file
+from pretrain_reuse.errors import PretrainReuseError
 from pretrain_reuse.finetune import FinetuneConfig, train
 from pretrain_reuse.finetune.config import lr_at
 from pretrain_reuse.finetune.data import SourceData, StepBatches
@@ -550,3 +551,24 @@ def test_augment_none_is_what_sentences_get_and_is_accepted(files, tmp_path, cap
     run_ok(capsys, "finetune", "--model", f"hf:{files['bert']}", "--target", files["train"],
            "--target-test", files["test"], "--out", tmp_path / "run", "--max-steps", 2,
            "--batch-size", 8, "--augment", "none", "--quiet")
+
+
+def test_a_file_mixing_class_indices_and_names_is_refused_by_line(tmp_path):
+    # the indices became names too: "1" a third class beside "fruit" and "rock", with exit 0
+    lines = ['{"text": "apple pie", "label": "fruit"}', '{"text": "granite", "label": "rock"}',
+             '{"text": "pear", "label": 1}']
+    (tmp_path / "mixed.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(PretrainReuseError, match=r"line 3 has the label 1, a class index, but line 1 "
+                                                 r"has a class name; give every label as an index"):
+        text_file(tmp_path / "mixed.jsonl")
+    (tmp_path / "names.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    assert text_file(tmp_path / "names.jsonl").class_names == ["fruit", "rock"]
+
+
+def test_unlabelled_sentences_where_labels_are_needed_are_named_as_such(tmp_path):
+    # an unlabelled pool, valid to embed, was called a file of malformed lines by reuse
+    (tmp_path / "pool.jsonl").write_text('{"text": "apple pie"}\n{"text": "granite"}\n')
+    assert text_file(tmp_path / "pool.jsonl", need_labels=False).labels is None
+    with pytest.raises(PretrainReuseError, match=r"holds unlabelled sentences \(line 1 has no "
+                                                 r"\"label\"\), but labelled ones are needed here"):
+        text_file(tmp_path / "pool.jsonl")

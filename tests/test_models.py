@@ -170,6 +170,14 @@ def test_hf_base_model_folder_has_no_head(tmp_path):
         create_backbone(f"hf:{tmp_path}", layer="head")
 
 
+def _larger_tokenizer(folder: Path) -> None:
+    """Replace the tokenizer of a :func:`_tiny_bert` folder by one with two more words."""
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tok.add_tokens(["zebra", "quokka"])
+    tok.save_pretrained(folder)
+
+
 def _tiny_bert(folder: Path) -> tuple[nn.Module, object]:
     transformers = pytest.importorskip("transformers")
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "cat", "dog", "sat", "on", "mat"]
@@ -253,6 +261,13 @@ def _rename_weights(path: Path, keep: str = "") -> None:
     ("vit", lambda f: (f / "preprocessor_config.json").write_text("{broken"),
      "preprocessor_config.json is invalid"),
     ("bert", lambda f: (f / "tokenizer_config.json").write_text("{broken"), "readable tokenizer"),
+    # no tokenizer files at all: transformers builds one of the special tokens, and every word
+    # read as [UNK] (embed and finetune ran with exit 0 on nothing)
+    ("bert", lambda f: [p.unlink() for p in f.iterdir() if p.name not in ("config.json",
+                                                                          "model.safetensors")],
+     "holds its 5 special tokens only, no vocabulary"),
+    # a tokenizer with words beyond the embedding table: an IndexError traceback mid-run
+    ("bert", lambda f: _larger_tokenizer(f), "has 14 tokens but the model embeds 12"),
     ("bert", lambda f: (f / "1_Pooling").mkdir() or (f / "1_Pooling" / "config.json").write_text("{"),
      "not valid JSON"),
 ])

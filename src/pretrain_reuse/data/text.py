@@ -92,6 +92,7 @@ def text_file(path, *, need_labels: bool = True) -> TextDataset:
         raise PretrainReuseError(f"data: {str(p)!r} is not UTF-8 text; pass a .jsonl file of "
                                  '{"label": ..., "text": ...} lines') from None
     texts, labels, ids = [], [], []
+    first_of_kind: dict[str, int] = {}  # "index" / "name": the first line with such a label
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -106,6 +107,12 @@ def text_file(path, *, need_labels: bool = True) -> TextDataset:
                 f"data: {str(p)!r} line {number} has {'no' if unlabelled else 'a'} \"label\" but "
                 f"the lines before it {'do' if unlabelled else 'do not'}; label every sentence "
                 "or none")
+        if need_labels and not texts and isinstance(row, dict) and "label" not in row \
+                and isinstance(text, str) and text.strip():
+            raise PretrainReuseError(  # an unlabelled file, valid to embed, read where labels are needed
+                f"data: {str(p)!r} holds unlabelled sentences (line {number} has no \"label\"), but "
+                "labelled ones are needed here (a target, test data, or reuse's source pool); give "
+                "each line a \"label\"")
         bad_label = not isinstance(label, (int, str)) or isinstance(label, bool)
         if not (isinstance(text, str) and text.strip()) or (bad_label and not unlabelled):
             raise PretrainReuseError(
@@ -114,6 +121,14 @@ def text_file(path, *, need_labels: bool = True) -> TextDataset:
         if isinstance(label, int) and label < 0:
             raise PretrainReuseError(f"data: {str(p)!r} line {number} has label {label}; class "
                                      "indices are >= 0")
+        if not unlabelled:
+            kind, other = ("index", "name") if _is_integer(str(label)) else ("name", "index")
+            first_of_kind.setdefault(kind, number)
+            if other in first_of_kind:  # the indices would become names: one class more
+                raise PretrainReuseError(
+                    f"data: {str(p)!r} line {number} has the label {label!r}, a class {kind}, but "
+                    f"line {first_of_kind[other]} has a class {other}; give every label as an "
+                    "index or every label as a name")
         texts.append(text)
         if not unlabelled:
             labels.append(str(label))

@@ -283,6 +283,7 @@ def hf_text_parts(folder: str, name: str) -> ModelParts:
     st_cfg = _read_json(Path(folder) / "sentence_bert_config.json", name)
     model, info = _hf_model(transformers.AutoModel, folder, name)
     _refuse_missing(info, ("pooler.",), folder, name)  # pooling reads the hidden states
+    _check_tokenizer(tokenizer, model, folder, name)
     model = model.float()
     pooling = "cls" if pooling_cfg.get("pooling_mode_cls_token") else "mean"
     spec = BackboneSpec(name=name, modality="text", input_size=None, resize_size=None, mean=None,
@@ -305,6 +306,7 @@ def _hf_sequence_classifier_parts(transformers: ModuleType, folder: str, name: s
     if any(k.startswith(head_name + ".") for k in info["missing_keys"]):
         return None
     _refuse_missing(info, (), folder, name)
+    _check_tokenizer(tokenizer, model, folder, name)
     if model.config.pad_token_id is None:
         # a decoder's classifier (GPT-2's) reads the last token before the first pad, and
         # refuses batches without knowing the pad
@@ -314,6 +316,26 @@ def _hf_sequence_classifier_parts(transformers: ModuleType, folder: str, name: s
                         pooling="cls")
     dim = first_linear(model.get_submodule(head_name)).in_features
     return ModelParts(model.float(), spec, head_name, dim, hf_sequence_features, tokenizer=tokenizer)
+
+
+def _check_tokenizer(tokenizer: Any, model: nn.Module, folder: str, name: str) -> None:
+    """The tokenizer fits the model: it has a vocabulary (transformers builds a tokenizer of the
+    special tokens alone from a folder without tokenizer files, which reads every word as
+    [UNK] and trains on nothing, with exit 0), and no token id beyond the model's embedding table
+    (an IndexError traceback in the middle of a run)."""
+    special = len(set(tokenizer.all_special_ids))
+    if len(tokenizer) <= special:
+        raise PretrainReuseError(
+            f"{name}: the tokenizer in {folder!r} holds its {special} special tokens only, no "
+            "vocabulary: its files (tokenizer.json, vocab.txt, ...) are missing, and every word "
+            "would read as unknown; save the model's tokenizer into the folder "
+            "(tokenizer.save_pretrained(dir))")
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise PretrainReuseError(
+            f"{name}: the tokenizer in {folder!r} has {len(tokenizer)} tokens but the model embeds "
+            f"{rows}; save the tokenizer the model was trained with, or resize the model's "
+            "embeddings (model.resize_token_embeddings(len(tokenizer))) and train it")
 
 
 def _max_length(tokenizer: Any, model: nn.Module) -> int:

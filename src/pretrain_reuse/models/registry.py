@@ -170,10 +170,11 @@ def check_modality(model: str, modality: str | None, sentences: bool, what: str)
     experiment."""
     text = modality == "text"
     if modality is not None and sentences != text:
+        # data is told sentences by its suffix alone: a .json or .txt of sentences is no .jsonl
         raise PretrainReuseError(
             f"{model} is {'a text' if text else 'an image'} model but {what} holds "
-            f"{'images' if text else 'sentences'}; pass "
-            f"{'.jsonl files of sentences' if text else 'images'} or "
+            f"{'images (sentences come in files ending in .jsonl)' if text else 'sentences'}; "
+            f"pass {'.jsonl files of sentences' if text else 'images'} or "
             f"{'an image' if text else 'a text'} model (--model)")
 
 
