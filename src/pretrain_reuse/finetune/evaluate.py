@@ -89,7 +89,7 @@ def evaluate_model(model: Backbone, data: ImageDataset | TextDataset, *,
     if model.spec.modality != ("text" if text else "image"):
         raise PretrainReuseError(
             f"{model.spec.name} is {'an image' if text else 'a text'} model but the data are "
-            f"{'sentences' if text else 'images'}; pass a {'text' if text else 'image'} classifier")
+            f"{'sentences' if text else 'images'}; pass {'a text' if text else 'an image'} classifier")
     # named classes (folders, classes.txt) in another number than the outputs cannot be the
     # model's in its order; integer labels without names are class indices as given (ImageNet
     # indices of part of its validation set, say)

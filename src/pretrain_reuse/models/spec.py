@@ -109,8 +109,8 @@ class BackboneSpec:
         size: only the centre ``side`` of the usual resize would show the network a zoomed-in
         part of the image."""
         if self.modality != "image":
-            raise PretrainReuseError(f"{self.name} is a {self.modality} model; an image size "
-                                     "applies to image models only")
+            raise PretrainReuseError(f"{self.name} is a text model; an image size applies to "
+                                     "image models only")
         check_image_size(side)
         resize = round(side * self.resize_side / self.input_size[0])
         return self.with_preprocessing({"input_size": side, "resize_size": resize},
