@@ -279,6 +279,9 @@ def test_an_explain_folder_is_named_as_such(tmp_path, capsys):
     err = _refused(capsys, tmp_path / "x")
     assert "is the output of explain (one interactions file per sample), which report does not " \
            "render: its figure is salient.png beside them" in err
+    # sentences' word players draw no salient.png: the message names none
+    (tmp_path / "x" / "salient.png").unlink()
+    assert "does not render: pretrain_reuse.load(" in _refused(capsys, tmp_path / "x")
     assert "pretrain_reuse.load(<folder>/interactions-0000.safetensors)" in err
     assert "report renders a knowledge analysis (pretrain-reuse knowledge), demo" in err
 

@@ -919,12 +919,14 @@ def _explain_folder(run: Path) -> PretrainReuseError:
             f"{str(run)!r} holds the interactions of one model ({run.name}) of the knowledge "
             f"analysis in {str(run.parent)!r}; pass that folder: `pretrain-reuse report "
             f"{run.parent}`")
+    # word players draw no figure: salient.png is there for image players only
+    figure = ("its figure is salient.png beside them, and " if (run / "salient.png").is_file()
+              else "")
     return PretrainReuseError(
         f"{str(run)!r} is the output of explain (one interactions file per sample), which report "
-        "does not render: its figure is salient.png beside them, and "
-        "pretrain_reuse.load(<folder>/interactions-0000.safetensors) opens one sample's "
-        "interactions; report renders a knowledge analysis (pretrain-reuse knowledge), demo, "
-        "experiment, fine-tuning run or grid folder")
+        f"does not render: {figure}pretrain_reuse.load(<folder>/interactions-0000.safetensors) "
+        "opens one sample's interactions; report renders a knowledge analysis (pretrain-reuse "
+        "knowledge), demo, experiment, fine-tuning run or grid folder")
 
 
 def _write_page(run: Path, body: list[str]) -> Path:
