@@ -655,7 +655,7 @@ def test_a_store_whose_marker_records_the_device_with_its_index_resumes(tmp_path
 
 
 def test_precision_auto_is_bf16_only_on_a_gpu_with_native_bf16(monkeypatch):
-    from pretrain_reuse.embed import uses_bf16
+    from pretrain_reuse.distributed import uses_bf16
 
     for native in (True, False):
         # a V100 or T4 only emulates bf16 (slower than float32): auto keeps float32 there

@@ -1,8 +1,9 @@
-"""Where this process stands in a ``torchrun`` job (rank, world size, its GPU), and how small
-tensors made on the CPU reach that GPU."""
+"""Where this process stands in a ``torchrun`` job (rank, world size, its GPU), how small
+tensors made on the CPU reach that GPU, and whether it computes in bf16 there."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -45,3 +46,22 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if not tensor.is_pinned():
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether a computation on ``device`` at ``precision`` (a config's ``auto``, ``fp32`` or
+    ``bf16``) runs under bf16 autocast: ``bf16`` always, ``fp32`` never, and ``auto`` on a CUDA
+    GPU that computes in bf16 natively (``torch.cuda.is_bf16_supported(including_emulation=
+    False)``: NVIDIA's compute capability 8.0 (Ampere) and later, and AMD's GPUs). Older GPUs
+    (V100, T4) only emulate bf16, slower than float32, so ``auto`` is float32 there, as on the
+    CPU. The GPU asked is the current CUDA device, which :func:`process_device` makes ``device``.
+
+    Embedding and fine-tuning both decide by this function."""
+    if precision != "auto":
+        return precision == "bf16"
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def bf16_autocast(device: torch.device, use_bf16: bool):
+    """bf16 autocast on ``device``, or nothing (float32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()

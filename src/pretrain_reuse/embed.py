@@ -19,7 +19,6 @@ the same way, its sentences tokenized by the model's own tokenizer.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -47,7 +46,7 @@ from .configs import check_fields
 from .data.catalog import open_dataset
 from .data.datasets import Batch, DataWarning, ImageDataset, collate, describe_skipped
 from .data.text import TextDataset, is_sentence_file, text_file
-from .distributed import process_device, rank_world
+from .distributed import bf16_autocast, process_device, rank_world, uses_bf16
 from .errors import PretrainReuseError, check_choice, check_device, check_image_size, check_seed
 from .features import STORE_FORMAT, FeatureStore
 from .models import LAYERS, ImageTransform, create_backbone, features_hash, state_hash
@@ -276,7 +275,7 @@ def _check_first_sample(backbone, data: ImageDataset | _Sentences, first: int, c
         fix = ("check that the model takes inputs of that size (a python: builder can set "
                "input_size / resize_size in the dict it returns)")
     try:
-        with _precision(device, use_bf16):
+        with bf16_autocast(device, use_bf16):
             features = backbone.features(x).float()
     except RuntimeError as e:  # shape mismatches; not a user error we can name more precisely
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -372,7 +371,7 @@ def _embed_shard(k: int, data: ImageDataset | _Sentences, backbone, cfg: EmbedCo
     for batch in loader:
         skipped.extend(batch.skipped.tolist())
         if len(batch.indices):
-            with _precision(device, use_bf16):
+            with bf16_autocast(device, use_bf16):
                 feats.append(backbone.features(_on_device(batch.images, device)).float().cpu())
             _check_finite(feats[-1], batch.indices, data, use_bf16)
             idx.append(batch.indices)
@@ -388,26 +387,6 @@ def _embed_shard(k: int, data: ImageDataset | _Sentences, backbone, cfg: EmbedCo
         tensors["labels"] = data.labels[index].astype(np.int64)
     with atomic_path(_shard_path(parts, k)) as tmp:
         save_file(tensors, str(tmp))
-
-
-def uses_bf16(precision: str, device: torch.device) -> bool:
-    """Whether a computation on ``device`` at ``precision`` (a config's ``auto``, ``fp32`` or
-    ``bf16``) runs under bf16 autocast: ``bf16`` always, ``fp32`` never, and ``auto`` on a CUDA
-    GPU that computes in bf16 natively (``torch.cuda.is_bf16_supported(including_emulation=
-    False)``: NVIDIA's compute capability 8.0 (Ampere) and later, and AMD's GPUs). Older GPUs
-    (V100, T4) only emulate bf16, slower than float32, so ``auto`` is float32 there, as on the
-    CPU. The GPU asked is the current CUDA device, which :func:`~.distributed.process_device`
-    makes ``device``.
-
-    Embedding and fine-tuning both decide by this function."""
-    if precision != "auto":
-        return precision == "bf16"
-    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-
-
-def _precision(device: torch.device, use_bf16: bool):
-    """bf16 autocast on ``device``, or nothing (float32)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
 
 def _check_finite(features: torch.Tensor, indices: torch.Tensor, data: ImageDataset | _Sentences,

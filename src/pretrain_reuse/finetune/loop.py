@@ -33,8 +33,7 @@ from tqdm.auto import tqdm
 from ..artifacts import atomic_path, hash_file, make_meta, read_json, require_keys, to_json, write_json
 from ..data.datasets import ImageDataset, describe_skipped, inputs_to
 from ..data.text import TextDataset
-from ..distributed import process_device, rank_world, to_device
-from ..embed import uses_bf16
+from ..distributed import bf16_autocast, process_device, rank_world, to_device, uses_bf16
 from ..errors import PretrainReuseError, check_choice
 from ..models import save_backbone
 from .augment import View, input_size
@@ -116,11 +115,9 @@ def _fmt(accuracy: float | None) -> str:
 
 
 def _precision(cfg: FinetuneConfig, device: torch.device):
-    """bf16 autocast on ``device`` where ``cfg.precision`` asks for it (:func:`~..embed.uses_bf16`),
-    else nothing (float32)."""
-    if not uses_bf16(cfg.precision, device):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    """bf16 autocast on ``device`` where ``cfg.precision`` asks for it
+    (:func:`~..distributed.uses_bf16`), else nothing (float32)."""
+    return bf16_autocast(device, uses_bf16(cfg.precision, device))
 
 
 class _StopAfterStep:
