@@ -20,7 +20,7 @@ from ..finetune.data import check_batch_size, selected_source
 from ..finetune.loop import total_steps
 from ..finetune.model import check_source_head
 from ..models import create_backbone
-from ..models.checkpoint import state_hash
+from ..models.checkpoint import features_hash
 from ..models.registry import check_modality, model_modality
 from ..units import class_count, embedding_of
 from .claim import claim_experiment, input_hashes, recipe_reads
@@ -268,9 +268,7 @@ def _warn_other_network(store, which: str, cfg: ExperimentConfig, backbone) -> N
     made_by = embedding_of(store)
     if made_by is None:
         return
-    # the parameters that compute the store's layer (features_hash): the body alone below the head
-    state = state_hash(backbone.body if made_by["layer"] == "penultimate" else backbone)
-    if made_by["state"] == state and made_by["layer"] == cfg.layer:
+    if made_by["state"] == features_hash(backbone, made_by["layer"]) and made_by["layer"] == cfg.layer:
         return
     weights = f" with weights {cfg.weights!r}" if cfg.weights else ""
     warnings.warn(

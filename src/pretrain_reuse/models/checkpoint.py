@@ -249,17 +249,19 @@ def state_hash(model: nn.Module) -> str:
     return "sha256:" + h.hexdigest()[:16]
 
 
-def features_hash(backbone: Backbone) -> str:
-    """:func:`state_hash` of the parameters that compute ``backbone.features``: the body's alone
-    for the ``penultimate`` layer, whose features the head on top (a classifier, a projection)
-    does not touch, so one body with two heads, or saved without one, hashes the same; body and
-    head for the ``head`` and ``logits`` layers. What ``embed`` records as a store's network."""
+def features_hash(backbone: Backbone, layer: str | None = None) -> str:
+    """:func:`state_hash` of the parameters that compute ``backbone.features`` (or, given, the
+    features of ``layer``): the body's alone for the ``penultimate`` layer, whose features the
+    head on top (a classifier, a projection) does not touch, so one body with two heads, or saved
+    without one, hashes the same; body and head for the ``head`` and ``logits`` layers. What
+    ``embed`` records as a store's network."""
     from .backbone import Backbone  # backbone.py imports this module
 
     if not isinstance(backbone, Backbone):
         raise PretrainReuseError(f"features_hash takes a Backbone, got {type(backbone).__name__}; "
                                  "load a model with pretrain_reuse.models.create_backbone")
-    return state_hash(backbone.body if backbone.layer == "penultimate" else backbone)
+    layer = backbone.layer if layer is None else layer
+    return state_hash(backbone.body if layer == "penultimate" else backbone)
 
 
 def weights_hash(path: str | Path) -> str:
