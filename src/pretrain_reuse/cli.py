@@ -174,11 +174,6 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
-def _stamps(folder: Path, pattern: str) -> dict[str, tuple[int, int, int] | None]:
-    """:func:`_stamp` of every file matching ``pattern`` in ``folder``."""
-    return {p.name: _stamp(p) for p in sorted(folder.glob(pattern))} if folder.is_dir() else {}
-
-
 def _finished(verb: str, out: str | Path) -> None:
     """The line of a rerun that found its output finished with the same settings: nothing was
     computed or written (a changed setting is refused, a missing or damaged file redone)."""
@@ -195,13 +190,13 @@ def cmd_embed(args) -> int:
                       seed=args.seed, image_size=args.image_size)
     _init_distributed(cfg.device)
     _quiet_transformers(args.model, args.quiet)
-    # a finished store: its index there before, and not one shard embedded again
-    index_before, shards_before = (_stamp(Path(args.out) / "index.json"),
-                                   _stamps(Path(args.out) / "parts", "*.safetensors"))
+    # a finished store: embed leaves its index as it was (a shard embedded again, or a damaged
+    # index, rewrites it)
+    index_before = _stamp(Path(args.out) / "index.json")
     embed(cfg, args.out, progress=not args.quiet, load=False)
     if not _reporter():
         return 0
-    if index_before is not None and _stamps(Path(args.out) / "parts", "*.safetensors") == shards_before:
+    if index_before is not None and _stamp(Path(args.out) / "index.json") == index_before:
         _finished("embed", args.out)
         _note_weights(args.model, args.weights, args.quiet)
         return 0
