@@ -456,6 +456,60 @@ def test_grid_cells_are_drawn_per_sample_with_the_seed_and_the_samples_index(tmp
     assert len(set(names)) > 1
 
 
+def _check_by_hand(xs, weights, background: str):
+    """Each game of ``xs`` (grid:4x4 cells on smallcnn-s's 32x32 inputs, zero baseline) is the
+    model's log-odds on every coalition's input masked here by hand: the players not in S are
+    zero, the pixels of no player zero (``baseline``) or the image's (``original``)."""
+    model = create_backbone("smallcnn-s", weights=str(weights)).eval()
+    data = preprocessed(open_dataset("synthetic:target", split="test"), model.preprocess)
+    side = model.spec.input_size[0] // 4  # cells of 8x8 pixels
+    for x in xs:
+        assert x.meta["params"]["background"] == background
+        image = data.load(x.info["index"])
+        cells = [tuple(map(int, name[5:].split(","))) for name in x.info["player_names"]]
+        for s in range(1 << x.n):
+            masked = image.clone() if background == "original" else torch.zeros_like(image)
+            for i, (r, c) in enumerate(cells):
+                cell = (slice(None), slice(r * side, (r + 1) * side), slice(c * side, (c + 1) * side))
+                masked[cell] = image[cell] if s >> i & 1 else 0.0
+            with torch.no_grad():
+                z = model(masked[None])[0].double()
+            y = x.info["label"]
+            expected = z[y] - torch.logsumexp(torch.cat([z[:y], z[y + 1:]]), 0)
+            assert x.v[s] == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_background_original_keeps_the_pixels_of_no_player_in_every_masked_input(tmp_path,
+                                                                                capsys):
+    # 3 of the 16 cells of a 4x4 grid are players; the other 13 are background: the zero
+    # baseline under --background baseline (the default), the image under original
+    weights = _classifier(tmp_path / "m.safetensors", 10)
+    common = ["--data", "synthetic:target", "--players", "grid:4x4", "--n", 3, "--samples", 2,
+              "--quiet"]
+    explain = ["explain", "--model", "smallcnn-s", "--weights", weights, *common]
+    assert _run(capsys, *explain, "--out", tmp_path / "baseline")[0] == 0
+    assert _run(capsys, *explain, "--background", "original", "--out", tmp_path / "original")[0] == 0
+    for background in ("baseline", "original"):
+        _check_by_hand(_interactions(tmp_path / background), weights, background)
+    # the two are different games of the same players, cached apart; a rerun with the other
+    # background is another setting, refused naming it
+    for x, y in zip(_interactions(tmp_path / "baseline"), _interactions(tmp_path / "original"),
+                    strict=True):
+        assert x.info["player_names"] == y.info["player_names"] and x.info["game"] != y.info["game"]
+        assert np.abs(x.v - y.v).max() > 1e-3
+    rc, _, err = _run(capsys, *explain, "--background", "original", "--out", tmp_path / "baseline")
+    assert rc == 2 and '(background: "baseline" before, "original" now)' in err, err
+    # knowledge takes the same flag for every model it explains
+    rc, _, err = _run(capsys, "knowledge", "--model", "smallcnn-s", "--pretrained", weights,
+                      "--finetuned", weights, *common, "--background", "original",
+                      "--out", tmp_path / "k")
+    assert rc == 0, err
+    summary = json.loads((tmp_path / "k" / "knowledge.json").read_text())
+    assert summary["meta"]["params"]["background"] == "original"
+    for role in ("pretrained", "finetuned"):
+        _check_by_hand(_interactions(tmp_path / "k" / role), weights, "original")
+
+
 def test_joint_decomposition_keeps_the_explain_meta_and_decomposes_checkpoints_alone(tmp_path,
                                                                                     capsys):
     model = _classifier(tmp_path / "m.safetensors", 10)
@@ -913,6 +967,10 @@ def test_knowledge_screens_until_it_has_the_samples_asked(tmp_path):
     (lambda api: api["cfg"](samples=None), "samples must be an integer, got None"),
     (lambda api: api["cfg"](seed=-1), "seed must be an integer in [0, 2**63)"),
     (lambda api: api["cfg"](players="grid:3x3", n=12), "n=12 players but the 3x3 grid has 9 cells"),
+    (lambda api: api["cfg"](background="outside"),
+     "background='outside' is not one of 'baseline', 'original'"),
+    (lambda api: api["cfg"](players="tokens", background="baseline"),
+     "background='baseline' does not apply to players=tokens"),
     (lambda api: api["knowledge"](candidates=0), "candidates=0 must be an integer >= 1"),
 ])
 def test_api_misuse_raises_one_line_errors(tmp_path, call, needle):

@@ -455,8 +455,9 @@ def _explain_config(args):
 
     return ExplainConfig(players=args.players, n=args.n, negations=args.negations,
                          min_tokens=args.min_tokens, max_position=args.max_position,
-                         baseline=args.baseline, baseline_lr=args.baseline_lr,
-                         baseline_steps=args.baseline_steps, baseline_radius=args.baseline_radius,
+                         background=args.background, baseline=args.baseline,
+                         baseline_lr=args.baseline_lr, baseline_steps=args.baseline_steps,
+                         baseline_radius=args.baseline_radius,
                          mean_samples=args.mean_samples, output=args.output,
                          decomposition=args.decomposition, qthres=args.qthres, samples=args.samples,
                          seed=args.seed, batch_size=args.batch_size, device=args.device)
@@ -656,6 +657,10 @@ def _add_explain_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-position", type=int,
                    help="tokens: players only at positions below this (Chen et al.: 50) "
                    "(default: any)")
+    p.add_argument("--background",
+                   help="images: what pixels of no player show: baseline (default; masked like "
+                   "absent players) | original (always the image); tokens: original (the words "
+                   "that are not players)")
     p.add_argument("--baseline",
                    help="images: zero (default) | mean | blur | learned; tokens: mask (default) | "
                    "pad | learned (embedding); learned = per sample, for sparse interactions")

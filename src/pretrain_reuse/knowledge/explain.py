@@ -71,6 +71,7 @@ from ..models import (
 )
 from ..runtime import full_float32
 from .games import (
+    BACKGROUNDS,
     BASELINES,
     OUTPUTS,
     LearnedBaseline,
@@ -141,7 +142,13 @@ class ExplainConfig:
     tokens, special tokens included, are explained, and players lie at positions below
     ``max_position``: Chen et al. (ICLR 2024) take sentences of more than 20 tokens and positions
     below 50, i.e. ``min_tokens=21, max_position=50``; the defaults 0 and None take every
-    sentence and position). ``qthres``:
+    sentence and position). ``background``: what image pixels outside every player show in
+    every masked input (the cells of a grid not drawn as players, the world's pixels outside its
+    part slots): ``baseline`` (default: masked like absent players, as Liu, Deng, Cheng et al.'s
+    grids) or ``original`` (always the image, as Li & Zhang's part players with their
+    ``background="ori"``), so ``original`` explains the players in the context of the rest of
+    the image; token players always keep the words that are not players (``original``, the only
+    choice). ``qthres``:
     bound of the noise the sparsification may remove, relative to |v(N) - v(∅)|; None = 0 for
     ``and`` (the exact Harsanyi transform) and 0.04 for the AND-OR decompositions (the group's
     setting); ``joint-and-or`` sparsifies the compared models of ``knowledge`` together, so the
@@ -170,6 +177,7 @@ class ExplainConfig:
     negations: bool = False
     min_tokens: int = 0
     max_position: int | None = None
+    background: str | None = None
     baseline: str | None = None
     baseline_lr: float = 1e-3
     baseline_steps: int = 50
@@ -204,6 +212,13 @@ class ExplainConfig:
             raise PretrainReuseError(
                 f"min_tokens={self.min_tokens} must be >= 0 and max_position={self.max_position} "
                 "None or >= 2 (position 0 is [CLS])")
+        if self.background is None:
+            object.__setattr__(self, "background", "original" if tokens else "baseline")
+        check_choice("background", self.background, BACKGROUNDS)
+        if tokens and self.background != "original":  # text_values keeps non-player tokens as is
+            raise PretrainReuseError(
+                f"background={self.background!r} does not apply to players=tokens: the words that "
+                "are not players always keep their tokens; leave background out")
         if self.baseline is None:
             object.__setattr__(self, "baseline", "mask" if tokens else "zero")
         check_choice("baseline", self.baseline, TEXT_BASELINES if tokens else BASELINES)
@@ -256,10 +271,12 @@ def sample_players(dataset: ImageDataset, index: int, cfg: ExplainConfig,
                 "players='grid:RxC' for other images")
         scene = dataset.scene(index)
         players = mask_players(scene.player_masks(),
-                               names=[f"slot {k}" for k in range(len(scene.cells))])
+                               names=[f"slot {k}" for k in range(len(scene.cells))],
+                               background=cfg.background)
         return resize_players(players, size)
     rows, cols = (int(v) for v in cfg.players[5:].split("x"))
-    return grid_players(size, (rows, cols), n=cfg.n, seed=[cfg.seed, index])
+    return grid_players(size, (rows, cols), n=cfg.n, seed=[cfg.seed, index],
+                        background=cfg.background)
 
 
 def _image_game(model: Backbone, x: torch.Tensor, label: int, players: Players,

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from ..errors import PretrainReuseError, check_choice, is_integer, is_number
 from .interactions import MAX_PLAYERS, harsanyi_and, superset_sum_
 
+#: What the pixels of no player show in every masked input (:attr:`Players.background`).
 BACKGROUNDS = ("baseline", "original")
 #: Fixed baselines of :func:`baseline_input`.
 FIXED_BASELINES = ("zero", "mean", "blur")
@@ -74,16 +75,18 @@ class Players:
 
 
 def grid_players(size: tuple[int, int], grid: tuple[int, int], *, n: int | None = None,
-                 seed: int | Sequence[int] = 0, margin: int = 1) -> Players:
+                 seed: int | Sequence[int] = 0, margin: int = 1,
+                 background: str = "baseline") -> Players:
     """A ``grid`` of equal cells over an input of ``size`` = (H, W); each cell is a player.
 
     When the grid has more cells than ``n``, the ``n`` players are drawn at random by numpy's
     ``default_rng(seed)`` from the cells at least ``margin`` cells away from the border, as Liu,
     Deng, Cheng et al. (NeurIPS 2023) draw 12 of the central 6x6 cells of an 8x8 grid, seeded per
     sample (their code seeds ``RandomState(seed=i)`` for sample i); the other cells are
-    background. The explanation passes ``seed=[seed, sample index]``: other cells for every
-    sample, the same cells for every model. Choosing players independently of the models keeps
-    comparisons between models unbiased (choosing them by one model's saliency would not).
+    background, shown as :attr:`Players.background` says (their default: the baseline). The
+    explanation passes ``seed=[seed, sample index]``: other cells for every sample, the same
+    cells for every model. Choosing players independently of the models keeps comparisons
+    between models unbiased (choosing them by one model's saliency would not).
     """
     (h, w), (gh, gw) = size, grid
     if not (1 <= gh <= h and 1 <= gw <= w):
@@ -105,7 +108,7 @@ def grid_players(size: tuple[int, int], grid: tuple[int, int], *, n: int | None 
     masks = np.zeros((len(chosen), h, w), bool)
     for k, (r, c) in enumerate(chosen):
         masks[k, ys[r]:ys[r + 1], xs[c]:xs[c + 1]] = True
-    return Players(masks, names=[f"cell {r},{c}" for r, c in chosen],
+    return Players(masks, background=background, names=[f"cell {r},{c}" for r, c in chosen],
                    meta={"players": "grid", "grid": [gh, gw], "n": len(chosen), "seed": seed_json(seed),
                          "margin": margin, "rule": rule})
 
