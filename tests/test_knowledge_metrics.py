@@ -198,12 +198,13 @@ def test_report_saves_its_knowledge_sets_and_loads_back_every_ratio(tmp_path, ma
 
 
 def test_report_plots_its_ratios():
-    import matplotlib
+    import matplotlib.pyplot as plt
 
-    matplotlib.use("Agg")
-    ax = knowledge_report([PRE], [FT], [SCRATCH]).plot()
+    _, ax = plt.subplots()
+    assert knowledge_report([PRE], [FT], [SCRATCH]).plot(ax) is ax
     bars = {t.get_text(): p.get_height() for t, p in zip(ax.get_xticklabels(), ax.patches, strict=True)}
     assert bars == pytest.approx({"preserve": 2 / 3, "discard": 1 / 3, "new": 1 / 2, "exclusive": 1 / 2})
+    plt.close("all")
 
 
 def test_report_needs_one_interaction_per_sample_for_every_model():
@@ -406,6 +407,8 @@ def test_set_discrimination_counts_signs_of_each_sets_own_model_per_class():
 def test_set_discrimination_saves_loads_and_plots_its_purities(tmp_path):
     import json
 
+    import matplotlib.pyplot as plt
+
     from pretrain_reuse import load
 
     pre = [inter(2, A0=1.0, A01=-2.0), inter(2, A0=1.0), inter(2, A0=1.0, A01=1.0), inter(2, A1=1.0)]
@@ -413,7 +416,8 @@ def test_set_discrimination_saves_loads_and_plots_its_purities(tmp_path):
     d = set_discrimination(knowledge_report(pre, ft, ft), [0, 0, 0, 1])
     back = load(d.save(tmp_path / "purity.json"))
     assert isinstance(back, SetDiscrimination) and back == d and back.to_dict() == d.to_dict()
-    ax = d.plot()
+    _, ax = plt.subplots()
+    assert d.plot(ax) is ax
     heights = {t.get_text(): p.get_height() for t, p in zip(ax.get_xticklabels(), ax.patches, strict=True)}
     # preserve: class 0 purity 2/3 (A0 signed +, -, +); class 1 has one sample, left out (its
     # purity 1 would be drawn as a dot); exclusive is empty
@@ -421,6 +425,7 @@ def test_set_discrimination_saves_loads_and_plots_its_purities(tmp_path):
                        "exclusive\n(n/a)": 0.0}
     dots = [y for line in ax.lines for y in line.get_ydata()]
     assert sorted(dots) == pytest.approx([0.5, 2 / 3, 1.0])  # discard, preserve, new of class 0
+    plt.close("all")
     record = json.loads((tmp_path / "purity.json").read_text())
     record["counts"]["preserve"]["0"]["positive"] = [["and", 1]]  # a row without its count
     (tmp_path / "bad.json").write_text(json.dumps(record))

@@ -9,7 +9,13 @@ import pytest
 from PIL import Image
 
 from pretrain_reuse.cli import main
-from pretrain_reuse.knowledge import harsanyi_and
+from pretrain_reuse.knowledge import (
+    accuracy_correlation,
+    harsanyi_and,
+    knowledge_convergence,
+    knowledge_report,
+    set_discrimination,
+)
 from pretrain_reuse.knowledge.games import grid_players
 from pretrain_reuse.knowledge.plots import draw_salient, plot_convergence
 from pretrain_reuse.knowledge.values import Interactions
@@ -143,3 +149,38 @@ def test_both_convergence_curves_are_drawn_over_the_recorded_steps():
     assert ax.get_xlabel() == "training step"
     assert all(float(t).is_integer() for t in ax.get_xticks())  # no tick at step 1.5
     plt.close("all")
+
+
+def _value_objects() -> dict:
+    """One of every knowledge value object that plots, by its plot method."""
+    pre = [_planted(2, {0b01: 1.0, 0b11: -2.0}), _planted(2, {0b01: 1.0})]
+    ft = [_planted(2, {0b01: 3.0, 0b10: 1.0}), _planted(2, {0b01: -2.0, 0b11: 1.0})]
+    report = knowledge_report(pre, ft, ft)
+    return {"Interactions.plot_orders": pre[0].plot_orders,
+            "KnowledgeReport.plot": report.plot,
+            "SetDiscrimination.plot": set_discrimination(report, [0, 0]).plot,
+            "Convergence.plot": knowledge_convergence([pre, ft]).plot,
+            "AccuracyCorrelation.plot": accuracy_correlation(
+                [[0.2, 0.4], [0.5, 0.6], [0.1, 0.3]], [0.7, 0.8, 0.6], n_boot=100).plot}
+
+
+def _drawn(ax) -> int:
+    return len(ax.patches) + len(ax.lines) + len(ax.collections)
+
+
+@pytest.mark.parametrize("name", list(_value_objects()))
+def test_every_value_objects_plot_draws_on_the_given_or_the_current_axes(name):
+    # one rule, as Units, Selection and RunResult: plot(ax) draws on ax; plot() on plt.gca(),
+    # opening no figure of its own (a caller's subplot grid gets the chart where it asked)
+    plt.close("all")
+    current_fig, current = plt.subplots()
+    other_fig, given = plt.subplots()
+    plt.figure(current_fig.number)  # make the first figure (and its axes) current again
+    try:
+        assert _value_objects()[name](given) is given
+        assert _drawn(given) > 0 and _drawn(current) == 0
+        assert _value_objects()[name]() is current
+        assert _drawn(current) > 0
+        assert plt.get_fignums() == [current_fig.number, other_fig.number]
+    finally:
+        plt.close("all")

@@ -200,12 +200,13 @@ def test_loading_a_corrupt_or_foreign_file_says_so(tmp_path):
 
 
 def test_plot_orders_draws_the_by_order_shares():
-    matplotlib = pytest.importorskip("matplotlib")
-    matplotlib.use("Agg")
+    plt = pytest.importorskip("matplotlib.pyplot")
     x = make(3, {(0,): 1.0, (0, 1): -2.0}, {(1, 2): 1.0})
-    ax = x.plot_orders()
+    _, ax = plt.subplots()
+    assert x.plot_orders(ax) is ax
     heights = [p.get_height() for p in ax.patches]
     np.testing.assert_allclose(heights, [0.25, 0.5, 0.0, 0.0, 0.25, 0.0])  # AND bars, then OR bars
+    plt.close("all")
 
 
 def test_arrays_are_read_only_copies_of_the_inputs():

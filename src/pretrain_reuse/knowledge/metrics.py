@@ -342,13 +342,13 @@ class KnowledgeReport:
                         for s in d["samples"]], float(d["tau"]), d["match"])
 
     def plot(self, ax=None):
-        """Bar chart of the main ratios, mean ± std over samples; returns the matplotlib axes."""
+        """Bar chart of the main ratios, mean ± std over samples, on ``ax`` (None: the current
+        axes, as every plot of the package); returns the axes."""
         import matplotlib.pyplot as plt  # only when plotting
 
         from .plots import plot_ratios  # the figure the CLI and the HTML report draw
 
-        if ax is None:
-            _, ax = plt.subplots(figsize=(5, 3))
+        ax = ax or plt.gca()
         plot_ratios({"report": self.to_dict()}, ax)
         return ax
 
@@ -568,7 +568,8 @@ class Convergence:
 
     def plot(self, ax=None, *, run: str = "fine-tuning"):
         """s(t) (solid) and the detour d(t) (dashed) against the training step, as the report
-        draws them; ``run`` names the curve (e.g. "scratch"). Returns the axes."""
+        draws them, on ``ax`` (None: the current axes, as every plot of the package); ``run``
+        names the curve (e.g. "scratch"). Returns the axes."""
         import matplotlib.pyplot as plt  # only when plotting
 
         from .plots import draw_convergence
@@ -816,13 +817,13 @@ class SetDiscrimination:
                                      "with SetDiscrimination.save") from None
 
     def plot(self, ax=None):
-        """Bar chart of each set's purity, mean over classes, a dot per class; returns the axes."""
+        """Bar chart of each set's purity, mean over classes, a dot per class, on ``ax`` (None:
+        the current axes, as every plot of the package); returns the axes."""
         import matplotlib.pyplot as plt  # only when plotting
 
         from .plots import plot_set_purity  # the figure the CLI and the HTML report draw
 
-        if ax is None:
-            _, ax = plt.subplots(figsize=(5, 3))
+        ax = ax or plt.gca()
         plot_set_purity({"discrimination": self.to_dict()}, ax)
         return ax
 
@@ -940,7 +941,8 @@ class AccuracyCorrelation:
 
     def plot(self, ax=None, *, ratio: str = "ratio"):
         """Each model's accuracy against its mean ``ratio`` (e.g. "r_preserve"), with both
-        correlations and their bootstrap intervals in the title. Returns the axes."""
+        correlations and their bootstrap intervals in the title, on ``ax`` (None: the current
+        axes, as every plot of the package). Returns the axes."""
         import matplotlib.pyplot as plt  # only when plotting
 
         from .plots import literal

@@ -300,11 +300,11 @@ class Interactions:
             raise PretrainReuseError(f"interactions file {str(p)!r} is corrupt ({e}); {fix}") from None
 
     def plot_orders(self, ax=None, tau: float | None = None):
-        """Bar chart of :meth:`by_order` (AND and OR stacked); returns the matplotlib axes."""
+        """Bar chart of :meth:`by_order` (AND and OR stacked) on ``ax`` (None: the current axes,
+        as every plot of the package); returns the axes."""
         import matplotlib.pyplot as plt  # only when plotting
 
-        if ax is None:
-            _, ax = plt.subplots(figsize=(5, 3))
+        ax = ax or plt.gca()
         h = self.by_order(tau)
         k = np.arange(1, self.n + 1)
         ax.bar(k, h["and"][1:], label="AND")
