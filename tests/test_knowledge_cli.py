@@ -1352,3 +1352,27 @@ def test_no_sample_correct_for_every_model_names_each_models_count_and_the_fixes
     assert "train it longer or better" in err and "pass more data (--data" in err
     assert "trained on this data's classes" in err
     assert not (tmp_path / "k").exists()
+
+
+def test_a_folder_written_before_the_background_setting_reruns_as_finished(tmp_path, capsys):
+    # markers of earlier versions record no background: the rerun with the same flags was
+    # refused as "background: null before, "baseline" now"
+    model = _classifier(tmp_path / "m.safetensors", 10)
+
+    def forget_background(path):
+        marker = json.loads(path.read_text())
+        del marker["identity"]["background"]
+        path.write_text(json.dumps(marker))
+
+    explain = [*_explain_argv(model), "--out", tmp_path / "x"]
+    assert _run(capsys, *explain)[0] == 0
+    forget_background(tmp_path / "x" / "explain.json")
+    assert _run(capsys, *explain)[1].endswith("is finished (same settings); nothing to do\n")
+    # the earlier version's value is the image default, so the other one is still refused
+    rc, _, err = _run(capsys, *explain, "--background", "original")
+    assert rc == 2 and '(background: "baseline" before, "original" now)' in err, err
+    knowledge = [*KNOWLEDGE_2X2, "--pretrained", model, "--finetuned", model, "--quiet",
+                 "--out", tmp_path / "k"]
+    assert _run(capsys, *knowledge)[0] == 0
+    forget_background(tmp_path / "k" / "knowledge.json")
+    assert _run(capsys, *knowledge)[1].endswith("is finished (same settings); nothing to do\n")

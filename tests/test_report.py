@@ -233,6 +233,18 @@ def test_a_knowledge_folder_gets_a_page_and_a_file_is_named_as_such(tmp_path, ca
             "folder" in _refused(capsys, tmp_path / "k" / "knowledge.json"))
 
 
+def test_the_knowledge_section_says_when_pixels_of_no_player_show_the_image(tmp_path, capsys):
+    (tmp_path / "k").mkdir()
+    k = _knowledge()
+    k.setdefault("meta", {}).setdefault("params", {})["background"] = "original"
+    (tmp_path / "k" / "knowledge.json").write_text(json.dumps(k))
+    assert "mean-colour baseline; pixels of no player show the image)" in _page(capsys, tmp_path / "k")
+    k["meta"]["params"]["background"] = "baseline"
+    (tmp_path / "k" / "knowledge.json").write_text(json.dumps(k))
+    (tmp_path / "k" / "report.html").unlink()
+    assert "mean-colour baseline). " in _page(capsys, tmp_path / "k")
+
+
 def test_a_knowledge_analysis_alone_is_reported_with_its_own_figures(tmp_path, capsys):
     # `report <knowledge folder>` was refused: a knowledge analysis rendered only inside a
     # demo or an experiment, though the README's data flow ends at knowledge -> report

@@ -62,6 +62,7 @@ from .explain import (
     intact_explanations,
     model_classes,
     model_identity,
+    recorded_identity,
     rerun_identity,
     sample_order,
     save_explanations,
@@ -376,7 +377,7 @@ def finished_analysis(out: str | Path, identity: dict[str, Any],
     figure of the analysis is there. None otherwise: the run does (or redoes) the work."""
     out = Path(out)
     loaded = load_analysis(out)
-    if loaded is None or loaded[0].get("identity") != identity:
+    if loaded is None or recorded_identity(loaded[0]) != identity:
         return None
     summary, explained = loaded
     positions = {sample: i for i, sample in enumerate(dataset.ids)}

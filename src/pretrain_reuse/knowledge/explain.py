@@ -428,14 +428,31 @@ def rerun_identity(models: dict[str, Backbone], dataset: ImageDataset | TextData
                    for role, m in models.items()}}))
 
 
+#: Settings added after earlier versions had written their markers, each with the value those
+#: versions used (a function of the recorded settings): a recorded identity without one gets it,
+#: so that rerunning such a folder with the same flags still matches.
+_ADDED_SETTINGS = {
+    "background": lambda recorded: "original" if recorded.get("players") == "tokens" else "baseline",
+}
+
+
+def recorded_identity(marker: Any) -> Any:
+    """The :func:`rerun_identity` a folder's marker (its parsed JSON) records, completed with the
+    settings of :data:`_ADDED_SETTINGS` it predates; None when it records none."""
+    recorded = marker.get("identity") if isinstance(marker, dict) else None
+    if not isinstance(recorded, dict):
+        return recorded
+    return {**{key: value(recorded) for key, value in _ADDED_SETTINGS.items()}, **recorded}
+
+
 def check_rerun(out: Path, marker: str, identity: dict[str, Any], what: str) -> None:
     """Refuse, before anything is written, a run into ``out`` whose ``marker`` records another
     :func:`rerun_identity` (a run with other settings or inputs, finished or not): it would
     overwrite that run's outputs. A marker that records none (an earlier version's; a damaged
     one, which the run rewrites) lets the run go on as before."""
     try:
-        recorded = json.loads((out / marker).read_text()).get("identity")
-    except (OSError, ValueError, AttributeError):  # no marker, or not a JSON object
+        recorded = recorded_identity(json.loads((out / marker).read_text()))
+    except (OSError, ValueError):  # no marker, or not JSON
         return
     if recorded is not None and recorded != identity:
         raise PretrainReuseError(
@@ -455,7 +472,7 @@ def finished_explanation(folder: Path, identity: dict[str, Any], indices: np.nda
     except (OSError, ValueError):
         return None
     if not isinstance(marker, dict) or marker.get("finished") is not True \
-            or marker.get("identity") != identity:
+            or recorded_identity(marker) != identity:
         return None
     return intact_explanations(folder, indices, cfg)
 

@@ -377,11 +377,13 @@ def _knowledge_parts(k: dict, kdir: Path, root: Path, *, players: str, baseline:
     # the analysis's own settings (a knowledge.json of an earlier version records neither)
     params = k.get("meta", {}).get("params", {})
     tau, match = params.get("tau", 0.05), params.get("match", "support")
+    keep_image = samples == "images" and params.get("background") == "original"
     counts = k["samples"]
     dropped = counts["screened"] - counts["correct_for_all"]
     parts = [f"<p>Interactions of each model's log-odds between the {_text(counts['n'])} samples' "
              f"players (here: {_text(players)}; absent players take the "
-             f"{_BASELINE_TEXT.get(baseline, 'given')} baseline). "
+             f"{_BASELINE_TEXT.get(baseline, 'given')} baseline"
+             f"{'; pixels of no player show the image' if keep_image else ''}). "
              f"Samples: {_text(counts['n'])} {_text(samples)} explained ({_text(counts['asked'])} "
              "asked), drawn among those every model classifies correctly: of the "
              f"{_text(counts['screened'])} screened, {_text(dropped)} were dropped because some "
