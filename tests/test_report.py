@@ -245,6 +245,28 @@ def test_the_knowledge_section_says_when_pixels_of_no_player_show_the_image(tmp_
     assert "mean-colour baseline). " in _page(capsys, tmp_path / "k")
 
 
+def test_writing_figures_leaves_the_callers_matplotlib_as_it_was(tmp_path, capsys):
+    # the figure writers called matplotlib.use("Agg") and drew through pyplot: a notebook
+    # that ran explain or knowledge from Python lost its inline backend
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from pretrain_reuse.knowledge.plots import save_knowledge_plots
+
+    before = matplotlib.get_backend()
+    plt.close("all")
+    matplotlib.use("svg")
+    try:
+        (tmp_path / "k").mkdir()
+        (tmp_path / "k" / "knowledge.json").write_text(json.dumps(_knowledge()))
+        assert "<img" in _page(capsys, tmp_path / "k")
+        written = save_knowledge_plots(_knowledge(), tmp_path / "k")
+        assert written and all(p.read_bytes().startswith(b"\x89PNG") for p in written)
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == []
+    finally:
+        matplotlib.use(before)
+
+
 def test_a_knowledge_analysis_alone_is_reported_with_its_own_figures(tmp_path, capsys):
     # `report <knowledge folder>` was refused: a knowledge analysis rendered only inside a
     # demo or an experiment, though the README's data flow ends at knowledge -> report

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..artifacts import atomic_path, read_json, require_keys, write_json
 from ..errors import PretrainReuseError
+from ..figures import save_png, subplots
 from .config import slug
 from .recipes import RECIPES
 
@@ -51,14 +52,9 @@ class ExperimentTable:
         for name, text in (("results.csv", buf.getvalue()), ("results.md", self.to_markdown())):
             with atomic_path(out / name) as tmp:
                 tmp.write_text(text)
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        fig, ax = subplots(figsize=(6.4, 4.0))
         self.plot(ax)
-        fig.tight_layout()
-        with atomic_path(out / "results.png") as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-        plt.close(fig)
+        save_png(fig, out / "results.png")
         write_json(out / "experiment.json", {"kind": "experiment", "name": self.name,
                                              "x_label": self.x_label, "rows": self.rows,
                                              "params": self.params, "extra": self.extra,

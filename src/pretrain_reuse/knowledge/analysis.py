@@ -39,6 +39,7 @@ from ..artifacts import make_meta, make_run_folder, read_json, write_json
 from ..data.datasets import ImageDataset
 from ..data.text import TextDataset
 from ..errors import PretrainReuseError, check_choice, is_integer, preview
+from ..figures import save_png
 from ..models import Backbone, finetune_mode, state_hash, weights_meta, weights_path
 from .explain import (
     MARKER,
@@ -76,7 +77,7 @@ from .metrics import (
     knowledge_report,
     set_discrimination,
 )
-from .plots import purity_is_informative, salient_figure, save_knowledge_plots, save_png
+from .plots import purity_is_informative, salient_figure, save_knowledge_plots
 from .recovery import ground_truth_recovery, rule_game
 from .sparsify import joint_and_or_interactions
 from .values import Interactions, check_tau

@@ -59,6 +59,7 @@ from ..data.datasets import ImageDataset, labels_by_name
 from ..data.text import TextDataset, numbered_by
 from ..embed import preprocessed
 from ..errors import PretrainReuseError, check_choice, check_device, check_seed, preview
+from ..figures import save_png
 from ..models import (
     Backbone,
     finetune_mode,
@@ -85,7 +86,7 @@ from .games import (
     masked_game,
     resize_players,
 )
-from .plots import salient_figure, save_png
+from .plots import salient_figure
 from .sparsify import and_interactions, and_or_interactions, check_qthres
 from .text import (
     TEXT_BASELINES,

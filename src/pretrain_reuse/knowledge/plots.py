@@ -9,20 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from ..artifacts import atomic_path
+from ..figures import save_png, subplots
 from .metrics import MIN_CLASS_SAMPLES, knowledge_set
 from .values import Interactions
 
 RATIO_COLOURS = {"preserve": "C2", "discard": "C3", "new": "C0", "exclusive": "C4"}
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def literal(text: Any) -> str:
@@ -136,6 +127,8 @@ def draw_salient(ax, image: np.ndarray, masks: np.ndarray, x: Interactions, *, t
     per interaction, inset by rank so that shared players stay visible. ``among``: only
     interactions also salient there, matched by ``match`` as in the knowledge report
     (:func:`~.metrics.knowledge_set`; e.g. the pre-trained model: preserved knowledge)."""
+    from matplotlib import patches
+
     salient = x.salient(tau)
     if among is not None:
         keep = knowledge_set(among, tau=tau, match=match)
@@ -148,9 +141,9 @@ def draw_salient(ax, image: np.ndarray, masks: np.ndarray, x: Interactions, *, t
             if mask >> p & 1:
                 rows, cols = np.nonzero(masks[p])
                 y0, x0, y1, x1 = rows.min(), cols.min(), rows.max() + 1, cols.max() + 1
-                ax.add_patch(_plt().Rectangle((x0 - .5 + inset, y0 - .5 + inset),
-                                              x1 - x0 - 2 * inset, y1 - y0 - 2 * inset,
-                                              fill=False, lw=2, edgecolor=colour))
+                ax.add_patch(patches.Rectangle((x0 - .5 + inset, y0 - .5 + inset),
+                                               x1 - x0 - 2 * inset, y1 - y0 - 2 * inset,
+                                               fill=False, lw=2, edgecolor=colour))
         ax.plot([], [], color=colour, label=literal(f"{kind} {value:+.2f}"))
     ax.set_title(literal(x.info.get("class", "")), fontsize=8)
     if salient:
@@ -161,21 +154,12 @@ def draw_salient(ax, image: np.ndarray, masks: np.ndarray, x: Interactions, *, t
 def salient_figure(samples: list[tuple[np.ndarray, np.ndarray, Interactions]], *, tau: float = 0.05,
                    top: int = 3, among: list[Interactions] | None = None, match: str = "support"):
     """One panel per (image, player masks, interactions) sample (see :func:`draw_salient`)."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(samples), figsize=(2.6 * len(samples), 2.9), squeeze=False)
+    fig, axes = subplots(1, len(samples), figsize=(2.6 * len(samples), 2.9), squeeze=False)
     for k, (ax, (image, masks, x)) in enumerate(zip(axes[0], samples, strict=True)):
         draw_salient(ax, image, masks, x, tau=tau, top=top,
                      among=None if among is None else among[k], match=match)
     fig.tight_layout()
     return fig
-
-
-def save_png(fig, path: str | Path) -> Path:
-    """Write a figure atomically and close it."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
-    return Path(path)
 
 
 def purity_is_informative(summary: dict[str, Any]) -> bool:
@@ -190,7 +174,6 @@ def purity_is_informative(summary: dict[str, Any]) -> bool:
 def save_knowledge_plots(summary: dict[str, Any], out: str | Path) -> list[Path]:
     """``strength_by_order.png``, ``ratios.png``, ``ratios_by_order.png``, ``purity.png`` (with
     a class of two samples or more) and ``convergence.png`` (with snapshots)."""
-    plt = _plt()
     written = []
     for name, draw in (("strength_by_order", plot_strength_by_order), ("ratios", plot_ratios),
                        ("ratios_by_order", plot_ratios_by_order), ("purity", plot_set_purity),
@@ -198,7 +181,7 @@ def save_knowledge_plots(summary: dict[str, Any], out: str | Path) -> list[Path]
         if ((name == "convergence" and "convergence" not in summary)
                 or (name == "purity" and not purity_is_informative(summary))):
             continue
-        fig, ax = plt.subplots(figsize=(5.2, 3.2))
+        fig, ax = subplots(figsize=(5.2, 3.2))
         draw(summary, ax)
         written.append(save_png(fig, Path(out) / f"{name}.png"))
     return written

@@ -33,6 +33,7 @@ import numpy as np
 
 from ..artifacts import atomic_path, read_json
 from ..errors import PretrainReuseError, check_file
+from ..figures import subplots
 
 CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
@@ -51,9 +52,6 @@ code{background:#f4f4f4;padding:0 .2em}
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
 
 
@@ -89,15 +87,6 @@ def _fixed(value: float | None, digits: int = 3) -> str:
 
 def _section(title: str, sid: str, content: str) -> str:
     return f'<section id="{sid}"><h2>{html.escape(title)}</h2>{content}</section>'
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 #: The entries of a demo's ``summary.json`` that the report reads, as dotted paths (``*``: every
@@ -218,7 +207,6 @@ def _run_result(path: Path, command: str):
 def _selection_section(run: Path, summary: dict) -> str:
     from ..selection import Selection
 
-    plt = _plt()
     sel_dir = run / "selections"
     from ..data.catalog import open_dataset
 
@@ -236,7 +224,7 @@ def _selection_section(run: Path, summary: dict) -> str:
         parts.append(_omitted("selections/ (the UOT scores and the images of the selected "
                               "classes)", run))
     else:
-        fig, ax = plt.subplots(figsize=(6.4, 3.2))
+        fig, ax = subplots(figsize=(6.4, 3.2))
         uot.plot(ax, relevant=related)
         ax.set_title("UOT score of every pre-training class, sorted (cf. Fig. 2b)")
         parts.append(_figure(fig, "Sorted log row mass of the UOT plan; red dots: the planted "
@@ -265,9 +253,8 @@ def _examples(sel, pool, per_class: int = 4, classes: int = 6) -> str:
     """Example images of the top selected classes."""
     from ..knowledge.plots import literal
 
-    plt = _plt()
     classes = min(classes, len(sel.selected))
-    fig, axes = plt.subplots(classes, per_class, figsize=(per_class * 1.1, classes * 1.15),
+    fig, axes = subplots(classes, per_class, figsize=(per_class * 1.1, classes * 1.15),
                              squeeze=False)
     labels = pool.labels
     for r, unit in enumerate(sel.selected[:classes]):
@@ -282,11 +269,10 @@ def _examples(sel, pool, per_class: int = 4, classes: int = 6) -> str:
 def _finetune_section(run: Path, summary: dict) -> str:
     from ..knowledge.plots import literal
 
-    plt = _plt()
     ft = summary["finetune"]
     if not ft:
         return ""
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, ax = subplots(figsize=(6.4, 3.6))
     for name in ft:
         path = run / "finetune" / f"{name}-seed{ft[name]['seeds'][0]}" / "result.json"
         r = _run_result(path, _demo_command(run))
@@ -372,7 +358,6 @@ def _knowledge_parts(k: dict, kdir: Path, root: Path, *, players: str, baseline:
     ``root``), figures, tables and checks; ``players`` and ``baseline`` in words, ``samples``:
     what was explained (test images), ``overlays``: the figure of the preserved interactions;
     ``check``: how :func:`_check_entries` words a missing entry."""
-    plt = _plt()
     overall = k["report"]["overall"]
     # the analysis's own settings (a knowledge.json of an earlier version records neither)
     params = k.get("meta", {}).get("params", {})
@@ -424,7 +409,7 @@ def _knowledge_parts(k: dict, kdir: Path, root: Path, *, players: str, baseline:
                         "final model's (solid), and the share of it the final model drops "
                         "(dashed), over the training step each snapshot records.", "convergence"))
     for draw, caption, alt in figures:
-        fig, ax = plt.subplots(figsize=(5.2, 3.2))
+        fig, ax = subplots(figsize=(5.2, 3.2))
         draw(k, ax)
         parts.append(_figure(fig, caption, alt))
     parts.append(overlays)
@@ -672,17 +657,18 @@ def _experiment_curves(run: Path, table) -> str:
     """The fine-tuning curves of every row of the ``table`` (its runs only: the folder may hold
     others, of seeds dropped on a rerun): the mean test top-1 over the row's seeds at each step,
     one colour per row, the legend beside the axes (table1 alone has 8 rows)."""
+    from matplotlib import colormaps
+
     from ..experiments.table import run_folder
     from ..knowledge.plots import literal
 
     rows = [r for r in table.rows if r["seeds"]]
     if not rows:
         return ""
-    plt = _plt()
     # distinct colours: the 10 of tab10, then the 20 of tab20, then a sequential map
-    colours = ([plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")(i) for i in range(len(rows))]
-               if len(rows) <= 20 else list(plt.get_cmap("viridis")(np.linspace(0, 1, len(rows)))))
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    colours = ([colormaps["tab10" if len(rows) <= 10 else "tab20"](i) for i in range(len(rows))]
+               if len(rows) <= 20 else list(colormaps["viridis"](np.linspace(0, 1, len(rows)))))
+    fig, ax = subplots(figsize=(6.4, 3.6))
     for row, colour in zip(rows, colours, strict=True):
         top1: dict[int, list[float]] = {}  # step -> the seeds' test top-1 there
         for seed in row["seeds"]:
@@ -709,9 +695,8 @@ def _experiment_body(run: Path) -> list[str]:
     """The page of an ``experiment`` folder: its table, plot, comparisons and curves."""
     from ..experiments import RECIPES, ExperimentTable
 
-    plt = _plt()
     table = ExperimentTable.load(run)
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = subplots(figsize=(6.4, 4.0))
     table.plot(ax)
     verdicts = []
     by_key = {(r["method"], r["x"]): r for r in table.rows if r["top1_mean"] is not None}
@@ -748,19 +733,18 @@ def _finetune_run_body(run: Path) -> list[str]:
     """A ``finetune`` run folder: its test and validation accuracy over training, its losses, the
     result at the last step and at the best validation evaluation, and its recipe."""
     result = _run_result(run / "result.json", f"pretrain-reuse finetune ... --out {run}")
-    plt = _plt()
     history, final, best = result.history, result.final, result.at_best_val
     inputs = result.meta.get("inputs", {})
     given = [f"{key} <code>{_text(inputs[key])}</code>" for key in ("model", "target", "source")
              if inputs.get(key) not in (None, "None")]
-    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    fig, ax = subplots(figsize=(5.2, 3.4))
     result.plot(ax)
     ax.legend()
     curves = _figure(fig, "Top-1 accuracy on the validation split (dashed: what picks the "
                      "evaluation) and the test split at each evaluation.",
                      f"Accuracy over training; final test top-1 {_fixed(final['top1'], 4)}")
     losses = [k for k in history[-1] if k not in ("step", "epoch", "val", "test")]
-    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    fig, ax = subplots(figsize=(5.2, 3.4))
     for key in losses:
         ax.plot([h["step"] for h in history], [h[key] for h in history], marker=".", label=key)
     ax.set_xlabel("step")
