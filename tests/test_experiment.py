@@ -374,6 +374,8 @@ def test_a_sweep_that_would_silently_change_or_repeat_rows_is_refused(sweep, mes
     ({"modes": {"tuning": {"lr": 0.1}}}, "modes key='tuning' is not one of"),
     ({"modes": {"scratch": {"seed": 3}}}, "modes 'scratch' cannot set 'seed': the recipe sets it"),
     ({"modes": {"scratch": {"train_fraction": 0.5}}}, "a data regime holds for every run"),
+    # the selection is made for the images of the finetune regime, drawn in its order
+    ({"modes": {"scratch": {"long_tail_order": "random"}}}, "a data regime holds for every run"),
     ({"modes": {"scratch": {"lam": 1.0}}}, "modes 'scratch' sets lam, which has no effect"),
     ({"modes": {"reuse": {"lam": 1.0}}, "lam": {"reuse": 0.5}}, "λ of mode 'reuse' is given twice"),
     ({"modes": {"scratch": {"lr": -1.0}}}, "lr must be"),

@@ -880,6 +880,30 @@ def test_long_tail_ratio_follows_the_exponential_profile(tmp_path, capsys):
     assert not set(split["val"]) & set(split["train"])
 
 
+def test_long_tail_order_random_trains_on_the_samplers_seeded_class_order(tmp_path, capsys):
+    from pretrain_reuse.data.samplers import subsample_long_tail
+
+    root = tmp_path / "t4"
+    for c in range(4):
+        write_images(root / f"c{c}", 20, c, seed=300 + c)
+    shutil.copytree(root, tmp_path / "test")  # other files: the rerun's error is its one line
+    args = ["finetune", "--model", "smallcnn-s", "--target", root, "--target-test",
+            tmp_path / "test", "--batch-size", 4, "--max-steps", 1, "--quiet",
+            "--long-tail-ratio", 10, "--seed", 3]
+    index, rand = (run_ok(capsys, *args, "--long-tail-order", order, "--out", tmp_path / order)
+                   for order in ("index", "random"))
+    train = {d: json.loads((d / "split.json").read_text())["train"] for d in (index, rand)}
+    # the reference: the sampler called directly on the folder's labels, with the run's seed
+    pool = open_dataset(root)
+    sub = subsample_long_tail(pool.labels, 10, seed=3, order="random")
+    assert sub.params["rank"] != [0, 1, 2, 3]  # seed 3 permutes the classes
+    assert train[rand] == [pool.ids[i] for i in sub.indices]
+    assert sorted(train[rand]) != sorted(train[index])
+    # the order is part of the run: a rerun into the folder with the other order is refused
+    rc, _, err = cli(capsys, *args, "--long-tail-order", "index", "--out", rand)
+    assert_one_line_error(rc, err, "different config (long_tail_order)", "--out")
+
+
 def test_yaml_config_with_flag_overrides_is_saved_with_the_run(files, tmp_path, capsys):
     cfg = tmp_path / "recipe.yaml"
     cfg.write_text(yaml.safe_dump({"lr": 0.01, "weight_decay": 0.0005, "milestones": [0.5, 0.9]}))
@@ -944,6 +968,8 @@ def test_the_run_arguments_are_the_flags_and_arguments_of_finetune_besides_the_r
     (["--lam", "0.5"], "lam=0.5 has no effect in mode 'vanilla'"),
     (["--epochs", "3"], "epochs=3 has no effect beside max_steps=4"),
     (["--schedule", "cosine", "--milestones", "0.5"], "milestones [0.5] have no effect"),
+    (["--long-tail-order", "random"],
+     "long_tail_order='random' has no effect without long_tail_ratio"),
     (["--grid", "lam=0.1,1"], "lam=0.1 has no effect in mode 'vanilla'"),
     # refused before the first run of the grid, not after all of them
     (["--val-fraction", "0", "--grid", "lr=0.1,0.2"], "picks on the validation split"),

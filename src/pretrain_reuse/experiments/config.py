@@ -22,8 +22,10 @@ from ..transport import METRICS
 #: a rerun may do, never changes a row.
 POOL_SEED = 0
 
-#: FinetuneConfig settings that change which target images a run trains on.
+#: FinetuneConfig settings that change which target images a run trains on: the data regimes
+#: (one at a time), and how a regime draws its images.
 REGIMES = ("train_fraction", "long_tail_ratio")
+REGIME_OPTIONS = ("long_tail_order",)
 
 #: Values swept by the recipes, unless the config's ``sweep`` overrides them.
 SWEEP_DEFAULTS: dict[str, tuple] = {
@@ -166,7 +168,8 @@ class ExperimentConfig:
                 if key in settings:
                     raise PretrainReuseError(f"modes {mode!r} cannot set {key!r}: the recipe sets "
                                              "it for each run; remove it")
-            for key in REGIMES:  # selections are made for the images of a regime, whatever the mode
+            # selections are made for the images of a regime, whatever the mode
+            for key in (*REGIMES, *REGIME_OPTIONS):
                 if key in settings:
                     raise PretrainReuseError(f"modes {mode!r} cannot set {key!r}: a data regime "
                                              "holds for every run; set it under finetune")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..configs import check_fields, checked_values, config_values
+from ..data.samplers import ORDERS
 from ..errors import (
     PretrainReuseError,
     check_choice,
@@ -39,6 +40,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "cotuning_relationship": ("direct", "reverse"),
     "augment": ("standard", "flip", "none"),
     "precision": ("auto", "fp32", "bf16"),
+    "long_tail_order": ORDERS,
 }
 
 #: Options that only some modes read (option -> those modes): set in another mode, an option
@@ -98,6 +100,9 @@ FIELD_HELP: dict[str, str] = {
                       "from the rest)",
     "long_tail_ratio": "train on a long tail of the target: largest / smallest class (seeded; "
                        "validation comes from the rest)",
+    "long_tail_order": "which classes the long tail keeps most images of: index (class 0 the "
+                       "most, as Cui et al.'s code) or random (a seeded permutation of the "
+                       "classes)",
     "seed": "seed of the split, the batches, the augmentations and the new layers",
     "device": "cpu, cuda or cuda:N",
     "precision": "auto: bf16 autocast on GPUs with native bf16 (compute capability 8.0+), else "
@@ -149,6 +154,7 @@ class FinetuneConfig:
     strong_ops: int = 2
     train_fraction: float | None = None
     long_tail_ratio: float | None = None
+    long_tail_order: str = "index"
     seed: int = 0
     device: str = "cpu"
     precision: str = "auto"
@@ -234,6 +240,11 @@ class FinetuneConfig:
             raise PretrainReuseError(
                 f"milestones {list(self.milestones)} have no effect with schedule "
                 f"{self.schedule!r}; drop them, or use schedule 'step'")
+        if self.long_tail_ratio is None and is_set("long_tail_order"):
+            raise PretrainReuseError(
+                f"long_tail_order={self.long_tail_order!r} has no effect without "
+                "long_tail_ratio (it orders the classes of a long tail); pass long_tail_ratio, "
+                "or drop it")
         if self.max_steps is not None and is_set("epochs"):
             raise PretrainReuseError(
                 f"epochs={self.epochs} has no effect beside max_steps={self.max_steps} (max_steps "

@@ -69,7 +69,8 @@ def target_splits(cfg: FinetuneConfig, train_pool: ImageDataset | TextDataset
     if cfg.train_fraction is not None or cfg.long_tail_ratio is not None:
         sub = (subsample_fraction(labels, cfg.train_fraction, seed=cfg.seed)
                if cfg.train_fraction is not None
-               else subsample_long_tail(labels, cfg.long_tail_ratio, seed=cfg.seed))
+               else subsample_long_tail(labels, cfg.long_tail_ratio, seed=cfg.seed,
+                                        order=cfg.long_tail_order))
         train_idx, sampler = np.sort(sub.indices), sub.params
         val_idx = held_out_validation(labels, train_idx, cfg.val_fraction, cfg.seed)
     else:
