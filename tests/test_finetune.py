@@ -1467,7 +1467,7 @@ def test_ddp_gradient_accumulation_all_reduces_once_per_step(tmp_path, rows):
     plain = _MicroObjective()
     ddp_module = _MicroObjective()
     ddp_module.load_state_dict(plain.state_dict())
-    _accumulate(plain, parts, cfg, torch.device("cpu"))
+    _accumulate(plain, parts, min(3, rows), cfg, torch.device("cpu"))
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
                             world_size=1)
     try:
@@ -1479,7 +1479,7 @@ def test_ddp_gradient_accumulation_all_reduces_once_per_step(tmp_path, rows):
             return allreduce_hook(state, bucket)
 
         ddp.register_comm_hook(None, counting_hook)
-        _accumulate(ddp, parts, cfg, torch.device("cpu"))
+        _accumulate(ddp, parts, min(3, rows), cfg, torch.device("cpu"))
     finally:
         dist.destroy_process_group()
     assert reductions == [0]  # one bucket (a small model), reduced once
@@ -1844,6 +1844,98 @@ def test_torchrun_two_processes_match_one_process(files, tmp_path, capsys, accum
                                          "--augment", "none", "--grad-accum", accum)
     for k in one:
         np.testing.assert_allclose(two[k].numpy(), one[k].numpy(), atol=1e-6, rtol=0)
+
+
+# The real CLI under torchrun; after it ends, each process writes the parameters of its last
+# optimiser step to $WEIGHTS/rank<RANK>.safetensors (the run folder holds rank 0's only).
+RANK_WEIGHTS_WRAPPER = """
+import os, sys
+from safetensors.torch import save_file
+from torch.optim.optimizer import register_optimizer_step_post_hook
+last, steps = {}, []
+def keep(opt, args, kwargs):
+    steps.append(1)
+    last.update({f"{i}.{j}": p.detach().contiguous().clone() for i, g in enumerate(opt.param_groups)
+                 for j, p in enumerate(g["params"])})
+register_optimizer_step_post_hook(keep)
+from pretrain_reuse.cli import main
+rc = main(sys.argv[1:])
+save_file(last, os.path.join(os.environ["WEIGHTS"], f"rank{os.environ['RANK']}.safetensors"),
+          metadata={"steps": str(len(steps))})
+sys.exit(rc)
+"""
+
+
+def _torchrun(argv: list, timeout: float = 120, **env) -> subprocess.CompletedProcess:
+    """``argv`` (a script and its arguments) under ``torchrun --nproc_per_node 2``."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         *map(str, argv)], env={**SUBPROCESS_ENV, **env}, capture_output=True, text=True,
+        timeout=timeout)
+
+
+def _two_classes(root: Path, seed: int) -> list[str]:
+    """2 class folders of 6 images in ``root``; returns the ids in the data's order."""
+    for c in range(2):
+        write_images(root / f"c{c}", 6, c, seed=seed + c)
+    return open_dataset(root).ids
+
+
+def test_torchrun_with_a_micro_batch_left_without_a_source_image_keeps_the_ranks_equal(
+        tmp_path):
+    # 4 source images per step on 2 processes in 2 micro-batches: one per micro-batch. The
+    # first source image of step 0 (rank 0's first) is unreadable, so rank 0's second
+    # micro-batch held a target image and no source image: its source loss was NaN, and the
+    # rank that read it (every step is read before its checkpoint) stopped ("training
+    # diverged") while the other waited for it
+    _two_classes(tmp_path / "target", seed=400)
+    shutil.copytree(tmp_path / "target", tmp_path / "test")
+    source = _two_classes(tmp_path / "source", seed=500)
+    broken = source[StepBatches(len(source), 4, seed=0, stream=1).batch(0)[0]]
+    (tmp_path / "source" / broken).write_bytes(b"not a png")
+    Selection(selected=[0, 1], scores=np.array([0.9, 0.5]), params={}).save(tmp_path / "sel.json")
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (tmp_path / "wrapper.py").write_text(RANK_WEIGHTS_WRAPPER)
+    proc = _torchrun([tmp_path / "wrapper.py", "finetune", "--model", "smallcnn-s", "--target",
+                      tmp_path / "target", "--target-test", tmp_path / "test", "--mode", "reuse",
+                      "--source", tmp_path / "source", "--selection", tmp_path / "sel.json",
+                      "--val-fraction", "0", "--batch-size", "4", "--grad-accum", "2",
+                      "--max-steps", "3", "--checkpoint-every", "1", "--augment", "none",
+                      "--quiet", "--out", tmp_path / "run"], WEIGHTS=weights)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"source data: skipped 1 unreadable image(s) of 12: {broken}" in proc.stderr
+    rank0, rank1 = (load_file(str(weights / f"rank{r}.safetensors")) for r in (0, 1))
+    for r in (0, 1):
+        assert safetensors_header(weights / f"rank{r}.safetensors")["steps"] == "3"
+    # DDP gives every process the same averaged gradient, so their weights stay bit-equal
+    assert rank0.keys() == rank1.keys() and len(rank0) > 0
+    for k in rank0:
+        assert torch.isfinite(rank0[k]).all() and torch.equal(rank0[k], rank1[k]), k
+
+
+def test_torchrun_with_a_share_of_only_unreadable_images_stops_every_process_with_the_error(
+        tmp_path):
+    # rank 0's share of step 0 (images 0 and 2 of its batch of 4) is unreadable: it alone
+    # stopped with the error, and the other process waited for it in its next all-reduce
+    ids = _two_classes(tmp_path / "target", seed=400)
+    shutil.copytree(tmp_path / "target", tmp_path / "test")
+    broken = [ids[i] for i in StepBatches(len(ids), 4, seed=0, stream=0).batch(0)[0::2]]
+    for name in broken:
+        (tmp_path / "target" / name).write_bytes(b"not a png")
+    proc = _torchrun(["-m", "pretrain_reuse", "finetune", "--model", "smallcnn-s", "--target",
+                      tmp_path / "target", "--target-test", tmp_path / "test", "--val-fraction",
+                      "0", "--batch-size", "4", "--max-steps", "3", "--quiet", "--out",
+                      tmp_path / "run"])
+    error = "pretrain-reuse: error: every image of a process's share of a training batch is unreadable"
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(error)]
+    assert proc.returncode != 0 and len(lines) == 2, proc.stderr[-3000:]
+    # the process without an image names them; the other says where they are
+    assert sorted(line[len(error):] for line in lines) == [
+        " (on another process); remove or repair the unreadable images, or use a larger "
+        "--batch-size",
+        f" (skipped 2 unreadable image(s) of 12: {', '.join(sorted(broken))}); remove or repair "
+        "the unreadable images, or use a larger --batch-size"]
 
 
 @pytest.mark.parametrize("mode", [

@@ -265,6 +265,10 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset | T
             # a Hugging Face text model holds parameters its pooled features never use (BERT's
             # pooler, when the tokens are mean-pooled), whose gradients DDP would wait for
             find_unused_parameters=model.backbone.spec.modality == "text")
+    # each step the processes agree that each has a micro-batch to run (_micro_batches) between
+    # their CPUs, over gloo: through NCCL, reading the result would wait every step for the GPU
+    # to finish the step before
+    host_group = dist.new_group(backend="gloo") if world > 1 else None
 
     spec = model.backbone.spec
     if spec.modality == "text":
@@ -307,7 +311,7 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset | T
         for step, batches in enumerate(step_batches, start):
             for what, b in zip(streams, batches, strict=True):
                 skipped[what].update(b.skipped.tolist())
-            _check_readable(batches, streams.values())
+            micro_batches = _micro_batches(batches, streams.values(), cfg.grad_accum, host_group)
             factor = lr_at(step, total, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
@@ -316,7 +320,7 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset | T
                 parts = _compose(batches, device, weak, strong, cfg.mode,
                                  source_labels if cfg.uses_source else None)
                 optimizer.zero_grad(set_to_none=True)
-                stats = _accumulate(objective, parts, cfg, device)
+                stats = _accumulate(objective, parts, micro_batches, cfg, device)
                 optimizer.step()
             done = step + 1
             evaluate = done % eval_every == 0 or done == total
@@ -361,6 +365,8 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset | T
                 raise KeyboardInterrupt
     finally:
         stop.restore()
+        if host_group is not None:  # a grid trains several runs in one process
+            dist.destroy_process_group(host_group)
     bar.close()
     # a Ctrl-C during the last evaluation: the run is finished and saved below, then stops
     # whatever runs it next (an experiment's next run, the demo's next stage)
@@ -401,13 +407,35 @@ class _RankBatches(StepBatches):
         return self.base.batch(step)[self.rank::self.world]
 
 
-def _check_readable(batches, datasets) -> None:
-    """A step needs at least one readable image per stream (unreadable ones are left out)."""
-    for b, data in zip(batches, datasets, strict=True):
-        if len(b.indices) == 0:
-            raise PretrainReuseError(
-                f"every image of a training batch is unreadable ({describe_skipped(data, b.skipped)});"
-                " remove or repair the unreadable images, or use a larger --batch-size")
+def _micro_batches(batches, datasets, grad_accum: int, group) -> int:
+    """How many of the step's ``grad_accum`` micro-batches this process runs: the first n, n the
+    fewest readable samples of its streams (at most ``grad_accum``). ``group``: the processes
+    of a torchrun job (None: this process alone).
+
+    A stream's batch is split front-loaded (:func:`_split`), so its micro-batch i has a sample
+    exactly when the stream has more than i readable ones (unreadable images are left out of a
+    batch), and a micro-batch without a sample of every stream is not run (a source loss over
+    no sample is NaN). Processes may run different numbers of micro-batches: DDP's collectives
+    of a step, rank 0's buffers broadcast in the first forward and the gradients' all-reduce in
+    the last backward (the passes between run under ``no_sync()``), are the same for any number
+    but none. A process with none would leave the others waiting in them, so the processes
+    agree by one all-reduce (between their CPUs) whether each has one, and otherwise all stop
+    with the error. (A zero-weight pass of a stand-in instead would need an input where the
+    process has no sample, and would move BatchNorm's running statistics.)"""
+    n = min(grad_accum, *(len(b.indices) for b in batches))
+    fewest = n
+    if group is not None:
+        agreed = torch.tensor([n])
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
+        fewest = int(agreed.item())
+    if fewest == 0:
+        unread = [describe_skipped(data, b.skipped)
+                  for b, data in zip(batches, datasets, strict=True) if len(b.indices) == 0]
+        whose = "a training batch" if group is None else "a process's share of a training batch"
+        raise PretrainReuseError(
+            f"every image of {whose} is unreadable ({unread[0] if unread else 'on another process'});"
+            " remove or repair the unreadable images, or use a larger --batch-size")
+    return n
 
 
 def _compose(batches, device, weak: View | Callable, strong: View | Callable, mode: str,
@@ -439,32 +467,29 @@ class _Objective(torch.nn.Module):
         return self.loss_fn(self.model, parts, self.lam)
 
 
-def _accumulate(objective, parts: dict, cfg: FinetuneConfig, device) -> dict[str, torch.Tensor]:
-    """Forward/backward over ``grad_accum`` micro-batches of the step's batch; returns the step's
-    losses as device scalars (reading them would wait for the device, see :func:`_read`).
+def _accumulate(objective, parts: dict, micro_batches: int, cfg: FinetuneConfig,
+                device) -> dict[str, torch.Tensor]:
+    """Forward/backward over the first ``micro_batches`` of the ``grad_accum`` micro-batches of
+    the step's batch (those with a sample of every stream: :func:`_micro_batches`); returns the
+    step's losses as device scalars (reading them would wait for the device, see :func:`_read`).
 
-    Each micro-batch's mean loss is weighted by its share of the target batch, so the gradient is
-    that of the full batch whenever ``grad_accum`` divides the batch sizes (and for the target
-    term always); only BatchNorm statistics see the smaller batches.
+    Each micro-batch's mean loss is weighted by its share of the target samples they hold, so
+    the gradient is that of the full batch whenever ``grad_accum`` divides the batch sizes (and
+    for the target term always); only BatchNorm statistics see the smaller batches.
 
     Under DDP the gradients are averaged over the processes once per step, in the backward pass
     of the last micro-batch: the earlier ones run under ``no_sync()``, which only accumulates
     (an all-reduce per micro-batch would send the whole gradient ``grad_accum`` times).
     """
-    chunks = {k: _split(v, cfg.grad_accum) for k, v in parts.items()}
-    total = len(parts["y"])
-    # the last micro-batch with samples (the trailing ones are empty where the batch has fewer
-    # rows than grad_accum, and a skipped one would leave the gradients unsynchronised)
-    last = max(i for i, y in enumerate(chunks["y"]) if len(y))
+    chunks = {k: _split(v, cfg.grad_accum)[:micro_batches] for k, v in parts.items()}
+    total = sum(len(y) for y in chunks["y"])
     ddp = isinstance(objective, torch.nn.parallel.DistributedDataParallel)
     totals: dict[str, torch.Tensor] = {}
-    for i in range(cfg.grad_accum):
+    for i in range(micro_batches):
         micro = {k: c[i] for k, c in chunks.items()}
-        if len(micro["y"]) == 0:
-            continue
         share = len(micro["y"]) / total
         # the forward too: DDP prepares its all-reduce in the forward pass
-        with objective.no_sync() if ddp and i < last else contextlib.nullcontext():
+        with objective.no_sync() if ddp and i < micro_batches - 1 else contextlib.nullcontext():
             with _precision(cfg, device):
                 loss, stats = objective(micro)
             (loss * share).backward()
