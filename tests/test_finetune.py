@@ -1694,6 +1694,7 @@ def test_a_run_from_before_an_option_existed_resumes_with_its_default(files, tmp
     marker = json.loads((out / "run.json").read_text())
     assert marker["config"].pop("augment") == FinetuneConfig().augment
     assert marker["inputs"].pop("data")
+    assert marker.pop("precision") == "fp32"  # recorded since: the precision computed in
     (out / "run.json").write_text(json.dumps(marker))
     before = json.loads((out / "result.json").read_text())["final"]
     run_ok(capsys, *argv)
@@ -1799,6 +1800,29 @@ def test_a_run_resumes_on_another_device_of_its_type_but_not_of_another_type(
     (out / "run.json").write_text(json.dumps(marker))
     rc, _, err = cli(capsys, *argv)
     assert_one_line_error(rc, err, "different config (device)", "--out")
+
+
+def test_a_run_begun_in_bf16_by_precision_auto_resumes_only_in_bf16(files, tmp_path, capsys,
+                                                                     monkeypatch):
+    # a mixed-GPU host: begun on a GPU with native bf16 (precision auto -> bf16), resumed on one
+    # without (auto -> fp32), it switched to float32 mid-run. The CPU stands in for both GPUs.
+    import pretrain_reuse.finetune.loop as loop
+
+    argv = [*base_args(files, tmp_path / "run", steps=4), "--checkpoint-every", "2"]
+    reference = run_ok(capsys, *_with_out(argv, tmp_path / "reference"), "--precision", "bf16")
+    with monkeypatch.context() as m:
+        m.setattr(loop, "uses_bf16", lambda precision, device: precision != "fp32")
+        out = _stop_during_step(3, argv, capsys)
+    marker = json.loads((out / "run.json").read_text())
+    assert marker["config"]["precision"] == "auto" and marker["precision"] == "bf16"
+    rc, _, err = cli(capsys, *argv)
+    assert_one_line_error(rc, err, "holds a run trained in bf16, but precision 'auto' computes in "
+                          "fp32 on this device; pass --precision bf16 to resume it, or a new --out")
+    rc, _, err = cli(capsys, *argv, "--precision", "fp32")
+    assert_one_line_error(rc, err, "precision 'fp32' computes in fp32", "--precision bf16")
+    # the fix resumes it, and it ends as a run trained in bf16 from start to end
+    run_ok(capsys, *argv, "--precision", "bf16")
+    assert_same_run(out, reference)
 
 
 def test_workers_and_checkpoint_interval_may_change_on_resume(files, tmp_path, capsys):

@@ -229,8 +229,12 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset | T
     eval_every = cfg.eval_every * steps_per_epoch
 
     out.mkdir(parents=True, exist_ok=True)
-    # through JSON, so that it compares equal to what run.json holds (tuples become lists)
-    run_identity = json.loads(to_json({"config": cfg.to_dict(), "inputs": inputs or {}}))
+    # through JSON, so that it compares equal to what run.json holds (tuples become lists);
+    # precision: what the setting computes in on this device (auto: bf16 on a GPU with native
+    # bf16, else fp32), which a resume on another GPU of a mixed host must keep
+    run_identity = json.loads(to_json({
+        "config": cfg.to_dict(), "inputs": inputs or {},
+        "precision": "bf16" if uses_bf16(cfg.precision, device) else "fp32"}))
     start = _resume_point(out, run_identity)
     if start == total and (out / "result.json").exists():
         return RunResult.load(out / "result.json")
@@ -554,7 +558,8 @@ DATA_CHANGED = ("data: the sample ids or labels (or sentences) of the target, te
 
 
 def _resume_point(out: Path, identity: dict) -> int:
-    """The step to start from: 0 for a new run, else the checkpoint's (same config required)."""
+    """The step to start from: 0 for a new run, else the checkpoint's (same config and inputs
+    required, and the same precision computed in)."""
     marker = out / "run.json"
     checkpoint = out / CHECKPOINT
     if not marker.exists():
@@ -568,7 +573,11 @@ def _resume_point(out: Path, identity: dict) -> int:
     # with a default that keeps the earlier behaviour, so the default is what that run used.
     defaults = json.loads(to_json(FinetuneConfig().to_dict()))
     old_config = {**defaults, **old.get("config", {})}
-    changed = sorted(k for k in identity["config"] if k not in RESUMABLE_WITH_OTHER
+    # where the run recorded the precision it computes in, the setting may change (auto ->
+    # bf16 on a GPU with native bf16), and what it resolves to is compared below
+    recorded = old.get("precision")
+    resumable = (*RESUMABLE_WITH_OTHER, "precision") if recorded else RESUMABLE_WITH_OTHER
+    changed = sorted(k for k in identity["config"] if k not in resumable
                      and not _same_setting(k, old_config.get(k), identity["config"][k]))
     # an input recorded since the run began (like "data") is missing from its run.json: not a change
     old_inputs = old.get("inputs", {})
@@ -579,6 +588,11 @@ def _resume_point(out: Path, identity: dict) -> int:
         raise PretrainReuseError(
             f"{str(out)!r} holds a run with a different {what}; rerun with the same settings to "
             "resume, or pass a new --out")
+    if recorded and recorded != identity["precision"]:
+        raise PretrainReuseError(
+            f"{str(out)!r} holds a run trained in {recorded}, but precision "
+            f"{identity['config']['precision']!r} computes in {identity['precision']} on this "
+            f"device; pass --precision {recorded} to resume it, or a new --out")
     if not checkpoint.exists():
         return 0
     return int(load_state(checkpoint)["step"])
