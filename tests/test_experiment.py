@@ -1048,3 +1048,25 @@ def test_a_target_folder_of_split_folders_trains_on_train_and_tests_on_test(quic
     # past the test-data check: the next one refuses a batch larger than the training images
     with pytest.raises(PretrainReuseError, match="batch"):
         run_experiment("knowledge", cfg, tmp_path / "k", progress=False)
+
+
+def test_a_recipe_that_trains_nothing_claims_the_long_tail_order_of_its_regime(tmp_path):
+    # fig4a's claim kept only the regime's ratio: a rerun with the other order reused the
+    # selections made for the other order's images
+    from dataclasses import asdict
+
+    import yaml
+
+    from pretrain_reuse.experiments.claim import recipe_reads
+
+    reads = {}
+    for order in ("index", "random"):
+        path = tmp_path / f"{order}.yaml"
+        path.write_text(yaml.safe_dump({
+            "model": "smallcnn", "source": "synthetic:pretrain", "target": "synthetic:target",
+            "relevant": [1, 2], "finetune": {"long_tail_ratio": 10.0, "long_tail_order": order, "lr": 0.1}}))
+        cfg = load_experiment_config(path)
+        reads[order] = recipe_reads("fig4a", cfg, asdict(cfg))["finetune"]
+    # the learning rate is not read by a recipe that trains nothing; the regime is, all of it
+    assert reads == {order: {"long_tail_ratio": 10.0, "long_tail_order": order}
+                     for order in ("index", "random")}

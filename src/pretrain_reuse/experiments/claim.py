@@ -12,7 +12,7 @@ from typing import Any
 
 from ..artifacts import claim_folder, hash_file, read_json, to_json, write_json
 from ..finetune.loop import RESUMABLE_WITH_OTHER
-from .config import REGIMES, SWEEP_DEFAULTS, SWEPT, ExperimentConfig
+from .config import REGIME_OPTIONS, REGIMES, SWEEP_DEFAULTS, SWEPT, ExperimentConfig
 from .recipes import RECIPES
 from .workspace import Workspace
 
@@ -54,7 +54,8 @@ def recipe_reads(name: str, cfg: ExperimentConfig, values: dict[str, Any]) -> di
         params["lam"] = {mode: lam for mode, lam in params["lam"].items() if mode in modes}
     if "finetune" in params:  # a recipe that trains nothing reads only the data regime (selection)
         params["finetune"] = {k: v for k, v in params["finetune"].items()
-                              if k not in RESUMABLE_WITH_OTHER and (trains or k in REGIMES)}
+                              if k not in RESUMABLE_WITH_OTHER
+                              and (trains or k in (*REGIMES, *REGIME_OPTIONS))}
     if "modes" in params:
         # only where some mode of the recipe has settings: folders claimed before ``modes``
         # existed record none, and must not be refused by a config that gives none either
