@@ -2202,15 +2202,74 @@ def test_evaluate_names_unreadable_images_and_the_classes_the_data_lacks(quick_d
     assert saved["classes_matched_by"] == "name"
 
 
-def test_evaluate_scores_integer_labels_without_names_as_class_indices(tmp_path, capsys):
-    # a list file of some ImageNet-val images with their ImageNet indices is the way to score an
-    # unnamed 1000-way classifier on part of it: not refused for its fewer classes
+def test_evaluate_refuses_integer_labels_of_another_number_of_classes(quick_demo, tmp_path,
+                                                                     capsys):
+    # labels 0 and 3 scored on a 10-way classifier as its outputs 0 and 3, silently where the
+    # model names its classes (and reported as matched by name): another task's 4 classes, or 2
+    # of the model's, which only names tell apart
+    demo, _, _ = quick_demo
+    named = demo / "finetune" / "vanilla-seed0" / "model.safetensors"  # 10 named classes
+    test = open_dataset("synthetic:target", split="test")
+    (tmp_path / "img").mkdir()
+    rows = []
+    for c in (0, 3):
+        for i in np.flatnonzero(test.labels == c)[:2]:
+            pixels = (test.load(int(i)).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "img" / f"{i}.png")
+            rows.append((f"img/{i}.png", c))
+    (tmp_path / "list.csv").write_text("".join(f"{f},{c}\n" for f, c in rows))
+    rc, _, err = cli(capsys, "evaluate", "--model", "smallcnn", "--data", tmp_path / "list.csv")
+    assert_one_line_error(rc, err, "the data's integer labels name no classes, so its label i "
+                          "would be scored as the model's output i, but they go up to 3 and the "
+                          "model has 10 outputs", "a classes.txt of the model's 10 class names")
+    rc, _, err = cli(capsys, "evaluate", "--model", "smallcnn", "--weights", named,
+                     "--data", tmp_path / "list.csv")
+    assert_one_line_error(rc, err, "they go up to 3 and the model has 10 outputs",
+                          f"labels that are the model's class names ({test.class_names[0]}, ")
+    # named by a classes.txt (of the synthetic classes, the fine-tuned model's): scored as those
+    # classes, by name for the model that names them, by position for the unnamed one
+    (tmp_path / "classes.txt").write_text("\n".join(test.class_names) + "\n")
+    reference = {}
+    for weights in ((), ("--weights", named)):
+        rc, _, err = cli(capsys, "evaluate", "--model", "smallcnn", *weights,
+                         "--data", tmp_path / "list.csv", "--out", tmp_path / "e.json")
+        assert rc == 0, err
+        scores = json.loads((tmp_path / "e.json").read_text())
+        assert scores["n"] == 4
+        assert scores["classes_matched_by"] == ("name" if weights else "position")
+        assert len(scores["classes_without_images"]) == 8
+        reference[bool(weights)] = scores
+    # the same images in a folder of the model's classes give the same accuracy
+    for c in (0, 3):
+        (tmp_path / "folder" / test.class_names[c]).mkdir(parents=True)
+    for f, c in rows:
+        (tmp_path / f).rename(tmp_path / "folder" / test.class_names[c] / Path(f).name)
+    rc, _, err = cli(capsys, "evaluate", "--model", "smallcnn", "--weights", named,
+                     "--data", tmp_path / "folder", "--out", tmp_path / "f.json")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "f.json").read_text())["top1"] == reference[True]["top1"]
+
+
+def test_evaluate_scores_integer_labels_of_the_models_classes_by_position(tmp_path, capsys):
+    # labels up to the last output are the model's class indices: scored, with a note
     (tmp_path / "img").mkdir()
     for i in range(4):
         Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(tmp_path / "img" / f"{i}.png")
-    (tmp_path / "list.csv").write_text("img/0.png,0\nimg/1.png,0\nimg/2.png,3\nimg/3.png,3\n")
+    (tmp_path / "list.csv").write_text("img/0.png,0\nimg/1.png,0\nimg/2.png,3\nimg/3.png,9\n")
     rc, out, err = cli(capsys, "evaluate", "--model", "smallcnn", "--data", tmp_path / "list.csv")
-    assert rc == 0 and "on 4 images" in out and "scored by position" in err
+    assert rc == 0 and "on 4 images" in out
+    assert "the data's integer labels name no classes, so they were scored by position" in err
+
+
+def test_evaluate_refuses_class_names_of_another_number_than_the_outputs():
+    # they would number the data's labels beyond the head (scored against no output)
+    from pretrain_reuse.finetune.evaluate import evaluate_model
+
+    data = ArrayDataset(np.zeros((2, 32, 32, 3), np.uint8), np.array([0, 1]),
+                        class_names=["a", "b"])
+    with pytest.raises(PretrainReuseError, match="class_names names 11 classes but the model has "
+                       "10 outputs; pass one name per output"):
+        evaluate_model(create_backbone("smallcnn"), data, class_names=[*"cdefghijk", "b", "a"])
 
 
 def test_labels_are_matched_to_the_models_classes_by_name():

@@ -754,7 +754,10 @@ def cmd_evaluate(args) -> int:
           f"{scores['n']} {'sentences' if isinstance(data, TextDataset) else 'images'} of {where}"
           + (f"; {scores['unreadable']} unreadable images left out" if scores["unreadable"] else ""))
     notes = []
-    if scores["classes_matched_by"] == "position":
+    if scores["classes_matched_by"] == "position" and not data.class_names:
+        notes.append("the data's integer labels name no classes, so they were scored by "
+                     "position: its label i as output i")
+    elif scores["classes_matched_by"] == "position":
         notes.append("the model names none of the data's classes (neither class names a "
                      "finetune run records nor a Hugging Face id2label), so the data's classes "
                      "were scored by position: its class i as output i")

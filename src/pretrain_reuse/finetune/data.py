@@ -48,6 +48,12 @@ def resize_transform(size: int):
     return transform
 
 
+def class_count(data: ImageDataset | TextDataset) -> int:
+    """The number of classes of labelled ``data``: its class names, else its largest label + 1
+    (integer labels without names are class indices 0..C-1)."""
+    return len(data.class_names) if data.class_names else int(data.labels.max()) + 1
+
+
 def split_validation(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Carve a class-stratified validation split from training labels (seeded).
 
@@ -230,7 +236,7 @@ def selected_source(pool: ImageDataset, selection: Selection, units: Units | Non
         raise PretrainReuseError(
             "the pre-training data has no labels, so class units cannot be selected from it; "
             "build cluster units (`units --method kmeans`) and pass them with --units")
-    n_classes = len(pool.class_names) if pool.class_names else int(pool.labels.max()) + 1
+    n_classes = class_count(pool)
     _check_selection(selection, n_classes, "the pre-training data has {n} classes",
                      "select over this data's class means, or pass --units for a selection of "
                      "k-means clusters")

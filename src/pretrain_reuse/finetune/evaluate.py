@@ -10,10 +10,10 @@ import torch
 
 from ..data.datasets import ImageDataset, inputs_to, labels_by_name, make_loader
 from ..data.text import TextDataset
-from ..errors import PretrainReuseError, check_device
+from ..errors import PretrainReuseError, check_device, preview
 from ..models import Backbone
 from .augment import View, input_size
-from .data import resize_transform
+from .data import class_count, resize_transform
 
 
 @torch.no_grad()
@@ -75,8 +75,9 @@ def evaluate_model(model: Backbone, data: ImageDataset | TextDataset, *,
         ``unreadable`` and ``unreadable_ids`` (images left out), ``classes_without_images``
         (the model's classes the data has no readable image of) and ``classes_matched_by``:
         ``"name"``, or
-        ``"position"`` without ``class_names`` (the data's class i is output i; data with
-        class names must then have exactly the model's number of classes).
+        ``"position"`` where the model or the data names no classes (the data's class i is
+        output i; the data must then have exactly the model's number of classes: as many
+        names, or integer labels up to the last output).
     """
     if not isinstance(model, Backbone) or model.num_classes is None:
         raise PretrainReuseError("the model must be a classifier (a Backbone with a Linear head), "
@@ -90,18 +91,13 @@ def evaluate_model(model: Backbone, data: ImageDataset | TextDataset, *,
         raise PretrainReuseError(
             f"{model.spec.name} is {'an image' if text else 'a text'} model but the data are "
             f"{'sentences' if text else 'images'}; pass {'a text' if text else 'an image'} classifier")
-    # named classes (folders, classes.txt) in another number than the outputs cannot be the
-    # model's in its order; integer labels without names are class indices as given (ImageNet
-    # indices of part of its validation set, say)
-    if class_names is None and data.class_names and len(data.class_names) != model.num_classes:
-        raise PretrainReuseError(
-            f"the model records no class names, so the data's class i would be scored as its "
-            f"output i, but the data has {len(data.class_names)} classes and the model "
-            f"{model.num_classes} outputs; pass data of exactly the model's classes, in its order")
+    if class_names is not None and len(class_names) != model.num_classes:
+        raise PretrainReuseError(f"class_names names {len(class_names)} classes but the model has "
+                                 f"{model.num_classes} outputs; pass one name per output")
+    by_name = bool(class_names) and bool(data.class_names)
+    if not by_name:
+        _check_classes_by_position(data, model.num_classes, class_names)
     labels = labels_by_name(data, class_names, "data (--data)")
-    if int(labels.max()) >= model.num_classes:
-        raise PretrainReuseError(f"the data has label {int(labels.max())} but the model "
-                                 f"outputs {model.num_classes} classes; pass data of its classes")
     dev = torch.device(check_device(device))
     model = model.to(dev).eval()
     skipped: list[int] = []
@@ -120,8 +116,33 @@ def evaluate_model(model: Backbone, data: ImageDataset | TextDataset, *,
     absent = sorted(set(range(model.num_classes)) - set(labels.tolist()))
     return {**accuracy(logits, labels), "unreadable": len(skipped),
             "unreadable_ids": [data.ids[i] for i in sorted(skipped)],
-            "classes_matched_by": "name" if class_names is not None else "position",
+            "classes_matched_by": "name" if by_name else "position",
             "classes_without_images": [class_names[c] if class_names else str(c) for c in absent]}
+
+
+def _check_classes_by_position(data: ImageDataset | TextDataset, num_classes: int,
+                               output_names: list[str] | None) -> None:
+    """Refuse data whose class i, scored as the model's output i, cannot be the model's class
+    i: data of another number of classes. Named classes (folders, a classes.txt) in another
+    number cannot be the model's in its order; integer labels up to another number may be
+    another task's, or part of the model's classes, which only names tell apart (a part named
+    by a classes.txt of the model's classes is then scored as such)."""
+    count = class_count(data)
+    if count == num_classes:
+        return
+    if data.class_names:  # the model names none of its outputs
+        raise PretrainReuseError(
+            f"the model records no class names, so the data's class i would be scored as its "
+            f"output i, but the data has {count} classes and the model {num_classes} outputs; "
+            "pass data of exactly the model's classes, in its order")
+    names = (f"labels that are the model's class names ({preview(output_names)}), or a "
+             "classes.txt of them" if output_names else
+             f"a classes.txt of the model's {num_classes} class names")
+    raise PretrainReuseError(
+        f"the data's integer labels name no classes, so its label i would be scored as the "
+        f"model's output i, but they go up to {count - 1} and the model has {num_classes} "
+        f"outputs; pass data of exactly the model's classes, or name the data's classes "
+        f"({names} beside the data file, line i naming label i)")
 
 
 def sentence_view(tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ from .config import FinetuneConfig
 from .data import (
     SourceData,
     check_batch_size,
+    class_count,
     held_out_validation,
     resize_transform,
     selected_source,
@@ -368,7 +369,7 @@ def _check_classes(train_pool: ImageDataset, progress: bool) -> int:
             "the target training data is empty or unlabelled; fine-tuning needs labelled "
             "training data: pass as --target a folder with a sub-folder of images per class, or "
             "a list file of path,label rows")
-    num_classes = len(train_pool.class_names or []) or int(labels.max()) + 1
+    num_classes = class_count(train_pool)
     if num_classes > len(train_pool):
         raise PretrainReuseError(
             f"the training labels go up to {num_classes - 1}, but there are {len(train_pool)} "
