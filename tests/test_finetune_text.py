@@ -6,6 +6,7 @@ uninterrupted one, and the whole chain (embed, units, select, finetune reuse, ev
 the command line."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -524,6 +525,42 @@ def test_a_rerun_after_the_sentences_changed_is_refused(files, tmp_path, capsys)
     rc, _, err = run(capsys, *args)
     assert rc == 2 and "holds a run with a different input (data: the sample ids or labels (or " \
                        "sentences)" in err
+
+
+def test_a_selection_made_for_another_target_is_warned_of_once(files, tmp_path, capsys):
+    # a selection ranks the pool for one target; reused with other target data it was taken
+    # without a word (a warning, not a refusal: reusing it can be deliberate)
+    bert = f"hf:{files['bert']}"
+    other = _sentences(tmp_path / "other.jsonl", ("bird", "car", "sea"), 10, seed=3)
+    other_test = _sentences(tmp_path / "other-test.jsonl", ("bird", "car", "sea"), 4, seed=4)
+    for name, data in (("pool", files["pool"]), ("target", files["train"])):
+        run_ok(capsys, "embed", "--model", bert, "--data", data, "--out", tmp_path / name, "--quiet")
+    run_ok(capsys, "select", "--source", tmp_path / "pool", "--target", tmp_path / "target",
+           "--k", 2, "--out", tmp_path / "sel.json", "--quiet")
+
+    def finetune(target, test, out, *extra):
+        return run(capsys, "finetune", "--model", bert, "--mode", "reuse", "--target", target,
+                   "--target-test", test, "--source", files["pool"], "--selection",
+                   tmp_path / "sel.json", "--out", tmp_path / out, "--max-steps", 1,
+                   "--batch-size", 8, "--quiet", *extra)
+
+    rc, _, err = finetune(files["train"], files["test"], "same")
+    assert rc == 0 and "warning:" not in err, err
+    # once, also for a grid of runs, each checked before the first is run
+    rc, _, err = finetune(other, other_test, "other", "--grid", "lr=0.01,0.02")
+    assert rc == 0, err
+    warned = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warned) == 1, err
+    assert warned[0].startswith(
+        f"warning: selection for another target: the selection ({str(tmp_path / 'sel.json')!r}) "
+        "records its target's labels as sha256:")
+    assert f"--target {str(other)!r} has labels sha256:" in warned[0]
+    assert "select for this target" in warned[0]
+    # the filter the warning names (PYTHONWARNINGS='ignore:selection for another target')
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="selection for another target")
+        rc, _, err = finetune(other, other_test, "silenced")
+    assert rc == 0 and "warning:" not in err, err
 
 
 def test_test_sentences_that_are_training_sentences_are_warned_of(files, tmp_path, capsys):

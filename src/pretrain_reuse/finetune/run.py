@@ -127,7 +127,8 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
         source: the pre-training pool (reuse modes); of a folder of split folders, its
             ``train/``.
         selection: ``sel.json`` from ``pretrain-reuse select``, or the :class:`Selection`
-            itself (reuse modes).
+            itself (reuse modes); one made for other target data than ``target`` (by the
+            labels it records of its target) is warned of.
         units: the units file the selection was made on, or the :class:`Units` themselves
             (needed for cluster units).
         check_only: make every check of the run (options, data, batch sizes, model), write
@@ -176,6 +177,8 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
     data = {"target": open_split(target, "train", flag="--target"),
             "target_test": open_split(specs["target_test"], "test", flag="--target-test"),
             "source": open_split(source, "train", flag="--source") if cfg.uses_source else None}
+    if selection is not None:
+        _warn_of_another_target(selection, files["selection"], target, data["target"])
     inputs = {"model": model,
               "weights": weights_hash(files["weights"]) if weights is not None else None,
               **{key: None if data[key] is None else _data_identity(specs[key], data[key])
@@ -190,6 +193,30 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
         cfg, model=model, weights=weights, train_pool=data["target"],
         test_set=data["target_test"], source_pool=data["source"], selection=selection,
         units=cluster_units, out=out, inputs=inputs, progress=progress, check_only=check_only)
+
+
+def _warn_of_another_target(selection: Selection, path: Path | None, target: str | Path,
+                            train_pool: ImageDataset | TextDataset) -> None:
+    """Warn when ``selection`` was made for another target than the run's: it records the
+    hash of its target's labels (the labels of the features ``select`` got, in their order:
+    :func:`~pretrain_reuse.selection.select_many`), which differs from the hash of the
+    ``--target`` data's labels. It records nothing else of the data (no paths, no sample ids),
+    so the labels are what can be compared; a store that left out unreadable images, and
+    labels given as a ``.npy`` file (hashed as a file), record other labels of the same target
+    too, which the warning says. A warning, not an error: reusing a selection across targets
+    can be deliberate. (Only here, where a selection is paired with target data by hand: an
+    experiment selects for the very images a run trains on.)"""
+    recorded = selection.meta.get("inputs", {}).get("target", {}).get("labels")
+    if recorded is None or recorded == hash_array(train_pool.labels):
+        return
+    given = "" if path is None else f" ({str(path)!r})"
+    warnings.warn(
+        f"selection for another target: the selection{given} records its target's labels as "
+        f"{recorded}, --target {str(target)!r} has labels {hash_array(train_pool.labels)} (the "
+        "same data differs too where its features came from .npy files or left out unreadable "
+        "images); select for this target (embed it, then select --target its features), or, "
+        "reusing the selection on purpose, silence this with "
+        "PYTHONWARNINGS='ignore:selection for another target'", DataWarning, stacklevel=3)
 
 
 def _input_file(flag: str, value: str | Path | Selection | Units | None,
