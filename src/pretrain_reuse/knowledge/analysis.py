@@ -156,22 +156,25 @@ class KnowledgeWarning(UserWarning):
 def correct_mask(models: dict[str, Backbone], dataset: ImageDataset | TextDataset,
                  candidates: np.ndarray, device: torch.device) -> np.ndarray:
     """Which of ``candidates`` every model (``{role: model}``) classifies correctly (bool over the
-    dataset); an unreadable image is not. Refuses a model whose output is not finite, naming it
+    dataset), each reading the labels in its own numbering (:func:`~.explain.model_classes`); an
+    unreadable image is not. Refuses a model whose output is not finite, naming it
     (:func:`~.explain.check_outputs`)."""
     ok = np.zeros(len(dataset), bool)
-    ok[candidates] = np.logical_and.reduce(list(_correct_by_role(models, dataset, candidates,
+    views = {role: model_classes(m, dataset) for role, m in models.items()}
+    ok[candidates] = np.logical_and.reduce(list(_correct_by_role(models, views, candidates,
                                                                  device).values()))
     return ok
 
 
-def _correct_by_role(models: dict[str, Backbone], dataset: ImageDataset | TextDataset,
+def _correct_by_role(models: dict[str, Backbone], views: dict[str, ImageDataset | TextDataset],
                      candidates: np.ndarray, device: torch.device) -> dict[str, np.ndarray]:
-    """Per role, which of ``candidates`` its model classifies correctly (bool over them), as
-    :func:`correct_mask` reads them."""
+    """Per role, which of ``candidates`` its model classifies correctly (bool over them), on
+    the role's view of the data (its labels in the model's numbering), as :func:`correct_mask`
+    reads them."""
     right = {}
     for role, model in models.items():
-        logits, readable = check_outputs(model, dataset, candidates, role, device)
-        right[role] = readable & (logits.argmax(1) == dataset.labels[candidates])
+        logits, readable = check_outputs(model, views[role], candidates, role, device)
+        right[role] = readable & (logits.argmax(1) == views[role].labels[candidates])
     return right
 
 
@@ -257,9 +260,6 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
              (("checkpoints", checkpoints), ("scratch_checkpoints", scratch_checkpoints))}
     check_objects({**models, **{f"{name}[{t}]": m for name, snaps in given.items()
                                 for t, m in enumerate(snaps)}}, dataset, cfg)
-    # named labels numbered as the fine-tuned model numbers its classes (its id2label, or the
-    # class names its finetune run recorded)
-    dataset = model_classes(models["finetuned"], dataset)
     # checked before the interactions are computed: a typo must not cost minutes, or leave files
     check_choice("match", match, MATCHES)
     check_tau(tau)
@@ -272,8 +272,17 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
               for name, snaps in given.items() if snaps}
     named = {**models, **{_snapshot_role(name, t): m for name, snaps in series.items()
                           for t, m in enumerate(snaps)}}
+    # each model explains a sample's class as its own output, as explain does: named labels
+    # numbered as it numbers its classes (the class names its finetune run recorded, or its
+    # id2label), so that a classifier trained elsewhere compares with one trained here. A
+    # snapshot, which records no class names, numbers them as the model its run ended with.
+    # The fine-tuned model's numbering is the analysis's (its summary's labels)
+    views = {role: model_classes(m, dataset) for role, m in models.items()}
+    views.update({_snapshot_role(name, t): views[SERIES[name][0]]
+                  for name, snaps in series.items() for t in range(len(snaps))})
+    dataset = views["finetuned"]
     for role, m in named.items():
-        check_classifier(m, dataset, cfg, role)
+        check_classifier(m, views[role], cfg, role)
     params = {"tau": tau, "split": split}
     identity = rerun_identity(named, dataset, {**asdict(cfg), **params, "match": match,
                                                "candidates": candidates})
@@ -288,7 +297,7 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     right = dict.fromkeys(models, 0)  # samples each model classifies correctly, of those screened
     while screened < len(order) and correct.sum() < cfg.samples:
         chunk = order[screened:screened + candidates]
-        by_role = _correct_by_role(models, dataset, chunk, device)
+        by_role = _correct_by_role(models, views, chunk, device)
         correct[chunk] = np.logical_and.reduce(list(by_role.values()))
         right = {role: right[role] + int(ok.sum()) for role, ok in by_role.items()}
         screened += len(chunk)
@@ -301,7 +310,7 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
             "was trained on this data's classes")
     indices = choose_samples(dataset, cfg.samples, cfg.seed, keep=correct)
     for role, m in named.items():
-        check_explainable(m, dataset, indices, cfg, role, device)
+        check_explainable(m, views[role], indices, cfg, role, device)
     for doubt in _doubts(models, series):  # after the checks: an error stays the only message
         warnings.warn(doubt, KnowledgeWarning, stacklevel=2)
     folders = [*models, *(_snapshot_folder(name, t) for name, snaps in series.items()
@@ -316,12 +325,12 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     # this run (re)writes the files model by model: until its own summary is written, the
     # folder must not read as a finished analysis, and a rerun with other settings is refused
     write_json(marker, {"kind": KIND, "finished": False, "identity": identity})
-    games = {role: explain_games(m, dataset, indices, cfg, out / role, role=role, params=params,
+    games = {role: explain_games(m, views[role], indices, cfg, out / role, role=role, params=params,
                                  progress=progress) for role, m in models.items()}
     explained = (_joint(games, cfg.noise_bound) if cfg.decomposition == "joint-and-or" else
                  {role: decompose(g, cfg) for role, g in games.items()})
     for role, xs in explained.items():
-        save_explanations(xs, models[role], dataset, cfg, out / role, tau)
+        save_explanations(xs, models[role], views[role], cfg, out / role, tau)
     report = knowledge_report(explained["pretrained"], explained["finetuned"],
                               explained.get("scratch"), tau=tau, match=match)
     labels = [int(dataset.labels[i]) for i in indices]
@@ -343,7 +352,8 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     inputs = {"data": dataset.source, "data_path": data_path(dataset),
               "models": {role: _model_inputs(xs[0]) for role, xs in explained.items()}}
     for name, snaps in series.items():
-        curve = [explain(m, dataset, indices, cfg, out / _snapshot_folder(name, t),
+        curve = [explain(m, views[_snapshot_role(name, t)], indices, cfg,
+                         out / _snapshot_folder(name, t),
                          role=_snapshot_role(name, t), tau=tau, split=split, progress=progress)
                  for t, m in enumerate(snaps)]
         inputs[name] = [_model_inputs(xs[0]) for xs in curve]
