@@ -2218,10 +2218,6 @@ def test_evaluate_refuses_integer_labels_of_another_number_of_classes(quick_demo
             Image.fromarray(pixels).save(tmp_path / "img" / f"{i}.png")
             rows.append((f"img/{i}.png", c))
     (tmp_path / "list.csv").write_text("".join(f"{f},{c}\n" for f, c in rows))
-    rc, _, err = cli(capsys, "evaluate", "--model", "smallcnn", "--data", tmp_path / "list.csv")
-    assert_one_line_error(rc, err, "the data's integer labels name no classes, so its label i "
-                          "would be scored as the model's output i, but they go up to 3 and the "
-                          "model has 10 outputs", "a classes.txt of the model's 10 class names")
     rc, _, err = cli(capsys, "evaluate", "--model", "smallcnn", "--weights", named,
                      "--data", tmp_path / "list.csv")
     assert_one_line_error(rc, err, "they go up to 3 and the model has 10 outputs",
@@ -2250,15 +2246,24 @@ def test_evaluate_refuses_integer_labels_of_another_number_of_classes(quick_demo
     assert json.loads((tmp_path / "f.json").read_text())["top1"] == reference[True]["top1"]
 
 
-def test_evaluate_scores_integer_labels_of_the_models_classes_by_position(tmp_path, capsys):
-    # labels up to the last output are the model's class indices: scored, with a note
+@pytest.mark.parametrize("last", [9, 3])
+def test_evaluate_scores_integer_labels_of_an_unnamed_model_as_class_indices(tmp_path, capsys,
+                                                                            last):
+    # a list file of some ImageNet-val images with their ImageNet indices is the way to score an
+    # unnamed 1000-way classifier on part of it: not refused for its fewer classes (labels up to
+    # 3 of 10); labels beyond its outputs are
     (tmp_path / "img").mkdir()
     for i in range(4):
         Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(tmp_path / "img" / f"{i}.png")
-    (tmp_path / "list.csv").write_text("img/0.png,0\nimg/1.png,0\nimg/2.png,3\nimg/3.png,9\n")
+    (tmp_path / "list.csv").write_text(f"img/0.png,0\nimg/1.png,0\nimg/2.png,3\nimg/3.png,{last}\n")
     rc, out, err = cli(capsys, "evaluate", "--model", "smallcnn", "--data", tmp_path / "list.csv")
     assert rc == 0 and "on 4 images" in out
     assert "the data's integer labels name no classes, so they were scored by position" in err
+    (tmp_path / "list.csv").write_text("img/0.png,0\nimg/1.png,10\n")
+    rc, _, err = cli(capsys, "evaluate", "--model", "smallcnn", "--data", tmp_path / "list.csv")
+    assert_one_line_error(rc, err, "the data's integer labels name no classes, so its label i "
+                          "would be scored as the model's output i, but they go up to 10 and the "
+                          "model has 10 outputs", "a classes.txt of the model's 10 class names")
 
 
 def test_evaluate_refuses_class_names_of_another_number_than_the_outputs():

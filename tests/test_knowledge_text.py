@@ -465,28 +465,29 @@ def test_evaluate_scores_a_text_classifier_as_transformers_predicts(bert, tmp_pa
     assert f"on {len(SENTENCES)} sentences of {data}" in out
 
 
-def test_evaluate_refuses_class_indices_of_fewer_classes_than_the_model(bert, tmp_path, capsys):
-    # a file of class-0 sentences only, as indices, was scored on the 2-way head by position
-    # without a word: another task's one class, or one of the model's, which only names tell apart
+def test_evaluate_scores_class_indices_of_an_unnamed_model_as_given(bert, tmp_path, capsys):
+    # a file of class-0 sentences only, as indices, on a 2-way head that names no classes: label
+    # 0 is output 0 (as an ImageNet index is), with notes; beyond the head it is refused
     data = tmp_path / "s.jsonl"
     data.write_text("".join(json.dumps({"label": 0, "text": t}) + "\n" for _, t in SENTENCES))
     argv = ["evaluate", "--model", f"hf:{bert}", "--data", str(data), "--out",
             str(tmp_path / "e.json")]
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err
-    assert ("the data's integer labels name no classes, so its label i would be scored as the "
-            "model's output i, but they go up to 0 and the model has 2 outputs") in err
-    assert "a classes.txt of the model's 2 class names beside the data file" in err
-    # named as the fix says, the model's classes: scored as transformers predicts
-    (tmp_path / "classes.txt").write_text("neg\npos\n")
-    assert main(argv) == 0, capsys.readouterr().err
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "integer labels name no classes, so they were scored by position" in err
+    assert "the data has no sentence of 1 of the model's 2 classes" in err
     tok, net = _reference(bert)
     with torch.no_grad():
         predicted = [int(net(**tok(t, return_tensors="pt")).logits.argmax()) for _, t in SENTENCES]
     scores = json.loads((tmp_path / "e.json").read_text())
     assert scores["top1"] == pytest.approx(np.mean(np.array(predicted) == 0))
     assert scores["classes_matched_by"] == "position" and scores["classes_without_images"] == ["1"]
+    data.write_text("".join(json.dumps({"label": 2 * (i % 2), "text": t}) + "\n"
+                            for i, (_, t) in enumerate(SENTENCES)))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert "but they go up to 2 and the model has 2 outputs" in err
 
 
 def test_explain_records_each_samples_prediction_and_notes_the_misclassified(bert, tmp_path,

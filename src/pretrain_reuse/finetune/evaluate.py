@@ -124,11 +124,13 @@ def _check_classes_by_position(data: ImageDataset | TextDataset, num_classes: in
                                output_names: list[str] | None) -> None:
     """Refuse data whose class i, scored as the model's output i, cannot be the model's class
     i: data of another number of classes. Named classes (folders, a classes.txt) in another
-    number cannot be the model's in its order; integer labels up to another number may be
-    another task's, or part of the model's classes, which only names tell apart (a part named
-    by a classes.txt of the model's classes is then scored as such)."""
+    number cannot be the model's in its order; integer labels beyond the outputs cannot be its
+    classes. Integer labels of fewer classes are class indices as given for a model that names
+    none (ImageNet indices of part of its validation set, say), but for a model that names its
+    classes they may be another task's as well as part of the model's, which only names tell
+    apart (a part named by a classes.txt of the model's classes is then scored as such)."""
     count = class_count(data)
-    if count == num_classes:
+    if count == num_classes or (count < num_classes and not data.class_names and not output_names):
         return
     if data.class_names:  # the model names none of its outputs
         raise PretrainReuseError(
