@@ -543,6 +543,39 @@ def test_knowledge_numbers_label_names_as_the_model_does(bert, tmp_path, capsys)
         assert info["class"] == ["pos", "neg"][info["label"]]  # the model's own numbering
 
 
+def test_a_text_model_fine_tuned_here_is_numbered_by_the_classes_its_run_recorded(bert, tmp_path,
+                                                                                  capsys):
+    # its config's id2label (pos, neg) is the classifier it started from; its head, as a run
+    # here saves it, follows the sorted order of its data's classes (neg, pos), which the run
+    # records: explain and knowledge numbered the data by the id2label and explained the
+    # other class
+    from pretrain_reuse.models import save_backbone
+
+    model = _named_copy(bert, tmp_path / "named", ["pos", "neg"])
+    net = create_backbone(f"hf:{model}")
+    with torch.no_grad():
+        net.head.weight.copy_(net.head.weight[[1, 0]].clone())
+        net.head.bias.copy_(net.head.bias[[1, 0]].clone())
+    weights = save_backbone(net, tmp_path / "here.safetensors",
+                            {"inputs": {"class_names": json.dumps(["neg", "pos"])}})
+    data = tmp_path / "s.jsonl"
+    data.write_text("".join(json.dumps({"label": "pos", "text": t}) + "\n" for _, t in SENTENCES))
+    common = ["--model", f"hf:{model}", "--data", str(data), "--players", "tokens", "--n", "3",
+              "--samples", "2", "--quiet"]
+    assert main(["explain", *common, "--weights", str(weights), "--out", str(tmp_path / "x")]) == 0
+    assert main(["knowledge", *common, "--pretrained", str(weights), "--finetuned", str(weights),
+                 "--out", str(tmp_path / "k")]) == 0, capsys.readouterr().err
+    tok, start = _reference(model)  # the classifier it started from: "pos" is its output 0
+    for folder in (tmp_path / "x", tmp_path / "k" / "finetuned"):
+        paths = sorted(folder.glob("interactions-*.safetensors"))
+        assert paths
+        for path in paths:
+            x = load(path)
+            ids = torch.tensor(tok(SENTENCES[x.info["index"]][1])["input_ids"])
+            assert x.info["label"] == 1 and x.info["class"] == "pos"
+            assert x.v[-1] == pytest.approx(_log_odds(start, ids, 0), abs=1e-5)
+
+
 def test_a_sentence_file_with_a_byte_order_mark_is_read(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + b'{"label": 0, "text": "good"}\n{"label": 1, "text": "bad"}\n')

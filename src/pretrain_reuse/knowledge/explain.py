@@ -563,7 +563,7 @@ def check_classifier(model: Backbone, dataset: ImageDataset | TextDataset, cfg: 
             f"{role}: the model must be a classifier with a head (got num_classes="
             f"{model.num_classes}); pass the weights of a fine-tuned or linear-probe model")
     _check_labelled(dataset)
-    names = model_class_names(model)
+    names = output_class_names(model, dataset.class_names)
     if isinstance(dataset, TextDataset) and dataset.named and names is not None:
         # the data's names are the model's classes (fewer is fine); numbered otherwise than the
         # model numbers them, every label would silently explain another class
@@ -603,16 +603,15 @@ def check_classifier(model: Backbone, dataset: ImageDataset | TextDataset, cfg: 
 def model_classes(model: Backbone, dataset: ImageDataset | TextDataset
                   ) -> ImageDataset | TextDataset:
     """``dataset`` with its labels as ``model``'s class indices, matched by name: sentences
-    labelled by class names, for a model whose config names its classes
-    (:func:`~pretrain_reuse.models.model_class_names`), and images of named classes, for a model
-    that names its outputs (:func:`~pretrain_reuse.models.output_class_names`), are renumbered
-    by the model's names (a view; the data may hold fewer classes, a class the model lacks is refused).
-    Any other data (integer labels are the model's indices already; names for a model without
-    names, numbered in sorted order) is returned as it is."""
-    if isinstance(dataset, TextDataset):
-        names = model_class_names(model)
-        return numbered_by(dataset, names) if dataset.named and names is not None else dataset
+    labelled by class names and images of named classes, for a model that names its outputs
+    (the classes its finetune run recorded, else its config's ``id2label``:
+    :func:`~pretrain_reuse.models.output_class_names`), are renumbered by the model's names (a
+    view; the data may hold fewer classes, a class the model lacks is refused). Any other data
+    (integer labels are the model's indices already; names for a model without names, numbered
+    in sorted order) is returned as it is."""
     names = output_class_names(model, dataset.class_names)
+    if isinstance(dataset, TextDataset):
+        return numbered_by(dataset, names) if dataset.named and names is not None else dataset
     if names is None or dataset.class_names is None or dataset.labels is None \
             or list(dataset.class_names) == names:
         return dataset
