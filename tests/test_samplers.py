@@ -49,3 +49,10 @@ def test_a_ratio_above_the_largest_class_is_refused_and_the_realised_ratio_recor
     per_class = [math.floor(40 * 3 ** (-c / 15) + 1e-9) for c in range(16)]
     assert sub.params["per_class"] == per_class
     assert sub.params["realised"] == pytest.approx(40 / 13)
+
+
+def test_the_finetune_config_offers_the_samplers_long_tail_orders():
+    from pretrain_reuse.data.samplers import ORDERS
+    from pretrain_reuse.finetune.config import CHOICES
+
+    assert CHOICES["long_tail_order"] == ORDERS

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from ..configs import check_fields, checked_values, config_values
-from ..data.samplers import ORDERS
 from ..errors import (
     PretrainReuseError,
     check_choice,
@@ -40,7 +39,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "cotuning_relationship": ("direct", "reverse"),
     "augment": ("standard", "flip", "none"),
     "precision": ("auto", "fp32", "bf16"),
-    "long_tail_order": ORDERS,
+    # data.samplers.ORDERS, which cannot be imported here: the data package imports torch,
+    # and the command line reads these choices at startup
+    "long_tail_order": ("index", "random"),
 }
 
 #: Options that only some modes read (option -> those modes): set in another mode, an option
