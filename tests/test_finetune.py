@@ -2266,6 +2266,17 @@ def test_evaluate_scores_integer_labels_of_an_unnamed_model_as_class_indices(tmp
                           "model has 10 outputs", "a classes.txt of the model's 10 class names")
 
 
+def test_evaluate_names_the_absent_classes_of_data_matched_by_position():
+    # an unnamed model on a folder of its 10 classes listed the absent ones as "2", "3", ...
+    from pretrain_reuse.finetune.evaluate import evaluate_model
+
+    names = [f"class {c}" for c in range(10)]
+    data = ArrayDataset(np.zeros((2, 32, 32, 3), np.uint8), np.array([0, 1]), class_names=names)
+    scores = evaluate_model(create_backbone("smallcnn"), data)
+    assert scores["classes_matched_by"] == "position"
+    assert scores["classes_without_images"] == names[2:]
+
+
 def test_evaluate_refuses_class_names_of_another_number_than_the_outputs():
     # they would number the data's labels beyond the head (scored against no output)
     from pretrain_reuse.finetune.evaluate import evaluate_model

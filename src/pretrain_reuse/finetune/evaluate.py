@@ -114,10 +114,11 @@ def evaluate_model(model: Backbone, data: ImageDataset | TextDataset, *,
         raise PretrainReuseError(f"none of the {len(data)} images of the data can be read; check "
                                  "its files (corrupt or not images)")
     absent = sorted(set(range(model.num_classes)) - set(labels.tolist()))
+    names = class_names or data.class_names  # output i's, matched by name or by position
     return {**accuracy(logits, labels), "unreadable": len(skipped),
             "unreadable_ids": [data.ids[i] for i in sorted(skipped)],
             "classes_matched_by": "name" if by_name else "position",
-            "classes_without_images": [class_names[c] if class_names else str(c) for c in absent]}
+            "classes_without_images": [names[c] if names else str(c) for c in absent]}
 
 
 def _check_classes_by_position(data: ImageDataset | TextDataset, num_classes: int,
