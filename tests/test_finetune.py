@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import math
 import os
@@ -841,6 +842,83 @@ def test_unreadable_training_images_are_reported_and_a_batch_of_only_them_is_an_
     rc, _, err = cli(capsys, *args, "--batch-size", "1", "--quiet", "--out", tmp_path / "bad")
     assert_one_line_error(rc, err, "every image of a training batch is unreadable")
     assert "c1/zz-broken.png" in err
+
+
+@pytest.fixture(scope="module")
+def made_for(files, tmp_path_factory):
+    """A class selection made for ``target`` (2 classes of 6 and 5 images, plus an unreadable one
+    in the second that embed leaves out of the features), embedded and selected from inside its
+    parent folder by relative paths, as a user in a project folder does; and ``other``, another
+    folder of the same file names and class sizes as those features (6 and 5 images: the labels
+    too are the same), of other images."""
+    root = tmp_path_factory.mktemp("made-for")
+    for c in range(2):
+        write_images(root / "target" / f"c{c}", 6 - c, c, seed=600 + c)
+        write_images(root / "other" / f"c{c}", 6 - c, c, seed=700 + c)
+        write_images(root / "test" / f"c{c}", 3, c, seed=800 + c)
+    (root / "target" / "c1" / "zz-broken.png").write_bytes(b"not a png")
+    with contextlib.chdir(root), contextlib.redirect_stderr(io.StringIO()):
+        for name, data in (("source", files["source"]), ("target", "target")):
+            assert main(["embed", "--model", "smallcnn-s", "--data", str(data), "--out",
+                         f"f-{name}", "--quiet"]) == 0
+        assert main(["select", "--source", "f-source", "--target", "f-target", "--k", "2",
+                     "--out", "sel.json", "--quiet"]) == 0
+    return root
+
+
+def _reuse(made_for, files, target, selection, out, *extra) -> list:
+    return ["finetune", "--model", "smallcnn-s", "--weights", files["weights"], "--mode", "reuse",
+            "--target", made_for / target, "--target-test", made_for / "test", "--source",
+            files["source"], "--selection", selection, "--batch-size", 4, "--max-steps", 1,
+            "--quiet", "--out", out, *extra]
+
+
+def _another_target(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "selection for another target" in line]
+
+
+def test_a_selection_for_the_target_folder_is_not_warned_of_though_embed_skipped_an_image(
+        made_for, files, tmp_path, capsys):
+    # the features lack the unreadable image that the --target folder lists: the selection
+    # recorded their labels, which differ from the folder's, and was warned of as made for
+    # another target
+    rc, _, err = cli(capsys, *_reuse(made_for, files, "target", made_for / "sel.json",
+                                     tmp_path / "run"))
+    assert rc == 0, err
+    assert json.loads((made_for / "f-target" / "index.json").read_text())["meta"]["skipped"] == 1
+    assert _another_target(err) == [], err
+
+
+def test_a_selection_for_another_folder_of_the_same_class_sizes_is_warned_of_once(
+        made_for, files, tmp_path, capsys):
+    # the same labels (and file names) as the features the selection was made for: the labels
+    # it recorded matched, and the selection was taken without a word
+    rc, _, err = cli(capsys, *_reuse(made_for, files, "other", made_for / "sel.json",
+                                     tmp_path / "grid", "--grid", "lr=0.01,0.02"))
+    assert rc == 0, err
+    warned = _another_target(err)
+    assert len(warned) == 1, err  # once for the grid: its runs are checked before the first
+    assert warned[0].startswith(
+        f"warning: selection for another target: the selection "
+        f"({str(made_for / 'sel.json')!r}) was made for the 11 samples of "
+        f"{str((made_for / 'target').resolve())!r} (ids sha256:")
+    assert (f"--target {str(made_for / 'other')!r} has 11 samples of "
+            f"{str((made_for / 'other').resolve())!r}") in warned[0]
+    assert "select for this target (embed it, then select --target its features)" in warned[0]
+
+
+def test_a_selection_that_records_no_target_samples_is_not_warned_of(made_for, files, tmp_path,
+                                                                     capsys):
+    # a selection file of an earlier version records its target's labels only, which differ
+    # from the folder's where embed skipped an image: nothing reliable to compare
+    sel = json.loads((made_for / "sel.json").read_text())
+    for role in ("source", "target"):
+        sel["meta"]["inputs"][role].pop("data", None)
+    (tmp_path / "old.json").write_text(json.dumps(sel))
+    rc, _, err = cli(capsys, *_reuse(made_for, files, "target", tmp_path / "old.json",
+                                     tmp_path / "run"))
+    assert rc == 0, err
+    assert _another_target(err) == [], err
 
 
 def test_train_fraction_keeps_half_of_every_class(tmp_path, capsys):

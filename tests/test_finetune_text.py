@@ -553,8 +553,8 @@ def test_a_selection_made_for_another_target_is_warned_of_once(files, tmp_path, 
     assert len(warned) == 1, err
     assert warned[0].startswith(
         f"warning: selection for another target: the selection ({str(tmp_path / 'sel.json')!r}) "
-        "records its target's labels as sha256:")
-    assert f"--target {str(other)!r} has labels sha256:" in warned[0]
+        f"was made for the 40 samples of {str(files['train'].resolve())!r} (ids sha256:")
+    assert f"--target {str(other)!r} has 30 samples of {str(other.resolve())!r}" in warned[0]
     assert "select for this target" in warned[0]
     # the filter the warning names (PYTHONWARNINGS='ignore:selection for another target')
     with warnings.catch_warnings():

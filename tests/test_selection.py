@@ -332,6 +332,21 @@ def test_a_selection_records_the_units_it_ranked():
         "inputs"]["source"]["units"]
 
 
+def test_a_selection_records_the_samples_of_each_target_where_they_have_ids():
+    # finetune compares them with its --target data; numbered rows (.npy features) say nothing
+    from pretrain_reuse.features import hash_ids
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 5)
+    source = rng.normal(size=(6, 4))
+    stores = [FeatureStore(features=rng.normal(size=(10, 4)), labels=labels,
+                           ids=[f"{name}/{i}.png" for i in range(10)]) for name in ("a", "b")]
+    sels = select_many(source, [*stores, FeatureStore(features=rng.normal(size=(10, 4)),
+                                                      labels=labels)], SelectConfig(k=2))
+    recorded = [s.meta["inputs"]["target"].get("data") for s in sels]
+    assert recorded == [{"ids": hash_ids(s.ids), "n": 10} for s in stores] + [None]
+
+
 def test_a_selection_records_the_kind_of_units_it_ranked(tmp_path, world):
     # fine-tuning maps class ids to samples by their labels and cluster ids by the units file:
     # the kind tells it which a selection's ids are

@@ -15,6 +15,7 @@ loads stores that way.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import shutil
@@ -29,7 +30,7 @@ from safetensors.numpy import save_file
 from .artifacts import atomic_path, decode_ids, encode_ids, hash_file, read_json, write_json
 from .errors import PretrainReuseError, as_array, check_file, check_matrix, check_strings
 
-__all__ = ["FeatureStore", "ShardedFeatures"]
+__all__ = ["FeatureStore", "ShardedFeatures", "hash_ids"]
 
 STORE_FORMAT = 1
 
@@ -357,6 +358,13 @@ def check_unique_ids(ids: list[str]) -> None:
         twice = next(i for i in ids if i in seen or seen.add(i))
         raise PretrainReuseError(f"sample id {twice!r} is given to two samples; give every sample "
                                  "its own id")
+
+
+def hash_ids(ids: list[str]) -> str:
+    """Short hash of sample ids in their order, as ``embed`` records the ids of all the data it
+    read (``meta.inputs.ids``: unreadable images included), so that a selection's record of its
+    target's samples compares with the ids of the data ``finetune`` opens."""
+    return "sha256:" + hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
 
 
 def load_npy(what: str, path: str | Path, *, mmap: bool = False) -> np.ndarray:

@@ -431,6 +431,11 @@ def select_many(source: Units | FeatureStore | np.ndarray, targets: list[Units |
     array (NumPy, torch or nested lists) for a prototype matrix (one unit per row), as a ``.npy``
     file does on the command line. ``cfg`` is a :class:`SelectConfig`, a dict of its fields, or
     None for the defaults.
+
+    Each selection's ``meta["inputs"]`` records what its source and its target units were made
+    of, the samples included where the units know them (``target.data``:
+    :func:`~.units.data_of`), so that ``finetune`` can tell a selection made for other target
+    data than it trains on.
     """
     cfg = _as_config(cfg)
     if not targets:

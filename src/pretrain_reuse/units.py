@@ -34,6 +34,7 @@ from .artifacts import (
     read_safetensors,
     to_json,
 )
+from .data.catalog import DATASETS
 from .errors import (
     PretrainReuseError,
     as_array,
@@ -45,7 +46,7 @@ from .errors import (
     check_strings,
     refuse_path,
 )
-from .features import FeatureStore, check_unique_ids, load_npy
+from .features import FeatureStore, check_unique_ids, hash_ids, load_npy
 
 __all__ = ["Units", "class_means", "spherical_kmeans"]
 
@@ -446,15 +447,45 @@ def embedding_of(store: FeatureStore) -> dict[str, Any] | None:
             "precision": store.meta.get("precision")}
 
 
-def _store_inputs(store: FeatureStore) -> dict[str, str]:
+def _store_inputs(store: FeatureStore) -> dict[str, Any]:
     """The hashes of the features and labels: the files' own for ``.npy`` files, which
     :meth:`FeatureStore.from_npy` has taken (a second pass over ImageNet's 10 GB of features
-    took as long as the means)."""
+    took as long as the means); and, where known, the samples they are of (:func:`data_of`),
+    which a selection records of its target."""
     files = store.meta.get("inputs", {}) if store.meta.get("producer") == "npy" else {}
     inputs = {"features": files.get("features") or hash_array(store.features)}
     if store.labels is not None:
         inputs["labels"] = files.get("labels") or hash_array(store.labels)
+    data = data_of(store)
+    if data is not None:
+        inputs["data"] = data
     return inputs
+
+
+def data_of(store: FeatureStore) -> dict[str, Any] | None:
+    """Which samples ``store`` holds features of, as a selection records them of its target
+    (``meta.inputs.target.data``) for ``finetune`` to compare with the target data it trains on.
+
+    ``ids`` and ``n``: the hash (:func:`~.features.hash_ids`) and number of the store's sample
+    ids. For features from ``embed`` also what it read: ``embedded_ids``, its hash of the ids of
+    all that data (the store lacks the unreadable images; a store of some of its rows, like the
+    training images of an experiment's low-data regime, lacks others), and ``data``, an embedded
+    data set's name or the resolved path of the folder (its ``split`` sub-folder) or list file,
+    as ``finetune`` names its target. A relative path is resolved from the working folder, which
+    is embed's where the commands run in one folder; one that does not exist from here is kept
+    as written. None for a store whose ids are the numbered rows (``.npy`` features): nothing
+    to compare."""
+    if store.meta.get("producer") != "embed":
+        if store.ids == [str(i) for i in range(len(store))]:  # the ids FeatureStore makes up
+            return None
+        return {"ids": hash_ids(store.ids), "n": len(store)}
+    inputs, split = store.meta.get("inputs", {}), store.meta.get("params", {}).get("split")
+    data = inputs.get("data")
+    if data is not None and data not in DATASETS:  # as embed opens it (open_dataset)
+        path = Path(data) / split if split else Path(data)
+        data = str(path.resolve()) if path.exists() else data
+    return {"ids": hash_ids(store.ids), "n": len(store), "embedded_ids": inputs.get("ids"),
+            "data": data}
 
 
 def _normalized_float32(features: np.ndarray, position: np.ndarray, progress: bool = False,

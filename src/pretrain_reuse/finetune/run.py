@@ -21,6 +21,7 @@ from ..data.samplers import subsample_fraction, subsample_long_tail
 from ..data.text import TextDataset, is_sentence_file, text_file
 from ..distributed import process_device
 from ..errors import PretrainReuseError, check_file, preview
+from ..features import hash_ids
 from ..models import create_backbone
 from ..models.checkpoint import weights_hash
 from ..models.registry import check_modality, model_modality
@@ -128,7 +129,7 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
             ``train/``.
         selection: ``sel.json`` from ``pretrain-reuse select``, or the :class:`Selection`
             itself (reuse modes); one made for other target data than ``target`` (by the
-            labels it records of its target) is warned of.
+            sample ids and the folder or file it records of its target) is warned of.
         units: the units file the selection was made on, or the :class:`Units` themselves
             (needed for cluster units).
         check_only: make every check of the run (options, data, batch sizes, model), write
@@ -197,26 +198,40 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
 
 def _warn_of_another_target(selection: Selection, path: Path | None, target: str | Path,
                             train_pool: ImageDataset | TextDataset) -> None:
-    """Warn when ``selection`` was made for another target than the run's: it records the
-    hash of its target's labels (the labels of the features ``select`` got, in their order:
-    :func:`~pretrain_reuse.selection.select_many`), which differs from the hash of the
-    ``--target`` data's labels. It records nothing else of the data (no paths, no sample ids),
-    so the labels are what can be compared; a store that left out unreadable images, and
-    labels given as a ``.npy`` file (hashed as a file), record other labels of the same target
-    too, which the warning says. A warning, not an error: reusing a selection across targets
-    can be deliberate. (Only here, where a selection is paired with target data by hand: an
-    experiment selects for the very images a run trains on.)"""
-    recorded = selection.meta.get("inputs", {}).get("target", {}).get("labels")
-    if recorded is None or recorded == hash_array(train_pool.labels):
+    """Warn when ``selection`` was made for other data than the run's ``--target`` (all of it,
+    before the validation split and any regime's subsample). The selection records the samples
+    of its target's features (:func:`~pretrain_reuse.units.data_of`): the hash of their ids and,
+    for features from ``embed``, the hash of the ids of all the data embed read (unreadable
+    images included, which the features lack) and that data's name or path. The data differ
+    when neither hash is that of the ``--target`` ids, or when the recorded path is another
+    folder or file than ``--target`` (two folders of the same file names have the same ids; a
+    relative path, not resolvable where the units were made, is not compared).
+
+    A selection that records no samples (written by an earlier version, or made for ``.npy``
+    features or prototypes, whose rows have no ids) is not compared: the hash of its target's
+    labels, all it has, differs for the same data where the features left out unreadable images
+    or the labels came from a ``.npy`` file, and agrees for other data with the same class
+    sizes. A warning, not an error: reusing a selection across targets can be deliberate. (Only
+    here, where a selection is paired with target data by hand: an experiment selects for the
+    very images a run trains on.)"""
+    recorded = selection.meta.get("inputs", {}).get("target", {}).get("data")
+    if not recorded:
+        return
+    ids, where = hash_ids(train_pool.ids), _data_identity(target, train_pool)
+    made_for = recorded.get("data")
+    placed = made_for is not None and (made_for in DATASETS or Path(made_for).is_absolute())
+    if (ids in (recorded.get("ids"), recorded.get("embedded_ids"))
+            and (not placed or made_for == where)):
         return
     given = "" if path is None else f" ({str(path)!r})"
+    of = f" of {made_for!r}" if made_for else ""
     warnings.warn(
-        f"selection for another target: the selection{given} records its target's labels as "
-        f"{recorded}, --target {str(target)!r} has labels {hash_array(train_pool.labels)} (the "
-        "same data differs too where its features came from .npy files or left out unreadable "
-        "images); select for this target (embed it, then select --target its features), or, "
-        "reusing the selection on purpose, silence this with "
-        "PYTHONWARNINGS='ignore:selection for another target'", DataWarning, stacklevel=3)
+        f"selection for another target: the selection{given} was made for the "
+        f"{recorded.get('n')} samples{of} (ids {recorded.get('ids')}), --target {str(target)!r} "
+        f"has {len(train_pool)} samples of {where!r} (ids {ids}); select for this target (embed "
+        "it, then select --target its features), or, reusing the selection on purpose, silence "
+        "this with PYTHONWARNINGS='ignore:selection for another target'", DataWarning,
+        stacklevel=3)
 
 
 def _input_file(flag: str, value: str | Path | Selection | Units | None,
