@@ -48,7 +48,7 @@ from .data.datasets import Batch, DataWarning, ImageDataset, collate, describe_s
 from .data.text import TextDataset, is_sentence_file, text_file
 from .distributed import bf16_autocast, process_device, rank_world, uses_bf16
 from .errors import PretrainReuseError, check_choice, check_device, check_image_size, check_seed
-from .features import STORE_FORMAT, FeatureStore
+from .features import STORE_FORMAT, FeatureStore, hash_ids
 from .models import LAYERS, ImageTransform, create_backbone, features_hash, state_hash
 from .models.registry import check_modality, model_modality
 
@@ -212,7 +212,7 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True,
     # The network's own parameters, not only the --weights file: a Hugging Face folder, a
     # python: builder or a registry default changed between two runs must not be mixed.
     identity = {"config": _resume_config(cfg, _recorded_device(out)), "n": len(dataset),
-                "ids": _hash_ids(dataset.ids), "state": state_hash(backbone)}
+                "ids": hash_ids(dataset.ids), "state": state_hash(backbone)}
     parts = out / "parts"
     if rank == 0:
         _forget_a_run_without_shards(out, parts)
@@ -350,12 +350,6 @@ def _shard_done(parts: Path, k: int) -> bool:
     return True
 
 
-def _hash_ids(ids: list[str]) -> str:
-    import hashlib
-
-    return "sha256:" + hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
-
-
 @torch.no_grad()
 def _embed_shard(k: int, data: ImageDataset | _Sentences, backbone, cfg: EmbedConfig,
                  device: torch.device, use_bf16: bool, parts: Path, bar) -> None:
@@ -424,7 +418,7 @@ def _write_index(out: Path, parts: Path, n_shards: int, dataset: ImageDataset | 
             if "labels" in names:
                 classes_seen.update(np.unique(t.get_tensor("labels")).tolist())
     meta = make_meta("embed", asdict(cfg), seed=cfg.seed, inputs={
-        "data": cfg.data, "ids": _hash_ids(dataset.ids),
+        "data": cfg.data, "ids": hash_ids(dataset.ids),
         "weights": hash_file(cfg.weights) if cfg.weights else None,
         "state": features_hash(backbone)})
     # classes all of whose images were unreadable: class means will refuse the store
