@@ -2483,3 +2483,49 @@ def test_every_process_gets_an_equal_share_of_each_stream_per_micro_batch(settin
     # the sizes that give every process and micro-batch a sample pass, for both streams
     _check_shares(FinetuneConfig(mode="reuse", batch_size=8, source_batch_size=4, grad_accum=2), 2)
     _check_shares(FinetuneConfig(mode="vanilla", batch_size=8, grad_accum=2), 2)
+
+
+def test_torchrun_with_a_loss_diverged_on_one_process_stops_every_process_with_the_error(
+        tmp_path):
+    # A network whose every BatchNorm scales by 1e30 (eval mode: a linear probe): a white image
+    # overflows its features to inf, and the head's logits to nan, while a black one keeps them
+    # 0. Rank 1's share of step 0 is white, rank 0's black: rank 1's loss alone was nan, it
+    # alone stopped ("training diverged"), and the other waited for it in its next collective.
+    backbone = create_backbone("smallcnn-s")
+    with torch.no_grad():
+        for m in backbone.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.fill_(1.0)
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.zero_(), m.running_var.fill_(1.0), m.bias.zero_()
+                m.weight.fill_(1e30)
+    save_backbone(backbone, tmp_path / "overflowing.safetensors", {"test": "overflowing"})
+    root = tmp_path / "target"
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (SIDE, SIDE)).save(root / f"c{c}" / f"{i:03d}.png")
+    ids = open_dataset(root).ids
+    for i in StepBatches(len(ids), 4, seed=0, stream=0).batch(0)[1::2]:
+        Image.new("RGB", (SIDE, SIDE), "white").save(root / ids[i])
+    # each process's stderr into its own file (torchrun's --redirects): in one pipe, two lines
+    # written at once may interleave
+    proc = _torchrun(["--log-dir", tmp_path / "logs", "--redirects", "2", "-m", "pretrain_reuse",
+                      "finetune", "--model", "smallcnn-s", "--weights",
+                      tmp_path / "overflowing.safetensors", "--mode", "linear-probe", "--target",
+                      root, "--target-test", root, "--val-fraction", "0", "--batch-size", "4",
+                      "--max-steps", "3", "--checkpoint-every", "1", "--augment", "none",
+                      "--quiet", "--out", tmp_path / "run"], timeout=60)
+    logs = sorted((tmp_path / "logs").glob("*/attempt_0/*/stderr.log"))
+    assert len(logs) == 2, proc.stderr[-3000:]
+    for log in logs:
+        err = log.read_text()
+        # both name the process whose loss diverged, at the step both read their losses (the
+        # first), in one line without a traceback
+        lines = [line for line in err.splitlines() if line.startswith(ERROR_PREFIX)]
+        assert lines == [f"{ERROR_PREFIX}training diverged: the loss of step 1 was nan on process "
+                         "1 of 2; lower --lr (or --lam), or train in float32 (--precision fp32)"], err
+        assert "Traceback" not in err, err
+    # torchrun's summary of the failed processes: both exited with the CLI's error code
+    exit_codes = re.findall(r"^\s*exitcode\s*: (\d+) \(pid", proc.stderr, re.MULTILINE)
+    assert proc.returncode != 0 and exit_codes == ["2", "2"], proc.stderr[-3000:]

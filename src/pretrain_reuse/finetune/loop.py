@@ -124,7 +124,8 @@ class _StopAfterStep:
     """While training, Ctrl-C asks the loop to stop after the step under way, which it then
     checkpoints (a checkpoint of a half-done step would not resume bit for bit, and the steps
     since the last regular checkpoint, up to ``checkpoint_every - 1``, would be lost); a second
-    Ctrl-C stops at once. Only the main thread can take signals; elsewhere nothing changes."""
+    Ctrl-C stops at once. The processes of a torchrun job agree on it when they read their
+    losses (:func:`_read`). Only the main thread can take signals; elsewhere nothing changes."""
 
     def __init__(self):
         self.requested = False
@@ -139,14 +140,6 @@ class _StopAfterStep:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-
-    def agreed(self, device: torch.device) -> bool:
-        """Whether any process of a torchrun job was asked to stop: every process must stop
-        after the same step (one that went on would wait for the others in its next
-        all-reduce), so they agree by one."""
-        flag = torch.tensor([int(self.requested)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
     def restore(self) -> None:
         if self.previous is not None:
@@ -328,15 +321,17 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset | T
                 optimizer.step()
             done = step + 1
             evaluate = done % eval_every == 0 or done == total
+            checkpoint = done % cfg.checkpoint_every == 0 or done == total
             # Ctrl-C (see _StopAfterStep) ends the run here, checkpointed: no step is lost (read
-            # once: a request during this step's evaluation stops after the next step). Several
-            # processes agree on it every READ_EVERY steps, when they read their losses anyway.
-            stopping = stop.requested if world == 1 else done % READ_EVERY == 0 and stop.agreed(device)
-            checkpoint = done % cfg.checkpoint_every == 0 or done == total or stopping
+            # once: a request during this step's evaluation stops after the next step). A single
+            # process stops at once, several when they next read their losses (_read).
+            requested = stop.requested
+            stopping = False
             # the same steps on every rank, and always before an evaluation or a checkpoint: a run
             # whose loss diverged stops there
-            if evaluate or checkpoint or done % READ_EVERY == 0:
-                values = _read(stats, done)
+            if evaluate or checkpoint or done % READ_EVERY == 0 or (requested and world == 1):
+                values, stopping = _read(stats, done, requested, host_group)
+                checkpoint = checkpoint or stopping
                 # refresh=False: update() redraws at most every 0.1 s (a redraw costs 60 us in a
                 # terminal, more in a notebook)
                 # the last group: the backbone's lr (the first holds the heads, at head_lr_mult x)
@@ -510,14 +505,34 @@ def _split(inputs: torch.Tensor | dict[str, torch.Tensor], n: int) -> list:
     return [{k: p[i] for k, p in parts.items()} for i in range(n)]
 
 
-def _read(stats: dict[str, torch.Tensor], step: int) -> dict[str, float]:
-    """The step's losses as floats (one transfer from the device); a diverged loss is an error."""
+def _read(stats: dict[str, torch.Tensor], step: int, stop_requested: bool,
+          group) -> tuple[dict[str, float], bool]:
+    """The step's losses as floats (one transfer from the device), and whether to stop after
+    the step (a Ctrl-C: :class:`_StopAfterStep`); a diverged loss is an error. ``group``: the
+    processes of a torchrun job, between their CPUs (None: this process alone).
+
+    Each process has the losses of its own share of the batch, and its own Ctrl-C, but all
+    must stop after the same step: one that went on would wait for the others in its next
+    collective. So on the steps they read their losses (the same on every process) they
+    all-gather each one's loss and stop request, over gloo: one small exchange between the
+    CPUs, on steps whose reading has waited for the device anyway (the agreement on the next
+    step's micro-batches, :func:`_micro_batches`, would come a step late, and never after the
+    last). A loss that diverged on any process then stops every one, with the same error."""
     values = dict(zip(stats, torch.stack(list(stats.values())).tolist(), strict=True))
-    if not math.isfinite(values["loss"]):
+    shared = torch.tensor([values["loss"], stop_requested], dtype=torch.float64)
+    gathered = [shared]
+    if group is not None:
+        gathered = [torch.empty_like(shared) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, shared, group=group)
+    losses, requests = torch.stack(gathered).T.tolist()
+    diverged = [(rank, loss) for rank, loss in enumerate(losses) if not math.isfinite(loss)]
+    if diverged:
+        rank, loss = diverged[0]
+        where = f" on process {rank} of {len(losses)}" if group is not None else ""
         raise PretrainReuseError(
-            f"training diverged: the loss of step {step} was {values['loss']}; lower --lr "
+            f"training diverged: the loss of step {step} was {loss}{where}; lower --lr "
             "(or --lam), or train in float32 (--precision fp32)")
-    return values
+    return values, any(requests)
 
 
 @torch.no_grad()
