@@ -548,6 +548,35 @@ def test_finetune_keys_the_recipe_sets_itself_are_refused(name, finetune, messag
     assert not out.exists()
 
 
+@pytest.mark.parametrize("name, finetune, message", [
+    # table1 trains on every target image: the order of a long tail was ignored
+    ("table1", {"long_tail_order": "random"},
+     "finetune 'long_tail_order' has no effect in table1: no run of it trains in the "
+     "long_tail_ratio regime that long_tail_order shapes; set long_tail_ratio under finetune "
+     "too, or remove long_tail_order"),
+    # fig3b sweeps the other regime, which finetune cannot set a long tail beside
+    ("fig3b", {"long_tail_order": "random"},
+     "remove it from finetune (fig3b sweeps train_fraction, another data regime)"),
+    # where the runs train on a long tail, swept or under finetune, the order applies: the
+    # config passes this check, and the command fails later, on the model that does not exist
+    ("table3", {"long_tail_order": "random"}, None),
+    ("table1", {"long_tail_ratio": 10, "long_tail_order": "random"}, None),
+])
+def test_a_long_tail_order_without_a_long_tail_is_refused_before_anything_is_written(
+        name, finetune, message, tmp_path, capsys):
+    config = tmp_path / "exp.yaml"
+    config.write_text(json.dumps({"model": "m", "source": "synthetic:pretrain",
+                                  "target": "synthetic:target", "finetune": finetune}))
+    out = tmp_path / "x"
+    assert main(["experiment", name, "--config", str(config), "--out", str(out)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    if message is None:
+        assert "model='m' is not one of" in line, line
+    else:
+        assert message in line, line
+    assert not out.exists()
+
+
 def test_target_data_without_test_data_is_refused_before_the_folder_is_claimed(tmp_path, capsys):
     from PIL import Image
 

@@ -23,9 +23,9 @@ from ..transport import METRICS
 POOL_SEED = 0
 
 #: FinetuneConfig settings that change which target images a run trains on: the data regimes
-#: (one at a time), and how a regime draws its images.
+#: (one at a time), and how a regime draws its images (option -> its regime).
 REGIMES = ("train_fraction", "long_tail_ratio")
-REGIME_OPTIONS = ("long_tail_order",)
+REGIME_OPTIONS = {"long_tail_order": "long_tail_ratio"}
 
 #: Values swept by the recipes, unless the config's ``sweep`` overrides them.
 SWEEP_DEFAULTS: dict[str, tuple] = {

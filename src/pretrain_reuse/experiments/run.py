@@ -24,7 +24,7 @@ from ..models.checkpoint import features_hash
 from ..models.registry import check_modality, model_modality
 from ..units import class_count, embedding_of
 from .claim import claim_experiment, input_hashes, recipe_reads
-from .config import REGIMES, SWEPT, ExperimentConfig, slug
+from .config import REGIME_OPTIONS, REGIMES, SWEPT, ExperimentConfig, slug
 from .recipes import RECIPES, Row
 from .table import KNOWLEDGE_RATIOS, ExperimentTable
 from .workspace import Workspace
@@ -45,20 +45,31 @@ def _row_names(cfg: ExperimentConfig) -> set[str]:
 
 
 def _check_finetune_keys(name: str, cfg: ExperimentConfig, rows: list[Row]) -> None:
-    """Refuse ``finetune`` keys that the recipe sets for each run itself: the run would use the
-    recipe's value and ignore the config's without a word (a ``seed: 7`` running seed 0)."""
+    """Refuse ``finetune`` keys that the runs of the recipe would ignore without a word: those
+    the recipe sets for each run itself (a ``seed: 7`` running seed 0), and an option of a data
+    regime in which no run trains (a ``long_tail_order`` where neither ``finetune`` gives a
+    ``long_tail_ratio`` nor the recipe sweeps one), as ``finetune`` refuses it."""
     owner = {"mode": f"each row of {name} sets its own mode (skip: leaves rows out)",
              "seed": "each run takes its seed from seeds (--seeds)"}
-    for row in rows:
-        for key, _ in row.settings:
-            owner[key] = f"{name} sweeps it (give its values as sweep: {{{key}: [...]}})"
-            if key in REGIMES:  # one run trains in one data regime (FinetuneConfig refuses two)
-                for other in set(REGIMES) - {key}:
-                    owner[other] = f"{name} sweeps {key}, another data regime"
+    swept = {key for row in rows for key, _ in row.settings}
+    for key in swept:
+        owner[key] = f"{name} sweeps it (give its values as sweep: {{{key}: [...]}})"
+        if key in REGIMES:  # one run trains in one data regime (FinetuneConfig refuses two)
+            for other in set(REGIMES) - {key}:
+                owner[other] = f"{name} sweeps {key}, another data regime"
     for key in cfg.finetune:
         if key in owner:
             raise PretrainReuseError(f"finetune {key!r} cannot be set for {name}: {owner[key]}; "
                                      "remove it from finetune")
+    base = cfg.base_finetune()
+    for option, regime in REGIME_OPTIONS.items():
+        if option in cfg.finetune and getattr(base, regime) is None and regime not in swept:
+            # where the recipe sweeps another regime, finetune cannot set this one (above)
+            other = sorted(swept & set(REGIMES))
+            fix = (f"remove it from finetune ({name} sweeps {other[0]}, another data regime)"
+                   if other else f"set {regime} under finetune too, or remove {option}")
+            raise PretrainReuseError(f"finetune {option!r} has no effect in {name}: no run of it "
+                                     f"trains in the {regime} regime that {option} shapes; {fix}")
 
 
 def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
