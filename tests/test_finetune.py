@@ -2529,3 +2529,34 @@ def test_torchrun_with_a_loss_diverged_on_one_process_stops_every_process_with_t
     # torchrun's summary of the failed processes: both exited with the CLI's error code
     exit_codes = re.findall(r"^\s*exitcode\s*: (\d+) \(pid", proc.stderr, re.MULTILINE)
     assert proc.returncode != 0 and exit_codes == ["2", "2"], proc.stderr[-3000:]
+
+
+def test_a_step_with_fewer_readable_source_images_than_micro_batches_trains_on_every_image():
+    # grad_accum 4, 8 readable target images, 2 readable source images of 8: the step ran the
+    # first 2 of 4 micro-batches and left target images 4-7 out without a word
+    from pretrain_reuse.data.datasets import collate
+    from pretrain_reuse.finetune.loop import _accumulate, _micro_batches
+
+    image = torch.zeros(3, 4, 4)
+    target = collate([(image, 0, i) for i in range(8)])
+    source = collate([(image if i < 2 else None, 0, i) for i in range(8)])
+    n = _micro_batches([target, source], [None, None], 4, None)
+
+    class Rows(torch.nn.Module):  # an objective that records the rows of each micro-batch
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.seen = []
+
+        def forward(self, micro):
+            self.seen.append((micro["y"].tolist(), micro["sy"].tolist()))
+            return self.w * len(micro["y"]), {}
+
+    objective = Rows()
+    parts = {"x": target.images, "y": torch.arange(8), "sx": source.images,
+             "sy": torch.arange(2)}
+    _accumulate(objective, parts, n, FinetuneConfig(mode="reuse", grad_accum=4), torch.device("cpu"))
+    assert n == 2 and [t for t, _ in objective.seen] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [s for _, s in objective.seen] == [[0], [1]]
+    # each micro-batch's loss (w times its 4 target rows) weighed by its half of the batch
+    assert float(objective.w.grad) == pytest.approx(4.0)

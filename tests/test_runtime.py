@@ -61,3 +61,20 @@ def test_full_float32_turns_tf32_off_inside_and_restores_the_callers_settings():
         assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
     finally:
         glob.fp32_precision, matmul.fp32_precision, conv.fp32_precision = before
+
+
+def test_the_host_group_waits_as_long_as_the_default_group(tmp_path):
+    # it waited torch's 30 minutes for a new group: under torchrun the other processes wait in
+    # it while rank 0 alone evaluates, which the default group allows 2 hours for
+    import torch
+    import torch.distributed as dist
+
+    from pretrain_reuse.distributed import COLLECTIVE_TIMEOUT, new_host_group
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1, timeout=COLLECTIVE_TIMEOUT)
+    try:
+        group = new_host_group()
+        assert group._get_backend(torch.device("cpu")).options._timeout == COLLECTIVE_TIMEOUT
+    finally:
+        dist.destroy_process_group()

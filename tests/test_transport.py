@@ -967,3 +967,23 @@ def test_column_sums_whose_terms_underflow_the_float32_kernel_are_recomputed_exa
     c32 = torch.tensor(C, dtype=torch.float32).double()
     expected = torch.logsumexp(torch.tensor(e)[:, :, None] - c32, dim=1)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_cost_matrix_of_no_units_gradients_and_infinite_features():
+    # computing the costs in place broke three cases: l2 of no units raised a bare RuntimeError,
+    # autograd through l2 costs failed (cdist's backward reads its output), and an infinite
+    # feature was told to raise eps_c instead of the solver's NaN/inf message
+    assert cost_matrix(np.zeros((0, 3)), np.ones((5, 3)), metric="l2").shape == (0, 5)
+    s = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 3, dtype=torch.float64)
+    for metric in ("l2", "cosine"):
+        cost = cost_matrix(s, t, metric=metric, eps_c=0.5)
+        (grad,) = torch.autograd.grad(cost.sum(), s)
+        reference = (torch.cdist(s, t) if metric == "l2" else
+                     1 - torch.nn.functional.cosine_similarity(s[:, None], t[None], dim=-1)) / 0.5
+        (expected,) = torch.autograd.grad(reference.sum(), s)
+        torch.testing.assert_close(grad, expected)
+    source = np.ones((3, 2))
+    source[1, 0] = np.inf
+    with pytest.raises(PretrainReuseError, match="cost has NaN/inf entries"):
+        unbalanced_sinkhorn(np.ones(3), np.ones(2), cost_matrix(source, np.ones((2, 2)), metric="l2"))

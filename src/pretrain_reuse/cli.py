@@ -1026,11 +1026,10 @@ def _init_distributed(device: str) -> None:
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
-    import datetime
-
     import torch
     import torch.distributed as dist
 
+    from .distributed import COLLECTIVE_TIMEOUT
     from .errors import check_device
 
     if not dist.is_initialized():
@@ -1038,10 +1037,7 @@ def _init_distributed(device: str) -> None:
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        # The other processes wait in their next collective while rank 0 alone evaluates,
-        # checkpoints or writes the feature index: NCCL's default of 10 minutes is too short for
-        # a large test set.
-        dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
+        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
 
 
 def help_pages() -> dict[str, str]:

@@ -4,10 +4,23 @@ tensors made on the CPU reach that GPU, and whether it computes in bf16 there.""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 
 import torch
 import torch.distributed as dist
+
+#: How long a process waits in a collective: the others wait in their next one while rank 0
+#: alone evaluates, checkpoints or writes the feature index, and NCCL's default of 10 minutes
+#: (gloo's, and a new group's, 30) is too short for a large test set.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
+
+
+def new_host_group():
+    """A gloo group of all the processes, for small agreements between their CPUs: through
+    NCCL, reading the result would make the host wait for the GPU. It waits as long as the
+    default group (:data:`COLLECTIVE_TIMEOUT`; a new group's own default is 30 minutes)."""
+    return dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
 
 
 def rank_world() -> tuple[int, int]:

@@ -116,16 +116,17 @@ def cost_matrix(source, target, *, metric: str = "cosine", eps_c: float = 0.01):
     # cosine distances lie in [0, 2]: only a tiny eps_c overflows them, and no pass over the
     # distances is needed to tell; l2 distances of huge features overflow themselves (NaN inputs
     # are refused by the solver with its own message)
-    largest = 2.0 if metric == "cosine" else d.max().item()
+    largest = 2.0 if metric == "cosine" else d.max().item() if d.numel() else 0.0
     if math.isinf(largest) and torch.isfinite(s).all() and torch.isfinite(t).all():
         raise PretrainReuseError(
             f"the {metric} distances of these prototypes overflow {dtype} (entries up to "
             f"{max(s.abs().max().item(), t.abs().max().item()):.3g}); rescale the features, "
             "compute in float64, or use metric cosine")
-    if largest / eps_c > torch.finfo(d.dtype).max:
+    if math.isfinite(largest) and largest / eps_c > torch.finfo(d.dtype).max:
         raise PretrainReuseError(f"the costs distance / eps_c overflow {dtype} at "
                                  f"eps_c={eps_c:g}; raise eps_c, or compute in float64")
-    return to_user(d.div_(eps_c))  # in place, as the distances are
+    # in place, as the distances are, unless autograd needs them (cdist's backward reads them)
+    return to_user(d / eps_c if d.requires_grad else d.div_(eps_c))
 
 
 # --------------------------------------------------------------------------------------------

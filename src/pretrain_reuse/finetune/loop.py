@@ -33,7 +33,14 @@ from tqdm.auto import tqdm
 from ..artifacts import atomic_path, hash_file, make_meta, read_json, require_keys, to_json, write_json
 from ..data.datasets import ImageDataset, describe_skipped, inputs_to
 from ..data.text import TextDataset
-from ..distributed import bf16_autocast, process_device, rank_world, to_device, uses_bf16
+from ..distributed import (
+    bf16_autocast,
+    new_host_group,
+    process_device,
+    rank_world,
+    to_device,
+    uses_bf16,
+)
 from ..errors import PretrainReuseError, check_choice
 from ..models import save_backbone
 from .augment import View, input_size
@@ -262,10 +269,6 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset | T
             # a Hugging Face text model holds parameters its pooled features never use (BERT's
             # pooler, when the tokens are mean-pooled), whose gradients DDP would wait for
             find_unused_parameters=model.backbone.spec.modality == "text")
-    # each step the processes agree that each has a micro-batch to run (_micro_batches) between
-    # their CPUs, over gloo: through NCCL, reading the result would wait every step for the GPU
-    # to finish the step before
-    host_group = dist.new_group(backend="gloo") if world > 1 else None
 
     spec = model.backbone.spec
     if spec.modality == "text":
@@ -304,7 +307,10 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset | T
     with torch.random.fork_rng(devices=[]):
         step_batches = zip(*loaders, strict=True)
     stop = _StopAfterStep()
+    host_group = None
     try:
+        if world > 1:  # each step the processes agree on what to run (_micro_batches)
+            host_group = new_host_group()
         for step, batches in enumerate(step_batches, start):
             for what, b in zip(streams, batches, strict=True):
                 skipped[what].update(b.skipped.tolist())
@@ -407,14 +413,13 @@ class _RankBatches(StepBatches):
 
 
 def _micro_batches(batches, datasets, grad_accum: int, group) -> int:
-    """How many of the step's ``grad_accum`` micro-batches this process runs: the first n, n the
-    fewest readable samples of its streams (at most ``grad_accum``). ``group``: the processes
-    of a torchrun job (None: this process alone).
+    """How many micro-batches this process splits the step's batch into: ``grad_accum``, or
+    fewer, the fewest readable samples of its streams (unreadable images are left out of a
+    batch), so that every micro-batch holds a sample of every stream (a source loss over no
+    sample is NaN) and no readable sample is left out. ``group``: the processes of a torchrun
+    job (None: this process alone).
 
-    A stream's batch is split front-loaded (:func:`_split`), so its micro-batch i has a sample
-    exactly when the stream has more than i readable ones (unreadable images are left out of a
-    batch), and a micro-batch without a sample of every stream is not run (a source loss over
-    no sample is NaN). Processes may run different numbers of micro-batches: DDP's collectives
+    Processes may run different numbers of micro-batches: DDP's collectives
     of a step, rank 0's buffers broadcast in the first forward and the gradients' all-reduce in
     the last backward (the passes between run under ``no_sync()``), are the same for any number
     but none. A process with none would leave the others waiting in them, so the processes
@@ -468,20 +473,20 @@ class _Objective(torch.nn.Module):
 
 def _accumulate(objective, parts: dict, micro_batches: int, cfg: FinetuneConfig,
                 device) -> dict[str, torch.Tensor]:
-    """Forward/backward over the first ``micro_batches`` of the ``grad_accum`` micro-batches of
-    the step's batch (those with a sample of every stream: :func:`_micro_batches`); returns the
-    step's losses as device scalars (reading them would wait for the device, see :func:`_read`).
+    """Forward/backward over the step's batch in ``micro_batches`` micro-batches
+    (:func:`_micro_batches`; ``grad_accum`` unless images were unreadable); returns the step's
+    losses as device scalars (reading them would wait for the device, see :func:`_read`).
 
-    Each micro-batch's mean loss is weighted by its share of the target samples they hold, so
-    the gradient is that of the full batch whenever ``grad_accum`` divides the batch sizes (and
-    for the target term always); only BatchNorm statistics see the smaller batches.
+    Each micro-batch's mean loss is weighted by its share of the target batch, so the gradient
+    is that of the full batch whenever ``micro_batches`` divides the batch sizes (and for the
+    target term always); only BatchNorm statistics see the smaller batches.
 
     Under DDP the gradients are averaged over the processes once per step, in the backward pass
     of the last micro-batch: the earlier ones run under ``no_sync()``, which only accumulates
     (an all-reduce per micro-batch would send the whole gradient ``grad_accum`` times).
     """
-    chunks = {k: _split(v, cfg.grad_accum)[:micro_batches] for k, v in parts.items()}
-    total = sum(len(y) for y in chunks["y"])
+    chunks = {k: _split(v, micro_batches) for k, v in parts.items()}
+    total = len(parts["y"])
     ddp = isinstance(objective, torch.nn.parallel.DistributedDataParallel)
     totals: dict[str, torch.Tensor] = {}
     for i in range(micro_batches):
