@@ -455,17 +455,11 @@ class _RowLSE:
         self.h0 = h.clone()
         sums = torch.empty_like(self.r)
         rows = max(1, _CHUNK // m)
-        # The first build writes into fresh memory. Torch's parallel copy faults its huge pages in
-        # from two threads at once, which the kernel sometimes serialises at great cost: measured
-        # on the 2-core machine, filling a fresh 20000 x 1000 float32 kernel took 13-23 ms on one
-        # thread and 110-350 ms on two, most of a solve.
-        copy_threads = 1 if first and self.cost.device.type == "cpu" else self.threads
         for k in range(bsz):
             total = torch.zeros((), dtype=torch.float64, device=self.cost.device)
             for s in range(0, n, rows):
                 # built in place, so no temporaries; the copy casts to the working dtype
-                with _torch_threads(copy_threads):
-                    kernel = self.kernel[k, s:s + rows].copy_(self.cost[k, s:s + rows])
+                kernel = self.kernel[k, s:s + rows].copy_(self.cost[k, s:s + rows])
                 if first:  # NaN/inf propagate into the sum
                     total += kernel.sum()
                 torch.add(h[k], kernel, alpha=-1.0 / self.eps, out=kernel)
