@@ -232,10 +232,10 @@ def _as_store(store) -> FeatureStore:
 
 
 def class_count(data) -> int:
-    """The number of units :func:`class_means` makes of labelled ``data``: a FeatureStore, or the
-    data set it is embedded from (an experiment checks class ids against its pool before
-    embedding it). One per class name, else one per label 0..max; FeatureStore has checked that
-    every label has a name."""
+    """The number of classes of labelled ``data`` (a FeatureStore or a data set), so the number
+    of units :func:`class_means` makes of it (an experiment checks class ids against its pool
+    before embedding it): one per class name, else one per label 0..max (integer labels without
+    names are class indices); FeatureStore has checked that every label has a name."""
     return len(data.class_names) if data.class_names else int(data.labels.max()) + 1
 
 

@@ -21,7 +21,7 @@ from ..data.datasets import Batch, ImageDataset
 from ..data.text import TextDataset
 from ..errors import PretrainReuseError
 from ..selection import Selection
-from ..units import Units
+from ..units import Units, class_count
 
 
 def resize_transform(size: int):
@@ -46,12 +46,6 @@ def resize_transform(size: int):
         return image
 
     return transform
-
-
-def class_count(data: ImageDataset | TextDataset) -> int:
-    """The number of classes of labelled ``data``: its class names, else its largest label + 1
-    (integer labels without names are class indices 0..C-1)."""
-    return len(data.class_names) if data.class_names else int(data.labels.max()) + 1
 
 
 def split_validation(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

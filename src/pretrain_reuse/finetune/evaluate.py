@@ -12,8 +12,9 @@ from ..data.datasets import ImageDataset, inputs_to, labels_by_name, make_loader
 from ..data.text import TextDataset
 from ..errors import PretrainReuseError, check_device, preview
 from ..models import Backbone
+from ..units import class_count
 from .augment import View, input_size
-from .data import class_count, resize_transform
+from .data import resize_transform
 
 
 @torch.no_grad()

@@ -27,13 +27,12 @@ from ..models.checkpoint import weights_hash
 from ..models.registry import check_modality, model_modality
 from ..models.spec import BackboneSpec
 from ..selection import Selection
-from ..units import Units
+from ..units import Units, class_count
 from .augment import View, input_size
 from .config import FinetuneConfig
 from .data import (
     SourceData,
     check_batch_size,
-    class_count,
     held_out_validation,
     resize_transform,
     selected_source,
