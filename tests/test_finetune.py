@@ -2516,19 +2516,26 @@ def test_torchrun_with_a_loss_diverged_on_one_process_stops_every_process_with_t
                       root, "--target-test", root, "--val-fraction", "0", "--batch-size", "4",
                       "--max-steps", "3", "--checkpoint-every", "1", "--augment", "none",
                       "--quiet", "--out", tmp_path / "run"], timeout=60)
+    # torchrun's summary of the failed processes. The first to exit did so with the CLI's error
+    # code; the agent sends SIGTERM to the others as soon as it sees that exit, so a process may
+    # be killed (-15) while it exits, or before its line gets out (seen in CI)
+    exit_codes = dict(re.findall(r"local_rank: (\d+)\)\s*exitcode\s*: (-?\d+) \(pid",
+                                 proc.stderr))
+    root_cause = re.search(r"Root Cause.*?exitcode\s*: (-?\d+)", proc.stderr, re.DOTALL)
+    assert proc.returncode != 0 and root_cause and root_cause[1] == "2", proc.stderr[-3000:]
+    assert set(exit_codes.values()) <= {"2", "-15"}, proc.stderr[-3000:]
     logs = sorted((tmp_path / "logs").glob("*/attempt_0/*/stderr.log"))
     assert len(logs) == 2, proc.stderr[-3000:]
     for log in logs:
         err = log.read_text()
-        # both name the process whose loss diverged, at the step both read their losses (the
-        # first), in one line without a traceback
         lines = [line for line in err.splitlines() if line.startswith(ERROR_PREFIX)]
+        if not lines and exit_codes.get(log.parent.name) == "-15":
+            continue
+        # each names the process whose loss diverged, at the step both read their losses (the
+        # first), in one line without a traceback
         assert lines == [f"{ERROR_PREFIX}training diverged: the loss of step 1 was nan on process "
                          "1 of 2; lower --lr (or --lam), or train in float32 (--precision fp32)"], err
         assert "Traceback" not in err, err
-    # torchrun's summary of the failed processes: both exited with the CLI's error code
-    exit_codes = re.findall(r"^\s*exitcode\s*: (\d+) \(pid", proc.stderr, re.MULTILINE)
-    assert proc.returncode != 0 and exit_codes == ["2", "2"], proc.stderr[-3000:]
 
 
 def test_a_step_with_fewer_readable_source_images_than_micro_batches_trains_on_every_image():
