@@ -1099,3 +1099,30 @@ def test_a_recipe_that_trains_nothing_claims_the_long_tail_order_of_its_regime(t
     # the learning rate is not read by a recipe that trains nothing; the regime is, all of it
     assert reads == {order: {"long_tail_ratio": 10.0, "long_tail_order": order}
                      for order in ("index", "random")}
+
+
+def test_an_experiment_begun_in_bf16_goes_on_only_in_bf16_with_the_advice_it_gives(
+        quick_demo, tmp_path, capsys, monkeypatch):
+    # a host of mixed GPUs: begun where precision auto is bf16, rerun where it is fp32. The
+    # finished run was reused as if it were fp32 (a table of both), and the run-level advice,
+    # "--precision bf16", could not be given to an experiment, while precision: bf16 in its
+    # config was refused as another experiment. The CPU stands in for both GPUs.
+    import pretrain_reuse.finetune.loop as loop
+
+    demo, _, _ = quick_demo
+    skip = ("reuse greedy-ot l2", "reuse greedy-ot cosine", "reuse uot l2")
+    path = _config(demo, tmp_path, skip=skip, finetune={**FAST, "max_steps": 1})
+    out = tmp_path / "t4"
+    with monkeypatch.context() as m:
+        m.setattr(loop, "uses_bf16", lambda precision, device: precision != "fp32")
+        table = run_experiment("table4", load_experiment_config(path, seeds=(0,)), out,
+                               progress=False)
+    run = out / "runs" / "reuse-uot-cosine-seed0"
+    assert json.loads((run / "run.json").read_text())["precision"] == "bf16"
+    err = _refused_table4(capsys, path, out, "--seeds", "0")
+    assert (f"{str(run)!r} was trained in bf16, but precision 'auto' computes in fp32 on this "
+            "device; set precision: bf16 in the config's finetune settings") in err
+    # the advice is taken, and the experiment goes on with its run
+    bf16 = _config(demo, tmp_path, skip=skip, finetune={**FAST, "max_steps": 1, "precision": "bf16"})
+    again = run_experiment("table4", load_experiment_config(bf16, seeds=(0,)), out, progress=False)
+    assert again.rows == table.rows

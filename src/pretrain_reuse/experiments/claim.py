@@ -16,6 +16,12 @@ from .config import REGIME_OPTIONS, REGIMES, SWEEP_DEFAULTS, SWEPT, ExperimentCo
 from .recipes import RECIPES
 from .workspace import Workspace
 
+#: Fine-tuning settings left out of the claim: what a run may resume with (another value, or
+#: one that computes the same), and the precision, which each run's folder records as computed
+#: and :meth:`Workspace.finetune` compares (so that ``auto`` -> ``bf16`` can follow the advice of
+#: its error on a host of mixed GPUs).
+_NOT_CLAIMED = (*RESUMABLE_WITH_OTHER, "precision")
+
 _SELECTS = ("weights", "source", "source_features", "target_features", "embed_batch_size",
             "layer", "relevant", "finetune")  # finetune: a low-data / long-tail regime selects for its images
 _TRAINS = ("target_test", "lam", "modes")
@@ -54,12 +60,12 @@ def recipe_reads(name: str, cfg: ExperimentConfig, values: dict[str, Any]) -> di
         params["lam"] = {mode: lam for mode, lam in params["lam"].items() if mode in modes}
     if "finetune" in params:  # a recipe that trains nothing reads only the data regime (selection)
         params["finetune"] = {k: v for k, v in params["finetune"].items()
-                              if k not in RESUMABLE_WITH_OTHER
+                              if k not in _NOT_CLAIMED
                               and (trains or k in (*REGIMES, *REGIME_OPTIONS))}
     if "modes" in params:
         # only where some mode of the recipe has settings: folders claimed before ``modes``
         # existed record none, and must not be refused by a config that gives none either
-        per_mode = {mode: {k: v for k, v in settings.items() if k not in RESUMABLE_WITH_OTHER}
+        per_mode = {mode: {k: v for k, v in settings.items() if k not in _NOT_CLAIMED}
                     for mode, settings in (params["modes"] or {}).items() if mode in modes}
         params["modes"] = {mode: settings for mode, settings in per_mode.items() if settings}
         if not params["modes"]:

@@ -14,10 +14,12 @@ import numpy as np
 from ..artifacts import hash_array
 from ..data.catalog import has_splits
 from ..data.datasets import ImageDataset
+from ..distributed import process_device
 from ..embed import EmbedConfig, embed
 from ..errors import PretrainReuseError
 from ..features import FeatureStore
 from ..finetune import FinetuneConfig, RunResult, finetune_datasets, open_split, target_splits
+from ..finetune.loop import computes_in, recorded_precision
 from ..selection import SelectConfig, Selection, select
 from ..units import Units, class_means, spherical_kmeans
 from .config import POOL_SEED, REGIMES, ExperimentConfig
@@ -187,6 +189,8 @@ class Workspace:
         cfg = self.cfg
         run_dir = self.run_dir(row, seed)
         sel = self.selection(row.pick, seed, row.settings) if row.pick else None
+        ft = self.run_config(row, seed)
+        self._check_precision(run_dir, ft)
         if (run_dir / "result.json").exists():
             done = RunResult.load(run_dir / "result.json")
             if sel is not None and json.loads(done.meta["inputs"]["selected"]) != sel.selected:
@@ -196,7 +200,6 @@ class Workspace:
                     "target images); pass a new --out, or delete that run folder to redo it")
             return done
         weights = self.weights(row)
-        ft = self.run_config(row, seed)
         if self.progress:
             print(f"[experiment] {run_dir.name}", flush=True)
         return finetune_datasets(
@@ -209,6 +212,21 @@ class Workspace:
                     "source": cfg.source if sel else None, "row": row.method, "x": row.x,
                     "selected": sel.selected if sel else None},
             progress=self.progress)
+
+
+    @staticmethod
+    def _check_precision(run_dir: Path, ft: FinetuneConfig) -> None:
+        """Refuse to go on with a folder whose run computed in another precision than this
+        device would (``precision: auto`` on a GPU with or without native bf16): its table would
+        mix the two. The experiment's claim leaves the precision setting out, so that the fix
+        named here is one the config can apply."""
+        recorded = recorded_precision(run_dir)
+        now = computes_in(ft.precision, process_device(ft.device))
+        if recorded is not None and recorded != now:
+            raise PretrainReuseError(
+                f"{str(run_dir)!r} was trained in {recorded}, but precision {ft.precision!r} "
+                f"computes in {now} on this device; set precision: {recorded} in the config's "
+                "finetune settings to go on with this experiment, or pass a new --out")
 
 
 def _store_sha256(store: FeatureStore) -> str:

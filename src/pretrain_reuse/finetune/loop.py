@@ -232,9 +232,8 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset | T
     # through JSON, so that it compares equal to what run.json holds (tuples become lists);
     # precision: what the setting computes in on this device (auto: bf16 on a GPU with native
     # bf16, else fp32), which a resume on another GPU of a mixed host must keep
-    run_identity = json.loads(to_json({
-        "config": cfg.to_dict(), "inputs": inputs or {},
-        "precision": "bf16" if uses_bf16(cfg.precision, device) else "fp32"}))
+    run_identity = json.loads(to_json({"config": cfg.to_dict(), "inputs": inputs or {},
+                                       "precision": computes_in(cfg.precision, device)}))
     start = _resume_point(out, run_identity)
     if start == total and (out / "result.json").exists():
         return RunResult.load(out / "result.json")
@@ -570,6 +569,20 @@ def _same_setting(key: str, old: Any, new: Any) -> bool:
     if key == "device" and old is not None and new is not None:
         return torch.device(old).type == torch.device(new).type
     return old == new
+
+
+def computes_in(precision: str, device: torch.device) -> str:
+    """``"bf16"`` or ``"fp32"``: what a run with the setting ``precision`` computes in on
+    ``device`` (``auto``: bf16 on a GPU with native bf16). A run records it in its run.json and
+    resumes only in the same."""
+    return "bf16" if uses_bf16(precision, device) else "fp32"
+
+
+def recorded_precision(out: Path) -> str | None:
+    """What the run in folder ``out`` computes in, as its run.json records it (None: no run
+    there, or one begun before runs recorded it)."""
+    marker = out / "run.json"
+    return read_json(marker, "run marker").get("precision") if marker.exists() else None
 
 
 #: How a resume error names the "data" input (the fingerprint of the samples of every split).
