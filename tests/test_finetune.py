@@ -1781,6 +1781,20 @@ def test_a_run_from_before_an_option_existed_resumes_with_its_default(files, tmp
     assert_one_line_error(rc, err, "augment", "--out")
 
 
+@pytest.mark.parametrize("mode, precision, advice", [
+    # the error told a run without a source loss to lower --lam, and one in float32 to train in it
+    ("vanilla", "auto", "lower --lr"),
+    ("reuse", "fp32", "lower --lr (or --lam)"),
+    ("co-tuning", "bf16", "lower --lr (or --lam), or train in float32 (--precision fp32)"),
+    ("linear-probe", "bf16", "lower --lr, or train in float32 (--precision fp32)"),
+])
+def test_the_advice_for_a_diverged_loss_names_only_the_settings_of_the_run(mode, precision, advice):
+    from pretrain_reuse.finetune.loop import _divergence_advice
+
+    cfg = FinetuneConfig(mode=mode, precision=precision)
+    assert _divergence_advice(cfg, torch.device("cpu")) == advice
+
+
 def test_a_diverged_run_exits_2_at_the_next_checkpoint(files, tmp_path, capsys):
     # lr 1e12: the loss is inf or nan within a few steps; the losses are read every few steps
     # and always before an evaluation or a checkpoint (here after every step): the run stops at
@@ -2534,7 +2548,7 @@ def test_torchrun_with_a_loss_diverged_on_one_process_stops_every_process_with_t
         # each names the process whose loss diverged, at the step both read their losses (the
         # first), in one line without a traceback
         assert lines == [f"{ERROR_PREFIX}training diverged: the loss of step 1 was nan on process "
-                         "1 of 2; lower --lr (or --lam), or train in float32 (--precision fp32)"], err
+                         "1 of 2; lower --lr"], err
         assert "Traceback" not in err, err
 
 

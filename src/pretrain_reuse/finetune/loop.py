@@ -45,7 +45,7 @@ from ..errors import PretrainReuseError, check_choice
 from ..models import save_backbone
 from .augment import View, input_size
 from .checkpoint import load_optimizer_state, load_state, save_state
-from .config import FinetuneConfig, lr_at
+from .config import MODE_OPTIONS, FinetuneConfig, lr_at
 from .data import SourceData, StepBatches, step_loader
 from .evaluate import accuracy, predict, sentence_view
 from .losses import LOSSES, SOURCE_VIEWS
@@ -306,6 +306,7 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset | T
     with torch.random.fork_rng(devices=[]):
         step_batches = zip(*loaders, strict=True)
     stop = _StopAfterStep()
+    advice = _divergence_advice(cfg, device)
     host_group = None
     try:
         if world > 1:  # each step the processes agree on what to run (_micro_batches)
@@ -335,7 +336,7 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset | T
             # the same steps on every rank, and always before an evaluation or a checkpoint: a run
             # whose loss diverged stops there
             if evaluate or checkpoint or done % READ_EVERY == 0 or (requested and world == 1):
-                values, stopping = _read(stats, done, requested, host_group)
+                values, stopping = _read(stats, done, requested, host_group, advice)
                 checkpoint = checkpoint or stopping
                 # refresh=False: update() redraws at most every 0.1 s (a redraw costs 60 us in a
                 # terminal, more in a notebook)
@@ -509,11 +510,21 @@ def _split(inputs: torch.Tensor | dict[str, torch.Tensor], n: int) -> list:
     return [{k: p[i] for k, p in parts.items()} for i in range(n)]
 
 
-def _read(stats: dict[str, torch.Tensor], step: int, stop_requested: bool,
-          group) -> tuple[dict[str, float], bool]:
+def _divergence_advice(cfg: FinetuneConfig, device: torch.device) -> str:
+    """What may keep this run's loss finite: a lower lr, a lower λ where the mode has one, and
+    float32 where the run computes in bf16."""
+    fixes = ["lower --lr" + (" (or --lam)" if cfg.mode in MODE_OPTIONS["lam"] else "")]
+    if uses_bf16(cfg.precision, device):
+        fixes.append("train in float32 (--precision fp32)")
+    return ", or ".join(fixes)
+
+
+def _read(stats: dict[str, torch.Tensor], step: int, stop_requested: bool, group,
+          advice: str) -> tuple[dict[str, float], bool]:
     """The step's losses as floats (one transfer from the device), and whether to stop after
     the step (a Ctrl-C: :class:`_StopAfterStep`); a diverged loss is an error. ``group``: the
-    processes of a torchrun job, between their CPUs (None: this process alone).
+    processes of a torchrun job, between their CPUs (None: this process alone). ``advice``
+    ends the error of a diverged loss (:func:`_divergence_advice`).
 
     Each process has the losses of its own share of the batch, and its own Ctrl-C, but all
     must stop after the same step: one that went on would wait for the others in its next
@@ -534,8 +545,7 @@ def _read(stats: dict[str, torch.Tensor], step: int, stop_requested: bool,
         rank, loss = diverged[0]
         where = f" on process {rank} of {len(losses)}" if group is not None else ""
         raise PretrainReuseError(
-            f"training diverged: the loss of step {step} was {loss}{where}; lower --lr "
-            "(or --lam), or train in float32 (--precision fp32)")
+            f"training diverged: the loss of step {step} was {loss}{where}; {advice}")
     return values, any(requests)
 
 
