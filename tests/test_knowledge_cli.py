@@ -1142,8 +1142,9 @@ def test_swapped_roles_are_a_warning_in_the_cli_and_the_api(tmp_path, capsys):
                       scratch)
     assert rc == 0 and "warning" not in err
     argv = [*KNOWLEDGE_2X2, "--out", tmp_path / "swapped"]  # other models: another folder
+    # --quiet silenced these warnings too, though it promises that warnings still print
     rc, _, err = _run(capsys, *argv, "--pretrained", tuned, "--finetuned", probe, "--scratch",
-                      probe)
+                      probe, "--quiet")
     assert rc == 0
     warned = [line for line in err.splitlines() if line.startswith("warning: ")]
     assert warned == [

@@ -570,8 +570,9 @@ def cmd_knowledge(args) -> int:
     data, split = _explain_data(args)
     before = _stamp(Path(args.out) / "knowledge.json")
     with warnings.catch_warnings():
-        # the analysis's doubts (swapped roles, the same network twice) as one line each
-        warnings.simplefilter("ignore" if args.quiet else "always", KnowledgeWarning)
+        # the analysis's doubts (swapped roles, the same network twice) as one line each, also
+        # with --quiet, which silences progress and notes only
+        warnings.simplefilter("always", KnowledgeWarning)
         summary = analyze_knowledge(models, data, cfg, args.out, **snapshots, tau=args.tau,
                                     match=args.match, split=split, progress=not args.quiet)
     if before is not None and _stamp(Path(args.out) / "knowledge.json") == before:
