@@ -2130,9 +2130,30 @@ def test_the_grid_command_says_when_the_best_run_is_tied(files, tmp_path, capsys
 def test_a_grid_run_without_validation_images_stops_the_grid_at_once(files, tmp_path, capsys):
     # a long tail of ratio 1 on a balanced target trains on every image, leaving none to pick on
     out = tmp_path / "grid"
-    rc, _, err = cli(capsys, *base_args(files, out, steps=1), "--grid", "long_tail_ratio=1,10")
-    assert_one_line_error(rc, err, "run long_tail_ratio=1.0 would have no validation images")
-    assert not (out / "long_tail_ratio=10.0").exists() and not (out / "grid.json").exists()
+    rc, _, err = cli(capsys, *base_args(files, out, steps=1), "--long-tail-ratio", "1", "--grid",
+                     "lr=0.01,0.02")
+    assert_one_line_error(rc, err, "run lr=0.01 would have no validation images")
+    assert not (out / "lr=0.02").exists() and not (out / "grid.json").exists()
+
+
+@pytest.mark.parametrize("grid, message", [
+    # each seed (and regime) validates on other images: the "best" was picked across them
+    ("seed=0,1", "--grid cannot vary seed: it also decides which images validate, so the runs "
+                 "would be picked on different validation sets; run one grid per --seed value"),
+    ("val_fraction=0.1,0.5", "--grid cannot vary val_fraction: it also decides which images"),
+    ("train_fraction=0.5,0.8", "--grid cannot vary train_fraction: it also decides"),
+    ("long_tail_ratio=2,10", "--grid cannot vary long_tail_ratio: it also decides"),
+    # runs that compute the same were run and one of them "picked"
+    ("checkpoint_every=1,2", "--grid cannot vary checkpoint_every: it does not change what a run "
+                             "computes; set it once with --checkpoint-every"),
+    ("workers=0,1", "--grid cannot vary workers: it does not change what a run computes"),
+])
+def test_a_grid_over_the_validation_images_or_over_nothing_is_refused(files, tmp_path, capsys,
+                                                                       grid, message):
+    out = tmp_path / "grid"
+    rc, _, err = cli(capsys, *base_args(files, out, steps=1), "--grid", grid)
+    assert_one_line_error(rc, err, message)
+    assert not out.exists()
 
 
 def test_grid_with_an_unknown_field_is_a_user_error(files, tmp_path, capsys):

@@ -17,7 +17,11 @@ from typing import Any
 from ..artifacts import atomic_path, claim_folder, make_meta, write_json
 from ..errors import PretrainReuseError, check_choice
 from .config import FinetuneConfig
-from .loop import RunResult
+from .loop import RESUMABLE_WITH_OTHER, RunResult
+
+#: Fields that decide which images validate (:func:`~.run.target_splits`): runs of a grid over
+#: them would be picked on different validation sets.
+SPLIT_FIELDS = ("seed", "val_fraction", "train_fraction", "long_tail_ratio", "long_tail_order")
 
 
 def parse_grid(specs: list[str]) -> dict[str, list[Any]]:
@@ -58,11 +62,21 @@ def grid_search(cfg: FinetuneConfig, grid: dict[str, list[Any]], out: str | Path
     ``check(cfg_with_values)`` makes every check of a run without running it and returns its
     number of validation images: all combinations are checked before the first run, not after
     hours of the others. A field of ``grid`` that ``cfg`` sets to other than its default (by a
-    flag or the config file) is refused, as the grid would override it unseen."""
+    flag or the config file) is refused, as the grid would override it unseen; so are the
+    fields that decide which images validate (:data:`SPLIT_FIELDS`), and those that do not
+    change what a run computes (``workers``, ``checkpoint_every``)."""
     if not grid:
         raise PretrainReuseError("the grid is empty; pass --grid FIELD=V1,V2")
     defaults = FinetuneConfig()
     for name in grid:
+        flag = "--" + name.replace("_", "-")
+        if name in SPLIT_FIELDS:
+            raise PretrainReuseError(
+                f"--grid cannot vary {name}: it also decides which images validate, so the runs "
+                f"would be picked on different validation sets; run one grid per {flag} value")
+        if name in RESUMABLE_WITH_OTHER:
+            raise PretrainReuseError(f"--grid cannot vary {name}: it does not change what a run "
+                                     f"computes; set it once with {flag}")
         if getattr(cfg, name) != getattr(defaults, name):
             raise PretrainReuseError(
                 f"--grid varies {name}, but the config also sets {name}={getattr(cfg, name)!r} (a "
