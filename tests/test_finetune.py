@@ -1248,7 +1248,12 @@ def test_a_run_resumes_however_its_unchanged_inputs_are_given(files, tmp_path, c
     assert json.loads((tmp_path / "run" / "result.json").read_text())["final"] == first.final
     Selection(selected=[1, 3], scores=selection.scores, params=selection.params).save(resaved)
     rc, _, err = cli(capsys, *argv)
-    assert_one_line_error(rc, err, "holds a run with a different input (", "selection)")
+    # the other selection is named, not "the sample ids or labels changed", which it implies
+    assert_one_line_error(rc, err, "holds a run with a different input (selection);")
+    # both kinds of change are named at once
+    rc, _, err = cli(capsys, *argv, "--lr", "0.5")
+    assert_one_line_error(rc, err, "holds a run with a different config (lr) and input "
+                          "(selection);")
 
 
 def test_a_run_recorded_by_an_earlier_version_resumes_with_the_same_inputs(files, tmp_path, capsys,

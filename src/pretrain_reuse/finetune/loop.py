@@ -625,12 +625,17 @@ def _resume_point(out: Path, identity: dict) -> int:
     # an input recorded since the run began (like "data") is missing from its run.json: not a change
     old_inputs = old.get("inputs", {})
     changed_inputs = sorted(k for k in old_inputs if old_inputs[k] != identity["inputs"].get(k))
+    if len(changed_inputs) > 1 and "data" in changed_inputs:
+        # the samples follow from the other inputs (another --selection or --target-test): the
+        # data changed on disk only where nothing else did
+        changed_inputs.remove("data")
     if changed or changed_inputs:
-        what = (f"config ({', '.join(changed)})" if changed else
-                f"input ({', '.join(DATA_CHANGED if k == 'data' else k for k in changed_inputs)})")
+        what = [f"config ({', '.join(changed)})"] if changed else []
+        if changed_inputs:
+            what.append(f"input ({', '.join(DATA_CHANGED if k == 'data' else k for k in changed_inputs)})")
         raise PretrainReuseError(
-            f"{str(out)!r} holds a run with a different {what}; rerun with the same settings to "
-            "resume, or pass a new --out")
+            f"{str(out)!r} holds a run with a different {' and '.join(what)}; rerun with the same "
+            "settings to resume, or pass a new --out")
     if recorded and recorded != identity["precision"]:
         raise PretrainReuseError(
             f"{str(out)!r} holds a run trained in {recorded}, but precision "
