@@ -693,7 +693,15 @@ def test_a_class_without_a_readable_image_is_a_warning_that_names_it(tmp_path, c
                      "--out", tmp_path / "s")
     assert rc == 0
     assert "warning: 1 classes have no readable image (first: 'bee')" in err
+    assert "or cluster the features (units --method kmeans)" in err
     assert FeatureStore.load(tmp_path / "s").meta["classes_without_images"] == ["bee"]
+    # class means refuse the store and name the way that works without those classes' images
+    rc, _, err = cli(capsys, "units", "--features", tmp_path / "s", "--out", tmp_path / "u.safetensors")
+    assert rc == 2 and err.count("\n") == 1 and "1 classes have no samples (first: 'bee', label 1)" in err
+    assert "or cluster the features without their labels (--method kmeans)" in err
+    rc, _, err = cli(capsys, "units", "--features", tmp_path / "s", "--method", "kmeans", "--k", "2",
+                     "--out", tmp_path / "u.safetensors")
+    assert rc == 0, err
 
 
 def test_a_file_name_with_a_newline_is_named_before_anything_is_written(tmp_path, capsys):

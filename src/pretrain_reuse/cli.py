@@ -208,7 +208,8 @@ def cmd_embed(args) -> int:
     if empty:
         print(f"warning: {len(empty)} classes have no readable image (first: {empty[0]!r}), so "
               "class means (units --method class) will refuse these features; add readable "
-              "images of those classes, or remove them, and embed again", file=sys.stderr)
+              "images of those classes, or remove them, and embed again, or cluster the features "
+              "(units --method kmeans)", file=sys.stderr)
     _note_weights(args.model, args.weights, args.quiet)
     return 0
 

@@ -271,9 +271,10 @@ def class_means(store: FeatureStore, *, normalize: bool = False, progress: bool 
         if store.class_names:  # embedded from class folders or a list file: name the class
             raise PretrainReuseError(
                 f"{n_classes - len(present)} classes have no samples (first: "
-                f"{store.class_names[first]!r}, label {first}): none of their images could be "
-                "read; add readable images of those classes, or remove them from the data, and "
-                "embed again")
+                f"{store.class_names[first]!r}, label {first}): the data names them but holds "
+                "no readable image of them; add readable images of those classes, or remove them "
+                "from the data, and embed again, or cluster the features without their labels "
+                "(--method kmeans)")
         raise PretrainReuseError(
             f"{n_classes - len(present)} classes have no samples (first: label {first}); relabel "
             "the samples to 0..C-1 with every class present")
