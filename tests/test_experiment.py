@@ -309,9 +309,17 @@ def test_knowledge_recipe_compares_pretrainings_and_correlates_with_accuracy(qui
     assert note in (out / "results.md").read_text()
     assert "preserve ± std" not in (out / "results.md").read_text()
     assert f"{row['preserve']:.3f} ± {row['preserve_std']:.3f}" in (out / "results.md").read_text()
+    # the correlation is in results.md too (it was in experiment.json and report.html only)
+    markdown = (out / "results.md").read_text()
+    assert ("## Knowledge ratios against test accuracy\n\nAcross 4 fine-tuned models "
+            "(supervised seed 0, supervised seed 1, target-tuned seed 0, target-tuned seed 1)"
+            in markdown)
+    pearson = f"| preserve | {corr['pearson']:+.2f} | [{corr['pearson_ci'][0]:+.2f}, "
+    assert pearson in markdown
     assert main(["report", str(out)]) == 0
     page = (out / "report.html").read_text()
     assert "Knowledge ratios against test accuracy" in page and html.escape(note) in page
+    assert html.escape(pearson.split(" | ")[1]) in page
     # a damaged analysis (an interactions file deleted, then its knowledge.json too) is
     # recomputed by a rerun, which gives the same table
     analysis = out / "knowledge" / "supervised-seed1"
@@ -1049,7 +1057,12 @@ def test_a_knowledge_table_without_fine_tuned_rows_has_no_analysis_to_describe()
 
     extra = _knowledge_analysis(SimpleNamespace(cfg=SimpleNamespace(seeds=(0,))), [], [])
     assert extra["analysis"] is None and extra["models"] == [] and extra["correlation"] is None
-    assert ExperimentTable("knowledge", [], None, {}, {}, extra).note() == ""
+    table = ExperimentTable("knowledge", [], None, {}, {}, extra)
+    assert table.note() == ""
+    # the table says why it has no correlation (experiment.json and the report did)
+    assert table.to_markdown().endswith(
+        "## Knowledge ratios against test accuracy\n\nNo correlation with accuracy: a "
+        "correlation needs at least 3 fine-tuned models (pre-trainings x seeds).\n")
 
 
 def test_a_target_folder_of_split_folders_trains_on_train_and_tests_on_test(quick_demo, tmp_path):

@@ -130,15 +130,44 @@ class ExperimentTable:
                 f"analysis, drawn among the test samples every compared model classifies "
                 f"correctly ({_span(correct)} of the {_span(a['screened'])} screened).")
 
+    def correlation(self) -> tuple[str, list[str], list[list[str]]] | None:
+        """The knowledge recipe's correlation of each ratio with test accuracy across its
+        fine-tuned models (``extra``): a sentence on what it rests on (or why there is none),
+        and a header and rows (none without a correlation). None for the other recipes and for
+        tables of an earlier version."""
+        extra = self.extra
+        if "models" not in extra:
+            return None
+        if not extra.get("correlation"):
+            return f"No correlation with accuracy: {extra.get('why', '')}.", [], []
+
+        def ci(v):
+            return "–" if v[0] is None else f"[{v[0]:+.2f}, {v[1]:+.2f}]"
+
+        def num(v):
+            return "undefined" if v is None else f"{v:+.2f}"
+
+        rows = [[k, num(c["pearson"]), ci(c["pearson_ci"]), num(c["spearman"]),
+                 ci(c["spearman_ci"])] for k, c in extra["correlation"].items()]
+        return (f"Across {len(extra['models'])} fine-tuned models "
+                f"({', '.join(map(str, extra['models']))}); intervals: bootstrap over explained "
+                "samples (they do not cover model-to-model variation, so few models make any "
+                "correlation fragile).", ["ratio", "Pearson", "95% CI", "Spearman", "95% CI"], rows)
+
     def to_markdown(self) -> str:
-        """The table as Markdown (``results.md``)."""
+        """The table as Markdown (``results.md``), with the knowledge recipe's correlation."""
         head, body = self.cells()
-        lines = ["| " + " | ".join(map(_markdown_text, head)) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(map(_markdown_text, cells)) + " |" for cells in body]
-        # the note is prose, read as plain text too: only a tag would come alive ("|I| > τ")
+        lines = [f"# {RECIPES[self.name][2]}", "", *_markdown_table(head, body)]
+        # the notes are prose, read as plain text too: only a tag would come alive ("|I| > τ")
         note = self.note().replace("<", "&lt;").replace("\n", " ")
-        return (f"# {RECIPES[self.name][2]}\n\n" + "\n".join(lines) + "\n"
-                + (f"\n{note}\n" if note else ""))
+        if note:
+            lines += ["", note]
+        correlation = self.correlation()
+        if correlation is not None:
+            text, head, rows = correlation
+            lines += ["", "## Knowledge ratios against test accuracy", "",
+                      text.replace("<", "&lt;"), *(["", *_markdown_table(head, rows)] if rows else [])]
+        return "\n".join(lines) + "\n"
 
     def plot(self, ax=None):
         """Accuracy (or recall, for selection-only tables) per method: lines over the swept
@@ -258,6 +287,12 @@ def _validation_cell(row: dict[str, Any]) -> str:
 def _x_text(x: Any) -> str:
     """A swept value as the table and the run folders write it (3.0 as 3)."""
     return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _markdown_table(head: list[str], body: list[list[str]]) -> list[str]:
+    """The lines of a Markdown table."""
+    return ["| " + " | ".join(map(_markdown_text, head)) + " |", "|" + "---|" * len(head),
+            *("| " + " | ".join(map(_markdown_text, cells)) + " |" for cells in body)]
 
 
 def run_folder(out: Path, method: str, x: Any, seed: int) -> Path:

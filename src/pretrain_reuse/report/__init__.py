@@ -630,27 +630,16 @@ EXPERIMENT_COMPARISONS = (
 )
 
 
-def _correlation(extra: dict) -> str:
+def _correlation(table) -> str:
     """The knowledge recipe's correlation of knowledge ratios with accuracy across models."""
-    if "models" not in extra:
+    correlation = table.correlation()
+    if correlation is None:
         return ""
-    if not extra.get("correlation"):
-        return f'<p class="note">No correlation with accuracy: {html.escape(extra.get("why", ""))}.</p>'
-
-    def ci(v):
-        return "–" if v[0] is None else f"[{v[0]:+.2f}, {v[1]:+.2f}]"
-
-    def num(v):
-        return "undefined" if v is None else f"{v:+.2f}"
-
-    rows = [[k, num(c["pearson"]), ci(c["pearson_ci"]), num(c["spearman"]), ci(c["spearman_ci"])]
-            for k, c in extra["correlation"].items()]
+    text, head, rows = correlation
+    if not rows:
+        return f'<p class="note">{_text(text)}</p>'
     return ("<h3>Knowledge ratios against test accuracy</h3>"
-            f"<p>Across {len(extra['models'])} fine-tuned models "
-            f"({_text(', '.join(map(str, extra['models'])))}); "
-            "intervals: bootstrap over explained samples (they do not cover model-to-model "
-            "variation, so few models make any correlation fragile).</p>"
-            + _table(["ratio", "Pearson", "95% CI", "Spearman", "95% CI"], rows))
+            f"<p>{_text(text)}</p>" + _table(head, rows))
 
 
 def _experiment_curves(run: Path, table) -> str:
@@ -713,7 +702,7 @@ def _experiment_body(run: Path) -> list[str]:
                        if shown[0] in head and c[head.index(shown[0])])
     parts = [_figure(fig, RECIPES[table.name][2], f"experiment results: {values}"),
              _table(head, cells), *([f"<p>{html.escape(note)}</p>"] if note else []), *verdicts]
-    parts.append(_correlation(table.extra))
+    parts.append(_correlation(table))
     parts.append(_experiment_curves(run, table))
     params = json.dumps(table.params, indent=1)
     return [f"<h1>pretrain-reuse experiment {html.escape(table.name)}</h1>",
