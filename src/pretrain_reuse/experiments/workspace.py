@@ -213,7 +213,6 @@ class Workspace:
                     "selected": sel.selected if sel else None},
             progress=self.progress)
 
-
     @staticmethod
     def _check_precision(run_dir: Path, ft: FinetuneConfig) -> None:
         """Refuse to go on with a folder whose run computed in another precision than this
