@@ -1051,7 +1051,7 @@ def test_the_run_arguments_are_the_flags_and_arguments_of_finetune_besides_the_r
     (["--grid", "lam=0.1,1"], "lam=0.1 has no effect in mode 'vanilla'"),
     # refused before the first run of the grid, not after all of them
     (["--val-fraction", "0", "--grid", "lr=0.1,0.2"], "picks on the validation split"),
-    (["--grid", "train_fraction=0.5,1"], "run train_fraction=1.0 would have no validation images"),
+    (["--train-fraction", "1", "--grid", "lr=0.01,0.1"], "run lr=0.01 would have no validation images"),
     # checks against the data too: the warmup_steps=1 run used to train before 50 failed
     (["--grid", "warmup_steps=1,50"], "warmup_steps=50 exceeds the 4 training steps"),
     # a flag the grid would override unseen

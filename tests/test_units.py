@@ -214,8 +214,9 @@ def test_a_class_without_samples_is_named_with_a_fix_that_works():
     x = np.ones((4, 3), np.float32)
     store = FeatureStore(features=x, labels=np.array([0, 0, 2, 2]), class_names=["a", "b", "c"],
                          meta={"producer": "embed"})
-    with pytest.raises(PretrainReuseError, match=r"first: 'b', label 1\): none of their images could "
-                                                 "be read; add readable images"):
+    with pytest.raises(PretrainReuseError, match=r"first: 'b', label 1\): the data names them but "
+                                                 r"holds no readable image of them; add readable "
+                                                 r"images .* \(--method kmeans\)"):
         class_means(store)
     # features not embedded here (a .npy and a names file): the names file is what to check
     store = replace(store, meta={"producer": "npy"})

@@ -311,12 +311,12 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     indices = choose_samples(dataset, cfg.samples, cfg.seed, keep=correct)
     for role, m in named.items():
         check_explainable(m, views[role], indices, cfg, role, device)
-    for doubt in _doubts(models, series):  # after the checks: an error stays the only message
-        warnings.warn(doubt, KnowledgeWarning, stacklevel=2)
     folders = [*models, *(_snapshot_folder(name, t) for name, snaps in series.items()
                           for t in range(len(snaps)))]
     marker = make_run_folder(out, "a knowledge analysis", "knowledge.json",
                              early=_earlier_outputs(out), kind=KIND)
+    for doubt in _doubts(models, series):  # after the checks: an error stays the only message
+        warnings.warn(doubt, KnowledgeWarning, stacklevel=2)
     if marker.exists():
         # a model's folder of this analysis whose explain.json was lost is still its own
         for name in folders:
