@@ -404,6 +404,11 @@ def test_joint_meta_records_the_bounds_per_model():
             assert x.meta["b"] == pytest.approx(noise_bound(games[k, s], 0.04))
             assert x.meta["loss"] == results[0][s].meta["loss"]
             assert x.meta["params"]["mean_output"] == [2.0, -4.0]
+    # the means as a tensor, as a study computes them from its models' outputs (here one that
+    # still requires grad; on a GPU, one NumPy cannot read either): the same results
+    means = torch.tensor([2.0, -4.0], requires_grad=True)
+    again = joint_and_or_interactions(games, pthres=0.5, mean_output=means, max_iter=50)
+    assert [[x.meta for x in r] for r in again] == [[x.meta for x in r] for r in results]
 
 
 # --------------------------------------------------------------------------------------------

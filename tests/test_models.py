@@ -373,6 +373,25 @@ def test_python_function_from_file_or_module_gives_its_features_and_preprocessin
         create_backbone(f"python:{user_module}:biuld")
 
 
+def test_the_feature_size_of_a_headless_python_model_is_probed_on_its_own_device():
+    # a builder may return its model on a GPU: the probe's zeros were made on the CPU. The
+    # meta device stands in for the GPU (shapes without data)
+    from pretrain_reuse.models.families import _probe_dim
+
+    class OnItsDevice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 5, 3)
+
+        def forward(self, x):  # as a CUDA convolution refuses a CPU input (meta ones do not)
+            if x.device != self.conv.weight.device:
+                raise RuntimeError(f"input on {x.device}, weights on {self.conv.weight.device}")
+            return self.conv(x).mean((2, 3))
+
+    model = OnItsDevice().to("meta")
+    assert _probe_dim(model, create_backbone("smallcnn-s").spec, "python:x:build") == 5
+
+
 def test_python_model_with_mlp_head_is_a_projection_not_a_classifier(user_module):
     net = create_backbone(f"python:{user_module}:projector", layer="head")
     assert net.head_name == "fc" and net.feature_dim == 4 and net.num_classes is None

@@ -261,7 +261,10 @@ def joint_and_or_interactions(v, *, qthres: float = 0.04, pthres: float = 0.5, a
     if mean_output is None:
         mean = (games[..., -1] - games[..., 0]).mean(1)
     else:
-        mean = torch.as_tensor(np.asarray(mean_output, dtype=np.float64), device=games.device)
+        # a tensor as it is (a GPU's cannot go through NumPy), other numbers through NumPy
+        mean = (mean_output.detach() if torch.is_tensor(mean_output)
+                else torch.as_tensor(np.asarray(mean_output, dtype=np.float64)))
+        mean = mean.to(device=games.device, dtype=torch.float64)
         if mean.shape != (models,) or not bool(torch.isfinite(mean).all()):
             raise PretrainReuseError(
                 f"mean_output must be {models} finite numbers, one per model, got {mean_output!r}")

@@ -450,8 +450,10 @@ def _model_and_prep(out: Any, name: str) -> tuple[nn.Module, dict]:
 
 def _probe_dim(model: nn.Module, spec: BackboneSpec, name: str) -> int:
     """Feature size of a model without a Linear head, from one forward pass on zeros."""
+    # on the model's device: a builder may return it on a GPU
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     with torch.no_grad():
-        out = model.eval()(torch.zeros(1, 3, *spec.input_size))
+        out = model.eval()(torch.zeros(1, 3, *spec.input_size, device=device))
     if out.dim() != 2:
         raise PretrainReuseError(f"{name}: the model returns shape {tuple(out.shape)}; without a "
                                  "Linear classifier it must return (batch, features)")
