@@ -749,6 +749,20 @@ def test_an_apple_gpu_on_another_machine_is_a_user_error(capsys, data):
     assert len(err.strip().splitlines()) == 1
 
 
+def test_an_apple_gpu_is_refused_where_the_work_is_float64(capsys, data, monkeypatch):
+    # a Mac's GPU has no float64: the selection and the games crashed with a traceback on it
+    from pretrain_reuse.errors import PretrainReuseError
+    from pretrain_reuse.knowledge.explain import ExplainConfig
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    rc, _, err = cli(capsys, *select_args(data, "--k", "2", "--device", "mps"))
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert ("device='mps': the Apple GPU has no float64, which the selection computes in; use "
+            "cpu") in err
+    with pytest.raises(PretrainReuseError, match="which the explanation computes in; use cpu"):
+        ExplainConfig(device="mps")
+
+
 def test_demo_into_an_existing_file_is_a_user_error(capsys, data):
     rc, _, err = cli(capsys, "demo", "--quick", "--out", data.inp / "S.npy")
     assert rc == 2 and err.startswith(ERROR_PREFIX)

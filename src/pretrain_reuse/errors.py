@@ -156,8 +156,10 @@ def check_seed(name: str, value: int) -> int:
     return int(value)
 
 
-def check_device(device: str) -> str:
-    """Check that ``device`` names a torch device that exists here (cpu, cuda, cuda:N, mps)."""
+def check_device(device: str, float64: str | None = None) -> str:
+    """Check that ``device`` names a torch device that exists here (cpu, cuda, cuda:N, mps).
+    ``float64``: what computes in float64 on it (e.g. "selection"), which the Apple GPU (mps)
+    cannot."""
     import torch
 
     try:
@@ -171,6 +173,9 @@ def check_device(device: str) -> str:
                                  f"GPUs are visible (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise PretrainReuseError(f"device={device!r} but this machine has no Apple GPU; use cpu")
+    if dev.type == "mps" and float64:
+        raise PretrainReuseError(f"device={device!r}: the Apple GPU has no float64, which the "
+                                 f"{float64} computes in; use cpu")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise PretrainReuseError(f"device={device!r} is not supported; use cpu or cuda")
     return device

@@ -97,7 +97,8 @@ class SelectConfig:
             raise PretrainReuseError(
                 "tau_a=inf holds every source unit's mass at its weight, so all UOT scores tie; "
                 "use a finite tau_a (the paper's 1.0)")
-        check_device(self.device)
+        # the solver's sums and results are float64 whatever dtype it iterates in
+        check_device(self.device, float64="selection")
         if self.method == "label" and not self.unit_ids and not self.name_pattern:
             raise PretrainReuseError("method 'label' needs unit_ids (--ids) or a name_pattern (--names)")
         if self.name_pattern is not None:

@@ -243,7 +243,7 @@ class ExplainConfig:
         check_choice("decomposition", self.decomposition, DECOMPOSITIONS)
         if self.qthres is not None:  # before any game is computed
             check_qthres(self.qthres)
-        check_device(self.device)
+        check_device(self.device, float64="explanation")  # games are float64
         if self.samples < 1 or self.batch_size < 1:
             raise PretrainReuseError(
                 f"samples and batch_size must be >= 1, got {self.samples} and {self.batch_size}")
