@@ -85,6 +85,27 @@ def test_meta_records_the_threads_and_versions_that_decide_the_numbers(tmp_path)
     assert (env["gpu"] is None) == (not torch.cuda.is_available())
 
 
+def test_meta_names_the_gpu_of_the_device_the_params_name(monkeypatch):
+    # it named the current GPU (GPU 0) for a run on cuda:1, and a GPU for a run on the CPU
+    torch = pytest.importorskip("torch")
+    from pretrain_reuse.artifacts import make_meta
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    asked = []
+
+    def name(device=None):
+        asked.append(device)
+        return f"GPU {'current' if device is None or device.index is None else device.index}"
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", name)
+    assert make_meta("x", {"device": "cuda:1"})["environment"]["gpu"] == "GPU 1"
+    assert make_meta("x", {"device": "cuda"})["environment"]["gpu"] == "GPU current"
+    assert make_meta("x", {})["environment"]["gpu"] == "GPU current"  # no device: as before
+    assert len(asked) == 3
+    assert make_meta("x", {"device": "cpu"})["environment"]["gpu"] is None
+    assert len(asked) == 3  # the CPU run asked no GPU (which would start CUDA in the process)
+
+
 def test_feature_store_saves_float64_features_as_float32(tmp_path):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((7, 3))

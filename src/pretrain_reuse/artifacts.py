@@ -42,19 +42,25 @@ def make_meta(producer: str, params: dict[str, Any], *, inputs: dict[str, str] |
         "seed": seed,
         "version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "environment": environment(),
+        # the device the params name, if any: the GPU that computed, not the current one
+        "environment": environment(params.get("device") if isinstance(params, dict) else None),
     }
 
 
-def environment() -> dict[str, Any]:
+def environment(device: Any = None) -> dict[str, Any]:
     """What besides the seed decides the numbers: library versions and the CPU thread count (a
     parallel reduction sums in an order that depends on the threads, so a CPU run repeats
-    bit for bit only with as many threads). torch is described only if something imported it."""
+    bit for bit only with as many threads). torch is described only if something imported it.
+    ``gpu`` names the GPU of ``device`` (None for the CPU), or the current GPU where no device
+    is given (None without one)."""
     env: dict[str, Any] = {"python": platform.python_version(), "numpy": np.__version__,
                            "machine": platform.machine()}
     torch = sys.modules.get("torch")
     if torch is not None:
-        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+        on_gpu = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+        # by its own index: cuda:1 of a host of mixed GPUs is not the current device, GPU 0
+        gpu = torch.cuda.get_device_name(None if device is None else torch.device(device)) \
+            if on_gpu else None
         env.update(torch=torch.__version__, threads=torch.get_num_threads(), gpu=gpu)
     return env
 
