@@ -1786,6 +1786,22 @@ def test_a_run_from_before_an_option_existed_resumes_with_its_default(files, tmp
     assert_one_line_error(rc, err, "augment", "--out")
 
 
+def test_a_config_that_is_not_a_finetune_config_is_one_line(tmp_path):
+    # a dict (as select() takes) failed with "AttributeError: 'dict' object has no attribute"
+    from pretrain_reuse.data import open_dataset
+    from pretrain_reuse.finetune import finetune_datasets, run_finetune
+
+    message = "cfg must be a FinetuneConfig, got dict; build it with FinetuneConfig"
+    with pytest.raises(PretrainReuseError, match=message):
+        run_finetune({"mode": "vanilla"}, model="smallcnn-s", target="synthetic:target",
+                     out=tmp_path / "run")
+    data = open_dataset("synthetic:target", split="test")
+    with pytest.raises(PretrainReuseError, match=message):
+        finetune_datasets({"mode": "vanilla"}, model="smallcnn-s", train_pool=data, test_set=data,
+                          out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("mode, precision, advice", [
     # the error told a run without a source loss to lower --lam, and one in float32 to train in it
     ("vanilla", "auto", "lower --lr"),

@@ -1129,6 +1129,17 @@ def _finetuned_as(path, mode: str, shift: int):
     return path
 
 
+def test_models_not_given_by_role_are_one_line(tmp_path):
+    # a list of models failed with "AttributeError: 'list' object has no attribute 'keys'"
+    model = create_backbone("smallcnn-s", num_classes=10)
+    with pytest.raises(PretrainReuseError, match="models must be a dict of the roles' models, "
+                                                 r"\{'pretrained': ..., 'finetuned': ..., 'scratch': "
+                                                 r"...\}, got list"):
+        analyze_knowledge([model, model], open_dataset("synthetic:target", split="test"),
+                          ExplainConfig(players="grid:2x2", samples=1), tmp_path / "k")
+    assert not (tmp_path / "k").exists()
+
+
 def test_swapped_roles_are_a_warning_in_the_cli_and_the_api(tmp_path, capsys):
     probe = _finetuned_as(tmp_path / "probe.safetensors", "linear-probe", 1)
     tuned = _finetuned_as(tmp_path / "tuned.safetensors", "reuse", 2)

@@ -201,6 +201,30 @@ def test_sample_recall_needs_units_with_members_and_a_pool_sample_of_a_relevant_
     # one id wrong among right ones: its class's samples were left out of the recall unseen
     with pytest.raises(PretrainReuseError, match="no pool sample has the relevant label 9"):
         sel.sample_recall(units, [0, 1], [1, 9])
+    # labels of another pool (a raw broadcasting ValueError), units of another pool (accepted)
+    with pytest.raises(PretrainReuseError, match=r"5 labels for the 2 samples of the units; pass "
+                                                 r"one class label per sample"):
+        sel.sample_recall(units, np.arange(5), [0])
+    other = Units(prototypes=np.eye(3), kind="cluster", assignment=np.array([0, 1]),
+                  sample_ids=["a", "b"])
+    with pytest.raises(PretrainReuseError, match="the selection scores 2 units but units has 3"):
+        sel.sample_recall(other, [0, 1], [0])
+
+
+def test_the_plot_and_select_many_refuse_what_recall_and_select_refuse():
+    import matplotlib.pyplot as plt
+
+    sel = Selection(selected=[0], scores=np.array([1.0, 0.0]), params={})
+    fig, ax = plt.subplots()
+    # a relevant id out of range was drawn as if the related units had no score
+    with pytest.raises(PretrainReuseError, match="relevant unit id 99 is out of range for 2 units"):
+        sel.plot(ax, relevant=[99])
+    plt.close(fig)
+    # one target store where a list of them is due: a raw TypeError ("not iterable")
+    store = FeatureStore(features=np.eye(3), labels=np.array([0, 1, 1]))
+    with pytest.raises(PretrainReuseError, match="targets must be a list of target units, got one "
+                                                 "FeatureStore; pass \\[targets\\]"):
+        select_many(np.eye(3), store, SelectConfig(k=1))
 
 
 def test_batched_selection_equals_one_target_at_a_time(world):

@@ -55,6 +55,9 @@ def test_class_means_equal_numpy_per_class_average():
     np.testing.assert_array_equal(units.counts, np.bincount(y))
     assert units.kind == "class"
     assert units.member_ids(3) == [str(i) for i in np.flatnonzero(y == 3)]
+    for wrong in (7, -1, "3"):  # they returned no member, as if the unit were empty
+        with pytest.raises(PretrainReuseError, match=r"is not one of these 7 units; pass an id 0\.\.6"):
+            units.member_ids(wrong)
 
 
 def test_units_plot_the_histogram_of_their_sizes():

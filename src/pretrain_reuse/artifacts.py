@@ -476,7 +476,8 @@ def load(path: str | Path, *, what: str = "path", lazy: bool = False):
     :class:`~pretrain_reuse.knowledge.KnowledgeReport`, :class:`~pretrain_reuse.knowledge.Convergence`
     or :class:`~pretrain_reuse.knowledge.AccuracyCorrelation` as such. The folders of
     ``explain`` and ``knowledge`` hold one Interactions file per sample, and those of ``demo``
-    and ``finetune --grid`` several artifacts: open those.
+    and ``finetune --grid`` several artifacts: open those. ``what`` is how errors name the
+    path (a command line passes its flag); the artifact's type is read from the file.
     """
     p = check_file(what, path)
     _refuse_knowledge_outputs(p)

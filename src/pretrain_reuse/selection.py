@@ -201,6 +201,11 @@ class Selection:
 
     def recall(self, relevant) -> float:
         """Fraction of the ``relevant`` unit ids that were selected (Liu et al., Table 4)."""
+        relevant = self._relevant_units(relevant)
+        return len(relevant & set(self.selected)) / len(relevant)
+
+    def _relevant_units(self, relevant) -> set[int]:
+        """``relevant`` as a set of unit ids, each checked to be one of the scored units."""
         relevant = set(_integer_ids("relevant", relevant))
         if not relevant:
             raise PretrainReuseError("recall needs at least one relevant unit id")
@@ -209,7 +214,7 @@ class Selection:
             raise PretrainReuseError(
                 f"relevant unit id {outside[0]} is out of range for {len(self.scores)} units; "
                 f"pass ids 0..{len(self.scores) - 1}")
-        return len(relevant & set(self.selected)) / len(relevant)
+        return relevant
 
     def sample_recall(self, units: Units, labels, relevant) -> float:
         """Share of the samples of the ``relevant`` classes that the selected ``units`` bring:
@@ -218,7 +223,15 @@ class Selection:
         if units.assignment is None:
             raise PretrainReuseError("sample recall needs units that record their members "
                                      "(a Units file from class means or k-means)")
+        if len(units) != len(self.scores):
+            raise PretrainReuseError(
+                f"the selection scores {len(self.scores)} units but units has {len(units)}; pass "
+                "the units the selection was made on")
         labels, relevant = as_array("labels", labels), _integer_ids("relevant", relevant)
+        if len(labels) != len(units.assignment):
+            raise PretrainReuseError(
+                f"{len(labels)} labels for the {len(units.assignment)} samples of the units; pass "
+                "one class label per sample, in the order of units.assignment")
         if not relevant:
             raise PretrainReuseError("sample recall needs at least one relevant class id")
         # every class of a labelled pool has samples: a relevant id without any is a wrong id,
@@ -279,6 +292,7 @@ class Selection:
         """The sorted score vector (Liu et al., Fig. 2b); ``relevant`` units are highlighted."""
         import matplotlib.pyplot as plt
 
+        relevant = None if relevant is None else self._relevant_units(relevant)
         ax = ax or plt.gca()
         order = self.ranking()
         ax.plot(np.arange(len(order)), self.scores[order], lw=1, color="0.3")
@@ -439,6 +453,9 @@ def select_many(source: Units | FeatureStore | np.ndarray, targets: list[Units |
     data than it trains on.
     """
     cfg = _as_config(cfg)
+    if isinstance(targets, Units | FeatureStore | np.ndarray | torch.Tensor):
+        raise PretrainReuseError(f"targets must be a list of target units, got one "
+                                 f"{type(targets).__name__}; pass [targets], or use select()")
     if not targets:
         raise PretrainReuseError("pass at least one target")
     source = _as_units(source)

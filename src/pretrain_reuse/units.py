@@ -44,6 +44,7 @@ from .errors import (
     check_matrix,
     check_seed,
     check_strings,
+    is_integer,
     refuse_path,
 )
 from .features import FeatureStore, check_unique_ids, hash_ids, load_npy
@@ -146,6 +147,9 @@ class Units:
         """Sample ids of one unit."""
         if self.assignment is None:
             raise PretrainReuseError("these units are a bare prototype matrix without members")
+        if not (is_integer(unit) and 0 <= unit < len(self)):
+            raise PretrainReuseError(f"unit {unit!r} is not one of these {len(self)} units; pass "
+                                     f"an id 0..{len(self) - 1}")
         return [self.sample_ids[i] for i in np.flatnonzero(self.assignment == unit)]
 
     def save(self, path: str | Path) -> Path:

@@ -141,6 +141,7 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
     selection saved again with a new creation time too), data folders and list files by their
     resolved path, besides the sample ids and labels every split holds.
     """
+    _check_config(cfg)
     cfg.check_options_used()
     if cfg.uses_source and (source is None or selection is None):
         raise PretrainReuseError(f"mode {cfg.mode!r} needs --source DATA and --selection sel.json")
@@ -297,6 +298,7 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
     The run's inputs (in ``run.json`` and the ``meta`` of ``result.json`` and
     ``model.safetensors``) include ``class_names``: the training data's class names, output i of
     the fine-tuned head naming class i, as JSON text (``null`` for data without names)."""
+    _check_config(cfg)
     with torch.random.fork_rng(devices=[]):  # a seeded initialisation of any fresh layer
         torch.manual_seed(cfg.seed)
         backbone = create_backbone(model, weights=weights, device="cpu")
@@ -359,6 +361,13 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
 
 #: The recipe options that act on images (or on BatchNorm, which text models do not have).
 IMAGE_OPTIONS = ("image_size", "augment", "source_bn")
+
+
+def _check_config(cfg: FinetuneConfig) -> None:
+    if not isinstance(cfg, FinetuneConfig):
+        raise PretrainReuseError(
+            f"cfg must be a FinetuneConfig, got {type(cfg).__name__}; build it with "
+            "FinetuneConfig(**fields) or load_config(path)")
 
 
 def _check_modality_and_recipe(spec: BackboneSpec, cfg: FinetuneConfig,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import json
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -253,6 +254,9 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
         split: the split ``dataset`` was opened from (recorded in the meta; the dataset does
             not know it).
     """
+    if not isinstance(models, Mapping):
+        raise PretrainReuseError(f"models must be a dict of the roles' models, {{'pretrained': "
+                                 f"..., 'finetuned': ..., 'scratch': ...}}, got {type(models).__name__}")
     missing = {"pretrained", "finetuned"} - models.keys()
     if missing:
         raise PretrainReuseError(f"knowledge needs the {' and '.join(sorted(missing))} model(s)")

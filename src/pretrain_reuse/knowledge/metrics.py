@@ -157,6 +157,12 @@ class SampleKnowledge:
     n: int
     match: str = "support"
 
+    def __repr__(self) -> str:  # a summary: the sets hold up to 2^n items each
+        sizes = ", ".join(f"{role}={len(s)} items" for role, s in (
+            ("pretrained", self.pretrained), ("finetuned", self.finetuned),
+            ("scratch", self.scratch)) if s is not None)
+        return f"SampleKnowledge(n={self.n}, match={self.match!r}, {sizes})"
+
     @property
     def preserve(self) -> frozenset:
         """K_preserve = Ω_pre ∩ Ω_ft."""
