@@ -1030,6 +1030,8 @@ def test_a_folder_claimed_by_an_earlier_version_with_every_setting_takes_the_sam
     cfg = load_experiment_config(path, seeds=(0,))
     out = tmp_path / "t4"
     table = run_experiment("table4", cfg, out, progress=False)
+    # the table returned equals the one saved (its params held tuples, the saved ones lists)
+    assert table.params == ExperimentTable.load(out).params and table.params["skip"] == list(skip)
     # the marker as versions before the claim of read settings wrote it: every setting of the
     # config and every sweep, no content hash
     full = {"experiment": "table4", **asdict(cfg),

@@ -1112,6 +1112,15 @@ def _api_run(files, out, **kwargs):
                         out=out, progress=False, **{"weights": files["weights"], **kwargs})
 
 
+def test_the_result_a_run_returns_equals_the_one_it_saved(files, tmp_path):
+    # the returned config held tuples (milestones), the saved one lists: == was False until a
+    # rerun returned the loaded copy
+    result = _api_run(files, tmp_path / "run")
+    loaded = pretrain_reuse.load(tmp_path / "run")
+    assert result.config == loaded.config and result.config["milestones"] == [0.6, 0.8]
+    assert (result.final, result.at_best_val) == (loaded.final, loaded.at_best_val)
+
+
 def test_run_finetune_with_a_missing_weights_file_raises_the_package_error(files, tmp_path):
     with pytest.raises(PretrainReuseError, match=r"--weights: file 'nope\.safetensors' does not exist"):
         _api_run(files, tmp_path / "run", weights="nope.safetensors")

@@ -4,6 +4,7 @@ share, fine-tune each row per seed, and write the table."""
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..artifacts import make_meta
+from ..artifacts import make_meta, to_json
 from ..data.catalog import check_exists, has_splits
 from ..data.text import is_sentence_file
 from ..errors import PretrainReuseError, check_choice, check_ids_below
@@ -204,7 +205,9 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
             "x_realised": _mean([sampler["realised"] for _, _, sampler in splits]) if swept else None,
         })
     extra = _knowledge_analysis(ws, rows, table) if name == "knowledge" else {}
-    params = {**reads, **hashes, "seeds": list(cfg.seeds), "skip": list(cfg.skip)}
+    # as experiment.json holds them (tuples as lists): the table returned equals the one loaded
+    params = json.loads(to_json({**reads, **hashes, "seeds": list(cfg.seeds),
+                                 "skip": list(cfg.skip)}))
     result = ExperimentTable(name, table, x_label, params,
                              make_meta(f"experiment.{name}", params, seed=cfg.seeds[0]), extra)
     result.save(out)

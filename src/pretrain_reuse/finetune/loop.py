@@ -663,7 +663,8 @@ def _result(cfg: FinetuneConfig, history: list[dict], inputs, seconds: float) ->
     meta = make_meta("finetune", cfg.to_dict(), inputs={k: str(v) for k, v in (inputs or {}).items()},
                      seed=cfg.seed)
     meta["train_seconds"] = round(seconds, 2)
-    return RunResult(config=cfg.to_dict(), history=history,
+    # as result.json holds it (tuples as lists): the result returned equals the one loaded
+    return RunResult(config=json.loads(to_json(cfg.to_dict())), history=history,
                      final={"step": history[-1]["step"], **history[-1]["test"],
                             "val": history[-1]["val"]},
                      at_best_val={"step": best["step"], **best["test"], "val": best["val"]},
