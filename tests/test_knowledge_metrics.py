@@ -581,6 +581,11 @@ def test_accuracy_correlation_is_reproducible_and_report_per_sample_feeds_it():
     np.testing.assert_allclose(report.per_sample("preserve"), [2 / 3, 1.0])
     with pytest.raises(PretrainReuseError, match="ratio"):
         report.per_sample("preserved")
+    np.testing.assert_allclose(report.per_sample("preserve", 1), [1.0, 1.0])
+    for order in (0, 4, 1.5):  # NaN for every sample, as if no sample had knowledge of it
+        with pytest.raises(PretrainReuseError, match=f"order={order!r} must be an interaction "
+                                                     r"order in 1\.\.3 \(the number of players\)"):
+            report.per_sample("preserve", order)
 
 
 @pytest.mark.parametrize("ratios,accuracy,needle", [

@@ -140,6 +140,13 @@ def _load_json(path: str | Path, kind: str, keys: tuple[str, ...]) -> dict[str, 
 # --------------------------------------------------------------------------------------------
 
 
+def _check_order(order: int | None, n: int) -> None:
+    """Refuse an ``order`` that is neither None (all orders) nor one of n players' 1..n."""
+    if order is not None and not (is_integer(order) and 1 <= order <= n):
+        raise PretrainReuseError(f"order={order!r} must be an interaction order in 1..{n} (the number "
+                                 "of players), or None for all orders")
+
+
 @dataclass(frozen=True)
 class SampleKnowledge:
     """The knowledge sets of one sample and their ratios (module docstring).
@@ -314,6 +321,8 @@ class KnowledgeReport:
         """(n_samples,) the ratio ``name`` on every sample (NaN where its denominator is empty),
         overall or for one order; the input of :func:`accuracy_correlation`."""
         check_choice("ratio", name, self.overall.keys())
+        # an order no interaction of n players has would give NaN for every sample, unsaid
+        _check_order(order, self.samples[0].n)
         return np.array([s.ratios(order)[name] for s in self.samples], dtype=np.float64)
 
     def to_dict(self) -> dict[str, Any]:
@@ -638,10 +647,7 @@ def knowledge_convergence(checkpoints: Iterable[Iterable[Interactions]], *, tau:
     for t, ckpt in enumerate(checkpoints):
         for i, (x, last) in enumerate(zip(ckpt, final, strict=True)):
             _check_pair(x, last, (f"checkpoints[{t}][{i}]", f"checkpoints[-1][{i}]"))
-    n = final[0].n
-    if order is not None and not (is_integer(order) and 1 <= order <= n):
-        raise PretrainReuseError(f"order={order!r} must be an interaction order in 1..{n} (the number "
-                                 "of players), or None for all orders")
+    _check_order(order, final[0].n)
     if steps is not None:
         steps = list(steps)
         if (len(steps) != len(checkpoints) or not all(is_integer(t) for t in steps)
