@@ -508,6 +508,15 @@ def test_load_refuses_unknown_suffixes_and_missing_paths(tmp_path):
         load(tmp_path / "notes.txt")
     with pytest.raises(PretrainReuseError, match="does not exist"):
         load(tmp_path / "nothing.safetensors")
+    # JSON without a kind (a demo's summary.json) was named "not a selection file"
+    (tmp_path / "summary.json").write_text(json.dumps({"selection": {}, "finetune": {}}))
+    with pytest.raises(PretrainReuseError, match=r"summary\.json' is JSON but no artifact of this "
+                                                 r"package; json\.load reads it; pass an artifact"):
+        load(tmp_path / "summary.json")
+    (tmp_path / "cut.json").write_text('{"kind": "selec')  # not JSON: the selection reader says so
+    with pytest.raises(PretrainReuseError) as e:
+        load(tmp_path / "cut.json")
+    assert "is JSON but" not in str(e.value)
 
 
 @pytest.mark.parametrize("path", [None, 3])

@@ -403,13 +403,21 @@ def _safetensors_artifact(path: Path) -> str | None:
     return header.get("artifact") or header.get("kind")
 
 
+def _json_record(path: Path) -> dict | None:
+    """The JSON record (mapping) in ``path``; None when the file is unreadable, not JSON or not
+    a mapping."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def _json_entry(path: Path, key: str = "kind") -> Any:
     """The entry ``key`` of a JSON record, such as its ``kind`` (None when absent, or when the
     file is unreadable, not JSON or not a mapping)."""
-    try:
-        return json.loads(path.read_text()).get(key)
-    except (OSError, ValueError, AttributeError):
-        return None
+    record = _json_record(path)
+    return None if record is None else record.get(key)
 
 
 def check_output_file(path: str | Path, suffix: str, artifact: str) -> Path:
@@ -533,6 +541,10 @@ def load(path: str | Path, *, what: str = "path", lazy: bool = False):
         if kind not in (None, "selection"):
             raise PretrainReuseError(f"{str(p)!r} holds a {kind!r} record, not an artifact to "
                                      f"load; it is plain JSON (json.load reads it); {OPENS}")
+        # a JSON record without a kind is no artifact (a corrupt file: Selection.load says so)
+        if kind is None and _json_record(p) is not None:
+            raise PretrainReuseError(f"{str(p)!r} is JSON but no artifact of this package; "
+                                     f"json.load reads it; {OPENS}")
         from .selection import Selection
 
         return Selection.load(p)
