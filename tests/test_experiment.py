@@ -1136,7 +1136,12 @@ def test_an_experiment_begun_in_bf16_goes_on_only_in_bf16_with_the_advice_it_giv
     assert json.loads((run / "run.json").read_text())["precision"] == "bf16"
     err = _refused_table4(capsys, path, out, "--seeds", "0")
     assert (f"{str(run)!r} was trained in bf16, but precision 'auto' computes in fp32 on this "
-            "device; set precision: bf16 in the config's finetune settings") in err
+            "device; set precision: bf16 under finetune: in the config") in err
+    # where the row's mode sets its own precision, that is where to set it
+    reuse_auto = _config(demo, tmp_path, skip=skip, finetune={**FAST, "max_steps": 1},
+                         modes={"reuse": {"precision": "auto"}})
+    err = _refused_table4(capsys, reuse_auto, out, "--seeds", "0")
+    assert "set precision: bf16 under modes: reuse: in the config" in err
     # the advice is taken, and the experiment goes on with its run
     bf16 = _config(demo, tmp_path, skip=skip, finetune={**FAST, "max_steps": 1, "precision": "bf16"})
     again = run_experiment("table4", load_experiment_config(bf16, seeds=(0,)), out, progress=False)

@@ -190,7 +190,10 @@ class Workspace:
         run_dir = self.run_dir(row, seed)
         sel = self.selection(row.pick, seed, row.settings) if row.pick else None
         ft = self.run_config(row, seed)
-        self._check_precision(run_dir, ft)
+        # where the config sets this run's precision: its mode's settings, or finetune's
+        where = (f"modes: {row.mode}" if "precision" in self.cfg.modes.get(row.mode, {})
+                 else "finetune")
+        self._check_precision(run_dir, ft, where)
         if (run_dir / "result.json").exists():
             done = RunResult.load(run_dir / "result.json")
             if sel is not None and json.loads(done.meta["inputs"]["selected"]) != sel.selected:
@@ -214,18 +217,18 @@ class Workspace:
             progress=self.progress)
 
     @staticmethod
-    def _check_precision(run_dir: Path, ft: FinetuneConfig) -> None:
+    def _check_precision(run_dir: Path, ft: FinetuneConfig, where: str) -> None:
         """Refuse to go on with a folder whose run computed in another precision than this
         device would (``precision: auto`` on a GPU with or without native bf16): its table would
         mix the two. The experiment's claim leaves the precision setting out, so that the fix
-        named here is one the config can apply."""
+        named here is one the config can apply, ``where`` it sets the run's precision."""
         recorded = recorded_precision(run_dir)
         now = computes_in(ft.precision, process_device(ft.device))
         if recorded is not None and recorded != now:
             raise PretrainReuseError(
                 f"{str(run_dir)!r} was trained in {recorded}, but precision {ft.precision!r} "
-                f"computes in {now} on this device; set precision: {recorded} in the config's "
-                "finetune settings to go on with this experiment, or pass a new --out")
+                f"computes in {now} on this device; set precision: {recorded} under {where}: in "
+                "the config to go on with this experiment, or pass a new --out")
 
 
 def _store_sha256(store: FeatureStore) -> str:
