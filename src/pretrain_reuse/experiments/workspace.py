@@ -190,10 +190,7 @@ class Workspace:
         run_dir = self.run_dir(row, seed)
         sel = self.selection(row.pick, seed, row.settings) if row.pick else None
         ft = self.run_config(row, seed)
-        # where the config sets this run's precision: its mode's settings, or finetune's
-        where = (f"modes: {row.mode}" if "precision" in self.cfg.modes.get(row.mode, {})
-                 else "finetune")
-        self._check_precision(run_dir, ft, where)
+        self._check_precision(run_dir, ft)
         if (run_dir / "result.json").exists():
             done = RunResult.load(run_dir / "result.json")
             if sel is not None and json.loads(done.meta["inputs"]["selected"]) != sel.selected:
@@ -216,15 +213,16 @@ class Workspace:
                     "selected": sel.selected if sel else None},
             progress=self.progress)
 
-    @staticmethod
-    def _check_precision(run_dir: Path, ft: FinetuneConfig, where: str) -> None:
+    def _check_precision(self, run_dir: Path, ft: FinetuneConfig) -> None:
         """Refuse to go on with a folder whose run computed in another precision than this
         device would (``precision: auto`` on a GPU with or without native bf16): its table would
         mix the two. The experiment's claim leaves the precision setting out, so that the fix
-        named here is one the config can apply, ``where`` it sets the run's precision."""
+        named here is one the config can apply, where it sets the run's precision (its mode's
+        settings, or finetune's)."""
         recorded = recorded_precision(run_dir)
         now = computes_in(ft.precision, process_device(ft.device))
         if recorded is not None and recorded != now:
+            where = f"modes: {ft.mode}" if "precision" in self.cfg.modes.get(ft.mode, {}) else "finetune"
             raise PretrainReuseError(
                 f"{str(run_dir)!r} was trained in {recorded}, but precision {ft.precision!r} "
                 f"computes in {now} on this device; set precision: {recorded} under {where}: in "
