@@ -26,7 +26,7 @@ def test_summary_holds_what_users_script_over(quick_demo):
     for name, run in summary["finetune"].items():
         assert {"top1_mean", "top1_std", "seeds"} <= set(run), name
     assert {"preserved", "discarded", "new", "exclusive_vs_scratch", "faithfulness_error",
-            "counterfactual"} <= set(summary["knowledge"])
+            "counterfactual", "set_alone"} <= set(summary["knowledge"])
     assert {"pretrain", "embed_features_pretrain", "knowledge"} <= set(summary["timing_s"])
     assert re.search(r"finetune\s+vanilla: test top-1 \d\.\d{4}", stdout)
     meta = summary["meta"]  # what made these numbers: seed, settings, versions, threads

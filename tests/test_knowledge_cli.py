@@ -14,7 +14,12 @@ from pretrain_reuse.cli import main
 from pretrain_reuse.data import open_dataset
 from pretrain_reuse.embed import preprocessed
 from pretrain_reuse.errors import PretrainReuseError
-from pretrain_reuse.knowledge import discrimination_power, harsanyi_and, knowledge_report
+from pretrain_reuse.knowledge import (
+    discrimination_power,
+    harsanyi_and,
+    knowledge_report,
+    set_ablation,
+)
 from pretrain_reuse.knowledge.analysis import (
     KnowledgeWarning,
     analyze_knowledge,
@@ -613,6 +618,21 @@ def test_the_counterfactual_check_reports_the_rank_correlation(tmp_path, capsys)
     assert cf["n_sets"] == len(preserved) > 2
     assert cf["prediction_spearman"] == pytest.approx(stats.spearmanr(predicted, measured)[0])
     assert cf["prediction_pearson"] == pytest.approx(stats.pearsonr(predicted, measured)[0])
+
+
+def test_the_analysis_reports_each_knowledge_set_alone_as_set_ablation_gives_it(tmp_path, capsys):
+    # one network in both roles (two random ones agree on no sample): all knowledge preserved
+    model = _classifier(tmp_path / "m.safetensors", 10)
+    rc, _, err = _run(capsys, "knowledge", "--model", "smallcnn-s", "--pretrained", model,
+                      "--finetuned", model, "--data", "synthetic:target", "--players",
+                      "grid:2x2", "--samples", 3, "--quiet", "--out", tmp_path / "k")
+    assert rc == 0, err
+    k = json.loads((tmp_path / "k" / "knowledge.json").read_text())
+    pre, ft = (_interactions(tmp_path / "k" / role) for role in ("pretrained", "finetuned"))
+    assert k["ablation"] == set_ablation(knowledge_report(pre, ft), ft).to_dict()
+    assert list(k["ablation"]) == ["salient", "preserve", "new"]
+    assert k["ablation"]["salient"]["fidelity"]["n_used"] == 3
+    assert k["ablation"]["preserve"] == k["ablation"]["salient"] and k["ablation"]["new"]["items"] == 0
 
 
 def _someone_elses_folder(folder):

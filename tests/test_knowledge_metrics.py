@@ -26,6 +26,7 @@ from pretrain_reuse.knowledge import (
     Convergence,
     Interactions,
     KnowledgeReport,
+    SetAblation,
     SetDiscrimination,
     accuracy_correlation,
     cover_ratio,
@@ -35,6 +36,7 @@ from pretrain_reuse.knowledge import (
     mask_of,
     planted_game,
     sample_knowledge,
+    set_ablation,
     set_discrimination,
     transferability,
     weighted_overlap,
@@ -500,6 +502,124 @@ def test_purity_leaves_out_classes_of_one_sample_and_is_undefined_without_others
     assert d.purity("preserve") < 1.0
     alone = set_discrimination(knowledge_report(xs[2:], xs[2:]), labels[2:])
     assert math.isnan(alone.purity("preserve")) and alone.to_dict()["preserve"]["purity"] is None
+
+
+# --------------------------------------------------------------------------------------------
+# Each knowledge set alone (note §6.1)
+# --------------------------------------------------------------------------------------------
+
+
+def _by_definition(x: Interactions, keep) -> np.ndarray:
+    """ŵ(S) = v(∅) + kept AND terms inside S + kept OR terms meeting S, coalition by coalition."""
+    return np.array([x.v[0] + sum(x.and_values[t] for kind, t in keep if kind == "and" and t & s == t)
+                     + sum(x.or_values[t] for kind, t in keep if kind == "or" and t & s)
+                     for s in range(1 << x.n)])
+
+
+def test_surrogate_equals_its_definition_on_every_coalition():
+    rng = np.random.default_rng(0)
+    x = Interactions(n=5, and_values=rng.normal(size=32), or_values=rng.normal(size=32),
+                     v=rng.normal(size=32), noise=np.zeros(32), kind="and-or")
+    keep = [("and", 3), ("or", 6), ("and", 31), ("or", 1), ("and", 16)]
+    np.testing.assert_allclose(x.surrogate(keep), _by_definition(x, keep), atol=1e-12)
+    np.testing.assert_array_equal(x.surrogate([]), np.full(32, x.v[0]))
+
+
+@pytest.mark.parametrize("key", [("and", 0), ("or", 8), ("xor", 1), ("and",), ["and", 1]])
+def test_surrogate_refuses_what_is_no_interaction_of_its_players(key):
+    with pytest.raises(PretrainReuseError, match="no interaction of 3 players; pass \\(type, mask\\)"):
+        FT.surrogate([key])
+
+
+def _planted(n: int, and_terms: dict, or_terms: dict, bias: float, **info) -> Interactions:
+    """Interactions that are exactly the planted terms of their game (no noise)."""
+    i_and, i_or = np.zeros(1 << n), np.zeros(1 << n)
+    i_and[0] = bias
+    for terms, target in ((and_terms, i_and), (or_terms, i_or)):
+        for players, value in terms.items():
+            target[mask_of(players, n)] = value
+    return Interactions(n=n, and_values=i_and, or_values=i_or, noise=np.zeros(1 << n),
+                        v=planted_game(n, and_terms, or_terms, bias=bias), kind="and-or", info=info)
+
+
+# the fine-tuned game: preserved AND {0,1} and OR {2,3}, new AND {0,3} and {2}; the pre-trained
+# model also has AND {1,2} (discarded); the scratch model has AND {0,1}, so OR {2,3} is exclusive
+BIAS = -1.5
+PRESERVED = ({(0, 1): 3.0}, {(2, 3): 1.0})
+NEW = {(0, 3): -1.0, (2,): 0.7}
+FT4 = _planted(4, {**PRESERVED[0], **NEW}, PRESERVED[1], BIAS, output="log-odds")
+PRE4 = _planted(4, {(0, 1): 2.0, (1, 2): 1.5}, {(2, 3): -0.8}, 0.0, output="log-odds")
+SCRATCH4 = _planted(4, {(0, 1): 1.0}, {}, 0.0, output="log-odds")
+
+
+def _fidelity(v: np.ndarray, w: np.ndarray) -> float:
+    return 1 - np.sum((v - w) ** 2) / np.sum((v - v.mean()) ** 2)
+
+
+def test_set_ablation_rebuilds_the_game_from_each_planted_set_alone():
+    report = knowledge_report(PRE4, FT4, SCRATCH4)
+    a = set_ablation(report, FT4)
+    v, span = FT4.v, FT4.v[-1] - FT4.v[0]  # 2.2 - (-1.5) = 3.7
+    preserved = planted_game(4, *PRESERVED, bias=BIAS)
+    new = planted_game(4, NEW, bias=BIAS)
+    exclusive = planted_game(4, {}, PRESERVED[1], bias=BIAS)
+    assert list(a.measures) == ["salient", "preserve", "new", "exclusive"]
+    assert {k: s.tolist() for k, s in a.sizes.items()} == {"salient": [4], "preserve": [2], "new": [2],
+                                                          "exclusive": [1]}
+    for name, w in (("salient", v), ("preserve", preserved), ("new", new), ("exclusive", exclusive)):
+        assert a.mean(name, "fidelity") == pytest.approx(_fidelity(v, w), abs=1e-12)
+        assert a.mean(name, "error") == pytest.approx(np.abs(v - w).mean() / span, abs=1e-12)
+    assert a.mean("salient", "fidelity") == pytest.approx(1.0) and a.mean("salient", "error") < 1e-12
+    # shares: the planted sums over v(N) - v(∅); preserve and new add up to all of the output
+    assert a.mean("preserve", "share") == pytest.approx(4.0 / 3.7)
+    assert a.mean("new", "share") == pytest.approx(-0.3 / 3.7)
+    assert a.mean("exclusive", "share") == pytest.approx(1.0 / 3.7)
+    assert a.mean("salient", "share") == pytest.approx(1.0)
+    # v(N) = 2.2 > 0; preserved alone gives 2.5 at N, new alone -1.8, exclusive alone -0.5
+    assert [a.mean(k, "same_decision") for k in a.measures] == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_set_ablation_averages_over_samples_and_leaves_out_those_without_an_effect():
+    # FT's game is constant (v = 0): nothing is defined there, and PRE4's game is not log-odds
+    flat, plain = FT, _planted(4, {(0, 1): 2.0}, {}, 0.5)
+    a = set_ablation(knowledge_report([PRE, PRE4, PRE4], [flat, FT4, plain]), [flat, FT4, plain])
+    assert np.isnan(a.measures["preserve"]["fidelity"][0])
+    assert a.mean("preserve", "fidelity") == pytest.approx(
+        np.mean(a.measures["preserve"]["fidelity"][1:]))
+    d = a.to_dict()
+    assert d["preserve"]["fidelity"]["n_used"] == 2 and d["preserve"]["same_decision"]["n_used"] == 1
+    assert d["salient"]["items"] == pytest.approx((4 + 4 + 1) / 3)  # FT, FT4, plain
+    alone = set_ablation(knowledge_report(PRE, flat), flat).to_dict()
+    assert alone["new"]["fidelity"] == {"mean": None, "n_used": 0}
+    assert "exclusive" not in alone
+
+
+def test_set_ablation_refuses_interactions_the_report_was_not_made_from():
+    report = knowledge_report([PRE4, PRE4], [FT4, FT4])
+    with pytest.raises(PretrainReuseError, match="got 1 finetuned interactions for 2 samples"):
+        set_ablation(report, FT4)
+    with pytest.raises(PretrainReuseError, match="finetuned\\[1\\] is not the fine-tuned model's"):
+        set_ablation(report, [FT4, PRE4])
+    with pytest.raises(PretrainReuseError, match="report must be a KnowledgeReport"):
+        set_ablation({"samples": []}, FT4)
+
+
+def test_set_ablation_saves_loads_and_plots_itself(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    a = set_ablation(knowledge_report([PRE, PRE4], [FT, FT4], [SCRATCH, SCRATCH4]), [FT, FT4])
+    b = SetAblation.load(a.save(tmp_path / "ablation.json"))
+    assert b.to_dict() == a.to_dict()
+    for name in a.measures:
+        np.testing.assert_array_equal(b.sizes[name], a.sizes[name])
+        for m, values in a.measures[name].items():
+            np.testing.assert_array_equal(b.measures[name][m], values)
+    assert "fidelity: salient=" in repr(a)
+    ax = a.plot()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["salient", "preserve", "new", "exclusive"]
+    with pytest.raises(PretrainReuseError, match="holds kind 'set-ablation', not 'set-discrimination'"):
+        SetDiscrimination.load(tmp_path / "ablation.json")
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,6 +33,10 @@ def _knowledge() -> dict:
     def faith():
         return {"max": 0.0, "mean": 0.0, "max_over_samples": 0.0}
 
+    def ablation(items):
+        return {"items": items, **{m: {"mean": 0.5, "n_used": 2} for m in ("fidelity", "error", "share")},
+                "same_decision": {"mean": 1.0, "n_used": 2}}
+
     def by_order(discard):
         return {"preserve": {"mean": 1 - discard, "n_used": 2},
                 "discard": {"mean": discard, "n_used": 2}, "new": {"mean": 0.5, "n_used": 2}}
@@ -43,6 +47,8 @@ def _knowledge() -> dict:
             "strength_by_order": {"pretrained": [0.5, 0.5], "finetuned": [0.4, 0.6]},
             "faithfulness": {"pretrained": faith(), "finetuned": faith()},
             "counterfactual": {"n_sets": 0},
+            "ablation": {name: ablation(items) for name, items in (("salient", 3.0), ("preserve", 1.0),
+                                                                   ("new", 2.0))},
             "meta": {"inputs": {"models": {"pretrained": {"weights": None},
                                            "finetuned": {"weights": None}}}}}
 
@@ -129,6 +135,7 @@ def test_a_json_file_that_is_not_a_demo_summary_is_one_line(tmp_path, capsys, re
 
 @pytest.mark.parametrize("missing", ["strength_by_order", "faithfulness.finetuned.max_over_samples",
                                      "counterfactual.n_sets", "samples.screened",
+                                     "ablation.new.fidelity.mean",
                                      "report.by_order.2.discard.n_used",
                                      "meta.inputs.models.finetuned.weights"])
 def test_a_knowledge_json_lacking_an_entry_is_one_line_naming_it(tmp_path, capsys, missing):
@@ -164,6 +171,17 @@ def test_undefined_ratios_and_errors_are_shown_as_not_available(tmp_path, capsys
     (run / "knowledge" / "knowledge.json").write_text(json.dumps(knowledge))
     page = _page(capsys, run)
     assert "<td>0.000</td><td>n/a</td>" in page and "the ratio is undefined (ratio n/a)" in page
+
+
+def test_the_report_shows_each_knowledge_set_alone(tmp_path, capsys):
+    knowledge = _knowledge()
+    knowledge["ablation"]["preserve"].update(fidelity={"mean": 0.641, "n_used": 2},
+                                             same_decision={"mean": None, "n_used": 0})
+    page = _page(capsys, _run(tmp_path, _summary(), knowledge))
+    assert "<h3>Each knowledge set alone</h3>" in page
+    assert ("<td>preserve</td><td>1.0</td><td>0.641</td><td>0.500</td><td>0.5000</td><td>n/a</td>"
+            in page)
+    assert "<td>new</td><td>2.0</td><td>0.500</td><td>0.500</td><td>0.5000</td><td>1.00</td>" in page
 
 
 def test_a_knowledge_analysis_stopped_halfway_is_one_line(tmp_path, capsys):

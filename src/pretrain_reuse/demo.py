@@ -21,8 +21,9 @@ Stages (each writes into the run folder and is skipped when a rerun finds it fin
    clusters), co-tuning, linear probe and scratch on the target task, over several seeds.
 6. ``knowledge``: interactions of the pre-trained (linear probe), fine-tuned and scratch models on
    target test images (players: the world's parts, or grid patches): preserved / discarded / new knowledge,
-   convergence over the snapshots of fine-tuning and of scratch training, faithfulness and the
-   counterfactual check. An analysis with a missing or damaged file is done again on a rerun.
+   convergence over the snapshots of fine-tuning and of scratch training, faithfulness, the
+   counterfactual check and each knowledge set alone. An analysis with a missing or damaged file
+   is done again on a rerun.
 7. ``report``: ``report.html`` (self-contained) and ``summary.json``.
 
 A self-supervised pre-training variant is not part of the demo: a contrastive method needs far
@@ -286,6 +287,9 @@ def _summary(out: Path, plan: DemoPlan, runs, related, timing, quick: bool, seed
                 ("exclusive_vs_scratch", "exclusive")) if key in overall},
             "faithfulness_error": {r: f["max"] for r, f in k["faithfulness"].items()},
             "counterfactual": k["counterfactual"],
+            # each set of the fine-tuned model's knowledge alone: fidelity R², share of the output
+            "set_alone": {name: {m: a[m]["mean"] for m in ("fidelity", "share")}
+                          for name, a in k["ablation"].items()},
             "samples": k["samples"]["n"],
             # world only: precision / recall of the salient interactions against the class rules
             **({"ground_truth": {role: {m: g["overall"][m]["mean"] for m in ("precision", "recall")}

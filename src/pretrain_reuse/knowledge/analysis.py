@@ -13,6 +13,10 @@ definitions of ``docs/knowledge.md``):
   towards its run's final model (:func:`~.metrics.knowledge_convergence`, note §4 [recon]), over
   the training step each snapshot records (``first_at_threshold`` is a step);
 - faithfulness of every model's salient interactions (their sum against v on all 2^n masks);
+- each knowledge set of the fine-tuned model alone (:func:`~.metrics.set_ablation`): how well
+  its preserved, its new (and its exclusive) interactions alone reproduce its output on all 2^n
+  masks, the share of the output on the whole input each accounts for, and whether each alone
+  keeps the model's decision;
 - a counterfactual check the paper lacked: removing the players of a preserved interaction
   changes the fine-tuned model's output by ``v(N) - v(N \ S)``, which its salient interactions
   predict as ``sum_{AND T ∩ S ≠ ∅} I(T) + sum_{OR ∅ ≠ T ⊆ S} I(T)``; removing as many random
@@ -76,6 +80,7 @@ from .metrics import (
     _ranks,
     knowledge_convergence,
     knowledge_report,
+    set_ablation,
     set_discrimination,
 )
 from .plots import purity_is_informative, salient_figure, save_knowledge_plots
@@ -115,6 +120,8 @@ SUMMARY_KEYS = (
     "strength_by_order", "meta.inputs.models.*.weights",
     "faithfulness.*.max", "faithfulness.*.mean", "faithfulness.*.max_over_samples",
     "counterfactual.n_sets",
+    *(f"ablation.{name}.{e}" for name in ("salient", "preserve", "new")
+      for e in ("items", "fidelity.mean", "share.mean", "error.mean", "same_decision.mean")),
     *(f"{curve}?.{e}" for curve in ("convergence", "scratch_convergence")
       for e in ("measure", "threshold", "steps", "similarity", "detour", "auc",
                 "first_at_threshold", "n_decreases", "total_detour")),
@@ -350,6 +357,7 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
         "faithfulness": {role: _faithfulness(xs, tau) for role, xs in explained.items()},
         "strength_by_order": {role: _strength_by_order(xs) for role, xs in explained.items()},
         "counterfactual": _counterfactual_summary(report, explained["finetuned"], tau, cfg.seed),
+        "ablation": set_ablation(report, explained["finetuned"]).to_dict(),
     }
     if cfg.players == "parts" and hasattr(dataset, "scene"):
         summary["ground_truth"] = _ground_truth(dataset, indices, explained, tau)

@@ -44,6 +44,8 @@ from .interactions import orders, players_of
 from .values import Interactions, check_interactions
 
 __all__ = [
+    "ABLATION_MEASURES",
+    "ABLATION_SETS",
     "MATCHES",
     "MEASURES",
     "SET_EFFECTS",
@@ -53,6 +55,7 @@ __all__ = [
     "KnowledgeReport",
     "RatioStats",
     "SampleKnowledge",
+    "SetAblation",
     "SetDiscrimination",
     "accuracy_correlation",
     "cover_ratio",
@@ -61,6 +64,7 @@ __all__ = [
     "knowledge_report",
     "knowledge_set",
     "sample_knowledge",
+    "set_ablation",
     "set_discrimination",
     "transferability",
     "weighted_overlap",
@@ -871,9 +875,9 @@ def set_discrimination(report: KnowledgeReport, labels: Iterable[int]) -> SetDis
     items, the fine-tuned model's for the others). An item found on one sample of its class has
     β = 1, which is why classes of one sample stay out of the mean, and why with few samples per
     class every purity is near 1: explain several samples per class.
-    The note's options (b) (per sample, the share of a set with a positive effect on the
-    ground-truth log-odds) and (c) (the output a set explains, Σ_{S∈K} I(S|x) / (v(N) - v(∅)))
-    are not implemented.
+    The note's option (b) (per sample, the share of a set with a positive effect on the
+    ground-truth log-odds) is not implemented; option (c) (the output a set explains,
+    Σ_{S∈K} I(S|x) / (v(N) - v(∅))) is :func:`set_ablation`'s ``share``.
 
     Args:
         report: :func:`knowledge_report` of the samples (``exclusive`` needs its scratch model).
@@ -897,6 +901,163 @@ def set_discrimination(report: KnowledgeReport, labels: Iterable[int]) -> SetDis
             by_class.setdefault(int(label), []).append({k: effects[k] for k in getattr(sample, name)})
         by_set[name] = {c: _discrimination(e) for c, e in by_class.items()}
     return SetDiscrimination(by_set)
+
+
+# --------------------------------------------------------------------------------------------
+# Each knowledge set alone
+# --------------------------------------------------------------------------------------------
+
+#: The fine-tuned model's sets that :func:`set_ablation` keeps alone, in table order
+#: (``salient``: all of Ω_ft, the reference; ``exclusive`` only with a scratch model).
+ABLATION_SETS = ("salient", "preserve", "new", "exclusive")
+#: What :func:`set_ablation` measures of each set's surrogate.
+ABLATION_MEASURES = ("fidelity", "error", "share", "same_decision")
+#: The game outputs whose sign is the model's decision (p(y) > 1/2), for ``same_decision``.
+LOG_ODDS = ("log-odds", "log-odds-clipped")
+
+
+@dataclass(frozen=True)
+class SetAblation:
+    """The fine-tuned model's game rebuilt from one knowledge set at a time (:func:`set_ablation`).
+
+    Attributes:
+        measures: ``{set: {measure: (samples,) float64}}``, NaN where a sample leaves it undefined.
+        sizes: ``{set: (samples,) int64}``, the set's items on every sample.
+    """
+
+    measures: dict[str, dict[str, np.ndarray]]
+    sizes: dict[str, np.ndarray]
+
+    def __repr__(self) -> str:  # a summary: the dataclass repr prints every sample's numbers
+        shown = ", ".join(f"{name}={_nan_to_none(self.mean(name, 'fidelity'))}" for name in self.measures)
+        return f"SetAblation(samples={len(next(iter(self.sizes.values())))}, fidelity: {shown})"
+
+    def mean(self, name: str, measure: str) -> float:
+        """The mean of ``measure`` over the samples that define it (NaN if none does)."""
+        check_choice("set", name, self.measures.keys())
+        check_choice("measure", measure, ABLATION_MEASURES)
+        values = self.measures[name][measure]
+        values = values[~np.isnan(values)]
+        return float(values.mean()) if values.size else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        """Per set: its mean size and each measure's mean and the samples that define it (NaN as
+        None), as ``knowledge.json`` holds it."""
+        return {name: {"items": float(self.sizes[name].mean()),
+                       **{m: {"mean": _nan_to_none(self.mean(name, m)),
+                              "n_used": int((~np.isnan(values)).sum())}
+                          for m, values in per.items()}}
+                for name, per in self.measures.items()}
+
+    def save(self, path: str | Path) -> Path:
+        """Write every sample's numbers (and :meth:`to_dict`'s means, for readers of the JSON)
+        atomically; returns the path."""
+        per_sample = {name: {"items": self.sizes[name].tolist(),
+                             **{m: [_nan_to_none(float(v)) for v in values] for m, values in per.items()}}
+                      for name, per in self.measures.items()}
+        return _save_json(path, "set-ablation", {"summary": self.to_dict(), "per_sample": per_sample})
+
+    @classmethod
+    def load(cls, path: str | Path) -> SetAblation:
+        """Read a file written by :meth:`save`."""
+        per_sample = _load_json(path, "set-ablation", ("per_sample",))["per_sample"]
+        try:
+            return cls({name: {m: _none_to_nan(per[m]) for m in ABLATION_MEASURES}
+                        for name, per in per_sample.items()},
+                       {name: np.array(per["items"], dtype=np.int64) for name, per in per_sample.items()})
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise PretrainReuseError(f"{str(path)!r} has malformed per-sample numbers ({exc!r}); "
+                                     "write it again with SetAblation.save") from None
+
+    def plot(self, ax=None):
+        """Bars of each set's fidelity and share, means over samples, on ``ax`` (None: the
+        current axes, as every plot of the package); returns the axes."""
+        import matplotlib.pyplot as plt  # only when plotting
+
+        from .plots import plot_set_ablation  # the figure the HTML report draws
+
+        ax = ax or plt.gca()
+        plot_set_ablation({"ablation": self.to_dict()}, ax)
+        return ax
+
+
+def set_ablation(report: KnowledgeReport, finetuned: Iterable[Interactions] | Interactions
+                 ) -> SetAblation:
+    r"""How much of the fine-tuned model's behaviour each knowledge set carries alone.
+
+    The reference note's §6.1 ablation ("restore only K_preserve vs only K_new in the interaction
+    model and measure the accuracy of the surrogate") and its option (c) of §4 (the output a set
+    explains), not in Jiang, Cheng & Li (arXiv 2410.08455). On every sample, for each set
+    A ∈ {salient (all of Ω_ft), preserve, new, exclusive} of the fine-tuned model's items, its
+    surrogate :meth:`~.values.Interactions.surrogate` keeps v(∅) and the fine-tuned model's
+    interactions in A only,
+
+    .. math::
+
+        \hat w_A(S) = v(\emptyset) + \sum_{(and, T) \in A,\, T \subseteq S} I_{and}(T)
+                     + \sum_{(or, T) \in A,\, T \cap S \neq \emptyset} I_{or}(T),
+
+    and is compared with the game v on all 2^n coalitions S:
+
+    - ``fidelity``: :math:`R^2 = 1 - \sum_S (v(S) - \hat w_A(S))^2 / \sum_S (v(S) - \bar v)^2`
+      (1: A reproduces the game; 0: no better than its mean; undefined when v is constant);
+    - ``error``: :math:`\mathrm{mean}_S |v(S) - \hat w_A(S)| / |v(N) - v(\emptyset)|`, the unit of
+      the faithfulness check;
+    - ``share``: :math:`(\hat w_A(N) - v(\emptyset)) / (v(N) - v(\emptyset))
+      = \sum_{T \in A} I(T) / (v(N) - v(\emptyset))`, the part of the output on the whole input that
+      A accounts for (the shares of preserve and new add up to salient's);
+    - ``same_decision``: 1 when :math:`\hat w_A(N)` and v(N) have the same sign, i.e. for a
+      log-odds output (the default of ``explain``) the surrogate keeps the model's decision
+      whether p(y) > 1/2 on the whole input; NaN for other outputs.
+
+    The last three are undefined when v(N) = v(∅). Per sample, the items' effects are checked
+    against ``finetuned``, so the interactions must be those the report was made from.
+
+    Args:
+        report: :func:`knowledge_report` of the samples (``exclusive`` needs its scratch model).
+        finetuned: the fine-tuned model's :class:`Interactions` on the report's samples, in its
+            order.
+    """
+    if not isinstance(report, KnowledgeReport):
+        raise PretrainReuseError(f"report must be a KnowledgeReport (from knowledge_report), got "
+                                 f"{type(report).__name__}")
+    finetuned = _samples("finetuned", finetuned)
+    if len(finetuned) != report.n_samples:
+        raise PretrainReuseError(f"got {len(finetuned)} finetuned interactions for {report.n_samples} "
+                                 "samples; pass the fine-tuned model's interactions of every sample "
+                                 "of the report, in its order")
+    names = [k for k in ABLATION_SETS if k != "exclusive" or report.samples[0].scratch is not None]
+    measures = {name: {m: np.empty(report.n_samples) for m in ABLATION_MEASURES} for name in names}
+    sizes = {name: np.empty(report.n_samples, dtype=np.int64) for name in names}
+    for i, (sample, x) in enumerate(zip(report.samples, finetuned, strict=True)):
+        check_interactions(f"finetuned[{i}]", x)
+        effects = {item[:2]: effect for item, effect in sample.finetuned.items()}
+        if x.n != sample.n or any(x.get(players_of(mask), kind) != e
+                                  for (kind, mask), e in effects.items()):
+            raise PretrainReuseError(f"finetuned[{i}] is not the fine-tuned model's interactions the "
+                                     f"report was made from (sample {i}); pass those, in the "
+                                     "report's sample order")
+        for name in names:
+            items = sample.finetuned.keys() if name == "salient" else getattr(sample, name)
+            sizes[name][i] = len(items)
+            for m, value in _ablation_measures(x, [item[:2] for item in items]).items():
+                measures[name][m][i] = value
+    return SetAblation(measures, sizes)
+
+
+def _ablation_measures(x: Interactions, keep: list[tuple[str, int]]) -> dict[str, float]:
+    """:func:`set_ablation`'s measures of the surrogate of ``x`` from the interactions ``keep``."""
+    w_hat = x.surrogate(keep)
+    residual = np.sum((x.v - w_hat) ** 2)
+    spread = np.sum((x.v - x.v.mean()) ** 2)
+    span = x.v[-1] - x.v[0]
+    decided = x.info.get("output") in LOG_ODDS and span != 0
+    return {
+        "fidelity": float(1.0 - residual / spread) if spread > 0 else math.nan,
+        "error": float(np.abs(x.v - w_hat).mean() / abs(span)) if span != 0 else math.nan,
+        "share": float((w_hat[-1] - x.v[0]) / span) if span != 0 else math.nan,
+        "same_decision": float((w_hat[-1] > 0) == (x.v[-1] > 0)) if decided else math.nan,
+    }
 
 
 # --------------------------------------------------------------------------------------------

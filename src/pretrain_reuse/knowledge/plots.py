@@ -90,6 +90,27 @@ def plot_set_purity(summary: dict[str, Any], ax) -> None:
     ax.set_title("Discrimination power of each knowledge set (dots: classes)")
 
 
+def plot_set_ablation(summary: dict[str, Any], ax) -> None:
+    """Each knowledge set of the fine-tuned model alone (the ``ablation`` entry of
+    ``knowledge.json``, ``SetAblation.to_dict()``): per set, its surrogate's fidelity R² over all
+    masks (solid) and the share of v(N) - v(∅) it accounts for (hatched), means over samples; a
+    mean no sample defines is an empty bar, and the set's label says n/a."""
+    ablation = summary["ablation"]
+    names = list(ablation)
+    colours = [RATIO_COLOURS.get(n, "C7") for n in names]
+    x = np.arange(len(names))
+    for offset, measure, hatch in ((-0.2, "fidelity", None), (0.2, "share", "//")):
+        means = [ablation[n][measure]["mean"] for n in names]
+        ax.bar(x + offset, [m or 0.0 for m in means], width=0.4, color=colours,
+               hatch=hatch, alpha=0.8 if hatch is None else 0.45, label=measure)
+    undefined = [any(ablation[n][m]["mean"] is None for m in ("fidelity", "share")) for n in names]
+    ax.set_xticks(x, [f"{n}\n(n/a)" if u else n for n, u in zip(names, undefined, strict=True)])
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_ylabel("mean over samples")
+    ax.legend(fontsize=7)
+    ax.set_title("Each knowledge set alone: fidelity R² and share of the output")
+
+
 #: The convergence curves of ``knowledge.json``: its entry, the run it follows, its colour.
 CURVES = {"convergence": ("fine-tuning", "C0"), "scratch_convergence": ("scratch", "C1")}
 

@@ -193,13 +193,33 @@ class Interactions:
                 keep[type][mask] = 1.0
         return keep
 
-    def faithfulness_error(self, tau: float = 0.05) -> dict[str, float]:
-        r"""How well the salient interactions alone reproduce the game (reference note §6.2).
+    def surrogate(self, keep: Iterable[Key]) -> np.ndarray:
+        r"""ŵ(S) on every coalition, (2^n,): the game rebuilt from v(∅) and the interactions
+        ``keep`` alone (reference note §6.2; with ``keep`` a knowledge set, §6.1's ablation).
 
         .. math::
 
-            \hat w(S) = v(\emptyset) + \sum_{T \in \Omega_{and}, T \subseteq S} I_{and}(T)
-                        + \sum_{T \in \Omega_{or}, T \cap S \neq \emptyset} I_{or}(T)
+            \hat w(S) = v(\emptyset) + \sum_{(and, T) \in keep,\, T \subseteq S} I_{and}(T)
+                        + \sum_{(or, T) \in keep,\, T \cap S \neq \emptyset} I_{or}(T)
+
+        Args:
+            keep: (type, mask) keys, as :meth:`salient` returns; ∅ (mask 0, the bias) is no
+                interaction and is refused.
+        """
+        parts = {t: torch.zeros(1 << self.n, dtype=torch.float64) for t in TYPES}
+        for key in keep:
+            if not (isinstance(key, tuple) and len(key) == 2 and key[0] in TYPES
+                    and is_integer(key[1]) and 0 < key[1] < 1 << self.n):
+                raise PretrainReuseError(
+                    f"{key!r:.60} is no interaction of {self.n} players; pass (type, mask) keys "
+                    f"as salient() returns them, type in {TYPES}, mask in 1..{(1 << self.n) - 1}")
+            parts[key[0]][key[1]] = float(self._values(key[0])[key[1]])
+        return self.v[0] + (subset_sum_(parts["and"], self.n, 1.0)
+                            + or_reconstruct_(parts["or"], self.n)).numpy()
+
+    def faithfulness_error(self, tau: float = 0.05) -> dict[str, float]:
+        r"""How well the salient interactions alone reproduce the game (reference note §6.2):
+        the :meth:`surrogate` ŵ of the salient set Ω against v.
 
         Returns:
             ``max``: max_S |v(S) - ŵ(S)| / |v(N) - v(∅)| over all 2^n coalitions;
@@ -209,11 +229,7 @@ class Interactions:
             The normalised entries are NaN when v(N) = v(∅).
         """
         keep = self._salient_masks(tau)
-        and_part = torch.from_numpy(self.and_values * keep["and"])
-        or_part = torch.from_numpy(self.or_values * keep["or"])
-        and_part[0] = 0.0
-        or_part[0] = 0.0
-        w_hat = self.v[0] + (subset_sum_(and_part, self.n, 1.0) + or_reconstruct_(or_part, self.n)).numpy()
+        w_hat = self.surrogate(self.salient(tau))
         span = abs(self.v[-1] - self.v[0])
         err = np.abs(self.v - w_hat)
         strength = np.abs(np.concatenate([self.and_values[1:], self.or_values[1:]]))
