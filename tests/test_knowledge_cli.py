@@ -788,7 +788,8 @@ def test_the_python_api_names_a_path_or_name_given_for_a_loaded_object(tmp_path)
     with pytest.raises(PretrainReuseError, match="the finetuned model must be a Backbone, got str"):
         analyze_knowledge({"pretrained": net, "finetuned": "m.safetensors"}, data, cfg,
                           tmp_path / "k")
-    with pytest.raises(PretrainReuseError, match="cfg must be an ExplainConfig, got dict"):
+    with pytest.raises(PretrainReuseError, match=r"cfg must be an ExplainConfig, got dict; build "
+                                                 r"it with ExplainConfig\(\*\*fields\)"):
         explain(net, data, np.arange(2), {"players": "grid:2x2"})
     assert not (tmp_path / "k").exists()
 

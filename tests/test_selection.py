@@ -473,8 +473,8 @@ def test_a_dict_config_is_the_select_config_of_its_fields():
         s, t, SelectConfig(k=3, eps_c=0.5)).selected
     with pytest.raises(PretrainReuseError, match=r"SelectConfig field='kk'.*did you mean 'k'"):
         select(s, t, {"kk": 3})
-    with pytest.raises(PretrainReuseError, match="cfg must be a SelectConfig or a dict of its "
-                                                 "fields, not int"):
+    with pytest.raises(PretrainReuseError, match=r"cfg must be a SelectConfig or a dict of its fields, "
+                                                 r"got int; build it with SelectConfig\(\*\*fields\)"):
         select(s, t, 3)
 
 

@@ -548,8 +548,8 @@ def _as_config(cfg: SelectConfig | Mapping[str, Any] | None) -> SelectConfig:
             check_choice("SelectConfig field", key, [f.name for f in fields(SelectConfig)])
         return SelectConfig(**cfg)
     if not isinstance(cfg, SelectConfig):
-        raise PretrainReuseError(f"cfg must be a SelectConfig or a dict of its fields, not "
-                                 f"{type(cfg).__name__}")
+        raise PretrainReuseError(f"cfg must be a SelectConfig or a dict of its fields, got "
+                                 f"{type(cfg).__name__}; build it with SelectConfig(**fields)")
     return cfg
 
 

@@ -525,7 +525,8 @@ def check_objects(models: dict[str, Any], dataset: Any, cfg: Any) -> None:
             f"the data must be an ImageDataset or TextDataset, got {type(dataset).__name__}; open "
             "it with pretrain_reuse.data.open_dataset(spec, split=...) or data.text.text_file(path)")
     if not isinstance(cfg, ExplainConfig):
-        raise PretrainReuseError(f"cfg must be an ExplainConfig, got {type(cfg).__name__}")
+        raise PretrainReuseError(f"cfg must be an ExplainConfig, got {type(cfg).__name__}; build "
+                                 "it with ExplainConfig(**fields)")
 
 
 def check_explainable(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.ndarray,
