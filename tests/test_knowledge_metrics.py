@@ -605,19 +605,35 @@ def test_set_ablation_refuses_interactions_the_report_was_not_made_from():
 
 
 def test_set_ablation_saves_loads_and_plots_itself(tmp_path):
+    import json
+
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pretrain_reuse import load
+
+    # FT's game is constant: its sample is NaN everywhere, which must survive the round trip
     a = set_ablation(knowledge_report([PRE, PRE4], [FT, FT4], [SCRATCH, SCRATCH4]), [FT, FT4])
-    b = SetAblation.load(a.save(tmp_path / "ablation.json"))
-    assert b.to_dict() == a.to_dict()
+    b = load(a.save(tmp_path / "ablation.json"))
+    assert isinstance(b, SetAblation) and b.to_dict() == a.to_dict()
     for name in a.measures:
         np.testing.assert_array_equal(b.sizes[name], a.sizes[name])
         for m, values in a.measures[name].items():
             np.testing.assert_array_equal(b.measures[name][m], values)
-    assert "fidelity: salient=" in repr(a)
-    ax = a.plot()
+    assert repr(a).startswith("SetAblation(samples=2, fidelity: salient=1, preserve=0.")
+    _, ax = plt.subplots()
+    assert a.plot(ax) is ax
     assert [t.get_text() for t in ax.get_xticklabels()] == ["salient", "preserve", "new", "exclusive"]
+    heights = [p.get_height() for p in ax.patches]  # the fidelity bars, then the share bars
+    assert heights == pytest.approx([a.mean(n, m) for m in ("fidelity", "share") for n in a.measures])
+    plt.close("all")
+    record = json.loads((tmp_path / "ablation.json").read_text())
+    del record["per_sample"]["new"]["share"]
+    (tmp_path / "bad.json").write_text(json.dumps(record))
+    with pytest.raises(PretrainReuseError, match=r"bad\.json' has malformed per-sample numbers"):
+        SetAblation.load(tmp_path / "bad.json")
     with pytest.raises(PretrainReuseError, match="holds kind 'set-ablation', not 'set-discrimination'"):
         SetDiscrimination.load(tmp_path / "ablation.json")
 

@@ -466,7 +466,8 @@ OPENS = ("pass an artifact: a FeatureStore, fine-tuning run or experiment folder
 
 #: The knowledge results saved as JSON, by their kind: the class in knowledge.metrics that loads them.
 KNOWLEDGE_RESULTS = {"knowledge-sets": "KnowledgeReport", "knowledge-convergence": "Convergence",
-                     "accuracy-correlation": "AccuracyCorrelation", "set-discrimination": "SetDiscrimination"}
+                     "accuracy-correlation": "AccuracyCorrelation", "set-discrimination": "SetDiscrimination",
+                     "set-ablation": "SetAblation"}
 
 
 def load(path: str | Path, *, what: str = "path", lazy: bool = False):
@@ -481,8 +482,10 @@ def load(path: str | Path, *, what: str = "path", lazy: bool = False):
     :class:`~pretrain_reuse.units.Units` or, by its header,
     :class:`~pretrain_reuse.knowledge.Interactions`; ``.npy`` a prototype matrix (as Units); a
     selection ``.json`` file a :class:`~pretrain_reuse.selection.Selection`; a saved
-    :class:`~pretrain_reuse.knowledge.KnowledgeReport`, :class:`~pretrain_reuse.knowledge.Convergence`
-    or :class:`~pretrain_reuse.knowledge.AccuracyCorrelation` as such. The folders of
+    :class:`~pretrain_reuse.knowledge.KnowledgeReport`, :class:`~pretrain_reuse.knowledge.Convergence`,
+    :class:`~pretrain_reuse.knowledge.AccuracyCorrelation`,
+    :class:`~pretrain_reuse.knowledge.SetDiscrimination` or
+    :class:`~pretrain_reuse.knowledge.SetAblation` as such. The folders of
     ``explain`` and ``knowledge`` hold one Interactions file per sample, and those of ``demo``
     and ``finetune --grid`` several artifacts: open those. ``what`` is how errors name the
     path (a command line passes its flag); the artifact's type is read from the file.

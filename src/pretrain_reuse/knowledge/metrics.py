@@ -929,7 +929,7 @@ class SetAblation:
     sizes: dict[str, np.ndarray]
 
     def __repr__(self) -> str:  # a summary: the dataclass repr prints every sample's numbers
-        shown = ", ".join(f"{name}={_nan_to_none(self.mean(name, 'fidelity'))}" for name in self.measures)
+        shown = ", ".join(f"{name}={self.mean(name, 'fidelity'):.3g}" for name in self.measures)
         return f"SetAblation(samples={len(next(iter(self.sizes.values())))}, fidelity: {shown})"
 
     def mean(self, name: str, measure: str) -> float:
