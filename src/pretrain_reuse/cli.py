@@ -645,7 +645,8 @@ def _add_explain_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True,
                    help="labelled data: image folder, list or data set name; or a .jsonl file of "
                    '{"label": ..., "text": ...} sentences (with --players tokens)')
-    p.add_argument("--split", help="split of --data (default: test for embedded sets)")
+    p.add_argument("--split", help="split of an embedded data set or of a folder of split "
+                   "folders (default: test, where there is one)")
     p.add_argument("--players", default="grid:3x3",
                    help="grid:RxC, parts (synthetic world) or tokens (text classifiers) "
                    "(default: %(default)s)")
@@ -908,7 +909,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--weights", help="local weights of the pre-trained backbone")
     f.add_argument("--target", required=True, help="target training data: folder, list or name; "
                    'for a text model a .jsonl file of {"label": ..., "text": ...} sentences')
-    f.add_argument("--target-test", help="target test data (default: test split of a named set)")
+    f.add_argument("--target-test", help="target test data (default: the test split of a "
+                   "named set or of a folder of split folders)")
     f.add_argument("--source", help="pre-training data (reuse modes; sentences for a text model)")
     f.add_argument("--selection", help="sel.json from `pretrain-reuse select` (reuse modes)")
     f.add_argument("--units", help="units file the selection was made on (clusters)")
@@ -983,7 +985,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--weights", help="local weights of the pre-trained backbone")
     ex.add_argument("--source", help="pre-training pool: folder, list or name")
     ex.add_argument("--target", help="target training data: folder, list or name")
-    ex.add_argument("--target-test", help="target test data (default: test split of a named set)")
+    ex.add_argument("--target-test", help="target test data (default: the test split of a "
+                    "named set or of a folder of split folders)")
     ex.add_argument("--source-features", help="FeatureStore of the pool (default: embedded here)")
     ex.add_argument("--target-features", help="FeatureStore of the target (default: embedded here)")
     ex.add_argument("--seeds", type=_seed, nargs="+", help="fine-tuning seeds (default 0 1 2)")
