@@ -205,7 +205,7 @@ def test_cli_runs_a_recipe_and_refuses_a_changed_config(quick_demo, tmp_path, ca
     assert [r["method"] for r in table.rows] == ["reuse greedy-ot l2", "reuse greedy-ot cosine",
                                                  "reuse uot l2", "reuse uot cosine"]
     assert all(r["recall"] is not None and r["units"] == len(RELATED) for r in table.rows)
-    # the l2 rows use their own cost scale (methods note §2: 0.05-1 reproduces Table 4)
+    # the l2 rows use their own cost scale (ExperimentConfig.eps_c_l2: 0.05-1 reproduces Table 4)
     def scales(metric):
         return {p.name.split("-eps")[1].split("-")[0] for p in (out / "selections").glob(f"*-{metric}-*")}
 

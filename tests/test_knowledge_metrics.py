@@ -505,7 +505,7 @@ def test_purity_leaves_out_classes_of_one_sample_and_is_undefined_without_others
 
 
 # --------------------------------------------------------------------------------------------
-# Each knowledge set alone (note §6.1)
+# Each knowledge set alone (docs/knowledge.md §5)
 # --------------------------------------------------------------------------------------------
 
 
@@ -660,7 +660,7 @@ def test_planted_game_refuses_an_empty_or_term_and_negative_noise():
 
 
 # --------------------------------------------------------------------------------------------
-# Knowledge ratios against accuracy (note §6.4)
+# Knowledge ratios against accuracy (docs/knowledge.md §5)
 # --------------------------------------------------------------------------------------------
 
 # five models: per-sample r_preserve (NaN = empty denominator) and their test accuracies

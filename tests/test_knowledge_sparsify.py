@@ -38,7 +38,7 @@ PLANTED_OR = {(5, 6): 1.0}
 
 @pytest.fixture(scope="module")
 def planted():
-    """The note's n = 8 check: three AND terms, one OR term, noise 0.01."""
+    """An n = 8 check: three AND terms, one OR term, noise 0.01."""
     return planted_game(8, PLANTED_AND, PLANTED_OR, noise=0.01, seed=0)
 
 

@@ -112,7 +112,7 @@ RUNS = {
 }
 QUICK_RUNS = ("vanilla", "reuse-uot", "reuse-random", "linear-probe", "scratch")
 #: Runs whose first seed saves snapshots: the knowledge stage's convergence curves of fine-tuning
-#: and of scratch training (note §4).
+#: and of scratch training (docs/knowledge.md §4).
 SNAPSHOT_RUNS = ("vanilla", "scratch")
 #: Weight of the source loss per mode. Labelled reuse uses the paper's MoCo value (1.0); the
 #: unlabelled loss uses 0.3 because the strong view (RandAugmentMC + Cutout of up to half the

@@ -68,7 +68,8 @@ class ExperimentConfig:
         source_features, target_features: FeatureStore folders; default: embedded by the run.
         layer: the layer of ``model`` whose features select (``embed --layer``): ``penultimate``
             (default; supervised backbones), or ``head`` for a MoCo backbone, whose selection
-            features are its 128-d projection head (Liu et al.; methods note §1.1).
+            features are its 128-d projection head (Liu et al.'s code, ``encoder_q`` in
+            ziquanliu/NeurIPS2022_UOT_fine_tuning ``Self_Supervised_PT/get_class_mean.py``).
         seeds: one fine-tuning run per seed and row.
         k: selected classes; cluster_k: the share of pool images the selected clusters cover
             (default: the share that the top-``k`` UOT classes cover, as the paper matches 200
@@ -79,7 +80,9 @@ class ExperimentConfig:
         clusters: k-means K for cluster units; metric, eps_c: the selection cost.
         eps_c_l2: the cost scale of table4's l2 rows (Euclidean distance between unnormalised
             class means, whose scale is the features' norm: any value in [0.05, 1] gives Liu et
-            al.'s Table 4 counts, the cosine rows' 0.01 does not; methods note §2).
+            al.'s Table 4 counts, the cosine rows' 0.01 does not, on the class means shipped in
+            ziquanliu/NeurIPS2022_UOT_fine_tuning, ``Supervised_PT/class_mean/`` and
+            ``Self_Supervised_PT/class_mean/``).
         relevant: pool class ids known to be related to the target (recall, label selection); in
             YAML a list or the syntax of ``--relevant`` (``"7-24,80-100"``).
         finetune: FinetuneConfig fields shared by every run, less those the recipe sets (mode,

@@ -182,7 +182,7 @@ def cotuning_reverse_relationship(train_logits: np.ndarray, train_labels: np.nda
                                   num_classes: int, *, cs: tuple[float, ...] = COTUNING_CS,
                                   scale: float = COTUNING_SOURCE_SCALE) -> np.ndarray:
     r"""Co-Tuning's category relationship, reverse form (You et al., NeurIPS 2020, as the
-    original thuml/CoTuning code; methods note §7).
+    original code: thuml/CoTuning, ``module/relationship_learning.py``).
 
     With calibrated source probabilities ``p_s(x) = softmax(scale · h_s(x))``:
 

@@ -8,10 +8,10 @@ definitions of ``docs/knowledge.md``):
 - preserved / discarded / new knowledge and its exclusivity against the scratch model
   (:func:`~.metrics.knowledge_report`), overall and by interaction order;
 - how discriminative each of these sets is: the discrimination power of its interactions over
-  the samples of a class (:func:`~.metrics.set_discrimination`, the note's option (a));
+  the samples of a class (:func:`~.metrics.set_discrimination`, docs/knowledge.md §3);
 - convergence of knowledge over the snapshots of fine-tuning and of scratch training, each
-  towards its run's final model (:func:`~.metrics.knowledge_convergence`, note §4 [recon]), over
-  the training step each snapshot records (``first_at_threshold`` is a step);
+  towards its run's final model (:func:`~.metrics.knowledge_convergence`, docs/knowledge.md §4
+  [recon]), over the training step each snapshot records (``first_at_threshold`` is a step);
 - faithfulness of every model's salient interactions (their sum against v on all 2^n masks);
 - each knowledge set of the fine-tuned model alone (:func:`~.metrics.set_ablation`): how well
   its preserved, its new (and its exclusive) interactions alone reproduce its output on all 2^n
@@ -21,7 +21,7 @@ definitions of ``docs/knowledge.md``):
   changes the fine-tuned model's output by ``v(N) - v(N \ S)``, which its salient interactions
   predict as ``sum_{AND T ∩ S ≠ ∅} I(T) + sum_{OR ∅ ≠ T ⊆ S} I(T)``; removing as many random
   players serves as the control; reported as the effect ratio and the rank (Spearman)
-  correlation of predicted and measured changes (note §6.1), Pearson's beside it;
+  correlation of predicted and measured changes (docs/knowledge.md §5), Pearson's beside it;
 - with ``players="parts"`` on the synthetic world, whose class rules are known: precision and
   recall of every model's salient interactions against the rule's interactions
   (:func:`~.recovery.ground_truth_recovery`).
@@ -249,8 +249,8 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
             record different runs (snapshots of two runs in one folder) or the last is not
             ``models["finetuned"]`` (a run's last snapshot is its final model). Snapshots of
             an earlier version record no run: they are read, with a warning that only their
-            steps and their last model are checked. Gives the convergence curve of note §4
-            (``knowledge.json``'s ``convergence``).
+            steps and their last model are checked. Gives the convergence curve of
+            docs/knowledge.md §4 (``knowledge.json``'s ``convergence``).
         scratch_checkpoints: likewise, the snapshots of the scratch training that made
             ``models["scratch"]``: the scratch curve (``scratch_convergence``) that the
             fine-tuning curve is compared with.
@@ -603,8 +603,8 @@ def _counterfactual_summary(report, finetuned: list[Interactions], tau: float,
                             seed: int) -> dict[str, Any]:
     """The counterfactual check over the preserved sets of every sample and as many random sets:
     the effect ratio (mean |measured change| of the preserved sets over that of the random ones)
-    and the rank (Spearman) correlation of predicted and measured changes, as the note (§6.1)
-    asks, with the Pearson correlation beside it (None when either is constant)."""
+    and the rank (Spearman) correlation of predicted and measured changes, as docs/knowledge.md
+    (§5) describes, with the Pearson correlation beside it (None when either is constant)."""
     rng = np.random.default_rng([seed, 13])
     pres, rand = [], []
     for sample, x in zip(report.samples, finetuned, strict=True):

@@ -153,7 +153,7 @@ class ExplainConfig:
     bound of the noise the sparsification may remove, relative to |v(N) - v(∅)|; None = 0 for
     ``and`` (the exact Harsanyi transform) and 0.04 for the AND-OR decompositions (the group's
     setting); ``joint-and-or`` sparsifies the compared models of ``knowledge`` together, so the
-    same effect gets the same AND/OR split in every model (method note §2, Chen et al. 2024).
+    same effect gets the same AND/OR split in every model (docs/knowledge.md §1, Chen et al. 2024).
     The sparsifications decompose v - v(∅) and keep the bias v(∅) in I_and(∅), as the group
     does on its "-v0" outputs (:mod:`~.sparsify`).
 

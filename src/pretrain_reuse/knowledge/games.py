@@ -10,7 +10,7 @@ in ``S`` and replaces the others by a baseline:
 (pixels of no player follow ``background``: always the baseline, or always the original), and
 ``v(x_S)`` is the network's log-odds of the ground-truth class ``y``, ``v = z_y - \log\sum_{c\ne y}
 e^{z_c}`` (the output of Jiang, Cheng & Li's group in their code; which output arXiv 2410.08455
-itself used is not stated, methods note §1). All 2^n masked inputs are built on the model's device
+itself used is not stated, docs/knowledge.md §1). All 2^n masked inputs are built on the model's device
 in chunks and evaluated in large batches, which is where the time of an interaction analysis goes.
 
 The baseline is fixed (zero, mean, blur: :func:`baseline_input`) or learned per sample and model
@@ -285,7 +285,7 @@ def learn_baseline(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
         I_b(S) = \sum_{T \subseteq S} (-1)^{|S|-|T|} v(x_T^{(b)})
 
     with x_T^{(b)} the input whose absent players show b (Ren, Li, Chen, Deng & Zhang, CVPR 2023,
-    arXiv 2111.06206; the reference note §1; ∅ included, as in the group's sparsification loss).
+    arXiv 2111.06206; docs/knowledge.md §1; ∅ included, as in the group's sparsification loss).
     Our choices where the source is silent: projected SGD with momentum 0.9 (the group's optimiser
     for baselines and sparsification), projection onto the box after every step, and the iterate
     with the lowest loss is returned (the initial value included, so the result is never worse

@@ -1,6 +1,6 @@
 r"""Knowledge sets and the metrics comparing pre-trained, fine-tuned and scratch models.
 
-Definitions follow the reference note (§3-4), itself a reconstruction [recon] of Jiang, Cheng & Li
+Definitions follow docs/knowledge.md (§2-3), itself a reconstruction [recon] of Jiang, Cheng & Li
 (arXiv 2410.08455) from the SJTU group's conventions. On one sample x, a model's knowledge is its
 salient set Ω(x) (:meth:`Interactions.salient`, ∅ excluded), whose items are matched by
 
@@ -20,8 +20,8 @@ With Ω_pre, Ω_ft, Ω_sc the sets of the pre-trained (linear probe), fine-tuned
 
 Every ratio also exists per order k = |S|. Over samples, ratios are averaged (mean, std, quartiles;
 the group's ρ(k) = E_x[...] form) and pooled (Σ numerators / Σ denominators); samples whose
-denominator is empty are skipped and counted. Which samples enter (the note: those every compared
-model classifies correctly) is the caller's choice.
+denominator is empty are skipped and counted. Which samples enter (docs/knowledge.md §2: those
+every compared model classifies correctly) is the caller's choice.
 
 How discriminative each set is (:func:`set_discrimination`): the discrimination power β(S) of
 Li & Zhang (ICML 2023) over the samples of a class, computed on the set's items.
@@ -241,7 +241,7 @@ def sample_knowledge(pretrained: Interactions, finetuned: Interactions,
 
     All interactions must be games of the same sample, players, baseline and output (checked
     where their info records them, as explain's do), and each model's salient set uses its own
-    maximum (note §3).
+    maximum (docs/knowledge.md §2).
     """
     models = [("pretrained", pretrained), ("finetuned", finetuned)]
     if scratch is not None:
@@ -382,7 +382,7 @@ def knowledge_report(pretrained: Iterable[Interactions] | Interactions,
         pretrained, finetuned: one :class:`Interactions` per sample, in the same sample order
             (any iterable; a single Interactions is one sample).
         scratch: the scratch model's interactions on the same samples, or None.
-        tau: salience threshold (note §3 default 0.05).
+        tau: salience threshold (docs/knowledge.md §2; default 0.05).
         match: ``"support"`` (default) or ``"signed"``.
 
     Returns:
@@ -467,7 +467,8 @@ def _check_pair(a: Interactions, b: Interactions, names: tuple[str, str] = ("a",
 
 def transferability(a: Interactions, b: Interactions, *, tau: float = 0.05,
                     match: str = "support") -> float:
-    """γ(Ω_a | Ω_b) = |Ω_a ∩ Ω_b| / |Ω_a| on one sample (NaN if Ω_a is empty); note §3."""
+    """γ(Ω_a | Ω_b) = |Ω_a ∩ Ω_b| / |Ω_a| on one sample (NaN if Ω_a is empty); docs/knowledge.md
+    §2."""
     _check_pair(a, b)
     omega_a = knowledge_set(a, tau=tau, match=match)
     omega_b = knowledge_set(b, tau=tau, match=match)
@@ -475,7 +476,8 @@ def transferability(a: Interactions, b: Interactions, *, tau: float = 0.05,
 
 
 def weighted_overlap(a: Interactions, b: Interactions, *, normalize: bool = False) -> float:
-    r"""Weighted overlap of two full interaction vectors, positive and negative parts apart (note §3).
+    r"""Weighted overlap of two full interaction vectors, positive and negative parts apart
+    (docs/knowledge.md §2).
 
     .. math::
 
@@ -514,7 +516,8 @@ def cover_ratio(a: Interactions, b: Interactions) -> float:
 
 @dataclass(frozen=True)
 class Convergence:
-    """How a model's knowledge approaches that of its final checkpoint (note §4, Fig. 4) [recon].
+    """How a model's knowledge approaches that of its final checkpoint (docs/knowledge.md §4;
+    Fig. 4 of Jiang, Cheng & Li, arXiv 2410.08455) [recon].
 
     Attributes:
         similarity: (T,) s(t), the mean over samples of the chosen measure between checkpoint t and
@@ -693,7 +696,8 @@ def knowledge_convergence(checkpoints: Iterable[Iterable[Interactions]], *, tau:
 
 @dataclass(frozen=True)
 class Discrimination:
-    """Sign consistency of salient interactions over the samples of one class (note §3).
+    """Sign consistency of salient interactions over the samples of one class (docs/knowledge.md
+    §3).
 
     Attributes:
         n_samples: samples of the class.
@@ -857,9 +861,9 @@ def _count_dict(rows: list[list]) -> dict[tuple[str, int], int]:
 def set_discrimination(report: KnowledgeReport, labels: Iterable[int]) -> SetDiscrimination:
     r"""Discriminative knowledge: the discrimination power of each knowledge set, per class.
 
-    The reference note's option (a) of §4 [recon] (Jiang, Cheng & Li, arXiv 2410.08455, call
+    Our reading [recon] (docs/knowledge.md §3; Jiang, Cheng & Li, arXiv 2410.08455, call
     discarded high-order knowledge "not discriminative" without a definition): β(S) of Li & Zhang
-    (ICML 2023; note §3) computed on each set K ∈ {preserve, discard, new, exclusive} instead of the
+    (ICML 2023) computed on each set K ∈ {preserve, discard, new, exclusive} instead of the
     salient set. For a class c with samples x_i (i = 1..n_c) and the items (type, S) of K(x_i):
 
     .. math::
@@ -875,9 +879,9 @@ def set_discrimination(report: KnowledgeReport, labels: Iterable[int]) -> SetDis
     items, the fine-tuned model's for the others). An item found on one sample of its class has
     β = 1, which is why classes of one sample stay out of the mean, and why with few samples per
     class every purity is near 1: explain several samples per class.
-    The note's option (b) (per sample, the share of a set with a positive effect on the
-    ground-truth log-odds) is not implemented; option (c) (the output a set explains,
-    Σ_{S∈K} I(S|x) / (v(N) - v(∅))) is :func:`set_ablation`'s ``share``.
+    Of the other possible readings, the share of a set with a positive effect on the
+    ground-truth log-odds (per sample) is not implemented; the output a set explains,
+    Σ_{S∈K} I(S|x) / (v(N) - v(∅)), is :func:`set_ablation`'s ``share``.
 
     Args:
         report: :func:`knowledge_report` of the samples (``exclusive`` needs its scratch model).
@@ -985,9 +989,9 @@ def set_ablation(report: KnowledgeReport, finetuned: Iterable[Interactions] | In
                  ) -> SetAblation:
     r"""How much of the fine-tuned model's behaviour each knowledge set carries alone.
 
-    The reference note's §6.1 ablation ("restore only K_preserve vs only K_new in the interaction
-    model and measure the accuracy of the surrogate") and its option (c) of §4 (the output a set
-    explains), not in Jiang, Cheng & Li (arXiv 2410.08455). On every sample, for each set
+    The ablation of docs/knowledge.md §5 ("Each knowledge set alone": restore only K_preserve or
+    only K_new in the interaction model and measure how well the surrogate does) and the output a
+    set explains, not in Jiang, Cheng & Li (arXiv 2410.08455). On every sample, for each set
     A ∈ {salient (all of Ω_ft), preserve, new, exclusive} of the fine-tuned model's items, its
     surrogate :meth:`~.values.Interactions.surrogate` keeps v(∅) and the fine-tuned model's
     interactions in A only,
@@ -1067,7 +1071,7 @@ def _ablation_measures(x: Interactions, keep: list[tuple[str, int]]) -> dict[str
 
 @dataclass(frozen=True)
 class AccuracyCorrelation:
-    """Correlation of a knowledge ratio with test accuracy across models (note §6.4).
+    """Correlation of a knowledge ratio with test accuracy across models (docs/knowledge.md §5).
 
     Attributes:
         ratio: (M,) the ratio of each model, the mean over its samples.
@@ -1167,7 +1171,7 @@ def accuracy_correlation(ratios: Iterable[Sequence[float]], accuracy: Sequence[f
     resample redraws every model's samples with replacement (independently per model, so models
     explained on different samples are handled alike) and recomputes both correlations; the
     accuracies stay fixed. This answers reviewers 1 and 5 of Jiang, Cheng & Li (arXiv 2410.08455):
-    does more preserved / exclusive / new knowledge go with higher accuracy (note §6.4)?
+    does more preserved / exclusive / new knowledge go with higher accuracy (docs/knowledge.md §5)?
 
     Args:
         ratios: one sequence of per-sample ratios per model (models × seeds × data sets).

@@ -1,7 +1,7 @@
 r"""Ground-truth recovery: do a model's salient interactions find the rule its classes follow?
 
-Reviewer 4 of Jiang, Cheng & Li (arXiv 2410.08455) asked whether the interactions are real; the
-reference note (§6.3) answers with models trained on a world whose class rules are known. In the
+Reviewer 4 of Jiang, Cheng & Li (arXiv 2410.08455) asked whether the interactions are real;
+docs/knowledge.md (§5) answers with models trained on a world whose class rules are known. In the
 package's image world (:mod:`pretrain_reuse.data.world`) a class is an AND of terms, each an OR
 of parts, and each part sits in one slot of the image, the slot being a player
 (``players="parts"``). On one image, with T_t the slots whose part satisfies term t, the rule is

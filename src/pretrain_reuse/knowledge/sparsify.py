@@ -1,7 +1,7 @@
 r"""Sparse AND / AND-OR interactions: remove bounded noise and split a game into AND and OR parts.
 
 The AND-OR decomposition of the SJTU group (Li & Zhang, arXiv 2304.13312; Chen et al., ICLR 2024;
-reference note §2) explains a game v by AND interactions of v_and and OR interactions of v_or:
+docs/knowledge.md §1) explains a game v by AND interactions of v_and and OR interactions of v_or:
 
 .. math::
 
@@ -220,7 +220,7 @@ def joint_and_or_interactions(v, *, qthres: float = 0.04, pthres: float = 0.5, a
     for the model where it is largest and α for each other model, so a support shared by the
     models is cheap; the bound on γ'_k keeps the AND/OR split of the same effect consistent across
     models (independent sparsification can move it between AND and OR in different models and
-    fake "discarded" or "new" knowledge, reference note §2). This is ``_train_p_q_joint_model`` of
+    fake "discarded" or "new" knowledge, docs/knowledge.md §1). This is ``_train_p_q_joint_model`` of
     sjtu-xai-lab/generalizable-interaction (their Eq. 6, SGD with momentum, K = 2) as a convex
     problem, solved to a certified gap by the ADMM of :func:`and_or_interactions` (whose problem is
     the case K = 1), here with the prox of f (soft thresholding, then the prox of the max norm) and

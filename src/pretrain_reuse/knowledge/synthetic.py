@@ -26,7 +26,7 @@ def planted_game(n: int, and_terms: Mapping[Iterable[int], float] | None = None,
 
     Without noise its Harsanyi interactions are exactly the AND terms (plus the Möbius expansion of
     the OR terms), and its AND-OR decomposition with zero noise bound has the planted terms as a
-    feasible solution (reference note §6.3, ground-truth recovery).
+    feasible solution (docs/knowledge.md §5, recovery of planted rules).
 
     Args:
         n: number of players, 1 <= n <= 24.

@@ -1,7 +1,7 @@
 r"""Masked games of a text classifier on one sentence: token players, baselines, ``v(x_S)``.
 
 Players are ``n`` words of the tokenized sentence (Chen, Lou, Huang & Zhang, ICLR 2024,
-as for BERT on SST-2 in Jiang, Cheng & Li, arXiv 2410.08455; reference note §1), chosen by
+as for BERT on SST-2 in Jiang, Cheng & Li, arXiv 2410.08455; docs/knowledge.md §1), chosen by
 :func:`token_players`. A player is a whole word: all its pieces (a word split by the tokenizer,
 "theater" = ``the ##a ##t ##er``, is one player, never one of its pieces), known by the position
 of its first piece:

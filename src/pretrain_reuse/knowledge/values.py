@@ -132,7 +132,7 @@ class Interactions:
 
         S is salient if :math:`|I(S)| > \tau \max_{S' \neq \emptyset} |I(S')|`, the maximum taken
         over all AND and OR entries of this sample (Ren et al., ICLR 2024: ``0.05 * max|I|``;
-        reference note §3). ∅ is the bias v(∅) and is neither knowledge nor part of the maximum
+        docs/knowledge.md §2). ∅ is the bias v(∅) and is neither knowledge nor part of the maximum
         [recon: the group subtracts v(∅) from the game, which makes I(∅) ≈ 0 anyway].
 
         Args:
@@ -170,7 +170,7 @@ class Interactions:
     def by_order(self, tau: float | None = None) -> dict[str, np.ndarray]:
         r"""Strength histogram by order: ``{"and": h, "or": h}``, each (n+1,).
 
-        h_type[k] = Σ_{|S|=k} |I_type(S)| / Σ_{type, S≠∅} |I_type(S)| (reference note §4), so the
+        h_type[k] = Σ_{|S|=k} |I_type(S)| / Σ_{type, S≠∅} |I_type(S)| (docs/knowledge.md §3), so the
         two histograms together sum to 1 over k = 1..n; entry 0 (∅, the bias) is 0. With ``tau``,
         only the salient interactions count. All zero if there is no interaction.
         """
@@ -195,7 +195,8 @@ class Interactions:
 
     def surrogate(self, keep: Iterable[Key]) -> np.ndarray:
         r"""ŵ(S) on every coalition, (2^n,): the game rebuilt from v(∅) and the interactions
-        ``keep`` alone (reference note §6.2; with ``keep`` a knowledge set, §6.1's ablation).
+        ``keep`` alone (docs/knowledge.md §5: faithfulness; with ``keep`` a knowledge set, each
+        knowledge set alone).
 
         .. math::
 
@@ -218,7 +219,7 @@ class Interactions:
                             + or_reconstruct_(parts["or"], self.n)).numpy()
 
     def faithfulness_error(self, tau: float = 0.05) -> dict[str, float]:
-        r"""How well the salient interactions alone reproduce the game (reference note §6.2):
+        r"""How well the salient interactions alone reproduce the game (docs/knowledge.md §5):
         the :meth:`surrogate` ŵ of the salient set Ω against v.
 
         Returns:

@@ -527,8 +527,9 @@ def _convergence(k: dict) -> str:
              c["n_decreases"], _fixed(c["total_detour"])] for run, c in curves]
     threshold = curves[0][1]["threshold"]
     return ("<h3>Convergence</h3><p>Summaries of each curve s(t) over its snapshots' training "
-            "steps [recon, note §4]: the area under s(t) divided by the steps spanned, the first "
-            f"step with s(t) ≥ {threshold:g}, how often s(t) drops (stability), and Σ_t d(t).</p>"
+            "steps [recon, docs/knowledge.md §4]: the area under s(t) divided by the steps "
+            f"spanned, the first step with s(t) ≥ {threshold:g}, how often s(t) drops (stability), "
+            "and Σ_t d(t).</p>"
             + _table(["run", "snapshots", "steps", "AUC", f"first step with s ≥ {threshold:g}",
                       "decreases", "Σ detour"], rows))
 
