@@ -290,6 +290,13 @@ def test_knowledge_recipe_compares_pretrainings_and_correlates_with_accuracy(qui
             assert row[f"{k}_std"] == pytest.approx(np.std([o[k]["mean"] for o in saved], ddof=1))
         assert row["preserve"] + row["discard"] == pytest.approx(1.0)
         ratio_means += [o["preserve"]["mean"] for o in saved]
+        # each set alone: the fidelity set_ablation gives each analysis, over the seeds
+        alone = [json.loads((out / "knowledge" / f"{label}-seed{s}" / "knowledge.json").read_text())
+                 ["ablation"] for s in (0, 1)]
+        for k in ("preserve", "new"):
+            fidelity = [a[k]["fidelity"]["mean"] for a in alone]
+            assert row[f"{k}_alone"] == pytest.approx(np.mean(fidelity))
+            assert row[f"{k}_alone_std"] == pytest.approx(np.std(fidelity, ddof=1))
     extra = table.extra
     assert extra["models"] == ["supervised seed 0", "supervised seed 1", "target-tuned seed 0",
                                "target-tuned seed 1"]
@@ -309,6 +316,8 @@ def test_knowledge_recipe_compares_pretrainings_and_correlates_with_accuracy(qui
     assert note in (out / "results.md").read_text()
     assert "preserve ± std" not in (out / "results.md").read_text()
     assert f"{row['preserve']:.3f} ± {row['preserve_std']:.3f}" in (out / "results.md").read_text()
+    assert "| preserved alone (R²) | new alone (R²) |" in (out / "results.md").read_text()
+    assert f"{row['new_alone']:.3f} ± {row['new_alone_std']:.3f}" in (out / "results.md").read_text()
     # the correlation is in results.md too (it was in experiment.json and report.html only)
     markdown = (out / "results.md").read_text()
     assert ("## Knowledge ratios against test accuracy\n\nAcross 4 fine-tuned models "

@@ -27,7 +27,7 @@ from ..units import class_count, embedding_of
 from .claim import claim_experiment, input_hashes, recipe_reads
 from .config import REGIME_OPTIONS, REGIMES, SWEPT, ExperimentConfig, slug
 from .recipes import RECIPES, Row
-from .table import KNOWLEDGE_RATIOS, ExperimentTable
+from .table import KNOWLEDGE_COLUMNS, KNOWLEDGE_RATIOS, SETS_ALONE, ExperimentTable
 from .workspace import Workspace
 
 
@@ -308,24 +308,26 @@ def _check_relevant(ws: Workspace) -> None:
 
 def _knowledge_analysis(ws: Workspace, rows: list[Row], table: list[dict]) -> dict[str, Any]:
     """For every pre-training and seed: the knowledge of its fine-tuned model against its linear
-    probe and the scratch model (``knowledge/<label>-seed<s>/``); the ratios' means and their
-    spread over seeds (``<ratio>_std``) go into the fine-tuned rows, and into the table's
+    probe and the scratch model (``knowledge/<label>-seed<s>/``); the ratios' means and the
+    fidelity of the preserved and of the new knowledge alone (``<set>_alone``:
+    :func:`~pretrain_reuse.knowledge.metrics.set_ablation`'s R²), with their spread over seeds
+    (``<column>_std``), go into the fine-tuned rows, and into the table's
     ``extra`` their correlation with test accuracy across all fine-tuned models (pre-trainings x
     seeds) and what the analyses rest on (``analysis``: τ, players, baseline, samples asked,
     screened, correct for every model and explained per analysis)."""
     from ..knowledge.analysis import analyze_knowledge, load_analysis
-    from ..knowledge.metrics import accuracy_correlation, knowledge_report
+    from ..knowledge.metrics import accuracy_correlation, knowledge_report, set_ablation
 
     cfg = ws.cfg
     by_method = {r.method: r for r in rows}
-    per_sample: dict[str, list] = {k: [] for k in KNOWLEDGE_RATIOS}
+    per_sample: dict[str, list] = {k: [] for k in KNOWLEDGE_COLUMNS}
     accuracy, models, summaries = [], [], []
     for entry in table:
         row = by_method[entry["method"]]
         if row.mode != "vanilla":
             continue
         probe = by_method[f"{row.pretraining} linear probe"]
-        means: dict[str, list[float]] = {k: [] for k in KNOWLEDGE_RATIOS}
+        means: dict[str, list[float]] = {k: [] for k in KNOWLEDGE_COLUMNS}
         for seed in cfg.seeds:
             out = ws.out / "knowledge" / f"{slug(row.pretraining)}-seed{seed}"
             files = {"pretrained": ws.run_dir(probe, seed), "finetuned": ws.run_dir(row, seed)}
@@ -342,10 +344,13 @@ def _knowledge_analysis(ws: Workspace, rows: list[Row], table: list[dict]) -> di
             summaries.append(summary)
             report = knowledge_report(explained["pretrained"], explained["finetuned"],
                                       explained.get("scratch"))
-            for k in KNOWLEDGE_RATIOS:
-                if k in report.overall:
-                    per_sample[k].append(report.per_sample(k))
-                    means[k].append(report.overall[k].mean)
+            alone = set_ablation(report, explained["finetuned"])
+            values = {**{k: report.per_sample(k) for k in KNOWLEDGE_RATIOS if k in report.overall},
+                      **{f"{k}_alone": alone.measures[k]["fidelity"] for k in SETS_ALONE}}
+            for k, v in values.items():
+                per_sample[k].append(v)
+                if not np.isnan(v).all():  # a mean no sample defines is no number (JSON has none)
+                    means[k].append(float(np.nanmean(v)))
             accuracy.append(RunResult.load(files["finetuned"] / "result.json").final["top1"])
             models.append(f"{row.pretraining} seed {seed}")
         entry.update({k: _mean(v) for k, v in means.items()})
@@ -361,6 +366,9 @@ def _knowledge_analysis(ws: Workspace, rows: list[Row], table: list[dict]) -> di
     if len(accuracy) < 3:
         return {"models": models, "analysis": analysis, "correlation": None,
                 "why": "a correlation needs at least 3 fine-tuned models (pre-trainings x seeds)"}
+    # a ratio some model defines on no sample (e.g. exclusive where nothing is preserved) has no
+    # correlation
     return {"models": models, "accuracy": accuracy, "analysis": analysis, "correlation": {
         k: accuracy_correlation(v, accuracy, seed=cfg.seeds[0]).to_dict()
-        for k, v in per_sample.items() if len(v) == len(accuracy)}}
+        for k, v in per_sample.items()
+        if len(v) == len(accuracy) and all(not np.isnan(m).all() for m in v)}}

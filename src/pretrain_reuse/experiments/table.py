@@ -21,10 +21,18 @@ from .recipes import RECIPES
 #: Knowledge ratios the ``knowledge`` recipe reports per fine-tuned model: the mean over seeds
 #: (each seed's ratio is a mean over samples) and, as ``<ratio>_std``, their spread over seeds.
 KNOWLEDGE_RATIOS = ("preserve", "discard", "new", "exclusive")
+#: The fine-tuned model's knowledge sets whose fidelity alone (``set_ablation``'s R² of the
+#: output rebuilt from that set only) the recipe reports as ``<set>_alone``, the same way.
+SETS_ALONE = ("preserve", "new")
+#: Every per-model knowledge column of the recipe, and how the tables head them.
+KNOWLEDGE_COLUMNS = (*KNOWLEDGE_RATIOS, *(f"{s}_alone" for s in SETS_ALONE))
+KNOWLEDGE_HEADERS = {"preserve_alone": "preserved alone (R²)", "new_alone": "new alone (R²)"}
 
 COLUMNS = ("method", "x", "recall", "units", "top1_mean", "top1_std", "top1_at_best_val_mean",
            "mean_class_acc_mean", "seeds", "val_images", "val_classes_missing", "x_realised",
-           *KNOWLEDGE_RATIOS, *(f"{k}_std" for k in KNOWLEDGE_RATIOS))
+           *KNOWLEDGE_RATIOS, *(f"{k}_std" for k in KNOWLEDGE_RATIOS),
+           *KNOWLEDGE_COLUMNS[len(KNOWLEDGE_RATIOS):],
+           *(f"{k}_std" for k in KNOWLEDGE_COLUMNS[len(KNOWLEDGE_RATIOS):]))
 #: The columns every row of an ``experiment.json`` has (the others came later, or are the
 #: knowledge recipe's).
 REQUIRED_COLUMNS = COLUMNS[:9]
@@ -89,14 +97,15 @@ class ExperimentTable:
     def cells(self) -> tuple[list[str], list[list[str]]]:
         """Header and formatted rows of the table (shared by Markdown and the HTML report); the
         spread is shown only when there are several seeds."""
-        ratios = [k for k in KNOWLEDGE_RATIOS if any(r.get(k) is not None for r in self.rows)]
+        ratios = [k for k in KNOWLEDGE_COLUMNS if any(r.get(k) is not None for r in self.rows)]
         # a recipe that selects nothing (knowledge) has no recall or units column
         picks = [k for k in ("recall", "units") if any(r[k] is not None for r in self.rows)]
         # .get: a table of an earlier version records no validation sizes
         val = any(r.get("val_images") is not None for r in self.rows)
         head = ["method", *([self.x_label] if self.x_label else []), *picks,
                 "test top-1 (final, mean ± std over seeds)", "test top-1 (at best val)",
-                *(["validation images"] if val else []), "seeds", *ratios]
+                *(["validation images"] if val else []), "seeds",
+                *(KNOWLEDGE_HEADERS.get(k, k) for k in ratios)]
         number = {"recall": "{:.4f}", "units": "{:g}"}
         body = []
         for r in self.rows:
@@ -147,7 +156,7 @@ class ExperimentTable:
         def num(v):
             return "undefined" if v is None else f"{v:+.2f}"
 
-        rows = [[k, num(c["pearson"]), ci(c["pearson_ci"]), num(c["spearman"]),
+        rows = [[KNOWLEDGE_HEADERS.get(k, k), num(c["pearson"]), ci(c["pearson_ci"]), num(c["spearman"]),
                  ci(c["spearman_ci"])] for k, c in extra["correlation"].items()]
         return (f"Across {len(extra['models'])} fine-tuned models "
                 f"({', '.join(map(str, extra['models']))}); intervals: bootstrap over explained "
