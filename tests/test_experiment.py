@@ -266,7 +266,8 @@ def test_every_recipe_builds_rows_from_the_defaults():
         assert (x_label is None) == all(r.x is None for r in built if r.method != "vanilla"), name
 
 
-def test_knowledge_recipe_compares_pretrainings_and_correlates_with_accuracy(quick_demo, tmp_path):
+def test_knowledge_recipe_compares_pretrainings_and_correlates_with_accuracy(quick_demo, tmp_path,
+                                                                            monkeypatch):
     from scipy.stats import pearsonr, spearmanr
 
     demo, _, _ = quick_demo
@@ -337,6 +338,24 @@ def test_knowledge_recipe_compares_pretrainings_and_correlates_with_accuracy(qui
     (analysis / "knowledge.json").unlink()
     (analysis / "scratch" / "interactions-0000.safetensors").write_bytes(b"not safetensors")
     assert run_experiment("knowledge", cfg, out, progress=False).rows == table.rows
+    # a column no sample defines (here new_alone, made undefined everywhere) is left out of the
+    # rows and of the correlation: JSON has no NaN, and writing it failed
+    from pretrain_reuse.knowledge import metrics
+
+    set_ablation = metrics.set_ablation
+
+    def undefined_new(report, finetuned):
+        alone = set_ablation(report, finetuned)
+        alone.measures["new"]["fidelity"][:] = np.nan
+        return alone
+
+    monkeypatch.setattr(metrics, "set_ablation", undefined_new)
+    rows = {r["method"]: r for r in run_experiment("knowledge", cfg, out, progress=False).rows}
+    before = {r["method"]: r for r in table.rows}["supervised fine-tuned"]
+    assert rows["supervised fine-tuned"]["new_alone"] is None
+    assert rows["supervised fine-tuned"]["preserve_alone"] == before["preserve_alone"]
+    extra = json.loads((out / "experiment.json").read_text())["extra"]
+    assert "new_alone" not in extra["correlation"] and "preserve_alone" in extra["correlation"]
 
 
 def test_a_skip_naming_no_row_is_refused_and_rows_of_other_recipes_are_not(tmp_path):
