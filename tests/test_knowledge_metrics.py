@@ -529,6 +529,8 @@ def test_surrogate_equals_its_definition_on_every_coalition():
 def test_surrogate_refuses_what_is_no_interaction_of_its_players(key):
     with pytest.raises(PretrainReuseError, match="no interaction of 3 players; pass \\(type, mask\\)"):
         FT.surrogate([key])
+    with pytest.raises(PretrainReuseError, match=r"keep must be \(type, mask\) keys .* got NoneType"):
+        FT.surrogate(None)
 
 
 def _planted(n: int, and_terms: dict, or_terms: dict, bias: float, **info) -> Interactions:
@@ -600,8 +602,19 @@ def test_set_ablation_refuses_interactions_the_report_was_not_made_from():
         set_ablation(report, FT4)
     with pytest.raises(PretrainReuseError, match="finetuned\\[1\\] is not the fine-tuned model's"):
         set_ablation(report, [FT4, PRE4])
+    # the same salient items with the same effects, but one more: not the report's Ω_ft either
+    extra = dataclasses.replace(FT4, and_values=FT4.and_values + np.eye(16)[mask_of((1, 3), 4)])
+    with pytest.raises(PretrainReuseError, match="finetuned\\[0\\] is not the fine-tuned model's"):
+        set_ablation(report, [extra, FT4])
     with pytest.raises(PretrainReuseError, match="report must be a KnowledgeReport"):
         set_ablation({"samples": []}, FT4)
+
+
+def test_a_report_of_samples_with_different_players_loads_back_for_set_ablation(tmp_path):
+    report = knowledge_report([PRE, PRE4], [FT, FT4])  # 3 and 4 players
+    back = KnowledgeReport.load(report.save(tmp_path / "sets.json"))
+    assert [s.n for s in back.samples] == [3, 4] and sorted(back.by_order) == [1, 2, 3, 4]
+    assert set_ablation(back, [FT, FT4]).to_dict() == set_ablation(report, [FT, FT4]).to_dict()
 
 
 def test_set_ablation_saves_loads_and_plots_itself(tmp_path):

@@ -672,8 +672,9 @@ def _add_explain_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline-steps", type=int, default=50,
                    help="learned baseline: iterations (default: %(default)s)")
     p.add_argument("--baseline-radius", type=float, default=0.5,
-                   help="learned baseline: max distance from its start, in data std units "
-                   "(default: %(default)s)")
+                   help="learned baseline: max distance from its start, in normalised-input "
+                   "units for images (the normalisation's std), in the embedding matrix's std "
+                   "for text (default: %(default)s)")
     p.add_argument("--mean-samples", type=int, default=1000,
                    help="mean baseline: images of --data averaged, drawn with --seed "
                    "(default: %(default)s)")

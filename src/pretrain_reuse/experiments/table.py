@@ -31,8 +31,7 @@ KNOWLEDGE_HEADERS = {"preserve_alone": "preserved alone (R²)", "new_alone": "ne
 COLUMNS = ("method", "x", "recall", "units", "top1_mean", "top1_std", "top1_at_best_val_mean",
            "mean_class_acc_mean", "seeds", "val_images", "val_classes_missing", "x_realised",
            *KNOWLEDGE_RATIOS, *(f"{k}_std" for k in KNOWLEDGE_RATIOS),
-           *KNOWLEDGE_COLUMNS[len(KNOWLEDGE_RATIOS):],
-           *(f"{k}_std" for k in KNOWLEDGE_COLUMNS[len(KNOWLEDGE_RATIOS):]))
+           *(f"{s}_alone" for s in SETS_ALONE), *(f"{s}_alone_std" for s in SETS_ALONE))
 #: The columns every row of an ``experiment.json`` has (the others came later, or are the
 #: knowledge recipe's).
 REQUIRED_COLUMNS = COLUMNS[:9]

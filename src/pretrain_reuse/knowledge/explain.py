@@ -164,10 +164,10 @@ class ExplainConfig:
     game does not depend on which other samples are explained.
     ``baseline="learned"`` learns each sample's baseline for each model
     (:func:`~.games.learn_baseline`, Ren et al., CVPR 2023;
-    :func:`~.text.learn_baseline_embedding`): it starts from ``zero`` (the data's mean colour) or
-    the [MASK] (else [PAD]) embedding and stays within ``baseline_radius`` of it, in units of the
-    data's standard deviation (input units for normalised images, inside the valid pixel range;
-    the per-dimension std of the word-embedding matrix for text); ``baseline_lr`` and
+    :func:`~.text.learn_baseline_embedding`): it starts from ``zero`` (the normalisation's mean colour)
+    or the [MASK] (else [PAD]) embedding and stays within ``baseline_radius`` of it: in
+    normalised-input units for images (the normalisation's std), inside the valid pixel range;
+    in the per-dimension std of the word-embedding matrix for text; ``baseline_lr`` and
     ``baseline_steps`` are the optimiser's settings (the group's example: 1e-3, 50). A learned
     baseline differs between the compared models, so their games differ in the baseline as well
     as in the network.

@@ -136,7 +136,7 @@ def baseline_input(x: torch.Tensor, kind: str, *, mean: torch.Tensor | None = No
                    sigma: float | None = None) -> torch.Tensor:
     """The baseline ``b`` that absent players are replaced with (model input space).
 
-    - ``zero``: all zeros, i.e. the dataset-mean colour for normalised inputs;
+    - ``zero``: all zeros, i.e. the normalisation's mean colour for normalised inputs;
     - ``mean``: ``mean``, a (C,) or (C, H, W) mean of the data in input space;
     - ``blur``: ``x`` blurred by a Gaussian of std ``sigma`` pixels (default: 1/8 of the side).
     """

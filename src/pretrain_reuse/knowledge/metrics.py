@@ -326,7 +326,7 @@ class KnowledgeReport:
         overall or for one order; the input of :func:`accuracy_correlation`."""
         check_choice("ratio", name, self.overall.keys())
         # an order no interaction of n players has would give NaN for every sample, unsaid
-        _check_order(order, self.samples[0].n)
+        _check_order(order, max(s.n for s in self.samples))
         return np.array([s.ratios(order)[name] for s in self.samples], dtype=np.float64)
 
     def to_dict(self) -> dict[str, Any]:
@@ -343,7 +343,7 @@ class KnowledgeReport:
         def items(omega: dict[Item, float] | None) -> list | None:
             return None if omega is None else [[*k, e] for k, e in sorted(omega.items())]
 
-        samples = [{"pretrained": items(s.pretrained), "finetuned": items(s.finetuned),
+        samples = [{"n": s.n, "pretrained": items(s.pretrained), "finetuned": items(s.finetuned),
                     "scratch": items(s.scratch)} for s in self.samples]
         return _save_json(path, "knowledge-sets", {**self.to_dict(), "n": self.samples[0].n,
                                                     "samples": samples})
@@ -356,8 +356,9 @@ class KnowledgeReport:
         def omega(rows: list | None) -> dict[Item, float] | None:
             return None if rows is None else {tuple(r[:-1]): float(r[-1]) for r in rows}
 
+        # .get: a file of an earlier version records one n for all its samples
         return _report([SampleKnowledge(omega(s["pretrained"]), omega(s["finetuned"]),
-                                        omega(s["scratch"]), int(d["n"]), d["match"])
+                                        omega(s["scratch"]), int(s.get("n", d["n"])), d["match"])
                         for s in d["samples"]], float(d["tau"]), d["match"])
 
     def plot(self, ax=None):
@@ -419,7 +420,7 @@ def _report(samples: list[SampleKnowledge], tau: float, match: str) -> Knowledge
         per_sample = [s.terms(order) for s in samples]
         return {name: RatioStats.of([t[name] for t in per_sample]) for name in per_sample[0]}
 
-    n = samples[0].n
+    n = max(s.n for s in samples)  # samples may differ in their number of players
     return KnowledgeReport(stats(None), {k: stats(k) for k in range(1, n + 1)}, len(samples), tau,
                            match, samples)
 
@@ -978,7 +979,7 @@ class SetAblation:
         current axes, as every plot of the package); returns the axes."""
         import matplotlib.pyplot as plt  # only when plotting
 
-        from .plots import plot_set_ablation  # the figure the HTML report draws
+        from .plots import plot_set_ablation  # beside the package's other knowledge figures
 
         ax = ax or plt.gca()
         plot_set_ablation({"ablation": self.to_dict()}, ax)
@@ -989,9 +990,9 @@ def set_ablation(report: KnowledgeReport, finetuned: Iterable[Interactions] | In
                  ) -> SetAblation:
     r"""How much of the fine-tuned model's behaviour each knowledge set carries alone.
 
-    The ablation of docs/knowledge.md §5 ("Each knowledge set alone": restore only K_preserve or
-    only K_new in the interaction model and measure how well the surrogate does) and the output a
-    set explains, not in Jiang, Cheng & Li (arXiv 2410.08455). On every sample, for each set
+    The check "Each knowledge set alone" of docs/knowledge.md §5: the interaction model with only
+    K_preserve, or only K_new, restored, and how well that surrogate reproduces the model; not in
+    Jiang, Cheng & Li (arXiv 2410.08455). On every sample, for each set
     A ∈ {salient (all of Ω_ft), preserve, new, exclusive} of the fine-tuned model's items, its
     surrogate :meth:`~.values.Interactions.surrogate` keeps v(∅) and the fine-tuned model's
     interactions in A only,
@@ -1014,8 +1015,9 @@ def set_ablation(report: KnowledgeReport, finetuned: Iterable[Interactions] | In
       log-odds output (the default of ``explain``) the surrogate keeps the model's decision
       whether p(y) > 1/2 on the whole input; NaN for other outputs.
 
-    The last three are undefined when v(N) = v(∅). Per sample, the items' effects are checked
-    against ``finetuned``, so the interactions must be those the report was made from.
+    The last three are undefined when v(N) = v(∅). Per sample, the salient set of ``finetuned``
+    (at the report's τ and matching) must be the report's Ω_ft: the interactions must be those
+    the report was made from.
 
     Args:
         report: :func:`knowledge_report` of the samples (``exclusive`` needs its scratch model).
@@ -1035,9 +1037,7 @@ def set_ablation(report: KnowledgeReport, finetuned: Iterable[Interactions] | In
     sizes = {name: np.empty(report.n_samples, dtype=np.int64) for name in names}
     for i, (sample, x) in enumerate(zip(report.samples, finetuned, strict=True)):
         check_interactions(f"finetuned[{i}]", x)
-        effects = {item[:2]: effect for item, effect in sample.finetuned.items()}
-        if x.n != sample.n or any(x.get(players_of(mask), kind) != e
-                                  for (kind, mask), e in effects.items()):
+        if knowledge_set(x, tau=report.tau, match=report.match) != sample.finetuned:
             raise PretrainReuseError(f"finetuned[{i}] is not the fine-tuned model's interactions the "
                                      f"report was made from (sample {i}); pass those, in the "
                                      "report's sample order")

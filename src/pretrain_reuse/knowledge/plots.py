@@ -108,7 +108,7 @@ def plot_set_ablation(summary: dict[str, Any], ax) -> None:
     ax.axhline(0, color="k", lw=0.5)
     ax.set_ylabel("mean over samples")
     ax.legend(fontsize=7)
-    ax.set_title("Each knowledge set alone: fidelity R² and share of the output")
+    ax.set_title("Each knowledge set alone")
 
 
 #: The convergence curves of ``knowledge.json``: its entry, the run it follows, its colour.

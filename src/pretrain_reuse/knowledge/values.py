@@ -207,6 +207,9 @@ class Interactions:
             keep: (type, mask) keys, as :meth:`salient` returns; ∅ (mask 0, the bias) is no
                 interaction and is refused.
         """
+        if not isinstance(keep, Iterable):
+            raise PretrainReuseError(f"keep must be (type, mask) keys as salient() returns them, got "
+                                     f"{type(keep).__name__}")
         parts = {t: torch.zeros(1 << self.n, dtype=torch.float64) for t in TYPES}
         for key in keep:
             if not (isinstance(key, tuple) and len(key) == 2 and key[0] in TYPES
