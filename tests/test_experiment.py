@@ -356,6 +356,9 @@ def test_knowledge_recipe_compares_pretrainings_and_correlates_with_accuracy(qui
     assert rows["supervised fine-tuned"]["preserve_alone"] == before["preserve_alone"]
     extra = json.loads((out / "experiment.json").read_text())["extra"]
     assert "new_alone" not in extra["correlation"] and "preserve_alone" in extra["correlation"]
+    assert extra["undefined"] == ["new_alone"]
+    assert ("No correlation for new alone (R²): a model defines it on none of its samples."
+            in (out / "results.md").read_text())
 
 
 def test_a_skip_naming_no_row_is_refused_and_rows_of_other_recipes_are_not(tmp_path):

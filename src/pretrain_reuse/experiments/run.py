@@ -367,8 +367,9 @@ def _knowledge_analysis(ws: Workspace, rows: list[Row], table: list[dict]) -> di
         return {"models": models, "analysis": analysis, "correlation": None,
                 "why": "a correlation needs at least 3 fine-tuned models (pre-trainings x seeds)"}
     # a ratio some model defines on no sample (e.g. exclusive where nothing is preserved) has no
-    # correlation
+    # correlation; the table says which
+    defined = {k: v for k, v in per_sample.items()
+               if len(v) == len(accuracy) and all(not np.isnan(m).all() for m in v)}
     return {"models": models, "accuracy": accuracy, "analysis": analysis, "correlation": {
-        k: accuracy_correlation(v, accuracy, seed=cfg.seeds[0]).to_dict()
-        for k, v in per_sample.items()
-        if len(v) == len(accuracy) and all(not np.isnan(m).all() for m in v)}}
+        k: accuracy_correlation(v, accuracy, seed=cfg.seeds[0]).to_dict() for k, v in defined.items()},
+        "undefined": [k for k, v in per_sample.items() if v and k not in defined]}

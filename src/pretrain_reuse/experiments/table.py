@@ -157,10 +157,15 @@ class ExperimentTable:
 
         rows = [[KNOWLEDGE_HEADERS.get(k, k), num(c["pearson"]), ci(c["pearson_ci"]), num(c["spearman"]),
                  ci(c["spearman_ci"])] for k, c in extra["correlation"].items()]
+        # .get: a table of an earlier version records none
+        undefined = [KNOWLEDGE_HEADERS.get(k, k) for k in extra.get("undefined", [])]
+        left_out = (f" No correlation for {', '.join(undefined)}: a model defines it on none of "
+                    "its samples." if undefined else "")
         return (f"Across {len(extra['models'])} fine-tuned models "
                 f"({', '.join(map(str, extra['models']))}); intervals: bootstrap over explained "
                 "samples (they do not cover model-to-model variation, so few models make any "
-                "correlation fragile).", ["ratio", "Pearson", "95% CI", "Spearman", "95% CI"], rows)
+                f"correlation fragile).{left_out}", ["ratio", "Pearson", "95% CI", "Spearman",
+                                                     "95% CI"], rows)
 
     def to_markdown(self) -> str:
         """The table as Markdown (``results.md``), with the knowledge recipe's correlation."""
