@@ -186,12 +186,25 @@ class Interactions:
 
     def _salient_masks(self, tau: float | None) -> dict[str, np.ndarray]:
         """Per type, a (2^n,) 0/1 float vector of the kept entries (all, or the salient ones)."""
-        keep = {t: np.ones(1 << self.n) for t in TYPES}
-        if tau is not None:
-            keep = {t: np.zeros(1 << self.n) for t in TYPES}
-            for type, mask in self.salient(tau):
-                keep[type][mask] = 1.0
-        return keep
+        if tau is None:
+            return {t: np.ones(1 << self.n) for t in TYPES}
+        return self._key_masks(self.salient(tau))
+
+    def _key_masks(self, keys: Iterable[Key]) -> dict[str, np.ndarray]:
+        """Per type, a (2^n,) 0/1 float vector of the entries ``keys`` name ((type, mask) pairs,
+        checked: ∅ is no interaction)."""
+        if not isinstance(keys, Iterable):
+            raise PretrainReuseError(f"keep must be (type, mask) keys as salient() returns them, got "
+                                     f"{type(keys).__name__}")
+        masks = {t: np.zeros(1 << self.n) for t in TYPES}
+        for key in keys:
+            if not (isinstance(key, tuple) and len(key) == 2 and key[0] in TYPES
+                    and is_integer(key[1]) and 0 < key[1] < 1 << self.n):
+                raise PretrainReuseError(
+                    f"{key!r:.60} is no interaction of {self.n} players; pass (type, mask) keys "
+                    f"as salient() returns them, type in {TYPES}, mask in 1..{(1 << self.n) - 1}")
+            masks[key[0]][key[1]] = 1.0
+        return masks
 
     def surrogate(self, keep: Iterable[Key]) -> np.ndarray:
         r"""ŵ(S) on every coalition, (2^n,): the game rebuilt from v(∅) and the interactions
@@ -207,17 +220,11 @@ class Interactions:
             keep: (type, mask) keys, as :meth:`salient` returns; ∅ (mask 0, the bias) is no
                 interaction and is refused.
         """
-        if not isinstance(keep, Iterable):
-            raise PretrainReuseError(f"keep must be (type, mask) keys as salient() returns them, got "
-                                     f"{type(keep).__name__}")
-        parts = {t: torch.zeros(1 << self.n, dtype=torch.float64) for t in TYPES}
-        for key in keep:
-            if not (isinstance(key, tuple) and len(key) == 2 and key[0] in TYPES
-                    and is_integer(key[1]) and 0 < key[1] < 1 << self.n):
-                raise PretrainReuseError(
-                    f"{key!r:.60} is no interaction of {self.n} players; pass (type, mask) keys "
-                    f"as salient() returns them, type in {TYPES}, mask in 1..{(1 << self.n) - 1}")
-            parts[key[0]][key[1]] = float(self._values(key[0])[key[1]])
+        return self._rebuilt(self._key_masks(keep))
+
+    def _rebuilt(self, masks: dict[str, np.ndarray]) -> np.ndarray:
+        """:meth:`surrogate` of the entries that the 0/1 ``masks`` keep (entry 0, ∅, is 0 there)."""
+        parts = {t: torch.from_numpy(self._values(t) * masks[t]) for t in TYPES}
         return self.v[0] + (subset_sum_(parts["and"], self.n, 1.0)
                             + or_reconstruct_(parts["or"], self.n)).numpy()
 
@@ -233,7 +240,7 @@ class Interactions:
             The normalised entries are NaN when v(N) = v(∅).
         """
         keep = self._salient_masks(tau)
-        w_hat = self.surrogate(self.salient(tau))
+        w_hat = self._rebuilt(keep)
         span = abs(self.v[-1] - self.v[0])
         err = np.abs(self.v - w_hat)
         strength = np.abs(np.concatenate([self.and_values[1:], self.or_values[1:]]))
