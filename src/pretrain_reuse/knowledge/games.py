@@ -37,7 +37,11 @@ BACKGROUNDS = ("baseline", "original")
 FIXED_BASELINES = ("zero", "mean", "blur")
 #: Image baselines of an explanation: the fixed ones, or learned by :func:`learn_baseline`.
 BASELINES = (*FIXED_BASELINES, "learned")
-OUTPUTS = ("log-odds", "log-odds-clipped", "logit")
+#: The outputs of :func:`class_output` that are the log-odds of the class, so their sign is the
+#: model's decision (p(y) > 1/2).
+LOG_ODDS_OUTPUTS = ("log-odds", "log-odds-clipped")
+#: What :func:`class_output` computes as ``v`` from the logits.
+OUTPUTS = (*LOG_ODDS_OUTPUTS, "logit")
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ import numpy as np
 
 from ..artifacts import read_json, refuse_foreign, require_keys, write_json
 from ..errors import PretrainReuseError, check_choice, check_seed, is_integer, is_number
+from .games import LOG_ODDS_OUTPUTS
 from .interactions import orders, players_of
 from .values import Interactions, check_interactions
 
@@ -917,8 +918,6 @@ def set_discrimination(report: KnowledgeReport, labels: Iterable[int]) -> SetDis
 ABLATION_SETS = ("salient", "preserve", "new", "exclusive")
 #: What :func:`set_ablation` measures of each set's surrogate.
 ABLATION_MEASURES = ("fidelity", "error", "share", "same_decision")
-#: The game outputs whose sign is the model's decision (p(y) > 1/2), for ``same_decision``.
-LOG_ODDS = ("log-odds", "log-odds-clipped")
 
 
 @dataclass(frozen=True)
@@ -1055,10 +1054,10 @@ def _ablation_measures(x: Interactions, keep: list[tuple[str, int]]) -> dict[str
     residual = np.sum((x.v - w_hat) ** 2)
     spread = np.sum((x.v - x.v.mean()) ** 2)
     span = x.v[-1] - x.v[0]
-    decided = x.info.get("output") in LOG_ODDS and span != 0
+    decided = x.info.get("output") in LOG_ODDS_OUTPUTS and span != 0
     return {
         "fidelity": float(1.0 - residual / spread) if spread > 0 else math.nan,
-        "error": float(np.abs(x.v - w_hat).mean() / abs(span)) if span != 0 else math.nan,
+        "error": x._mean_error(w_hat),
         "share": float((w_hat[-1] - x.v[0]) / span) if span != 0 else math.nan,
         "same_decision": float((w_hat[-1] > 0) == (x.v[-1] > 0)) if decided else math.nan,
     }

@@ -228,6 +228,13 @@ class Interactions:
         return self.v[0] + (subset_sum_(parts["and"], self.n, 1.0)
                             + or_reconstruct_(parts["or"], self.n)).numpy()
 
+    def _mean_error(self, w_hat: np.ndarray) -> float:
+        r"""mean_S |v(S) - ŵ(S)| / |v(N) - v(∅)| of a rebuilt game ``w_hat`` (2^n,), as
+        :meth:`surrogate` returns it: the faithfulness check's mean error (docs/knowledge.md §5),
+        also :func:`~.metrics.set_ablation`'s; NaN when v(N) = v(∅)."""
+        span = abs(self.v[-1] - self.v[0])
+        return float(np.abs(self.v - w_hat).mean() / span) if span > 0 else float("nan")
+
     def faithfulness_error(self, tau: float = 0.05) -> dict[str, float]:
         r"""How well the salient interactions alone reproduce the game (docs/knowledge.md §5):
         the :meth:`surrogate` ŵ of the salient set Ω against v.
@@ -242,14 +249,13 @@ class Interactions:
         keep = self._salient_masks(tau)
         w_hat = self._rebuilt(keep)
         span = abs(self.v[-1] - self.v[0])
-        err = np.abs(self.v - w_hat)
         strength = np.abs(np.concatenate([self.and_values[1:], self.or_values[1:]]))
         kept = np.concatenate([keep["and"][1:], keep["or"][1:]])
         total = strength.sum()
         with np.errstate(divide="ignore", invalid="ignore"):
             return {
-                "max": float(err.max() / span) if span > 0 else float("nan"),
-                "mean": float(err.mean() / span) if span > 0 else float("nan"),
+                "max": float(np.abs(self.v - w_hat).max() / span) if span > 0 else float("nan"),
+                "mean": self._mean_error(w_hat),
                 "outside_share": float((strength * (1 - kept)).sum() / total) if total > 0 else 0.0,
                 "noise": float(np.abs(self.noise).max() / span) if span > 0 else float("nan"),
             }
