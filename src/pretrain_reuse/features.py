@@ -60,7 +60,9 @@ class FeatureStore:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        # a loaded store's shards were checked from their headers: as_array would read them all
+        # a loaded store's shards were checked from their headers: as_array would read them all.
+        # NaN/inf rows are refused where the rows are read anyway (units, save), not here, where
+        # a memory-mapped .npy would be read whole
         features = (self.features if isinstance(self.features, ShardedFeatures)
                     else check_matrix("features", self.features, finite=False))
         n = features.shape[0]
@@ -109,7 +111,9 @@ class FeatureStore:
         return cls(features=feats, labels=labs, class_names=class_names, meta=meta)
 
     def save(self, path: str | Path, *, shard_size: int = 65536) -> Path:
-        """Write the store folder (replacing an existing one only once the new one is complete)."""
+        """Write the store folder (replacing an existing one only once the new one is complete).
+
+        Refuses a row that is NaN/inf in float32, the dtype a store holds, naming its sample."""
         path = Path(path)
         if path.exists() and not (path / "index.json").exists():
             raise PretrainReuseError(
@@ -124,10 +128,7 @@ class FeatureStore:
             for k, s in enumerate(range(0, len(self), shard_size)):
                 name = f"shard-{k:05d}.safetensors"
                 rows = slice(s, min(s + shard_size, len(self)))
-                tensors = {
-                    "features": np.ascontiguousarray(self.features[rows], dtype=np.float32),
-                    "ids": encode_ids(self.ids[rows]),
-                }
+                tensors = {"features": self._float32_rows(rows), "ids": encode_ids(self.ids[rows])}
                 if self.labels is not None:
                     tensors["labels"] = np.ascontiguousarray(self.labels[rows])
                 with atomic_path(tmp / name) as shard:  # for the file mode (see atomic_path)
@@ -145,6 +146,21 @@ class FeatureStore:
             if tmp.exists():
                 shutil.rmtree(tmp)
         return path
+
+    def _float32_rows(self, rows: slice) -> np.ndarray:
+        """The features ``rows`` in float32, as a shard holds them, after refusing a row that is
+        NaN/inf there (NaN/inf given, or a float64 beyond the float32 range): every command that
+        reads the saved store would fail on it, far from where it came from."""
+        with np.errstate(over="ignore"):  # an overflow is refused below, naming its sample
+            block = np.ascontiguousarray(self.features[rows], dtype=np.float32)
+        bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
+        if len(bad):
+            row = rows.start + int(bad[0])
+            raise PretrainReuseError(
+                f"features row {row} (sample {self.ids[row]!r}) is NaN/inf in float32, the dtype a "
+                "store holds; remove or recompute that sample (rescale features beyond the float32 "
+                "range) and save again")
+        return block
 
     @classmethod
     def load(cls, path: str | Path, *, lazy: bool = False) -> FeatureStore:
