@@ -41,6 +41,8 @@ API = {
     "pretrain_reuse.knowledge.text": ["TokenPlayers", "token_players", "masked_text_game"],
     "pretrain_reuse.knowledge.explain": ["ExplainConfig", "explain"],
     "pretrain_reuse.knowledge.analysis": ["analyze_knowledge", "KnowledgeWarning"],
+    "pretrain_reuse.knowledge.sensitivity": ["knowledge_sensitivity", "ratio_sensitivity",
+                                             "KnowledgeSensitivity"],
     "pretrain_reuse.experiments": None,
     "pretrain_reuse.report": ["build_report"],
     "pretrain_reuse.demo": ["run_demo"],

@@ -623,13 +623,16 @@ def test_the_counterfactual_check_reports_the_rank_correlation(tmp_path, capsys)
 def test_the_analysis_reports_each_knowledge_set_alone_as_set_ablation_gives_it(tmp_path, capsys):
     # one network in both roles (two random ones agree on no sample): all knowledge preserved
     model = _classifier(tmp_path / "m.safetensors", 10)
-    rc, _, err = _run(capsys, "knowledge", "--model", "smallcnn-s", "--pretrained", model,
-                      "--finetuned", model, "--data", "synthetic:target", "--players",
-                      "grid:2x2", "--samples", 3, "--quiet", "--out", tmp_path / "k")
+    rc, out, err = _run(capsys, "knowledge", "--model", "smallcnn-s", "--pretrained", model,
+                        "--finetuned", model, "--data", "synthetic:target", "--players",
+                        "grid:2x2", "--samples", 3, "--quiet", "--out", tmp_path / "k")
     assert rc == 0, err
     k = json.loads((tmp_path / "k" / "knowledge.json").read_text())
     pre, ft = (_interactions(tmp_path / "k" / role) for role in ("pretrained", "finetuned"))
     assert k["ablation"] == set_ablation(knowledge_report(pre, ft), ft).to_dict()
+    alone = k["ablation"]["preserve"]
+    assert (f"preserved knowledge alone: fidelity R² {alone['fidelity']['mean']:.3f}, share of the "
+            f"output {alone['share']['mean']:.3f}") in out
     assert list(k["ablation"]) == ["salient", "preserve", "new"]
     assert k["ablation"]["salient"]["fidelity"]["n_used"] == 3
     assert k["ablation"]["preserve"] == k["ablation"]["salient"] and k["ablation"]["new"]["items"] == 0

@@ -13,6 +13,7 @@ import datetime
 import errno
 import glob
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -284,7 +285,8 @@ def make_folder(out: Path, what: str) -> Path:
 FOLDER_KINDS = {"finetune-run": "a fine-tuning run", "grid-run": "a grid search",
                 "experiment-run": "an experiment", "demo-run": "a demo run",
                 "features": "a FeatureStore", "embedding": "an embedding",
-                "explanations": "an explanation run", "knowledge-report": "a knowledge analysis"}
+                "explanations": "an explanation run", "knowledge-report": "a knowledge analysis",
+                "sensitivity-run": "a knowledge sensitivity analysis"}
 
 #: The files that say what an output folder holds (a FeatureStore's index before its marker).
 FOLDER_MARKERS = ("run.json", "index.json", "embed.json", "explain.json", "knowledge.json")
@@ -464,10 +466,14 @@ OPENS = ("pass an artifact: a FeatureStore, fine-tuning run or experiment folder
          "(.safetensors or .npy), Interactions (.safetensors), a selection (.json) or a saved "
          "knowledge result (.json)")
 
-#: The knowledge results saved as JSON, by their kind: the class in knowledge.metrics that loads them.
-KNOWLEDGE_RESULTS = {"knowledge-sets": "KnowledgeReport", "knowledge-convergence": "Convergence",
-                     "accuracy-correlation": "AccuracyCorrelation", "set-discrimination": "SetDiscrimination",
-                     "set-ablation": "SetAblation"}
+#: The knowledge results saved as JSON, by their kind: the module of pretrain_reuse.knowledge and
+#: the class in it that loads them.
+KNOWLEDGE_RESULTS = {"knowledge-sets": ("metrics", "KnowledgeReport"),
+                     "knowledge-convergence": ("metrics", "Convergence"),
+                     "accuracy-correlation": ("metrics", "AccuracyCorrelation"),
+                     "set-discrimination": ("metrics", "SetDiscrimination"),
+                     "set-ablation": ("metrics", "SetAblation"),
+                     "knowledge-sensitivity": ("sensitivity", "KnowledgeSensitivity")}
 
 
 def load(path: str | Path, *, what: str = "path", lazy: bool = False):
@@ -484,8 +490,9 @@ def load(path: str | Path, *, what: str = "path", lazy: bool = False):
     selection ``.json`` file a :class:`~pretrain_reuse.selection.Selection`; a saved
     :class:`~pretrain_reuse.knowledge.KnowledgeReport`, :class:`~pretrain_reuse.knowledge.Convergence`,
     :class:`~pretrain_reuse.knowledge.AccuracyCorrelation`,
-    :class:`~pretrain_reuse.knowledge.SetDiscrimination` or
-    :class:`~pretrain_reuse.knowledge.SetAblation` as such. The folders of
+    :class:`~pretrain_reuse.knowledge.SetDiscrimination`,
+    :class:`~pretrain_reuse.knowledge.SetAblation` or
+    :class:`~pretrain_reuse.knowledge.sensitivity.KnowledgeSensitivity` as such. The folders of
     ``explain`` and ``knowledge`` hold one Interactions file per sample, and those of ``demo``
     and ``finetune --grid`` several artifacts: open those. ``what`` is how errors name the
     path (a command line passes its flag); the artifact's type is read from the file.
@@ -538,9 +545,8 @@ def load(path: str | Path, *, what: str = "path", lazy: bool = False):
     if p.suffix == ".json":
         kind = _json_entry(p)
         if kind in KNOWLEDGE_RESULTS:
-            from .knowledge import metrics
-
-            return getattr(metrics, KNOWLEDGE_RESULTS[kind]).load(p)
+            module, name = KNOWLEDGE_RESULTS[kind]
+            return getattr(importlib.import_module(f".knowledge.{module}", __package__), name).load(p)
         if kind not in (None, "selection"):
             raise PretrainReuseError(f"{str(p)!r} holds a {kind!r} record, not an artifact to "
                                      f"load; it is plain JSON (json.load reads it); {OPENS}")

@@ -564,11 +564,17 @@ def cmd_knowledge(args) -> int:
               "finetuned": _classifier(args.model, args.finetuned, "--finetuned", args.quiet)}
     if args.scratch:
         models["scratch"] = _classifier(args.model, args.scratch, "--scratch", args.quiet)
+    if args.vary and (args.checkpoints or args.scratch_checkpoints):
+        raise PretrainReuseError("--vary compares the knowledge ratios, not the convergence: drop "
+                                 "--checkpoints / --scratch-checkpoints, or run the convergence "
+                                 "without --vary")
     snapshots = {name: _snapshots(args.model, path, flag, args.quiet) if path else None
                  for name, path, flag in (("checkpoints", args.checkpoints, "--checkpoints"),
                                           ("scratch_checkpoints", args.scratch_checkpoints,
                                            "--scratch-checkpoints"))}
     data, split = _explain_data(args)
+    if args.vary:
+        return _knowledge_sensitivity(args, models, data, cfg, split)
     before = _stamp(Path(args.out) / "knowledge.json")
     with warnings.catch_warnings():
         # the analysis's doubts (swapped roles, the same network twice) as one line each, also
@@ -589,6 +595,9 @@ def cmd_knowledge(args) -> int:
     else:
         line += "; discrimination power " + ", ".join(
             f"{k} {_number(d['purity'])}" for k, d in summary["discrimination"].items())
+    alone = summary["ablation"]["preserve"]
+    line += (f"; preserved knowledge alone: fidelity R² {_number(alone['fidelity']['mean'])}, "
+             f"share of the output {_number(alone['share']['mean'])}")
     if "ground_truth" in summary:
         found = summary["ground_truth"]["finetuned"]["overall"]
         line += (f"; class rules found by the fine-tuned model: precision "
@@ -597,6 +606,35 @@ def cmd_knowledge(args) -> int:
              "classified correctly by every model)" if samples["n"] < samples["asked"] else "")
     print(f"knowledge over {samples['n']} samples{fewer}: {line}; wrote "
           f"{Path(args.out) / 'knowledge.json'}")
+    return 0
+
+
+def _knowledge_sensitivity(args, models: dict, data, cfg, split: str | None) -> int:
+    """``knowledge --vary``: one analysis per setting, and how the ratios move between them."""
+    from .knowledge.analysis import KnowledgeWarning
+    from .knowledge.sensitivity import knowledge_sensitivity, parse_vary
+
+    vary = parse_vary(args.vary)
+    before = _stamp(Path(args.out) / "sensitivity.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", KnowledgeWarning)  # as a single analysis shows them
+        result = knowledge_sensitivity(models, data, cfg, vary, args.out, tau=args.tau,
+                                       match=args.match, split=split, progress=not args.quiet)
+    if before is not None and _stamp(Path(args.out) / "sensitivity.json") == before:
+        _finished("knowledge", args.out)
+        return 0
+    differences = result.differences()
+    reference = next(iter(result.variants))
+    for row in result.rows():
+        ratios = ", ".join(f"{k} {_number(row[k])}" for k in ("preserve", "discard", "new",
+                                                              "exclusive") if k in row)
+        moved = differences.get(row["variant"], {}).get("preserve", {})
+        change = ("" if not moved or moved["mean"] is None else
+                  f" (preserve {moved['mean']:+.3f} ± {moved['se'] or 0:.3f} vs {reference}, "
+                  f"{moved['n']} paired samples)")
+        print(f"{row['variant']}: {ratios} over {row['samples']} samples{change}")
+    print(f"wrote {Path(args.out) / 'sensitivity.csv'} (each setting's analysis in its own "
+          "sub-folder)")
     return 0
 
 
@@ -965,6 +1003,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--scratch-checkpoints", help="likewise, the scratch run of --scratch: its "
                    "curve, to compare with fine-tuning's")
     k.add_argument("--match", default="support", help="support | signed")
+    k.add_argument("--vary", action="append", metavar="SETTING=V1,V2",
+                   help="how the ratios move with the analysis's choices: one analysis per "
+                   "combination, each in its own sub-folder, e.g. --vary baseline=zero,mean,blur "
+                   "--vary players=grid:3x3,grid:4x4 (any setting below but --batch-size and "
+                   "--device; also tau, match); writes sensitivity.csv/.json/.png")
     _add_explain_flags(k)
     k.set_defaults(func=cmd_knowledge)
 

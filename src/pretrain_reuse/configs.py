@@ -163,3 +163,35 @@ def check_fields(config: Any) -> None:
         except _WrongType:
             raise PretrainReuseError(
                 f"{name} must be {_describe(hint, none='None')}, got {value!r}") from None
+
+
+def parse_sweep(specs: list[str], hints: dict[str, Any], flag: str, example: str
+                ) -> dict[str, list[Any]]:
+    """The fields and values of a sweep flag given as ``FIELD=V1,V2`` strings, each value typed
+    like the field it sets (``hints``: the fields' annotations; an ``X | None`` field takes X
+    values): ``["lr=0.001,0.01", "lam=0.3,1"]`` -> ``{"lr": [0.001, 0.01], "lam": [0.3, 1.0]}``.
+
+    ``flag`` names the flag in errors and ``example`` is a valid spec of it. A field named twice,
+    a value repeated (it would be run twice) and a field that is not a number or a string are
+    one line each."""
+    sweep: dict[str, list[Any]] = {}
+    for spec in specs:
+        name, sep, values = spec.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not values.strip():
+            raise PretrainReuseError(f"{flag} {spec!r}: write FIELD=V1,V2 (e.g. {example})")
+        check_choice(f"{flag} field", name, hints)
+        if name in sweep:
+            raise PretrainReuseError(f"{flag} names {name!r} twice; list all its values in one "
+                                     f"{flag} {name}=V1,V2")
+        hint = hints[name]
+        cast = _not_none(get_args(hint)) if get_origin(hint) is types.UnionType else hint
+        if cast not in (int, float, str):
+            raise PretrainReuseError(f"{flag} cannot vary {name!r}; vary a number or a string field")
+        try:
+            sweep[name] = [cast(v.strip()) for v in values.split(",")]
+        except ValueError:
+            raise PretrainReuseError(f"{flag} {spec!r}: the values must be of type {cast.__name__}") from None
+        if len(set(sweep[name])) < len(sweep[name]):
+            raise PretrainReuseError(f"{flag} {spec!r} repeats a value; each would be run twice")
+    return sweep

@@ -10,12 +10,13 @@ from __future__ import annotations
 import csv
 import itertools
 from collections.abc import Callable
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from ..artifacts import atomic_path, claim_folder, make_meta, write_json
-from ..errors import PretrainReuseError, check_choice
+from ..configs import parse_sweep
+from ..errors import PretrainReuseError
 from .config import FinetuneConfig
 from .loop import RESUMABLE_WITH_OTHER, RunResult
 
@@ -27,27 +28,7 @@ SPLIT_FIELDS = ("seed", "val_fraction", "train_fraction", "long_tail_ratio", "lo
 def parse_grid(specs: list[str]) -> dict[str, list[Any]]:
     """``["lr=0.001,0.01", "lam=0.3,1"]`` -> ``{"lr": [0.001, 0.01], "lam": [0.3, 1.0]}``, values
     typed like the config field they set."""
-    types = {f.name: f.type for f in fields(FinetuneConfig)}
-    grid: dict[str, list[Any]] = {}
-    for spec in specs:
-        name, sep, values = spec.partition("=")
-        name = name.strip().replace("-", "_")
-        if not sep or not values.strip():
-            raise PretrainReuseError(f"--grid {spec!r}: write FIELD=V1,V2 (e.g. lr=0.001,0.01)")
-        check_choice("--grid field", name, types)
-        if name in grid:
-            raise PretrainReuseError(f"--grid names {name!r} twice; list all its values in one "
-                                     f"--grid {name}=V1,V2")
-        cast = {"int": int, "float": float, "str": str}.get(str(types[name]).replace(" | None", ""))
-        if cast is None:
-            raise PretrainReuseError(f"--grid cannot vary {name!r}; vary a number or a string field")
-        try:
-            grid[name] = [cast(v.strip()) for v in values.split(",")]
-        except ValueError:
-            raise PretrainReuseError(f"--grid {spec!r}: the values must be of type {cast.__name__}") from None
-        if len(set(grid[name])) < len(grid[name]):
-            raise PretrainReuseError(f"--grid {spec!r} repeats a value; each would be run twice")
-    return grid
+    return parse_sweep(specs, get_type_hints(FinetuneConfig), "--grid", "lr=0.001,0.01")
 
 
 def grid_search(cfg: FinetuneConfig, grid: dict[str, list[Any]], out: str | Path,

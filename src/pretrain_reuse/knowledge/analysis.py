@@ -32,7 +32,7 @@ from __future__ import annotations
 import itertools
 import json
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -208,11 +208,35 @@ def counterfactual(x: Interactions, sets: list[int], tau: float, rng: np.random.
     return {"preserved": chosen, "random": control}
 
 
+def check_analysis(models: dict[str, Backbone], dataset: ImageDataset | TextDataset,
+                   cfg: ExplainConfig, *, tau: float, match: str, candidates: int = 400,
+                   snapshots: Mapping[str, Backbone] | None = None) -> None:
+    """Every check of :func:`analyze_knowledge`'s arguments that needs no game: the roles'
+    models (classifiers over ``dataset``'s classes, numbered as each numbers them, that the
+    players of ``cfg`` fit), the snapshots' objects (``{name in errors: model}``), ``tau``,
+    ``match`` and ``candidates``. Run before the interactions are computed: a typo must not
+    cost minutes, or leave files."""
+    if not isinstance(models, Mapping):
+        raise PretrainReuseError(f"models must be a dict of the roles' models, {{'pretrained': "
+                                 f"..., 'finetuned': ..., 'scratch': ...}}, got {type(models).__name__}")
+    missing = {"pretrained", "finetuned"} - models.keys()
+    if missing:
+        raise PretrainReuseError(f"knowledge needs the {' and '.join(sorted(missing))} model(s)")
+    check_objects({**models, **(snapshots or {})}, dataset, cfg)
+    check_choice("match", match, MATCHES)
+    check_tau(tau)
+    if not (is_integer(candidates) and candidates >= 1):
+        raise PretrainReuseError(f"candidates={candidates!r} must be an integer >= 1 (samples "
+                                 "screened at a time)")
+    for role, m in models.items():
+        check_classifier(m, model_classes(m, dataset), cfg, role)
+
+
 def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextDataset,
                       cfg: ExplainConfig, out: str | Path, *, checkpoints: list[Backbone] | None = None,
                       scratch_checkpoints: list[Backbone] | None = None, tau: float = 0.05,
                       match: str = "support", candidates: int = 400, split: str | None = None,
-                      progress: bool = True) -> dict[str, Any]:
+                      games_from: Sequence[str | Path] = (), progress: bool = True) -> dict[str, Any]:
     """Run the analysis into ``out`` and return (and write ``knowledge.json``) its summary.
 
     ``out`` must be new, empty or the folder of an earlier analysis (it holds ``knowledge.json``,
@@ -260,23 +284,16 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
             samples are correct for every model or every sample has been screened.
         split: the split ``dataset`` was opened from (recorded in the meta; the dataset does
             not know it).
+        games_from: folders of other analyses whose cached games this one may take instead of
+            computing them (a game is named by its model, sample, players, baseline and output,
+            so only the same game is taken): analyses that differ only in ``tau``, ``match`` or
+            the decomposition share their games (:func:`~.sensitivity.knowledge_sensitivity`).
     """
-    if not isinstance(models, Mapping):
-        raise PretrainReuseError(f"models must be a dict of the roles' models, {{'pretrained': "
-                                 f"..., 'finetuned': ..., 'scratch': ...}}, got {type(models).__name__}")
-    missing = {"pretrained", "finetuned"} - models.keys()
-    if missing:
-        raise PretrainReuseError(f"knowledge needs the {' and '.join(sorted(missing))} model(s)")
     given = {name: list(snaps or []) for name, snaps in
              (("checkpoints", checkpoints), ("scratch_checkpoints", scratch_checkpoints))}
-    check_objects({**models, **{f"{name}[{t}]": m for name, snaps in given.items()
-                                for t, m in enumerate(snaps)}}, dataset, cfg)
-    # checked before the interactions are computed: a typo must not cost minutes, or leave files
-    check_choice("match", match, MATCHES)
-    check_tau(tau)
-    if not (is_integer(candidates) and candidates >= 1):
-        raise PretrainReuseError(f"candidates={candidates!r} must be an integer >= 1 (samples "
-                                 "screened at a time)")
+    check_analysis(models, dataset, cfg, tau=tau, match=match, candidates=candidates,
+                   snapshots={f"{name}[{t}]": m for name, snaps in given.items()
+                              for t, m in enumerate(snaps)})
     out = Path(out)
     device = torch.device(cfg.device)
     series = {name: _ordered_snapshots(name, snaps, models.get(SERIES[name][0]))
@@ -292,8 +309,10 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     views.update({_snapshot_role(name, t): views[SERIES[name][0]]
                   for name, snaps in series.items() for t in range(len(snaps))})
     dataset = views["finetuned"]
-    for role, m in named.items():
-        check_classifier(m, views[role], cfg, role)
+    for name, snaps in series.items():  # the models themselves were checked above
+        for t, m in enumerate(snaps):
+            role = _snapshot_role(name, t)
+            check_classifier(m, views[role], cfg, role)
     params = {"tau": tau, "split": split}
     identity = rerun_identity(named, dataset, {**asdict(cfg), **params, "match": match,
                                                "candidates": candidates})
@@ -337,7 +356,8 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     # folder must not read as a finished analysis, and a rerun with other settings is refused
     write_json(marker, {"kind": KIND, "finished": False, "identity": identity})
     games = {role: explain_games(m, views[role], indices, cfg, out / role, role=role, params=params,
-                                 progress=progress) for role, m in models.items()}
+                                 games_from=[Path(f) / role for f in games_from], progress=progress)
+             for role, m in models.items()}
     explained = (_joint(games, cfg.noise_bound) if cfg.decomposition == "joint-and-or" else
                  {role: decompose(g, cfg) for role, g in games.items()})
     for role, xs in explained.items():

@@ -32,10 +32,11 @@ import copy
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -668,11 +669,14 @@ def class_logits(model: Backbone, dataset: ImageDataset | TextDataset, indices: 
 @full_float32()
 def explain_games(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.ndarray,
                   cfg: ExplainConfig, out: str | Path | None, *, role: str, params: dict[str, Any],
-                  progress: bool, identity: dict[str, Any] | None = None) -> Games:
+                  progress: bool, identity: dict[str, Any] | None = None,
+                  games_from: Sequence[Path] = ()) -> Games:
     """The games of ``model`` on the samples at ``indices`` (valid positions, already passed by
     :func:`check_explainable`: the callers check every model before anything is written); with
     ``out``, cached there, its marker recording ``identity`` (:func:`rerun_identity`, already
-    passed by :func:`check_rerun`) when given. ``params``: recorded in the meta beside ``cfg``."""
+    passed by :func:`check_rerun`) when given. ``params``: recorded in the meta beside ``cfg``.
+    ``games_from``: other explanation folders whose cached games of the same name (the same
+    game) are linked into ``out`` instead of being computed."""
     device = torch.device(cfg.device)
     model = model.to(device).eval()
     setup = (_text_samples(model, dataset, cfg, device) if cfg.players == "tokens"
@@ -695,6 +699,8 @@ def explain_games(model: Backbone, dataset: ImageDataset | TextDataset, indices:
         game = _digest({"model": identity["state"], "sample": sample.key, "label": label,
                         "baseline": _baseline_options(cfg), "output": cfg.output})
         cache = None if folder is None else folder / "games" / f"{i:07d}-{game}.npy"
+        if cache is not None and not cache.exists():
+            _take_cached(cache, [f / "games" / cache.name for f in games_from])
         cached = None if cache is None else _cached_game(cache, sample.players["n"],
                                                          fitted=cfg.baseline == "learned")
         if cached is not None and not _same_ends(cached[0], sample.ends(label)):
@@ -718,6 +724,21 @@ def explain_games(model: Backbone, dataset: ImageDataset | TextDataset, indices:
     meta = make_meta("knowledge.explain", {**asdict(cfg), **params}, seed=cfg.seed,
                      inputs={**identity, "data": dataset.source, "data_path": data_path(dataset)})
     return Games(np.stack(games), infos, meta)
+
+
+def _take_cached(cache: Path, found: list[Path]) -> None:
+    """Link the first of ``found`` that exists (with its baseline fit, if any) to ``cache``:
+    a game's file name records everything it depends on, so another folder's file of that name
+    holds the same game (a damaged one is refused by the caller's checks and computed again)."""
+    source = next((f for f in found if f.is_file()), None)
+    if source is None:
+        return
+    for src, dst in ((source.with_suffix(".json"), cache.with_suffix(".json")), (source, cache)):
+        if src.is_file() and not dst.exists():
+            try:
+                os.link(src, dst)
+            except OSError:  # another file system, or one without hard links
+                shutil.copyfile(src, dst)
 
 
 def decompose(games: Games, cfg: ExplainConfig) -> list[Interactions]:

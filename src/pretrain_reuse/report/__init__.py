@@ -2,8 +2,9 @@
 base64 PNG, no external resources) from a run folder: a demo, an experiment, a fine-tuning run
 (its accuracy and losses over training, its result after the last step and at the best
 validation evaluation, its recipe), a grid search (every combination, and the one validation
-picked) or a knowledge analysis (the ``knowledge`` command's folder: the demo's knowledge
-section, from its ``knowledge.json`` and ``preserved.png``). An ``explain`` folder is refused
+picked), a knowledge analysis (the ``knowledge`` command's folder: the demo's knowledge
+section, from its ``knowledge.json`` and ``preserved.png``) or a knowledge sensitivity analysis
+(``knowledge --vary``: each setting's ratios and their paired change). An ``explain`` folder is refused
 naming what it holds and how to open it.
 
 Every figure is drawn from the files of the run (``summary.json``, selections, fine-tuning
@@ -816,10 +817,17 @@ def build_report(run_dir: str | Path) -> Path:
     if (run / "grid.json").exists():
         with _reading(run / "grid.json", FINETUNE_REDO):
             return _write_page(run, _grid_body(run))
+    if (run / "sensitivity.json").exists():
+        with _reading(run / "sensitivity.json", KNOWLEDGE_REDO):
+            return _write_page(run, _sensitivity_body(run))
     kind = _marker(run).get("kind")
     if kind == "finetune-run":
         with _reading(run / "result.json", FINETUNE_REDO):
             return _write_page(run, _finetune_run_body(run))
+    if kind == "sensitivity-run":  # likewise
+        raise PretrainReuseError(f"{str(run)!r}: this knowledge sensitivity analysis has not "
+                                 "finished (it has no sensitivity.json yet); rerun its knowledge "
+                                 "--vary command with the same --out to resume it")
     if kind == "grid-run":  # its marker records no command to name
         raise PretrainReuseError(f"{str(run)!r}: this grid search has not finished (it has no "
                                  "grid.json yet); rerun its finetune --grid command with the same "
@@ -903,6 +911,51 @@ def _knowledge_body(run: Path) -> list[str]:
             samples="samples" if players == "tokens" else "images", overlays=overlays, **redo)),
         _section("Settings and versions", "parameters",
                  _versions(k["meta"]) + f"<pre>{html.escape(settings)}</pre>")]
+
+
+def _sensitivity_body(run: Path) -> list[str]:
+    """A ``knowledge --vary`` folder: each setting's ratios, their paired change from the first
+    setting, with a verdict generated from the standard errors, and the figure."""
+    from ..knowledge.sensitivity import KnowledgeSensitivity
+
+    result = KnowledgeSensitivity.load(run / "sensitivity.json")
+    rows, diffs = result.rows(), result.differences()
+    reference = rows[0]["variant"]
+    names = [n for n in ("preserve", "discard", "new", "exclusive") if n in rows[0]]
+    checks = [c for c in ("faithfulness_error", "effect_ratio", "preserve_alone_r2") if c in rows[0]]
+    table = _table(["setting", "samples", *names, *(c.replace("_", " ") for c in checks)],
+                   [[r["variant"], r["samples"],
+                     *(f"{_fixed(r[n])} ± {_fixed(r[f'{n}_se'])}" for n in names),
+                     *(_fixed(r[c]) for c in checks)] for r in rows])
+    changes = _table(["setting", *(f"{n} change" for n in names)],
+                     [[tag, *(f"{_fixed(d[n]['mean'], 3)} ± {_fixed(d[n]['se'], 3)} ({d[n]['n']})"
+                              for n in names)] for tag, d in diffs.items()])
+    moved = [f"{n} with {tag} ({d[n]['mean']:+.3f} ± {d[n]['se']:.3f})"
+             for tag, d in diffs.items() for n in names
+             if d[n]["se"] is not None and abs(d[n]["mean"]) > 2 * d[n]["se"]]
+    verdict = (f'<p class="note">Beyond two standard errors of the paired change from '
+               f"{_text(reference)}: {_text('; '.join(moved))}. Conclusions drawn from these "
+               "ratios depend on the analysis's choices.</p>" if moved else
+               f'<p class="good">No setting moves a ratio beyond two standard errors of its '
+               f"paired change from {_text(reference)}.</p>")
+    fig, ax = subplots(figsize=(max(6.0, 1.2 * len(rows) + 3), 4))
+    result.plot(ax)
+    return [
+        "<h1>pretrain-reuse report: a knowledge sensitivity analysis</h1>",
+        f"<p>{len(rows)} knowledge analyses of the same models on the same data, one per setting "
+        f"of {_text(', '.join(result.vary))}; the first, <code>{_text(reference)}</code>, is the "
+        f"reference. Folder: <code>{_text(run)}</code>; each setting's own report: "
+        "<code>pretrain-reuse report</code> on its sub-folder.</p>",
+        _section("Ratios per setting", "ratios", table + "<p>Mean ± standard error over the "
+                 "samples that define each ratio; the checks are the fine-tuned model's mean "
+                 "faithfulness error, the counterfactual effect ratio, and the fidelity R² of its "
+                 "preserved interactions alone.</p>" + _figure(
+                     fig, "Each ratio per setting, mean ± standard error over samples.",
+                     "knowledge ratios per setting")),
+        _section("Change from the reference", "changes", changes + "<p>Mean over the samples both "
+                 "settings explain of the per-sample difference, ± its standard error (paired "
+                 "samples in brackets).</p>" + verdict),
+        _section("Versions", "parameters", _versions(result.meta))]
 
 
 def _explain_folder(run: Path) -> PretrainReuseError:

@@ -1,0 +1,334 @@
+"""How the knowledge ratios move with the analysis's own choices (players, baseline, τ, ...).
+
+Jiang, Cheng & Li (arXiv 2410.08455) fix the choices their ratios rest on: which patches are the
+players, what an absent player shows, the salience threshold. Their reviewers asked how the
+conclusions move with them (docs/knowledge.md §6). :func:`knowledge_sensitivity` runs one
+ordinary knowledge analysis per combination of the varied settings, on the same models and data,
+each in its own resumable sub-folder, and :func:`ratio_sensitivity` compares their ratios sample
+by sample.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import numpy as np
+
+from ..artifacts import atomic_path, claim_folder, make_meta, to_json
+from ..configs import parse_sweep
+from ..data.datasets import ImageDataset
+from ..data.text import TextDataset
+from ..errors import PretrainReuseError
+from ..figures import save_png, subplots
+from ..models import Backbone
+from .analysis import analyze_knowledge, check_analysis, load_analysis
+from .explain import ExplainConfig
+from .metrics import KnowledgeReport, _load_json, _nan_to_none, _none_to_nan, _save_json, knowledge_report
+from .plots import RATIO_COLOURS, literal
+
+#: Settings that do not change what an analysis computes, so varying them would repeat it.
+NOT_VARIED = ("batch_size", "device")
+#: The analysis's settings outside :class:`~.explain.ExplainConfig` that may be varied.
+ANALYSIS_SETTINGS = {"tau": (float, 0.05), "match": (str, "support")}
+#: The per-variant checks copied from each analysis's ``knowledge.json`` (dotted paths).
+CHECKS = {"faithfulness_error": "faithfulness.finetuned.mean",
+          "effect_ratio": "counterfactual.effect_ratio",
+          "preserve_alone_r2": "ablation.preserve.fidelity.mean"}
+
+
+def variable_settings() -> dict[str, Any]:
+    """The settings ``--vary`` may set, with their types."""
+    hints = {k: v for k, v in get_type_hints(ExplainConfig).items() if k not in NOT_VARIED}
+    return {**hints, **{k: kind for k, (kind, _) in ANALYSIS_SETTINGS.items()}}
+
+
+def parse_vary(specs: list[str]) -> dict[str, list[Any]]:
+    """``["baseline=zero,mean", "tau=0.05,0.1"]`` -> ``{"baseline": ["zero", "mean"], "tau":
+    [0.05, 0.1]}``, values typed like the setting they set."""
+    for spec in specs:
+        name = spec.partition("=")[0].strip().replace("-", "_")
+        if name in NOT_VARIED:
+            raise PretrainReuseError(f"--vary cannot vary {name}: it does not change what an "
+                                     f"analysis computes; set it once with --{name.replace('_', '-')}")
+    return parse_sweep(specs, variable_settings(), "--vary", "baseline=zero,mean,blur")
+
+
+@dataclass(frozen=True)
+class KnowledgeSensitivity:
+    """The knowledge ratios of one analysis per setting of the varied choices.
+
+    Attributes:
+        vary: ``{setting: [values]}``, as varied.
+        variants: ``{tag: {setting: value}}`` in the order analysed; the first is the reference
+            the others are compared with. A tag reads ``baseline=mean,tau=0.1``.
+        ids: ``{tag: [sample id]}``, the samples each variant explains.
+        ratios: ``{tag: {ratio: (samples,) float64}}``, each sample's ratio, NaN where its
+            denominator is empty.
+        checks: ``{tag: {check: value or None}}``: the fine-tuned model's mean faithfulness
+            error, the counterfactual effect ratio and the fidelity R² of its preserved
+            interactions alone (:data:`CHECKS`).
+        meta: the producer, settings, seed and versions (:func:`~pretrain_reuse.artifacts.make_meta`).
+    """
+
+    vary: dict[str, list[Any]]
+    variants: dict[str, dict[str, Any]]
+    ids: dict[str, list[str]]
+    ratios: dict[str, dict[str, np.ndarray]]
+    checks: dict[str, dict[str, float | None]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # a summary: the dataclass repr prints every sample's ratio
+        return (f"KnowledgeSensitivity(variants={list(self.variants)}, ratios="
+                f"{list(next(iter(self.ratios.values())))})")
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per variant: its settings, samples, each ratio's mean and standard error over
+        the samples that define it (None where fewer than two do), and its checks."""
+        rows = []
+        for tag, setting in self.variants.items():
+            row: dict[str, Any] = {"variant": tag, **setting, "samples": len(self.ids[tag])}
+            for name, values in self.ratios[tag].items():
+                mean, se, _ = _mean_se(values)
+                row[name], row[f"{name}_se"] = mean, se
+            rows.append(row | self.checks[tag])
+        return rows
+
+    def differences(self) -> dict[str, dict[str, dict[str, float | int | None]]]:
+        """``{tag: {ratio: {"mean", "se", "n"}}}``: each variant's ratio minus the first
+        variant's, on the samples both explain and both define (paired: the same image under
+        two choices), with the standard error of that mean difference; None where fewer than
+        two samples are paired."""
+        first, *others = self.variants
+        out = {}
+        for tag in others:
+            common = sorted(set(self.ids[first]) & set(self.ids[tag]))
+            at = {t: {s: k for k, s in enumerate(self.ids[t])} for t in (first, tag)}
+            out[tag] = {}
+            for name in self.ratios[first]:
+                a = np.array([self.ratios[first][name][at[first][s]] for s in common])
+                b = np.array([self.ratios[tag][name][at[tag][s]] for s in common])
+                mean, se, n = _mean_se(b - a)
+                out[tag][name] = {"mean": mean, "se": se, "n": n}
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The table and the paired differences as JSON-ready data (NaN as None)."""
+        return {"vary": self.vary, "reference": next(iter(self.variants)), "rows": self.rows(),
+                "differences": self.differences()}
+
+    def save(self, path: str | Path) -> Path:
+        """Write every sample's ratios (and :meth:`to_dict`, for readers of the JSON)
+        atomically; returns the path."""
+        per_sample = {tag: {"setting": self.variants[tag], "ids": self.ids[tag],
+                            "checks": self.checks[tag],
+                            "ratios": {k: [_nan_to_none(float(v)) for v in values]
+                                       for k, values in self.ratios[tag].items()}}
+                      for tag in self.variants}
+        return _save_json(path, "knowledge-sensitivity", {**self.to_dict(), "per_variant": per_sample,
+                                                          "meta": self.meta})
+
+    @classmethod
+    def load(cls, path: str | Path) -> KnowledgeSensitivity:
+        """Read a file written by :meth:`save`."""
+        record = _load_json(path, "knowledge-sensitivity", ("vary", "per_variant"))
+        try:
+            per = record["per_variant"]
+            return cls(dict(record["vary"]), {t: dict(v["setting"]) for t, v in per.items()},
+                       {t: list(v["ids"]) for t, v in per.items()},
+                       {t: {k: _none_to_nan(x) for k, x in v["ratios"].items()} for t, v in per.items()},
+                       {t: dict(v["checks"]) for t, v in per.items()}, dict(record.get("meta", {})))
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise PretrainReuseError(f"{str(path)!r} has malformed per-variant numbers ({exc!r}); "
+                                     "write it again with KnowledgeSensitivity.save") from None
+
+    def plot(self, ax=None):
+        """Each ratio's mean ± standard error per variant, grouped by ratio, on ``ax`` (None:
+        the current axes, as every plot of the package); returns the axes."""
+        import matplotlib.pyplot as plt  # only when plotting
+
+        ax = ax or plt.gca()
+        rows = self.rows()
+        names = [n for n in RATIO_COLOURS if n in self.ratios[rows[0]["variant"]]]
+        width = 0.8 / len(rows)
+        for k, row in enumerate(rows):
+            x = np.arange(len(names)) + (k - (len(rows) - 1) / 2) * width
+            ax.bar(x, [row[n] if row[n] is not None else 0.0 for n in names], width,
+                   yerr=[row[f"{n}_se"] or 0.0 for n in names], capsize=3,
+                   label=literal(row["variant"]), color=f"C{k % 10}")
+        ax.set_xticks(np.arange(len(names)), names)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("ratio (mean ± s.e. over samples)")
+        ax.legend(fontsize=7)
+        ax.set_title("Knowledge ratios per setting")
+        return ax
+
+
+def _mean_se(values: np.ndarray) -> tuple[float | None, float | None, int]:
+    """Mean, standard error (sample std / √n) and count of the non-NaN ``values``; None where
+    undefined (no value; one value for the standard error)."""
+    values = values[~np.isnan(values)]
+    n = int(values.size)
+    mean = float(values.mean()) if n else None
+    se = float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else None
+    return mean, se, n
+
+
+def ratio_sensitivity(reports: Mapping[str, KnowledgeReport], ids: Mapping[str, Sequence[str]],
+                      variants: Mapping[str, dict[str, Any]], vary: dict[str, list[Any]], *,
+                      checks: Mapping[str, dict[str, float | None]] | None = None
+                      ) -> KnowledgeSensitivity:
+    r"""The knowledge ratios of several analyses of the same models, compared sample by sample.
+
+    For every variant v (one setting of the varied choices) and ratio r (preserve, discard, new,
+    exclusive; docs/knowledge.md §3), with r_v(x) the ratio on sample x,
+
+    .. math::
+
+        \bar r_v = \frac{1}{|X_v|}\sum_{x \in X_v} r_v(x), \qquad
+        \Delta_v = \frac{1}{|X_{0v}|}\sum_{x \in X_{0v}} \bigl(r_v(x) - r_0(x)\bigr),
+
+    X_v the samples where r_v is defined and X_{0v} those where both r_v and the first variant's
+    r_0 are: a paired difference, the same image under two choices, whose standard error
+    s/√|X_{0v}| is far smaller than the spread of the ratio over images. A choice the
+    conclusions do not depend on moves Δ within a few standard errors of 0. Not in Jiang, Cheng
+    & Li (arXiv 2410.08455); their reviewers asked for it (docs/knowledge.md §6).
+
+    Args:
+        reports: ``{tag: KnowledgeReport}`` per variant, in the order of ``variants``.
+        ids: ``{tag: sample ids}``, in the order of each report's samples.
+        variants: ``{tag: {setting: value}}``; the first is the reference.
+        vary: ``{setting: [values]}``, recorded as given.
+        checks: ``{tag: {check: value}}`` recorded beside the ratios (optional).
+    """
+    if not variants or list(reports) != list(variants) or list(ids) != list(variants):
+        raise PretrainReuseError("reports, ids and variants must name the same variants in the "
+                                 "same order (one analysis each)")
+    ratios = {}
+    for tag, report in reports.items():
+        if len(ids[tag]) != report.n_samples:
+            raise PretrainReuseError(f"variant {tag!r} has {len(ids[tag])} sample ids for "
+                                     f"{report.n_samples} samples; pass one id per sample")
+        ratios[tag] = {name: report.per_sample(name) for name in report.overall}
+    if len({tuple(r) for r in ratios.values()}) > 1:
+        raise PretrainReuseError("the variants measure different ratios (a scratch model in only "
+                                 "some of them); give every analysis the same models")
+    return KnowledgeSensitivity(dict(vary), {t: dict(v) for t, v in variants.items()},
+                                {t: list(i) for t, i in ids.items()}, ratios,
+                                {t: dict((checks or {}).get(t, {})) for t in variants})
+
+
+def knowledge_sensitivity(models: dict[str, Backbone], dataset: ImageDataset | TextDataset,
+                          cfg: ExplainConfig, vary: dict[str, list[Any]], out: str | Path, *,
+                          tau: float = 0.05, match: str = "support", candidates: int = 400,
+                          split: str | None = None, progress: bool = True) -> KnowledgeSensitivity:
+    """Run :func:`~.analysis.analyze_knowledge` for every combination of ``vary`` (the other
+    settings from ``cfg``, ``tau`` and ``match``) and compare the ratios (:func:`ratio_sensitivity`).
+
+    Each combination is an ordinary, resumable knowledge analysis in the sub-folder named by its
+    tag (``baseline=mean,players=grid:4x4``), whose report ``pretrain-reuse report`` renders;
+    a finished one is not run again, so a rerun with more values runs only the new ones.
+    Analyses whose games are the same (they differ only in ``tau``, ``match``, the
+    decomposition or its noise bound) compute them once. Every combination is checked before the
+    first runs. Writes ``sensitivity.json`` (:meth:`KnowledgeSensitivity.save`),
+    ``sensitivity.csv`` (:meth:`KnowledgeSensitivity.rows`) and ``sensitivity.png`` into ``out``,
+    which must be new, empty or such a folder.
+
+    A setting of ``vary`` may be any :class:`~.explain.ExplainConfig` field but ``batch_size``
+    and ``device`` (they change nothing computed), or ``tau`` / ``match``; a setting that
+    ``cfg``, ``tau`` or ``match`` also sets to other than its default is refused, as the
+    variants would override it unseen.
+    """
+    settings = variable_settings()
+    if not isinstance(vary, Mapping) or not vary:
+        raise PretrainReuseError("nothing to vary; pass --vary SETTING=V1,V2 (e.g. "
+                                 "baseline=zero,mean,blur), in Python {'baseline': ['zero', 'mean']}")
+    base, defaults = {}, {}
+    if isinstance(cfg, ExplainConfig):
+        base = {**asdict(cfg), "tau": tau, "match": match}
+        # as a config of these players fills them in (a baseline of None becomes zero or mask)
+        defaults = {**asdict(ExplainConfig(players=cfg.players)),
+                    **{k: d for k, (_, d) in ANALYSIS_SETTINGS.items()}}
+    for name, values in vary.items():
+        if name not in settings:
+            parse_vary([f"{name}=0"])  # the one-line error naming the setting, with a suggestion
+        if not isinstance(values, list | tuple) or not values \
+                or not all(isinstance(v, int | float | str) for v in values) \
+                or len(set(values)) < len(values):
+            raise PretrainReuseError(f"vary[{name!r}] must be a non-empty list of distinct numbers "
+                                     f"or strings, got {values!r}")
+        if base and base[name] != defaults[name]:
+            raise PretrainReuseError(
+                f"--vary sets {name}, but the analysis also sets {name}={base[name]!r} (a flag); "
+                "drop one of them")
+    names = list(vary)
+    variants = {",".join(f"{k}={v}" for k, v in zip(names, values, strict=True)):
+                dict(zip(names, values, strict=True))
+                for values in itertools.product(*(vary[n] for n in names))}
+    runs = {}
+    for tag, setting in variants.items():
+        explain_fields = {k: v for k, v in setting.items() if k not in ANALYSIS_SETTINGS}
+        try:
+            c = replace(cfg, **explain_fields)
+        except TypeError:  # not an ExplainConfig: check_analysis says what to pass
+            c = cfg
+        t, m = setting.get("tau", tau), setting.get("match", match)
+        check_analysis(models, dataset, c, tau=t, match=m, candidates=candidates)
+        runs[tag] = (c, t, m)
+    out = Path(out)
+    # claimed once every combination has passed its checks: a refused sweep writes nothing. Each
+    # variant's analysis refuses other models, data or settings on a rerun by itself
+    claim_folder(out, "sensitivity-run", {}, what="a knowledge sensitivity analysis",
+                 early=(*variants, "sensitivity.json", "sensitivity.csv", "sensitivity.png"))
+    reports, ids, checks, done = {}, {}, {}, []
+    for k, (tag, (c, t, m)) in enumerate(runs.items()):
+        if progress:  # each analysis draws its own bars; say which setting they belong to
+            print(f"setting {k + 1}/{len(runs)}: {tag}", file=sys.stderr)
+        analyze_knowledge(models, dataset, c, out / tag, tau=t, match=m, candidates=candidates,
+                          split=split, games_from=done, progress=progress)
+        summary, explained = load_analysis(out / tag)
+        reports[tag] = knowledge_report(explained["pretrained"], explained["finetuned"],
+                                        explained.get("scratch"), tau=t, match=m)
+        ids[tag] = summary["samples"]["ids"]
+        checks[tag] = {name: _entry(summary, path) for name, path in CHECKS.items()}
+        done.append(out / tag)
+    result = ratio_sensitivity(reports, ids, variants, dict(vary), checks=checks)
+    result = replace(result, meta=make_meta("knowledge.sensitivity", {
+        "vary": dict(vary), "config": asdict(cfg), "tau": tau, "match": match}, seed=cfg.seed))
+    if _written(out, result):  # a rerun of a finished sweep: nothing new to write
+        return result
+    rows = result.rows()
+    with atomic_path(out / "sensitivity.csv") as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    fig, ax = subplots(figsize=(max(6.0, 1.2 * len(rows) + 3), 4))
+    result.plot(ax)
+    save_png(fig, out / "sensitivity.png")
+    result.save(out / "sensitivity.json")  # last: its presence marks the sweep finished
+    return result
+
+
+def _written(out: Path, result: KnowledgeSensitivity) -> bool:
+    """``out`` already holds ``result``'s files: its ``sensitivity.json`` records the same
+    numbers (its meta aside, whose time stamp differs), and the table and figure are there."""
+    try:
+        earlier = KnowledgeSensitivity.load(out / "sensitivity.json")
+    except PretrainReuseError:
+        return False
+    same = json.loads(to_json(earlier.to_dict())) == json.loads(to_json(result.to_dict()))
+    return same and all((out / name).is_file() for name in ("sensitivity.csv", "sensitivity.png"))
+
+
+def _entry(record: dict, path: str) -> float | None:
+    """The number at the dotted ``path`` of ``record``; None where it is absent or undefined."""
+    for key in path.split("."):
+        record = record.get(key) if isinstance(record, dict) else None
+    return record if isinstance(record, int | float) else None
