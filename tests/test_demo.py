@@ -16,7 +16,7 @@ from pretrain_reuse.data.catalog import open_dataset
 from pretrain_reuse.finetune import RunResult
 from pretrain_reuse.knowledge import knowledge_report
 
-SECTIONS = ("selection", "finetune", "knowledge", "parameters")
+SECTIONS = ("selection", "finetune", "knowledge", "sensitivity", "parameters")
 
 
 def test_summary_holds_what_users_script_over(quick_demo):
@@ -77,6 +77,31 @@ def test_knowledge_ratios_are_consistent(quick_demo):
             assert x.faithfulness_error(tau=1e-12)["max"] < 1e-9
 
 
+def test_the_sensitivity_stage_repeats_the_analysis_with_each_baseline(quick_demo):
+    out, summary, stdout = quick_demo
+    folder = out / "knowledge_sensitivity"
+    result = load(folder / "sensitivity.json")
+    assert list(result.variants) == ["baseline=zero", "baseline=mean", "baseline=blur"]
+    # the world's own baseline is the knowledge stage's analysis, from the same (linked) games
+    reference = json.loads((folder / "baseline=zero" / "knowledge.json").read_text())
+    saved = json.loads((out / "knowledge" / "knowledge.json").read_text())
+    assert reference["report"] == saved["report"] and reference["samples"] == saved["samples"]
+    for role in ("pretrained", "finetuned", "scratch"):
+        games = sorted((out / "knowledge" / role / "games").glob("*.npy"))
+        assert games and all(os.path.samefile(g, folder / "baseline=zero" / role / "games" / g.name)
+                             for g in games)
+    rows = {r["baseline"]: r for r in result.rows()}
+    changes = result.differences()
+    for baseline, numbers in summary["knowledge_by_baseline"].items():
+        assert numbers["preserved"] == rows[baseline]["preserve"]
+        assert numbers["new"] == rows[baseline]["new"]
+        if baseline != "zero":
+            assert numbers["new_change"] == changes[f"baseline={baseline}"]["new"]
+    assert summary["knowledge_by_baseline"]["zero"]["new"] == summary["knowledge"]["new"]
+    assert "knowledge by baseline: zero preserved" in stdout
+    assert "sensitivity" in summary["timing_s"]
+
+
 def test_knowledge_convergence_follows_fine_tuning_and_scratch_training_over_their_steps(quick_demo):
     # both runs save snapshots; each curve's x is the step its snapshots record, its last point
     # the run's final model
@@ -120,6 +145,7 @@ def test_rerun_resumes_without_recomputing(quick_demo, tmp_path):
     again = json.loads((copy / "summary.json").read_text())
     assert again["selection"] == summary["selection"]
     assert again["finetune"] == summary["finetune"]
+    assert again["knowledge_by_baseline"] == summary["knowledge_by_baseline"]
 
 
 def test_another_seed_into_the_same_folder_is_a_user_error(quick_demo, capsys):

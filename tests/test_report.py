@@ -528,9 +528,10 @@ def test_the_sections_a_partial_demo_folder_lacks_are_replaced_by_a_note(tmp_pat
         "quick": True, "seed": 3, "scenario": "world"}}))
     page = _page(capsys, run)
     rerun = f"rerun <code>pretrain-reuse demo --quick --seed 3 --out {run.resolve()}</code>"
-    for missing in ("selections/", "knowledge/knowledge.json"):
+    for missing in ("selections/", "knowledge/knowledge.json",
+                    "knowledge_sensitivity/sensitivity.json"):
         assert f"Not in this folder: {missing}" in page
-    assert page.count(rerun) == 2
+    assert page.count(rerun) == 3
     assert "<td>classes-uot</td><td>0.500</td><td>2</td>" in page
     # a knowledge analysis without its interaction files: no overlays, and a note says so
     (tmp_path / "b").mkdir()

@@ -773,6 +773,9 @@ def cmd_demo(args) -> int:
     k = summary["knowledge"]
     print("knowledge: " + ", ".join(f"{key} {k[key]:.3f}" for key in
                                     ("preserved", "discarded", "new", "exclusive_vs_scratch") if key in k))
+    print("knowledge by baseline: " + "; ".join(
+        f"{b} preserved {_number(r['preserved'])}, new {_number(r['new'])}"
+        for b, r in summary["knowledge_by_baseline"].items()))
     print(f"wrote {out / 'report.html'} and summary.json "
           f"({sum(summary['timing_s'].values()):.0f} s of stages)")
     return 0

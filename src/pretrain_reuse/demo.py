@@ -24,7 +24,10 @@ Stages (each writes into the run folder and is skipped when a rerun finds it fin
    convergence over the snapshots of fine-tuning and of scratch training, faithfulness, the
    counterfactual check and each knowledge set alone. An analysis with a missing or damaged file
    is done again on a rerun.
-7. ``report``: ``report.html`` (self-contained) and ``summary.json``.
+7. ``sensitivity``: the same analysis with each baseline (zero, mean, blur), and how much the
+   ratios move with it (:func:`~.knowledge.sensitivity.knowledge_sensitivity`; the games of the
+   scenario's own baseline are the knowledge stage's).
+8. ``report``: ``report.html`` (self-contained) and ``summary.json``.
 
 A self-supervised pre-training variant is not part of the demo: a contrastive method needs far
 more compute than the demo's ten CPU minutes to learn useful features; the unlabelled half of the
@@ -50,11 +53,14 @@ from .features import FeatureStore
 from .finetune import FinetuneConfig, RunResult, finetune_datasets
 from .knowledge.analysis import analyze_knowledge, load_analysis
 from .knowledge.explain import ExplainConfig
+from .knowledge.sensitivity import KnowledgeSensitivity, knowledge_sensitivity
 from .models import create_backbone
 from .selection import SelectConfig, Selection, select
 from .units import Units, class_means, spherical_kmeans
 
 MODEL = "smallcnn"
+#: The baselines the sensitivity stage compares (the learned one would fit one per sample and model).
+SENSITIVITY_BASELINES = ("zero", "mean", "blur")
 
 
 @dataclass(frozen=True)
@@ -207,6 +213,8 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = 
     # an analysis with a missing or damaged file is done again (from its cached games)
     stages.run("knowledge", load_analysis(out / "knowledge") is not None,
                lambda: _knowledge(out, plan, seed, target_test, scene, progress))
+    stages.run("sensitivity", (out / "knowledge_sensitivity" / "sensitivity.json").exists(),
+               lambda: _sensitivity(out, plan, seed, target_test, scene, progress))
     summary = _summary(out, plan, runs, related, timing, quick, seed)
     summary["scenario"] = {"name": scenario, **asdict(scene), "related": related.tolist(),
                            "pool_classes": len(pool.class_names)}
@@ -237,21 +245,35 @@ def _select(out: Path, classes: Units, clusters: Units, target: Units, related: 
             out / "selections" / f"clusters-{method}.json")
 
 
+def _knowledge_models(out: Path, seed: int) -> dict:
+    """The roles of the knowledge analysis: the linear probe, vanilla fine-tuning and scratch."""
+    return {role: create_backbone(MODEL, weights=str(out / "finetune" / f"{run}-seed{seed}" /
+                                                     "model.safetensors"))
+            for role, run in (("pretrained", "linear-probe"), ("finetuned", "vanilla"),
+                              ("scratch", "scratch"))}
+
+
 def _knowledge(out: Path, plan: DemoPlan, seed: int, test_set, scene: Scenario,
                progress: bool) -> None:
-    def model(run: str, file: str = "model.safetensors"):
-        return create_backbone(MODEL, weights=str(out / "finetune" / f"{run}-seed{seed}" / file))
-
     def snapshots(run: str) -> list:  # in any order: the analysis orders them by their steps
         folder = out / "finetune" / f"{run}-seed{seed}" / "snapshots"
         return [create_backbone(MODEL, weights=str(p)) for p in folder.glob("*.safetensors")]
 
-    models = {"pretrained": model("linear-probe"), "finetuned": model("vanilla"),
-              "scratch": model("scratch")}
     cfg = ExplainConfig(players=scene.players, baseline=scene.baseline, samples=plan.explain_samples,
                         seed=seed)
-    analyze_knowledge(models, test_set, cfg, out / "knowledge", checkpoints=snapshots("vanilla"),
-                      scratch_checkpoints=snapshots("scratch"), split="test", progress=progress)
+    analyze_knowledge(_knowledge_models(out, seed), test_set, cfg, out / "knowledge",
+                      checkpoints=snapshots("vanilla"), scratch_checkpoints=snapshots("scratch"),
+                      split="test", progress=progress)
+
+
+def _sensitivity(out: Path, plan: DemoPlan, seed: int, test_set, scene: Scenario,
+                 progress: bool) -> None:
+    # the scenario's own baseline first: the reference the others are compared with
+    baselines = [scene.baseline, *(b for b in SENSITIVITY_BASELINES if b != scene.baseline)]
+    cfg = ExplainConfig(players=scene.players, samples=plan.explain_samples, seed=seed)
+    knowledge_sensitivity(_knowledge_models(out, seed), test_set, cfg, {"baseline": baselines},
+                          out / "knowledge_sensitivity", split="test",
+                          games_from=[out / "knowledge"], progress=progress)
 
 
 def _summary(out: Path, plan: DemoPlan, runs, related, timing, quick: bool, seed: int) -> dict:
@@ -277,6 +299,8 @@ def _summary(out: Path, plan: DemoPlan, runs, related, timing, quick: bool, seed
                           "seeds": [r.config["seed"] for r in results]}
     k = read_json(out / "knowledge" / "knowledge.json", "knowledge")
     overall = k["report"]["overall"]
+    sensitivity = KnowledgeSensitivity.load(out / "knowledge_sensitivity" / "sensitivity.json")
+    changes = sensitivity.differences()
     pre = RunResult.load(out / "pretrain" / "result.json")
     return {
         "selection": selection,
@@ -296,6 +320,14 @@ def _summary(out: Path, plan: DemoPlan, runs, related, timing, quick: bool, seed
                                  for role, g in k["ground_truth"].items()}}
                if "ground_truth" in k else {}),
         },
+        # the ratios with each baseline, and their paired change from the scenario's own
+        "knowledge_by_baseline": {
+            row["baseline"]: {
+                **{name: row[key] for name, key in (("preserved", "preserve"), ("new", "new"))},
+                **{f"{name}_change": changes[row["variant"]][key]
+                   for name, key in (("preserved", "preserve"), ("new", "new"))
+                   if row["variant"] in changes}}
+            for row in sensitivity.rows()},
         "pretrain": {"top1": pre.final["top1"]},
         "timing_s": timing,
         "plan": asdict(plan),

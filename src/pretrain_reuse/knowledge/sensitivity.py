@@ -228,7 +228,8 @@ def ratio_sensitivity(reports: Mapping[str, KnowledgeReport], ids: Mapping[str, 
 def knowledge_sensitivity(models: dict[str, Backbone], dataset: ImageDataset | TextDataset,
                           cfg: ExplainConfig, vary: dict[str, list[Any]], out: str | Path, *,
                           tau: float = 0.05, match: str = "support", candidates: int = 400,
-                          split: str | None = None, progress: bool = True) -> KnowledgeSensitivity:
+                          split: str | None = None, games_from: Sequence[str | Path] = (),
+                          progress: bool = True) -> KnowledgeSensitivity:
     """Run :func:`~.analysis.analyze_knowledge` for every combination of ``vary`` (the other
     settings from ``cfg``, ``tau`` and ``match``) and compare the ratios (:func:`ratio_sensitivity`).
 
@@ -239,7 +240,9 @@ def knowledge_sensitivity(models: dict[str, Backbone], dataset: ImageDataset | T
     decomposition or its noise bound) compute them once. Every combination is checked before the
     first runs. Writes ``sensitivity.json`` (:meth:`KnowledgeSensitivity.save`),
     ``sensitivity.csv`` (:meth:`KnowledgeSensitivity.rows`) and ``sensitivity.png`` into ``out``,
-    which must be new, empty or such a folder.
+    which must be new, empty or such a folder. ``games_from``: folders of other analyses of
+    these models whose cached games the combinations may take (as
+    :func:`~.analysis.analyze_knowledge`'s).
 
     A setting of ``vary`` may be any :class:`~.explain.ExplainConfig` field but ``batch_size``
     and ``device`` (they change nothing computed), or ``tau`` / ``match``; a setting that
@@ -287,7 +290,7 @@ def knowledge_sensitivity(models: dict[str, Backbone], dataset: ImageDataset | T
     # variant's analysis refuses other models, data or settings on a rerun by itself
     claim_folder(out, "sensitivity-run", {}, what="a knowledge sensitivity analysis",
                  early=(*variants, "sensitivity.json", "sensitivity.csv", "sensitivity.png"))
-    reports, ids, checks, done = {}, {}, {}, []
+    reports, ids, checks, done = {}, {}, {}, [Path(f) for f in games_from]
     for k, (tag, (c, t, m)) in enumerate(runs.items()):
         if progress:  # each analysis draws its own bars; say which setting they belong to
             print(f"setting {k + 1}/{len(runs)}: {tag}", file=sys.stderr)

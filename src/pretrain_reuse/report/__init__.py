@@ -865,6 +865,8 @@ def build_report(run_dir: str | Path) -> Path:
         players = _players_text(summary["scenario"]["players"])
     with _reading(run / "knowledge" / "knowledge.json", DEMO_REDO):
         body.append(_knowledge_section(run, summary["scenario"], players))
+    with _reading(run / "knowledge_sensitivity" / "sensitivity.json", DEMO_REDO):
+        body.append(_demo_sensitivity_section(run))
     with _reading(summary_path, DEMO_REDO):
         body.append(_parameters_section(run, summary))
     return _write_page(run, body)
@@ -913,12 +915,10 @@ def _knowledge_body(run: Path) -> list[str]:
                  _versions(k["meta"]) + f"<pre>{html.escape(settings)}</pre>")]
 
 
-def _sensitivity_body(run: Path) -> list[str]:
-    """A ``knowledge --vary`` folder: each setting's ratios, their paired change from the first
-    setting, with a verdict generated from the standard errors, and the figure."""
-    from ..knowledge.sensitivity import KnowledgeSensitivity
-
-    result = KnowledgeSensitivity.load(run / "sensitivity.json")
+def _sensitivity_parts(result) -> str:
+    """The ratios of a :class:`~pretrain_reuse.knowledge.sensitivity.KnowledgeSensitivity` per
+    setting, their paired change from the first setting with a verdict generated from the
+    standard errors, and the figure."""
     rows, diffs = result.rows(), result.differences()
     reference = rows[0]["variant"]
     names = [n for n in ("preserve", "discard", "new", "exclusive") if n in rows[0]]
@@ -940,22 +940,42 @@ def _sensitivity_body(run: Path) -> list[str]:
                f"paired change from {_text(reference)}.</p>")
     fig, ax = subplots(figsize=(max(6.0, 1.2 * len(rows) + 3), 4))
     result.plot(ax)
+    return (table + "<p>Mean ± standard error over the samples that define each ratio; the "
+            "checks are the fine-tuned model's mean faithfulness error, the counterfactual effect "
+            "ratio, and the fidelity R² of its preserved interactions alone. Change from "
+            f"<code>{_text(reference)}</code>: the mean over the samples both settings explain "
+            "of the per-sample difference, ± its standard error (paired samples in brackets).</p>"
+            + changes + verdict + _figure(fig, "Each ratio per setting, mean ± standard error "
+                                          "over samples.", "knowledge ratios per setting"))
+
+
+def _sensitivity_body(run: Path) -> list[str]:
+    """A ``knowledge --vary`` folder: :func:`_sensitivity_parts` and its versions."""
+    from ..knowledge.sensitivity import KnowledgeSensitivity
+
+    result = KnowledgeSensitivity.load(run / "sensitivity.json")
     return [
         "<h1>pretrain-reuse report: a knowledge sensitivity analysis</h1>",
-        f"<p>{len(rows)} knowledge analyses of the same models on the same data, one per setting "
-        f"of {_text(', '.join(result.vary))}; the first, <code>{_text(reference)}</code>, is the "
-        f"reference. Folder: <code>{_text(run)}</code>; each setting's own report: "
-        "<code>pretrain-reuse report</code> on its sub-folder.</p>",
-        _section("Ratios per setting", "ratios", table + "<p>Mean ± standard error over the "
-                 "samples that define each ratio; the checks are the fine-tuned model's mean "
-                 "faithfulness error, the counterfactual effect ratio, and the fidelity R² of its "
-                 "preserved interactions alone.</p>" + _figure(
-                     fig, "Each ratio per setting, mean ± standard error over samples.",
-                     "knowledge ratios per setting")),
-        _section("Change from the reference", "changes", changes + "<p>Mean over the samples both "
-                 "settings explain of the per-sample difference, ± its standard error (paired "
-                 "samples in brackets).</p>" + verdict),
+        f"<p>{len(result.variants)} knowledge analyses of the same models on the same data, one "
+        f"per setting of {_text(', '.join(result.vary))}; the first is the reference. Folder: "
+        f"<code>{_text(run)}</code>; each setting's own report: <code>pretrain-reuse "
+        "report</code> on its sub-folder.</p>",
+        _section("Knowledge ratios per setting", "ratios", _sensitivity_parts(result)),
         _section("Versions", "parameters", _versions(result.meta))]
+
+
+def _demo_sensitivity_section(run: Path) -> str:
+    """The demo's sensitivity stage: the knowledge ratios with each baseline."""
+    from ..knowledge.sensitivity import KnowledgeSensitivity
+
+    path = run / "knowledge_sensitivity" / "sensitivity.json"
+    title = "How the knowledge ratios move with the baseline"
+    if not path.exists():
+        return _section(title, "sensitivity", _omitted(
+            "knowledge_sensitivity/sensitivity.json (the analysis with each baseline)", run))
+    return _section(title, "sensitivity", "<p>The knowledge analysis above, repeated on the same "
+                    "models and images with each baseline for absent players.</p>"
+                    + _sensitivity_parts(KnowledgeSensitivity.load(path)))
 
 
 def _explain_folder(run: Path) -> PretrainReuseError:
