@@ -158,6 +158,12 @@ def test_a_sensitivity_result_saves_loads_and_plots(sweep, tmp_path):
     assert len(ax.patches) == 4 * 3  # 4 settings x (preserve, discard, new): no scratch model
     assert (sweep / "sensitivity.png").stat().st_size > 0
     assert (sweep / "sensitivity.csv").read_text().splitlines()[0].startswith("variant,baseline,tau,samples,")
+    record = json.loads((sweep / "sensitivity.json").read_text())
+    record["per_variant"]["baseline=blur,tau=0.3"]["ratios"]["new"] = 0.5  # edited by hand
+    (tmp_path / "bad.json").write_text(json.dumps(record))
+    with pytest.raises(PretrainReuseError, match=r"bad\.json' has malformed per-variant numbers "
+                                                 r".* write it again with KnowledgeSensitivity\.save"):
+        load(tmp_path / "bad.json")
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -29,6 +29,7 @@ Li & Zhang (ICML 2023) over the samples of a class, computed on the set's items.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Iterable, Sequence
@@ -128,6 +129,18 @@ def _save_json(path: str | Path, kind: str, record: dict[str, Any]) -> Path:
     refuse_foreign(path, kind)
     write_json(path, {"kind": kind, **record})
     return Path(path)
+
+
+@contextlib.contextmanager
+def _malformed(path: str | Path, what: str, owner: str):
+    """Turn an entry of a saved result that cannot be read back (a file edited by hand or
+    damaged) into one line naming the file, ``what`` is malformed and ``owner``'s save that
+    writes it again."""
+    try:
+        yield
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise PretrainReuseError(f"{str(path)!r} has malformed {what} ({exc!r}); write it again "
+                                 f"with {owner}.save") from None
 
 
 def _load_json(path: str | Path, kind: str, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -829,14 +842,11 @@ class SetDiscrimination:
     def load(cls, path: str | Path) -> SetDiscrimination:
         """Read a file written by :meth:`save` (the purities are recomputed from the counts)."""
         counts = _load_json(path, "set-discrimination", ("counts",))["counts"]
-        try:
+        with _malformed(path, "counts", "SetDiscrimination"):
             return cls({name: {int(c): Discrimination(int(d["n_samples"]), _count_dict(d["positive"]),
                                                       _count_dict(d["negative"]))
                                for c, d in classes.items()}
                         for name, classes in counts.items()})
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise PretrainReuseError(f"{str(path)!r} has malformed counts ({exc!r}); write it again "
-                                     "with SetDiscrimination.save") from None
 
     def plot(self, ax=None):
         """Bar chart of each set's purity, mean over classes, a dot per class, on ``ax`` (None:
@@ -965,13 +975,10 @@ class SetAblation:
     def load(cls, path: str | Path) -> SetAblation:
         """Read a file written by :meth:`save`."""
         per_sample = _load_json(path, "set-ablation", ("per_sample",))["per_sample"]
-        try:
+        with _malformed(path, "per-sample numbers", "SetAblation"):
             return cls({name: {m: _none_to_nan(per[m]) for m in ABLATION_MEASURES}
                         for name, per in per_sample.items()},
                        {name: np.array(per["items"], dtype=np.int64) for name, per in per_sample.items()})
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise PretrainReuseError(f"{str(path)!r} has malformed per-sample numbers ({exc!r}); "
-                                     "write it again with SetAblation.save") from None
 
     def plot(self, ax=None):
         """Bars of each set's fidelity and share, means over samples, on ``ax`` (None: the

@@ -31,7 +31,15 @@ from ..figures import save_png, subplots
 from ..models import Backbone
 from .analysis import analyze_knowledge, check_analysis, load_analysis
 from .explain import ExplainConfig
-from .metrics import KnowledgeReport, _load_json, _nan_to_none, _none_to_nan, _save_json, knowledge_report
+from .metrics import (
+    KnowledgeReport,
+    _load_json,
+    _malformed,
+    _nan_to_none,
+    _none_to_nan,
+    _save_json,
+    knowledge_report,
+)
 from .plots import RATIO_COLOURS, literal
 
 #: Settings that do not change what an analysis computes, so varying them would repeat it.
@@ -139,15 +147,12 @@ class KnowledgeSensitivity:
     def load(cls, path: str | Path) -> KnowledgeSensitivity:
         """Read a file written by :meth:`save`."""
         record = _load_json(path, "knowledge-sensitivity", ("vary", "per_variant"))
-        try:
+        with _malformed(path, "per-variant numbers", "KnowledgeSensitivity"):
             per = record["per_variant"]
             return cls(dict(record["vary"]), {t: dict(v["setting"]) for t, v in per.items()},
                        {t: list(v["ids"]) for t, v in per.items()},
                        {t: {k: _none_to_nan(x) for k, x in v["ratios"].items()} for t, v in per.items()},
                        {t: dict(v["checks"]) for t, v in per.items()}, dict(record.get("meta", {})))
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise PretrainReuseError(f"{str(path)!r} has malformed per-variant numbers ({exc!r}); "
-                                     "write it again with KnowledgeSensitivity.save") from None
 
     def plot(self, ax=None):
         """Each ratio's mean ± standard error per variant, grouped by ratio, on ``ax`` (None:
