@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -45,10 +46,12 @@ def models(tmp_path_factory):
     return {"pretrained": pre, "finetuned": ft}
 
 
-def _args(models, out, *extra):
+def _args(models, out, *extra, players="grid:2x2", samples=3):
+    """A knowledge command of the two models (players None: the default, so they may vary)."""
     return ["knowledge", "--model", "smallcnn-s", "--pretrained", models["pretrained"],
-            "--finetuned", models["finetuned"], "--data", "synthetic:target", "--players",
-            "grid:2x2", "--samples", 3, "--quiet", *extra, "--out", out]
+            "--finetuned", models["finetuned"], "--data", "synthetic:target",
+            *(["--players", players] if players else []), "--samples", samples, "--quiet",
+            *extra, "--out", out]
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +115,18 @@ def test_a_rerun_of_a_finished_sweep_writes_nothing(models, sweep, capsys):
     assert {p: p.stat().st_mtime_ns for p in sweep.rglob("*") if p.is_file()} == stamps
 
 
+def test_a_rerun_that_redoes_a_damaged_analysis_says_what_it_computed(models, sweep, tmp_path,
+                                                                     capsys):
+    copy = tmp_path / "s"
+    shutil.copytree(sweep, copy)
+    (copy / "baseline=blur,tau=0.3" / "finetuned" / "interactions-0001.safetensors").write_bytes(b"cut")
+    rc, out, err = _run(capsys, *_args(models, copy, "--vary", "baseline=zero,blur",
+                                       "--vary", "tau=0.05,0.3"))
+    assert rc == 0, err
+    assert "nothing to do" not in out and "baseline=blur,tau=0.3: preserve" in out
+    assert (copy / "sensitivity.json").read_bytes() == (sweep / "sensitivity.json").read_bytes()
+
+
 def _inter(n: int, **items: float) -> Interactions:
     """Interactions from AND items like A0=1.0, A01=-2.0 (players as digits)."""
     values = np.zeros(1 << n)
@@ -145,6 +160,12 @@ def test_ratio_sensitivity_pairs_the_samples_by_id():
                           {"one": {}, "two": {}}, {"tau": [0.05, 0.1]})
 
 
+def test_the_sweep_folder_itself_is_named_as_such_by_load(sweep):
+    with pytest.raises(PretrainReuseError, match=r"is a knowledge sensitivity analysis, a folder "
+                                                 r"of knowledge analyses .* load its sensitivity\.json"):
+        load(sweep)
+
+
 def test_a_sensitivity_result_saves_loads_and_plots(sweep, tmp_path):
     import matplotlib
 
@@ -157,7 +178,8 @@ def test_a_sensitivity_result_saves_loads_and_plots(sweep, tmp_path):
     ax = again.plot()
     assert len(ax.patches) == 4 * 3  # 4 settings x (preserve, discard, new): no scratch model
     assert (sweep / "sensitivity.png").stat().st_size > 0
-    assert (sweep / "sensitivity.csv").read_text().splitlines()[0].startswith("variant,baseline,tau,samples,")
+    header = (sweep / "sensitivity.csv").read_text().splitlines()[0]
+    assert header.startswith("variant,baseline,tau,explained,")
     record = json.loads((sweep / "sensitivity.json").read_text())
     record["per_variant"]["baseline=blur,tau=0.3"]["ratios"]["new"] = 0.5  # edited by hand
     (tmp_path / "bad.json").write_text(json.dumps(record))
@@ -172,10 +194,12 @@ def test_a_sensitivity_result_saves_loads_and_plots(sweep, tmp_path):
     (["--vary", "baselin=zero,mean"], "did you mean 'baseline'"),
     (["--vary", "batch_size=8,16"], "--vary cannot vary batch_size: it does not change what an "
                                     "analysis computes; set it once with --batch-size"),
-    (["--vary", "players=grid:2x2,grid2x2"], "players='grid2x2': use grid:RxC"),
     (["--vary", "tau=0.05,2"], "tau"),
     (["--vary", "baseline=zero,zero"], "repeats a value"),
     (["--vary", "baseline=zero", "--checkpoints", "somewhere"], "--vary compares the knowledge ratios"),
+    (["--vary", "baseline=mean"], "--vary gives one setting only, so there is nothing to compare"),
+    (["--vary", "players=grid:1x2,grid:2x1"],
+     "--vary sets players, but the analysis also sets players='grid:2x2' (a flag)"),
 ])
 def test_a_bad_sweep_is_one_line_and_writes_nothing(models, tmp_path, capsys, extra, message):
     rc, _, err = _run(capsys, *_args(models, tmp_path / "s", *extra))
@@ -183,15 +207,69 @@ def test_a_bad_sweep_is_one_line_and_writes_nothing(models, tmp_path, capsys, ex
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("extra, message", [
+    # found only once the samples are chosen: every setting is checked before the first runs
+    (["--n", 4, "--vary", "players=grid:2x2,grid:40x40"], "grid 40x40 does not fit"),
+    (["--vary", "players=grid:2x2,tokens"], "--vary players cannot mix tokens with image players"),
+    (["--vary", "players=grid:2x2,grid2x2"], "players='grid2x2': use grid:RxC"),
+])
+def test_a_setting_refused_by_its_players_stops_the_sweep_before_the_first_runs(
+        models, tmp_path, capsys, extra, message):
+    rc, _, err = _run(capsys, *_args(models, tmp_path / "s", *extra, players=None))
+    assert rc == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_rerun_with_other_settings_is_refused_before_any_analysis_runs(models, sweep, tmp_path,
+                                                                         capsys):
+    copy = tmp_path / "s"
+    shutil.copytree(sweep, copy)
+    before = sorted(p.name for p in copy.iterdir())
+    rc, _, err = _run(capsys, *_args(models, copy, "--vary", "baseline=mean,zero", "--vary",
+                                     "tau=0.05,0.3", samples=4))
+    assert rc == 2 and "holds a knowledge analysis made with other settings" in err, err
+    assert sorted(p.name for p in copy.iterdir()) == before  # baseline=mean did not run
+
+
+def test_the_flags_in_another_order_find_the_finished_analyses(models, sweep, tmp_path, capsys):
+    copy = tmp_path / "s"
+    shutil.copytree(sweep, copy)
+    rc, out, err = _run(capsys, *_args(models, copy, "--vary", "tau=0.05,0.3", "--vary",
+                                       "baseline=zero,blur"))
+    assert rc == 0, err
+    assert sorted(p.name for p in copy.iterdir() if p.is_dir()) == sorted(
+        ["baseline=zero,tau=0.05", "baseline=zero,tau=0.3", "baseline=blur,tau=0.05",
+         "baseline=blur,tau=0.3"])
+    assert out.startswith("baseline=zero,tau=0.05: ")  # the reference: the first given
+
+
+def test_settings_that_explain_other_samples_say_how_many_they_share(models, tmp_path, capsys):
+    rc, out, err = _run(capsys, *_args(models, tmp_path / "s", "--vary", "seed=0,1", samples=2))
+    assert rc == 0, err
+    shared = load(tmp_path / "s" / "sensitivity.json").differences()["seed=1"]["preserve"]
+    assert shared["n"] == len(set(load(tmp_path / "s" / "sensitivity.json").ids["seed=0"])
+                              & set(load(tmp_path / "s" / "sensitivity.json").ids["seed=1"]))
+    expected = {0: "(no sample in common with seed=0)", 1: "± n/a vs seed=0, 1 paired samples"}
+    assert expected.get(shared["n"], f"{shared['n']} paired samples") in out
+
+
 def test_the_python_api_refuses_an_empty_or_malformed_vary(models, tmp_path):
     net = {role: create_backbone("smallcnn-s", weights=path) for role, path in models.items()}
     data = open_dataset("synthetic:target", split="test")
     for vary, message in (({}, "nothing to vary"), ({"baseline": "zero"}, "non-empty list"),
                           ({"baseline": [["zero"]]}, "numbers or strings"),
+                          ({"mean-samples": [5, 10]}, "did you mean 'mean_samples'"),
                           ({"device": ["cpu", "cuda"]}, "cannot vary device")):
         with pytest.raises(PretrainReuseError, match=message):
             knowledge_sensitivity(net, data, ExplainConfig(players="grid:2x2", samples=3), vary,
                                   tmp_path / "s")
+    for kwargs, message in (({"games_from": str(tmp_path)}, "games_from must be a list of folders"),
+                            ({"out": None}, "out must be a folder path")):
+        with pytest.raises(PretrainReuseError, match=message):
+            knowledge_sensitivity(net, data, ExplainConfig(players="grid:2x2", samples=3),
+                                  {"tau": [0.05, 0.1]}, **{"out": tmp_path / "s", **kwargs})
+    with pytest.raises(PretrainReuseError, match="must be a KnowledgeReport"):
+        ratio_sensitivity({"a": 1}, {"a": ["x"]}, {"a": {}}, {})
     assert not (tmp_path / "s").exists()
     assert parse_vary(["tau=0.05,0.1", "players=grid:2x2,parts"]) == {
         "tau": [0.05, 0.1], "players": ["grid:2x2", "parts"]}

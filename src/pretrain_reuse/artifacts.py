@@ -576,6 +576,11 @@ def _what_folder(p: Path) -> str:
         return (f"{str(p)!r} is a grid search, a folder of fine-tuning runs (one per combination): "
                 "pass one of them; grid.json, once the search has finished, names the one "
                 "validation picked (plain JSON, json.load reads it)")
+    if kind == "sensitivity-run":
+        return (f"{str(p)!r} is a knowledge sensitivity analysis, a folder of knowledge analyses "
+                "(one per setting): load its sensitivity.json"
+                + ("" if (p / "sensitivity.json").is_file() else
+                   " once it has finished (rerun its knowledge --vary command to finish it)"))
     if (p / "embed.json").exists():
         return (f"{str(p)!r} is an unfinished embedding (no index.json yet): rerun its embed "
                 "command to finish it")

@@ -557,6 +557,7 @@ def cmd_explain(args) -> int:
 
 def cmd_knowledge(args) -> int:
     from .knowledge.analysis import KnowledgeWarning, analyze_knowledge
+    from .knowledge.metrics import PAPER_RATIOS
     from .knowledge.plots import purity_is_informative
 
     cfg = _explain_config(args)
@@ -586,8 +587,7 @@ def cmd_knowledge(args) -> int:
         _finished("knowledge", args.out)  # finished with these settings, and intact
         return 0
     overall = summary["report"]["overall"]
-    line = ", ".join(f"{k} {_number(overall[k]['mean'])}" for k in ("preserve", "discard", "new",
-                                                                   "exclusive") if k in overall)
+    line = ", ".join(f"{k} {_number(overall[k]['mean'])}" for k in PAPER_RATIOS if k in overall)
     samples = summary["samples"]
     if not purity_is_informative(summary):
         line += ("; discrimination power n/a (no class has two samples; explain several "
@@ -612,29 +612,38 @@ def cmd_knowledge(args) -> int:
 def _knowledge_sensitivity(args, models: dict, data, cfg, split: str | None) -> int:
     """``knowledge --vary``: one analysis per setting, and how the ratios move between them."""
     from .knowledge.analysis import KnowledgeWarning
+    from .knowledge.metrics import PAPER_RATIOS
     from .knowledge.sensitivity import knowledge_sensitivity, parse_vary
 
     vary = parse_vary(args.vary)
-    before = _stamp(Path(args.out) / "sensitivity.json")
+    out = Path(args.out)
+
+    def stamps() -> dict:  # the sweep's table and every analysis it holds
+        return {p: _stamp(p) for p in [out / "sensitivity.json", *out.glob("*/knowledge.json")]}
+
+    before = stamps()
     with warnings.catch_warnings():
         warnings.simplefilter("always", KnowledgeWarning)  # as a single analysis shows them
-        result = knowledge_sensitivity(models, data, cfg, vary, args.out, tau=args.tau,
+        result = knowledge_sensitivity(models, data, cfg, vary, out, tau=args.tau,
                                        match=args.match, split=split, progress=not args.quiet)
-    if before is not None and _stamp(Path(args.out) / "sensitivity.json") == before:
-        _finished("knowledge", args.out)
+    if before[out / "sensitivity.json"] is not None and stamps() == before:
+        _finished("knowledge", out)  # nothing computed or written
         return 0
     differences = result.differences()
     reference = next(iter(result.variants))
     for row in result.rows():
-        ratios = ", ".join(f"{k} {_number(row[k])}" for k in ("preserve", "discard", "new",
-                                                              "exclusive") if k in row)
-        moved = differences.get(row["variant"], {}).get("preserve", {})
-        change = ("" if not moved or moved["mean"] is None else
-                  f" (preserve {moved['mean']:+.3f} ± {moved['se'] or 0:.3f} vs {reference}, "
-                  f"{moved['n']} paired samples)")
-        print(f"{row['variant']}: {ratios} over {row['samples']} samples{change}")
-    print(f"wrote {Path(args.out) / 'sensitivity.csv'} (each setting's analysis in its own "
-          "sub-folder)")
+        ratios = ", ".join(f"{k} {_number(row[k])}" for k in PAPER_RATIOS if k in row)
+        moved = differences.get(row["variant"], {}).get("preserve")
+        if moved is None:  # the reference
+            change = ""
+        elif moved["n"] == 0:
+            change = f" (no sample in common with {reference})"
+        else:
+            se = "n/a" if moved["se"] is None else f"{moved['se']:.3f}"
+            change = (f" (preserve {moved['mean']:+.3f} ± {se} vs {reference}, {moved['n']} "
+                      "paired samples)")
+        print(f"{row['variant']}: {ratios} over {row['explained']} samples{change}")
+    print(f"wrote {out / 'sensitivity.csv'} (each setting's analysis in its own sub-folder)")
     return 0
 
 
@@ -1009,8 +1018,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--vary", action="append", metavar="SETTING=V1,V2",
                    help="how the ratios move with the analysis's choices: one analysis per "
                    "combination, each in its own sub-folder, e.g. --vary baseline=zero,mean,blur "
-                   "--vary players=grid:3x3,grid:4x4 (any setting below but --batch-size and "
-                   "--device; also tau, match); writes sensitivity.csv/.json/.png")
+                   "--vary players=grid:3x3,grid:4x4 (any number or string setting below but "
+                   "--batch-size and --device; also tau, match); writes sensitivity.csv/.json/.png")
     _add_explain_flags(k)
     k.set_defaults(func=cmd_knowledge)
 

@@ -48,7 +48,7 @@ from . import __version__
 from .artifacts import claim_folder, make_meta, read_json, write_json
 from .data.catalog import open_dataset
 from .embed import EmbedConfig, embed
-from .errors import check_choice
+from .errors import PretrainReuseError, check_choice
 from .features import FeatureStore
 from .finetune import FinetuneConfig, RunResult, finetune_datasets
 from .knowledge.analysis import analyze_knowledge, load_analysis
@@ -213,7 +213,7 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = 
     # an analysis with a missing or damaged file is done again (from its cached games)
     stages.run("knowledge", load_analysis(out / "knowledge") is not None,
                lambda: _knowledge(out, plan, seed, target_test, scene, progress))
-    stages.run("sensitivity", (out / "knowledge_sensitivity" / "sensitivity.json").exists(),
+    stages.run("sensitivity", _sensitivity_done(out / "knowledge_sensitivity"),
                lambda: _sensitivity(out, plan, seed, target_test, scene, progress))
     summary = _summary(out, plan, runs, related, timing, quick, seed)
     summary["scenario"] = {"name": scenario, **asdict(scene), "related": related.tolist(),
@@ -274,6 +274,16 @@ def _sensitivity(out: Path, plan: DemoPlan, seed: int, test_set, scene: Scenario
     knowledge_sensitivity(_knowledge_models(out, seed), test_set, cfg, {"baseline": baselines},
                           out / "knowledge_sensitivity", split="test",
                           games_from=[out / "knowledge"], progress=progress)
+
+
+def _sensitivity_done(folder: Path) -> bool:
+    """The sensitivity stage finished and every analysis of it is intact (a damaged one is done
+    again from its cached games, as the knowledge stage's)."""
+    try:
+        result = KnowledgeSensitivity.load(folder / "sensitivity.json")
+    except PretrainReuseError:
+        return False
+    return all(load_analysis(folder / tag) is not None for tag in result.variants)
 
 
 def _summary(out: Path, plan: DemoPlan, runs, related, timing, quick: bool, seed: int) -> dict:

@@ -208,7 +208,16 @@ def counterfactual(x: Interactions, sets: list[int], tau: float, rng: np.random.
     return {"preserved": chosen, "random": control}
 
 
-def check_analysis(models: dict[str, Backbone], dataset: ImageDataset | TextDataset,
+def folder_list(name: str, folders: Any) -> list[Path]:
+    """``folders`` (a list of folder paths, for the argument ``name``) as paths; a single path,
+    which would be read letter by letter, or another type is one line."""
+    if isinstance(folders, str | Path) or not isinstance(folders, Sequence) \
+            or not all(isinstance(f, str | Path) for f in folders):
+        raise PretrainReuseError(f"{name} must be a list of folders (paths), got {folders!r}")
+    return [Path(f) for f in folders]
+
+
+def _check_analysis(models: dict[str, Backbone], dataset: ImageDataset | TextDataset,
                    cfg: ExplainConfig, *, tau: float, match: str, candidates: int = 400,
                    snapshots: Mapping[str, Backbone] | None = None) -> None:
     """Every check of :func:`analyze_knowledge`'s arguments that needs no game: the roles'
@@ -236,7 +245,8 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
                       cfg: ExplainConfig, out: str | Path, *, checkpoints: list[Backbone] | None = None,
                       scratch_checkpoints: list[Backbone] | None = None, tau: float = 0.05,
                       match: str = "support", candidates: int = 400, split: str | None = None,
-                      games_from: Sequence[str | Path] = (), progress: bool = True) -> dict[str, Any]:
+                      games_from: Sequence[str | Path] = (), progress: bool = True,
+                      check_only: bool = False) -> dict[str, Any] | None:
     """Run the analysis into ``out`` and return (and write ``knowledge.json``) its summary.
 
     ``out`` must be new, empty or the folder of an earlier analysis (it holds ``knowledge.json``,
@@ -288,12 +298,16 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
             computing them (a game is named by its model, sample, players, baseline and output,
             so only the same game is taken): analyses that differ only in ``tau``, ``match`` or
             the decomposition share their games (:func:`~.sensitivity.knowledge_sensitivity`).
+        check_only: make every check of a run, the samples screened and the rerun of ``out``
+            included, and return None without writing anything (a finished analysis in ``out``
+            passes): several analyses are checked before the first runs.
     """
     given = {name: list(snaps or []) for name, snaps in
              (("checkpoints", checkpoints), ("scratch_checkpoints", scratch_checkpoints))}
-    check_analysis(models, dataset, cfg, tau=tau, match=match, candidates=candidates,
+    _check_analysis(models, dataset, cfg, tau=tau, match=match, candidates=candidates,
                    snapshots={f"{name}[{t}]": m for name, snaps in given.items()
                               for t, m in enumerate(snaps)})
+    games_from = folder_list("games_from", games_from)
     out = Path(out)
     device = torch.device(cfg.device)
     series = {name: _ordered_snapshots(name, snaps, models.get(SERIES[name][0]))
@@ -318,6 +332,8 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
                                                "candidates": candidates})
     check_rerun(out, "knowledge.json", identity, "a knowledge analysis")
     done = finished_analysis(out, identity, dataset, cfg)
+    if done is not None and check_only:
+        return None
     if done is not None:  # the same analysis, finished and intact: nothing to do
         for doubt in _doubts(models, series):
             warnings.warn(doubt, KnowledgeWarning, stacklevel=2)
@@ -341,6 +357,8 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     indices = choose_samples(dataset, cfg.samples, cfg.seed, keep=correct)
     for role, m in named.items():
         check_explainable(m, views[role], indices, cfg, role, device)
+    if check_only:
+        return None
     folders = [*models, *(_snapshot_folder(name, t) for name, snaps in series.items()
                           for t in range(len(snaps)))]
     marker = make_run_folder(out, "a knowledge analysis", "knowledge.json",

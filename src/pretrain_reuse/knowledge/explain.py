@@ -233,7 +233,8 @@ class ExplainConfig:
                 f"players={self.players!r} with n={n}: " + (
                     "n must be >= 1" if n < 1 else
                     f"every sample needs 2^{n} = {2**n:,} model evaluations per model and "
-                    f"{2**n * 8 / 2**20:,.0f} MiB per game") +
+                    f"{2**n * 8 >> 20:,} MiB per game" if n <= 40 else  # past it, too long to print
+                    f"every sample needs 2^{n} model evaluations per model") +
                 f"; explain 1..{MAX_EXPLAIN_PLAYERS} players (--n N draws N cells of a grid)")
         if grid and self.n is not None and self.n > int(grid[1]) * int(grid[2]):
             cells = int(grid[1]) * int(grid[2])

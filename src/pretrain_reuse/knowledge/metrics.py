@@ -74,6 +74,9 @@ __all__ = [
 
 #: How items of two models are matched.
 MATCHES = ("support", "signed")
+#: The ratios of Jiang, Cheng & Li that the command lines and tables show first (a report holds
+#: more: by strength, learnability, ...).
+PAPER_RATIOS = ("preserve", "discard", "new", "exclusive")
 #: Similarity of a checkpoint's knowledge to the final model's (convergence).
 MEASURES = ("iou", "coverage", "weighted")
 

@@ -1,22 +1,22 @@
 """How the knowledge ratios move with the analysis's own choices (players, baseline, τ, ...).
 
 Jiang, Cheng & Li (arXiv 2410.08455) fix the choices their ratios rest on: which patches are the
-players, what an absent player shows, the salience threshold. Their reviewers asked how the
-conclusions move with them (docs/knowledge.md §6). :func:`knowledge_sensitivity` runs one
-ordinary knowledge analysis per combination of the varied settings, on the same models and data,
-each in its own resumable sub-folder, and :func:`ratio_sensitivity` compares their ratios sample
-by sample.
+players, what an absent player shows, the salience threshold. :func:`knowledge_sensitivity` runs
+one ordinary knowledge analysis per combination of the varied settings, on the same models and
+data, each in its own resumable sub-folder, and :func:`ratio_sensitivity` compares their ratios
+sample by sample (docs/knowledge.md §5).
 """
 
 from __future__ import annotations
 
 import csv
+import inspect
 import itertools
 import json
 import math
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -26,10 +26,10 @@ from ..artifacts import atomic_path, claim_folder, make_meta, to_json
 from ..configs import parse_sweep
 from ..data.datasets import ImageDataset
 from ..data.text import TextDataset
-from ..errors import PretrainReuseError
+from ..errors import PretrainReuseError, check_choice
 from ..figures import save_png, subplots
 from ..models import Backbone
-from .analysis import analyze_knowledge, check_analysis, load_analysis
+from .analysis import analyze_knowledge, folder_list, load_analysis
 from .explain import ExplainConfig
 from .metrics import (
     KnowledgeReport,
@@ -44,8 +44,9 @@ from .plots import RATIO_COLOURS, literal
 
 #: Settings that do not change what an analysis computes, so varying them would repeat it.
 NOT_VARIED = ("batch_size", "device")
-#: The analysis's settings outside :class:`~.explain.ExplainConfig` that may be varied.
-ANALYSIS_SETTINGS = {"tau": (float, 0.05), "match": (str, "support")}
+#: The settings of :func:`~.analysis.analyze_knowledge` outside :class:`~.explain.ExplainConfig`
+#: that may be varied.
+ANALYSIS_SETTINGS = ("tau", "match")
 #: The per-variant checks copied from each analysis's ``knowledge.json`` (dotted paths).
 CHECKS = {"faithfulness_error": "faithfulness.finetuned.mean",
           "effect_ratio": "counterfactual.effect_ratio",
@@ -55,7 +56,24 @@ CHECKS = {"faithfulness_error": "faithfulness.finetuned.mean",
 def variable_settings() -> dict[str, Any]:
     """The settings ``--vary`` may set, with their types."""
     hints = {k: v for k, v in get_type_hints(ExplainConfig).items() if k not in NOT_VARIED}
-    return {**hints, **{k: kind for k, (kind, _) in ANALYSIS_SETTINGS.items()}}
+    analysis = get_type_hints(analyze_knowledge)
+    return {**hints, **{k: analysis[k] for k in ANALYSIS_SETTINGS}}
+
+
+def _default_settings() -> dict[str, Any]:
+    """Each variable setting's default (``baseline`` and ``background``: None, which a config
+    resolves for its players)."""
+    analysis = inspect.signature(analyze_knowledge).parameters
+    return {**{f.name: f.default for f in fields(ExplainConfig)},
+            **{k: analysis[k].default for k in ANALYSIS_SETTINGS}}
+
+
+def _check_setting(name: str) -> None:
+    """Refuse a setting ``--vary`` cannot vary, in one line."""
+    if name in NOT_VARIED:
+        raise PretrainReuseError(f"--vary cannot vary {name}: it does not change what an "
+                                 f"analysis computes; set it once with --{name.replace('_', '-')}")
+    check_choice("--vary setting", name, variable_settings())
 
 
 def parse_vary(specs: list[str]) -> dict[str, list[Any]]:
@@ -64,8 +82,7 @@ def parse_vary(specs: list[str]) -> dict[str, list[Any]]:
     for spec in specs:
         name = spec.partition("=")[0].strip().replace("-", "_")
         if name in NOT_VARIED:
-            raise PretrainReuseError(f"--vary cannot vary {name}: it does not change what an "
-                                     f"analysis computes; set it once with --{name.replace('_', '-')}")
+            _check_setting(name)
     return parse_sweep(specs, variable_settings(), "--vary", "baseline=zero,mean,blur")
 
 
@@ -98,11 +115,12 @@ class KnowledgeSensitivity:
                 f"{list(next(iter(self.ratios.values())))})")
 
     def rows(self) -> list[dict[str, Any]]:
-        """One row per variant: its settings, samples, each ratio's mean and standard error over
-        the samples that define it (None where fewer than two do), and its checks."""
+        """One row per variant: its settings, the samples it explains (``explained``), each
+        ratio's mean and standard error over the samples that define it (None where fewer than
+        two do), and its checks."""
         rows = []
         for tag, setting in self.variants.items():
-            row: dict[str, Any] = {"variant": tag, **setting, "samples": len(self.ids[tag])}
+            row: dict[str, Any] = {"variant": tag, **setting, "explained": len(self.ids[tag])}
             for name, values in self.ratios[tag].items():
                 mean, se, _ = _mean_se(values)
                 row[name], row[f"{name}_se"] = mean, se
@@ -165,7 +183,7 @@ class KnowledgeSensitivity:
         width = 0.8 / len(rows)
         for k, row in enumerate(rows):
             x = np.arange(len(names)) + (k - (len(rows) - 1) / 2) * width
-            ax.bar(x, [row[n] if row[n] is not None else 0.0 for n in names], width,
+            ax.bar(x, [row[n] if row[n] is not None else np.nan for n in names], width,
                    yerr=[row[f"{n}_se"] or 0.0 for n in names], capsize=3,
                    label=literal(row["variant"]), color=f"C{k % 10}")
         ax.set_xticks(np.arange(len(names)), names)
@@ -174,6 +192,12 @@ class KnowledgeSensitivity:
         ax.legend(fontsize=7)
         ax.set_title("Knowledge ratios per setting")
         return ax
+
+    def figure(self):
+        """A new figure of :meth:`plot`, wide enough for every variant."""
+        fig, ax = subplots(figsize=(max(6.0, 1.2 * len(self.variants) + 3), 4))
+        self.plot(ax)
+        return fig
 
 
 def _mean_se(values: np.ndarray) -> tuple[float | None, float | None, int]:
@@ -204,7 +228,7 @@ def ratio_sensitivity(reports: Mapping[str, KnowledgeReport], ids: Mapping[str, 
     r_0 are: a paired difference, the same image under two choices, whose standard error
     s/√|X_{0v}| is far smaller than the spread of the ratio over images. A choice the
     conclusions do not depend on moves Δ within a few standard errors of 0. Not in Jiang, Cheng
-    & Li (arXiv 2410.08455); their reviewers asked for it (docs/knowledge.md §6).
+    & Li (arXiv 2410.08455); docs/knowledge.md §5.
 
     Args:
         reports: ``{tag: KnowledgeReport}`` per variant, in the order of ``variants``.
@@ -213,9 +237,14 @@ def ratio_sensitivity(reports: Mapping[str, KnowledgeReport], ids: Mapping[str, 
         vary: ``{setting: [values]}``, recorded as given.
         checks: ``{tag: {check: value}}`` recorded beside the ratios (optional).
     """
-    if not variants or list(reports) != list(variants) or list(ids) != list(variants):
-        raise PretrainReuseError("reports, ids and variants must name the same variants in the "
-                                 "same order (one analysis each)")
+    if not all(isinstance(m, Mapping) for m in (reports, ids, variants)) or not variants \
+            or list(reports) != list(variants) or list(ids) != list(variants):
+        raise PretrainReuseError("reports, ids and variants must be dicts naming the same "
+                                 "variants in the same order (one analysis each)")
+    for tag, report in reports.items():
+        if not isinstance(report, KnowledgeReport):
+            raise PretrainReuseError(f"reports[{tag!r}] must be a KnowledgeReport (from "
+                                     f"knowledge_report), got {type(report).__name__}")
     ratios = {}
     for tag, report in reports.items():
         if len(ids[tag]) != report.n_samples:
@@ -239,63 +268,73 @@ def knowledge_sensitivity(models: dict[str, Backbone], dataset: ImageDataset | T
     settings from ``cfg``, ``tau`` and ``match``) and compare the ratios (:func:`ratio_sensitivity`).
 
     Each combination is an ordinary, resumable knowledge analysis in the sub-folder named by its
-    tag (``baseline=mean,players=grid:4x4``), whose report ``pretrain-reuse report`` renders;
-    a finished one is not run again, so a rerun with more values runs only the new ones.
-    Analyses whose games are the same (they differ only in ``tau``, ``match``, the
-    decomposition or its noise bound) compute them once. Every combination is checked before the
-    first runs. Writes ``sensitivity.json`` (:meth:`KnowledgeSensitivity.save`),
+    settings in alphabetical order (``baseline=mean,players=grid:4x4``), whose report
+    ``pretrain-reuse report`` renders; a finished one is not run again, so a rerun with more
+    values runs only the new ones. The first combination, in the order ``vary`` gives, is the
+    reference. Analyses whose games are the same (they differ only in ``tau``, ``match``, the
+    decomposition or its noise bound) compute them once, and so do reruns, which also take the
+    games of the sub-folders already in ``out``. Every combination is checked before the first
+    runs, its samples screened and its earlier analysis in ``out`` included, so a refused sweep
+    writes nothing. Writes ``sensitivity.json`` (:meth:`KnowledgeSensitivity.save`),
     ``sensitivity.csv`` (:meth:`KnowledgeSensitivity.rows`) and ``sensitivity.png`` into ``out``,
     which must be new, empty or such a folder. ``games_from``: folders of other analyses of
     these models whose cached games the combinations may take (as
     :func:`~.analysis.analyze_knowledge`'s).
 
-    A setting of ``vary`` may be any :class:`~.explain.ExplainConfig` field but ``batch_size``
-    and ``device`` (they change nothing computed), or ``tau`` / ``match``; a setting that
-    ``cfg``, ``tau`` or ``match`` also sets to other than its default is refused, as the
-    variants would override it unseen.
+    A setting of ``vary`` may be any number or string field of :class:`~.explain.ExplainConfig`
+    but ``batch_size`` and ``device`` (they change nothing computed), or ``tau`` / ``match``; a
+    setting that ``cfg``, ``tau`` or ``match`` also sets to other than its default is refused, as
+    the variants would override it unseen. Varying ``seed`` or ``samples`` explains other
+    samples: only those two settings share are compared.
     """
-    settings = variable_settings()
+    if not isinstance(out, str | Path):
+        raise PretrainReuseError(f"out must be a folder path, got {out!r}")
+    games_from = folder_list("games_from", games_from)
     if not isinstance(vary, Mapping) or not vary:
         raise PretrainReuseError("nothing to vary; pass --vary SETTING=V1,V2 (e.g. "
                                  "baseline=zero,mean,blur), in Python {'baseline': ['zero', 'mean']}")
-    base, defaults = {}, {}
-    if isinstance(cfg, ExplainConfig):
-        base = {**asdict(cfg), "tau": tau, "match": match}
-        # as a config of these players fills them in (a baseline of None becomes zero or mask)
-        defaults = {**asdict(ExplainConfig(players=cfg.players)),
-                    **{k: d for k, (_, d) in ANALYSIS_SETTINGS.items()}}
+    defaults = _default_settings()
+    given = {**asdict(cfg), "tau": tau, "match": match} if isinstance(cfg, ExplainConfig) else {}
+    if given:  # a baseline or background of None is resolved for the players: compare alike
+        resolved = ExplainConfig(players=cfg.players)
+        defaults |= {k: getattr(resolved, k) for k in ("baseline", "background", "n")}
     for name, values in vary.items():
-        if name not in settings:
-            parse_vary([f"{name}=0"])  # the one-line error naming the setting, with a suggestion
+        _check_setting(name)
         if not isinstance(values, list | tuple) or not values \
                 or not all(isinstance(v, int | float | str) for v in values) \
                 or len(set(values)) < len(values):
             raise PretrainReuseError(f"vary[{name!r}] must be a non-empty list of distinct numbers "
                                      f"or strings, got {values!r}")
-        if base and base[name] != defaults[name]:
+        if given and given[name] != defaults[name]:
             raise PretrainReuseError(
-                f"--vary sets {name}, but the analysis also sets {name}={base[name]!r} (a flag); "
+                f"--vary sets {name}, but the analysis also sets {name}={given[name]!r} (a flag); "
                 "drop one of them")
-    names = list(vary)
-    variants = {",".join(f"{k}={v}" for k, v in zip(names, values, strict=True)):
-                dict(zip(names, values, strict=True))
-                for values in itertools.product(*(vary[n] for n in names))}
+    if "players" in vary and len({v == "tokens" for v in vary["players"]}) > 1:
+        raise PretrainReuseError("--vary players cannot mix tokens with image players: they "
+                                 "explain different data; run one sweep for each")
+    combinations = [dict(zip(vary, values, strict=True))
+                    for values in itertools.product(*vary.values())]
+    if len(combinations) < 2:
+        raise PretrainReuseError("--vary gives one setting only, so there is nothing to compare; "
+                                 "give two values or more (or run knowledge without --vary)")
+    # named in a fixed order, so that the order of the --vary flags does not rename the analyses
+    variants = {",".join(f"{k}={setting[k]}" for k in sorted(setting)): setting
+                for setting in combinations}
+    out = Path(out)
     runs = {}
     for tag, setting in variants.items():
         explain_fields = {k: v for k, v in setting.items() if k not in ANALYSIS_SETTINGS}
-        try:
-            c = replace(cfg, **explain_fields)
-        except TypeError:  # not an ExplainConfig: check_analysis says what to pass
-            c = cfg
+        c = replace(cfg, **explain_fields) if isinstance(cfg, ExplainConfig) else cfg
         t, m = setting.get("tau", tau), setting.get("match", match)
-        check_analysis(models, dataset, c, tau=t, match=m, candidates=candidates)
+        analyze_knowledge(models, dataset, c, out / tag, tau=t, match=m, candidates=candidates,
+                          split=split, progress=False, check_only=True)
         runs[tag] = (c, t, m)
-    out = Path(out)
-    # claimed once every combination has passed its checks: a refused sweep writes nothing. Each
-    # variant's analysis refuses other models, data or settings on a rerun by itself
+    # claimed once every combination has passed its checks: a refused sweep writes nothing
     claim_folder(out, "sensitivity-run", {}, what="a knowledge sensitivity analysis",
                  early=(*variants, "sensitivity.json", "sensitivity.csv", "sensitivity.png"))
-    reports, ids, checks, done = {}, {}, {}, [Path(f) for f in games_from]
+    # the games of this sweep's earlier runs too (other values, or the flags in another order)
+    done = [*games_from, *(f for f in sorted(out.iterdir()) if f.is_dir() and f.name not in variants)]
+    reports, ids, checks = {}, {}, {}
     for k, (tag, (c, t, m)) in enumerate(runs.items()):
         if progress:  # each analysis draws its own bars; say which setting they belong to
             print(f"setting {k + 1}/{len(runs)}: {tag}", file=sys.stderr)
@@ -309,7 +348,8 @@ def knowledge_sensitivity(models: dict[str, Backbone], dataset: ImageDataset | T
         done.append(out / tag)
     result = ratio_sensitivity(reports, ids, variants, dict(vary), checks=checks)
     result = replace(result, meta=make_meta("knowledge.sensitivity", {
-        "vary": dict(vary), "config": asdict(cfg), "tau": tau, "match": match}, seed=cfg.seed))
+        "vary": dict(vary), "config": asdict(cfg), "tau": tau, "match": match, "split": split,
+        "candidates": candidates}, seed=cfg.seed))
     if _written(out, result):  # a rerun of a finished sweep: nothing new to write
         return result
     rows = result.rows()
@@ -317,9 +357,7 @@ def knowledge_sensitivity(models: dict[str, Backbone], dataset: ImageDataset | T
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    fig, ax = subplots(figsize=(max(6.0, 1.2 * len(rows) + 3), 4))
-    result.plot(ax)
-    save_png(fig, out / "sensitivity.png")
+    save_png(result.figure(), out / "sensitivity.png")
     result.save(out / "sensitivity.json")  # last: its presence marks the sweep finished
     return result
 

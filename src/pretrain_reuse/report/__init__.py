@@ -918,13 +918,16 @@ def _knowledge_body(run: Path) -> list[str]:
 def _sensitivity_parts(result) -> str:
     """The ratios of a :class:`~pretrain_reuse.knowledge.sensitivity.KnowledgeSensitivity` per
     setting, their paired change from the first setting with a verdict generated from the
-    standard errors, and the figure."""
+    standard errors (and the settings too few samples compare), and the figure."""
+    from ..knowledge.metrics import PAPER_RATIOS
+    from ..knowledge.sensitivity import CHECKS
+
     rows, diffs = result.rows(), result.differences()
     reference = rows[0]["variant"]
-    names = [n for n in ("preserve", "discard", "new", "exclusive") if n in rows[0]]
-    checks = [c for c in ("faithfulness_error", "effect_ratio", "preserve_alone_r2") if c in rows[0]]
+    names = [n for n in PAPER_RATIOS if n in rows[0]]
+    checks = [c for c in CHECKS if c in rows[0]]
     table = _table(["setting", "samples", *names, *(c.replace("_", " ") for c in checks)],
-                   [[r["variant"], r["samples"],
+                   [[r["variant"], r["explained"],
                      *(f"{_fixed(r[n])} ± {_fixed(r[f'{n}_se'])}" for n in names),
                      *(_fixed(r[c]) for c in checks)] for r in rows])
     changes = _table(["setting", *(f"{n} change" for n in names)],
@@ -933,20 +936,26 @@ def _sensitivity_parts(result) -> str:
     moved = [f"{n} with {tag} ({d[n]['mean']:+.3f} ± {d[n]['se']:.3f})"
              for tag, d in diffs.items() for n in names
              if d[n]["se"] is not None and abs(d[n]["mean"]) > 2 * d[n]["se"]]
+    uncompared = [tag for tag, d in diffs.items() if all(d[n]["se"] is None for n in names)]
+    compared = len(diffs) - len(uncompared)
     verdict = (f'<p class="note">Beyond two standard errors of the paired change from '
                f"{_text(reference)}: {_text('; '.join(moved))}. Conclusions drawn from these "
                "ratios depend on the analysis's choices.</p>" if moved else
-               f'<p class="good">No setting moves a ratio beyond two standard errors of its '
-               f"paired change from {_text(reference)}.</p>")
-    fig, ax = subplots(figsize=(max(6.0, 1.2 * len(rows) + 3), 4))
-    result.plot(ax)
+               f'<p class="good">No setting of the {compared} compared moves a ratio beyond two '
+               f"standard errors of its paired change from {_text(reference)}.</p>" if compared
+               else "")
+    if uncompared:
+        verdict += (f'<p class="note">Not compared, fewer than two of their samples being '
+                    f"{_text(reference)}'s (another seed or number of samples): "
+                    f"{_text(', '.join(uncompared))}.</p>")
     return (table + "<p>Mean ± standard error over the samples that define each ratio; the "
             "checks are the fine-tuned model's mean faithfulness error, the counterfactual effect "
             "ratio, and the fidelity R² of its preserved interactions alone. Change from "
             f"<code>{_text(reference)}</code>: the mean over the samples both settings explain "
             "of the per-sample difference, ± its standard error (paired samples in brackets).</p>"
-            + changes + verdict + _figure(fig, "Each ratio per setting, mean ± standard error "
-                                          "over samples.", "knowledge ratios per setting"))
+            + changes + verdict + _figure(result.figure(), "Each ratio per setting, mean ± "
+                                          "standard error over samples.",
+                                          "knowledge ratios per setting"))
 
 
 def _sensitivity_body(run: Path) -> list[str]:
