@@ -374,7 +374,7 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     # folder must not read as a finished analysis, and a rerun with other settings is refused
     write_json(marker, {"kind": KIND, "finished": False, "identity": identity})
     games = {role: explain_games(m, views[role], indices, cfg, out / role, role=role, params=params,
-                                 games_from=[Path(f) / role for f in games_from], progress=progress)
+                                 games_from=[f / role for f in games_from], progress=progress)
              for role, m in models.items()}
     explained = (_joint(games, cfg.noise_bound) if cfg.decomposition == "joint-and-or" else
                  {role: decompose(g, cfg) for role, g in games.items()})
