@@ -212,6 +212,8 @@ def test_a_bad_sweep_is_one_line_and_writes_nothing(models, tmp_path, capsys, ex
     (["--n", 4, "--vary", "players=grid:2x2,grid:40x40"], "grid 40x40 does not fit"),
     (["--vary", "players=grid:2x2,tokens"], "--vary players cannot mix tokens with image players"),
     (["--vary", "players=grid:2x2,grid2x2"], "players='grid2x2': use grid:RxC"),
+    (["--vary", "players=grid:2x2,grid:40x40"], "with n=1600: every sample needs 2^1600 model "
+                                                "evaluations per model; explain 1..20 players"),
 ])
 def test_a_setting_refused_by_its_players_stops_the_sweep_before_the_first_runs(
         models, tmp_path, capsys, extra, message):
@@ -251,6 +253,12 @@ def test_settings_that_explain_other_samples_say_how_many_they_share(models, tmp
                               & set(load(tmp_path / "s" / "sensitivity.json").ids["seed=1"]))
     expected = {0: "(no sample in common with seed=0)", 1: "± n/a vs seed=0, 1 paired samples"}
     assert expected.get(shared["n"], f"{shared['n']} paired samples") in out
+    rc, _, err = _run(capsys, "report", tmp_path / "s")
+    assert rc == 0, err
+    page = (tmp_path / "s" / "report.html").read_text()
+    # a setting too few samples compare is named, not counted as one that moves nothing
+    assert ("Not compared, fewer than two of their samples" in page) == (shared["n"] < 2)
+    assert ("No setting of the" in page) == (shared["n"] >= 2 and "Beyond two" not in page)
 
 
 def test_the_python_api_refuses_an_empty_or_malformed_vary(models, tmp_path):
