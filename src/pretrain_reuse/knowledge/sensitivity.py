@@ -241,12 +241,11 @@ def ratio_sensitivity(reports: Mapping[str, KnowledgeReport], ids: Mapping[str, 
             or list(reports) != list(variants) or list(ids) != list(variants):
         raise PretrainReuseError("reports, ids and variants must be dicts naming the same "
                                  "variants in the same order (one analysis each)")
+    ratios = {}
     for tag, report in reports.items():
         if not isinstance(report, KnowledgeReport):
             raise PretrainReuseError(f"reports[{tag!r}] must be a KnowledgeReport (from "
                                      f"knowledge_report), got {type(report).__name__}")
-    ratios = {}
-    for tag, report in reports.items():
         if len(ids[tag]) != report.n_samples:
             raise PretrainReuseError(f"variant {tag!r} has {len(ids[tag])} sample ids for "
                                      f"{report.n_samples} samples; pass one id per sample")
