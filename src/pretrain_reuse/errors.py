@@ -59,12 +59,9 @@ def as_array(name: str, x) -> np.ndarray:
                                  "length); pass a NumPy array or a torch tensor") from None
 
 
-def check_matrix(name: str, x, *, ndim: int = 2, finite: bool = True, offset: int = 0
-                 ) -> np.ndarray:
+def check_matrix(name: str, x, *, ndim: int = 2, finite: bool = True) -> np.ndarray:
     """``x`` as a NumPy array (:func:`as_array`), after checking that it has ``ndim``
-    dimensions, real numbers, at least one row, and (optionally) no NaN/inf; ``offset`` is the
-    number of ``x``'s first row in the whole matrix when ``x`` is one chunk of it (so that a bad
-    row is named by its own number)."""
+    dimensions, real numbers, at least one row, and (optionally) no NaN/inf."""
     x = as_array(name, x)
     if np.dtype(x.dtype).kind not in "biuf":  # strings, objects, complex numbers
         raise PretrainReuseError(f"{name} holds {np.dtype(x.dtype)} values, not real numbers; pass "
@@ -84,7 +81,7 @@ def check_matrix(name: str, x, *, ndim: int = 2, finite: bool = True, offset: in
         if bad.any():
             rows = np.unique(np.nonzero(bad.reshape(x.shape[0], -1))[0])
             raise PretrainReuseError(
-                f"{name} has NaN/inf values in {len(rows)} row(s) (first: row {offset + rows[0]}); "
+                f"{name} has NaN/inf values in {len(rows)} row(s) (first: row {rows[0]}); "
                 "remove or recompute those rows"
             )
     return x

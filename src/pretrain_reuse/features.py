@@ -113,7 +113,8 @@ class FeatureStore:
     def save(self, path: str | Path, *, shard_size: int = 65536) -> Path:
         """Write the store folder (replacing an existing one only once the new one is complete).
 
-        Refuses a row that is NaN/inf in float32, the dtype a store holds, naming its sample."""
+        Refuses a row that float32, the dtype a store holds, cannot hold (:func:`float32_rows`),
+        naming its sample."""
         path = Path(path)
         if path.exists() and not (path / "index.json").exists():
             raise PretrainReuseError(
@@ -128,7 +129,8 @@ class FeatureStore:
             for k, s in enumerate(range(0, len(self), shard_size)):
                 name = f"shard-{k:05d}.safetensors"
                 rows = slice(s, min(s + shard_size, len(self)))
-                tensors = {"features": self._float32_rows(rows), "ids": encode_ids(self.ids[rows])}
+                tensors = {"features": float32_rows(self.features, rows, self.ids),
+                           "ids": encode_ids(self.ids[rows])}
                 if self.labels is not None:
                     tensors["labels"] = np.ascontiguousarray(self.labels[rows])
                 with atomic_path(tmp / name) as shard:  # for the file mode (see atomic_path)
@@ -146,21 +148,6 @@ class FeatureStore:
             if tmp.exists():
                 shutil.rmtree(tmp)
         return path
-
-    def _float32_rows(self, rows: slice) -> np.ndarray:
-        """The features ``rows`` in float32, as a shard holds them, after refusing a row that is
-        NaN/inf there (NaN/inf given, or a float64 beyond the float32 range): every command that
-        reads the saved store would fail on it, far from where it came from."""
-        with np.errstate(over="ignore"):  # an overflow is refused below, naming its sample
-            block = np.ascontiguousarray(self.features[rows], dtype=np.float32)
-        bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
-        if len(bad):
-            row = rows.start + int(bad[0])
-            raise PretrainReuseError(
-                f"features row {row} (sample {self.ids[row]!r}) is NaN/inf in float32, the dtype a "
-                "store holds; remove or recompute that sample (rescale features beyond the float32 "
-                "range) and save again")
-        return block
 
     @classmethod
     def load(cls, path: str | Path, *, lazy: bool = False) -> FeatureStore:
@@ -364,6 +351,30 @@ def _class_indices(labels: np.ndarray, n: int) -> np.ndarray:
     if labels.max() >= 2**63:
         raise PretrainReuseError(f"label {labels.max()} is too large for a class index; relabel to 0..C-1")
     return labels.astype(np.int64)
+
+
+def float32_rows(features, rows: slice, ids: list[str] | None = None) -> np.ndarray:
+    """Rows ``rows`` of ``features`` as a contiguous float32 array, the dtype stores hold and units
+    are computed in, after refusing a row that float32 cannot hold: NaN/inf, a value beyond its
+    range (a float64 1e300 would become inf) or nonzero values all below it (a row of 1e-300s would
+    become a zero row, with no direction). The message names the row by its number in
+    ``features`` and, given ``ids``, by its sample id. Reads only those rows (works on memmaps)."""
+    block = check_matrix("features", np.asarray(features[rows]), finite=False)
+
+    def refuse(bad: np.ndarray, what: str, fix: str) -> None:
+        if bad.any():
+            row = rows.start + int(np.flatnonzero(bad)[0])
+            sample = f" (sample {str(ids[row])!r})" if ids is not None else ""
+            raise PretrainReuseError(f"features row {row}{sample} holds {what}; {fix}")
+
+    refuse(~np.isfinite(block).all(axis=1), "NaN/inf values", "remove or recompute that sample")
+    with np.errstate(over="ignore"):  # refused below, naming the row
+        out = np.ascontiguousarray(block, dtype=np.float32)
+    rescale = "rescale the features (e.g. divide them by their largest norm)"
+    refuse(~np.isfinite(out).all(axis=1), "values above the float32 range", rescale)
+    refuse(~out.any(axis=1) & block.any(axis=1),
+           "only values below the float32 range (they round to zero)", rescale)
+    return out
 
 
 def check_unique_ids(ids: list[str]) -> None:

@@ -47,7 +47,7 @@ from .errors import (
     is_integer,
     refuse_path,
 )
-from .features import FeatureStore, check_unique_ids, hash_ids, load_npy
+from .features import FeatureStore, check_unique_ids, float32_rows, hash_ids, load_npy
 
 __all__ = ["Units", "class_means", "spherical_kmeans"]
 
@@ -217,7 +217,7 @@ def _group_means(features: np.ndarray, assignment: np.ndarray, k: int, normalize
     sums = np.zeros((k, features.shape[1]), dtype=np.float64)
     chunk = chunk or _chunk_rows(features.shape[1])
     for s in _chunks(len(features), chunk, progress, "unit means"):
-        x = _float32_block(features, s, chunk)
+        x = float32_rows(features, slice(s, s + chunk))
         if normalize:
             x = _unit_rows(x)
         a = np.asarray(assignment[s:s + chunk])
@@ -500,7 +500,7 @@ def _normalized_float32(features: np.ndarray, position: np.ndarray, progress: bo
     out = np.empty(features.shape, dtype=np.float32)
     chunk = chunk or _chunk_rows(features.shape[1])
     for s in _chunks(len(features), chunk, progress, "normalising"):
-        block = _float32_block(features, s, chunk)
+        block = float32_rows(features, slice(s, s + chunk))
         norms = _row_norms(block)
         if (norms == 0).any():
             row = s + int(np.flatnonzero(norms[:, 0] == 0)[0])
@@ -529,29 +529,6 @@ def _chunks(n: int, chunk: int, progress: bool, desc: str):
     finally:
         if bar is not None:
             bar.close()
-
-
-def _float32_block(features: np.ndarray, start: int, chunk: int) -> np.ndarray:
-    """Rows ``start:start + chunk`` of the features in float32, the working dtype, after checking
-    them: no NaN/inf, and no value that float32 cannot hold (a float64 1e300 would become inf, a
-    row of 1e-300s a zero row, each reported as what it is not)."""
-    block = np.asarray(features[start:start + chunk])
-    check_matrix("features", block, offset=start)
-    if block.dtype == np.float32:
-        return block
-    # before the cast, which would overflow with a warning
-    _refuse_rows(np.abs(block).max(axis=1) > np.finfo(np.float32).max, start, "above")
-    out = block.astype(np.float32)
-    _refuse_rows(~out.any(axis=1) & block.any(axis=1), start, "below")
-    return out
-
-
-def _refuse_rows(bad: np.ndarray, start: int, what: str) -> None:
-    if bad.any():
-        raise PretrainReuseError(
-            f"features row {start + int(np.flatnonzero(bad)[0])} holds values {what} the float32 "
-            "range the units are computed in; rescale the features (e.g. divide by their "
-            "largest norm)")
 
 
 @dataclass(frozen=True)
