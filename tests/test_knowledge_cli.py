@@ -26,6 +26,7 @@ from pretrain_reuse.knowledge.analysis import (
     counterfactual,
     load_analysis,
 )
+from pretrain_reuse.knowledge.contiguity import contiguity
 from pretrain_reuse.knowledge.explain import ExplainConfig
 from pretrain_reuse.knowledge.interactions import reconstruct_and, reconstruct_or
 from pretrain_reuse.knowledge.metrics import knowledge_set
@@ -459,6 +460,29 @@ def test_grid_cells_are_drawn_per_sample_with_the_seed_and_the_samples_index(tmp
         assert x.info["players"]["seed"] == [3, x.info["index"]]
         names.append(tuple(x.info["player_names"]))
     assert len(set(names)) > 1
+
+
+def test_the_analysis_reports_neighbouring_players_of_the_cells_drawn_for_each_sample(tmp_path,
+                                                                                     capsys):
+    # 5 of the 16 central cells of a 6x6 grid per sample, some of them with no drawn neighbour:
+    # the adjacency is that of the sample's own cells (sharing an edge, named "cell r,c")
+    model = _classifier(tmp_path / "m.safetensors", 10)
+    rc, out, err = _run(capsys, "knowledge", "--model", "smallcnn-s", "--pretrained", model,
+                        "--finetuned", model, "--data", "synthetic:target", "--players",
+                        "grid:6x6", "--n", 5, "--samples", 3, "--quiet", "--out", tmp_path / "k")
+    assert rc == 0, err
+    k = json.loads((tmp_path / "k" / "knowledge.json").read_text())
+    pre, ft = (_interactions(tmp_path / "k" / role) for role in ("pretrained", "finetuned"))
+    adjacency = []
+    for x in ft:
+        cells = [tuple(map(int, name[5:].split(","))) for name in x.info["player_names"]]
+        adjacency.append(np.array([[abs(r - q) + abs(c - d) == 1 for q, d in cells]
+                                   for r, c in cells]))
+    assert k["contiguity"] == contiguity(knowledge_report(pre, ft), adjacency).to_dict()
+    kept = k["contiguity"]["preserve"]
+    assert kept["items"] > 0 and k["contiguity"]["new"]["items"] == 0
+    assert (f"preserved interactions of neighbouring players {kept['contiguous_share']:.3f} "
+            f"(chance {kept['chance_share']:.3f})") in out
 
 
 def _check_by_hand(xs, weights, background: str):

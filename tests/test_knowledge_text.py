@@ -316,6 +316,7 @@ def test_knowledge_of_a_text_model_against_itself_preserves_everything(bert, tmp
     k = json.loads((tmp_path / "k" / "knowledge.json").read_text())
     assert k["report"]["overall"]["preserve"]["mean"] == 1.0
     assert k["report"]["overall"]["new"]["mean"] == 0.0
+    assert "contiguity" not in k  # words have no regions that touch
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -184,6 +184,22 @@ def test_the_report_shows_each_knowledge_set_alone(tmp_path, capsys):
     assert "<td>new</td><td>2.0</td><td>0.500</td><td>0.500</td><td>0.5000</td><td>1.00</td>" in page
 
 
+def test_the_report_shows_neighbouring_players_when_the_analysis_has_them(tmp_path, capsys):
+    knowledge = _knowledge()
+    run = _run(tmp_path, _summary(), knowledge)
+    assert "<h3>Neighbouring players</h3>" not in _page(capsys, run)  # tokens, or older analyses
+    knowledge["contiguity"] = {
+        "preserve": {"items": 40, "contiguous_share": 0.5, "chance_share": 0.4, "enrichment": 1.25,
+                     "z": 1.29},
+        "new": {"items": 0, "contiguous_share": None, "chance_share": None, "enrichment": None,
+                "z": None}}
+    (run / "knowledge" / "knowledge.json").write_text(json.dumps(knowledge))
+    page = _page(capsys, run)
+    assert "<h3>Neighbouring players</h3>" in page
+    assert "<td>preserve</td><td>40</td><td>0.500</td><td>0.400</td><td>1.25</td><td>1.3</td>" in page
+    assert "<td>new</td><td>0</td><td>n/a</td><td>n/a</td><td>n/a</td><td>n/a</td>" in page
+
+
 def test_a_knowledge_analysis_stopped_halfway_is_one_line(tmp_path, capsys):
     # the marker a knowledge rerun writes first: the folder mixes two runs until it finishes
     run = _run(tmp_path, _summary(), {"kind": "knowledge-report", "finished": False})

@@ -598,6 +598,10 @@ def cmd_knowledge(args) -> int:
     alone = summary["ablation"]["preserve"]
     line += (f"; preserved knowledge alone: fidelity R² {_number(alone['fidelity']['mean'])}, "
              f"share of the output {_number(alone['share']['mean'])}")
+    if "contiguity" in summary:  # image players
+        kept = summary["contiguity"]["preserve"]
+        line += (f"; preserved interactions of neighbouring players {_number(kept['contiguous_share'])} "
+                 f"(chance {_number(kept['chance_share'])})")
     if "ground_truth" in summary:
         found = summary["ground_truth"]["finetuned"]["overall"]
         line += (f"; class rules found by the fine-tuned model: precision "

@@ -325,6 +325,10 @@ def _summary(out: Path, plan: DemoPlan, runs, related, timing, quick: bool, seed
             "set_alone": {name: {m: a[m]["mean"] for m in ("fidelity", "share")}
                           for name, a in k["ablation"].items()},
             "samples": k["samples"]["n"],
+            # each set's share of interactions of neighbouring players, and chance's
+            **({"contiguity": {name: {m: c[m] for m in ("contiguous_share", "chance_share")}
+                               for name, c in k["contiguity"].items()}}
+               if "contiguity" in k else {}),
             # world only: precision / recall of the salient interactions against the class rules
             **({"ground_truth": {role: {m: g["overall"][m]["mean"] for m in ("precision", "recall")}
                                  for role, g in k["ground_truth"].items()}}

@@ -5,6 +5,7 @@ interactions, their sparsification, the :class:`Interactions` value object, and 
 metrics (preserved, discarded, new, exclusive knowledge; convergence over checkpoints).
 """
 
+from .contiguity import Contiguity, contiguity, contiguous_coalitions, player_adjacency
 from .interactions import (
     MAX_PLAYERS,
     harsanyi_and,
@@ -58,6 +59,7 @@ __all__ = [
     "MEASURES",
     "SET_EFFECTS",
     "AccuracyCorrelation",
+    "Contiguity",
     "Convergence",
     "Discrimination",
     "Interactions",
@@ -72,6 +74,8 @@ __all__ = [
     "and_or_interactions",
     "and_or_interactions_lp",
     "and_or_interactions_sgd",
+    "contiguity",
+    "contiguous_coalitions",
     "cover_ratio",
     "discrimination_power",
     "ground_truth_recovery",
@@ -84,6 +88,7 @@ __all__ = [
     "mask_of",
     "orders",
     "planted_game",
+    "player_adjacency",
     "players_of",
     "reconstruct_and",
     "reconstruct_or",

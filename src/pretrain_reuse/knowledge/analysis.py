@@ -46,6 +46,7 @@ from ..data.text import TextDataset
 from ..errors import PretrainReuseError, check_choice, is_integer, preview
 from ..figures import save_png
 from ..models import Backbone, finetune_mode, state_hash, weights_meta, weights_path
+from .contiguity import contiguity, player_adjacency
 from .explain import (
     MARKER,
     MARKER_KIND,
@@ -71,6 +72,7 @@ from .explain import (
     recorded_identity,
     rerun_identity,
     sample_order,
+    sample_players,
     save_explanations,
     with_games,
 )
@@ -397,6 +399,10 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
         "counterfactual": _counterfactual_summary(report, explained["finetuned"], tau, cfg.seed),
         "ablation": set_ablation(report, explained["finetuned"]).to_dict(),
     }
+    if cfg.players != "tokens":
+        size = tuple(models["finetuned"].spec.input_size)
+        summary["contiguity"] = contiguity(report, [player_adjacency(
+            sample_players(dataset, int(i), cfg, size).masks) for i in indices]).to_dict()
     if cfg.players == "parts" and hasattr(dataset, "scene"):
         summary["ground_truth"] = _ground_truth(dataset, indices, explained, tau)
     inputs = {"data": dataset.source, "data_path": data_path(dataset),

@@ -431,6 +431,8 @@ def _knowledge_parts(k: dict, kdir: Path, root: Path, *, players: str, baseline:
                      [[r, _fixed(f["max"], 4), _fixed(f["mean"], 4),
                        _fixed(f["max_over_samples"], 4)] for r, f in faith.items()]))
     parts.append(_set_ablation(k["ablation"]))
+    if "contiguity" in k:  # image players, since this version
+        parts.append(_contiguity(k["contiguity"]))
     cf = k["counterfactual"]
     if cf.get("n_sets"):
         _check_entries(k, COUNTERFACTUAL_KEYS, kdir / "knowledge.json", **check)
@@ -471,6 +473,20 @@ def _set_ablation(ablation: dict) -> str:
             "of the log-odds; n/a for other outputs). Means over samples.</p>" + _table(
                 ["set", "items per sample", "fidelity R²", "share of v(N) − v(∅)",
                  "mean error / |v(N) − v(∅)|", "same decision"], rows))
+
+
+def _contiguity(sets: dict) -> str:
+    """Each knowledge set's share of interactions of neighbouring players against chance
+    (``Contiguity.to_dict()`` in ``knowledge.json``)."""
+    rows = [[name, c["items"], _fixed(c["contiguous_share"]), _fixed(c["chance_share"]),
+             _fixed(c["enrichment"], 2), _fixed(c["z"], 1)] for name, c in sets.items()]
+    text = ("<h3>Neighbouring players</h3><p>Of each set's interactions of two or more players, "
+            "the share whose players form one connected region (cells that share an edge), "
+            "against the share coalitions drawn at random with the same orders would have on the "
+            "same players; z: the excess in standard deviations of that chance count (it treats "
+            "the interactions as independent, so read it as a size, not a test).</p>")
+    return text + _table(["set", "interactions of order ≥ 2", "connected", "chance", "ratio", "z"],
+                         rows)
 
 
 def _models_table(run: Path, k: dict) -> str:
