@@ -803,11 +803,17 @@ def cmd_evaluate(args) -> int:
 
     if args.out:
         check_output_file(args.out, ".json", "evaluation")  # before the work
+    if args.corruption is not None:
+        from .finetune.corruptions import parse_corruption
+
+        parse_corruption(args.corruption)
     model = _classifier(args.model, args.weights, "--weights", args.quiet)
     data, split = _explain_data(args)
     scores = evaluate_model(model, data, class_names=output_class_names(model, data.class_names),
-                            batch_size=args.batch_size, device=args.device, workers=args.workers)
-    where = f"{args.data}" + (f" ({split})" if split else "")
+                            batch_size=args.batch_size, device=args.device, workers=args.workers,
+                            corruption=args.corruption, seed=args.seed)
+    where = f"{args.data}" + (f" ({split})" if split else "") + (
+        f" corrupted by {args.corruption} (seed {args.seed})" if args.corruption else "")
     print(f"top-1 {scores['top1']:.4f}, mean per-class {scores['mean_class_acc']:.4f} on "
           f"{scores['n']} {'sentences' if isinstance(data, TextDataset) else 'images'} of {where}"
           + (f"; {scores['unreadable']} unreadable images left out" if scores["unreadable"] else ""))
@@ -832,10 +838,11 @@ def cmd_evaluate(args) -> int:
     for note in notes if not args.quiet else []:
         print(f"pretrain-reuse: note: {note}", file=sys.stderr)
     if args.out:
-        params = {"model": args.model, "weights": args.weights, "data": args.data, "split": split}
+        params = {"model": args.model, "weights": args.weights, "data": args.data, "split": split,
+                  "corruption": args.corruption, "batch_size": args.batch_size}
         inputs = {"weights": weights_hash(args.weights) if args.weights else None}  # as finetune
         write_json(args.out, {"kind": "evaluation", **scores,
-                              "meta": make_meta("evaluate", params, inputs=inputs)})
+                              "meta": make_meta("evaluate", params, inputs=inputs, seed=args.seed)})
     _note_weights(args.model, args.weights, args.quiet)
     return 0
 
@@ -998,6 +1005,11 @@ def build_parser() -> argparse.ArgumentParser:
                    '.jsonl file of {"label": ..., "text": ...} sentences for a text classifier')
     v.add_argument("--split", help="split of an embedded data set or of a folder of split "
                    "folders (default: test, where there is one)")
+    v.add_argument("--corruption", metavar="NAME:SEVERITY",
+                   help="score the images corrupted on the fly, as ImageNet-C corrupts them "
+                   "(Hendrycks & Dietterich 2019), severity 1-5: gaussian-noise, shot-noise, "
+                   "impulse-noise, contrast, brightness or gaussian-blur, e.g. gaussian-noise:3")
+    v.add_argument("--seed", type=int, default=0, help="seed of a random corruption's draws")
     v.add_argument("--batch-size", type=_at_least(1), default=256)
     v.add_argument("--workers", type=_at_least(0), default=0, help="DataLoader worker processes")
     v.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")

@@ -10,10 +10,11 @@ import torch
 
 from ..data.datasets import ImageDataset, inputs_to, labels_by_name, make_loader
 from ..data.text import TextDataset
-from ..errors import PretrainReuseError, check_device, preview
+from ..errors import PretrainReuseError, check_device, check_seed, preview
 from ..models import Backbone
 from ..units import class_count
 from .augment import View, input_size
+from .corruptions import corrupt, parse_corruption
 from .data import resize_transform
 
 
@@ -56,7 +57,7 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 def evaluate_model(model: Backbone, data: ImageDataset | TextDataset, *,
                    class_names: list[str] | None = None, batch_size: int = 256, device: str = "cpu",
-                   workers: int = 0) -> dict:
+                   workers: int = 0, corruption: str | None = None, seed: int = 0) -> dict:
     """Top-1 and mean per-class accuracy of the classifier ``model`` on the labelled images
     ``data``, computed as fine-tuning computes its test accuracy: each image resized and
     centre-cropped to the model's input (the ``eval`` view), unreadable images left out; or of a
@@ -70,6 +71,11 @@ def evaluate_model(model: Backbone, data: ImageDataset | TextDataset, *,
         class_names: the names of the model's outputs (output i = class i; a fine-tuned model
             records them); the data's labels are then matched by name.
         batch_size, device, workers: inference settings.
+        corruption: ``"NAME:SEVERITY"``, e.g. ``"gaussian-noise:3"``: score the images corrupted
+            on the fly (:mod:`~pretrain_reuse.finetune.corruptions`), after resizing and before
+            the crop; None: as they are.
+        seed: seed of a random corruption's draws (the same seed and batch size give the same
+            corrupted images).
 
     Returns:
         ``top1``, ``mean_class_acc`` (over the classes the data has), ``n`` (images scored),
@@ -92,6 +98,11 @@ def evaluate_model(model: Backbone, data: ImageDataset | TextDataset, *,
         raise PretrainReuseError(
             f"{model.spec.name} is {'an image' if text else 'a text'} model but the data are "
             f"{'sentences' if text else 'images'}; pass {'a text' if text else 'an image'} classifier")
+    if corruption is not None and text:
+        raise PretrainReuseError("corruptions apply to images, not sentences; leave --corruption out")
+    if corruption is not None:
+        name, severity = parse_corruption(corruption)
+    seed = check_seed("seed", seed)
     if class_names is not None and len(class_names) != model.num_classes:
         raise PretrainReuseError(f"class_names names {len(class_names)} classes but the model has "
                                  f"{model.num_classes} outputs; pass one name per output")
@@ -108,7 +119,13 @@ def evaluate_model(model: Backbone, data: ImageDataset | TextDataset, *,
         scored.transform, view = model.preprocess, sentence_view
     else:
         scored.transform = resize_transform(model.spec.resize_side)
-        view = View(model.spec, "eval", input_size(model.spec, None)).to(dev)
+        side = input_size(model.spec, None)
+        view = View(model.spec, "eval", side).to(dev)
+        if corruption is not None:
+            generator, clean = torch.Generator(dev).manual_seed(seed), view
+
+            def view(images: torch.Tensor) -> torch.Tensor:  # corrupted before the crop
+                return clean(corrupt(images, name, severity, generator=generator, input_size=side))
     logits, labels = predict(model, scored, view, batch_size=batch_size, device=dev,
                              workers=workers, skipped=skipped)
     if len(labels) == 0:
