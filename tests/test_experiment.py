@@ -5,6 +5,7 @@ import csv
 import html
 import json
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -258,6 +259,16 @@ def test_config_errors(tmp_path):
         load_experiment_config(None, model="m", source="s", target="t", seeds=(-1,))
 
 
+def test_a_corruption_that_evaluate_does_not_know_is_refused_before_any_work(tmp_path):
+    from pretrain_reuse.errors import PretrainReuseError
+
+    (tmp_path / "c.yaml").write_text("corruption: fog:3\n")
+    with pytest.raises(PretrainReuseError, match="corruption 'fog:3' is not NAME:SEVERITY"):
+        load_experiment_config(tmp_path / "c.yaml", model="m", target="t")
+    assert load_experiment_config(None, model="m", target="t",
+                                  corruption="contrast:2").corruption == "contrast:2"
+
+
 def test_every_recipe_builds_rows_from_the_defaults():
     cfg = load_experiment_config(None, model="m", source="s", target="t", relevant=(1, 2))
     for name, (rows, x_label, _) in RECIPES.items():
@@ -338,6 +349,32 @@ def test_knowledge_recipe_compares_pretrainings_and_correlates_with_accuracy(qui
     (analysis / "knowledge.json").unlink()
     (analysis / "scratch" / "interactions-0000.safetensors").write_bytes(b"not safetensors")
     assert run_experiment("knowledge", cfg, out, progress=False).rows == table.rows
+    # with a corruption: the same runs (it changes none), each fine-tuned model also scored on the
+    # corrupted test data with its run's seed, and the ratios correlated with that accuracy
+    from pretrain_reuse.experiments.table import run_folder
+    from pretrain_reuse.finetune.evaluate import evaluate_model
+    from pretrain_reuse.models import create_backbone, output_class_names
+
+    corrupted = run_experiment("knowledge", replace(cfg, corruption="gaussian-noise:4"), out,
+                               progress=False)
+    assert corrupted.rows == table.rows and "corrupted" not in table.extra
+    test = open_dataset("synthetic:target", split="test")
+    want = []
+    for label in ("supervised", "target-tuned"):
+        for s in (0, 1):
+            net = create_backbone(cfg.model, weights=str(
+                run_folder(out, f"{label} fine-tuned", None, s) / "model.safetensors"))
+            want.append(evaluate_model(net, test, class_names=output_class_names(net, test.class_names),
+                                       corruption="gaussian-noise:4", seed=s)["top1"])
+    got = corrupted.extra["corrupted"]
+    assert got["corruption"] == "gaussian-noise:4" and got["accuracy"] == want
+    assert got["accuracy"] != extra["accuracy"]
+    assert got["correlation"]["preserve"]["pearson"] == pytest.approx(pearsonr(ratio_means, want)[0])
+    markdown = (out / "results.md").read_text()
+    assert "## Knowledge ratios against accuracy on corrupted test data" in markdown
+    assert "corrupted by gaussian-noise:4" in markdown
+    assert main(["report", str(out)]) == 0
+    assert "Knowledge ratios against accuracy on corrupted test data" in (out / "report.html").read_text()
     # a column no sample defines (here new_alone, made undefined everywhere) is left out of the
     # rows and of the correlation: JSON has no NaN, and writing it failed
     from pretrain_reuse.knowledge import metrics

@@ -14,6 +14,7 @@ from ..configs import check_fields, checked_values, config_values
 from ..errors import PretrainReuseError, check_choice, check_positive, check_seed, parse_ids
 from ..finetune import MODES, FinetuneConfig
 from ..finetune.config import MODE_OPTIONS
+from ..finetune.corruptions import parse_corruption
 from ..models.backbone import LAYERS
 from ..transport import METRICS
 
@@ -96,6 +97,11 @@ class ExperimentConfig:
         pretrainings: label -> weights file, the pre-trainings the ``knowledge`` recipe compares
             (default: ``{"pretrained": weights}``).
         explain: ExplainConfig fields of the ``knowledge`` recipe (players, n, baseline, samples).
+        corruption: ``NAME:SEVERITY`` (e.g. ``gaussian-noise:3``): the ``knowledge`` recipe also
+            scores every fine-tuned model on the test data corrupted so (``evaluate
+            --corruption``, seeded with the run's seed) and correlates the ratios with that
+            accuracy too, as Jiang et al.'s reviewer 3 asked of discarded knowledge and robustness.
+            It changes no run, so a rerun may change it.
     """
 
     model: str
@@ -122,6 +128,7 @@ class ExperimentConfig:
     explain: dict[str, Any] = field(default_factory=dict)
     embed_batch_size: int = 256
     layer: str = "penultimate"
+    corruption: str | None = None
 
     def __post_init__(self):
         check_fields(self)  # a config built in Python, not only one read by the loader
@@ -137,6 +144,8 @@ class ExperimentConfig:
         for name in ("eps_c", "eps_c_l2"):
             check_positive(name, getattr(self, name))
         check_choice("layer", self.layer, LAYERS)
+        if self.corruption is not None:
+            parse_corruption(self.corruption)
         if self.cluster_k is not None and not 0 < self.cluster_k <= 1:
             raise PretrainReuseError(f"cluster_k must be a share of pool images in (0, 1], got "
                                      f"{self.cluster_k}")

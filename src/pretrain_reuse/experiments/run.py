@@ -314,14 +314,18 @@ def _knowledge_analysis(ws: Workspace, rows: list[Row], table: list[dict]) -> di
     (``<column>_std``), go into the fine-tuned rows, and into the table's
     ``extra`` their correlation with test accuracy across all fine-tuned models (pre-trainings x
     seeds) and what the analyses rest on (``analysis``: τ, players, baseline, samples asked,
-    screened, correct for every model and explained per analysis)."""
+    screened, correct for every model and explained per analysis). With ``corruption`` set,
+    ``extra["corrupted"]`` holds each fine-tuned model's accuracy on the corrupted test data and
+    the ratios' correlation with it."""
+    from ..finetune.evaluate import evaluate_model
     from ..knowledge.analysis import analyze_knowledge, load_analysis
     from ..knowledge.metrics import accuracy_correlation, knowledge_report, set_ablation
+    from ..models import output_class_names
 
     cfg = ws.cfg
     by_method = {r.method: r for r in rows}
     per_sample: dict[str, list] = {k: [] for k in KNOWLEDGE_COLUMNS}
-    accuracy, models, summaries = [], [], []
+    accuracy, corrupted, models, summaries = [], [], [], []
     for entry in table:
         row = by_method[entry["method"]]
         if row.mode != "vanilla":
@@ -352,6 +356,12 @@ def _knowledge_analysis(ws: Workspace, rows: list[Row], table: list[dict]) -> di
                 if not np.isnan(v).all():  # a mean no sample defines is no number (JSON has none)
                     means[k].append(float(np.nanmean(v)))
             accuracy.append(RunResult.load(files["finetuned"] / "result.json").final["top1"])
+            if cfg.corruption is not None:
+                net = create_backbone(cfg.model, weights=str(files["finetuned"] / "model.safetensors"))
+                test = ws.data("test")
+                corrupted.append(evaluate_model(
+                    net, test, class_names=output_class_names(net, test.class_names),
+                    corruption=cfg.corruption, seed=seed)["top1"])
             models.append(f"{row.pretraining} seed {seed}")
         entry.update({k: _mean(v) for k, v in means.items()})
         # the spread over seeds, undefined (None) for one seed as top1_std
@@ -370,6 +380,14 @@ def _knowledge_analysis(ws: Workspace, rows: list[Row], table: list[dict]) -> di
     # correlation; the table says which
     defined = {k: v for k, v in per_sample.items()
                if len(v) == len(accuracy) and all(not np.isnan(m).all() for m in v)}
-    return {"models": models, "accuracy": accuracy, "analysis": analysis, "correlation": {
-        k: accuracy_correlation(v, accuracy, seed=cfg.seeds[0]).to_dict() for k, v in defined.items()},
-        "undefined": [k for k, v in per_sample.items() if v and k not in defined]}
+
+    def correlation(of: list[float]) -> dict[str, Any]:
+        return {k: accuracy_correlation(v, of, seed=cfg.seeds[0]).to_dict() for k, v in defined.items()}
+
+    extra = {"models": models, "accuracy": accuracy, "analysis": analysis,
+             "correlation": correlation(accuracy),
+             "undefined": [k for k, v in per_sample.items() if v and k not in defined]}
+    if cfg.corruption is not None:
+        extra["corrupted"] = {"corruption": cfg.corruption, "accuracy": corrupted,
+                              "correlation": correlation(corrupted)}
+    return extra

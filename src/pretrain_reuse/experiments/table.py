@@ -37,6 +37,11 @@ COLUMNS = ("method", "x", "recall", "units", "top1_mean", "top1_std", "top1_at_b
 REQUIRED_COLUMNS = COLUMNS[:9]
 
 
+def correlation_title(corrupted: bool) -> str:
+    """The heading of the knowledge recipe's correlation (:meth:`ExperimentTable.correlation`)."""
+    return f"Knowledge ratios against {'accuracy on corrupted test data' if corrupted else 'test accuracy'}"
+
+
 @dataclass(frozen=True)
 class ExperimentTable:
     """The results of one experiment: one dict per row with the keys of ``COLUMNS``
@@ -138,13 +143,14 @@ class ExperimentTable:
                 f"analysis, drawn among the test samples every compared model classifies "
                 f"correctly ({_span(correct)} of the {_span(a['screened'])} screened).")
 
-    def correlation(self) -> tuple[str, list[str], list[list[str]]] | None:
+    def correlation(self, *, corrupted: bool = False) -> tuple[str, list[str], list[list[str]]] | None:
         """The knowledge recipe's correlation of each ratio with test accuracy across its
-        fine-tuned models (``extra``): a sentence on what it rests on (or why there is none),
-        and a header and rows (none without a correlation). None for the other recipes and for
-        tables of an earlier version."""
+        fine-tuned models (``extra``), or with their accuracy on corrupted test data
+        (``corrupted``; ``corruption`` of the config): a sentence on what it rests on (or why
+        there is none), and a header and rows (none without a correlation). None for the other
+        recipes, for tables of an earlier version and, with ``corrupted``, without a corruption."""
         extra = self.extra
-        if "models" not in extra:
+        if "models" not in extra or (corrupted and "corrupted" not in extra):
             return None
         if not extra.get("correlation"):
             return f"No correlation with accuracy: {extra.get('why', '')}.", [], []
@@ -155,17 +161,23 @@ class ExperimentTable:
         def num(v):
             return "undefined" if v is None else f"{v:+.2f}"
 
+        correlation = extra["corrupted"]["correlation"] if corrupted else extra["correlation"]
         rows = [[KNOWLEDGE_HEADERS.get(k, k), num(c["pearson"]), ci(c["pearson_ci"]), num(c["spearman"]),
-                 ci(c["spearman_ci"])] for k, c in extra["correlation"].items()]
+                 ci(c["spearman_ci"])] for k, c in correlation.items()]
         # .get: a table of an earlier version records none
         undefined = [KNOWLEDGE_HEADERS.get(k, k) for k in extra.get("undefined", [])]
         left_out = (f" No correlation for {', '.join(undefined)}: a model defines it on none of "
                     "its samples." if undefined else "")
+        accuracy = ""
+        if corrupted:
+            scores = ", ".join(f"{a:.4f}" for a in extra["corrupted"]["accuracy"])
+            accuracy = (f" Accuracy on the test data corrupted by {extra['corrupted']['corruption']} "
+                        f"(ImageNet-C's corruption, seeded with each run's seed): {scores}.")
         return (f"Across {len(extra['models'])} fine-tuned models "
                 f"({', '.join(map(str, extra['models']))}); intervals: bootstrap over explained "
                 "samples (they do not cover model-to-model variation, so few models make any "
-                f"correlation fragile).{left_out}", ["ratio", "Pearson", "95% CI", "Spearman",
-                                                     "95% CI"], rows)
+                f"correlation fragile).{left_out}{accuracy}", ["ratio", "Pearson", "95% CI", "Spearman",
+                                                               "95% CI"], rows)
 
     def to_markdown(self) -> str:
         """The table as Markdown (``results.md``), with the knowledge recipe's correlation."""
@@ -175,11 +187,12 @@ class ExperimentTable:
         note = self.note().replace("<", "&lt;").replace("\n", " ")
         if note:
             lines += ["", note]
-        correlation = self.correlation()
-        if correlation is not None:
-            text, head, rows = correlation
-            lines += ["", "## Knowledge ratios against test accuracy", "",
-                      text.replace("<", "&lt;"), *(["", *_markdown_table(head, rows)] if rows else [])]
+        for corrupted in (False, True):
+            correlation = self.correlation(corrupted=corrupted)
+            if correlation is not None:
+                text, head, rows = correlation
+                lines += ["", f"## {correlation_title(corrupted)}", "", text.replace("<", "&lt;"),
+                          *(["", *_markdown_table(head, rows)] if rows else [])]
         return "\n".join(lines) + "\n"
 
     def plot(self, ax=None):

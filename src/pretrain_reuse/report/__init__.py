@@ -666,16 +666,18 @@ EXPERIMENT_COMPARISONS = (
 )
 
 
-def _correlation(table) -> str:
-    """The knowledge recipe's correlation of knowledge ratios with accuracy across models."""
-    correlation = table.correlation()
+def _correlation(table, corrupted: bool = False) -> str:
+    """The knowledge recipe's correlation of knowledge ratios with accuracy across models, or
+    with their accuracy on corrupted test data."""
+    from ..experiments.table import correlation_title
+
+    correlation = table.correlation(corrupted=corrupted)
     if correlation is None:
         return ""
     text, head, rows = correlation
     if not rows:
-        return f'<p class="note">{_text(text)}</p>'
-    return ("<h3>Knowledge ratios against test accuracy</h3>"
-            f"<p>{_text(text)}</p>" + _table(head, rows))
+        return "" if corrupted else f'<p class="note">{_text(text)}</p>'
+    return f"<h3>{correlation_title(corrupted)}</h3><p>{_text(text)}</p>" + _table(head, rows)
 
 
 def _experiment_curves(run: Path, table) -> str:
@@ -739,6 +741,7 @@ def _experiment_body(run: Path) -> list[str]:
     parts = [_figure(fig, RECIPES[table.name][2], f"experiment results: {values}"),
              _table(head, cells), *([f"<p>{html.escape(note)}</p>"] if note else []), *verdicts]
     parts.append(_correlation(table))
+    parts.append(_correlation(table, corrupted=True))
     parts.append(_experiment_curves(run, table))
     params = json.dumps(table.params, indent=1)
     return [f"<h1>pretrain-reuse experiment {html.escape(table.name)}</h1>",
