@@ -481,6 +481,9 @@ def test_the_analysis_reports_neighbouring_players_of_the_cells_drawn_for_each_s
     assert k["contiguity"] == contiguity(knowledge_report(pre, ft), adjacency).to_dict()
     kept = k["contiguity"]["preserve"]
     assert kept["items"] > 0 and k["contiguity"]["new"]["items"] == 0
+    preserve = k["report"]["overall"]["preserve"]  # the ratio's standard error over the samples
+    assert (f"(± standard error over them): preserve {preserve['mean']:.3f} ± "
+            f"{preserve['sem']:.3f}") in out
     assert (f"preserved interactions of neighbouring players {kept['contiguous_share']:.3f} "
             f"(chance {kept['chance_share']:.3f})") in out
 

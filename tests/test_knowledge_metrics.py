@@ -139,6 +139,11 @@ def test_report_averages_ratios_and_skips_samples_with_an_empty_denominator():
     assert new.mean == pytest.approx(0.75) and new.std == pytest.approx(0.25)
     assert (new.q25, new.median, new.q75) == pytest.approx((0.625, 0.75, 0.875))
     assert new.pooled == pytest.approx(3 / 5)
+    # the standard error of the mean over the samples that define it, as scipy computes it
+    from scipy.stats import sem
+
+    assert new.sem == pytest.approx(sem([0.5, 1.0]))
+    assert math.isnan(preserve.sem)  # one sample: no spread to estimate
     assert report.by_order[2]["preserve"].mean == pytest.approx(1 / 2)
     assert report.by_order[3]["preserve"].n_used == 0 and math.isnan(report.by_order[3]["preserve"].mean)
 

@@ -587,7 +587,8 @@ def cmd_knowledge(args) -> int:
         _finished("knowledge", args.out)  # finished with these settings, and intact
         return 0
     overall = summary["report"]["overall"]
-    line = ", ".join(f"{k} {_number(overall[k]['mean'])}" for k in PAPER_RATIOS if k in overall)
+    line = ", ".join(f"{k} {_number(overall[k]['mean'])} ± {_number(overall[k].get('sem'))}"
+                     for k in PAPER_RATIOS if k in overall)
     samples = summary["samples"]
     if not purity_is_informative(summary):
         line += ("; discrimination power n/a (no class has two samples; explain several "
@@ -608,7 +609,7 @@ def cmd_knowledge(args) -> int:
                  f"{_number(found['precision']['mean'])}, recall {_number(found['recall']['mean'])}")
     fewer = (f" (only {samples['n']} of the {samples['asked']} asked: no other sample is "
              "classified correctly by every model)" if samples["n"] < samples["asked"] else "")
-    print(f"knowledge over {samples['n']} samples{fewer}: {line}; wrote "
+    print(f"knowledge over {samples['n']} samples{fewer} (± standard error over them): {line}; wrote "
           f"{Path(args.out) / 'knowledge.json'}")
     return 0
 

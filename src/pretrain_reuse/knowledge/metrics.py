@@ -282,6 +282,9 @@ class RatioStats:
         mean, std, q25, median, q75: over the samples with a non-empty denominator (NaN if none).
         pooled: Σ numerators / Σ denominators over all samples.
         n_used: samples with a non-empty denominator; n_skipped: the others.
+        sem: the standard error of the mean, s / √n_used with s the sample standard deviation
+            (ddof 1): how far the mean would move with another draw of as many samples, the
+            uncertainty of explaining a few samples (NaN for fewer than 2).
     """
 
     mean: float
@@ -292,6 +295,7 @@ class RatioStats:
     pooled: float
     n_used: int
     n_skipped: int
+    sem: float = math.nan
 
     @classmethod
     def of(cls, terms: Sequence[tuple[float, float]]) -> RatioStats:
@@ -306,8 +310,9 @@ class RatioStats:
         else:
             mean = std = q25 = median = q75 = math.nan
         pooled = num[used].sum() / den[used].sum() if used.any() else math.nan
+        sem = values.std(ddof=1) / math.sqrt(values.size) if values.size > 1 else math.nan
         return cls(float(mean), float(std), float(q25), float(median), float(q75), float(pooled),
-                   int(used.sum()), int((~used).sum()))
+                   int(used.sum()), int((~used).sum()), float(sem))
 
     def to_dict(self) -> dict[str, Any]:
         """The statistics as JSON-ready data (NaN as None)."""

@@ -414,10 +414,11 @@ def _knowledge_parts(k: dict, kdir: Path, root: Path, *, players: str, baseline:
         draw(k, ax)
         parts.append(_figure(fig, caption, alt))
     parts.append(overlays)
-    rows = [[n, _fixed(overall[n]["mean"]), _fixed(overall[n]["std"]), overall[n].get("n_used", "")]
-            for n in overall]
-    parts.append(_table(["ratio", "mean of per-sample ratios", "std over samples", "samples"],
-                        rows))
+    # .get: a knowledge.json of an earlier version records no standard error
+    rows = [[n, _fixed(overall[n]["mean"]), _fixed(overall[n].get("sem")), _fixed(overall[n]["std"]),
+             overall[n].get("n_used", "")] for n in overall]
+    parts.append(_table(["ratio", "mean of per-sample ratios", "standard error of the mean",
+                         "std over samples", "samples"], rows))
     parts.append(_by_order(k["report"]["by_order"]))
     parts.append(_convergence(k))
     parts.append(_rule_recovery(k, tau))
