@@ -663,6 +663,11 @@ def test_the_analysis_reports_each_knowledge_set_alone_as_set_ablation_gives_it(
     assert list(k["ablation"]) == ["salient", "preserve", "new"]
     assert k["ablation"]["salient"]["fidelity"]["n_used"] == 3
     assert k["ablation"]["preserve"] == k["ablation"]["salient"] and k["ablation"]["new"]["items"] == 0
+    # the pre-trained side: the same network, so all of its knowledge is kept, none dropped
+    assert k["ablation_pretrained"] == set_ablation(knowledge_report(pre, ft), pre,
+                                                    model="pretrained").to_dict()
+    assert list(k["ablation_pretrained"]) == ["salient", "preserve", "discard"]
+    assert k["ablation_pretrained"]["discard"]["items"] == 0
 
 
 def _someone_elses_folder(folder):

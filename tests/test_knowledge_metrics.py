@@ -586,6 +586,26 @@ def test_set_ablation_rebuilds_the_game_from_each_planted_set_alone():
     assert [a.mean(k, "same_decision") for k in a.measures] == [1.0, 1.0, 0.0, 0.0]
 
 
+def test_set_ablation_of_the_pretrained_model_rebuilds_it_from_what_fine_tuning_keeps_or_drops():
+    # PRE4: AND {0,1} 2.0 and OR {2,3} -0.8 kept by fine-tuning, AND {1,2} 1.5 dropped; the scratch
+    # model has AND {0,1}, so the kept OR {2,3} is exclusive. v(N) = 2.7, v(∅) = 0
+    a = set_ablation(knowledge_report(PRE4, FT4, SCRATCH4), PRE4, model="pretrained")
+    v = PRE4.v
+    kept = planted_game(4, {(0, 1): 2.0}, {(2, 3): -0.8})
+    dropped = planted_game(4, {(1, 2): 1.5})
+    exclusive = planted_game(4, {}, {(2, 3): -0.8})
+    assert a.model == "pretrained" and list(a.measures) == ["salient", "preserve", "discard", "exclusive"]
+    for name, w, share in (("salient", v, 1.0), ("preserve", kept, 1.2 / 2.7),
+                           ("discard", dropped, 1.5 / 2.7), ("exclusive", exclusive, -0.8 / 2.7)):
+        assert a.mean(name, "fidelity") == pytest.approx(_fidelity(v, w), abs=1e-12)
+        assert a.mean(name, "share") == pytest.approx(share)
+    assert [a.mean(k, "same_decision") for k in a.measures] == [1.0, 1.0, 1.0, 0.0]
+    with pytest.raises(PretrainReuseError, match="pretrained\\[0\\] is not the pre-trained model's"):
+        set_ablation(knowledge_report(PRE4, FT4), FT4, model="pretrained")
+    with pytest.raises(PretrainReuseError, match="model='scratch' is not one of"):
+        set_ablation(knowledge_report(PRE4, FT4), PRE4, model="scratch")
+
+
 def test_set_ablation_averages_over_samples_and_leaves_out_those_without_an_effect():
     # FT's game is constant (v = 0): nothing is defined there, and PRE4's game is not log-odds
     flat, plain = FT, _planted(4, {(0, 1): 2.0}, {}, 0.5)
@@ -640,7 +660,7 @@ def test_set_ablation_saves_loads_and_plots_itself(tmp_path):
         np.testing.assert_array_equal(b.sizes[name], a.sizes[name])
         for m, values in a.measures[name].items():
             np.testing.assert_array_equal(b.measures[name][m], values)
-    assert repr(a).startswith("SetAblation(samples=2, fidelity: salient=1, preserve=0.")
+    assert repr(a).startswith("SetAblation(model='finetuned', samples=2, fidelity: salient=1, preserve=0.")
     _, ax = plt.subplots()
     assert a.plot(ax) is ax
     assert [t.get_text() for t in ax.get_xticklabels()] == ["salient", "preserve", "new", "exclusive"]

@@ -178,10 +178,19 @@ def test_the_report_shows_each_knowledge_set_alone(tmp_path, capsys):
     knowledge["ablation"]["preserve"].update(fidelity={"mean": 0.641, "n_used": 2},
                                              same_decision={"mean": None, "n_used": 0})
     page = _page(capsys, _run(tmp_path, _summary(), knowledge))
-    assert "<h3>Each knowledge set alone</h3>" in page
+    assert "<h3>Each knowledge set alone: the fine-tuned model</h3>" in page
     assert ("<td>preserve</td><td>1.0</td><td>0.641</td><td>0.500</td><td>0.5000</td><td>n/a</td>"
             in page)
     assert "<td>new</td><td>2.0</td><td>0.500</td><td>0.500</td><td>0.5000</td><td>1.00</td>" in page
+    assert "the pre-trained model</h3>" not in page  # an analysis of an earlier version has none
+    knowledge["ablation_pretrained"] = {"discard": {
+        "items": 3.0, **{m: {"mean": 0.25, "n_used": 2} for m in ("fidelity", "share", "error",
+                                                                   "same_decision")}}}
+    run = tmp_path / "run"
+    (run / "knowledge" / "knowledge.json").write_text(json.dumps(knowledge))
+    page = _page(capsys, run)
+    assert "<h3>Each knowledge set alone: the pre-trained model</h3>" in page
+    assert "<td>discard</td><td>3.0</td><td>0.250</td><td>0.250</td><td>0.2500</td><td>0.25</td>" in page
 
 
 def test_the_report_shows_neighbouring_players_when_the_analysis_has_them(tmp_path, capsys):

@@ -398,6 +398,7 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
         "strength_by_order": {role: _strength_by_order(xs) for role, xs in explained.items()},
         "counterfactual": _counterfactual_summary(report, explained["finetuned"], tau, cfg.seed),
         "ablation": set_ablation(report, explained["finetuned"]).to_dict(),
+        "ablation_pretrained": set_ablation(report, explained["pretrained"], model="pretrained").to_dict(),
     }
     if cfg.players != "tokens":
         size = tuple(models["finetuned"].spec.input_size)

@@ -47,9 +47,11 @@ from .values import Interactions, check_interactions
 
 __all__ = [
     "ABLATION_MEASURES",
+    "ABLATION_MODELS",
     "ABLATION_SETS",
     "MATCHES",
     "MEASURES",
+    "PRETRAINED_ABLATION_SETS",
     "SET_EFFECTS",
     "AccuracyCorrelation",
     "Convergence",
@@ -934,25 +936,35 @@ def set_discrimination(report: KnowledgeReport, labels: Iterable[int]) -> SetDis
 #: The fine-tuned model's sets that :func:`set_ablation` keeps alone, in table order
 #: (``salient``: all of Ω_ft, the reference; ``exclusive`` only with a scratch model).
 ABLATION_SETS = ("salient", "preserve", "new", "exclusive")
+#: The same for the pre-trained model (``salient``: all of Ω_pre): what fine-tuning keeps of it,
+#: what it drops, and the kept part a scratch model does not learn.
+PRETRAINED_ABLATION_SETS = ("salient", "preserve", "discard", "exclusive")
+#: The models whose game :func:`set_ablation` rebuilds, and their sets.
+ABLATION_MODELS = {"finetuned": ABLATION_SETS, "pretrained": PRETRAINED_ABLATION_SETS}
+#: How the figures and reports name those models.
+MODEL_NAMES = {"finetuned": "fine-tuned", "pretrained": "pre-trained"}
 #: What :func:`set_ablation` measures of each set's surrogate.
 ABLATION_MEASURES = ("fidelity", "error", "share", "same_decision")
 
 
 @dataclass(frozen=True)
 class SetAblation:
-    """The fine-tuned model's game rebuilt from one knowledge set at a time (:func:`set_ablation`).
+    """A model's game rebuilt from one knowledge set at a time (:func:`set_ablation`).
 
     Attributes:
         measures: ``{set: {measure: (samples,) float64}}``, NaN where a sample leaves it undefined.
         sizes: ``{set: (samples,) int64}``, the set's items on every sample.
+        model: whose game: ``"finetuned"`` or ``"pretrained"``.
     """
 
     measures: dict[str, dict[str, np.ndarray]]
     sizes: dict[str, np.ndarray]
+    model: str = "finetuned"
 
     def __repr__(self) -> str:  # a summary: the dataclass repr prints every sample's numbers
         shown = ", ".join(f"{name}={self.mean(name, 'fidelity'):.3g}" for name in self.measures)
-        return f"SetAblation(samples={len(next(iter(self.sizes.values())))}, fidelity: {shown})"
+        return (f"SetAblation(model={self.model!r}, samples={len(next(iter(self.sizes.values())))}, "
+                f"fidelity: {shown})")
 
     def mean(self, name: str, measure: str) -> float:
         """The mean of ``measure`` over the samples that define it (NaN if none does)."""
@@ -977,16 +989,20 @@ class SetAblation:
         per_sample = {name: {"items": self.sizes[name].tolist(),
                              **{m: [_nan_to_none(float(v)) for v in values] for m, values in per.items()}}
                       for name, per in self.measures.items()}
-        return _save_json(path, "set-ablation", {"summary": self.to_dict(), "per_sample": per_sample})
+        return _save_json(path, "set-ablation", {"summary": self.to_dict(), "per_sample": per_sample,
+                                                 "model": self.model})
 
     @classmethod
     def load(cls, path: str | Path) -> SetAblation:
         """Read a file written by :meth:`save`."""
-        per_sample = _load_json(path, "set-ablation", ("per_sample",))["per_sample"]
+        record = _load_json(path, "set-ablation", ("per_sample",))
+        per_sample = record["per_sample"]
         with _malformed(path, "per-sample numbers", "SetAblation"):
+            # .get: a file of an earlier version holds the fine-tuned model's
             return cls({name: {m: _none_to_nan(per[m]) for m in ABLATION_MEASURES}
                         for name, per in per_sample.items()},
-                       {name: np.array(per["items"], dtype=np.int64) for name, per in per_sample.items()})
+                       {name: np.array(per["items"], dtype=np.int64) for name, per in per_sample.items()},
+                       check_choice("model", record.get("model", "finetuned"), ABLATION_MODELS))
 
     def plot(self, ax=None):
         """Bars of each set's fidelity and share, means over samples, on ``ax`` (None: the
@@ -996,20 +1012,22 @@ class SetAblation:
         from .plots import plot_set_ablation  # beside the package's other knowledge figures
 
         ax = ax or plt.gca()
-        plot_set_ablation({"ablation": self.to_dict()}, ax)
+        plot_set_ablation(self.to_dict(), ax, model=self.model)
         return ax
 
 
-def set_ablation(report: KnowledgeReport, finetuned: Iterable[Interactions] | Interactions
-                 ) -> SetAblation:
-    r"""How much of the fine-tuned model's behaviour each knowledge set carries alone.
+def set_ablation(report: KnowledgeReport, interactions: Iterable[Interactions] | Interactions, *,
+                 model: str = "finetuned") -> SetAblation:
+    r"""How much of a model's behaviour each knowledge set carries alone.
 
     The check "Each knowledge set alone" of docs/knowledge.md §5: the interaction model with only
     K_preserve, or only K_new, restored, and how well that surrogate reproduces the model; not in
-    Jiang, Cheng & Li (arXiv 2410.08455). On every sample, for each set
-    A ∈ {salient (all of Ω_ft), preserve, new, exclusive} of the fine-tuned model's items, its
-    surrogate :meth:`~.values.Interactions.surrogate` keeps v(∅) and the fine-tuned model's
-    interactions in A only,
+    Jiang, Cheng & Li (arXiv 2410.08455). On every sample, for each set A of the model's items,
+    {salient (all of Ω_ft), preserve, new, exclusive} for ``model="finetuned"`` and {salient (all
+    of Ω_pre), preserve, discard, exclusive} for ``"pretrained"`` (how much of the pre-trained
+    model's output survives with only what fine-tuning keeps, or only what it drops: the
+    reviewers' pruning of the pre-trained interactions), its surrogate
+    :meth:`~.values.Interactions.surrogate` keeps v(∅) and the model's interactions in A only,
 
     .. math::
 
@@ -1024,43 +1042,47 @@ def set_ablation(report: KnowledgeReport, finetuned: Iterable[Interactions] | In
       the faithfulness check;
     - ``share``: :math:`(\hat w_A(N) - v(\emptyset)) / (v(N) - v(\emptyset))
       = \sum_{T \in A} I(T) / (v(N) - v(\emptyset))`, the part of the output on the whole input that
-      A accounts for (the shares of preserve and new add up to salient's);
+      A accounts for (the shares of preserve and new, or of preserve and discard, add up to
+      salient's);
     - ``same_decision``: 1 when :math:`\hat w_A(N)` and v(N) have the same sign, i.e. for a
       log-odds output (the default of ``explain``) the surrogate keeps the model's decision
       whether p(y) > 1/2 on the whole input; NaN for other outputs.
 
-    The last three are undefined when v(N) = v(∅). Per sample, the salient set of ``finetuned``
-    (at the report's τ and matching) must be the report's Ω_ft: the interactions must be those
-    the report was made from.
+    The last three are undefined when v(N) = v(∅). Per sample, the salient set of
+    ``interactions`` (at the report's τ and matching) must be the report's Ω of ``model``: the
+    interactions must be those the report was made from.
 
     Args:
         report: :func:`knowledge_report` of the samples (``exclusive`` needs its scratch model).
-        finetuned: the fine-tuned model's :class:`Interactions` on the report's samples, in its
-            order.
+        interactions: ``model``'s :class:`Interactions` on the report's samples, in its order.
+        model: ``"finetuned"`` (default) or ``"pretrained"``: whose game is rebuilt.
     """
     if not isinstance(report, KnowledgeReport):
         raise PretrainReuseError(f"report must be a KnowledgeReport (from knowledge_report), got "
                                  f"{type(report).__name__}")
-    finetuned = _samples("finetuned", finetuned)
-    if len(finetuned) != report.n_samples:
-        raise PretrainReuseError(f"got {len(finetuned)} finetuned interactions for {report.n_samples} "
-                                 "samples; pass the fine-tuned model's interactions of every sample "
-                                 "of the report, in its order")
-    names = [k for k in ABLATION_SETS if k != "exclusive" or report.samples[0].scratch is not None]
+    check_choice("model", model, ABLATION_MODELS)
+    interactions = _samples(model, interactions)
+    if len(interactions) != report.n_samples:
+        raise PretrainReuseError(f"got {len(interactions)} {model} interactions for {report.n_samples} "
+                                 f"samples; pass the {MODEL_NAMES[model]} model's interactions of "
+                                 "every sample of the report, in its order")
+    names = [k for k in ABLATION_MODELS[model]
+             if k != "exclusive" or report.samples[0].scratch is not None]
     measures = {name: {m: np.empty(report.n_samples) for m in ABLATION_MEASURES} for name in names}
     sizes = {name: np.empty(report.n_samples, dtype=np.int64) for name in names}
-    for i, (sample, x) in enumerate(zip(report.samples, finetuned, strict=True)):
-        check_interactions(f"finetuned[{i}]", x)
-        if knowledge_set(x, tau=report.tau, match=report.match) != sample.finetuned:
-            raise PretrainReuseError(f"finetuned[{i}] is not the fine-tuned model's interactions the "
+    for i, (sample, x) in enumerate(zip(report.samples, interactions, strict=True)):
+        check_interactions(f"{model}[{i}]", x)
+        omega = getattr(sample, model)
+        if knowledge_set(x, tau=report.tau, match=report.match) != omega:
+            raise PretrainReuseError(f"{model}[{i}] is not the {MODEL_NAMES[model]} model's interactions the "
                                      f"report was made from (sample {i}); pass those, in the "
                                      "report's sample order")
         for name in names:
-            items = sample.finetuned.keys() if name == "salient" else getattr(sample, name)
+            items = omega.keys() if name == "salient" else getattr(sample, name)
             sizes[name][i] = len(items)
             for m, value in _ablation_measures(x, [item[:2] for item in items]).items():
                 measures[name][m][i] = value
-    return SetAblation(measures, sizes)
+    return SetAblation(measures, sizes, model)
 
 
 def _ablation_measures(x: Interactions, keep: list[tuple[str, int]]) -> dict[str, float]:

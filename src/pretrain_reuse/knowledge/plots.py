@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..figures import save_png, subplots
-from .metrics import MIN_CLASS_SAMPLES, knowledge_set
+from .metrics import MIN_CLASS_SAMPLES, MODEL_NAMES, knowledge_set
 from .values import Interactions
 
 RATIO_COLOURS = {"preserve": "C2", "discard": "C3", "new": "C0", "exclusive": "C4"}
@@ -90,12 +90,11 @@ def plot_set_purity(summary: dict[str, Any], ax) -> None:
     ax.set_title("Discrimination power of each knowledge set (dots: classes)")
 
 
-def plot_set_ablation(summary: dict[str, Any], ax) -> None:
-    """Each knowledge set of the fine-tuned model alone (the ``ablation`` entry of
-    ``knowledge.json``, ``SetAblation.to_dict()``): per set, its surrogate's fidelity R² over all
-    masks (solid) and the share of v(N) - v(∅) it accounts for (hatched), means over samples; a
-    mean no sample defines is an empty bar, and the set's label says n/a."""
-    ablation = summary["ablation"]
+def plot_set_ablation(ablation: dict[str, Any], ax, *, model: str = "finetuned") -> None:
+    """Each knowledge set of ``model`` alone (``SetAblation.to_dict()``: the ``ablation`` or
+    ``ablation_pretrained`` entry of ``knowledge.json``): per set, its surrogate's fidelity R²
+    over all masks (solid) and the share of v(N) - v(∅) it accounts for (hatched), means over
+    samples; a mean no sample defines is an empty bar, and the set's label says n/a."""
     names = list(ablation)
     colours = [RATIO_COLOURS.get(n, "C7") for n in names]
     x = np.arange(len(names))
@@ -108,7 +107,7 @@ def plot_set_ablation(summary: dict[str, Any], ax) -> None:
     ax.axhline(0, color="k", lw=0.5)
     ax.set_ylabel("mean over samples")
     ax.legend(fontsize=7)
-    ax.set_title("Each knowledge set alone")
+    ax.set_title(f"Each knowledge set alone: the {MODEL_NAMES[model]} model")
 
 
 #: The convergence curves of ``knowledge.json``: its entry, the run it follows, its colour.

@@ -432,6 +432,8 @@ def _knowledge_parts(k: dict, kdir: Path, root: Path, *, players: str, baseline:
                      [[r, _fixed(f["max"], 4), _fixed(f["mean"], 4),
                        _fixed(f["max_over_samples"], 4)] for r, f in faith.items()]))
     parts.append(_set_ablation(k["ablation"]))
+    if "ablation_pretrained" in k:  # since this version
+        parts.append(_set_ablation(k["ablation_pretrained"], "pretrained"))
     if "contiguity" in k:  # image players, since this version
         parts.append(_contiguity(k["contiguity"]))
     cf = k["counterfactual"]
@@ -459,17 +461,22 @@ def _knowledge_parts(k: dict, kdir: Path, root: Path, *, players: str, baseline:
     return "".join(parts)
 
 
-def _set_ablation(ablation: dict) -> str:
-    """The fine-tuned model's game rebuilt from each of its knowledge sets alone
-    (``SetAblation.to_dict()`` in ``knowledge.json``)."""
+def _set_ablation(ablation: dict, model: str = "finetuned") -> str:
+    """A model's game rebuilt from each of its knowledge sets alone (``SetAblation.to_dict()``
+    in ``knowledge.json``: ``ablation`` of the fine-tuned model, ``ablation_pretrained``)."""
     rows = [[name, f"{a['items']:.1f}", _fixed(a["fidelity"]["mean"]), _fixed(a["share"]["mean"]),
              _fixed(a["error"]["mean"], 4), _fixed(a["same_decision"]["mean"], 2)]
             for name, a in ablation.items()]
-    return ("<h3>Each knowledge set alone</h3><p>The fine-tuned model's output rebuilt from "
-            "v(∅) and only the interactions of one set (salient: all of its knowledge), "
-            "compared with the output on all 2^n masks: fidelity R² (1: the set reproduces "
-            "the output, 0: no better than its mean), the share of v(N) − v(∅) on the whole "
-            "input that the set accounts for, the mean error in units of |v(N) − v(∅)|, and "
+    from ..knowledge.metrics import MODEL_NAMES
+
+    whose = MODEL_NAMES[model]
+    sets = ("what fine-tuning keeps of it (preserve) or drops (discard)" if model == "pretrained"
+            else "preserve, new")
+    return (f"<h3>Each knowledge set alone: the {whose} model</h3><p>The {whose} model's output "
+            f"rebuilt from v(∅) and only the interactions of one set ({sets}; salient: all of "
+            "its knowledge), compared with the output on all 2^n masks: fidelity R² (1: the set "
+            "reproduces the output, 0: no better than its mean), the share of v(N) − v(∅) on the "
+            "whole input that the set accounts for, the mean error in units of |v(N) − v(∅)|, and "
             "the share of samples on which the set alone keeps the model's decision (the sign "
             "of the log-odds; n/a for other outputs). Means over samples.</p>" + _table(
                 ["set", "items per sample", "fidelity R²", "share of v(N) − v(∅)",
