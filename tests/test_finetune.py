@@ -1896,6 +1896,20 @@ def test_a_run_stopped_before_its_first_checkpoint_can_be_rerun_with_other_setti
     assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["batch_size"] == 4
 
 
+def test_a_finished_run_whose_checkpoint_was_deleted_is_still_finished(files, tmp_path, capsys):
+    # the checkpoint serves only a resume; deleted to save disk, the run was trained again from
+    # scratch, silently, and its files rewritten
+    out = run_ok(capsys, *base_args(files, tmp_path / "run", steps=4))
+    (out / "checkpoint.safetensors").unlink()
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    rc, printed, err = cli(capsys, *base_args(files, out, steps=4))
+    assert rc == 0, err
+    assert f"{out} is finished (same settings); nothing to do" in printed
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    rc, _, err = cli(capsys, *base_args(files, out, steps=4), "--lr", "0.5")  # still its settings
+    assert rc == 2 and "holds a run with a different config (lr)" in err
+
+
 def test_a_run_begun_afresh_keeps_no_snapshot_of_the_run_it_replaces(files, tmp_path, capsys):
     # a run with other settings, killed before its first checkpoint: it starts afresh, and the
     # snapshots of the killed run (read by `knowledge --checkpoints`) must not join its own

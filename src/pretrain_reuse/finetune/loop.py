@@ -642,6 +642,9 @@ def _resume_point(out: Path, identity: dict) -> int:
             f"{identity['config']['precision']!r} computes in {identity['precision']} on this "
             f"device; pass --precision {recorded} to resume it, or a new --out")
     if not checkpoint.exists():
+        if (out / "result.json").exists() and (out / "model.safetensors").exists():
+            # finished: a finished run's checkpoint (twice the model's size) may be deleted
+            return int(RunResult.load(out / "result.json").final["step"])
         return 0
     return int(load_state(checkpoint)["step"])
 
