@@ -60,6 +60,12 @@ def test_explain_writes_exact_interactions_of_the_models_games(tmp_path, capsys)
     assert rc == 0 and "explained 3 samples with n=9 players" in out
     files = sorted((tmp_path / "x").glob("interactions-*.safetensors"))
     assert len(files) == 3
+    # the faithfulness line: each sample's largest and mean error over the masks, averaged (the
+    # "mean" it printed was the mean of the largest)
+    errors = [load(f).faithfulness_error(0.05) for f in files]
+    assert (f"largest over the masks {np.mean([e['max'] for e in errors]):.4f} (mean over samples; "
+            f"worst sample {max(e['max'] for e in errors):.4f}), mean over the masks "
+            f"{np.mean([e['mean'] for e in errors]):.4f}") in out
     for f in files:
         x = load(f)
         np.testing.assert_allclose(x.and_values, harsanyi_and(x.v), atol=1e-12)

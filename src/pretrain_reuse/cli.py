@@ -17,8 +17,6 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from . import __version__
 from .errors import PretrainReuseError, check_choice, check_ids_below, check_seed, parse_ids
 from .runtime import keep_freed_memory
@@ -520,6 +518,7 @@ def _explain_data(args):
 
 
 def cmd_explain(args) -> int:
+    from .knowledge.analysis import faithfulness_summary
     from .knowledge.explain import choose_samples, explain, explainable
 
     cfg = _explain_config(args)
@@ -545,12 +544,15 @@ def cmd_explain(args) -> int:
         print(f"note: the model misclassifies {len(wrong)} of the {len(results)} samples "
               f"explained (first: {wrong[0]!r}); their interactions explain the output of their "
               "true class, not of the model's answer", file=sys.stderr)
-    errors = np.array([r.faithfulness_error(args.tau)["max"] for r in results])
-    defined = errors[~np.isnan(errors)]
-    error = (f"mean {defined.mean():.4f}, max {defined.max():.4f}" if len(defined) else
+    # as knowledge.json summarises it: each sample's largest and mean error over the masks
+    summary = faithfulness_summary(results, args.tau)
+    error = (f"largest over the masks {summary['max']:.4f} (mean over samples; worst sample "
+             f"{summary['max_over_samples']:.4f}), mean over the masks {summary['mean']:.4f}"
+             if summary["max"] is not None else
              "undefined (no sample's game changes between the empty and the full set)")
     print(f"explained {len(results)} samples with n={results[0].n} players -> {args.out}; "
-          f"faithfulness error of the salient interactions (tau={args.tau}): {error}")
+          f"faithfulness error of the salient interactions (tau={args.tau}, in units of "
+          f"|v(N) - v(∅)|): {error}")
     _note_weights(args.model, args.weights, args.quiet)
     return 0
 

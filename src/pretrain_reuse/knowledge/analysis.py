@@ -394,7 +394,7 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
                     "ids": [dataset.ids[i] for i in indices]},
         "report": report.to_dict(),
         "discrimination": set_discrimination(report, labels).to_dict(),
-        "faithfulness": {role: _faithfulness(xs, tau) for role, xs in explained.items()},
+        "faithfulness": {role: faithfulness_summary(xs, tau) for role, xs in explained.items()},
         "strength_by_order": {role: _strength_by_order(xs) for role, xs in explained.items()},
         "counterfactual": _counterfactual_summary(report, explained["finetuned"], tau, cfg.seed),
         "ablation": set_ablation(report, explained["finetuned"]).to_dict(),
@@ -616,7 +616,7 @@ def _joint(games: dict[str, Games], qthres: float) -> dict[str, list[Interaction
     return {role: with_games(g, results) for (role, g), results in zip(games.items(), joint, strict=True)}
 
 
-def _faithfulness(xs: list[Interactions], tau: float) -> dict[str, float | int | None]:
+def faithfulness_summary(xs: list[Interactions], tau: float) -> dict[str, float | int | None]:
     """Each entry of :meth:`~.values.Interactions.faithfulness_error` averaged over the samples,
     and the worst sample's ``max``. A sample with v(N) = v(∅) (e.g. a blank image under the
     mean-colour baseline) has no effect to reproduce and so no normalised error: it is left out
