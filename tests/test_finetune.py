@@ -2139,6 +2139,14 @@ def test_grid_search_picks_the_best_validation_run_and_never_the_test(files, tmp
     assert summary["meta"]["seed"] == 0 and summary["meta"]["params"]["grid"] == {"lr": [0.0001, 0.05]}
     lines = (out / "grid.csv").read_text().splitlines()
     assert len(lines) == 3 and lines[0].startswith("lr,run,val_top1")
+    # the same grid again: nothing to do; a smaller one reuses the finished runs, and says which
+    # of them is best on validation among its own (it said "nothing to do" and rewrote grid.json)
+    rc, printed, _ = cli(capsys, *base_args(files, out, steps=3), "--grid", "lr=0.0001,0.05")
+    assert rc == 0 and "is finished (same settings); nothing to do" in printed
+    rc, printed, _ = cli(capsys, *base_args(files, out, steps=3), "--grid", "lr=0.05")
+    assert rc == 0 and "nothing to do" not in printed
+    assert "best on validation: lr=0.05 (val top-1" in printed
+    assert json.loads((out / "grid.json").read_text())["best"]["run"] == "lr=0.05"
 
 
 def test_grid_search_names_the_runs_tied_with_the_best_and_keeps_the_first(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import sys
 import warnings
 from dataclasses import replace
@@ -170,6 +171,14 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _grid_rows(path: Path) -> list | None:
+    """The rows of a grid.json (None when there is none, or it cannot be read)."""
+    try:
+        return json.loads(path.read_text())["rows"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _finished(verb: str, out: str | Path) -> None:
@@ -379,13 +388,16 @@ def cmd_finetune(args) -> int:
     if args.grid:
         from .finetune.grid import grid_search, parse_grid
 
-        grid_before = _stamp(Path(args.out) / "grid.json")
+        grid_file = Path(args.out) / "grid.json"
+        grid_before = _grid_rows(grid_file)
         summary = grid_search(cfg, parse_grid(args.grid), args.out, run,
                               check=lambda c: run(c, None, check_only=True))
         best, tied = summary["best"], summary["tied_with_best"]
         if not _reporter():
             return 0
-        if grid_before is not None and not trained:  # every run was finished: none trained
+        # every run was finished, and the grid is the one summarised before: nothing new. A
+        # rerun with fewer or other values reuses finished runs but picks among its own
+        if not trained and grid_before is not None and grid_before == _grid_rows(grid_file):
             _finished("finetune", args.out)
             _note_weights(args.model, args.weights, args.quiet, mode=cfg.mode)
             return 0
