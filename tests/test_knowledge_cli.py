@@ -402,9 +402,18 @@ def test_a_rerun_with_other_settings_or_inputs_is_refused_and_leaves_the_folder_
         rc, out, err = _run(capsys, *knowledge, *change)
         assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
         assert "holds a knowledge analysis made with other settings or inputs " + differs in err, err
+        assert f"pass another --out (with --games-from {tmp_path / 'k'} to take the games" in err
         assert _contents(tmp_path / "k") == before
     assert _run(capsys, *knowledge)[0] == 0
     assert json.loads((tmp_path / "k" / "knowledge.json").read_text())["report"] == summary["report"]
+    # another tau into a new folder, with the games of the first: none is computed again
+    rc, _, err = _run(capsys, *knowledge[:-1], tmp_path / "k2", "--tau", 0.2, "--games-from",
+                      tmp_path / "k")
+    assert rc == 0, err
+    for role in ("pretrained", "finetuned"):
+        games = sorted((tmp_path / "k2" / role / "games").glob("*.npy"))
+        assert len(games) == 2 and all(
+            g.samefile(tmp_path / "k" / role / "games" / g.name) for g in games)
 
 
 def test_a_rerun_into_a_folder_of_an_earlier_version_with_other_settings_equals_a_fresh_run(

@@ -596,7 +596,8 @@ def cmd_knowledge(args) -> int:
         # with --quiet, which silences progress and notes only
         warnings.simplefilter("always", KnowledgeWarning)
         summary = analyze_knowledge(models, data, cfg, args.out, **snapshots, tau=args.tau,
-                                    match=args.match, split=split, progress=not args.quiet)
+                                    match=args.match, split=split, games_from=args.games_from,
+                                    progress=not args.quiet)
     if before is not None and _stamp(Path(args.out) / "knowledge.json") == before:
         _finished("knowledge", args.out)  # finished with these settings, and intact
         return 0
@@ -644,7 +645,8 @@ def _knowledge_sensitivity(args, models: dict, data, cfg, split: str | None) -> 
     with warnings.catch_warnings():
         warnings.simplefilter("always", KnowledgeWarning)  # as a single analysis shows them
         result = knowledge_sensitivity(models, data, cfg, vary, out, tau=args.tau,
-                                       match=args.match, split=split, progress=not args.quiet)
+                                       match=args.match, split=split, games_from=args.games_from,
+                                       progress=not args.quiet)
     if before[out / "sensitivity.json"] is not None and stamps() == before:
         _finished("knowledge", out)  # nothing computed or written
         return 0
@@ -1046,6 +1048,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--scratch-checkpoints", help="likewise, the scratch run of --scratch: its "
                    "curve, to compare with fine-tuning's")
     k.add_argument("--match", default="support", help="support | signed")
+    k.add_argument("--games-from", action="append", default=[], metavar="FOLDER",
+                   help="take the cached games of another knowledge analysis of these models "
+                   "(repeatable): only the same game (model, sample, players, baseline, output) "
+                   "is taken, so another --tau, --match or --decomposition into a new --out "
+                   "computes no game again")
     k.add_argument("--vary", action="append", metavar="SETTING=V1,V2",
                    help="how the ratios move with the analysis's choices: one analysis per "
                    "combination, each in its own sub-folder, e.g. --vary baseline=zero,mean,blur "

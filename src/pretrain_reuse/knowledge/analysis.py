@@ -332,7 +332,9 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     params = {"tau": tau, "split": split}
     identity = rerun_identity(named, dataset, {**asdict(cfg), **params, "match": match,
                                                "candidates": candidates})
-    check_rerun(out, "knowledge.json", identity, "a knowledge analysis")
+    check_rerun(out, "knowledge.json", identity, "a knowledge analysis",
+                another=f"pass another --out (with --games-from {out} to take the games it "
+                "computed, which another --tau, --match or --decomposition shares)")
     done = finished_analysis(out, identity, dataset, cfg)
     if done is not None and check_only:
         return None

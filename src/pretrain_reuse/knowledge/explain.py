@@ -448,11 +448,13 @@ def recorded_identity(marker: Any) -> Any:
     return {**{key: value(recorded) for key, value in _ADDED_SETTINGS.items()}, **recorded}
 
 
-def check_rerun(out: Path, marker: str, identity: dict[str, Any], what: str) -> None:
+def check_rerun(out: Path, marker: str, identity: dict[str, Any], what: str, *,
+                another: str = "pass another --out") -> None:
     """Refuse, before anything is written, a run into ``out`` whose ``marker`` records another
     :func:`rerun_identity` (a run with other settings or inputs, finished or not): it would
     overwrite that run's outputs. A marker that records none (an earlier version's; a damaged
-    one, which the run rewrites) lets the run go on as before."""
+    one, which the run rewrites) lets the run go on as before. ``another``: the message's
+    advice for running elsewhere."""
     try:
         recorded = recorded_identity(json.loads((out / marker).read_text()))
     except (OSError, ValueError):  # no marker, or not JSON
@@ -461,7 +463,7 @@ def check_rerun(out: Path, marker: str, identity: dict[str, Any], what: str) -> 
         raise PretrainReuseError(
             f"out (--out) {str(out)!r} holds {what} made with other settings or inputs "
             f"({describe_changes(identity, recorded)}); rerun with the same settings to reuse "
-            "it, or pass another --out, or remove the folder")
+            f"it, or {another}, or remove the folder")
 
 
 def finished_explanation(folder: Path, identity: dict[str, Any], indices: np.ndarray,
