@@ -1896,6 +1896,15 @@ def test_a_run_stopped_before_its_first_checkpoint_can_be_rerun_with_other_setti
     assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["batch_size"] == 4
 
 
+def test_a_resume_checkpoint_given_as_weights_is_named_as_such(files, tmp_path, capsys):
+    # the only model file of an interrupted run; its keys (t0, t1, ...) were blamed on a prefix
+    out = run_ok(capsys, *base_args(files, tmp_path / "run", steps=2))
+    rc, _, err = cli(capsys, "evaluate", "--model", "smallcnn-s", "--weights",
+                     out / "checkpoint.safetensors", "--data", files["test"])
+    assert_one_line_error(rc, err, "is a fine-tuning run's resume checkpoint (model, optimiser and "
+                          "sampler state), not a model's weights; pass the run's model.safetensors")
+
+
 def test_a_finished_run_whose_checkpoint_was_deleted_is_still_finished(files, tmp_path, capsys):
     # the checkpoint serves only a resume; deleted to save disk, the run was trained again from
     # scratch, silently, and its files rewritten
@@ -2333,7 +2342,7 @@ def test_evaluate_gives_the_test_accuracy_the_run_reported(quick_demo, capsys, t
     demo, _, _ = quick_demo
     for run in ("vanilla-seed0", "linear-probe-seed0"):
         reported = json.loads((demo / "finetune" / run / "result.json").read_text())["final"]
-        rc, out, _ = cli(capsys, "evaluate", "--model", "smallcnn", "--weights",
+        rc, out, _ = cli(capsys, "evaluate", "--model", "smallcnn-s", "--weights",
                          demo / "finetune" / run / "model.safetensors", "--data", "synthetic:target",
                          "--quiet", "--out", tmp_path / f"{run}.json")
         assert rc == 0 and out.startswith(f"top-1 {reported['top1']:.4f}, mean per-class "
@@ -2357,7 +2366,7 @@ def test_evaluate_names_unreadable_images_and_the_classes_the_data_lacks(quick_d
             pixels = (test.load(int(i)).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
             Image.fromarray(pixels).save(tmp_path / "sub" / name / f"{i}.png")
     (tmp_path / "sub" / keep[0] / "broken.png").write_bytes(b"not a png")
-    rc, out, err = cli(capsys, "evaluate", "--model", "smallcnn", "--weights",
+    rc, out, err = cli(capsys, "evaluate", "--model", "smallcnn-s", "--weights",
                        demo / "finetune" / "vanilla-seed0" / "model.safetensors",
                        "--data", tmp_path / "sub", "--out", tmp_path / "e.json")
     assert rc == 0 and "on 6 images" in out and "1 unreadable images left out" in out
@@ -2385,7 +2394,7 @@ def test_evaluate_refuses_integer_labels_of_another_number_of_classes(quick_demo
             Image.fromarray(pixels).save(tmp_path / "img" / f"{i}.png")
             rows.append((f"img/{i}.png", c))
     (tmp_path / "list.csv").write_text("".join(f"{f},{c}\n" for f, c in rows))
-    rc, _, err = cli(capsys, "evaluate", "--model", "smallcnn", "--weights", named,
+    rc, _, err = cli(capsys, "evaluate", "--model", "smallcnn-s", "--weights", named,
                      "--data", tmp_path / "list.csv")
     assert_one_line_error(rc, err, "they go up to 3 and the model has 10 outputs",
                           f"labels that are the model's class names ({test.class_names[0]}, ")
@@ -2407,7 +2416,7 @@ def test_evaluate_refuses_integer_labels_of_another_number_of_classes(quick_demo
         (tmp_path / "folder" / test.class_names[c]).mkdir(parents=True)
     for f, c in rows:
         (tmp_path / f).rename(tmp_path / "folder" / test.class_names[c] / Path(f).name)
-    rc, _, err = cli(capsys, "evaluate", "--model", "smallcnn", "--weights", named,
+    rc, _, err = cli(capsys, "evaluate", "--model", "smallcnn-s", "--weights", named,
                      "--data", tmp_path / "folder", "--out", tmp_path / "f.json")
     assert rc == 0, err
     assert json.loads((tmp_path / "f.json").read_text())["top1"] == reference[True]["top1"]

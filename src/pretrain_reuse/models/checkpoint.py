@@ -72,7 +72,14 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
             f"weights file {str(p)!r} {what}; pass the path of a .safetensors file or a torch "
             "state dict (.pt/.pth/.pth.tar) of this architecture")
     if p.suffix == ".safetensors":
-        return read_safetensors(p, "weights file", "re-download or re-save it", framework="pt")
+        state, header = read_safetensors(p, "weights file", "re-download or re-save it", framework="pt")
+        if header.get("artifact") == "checkpoint":  # finetune's resume state, not a model's weights
+            raise PretrainReuseError(
+                f"weights file {str(p)!r} is a fine-tuning run's resume checkpoint (model, "
+                "optimiser and sampler state), not a model's weights; pass the run's "
+                "model.safetensors or one of its snapshots/ (finetune --snapshots), or rerun "
+                "the run's finetune command to finish it")
+        return state, header
     return _unwrap(_read_torch(p), p), {}
 
 
