@@ -2,6 +2,7 @@
 tensors, nested lists, NumPy string arrays of ids; what it refuses, it refuses in one line."""
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -203,3 +204,20 @@ def test_the_units_command_averages_a_store_without_reading_it_whole(tmp_path, m
     assert peak < 0.3, peak
     means = np.stack([x[labels == c].mean(0, dtype=np.float64) for c in range(7)])
     np.testing.assert_allclose(Units.load(tmp_path / "u.safetensors").prototypes, means, rtol=1e-6)
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"not an array at all", "no NumPy header: not a file numpy.save wrote"),  # was "pickled objects"
+    (None, "it holds pickled objects, which are never loaded"),
+])
+def test_a_file_that_is_no_numeric_npy_array_is_named_for_what_it_is(tmp_path, content, reason):
+    from pretrain_reuse.features import load_npy
+
+    path = tmp_path / "x.npy"
+    if content is None:
+        np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    else:
+        path.write_bytes(content)
+    for mmap in (False, True):
+        with pytest.raises(PretrainReuseError, match=re.escape(f"is not a readable .npy array ({reason})")):
+            load_npy("features", path, mmap=mmap)

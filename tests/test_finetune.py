@@ -2342,7 +2342,7 @@ def test_evaluate_gives_the_test_accuracy_the_run_reported(quick_demo, capsys, t
     demo, _, _ = quick_demo
     for run in ("vanilla-seed0", "linear-probe-seed0"):
         reported = json.loads((demo / "finetune" / run / "result.json").read_text())["final"]
-        rc, out, _ = cli(capsys, "evaluate", "--model", "smallcnn-s", "--weights",
+        rc, out, _ = cli(capsys, "evaluate", "--model", "smallcnn", "--weights",
                          demo / "finetune" / run / "model.safetensors", "--data", "synthetic:target",
                          "--quiet", "--out", tmp_path / f"{run}.json")
         assert rc == 0 and out.startswith(f"top-1 {reported['top1']:.4f}, mean per-class "
@@ -2366,7 +2366,7 @@ def test_evaluate_names_unreadable_images_and_the_classes_the_data_lacks(quick_d
             pixels = (test.load(int(i)).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
             Image.fromarray(pixels).save(tmp_path / "sub" / name / f"{i}.png")
     (tmp_path / "sub" / keep[0] / "broken.png").write_bytes(b"not a png")
-    rc, out, err = cli(capsys, "evaluate", "--model", "smallcnn-s", "--weights",
+    rc, out, err = cli(capsys, "evaluate", "--model", "smallcnn", "--weights",
                        demo / "finetune" / "vanilla-seed0" / "model.safetensors",
                        "--data", tmp_path / "sub", "--out", tmp_path / "e.json")
     assert rc == 0 and "on 6 images" in out and "1 unreadable images left out" in out
@@ -2394,7 +2394,7 @@ def test_evaluate_refuses_integer_labels_of_another_number_of_classes(quick_demo
             Image.fromarray(pixels).save(tmp_path / "img" / f"{i}.png")
             rows.append((f"img/{i}.png", c))
     (tmp_path / "list.csv").write_text("".join(f"{f},{c}\n" for f, c in rows))
-    rc, _, err = cli(capsys, "evaluate", "--model", "smallcnn-s", "--weights", named,
+    rc, _, err = cli(capsys, "evaluate", "--model", "smallcnn", "--weights", named,
                      "--data", tmp_path / "list.csv")
     assert_one_line_error(rc, err, "they go up to 3 and the model has 10 outputs",
                           f"labels that are the model's class names ({test.class_names[0]}, ")
@@ -2416,7 +2416,7 @@ def test_evaluate_refuses_integer_labels_of_another_number_of_classes(quick_demo
         (tmp_path / "folder" / test.class_names[c]).mkdir(parents=True)
     for f, c in rows:
         (tmp_path / f).rename(tmp_path / "folder" / test.class_names[c] / Path(f).name)
-    rc, _, err = cli(capsys, "evaluate", "--model", "smallcnn-s", "--weights", named,
+    rc, _, err = cli(capsys, "evaluate", "--model", "smallcnn", "--weights", named,
                      "--data", tmp_path / "folder", "--out", tmp_path / "f.json")
     assert rc == 0, err
     assert json.loads((tmp_path / "f.json").read_text())["top1"] == reference[True]["top1"]
@@ -2439,7 +2439,9 @@ def test_evaluate_scores_integer_labels_of_an_unnamed_model_as_class_indices(tmp
     rc, _, err = cli(capsys, "evaluate", "--model", "smallcnn", "--data", tmp_path / "list.csv")
     assert_one_line_error(rc, err, "the data's integer labels name no classes, so its label i "
                           "would be scored as the model's output i, but they go up to 10 and the "
-                          "model has 10 outputs", "a classes.txt of the model's 10 class names")
+                          "model has 10 outputs", "a classes.txt of the model's 10 class names",
+                          # without --weights the head is random: that is named first
+                          "error: no --weights: smallcnn is a randomly initialised network")
 
 
 def test_evaluate_names_the_absent_classes_of_data_matched_by_position():

@@ -350,6 +350,14 @@ def test_a_knowledge_analysis_alone_is_reported_with_its_own_figures(tmp_path, c
         _refused(capsys, tmp_path / "k")
 
 
+def test_a_run_folder_whose_result_is_not_json_is_named_by_that_file(tmp_path, capsys):
+    # without its run.json it was "has no summary.json, ..., result.json, ..."
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "result.json").write_text('{"kind": "x"')
+    err = _refused(capsys, tmp_path / "run")
+    assert f"{str(tmp_path / 'run' / 'result.json')!r} is not valid JSON" in err
+
+
 def test_an_explain_folder_is_named_as_such(tmp_path, capsys):
     # it got "has no summary.json, experiment.json, result.json or grid.json"
     _explain(tmp_path / "x")

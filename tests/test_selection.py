@@ -394,6 +394,8 @@ def test_a_selection_records_the_kind_of_units_it_ranked(tmp_path, world):
     ({"scores": ["x", 1]}, "'scores' and 'counts' must be lists of numbers"),
     ({"scores": [[1.0], [2.0]]}, "'scores' must be a flat list"),
     ({"unit_kind": "clusters"}, "'unit_kind' is 'clusters', not one of class, cluster, prototypes"),
+    # finetune said "the selected classes have no samples"
+    ({"selected": []}, r"the selection selects no unit \(an empty 'selected'\)"),
 ])
 def test_an_edited_selection_file_is_one_line(tmp_path, edit, needle):
     import json

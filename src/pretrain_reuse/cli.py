@@ -478,19 +478,24 @@ def _note_weights(model: str, weights: str | None, quiet: bool, mode: str | None
     """Say, after a command's work, when the backbone held no pre-trained weights: nothing is
     ever downloaded, so a forgotten --weights would otherwise pass silently for a random network.
     (After, not before: a user error must stay the only line of a failed command.)"""
-    from .models.registry import PACKAGED_WEIGHTS
-
     if quiet:
         return
     if mode == "scratch" and weights:
         note = "--mode scratch re-initialises every layer, so --weights is not used"
-    elif weights is None and mode != "scratch" and not model.startswith(("hf:", "python:")) \
-            and model not in PACKAGED_WEIGHTS:
+    elif mode != "scratch" and _random_network(model, weights):
         note = (f"no --weights: {model} starts from a random initialisation (nothing is "
                 "downloaded); pass local pre-trained weights with --weights")
     else:
         return
     print(f"pretrain-reuse: note: {note}", file=sys.stderr)
+
+
+def _random_network(model: str, weights: str | None) -> bool:
+    """Whether ``model`` without ``weights`` is a randomly initialised network: no weights file,
+    and none in a Hugging Face folder, a Python builder or the package."""
+    from .models.registry import PACKAGED_WEIGHTS
+
+    return weights is None and not model.startswith(("hf:", "python:")) and model not in PACKAGED_WEIGHTS
 
 
 def _quiet_transformers(model: str, quiet: bool) -> None:
@@ -826,9 +831,17 @@ def cmd_evaluate(args) -> int:
         parse_corruption(args.corruption)
     model = _classifier(args.model, args.weights, "--weights", args.quiet)
     data, split = _explain_data(args)
-    scores = evaluate_model(model, data, class_names=output_class_names(model, data.class_names),
-                            batch_size=args.batch_size, device=args.device, workers=args.workers,
-                            corruption=args.corruption, seed=args.seed)
+    try:
+        scores = evaluate_model(model, data, class_names=output_class_names(model, data.class_names),
+                                batch_size=args.batch_size, device=args.device,
+                                workers=args.workers, corruption=args.corruption, seed=args.seed)
+    except PretrainReuseError as e:
+        if not _random_network(args.model, args.weights):
+            raise
+        # the classes of a random head are rarely the data's: name the missing weights first
+        raise PretrainReuseError(f"no --weights: {args.model} is a randomly initialised network "
+                                 "(nothing is downloaded); pass the classifier's weights with "
+                                 f"--weights. ({e})") from None
     where = f"{args.data}" + (f" ({split})" if split else "") + (
         f" corrupted by {args.corruption} (seed {args.seed})" if args.corruption else "")
     print(f"top-1 {scores['top1']:.4f}, mean per-class {scores['mean_class_acc']:.4f} on "

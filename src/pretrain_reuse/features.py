@@ -398,9 +398,14 @@ def load_npy(what: str, path: str | Path, *, mmap: bool = False) -> np.ndarray:
     """Load a ``.npy`` file without pickles, with a clear error for missing or corrupt files."""
     p = check_file(what, path)
     try:
+        with open(p, "rb") as fh:
+            is_npy = fh.read(6) == b"\x93NUMPY"  # the format's magic string
+        if not is_npy:
+            raise ValueError("no NumPy header: not a file numpy.save wrote")
         return np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        reason = "it holds pickled objects, which are never loaded" if "pickle" in str(e) else str(e)
+        reason = ("it holds pickled objects, which are never loaded"
+                  if "pickle" in str(e) or "Python objects" in str(e) else str(e))
         raise PretrainReuseError(
             f"{what}: {str(p)!r} is not a readable .npy array ({reason}); save a numeric array "
             "with numpy.save"

@@ -172,6 +172,10 @@ class Selection:
                 f"in shape {scores.shape}")
         object.__setattr__(self, "scores", scores.astype(np.float64, copy=False))
         n = len(self.scores)
+        if not len(self.selected):  # select keeps k >= 1 units
+            raise PretrainReuseError("the selection selects no unit (an empty 'selected'); a "
+                                     "selection file that says so was edited or is corrupt: run "
+                                     "select again")
         outside = [u for u in self.selected if not 0 <= u < n]
         if outside or len(set(self.selected)) < len(self.selected):
             raise PretrainReuseError(

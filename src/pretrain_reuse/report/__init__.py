@@ -848,7 +848,8 @@ def build_report(run_dir: str | Path) -> Path:
         with _reading(run / "sensitivity.json", KNOWLEDGE_REDO):
             return _write_page(run, _sensitivity_body(run))
     kind = _marker(run).get("kind")
-    if kind == "finetune-run":
+    # a fine-tuning run by its marker, or by its result (a corrupt result.json is named as such)
+    if kind == "finetune-run" or (kind is None and (run / "result.json").exists()):
         with _reading(run / "result.json", FINETUNE_REDO):
             return _write_page(run, _finetune_run_body(run))
     if kind == "sensitivity-run":  # likewise
