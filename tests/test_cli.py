@@ -6,11 +6,13 @@ Most tests call :func:`pretrain_reuse.cli.main` in-process (fast); a few run
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import io
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -927,3 +929,18 @@ def test_a_rerun_of_a_finished_embed_says_so_and_embeds_nothing(capsys, tmp_path
     # a missing shard is embedded again, and the line says what was written
     next((tmp_path / "feats" / "parts").iterdir()).unlink()
     assert run_ok(capsys, *argv).startswith("wrote 4 x ")
+
+
+def test_every_option_with_a_default_shows_it_in_the_help():
+    # embed's and evaluate's --batch-size, --device, --seed showed none (finetune's say theirs)
+    from pretrain_reuse.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    embed, evaluate, select = (sub.choices[v].format_help() for v in ("embed", "evaluate", "select"))
+    assert re.search(r"--batch-size BATCH_SIZE\s+default: 128", embed)
+    assert re.search(r"--seed SEED\s+initialises layers without weights \(default: 0\)", embed)
+    assert re.search(r"--device DEVICE\s+cpu, cuda or cuda:N \(default: cpu\)", evaluate)
+    assert "(default: None)" not in embed + evaluate + select  # no default: nothing shown
+    assert "--quiet" in embed and "(default: False)" not in embed
+    # select names the per-sample features the Quickstart passes it
+    assert "a FeatureStore folder, whose class means are taken" in " ".join(select.split())

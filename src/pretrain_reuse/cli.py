@@ -11,6 +11,7 @@ seconds to import, and ``--help``, ``--version`` or a usage error should not wai
 from __future__ import annotations
 
 import argparse
+import copy
 import errno
 import json
 import sys
@@ -25,8 +26,27 @@ from .runtime import keep_freed_memory
 EXIT_USER_ERROR = 2
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Each option's help ends with its default, where it has one that its help does not say
+    (an option without help shows its default alone)."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        default = action.default
+        shown = action.option_strings and not (default is None or default is False
+                                                or default == [] or default == argparse.SUPPRESS)
+        if shown and "default" not in (action.help or ""):
+            action = copy.copy(action)
+            action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
+        return super()._format_action(action)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line (no usage dump) through our error path."""
+    """argparse that reports a bad flag as one line (no usage dump) through our error path, and
+    shows each option's default in its help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpWithDefaults)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise PretrainReuseError(f"{message} (see `{self.prog} --help`)")
@@ -956,8 +976,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Select source (pre-training) units for a target task. S and T "
                        "are Units files, .npy prototype matrices, or per-sample .npy features with "
                        "--source-labels/--target-labels.")
-    s.add_argument("--source", required=True, help="source units (S)")
-    s.add_argument("--target", required=True, nargs="+", help="target units (T); several "
+    s.add_argument("--source", required=True, help="source units (S): a Units file, a .npy "
+                   "prototype matrix, or per-sample features (a FeatureStore folder, whose class "
+                   "means are taken, or a .npy with --source-labels)")
+    s.add_argument("--target", required=True, nargs="+", help="target units (T), of the same "
+                   "kinds (e.g. the FeatureStore folder of the target's training images); several "
                    "target tasks at once (one batched solve), each with its own --out")
     s.add_argument("--source-labels", help=".npy labels when --source holds per-sample features")
     s.add_argument("--target-labels", nargs="+", help=".npy labels when --target holds "
