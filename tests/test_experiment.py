@@ -1214,3 +1214,28 @@ def test_an_experiment_begun_in_bf16_goes_on_only_in_bf16_with_the_advice_it_giv
     bf16 = _config(demo, tmp_path, skip=skip, finetune={**FAST, "max_steps": 1, "precision": "bf16"})
     again = run_experiment("table4", load_experiment_config(bf16, seeds=(0,)), out, progress=False)
     assert again.rows == table.rows
+
+
+def test_two_pretrainings_of_the_same_network_are_warned_of(tmp_path):
+    # resnet18.pth and resnet18.safetensors of the same tensors ran as two rows, unsaid
+    import torch
+
+    from pretrain_reuse.experiments.run import _warn_same_pretrainings
+    from pretrain_reuse.models import create_backbone, save_backbone
+
+    torch.manual_seed(0)
+    net = create_backbone("smallcnn", num_classes=10)
+    save_backbone(net, tmp_path / "a.safetensors", {})
+    from safetensors.torch import load_file
+
+    torch.save(load_file(tmp_path / "a.safetensors"), tmp_path / "a.pth")  # the same tensors
+    torch.manual_seed(1)
+    save_backbone(create_backbone("smallcnn", num_classes=10), tmp_path / "b.safetensors", {})
+    labels = {"sup": tmp_path / "a.safetensors", "copy": tmp_path / "a.pth",
+              "other": tmp_path / "b.safetensors"}
+    cfg = load_experiment_config(None, model="smallcnn", target="synthetic:target",
+                                 pretrainings={k: str(v) for k, v in labels.items()})
+    backbones = {str(p): create_backbone("smallcnn", weights=str(p)) for p in labels.values()}
+    with pytest.warns(UserWarning, match="pretrainings 'sup' and 'copy' hold the same network") as got:
+        _warn_same_pretrainings(cfg, backbones)
+    assert len(got) == 1  # 'other' is another network

@@ -149,6 +149,8 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
     changed = claim_experiment(out, name, cfg, reads, hashes)
     for which in given:  # once the command runs: a refused one says why, and only that
         _warn_other_network(ws.features(which), which, cfg, backbones[cfg.weights])
+    if name == "knowledge":
+        _warn_same_pretrainings(cfg, backbones)
     if changed and progress:
         print(f"[experiment] {str(out)!r} held an experiment with other settings "
               f"({', '.join(changed)}) that finished no run: removed what the change affects", flush=True)
@@ -291,6 +293,20 @@ def _warn_other_network(store, which: str, cfg: ExperimentConfig, backbone) -> N
         f"the experiment's model {cfg.model}{weights} at its {cfg.layer} layer: the selections "
         f"rank units by those features; embed them with model, weights and layer, or leave "
         f"{which}_features unset", stacklevel=2)
+
+
+def _warn_same_pretrainings(cfg: ExperimentConfig, backbones: dict) -> None:
+    """Warn of two ``pretrainings`` of the knowledge recipe that hold the same network (by the
+    parameters their fine-tuning starts from, whatever the file's format): their rows only
+    repeat each other, at the cost of their runs."""
+    seen: dict[str, str] = {}
+    for label, weights in cfg.weights_of().items():
+        state = features_hash(backbones[weights], "penultimate")
+        if state in seen:
+            warnings.warn(f"pretrainings {seen[state]!r} and {label!r} hold the same network "
+                          f"(parameters {state}): their rows repeat each other; drop one, or check "
+                          "that each names the weights meant", stacklevel=3)
+        seen.setdefault(state, label)
 
 
 def _check_relevant(ws: Workspace) -> None:

@@ -356,8 +356,9 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
         raise PretrainReuseError(
             f"none of the {screened} samples is classified correctly by every model (correct of "
             f"them: {counts}); the weakest model may need more training (train it longer or "
-            "better), or pass more data (--data, --split) to screen; check too that every model "
-            "was trained on this data's classes")
+            "better), or pass more data to screen (knowledge's --data and --split; an "
+            "experiment's target_test); check too that every model was trained on this data's "
+            "classes")
     indices = choose_samples(dataset, cfg.samples, cfg.seed, keep=correct)
     for role, m in named.items():
         check_explainable(m, views[role], indices, cfg, role, device)
