@@ -1175,8 +1175,16 @@ def test_a_fine_tuning_run_records_its_identity_in_every_snapshot(tmp_path, caps
                 "--snapshots", "--quiet", "--out", run)[0] == 0
     snaps = sorted((run / "snapshots").glob("*.safetensors"))
     identity = _sha256(run / "run.json")
-    assert [json.loads(safetensors_header(f)["meta"]) for f in snaps] == [
-        {"step": int(f.stem.split("-")[1]), "run": identity} for f in snaps]
+    metas = [json.loads(safetensors_header(f)["meta"]) for f in snaps]
+    assert [(m["step"], m["run"]) for m in metas] == [(int(f.stem.split("-")[1]), identity)
+                                                      for f in snaps]
+    # and, as every artifact, what made it: producer, settings, seed, inputs and versions (it
+    # recorded the step and the run alone)
+    final = json.loads(safetensors_header(run / "model.safetensors")["meta"])
+    for m in metas:
+        assert m["producer"] == "finetune.snapshot" and m["seed"] == 0
+        assert m["params"] == final["params"] and m["inputs"] == final["inputs"]
+        assert m["version"] == final["version"] and m["environment"] == final["environment"]
 
 
 def test_the_roles_take_every_mode_of_finetune_once():

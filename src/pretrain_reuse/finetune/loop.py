@@ -355,7 +355,8 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset | T
                     # refuses snapshots of several runs in one folder and orders them by step
                     save_backbone(model.backbone.with_head(model.head),
                                   out / "snapshots" / f"step-{done:07d}.safetensors",
-                                  {"step": done, "run": hash_file(out / "run.json")})
+                                  {**_run_meta("finetune.snapshot", cfg, inputs),
+                                   "step": done, "run": hash_file(out / "run.json")})
                 model.train()
             if rank == 0 and checkpoint:
                 save_state(out / CHECKPOINT, {"model": model.state_dict(),
@@ -659,12 +660,18 @@ def _rewrite_jsonl(path: Path, records: list[dict]) -> None:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+def _run_meta(producer: str, cfg: FinetuneConfig, inputs) -> dict[str, Any]:
+    """The meta block of what a run writes (its result, model and snapshots): the config, its
+    seed and the inputs as text (a weights file's header holds text)."""
+    return make_meta(producer, cfg.to_dict(), inputs={k: str(v) for k, v in (inputs or {}).items()},
+                     seed=cfg.seed)
+
+
 def _result(cfg: FinetuneConfig, history: list[dict], inputs, seconds: float) -> RunResult:
     # without a validation split every record ties, and the last one is taken
     best = max(history, key=lambda h: (h["val"]["top1"] if h["val"]["n"] else -1,
                                        -h["step"] if h["val"]["n"] else h["step"]))
-    meta = make_meta("finetune", cfg.to_dict(), inputs={k: str(v) for k, v in (inputs or {}).items()},
-                     seed=cfg.seed)
+    meta = _run_meta("finetune", cfg, inputs)
     meta["train_seconds"] = round(seconds, 2)
     # as result.json holds it (tuples as lists): the result returned equals the one loaded
     return RunResult(config=json.loads(to_json(cfg.to_dict())), history=history,
