@@ -628,13 +628,25 @@ def test_architecture_mismatch_names_the_file_and_first_keys(tmp_path):
         create_backbone("smallcnn", weights=path)
 
 
-def test_prefixed_keys_get_a_key_map_suggestion_that_works(tmp_path):
-    state = create_backbone("smallcnn").body.state_dict()
-    path = _save({f"backbone.{k}": v for k, v in state.items()}, tmp_path / "w.safetensors")
-    with pytest.raises(PretrainReuseError, match=r"key_map=\{'backbone\.': ''\}"):
-        create_backbone("smallcnn", weights=path)
-    net = create_backbone("smallcnn", weights=path, key_map={"backbone.": ""})
-    assert net.load_report.loaded == len(state) and net.head is None
+def test_keys_under_one_outer_prefix_load_as_the_models(tmp_path):
+    # a Lightning checkpoint: the network under "model." inside {"state_dict": ...}; only
+    # create_backbone(..., key_map=...) in Python could load it, no command could
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    original = create_backbone("smallcnn", num_classes=7)
+    own = load_file(save_backbone(original, tmp_path / "own.safetensors", {}))
+    torch.save({"state_dict": {f"model.{k}": v for k, v in own.items()}, "epoch": 3,
+                "model_ema.extra": torch.zeros(1)}, tmp_path / "lightning.ckpt")
+    net = create_backbone("smallcnn", weights=tmp_path / "lightning.ckpt")
+    assert net.num_classes == 7 and net.load_report.loaded == len(own)
+    for a, b in zip(net.state_dict().values(), original.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    # a key_map given replaces every default: a wrong one gets the suggestion that works
+    with pytest.raises(PretrainReuseError, match=r"key_map=\{'model\.': ''\}"):
+        create_backbone("smallcnn", weights=tmp_path / "lightning.ckpt", key_map={"net.": ""})
+    net = create_backbone("smallcnn", weights=tmp_path / "lightning.ckpt", key_map={"model.": ""})
+    assert net.load_report.loaded == len(own)
 
 
 def test_missing_optional_library_names_the_extra(monkeypatch):

@@ -8,6 +8,8 @@ MAE). Keys are mapped by prefix before they are compared with the model:
 - by default the wrapper prefixes ``module.`` (DistributedDataParallel), ``_orig_mod.``
   (``torch.compile``) and ``encoder_q.`` (MoCo's query encoder, so ``module.encoder_q.conv1.weight``
   becomes ``conv1.weight``) are stripped, repeatedly, wherever a key starts with one of them;
+- then, when none of the file's keys is a key of the model but some are without one outer
+  prefix (a Lightning module's ``model.``), that prefix is stripped (:func:`strip_outer_prefix`);
 - a user ``key_map`` of ``{old_prefix: new_prefix}`` replaces the defaults: each key is renamed by
   the first rule whose prefix it starts with, once.
 
@@ -127,6 +129,22 @@ def map_keys(state: Mapping[str, torch.Tensor], key_map: Mapping[str, str] | Non
     if key_map is None:
         return {_strip_wrappers(k): v for k, v in state.items()}
     return {_rename(k, key_map): v for k, v in state.items()}
+
+
+def strip_outer_prefix(state: Mapping[str, torch.Tensor], expected: Collection[str]
+                       ) -> dict[str, torch.Tensor]:
+    """``state`` with one outer prefix stripped from the keys that carry it, when none of its
+    keys is a key of the model (``expected``) but some are once stripped: a Lightning module's
+    ``model.``, any wrapper's attribute name. The prefix is found as the part before a model key
+    at the end of a file key. Otherwise ``state`` as it is (the load then names the mismatch)."""
+    if any(k in expected for k in state):
+        return dict(state)
+    for have in state:
+        for want in expected:
+            if have.endswith("." + want):
+                prefix = have[:-len(want)]
+                return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    return dict(state)
 
 
 def _strip_wrappers(key: str) -> str:

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import PretrainReuseError, check_choice, lookup
 from .backbone import LAYERS, Backbone, ModelParts, assemble, call_body
-from .checkpoint import map_keys, read_weights
+from .checkpoint import map_keys, read_weights, strip_outer_prefix
 from .families import PREFIXES, hf_modality, hf_text_parts
 from .smallcnn import SmallCNN
 from .spec import PREPROCESSING_FIELDS, BackboneSpec
@@ -127,7 +127,8 @@ def create_backbone(name: str, *, weights: str | Path | None = None, layer: str 
             under.
         layer: ``penultimate`` | ``head`` | ``logits``: what :meth:`Backbone.features` returns.
         key_map: ``{old_prefix: new_prefix}`` renaming of the file's keys, replacing the default
-            stripping of ``module.``, ``_orig_mod.`` and ``encoder_q.`` prefixes.
+            stripping of ``module.``, ``_orig_mod.`` and ``encoder_q.`` prefixes and of an outer
+            prefix none of the model's keys has (a Lightning module's ``model.``).
         num_classes: replace the head by a fresh ``Linear(feature_dim, num_classes)`` (training on
             a new label set).
         device: where the model is moved.
@@ -141,6 +142,8 @@ def create_backbone(name: str, *, weights: str | Path | None = None, layer: str 
     if path is not None:
         state, header = read_weights(path)
         state = map_keys(state, key_map)
+        if key_map is None:
+            state = strip_outer_prefix(state, parts.model.state_dict())
         parts.spec = _saved_preprocessing(header, parts.spec)
     backbone = assemble(parts, state, None if path is None else str(path), layer=layer,
                         num_classes=num_classes)
