@@ -882,7 +882,7 @@ def test_a_constant_model_prints_undefined_ratios_and_errors_instead_of_crashing
     rc, out, err = _run(capsys, "explain", *common, "--weights", tmp_path / "zero.safetensors",
                         "--out", tmp_path / "e")
     assert rc == 0, err
-    assert "(tau=0.05): undefined" in out and "nan" not in out
+    assert "(tau=0.05, in units of |v(N) - v(∅)|): undefined" in out and "nan" not in out
 
 
 def test_explain_refuses_a_bad_tau_before_any_game(tmp_path, capsys):
@@ -1443,7 +1443,7 @@ def test_no_sample_correct_for_every_model_names_each_models_count_and_the_fixes
     assert rc == 2 and out == "" and err.count("\n") == 1, err
     assert (f"none of the {len(data)} samples is classified correctly by every model (correct of "
             f"them: pretrained {right[0]}, finetuned {right[1]})") in err
-    assert "train it longer or better" in err and "pass more data (--data" in err
+    assert "train it longer or better" in err and "pass more data to screen (knowledge's --data and --split" in err
     assert "trained on this data's classes" in err
     assert not (tmp_path / "k").exists()
 
