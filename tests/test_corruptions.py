@@ -79,6 +79,12 @@ def test_a_corruption_that_is_not_name_and_severity_is_one_line(text):
         parse_corruption(text)
 
 
+def test_an_image_that_is_no_batch_is_one_line():
+    with pytest.raises(PretrainReuseError,
+                       match=r"images must be a \(B, C, H, W\) batch, got shape \(3, 8, 8\)"):
+        corrupt(torch.rand(3, 8, 8), "contrast", 1)
+
+
 def test_every_corruption_keeps_images_in_range():
     x = _images(side=32)
     for name in CORRUPTIONS:
@@ -123,3 +129,5 @@ def test_evaluate_records_the_corruption_and_its_seed(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "corruption 'fog:3' is not NAME:SEVERITY" in err
     assert not (tmp_path / "c.json").exists()
+    rc = main([*argv[:-5], "--seed", "-1", "--out", str(tmp_path / "c.json")])  # before any model
+    assert rc == 2 and "argument --seed: seed must be an integer" in capsys.readouterr().err

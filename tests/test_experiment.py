@@ -1125,7 +1125,7 @@ def test_a_knowledge_table_without_fine_tuned_rows_has_no_analysis_to_describe()
 
     from pretrain_reuse.experiments.run import _knowledge_analysis
 
-    extra = _knowledge_analysis(SimpleNamespace(cfg=SimpleNamespace(seeds=(0,))), [], [])
+    extra = _knowledge_analysis(SimpleNamespace(cfg=SimpleNamespace(seeds=(0,), corruption=None)), [], [])
     assert extra["analysis"] is None and extra["models"] == [] and extra["correlation"] is None
     table = ExperimentTable("knowledge", [], None, {}, {}, extra)
     assert table.note() == ""
@@ -1133,6 +1133,12 @@ def test_a_knowledge_table_without_fine_tuned_rows_has_no_analysis_to_describe()
     assert table.to_markdown().endswith(
         "## Knowledge ratios against test accuracy\n\nNo correlation with accuracy: a "
         "correlation needs at least 3 fine-tuned models (pre-trainings x seeds).\n")
+    # with a corruption, the accuracies on the corrupted data are kept and shown without a
+    # correlation too (they were computed, then dropped)
+    extra = _knowledge_analysis(SimpleNamespace(cfg=SimpleNamespace(seeds=(0,), corruption="contrast:1")),
+                                [], [])
+    assert extra["corrupted"] == {"corruption": "contrast:1", "accuracy": [], "correlation": None}
+    assert "corrupted by contrast:1" in ExperimentTable("knowledge", [], None, {}, {}, extra).to_markdown()
 
 
 def test_a_target_folder_of_split_folders_trains_on_train_and_tests_on_test(quick_demo, tmp_path):

@@ -2441,7 +2441,8 @@ def test_evaluate_scores_integer_labels_of_an_unnamed_model_as_class_indices(tmp
                           "would be scored as the model's output i, but they go up to 10 and the "
                           "model has 10 outputs", "a classes.txt of the model's 10 class names",
                           # without --weights the head is random: that is named first
-                          "error: no --weights: smallcnn is a randomly initialised network")
+                          "error: smallcnn holds no weights (a random network; nothing is "
+                          "downloaded): pass the classifier's weights (--weights)")
 
 
 def test_evaluate_names_the_absent_classes_of_data_matched_by_position():

@@ -672,6 +672,9 @@ def test_set_ablation_saves_loads_and_plots_itself(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(record))
     with pytest.raises(PretrainReuseError, match=r"bad\.json' has malformed per-sample numbers"):
         SetAblation.load(tmp_path / "bad.json")
+    (tmp_path / "bogus.json").write_text(json.dumps({**record, "model": "bogus"}))
+    with pytest.raises(PretrainReuseError, match=r"bogus\.json' names model 'bogus', not one of"):
+        SetAblation.load(tmp_path / "bogus.json")
     with pytest.raises(PretrainReuseError, match="holds kind 'set-ablation', not 'set-discrimination'"):
         SetDiscrimination.load(tmp_path / "ablation.json")
 

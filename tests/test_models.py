@@ -647,6 +647,12 @@ def test_keys_under_one_outer_prefix_load_as_the_models(tmp_path):
         create_backbone("smallcnn", weights=tmp_path / "lightning.ckpt", key_map={"net.": ""})
     net = create_backbone("smallcnn", weights=tmp_path / "lightning.ckpt", key_map={"model.": ""})
     assert net.load_report.loaded == len(own)
+    # two copies under two prefixes (a student and a teacher): either could be meant
+    torch.save({f"{who}.{k}": v for who in ("student", "teacher") for k, v in own.items()},
+               tmp_path / "dino.pth")
+    with pytest.raises(PretrainReuseError, match=r"under several prefixes \('student\.', "
+                                                 r"'teacher\.'\); pick one in Python"):
+        create_backbone("smallcnn", weights=tmp_path / "dino.pth")
 
 
 def test_missing_optional_library_names_the_extra(monkeypatch):

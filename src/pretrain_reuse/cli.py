@@ -498,24 +498,19 @@ def _note_weights(model: str, weights: str | None, quiet: bool, mode: str | None
     """Say, after a command's work, when the backbone held no pre-trained weights: nothing is
     ever downloaded, so a forgotten --weights would otherwise pass silently for a random network.
     (After, not before: a user error must stay the only line of a failed command.)"""
+    from .models.registry import PACKAGED_WEIGHTS
+
     if quiet:
         return
     if mode == "scratch" and weights:
         note = "--mode scratch re-initialises every layer, so --weights is not used"
-    elif mode != "scratch" and _random_network(model, weights):
+    elif weights is None and mode != "scratch" and not model.startswith(("hf:", "python:")) \
+            and model not in PACKAGED_WEIGHTS:
         note = (f"no --weights: {model} starts from a random initialisation (nothing is "
                 "downloaded); pass local pre-trained weights with --weights")
     else:
         return
     print(f"pretrain-reuse: note: {note}", file=sys.stderr)
-
-
-def _random_network(model: str, weights: str | None) -> bool:
-    """Whether ``model`` without ``weights`` is a randomly initialised network: no weights file,
-    and none in a Hugging Face folder, a Python builder or the package."""
-    from .models.registry import PACKAGED_WEIGHTS
-
-    return weights is None and not model.startswith(("hf:", "python:")) and model not in PACKAGED_WEIGHTS
 
 
 def _quiet_transformers(model: str, quiet: bool) -> None:
@@ -604,6 +599,11 @@ def cmd_knowledge(args) -> int:
               "finetuned": _classifier(args.model, args.finetuned, "--finetuned", args.quiet)}
     if args.scratch:
         models["scratch"] = _classifier(args.model, args.scratch, "--scratch", args.quiet)
+    for folder in args.games_from:  # a wrong path would silently compute every game again
+        if not any((Path(folder) / role / "games").is_dir() for role in models):
+            raise PretrainReuseError(
+                f"--games-from {folder} holds no games of a knowledge analysis ({folder}/<role>/"
+                "games); pass the --out folder of an earlier knowledge analysis of these models")
     if args.vary and (args.checkpoints or args.scratch_checkpoints):
         raise PretrainReuseError("--vary compares the knowledge ratios, not the convergence: drop "
                                  "--checkpoints / --scratch-checkpoints, or run the convergence "
@@ -851,17 +851,9 @@ def cmd_evaluate(args) -> int:
         parse_corruption(args.corruption)
     model = _classifier(args.model, args.weights, "--weights", args.quiet)
     data, split = _explain_data(args)
-    try:
-        scores = evaluate_model(model, data, class_names=output_class_names(model, data.class_names),
-                                batch_size=args.batch_size, device=args.device,
-                                workers=args.workers, corruption=args.corruption, seed=args.seed)
-    except PretrainReuseError as e:
-        if not _random_network(args.model, args.weights):
-            raise
-        # the classes of a random head are rarely the data's: name the missing weights first
-        raise PretrainReuseError(f"no --weights: {args.model} is a randomly initialised network "
-                                 "(nothing is downloaded); pass the classifier's weights with "
-                                 f"--weights. ({e})") from None
+    scores = evaluate_model(model, data, class_names=output_class_names(model, data.class_names),
+                            batch_size=args.batch_size, device=args.device, workers=args.workers,
+                            corruption=args.corruption, seed=args.seed)
     where = f"{args.data}" + (f" ({split})" if split else "") + (
         f" corrupted by {args.corruption} (seed {args.seed})" if args.corruption else "")
     print(f"top-1 {scores['top1']:.4f}, mean per-class {scores['mean_class_acc']:.4f} on "
@@ -1062,7 +1054,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score the images corrupted on the fly, as ImageNet-C corrupts them "
                    "(Hendrycks & Dietterich 2019), severity 1-5: gaussian-noise, shot-noise, "
                    "impulse-noise, contrast, brightness or gaussian-blur, e.g. gaussian-noise:3")
-    v.add_argument("--seed", type=int, default=0, help="seed of a random corruption's draws")
+    v.add_argument("--seed", type=_seed, default=0, help="seed of a random corruption's draws")
     v.add_argument("--batch-size", type=_at_least(1), default=256)
     v.add_argument("--workers", type=_at_least(0), default=0, help="DataLoader worker processes")
     v.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")

@@ -377,7 +377,8 @@ def _knowledge_analysis(ws: Workspace, rows: list[Row], table: list[dict]) -> di
                 test = ws.data("test")
                 corrupted.append(evaluate_model(
                     net, test, class_names=output_class_names(net, test.class_names),
-                    corruption=cfg.corruption, seed=seed)["top1"])
+                    device=ws.run_config(row, seed).device, corruption=cfg.corruption,
+                    seed=seed)["top1"])
             models.append(f"{row.pretraining} seed {seed}")
         entry.update({k: _mean(v) for k, v in means.items()})
         # the spread over seeds, undefined (None) for one seed as top1_std
@@ -389,8 +390,10 @@ def _knowledge_analysis(ws: Workspace, rows: list[Row], table: list[dict]) -> di
         "tau": params["tau"], "players": params["players"], "baseline": params["baseline"],
         "asked": params["samples"], "explained": [s["samples"]["n"] for s in summaries],
         **{key: [s["samples"][key] for s in summaries] for key in ("screened", "correct_for_all")}}
+    scored = ({"corrupted": {"corruption": cfg.corruption, "accuracy": corrupted, "correlation": None}}
+              if cfg.corruption is not None else {})
     if len(accuracy) < 3:
-        return {"models": models, "analysis": analysis, "correlation": None,
+        return {"models": models, "analysis": analysis, "correlation": None, **scored,
                 "why": "a correlation needs at least 3 fine-tuned models (pre-trainings x seeds)"}
     # a ratio some model defines on no sample (e.g. exclusive where nothing is preserved) has no
     # correlation; the table says which
@@ -400,10 +403,9 @@ def _knowledge_analysis(ws: Workspace, rows: list[Row], table: list[dict]) -> di
     def correlation(of: list[float]) -> dict[str, Any]:
         return {k: accuracy_correlation(v, of, seed=cfg.seeds[0]).to_dict() for k, v in defined.items()}
 
-    extra = {"models": models, "accuracy": accuracy, "analysis": analysis,
+    extra = {"models": models, "accuracy": accuracy, "analysis": analysis, **scored,
              "correlation": correlation(accuracy),
              "undefined": [k for k, v in per_sample.items() if v and k not in defined]}
-    if cfg.corruption is not None:
-        extra["corrupted"] = {"corruption": cfg.corruption, "accuracy": corrupted,
-                              "correlation": correlation(corrupted)}
+    if scored:
+        extra["corrupted"]["correlation"] = correlation(corrupted)
     return extra

@@ -152,8 +152,13 @@ class ExperimentTable:
         extra = self.extra
         if "models" not in extra or (corrupted and "corrupted" not in extra):
             return None
+        accuracy = ""
+        if corrupted:
+            scores = ", ".join(f"{a:.4f}" for a in extra["corrupted"]["accuracy"])
+            accuracy = (f" Accuracy on the test data corrupted by {extra['corrupted']['corruption']} "
+                        f"(ImageNet-C's corruption, seeded with each run's seed): {scores}.")
         if not extra.get("correlation"):
-            return f"No correlation with accuracy: {extra.get('why', '')}.", [], []
+            return f"No correlation with accuracy: {extra.get('why', '')}.{accuracy}", [], []
 
         def ci(v):
             return "–" if v[0] is None else f"[{v[0]:+.2f}, {v[1]:+.2f}]"
@@ -168,11 +173,6 @@ class ExperimentTable:
         undefined = [KNOWLEDGE_HEADERS.get(k, k) for k in extra.get("undefined", [])]
         left_out = (f" No correlation for {', '.join(undefined)}: a model defines it on none of "
                     "its samples." if undefined else "")
-        accuracy = ""
-        if corrupted:
-            scores = ", ".join(f"{a:.4f}" for a in extra["corrupted"]["accuracy"])
-            accuracy = (f" Accuracy on the test data corrupted by {extra['corrupted']['corruption']} "
-                        f"(ImageNet-C's corruption, seeded with each run's seed): {scores}.")
         return (f"Across {len(extra['models'])} fine-tuned models "
                 f"({', '.join(map(str, extra['models']))}); intervals: bootstrap over explained "
                 "samples (they do not cover model-to-model variation, so few models make any "

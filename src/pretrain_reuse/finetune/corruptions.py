@@ -49,7 +49,7 @@ def parse_corruption(text: str) -> tuple[str, int]:
     if name not in CORRUPTIONS or severity not in {"1", "2", "3", "4", "5"}:
         raise PretrainReuseError(
             f"corruption {text!r} is not NAME:SEVERITY with a severity of 1-5 and a name among "
-            f"{', '.join(CORRUPTIONS)}; e.g. --corruption gaussian-noise:3")
+            f"{', '.join(CORRUPTIONS)}; e.g. gaussian-noise:3")
     return name, int(severity)
 
 
@@ -60,6 +60,8 @@ def corrupt(images: torch.Tensor, name: str, severity: int, *,
     ``input_size``: the side of the network input the images are cropped to, which scales the
     blur (default: the images' shorter side)."""
     name, severity = parse_corruption(f"{name}:{severity}")
+    if images.ndim != 4:
+        raise PretrainReuseError(f"images must be a (B, C, H, W) batch, got shape {tuple(images.shape)}")
     c = CORRUPTIONS[name][severity - 1]
     x = images
     if name == "gaussian-noise":

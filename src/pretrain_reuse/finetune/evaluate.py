@@ -108,7 +108,15 @@ def evaluate_model(model: Backbone, data: ImageDataset | TextDataset, *,
                                  f"{model.num_classes} outputs; pass one name per output")
     by_name = bool(class_names) and bool(data.class_names)
     if not by_name:
-        _check_classes_by_position(data, model.num_classes, class_names)
+        try:
+            _check_classes_by_position(data, model.num_classes, class_names)
+        except PretrainReuseError as e:
+            if model.load_report is not None or model.spec.name.startswith(("hf:", "python:")):
+                raise
+            # a head that no weights file filled is random: that is the problem to name first
+            raise PretrainReuseError(f"{model.spec.name} holds no weights (a random network; "
+                                     "nothing is downloaded): pass the classifier's weights "
+                                     f"(--weights). ({e})") from None
     labels = labels_by_name(data, class_names, "data (--data)")
     dev = torch.device(check_device(device))
     model = model.to(dev).eval()

@@ -997,12 +997,15 @@ class SetAblation:
         """Read a file written by :meth:`save`."""
         record = _load_json(path, "set-ablation", ("per_sample",))
         per_sample = record["per_sample"]
+        if record.get("model", "finetuned") not in ABLATION_MODELS:
+            raise PretrainReuseError(f"{str(path)!r} names model {record['model']!r}, not one of "
+                                     f"{', '.join(ABLATION_MODELS)}: it is damaged; save it again")
         with _malformed(path, "per-sample numbers", "SetAblation"):
             # .get: a file of an earlier version holds the fine-tuned model's
             return cls({name: {m: _none_to_nan(per[m]) for m in ABLATION_MEASURES}
                         for name, per in per_sample.items()},
                        {name: np.array(per["items"], dtype=np.int64) for name, per in per_sample.items()},
-                       check_choice("model", record.get("model", "finetuned"), ABLATION_MODELS))
+                       record.get("model", "finetuned"))
 
     def plot(self, ax=None):
         """Bars of each set's fidelity and share, means over samples, on ``ax`` (None: the

@@ -131,20 +131,29 @@ def map_keys(state: Mapping[str, torch.Tensor], key_map: Mapping[str, str] | Non
     return {_rename(k, key_map): v for k, v in state.items()}
 
 
-def strip_outer_prefix(state: Mapping[str, torch.Tensor], expected: Collection[str]
+def strip_outer_prefix(state: Mapping[str, torch.Tensor], expected: Collection[str], path: str
                        ) -> dict[str, torch.Tensor]:
     """``state`` with one outer prefix stripped from the keys that carry it, when none of its
     keys is a key of the model (``expected``) but some are once stripped: a Lightning module's
-    ``model.``, any wrapper's attribute name. The prefix is found as the part before a model key
-    at the end of a file key. Otherwise ``state`` as it is (the load then names the mismatch)."""
+    ``model.``, any wrapper's attribute name. The prefix is the part before a model key at the
+    end of a file key; a file with two such prefixes (a student and a teacher, a model and its
+    EMA copy) is refused, as either could be meant. Otherwise ``state`` as it is (the load then
+    names the mismatch)."""
     if any(k in expected for k in state):
         return dict(state)
-    for have in state:
-        for want in expected:
-            if have.endswith("." + want):
-                prefix = have[:-len(want)]
-                return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
-    return dict(state)
+    prefixes = {have[:-len(want)] for have in state for want in expected if have.endswith("." + want)}
+    # each prefix by the model keys it gives; a key that ends in a shorter model key ("1.0.weight"
+    # in "model.1.0.weight") suggests a longer prefix that gives fewer
+    gives = {p: sum(k.startswith(p) and k[len(p):] in expected for k in state) for p in prefixes}
+    best = sorted(p for p, n in gives.items() if n == max(gives.values(), default=0))
+    if len(best) > 1:
+        raise PretrainReuseError(
+            f"weights file {path!r} holds the model's keys under several prefixes "
+            f"({', '.join(map(repr, best[:_SHOWN]))}); pick one in Python with "
+            f"create_backbone(..., key_map={{{best[0]!r}: ''}}), or save that copy alone")
+    if not best:
+        return dict(state)
+    return {k[len(best[0]):] if k.startswith(best[0]) else k: v for k, v in state.items()}
 
 
 def _strip_wrappers(key: str) -> str:

@@ -143,7 +143,7 @@ def create_backbone(name: str, *, weights: str | Path | None = None, layer: str 
         state, header = read_weights(path)
         state = map_keys(state, key_map)
         if key_map is None:
-            state = strip_outer_prefix(state, parts.model.state_dict())
+            state = strip_outer_prefix(state, parts.model.state_dict(), str(path))
         parts.spec = _saved_preprocessing(header, parts.spec)
     backbone = assemble(parts, state, None if path is None else str(path), layer=layer,
                         num_classes=num_classes)

@@ -684,7 +684,7 @@ def _correlation(table, corrupted: bool = False) -> str:
         return ""
     text, head, rows = correlation
     if not rows:
-        return "" if corrupted else f'<p class="note">{_text(text)}</p>'
+        return f'<p class="note">{_text(text)}</p>'
     return f"<h3>{correlation_title(corrupted)}</h3><p>{_text(text)}</p>" + _table(head, rows)
 
 
