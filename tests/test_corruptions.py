@@ -2,6 +2,7 @@
 evaluate on corrupted images against predictions computed by hand."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -93,15 +94,19 @@ def test_every_corruption_keeps_images_in_range():
             assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1, (name, severity)
 
 
-def test_evaluate_scores_the_images_corrupted_as_by_hand(tmp_path):
-    # the labels are the model's own predictions on images whose contrast was lowered here: the
-    # corrupted evaluation must score 1.0, the clean one less (the corruption changes predictions)
+def test_evaluate_scores_the_centre_crops_corrupted_as_by_hand(tmp_path):
+    # the labels are the model's own predictions on centre crops whose contrast was lowered here
+    # (ImageNet-C corrupts its 224-pixel crops): the corrupted evaluation must score 1.0, the
+    # clean one less. A white frame outside the crop would change the contrast's mean if the
+    # corruption saw the whole image.
     torch.manual_seed(0)
     model = create_backbone("smallcnn", num_classes=10).eval()
-    pixels = np.random.default_rng(1).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
-    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
-    m = x.mean(dim=(2, 3), keepdim=True)
-    low = (x - m) * CORRUPTIONS["contrast"][4] + m
+    model.spec = replace(model.spec, resize_size=48)  # a 32-pixel crop of the 48-pixel image
+    pixels = np.random.default_rng(1).integers(0, 256, (40, 48, 48, 3), dtype=np.uint8)
+    pixels[:, :8], pixels[:, -8:], pixels[:, :, :8], pixels[:, :, -8:] = 255, 255, 255, 255
+    crop = torch.from_numpy(pixels[:, 8:40, 8:40]).permute(0, 3, 1, 2).float() / 255
+    m = crop.mean(dim=(2, 3), keepdim=True)
+    low = (crop - m) * CORRUPTIONS["contrast"][4] + m
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (model.spec.mean, model.spec.std))
     with torch.no_grad():
         labels = model((low - mean) / std).argmax(1).numpy()

@@ -38,6 +38,7 @@ resumed run replays the exact same augmentations.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -461,16 +462,19 @@ class View(nn.Module):
     ``kind`` is one of :data:`VIEWS` (see the module's docstring), ``input_size`` the side of the
     output. ``strong`` adds FixMatch's RandAugmentMC with ``ops`` operations per image (none if
     0) and magnitudes out of 10, then its CutoutAbs with ``side = round(cutout * input_size)``
-    (none if ``cutout`` is 0). ``forward`` takes float (B, 3, H, W) images in [0, 1] on any device
-    and returns the normalised (B, 3, input_size, input_size) batch on that device, in
-    channels-last memory layout.
+    (none if ``cutout`` is 0). ``corrupt``, if given, maps the cropped images (in [0, 1]) to
+    corrupted ones before normalisation, as ImageNet-C corrupts its 224-pixel centre crops
+    (:func:`~pretrain_reuse.finetune.corruptions.corrupt`). ``forward`` takes float (B, 3, H, W)
+    images in [0, 1] on any device and returns the normalised (B, 3, input_size, input_size)
+    batch on that device, in channels-last memory layout.
     """
 
     def __init__(self, spec: BackboneSpec, kind: str, input_size: int, *, strong: bool = False,
-                 cutout: float = 0.5, ops: int = 2):
+                 cutout: float = 0.5, ops: int = 2,
+                 corrupt: Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
         check_choice("kind", kind, VIEWS)
-        self.kind, self.size = kind, (input_size, input_size)
+        self.kind, self.size, self.corrupt = kind, (input_size, input_size), corrupt
         self.ops = ops if strong else 0
         self.cutout_side = max(round(cutout * input_size), 1) if strong and cutout > 0 else 0
         mean, std = torch.tensor(spec.mean).view(1, -1, 1, 1), torch.tensor(spec.std).view(1, -1, 1, 1)
@@ -489,6 +493,8 @@ class View(nn.Module):
             x = center_crop(images, self.size)
             if self.kind == "flip":
                 x = hflip(x, hflip_mask(len(images)))
+        if self.corrupt is not None:
+            x = self.corrupt(x)
         if self.ops > 0:
             x = randaugment_mc(x, draw_randaugment(len(x), self.ops))
         if self.cutout_side > 0:

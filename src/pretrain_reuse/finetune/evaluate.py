@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -72,8 +73,8 @@ def evaluate_model(model: Backbone, data: ImageDataset | TextDataset, *,
             records them); the data's labels are then matched by name.
         batch_size, device, workers: inference settings.
         corruption: ``"NAME:SEVERITY"``, e.g. ``"gaussian-noise:3"``: score the images corrupted
-            on the fly (:mod:`~pretrain_reuse.finetune.corruptions`), after resizing and before
-            the crop; None: as they are.
+            on the fly (:mod:`~pretrain_reuse.finetune.corruptions`) after the centre crop, as
+            ImageNet-C corrupts its crops; None: as they are.
         seed: seed of a random corruption's draws (the same seed and batch size give the same
             corrupted images).
 
@@ -128,12 +129,11 @@ def evaluate_model(model: Backbone, data: ImageDataset | TextDataset, *,
     else:
         scored.transform = resize_transform(model.spec.resize_side)
         side = input_size(model.spec, None)
-        view = View(model.spec, "eval", side).to(dev)
+        damage = None
         if corruption is not None:
-            generator, clean = torch.Generator(dev).manual_seed(seed), view
-
-            def view(images: torch.Tensor) -> torch.Tensor:  # corrupted before the crop
-                return clean(corrupt(images, name, severity, generator=generator, input_size=side))
+            damage = partial(corrupt, name=name, severity=severity,
+                             generator=torch.Generator(dev).manual_seed(seed), input_size=side)
+        view = View(model.spec, "eval", side, corrupt=damage).to(dev)
     logits, labels = predict(model, scored, view, batch_size=batch_size, device=dev,
                              workers=workers, skipped=skipped)
     if len(labels) == 0:
