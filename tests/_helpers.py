@@ -3,6 +3,7 @@
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -45,6 +46,21 @@ def kill_when(cmd: list[str], ready, *, env: dict, timeout: float = 180.0,
             proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+def torchrun(argv: list, tmp: Path, *, timeout: float = 300,
+             env: dict | None = None) -> subprocess.CompletedProcess:
+    """``argv`` (a script or ``-m module``, and its arguments) under ``torchrun --standalone
+    --nproc_per_node 2``, one thread per process, ``env`` added to the environment. torchrun's
+    temporary folders go under ``tmp``: it leaves one in the system's /tmp per run otherwise."""
+    scratch = tmp / "torchrun-tmp"
+    scratch.mkdir(exist_ok=True)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         *map(str, argv)],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TMPDIR": str(scratch),
+             **(env or {})},
+        capture_output=True, text=True, timeout=timeout)
 
 
 def smallcnn_from_file(path: Path) -> SmallCNN:

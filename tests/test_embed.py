@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from _helpers import kill_when, randomize_norms, smallcnn_from_file, tiny_bert
+from _helpers import kill_when, randomize_norms, smallcnn_from_file, tiny_bert, torchrun
 from pretrain_reuse.cli import main
 from pretrain_reuse.errors import PretrainReuseError
 from pretrain_reuse.features import FeatureStore
@@ -359,10 +358,8 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, capsys):
     weights = saved_smallcnn(tmp_path / "w.safetensors")
     args = ["--model", "smallcnn-s", "--weights", str(weights), "--data", str(data),
             "--batch-size", "3", "--shard-size", "4", "--quiet"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "pretrain_reuse", "embed", *args, "--out", str(tmp_path / "two")],
-        env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    proc = torchrun(["-m", "pretrain_reuse", "embed", *args, "--out", tmp_path / "two"], tmp_path,
+                    env={"PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = FeatureStore.load(tmp_path / "two")
     one = embed_ok(capsys, *args, "--out", tmp_path / "one")

@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -33,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import pretrain_reuse
-from _helpers import kill_when, smallcnn_from_file
+from _helpers import kill_when, smallcnn_from_file, torchrun
 from pretrain_reuse.artifacts import hash_array, safetensors_header
 from pretrain_reuse.cli import main
 from pretrain_reuse.data.catalog import open_dataset
@@ -1987,10 +1986,7 @@ def _two_and_one_process_runs(files, tmp_path, capsys, *args) -> tuple[dict, dic
     """The same finetune command under ``torchrun --nproc_per_node 2`` (into tmp_path/two) and
     as one process (tmp_path/one); returns the two runs' model weights."""
     args = [*map(str, base_args(files, tmp_path / "two", steps=6)[1:]), *map(str, args)]
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "pretrain_reuse", "finetune", *args],
-        env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    proc = torchrun(["-m", "pretrain_reuse", "finetune", *args], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("test top-1") == 1, proc.stdout  # rank 0 reports for both
     one_args = list(args)
@@ -2035,14 +2031,6 @@ sys.exit(rc)
 """
 
 
-def _torchrun(argv: list, timeout: float = 120, **env) -> subprocess.CompletedProcess:
-    """``argv`` (a script and its arguments) under ``torchrun --nproc_per_node 2``."""
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         *map(str, argv)], env={**SUBPROCESS_ENV, **env}, capture_output=True, text=True,
-        timeout=timeout)
-
-
 def _two_classes(root: Path, seed: int) -> list[str]:
     """2 class folders of 6 images in ``root``; returns the ids in the data's order."""
     for c in range(2):
@@ -2066,12 +2054,12 @@ def test_torchrun_with_a_micro_batch_left_without_a_source_image_keeps_the_ranks
     weights = tmp_path / "weights"
     weights.mkdir()
     (tmp_path / "wrapper.py").write_text(RANK_WEIGHTS_WRAPPER)
-    proc = _torchrun([tmp_path / "wrapper.py", "finetune", "--model", "smallcnn-s", "--target",
-                      tmp_path / "target", "--target-test", tmp_path / "test", "--mode", "reuse",
-                      "--source", tmp_path / "source", "--selection", tmp_path / "sel.json",
-                      "--val-fraction", "0", "--batch-size", "4", "--grad-accum", "2",
-                      "--max-steps", "3", "--checkpoint-every", "1", "--augment", "none",
-                      "--quiet", "--out", tmp_path / "run"], WEIGHTS=weights)
+    proc = torchrun([tmp_path / "wrapper.py", "finetune", "--model", "smallcnn-s", "--target",
+                     tmp_path / "target", "--target-test", tmp_path / "test", "--mode", "reuse",
+                     "--source", tmp_path / "source", "--selection", tmp_path / "sel.json",
+                     "--val-fraction", "0", "--batch-size", "4", "--grad-accum", "2",
+                     "--max-steps", "3", "--checkpoint-every", "1", "--augment", "none",
+                     "--quiet", "--out", tmp_path / "run"], tmp_path, env={"WEIGHTS": str(weights)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"source data: skipped 1 unreadable image(s) of 12: {broken}" in proc.stderr
     rank0, rank1 = (load_file(str(weights / f"rank{r}.safetensors")) for r in (0, 1))
@@ -2092,10 +2080,10 @@ def test_torchrun_with_a_share_of_only_unreadable_images_stops_every_process_wit
     broken = [ids[i] for i in StepBatches(len(ids), 4, seed=0, stream=0).batch(0)[0::2]]
     for name in broken:
         (tmp_path / "target" / name).write_bytes(b"not a png")
-    proc = _torchrun(["-m", "pretrain_reuse", "finetune", "--model", "smallcnn-s", "--target",
-                      tmp_path / "target", "--target-test", tmp_path / "test", "--val-fraction",
-                      "0", "--batch-size", "4", "--max-steps", "3", "--quiet", "--out",
-                      tmp_path / "run"])
+    proc = torchrun(["-m", "pretrain_reuse", "finetune", "--model", "smallcnn-s", "--target",
+                     tmp_path / "target", "--target-test", tmp_path / "test", "--val-fraction",
+                     "0", "--batch-size", "4", "--max-steps", "3", "--quiet", "--out",
+                     tmp_path / "run"], tmp_path, timeout=120)
     error = "pretrain-reuse: error: every image of a process's share of a training batch is unreadable"
     # the process without an image names them; the other says where they are. Both stop at once
     # (no hang), but torchrun terminates a worker once the other has failed, so its line may not
@@ -2609,12 +2597,12 @@ def test_torchrun_with_a_loss_diverged_on_one_process_stops_every_process_with_t
         Image.new("RGB", (SIDE, SIDE), "white").save(root / ids[i])
     # each process's stderr into its own file (torchrun's --redirects): in one pipe, two lines
     # written at once may interleave
-    proc = _torchrun(["--log-dir", tmp_path / "logs", "--redirects", "2", "-m", "pretrain_reuse",
-                      "finetune", "--model", "smallcnn-s", "--weights",
-                      tmp_path / "overflowing.safetensors", "--mode", "linear-probe", "--target",
-                      root, "--target-test", root, "--val-fraction", "0", "--batch-size", "4",
-                      "--max-steps", "3", "--checkpoint-every", "1", "--augment", "none",
-                      "--quiet", "--out", tmp_path / "run"], timeout=60)
+    proc = torchrun(["--log-dir", tmp_path / "logs", "--redirects", "2", "-m", "pretrain_reuse",
+                     "finetune", "--model", "smallcnn-s", "--weights",
+                     tmp_path / "overflowing.safetensors", "--mode", "linear-probe", "--target",
+                     root, "--target-test", root, "--val-fraction", "0", "--batch-size", "4",
+                     "--max-steps", "3", "--checkpoint-every", "1", "--augment", "none",
+                     "--quiet", "--out", tmp_path / "run"], tmp_path, timeout=60)
     # torchrun's summary of the failed processes. The first to exit did so with the CLI's error
     # code; the agent sends SIGTERM to the others as soon as it sees that exit, so a process may
     # be killed (-15) while it exits, or before its line gets out (seen in CI)

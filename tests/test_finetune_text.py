@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from _helpers import tiny_bert
+from _helpers import tiny_bert, torchrun
 from pretrain_reuse.cli import main
 from pretrain_reuse.data.text import text_file
 from pretrain_reuse.errors import PretrainReuseError
@@ -394,9 +394,6 @@ def test_torchrun_two_processes_on_sentences_match_one_process(files, tmp_path, 
     # a text model normalises each sentence alone (LayerNorm, dropout off here), so two ranks'
     # half-batches average to the full batch's gradient up to float summation order; BERT's
     # pooler, unused by the pooled features, must not stop DDP (it waited for its gradients)
-    import os
-    import subprocess
-    import sys
 
     selection = tmp_path / "sel.json"
     selection.write_text(json.dumps({"kind": "selection", "selected": [2, 3],
@@ -405,10 +402,7 @@ def test_torchrun_two_processes_on_sentences_match_one_process(files, tmp_path, 
             "--target-test", files["test"], "--source", files["pool"], "--selection", selection,
             "--max-steps", 6, "--batch-size", 8, "--lr", 0.02, "--quiet"]
     args = [str(a) for a in args]
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "pretrain_reuse", "finetune", *args, "--out", str(tmp_path / "two")],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    proc = torchrun(["-m", "pretrain_reuse", "finetune", *args, "--out", tmp_path / "two"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_ok(capsys, "finetune", *args, "--out", tmp_path / "one")
     two, one = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("two", "one"))
