@@ -2134,6 +2134,9 @@ def test_grid_search_picks_the_best_validation_run_and_never_the_test(files, tmp
     best = max(rows, key=lambda r: r["val_top1"])
     assert summary["best"]["run"] == best["run"]
     assert summary["meta"]["seed"] == 0 and summary["meta"]["params"]["grid"] == {"lr": [0.0001, 0.05]}
+    # the data and weights every run was trained on, as the runs record them
+    first = json.loads((out / rows[0]["run"] / "result.json").read_text())["meta"]["inputs"]
+    assert summary["meta"]["inputs"] == first and first["data"]
     lines = (out / "grid.csv").read_text().splitlines()
     assert len(lines) == 3 and lines[0].startswith("lr,run,val_top1")
     # the same grid again: nothing to do; a smaller one reuses the finished runs, and says which
@@ -2157,7 +2160,7 @@ def test_grid_search_names_the_runs_tied_with_the_best_and_keeps_the_first(tmp_p
 
     def run(cfg, folder):
         record = {"val": {"top1": val[cfg.lr]}, "top1": 0.0, "step": 1}
-        return SimpleNamespace(at_best_val=record, final={"top1": 0.0})
+        return SimpleNamespace(at_best_val=record, final={"top1": 0.0}, meta={"inputs": {}})
 
     summary = grid_search(FinetuneConfig(), {"lr": list(val)}, tmp_path / "grid", run,
                           check=lambda cfg: 10)

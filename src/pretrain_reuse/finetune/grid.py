@@ -81,9 +81,10 @@ def grid_search(cfg: FinetuneConfig, grid: dict[str, list[Any]], out: str | Path
     # more values reuses the runs the two grids share. Versions before it wrote no marker: a
     # folder of theirs holds only this grid's runs and results.
     claim_folder(out, "grid-run", {}, what="a grid search", early=(*tags, "grid.csv", "grid.json"))
-    rows = []
+    rows, inputs = [], {}
     for setting, tag, c in zip(settings, tags, configs, strict=True):
         result = run(c, out / tag)
+        inputs = inputs or result.meta["inputs"]  # the runs differ in settings only
         best = result.at_best_val
         rows.append({**setting, "run": tag, "val_top1": best["val"]["top1"],
                      "test_top1_at_best_val": best["top1"], "test_top1_final": result.final["top1"],
@@ -98,6 +99,6 @@ def grid_search(cfg: FinetuneConfig, grid: dict[str, list[Any]], out: str | Path
     summary = {"kind": "grid", "grid": grid, "selected_by": "validation top-1",
                "best": winner, "tied_with_best": tied, "rows": rows,
                "meta": make_meta("finetune.grid", {"grid": grid, "config": cfg.to_dict()},
-                                 seed=cfg.seed)}
+                                 inputs=inputs, seed=cfg.seed)}
     write_json(out / "grid.json", summary)
     return summary
