@@ -408,7 +408,7 @@ def test_a_rerun_with_other_settings_or_inputs_is_refused_and_leaves_the_folder_
     assert json.loads((tmp_path / "k" / "knowledge.json").read_text())["report"] == summary["report"]
     # a folder that holds no analysis's games would silently compute every game again
     rc, _, err = _run(capsys, *knowledge[:-1], tmp_path / "k3", "--games-from", tmp_path / "none")
-    assert rc == 2 and f"--games-from {tmp_path / 'none'} holds no games of a knowledge analysis" in err
+    assert rc == 2 and f"(--games-from) {tmp_path / 'none'} holds no games of a knowledge analysis" in err
     assert not (tmp_path / "k3").exists()
     # another tau into a new folder, with the games of the first: none is computed again
     rc, _, err = _run(capsys, *knowledge[:-1], tmp_path / "k2", "--tau", 0.2, "--games-from",
@@ -845,6 +845,11 @@ def test_the_python_api_names_a_path_or_name_given_for_a_loaded_object(tmp_path)
     with pytest.raises(PretrainReuseError, match=r"cfg must be an ExplainConfig, got dict; build "
                                                  r"it with ExplainConfig\(\*\*fields\)"):
         explain(net, data, np.arange(2), {"players": "grid:2x2"})
+    # a path that holds no games would silently compute every game again
+    (tmp_path / "empty" / "pretrained").mkdir(parents=True)
+    with pytest.raises(PretrainReuseError, match=r"games_from \(--games-from\) .*empty holds no games"):
+        analyze_knowledge({"pretrained": net, "finetuned": net}, data, cfg, tmp_path / "k",
+                          games_from=[tmp_path / "empty"])
     assert not (tmp_path / "k").exists()
 
 

@@ -272,6 +272,7 @@ def test_the_python_api_refuses_an_empty_or_malformed_vary(models, tmp_path):
             knowledge_sensitivity(net, data, ExplainConfig(players="grid:2x2", samples=3), vary,
                                   tmp_path / "s")
     for kwargs, message in (({"games_from": str(tmp_path)}, "games_from must be a list of folders"),
+                            ({"games_from": [tmp_path]}, "holds no games of a knowledge analysis"),
                             ({"out": None}, "out must be a folder path")):
         with pytest.raises(PretrainReuseError, match=message):
             knowledge_sensitivity(net, data, ExplainConfig(players="grid:2x2", samples=3),

@@ -599,11 +599,6 @@ def cmd_knowledge(args) -> int:
               "finetuned": _classifier(args.model, args.finetuned, "--finetuned", args.quiet)}
     if args.scratch:
         models["scratch"] = _classifier(args.model, args.scratch, "--scratch", args.quiet)
-    for folder in args.games_from:  # a wrong path would silently compute every game again
-        if not any((Path(folder) / role / "games").is_dir() for role in models):
-            raise PretrainReuseError(
-                f"--games-from {folder} holds no games of a knowledge analysis ({folder}/<role>/"
-                "games); pass the --out folder of an earlier knowledge analysis of these models")
     if args.vary and (args.checkpoints or args.scratch_checkpoints):
         raise PretrainReuseError("--vary compares the knowledge ratios, not the convergence: drop "
                                  "--checkpoints / --scratch-checkpoints, or run the convergence "

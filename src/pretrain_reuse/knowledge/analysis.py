@@ -210,12 +210,24 @@ def counterfactual(x: Interactions, sets: list[int], tau: float, rng: np.random.
     return {"preserved": chosen, "random": control}
 
 
-def folder_list(name: str, folders: Any) -> list[Path]:
-    """``folders`` (a list of folder paths, for the argument ``name``) as paths; a single path,
-    which would be read letter by letter, or another type is one line."""
+def holds_games(folder: Path) -> bool:
+    """Whether ``folder`` is an analysis's folder that holds the cached games of a role."""
+    return any((folder / role / "games").is_dir() for role in ROLES)
+
+
+def games_folders(folders: Any) -> list[Path]:
+    """``folders`` (``games_from``: earlier analyses' folders) as paths, each holding games: a
+    wrong path would silently compute every game again. A single path, which would be read
+    letter by letter, or another type is one line."""
     if isinstance(folders, str | Path) or not isinstance(folders, Sequence) \
             or not all(isinstance(f, str | Path) for f in folders):
-        raise PretrainReuseError(f"{name} must be a list of folders (paths), got {folders!r}")
+        raise PretrainReuseError(f"games_from must be a list of folders (paths), got {folders!r}")
+    for folder in map(Path, folders):
+        if not holds_games(folder):
+            raise PretrainReuseError(
+                f"games_from (--games-from) {folder} holds no games of a knowledge analysis "
+                f"({folder}/<role>/games); pass the out folder of an earlier knowledge analysis "
+                "of these models")
     return [Path(f) for f in folders]
 
 
@@ -309,7 +321,7 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     _check_analysis(models, dataset, cfg, tau=tau, match=match, candidates=candidates,
                    snapshots={f"{name}[{t}]": m for name, snaps in given.items()
                               for t, m in enumerate(snaps)})
-    games_from = folder_list("games_from", games_from)
+    games_from = games_folders(games_from)
     out = Path(out)
     device = torch.device(cfg.device)
     series = {name: _ordered_snapshots(name, snaps, models.get(SERIES[name][0]))

@@ -29,7 +29,7 @@ from ..data.text import TextDataset
 from ..errors import PretrainReuseError, check_choice
 from ..figures import save_png, subplots
 from ..models import Backbone
-from .analysis import analyze_knowledge, folder_list, load_analysis
+from .analysis import analyze_knowledge, games_folders, holds_games, load_analysis
 from .explain import ExplainConfig
 from .metrics import (
     KnowledgeReport,
@@ -288,7 +288,7 @@ def knowledge_sensitivity(models: dict[str, Backbone], dataset: ImageDataset | T
     """
     if not isinstance(out, str | Path):
         raise PretrainReuseError(f"out must be a folder path, got {out!r}")
-    games_from = folder_list("games_from", games_from)
+    games_from = games_folders(games_from)
     if not isinstance(vary, Mapping) or not vary:
         raise PretrainReuseError("nothing to vary; pass --vary SETTING=V1,V2 (e.g. "
                                  "baseline=zero,mean,blur), in Python {'baseline': ['zero', 'mean']}")
@@ -332,7 +332,8 @@ def knowledge_sensitivity(models: dict[str, Backbone], dataset: ImageDataset | T
     claim_folder(out, "sensitivity-run", {}, what="a knowledge sensitivity analysis",
                  early=(*variants, "sensitivity.json", "sensitivity.csv", "sensitivity.png"))
     # the games of this sweep's earlier runs too (other values, or the flags in another order)
-    done = [*games_from, *(f for f in sorted(out.iterdir()) if f.is_dir() and f.name not in variants)]
+    done = [*games_from, *(f for f in sorted(out.iterdir())
+                           if f.name not in variants and holds_games(f))]
     reports, ids, checks = {}, {}, {}
     for k, (tag, (c, t, m)) in enumerate(runs.items()):
         if progress:  # each analysis draws its own bars; say which setting they belong to
