@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,58 @@ def _store(n=25, dim=6, labels=True, seed=0) -> FeatureStore:
 # --------------------------------------------------------------------------------------------
 # FeatureStore
 # --------------------------------------------------------------------------------------------
+
+
+def test_value_objects_compare_by_value_and_are_not_hashable(tmp_path):
+    # the generated __eq__ raised "the truth value of an array is ambiguous"
+    from pretrain_reuse.knowledge.metrics import Convergence
+
+    rng = np.random.default_rng(0)
+    objects = {
+        "fs": FeatureStore(rng.random((5, 3)).astype(np.float32), labels=np.arange(5) % 2,
+                           class_names=["a", "b"]),
+        "u.safetensors": Units(prototypes=rng.random((4, 3)), kind="class", names=list("wxyz")),
+        "sel.json": Selection(selected=[2, 0], scores=np.array([0.5, -np.inf, 0.9, 0.1]),
+                              params={"method": "uot"}),
+        "conv.json": Convergence(similarity=np.array([0.2, np.nan, 1.0]), detour=np.zeros(3),
+                                 n_used=np.array([3, 0, 3]), measure="iou"),
+    }
+    changed = {"fs": lambda o: replace(o, labels=1 - o.labels),
+               "u.safetensors": lambda o: replace(o, prototypes=o.prototypes + 1),
+               "sel.json": lambda o: replace(o, scores=o.scores * 2),
+               "conv.json": lambda o: replace(o, similarity=np.r_[0.3, o.similarity[1:]])}
+    for name, obj in objects.items():
+        obj.save(tmp_path / name)
+        back = load(tmp_path / name)
+        # NaN equals NaN (an undefined s(t)), -inf -inf (a unit the plan gave no mass)
+        assert back == load(tmp_path / name), name
+        assert back != changed[name](back) and back != "something else", name
+        with pytest.raises(TypeError, match="unhashable"):
+            hash(back)
+    assert load(tmp_path / "fs") == objects["fs"] == load(tmp_path / "fs", lazy=True)
+
+
+def test_metadata_that_json_cannot_hold_is_one_line_and_writes_nothing(tmp_path):
+    # a NaN or an array in metadata a caller gave raised json's ValueError / TypeError on save
+    x = np.ones((3, 2), dtype=np.float32)
+    for name, obj in (("fs", FeatureStore(x, meta={"x": float("nan")})),
+                      ("u.safetensors", Units(prototypes=x, meta={"a": np.ones(2)})),
+                      ("sel.json", Selection(selected=[0], scores=np.zeros(3),
+                                             params={"k": np.ones(1)}))):
+        with pytest.raises(PretrainReuseError, match=r"cannot write as JSON: .*; metadata and "
+                                                     r"parameters may hold numbers"):
+            obj.save(tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_shard_size_below_one_is_refused_and_the_store_is_kept(tmp_path):
+    # -1 replaced a good store with one of no rows; 0 was range()'s ValueError
+    store = FeatureStore(np.ones((4, 2), dtype=np.float32))
+    store.save(tmp_path / "fs")
+    for size in (-1, 0, 2.5):
+        with pytest.raises(PretrainReuseError, match="shard_size must be an integer >= 1"):
+            store.save(tmp_path / "fs", shard_size=size)
+    assert load(tmp_path / "fs") == store
 
 
 def test_feature_store_round_trip_over_several_shards_keeps_every_field(tmp_path):
@@ -468,7 +521,8 @@ def test_atomic_path_replaces_the_file_when_the_block_succeeds(tmp_path):
 
 
 def test_write_json_refuses_nan_and_leaves_nothing(tmp_path):
-    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+    with pytest.raises(PretrainReuseError, match="cannot write as JSON: Out of range float values "
+                                                 "are not JSON compliant"):
         write_json(tmp_path / "x.json", {"a": float("nan")})
     assert _files(tmp_path) == set()
 
@@ -548,6 +602,12 @@ def test_load_names_what_a_file_it_does_not_open_holds(tmp_path):
     (tmp_path / "result.json").write_text('{"kind": "finetune-result", "history": []}')
     with pytest.raises(PretrainReuseError, match=r"not a complete fine-tuning result\.json \(no 'config'\)"):
         load(tmp_path / "result.json")
+    # a result saved under another name opens by its kind (it was refused as "a record")
+    from pretrain_reuse.finetune import RunResult
+
+    result = RunResult(config={"lr": 0.1}, history=[], final={"top1": 0.5},
+                       at_best_val={"top1": 0.4, "step": 3})
+    assert load(result.save(tmp_path / "vanilla_result.json")) == result
     (tmp_path / "run").mkdir()
     with pytest.raises(PretrainReuseError, match=r"folder without index\.json"):
         load(tmp_path / "run")

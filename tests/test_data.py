@@ -591,6 +591,15 @@ def test_world_config_errors_name_the_field():
         make_world(WorldConfig(classes_per_family=60, textures=1))
     with pytest.raises(PretrainReuseError, match="target_shared_classes"):
         WorldConfig(target_shared_classes=6)
+    # wrong types failed inside make_world (TypeError, ValueError); NumPy ints are ints
+    for field, value, message in (("seed", -1, r"seed must be an integer in \[0, 2\*\*63\)"),
+                                  ("seed", 1.5, "seed must be an integer, got 1.5"),
+                                  ("families", 2.5, "families must be an integer, got 2.5"),
+                                  ("image_size", 32.0, "image_size must be an integer, got 32.0"),
+                                  ("pretrain_train", "9", "pretrain_train must be an integer")):
+        with pytest.raises(PretrainReuseError, match=message):
+            WorldConfig(**{field: value})
+    assert WorldConfig(families=np.int64(3), rule_terms=[2, 3]) == WorldConfig(families=3)
 
 
 # --- loading with workers ----------------------------------------------------------------------

@@ -845,6 +845,10 @@ def test_the_python_api_names_a_path_or_name_given_for_a_loaded_object(tmp_path)
     with pytest.raises(PretrainReuseError, match=r"cfg must be an ExplainConfig, got dict; build "
                                                  r"it with ExplainConfig\(\*\*fields\)"):
         explain(net, data, np.arange(2), {"players": "grid:2x2"})
+    with pytest.raises(PretrainReuseError, match=r"a role of models='Scratch' is not one of "
+                                                 r".*did you mean 'scratch'"):
+        analyze_knowledge({"pretrained": net, "finetuned": net, "Scratch": net}, data, cfg,
+                          tmp_path / "k")
     # a path that holds no games would silently compute every game again
     (tmp_path / "empty" / "pretrained").mkdir(parents=True)
     with pytest.raises(PretrainReuseError, match=r"games_from \(--games-from\) .*empty holds no games"):

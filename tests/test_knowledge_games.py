@@ -50,6 +50,21 @@ def test_players_of_another_size_than_the_input_are_refused():
         masked_game(_linear([1.0] * 9), torch.ones(1, 3, 3), 0, COLUMNS, torch.zeros(1, 3, 3))
 
 
+def test_an_input_or_baseline_of_the_wrong_kind_or_shape_is_one_line():
+    # a NumPy input was .to()'s TypeError, a baseline of another shape a broadcasting error
+    net, x = _linear([1.0] * 4), torch.ones(1, 2, 2)
+    for args, message in (((x.numpy(), torch.zeros(1, 2, 2)), "x must be a torch tensor"),
+                          ((x, np.zeros((1, 2, 2))), "baseline must be a torch tensor"),
+                          ((x[None], torch.zeros(1, 1, 2, 2)), r"x must be one input \(C, H, W\)"),
+                          ((x, torch.zeros(3, 2, 2)), r"baseline is \(3, 2, 2\) but the input is "
+                                                      r"\(1, 2, 2\)")):
+        with pytest.raises(PretrainReuseError, match=message):
+            masked_game(net, args[0], 0, COLUMNS, args[1])
+    with pytest.raises(PretrainReuseError, match=r"init is \(1, 3, 3\) but the input"):
+        learn_baseline(net, x, 0, COLUMNS, torch.zeros(1, 3, 3), torch.zeros(1, 3, 3),
+                       torch.ones(1, 3, 3))
+
+
 def test_class_output_refuses_logits_without_the_class():
     with pytest.raises(PretrainReuseError, match="class 3"):
         class_output(torch.zeros(2, 3), 3)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import json
 import math
 import os
 import pkgutil
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,6 +72,14 @@ SCRATCH = inter(3, A0=1.0, A12=1.0)
 # One sample
 # --------------------------------------------------------------------------------------------
 
+
+
+def _check_meta(path, producer: str, params: dict, seed: int | None = None) -> None:
+    """The saved result's metadata block names its class, settings, seed and version (DESIGN's
+    contract for every artifact; these files carried none)."""
+    meta = json.loads(Path(path).read_text())["meta"]
+    assert meta["producer"] == f"knowledge.{producer}" and meta["params"] == params
+    assert meta["seed"] == seed and meta["version"] == pretrain_reuse.__version__
 
 def test_preserved_discarded_and_new_sets_match_by_type_and_coalition():
     k = sample_knowledge(PRE, FT, SCRATCH)
@@ -201,6 +211,7 @@ def test_report_saves_its_knowledge_sets_and_loads_back_every_ratio(tmp_path, ma
                               [SCRATCH, SCRATCH, PRE], tau=0.1, match=match)
     back = load(report.save(tmp_path / "report.json"))
     assert isinstance(back, KnowledgeReport) and back.to_dict() == report.to_dict()
+    _check_meta(tmp_path / "report.json", "KnowledgeReport", {"tau": 0.1, "match": match})
     assert (back.tau, back.match, back.n_samples) == (0.1, match, 3)
     for name in ("preserve", "new", "exclusive", "preserve_strength"):
         for order in (None, 1, 2):
@@ -323,6 +334,7 @@ def test_convergence_takes_any_iterable_and_refuses_what_is_not_interactions():
 def test_convergence_save_and_load_round_trip_nan_included(tmp_path):
     c = knowledge_convergence(CHECKPOINTS, order=2, threshold=0.5)  # detour[0] is NaN
     back = Convergence.load(c.save(tmp_path / "convergence.json"))
+    _check_meta(tmp_path / "convergence.json", "Convergence", {"measure": c.measure, "threshold": 0.5})
     for name in ("similarity", "detour", "n_used"):
         np.testing.assert_array_equal(getattr(back, name), getattr(c, name))
     assert (back.measure, back.threshold) == ("iou", 0.5) and back.to_dict() == c.to_dict()
@@ -431,6 +443,7 @@ def test_set_discrimination_saves_loads_and_plots_its_purities(tmp_path):
     d = set_discrimination(knowledge_report(pre, ft, ft), [0, 0, 0, 1])
     back = load(d.save(tmp_path / "purity.json"))
     assert isinstance(back, SetDiscrimination) and back == d and back.to_dict() == d.to_dict()
+    _check_meta(tmp_path / "purity.json", "SetDiscrimination", {})
     _, ax = plt.subplots()
     assert d.plot(ax) is ax
     heights = {t.get_text(): p.get_height() for t, p in zip(ax.get_xticklabels(), ax.patches, strict=True)}
@@ -656,6 +669,7 @@ def test_set_ablation_saves_loads_and_plots_itself(tmp_path):
     a = set_ablation(knowledge_report([PRE, PRE4], [FT, FT4], [SCRATCH, SCRATCH4]), [FT, FT4])
     b = load(a.save(tmp_path / "ablation.json"))
     assert isinstance(b, SetAblation) and b.to_dict() == a.to_dict()
+    _check_meta(tmp_path / "ablation.json", "SetAblation", {"model": "finetuned"})
     for name in a.measures:
         np.testing.assert_array_equal(b.sizes[name], a.sizes[name])
         for m, values in a.measures[name].items():
@@ -782,6 +796,8 @@ def test_accuracy_correlation_refuses_bad_inputs(ratios, accuracy, needle):
 def test_accuracy_correlation_save_and_load_round_trip(tmp_path):
     a = accuracy_correlation(RATIOS, ACCURACY, n_boot=200)
     back = AccuracyCorrelation.load(a.save(tmp_path / "correlation.json"))
+    _check_meta(tmp_path / "correlation.json", "AccuracyCorrelation",
+                {"n_boot": 200, "level": a.level}, seed=a.seed)
     assert back.to_dict() == a.to_dict()
     np.testing.assert_array_equal(back.ratio, a.ratio)
     np.testing.assert_array_equal(back.n_samples, a.n_samples)

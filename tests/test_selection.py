@@ -146,6 +146,29 @@ def test_label_with_a_sample_share_the_named_units_cannot_reach_is_refused():
         select(src, _units(s[:1]), SelectConfig(method="label", unit_ids=(2, 1), k=0.5))
 
 
+def test_top_of_a_label_selection_takes_named_units_only():
+    # top(5) of 2 named units padded with units nobody named ([3, 1, 0, 2, 4]); select refuses it
+    s = np.eye(6, 4)
+    src = _units(s, counts=[10, 10, 10, 40, 10, 20])
+    sel = select(src, _units(s[:1]), SelectConfig(method="label", unit_ids=(3, 1)))
+    assert sel.top(1).selected == [3] and sel.top(2).selected == [3, 1]
+    assert sel.top(0.4).selected == [3]
+    with pytest.raises(PretrainReuseError, match=r"k=5 but only 2 units were named"):
+        sel.top(5)
+    with pytest.raises(PretrainReuseError, match=r"named units hold 50\.0%"):
+        sel.top(0.6)
+    # another method's top ranks every unit
+    assert len(select(src, _units(s[:1]), SelectConfig(method="random", k=1)).top(6).selected) == 6
+
+
+def test_selected_ids_must_be_integers():
+    # floats were truncated when saved ([1.5, 2.7] came back as [1, 2]); text was a TypeError
+    for ids, bad in (([1.5, 2.7], "1.5"), (["1"], "'1'")):
+        with pytest.raises(PretrainReuseError, match=f"selected must be integer ids, got {bad}"):
+            Selection(selected=ids, scores=np.zeros(3), params={})
+    assert Selection(selected=np.array([2, 0]), scores=np.zeros(3), params={}).selected == [2, 0]
+
+
 def test_k_as_fraction_covers_that_share_of_samples():
     rng = np.random.default_rng(3)
     s = rng.standard_normal((20, 4))

@@ -9,6 +9,7 @@ half-written artifact behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import errno
 import glob
@@ -203,7 +204,39 @@ def _alive(pid: int) -> bool:
 def to_json(obj: Any) -> str:
     """JSON text of ``obj`` (numpy scalars and paths converted, infinities written as "inf"; NaN
     refused)."""
-    return json.dumps(_jsonable(obj), indent=1, allow_nan=False)
+    try:
+        return json.dumps(_jsonable(obj), indent=1, allow_nan=False)
+    except (TypeError, ValueError) as e:  # a NaN or an array, e.g. in metadata a caller gave
+        raise PretrainReuseError(
+            f"cannot write as JSON: {e}; metadata and parameters may hold numbers (not NaN), "
+            "strings, lists and dicts only") from None
+
+
+class ValueEquality:
+    """``==`` by value for a dataclass with array fields (declared with ``eq=False``, so that
+    the generated ``__eq__``, which cannot compare arrays, is not made): fields are equal as
+    :func:`same_values` says. Such objects are not hashable, as they compare by value."""
+
+    __hash__ = None
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(same_values(getattr(self, f.name), getattr(other, f.name))
+                   for f in dataclasses.fields(self))
+
+
+def same_values(a: Any, b: Any) -> bool:
+    """Whether two values are equal: dicts, lists and tuples item by item; arrays (and what NumPy
+    reads as one) by shape and element, NaN equal to NaN; other values by ``==``."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_values(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(map(same_values, a, b))
+    if hasattr(a, "__array__") or hasattr(b, "__array__"):
+        x, y = np.asarray(a), np.asarray(b)
+        return bool(np.array_equal(x, y, equal_nan=x.dtype.kind in "fc" and y.dtype.kind in "fc"))
+    return bool(a == b) or (a != a and b != b)  # NaN
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -468,12 +501,16 @@ OPENS = ("pass an artifact: a FeatureStore, fine-tuning run or experiment folder
 
 #: The knowledge results saved as JSON, by their kind: the module of pretrain_reuse.knowledge and
 #: the class in it that loads them.
-KNOWLEDGE_RESULTS = {"knowledge-sets": ("metrics", "KnowledgeReport"),
-                     "knowledge-convergence": ("metrics", "Convergence"),
-                     "accuracy-correlation": ("metrics", "AccuracyCorrelation"),
-                     "set-discrimination": ("metrics", "SetDiscrimination"),
-                     "set-ablation": ("metrics", "SetAblation"),
-                     "knowledge-sensitivity": ("sensitivity", "KnowledgeSensitivity")}
+#: The JSON artifacts that :func:`load` opens by their ``kind`` whatever the file's name:
+#: kind -> (module, class).
+JSON_ARTIFACTS = {"knowledge-sets": ("knowledge.metrics", "KnowledgeReport"),
+                  "knowledge-convergence": ("knowledge.metrics", "Convergence"),
+                  "accuracy-correlation": ("knowledge.metrics", "AccuracyCorrelation"),
+                  "set-discrimination": ("knowledge.metrics", "SetDiscrimination"),
+                  "set-ablation": ("knowledge.metrics", "SetAblation"),
+                  "knowledge-sensitivity": ("knowledge.sensitivity", "KnowledgeSensitivity"),
+                  "finetune-result": ("finetune.loop", "RunResult"),
+                  "experiment": ("experiments", "ExperimentTable")}
 
 
 def load(path: str | Path, *, what: str = "path", lazy: bool = False):
@@ -544,9 +581,9 @@ def load(path: str | Path, *, what: str = "path", lazy: bool = False):
                                  + (weights if kind == "backbone" else ""))
     if p.suffix == ".json":
         kind = _json_entry(p)
-        if kind in KNOWLEDGE_RESULTS:
-            module, name = KNOWLEDGE_RESULTS[kind]
-            return getattr(importlib.import_module(f".knowledge.{module}", __package__), name).load(p)
+        if kind in JSON_ARTIFACTS:
+            module, name = JSON_ARTIFACTS[kind]
+            return getattr(importlib.import_module(f".{module}", __package__), name).load(p)
         if kind not in (None, "selection"):
             raise PretrainReuseError(f"{str(p)!r} holds a {kind!r} record, not an artifact to "
                                      f"load; it is plain JSON (json.load reads it); {OPENS}")

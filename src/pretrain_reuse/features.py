@@ -27,16 +27,24 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from .artifacts import atomic_path, decode_ids, encode_ids, hash_file, read_json, write_json
-from .errors import PretrainReuseError, as_array, check_file, check_matrix, check_strings
+from .artifacts import (
+    ValueEquality,
+    atomic_path,
+    decode_ids,
+    encode_ids,
+    hash_file,
+    read_json,
+    write_json,
+)
+from .errors import PretrainReuseError, as_array, check_file, check_int, check_matrix, check_strings
 
 __all__ = ["FeatureStore", "ShardedFeatures", "hash_ids"]
 
 STORE_FORMAT = 1
 
 
-@dataclass(frozen=True)
-class FeatureStore:
+@dataclass(frozen=True, eq=False)
+class FeatureStore(ValueEquality):
     """Per-sample features with optional integer labels and string sample ids.
 
     The constructor takes NumPy arrays, torch tensors or nested lists, and stores NumPy arrays.
@@ -115,6 +123,7 @@ class FeatureStore:
 
         Refuses a row that float32, the dtype a store holds, cannot hold (:func:`float32_rows`),
         naming its sample."""
+        shard_size = check_int("shard_size", shard_size, minimum=1)  # -1 would write no row
         path = Path(path)
         if path.exists() and not (path / "index.json").exists():
             raise PretrainReuseError(

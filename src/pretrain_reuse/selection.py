@@ -27,7 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .artifacts import check_output_file, hash_array, make_meta, read_json, write_json
+from .artifacts import (
+    ValueEquality,
+    check_output_file,
+    hash_array,
+    make_meta,
+    read_json,
+    write_json,
+)
 from .errors import (
     PretrainReuseError,
     as_array,
@@ -135,8 +142,8 @@ def _integer_ids(name: str, ids) -> list[int]:
     return [int(i) for i in ids]
 
 
-@dataclass(frozen=True)
-class Selection:
+@dataclass(frozen=True, eq=False)
+class Selection(ValueEquality):
     """The ranked choice of source units for one target task.
 
     Attributes:
@@ -171,6 +178,7 @@ class Selection:
                 f"{'NaN' if scores.dtype.kind in 'biuf' and scores.ndim == 1 else scores.dtype} "
                 f"in shape {scores.shape}")
         object.__setattr__(self, "scores", scores.astype(np.float64, copy=False))
+        object.__setattr__(self, "selected", _integer_ids("selected", self.selected))
         n = len(self.scores)
         if not len(self.selected):  # select keeps k >= 1 units
             raise PretrainReuseError("the selection selects no unit (an empty 'selected'); a "
@@ -195,11 +203,16 @@ class Selection:
         return np.argsort(-self.scores, kind="stable")
 
     def top(self, k: int | float) -> Selection:
-        """The same ranking with a different ``k`` (count or sample fraction, as in SelectConfig)."""
+        """The same ranking with a different ``k`` (count or sample fraction, as in SelectConfig);
+        of a ``label`` selection, among the named units only."""
         k = _check_k(k)
+        ranking = self.ranking()
+        if self.params.get("method") == "label":  # the named units (score > 0) only
+            ranking = ranking[:int((self.scores > 0).sum())]
+            _check_named_k(k, ranking, self.counts)
         meta = {**self.meta, "params": {**self.meta["params"], "k": k}} if "params" in self.meta \
             else self.meta
-        return Selection(selected=_take(self.ranking(), k, self.counts),
+        return Selection(selected=_take(ranking, k, self.counts),
                          scores=self.scores, params={**self.params, "k": k}, meta=meta,
                          unit_names=self.unit_names, counts=self.counts, unit_kind=self.unit_kind)
 
@@ -399,20 +412,24 @@ def _score_label(source: Units, targets: list[Units], cfg: SelectConfig):
         if not matched:  # even beside --ids: a pattern that names nothing is a typo
             raise PretrainReuseError(f"name pattern {cfg.name_pattern!r} matches no unit name")
         chosen += [i for i in matched if i not in chosen]
-    if is_integer(cfg.k) and cfg.k > len(chosen):
-        raise PretrainReuseError(
-            f"k={cfg.k} but only {len(chosen)} units were named (unit_ids/name_pattern, "
-            f"--ids/--names); pass k={len(chosen)} (--k {len(chosen)})")
-    counts = source.counts
-    if isinstance(cfg.k, float) and counts is not None and (
-            counts[chosen].sum() < cfg.k * counts.sum() * (1 - 1e-12)):
-        # the share would be made up with units nobody named, in id order
-        raise PretrainReuseError(
-            f"k={cfg.k} asks for {cfg.k:.0%} of the source samples, but the named units hold "
-            f"{counts[chosen].sum() / counts.sum():.1%}; pass a smaller k, or none for every named unit")
+    _check_named_k(cfg.k, chosen, source.counts)
     scores = np.zeros(len(source))
     scores[chosen] = len(chosen) - np.arange(len(chosen))  # keep the given order
     return [(scores, {"n_named": len(chosen)}) for _ in targets]
+
+
+def _check_named_k(k: int | float | None, named: list[int], counts: np.ndarray | None) -> None:
+    """Refuse a ``k`` that the ``named`` units of a label selection cannot fill: the rest would
+    be units nobody named, in id order."""
+    if is_integer(k) and k > len(named):
+        raise PretrainReuseError(
+            f"k={k} but only {len(named)} units were named (unit_ids/name_pattern, "
+            f"--ids/--names); pass k={len(named)} (--k {len(named)})")
+    if isinstance(k, float) and counts is not None and (
+            counts[named].sum() < k * counts.sum() * (1 - 1e-12)):
+        raise PretrainReuseError(
+            f"k={k} asks for {k:.0%} of the source samples, but the named units hold "
+            f"{counts[named].sum() / counts.sum():.1%}; pass a smaller k, or none for every named unit")
 
 
 SELECTORS: dict[str, Callable] = {

@@ -24,6 +24,7 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from .artifacts import (
+    ValueEquality,
     atomic_path,
     check_output_file,
     decode_ids,
@@ -54,8 +55,8 @@ __all__ = ["Units", "class_means", "spherical_kmeans"]
 KINDS = ("class", "cluster", "prototypes")
 
 
-@dataclass(frozen=True)
-class Units:
+@dataclass(frozen=True, eq=False)
+class Units(ValueEquality):
     """Prototypes of K units and, when known, which samples belong to each.
 
     Attributes:

@@ -57,7 +57,8 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from ..errors import PretrainReuseError, check_choice
+from ..configs import check_fields
+from ..errors import PretrainReuseError, check_choice, check_seed
 from .datasets import ImageDataset, Transform, convert_channels
 
 SHAPES = ("square", "frame", "disk", "ring", "triangle", "diamond", "cross", "x")
@@ -99,6 +100,9 @@ class WorldConfig:
         def need(ok: bool, what: str):
             if not ok:
                 raise PretrainReuseError(f"WorldConfig: {what}")
+
+        check_fields(self)  # the types first: a float count failed deep inside make_world
+        check_seed("seed", self.seed)
 
         need(1 <= self.families <= N_FAMILIES, f"families must be in 1..{N_FAMILIES}, got {self.families}")
         need(1 <= self.textures <= len(TEXTURES), f"textures must be in 1..4, got {self.textures}")

@@ -242,6 +242,8 @@ def _check_analysis(models: dict[str, Backbone], dataset: ImageDataset | TextDat
     if not isinstance(models, Mapping):
         raise PretrainReuseError(f"models must be a dict of the roles' models, {{'pretrained': "
                                  f"..., 'finetuned': ..., 'scratch': ...}}, got {type(models).__name__}")
+    for role in models:  # a misspelt role would be explained at full cost, then left out
+        check_choice("a role of models", role, ROLES)
     missing = {"pretrained", "finetuned"} - models.keys()
     if missing:
         raise PretrainReuseError(f"knowledge needs the {' and '.join(sorted(missing))} model(s)")

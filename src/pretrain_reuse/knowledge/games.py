@@ -210,8 +210,19 @@ def image_values(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     return values
 
 
-def _check_image_game(x: torch.Tensor, players: Players, output: str) -> None:
+def _check_image_game(x: torch.Tensor, players: Players, output: str, baseline: torch.Tensor,
+                      name: str = "baseline") -> None:
+    """The checks of an image game's inputs; ``baseline`` is called ``name`` in errors."""
     check_choice("output", output, OUTPUTS)
+    for what, t in (("x", x), (name, baseline)):
+        if not isinstance(t, torch.Tensor):
+            raise PretrainReuseError(f"{what} must be a torch tensor (C, H, W), got "
+                                     f"{type(t).__name__}; convert it with torch.as_tensor")
+    if x.ndim != 3:
+        raise PretrainReuseError(f"x must be one input (C, H, W), got shape {tuple(x.shape)}")
+    if baseline.shape != x.shape:
+        raise PretrainReuseError(f"{name} is {tuple(baseline.shape)} but the input is "
+                                 f"{tuple(x.shape)}; pass one shaped like the input (baseline_input)")
     if tuple(players.masks.shape[1:]) != tuple(x.shape[-2:]):
         raise PretrainReuseError(
             f"players are {players.masks.shape[1]}x{players.masks.shape[2]} but the input is "
@@ -253,7 +264,7 @@ def masked_game(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
         output: one of :data:`OUTPUTS`.
         batch_size: masked inputs per forward pass; memory holds one batch, never all 2^n.
     """
-    _check_image_game(x, players, output)
+    _check_image_game(x, players, output, baseline)
     values = image_values(model, x, label, players, output)
     return game_values(values, baseline, players.n, batch_size).numpy()
 
@@ -304,7 +315,7 @@ def learn_baseline(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
         lr: learning rate (1e-3 as in the group's example).
         steps: iterations (50 as in the group's example).
     """
-    _check_image_game(x, players, output)
+    _check_image_game(x, players, output, init, "init")
     return _descend(image_values(model, x, label, players, output), init, lower, upper,
                     players.n, lr=lr, steps=steps, batch_size=batch_size)
 

@@ -39,7 +39,14 @@ from typing import Any
 
 import numpy as np
 
-from ..artifacts import read_json, refuse_foreign, require_keys, write_json
+from ..artifacts import (
+    ValueEquality,
+    make_meta,
+    read_json,
+    refuse_foreign,
+    require_keys,
+    write_json,
+)
 from ..errors import PretrainReuseError, check_choice, check_seed, is_integer, is_number
 from .games import LOG_ODDS_OUTPUTS
 from .interactions import orders, players_of
@@ -129,10 +136,14 @@ def _none_to_nan(values: list) -> np.ndarray:
     return np.array([math.nan if v is None else v for v in values], dtype=np.float64)
 
 
-def _save_json(path: str | Path, kind: str, record: dict[str, Any]) -> Path:
-    """Write ``{"kind": kind, **record}`` atomically, refusing to replace a file of another kind."""
+def _save_json(path: str | Path, result: Any, kind: str, record: dict[str, Any],
+               settings: dict[str, Any], seed: int | None = None) -> Path:
+    """Write ``{"kind": kind, **record}`` atomically with the metadata block of ``result`` (its
+    class as the producer, its ``settings`` and ``seed``, the version), refusing to replace a
+    file of another kind."""
     refuse_foreign(path, kind)
-    write_json(path, {"kind": kind, **record})
+    meta = make_meta(f"knowledge.{type(result).__name__}", settings, seed=seed)
+    write_json(path, {"kind": kind, **record, "meta": meta})
     return Path(path)
 
 
@@ -369,8 +380,9 @@ class KnowledgeReport:
 
         samples = [{"n": s.n, "pretrained": items(s.pretrained), "finetuned": items(s.finetuned),
                     "scratch": items(s.scratch)} for s in self.samples]
-        return _save_json(path, "knowledge-sets", {**self.to_dict(), "n": self.samples[0].n,
-                                                    "samples": samples})
+        return _save_json(path, self, "knowledge-sets",
+                          {**self.to_dict(), "n": self.samples[0].n, "samples": samples},
+                          {"tau": self.tau, "match": self.match})
 
     @classmethod
     def load(cls, path: str | Path) -> KnowledgeReport:
@@ -539,8 +551,8 @@ def cover_ratio(a: Interactions, b: Interactions) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Convergence:
+@dataclass(frozen=True, eq=False)
+class Convergence(ValueEquality):
     """How a model's knowledge approaches that of its final checkpoint (docs/knowledge.md §4;
     Fig. 4 of Jiang, Cheng & Li, arXiv 2410.08455) [recon].
 
@@ -611,7 +623,8 @@ class Convergence:
 
     def save(self, path: str | Path) -> Path:
         """Write :meth:`to_dict` as JSON atomically (NaN as null); returns the path."""
-        return _save_json(path, "knowledge-convergence", self.to_dict())
+        return _save_json(path, self, "knowledge-convergence", self.to_dict(),
+                          {"measure": self.measure, "threshold": self.threshold})
 
     def plot(self, ax=None, *, run: str = "fine-tuning"):
         """s(t) (solid) and the detour d(t) (dashed) against the training step, as the report
@@ -846,7 +859,8 @@ class SetDiscrimination:
                                   "negative": _count_rows(d.negative)}
                          for c, d in sorted(classes.items())}
                   for name, classes in self.by_set.items()}
-        return _save_json(path, "set-discrimination", {"purity": self.to_dict(), "counts": counts})
+        return _save_json(path, self, "set-discrimination",
+                          {"purity": self.to_dict(), "counts": counts}, {})
 
     @classmethod
     def load(cls, path: str | Path) -> SetDiscrimination:
@@ -989,8 +1003,9 @@ class SetAblation:
         per_sample = {name: {"items": self.sizes[name].tolist(),
                              **{m: [_nan_to_none(float(v)) for v in values] for m, values in per.items()}}
                       for name, per in self.measures.items()}
-        return _save_json(path, "set-ablation", {"summary": self.to_dict(), "per_sample": per_sample,
-                                                 "model": self.model})
+        return _save_json(path, self, "set-ablation",
+                          {"summary": self.to_dict(), "per_sample": per_sample, "model": self.model},
+                          {"model": self.model})
 
     @classmethod
     def load(cls, path: str | Path) -> SetAblation:
@@ -1153,7 +1168,8 @@ class AccuracyCorrelation:
 
     def save(self, path: str | Path) -> Path:
         """Write :meth:`to_dict` as JSON atomically (NaN as null); returns the path."""
-        return _save_json(path, "accuracy-correlation", self.to_dict())
+        return _save_json(path, self, "accuracy-correlation", self.to_dict(),
+                          {"n_boot": self.n_boot, "level": self.level}, seed=self.seed)
 
     def plot(self, ax=None, *, ratio: str = "ratio"):
         """Each model's accuracy against its mean ``ratio`` (e.g. "r_preserve"), with both
