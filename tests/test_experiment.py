@@ -553,7 +553,10 @@ def test_a_reclaimed_folder_recomputes_what_the_old_settings_made_and_keeps_its_
     FeatureStore(noise, pool.labels, pool.ids, pool.class_names).save(tmp_path / "pool")
     cfg = load_experiment_config(path, seeds=(0,), source_features=str(tmp_path / "pool"),
                                  target_features=str(embedded), embed_batch_size=128)
-    run_experiment("table4", cfg, out, progress=False)
+    # said also without progress (it was a progress line): files are deleted
+    with pytest.warns(UserWarning, match=r"held an experiment with other settings \(.*source_features"
+                                         r".*\) that finished no run: removed what the change affects"):
+        run_experiment("table4", cfg, out, progress=False)
     assert (embedded / "index.json").exists()
     units = Units.load(out / "units" / "classes.safetensors")
     np.testing.assert_allclose(units.prototypes,

@@ -151,9 +151,9 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
         _warn_other_network(ws.features(which), which, cfg, backbones[cfg.weights])
     if name == "knowledge":
         _warn_same_pretrainings(cfg, backbones)
-    if changed and progress:
-        print(f"[experiment] {str(out)!r} held an experiment with other settings "
-              f"({', '.join(changed)}) that finished no run: removed what the change affects", flush=True)
+    if changed:  # a warning, not progress: files were deleted, which a quiet run must say too
+        warnings.warn(f"{str(out)!r} held an experiment with other settings ({', '.join(changed)}) "
+                      "that finished no run: removed what the change affects", stacklevel=2)
     # Every row's selections and recalls before the first fine-tuning run, so that a selection
     # that cannot be made (k above the number of units) fails while no run has finished, which
     # leaves the folder free for the corrected settings (claim.release).

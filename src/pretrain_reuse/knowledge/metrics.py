@@ -136,15 +136,18 @@ def _none_to_nan(values: list) -> np.ndarray:
     return np.array([math.nan if v is None else v for v in values], dtype=np.float64)
 
 
-def _save_json(path: str | Path, result: Any, kind: str, record: dict[str, Any],
-               settings: dict[str, Any], seed: int | None = None) -> Path:
-    """Write ``{"kind": kind, **record}`` atomically with the metadata block of ``result`` (its
-    class as the producer, its ``settings`` and ``seed``, the version), refusing to replace a
-    file of another kind."""
+def _save_json(path: str | Path, kind: str, record: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Write ``{"kind": kind, **record, "meta": meta}`` atomically, refusing to replace a file of
+    another kind."""
     refuse_foreign(path, kind)
-    meta = make_meta(f"knowledge.{type(result).__name__}", settings, seed=seed)
     write_json(path, {"kind": kind, **record, "meta": meta})
     return Path(path)
+
+
+def _saved_meta(result: Any, settings: dict[str, Any], seed: int | None = None) -> dict[str, Any]:
+    """The metadata block of a result saved alone: its class as the producer, its ``settings``
+    and ``seed``, the version."""
+    return make_meta(f"knowledge.{type(result).__name__}", settings, seed=seed)
 
 
 @contextlib.contextmanager
@@ -380,9 +383,9 @@ class KnowledgeReport:
 
         samples = [{"n": s.n, "pretrained": items(s.pretrained), "finetuned": items(s.finetuned),
                     "scratch": items(s.scratch)} for s in self.samples]
-        return _save_json(path, self, "knowledge-sets",
+        return _save_json(path, "knowledge-sets",
                           {**self.to_dict(), "n": self.samples[0].n, "samples": samples},
-                          {"tau": self.tau, "match": self.match})
+                          _saved_meta(self, {"tau": self.tau, "match": self.match}))
 
     @classmethod
     def load(cls, path: str | Path) -> KnowledgeReport:
@@ -623,8 +626,8 @@ class Convergence(ValueEquality):
 
     def save(self, path: str | Path) -> Path:
         """Write :meth:`to_dict` as JSON atomically (NaN as null); returns the path."""
-        return _save_json(path, self, "knowledge-convergence", self.to_dict(),
-                          {"measure": self.measure, "threshold": self.threshold})
+        return _save_json(path, "knowledge-convergence", self.to_dict(),
+                          _saved_meta(self, {"measure": self.measure, "threshold": self.threshold}))
 
     def plot(self, ax=None, *, run: str = "fine-tuning"):
         """s(t) (solid) and the detour d(t) (dashed) against the training step, as the report
@@ -859,8 +862,8 @@ class SetDiscrimination:
                                   "negative": _count_rows(d.negative)}
                          for c, d in sorted(classes.items())}
                   for name, classes in self.by_set.items()}
-        return _save_json(path, self, "set-discrimination",
-                          {"purity": self.to_dict(), "counts": counts}, {})
+        return _save_json(path, "set-discrimination", {"purity": self.to_dict(), "counts": counts},
+                          _saved_meta(self, {}))
 
     @classmethod
     def load(cls, path: str | Path) -> SetDiscrimination:
@@ -1003,9 +1006,9 @@ class SetAblation:
         per_sample = {name: {"items": self.sizes[name].tolist(),
                              **{m: [_nan_to_none(float(v)) for v in values] for m, values in per.items()}}
                       for name, per in self.measures.items()}
-        return _save_json(path, self, "set-ablation",
+        return _save_json(path, "set-ablation",
                           {"summary": self.to_dict(), "per_sample": per_sample, "model": self.model},
-                          {"model": self.model})
+                          _saved_meta(self, {"model": self.model}))
 
     @classmethod
     def load(cls, path: str | Path) -> SetAblation:
@@ -1168,8 +1171,9 @@ class AccuracyCorrelation:
 
     def save(self, path: str | Path) -> Path:
         """Write :meth:`to_dict` as JSON atomically (NaN as null); returns the path."""
-        return _save_json(path, self, "accuracy-correlation", self.to_dict(),
-                          {"n_boot": self.n_boot, "level": self.level}, seed=self.seed)
+        return _save_json(path, "accuracy-correlation", self.to_dict(),
+                          _saved_meta(self, {"n_boot": self.n_boot, "level": self.level},
+                                      seed=self.seed))
 
     def plot(self, ax=None, *, ratio: str = "ratio"):
         """Each model's accuracy against its mean ``ratio`` (e.g. "r_preserve"), with both

@@ -158,8 +158,8 @@ class KnowledgeSensitivity:
                             "ratios": {k: [_nan_to_none(float(v)) for v in values]
                                        for k, values in self.ratios[tag].items()}}
                       for tag in self.variants}
-        return _save_json(path, "knowledge-sensitivity", {**self.to_dict(), "per_variant": per_sample,
-                                                          "meta": self.meta})
+        return _save_json(path, "knowledge-sensitivity", {**self.to_dict(), "per_variant": per_sample},
+                          self.meta)
 
     @classmethod
     def load(cls, path: str | Path) -> KnowledgeSensitivity:
