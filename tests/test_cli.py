@@ -864,6 +864,39 @@ def test_a_names_file_of_class_ids_and_words_names_each_class_by_its_id(capsys, 
     assert "--class-names has 2 lines for 3 classes" in err and "'n01'" in err
 
 
+def test_class_names_that_rename_the_classes_keep_the_datas_own_names(capsys, tmp_path):
+    # folder names with spaces were matched by their first word only (so a file silently named
+    # them line by line), and units renamed line by line lost the names their pool's classes
+    # have, so that fine-tuning refused their selection as made over other data
+    folders = ["golden retriever", "tabby", "tabby cat"]  # sorted, as an image folder numbers them
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((12, 8)).astype(np.float32)
+    FeatureStore(features=feats, labels=np.repeat(np.arange(3), 4), class_names=folders,
+                 meta={"producer": "embed"}).save(tmp_path / "pool")
+    mapping = ["tabby cat, a pet", "zebra, a striped horse", "golden retriever a dog",
+               "tabby\ta coat pattern"]
+    (tmp_path / "mapping.txt").write_text("\n".join(mapping) + "\n")
+    run_ok(capsys, "units", "--features", tmp_path / "pool", "--class-names",
+           tmp_path / "mapping.txt", "--out", tmp_path / "u.safetensors")
+    units = load(tmp_path / "u.safetensors")
+    assert units.names == [mapping[2], mapping[3], mapping[0]]
+    assert units.meta["data_class_names"] == folders
+    (tmp_path / "abc.txt").write_text("alpha\nbeta\ngamma\n")  # line i names class i
+    run_ok(capsys, "units", "--features", tmp_path / "pool", "--class-names", tmp_path / "abc.txt",
+           "--out", tmp_path / "v.safetensors")
+    assert load(tmp_path / "v.safetensors").meta["data_class_names"] == folders
+    np.save(tmp_path / "t.npy", feats[:2])
+    for source, names in ((tmp_path / "v.safetensors", ()),  # renamed by units, or by select
+                          (tmp_path / "pool", ("--class-names", tmp_path / "abc.txt"))):
+        run_ok(capsys, "select", "--source", source, *names, "--target", tmp_path / "t.npy",
+               "--method", "label", "--names", "beta", "--out", tmp_path / "sel.json")
+        selection = load(tmp_path / "sel.json")
+        assert selection.selected == [1] and selection.unit_names == ["alpha", "beta", "gamma"]
+        assert selection.meta["data_class_names"] == folders
+    # names the data already has are not recorded twice
+    assert "data_class_names" not in load(tmp_path / "pool", ).meta
+
+
 def test_a_solve_cut_short_by_max_iter_is_warned_of_not_refused(capsys, tmp_path):
     # its optimality conditions are far off (599 nats here, beyond float32's exponent range) only
     # because it stopped early: the fix is --max-iter, not a larger eps or float64

@@ -85,23 +85,41 @@ def _named_by_file(lines: list[str], existing: list[str] | None) -> list[str]:
     """The names a ``--class-names`` file gives to units or classes already named ``existing``
     (an image folder's ids, e.g. n01440764). A file whose lines start with those names, such as
     ImageNet's LOC_synset_mapping.txt (``n01440764 tench, Tinca tinca``), names each class by its
-    whole line, matched by that first word: in any order, with lines for other classes. Any
-    other file names class i by line i, one line per class."""
+    whole line, matched by that name (:func:`~pretrain_reuse.data.datasets.line_names`; the
+    longest name a line starts with, so that ``tabby cat, a pet`` names a folder ``tabby cat``
+    beside one named ``tabby``): in any order, with lines for other classes. Any other file names
+    class i by line i, one line per class."""
+    from .data.datasets import first_word, line_names
+
     if not existing:
         return lines
-    by_first: dict[str, str] = {}
+    by_first_word: dict[str, list[str]] = {}
+    for name in existing:
+        by_first_word.setdefault(first_word(name), []).append(name)
+    by_name: dict[str, str] = {}
     for line in lines:
-        by_first.setdefault(line.split()[0], line)
-    if all(name in by_first for name in existing):
-        return [by_first[name] for name in existing]
+        named = [n for n in by_first_word.get(first_word(line), []) if line_names(line, n)]
+        if named:
+            by_name.setdefault(max(named, key=len), line)
+    if all(name in by_name for name in existing):
+        return [by_name[name] for name in existing]
     if len(lines) != len(existing):
-        missing = next(name for name in existing if name not in by_first)
+        missing = next(name for name in existing if name not in by_name)
         raise PretrainReuseError(
             f"--class-names has {len(lines)} lines for {len(existing)} classes and does not name "
             f"them by their names (no line starts with {missing!r}); give one line per class (line "
             "i names class i), or lines that start with the classes' names (as ImageNet's "
             "LOC_synset_mapping.txt does)")
     return lines
+
+
+def _with_data_names(units, data_names: list[str] | None):
+    """``units`` recording, in ``meta["data_class_names"]``, the names their data gave the
+    classes (folder names) where a ``--class-names`` file renamed them: fine-tuning matches a
+    selection's units to the classes of its pre-training data by these."""
+    if not data_names or list(data_names) == list(units.names or []):
+        return units
+    return replace(units, meta={**units.meta, "data_class_names": list(data_names)})
 
 
 def _load_data(path: str, labels: str | None, what: str, class_names: list[str] | None = None):
@@ -151,14 +169,17 @@ def load_units_arg(path: str, labels: str | None, class_names: str | None, what:
     names = _read_lines(class_names, "class names") if class_names is not None else None
     # names at once for .npy labels: labels that are names are numbered by them, not renamed
     obj = _load_data(path, labels, what, names)
+    data_names = None  # the classes' names before a --class-names file renamed them
     if names is not None and labels is None:
         if isinstance(obj, Units):
             if not obj.names and len(names) != len(obj):
                 raise PretrainReuseError(f"--class-names has {len(names)} lines for the {len(obj)} "
                                          f"units of {path!r}; give one name per unit (line i names "
                                          "unit i)")
-            obj = replace(obj, names=_named_by_file(names, obj.names))
+            data_names = obj.meta.get("data_class_names", obj.names)
+            obj = _with_data_names(replace(obj, names=_named_by_file(names, obj.names)), data_names)
         else:
+            data_names = obj.class_names
             obj = replace(obj, class_names=_named_by_file(names, obj.class_names))
     if isinstance(obj, Units):
         return obj
@@ -167,7 +188,7 @@ def load_units_arg(path: str, labels: str | None, class_names: str | None, what:
         raise PretrainReuseError(
             f"--{what} {path!r} holds unlabelled features; build units first "
             f"(`pretrain-reuse units --method kmeans`){labels_fix}")
-    return class_means(obj, progress=progress)
+    return _with_data_names(class_means(obj, progress=progress), data_names)
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,6 +277,7 @@ def cmd_units(args) -> int:
         if not isinstance(store, FeatureStore):
             raise PretrainReuseError(f"--features {args.features!r} holds units, not features")
         if names:
+            data_names = store.class_names
             store = replace(store, class_names=_named_by_file(names, store.class_names))
     # the k-means options; spherical_kmeans's defaults apply to those not given
     kmeans = _given(args, ("n_iter", "n_init", "init", "seed", "max_points_per_unit"))
@@ -268,6 +290,8 @@ def cmd_units(args) -> int:
             raise PretrainReuseError("--device applies to --method kmeans only; class means "
                                      "are computed on the CPU: drop it")
         units = class_means(store, normalize=args.normalize, progress=not args.quiet)
+        if names and not args.features.endswith(".npy"):
+            units = _with_data_names(units, data_names)
     else:
         ignored = [flag for flag, value in (("--labels", args.labels),
                                              ("--class-names", args.class_names)) if value]

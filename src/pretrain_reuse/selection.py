@@ -502,6 +502,8 @@ def select_many(source: Units | FeatureStore | np.ndarray, targets: list[Units |
                                             "units": hash_array(t.prototypes)}},
                          seed=cfg.seed)
         meta["solver"] = diag
+        if "data_class_names" in source.meta:  # the pool's own names of renamed units
+            meta["data_class_names"] = source.meta["data_class_names"]
         if diag.get("converged") is False:
             _warn_unconverged(diag, cfg, f" (target {len(out) + 1} of {len(targets)})"
                               if len(targets) > 1 else "")

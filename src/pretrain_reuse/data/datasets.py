@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -522,6 +523,25 @@ def _parse_labels(cells: list[str], list_path: Path) -> tuple[np.ndarray, list[s
     names = sorted(set(cells))
     index = {name: i for i, name in enumerate(names)}
     return np.asarray([index[c] for c in cells], np.int64), names
+
+
+#: What may follow a class's name at the start of a line of a class-names file that names it.
+NAME_ENDS = " \t,;:"
+
+
+def line_names(line: str, name: str) -> bool:
+    """Whether a line of a class-names file names the class ``name``: it is ``name``, or starts
+    with ``name`` and one of :data:`NAME_ENDS`, as ImageNet's LOC_synset_mapping.txt
+    (``n01440764 tench, Tinca tinca``) names the folder n01440764, and ``tabby cat, a pet`` a
+    folder of that name (not ``tabby catfish``)."""
+    return line == name or (line.startswith(name) and len(line) > len(name)
+                            and line[len(name)] in NAME_ENDS)
+
+
+def first_word(text: str) -> str:
+    """``text`` up to the first of :data:`NAME_ENDS`: the key by which a class-names line is
+    matched to the names it may start with."""
+    return re.match(f"[^{NAME_ENDS}]*", text).group()
 
 
 def read_class_names(path: str | Path) -> list[str]:

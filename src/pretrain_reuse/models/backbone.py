@@ -153,9 +153,10 @@ def _check_layer(b: Backbone) -> None:
         raise PretrainReuseError(f"layer='head': {b.spec.name} has no head (none in the model or "
                                  "its weights file); use layer='penultimate'")
     if b.layer == "logits" and b.num_classes is None:
-        what = "no head" if b.head is None else "a projection head, not a classifier"
-        raise PretrainReuseError(f"layer='logits': {b.spec.name} has {what}; use layer='head' or "
-                                 "'penultimate'")
+        # a head that is no classifier (a projection) still gives layer='head'; no head does not
+        what, use = (("no head", "layer='penultimate'") if b.head is None else
+                     ("a projection head, not a classifier", "layer='head' or 'penultimate'"))
+        raise PretrainReuseError(f"layer='logits': {b.spec.name} has {what}; use {use}")
 
 
 def assemble(parts: ModelParts, state: Mapping[str, torch.Tensor] | None, path: str | None, *,
