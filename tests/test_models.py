@@ -673,6 +673,25 @@ def test_bad_layer_is_rejected_with_choices():
         create_backbone("smallcnn", layer="pooled")
 
 
+@pytest.mark.parametrize("device, needle", [
+    # torch's own RuntimeErrors ("Expected one of cpu, cuda, ...", "Found no NVIDIA driver")
+    ("gpu", "device='gpu' is not a device name; use cpu or cuda"),
+    pytest.param("cuda", "device='cuda' but no CUDA GPU is visible; use cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs no GPU")),
+])
+def test_a_device_that_is_none_here_is_one_line(device, needle):
+    with pytest.raises(PretrainReuseError, match=needle):
+        create_backbone("smallcnn-s", device=device)
+
+
+def test_num_classes_is_any_integer_count_and_no_bool():
+    # a NumPy count (len(np.unique(labels)), a data set's) was refused; True was a TypeError
+    assert create_backbone("smallcnn-s", num_classes=np.int64(5)).num_classes == 5
+    for bad in (True, 0, 2.0):
+        with pytest.raises(PretrainReuseError, match=f"num_classes must be an integer >= 1, got {bad!r}"):
+            create_backbone("smallcnn-s", num_classes=bad)
+
+
 def test_a_bare_library_architecture_name_suggests_its_prefix():
     pytest.importorskip("timm")
     with pytest.raises(PretrainReuseError, match=r"did you mean timm:resnet18"):
