@@ -722,6 +722,24 @@ def test_result_prints_a_short_summary_and_plot_names_the_metrics_it_has():
         result.plot(metric="top-1")
 
 
+def test_a_result_replaces_a_result_but_no_other_file(tmp_path):
+    # it replaced a selection (any file) silently, and wrote JSON under any suffix
+    from pretrain_reuse.finetune.loop import RunResult, _result
+
+    rec = {"step": 1, "val": {"top1": 0.5, "n": 2}, "test": {"top1": 0.5, "n": 2}}
+    result = _result(FinetuneConfig(), [rec], {}, 1.0)
+    path = result.save(tmp_path / "result.json")
+    assert RunResult.load(result.save(path)).final == result.final  # a resumed run rewrites it
+    selection = Selection(selected=[0], scores=np.zeros(2), params={}).save(tmp_path / "sel.json")
+    before = selection.read_bytes()
+    with pytest.raises(PretrainReuseError, match=r"sel\.json' exists and is not a finetune-result "
+                                                 "file; choose another output path"):
+        result.save(selection)
+    assert selection.read_bytes() == before
+    with pytest.raises(PretrainReuseError, match=r"finetune-result files are saved as \.json"):
+        result.save(tmp_path / "result.txt")
+
+
 def test_reuse_full_source_head_spans_all_pretraining_classes(files, tmp_path, capsys):
     out = run_ok(capsys, *base_args(files, tmp_path / "run", steps=1), "--mode", "reuse",
                  *MODE_ARGS["reuse"](files), "--source-head", "full", "--source-sampling", "units")

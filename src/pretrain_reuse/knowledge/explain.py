@@ -772,11 +772,14 @@ def save_explanations(results: list[Interactions], model: Backbone,
     """Write ``interactions-*.safetensors`` and (images) ``salient.png`` at threshold ``tau``
     into the explanation folder ``folder``, delete an earlier run's outputs not rewritten, and
     mark the folder finished (recording ``identity``, as :func:`explain_games` did)."""
+    # the folder is this run's (explain_games marked it unfinished): an earlier run's samples go
+    # first, damaged ones among them, which Interactions.save refuses to replace (not its kind)
+    _remove_stale(folder, ["interactions-*.safetensors"], [])
     written = [x.save(folder / f"interactions-{k:04d}.safetensors") for k, x in enumerate(results)]
     if cfg.players != "tokens":
         written.append(save_png(salient_figure(display_samples(
             model, dataset, results[:SHOWN], cfg), tau=tau), folder / "salient.png"))
-    _remove_stale(folder, ["interactions-*.safetensors", "salient.png"], written)
+    _remove_stale(folder, ["salient.png"], written)
     write_json(folder / MARKER, _marker(finished=True, identity=identity))
 
 
