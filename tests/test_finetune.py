@@ -1828,6 +1828,59 @@ def test_a_config_that_is_not_a_finetune_config_is_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+#: What the Python API's finetune_datasets refuses, as run_finetune does: it dropped the source
+#: data and selection of a vanilla run unsaid.
+SOURCE_INPUTS_REFUSED = [
+    ({}, {"source_pool": "POOL", "selection": "SEL"},
+     "mode 'vanilla' reuses no pre-training data, so source_pool, selection would be ignored; "
+     "pass mode reuse or reuse-unlabeled, or drop them"),
+    ({"mode": "co-tuning"}, {"units": "UNITS"}, "so units would be ignored; pass mode reuse or "
+                                                "reuse-unlabeled, or drop it"),
+    ({"mode": "reuse"}, {"source_pool": "POOL"},
+     r"mode 'reuse' needs the pre-training data \(source_pool\) and a selection \(selection\)"),
+]
+
+
+@pytest.mark.parametrize("settings, given, needle", SOURCE_INPUTS_REFUSED)
+def test_finetune_datasets_refuses_source_inputs_the_mode_would_ignore_or_lacks(
+        tmp_path, settings, given, needle):
+    from pretrain_reuse.finetune import finetune_datasets
+
+    data = open_dataset("synthetic:target", split="test")
+    objects = {"POOL": open_dataset("synthetic:pretrain", split="test"),
+               "SEL": Selection(selected=[0], scores=np.zeros(10), params={}),
+               "UNITS": Units(prototypes=np.eye(10, dtype=np.float32), kind="cluster")}
+    cfg = FinetuneConfig(**{"max_steps": 2, "batch_size": 16, **settings})
+    with pytest.raises(PretrainReuseError, match=needle):
+        finetune_datasets(cfg, model="smallcnn-s", train_pool=data, test_set=data,
+                          out=tmp_path / "run", progress=False,
+                          **{name: objects[value] for name, value in given.items()})
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name, value, needle", [
+    # each was an AttributeError from deep in the run ('str' object has no attribute 'selected')
+    ("selection", "sel.json", r"selection must be a Selection, got str; open the file with "
+                              r"Selection.load\(path\), or give run_finetune its path"),
+    ("units", "u.safetensors", r"units must be a Units, got str; open the file with Units.load"),
+    ("source_pool", "synthetic:pretrain", r"source_pool must be an ImageDataset or TextDataset, "
+                                          r"got str; open it with pretrain_reuse.data.open_dataset"),
+    ("train_pool", "synthetic:target", "train_pool must be an ImageDataset or TextDataset, got str"),
+    ("test_set", Path("test"), "test_set must be an ImageDataset or TextDataset, got PosixPath"),
+])
+def test_finetune_datasets_names_a_path_given_for_a_data_object(tmp_path, name, value, needle):
+    from pretrain_reuse.finetune import finetune_datasets
+
+    data = open_dataset("synthetic:target", split="test")
+    args = {"train_pool": data, "test_set": data, "source_pool": open_dataset("synthetic:pretrain"),
+            "selection": Selection(selected=[0], scores=np.zeros(10), params={}),
+            "units": Units(prototypes=np.eye(10, dtype=np.float32), kind="cluster"), name: value}
+    with pytest.raises(PretrainReuseError, match=needle):
+        finetune_datasets(FinetuneConfig(mode="reuse", max_steps=2, batch_size=16),
+                          model="smallcnn-s", out=tmp_path / "run", progress=False, **args)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("mode, precision, advice", [
     # the error told a run without a source loss to lower --lam, and one in float32 to train in it
     ("vanilla", "auto", "lower --lr"),

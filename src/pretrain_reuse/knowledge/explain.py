@@ -61,6 +61,7 @@ from ..data.text import TextDataset, numbered_by
 from ..embed import preprocessed
 from ..errors import PretrainReuseError, check_choice, check_device, check_seed, preview
 from ..figures import save_png
+from ..finetune.data import check_dataset
 from ..models import (
     Backbone,
     finetune_mode,
@@ -524,10 +525,7 @@ def check_objects(models: dict[str, Any], dataset: Any, cfg: Any) -> None:
             raise PretrainReuseError(
                 f"the {role} model must be a Backbone, got {type(model).__name__}; load it with "
                 "pretrain_reuse.models.create_backbone(name, weights=path)")
-    if not isinstance(dataset, ImageDataset | TextDataset):
-        raise PretrainReuseError(
-            f"the data must be an ImageDataset or TextDataset, got {type(dataset).__name__}; open "
-            "it with pretrain_reuse.data.open_dataset(spec, split=...) or data.text.text_file(path)")
+    check_dataset("the data", dataset)
     if not isinstance(cfg, ExplainConfig):
         raise PretrainReuseError(f"cfg must be an ExplainConfig, got {type(cfg).__name__}; build "
                                  "it with ExplainConfig(**fields)")
