@@ -2518,6 +2518,28 @@ def test_evaluate_names_the_absent_classes_of_data_matched_by_position():
     assert scores["classes_without_images"] == names[2:]
 
 
+def test_evaluate_gives_the_model_back_in_the_train_or_eval_mode_it_came_in(monkeypatch):
+    # it left a model in the middle of training (or with frozen parts) in eval mode
+    from pretrain_reuse.finetune import evaluate
+
+    names = [f"class {c}" for c in range(10)]
+    data = ArrayDataset(np.zeros((2, 32, 32, 3), np.uint8), np.array([0, 1]), class_names=names)
+    net = create_backbone("smallcnn").train()
+    next(iter(net.body.children())).eval()  # a frozen first block
+    modes = [m.training for m in net.modules()]
+    assert evaluate.evaluate_model(net, data)["n"] == 2
+    assert [m.training for m in net.modules()] == modes
+
+    def fails(model, *args, **kwargs):
+        assert not any(m.training for m in model.modules())  # scored in eval mode
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "predict", fails)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.evaluate_model(net, data)
+    assert [m.training for m in net.modules()] == modes
+
+
 def test_evaluate_refuses_class_names_of_another_number_than_the_outputs():
     # they would number the data's labels beyond the head (scored against no output)
     from pretrain_reuse.finetune.evaluate import evaluate_model
