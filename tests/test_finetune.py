@@ -722,6 +722,24 @@ def test_result_prints_a_short_summary_and_plot_names_the_metrics_it_has():
         result.plot(metric="top-1")
 
 
+def test_a_result_replaces_a_result_but_no_other_file(tmp_path):
+    # it replaced a selection (any file) silently, and wrote JSON under any suffix
+    from pretrain_reuse.finetune.loop import RunResult, _result
+
+    rec = {"step": 1, "val": {"top1": 0.5, "n": 2}, "test": {"top1": 0.5, "n": 2}}
+    result = _result(FinetuneConfig(), [rec], {}, 1.0)
+    path = result.save(tmp_path / "result.json")
+    assert RunResult.load(result.save(path)).final == result.final  # a resumed run rewrites it
+    selection = Selection(selected=[0], scores=np.zeros(2), params={}).save(tmp_path / "sel.json")
+    before = selection.read_bytes()
+    with pytest.raises(PretrainReuseError, match=r"sel\.json' exists and is not a finetune-result "
+                                                 "file; choose another output path"):
+        result.save(selection)
+    assert selection.read_bytes() == before
+    with pytest.raises(PretrainReuseError, match=r"finetune-result files are saved as \.json"):
+        result.save(tmp_path / "result.txt")
+
+
 def test_reuse_full_source_head_spans_all_pretraining_classes(files, tmp_path, capsys):
     out = run_ok(capsys, *base_args(files, tmp_path / "run", steps=1), "--mode", "reuse",
                  *MODE_ARGS["reuse"](files), "--source-head", "full", "--source-sampling", "units")
@@ -1810,6 +1828,59 @@ def test_a_config_that_is_not_a_finetune_config_is_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+#: What the Python API's finetune_datasets refuses, as run_finetune does: it dropped the source
+#: data and selection of a vanilla run unsaid.
+SOURCE_INPUTS_REFUSED = [
+    ({}, {"source_pool": "POOL", "selection": "SEL"},
+     "mode 'vanilla' reuses no pre-training data, so source_pool, selection would be ignored; "
+     "pass mode reuse or reuse-unlabeled, or drop them"),
+    ({"mode": "co-tuning"}, {"units": "UNITS"}, "so units would be ignored; pass mode reuse or "
+                                                "reuse-unlabeled, or drop it"),
+    ({"mode": "reuse"}, {"source_pool": "POOL"},
+     r"mode 'reuse' needs the pre-training data \(source_pool\) and a selection \(selection\)"),
+]
+
+
+@pytest.mark.parametrize("settings, given, needle", SOURCE_INPUTS_REFUSED)
+def test_finetune_datasets_refuses_source_inputs_the_mode_would_ignore_or_lacks(
+        tmp_path, settings, given, needle):
+    from pretrain_reuse.finetune import finetune_datasets
+
+    data = open_dataset("synthetic:target", split="test")
+    objects = {"POOL": open_dataset("synthetic:pretrain", split="test"),
+               "SEL": Selection(selected=[0], scores=np.zeros(10), params={}),
+               "UNITS": Units(prototypes=np.eye(10, dtype=np.float32), kind="cluster")}
+    cfg = FinetuneConfig(**{"max_steps": 2, "batch_size": 16, **settings})
+    with pytest.raises(PretrainReuseError, match=needle):
+        finetune_datasets(cfg, model="smallcnn-s", train_pool=data, test_set=data,
+                          out=tmp_path / "run", progress=False,
+                          **{name: objects[value] for name, value in given.items()})
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name, value, needle", [
+    # each was an AttributeError from deep in the run ('str' object has no attribute 'selected')
+    ("selection", "sel.json", r"selection must be a Selection, got str; open the file with "
+                              r"Selection.load\(path\), or give run_finetune its path"),
+    ("units", "u.safetensors", r"units must be a Units, got str; open the file with Units.load"),
+    ("source_pool", "synthetic:pretrain", r"source_pool must be an ImageDataset or TextDataset, "
+                                          r"got str; open it with pretrain_reuse.data.open_dataset"),
+    ("train_pool", "synthetic:target", "train_pool must be an ImageDataset or TextDataset, got str"),
+    ("test_set", Path("test"), "test_set must be an ImageDataset or TextDataset, got PosixPath"),
+])
+def test_finetune_datasets_names_a_path_given_for_a_data_object(tmp_path, name, value, needle):
+    from pretrain_reuse.finetune import finetune_datasets
+
+    data = open_dataset("synthetic:target", split="test")
+    args = {"train_pool": data, "test_set": data, "source_pool": open_dataset("synthetic:pretrain"),
+            "selection": Selection(selected=[0], scores=np.zeros(10), params={}),
+            "units": Units(prototypes=np.eye(10, dtype=np.float32), kind="cluster"), name: value}
+    with pytest.raises(PretrainReuseError, match=needle):
+        finetune_datasets(FinetuneConfig(mode="reuse", max_steps=2, batch_size=16),
+                          model="smallcnn-s", out=tmp_path / "run", progress=False, **args)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("mode, precision, advice", [
     # the error told a run without a source loss to lower --lam, and one in float32 to train in it
     ("vanilla", "auto", "lower --lr"),
@@ -2445,6 +2516,28 @@ def test_evaluate_names_the_absent_classes_of_data_matched_by_position():
     scores = evaluate_model(create_backbone("smallcnn"), data)
     assert scores["classes_matched_by"] == "position"
     assert scores["classes_without_images"] == names[2:]
+
+
+def test_evaluate_gives_the_model_back_in_the_train_or_eval_mode_it_came_in(monkeypatch):
+    # it left a model in the middle of training (or with frozen parts) in eval mode
+    from pretrain_reuse.finetune import evaluate
+
+    names = [f"class {c}" for c in range(10)]
+    data = ArrayDataset(np.zeros((2, 32, 32, 3), np.uint8), np.array([0, 1]), class_names=names)
+    net = create_backbone("smallcnn").train()
+    next(iter(net.body.children())).eval()  # a frozen first block
+    modes = [m.training for m in net.modules()]
+    assert evaluate.evaluate_model(net, data)["n"] == 2
+    assert [m.training for m in net.modules()] == modes
+
+    def fails(model, *args, **kwargs):
+        assert not any(m.training for m in model.modules())  # scored in eval mode
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "predict", fails)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.evaluate_model(net, data)
+    assert [m.training for m in net.modules()] == modes
 
 
 def test_evaluate_refuses_class_names_of_another_number_than_the_outputs():

@@ -157,3 +157,23 @@ def test_learned_baseline_refuses_bad_settings(kw, needle):
     with pytest.raises(PretrainReuseError, match=needle):
         learn_baseline(_linear([1.0] * 4), X, 0, COLUMNS, args.pop("init"), args.pop("lower"),
                        args.pop("upper"), **args)
+
+
+def test_explain_gives_the_model_back_in_the_train_or_eval_mode_it_came_in():
+    # explain left a model in the middle of training (or with frozen parts) in eval mode
+    from pretrain_reuse.data import open_dataset
+    from pretrain_reuse.knowledge.explain import ExplainConfig, explain
+    from pretrain_reuse.models import create_backbone
+
+    net = create_backbone("smallcnn-s", num_classes=10).train()
+    next(iter(net.body.children())).eval()  # a frozen first block
+    modes = [m.training for m in net.modules()]
+    data = open_dataset("synthetic:target", split="test")
+    cfg = ExplainConfig(players="grid:2x2", samples=2)
+    assert len(explain(net, data, np.arange(2), cfg, progress=False)) == 2
+    assert [m.training for m in net.modules()] == modes
+    with torch.no_grad():
+        net.head.weight.fill_(float("nan"))
+    with pytest.raises(PretrainReuseError, match="NaN or infinite"):
+        explain(net, data, np.arange(2), cfg, progress=False)
+    assert [m.training for m in net.modules()] == modes

@@ -199,6 +199,22 @@ def test_loading_a_corrupt_or_foreign_file_says_so(tmp_path):
         Interactions.load(tmp_path / "missing.safetensors")
 
 
+def test_save_replaces_interactions_but_no_other_file(tmp_path):
+    # it replaced a units file (or a model's weights) silently
+    from pretrain_reuse.units import Units
+
+    path = make(2, {(0,): 1.0}).save(tmp_path / "x.safetensors")
+    make(2, {(1,): 2.0}).save(path)  # an explanation rerun rewrites its own files
+    assert Interactions.load(path).get([1]) == 2.0
+    units = Units(prototypes=np.eye(3, dtype=np.float32), kind="prototypes").save(
+        tmp_path / "units.safetensors")
+    before = units.read_bytes()
+    with pytest.raises(PretrainReuseError, match=r"units\.safetensors' exists and is not a "
+                                                 "interactions file; choose another output path"):
+        make(2, {}).save(units)
+    assert units.read_bytes() == before
+
+
 def test_plot_orders_draws_the_by_order_shares():
     plt = pytest.importorskip("matplotlib.pyplot")
     x = make(3, {(0,): 1.0, (0, 1): -2.0}, {(1, 2): 1.0})

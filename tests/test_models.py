@@ -32,6 +32,7 @@ from pretrain_reuse.models import (
     missing_packages,
     save_backbone,
     state_hash,
+    weights_meta,
 )
 from pretrain_reuse.models.spec import make_transform
 
@@ -498,6 +499,37 @@ def test_saved_preprocessing_is_restored_under_another_name_of_the_same_model(
     assert back.preprocess(_photo()).shape == (3, 40, 40)
 
 
+def test_save_backbone_refuses_what_is_no_backbone_and_takes_no_meta(tmp_path):
+    # a plain module was AttributeError 'body'; meta=None a TypeError from dict(None)
+    with pytest.raises(PretrainReuseError, match="save_backbone takes a Backbone, got Linear; build"):
+        save_backbone(nn.Linear(2, 2), tmp_path / "m.safetensors", {})
+    with pytest.raises(PretrainReuseError, match=r"meta must be a mapping .* got list"):
+        save_backbone(create_backbone("smallcnn-s"), tmp_path / "m.safetensors", ["seed", 3])
+    path = save_backbone(create_backbone("smallcnn-s"), tmp_path / "m.safetensors", None)
+    assert weights_meta(path) == {} and sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def test_save_backbone_replaces_a_backbone_but_no_other_file(tmp_path):
+    # it replaced units, interactions and another program's weights silently
+    from pretrain_reuse.units import Units
+
+    net = create_backbone("smallcnn-s")
+    path = save_backbone(net, tmp_path / "model.safetensors", {"step": 1})
+    assert weights_meta(save_backbone(net, path, {"step": 2})) == {"step": 2}  # a run's rewrite
+    units = Units(prototypes=np.eye(3, dtype=np.float32), kind="prototypes").save(
+        tmp_path / "units.safetensors")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    for foreign in (units, tmp_path / "other.safetensors"):
+        before = foreign.read_bytes()
+        with pytest.raises(PretrainReuseError, match="exists and is not a backbone file; choose "
+                                                     "another output path") as refused:
+            save_backbone(net, foreign, {})
+        assert str(foreign) in str(refused.value)
+        assert foreign.read_bytes() == before
+    with pytest.raises(PretrainReuseError, match=r"backbone files are saved as \.safetensors"):
+        save_backbone(net, tmp_path / "model.pt", {})
+
+
 # --- real pre-trained weights shipped by pip packages -----------------------------------------
 
 def _skip_unless_available(name):
@@ -671,6 +703,25 @@ def test_registered_model_without_its_pip_package_names_it(monkeypatch):
 def test_bad_layer_is_rejected_with_choices():
     with pytest.raises(PretrainReuseError, match="layer='pooled' is not one of"):
         create_backbone("smallcnn", layer="pooled")
+
+
+@pytest.mark.parametrize("device, needle", [
+    # torch's own RuntimeErrors ("Expected one of cpu, cuda, ...", "Found no NVIDIA driver")
+    ("gpu", "device='gpu' is not a device name; use cpu or cuda"),
+    pytest.param("cuda", "device='cuda' but no CUDA GPU is visible; use cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs no GPU")),
+])
+def test_a_device_that_is_none_here_is_one_line(device, needle):
+    with pytest.raises(PretrainReuseError, match=needle):
+        create_backbone("smallcnn-s", device=device)
+
+
+def test_num_classes_is_any_integer_count_and_no_bool():
+    # a NumPy count (len(np.unique(labels)), a data set's) was refused; True was a TypeError
+    assert create_backbone("smallcnn-s", num_classes=np.int64(5)).num_classes == 5
+    for bad in (True, 0, 2.0):
+        with pytest.raises(PretrainReuseError, match=f"num_classes must be an integer >= 1, got {bad!r}"):
+            create_backbone("smallcnn-s", num_classes=bad)
 
 
 def test_a_bare_library_architecture_name_suggests_its_prefix():

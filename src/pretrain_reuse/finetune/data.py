@@ -82,6 +82,16 @@ def _draw_validation(labels: np.ndarray, candidates: np.ndarray, fraction: float
     return np.sort(np.asarray(val, dtype=np.int64))
 
 
+def check_dataset(name: str, data: object) -> None:
+    """Refuse ``data`` (the argument ``name``) that is not an opened data set: a name or path,
+    which only the command line and :func:`~.run.run_finetune` open."""
+    if not isinstance(data, ImageDataset | TextDataset):
+        raise PretrainReuseError(
+            f"{name} must be an ImageDataset or TextDataset, got {type(data).__name__}; open it "
+            "with pretrain_reuse.data.open_dataset(path or name, split=...) or "
+            "pretrain_reuse.data.text.text_file(path)")
+
+
 def check_batch_size(n: int, batch_size: int, *, what: str = "training",
                      flag: str = "--batch-size") -> None:
     """Epochs drop the last partial batch, so a batch needs at least ``batch_size`` samples."""

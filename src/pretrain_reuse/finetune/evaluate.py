@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..data.datasets import ImageDataset, inputs_to, labels_by_name, make_loader
 from ..data.text import TextDataset
@@ -17,6 +19,20 @@ from ..units import class_count
 from .augment import View, input_size
 from .corruptions import corrupt, parse_corruption
 from .data import resize_transform
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block, then each of its modules back in the mode the caller
+    had it in, also when the block raises: a model in the middle of training, or one whose
+    frozen parts stay in eval mode while the rest trains, must come back as it was."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 @torch.no_grad()
@@ -71,7 +87,8 @@ def evaluate_model(model: Backbone, data: ImageDataset | TextDataset, *,
             (:func:`~pretrain_reuse.data.text.text_file`) for a text classifier.
         class_names: the names of the model's outputs (output i = class i; a fine-tuned model
             records them); the data's labels are then matched by name.
-        batch_size, device, workers: inference settings.
+        batch_size, device, workers: inference settings; the model is moved to ``device``
+            (and stays there), evaluated in eval mode and left in the train/eval mode it came in.
         corruption: ``"NAME:SEVERITY"``, e.g. ``"gaussian-noise:3"``: score the images corrupted
             on the fly (:mod:`~pretrain_reuse.finetune.corruptions`) after the centre crop, as
             ImageNet-C corrupts its crops; None: as they are.
@@ -120,7 +137,7 @@ def evaluate_model(model: Backbone, data: ImageDataset | TextDataset, *,
                                      f"(--weights). ({e})") from None
     labels = labels_by_name(data, class_names, "data (--data)")
     dev = torch.device(check_device(device))
-    model = model.to(dev).eval()
+    model = model.to(dev)
     skipped: list[int] = []
     scored = data.subset(range(len(data)))  # a view: the caller's data keeps its transform
     scored.labels = labels
@@ -134,8 +151,9 @@ def evaluate_model(model: Backbone, data: ImageDataset | TextDataset, *,
             damage = partial(corrupt, name=name, severity=severity,
                              generator=torch.Generator(dev).manual_seed(seed), input_size=side)
         view = View(model.spec, "eval", side, corrupt=damage).to(dev)
-    logits, labels = predict(model, scored, view, batch_size=batch_size, device=dev,
-                             workers=workers, skipped=skipped)
+    with evaluating(model):
+        logits, labels = predict(model, scored, view, batch_size=batch_size, device=dev,
+                                 workers=workers, skipped=skipped)
     if len(labels) == 0:
         raise PretrainReuseError(f"none of the {len(data)} images of the data can be read; check "
                                  "its files (corrupt or not images)")

@@ -30,7 +30,16 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..artifacts import atomic_path, hash_file, make_meta, read_json, require_keys, to_json, write_json
+from ..artifacts import (
+    atomic_path,
+    check_output_file,
+    hash_file,
+    make_meta,
+    read_json,
+    require_keys,
+    to_json,
+    write_json,
+)
 from ..data.datasets import ImageDataset, describe_skipped, inputs_to
 from ..data.text import TextDataset
 from ..distributed import (
@@ -77,10 +86,12 @@ class RunResult:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
-        """Write ``result.json`` (atomically); returns the path."""
+        """Write ``result.json`` (atomically); returns the path. An existing file there is
+        replaced only if it is a fine-tuning result too (a selection, say, is refused)."""
+        path = check_output_file(path, ".json", "finetune-result")
         write_json(path, {"kind": "finetune-result", "config": self.config, "history": self.history,
                           "final": self.final, "at_best_val": self.at_best_val, "meta": self.meta})
-        return Path(path)
+        return path
 
     @classmethod
     def load(cls, path: str | Path) -> RunResult:

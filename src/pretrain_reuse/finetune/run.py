@@ -33,6 +33,7 @@ from .config import FinetuneConfig
 from .data import (
     SourceData,
     check_batch_size,
+    check_dataset,
     held_out_validation,
     resize_transform,
     selected_source,
@@ -143,14 +144,8 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
     """
     _check_config(cfg)
     cfg.check_options_used()
-    if cfg.uses_source and (source is None or selection is None):
-        raise PretrainReuseError(f"mode {cfg.mode!r} needs --source DATA and --selection sel.json")
-    given = [flag for flag, value in (("--source", source), ("--selection", selection),
-                                      ("--units", units)) if value is not None]
-    if given and not cfg.uses_source:
-        raise PretrainReuseError(
-            f"mode {cfg.mode!r} reuses no pre-training data, so {', '.join(given)} would be "
-            f"ignored; pass --mode reuse or reuse-unlabeled, or drop {'it' if len(given) == 1 else 'them'}")
+    _check_source_inputs(cfg, {"--source": source, "--selection": selection, "--units": units},
+                         "--mode")
     if target_test is None and not has_splits(target):
         if not Path(str(target)).exists():  # a typo, not a folder without its test split
             raise PretrainReuseError(f"--target {str(target)!r} does not exist; pass an image "
@@ -190,7 +185,7 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
               "units": hash_array(cluster_units.prototypes) if cluster_units is not None else None}
     if out is not None:
         inputs = _as_recorded(Path(out), inputs, {**files, **specs})
-    return finetune_datasets(
+    return _finetune(
         cfg, model=model, weights=weights, train_pool=data["target"],
         test_set=data["target_test"], source_pool=data["source"], selection=selection,
         units=cluster_units, out=out, inputs=inputs, progress=progress, check_only=check_only)
@@ -297,8 +292,34 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
 
     The run's inputs (in ``run.json`` and the ``meta`` of ``result.json`` and
     ``model.safetensors``) include ``class_names``: the training data's class names, output i of
-    the fine-tuned head naming class i, as JSON text (``null`` for data without names)."""
+    the fine-tuned head naming class i, as JSON text (``null`` for data without names).
+
+    Source data, a selection or units for a mode that reuses no pre-training data are refused,
+    as :func:`run_finetune` refuses them, and so is their absence in a mode that does."""
     _check_config(cfg)
+    _check_source_inputs(cfg, {"source_pool": source_pool, "selection": selection, "units": units},
+                         "mode")
+    for name, data in (("train_pool", train_pool), ("test_set", test_set),
+                       ("source_pool", source_pool)):
+        if data is not None:
+            check_dataset(name, data)
+    for name, value, artifact in (("selection", selection, Selection), ("units", units, Units)):
+        if value is not None and not isinstance(value, artifact):
+            raise PretrainReuseError(
+                f"{name} must be a {artifact.__name__}, got {type(value).__name__}; open the file "
+                f"with {artifact.__name__}.load(path), or give run_finetune its path")
+    return _finetune(cfg, model=model, weights=weights, train_pool=train_pool, test_set=test_set,
+                     out=out, source_pool=source_pool, selection=selection, units=units,
+                     inputs=inputs, progress=progress, check_only=check_only)
+
+
+def _finetune(cfg: FinetuneConfig, *, model: str, train_pool: ImageDataset | TextDataset,
+              test_set: ImageDataset | TextDataset, out: str | Path, weights: str | None,
+              source_pool: ImageDataset | TextDataset | None, selection: Selection | None,
+              units: Units | None, inputs: dict | None, progress: bool,
+              check_only: bool) -> RunResult | int:
+    """:func:`finetune_datasets` on checked arguments (its own, or those of
+    :func:`run_finetune`)."""
     with torch.random.fork_rng(devices=[]):  # a seeded initialisation of any fresh layer
         torch.manual_seed(cfg.seed)
         backbone = create_backbone(model, weights=weights, device="cpu")
@@ -325,8 +346,6 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
     source_data: SourceData | None = None
     source_classes = None
     if cfg.uses_source:
-        if source_pool is None or selection is None:
-            raise PretrainReuseError(f"mode {cfg.mode!r} needs source data and a selection")
         source_data = selected_source(source_pool, selection, units, source_head=cfg.source_head)
         source_data.dataset.transform = resize
         if cfg.source_sampling != "units":  # balanced sampling draws with replacement
@@ -368,6 +387,23 @@ def _check_config(cfg: FinetuneConfig) -> None:
         raise PretrainReuseError(
             f"cfg must be a FinetuneConfig, got {type(cfg).__name__}; build it with "
             "FinetuneConfig(**fields) or load_config(path)")
+
+
+def _check_source_inputs(cfg: FinetuneConfig, source: dict[str, object], mode: str) -> None:
+    """Refuse the ``source`` inputs (the pre-training data, the selection, the units, by the
+    names the caller gives them: flags or arguments) given to a mode that reuses no pre-training
+    data, which would ignore them, or the first two missing in one that does. ``mode`` names the
+    mode's flag or argument in the advice."""
+    data, chosen, _ = source
+    if cfg.uses_source and (source[data] is None or source[chosen] is None):
+        raise PretrainReuseError(f"mode {cfg.mode!r} needs the pre-training data ({data}) and a "
+                                 f"selection ({chosen})")
+    given = [name for name, value in source.items() if value is not None]
+    if given and not cfg.uses_source:
+        raise PretrainReuseError(
+            f"mode {cfg.mode!r} reuses no pre-training data, so {', '.join(given)} would be "
+            f"ignored; pass {mode} reuse or reuse-unlabeled, or drop "
+            f"{'it' if len(given) == 1 else 'them'}")
 
 
 def _check_modality_and_recipe(spec: BackboneSpec, cfg: FinetuneConfig,

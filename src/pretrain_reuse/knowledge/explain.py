@@ -61,6 +61,8 @@ from ..data.text import TextDataset, numbered_by
 from ..embed import preprocessed
 from ..errors import PretrainReuseError, check_choice, check_device, check_seed, preview
 from ..figures import save_png
+from ..finetune.data import check_dataset
+from ..finetune.evaluate import evaluating
 from ..models import (
     Backbone,
     finetune_mode,
@@ -385,7 +387,9 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
     which the dataset does not know), the model's identity (:func:`model_identity`) and the data;
     ``meta["solver"]`` is the decomposition's own meta (parameters and diagnostics); each
     sample's ``info`` holds the class the model ``predicted`` for it: a misclassified sample's
-    interactions explain the output of its true class, not of the model's answer.
+    interactions explain the output of its true class, not of the model's answer. The model is
+    moved to ``cfg.device`` (and stays there), computes in eval mode and is left in the
+    train/eval mode it came in.
     Everything that would fail is checked before anything is written (:func:`check_explainable`).
     A rerun into the ``out`` of a finished explanation with the same settings, data, model and
     samples whose files are all intact (:func:`finished_explanation`) returns the saved
@@ -524,10 +528,7 @@ def check_objects(models: dict[str, Any], dataset: Any, cfg: Any) -> None:
             raise PretrainReuseError(
                 f"the {role} model must be a Backbone, got {type(model).__name__}; load it with "
                 "pretrain_reuse.models.create_backbone(name, weights=path)")
-    if not isinstance(dataset, ImageDataset | TextDataset):
-        raise PretrainReuseError(
-            f"the data must be an ImageDataset or TextDataset, got {type(dataset).__name__}; open "
-            "it with pretrain_reuse.data.open_dataset(spec, split=...) or data.text.text_file(path)")
+    check_dataset("the data", dataset)
     if not isinstance(cfg, ExplainConfig):
         raise PretrainReuseError(f"cfg must be an ExplainConfig, got {type(cfg).__name__}; build "
                                  "it with ExplainConfig(**fields)")
@@ -649,23 +650,24 @@ def class_logits(model: Backbone, dataset: ImageDataset | TextDataset, indices: 
                  device: torch.device, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """``model``'s logits (k, classes), float32 on the CPU, on the samples at ``indices`` (k,),
     and which of them could be read ((k,) bool; the rows of unreadable images are NaN)."""
-    model = model.to(device).eval()
+    model = model.to(device)
     logits = np.full((len(indices), model.num_classes), np.nan, np.float32)
     readable = np.ones(len(indices), bool)
     text = isinstance(dataset, TextDataset)
     data = None if text else preprocessed(dataset, model.preprocess)
-    for s in range(0, len(indices), batch_size):
-        chunk = [int(i) for i in indices[s:s + batch_size]]
-        if text:
-            enc = model.preprocess.batch([dataset.texts[i] for i in chunk])
-            logits[s:s + len(chunk)] = model({k: v.to(device) for k, v in enc.items()}).float().cpu()
-        else:
-            xs = [data.load(i) for i in chunk]
-            ok = np.array([x is not None for x in xs])
-            readable[s:s + len(chunk)] = ok
-            if ok.any():
-                batch = torch.stack([x for x in xs if x is not None]).to(device)
-                logits[s:s + len(chunk)][ok] = model(batch).float().cpu().numpy()
+    with evaluating(model):
+        for s in range(0, len(indices), batch_size):
+            chunk = [int(i) for i in indices[s:s + batch_size]]
+            if text:
+                enc = model.preprocess.batch([dataset.texts[i] for i in chunk])
+                logits[s:s + len(chunk)] = model({k: v.to(device) for k, v in enc.items()}).float().cpu()
+            else:
+                xs = [data.load(i) for i in chunk]
+                ok = np.array([x is not None for x in xs])
+                readable[s:s + len(chunk)] = ok
+                if ok.any():
+                    batch = torch.stack([x for x in xs if x is not None]).to(device)
+                    logits[s:s + len(chunk)][ok] = model(batch).float().cpu().numpy()
     return logits, readable
 
 
@@ -681,49 +683,50 @@ def explain_games(model: Backbone, dataset: ImageDataset | TextDataset, indices:
     ``games_from``: other explanation folders whose cached games of the same name (the same
     game) are linked into ``out`` instead of being computed."""
     device = torch.device(cfg.device)
-    model = model.to(device).eval()
-    setup = (_text_samples(model, dataset, cfg, device) if cfg.players == "tokens"
-             else _image_samples(model, dataset, indices, cfg, device))
-    folder = Path(out) if out is not None else None
-    if folder is not None:
-        # unfinished until save_explanations: a rerun with other settings rewrites the samples'
-        # files one by one, and a folder stopped halfway holds a mix of the two runs
-        write_json(make_run_folder(folder, "an explanation run", MARKER, kind=MARKER_KIND),
-                   _marker(finished=False, identity=identity))
-        (folder / "games").mkdir(exist_ok=True)
-    identity = model_identity(model)
-    # integer labels are the model's class indices (check_classifier): named by the model if it can
-    names = dataset.class_names or trained_class_names(model) or model_class_names(model)
-    games, infos = [], []
-    for i in tqdm([int(i) for i in indices], desc=f"explain {role}", unit="sample",
-                  disable=not progress):
-        sample = setup(i)
-        label = int(dataset.labels[i])
-        game = _digest({"model": identity["state"], "sample": sample.key, "label": label,
-                        "baseline": _baseline_options(cfg), "output": cfg.output})
-        cache = None if folder is None else folder / "games" / f"{i:07d}-{game}.npy"
-        if cache is not None and not cache.exists():
-            _take_cached(cache, [f / "games" / cache.name for f in games_from])
-        cached = None if cache is None else _cached_game(cache, sample.players["n"],
-                                                         fitted=cfg.baseline == "learned")
-        if cached is not None and not _same_ends(cached[0], sample.ends(label)):
-            cached = None  # not the model's game (zeroed, overwritten): computed again
-        if cached is None:
-            v, fit = sample.compute(label)
-            _check_finite(v, role, model, dataset.ids[i])
-            if cache is not None:
-                if fit is not None:  # before the game: a cached game without its fit is redone
-                    write_json(cache.with_suffix(".json"), fit)
-                with atomic_path(cache) as tmp, open(tmp, "wb") as fh:
-                    np.save(fh, v)
-        else:
-            v, fit = cached
-        games.append(v)
-        infos.append({"sample": dataset.ids[i], "index": i, "label": label,
-                      "class": names[label] if names is not None else str(label),
-                      "players": sample.players, "player_names": sample.names, "role": role,
-                      "model": model.spec.name, "baseline": cfg.baseline, "output": cfg.output,
-                      "game": game, "baseline_fit": fit})
+    model = model.to(device)
+    with evaluating(model):
+        setup = (_text_samples(model, dataset, cfg, device) if cfg.players == "tokens"
+                 else _image_samples(model, dataset, indices, cfg, device))
+        folder = Path(out) if out is not None else None
+        if folder is not None:
+            # unfinished until save_explanations: a rerun with other settings rewrites the samples'
+            # files one by one, and a folder stopped halfway holds a mix of the two runs
+            write_json(make_run_folder(folder, "an explanation run", MARKER, kind=MARKER_KIND),
+                       _marker(finished=False, identity=identity))
+            (folder / "games").mkdir(exist_ok=True)
+        identity = model_identity(model)
+        # integer labels are the model's class indices (check_classifier): named by the model if it can
+        names = dataset.class_names or trained_class_names(model) or model_class_names(model)
+        games, infos = [], []
+        for i in tqdm([int(i) for i in indices], desc=f"explain {role}", unit="sample",
+                      disable=not progress):
+            sample = setup(i)
+            label = int(dataset.labels[i])
+            game = _digest({"model": identity["state"], "sample": sample.key, "label": label,
+                            "baseline": _baseline_options(cfg), "output": cfg.output})
+            cache = None if folder is None else folder / "games" / f"{i:07d}-{game}.npy"
+            if cache is not None and not cache.exists():
+                _take_cached(cache, [f / "games" / cache.name for f in games_from])
+            cached = None if cache is None else _cached_game(cache, sample.players["n"],
+                                                             fitted=cfg.baseline == "learned")
+            if cached is not None and not _same_ends(cached[0], sample.ends(label)):
+                cached = None  # not the model's game (zeroed, overwritten): computed again
+            if cached is None:
+                v, fit = sample.compute(label)
+                _check_finite(v, role, model, dataset.ids[i])
+                if cache is not None:
+                    if fit is not None:  # before the game: a cached game without its fit is redone
+                        write_json(cache.with_suffix(".json"), fit)
+                    with atomic_path(cache) as tmp, open(tmp, "wb") as fh:
+                        np.save(fh, v)
+            else:
+                v, fit = cached
+            games.append(v)
+            infos.append({"sample": dataset.ids[i], "index": i, "label": label,
+                          "class": names[label] if names is not None else str(label),
+                          "players": sample.players, "player_names": sample.names, "role": role,
+                          "model": model.spec.name, "baseline": cfg.baseline, "output": cfg.output,
+                          "game": game, "baseline_fit": fit})
     meta = make_meta("knowledge.explain", {**asdict(cfg), **params}, seed=cfg.seed,
                      inputs={**identity, "data": dataset.source, "data_path": data_path(dataset)})
     return Games(np.stack(games), infos, meta)
@@ -772,11 +775,14 @@ def save_explanations(results: list[Interactions], model: Backbone,
     """Write ``interactions-*.safetensors`` and (images) ``salient.png`` at threshold ``tau``
     into the explanation folder ``folder``, delete an earlier run's outputs not rewritten, and
     mark the folder finished (recording ``identity``, as :func:`explain_games` did)."""
+    # the folder is this run's (explain_games marked it unfinished): an earlier run's samples go
+    # first, damaged ones among them, which Interactions.save refuses to replace (not its kind)
+    _remove_stale(folder, ["interactions-*.safetensors"], [])
     written = [x.save(folder / f"interactions-{k:04d}.safetensors") for k, x in enumerate(results)]
     if cfg.players != "tokens":
         written.append(save_png(salient_figure(display_samples(
             model, dataset, results[:SHOWN], cfg), tau=tau), folder / "salient.png"))
-    _remove_stale(folder, ["interactions-*.safetensors", "salient.png"], written)
+    _remove_stale(folder, ["salient.png"], written)
     write_json(folder / MARKER, _marker(finished=True, identity=identity))
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
-from ..artifacts import atomic_path, read_safetensors, to_json
+from ..artifacts import atomic_path, check_output_file, read_safetensors, to_json
 from ..errors import PretrainReuseError, check_choice, is_integer, is_number
 from .interactions import MAX_PLAYERS, mask_of, or_reconstruct_, orders, players_of, subset_sum_
 
@@ -308,10 +308,10 @@ class Interactions:
     # ----------------------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> Path:
-        """Write a ``.safetensors`` file atomically (arrays + JSON header); returns the path."""
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            raise PretrainReuseError(f"interactions are saved as .safetensors, got {str(path)!r}")
+        """Write a ``.safetensors`` file atomically (arrays + JSON header); returns the path. An
+        existing file there is replaced only if it holds interactions too (units or a model's
+        weights are refused)."""
+        path = check_output_file(path, ".safetensors", "interactions")
         tensors = {name: np.array(getattr(self, name))
                    for name in ("and_values", "or_values", "v", "noise")}
         header = {"artifact": "interactions", "n": str(self.n), "kind": self.kind,

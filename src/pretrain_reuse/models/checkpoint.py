@@ -37,7 +37,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..artifacts import atomic_path, hash_file, read_safetensors, safetensors_header
+from ..artifacts import (
+    atomic_path,
+    check_output_file,
+    hash_file,
+    read_safetensors,
+    safetensors_header,
+)
 from ..errors import PretrainReuseError
 
 if TYPE_CHECKING:  # backbone.py imports this module
@@ -324,16 +330,27 @@ def weights_hash(path: str | Path) -> str:
     return "sha256:" + h.hexdigest()[:16]
 
 
-def save_backbone(backbone: nn.Module, path: str | Path, meta: Mapping[str, Any]) -> Path:
+def save_backbone(backbone: Backbone, path: str | Path, meta: Mapping[str, Any] | None = None) -> Path:
     """Write a :class:`~pretrain_reuse.models.Backbone` as ``.safetensors``, atomically.
 
     Tensors keep the original model's key names (body keys, head keys under the head's name), so
     ``create_backbone(backbone.spec.name, weights=path)`` loads them back. The header holds
-    ``kind="backbone"``, the spec (its preprocessing travels with the weights) and ``meta``.
+    ``kind="backbone"``, the spec (its preprocessing travels with the weights) and ``meta`` (a
+    mapping of JSON values; None: empty). An existing file at ``path`` is replaced only if it
+    is a backbone too: units, interactions or another program's weights are refused.
     """
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise PretrainReuseError(f"backbones are saved as .safetensors, got {str(path)!r}")
+    from .backbone import Backbone  # backbone.py imports this module
+
+    if not isinstance(backbone, Backbone):
+        raise PretrainReuseError(
+            f"save_backbone takes a Backbone, got {type(backbone).__name__}; build the model with "
+            "pretrain_reuse.models.create_backbone, or save another module's state_dict with "
+            "safetensors.torch.save_file")
+    meta = {} if meta is None else meta
+    if not isinstance(meta, Mapping):
+        raise PretrainReuseError(f"meta must be a mapping (a dict of JSON values) or None, got "
+                                 f"{type(meta).__name__}")
+    path = check_output_file(path, ".safetensors", "backbone")
     # Clones: safetensors refuses tensors that share storage (tied weights).
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in backbone.body.state_dict().items()}
     if backbone.head is not None:

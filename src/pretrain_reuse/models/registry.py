@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..errors import PretrainReuseError, check_choice, lookup
+from ..errors import PretrainReuseError, check_choice, check_device, check_int, lookup
 from .backbone import LAYERS, Backbone, ModelParts, assemble, call_body
 from .checkpoint import map_keys, read_weights, strip_outer_prefix
 from .families import PREFIXES, hf_modality, hf_text_parts
@@ -131,11 +131,13 @@ def create_backbone(name: str, *, weights: str | Path | None = None, layer: str 
             prefix none of the model's keys has (a Lightning module's ``model.``).
         num_classes: replace the head by a fresh ``Linear(feature_dim, num_classes)`` (training on
             a new label set).
-        device: where the model is moved.
+        device: where the model is moved: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, one this
+            machine has.
     """
     check_choice("layer", layer, LAYERS)
-    if num_classes is not None and not (isinstance(num_classes, int) and num_classes > 0):
-        raise PretrainReuseError(f"num_classes must be a positive int, got {num_classes!r}")
+    if num_classes is not None:  # a NumPy count (a data set's) is one too; True is a mistake
+        num_classes = check_int("num_classes", num_classes, minimum=1)
+    check_device(device)  # before the model is built: a typo ("gpu") is no torch traceback
     parts = _resolve(name, weights)
     path = weights if weights is not None else parts.default_weights
     state = None
