@@ -125,8 +125,12 @@ def test_evaluate_records_the_corruption_and_its_seed(tmp_path, capsys):
     for name in ("a", "b"):
         assert main([*argv, "--out", str(tmp_path / f"{name}.json")]) == 0
         scores.append(json.loads((tmp_path / f"{name}.json").read_text()))
-    out = capsys.readouterr().out
-    assert "of synthetic:target (test) corrupted by gaussian-noise:5 (seed 3)" in out
+    captured = capsys.readouterr()
+    assert "of synthetic:target (test) corrupted by gaussian-noise:5 (seed 3)" in captured.out
+    assert "evaluate" not in captured.err  # --quiet: no progress bar
+    # without --quiet, a bar over the batches (evaluate said nothing until it was done)
+    assert main([*argv[:-1], "--out", str(tmp_path / "bar.json")]) == 0
+    assert "evaluate: 100%" in capsys.readouterr().err
     assert scores[0]["top1"] == scores[1]["top1"]
     assert scores[0]["meta"]["params"]["corruption"] == "gaussian-noise:5"
     assert scores[0]["meta"]["seed"] == 3

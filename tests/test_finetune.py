@@ -414,6 +414,18 @@ def test_selection_out_of_range_or_of_other_data_is_an_error():
                           unit_names=[f"k{i} the class {i}" for i in range(6)])
     src = selected_source(p, described, None, source_head="selected")
     assert src.dataset.ids == [p.ids[i] for i in np.flatnonzero(p.labels == 1)]
+    # units renamed line by line (--class-names "alpha", ...) are the classes their data names:
+    # the selection records those names (they were refused as other classes)
+    renamed = Selection(selected=[1], scores=np.zeros(6), params={},
+                        unit_names=[f"name {i}" for i in range(6)],
+                        meta={"data_class_names": [f"k{i}" for i in range(6)]})
+    src = selected_source(p, renamed, None, source_head="selected")
+    assert src.dataset.ids == [p.ids[i] for i in np.flatnonzero(p.labels == 1)]
+    # "k1x ..." does not name the class k1
+    with pytest.raises(PretrainReuseError, match=r"unit 1 is 'k1x the class', but class 1"):
+        selected_source(p, Selection(selected=[1], scores=np.zeros(6), params={},
+                                     unit_names=["k0", "k1x the class", *described.unit_names[2:]]),
+                        None, source_head="selected")
     rng = np.random.default_rng(3)
     units = Units(prototypes=rng.normal(size=(3, 4)), kind="cluster",
                   assignment=rng.integers(0, 3, 24), sample_ids=list(p.ids))
@@ -2583,7 +2595,7 @@ def test_evaluate_without_recorded_class_names_says_it_scores_by_position(tmp_pa
         (tmp_path / "three" / c).mkdir(parents=True)
         Image.new("RGB", (32, 32), "red").save(tmp_path / "three" / c / "0.png")
     rc, _, err = cli(capsys, "evaluate", "--model", "smallcnn", "--data", tmp_path / "three")
-    assert_one_line_error(rc, err, "the model records no class names, so the data's class i would "
+    assert_one_line_error(rc, err, "the model names none of the data's classes, so the data's class i would "
                                    "be scored as its output i, but the data has 3 classes and the "
                                    "model 10 outputs")
 

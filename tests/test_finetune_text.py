@@ -225,6 +225,10 @@ def test_reuse_of_sentence_clusters_is_one_line_naming_class_units(files, tmp_pa
 @pytest.mark.parametrize("extra, needle", [
     (["--mode", "reuse-unlabeled", "--source", "POOL", "--selection", "SEL"],
      "mode 'reuse-unlabeled' trains on weak and strong augmentations of images"),
+    # said before an unlabelled pool was refused for lacking labels (the fix it named, adding
+    # labels, led to this refusal)
+    (["--mode", "reuse-unlabeled", "--source", "UNLABELLED", "--selection", "SEL"],
+     "mode 'reuse-unlabeled' trains on weak and strong augmentations of images"),
     (["--image-size", "32"], "image_size applies to images, not to the sentences"),
     (["--augment", "flip"], "augment applies to images, not to the sentences"),
     (["--mode", "reuse", "--source", "POOL", "--selection", "SEL", "--source-bn", "target"],
@@ -236,8 +240,11 @@ def test_what_sentences_cannot_take_is_one_line(files, tmp_path, capsys, extra, 
     (tmp_path / "sel.json").write_text(json.dumps({"kind": "selection", "selected": [2, 3],
                                                    "scores": [0, 0, 1, 1, 0], "params": {},
                                                    "meta": {}}))
+    unlabelled = tmp_path / "unlabelled.jsonl"
+    unlabelled.write_text("".join(json.dumps({"text": json.loads(line)["text"]}) + "\n"
+                                  for line in files["pool"].read_text().splitlines()))
     extra = [str(files["pool"]) if a == "POOL" else str(tmp_path / "sel.json") if a == "SEL"
-             else a for a in extra]
+             else str(unlabelled) if a == "UNLABELLED" else a for a in extra]
     args = {"--model": f"hf:{files['bert']}", "--target": str(files["train"]),
             "--target-test": str(files["test"]), "--out": str(tmp_path / "run")}
     for flag, value in zip(extra[::2], extra[1::2], strict=True):

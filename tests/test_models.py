@@ -160,6 +160,25 @@ def test_hf_vit_penultimate_is_final_cls_token_and_preprocessing_matches_process
     assert (net.spec.input_size, net.spec.interpolation, net.num_classes) == ((32, 32), "bicubic", 5)
 
 
+def test_the_weights_file_save_pretrained_writes_loads_as_transformers_names_its_keys(tmp_path):
+    # transformers 5 renames ViT's keys when it loads (attention.attention.query -> q_proj): its
+    # own model.safetensors, given as --weights / --pretrained, "lacked 32 of the model's keys"
+    import shutil
+
+    from safetensors.torch import load_file
+
+    ref = _tiny_vit(tmp_path / "vit", classifier=True)
+    net = create_backbone(f"hf:{tmp_path / 'vit'}", weights=tmp_path / "vit" / "model.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ref(x).logits)
+    file_keys, model_keys = set(load_file(tmp_path / "vit" / "model.safetensors")), set(ref.state_dict())
+    if not model_keys <= file_keys:  # the version renames: another file name is not converted
+        shutil.copy(tmp_path / "vit" / "model.safetensors", tmp_path / "vit" / "other.safetensors")
+        with pytest.raises(PretrainReuseError, match=r"lacks .* of the model's keys"):
+            create_backbone(f"hf:{tmp_path / 'vit'}", weights=tmp_path / "vit" / "other.safetensors")
+
+
 def test_hf_base_model_folder_has_no_head(tmp_path):
     ref = _tiny_vit(tmp_path, classifier=False)
     net = create_backbone(f"hf:{tmp_path}")
@@ -169,6 +188,10 @@ def test_hf_base_model_folder_has_no_head(tmp_path):
     assert net.head is None and net.num_classes is None
     with pytest.raises(PretrainReuseError, match=r"layer='head'.*has no head"):
         create_backbone(f"hf:{tmp_path}", layer="head")
+    # it suggested layer='head' too, which fails as above
+    with pytest.raises(PretrainReuseError, match=r"layer='logits'.*has no head; use "
+                                                 r"layer='penultimate'$"):
+        create_backbone(f"hf:{tmp_path}", layer="logits")
 
 
 def _larger_tokenizer(folder: Path) -> None:

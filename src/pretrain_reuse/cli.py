@@ -872,7 +872,7 @@ def cmd_evaluate(args) -> int:
     data, split = _explain_data(args)
     scores = evaluate_model(model, data, class_names=output_class_names(model, data.class_names),
                             batch_size=args.batch_size, device=args.device, workers=args.workers,
-                            corruption=args.corruption, seed=args.seed)
+                            corruption=args.corruption, seed=args.seed, progress=not args.quiet)
     where = f"{args.data}" + (f" ({split})" if split else "") + (
         f" corrupted by {args.corruption} (seed {args.seed})" if args.corruption else "")
     print(f"top-1 {scores['top1']:.4f}, mean per-class {scores['mean_class_acc']:.4f} on "

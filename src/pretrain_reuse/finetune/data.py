@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..artifacts import hash_array
-from ..data.datasets import Batch, ImageDataset
+from ..data.datasets import Batch, ImageDataset, line_names
 from ..data.text import TextDataset
 from ..errors import PretrainReuseError
 from ..selection import Selection
@@ -244,16 +244,18 @@ def selected_source(pool: ImageDataset, selection: Selection, units: Units | Non
     _check_selection(selection, n_classes, "the pre-training data has {n} classes",
                      "select over this data's class means, or pass --units for a selection of "
                      "k-means clusters")
-    names = selection.unit_names
-    # a unit named by a line of a --class-names file that starts with the class's folder name
-    # ("n01440764 tench, Tinca tinca") is that class
-    if names and pool.class_names and not all(
-            a == b or a.split()[0] == b for a, b in zip(names, pool.class_names, strict=True)):
-        i = next(i for i, (a, b) in enumerate(zip(names, pool.class_names, strict=True))
-                 if a != b and a.split()[0] != b)
-        raise PretrainReuseError(
-            f"the selection's unit {i} is {names[i]!r}, but class {i} of the pre-training data "
-            f"is {pool.class_names[i]!r}; select over this data's class means")
+    # the names the pool gave the units' classes, where a --class-names file renamed them; a
+    # unit named by a line that starts with its class's name ("n01440764 tench, Tinca tinca") is
+    # that class
+    names = selection.meta.get("data_class_names") or selection.unit_names
+    if names and pool.class_names:
+        wrong = [i for i, (a, b) in enumerate(zip(names, pool.class_names, strict=True))
+                 if not line_names(a, b)]
+        if wrong:
+            raise PretrainReuseError(
+                f"the selection's unit {wrong[0]} is {names[wrong[0]]!r}, but class {wrong[0]} of "
+                f"the pre-training data is {pool.class_names[wrong[0]]!r}; select over this data's "
+                "class means")
     idx = np.flatnonzero(np.isin(pool.labels, selected))
     if len(idx) == 0:
         raise PretrainReuseError("the selected classes have no samples in the pre-training data")

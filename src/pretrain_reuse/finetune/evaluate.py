@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..data.datasets import ImageDataset, inputs_to, labels_by_name, make_loader
 from ..data.text import TextDataset
@@ -38,18 +39,20 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
 @torch.no_grad()
 def predict(fn: Callable[[Any], torch.Tensor], dataset: ImageDataset | TextDataset,
             view: Callable[[Any], Any], *, batch_size: int,
-            device: torch.device, workers: int = 0,
-            skipped: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+            device: torch.device, workers: int = 0, skipped: list[int] | None = None,
+            progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Outputs of ``fn`` on every readable sample (eval view), with the samples' labels; the
     positions of unreadable samples are appended to ``skipped`` when it is given. Sentences are
-    tokenized a batch at a time by the data's transform (the model's tokenizer)."""
+    tokenized a batch at a time by the data's transform (the model's tokenizer). ``progress``:
+    the description of a progress bar over the batches (cleared at the end), or None for none."""
     if isinstance(dataset, TextDataset):
         batches = map(dataset.load_batch, (range(s, min(s + batch_size, len(dataset)))
                                            for s in range(0, len(dataset), batch_size)))
     else:
         batches = make_loader(dataset, batch_size=batch_size, workers=workers)
     outs, labels = [], []
-    for batch in batches:
+    for batch in tqdm(batches, total=-(-len(dataset) // batch_size), desc=progress, unit="batch",
+                      disable=progress is None, leave=False):
         if skipped is not None:
             skipped.extend(batch.skipped.tolist())
         if len(batch.labels) == 0:
@@ -74,7 +77,8 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 def evaluate_model(model: Backbone, data: ImageDataset | TextDataset, *,
                    class_names: list[str] | None = None, batch_size: int = 256, device: str = "cpu",
-                   workers: int = 0, corruption: str | None = None, seed: int = 0) -> dict:
+                   workers: int = 0, corruption: str | None = None, seed: int = 0,
+                   progress: bool = False) -> dict:
     """Top-1 and mean per-class accuracy of the classifier ``model`` on the labelled images
     ``data``, computed as fine-tuning computes its test accuracy: each image resized and
     centre-cropped to the model's input (the ``eval`` view), unreadable images left out; or of a
@@ -94,6 +98,7 @@ def evaluate_model(model: Backbone, data: ImageDataset | TextDataset, *,
             ImageNet-C corrupts its crops; None: as they are.
         seed: seed of a random corruption's draws (the same seed and batch size give the same
             corrupted images).
+        progress: show a progress bar over the batches.
 
     Returns:
         ``top1``, ``mean_class_acc`` (over the classes the data has), ``n`` (images scored),
@@ -153,7 +158,8 @@ def evaluate_model(model: Backbone, data: ImageDataset | TextDataset, *,
         view = View(model.spec, "eval", side, corrupt=damage).to(dev)
     with evaluating(model):
         logits, labels = predict(model, scored, view, batch_size=batch_size, device=dev,
-                                 workers=workers, skipped=skipped)
+                                 workers=workers, skipped=skipped,
+                                 progress="evaluate" if progress else None)
     if len(labels) == 0:
         raise PretrainReuseError(f"none of the {len(data)} images of the data can be read; check "
                                  "its files (corrupt or not images)")
@@ -177,9 +183,9 @@ def _check_classes_by_position(data: ImageDataset | TextDataset, num_classes: in
     count = class_count(data)
     if count == num_classes or (count < num_classes and not data.class_names and not output_names):
         return
-    if data.class_names:  # the model names none of its outputs
+    if data.class_names:  # the model names none of the data's classes (or none at all)
         raise PretrainReuseError(
-            f"the model records no class names, so the data's class i would be scored as its "
+            f"the model names none of the data's classes, so the data's class i would be scored as its "
             f"output i, but the data has {count} classes and the model {num_classes} outputs; "
             "pass data of exactly the model's classes, in its order")
     names = (f"labels that are the model's class names ({preview(output_names)}), or a "

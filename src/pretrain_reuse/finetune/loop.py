@@ -358,7 +358,9 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset | T
             if rank == 0 and evaluate:
                 record = {"step": done, "epoch": done / steps_per_epoch, **values}
                 record["val"], record["test"] = (
-                    _evaluate(model, s, evaluate_view, cfg, device) for s in (val_set, test_set))
+                    _evaluate(model, s, evaluate_view, cfg, device,
+                              f"evaluating on {what}" if progress else None)
+                    for s, what in ((val_set, "validation"), (test_set, "test")))
                 history.append(record)
                 _append_jsonl(out / "metrics.jsonl", record)
                 if cfg.snapshots:
@@ -563,7 +565,7 @@ def _read(stats: dict[str, torch.Tensor], step: int, stop_requested: bool, group
 
 @torch.no_grad()
 def _evaluate(model: FinetuneModel, dataset: ImageDataset | TextDataset, view, cfg: FinetuneConfig,
-              device: torch.device) -> dict[str, float]:
+              device: torch.device, progress: str | None = None) -> dict[str, float]:
     model.eval()
 
     def logits_of(x: torch.Tensor) -> torch.Tensor:
@@ -574,7 +576,7 @@ def _evaluate(model: FinetuneModel, dataset: ImageDataset | TextDataset, view, c
         return model.head(features.float())
 
     logits, labels = predict(logits_of, dataset, view, batch_size=cfg.batch_size, device=device,
-                             workers=cfg.workers)
+                             workers=cfg.workers, progress=progress)
     return accuracy(logits, labels)
 
 

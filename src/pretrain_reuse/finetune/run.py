@@ -159,6 +159,7 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
     for flag, spec in (("--target", target), ("--target-test", target_test), ("--source", source)):
         if spec is not None:
             check_modality(model, modality, is_sentence_file(spec), flag)
+    _check_text_mode(cfg, modality)  # before the pool is read, which may hold no labels
     # every file is checked before any is read: a missing one is one line
     files = {"weights": _input_file("--weights", weights),
              "selection": _input_file("--selection", selection, Selection),
@@ -406,6 +407,14 @@ def _check_source_inputs(cfg: FinetuneConfig, source: dict[str, object], mode: s
             f"{'it' if len(given) == 1 else 'them'}")
 
 
+def _check_text_mode(cfg: FinetuneConfig, modality: str | None) -> None:
+    """Refuse ``reuse-unlabeled`` for a text model (``modality``, None where unknown)."""
+    if modality == "text" and cfg.mode == "reuse-unlabeled":
+        raise PretrainReuseError(
+            "mode 'reuse-unlabeled' trains on weak and strong augmentations of images, which "
+            "sentences do not have; reuse labelled sentences with --mode reuse and class units")
+
+
 def _check_modality_and_recipe(spec: BackboneSpec, cfg: FinetuneConfig,
                                data: dict[str, ImageDataset | TextDataset | None]) -> bool:
     """Whether the run is on sentences: a text model needs ``.jsonl`` sentence files for every
@@ -416,10 +425,7 @@ def _check_modality_and_recipe(spec: BackboneSpec, cfg: FinetuneConfig,
             check_modality(spec.name, spec.modality, isinstance(dataset, TextDataset), flag)
     if spec.modality != "text":
         return False
-    if cfg.mode == "reuse-unlabeled":
-        raise PretrainReuseError(
-            "mode 'reuse-unlabeled' trains on weak and strong augmentations of images, which "
-            "sentences do not have; reuse labelled sentences with --mode reuse and class units")
+    _check_text_mode(cfg, spec.modality)
     default = FinetuneConfig()
     for name in IMAGE_OPTIONS:
         value = getattr(cfg, name)

@@ -98,7 +98,7 @@ class Interactions:
         for key, value in self.info.items():
             try:
                 to_json(value)
-            except (TypeError, ValueError):
+            except PretrainReuseError:
                 raise PretrainReuseError(
                     f"info[{key!r}] = {value!r:.60} cannot be saved as JSON; pass numbers (not NaN), "
                     "strings, lists or dicts"

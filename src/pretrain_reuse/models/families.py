@@ -12,6 +12,7 @@ import difflib
 import importlib
 import importlib.util
 import pickle
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
@@ -183,6 +184,30 @@ def _hf_load(load: Callable[[], T], name: str, problem: str, fix: str) -> T:
         return load()
     except _hf_errors() as e:
         raise PretrainReuseError(f"{name}: {problem} ({_reason(e)}); {fix}") from None
+
+
+#: The weights files transformers' ``from_pretrained`` reads from a folder.
+HF_WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def hf_checkpoint_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | Path,
+                        name: str) -> Mapping[str, torch.Tensor]:
+    """``state``, read from ``path``, under the names the transformers model ``model`` has.
+
+    transformers renames a checkpoint's keys when it loads one (version 5 names ViT's
+    ``attention.attention.query`` ``attention.q_proj``), so the ``model.safetensors`` that
+    ``save_pretrained`` writes may not fit the model as built. When the file's keys lack some of
+    the model's and the file is the weights file of a ``save_pretrained`` folder (a config.json
+    beside it), the folder is loaded by ``from_pretrained`` and its parameters are taken
+    instead; any other ``state`` is returned as it is, for the usual checks."""
+    path = Path(path)
+    transformers = sys.modules.get("transformers")  # imported if model is one of its models
+    if (transformers is None or not isinstance(model, transformers.PreTrainedModel)
+            or set(model.state_dict()) <= set(state) or path.name not in HF_WEIGHTS_FILES
+            or not (path.parent / "config.json").is_file()):
+        return state
+    loaded, _ = _hf_model(type(model), str(path.parent), name)
+    return loaded.state_dict()
 
 
 def _hf_model(auto_class: Any, folder: str, name: str) -> tuple[Any, dict]:

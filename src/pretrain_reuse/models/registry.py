@@ -28,7 +28,7 @@ import torch
 from ..errors import PretrainReuseError, check_choice, check_device, check_int, lookup
 from .backbone import LAYERS, Backbone, ModelParts, assemble, call_body
 from .checkpoint import map_keys, read_weights, strip_outer_prefix
-from .families import PREFIXES, hf_modality, hf_text_parts
+from .families import PREFIXES, hf_checkpoint_state, hf_modality, hf_text_parts
 from .smallcnn import SmallCNN
 from .spec import PREPROCESSING_FIELDS, BackboneSpec
 
@@ -143,7 +143,7 @@ def create_backbone(name: str, *, weights: str | Path | None = None, layer: str 
     state = None
     if path is not None:
         state, header = read_weights(path)
-        state = map_keys(state, key_map)
+        state = map_keys(hf_checkpoint_state(parts.model, state, path, name), key_map)
         if key_map is None:
             state = strip_outer_prefix(state, parts.model.state_dict(), str(path))
         parts.spec = _saved_preprocessing(header, parts.spec)
