@@ -832,6 +832,18 @@ def test_select_names_string_labels_by_the_names_file_as_units_does(capsys, tmp_
     assert units.names == ["zebra", "ant", "moose"]
 
 
+def _class_units_named_by(capsys, tmp_path: Path, feats: np.ndarray, classes: list[str],
+                          lines: list[str]):
+    """The class units of a pool (``tmp_path/pool``: 4 samples of each of ``classes``) that
+    ``units --class-names`` makes with a names file of ``lines``."""
+    FeatureStore(features=feats, labels=np.repeat(np.arange(len(classes)), 4), class_names=classes,
+                 meta={"producer": "embed"}).save(tmp_path / "pool")
+    (tmp_path / "names.txt").write_text("\n".join(lines) + "\n")
+    run_ok(capsys, "units", "--features", tmp_path / "pool", "--class-names",
+           tmp_path / "names.txt", "--out", tmp_path / "u.safetensors")
+    return load(tmp_path / "u.safetensors")
+
+
 def test_a_names_file_of_class_ids_and_words_names_each_class_by_its_id(capsys, tmp_path):
     # an image folder's classes are WordNet ids; ImageNet's LOC_synset_mapping.txt lists
     # "id words" lines in its own order, with lines for classes the pool lacks: line i named
@@ -842,14 +854,9 @@ def test_a_names_file_of_class_ids_and_words_names_each_class_by_its_id(capsys, 
     ids.sort()
     centres = 10 * rng.standard_normal((3, 8))
     feats = (np.repeat(centres, 4, axis=0) + rng.standard_normal((12, 8))).astype(np.float32)
-    FeatureStore(features=feats, labels=np.repeat(np.arange(3), 4), class_names=ids,
-                 meta={"producer": "embed"}).save(tmp_path / "pool")
     mapping = ["n09 extra class", "n03 wren, jenny wren", "n01 tench, Tinca tinca",
                "n02 goldfish, Carassius auratus"]
-    (tmp_path / "LOC_synset_mapping.txt").write_text("\n".join(mapping) + "\n")
-    run_ok(capsys, "units", "--features", tmp_path / "pool", "--class-names",
-           tmp_path / "LOC_synset_mapping.txt", "--out", tmp_path / "u.safetensors")
-    units = load(tmp_path / "u.safetensors")
+    units = _class_units_named_by(capsys, tmp_path, feats, ids, mapping)
     assert units.names == [mapping[2], mapping[3], mapping[1]]
     # the words select by name; the unit names keep the ids a fine-tuning pool is matched by
     np.save(tmp_path / "t.npy", centres[[2]])
@@ -871,14 +878,9 @@ def test_class_names_that_rename_the_classes_keep_the_datas_own_names(capsys, tm
     folders = ["golden retriever", "tabby", "tabby cat"]  # sorted, as an image folder numbers them
     rng = np.random.default_rng(0)
     feats = rng.standard_normal((12, 8)).astype(np.float32)
-    FeatureStore(features=feats, labels=np.repeat(np.arange(3), 4), class_names=folders,
-                 meta={"producer": "embed"}).save(tmp_path / "pool")
     mapping = ["tabby cat, a pet", "zebra, a striped horse", "golden retriever a dog",
                "tabby\ta coat pattern"]
-    (tmp_path / "mapping.txt").write_text("\n".join(mapping) + "\n")
-    run_ok(capsys, "units", "--features", tmp_path / "pool", "--class-names",
-           tmp_path / "mapping.txt", "--out", tmp_path / "u.safetensors")
-    units = load(tmp_path / "u.safetensors")
+    units = _class_units_named_by(capsys, tmp_path, feats, folders, mapping)
     assert units.names == [mapping[2], mapping[3], mapping[0]]
     assert units.meta["data_class_names"] == folders
     (tmp_path / "abc.txt").write_text("alpha\nbeta\ngamma\n")  # line i names class i
