@@ -209,7 +209,7 @@ def test_save_replaces_interactions_but_no_other_file(tmp_path):
     units = Units(prototypes=np.eye(3, dtype=np.float32), kind="prototypes").save(
         tmp_path / "units.safetensors")
     before = units.read_bytes()
-    with pytest.raises(PretrainReuseError, match=r"units\.safetensors' exists and is not a "
+    with pytest.raises(PretrainReuseError, match=r"units\.safetensors' exists and is not an "
                                                  "interactions file; choose another output path"):
         make(2, {}).save(units)
     assert units.read_bytes() == before

@@ -416,7 +416,7 @@ def read_safetensors(path: str | Path, what: str, fix: str, *, framework: str = 
         raise PretrainReuseError(
             f"{what} {str(p)!r} is corrupt: not a readable safetensors file ({e}); {fix}") from None
     if artifact is not None and header.get("artifact") != artifact:
-        raise PretrainReuseError(f"{str(p)!r} is not a {artifact} file written by pretrain-reuse; {fix}")
+        raise PretrainReuseError(f"{str(p)!r} is not {_a(artifact)} file written by pretrain-reuse; {fix}")
     return tensors, header
 
 
@@ -490,7 +490,7 @@ def refuse_foreign(path: str | Path, artifact: str) -> None:
     found = _safetensors_artifact(path) if path.suffix == ".safetensors" else _json_entry(path)
     if found != artifact:
         raise PretrainReuseError(
-            f"{str(path)!r} exists and is not a {artifact} file; choose another output path")
+            f"{str(path)!r} exists and is not {_a(artifact)} file; choose another output path")
 
 
 #: What opens as an artifact, for a message about a path that does not: it also reaches the
@@ -511,6 +511,12 @@ JSON_ARTIFACTS = {"knowledge-sets": ("knowledge.metrics", "KnowledgeReport"),
                   "knowledge-sensitivity": ("knowledge.sensitivity", "KnowledgeSensitivity"),
                   "finetune-result": ("finetune.loop", "RunResult"),
                   "experiment": ("experiments", "ExperimentTable")}
+
+
+def _a(noun: str) -> str:
+    """``noun`` with its indefinite article: "a units", "an interactions" (the artifacts' names
+    starting with u sound like "you")."""
+    return f"{'an' if noun[:1].lower() in 'aeio' else 'a'} {noun}"
 
 
 def load(path: str | Path, *, what: str = "path", lazy: bool = False):
