@@ -1046,7 +1046,8 @@ def test_a_feature_store_rebuilt_in_place_is_a_changed_setting(quick_demo, tmp_p
 
     rebuild(1)  # the index.json is the same: only the content tells the stores apart
     # no run finished: the units and selections of the old features are made again
-    table = run_experiment("table4", load_experiment_config(path, seeds=(0,)), out, progress=False)
+    with pytest.warns(UserWarning, match="removed what the change affects"):
+        table = run_experiment("table4", load_experiment_config(path, seeds=(0,)), out, progress=False)
     units = Units.load(out / "units" / "classes.safetensors")
     np.testing.assert_allclose(units.prototypes, class_means(FeatureStore.load(pool)).prototypes)
     assert table.params["source_features_sha256"] != table.params["target_features_sha256"]
@@ -1076,7 +1077,8 @@ def test_a_run_that_would_fail_after_others_finished_fails_before_the_first(quic
     assert "pass a smaller finetune.source_batch_size" in err and not (out / "runs").exists()
     path = _config(demo, tmp_path, sweep={"long_tail_ratio": [3.0]},
                    finetune={**FAST, "max_steps": 1, "source_batch_size": 8})
-    table = run_experiment("table3", load_experiment_config(path, seeds=(0,)), out, progress=False)
+    with pytest.warns(UserWarning, match=r"other settings \(finetune\) that finished no run"):
+        table = run_experiment("table3", load_experiment_config(path, seeds=(0,)), out, progress=False)
     assert [r["method"] for r in table.rows] == ["vanilla", "reuse uot classes"]
     # one epoch of 20 % of the images is fewer steps than the warm-up, while 80 % is more
     epochs = {k: v for k, v in FAST.items() if k != "max_steps"}
