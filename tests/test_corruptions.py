@@ -2,6 +2,7 @@
 evaluate on corrupted images against predictions computed by hand."""
 
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -11,8 +12,10 @@ from skimage.color import hsv2rgb, rgb2hsv
 from skimage.filters import gaussian
 
 from pretrain_reuse.cli import main
+from pretrain_reuse.data.catalog import open_dataset
 from pretrain_reuse.data.datasets import ArrayDataset
 from pretrain_reuse.errors import PretrainReuseError
+from pretrain_reuse.features import hash_ids
 from pretrain_reuse.finetune.corruptions import CORRUPTIONS, corrupt, parse_corruption
 from pretrain_reuse.finetune.evaluate import evaluate_model
 from pretrain_reuse.models import create_backbone, save_backbone
@@ -130,10 +133,14 @@ def test_evaluate_records_the_corruption_and_its_seed(tmp_path, capsys):
     assert "evaluate" not in captured.err  # --quiet: no progress bar
     # without --quiet, a bar over the batches (evaluate said nothing until it was done)
     assert main([*argv[:-1], "--out", str(tmp_path / "bar.json")]) == 0
-    assert "evaluate: 100%" in capsys.readouterr().err
+    assert re.search(r"evaluate: +\d+%.*batch", capsys.readouterr().err)  # how far tqdm draws
     assert scores[0]["top1"] == scores[1]["top1"]
     assert scores[0]["meta"]["params"]["corruption"] == "gaussian-noise:5"
     assert scores[0]["meta"]["seed"] == 3
+    # the data scored, as explain records it, with its samples (only the weights were recorded)
+    test = open_dataset("synthetic:target", split="test")
+    assert {k: scores[0]["meta"]["inputs"][k] for k in ("data", "ids", "n")} == {
+        "data": test.source, "ids": hash_ids(test.ids), "n": len(test)}
     rc = main([*argv[:-5], "--corruption", "fog:3", "--out", str(tmp_path / "c.json")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "corruption 'fog:3' is not NAME:SEVERITY" in err

@@ -858,7 +858,9 @@ def cmd_demo(args) -> int:
 def cmd_evaluate(args) -> int:
     from .artifacts import check_output_file, make_meta, write_json
     from .data.text import TextDataset
+    from .features import hash_ids
     from .finetune.evaluate import evaluate_model
+    from .knowledge.explain import data_path
     from .models import output_class_names
     from .models.checkpoint import weights_hash
 
@@ -901,7 +903,10 @@ def cmd_evaluate(args) -> int:
     if args.out:
         params = {"model": args.model, "weights": args.weights, "data": args.data, "split": split,
                   "corruption": args.corruption, "batch_size": args.batch_size}
-        inputs = {"weights": weights_hash(args.weights) if args.weights else None}  # as finetune
+        # the weights as finetune records them; the data as explain does, with its samples
+        inputs = {"weights": weights_hash(args.weights) if args.weights else None,
+                  "data": data.source, "data_path": data_path(data), "ids": hash_ids(data.ids),
+                  "n": len(data)}
         write_json(args.out, {"kind": "evaluation", **scores,
                               "meta": make_meta("evaluate", params, inputs=inputs, seed=args.seed)})
     _note_weights(args.model, args.weights, args.quiet)
