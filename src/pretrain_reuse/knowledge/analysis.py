@@ -222,13 +222,14 @@ def games_folders(folders: Any) -> list[Path]:
     if isinstance(folders, str | Path) or not isinstance(folders, Sequence) \
             or not all(isinstance(f, str | Path) for f in folders):
         raise PretrainReuseError(f"games_from must be a list of folders (paths), got {folders!r}")
-    for folder in map(Path, folders):
+    folders = [Path(f) for f in folders]
+    for folder in folders:
         if not holds_games(folder):
             raise PretrainReuseError(
                 f"games_from (--games-from) {folder} holds no games of a knowledge analysis "
                 f"({folder}/<role>/games); pass the out folder of an earlier knowledge analysis "
                 "of these models")
-    return [Path(f) for f in folders]
+    return folders
 
 
 def _check_analysis(models: dict[str, Backbone], dataset: ImageDataset | TextDataset,
