@@ -15,6 +15,7 @@ from pretrain_reuse.cli import main
 from pretrain_reuse.data.catalog import open_dataset
 from pretrain_reuse.experiments import RECIPES, ExperimentTable, load_experiment_config, run_experiment
 from pretrain_reuse.finetune import RunResult
+from pretrain_reuse.finetune.config import FinetuneConfig
 from pretrain_reuse.selection import Selection
 
 RELATED = tuple(int(c) for c in open_dataset("synthetic:target").related)
@@ -453,6 +454,8 @@ def test_a_sweep_that_would_silently_change_or_repeat_rows_is_refused(sweep, mes
     # the selection is made for the images of the finetune regime, drawn in its order
     ({"modes": {"scratch": {"long_tail_order": "random"}}}, "a data regime holds for every run"),
     ({"modes": {"scratch": {"lam": 1.0}}}, "modes 'scratch' sets lam, which has no effect"),
+    ({"modes": {"vanilla": {"cutout": 0.1}}},
+     "modes 'vanilla' sets cutout, which has no effect in mode 'vanilla' (only in reuse-unlabeled)"),
     ({"modes": {"reuse": {"lam": 1.0}}, "lam": {"reuse": 0.5}}, "λ of mode 'reuse' is given twice"),
     ({"modes": {"scratch": {"lr": -1.0}}}, "lr must be"),
     ({"modes": {"scratch": {"learning_rate": 0.1}}}, "modes 'scratch' key='learning_rate' is not one of"),
@@ -1250,3 +1253,18 @@ def test_two_pretrainings_of_the_same_network_are_warned_of(tmp_path):
     with pytest.warns(UserWarning, match="pretrainings 'sup' and 'copy' hold the same network") as got:
         _warn_same_pretrainings(cfg, backbones)
     assert len(got) == 1  # 'other' is another network
+
+
+def test_a_shared_option_goes_only_to_the_modes_that_read_it(tmp_path):
+    # finetune: {lam: 1.0} reached vanilla's run too, which finetune_datasets now refuses as an
+    # option the mode would ignore
+    cfg = load_experiment_config(None, model="m", target="t",
+                                 finetune={"lam": 1.0, "cutout": 0.2, "lr": 0.05})
+    vanilla, reuse, unlabeled = (cfg.mode_finetune(mode)
+                                 for mode in ("vanilla", "reuse", "reuse-unlabeled"))
+    default = FinetuneConfig()
+    assert (vanilla.lam, vanilla.cutout, vanilla.lr) == (default.lam, default.cutout, 0.05)
+    assert (reuse.lam, reuse.cutout, reuse.lr) == (1.0, default.cutout, 0.05)
+    assert (unlabeled.lam, unlabeled.cutout, unlabeled.lr) == (1.0, 0.2, 0.05)
+    for ft in (vanilla, reuse, unlabeled):
+        ft.check_options_used()

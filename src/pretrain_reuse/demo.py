@@ -194,8 +194,10 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = 
         mode, sel = RUNS[name]
         for s in (plan.seeds[:1] if name in plan.single_seed_modes else plan.seeds):
             run_dir = out / "finetune" / f"{name}-seed{s}"
-            cfg = FinetuneConfig(mode=mode, epochs=epochs, batch_size=32, lr=0.01,
-                                 lam=LAMBDA.get(mode, 0.0), augment="flip",
+            # λ only where the mode reads it: finetune_datasets refuses an option it would ignore
+            weight = {"lam": LAMBDA[mode]} if mode in LAMBDA else {}
+            cfg = FinetuneConfig(mode=mode, epochs=epochs, batch_size=32, lr=0.01, **weight,
+                                 augment="flip",
                                  eval_every=max(1, epochs // 6), seed=s,
                                  schedule="cosine", checkpoint_every=1000,
                                  # the convergence curves of the knowledge stage

@@ -185,10 +185,11 @@ class ExperimentConfig:
                 if key in settings:
                     raise PretrainReuseError(f"modes {mode!r} cannot set {key!r}: a data regime "
                                              "holds for every run; set it under finetune")
-            if "lam" in settings and mode not in MODE_OPTIONS["lam"]:
-                raise PretrainReuseError(
-                    f"modes {mode!r} sets lam, which has no effect: mode {mode!r} has no source "
-                    f"loss for λ to weigh; remove it")
+            for key in settings:  # finetune's may be shared by modes that do not read them
+                if mode not in MODE_OPTIONS.get(key, (mode,)):
+                    raise PretrainReuseError(
+                        f"modes {mode!r} sets {key}, which has no effect in mode {mode!r} (only "
+                        f"in {', '.join(MODE_OPTIONS[key])}); remove it")
         self.base_finetune()  # FinetuneConfig checks each value (λ >= 0, lr > 0, ...)
         for mode in {*self.lam, *self.modes}:
             self.mode_finetune(mode)
@@ -216,9 +217,13 @@ class ExperimentConfig:
         return FinetuneConfig(**checked_values(self.finetune, FinetuneConfig, "finetune key"))
 
     def mode_finetune(self, mode: str) -> FinetuneConfig:
-        """The FinetuneConfig of the runs of ``mode``: ``finetune``, then ``modes[mode]`` and
-        ``lam[mode]`` on top (the recipe still sets each run's seed and swept setting)."""
-        settings = {**self.finetune, **self.modes.get(mode, {})}
+        """The FinetuneConfig of the runs of ``mode``: ``finetune``, less the options ``mode``
+        does not read (``MODE_OPTIONS``: a λ shared by the reuse modes is no setting of vanilla),
+        then ``modes[mode]`` and ``lam[mode]`` on top (the recipe still sets each run's seed and
+        swept setting)."""
+        shared = {key: value for key, value in self.finetune.items()
+                  if mode in MODE_OPTIONS.get(key, (mode,))}
+        settings = {**shared, **self.modes.get(mode, {})}
         if mode in self.lam:
             settings["lam"] = self.lam[mode]
         values = checked_values(settings, FinetuneConfig, f"modes {mode!r} key")

@@ -205,7 +205,9 @@ class Workspace:
         return finetune_datasets(
             ft, model=cfg.model, weights=weights, train_pool=self.data("target"),
             test_set=self.data("test"), source_pool=self.data("source") if sel else None,
-            selection=sel, units=self.units(row.pick.units) if sel else None, out=run_dir,
+            # clusters map to images through their units; classes through the pool's labels
+            selection=sel, units=self.units(row.pick.units) if sel and row.pick.units != "classes"
+            else None, out=run_dir,
             # source only where the run reads it: knowledge, which selects nothing, does not
             # claim it, so a rerun without it must resume the runs
             inputs={"model": cfg.model, "weights": weights, "target": cfg.target,

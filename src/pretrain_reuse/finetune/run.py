@@ -16,7 +16,7 @@ import torch
 
 from ..artifacts import hash_array, hash_file, make_run_folder, read_json
 from ..data.catalog import DATASETS, has_splits, open_dataset, split_folders
-from ..data.datasets import DataWarning, ImageDataset, labels_by_name
+from ..data.datasets import DataWarning, ImageDataset, labels_by_name, require_labels
 from ..data.samplers import subsample_fraction, subsample_long_tail
 from ..data.text import TextDataset, is_sentence_file, text_file
 from ..distributed import process_device
@@ -64,9 +64,8 @@ def target_splits(cfg: FinetuneConfig, train_pool: ImageDataset | TextDataset
     / smallest class = ratio), and the validation images come from the images it leaves out
     (:func:`~.data.held_out_validation`). Without a regime, validation is carved from the pool
     (:func:`~.data.split_validation`)."""
+    require_labels(train_pool, "fine-tuning")
     labels = train_pool.labels
-    if labels is None:
-        raise PretrainReuseError("the target data has no labels; fine-tuning needs class labels")
     sampler = {}
     if cfg.train_fraction is not None or cfg.long_tail_ratio is not None:
         sub = (subsample_fraction(labels, cfg.train_fraction, seed=cfg.seed)
@@ -143,7 +142,6 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
     resolved path, besides the sample ids and labels every split holds.
     """
     _check_config(cfg)
-    cfg.check_options_used()
     _check_source_inputs(cfg, {"--source": source, "--selection": selection, "--units": units},
                          "--mode")
     if target_test is None and not has_splits(target):
@@ -166,10 +164,7 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
              "units": _input_file("--units", units, Units)}
     selection = selection if files["selection"] is None else Selection.load(files["selection"])
     cluster_units = units if files["units"] is None else Units.load(files["units"])
-    if cluster_units is not None and cluster_units.kind != "cluster":
-        raise PretrainReuseError(
-            f"--units holds {cluster_units.kind} units, which map to samples by their labels, so "
-            "it would be ignored; only a selection of clusters needs --units: drop it")
+    _check_cluster_units(cluster_units, "--units")
     specs = dict(zip(DATA_INPUTS, (target, target_test or target, source), strict=True))
     data = {"target": open_split(target, "train", flag="--target"),
             "target_test": open_split(specs["target_test"], "test", flag="--target-test"),
@@ -296,7 +291,8 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
     the fine-tuned head naming class i, as JSON text (``null`` for data without names).
 
     Source data, a selection or units for a mode that reuses no pre-training data are refused,
-    as :func:`run_finetune` refuses them, and so is their absence in a mode that does."""
+    as :func:`run_finetune` refuses them, and so is their absence in a mode that does; so are
+    options the mode never reads (:meth:`~.FinetuneConfig.check_options_used`)."""
     _check_config(cfg)
     _check_source_inputs(cfg, {"source_pool": source_pool, "selection": selection, "units": units},
                          "mode")
@@ -309,6 +305,7 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
             raise PretrainReuseError(
                 f"{name} must be a {artifact.__name__}, got {type(value).__name__}; open the file "
                 f"with {artifact.__name__}.load(path), or give run_finetune its path")
+    _check_cluster_units(units, "units")
     return _finetune(cfg, model=model, weights=weights, train_pool=train_pool, test_set=test_set,
                      out=out, source_pool=source_pool, selection=selection, units=units,
                      inputs=inputs, progress=progress, check_only=check_only)
@@ -388,6 +385,16 @@ def _check_config(cfg: FinetuneConfig) -> None:
         raise PretrainReuseError(
             f"cfg must be a FinetuneConfig, got {type(cfg).__name__}; build it with "
             "FinetuneConfig(**fields) or load_config(path)")
+    cfg.check_options_used()
+
+
+def _check_cluster_units(units: Units | None, name: str) -> None:
+    """Refuse class units where cluster units are asked for: a class selection maps to samples
+    by their labels, so the units would be ignored."""
+    if units is not None and units.kind != "cluster":
+        raise PretrainReuseError(
+            f"{name} holds {units.kind} units, which map to samples by their labels, so it would "
+            f"be ignored; only a selection of clusters needs {name}: drop it")
 
 
 def _check_source_inputs(cfg: FinetuneConfig, source: dict[str, object], mode: str) -> None:
