@@ -8,6 +8,7 @@ import gzip
 import math
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from PIL import Image
 from pretrain_reuse.data import (
     DATASETS,
     ArrayDataset,
+    DataWarning,
     WorldConfig,
     describe_skipped,
     file_list,
@@ -84,6 +86,29 @@ def test_hidden_entries_are_skipped_and_a_link_loop_reads_each_folder_once(tree)
     # the link back up the class folder adds nothing (it was read 40 levels deep)
     assert ds.ids == [Path(path).relative_to(tree).as_posix() for path, _ in ref.samples]
     assert ds.labels.tolist() == ref.targets
+
+
+def test_images_of_a_format_not_read_are_warned_of_not_dropped_unsaid(tree, tmp_path):
+    # a folder of phone photos (.heic) beside PNGs lost them without a word; notes.txt is no image
+    for f in ("ant/p1.heic", "zebra/sub/p2.HEIC", "zebra/anim.gif", "ant/.p3.heic"):
+        (tree / f).parent.mkdir(parents=True, exist_ok=True)
+        (tree / f).write_bytes(b"\0")
+    with pytest.warns(DataWarning) as caught:
+        ds = open_dataset(tree)
+    assert len(caught) == 1 and str(caught[0].message) == (
+        f"data: 3 file(s) in {str(tree)!r} are images of a format not read here (2 .heic, 1 .gif; "
+        "first: 'ant/p1.heic'), so they are left out; convert them to one of .jpg, .jpeg, .png, "
+        ".ppm, .bmp, .pgm, .tif, .tiff, .webp")
+    assert len(ds) == 7  # the 7 readable images, as before
+    flat = tmp_path / "flat"
+    _write_image(flat / "a.png", 0)
+    (flat / "b.avif").write_bytes(b"\0")
+    with pytest.warns(DataWarning, match=r"1 file\(s\) in .* \(1 .avif; first: 'b.avif'\)"):
+        assert len(open_dataset(flat)) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (flat / "b.avif").unlink()
+        open_dataset(flat)
 
 
 def test_unreadable_images_are_skipped_counted_and_named(tree):

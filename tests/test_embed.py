@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -351,6 +352,20 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_store(tmp_path, capsys):
     assert {n: (parts / n).stat().st_mtime_ns for n in done} == mtimes
     index = json.loads((out / "index.json").read_text())
     assert [s["n"] for s in index["shards"]] == [4] * 7 + [2]
+
+
+def test_a_resumed_run_counts_the_samples_embedded_before(tmp_path, capsys):
+    # its progress bar started at 0 of the samples left, as if the run had just begun
+    data = make_many(tmp_path / "data", 10)  # 30 images, 8 shards of 4
+    args = ["--model", "smallcnn-s", "--weights", str(saved_smallcnn(tmp_path / "w.safetensors")),
+            "--data", str(data), "--shard-size", "4", "--out", str(tmp_path / "store")]
+    embed_ok(capsys, *args)
+    (tmp_path / "store" / "index.json").unlink()
+    for k in (5, 6, 7):  # as if killed after 5 shards: 10 images left
+        (tmp_path / "store" / "parts" / f"shard-{k:05d}.safetensors").unlink()
+    assert main(["embed", *args]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"embed smallcnn-s:\s+67%.*\b20/30\b", err), err[-500:]
 
 
 def test_torchrun_two_processes_equal_one_process(tmp_path, capsys):

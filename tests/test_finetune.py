@@ -873,6 +873,19 @@ def test_unreadable_training_images_are_reported_and_a_batch_of_only_them_is_an_
     assert "c1/zz-broken.png" in err
 
 
+def test_a_class_whose_training_images_all_fail_is_warned_of(tmp_path, capsys):
+    # its images were counted among the unreadable ones, but that the class was never trained
+    # went unsaid
+    args = _with_a_broken_image(tmp_path)
+    for name in ("a.png", "b.png"):
+        (args[4] / "c9-broken" / name).parent.mkdir(exist_ok=True)
+        (args[4] / "c9-broken" / name).write_bytes(b"not a png")
+    rc, _, err = cli(capsys, *args, "--batch-size", "4", "--quiet", "--out", tmp_path / "run")
+    assert rc == 0, err
+    assert ("warning: no training image of 1 class(es) could be read (c9-broken): their "
+            "outputs were never trained; repair or replace their images") in err
+
+
 @pytest.fixture(scope="module")
 def made_for(files, tmp_path_factory):
     """A class selection made for ``target`` (2 classes of 6 and 5 images, plus an unreadable one
@@ -1850,6 +1863,10 @@ SOURCE_INPUTS_REFUSED = [
                                                 "reuse-unlabeled, or drop it"),
     ({"mode": "reuse"}, {"source_pool": "POOL"},
      r"mode 'reuse' needs the pre-training data \(source_pool\) and a selection \(selection\)"),
+    # both were dropped unsaid: vanilla has no source loss, and class units map by labels
+    ({"lam": 1.0}, {}, r"lam=1.0 has no effect in mode 'vanilla' \(only in reuse, "),
+    ({"mode": "reuse"}, {"source_pool": "POOL", "selection": "SEL", "units": "CLASSES"},
+     r"units holds class units, which map to samples by their labels, so it would be ignored"),
 ]
 
 
@@ -1861,7 +1878,8 @@ def test_finetune_datasets_refuses_source_inputs_the_mode_would_ignore_or_lacks(
     data = open_dataset("synthetic:target", split="test")
     objects = {"POOL": open_dataset("synthetic:pretrain", split="test"),
                "SEL": Selection(selected=[0], scores=np.zeros(10), params={}),
-               "UNITS": Units(prototypes=np.eye(10, dtype=np.float32), kind="cluster")}
+               "UNITS": Units(prototypes=np.eye(10, dtype=np.float32), kind="cluster"),
+               "CLASSES": Units(prototypes=np.eye(10, dtype=np.float32), kind="class")}
     cfg = FinetuneConfig(**{"max_steps": 2, "batch_size": 16, **settings})
     with pytest.raises(PretrainReuseError, match=needle):
         finetune_datasets(cfg, model="smallcnn-s", train_pool=data, test_set=data,

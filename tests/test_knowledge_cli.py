@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pretrain_reuse import load
 from pretrain_reuse.artifacts import safetensors_header
@@ -15,6 +16,7 @@ from pretrain_reuse.data import open_dataset
 from pretrain_reuse.embed import preprocessed
 from pretrain_reuse.errors import PretrainReuseError
 from pretrain_reuse.knowledge import (
+    KnowledgeReport,
     discrimination_power,
     harsanyi_and,
     knowledge_report,
@@ -123,9 +125,17 @@ def test_knowledge_of_two_different_networks_reports_the_ratios_of_its_saved_int
           for role in ("pretrained", "finetuned")}
     assert len(xs["pretrained"]) == len(xs["finetuned"]) == k["samples"]["n"] == 3
     params = k["meta"]["params"]
-    again = knowledge_report(xs["pretrained"], xs["finetuned"], tau=params["tau"],
-                             match=params["match"]).to_dict()["overall"]
+    report = knowledge_report(xs["pretrained"], xs["finetuned"], tau=params["tau"],
+                              match=params["match"])
+    again = report.to_dict()["overall"]
     assert k["report"]["overall"] == again
+    # saved alone, the report records what it was computed from (it recorded no inputs)
+    inputs = json.loads(report.save(tmp_path / "report.json").read_text())["meta"]["inputs"]
+    assert inputs["pretrained_weights_hash"] == _sha256(pre)
+    assert inputs["finetuned_weights_hash"] == _sha256(ft)
+    assert inputs["finetuned_weights"] == str(ft) and inputs["data"] == "synthetic:target-0"
+    assert json.loads(inputs["samples"]) == [x.info["sample"] for x in xs["finetuned"]]
+    assert KnowledgeReport.load(tmp_path / "report.json").inputs == inputs
     # the two networks' knowledge differs: not the closed-form 1 / 0 of one network in both roles
     assert again["preserve"]["mean"] < 0.99 and again["discard"]["mean"] > 0.01
 
@@ -1484,3 +1494,39 @@ def test_a_folder_written_before_the_background_setting_reruns_as_finished(tmp_p
     assert _run(capsys, *knowledge)[0] == 0
     forget_background(tmp_path / "k" / "knowledge.json")
     assert _run(capsys, *knowledge)[1].endswith("is finished (same settings); nothing to do\n")
+
+
+def test_explain_and_knowledge_note_a_model_whose_outputs_are_matched_by_position(
+        tmp_path, capsys):
+    # a model that names no classes explained the data's named classes by position, unsaid
+    # (evaluate said so); one that records its finetune run's class names is matched by name
+    names = list(open_dataset("synthetic:target", split="test").class_names)
+    unnamed = _classifier(tmp_path / "unnamed.safetensors", 10)
+    named = _classifier(tmp_path / "named.safetensors", 10, meta={
+        "producer": "finetune", "inputs": {"class_names": json.dumps(names)}})
+    common = ("--model", "smallcnn-s", "--data", "synthetic:target", "--players", "grid:2x2",
+              "--samples", 2)
+    note = ("none of the data's classes (neither class names a finetune run records nor a "
+            "Hugging Face id2label), so the data's classes were explained by position")
+    rc, _, err = _run(capsys, "explain", *common, "--weights", unnamed, "--out", tmp_path / "a")
+    assert rc == 0 and f"note: the model names {note}" in err
+    rc, _, err = _run(capsys, "explain", *common, "--weights", named, "--out", tmp_path / "b")
+    assert rc == 0 and "by position" not in err
+    rc, _, err = _run(capsys, "knowledge", *common, "--pretrained", unnamed, "--finetuned", named,
+                      "--out", tmp_path / "k")
+    assert rc == 0 and f"note: the pretrained model names {note}" in err
+
+
+@pytest.mark.parametrize("command", ["evaluate", "explain"])
+def test_unlabelled_images_are_refused_with_how_to_label_them(tmp_path, capsys, command):
+    # the errors named Python functions (open_dataset) or no fix at all
+    (tmp_path / "flat").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(tmp_path / "flat" / f"{i}.png")
+    weights = _classifier(tmp_path / "m.safetensors", 10)
+    rc, _, err = _run(capsys, command, "--model", "smallcnn-s", "--weights", weights,
+                      "--data", tmp_path / "flat", "--quiet", "--out", tmp_path / "o.json")
+    assert rc == 2 and err.count("\n") == 1
+    assert (f"needs labelled samples (the class of each), but {str(tmp_path / 'flat')!r} holds "
+            "unlabelled images; put each class's images in a folder of its own") in err
+    assert not (tmp_path / "o.json").exists()

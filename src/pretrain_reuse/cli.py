@@ -573,6 +573,30 @@ def _explain_data(args):
     return open_dataset(args.data, split=split), split
 
 
+def _by_position(data, done: str, models: str = "the model names") -> str:
+    """The note of ``models`` whose outputs were matched to ``data``'s classes by position (as
+    ``done``: scored, explained): right only where the data holds the model's classes in its
+    order, which nothing checks."""
+    if not data.class_names:
+        return (f"the data's integer labels name no classes, so they were {done} by position: "
+                "its label i as output i")
+    return (f"{models} none of the data's classes (neither class names a finetune run records "
+            f"nor a Hugging Face id2label), so the data's classes were {done} by position: its "
+            "class i as output i")
+
+
+def _note_named_by_position(models: dict, data, quiet: bool) -> None:
+    """Note the models whose outputs explain the data's named classes by position only."""
+    from .models import output_class_names
+
+    unnamed = [role for role, m in models.items()
+               if output_class_names(m, data.class_names) is None]
+    if data.class_names and unnamed and not quiet:
+        who = ("the model names" if list(models) == ["model"] else
+               f"the {' and '.join(unnamed)} model{'s name' if len(unnamed) > 1 else ' names'}")
+        print(f"note: {_by_position(data, 'explained', who)}", file=sys.stderr)
+
+
 def cmd_explain(args) -> int:
     from .knowledge.analysis import faithfulness_summary
     from .knowledge.explain import choose_samples, explain, explainable
@@ -596,6 +620,7 @@ def cmd_explain(args) -> int:
         _note_weights(args.model, args.weights, args.quiet)
         return 0
     wrong = [r.info["sample"] for r in results if r.info["predicted"] != r.info["label"]]
+    _note_named_by_position({"model": model}, data, args.quiet)
     if wrong and not args.quiet:
         print(f"note: the model misclassifies {len(wrong)} of the {len(results)} samples "
               f"explained (first: {wrong[0]!r}); their interactions explain the output of their "
@@ -645,6 +670,7 @@ def cmd_knowledge(args) -> int:
     if before is not None and _stamp(Path(args.out) / "knowledge.json") == before:
         _finished("knowledge", args.out)  # finished with these settings, and intact
         return 0
+    _note_named_by_position(models, data, args.quiet)
     overall = summary["report"]["overall"]
     line = ", ".join(f"{k} {_number(overall[k]['mean'])} ± {_number(overall[k].get('sem'))}"
                      for k in PAPER_RATIOS if k in overall)
@@ -694,6 +720,7 @@ def _knowledge_sensitivity(args, models: dict, data, cfg, split: str | None) -> 
     if before[out / "sensitivity.json"] is not None and stamps() == before:
         _finished("knowledge", out)  # nothing computed or written
         return 0
+    _note_named_by_position(models, data, args.quiet)
     differences = result.differences()
     reference = next(iter(result.variants))
     for row in result.rows():
@@ -881,13 +908,8 @@ def cmd_evaluate(args) -> int:
           f"{scores['n']} {'sentences' if isinstance(data, TextDataset) else 'images'} of {where}"
           + (f"; {scores['unreadable']} unreadable images left out" if scores["unreadable"] else ""))
     notes = []
-    if scores["classes_matched_by"] == "position" and not data.class_names:
-        notes.append("the data's integer labels name no classes, so they were scored by "
-                     "position: its label i as output i")
-    elif scores["classes_matched_by"] == "position":
-        notes.append("the model names none of the data's classes (neither class names a "
-                     "finetune run records nor a Hugging Face id2label), so the data's classes "
-                     "were scored by position: its class i as output i")
+    if scores["classes_matched_by"] == "position":
+        notes.append(_by_position(data, "scored"))
     if scores["unreadable"]:
         shown = ", ".join(scores["unreadable_ids"][:5])
         notes.append(f"unreadable images left out: {shown}"

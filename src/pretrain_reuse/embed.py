@@ -227,9 +227,13 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True,
         # every rank finds the same: rewriting the index would only replace the recorded
         # embedding time, and a progress bar would count nothing
         return FeatureStore.load(out) if rank == 0 and load else None
-    todo = sum(min(cfg.shard_size, len(dataset) - k * cfg.shard_size) for k in mine)
-    bar = tqdm(total=todo, desc=f"embed {cfg.model}", unit="sentence" if text else "img",
-               disable=not progress or rank != 0)
+    def size(k: int) -> int:
+        return min(cfg.shard_size, len(dataset) - k * cfg.shard_size)
+
+    # a resumed run's bar starts at the samples of this rank that earlier runs embedded
+    total = sum(size(k) for k in range(rank, n_shards, world))
+    bar = tqdm(total=total, initial=total - sum(size(k) for k in mine), desc=f"embed {cfg.model}",
+               unit="sentence" if text else "img", disable=not progress or rank != 0)
     t0 = time.perf_counter()
     for k in mine:
         _embed_shard(k, data, backbone, cfg, device, use_bf16, parts, bar)

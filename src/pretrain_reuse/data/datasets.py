@@ -26,7 +26,9 @@ import csv
 import io
 import os
 import re
-from collections.abc import Callable, Sequence
+import warnings
+from collections import Counter
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -47,6 +49,10 @@ from ..errors import (
 
 # The extensions torchvision's ImageFolder accepts (matched case-insensitively).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+#: Image formats an image folder does not read (as torchvision's ImageFolder does not): their
+#: files are left out of the data with a warning, not silently.
+OTHER_IMAGE_EXTENSIONS = (".gif", ".heic", ".heif", ".avif", ".jp2", ".jfif", ".jxl", ".ico",
+                          ".svg", ".dng", ".cr2", ".nef", ".arw")
 MODES = ("RGB", "L")
 # First-row cells that mark a list file's header (compared lower-cased).
 _PATH_HEADERS = {"path", "file", "filename", "filepath", "file_path", "image", "img", "image_path"}
@@ -260,6 +266,20 @@ def repeated_name(names: Sequence[str]) -> str | None:
     return None
 
 
+def require_labels(data: ImageDataset, purpose: str) -> None:
+    """Refuse unlabelled ``data`` (images, or sentences: a TextDataset) where ``purpose`` (e.g.
+    "fine-tuning", "explaining") needs each sample's class, saying how to label it."""
+    if data.labels is not None:
+        return
+    if hasattr(data, "texts"):
+        what, fix = "sentences", 'give each line of the .jsonl file a "label"'
+    else:
+        what, fix = "images", ("put each class's images in a folder of its own (DATA/<class>/"
+                               "<image>), or list them as path,label lines of a .csv list file")
+    raise PretrainReuseError(f"{purpose} needs labelled samples (the class of each), but "
+                             f"{data.source!r} holds unlabelled {what}; {fix}")
+
+
 def labels_by_name(data: ImageDataset, class_names: list[str] | None, what: str) -> np.ndarray:
     """``data``'s labels in the numbering of ``class_names`` (label i = class_names[i]) when both
     name their classes, else as they are. An image folder numbers its classes in sorted order, a
@@ -338,7 +358,9 @@ def image_folder(root: str | Path, *, mode: str = "RGB",
     loose = sorted(e.name for e in os.scandir(root)
                    if e.is_file() and _is_image(e.name) and not _hidden(e.name))
     folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not _hidden(e.name))
-    found = {name: _walk_images(root / name, root) for name in folders}
+    other = [e.name for e in os.scandir(root) if e.is_file() and _other_format(e.name)]
+    found = {name: _walk_images(root / name, root, other) for name in folders}
+    _warn_of_other_formats(root, other)
     classes = [name for name in folders if found[name]]
     if not classes:
         _require_images(loose, root)
@@ -361,8 +383,21 @@ def image_folder(root: str | Path, *, mode: str = "RGB",
                        class_names=classes, mode=mode, transform=transform, source=str(root))
 
 
-def _walk_images(folder: Path, root: Path) -> list[str]:
-    """Image files under ``folder`` in torchvision's order, as POSIX paths relative to ``root``.
+def _warn_of_other_formats(root: Path, other: list[str]) -> None:
+    """Warn of the files ``other`` in ``root`` whose image format the folder reader skips
+    (:data:`OTHER_IMAGE_EXTENSIONS`)."""
+    if other:
+        counts = Counter(Path(f).suffix.lower() for f in other)
+        kinds = ", ".join(f"{n} {ext}" for ext, n in counts.most_common())
+        warnings.warn(f"data: {len(other)} file(s) in {str(root)!r} are images of a format not "
+                      f"read here ({kinds}; first: {sorted(other)[0]!r}), so they are left out; "
+                      f"convert them to one of {', '.join(IMG_EXTENSIONS)}", DataWarning,
+                      stacklevel=3)
+
+
+def _walk_images(folder: Path, root: Path, other: list[str]) -> list[str]:
+    """Image files under ``folder`` in torchvision's order, as POSIX paths relative to ``root``;
+    files of the image formats not read (:func:`_other_format`) are appended to ``other``.
 
     Links to folders are followed, as torchvision does, but each real folder is read once, so a
     link back up the tree cannot repeat (and relabel) images."""
@@ -377,11 +412,17 @@ def _walk_images(folder: Path, root: Path) -> list[str]:
         rel_dir = Path(dirpath).relative_to(root).as_posix()
         by_dir.append((dirpath, [f"{rel_dir}/{f}" for f in sorted(fnames)
                                  if _is_image(f) and not _hidden(f)]))
+        other += [f"{rel_dir}/{f}" for f in fnames if _other_format(f)]
     return [f for _, files in sorted(by_dir) for f in files]
 
 
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _other_format(name: str) -> bool:
+    """An image of a format an image folder does not read, not hidden."""
+    return name.lower().endswith(OTHER_IMAGE_EXTENSIONS) and not _hidden(name)
 
 
 def _hidden(name: str) -> bool:
@@ -618,6 +659,19 @@ def make_loader(dataset: ImageDataset, *, batch_size: int, workers: int = 0,
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate,
         generator=generator, drop_last=drop_last)
+
+
+def unread_classes(dataset: ImageDataset, skipped: Collection[int]) -> list[str]:
+    """The classes (names, else "label i") of the images at positions ``skipped`` (found
+    unreadable) none of whose images in ``dataset`` can be read. Only those classes' images
+    are read again, so the check costs nothing when no image failed."""
+    if dataset.labels is None or not skipped:
+        return []
+    labels = np.asarray(dataset.labels)
+    suspects = np.unique(labels[sorted(int(i) for i in skipped)])
+    lost = [int(c) for c in suspects
+            if all(dataset.load(int(i)) is None for i in np.flatnonzero(labels == c))]
+    return [dataset.class_names[c] if dataset.class_names else f"label {c}" for c in lost]
 
 
 def describe_skipped(dataset: ImageDataset, skipped: Sequence[int] | torch.Tensor,

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data.datasets import ImageDataset, inputs_to, labels_by_name, make_loader
+from ..data.datasets import ImageDataset, inputs_to, labels_by_name, make_loader, require_labels
 from ..data.text import TextDataset
 from ..errors import PretrainReuseError, check_device, check_seed, preview
 from ..models import Backbone
@@ -113,7 +113,9 @@ def evaluate_model(model: Backbone, data: ImageDataset | TextDataset, *,
         raise PretrainReuseError("the model must be a classifier (a Backbone with a Linear head), "
                                  "e.g. the model.safetensors of a finetune run")
     text = isinstance(data, TextDataset)
-    if not isinstance(data, (ImageDataset, TextDataset)) or data.labels is None or len(data) == 0:
+    if isinstance(data, (ImageDataset, TextDataset)):
+        require_labels(data, "evaluating")
+    if not isinstance(data, (ImageDataset, TextDataset)) or len(data) == 0:
         raise PretrainReuseError("the data must be labelled images or sentences; open them with "
                                  "pretrain_reuse.data.open_dataset(path or name, split=...) or "
                                  "pretrain_reuse.data.text.text_file(path)")

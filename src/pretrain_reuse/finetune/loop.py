@@ -40,7 +40,7 @@ from ..artifacts import (
     to_json,
     write_json,
 )
-from ..data.datasets import ImageDataset, describe_skipped, inputs_to
+from ..data.datasets import ImageDataset, describe_skipped, inputs_to, unread_classes
 from ..data.text import TextDataset
 from ..distributed import (
     bf16_autocast,
@@ -50,7 +50,7 @@ from ..distributed import (
     to_device,
     uses_bf16,
 )
-from ..errors import PretrainReuseError, check_choice
+from ..errors import PretrainReuseError, check_choice, preview
 from ..models import save_backbone
 from .augment import View, input_size
 from .checkpoint import load_optimizer_state, load_state, save_state
@@ -395,6 +395,11 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset | T
         if skipped[what] and rank == 0:
             print(f"warning: {what} data: {describe_skipped(data, skipped[what])} (left out of "
                   "training)", file=sys.stderr)
+            lost = unread_classes(data, skipped[what])
+            if lost and what == "target training":
+                print(f"warning: no training image of {len(lost)} class(es) could be read "
+                      f"({preview(lost)}): their outputs were never trained; repair or replace "
+                      "their images", file=sys.stderr)
     for what, key, data in (("validation", "val", val_set), ("test", "test", test_set)):
         unread = len(data) - history[-1][key]["n"] if history else 0
         if unread and rank == 0:

@@ -56,7 +56,7 @@ from ..artifacts import (
     write_json,
 )
 from ..configs import check_fields
-from ..data.datasets import ImageDataset, labels_by_name
+from ..data.datasets import ImageDataset, labels_by_name, require_labels
 from ..data.text import TextDataset, numbered_by
 from ..embed import preprocessed
 from ..errors import PretrainReuseError, check_choice, check_device, check_seed, preview
@@ -330,7 +330,7 @@ def sample_order(dataset: ImageDataset | TextDataset, seed: int,
                  keep: np.ndarray | None = None) -> np.ndarray:
     """The positions of the samples (of those in ``keep``, if given) in the seeded order in which
     :func:`choose_samples` draws them: every class is represented before any repeats."""
-    _check_labelled(dataset)
+    require_labels(dataset, "explaining")  # the class whose output to explain
     candidates = np.arange(len(dataset)) if keep is None else np.flatnonzero(keep)
     rng = np.random.default_rng([seed, 11])
     order = candidates[rng.permutation(len(candidates))]
@@ -340,11 +340,6 @@ def sample_order(dataset: ImageDataset | TextDataset, seed: int,
     for c in np.unique(labels):
         rank[labels == c] = np.arange((labels == c).sum())
     return order[np.argsort(rank, kind="stable")]
-
-
-def _check_labelled(dataset: ImageDataset | TextDataset) -> None:
-    if dataset.labels is None:
-        raise PretrainReuseError("explaining needs labelled samples (the class to explain)")
 
 
 def explainable(model: Backbone, dataset: ImageDataset | TextDataset,
@@ -568,7 +563,7 @@ def check_classifier(model: Backbone, dataset: ImageDataset | TextDataset, cfg: 
         raise PretrainReuseError(
             f"{role}: the model must be a classifier with a head (got num_classes="
             f"{model.num_classes}); pass the weights of a fine-tuned or linear-probe model")
-    _check_labelled(dataset)
+    require_labels(dataset, "explaining")  # the class whose output to explain
     names = output_class_names(model, dataset.class_names)
     if isinstance(dataset, TextDataset) and dataset.named and names is not None:
         # the data's names are the model's classes (fewer is fine); numbered otherwise than the

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -144,10 +145,29 @@ def _save_json(path: str | Path, kind: str, record: dict[str, Any], meta: dict[s
     return Path(path)
 
 
-def _saved_meta(result: Any, settings: dict[str, Any], seed: int | None = None) -> dict[str, Any]:
-    """The metadata block of a result saved alone: its class as the producer, its ``settings``
-    and ``seed``, the version."""
-    return make_meta(f"knowledge.{type(result).__name__}", settings, seed=seed)
+def _saved_meta(result: Any, settings: dict[str, Any], seed: int | None = None,
+                inputs: dict[str, str] | None = None) -> dict[str, Any]:
+    """The metadata block of a result saved alone: its class as the producer, its ``settings``,
+    ``inputs`` and ``seed``, the version."""
+    return make_meta(f"knowledge.{type(result).__name__}", settings, inputs=inputs, seed=seed)
+
+
+def provenance(models: dict[str, Sequence[Interactions]]) -> dict[str, str]:
+    """What interactions record of their inputs (as :func:`~.explain.explain` writes them): per
+    role, the model's weights file and its hash; the data; and the explained samples' ids (JSON
+    text). Entries nobody recorded (interactions built by hand) are left out."""
+    inputs: dict[str, str] = {}
+    for role, xs in models.items():
+        recorded = xs[0].meta.get("inputs", {}) if xs else {}
+        for key in ("weights", "weights_hash"):
+            if isinstance(recorded.get(key), str):
+                inputs[f"{role}_{key}"] = recorded[key]
+        if isinstance(recorded.get("data"), str):
+            inputs.setdefault("data", recorded["data"])
+        ids = [x.info.get("sample") for x in xs]
+        if xs and all(isinstance(i, str) for i in ids):
+            inputs.setdefault("samples", json.dumps(ids))
+    return inputs
 
 
 @contextlib.contextmanager
@@ -345,6 +365,8 @@ class KnowledgeReport:
         n_samples: number of samples.
         tau, match: the salience threshold and matching mode used.
         samples: the per-sample :class:`SampleKnowledge`.
+        inputs: what the interactions record of their inputs (:func:`provenance`); saved as
+            the ``inputs`` of the file's meta.
     """
 
     overall: dict[str, RatioStats]
@@ -353,6 +375,7 @@ class KnowledgeReport:
     tau: float
     match: str
     samples: list[SampleKnowledge] = field(repr=False, default_factory=list)
+    inputs: dict[str, str] = field(repr=False, default_factory=dict)
 
     def __repr__(self) -> str:  # a summary: the dataclass repr prints every order's statistics
         means = ", ".join(f"{k}={v.mean:.3g}" for k, v in self.overall.items())
@@ -385,7 +408,8 @@ class KnowledgeReport:
                     "scratch": items(s.scratch)} for s in self.samples]
         return _save_json(path, "knowledge-sets",
                           {**self.to_dict(), "n": self.samples[0].n, "samples": samples},
-                          _saved_meta(self, {"tau": self.tau, "match": self.match}))
+                          _saved_meta(self, {"tau": self.tau, "match": self.match},
+                                      inputs=self.inputs))
 
     @classmethod
     def load(cls, path: str | Path) -> KnowledgeReport:
@@ -398,7 +422,8 @@ class KnowledgeReport:
         # .get: a file of an earlier version records one n for all its samples
         return _report([SampleKnowledge(omega(s["pretrained"]), omega(s["finetuned"]),
                                         omega(s["scratch"]), int(s.get("n", d["n"])), d["match"])
-                        for s in d["samples"]], float(d["tau"]), d["match"])
+                        for s in d["samples"]], float(d["tau"]), d["match"],
+                       d.get("meta", {}).get("inputs", {}))
 
     def plot(self, ax=None):
         """Bar chart of the main ratios, mean ± std over samples, on ``ax`` (None: the current
@@ -440,7 +465,10 @@ def knowledge_report(pretrained: Iterable[Interactions] | Interactions,
         raise PretrainReuseError("no samples: pass the interactions of at least one sample")
     samples = [sample_knowledge(p, f, None if scratch is None else scratch[i], tau=tau, match=match)
                for i, (p, f) in enumerate(zip(pretrained, finetuned, strict=True))]
-    return _report(samples, tau, match)
+    models = {"pretrained": pretrained, "finetuned": finetuned}
+    if scratch is not None:
+        models["scratch"] = scratch
+    return _report(samples, tau, match, provenance(models))
 
 
 def _samples(name: str, x: Iterable[Interactions] | Interactions) -> list[Interactions]:
@@ -453,7 +481,8 @@ def _samples(name: str, x: Iterable[Interactions] | Interactions) -> list[Intera
     return list(x)
 
 
-def _report(samples: list[SampleKnowledge], tau: float, match: str) -> KnowledgeReport:
+def _report(samples: list[SampleKnowledge], tau: float, match: str,
+            inputs: dict[str, str]) -> KnowledgeReport:
     """The report's statistics over the samples' knowledge sets, overall and per order."""
     def stats(order: int | None) -> dict[str, RatioStats]:
         per_sample = [s.terms(order) for s in samples]
@@ -461,7 +490,7 @@ def _report(samples: list[SampleKnowledge], tau: float, match: str) -> Knowledge
 
     n = max(s.n for s in samples)  # samples may differ in their number of players
     return KnowledgeReport(stats(None), {k: stats(k) for k in range(1, n + 1)}, len(samples), tau,
-                           match, samples)
+                           match, samples, inputs)
 
 
 # --------------------------------------------------------------------------------------------
