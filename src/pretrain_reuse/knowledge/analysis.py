@@ -636,9 +636,11 @@ def _joint(games: dict[str, Games], qthres: float) -> dict[str, list[Interaction
 
 def faithfulness_summary(xs: list[Interactions], tau: float) -> dict[str, float | int | None]:
     """Each entry of :meth:`~.values.Interactions.faithfulness_error` averaged over the samples,
-    and the worst sample's ``max``. A sample with v(N) = v(∅) (e.g. a blank image under the
-    mean-colour baseline) has no effect to reproduce and so no normalised error: it is left out
-    (``undefined`` counts those samples), and an entry no sample defines is None."""
+    the worst sample's ``max`` and the median sample's (errors are in units of |v(N) - v(∅)|, so
+    a sample whose v(N) is near v(∅) has a large one that the mean follows). A sample with
+    v(N) = v(∅) (e.g. a blank image under the mean-colour baseline) has no effect to reproduce
+    and so no normalised error: it is left out (``undefined`` counts those samples), and an
+    entry no sample defines is None."""
     errors = [x.faithfulness_error(tau) for x in xs]
 
     def defined(key: str) -> list[float]:
@@ -647,6 +649,7 @@ def faithfulness_summary(xs: list[Interactions], tau: float) -> dict[str, float 
     out = {k: float(np.mean(defined(k))) if defined(k) else None for k in errors[0]}
     worst = defined("max")
     return out | {"max_over_samples": float(max(worst)) if worst else None,
+                  "max_median": float(np.median(worst)) if worst else None,
                   "undefined": len(errors) - len(worst)}
 
 

@@ -18,6 +18,13 @@ With Ω_pre, Ω_ft, Ω_sc the sets of the pre-trained (linear probe), fine-tuned
   learnability ℓ = |K_preserve ∩ Ω_sc|/|K_preserve|, scratch-only |Ω_sc \\ Ω_ft|/|Ω_sc|, and
   |K_new ∩ Ω_sc|/|K_new|.
 
+Chance levels (:meth:`SampleKnowledge.chance_terms`, an addition of this package): each ratio's
+expected value if the other model's salient items were drawn at random, as many of each type,
+order (and sign, for ``"signed"``) as it has, among the C(n, k) coalitions of that order. E.g.
+r_preserve's chance level is Σ_k |Ω_pre,k| |Ω_ft,k| / C(n, k) / |Ω_pre|: with dense salient sets,
+most of a large preserve ratio is what any two models would share. Compare a ratio with its
+chance level before reading it as knowledge handed over.
+
 Every ratio also exists per order k = |S|. Over samples, ratios are averaged (mean, std, quartiles;
 the group's ρ(k) = E_x[...] form) and pooled (Σ numerators / Σ denominators); samples whose
 denominator is empty are skipped and counted. Which samples enter (docs/knowledge.md §2: those
@@ -108,6 +115,20 @@ def knowledge_set(x: Interactions, *, tau: float = 0.05, match: str = "support")
 
 def _order(item: Item) -> int:
     return int(item[1]).bit_count()
+
+
+def _stratum(item: Item) -> tuple:
+    """The stratum of an item among which chance draws: (type, order[, sign])."""
+    return (item[0], _order(item), *item[2:])
+
+
+def _stratum_shares(omega: dict[Item, float], n: int) -> dict[tuple, float]:
+    """{stratum: |Ω in it| / C(n, order)}: the probability that a coalition of that type and
+    order is in Ω (with that sign), were Ω's items of each stratum drawn uniformly."""
+    counts: dict[tuple, int] = {}
+    for k in omega:
+        counts[_stratum(k)] = counts.get(_stratum(k), 0) + 1
+    return {s: c / math.comb(n, s[1]) for s, c in counts.items()}
 
 
 def _restrict(omega: dict[Item, float], order: int | None) -> dict[Item, float]:
@@ -271,6 +292,44 @@ class SampleKnowledge:
             })
         return out
 
+    def chance_terms(self, order: int | None = None) -> dict[str, tuple[float, float]]:
+        """Every ratio's chance level as (expected numerator, denominator): the numerator's
+        expectation if the items of the model a ratio compares against (Ω_ft for preserve and
+        discard, Ω_pre for new and inherit, Ω_sc for the scratch ratios) were drawn uniformly
+        among the coalitions of each stratum (type, order, sign for ``"signed"``), as many as the
+        model has there. The sets a ratio counts in (Ω_pre, K_preserve, K_new, ...) stay as
+        observed."""
+        pre, ft = _restrict(self.pretrained, order), _restrict(self.finetuned, order)
+        keep, new = pre.keys() & ft.keys(), ft.keys() - pre.keys()
+        in_pre, in_ft = _stratum_shares(pre, self.n), _stratum_shares(ft, self.n)
+
+        def hits(omega: dict[Item, float], items, share: dict, weighted: bool = False) -> float:
+            """Σ over ``items`` of P(item in the random set), each weighted by |I| if asked."""
+            return math.fsum((abs(omega[k]) if weighted else 1.0) * share.get(_stratum(k), 0.0)
+                             for k in items)
+
+        out = {
+            "preserve": (hits(pre, pre, in_ft), len(pre)),
+            "discard": (len(pre) - hits(pre, pre, in_ft), len(pre)),
+            "new": (len(ft) - hits(ft, ft, in_pre), len(ft)),
+            "inherit": (hits(ft, ft, in_pre), len(ft)),
+            "preserve_strength": (hits(pre, pre, in_ft, True), _strength(pre, pre)),
+            "discard_strength": (_strength(pre, pre) - hits(pre, pre, in_ft, True),
+                                 _strength(pre, pre)),
+            "new_strength": (_strength(ft, ft) - hits(ft, ft, in_pre, True), _strength(ft, ft)),
+            "inherit_strength": (hits(ft, ft, in_pre, True), _strength(ft, ft)),
+        }
+        if self.scratch is not None:
+            sc = _restrict(self.scratch, order)
+            in_sc = _stratum_shares(sc, self.n)
+            out.update({
+                "exclusive": (len(keep) - hits(ft, keep, in_sc), len(keep)),
+                "learnability": (hits(ft, keep, in_sc), len(keep)),
+                "scratch_only": (len(sc) - hits(sc, sc, in_ft), len(sc)),
+                "new_in_scratch": (hits(ft, new, in_sc), len(new)),
+            })
+        return out
+
     def ratios(self, order: int | None = None) -> dict[str, float]:
         """Every ratio as a number; NaN where the denominator set is empty."""
         return {k: num / den if den > 0 else math.nan for k, (num, den) in self.terms(order).items()}
@@ -367,6 +426,8 @@ class KnowledgeReport:
         samples: the per-sample :class:`SampleKnowledge`.
         inputs: what the interactions record of their inputs (:func:`provenance`); saved as
             the ``inputs`` of the file's meta.
+        chance: ``{ratio name: RatioStats}`` of every ratio's chance level
+            (:meth:`SampleKnowledge.chance_terms`), overall.
     """
 
     overall: dict[str, RatioStats]
@@ -376,6 +437,7 @@ class KnowledgeReport:
     match: str
     samples: list[SampleKnowledge] = field(repr=False, default_factory=list)
     inputs: dict[str, str] = field(repr=False, default_factory=dict)
+    chance: dict[str, RatioStats] = field(repr=False, default_factory=dict)
 
     def __repr__(self) -> str:  # a summary: the dataclass repr prints every order's statistics
         means = ", ".join(f"{k}={v.mean:.3g}" for k, v in self.overall.items())
@@ -395,6 +457,7 @@ class KnowledgeReport:
         return {
             "n_samples": self.n_samples, "tau": self.tau, "match": self.match,
             "overall": {k: s.to_dict() for k, s in self.overall.items()},
+            "chance": {k: s.to_dict() for k, s in self.chance.items()},
             "by_order": {str(o): {k: s.to_dict() for k, s in r.items()} for o, r in self.by_order.items()},
         }
 
@@ -484,13 +547,14 @@ def _samples(name: str, x: Iterable[Interactions] | Interactions) -> list[Intera
 def _report(samples: list[SampleKnowledge], tau: float, match: str,
             inputs: dict[str, str]) -> KnowledgeReport:
     """The report's statistics over the samples' knowledge sets, overall and per order."""
-    def stats(order: int | None) -> dict[str, RatioStats]:
-        per_sample = [s.terms(order) for s in samples]
+    def stats(per_sample: list[dict[str, tuple[float, float]]]) -> dict[str, RatioStats]:
         return {name: RatioStats.of([t[name] for t in per_sample]) for name in per_sample[0]}
 
     n = max(s.n for s in samples)  # samples may differ in their number of players
-    return KnowledgeReport(stats(None), {k: stats(k) for k in range(1, n + 1)}, len(samples), tau,
-                           match, samples, inputs)
+    return KnowledgeReport(stats([s.terms() for s in samples]),
+                           {k: stats([s.terms(k) for s in samples]) for k in range(1, n + 1)},
+                           len(samples), tau, match, samples, inputs,
+                           chance=stats([s.chance_terms() for s in samples]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -597,6 +661,7 @@ class Convergence(ValueEquality):
         measure: ``"iou"``, ``"coverage"`` or ``"weighted"``.
         threshold: the level for ``first_at_threshold``.
         steps: (T,) the training step of each checkpoint, increasing; None: their numbers 1..T.
+        tau, match, order: the knowledge sets compared (:func:`knowledge_convergence`).
     """
 
     similarity: np.ndarray
@@ -605,6 +670,9 @@ class Convergence(ValueEquality):
     measure: str
     threshold: float = 0.9
     steps: np.ndarray | None = None
+    tau: float = 0.05
+    match: str = "support"
+    order: int | None = None
 
     def __repr__(self) -> str:  # a summary: the dataclass repr prints every array
         return (f"Convergence(checkpoints={len(self.similarity)}, measure={self.measure!r}, "
@@ -655,8 +723,9 @@ class Convergence(ValueEquality):
 
     def save(self, path: str | Path) -> Path:
         """Write :meth:`to_dict` as JSON atomically (NaN as null); returns the path."""
-        return _save_json(path, "knowledge-convergence", self.to_dict(),
-                          _saved_meta(self, {"measure": self.measure, "threshold": self.threshold}))
+        settings = {"measure": self.measure, "threshold": self.threshold, "tau": self.tau,
+                    "match": self.match, "order": self.order}
+        return _save_json(path, "knowledge-convergence", self.to_dict(), _saved_meta(self, settings))
 
     def plot(self, ax=None, *, run: str = "fine-tuning"):
         """s(t) (solid) and the detour d(t) (dashed) against the training step, as the report
@@ -675,10 +744,13 @@ class Convergence(ValueEquality):
         """Read a file written by :meth:`save` (the summaries are recomputed, not read)."""
         d = _load_json(path, "knowledge-convergence",
                        ("similarity", "detour", "n_used", "measure", "threshold"))
-        # .get: a file of an earlier version records no steps (its checkpoints' numbers)
+        # .get: a file of an earlier version records no steps (its checkpoints' numbers), nor
+        # the knowledge sets' settings (its defaults)
+        settings = d.get("meta", {}).get("params", {})
         return cls(_none_to_nan(d["similarity"]), _none_to_nan(d["detour"]),
                    np.array(d["n_used"], dtype=np.int64), d["measure"], float(d["threshold"]),
-                   d.get("steps"))
+                   d.get("steps"), float(settings.get("tau", 0.05)),
+                   settings.get("match", "support"), settings.get("order"))
 
 
 def knowledge_convergence(checkpoints: Iterable[Iterable[Interactions]], *, tau: float = 0.05,
@@ -756,7 +828,8 @@ def knowledge_convergence(checkpoints: Iterable[Iterable[Interactions]], *, tau:
         sims.append(s_arr[ok].mean() if ok.any() else math.nan)
         detours.append(np.nanmean(d_arr) if (~np.isnan(d_arr)).any() else math.nan)
         used.append(int(ok.sum()))
-    return Convergence(np.array(sims), np.array(detours), np.array(used), measure, threshold, steps)
+    return Convergence(np.array(sims), np.array(detours), np.array(used), measure, threshold, steps,
+                       tau, match, order)
 
 
 # --------------------------------------------------------------------------------------------
@@ -860,9 +933,13 @@ class SetDiscrimination:
 
     Attributes:
         by_set: ``{set name: {class label: Discrimination}}``.
+        tau, match, inputs: those of the report the sets come from.
     """
 
     by_set: dict[str, dict[int, Discrimination]]
+    tau: float = 0.05
+    match: str = "support"
+    inputs: dict[str, str] = field(repr=False, default_factory=dict)
 
     def __repr__(self) -> str:  # a summary: the dataclass repr prints every class's counts
         purity = ", ".join(f"{name}={self.purity(name):.3g}" for name in self.by_set)
@@ -892,17 +969,22 @@ class SetDiscrimination:
                          for c, d in sorted(classes.items())}
                   for name, classes in self.by_set.items()}
         return _save_json(path, "set-discrimination", {"purity": self.to_dict(), "counts": counts},
-                          _saved_meta(self, {}))
+                          _saved_meta(self, {"tau": self.tau, "match": self.match},
+                                      inputs=self.inputs))
 
     @classmethod
     def load(cls, path: str | Path) -> SetDiscrimination:
         """Read a file written by :meth:`save` (the purities are recomputed from the counts)."""
-        counts = _load_json(path, "set-discrimination", ("counts",))["counts"]
+        record = _load_json(path, "set-discrimination", ("counts",))
+        meta = record.get("meta", {})  # an earlier version's file records no settings
+        settings = meta.get("params", {})
         with _malformed(path, "counts", "SetDiscrimination"):
-            return cls({name: {int(c): Discrimination(int(d["n_samples"]), _count_dict(d["positive"]),
-                                                      _count_dict(d["negative"]))
-                               for c, d in classes.items()}
-                        for name, classes in counts.items()})
+            by_set = {name: {int(c): Discrimination(int(d["n_samples"]), _count_dict(d["positive"]),
+                                                    _count_dict(d["negative"]))
+                             for c, d in classes.items()}
+                      for name, classes in record["counts"].items()}
+        return cls(by_set, float(settings.get("tau", 0.05)), settings.get("match", "support"),
+                   meta.get("inputs", {}))
 
     def plot(self, ax=None):
         """Bar chart of each set's purity, mean over classes, a dot per class, on ``ax`` (None:
@@ -972,7 +1054,7 @@ def set_discrimination(report: KnowledgeReport, labels: Iterable[int]) -> SetDis
             effects = getattr(sample, SET_EFFECTS[name])
             by_class.setdefault(int(label), []).append({k: effects[k] for k in getattr(sample, name)})
         by_set[name] = {c: _discrimination(e) for c, e in by_class.items()}
-    return SetDiscrimination(by_set)
+    return SetDiscrimination(by_set, report.tau, report.match, report.inputs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1014,17 +1096,28 @@ class SetAblation:
 
     def mean(self, name: str, measure: str) -> float:
         """The mean of ``measure`` over the samples that define it (NaN if none does)."""
+        values = self._defined(name, measure)
+        return float(values.mean()) if values.size else math.nan
+
+    def median(self, name: str, measure: str) -> float:
+        """The median of ``measure`` over the samples that define it (NaN if none does): the
+        summary to read beside the mean when a sample's v(N) - v(∅) is near 0, whose ``share``
+        and R² then take extreme values that the mean follows."""
+        values = self._defined(name, measure)
+        return float(np.median(values)) if values.size else math.nan
+
+    def _defined(self, name: str, measure: str) -> np.ndarray:
         check_choice("set", name, self.measures.keys())
         check_choice("measure", measure, ABLATION_MEASURES)
         values = self.measures[name][measure]
-        values = values[~np.isnan(values)]
-        return float(values.mean()) if values.size else math.nan
+        return values[~np.isnan(values)]
 
     def to_dict(self) -> dict[str, Any]:
-        """Per set: its mean size and each measure's mean and the samples that define it (NaN as
-        None), as ``knowledge.json`` holds it."""
+        """Per set: its mean size and each measure's mean, median and the samples that define
+        it (NaN as None), as ``knowledge.json`` holds it."""
         return {name: {"items": float(self.sizes[name].mean()),
                        **{m: {"mean": _nan_to_none(self.mean(name, m)),
+                              "median": _nan_to_none(self.median(name, m)),
                               "n_used": int((~np.isnan(values)).sum())}
                           for m, values in per.items()}}
                 for name, per in self.measures.items()}

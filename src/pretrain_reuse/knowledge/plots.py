@@ -34,7 +34,8 @@ def plot_strength_by_order(summary: dict[str, Any], ax) -> None:
 
 
 def plot_ratios(summary: dict[str, Any], ax) -> None:
-    """Preserved / discarded / new / exclusive knowledge, mean ± std over samples; a ratio that no
+    """Preserved / discarded / new / exclusive knowledge, mean ± std over samples, each with its
+    chance level (a black tick: :meth:`~.metrics.SampleKnowledge.chance_terms`); a ratio that no
     sample defines (its denominator is empty on every sample, e.g. no salient interaction) is None
     there, and drawn as an empty bar marked n/a."""
     overall = summary["report"]["overall"]
@@ -44,6 +45,13 @@ def plot_ratios(summary: dict[str, Any], ax) -> None:
            [m or 0.0 for m in means],
            yerr=[overall[n]["std"] or 0.0 for n in names],
            color=[RATIO_COLOURS[n] for n in names], capsize=4)
+    chance = summary["report"].get("chance", {})  # absent from the files of earlier versions
+    marked = [(i, chance[n]["mean"]) for i, n in enumerate(names)
+              if chance.get(n, {}).get("mean") is not None]
+    if marked:
+        ax.scatter(*zip(*marked, strict=True), marker="_", s=900, color="black", zorder=3,
+                   label="chance (random salient sets)")
+        ax.legend(loc="upper right", fontsize="small")
     # a ratio is at most 1, but its error bar may reach past it: the axis shows the whole bar
     tops = [(m or 0.0) + (overall[n]["std"] or 0.0) for n, m in zip(names, means, strict=True)]
     ax.set_ylim(0, max([1.0, *tops]) * 1.05)

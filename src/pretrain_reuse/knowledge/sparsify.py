@@ -693,6 +693,10 @@ def _admm(games: torch.Tensor, n: int, b: torch.Tensor, p: torch.Tensor | None, 
     best = torch.full((batch,), math.inf, dtype=v.dtype, device=v.device)
     bound = torch.full_like(best, -math.inf)
     best_x = x.clone()
+    # a sample's result is frozen at the check that certifies it, as if solved alone: the other
+    # samples of the call must not change it (each sample's iterates are its own)
+    done = torch.zeros(batch, dtype=torch.bool, device=v.device)
+    n_iter = [max_iter] * batch
     it = 0
     while it < max_iter:
         it += 1
@@ -710,14 +714,19 @@ def _admm(games: torch.Tensor, n: int, b: torch.Tensor, p: torch.Tensor | None, 
         u3 = y - z3
         if it % _CHECK_EVERY == 0 or it == max_iter:
             primal = _owl(ops.transform(z3), alpha).sum((0, 1))  # the loss of the feasible z3
-            better = primal < best
+            better = (primal < best) & ~done
             best = torch.where(better, primal, best)
             best_x = torch.where(better, z3, best_x)
             # two estimates of the multipliers (ρ, σ) of the AND and OR reconstructions: from the
             # normal cone of C at z3 (ρc·u3), and from the subgradients of f (ρ·u pulled back by Tᵀ)
             for dual in (-rho * c * u3, ops.transform_t(rho * u)):
-                bound = torch.maximum(bound, _dual_bound(ops, dual, v, width, coupling, alpha))
-            if bool(((best - bound) <= tol * best).all()):
+                raised = torch.maximum(bound, _dual_bound(ops, dual, v, width, coupling, alpha))
+                bound = torch.where(done, bound, raised)
+            certified = ~done & ((best - bound) <= tol * best)
+            for k in certified.nonzero().flatten().tolist():
+                n_iter[k] = it
+            done |= certified
+            if bool(done.all()):
                 break
     t = ops.transform(best_x) * scale
     i_and = t[:, 0]
@@ -728,7 +737,7 @@ def _admm(games: torch.Tensor, n: int, b: torch.Tensor, p: torch.Tensor | None, 
         i_or[0] = t[0, 1]
         q = q + best_x[:, 1].flip(0) * scale
     gap = ((best - bound) / best.clamp(min=1e-300)).clamp(min=0.0)
-    diag = [{"solver": "admm", "n_iter": it, "loss": float(best[k] * scale[k]),
+    diag = [{"solver": "admm", "n_iter": n_iter[k] if done[k] else it, "loss": float(best[k] * scale[k]),
              "lower_bound": float(bound[k] * scale[k]), "gap": float(gap[k]),
              "converged": bool(gap[k] <= tol)} for k in range(batch)]
     return i_and.permute(1, 2, 0), i_or.permute(1, 2, 0), q.permute(1, 2, 0), diag
