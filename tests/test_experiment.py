@@ -13,6 +13,7 @@ import pytest
 from pretrain_reuse import load as pr_load
 from pretrain_reuse.cli import main
 from pretrain_reuse.data.catalog import open_dataset
+from pretrain_reuse.errors import PretrainReuseError
 from pretrain_reuse.experiments import RECIPES, ExperimentTable, load_experiment_config, run_experiment
 from pretrain_reuse.finetune import RunResult
 from pretrain_reuse.finetune.config import FinetuneConfig
@@ -1268,3 +1269,49 @@ def test_a_shared_option_goes_only_to_the_modes_that_read_it(tmp_path):
     assert (unlabeled.lam, unlabeled.cutout, unlabeled.lr) == (1.0, 0.2, 0.05)
     for ft in (vanilla, reuse, unlabeled):
         ft.check_options_used()
+
+
+def test_the_knowledge_recipe_refuses_to_skip_a_linear_probe_and_keeps_analyses_per_models(
+        quick_demo, tmp_path):
+    # skipping the linear probe crashed with a KeyError after training every other row; skipping
+    # the scratch model reused the analysis made with it (its exclusive ratio, its samples)
+    demo, _, _ = quick_demo
+    out = tmp_path / "knowledge"
+    explain = {"players": "parts", "samples": 2}
+    cfg = load_experiment_config(_config(demo, tmp_path, explain=explain,
+                                         skip=["pretrained linear probe"]), seeds=(0,))
+    with pytest.raises(PretrainReuseError, match=(
+            r"skip leaves out 'pretrained linear probe', the pre-trained model that the knowledge "
+            r"of 'pretrained fine-tuned' is measured against; skip both rows, or neither")):
+        run_experiment("knowledge", cfg, out, progress=False)
+    assert not out.exists()
+    with_scratch = run_experiment("knowledge", load_experiment_config(
+        _config(demo, tmp_path, explain=explain), seeds=(0,)), out, progress=False)
+    assert with_scratch.rows[0]["exclusive"] is not None
+    cfg = load_experiment_config(_config(demo, tmp_path, explain=explain, skip=["scratch"]),
+                                 seeds=(0,))
+    without = run_experiment("knowledge", cfg, out, progress=False)
+    row = next(r for r in without.rows if r["method"] == "pretrained fine-tuned")
+    assert row.get("exclusive") is None
+    saved = json.loads((out / "knowledge" / "pretrained-seed0-no-scratch" / "knowledge.json")
+                       .read_text())
+    assert "exclusive" not in saved["report"]["overall"]
+    assert row["preserve"] == pytest.approx(saved["report"]["overall"]["preserve"]["mean"])
+
+
+def test_a_test_class_the_training_data_lacks_is_refused_before_the_folder_is_claimed(
+        quick_demo, tmp_path):
+    # it was found by the first run, after the pool and target were embedded into the folder
+    from PIL import Image
+
+    demo, _, _ = quick_demo
+    test = tmp_path / "test"
+    for name in open_dataset("synthetic:target", split="test").class_names + ["zz-new"]:
+        (test / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(test / name / "a.png")
+    cfg = load_experiment_config(_config(demo, tmp_path, target_test=str(test)), seeds=(0,))
+    out = tmp_path / "exp"
+    with pytest.raises(PretrainReuseError, match=r"the test data's classes \(zz-new\) are not "
+                                                 r"classes of the training data"):
+        run_experiment("table1", cfg, out, progress=False)
+    assert not out.exists()

@@ -66,7 +66,8 @@ def test_explain_writes_exact_interactions_of_the_models_games(tmp_path, capsys)
     # "mean" it printed was the mean of the largest)
     errors = [load(f).faithfulness_error(0.05) for f in files]
     assert (f"largest over the masks {np.mean([e['max'] for e in errors]):.4f} (mean over samples; "
-            f"worst sample {max(e['max'] for e in errors):.4f}), mean over the masks "
+            f"median {np.median([e['max'] for e in errors]):.4f}, worst sample "
+            f"{max(e['max'] for e in errors):.4f}), mean over the masks "
             f"{np.mean([e['mean'] for e in errors]):.4f}") in out
     for f in files:
         x = load(f)
@@ -511,8 +512,9 @@ def test_the_analysis_reports_neighbouring_players_of_the_cells_drawn_for_each_s
     kept = k["contiguity"]["preserve"]
     assert kept["items"] > 0 and k["contiguity"]["new"]["items"] == 0
     preserve = k["report"]["overall"]["preserve"]  # the ratio's standard error over the samples
-    assert (f"(± standard error over them): preserve {preserve['mean']:.3f} ± "
-            f"{preserve['sem']:.3f}") in out
+    chance = k["report"]["chance"]["preserve"]["mean"]  # and its level with random salient sets
+    assert "(± standard error over them; chance: the ratio were the other model's salient " in out
+    assert (f"preserve {preserve['mean']:.3f} ± {preserve['sem']:.3f} (chance {chance:.3f})") in out
     assert (f"preserved interactions of neighbouring players {kept['contiguous_share']:.3f} "
             f"(chance {kept['chance_share']:.3f})") in out
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import itertools
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import pkgutil
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +30,11 @@ from pretrain_reuse.knowledge import (
     Convergence,
     Interactions,
     KnowledgeReport,
+    SampleKnowledge,
     SetAblation,
     SetDiscrimination,
     accuracy_correlation,
+    and_interactions,
     cover_ratio,
     discrimination_power,
     knowledge_convergence,
@@ -332,12 +336,15 @@ def test_convergence_takes_any_iterable_and_refuses_what_is_not_interactions():
 
 
 def test_convergence_save_and_load_round_trip_nan_included(tmp_path):
-    c = knowledge_convergence(CHECKPOINTS, order=2, threshold=0.5)  # detour[0] is NaN
-    back = Convergence.load(c.save(tmp_path / "convergence.json"))
-    _check_meta(tmp_path / "convergence.json", "Convergence", {"measure": c.measure, "threshold": 0.5})
+    c = knowledge_convergence(CHECKPOINTS, order=2, threshold=0.5, tau=0.2, match="signed")
+    back = Convergence.load(c.save(tmp_path / "convergence.json"))  # detour[0] is NaN
+    # the knowledge sets' settings too: a file of tau 0.2 could not be told from one of 0.05
+    _check_meta(tmp_path / "convergence.json", "Convergence", {
+        "measure": c.measure, "threshold": 0.5, "tau": 0.2, "match": "signed", "order": 2})
     for name in ("similarity", "detour", "n_used"):
         np.testing.assert_array_equal(getattr(back, name), getattr(c, name))
     assert (back.measure, back.threshold) == ("iou", 0.5) and back.to_dict() == c.to_dict()
+    assert (back.tau, back.match, back.order) == (0.2, "signed", 2) and back == c
     stepped = knowledge_convergence(CHECKPOINTS, steps=[5, 6, 9])
     assert Convergence.load(stepped.save(tmp_path / "stepped.json")).to_dict() == stepped.to_dict()
     with pytest.raises(PretrainReuseError, match="holds kind 'knowledge-convergence', not 'accuracy"):
@@ -443,7 +450,8 @@ def test_set_discrimination_saves_loads_and_plots_its_purities(tmp_path):
     d = set_discrimination(knowledge_report(pre, ft, ft), [0, 0, 0, 1])
     back = load(d.save(tmp_path / "purity.json"))
     assert isinstance(back, SetDiscrimination) and back == d and back.to_dict() == d.to_dict()
-    _check_meta(tmp_path / "purity.json", "SetDiscrimination", {})
+    _check_meta(tmp_path / "purity.json", "SetDiscrimination", {"tau": 0.05, "match": "support"})
+    assert (back.tau, back.match) == (0.05, "support")
     _, ax = plt.subplots()
     assert d.plot(ax) is ax
     heights = {t.get_text(): p.get_height() for t, p in zip(ax.get_xticklabels(), ax.patches, strict=True)}
@@ -626,11 +634,15 @@ def test_set_ablation_averages_over_samples_and_leaves_out_those_without_an_effe
     assert np.isnan(a.measures["preserve"]["fidelity"][0])
     assert a.mean("preserve", "fidelity") == pytest.approx(
         np.mean(a.measures["preserve"]["fidelity"][1:]))
+    # the median too: one sample with v(N) near v(∅) pulls the mean of share and R² anywhere
+    assert a.median("preserve", "share") == pytest.approx(
+        np.median(a.measures["preserve"]["share"][1:]))
     d = a.to_dict()
+    assert d["preserve"]["share"]["median"] == pytest.approx(a.median("preserve", "share"))
     assert d["preserve"]["fidelity"]["n_used"] == 2 and d["preserve"]["same_decision"]["n_used"] == 1
     assert d["salient"]["items"] == pytest.approx((4 + 4 + 1) / 3)  # FT, FT4, plain
     alone = set_ablation(knowledge_report(PRE, flat), flat).to_dict()
-    assert alone["new"]["fidelity"] == {"mean": None, "n_used": 0}
+    assert alone["new"]["fidelity"] == {"mean": None, "median": None, "n_used": 0}
     assert "exclusive" not in alone
 
 
@@ -881,3 +893,72 @@ def test_decompositions_of_different_kinds_are_not_compared():
                             noise=np.zeros(8), kind="and")
     with pytest.raises(PretrainReuseError, match="different kinds \\('and-or' and 'and'\\)"):
         knowledge_report([PRE], [and_only])
+
+
+def _brute_force_chance(k: SampleKnowledge, role: str) -> dict[str, float]:
+    """Each ratio averaged over every way of placing ``role``'s items at random: per stratum
+    (type, order, sign), all subsets of that order's coalitions of the role's size there, each
+    with one sign-matched copy of the items. Exact enumeration, independent of chance_terms."""
+    n = k.n
+    omega = getattr(k, role)
+    strata = {}
+    for item, effect in omega.items():
+        strata.setdefault((item[0], bin(item[1]).count("1"), *item[2:]), []).append(effect)
+    choices = []
+    for (kind, order, *sign), effects in strata.items():
+        masks = [m for m in range(1, 2 ** n) if bin(m).count("1") == order]
+        choices.append([{(kind, m, *sign): e for m, e in zip(pick, effects, strict=True)}
+                        for pick in itertools.combinations(masks, len(effects))])
+    totals, count = {}, 0
+    for parts in itertools.product(*choices):
+        drawn = {key: value for part in parts for key, value in part.items()}
+        terms = replace(k, **{role: drawn}).terms()
+        for name, (num, _) in terms.items():
+            totals[name] = totals.get(name, 0.0) + num
+        count += 1
+    return {name: total / count for name, total in totals.items()}
+
+
+@pytest.mark.parametrize("match", ["support", "signed"])
+def test_chance_levels_equal_the_exact_mean_over_random_salient_sets(match):
+    # n = 4 players: every placement of the other model's items can be enumerated
+    rng = np.random.default_rng(3)
+
+    def omega(size):
+        items = {}
+        while len(items) < size:
+            mask = int(rng.integers(1, 16))
+            kind = "and" if rng.random() < 0.7 else "or"
+            value = float(rng.normal())
+            items[(kind, mask, 1 if value > 0 else -1) if match == "signed" else (kind, mask)] = value
+        # one item per coalition and type: signed keys of both signs would be two items
+        return {key: v for key, v in items.items()}
+
+    k = SampleKnowledge(omega(7), omega(6), omega(5), 4, match)
+    observed = k.terms()
+    chance = k.chance_terms()
+    # the ratios of preserve/discard/inherit/new compare against the other model's set
+    reference_ft = _brute_force_chance(k, "finetuned")
+    for name in ("preserve", "discard", "preserve_strength", "discard_strength"):
+        assert chance[name][0] == pytest.approx(reference_ft[name], rel=1e-12), name
+        assert chance[name][1] == observed[name][1]
+    reference_pre = _brute_force_chance(k, "pretrained")
+    for name in ("new", "inherit", "new_strength", "inherit_strength"):
+        assert chance[name][0] == pytest.approx(reference_pre[name], rel=1e-12), name
+    reference_sc = _brute_force_chance(k, "scratch")
+    for name in ("exclusive", "learnability", "new_in_scratch"):
+        assert chance[name][0] == pytest.approx(reference_sc[name], rel=1e-12), name
+
+
+def test_a_report_carries_the_chance_levels_of_its_samples(tmp_path):
+    games = [planted_game(5, {(0, 1): 1.0, (2,): 0.5}, noise=0.3, seed=s) for s in range(4)]
+    pre = and_interactions(np.stack(games))
+    ft = and_interactions(np.stack([g + 0.2 * planted_game(5, {(3, 4): 1.0}, seed=9 + s)
+                                    for s, g in enumerate(games)]))
+    report = knowledge_report(pre, ft)
+    expected = np.mean([s.chance_terms()["preserve"][0] / s.chance_terms()["preserve"][1]
+                        for s in report.samples])
+    assert report.chance["preserve"].mean == pytest.approx(expected)
+    assert report.to_dict()["chance"]["preserve"]["mean"] == pytest.approx(expected)
+    back = KnowledgeReport.load(report.save(tmp_path / "r.json"))
+    assert back.chance == report.chance

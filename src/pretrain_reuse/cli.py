@@ -627,8 +627,9 @@ def cmd_explain(args) -> int:
               "true class, not of the model's answer", file=sys.stderr)
     # as knowledge.json summarises it: each sample's largest and mean error over the masks
     summary = faithfulness_summary(results, args.tau)
-    error = (f"largest over the masks {summary['max']:.4f} (mean over samples; worst sample "
-             f"{summary['max_over_samples']:.4f}), mean over the masks {summary['mean']:.4f}"
+    error = (f"largest over the masks {summary['max']:.4f} (mean over samples; median "
+             f"{summary['max_median']:.4f}, worst sample {summary['max_over_samples']:.4f}), "
+             f"mean over the masks {summary['mean']:.4f}"
              if summary["max"] is not None else
              "undefined (no sample's game changes between the empty and the full set)")
     print(f"explained {len(results)} samples with n={results[0].n} players -> {args.out}; "
@@ -671,9 +672,9 @@ def cmd_knowledge(args) -> int:
         _finished("knowledge", args.out)  # finished with these settings, and intact
         return 0
     _note_named_by_position(models, data, args.quiet)
-    overall = summary["report"]["overall"]
-    line = ", ".join(f"{k} {_number(overall[k]['mean'])} ± {_number(overall[k].get('sem'))}"
-                     for k in PAPER_RATIOS if k in overall)
+    overall, chance = summary["report"]["overall"], summary["report"]["chance"]
+    line = ", ".join(f"{k} {_number(overall[k]['mean'])} ± {_number(overall[k].get('sem'))} "
+                     f"(chance {_number(chance[k]['mean'])})" for k in PAPER_RATIOS if k in overall)
     samples = summary["samples"]
     if not purity_is_informative(summary):
         line += ("; discrimination power n/a (no class has two samples; explain several "
@@ -694,7 +695,8 @@ def cmd_knowledge(args) -> int:
                  f"{_number(found['precision']['mean'])}, recall {_number(found['recall']['mean'])}")
     fewer = (f" (only {samples['n']} of the {samples['asked']} asked: no other sample is "
              "classified correctly by every model)" if samples["n"] < samples["asked"] else "")
-    print(f"knowledge over {samples['n']} samples{fewer} (± standard error over them): {line}; wrote "
+    print(f"knowledge over {samples['n']} samples{fewer} (± standard error over them; chance: "
+          f"the ratio were the other model's salient interactions random): {line}; wrote "
           f"{Path(args.out) / 'knowledge.json'}")
     return 0
 

@@ -53,6 +53,7 @@ from .features import FeatureStore
 from .finetune import FinetuneConfig, RunResult, finetune_datasets
 from .knowledge.analysis import analyze_knowledge, load_analysis
 from .knowledge.explain import ExplainConfig
+from .knowledge.metrics import PAPER_RATIOS
 from .knowledge.sensitivity import KnowledgeSensitivity, knowledge_sensitivity
 from .models import create_backbone
 from .selection import SelectConfig, Selection, select
@@ -321,6 +322,9 @@ def _summary(out: Path, plan: DemoPlan, runs, related, timing, quick: bool, seed
             **{name: overall[key]["mean"] for name, key in (
                 ("preserved", "preserve"), ("discarded", "discard"), ("new", "new"),
                 ("exclusive_vs_scratch", "exclusive")) if key in overall},
+            # each ratio were the other model's salient interactions random
+            "chance": {key: k["report"]["chance"][key]["mean"] for key in PAPER_RATIOS
+                       if key in k["report"]["chance"]},
             "faithfulness_error": {r: f["max"] for r, f in k["faithfulness"].items()},
             "counterfactual": k["counterfactual"],
             # each set of the fine-tuned model's knowledge alone: fidelity R², share of the output

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..artifacts import make_meta, to_json
 from ..data.catalog import check_exists, has_splits
+from ..data.datasets import labels_by_name
 from ..data.text import is_sentence_file
 from ..errors import PretrainReuseError, check_choice, check_ids_below
 from ..finetune import RunResult
@@ -86,6 +87,13 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
     rows = [r for r in rows if r.method not in cfg.skip]
     if not rows:
         raise PretrainReuseError(f"skip leaves no row of {name} to run; skip fewer rows")
+    kept = {r.method for r in rows}
+    for row in rows:  # knowledge: a fine-tuned model is analysed against its linear probe
+        probe = f"{row.pretraining} linear probe"
+        if name == "knowledge" and row.mode == "vanilla" and probe not in kept:
+            raise PretrainReuseError(
+                f"skip leaves out {probe!r}, the pre-trained model that the knowledge of "
+                f"{row.method!r} is measured against; skip both rows, or neither")
     sentences = cfg.target is not None and is_sentence_file(cfg.target)
     # unlabelled reuse trains on augmentations of images, which sentences lack
     images_only = [r.method for r in rows if sentences and r.mode == "reuse-unlabeled"]
@@ -131,6 +139,8 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
             check_batch_size(len(train_set), ft.batch_size, what=f"training ({run})",
                              flag="finetune.batch_size")
             total_steps(ft, len(train_set), run=f" of run {run}", flag="finetune.warmup_steps")
+    if trains:  # a test class the training data lacks (the first run would find it, after embedding)
+        labels_by_name(ws.data("test"), ws.data("target").class_names, "test data (target_test)")
     picks = any(r.pick for r in rows)
     # the selections' network (cfg.weights): it embeds the data, or is compared with the
     # network of the given feature stores
@@ -322,6 +332,16 @@ def _check_relevant(ws: Workspace) -> None:
     check_ids_below("relevant", cfg.relevant, class_count(pool), f"classes of source {cfg.source!r}")
 
 
+def _model_file(run_dir: Path) -> Path:
+    """The fine-tuned model of a finished run folder, which a run writes with its result."""
+    path = run_dir / "model.safetensors"
+    if not path.is_file():
+        raise PretrainReuseError(
+            f"the finished run {str(run_dir)!r} lacks its model.safetensors (deleted or moved); "
+            "put it back, or delete that run folder to train it again")
+    return path
+
+
 def _knowledge_analysis(ws: Workspace, rows: list[Row], table: list[dict]) -> dict[str, Any]:
     """For every pre-training and seed: the knowledge of its fine-tuned model against its linear
     probe and the scratch model (``knowledge/<label>-seed<s>/``); the ratios' means and the
@@ -349,14 +369,17 @@ def _knowledge_analysis(ws: Workspace, rows: list[Row], table: list[dict]) -> di
         probe = by_method[f"{row.pretraining} linear probe"]
         means: dict[str, list[float]] = {k: [] for k in KNOWLEDGE_COLUMNS}
         for seed in cfg.seeds:
-            out = ws.out / "knowledge" / f"{slug(row.pretraining)}-seed{seed}"
             files = {"pretrained": ws.run_dir(probe, seed), "finetuned": ws.run_dir(row, seed)}
             if "scratch" in by_method:
                 files["scratch"] = ws.run_dir(by_method["scratch"], seed)
+            # without the scratch model (skipped) the analysis compares other models and screens
+            # other samples: a folder of its own, so neither reuses the other's
+            out = ws.out / "knowledge" / (f"{slug(row.pretraining)}-seed{seed}"
+                                          + ("" if "scratch" in files else "-no-scratch"))
             # not run yet, stopped, or with a file missing or damaged: (re)computed, which its
             # cached games make cheap
             if load_analysis(out) is None:
-                nets = {role: create_backbone(cfg.model, weights=str(d / "model.safetensors"))
+                nets = {role: create_backbone(cfg.model, weights=str(_model_file(d)))
                         for role, d in files.items()}
                 analyze_knowledge(nets, ws.data("test"), replace(cfg.explain_config(), seed=seed),
                                   out, split="test", progress=ws.progress)
@@ -373,7 +396,7 @@ def _knowledge_analysis(ws: Workspace, rows: list[Row], table: list[dict]) -> di
                     means[k].append(float(np.nanmean(v)))
             accuracy.append(RunResult.load(files["finetuned"] / "result.json").final["top1"])
             if cfg.corruption is not None:
-                net = create_backbone(cfg.model, weights=str(files["finetuned"] / "model.safetensors"))
+                net = create_backbone(cfg.model, weights=str(_model_file(files["finetuned"])))
                 test = ws.data("test")
                 corrupted.append(evaluate_model(
                     net, test, class_names=output_class_names(net, test.class_names),

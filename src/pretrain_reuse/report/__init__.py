@@ -396,7 +396,9 @@ def _knowledge_parts(k: dict, kdir: Path, root: Path, *, players: str, baseline:
                 "samples.", "strength by order"),
                (plot_ratios, "preserve = |Ω_pre ∩ Ω_ft| / |Ω_pre|; discard = 1 - preserve; new = "
                 "|Ω_ft \\ Ω_pre| / |Ω_ft|; exclusive = share of preserved knowledge the scratch "
-                "model lacks (means of per-sample ratios).", "knowledge ratios: " + ", ".join(
+                "model lacks (means of per-sample ratios); black ticks: each ratio's chance level, "
+                "were the other model's salient interactions random, as many per order.",
+                "knowledge ratios: " + ", ".join(
                     f"{n} {_fixed(overall[n]['mean'])}" for n in overall)),
                (plot_ratios_by_order, "The ratios per interaction order k = |S| (mean over the samples "
                 "with salient interactions of that order).", "knowledge ratios by order")]
@@ -414,10 +416,13 @@ def _knowledge_parts(k: dict, kdir: Path, root: Path, *, players: str, baseline:
         draw(k, ax)
         parts.append(_figure(fig, caption, alt))
     parts.append(overlays)
-    # .get: a knowledge.json of an earlier version records no standard error
-    rows = [[n, _fixed(overall[n]["mean"]), _fixed(overall[n].get("sem")), _fixed(overall[n]["std"]),
+    # .get: a knowledge.json of an earlier version records no standard error, nor chance levels
+    chance = k["report"].get("chance", {})
+    rows = [[n, _fixed(overall[n]["mean"]), _fixed(chance.get(n, {}).get("mean")),
+             _fixed(overall[n].get("sem")), _fixed(overall[n]["std"]),
              overall[n].get("n_used", "")] for n in overall]
-    parts.append(_table(["ratio", "mean of per-sample ratios", "standard error of the mean",
+    parts.append(_table(["ratio", "mean of per-sample ratios", "chance level (random salient "
+                         "sets of the same sizes per order)", "standard error of the mean",
                          "std over samples", "samples"], rows))
     parts.append(_by_order(k["report"]["by_order"]))
     parts.append(_convergence(k))
