@@ -1306,7 +1306,7 @@ def test_a_test_class_the_training_data_lacks_is_refused_before_the_folder_is_cl
 
     demo, _, _ = quick_demo
     test = tmp_path / "test"
-    for name in open_dataset("synthetic:target", split="test").class_names + ["zz-new"]:
+    for name in [*open_dataset("synthetic:target", split="test").class_names, "zz-new"]:
         (test / name).mkdir(parents=True)
         Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(test / name / "a.png")
     cfg = load_experiment_config(_config(demo, tmp_path, target_test=str(test)), seeds=(0,))
