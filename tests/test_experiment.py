@@ -737,6 +737,15 @@ def test_settings_the_recipe_never_reads_may_change_and_a_weights_file_changed_i
     assert not {"sweep", "clusters", "cluster_k", "metric", "explain", "pretrainings"} & set(table.params)
     assert table.params["lam"] == {} and "checkpoint_every" not in table.params["finetune"]
     assert "modes" not in table.params  # no scratch row; checkpoint_every may change on resume
+    # a default written out, and the same files named another way, are the same settings (both
+    # were refused as "other settings", though the runs record the very same values and files)
+    explicit = _config(demo, tmp_path, weights=f"{weights.parent}/./{weights.name}",
+                       source_features=str(demo / "features_pretrain") + "/",
+                       lam={"reuse": 0.3}, finetune={**FAST, "momentum": 0.9},
+                       modes={"reuse": {"lr": FAST["lr"]}})
+    again = run_experiment("table4", load_experiment_config(explicit, seeds=(0, 1)), out,
+                           progress=False)
+    assert [r["top1_mean"] for r in again.rows] == [r["top1_mean"] for r in table.rows]
     # a setting its rows read is still refused
     err = _refused_table4(capsys, path, out, "--k", "8")
     assert "other settings (k)" in err
@@ -749,6 +758,11 @@ def test_settings_the_recipe_never_reads_may_change_and_a_weights_file_changed_i
     reuse_lr = _config(demo, tmp_path, weights=str(weights), modes={"reuse": {"lr": 0.5}})
     err = _refused_table4(capsys, reuse_lr, out, "--seeds", "0")
     assert "other settings (modes)" in err
+    # a damaged run result says how to redo the run (it said only "regenerate it")
+    damaged = next(out.glob("runs/*-seed0"))
+    (damaged / "result.json").write_text("{")
+    err = _refused_table4(capsys, _config(demo, tmp_path, weights=str(weights)), out, "--seeds", "0")
+    assert f"delete the run folder {str(damaged)!r} and rerun the experiment" in err
 
 
 def test_a_rerun_rewrites_the_report_whose_curves_are_the_runs_of_the_table(quick_demo, tmp_path,
@@ -1195,8 +1209,9 @@ def test_a_recipe_that_trains_nothing_claims_the_long_tail_order_of_its_regime(t
         cfg = load_experiment_config(path)
         reads[order] = recipe_reads("fig4a", cfg, asdict(cfg))["finetune"]
     # the learning rate is not read by a recipe that trains nothing; the regime is, all of it
-    assert reads == {order: {"long_tail_ratio": 10.0, "long_tail_order": order}
-                     for order in ("index", "random")}
+    # (its default order, index, as no setting: written out or not, the runs are the same)
+    assert reads == {"index": {"long_tail_ratio": 10.0},
+                     "random": {"long_tail_ratio": 10.0, "long_tail_order": "random"}}
 
 
 def test_an_experiment_begun_in_bf16_goes_on_only_in_bf16_with_the_advice_it_gives(

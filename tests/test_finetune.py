@@ -1098,6 +1098,8 @@ def test_the_run_arguments_are_the_flags_and_arguments_of_finetune_besides_the_r
     (["--grid", "warmup_steps=1,50"], "warmup_steps=50 exceeds the 4 training steps"),
     # a flag the grid would override unseen
     (["--lr", "0.05", "--grid", "lr=0.001,0.01"], "--grid varies lr, but the config also sets lr=0.05"),
+    # also at the default value (0.003): it was overridden unseen
+    (["--lr", "0.003", "--grid", "lr=0.001,0.1"], "--grid varies lr, but the config also sets lr=0.003"),
     (["--warmup-steps", "5"], "warmup_steps=5 exceeds the 4 training steps"),
     (["--image-size", "1"], "image_size 1 does not fit backbone 'smallcnn-s'"),
     (["--image-size", "100000"], "image_size must be between 1 and 4096"),
@@ -2244,6 +2246,9 @@ def test_grid_search_picks_the_best_validation_run_and_never_the_test(files, tmp
     # of them is best on validation among its own (it said "nothing to do" and rewrote grid.json)
     rc, printed, _ = cli(capsys, *base_args(files, out, steps=3), "--grid", "lr=0.0001,0.05")
     assert rc == 0 and "is finished (same settings); nothing to do" in printed
+    # and still names the winner, without claiming to have written anything
+    assert f"best on validation: {best['run']} (val top-1 {best['val_top1']:.4f}" in printed
+    assert f"in {out / 'grid.csv'}" in printed and "wrote" not in printed
     rc, printed, _ = cli(capsys, *base_args(files, out, steps=3), "--grid", "lr=0.05")
     assert rc == 0 and "nothing to do" not in printed
     assert "best on validation: lr=0.05 (val top-1" in printed

@@ -434,22 +434,28 @@ def cmd_finetune(args) -> int:
 
         grid_file = Path(args.out) / "grid.json"
         grid_before = _grid_rows(grid_file)
+        from .configs import config_values
+
+        # a flag or config key set to the default value is set too: the grid must not override it
         summary = grid_search(cfg, parse_grid(args.grid), args.out, run,
-                              check=lambda c: run(c, None, check_only=True))
+                              check=lambda c: run(c, None, check_only=True),
+                              given=set(config_values(args.config, overrides)))
         best, tied = summary["best"], summary["tied_with_best"]
         if not _reporter():
             return 0
         # every run was finished, and the grid is the one summarised before: nothing new. A
         # rerun with fewer or other values reuses finished runs but picks among its own
-        if not trained and grid_before is not None and grid_before == _grid_rows(grid_file):
+        finished = not trained and grid_before is not None and grid_before == _grid_rows(grid_file)
+        if finished:
             _finished("finetune", args.out)
-            _note_weights(args.model, args.weights, args.quiet, mode=cfg.mode)
-            return 0
         ties = (f"; tied with {len(tied)} other run{'s' if len(tied) > 1 else ''} ({', '.join(tied)}), "
                 "the first in grid order is kept: a larger --val-fraction may separate them"
                 if tied else "")
+        # a finished grid still names its winner: the answer a rerun is usually made for
         print(f"best on validation: {best['run']} (val top-1 {best['val_top1']:.4f}; its test "
-              f"top-1 {best['test_top1_at_best_val']:.4f}{ties}); wrote {Path(args.out) / 'grid.csv'}")
+              f"top-1 {best['test_top1_at_best_val']:.4f}{ties}); "
+              + (f"in {Path(args.out) / 'grid.csv'}" if finished
+                 else f"wrote {Path(args.out) / 'grid.csv'}"))
         _note_weights(args.model, args.weights, args.quiet, mode=cfg.mode)
         return 0
     result = run(cfg, args.out)

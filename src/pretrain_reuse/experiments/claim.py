@@ -7,10 +7,12 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ..artifacts import claim_folder, hash_file, read_json, to_json, write_json
+from ..finetune.config import MODE_OPTIONS, FinetuneConfig
 from ..finetune.loop import RESUMABLE_WITH_OTHER
 from .config import REGIME_OPTIONS, REGIMES, SWEEP_DEFAULTS, SWEPT, ExperimentConfig
 from .recipes import RECIPES
@@ -21,6 +23,8 @@ from .workspace import Workspace
 #: and :meth:`Workspace.finetune` compares (so that ``auto`` -> ``bf16`` can follow the advice of
 #: its error on a host of mixed GPUs).
 _NOT_CLAIMED = (*RESUMABLE_WITH_OTHER, "precision")
+#: The value of every fine-tuning setting that no config gives.
+DEFAULTS = asdict(FinetuneConfig())
 
 _SELECTS = ("weights", "source", "source_features", "target_features", "embed_batch_size",
             "layer", "relevant", "finetune")  # finetune: a low-data / long-tail regime selects for its images
@@ -56,20 +60,41 @@ def recipe_reads(name: str, cfg: ExperimentConfig, values: dict[str, Any]) -> di
     rows = RECIPES[name][0](cfg)  # all of them: skip may change
     trains = any(r.mode for r in rows)
     modes = {r.mode for r in rows}
+    # A value that a run would take anyway is no setting: writing the default out (momentum:
+    # 0.9 under finetune, lam: {reuse: 0.3}) or a mode's value that its shared one already
+    # gives must not refuse the folder. So finetune keeps what differs from FinetuneConfig's
+    # default, lam and modes what differs from the value finetune gives the mode.
+    shared = values.get("finetune") or {}
+
+    def given(key: str, mode: str | None = None):
+        if mode is not None and key in shared and mode in MODE_OPTIONS.get(key, (mode,)):
+            return shared[key]
+        return DEFAULTS.get(key)
+
+    def needed(value, key: str, mode: str | None = None) -> bool:
+        return key not in _NOT_CLAIMED and to_json(value) != to_json(given(key, mode))
+
     if "lam" in params:
-        params["lam"] = {mode: lam for mode, lam in params["lam"].items() if mode in modes}
+        params["lam"] = {mode: lam for mode, lam in params["lam"].items()
+                         if mode in modes and needed(lam, "lam", mode)}
     if "finetune" in params:  # a recipe that trains nothing reads only the data regime (selection)
         params["finetune"] = {k: v for k, v in params["finetune"].items()
-                              if k not in _NOT_CLAIMED
-                              and (trains or k in (*REGIMES, *REGIME_OPTIONS))}
+                              if needed(v, k) and (trains or k in (*REGIMES, *REGIME_OPTIONS))}
     if "modes" in params:
         # only where some mode of the recipe has settings: folders claimed before ``modes``
         # existed record none, and must not be refused by a config that gives none either
-        per_mode = {mode: {k: v for k, v in settings.items() if k not in _NOT_CLAIMED}
+        per_mode = {mode: {k: v for k, v in settings.items() if needed(v, k, mode)}
                     for mode, settings in (params["modes"] or {}).items() if mode in modes}
         params["modes"] = {mode: settings for mode, settings in per_mode.items() if settings}
         if not params["modes"]:
             del params["modes"]
+    # a file or folder by its resolved path: ./pre.pth, pre.pth and /abs/pre.pth are one input
+    for key in _PATHS:
+        if params.get(key):
+            params[key] = _resolved(params[key])
+    if params.get("pretrainings"):
+        params["pretrainings"] = {label: _resolved(path)
+                                  for label, path in params["pretrainings"].items()}
     if params.get("layer") in (None, "penultimate"):
         # the default is not recorded: folders claimed before ``layer`` existed record none
         params.pop("layer", None)
@@ -81,6 +106,16 @@ def recipe_reads(name: str, cfg: ExperimentConfig, values: dict[str, Any]) -> di
         if not trains:
             del params["weights"]
     return params
+
+
+#: The settings that name a file or folder (or an embedded data set).
+_PATHS = ("weights", "source", "target", "target_test", "source_features", "target_features")
+
+
+def _resolved(path: str) -> str:
+    """``path`` made absolute, links resolved, where it exists; an embedded data set's name (or a
+    path that does not exist) as given."""
+    return str(Path(path).resolve()) if Path(path).exists() else path
 
 
 def input_hashes(reads: dict[str, Any], ws: Workspace) -> dict[str, Any]:

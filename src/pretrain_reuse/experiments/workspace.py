@@ -192,7 +192,11 @@ class Workspace:
         ft = self.run_config(row, seed)
         self._check_precision(run_dir, ft)
         if (run_dir / "result.json").exists():
-            done = RunResult.load(run_dir / "result.json")
+            try:
+                done = RunResult.load(run_dir / "result.json")
+            except PretrainReuseError as e:  # damaged: the run is redone from scratch
+                raise PretrainReuseError(f"{e}: delete the run folder {str(run_dir)!r} and rerun "
+                                         "the experiment, which trains that run again") from None
             if sel is not None and json.loads(done.meta["inputs"]["selected"]) != sel.selected:
                 raise PretrainReuseError(
                     f"{str(run_dir)!r} was made with another selection than the one its row "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -33,7 +33,8 @@ def parse_grid(specs: list[str]) -> dict[str, list[Any]]:
 
 def grid_search(cfg: FinetuneConfig, grid: dict[str, list[Any]], out: str | Path,
                 run: Callable[[FinetuneConfig, Path], RunResult],
-                check: Callable[[FinetuneConfig], int]) -> dict[str, Any]:
+                check: Callable[[FinetuneConfig], int],
+                given: Collection[str] | None = None) -> dict[str, Any]:
     """Run ``run(cfg_with_values, folder)`` for every combination of ``grid`` and pick the best
     on validation (the first in grid order among runs tied with it, which ``tied_with_best``
     names); writes ``grid.csv`` and ``grid.json`` (the winner and every row) into ``out``.
@@ -42,8 +43,9 @@ def grid_search(cfg: FinetuneConfig, grid: dict[str, list[Any]], out: str | Path
 
     ``check(cfg_with_values)`` makes every check of a run without running it and returns its
     number of validation images: all combinations are checked before the first run, not after
-    hours of the others. A field of ``grid`` that ``cfg`` sets to other than its default (by a
-    flag or the config file) is refused, as the grid would override it unseen; so are the
+    hours of the others. A field of ``grid`` that ``cfg`` sets is refused, as the grid would
+    override it unseen: one of the fields ``given`` (those a flag or the config file set), or,
+    without ``given``, one ``cfg`` holds at other than its default; so are the
     fields that decide which images validate (:data:`SPLIT_FIELDS`), and those that do not
     change what a run computes (``workers``, ``checkpoint_every``)."""
     if not grid:
@@ -58,7 +60,7 @@ def grid_search(cfg: FinetuneConfig, grid: dict[str, list[Any]], out: str | Path
         if name in RESUMABLE_WITH_OTHER:
             raise PretrainReuseError(f"--grid cannot vary {name}: it does not change what a run "
                                      f"computes; set it once with {flag}")
-        if getattr(cfg, name) != getattr(defaults, name):
+        if name in given if given is not None else getattr(cfg, name) != getattr(defaults, name):
             raise PretrainReuseError(
                 f"--grid varies {name}, but the config also sets {name}={getattr(cfg, name)!r} (a "
                 "flag or the config file); drop one of them")
