@@ -936,9 +936,12 @@ def test_a_rerun_of_a_finished_finetune_or_grid_says_so_and_claims_no_file(capsy
         f"finetune: {out} is finished (same settings); nothing to do\n")
     assert _stamps(out) == before
     grid = tmp_path / "grid"
-    assert "best on validation" in run_ok(capsys, *common, "--grid", "lr=0.01,0.1", "--out", grid)
+    first = run_ok(capsys, *common, "--grid", "lr=0.01,0.1", "--out", grid)
+    best = first[first.index("best on validation"):first.index("; wrote")]
+    # nothing to do, and the winner named again, as found in the grid's table
     assert run_ok(capsys, *common, "--grid", "lr=0.01,0.1", "--out", grid) == (
-        f"finetune: {grid} is finished (same settings); nothing to do\n")
+        f"finetune: {grid} is finished (same settings); nothing to do\n"
+        f"{best}; in {grid / 'grid.csv'}\n")
     # a run that is missing is trained, and the grid says what it picked
     for p in sorted(grid.iterdir()):
         if p.is_dir():

@@ -939,7 +939,7 @@ def test_chance_levels_equal_the_exact_mean_over_random_salient_sets(match):
     chance = k.chance_terms()
     # the ratios of preserve/discard/inherit/new compare against the other model's set
     reference_ft = _brute_force_chance(k, "finetuned")
-    for name in ("preserve", "discard", "preserve_strength", "discard_strength"):
+    for name in ("preserve", "discard", "preserve_strength", "discard_strength", "scratch_only"):
         assert chance[name][0] == pytest.approx(reference_ft[name], rel=1e-12), name
         assert chance[name][1] == observed[name][1]
     reference_pre = _brute_force_chance(k, "pretrained")

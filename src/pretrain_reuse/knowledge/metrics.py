@@ -173,7 +173,7 @@ def _saved_meta(result: Any, settings: dict[str, Any], seed: int | None = None,
     return make_meta(f"knowledge.{type(result).__name__}", settings, inputs=inputs, seed=seed)
 
 
-def provenance(models: dict[str, Sequence[Interactions]]) -> dict[str, str]:
+def _provenance(models: dict[str, Sequence[Interactions]]) -> dict[str, str]:
     """What interactions record of their inputs (as :func:`~.explain.explain` writes them): per
     role, the model's weights file and its hash; the data; and the explained samples' ids (JSON
     text). Entries nobody recorded (interactions built by hand) are left out."""
@@ -424,7 +424,7 @@ class KnowledgeReport:
         n_samples: number of samples.
         tau, match: the salience threshold and matching mode used.
         samples: the per-sample :class:`SampleKnowledge`.
-        inputs: what the interactions record of their inputs (:func:`provenance`); saved as
+        inputs: what the interactions record of their inputs (:func:`_provenance`); saved as
             the ``inputs`` of the file's meta.
         chance: ``{ratio name: RatioStats}`` of every ratio's chance level
             (:meth:`SampleKnowledge.chance_terms`), overall.
@@ -531,7 +531,7 @@ def knowledge_report(pretrained: Iterable[Interactions] | Interactions,
     models = {"pretrained": pretrained, "finetuned": finetuned}
     if scratch is not None:
         models["scratch"] = scratch
-    return _report(samples, tau, match, provenance(models))
+    return _report(samples, tau, match, _provenance(models))
 
 
 def _samples(name: str, x: Iterable[Interactions] | Interactions) -> list[Interactions]:
