@@ -1330,3 +1330,14 @@ def test_a_test_class_the_training_data_lacks_is_refused_before_the_folder_is_cl
                                                  r"classes of the training data"):
         run_experiment("table1", cfg, out, progress=False)
     assert not out.exists()
+
+
+def test_a_table_with_class_and_cluster_recalls_says_what_each_measures():
+    # table1's recall column mixed the share of classes with the share of images, unsaid
+    rows = [{"method": "reuse uot classes", "recall": 0.5},
+            {"method": "reuse-unlabeled uot clusters", "recall": 0.4},
+            {"method": "vanilla", "recall": None}]
+    note = ExperimentTable("table1", rows, None, {}, {}, {}).note()
+    assert note.startswith("recall: the share of the related pool classes selected (classes rows), "
+                           "of the related classes' images the selected clusters hold")
+    assert ExperimentTable("table1", rows[:1], None, {}, {}, {}).note() == ""

@@ -1532,3 +1532,22 @@ def test_unlabelled_images_are_refused_with_how_to_label_them(tmp_path, capsys, 
     assert (f"needs labelled samples (the class of each), but {str(tmp_path / 'flat')!r} holds "
             "unlabelled images; put each class's images in a folder of its own") in err
     assert not (tmp_path / "o.json").exists()
+
+
+def test_counterfactual_predictions_equal_a_sum_over_the_salient_interactions_lost():
+    # the prediction of removing the players of S: every salient AND interaction that shares a
+    # player with S, and every OR one all of whose players S removes (a plain loop as reference)
+    from pretrain_reuse.knowledge import and_or_interactions, planted_game
+
+    [x] = and_or_interactions(planted_game(6, {(0, 1): 1.0, (2, 3, 4): -0.7}, noise=0.3, seed=2))
+    salient = x.salient(0.05)
+    full = (1 << 6) - 1
+    sets = [0b000011, 0b011100, 0b100001, 0b111111]
+    result = counterfactual(x, sets, 0.05, np.random.default_rng(0))
+    for s, (measured, predicted) in zip(sets, result["preserved"], strict=True):
+        lost = [v for (kind, t), v in salient.items()
+                if (kind == "and" and t & s) or (kind == "or" and t and t & ~s == 0)]
+        assert predicted == pytest.approx(sum(lost), abs=1e-12)
+        assert measured == x.v[full] - x.v[full ^ s]
+    # the random sets have the sizes of the chosen ones
+    assert len(result["random"]) == len(sets)

@@ -131,7 +131,13 @@ class ExperimentTable:
     def note(self) -> str:
         """What the knowledge recipe's ratios rest on (the settings of its analyses and their
         samples, ``extra["analysis"]``); empty for the other recipes and for tables of an
-        earlier version."""
+        earlier version; for a table with recalls of class and of cluster rows, what each
+        measures."""
+        recalled = [r["method"] for r in self.rows if r.get("recall") is not None]
+        if any("classes" in m for m in recalled) and any("clusters" in m for m in recalled):
+            return ("recall: the share of the related pool classes selected (classes rows), of "
+                    "the related classes' images the selected clusters hold (clusters rows); "
+                    "units: the classes or clusters selected (clusters differ in size).")
         a = self.extra.get("analysis")
         if not a:
             return ""

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -194,18 +195,24 @@ def counterfactual(x: Interactions, sets: list[int], tau: float, rng: np.random.
     are removed from the full input, against random sets of the same sizes."""
     full = (1 << x.n) - 1
     salient = x.salient(tau)
+    # the salient interactions as arrays (one scan of all 2^n coalitions per sample, not per set)
+    masks = {kind: np.array([t for (k, t) in salient if k == kind], dtype=np.int64)
+             for kind in ("and", "or")}
+    values = {kind: np.array([v for (k, _), v in salient.items() if k == kind])
+              for kind in ("and", "or")}
     keys = np.arange(1 << x.n)
+    orders = np.array([bin(int(k)).count("1") for k in keys])
 
     def change(s: int) -> tuple[float, float]:
+        """An AND interaction is lost when the set removes any of its players, an OR one when
+        it removes all of them."""
         measured = x.v[full] - x.v[full ^ s]
-        pred = sum(val for (kind, t), val in salient.items()
-                   if (kind == "and" and t & s) or (kind == "or" and t and (t & ~s) == 0))
-        return float(measured), float(pred)
+        lost = np.concatenate([values["and"][(masks["and"] & s) != 0],
+                               values["or"][(masks["or"] != 0) & ((masks["or"] & ~s) == 0)]])
+        return float(measured), math.fsum(lost)
 
     chosen = [change(s) for s in sets]
-    sizes = [bin(s).count("1") for s in sets]
-    random_sets = [int(rng.choice(keys[[bin(int(k)).count("1") == z for k in keys]]))
-                   for z in sizes]
+    random_sets = [int(rng.choice(keys[orders == bin(s).count("1")])) for s in sets]
     control = [change(s) for s in random_sets]
     return {"preserved": chosen, "random": control}
 
