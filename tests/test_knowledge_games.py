@@ -177,3 +177,28 @@ def test_explain_gives_the_model_back_in_the_train_or_eval_mode_it_came_in():
     with pytest.raises(PretrainReuseError, match="NaN or infinite"):
         explain(net, data, np.arange(2), cfg, progress=False)
     assert [m.training for m in net.modules()] == modes
+
+
+def test_the_public_game_functions_compute_without_tf32():
+    # only explain's own path switched TF32 off: masked_game called directly ran cuDNN's
+    # convolutions in TF32 on Ampere GPUs (1e-3 errors, summed into spurious interactions)
+    seen = []
+
+    def model(x):
+        seen.append((torch.backends.cudnn.conv.fp32_precision,
+                     torch.backends.cuda.matmul.fp32_precision))
+        return torch.stack([x.mean((1, 2, 3)), -x.mean((1, 2, 3))], 1)
+
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    x = torch.rand(3, 8, 8)
+    players = grid_players((8, 8), (2, 2))
+    try:
+        conv.fp32_precision = matmul.fp32_precision = "tf32"
+        masked_game(model, x, 0, players, baseline_input(x, "zero"), batch_size=16)
+        zero = torch.zeros_like(x)
+        learn_baseline(model, x, 0, players, zero, zero - 1, zero + 1, steps=1)
+        assert set(seen) == {("ieee", "ieee")}
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = before

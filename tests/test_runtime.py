@@ -1,4 +1,5 @@
-"""keep_freed_memory: repeated large allocations stop page-faulting (glibc only)."""
+"""keep_freed_memory: repeated large allocations stop page-faulting (glibc only); full_float32's
+TF32 switches in either of torch's APIs."""
 
 import subprocess
 import sys
@@ -63,6 +64,31 @@ def test_full_float32_turns_tf32_off_inside_and_restores_the_callers_settings():
         glob.fp32_precision, matmul.fp32_precision, conv.fp32_precision = before
 
 
+LEGACY_TF32 = """
+import torch
+from pretrain_reuse.runtime import full_float32
+torch.set_float32_matmul_precision("high")  # the legacy API, as most training scripts set it
+torch.backends.cudnn.allow_tf32 = True
+before = torch._C._get_cublas_allow_tf32(), torch._C._get_cudnn_allow_tf32()
+with full_float32():
+    # what every cuBLAS and cuDNN call asks on a GPU: it raised on the mix of the two APIs
+    inside = torch._C._get_cublas_allow_tf32(), torch._C._get_cudnn_allow_tf32()
+print(before, inside, (torch._C._get_cublas_allow_tf32(), torch._C._get_cudnn_allow_tf32()))
+"""
+
+
+def test_full_float32_after_the_legacy_tf32_api_leaves_gpu_calls_working():
+    # setting only the new API after a caller's set_float32_matmul_precision("high") made every
+    # cuBLAS matmul inside the block raise "mix of the legacy and new APIs" (on GPUs only)
+    import torch
+
+    if not hasattr(torch._C, "_get_cublas_allow_tf32"):
+        pytest.skip("this torch has no TF32 query")
+    done = subprocess.run([sys.executable, "-c", LEGACY_TF32], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "(True, True) (False, False) (True, True)"
+
+
 def test_the_host_group_waits_as_long_as_the_default_group(tmp_path):
     # it waited torch's 30 minutes for a new group: under torchrun the other processes wait in
     # it while rank 0 alone evaluates, which the default group allows 2 hours for
@@ -78,3 +104,26 @@ def test_the_host_group_waits_as_long_as_the_default_group(tmp_path):
         assert group._get_backend(torch.device("cpu")).options._timeout == COLLECTIVE_TIMEOUT
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("local_rank, asked, expected", [
+    ("2", "cuda", "cuda:2"), ("2", "cuda:1", "cuda:2"),  # torchrun: the local rank's GPU
+    # a group started without torchrun (mp.spawn, srun) sets no local rank: every process was
+    # put on GPU 0; the launcher's current device, or the GPU asked, is kept
+    (None, "cuda", "cuda:3"), (None, "cuda:1", "cuda:1"),
+])
+def test_each_process_of_a_group_keeps_its_gpu(monkeypatch, local_rank, asked, expected):
+    import torch
+
+    import pretrain_reuse.distributed as distributed
+
+    monkeypatch.setattr(distributed, "rank_world", lambda: (1, 2))
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    assert distributed.process_device(asked) == torch.device(expected)
+    assert chosen == [torch.device(expected)]

@@ -1216,8 +1216,8 @@ def _init_distributed(device: str) -> None:
     if not dist.is_initialized():
         check_device(device)
         backend = "nccl" if device.startswith("cuda") else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if backend == "nccl" and "LOCAL_RANK" in os.environ:  # else the launcher's choice
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
 
 

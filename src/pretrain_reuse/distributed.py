@@ -31,13 +31,20 @@ def rank_world() -> tuple[int, int]:
 
 
 def process_device(device: str) -> torch.device:
-    """``device``, except that under ``torchrun`` each process takes the GPU of its local rank.
+    """``device``, except that under ``torchrun`` each process takes the GPU of its local rank
+    (``LOCAL_RANK``). A process group started otherwise (``mp.spawn``, ``srun`` without
+    torchrun) sets no local rank: there ``cuda`` is the current CUDA device, which the launcher
+    chose, and ``cuda:N`` stays GPU N, never GPU 0 for every process.
 
     A GPU named by its index becomes the current CUDA device: pinned memory and any context
     created without an explicit device go to the current one, GPU 0 unless set, which would
     then hold memory of (or fail for, in exclusive mode) a run on ``cuda:3``."""
     if rank_world()[1] > 1 and device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        local = os.environ.get("LOCAL_RANK")
+        if local is not None:
+            device = f"cuda:{int(local)}"
+        elif device == "cuda":
+            device = f"cuda:{torch.cuda.current_device()}"
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)

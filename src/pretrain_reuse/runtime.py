@@ -38,19 +38,25 @@ def full_float32():
     up (about 32x at n = 10) into spurious salient interactions."""
     import torch
 
-    # torch >= 2.9 refuses to mix its fp32_precision settings (set by transformers' tf32
-    # option, say) with the legacy allow_tf32 flags: use the API the installed torch has
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        flags = [(torch.backends.cuda.matmul, "fp32_precision", "ieee"),
-                 (torch.backends.cudnn.conv, "fp32_precision", "ieee")]
-    else:
-        flags = [(torch.backends.cuda.matmul, "allow_tf32", False),
-                 (torch.backends.cudnn, "allow_tf32", False)]
-    before = [getattr(owner, name) for owner, name, _ in flags]
-    for owner, name, value in flags:
-        setattr(owner, name, value)
+    # torch >= 2.9 has two APIs for TF32, the legacy allow_tf32 flags and fp32_precision, and
+    # refuses a mix of them (every cuBLAS call raises): both are switched, the legacy flags first
+    # (their setters update the new API), then the new API's own flags, which a caller may have
+    # set apart. A flag whose reading raises (the caller's own mix) is left alone.
+    cudnn = torch.backends.cudnn
+    flags = [(torch.backends.cuda.matmul, "allow_tf32", False), (cudnn, "allow_tf32", False),
+             (torch.backends.cuda.matmul, "fp32_precision", "ieee"),
+             *((getattr(cudnn, kind), "fp32_precision", "ieee") for kind in ("conv", "rnn")
+               if hasattr(cudnn, kind))]
+    settings = []  # (owner, attribute, value before, value inside)
+    for owner, name, inside in flags:
+        try:
+            settings.append((owner, name, getattr(owner, name), inside))
+        except (AttributeError, RuntimeError):
+            continue
+    for owner, name, _, inside in settings:
+        setattr(owner, name, inside)
     try:
         yield
     finally:
-        for (owner, name, _), value in zip(flags, before, strict=True):
-            setattr(owner, name, value)
+        for owner, name, before, _ in settings:  # a legacy setter overwrites the new API: first
+            setattr(owner, name, before)

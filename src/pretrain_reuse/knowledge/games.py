@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PretrainReuseError, check_choice, is_integer, is_number
+from ..runtime import full_float32
 from .interactions import MAX_PLAYERS, harsanyi_and, superset_sum_
 
 #: What the pixels of no player show in every masked input (:attr:`Players.background`).
@@ -250,6 +251,7 @@ def coalition_values(values: ChunkValues, baseline: torch.Tensor, n: int,
     return values(baseline, bits).cpu().numpy()
 
 
+@full_float32()  # as explain computes games: no TF32 on GPUs
 def masked_game(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, label: int,
                 players: Players, baseline: torch.Tensor, *, output: str = "log-odds",
                 batch_size: int = 256) -> np.ndarray:
@@ -288,6 +290,7 @@ class LearnedBaseline:
     params: dict[str, Any]
 
 
+@full_float32()  # as explain computes games: no TF32 on GPUs
 def learn_baseline(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, label: int,
                    players: Players, init: torch.Tensor, lower: torch.Tensor,
                    upper: torch.Tensor, *, lr: float = 1e-3, steps: int = 50,

@@ -59,6 +59,7 @@ import torch
 
 from ..errors import PretrainReuseError, check_choice, is_integer
 from ..models import Backbone
+from ..runtime import full_float32
 from .games import (
     OUTPUTS,
     ChunkValues,
@@ -323,6 +324,7 @@ def _with_word_embeddings(model: Backbone, layer: torch.nn.Module, embeds: torch
     return logits
 
 
+@full_float32()  # as explain computes games: no TF32 on GPUs
 def masked_text_game(model: Backbone, encoding: Mapping[str, torch.Tensor], label: int,
                      players: TokenPlayers, baseline: int | torch.Tensor, *,
                      output: str = "log-odds", batch_size: int = 256) -> np.ndarray:
@@ -348,6 +350,7 @@ def masked_text_game(model: Backbone, encoding: Mapping[str, torch.Tensor], labe
     return game_values(values, b, players.n, batch_size).numpy()
 
 
+@full_float32()  # as explain computes games: no TF32 on GPUs
 def learn_baseline_embedding(model: Backbone, encoding: Mapping[str, torch.Tensor], label: int,
                              players: TokenPlayers, init: torch.Tensor, lower: torch.Tensor,
                              upper: torch.Tensor, *, lr: float = 1e-3, steps: int = 50,
