@@ -513,7 +513,7 @@ def test_the_analysis_reports_neighbouring_players_of_the_cells_drawn_for_each_s
     assert kept["items"] > 0 and k["contiguity"]["new"]["items"] == 0
     preserve = k["report"]["overall"]["preserve"]  # the ratio's standard error over the samples
     chance = k["report"]["chance"]["preserve"]["mean"]  # and its level with random salient sets
-    assert "(± standard error over them; chance: the ratio were the other model's salient " in out
+    assert "(± standard error over them; chance: the ratio if the other model's salient " in out
     assert (f"preserve {preserve['mean']:.3f} ± {preserve['sem']:.3f} (chance {chance:.3f})") in out
     assert (f"preserved interactions of neighbouring players {kept['contiguous_share']:.3f} "
             f"(chance {kept['chance_share']:.3f})") in out

@@ -702,7 +702,7 @@ def cmd_knowledge(args) -> int:
     fewer = (f" (only {samples['n']} of the {samples['asked']} asked: no other sample is "
              "classified correctly by every model)" if samples["n"] < samples["asked"] else "")
     print(f"knowledge over {samples['n']} samples{fewer} (± standard error over them; chance: "
-          f"the ratio were the other model's salient interactions random): {line}; wrote "
+          f"the ratio if the other model's salient interactions were random): {line}; wrote "
           f"{Path(args.out) / 'knowledge.json'}")
     return 0
 
