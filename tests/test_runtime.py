@@ -127,3 +127,31 @@ def test_each_process_of_a_group_keeps_its_gpu(monkeypatch, local_rank, asked, e
         monkeypatch.setenv("LOCAL_RANK", local_rank)
     assert distributed.process_device(asked) == torch.device(expected)
     assert chosen == [torch.device(expected)]
+
+
+AGREE_BF16 = """
+import torch, torch.distributed as dist
+from pretrain_reuse.distributed import uses_bf16
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+# rank 0's GPU computes in bf16 natively, rank 1's (a V100, say) does not
+torch.cuda.is_bf16_supported = lambda including_emulation=True: rank == 0
+first = uses_bf16("auto", torch.device("cuda"))
+torch.cuda.is_bf16_supported = lambda including_emulation=True: True
+again = uses_bf16("auto", torch.device("cuda"))  # the agreement is kept: no second collective
+print(f"rank {rank}: {first} {again} {uses_bf16('bf16', torch.device('cuda'))}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_the_processes_of_a_run_agree_on_auto_precision(tmp_path):
+    # each process decided by its own GPU: on a host of two GPU generations DDP averaged the
+    # gradients of bf16 and float32 processes, and embed mixed shards of both in one store
+    from _helpers import torchrun
+
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE_BF16)
+    done = torchrun([script], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(line for line in done.stdout.splitlines() if line.startswith("rank")) == [
+        "rank 0: False False True", "rank 1: False False True"]

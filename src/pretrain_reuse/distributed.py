@@ -76,10 +76,26 @@ def uses_bf16(precision: str, device: torch.device) -> bool:
     (V100, T4) only emulate bf16, slower than float32, so ``auto`` is float32 there, as on the
     CPU. The GPU asked is the current CUDA device, which :func:`process_device` makes ``device``.
 
-    Embedding and fine-tuning both decide by this function."""
+    Embedding and fine-tuning both decide by this function. In a process group every process
+    must compute alike (DDP averages their gradients, embed's shards form one store), so for
+    ``auto`` on GPUs the processes agree, on their first call, to bf16 only if every GPU has it
+    natively (a host of A100s and V100s computes in float32), and keep that answer."""
     if precision != "auto":
         return precision == "bf16"
-    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != "cuda":
+        return False
+    native = torch.cuda.is_bf16_supported(including_emulation=False)
+    if rank_world()[1] == 1:
+        return native
+    if device.type not in _AGREED_BF16:  # every process calls it first at the same point
+        flag = torch.tensor([int(native)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=new_host_group())
+        _AGREED_BF16[device.type] = bool(flag.item())
+    return _AGREED_BF16[device.type]
+
+
+#: The processes' agreement on ``auto`` precision (:func:`uses_bf16`), made once per process.
+_AGREED_BF16: dict[str, bool] = {}
 
 
 def bf16_autocast(device: torch.device, use_bf16: bool):
