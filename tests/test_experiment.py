@@ -93,6 +93,11 @@ def test_table_aggregates_the_runs_and_a_rerun_skips_them(quick_demo, tmp_path):
     # not claim it) resumes the run, which compares the inputs of its run.json
     assert json.loads((out / "runs" / "vanilla-seed0" / "run.json").read_text())["inputs"]["source"] is None
     assert table.rows[1]["units"] == table.rows[2]["units"] == 64
+    # and the pool images those units hold (a share of the pool is overshot by whole clusters)
+    assert full.counts is not None
+    assert [table.rows[g]["images"] for g in (1, 2)] == [
+        int(full.counts[ranking[(g - 1) * 64:g * 64]].sum()) for g in (1, 2)]
+    assert table.rows[0]["images"] is None  # vanilla reuses nothing
 
     with open(out / "results.csv") as fh:
         rows = list(csv.DictReader(fh))

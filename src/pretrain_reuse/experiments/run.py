@@ -202,6 +202,9 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
             # means over the seeds' selections (they differ for random and regime rows)
             "recall": _mean(recalls[i]) if i in sels and recalls[i][0] is not None else None,
             "units": _mean([len(sel.selected) for sel in sels[i]]) if i in sels else None,
+            # the pool images reused: clusters are whole, so a share of the pool is overshot
+            "images": _mean([int(sel.counts[sel.selected].sum()) for sel in sels[i]])
+            if i in sels and sels[i][0].counts is not None else None,
             "top1_mean": _mean(final),
             # the sample standard deviation of one seed is undefined (empty in results.csv), not 0
             "top1_std": float(np.std(final, ddof=1)) if len(final) > 1 else None,

@@ -30,6 +30,7 @@ KNOWLEDGE_HEADERS = {"preserve_alone": "preserved alone (R²)", "new_alone": "ne
 
 COLUMNS = ("method", "x", "recall", "units", "top1_mean", "top1_std", "top1_at_best_val_mean",
            "mean_class_acc_mean", "seeds", "val_images", "val_classes_missing", "x_realised",
+           "images",
            *KNOWLEDGE_RATIOS, *(f"{k}_std" for k in KNOWLEDGE_RATIOS),
            *(f"{s}_alone" for s in SETS_ALONE), *(f"{s}_alone_std" for s in SETS_ALONE))
 #: The columns every row of an ``experiment.json`` has (the others came later, or are the
@@ -102,15 +103,17 @@ class ExperimentTable:
         """Header and formatted rows of the table (shared by Markdown and the HTML report); the
         spread is shown only when there are several seeds."""
         ratios = [k for k in KNOWLEDGE_COLUMNS if any(r.get(k) is not None for r in self.rows)]
-        # a recipe that selects nothing (knowledge) has no recall or units column
-        picks = [k for k in ("recall", "units") if any(r[k] is not None for r in self.rows)]
+        # a recipe that selects nothing (knowledge) has no recall or units column; .get: a table
+        # of an earlier version records no images
+        picks = [k for k in ("recall", "units", "images")
+                 if any(r.get(k) is not None for r in self.rows)]
         # .get: a table of an earlier version records no validation sizes
         val = any(r.get("val_images") is not None for r in self.rows)
         head = ["method", *([self.x_label] if self.x_label else []), *picks,
                 "test top-1 (final, mean ± std over seeds)", "test top-1 (at best val)",
                 *(["validation images"] if val else []), "seeds",
                 *(KNOWLEDGE_HEADERS.get(k, k) for k in ratios)]
-        number = {"recall": "{:.4f}", "units": "{:g}"}
+        number = {"recall": "{:.4f}", "units": "{:g}", "images": "{:g}"}
         body = []
         for r in self.rows:
             acc = "" if r["top1_mean"] is None else f"{r['top1_mean']:.4f}"
@@ -118,7 +121,7 @@ class ExperimentTable:
                 acc += f" ± {r['top1_std']:.4f}"
             best = r["top1_at_best_val_mean"]
             body.append([r["method"], *([_x_cell(r)] if self.x_label else []),
-                         *("" if r[k] is None else number[k].format(r[k]) for k in picks), acc,
+                         *("" if r.get(k) is None else number[k].format(r[k]) for k in picks), acc,
                          "" if best is None else f"{best:.4f}",
                          *([_validation_cell(r)] if val else []),
                          str(len(r["seeds"])) if r["seeds"] else "",
@@ -137,7 +140,8 @@ class ExperimentTable:
         if any("classes" in m for m in recalled) and any("clusters" in m for m in recalled):
             return ("recall: the share of the related pool classes selected (classes rows), of "
                     "the related classes' images the selected clusters hold (clusters rows); "
-                    "units: the classes or clusters selected (clusters differ in size).")
+                    "units: the classes or clusters selected; images: the pool images they hold "
+                    "(whole clusters differ in size).")
         a = self.extra.get("analysis")
         if not a:
             return ""
