@@ -355,10 +355,10 @@ def image_folder(root: str | Path, *, mode: str = "RGB",
     root = Path(root)
     if not root.is_dir():
         raise PretrainReuseError(f"data: {str(root)!r} is not a folder; pass an image folder")
-    loose = sorted(e.name for e in os.scandir(root)
-                   if e.is_file() and _is_image(e.name) and not _hidden(e.name))
-    folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not _hidden(e.name))
-    other = [e.name for e in os.scandir(root) if e.is_file() and _other_format(e.name)]
+    entries = list(os.scandir(root))
+    loose = sorted(e.name for e in entries if e.is_file() and _is_image(e.name) and not _hidden(e.name))
+    folders = sorted(e.name for e in entries if e.is_dir() and not _hidden(e.name))
+    other = [e.name for e in entries if e.is_file() and _other_format(e.name)]
     found = {name: _walk_images(root / name, root, other) for name in folders}
     _warn_of_other_formats(root, other)
     classes = [name for name in folders if found[name]]

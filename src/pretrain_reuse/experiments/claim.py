@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import claim_folder, hash_file, read_json, to_json, write_json
-from ..finetune.config import MODE_OPTIONS, FinetuneConfig
+from ..finetune.config import FinetuneConfig, mode_reads
 from ..finetune.loop import RESUMABLE_WITH_OTHER
 from .config import REGIME_OPTIONS, REGIMES, SWEEP_DEFAULTS, SWEPT, ExperimentConfig
 from .recipes import RECIPES
@@ -67,7 +67,7 @@ def recipe_reads(name: str, cfg: ExperimentConfig, values: dict[str, Any]) -> di
     shared = values.get("finetune") or {}
 
     def given(key: str, mode: str | None = None):
-        if mode is not None and key in shared and mode in MODE_OPTIONS.get(key, (mode,)):
+        if mode is not None and key in shared and mode_reads(mode, key):
             return shared[key]
         return DEFAULTS.get(key)
 

@@ -13,7 +13,7 @@ from typing import Any
 from ..configs import check_fields, checked_values, config_values
 from ..errors import PretrainReuseError, check_choice, check_positive, check_seed, parse_ids
 from ..finetune import MODES, FinetuneConfig
-from ..finetune.config import MODE_OPTIONS
+from ..finetune.config import MODE_OPTIONS, mode_reads
 from ..finetune.corruptions import parse_corruption
 from ..models.backbone import LAYERS
 from ..transport import METRICS
@@ -186,7 +186,7 @@ class ExperimentConfig:
                     raise PretrainReuseError(f"modes {mode!r} cannot set {key!r}: a data regime "
                                              "holds for every run; set it under finetune")
             for key in settings:  # finetune's may be shared by modes that do not read them
-                if mode not in MODE_OPTIONS.get(key, (mode,)):
+                if not mode_reads(mode, key):
                     raise PretrainReuseError(
                         f"modes {mode!r} sets {key}, which has no effect in mode {mode!r} (only "
                         f"in {', '.join(MODE_OPTIONS[key])}); remove it")
@@ -222,7 +222,7 @@ class ExperimentConfig:
         then ``modes[mode]`` and ``lam[mode]`` on top (the recipe still sets each run's seed and
         swept setting)."""
         shared = {key: value for key, value in self.finetune.items()
-                  if mode in MODE_OPTIONS.get(key, (mode,))}
+                  if mode_reads(mode, key)}
         settings = {**shared, **self.modes.get(mode, {})}
         if mode in self.lam:
             settings["lam"] = self.lam[mode]

@@ -57,6 +57,12 @@ MODE_OPTIONS: dict[str, tuple[str, ...]] = {
     "strong_ops": ("reuse-unlabeled",),
 }
 
+def mode_reads(mode: str, option: str) -> bool:
+    """Whether a run in ``mode`` reads ``option`` (every mode reads those not in
+    :data:`MODE_OPTIONS`)."""
+    return mode in MODE_OPTIONS.get(option, (mode,))
+
+
 #: What each field means: the help of its command-line flag and the reference of its YAML key.
 FIELD_HELP: dict[str, str] = {
     "mode": "what to fine-tune with (see the modes above)",
