@@ -1346,3 +1346,25 @@ def test_a_table_with_class_and_cluster_recalls_says_what_each_measures():
     assert note.startswith("recall: the share of the related pool classes selected (classes rows), "
                            "of the related classes' images the selected clusters hold")
     assert ExperimentTable("table1", rows[:1], None, {}, {}, {}).note() == ""
+
+
+def test_an_empty_relevant_flag_unsets_the_configs(tmp_path, capsys, monkeypatch):
+    # --relevant "" was taken as no flag, so the config's classes stayed and recall was computed
+    import pretrain_reuse.experiments as experiments
+
+    seen = []
+
+    class Table:
+        def to_markdown(self):
+            return ""
+
+    monkeypatch.setattr(experiments, "run_experiment",
+                        lambda name, cfg, out, progress: seen.append(cfg.relevant) or Table())
+    path = tmp_path / "exp.yaml"
+    path.write_text("model: smallcnn\ntarget: synthetic:target\nrelevant: [1, 2]\n")
+    argv = ["experiment", "knowledge", "--config", str(path), "--quiet", "--out", str(tmp_path)]
+    assert main([*argv, "--relevant", ""]) == 0
+    assert main(argv) == 0
+    assert main([*argv, "--relevant", "3-4"]) == 0
+    capsys.readouterr()
+    assert seen == [(), (1, 2), (3, 4)]

@@ -853,7 +853,8 @@ def cmd_experiment(args) -> int:
         args.config, model=args.model, weights=args.weights, source=args.source,
         target=args.target, target_test=args.target_test, source_features=args.source_features,
         target_features=args.target_features, seeds=args.seeds, k=args.k, clusters=args.clusters,
-        relevant=parse_ids(args.relevant, "--relevant") if args.relevant else None)
+        relevant=None if args.relevant is None  # "" unsets the config's: no recall
+        else parse_ids(args.relevant, "--relevant") if args.relevant else ())
     table = run_experiment(args.name, cfg, args.out, progress=not args.quiet)
     print(table.to_markdown())
     print(f"wrote {Path(args.out) / 'results.md'}, results.csv and results.png")
@@ -1168,7 +1169,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--seeds", type=_seed, nargs="+", help="fine-tuning seeds (default 0 1 2)")
     ex.add_argument("--k", type=_at_least(1), help="selected classes (default 100)")
     ex.add_argument("--clusters", type=_at_least(2), help="k-means clusters of the pool (default 2000)")
-    ex.add_argument("--relevant", help="pool class ids related to the target (recall), e.g. 7-24")
+    ex.add_argument("--relevant", help="pool class ids related to the target (recall), e.g. 7-24; "
+                    "'' for none, over the config's")
     _add_quiet(ex)
     ex.add_argument("--out", required=True, help="experiment folder (a rerun resumes it)")
     ex.set_defaults(func=cmd_experiment)
