@@ -819,8 +819,9 @@ def test_a_default_sweep_value_the_pool_cannot_take_names_the_sweep(quick_demo, 
     err = _one_line_error(capsys, ["experiment", "fig3a", "--config", str(_config(demo, tmp_path)),
                                    "--out", str(out)])
     assert "k=200 exceeds the 128 classes of source" in err and not out.exists()
-    assert ("(the fig3a recipe sweeps k over [50, 100, 200, 300]; set sweep: {k: [...]} in "
-            "--config to values this data allows)") in err
+    assert ("sweep only k <= 128 (the fig3a recipe sweeps k over [50, 100, 200, 300]; set sweep: "
+            "{k: [...]} in --config to values this data allows)") in err
+    assert "--k" not in err.replace("--config", "")  # the flag does not change a swept k
 
 
 @pytest.mark.parametrize("recipe, sweep, needle", [

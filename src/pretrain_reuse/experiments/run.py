@@ -284,9 +284,11 @@ def _check_unit_counts(ws: Workspace, name: str, rows: list[Row]) -> None:
             raise PretrainReuseError(f"cannot cut {n} pool classes into {pick.group[1]} groups; "
                                      f"lower groups{_sweep_hint(name, cfg)}")
         if isinstance(k, int) and k > n:
-            raise PretrainReuseError(
-                f"k={k} exceeds the {n} classes of source {cfg.source!r} (row {row.method!r}); "
-                f"pass k <= {n} (--k){_sweep_hint(name, cfg)}")
+            # a swept k is set by the sweep, which --k does not change
+            fix = (f"pass k <= {n} (--k)" if pick.k is None else
+                   f"sweep only k <= {n}{_sweep_hint(name, cfg)}")
+            raise PretrainReuseError(f"k={k} exceeds the {n} classes of source {cfg.source!r} "
+                                     f"(row {row.method!r}); {fix}")
 
 
 def _warn_other_network(store, which: str, cfg: ExperimentConfig, backbone) -> None:
