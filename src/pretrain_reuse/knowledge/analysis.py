@@ -77,6 +77,7 @@ from .explain import (
     save_explanations,
     with_games,
 )
+from .interactions import orders
 from .metrics import (
     MATCHES,
     _pearson,
@@ -201,7 +202,7 @@ def counterfactual(x: Interactions, sets: list[int], tau: float, rng: np.random.
     values = {kind: np.array([v for (k, _), v in salient.items() if k == kind])
               for kind in ("and", "or")}
     keys = np.arange(1 << x.n)
-    orders = np.array([bin(int(k)).count("1") for k in keys])
+    sizes = orders(x.n)
 
     def change(s: int) -> tuple[float, float]:
         """An AND interaction is lost when the set removes any of its players, an OR one when
@@ -212,7 +213,7 @@ def counterfactual(x: Interactions, sets: list[int], tau: float, rng: np.random.
         return float(measured), math.fsum(lost)
 
     chosen = [change(s) for s in sets]
-    random_sets = [int(rng.choice(keys[orders == bin(s).count("1")])) for s in sets]
+    random_sets = [int(rng.choice(keys[sizes == bin(s).count("1")])) for s in sets]
     control = [change(s) for s in random_sets]
     return {"preserved": chosen, "random": control}
 
@@ -664,7 +665,7 @@ def _strength_by_order(xs: list[Interactions]) -> list[float]:
     """Mean over samples of the normalised strength sum_{|S|=k} |I(S)| / sum_S |I(S)|, k = 1..n."""
     hists = []
     for x in xs:
-        o = np.array([bin(s).count("1") for s in range(1 << x.n)])
+        o = orders(x.n)
         mag = np.abs(x.and_values) + np.abs(x.or_values)
         mag[0] = 0.0
         total = mag.sum()
