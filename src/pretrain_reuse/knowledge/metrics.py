@@ -40,6 +40,7 @@ import contextlib
 import itertools
 import json
 import math
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,9 +126,7 @@ def _stratum(item: Item) -> tuple:
 def _stratum_shares(omega: dict[Item, float], n: int) -> dict[tuple, float]:
     """{stratum: |Ω in it| / C(n, order)}: the probability that a coalition of that type and
     order is in Ω (with that sign), were Ω's items of each stratum drawn uniformly."""
-    counts: dict[tuple, int] = {}
-    for k in omega:
-        counts[_stratum(k)] = counts.get(_stratum(k), 0) + 1
+    counts = Counter(_stratum(k) for k in omega)
     return {s: c / math.comb(n, s[1]) for s, c in counts.items()}
 
 
