@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from pretrain_reuse.artifacts import (
     hash_array,
     load,
     make_meta,
+    releases_folders,
     write_json,
 )
 from pretrain_reuse.errors import PretrainReuseError
@@ -818,3 +821,69 @@ def test_hash_array_is_the_sha256_of_the_c_order_bytes_block_by_block():
     for x in (np.asfortranarray(rng.random((70_000, 33))), rng.random((9, 8))[:, ::3],
               np.array(2.5), np.zeros((0, 4)), rng.random((3, 4, 5)).astype(np.float32)):
         assert hash_array(x) == whole(x), x.shape
+
+
+_HOLD = """
+import sys
+from pathlib import Path
+from pretrain_reuse.artifacts import lock_folder
+lock_folder(Path(sys.argv[1]), "a demo run")
+print("locked", flush=True)
+sys.stdin.read()  # until the test closes it
+"""
+
+
+class _Holder:
+    """Another process that holds the lock of ``folder`` until the block ends (or refuses to
+    take it: ``error``)."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(self.folder)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.ready = self.proc.stdout.readline().strip()
+        return self
+
+    def __exit__(self, *exc):
+        _, self.error = self.proc.communicate("")
+        return False
+
+
+def test_a_run_folder_is_locked_against_other_processes_while_a_command_writes_it(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    with _Holder(out) as other:
+        assert other.ready == "locked"
+        with pytest.raises(PretrainReuseError, match=re.escape(
+                f"out (--out) {str(out)!r} is in use by another process writing a demo run there; "
+                "wait for it to finish")):
+            claim_folder(out, "demo-run", {"seed": 0}, what="a demo run")
+        assert list(out.iterdir()) == []  # nothing written
+    # the other process ended (its lock with it, however it ends)
+
+    @releases_folders
+    def write(inner: bool):
+        claim_folder(out, "demo-run", {"seed": 0}, what="a demo run")
+        claim_folder(out, "demo-run", {"seed": 0}, what="a demo run")  # this process holds it
+        if inner:  # a nested call leaves the outer call's lock held
+            write(False)
+        with _Holder(out) as other:
+            assert other.ready == ""
+        assert "in use by another process" in other.error
+
+    write(True)
+    with _Holder(out) as other:  # unlocked once the outer call returned
+        assert other.ready == "locked"
+
+    @releases_folders
+    def fail():
+        claim_folder(out, "demo-run", {"seed": 0}, what="a demo run")
+        raise PretrainReuseError("a user error after the claim")
+
+    with pytest.raises(PretrainReuseError, match="a user error"):
+        fail()
+    with _Holder(out) as other:  # unlocked once it raised
+        assert other.ready == "locked"

@@ -982,3 +982,22 @@ def test_every_option_with_a_default_shows_it_in_the_help():
     assert "--quiet" in embed and "(default: False)" not in embed
     # select names the per-sample features the Quickstart passes it
     assert "a FeatureStore folder, whose class means are taken" in " ".join(select.split())
+
+
+def test_a_second_command_writing_a_folder_in_use_is_one_line_and_writes_nothing(capsys, tmp_path):
+    # a fine-tuning run started twice (two terminals, a job array): the second process would
+    # overwrite the first's checkpoints; it is refused while the first holds the folder
+    from test_artifacts import _Holder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    argv = ["finetune", "--model", "smallcnn-s", "--target", "synthetic:target", "--batch-size", 8,
+            "--max-steps", 2, "--quiet", "--out", out]
+    with _Holder(out) as other:
+        assert other.ready == "locked"
+        rc, _, err = cli(capsys, *argv)
+        assert rc == 2 and err.count("\n") == 1
+        assert f"out (--out) {str(out)!r} is in use by another process writing a fine-tuning " \
+               "run there; wait for it to finish" in err
+        assert list(out.iterdir()) == []
+    assert "wrote" in run_ok(capsys, *argv)  # once it ended

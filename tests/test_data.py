@@ -21,6 +21,7 @@ from pretrain_reuse.data import (
     ArrayDataset,
     DataWarning,
     WorldConfig,
+    datasets,
     describe_skipped,
     file_list,
     list_datasets,
@@ -33,6 +34,7 @@ from pretrain_reuse.data import (
     subsample_long_tail,
     write_class_names,
 )
+from pretrain_reuse.data.datasets import decode_image
 from pretrain_reuse.data.world import COLOURS, RGB
 from pretrain_reuse.errors import PretrainReuseError
 
@@ -337,6 +339,31 @@ def test_16_bit_and_float_grey_images_are_scaled_from_their_own_range(tmp_path, 
         assert image.shape == (3 if mode == "RGB" else 1, 2, 2)
         for channel in image:
             np.testing.assert_allclose(channel.numpy(), grey16 / 65535, atol=1e-6)
+
+
+def test_grey_images_with_values_outside_the_range_read_are_clipped_with_one_warning(tmp_path,
+                                                                                    monkeypatch):
+    # a float image in [0, 255] was read as nearly all white without a word
+    monkeypatch.setattr(datasets, "_CLIPPED_MODES", set())
+    for k in range(2):
+        Image.fromarray(np.array([[0.0, 0.5], [128.0, 255.0]], np.float32), mode="F").save(
+            tmp_path / f"{k}.tif")
+    Image.fromarray(np.array([[0.0, 0.25], [0.5, 1.0]], np.float32), mode="F").save(
+        tmp_path / "ok.tif")
+    ds = open_dataset(tmp_path)
+    with pytest.warns(DataWarning) as caught:
+        images = [ds[i][0] for i in range(3)]
+    assert len(caught) == 1  # once, not per image
+    assert f"{str(tmp_path / '0.tif')!r} (PIL mode F) has pixel values from 0 to 255, read as " \
+        "[0, 1]: values outside are clipped" in str(caught[0].message)
+    np.testing.assert_allclose(images[0][0].numpy(), [[0.0, 0.5], [1.0, 1.0]])
+    np.testing.assert_allclose(images[2][0].numpy(), [[0.0, 0.25], [0.5, 1.0]])
+    # a 16-bit image within its range is read without a warning
+    monkeypatch.setattr(datasets, "_CLIPPED_MODES", set())
+    Image.fromarray(np.array([[0, 65535]], np.uint16)).save(tmp_path / "w16.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        decode_image(tmp_path / "w16.png", "L")
 
 
 def test_list_entry_missing_on_disk_is_skipped_not_fatal(tmp_path):

@@ -1369,3 +1369,33 @@ def test_an_empty_relevant_flag_unsets_the_configs(tmp_path, capsys, monkeypatch
     assert main([*argv, "--relevant", "3-4"]) == 0
     capsys.readouterr()
     assert seen == [(), (1, 2), (3, 4)]
+
+
+def test_an_experiment_folder_in_use_is_refused_before_any_of_its_files_is_touched(
+        quick_demo, tmp_path, capsys):
+    from test_artifacts import _Holder
+
+    demo, _, _ = quick_demo
+    # an experiment that stopped before any run finished, with other settings: a rerun takes the
+    # folder over and removes its unfinished runs, unless another process is still writing them
+    out = tmp_path / "t4"
+    (out / "runs" / "vanilla-seed0").mkdir(parents=True)
+    (out / "runs" / "vanilla-seed0" / "checkpoint.safetensors").write_text("being written")
+    (out / "run.json").write_text(json.dumps({"kind": "experiment-run",
+                                              "params": {"experiment": "table4", "k": 1}}))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    skip = ("reuse greedy-ot l2", "reuse greedy-ot cosine", "reuse uot l2")
+    path = _config(demo, tmp_path, skip=skip, finetune={**FAST, "max_steps": 1})
+    argv = ["experiment", "table4", "--config", str(path), "--seeds", "0", "--quiet", "--out",
+            str(out)]
+    with _Holder(out) as other:
+        assert other.ready == "locked"
+        err = _one_line_error(capsys, argv)
+        assert "is in use by another process writing an experiment there" in err
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # once it ended, the folder is taken over (its marker, of a version that recorded no lam,
+    # upgraded) and the unfinished run replaced
+    assert main(argv) == 0
+    assert "with other settings (eps_c, " in capsys.readouterr().err
+    assert (out / "runs" / "reuse-uot-cosine-seed0" / "result.json").exists()
+    assert not (out / "runs" / "vanilla-seed0").exists()

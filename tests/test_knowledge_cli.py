@@ -1,5 +1,6 @@
 """explain / knowledge through the CLI: outputs that check out, and one-line errors."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -31,7 +32,8 @@ from pretrain_reuse.knowledge.analysis import (
 from pretrain_reuse.knowledge.contiguity import contiguity
 from pretrain_reuse.knowledge.explain import ExplainConfig
 from pretrain_reuse.knowledge.interactions import reconstruct_and, reconstruct_or
-from pretrain_reuse.knowledge.metrics import knowledge_set
+from pretrain_reuse.knowledge.metrics import knowledge_set, other_image_control, other_sample_partners
+from pretrain_reuse.knowledge.sparsify import joint_and_or_interactions
 from pretrain_reuse.models import create_backbone, save_backbone
 
 
@@ -139,6 +141,15 @@ def test_knowledge_of_two_different_networks_reports_the_ratios_of_its_saved_int
     assert KnowledgeReport.load(tmp_path / "report.json").inputs == inputs
     # the two networks' knowledge differs: not the closed-form 1 / 0 of one network in both roles
     assert again["preserve"]["mean"] < 0.99 and again["discard"]["mean"] > 0.01
+    # the other-image control: each sample's pre-trained knowledge against the fine-tuned
+    # model's of its partner, of another class where the classes allow
+    labels = [x.info["label"] for x in xs["pretrained"]]
+    partners = other_sample_partners(labels)
+    assert k["other_image"]["partners"] == partners.tolist()
+    assert k["other_image"]["same_class"] == sum(labels[i] == labels[j] for i, j in enumerate(partners))
+    control = other_image_control(xs["pretrained"], [xs["finetuned"][j] for j in partners],
+                                  tau=params["tau"], match=params["match"])
+    assert k["other_image"]["overall"] == {name: c.to_dict() for name, c in control.items()}
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -364,6 +375,26 @@ def test_joint_decomposition_gives_identical_models_one_split(quick_demo, tmp_pa
         np.testing.assert_allclose(rebuilt, x.v + x.noise, atol=1e-8)
     k = json.loads((tmp_path / "k" / "knowledge.json").read_text())
     assert k["report"]["overall"]["exclusive"]["mean"] == 0.0  # scratch knows all of it
+    # the other-image control decomposes each pair's games together (the fine-tuned and scratch
+    # games of the partner with the pre-trained one's), as the same-image games were
+    other = k["other_image"]
+    assert other["partners"] == [1, 0]
+    pairs = joint_and_or_interactions(np.stack([[x.v for x in pre], [ft[1].v, ft[0].v],
+                                                [sc[1].v, sc[0].v]]),
+                                      qthres=pre[0].meta["params"]["qthres"] or 0.04)
+    control = other_image_control([_on(x, y) for x, y in zip(pairs[0], pre, strict=True)],
+                                  [_on(x, y) for x, y in zip(pairs[1], ft[::-1], strict=True)])
+    assert other["overall"]["preserve"] == control["preserve"].to_dict()
+    assert other["overall"]["new"] == control["new"].to_dict()
+    # the two images share less than each image with itself
+    assert other["overall"]["preserve"]["mean"] < k["report"]["overall"]["preserve"]["mean"]
+    assert f"(chance {k['report']['chance']['preserve']['mean']:.3f}, other image " \
+        f"{other['overall']['preserve']['mean']:.3f})" in out
+
+
+def _on(x, game):
+    """Interactions ``x`` with the info of the game ``game`` (the sample it explains)."""
+    return dataclasses.replace(x, info=game.info)
 
 
 def _sha256(path):
@@ -514,7 +545,9 @@ def test_the_analysis_reports_neighbouring_players_of_the_cells_drawn_for_each_s
     preserve = k["report"]["overall"]["preserve"]  # the ratio's standard error over the samples
     chance = k["report"]["chance"]["preserve"]["mean"]  # and its level with random salient sets
     assert "(± standard error over them; chance: the ratio if the other model's salient " in out
-    assert (f"preserve {preserve['mean']:.3f} ± {preserve['sem']:.3f} (chance {chance:.3f})") in out
+    other = k["other_image"]["overall"]["preserve"]["mean"]  # and another image's knowledge
+    assert (f"preserve {preserve['mean']:.3f} ± {preserve['sem']:.3f} (chance {chance:.3f}, "
+            f"other image {other:.3f})") in out
     assert (f"preserved interactions of neighbouring players {kept['contiguous_share']:.3f} "
             f"(chance {kept['chance_share']:.3f})") in out
 

@@ -39,7 +39,10 @@ from pretrain_reuse.knowledge import (
     discrimination_power,
     knowledge_convergence,
     knowledge_report,
+    knowledge_set,
     mask_of,
+    other_image_control,
+    other_sample_partners,
     planted_game,
     sample_knowledge,
     set_ablation,
@@ -962,3 +965,71 @@ def test_a_report_carries_the_chance_levels_of_its_samples(tmp_path):
     assert report.to_dict()["chance"]["preserve"]["mean"] == pytest.approx(expected)
     back = KnowledgeReport.load(report.save(tmp_path / "r.json"))
     assert back.chance == report.chance
+
+
+def _least_shared(labels) -> int:
+    """Brute force: the fewest pairs of one class over every derangement of the samples."""
+    n = len(labels)
+    return min(sum(labels[i] == labels[p[i]] for i in range(n))
+               for p in itertools.permutations(range(n)) if all(p[i] != i for i in range(n)))
+
+
+@pytest.mark.parametrize("labels", [[0, 1], [0, 0], [0, 0, 0], [3, 1, 2, 1, 3], [0, 0, 0, 1, 2],
+                                    [0, 0, 0, 0, 1, 2], [5, 5, 5, 5, 5, 9, 1], [0, 1, 2, 3, 4, 5]])
+def test_other_sample_partners_pair_each_sample_with_another_of_another_class_where_it_can(labels):
+    partners = other_sample_partners(labels)
+    assert sorted(partners) == list(range(len(labels)))  # each sample stands in once
+    assert all(partners[i] != i for i in range(len(labels)))
+    shared = sum(labels[i] == labels[j] for i, j in enumerate(partners))
+    assert shared == _least_shared(labels)
+
+
+def test_other_sample_partners_need_two_samples():
+    with pytest.raises(PretrainReuseError, match="got 1 sample"):
+        other_sample_partners([4])
+
+
+def _sample_games(count: int, seed: int) -> list[Interactions]:
+    """Interactions of ``count`` samples whose salient sets differ between samples."""
+    rng = np.random.default_rng(seed)
+    xs = []
+    for s in range(count):
+        values = rng.uniform(0.1, 1.0, (2, 16)) * rng.choice([0, 1], (2, 16))
+        values[:, 0] = 0.0  # the bias
+        xs.append(_on(Interactions(n=4, and_values=values[0], or_values=values[1], v=np.zeros(16),
+                                   noise=np.zeros(16), kind="and-or"), sample=f"{s}.png"))
+    return xs
+
+
+def test_other_image_control_compares_each_sample_with_its_partners_knowledge():
+    pre, ft, sc = _sample_games(5, 1), _sample_games(5, 2), _sample_games(5, 3)
+    partners = other_sample_partners([0, 1, 0, 2, 1])
+    control = other_image_control(pre, [ft[j] for j in partners],
+                                  scratch_other=(pre, ft, [sc[j] for j in partners]))
+    # by hand, from the knowledge sets: preserve and new against the partner's fine-tuned model,
+    # exclusive (the preserved items of a sample that the partner's scratch model lacks)
+    omega = [[set(knowledge_set(x)) for x in xs] for xs in (pre, ft, sc)]
+    o_pre, o_ft, o_sc = omega
+    preserve = [len(o_pre[i] & o_ft[j]) / len(o_pre[i]) for i, j in enumerate(partners)]
+    new = [len(o_ft[j] - o_pre[i]) / len(o_ft[j]) for i, j in enumerate(partners)]
+    exclusive = [len((o_pre[i] & o_ft[i]) - o_sc[j]) / len(o_pre[i] & o_ft[i])
+                 for i, j in enumerate(partners) if o_pre[i] & o_ft[i]]
+    assert control["preserve"].mean == pytest.approx(np.mean(preserve))
+    assert control["new"].mean == pytest.approx(np.mean(new))
+    assert control["exclusive"].mean == pytest.approx(np.mean(exclusive))
+    assert control["exclusive"].n_used == len(exclusive)
+    # the same model on every image: the control is below 1 where the images' sets differ
+    same = other_image_control(pre, [pre[j] for j in partners])
+    assert same["preserve"].mean < 1.0 and "exclusive" not in same
+
+
+def test_other_image_pairs_must_be_of_other_samples_and_same_pairs_of_the_same():
+    pre, ft = _sample_games(2, 1), _sample_games(2, 2)
+    with pytest.raises(PretrainReuseError, match=r"same sample \('0.png'\) where the other-image"):
+        other_image_control(pre, ft)
+    with pytest.raises(PretrainReuseError, match="a different sample"):
+        knowledge_report(pre, ft[::-1])
+    with pytest.raises(PretrainReuseError, match=r"different baseline \('zero' and 'blur'\)"):
+        other_image_control(pre, [_on(x, sample="x.png", baseline="blur") for x in ft])
+    with pytest.raises(PretrainReuseError, match="other_samples"):
+        knowledge_report(pre, ft[::-1], other_samples=("scratch",))

@@ -77,6 +77,9 @@ def test_each_setting_is_the_analysis_those_flags_give_alone(models, sweep, tmp_
         assert rows["baseline=blur,tau=0.3"][name] == pytest.approx(alone["report"]["overall"][name]["mean"])
     assert rows["baseline=blur,tau=0.3"]["baseline"] == "blur" and rows["baseline=blur,tau=0.3"]["tau"] == 0.3
     assert rows["baseline=blur,tau=0.3"]["faithfulness_error"] == alone["faithfulness"]["finetuned"]["mean"]
+    assert rows["baseline=blur,tau=0.3"]["preserve_chance"] == alone["report"]["chance"]["preserve"]["mean"]
+    assert rows["baseline=blur,tau=0.3"]["preserve_other_image"] == \
+        alone["other_image"]["overall"]["preserve"]["mean"]
 
 
 def test_paired_differences_are_those_of_the_saved_interactions(sweep):

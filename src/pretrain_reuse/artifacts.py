@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import datetime
 import errno
+import functools
 import glob
 import hashlib
 import importlib
@@ -29,6 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # Windows: folders are not locked
+    fcntl = None
 
 from . import __version__
 from .errors import PretrainReuseError, check_file
@@ -325,6 +331,53 @@ FOLDER_KINDS = {"finetune-run": "a fine-tuning run", "grid-run": "a grid search"
 FOLDER_MARKERS = ("run.json", "index.json", "embed.json", "explain.json", "knowledge.json")
 
 
+#: The run folders this process has locked (:func:`lock_folder`), each with the open directory
+#: whose lock it holds (closing it unlocks).
+_LOCKED: dict[Path, int] = {}
+
+
+def lock_folder(out: Path, what: str) -> None:
+    """Lock the folder ``out`` against other processes until the call of a
+    :func:`releases_folders` function that locked it returns: two commands writing one run
+    folder at once (the same command started twice, a second experiment on a running one's
+    folder) would overwrite each other's checkpoints and delete each other's files.
+
+    A folder another process holds is a one-line error. The lock is the kernel's (``flock`` on
+    the folder), so a process killed in any way leaves none behind. Only the first process of a
+    torchrun job locks (the others write into the same folder by design), and a file system
+    that cannot lock (some network mounts) is left unlocked.
+    """
+    key = out.resolve()
+    if key in _LOCKED or fcntl is None or os.environ.get("RANK", "0") != "0":
+        return
+    fd = os.open(key, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise PretrainReuseError(
+                f"out (--out) {str(out)!r} is in use by another process writing {what} there; "
+                "wait for it to finish (then rerun to resume or reuse it), or pass another "
+                "folder") from None
+        return  # no locks on this file system
+    _LOCKED[key] = fd
+
+
+def releases_folders(fn):
+    """Decorate a function that writes run folders: when it returns or raises, the folders it
+    locked (:func:`lock_folder`) are unlocked, those an outer call locked stay locked."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        before = set(_LOCKED)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for key in set(_LOCKED) - before:
+                os.close(_LOCKED.pop(key))
+    return run
+
+
 def make_run_folder(out: Path, what: str, marker: str, early: tuple[str, ...] = (), *,
                     kind: str) -> Path:
     """Create the folder ``out`` for ``what`` (:func:`make_folder`) and return the path of its
@@ -337,6 +390,7 @@ def make_run_folder(out: Path, what: str, marker: str, early: tuple[str, ...] = 
     before its marker, left by a run stopped in between). A marker that records no kind (an
     earlier version's) or cannot be read is left to the caller."""
     path = make_folder(out, what) / marker
+    lock_folder(out, what)
     remove_orphan_temps(out)
     # what is left of temporary files is being written now (another rank of this job). Listed
     # before the marker is looked for: a run writes its files (but early ones) after its marker,

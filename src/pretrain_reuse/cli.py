@@ -679,8 +679,14 @@ def cmd_knowledge(args) -> int:
         return 0
     _note_named_by_position(models, data, args.quiet)
     overall, chance = summary["report"]["overall"], summary["report"]["chance"]
+    other = (summary.get("other_image") or {}).get("overall", {})  # None for a single sample
+
+    def levels(k: str) -> str:
+        return f"chance {_number(chance[k]['mean'])}" + (
+            f", other image {_number(other[k]['mean'])}" if k in other else "")
+
     line = ", ".join(f"{k} {_number(overall[k]['mean'])} ± {_number(overall[k].get('sem'))} "
-                     f"(chance {_number(chance[k]['mean'])})" for k in PAPER_RATIOS if k in overall)
+                     f"({levels(k)})" for k in PAPER_RATIOS if k in overall)
     samples = summary["samples"]
     if not purity_is_informative(summary):
         line += ("; discrimination power n/a (no class has two samples; explain several "
@@ -702,7 +708,8 @@ def cmd_knowledge(args) -> int:
     fewer = (f" (only {samples['n']} of the {samples['asked']} asked: no other sample is "
              "classified correctly by every model)" if samples["n"] < samples["asked"] else "")
     print(f"knowledge over {samples['n']} samples{fewer} (± standard error over them; chance: "
-          f"the ratio if the other model's salient interactions were random): {line}; wrote "
+          f"the ratio if the other model's salient interactions were random; other image: the "
+          f"ratio with the other model's knowledge of another image): {line}; wrote "
           f"{Path(args.out) / 'knowledge.json'}")
     return 0
 

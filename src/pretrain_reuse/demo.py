@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .artifacts import claim_folder, make_meta, read_json, write_json
+from .artifacts import claim_folder, make_meta, read_json, releases_folders, write_json
 from .data.catalog import open_dataset
 from .embed import EmbedConfig, embed
 from .errors import PretrainReuseError, check_choice
@@ -147,6 +147,7 @@ class _Stages:
         write_json(self.out / "timing.json", self.timing)  # survives an interruption
 
 
+@releases_folders
 def run_demo(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = True,
              scenario: str = "world") -> dict:
     """Run (or resume) the demo of ``scenario`` into ``out``; returns and writes ``summary.json``."""
@@ -325,6 +326,9 @@ def _summary(out: Path, plan: DemoPlan, runs, related, timing, quick: bool, seed
             # each ratio were the other model's salient interactions random
             "chance": {key: k["report"]["chance"][key]["mean"] for key in PAPER_RATIOS
                        if key in k["report"]["chance"]},
+            # each ratio with the compared model's knowledge of another image
+            "other_image": {key: k["other_image"]["overall"][key]["mean"] for key in PAPER_RATIOS
+                            if key in k["other_image"]["overall"]},
             "faithfulness_error": {r: f["max"] for r, f in k["faithfulness"].items()},
             "counterfactual": k["counterfactual"],
             # each set of the fine-tuned model's knowledge alone: fidelity R², share of the output

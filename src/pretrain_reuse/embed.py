@@ -39,6 +39,7 @@ from .artifacts import (
     encode_ids,
     hash_file,
     make_meta,
+    releases_folders,
     safetensors_header,
     write_json,
 )
@@ -175,6 +176,7 @@ def _open_data(cfg: EmbedConfig) -> ImageDataset | TextDataset:
     return text_file(cfg.data, need_labels=False)
 
 
+@releases_folders
 def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True,
           load: bool = True) -> FeatureStore | None:
     """Compute the features of every image (sentence) of ``cfg.data`` into the store folder

@@ -317,19 +317,26 @@ def convert_channels(x: torch.Tensor, mode: str | None) -> torch.Tensor:
     return x
 
 
+#: The PIL modes of which an image with values outside the range read was warned of (once per
+#: mode and process: a data set of such images would warn of every one).
+_CLIPPED_MODES: set[str] = set()
+
+
 def decode_image(path: str | Path, mode: str) -> torch.Tensor | None:
     """Decode one file with PIL into a float32 (C, H, W) tensor in [0, 1]; None if unreadable.
 
     Grey images of more than 8 bits are scaled from their own range: 16-bit ones (PIL modes
     ``I;16*``, and ``I``, as which Pillow opens some 16-bit PNGs and TIFFs) by 1/65535, 32-bit
-    float ones (``F``) are taken as values in [0, 1]; both are clipped to [0, 1]. (PIL's
-    ``convert`` would clip them at 255 first: a 16-bit scan would come out nearly all white, a
-    float one black.)"""
+    float ones (``F``) are taken as values in [0, 1]; both are clipped to [0, 1], with a
+    :class:`DataWarning` (once per mode) when some value lies outside (a 32-bit integer image, a
+    float one in [0, 255]). (PIL's ``convert`` would clip them at 255 first: a 16-bit scan would
+    come out nearly all white, a float one black.)"""
     try:
         with Image.open(path) as im:
             if im.mode.startswith(("I", "F")):
                 scale = 1.0 if im.mode == "F" else 65535.0
                 grey = torch.from_numpy(np.array(im, dtype=np.float32)) / scale
+                _warn_of_clipping(grey, im.mode, scale, path)
                 return convert_channels(grey.clamp(0, 1).unsqueeze(0), mode)
             array = np.array(im.convert(mode))  # convert() forces the full decode
     # Everything PIL raises on bad files: missing/unreadable (OSError incl. UnidentifiedImageError,
@@ -338,6 +345,20 @@ def decode_image(path: str | Path, mode: str) -> torch.Tensor | None:
         return None
     x = torch.from_numpy(array).float() / 255
     return x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
+
+
+def _warn_of_clipping(grey: torch.Tensor, pil_mode: str, scale: float, path: str | Path) -> None:
+    """A DataWarning, the first time in this process for ``pil_mode``, when values of ``grey``
+    (already scaled by 1/``scale``) lie outside [0, 1], where the image is clipped."""
+    lo, hi = float(grey.min()), float(grey.max())
+    if (lo >= 0.0 and hi <= 1.0) or pil_mode in _CLIPPED_MODES:
+        return
+    _CLIPPED_MODES.add(pil_mode)
+    read = "as [0, 1]" if scale == 1.0 else f"by 1/{scale:g}"
+    warnings.warn(f"data: {str(path)!r} (PIL mode {pil_mode}) has pixel values from "
+                  f"{lo * scale:g} to {hi * scale:g}, read {read}: values outside are clipped, "
+                  "here and in any other such image; convert the images to 8 or 16 bits, or "
+                  "store floats in [0, 1]", DataWarning, stacklevel=3)
 
 
 # --- sources ----------------------------------------------------------------------------------

@@ -11,7 +11,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import claim_folder, hash_file, read_json, to_json, write_json
+from ..artifacts import (
+    claim_folder,
+    hash_file,
+    lock_folder,
+    make_folder,
+    read_json,
+    to_json,
+    write_json,
+)
 from ..finetune.config import FinetuneConfig, mode_reads
 from ..finetune.loop import RESUMABLE_WITH_OTHER
 from .config import REGIME_OPTIONS, REGIMES, SWEEP_DEFAULTS, SWEPT, ExperimentConfig
@@ -74,11 +82,11 @@ def recipe_reads(name: str, cfg: ExperimentConfig, values: dict[str, Any]) -> di
     def needed(value, key: str, mode: str | None = None) -> bool:
         return key not in _NOT_CLAIMED and to_json(value) != to_json(given(key, mode))
 
-    if "lam" in params:
-        params["lam"] = {mode: lam for mode, lam in params["lam"].items()
+    if "lam" in params:  # (None in the marker of an earlier version without it)
+        params["lam"] = {mode: lam for mode, lam in (params["lam"] or {}).items()
                          if mode in modes and needed(lam, "lam", mode)}
     if "finetune" in params:  # a recipe that trains nothing reads only the data regime (selection)
-        params["finetune"] = {k: v for k, v in params["finetune"].items()
+        params["finetune"] = {k: v for k, v in (params["finetune"] or {}).items()
                               if needed(v, k) and (trains or k in (*REGIMES, *REGIME_OPTIONS))}
     if "modes" in params:
         # only where some mode of the recipe has settings: folders claimed before ``modes``
@@ -155,6 +163,9 @@ def claim_experiment(out: Path, name: str, cfg: ExperimentConfig, reads: dict[st
     (:func:`_release`; the settings it changed are returned)."""
     # seeds and skip may change between runs: they add or leave out rows, never alter one
     params = {"experiment": name, **reads, **hashes}
+    # before the marker is rewritten or a stopped experiment's outputs removed: they may be a
+    # running one's
+    lock_folder(make_folder(out, "an experiment"), "an experiment")
     _upgrade_marker(out, name, cfg, hashes)
     changed = _release(out, params, cfg)
     claim_folder(out, "experiment-run", params, what="an experiment")

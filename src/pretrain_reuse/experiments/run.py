@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..artifacts import make_meta, to_json
+from ..artifacts import make_meta, releases_folders, to_json
 from ..data.catalog import check_exists, has_splits
 from ..data.datasets import labels_by_name
 from ..data.text import is_sentence_file
@@ -74,6 +74,7 @@ def _check_finetune_keys(name: str, cfg: ExperimentConfig, rows: list[Row]) -> N
                                      f"trains in the {regime} regime that {option} shapes; {fix}")
 
 
+@releases_folders
 def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
                    progress: bool = True) -> ExperimentTable:
     """Run (or resume) recipe ``name`` into folder ``out`` and write its table."""

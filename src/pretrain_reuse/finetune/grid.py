@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from ..artifacts import atomic_path, claim_folder, make_meta, write_json
+from ..artifacts import atomic_path, claim_folder, make_meta, releases_folders, write_json
 from ..configs import parse_sweep
 from ..errors import PretrainReuseError
 from .config import FinetuneConfig
@@ -31,6 +31,7 @@ def parse_grid(specs: list[str]) -> dict[str, list[Any]]:
     return parse_sweep(specs, get_type_hints(FinetuneConfig), "--grid", "lr=0.001,0.01")
 
 
+@releases_folders
 def grid_search(cfg: FinetuneConfig, grid: dict[str, list[Any]], out: str | Path,
                 run: Callable[[FinetuneConfig, Path], RunResult],
                 check: Callable[[FinetuneConfig], int],

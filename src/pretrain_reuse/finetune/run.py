@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import hash_array, hash_file, make_run_folder, read_json
+from ..artifacts import hash_array, hash_file, make_run_folder, read_json, releases_folders
 from ..data.catalog import DATASETS, has_splits, open_dataset, split_folders
 from ..data.datasets import DataWarning, ImageDataset, labels_by_name, require_labels
 from ..data.samplers import subsample_fraction, subsample_long_tail
@@ -311,6 +311,7 @@ def finetune_datasets(cfg: FinetuneConfig, *, model: str, train_pool: ImageDatas
                      inputs=inputs, progress=progress, check_only=check_only)
 
 
+@releases_folders
 def _finetune(cfg: FinetuneConfig, *, model: str, train_pool: ImageDataset | TextDataset,
               test_set: ImageDataset | TextDataset, out: str | Path, weights: str | None,
               source_pool: ImageDataset | TextDataset | None, selection: Selection | None,

@@ -6,7 +6,9 @@ the *same* players and baseline; then reports (Jiang, Cheng & Li, arXiv 2410.084
 definitions of ``docs/knowledge.md``):
 
 - preserved / discarded / new knowledge and its exclusivity against the scratch model
-  (:func:`~.metrics.knowledge_report`), overall and by interaction order;
+  (:func:`~.metrics.knowledge_report`), overall and by interaction order, each ratio beside its
+  chance level and its other-image control: the ratio with the compared model's games of another
+  image (:func:`~.metrics.other_image_control`);
 - how discriminative each of these sets is: the discrimination power of its interactions over
   the samples of a class (:func:`~.metrics.set_discrimination`, docs/knowledge.md §3);
 - convergence of knowledge over the snapshots of fine-tuning and of scratch training, each
@@ -41,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..artifacts import make_meta, make_run_folder, read_json, write_json
+from ..artifacts import make_meta, make_run_folder, read_json, releases_folders, write_json
 from ..data.datasets import ImageDataset
 from ..data.text import TextDataset
 from ..errors import PretrainReuseError, check_choice, is_integer, preview
@@ -84,6 +86,8 @@ from .metrics import (
     _ranks,
     knowledge_convergence,
     knowledge_report,
+    other_image_control,
+    other_sample_partners,
     set_ablation,
     set_discrimination,
 )
@@ -266,6 +270,7 @@ def _check_analysis(models: dict[str, Backbone], dataset: ImageDataset | TextDat
         check_classifier(m, model_classes(m, dataset), cfg, role)
 
 
+@releases_folders
 def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextDataset,
                       cfg: ExplainConfig, out: str | Path, *, checkpoints: list[Backbone] | None = None,
                       scratch_checkpoints: list[Backbone] | None = None, tau: float = 0.05,
@@ -422,6 +427,7 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
         "discrimination": set_discrimination(report, labels).to_dict(),
         "faithfulness": {role: faithfulness_summary(xs, tau) for role, xs in explained.items()},
         "strength_by_order": {role: _strength_by_order(xs) for role, xs in explained.items()},
+        "other_image": _other_image(games, explained, labels, cfg, tau, match),
         "counterfactual": _counterfactual_summary(report, explained["finetuned"], tau, cfg.seed),
         "ablation": set_ablation(report, explained["finetuned"]).to_dict(),
         "ablation_pretrained": set_ablation(report, explained["pretrained"], model="pretrained").to_dict(),
@@ -640,6 +646,37 @@ def _joint(games: dict[str, Games], qthres: float) -> dict[str, list[Interaction
     solver's meta is each result's ``meta["solver"]``."""
     joint = joint_and_or_interactions(np.stack([g.values for g in games.values()]), qthres=qthres)
     return {role: with_games(g, results) for (role, g), results in zip(games.items(), joint, strict=True)}
+
+
+def _other_image(games: dict[str, Games], explained: dict[str, list[Interactions]],
+                 labels: list[int], cfg: ExplainConfig, tau: float, match: str) -> dict[str, Any] | None:
+    """The other-image control of every ratio (:func:`~.metrics.other_image_control`), with the
+    partner of each sample and how many pairs share a class; None for a single sample.
+    Under ``joint-and-or`` each control pair or triple is decomposed together, as the
+    same-image ones were."""
+    if len(labels) < 2:
+        return None
+    partners = other_sample_partners(labels)
+
+    def moved(roles: tuple[str, ...]) -> dict[str, list[Interactions]]:
+        """Every role's interactions, those of ``roles`` taken from each sample's partner."""
+        if cfg.decomposition != "joint-and-or":
+            return {role: [xs[j] for j in partners] if role in roles else xs
+                    for role, xs in explained.items()}
+        return _joint({role: Games(g.values[partners], [g.infos[j] for j in partners], g.meta)
+                       if role in roles else g for role, g in games.items()}, cfg.noise_bound)
+
+    others = ("finetuned", "scratch")  # the pre-trained model's own knowledge stays on its image
+    pairs = moved(others)
+    scratch = None
+    if "scratch" in explained:
+        triples = moved(("scratch",))
+        scratch = (triples["pretrained"], triples["finetuned"], triples["scratch"])
+    levels = other_image_control(pairs["pretrained"], pairs["finetuned"], scratch_other=scratch,
+                                 tau=tau, match=match)
+    return {"partners": [int(j) for j in partners],
+            "same_class": int(sum(labels[i] == labels[j] for i, j in enumerate(partners))),
+            "overall": {k: v.to_dict() for k, v in levels.items()}}
 
 
 def faithfulness_summary(xs: list[Interactions], tau: float) -> dict[str, float | int | None]:

@@ -52,6 +52,7 @@ from ..artifacts import (
     hash_file,
     make_meta,
     make_run_folder,
+    releases_folders,
     to_json,
     write_json,
 )
@@ -372,6 +373,7 @@ class Games(NamedTuple):
     meta: dict[str, Any]  # the explanation's meta (Interactions.meta, less the solver's)
 
 
+@releases_folders
 def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.ndarray,
             cfg: ExplainConfig, out: str | Path | None = None, *, role: str = "model",
             tau: float = 0.05, split: str | None = None, progress: bool = True) -> list[Interactions]:
@@ -667,6 +669,7 @@ def class_logits(model: Backbone, dataset: ImageDataset | TextDataset, indices: 
 
 
 @full_float32()
+@releases_folders
 def explain_games(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.ndarray,
                   cfg: ExplainConfig, out: str | Path | None, *, role: str, params: dict[str, Any],
                   progress: bool, identity: dict[str, Any] | None = None,

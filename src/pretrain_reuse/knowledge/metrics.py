@@ -25,6 +25,13 @@ r_preserve's chance level is Σ_k |Ω_pre,k| |Ω_ft,k| / C(n, k) / |Ω_pre|: wit
 most of a large preserve ratio is what any two models would share. Compare a ratio with its
 chance level before reading it as knowledge handed over.
 
+Other-image control (:func:`other_image_control`, an addition of this package): each ratio with
+the model it compares against replaced by that model's game of another image (of another class
+wherever the classes allow, :func:`other_sample_partners`). Chance keeps nothing of the model;
+this control keeps everything but the image: what any image's knowledge would share (cells
+salient for every image, a sparsification that pulls supports together). A ratio is knowledge of
+the image only by its distance from this level.
+
 Every ratio also exists per order k = |S|. Over samples, ratios are averaged (mean, std, quartiles;
 the group's ρ(k) = E_x[...] form) and pooled (Σ numerators / Σ denominators); samples whose
 denominator is empty are skipped and counted. Which samples enter (docs/knowledge.md §2: those
@@ -83,6 +90,8 @@ __all__ = [
     "knowledge_convergence",
     "knowledge_report",
     "knowledge_set",
+    "other_image_control",
+    "other_sample_partners",
     "sample_knowledge",
     "set_ablation",
     "set_discrimination",
@@ -95,6 +104,9 @@ MATCHES = ("support", "signed")
 #: The ratios of Jiang, Cheng & Li that the command lines and tables show first (a report holds
 #: more: by strength, learnability, ...).
 PAPER_RATIOS = ("preserve", "discard", "new", "exclusive")
+#: The ratios that compare with the scratch model (the others compare the pre-trained and
+#: fine-tuned models).
+SCRATCH_RATIOS = ("exclusive", "learnability", "scratch_only", "new_in_scratch")
 #: Similarity of a checkpoint's knowledge to the final model's (convergence).
 MEASURES = ("iou", "coverage", "weighted")
 
@@ -347,18 +359,24 @@ class SampleKnowledge:
 
 def sample_knowledge(pretrained: Interactions, finetuned: Interactions,
                      scratch: Interactions | None = None, *, tau: float = 0.05,
-                     match: str = "support") -> SampleKnowledge:
+                     match: str = "support", other_samples: Sequence[str] = ()) -> SampleKnowledge:
     """Knowledge sets of one sample under the pre-trained, fine-tuned and (optional) scratch model.
 
     All interactions must be games of the same sample, players, baseline and output (checked
     where their info records them, as explain's do), and each model's salient set uses its own
-    maximum (docs/knowledge.md §2).
+    maximum (docs/knowledge.md §2). The models named in ``other_samples`` (``"finetuned"``,
+    ``"scratch"``) must instead be games of another sample than the pre-trained model's, with
+    the same players (the other-image control, :func:`other_image_control`).
     """
     models = [("pretrained", pretrained), ("finetuned", finetuned)]
     if scratch is not None:
         models.append(("scratch", scratch))
+    for name in other_samples:
+        check_choice("other_samples", name, [m for m, _ in models[1:]])
     for name, x in models[1:]:
-        _check_pair(pretrained, x, ("pretrained", name))
+        _check_pair(pretrained, x, ("pretrained", name), same_game=name not in other_samples)
+        if name in other_samples:
+            _check_other_sample(pretrained, x, name)
     sets = {name: knowledge_set(x, tau=tau, match=match) for name, x in models}
     return SampleKnowledge(sets["pretrained"], sets["finetuned"], sets.get("scratch"), pretrained.n, match)
 
@@ -502,7 +520,8 @@ class KnowledgeReport:
 def knowledge_report(pretrained: Iterable[Interactions] | Interactions,
                      finetuned: Iterable[Interactions] | Interactions,
                      scratch: Iterable[Interactions] | Interactions | None = None, *,
-                     tau: float = 0.05, match: str = "support") -> KnowledgeReport:
+                     tau: float = 0.05, match: str = "support",
+                     other_samples: Sequence[str] = ()) -> KnowledgeReport:
     """Knowledge ratios of the fine-tuned vs the pre-trained (and scratch) model over samples.
 
     Args:
@@ -511,6 +530,9 @@ def knowledge_report(pretrained: Iterable[Interactions] | Interactions,
         scratch: the scratch model's interactions on the same samples, or None.
         tau: salience threshold (docs/knowledge.md §2; default 0.05).
         match: ``"support"`` (default) or ``"signed"``.
+        other_samples: the models (``"finetuned"``, ``"scratch"``) whose interactions are, by
+            design, of other samples than the pre-trained model's at the same position: the
+            pairs of the other-image control (:func:`other_image_control`).
 
     Returns:
         :class:`KnowledgeReport`; ratios whose denominator set is empty on a sample skip it.
@@ -525,12 +547,76 @@ def knowledge_report(pretrained: Iterable[Interactions] | Interactions,
         )
     if not pretrained:
         raise PretrainReuseError("no samples: pass the interactions of at least one sample")
-    samples = [sample_knowledge(p, f, None if scratch is None else scratch[i], tau=tau, match=match)
+    samples = [sample_knowledge(p, f, None if scratch is None else scratch[i], tau=tau, match=match,
+                                other_samples=other_samples)
                for i, (p, f) in enumerate(zip(pretrained, finetuned, strict=True))]
     models = {"pretrained": pretrained, "finetuned": finetuned}
     if scratch is not None:
         models["scratch"] = scratch
     return _report(samples, tau, match, _provenance(models))
+
+
+def other_sample_partners(labels: Sequence[int]) -> np.ndarray:
+    """For each sample, the position of the sample whose games stand in for it in the
+    other-image control (:func:`other_image_control`): of another class wherever the classes
+    allow.
+
+    The positions are ordered by class (stably) and each is paired with the one m places further
+    along that order, cyclically, m the number of samples of the largest class. A shift is a
+    permutation, so every sample stands in once; and as a class's samples are m or fewer
+    consecutive places, a pair shares its class only when one class holds more than half of the
+    samples. With a single class the shift is 1 (every pair shares it).
+
+    Returns:
+        (n,) int64, ``partners[i] != i``; at least two samples are needed.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size < 2:
+        raise PretrainReuseError(f"the other-image control pairs samples with each other: got "
+                                 f"{labels.size} sample(s), pass at least 2")
+    n = labels.size
+    order = np.argsort(labels, kind="stable")
+    largest = int(Counter(labels.tolist()).most_common(1)[0][1])
+    shift = largest if largest < n else 1
+    partners = np.empty(n, dtype=np.int64)
+    partners[order] = order[(np.arange(n) + shift) % n]
+    return partners
+
+
+def other_image_control(pretrained: Sequence[Interactions], finetuned_other: Sequence[Interactions],
+                        *, scratch_other: tuple[Sequence[Interactions], Sequence[Interactions],
+                                                Sequence[Interactions]] | None = None,
+                        tau: float = 0.05, match: str = "support") -> dict[str, RatioStats]:
+    """Every ratio of :func:`knowledge_report` with the model it compares against playing
+    another image: the overlap that owes nothing to the image (module docstring).
+
+    On sample i with partner p(i) (:func:`other_sample_partners`), the ratios of the pre-trained
+    and fine-tuned models (preserve, discard, new, inherit and their strengths) compare
+    Ω_pre(x_i) with Ω_ft(x_p(i)); the ratios against the scratch model (:data:`SCRATCH_RATIOS`)
+    compare the pre-trained and fine-tuned knowledge of x_i with Ω_sc(x_p(i)). Each mean is over
+    the samples i, so each is comparable with its same-image ratio.
+
+    Args:
+        pretrained: the pre-trained model's interactions on samples x_1..x_m.
+        finetuned_other: the fine-tuned model's on x_p(1)..x_p(m).
+        scratch_other: with a scratch model, ``(pretrained, finetuned, scratch)``: the first two
+            models' interactions on x_1..x_m and the scratch model's on x_p(1)..x_p(m).
+        tau, match: as :func:`knowledge_report`.
+
+    Where the decomposition ties the models together (``joint-and-or``), decompose the games of
+    each control pair (or triple) together, as the same-image games were: the pre-trained
+    model's interactions then differ between ``pretrained`` and ``scratch_other``.
+
+    Returns:
+        ``{ratio name: RatioStats}``, overall, for the ratios the models give.
+    """
+    levels = dict(knowledge_report(pretrained, finetuned_other, tau=tau, match=match,
+                                   other_samples=("finetuned",)).overall)
+    if scratch_other is not None:
+        with_scratch = knowledge_report(*scratch_other, tau=tau, match=match,
+                                        other_samples=("scratch",))
+        levels.update({k: with_scratch.overall[k] for k in SCRATCH_RATIOS})
+    return levels
 
 
 def _samples(name: str, x: Iterable[Interactions] | Interactions) -> list[Interactions]:
@@ -595,6 +681,21 @@ def _check_pair(a: Interactions, b: Interactions, names: tuple[str, str] = ("a",
                 f"{names[0]} and {names[1]} are games with a different {key} ({a.info[key]!r} and "
                 f"{b.info[key]!r}); pass the models' interactions on the same samples, in the same "
                 "order, with the same players and baseline")
+
+
+def _check_other_sample(a: Interactions, b: Interactions, name: str) -> None:
+    """``b`` is a game of another sample than ``a`` where their info records the sample, with
+    the same players, baseline and output kind (an other-image pair)."""
+    if "sample" in a.info and a.info.get("sample") == b.info.get("sample"):
+        raise PretrainReuseError(
+            f"pretrained and {name} are games of the same sample ({a.info['sample']!r}) where the "
+            "other-image control pairs each sample with another: pair them by "
+            "other_sample_partners")
+    for key in ("baseline", "output"):
+        if key in a.info and key in b.info and a.info[key] != b.info[key]:
+            raise PretrainReuseError(
+                f"pretrained and {name} are games with a different {key} ({a.info[key]!r} and "
+                f"{b.info[key]!r}); explain both models with the same players and baseline")
 
 
 def transferability(a: Interactions, b: Interactions, *, tau: float = 0.05,

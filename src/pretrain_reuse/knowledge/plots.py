@@ -35,7 +35,8 @@ def plot_strength_by_order(summary: dict[str, Any], ax) -> None:
 
 def plot_ratios(summary: dict[str, Any], ax) -> None:
     """Preserved / discarded / new / exclusive knowledge, mean ± std over samples, each with its
-    chance level (a black tick: :meth:`~.metrics.SampleKnowledge.chance_terms`); a ratio that no
+    chance level (a black tick: :meth:`~.metrics.SampleKnowledge.chance_terms`) and its
+    other-image control (a grey dot: :func:`~.metrics.other_image_control`); a ratio that no
     sample defines (its denominator is empty on every sample, e.g. no salient interaction) is None
     there, and drawn as an empty bar marked n/a."""
     overall = summary["report"]["overall"]
@@ -45,12 +46,17 @@ def plot_ratios(summary: dict[str, Any], ax) -> None:
            [m or 0.0 for m in means],
            yerr=[overall[n]["std"] or 0.0 for n in names],
            color=[RATIO_COLOURS[n] for n in names], capsize=4)
-    chance = summary["report"].get("chance", {})  # absent from the files of earlier versions
-    marked = [(i, chance[n]["mean"]) for i, n in enumerate(names)
-              if chance.get(n, {}).get("mean") is not None]
-    if marked:
-        ax.scatter(*zip(*marked, strict=True), marker="_", s=900, color="black", zorder=3,
-                   label="chance (random salient sets)")
+    # absent from the files of earlier versions (and the control from a single sample's)
+    levels = ((summary["report"].get("chance", {}), dict(marker="_", s=900, color="black"),
+               "chance (random salient sets)"),
+              ((summary.get("other_image") or {}).get("overall", {}),
+               dict(marker="o", s=30, color="dimgrey"), "other image (same models)"))
+    for level, style, label in levels:
+        marked = [(i, level[n]["mean"]) for i, n in enumerate(names)
+                  if level.get(n, {}).get("mean") is not None]
+        if marked:
+            ax.scatter(*zip(*marked, strict=True), zorder=3, label=label, **style)
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper right", fontsize="small")
     # a ratio is at most 1, but its error bar may reach past it: the axis shows the whole bar
     tops = [(m or 0.0) + (overall[n]["std"] or 0.0) for n, m in zip(names, means, strict=True)]

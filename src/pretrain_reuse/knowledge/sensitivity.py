@@ -22,7 +22,7 @@ from typing import Any, get_type_hints
 
 import numpy as np
 
-from ..artifacts import atomic_path, claim_folder, make_meta, to_json
+from ..artifacts import atomic_path, claim_folder, make_meta, releases_folders, to_json
 from ..configs import parse_sweep
 from ..data.datasets import ImageDataset
 from ..data.text import TextDataset
@@ -50,7 +50,10 @@ ANALYSIS_SETTINGS = ("tau", "match")
 #: The per-variant checks copied from each analysis's ``knowledge.json`` (dotted paths).
 CHECKS = {"faithfulness_error": "faithfulness.finetuned.mean",
           "effect_ratio": "counterfactual.effect_ratio",
-          "preserve_alone_r2": "ablation.preserve.fidelity.mean"}
+          "preserve_alone_r2": "ablation.preserve.fidelity.mean",
+          # the levels the preserve ratio is read against, which move with the settings too
+          "preserve_chance": "report.chance.preserve.mean",
+          "preserve_other_image": "other_image.overall.preserve.mean"}
 
 
 def variable_settings() -> dict[str, Any]:
@@ -258,6 +261,7 @@ def ratio_sensitivity(reports: Mapping[str, KnowledgeReport], ids: Mapping[str, 
                                 {t: dict((checks or {}).get(t, {})) for t in variants})
 
 
+@releases_folders
 def knowledge_sensitivity(models: dict[str, Backbone], dataset: ImageDataset | TextDataset,
                           cfg: ExplainConfig, vary: dict[str, list[Any]], out: str | Path, *,
                           tau: float = 0.05, match: str = "support", candidates: int = 400,

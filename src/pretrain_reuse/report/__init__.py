@@ -397,7 +397,8 @@ def _knowledge_parts(k: dict, kdir: Path, root: Path, *, players: str, baseline:
                (plot_ratios, "preserve = |Ω_pre ∩ Ω_ft| / |Ω_pre|; discard = 1 - preserve; new = "
                 "|Ω_ft \\ Ω_pre| / |Ω_ft|; exclusive = share of preserved knowledge the scratch "
                 "model lacks (means of per-sample ratios); black ticks: each ratio's chance level, "
-                "were the other model's salient interactions random, as many per order.",
+                "were the other model's salient interactions random, as many per order; grey "
+                "dots: each ratio with the other model's knowledge of another image.",
                 "knowledge ratios: " + ", ".join(
                     f"{n} {_fixed(overall[n]['mean'])}" for n in overall)),
                (plot_ratios_by_order, "The ratios per interaction order k = |S| (mean over the samples "
@@ -416,13 +417,16 @@ def _knowledge_parts(k: dict, kdir: Path, root: Path, *, players: str, baseline:
         draw(k, ax)
         parts.append(_figure(fig, caption, alt))
     parts.append(overlays)
-    # .get: a knowledge.json of an earlier version records no standard error, nor chance levels
+    # .get: a knowledge.json of an earlier version records no standard error, nor chance levels,
+    # nor the other-image control (None for a single sample)
     chance = k["report"].get("chance", {})
+    other = (k.get("other_image") or {}).get("overall", {})
     rows = [[n, _fixed(overall[n]["mean"]), _fixed(chance.get(n, {}).get("mean")),
-             _fixed(overall[n].get("sem")), _fixed(overall[n]["std"]),
-             overall[n].get("n_used", "")] for n in overall]
+             _fixed(other.get(n, {}).get("mean")), _fixed(overall[n].get("sem")),
+             _fixed(overall[n]["std"]), overall[n].get("n_used", "")] for n in overall]
     parts.append(_table(["ratio", "mean of per-sample ratios", "chance level (random salient "
-                         "sets of the same sizes per order)", "standard error of the mean",
+                         "sets of the same sizes per order)", "other image (the compared model's "
+                         "knowledge of another image)", "standard error of the mean",
                          "std over samples", "samples"], rows))
     parts.append(_by_order(k["report"]["by_order"]))
     parts.append(_convergence(k))
@@ -983,7 +987,8 @@ def _sensitivity_parts(result) -> str:
                     f"{_text(', '.join(uncompared))}.</p>")
     return (table + "<p>Mean ± standard error over the samples that define each ratio; the "
             "checks are the fine-tuned model's mean faithfulness error, the counterfactual effect "
-            "ratio, and the fidelity R² of its preserved interactions alone. Change from "
+            "ratio, the fidelity R² of its preserved interactions alone, and the chance and "
+            "other-image levels of the preserve ratio. Change from "
             f"<code>{_text(reference)}</code>: the mean over the samples both settings explain "
             "of the per-sample difference, ± its standard error (paired samples in brackets).</p>"
             + changes + verdict + _figure(result.figure(), "Each ratio per setting, mean ± "
