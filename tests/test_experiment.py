@@ -40,10 +40,14 @@ def _config(demo, tmp_path, **extra):
     return path
 
 
-def test_recall_sweep_matches_the_saved_selections_and_greedy_ignores_eps_c(quick_demo, tmp_path):
+def test_recall_sweep_matches_the_saved_selections_and_greedy_ignores_eps_c(quick_demo, tmp_path,
+                                                                          capsys):
     demo, summary, _ = quick_demo
     cfg = load_experiment_config(_config(demo, tmp_path), seeds=(0,))
-    table = run_experiment("fig4a", cfg, tmp_path / "fig4a", progress=False)
+    table = run_experiment("fig4a", cfg, tmp_path / "fig4a")
+    # the config's clusters (for table1 and 2) select nothing here: said, not silently ignored
+    assert ("[experiment] fig4a does not read clusters (read by table1, table2): they change "
+            "nothing here\n") in capsys.readouterr().out
     rows = {(r["method"], r["x"]): r for r in table.rows}
     assert len(rows) == 2 * len(cfg.values("eps_c"))
     for (method, eps), row in rows.items():
@@ -1399,3 +1403,18 @@ def test_an_experiment_folder_in_use_is_refused_before_any_of_its_files_is_touch
     assert "with other settings (eps_c, " in capsys.readouterr().err
     assert (out / "runs" / "reuse-uot-cosine-seed0" / "result.json").exists()
     assert not (out / "runs" / "vanilla-seed0").exists()
+
+
+def test_settings_a_recipe_never_reads_are_named_with_the_recipes_that_read_them():
+    from pretrain_reuse.experiments.claim import unread_settings
+
+    cfg = load_experiment_config(None, model="smallcnn", target="synthetic:target",
+                                 source="synthetic:pretrain", clusters=500, eps_c_l2=0.2,
+                                 explain={"samples": 4}, corruption="gaussian-noise:3", k=7)
+    assert unread_settings("table4", cfg) == {"clusters": ["table1", "table2"],
+                                              "explain": ["knowledge"], "corruption": ["knowledge"]}
+    assert unread_settings("knowledge", cfg) == {
+        "source": [r for r in RECIPES if r != "knowledge"], "clusters": ["table1", "table2"],
+        "eps_c_l2": ["table4"], "k": [r for r in RECIPES if r not in ("fig3a", "fig4b", "knowledge")]}
+    # a value written out at its default is no setting
+    assert unread_settings("table4", replace(cfg, clusters=2000, explain={}, corruption=None)) == {}

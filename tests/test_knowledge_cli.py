@@ -913,10 +913,13 @@ def test_games_without_any_effect_give_undefined_entries_not_a_crash(tmp_path):
         for p in net.parameters():
             p.zero_()
     data = open_dataset("synthetic:target", split="test")
-    with pytest.warns(KnowledgeWarning, match="the pretrained and finetuned models are the same"):
+    with pytest.warns(KnowledgeWarning, match="the pretrained and finetuned models are the same") \
+            as caught:
         summary = analyze_knowledge({"pretrained": net, "finetuned": net}, data,
                                     ExplainConfig(players="grid:2x2", samples=2), tmp_path / "k",
                                     progress=False)
+    assert caught[0].filename == __file__  # the caller's line, not the package's
+    assert summary["other_image"]["overall"]["preserve"]["mean"] is None  # undefined too
     faith = summary["faithfulness"]["finetuned"]
     assert faith["max"] is None and faith["max_over_samples"] is None and faith["undefined"] == 2
     assert summary["report"]["overall"]["preserve"]["mean"] is None

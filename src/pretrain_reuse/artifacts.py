@@ -366,7 +366,8 @@ def lock_folder(out: Path, what: str) -> None:
 
 def releases_folders(fn):
     """Decorate a function that writes run folders: when it returns or raises, the folders it
-    locked (:func:`lock_folder`) are unlocked, those an outer call locked stay locked."""
+    locked (:func:`lock_folder`) are unlocked, those an outer call locked stay locked. (A warning
+    raised in its body names its caller with ``stacklevel=3``: this wrapper is a frame.)"""
     @functools.wraps(fn)
     def run(*args, **kwargs):
         before = set(_LOCKED)

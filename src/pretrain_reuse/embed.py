@@ -248,7 +248,7 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True,
         if skipped:
             warnings.warn(f"{describe_skipped(dataset, skipped)}; they have no features (the "
                           f"first {SKIPPED_LISTED} are listed in index.json, meta.skipped_ids)",
-                          DataWarning, stacklevel=2)
+                          DataWarning, stacklevel=3)
     if world > 1:
         dist.barrier()
     return FeatureStore.load(out) if rank == 0 and load else None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,29 @@ READS: dict[str, tuple[str, ...]] = {
     "fig4b": (*_SELECTS, *_TRAINS, "metric", "eps_c"),  # the groups cut the whole ranking
     "knowledge": ("weights", "finetune", *_TRAINS, "pretrainings", "explain"),
 }
+
+
+#: Fields every recipe reads, or that only add or leave out runs; and those a recipe reads
+#: without claiming them (they change no run, so a rerun may change them).
+_ALWAYS_READ = ("model", "target", "seeds", "skip", "sweep")
+_READ_UNCLAIMED = {"knowledge": ("corruption",)}
+
+
+def unread_settings(name: str, cfg: ExperimentConfig) -> dict[str, list[str]]:
+    """The fields of ``cfg`` set to another value than their default that recipe ``name``
+    never reads, each with the recipes that do read it (a setting given for another recipe, or
+    expected to act where it cannot)."""
+    def reads(recipe: str) -> set[str]:
+        return {*_ALWAYS_READ, *READS[recipe], *_READ_UNCLAIMED.get(recipe, ())}
+
+    unread = {}
+    for f in fields(ExperimentConfig):
+        if f.name in reads(name):  # model and target, which every recipe reads, have no default
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()
+        if getattr(cfg, f.name) != default:
+            unread[f.name] = [recipe for recipe in READS if f.name in reads(recipe)]
+    return unread
 
 
 def recipe_reads(name: str, cfg: ExperimentConfig, values: dict[str, Any]) -> dict[str, Any]:

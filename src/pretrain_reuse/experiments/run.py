@@ -25,7 +25,7 @@ from ..models import create_backbone
 from ..models.checkpoint import features_hash
 from ..models.registry import check_modality, model_modality
 from ..units import class_count, embedding_of
-from .claim import claim_experiment, input_hashes, recipe_reads
+from .claim import claim_experiment, input_hashes, recipe_reads, unread_settings
 from .config import REGIME_OPTIONS, REGIMES, SWEPT, ExperimentConfig, slug
 from .recipes import RECIPES, Row
 from .table import KNOWLEDGE_COLUMNS, KNOWLEDGE_RATIOS, SETS_ALONE, ExperimentTable
@@ -118,6 +118,13 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
     if images_only and progress:  # said once the model is known to take the sentences
         print(f"[experiment] left out on sentences (reuse-unlabeled needs augmentations of "
               f"images): {', '.join(images_only)}", flush=True)
+    unread = unread_settings(name, cfg)
+    if unread and progress:  # given for another recipe, or expected to act where it cannot
+        others = [recipe for recipe in RECIPES if recipe != name]
+        print(f"[experiment] {name} does not read " + "; ".join(
+            f"{key} (read by {'every other recipe' if recipes == others else ', '.join(recipes)})"
+            for key, recipes in unread.items())
+            + ": they change nothing here", flush=True)
     if trains and cfg.target_test is None and not has_splits(cfg.target):
         raise PretrainReuseError(f"target {cfg.target!r} is a folder or list file with one split; "
                                  "pass --target-test (target_test) with the test data")
@@ -164,7 +171,7 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
         _warn_same_pretrainings(cfg, backbones)
     if changed:  # a warning, not progress: files were deleted, which a quiet run must say too
         warnings.warn(f"{str(out)!r} held an experiment with other settings ({', '.join(changed)}) "
-                      "that finished no run: removed what the change affects", stacklevel=2)
+                      "that finished no run: removed what the change affects", stacklevel=3)
     # Every row's selections and recalls before the first fine-tuning run, so that a selection
     # that cannot be made (k above the number of units) fails while no run has finished, which
     # leaves the folder free for the corrected settings (claim.release).

@@ -368,7 +368,7 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
         return None
     if done is not None:  # the same analysis, finished and intact: nothing to do
         for doubt in _doubts(models, series):
-            warnings.warn(doubt, KnowledgeWarning, stacklevel=2)
+            warnings.warn(doubt, KnowledgeWarning, stacklevel=3)
         return done
     order = sample_order(dataset, cfg.seed, keep=explainable(models["finetuned"], dataset, cfg))
     correct, screened = np.zeros(len(dataset), bool), 0
@@ -397,7 +397,7 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     marker = make_run_folder(out, "a knowledge analysis", "knowledge.json",
                              early=_earlier_outputs(out), kind=KIND)
     for doubt in _doubts(models, series):  # after the checks: an error stays the only message
-        warnings.warn(doubt, KnowledgeWarning, stacklevel=2)
+        warnings.warn(doubt, KnowledgeWarning, stacklevel=3)
     if marker.exists():
         # a model's folder of this analysis whose explain.json was lost is still its own
         for name in folders:
