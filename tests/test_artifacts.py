@@ -887,3 +887,38 @@ def test_a_run_folder_is_locked_against_other_processes_while_a_command_writes_i
         fail()
     with _Holder(out) as other:  # unlocked once it raised
         assert other.ready == "locked"
+
+
+_RANKS = """
+import os, sys
+from pathlib import Path
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from pretrain_reuse.artifacts import make_run_folder
+
+def rank(r, folder, port):
+    os.environ.pop("RANK", None)  # a group started by mp.spawn (or srun) may set none
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=r, world_size=2)
+    make_run_folder(Path(folder), "a demo run", "run.json", kind="demo-run")
+    dist.barrier()
+    print(f"rank {r} ok", flush=True)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(rank, args=(sys.argv[1], sys.argv[2]), nprocs=2)
+"""
+
+
+def test_the_processes_of_one_distributed_job_share_its_folder_without_rank_variables(tmp_path):
+    # every process of a job calls make_run_folder; only its first locks, whatever started it
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "ranks.py").write_text(_RANKS)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run([sys.executable, str(tmp_path / "ranks.py"), str(tmp_path / "run"),
+                           str(port)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert sorted(done.stdout.split("\n")[:2]) == ["rank 0 ok", "rank 1 ok"]

@@ -1001,3 +1001,19 @@ def test_a_second_command_writing_a_folder_in_use_is_one_line_and_writes_nothing
                "run there; wait for it to finish" in err
         assert list(out.iterdir()) == []
     assert "wrote" in run_ok(capsys, *argv)  # once it ended
+
+
+def test_embed_into_a_folder_in_use_leaves_the_running_embeddings_marker(capsys, tmp_path):
+    # a run that has written no shard yet looks stopped: a second embed forgot its marker (and
+    # so broke the running one) before it was refused
+    from test_artifacts import _Holder
+
+    out = tmp_path / "feats"
+    (out / "parts").mkdir(parents=True)
+    (out / "embed.json").write_text(json.dumps({"kind": "embedding", "params": {}}))
+    with _Holder(out) as other:
+        assert other.ready == "locked"
+        rc, _, err = cli(capsys, "embed", "--model", "smallcnn-s", "--data", "synthetic:target",
+                         "--split", "test", "--quiet", "--out", out)
+        assert rc == 2 and "is in use by another process writing an embedding there" in err
+        assert (out / "embed.json").is_file() and (out / "parts").is_dir()

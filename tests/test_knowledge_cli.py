@@ -96,6 +96,10 @@ def test_knowledge_of_a_model_against_itself_preserves_everything(tmp_path, caps
     assert overall["preserve"]["mean"] == 1.0 and overall["discard"]["mean"] == 0.0
     assert overall["new"]["mean"] == 0.0 and overall["exclusive"]["mean"] == 0.0
     assert k["samples"]["n"] == 3
+    # the other-image control says whether its pairs could be of different classes
+    shared = k["other_image"]["same_class"]
+    assert ("of the same class (the samples are of one class)" in out) == (shared == 3)
+    assert (f"of another class except in {shared} of the 3 pairs" in out) == (0 < shared < 3)
     # nothing is discarded; the preserved knowledge is all of it, so its discrimination power is
     # the model's own (Li & Zhang's, over the samples of each class)
     assert k["discrimination"]["discard"]["purity"] is None
@@ -1365,6 +1369,15 @@ def test_an_analysis_of_an_earlier_version_is_recomputed_by_a_rerun(tmp_path, ca
     assert load_analysis(tmp_path / "k") is None
     assert _run(capsys, *argv)[0] == 0
     assert load_analysis(tmp_path / "k")[0]["convergence"]["steps"] == [1]
+    # nor one without the chance levels or the other-image control (a demo rerun read them)
+    for entry in ("chance", "other_image"):
+        summary = json.loads((tmp_path / "k" / "knowledge.json").read_text())
+        del (summary["report"] if entry == "chance" else summary)[entry]
+        (tmp_path / "k" / "knowledge.json").write_text(json.dumps(summary))
+        assert load_analysis(tmp_path / "k") is None
+        assert _run(capsys, *argv)[0] == 0
+        again = load_analysis(tmp_path / "k")[0]
+        assert entry in (again["report"] if entry == "chance" else again)
 
 
 def test_a_cached_game_that_is_not_the_models_is_computed_again(tmp_path, capsys):
@@ -1587,3 +1600,22 @@ def test_counterfactual_predictions_equal_a_sum_over_the_salient_interactions_lo
         assert measured == x.v[full] - x.v[full ^ s]
     # the random sets have the sizes of the chosen ones
     assert len(result["random"]) == len(sets)
+
+
+def test_explain_holds_its_folder_until_the_interactions_are_written(tmp_path, capsys, monkeypatch):
+    # the folder was locked only while the games were computed: a second explain could start
+    # while the first decomposed them and wrote its interactions
+    import pretrain_reuse.knowledge.explain as explain_module
+    from test_artifacts import _Holder
+
+    model = _classifier(tmp_path / "m.safetensors", 10)
+    seen, save = [], explain_module.save_explanations
+
+    def save_seen_from_another_process(*args, **kwargs):
+        with _Holder(tmp_path / "x") as other:
+            seen.append(other.ready)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(explain_module, "save_explanations", save_seen_from_another_process)
+    assert _run(capsys, *_explain_argv(model), "--out", tmp_path / "x")[0] == 0
+    assert seen == [""]  # the other process could not take it

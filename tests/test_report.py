@@ -43,7 +43,10 @@ def _knowledge() -> dict:
 
     return {"samples": {"n": 2, "asked": 2, "screened": 2, "correct_for_all": 2},
             "report": {"overall": {"preserve": ratio(), "new": ratio()},
+                       "chance": {"preserve": {"mean": 0.25}, "new": {"mean": 0.75}},
                        "by_order": {"1": by_order(0.5), "2": by_order(0.5)}},
+            "other_image": {"partners": [1, 0], "same_class": 0,
+                            "overall": {"preserve": {"mean": 0.375}, "new": {"mean": 0.625}}},
             "strength_by_order": {"pretrained": [0.5, 0.5], "finetuned": [0.4, 0.6]},
             "faithfulness": {"pretrained": faith(), "finetuned": faith()},
             "counterfactual": {"n_sets": 0},
@@ -156,13 +159,16 @@ def test_undefined_ratios_and_errors_are_shown_as_not_available(tmp_path, capsys
     # interaction, v(N) = v(∅)); the report says n/a instead of failing on them
     knowledge = _knowledge()
     knowledge["report"]["overall"]["preserve"].update(mean=None, std=None)
+    knowledge["report"]["chance"]["preserve"]["mean"] = None
+    knowledge["other_image"]["overall"]["preserve"]["mean"] = None
     knowledge["faithfulness"]["finetuned"].update(max=None, mean=None, max_over_samples=None)
     undefined = {"mean": None}
     knowledge["ground_truth"] = {"finetuned": {"n_samples": 2, "overall": {
         "precision": undefined, "recall": undefined, "signed_recall": undefined}}}
     run = _run(tmp_path, _summary(), knowledge)
     page = _page(capsys, run)
-    assert "<td>preserve</td><td>n/a</td><td>n/a</td>" in page
+    assert "<td>preserve</td><td>n/a</td><td>n/a</td><td>n/a</td>" in page
+    assert "<td>new</td><td>0.500</td><td>0.750</td><td>0.625</td>" in page  # chance, other image
     assert "<td>finetuned</td><td>n/a</td><td>n/a</td><td>n/a</td>" in page
     assert "No model has salient interactions to compare with the rule." in page
     # removing random players changed nothing: the counterfactual ratio is undefined

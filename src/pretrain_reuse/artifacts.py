@@ -343,14 +343,19 @@ def lock_folder(out: Path, what: str) -> None:
     folder) would overwrite each other's checkpoints and delete each other's files.
 
     A folder another process holds is a one-line error. The lock is the kernel's (``flock`` on
-    the folder), so a process killed in any way leaves none behind. Only the first process of a
-    torchrun job locks (the others write into the same folder by design), and a file system
-    that cannot lock (some network mounts) is left unlocked.
+    the folder), so a process killed in any way leaves none behind (its data-loading workers,
+    which inherit it, hold it until they exit, seconds later). Only the first process of a
+    distributed job locks (the others write into the same folder by design), and a folder that
+    cannot be locked (NFS and some other network mounts, a folder without read permission) is
+    left unlocked.
     """
     key = out.resolve()
-    if key in _LOCKED or fcntl is None or os.environ.get("RANK", "0") != "0":
+    if key in _LOCKED or fcntl is None or _process_rank() != 0:
         return
-    fd = os.open(key, os.O_RDONLY)
+    try:
+        fd = os.open(key, os.O_RDONLY)
+    except OSError:
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -362,6 +367,15 @@ def lock_folder(out: Path, what: str) -> None:
                 "folder") from None
         return  # no locks on this file system
     _LOCKED[key] = fd
+
+
+def _process_rank() -> int:
+    """This process's rank in a distributed job: its process group's where one is started (also
+    by ``mp.spawn`` or ``srun``, which may set no ``RANK``), else torchrun's ``RANK``, else 0."""
+    torch = sys.modules.get("torch")  # only a process that imported torch can be in a group
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
 
 
 def releases_folders(fn):

@@ -648,7 +648,7 @@ def cmd_explain(args) -> int:
 def cmd_knowledge(args) -> int:
     from .knowledge.analysis import KnowledgeWarning, analyze_knowledge
     from .knowledge.metrics import PAPER_RATIOS
-    from .knowledge.plots import purity_is_informative
+    from .knowledge.plots import other_sample_word, purity_is_informative
 
     cfg = _explain_config(args)
     models = {"pretrained": _classifier(args.model, args.pretrained, "--pretrained", args.quiet),
@@ -679,11 +679,13 @@ def cmd_knowledge(args) -> int:
         return 0
     _note_named_by_position(models, data, args.quiet)
     overall, chance = summary["report"]["overall"], summary["report"]["chance"]
-    other = (summary.get("other_image") or {}).get("overall", {})  # None for a single sample
+    control = summary["other_image"]  # None for a single sample
+    other = control["overall"] if control else {}
+    word = other_sample_word(summary)
 
     def levels(k: str) -> str:
         return f"chance {_number(chance[k]['mean'])}" + (
-            f", other image {_number(other[k]['mean'])}" if k in other else "")
+            f", other {word} {_number(other[k]['mean'])}" if k in other else "")
 
     line = ", ".join(f"{k} {_number(overall[k]['mean'])} ± {_number(overall[k].get('sem'))} "
                      f"({levels(k)})" for k in PAPER_RATIOS if k in overall)
@@ -707,10 +709,16 @@ def cmd_knowledge(args) -> int:
                  f"{_number(found['precision']['mean'])}, recall {_number(found['recall']['mean'])}")
     fewer = (f" (only {samples['n']} of the {samples['asked']} asked: no other sample is "
              "classified correctly by every model)" if samples["n"] < samples["asked"] else "")
-    print(f"knowledge over {samples['n']} samples{fewer} (± standard error over them; chance: "
-          f"the ratio if the other model's salient interactions were random; other image: the "
-          f"ratio with the other model's knowledge of another image): {line}; wrote "
-          f"{Path(args.out) / 'knowledge.json'}")
+    legend = "chance: the ratio if the other model's salient interactions were random"
+    if control:
+        shared = control["same_class"]
+        classes = ("of the same class (the samples are of one class)" if shared == samples["n"]
+                   else f"of another class except in {shared} of the {samples['n']} pairs"
+                   if shared else "of another class")
+        legend += (f"; other {word}: the ratio with the other model's knowledge of another "
+                   f"{word}, {classes}")
+    print(f"knowledge over {samples['n']} samples{fewer} (± standard error over them; {legend}): "
+          f"{line}; wrote {Path(args.out) / 'knowledge.json'}")
     return 0
 
 

@@ -327,8 +327,9 @@ def _summary(out: Path, plan: DemoPlan, runs, related, timing, quick: bool, seed
             "chance": {key: k["report"]["chance"][key]["mean"] for key in PAPER_RATIOS
                        if key in k["report"]["chance"]},
             # each ratio with the compared model's knowledge of another image
-            "other_image": {key: k["other_image"]["overall"][key]["mean"] for key in PAPER_RATIOS
-                            if key in k["other_image"]["overall"]},
+            "other_image": {key: level["mean"] for key, level in
+                            (k["other_image"] or {}).get("overall", {}).items()
+                            if key in PAPER_RATIOS},
             "faithfulness_error": {r: f["max"] for r, f in k["faithfulness"].items()},
             "counterfactual": k["counterfactual"],
             # each set of the fine-tuned model's knowledge alone: fidelity R², share of the output

@@ -38,6 +38,8 @@ from .artifacts import (
     claim_folder,
     encode_ids,
     hash_file,
+    lock_folder,
+    make_folder,
     make_meta,
     releases_folders,
     safetensors_header,
@@ -217,6 +219,8 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True,
                 "ids": hash_ids(dataset.ids), "state": state_hash(backbone)}
     parts = out / "parts"
     if rank == 0:
+        # before a stopped run's marker is forgotten: it may be a running one's
+        lock_folder(make_folder(out, "an embedding"), "an embedding")
         _forget_a_run_without_shards(out, parts)
         claim_folder(out, "embedding", identity, what="an embedding", marker="embed.json")
         parts.mkdir(exist_ok=True)

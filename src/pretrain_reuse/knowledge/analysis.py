@@ -123,7 +123,8 @@ ROLE_MODES = {"pretrained": ("linear-probe",),
 #: is there): a summary lacking one was written by an earlier version (:func:`load_analysis`).
 SUMMARY_KEYS = (
     "samples.n", "samples.asked", "samples.screened", "samples.correct_for_all",
-    "report.overall.*.mean", "report.overall.*.std",
+    "report.overall.*.mean", "report.overall.*.std", "report.chance",
+    "other_image",  # None for a single sample
     *(f"report.by_order.*.{n}.{e}" for n in ("preserve", "discard", "new") for e in ("mean", "n_used")),
     "strength_by_order", "meta.inputs.models.*.weights",
     "faithfulness.*.max", "faithfulness.*.mean", "faithfulness.*.max_over_samples",
@@ -641,11 +642,13 @@ def _ground_truth(dataset, indices: np.ndarray, explained: dict[str, list[Intera
             for role, xs in explained.items()}
 
 
-def _joint(games: dict[str, Games], qthres: float) -> dict[str, list[Interactions]]:
+def _joint(games: dict[str, Games], qthres: float, what: str = "the sparse decomposition"
+           ) -> dict[str, list[Interactions]]:
     """The roles' games decomposed together (one AND/OR split for a shared effect); the joint
-    solver's meta is each result's ``meta["solver"]``."""
+    solver's meta is each result's ``meta["solver"]``; ``what`` names it in warnings."""
     joint = joint_and_or_interactions(np.stack([g.values for g in games.values()]), qthres=qthres)
-    return {role: with_games(g, results) for (role, g), results in zip(games.items(), joint, strict=True)}
+    return {role: with_games(g, results, what=what)
+            for (role, g), results in zip(games.items(), joint, strict=True)}
 
 
 def _other_image(games: dict[str, Games], explained: dict[str, list[Interactions]],
@@ -664,7 +667,8 @@ def _other_image(games: dict[str, Games], explained: dict[str, list[Interactions
             return {role: [xs[j] for j in partners] if role in roles else xs
                     for role, xs in explained.items()}
         return _joint({role: Games(g.values[partners], [g.infos[j] for j in partners], g.meta)
-                       if role in roles else g for role, g in games.items()}, cfg.noise_bound)
+                       if role in roles else g for role, g in games.items()}, cfg.noise_bound,
+                      what="the sparse decomposition of the other-image control")
 
     others = ("finetuned", "scratch")  # the pre-trained model's own knowledge stays on its image
     pairs = moved(others)

@@ -50,6 +50,8 @@ from ..artifacts import (
     describe_changes,
     hash_array,
     hash_file,
+    lock_folder,
+    make_folder,
     make_meta,
     make_run_folder,
     releases_folders,
@@ -405,6 +407,8 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
         if done is not None:  # the same run, finished and intact: nothing to do
             return done
     predicted = check_explainable(model, dataset, indices, cfg, role, torch.device(cfg.device))
+    if out is not None:  # until the interactions are written, not only while games are computed
+        lock_folder(make_folder(Path(out), "an explanation run"), "an explanation run")
     games = explain_games(model, dataset, indices, cfg, out, role=role,
                           params={"tau": tau, "split": split}, progress=progress, identity=identity)
     results = [x.with_info(predicted=int(p))
@@ -752,14 +756,15 @@ def decompose(games: Games, cfg: ExplainConfig) -> list[Interactions]:
     return with_games(games, solver(games.values, qthres=cfg.noise_bound))
 
 
-def with_games(games: Games, results: list[Interactions]) -> list[Interactions]:
+def with_games(games: Games, results: list[Interactions], *,
+               what: str = "the sparse decomposition") -> list[Interactions]:
     """The decompositions ``results`` of ``games`` with each sample's info and the explanation's
     meta; ``meta["solver"]`` is the decomposition's own meta. A solve that stopped before its
-    tolerance is warned of: its salient sets may differ from the optimum's."""
+    tolerance is warned of (as ``what``): its salient sets may differ from the optimum's."""
     short = [res.meta for res in results if res.meta.get("converged") is False]
     if short:
         warnings.warn(
-            f"the sparse decomposition stopped before its tolerance on {len(short)} of "
+            f"{what} stopped before its tolerance on {len(short)} of "
             f"{len(results)} samples (relative duality gap up to "
             f"{max(m.get('gap', math.nan) for m in short):.3g}); their salient interactions may "
             "differ from the optimum's (each sample's meta.solver records its gap)", stacklevel=2)

@@ -28,9 +28,10 @@ chance level before reading it as knowledge handed over.
 Other-image control (:func:`other_image_control`, an addition of this package): each ratio with
 the model it compares against replaced by that model's game of another image (of another class
 wherever the classes allow, :func:`other_sample_partners`). Chance keeps nothing of the model;
-this control keeps everything but the image: what any image's knowledge would share (cells
-salient for every image, a sparsification that pulls supports together). A ratio is knowledge of
-the image only by its distance from this level.
+this control keeps the models and the players and changes the image, with it the class whose
+output is explained: what any image's knowledge would share (cells salient for every image, a
+sparsification that pulls supports together). A ratio is knowledge of the image (or of its
+class) only by its distance from this level.
 
 Every ratio also exists per order k = |S|. Over samples, ratios are averaged (mean, std, quartiles;
 the group's ρ(k) = E_x[...] form) and pooled (Σ numerators / Σ denominators); samples whose
@@ -365,8 +366,9 @@ def sample_knowledge(pretrained: Interactions, finetuned: Interactions,
     All interactions must be games of the same sample, players, baseline and output (checked
     where their info records them, as explain's do), and each model's salient set uses its own
     maximum (docs/knowledge.md §2). The models named in ``other_samples`` (``"finetuned"``,
-    ``"scratch"``) must instead be games of another sample than the pre-trained model's, with
-    the same players (the other-image control, :func:`other_image_control`).
+    ``"scratch"``) must instead be games of another sample than the pre-trained model's, over as
+    many players, with the same baseline and output (the other-image control,
+    :func:`other_image_control`; player j of one image is matched with player j of the other).
     """
     models = [("pretrained", pretrained), ("finetuned", finetuned)]
     if scratch is not None:
@@ -685,7 +687,8 @@ def _check_pair(a: Interactions, b: Interactions, names: tuple[str, str] = ("a",
 
 def _check_other_sample(a: Interactions, b: Interactions, name: str) -> None:
     """``b`` is a game of another sample than ``a`` where their info records the sample, with
-    the same players, baseline and output kind (an other-image pair)."""
+    the same baseline and output (an other-image pair; the players, which lie elsewhere on
+    another image, are matched by position)."""
     if "sample" in a.info and a.info.get("sample") == b.info.get("sample"):
         raise PretrainReuseError(
             f"pretrained and {name} are games of the same sample ({a.info['sample']!r}) where the "

@@ -33,6 +33,13 @@ def plot_strength_by_order(summary: dict[str, Any], ax) -> None:
     ax.set_title("Interaction strength by order")
 
 
+def other_sample_word(summary: dict[str, Any]) -> str:
+    """What the other-image control of an analysis (``knowledge.json``) pairs each sample
+    with, in a word: ``"sentence"`` for token players, ``"image"`` otherwise."""
+    players = summary.get("meta", {}).get("params", {}).get("players")
+    return "sentence" if players == "tokens" else "image"
+
+
 def plot_ratios(summary: dict[str, Any], ax) -> None:
     """Preserved / discarded / new / exclusive knowledge, mean ± std over samples, each with its
     chance level (a black tick: :meth:`~.metrics.SampleKnowledge.chance_terms`) and its
@@ -50,7 +57,8 @@ def plot_ratios(summary: dict[str, Any], ax) -> None:
     levels = ((summary["report"].get("chance", {}), dict(marker="_", s=900, color="black"),
                "chance (random salient sets)"),
               ((summary.get("other_image") or {}).get("overall", {}),
-               dict(marker="o", s=30, color="dimgrey"), "other image (same models)"))
+               dict(marker="o", s=30, color="dimgrey"),
+               f"other {other_sample_word(summary)} (same models)"))
     for level, style, label in levels:
         marked = [(i, level[n]["mean"]) for i, n in enumerate(names)
                   if level.get(n, {}).get("mean") is not None]

@@ -384,6 +384,7 @@ def _knowledge_parts(k: dict, kdir: Path, root: Path, *, players: str, baseline:
              "the scratch model lacks; each is aggregated as the <b>mean of the per-sample "
              f"ratios</b> (std over samples), interactions matched by {html.escape(match)}.</p>"]
     from ..knowledge.plots import (
+        other_sample_word,
         plot_convergence,
         plot_ratios,
         plot_ratios_by_order,
@@ -392,13 +393,15 @@ def _knowledge_parts(k: dict, kdir: Path, root: Path, *, players: str, baseline:
         purity_is_informative,
     )
 
+    word = other_sample_word(k)
+
     figures = [(plot_strength_by_order, "Normalised strength of interactions per order, mean over "
                 "samples.", "strength by order"),
                (plot_ratios, "preserve = |Ω_pre ∩ Ω_ft| / |Ω_pre|; discard = 1 - preserve; new = "
                 "|Ω_ft \\ Ω_pre| / |Ω_ft|; exclusive = share of preserved knowledge the scratch "
                 "model lacks (means of per-sample ratios); black ticks: each ratio's chance level, "
                 "were the other model's salient interactions random, as many per order; grey "
-                "dots: each ratio with the other model's knowledge of another image.",
+                f"dots: each ratio with the other model's knowledge of another {word}.",
                 "knowledge ratios: " + ", ".join(
                     f"{n} {_fixed(overall[n]['mean'])}" for n in overall)),
                (plot_ratios_by_order, "The ratios per interaction order k = |S| (mean over the samples "
@@ -417,16 +420,15 @@ def _knowledge_parts(k: dict, kdir: Path, root: Path, *, players: str, baseline:
         draw(k, ax)
         parts.append(_figure(fig, caption, alt))
     parts.append(overlays)
-    # .get: a knowledge.json of an earlier version records no standard error, nor chance levels,
-    # nor the other-image control (None for a single sample)
-    chance = k["report"].get("chance", {})
-    other = (k.get("other_image") or {}).get("overall", {})
+    # .get: a knowledge.json of an earlier version records no standard error
+    chance = k["report"]["chance"]
+    other = (k["other_image"] or {}).get("overall", {})  # None for a single sample
     rows = [[n, _fixed(overall[n]["mean"]), _fixed(chance.get(n, {}).get("mean")),
              _fixed(other.get(n, {}).get("mean")), _fixed(overall[n].get("sem")),
              _fixed(overall[n]["std"]), overall[n].get("n_used", "")] for n in overall]
     parts.append(_table(["ratio", "mean of per-sample ratios", "chance level (random salient "
-                         "sets of the same sizes per order)", "other image (the compared model's "
-                         "knowledge of another image)", "standard error of the mean",
+                         "sets of the same sizes per order)", f"other {word} (the compared "
+                         f"model's knowledge of another {word})", "standard error of the mean",
                          "std over samples", "samples"], rows))
     parts.append(_by_order(k["report"]["by_order"]))
     parts.append(_convergence(k))
