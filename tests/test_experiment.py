@@ -320,6 +320,12 @@ def test_knowledge_recipe_compares_pretrainings_and_correlates_with_accuracy(qui
             fidelity = [a[k]["fidelity"]["mean"] for a in alone]
             assert row[f"{k}_alone"] == pytest.approx(np.mean(fidelity))
             assert row[f"{k}_alone_std"] == pytest.approx(np.std(fidelity, ddof=1))
+        # the levels preserve is read against: chance and the other-image control, likewise
+        summaries = [json.loads((out / "knowledge" / f"{label}-seed{s}" / "knowledge.json")
+                                .read_text()) for s in (0, 1)]
+        for k, levels in (("preserve_chance", [m["report"]["chance"] for m in summaries]),
+                          ("preserve_other_image", [m["other_image"]["overall"] for m in summaries])):
+            assert row[k] == pytest.approx(np.mean([level["preserve"]["mean"] for level in levels]))
     extra = table.extra
     assert extra["models"] == ["supervised seed 0", "supervised seed 1", "target-tuned seed 0",
                                "target-tuned seed 1"]
@@ -339,7 +345,8 @@ def test_knowledge_recipe_compares_pretrainings_and_correlates_with_accuracy(qui
     assert note in (out / "results.md").read_text()
     assert "preserve ± std" not in (out / "results.md").read_text()
     assert f"{row['preserve']:.3f} ± {row['preserve_std']:.3f}" in (out / "results.md").read_text()
-    assert "| preserved alone (R²) | new alone (R²) |" in (out / "results.md").read_text()
+    assert "| preserve, chance | preserve, other image | preserved alone (R²) | new alone (R²) |" \
+        in (out / "results.md").read_text()
     assert f"{row['new_alone']:.3f} ± {row['new_alone_std']:.3f}" in (out / "results.md").read_text()
     # the correlation is in results.md too (it was in experiment.json and report.html only)
     markdown = (out / "results.md").read_text()

@@ -28,8 +28,22 @@ from ..units import class_count, embedding_of
 from .claim import claim_experiment, input_hashes, recipe_reads, unread_settings
 from .config import REGIME_OPTIONS, REGIMES, SWEPT, ExperimentConfig, slug
 from .recipes import RECIPES, Row
-from .table import KNOWLEDGE_COLUMNS, KNOWLEDGE_RATIOS, SETS_ALONE, ExperimentTable
+from .table import (
+    KNOWLEDGE_COLUMNS,
+    KNOWLEDGE_LEVELS,
+    KNOWLEDGE_RATIOS,
+    SETS_ALONE,
+    ExperimentTable,
+)
 from .workspace import Workspace
+
+
+def _preserve_levels(summary: dict[str, Any]) -> dict[str, float | None]:
+    """The preserve ratio's chance level and other-image control in an analysis's summary
+    (:data:`~.table.KNOWLEDGE_LEVELS`; None where undefined, the control for one sample)."""
+    control = (summary["other_image"] or {}).get("overall", {})
+    return {"preserve_chance": summary["report"]["chance"]["preserve"]["mean"],
+            "preserve_other_image": control.get("preserve", {}).get("mean")}
 
 
 def _mean(values: list[float]) -> float | None:
@@ -380,7 +394,7 @@ def _knowledge_analysis(ws: Workspace, rows: list[Row], table: list[dict]) -> di
         if row.mode != "vanilla":
             continue
         probe = by_method[f"{row.pretraining} linear probe"]
-        means: dict[str, list[float]] = {k: [] for k in KNOWLEDGE_COLUMNS}
+        means: dict[str, list[float]] = {k: [] for k in (*KNOWLEDGE_COLUMNS, *KNOWLEDGE_LEVELS)}
         for seed in cfg.seeds:
             files = {"pretrained": ws.run_dir(probe, seed), "finetuned": ws.run_dir(row, seed)}
             if "scratch" in by_method:
@@ -407,6 +421,9 @@ def _knowledge_analysis(ws: Workspace, rows: list[Row], table: list[dict]) -> di
                 per_sample[k].append(v)
                 if not np.isnan(v).all():  # a mean no sample defines is no number (JSON has none)
                     means[k].append(float(np.nanmean(v)))
+            for k, level in _preserve_levels(summary).items():
+                if level is not None:
+                    means[k].append(level)
             accuracy.append(RunResult.load(files["finetuned"] / "result.json").final["top1"])
             if cfg.corruption is not None:
                 net = create_backbone(cfg.model, weights=str(_model_file(files["finetuned"])))

@@ -24,15 +24,20 @@ KNOWLEDGE_RATIOS = ("preserve", "discard", "new", "exclusive")
 #: The fine-tuned model's knowledge sets whose fidelity alone (``set_ablation``'s R² of the
 #: output rebuilt from that set only) the recipe reports as ``<set>_alone``, the same way.
 SETS_ALONE = ("preserve", "new")
-#: Every per-model knowledge column of the recipe, and how the tables head them.
+#: Every per-sample knowledge column of the recipe (the accuracy correlations take them).
 KNOWLEDGE_COLUMNS = (*KNOWLEDGE_RATIOS, *(f"{s}_alone" for s in SETS_ALONE))
-KNOWLEDGE_HEADERS = {"preserve_alone": "preserved alone (R²)", "new_alone": "new alone (R²)"}
+#: The levels the preserve ratio is read against (docs/knowledge.md §3), reported like the
+#: ratios: its chance level and its other-image control.
+KNOWLEDGE_LEVELS = ("preserve_chance", "preserve_other_image")
+#: The knowledge columns of the tables, in order, and how they are headed.
+KNOWLEDGE_SHOWN = (*KNOWLEDGE_RATIOS, *KNOWLEDGE_LEVELS, *(f"{s}_alone" for s in SETS_ALONE))
+KNOWLEDGE_HEADERS = {"preserve_alone": "preserved alone (R²)", "new_alone": "new alone (R²)",
+                     "preserve_chance": "preserve, chance", "preserve_other_image":
+                     "preserve, other image"}
 
 COLUMNS = ("method", "x", "recall", "units", "top1_mean", "top1_std", "top1_at_best_val_mean",
            "mean_class_acc_mean", "seeds", "val_images", "val_classes_missing", "x_realised",
-           "images",
-           *KNOWLEDGE_RATIOS, *(f"{k}_std" for k in KNOWLEDGE_RATIOS),
-           *(f"{s}_alone" for s in SETS_ALONE), *(f"{s}_alone_std" for s in SETS_ALONE))
+           "images", *KNOWLEDGE_SHOWN, *(f"{k}_std" for k in KNOWLEDGE_SHOWN))
 #: The columns every row of an ``experiment.json`` has (the others came later, or are the
 #: knowledge recipe's).
 REQUIRED_COLUMNS = COLUMNS[:9]
@@ -102,7 +107,7 @@ class ExperimentTable:
     def cells(self) -> tuple[list[str], list[list[str]]]:
         """Header and formatted rows of the table (shared by Markdown and the HTML report); the
         spread is shown only when there are several seeds."""
-        ratios = [k for k in KNOWLEDGE_COLUMNS if any(r.get(k) is not None for r in self.rows)]
+        ratios = [k for k in KNOWLEDGE_SHOWN if any(r.get(k) is not None for r in self.rows)]
         # a recipe that selects nothing (knowledge) has no recall or units column; .get: a table
         # of an earlier version records no images
         picks = [k for k in ("recall", "units", "images")
