@@ -1864,7 +1864,9 @@ SOURCE_INPUTS_REFUSED = [
     ({"mode": "co-tuning"}, {"units": "UNITS"}, "so units would be ignored; pass mode reuse or "
                                                 "reuse-unlabeled, or drop it"),
     ({"mode": "reuse"}, {"source_pool": "POOL"},
-     r"mode 'reuse' needs the pre-training data \(source_pool\) and a selection \(selection\)"),
+     r"mode 'reuse' needs a selection of its units \(selection\), which was not given$"),
+    ({"mode": "reuse"}, {},  # the message named both, also where one was given
+     r"mode 'reuse' needs the pre-training data \(source_pool\) and a selection of its units"),
     # both were dropped unsaid: vanilla has no source loss, and class units map by labels
     ({"lam": 1.0}, {}, r"lam=1.0 has no effect in mode 'vanilla' \(only in reuse, "),
     ({"mode": "reuse"}, {"source_pool": "POOL", "selection": "SEL", "units": "CLASSES"},
@@ -2785,3 +2787,29 @@ def test_a_step_with_fewer_readable_source_images_than_micro_batches_trains_on_e
     assert [s for _, s in objective.seen] == [[0], [1]]
     # each micro-batch's loss (w times its 4 target rows) weighed by its half of the batch
     assert float(objective.w.grad) == pytest.approx(4.0)
+
+
+def test_a_selection_from_another_pool_is_warned_of_as_one_for_another_target(
+        made_for, files, tmp_path, capsys):
+    # the selected classes of a pool of the same class names are other images than those
+    # selected: the target side was compared, the source side was not
+    import shutil
+
+    rc, _, err = cli(capsys, *_reuse(made_for, files, "target", made_for / "sel.json",
+                                     tmp_path / "same"))
+    assert rc == 0 and "selection from another pool" not in err, err
+    shutil.copytree(files["source"], tmp_path / "pool")
+    for image in sorted((tmp_path / "pool").rglob("*.png"))[:3]:  # other images, same names
+        image.write_bytes(sorted((tmp_path / "pool").rglob("*.png"))[-1].read_bytes())
+    argv = _reuse(made_for, files, "target", made_for / "sel.json", tmp_path / "other")
+    argv[argv.index("--source") + 1] = tmp_path / "pool"
+    rc, _, err = cli(capsys, *argv)
+    assert rc == 0, err
+    warned = [line for line in err.splitlines() if "selection from another pool" in line]
+    assert len(warned) == 1 and warned[0].startswith(
+        f"warning: selection from another pool: the selection ({str(made_for / 'sel.json')!r}) "
+        f"was made for the 24 samples of {str(files['source'].resolve())!r} (ids sha256:"), err
+    assert (f"--source {str(tmp_path / 'pool')!r} has 24 samples of "
+            f"{str((tmp_path / 'pool').resolve())!r}") in warned[0]
+    assert "select from this pool (embed it, build its units, then select --source them)" \
+        in warned[0]

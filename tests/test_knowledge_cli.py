@@ -1430,6 +1430,16 @@ def test_data_of_classes_the_model_was_not_trained_on_is_refused(tmp_path, capsy
     assert rc == 2 and "the data's classes (c1) are not classes of the training data (c0, cat)" \
         in err and err.count("\n") == 1, err
     assert not (tmp_path / "x").exists()
+    # in knowledge, the model of a role is the likelier mistake (a backbone's own classifier
+    # where its linear probe belongs): the message names the role and that fix
+    rc, _, err = _run(capsys, "knowledge", "--model", "smallcnn-s", "--pretrained", weights,
+                      "--finetuned", weights, "--data", tmp_path / "imgs", "--players", "grid:2x2",
+                      "--samples", 2, "--quiet", "--out", tmp_path / "k")
+    assert rc == 2 and err.count("\n") == 1, err
+    assert ("the data's classes (c1) are not classes of the pretrained model (--pretrained) (c0, "
+            "cat); pass as the pretrained model a classifier over the data's classes (for a "
+            "pre-trained backbone, its linear probe: finetune --mode linear-probe)") in err
+    assert not (tmp_path / "k").exists()
     # a name given to two classes cannot be matched: refused, not mapped to the last of them
     weights = _classifier(tmp_path / "m2.safetensors", 2, meta={
         "producer": "finetune", "inputs": {"class_names": _json.dumps(["c1", "c1"])}})

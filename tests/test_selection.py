@@ -559,8 +559,14 @@ def test_messages_shared_with_the_cli_name_the_parameter_and_the_flag():
     s, t = _problem()
     with pytest.raises(PretrainReuseError, match=r"only 2 units were named .*pass k=2 \(--k 2\)"):
         select(s, t, SelectConfig(method="label", unit_ids=(1, 2), k=3))
-    with pytest.raises(PretrainReuseError, match=r"name_pattern \(--names\) needs unit names"):
+    with pytest.raises(PretrainReuseError, match=r"name_pattern \(--names\) needs unit names; build"):
         select(s, t, SelectConfig(method="label", name_pattern="owl"))
+    # clusters have no names to build: they are named by id (it said to pass --class-names)
+    clusters = Units(prototypes=s, kind="cluster", assignment=np.arange(80) % 40,
+                     sample_ids=[str(i) for i in range(80)])
+    with pytest.raises(PretrainReuseError, match=r"which k-means clusters do not have: select them "
+                                                 r"by id \(unit_ids, --ids\)$"):
+        select(clusters, t, SelectConfig(method="label", name_pattern="owl"))
     with pytest.raises(PretrainReuseError, match=r"exceeds the 40 source units; pass k <= 40 \(--k\)$"):
         select(s, t, SelectConfig(k=41))
     with pytest.raises(PretrainReuseError, match="which a bare prototype matrix lacks; pass Units "

@@ -404,6 +404,8 @@ def _score_label(source: Units, targets: list[Units], cfg: SelectConfig):
     if cfg.name_pattern:
         if source.names is None:
             raise PretrainReuseError(
+                "name_pattern (--names) needs unit names, which k-means clusters do not have: "
+                "select them by id (unit_ids, --ids)" if source.kind == "cluster" else
                 "name_pattern (--names) needs unit names; build the units with class names "
                 "(class_names, --class-names)"
             )

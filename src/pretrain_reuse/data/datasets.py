@@ -280,12 +280,14 @@ def require_labels(data: ImageDataset, purpose: str) -> None:
                              f"{data.source!r} holds unlabelled {what}; {fix}")
 
 
-def labels_by_name(data: ImageDataset, class_names: list[str] | None, what: str) -> np.ndarray:
+def labels_by_name(data: ImageDataset, class_names: list[str] | None, what: str, *,
+                   owner: str = "training data", fix: str | None = None) -> np.ndarray:
     """``data``'s labels in the numbering of ``class_names`` (label i = class_names[i]) when both
     name their classes, else as they are. An image folder numbers its classes in sorted order, a
     list file with a ``classes.txt`` in that file's order: the same classes, numbered otherwise,
     would score every image against another class. A class ``class_names`` lacks is refused
-    (``what`` names the data and its flag, e.g. "test data (--target-test)")."""
+    (``what`` names the data and its flag, e.g. "test data (--target-test)"; ``owner`` whose
+    classes ``class_names`` are; ``fix`` the advice, by default to pass other data)."""
     if not class_names or not data.class_names or list(data.class_names) == list(class_names):
         return data.labels
     for names, whose in ((class_names, "training data"), (data.class_names, what.split(" (")[0])):
@@ -299,8 +301,8 @@ def labels_by_name(data: ImageDataset, class_names: list[str] | None, what: str)
     if unknown:
         raise PretrainReuseError(
             f"the {what.split(' (')[0]}'s classes ({preview(unknown)}) are not classes of the "
-            f"training data ({preview(class_names)}); pass {what} with the training data's "
-            "classes")
+            f"{owner} ({preview(class_names)}); "
+            + (fix or f"pass {what} with the training data's classes"))
     return np.asarray([index[name] for name in data.class_names])[data.labels]
 
 

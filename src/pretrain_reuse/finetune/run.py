@@ -170,7 +170,9 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
             "target_test": open_split(specs["target_test"], "test", flag="--target-test"),
             "source": open_split(source, "train", flag="--source") if cfg.uses_source else None}
     if selection is not None:
-        _warn_of_another_target(selection, files["selection"], target, data["target"])
+        for side in ("target", "source"):
+            if data[side] is not None:
+                _warn_of_other_data(selection, files["selection"], side, specs[side], data[side])
     inputs = {"model": model,
               "weights": weights_hash(files["weights"]) if weights is not None else None,
               **{key: None if data[key] is None else _data_identity(specs[key], data[key])
@@ -187,42 +189,53 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
         units=cluster_units, out=out, inputs=inputs, progress=progress, check_only=check_only)
 
 
-def _warn_of_another_target(selection: Selection, path: Path | None, target: str | Path,
-                            train_pool: ImageDataset | TextDataset) -> None:
-    """Warn when ``selection`` was made for other data than the run's ``--target`` (all of it,
-    before the validation split and any regime's subsample). The selection records the samples
-    of its target's features (:func:`~pretrain_reuse.units.data_of`): the hash of their ids and,
-    for features from ``embed``, the hash of the ids of all the data embed read (unreadable
-    images included, which the features lack) and that data's name or path. The data differ
-    when neither hash is that of the ``--target`` ids, or when the recorded path is another
-    folder or file than ``--target`` (two folders of the same file names have the same ids; a
-    relative path, not resolvable where the units were made, is not compared).
+#: How a selection made for other data than a run's is named in its warning (the text a
+#: warnings filter matches) and the fix it suggests, per side of the selection.
+_OTHER_DATA = {
+    "target": ("selection for another target", "--target",
+               "select for this target (embed it, then select --target its features)"),
+    "source": ("selection from another pool", "--source",
+               "select from this pool (embed it, build its units, then select --source them)"),
+}
+
+
+def _warn_of_other_data(selection: Selection, path: Path | None, side: str, spec: str | Path,
+                        dataset: ImageDataset | TextDataset) -> None:
+    """Warn when ``selection`` was made for other data than the run's ``--target`` or
+    ``--source`` (``side``; the target all of it, before the validation split and any regime's
+    subsample). The selection records the samples of each side's features
+    (:func:`~pretrain_reuse.units.data_of`): the hash of their ids and, for features from
+    ``embed``, the hash of the ids of all the data embed read (unreadable images included, which
+    the features lack) and that data's name or path. The data differ when neither hash is that
+    of the given data's ids, or when the recorded path is another folder or file than the given
+    one (two folders of the same file names have the same ids; a relative path, not resolvable
+    where the units were made, is not compared). On the source side the selected classes or
+    clusters would then be other images than those selected.
 
     A selection that records no samples (written by an earlier version, or made for ``.npy``
-    features or prototypes, whose rows have no ids) is not compared: the hash of its target's
-    labels, all it has, differs for the same data where the features left out unreadable images
+    features or prototypes, whose rows have no ids) is not compared: the hash of its labels,
+    all it has, differs for the same data where the features left out unreadable images
     or the labels came from a ``.npy`` file, and agrees for other data with the same class
-    sizes. A warning, not an error: reusing a selection across targets can be deliberate. (Only
-    here, where a selection is paired with target data by hand: an experiment selects for the
-    very images a run trains on.)"""
-    recorded = selection.meta.get("inputs", {}).get("target", {}).get("data")
+    sizes. A warning, not an error: reusing a selection across data can be deliberate. (Only
+    here, where a selection is paired with data by hand: an experiment selects for the very
+    images a run trains on.)"""
+    recorded = selection.meta.get("inputs", {}).get(side, {}).get("data")
     if not recorded:
         return
-    ids, where = hash_ids(train_pool.ids), _data_identity(target, train_pool)
+    ids, where = hash_ids(dataset.ids), _data_identity(spec, dataset)
     made_for = recorded.get("data")
     placed = made_for is not None and (made_for in DATASETS or Path(made_for).is_absolute())
     if (ids in (recorded.get("ids"), recorded.get("embedded_ids"))
             and (not placed or made_for == where)):
         return
+    name, flag, fix = _OTHER_DATA[side]
     given = "" if path is None else f" ({str(path)!r})"
     of = f" of {made_for!r}" if made_for else ""
     warnings.warn(
-        f"selection for another target: the selection{given} was made for the "
-        f"{recorded.get('n')} samples{of} (ids {recorded.get('ids')}), --target {str(target)!r} "
-        f"has {len(train_pool)} samples of {where!r} (ids {ids}); select for this target (embed "
-        "it, then select --target its features), or, reusing the selection on purpose, silence "
-        "this with PYTHONWARNINGS='ignore:selection for another target'", DataWarning,
-        stacklevel=3)
+        f"{name}: the selection{given} was made for the {recorded.get('n')} samples{of} (ids "
+        f"{recorded.get('ids')}), {flag} {str(spec)!r} has {len(dataset)} samples of {where!r} "
+        f"(ids {ids}); {fix}, or, reusing the selection on purpose, silence this with "
+        f"PYTHONWARNINGS='ignore:{name}'", DataWarning, stacklevel=3)
 
 
 def _input_file(flag: str, value: str | Path | Selection | Units | None,
@@ -404,9 +417,12 @@ def _check_source_inputs(cfg: FinetuneConfig, source: dict[str, object], mode: s
     data, which would ignore them, or the first two missing in one that does. ``mode`` names the
     mode's flag or argument in the advice."""
     data, chosen, _ = source
-    if cfg.uses_source and (source[data] is None or source[chosen] is None):
-        raise PretrainReuseError(f"mode {cfg.mode!r} needs the pre-training data ({data}) and a "
-                                 f"selection ({chosen})")
+    missing = [f"{what} ({name})" for name, what in ((data, "the pre-training data"),
+                                                    (chosen, "a selection of its units"))
+               if source[name] is None]
+    if cfg.uses_source and missing:
+        raise PretrainReuseError(f"mode {cfg.mode!r} needs {' and '.join(missing)}"
+                                 + ("" if len(missing) == 2 else ", which was not given"))
     given = [name for name, value in source.items() if value is not None]
     if given and not cfg.uses_source:
         raise PretrainReuseError(

@@ -268,7 +268,7 @@ def _check_analysis(models: dict[str, Backbone], dataset: ImageDataset | TextDat
         raise PretrainReuseError(f"candidates={candidates!r} must be an integer >= 1 (samples "
                                  "screened at a time)")
     for role, m in models.items():
-        check_classifier(m, model_classes(m, dataset), cfg, role)
+        check_classifier(m, model_classes(m, dataset, role), cfg, role)
 
 
 @releases_folders

@@ -607,7 +607,7 @@ def check_classifier(model: Backbone, dataset: ImageDataset | TextDataset, cfg: 
             "them (model_classes(model, data))")
 
 
-def model_classes(model: Backbone, dataset: ImageDataset | TextDataset
+def model_classes(model: Backbone, dataset: ImageDataset | TextDataset, role: str | None = None
                   ) -> ImageDataset | TextDataset:
     """``dataset`` with its labels as ``model``'s class indices, matched by name: sentences
     labelled by class names and images of named classes, for a model that names its outputs
@@ -615,7 +615,8 @@ def model_classes(model: Backbone, dataset: ImageDataset | TextDataset
     :func:`~pretrain_reuse.models.output_class_names`), are renumbered by the model's names (a
     view; the data may hold fewer classes, a class the model lacks is refused). Any other data
     (integer labels are the model's indices already; names for a model without names, numbered
-    in sorted order) is returned as it is."""
+    in sorted order) is returned as it is. ``role`` names the model (a knowledge role, also its
+    flag) where it has other classes."""
     names = output_class_names(model, dataset.class_names)
     if isinstance(dataset, TextDataset):
         return numbered_by(dataset, names) if dataset.named and names is not None else dataset
@@ -625,7 +626,13 @@ def model_classes(model: Backbone, dataset: ImageDataset | TextDataset
     # an image folder numbers its classes in sorted order, a list file with a classes.txt in that
     # file's order: a run's test folder numbers its training classes otherwise
     view = copy.copy(dataset)
-    view.labels = labels_by_name(dataset, names, "data (--data)")
+    owner, fix = "training data", None
+    if role is not None:  # the model is the likelier mistake: one of another task in a role
+        owner = f"{role} model (--{role})"
+        fix = (f"pass as the {role} model a classifier over the data's classes (for a "
+               "pre-trained backbone, its linear probe: finetune --mode linear-probe), or data "
+               "(--data) of its classes")
+    view.labels = labels_by_name(dataset, names, "data (--data)", owner=owner, fix=fix)
     view.class_names = list(names)
     return view
 
