@@ -1036,3 +1036,28 @@ def test_a_wrong_or_unknown_model_is_refused_before_the_data_is_listed(
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and needle in err, err
     assert not (tmp_path / "store").exists()
+
+
+def test_samples_whose_features_are_all_zeros_are_warned_of_with_their_class(tmp_path, capsys):
+    # a layer of dead units (a diverged training) gave all-zero features to a whole class: no
+    # word until k-means refused the first such row
+    torch.manual_seed(0)
+    net = create_backbone("smallcnn-s", num_classes=10)
+    with torch.no_grad():  # the last BatchNorm drives every feature below the ReLU...
+        norm = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)][-1]
+        norm.weight.zero_()
+        norm.bias.fill_(-1.0)
+    weights = save_backbone(net, tmp_path / "dead.safetensors", {"seed": 0})
+    rc = main(["embed", "--model", "smallcnn-s", "--weights", str(weights), "--data",
+               "synthetic:target", "--split", "test", "--out", str(tmp_path / "f"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    store = FeatureStore.load(tmp_path / "f")
+    zero = np.flatnonzero(~store.features.any(axis=1))
+    assert len(zero) == len(store) == 400  # ...for every image here
+    index = json.loads((tmp_path / "f" / "index.json").read_text())
+    assert index["meta"]["zero_rows"] == 400 and index["meta"]["zero_row_ids"][0] == store.ids[0]
+    counts = np.bincount(store.labels)
+    assert (f"warning: 400 of the 400 images got all-zero features from smallcnn-s (first: "
+            f"{store.ids[0]!r}, {counts.max()} of them of class "
+            f"{store.class_names[int(counts.argmax())]!r}), which have no direction") in err

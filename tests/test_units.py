@@ -415,22 +415,27 @@ def test_float64_features_beyond_float32_are_named_as_such(scale, what):
             build()
 
 
-def test_an_all_zero_feature_row_is_refused_with_a_fix_the_cli_offers(tmp_path, capsys):
+def test_an_all_zero_feature_row_is_refused_with_a_fix_the_cli_offers(tmp_path, capsys,
+                                                                        monkeypatch):
     # spherical k-means needs a direction per sample; no verb drops rows, so the message names
     # the sample and a fix a user can do (the old one said "drop zero rows before ...")
+    from pretrain_reuse import units as U
     from pretrain_reuse.cli import main
 
     x = np.random.default_rng(0).standard_normal((40, 4)).astype(np.float32)
-    x[7] = 0
+    x[[7, 21, 22]] = 0  # counted whichever chunk they are in: a dead class is no stray row
     np.save(tmp_path / "f.npy", x)
+    monkeypatch.setattr(U, "_chunk_rows", lambda dim: 16)
     rc = main(["units", "--features", str(tmp_path / "f.npy"), "--method", "kmeans", "--k", "3",
                "--out", str(tmp_path / "u.safetensors"), "--quiet"])
     out, err = capsys.readouterr()
     assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert err.strip() == (
-        "pretrain-reuse: error: features row 7 (sample 7 in the features' order) is all zeros and "
-        "has no direction for spherical k-means; remove that sample from the data and embed again "
-        "(or its row from a .npy file), or build class units (units --method class)")
+        "pretrain-reuse: error: 3 of the 40 feature rows are all zeros (first: row 7, sample 7 in "
+        "the features' order) and have no direction for spherical k-means; if the backbone gave "
+        "them (embed warns of them), check its weights and layer; else remove those samples from "
+        "the data and embed again (or their rows from a .npy file), or build class units (units "
+        "--method class)")
     assert not (tmp_path / "u.safetensors").exists()
 
 

@@ -23,6 +23,7 @@ import json
 import math
 import time
 import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -247,12 +248,14 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True,
     if world > 1:
         dist.barrier()
     if rank == 0:
-        skipped = _write_index(out, parts, n_shards, dataset, backbone, cfg, use_bf16,
-                               time.perf_counter() - t0)
+        skipped, zero = _write_index(out, parts, n_shards, dataset, backbone, cfg, use_bf16,
+                                     time.perf_counter() - t0)
         if skipped:
             warnings.warn(f"{describe_skipped(dataset, skipped)}; they have no features (the "
                           f"first {SKIPPED_LISTED} are listed in index.json, meta.skipped_ids)",
                           DataWarning, stacklevel=3)
+        if zero:
+            warnings.warn(_describe_zero_rows(dataset, zero, cfg.model), DataWarning, stacklevel=3)
     if world > 1:
         dist.barrier()
     return FeatureStore.load(out) if rank == 0 and load else None
@@ -381,11 +384,14 @@ def _embed_shard(k: int, data: ImageDataset | _Sentences, backbone, cfg: EmbedCo
             idx.append(batch.indices)
         bar.update(len(batch.indices) + len(batch.skipped))
     index = torch.cat(idx).numpy() if idx else np.zeros(0, np.int64)
+    features = torch.cat(feats).numpy() if feats else np.zeros((0, backbone.feature_dim), np.float32)
     tensors = {
-        "features": torch.cat(feats).numpy() if feats else np.zeros((0, backbone.feature_dim), np.float32),
+        "features": features,
         "index": index.astype(np.int64),
         "ids": encode_ids([data.ids[i] for i in index]),
         "skipped": np.asarray(sorted(skipped), dtype=np.int64),
+        # all-zero rows (a layer with dead units): no direction for cosine costs or k-means
+        "zero_rows": index[~features.any(axis=1)].astype(np.int64),
     }
     if data.labels is not None:
         tensors["labels"] = data.labels[index].astype(np.int64)
@@ -407,8 +413,9 @@ def _check_finite(features: torch.Tensor, indices: torch.Tensor, data: ImageData
 
 
 def _write_index(out: Path, parts: Path, n_shards: int, dataset: ImageDataset | TextDataset, backbone,
-                 cfg: EmbedConfig, use_bf16: bool, seconds: float) -> list[int]:
-    """Write ``index.json`` over the shards; returns the positions of the unreadable images.
+                 cfg: EmbedConfig, use_bf16: bool, seconds: float) -> tuple[list[int], list[int]]:
+    """Write ``index.json`` over the shards; returns the positions of the unreadable samples
+    and of those whose features are all zeros.
 
     ``meta.inputs.state`` is the hash of the parameters that compute the embedded layer
     (:func:`~.models.features_hash`), which units carry and a selection compares: the same body
@@ -418,7 +425,7 @@ def _write_index(out: Path, parts: Path, n_shards: int, dataset: ImageDataset | 
     networks. (A rerun is compared on the whole network, as before, in ``embed.json``.)
     ``meta.precision`` is the precision the features were computed in (``bf16`` or ``fp32``, what
     ``auto`` became on the device): bf16 features are rounded to 8 bits of mantissa."""
-    shards, skipped, classes_seen = [], [], set()
+    shards, skipped, zero, classes_seen = [], [], [], set()
     for k in range(n_shards):
         path = _shard_path(parts, k)
         with safe_open(str(path), framework="np") as t:  # all but the features: no full read
@@ -427,6 +434,8 @@ def _write_index(out: Path, parts: Path, n_shards: int, dataset: ImageDataset | 
             names = t.keys()  # a safe_open handle has no `in`
             if "labels" in names:
                 classes_seen.update(np.unique(t.get_tensor("labels")).tolist())
+            if "zero_rows" in names:  # (shards of an earlier version, resumed, record none)
+                zero.extend(t.get_tensor("zero_rows").tolist())
     meta = make_meta("embed", asdict(cfg), seed=cfg.seed, inputs={
         "data": cfg.data, "ids": hash_ids(dataset.ids),
         "weights": hash_file(cfg.weights) if cfg.weights else None,
@@ -437,9 +446,26 @@ def _write_index(out: Path, parts: Path, n_shards: int, dataset: ImageDataset | 
                 precision="bf16" if use_bf16 else "fp32",
                 skipped=len(skipped),
                 skipped_ids=[dataset.ids[i] for i in skipped[:SKIPPED_LISTED]],
-                classes_without_images=empty)
+                classes_without_images=empty,
+                zero_rows=len(zero), zero_row_ids=[dataset.ids[i] for i in zero[:SKIPPED_LISTED]])
     write_json(out / "index.json", {
         "kind": "features", "format": STORE_FORMAT, "n": sum(s["n"] for s in shards),
         "dim": backbone.feature_dim, "has_labels": dataset.labels is not None,
         "class_names": dataset.class_names, "shards": shards, "meta": meta})
-    return skipped
+    return skipped, zero
+
+
+def _describe_zero_rows(dataset: ImageDataset | TextDataset, zero: list[int], model: str) -> str:
+    """The warning of samples whose features are all zeros: how many, the first, the class
+    with the most of them."""
+    what = "sentences" if isinstance(dataset, TextDataset) else "images"
+    most = ""
+    if dataset.labels is not None:
+        label, count = Counter(dataset.labels[zero].tolist()).most_common(1)[0]
+        name = dataset.class_names[label] if dataset.class_names else str(label)
+        most = f", {count} of them of class {name!r}"
+    return (f"{len(zero)} of the {len(dataset)} {what} got all-zero features from {model} "
+            f"(first: {dataset.ids[zero[0]]!r}{most}), which have no direction: k-means units "
+            "and cosine selection refuse them; check --weights and --layer (a layer whose units "
+            "are all dead for these inputs, as after a diverged training, gives zeros); "
+            "index.json lists them (meta.zero_row_ids)")

@@ -500,17 +500,19 @@ def _normalized_float32(features: np.ndarray, position: np.ndarray, progress: bo
     ``position[i]``. Read chunk by chunk in file order (works on memmaps), scattered in memory."""
     out = np.empty(features.shape, dtype=np.float32)
     chunk = chunk or _chunk_rows(features.shape[1])
+    zero = []  # all of them are counted: one dead row and a dead class call for other fixes
     for s in _chunks(len(features), chunk, progress, "normalising"):
         block = float32_rows(features, slice(s, s + chunk))
         norms = _row_norms(block)
-        if (norms == 0).any():
-            row = s + int(np.flatnonzero(norms[:, 0] == 0)[0])
-            raise PretrainReuseError(
-                f"features row {row} (sample {row} in the features' order) is all zeros and has "
-                "no direction for spherical k-means; remove that sample from the data and embed "
-                "again (or its row from a .npy file), or build class units (units --method class)"
-            )
-        out[position[s:s + chunk]] = block / norms
+        zero += (s + np.flatnonzero(norms[:, 0] == 0)).tolist()
+        out[position[s:s + chunk]] = block / np.where(norms == 0, 1, norms)
+    if zero:
+        raise PretrainReuseError(
+            f"{len(zero)} of the {len(features)} feature rows are all zeros (first: row {zero[0]}, "
+            f"sample {zero[0]} in the features' order) and have no direction for spherical "
+            "k-means; if the backbone gave them (embed warns of them), check its weights and "
+            "layer; else remove those samples from the data and embed again (or their rows "
+            "from a .npy file), or build class units (units --method class)")
     return out
 
 
