@@ -1425,3 +1425,37 @@ def test_settings_a_recipe_never_reads_are_named_with_the_recipes_that_read_them
         "eps_c_l2": ["table4"], "k": [r for r in RECIPES if r not in ("fig3a", "fig4b", "knowledge")]}
     # a value written out at its default is no setting
     assert unread_settings("table4", replace(cfg, clusters=2000, explain={}, corruption=None)) == {}
+
+
+def _colour_folder(root, classes: int, per_class: int, seed: int) -> None:
+    """An image folder of ``classes`` classes of small images, one colour per class plus noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(rng.normal(40 * c, 20, (16, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / f"c{c}" / f"{i}.png")
+
+
+def test_a_pool_changed_on_disk_since_the_experiment_embedded_it_is_named(tmp_path, capsys):
+    # one image added to the pool: a rerun reused the units and selections of the pool as it
+    # was, or, where it embedded again, was refused as "an embedding made with other settings
+    # (ids, n)" in the experiment's own features folder, though no setting changed
+    _colour_folder(tmp_path / "pool", 5, 4, seed=0)
+    for split in ("train", "test"):
+        _colour_folder(tmp_path / "target" / split, 2, 4, seed=1)
+    argv = ["experiment", "fig4a", "--model", "smallcnn-s", "--source", str(tmp_path / "pool"),
+            "--target", str(tmp_path / "target"), "--k", "2", "--relevant", "0,1", "--quiet",
+            "--out",
+            str(tmp_path / "exp")]
+    assert main(argv) == 0, capsys.readouterr().err
+    # (the rerun reused the units of the pool as it was, without a word)
+    (tmp_path / "pool" / "c0" / "4.png").write_bytes((tmp_path / "pool" / "c0" / "0.png").read_bytes())
+    err = _one_line_error(capsys, argv)
+    assert (f"source {str(tmp_path / 'pool')!r} changed since this experiment embedded it (20 "
+            "samples then, 21 now); its selections and runs were made from the data as it was: "
+            "pass a new --out for the data as it is, or restore the data") in err
+    (tmp_path / "pool" / "c0" / "4.png").unlink()
+    assert main(argv) == 0  # restored: resumed

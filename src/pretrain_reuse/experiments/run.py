@@ -176,6 +176,7 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
         if cfg.relevant:
             _check_relevant(ws)
         _check_unit_counts(ws, name, rows)
+    ws.check_embedded_data()
     reads = recipe_reads(name, cfg, asdict(cfg))
     hashes = input_hashes(reads, ws)
     changed = claim_experiment(out, name, cfg, reads, hashes)

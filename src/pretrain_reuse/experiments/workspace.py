@@ -17,7 +17,7 @@ from ..data.datasets import ImageDataset
 from ..distributed import process_device
 from ..embed import EmbedConfig, embed
 from ..errors import PretrainReuseError
-from ..features import FeatureStore
+from ..features import FeatureStore, hash_ids
 from ..finetune import FinetuneConfig, RunResult, finetune_datasets, open_split, target_splits
 from ..finetune.loop import computes_in, recorded_precision
 from ..selection import SelectConfig, Selection, select
@@ -64,6 +64,16 @@ class Workspace:
             return embed(ecfg, self.out / "features" / which, progress=self.progress)
 
         return self._once(("features", which), build)
+
+    def check_embedded_data(self) -> None:
+        """Refuse a source or target that changed on disk since this experiment embedded it
+        (:func:`_check_data_unchanged`); its units, selections and runs were made from the data
+        as it was, and would be reused as they are."""
+        for which, given, spec in (("source", self.cfg.source_features, self.cfg.source),
+                                   ("target", self.cfg.target_features, self.cfg.target)):
+            folder = self.out / "features" / which
+            if spec is not None and not given and (folder / "embed.json").is_file():
+                _check_data_unchanged(folder, which, spec, self.data(which))
 
     def given_store(self, which: str) -> FeatureStore:
         """The feature store given as ``source_features`` / ``target_features``, as on disk
@@ -233,6 +243,26 @@ class Workspace:
                 f"{str(run_dir)!r} was trained in {recorded}, but precision {ft.precision!r} "
                 f"computes in {now} on this device; set precision: {recorded} under {where}: in "
                 "the config to go on with this experiment, or pass a new --out")
+
+
+def _check_data_unchanged(folder: Path, which: str, spec: str, data: ImageDataset) -> None:
+    """Refuse data that changed on disk since the experiment embedded it into ``folder`` (images
+    added, removed or renamed), naming the change: the experiment's units, selections and runs
+    were made from the data as it was (and embed refused it as an embedding made with other
+    settings, pointing at the experiment's own folder, though no setting changed)."""
+    try:
+        recorded = json.loads((folder / "embed.json").read_text())["params"]
+        n, ids = recorded["n"], recorded["ids"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not readable: embed decides
+    if (n, ids) == (len(data), hash_ids(data.ids)):
+        return
+    change = (f"{n} samples then, {len(data)} now" if n != len(data)
+              else "as many samples, other file names")
+    raise PretrainReuseError(
+        f"{which} {str(spec)!r} changed since this experiment embedded it ({change}); its "
+        "selections and runs were made from the data as it was: pass a new --out for the data "
+        "as it is, or restore the data to resume this experiment")
 
 
 def _store_sha256(store: FeatureStore) -> str:
