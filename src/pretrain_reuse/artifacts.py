@@ -336,8 +336,9 @@ FOLDER_MARKERS = ("run.json", "index.json", "embed.json", "explain.json", "knowl
 _LOCKED: dict[Path, int] = {}
 
 
-def lock_folder(out: Path, what: str) -> None:
-    """Lock the folder ``out`` against other processes until the call of a
+def lock_folder(out: Path, what: str) -> Path:
+    """Create the folder ``out`` for ``what`` (:func:`make_folder`) and return it, locked
+    against other processes until the call of a
     :func:`releases_folders` function that locked it returns: two commands writing one run
     folder at once (the same command started twice, a second experiment on a running one's
     folder) would overwrite each other's checkpoints and delete each other's files.
@@ -349,13 +350,13 @@ def lock_folder(out: Path, what: str) -> None:
     cannot be locked (NFS and some other network mounts, a folder without read permission) is
     left unlocked.
     """
-    key = out.resolve()
+    key = make_folder(out, what).resolve()
     if key in _LOCKED or fcntl is None or _process_rank() != 0:
-        return
+        return out
     try:
         fd = os.open(key, os.O_RDONLY)
     except OSError:
-        return
+        return out
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -365,8 +366,9 @@ def lock_folder(out: Path, what: str) -> None:
                 f"out (--out) {str(out)!r} is in use by another process writing {what} there; "
                 "wait for it to finish (then rerun to resume or reuse it), or pass another "
                 "folder") from None
-        return  # no locks on this file system
+        return out  # no locks on this file system
     _LOCKED[key] = fd
+    return out
 
 
 def _process_rank() -> int:
@@ -395,8 +397,8 @@ def releases_folders(fn):
 
 def make_run_folder(out: Path, what: str, marker: str, early: tuple[str, ...] = (), *,
                     kind: str) -> Path:
-    """Create the folder ``out`` for ``what`` (:func:`make_folder`) and return the path of its
-    marker file ``out/marker``, which records ``kind`` once written.
+    """Create the folder ``out`` for ``what``, locked (:func:`lock_folder`), and return the
+    path of its marker file ``out/marker``, which records ``kind`` once written.
 
     Refused, naming what the folder holds where its markers tell: a marker of another kind (a
     demo's ``run.json`` for a fine-tuning run), as the run would take that folder for a run of
@@ -404,8 +406,7 @@ def make_run_folder(out: Path, what: str, marker: str, early: tuple[str, ...] = 
     would mix with its own or delete as stale, unless it holds only ``early`` (files a run writes
     before its marker, left by a run stopped in between). A marker that records no kind (an
     earlier version's) or cannot be read is left to the caller."""
-    path = make_folder(out, what) / marker
-    lock_folder(out, what)
+    path = lock_folder(out, what) / marker
     remove_orphan_temps(out)
     # what is left of temporary files is being written now (another rank of this job). Listed
     # before the marker is looked for: a run writes its files (but early ones) after its marker,

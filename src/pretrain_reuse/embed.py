@@ -40,7 +40,6 @@ from .artifacts import (
     encode_ids,
     hash_file,
     lock_folder,
-    make_folder,
     make_meta,
     releases_folders,
     safetensors_header,
@@ -221,7 +220,7 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True,
     parts = out / "parts"
     if rank == 0:
         # before a stopped run's marker is forgotten: it may be a running one's
-        lock_folder(make_folder(out, "an embedding"), "an embedding")
+        lock_folder(out, "an embedding")
         _forget_a_run_without_shards(out, parts)
         claim_folder(out, "embedding", identity, what="an embedding", marker="embed.json")
         parts.mkdir(exist_ok=True)

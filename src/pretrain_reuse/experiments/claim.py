@@ -15,7 +15,6 @@ from ..artifacts import (
     claim_folder,
     hash_file,
     lock_folder,
-    make_folder,
     read_json,
     to_json,
     write_json,
@@ -188,7 +187,7 @@ def claim_experiment(out: Path, name: str, cfg: ExperimentConfig, reads: dict[st
     params = {"experiment": name, **reads, **hashes}
     # before the marker is rewritten or a stopped experiment's outputs removed: they may be a
     # running one's
-    lock_folder(make_folder(out, "an experiment"), "an experiment")
+    lock_folder(out, "an experiment")
     _upgrade_marker(out, name, cfg, hashes)
     changed = _release(out, params, cfg)
     claim_folder(out, "experiment-run", params, what="an experiment")

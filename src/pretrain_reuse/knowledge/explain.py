@@ -51,7 +51,6 @@ from ..artifacts import (
     hash_array,
     hash_file,
     lock_folder,
-    make_folder,
     make_meta,
     make_run_folder,
     releases_folders,
@@ -408,7 +407,7 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
             return done
     predicted = check_explainable(model, dataset, indices, cfg, role, torch.device(cfg.device))
     if out is not None:  # until the interactions are written, not only while games are computed
-        lock_folder(make_folder(Path(out), "an explanation run"), "an explanation run")
+        lock_folder(Path(out), "an explanation run")
     games = explain_games(model, dataset, indices, cfg, out, role=role,
                           params={"tau": tau, "split": split}, progress=progress, identity=identity)
     results = [x.with_info(predicted=int(p))
