@@ -276,13 +276,17 @@ def test_a_header_of_unknown_column_names_is_skipped_and_integer_labels_kept(tmp
     assert open_dataset(tmp_path / "l.csv").ids == ["cat/1.png", "cat/0.png"]
 
 
-@pytest.mark.parametrize("name", ["s.jsonl", "s.txt"])
-def test_a_sentence_file_is_refused_as_images_naming_the_commands_that_read_it(tmp_path, name):
+@pytest.mark.parametrize(("name", "text", "holds"), [
+    ("s.jsonl", '{"text": "a b", "label": 0}\n{"text": "c d", "label": 1}\n', "JSON lines"),
+    ("s.txt", '{"text": "a b", "label": 0}\n{"text": "c d", "label": 1}\n', "JSON lines"),
+    ("s.csv", "label,Sentence\n0,a b\n1,c d\n", "a text column")])
+def test_a_sentence_file_is_refused_as_images_naming_the_commands_that_read_it(tmp_path, name,
+                                                                              text, holds):
     # its lines were taken for image paths: "2 of 2 paths are missing (first: '{"text":...')"
-    (tmp_path / name).write_text('{"text": "a b", "label": 0}\n{"text": "c d", "label": 1}\n')
+    (tmp_path / name).write_text(text)
     with pytest.raises(PretrainReuseError,
-                       match=r"JSON lines.*needs images.*\(\.jsonl\) are read by embed, "
-                             r"finetune, evaluate, explain and knowledge"):
+                       match=rf"{holds}.*needs images.*\(\.jsonl, or \.csv with a text column\) "
+                             r"are read by embed, finetune, evaluate, explain and knowledge"):
         open_dataset(tmp_path / name)
 
 

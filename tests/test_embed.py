@@ -993,7 +993,7 @@ def test_uot_selects_the_pre_training_topics_of_a_text_target_with_real_sentence
     ("encoder", "images", [], "is a text model but --data holds images"),
     ("encoder", "sentences", ["--split", "train"], "--split picks a sub-folder"),
     ("encoder", "sentences", ["--image-size", "64"], "--image-size applies to images"),
-    ("encoder", "mixed", [], 'line 2 has no "label" but the lines before it do'),
+    ("encoder", "mixed", [], 'line 2 has no label but the lines before it do'),
 ])
 def test_sentences_and_images_with_the_wrong_backbone_or_options_are_one_line(
         tmp_path, capsys, model, data, extra, needle):

@@ -5,6 +5,7 @@ hand, gradient accumulation against the full batch, a resumed run bitwise agains
 uninterrupted one, and the whole chain (embed, units, select, finetune reuse, evaluate) through
 the command line."""
 
+import csv
 import json
 import warnings
 
@@ -585,6 +586,29 @@ def test_named_classes_on_one_side_only_are_noted(files, tmp_path, capsys):
             "labels), so the test data's class i is taken as label i") in err
 
 
+def test_csv_sentence_files_fine_tune_to_the_weights_of_the_same_jsonl_files(files, tmp_path, capsys):
+    def as_csv(path):
+        out = tmp_path / f"{path.stem}.csv"
+        with open(out, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["text", "label", "id"])  # the .jsonl's default ids: the same split
+            for number, line in enumerate(path.read_text().splitlines(), start=1):
+                writer.writerow([json.loads(line)["text"], json.loads(line)["label"],
+                                 f"{path.name}:{number}"])
+        return out
+
+    weights = []
+    for train_file, test_file in ((files["train"], files["test"]),
+                                  (as_csv(files["train"]), as_csv(files["test"]))):
+        out = tmp_path / train_file.suffix[1:]
+        run_ok(capsys, "finetune", "--model", f"hf:{files['bert']}", "--target", train_file,
+               "--target-test", test_file, "--out", out, "--max-steps", 3, "--batch-size", 8,
+               "--quiet")
+        weights.append(load_file(out / "model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_augment_none_is_what_sentences_get_and_is_accepted(files, tmp_path, capsys):
     run_ok(capsys, "finetune", "--model", f"hf:{files['bert']}", "--target", files["train"],
            "--target-test", files["test"], "--out", tmp_path / "run", "--max-steps", 2,
@@ -608,5 +632,5 @@ def test_unlabelled_sentences_where_labels_are_needed_are_named_as_such(tmp_path
     (tmp_path / "pool.jsonl").write_text('{"text": "apple pie"}\n{"text": "granite"}\n')
     assert text_file(tmp_path / "pool.jsonl", need_labels=False).labels is None
     with pytest.raises(PretrainReuseError, match=r"holds unlabelled sentences \(line 1 has no "
-                                                 r"\"label\"\), but labelled ones are needed here"):
+                                                 r"label\), but labelled ones are needed here"):
         text_file(tmp_path / "pool.jsonl")

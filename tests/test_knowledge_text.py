@@ -2,6 +2,7 @@
 vocabulary, saved with save_pretrained and loaded through the package's loader; the games are
 checked against the transformers model called directly."""
 
+import csv
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from _helpers import tiny_bert
 from pretrain_reuse import load
 from pretrain_reuse.cli import main
-from pretrain_reuse.data.text import text_file
+from pretrain_reuse.data.text import is_sentence_file, text_file
 from pretrain_reuse.errors import PretrainReuseError
 from pretrain_reuse.knowledge import harsanyi_and, reconstruct_and
 from pretrain_reuse.knowledge.explain import ExplainConfig
@@ -350,6 +351,57 @@ def test_sentence_files_are_read_with_labels_names_and_ids(tmp_path):
     path.write_text("not json\n")
     with pytest.raises(PretrainReuseError, match="not JSON"):
         text_file(path)
+
+
+def test_csv_sentence_files_read_as_the_same_sentences_in_jsonl(tmp_path):
+    # pandas' to_csv quoting: delimiters, quotes and line breaks inside a text; an extra column
+    rows = [("pos", "good, really", "a"), ("neg", 'the "plot"\nis thin', "b"), ("pos", "fine", "c")]
+    jsonl = tmp_path / "s.jsonl"
+    jsonl.write_text("".join(json.dumps({"label": y, "text": t, "id": i}) + "\n" for y, t, i in rows))
+    with open(tmp_path / "s.csv", "w", newline="", encoding="utf-8-sig") as fh:  # with a BOM
+        writer = csv.writer(fh)
+        writer.writerow(["idx", "Sentence", "label", "id"])
+        writer.writerows([(n, t, y, i) for n, (y, t, i) in enumerate(rows)])
+    (tmp_path / "s.tsv").write_text("text\tclass\n" + "".join(f"{t}\t{y}\n" for y, t, _ in rows
+                                                             if "\n" not in t))
+    expected = text_file(jsonl)
+    for path in (tmp_path / "s.csv", tmp_path / "s.tsv"):
+        assert is_sentence_file(path)
+    got = text_file(tmp_path / "s.csv")
+    assert got.texts == expected.texts == [t for _, t, _ in rows]
+    assert got.labels.tolist() == expected.labels.tolist() == [1, 0, 1]
+    assert got.class_names == expected.class_names == ["neg", "pos"] and got.ids == ["a", "b", "c"]
+    tsv = text_file(tmp_path / "s.tsv")
+    assert tsv.texts == ["good, really", "fine"] and tsv.labels.tolist() == [0, 0]
+    assert tsv.ids == ["s.tsv:2", "s.tsv:3"]  # the line each row starts on
+    # unlabelled sentences to embed: no label column
+    (tmp_path / "u.csv").write_text("text\nhello\n\nbye\n")
+    unlabelled = text_file(tmp_path / "u.csv", need_labels=False)
+    assert unlabelled.labels is None and unlabelled.ids == ["u.csv:2", "u.csv:4"]
+    # a list of images is no sentence file, a missing file neither
+    (tmp_path / "images.csv").write_text("path,label\na.png,0\n")
+    assert not is_sentence_file(tmp_path / "images.csv")
+    assert not is_sentence_file(tmp_path / "missing.csv")
+
+
+@pytest.mark.parametrize(("name", "text", "needle"), [
+    ("u.csv", "text\nhello\n", r"holds unlabelled sentences \(line 2 has no label\).*add a label "
+                                r"column"),
+    ("e.csv", "text,label\nhello,1\nbye,\n", r"line 3 must be a row with a non-empty text cell "
+                                            r"and a label"),
+    ("t.csv", 'text,label\n"",1\n', "line 2 must be a row with a non-empty text cell"),
+    ("h.csv", "text,label\n", r"holds no sentences; add text,label rows"),
+    ("m.csv", "text,label\nhello,1\nbye,neg\n", "line 3 has the label 'neg', a class name, but "
+                                               "line 2 has a class index"),
+    ("b.jsonl", '{"text": "hello", "label": " "}\n', r"line 1 must be an object with a non-empty"),
+])
+def test_what_a_sentence_file_lacks_is_one_line_naming_the_line(tmp_path, name, text, needle):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(PretrainReuseError, match=needle):
+        text_file(tmp_path / name)
+    with pytest.raises(PretrainReuseError, match="has no text column: a CSV file of sentences"):
+        (tmp_path / "images.csv").write_text("path,label\na.png,0\n")
+        text_file(tmp_path / "images.csv")
 
 
 def test_a_text_model_without_the_datas_classes_is_a_user_error(bert, tmp_path, capsys):

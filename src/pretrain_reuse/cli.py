@@ -572,7 +572,7 @@ def _explain_data(args):
     if is_sentence_file(args.data):
         if args.split:
             raise PretrainReuseError(f"--split does not apply to the sentence file {args.data!r}; "
-                                     "pass one .jsonl file per split")
+                                     "pass one sentence file per split")
         return text_file(args.data), None
     splits = DATASETS[args.data].splits if args.data in DATASETS else split_folders(Path(args.data))
     split = args.split or ("test" if "test" in splits else None)
@@ -805,8 +805,8 @@ def _snapshots(model: str, path: str, flag: str, quiet: bool) -> list:
 
 def _add_explain_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True,
-                   help="labelled data: image folder, list or data set name; or a .jsonl file of "
-                   '{"label": ..., "text": ...} sentences (with --players tokens)')
+                   help="labelled data: image folder, list or data set name; or a sentence "
+                   "file (.jsonl, or .csv with a text column) (with --players tokens)")
     p.add_argument("--split", help="split of an embedded data set or of a folder of split "
                    "folders (default: test, where there is one)")
     p.add_argument("--players", default="grid:3x3",
@@ -987,8 +987,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--weights", help="local weights file (.safetensors or a torch state dict)")
     e.add_argument("--data", required=True, help="image folder (a sub-folder per class, or flat), "
                    "comma-separated path,label list, or a data set name such as synthetic:pretrain; "
-                   'or a .jsonl file of {"text": ..., "label": ...} lines (labels optional) for '
-                   "a text backbone")
+                   "or a sentence file (.jsonl of {\"text\": ..., \"label\": ...} lines, or .csv "
+                   "with a text column; labels optional) for a text backbone")
     e.add_argument("--split", help="sub-folder / split of --data (train, test...)")
     e.add_argument("--layer", default="penultimate", help="penultimate | head | logits")
     e.add_argument("--batch-size", type=_at_least(1), default=128)
@@ -1085,7 +1085,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a text model (hf:<folder>)")
     f.add_argument("--weights", help="local weights of the pre-trained backbone")
     f.add_argument("--target", required=True, help="target training data: folder, list or name; "
-                   'for a text model a .jsonl file of {"label": ..., "text": ...} sentences')
+                   "for a text model a sentence file (.jsonl, or .csv with a text column)")
     f.add_argument("--target-test", help="target test data (default: the test split of a "
                    "named set or of a folder of split folders)")
     f.add_argument("--source", help="pre-training data (reuse modes; sentences for a text model)")
@@ -1117,7 +1117,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--weights", help="the classifier's weights (runs/<name>/model.safetensors)")
     v.add_argument("--data", required=True,
                    help="image folder, list file or embedded data set (synthetic:target); or a "
-                   '.jsonl file of {"label": ..., "text": ...} sentences for a text classifier')
+                   "sentence file (.jsonl, or .csv with a text column) for a text classifier")
     v.add_argument("--split", help="split of an embedded data set or of a folder of split "
                    "folders (default: test, where there is one)")
     v.add_argument("--corruption", metavar="NAME:SEVERITY",

@@ -12,7 +12,7 @@ computed in batches from its own start and written atomically as one safetensors
 Unreadable images are skipped, counted, warned of (:class:`~.data.DataWarning`, with the first
 ids) and the first :data:`SKIPPED_LISTED` listed in the index (never a crash halfway through a
 million-image folder); a data set with no readable image at all is refused before anything is
-written. A ``.jsonl`` file of sentences (labelled or not, :mod:`~.data.text`) goes through a
+written. A file of sentences (``.jsonl`` or CSV, labelled or not, :mod:`~.data.text`) goes through a
 text backbone (a Hugging Face encoder or sequence classifier: ``all-minilm-l6-v2``, ``hf:<dir>``)
 the same way, its sentences tokenized by the model's own tokenizer.
 """
@@ -64,9 +64,9 @@ SKIPPED_LISTED = 100
 @dataclass(frozen=True)
 class EmbedConfig:
     """What to embed and how. ``data`` is a folder, a list file or an embedded data set name of
-    images, or a ``.jsonl`` file of sentences (for a text backbone). ``precision`` ``auto`` is
-    bf16 autocast on a GPU that computes in bf16 natively (compute capability 8.0 and later),
-    else float32."""
+    images, or a file of sentences (``.jsonl`` or CSV, :mod:`~.data.text`; for a text
+    backbone). ``precision`` ``auto`` is bf16 autocast on a GPU that computes in bf16 natively
+    (compute capability 8.0 and later), else float32."""
 
     model: str
     data: str
@@ -173,7 +173,7 @@ def _open_data(cfg: EmbedConfig) -> ImageDataset | TextDataset:
     if not is_sentence_file(cfg.data):
         return open_dataset(cfg.data, split=cfg.split)
     if cfg.split is not None:
-        raise PretrainReuseError("--split picks a sub-folder of an image data set; a .jsonl "
+        raise PretrainReuseError("--split picks a sub-folder of an image data set; a sentence "
                                  "file holds one split: pass that split's file as --data")
     return text_file(cfg.data, need_labels=False)
 

@@ -56,7 +56,11 @@ OTHER_IMAGE_EXTENSIONS = (".gif", ".heic", ".heif", ".avif", ".jp2", ".jfif", ".
 MODES = ("RGB", "L")
 # First-row cells that mark a list file's header (compared lower-cased).
 _PATH_HEADERS = {"path", "file", "filename", "filepath", "file_path", "image", "img", "image_path"}
-_LABEL_HEADERS = {"label", "class", "target", "category", "y"}
+#: Column names of a label column in the header row of a CSV list of images or of sentences.
+LABEL_HEADERS = ("label", "class", "target", "category", "y")
+#: Column names of the text column of a CSV file of sentences: a header row naming one makes the
+#: file sentences, not a list of images.
+TEXT_HEADERS = ("text", "sentence")
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -272,7 +276,8 @@ def require_labels(data: ImageDataset, purpose: str) -> None:
     if data.labels is not None:
         return
     if hasattr(data, "texts"):
-        what, fix = "sentences", 'give each line of the .jsonl file a "label"'
+        what, fix = "sentences", ('give each sentence a label (a "label" on each .jsonl line, '
+                                  "a label column in a .csv)")
     else:
         what, fix = "images", ("put each class's images in a folder of its own (DATA/<class>/"
                                "<image>), or list them as path,label lines of a .csv list file")
@@ -490,16 +495,18 @@ def file_list(path: str | Path, *, mode: str = "RGB",
         ) from None
     lines = text.splitlines()
     first = next((line for line in lines if line.strip()), "")
-    if p.suffix.lower() == ".jsonl" or first.lstrip().startswith("{"):
-        raise PretrainReuseError(
-            f"data: {str(p)!r} holds JSON lines (sentences for a text model?), not images; this "
-            "command needs images (an image folder, a path,label list or a data set name): "
-            "sentence files (.jsonl) are read by embed, finetune, evaluate, explain and "
-            "knowledge, with a text model")
     delimiter = "\t" if p.suffix.lower() == ".tsv" or "\t" in first else ","
     rows = [(n, [c.strip() for c in row]) for n, row in
             enumerate(csv.reader(io.StringIO(text), delimiter=delimiter), start=1)
             if any(c.strip() for c in row)]
+    json_lines = p.suffix.lower() == ".jsonl" or first.lstrip().startswith("{")
+    if json_lines or (rows and any(c.lower() in TEXT_HEADERS for c in rows[0][1])):
+        raise PretrainReuseError(
+            f"data: {str(p)!r} holds {'JSON lines' if json_lines else 'a text column'} "
+            "(sentences for a text model?), not images; this command needs images (an image "
+            "folder, a path,label list or a data set name): sentence files (.jsonl, or .csv "
+            "with a text column) are read by embed, finetune, evaluate, explain and knowledge, "
+            "with a text model")
     if rows and (_is_header(rows[0][1]) or _is_unnamed_header(rows, p.parent)):
         rows = rows[1:]
     if not rows:
@@ -549,7 +556,7 @@ def _require_some_path(ids: list[str], list_path: Path, delimiter: str) -> None:
 
 
 def _is_header(row: list[str]) -> bool:
-    return row[0].lower() in _PATH_HEADERS or (len(row) > 1 and row[1].lower() in _LABEL_HEADERS)
+    return row[0].lower() in _PATH_HEADERS or (len(row) > 1 and row[1].lower() in LABEL_HEADERS)
 
 
 def _is_unnamed_header(rows: list[tuple[int, list[str]]], folder: Path) -> bool:

@@ -1,7 +1,7 @@
-"""Sentences, labelled for text classifiers or not (to embed): :class:`TextDataset` and the JSONL
-reader.
+"""Sentences, labelled for text classifiers or not (to embed): :class:`TextDataset` and the
+readers of sentence files, ``.jsonl`` or CSV/TSV (UTF-8, with or without a byte-order mark).
 
-File format (``.jsonl``, UTF-8, with or without a byte-order mark): one JSON object per non-empty line, with
+A ``.jsonl`` file holds one JSON object per non-empty line, with
 
 - ``"text"``: the sentence (a non-empty string);
 - ``"label"``: an integer class index, or a class name (names are numbered in sorted order, as
@@ -13,21 +13,30 @@ File format (``.jsonl``, UTF-8, with or without a byte-order mark): one JSON obj
 
 For example, two lines of SST-2: ``{"label": 1, "text": "a gorgeous , witty , seductive movie ."}``
 and ``{"label": 0, "text": "the plot is nothing but boilerplate clichés ."}``.
-"""
 
+A ``.csv`` (or ``.tsv``: tab-separated, as is a file whose first line holds a tab) file of
+sentences starts with a header row that names its columns: ``text`` or ``sentence`` (required;
+this column is what tells a CSV file of sentences from a CSV list of images), a label column
+(``label``, ``class``, ``target``, ``category`` or ``y``; the same labels as above, none for
+sentences to embed) and ``id`` (optional); other columns are ignored. A text holding the
+delimiter, quotes or line breaks is quoted as the ``csv`` module (and pandas' ``to_csv``) writes
+it; a row is numbered by the line it starts on.
+"""
 from __future__ import annotations
 
+import csv
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from ..errors import PretrainReuseError, check_file
-from .datasets import Batch, _is_integer, _parse_labels
+from .datasets import LABEL_HEADERS, TEXT_HEADERS, Batch, _is_integer, _parse_labels
 
 
 @dataclass
@@ -77,47 +86,128 @@ class TextDataset:
 
 
 def is_sentence_file(path) -> bool:
-    """Whether ``path`` names a ``.jsonl`` file of sentences (by its suffix, in any case)."""
-    return Path(str(path)).suffix.lower() == ".jsonl"
+    """Whether ``path`` names a file of sentences: a ``.jsonl`` file (by its suffix, in any case),
+    or a ``.csv`` / ``.tsv`` file whose header row names a text column (:data:`TEXT_HEADERS`); a
+    CSV file without one is a list of images."""
+    p = Path(str(path))
+    suffix = p.suffix.lower()
+    if suffix == ".jsonl":
+        return True
+    return suffix in (".csv", ".tsv") and p.is_file() and _csv_header(p) is not None
+
+
+class _Form(NamedTuple):
+    """How the messages of one sentence-file format name its rows and their fixes."""
+    row: str  # what a row must be
+    rows: str  # rows to add to a file without any
+    label: str  # how to label every sentence
+
+
+_JSONL = _Form(row='an object with a non-empty "text" string and a "label" (class index or name)',
+               rows='{"label": ..., "text": ...} lines', label='give each line a "label"')
+_CSV = _Form(row="a row with a non-empty text cell and a label (class index or name)",
+             rows="text,label rows under a text,label header row", label="add a label column")
 
 
 def text_file(path, *, need_labels: bool = True) -> TextDataset:
-    """Read a ``.jsonl`` file of labelled sentences (format in the module docstring); with
-    ``need_labels=False``, a file whose lines have no ``"label"`` gives unlabelled sentences."""
+    """Read a file of labelled sentences, ``.jsonl`` or CSV/TSV (formats in the module
+    docstring); with ``need_labels=False``, a file without labels (no ``"label"`` on any line, no
+    label column) gives unlabelled sentences."""
     p = check_file("data", path)
+    jsonl = p.suffix.lower() == ".jsonl"
+    form = _JSONL if jsonl else _CSV
     try:
-        # utf-8-sig: files saved by Windows editors start with a byte-order mark, not JSON
-        lines = p.read_text(encoding="utf-8-sig").splitlines()
+        # utf-8-sig: files saved by Windows editors start with a byte-order mark
+        text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
-        raise PretrainReuseError(f"data: {str(p)!r} is not UTF-8 text; pass a .jsonl file of "
-                                 '{"label": ..., "text": ...} lines') from None
-    texts, labels, ids = [], [], []
-    first_of_kind: dict[str, int] = {}  # "index" / "name": the first line with such a label
-    for number, line in enumerate(lines, start=1):
+        raise PretrainReuseError(f"data: {str(p)!r} is not UTF-8 text; pass a sentence file of "
+                                 f"{form.rows}") from None
+    rows = _jsonl_rows(text, p) if jsonl else _csv_rows(text, p)
+    return _sentences(rows, p, need_labels, form)
+
+
+def _jsonl_rows(text: str, p: Path) -> list[tuple[int, Any, str]]:
+    """(line number, parsed object, line) of every non-empty line of a ``.jsonl`` file."""
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            rows.append((number, json.loads(line), line))
         except json.JSONDecodeError as e:
             raise PretrainReuseError(f"data: {str(p)!r} line {number} is not JSON ({e.msg})") from None
+    return rows
+
+
+def _csv_header(p: Path) -> tuple[str, list[str]] | None:
+    """The delimiter and lower-case column names of the CSV/TSV file ``p`` when its first
+    non-empty line names a text column (:data:`TEXT_HEADERS`), else None (also for a file that
+    cannot be read as UTF-8 text)."""
+    try:
+        with open(p, encoding="utf-8-sig", newline="") as fh:
+            first = next((line for line in fh if line.strip()), "")
+    except (OSError, UnicodeDecodeError):
+        return None
+    delimiter = "\t" if p.suffix.lower() == ".tsv" or "\t" in first else ","
+    names = [c.strip().lower() for c in next(csv.reader([first], delimiter=delimiter), [])]
+    return (delimiter, names) if any(n in TEXT_HEADERS for n in names) else None
+
+
+def _csv_rows(text: str, p: Path) -> list[tuple[int, dict[str, str], str]]:
+    """(line number, {"text", "label", "id"} of the columns the header names, the row as read)
+    of every non-empty row below the header of a CSV/TSV sentence file. A quoted text may span
+    lines; a row is numbered by the line it starts on."""
+    header = _csv_header(p)
+    if header is None:
+        raise PretrainReuseError(
+            f"data: {str(p)!r} has no text column: a CSV file of sentences starts with a header "
+            f"row naming it ({' or '.join(TEXT_HEADERS)}), e.g. text,label; a CSV file without "
+            "one is a list of images")
+    delimiter, names = header
+    columns = {"text": next(i for i, n in enumerate(names) if n in TEXT_HEADERS)}
+    for key, known in (("label", LABEL_HEADERS), ("id", ("id",))):
+        found = [i for i, n in enumerate(names) if n in known]
+        if found:
+            columns[key] = found[0]
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    rows, header_seen, start = [], False, 1
+    for cells in reader:
+        number, start = start, reader.line_num + 1
+        if not any(c.strip() for c in cells):
+            continue
+        if not header_seen:
+            header_seen = True
+            continue
+        row = {key: cells[i].strip() if key != "text" else cells[i]
+               for key, i in columns.items() if i < len(cells)}
+        rows.append((number, row, delimiter.join(cells)))
+    return rows
+
+
+def _sentences(rows: list[tuple[int, Any, str]], p: Path, need_labels: bool,
+               form: _Form) -> TextDataset:
+    """The sentences of a file's ``rows`` (line number, row, row as read), each row checked."""
+    texts, labels, ids = [], [], []
+    first_of_kind: dict[str, int] = {}  # "index" / "name": the first line with such a label
+    for number, row, line in rows:
         text, label = (row.get("text"), row.get("label")) if isinstance(row, dict) else (None, None)
         unlabelled = not need_labels and isinstance(row, dict) and "label" not in row
         if texts and unlabelled != (labels == []):
             raise PretrainReuseError(
-                f"data: {str(p)!r} line {number} has {'no' if unlabelled else 'a'} \"label\" but "
+                f"data: {str(p)!r} line {number} has {'no' if unlabelled else 'a'} label but "
                 f"the lines before it {'do' if unlabelled else 'do not'}; label every sentence "
                 "or none")
         if need_labels and not texts and isinstance(row, dict) and "label" not in row \
                 and isinstance(text, str) and text.strip():
             raise PretrainReuseError(  # an unlabelled file, valid to embed, read where labels are needed
-                f"data: {str(p)!r} holds unlabelled sentences (line {number} has no \"label\"), but "
-                "labelled ones are needed here (a target, test data, or reuse's source pool); give "
-                "each line a \"label\"")
-        bad_label = not isinstance(label, (int, str)) or isinstance(label, bool)
+                f"data: {str(p)!r} holds unlabelled sentences (line {number} has no label), but "
+                "labelled ones are needed here (a target, test data, or reuse's source pool); "
+                f"{form.label}")
+        bad_label = (not isinstance(label, (int, str)) or isinstance(label, bool)
+                     or (isinstance(label, str) and not label.strip()))
         if not (isinstance(text, str) and text.strip()) or (bad_label and not unlabelled):
             raise PretrainReuseError(
-                f"data: {str(p)!r} line {number} must be an object with a non-empty \"text\" "
-                f"string and a \"label\" (class index or name), got {line[:80]!r}")
+                f"data: {str(p)!r} line {number} must be {form.row}, got {line[:80]!r}")
         if isinstance(label, int) and label < 0:
             raise PretrainReuseError(f"data: {str(p)!r} line {number} has label {label}; class "
                                      "indices are >= 0")
@@ -132,12 +222,12 @@ def text_file(path, *, need_labels: bool = True) -> TextDataset:
         texts.append(text)
         if not unlabelled:
             labels.append(str(label))
-        ids.append(str(row.get("id", f"{p.name}:{number}")))
+        given = row.get("id")
+        ids.append(f"{p.name}:{number}" if given is None or given == "" else str(given))
     if not texts:
-        raise PretrainReuseError(f"data: {str(p)!r} holds no sentences; add "
-                                 '{"label": ..., "text": ...} lines')
+        raise PretrainReuseError(f"data: {str(p)!r} holds no sentences; add {form.rows}")
     if len(set(ids)) != len(ids):
-        raise PretrainReuseError(f"data: {str(p)!r} repeats sample ids; make every \"id\" unique")
+        raise PretrainReuseError(f"data: {str(p)!r} repeats sample ids; make every id unique")
     if not labels:
         return TextDataset(texts=texts, labels=None, class_names=None, ids=ids, source=str(p))
     label_array, class_names = _parse_labels(labels, p)

@@ -117,7 +117,7 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
         if not rows:
             raise PretrainReuseError(
                 f"{name} fine-tunes with reuse-unlabeled only, whose soft targets come from weak "
-                "and strong augmentations of images; sentences (.jsonl) cannot run it")
+                "and strong augmentations of images; sentences cannot run it")
     if cfg.source is None and any(r.pick for r in rows):
         raise PretrainReuseError(f"{name} needs 'source', the pre-training pool it selects from; "
                                  "pass --source or set it in --config")

@@ -83,8 +83,8 @@ def target_splits(cfg: FinetuneConfig, train_pool: ImageDataset | TextDataset
 
 def open_split(spec: str | Path, split: str, *, flag: str = "data") -> ImageDataset | TextDataset:
     """``split`` (``train`` or ``test``) of an embedded data set or of a folder of split folders
-    (``train/``, ``test/``: the sub-folder of that name), else the folder / list file / ``.jsonl``
-    sentence file ``spec`` itself (a folder of class folders holds one split; its test data is
+    (``train/``, ``test/``: the sub-folder of that name), else the folder / list file / sentence
+    file ``spec`` itself (a folder of class folders holds one split; its test data is
     passed separately). An embedded set of one split (``digits``) is all training data, like a
     folder. ``flag`` names the argument in errors."""
     name = str(spec)
@@ -147,10 +147,10 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
     if target_test is None and not has_splits(target):
         if not Path(str(target)).exists():  # a typo, not a folder without its test split
             raise PretrainReuseError(f"--target {str(target)!r} does not exist; pass an image "
-                                     "folder, a list file, an embedded data set name or a .jsonl "
-                                     "file of sentences")
+                                     "folder, a list file, an embedded data set name or a "
+                                     "sentence file (.jsonl or .csv)")
         raise PretrainReuseError("pass --target-test with the test data (folder, list file or "
-                                 ".jsonl file of sentences)")
+                                 "sentence file: .jsonl or .csv)")
     # a model of the other modality is refused before the data is read (listing a large image
     # folder takes long), where its name or configuration files tell its modality
     modality = model_modality(model)
@@ -441,7 +441,7 @@ def _check_text_mode(cfg: FinetuneConfig, modality: str | None) -> None:
 
 def _check_modality_and_recipe(spec: BackboneSpec, cfg: FinetuneConfig,
                                data: dict[str, ImageDataset | TextDataset | None]) -> bool:
-    """Whether the run is on sentences: a text model needs ``.jsonl`` sentence files for every
+    """Whether the run is on sentences: a text model needs sentence files for every
     data argument, an image model images; a text recipe takes no image option and no
     ``reuse-unlabeled`` (its strong view is an image augmentation)."""
     for flag, dataset in data.items():

@@ -169,17 +169,18 @@ def model_modality(name: str) -> str | None:
 
 def check_modality(model: str, modality: str | None, sentences: bool, what: str) -> None:
     """Refuse data of the other modality than the model: a text model (``modality`` ``text``)
-    takes sentences (``.jsonl`` files), an image model images; None (a modality
-    :func:`model_modality` cannot tell) passes, to be checked once the model is built. ``what``
-    names the data in the message: its flag (``--target``), or ``the target data`` of an
-    experiment."""
+    takes sentences (:func:`~pretrain_reuse.data.text.is_sentence_file`), an image model
+    images; None (a modality :func:`model_modality` cannot tell) passes, to be checked once the
+    model is built. ``what`` names the data in the message: its flag (``--target``), or ``the
+    target data`` of an experiment."""
     text = modality == "text"
+    held = "images (sentences come in .jsonl files, or .csv files with a text column)"
     if modality is not None and sentences != text:
-        # data is told sentences by its suffix alone: a .json or .txt of sentences is no .jsonl
+        # data is told sentences by its suffix (and a CSV's header): a .json or .txt is not
         raise PretrainReuseError(
             f"{model} is {'a text' if text else 'an image'} model but {what} holds "
-            f"{'images (sentences come in files ending in .jsonl)' if text else 'sentences'}; "
-            f"pass {'.jsonl files of sentences' if text else 'images'} or "
+            f"{held if text else 'sentences'}; "
+            f"pass {'sentence files' if text else 'images'} or "
             f"{'an image' if text else 'a text'} model (--model)")
 
 
