@@ -556,27 +556,35 @@ def test_the_analysis_reports_neighbouring_players_of_the_cells_drawn_for_each_s
             f"(chance {kept['chance_share']:.3f})") in out
 
 
-def _check_by_hand(xs, weights, background: str):
-    """Each game of ``xs`` (grid:4x4 cells on smallcnn-s's 32x32 inputs, zero baseline) is the
-    model's log-odds on every coalition's input masked here by hand: the players not in S are
-    zero, the pixels of no player zero (``baseline``) or the image's (``original``)."""
+def _check_by_hand(xs, weights, background: str, baseline: str = "zero"):
+    """Each game of ``xs`` (grid:4x4 cells on smallcnn-s's 32x32 inputs) is the model's log-odds
+    on every coalition's input masked here by hand: the players not in S show the baseline (zero,
+    or ``shrink``: each value moved 2 toward 0), the pixels of no player the baseline
+    (``baseline``), the image (``original``) or, averaged over the 10 games, a x + (1 - a) b for
+    a = 0.1 ... 1.0 (``integrated``)."""
     model = create_backbone("smallcnn-s", weights=str(weights)).eval()
     data = preprocessed(open_dataset("synthetic:target", split="test"), model.preprocess)
     side = model.spec.input_size[0] // 4  # cells of 8x8 pixels
+    levels = {"baseline": [0.0], "original": [1.0], "integrated": [k / 10 for k in range(1, 11)]}
     for x in xs:
         assert x.meta["params"]["background"] == background
         image = data.load(x.info["index"])
+        b = torch.zeros_like(image)
+        if baseline == "shrink":
+            b = torch.where(image > 2, image - 2, torch.where(image < -2, image + 2, b))
         cells = [tuple(map(int, name[5:].split(","))) for name in x.info["player_names"]]
         for s in range(1 << x.n):
-            masked = image.clone() if background == "original" else torch.zeros_like(image)
-            for i, (r, c) in enumerate(cells):
-                cell = (slice(None), slice(r * side, (r + 1) * side), slice(c * side, (c + 1) * side))
-                masked[cell] = image[cell] if s >> i & 1 else 0.0
-            with torch.no_grad():
-                z = model(masked[None])[0].double()
-            y = x.info["label"]
-            expected = z[y] - torch.logsumexp(torch.cat([z[:y], z[y + 1:]]), 0)
-            assert x.v[s] == pytest.approx(float(expected), abs=1e-5)
+            expected = []
+            for a in levels[background]:
+                masked = a * image + (1 - a) * b
+                for i, (r, c) in enumerate(cells):
+                    cell = (slice(None), slice(r * side, (r + 1) * side), slice(c * side, (c + 1) * side))
+                    masked[cell] = (image if s >> i & 1 else b)[cell]
+                with torch.no_grad():
+                    z = model(masked[None])[0].double()
+                y = x.info["label"]
+                expected.append(float(z[y] - torch.logsumexp(torch.cat([z[:y], z[y + 1:]]), 0)))
+            assert x.v[s] == pytest.approx(np.mean(expected), abs=1e-5)
 
 
 def test_background_original_keeps_the_pixels_of_no_player_in_every_masked_input(tmp_path,
@@ -608,6 +616,23 @@ def test_background_original_keeps_the_pixels_of_no_player_in_every_masked_input
     assert summary["meta"]["params"]["background"] == "original"
     for role in ("pretrained", "finetuned"):
         _check_by_hand(_interactions(tmp_path / "k" / role), weights, "original")
+
+
+def test_the_integrated_background_and_the_shrink_baseline_are_the_games_written_out(tmp_path,
+                                                                                     capsys):
+    # Li & Zhang's integrated background (10 blends of image and baseline) and Liu et al.'s
+    # shrink baseline reach every masked input; another background is refused on rerun
+    weights = _classifier(tmp_path / "m.safetensors", 10)
+    explain = ["explain", "--model", "smallcnn-s", "--weights", weights, "--data",
+               "synthetic:target", "--players", "grid:4x4", "--n", 3, "--samples", 2, "--quiet"]
+    for background, baseline in (("integrated", "zero"), ("baseline", "shrink")):
+        out = tmp_path / f"{background}-{baseline}"
+        rc, _, err = _run(capsys, *explain, "--background", background, "--baseline", baseline,
+                          "--out", out)
+        assert rc == 0, err
+        _check_by_hand(_interactions(out), weights, background, baseline)
+    rc, _, err = _run(capsys, *explain, "--out", tmp_path / "integrated-zero")
+    assert rc == 2 and '(background: "integrated" before, "baseline" now)' in err, err
 
 
 def test_joint_decomposition_keeps_the_explain_meta_and_decomposes_checkpoints_alone(tmp_path,

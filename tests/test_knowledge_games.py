@@ -82,6 +82,16 @@ def test_blur_baseline_equals_scipys_gaussian_filter_with_edge_replication(sigma
     np.testing.assert_allclose(got, expected, atol=1e-12)
 
 
+def test_shrink_baseline_moves_every_value_toward_zero_by_at_most_tau():
+    x = torch.tensor([[[-3.5, -2.0, -0.5], [0.0, 1.9, 2.5]]], dtype=torch.float64)
+    expected = [[[-1.5, 0.0, 0.0], [0.0, 0.0, 0.5]]]  # sign(x) max(|x| - 2, 0)
+    np.testing.assert_array_equal(baseline_input(x, "shrink").numpy(), expected)
+    np.testing.assert_array_equal(baseline_input(x, "shrink", tau=0.5).numpy(),
+                                  [[[-3.0, -1.5, 0.0], [0.0, 1.4, 2.0]]])
+    with pytest.raises(PretrainReuseError, match="tau=-1 must be a number >= 0"):
+        baseline_input(x, "shrink", tau=-1)
+
+
 def test_class_outputs_equal_their_closed_forms_including_a_saturated_probability():
     z = torch.tensor([[2.0, -1.0, 0.5], [30.0, 0.0, 0.0], [-30.0, 0.0, 0.0]])
     e = np.exp

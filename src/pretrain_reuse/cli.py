@@ -824,11 +824,13 @@ def _add_explain_flags(p: argparse.ArgumentParser) -> None:
                    "(default: any)")
     p.add_argument("--background",
                    help="images: what pixels of no player show: baseline (default; masked like "
-                   "absent players) | original (always the image); tokens: original (the words "
-                   "that are not players)")
+                   "absent players) | original (always the image) | integrated (the output "
+                   "averaged over 10 blends of the two; 10x the forward passes); tokens: original "
+                   "(the words that are not players)")
     p.add_argument("--baseline",
-                   help="images: zero (default) | mean | blur | learned; tokens: mask (default) | "
-                   "pad | learned (embedding); learned = per sample, for sparse interactions")
+                   help="images: zero (default) | mean | blur | shrink (each normalised value "
+                   "moved 2 stds toward 0) | learned; tokens: mask (default) | pad | learned "
+                   "(embedding); learned = per sample, for sparse interactions")
     p.add_argument("--baseline-lr", type=float, default=1e-3,
                    help="learned baseline: SGD rate (default: %(default)s)")
     p.add_argument("--baseline-steps", type=int, default=50,

@@ -151,9 +151,11 @@ class ExplainConfig:
     sentence and position). ``background``: what image pixels outside every player show in
     every masked input (the cells of a grid not drawn as players, the world's pixels outside its
     part slots): ``baseline`` (default: masked like absent players, as Liu, Deng, Cheng et al.'s
-    grids) or ``original`` (always the image, as Li & Zhang's part players with their
+    grids), ``original`` (always the image, as Li & Zhang's part players with their
     ``background="ori"``), so ``original`` explains the players in the context of the rest of
-    the image; token players always keep the words that are not players (``original``, the only
+    the image, or ``integrated`` (v averaged over 10 blends of the two, Li & Zhang's
+    "integrated background": :data:`~.games.INTEGRATED_LEVELS`, 10 times the forward passes);
+    token players always keep the words that are not players (``original``, the only
     choice). ``qthres``:
     bound of the noise the sparsification may remove, relative to |v(N) - v(∅)|; None = 0 for
     ``and`` (the exact Harsanyi transform) and 0.04 for the AND-OR decompositions (the group's
@@ -162,7 +164,9 @@ class ExplainConfig:
     The sparsifications decompose v - v(∅) and keep the bias v(∅) in I_and(∅), as the group
     does on its "-v0" outputs (:mod:`~.sparsify`).
 
-    ``baseline``: for images ``zero`` (default), ``mean``, ``blur`` or ``learned``; for tokens
+    ``baseline``: for images ``zero`` (default), ``mean``, ``blur``, ``shrink`` (each
+    normalised value moved toward 0 by at most :data:`~.games.SHRINK_TAU`, Liu et al. 2023) or
+    ``learned``; for tokens
     ``mask`` (default: absent tokens become [MASK]), ``pad`` or ``learned`` (an embedding).
     ``baseline="mean"`` is the per-pixel mean, in the model's input space, of ``mean_samples``
     images of the data drawn with ``seed`` (all of them when the data has fewer), so a sample's

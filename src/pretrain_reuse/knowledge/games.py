@@ -7,13 +7,14 @@ in ``S`` and replaces the others by a baseline:
 
 .. math:: x_S = m_S \odot x + (1 - m_S) \odot b, \qquad m_S = \min(1, \textstyle\sum_{i\in S} P_i)
 
-(pixels of no player follow ``background``: always the baseline, or always the original), and
+(pixels of no player follow ``background``: always the baseline, always the original, or
+averaged over blends of the two), and
 ``v(x_S)`` is the network's log-odds of the ground-truth class ``y``, ``v = z_y - \log\sum_{c\ne y}
 e^{z_c}`` (the output of Jiang, Cheng & Li's group in their code; which output arXiv 2410.08455
 itself used is not stated, docs/knowledge.md §1). All 2^n masked inputs are built on the model's device
 in chunks and evaluated in large batches, which is where the time of an interaction analysis goes.
 
-The baseline is fixed (zero, mean, blur: :func:`baseline_input`) or learned per sample and model
+The baseline is fixed (zero, mean, blur, shrink: :func:`baseline_input`) or learned per sample and model
 so that the AND interactions are as sparse as possible (:func:`learn_baseline`, Ren et al.,
 CVPR 2023).
 """
@@ -33,9 +34,14 @@ from ..runtime import full_float32
 from .interactions import MAX_PLAYERS, harsanyi_and, superset_sum_
 
 #: What the pixels of no player show in every masked input (:attr:`Players.background`).
-BACKGROUNDS = ("baseline", "original")
+BACKGROUNDS = ("baseline", "original", "integrated")
+#: The blends a of the "integrated" background: its pixels show a x + (1 - a) b, the game's v
+#: averaged over them (Li & Zhang's part players).
+INTEGRATED_LEVELS = tuple(round(0.1 * k, 1) for k in range(1, 11))
 #: Fixed baselines of :func:`baseline_input`.
-FIXED_BASELINES = ("zero", "mean", "blur")
+FIXED_BASELINES = ("zero", "mean", "blur", "shrink")
+#: How far the "shrink" baseline moves each normalised input value toward 0 (Liu et al. 2023).
+SHRINK_TAU = 2.0
 #: Image baselines of an explanation: the fixed ones, or learned by :func:`learn_baseline`.
 BASELINES = (*FIXED_BASELINES, "learned")
 #: The outputs of :func:`class_output` that are the log-odds of the class, so their sign is the
@@ -52,7 +58,9 @@ class Players:
     Attributes:
         masks: (n, H, W) bool; player ``i`` covers the pixels where ``masks[i]`` is True.
         background: what pixels outside every player show: ``"baseline"`` (always masked, the
-            group's default) or ``"original"`` (always present).
+            group's default), ``"original"`` (always present) or ``"integrated"`` (v averaged
+            over the blends a x + (1 - a) b of those pixels, a in :data:`INTEGRATED_LEVELS`; Li
+            & Zhang's "integrated background" of part players; 10 times the forward passes).
         names: a name per player (``"cell 2,3"``, a part name, ...).
         meta: how the players were chosen (rule, seed), so the choice is reproducible.
     """
@@ -138,16 +146,24 @@ def resize_players(players: Players, size: tuple[int, int]) -> Players:
 
 
 def baseline_input(x: torch.Tensor, kind: str, *, mean: torch.Tensor | None = None,
-                   sigma: float | None = None) -> torch.Tensor:
+                   sigma: float | None = None, tau: float = SHRINK_TAU) -> torch.Tensor:
     """The baseline ``b`` that absent players are replaced with (model input space).
 
     - ``zero``: all zeros, i.e. the normalisation's mean colour for normalised inputs;
     - ``mean``: ``mean``, a (C,) or (C, H, W) mean of the data in input space;
-    - ``blur``: ``x`` blurred by a Gaussian of std ``sigma`` pixels (default: 1/8 of the side).
+    - ``blur``: ``x`` blurred by a Gaussian of std ``sigma`` pixels (default: 1/8 of the side);
+    - ``shrink``: every value of ``x`` moved toward 0 by at most ``tau`` (soft thresholding,
+      ``b = sign(x) max(|x| - tau, 0)``; Liu et al. 2023's baseline of the authors' group, tau =
+      2 normalisation stds): values within ``tau`` of the mean colour take it, the image's
+      strongest contrasts keep their excess.
     """
     check_choice("baseline", kind, FIXED_BASELINES)
     if kind == "zero":
         return torch.zeros_like(x)
+    if kind == "shrink":
+        if not (is_number(tau) and 0 <= tau < float("inf")):
+            raise PretrainReuseError(f"shrink baseline tau={tau!r} must be a number >= 0")
+        return torch.sign(x) * (x.abs() - tau).clamp_min(0)
     if kind == "mean":
         if mean is None:
             raise PretrainReuseError("baseline 'mean' needs the data mean (pass mean=...)")
@@ -201,12 +217,18 @@ def image_values(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     """The chunk evaluator of the image game (validated inputs)."""
     n = players.n
     p = torch.from_numpy(players.masks).to(x.device, x.dtype).reshape(n, -1)
-    rest = 1.0 if players.background == "original" else 0.0
-    outside = (p.sum(0) == 0).to(x.dtype) * rest
+    outside = (p.sum(0) == 0).to(x.dtype)
+    # how much of the image the pixels of no player show: one level, or the integrated blends
+    levels = {"baseline": (0.0,), "original": (1.0,), "integrated": INTEGRATED_LEVELS}
+    levels = levels[players.background]
 
     def values(baseline: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-        m = ((bits.to(x.dtype) @ p).clamp_(max=1.0) + outside).view(-1, 1, *x.shape[-2:])
-        return class_output(model(m * x + (1 - m) * baseline), label, output)
+        shown = (bits.to(x.dtype) @ p).clamp_(max=1.0)
+        v = 0
+        for a in levels:
+            m = (shown + a * outside).view(-1, 1, *x.shape[-2:])
+            v = v + class_output(model(m * x + (1 - m) * baseline), label, output)
+        return v / len(levels)
 
     return values
 

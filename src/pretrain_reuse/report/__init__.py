@@ -363,13 +363,13 @@ def _knowledge_parts(k: dict, kdir: Path, root: Path, *, players: str, baseline:
     # the analysis's own settings (a knowledge.json of an earlier version records neither)
     params = k.get("meta", {}).get("params", {})
     tau, match = params.get("tau", 0.05), params.get("match", "support")
-    keep_image = samples == "images" and params.get("background") == "original"
+    background = params.get("background") if samples == "images" else None
     counts = k["samples"]
     dropped = counts["screened"] - counts["correct_for_all"]
     parts = [f"<p>Interactions of each model's log-odds between the {_text(counts['n'])} samples' "
              f"players (here: {_text(players)}; absent players take the "
              f"{_BASELINE_TEXT.get(baseline, 'given')} baseline"
-             f"{'; pixels of no player show the image' if keep_image else ''}). "
+             f"{_BACKGROUND_TEXT.get(background, '')}). "
              f"Samples: {_text(counts['n'])} {_text(samples)} explained ({_text(counts['asked'])} "
              "asked), drawn among those every model classifies correctly: of the "
              f"{_text(counts['screened'])} screened, {_text(dropped)} were dropped because some "
@@ -594,7 +594,10 @@ def _rule_recovery(k: dict, tau: float) -> str:
 
 
 _BASELINE_TEXT = {"zero": "mean-colour", "mean": "mean-image", "blur": "blurred-image",
-                  "learned": "learned"}
+                  "shrink": "shrunk-image", "learned": "learned"}
+_BACKGROUND_TEXT = {"original": "; pixels of no player show the image",
+                    "integrated": "; pixels of no player show blends of the image and the "
+                                  "baseline, the output averaged over 10 blends"}
 
 
 def _players_text(players: str) -> str:
