@@ -239,6 +239,17 @@ def test_checkpoints_may_name_the_fine_tuning_run_folder(tmp_path, capsys):
     # the mode each weights file records is kept, so a report need not read the files again
     assert inputs["models"]["finetuned"]["mode"] == "vanilla"
     assert k["meta"]["params"]["candidates"] == 400
+    # another tau with --games-from: no game is computed again, the snapshots' included
+    rc, _, err = _run(capsys, "knowledge", "--model", "smallcnn-s", "--pretrained", ft,
+                      "--finetuned", ft, "--checkpoints", run, "--data", "synthetic:target",
+                      "--players", "grid:2x2", "--samples", 2, "--tau", 0.2, "--quiet",
+                      "--games-from", tmp_path / "k", "--out", tmp_path / "k2")
+    assert rc == 0, err
+    folders = ["pretrained", "finetuned", *(f"checkpoint-{t:03d}" for t in range(len(snaps)))]
+    for folder in folders:
+        games = sorted((tmp_path / "k2" / folder / "games").glob("*.npy"))
+        assert len(games) == 2 and all(
+            g.samefile(tmp_path / "k" / folder / "games" / g.name) for g in games), folder
 
 
 def test_knowledge_on_world_parts_reports_recovery_of_the_class_rules(tmp_path, capsys):

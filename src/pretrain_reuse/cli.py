@@ -1157,7 +1157,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the ratios move with the analysis's choices: one analysis per "
                    "combination, each in its own sub-folder, e.g. --vary baseline=zero,mean,blur "
                    "--vary players=grid:3x3,grid:4x4 (any number or string setting below but "
-                   "--batch-size and --device; also tau, match); writes sensitivity.csv/.json/.png")
+                   "--batch-size and --device; also tau, match); writes sensitivity.csv/.json/.png; "
+                   "the ratios only: not with --checkpoints / --scratch-checkpoints")
     _add_explain_flags(k)
     k.set_defaults(func=cmd_knowledge)
 

@@ -444,7 +444,8 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     for name, snaps in series.items():
         curve = [explain(m, views[_snapshot_role(name, t)], indices, cfg,
                          out / _snapshot_folder(name, t),
-                         role=_snapshot_role(name, t), tau=tau, split=split, progress=progress)
+                         role=_snapshot_role(name, t), tau=tau, split=split, progress=progress,
+                         games_from=[f / _snapshot_folder(name, t) for f in games_from])
                  for t, m in enumerate(snaps)]
         inputs[name] = [_model_inputs(xs[0]) for xs in curve]
         steps = [c["step"] for c in inputs[name]]

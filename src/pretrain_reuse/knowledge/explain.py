@@ -381,7 +381,8 @@ class Games(NamedTuple):
 @releases_folders
 def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.ndarray,
             cfg: ExplainConfig, out: str | Path | None = None, *, role: str = "model",
-            tau: float = 0.05, split: str | None = None, progress: bool = True) -> list[Interactions]:
+            tau: float = 0.05, split: str | None = None, progress: bool = True,
+            games_from: Sequence[Path] = ()) -> list[Interactions]:
     """Interactions of ``model`` (a classifier over ``dataset``'s classes) on the samples at
     ``indices``; with ``out``, games and interactions are saved there (and reused on rerun), and
     ``salient.png`` draws the salient interactions (threshold ``tau``) of the first samples.
@@ -391,7 +392,9 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
     sample's ``info`` holds the class the model ``predicted`` for it: a misclassified sample's
     interactions explain the output of its true class, not of the model's answer. The model is
     moved to ``cfg.device`` (and stays there), computes in eval mode and is left in the
-    train/eval mode it came in.
+    train/eval mode it came in. ``games_from``: other explanation folders whose cached games of
+    the same name (the same game: :func:`explain_games`) are linked into ``out`` instead of being
+    computed.
     Everything that would fail is checked before anything is written (:func:`check_explainable`).
     A rerun into the ``out`` of a finished explanation with the same settings, data, model and
     samples whose files are all intact (:func:`finished_explanation`) returns the saved
@@ -413,7 +416,8 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
     if out is not None:  # until the interactions are written, not only while games are computed
         lock_folder(Path(out), "an explanation run")
     games = explain_games(model, dataset, indices, cfg, out, role=role,
-                          params={"tau": tau, "split": split}, progress=progress, identity=identity)
+                          params={"tau": tau, "split": split}, progress=progress, identity=identity,
+                          games_from=[Path(f) for f in games_from])
     results = [x.with_info(predicted=int(p))
                for x, p in zip(decompose(games, cfg), predicted, strict=True)]
     if out is not None:
