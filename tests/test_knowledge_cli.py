@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -567,15 +568,15 @@ def test_the_analysis_reports_neighbouring_players_of_the_cells_drawn_for_each_s
             f"(chance {kept['chance_share']:.3f})") in out
 
 
-def _check_by_hand(xs, weights, background: str, baseline: str = "zero"):
-    """Each game of ``xs`` (grid:4x4 cells on smallcnn-s's 32x32 inputs) is the model's log-odds
-    on every coalition's input masked here by hand: the players not in S show the baseline (zero,
-    or ``shrink``: each value moved 2 toward 0), the pixels of no player the baseline
+def _check_by_hand(xs, weights, background: str, baseline: str = "zero", model: str = "smallcnn-s"):
+    """Each game of ``xs`` (grid:4x4 cells of the model's input) is the model's log-odds on every
+    coalition's input masked here by hand: the players not in S show the baseline (zero, or
+    ``shrink``: each value moved 2 toward 0), the pixels of no player the baseline
     (``baseline``), the image (``original``) or, averaged over the 10 games, a x + (1 - a) b for
     a = 0.1 ... 1.0 (``integrated``)."""
-    model = create_backbone("smallcnn-s", weights=str(weights)).eval()
-    data = preprocessed(open_dataset("synthetic:target", split="test"), model.preprocess)
-    side = model.spec.input_size[0] // 4  # cells of 8x8 pixels
+    net = create_backbone(model, weights=str(weights)).eval()
+    data = preprocessed(open_dataset("synthetic:target", split="test"), net.preprocess)
+    side = net.spec.input_size[0] // 4  # a 4x4 grid
     levels = {"baseline": [0.0], "original": [1.0], "integrated": [k / 10 for k in range(1, 11)]}
     for x in xs:
         assert x.meta["params"]["background"] == background
@@ -583,6 +584,7 @@ def _check_by_hand(xs, weights, background: str, baseline: str = "zero"):
         b = torch.zeros_like(image)
         if baseline == "shrink":
             b = torch.where(image > 2, image - 2, torch.where(image < -2, image + 2, b))
+            assert b.abs().max() > 0.1  # not the zero baseline: the check would not tell them apart
         cells = [tuple(map(int, name[5:].split(","))) for name in x.info["player_names"]]
         for s in range(1 << x.n):
             expected = []
@@ -592,7 +594,7 @@ def _check_by_hand(xs, weights, background: str, baseline: str = "zero"):
                     cell = (slice(None), slice(r * side, (r + 1) * side), slice(c * side, (c + 1) * side))
                     masked[cell] = (image if s >> i & 1 else b)[cell]
                 with torch.no_grad():
-                    z = model(masked[None])[0].double()
+                    z = net(masked[None])[0].double()
                 y = x.info["label"]
                 expected.append(float(z[y] - torch.logsumexp(torch.cat([z[:y], z[y + 1:]]), 0)))
             assert x.v[s] == pytest.approx(np.mean(expected), abs=1e-5)
@@ -632,18 +634,35 @@ def test_background_original_keeps_the_pixels_of_no_player_in_every_masked_input
 def test_the_integrated_background_and_the_shrink_baseline_are_the_games_written_out(tmp_path,
                                                                                      capsys):
     # Li & Zhang's integrated background (10 blends of image and baseline) and Liu et al.'s
-    # shrink baseline reach every masked input; another background is refused on rerun
-    weights = _classifier(tmp_path / "m.safetensors", 10)
-    explain = ["explain", "--model", "smallcnn-s", "--weights", weights, "--data",
-               "synthetic:target", "--players", "grid:4x4", "--n", 3, "--samples", 2, "--quiet"]
-    for background, baseline in (("integrated", "zero"), ("baseline", "shrink")):
+    # shrink baseline reach every masked input; another background is refused on rerun. Shrink
+    # on a network with ImageNet's normalisation: smallcnn's inputs lie within ±1, where it is zero
+    small = _classifier(tmp_path / "m.safetensors", 10)
+    torch.manual_seed(0)
+    resnet = tmp_path / "resnet.safetensors"
+    save_backbone(create_backbone("torchvision:resnet18", num_classes=10), resnet, {})
+    base = ["--data", "synthetic:target", "--samples", 2, "--quiet"]
+    common = [*base, "--players", "grid:4x4", "--n", 3]
+    for model, weights, background, baseline in (("smallcnn-s", small, "integrated", "zero"),
+                                                 ("torchvision:resnet18", resnet, "baseline", "shrink")):
         out = tmp_path / f"{background}-{baseline}"
-        rc, _, err = _run(capsys, *explain, "--background", background, "--baseline", baseline,
-                          "--out", out)
-        assert rc == 0, err
-        _check_by_hand(_interactions(out), weights, background, baseline)
-    rc, _, err = _run(capsys, *explain, "--out", tmp_path / "integrated-zero")
+        rc, _, err = _run(capsys, "explain", "--model", model, "--weights", weights, *common,
+                          "--background", background, "--baseline", baseline, "--out", out)
+        assert rc == 0 and "warning" not in err, err
+        _check_by_hand(_interactions(out), weights, background, baseline, model)
+    rc, _, err = _run(capsys, "explain", "--model", "smallcnn-s", "--weights", small, *common,
+                      "--out", tmp_path / "integrated-zero")
     assert rc == 2 and '(background: "integrated" before, "baseline" now)' in err, err
+    # where they change nothing, they say so: smallcnn's inputs; players that cover the image
+    for flags, needle in ((["--players", "grid:4x4", "--n", 3, "--baseline", "shrink"],
+                           "baseline 'shrink' is the zero baseline on these images: every value "
+                           "of the model's normalised input lies within ±2 of 0"),
+                          (["--players", "grid:2x2", "--background", "integrated"],
+                           "background 'integrated' is 'baseline' on these samples: the players "
+                           "cover every pixel")):
+        rc, _, err = _run(capsys, "explain", "--model", "smallcnn-s", "--weights", small, *base,
+                          *flags, "--out", tmp_path / "same")
+        assert rc == 0 and err.count("warning: ") == 1 and needle in err, err
+        shutil.rmtree(tmp_path / "same")
 
 
 def test_joint_decomposition_keeps_the_explain_meta_and_decomposes_checkpoints_alone(tmp_path,

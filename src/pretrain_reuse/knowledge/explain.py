@@ -80,6 +80,7 @@ from .games import (
     BACKGROUNDS,
     BASELINES,
     OUTPUTS,
+    SHRINK_TAU,
     LearnedBaseline,
     Players,
     baseline_input,
@@ -986,6 +987,7 @@ def _image_samples(model: Backbone, dataset: ImageDataset, indices: np.ndarray,
     data = preprocessed(dataset, model.preprocess)
     size = tuple(model.spec.input_size)
     xs = {int(i): data.load(int(i)) for i in indices}  # readable: checked by check_explainable
+    _warn_of_no_effect(dataset, indices, cfg, xs, size)
     mean = _data_mean(data, cfg).to(device) if cfg.baseline == "mean" else None
 
     mean_key = {} if mean is None else {"mean": _tensor_hash(mean)}
@@ -1007,6 +1009,25 @@ def _image_samples(model: Backbone, dataset: ImageDataset, indices: np.ndarray,
             model, x, label, players, cfg, mean), ends)
 
     return setup
+
+
+def _warn_of_no_effect(dataset: ImageDataset, indices: np.ndarray, cfg: ExplainConfig,
+                       xs: dict[int, torch.Tensor], size: tuple[int, int]) -> None:
+    """Warn of a masking option that gives the default's games on these samples (the model's
+    inputs ``xs``): it would read as a setting that was compared and made no difference."""
+    if cfg.baseline == "shrink" and all(bool((x.abs() <= SHRINK_TAU).all()) for x in xs.values()):
+        warnings.warn(
+            f"baseline 'shrink' is the zero baseline on these images: every value of the model's "
+            f"normalised input lies within ±{SHRINK_TAU:g} of 0 (the normalisation's mean colour), "
+            "so shrinking toward it leaves nothing (it differs where values exceed that, as "
+            "under ImageNet's normalisation)", stacklevel=2)
+    if cfg.background == "integrated" and not any(
+            (sample_players(dataset, int(i), cfg, size).masks.sum(0) == 0).any() for i in indices):
+        warnings.warn(
+            "background 'integrated' is 'baseline' on these samples: the players cover every "
+            "pixel, so there is no pixel of no player to blend and the 10 blends cost 10 times "
+            "the forward passes for the same games; draw fewer grid cells (n) to leave some",
+            stacklevel=2)
 
 
 def _data_mean(data: ImageDataset, cfg: ExplainConfig) -> torch.Tensor:
