@@ -290,6 +290,16 @@ def test_a_sentence_file_is_refused_as_images_naming_the_commands_that_read_it(t
         open_dataset(tmp_path / name)
 
 
+def test_a_list_without_header_whose_first_class_is_named_text_is_a_list_of_images(tmp_path):
+    # its first row (an image, class "text") was taken for the header of a sentence file
+    for i in range(4):
+        _write_image(tmp_path / f"{i}.png", i)
+    (tmp_path / "l.csv").write_text("0.png,text\n1.png,figure\n2.png,text\n3.png,figure\n")
+    ds = open_dataset(tmp_path / "l.csv")
+    assert ds.ids == ["0.png", "1.png", "2.png", "3.png"] and ds.class_names == ["figure", "text"]
+    assert ds.labels.tolist() == [1, 0, 1, 0]
+
+
 def test_a_space_separated_list_is_told_that_list_files_are_comma_separated(tmp_path):
     # ImageNet's val.txt style; the message only said the paths were relative to the list
     _write_image(tmp_path / "cat" / "0.png", 0)

@@ -990,7 +990,7 @@ def test_uot_selects_the_pre_training_topics_of_a_text_target_with_real_sentence
 
 @pytest.mark.parametrize("model,data,extra,needle", [
     ("smallcnn-s", "sentences", [], "smallcnn-s is an image model but --data holds sentences"),
-    ("encoder", "images", [], "is a text model but --data holds images"),
+    ("encoder", "images", [], "is a text model but --data is no sentence file"),
     ("encoder", "sentences", ["--split", "train"], "--split picks a sub-folder"),
     ("encoder", "sentences", ["--image-size", "64"], "--image-size applies to images"),
     ("encoder", "mixed", [], 'line 2 has no label but the lines before it do'),

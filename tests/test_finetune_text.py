@@ -235,7 +235,7 @@ def test_reuse_of_sentence_clusters_is_one_line_naming_class_units(files, tmp_pa
     (["--mode", "reuse", "--source", "POOL", "--selection", "SEL", "--source-bn", "target"],
      "source_bn applies to images, not to the sentences"),
     (["--model", "smallcnn"], "smallcnn is an image model but --target holds sentences"),
-    (["--target-test", "synthetic:target-0"], "is a text model but --target-test holds images"),
+    (["--target-test", "synthetic:target-0"], "is a text model but --target-test is no sentence file"),
 ])
 def test_what_sentences_cannot_take_is_one_line(files, tmp_path, capsys, extra, needle):
     (tmp_path / "sel.json").write_text(json.dumps({"kind": "selection", "selected": [2, 3],
@@ -257,7 +257,7 @@ def test_what_sentences_cannot_take_is_one_line(files, tmp_path, capsys, extra, 
 
 
 @pytest.mark.parametrize("model, data, needle", [
-    ("bert", ["--target", "synthetic:target"], "is a text model but --target holds images"),
+    ("bert", ["--target", "synthetic:target"], "is a text model but --target is no sentence file"),
     ("smallcnn", ["--target", "TRAIN", "--target-test", "TEST"],
      "smallcnn is an image model but --target holds sentences"),
     ("smalcnn", ["--target", "synthetic:target"], "model='smalcnn' is not one of"),
@@ -394,7 +394,7 @@ def test_an_experiment_refuses_a_model_of_the_other_modality_before_reading_the_
     rc, _, err = run(capsys, "experiment", "table1", "--model", f"hf:{files['bert']}", "--source",
                      "synthetic:pretrain", "--target", "synthetic:target", "--out",
                      tmp_path / "exp", "--quiet")
-    assert rc == 2 and "is a text model but the target data holds images" in err
+    assert rc == 2 and "is a text model but the target data is no sentence file" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "exp").exists()
 
 

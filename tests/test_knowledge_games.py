@@ -124,6 +124,40 @@ def test_learned_baseline_reaches_the_closed_form_minimum_of_a_linear_game():
     assert net[1].weight.grad is None  # only the baseline was differentiated
 
 
+def _columns_of_three(background: str):
+    """Players: the first two columns of a 1x2x3 image; the third is of no player."""
+    masks = np.zeros((2, 2, 3), bool)
+    masks[0, :, 0] = masks[1, :, 1] = True
+    return mask_players(masks, background=background)
+
+
+def test_the_integrated_background_of_a_linear_game_is_its_mean_blend():
+    # for a linear log-odds, the mean over the blends a = 0.1 ... 1.0 of the pixels of no player
+    # is the blend at the mean a = 0.55: v(S) = w.(m_S x + (1 - m_S) b) with m = 0.55 there
+    torch.manual_seed(0)
+    x, b, w = torch.randn(1, 2, 3), torch.randn(1, 2, 3), torch.randn(6)
+    v = masked_game(_linear(w.tolist()), x, 0, _columns_of_three("integrated"), b)
+    for s in range(4):
+        m = torch.tensor([[s & 1, s >> 1 & 1, 0.55]] * 2).view(1, 2, 3)
+        assert v[s] == pytest.approx(float(w @ (m * x + (1 - m) * b).flatten()), abs=1e-6)
+
+
+def test_a_baseline_learned_under_the_integrated_background_reaches_the_closed_form_minimum():
+    # x = 1, b = -1 at the start, the third column's b fixed at -1 (its box is a point), so it
+    # shows 0.55 - 0.45 = 0.1 per pixel: I(∅) = Σ_players b + 0.2, I({i}) = Σ_col i (1 - b), the
+    # rest 0; Σ|I| starts at 3.8 + 4 + 4 = 11.8 and its minimum is |v(N)| = 4 + 0.2 (with the
+    # baseline background the third column would show -1: 14 and 2)
+    net = _linear([1.0] * 6)
+    x, init = torch.ones(1, 2, 3), torch.full((1, 2, 3), -1.0)
+    lower, upper = init - 1, init + 3
+    lower[..., 2] = upper[..., 2] = -1.0
+    res = learn_baseline(net, x, 0, _columns_of_three("integrated"), init, lower, upper, lr=0.05,
+                         steps=80)
+    assert res.loss[0] == pytest.approx(11.8)
+    assert res.loss[res.best_step] == pytest.approx(4.2, abs=1e-6)
+    torch.testing.assert_close(res.baseline[..., 2], torch.full((1, 2), -1.0))
+
+
 def test_learned_baseline_stays_in_its_box_and_stops_at_the_binding_bound():
     # the box [-1.2, -0.5] excludes the unconstrained optimum: the best b is the upper bound
     # -0.5 everywhere, where Σ|I| = |w.b| + 2 * 2 * 1.5 = 2 + 6 = 8

@@ -378,15 +378,31 @@ def test_csv_sentence_files_read_as_the_same_sentences_in_jsonl(tmp_path):
     (tmp_path / "u.csv").write_text("text\nhello\n\nbye\n")
     unlabelled = text_file(tmp_path / "u.csv", need_labels=False)
     assert unlabelled.labels is None and unlabelled.ids == ["u.csv:2", "u.csv:4"]
-    # a list of images is no sentence file, a missing file neither
-    (tmp_path / "images.csv").write_text("path,label\na.png,0\n")
+    # pandas writes an integer column with a missing value as floats: 10.0 is the index 10
+    (tmp_path / "f.csv").write_text("text,label\na,1.0\nb,0.0\nc,10.0\nd,2.5\n")
+    with pytest.raises(PretrainReuseError, match=r"line 5 has the label '2\.5', a class name"):
+        text_file(tmp_path / "f.csv")
+    (tmp_path / "f.csv").write_text("text,label\na,1.0\nb,0.0\nc,10.0\n")
+    assert text_file(tmp_path / "f.csv").labels.tolist() == [1, 0, 10]
+    # lists of images are no sentence files: with a header naming paths, or without a header
+    # whose first image is of a class named "text"
+    (tmp_path / "images.csv").write_text("path,label,text\na.png,0,a caption\n")
+    (tmp_path / "headerless.csv").write_text("0.png,text\n1.png,figure\n")
     assert not is_sentence_file(tmp_path / "images.csv")
-    assert not is_sentence_file(tmp_path / "missing.csv")
+    assert not is_sentence_file(tmp_path / "headerless.csv")
+    # a .csv that does not exist cannot be told: it is refused as missing
+    with pytest.raises(PretrainReuseError, match=r"missing\.csv' does not exist"):
+        is_sentence_file(tmp_path / "missing.csv")
 
 
 @pytest.mark.parametrize(("name", "text", "needle"), [
-    ("u.csv", "text\nhello\n", r"holds unlabelled sentences \(line 2 has no label\).*add a label "
-                                r"column"),
+    ("u.csv", "Text,Sentiment\nhello,1\n", r"holds unlabelled sentences \(line 2 has no label\)"
+                                         r".*add a label column \(named label, class, target, "
+                                         r"category, y\)"),
+    ("two.csv", "text,sentence,label\nhello,hi,1\n", r"has 2 text columns \(text, sentence\); "
+                                                    r"keep one"),
+    ("neg.csv", "text,label\nhello,-1\n", r"label -1; integer labels are class indices 0\.\.C-1 "
+                                         r"\(give unlabelled samples a file of their own"),
     ("e.csv", "text,label\nhello,1\nbye,\n", r"line 3 must be a row with a non-empty text cell "
                                             r"and a label"),
     ("t.csv", 'text,label\n"",1\n', "line 2 must be a row with a non-empty text cell"),

@@ -59,7 +59,7 @@ _PATH_HEADERS = {"path", "file", "filename", "filepath", "file_path", "image", "
 #: Column names of a label column in the header row of a CSV list of images or of sentences.
 LABEL_HEADERS = ("label", "class", "target", "category", "y")
 #: Column names of the text column of a CSV file of sentences: a header row naming one makes the
-#: file sentences, not a list of images.
+#: file sentences, not a list of images (:func:`names_text_column`).
 TEXT_HEADERS = ("text", "sentence")
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -500,7 +500,7 @@ def file_list(path: str | Path, *, mode: str = "RGB",
             enumerate(csv.reader(io.StringIO(text), delimiter=delimiter), start=1)
             if any(c.strip() for c in row)]
     json_lines = p.suffix.lower() == ".jsonl" or first.lstrip().startswith("{")
-    if json_lines or (rows and any(c.lower() in TEXT_HEADERS for c in rows[0][1])):
+    if json_lines or (rows and names_text_column(rows[0][1])):
         raise PretrainReuseError(
             f"data: {str(p)!r} holds {'JSON lines' if json_lines else 'a text column'} "
             "(sentences for a text model?), not images; this command needs images (an image "
@@ -555,6 +555,15 @@ def _require_some_path(ids: list[str], list_path: Path, delimiter: str) -> None:
         f"relative to the list file's folder: fix them or move the list{spaced}")
 
 
+def names_text_column(row: list[str]) -> bool:
+    """Whether the first row ``row`` of a CSV file is the header of a file of sentences: it names
+    a text column (:data:`TEXT_HEADERS`) and no path column, and no cell is an image file name
+    (a list of images without a header whose first image is of a class named "text")."""
+    cells = [c.strip().lower() for c in row]
+    return (any(c in TEXT_HEADERS for c in cells) and not any(c in _PATH_HEADERS for c in cells)
+            and not any(c.endswith(IMG_EXTENSIONS) for c in cells))
+
+
 def _is_header(row: list[str]) -> bool:
     return row[0].lower() in _PATH_HEADERS or (len(row) > 1 and row[1].lower() in LABEL_HEADERS)
 
@@ -582,7 +591,7 @@ def _parse_labels(cells: list[str], list_path: Path) -> tuple[np.ndarray, list[s
         if bad is not None:  # read as names, -1 would become a class of its own
             raise PretrainReuseError(
                 f"data: {str(list_path)!r} has the label {bad}; integer labels are class indices "
-                "0..C-1 (give unlabelled images a list of their own, without labels)")
+                "0..C-1 (give unlabelled samples a file of their own, without labels)")
         labels = np.asarray([int(c) for c in cells], np.int64)
         names_file = list_path.parent / "classes.txt"
         names = read_class_names(names_file) if names_file.exists() else None

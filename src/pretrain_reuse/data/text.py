@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 
 from ..errors import PretrainReuseError, check_file
-from .datasets import LABEL_HEADERS, TEXT_HEADERS, Batch, _is_integer, _parse_labels
+from .datasets import LABEL_HEADERS, TEXT_HEADERS, Batch, _is_integer, _parse_labels, names_text_column
 
 
 @dataclass
@@ -87,13 +88,14 @@ class TextDataset:
 
 def is_sentence_file(path) -> bool:
     """Whether ``path`` names a file of sentences: a ``.jsonl`` file (by its suffix, in any case),
-    or a ``.csv`` / ``.tsv`` file whose header row names a text column (:data:`TEXT_HEADERS`); a
-    CSV file without one is a list of images."""
+    or a ``.csv`` / ``.tsv`` file whose header row names a text column
+    (:func:`~.datasets.names_text_column`); a CSV file without one is a list of images. A
+    ``.csv`` / ``.tsv`` path that does not exist is refused here, as what it holds cannot be told."""
     p = Path(str(path))
     suffix = p.suffix.lower()
     if suffix == ".jsonl":
         return True
-    return suffix in (".csv", ".tsv") and p.is_file() and _csv_header(p) is not None
+    return suffix in (".csv", ".tsv") and check_file("data", p).is_file() and _csv_header(p) is not None
 
 
 class _Form(NamedTuple):
@@ -106,7 +108,8 @@ class _Form(NamedTuple):
 _JSONL = _Form(row='an object with a non-empty "text" string and a "label" (class index or name)',
                rows='{"label": ..., "text": ...} lines', label='give each line a "label"')
 _CSV = _Form(row="a row with a non-empty text cell and a label (class index or name)",
-             rows="text,label rows under a text,label header row", label="add a label column")
+             rows="text,label rows under a text,label header row",
+             label=f"add a label column (named {', '.join(LABEL_HEADERS)})")
 
 
 def text_file(path, *, need_labels: bool = True) -> TextDataset:
@@ -150,7 +153,7 @@ def _csv_header(p: Path) -> tuple[str, list[str]] | None:
         return None
     delimiter = "\t" if p.suffix.lower() == ".tsv" or "\t" in first else ","
     names = [c.strip().lower() for c in next(csv.reader([first], delimiter=delimiter), [])]
-    return (delimiter, names) if any(n in TEXT_HEADERS for n in names) else None
+    return (delimiter, names) if names_text_column(names) else None
 
 
 def _csv_rows(text: str, p: Path) -> list[tuple[int, dict[str, str], str]]:
@@ -164,9 +167,13 @@ def _csv_rows(text: str, p: Path) -> list[tuple[int, dict[str, str], str]]:
             f"row naming it ({' or '.join(TEXT_HEADERS)}), e.g. text,label; a CSV file without "
             "one is a list of images")
     delimiter, names = header
-    columns = {"text": next(i for i, n in enumerate(names) if n in TEXT_HEADERS)}
-    for key, known in (("label", LABEL_HEADERS), ("id", ("id",))):
+    columns = {}
+    for key, known in (("text", TEXT_HEADERS), ("label", LABEL_HEADERS), ("id", ("id",))):
         found = [i for i, n in enumerate(names) if n in known]
+        if len(found) > 1:
+            raise PretrainReuseError(
+                f"data: {str(p)!r} has {len(found)} {key} columns "
+                f"({', '.join(names[i] for i in found)}); keep one (or rename the others)")
         if found:
             columns[key] = found[0]
     reader = csv.reader(io.StringIO(text), delimiter=delimiter)
@@ -180,6 +187,8 @@ def _csv_rows(text: str, p: Path) -> list[tuple[int, dict[str, str], str]]:
             continue
         row = {key: cells[i].strip() if key != "text" else cells[i]
                for key, i in columns.items() if i < len(cells)}
+        if "label" in row:  # pandas writes an integer column with a missing value as floats
+            row["label"] = re.sub(r"^(\d+)\.0+$", r"\1", row["label"])
         rows.append((number, row, delimiter.join(cells)))
     return rows
 

@@ -1021,13 +1021,14 @@ def _warn_of_no_effect(dataset: ImageDataset, indices: np.ndarray, cfg: ExplainC
             f"normalised input lies within ±{SHRINK_TAU:g} of 0 (the normalisation's mean colour), "
             "so shrinking toward it leaves nothing (it differs where values exceed that, as "
             "under ImageNet's normalisation)", stacklevel=2)
-    if cfg.background == "integrated" and not any(
+    if cfg.background != "baseline" and not any(
             (sample_players(dataset, int(i), cfg, size).masks.sum(0) == 0).any() for i in indices):
+        cost = (" and the 10 blends cost 10 times the forward passes"
+                if cfg.background == "integrated" else "")
         warnings.warn(
-            "background 'integrated' is 'baseline' on these samples: the players cover every "
-            "pixel, so there is no pixel of no player to blend and the 10 blends cost 10 times "
-            "the forward passes for the same games; draw fewer grid cells (n) to leave some",
-            stacklevel=2)
+            f"background {cfg.background!r} is 'baseline' on these samples: the players cover "
+            f"every pixel, so there is no pixel of no player to show{cost}; the games are the "
+            "same (draw fewer grid cells, n, to leave some)", stacklevel=2)
 
 
 def _data_mean(data: ImageDataset, cfg: ExplainConfig) -> torch.Tensor:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import PretrainReuseError, check_choice, is_integer, is_number
 from ..runtime import full_float32
@@ -222,13 +223,20 @@ def image_values(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     levels = {"baseline": (0.0,), "original": (1.0,), "integrated": INTEGRATED_LEVELS}
     levels = levels[players.background]
 
+    def blend(baseline: torch.Tensor, shown: torch.Tensor, a: float) -> torch.Tensor:
+        m = (shown + a * outside).view(-1, 1, *x.shape[-2:])
+        return class_output(model(m * x + (1 - m) * baseline), label, output)
+
     def values(baseline: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
         shown = (bits.to(x.dtype) @ p).clamp_(max=1.0)
-        v = 0
-        for a in levels:
-            m = (shown + a * outside).view(-1, 1, *x.shape[-2:])
-            v = v + class_output(model(m * x + (1 - m) * baseline), label, output)
-        return v / len(levels)
+        if len(levels) == 1:
+            return blend(baseline, shown, levels[0])
+        if not torch.is_grad_enabled():
+            return sum(blend(baseline, shown, a) for a in levels) / len(levels)
+        # a learned baseline's gradient would hold the graphs of all the blends at once: each
+        # is recomputed in the backward pass instead, so memory holds one batch's graph
+        return sum(checkpoint(blend, baseline, shown, a, use_reentrant=False)
+                   for a in levels) / len(levels)
 
     return values
 

@@ -174,12 +174,12 @@ def check_modality(model: str, modality: str | None, sentences: bool, what: str)
     model is built. ``what`` names the data in the message: its flag (``--target``), or ``the
     target data`` of an experiment."""
     text = modality == "text"
-    held = "images (sentences come in .jsonl files, or .csv files with a text column)"
     if modality is not None and sentences != text:
         # data is told sentences by its suffix (and a CSV's header): a .json or .txt is not
+        held = ("is no sentence file (sentences come in .jsonl files, or .csv / .tsv files "
+                "whose header row names a text or sentence column)" if text else "holds sentences")
         raise PretrainReuseError(
-            f"{model} is {'a text' if text else 'an image'} model but {what} holds "
-            f"{held if text else 'sentences'}; "
+            f"{model} is {'a text' if text else 'an image'} model but {what} {held}; "
             f"pass {'sentence files' if text else 'images'} or "
             f"{'an image' if text else 'a text'} model (--model)")
 
