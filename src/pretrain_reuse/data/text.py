@@ -22,6 +22,7 @@ sentences to embed) and ``id`` (optional); other columns are ignored. A text hol
 delimiter, quotes or line breaks is quoted as the ``csv`` module (and pandas' ``to_csv``) writes
 it; a row is numbered by the line it starts on.
 """
+
 from __future__ import annotations
 
 import csv
@@ -144,8 +145,8 @@ def _jsonl_rows(text: str, p: Path) -> list[tuple[int, Any, str]]:
 
 def _csv_header(p: Path) -> tuple[str, list[str]] | None:
     """The delimiter and lower-case column names of the CSV/TSV file ``p`` when its first
-    non-empty line names a text column (:data:`TEXT_HEADERS`), else None (also for a file that
-    cannot be read as UTF-8 text)."""
+    non-empty line is a sentence file's header (:func:`~.datasets.names_text_column`), else None
+    (also for a file that cannot be read as UTF-8 text)."""
     try:
         with open(p, encoding="utf-8-sig", newline="") as fh:
             first = next((line for line in fh if line.strip()), "")

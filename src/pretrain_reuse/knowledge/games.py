@@ -220,8 +220,8 @@ def image_values(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     p = torch.from_numpy(players.masks).to(x.device, x.dtype).reshape(n, -1)
     outside = (p.sum(0) == 0).to(x.dtype)
     # how much of the image the pixels of no player show: one level, or the integrated blends
-    levels = {"baseline": (0.0,), "original": (1.0,), "integrated": INTEGRATED_LEVELS}
-    levels = levels[players.background]
+    levels = {"baseline": (0.0,), "original": (1.0,),
+              "integrated": INTEGRATED_LEVELS}[players.background]
 
     def blend(baseline: torch.Tensor, shown: torch.Tensor, a: float) -> torch.Tensor:
         m = (shown + a * outside).view(-1, 1, *x.shape[-2:])
