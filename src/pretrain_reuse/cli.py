@@ -806,7 +806,7 @@ def _snapshots(model: str, path: str, flag: str, quiet: bool) -> list:
 def _add_explain_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True,
                    help="labelled data: image folder, list or data set name; or a sentence "
-                   "file (.jsonl, or .csv with a text column) (with --players tokens)")
+                   "file (.jsonl, or .csv / .tsv with a text column) (with --players tokens)")
     p.add_argument("--split", help="split of an embedded data set or of a folder of split "
                    "folders (default: test, where there is one)")
     p.add_argument("--players", default="grid:3x3",
@@ -989,7 +989,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--weights", help="local weights file (.safetensors or a torch state dict)")
     e.add_argument("--data", required=True, help="image folder (a sub-folder per class, or flat), "
                    "comma-separated path,label list, or a data set name such as synthetic:pretrain; "
-                   "or a sentence file (.jsonl of {\"text\": ..., \"label\": ...} lines, or .csv "
+                   "or a sentence file (.jsonl of {\"text\": ..., \"label\": ...} lines, or .csv / .tsv "
                    "with a text column; labels optional) for a text backbone")
     e.add_argument("--split", help="sub-folder / split of --data (train, test...)")
     e.add_argument("--layer", default="penultimate", help="penultimate | head | logits")
@@ -1087,7 +1087,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a text model (hf:<folder>)")
     f.add_argument("--weights", help="local weights of the pre-trained backbone")
     f.add_argument("--target", required=True, help="target training data: folder, list or name; "
-                   "for a text model a sentence file (.jsonl, or .csv with a text column)")
+                   "for a text model a sentence file (.jsonl, or .csv / .tsv with a text column)")
     f.add_argument("--target-test", help="target test data (default: the test split of a "
                    "named set or of a folder of split folders)")
     f.add_argument("--source", help="pre-training data (reuse modes; sentences for a text model)")
@@ -1119,7 +1119,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--weights", help="the classifier's weights (runs/<name>/model.safetensors)")
     v.add_argument("--data", required=True,
                    help="image folder, list file or embedded data set (synthetic:target); or a "
-                   "sentence file (.jsonl, or .csv with a text column) for a text classifier")
+                   "sentence file (.jsonl, or .csv / .tsv with a text column) for a text classifier")
     v.add_argument("--split", help="split of an embedded data set or of a folder of split "
                    "folders (default: test, where there is one)")
     v.add_argument("--corruption", metavar="NAME:SEVERITY",

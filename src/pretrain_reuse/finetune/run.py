@@ -148,9 +148,9 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
         if not Path(str(target)).exists():  # a typo, not a folder without its test split
             raise PretrainReuseError(f"--target {str(target)!r} does not exist; pass an image "
                                      "folder, a list file, an embedded data set name or a "
-                                     "sentence file (.jsonl or .csv)")
+                                     "sentence file (.jsonl, .csv or .tsv)")
         raise PretrainReuseError("pass --target-test with the test data (folder, list file or "
-                                 "sentence file: .jsonl or .csv)")
+                                 "sentence file: .jsonl, .csv or .tsv)")
     # a model of the other modality is refused before the data is read (listing a large image
     # folder takes long), where its name or configuration files tell its modality
     modality = model_modality(model)

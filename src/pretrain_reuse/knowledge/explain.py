@@ -979,7 +979,7 @@ def _check_pairing(model: Backbone, dataset: ImageDataset | TextDataset, cfg: Ex
     if tokens != isinstance(dataset, TextDataset):
         raise PretrainReuseError(
             f"players={cfg.players!r} does not fit the data {dataset.source!r}: token players "
-            "need sentences (a .jsonl or .csv sentence file), the others images")
+            "need sentences (a .jsonl, .csv or .tsv sentence file), the others images")
 
 
 def _image_samples(model: Backbone, dataset: ImageDataset, indices: np.ndarray,
