@@ -1437,20 +1437,28 @@ def test_an_analysis_of_an_earlier_version_is_recomputed_by_a_rerun(tmp_path, ca
 
 def test_a_cached_game_that_is_not_the_models_is_computed_again(tmp_path, capsys):
     # a valid .npy of the right shape and dtype, but not the model's game (zeroed, or another
-    # model's values): its v(N) and v(∅) differ from two forward passes, so it is redone; the
-    # games that are the model's are reused as they are (not written again)
-    argv, first, games = _explained_with_cache(tmp_path, capsys, samples=3)
+    # model's values): its v(N) and v(∅) differ from two forward passes, so it is redone; one
+    # whose ends are intact but a value inside changed differs from the content hash recorded
+    # beside it, and is redone too; the games that are the model's are reused as they are (not
+    # written again), also one of an earlier version that records no hash
+    argv, first, games = _explained_with_cache(tmp_path, capsys, samples=5)
     np.save(games[0], np.zeros(16))
     np.save(games[1], np.load(games[1]) + 0.5)
+    inside = np.load(games[3])
+    inside[5] += 0.5
+    np.save(games[3], inside)
+    games[4].with_suffix(".json").unlink()
     stamp = 1_000_000_000_000_000_000
-    os.utime(games[2], ns=(stamp, stamp))
+    for path in (games[2], games[4]):
+        os.utime(path, ns=(stamp, stamp))
     assert _run(capsys, *argv)[0] == 0
     for x, y in zip(first, _interactions(tmp_path / "x"), strict=True):
         np.testing.assert_array_equal(x.v, y.v)
     by_name = {x.info["game"]: x.v for x in first}
     for path in games:
         np.testing.assert_array_equal(np.load(path), by_name[path.stem.split("-")[1]])
-    assert games[2].stat().st_mtime_ns == stamp
+    assert games[2].stat().st_mtime_ns == games[4].stat().st_mtime_ns == stamp
+    assert not games[4].with_suffix(".json").exists()
 
 
 @pytest.mark.parametrize("trained", [["c1", "c0"], ["c0", "c1"]])

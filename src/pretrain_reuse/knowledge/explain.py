@@ -11,19 +11,20 @@ output folder, so an interrupted run resumes where it stopped. A cached game is 
 of everything that determines it (the model's parameters and buffers, the preprocessed input, the
 players, the label, the baseline and its options, the output), so a rerun with other settings or
 another model computes its own games instead of reusing another run's (the cache keeps both); a
-cached game that cannot be read (a truncated or foreign file), or whose v(N) and v(∅) are not what
-two forward passes of the model give (a zeroed or overwritten file: :data:`ENDS_RTOL`), is
-computed again (a learned baseline itself is not cached, so its games are checked by their format
-only). A learned baseline's fit (its loss at the start and at the iterate kept) is cached beside
-its game and recorded in each sample's ``info["baseline_fit"]``. The folder is
-marked as explain's by ``explain.json``, written before anything else: only a new or empty folder
-or one so marked is written to. The marker records what the run was given (:func:`rerun_identity`:
-its settings, data and model): a rerun with the same resumes it, redoes what is missing or
-damaged, or, finding it finished and intact, writes nothing (:func:`finished_explanation`); one
-with others is refused (:func:`check_rerun`), so a finished explanation is never overwritten by
-another. In a
-folder of an earlier version, which records none, the outputs of the earlier run that this run
-does not rewrite (the interactions of samples beyond ``samples``, ``salient.png``) are deleted.
+cached game that cannot be read (a truncated or foreign file), whose content hash is not the one
+recorded beside it (a value changed anywhere in the file: :data:`GAME_HASH`), or whose v(N) and
+v(∅) are not what two forward passes of the model give (a zeroed or overwritten file, record
+included: :data:`ENDS_RTOL`; a learned baseline itself is not cached, so its games are checked by
+their format and hash only), is computed again. A learned baseline's fit (its loss at the start
+and at the iterate kept) is recorded beside its game and in each sample's
+``info["baseline_fit"]``. The folder is marked as explain's by ``explain.json``, written before
+anything else: only a new or empty folder or one so marked is written to. The marker records what
+the run was given (:func:`rerun_identity`: its settings, data and model): a rerun with the same
+resumes it, redoes what is missing or damaged, or, finding it finished and intact, writes
+nothing (:func:`finished_explanation`); one with others is refused (:func:`check_rerun`), so a
+finished explanation is never overwritten by another. In a folder of an earlier version,
+which records none, the outputs of the earlier run that this run does not rewrite (the
+interactions of samples beyond ``samples``, ``salient.png``) are deleted.
 """
 
 from __future__ import annotations
@@ -732,8 +733,8 @@ def explain_games(model: Backbone, dataset: ImageDataset | TextDataset, indices:
                 v, fit = sample.compute(label)
                 _check_finite(v, role, model, dataset.ids[i])
                 if cache is not None:
-                    if fit is not None:  # before the game: a cached game without its fit is redone
-                        write_json(cache.with_suffix(".json"), fit)
+                    # before the game: a game without its record (or with another game's) is redone
+                    write_json(cache.with_suffix(".json"), {**(fit or {}), GAME_HASH: hash_array(v)})
                     with atomic_path(cache) as tmp, open(tmp, "wb") as fh:
                         np.save(fh, v)
             else:
@@ -876,19 +877,32 @@ def _remove_stale(folder: Path, patterns: list[str], written: list[Path]) -> Non
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
+#: The key of a cached game's record (``path`` with ``.json``) that holds the game's content
+#: hash (:func:`~pretrain_reuse.artifacts.hash_array`); a learned baseline's fit is beside it.
+GAME_HASH = "game_sha256"
+
+
 def _cached_game(path: Path, n: int, *, fitted: bool) -> tuple[np.ndarray, dict | None] | None:
     """The game of ``n`` players cached at ``path`` and, when its baseline was ``fitted``
-    (learned), the fit beside it (``path`` with ``.json``); None when there is none, or the
-    game is not a .npy array of 2^n finite float64 values (truncated, overwritten, another
-    program's) or its fit is unreadable, which the caller then computes again and writes over."""
+    (learned), the fit recorded beside it (``path`` with ``.json``); None when there is none, or
+    the game is not a .npy array of 2^n finite float64 values (truncated, overwritten, another
+    program's), or its record is unreadable or holds another content hash (a changed value
+    anywhere in the file), which the caller then computes again and writes over. A game cached
+    by an earlier version has no hash in its record (or no record, with a fixed baseline): it is
+    checked by its format and its two end values only."""
+    record = path.with_suffix(".json")
     try:
         with open(path, "rb") as fh:
             v = np.lib.format.read_array(fh, allow_pickle=False)
-        fit = json.loads(path.with_suffix(".json").read_text()) if fitted else None
+        kept = json.loads(record.read_text()) if fitted or record.exists() else {}
     except (OSError, ValueError, EOFError):  # JSONDecodeError and UnicodeDecodeError included
         return None
-    ok = v.dtype == np.float64 and v.shape == (1 << n,) and np.isfinite(v).all()
-    return (v, fit) if ok and (not fitted or isinstance(fit, dict)) else None
+    if not (v.dtype == np.float64 and v.shape == (1 << n,) and np.isfinite(v).all()
+            and isinstance(kept, dict)):
+        return None
+    if GAME_HASH in kept and kept[GAME_HASH] != hash_array(v):
+        return None
+    return v, ({k: value for k, value in kept.items() if k != GAME_HASH} if fitted else None)
 
 
 #: How far a cached game's v(N) and v(∅) may lie from the model's own, relative to the game's
