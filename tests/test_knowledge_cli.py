@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from pretrain_reuse import load
-from pretrain_reuse.artifacts import safetensors_header
+from pretrain_reuse.artifacts import hash_array, safetensors_header
 from pretrain_reuse.cli import main
 from pretrain_reuse.data import open_dataset
 from pretrain_reuse.embed import preprocessed
@@ -300,11 +300,21 @@ def test_a_learned_baseline_never_gives_denser_interactions_than_its_zero_start(
         assert fit["steps"] == 3 and 0 <= fit["best_step"] <= 3 and z.info["baseline_fit"] is None
         assert fit["loss"] == pytest.approx(np.abs(harsanyi_and(x.v)).sum(), rel=1e-9)
         assert fit["loss_initial"] == pytest.approx(np.abs(harsanyi_and(z.v)).sum(), rel=1e-6)
-    # a rerun reads the games and their fits from the cache
+    # a rerun reads the games and their fits from the cache (the interactions deleted: none is
+    # finished); a game whose inside changed (a learned game has no end values to check) differs
+    # from its recorded hash and is learned again, to the same game
+    for f in (tmp_path / "learned").glob("interactions-*.safetensors"):
+        f.unlink()
+    changed = sorted((tmp_path / "learned" / "games").glob("*.npy"))[0]
+    inside = np.load(changed)
+    inside[2] += 1.0
+    np.save(changed, inside)
     assert _run(capsys, *common, "--baseline", "learned", "--baseline-steps", 3,
                 "--baseline-lr", 0.01, "--out", tmp_path / "learned")[0] == 0
     again = [load(f) for f in sorted((tmp_path / "learned").glob("interactions-*.safetensors"))]
     assert [x.info["baseline_fit"] for x in again] == [x.info["baseline_fit"] for x in learned]
+    for x, y in zip(learned, again, strict=True):
+        np.testing.assert_array_equal(x.v, y.v)
 
 
 def test_a_run_that_would_not_fit_in_memory_is_refused(tmp_path, capsys, monkeypatch):
@@ -1440,7 +1450,8 @@ def test_a_cached_game_that_is_not_the_models_is_computed_again(tmp_path, capsys
     # model's values): its v(N) and v(∅) differ from two forward passes, so it is redone; one
     # whose ends are intact but a value inside changed differs from the content hash recorded
     # beside it, and is redone too; the games that are the model's are reused as they are (not
-    # written again), also one of an earlier version that records no hash
+    # written again), also one of an earlier version that records no hash, whose record is
+    # then written
     argv, first, games = _explained_with_cache(tmp_path, capsys, samples=5)
     np.save(games[0], np.zeros(16))
     np.save(games[1], np.load(games[1]) + 0.5)
@@ -1458,7 +1469,8 @@ def test_a_cached_game_that_is_not_the_models_is_computed_again(tmp_path, capsys
     for path in games:
         np.testing.assert_array_equal(np.load(path), by_name[path.stem.split("-")[1]])
     assert games[2].stat().st_mtime_ns == games[4].stat().st_mtime_ns == stamp
-    assert not games[4].with_suffix(".json").exists()
+    record = json.loads(games[4].with_suffix(".json").read_text())
+    assert record == {"game_sha256": hash_array(np.load(games[4]))}
 
 
 @pytest.mark.parametrize("trained", [["c1", "c0"], ["c0", "c1"]])

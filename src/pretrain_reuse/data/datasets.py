@@ -495,7 +495,7 @@ def file_list(path: str | Path, *, mode: str = "RGB",
         ) from None
     lines = text.splitlines()
     first = next((line for line in lines if line.strip()), "")
-    delimiter = "\t" if p.suffix.lower() == ".tsv" or "\t" in first else ","
+    delimiter = csv_delimiter(p, first)
     rows = [(n, [c.strip() for c in row]) for n, row in
             enumerate(csv.reader(io.StringIO(text), delimiter=delimiter), start=1)
             if any(c.strip() for c in row)]
@@ -553,6 +553,12 @@ def _require_some_path(ids: list[str], list_path: Path, delimiter: str) -> None:
         f"data: {len(ids)} of {len(ids)} paths in {str(list_path)!r} are missing (first: "
         f"{ids[0]!r}, looked for {str((list_path.parent / ids[0]).absolute())!r}); paths in a list file are "
         f"relative to the list file's folder: fix them or move the list{spaced}")
+
+
+def csv_delimiter(path: Path, first_line: str) -> str:
+    """The delimiter of a CSV list or sentence file: a tab for ``.tsv`` files or when the first
+    non-empty line holds one, else a comma."""
+    return "\t" if path.suffix.lower() == ".tsv" or "\t" in first_line else ","
 
 
 def names_text_column(row: list[str]) -> bool:

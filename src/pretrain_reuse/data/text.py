@@ -38,7 +38,15 @@ import numpy as np
 import torch
 
 from ..errors import PretrainReuseError, check_file
-from .datasets import LABEL_HEADERS, TEXT_HEADERS, Batch, _is_integer, _parse_labels, names_text_column
+from .datasets import (
+    LABEL_HEADERS,
+    TEXT_HEADERS,
+    Batch,
+    _is_integer,
+    _parse_labels,
+    csv_delimiter,
+    names_text_column,
+)
 
 
 @dataclass
@@ -96,7 +104,14 @@ def is_sentence_file(path) -> bool:
     suffix = p.suffix.lower()
     if suffix == ".jsonl":
         return True
-    return suffix in (".csv", ".tsv") and check_file("data", p).is_file() and _csv_header(p) is not None
+    if suffix not in (".csv", ".tsv") or not check_file("data", p).is_file():
+        return False
+    try:
+        with open(p, encoding="utf-8-sig", newline="") as fh:
+            first = next((line for line in fh if line.strip()), "")
+    except (OSError, UnicodeDecodeError):  # not text: a list file's reader says so
+        return False
+    return _csv_header(p, first) is not None
 
 
 class _Form(NamedTuple):
@@ -143,25 +158,21 @@ def _jsonl_rows(text: str, p: Path) -> list[tuple[int, Any, str]]:
     return rows
 
 
-def _csv_header(p: Path) -> tuple[str, list[str]] | None:
-    """The delimiter and lower-case column names of the CSV/TSV file ``p`` when its first
-    non-empty line is a sentence file's header (:func:`~.datasets.names_text_column`), else None
-    (also for a file that cannot be read as UTF-8 text)."""
-    try:
-        with open(p, encoding="utf-8-sig", newline="") as fh:
-            first = next((line for line in fh if line.strip()), "")
-    except (OSError, UnicodeDecodeError):
-        return None
-    delimiter = "\t" if p.suffix.lower() == ".tsv" or "\t" in first else ","
+def _csv_header(p: Path, first: str) -> tuple[str, list[str]] | None:
+    """The delimiter and lower-case column names of the CSV/TSV file ``p`` whose first non-empty
+    line is ``first``, when that line is a sentence file's header
+    (:func:`~.datasets.names_text_column`), else None."""
+    delimiter = csv_delimiter(p, first)
     names = [c.strip().lower() for c in next(csv.reader([first], delimiter=delimiter), [])]
     return (delimiter, names) if names_text_column(names) else None
 
 
 def _csv_rows(text: str, p: Path) -> list[tuple[int, dict[str, str], str]]:
-    """(line number, {"text", "label", "id"} of the columns the header names, the row as read)
-    of every non-empty row below the header of a CSV/TSV sentence file. A quoted text may span
-    lines; a row is numbered by the line it starts on."""
-    header = _csv_header(p)
+    """(line number, {"text", "label", "id"} of the columns the header names, the row's cells
+    joined by the delimiter) of every non-empty row below the header of the CSV/TSV sentence
+    file ``p`` whose content is ``text``. A quoted text may span lines; a row is numbered by the
+    line it starts on."""
+    header = _csv_header(p, next((line for line in text.splitlines() if line.strip()), ""))
     if header is None:
         raise PretrainReuseError(
             f"data: {str(p)!r} has no text column: a CSV file of sentences starts with a header "

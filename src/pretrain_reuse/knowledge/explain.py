@@ -80,6 +80,7 @@ from ..runtime import full_float32
 from .games import (
     BACKGROUNDS,
     BASELINES,
+    INTEGRATED_LEVELS,
     OUTPUTS,
     SHRINK_TAU,
     LearnedBaseline,
@@ -123,6 +124,10 @@ TEXT_PLAYERS = 10
 MARKER = "explain.json"
 #: The kind that marker records.
 MARKER_KIND = "explanations"
+#: The key of a cached game's record (the game's path with ``.json``) that holds the game's
+#: content hash (:func:`~pretrain_reuse.artifacts.hash_array`); a learned baseline's fit is
+#: recorded beside it.
+GAME_HASH = "game_sha256"
 
 
 class SampleGame(NamedTuple):
@@ -733,12 +738,15 @@ def explain_games(model: Backbone, dataset: ImageDataset | TextDataset, indices:
                 v, fit = sample.compute(label)
                 _check_finite(v, role, model, dataset.ids[i])
                 if cache is not None:
-                    # before the game: a game without its record (or with another game's) is redone
-                    write_json(cache.with_suffix(".json"), {**(fit or {}), GAME_HASH: hash_array(v)})
+                    # before the game: a crash in between leaves a record of another game, whose
+                    # hash then refuses the game that is there
+                    _write_record(cache, v, fit)
                     with atomic_path(cache) as tmp, open(tmp, "wb") as fh:
                         np.save(fh, v)
             else:
-                v, fit = cached
+                v, fit, hashed = cached
+                if not hashed:  # an earlier version's game, checked by its format and ends
+                    _write_record(cache, v, fit)
             games.append(v)
             infos.append({"sample": dataset.ids[i], "index": i, "label": label,
                           "class": names[label] if names is not None else str(label),
@@ -750,8 +758,14 @@ def explain_games(model: Backbone, dataset: ImageDataset | TextDataset, indices:
     return Games(np.stack(games), infos, meta)
 
 
+def _write_record(cache: Path, v: np.ndarray, fit: dict | None) -> None:
+    """Write the record of the game ``v`` cached at ``cache``: its content hash, and a learned
+    baseline's ``fit``."""
+    write_json(cache.with_suffix(".json"), {**(fit or {}), GAME_HASH: hash_array(v)})
+
+
 def _take_cached(cache: Path, found: list[Path]) -> None:
-    """Link the first of ``found`` that exists (with its baseline fit, if any) to ``cache``:
+    """Link the first of ``found`` that exists (with its record) to ``cache``:
     a game's file name records everything it depends on, so another folder's file of that name
     holds the same game (a damaged one is refused by the caller's checks and computed again)."""
     source = next((f for f in found if f.is_file()), None)
@@ -877,32 +891,30 @@ def _remove_stale(folder: Path, patterns: list[str], written: list[Path]) -> Non
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-#: The key of a cached game's record (``path`` with ``.json``) that holds the game's content
-#: hash (:func:`~pretrain_reuse.artifacts.hash_array`); a learned baseline's fit is beside it.
-GAME_HASH = "game_sha256"
-
-
-def _cached_game(path: Path, n: int, *, fitted: bool) -> tuple[np.ndarray, dict | None] | None:
-    """The game of ``n`` players cached at ``path`` and, when its baseline was ``fitted``
-    (learned), the fit recorded beside it (``path`` with ``.json``); None when there is none, or
-    the game is not a .npy array of 2^n finite float64 values (truncated, overwritten, another
-    program's), or its record is unreadable or holds another content hash (a changed value
-    anywhere in the file), which the caller then computes again and writes over. A game cached
-    by an earlier version has no hash in its record (or no record, with a fixed baseline): it is
-    checked by its format and its two end values only."""
-    record = path.with_suffix(".json")
+def _cached_game(path: Path, n: int, *,
+                 fitted: bool) -> tuple[np.ndarray, dict | None, bool] | None:
+    """The game of ``n`` players cached at ``path``, when its baseline was ``fitted`` (learned)
+    the fit recorded beside it (``path`` with ``.json``), and whether the record holds the game's
+    content hash; None when there is no game, or it is not a .npy array of 2^n finite float64
+    values (truncated, overwritten, another program's), or its record is unreadable or holds
+    another content hash (a changed value anywhere in the file), which the caller then computes
+    again and writes over. A game cached by an earlier version has no hash in its record (or no
+    record, with a fixed baseline): it is checked by its format and its two end values, and its
+    record is written when it is reused."""
+    record_path = path.with_suffix(".json")
     try:
         with open(path, "rb") as fh:
             v = np.lib.format.read_array(fh, allow_pickle=False)
-        kept = json.loads(record.read_text()) if fitted or record.exists() else {}
+        record = json.loads(record_path.read_text()) if fitted or record_path.exists() else {}
     except (OSError, ValueError, EOFError):  # JSONDecodeError and UnicodeDecodeError included
         return None
     if not (v.dtype == np.float64 and v.shape == (1 << n,) and np.isfinite(v).all()
-            and isinstance(kept, dict)):
+            and isinstance(record, dict)):
         return None
-    if GAME_HASH in kept and kept[GAME_HASH] != hash_array(v):
+    if GAME_HASH in record and record[GAME_HASH] != hash_array(v):
         return None
-    return v, ({k: value for k, value in kept.items() if k != GAME_HASH} if fitted else None)
+    fit = {k: value for k, value in record.items() if k != GAME_HASH} if fitted else None
+    return v, fit, GAME_HASH in record
 
 
 #: How far a cached game's v(N) and v(∅) may lie from the model's own, relative to the game's
@@ -915,7 +927,8 @@ ENDS_RTOL = 1e-2
 
 def _same_ends(v: np.ndarray, ends: np.ndarray | None) -> bool:
     """Whether the cached game ``v`` has the model's v(N) and v(∅) (``ends``, in that order;
-    None: not checkable, a learned baseline, whose game is then trusted by its format)."""
+    None: not checkable, a learned baseline, whose game is then trusted by its format and
+    content hash)."""
     if ends is None:
         return True
     cached = v[[len(v) - 1, 0]]
@@ -1033,16 +1046,19 @@ def _warn_of_no_effect(dataset: ImageDataset, indices: np.ndarray, cfg: ExplainC
         warnings.warn(
             f"baseline 'shrink' is the zero baseline on these images: every value of the model's "
             f"normalised input lies within ±{SHRINK_TAU:g} of 0 (the normalisation's mean colour), "
-            "so shrinking toward it leaves nothing (it differs where values exceed that, as "
-            "under ImageNet's normalisation)", stacklevel=2)
+            "so shrinking toward it leaves nothing; the games are those of baseline 'zero' (shrink "
+            "differs where values exceed that, as under ImageNet's normalisation)", stacklevel=2)
     if cfg.background != "baseline" and not any(
             (sample_players(dataset, int(i), cfg, size).masks.sum(0) == 0).any() for i in indices):
-        cost = (" and the 10 blends cost 10 times the forward passes"
+        levels = len(INTEGRATED_LEVELS)
+        cost = (f" and the {levels} blends cost {levels} times the forward passes"
                 if cfg.background == "integrated" else "")
+        fix = ("draw fewer grid cells (n) to leave some" if cfg.players.startswith("grid:")
+               else "use background 'baseline'")
         warnings.warn(
             f"background {cfg.background!r} is 'baseline' on these samples: the players cover "
             f"every pixel, so there is no pixel of no player to show{cost}; the games are the "
-            "same (draw fewer grid cells, n, to leave some)", stacklevel=2)
+            f"same ({fix})", stacklevel=2)
 
 
 def _data_mean(data: ImageDataset, cfg: ExplainConfig) -> torch.Tensor:
