@@ -648,7 +648,7 @@ def cmd_explain(args) -> int:
 def cmd_knowledge(args) -> int:
     from .knowledge.analysis import KnowledgeWarning, analyze_knowledge
     from .knowledge.metrics import PAPER_RATIOS
-    from .knowledge.plots import other_sample_word, purity_is_informative
+    from .knowledge.plots import other_image_levels, other_sample_word, purity_is_informative
 
     cfg = _explain_config(args)
     models = {"pretrained": _classifier(args.model, args.pretrained, "--pretrained", args.quiet),
@@ -680,7 +680,7 @@ def cmd_knowledge(args) -> int:
     _note_named_by_position(models, data, args.quiet)
     overall, chance = summary["report"]["overall"], summary["report"]["chance"]
     control = summary["other_image"]  # None for a single sample
-    other = control["overall"] if control else {}
+    other = other_image_levels(summary)
     word = other_sample_word(summary)
 
     def levels(k: str) -> str:

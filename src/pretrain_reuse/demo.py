@@ -54,6 +54,7 @@ from .finetune import FinetuneConfig, RunResult, finetune_datasets
 from .knowledge.analysis import analyze_knowledge, load_analysis
 from .knowledge.explain import ExplainConfig
 from .knowledge.metrics import PAPER_RATIOS
+from .knowledge.plots import other_image_levels
 from .knowledge.sensitivity import KnowledgeSensitivity, knowledge_sensitivity
 from .models import create_backbone
 from .selection import SelectConfig, Selection, select
@@ -327,8 +328,7 @@ def _summary(out: Path, plan: DemoPlan, runs, related, timing, quick: bool, seed
             "chance": {key: k["report"]["chance"][key]["mean"] for key in PAPER_RATIOS
                        if key in k["report"]["chance"]},
             # each ratio with the compared model's knowledge of another image
-            "other_image": {key: level["mean"] for key, level in
-                            (k["other_image"] or {}).get("overall", {}).items()
+            "other_image": {key: level["mean"] for key, level in other_image_levels(k).items()
                             if key in PAPER_RATIOS},
             "faithfulness_error": {r: f["max"] for r, f in k["faithfulness"].items()},
             "counterfactual": k["counterfactual"],

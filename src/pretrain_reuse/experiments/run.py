@@ -41,9 +41,10 @@ from .workspace import Workspace
 def _preserve_levels(summary: dict[str, Any]) -> dict[str, float | None]:
     """The preserve ratio's chance level and other-image control in an analysis's summary
     (:data:`~.table.KNOWLEDGE_LEVELS`; None where undefined, the control for one sample)."""
-    control = (summary["other_image"] or {}).get("overall", {})
+    from ..knowledge.plots import other_image_levels
+
     return {"preserve_chance": summary["report"]["chance"]["preserve"]["mean"],
-            "preserve_other_image": control.get("preserve", {}).get("mean")}
+            "preserve_other_image": other_image_levels(summary).get("preserve", {}).get("mean")}
 
 
 def _mean(values: list[float]) -> float | None:

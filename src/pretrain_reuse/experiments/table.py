@@ -25,12 +25,13 @@ KNOWLEDGE_RATIOS = ("preserve", "discard", "new", "exclusive")
 #: output rebuilt from that set only) the recipe reports as ``<set>_alone``, the same way.
 SETS_ALONE = ("preserve", "new")
 #: Every per-sample knowledge column of the recipe (the accuracy correlations take them).
-KNOWLEDGE_COLUMNS = (*KNOWLEDGE_RATIOS, *(f"{s}_alone" for s in SETS_ALONE))
+_ALONE = tuple(f"{s}_alone" for s in SETS_ALONE)
+KNOWLEDGE_COLUMNS = (*KNOWLEDGE_RATIOS, *_ALONE)
 #: The levels the preserve ratio is read against (docs/knowledge.md §3), reported like the
 #: ratios: its chance level and its other-image control.
 KNOWLEDGE_LEVELS = ("preserve_chance", "preserve_other_image")
 #: The knowledge columns of the tables, in order, and how they are headed.
-KNOWLEDGE_SHOWN = (*KNOWLEDGE_RATIOS, *KNOWLEDGE_LEVELS, *(f"{s}_alone" for s in SETS_ALONE))
+KNOWLEDGE_SHOWN = (*KNOWLEDGE_RATIOS, *KNOWLEDGE_LEVELS, *_ALONE)
 KNOWLEDGE_HEADERS = {"preserve_alone": "preserved alone (R²)", "new_alone": "new alone (R²)",
                      "preserve_chance": "preserve, chance", "preserve_other_image":
                      "preserve, other image"}

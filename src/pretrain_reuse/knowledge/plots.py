@@ -40,6 +40,12 @@ def other_sample_word(summary: dict[str, Any]) -> str:
     return "sentence" if players == "tokens" else "image"
 
 
+def other_image_levels(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each ratio's other-image control in an analysis's summary (``knowledge.json``):
+    ``{ratio: its stats}``; empty where there is none (a single sample, an earlier version's)."""
+    return (summary.get("other_image") or {}).get("overall", {})
+
+
 def plot_ratios(summary: dict[str, Any], ax) -> None:
     """Preserved / discarded / new / exclusive knowledge, mean ± std over samples, each with its
     chance level (a black tick: :meth:`~.metrics.SampleKnowledge.chance_terms`) and its
@@ -56,7 +62,7 @@ def plot_ratios(summary: dict[str, Any], ax) -> None:
     # absent from the files of earlier versions (and the control from a single sample's)
     levels = ((summary["report"].get("chance", {}), dict(marker="_", s=900, color="black"),
                "chance (random salient sets)"),
-              ((summary.get("other_image") or {}).get("overall", {}),
+              (other_image_levels(summary),
                dict(marker="o", s=30, color="dimgrey"),
                f"other {other_sample_word(summary)} (same models)"))
     for level, style, label in levels:

@@ -384,6 +384,7 @@ def _knowledge_parts(k: dict, kdir: Path, root: Path, *, players: str, baseline:
              "the scratch model lacks; each is aggregated as the <b>mean of the per-sample "
              f"ratios</b> (std over samples), interactions matched by {html.escape(match)}.</p>"]
     from ..knowledge.plots import (
+        other_image_levels,
         other_sample_word,
         plot_convergence,
         plot_ratios,
@@ -422,7 +423,7 @@ def _knowledge_parts(k: dict, kdir: Path, root: Path, *, players: str, baseline:
     parts.append(overlays)
     # .get: a knowledge.json of an earlier version records no standard error
     chance = k["report"]["chance"]
-    other = (k["other_image"] or {}).get("overall", {})  # None for a single sample
+    other = other_image_levels(k)
     rows = [[n, _fixed(overall[n]["mean"]), _fixed(chance.get(n, {}).get("mean")),
              _fixed(other.get(n, {}).get("mean")), _fixed(overall[n].get("sem")),
              _fixed(overall[n]["std"]), overall[n].get("n_used", "")] for n in overall]
