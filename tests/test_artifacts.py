@@ -24,6 +24,7 @@ from pretrain_reuse.artifacts import (
     claim_folder,
     encode_ids,
     hash_array,
+    link_file,
     load,
     make_meta,
     releases_folders,
@@ -521,6 +522,23 @@ def test_atomic_path_replaces_the_file_when_the_block_succeeds(tmp_path):
         tmp.write_bytes(b"new")
     assert target.read_bytes() == b"new"
     assert _files(tmp_path) == {"sub", "sub/out.bin"}
+
+
+def test_link_file_replaces_the_file_with_a_link_and_leaves_no_temporary(tmp_path, monkeypatch):
+    (tmp_path / "source.npy").write_bytes(b"game")
+    (tmp_path / "out.npy").write_bytes(b"damaged")
+    link_file(tmp_path / "source.npy", tmp_path / "out.npy")
+    assert (tmp_path / "out.npy").samefile(tmp_path / "source.npy")
+    assert _files(tmp_path) == {"source.npy", "out.npy"}
+
+    def no_links(src, dst):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)  # a file system without hard links: a copy
+    link_file(tmp_path / "source.npy", tmp_path / "copy.npy")
+    assert (tmp_path / "copy.npy").read_bytes() == b"game"
+    assert not (tmp_path / "copy.npy").samefile(tmp_path / "source.npy")
+    assert _files(tmp_path) == {"source.npy", "out.npy", "copy.npy"}
 
 
 def test_write_json_refuses_nan_and_leaves_nothing(tmp_path):

@@ -488,6 +488,34 @@ def test_a_rerun_with_other_settings_or_inputs_is_refused_and_leaves_the_folder_
             g.samefile(tmp_path / "k" / role / "games" / g.name) for g in games)
 
 
+def test_games_from_skips_a_damaged_copy_for_the_next_folders_game(tmp_path, capsys):
+    model = _classifier(tmp_path / "m.safetensors", 10)
+    knowledge = ["knowledge", "--model", "smallcnn-s", "--pretrained", model, "--finetuned", model,
+                 "--data", "synthetic:target", "--players", "grid:2x2", "--samples", 2, "--quiet",
+                 "--out"]
+    assert _run(capsys, *knowledge, tmp_path / "k")[0] == 0
+    shutil.copytree(tmp_path / "k", tmp_path / "copy")
+    damaged = sorted((tmp_path / "copy" / "finetuned" / "games").glob("*.npy"))[0]
+    v = np.load(damaged)
+    v[5] += 1.0  # inside the game: its two ends, which the format check reads, stay intact
+    np.save(damaged, v)
+    rc, _, err = _run(capsys, *knowledge, tmp_path / "k2", "--tau", 0.2,
+                      "--games-from", tmp_path / "copy", "--games-from", tmp_path / "k")
+    assert rc == 0, err
+    for role in ("pretrained", "finetuned"):
+        for g in sorted((tmp_path / "k2" / role / "games").glob("*.npy")):
+            # the first folder's copy where it is sound, the second's for the damaged one
+            bad = role == "finetuned" and g.name == damaged.name
+            first = tmp_path / ("k" if bad else "copy") / role / "games" / g.name
+            assert g.samefile(first) and g.with_suffix(".json").samefile(first.with_suffix(".json"))
+    # a damaged game in the folder itself is replaced by a sound one from --games-from
+    (tmp_path / "k2" / "finetuned" / "games" / damaged.name).unlink()  # not written through the link
+    np.save(tmp_path / "k2" / "finetuned" / "games" / damaged.name, v)
+    assert _run(capsys, *knowledge, tmp_path / "k2", "--tau", 0.2, "--games-from", tmp_path / "k")[0] == 0
+    assert (tmp_path / "k2" / "finetuned" / "games" / damaged.name).samefile(
+        tmp_path / "k" / "finetuned" / "games" / damaged.name)
+
+
 def test_a_rerun_into_a_folder_of_an_earlier_version_with_other_settings_equals_a_fresh_run(
         tmp_path, capsys):
     # the game cache is keyed on what determines a game: another baseline or other weights

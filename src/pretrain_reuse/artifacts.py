@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import secrets
+import shutil
 import socket
 import stat
 import sys
@@ -148,6 +149,22 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def link_file(source: str | Path, path: str | Path) -> None:
+    """Make ``path`` a hard link to ``source`` (a copy on a file system without hard links),
+    replacing what is there in one rename: a reader never sees half a file."""
+    source, path = Path(source), Path(path)
+    tmp, _ = _create_temp(path.parent, path.name)
+    try:
+        tmp.unlink()
+        try:
+            os.link(source, tmp)
+        except OSError:  # another file system, or one without hard links
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _create_temp(parent: Path, name: str) -> tuple[Path, int]:

@@ -33,12 +33,12 @@ import copy
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -51,6 +51,7 @@ from ..artifacts import (
     describe_changes,
     hash_array,
     hash_file,
+    link_file,
     lock_folder,
     make_meta,
     make_run_folder,
@@ -728,12 +729,9 @@ def explain_games(model: Backbone, dataset: ImageDataset | TextDataset, indices:
             game = _digest({"model": identity["state"], "sample": sample.key, "label": label,
                             "baseline": _baseline_options(cfg), "output": cfg.output})
             cache = None if folder is None else folder / "games" / f"{i:07d}-{game}.npy"
-            if cache is not None and not cache.exists():
-                _take_cached(cache, [f / "games" / cache.name for f in games_from])
-            cached = None if cache is None else _cached_game(cache, sample.players["n"],
-                                                             fitted=cfg.baseline == "learned")
-            if cached is not None and not _same_ends(cached[0], sample.ends(label)):
-                cached = None  # not the model's game (zeroed, overwritten): computed again
+            cached = None if cache is None else _reusable_game(
+                cache, [f / "games" / cache.name for f in games_from], sample.players["n"],
+                fitted=cfg.baseline == "learned", ends=partial(sample.ends, label))
             if cached is None:
                 v, fit = sample.compute(label)
                 _check_finite(v, role, model, dataset.ids[i])
@@ -764,19 +762,28 @@ def _write_record(cache: Path, v: np.ndarray, fit: dict | None) -> None:
     write_json(cache.with_suffix(".json"), {**(fit or {}), GAME_HASH: hash_array(v)})
 
 
-def _take_cached(cache: Path, found: list[Path]) -> None:
-    """Link the first of ``found`` that exists (with its record) to ``cache``:
-    a game's file name records everything it depends on, so another folder's file of that name
-    holds the same game (a damaged one is refused by the caller's checks and computed again)."""
-    source = next((f for f in found if f.is_file()), None)
-    if source is None:
-        return
-    for src, dst in ((source.with_suffix(".json"), cache.with_suffix(".json")), (source, cache)):
-        if src.is_file() and not dst.exists():
-            try:
-                os.link(src, dst)
-            except OSError:  # another file system, or one without hard links
-                shutil.copyfile(src, dst)
+def _reusable_game(cache: Path, others: list[Path], n: int, *, fitted: bool,
+                   ends: Callable[[], np.ndarray | None]) -> tuple[np.ndarray, dict | None, bool] | None:
+    """The game cached at ``cache`` (see :func:`_cached_game`) if it passes the checks, else the
+    first of ``others`` that does, linked to ``cache`` with its record; None if none does. A
+    game's file name records everything it depends on, so another explanation folder's file of
+    that name holds the same game, unless it is damaged: then the next folder's is taken.
+    ``ends``: the model's v(N) and v(∅) (a forward pass, only run when a file is there)."""
+    found = [p for p in (cache, *others) if p.is_file()]
+    model_ends = ends() if found else None
+    for path in found:
+        cached = _cached_game(path, n, fitted=fitted)
+        if cached is None or not _same_ends(cached[0], model_ends):
+            continue  # damaged, or not the model's game (zeroed, overwritten)
+        if path != cache:
+            record = path.with_suffix(".json")
+            if record.is_file():  # the record first: see where a computed game is written
+                link_file(record, cache.with_suffix(".json"))
+            else:  # an earlier version's game: a record of the game it replaces would refuse it
+                cache.with_suffix(".json").unlink(missing_ok=True)
+            link_file(path, cache)
+        return cached
+    return None
 
 
 def decompose(games: Games, cfg: ExplainConfig) -> list[Interactions]:
