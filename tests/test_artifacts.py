@@ -729,7 +729,7 @@ def test_claim_folder_resumes_the_same_run_and_refuses_any_other(tmp_path):
         "kind": "demo-run", "params": {"seed": 0, "sizes": [1, 2]}}
     (out / "stage.txt").write_text("done")
     claim_folder(out, "demo-run", {"seed": 0, "sizes": (1, 2)}, what="a demo run")  # resume
-    with pytest.raises(PretrainReuseError, match=r"other settings \(extra, seed\)"):
+    with pytest.raises(PretrainReuseError, match=r"other settings or inputs \(extra, seed\)"):
         claim_folder(out, "demo-run", {"seed": 1, "sizes": [1, 2], "extra": 1}, what="a demo run")
     # another command's folder is named as what it holds, not as a run with other settings
     with pytest.raises(PretrainReuseError, match="holds a demo run, not an experiment;"):

@@ -266,5 +266,6 @@ def test_a_folder_another_version_began_is_refused_not_resumed(tmp_path, capsys,
         {"kind": "demo-run", "params": {"quick": True, "seed": 0, "scenario": "world"}}))
     assert main(["demo", "--quick", "--quiet", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "other settings (lambda, plan, scenario_settings, version)" in err
+    assert err.count("\n") == 1
+    assert "other settings or inputs (lambda, plan, scenario_settings, version)" in err
     assert "another out folder (--out)" in err and sorted(p.name for p in out.iterdir()) == ["run.json"]

@@ -575,7 +575,7 @@ def test_a_changed_network_is_not_resumed_whatever_defines_it(tmp_path, capsys):
     (tmp_path / "s" / "index.json").unlink()
     _builders(tmp_path, **{"Net(1.0), {": "Net(3.0), {"})  # the user edits the builder
     rc, _, err = cli(capsys, "embed", "--quiet", *args)
-    assert_one_line_error(rc, err, "other settings (state)")
+    assert_one_line_error(rc, err, "other settings or inputs (state)")
 
 
 @pytest.mark.parametrize("builder,needle", [
@@ -628,7 +628,7 @@ def test_reruns_written_another_way_resume_and_changes_are_named(tmp_path, capsy
                                "--workers", 1, "--out", out), whole)
     rc, _, err = cli(capsys, "embed", "--quiet", "--model", "smallcnn-s", "--data", data,
                      "--batch-size", 3, "--out", out)
-    assert_one_line_error(rc, err, "other settings (config.batch_size)")
+    assert_one_line_error(rc, err, "other settings or inputs (config.batch_size)")
 
 
 def test_a_rerun_on_another_device_of_the_same_type_resumes_and_another_type_is_refused(
@@ -648,7 +648,7 @@ def test_a_rerun_on_another_device_of_the_same_type_resumes_and_another_type_is_
     marker["params"]["config"]["device"] = "cuda:1"  # as a run on a GPU records it
     (out / "embed.json").write_text(json.dumps(marker))
     rc, _, err = cli(capsys, "embed", "--quiet", *args, "--device", "cpu")
-    assert_one_line_error(rc, err, "other settings (config.device)")
+    assert_one_line_error(rc, err, "other settings or inputs (config.device)")
 
 
 def test_a_store_whose_marker_records_the_device_with_its_index_resumes(tmp_path, capsys):

@@ -229,7 +229,7 @@ def test_cli_runs_a_recipe_and_refuses_a_changed_config(quick_demo, tmp_path, ca
     assert main(["experiment", "table4", "--config", str(cfg), "--k", "5", "--quiet",
                  "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "other settings (k)" in err and "Traceback" not in err
+    assert "other settings or inputs (k)" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -764,16 +764,16 @@ def test_settings_the_recipe_never_reads_may_change_and_a_weights_file_changed_i
     assert [r["top1_mean"] for r in again.rows] == [r["top1_mean"] for r in table.rows]
     # a setting its rows read is still refused
     err = _refused_table4(capsys, path, out, "--k", "8")
-    assert "other settings (k)" in err
+    assert "other settings or inputs (k)" in err
     # other weights under the same name: features and runs made with the old ones would be reused
     shutil.copy(demo / "finetune" / "vanilla-seed0" / "model.safetensors", weights)
     err = _refused_table4(capsys, path, out, "--seeds", "0")
-    assert "other settings (weights_sha256)" in err
+    assert "other settings or inputs (weights_sha256)" in err
     # so are the settings of a mode it trains
     shutil.copy(demo / "pretrain" / "model.safetensors", weights)
     reuse_lr = _config(demo, tmp_path, weights=str(weights), modes={"reuse": {"lr": 0.5}})
     err = _refused_table4(capsys, reuse_lr, out, "--seeds", "0")
-    assert "other settings (modes)" in err
+    assert "other settings or inputs (modes)" in err
     # a damaged run result says how to redo the run (it said only "regenerate it")
     damaged = next(out.glob("runs/*-seed0"))
     (damaged / "result.json").write_text("{")
@@ -1095,7 +1095,7 @@ def test_a_feature_store_rebuilt_in_place_is_a_changed_setting(quick_demo, tmp_p
     # a finished run was made with the store as it was: a rebuilt one is refused
     rebuild(2)
     err = _refused_table4(capsys, path, out, "--seeds", "0")
-    assert "other settings (source_features_sha256)" in err
+    assert "other settings or inputs (source_features_sha256)" in err
 
 
 def test_a_run_that_would_fail_after_others_finished_fails_before_the_first(quick_demo, tmp_path,
@@ -1156,7 +1156,7 @@ def test_a_folder_claimed_by_an_earlier_version_with_every_setting_takes_the_sam
         table.params)).items() if k not in ("seeds", "skip")}}
     # a setting the recipe reads is still refused, and only it is named
     err = _refused_table4(capsys, path, out, "--k", "8")
-    assert "other settings (k);" in err
+    assert "other settings or inputs (k);" in err
 
 
 def test_a_knowledge_table_without_fine_tuned_rows_has_no_analysis_to_describe():

@@ -347,6 +347,21 @@ def test_table1_on_sentences_leaves_unlabelled_reuse_out_and_runs_the_rest(files
     assert rows[2]["units"] == 2
 
 
+def test_an_experiment_on_sentences_edited_since_it_embedded_them_is_refused(files, tmp_path, capsys):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text(files["pool"].read_text())
+    argv = ["experiment", "fig4a", "--model", f"hf:{files['bert']}", "--source", pool, "--target",
+            files["train"], "--k", 2, "--relevant", "0,1", "--quiet", "--out", tmp_path / "exp"]
+    run_ok(capsys, *argv)
+    text = pool.read_text()
+    pool.write_text(text.replace("apple", "granite"))  # the same lines, other words
+    rc, _, err = run(capsys, *argv)
+    assert rc == 2 and (f"source {str(pool)!r} changed since this experiment embedded it (the same "
+                        "lines, other sentences); its selections and runs were made") in err, err
+    pool.write_text(text)
+    run_ok(capsys, *argv)  # restored: resumed
+
+
 def test_cotuning_on_a_base_model_folder_names_a_classifier_folder(files, tmp_path, capsys):
     # a BertModel folder has no classifier: the fix is a *ForSequenceClassification folder as
     # --model, whose head is the source classifier, not --weights
@@ -522,11 +537,24 @@ def test_a_rerun_after_the_sentences_changed_is_refused(files, tmp_path, capsys)
     args = ["finetune", "--model", f"hf:{files['bert']}", "--target", target, "--target-test",
             files["test"], "--out", tmp_path / "run", "--max-steps", 2, "--batch-size", 8, "--quiet"]
     run_ok(capsys, *args)
+    embed = ["embed", "--model", f"hf:{files['bert']}", "--data", target, "--out", tmp_path / "f",
+             "--quiet"]
+    run_ok(capsys, *embed)
+    explain = ["explain", "--model", f"hf:{files['bert']}", "--weights", tmp_path / "run" /
+               "model.safetensors", "--data", target, "--players", "tokens", "--n", 3,
+               "--samples", 1, "--quiet", "--out", tmp_path / "x"]
+    run_ok(capsys, *explain)
     # same ids (file:line) and labels, other words
     target.write_text(target.read_text().replace("apple", "granite"))
     rc, _, err = run(capsys, *args)
     assert rc == 2 and "holds a run with a different input (data: the sample ids or labels (or " \
                        "sentences)" in err
+    # embed and explain kept their results of the old sentences ("finished; nothing to do")
+    rc, _, err = run(capsys, *embed)
+    assert rc == 2 and "holds an embedding made with other settings or inputs (texts); rerun " \
+                       "with the same settings and inputs to resume" in err, err
+    rc, _, err = run(capsys, *explain)
+    assert rc == 2 and "made with other settings or inputs (texts: \"sha256:" in err, err
 
 
 def test_a_selection_made_for_another_target_is_warned_of_once(files, tmp_path, capsys):

@@ -285,8 +285,9 @@ def claim_folder(out: Path, kind: str, params: dict, *, what: str, marker: str =
         if old_params != params:
             changed = _changed_keys(params, old_params)
             raise PretrainReuseError(
-                f"{str(out)!r} holds {what} made with other settings ({', '.join(changed)}); "
-                "rerun with the same settings to resume, or pass another out folder (--out)")
+                f"{str(out)!r} holds {what} made with other settings or inputs "
+                f"({', '.join(changed)}); rerun with the same settings and inputs to resume, or "
+                "pass another out folder (--out)")
         return
     write_json(path, {"kind": kind, "params": params})
 

@@ -216,7 +216,8 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True,
     # The network's own parameters, not only the --weights file: a Hugging Face folder, a
     # python: builder or a registry default changed between two runs must not be mixed.
     identity = {"config": _resume_config(cfg, _recorded_device(out)), "n": len(dataset),
-                "ids": hash_ids(dataset.ids), "state": state_hash(backbone)}
+                "ids": hash_ids(dataset.ids), "state": state_hash(backbone),
+                **({"texts": dataset.content_hash()} if text else {})}
     parts = out / "parts"
     if rank == 0:
         # before a stopped run's marker is forgotten: it may be a running one's

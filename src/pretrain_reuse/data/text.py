@@ -26,6 +26,7 @@ it; a row is numbered by the line it starts on.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import re
@@ -74,6 +75,11 @@ class TextDataset:
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def content_hash(self) -> str:
+        """Short hash of the sentences in their order: a rerun compares it, as the default ids
+        (``file:line``) stay the same when a file's sentences are edited."""
+        return "sha256:" + hashlib.sha256(json.dumps(self.texts).encode()).hexdigest()[:16]
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> TextDataset:
         """The sentences at ``indices``, with their own ids and labels (a copy of the lists)."""

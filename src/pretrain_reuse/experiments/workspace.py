@@ -14,6 +14,7 @@ import numpy as np
 from ..artifacts import hash_array
 from ..data.catalog import has_splits
 from ..data.datasets import ImageDataset
+from ..data.text import TextDataset
 from ..distributed import process_device
 from ..embed import EmbedConfig, embed
 from ..errors import PretrainReuseError
@@ -245,20 +246,24 @@ class Workspace:
                 "the config to go on with this experiment, or pass a new --out")
 
 
-def _check_data_unchanged(folder: Path, which: str, spec: str, data: ImageDataset) -> None:
+def _check_data_unchanged(folder: Path, which: str, spec: str,
+                          data: ImageDataset | TextDataset) -> None:
     """Refuse data that changed on disk since the experiment embedded it into ``folder`` (images
-    added, removed or renamed), naming the change: the experiment's units, selections and runs
-    were made from the data as it was (and embed refused it as an embedding made with other
-    settings, pointing at the experiment's own folder, though no setting changed)."""
+    added, removed or renamed; sentences edited), naming the change: the experiment's units,
+    selections and runs were made from the data as it was (and embed refused it as an embedding
+    made with other settings, pointing at the experiment's own folder, though no setting
+    changed)."""
     try:
         recorded = json.loads((folder / "embed.json").read_text())["params"]
-        n, ids = recorded["n"], recorded["ids"]
-    except (OSError, ValueError, KeyError, TypeError):
+        n, ids, texts = recorded["n"], recorded["ids"], recorded.get("texts")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return  # not readable: embed decides
-    if (n, ids) == (len(data), hash_ids(data.ids)):
+    edited = texts is not None and isinstance(data, TextDataset) and texts != data.content_hash()
+    if (n, ids) == (len(data), hash_ids(data.ids)) and not edited:
         return
     change = (f"{n} samples then, {len(data)} now" if n != len(data)
-              else "as many samples, other file names")
+              else "as many samples, other file names" if ids != hash_ids(data.ids)
+              else "the same lines, other sentences")
     raise PretrainReuseError(
         f"{which} {str(spec)!r} changed since this experiment embedded it ({change}); its "
         "selections and runs were made from the data as it was: pass a new --out for the data "

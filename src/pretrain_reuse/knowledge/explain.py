@@ -443,10 +443,11 @@ def rerun_identity(models: dict[str, Backbone], dataset: ImageDataset | TextData
     it did, as JSON: ``params`` (the settings, but :data:`RERUN_WITH_OTHER`), the data (its
     absolute path, or its name) and each model (by role) as its parameters and buffers
     (:func:`~pretrain_reuse.models.state_hash`, wherever they were loaded from) and its input
-    size."""
+    size; for sentences also their content (:meth:`~pretrain_reuse.data.text.TextDataset.content_hash`)."""
     settings = {k: v for k, v in params.items() if k not in RERUN_WITH_OTHER}
     return json.loads(to_json({
         **settings, "data": data_path(dataset) or dataset.source,
+        **({"texts": dataset.content_hash()} if isinstance(dataset, TextDataset) else {}),
         "models": {role: {"state": state_hash(m), "input_size": m.spec.input_size}
                    for role, m in models.items()}}))
 
