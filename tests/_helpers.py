@@ -7,8 +7,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
@@ -106,3 +108,13 @@ def tiny_bert(folder: Path, words: list[str], model_class: str = "BertModel", **
     getattr(transformers, model_class)(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def colour_folder(root, classes: int, per_class: int, seed: int) -> None:
+    """An image folder of ``classes`` classes of small images, one colour per class plus noise."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(rng.normal(40 * c, 20, (16, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / f"c{c}" / f"{i}.png")

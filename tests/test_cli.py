@@ -24,11 +24,13 @@ import pytest
 import torch
 from scipy.special import logsumexp
 
+from _helpers import colour_folder
 from pretrain_reuse import __version__
 from pretrain_reuse.artifacts import load
 from pretrain_reuse.cli import main
 from pretrain_reuse.data.synthetic import feature_world
 from pretrain_reuse.features import FeatureStore
+from pretrain_reuse.models import create_backbone, save_backbone
 from pretrain_reuse.selection import Selection
 from pretrain_reuse.units import Units
 
@@ -1017,3 +1019,40 @@ def test_embed_into_a_folder_in_use_leaves_the_running_embeddings_marker(capsys,
                          "--split", "test", "--quiet", "--out", out)
         assert rc == 2 and "is in use by another process writing an embedding there" in err
         assert (out / "embed.json").is_file() and (out / "parts").is_dir()
+
+
+def test_an_out_folder_inside_a_data_folder_it_reads_is_refused_before_anything_is_written(
+        tmp_path, capsys):
+    # embed --out pool/feats succeeded, and from then on every command reading pool (its own
+    # rerun too) was refused: feats/ read as a class folder without images (a run's figures,
+    # written inside a folder, would have been read as a class of images)
+    colour_folder(tmp_path / "pool", 3, 4, seed=0)
+    for split in ("train", "test"):
+        colour_folder(tmp_path / "target" / split, 2, 4, seed=1)
+    torch.manual_seed(0)
+    save_backbone(create_backbone("smallcnn-s", num_classes=2), tmp_path / "m.safetensors", {})
+    model = ["--model", "smallcnn-s"]
+    for argv, flag, data in (
+            (["embed", *model, "--data", tmp_path / "pool", "--out", tmp_path / "pool" / "feats"],
+             "--data", "pool"),
+            (["finetune", *model, "--target", tmp_path / "target", "--out",
+              tmp_path / "target" / "run"], "--target", "target"),
+            (["finetune", *model, "--target", tmp_path / "target" / "train", "--target-test",
+              tmp_path / "target" / "test", "--out", tmp_path / "target" / "test" / "c0" / "run"],
+             "--target-test", "target/test"),
+            (["experiment", "fig4a", *model, "--source", tmp_path / "pool", "--target",
+              tmp_path / "target", "--k", 2, "--relevant", "0,1", "--out", tmp_path / "pool"],
+             "--source", "pool"),
+            (["explain", *model, "--weights", tmp_path / "m.safetensors", "--data",
+              tmp_path / "target" / "test", "--players", "grid:2x2", "--samples", 1, "--out",
+              tmp_path / "target" / "test" / "x"], "--data", "target/test"),
+            (["knowledge", *model, "--pretrained", tmp_path / "m.safetensors", "--finetuned",
+              tmp_path / "m.safetensors", "--data", tmp_path / "target" / "test", "--players",
+              "grid:2x2", "--samples", 1, "--out", tmp_path / "target" / "test" / "k"],
+             "--data", "target/test")):
+        before = sorted(tmp_path.rglob("*"))
+        rc, _, err = cli(capsys, *argv, "--quiet")
+        assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert (f"lies inside the data folder ({flag}) {str(tmp_path / data)!r}, where later "
+                "commands would read what it writes as images; pass an out folder outside it") in err
+        assert sorted(tmp_path.rglob("*")) == before, argv[0]

@@ -10,6 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from _helpers import colour_folder
 from pretrain_reuse import load as pr_load
 from pretrain_reuse.cli import main
 from pretrain_reuse.data.catalog import open_dataset
@@ -1427,25 +1428,13 @@ def test_settings_a_recipe_never_reads_are_named_with_the_recipes_that_read_them
     assert unread_settings("table4", replace(cfg, clusters=2000, explain={}, corruption=None)) == {}
 
 
-def _colour_folder(root, classes: int, per_class: int, seed: int) -> None:
-    """An image folder of ``classes`` classes of small images, one colour per class plus noise."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        (root / f"c{c}").mkdir(parents=True)
-        for i in range(per_class):
-            pixels = np.clip(rng.normal(40 * c, 20, (16, 16, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / f"c{c}" / f"{i}.png")
-
-
 def test_a_pool_changed_on_disk_since_the_experiment_embedded_it_is_named(tmp_path, capsys):
     # one image added to the pool: a rerun reused the units and selections of the pool as it
     # was, or, where it embedded again, was refused as "an embedding made with other settings
     # (ids, n)" in the experiment's own features folder, though no setting changed
-    _colour_folder(tmp_path / "pool", 5, 4, seed=0)
+    colour_folder(tmp_path / "pool", 5, 4, seed=0)
     for split in ("train", "test"):
-        _colour_folder(tmp_path / "target" / split, 2, 4, seed=1)
+        colour_folder(tmp_path / "target" / split, 2, 4, seed=1)
     argv = ["experiment", "fig4a", "--model", "smallcnn-s", "--source", str(tmp_path / "pool"),
             "--target", str(tmp_path / "target"), "--k", "2", "--relevant", "0,1", "--quiet",
             "--out",

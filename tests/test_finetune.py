@@ -1937,7 +1937,7 @@ def test_a_diverged_run_exits_2_at_the_next_checkpoint(files, tmp_path, capsys):
             "--lr", "1e12"]
     rc, _, err = cli(capsys, *argv)
     assert_one_line_error(rc, err, "training diverged", "lower --lr")
-    step = int(re.search(r"the loss of step (\d+) was (nan|inf)", err).group(1))
+    step = int(re.search(r"the loss was (nan|inf) by step (\d+)", err).group(2))
     out = tmp_path / "run"
     assert load_state(out / "checkpoint.safetensors")["step"] == step - 1
     assert not (out / "model.safetensors").exists() and not (out / "result.json").exists()
@@ -2007,6 +2007,22 @@ def test_a_resume_checkpoint_given_as_weights_is_named_as_such(files, tmp_path, 
                      out / "checkpoint.safetensors", "--data", files["test"])
     assert_one_line_error(rc, err, "is a fine-tuning run's resume checkpoint (model, optimiser and "
                           "sampler state), not a model's weights; pass the run's model.safetensors")
+
+
+def test_weights_with_nan_are_refused_naming_the_tensor_before_anything_is_written(
+        files, tmp_path, capsys):
+    # the run started and stopped at its first read of the loss: "training diverged ...; lower
+    # --lr", which no learning rate fixes
+    state = load_file(files["weights"])
+    name = sorted(k for k, v in state.items() if v.is_floating_point())[1]
+    state[name].view(-1)[3] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    args = base_args(files, tmp_path / "run", steps=2)
+    args[args.index("--weights") + 1] = tmp_path / "nan.pth"
+    rc, _, err = cli(capsys, *args)
+    assert_one_line_error(rc, err, f"weights file {str(tmp_path / 'nan.pth')!r} holds NaN values in "
+                          f"1 tensor(s) (first: {name!r}): a damaged file or a diverged training")
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_finished_run_whose_checkpoint_was_deleted_is_still_finished(files, tmp_path, capsys):
@@ -2753,7 +2769,7 @@ def test_torchrun_with_a_loss_diverged_on_one_process_stops_every_process_with_t
             continue
         # each names the process whose loss diverged, at the step both read their losses (the
         # first), in one line without a traceback
-        assert lines == [f"{ERROR_PREFIX}training diverged: the loss of step 1 was nan on process "
+        assert lines == [f"{ERROR_PREFIX}training diverged: the loss was nan by step 1 on process "
                          "1 of 2; lower --lr"], err
         assert "Traceback" not in err, err
 

@@ -305,9 +305,12 @@ def cmd_units(args) -> int:
     units.save(args.out)
     dropped = units.meta.get("empty_dropped", 0)
     if dropped:
+        subsample = " or too few points per unit (--max-points-per-unit)" \
+            if args.max_points_per_unit else ""
         print(f"pretrain-reuse: warning: {dropped} of the {args.k} clusters ended empty and were "
-              f"dropped (fewer distinct samples than --k?); {args.out} holds {len(units)}",
-              file=sys.stderr)
+              f"dropped: re-seeded beside the largest clusters, they found no samples to take "
+              f"(duplicate or near-duplicate samples{subsample}); {args.out} holds "
+              f"{len(units)}; pass a smaller --k for as many clusters as it asks", file=sys.stderr)
     sizes = units.meta["sizes"]
     print(f"wrote {len(units)} {units.kind} units to {args.out}: sizes min {sizes['min']}, "
           f"median {sizes['median']:g}, max {sizes['max']} ({sizes['below_5']} below 5)"

@@ -46,7 +46,7 @@ from .artifacts import (
     write_json,
 )
 from .configs import check_fields
-from .data.catalog import open_dataset
+from .data.catalog import check_out_outside, open_dataset
 from .data.datasets import Batch, DataWarning, ImageDataset, collate, describe_skipped
 from .data.text import TextDataset, is_sentence_file, text_file
 from .distributed import bf16_autocast, process_device, rank_world, uses_bf16
@@ -189,6 +189,7 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True,
     ``load=False``, which leaves the store on disk only (ImageNet's 1.28M x 2048 features are
     10 GB to read back; the command line reports from ``index.json``)."""
     out = Path(out)
+    check_out_outside(out, {"--data": cfg.data})
     rank, world = rank_world()
     device = process_device(cfg.device)
     # a model of the other modality, or an unknown one, is refused before the data is listed

@@ -157,6 +157,24 @@ def check_exists(spec: str | Path, what: str = "data") -> None:
         f"pass an image folder, a path,label list file, or one of: {', '.join(list_datasets())}")
 
 
+def check_out_outside(out: str | Path | None, data: dict[str, str | Path | None]) -> None:
+    """Refuse an output folder ``out`` inside a data folder the command reads (``data``: each
+    data setting's name and value): what it writes there (feature shards, a run's figures) would
+    be read as a class of images, or a split, by every later command, its own rerun included.
+    ``out`` None: nothing is written."""
+    if out is None:
+        return
+    place = Path(out).resolve()
+    for name, spec in data.items():
+        if spec is None or str(spec) in DATASETS or not Path(str(spec)).is_dir():
+            continue
+        if place.is_relative_to(Path(str(spec)).resolve()):
+            raise PretrainReuseError(
+                f"out (--out) {str(out)!r} lies inside the data folder ({name}) {str(spec)!r}, "
+                "where later commands would read what it writes as images; pass an out folder "
+                "outside it")
+
+
 def has_splits(spec: str | Path | None) -> bool:
     """Whether the data ``spec`` names is an embedded set or a folder of split folders
     (``train/``, ``test/``), whose training images are its ``train`` split."""

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..artifacts import make_meta, releases_folders, to_json
-from ..data.catalog import check_exists, has_splits
+from ..data.catalog import check_exists, check_out_outside, has_splits
 from ..data.datasets import labels_by_name
 from ..data.text import is_sentence_file
 from ..errors import PretrainReuseError, check_choice, check_ids_below
@@ -126,6 +126,8 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
     for key in ("target", "target_test", "source"):  # before anything is read of them
         if getattr(cfg, key) is not None:
             check_exists(getattr(cfg, key), key)
+    check_out_outside(out, {"--target": cfg.target, "--target-test": cfg.target_test,
+                            "--source": cfg.source})
     trains = [r for r in rows if r.mode]
     # a model of the other modality is refused before the data is read, as finetune does
     if trains:

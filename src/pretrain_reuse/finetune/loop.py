@@ -564,7 +564,7 @@ def _read(stats: dict[str, torch.Tensor], step: int, stop_requested: bool, group
         rank, loss = diverged[0]
         where = f" on process {rank} of {len(losses)}" if group is not None else ""
         raise PretrainReuseError(
-            f"training diverged: the loss of step {step} was {loss}{where}; {advice}")
+            f"training diverged: the loss was {loss} by step {step}{where}; {advice}")
     return values, any(requests)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..artifacts import hash_array, hash_file, make_run_folder, read_json, releases_folders
-from ..data.catalog import DATASETS, has_splits, open_dataset, split_folders
+from ..data.catalog import DATASETS, check_out_outside, has_splits, open_dataset, split_folders
 from ..data.datasets import DataWarning, ImageDataset, labels_by_name, require_labels
 from ..data.samplers import subsample_fraction, subsample_long_tail
 from ..data.text import TextDataset, is_sentence_file, text_file
@@ -144,6 +144,7 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
     _check_config(cfg)
     _check_source_inputs(cfg, {"--source": source, "--selection": selection, "--units": units},
                          "--mode")
+    check_out_outside(out, {"--target": target, "--target-test": target_test, "--source": source})
     if target_test is None and not has_splits(target):
         if not Path(str(target)).exists():  # a typo, not a folder without its test split
             raise PretrainReuseError(f"--target {str(target)!r} does not exist; pass an image "

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from ..artifacts import make_meta, make_run_folder, read_json, releases_folders, write_json
+from ..data.catalog import check_out_outside
 from ..data.datasets import ImageDataset
 from ..data.text import TextDataset
 from ..errors import PretrainReuseError, check_choice, is_integer, preview
@@ -340,6 +341,7 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
                               for t, m in enumerate(snaps)})
     games_from = games_folders(games_from)
     out = Path(out)
+    check_out_outside(out, {"--data": data_path(dataset)})
     device = torch.device(cfg.device)
     series = {name: _ordered_snapshots(name, snaps, models.get(SERIES[name][0]))
               for name, snaps in given.items() if snaps}

@@ -60,6 +60,7 @@ from ..artifacts import (
     write_json,
 )
 from ..configs import check_fields
+from ..data.catalog import check_out_outside
 from ..data.datasets import ImageDataset, labels_by_name, require_labels
 from ..data.text import TextDataset, numbered_by
 from ..embed import preprocessed
@@ -413,6 +414,7 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
     indices = _check_indices(indices, dataset)
     dataset = model_classes(model, dataset)
     identity = None
+    check_out_outside(out, {"--data": data_path(dataset)})
     if out is not None:
         identity = rerun_identity({role: model}, dataset, {
             **asdict(cfg), "tau": tau, "split": split, "indices": [int(i) for i in indices]})

@@ -72,8 +72,19 @@ class LoadReport:
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a weights file into (state dict on CPU, safetensors header metadata or ``{}``)."""
-    p = Path(path)
+    """Read a weights file into (state dict on CPU, safetensors header metadata or ``{}``).
+    Weights with NaN values are refused: every output of the model would be NaN, and a
+    fine-tuning run would stop at its first step as if its learning rate were too high."""
+    state, header = _read_weights(Path(path))
+    bad = [k for k, v in state.items() if v.is_floating_point() and bool(torch.isnan(v).any())]
+    if bad:
+        raise PretrainReuseError(
+            f"weights file {str(path)!r} holds NaN values in {len(bad)} tensor(s) (first: "
+            f"{bad[0]!r}): a damaged file or a diverged training; pass weights without NaN")
+    return state, header
+
+
+def _read_weights(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not p.is_file():
         what = "is a folder" if p.is_dir() else "does not exist"
         raise PretrainReuseError(
