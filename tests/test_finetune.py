@@ -868,6 +868,9 @@ def test_unreadable_training_images_are_reported_and_a_batch_of_only_them_is_an_
     # the test data is a copy: its accuracy is over the 12 readable images, and says so
     assert ("warning: test data: skipped 1 unreadable image(s) of 13: c1/zz-broken.png (left out "
             "of its accuracy)") in err
+    # and the result records it, which a --quiet run of a script printed only as a warning
+    final = json.loads((tmp_path / "ok" / "result.json").read_text())["final"]
+    assert (final["n"], final["unreadable"], final["classes"]) == (12, 1, 2)
     rc, _, err = cli(capsys, *args, "--batch-size", "1", "--quiet", "--out", tmp_path / "bad")
     assert_one_line_error(rc, err, "every image of a training batch is unreadable")
     assert "c1/zz-broken.png" in err
@@ -947,6 +950,27 @@ def test_a_selection_for_another_folder_of_the_same_class_sizes_is_warned_of_onc
     assert (f"--target {str(made_for / 'other')!r} has 11 samples of "
             f"{str((made_for / 'other').resolve())!r}") in warned[0]
     assert "select for this target (embed it, then select --target its features)" in warned[0]
+
+
+def test_a_selection_for_a_list_file_is_not_warned_of_for_another_list_of_the_same_images(
+        made_for, files, tmp_path, capsys):
+    # the ids are the same paths in the same folder, so the same images; it was warned of,
+    # printing two equal id hashes, as the lists are other files
+    lists = tmp_path / "lists"
+    shutil.copytree(made_for / "target", lists)
+    rows = "".join(f"{f.relative_to(lists)},{f.parent.name}\n" for f in sorted(lists.rglob("*.png")))
+    for name in ("a.csv", "b.csv"):
+        (lists / name).write_text(rows)
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert main(["embed", "--model", "smallcnn-s", "--data", str(lists / "a.csv"), "--out",
+                     str(tmp_path / "f-a"), "--quiet"]) == 0
+        assert main(["select", "--source", str(made_for / "f-source"), "--target",
+                     str(tmp_path / "f-a"), "--k", "2", "--out", str(tmp_path / "sel.json"),
+                     "--quiet"]) == 0
+    for target, warned in ((lists / "a.csv", 0), (lists / "b.csv", 0), (made_for / "other", 1)):
+        rc, _, err = cli(capsys, *_reuse(made_for, files, target, tmp_path / "sel.json",
+                                         tmp_path / f"run-{target.name}"))
+        assert rc == 0 and len(_another_target(err)) == warned, (target, err)
 
 
 def test_a_selection_that_records_no_target_samples_is_not_warned_of(made_for, files, tmp_path,
@@ -1495,9 +1519,9 @@ def test_test_classes_are_matched_to_the_training_classes_by_name(shapes, tmp_pa
     with torch.no_grad():
         pred = exported_network(tmp_path / "run", 3)(load_images(shapes / test_folder, ids)).numpy().argmax(1)
     final = json.loads((tmp_path / "run" / "result.json").read_text())["final"]
-    assert final["n"] == len(ids)
-    assert final["top1"] == pytest.approx((pred == labels).mean(), abs=1e-9)
     present = np.unique(labels)
+    assert (final["n"], final["classes"]) == (len(ids), len(present))  # 2 without squares
+    assert final["top1"] == pytest.approx((pred == labels).mean(), abs=1e-9)
     assert final["mean_class_acc"] == pytest.approx(
         np.mean([(pred[labels == c] == c).mean() for c in present]), abs=1e-9)
     assert model_class_names(tmp_path / "run") == SHAPES  # output i of the head is class i

@@ -230,14 +230,17 @@ def test_a_class_without_samples_is_named_with_a_fix_that_works():
 
 
 def test_a_nan_feature_is_named_by_its_own_row_beyond_the_first_chunk():
-    # the check ran on the first 4096 rows only, and class means named their own row 0
+    # the check ran on the first 4096 rows only, and class means named their own row 0; the
+    # sample's id names it too (it did not, so the data to fix was not named)
     x = np.ones((70000, 2), np.float32)
     x[69999, 1] = np.nan
-    store = FeatureStore(features=x, labels=np.zeros(70000, np.int64))
-    with pytest.raises(PretrainReuseError,
-                       match=r"^features row 69999 holds NaN/inf values; remove or recompute"):
+    ids = [f"img{i}.png" for i in range(70000)]
+    store = FeatureStore(features=x, labels=np.zeros(70000, np.int64), ids=ids)
+    with pytest.raises(PretrainReuseError, match=r"^features row 69999 \(sample 'img69999.png'\) "
+                                                 "holds NaN/inf values; remove or recompute"):
         class_means(store)
-    with pytest.raises(PretrainReuseError, match=r"^features row 69999 holds NaN/inf"):
+    with pytest.raises(PretrainReuseError, match=r"^features row 69999 \(sample 'img69999.png'\) "
+                                                 "holds NaN/inf"):
         spherical_kmeans(store, 2)
 
 
@@ -411,7 +414,8 @@ def test_float64_features_beyond_float32_are_named_as_such(scale, what):
     x = np.random.default_rng(0).standard_normal((50, 4)) * scale
     labelled = FeatureStore(features=x, labels=np.arange(50) % 2)
     for build in (lambda: spherical_kmeans(x, 3), lambda: class_means(labelled)):
-        with pytest.raises(PretrainReuseError, match=f"features row 0 holds {what} the float32"):
+        with pytest.raises(PretrainReuseError, match=f"features row 0 \\(sample '0'\\) holds {what} "
+                                                     "the float32"):
             build()
 
 

@@ -188,7 +188,11 @@ def load_units_arg(path: str, labels: str | None, class_names: str | None, what:
         raise PretrainReuseError(
             f"--{what} {path!r} holds unlabelled features; build units first "
             f"(`pretrain-reuse units --method kmeans`){labels_fix}")
-    return _with_data_names(class_means(obj, progress=progress), data_names)
+    try:
+        units = class_means(obj, progress=progress)
+    except PretrainReuseError as e:  # which of the command's inputs (a NaN row, too few labels)
+        raise PretrainReuseError(f"--{what} {path!r}: {e}") from None
+    return _with_data_names(units, data_names)
 
 
 # --------------------------------------------------------------------------------------------

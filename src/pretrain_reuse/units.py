@@ -213,12 +213,14 @@ def _chunk_rows(dim: int) -> int:
 
 
 def _group_means(features: np.ndarray, assignment: np.ndarray, k: int, normalize: bool,
-                 progress: bool = False, chunk: int | None = None) -> np.ndarray:
-    """Mean feature of every unit, accumulated in float64 chunk by chunk (memmap friendly)."""
+                 progress: bool = False, chunk: int | None = None,
+                 ids: list[str] | None = None) -> np.ndarray:
+    """Mean feature of every unit, accumulated in float64 chunk by chunk (memmap friendly).
+    ``ids``: the samples' ids, which name a refused row."""
     sums = np.zeros((k, features.shape[1]), dtype=np.float64)
     chunk = chunk or _chunk_rows(features.shape[1])
     for s in _chunks(len(features), chunk, progress, "unit means"):
-        x = float32_rows(features, slice(s, s + chunk))
+        x = float32_rows(features, slice(s, s + chunk), ids)
         if normalize:
             x = _unit_rows(x)
         a = np.asarray(assignment[s:s + chunk])
@@ -284,7 +286,8 @@ def class_means(store: FeatureStore, *, normalize: bool = False, progress: bool 
             f"{n_classes - len(present)} classes have no samples (first: label {first}); relabel "
             "the samples to 0..C-1 with every class present")
     counts = np.bincount(store.labels, minlength=n_classes)
-    protos = _group_means(store.features, store.labels, n_classes, normalize, progress)
+    protos = _group_means(store.features, store.labels, n_classes, normalize, progress,
+                          ids=store.ids)
     check_matrix("class means", protos)
     meta = make_meta("units.class_means", {"normalize": normalize},
                      inputs=_store_inputs(store))
@@ -384,7 +387,7 @@ def spherical_kmeans(store: FeatureStore | np.ndarray, k: int, *, n_iter: int = 
     rng = np.random.default_rng(seed)
     # shuffled once, so that a pass's steps are slices: no gathered copies of the rows
     position = np.argsort(rng.permutation(n))  # row i of the store is row position[i] of x
-    x_np = _normalized_float32(store.features, position, progress)
+    x_np = _normalized_float32(store.features, position, progress, ids=store.ids)
     try:
         objective, assign, fit = _best_of_runs(x_np, k, n_iter, n_init, init, max_points_per_unit,
                                                gpu, rng, progress)
@@ -400,7 +403,7 @@ def spherical_kmeans(store: FeatureStore | np.ndarray, k: int, *, n_iter: int = 
         keep = np.flatnonzero(counts > 0)
         assign = np.searchsorted(keep, assign)
         k = len(keep)
-    protos = _group_means(store.features, assign, k, normalize_means, progress)
+    protos = _group_means(store.features, assign, k, normalize_means, progress, ids=store.ids)
     meta = make_meta("units.spherical_kmeans",
                      {"k": int(k + len(empty)), "n_iter": n_iter, "n_init": n_init, "init": init,
                       "max_points_per_unit": max_points_per_unit,
@@ -495,14 +498,15 @@ def data_of(store: FeatureStore) -> dict[str, Any] | None:
 
 
 def _normalized_float32(features: np.ndarray, position: np.ndarray, progress: bool = False,
-                        chunk: int | None = None) -> np.ndarray:
+                        chunk: int | None = None, ids: list[str] | None = None) -> np.ndarray:
     """Contiguous float32 copy with unit-norm rows, row ``i`` of the features at row
-    ``position[i]``. Read chunk by chunk in file order (works on memmaps), scattered in memory."""
+    ``position[i]``. Read chunk by chunk in file order (works on memmaps), scattered in memory.
+    ``ids``: the samples' ids, which name a refused row."""
     out = np.empty(features.shape, dtype=np.float32)
     chunk = chunk or _chunk_rows(features.shape[1])
     zero = []  # all of them are counted: one dead row and a dead class call for other fixes
     for s in _chunks(len(features), chunk, progress, "normalising"):
-        block = float32_rows(features, slice(s, s + chunk))
+        block = float32_rows(features, slice(s, s + chunk), ids)
         norms = _row_norms(block)
         zero += (s + np.flatnonzero(norms[:, 0] == 0)).tolist()
         out[position[s:s + chunk]] = block / np.where(norms == 0, 1, norms)

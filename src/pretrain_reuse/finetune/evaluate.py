@@ -66,13 +66,14 @@ def predict(fn: Callable[[Any], torch.Tensor], dataset: ImageDataset | TextDatas
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """``top1`` (share of correct predictions) and ``mean_class_acc`` (accuracy averaged over the
-    classes present in ``labels``, the metric of Aircraft/Pets/Caltech/Flowers)."""
+    classes present in ``labels``, the metric of Aircraft/Pets/Caltech/Flowers), over ``n``
+    samples of ``classes`` classes."""
     if len(labels) == 0:
-        return {"top1": None, "mean_class_acc": None, "n": 0}
+        return {"top1": None, "mean_class_acc": None, "n": 0, "classes": 0}
     correct = logits.argmax(axis=1) == labels
     per_class = [correct[labels == c].mean() for c in np.unique(labels)]
     return {"top1": float(correct.mean()), "mean_class_acc": float(np.mean(per_class)),
-            "n": len(labels)}
+            "n": len(labels), "classes": len(per_class)}
 
 
 def evaluate_model(model: Backbone, data: ImageDataset | TextDataset, *,

@@ -582,7 +582,8 @@ def _evaluate(model: FinetuneModel, dataset: ImageDataset | TextDataset, view, c
 
     logits, labels = predict(logits_of, dataset, view, batch_size=cfg.batch_size, device=device,
                              workers=cfg.workers, progress=progress)
-    return accuracy(logits, labels)
+    # recorded, as --quiet runs print only a warning of them
+    return {**accuracy(logits, labels), "unreadable": len(dataset) - len(labels)}
 
 
 #: Settings that do not change what a run computes: a run may resume with other values. (The
