@@ -1281,6 +1281,16 @@ def test_a_config_takes_numpy_numbers_as_python_ones():
     assert [type(v) for v in (cfg.seed, cfg.max_steps, cfg.lr, cfg.lam)] == [int, int, float, int]
 
 
+@pytest.mark.parametrize("sizes, needle", [
+    (dict(batch_size=4, grad_accum=8), "grad_accum=8 exceeds batch_size=4"),
+    # the source batch is the small one: it said "exceeds the batch size" of a batch of 16
+    (dict(batch_size=16, source_batch_size=10, grad_accum=16), "grad_accum=16 exceeds "
+                                                               "source_batch_size=10")])
+def test_more_micro_batches_than_samples_names_the_batch_too_small(sizes, needle):
+    with pytest.raises(PretrainReuseError, match=needle + "; each micro-batch needs a sample"):
+        FinetuneConfig(mode="reuse", **sizes)
+
+
 def test_repeated_milestones_are_refused():
     with pytest.raises(PretrainReuseError, match="increasing"):
         FinetuneConfig(milestones=(0.6, 0.6))
@@ -1568,7 +1578,7 @@ def test_val_fraction_zero_still_writes_a_result_and_says_nothing_was_picked(fil
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["at_best_val"]["val"]["top1"] is None
     # not "... at the best-validation evaluation": there was none
-    assert "no validation images to pick an evaluation" in out and "best-validation" not in out
+    assert "no validation samples to pick an evaluation" in out and "best-validation" not in out
 
 
 # --------------------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ def test_label_selection_keeps_given_ids_then_pattern_matches():
     sel = select(src, _units(s[:1]), SelectConfig(method="label", k=3, unit_ids=(3, 1),
                                                  name_pattern="owl$"))
     assert sel.selected == [3, 1, 2]
-    with pytest.raises(PretrainReuseError, match="matches no unit"):
+    with pytest.raises(PretrainReuseError, match="matches none of the unit names"):
         select(src, _units(s[:1]), SelectConfig(method="label", k=1, name_pattern="zebra"))
     with pytest.raises(PretrainReuseError, match="out of range"):
         select(src, _units(s[:1]), SelectConfig(method="label", k=1, unit_ids=(6,)))
@@ -131,7 +131,7 @@ def test_label_name_pattern_matching_nothing_is_refused_beside_ids():
     s = np.eye(3, 4)
     src = Units(prototypes=s, names=["sparrow", "dog", "owl"])
     # the ids alone would have been selected, the mistyped pattern silently dropped
-    with pytest.raises(PretrainReuseError, match="'zebra' matches no unit"):
+    with pytest.raises(PretrainReuseError, match="'zebra' \\(--names\\) matches none of the unit names"):
         select(src, _units(s[:1]), SelectConfig(method="label", unit_ids=(1,), k=None,
                                                name_pattern="zebra"))
 

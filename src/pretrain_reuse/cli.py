@@ -475,7 +475,7 @@ def cmd_finetune(args) -> int:
     final, best = result.final, result.at_best_val
     # with no validation image (val_fraction 0, a regime that trains on all) nothing was picked
     picked = (f"{best['top1']:.4f} at the best-validation evaluation (step {best['step']})"
-              if best["val"]["top1"] is not None else "no validation images to pick an evaluation")
+              if best["val"]["top1"] is not None else "no validation samples to pick an evaluation")
     print(f"{cfg.mode}: test top-1 {final['top1']:.4f} (mean per-class {final['mean_class_acc']:.4f}) "
           f"after the last step; {picked}; wrote {Path(args.out) / 'result.json'}")
     _note_weights(args.model, args.weights, args.quiet, mode=cfg.mode)

@@ -46,6 +46,7 @@ from .errors import (
     is_number,
     lookup,
     parse_ids,
+    preview,
     refuse_path,
 )
 from .features import FeatureStore
@@ -412,7 +413,10 @@ def _score_label(source: Units, targets: list[Units], cfg: SelectConfig):
         pattern = re.compile(cfg.name_pattern)  # checked by SelectConfig
         matched = [i for i, n in enumerate(source.names) if pattern.search(n)]
         if not matched:  # even beside --ids: a pattern that names nothing is a typo
-            raise PretrainReuseError(f"name pattern {cfg.name_pattern!r} matches no unit name")
+            raise PretrainReuseError(
+                f"name pattern {cfg.name_pattern!r} (--names) matches none of the unit names "
+                f"({preview(source.names)}); it is a regular expression searched in each name, "
+                "e.g. 'bird|owl'")
         chosen += [i for i in matched if i not in chosen]
     _check_named_k(cfg.k, chosen, source.counts)
     scores = np.zeros(len(source))

@@ -261,9 +261,9 @@ def class_means(store: FeatureStore, *, normalize: bool = False, progress: bool 
     if store.labels is None:
         raise PretrainReuseError(
             "the features have no labels, which class means need: pass "
-            "FeatureStore(features, labels) (--labels beside .npy features; class folders or a "
-            "labelled list file when embedding), or use k-means units (spherical_kmeans, "
-            "--method kmeans)")
+            "FeatureStore(features, labels) (--labels beside .npy features; class folders, a "
+            "labelled list file or labelled sentences when embedding), or use k-means units "
+            "(spherical_kmeans, --method kmeans)")
     present = np.unique(store.labels)  # sorted; not a bincount, which a label 10**12 would blow up
     n_classes = class_count(store)
     if len(present) < n_classes:

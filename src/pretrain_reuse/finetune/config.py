@@ -71,7 +71,8 @@ FIELD_HELP: dict[str, str] = {
     "batch_size": "target images per step",
     "source_batch_size": "source images per step of the reuse modes; None: as batch_size "
                          "(paper: 256 + 256)",
-    "grad_accum": "micro-batches per step: the same step in less memory",
+    "grad_accum": "micro-batches per step: the same step in less memory (exactly, where it divides "
+                  "the batch sizes)",
     "lr": "learning rate of the backbone (SGD)",
     "head_lr_mult": "learning-rate factor of the new heads",
     "momentum": "SGD momentum",
@@ -175,10 +176,11 @@ class FinetuneConfig:
         for name in ("epochs", "batch_size", "grad_accum", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise PretrainReuseError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.grad_accum > min(self.batch_size, self.source_batch_size or self.batch_size):
-            raise PretrainReuseError(
-                f"grad_accum={self.grad_accum} exceeds the batch size; each micro-batch needs a "
-                "sample")
+        for name in ("batch_size", "source_batch_size"):
+            if self.grad_accum > (getattr(self, name) or self.batch_size):
+                raise PretrainReuseError(
+                    f"grad_accum={self.grad_accum} exceeds {name}={getattr(self, name)}; each "
+                    "micro-batch needs a sample: lower grad_accum or raise the batch size")
         if self.max_steps is not None and self.max_steps < 1:
             raise PretrainReuseError(f"max_steps must be >= 1, got {self.max_steps!r}")
         for name in ("lr", "head_lr_mult"):

@@ -102,7 +102,7 @@ def evaluate_model(model: Backbone, data: ImageDataset | TextDataset, *,
         progress: show a progress bar over the batches.
 
     Returns:
-        ``top1``, ``mean_class_acc`` (over the classes the data has), ``n`` (images scored),
+        ``top1``, ``mean_class_acc`` (over the ``classes`` the data has), ``n`` (images scored),
         ``unreadable`` and ``unreadable_ids`` (images left out), ``classes_without_images``
         (the model's classes the data has no readable image of) and ``classes_matched_by``:
         ``"name"``, or
@@ -143,7 +143,9 @@ def evaluate_model(model: Backbone, data: ImageDataset | TextDataset, *,
             raise PretrainReuseError(f"{model.spec.name} holds no weights (a random network; "
                                      "nothing is downloaded): pass the classifier's weights "
                                      f"(--weights). ({e})") from None
-    labels = labels_by_name(data, class_names, "data (--data)")
+    labels = labels_by_name(data, class_names, "data (--data)", owner="model",
+                            fix="pass data of the model's classes (--data), or the weights of a "
+                            "classifier of the data's (--weights)")
     dev = torch.device(check_device(device))
     model = model.to(dev)
     skipped: list[int] = []
