@@ -362,6 +362,14 @@ def test_an_experiment_on_sentences_edited_since_it_embedded_them_is_refused(fil
     run_ok(capsys, *argv)  # restored: resumed
 
 
+def test_explaining_an_encoder_is_one_error_without_a_note_before_it(files, tmp_path, capsys):
+    # a note that 3 of the 40 samples were explainable came first, then the error that the
+    # model is no classifier: the note spoke of a run that never started
+    rc, _, err = run(capsys, "explain", "--model", f"hf:{files['bert']}", "--data", files["train"],
+                     "--players", "tokens", "--n", 4, "--samples", 100, "--out", tmp_path / "x")
+    assert rc == 2 and err.count("\n") == 1 and "the model must be a classifier" in err, err
+
+
 def test_cotuning_on_a_base_model_folder_names_a_classifier_folder(files, tmp_path, capsys):
     # a BertModel folder has no classifier: the fix is a *ForSequenceClassification folder as
     # --model, whose head is the source classifier, not --weights

@@ -1073,7 +1073,7 @@ def test_an_unreadable_image_is_passed_over_as_every_command_skips_it(tmp_path, 
     rc, out, err = _run(capsys, "explain", "--model", "smallcnn-s", "--weights", weights, "--data",
                         tmp_path / "imgs", "--samples", 6, "--out", tmp_path / "x")
     assert rc == 0 and out.startswith("explained 5 samples")
-    assert "note: 5 of the 6 samples asked for are readable and explainable" in err
+    assert "note: 5 of the 6 samples asked for are readable images; explained those" in err
     (tmp_path / "imgs" / "c0" / "0.png").write_bytes(b"")
     for name in ("0.png", "2.png"):
         (tmp_path / "imgs" / "c1" / name).write_bytes(b"")

@@ -622,12 +622,14 @@ def cmd_explain(args) -> int:
     data, split = _explain_data(args)
     asked = min(cfg.samples, len(data))
     indices = choose_samples(data, asked, cfg.seed, keep=explainable(model, data, cfg))
-    if len(indices) < asked and not args.quiet:
-        print(f"note: {len(indices)} of the {asked} samples asked for are readable and "
-              "explainable", file=sys.stderr)
     before = _stamp(Path(args.out) / "explain.json")
     results = explain(model, data, indices, cfg, args.out, tau=args.tau, split=split,
                       progress=not args.quiet)
+    if len(indices) < asked and not args.quiet:  # after explain's checks: an error comes alone
+        why = (f"have at least --n {cfg.n} eligible words" if cfg.players == "tokens"
+               else "are readable images")
+        print(f"note: {len(indices)} of the {asked} samples asked for {why}; explained those",
+              file=sys.stderr)
     if before is not None and _stamp(Path(args.out) / "explain.json") == before:
         _finished("explain", args.out)  # finished with these settings, and intact
         _note_weights(args.model, args.weights, args.quiet)
