@@ -1030,34 +1030,44 @@ def test_an_out_folder_inside_a_data_folder_it_reads_is_refused_before_anything_
         tmp_path, capsys):
     # embed --out pool/feats succeeded, and from then on every command reading pool (its own
     # rerun too) was refused: feats/ read as a class folder without images (a run's figures,
-    # written inside a folder, would have been read as a class of images)
+    # written inside a folder, would have been read as a class of images); an --out inside the
+    # data set of --data ds --split test (ds/x beside ds/train) unmade its splits
     colour_folder(tmp_path / "pool", 3, 4, seed=0)
     for split in ("train", "test"):
         colour_folder(tmp_path / "target" / split, 2, 4, seed=1)
     torch.manual_seed(0)
     save_backbone(create_backbone("smallcnn-s", num_classes=2), tmp_path / "m.safetensors", {})
     model = ["--model", "smallcnn-s"]
-    for argv, flag, data in (
+    target, test = tmp_path / "target", tmp_path / "target" / "test"
+    for argv, flag, data, where in (
             (["embed", *model, "--data", tmp_path / "pool", "--out", tmp_path / "pool" / "feats"],
-             "--data", "pool"),
-            (["finetune", *model, "--target", tmp_path / "target", "--out",
-              tmp_path / "target" / "run"], "--target", "target"),
-            (["finetune", *model, "--target", tmp_path / "target" / "train", "--target-test",
-              tmp_path / "target" / "test", "--out", tmp_path / "target" / "test" / "c0" / "run"],
-             "--target-test", "target/test"),
-            (["experiment", "fig4a", *model, "--source", tmp_path / "pool", "--target",
-              tmp_path / "target", "--k", 2, "--relevant", "0,1", "--out", tmp_path / "pool"],
-             "--source", "pool"),
-            (["explain", *model, "--weights", tmp_path / "m.safetensors", "--data",
-              tmp_path / "target" / "test", "--players", "grid:2x2", "--samples", 1, "--out",
-              tmp_path / "target" / "test" / "x"], "--data", "target/test"),
+             "--data", "pool", "lies inside"),
+            (["finetune", *model, "--target", target, "--out", target / "run"], "--target",
+             "target", "lies inside"),
+            (["finetune", *model, "--target", target, "--grid", "lr=0.01,0.1", "--out",
+              target / "grid"], "--target", "target", "lies inside"),
+            (["finetune", *model, "--target", target / "train", "--target-test", test, "--out",
+              test / "c0" / "run"], "--target-test", "target/test", "lies inside"),
+            (["experiment", "fig4a", *model, "--source", tmp_path / "pool", "--target", target,
+              "--k", 2, "--relevant", "0,1", "--out", tmp_path / "pool"], "--source", "pool", "is"),
+            (["explain", *model, "--weights", tmp_path / "m.safetensors", "--data", test,
+              "--players", "grid:2x2", "--samples", 1, "--out", test / "x"], "--data",
+             "target/test", "lies inside"),
+            (["explain", *model, "--weights", tmp_path / "m.safetensors", "--data", target,
+              "--split", "test", "--players", "grid:2x2", "--samples", 1, "--out", target / "x"],
+             "--data", "target", "lies inside"),
             (["knowledge", *model, "--pretrained", tmp_path / "m.safetensors", "--finetuned",
-              tmp_path / "m.safetensors", "--data", tmp_path / "target" / "test", "--players",
-              "grid:2x2", "--samples", 1, "--out", tmp_path / "target" / "test" / "k"],
-             "--data", "target/test")):
+              tmp_path / "m.safetensors", "--data", target, "--split", "test", "--players",
+              "grid:2x2", "--samples", 1, "--out", target / "k"], "--data", "target",
+             "lies inside")):
         before = sorted(tmp_path.rglob("*"))
         rc, _, err = cli(capsys, *argv, "--quiet")
         assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-        assert (f"lies inside the data folder ({flag}) {str(tmp_path / data)!r}, where later "
-                "commands would read what it writes as images; pass an out folder outside it") in err
+        assert (f"{where} the data folder ({flag}) {str(tmp_path / data)!r}, where later commands "
+                "would read what it writes as images; pass an out folder outside it") in err, err
         assert sorted(tmp_path.rglob("*")) == before, argv[0]
+    # a hidden folder, which image folders skip, is let through
+    run_ok(capsys, "embed", *model, "--data", tmp_path / "pool", "--out", tmp_path / "pool" / ".f",
+           "--quiet")
+    run_ok(capsys, "embed", *model, "--data", tmp_path / "pool", "--out", tmp_path / "pool" / ".f",
+           "--quiet")  # and the data still reads as it did

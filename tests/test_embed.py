@@ -564,6 +564,30 @@ def _builders(tmp_path: Path, **replace: str) -> Path:
     return tmp_path / "builders.py"
 
 
+def test_a_list_relabelled_in_place_is_refused_and_an_earlier_versions_embedding_resumes(
+        tmp_path, capsys):
+    # the labels were not compared: a rerun after a relabelling said "finished" and kept the
+    # old labels in the store, which units then averaged by
+    data = make_folder(tmp_path / "data", FILES[:4])
+    rows = [f"{cls}/{name},{cls}" for cls, name, _, _ in FILES[:4]]
+    (data / "list.csv").write_text("\n".join(rows) + "\n")
+    argv = ["embed", "--model", "smallcnn-s", "--data", data / "list.csv", "--quiet", "--out",
+            tmp_path / "s"]
+    rc, _, err = cli(capsys, *argv)
+    assert rc == 0, err
+    marker = tmp_path / "s" / "embed.json"
+    recorded = json.loads(marker.read_text())
+    # a marker of an earlier version, which recorded no labels: the rerun resumes it
+    marker.write_text(json.dumps({**recorded, "params": {
+        k: v for k, v in recorded["params"].items() if k != "labels"}}))
+    rc, out, err = cli(capsys, *argv)
+    assert rc == 0 and "is finished (same settings); nothing to do" in out, err
+    assert json.loads(marker.read_text()) == recorded  # and records them from now on
+    (data / "list.csv").write_text("\n".join(r.replace(",bee", ",ant") for r in rows) + "\n")
+    rc, _, err = cli(capsys, *argv)
+    assert_one_line_error(rc, err, "holds an embedding made with other settings or inputs (labels)")
+
+
 def test_a_changed_network_is_not_resumed_whatever_defines_it(tmp_path, capsys):
     # a python: builder (as a Hugging Face folder or a registry default) changes without any
     # --weights file: the network's own parameters decide whether a run may resume

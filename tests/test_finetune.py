@@ -947,15 +947,16 @@ def test_a_selection_for_another_folder_of_the_same_class_sizes_is_warned_of_onc
         f"warning: selection for another target: the selection "
         f"({str(made_for / 'sel.json')!r}) was made for the 11 samples of "
         f"{str((made_for / 'target').resolve())!r} (ids sha256:")
-    assert (f"--target {str(made_for / 'other')!r} has 11 samples of "
-            f"{str((made_for / 'other').resolve())!r}") in warned[0]
+    assert (f"--target {str(made_for / 'other')!r} has the same sample ids in "
+            f"{str((made_for / 'other').resolve())!r} (other files, or other labels, of the same "
+            "names)") in warned[0]
     assert "select for this target (embed it, then select --target its features)" in warned[0]
 
 
-def test_a_selection_for_a_list_file_is_not_warned_of_for_another_list_of_the_same_images(
+def test_a_selection_for_a_list_file_names_another_list_of_the_same_paths_as_such(
         made_for, files, tmp_path, capsys):
-    # the ids are the same paths in the same folder, so the same images; it was warned of,
-    # printing two equal id hashes, as the lists are other files
+    # it printed the two (equal) id hashes, as if the lists held other samples; such a list may
+    # give the same images other labels, so it is warned of, saying what is the same
     lists = tmp_path / "lists"
     shutil.copytree(made_for / "target", lists)
     rows = "".join(f"{f.relative_to(lists)},{f.parent.name}\n" for f in sorted(lists.rglob("*.png")))
@@ -967,10 +968,14 @@ def test_a_selection_for_a_list_file_is_not_warned_of_for_another_list_of_the_sa
         assert main(["select", "--source", str(made_for / "f-source"), "--target",
                      str(tmp_path / "f-a"), "--k", "2", "--out", str(tmp_path / "sel.json"),
                      "--quiet"]) == 0
-    for target, warned in ((lists / "a.csv", 0), (lists / "b.csv", 0), (made_for / "other", 1)):
+    for target, warned in ((lists / "a.csv", []), (lists / "b.csv", [
+            f"has the same sample ids in {str(lists / 'b.csv')!r} (other files, or other labels, "
+            "of the same names)"])):
         rc, _, err = cli(capsys, *_reuse(made_for, files, target, tmp_path / "sel.json",
                                          tmp_path / f"run-{target.name}"))
-        assert rc == 0 and len(_another_target(err)) == warned, (target, err)
+        lines = _another_target(err)
+        assert rc == 0 and len(lines) == len(warned) and all(
+            w in line for w, line in zip(warned, lines, strict=True)), (target, err)
 
 
 def test_a_selection_that_records_no_target_samples_is_not_warned_of(made_for, files, tmp_path,
@@ -2859,7 +2864,8 @@ def test_a_selection_from_another_pool_is_warned_of_as_one_for_another_target(
     assert len(warned) == 1 and warned[0].startswith(
         f"warning: selection from another pool: the selection ({str(made_for / 'sel.json')!r}) "
         f"was made for the 24 samples of {str(files['source'].resolve())!r} (ids sha256:"), err
-    assert (f"--source {str(tmp_path / 'pool')!r} has 24 samples of "
-            f"{str((tmp_path / 'pool').resolve())!r}") in warned[0]
+    assert (f"--source {str(tmp_path / 'pool')!r} has the same sample ids in "
+            f"{str((tmp_path / 'pool').resolve())!r} (other files, or other labels, of the same "
+            "names)") in warned[0]
     assert "select from this pool (embed it, build its units, then select --source them)" \
         in warned[0]

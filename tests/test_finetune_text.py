@@ -553,7 +553,8 @@ def test_a_rerun_after_the_sentences_changed_is_refused(files, tmp_path, capsys)
                "--samples", 1, "--quiet", "--out", tmp_path / "x"]
     run_ok(capsys, *explain)
     # same ids (file:line) and labels, other words
-    target.write_text(target.read_text().replace("apple", "granite"))
+    original = target.read_text()
+    target.write_text(original.replace("apple", "granite"))
     rc, _, err = run(capsys, *args)
     assert rc == 2 and "holds a run with a different input (data: the sample ids or labels (or " \
                        "sentences)" in err
@@ -563,6 +564,23 @@ def test_a_rerun_after_the_sentences_changed_is_refused(files, tmp_path, capsys)
                        "with the same settings and inputs to resume" in err, err
     rc, _, err = run(capsys, *explain)
     assert rc == 2 and "made with other settings or inputs (texts: \"sha256:" in err, err
+    # the same sentences, another label
+    first = json.loads(original.splitlines()[0])["label"]
+    other = next(json.loads(line)["label"] for line in original.splitlines()
+                 if json.loads(line)["label"] != first)
+    lines = original.splitlines()
+    lines[0] = json.dumps({**json.loads(lines[0]), "label": other})
+    target.write_text("\n".join(lines) + "\n")
+    rc, _, err = run(capsys, *embed)
+    assert rc == 2 and "holds an embedding made with other settings or inputs (labels)" in err, err
+    # an explanation of an earlier version, which recorded neither sentences nor labels, is taken
+    # as made of the data as it is, as that version took it: its rerun has nothing to do
+    target.write_text(original)
+    marker = tmp_path / "x" / "explain.json"
+    recorded = json.loads(marker.read_text())
+    identity = {k: v for k, v in recorded["identity"].items() if k not in ("texts", "labels")}
+    marker.write_text(json.dumps({**recorded, "identity": identity}))
+    assert "is finished (same settings); nothing to do" in run_ok(capsys, *explain)
 
 
 def test_a_selection_made_for_another_target_is_warned_of_once(files, tmp_path, capsys):

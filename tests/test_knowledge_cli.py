@@ -516,6 +516,42 @@ def test_games_from_skips_a_damaged_copy_for_the_next_folders_game(tmp_path, cap
         tmp_path / "k" / "finetuned" / "games" / damaged.name)
 
 
+def test_a_crash_while_taking_an_earlier_versions_game_leaves_no_damaged_game_trusted(
+        tmp_path, capsys, monkeypatch):
+    # the damaged game's record was removed before the sound game was linked in its place: a
+    # crash in between left the damaged game without a record, which the next run trusted as a
+    # game of an earlier version
+    import pretrain_reuse.knowledge.explain as explain_module
+
+    model = _classifier(tmp_path / "m.safetensors", 10)
+    knowledge = ["knowledge", "--model", "smallcnn-s", "--pretrained", model, "--finetuned", model,
+                 "--data", "synthetic:target", "--players", "grid:2x2", "--samples", 2, "--quiet",
+                 "--tau", 0.2, "--out"]
+    assert _run(capsys, *knowledge, tmp_path / "k")[0] == 0
+    shutil.copytree(tmp_path / "k", tmp_path / "old")
+    for record in (tmp_path / "old").glob("*/games/*.json"):
+        record.unlink()  # games of an earlier version, which wrote no records
+    game = sorted((tmp_path / "k" / "finetuned" / "games").glob("*.npy"))[0]
+    sound = np.load(game)
+    damaged = sound.copy()
+    damaged[5] += 1.0
+    game.unlink()  # not written through a link
+    np.save(game, damaged)
+    (tmp_path / "k" / "knowledge.json").unlink()  # so that the rerun computes
+
+    def crash(source, path):
+        if str(path).endswith(".npy"):
+            raise KeyboardInterrupt
+        shutil.copyfile(source, path)
+
+    monkeypatch.setattr(explain_module, "link_file", crash)
+    rc, _, err = _run(capsys, *knowledge, tmp_path / "k", "--games-from", tmp_path / "old")
+    assert rc == 130, err  # interrupted
+    monkeypatch.undo()
+    assert _run(capsys, *knowledge, tmp_path / "k")[0] == 0
+    np.testing.assert_array_equal(np.load(game), sound)
+
+
 def test_a_rerun_into_a_folder_of_an_earlier_version_with_other_settings_equals_a_fresh_run(
         tmp_path, capsys):
     # the game cache is keyed on what determines a game: another baseline or other weights

@@ -410,6 +410,8 @@ def test_csv_sentence_files_read_as_the_same_sentences_in_jsonl(tmp_path):
     ("m.csv", "text,label\nhello,1\nbye,neg\n", "line 3 has the label 'neg', a class name, but "
                                                "line 2 has a class index"),
     ("b.jsonl", '{"text": "hello", "label": " "}\n', r"line 1 must be an object with a non-empty"),
+    ("d.csv", "id,text,label\na,hello,1\nb,bye,0\na,again,1\n",
+     r"lines 2 and 4 have the same id 'a'; make every id unique"),
 ])
 def test_what_a_sentence_file_lacks_is_one_line_naming_the_line(tmp_path, name, text, needle):
     (tmp_path / name).write_text(text)

@@ -155,9 +155,9 @@ def link_file(source: str | Path, path: str | Path) -> None:
     """Make ``path`` a hard link to ``source`` (a copy on a file system without hard links),
     replacing what is there in one rename: a reader never sees half a file."""
     source, path = Path(source), Path(path)
-    tmp, _ = _create_temp(path.parent, path.name)
+    tmp, _ = _create_temp(path.parent, path.name)  # a free name that remove_orphan_temps knows
     try:
-        tmp.unlink()
+        tmp.unlink()  # os.link makes the name itself
         try:
             os.link(source, tmp)
         except OSError:  # another file system, or one without hard links

@@ -437,7 +437,12 @@ def cmd_finetune(args) -> int:
         return result
 
     if args.grid:
+        from .data.catalog import check_out_outside
         from .finetune.grid import grid_search, parse_grid
+
+        # the grid's own folder: its runs' checks see only the runs' sub-folders
+        check_out_outside(args.out, {"--target": args.target, "--target-test": args.target_test,
+                                     "--source": args.source})
 
         grid_file = Path(args.out) / "grid.json"
         grid_before = _grid_rows(grid_file)
@@ -611,6 +616,7 @@ def _note_named_by_position(models: dict, data, quiet: bool) -> None:
 
 
 def cmd_explain(args) -> int:
+    from .data.catalog import check_out_outside
     from .knowledge.analysis import faithfulness_summary
     from .knowledge.explain import choose_samples, explain, explainable
 
@@ -618,6 +624,7 @@ def cmd_explain(args) -> int:
     if cfg.decomposition == "joint-and-or":  # with one model it is and-or, under another name
         raise PretrainReuseError("--decomposition joint-and-or sparsifies several models' games "
                                  "together (knowledge); explain has one model: pass and-or")
+    check_out_outside(args.out, {"--data": args.data})  # as given: the data set, not its split
     model = _classifier(args.model, args.weights, "--weights", args.quiet)
     data, split = _explain_data(args)
     asked = min(cfg.samples, len(data))
@@ -655,11 +662,13 @@ def cmd_explain(args) -> int:
 
 
 def cmd_knowledge(args) -> int:
+    from .data.catalog import check_out_outside
     from .knowledge.analysis import KnowledgeWarning, analyze_knowledge
     from .knowledge.metrics import PAPER_RATIOS
     from .knowledge.plots import other_image_levels, other_sample_word, purity_is_informative
 
     cfg = _explain_config(args)
+    check_out_outside(args.out, {"--data": args.data})  # as given: the data set, not its split
     models = {"pretrained": _classifier(args.model, args.pretrained, "--pretrained", args.quiet),
               "finetuned": _classifier(args.model, args.finetuned, "--finetuned", args.quiet)}
     if args.scratch:

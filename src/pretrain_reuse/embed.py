@@ -26,6 +26,7 @@ import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,11 +39,13 @@ from .artifacts import (
     atomic_path,
     claim_folder,
     encode_ids,
+    hash_array,
     hash_file,
     lock_folder,
     make_meta,
     releases_folders,
     safetensors_header,
+    to_json,
     write_json,
 )
 from .configs import check_fields
@@ -218,12 +221,14 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True,
     # python: builder or a registry default changed between two runs must not be mixed.
     identity = {"config": _resume_config(cfg, _recorded_device(out)), "n": len(dataset),
                 "ids": hash_ids(dataset.ids), "state": state_hash(backbone),
+                "labels": None if dataset.labels is None else hash_array(dataset.labels),
                 **({"texts": dataset.content_hash()} if text else {})}
     parts = out / "parts"
     if rank == 0:
         # before a stopped run's marker is forgotten: it may be a running one's
         lock_folder(out, "an embedding")
         _forget_a_run_without_shards(out, parts)
+        _record_added_keys(out / "embed.json", identity)
         claim_folder(out, "embedding", identity, what="an embedding", marker="embed.json")
         parts.mkdir(exist_ok=True)
     if world > 1:
@@ -327,6 +332,26 @@ def _recorded_device(out: Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError, RuntimeError):
         return None  # no marker, or not one of ours: claim_folder says what is wrong with it
     return device
+
+
+#: What an embedding's identity holds since a later version: the labels (a list file relabelled in
+#: place keeps its ids) and a sentence file's texts (edited in place, it keeps its ids).
+_ADDED_KEYS = ("labels", "texts")
+
+
+def _record_added_keys(marker: Path, identity: dict[str, Any]) -> None:
+    """Give the marker of an earlier version's embedding of the same inputs the keys of
+    :data:`_ADDED_KEYS` it lacks, so that the rerun resumes it: those versions trusted the data
+    by its ids, as this one then does once."""
+    try:
+        recorded = json.loads(marker.read_text())
+        params = recorded["params"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # none, or not readable: claim_folder decides
+    now = json.loads(to_json(identity))
+    if isinstance(params, dict) and not any(k in params for k in _ADDED_KEYS) and params == {
+            k: v for k, v in now.items() if k not in _ADDED_KEYS}:
+        write_json(marker, {**recorded, "params": now})
 
 
 def _forget_a_run_without_shards(out: Path, parts: Path) -> None:

@@ -159,20 +159,24 @@ def check_exists(spec: str | Path, what: str = "data") -> None:
 
 def check_out_outside(out: str | Path | None, data: dict[str, str | Path | None]) -> None:
     """Refuse an output folder ``out`` inside a data folder the command reads (``data``: each
-    data setting's name and value): what it writes there (feature shards, a run's figures) would
-    be read as a class of images, or a split, by every later command, its own rerun included.
-    ``out`` None: nothing is written."""
+    data setting's name and value, as given: ``ds`` of ``--data ds --split test``): what it
+    writes there (feature shards, a run's figures) would be read as a class of images, or a
+    split, by every later command, its own rerun included. Hidden folders, which image folders
+    skip, are let through. ``out`` None: nothing is written."""
     if out is None:
         return
     place = Path(out).resolve()
     for name, spec in data.items():
         if spec is None or str(spec) in DATASETS or not Path(str(spec)).is_dir():
             continue
-        if place.is_relative_to(Path(str(spec)).resolve()):
-            raise PretrainReuseError(
-                f"out (--out) {str(out)!r} lies inside the data folder ({name}) {str(spec)!r}, "
-                "where later commands would read what it writes as images; pass an out folder "
-                "outside it")
+        root = Path(str(spec)).resolve()
+        if not place.is_relative_to(root) or any(
+                part.startswith(".") for part in place.relative_to(root).parts):
+            continue
+        where = "is" if place == root else "lies inside"
+        raise PretrainReuseError(
+            f"out (--out) {str(out)!r} {where} the data folder ({name}) {str(root)!r}, where later "
+            "commands would read what it writes as images; pass an out folder outside it")
 
 
 def has_splits(spec: str | Path | None) -> bool:

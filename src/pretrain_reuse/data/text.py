@@ -214,7 +214,8 @@ def _csv_rows(text: str, p: Path) -> list[tuple[int, dict[str, str], str]]:
 def _sentences(rows: list[tuple[int, Any, str]], p: Path, need_labels: bool,
                form: _Form) -> TextDataset:
     """The sentences of a file's ``rows`` (line number, row, row as read), each row checked."""
-    texts, labels, ids = [], [], []
+    texts, labels = [], []
+    ids: dict[str, int] = {}  # each sample's id, and the line that gave it
     first_of_kind: dict[str, int] = {}  # "index" / "name": the first line with such a label
     for number, row, line in rows:
         text, label = (row.get("text"), row.get("label")) if isinstance(row, dict) else (None, None)
@@ -250,17 +251,20 @@ def _sentences(rows: list[tuple[int, Any, str]], p: Path, need_labels: bool,
         if not unlabelled:
             labels.append(str(label))
         given = row.get("id")
-        ids.append(f"{p.name}:{number}" if given is None or given == "" else str(given))
+        sample = f"{p.name}:{number}" if given is None or given == "" else str(given)
+        if sample in ids:
+            raise PretrainReuseError(f"data: {str(p)!r} lines {ids[sample]} and {number} have the "
+                                     f"same id {sample!r}; make every id unique")
+        ids[sample] = number
     if not texts:
         raise PretrainReuseError(f"data: {str(p)!r} holds no sentences; add {form.rows}")
-    if len(set(ids)) != len(ids):
-        raise PretrainReuseError(f"data: {str(p)!r} repeats sample ids; make every id unique")
     if not labels:
-        return TextDataset(texts=texts, labels=None, class_names=None, ids=ids, source=str(p))
+        return TextDataset(texts=texts, labels=None, class_names=None, ids=list(ids),
+                           source=str(p))
     label_array, class_names = _parse_labels(labels, p)
     # as _parse_labels reads them: "3" is the index 3, as 3 is
     named = not all(_is_integer(label) for label in labels)
-    return TextDataset(texts=texts, labels=label_array, class_names=class_names, ids=ids,
+    return TextDataset(texts=texts, labels=label_array, class_names=class_names, ids=list(ids),
                        source=str(p), named=named)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import itertools
+import re
+import warnings
 from collections.abc import Callable, Collection
 from dataclasses import replace
 from pathlib import Path
@@ -71,22 +73,35 @@ def grid_search(cfg: FinetuneConfig, grid: dict[str, list[Any]], out: str | Path
                 for values in itertools.product(*(grid[n] for n in names))]
     configs = [replace(cfg, **setting) for setting in settings]
     tags = [",".join(f"{k}={v}" for k, v in setting.items()) for setting in settings]
-    for tag, c in zip(tags, configs, strict=True):
-        if c.val_fraction == 0:
-            raise PretrainReuseError("grid search picks on the validation split; set val_fraction > 0")
-        if check(c) == 0:  # a data regime can train on every image and leave none for it
-            raise PretrainReuseError(
-                f"grid search picks on the validation split, but run {tag} would have no "
-                "validation images (its data regime trains on every image); give the grid other "
-                "regimes")
+    # every run's checks warn alike (a selection made for other data): each warning is shown
+    # once, after the checks (an error stays the only message), and not again by the runs
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for tag, c in zip(tags, configs, strict=True):
+            if c.val_fraction == 0:
+                raise PretrainReuseError("grid search picks on the validation split; set "
+                                         "val_fraction > 0")
+            if check(c) == 0:  # a data regime can train on every image and leave none for it
+                raise PretrainReuseError(
+                    f"grid search picks on the validation split, but run {tag} would have no "
+                    "validation images (its data regime trains on every image); give the grid "
+                    "other regimes")
+    shown: dict[tuple[str, type], warnings.WarningMessage] = {}
+    for w in seen:
+        shown.setdefault((str(w.message), w.category), w)
+    for w in shown.values():
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     # claimed once every combination has passed its checks: a refused grid writes nothing. The
     # marker records no settings, as each run refuses other settings on a rerun; a rerun with
     # more values reuses the runs the two grids share. Versions before it wrote no marker: a
     # folder of theirs holds only this grid's runs and results.
     claim_folder(out, "grid-run", {}, what="a grid search", early=(*tags, "grid.csv", "grid.json"))
     rows, inputs = [], {}
-    for setting, tag, c in zip(settings, tags, configs, strict=True):
-        result = run(c, out / tag)
+    with warnings.catch_warnings():
+        for text, category in shown:
+            warnings.filterwarnings("ignore", message=re.escape(text) + "$", category=category)
+        results = [run(c, out / tag) for c, tag in zip(configs, tags, strict=True)]
+    for setting, tag, result in zip(settings, tags, results, strict=True):
         inputs = inputs or result.meta["inputs"]  # the runs differ in settings only
         best = result.at_best_val
         rows.append({**setting, "run": tag, "val_top1": best["val"]["top1"],

@@ -113,7 +113,7 @@ class RunResult:
         """Validation and test ``metric`` (``top1`` or ``mean_class_acc``) over training steps."""
         import matplotlib.pyplot as plt
 
-        check_choice("metric", metric, [k for k in self.history[0]["test"] if k != "n"])
+        check_choice("metric", metric, ("top1", "mean_class_acc"))
         ax = ax or plt.gca()
         steps = [h["step"] for h in self.history]
         name = label or self.config["mode"]

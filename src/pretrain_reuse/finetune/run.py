@@ -217,8 +217,7 @@ def _warn_of_other_data(selection: Selection, path: Path | None, side: str, spec
     features or prototypes, whose rows have no ids) is not compared: the hash of its labels,
     all it has, differs for the same data where the features left out unreadable images
     or the labels came from a ``.npy`` file, and agrees for other data with the same class
-    sizes. Two list files in one folder with the same paths list the same images: not warned
-    of. A warning, not an error: reusing a selection across data can be deliberate. (Only
+    sizes. A warning, not an error: reusing a selection across data can be deliberate. (Only
     here, where a selection is paired with data by hand: an experiment selects for the very
     images a run trains on.)"""
     recorded = selection.meta.get("inputs", {}).get(side, {}).get("data")
@@ -227,24 +226,20 @@ def _warn_of_other_data(selection: Selection, path: Path | None, side: str, spec
     ids, where = hash_ids(dataset.ids), _data_identity(spec, dataset)
     made_for = recorded.get("data")
     placed = made_for is not None and (made_for in DATASETS or Path(made_for).is_absolute())
-    if (ids in (recorded.get("ids"), recorded.get("embedded_ids"))
-            and (not placed or _ids_place(made_for) == _ids_place(where))):
+    same_ids = ids in (recorded.get("ids"), recorded.get("embedded_ids"))
+    if same_ids and (not placed or made_for == where):
         return
     name, flag, fix = _OTHER_DATA[side]
     given = "" if path is None else f" ({str(path)!r})"
     of = f" of {made_for!r}" if made_for else ""
+    # the same ids elsewhere: other images of the same names, or other labels of the same images
+    has = (f"the same sample ids in {where!r} (other files, or other labels, of the same names)"
+           if same_ids else f"{len(dataset)} samples of {where!r} (ids {ids})")
     warnings.warn(
         f"{name}: the selection{given} was made for the {recorded.get('n')} samples{of} (ids "
-        f"{recorded.get('ids')}), {flag} {str(spec)!r} has {len(dataset)} samples of {where!r} "
-        f"(ids {ids}); {fix}, or, reusing the selection on purpose, silence this with "
-        f"PYTHONWARNINGS='ignore:{name}'", DataWarning, stacklevel=3)
-
-
-def _ids_place(data: str) -> str:
-    """The folder a data argument's sample ids are paths in: a folder's own path, a list file's
-    folder (two lists of the same paths in one folder list the same images); an embedded set's
-    name as it is."""
-    return str(Path(data).parent) if Path(data).is_file() else data
+        f"{recorded.get('ids')}), {flag} {str(spec)!r} has {has}; {fix}, or, reusing the "
+        f"selection on purpose, silence this with PYTHONWARNINGS='ignore:{name}'", DataWarning,
+        stacklevel=3)
 
 
 def _input_file(flag: str, value: str | Path | Selection | Units | None,

@@ -481,7 +481,7 @@ def finished_analysis(out: str | Path, identity: dict[str, Any],
     figure of the analysis is there. None otherwise: the run does (or redoes) the work."""
     out = Path(out)
     loaded = load_analysis(out)
-    if loaded is None or recorded_identity(loaded[0]) != identity:
+    if loaded is None or recorded_identity(loaded[0], identity) != identity:
         return None
     summary, explained = loaded
     positions = {sample: i for i, sample in enumerate(dataset.ids)}

@@ -445,30 +445,39 @@ def rerun_identity(models: dict[str, Backbone], dataset: ImageDataset | TextData
     it did, as JSON: ``params`` (the settings, but :data:`RERUN_WITH_OTHER`), the data (its
     absolute path, or its name) and each model (by role) as its parameters and buffers
     (:func:`~pretrain_reuse.models.state_hash`, wherever they were loaded from) and its input
-    size; for sentences also their content (:meth:`~pretrain_reuse.data.text.TextDataset.content_hash`)."""
+    size; the data's labels; for sentences also their content
+    (:meth:`~pretrain_reuse.data.text.TextDataset.content_hash`)."""
     settings = {k: v for k, v in params.items() if k not in RERUN_WITH_OTHER}
     return json.loads(to_json({
         **settings, "data": data_path(dataset) or dataset.source,
+        "labels": hash_array(dataset.labels),
         **({"texts": dataset.content_hash()} if isinstance(dataset, TextDataset) else {}),
         "models": {role: {"state": state_hash(m), "input_size": m.spec.input_size}
                    for role, m in models.items()}}))
 
 
 #: Settings added after earlier versions had written their markers, each with the value those
-#: versions used (a function of the recorded settings): a recorded identity without one gets it,
-#: so that rerunning such a folder with the same flags still matches.
+#: versions used (a function of the recorded identity and the rerun's): a recorded identity
+#: without one gets it, so that rerunning such a folder with the same flags still matches. The
+#: data's labels and sentences were not compared then: such a folder is taken as made of the
+#: data as it is now, as those versions took it.
 _ADDED_SETTINGS = {
-    "background": lambda recorded: "original" if recorded.get("players") == "tokens" else "baseline",
+    "background": lambda recorded, now: "original" if recorded.get("players") == "tokens"
+    else "baseline",
+    "labels": lambda recorded, now: now["labels"],
+    "texts": lambda recorded, now: now["texts"],
 }
 
 
-def recorded_identity(marker: Any) -> Any:
+def recorded_identity(marker: Any, now: dict[str, Any]) -> Any:
     """The :func:`rerun_identity` a folder's marker (its parsed JSON) records, completed with the
-    settings of :data:`_ADDED_SETTINGS` it predates; None when it records none."""
+    settings of :data:`_ADDED_SETTINGS` it predates (those the rerun's identity ``now`` has);
+    None when it records none."""
     recorded = marker.get("identity") if isinstance(marker, dict) else None
     if not isinstance(recorded, dict):
         return recorded
-    return {**{key: value(recorded) for key, value in _ADDED_SETTINGS.items()}, **recorded}
+    return {**{key: value(recorded, now) for key, value in _ADDED_SETTINGS.items() if key in now},
+            **recorded}
 
 
 def check_rerun(out: Path, marker: str, identity: dict[str, Any], what: str, *,
@@ -479,7 +488,7 @@ def check_rerun(out: Path, marker: str, identity: dict[str, Any], what: str, *,
     one, which the run rewrites) lets the run go on as before. ``another``: the message's
     advice for running elsewhere."""
     try:
-        recorded = recorded_identity(json.loads((out / marker).read_text()))
+        recorded = recorded_identity(json.loads((out / marker).read_text()), identity)
     except (OSError, ValueError):  # no marker, or not JSON
         return
     if recorded is not None and recorded != identity:
@@ -500,7 +509,7 @@ def finished_explanation(folder: Path, identity: dict[str, Any], indices: np.nda
     except (OSError, ValueError):
         return None
     if not isinstance(marker, dict) or marker.get("finished") is not True \
-            or recorded_identity(marker) != identity:
+            or recorded_identity(marker, identity) != identity:
         return None
     return intact_explanations(folder, indices, cfg)
 
@@ -779,12 +788,15 @@ def _reusable_game(cache: Path, others: list[Path], n: int, *, fitted: bool,
         if cached is None or not _same_ends(cached[0], model_ends):
             continue  # damaged, or not the model's game (zeroed, overwritten)
         if path != cache:
+            # in an order that a crash between the two steps leaves a record that refuses the
+            # game beside it (recomputed), never a damaged game without a record (trusted)
             record = path.with_suffix(".json")
-            if record.is_file():  # the record first: see where a computed game is written
+            if record.is_file():
                 link_file(record, cache.with_suffix(".json"))
-            else:  # an earlier version's game: a record of the game it replaces would refuse it
+                link_file(path, cache)
+            else:  # an earlier version's game: the record of the game it replaces would refuse it
+                link_file(path, cache)
                 cache.with_suffix(".json").unlink(missing_ok=True)
-            link_file(path, cache)
         return cached
     return None
 
