@@ -358,6 +358,10 @@ def test_an_experiment_on_sentences_edited_since_it_embedded_them_is_refused(fil
     rc, _, err = run(capsys, *argv)
     assert rc == 2 and (f"source {str(pool)!r} changed since this experiment embedded it (the same "
                         "lines, other sentences); its selections and runs were made") in err, err
+    # relabelled in place: the features were reused, and the class means of the labels as they were
+    pool.write_text(text.replace('"label": "bird"', '"label": "car"', 1))
+    rc, _, err = run(capsys, *argv)
+    assert rc == 2 and "changed since this experiment embedded it (the same samples, other labels)" in err
     pool.write_text(text)
     run_ok(capsys, *argv)  # restored: resumed
 

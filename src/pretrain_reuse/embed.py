@@ -219,10 +219,8 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True,
     _check_first_sample(backbone, data, first, cfg, device, use_bf16)
     # The network's own parameters, not only the --weights file: a Hugging Face folder, a
     # python: builder or a registry default changed between two runs must not be mixed.
-    identity = {"config": _resume_config(cfg, _recorded_device(out)), "n": len(dataset),
-                "ids": hash_ids(dataset.ids), "state": state_hash(backbone),
-                "labels": None if dataset.labels is None else hash_array(dataset.labels),
-                **({"texts": dataset.content_hash()} if text else {})}
+    identity = {"config": _resume_config(cfg, _recorded_device(out)), "state": state_hash(backbone),
+                **data_identity(dataset)}
     parts = out / "parts"
     if rank == 0:
         # before a stopped run's marker is forgotten: it may be a running one's
@@ -332,6 +330,15 @@ def _recorded_device(out: Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError, RuntimeError):
         return None  # no marker, or not one of ours: claim_folder says what is wrong with it
     return device
+
+
+def data_identity(dataset: ImageDataset | TextDataset) -> dict[str, Any]:
+    """What an embedding records of the data it read: how many samples, a hash of their ids and
+    of their labels, and for sentences of their texts (edited in place, a file keeps its ids).
+    An experiment compares it with its data as it is now before reusing the features."""
+    return {"n": len(dataset), "ids": hash_ids(dataset.ids),
+            "labels": None if dataset.labels is None else hash_array(dataset.labels),
+            **({"texts": dataset.content_hash()} if isinstance(dataset, TextDataset) else {})}
 
 
 #: What an embedding's identity holds since a later version: the labels (a list file relabelled in

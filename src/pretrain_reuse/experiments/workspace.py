@@ -16,9 +16,9 @@ from ..data.catalog import has_splits
 from ..data.datasets import ImageDataset
 from ..data.text import TextDataset
 from ..distributed import process_device
-from ..embed import EmbedConfig, embed
+from ..embed import EmbedConfig, data_identity, embed
 from ..errors import PretrainReuseError
-from ..features import FeatureStore, hash_ids
+from ..features import FeatureStore
 from ..finetune import FinetuneConfig, RunResult, finetune_datasets, open_split, target_splits
 from ..finetune.loop import computes_in, recorded_precision
 from ..selection import SelectConfig, Selection, select
@@ -249,21 +249,23 @@ class Workspace:
 def _check_data_unchanged(folder: Path, which: str, spec: str,
                           data: ImageDataset | TextDataset) -> None:
     """Refuse data that changed on disk since the experiment embedded it into ``folder`` (images
-    added, removed or renamed; sentences edited), naming the change: the experiment's units,
-    selections and runs were made from the data as it was (and embed refused it as an embedding
-    made with other settings, pointing at the experiment's own folder, though no setting
-    changed)."""
+    added, removed or renamed; relabelled; sentences edited), naming the change: the experiment's
+    units, selections and runs were made from the data as it was (and embed refused it as an
+    embedding made with other settings, pointing at the experiment's own folder, though no
+    setting changed). Compares what embed recorded of the data (:func:`data_identity`); a key an
+    earlier version did not record is left to embed, which takes the data as it is once."""
     try:
         recorded = json.loads((folder / "embed.json").read_text())["params"]
-        n, ids, texts = recorded["n"], recorded["ids"], recorded.get("texts")
+        now = data_identity(data)
+        changed = [k for k in now if k in recorded and recorded[k] != now[k]]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return  # not readable: embed decides
-    edited = texts is not None and isinstance(data, TextDataset) and texts != data.content_hash()
-    if (n, ids) == (len(data), hash_ids(data.ids)) and not edited:
+    if not changed:
         return
-    change = (f"{n} samples then, {len(data)} now" if n != len(data)
-              else "as many samples, other file names" if ids != hash_ids(data.ids)
-              else "the same lines, other sentences")
+    change = {"n": f"{recorded['n']} samples then, {now['n']} now",
+              "ids": "as many samples, other file names",
+              "labels": "the same samples, other labels",
+              "texts": "the same lines, other sentences"}[changed[0]]
     raise PretrainReuseError(
         f"{which} {str(spec)!r} changed since this experiment embedded it ({change}); its "
         "selections and runs were made from the data as it was: pass a new --out for the data "
