@@ -2064,6 +2064,22 @@ def test_weights_with_nan_are_refused_naming_the_tensor_before_anything_is_writt
     assert not (tmp_path / "run").exists()
 
 
+def test_weights_with_an_infinite_parameter_are_refused_before_anything_is_written(
+        files, tmp_path, capsys):
+    # the run stopped at its first read of the loss: "training diverged ...; lower --lr"
+    state = load_file(files["weights"])
+    name = next(k for k in sorted(state) if k.endswith("weight") and state[k].ndim == 4)
+    state[name].view(-1)[3] = float("-inf")
+    save_file(state, tmp_path / "inf.safetensors")
+    args = base_args(files, tmp_path / "run", steps=2)
+    args[args.index("--weights") + 1] = tmp_path / "inf.safetensors"
+    rc, _, err = cli(capsys, *args)
+    assert_one_line_error(rc, err, f"weights file {str(tmp_path / 'inf.safetensors')!r} holds infinite "
+                          "values in 1 parameter(s) (first: '")
+    assert name.split(".", 1)[1] in err and "pass finite weights" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_finished_run_whose_checkpoint_was_deleted_is_still_finished(files, tmp_path, capsys):
     # the checkpoint serves only a resume; deleted to save disk, the run was trained again from
     # scratch, silently, and its files rewritten

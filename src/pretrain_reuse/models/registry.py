@@ -149,7 +149,20 @@ def create_backbone(name: str, *, weights: str | Path | None = None, layer: str 
         parts.spec = _saved_preprocessing(header, parts.spec)
     backbone = assemble(parts, state, None if path is None else str(path), layer=layer,
                         num_classes=num_classes)
+    if path is not None:
+        _refuse_infinite_parameters(backbone, path)
     return backbone.to(device).eval()
+
+
+def _refuse_infinite_parameters(model: torch.nn.Module, path) -> None:
+    """Refuse loaded weights with an infinite parameter (NaN anywhere is refused as the file is
+    read): a fine-tuning run would stop at its first step as if its learning rate were too high.
+    Only parameters: a buffer may hold -inf on purpose (an attention mask)."""
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise PretrainReuseError(
+            f"weights file {str(path)!r} holds infinite values in {len(bad)} parameter(s) "
+            f"(first: {bad[0]!r}): a damaged file or a diverged training; pass finite weights")
 
 
 def model_modality(name: str) -> str | None:
