@@ -1670,28 +1670,37 @@ def test_no_sample_correct_for_every_model_names_each_models_count_and_the_fixes
     assert not (tmp_path / "k").exists()
 
 
-def test_a_folder_written_before_the_background_setting_reruns_as_finished(tmp_path, capsys):
+def test_a_folder_written_before_the_background_setting_reruns_as_finished_and_records_it(tmp_path, capsys):
     # markers of earlier versions record no background: the rerun with the same flags was
     # refused as "background: null before, "baseline" now"
     model = _classifier(tmp_path / "m.safetensors", 10)
 
     def forget_background(path):
         marker = json.loads(path.read_text())
-        del marker["identity"]["background"]
+        identity = dict(marker["identity"])
+        del marker["identity"]["background"], marker["identity"]["labels"]
         path.write_text(json.dumps(marker))
+        return identity
+
+    def rerun_records_them(argv, marker):
+        identity = forget_background(marker)
+        results = {p: p.stat().st_mtime_ns for p in marker.parent.rglob("*") if p != marker}
+        assert _run(capsys, *argv)[0] == 0  # nothing computed or written again...
+        assert {p: p.stat().st_mtime_ns for p in marker.parent.rglob("*") if p != marker} == results
+        # ...but the marker records them: data relabelled later is no longer taken as it is then
+        assert json.loads(marker.read_text())["identity"] == identity
+        assert _run(capsys, *argv)[1].endswith("is finished (same settings); nothing to do\n")
 
     explain = [*_explain_argv(model), "--out", tmp_path / "x"]
     assert _run(capsys, *explain)[0] == 0
-    forget_background(tmp_path / "x" / "explain.json")
-    assert _run(capsys, *explain)[1].endswith("is finished (same settings); nothing to do\n")
+    rerun_records_them(explain, tmp_path / "x" / "explain.json")
     # the earlier version's value is the image default, so the other one is still refused
     rc, _, err = _run(capsys, *explain, "--background", "original")
     assert rc == 2 and '(background: "baseline" before, "original" now)' in err, err
     knowledge = [*KNOWLEDGE_2X2, "--pretrained", model, "--finetuned", model, "--quiet",
                  "--out", tmp_path / "k"]
     assert _run(capsys, *knowledge)[0] == 0
-    forget_background(tmp_path / "k" / "knowledge.json")
-    assert _run(capsys, *knowledge)[1].endswith("is finished (same settings); nothing to do\n")
+    rerun_records_them(knowledge, tmp_path / "k" / "knowledge.json")
 
 
 def test_explain_and_knowledge_note_a_model_whose_outputs_are_matched_by_position(

@@ -421,6 +421,7 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
         check_rerun(Path(out), MARKER, identity, "an explanation run")
         done = finished_explanation(Path(out), identity, indices, cfg)
         if done is not None:  # the same run, finished and intact: nothing to do
+            record_added_settings(Path(out) / MARKER, identity)
             return done
     predicted = check_explainable(model, dataset, indices, cfg, role, torch.device(cfg.device))
     if out is not None:  # until the interactions are written, not only while games are computed
@@ -459,8 +460,8 @@ def rerun_identity(models: dict[str, Backbone], dataset: ImageDataset | TextData
 #: Settings added after earlier versions had written their markers, each with the value those
 #: versions used (a function of the recorded identity and the rerun's): a recorded identity
 #: without one gets it, so that rerunning such a folder with the same flags still matches. The
-#: data's labels and sentences were not compared then: such a folder is taken as made of the
-#: data as it is now, as those versions took it.
+#: data's labels and sentences were not compared then: such a folder is taken once as made of
+#: the data as it is now, as those versions took it, and records it (:func:`record_added_settings`).
 _ADDED_SETTINGS = {
     "background": lambda recorded, now: "original" if recorded.get("players") == "tokens"
     else "baseline",
@@ -478,6 +479,20 @@ def recorded_identity(marker: Any, now: dict[str, Any]) -> Any:
         return recorded
     return {**{key: value(recorded, now) for key, value in _ADDED_SETTINGS.items() if key in now},
             **recorded}
+
+
+def record_added_settings(marker: Path, identity: dict[str, Any]) -> None:
+    """Write into the ``marker`` of a finished explanation or analysis of an earlier version
+    the settings of :data:`_ADDED_SETTINGS` it lacks, as the rerun with ``identity`` that found
+    it finished took them: from then on a change of what they record (the data's labels or
+    sentences) is told, as in a folder of this version."""
+    try:
+        recorded = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(recorded, dict) and recorded.get("identity") != identity \
+            and recorded_identity(recorded, identity) == identity:
+        write_json(marker, {**recorded, "identity": identity})
 
 
 def check_rerun(out: Path, marker: str, identity: dict[str, Any], what: str, *,
