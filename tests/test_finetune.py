@@ -2064,6 +2064,15 @@ def test_weights_with_nan_are_refused_naming_the_tensor_before_anything_is_writt
     assert not (tmp_path / "run").exists()
 
 
+def test_a_log_file_gets_the_training_bar_without_the_evaluations_cursor_codes(files, tmp_path, capsys):
+    # the evaluation's bar, cleared at the end and drawn under the training bar, left cursor-up
+    # codes and blank lines in a log (stderr not a terminal, as under capsys)
+    args = [a for a in base_args(files, tmp_path / "run", steps=2) if a != "--quiet"]
+    rc, _, err = cli(capsys, *args)
+    assert rc == 0 and "run: vanilla: 100%" in err, err
+    assert "\x1b" not in err and "evaluating on" not in err
+
+
 def test_weights_with_an_infinite_parameter_are_refused_before_anything_is_written(
         files, tmp_path, capsys):
     # the run stopped at its first read of the loss: "training diverged ...; lower --lr"

@@ -439,10 +439,10 @@ def cmd_finetune(args) -> int:
     if args.grid:
         from .data.catalog import check_out_outside
         from .finetune.grid import grid_search, parse_grid
+        from .finetune.run import data_flags
 
         # the grid's own folder: its runs' checks see only the runs' sub-folders
-        check_out_outside(args.out, {"--target": args.target, "--target-test": args.target_test,
-                                     "--source": args.source})
+        check_out_outside(args.out, data_flags(args.target, args.target_test, args.source))
 
         grid_file = Path(args.out) / "grid.json"
         grid_before = _grid_rows(grid_file)

@@ -21,6 +21,7 @@ from ..finetune import RunResult
 from ..finetune.data import check_batch_size, selected_source
 from ..finetune.loop import total_steps
 from ..finetune.model import check_source_head
+from ..finetune.run import data_flags
 from ..models import create_backbone
 from ..models.checkpoint import features_hash
 from ..models.registry import check_modality, model_modality
@@ -126,8 +127,7 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
     for key in ("target", "target_test", "source"):  # before anything is read of them
         if getattr(cfg, key) is not None:
             check_exists(getattr(cfg, key), key)
-    check_out_outside(out, {"--target": cfg.target, "--target-test": cfg.target_test,
-                            "--source": cfg.source})
+    check_out_outside(out, data_flags(cfg.target, cfg.target_test, cfg.source))
     trains = [r for r in rows if r.mode]
     # a model of the other modality is refused before the data is read, as finetune does
     if trains:

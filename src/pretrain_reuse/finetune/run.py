@@ -10,6 +10,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +53,11 @@ __all__ = ["finetune_datasets", "open_split", "run_finetune", "target_splits"]
 
 #: The data arguments of a run (recorded by :func:`_data_identity`).
 DATA_INPUTS = ("target", "target_test", "source")
+
+
+def data_flags(target, target_test, source) -> dict[str, Any]:
+    """The data a fine-tuning run reads, by the flag that names it in messages."""
+    return {"--target": target, "--target-test": target_test, "--source": source}
 
 
 def target_splits(cfg: FinetuneConfig, train_pool: ImageDataset | TextDataset
@@ -144,7 +150,8 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
     _check_config(cfg)
     _check_source_inputs(cfg, {"--source": source, "--selection": selection, "--units": units},
                          "--mode")
-    check_out_outside(out, {"--target": target, "--target-test": target_test, "--source": source})
+    flags = data_flags(target, target_test, source)
+    check_out_outside(out, flags)
     if target_test is None and not has_splits(target):
         if not Path(str(target)).exists():  # a typo, not a folder without its test split
             raise PretrainReuseError(f"--target {str(target)!r} does not exist; pass an image "
@@ -155,7 +162,7 @@ def run_finetune(cfg: FinetuneConfig, *, model: str, target: str, out: str | Pat
     # a model of the other modality is refused before the data is read (listing a large image
     # folder takes long), where its name or configuration files tell its modality
     modality = model_modality(model)
-    for flag, spec in (("--target", target), ("--target-test", target_test), ("--source", source)):
+    for flag, spec in flags.items():
         if spec is not None:
             check_modality(model, modality, is_sentence_file(spec), flag)
     _check_text_mode(cfg, modality)  # before the pool is read, which may hold no labels
