@@ -587,11 +587,17 @@ USER_ERRORS = {
     "k not a whole number": (_sel("--k", "2.5"), ["k=2.5"]),
     "k not a number": (_sel("--k", "ten"), ["'ten'", "not a number"]),
     "fractional k on bare prototypes": (_sel("--k", "0.25"), ["fraction", "units file"]),
+    "whole float k": (_sel("--k", "2.0"), ["a float is a share of the source samples",
+                                          "pass the integer 2 for 2 units"]),
     "unknown method": (_sel("--k", "3", "--method", "uto"), ["'uto'", "did you mean 'uot'"]),
     "unknown metric": (_sel("--k", "3", "--metric", "cosin"), ["metric", "did you mean 'cosine'"]),
     "non-positive eps_c": (_sel("--k", "3", "--eps-c", "0"), ["eps_c", "positive"]),
     "UOT beyond float32's range": (_sel("--k", "3", "--eps", "1e-10", "--dtype", "float32"),
-                                   ["broke down", "float32", "larger --eps", "--dtype float64"]),
+                                   ["broke down", "float32", "larger eps (--eps)", "--dtype float64"]),
+    # the cause is the cost's scale: the fix named eps only
+    "UOT beyond float64's range": (_sel("--k", "3", "--eps-c", "1e-300"),
+                                   ["broke down numerically in float64", "eps_c=1e-300",
+                                    "larger eps_c (--eps-c"]),
     "infinite tau_a": (_sel("--k", "3", "--tau-a", "inf"), ["tau_a=inf", "scores tie"]),
     "label method without ids": (_sel("--k", "3", "--method", "label"), ["--ids", "--names"]),
     "label id out of range": (_sel("--k", "1", "--method", "label", "--ids", "60"),
@@ -876,6 +882,20 @@ def test_a_names_file_of_class_ids_and_words_names_each_class_by_its_id(capsys, 
                      tmp_path / "other.txt", "--out", tmp_path / "v.safetensors")
     assert rc == 2 and err.count("\n") == 1
     assert "--class-names has 2 lines for 3 classes" in err and "'n01'" in err
+    # a mapping that lacks a class but has a line per class was applied line by line: the unit
+    # of n01 was named "n03 owl", and --names owl selected it; an empty file was passed over
+    (tmp_path / "short.txt").write_text("n03 owl\nn01 tench\nn04 shark\n")
+    (tmp_path / "empty.txt").write_text("\n \n")
+    for names, needle in (("short.txt", "--class-names names 2 of the 3 classes by their names "
+                                        "(lines that start with them), but no line starts with 'n02'"),
+                          ("empty.txt", "holds no names (it is empty or blank)")):
+        for argv in (["units", "--features", tmp_path / "pool"],
+                     ["select", "--source", tmp_path / "pool", "--target", tmp_path / "t.npy",
+                      "--method", "label", "--names", "owl"]):
+            out = tmp_path / ("x.json" if argv[0] == "select" else "x.safetensors")
+            rc, _, err = cli(capsys, *argv, "--class-names", tmp_path / names, "--out", out)
+            assert rc == 2 and err.count("\n") == 1 and needle in err, err
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "x.safetensors").exists()
 
 
 def test_class_names_that_rename_the_classes_keep_the_datas_own_names(capsys, tmp_path):

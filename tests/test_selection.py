@@ -444,7 +444,8 @@ def _problem(seed=4):
 def test_top_refuses_every_k_that_select_config_refuses(k):
     # top(0) gave [], top(-1) every unit but the last, top(1.5) every unit
     sel = Selection(selected=[0], scores=-np.arange(6.0), params={}, counts=np.full(6, 10))
-    needle = "must be a whole number of units >= 1 or a sample fraction in \\(0, 1\\]"
+    needle = ("a float is a share of the source samples, in \\(0, 1\\]" if k == 2.0
+              else "must be a whole number of units >= 1 or a sample fraction in \\(0, 1\\]")
     with pytest.raises(PretrainReuseError, match=needle):
         sel.top(k)
     if k is not None:  # None is method 'label''s "every named unit"

@@ -75,10 +75,15 @@ def _at_least(minimum: int):
     return count
 
 
-def _read_lines(path: str, what: str) -> list[str]:
+def _read_class_names(path: str) -> list[str]:
+    """The lines of a ``--class-names`` file, refused when it has none."""
     from .errors import read_text
 
-    return [ln.strip() for ln in read_text(what, path).splitlines() if ln.strip()]
+    names = [ln.strip() for ln in read_text("class names", path).splitlines() if ln.strip()]
+    if not names:
+        raise PretrainReuseError(f"--class-names {path!r} holds no names (it is empty or blank); "
+                                 "give one line per class, or drop --class-names")
+    return names
 
 
 def _named_by_file(lines: list[str], existing: list[str] | None) -> list[str]:
@@ -87,8 +92,9 @@ def _named_by_file(lines: list[str], existing: list[str] | None) -> list[str]:
     ImageNet's LOC_synset_mapping.txt (``n01440764 tench, Tinca tinca``), names each class by its
     whole line, matched by that name (:func:`~pretrain_reuse.data.datasets.line_names`; the
     longest name a line starts with, so that ``tabby cat, a pet`` names a folder ``tabby cat``
-    beside one named ``tabby``): in any order, with lines for other classes. Any other file names
-    class i by line i, one line per class."""
+    beside one named ``tabby``): in any order, with lines for other classes, but one for every
+    class (named by position, the rest would be named wrongly). Any other file names class i by
+    line i, one line per class."""
     from .data.datasets import first_word, line_names
 
     if not existing:
@@ -103,8 +109,13 @@ def _named_by_file(lines: list[str], existing: list[str] | None) -> list[str]:
             by_name.setdefault(max(named, key=len), line)
     if all(name in by_name for name in existing):
         return [by_name[name] for name in existing]
+    missing = next(name for name in existing if name not in by_name)
+    if by_name:
+        raise PretrainReuseError(
+            f"--class-names names {len(by_name)} of the {len(existing)} classes by their names "
+            f"(lines that start with them), but no line starts with {missing!r}; add a line for "
+            "every class, or give one line per class in the classes' order")
     if len(lines) != len(existing):
-        missing = next(name for name in existing if name not in by_name)
         raise PretrainReuseError(
             f"--class-names has {len(lines)} lines for {len(existing)} classes and does not name "
             f"them by their names (no line starts with {missing!r}); give one line per class (line "
@@ -166,7 +177,7 @@ def load_units_arg(path: str, labels: str | None, class_names: str | None, what:
     with a progress bar over the samples when ``progress``)."""
     from .units import Units, class_means
 
-    names = _read_lines(class_names, "class names") if class_names is not None else None
+    names = _read_class_names(class_names) if class_names is not None else None
     # names at once for .npy labels: labels that are names are numbered by them, not renamed
     obj = _load_data(path, labels, what, names)
     data_names = None  # the classes' names before a --class-names file renamed them
@@ -272,7 +283,7 @@ def cmd_units(args) -> int:
     from .units import class_means, spherical_kmeans
 
     check_output_file(args.out, ".safetensors", "units")  # before minutes of clustering
-    names = _read_lines(args.class_names, "class names") if args.class_names else None
+    names = _read_class_names(args.class_names) if args.class_names is not None else None
     if args.features.endswith(".npy"):  # here a .npy always holds per-sample features
         # names at once: labels that are names are numbered by them, not renamed afterwards
         store = FeatureStore.from_npy(args.features, args.labels, class_names=names)
@@ -280,7 +291,7 @@ def cmd_units(args) -> int:
         store = _load_data(args.features, args.labels, "features")
         if not isinstance(store, FeatureStore):
             raise PretrainReuseError(f"--features {args.features!r} holds units, not features")
-        if names:
+        if names is not None:
             data_names = store.class_names
             store = replace(store, class_names=_named_by_file(names, store.class_names))
     # the k-means options; spherical_kmeans's defaults apply to those not given
@@ -294,7 +305,7 @@ def cmd_units(args) -> int:
             raise PretrainReuseError("--device applies to --method kmeans only; class means "
                                      "are computed on the CPU: drop it")
         units = class_means(store, normalize=args.normalize, progress=not args.quiet)
-        if names and not args.features.endswith(".npy"):
+        if names is not None and not args.features.endswith(".npy"):
             units = _with_data_names(units, data_names)
     else:
         ignored = [flag for flag, value in (("--labels", args.labels),

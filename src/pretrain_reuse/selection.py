@@ -128,6 +128,10 @@ def _check_k(k) -> int | float:
         return int(k)
     if is_number(k) and not is_integer(k) and 0 < k <= 1:
         return float(k)
+    if is_number(k) and not is_integer(k) and k > 1 and float(k).is_integer():
+        raise PretrainReuseError(
+            f"k={k!r}: a float is a share of the source samples, in (0, 1] (1.0: all of them); "
+            f"pass the integer {int(k)} for {int(k)} units")
     raise PretrainReuseError(
         f"k={k!r} must be a whole number of units >= 1 or a sample fraction in (0, 1]")
 
@@ -362,9 +366,8 @@ def _score_uot(source: Units, targets: list[Units], cfg: SelectConfig):
         if unresolved or not (np.isfinite(float(res.objective[k]))
                               and torch.isfinite(res.log_row_mass[k]).all()):
             raise PretrainReuseError(
-                f"UOT broke down numerically in {cfg.dtype} at eps={cfg.eps:g} (optimality "
-                f"conditions off by {off:.3g} nats); raise eps (a larger --eps)"
-                + (" or use dtype='float64' (--dtype float64)" if cfg.dtype == "float32" else ""))
+                f"UOT broke down numerically in {cfg.dtype} at eps={cfg.eps:g}, eps_c={cfg.eps_c:g} "
+                f"(optimality conditions off by {off:.3g} nats); {_range_fix(cfg)}")
         diag = {"converged": bool(res.converged[k]), "n_iter": int(res.n_iter[k]),
                 "objective": float(res.objective[k]),
                 "marginal_error_a": float(res.marginal_error_a[k]),
@@ -519,12 +522,17 @@ def select_many(source: Units | FeatureStore | np.ndarray, targets: list[Units |
     return out
 
 
+def _range_fix(cfg: SelectConfig) -> str:
+    """What brings a UOT solve whose costs over eps exceed the dtype's precision back in range."""
+    return ("use a larger eps (--eps)" + (" or dtype='float64' (--dtype float64)"
+                                          if cfg.dtype == "float32" else "")
+            + ", or a larger eps_c (--eps-c; it rescales the cost only)")
+
+
 def _warn_unconverged(solver: dict[str, Any], cfg: SelectConfig, which: str) -> None:
     """Warn that the UOT solve stopped before its tolerance, with the fix for why it stopped."""
     fix = ("raise max_iter (--max-iter) or tol (--tol)" if solver["n_iter"] >= cfg.max_iter else
-           f"the potentials stopped moving at {cfg.dtype}'s rounding error: use a larger eps (--eps)"
-           + (" or dtype='float64' (--dtype float64)" if cfg.dtype == "float32" else "")
-           + ", or a larger eps_c (--eps-c; it rescales the cost only)")
+           f"the potentials stopped moving at {cfg.dtype}'s rounding error: {_range_fix(cfg)}")
     off = max(solver["marginal_error_a"], solver["marginal_error_b"])
     warnings.warn(f"UOT did not converge in {solver['n_iter']} iterations{which} (optimality "
                   f"conditions off by {off:.3g} nats); the ranking may be unsettled: {fix}",

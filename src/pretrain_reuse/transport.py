@@ -146,8 +146,9 @@ class UOTResult:
         log_row_mass: ``log(P 1)``, (n,): the selection score of each source unit.
         log_col_mass: ``log(P^T 1)``, (m,); ``-inf`` on padded columns (``b = 0``).
         objective: the full primal objective ``entropic_cost + kl_a + kl_b``. Summed in float64
-            from the marginals, it overflows (inf or NaN) only for a solve stopped far from
-            convergence (``converged`` False) whose masses exceed float64's range.
+            from the marginals, it overflows (inf or NaN) only where the masses exceed float64's
+            range: a solve stopped far from convergence (``converged`` False), or costs so
+            negative that the optimal plan's own mass does (a cost of -1e5 at ``eps = tau = 1``).
         entropic_cost: ``<C, P> + eps * KL(P || a ⊗ b)``.
         kl_a, kl_b: the marginal penalties ``tau_a * KL(P1 || a)`` and ``tau_b * KL(P^T1 || b)``.
         marginal_error_a, marginal_error_b: max violation, in log space, of the optimality
