@@ -626,7 +626,7 @@ def test_load_names_what_a_file_it_does_not_open_holds(tmp_path):
     # a result saved under another name opens by its kind (it was refused as "a record")
     from pretrain_reuse.finetune import RunResult
 
-    result = RunResult(config={"lr": 0.1}, history=[], final={"top1": 0.5},
+    result = RunResult(config={"lr": 0.1, "mode": "vanilla"}, history=[], final={"top1": 0.5, "step": 3},
                        at_best_val={"top1": 0.4, "step": 3})
     assert load(result.save(tmp_path / "vanilla_result.json")) == result
     (tmp_path / "run").mkdir()
@@ -941,3 +941,126 @@ def test_the_processes_of_one_distributed_job_share_its_folder_without_rank_vari
     assert done.returncode == 0, done.stderr
     # (two processes' lines can run together on one stdout)
     assert sorted(re.findall(r"rank \d ok", done.stdout)) == ["rank 0 ok", "rank 1 ok"]
+
+
+# --------------------------------------------------------------------------------------------
+# Result objects through the Python API (from an audit of every result type)
+# --------------------------------------------------------------------------------------------
+
+
+def _knowledge_results():
+    import copy
+
+    from pretrain_reuse.knowledge import (
+        accuracy_correlation,
+        and_interactions,
+        knowledge_report,
+        planted_game,
+        set_ablation,
+    )
+    from pretrain_reuse.knowledge.sensitivity import ratio_sensitivity
+
+    xs = [and_interactions(planted_game(4, {(0, 1): 1.0}, noise=0.01, seed=s))[0]
+          .with_info(sample=f"s{s}") for s in range(3)]
+    report = knowledge_report(xs, xs)
+    results = [xs[0], report, set_ablation(report, xs),
+               accuracy_correlation([[.1, .2], [.2, .3], [.3, .5]], [.5, .6, .4]),
+               ratio_sensitivity({"a": report}, {"a": ["s0", "s1", "s2"]}, {"a": {"tau": .05}},
+                                 {"tau": [.05]})]
+    return results, copy.deepcopy
+
+
+def test_result_objects_compare_by_value_and_their_round_trips_compare_equal(tmp_path):
+    # SetAblation, AccuracyCorrelation and KnowledgeSensitivity raised "truth value of an array
+    # is ambiguous" on ==, and a loaded Interactions never equalled the one saved
+    results, deepcopy = _knowledge_results()
+    for result in results:
+        assert result == deepcopy(result), type(result).__name__
+        suffix = ".safetensors" if type(result).__name__ == "Interactions" else ".json"
+        path = result.save(tmp_path / f"{type(result).__name__}{suffix}")
+        assert load(path) == result, type(result).__name__
+
+
+def test_result_savers_and_loaders_refuse_a_folder_or_another_suffix_in_one_line(tmp_path):
+    # a folder gave IsADirectoryError (the JSON loaders) or "is corrupt ... No such device"
+    # (safetensors); a knowledge result saved without .json could not be loaded by load()
+    from pretrain_reuse.finetune import RunResult
+    from pretrain_reuse.knowledge import KnowledgeReport
+    from pretrain_reuse.knowledge.values import Interactions
+
+    results, _ = _knowledge_results()
+    for loader in (Selection.load, KnowledgeReport.load, Units.load, Interactions.load):
+        with pytest.raises(PretrainReuseError, match=r"is a folder; pass a file$"):
+            loader(tmp_path)
+    for result in results[1:]:
+        with pytest.raises(PretrainReuseError, match=r"files are saved as \.json"):
+            result.save(tmp_path / "k")
+    assert not (tmp_path / "k").exists()
+    # a run folder is read as its result.json, as load() reads it
+    run = RunResult({"mode": "vanilla"}, [{"step": 4, "val": {"top1": .5}, "test": {"top1": .4}}],
+                    {"step": 4, "top1": .4}, {"step": 4, "top1": .4})
+    run.save(tmp_path / "run" / "result.json")
+    assert RunResult.load(tmp_path / "run") == run == load(tmp_path / "run")
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda d: d.update(final={}), "'final'"), (lambda d: d.update(history=5), "'history'"),
+    (lambda d: d["history"][0].pop("test"), "'history'"), (lambda d: d.update(config=[1]), "'config'"),
+])
+def test_an_edited_result_json_is_one_line_naming_the_field(tmp_path, edit, field):
+    # the summary and the plot raised KeyError / TypeError on it
+    from pretrain_reuse.finetune import RunResult
+
+    RunResult({"mode": "vanilla"}, [{"step": 4, "val": {"top1": .5}, "test": {"top1": .4}}],
+              {"step": 4, "top1": .4}, {"step": 4, "top1": .4}).save(tmp_path / "result.json")
+    record = json.loads((tmp_path / "result.json").read_text())
+    edit(record)
+    (tmp_path / "result.json").write_text(json.dumps(record))
+    with pytest.raises(PretrainReuseError, match=f"not a readable fine-tuning result.json \\({field}"):
+        RunResult.load(tmp_path / "result.json")
+
+
+def test_a_selection_checks_its_names_and_counts_and_owns_its_scores(tmp_path):
+    # names or counts of another length raised IndexError in save() or top(); the caller's
+    # scores changed afterwards changed the ranking but not the selection
+    with pytest.raises(PretrainReuseError, match=r"unit_names must be one name .* per source unit \(3\)"):
+        Selection(selected=[2], scores=np.array([0., 1., 2.]), params={}, unit_names=["a"])
+    with pytest.raises(PretrainReuseError, match=r"counts must be one sample count .* per source unit \(2\)"):
+        Selection(selected=[0], scores=np.array([0., 1.]), params={}, counts=np.array([1]))
+    scores = np.array([1.0, 0.0])
+    sel = Selection(selected=[0], scores=scores, params={})
+    scores[0] = -5.0
+    assert sel.ranking().tolist() == [0, 1] and not sel.scores.flags.writeable
+    # a truncated JSON file is named as such, not as a selection
+    sel.save(tmp_path / "sel.json")
+    (tmp_path / "cut.json").write_text((tmp_path / "sel.json").read_text()[:40])
+    with pytest.raises(PretrainReuseError, match=r"^artifact: .*cut.json' is not valid JSON"):
+        load(tmp_path / "cut.json")
+
+
+def test_summaries_of_large_objects_stay_one_short_line(tmp_path):
+    # a sentence file's repr printed every sentence (248k characters for 5000)
+    from pretrain_reuse.data.text import text_file
+    from pretrain_reuse.data.world import make_world
+    from pretrain_reuse.knowledge.games import Players
+
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps({"text": f"sentence {i} " * 8, "label": i % 2})
+                                              + "\n" for i in range(5000)))
+    expected = f"TextDataset({str(tmp_path / 's.jsonl')!r}, n=5000, 2 classes)"
+    assert repr(text_file(tmp_path / "s.jsonl")) == expected
+    world = make_world()
+    assert len(repr(world)) < 120 and repr(world).startswith("World(parts=")
+    assert repr(Players(np.ones((3, 32, 32), bool))) == "Players(n=3, masks of 32x32, background='baseline')"
+
+
+def test_a_convergence_of_unequal_lengths_or_an_unknown_measure_is_refused():
+    # it was accepted, saved and loaded again
+    from pretrain_reuse.knowledge.metrics import Convergence
+
+    with pytest.raises(PretrainReuseError, match=r"must be \(T,\) arrays, one entry per checkpoint"):
+        Convergence(similarity=np.array([.5, 1.]), detour=np.array([0.]), n_used=np.array([3]),
+                    measure="iou")
+    with pytest.raises(PretrainReuseError, match="measure"):
+        Convergence(similarity=np.array([1.]), detour=np.array([0.]), n_used=np.array([3]),
+                    measure="foo")
+    assert Convergence(np.array([.5, 1.]), np.array([.1, 0.]), np.array([3, 3]), "iou").auc > 0

@@ -142,7 +142,7 @@ def test_relevant_in_yaml_takes_the_range_syntax_of_the_flag(tmp_path):
 
 
 @pytest.mark.parametrize("make, needle", [
-    (lambda p: p.mkdir(), "is a folder; pass a text file"),
+    (lambda p: p.mkdir(), "is a folder; pass a file"),
     (lambda p: p.write_bytes(bytes(range(128, 256))), "is not a text file"),
 ])
 def test_config_that_is_a_folder_or_binary_is_one_line(make, needle, tmp_path, capsys):

@@ -623,8 +623,11 @@ def test_the_experiment_curves_draw_every_row_with_its_own_colour(tmp_path, caps
     out = _experiment(tmp_path, rows)
     for r in rows:
         for s in r["seeds"]:
-            history = [{"step": t, "test": {"top1": 0.2 + 0.2 * s + 0.01 * t}} for t in (1, 2)]
-            RunResult({}, history, {}, {}).save(run_folder(out, r["method"], None, s) / "result.json")
+            history = [{"step": t, "val": {"top1": 0.5}, "test": {"top1": 0.2 + 0.2 * s + 0.01 * t}}
+                       for t in (1, 2)]
+            last = {"step": 2, "top1": history[-1]["test"]["top1"]}
+            RunResult({"mode": "vanilla"}, history, last, last).save(
+                run_folder(out, r["method"], None, s) / "result.json")
     drawn = []
     monkeypatch.setattr(report, "_figure", lambda fig, caption, alt: drawn.append(
         (fig, caption)) or "")

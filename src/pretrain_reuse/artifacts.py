@@ -38,7 +38,7 @@ except ImportError:  # Windows: folders are not locked
     fcntl = None
 
 from . import __version__
-from .errors import PretrainReuseError, check_file
+from .errors import PretrainReuseError, check_file, check_regular_file
 
 
 def make_meta(producer: str, params: dict[str, Any], *, inputs: dict[str, str] | None = None,
@@ -449,7 +449,7 @@ def _holds(folder: Path) -> str | None:
 
 def read_json(path: str | Path, what: str) -> dict:
     """Read a JSON object, turning a corrupt file into a clear error."""
-    p = check_file(what, path)
+    p = check_regular_file(what, path)
     try:
         obj = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -495,7 +495,7 @@ def read_safetensors(path: str | Path, what: str, fix: str, *, framework: str = 
     """
     from safetensors import SafetensorError, safe_open
 
-    p = check_file(what, path)
+    p = check_regular_file(what, path)
     try:
         with safe_open(str(p), framework=framework) as fh:
             header = fh.metadata() or {}
@@ -681,8 +681,8 @@ def load(path: str | Path, *, what: str = "path", lazy: bool = False):
         if kind not in (None, "selection"):
             raise PretrainReuseError(f"{str(p)!r} holds a {kind!r} record, not an artifact to "
                                      f"load; it is plain JSON (json.load reads it); {OPENS}")
-        # a JSON record without a kind is no artifact (a corrupt file: Selection.load says so)
-        if kind is None and _json_record(p) is not None:
+        if kind is None:  # a file cut short is named so (by read_json), not as a selection
+            read_json(p, "artifact")
             raise PretrainReuseError(f"{str(p)!r} is JSON but no artifact of this package; "
                                      f"json.load reads it; {OPENS}")
         from .selection import Selection

@@ -223,12 +223,19 @@ def check_file(name: str, path: str | Path) -> Path:
     return p
 
 
+def check_regular_file(name: str, path: str | Path) -> Path:
+    """:func:`check_file`, refusing a folder in the file's place (its read would be an OS
+    error, or a decoder's complaint about a corrupt file)."""
+    p = check_file(name, path)
+    if p.is_dir():
+        raise PretrainReuseError(f"{name}: {str(p)!r} is a folder; pass a file")
+    return p
+
+
 def read_text(name: str, path: str | Path) -> str:
     """The text of the file ``path``; a missing file, a folder or a binary file in its place is
     a one-line error naming ``name``."""
-    p = check_file(name, path)
-    if p.is_dir():
-        raise PretrainReuseError(f"{name}: {str(p)!r} is a folder; pass a text file")
+    p = check_regular_file(name, path)
     try:
         return p.read_text()
     except UnicodeDecodeError:

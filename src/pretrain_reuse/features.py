@@ -36,7 +36,15 @@ from .artifacts import (
     read_json,
     write_json,
 )
-from .errors import PretrainReuseError, as_array, check_file, check_int, check_matrix, check_strings
+from .errors import (
+    PretrainReuseError,
+    as_array,
+    check_file,
+    check_int,
+    check_matrix,
+    check_regular_file,
+    check_strings,
+)
 
 __all__ = ["FeatureStore", "ShardedFeatures", "hash_ids"]
 
@@ -301,7 +309,7 @@ def _checked_shard(file: Path, k: int, dim: int, has_labels: bool) -> Path:
     expected = {"features": ([k, dim], "F32"), "ids": None,
                 **({"labels": ([k], "I64")} if has_labels else {})}
     try:
-        with safe_open(str(check_file("feature shard", file)), framework="numpy") as fh:
+        with safe_open(str(check_regular_file("feature shard", file)), framework="numpy") as fh:
             found = {name: (fh.get_slice(name).get_shape(), fh.get_slice(name).get_dtype())
                      for name in fh.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as e:
@@ -405,7 +413,7 @@ def hash_ids(ids: list[str]) -> str:
 
 def load_npy(what: str, path: str | Path, *, mmap: bool = False) -> np.ndarray:
     """Load a ``.npy`` file without pickles, with a clear error for missing or corrupt files."""
-    p = check_file(what, path)
+    p = check_regular_file(what, path)
     try:
         with open(p, "rb") as fh:
             is_npy = fh.read(6) == b"\x93NUMPY"  # the format's magic string

@@ -121,6 +121,12 @@ class SelectConfig:
                 f"not of {self.method!r}; pass method='label' (--method label), or drop them")
 
 
+def _frozen(a: np.ndarray) -> np.ndarray:
+    """``a`` (a copy the object owns), read-only: a Selection is a value."""
+    a.setflags(write=False)
+    return a
+
+
 def _check_k(k) -> int | float:
     """``k`` as an int (a number of units >= 1) or a float (a share of the source samples in
     (0, 1]), NumPy numbers included."""
@@ -182,9 +188,28 @@ class Selection(ValueEquality):
                 f"scores must be one real number per source unit, without NaN; got "
                 f"{'NaN' if scores.dtype.kind in 'biuf' and scores.ndim == 1 else scores.dtype} "
                 f"in shape {scores.shape}")
-        object.__setattr__(self, "scores", scores.astype(np.float64, copy=False))
+        # a copy of its own: the caller's array changed later would unmake the ranking
+        object.__setattr__(self, "scores", _frozen(scores.astype(np.float64)))
         object.__setattr__(self, "selected", _integer_ids("selected", self.selected))
         n = len(self.scores)
+        edited = "a selection file that says so was edited or is corrupt: run select again"
+        for name in ("params", "meta"):
+            if not isinstance(getattr(self, name), dict):
+                raise PretrainReuseError(f"{name} must be a dict, got "
+                                         f"{type(getattr(self, name)).__name__}; {edited}")
+        if self.unit_names is not None:
+            names = self.unit_names
+            if isinstance(names, str) or not all(isinstance(x, str) for x in names) \
+                    or len(names) != n:
+                raise PretrainReuseError(f"unit_names must be one name (a string) per source unit "
+                                         f"({n}); {edited}")
+            object.__setattr__(self, "unit_names", list(names))
+        if self.counts is not None:
+            counts = as_array("counts", self.counts)
+            if counts.shape != (n,) or counts.dtype.kind not in "iu" or (counts < 0).any():
+                raise PretrainReuseError(f"counts must be one sample count (an integer >= 0) per "
+                                         f"source unit ({n}); {edited}")
+            object.__setattr__(self, "counts", _frozen(counts.astype(np.int64)))
         if not len(self.selected):  # select keeps k >= 1 units
             raise PretrainReuseError("the selection selects no unit (an empty 'selected'); a "
                                      "selection file that says so was edited or is corrupt: run "

@@ -137,8 +137,17 @@ class ImageDataset(torch.utils.data.Dataset):
         return SubsetDataset(self, np.asarray(indices, dtype=np.int64))
 
     def __repr__(self) -> str:
-        n_cls = "unlabelled" if self.labels is None else f"{len(self.class_names or [])} classes"
-        return f"{type(self).__name__}({self.source!r}, n={len(self)}, {n_cls})"
+        return summary(self)
+
+
+def summary(dataset) -> str:
+    """A data set's one-line repr (images or sentences): its type, source, size and classes."""
+    if dataset.labels is None:
+        classes = "unlabelled"
+    else:  # integer labels without names: as many classes as labels seen
+        n = len(dataset.class_names) if dataset.class_names else len(np.unique(dataset.labels))
+        classes = f"{n} classes"
+    return f"{type(dataset).__name__}({dataset.source!r}, n={len(dataset)}, {classes})"
 
 
 class SubsetDataset(ImageDataset):

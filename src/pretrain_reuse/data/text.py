@@ -47,6 +47,7 @@ from .datasets import (
     _parse_labels,
     csv_delimiter,
     names_text_column,
+    summary,
 )
 
 
@@ -75,6 +76,9 @@ class TextDataset:
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def __repr__(self) -> str:  # not every sentence
+        return summary(self)
 
     def content_hash(self) -> str:
         """Short hash of the sentences in their order: a rerun compares it, as the default ids

@@ -230,6 +230,11 @@ class World:
     pretrain_families: np.ndarray
     targets: list[TargetTask]
 
+    def __repr__(self) -> str:  # a summary: the dataclass repr prints every rule
+        return (f"World(parts={len(self.part_names)}, families={len(self.families)}, "
+                f"pretrain_classes={len(self.pretrain_rules)}, targets={len(self.targets)}, "
+                f"seed={self.config.seed})")
+
     @cached_property
     def _painter(self) -> _Painter:
         return _Painter(self.config)

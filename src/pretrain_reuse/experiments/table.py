@@ -61,6 +61,10 @@ class ExperimentTable:
     meta: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. the knowledge recipe's correlations
 
+    def __repr__(self) -> str:  # a summary: the dataclass repr prints every row's record
+        return (f"ExperimentTable(name={self.name!r}, rows={len(self.rows)}, "
+                f"methods={len({r.get('method') for r in self.rows})}, x_label={self.x_label!r})")
+
     def save(self, out: str | Path) -> Path:
         """Write ``experiment.json``, ``results.csv``, ``results.md`` and ``results.png``."""
         out = Path(out)

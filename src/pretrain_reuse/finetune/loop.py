@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -95,12 +96,27 @@ class RunResult:
 
     @classmethod
     def load(cls, path: str | Path) -> RunResult:
-        """Read a ``result.json`` written by :meth:`save`."""
+        """Read a ``result.json`` written by :meth:`save`, or the one in a run folder."""
+        if isinstance(path, str | os.PathLike) and Path(path).is_dir():
+            path = Path(path) / "result.json"
         d = read_json(path, "fine-tuning result")
         if d.get("kind") != "finetune-result":
             raise PretrainReuseError(f"{str(path)!r} is not a fine-tuning result.json")
         require_keys(d, ("config", "history", "final", "at_best_val"), path, "fine-tuning result.json")
-        return cls(d["config"], d["history"], d["final"], d["at_best_val"], d.get("meta", {}))
+        d.setdefault("meta", {})
+        # what the summary and the plot read: an edited file fails here, not in them
+        needed = {"config": (dict, ("mode",)), "history": (list, ()), "final": (dict, ("step", "top1")),
+                  "at_best_val": (dict, ("step", "top1")), "meta": (dict, ())}
+        wrong = next((key for key, (kind, names) in needed.items()
+                      if not isinstance(d[key], kind) or any(n not in d[key] for n in names)), None)
+        if wrong is None and not all(isinstance(h, dict) and isinstance(h.get("test"), dict)
+                                     and isinstance(h.get("val"), dict) for h in d["history"]):
+            wrong = "history"
+        if wrong is not None:
+            raise PretrainReuseError(f"{str(path)!r} is not a readable fine-tuning result.json "
+                                     f"({wrong!r} lacks a field or is of another type); it was "
+                                     "edited or written by something else: run finetune again")
+        return cls(d["config"], d["history"], d["final"], d["at_best_val"], d["meta"])
 
     def __repr__(self) -> str:
         # a summary: the history (one record per evaluation) would fill a notebook cell

@@ -71,6 +71,11 @@ class Players:
     names: list[str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:  # a summary: the dataclass repr prints every mask
+        n, h, w = np.shape(self.masks)
+        names = "" if self.names is None else f", names={self.names!r}"
+        return f"Players(n={n}, masks of {h}x{w}, background={self.background!r}{names})"
+
     def __post_init__(self):
         check_choice("background", self.background, BACKGROUNDS)
         m = np.asarray(self.masks, dtype=bool)

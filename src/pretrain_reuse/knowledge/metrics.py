@@ -58,9 +58,9 @@ import numpy as np
 
 from ..artifacts import (
     ValueEquality,
+    check_output_file,
     make_meta,
     read_json,
-    refuse_foreign,
     require_keys,
     write_json,
 )
@@ -171,11 +171,12 @@ def _none_to_nan(values: list) -> np.ndarray:
 
 
 def _save_json(path: str | Path, kind: str, record: dict[str, Any], meta: dict[str, Any]) -> Path:
-    """Write ``{"kind": kind, **record, "meta": meta}`` atomically, refusing to replace a file of
-    another kind."""
-    refuse_foreign(path, kind)
+    """Write ``{"kind": kind, **record, "meta": meta}`` atomically to a ``.json`` path (the one
+    suffix :func:`~pretrain_reuse.artifacts.load` opens), refusing to replace a file of another
+    kind."""
+    path = check_output_file(path, ".json", kind)
     write_json(path, {"kind": kind, **record, "meta": meta})
-    return Path(path)
+    return path
 
 
 def _saved_meta(result: Any, settings: dict[str, Any], seed: int | None = None,
@@ -783,8 +784,15 @@ class Convergence(ValueEquality):
                 f"auc={self.auc:.3g})")
 
     def __post_init__(self):
+        check_choice("measure", self.measure, MEASURES)
         steps = np.arange(1, len(self.similarity) + 1) if self.steps is None else self.steps
         object.__setattr__(self, "steps", np.asarray(steps, dtype=np.int64))
+        shapes = {name: np.shape(getattr(self, name))
+                  for name in ("similarity", "detour", "n_used", "steps")}
+        if len(set(shapes.values())) > 1 or len(shapes["similarity"]) != 1:
+            raise PretrainReuseError(
+                "similarity, detour, n_used and steps must be (T,) arrays, one entry per "
+                f"checkpoint, got shapes {shapes}; a file that says so was edited: run it again")
 
     @property
     def first_at_threshold(self) -> int | None:
@@ -1178,8 +1186,8 @@ MODEL_NAMES = {"finetuned": "fine-tuned", "pretrained": "pre-trained"}
 ABLATION_MEASURES = ("fidelity", "error", "share", "same_decision")
 
 
-@dataclass(frozen=True)
-class SetAblation:
+@dataclass(frozen=True, eq=False)
+class SetAblation(ValueEquality):
     """A model's game rebuilt from one knowledge set at a time (:func:`set_ablation`).
 
     Attributes:
@@ -1351,8 +1359,8 @@ def _ablation_measures(x: Interactions, keep: list[tuple[str, int]]) -> dict[str
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class AccuracyCorrelation:
+@dataclass(frozen=True, eq=False)
+class AccuracyCorrelation(ValueEquality):
     """Correlation of a knowledge ratio with test accuracy across models (docs/knowledge.md §5).
 
     Attributes:

@@ -98,6 +98,11 @@ class Recovery:
     n_samples: int
     tau: float
 
+    def __repr__(self) -> str:  # a summary: the dataclass repr prints every order's statistics
+        means = ", ".join(f"{k}={v.mean:.3g}" for k, v in self.overall.items())
+        return (f"Recovery(n_samples={self.n_samples}, tau={self.tau:g}, "
+                f"orders={len(self.by_order)}, means over samples: {means})")
+
     def to_dict(self) -> dict[str, Any]:
         """The result as JSON-ready data (NaN as None)."""
         return {

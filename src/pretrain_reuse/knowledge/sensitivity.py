@@ -22,7 +22,14 @@ from typing import Any, get_type_hints
 
 import numpy as np
 
-from ..artifacts import atomic_path, claim_folder, make_meta, releases_folders, to_json
+from ..artifacts import (
+    ValueEquality,
+    atomic_path,
+    claim_folder,
+    make_meta,
+    releases_folders,
+    to_json,
+)
 from ..configs import parse_sweep
 from ..data.datasets import ImageDataset
 from ..data.text import TextDataset
@@ -89,8 +96,8 @@ def parse_vary(specs: list[str]) -> dict[str, list[Any]]:
     return parse_sweep(specs, variable_settings(), "--vary", "baseline=zero,mean,blur")
 
 
-@dataclass(frozen=True)
-class KnowledgeSensitivity:
+@dataclass(frozen=True, eq=False)
+class KnowledgeSensitivity(ValueEquality):
     """The knowledge ratios of one analysis per setting of the varied choices.
 
     Attributes:

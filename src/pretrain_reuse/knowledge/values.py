@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
-from ..artifacts import atomic_path, check_output_file, read_safetensors, to_json
+from ..artifacts import ValueEquality, atomic_path, check_output_file, read_safetensors, to_json
 from ..errors import PretrainReuseError, check_choice, is_integer, is_number
 from .interactions import MAX_PLAYERS, mask_of, or_reconstruct_, orders, players_of, subset_sum_
 
@@ -43,7 +43,7 @@ Key = tuple[str, int]
 
 
 @dataclass(frozen=True, eq=False)
-class Interactions:
+class Interactions(ValueEquality):
     """AND/OR interactions of one model on one sample (compare with shapiq's ``InteractionValues``).
 
     Attributes:
