@@ -1775,3 +1775,35 @@ def test_explain_holds_its_folder_until_the_interactions_are_written(tmp_path, c
     monkeypatch.setattr(explain_module, "save_explanations", save_seen_from_another_process)
     assert _run(capsys, *_explain_argv(model), "--out", tmp_path / "x")[0] == 0
     assert seen == [""]  # the other process could not take it
+
+
+@pytest.mark.parametrize("flag, value, reader", [("--baseline-steps", 7, "learned"),
+                                                 ("--baseline-radius", 0.2, "learned"),
+                                                 ("--mean-samples", 50, "mean")])
+def test_a_setting_the_baseline_does_not_read_is_refused(tmp_path, capsys, flag, value, reader):
+    # it was taken and changed nothing, but a rerun without it was refused as "other settings"
+    model = _classifier(tmp_path / "m.safetensors", 10)
+    rc, _, err = _run(capsys, *_explain_argv(model), flag, value, "--out", tmp_path / "x")
+    name = flag[2:].replace("-", "_")
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"{name}={value} ({flag}) applies to baseline {reader!r} only, not 'zero'" in err
+    assert not (tmp_path / "x").exists()
+    rc, _, err = _run(capsys, *_explain_argv(model), "--baseline", reader, flag, value,
+                      "--out", tmp_path / "x")  # where the baseline reads it, it is taken
+    assert rc == 0, err
+
+
+def test_the_default_noise_bound_given_explicitly_is_the_same_run(tmp_path, capsys):
+    # "(qthres: null before, 0.04 now)": the default, given, was refused as another setting
+    model = _classifier(tmp_path / "m.safetensors", 10)
+    argv = [*_explain_argv(model), "--decomposition", "and-or", "--out", tmp_path / "x"]
+    assert _run(capsys, *argv)[0] == 0
+    assert _run(capsys, *argv, "--qthres", 0.04)[1].endswith("is finished (same settings); nothing to do\n")
+    rc, _, err = _run(capsys, *argv, "--qthres", 0.1)
+    assert rc == 2 and "(qthres: 0.04 before, 0.1 now)" in err, err
+    # a folder of an earlier version recorded the default as null: the same run too
+    marker = json.loads((tmp_path / "x" / "explain.json").read_text())
+    marker["identity"]["qthres"] = None
+    (tmp_path / "x" / "explain.json").write_text(json.dumps(marker))
+    assert _run(capsys, *argv, "--qthres", 0.04)[0] == 0
+    assert _run(capsys, *argv)[1].endswith("is finished (same settings); nothing to do\n")

@@ -308,3 +308,31 @@ def test_the_report_of_a_sweep_shows_every_setting_and_says_what_moved(sweep, tm
     (tmp_path / "cut" / "run.json").write_text('{"kind": "sensitivity-run", "params": {}}')
     rc, _, err = _run(capsys, "report", tmp_path / "cut")
     assert rc == 2 and "rerun its knowledge --vary command with the same --out" in err
+
+
+@pytest.mark.parametrize("extra, needle", [
+    # every analysis the same: "preserve +0.000 ± 0.000 vs baseline_steps=5", as if measured
+    (["--vary", "baseline_steps=5,50"], "baseline_steps=5 (--baseline-steps) applies to baseline "
+                                        "'learned' only, not 'zero': it would change nothing"),
+    (["--baseline-lr", "0.01", "--vary", "baseline=zero,mean"],
+     "baseline_lr=0.01 (--baseline-lr) applies to baseline 'learned', which no setting of the "
+     "sweep uses"),
+])
+def test_a_sweep_over_a_setting_its_baselines_do_not_read_is_refused(models, tmp_path, capsys,
+                                                                     extra, needle):
+    rc, _, err = _run(capsys, *_args(models, tmp_path / "s", *extra))
+    assert rc == 2 and err.count("\n") == 1 and needle in err, err
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_flag_of_one_baseline_is_taken_by_the_variants_that_read_it(models, tmp_path, capsys):
+    # --baseline-lr with --vary baseline=zero,learned: the zero analysis takes the default (the
+    # flag changes nothing there), the learned one the flag
+    rc, _, err = _run(capsys, *_args(models, tmp_path / "s", "--baseline-lr", "0.01",
+                                     "--baseline-steps", "2", "--vary", "baseline=zero,learned",
+                                     samples=2))
+    assert rc == 0, err
+    params = {tag: json.loads((tmp_path / "s" / tag / "knowledge.json").read_text())["identity"]
+              for tag in ("baseline=zero", "baseline=learned")}
+    assert (params["baseline=zero"]["baseline_lr"], params["baseline=learned"]["baseline_lr"]) == (1e-3, 0.01)
+    assert params["baseline=learned"]["baseline_steps"] == 2

@@ -37,7 +37,7 @@ import re
 import shutil
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -276,9 +276,13 @@ class ExplainConfig:
     @property
     def noise_bound(self) -> float:
         """The sparsification's ``qthres``: as given, else 0 for ``and`` and 0.04 for AND-OR."""
-        if self.qthres is not None:
-            return self.qthres
-        return 0.0 if self.decomposition == "and" else 0.04
+        return self.qthres if self.qthres is not None else default_qthres(self.decomposition)
+
+
+def default_qthres(decomposition: str) -> float:
+    """The noise bound a decomposition takes when none is given: 0 for ``and`` (the exact
+    Harsanyi transform), 0.04 for the AND-OR decompositions (the group's setting)."""
+    return 0.0 if decomposition == "and" else 0.04
 
 
 def sample_players(dataset: ImageDataset, index: int, cfg: ExplainConfig,
@@ -448,7 +452,7 @@ def rerun_identity(models: dict[str, Backbone], dataset: ImageDataset | TextData
     (:func:`~pretrain_reuse.models.state_hash`, wherever they were loaded from) and its input
     size; the data's labels; for sentences also their content
     (:meth:`~pretrain_reuse.data.text.TextDataset.content_hash`)."""
-    settings = {k: v for k, v in params.items() if k not in RERUN_WITH_OTHER}
+    settings = _resolved(params, {k: v for k, v in params.items() if k not in RERUN_WITH_OTHER})
     return json.loads(to_json({
         **settings, "data": data_path(dataset) or dataset.source,
         "labels": hash_array(dataset.labels),
@@ -470,6 +474,15 @@ _ADDED_SETTINGS = {
 }
 
 
+def _resolved(params: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with a ``qthres`` of None (the default) as the bound the decomposition of
+    ``params`` takes: an explicit default is the same run, and folders of earlier versions,
+    which recorded None, match it."""
+    if "qthres" in settings and settings["qthres"] is None:
+        return {**settings, "qthres": default_qthres(params.get("decomposition", "and"))}
+    return settings
+
+
 def recorded_identity(marker: Any, now: dict[str, Any]) -> Any:
     """The :func:`rerun_identity` a folder's marker (its parsed JSON) records, completed with the
     settings of :data:`_ADDED_SETTINGS` it predates (those the rerun's identity ``now`` has);
@@ -478,7 +491,7 @@ def recorded_identity(marker: Any, now: dict[str, Any]) -> Any:
     if not isinstance(recorded, dict):
         return recorded
     return {**{key: value(recorded, now) for key, value in _ADDED_SETTINGS.items() if key in now},
-            **recorded}
+            **_resolved(recorded, recorded)}
 
 
 def record_added_settings(marker: Path, identity: dict[str, Any]) -> None:
@@ -575,6 +588,26 @@ def check_objects(models: dict[str, Any], dataset: Any, cfg: Any) -> None:
     if not isinstance(cfg, ExplainConfig):
         raise PretrainReuseError(f"cfg must be an ExplainConfig, got {type(cfg).__name__}; build "
                                  "it with ExplainConfig(**fields)")
+    unread = unread_settings(cfg)
+    if unread:
+        name = unread[0]
+        raise PretrainReuseError(
+            f"{name}={getattr(cfg, name)!r} (--{name.replace('_', '-')}) applies to baseline "
+            f"{BASELINE_ONLY[name]!r} only, not {cfg.baseline!r}: it would change nothing; drop it")
+
+
+#: Settings only one baseline reads: given for another, they would change nothing computed, yet
+#: a rerun without them would be refused as one with other settings.
+BASELINE_ONLY = {"baseline_lr": "learned", "baseline_steps": "learned",
+                 "baseline_radius": "learned", "mean_samples": "mean"}
+
+
+def unread_settings(cfg: ExplainConfig) -> list[str]:
+    """The settings of :data:`BASELINE_ONLY` that ``cfg`` sets to other than their defaults
+    although its baseline does not read them."""
+    defaults = {f.name: f.default for f in fields(ExplainConfig)}
+    return [name for name, reader in BASELINE_ONLY.items()
+            if getattr(cfg, name) != defaults[name] and cfg.baseline != reader]
 
 
 def check_explainable(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.ndarray,

@@ -37,7 +37,7 @@ from ..errors import PretrainReuseError, check_choice
 from ..figures import save_png, subplots
 from ..models import Backbone
 from .analysis import analyze_knowledge, games_folders, holds_games, load_analysis
-from .explain import ExplainConfig
+from .explain import BASELINE_ONLY, ExplainConfig, unread_settings
 from .metrics import (
     KnowledgeReport,
     _load_json,
@@ -331,10 +331,22 @@ def knowledge_sensitivity(models: dict[str, Backbone], dataset: ImageDataset | T
     variants = {",".join(f"{k}={setting[k]}" for k in sorted(setting)): setting
                 for setting in combinations}
     out = Path(out)
+    configs = {tag: replace(cfg, **{k: v for k, v in setting.items() if k not in ANALYSIS_SETTINGS})
+               if isinstance(cfg, ExplainConfig) else cfg for tag, setting in variants.items()}
+    # a flag of one baseline (--baseline-lr with --vary baseline=zero,learned) is for the
+    # variants that read it; one that none reads would change nothing
+    unread = {name for c in configs.values() for name in unread_settings(c)}
+    for name in sorted(unread - set(vary)):
+        if all(name in unread_settings(c) for c in configs.values()):
+            raise PretrainReuseError(
+                f"{name}={getattr(cfg, name)!r} (--{name.replace('_', '-')}) applies to baseline "
+                f"{BASELINE_ONLY[name]!r}, which no setting of the sweep uses: it would change "
+                "nothing; drop it")
     runs = {}
     for tag, setting in variants.items():
-        explain_fields = {k: v for k, v in setting.items() if k not in ANALYSIS_SETTINGS}
-        c = replace(cfg, **explain_fields) if isinstance(cfg, ExplainConfig) else cfg
+        c = configs[tag]
+        if isinstance(c, ExplainConfig):
+            c = replace(c, **{name: defaults[name] for name in unread_settings(c) if name not in vary})
         t, m = setting.get("tau", tau), setting.get("match", match)
         analyze_knowledge(models, dataset, c, out / tag, tau=t, match=m, candidates=candidates,
                           split=split, progress=False, check_only=True)
