@@ -166,6 +166,8 @@ def test_knowledge_of_two_different_networks_reports_the_ratios_of_its_saved_int
     (["--players", "grid:8x8"], "n=64: every sample needs 2^64"),
     (["--players", "grid:6x6", "--n", "21"], "explain 1..20 players"),
     (["--players", "grid:4x4", "--n", "0"], "n must be >= 1"),
+    # (it said "n must be >= 1 ... --n N draws N cells", a flag not given)
+    (["--players", "grid:0x3"], "a grid needs at least one row and one column"),
     # players that cannot cover the image: cells smaller than a pixel
     (["--players", "grid:64x64", "--n", "4"], "does not fit an input of 32x32 pixels"),
     # the text sample rules

@@ -336,3 +336,38 @@ def test_a_flag_of_one_baseline_is_taken_by_the_variants_that_read_it(models, tm
               for tag in ("baseline=zero", "baseline=learned")}
     assert (params["baseline=zero"]["baseline_lr"], params["baseline=learned"]["baseline_lr"]) == (1e-3, 0.01)
     assert params["baseline=learned"]["baseline_steps"] == 2
+
+
+def test_a_sweeps_warnings_name_their_variant_and_a_models_doubt_is_said_once(models, tmp_path,
+                                                                               capsys):
+    # every variant's warnings were printed without saying which analysis they were of
+    rc, _, err = _run(capsys, "knowledge", "--model", "smallcnn-s", "--pretrained",
+                      models["pretrained"], "--finetuned", models["pretrained"], "--data",
+                      "synthetic:target", "--players", "grid:2x2", "--samples", 2, "--quiet",
+                      "--vary", "tau=0.05,0.1", "--out", tmp_path / "s")
+    assert rc == 0, err
+    doubt = "the pretrained and finetuned models are the same network"
+    assert err.count(doubt) == 1 and f"tau=0.05: {doubt}" in err, err
+
+
+def test_a_sweep_of_other_settings_is_refused_and_one_of_more_values_extends_it(models, sweep,
+                                                                               tmp_path, capsys):
+    # --vary tau alone into a folder of --vary baseline x tau went on, and left the analyses of
+    # the old sweep beside the new one's
+    copy = tmp_path / "s"
+    shutil.copytree(sweep, copy)
+    before = sorted(p.name for p in copy.iterdir())
+    rc, _, err = _run(capsys, *_args(models, copy, "--vary", "tau=0.05,0.3"))
+    assert rc == 2 and err.count("\n") == 1 and "made with other settings or inputs (vary)" in err
+    assert sorted(p.name for p in copy.iterdir()) == before
+    rc, _, err = _run(capsys, *_args(models, copy, "--vary", "baseline=zero,blur",
+                                     "--vary", "tau=0.05,0.3,0.2"))
+    assert rc == 0, err
+    assert (copy / "baseline=blur,tau=0.2" / "knowledge.json").is_file()
+    # a sweep folder of an earlier version recorded no settings: taken as this sweep
+    marker = json.loads((copy / "run.json").read_text())
+    (copy / "run.json").write_text(json.dumps({**marker, "params": {}}))
+    rc, out, _ = _run(capsys, *_args(models, copy, "--vary", "baseline=zero,blur",
+                                     "--vary", "tau=0.05,0.3,0.2"))
+    assert rc == 0 and "nothing to do" in out
+    assert json.loads((copy / "run.json").read_text())["params"] == {"vary": ["baseline", "tau"]}

@@ -244,6 +244,9 @@ class ExplainConfig:
         if tokens and self.n is None:
             object.__setattr__(self, "n", TEXT_PLAYERS)
         grid = re.fullmatch(r"grid:(\d+)x(\d+)", self.players)
+        if grid and min(int(grid[1]), int(grid[2])) < 1:
+            raise PretrainReuseError(f"players={self.players!r}: a grid needs at least one row and "
+                                     "one column, e.g. grid:3x3")
         n = self.n if self.n is not None or not grid else int(grid[1]) * int(grid[2])
         if n is not None and not 1 <= n <= MAX_EXPLAIN_PLAYERS:
             raise PretrainReuseError(

@@ -15,6 +15,7 @@ import itertools
 import json
 import math
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -29,6 +30,7 @@ from ..artifacts import (
     make_meta,
     releases_folders,
     to_json,
+    write_json,
 )
 from ..configs import parse_sweep
 from ..data.datasets import ImageDataset
@@ -287,9 +289,9 @@ def knowledge_sensitivity(models: dict[str, Backbone], dataset: ImageDataset | T
     runs, its samples screened and its earlier analysis in ``out`` included, so a refused sweep
     writes nothing. Writes ``sensitivity.json`` (:meth:`KnowledgeSensitivity.save`),
     ``sensitivity.csv`` (:meth:`KnowledgeSensitivity.rows`) and ``sensitivity.png`` into ``out``,
-    which must be new, empty or such a folder. ``games_from``: folders of other analyses of
-    these models whose cached games the combinations may take (as
-    :func:`~.analysis.analyze_knowledge`'s).
+    which must be new, empty or such a folder of a sweep of the same settings (with any values).
+    ``games_from``: folders of other analyses of these models whose cached games the
+    combinations may take (as :func:`~.analysis.analyze_knowledge`'s).
 
     A setting of ``vary`` may be any number or string field of :class:`~.explain.ExplainConfig`
     but ``batch_size`` and ``device`` (they change nothing computed), or ``tau`` / ``match``; a
@@ -351,18 +353,29 @@ def knowledge_sensitivity(models: dict[str, Backbone], dataset: ImageDataset | T
         analyze_knowledge(models, dataset, c, out / tag, tau=t, match=m, candidates=candidates,
                           split=split, progress=False, check_only=True)
         runs[tag] = (c, t, m)
-    # claimed once every combination has passed its checks: a refused sweep writes nothing
-    claim_folder(out, "sensitivity-run", {}, what="a knowledge sensitivity analysis",
+    # claimed once every combination has passed its checks: a refused sweep writes nothing.
+    # By the settings varied, not their values: a rerun with more values adds analyses, while
+    # one of other settings would leave the old sweep's analyses beside the new one's
+    params = {"vary": sorted(vary)}
+    _record_settings_varied(out / "run.json", params)
+    claim_folder(out, "sensitivity-run", params, what="a knowledge sensitivity analysis",
                  early=(*variants, "sensitivity.json", "sensitivity.csv", "sensitivity.png"))
     # the games of this sweep's earlier runs too (other values, or the flags in another order)
     done = [*games_from, *(f for f in sorted(out.iterdir())
                            if f.name not in variants and holds_games(f))]
-    reports, ids, checks = {}, {}, {}
+    reports, ids, checks, said = {}, {}, {}, set()
     for k, (tag, (c, t, m)) in enumerate(runs.items()):
         if progress:  # each analysis draws its own bars; say which setting they belong to
             print(f"setting {k + 1}/{len(runs)}: {tag}", file=sys.stderr)
-        analyze_knowledge(models, dataset, c, out / tag, tau=t, match=m, candidates=candidates,
-                          split=split, games_from=done, progress=progress)
+        with warnings.catch_warnings(record=True) as caught:
+            analyze_knowledge(models, dataset, c, out / tag, tau=t, match=m, candidates=candidates,
+                              split=split, games_from=done, progress=progress)
+        # named by the variant they are of; one of the models (the same for every variant)
+        # is said once
+        for w in caught:
+            if str(w.message) not in said:
+                said.add(str(w.message))
+                warnings.warn(f"{tag}: {w.message}", w.category, stacklevel=2)
         summary, explained = load_analysis(out / tag)
         reports[tag] = knowledge_report(explained["pretrained"], explained["finetuned"],
                                         explained.get("scratch"), tau=t, match=m)
@@ -383,6 +396,18 @@ def knowledge_sensitivity(models: dict[str, Backbone], dataset: ImageDataset | T
     save_png(result.figure(), out / "sensitivity.png")
     result.save(out / "sensitivity.json")  # last: its presence marks the sweep finished
     return result
+
+
+def _record_settings_varied(marker: Path, params: dict[str, Any]) -> None:
+    """Give the marker of an earlier version's sweep, which recorded no settings, those of this
+    one: it is taken as this sweep, as those versions took any."""
+    try:
+        recorded = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(recorded, dict) and recorded.get("kind") == "sensitivity-run" \
+            and recorded.get("params") == {}:
+        write_json(marker, {**recorded, "params": params})
 
 
 def _written(out: Path, result: KnowledgeSensitivity) -> bool:
