@@ -2073,6 +2073,16 @@ def test_a_log_file_gets_the_training_bar_without_the_evaluations_cursor_codes(f
     assert "\x1b" not in err and "evaluating on" not in err
 
 
+def test_a_runs_metadata_leaves_out_the_inputs_it_was_not_given(files, tmp_path, capsys):
+    # a vanilla run recorded "source": "None" and "selection": "None" as text
+    from pretrain_reuse.finetune import RunResult
+
+    out = run_ok(capsys, *base_args(files, tmp_path / "run", steps=2))
+    inputs = RunResult.load(out).meta["inputs"]
+    assert "source" not in inputs and "selection" not in inputs and "None" not in inputs.values()
+    assert inputs["model"] == "smallcnn-s" and inputs["weights"].startswith("sha256:")
+
+
 def test_weights_with_an_infinite_parameter_are_refused_before_anything_is_written(
         files, tmp_path, capsys):
     # the run stopped at its first read of the loss: "training diverged ...; lower --lr"

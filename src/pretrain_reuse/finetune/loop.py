@@ -697,9 +697,10 @@ def _rewrite_jsonl(path: Path, records: list[dict]) -> None:
 
 def _run_meta(producer: str, cfg: FinetuneConfig, inputs) -> dict[str, Any]:
     """The meta block of what a run writes (its result, model and snapshots): the config, its
-    seed and the inputs as text (a weights file's header holds text)."""
-    return make_meta(producer, cfg.to_dict(), inputs={k: str(v) for k, v in (inputs or {}).items()},
-                     seed=cfg.seed)
+    seed and the inputs it was given as text (a weights file's header holds text; one not given
+    is left out, not written "None")."""
+    return make_meta(producer, cfg.to_dict(), seed=cfg.seed,
+                     inputs={k: str(v) for k, v in (inputs or {}).items() if v is not None})
 
 
 def _result(cfg: FinetuneConfig, history: list[dict], inputs, seconds: float) -> RunResult:
