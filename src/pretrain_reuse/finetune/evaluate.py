@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
@@ -52,10 +51,8 @@ def predict(fn: Callable[[Any], torch.Tensor], dataset: ImageDataset | TextDatas
     else:
         batches = make_loader(dataset, batch_size=batch_size, workers=workers)
     outs, labels = [], []
-    # cleared at the end and drawn under a training bar: in a log file (no terminal) it would
-    # leave only cursor-movement codes and blank lines
     for batch in tqdm(batches, total=-(-len(dataset) // batch_size), desc=progress, unit="batch",
-                      disable=progress is None or not sys.stderr.isatty(), leave=False):
+                      disable=progress is None, leave=False):
         if skipped is not None:
             skipped.extend(batch.skipped.tolist())
         if len(batch.labels) == 0:

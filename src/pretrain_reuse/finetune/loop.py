@@ -373,9 +373,12 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset | T
             bar.update(1)
             if rank == 0 and evaluate:
                 record = {"step": done, "epoch": done / steps_per_epoch, **values}
+                # a bar under the training bar, cleared at the end: in a log file (no
+                # terminal) it would leave only cursor-movement codes and blank lines
+                nested = progress and sys.stderr.isatty()
                 record["val"], record["test"] = (
                     _evaluate(model, s, evaluate_view, cfg, device,
-                              f"evaluating on {what}" if progress else None)
+                              f"evaluating on {what}" if nested else None)
                     for s, what in ((val_set, "validation"), (test_set, "test")))
                 history.append(record)
                 _append_jsonl(out / "metrics.jsonl", record)
