@@ -896,6 +896,9 @@ def test_a_names_file_of_class_ids_and_words_names_each_class_by_its_id(capsys, 
             rc, _, err = cli(capsys, *argv, "--class-names", tmp_path / names, "--out", out)
             assert rc == 2 and err.count("\n") == 1 and needle in err, err
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "x.safetensors").exists()
+    # bare names in the classes' order, some of which are the classes' own, name them by position
+    names = _class_units_named_by(capsys, tmp_path, feats, ids, ["n01", "second", "n03"]).names
+    assert names == ["n01", "second", "n03"]
 
 
 def test_class_names_that_rename_the_classes_keep_the_datas_own_names(capsys, tmp_path):

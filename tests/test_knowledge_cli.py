@@ -1687,11 +1687,11 @@ def test_a_folder_written_before_the_background_setting_reruns_as_finished_and_r
     def rerun_records_them(argv, marker):
         identity = forget_background(marker)
         results = {p: p.stat().st_mtime_ns for p in marker.parent.rglob("*") if p != marker}
-        assert _run(capsys, *argv)[0] == 0  # nothing computed or written again...
+        # nothing computed or written again...
+        assert _run(capsys, *argv)[1].endswith("is finished (same settings); nothing to do\n")
         assert {p: p.stat().st_mtime_ns for p in marker.parent.rglob("*") if p != marker} == results
         # ...but the marker records them: data relabelled later is no longer taken as it is then
         assert json.loads(marker.read_text())["identity"] == identity
-        assert _run(capsys, *argv)[1].endswith("is finished (same settings); nothing to do\n")
 
     explain = [*_explain_argv(model), "--out", tmp_path / "x"]
     assert _run(capsys, *explain)[0] == 0
@@ -1790,8 +1790,15 @@ def test_a_setting_the_baseline_does_not_read_is_refused(tmp_path, capsys, flag,
     assert rc == 2 and err.count("\n") == 1, err
     assert f"{name}={value} ({flag}) applies to baseline {reader!r} only, not 'zero'" in err
     assert not (tmp_path / "x").exists()
+    rc, _, err = _run(capsys, *_explain_argv(model), "--out", tmp_path / "x")
+    assert rc == 0, err
+    # a folder of an earlier version, which took it: the same run as one without it
+    marker = json.loads((tmp_path / "x" / "explain.json").read_text())
+    marker["identity"][name] = value
+    (tmp_path / "x" / "explain.json").write_text(json.dumps(marker))
+    assert _run(capsys, *_explain_argv(model), "--out", tmp_path / "x")[1].endswith("nothing to do\n")
     rc, _, err = _run(capsys, *_explain_argv(model), "--baseline", reader, flag, value,
-                      "--out", tmp_path / "x")  # where the baseline reads it, it is taken
+                      "--out", tmp_path / "y")  # where the baseline reads it, it is taken
     assert rc == 0, err
 
 

@@ -312,10 +312,10 @@ def test_the_report_of_a_sweep_shows_every_setting_and_says_what_moved(sweep, tm
 
 @pytest.mark.parametrize("extra, needle", [
     # every analysis the same: "preserve +0.000 ± 0.000 vs baseline_steps=5", as if measured
-    (["--vary", "baseline_steps=5,50"], "baseline_steps=5 (--baseline-steps) applies to baseline "
-                                        "'learned' only, not 'zero': it would change nothing"),
+    (["--vary", "baseline_steps=5,50"], "baseline_steps (--vary baseline_steps) applies to baseline "
+                                        "'learned', which no setting of the sweep uses"),
     (["--baseline-lr", "0.01", "--vary", "baseline=zero,mean"],
-     "baseline_lr=0.01 (--baseline-lr) applies to baseline 'learned', which no setting of the "
+     "baseline_lr (--baseline-lr) applies to baseline 'learned', which no setting of the "
      "sweep uses"),
 ])
 def test_a_sweep_over_a_setting_its_baselines_do_not_read_is_refused(models, tmp_path, capsys,
@@ -325,17 +325,18 @@ def test_a_sweep_over_a_setting_its_baselines_do_not_read_is_refused(models, tmp
     assert not (tmp_path / "s").exists()
 
 
-def test_a_flag_of_one_baseline_is_taken_by_the_variants_that_read_it(models, tmp_path, capsys):
-    # --baseline-lr with --vary baseline=zero,learned: the zero analysis takes the default (the
-    # flag changes nothing there), the learned one the flag
-    rc, _, err = _run(capsys, *_args(models, tmp_path / "s", "--baseline-lr", "0.01",
-                                     "--baseline-steps", "2", "--vary", "baseline=zero,learned",
-                                     samples=2))
+def test_a_setting_of_one_baseline_is_taken_by_the_variants_that_read_it(models, tmp_path, capsys):
+    # given as a flag or varied with --vary baseline=zero,learned: the zero analyses take the
+    # default (the setting changes nothing there), the learned ones the setting
+    rc, _, err = _run(capsys, *_args(models, tmp_path / "s", "--baseline-steps", "2",
+                                     "--vary", "baseline=zero,learned",
+                                     "--vary", "baseline_lr=0.1,0.01", samples=2))
     assert rc == 0, err
     params = {tag: json.loads((tmp_path / "s" / tag / "knowledge.json").read_text())["identity"]
-              for tag in ("baseline=zero", "baseline=learned")}
-    assert (params["baseline=zero"]["baseline_lr"], params["baseline=learned"]["baseline_lr"]) == (1e-3, 0.01)
-    assert params["baseline=learned"]["baseline_steps"] == 2
+              for tag in ("baseline=zero,baseline_lr=0.1", "baseline=learned,baseline_lr=0.1",
+                          "baseline=learned,baseline_lr=0.01")}
+    assert [p["baseline_lr"] for p in params.values()] == [1e-3, 0.1, 0.01]
+    assert [p["baseline_steps"] for p in params.values()] == [50, 2, 2]
 
 
 def test_a_sweeps_warnings_name_their_variant_and_a_models_doubt_is_said_once(models, tmp_path,
@@ -358,7 +359,12 @@ def test_a_sweep_of_other_settings_is_refused_and_one_of_more_values_extends_it(
     shutil.copytree(sweep, copy)
     before = sorted(p.name for p in copy.iterdir())
     rc, _, err = _run(capsys, *_args(models, copy, "--vary", "tau=0.05,0.3"))
-    assert rc == 2 and err.count("\n") == 1 and "made with other settings or inputs (vary)" in err
+    assert rc == 2 and err.count("\n") == 1 and "made with other settings or inputs (" in err
+    assert "vary" in err and sorted(p.name for p in copy.iterdir()) == before
+    # the same settings varied over other samples: new analyses beside the old ones too
+    rc, _, err = _run(capsys, *_args(models, copy, "--vary", "baseline=mean,shrink",
+                                     "--vary", "tau=0.05,0.3", samples=2))
+    assert rc == 2 and "analysis.samples" in err, err
     assert sorted(p.name for p in copy.iterdir()) == before
     rc, _, err = _run(capsys, *_args(models, copy, "--vary", "baseline=zero,blur",
                                      "--vary", "tau=0.05,0.3,0.2"))
@@ -370,4 +376,5 @@ def test_a_sweep_of_other_settings_is_refused_and_one_of_more_values_extends_it(
     rc, out, _ = _run(capsys, *_args(models, copy, "--vary", "baseline=zero,blur",
                                      "--vary", "tau=0.05,0.3,0.2"))
     assert rc == 0 and "nothing to do" in out
-    assert json.loads((copy / "run.json").read_text())["params"] == {"vary": ["baseline", "tau"]}
+    params = json.loads((copy / "run.json").read_text())["params"]
+    assert params["vary"] == ["baseline", "tau"] and params["analysis"]["samples"] == 3

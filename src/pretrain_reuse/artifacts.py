@@ -682,7 +682,7 @@ def load(path: str | Path, *, what: str = "path", lazy: bool = False):
             raise PretrainReuseError(f"{str(p)!r} holds a {kind!r} record, not an artifact to "
                                      f"load; it is plain JSON (json.load reads it); {OPENS}")
         if kind is None:  # a file cut short is named so (by read_json), not as a selection
-            read_json(p, "artifact")
+            read_json(p, what)
             raise PretrainReuseError(f"{str(p)!r} is JSON but no artifact of this package; "
                                      f"json.load reads it; {OPENS}")
         from .selection import Selection

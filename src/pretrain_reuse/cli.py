@@ -93,8 +93,8 @@ def _named_by_file(lines: list[str], existing: list[str] | None) -> list[str]:
     whole line, matched by that name (:func:`~pretrain_reuse.data.datasets.line_names`; the
     longest name a line starts with, so that ``tabby cat, a pet`` names a folder ``tabby cat``
     beside one named ``tabby``): in any order, with lines for other classes, but one for every
-    class (named by position, the rest would be named wrongly). Any other file names class i by
-    line i, one line per class."""
+    class (named by position, the rest would be named wrongly). Any other file, such as bare
+    names some of which are the classes', names class i by line i, one line per class."""
     from .data.datasets import first_word, line_names
 
     if not existing:
@@ -110,7 +110,9 @@ def _named_by_file(lines: list[str], existing: list[str] | None) -> list[str]:
     if all(name in by_name for name in existing):
         return [by_name[name] for name in existing]
     missing = next(name for name in existing if name not in by_name)
-    if by_name:
+    # a mapping's lines say more than the names they start with; a list of bare names in the
+    # classes' order may share some of them (CIFAR's "airplane" for a folder named airplane)
+    if any(line != name for name, line in by_name.items()):
         raise PretrainReuseError(
             f"--class-names names {len(by_name)} of the {len(existing)} classes by their names "
             f"(lines that start with them), but no line starts with {missing!r}; add a line for "
@@ -216,6 +218,11 @@ def _reporter() -> bool:
     from .distributed import rank_world
 
     return rank_world()[0] == 0
+
+
+#: What every explanation that computes writes again (an analysis: in each model's folder),
+#: and a rerun that finds it finished does not: only its marker may be brought up to date.
+FIRST_INTERACTIONS = "interactions-0000.safetensors"
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:
@@ -640,7 +647,7 @@ def cmd_explain(args) -> int:
     data, split = _explain_data(args)
     asked = min(cfg.samples, len(data))
     indices = choose_samples(data, asked, cfg.seed, keep=explainable(model, data, cfg))
-    before = _stamp(Path(args.out) / "explain.json")
+    before = _stamp(Path(args.out) / FIRST_INTERACTIONS)
     results = explain(model, data, indices, cfg, args.out, tau=args.tau, split=split,
                       progress=not args.quiet)
     if len(indices) < asked and not args.quiet:  # after explain's checks: an error comes alone
@@ -648,7 +655,7 @@ def cmd_explain(args) -> int:
                else "are readable images")
         print(f"note: {len(indices)} of the {asked} samples asked for {why}; explained those",
               file=sys.stderr)
-    if before is not None and _stamp(Path(args.out) / "explain.json") == before:
+    if before is not None and _stamp(Path(args.out) / FIRST_INTERACTIONS) == before:
         _finished("explain", args.out)  # finished with these settings, and intact
         _note_weights(args.model, args.weights, args.quiet)
         return 0
@@ -695,7 +702,7 @@ def cmd_knowledge(args) -> int:
     data, split = _explain_data(args)
     if args.vary:
         return _knowledge_sensitivity(args, models, data, cfg, split)
-    before = _stamp(Path(args.out) / "knowledge.json")
+    before = _stamp(Path(args.out) / "finetuned" / FIRST_INTERACTIONS)
     with warnings.catch_warnings():
         # the analysis's doubts (swapped roles, the same network twice) as one line each, also
         # with --quiet, which silences progress and notes only
@@ -703,7 +710,7 @@ def cmd_knowledge(args) -> int:
         summary = analyze_knowledge(models, data, cfg, args.out, **snapshots, tau=args.tau,
                                     match=args.match, split=split, games_from=args.games_from,
                                     progress=not args.quiet)
-    if before is not None and _stamp(Path(args.out) / "knowledge.json") == before:
+    if before is not None and _stamp(Path(args.out) / "finetuned" / FIRST_INTERACTIONS) == before:
         _finished("knowledge", args.out)  # finished with these settings, and intact
         return 0
     _note_named_by_position(models, data, args.quiet)
@@ -761,7 +768,8 @@ def _knowledge_sensitivity(args, models: dict, data, cfg, split: str | None) -> 
     out = Path(args.out)
 
     def stamps() -> dict:  # the sweep's table and every analysis it holds
-        return {p: _stamp(p) for p in [out / "sensitivity.json", *out.glob("*/knowledge.json")]}
+        return {p: _stamp(p) for p in [out / "sensitivity.json",
+                                       *out.glob(f"*/finetuned/{FIRST_INTERACTIONS}")]}
 
     before = stamps()
     with warnings.catch_warnings():

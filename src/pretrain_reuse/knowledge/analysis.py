@@ -371,7 +371,7 @@ def analyze_knowledge(models: dict[str, Backbone], dataset: ImageDataset | TextD
     if done is not None and check_only:
         return None
     if done is not None:  # the same analysis, finished and intact: nothing to do
-        record_added_settings(out / "knowledge.json", identity)
+        record_added_settings(out / "knowledge.json", identity, "a knowledge analysis")
         for doubt in _doubts(models, series):
             warnings.warn(doubt, KnowledgeWarning, stacklevel=3)
         return done

@@ -428,7 +428,7 @@ def explain(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.nd
         check_rerun(Path(out), MARKER, identity, "an explanation run")
         done = finished_explanation(Path(out), identity, indices, cfg)
         if done is not None:  # the same run, finished and intact: nothing to do
-            record_added_settings(Path(out) / MARKER, identity)
+            record_added_settings(Path(out) / MARKER, identity, "an explanation run")
             return done
     predicted = check_explainable(model, dataset, indices, cfg, role, torch.device(cfg.device))
     if out is not None:  # until the interactions are written, not only while games are computed
@@ -478,11 +478,17 @@ _ADDED_SETTINGS = {
 
 
 def _resolved(params: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
-    """``settings`` with a ``qthres`` of None (the default) as the bound the decomposition of
-    ``params`` takes: an explicit default is the same run, and folders of earlier versions,
-    which recorded None, match it."""
+    """``settings`` as what they compute: a ``qthres`` of None (the default) as the bound the
+    decomposition of ``params`` takes, and a setting of :data:`BASELINE_ONLY` its baseline does
+    not read at its default. So an explicit default is the same run, and so are folders of
+    earlier versions, which recorded None, or a flag their baseline did not read."""
+    settings = dict(settings)
     if "qthres" in settings and settings["qthres"] is None:
-        return {**settings, "qthres": default_qthres(params.get("decomposition", "and"))}
+        settings["qthres"] = default_qthres(params.get("decomposition", "and"))
+    defaults = {f.name: f.default for f in fields(ExplainConfig)}
+    for name, reader in BASELINE_ONLY.items():
+        if name in settings and params.get("baseline") != reader:
+            settings[name] = defaults[name]
     return settings
 
 
@@ -497,18 +503,25 @@ def recorded_identity(marker: Any, now: dict[str, Any]) -> Any:
             **_resolved(recorded, recorded)}
 
 
-def record_added_settings(marker: Path, identity: dict[str, Any]) -> None:
-    """Write into the ``marker`` of a finished explanation or analysis of an earlier version
-    the settings of :data:`_ADDED_SETTINGS` it lacks, as the rerun with ``identity`` that found
-    it finished took them: from then on a change of what they record (the data's labels or
-    sentences) is told, as in a folder of this version."""
+def record_added_settings(marker: Path, identity: dict[str, Any], what: str) -> None:
+    """Write into the ``marker`` of a finished explanation or analysis (``what``) of an earlier
+    version the settings it lacks (:data:`_ADDED_SETTINGS`) or recorded in an earlier form, as
+    the rerun with ``identity`` that found it finished took them: from then on a change of what
+    they record (the data's labels or sentences) is told, as in a folder of this version. Where
+    another process holds the folder or it cannot be written, it stays as it is (it is still
+    the same run)."""
     try:
         recorded = json.loads(marker.read_text())
     except (OSError, ValueError):
         return
-    if isinstance(recorded, dict) and recorded.get("identity") != identity \
-            and recorded_identity(recorded, identity) == identity:
+    if not (isinstance(recorded, dict) and recorded.get("identity") != identity
+            and recorded_identity(recorded, identity) == identity):
+        return
+    try:
+        lock_folder(marker.parent, what)
         write_json(marker, {**recorded, "identity": identity})
+    except PretrainReuseError:
+        pass
 
 
 def check_rerun(out: Path, marker: str, identity: dict[str, Any], what: str, *,

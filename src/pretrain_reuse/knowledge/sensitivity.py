@@ -27,6 +27,7 @@ from ..artifacts import (
     ValueEquality,
     atomic_path,
     claim_folder,
+    lock_folder,
     make_meta,
     releases_folders,
     to_json,
@@ -39,7 +40,7 @@ from ..errors import PretrainReuseError, check_choice
 from ..figures import save_png, subplots
 from ..models import Backbone
 from .analysis import analyze_knowledge, games_folders, holds_games, load_analysis
-from .explain import BASELINE_ONLY, ExplainConfig, unread_settings
+from .explain import BASELINE_ONLY, ExplainConfig, rerun_identity, unread_settings
 from .metrics import (
     KnowledgeReport,
     _load_json,
@@ -335,28 +336,32 @@ def knowledge_sensitivity(models: dict[str, Backbone], dataset: ImageDataset | T
     out = Path(out)
     configs = {tag: replace(cfg, **{k: v for k, v in setting.items() if k not in ANALYSIS_SETTINGS})
                if isinstance(cfg, ExplainConfig) else cfg for tag, setting in variants.items()}
-    # a flag of one baseline (--baseline-lr with --vary baseline=zero,learned) is for the
-    # variants that read it; one that none reads would change nothing
-    unread = {name for c in configs.values() for name in unread_settings(c)}
-    for name in sorted(unread - set(vary)):
-        if all(name in unread_settings(c) for c in configs.values()):
+    # a setting of one baseline (--baseline-lr with --vary baseline=zero,learned) is for the
+    # variants that read it (the others take its default); one that none reads would change
+    # nothing, and a sweep over it would show a difference of 0
+    for name, reader in BASELINE_ONLY.items():
+        given = name in vary or (isinstance(cfg, ExplainConfig) and getattr(cfg, name) != defaults[name])
+        if given and all(getattr(c, "baseline", None) != reader for c in configs.values()):
+            flag = f"--vary {name}" if name in vary else f"--{name.replace('_', '-')}"
             raise PretrainReuseError(
-                f"{name}={getattr(cfg, name)!r} (--{name.replace('_', '-')}) applies to baseline "
-                f"{BASELINE_ONLY[name]!r}, which no setting of the sweep uses: it would change "
-                "nothing; drop it")
+                f"{name} ({flag}) applies to baseline {reader!r}, which no setting of the sweep "
+                "uses: it would change nothing; drop it")
     runs = {}
     for tag, setting in variants.items():
         c = configs[tag]
         if isinstance(c, ExplainConfig):
-            c = replace(c, **{name: defaults[name] for name in unread_settings(c) if name not in vary})
+            c = replace(c, **{name: defaults[name] for name in unread_settings(c)})
         t, m = setting.get("tau", tau), setting.get("match", match)
         analyze_knowledge(models, dataset, c, out / tag, tau=t, match=m, candidates=candidates,
                           split=split, progress=False, check_only=True)
         runs[tag] = (c, t, m)
     # claimed once every combination has passed its checks: a refused sweep writes nothing.
-    # By the settings varied, not their values: a rerun with more values adds analyses, while
-    # one of other settings would leave the old sweep's analyses beside the new one's
-    params = {"vary": sorted(vary)}
+    # By the settings varied, not their values, and by everything else: a rerun with more
+    # values adds analyses, while one of other settings, models or data would leave the old
+    # sweep's analyses beside the new one's
+    fixed = {**asdict(cfg), "tau": tau, "match": match, "split": split, "candidates": candidates}
+    params = {"vary": sorted(vary), "analysis": rerun_identity(
+        models, dataset, {k: v for k, v in fixed.items() if k not in vary})}
     _record_settings_varied(out / "run.json", params)
     claim_folder(out, "sensitivity-run", params, what="a knowledge sensitivity analysis",
                  early=(*variants, "sensitivity.json", "sensitivity.csv", "sensitivity.png"))
@@ -400,14 +405,20 @@ def knowledge_sensitivity(models: dict[str, Backbone], dataset: ImageDataset | T
 
 def _record_settings_varied(marker: Path, params: dict[str, Any]) -> None:
     """Give the marker of an earlier version's sweep, which recorded no settings, those of this
-    one: it is taken as this sweep, as those versions took any."""
+    one: it is taken as this sweep, as those versions took any (the analyses in it are each
+    checked against their own settings). One that cannot be written stays as it is, and the
+    claim then refuses the folder."""
     try:
         recorded = json.loads(marker.read_text())
     except (OSError, ValueError):
         return
     if isinstance(recorded, dict) and recorded.get("kind") == "sensitivity-run" \
             and recorded.get("params") == {}:
-        write_json(marker, {**recorded, "params": params})
+        try:
+            lock_folder(marker.parent, "a knowledge sensitivity analysis")
+            write_json(marker, {**recorded, "params": params})
+        except PretrainReuseError:
+            pass
 
 
 def _written(out: Path, result: KnowledgeSensitivity) -> bool:
