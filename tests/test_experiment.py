@@ -763,6 +763,9 @@ def test_settings_the_recipe_never_reads_may_change_and_a_weights_file_changed_i
     again = run_experiment("table4", load_experiment_config(explicit, seeds=(0, 1)), out,
                            progress=False)
     assert [r["top1_mean"] for r in again.rows] == [r["top1_mean"] for r in table.rows]
+    # the table's metadata names its input files by their hashes (it named none)
+    inputs = again.meta["inputs"]
+    assert "weights_sha256" in inputs and inputs == {k: again.params[k] for k in inputs}
     # a setting its rows read is still refused
     err = _refused_table4(capsys, path, out, "--k", "8")
     assert "other settings or inputs (k)" in err

@@ -152,6 +152,9 @@ def test_ratio_sensitivity_pairs_the_samples_by_id():
     }
     result = ratio_sensitivity(reports, {"one": ["a", "b"], "two": ["c", "a"]},
                                {"one": {"tau": 0.05}, "two": {"tau": 0.1}}, {"tau": [0.05, 0.1]})
+    # its metadata says what made it (it was empty)
+    assert result.meta["producer"] == "knowledge.ratio_sensitivity"
+    assert result.meta["params"]["vary"] == {"tau": [0.05, 0.1]}
     rows = result.rows()
     assert rows[0]["preserve"] == pytest.approx((1 / 2 + 1 / 4) / 2)
     assert rows[1]["preserve"] == pytest.approx(1 / 2)

@@ -250,7 +250,8 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
     params = json.loads(to_json({**reads, **hashes, "seeds": list(cfg.seeds),
                                  "skip": list(cfg.skip)}))
     result = ExperimentTable(name, table, x_label, params,
-                             make_meta(f"experiment.{name}", params, seed=cfg.seeds[0]), extra)
+                             make_meta(f"experiment.{name}", params, seed=cfg.seeds[0],
+                                       inputs=hashes), extra)
     result.save(out)
     if (out / "report.html").exists():  # a report of the previous table would contradict it
         from ..report import build_report

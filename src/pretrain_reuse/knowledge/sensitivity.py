@@ -266,9 +266,11 @@ def ratio_sensitivity(reports: Mapping[str, KnowledgeReport], ids: Mapping[str, 
     if len({tuple(r) for r in ratios.values()}) > 1:
         raise PretrainReuseError("the variants measure different ratios (a scratch model in only "
                                  "some of them); give every analysis the same models")
+    # the reports' own settings are theirs; knowledge_sensitivity records the sweep's
+    meta = make_meta("knowledge.ratio_sensitivity", {"vary": dict(vary), "variants": dict(variants)})
     return KnowledgeSensitivity(dict(vary), {t: dict(v) for t, v in variants.items()},
                                 {t: list(i) for t, i in ids.items()}, ratios,
-                                {t: dict((checks or {}).get(t, {})) for t in variants})
+                                {t: dict((checks or {}).get(t, {})) for t in variants}, meta)
 
 
 @releases_folders
