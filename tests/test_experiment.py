@@ -1431,6 +1431,19 @@ def test_settings_a_recipe_never_reads_are_named_with_the_recipes_that_read_them
     assert unread_settings("table4", replace(cfg, clusters=2000, explain={}, corruption=None)) == {}
 
 
+def test_an_experiment_without_weights_says_its_network_started_at_random(tmp_path, capsys):
+    # every row started from a random network and the table was written without a word, where
+    # finetune, embed, explain and evaluate say so
+    colour_folder(tmp_path / "pool", 5, 4, seed=0)
+    for split in ("train", "test"):
+        colour_folder(tmp_path / "target" / split, 2, 4, seed=1)
+    assert main(["experiment", "fig4a", "--model", "smallcnn-s", "--source", str(tmp_path / "pool"),
+                 "--target", str(tmp_path / "target"), "--k", "2", "--relevant", "0,1",
+                 "--out", str(tmp_path / "exp")]) == 0
+    err = capsys.readouterr().err
+    assert "note: no --weights: smallcnn-s starts from a random initialisation" in err
+
+
 def test_a_pool_changed_on_disk_since_the_experiment_embedded_it_is_named(tmp_path, capsys):
     # one image added to the pool: a rerun reused the units and selections of the pool as it
     # was, or, where it embedded again, was refused as "an embedding made with other settings

@@ -772,3 +772,13 @@ def test_a_grid_folder_reports_every_run_and_the_one_validation_picked(tmp_path,
             "</code> (validation 0.9000, its test top-1 0.6500 at that evaluation)") in page
     assert "<tr><td>lam=0.3,lr=0.01</td><td>0.3</td><td>0.01</td><td>0.7000</td><td>0.6100</td>" \
            "<td>0.5600</td><td>20</td></tr>" in page
+
+
+def test_equal_mean_accuracies_summed_in_another_order_are_shown_alike(tmp_path, capsys):
+    # 0.33625000000000005 (two seeds' mean) and 0.33625 were shown as 0.3363 and 0.3362: the
+    # first row looked ahead of an equal one
+    table = _experiment_table("fig4b", [{"method": "vanilla", "top1_mean": (0.3375 + 0.335) / 2},
+                                        {"method": "group 1", "top1_mean": 0.33625}])
+    assert table.rows[0]["top1_mean"] != table.rows[1]["top1_mean"]
+    markdown = table.to_markdown()
+    assert markdown.count("| 0.3362 |") == 2 and "0.3363" not in markdown, markdown

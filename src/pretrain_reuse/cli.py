@@ -912,6 +912,8 @@ def cmd_experiment(args) -> int:
     table = run_experiment(args.name, cfg, args.out, progress=not args.quiet)
     print(table.to_markdown())
     print(f"wrote {Path(args.out) / 'results.md'}, results.csv and results.png")
+    if not (args.name == "knowledge" and cfg.pretrainings):  # they are its pre-trained weights
+        _note_weights(cfg.model, cfg.weights, args.quiet)
     return 0
 
 
