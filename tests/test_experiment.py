@@ -1444,6 +1444,22 @@ def test_an_experiment_without_weights_says_its_network_started_at_random(tmp_pa
     assert "note: no --weights: smallcnn-s starts from a random initialisation" in err
 
 
+def test_a_sweep_of_another_recipe_and_modes_no_row_trains_are_named_at_the_start(tmp_path, capsys):
+    # they were dropped without a word (and may change on a rerun), though the README says a
+    # setting the recipe does not read is named when it starts
+    colour_folder(tmp_path / "pool", 5, 4, seed=0)
+    for split in ("train", "test"):
+        colour_folder(tmp_path / "target" / split, 2, 4, seed=1)
+    (tmp_path / "exp.yaml").write_text("sweep: {k: [5], groups: [2]}\nmodes: {scratch: {lr: 0.1}}\n"
+                                       "lam: {co-tuning: 2.3}\nfinetune: {max_steps: 2, batch_size: 4}\n")
+    assert main(["experiment", "fig4b", "--model", "smallcnn-s", "--source", str(tmp_path / "pool"),
+                 "--target", str(tmp_path / "target"), "--config", str(tmp_path / "exp.yaml"),
+                 "--out", str(tmp_path / "exp")]) == 0
+    assert ("[experiment] fig4b does not read sweep.k (swept by fig3a); modes.scratch (no row of "
+            "fig4b trains in mode scratch); lam.co-tuning (no row of fig4b trains in mode "
+            "co-tuning): they change nothing here") in capsys.readouterr().out
+
+
 def test_a_pool_changed_on_disk_since_the_experiment_embedded_it_is_named(tmp_path, capsys):
     # one image added to the pool: a rerun reused the units and selections of the pool as it
     # was, or, where it embedded again, was refused as "an embedding made with other settings

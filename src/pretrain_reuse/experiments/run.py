@@ -135,13 +135,19 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
     if images_only and progress:  # said once the model is known to take the sentences
         print(f"[experiment] left out on sentences (reuse-unlabeled needs augmentations of "
               f"images): {', '.join(images_only)}", flush=True)
-    unread = unread_settings(name, cfg)
+    others = [recipe for recipe in RECIPES if recipe != name]
+    unread = {key: f"read by {'every other recipe' if recipes == others else ', '.join(recipes)}"
+              for key, recipes in unread_settings(name, cfg).items()}
+    # entries of the settings it reads: a sweep of another recipe's variable, a mode no row trains
+    unread |= {f"sweep.{key}": f"swept by {', '.join(r for r, v in SWEPT.items() if v == key)}"
+               for key in cfg.sweep if key != SWEPT.get(name)}
+    unread |= {f"{key}.{mode}": f"no row of {name} trains in mode {mode}" for key in ("modes", "lam")
+               if key not in unread for mode in getattr(cfg, key)
+               if mode not in {r.mode for r in trains}}
     if unread and progress:  # given for another recipe, or expected to act where it cannot
-        others = [recipe for recipe in RECIPES if recipe != name]
         print(f"[experiment] {name} does not read " + "; ".join(
-            f"{key} (read by {'every other recipe' if recipes == others else ', '.join(recipes)})"
-            for key, recipes in unread.items())
-            + ": they change nothing here", flush=True)
+            f"{key} ({why})" for key, why in unread.items()) + ": they change nothing here",
+            flush=True)
     if trains and cfg.target_test is None and not has_splits(cfg.target):
         raise PretrainReuseError(f"target {cfg.target!r} is a folder or list file with one split; "
                                  "pass --target-test (target_test) with the test data")
