@@ -141,9 +141,9 @@ def run_experiment(name: str, cfg: ExperimentConfig, out: str | Path, *,
     # entries of the settings it reads: a sweep of another recipe's variable, a mode no row trains
     unread |= {f"sweep.{key}": f"swept by {', '.join(r for r, v in SWEPT.items() if v == key)}"
                for key in cfg.sweep if key != SWEPT.get(name)}
+    trained = {r.mode for r in trains}
     unread |= {f"{key}.{mode}": f"no row of {name} trains in mode {mode}" for key in ("modes", "lam")
-               if key not in unread for mode in getattr(cfg, key)
-               if mode not in {r.mode for r in trains}}
+               if key not in unread for mode in getattr(cfg, key) if mode not in trained}
     if unread and progress:  # given for another recipe, or expected to act where it cannot
         print(f"[experiment] {name} does not read " + "; ".join(
             f"{key} ({why})" for key, why in unread.items()) + ": they change nothing here",

@@ -282,6 +282,10 @@ class ExplainConfig:
         return self.qthres if self.qthres is not None else default_qthres(self.decomposition)
 
 
+#: Each :class:`ExplainConfig` field's default.
+CONFIG_DEFAULTS = {f.name: f.default for f in fields(ExplainConfig)}
+
+
 def default_qthres(decomposition: str) -> float:
     """The noise bound a decomposition takes when none is given: 0 for ``and`` (the exact
     Harsanyi transform), 0.04 for the AND-OR decompositions (the group's setting)."""
@@ -455,7 +459,7 @@ def rerun_identity(models: dict[str, Backbone], dataset: ImageDataset | TextData
     (:func:`~pretrain_reuse.models.state_hash`, wherever they were loaded from) and its input
     size; the data's labels; for sentences also their content
     (:meth:`~pretrain_reuse.data.text.TextDataset.content_hash`)."""
-    settings = _resolved(params, {k: v for k, v in params.items() if k not in RERUN_WITH_OTHER})
+    settings = _resolved({k: v for k, v in params.items() if k not in RERUN_WITH_OTHER})
     return json.loads(to_json({
         **settings, "data": data_path(dataset) or dataset.source,
         "labels": hash_array(dataset.labels),
@@ -477,18 +481,17 @@ _ADDED_SETTINGS = {
 }
 
 
-def _resolved(params: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
-    """``settings`` as what they compute: a ``qthres`` of None (the default) as the bound the
-    decomposition of ``params`` takes, and a setting of :data:`BASELINE_ONLY` its baseline does
-    not read at its default. So an explicit default is the same run, and so are folders of
+def _resolved(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` as what they compute: a ``qthres`` of None (the default) as the bound their
+    decomposition takes, and a setting of :data:`BASELINE_ONLY` their baseline does not read at
+    its default. So an explicit default is the same run, and so are folders of
     earlier versions, which recorded None, or a flag their baseline did not read."""
     settings = dict(settings)
     if "qthres" in settings and settings["qthres"] is None:
-        settings["qthres"] = default_qthres(params.get("decomposition", "and"))
-    defaults = {f.name: f.default for f in fields(ExplainConfig)}
+        settings["qthres"] = default_qthres(settings.get("decomposition", "and"))
     for name, reader in BASELINE_ONLY.items():
-        if name in settings and params.get("baseline") != reader:
-            settings[name] = defaults[name]
+        if name in settings and settings.get("baseline") != reader:
+            settings[name] = CONFIG_DEFAULTS[name]
     return settings
 
 
@@ -500,7 +503,7 @@ def recorded_identity(marker: Any, now: dict[str, Any]) -> Any:
     if not isinstance(recorded, dict):
         return recorded
     return {**{key: value(recorded, now) for key, value in _ADDED_SETTINGS.items() if key in now},
-            **_resolved(recorded, recorded)}
+            **_resolved(recorded)}
 
 
 def record_added_settings(marker: Path, identity: dict[str, Any], what: str) -> None:
@@ -621,9 +624,8 @@ BASELINE_ONLY = {"baseline_lr": "learned", "baseline_steps": "learned",
 def unread_settings(cfg: ExplainConfig) -> list[str]:
     """The settings of :data:`BASELINE_ONLY` that ``cfg`` sets to other than their defaults
     although its baseline does not read them."""
-    defaults = {f.name: f.default for f in fields(ExplainConfig)}
     return [name for name, reader in BASELINE_ONLY.items()
-            if getattr(cfg, name) != defaults[name] and cfg.baseline != reader]
+            if getattr(cfg, name) != CONFIG_DEFAULTS[name] and cfg.baseline != reader]
 
 
 def check_explainable(model: Backbone, dataset: ImageDataset | TextDataset, indices: np.ndarray,

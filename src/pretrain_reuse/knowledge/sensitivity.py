@@ -17,7 +17,7 @@ import math
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -40,7 +40,7 @@ from ..errors import PretrainReuseError, check_choice
 from ..figures import save_png, subplots
 from ..models import Backbone
 from .analysis import analyze_knowledge, games_folders, holds_games, load_analysis
-from .explain import BASELINE_ONLY, ExplainConfig, rerun_identity, unread_settings
+from .explain import BASELINE_ONLY, CONFIG_DEFAULTS, ExplainConfig, rerun_identity, unread_settings
 from .metrics import (
     KnowledgeReport,
     _load_json,
@@ -77,7 +77,7 @@ def _default_settings() -> dict[str, Any]:
     """Each variable setting's default (``baseline`` and ``background``: None, which a config
     resolves for its players)."""
     analysis = inspect.signature(analyze_knowledge).parameters
-    return {**{f.name: f.default for f in fields(ExplainConfig)},
+    return {**CONFIG_DEFAULTS,
             **{k: analysis[k].default for k in ANALYSIS_SETTINGS}}
 
 
