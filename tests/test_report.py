@@ -2,9 +2,12 @@
 
 The report of a real demo run is tested in test_demo.py."""
 
+import contextlib
 import html
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -782,3 +785,68 @@ def test_equal_mean_accuracies_summed_in_another_order_are_shown_alike(tmp_path,
     assert table.rows[0]["top1_mean"] != table.rows[1]["top1_mean"]
     markdown = table.to_markdown()
     assert markdown.count("| 0.3362 |") == 2 and "0.3363" not in markdown, markdown
+
+
+@contextlib.contextmanager
+def _held_by_another_process(folder: Path):
+    """``folder`` locked as a running command locks it (lock_folder), by a child process."""
+    code = ("import sys, time\nfrom pathlib import Path\nfrom pretrain_reuse.artifacts import lock_folder\n"
+            "lock_folder(Path(sys.argv[1]), 'a test')\nprint('locked', flush=True)\ntime.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_folder_being_written_is_reported_as_last_finished_with_a_note(tmp_path, capsys):
+    # a rerun with more seeds holds the folder: the table is the last finished one, and says so
+    out = _experiment(tmp_path, [{"method": "vanilla"}])
+    with _held_by_another_process(out):
+        rc, err = _report(capsys, out)
+        assert rc == 0, err
+        assert "another process was writing this folder when this page was made" in err
+        assert "Note: another process was writing" in (out / "report.html").read_text()
+    rc, err = _report(capsys, out)  # once it has finished, no note
+    assert rc == 0 and "another process" not in err + (out / "report.html").read_text()
+
+
+def test_an_unfinished_folder_being_written_names_the_process_not_a_rerun(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"kind": "experiment-run", "params": {"experiment": "table1"}}))
+    with _held_by_another_process(run):
+        err = _refused(capsys, run)
+    assert "is being written by another process now" in err
+    assert "report on it once that process has finished" in err and "this experiment has not finished" in err
+
+
+@pytest.mark.parametrize("parent_kind, run_path, command", [
+    ("experiment-run", "runs/vanilla-seed0",
+     "pretrain-reuse experiment table1 --config CONFIG --out {parent}"),
+    ("grid-run", "lr=0.01", "pretrain-reuse finetune ... --grid ... --out {parent}"),
+    (None, "run", "pretrain-reuse finetune ... --out {run}")])
+def test_an_unfinished_fine_tuning_run_names_the_command_that_resumes_it(
+        tmp_path, capsys, parent_kind, run_path, command):
+    # a run of an experiment or grid is resumed by that command, with the run's own settings
+    parent = tmp_path / "parent"
+    run = parent / run_path
+    run.mkdir(parents=True)
+    if parent_kind:
+        marker = {"kind": parent_kind, "params": {"experiment": "table1"}}
+        (parent / "run.json").write_text(json.dumps(marker))
+    (run / "run.json").write_text(json.dumps({"kind": "finetune-run", "params": {}}))
+    err = _refused(capsys, run)
+    assert "the run has not finished" in err
+    assert f"rerun `{command.format(parent=parent, run=run)}`" in err
+
+
+def test_an_unfinished_knowledge_analysis_says_so_and_names_its_rerun(tmp_path, capsys):
+    run = tmp_path / "analysis"
+    (run / "pretrained").mkdir(parents=True)
+    (run / "pretrained" / "explain.json").write_text(json.dumps({"kind": "explanations", "finished": True}))
+    err = _refused(capsys, run)
+    assert "this knowledge analysis has not finished (it has no knowledge.json yet); rerun its " \
+           "knowledge command with the same --out to resume it" in err

@@ -389,6 +389,26 @@ def lock_folder(out: Path, what: str) -> Path:
     return out
 
 
+def folder_in_use(folder: Path) -> bool:
+    """Whether another process holds the lock of ``folder`` (:func:`lock_folder`): a command is
+    writing there now. False where locks do not work (as :func:`lock_folder` leaves such folders
+    unlocked) and for a folder this process locked."""
+    key = Path(folder).resolve()
+    if key in _LOCKED or fcntl is None:
+        return False
+    try:
+        fd = os.open(key, os.O_RDONLY)
+    except OSError:
+        return False
+    try:  # a shared lock is granted unless someone holds the exclusive one; closing drops it
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+    finally:
+        os.close(fd)
+    return False
+
+
 def _process_rank() -> int:
     """This process's rank in a distributed job: its process group's where one is started (also
     by ``mp.spawn`` or ``srun``, which may set no ``RANK``), else torchrun's ``RANK``, else 0."""

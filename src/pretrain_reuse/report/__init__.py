@@ -27,12 +27,13 @@ import contextlib
 import html
 import io
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..artifacts import atomic_path, read_json
+from ..artifacts import atomic_path, folder_in_use, read_json
 from ..errors import PretrainReuseError, check_file
 from ..figures import subplots
 
@@ -180,6 +181,16 @@ def _experiment_command(run: Path) -> str:
     CONFIG stands for it)."""
     name = _params(run).get("experiment", "NAME")
     return f"pretrain-reuse experiment {name} --config CONFIG --out {run}"
+
+
+def _finetune_command(run: Path) -> str:
+    """The command that resumes the fine-tuning run in ``run``: the experiment's or the grid
+    search's it is a run of (which resume it with its own settings), else its finetune command."""
+    if run.parent.name == "runs" and _marker(run.parent.parent).get("kind") == "experiment-run":
+        return _experiment_command(run.parent.parent)
+    if _marker(run.parent).get("kind") == "grid-run":
+        return f"pretrain-reuse finetune ... --grid ... --out {run.parent}"
+    return f"pretrain-reuse finetune ... --out {run}"
 
 
 def _omitted(what: str, run: Path) -> str:
@@ -783,7 +794,7 @@ FINETUNE_REDO = "rerun its finetune command into a new --out and report on that 
 def _finetune_run_body(run: Path) -> list[str]:
     """A ``finetune`` run folder: its test and validation accuracy over training, its losses, the
     result at the last step and at the best validation evaluation, and its recipe."""
-    result = _run_result(run / "result.json", f"pretrain-reuse finetune ... --out {run}")
+    result = _run_result(run / "result.json", _finetune_command(run))
     history, final, best = result.history, result.final, result.at_best_val
     inputs = result.meta.get("inputs", {})
     given = [f"{key} <code>{_text(inputs[key])}</code>" for key in ("model", "target", "source")
@@ -846,27 +857,55 @@ def _grid_body(run: Path) -> list[str]:
 
 def build_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.html`` from the run's files (a demo, an experiment, a fine-tuning
-    run, a grid search or a knowledge analysis folder) and return its path."""
+    run, a grid search or a knowledge analysis folder) and return its path.
+
+    A folder a command is writing now (:func:`~pretrain_reuse.artifacts.folder_in_use`: a run,
+    or a rerun with more seeds or samples) is reported as it last finished, with a note saying
+    so; one that has not finished yet is refused, naming the running process, not a rerun (which
+    the lock would refuse)."""
     # absolute: the page (and the commands it names) do not depend on how the path was typed
     run = check_file("run folder", run_dir).resolve()
     if run.is_file():
         raise PretrainReuseError(f"{str(run)!r} is a file; pass the demo, experiment, fine-tuning "
                                  "run, grid or knowledge analysis folder that holds it")
+    busy = folder_in_use(run)
+    try:
+        body = _page_body(run)
+    except PretrainReuseError as e:
+        if not busy:
+            raise
+        raise PretrainReuseError(
+            f"{str(run)!r} is being written by another process now, and what it has finished so "
+            f"far cannot be reported ({e}); report on it once that process has finished") from None
+    if busy:
+        note = ("another process was writing this folder when this page was made (a run, or a "
+                "rerun with more seeds or samples): the page shows what had finished by then; "
+                "run report again once it has finished")
+        warnings.warn(f"{str(run)!r}: {note}", stacklevel=2)
+        body.insert(1, f'<p class="note">Note: {html.escape(note)}.</p>')
+    out = run / "report.html"
+    with atomic_path(out) as tmp:
+        tmp.write_text(_page(body))
+    return out
+
+
+def _page_body(run: Path) -> list[str]:
+    """The page of the folder ``run``: a list of HTML fragments, its title first."""
     if (run / "experiment.json").exists():
         with _reading(run / "experiment.json", EXPERIMENT_REDO):
             body = _experiment_body(run)
-        return _write_page(run, body)
+        return body
     if (run / "grid.json").exists():
         with _reading(run / "grid.json", FINETUNE_REDO):
-            return _write_page(run, _grid_body(run))
+            return _grid_body(run)
     if (run / "sensitivity.json").exists():
         with _reading(run / "sensitivity.json", KNOWLEDGE_REDO):
-            return _write_page(run, _sensitivity_body(run))
+            return _sensitivity_body(run)
     kind = _marker(run).get("kind")
     # a fine-tuning run by its marker, or by its result (a corrupt result.json is named as such)
     if kind == "finetune-run" or (kind is None and (run / "result.json").exists()):
         with _reading(run / "result.json", FINETUNE_REDO):
-            return _write_page(run, _finetune_run_body(run))
+            return _finetune_run_body(run)
     if kind == "sensitivity-run":  # likewise
         raise PretrainReuseError(f"{str(run)!r}: this knowledge sensitivity analysis has not "
                                  "finished (it has no sensitivity.json yet); rerun its knowledge "
@@ -879,9 +918,15 @@ def build_report(run_dir: str | Path) -> Path:
     if not summary_path.exists() and kind is None:
         if (run / "knowledge.json").exists():
             with _reading(run / "knowledge.json", KNOWLEDGE_REDO):
-                return _write_page(run, _knowledge_body(run))
+                return _knowledge_body(run)
         if (run / "explain.json").exists():
             raise _explain_folder(run)
+        from ..knowledge.analysis import ROLES
+
+        if any((run / role / "explain.json").is_file() for role in ROLES):
+            raise PretrainReuseError(f"{str(run)!r}: this knowledge analysis has not finished (it "
+                                     "has no knowledge.json yet); rerun its knowledge command "
+                                     "with the same --out to resume it")
     if not summary_path.exists() and kind in ("demo-run", "experiment-run"):
         what, command = (("demo", _demo_command(run)) if kind == "demo-run" else
                          ("experiment", _experiment_command(run)))
@@ -912,7 +957,7 @@ def build_report(run_dir: str | Path) -> Path:
         body.append(_demo_sensitivity_section(run))
     with _reading(summary_path, DEMO_REDO):
         body.append(_parameters_section(run, summary))
-    return _write_page(run, body)
+    return body
 
 
 def _knowledge_body(run: Path) -> list[str]:
@@ -1049,10 +1094,6 @@ def _explain_folder(run: Path) -> PretrainReuseError:
         "knowledge), demo, experiment, fine-tuning run or grid folder")
 
 
-def _write_page(run: Path, body: list[str]) -> Path:
-    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>pretrain-reuse report</title>"
+def _page(body: list[str]) -> str:
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>pretrain-reuse report</title>"
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
-    out = run / "report.html"
-    with atomic_path(out) as tmp:
-        tmp.write_text(page)
-    return out
