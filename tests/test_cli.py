@@ -156,6 +156,19 @@ def test_select_uot_writes_top_k_selection_scores_params_and_meta(capsys, data):
     assert {f for f in files_under(data.root) if not f.startswith("in")} == {"sel.json"}
 
 
+def test_file_suffixes_in_upper_case_are_read_and_written_as_lower_case_ones(capsys, data):
+    # files named on Windows or by cameras: S.NPY is the prototype matrix that S.npy is
+    upper = data.inp / "UPPER"
+    upper.mkdir()
+    for name in ("S", "T"):
+        shutil.copy(data.inp / f"{name}.npy", upper / f"{name}.NPY")
+    run_ok(capsys, *select_args(data, "--k", "10"))
+    run_ok(capsys, "select", "--source", upper / "S.NPY", "--target", upper / "T.NPY",
+           "--k", "10", "--out", upper / "SEL.JSON")
+    assert read_sel(upper / "SEL.JSON")["selected"] == read_sel(data.out)["selected"]
+    assert list(load(upper / "SEL.JSON").selected) == read_sel(data.out)["selected"]
+
+
 def test_a_single_process_verb_under_torchrun_is_refused_before_any_work(capsys, data,
                                                                          monkeypatch):
     # every torchrun process would select into the same file; embed and finetune share the work

@@ -508,6 +508,18 @@ def test_save_backbone_round_trip_restores_features_logits_and_preprocessing(
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".bb")) == []
 
 
+def test_weights_named_in_upper_case_load_as_safetensors(tmp_path):
+    # MODEL.SAFETENSORS is read by its header (it was taken for a torch pickle and refused)
+    torch.manual_seed(0)
+    net = create_backbone("smallcnn", num_classes=3)
+    path = save_backbone(net, tmp_path / "MODEL.SAFETENSORS", {"params": {"mode": "vanilla"}})
+    back = create_backbone("smallcnn", weights=path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), net(x))
+    assert weights_meta(path) == {"params": {"mode": "vanilla"}}
+
+
 def test_saved_preprocessing_is_restored_under_another_name_of_the_same_model(
         tmp_path, user_module, monkeypatch):
     # saved as python:<file>:build at 40 px, loaded as python:<module>:build: the input size

@@ -572,7 +572,7 @@ def check_output_file(path: str | Path, suffix: str, artifact: str) -> Path:
     if path.is_dir():
         raise PretrainReuseError(f"output {str(path)!r} is a folder; pass a file path ending in "
                                  f"{suffix}, such as a new file name inside it")
-    if path.suffix != suffix:
+    if path.suffix.lower() != suffix:
         raise PretrainReuseError(f"{artifact} files are saved as {suffix}, got {str(path)!r}; pass "
                                  f"a path ending in {suffix}")
     _refuse_file_on_the_way(path)
@@ -595,7 +595,7 @@ def refuse_foreign(path: str | Path, artifact: str) -> None:
     path = Path(path)
     if not path.is_file():
         return
-    found = _safetensors_artifact(path) if path.suffix == ".safetensors" else _json_entry(path)
+    found = _safetensors_artifact(path) if path.suffix.lower() == ".safetensors" else _json_entry(path)
     if found != artifact:
         raise PretrainReuseError(
             f"{str(path)!r} exists and is not {_a(artifact)} file; choose another output path")
@@ -675,7 +675,7 @@ def load(path: str | Path, *, what: str = "path", lazy: bool = False):
             raise PretrainReuseError(_what_folder(p))
         return FeatureStore.load(p.parent if p.name == "index.json" else p, lazy=lazy)
     kind = None
-    if p.suffix == ".safetensors":
+    if p.suffix.lower() == ".safetensors":
         header = safetensors_header(p)
         if header is None:
             raise PretrainReuseError(f"{str(p)!r} is not a readable safetensors file (cut short or "
@@ -685,15 +685,15 @@ def load(path: str | Path, *, what: str = "path", lazy: bool = False):
         from .knowledge.values import Interactions
 
         return Interactions.load(p)
-    if p.suffix == ".npy" or (p.suffix == ".safetensors" and kind in (None, "units")):
+    if p.suffix.lower() == ".npy" or (p.suffix.lower() == ".safetensors" and kind in (None, "units")):
         from .units import Units
 
         return Units.load(p)  # None: unreadable, and Units.load says how
-    if p.suffix == ".safetensors":
+    if p.suffix.lower() == ".safetensors":
         weights = "; model weights load with create_backbone(name, weights=path)"
         raise PretrainReuseError(f"{str(p)!r} holds a {kind}, not an artifact to load; {OPENS}"
                                  + (weights if kind == "backbone" else ""))
-    if p.suffix == ".json":
+    if p.suffix.lower() == ".json":
         kind = _json_entry(p)
         if kind in JSON_ARTIFACTS:
             module, name = JSON_ARTIFACTS[kind]

@@ -159,7 +159,7 @@ def _load_data(path: str, labels: str | None, what: str, class_names: list[str] 
             f"--{what} {path!r} is an image data set; embed it first (`pretrain-reuse embed "
             f"--data {path} --out STORE`) and pass the store")
     if labels is not None:
-        if not path.endswith(".npy"):
+        if not path.lower().endswith(".npy"):
             raise PretrainReuseError(
                 f"labels were given for --{what} {path!r}, but they apply to .npy features only"
             )
@@ -197,7 +197,7 @@ def load_units_arg(path: str, labels: str | None, class_names: str | None, what:
     if isinstance(obj, Units):
         return obj
     if obj.labels is None:
-        labels_fix = f" or pass --{what}-labels" if path.endswith(".npy") else ""
+        labels_fix = f" or pass --{what}-labels" if path.lower().endswith(".npy") else ""
         raise PretrainReuseError(
             f"--{what} {path!r} holds unlabelled features; build units first "
             f"(`pretrain-reuse units --method kmeans`){labels_fix}")
@@ -291,7 +291,7 @@ def cmd_units(args) -> int:
 
     check_output_file(args.out, ".safetensors", "units")  # before minutes of clustering
     names = _read_class_names(args.class_names) if args.class_names is not None else None
-    if args.features.endswith(".npy"):  # here a .npy always holds per-sample features
+    if args.features.lower().endswith(".npy"):  # here a .npy always holds per-sample features
         # names at once: labels that are names are numbered by them, not renamed afterwards
         store = FeatureStore.from_npy(args.features, args.labels, class_names=names)
     else:
@@ -312,7 +312,7 @@ def cmd_units(args) -> int:
             raise PretrainReuseError("--device applies to --method kmeans only; class means "
                                      "are computed on the CPU: drop it")
         units = class_means(store, normalize=args.normalize, progress=not args.quiet)
-        if names is not None and not args.features.endswith(".npy"):
+        if names is not None and not args.features.lower().endswith(".npy"):
             units = _with_data_names(units, data_names)
     else:
         ignored = [flag for flag, value in (("--labels", args.labels),

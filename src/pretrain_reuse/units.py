@@ -170,7 +170,7 @@ class Units(ValueEquality):
     def load(cls, path: str | Path) -> Units:
         """Read a units ``.safetensors`` file, or a ``.npy`` prototype matrix."""
         p = check_file("units", path)
-        if p.suffix == ".npy":
+        if p.suffix.lower() == ".npy":
             protos = load_npy("units", p)
             check_matrix(f"prototypes in {p.name}", protos)
             return cls(prototypes=protos, kind="prototypes",

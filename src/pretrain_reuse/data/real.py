@@ -49,7 +49,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     sizes; then the data in C order.
     """
     p = Path(path)
-    opener = gzip.open if p.suffix == ".gz" else open
+    opener = gzip.open if p.suffix.lower() == ".gz" else open
     try:
         with opener(p, "rb") as fh:
             raw = fh.read()

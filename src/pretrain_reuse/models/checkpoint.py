@@ -90,7 +90,7 @@ def _read_weights(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise PretrainReuseError(
             f"weights file {str(p)!r} {what}; pass the path of a .safetensors file or a torch "
             "state dict (.pt/.pth/.pth.tar) of this architecture")
-    if p.suffix == ".safetensors":
+    if p.suffix.lower() == ".safetensors":
         state, header = read_safetensors(p, "weights file", "re-download or re-save it", framework="pt")
         if header.get("artifact") == "checkpoint":  # finetune's resume state, not a model's weights
             raise PretrainReuseError(
@@ -321,7 +321,7 @@ def weights_hash(path: str | Path) -> str:
     written (:func:`save_backbone`'s ``meta``), so the same weights saved again hash the same;
     of any other file (or a ``.safetensors`` one whose header cannot be read) its bytes."""
     p = Path(path)
-    if p.suffix != ".safetensors":
+    if p.suffix.lower() != ".safetensors":
         return hash_file(p)
     with open(p, "rb") as fh:
         # the format: an 8-byte little-endian header length, the JSON header, the data; a length
@@ -386,7 +386,7 @@ def weights_meta(path: Path) -> dict[str, Any]:
     """The ``meta`` a ``.safetensors`` weights file records (a fine-tuned model: the run's
     ``params``, with its ``mode``; a fine-tuning snapshot: its ``step`` and ``run``); empty for
     other files and for a header without a readable meta."""
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() != ".safetensors":
         return {}
     try:
         meta = json.loads((safetensors_header(path) or {}).get("meta", "{}"))
