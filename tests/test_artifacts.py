@@ -1020,6 +1020,16 @@ def test_an_edited_result_json_is_one_line_naming_the_field(tmp_path, edit, fiel
         RunResult.load(tmp_path / "result.json")
 
 
+def test_units_own_their_prototypes_and_assignment():
+    # as a Selection: the caller's arrays changed afterwards changed the units' counts and the
+    # prototypes select would rank
+    protos, assign = np.eye(3, dtype=np.float32), np.array([0, 1, 1, 2])
+    units = Units(protos, kind="class", assignment=assign, sample_ids=["a", "b", "c", "d"])
+    protos[0, 0], assign[:] = 9.0, 0
+    assert units.prototypes[0, 0] == 1.0 and units.counts.tolist() == [1, 2, 1]
+    assert not units.prototypes.flags.writeable and not units.assignment.flags.writeable
+
+
 def test_a_selection_checks_its_names_and_counts_and_owns_its_scores(tmp_path):
     # names or counts of another length raised IndexError in save() or top(); the caller's
     # scores changed afterwards changed the ranking but not the selection

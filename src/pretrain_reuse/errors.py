@@ -59,6 +59,14 @@ def as_array(name: str, x) -> np.ndarray:
                                  "length); pass a NumPy array or a torch tensor") from None
 
 
+def frozen_copy(x: np.ndarray, dtype=None) -> np.ndarray:
+    """A read-only copy of ``x`` (as ``dtype``), for the arrays of a result object: the object
+    is a value, which the caller's array changed later must not change."""
+    out = np.array(x, dtype=dtype, copy=True)
+    out.setflags(write=False)
+    return out
+
+
 def check_matrix(name: str, x, *, ndim: int = 2, finite: bool = True) -> np.ndarray:
     """``x`` as a NumPy array (:func:`as_array`), after checking that it has ``ndim``
     dimensions, real numbers, at least one row, and (optionally) no NaN/inf."""

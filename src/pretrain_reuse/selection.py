@@ -42,6 +42,7 @@ from .errors import (
     check_device,
     check_positive,
     check_seed,
+    frozen_copy,
     is_integer,
     is_number,
     lookup,
@@ -121,12 +122,6 @@ class SelectConfig:
                 f"not of {self.method!r}; pass method='label' (--method label), or drop them")
 
 
-def _frozen(a: np.ndarray) -> np.ndarray:
-    """``a`` (a copy the object owns), read-only: a Selection is a value."""
-    a.setflags(write=False)
-    return a
-
-
 def _check_k(k) -> int | float:
     """``k`` as an int (a number of units >= 1) or a float (a share of the source samples in
     (0, 1]), NumPy numbers included."""
@@ -189,7 +184,7 @@ class Selection(ValueEquality):
                 f"{'NaN' if scores.dtype.kind in 'biuf' and scores.ndim == 1 else scores.dtype} "
                 f"in shape {scores.shape}")
         # a copy of its own: the caller's array changed later would unmake the ranking
-        object.__setattr__(self, "scores", _frozen(scores.astype(np.float64)))
+        object.__setattr__(self, "scores", frozen_copy(scores, np.float64))
         object.__setattr__(self, "selected", _integer_ids("selected", self.selected))
         n = len(self.scores)
         edited = "a selection file that says so was edited or is corrupt: run select again"
@@ -209,7 +204,7 @@ class Selection(ValueEquality):
             if counts.shape != (n,) or counts.dtype.kind not in "iu" or (counts < 0).any():
                 raise PretrainReuseError(f"counts must be one sample count (an integer >= 0) per "
                                          f"source unit ({n}); {edited}")
-            object.__setattr__(self, "counts", _frozen(counts.astype(np.int64)))
+            object.__setattr__(self, "counts", frozen_copy(counts, np.int64))
         if not len(self.selected):  # select keeps k >= 1 units
             raise PretrainReuseError("the selection selects no unit (an empty 'selected'); a "
                                      "selection file that says so was edited or is corrupt: run "

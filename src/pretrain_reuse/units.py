@@ -45,6 +45,7 @@ from .errors import (
     check_matrix,
     check_seed,
     check_strings,
+    frozen_copy,
     is_integer,
     refuse_path,
 )
@@ -77,7 +78,8 @@ class Units(ValueEquality):
 
     def __post_init__(self):
         check_choice("kind", self.kind, KINDS)
-        object.__setattr__(self, "prototypes", check_matrix("prototypes", self.prototypes))
+        # copies of its own, as a Selection's: the caller's arrays changed later would change it
+        object.__setattr__(self, "prototypes", frozen_copy(check_matrix("prototypes", self.prototypes)))
         if self.names is not None:
             object.__setattr__(self, "names", check_strings("unit names", self.names))
             if len(self.names) != len(self):
@@ -98,7 +100,7 @@ class Units(ValueEquality):
                 raise PretrainReuseError(
                     f"assignment refers to unit {bad} but the units are 0..{len(self) - 1} (-1: none)")
             check_unique_ids(self.sample_ids)
-            object.__setattr__(self, "assignment", a)
+            object.__setattr__(self, "assignment", frozen_copy(a))
 
     def __len__(self) -> int:
         return self.prototypes.shape[0]
