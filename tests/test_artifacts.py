@@ -981,6 +981,26 @@ def test_result_objects_compare_by_value_and_their_round_trips_compare_equal(tmp
         assert load(path) == result, type(result).__name__
 
 
+def test_results_that_differ_only_in_when_they_were_made_compare_equal():
+    # the same seeded computation a second later was unequal by meta.created (and a run by its
+    # train_seconds), so a reproducibility check passed or failed by the clock
+    from dataclasses import replace
+
+    from pretrain_reuse.experiments import ExperimentTable
+    from pretrain_reuse.finetune import RunResult
+
+    meta = make_meta("test", {"k": 2}, seed=0)
+    sel = Selection(selected=[1], scores=np.array([0., 1.]), params={}, meta=meta)
+    run = RunResult({"mode": "vanilla"}, [], {"step": 4, "top1": .4}, {"step": 4, "top1": .4},
+                    {**meta, "train_seconds": 3.2})
+    table = ExperimentTable("table1", [{"method": "vanilla", "top1_mean": .5}], None, {}, meta)
+    later = {**meta, "created": "2030-01-01T00:00:00+00:00"}
+    for result in (sel, run, table):
+        assert replace(result, meta={**later, "train_seconds": 9.9}) == result, type(result).__name__
+        assert replace(result, meta={**later, "seed": 1}) != result, type(result).__name__
+    assert replace(run, final={"step": 4, "top1": .5}) != run
+
+
 def test_result_savers_and_loaders_refuse_a_folder_or_another_suffix_in_one_line(tmp_path):
     # a folder gave IsADirectoryError (the JSON loaders) or "is corrupt ... No such device"
     # (safetensors); a knowledge result saved without .json could not be loaded by load()

@@ -235,17 +235,31 @@ def to_json(obj: Any) -> str:
             "strings, lists and dicts only") from None
 
 
+#: Entries of a metadata block that say when a result was made and how long it took, not what
+#: was computed: two runs of the same seed differ there, and ``==`` leaves them out.
+CIRCUMSTANTIAL_META = ("created", "train_seconds")
+
+
 class ValueEquality:
     """``==`` by value for a dataclass with array fields (declared with ``eq=False``, so that
     the generated ``__eq__``, which cannot compare arrays, is not made): fields are equal as
-    :func:`same_values` says. Such objects are not hashable, as they compare by value."""
+    :func:`same_values` says, a ``meta`` field less its :data:`CIRCUMSTANTIAL_META` (the same
+    computation repeated a second later is equal). Such objects are not hashable, as they
+    compare by value."""
 
     __hash__ = None
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
             return NotImplemented
-        return all(same_values(getattr(self, f.name), getattr(other, f.name))
+
+        def value(obj, name: str):
+            x = getattr(obj, name)
+            if name == "meta" and isinstance(x, dict):
+                return {k: v for k, v in x.items() if k not in CIRCUMSTANTIAL_META}
+            return x
+
+        return all(same_values(value(self, f.name), value(other, f.name))
                    for f in dataclasses.fields(self))
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..artifacts import atomic_path, read_json, require_keys, write_json
+from ..artifacts import ValueEquality, atomic_path, read_json, require_keys, write_json
 from ..errors import PretrainReuseError
 from ..figures import save_png, subplots
 from .config import slug
@@ -49,8 +49,8 @@ def correlation_title(corrupted: bool) -> str:
     return f"Knowledge ratios against {'accuracy on corrupted test data' if corrupted else 'test accuracy'}"
 
 
-@dataclass(frozen=True)
-class ExperimentTable:
+@dataclass(frozen=True, eq=False)
+class ExperimentTable(ValueEquality):
     """The results of one experiment: one dict per row with the keys of ``COLUMNS``
     (accuracies None for selection-only rows, recall None without ``relevant``)."""
 

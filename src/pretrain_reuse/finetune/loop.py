@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..artifacts import (
+    ValueEquality,
     atomic_path,
     check_output_file,
     hash_file,
@@ -41,7 +43,7 @@ from ..artifacts import (
     to_json,
     write_json,
 )
-from ..data.datasets import ImageDataset, describe_skipped, inputs_to, unread_classes
+from ..data.datasets import DataWarning, ImageDataset, describe_skipped, inputs_to, unread_classes
 from ..data.text import TextDataset
 from ..distributed import (
     bf16_autocast,
@@ -66,8 +68,8 @@ CHECKPOINT = "checkpoint.safetensors"
 READ_EVERY = 10
 
 
-@dataclass(frozen=True)
-class RunResult:
+@dataclass(frozen=True, eq=False)
+class RunResult(ValueEquality):
     """What a fine-tuning run reports. Test accuracy is given twice, honestly labelled:
     ``final`` at the last step, and ``at_best_val`` at the evaluation with the best validation
     top-1 (model selection never looks at the test split).
@@ -412,21 +414,21 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset | T
     for what, data in streams.items():
         # warnings, not notes: --quiet must not hide that the data is not what was meant
         if skipped[what] and rank == 0:
-            print(f"warning: {what} data: {describe_skipped(data, skipped[what])} (left out of "
-                  "training)", file=sys.stderr)
+            warnings.warn(f"{what} data: {describe_skipped(data, skipped[what])} (left out of "
+                          "training)", DataWarning, stacklevel=2)
             lost = unread_classes(data, skipped[what])
             if lost and what == "target training":
-                print(f"warning: no training image of {len(lost)} class(es) could be read "
-                      f"({preview(lost)}): their outputs were never trained; repair or replace "
-                      "their images", file=sys.stderr)
+                warnings.warn(f"no training image of {len(lost)} class(es) could be read "
+                              f"({preview(lost)}): their outputs were never trained; repair or "
+                              "replace their images", DataWarning, stacklevel=2)
     for what, key, data in (("validation", "val", val_set), ("test", "test", test_set)):
         unread = len(data) - history[-1][key]["n"] if history else 0
         if unread and rank == 0:
             # named as the training data's are; found again by reading (rare: only when some
             # image failed), as the evaluations keep counts, not positions
             missing = [i for i in range(len(data)) if data.load(i) is None]
-            print(f"warning: {what} data: {describe_skipped(data, missing)} (left out of its "
-                  "accuracy)", file=sys.stderr)
+            warnings.warn(f"{what} data: {describe_skipped(data, missing)} (left out of its "
+                          "accuracy)", DataWarning, stacklevel=2)
     if rank == 0:
         result = _result(cfg, history, inputs, seconds_before + time.perf_counter() - t0)
         # the fine-tuned network as a backbone whose head is the target classifier, loadable by
