@@ -76,6 +76,16 @@ def test_the_same_generator_seed_gives_the_same_corruption():
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
 
 
+@pytest.mark.parametrize("name", ["gaussian-noise", "shot-noise", "impulse-noise"])
+def test_an_image_is_corrupted_alike_in_batches_of_any_size_on_the_cpu(name):
+    # impulse noise drew its two uniforms as (2, B, ...): 6 images as 2 + 4 came out otherwise
+    x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    whole = corrupt(x, name, 3, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    parts = torch.cat([corrupt(x[:2], name, 3, generator=g), corrupt(x[2:], name, 3, generator=g)])
+    assert torch.equal(whole, parts)
+
+
 @pytest.mark.parametrize("text", ["fog:3", "gaussian-noise", "gaussian-noise:0", "contrast:6",
                                   "contrast:x", ":3"])
 def test_a_corruption_that_is_not_name_and_severity_is_one_line(text):

@@ -876,6 +876,20 @@ def test_unreadable_training_images_are_reported_and_a_batch_of_only_them_is_an_
     assert "c1/zz-broken.png" in err
 
 
+def test_unreadable_images_are_a_data_warning_in_the_python_api(tmp_path):
+    # they were printed to stderr, which warnings.catch_warnings and filters could not see
+    from pretrain_reuse.data.datasets import DataWarning
+    from pretrain_reuse.finetune import FinetuneConfig, finetune_datasets
+
+    root = Path(_with_a_broken_image(tmp_path)[4])
+    cfg = FinetuneConfig(mode="vanilla", epochs=1, batch_size=4, val_fraction=0)
+    with pytest.warns(DataWarning) as caught:
+        finetune_datasets(cfg, model="smallcnn-s", train_pool=open_dataset(str(root)),
+                          test_set=open_dataset(str(tmp_path / "test")), out=tmp_path / "run",
+                          progress=False)
+    assert [str(w.message).split(":")[0] for w in caught] == ["target training data", "test data"]
+
+
 def test_a_class_whose_training_images_all_fail_is_warned_of(tmp_path, capsys):
     # its images were counted among the unreadable ones, but that the class was never trained
     # went unsaid
@@ -2665,6 +2679,28 @@ def test_evaluate_gives_the_model_back_in_the_train_or_eval_mode_it_came_in(monk
     with pytest.raises(KeyboardInterrupt):
         evaluate.evaluate_model(net, data)
     assert [m.training for m in net.modules()] == modes
+
+
+def test_evaluate_matches_the_classes_a_model_records_by_name_unless_told_otherwise(tmp_path):
+    # the Python call scored a fine-tuned model by output position unless given its names,
+    # where the evaluate command matched them by name: 0.01 against 0.31 in an audit
+    from pretrain_reuse.finetune.evaluate import evaluate_model
+    from pretrain_reuse.models import save_backbone
+
+    torch.manual_seed(0)
+    path = save_backbone(create_backbone("smallcnn", num_classes=2), tmp_path / "m.safetensors",
+                         {"inputs": {"class_names": json.dumps(["b", "a"])}})
+    net = create_backbone("smallcnn", weights=path)
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    data = ArrayDataset(images, np.array([0, 1] * 4), class_names=["a", "b"])
+    recorded = evaluate_model(net, data)
+    assert recorded["classes_matched_by"] == "name"
+    assert recorded == evaluate_model(net, data, class_names=["b", "a"])
+    by_position = evaluate_model(net, data, class_names=None)
+    assert by_position["classes_matched_by"] == "position"
+    assert by_position["top1"] == pytest.approx(1 - recorded["top1"])  # two classes, swapped
+    with pytest.raises(PretrainReuseError, match="class_names"):
+        evaluate_model(net, data, class_names="names")
 
 
 def test_evaluate_refuses_class_names_of_another_number_than_the_outputs():

@@ -232,6 +232,10 @@ def test_sample_recall_needs_units_with_members_and_a_pool_sample_of_a_relevant_
                   sample_ids=["a", "b"])
     with pytest.raises(PretrainReuseError, match="the selection scores 2 units but units has 3"):
         sel.sample_recall(other, [0, 1], [0])
+    # relevant first, as recall takes it: a raw AttributeError on a list
+    with pytest.raises(PretrainReuseError, match=r"units must be the Units the selection was made "
+                                                 r"on, got list; call sample_recall\(units, labels"):
+        sel.sample_recall([0], units, [0, 1])
 
 
 def test_the_plot_and_select_many_refuse_what_recall_and_select_refuse():
@@ -529,6 +533,8 @@ def test_recall_refuses_ids_that_are_not_integers(relevant, needle):
     with pytest.raises(PretrainReuseError, match=needle):
         sel.recall(relevant)
     assert sel.recall({3, np.int64(4)}) == 0.5
+    # ids as NumPy arrays and torch tensors (a tensor was refused as "got tensor(0)")
+    assert sel.recall(np.array([3, 4])) == sel.recall(torch.tensor([3, 4])) == 0.5
 
 
 def test_repr_of_a_large_named_selection_is_a_one_line_summary():

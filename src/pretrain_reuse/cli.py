@@ -953,7 +953,6 @@ def cmd_evaluate(args) -> int:
     from .features import hash_ids
     from .finetune.evaluate import evaluate_model
     from .knowledge.explain import data_path
-    from .models import output_class_names
     from .models.checkpoint import weights_hash
 
     if args.out:
@@ -964,8 +963,7 @@ def cmd_evaluate(args) -> int:
         parse_corruption(args.corruption)
     model = _classifier(args.model, args.weights, "--weights", args.quiet)
     data, split = _explain_data(args)
-    scores = evaluate_model(model, data, class_names=output_class_names(model, data.class_names),
-                            batch_size=args.batch_size, device=args.device, workers=args.workers,
+    scores = evaluate_model(model, data, batch_size=args.batch_size, device=args.device, workers=args.workers,
                             corruption=args.corruption, seed=args.seed, progress=not args.quiet)
     where = f"{args.data}" + (f" ({split})" if split else "") + (
         f" corrupted by {args.corruption} (seed {args.seed})" if args.corruption else "")

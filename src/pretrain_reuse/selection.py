@@ -138,7 +138,9 @@ def _check_k(k) -> int | float:
 
 
 def _integer_ids(name: str, ids) -> list[int]:
-    """``ids`` (a list, tuple, set or array of integers) as a list of ints."""
+    """``ids`` (a list, tuple, set, NumPy array or torch tensor of integers) as a list of ints."""
+    if hasattr(ids, "tolist"):  # an array or tensor: its elements as Python numbers
+        ids = ids.tolist()
     if isinstance(ids, str) or not isinstance(ids, Iterable):
         raise PretrainReuseError(f"{name} must be a list of integer ids, got {ids!r}")
     ids = list(ids)
@@ -262,6 +264,10 @@ class Selection(ValueEquality):
         """Share of the samples of the ``relevant`` classes that the selected ``units`` bring:
         the recall of unlabelled units (clusters), whose ids are not classes. ``labels`` are the
         pool's class labels, in the order of ``units.assignment``."""
+        if not isinstance(units, Units):  # recall takes relevant first: an easy slip
+            raise PretrainReuseError(f"units must be the Units the selection was made on, got "
+                                     f"{type(units).__name__}; call sample_recall(units, labels, "
+                                     "relevant)")
         if units.assignment is None:
             raise PretrainReuseError("sample recall needs units that record their members "
                                      "(a Units file from class means or k-means)")

@@ -394,7 +394,6 @@ def _knowledge_analysis(ws: Workspace, rows: list[Row], table: list[dict]) -> di
     from ..finetune.evaluate import evaluate_model
     from ..knowledge.analysis import analyze_knowledge, load_analysis
     from ..knowledge.metrics import accuracy_correlation, knowledge_report, set_ablation
-    from ..models import output_class_names
 
     cfg = ws.cfg
     by_method = {r.method: r for r in rows}
@@ -440,8 +439,7 @@ def _knowledge_analysis(ws: Workspace, rows: list[Row], table: list[dict]) -> di
                 net = create_backbone(cfg.model, weights=str(_model_file(files["finetuned"])))
                 test = ws.data("test")
                 corrupted.append(evaluate_model(
-                    net, test, class_names=output_class_names(net, test.class_names),
-                    device=ws.run_config(row, seed).device, corruption=cfg.corruption,
+                    net, test, device=ws.run_config(row, seed).device, corruption=cfg.corruption,
                     seed=seed)["top1"])
             models.append(f"{row.pretraining} seed {seed}")
         entry.update({k: _mean(v) for k, v in means.items()})

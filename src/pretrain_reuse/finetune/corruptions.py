@@ -22,7 +22,8 @@ of the ImageNet-C code at severities 1-5 (:data:`CORRUPTIONS`):
   with the input, the same severity blurs the same share of the image [our choice].
 
 Every result is clipped to [0, 1]. The random corruptions draw from ``generator`` (seeded by the
-caller), so the same seed and batches give the same corrupted images.
+caller), so the same seed and batches give the same corrupted images; on the CPU, the same
+images in batches of any size.
 """
 
 from __future__ import annotations
@@ -69,8 +70,11 @@ def corrupt(images: torch.Tensor, name: str, severity: int, *,
     elif name == "shot-noise":
         x = torch.poisson(x.clamp(0, 1) * c, generator=generator) / c
     elif name == "impulse-noise":
-        draw = torch.rand((2, *x.shape), generator=generator, device=x.device, dtype=x.dtype)
-        x = torch.where(draw[0] < c, (draw[1] < 0.5).to(x.dtype), x)
+        # each image's two draws in a row, so that on the CPU an image is corrupted alike
+        # whatever batch it is in (as the other noises, which draw one value per pixel)
+        draw = torch.rand((x.shape[0], 2, *x.shape[1:]), generator=generator, device=x.device,
+                          dtype=x.dtype)
+        x = torch.where(draw[:, 0] < c, (draw[:, 1] < 0.5).to(x.dtype), x)
     elif name == "contrast":
         m = x.mean(dim=(2, 3), keepdim=True)
         x = (x - m) * c + m

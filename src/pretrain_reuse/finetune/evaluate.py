@@ -14,8 +14,8 @@ from tqdm.auto import tqdm
 
 from ..data.datasets import ImageDataset, inputs_to, labels_by_name, make_loader, require_labels
 from ..data.text import TextDataset
-from ..errors import PretrainReuseError, check_device, check_seed, preview
-from ..models import Backbone
+from ..errors import PretrainReuseError, check_choice, check_device, check_seed, preview
+from ..models import Backbone, output_class_names
 from ..units import class_count
 from .augment import View, input_size
 from .corruptions import corrupt, parse_corruption
@@ -77,7 +77,8 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 
 def evaluate_model(model: Backbone, data: ImageDataset | TextDataset, *,
-                   class_names: list[str] | None = None, batch_size: int = 256, device: str = "cpu",
+                   class_names: list[str] | str | None = "recorded", batch_size: int = 256,
+                   device: str = "cpu",
                    workers: int = 0, corruption: str | None = None, seed: int = 0,
                    progress: bool = False) -> dict:
     """Top-1 and mean per-class accuracy of the classifier ``model`` on the labelled images
@@ -90,8 +91,12 @@ def evaluate_model(model: Backbone, data: ImageDataset | TextDataset, *,
             or a Hugging Face sequence classifier (``hf:<folder>``).
         data: labelled images (:func:`~pretrain_reuse.data.open_dataset`), or labelled sentences
             (:func:`~pretrain_reuse.data.text.text_file`) for a text classifier.
-        class_names: the names of the model's outputs (output i = class i; a fine-tuned model
-            records them); the data's labels are then matched by name.
+        class_names: the names of the model's outputs (output i = class i), by which the data's
+            labels are matched; ``"recorded"`` (default): those the model records, as the
+            ``evaluate`` command takes them (:func:`~pretrain_reuse.models.output_class_names`:
+            the classes a ``finetune`` model was trained on, or a Hugging Face classifier's
+            ``id2label`` that names one of the data's classes), else by position; None: by
+            position (the data's class i is output i).
         batch_size, device, workers: inference settings; the model is moved to ``device``
             (and stays there), evaluated in eval mode and left in the train/eval mode it came in.
         corruption: ``"NAME:SEVERITY"``, e.g. ``"gaussian-noise:3"``: score the images corrupted
@@ -129,6 +134,9 @@ def evaluate_model(model: Backbone, data: ImageDataset | TextDataset, *,
     if corruption is not None:
         name, severity = parse_corruption(corruption)
     seed = check_seed("seed", seed)
+    if isinstance(class_names, str):
+        check_choice("class_names", class_names, ("recorded",))
+        class_names = output_class_names(model, data.class_names)
     if class_names is not None and len(class_names) != model.num_classes:
         raise PretrainReuseError(f"class_names names {len(class_names)} classes but the model has "
                                  f"{model.num_classes} outputs; pass one name per output")
