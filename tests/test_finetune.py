@@ -888,6 +888,7 @@ def test_unreadable_images_are_a_data_warning_in_the_python_api(tmp_path):
                           test_set=open_dataset(str(tmp_path / "test")), out=tmp_path / "run",
                           progress=False)
     assert [str(w.message).split(":")[0] for w in caught] == ["target training data", "test data"]
+    assert all(w.filename == __file__ for w in caught)  # named where the caller called
 
 
 def test_a_class_whose_training_images_all_fail_is_warned_of(tmp_path, capsys):

@@ -286,9 +286,10 @@ def test_every_method_selects_for_a_target_what_it_selects_for_it_alone(world, m
 
 def test_an_unfinished_uot_solve_is_warned_of_with_its_fix(world):
     _, source, target = world
-    with pytest.warns(UserWarning, match=r"did not converge in 2 iterations .*raise max_iter"):
+    with pytest.warns(UserWarning, match=r"did not converge in 2 iterations .*raise max_iter") as caught:
         sel = select(source, target, SelectConfig(k=5, max_iter=2))
     assert sel.meta["solver"]["converged"] is False
+    assert caught[0].filename == __file__  # the caller's line, not select_many's inside select
     t1 = Units(prototypes=target.prototypes[:7])
     with pytest.warns(UserWarning) as caught:
         select_many(source, [t1, target], SelectConfig(k=5, max_iter=2))

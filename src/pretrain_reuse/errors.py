@@ -59,6 +59,20 @@ def as_array(name: str, x) -> np.ndarray:
                                  "length); pass a NumPy array or a torch tensor") from None
 
 
+#: The package's folder: frames of its files are the package's own.
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn``, called from the function that warns, that names
+    the first caller outside this package: the user's line, however deep in the package the
+    warning is raised (``select`` calls ``select_many``, which warns)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def frozen_copy(x: np.ndarray, dtype=None) -> np.ndarray:
     """A read-only copy of ``x`` (as ``dtype``), for the arrays of a result object: the object
     is a value, which the caller's array changed later must not change."""

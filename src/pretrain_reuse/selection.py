@@ -49,6 +49,7 @@ from .errors import (
     parse_ids,
     preview,
     refuse_path,
+    user_stacklevel,
 )
 from .features import FeatureStore
 from .transport import METRICS, check_solver_params, cost_matrix, unbalanced_sinkhorn_batched
@@ -562,7 +563,7 @@ def _warn_unconverged(solver: dict[str, Any], cfg: SelectConfig, which: str) -> 
     off = max(solver["marginal_error_a"], solver["marginal_error_b"])
     warnings.warn(f"UOT did not converge in {solver['n_iter']} iterations{which} (optimality "
                   f"conditions off by {off:.3g} nats); the ranking may be unsettled: {fix}",
-                  stacklevel=3)
+                  stacklevel=user_stacklevel())
 
 
 def _warn_other_embedding(source: Units, target: Units) -> None:
@@ -591,7 +592,7 @@ def _warn_other_embedding(source: Units, target: Units) -> None:
             f"source and target units come from features of different networks, image sizes "
             f"or precisions "
             f"({'; '.join(shown)}; {models}); embed both with the same --model, --weights, "
-            "--layer, --image-size and --precision", stacklevel=3)
+            "--layer, --image-size and --precision", stacklevel=user_stacklevel())
 
 
 def select(source: Units | FeatureStore | np.ndarray, target: Units | FeatureStore | np.ndarray,

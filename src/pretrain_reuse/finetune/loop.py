@@ -53,7 +53,7 @@ from ..distributed import (
     to_device,
     uses_bf16,
 )
-from ..errors import PretrainReuseError, check_choice, preview
+from ..errors import PretrainReuseError, check_choice, preview, user_stacklevel
 from ..models import save_backbone
 from .augment import View, input_size
 from .checkpoint import load_optimizer_state, load_state, save_state
@@ -415,12 +415,12 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset | T
         # warnings, not notes: --quiet must not hide that the data is not what was meant
         if skipped[what] and rank == 0:
             warnings.warn(f"{what} data: {describe_skipped(data, skipped[what])} (left out of "
-                          "training)", DataWarning, stacklevel=2)
+                          "training)", DataWarning, stacklevel=user_stacklevel())
             lost = unread_classes(data, skipped[what])
             if lost and what == "target training":
                 warnings.warn(f"no training image of {len(lost)} class(es) could be read "
                               f"({preview(lost)}): their outputs were never trained; repair or "
-                              "replace their images", DataWarning, stacklevel=2)
+                              "replace their images", DataWarning, stacklevel=user_stacklevel())
     for what, key, data in (("validation", "val", val_set), ("test", "test", test_set)):
         unread = len(data) - history[-1][key]["n"] if history else 0
         if unread and rank == 0:
@@ -428,7 +428,7 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset | T
             # image failed), as the evaluations keep counts, not positions
             missing = [i for i in range(len(data)) if data.load(i) is None]
             warnings.warn(f"{what} data: {describe_skipped(data, missing)} (left out of its "
-                          "accuracy)", DataWarning, stacklevel=2)
+                          "accuracy)", DataWarning, stacklevel=user_stacklevel())
     if rank == 0:
         result = _result(cfg, history, inputs, seconds_before + time.perf_counter() - t0)
         # the fine-tuned network as a backbone whose head is the target classifier, loadable by
