@@ -463,6 +463,20 @@ def test_image_preprocess_is_picklable_for_dataloader_workers():
     assert fn(img.convert("L")).shape == (3, *net.spec.input_size)  # greyscale becomes RGB
 
 
+def test_image_preprocess_takes_images_as_datasets_load_them():
+    # preprocess(dataset.load(i)) raised "'Tensor' object has no attribute 'convert'"
+    from pretrain_reuse.data.datasets import ArrayDataset
+
+    net = create_backbone("smallcnn")
+    img = _photo(50, 40)
+    data = ArrayDataset(np.asarray(img)[None], np.array([0]))
+    torch.testing.assert_close(net.preprocess(data.load(0)), net.preprocess(img))
+    grey = ArrayDataset(np.asarray(img.convert("L"))[None], np.array([0]), mode=None)
+    torch.testing.assert_close(net.preprocess(grey.load(0)), net.preprocess(img.convert("L")))
+    with pytest.raises(PretrainReuseError, match=r"a \(C, H, W\) float image in \[0, 1\]"):
+        net.preprocess(torch.zeros(2, 3, 8, 8))
+
+
 # --- the registry -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))

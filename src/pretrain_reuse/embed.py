@@ -57,6 +57,7 @@ from .errors import PretrainReuseError, check_choice, check_device, check_image_
 from .features import STORE_FORMAT, FeatureStore, hash_ids
 from .models import LAYERS, ImageTransform, create_backbone, features_hash, state_hash
 from .models.registry import check_modality, model_modality
+from .models.spec import to_pil
 
 #: Unreadable images named in a store's ``index.json`` (``meta.skipped_ids``; ``meta.skipped``
 #: counts them all): the index is read with every load of the store, and the ids of a folder
@@ -99,14 +100,6 @@ class EmbedConfig:
             check_image_size(self.image_size)
 
 
-def _to_pil(image: torch.Tensor):
-    """A decoded (C, H, W) float image in [0, 1] back to PIL, for the backbone's own transform."""
-    from PIL import Image
-
-    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-
-
 def preprocessed(dataset: ImageDataset, preprocess) -> ImageDataset:
     """``dataset`` with a backbone's own eval transform (``Backbone.preprocess``: PIL resize,
     centre crop, normalise), exactly as the model's weights expect their inputs."""
@@ -129,7 +122,7 @@ class _Preprocessed(ImageDataset):
             # already at the input size: the PIL round trip would only quantise and copy
             mean = torch.tensor(p.mean).view(-1, 1, 1)
             return (image.expand(3, -1, -1) - mean) / torch.tensor(p.std).view(-1, 1, 1)
-        return p(_to_pil(image))
+        return p(image if isinstance(p, ImageTransform) else to_pil(image))
 
 
 def _is_noop_resize(p: ImageTransform, image: torch.Tensor) -> bool:

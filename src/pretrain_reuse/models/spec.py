@@ -145,7 +145,8 @@ def _as_size(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class ImageTransform:
-    """Deterministic eval transform of a spec: PIL image -> normalised float32 tensor (3, H, W).
+    """Deterministic eval transform of a spec: PIL image (or a decoded (C, H, W) float image in
+    [0, 1], as datasets load them) -> normalised float32 tensor (3, H, W).
 
     Same steps and rounding as torchvision's ``Resize`` -> ``CenterCrop`` -> ``ToTensor`` ->
     ``Normalize`` on PIL images (and so as timm's eval transform), without needing torchvision.
@@ -158,7 +159,9 @@ class ImageTransform:
     std: tuple[float, ...]
     interpolation: str
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
+    def __call__(self, img: Image.Image | torch.Tensor) -> torch.Tensor:
+        if isinstance(img, torch.Tensor):
+            img = to_pil(img)
         img = img.convert("RGB")
         size = _resized_wh(img.size, self.resize_size)
         if size != img.size:
@@ -168,6 +171,17 @@ class ImageTransform:
         mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
         std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
         return x.sub(mean).div(std)
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """A decoded (C, H, W) float image in [0, 1] as PIL (rounded to 8 bits), for a transform of PIL
+    images."""
+    if image.ndim != 3 or image.shape[0] not in (1, 3) or not image.is_floating_point():
+        raise PretrainReuseError(f"an image tensor must be a (C, H, W) float image in [0, 1] with 1 "
+                                 f"or 3 channels, as datasets load them; got {image.dtype} of "
+                                 f"shape {tuple(image.shape)}")
+    array = (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
 
 
 def _resized_wh(wh: tuple[int, int], size: int | tuple[int, int]) -> tuple[int, int]:
