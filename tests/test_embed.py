@@ -431,6 +431,15 @@ def test_corrupt_images_are_skipped_counted_and_listed(tmp_path, capsys):
     assert store.labels.tolist() == [labels[k] for k in keep]
     assert store.meta["skipped"] == 2
     assert sorted(store.meta["skipped_ids"]) == ["ant/a1.png", "bee/b10.png"]
+    # repaired in place, they stay without features: the rerun finds the store finished, and
+    # says that they are still left out (it said "nothing to do" alone)
+    (data / "bee" / "b10.png").write_bytes(good)
+    rc, out, err = cli(capsys, "embed", "--quiet", "--model", "smallcnn-s", "--weights", weights,
+                       "--data", data, "--shard-size", 1, "--batch-size", 1,
+                       "--out", tmp_path / "store")
+    assert rc == 0 and "is finished (same settings); nothing to do" in out
+    assert "warning: 2 images of" in err and "have no features (index.json, meta.skipped_ids); " \
+        "after repairing them, embed into a new --out" in err
     # the remaining rows are the features of a clean run on the readable images
     ref = embed_ok(capsys, "--model", "smallcnn-s", "--weights", weights, "--data", clean,
                    "--out", tmp_path / "ref")

@@ -266,12 +266,16 @@ def cmd_embed(args) -> int:
     embed(cfg, args.out, progress=not args.quiet, load=False)
     if not _reporter():
         return 0
-    if index_before is not None and _stamp(Path(args.out) / "index.json") == index_before:
-        _finished("embed", args.out)
-        _note_weights(args.model, args.weights, args.quiet)
-        return 0
     index = read_json(Path(args.out) / "index.json", "feature store index")
     skipped = index["meta"].get("skipped", 0)
+    if index_before is not None and _stamp(Path(args.out) / "index.json") == index_before:
+        _finished("embed", args.out)
+        if skipped:  # images repaired since are not read again: the store is finished as it was
+            print(f"warning: {skipped} images of {args.data} were unreadable when {args.out} was "
+                  "embedded and have no features (index.json, meta.skipped_ids); after repairing "
+                  "them, embed into a new --out", file=sys.stderr)
+        _note_weights(args.model, args.weights, args.quiet)
+        return 0
     print(f"wrote {index['n']} x {index['dim']} features to {args.out}"
           + (f"; skipped {skipped} unreadable images (see the warning above)" if skipped else ""))
     empty = index["meta"].get("classes_without_images", [])
@@ -1030,7 +1034,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "with a text column; labels optional) for a text backbone")
     e.add_argument("--split", help="sub-folder / split of --data (train, test...)")
     e.add_argument("--layer", default="penultimate", help="penultimate | head | logits")
-    e.add_argument("--batch-size", type=_at_least(1), default=128)
+    e.add_argument("--batch-size", type=_at_least(1), default=128,
+                   help="images (sentences) per forward pass (default: %(default)s); a stopped "
+                   "run resumes with the same one (other sizes sum in another order: features "
+                   "about 1e-7 apart), --workers may change")
     e.add_argument("--workers", type=_at_least(0), default=0, help="DataLoader worker processes")
     e.add_argument("--shard-size", type=_at_least(1), default=8192, help="samples per shard file")
     e.add_argument("--device", default="cpu")
