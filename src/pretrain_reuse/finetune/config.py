@@ -130,7 +130,10 @@ class FinetuneConfig:
     (frozen backbone) and ``scratch`` (random initialisation, same recipe as vanilla).
 
     Length: ``epochs`` passes over the target training split (one pass = ``len // batch_size``
-    steps, as the official code), or ``max_steps`` optimiser steps when given.
+    steps, as the official code), or ``max_steps`` optimiser steps when given; ``eval_every``
+    counts epochs (an evaluation every ``eval_every`` passes, and one at the end), and
+    ``checkpoint_every`` steps. Every field's meaning: :data:`FIELD_HELP` (the help of its
+    ``finetune`` flag, docs/cli/finetune.md).
     """
 
     mode: str = "vanilla"
