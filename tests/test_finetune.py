@@ -876,6 +876,21 @@ def test_unreadable_training_images_are_reported_and_a_batch_of_only_them_is_an_
     assert "c1/zz-broken.png" in err
 
 
+def test_training_images_none_of_which_can_be_read_are_refused_before_the_run_folder(
+        tmp_path, capsys):
+    # the first batch failed after run.json and split.json were written, advising a larger
+    # --batch-size
+    for c in "ab":
+        (tmp_path / "bad" / c).mkdir(parents=True)
+        (tmp_path / "bad" / c / "1.png").write_bytes(b"not a png")
+    rc, _, err = cli(capsys, "finetune", "--model", "smallcnn-s", "--target", tmp_path / "bad",
+                     "--target-test", tmp_path / "bad", "--batch-size", "1", "--val-fraction", "0",
+                     "--epochs", "1", "--quiet", "--out", tmp_path / "run")
+    assert_one_line_error(rc, err, "none of the 2 training images can be read (first: 'a/1.png'); "
+                          "check that the files exist and are images")
+    assert not (tmp_path / "run").exists()
+
+
 def test_unreadable_images_are_a_data_warning_in_the_python_api(tmp_path):
     # they were printed to stderr, which warnings.catch_warnings and filters could not see
     from pretrain_reuse.data.datasets import DataWarning

@@ -50,7 +50,7 @@ from .artifacts import (
 )
 from .configs import check_fields
 from .data.catalog import check_out_outside, open_dataset
-from .data.datasets import Batch, DataWarning, ImageDataset, collate, describe_skipped
+from .data.datasets import Batch, DataWarning, ImageDataset, collate, describe_skipped, first_readable
 from .data.text import TextDataset, is_sentence_file, text_file
 from .distributed import bf16_autocast, process_device, rank_world, uses_bf16
 from .errors import PretrainReuseError, check_choice, check_device, check_image_size, check_seed
@@ -260,11 +260,10 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True,
 
 def _first_readable_image(dataset: ImageDataset, data: str) -> int:
     # Checked before the folder is claimed: otherwise the run would end in an empty store that a
-    # rerun with fixed data refuses as "made with other settings". Decoding stops at the first
-    # readable image, so this costs one image on sane data.
-    for i in range(len(dataset)):
-        if dataset.load(i) is not None:
-            return i
+    # rerun with fixed data refuses as "made with other settings"
+    first = first_readable(dataset)
+    if first is not None:
+        return first
     raise PretrainReuseError(
         f"--data {data!r}: none of its {len(dataset)} images can be read (first: "
         f"{dataset.ids[0]!r}); check that the files exist and are images")

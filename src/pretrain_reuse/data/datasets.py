@@ -728,6 +728,14 @@ def unread_classes(dataset: ImageDataset, skipped: Collection[int]) -> list[str]
     return [dataset.class_names[c] if dataset.class_names else f"label {c}" for c in lost]
 
 
+def first_readable(dataset: ImageDataset) -> int | None:
+    """The position of the first image of ``dataset`` that can be read, None when none can.
+    Decoding stops there, so on sane data this costs one image: a check that commands make
+    before they claim their output folder, where data without a readable image would otherwise
+    fail halfway and leave a folder behind."""
+    return next((i for i in range(len(dataset)) if dataset.load(i) is not None), None)
+
+
 def describe_skipped(dataset: ImageDataset, skipped: Sequence[int] | torch.Tensor,
                      first: int = 5) -> str:
     """One line reporting unreadable images: how many, and the ids of the first ``first``."""

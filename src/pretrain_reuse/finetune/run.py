@@ -17,7 +17,7 @@ import torch
 
 from ..artifacts import hash_array, hash_file, make_run_folder, read_json, releases_folders
 from ..data.catalog import DATASETS, check_out_outside, has_splits, open_dataset, split_folders
-from ..data.datasets import DataWarning, ImageDataset, labels_by_name, require_labels
+from ..data.datasets import DataWarning, ImageDataset, first_readable, labels_by_name, require_labels
 from ..data.samplers import subsample_fraction, subsample_long_tail
 from ..data.text import TextDataset, is_sentence_file, text_file
 from ..distributed import process_device
@@ -359,6 +359,10 @@ def _finetune(cfg: FinetuneConfig, *, model: str, train_pool: ImageDataset | Tex
     num_classes = _check_classes(train_pool, progress)
     train_set, val_set, split = target_splits(cfg, train_pool)
     check_batch_size(len(train_set), cfg.batch_size)  # before anything is written
+    if not text and first_readable(train_set) is None:  # each batch would fail, the first after the folder
+        raise PretrainReuseError(
+            f"none of the {len(train_set)} training images can be read (first: "
+            f"{train_set.ids[0]!r}); check that the files exist and are images, or repair them")
     total_steps(cfg, len(train_set))
     test_set = test_set.subset(range(len(test_set)))
     for d in (train_set, val_set, test_set):  # views of the caller's data, safe to configure
