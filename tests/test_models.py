@@ -9,6 +9,7 @@ import inspect
 import json
 import pickle
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +21,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import default_collate
 
-from _helpers import randomize_norms
+from _helpers import colour_folder, randomize_norms
 from pretrain_reuse.artifacts import make_meta
 from pretrain_reuse.cli import main
 from pretrain_reuse.errors import PretrainReuseError
 from pretrain_reuse.models import (
     BACKBONES,
+    WeightsWarning,
     create_backbone,
     features_hash,
     list_backbones,
@@ -707,6 +709,67 @@ def test_architecture_mismatch_names_the_file_and_first_keys(tmp_path):
         create_backbone("torchvision:resnet50", weights=path)
     with pytest.raises(PretrainReuseError, match=r"none of its .* keys"):
         create_backbone("smallcnn", weights=path)
+
+
+def test_weights_of_a_deeper_architecture_are_refused_naming_the_layers_the_model_lacks(
+        tmp_path, capsys):
+    # resnet34's file holds every key of resnet18 with its shape: its first blocks loaded into
+    # resnet18 without a word, and embed exited 0
+    timm = pytest.importorskip("timm")
+    r34 = timm.create_model("resnet34").state_dict()
+    path = _save(r34, tmp_path / "r34.pth")
+    extra = len(set(r34) - set(timm.create_model("resnet18").state_dict()))
+    with pytest.raises(PretrainReuseError, match=rf"r34\.pth' does not fit timm:resnet18: {extra} of "
+                       r"its keys are layers the model lacks \(first: \['layer1\.2\.conv1\.weight'.*"
+                       r"another architecture; pass the --model they were saved from"):
+        create_backbone("timm:resnet18", weights=path)
+    colour_folder(tmp_path / "data", classes=2, per_class=1, seed=0)
+    out = tmp_path / "feats.npy"
+    assert main(["embed", "--model", "timm:resnet18", "--weights", str(path), "--data",
+                 str(tmp_path / "data"), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "layers the model lacks" in err and not out.exists()
+
+
+_WITH_BUFFER = '''
+import torch
+from torch import nn
+
+def build():
+    net = nn.Sequential(nn.Conv2d(3, 6, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    net[0].register_buffer("index", torch.arange(3), persistent=False)  # as BERT's position_ids
+    return net
+'''
+
+
+def test_what_checkpoints_hold_beside_the_model_loads_and_a_numbered_extra_layer_is_refused(
+        tmp_path):
+    (tmp_path / "nets.py").write_text(_WITH_BUFFER)
+    name = f"python:{tmp_path / 'nets.py'}:build"
+    own = create_backbone(name).body.state_dict()
+    # a buffer the model keeps out of its state dict, an EMA copy, an optimiser's step count
+    extras = {"0.index": torch.arange(3), "ema.0.weight": own["0.weight"], "step": torch.ones(1)}
+    net = create_backbone(name, weights=_save(own | extras, tmp_path / "extras.pth"))
+    assert net.load_report.unexpected == tuple(sorted(extras))
+    # a deeper Sequential: layer 3 of a model of layers 0-2
+    with pytest.raises(PretrainReuseError, match=r"1 of its keys are layers the model lacks "
+                                                 r"\(first: \['3\.weight'\]\)"):
+        create_backbone(name, weights=_save(own | {"3.weight": torch.ones(6, 6)}, tmp_path / "deep.pth"))
+
+
+def test_a_head_under_a_name_the_model_does_not_use_is_warned_of(tmp_path):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    state = timm.create_model("resnet18", num_classes=10).state_dict()
+    renamed = {f"head.{k}" if k.startswith("fc.") else k: v for k, v in state.items()}
+    with pytest.warns(WeightsWarning, match=r"has no fc\.\* weights, so timm:resnet18 loads without "
+                      r"a head, but it holds head\.fc\.weight \(10, 512\), which takes its 512 features"
+                      r".*Rename those keys to fc\.\* in the file"):
+        net = create_backbone("timm:resnet18", weights=_save(renamed, tmp_path / "head.pth"))
+    assert net.head is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # its own name: a head, and no warning
+        assert create_backbone("timm:resnet18", weights=_save(state, tmp_path / "fc.pth")).num_classes == 10
 
 
 def test_keys_under_one_outer_prefix_load_as_the_models(tmp_path):

@@ -15,6 +15,7 @@ MoCo-v2 (the paper's self-supervised features, 128-d output of the MLP head befo
 from .backbone import LAYERS, Backbone
 from .checkpoint import (
     LoadReport,
+    WeightsWarning,
     features_hash,
     finetune_mode,
     model_class_names,
@@ -38,6 +39,7 @@ __all__ = [
     "LoadReport",
     "SmallCNN",
     "TextTransform",
+    "WeightsWarning",
     "create_backbone",
     "features_hash",
     "finetune_mode",

@@ -9,6 +9,7 @@ with ``nn.Identity``, so the body keeps the model's own code path and parameter 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import PretrainReuseError, check_choice
-from .checkpoint import LoadReport, head_from_state, load_body, split_head
+from .checkpoint import LoadReport, WeightsWarning, head_from_state, load_body, split_head
 from .spec import BackboneSpec, ImageTransform, TextTransform, make_transform
 
 LAYERS = ("penultimate", "head", "logits")
@@ -183,11 +184,29 @@ def assemble(parts: ModelParts, state: Mapping[str, torch.Tensor] | None, path: 
                 f"features but {parts.spec.name} gives {parts.feature_dim}; check the architecture")
         report = LoadReport(path=str(path), loaded=n + len(head_state), unexpected=unexpected,
                             head="checkpoint" if head is not None else "none")
+        if head is None and num_classes is None:
+            _warn_of_other_head(state, unexpected, parts, path)
     if num_classes is not None:
         head = nn.Linear(parts.feature_dim, num_classes)
     return Backbone(model, head, head_name=head_name or HEADLESS_NAME, spec=parts.spec, layer=layer,
                     feature_dim=parts.feature_dim, extract=parts.extract, tokenizer=parts.tokenizer,
                     load_report=report)
+
+
+def _warn_of_other_head(state: Mapping[str, torch.Tensor], unexpected: tuple[str, ...],
+                        parts: ModelParts, path: str) -> None:
+    """Warn when a file without head weights holds, among the keys the model ignored, a matrix
+    that takes the model's features: likely a head saved under another name (``head.fc.`` for
+    timm's ``fc``), which the backbone goes without."""
+    takes = [k for k in unexpected if k.endswith("weight") and state[k].dim() == 2
+             and state[k].shape[1] == parts.feature_dim]
+    if takes:
+        name = parts.head_name or HEADLESS_NAME
+        warnings.warn(
+            f"weights file {path!r} has no {name}.* weights, so {parts.spec.name} loads without a "
+            f"head, but it holds {takes[0]} {tuple(state[takes[0]].shape)}, which takes its "
+            f"{parts.feature_dim} features: a head under another name? Rename those keys to "
+            f"{name}.* in the file to keep it", WeightsWarning, stacklevel=4)
 
 
 def last_linear_name(model: nn.Module) -> str | None:

@@ -13,10 +13,11 @@ MAE). Keys are mapped by prefix before they are compared with the model:
 - a user ``key_map`` of ``{old_prefix: new_prefix}`` replaces the defaults: each key is renamed by
   the first rule whose prefix it starts with, once.
 
-Keys of the file that the model does not have (MoCo's key encoder and queue, an EMA copy) are
-ignored and listed in the :class:`LoadReport`; a model key the file lacks, a shape mismatch, or a
-file none of whose keys matches is a :class:`~pretrain_reuse.errors.PretrainReuseError` naming the
-file and the first offending keys.
+Keys of the file that the model does not have and that lie outside its modules (MoCo's key
+encoder and queue, an EMA copy) are ignored and listed in the :class:`LoadReport`; a model key the
+file lacks, a shape mismatch, a file key inside the model's modules that the model lacks (a deeper
+architecture's blocks), or a file none of whose keys matches is a
+:class:`~pretrain_reuse.errors.PretrainReuseError` naming the file and the first offending keys.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ if TYPE_CHECKING:  # backbone.py imports this module
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "encoder_q.")
 _SHOWN = 3  # offending keys quoted in an error message
+
+
+class WeightsWarning(UserWarning):
+    """Weights that load, but perhaps not as meant (a head under a name the model does not use)."""
 
 
 @dataclass(frozen=True)
@@ -266,8 +271,32 @@ def load_body(model: nn.Module, state: Mapping[str, torch.Tensor], path: str, na
         raise PretrainReuseError(
             f"weights file {path!r} does not fit {name}: it lacks {len(missing)} of the model's keys "
             f"(first: {missing[:_SHOWN]}); check the architecture")
+    layers = _layers_lacking(model, [k for k in state if k not in expected])
+    if layers:
+        # a deeper architecture's file (resnet34's for resnet18) holds every key of the model
+        # with its shape, and more blocks: loading its first blocks would give features of
+        # neither network, without a word
+        raise PretrainReuseError(
+            f"weights file {path!r} does not fit {name}: {len(layers)} of its keys are layers the "
+            f"model lacks (first: {layers[:_SHOWN]}): weights of another architecture; pass the "
+            "--model they were saved from")
     model.load_state_dict({k: state[k] for k in matched}, strict=False)
     return len(matched), tuple(sorted(set(state) - set(expected)))
+
+
+def _layers_lacking(model: nn.Module, ignored: list[str]) -> list[str]:
+    """The file keys of ``ignored`` (keys ``model`` has no tensor for) that lie inside the
+    model's own modules: under one of its top-level modules (``layer1.2.conv1.weight``), or
+    numbered as its layers are (``6.weight`` for a ``Sequential`` of 6). Not a buffer the model
+    keeps out of its state dict (BERT's ``position_ids``, which older files saved), nor what
+    checkpoints hold beside the model: MoCo's ``encoder_k.*`` and ``queue``, an EMA copy under
+    its own prefix, a head under a name the model does not use."""
+    children = {n for n, _ in model.named_children()}
+    numbered = bool(children) and all(n.isdigit() for n in children)
+    buffers = {n for n, _ in model.named_buffers()}
+    first = {k: k.split(".")[0] for k in ignored}
+    return [k for k in ignored
+            if (first[k] in children or (numbered and first[k].isdigit())) and k not in buffers]
 
 
 def _first(keys: Mapping[str, Any]) -> list[str]:
