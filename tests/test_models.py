@@ -162,6 +162,27 @@ def test_hf_vit_penultimate_is_final_cls_token_and_preprocessing_matches_process
     assert (net.spec.input_size, net.spec.interpolation, net.num_classes) == ((32, 32), "bicubic", 5)
 
 
+@pytest.mark.parametrize("family,side", [("timm", 32), ("hf", 48)])
+def test_an_image_size_a_vit_cannot_take_is_one_line(tmp_path, capsys, family, side):
+    # a ViT checks its input size itself: an AssertionError (timm) or ValueError (transformers)
+    # traceback, not the line a size too small for a CNN's poolings gets
+    if family == "timm":
+        pytest.importorskip("timm")
+        model, default = "timm:vit_tiny_patch16_224", 224
+    else:
+        _tiny_vit(tmp_path / "vit", classifier=True)
+        model, default = f"hf:{tmp_path / 'vit'}", 32
+    colour_folder(tmp_path / "data", classes=2, per_class=1, seed=0)
+    out = tmp_path / "feats"
+    capsys.readouterr()  # save_pretrained's bar
+    assert main(["embed", "--model", model, "--data", str(tmp_path / "data"), "--image-size",
+                 str(side), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and not out.exists()
+    assert f"image_size {side} does not fit backbone {model!r}" in err
+    assert f"pass another --image-size, or none for its {default}" in err
+
+
 def test_the_weights_file_save_pretrained_writes_loads_as_transformers_names_its_keys(tmp_path):
     # transformers 5 renames ViT's keys when it loads (attention.attention.query -> q_proj): its
     # own model.safetensors, given as --weights / --pretrained, "lacked 32 of the model's keys"

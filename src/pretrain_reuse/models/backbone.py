@@ -126,7 +126,9 @@ class Backbone(nn.Module):
             device = next(self.parameters()).device
             with torch.no_grad():
                 self.features(torch.zeros(1, 3, side, side, device=device))
-        except RuntimeError as e:
+        except (RuntimeError, AssertionError, ValueError) as e:
+            # torch's layers raise RuntimeError; a model that checks the size itself raises
+            # AssertionError (timm's ViT patch embedding) or ValueError (transformers' ViT)
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise PretrainReuseError(
                 f"image_size {side} does not fit backbone {self.spec.name!r} ({reason}); pass "
