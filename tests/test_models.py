@@ -6,7 +6,9 @@ import argparse
 import dataclasses
 import importlib.util
 import inspect
+import io
 import json
+import os
 import pickle
 import sys
 import warnings
@@ -699,6 +701,45 @@ def test_corrupt_weights_file_is_reported(tmp_path, suffix):
     path.write_bytes(b"\x00garbage" * 50)
     with pytest.raises(PretrainReuseError, match="not a readable"):
         create_backbone("smallcnn", weights=path)
+
+
+def _legacy_torch_file() -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"a": torch.zeros(3)}, buffer, _use_new_zipfile_serialization=False)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("content,reason", [
+    (b"", "the file is empty"),  # was "()"
+    (_legacy_torch_file()[:50], "the file ends early"),
+    # torch warned of its pickle protocol on a 2nd line before the error
+    (pickle.dumps({"a": torch.zeros(2)}, protocol=4), "not a torch.save archive"),
+], ids=["empty", "cut-short", "plain-pickle"])
+def test_an_unreadable_torch_file_says_why_on_one_line(tmp_path, content, reason):
+    path = tmp_path / "w.pth"
+    path.write_bytes(content)
+    with warnings.catch_warnings(record=True) as seen, \
+            pytest.raises(PretrainReuseError, match=rf"is not a readable torch file \({reason}\); re-"):
+        warnings.simplefilter("always")
+        create_backbone("smallcnn", weights=path)
+    assert [str(w.message) for w in seen] == []
+
+
+def test_a_pickle_that_would_run_a_command_is_refused_by_name_and_runs_nothing(tmp_path):
+    marker = tmp_path / "ran"
+
+    class RunsACommand:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    path = tmp_path / "evil.pth"
+    torch.save({"a": RunsACommand()}, path)
+    # torch words a blocked module's function otherwise than a class it does not allow: the
+    # file was called "not a torch.save archive"
+    with pytest.raises(PretrainReuseError, match=rf"holds a pickled {os.system.__module__}\.system "
+                                                 r"object, which torch\.load\(weights_only=True\)"):
+        create_backbone("smallcnn", weights=path)
+    assert not marker.exists()
 
 
 class TrainingConfig:

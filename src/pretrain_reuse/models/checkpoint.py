@@ -28,6 +28,7 @@ import itertools
 import json
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -111,10 +112,14 @@ def _read_torch(p: Path) -> Any:
     # argparse.Namespace only holds attributes: allowed so that checkpoints storing their training
     # args (DeiT, MAE) load; the attribute values are still checked by the weights-only unpickler.
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            # torch's second line before the error below, for a plain pickle.dump file
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        # torch names a refused class "Unsupported global: GLOBAL x.Y", a blocked module's
+        # function (os.system) "unsupported GLOBAL posix.system whose module posix is blocked"
+        refused = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(e), re.IGNORECASE)
         if refused is None:
             raise PretrainReuseError(f"weights file {str(p)!r} is not a readable torch file (not a "
                                      "torch.save archive); re-download or re-save it") from None
@@ -122,10 +127,13 @@ def _read_torch(p: Path) -> Any:
             f"weights file {str(p)!r} holds a pickled {refused[1]} object, which "
             "torch.load(weights_only=True) refuses to run; re-save only the tensors: "
             "torch.save(model.state_dict(), path) or a .safetensors file") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-        first_sentence = re.split(r"\.\s|\n", str(e).strip())[0][:200]
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, IndexError) as e:
+        # an empty or cut-short file raises EOFError without a message (an old-format one cut
+        # short, IndexError)
+        reason = (re.split(r"\.\s|\n", str(e).strip())[0][:200] if not isinstance(e, EOFError)
+                  else "the file is empty" if p.stat().st_size == 0 else "the file ends early")
         raise PretrainReuseError(f"weights file {str(p)!r} is not a readable torch file "
-                                 f"({first_sentence}); re-download or re-save it") from None
+                                 f"({reason}); re-download or re-save it") from None
 
 
 def _unwrap(obj: Any, p: Path) -> dict[str, torch.Tensor]:
