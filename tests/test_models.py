@@ -761,6 +761,25 @@ def test_checkpoint_with_training_args_namespace_loads(tmp_path):
     assert create_backbone("smallcnn", weights=path).load_report.loaded == len(state)
 
 
+def test_a_training_scripts_checkpoint_with_numpy_numbers_loads(tmp_path):
+    # {"state_dict": ..., "best_acc1": np.float64(...)} was refused as a pickled numpy object
+    torch.manual_seed(0)
+    state = create_backbone("smallcnn").body.state_dict()
+    path = tmp_path / "checkpoint.pth.tar"
+    torch.save({"state_dict": state, "best_acc1": np.float64(0.5), "epoch": np.int64(90),
+                "amp": np.bool_(True), "dtype": np.dtype("float16")}, path)
+    net = create_backbone("smallcnn", weights=path)
+    assert net.load_report.loaded == len(state)
+    for k, v in state.items():
+        assert torch.equal(net.body.state_dict()[k], v)
+    # arrays and strings still are not unpickled
+    for extra, what in ((np.zeros(3), r"numpy\._?core\.multiarray\._reconstruct"),
+                        (np.str_("adam"), r"numpy\.dtypes\.StrDType")):
+        torch.save({"state_dict": state, "extra": extra}, path)
+        with pytest.raises(PretrainReuseError, match=rf"holds a pickled {what} object"):
+            create_backbone("smallcnn", weights=path)
+
+
 def test_architecture_mismatch_names_the_file_and_first_keys(tmp_path):
     path = _save(tvm.resnet18().state_dict(), tmp_path / "r18.pt")
     with pytest.raises(PretrainReuseError, match=r"r18\.pt.*lacks .*layer1\.2"):

@@ -1,9 +1,9 @@
 """Reading weights files safely, mapping their keys onto a model, and writing backbones back.
 
 Weights are ``.safetensors`` or torch files read with ``torch.load(weights_only=True)``: tensors,
-numbers, strings and containers only, never arbitrary pickled objects. A checkpoint may be a bare
-state dict or wrap it as ``{"state_dict": ...}`` (MoCo, Lightning) or ``{"model": ...}`` (DeiT,
-MAE). Keys are mapped by prefix before they are compared with the model:
+numbers (NumPy's too), strings and containers only, never arbitrary pickled objects. A checkpoint
+may be a bare state dict or wrap it as ``{"state_dict": ...}`` (MoCo, Lightning) or ``{"model":
+...}`` (DeiT, MAE). Keys are mapped by prefix before they are compared with the model:
 
 - by default the wrapper prefixes ``module.`` (DistributedDataParallel), ``_orig_mod.``
   (``torch.compile``) and ``encoder_q.`` (MoCo's query encoder, so ``module.encoder_q.conv1.weight``
@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -108,23 +109,34 @@ def _read_weights(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return _unwrap(_read_torch(p), p), {}
 
 
+# What a training script's checkpoint holds beside the tensors, allowed for the weights-only
+# unpickler, which still checks every value inside: argparse.Namespace only holds attributes
+# (DeiT's and MAE's training args); a NumPy number or bool (a best accuracy as np.float64) is
+# rebuilt by numpy's ``scalar(dtype, raw bytes)`` from a dtype, ``np.dtype`` given the dtype's
+# class (Float64DType, ...): they make a number of the bytes and call no other code. Other
+# dtypes (strings, objects, records) and NumPy arrays stay refused.
+_NUMBER_CODES = np.typecodes["AllInteger"] + np.typecodes["AllFloat"] + "?"
+_SAFE_GLOBALS = [argparse.Namespace, np.float64(0).__reduce__()[0], np.dtype,
+                 *{type(np.dtype(code)) for code in _NUMBER_CODES}]
+
+
 def _read_torch(p: Path) -> Any:
-    # argparse.Namespace only holds attributes: allowed so that checkpoints storing their training
-    # args (DeiT, MAE) load; the attribute values are still checked by the weights-only unpickler.
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+        with torch.serialization.safe_globals(_SAFE_GLOBALS), warnings.catch_warnings():
             # torch's second line before the error below, for a plain pickle.dump file
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch names a refused class "Unsupported global: GLOBAL x.Y", a blocked module's
-        # function (os.system) "unsupported GLOBAL posix.system whose module posix is blocked"
-        refused = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(e), re.IGNORECASE)
+        # function (os.system) "unsupported GLOBAL posix.system whose module posix is blocked",
+        # and the class of an object it would rebuild (a NumPy string's dtype) "but got <class 'x.Y'>"
+        refused = re.search(r"unsupported (?:global: )?GLOBAL (\S+)|but got <class '([^']+)'>", str(e),
+                            re.IGNORECASE)
         if refused is None:
             raise PretrainReuseError(f"weights file {str(p)!r} is not a readable torch file (not a "
                                      "torch.save archive); re-download or re-save it") from None
         raise PretrainReuseError(
-            f"weights file {str(p)!r} holds a pickled {refused[1]} object, which "
+            f"weights file {str(p)!r} holds a pickled {refused[1] or refused[2]} object, which "
             "torch.load(weights_only=True) refuses to run; re-save only the tensors: "
             "torch.save(model.state_dict(), path) or a .safetensors file") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, IndexError) as e:
