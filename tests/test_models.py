@@ -10,6 +10,7 @@ import io
 import json
 import os
 import pickle
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -23,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import default_collate
 
-from _helpers import colour_folder, randomize_norms
+from _helpers import colour_folder, randomize_norms, tiny_bert
 from pretrain_reuse.artifacts import make_meta
 from pretrain_reuse.cli import main
 from pretrain_reuse.errors import PretrainReuseError
@@ -202,6 +203,27 @@ def test_the_weights_file_save_pretrained_writes_loads_as_transformers_names_its
         shutil.copy(tmp_path / "vit" / "model.safetensors", tmp_path / "vit" / "other.safetensors")
         with pytest.raises(PretrainReuseError, match=r"lacks .* of the model's keys"):
             create_backbone(f"hf:{tmp_path / 'vit'}", weights=tmp_path / "vit" / "other.safetensors")
+
+
+def test_a_classifier_folders_weights_load_with_their_head_only_into_that_classifier(tmp_path):
+    # a BertForSequenceClassification's model.safetensors (trained with transformers' Trainer)
+    # for a base BERT --model lost its classifier without a word: knowledge then said the model
+    # "must be a classifier"
+    transformers = pytest.importorskip("transformers")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "film"]
+    base = tiny_bert(tmp_path / "base", words)
+    cls = tiny_bert(tmp_path / "cls", words, "BertForSequenceClassification", num_labels=2)
+    with pytest.raises(PretrainReuseError, match=(
+            r"is a BertForSequenceClassification's \(its folder's config\.json\), whose classifier "
+            rf"\(classifier\.bias, classifier\.weight\) does not fit hf:{re.escape(str(base))}, .*"
+            rf"pass --model hf:{re.escape(str(cls))} to use it with its classifier")):
+        create_backbone(f"hf:{base}", weights=cls / "model.safetensors")
+    net = create_backbone(f"hf:{cls}", weights=cls / "model.safetensors")
+    reference = transformers.BertForSequenceClassification.from_pretrained(cls)
+    assert net.num_classes == 2 and torch.equal(net.head.weight, reference.classifier.weight)
+    # the base model's weights for that classifier have no head (it was the random
+    # initialisation of the classifier the base folder lacks)
+    assert create_backbone(f"hf:{cls}", weights=base / "model.safetensors").head is None
 
 
 def test_hf_base_model_folder_has_no_head(tmp_path):

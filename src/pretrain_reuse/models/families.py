@@ -24,6 +24,7 @@ from torch import nn
 from ..artifacts import read_json
 from ..errors import PretrainReuseError
 from .backbone import ModelParts, call_body, first_linear, last_linear_name
+from .checkpoint import _SHOWN
 from .spec import BackboneSpec, spec_from_hf_image_processor, spec_from_timm, spec_from_torchvision
 
 TIMM_EXTRA = "pip install 'pretrain-reuse[timm]'"
@@ -199,15 +200,32 @@ def hf_checkpoint_state(model: nn.Module, state: Mapping[str, torch.Tensor], pat
     ``save_pretrained`` writes may not fit the model as built. When the file's keys lack some of
     the model's and the file is the weights file of a ``save_pretrained`` folder (a config.json
     beside it), the folder is loaded by ``from_pretrained`` and its parameters are taken
-    instead; any other ``state`` is returned as it is, for the usual checks."""
+    instead; any other ``state`` is returned as it is, for the usual checks. A classifier's
+    folder (a ``*ForSequenceClassification`` trained with transformers' ``Trainer``) for a base
+    model is refused: its classifier would be dropped (a pre-training folder's heads, such as
+    BERT's masked-language-model head, are not the model's, and are left out)."""
     path = Path(path)
     transformers = sys.modules.get("transformers")  # imported if model is one of its models
     if (transformers is None or not isinstance(model, transformers.PreTrainedModel)
             or set(model.state_dict()) <= set(state) or path.name not in HF_WEIGHTS_FILES
             or not (path.parent / "config.json").is_file()):
         return state
-    loaded, _ = _hf_model(type(model), str(path.parent), name)
-    return loaded.state_dict()
+    loaded, info = _hf_model(type(model), str(path.parent), name)
+    classifier = [a for a in loaded.config.architectures or [] if a.endswith("Classification")]
+    dropped = sorted(info["unexpected_keys"])
+    if classifier and dropped:
+        # the base model's features (the mean-pooled hidden states of a text encoder) are not
+        # the classifier's input (BERT's [CLS] pooler): its head cannot be put on them
+        raise PretrainReuseError(
+            f"weights file {str(path)!r} is a {classifier[0]}'s (its folder's config.json), whose "
+            f"classifier ({', '.join(dropped[:_SHOWN])}) does not fit {name}, a model without "
+            f"that head; pass --model hf:{path.parent} to use it with its classifier (then "
+            "give the other models as weights of that folder's architecture), or save its base "
+            "model alone (model.base_model.save_pretrained(dir)) for this model's features")
+    # what the folder lacks (a base model's folder for a classifier: its head) is not taken from
+    # the random initialisation: the usual checks then see a file without a head, or refuse one
+    # that lacks some of the body
+    return {k: v for k, v in loaded.state_dict().items() if k not in info["missing_keys"]}
 
 
 def _hf_model(auto_class: Any, folder: str, name: str) -> tuple[Any, dict]:
