@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from scipy.special import logsumexp
 
 from _helpers import colour_folder
@@ -1060,6 +1061,17 @@ def test_embed_into_a_folder_in_use_leaves_the_running_embeddings_marker(capsys,
                          "--split", "test", "--quiet", "--out", out)
         assert rc == 2 and "is in use by another process writing an embedding there" in err
         assert (out / "embed.json").is_file() and (out / "parts").is_dir()
+
+
+def test_embed_of_a_folder_with_a_file_name_that_is_not_utf8_is_refused_in_one_line(tmp_path,
+                                                                                  capsys):
+    # embed failed with a traceback (UnicodeEncodeError) when it wrote the sample ids
+    colour_folder(tmp_path / "d", 2, 2, seed=0)
+    Image.new("RGB", (16, 16)).save(bytes(tmp_path / "d" / "c0") + b"/caf\xe9.png")
+    rc, _, err = cli(capsys, "embed", "--model", "smallcnn-s", "--data", tmp_path / "d", "--out",
+                     tmp_path / "f")
+    assert rc == 2 and err.count("\n") == 1 and not (tmp_path / "f").exists()
+    assert "the file name b'c0/caf\\xe9.png' in" in err and "is not UTF-8" in err
 
 
 def test_an_out_folder_inside_a_data_folder_it_reads_is_refused_before_anything_is_written(

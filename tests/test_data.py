@@ -83,11 +83,45 @@ def test_hidden_entries_are_skipped_and_a_link_loop_reads_each_folder_once(tree)
     _write_image(tree / "ant" / ".hidden" / "h.png", 1)
     _write_image(tree / "ant" / "._a.png", 2)
     (tree / "ant" / "sub" / "up").symlink_to(tree / "ant", target_is_directory=True)
-    ds = open_dataset(tree)
+    with pytest.warns(DataWarning, match=r"1 link\(s\) .* \(first: 'ant/sub/up'\), so they are skipped"):
+        ds = open_dataset(tree)
     assert ds.class_names == ["Moth", "ant", "zebra"]
     # the link back up the class folder adds nothing (it was read 40 levels deep)
     assert ds.ids == [Path(path).relative_to(tree).as_posix() for path, _ in ref.samples]
     assert ds.labels.tolist() == ref.targets
+
+
+def test_links_back_into_the_data_folder_are_skipped_with_one_warning(tmp_path):
+    # a/up -> .. put b's images into class a too (as a/up/b/0.png), all -> . made a class
+    # holding every image, without a word
+    for k, f in enumerate(["a/0.png", "a/1.png", "b/0.png"]):
+        _write_image(tmp_path / "lp" / f, k)
+    (tmp_path / "lp" / "a" / "up").symlink_to("..", target_is_directory=True)
+    (tmp_path / "lp" / "b" / "top").symlink_to(tmp_path, target_is_directory=True)  # above
+    (tmp_path / "lp" / "all").symlink_to(".", target_is_directory=True)
+    with pytest.warns(DataWarning) as caught:
+        ds = open_dataset(tmp_path / "lp")
+    assert ds.class_names == ["a", "b"] and ds.labels.tolist() == [0, 0, 1]
+    assert ds.ids == ["a/0.png", "a/1.png", "b/0.png"]
+    assert len(caught) == 1 and str(caught[0].message).startswith(
+        f"data: 3 link(s) in {str(tmp_path / 'lp')!r} lead back into the data folder or above it "
+        "(first: 'a/up'), so they are skipped")
+    # a link to images outside the data folder is followed, as torchvision does
+    _write_image(tmp_path / "elsewhere" / "x.png", 5)
+    (tmp_path / "lp" / "b" / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere" / "again").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.warns(DataWarning):
+        assert open_dataset(tmp_path / "lp").ids[-1] == "b/more/x.png"
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_naming_it(tmp_path):
+    # a Latin-1 name (an old Windows zip) crashed embed and evaluate with a traceback when they
+    # wrote the sample ids, after the work
+    _write_image(tmp_path / "d" / "cat" / "a.png", 0)
+    Image.new("RGB", (4, 4)).save(bytes(tmp_path / "d" / "cat") + b"/caf\xe9.png")
+    with pytest.raises(PretrainReuseError, match=re.escape(
+            "data: the file name b'cat/caf\\xe9.png' in ") + ".* is not UTF-8 .*rename it.*convmv"):
+        open_dataset(tmp_path / "d")
 
 
 def test_images_of_a_format_not_read_are_warned_of_not_dropped_unsaid(tree, tmp_path):

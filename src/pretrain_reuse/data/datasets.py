@@ -396,9 +396,13 @@ def image_folder(root: str | Path, *, mode: str = "RGB",
     loose = sorted(e.name for e in entries if e.is_file() and _is_image(e.name) and not _hidden(e.name))
     folders = sorted(e.name for e in entries if e.is_dir() and not _hidden(e.name))
     other = [e.name for e in entries if e.is_file() and _other_format(e.name)]
-    found = {name: _walk_images(root / name, root, other) for name in folders}
+    back: list[str] = []
+    found = {name: _walk_images(root / name, root, other, back) for name in folders}
     _warn_of_other_formats(root, other)
+    _warn_of_links_back(root, back)
+    folders = [name for name in folders if name not in back]  # a link back is no class either
     classes = [name for name in folders if found[name]]
+    _refuse_names_not_utf8(loose + [f for name in classes for f in found[name]], root)
     if not classes:
         _require_images(loose, root)
         return FileDataset(root, loose, ids=loose, labels=None, class_names=None,
@@ -432,25 +436,60 @@ def _warn_of_other_formats(root: Path, other: list[str]) -> None:
                       stacklevel=3)
 
 
-def _walk_images(folder: Path, root: Path, other: list[str]) -> list[str]:
+def _warn_of_links_back(root: Path, back: list[str]) -> None:
+    """Warn of the links ``back`` in ``root`` (:func:`_walk_images`) whose folders were skipped."""
+    if back:
+        warnings.warn(f"data: {len(back)} link(s) in {str(root)!r} lead back into the data folder or "
+                      f"above it (first: {back[0]!r}), so they are skipped: read through them, "
+                      "their images would join the link's class; remove the links, or copy the "
+                      "images if they belong to that class too", DataWarning, stacklevel=3)
+
+
+def _refuse_names_not_utf8(names: list[str], root: Path) -> None:
+    """Sample ids go into JSON and safetensors metadata as UTF-8; a file name in another encoding
+    (Latin-1 from an old zip) reaches Python as a str that cannot be encoded, and would fail in
+    the middle of embedding or evaluating, after the work."""
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PretrainReuseError(
+                f"data: the file name {os.fsencode(name)!r} in {str(root)!r} is not UTF-8 (saved "
+                "in another encoding, e.g. Latin-1 by an old zip); rename it, e.g. with "
+                f"`convmv -f latin1 -t utf8 -r --notest {str(root)!r}`") from None
+
+
+def _walk_images(folder: Path, root: Path, other: list[str], back: list[str]) -> list[str]:
     """Image files under ``folder`` in torchvision's order, as POSIX paths relative to ``root``;
     files of the image formats not read (:func:`_other_format`) are appended to ``other``.
 
-    Links to folders are followed, as torchvision does, but each real folder is read once, so a
-    link back up the tree cannot repeat (and relabel) images."""
+    Links to folders are followed, as torchvision does, except a link that leads into ``root``
+    or to a folder above it (``ln -s .. up``, ``ln -s . all``): its images are read where they
+    lie, and read again under the link they would join this class. Such links are appended to
+    ``back``. Each real folder is read once, so a loop of links outside ``root`` ends too."""
+    top = os.path.realpath(root)
     seen, by_dir = set(), []
     for dirpath, dirnames, fnames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        if os.path.islink(dirpath) and (_under(real, top) or _under(top, real)):
+            back.append(rel_dir)
+            dirnames.clear()
+            continue
         if real in seen:
             dirnames.clear()
             continue
         seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not _hidden(d))  # a deterministic walk
-        rel_dir = Path(dirpath).relative_to(root).as_posix()
         by_dir.append((dirpath, [f"{rel_dir}/{f}" for f in sorted(fnames)
                                  if _is_image(f) and not _hidden(f)]))
         other += [f"{rel_dir}/{f}" for f in fnames if _other_format(f)]
     return [f for _, files in sorted(by_dir) for f in files]
+
+
+def _under(path: str, folder: str) -> bool:
+    """Whether the real path ``path`` is ``folder`` or lies inside it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _is_image(name: str) -> bool:
