@@ -34,9 +34,11 @@ from pretrain_reuse.data import (
     subsample_long_tail,
     write_class_names,
 )
+from pretrain_reuse.data.catalog import has_splits
 from pretrain_reuse.data.datasets import decode_image
 from pretrain_reuse.data.world import COLOURS, RGB
 from pretrain_reuse.errors import PretrainReuseError
+from pretrain_reuse.finetune import open_split
 
 # --- files on disk -----------------------------------------------------------------------------
 
@@ -212,6 +214,37 @@ def test_a_data_set_root_of_split_folders_without_split_is_refused(tree, tmp_pat
     shutil.copytree(root / "train", root / "test")
     with pytest.raises(PretrainReuseError, match=r"split folders \(test, train\).*--split"):
         open_dataset(root)
+    assert open_dataset(root, split="test").class_names == ["Moth", "ant", "zebra"]
+
+
+def test_split_folders_are_recognised_in_any_case(tree, tmp_path):
+    # Train/ and Test/ (as many downloaded sets have them) were read as 2 classes, Test and Train
+    root = tmp_path / "data"
+    root.mkdir()
+    (tmp_path / "tree").rename(root / "Train")
+    shutil.copytree(root / "Train", root / "Test")
+    with pytest.raises(PretrainReuseError, match=r"split folders \(test, train\).*--split"):
+        open_dataset(root)
+    assert has_splits(root) and open_dataset(root, split="test").source == str(root / "Test")
+    assert open_split(root, "train").class_names == ["Moth", "ant", "zebra"]
+    shutil.rmtree(root / "Test")
+    with pytest.raises(PretrainReuseError, match=r"only the split folder 'train'.*pass the split's "
+                       f"folder {re.escape(repr(str(root / 'Train')))}"):
+        open_dataset(root)
+
+
+def test_split_folders_beside_other_folders_are_refused(tree, tmp_path):
+    # train/, test/ and extra/ were read silently as three classes, labelling images by split
+    root = tmp_path / "data"
+    root.mkdir()
+    (tmp_path / "tree").rename(root / "train")
+    shutil.copytree(root / "train", root / "test")
+    _write_image(root / "extra" / "0.png", 0)
+    message = (r"holds the split folders test, train beside other folders \(extra\); pass the "
+               r"folder of one split")
+    for open_ in (open_dataset, has_splits, lambda p: open_split(p, "train")):
+        with pytest.raises(PretrainReuseError, match=message):
+            open_(root)
     assert open_dataset(root, split="test").class_names == ["Moth", "ant", "zebra"]
 
 

@@ -608,8 +608,10 @@ def _explain_data(args):
             raise PretrainReuseError(f"--split does not apply to the sentence file {args.data!r}; "
                                      "pass one sentence file per split")
         return text_file(args.data), None
-    splits = DATASETS[args.data].splits if args.data in DATASETS else split_folders(Path(args.data))
-    split = args.split or ("test" if "test" in splits else None)
+    split = args.split
+    if not split:  # (split_folders refuses split folders beside others; --split picks one)
+        splits = DATASETS[args.data].splits if args.data in DATASETS else split_folders(Path(args.data))
+        split = "test" if "test" in splits else None
     return open_dataset(args.data, split=split), split
 
 

@@ -116,11 +116,7 @@ def open_dataset(spec: str | Path, *, split: str | None = None, transform: Trans
     path = Path(spec)
     if path.is_dir():
         if split:
-            if not (path / split).is_dir():
-                raise PretrainReuseError(
-                    f"split={split!r}: {str(path)!r} has no sub-folder {split!r}; pass the split "
-                    "folder itself, or a split that exists")
-            path = path / split
+            path = _split_folder(path, split)
         else:
             _refuse_split_folders(path)
         return image_folder(path, mode=mode or "RGB", transform=transform)
@@ -135,13 +131,34 @@ SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testi
 
 
 def split_folders(path: Path) -> list[str]:
-    """The sorted names of the sub-folders of ``path`` when they all name splits (``train/``,
-    ``test/``, ...: a data set root, not a folder of class folders); else (or when ``path`` is no
-    folder) []. Hidden folders (.ipynb_checkpoints) are no classes to image_folder either."""
+    """The sorted split names (lower case) of the sub-folders of ``path`` when they all name
+    splits, in any case (``train/``, ``Test/``, ...: a data set root, not a folder of class
+    folders); else (or when ``path`` is no folder) []. Hidden folders (.ipynb_checkpoints) are no
+    classes to image_folder either. Split folders beside others (``train/``, ``test/``,
+    ``extra/``) are refused: read as classes, they would label images by their split."""
     if not path.is_dir():
         return []
-    subfolders = {p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")}
-    return sorted(subfolders) if subfolders and subfolders <= SPLIT_NAMES else []
+    subfolders = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    splits = [name for name in subfolders if name.lower() in SPLIT_NAMES]
+    if len(splits) > 1 and len(splits) < len(subfolders):
+        others = [name for name in subfolders if name not in splits]
+        raise PretrainReuseError(
+            f"data: {str(path)!r} holds the split folders {', '.join(splits)} beside other "
+            f"folders ({', '.join(others[:5])}); pass the folder of one split (e.g. "
+            f"{str(path / splits[0])!r}), or move the other folders out")
+    return sorted({name.lower() for name in splits}) if splits == subfolders else []
+
+
+def _split_folder(path: Path, split: str) -> Path:
+    """The sub-folder of ``path`` named ``split``, in any case (a downloaded set's Train/)."""
+    if (path / split).is_dir():
+        return path / split
+    named = [p for p in path.iterdir() if p.is_dir() and p.name.lower() == split.lower()]
+    if len(named) != 1:
+        raise PretrainReuseError(
+            f"split={split!r}: {str(path)!r} has no sub-folder {split!r}; pass the split "
+            "folder itself, or a split that exists")
+    return named[0]
 
 
 def check_exists(spec: str | Path, what: str = "data") -> None:
@@ -193,7 +210,8 @@ def _refuse_split_folders(path: Path) -> None:
     if len(splits) == 1:
         raise PretrainReuseError(
             f"data: {str(path)!r} holds only the split folder {splits[0]!r}, not class folders; "
-            f"pass the split's folder {str(path / splits[0])!r} (or --split {splits[0]})")
+            f"pass the split's folder {str(_split_folder(path, splits[0]))!r} (or --split "
+            f"{splits[0]})")
     if splits:
         raise PretrainReuseError(
             f"data: {str(path)!r} holds split folders ({', '.join(splits)}), not class folders; "
