@@ -338,9 +338,11 @@ def test_a_header_of_unknown_column_names_is_skipped_and_integer_labels_kept(tmp
         ds = open_dataset(tmp_path / "l.csv")
         assert ds.ids == ["cat/0.png", "cat/1.png", "dog/0.png"]
         assert ds.labels.tolist() == [0, 2, 10] and ds.class_names == names
-    # a first row naming an image is data, whatever its label
+    # a first row naming an image is data, whatever its label (here one mixing name and index)
     (tmp_path / "l.csv").write_text("cat/1.png,cat\ncat/0.png,0\n")
-    assert open_dataset(tmp_path / "l.csv").ids == ["cat/1.png", "cat/0.png"]
+    with pytest.raises(PretrainReuseError, match="line 2 has the label '0', a class index, but "
+                       "line 1 has a class name"):
+        open_dataset(tmp_path / "l.csv")
 
 
 @pytest.mark.parametrize(("name", "text", "holds"), [
@@ -390,6 +392,70 @@ def test_list_naming_a_path_twice_names_both_lines(tmp_path):
         open_dataset(tmp_path / "list.csv")
 
 
+def test_a_path_listed_twice_in_two_spellings_is_refused(tmp_path):
+    # the duplicate check compared the raw strings: one image was accepted with two labels
+    _write_image(tmp_path / "imgs" / "a.png", 0)
+    (tmp_path / "list.csv").write_text("imgs/a.png,cat\n./imgs/a.png,dog\n")
+    with pytest.raises(PretrainReuseError, match=re.escape(
+            "lists 'imgs/a.png' twice (lines 1 and 2, the second time as './imgs/a.png')")):
+        open_dataset(tmp_path / "list.csv")
+
+
+def test_a_list_line_with_an_empty_label_is_refused_naming_it(tmp_path):
+    # imgs/e.png, made a class named ''
+    _write_image(tmp_path / "imgs" / "a.png", 0)
+    _write_image(tmp_path / "imgs" / "e.png", 1)
+    (tmp_path / "l.csv").write_text("imgs/a.png,cat\nimgs/e.png,\n")
+    with pytest.raises(PretrainReuseError, match=re.escape(
+            "line 2 has no label ('imgs/e.png' has an empty label cell); label every image")):
+        open_dataset(tmp_path / "l.csv")
+
+
+def test_float_labels_of_a_list_are_class_indices_and_mixed_labels_are_refused(tmp_path):
+    # pandas writes an integer column with a missing value as floats: 0.0, 1.0 were the class
+    # names '0.0', '1.0' (as they are indices in sentence files); 0, 1, cat made 3 name classes
+    for k in range(3):
+        _write_image(tmp_path / f"{k}.png", k)
+    (tmp_path / "l.csv").write_text("0.png,0.0\n1.png,1.0\n2.png,10.0\n")
+    ds = open_dataset(tmp_path / "l.csv")
+    assert ds.labels.tolist() == [0, 1, 10] and ds.class_names is None
+    (tmp_path / "l.csv").write_text("0.png,0\n1.png,1\n2.png,cat\n")
+    with pytest.raises(PretrainReuseError, match=re.escape(
+            "line 3 has the label 'cat', a class name, but line 1 has a class index; give every "
+            "label as an index or every label as a name")):
+        open_dataset(tmp_path / "l.csv")
+
+
+def test_a_list_with_a_byte_order_mark_keeps_its_first_image(tmp_path):
+    # Excel's "CSV UTF-8": the first path kept the mark, and its image was warned unreadable
+    for k in range(2):
+        _write_image(tmp_path / f"{k}.png", k)
+    for header in ("", "path,label\n"):
+        (tmp_path / "l.csv").write_text(f"\ufeff{header}0.png,cat\n1.png,dog\n", encoding="utf-8")
+        ds = open_dataset(tmp_path / "l.csv")
+        assert ds.ids == ["0.png", "1.png"] and ds.class_names == ["cat", "dog"]
+        assert ds[0][0] is not None
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    # a Latin-1 list was told it was no text list file at all
+    (b"caf\xe9.png,chat\n", r"is not UTF-8 text \(Latin-1, as some spreadsheet programs save "
+                            r"CSV\?\); save it as UTF-8"),
+    (b"\x93NUMPY\x01\x00v\x00", "is not a text list file; pass a folder or a path,label list"),
+    # a ';'-separated list was told only that its paths ('a.png;cat') were missing
+    (b"path;label\na.png;cat\nb.png;dog\n", r"are missing \(first: 'path;label', .*list files are "
+                                            "comma- or tab-separated, not ';'-separated: save it "
+                                            "with commas"),
+])
+def test_a_list_file_in_another_encoding_or_delimiter_is_told_how_to_save_it(tmp_path, content,
+                                                                             needle):
+    for name in ("a.png", "b.png"):
+        _write_image(tmp_path / name, 0)
+    (tmp_path / "l.csv").write_bytes(content)
+    with pytest.raises(PretrainReuseError, match=needle):
+        open_dataset(tmp_path / "l.csv")
+
+
 @pytest.mark.parametrize("label", ["-1", "99999999999999999999"])
 def test_list_labels_that_are_no_class_index_are_refused(tmp_path, label):
     # -1 read as a class name would make "unlabelled" a class of its own (and shift the indices
@@ -404,9 +470,9 @@ def test_list_labels_that_are_no_class_index_are_refused(tmp_path, label):
 def test_a_superscript_digit_label_is_a_class_name_not_a_traceback(tmp_path):
     _write_image(tmp_path / "a.png", 0)
     _write_image(tmp_path / "b.png", 1)
-    (tmp_path / "l.csv").write_text("a.png,\u00b2\nb.png,0\n")  # str.isdigit() holds for '²'
+    (tmp_path / "l.csv").write_text("a.png,\u00b2\nb.png,\u00b3\n")  # str.isdigit() holds for '²'
     ds = open_dataset(tmp_path / "l.csv")
-    assert ds.class_names == ["0", "\u00b2"] and ds.labels.tolist() == [1, 0]
+    assert ds.class_names == ["\u00b2", "\u00b3"] and ds.labels.tolist() == [0, 1]
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])

@@ -522,12 +522,14 @@ def file_list(path: str | Path, *, mode: str = "RGB",
     (space-separated ``path label`` lines are not read: a path may hold spaces). The first line is
     a header when its first cell is a path column name (``path``, ``file``, ``image``...) or its
     second a label column name (``label``, ``class``...), or when its label is no integer while
-    every other label is one and its path is no file (``fname,target_id``). Integer labels are
+    every other label is one and its path is no file (``fname,target_id``). The file is UTF-8 (a
+    byte-order mark is skipped); a path listed twice, in any spelling (``./a.png``), is refused.
+    Integer labels (``10.0`` too, as pandas writes them) are
     class indices used as given: labels 0, 2 and 10 make classes 0..10, some without images, as
     the later stages expect (class means refuse such gaps, fine-tuning notes them); a
     ``classes.txt`` beside the list names them, else ``class_names`` is None. Any other labels are
-    class names, numbered in sorted order (as folder names are). A single column means unlabelled
-    images.
+    class names, numbered in sorted order (as folder names are); a list mixing indices and names,
+    or with an empty label, is refused. A single column means unlabelled images.
 
     A list none of whose paths exists is refused, naming the first path: that is a wrong base
     folder, not a few lost files. Missing paths among existing ones are kept and, like corrupt
@@ -535,12 +537,19 @@ def file_list(path: str | Path, *, mode: str = "RGB",
     lists the first 100 in its index), so a long list with a few deleted files still runs.
     """
     p = check_file("data", path)
+    raw = p.read_bytes()
     try:
-        text = p.read_text()
+        # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which would join the
+        # first path
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
+        if b"\0" in raw:  # a binary file (an array, an archive) given as data
+            raise PretrainReuseError(
+                f"data: {str(p)!r} is not a text list file; pass a folder or a path,label list"
+            ) from None
         raise PretrainReuseError(
-            f"data: {str(p)!r} is not a text list file; pass a folder or a path,label list"
-        ) from None
+            f"data: list file {str(p)!r} is not UTF-8 text (Latin-1, as some spreadsheet "
+            "programs save CSV?); save it as UTF-8") from None
     lines = text.splitlines()
     first = next((line for line in lines if line.strip()), "")
     delimiter = csv_delimiter(p, first)
@@ -565,26 +574,36 @@ def file_list(path: str | Path, *, mode: str = "RGB",
             raise PretrainReuseError(
                 f"data: {str(p)!r} line {n} has {len(row)} field(s) {row!r}; every line must be "
                 "`path,label` (or every line just `path`)")
+        if width == 2 and not row[1]:  # it would be a class named ''
+            raise PretrainReuseError(
+                f"data: {str(p)!r} line {n} has no label ({row[0]!r} has an empty label cell); "
+                "label every image (list unlabelled images in a file of their own, without labels)")
     ids = [row[0] for _, row in rows]
     _refuse_repeated_paths(rows, p)
     _require_some_path(ids, p, delimiter)
     labels, class_names = None, None
     if width == 2:
-        labels, class_names = _parse_labels([row[1] for _, row in rows], p)
+        cells = [label_cell(row[1]) for _, row in rows]
+        refuse_mixed_labels(cells, [n for n, _ in rows], p)
+        labels, class_names = _parse_labels(cells, p)
     return FileDataset(p.parent, ids, ids=ids, labels=labels, class_names=class_names, mode=mode,
                        transform=transform, source=str(p))
 
 
 def _refuse_repeated_paths(rows: list[tuple[int, list[str]]], list_path: Path) -> None:
     """A path listed twice would be one sample id for two samples: a validation split could hold
-    an image that training also sees, and two labels for one image contradict each other."""
-    first_line: dict[str, int] = {}
+    an image that training also sees, and two labels for one image contradict each other. Paths
+    are compared normalised, as ``./imgs/a.jpg`` and ``imgs/a.jpg`` are one file."""
+    first: dict[str, tuple[int, str]] = {}  # normalised path: the line and path first giving it
     for n, row in rows:
-        if row[0] in first_line:
+        key = os.path.normpath(row[0])
+        if key in first:
+            line, given = first[key]
+            spelt = "" if given == row[0] else f", the second time as {row[0]!r}"
             raise PretrainReuseError(
-                f"data: {str(list_path)!r} lists {row[0]!r} twice (lines {first_line[row[0]]} and "
-                f"{n}); list every image once")
-        first_line[row[0]] = n
+                f"data: {str(list_path)!r} lists {given!r} twice (lines {line} and {n}{spelt}); "
+                "list every image once")
+        first[key] = n, row[0]
 
 
 def _require_some_path(ids: list[str], list_path: Path, delimiter: str) -> None:
@@ -593,14 +612,16 @@ def _require_some_path(ids: list[str], list_path: Path, delimiter: str) -> None:
         return
     # A space-separated 'cat/0.png 0' line (ImageNet's val.txt style) reads as one path; the hint
     # is conditional, as a path may hold spaces and the base folder be what is wrong.
-    spaced = ""
-    if delimiter == "," and len(ids[0].split()) > 1:
-        spaced = (f"; list files are comma-separated: if {ids[0]!r} is a path and a label, write "
-                  f"{','.join(ids[0].rsplit(maxsplit=1))!r}")
+    hint = ""
+    if delimiter == "," and all(";" in i for i in ids):  # as spreadsheets save CSV in some locales
+        hint = "; list files are comma- or tab-separated, not ';'-separated: save it with commas"
+    elif delimiter == "," and len(ids[0].split()) > 1:
+        hint = (f"; list files are comma-separated: if {ids[0]!r} is a path and a label, write "
+                f"{','.join(ids[0].rsplit(maxsplit=1))!r}")
     raise PretrainReuseError(
         f"data: {len(ids)} of {len(ids)} paths in {str(list_path)!r} are missing (first: "
         f"{ids[0]!r}, looked for {str((list_path.parent / ids[0]).absolute())!r}); paths in a list file are "
-        f"relative to the list file's folder: fix them or move the list{spaced}")
+        f"relative to the list file's folder: fix them or move the list{hint}")
 
 
 def csv_delimiter(path: Path, first_line: str) -> str:
@@ -636,6 +657,27 @@ def _is_integer(cell: str) -> bool:
     # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
     digits = cell.removeprefix("-")
     return digits.isascii() and digits.isdigit()
+
+
+def label_cell(cell: str) -> str:
+    """The label of a CSV cell: pandas writes an integer column with a missing value as floats,
+    so ``10.0`` is the class index 10."""
+    return re.sub(r"^(\d+)\.0+$", r"\1", cell)
+
+
+def refuse_mixed_labels(labels: Sequence[str | int], lines: Sequence[int], path: Path) -> None:
+    """Refuse labels (on lines ``lines`` of ``path``; ints from JSON, else strings) that mix class
+    indices and class names: read as names, the indices would be classes of their own,
+    renumbered in string order."""
+    first_of_kind: dict[str, int] = {}  # "index" / "name": the first line with such a label
+    for label, number in zip(labels, lines, strict=True):
+        kind, other = ("index", "name") if _is_integer(str(label)) else ("name", "index")
+        first_of_kind.setdefault(kind, number)
+        if other in first_of_kind:
+            raise PretrainReuseError(
+                f"data: {str(path)!r} line {number} has the label {label!r}, a class {kind}, but "
+                f"line {first_of_kind[other]} has a class {other}; give every label as an index "
+                "or every label as a name")
 
 
 def _parse_labels(cells: list[str], list_path: Path) -> tuple[np.ndarray, list[str] | None]:

@@ -29,7 +29,6 @@ import csv
 import hashlib
 import io
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,7 +45,9 @@ from .datasets import (
     _is_integer,
     _parse_labels,
     csv_delimiter,
+    label_cell,
     names_text_column,
+    refuse_mixed_labels,
     summary,
 )
 
@@ -209,8 +210,8 @@ def _csv_rows(text: str, p: Path) -> list[tuple[int, dict[str, str], str]]:
             continue
         row = {key: cells[i].strip() if key != "text" else cells[i]
                for key, i in columns.items() if i < len(cells)}
-        if "label" in row:  # pandas writes an integer column with a missing value as floats
-            row["label"] = re.sub(r"^(\d+)\.0+$", r"\1", row["label"])
+        if "label" in row:
+            row["label"] = label_cell(row["label"])
         rows.append((number, row, delimiter.join(cells)))
     return rows
 
@@ -220,7 +221,7 @@ def _sentences(rows: list[tuple[int, Any, str]], p: Path, need_labels: bool,
     """The sentences of a file's ``rows`` (line number, row, row as read), each row checked."""
     texts, labels = [], []
     ids: dict[str, int] = {}  # each sample's id, and the line that gave it
-    first_of_kind: dict[str, int] = {}  # "index" / "name": the first line with such a label
+    label_lines = []  # the line of each label
     for number, row, line in rows:
         text, label = (row.get("text"), row.get("label")) if isinstance(row, dict) else (None, None)
         unlabelled = not need_labels and isinstance(row, dict) and "label" not in row
@@ -243,17 +244,10 @@ def _sentences(rows: list[tuple[int, Any, str]], p: Path, need_labels: bool,
         if isinstance(label, int) and label < 0:
             raise PretrainReuseError(f"data: {str(p)!r} line {number} has label {label}; class "
                                      "indices are >= 0")
-        if not unlabelled:
-            kind, other = ("index", "name") if _is_integer(str(label)) else ("name", "index")
-            first_of_kind.setdefault(kind, number)
-            if other in first_of_kind:  # the indices would become names: one class more
-                raise PretrainReuseError(
-                    f"data: {str(p)!r} line {number} has the label {label!r}, a class {kind}, but "
-                    f"line {first_of_kind[other]} has a class {other}; give every label as an "
-                    "index or every label as a name")
         texts.append(text)
         if not unlabelled:
-            labels.append(str(label))
+            labels.append(label)
+            label_lines.append(number)
         given = row.get("id")
         sample = f"{p.name}:{number}" if given is None or given == "" else str(given)
         if sample in ids:
@@ -265,6 +259,8 @@ def _sentences(rows: list[tuple[int, Any, str]], p: Path, need_labels: bool,
     if not labels:
         return TextDataset(texts=texts, labels=None, class_names=None, ids=list(ids),
                            source=str(p))
+    refuse_mixed_labels(labels, label_lines, p)
+    labels = [str(label) for label in labels]  # as a CSV file gives them: the index 3 as "3"
     label_array, class_names = _parse_labels(labels, p)
     # as _parse_labels reads them: "3" is the index 3, as 3 is
     named = not all(_is_integer(label) for label in labels)
