@@ -1019,7 +1019,9 @@ def test_every_option_with_a_default_shows_it_in_the_help():
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     embed, evaluate, select = (sub.choices[v].format_help() for v in ("embed", "evaluate", "select"))
-    assert re.search(r"--batch-size BATCH_SIZE\s+default: 128", embed)
+    assert re.search(r"--batch-size BATCH_SIZE images \(sentences\) per forward pass; a stopped run "
+                     r"resumes with the same one .{0,80}\), --workers may change \(default: 128\)",
+                     " ".join(embed.split()))
     assert re.search(r"--seed SEED\s+initialises layers without weights \(default: 0\)", embed)
     assert re.search(r"--device DEVICE\s+cpu, cuda or cuda:N \(default: cpu\)", evaluate)
     assert "(default: None)" not in embed + evaluate + select  # no default: nothing shown

@@ -1037,9 +1037,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", help="sub-folder / split of --data (train, test...)")
     e.add_argument("--layer", default="penultimate", help="penultimate | head | logits")
     e.add_argument("--batch-size", type=_at_least(1), default=128,
-                   help="images (sentences) per forward pass (default: %(default)s); a stopped "
-                   "run resumes with the same one (other sizes sum in another order: features "
-                   "about 1e-7 apart), --workers may change")
+                   help="images (sentences) per forward pass; a stopped run resumes with the "
+                   "same one (other sizes sum in another order: features about 1e-7 apart), "
+                   "--workers may change")
     e.add_argument("--workers", type=_at_least(0), default=0, help="DataLoader worker processes")
     e.add_argument("--shard-size", type=_at_least(1), default=8192, help="samples per shard file")
     e.add_argument("--device", default="cpu")
