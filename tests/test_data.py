@@ -442,6 +442,8 @@ def test_a_list_with_a_byte_order_mark_keeps_its_first_image(tmp_path):
     (b"caf\xe9.png,chat\n", r"is not UTF-8 text \(Latin-1, as some spreadsheet programs save "
                             r"CSV\?\); save it as UTF-8"),
     (b"\x93NUMPY\x01\x00v\x00", "is not a text list file; pass a folder or a path,label list"),
+    # Excel's "Unicode text" export: its NUL bytes made it 'not a text list file'
+    ("a.png\tcat\n".encode("utf-16"), "is UTF-16 text; save it as UTF-8"),
     # a ';'-separated list was told only that its paths ('a.png;cat') were missing
     (b"path;label\na.png;cat\nb.png;dog\n", r"are missing \(first: 'path;label', .*list files are "
                                             "comma- or tab-separated, not ';'-separated: save it "

@@ -13,6 +13,7 @@ import pickle
 import re
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -794,6 +795,16 @@ def test_a_training_scripts_checkpoint_with_numpy_numbers_loads(tmp_path):
     assert net.load_report.loaded == len(state)
     for k, v in state.items():
         assert torch.equal(net.body.state_dict()[k], v)
+    # the same checkpoint as NumPy 1.x pickled it (numpy.core, not numpy._core), as most are
+    old = tmp_path / "numpy1.pth.tar"
+    with zipfile.ZipFile(path) as zin, zipfile.ZipFile(old, "w", zipfile.ZIP_STORED) as zout:
+        for entry in zin.infolist():
+            data = zin.read(entry.filename)
+            if entry.filename.endswith("data.pkl"):
+                data = data.replace(b"cnumpy._core.multiarray\nscalar\n", b"cnumpy.core.multiarray\nscalar\n")
+                assert b"cnumpy.core.multiarray\nscalar" in data
+            zout.writestr(entry.filename, data)
+    assert create_backbone("smallcnn", weights=old).load_report.loaded == len(state)
     # arrays and strings still are not unpickled
     for extra, what in ((np.zeros(3), r"numpy\._?core\.multiarray\._reconstruct"),
                         (np.str_("adam"), r"numpy\.dtypes\.StrDType")):
@@ -851,7 +862,10 @@ def test_what_checkpoints_hold_beside_the_model_loads_and_a_numbered_extra_layer
     name = f"python:{tmp_path / 'nets.py'}:build"
     own = create_backbone(name).body.state_dict()
     # a buffer the model keeps out of its state dict, an EMA copy, an optimiser's step count
-    extras = {"0.index": torch.arange(3), "ema.0.weight": own["0.weight"], "step": torch.ones(1)}
+    # and a tensor of a layer the model's library no longer builds (an old RoBERTa file's pooler,
+    # an old GPT-2's attention masks), under a layer the model has
+    extras = {"0.index": torch.arange(3), "ema.0.weight": own["0.weight"], "step": torch.ones(1),
+              "0.masked_bias": torch.ones(1)}
     net = create_backbone(name, weights=_save(own | extras, tmp_path / "extras.pth"))
     assert net.load_report.unexpected == tuple(sorted(extras))
     # a deeper Sequential: layer 3 of a model of layers 0-2
@@ -866,13 +880,18 @@ def test_a_head_under_a_name_the_model_does_not_use_is_warned_of(tmp_path):
     state = timm.create_model("resnet18", num_classes=10).state_dict()
     renamed = {f"head.{k}" if k.startswith("fc.") else k: v for k, v in state.items()}
     with pytest.warns(WeightsWarning, match=r"has no fc\.\* weights, so timm:resnet18 loads without "
-                      r"a head, but it holds head\.fc\.weight \(10, 512\), which takes its 512 features"
+                      r"a head, but it holds head\.fc\.\* \(10, 512\), which takes its 512 features"
                       r".*Rename those keys to fc\.\* in the file"):
         net = create_backbone("timm:resnet18", weights=_save(renamed, tmp_path / "head.pth"))
     assert net.head is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # its own name: a head, and no warning
         assert create_backbone("timm:resnet18", weights=_save(state, tmp_path / "fc.pth")).num_classes == 10
+        # a projector with BatchNorm (SwAV's), which no head could take: no advice to rename it
+        swav = {k: v for k, v in state.items() if not k.startswith("fc.")} | {
+            "projection_head.0.weight": torch.ones(64, 512), "projection_head.1.weight": torch.ones(64),
+            "projection_head.1.running_mean": torch.zeros(64), "projection_head.3.weight": torch.ones(8, 64)}
+        assert create_backbone("timm:resnet18", weights=_save(swav, tmp_path / "swav.pth")).head is None
 
 
 def test_keys_under_one_outer_prefix_load_as_the_models(tmp_path):

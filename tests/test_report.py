@@ -819,8 +819,8 @@ def test_an_unfinished_folder_being_written_names_the_process_not_a_rerun(tmp_pa
     (run / "run.json").write_text(json.dumps({"kind": "experiment-run", "params": {"experiment": "table1"}}))
     with _held_by_another_process(run):
         err = _refused(capsys, run)
-    assert "is being written by another process now" in err
-    assert "report on it once that process has finished" in err and "this experiment has not finished" in err
+    assert "is being written by another process now, and has not finished what report shows; " \
+           "report on it once that process has finished" in err and "rerun" not in err
 
 
 @pytest.mark.parametrize("parent_kind, run_path, command", [

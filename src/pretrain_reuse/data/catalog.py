@@ -134,8 +134,9 @@ def split_folders(path: Path) -> list[str]:
     """The sorted split names (lower case) of the sub-folders of ``path`` when they all name
     splits, in any case (``train/``, ``Test/``, ...: a data set root, not a folder of class
     folders); else (or when ``path`` is no folder) []. Hidden folders (.ipynb_checkpoints) are no
-    classes to image_folder either. Split folders beside others (``train/``, ``test/``,
-    ``extra/``) are refused: read as classes, they would label images by their split."""
+    classes to image_folder either. Two or more split folders beside others (``train/``,
+    ``test/``, ``extra/``) are refused: read as classes, they would label images by their split
+    (one, ``test/`` beside ``cat/``, may be a class)."""
     if not path.is_dir():
         return []
     subfolders = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))

@@ -22,6 +22,7 @@ Order is deterministic: an image folder follows ``torchvision.datasets.ImageFold
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import os
@@ -45,6 +46,7 @@ from ..errors import (
     check_seed,
     preview,
     read_text,
+    user_stacklevel,
 )
 
 # The extensions torchvision's ImageFolder accepts (matched case-insensitively).
@@ -442,7 +444,8 @@ def _warn_of_links_back(root: Path, back: list[str]) -> None:
         warnings.warn(f"data: {len(back)} link(s) in {str(root)!r} lead back into the data folder or "
                       f"above it (first: {back[0]!r}), so they are skipped: read through them, "
                       "their images would join the link's class; remove the links, or copy the "
-                      "images if they belong to that class too", DataWarning, stacklevel=3)
+                      "images if they belong to that class too", DataWarning,
+                      stacklevel=user_stacklevel())
 
 
 def _refuse_names_not_utf8(names: list[str], root: Path) -> None:
@@ -543,6 +546,9 @@ def file_list(path: str | Path, *, mode: str = "RGB",
         # first path
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
+        if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # Excel's "Unicode text"
+            raise PretrainReuseError(
+                f"data: list file {str(p)!r} is UTF-16 text; save it as UTF-8") from None
         if b"\0" in raw:  # a binary file (an array, an archive) given as data
             raise PretrainReuseError(
                 f"data: {str(p)!r} is not a text list file; pass a folder or a path,label list"

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import PretrainReuseError, check_choice
+from ..errors import PretrainReuseError, check_choice, user_stacklevel
 from .checkpoint import LoadReport, WeightsWarning, head_from_state, load_body, split_head
 from .spec import BackboneSpec, ImageTransform, TextTransform, make_transform
 
@@ -197,18 +197,31 @@ def assemble(parts: ModelParts, state: Mapping[str, torch.Tensor] | None, path: 
 
 def _warn_of_other_head(state: Mapping[str, torch.Tensor], unexpected: tuple[str, ...],
                         parts: ModelParts, path: str) -> None:
-    """Warn when a file without head weights holds, among the keys the model ignored, a matrix
-    that takes the model's features: likely a head saved under another name (``head.fc.`` for
-    timm's ``fc``), which the backbone goes without."""
-    takes = [k for k in unexpected if k.endswith("weight") and state[k].dim() == 2
-             and state[k].shape[1] == parts.feature_dim]
-    if takes:
-        name = parts.head_name or HEADLESS_NAME
+    """Warn when a file without head weights holds, among the keys the model ignored, a head
+    that takes the model's features: a Linear, or an MLP of them (:func:`head_from_state`),
+    likely saved under another name (``head.fc.`` for timm's ``fc``), which the backbone goes
+    without. A projector the backbone could not rebuild (one with BatchNorm, as SwAV's) is no
+    head to rename, and is not warned of."""
+    name = parts.head_name or HEADLESS_NAME
+    for key in unexpected:
+        if not (key.endswith(".weight") and state[key].dim() == 2
+                and state[key].shape[1] == parts.feature_dim):
+            continue
+        # the Linear's own name, or that of the MLP it is the first layer of (fc.0.weight)
+        layer = key.removesuffix(".weight")
+        parent, _, last = layer.rpartition(".")
+        prefix = parent if last.isdigit() and parent else layer
+        head_state = {k[len(prefix) + 1:]: state[k] for k in unexpected if k.startswith(prefix + ".")}
+        try:
+            head_from_state(head_state, prefix, path)
+        except PretrainReuseError:
+            continue
         warnings.warn(
             f"weights file {path!r} has no {name}.* weights, so {parts.spec.name} loads without a "
-            f"head, but it holds {takes[0]} {tuple(state[takes[0]].shape)}, which takes its "
+            f"head, but it holds {prefix}.* {tuple(state[key].shape)}, which takes its "
             f"{parts.feature_dim} features: a head under another name? Rename those keys to "
-            f"{name}.* in the file to keep it", WeightsWarning, stacklevel=4)
+            f"{name}.* in the file to keep it", WeightsWarning, stacklevel=user_stacklevel())
+        return
 
 
 def last_linear_name(model: nn.Module) -> str | None:

@@ -116,7 +116,10 @@ def _read_weights(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 # class (Float64DType, ...): they make a number of the bytes and call no other code. Other
 # dtypes (strings, objects, records) and NumPy arrays stay refused.
 _NUMBER_CODES = np.typecodes["AllInteger"] + np.typecodes["AllFloat"] + "?"
-_SAFE_GLOBALS = [argparse.Namespace, np.float64(0).__reduce__()[0], np.dtype,
+_SCALAR = np.float64(0).__reduce__()[0]
+# NumPy 1.x pickled the scalar maker as numpy.core.multiarray.scalar (NumPy 2: numpy._core...):
+# most training checkpoints were written under NumPy 1
+_SAFE_GLOBALS = [argparse.Namespace, _SCALAR, (_SCALAR, "numpy.core.multiarray.scalar"), np.dtype,
                  *{type(np.dtype(code)) for code in _NUMBER_CODES}]
 
 
@@ -305,18 +308,24 @@ def load_body(model: nn.Module, state: Mapping[str, torch.Tensor], path: str, na
 
 
 def _layers_lacking(model: nn.Module, ignored: list[str]) -> list[str]:
-    """The file keys of ``ignored`` (keys ``model`` has no tensor for) that lie inside the
-    model's own modules: under one of its top-level modules (``layer1.2.conv1.weight``), or
-    numbered as its layers are (``6.weight`` for a ``Sequential`` of 6). Not a buffer the model
-    keeps out of its state dict (BERT's ``position_ids``, which older files saved), nor what
-    checkpoints hold beside the model: MoCo's ``encoder_k.*`` and ``queue``, an EMA copy under
-    its own prefix, a head under a name the model does not use."""
-    children = {n for n, _ in model.named_children()}
-    numbered = bool(children) and all(n.isdigit() for n in children)
-    buffers = {n for n, _ in model.named_buffers()}
-    first = {k: k.split(".")[0] for k in ignored}
-    return [k for k in ignored
-            if (first[k] in children or (numbered and first[k].isdigit())) and k not in buffers]
+    """The file keys of ``ignored`` (keys ``model`` has no tensor for) that number a layer past
+    the end of one of the model's numbered containers (``layer1.2.conv1.weight`` where the
+    model's ``layer1`` is a Sequential of 2 blocks; ``encoder.layer.4.*`` of a 4-layer BERT):
+    a deeper network's blocks. Other keys the model lacks are what checkpoints hold beside a
+    model (MoCo's ``encoder_k.*`` and ``queue``, an EMA copy, a pre-training head), a layer its
+    library no longer builds (an old RoBERTa file's pooler, an old GPT-2's attention masks) or a
+    head under a name the model does not use."""
+    modules = dict(model.named_modules())
+    lacking = []
+    for key in ignored:
+        path = key.split(".")[:-1]
+        # the deepest module of the model on the key's path, and the name that follows it
+        depth = max(d for d in range(len(path) + 1) if ".".join(path[:d]) in modules)
+        container = modules[".".join(path[:depth])]
+        if depth < len(path) and path[depth].isdigit() \
+                and isinstance(container, (nn.Sequential, nn.ModuleList)):
+            lacking.append(key)
+    return lacking
 
 
 def _first(keys: Mapping[str, Any]) -> list[str]:

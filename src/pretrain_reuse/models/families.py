@@ -211,7 +211,8 @@ def hf_checkpoint_state(model: nn.Module, state: Mapping[str, torch.Tensor], pat
             or not (path.parent / "config.json").is_file()):
         return state
     loaded, info = _hf_model(type(model), str(path.parent), name)
-    classifier = [a for a in loaded.config.architectures or [] if a.endswith("Classification")]
+    classifier = [a for a in loaded.config.architectures or []
+                  if a.endswith("ForSequenceClassification")]
     dropped = sorted(info["unexpected_keys"])
     if classifier and dropped:
         # the base model's features (the mean-pooled hidden states of a text encoder) are not

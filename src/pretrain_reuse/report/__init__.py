@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..artifacts import atomic_path, folder_in_use, read_json
-from ..errors import PretrainReuseError, check_file
+from ..errors import PretrainReuseError, check_file, user_stacklevel
 from ..figures import subplots
 
 CSS = """
@@ -861,8 +861,8 @@ def build_report(run_dir: str | Path) -> Path:
 
     A folder a command is writing now (:func:`~pretrain_reuse.artifacts.folder_in_use`: a run,
     or a rerun with more seeds or samples) is reported as it last finished, with a note saying
-    so; one that has not finished yet is refused, naming the running process, not a rerun (which
-    the lock would refuse)."""
+    so; one that has not finished yet is refused as being written, not with the advice to rerun
+    it (which the lock would refuse)."""
     # absolute: the page (and the commands it names) do not depend on how the path was typed
     run = check_file("run folder", run_dir).resolve()
     if run.is_file():
@@ -871,17 +871,18 @@ def build_report(run_dir: str | Path) -> Path:
     busy = folder_in_use(run)
     try:
         body = _page_body(run)
-    except PretrainReuseError as e:
+    except PretrainReuseError:
         if not busy:
             raise
+        # not the error's advice: the rerun it names would be refused while the folder is held
         raise PretrainReuseError(
-            f"{str(run)!r} is being written by another process now, and what it has finished so "
-            f"far cannot be reported ({e}); report on it once that process has finished") from None
+            f"{str(run)!r} is being written by another process now, and has not finished what "
+            "report shows; report on it once that process has finished") from None
     if busy:
         note = ("another process was writing this folder when this page was made (a run, or a "
                 "rerun with more seeds or samples): the page shows what had finished by then; "
                 "run report again once it has finished")
-        warnings.warn(f"{str(run)!r}: {note}", stacklevel=2)
+        warnings.warn(f"{str(run)!r}: {note}", stacklevel=user_stacklevel())
         body.insert(1, f'<p class="note">Note: {html.escape(note)}.</p>')
     out = run / "report.html"
     with atomic_path(out) as tmp:
@@ -893,8 +894,7 @@ def _page_body(run: Path) -> list[str]:
     """The page of the folder ``run``: a list of HTML fragments, its title first."""
     if (run / "experiment.json").exists():
         with _reading(run / "experiment.json", EXPERIMENT_REDO):
-            body = _experiment_body(run)
-        return body
+            return _experiment_body(run)
     if (run / "grid.json").exists():
         with _reading(run / "grid.json", FINETUNE_REDO):
             return _grid_body(run)
