@@ -22,9 +22,8 @@ import torch
 from torch import nn
 
 from ..artifacts import read_json
-from ..errors import PretrainReuseError
+from ..errors import PretrainReuseError, preview
 from .backbone import ModelParts, call_body, first_linear, last_linear_name
-from .checkpoint import _SHOWN
 from .spec import BackboneSpec, spec_from_hf_image_processor, spec_from_timm, spec_from_torchvision
 
 TIMM_EXTRA = "pip install 'pretrain-reuse[timm]'"
@@ -219,7 +218,7 @@ def hf_checkpoint_state(model: nn.Module, state: Mapping[str, torch.Tensor], pat
         # the classifier's input (BERT's [CLS] pooler): its head cannot be put on them
         raise PretrainReuseError(
             f"weights file {str(path)!r} is a {classifier[0]}'s (its folder's config.json), whose "
-            f"classifier ({', '.join(dropped[:_SHOWN])}) does not fit {name}, a model without "
+            f"classifier ({preview(dropped)}) does not fit {name}, a model without "
             f"that head; pass --model hf:{path.parent} to use it with its classifier (then "
             "give the other models as weights of that folder's architecture), or save its base "
             "model alone (model.base_model.save_pretrained(dir)) for this model's features")
