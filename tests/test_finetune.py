@@ -1753,8 +1753,18 @@ def test_kill_9_then_rerun_is_bit_identical(files, tmp_path, capsys, case):
               env={**SUBPROCESS_ENV, "PAUSE_PER_STEP": "0.15"})
     assert not (out / "result.json").exists(), "killed too late: the run had finished"
     assert 2 <= load_state(out / "checkpoint.safetensors")["step"] < 12
+    # a run begun by 2 torchrun processes is not resumed by 1: its steps would go on with other
+    # batch shares, augmentations and BatchNorm statistics (it was, without a word)
+    marker = json.loads((out / "run.json").read_text())
+    assert marker["processes"] == 1
+    (out / "run.json").write_text(json.dumps({**marker, "processes": 2}))
+    rc, _, err = cli(capsys, *argv)
+    assert_one_line_error(rc, err, "holds a run begun by 2 process(es), resumed here by 1: resume "
+                          "it with as many (torchrun --nproc_per_node 2), or pass a new --out")
+    (out / "run.json").write_text(json.dumps(marker))
 
     run_ok(capsys, *argv)  # the same command resumes
+    assert json.loads((out / "result.json").read_text())["meta"]["processes"] == 1
     ref_argv = list(argv)
     ref_argv[ref_argv.index("--out") + 1] = str(tmp_path / "reference")
     run_ok(capsys, *ref_argv)
@@ -2838,13 +2848,25 @@ def test_evaluate_matches_classes_by_a_hugging_face_classifiers_id2label(tmp_pat
     (dict(mode="vanilla", batch_size=8, grad_accum=4), 4, "--grad-accum 4 leaves micro-batches"),
 ])
 def test_every_process_gets_an_equal_share_of_each_stream_per_micro_batch(settings, world, message):
-    from pretrain_reuse.finetune.loop import _check_shares
+    from pretrain_reuse.finetune.loop import check_shares
 
     with pytest.raises(PretrainReuseError, match=re.escape(message)):
-        _check_shares(FinetuneConfig(**settings), world)
+        check_shares(FinetuneConfig(**settings), world)
     # the sizes that give every process and micro-batch a sample pass, for both streams
-    _check_shares(FinetuneConfig(mode="reuse", batch_size=8, source_batch_size=4, grad_accum=2), 2)
-    _check_shares(FinetuneConfig(mode="vanilla", batch_size=8, grad_accum=2), 2)
+    check_shares(FinetuneConfig(mode="reuse", batch_size=8, source_batch_size=4, grad_accum=2), 2)
+    check_shares(FinetuneConfig(mode="vanilla", batch_size=8, grad_accum=2), 2)
+
+
+def test_shares_that_torchrun_cannot_split_are_refused_before_the_run_folder(
+        files, tmp_path, capsys, monkeypatch):
+    # checked once training began, they left an empty --out behind under torchrun
+    from pretrain_reuse.finetune import run
+
+    monkeypatch.setattr(run, "rank_world", lambda: (0, 2))
+    out = tmp_path / "run"
+    rc, _, err = cli(capsys, *[str(a) for a in base_args(files, out, steps=2)], "--batch-size", "7")
+    assert_one_line_error(rc, err, "--batch-size 7 is not divisible by the 2 processes")
+    assert not out.exists()
 
 
 def test_torchrun_with_a_loss_diverged_on_one_process_stops_every_process_with_the_error(

@@ -183,7 +183,7 @@ class _StopAfterStep:
             self.previous = None
 
 
-def _check_shares(cfg: FinetuneConfig, world: int) -> None:
+def check_shares(cfg: FinetuneConfig, world: int) -> None:
     """Each of the ``world`` processes takes an equal share of every batch (DDP averages their
     gradients with equal weights), and each of its ``grad_accum`` micro-batches needs a sample
     of every stream (an empty source micro-batch has a NaN mean loss)."""
@@ -251,7 +251,7 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset | T
         raise PretrainReuseError("the target training split is empty or unlabelled; pass a "
                                  "training set with a label for every sample")
     batch = cfg.batch_size
-    _check_shares(cfg, world)
+    check_shares(cfg, world)
     target_batches = StepBatches(len(train_set), batch, cfg.seed, stream=0)
     steps_per_epoch = target_batches.steps_per_epoch
     total = total_steps(cfg, len(train_set))
@@ -261,11 +261,16 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset | T
     # through JSON, so that it compares equal to what run.json holds (tuples become lists);
     # precision: what the setting computes in on this device (auto: bf16 on a GPU with native
     # bf16, else fp32), which a resume on another GPU of a mixed host must keep
+    # processes: how many share each step (torchrun), which decides the batch shares, each
+    # share's augmentations and BatchNorm statistics
     run_identity = json.loads(to_json({"config": cfg.to_dict(), "inputs": inputs or {},
-                                       "precision": computes_in(cfg.precision, device)}))
+                                       "precision": computes_in(cfg.precision, device),
+                                       "processes": world}))
     start = _resume_point(out, run_identity)
     if start == total and (out / "result.json").exists():
         return RunResult.load(out / "result.json")
+    if start > 0:
+        _check_same_processes(out, world)
     # channels_last: the fast layout for convolutions on GPUs and on CPUs (oneDNN) alike
     model.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.param_groups(cfg.lr, cfg.head_lr_mult, cfg.weight_decay),
@@ -690,6 +695,18 @@ def _resume_point(out: Path, identity: dict) -> int:
     return int(load_state(checkpoint)["step"])
 
 
+def _check_same_processes(out: Path, world: int) -> None:
+    """Refuse to resume a run begun by another number of processes: its steps would go on with
+    other batch shares, augmentations and BatchNorm statistics, a mix of two runs. (A run of an
+    earlier version records none, and resumes as before.)"""
+    began = read_json(out / "run.json", "run marker").get("processes", world)
+    if began != world:
+        raise PretrainReuseError(
+            f"{str(out)!r} holds a run begun by {began} process(es), resumed here by {world}: "
+            f"resume it with as many (torchrun --nproc_per_node {began}"
+            + (", or without torchrun" if began == 1 else "") + "), or pass a new --out")
+
+
 def _append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as fh:
         fh.write(json.dumps(record) + "\n")
@@ -714,6 +731,7 @@ def _result(cfg: FinetuneConfig, history: list[dict], inputs, seconds: float) ->
                                        -h["step"] if h["val"]["n"] else h["step"]))
     meta = _run_meta("finetune", cfg, inputs)
     meta["train_seconds"] = round(seconds, 2)
+    meta["processes"] = rank_world()[1]  # torchrun's processes, which shared each step
     # as result.json holds it (tuples as lists): the result returned equals the one loaded
     return RunResult(config=json.loads(to_json(cfg.to_dict())), history=history,
                      final={"step": history[-1]["step"], **history[-1]["test"],

@@ -20,7 +20,7 @@ from ..data.catalog import DATASETS, check_out_outside, has_splits, open_dataset
 from ..data.datasets import DataWarning, ImageDataset, first_readable, labels_by_name, require_labels
 from ..data.samplers import subsample_fraction, subsample_long_tail
 from ..data.text import TextDataset, is_sentence_file, text_file
-from ..distributed import process_device
+from ..distributed import process_device, rank_world
 from ..errors import PretrainReuseError, check_file, preview
 from ..features import hash_ids
 from ..models import create_backbone
@@ -46,7 +46,7 @@ from .evaluate import (
     predict,
     sentence_view,
 )
-from .loop import RunResult, total_steps, train
+from .loop import RunResult, check_shares, total_steps, train
 from .model import FinetuneModel, reinitialize, source_classifier
 
 __all__ = ["finetune_datasets", "open_split", "run_finetune", "target_splits"]
@@ -359,6 +359,7 @@ def _finetune(cfg: FinetuneConfig, *, model: str, train_pool: ImageDataset | Tex
     num_classes = _check_classes(train_pool, progress)
     train_set, val_set, split = target_splits(cfg, train_pool)
     check_batch_size(len(train_set), cfg.batch_size)  # before anything is written
+    check_shares(cfg, rank_world()[1])  # torchrun's shares, before the run folder is made
     if not text and first_readable(train_set) is None:  # each batch would fail, the first after the folder
         raise PretrainReuseError(
             f"none of the {len(train_set)} training images can be read (first: "
