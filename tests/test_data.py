@@ -206,25 +206,26 @@ def test_folder_split_opens_the_split_subfolder(tree, tmp_path):
         open_dataset(tmp_path / "data", split="val")
 
 
-def test_a_data_set_root_of_split_folders_without_split_is_refused(tree, tmp_path):
-    # read as classes, train/ and test/ would label every image by its split
+def _split_root(tmp_path: Path, train: str, test: str) -> Path:
+    """A data set root holding the ``tree`` fixture's classes as split folders ``train`` and
+    ``test``, refused without a split: read as classes, they would label every image by split."""
     root = tmp_path / "data"
     root.mkdir()
-    (tmp_path / "tree").rename(root / "train")
-    shutil.copytree(root / "train", root / "test")
+    (tmp_path / "tree").rename(root / train)
+    shutil.copytree(root / train, root / test)
     with pytest.raises(PretrainReuseError, match=r"split folders \(test, train\).*--split"):
         open_dataset(root)
+    return root
+
+
+def test_a_data_set_root_of_split_folders_without_split_is_refused(tree, tmp_path):
+    root = _split_root(tmp_path, "train", "test")
     assert open_dataset(root, split="test").class_names == ["Moth", "ant", "zebra"]
 
 
 def test_split_folders_are_recognised_in_any_case(tree, tmp_path):
     # Train/ and Test/ (as many downloaded sets have them) were read as 2 classes, Test and Train
-    root = tmp_path / "data"
-    root.mkdir()
-    (tmp_path / "tree").rename(root / "Train")
-    shutil.copytree(root / "Train", root / "Test")
-    with pytest.raises(PretrainReuseError, match=r"split folders \(test, train\).*--split"):
-        open_dataset(root)
+    root = _split_root(tmp_path, "Train", "Test")
     assert has_splits(root) and open_dataset(root, split="test").source == str(root / "Test")
     assert open_split(root, "train").class_names == ["Moth", "ant", "zebra"]
     shutil.rmtree(root / "Test")
@@ -392,22 +393,19 @@ def test_list_naming_a_path_twice_names_both_lines(tmp_path):
         open_dataset(tmp_path / "list.csv")
 
 
-def test_a_path_listed_twice_in_two_spellings_is_refused(tmp_path):
+@pytest.mark.parametrize("lines, message", [
     # the duplicate check compared the raw strings: one image was accepted with two labels
-    _write_image(tmp_path / "imgs" / "a.png", 0)
-    (tmp_path / "list.csv").write_text("imgs/a.png,cat\n./imgs/a.png,dog\n")
-    with pytest.raises(PretrainReuseError, match=re.escape(
-            "lists 'imgs/a.png' twice (lines 1 and 2, the second time as './imgs/a.png')")):
-        open_dataset(tmp_path / "list.csv")
-
-
-def test_a_list_line_with_an_empty_label_is_refused_naming_it(tmp_path):
+    ("imgs/a.png,cat\n./imgs/a.png,dog\n",
+     "lists 'imgs/a.png' twice (lines 1 and 2, the second time as './imgs/a.png')"),
     # imgs/e.png, made a class named ''
+    ("imgs/a.png,cat\nimgs/e.png,\n",
+     "line 2 has no label ('imgs/e.png' has an empty label cell); label every image"),
+])
+def test_a_path_listed_in_two_spellings_or_without_a_label_is_refused(tmp_path, lines, message):
     _write_image(tmp_path / "imgs" / "a.png", 0)
     _write_image(tmp_path / "imgs" / "e.png", 1)
-    (tmp_path / "l.csv").write_text("imgs/a.png,cat\nimgs/e.png,\n")
-    with pytest.raises(PretrainReuseError, match=re.escape(
-            "line 2 has no label ('imgs/e.png' has an empty label cell); label every image")):
+    (tmp_path / "l.csv").write_text(lines)
+    with pytest.raises(PretrainReuseError, match=re.escape(message)):
         open_dataset(tmp_path / "l.csv")
 
 
