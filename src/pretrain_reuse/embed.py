@@ -236,7 +236,9 @@ def embed(cfg: EmbedConfig, out: str | Path, *, progress: bool = True,
 
     # a resumed run's bar starts at the samples of this rank that earlier runs embedded
     total = sum(size(k) for k in range(rank, n_shards, world))
-    bar = tqdm(total=total, initial=total - sum(size(k) for k in mine), desc=f"embed {cfg.model}",
+    # under torchrun the bar is rank 0's, which counts its own share of the samples
+    share = f" (process 1 of {world}: its share)" if world > 1 else ""
+    bar = tqdm(total=total, initial=total - sum(size(k) for k in mine), desc=f"embed {cfg.model}{share}",
                unit="sentence" if text else "img", disable=not progress or rank != 0)
     t0 = time.perf_counter()
     for k in mine:
