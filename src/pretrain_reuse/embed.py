@@ -57,7 +57,6 @@ from .errors import PretrainReuseError, check_choice, check_device, check_image_
 from .features import STORE_FORMAT, FeatureStore, hash_ids
 from .models import LAYERS, ImageTransform, create_backbone, features_hash, state_hash
 from .models.registry import check_modality, model_modality
-from .models.spec import to_pil
 
 #: Unreadable images named in a store's ``index.json`` (``meta.skipped_ids``; ``meta.skipped``
 #: counts them all): the index is read with every load of the store, and the ids of a folder
@@ -100,7 +99,7 @@ class EmbedConfig:
             check_image_size(self.image_size)
 
 
-def preprocessed(dataset: ImageDataset, preprocess) -> ImageDataset:
+def preprocessed(dataset: ImageDataset, preprocess: ImageTransform) -> ImageDataset:
     """``dataset`` with a backbone's own eval transform (``Backbone.preprocess``: PIL resize,
     centre crop, normalise), exactly as the model's weights expect their inputs."""
     return _Preprocessed(dataset, preprocess)
@@ -108,7 +107,7 @@ def preprocessed(dataset: ImageDataset, preprocess) -> ImageDataset:
 
 class _Preprocessed(ImageDataset):
 
-    def __init__(self, dataset: ImageDataset, preprocess):
+    def __init__(self, dataset: ImageDataset, preprocess: ImageTransform):
         super().__init__(ids=dataset.ids, labels=dataset.labels, class_names=dataset.class_names,
                          transform=None, source=dataset.source)
         self.dataset, self.preprocess = dataset, preprocess
@@ -118,11 +117,11 @@ class _Preprocessed(ImageDataset):
         if image is None:
             return None
         p = self.preprocess
-        if isinstance(p, ImageTransform) and _is_noop_resize(p, image):
+        if _is_noop_resize(p, image):
             # already at the input size: the PIL round trip would only quantise and copy
             mean = torch.tensor(p.mean).view(-1, 1, 1)
             return (image.expand(3, -1, -1) - mean) / torch.tensor(p.std).view(-1, 1, 1)
-        return p(image if isinstance(p, ImageTransform) else to_pil(image))
+        return p(image)
 
 
 def _is_noop_resize(p: ImageTransform, image: torch.Tensor) -> bool:

@@ -269,8 +269,6 @@ def train(cfg: FinetuneConfig, model: FinetuneModel, train_set: ImageDataset | T
     start = _resume_point(out, run_identity)
     if start == total and (out / "result.json").exists():
         return RunResult.load(out / "result.json")
-    if start > 0:
-        _check_same_processes(out, world)
     # channels_last: the fast layout for convolutions on GPUs and on CPUs (oneDNN) alike
     model.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.param_groups(cfg.lr, cfg.head_lr_mult, cfg.weight_decay),
@@ -648,7 +646,7 @@ DATA_CHANGED = ("data: the sample ids or labels (or sentences) of the target, te
 
 def _resume_point(out: Path, identity: dict) -> int:
     """The step to start from: 0 for a new run, else the checkpoint's (same config and inputs
-    required, and the same precision computed in)."""
+    required, and the same precision computed in; an unfinished run, the same processes)."""
     marker = out / "run.json"
     checkpoint = out / CHECKPOINT
     if not marker.exists():
@@ -687,24 +685,21 @@ def _resume_point(out: Path, identity: dict) -> int:
             f"{str(out)!r} holds a run trained in {recorded}, but precision "
             f"{identity['config']['precision']!r} computes in {identity['precision']} on this "
             f"device; pass --precision {recorded} to resume it, or a new --out")
+    # an unfinished run (a checkpoint, no result) goes on only with the processes it began with:
+    # other batch shares, augmentations and BatchNorm statistics would mix two runs (a run of an
+    # earlier version records none, and resumes as before)
+    began, world = old.get("processes", identity["processes"]), identity["processes"]
+    if began != world and not (out / "result.json").exists():
+        raise PretrainReuseError(
+            f"{str(out)!r} holds a run begun by {began} process(es), resumed here by {world}: "
+            f"resume it with as many (torchrun --nproc_per_node {began}"
+            + (", or without torchrun" if began == 1 else "") + "), or pass a new --out")
     if not checkpoint.exists():
         if (out / "result.json").exists() and (out / "model.safetensors").exists():
             # finished: a finished run's checkpoint (twice the model's size) may be deleted
             return int(RunResult.load(out / "result.json").final["step"])
         return 0
     return int(load_state(checkpoint)["step"])
-
-
-def _check_same_processes(out: Path, world: int) -> None:
-    """Refuse to resume a run begun by another number of processes: its steps would go on with
-    other batch shares, augmentations and BatchNorm statistics, a mix of two runs. (A run of an
-    earlier version records none, and resumes as before.)"""
-    began = read_json(out / "run.json", "run marker").get("processes", world)
-    if began != world:
-        raise PretrainReuseError(
-            f"{str(out)!r} holds a run begun by {began} process(es), resumed here by {world}: "
-            f"resume it with as many (torchrun --nproc_per_node {began}"
-            + (", or without torchrun" if began == 1 else "") + "), or pass a new --out")
 
 
 def _append_jsonl(path: Path, record: dict) -> None:

@@ -106,7 +106,8 @@ class Backbone(nn.Module):
 
     @property
     def preprocess(self) -> ImageTransform | TextTransform:
-        """Deterministic eval transform: PIL image (or string, for text) -> model input."""
+        """Deterministic eval transform: PIL image or decoded image tensor (or string, for
+        text) -> model input."""
         return make_transform(self.spec, self._tokenizer)
 
     def features(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
